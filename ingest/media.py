@@ -1,0 +1,172 @@
+"""Uploaded media: sniff the kind from magic bytes, probe it, decode its audio for whisper."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+from ingest.errors import PermanentIngestError
+
+logger = logging.getLogger(__name__)
+
+# Read this many leading bytes for `sniff_media`; enough for every header it knows,
+# and to look past a small ID3 tag.
+SNIFF_BYTES = 4096
+
+SAMPLE_RATE = 16_000  # what whisper expects
+
+_AUDIO_BRANDS = {b"M4A ", b"M4B ", b"M4P ", b"F4A ", b"F4B "}
+_MPEG_BITRATE_BAD = 0xF
+_MPEG_SAMPLERATE_BAD = 0x3
+
+
+@dataclass(slots=True, frozen=True)
+class MediaInfo:
+    """What an upload holds: length, whether it has sound, and the audio codec."""
+
+    duration_s: float
+    has_audio: bool
+    codec: str | None
+
+
+def sniff_media(head: bytes) -> str | None:
+    """Kind of media from its first bytes (not its name): wav, mp3, aac, m4a, mp4, mov,
+    webm, mkv, ogg or flac; None when unrecognised."""
+    if len(head) >= 12 and head[:4] in (b"RIFF", b"RF64", b"BW64") and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        # The EBML header names its DocType within its first few dozen bytes.
+        return "webm" if b"webm" in head[:64] else "mkv"
+    if len(head) >= 12 and head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in _AUDIO_BRANDS:
+            return "m4a"
+        return "mov" if brand == b"qt  " else "mp4"
+    if head[:3] == b"ID3":
+        return _after_id3(head)
+    return _mpeg_sync(head)
+
+
+def _after_id3(head: bytes) -> str:
+    """An ID3 tag usually fronts an mp3, but may front FLAC or ADTS AAC; peek past it."""
+    if len(head) >= 10:
+        size = 0
+        for byte in head[6:10]:
+            size = (size << 7) | (byte & 0x7F)
+        offset = 10 + size + (10 if head[5] & 0x10 else 0)
+        if offset < len(head):
+            kind = sniff_media(head[offset:])
+            if kind is not None:
+                return kind
+    return "mp3"
+
+
+def _mpeg_sync(head: bytes) -> str | None:
+    """An MPEG audio frame header: 11 sync bits, then valid version/layer/rate fields."""
+    if len(head) < 4 or head[0] != 0xFF or (head[1] & 0xE0) != 0xE0:
+        return None
+    version = (head[1] >> 3) & 0x3
+    layer = (head[1] >> 1) & 0x3
+    if layer == 0:
+        # ADTS (AAC) uses layer 00 with MPEG-4/-2 version bits.
+        return "aac" if (head[1] & 0xF6) == 0xF0 and (head[2] >> 2) & 0xF < 13 else None
+    if version == 1:  # reserved
+        return None
+    if (head[2] >> 4) == _MPEG_BITRATE_BAD or (head[2] >> 2) & 0x3 == _MPEG_SAMPLERATE_BAD:
+        return None
+    return "mp3"
+
+
+def _corrupt(path: str | os.PathLike[str], detail: object) -> PermanentIngestError:
+    logger.info("unreadable media %s: %s", path, detail)
+    # FFmpeg's message without the file name: the reason is shown to instructors.
+    text = getattr(detail, "strerror", None) or str(detail)
+    return PermanentIngestError(f"corrupt or unsupported media: {text}")
+
+
+def _packet_end(packet: av.Packet) -> float:
+    if packet.pts is None or not packet.time_base:
+        return 0.0
+    return float((packet.pts + (packet.duration or 0)) * packet.time_base)
+
+
+def probe_media(path: str | os.PathLike[str], *, require_audio: bool = True) -> MediaInfo:
+    """Open `path`, check its first audio frame decodes, and report duration and codec.
+
+    Raises PermanentIngestError for garbage, truncated files and (with `require_audio`)
+    files with no audio stream.
+    """
+    try:
+        with av.open(os.fspath(path), mode="r", metadata_errors="ignore") as container:
+            header = container.duration / av.time_base if container.duration else 0.0
+            if not container.streams.audio:
+                if require_audio:
+                    raise PermanentIngestError("corrupt or unsupported media: no audio stream")
+                return MediaInfo(header, False, None)
+            stream = container.streams.audio[0]
+            codec = stream.codec_context.codec.canonical_name
+            if not header and stream.duration and stream.time_base:
+                header = float(stream.duration * stream.time_base)
+            decoded, end = False, 0.0
+            for packet in container.demux(stream):
+                end = max(end, _packet_end(packet))
+                if not decoded:
+                    try:
+                        decoded = bool(packet.decode())
+                    except av.error.InvalidDataError:
+                        continue
+                if decoded and header:
+                    break  # without a header duration, demux to the last packet
+    except PermanentIngestError:
+        raise
+    except (av.error.FFmpegError, ValueError, OSError, UnicodeDecodeError) as exc:
+        raise _corrupt(path, exc) from exc
+    if not decoded:
+        raise _corrupt(path, "no decodable audio")
+    duration = header or end
+    if duration <= 0:
+        raise _corrupt(path, "zero-length audio")
+    return MediaInfo(duration, True, codec)
+
+
+def decode_audio(path: str | os.PathLike[str]) -> np.ndarray:
+    """The first audio stream as float32 mono samples at 16 kHz.
+
+    Raises PermanentIngestError when nothing decodes (garbage, truncated, no audio).
+    """
+    chunks: list[np.ndarray] = []
+    try:
+        with av.open(os.fspath(path), mode="r", metadata_errors="ignore") as container:
+            if not container.streams.audio:
+                raise PermanentIngestError("corrupt or unsupported media: no audio stream")
+            stream = container.streams.audio[0]
+            stream.thread_type = "AUTO"
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except av.error.InvalidDataError:
+                    continue  # one bad packet in a long file should not lose the rest
+                for frame in frames:
+                    frame.pts = None  # streams with broken timestamps still resample
+                    for out in resampler.resample(frame):
+                        chunks.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+    except PermanentIngestError:
+        raise
+    except (av.error.FFmpegError, ValueError, OSError, UnicodeDecodeError) as exc:
+        raise _corrupt(path, exc) from exc
+    if not chunks:
+        raise _corrupt(path, "no decodable audio")
+    audio = np.concatenate(chunks).astype(np.float32, copy=False)
+    if audio.size == 0:
+        raise _corrupt(path, "no decodable audio")
+    return audio

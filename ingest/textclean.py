@@ -1,0 +1,114 @@
+"""Caption text cleaning: markup, HTML entities, sound tags and speaker labels.
+
+Works one caption line at a time, because speaker labels and YouTube's rolling duplicates are
+defined by line starts. The words a person said are kept; everything around them goes.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import re
+
+logger = logging.getLogger(__name__)
+
+# Karaoke timestamps (<00:00:01.000>), markup (<c>, <i>, <v Name>, <font color=..>) and ASS
+# overrides ({\an8}). A tag must start with a letter, so "a < b" in maths survives.
+_TAGS = re.compile(r"<\d{1,2}:\d{2}(?::\d{2})?(?:[.,]\d+)?>|</?[A-Za-z][^<>]*>|\{\\[^{}]*\}")
+_ENTITY = re.compile(r"&(?:#\d+|#[xX][0-9a-fA-F]+|[A-Za-z]+\d*);")
+_BRACKETED = re.compile(r"\[([^\[\]]*)\]")
+_PARENTHESISED = re.compile(r"\(([^()]*)\)")
+_WORD = re.compile(r"[A-Za-z]+")
+
+# Words that make "[...]" or "(...)" a description of sound rather than speech. "[i]" (array
+# index) or "(DNA)" must survive, so brackets need a sound word or ALL CAPS, parentheses a sound
+# word or several ALL CAPS words.
+SOUND_WORDS = frozenset(
+    """music musical applause applauding laughter laughs laughing laugh chuckles chuckling
+    chuckle inaudible unintelligible indistinct crosstalk silence silent noise noises cough coughs
+    coughing sigh sighs sighing cheering cheers clapping claps squeaking squeaks rustling clicking
+    clicks beep beeps beeping static whistling typing sniffs sniffing groans gasps murmuring
+    chatter chattering foreign blank_audio""".split()
+)
+
+# A label is a line-initial name plus colon: "PROFESSOR:", "JUSTIN SOLOMON:", "Prof:",
+# "Professor Paul Bloom:", "Speaker 2:". Mixed-case names need a role word first, so "Lakes:" or
+# "So the idea is the following:" stay text.
+_ROLES = (
+    r"(?:Prof(?:essor)?|Dr|Mr|Mrs|Ms|Students?|Audience|Speaker|Instructor|Teacher|Lecturer|"
+    r"Host|Narrator|Interviewer|Interviewee|Moderator|Panelist|Man|Woman|Male|Female|Participant)"
+)
+_LABEL = re.compile(
+    r"^\s*(?:-\s+)?(?:"
+    r"[A-Z][A-Z0-9.'\-]+(?:\s+[A-Z][A-Z0-9.'\-]*){0,3}"
+    rf"|{_ROLES}\.?(?:\s+(?:[A-Z][\w'.\-]*|\d+)){{0,3}}"
+    r")\s*:(?=\s|$)"
+)
+_CHEVRONS = re.compile(r"\s*>>+\s*")
+# A stray ">" left where "<inaudible>"-style markup was mangled: at either end of the line or just
+# before punctuation. A ">" between two words is kept (it may be maths).
+_STRAY_GT = re.compile(r"^[\s>]*>\s*|\s*>+\s*$|\s*>+(?=[.,;:!?])")
+_SPACES = re.compile(r"\s+")
+_HAS_WORD = re.compile(r"\w")
+# Characters that send a line down the slow path; most caption lines contain none of them.
+_SPECIAL = re.compile(r"[<>&\[\]()\{:♪♫\xa0\u200b\t]|^\s*-|\s\s")
+
+
+def _is_sound(inner: str, *, brackets: bool) -> bool:
+    words = _WORD.findall(inner)
+    if not words:
+        return False
+    if any(w.lower() in SOUND_WORDS for w in words):
+        return True
+    shouting = inner.upper() == inner and sum(len(w) for w in words) >= 2
+    return shouting and (brackets or len(words) >= 2)
+
+
+def _drop_sound_tags(line: str) -> str:
+    if "[" in line:
+        line = _BRACKETED.sub(lambda m: " " if _is_sound(m.group(1), brackets=True) else m.group(0), line)
+    if "(" in line:
+        line = _PARENTHESISED.sub(
+            lambda m: " " if _is_sound(m.group(1), brackets=False) else m.group(0), line
+        )
+    return line
+
+
+def _unescape(line: str) -> str:
+    # YouTube sometimes double-escapes ("&amp;#39;"); two passes undo that, more would be guessing.
+    for _ in range(2):
+        if not _ENTITY.search(line):
+            break
+        line = html.unescape(line)
+    return line
+
+
+def strip_speaker_label(line: str) -> str:
+    """Remove a leading speaker label ("PROF:", "Student:", "- JOHN SMITH:") and keep the words."""
+    m = _LABEL.match(line)
+    return line[m.end():] if m else line
+
+
+def clean_line(line: str) -> str:
+    """One caption line as plain spoken words; '' when nothing spoken is left."""
+    if not _SPECIAL.search(line):
+        return line.strip()
+    if "<" in line or "{" in line:
+        line = _TAGS.sub("", line)
+    if "&" in line:
+        line = _unescape(line)
+    line = line.replace("\xa0", " ").replace("\u200b", "").replace("♪", " ").replace("♫", " ")
+    line = _drop_sound_tags(line)
+    if ">>" in line:
+        # ">>" marks a change of speaker, and a label may follow it mid-line.
+        line = " ".join(strip_speaker_label(part) for part in _CHEVRONS.split(line))
+    else:
+        line = strip_speaker_label(line)
+    if ">" in line:
+        line = _STRAY_GT.sub("", line)
+    line = _SPACES.sub(" ", line).strip()
+    return line if _HAS_WORD.search(line) else ""
+
+
+def clean_text(text: str) -> str:
+    """Multi-line caption text as one cleaned line."""
+    return " ".join(c for c in (clean_line(part) for part in text.split("\n")) if c)

@@ -1,0 +1,217 @@
+"""Transcript files to clean, ordered cues: SRT, WebVTT and two JSON shapes, sniffed from content.
+
+Limits (each rejected with a reason the instructor can act on): 50 MB per file, 200,000 cues,
+timestamps up to 48 h.
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+import math
+import re
+
+from ingest.cues import Cue
+from ingest.errors import PermanentIngestError
+from ingest.subtitles import MAX_CUES, MAX_TIMESTAMP_SECONDS, RawCue, parse_blocks
+from ingest.textclean import clean_line
+
+logger = logging.getLogger(__name__)
+
+MAX_BYTES = 50 * 1024 * 1024
+FORMATS = ("srt", "vtt", "json_youtube", "json_triples")
+
+_TIMING_LINE = re.compile(r"^[ \t]*(?:\d+:)?\d{1,2}:\d{1,2}(?:[.,]\d+)?[ \t]*-->", re.M)
+_WS = re.compile(r"\s*")
+# Speech runs at ~2.5 words/s; used only to give a cue without an end time a plausible length.
+_SECONDS_PER_WORD = 0.4
+_MIN_DERIVED, _MAX_DERIVED = 1.0, 10.0
+
+
+def _decode(data: bytes) -> str:
+    if data.startswith(codecs.BOM_UTF8):
+        text = data[3:].decode("utf-8", errors="replace")
+    elif data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        text = data.decode("utf-32", errors="replace")
+    elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        text = data.decode("utf-16", errors="replace")
+    else:
+        head = data[:400]
+        if len(head) >= 8 and head.count(0) > len(head) // 3:
+            # UTF-16 without a BOM: ASCII text has a zero in every other byte.
+            le = head[1::2].count(0) > head[0::2].count(0)
+            text = data.decode("utf-16-le" if le else "utf-16-be", errors="replace")
+        else:
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                text = data.decode("cp1252", errors="replace")  # legacy Windows subtitle files
+    return text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _first_json_item(text: str) -> object | None:
+    """The first element of a JSON list, decoded alone so sniffing a big file stays cheap."""
+    s = text.lstrip()
+    if not s.startswith("["):
+        return None
+    i = _WS.match(s, 1).end()
+    try:
+        item, _ = json.JSONDecoder().raw_decode(s, i)
+    except json.JSONDecodeError:
+        return None
+    return item
+
+
+def _sniff(text: str) -> str | None:
+    head = text.lstrip()
+    if head.startswith("WEBVTT") and (len(head) == 6 or head[6] in " \t\n"):
+        return "vtt"
+    if head.startswith("["):
+        item = _first_json_item(head)
+        if isinstance(item, dict) and "text" in item and "start" in item:
+            return "json_youtube"
+        if isinstance(item, list) and len(item) >= 2 and isinstance(item[0], str):
+            return "json_triples"
+        return None
+    if "\x00" in head[:1000]:
+        return None  # binary (a video uploaded as captions, say)
+    m = _TIMING_LINE.search(text, 0, 20_000)
+    if m is None:
+        return None
+    before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1].strip()
+    # Headerless WebVTT has neither SRT's cue numbers nor its comma millis.
+    return "srt" if before.isdigit() or "," in m.group(0) else "vtt"
+
+
+def detect_transcript_format(data: bytes) -> str | None:
+    """'srt', 'vtt', 'json_youtube', 'json_triples', or None; judged by content, not file name."""
+    if not data.strip():
+        return None
+    return _sniff(_decode(data))
+
+
+def _number(value: object, what: str, n: int) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise PermanentIngestError(f"item {n}: {what} is not a number: {value!r:.40}")
+    try:
+        x = float(value)
+    except ValueError:
+        raise PermanentIngestError(f"item {n}: {what} is not a number: {value!r:.40}") from None
+    if not math.isfinite(x) or x < 0:
+        raise PermanentIngestError(f"item {n}: {what} must be a non-negative number, got {value!r:.40}")
+    if x > MAX_TIMESTAMP_SECONDS:
+        raise PermanentIngestError(f"item {n}: {what} {x:.0f}s is past the 48 h limit")
+    return round(x, 3)
+
+
+def _json_items(text: str) -> list[object]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        if text.rstrip().endswith("]"):
+            raise PermanentIngestError(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        # Cut off mid-file: keep every complete item before the cut.
+        items, s, decoder = [], text.lstrip(), json.JSONDecoder()
+        i = _WS.match(s, 1).end()
+        while i < len(s) and s[i] != "]":
+            try:
+                item, i = decoder.raw_decode(s, i)
+            except json.JSONDecodeError:
+                break
+            items.append(item)
+            i = _WS.match(s, i).end()
+            i = _WS.match(s, i + 1).end() if i < len(s) and s[i] == "," else i
+        logger.info("JSON transcript is truncated; kept %d complete items", len(items))
+    if not isinstance(items, list):
+        raise PermanentIngestError("JSON is not a list of captions")
+    if len(items) > MAX_CUES:
+        raise PermanentIngestError(f"too many cues: more than {MAX_CUES}")
+    return items
+
+
+def _parse_json(text: str, fmt: str) -> list[RawCue]:
+    cues = []
+    for n, item in enumerate(_json_items(text), 1):
+        if fmt == "json_youtube":
+            if not isinstance(item, dict) or "start" not in item:
+                raise PermanentIngestError(f"item {n}: expected {{\"text\", \"start\", \"duration\"}}")
+            start = _number(item["start"], "start", n)
+            if item.get("duration") is not None:
+                end = start + _number(item["duration"], "duration", n)
+            else:
+                end = _number(item["end"], "end", n) if item.get("end") is not None else None
+            words = item.get("text")
+        else:
+            if not isinstance(item, (list, tuple)) or len(item) < 2:
+                raise PermanentIngestError(f"item {n}: expected [text, start_s, end_s]")
+            start = _number(item[1], "start", n)
+            end = _number(item[2], "end", n) if len(item) > 2 and item[2] is not None else None
+            words = item[0]
+        if words is not None and not isinstance(words, str):
+            raise PermanentIngestError(f"item {n}: text is not a string: {words!r:.40}")
+        cues.append(RawCue(start, end, (words or "").split("\n")))
+    return cues
+
+
+def _clean(raw: list[RawCue]) -> list[Cue]:
+    cues: list[Cue] = []
+    shown: list[str] = []  # the previous cue's lines, as displayed
+    for rc in raw:
+        lines = [c for c in map(clean_line, rc.lines) if c]
+        # YouTube auto-captions roll: each cue repeats the line before it, and a 10 ms cue repeats
+        # the whole previous cue. Drop what is already on screen.
+        overlap = next((k for k in range(min(len(shown), len(lines)), 0, -1) if shown[-k:] == lines[:k]), 0)
+        shown = lines
+        if overlap == len(lines):
+            if lines and cues and rc.end is not None and rc.start >= cues[-1].start:
+                cues[-1].end = max(cues[-1].end, rc.end)
+            continue
+        end = rc.end if rc.end is not None and rc.end > rc.start else math.nan
+        cues.append(Cue(rc.start, end, " ".join(lines[overlap:])))
+    return cues
+
+
+def normalize_cues(cues: list[Cue]) -> list[Cue]:
+    """Sort, merge same-start cues, derive missing ends, clip overlaps: times strictly increase."""
+    cues = sorted(cues, key=lambda c: c.start)
+    merged: list[Cue] = []
+    for c in cues:
+        if merged and c.start <= merged[-1].start:
+            last = merged[-1]
+            last.text = f"{last.text} {c.text}"
+            last.end = max(last.end, c.end) if not math.isnan(c.end) else last.end
+        else:
+            merged.append(Cue(c.start, c.end, c.text))
+    for i, c in enumerate(merged):
+        nxt = merged[i + 1].start if i + 1 < len(merged) else math.inf
+        if math.isnan(c.end) or c.end <= c.start:
+            guess = min(max(len(c.text.split()) * _SECONDS_PER_WORD, _MIN_DERIVED), _MAX_DERIVED)
+            c.end = round(c.start + guess, 3)
+        c.end = min(c.end, nxt)  # overlapping cues: the earlier one yields
+    return merged
+
+
+def parse_transcript(data: bytes, filename: str | None = None) -> list[Cue]:
+    """Clean cues from an SRT, WebVTT or JSON transcript; PermanentIngestError when unreadable."""
+    if not data.strip():
+        raise PermanentIngestError("not a transcript: the file is empty")
+    if len(data) > MAX_BYTES:
+        raise PermanentIngestError(f"transcript too large: {len(data) // 2**20} MB (limit {MAX_BYTES // 2**20} MB)")
+    text = _decode(data)
+    fmt = _sniff(text)
+    ext = filename.rsplit(".", 1)[-1].lower() if filename and "." in filename else ""
+    if fmt is None:
+        if text.lstrip().startswith(("[", "{")) or ext == "json":
+            _json_items(text)  # a clear JSON syntax error beats a vague "unknown shape"
+            raise PermanentIngestError(
+                'not a transcript: JSON must be [{"text", "start", "duration"}, ...] or [[text, start_s, end_s], ...]'
+            )
+        if ext not in ("srt", "vtt") or "\x00" in text[:1000]:
+            raise PermanentIngestError("not a transcript: expected SRT, WebVTT or JSON captions")
+        fmt = ext  # named like captions; let the parser say what is wrong
+    raw = _parse_json(text, fmt) if fmt.startswith("json") else parse_blocks(text, vtt=fmt == "vtt")
+    cues = normalize_cues(_clean(raw))
+    if not cues:
+        raise PermanentIngestError("not a transcript: no cues found")
+    logger.debug("parsed %s transcript %s: %d cues", fmt, filename or "", len(cues))
+    return cues

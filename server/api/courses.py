@@ -1,0 +1,136 @@
+"""Courses and enrollments: /api/v1/courses."""
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+import msgspec
+from litestar import Controller, Request, delete, get, patch, post
+from litestar.params import Parameter
+from litestar.response import Response
+
+from server.api.schemas import Course, CourseIn, CourseList, CoursePatch, EnrollIn, Enrollment, EnrollmentList
+from server.auth import AuthUser, staff_only
+from server.decode import decode_json, read_json
+from server.errors import ApiError
+from store import courses as repo
+
+logger = logging.getLogger(__name__)
+
+Limit = Parameter(ge=1, le=200, default=50)
+Offset = Parameter(ge=0, le=1_000_000, default=0)
+
+
+def to_course(row: asyncpg.Record) -> Course:
+    return Course(id=row["id"], title=row["title"], description=row["description"], published=row["published"],
+                  price_cents=row["price_cents"], owner_id=row["owner_id"], created_at=row["created_at"],
+                  updated_at=row["updated_at"])
+
+
+async def course_or_404(conn: asyncpg.Connection, course_id: int, user: AuthUser) -> asyncpg.Record:
+    """The course if `user` may see it; 404 otherwise, so other tenants learn nothing."""
+    row = await repo.visible_course(conn, course_id, user.id, user.tenant_id, user.role)
+    if row is None:
+        raise ApiError(404, f"course {course_id} not found")
+    return row
+
+
+def _check_title(title: str) -> str:
+    title = title.strip()
+    if not title:
+        raise ApiError(400, "title must not be blank", field="title")
+    return title
+
+
+class CourseController(Controller):
+    path = "/api/v1/courses"
+    tags = ["courses"]
+
+    @post("/", guards=[staff_only], status_code=201)
+    async def create(self, request: Request) -> Course:
+        data = await read_json(request, CourseIn)
+        user: AuthUser = request.user
+        async with request.app.state.pool.acquire() as conn:
+            row = await repo.create_course(conn, user.tenant_id, user.id, _check_title(data.title),
+                                           data.description, data.published, data.price_cents)
+        logger.info("course created", extra={"fields": {"course_id": row["id"], "user_id": user.id}})
+        return to_course(row)
+
+    @get("/")
+    async def list_courses(self, request: Request, limit: int = Limit, offset: int = Offset) -> CourseList:
+        user: AuthUser = request.user
+        async with request.app.state.pool.acquire() as conn:
+            rows = await repo.list_visible_courses(conn, user.id, user.tenant_id, user.role, limit, offset)
+        return CourseList(items=[to_course(r) for r in rows], limit=limit, offset=offset)
+
+    @get("/{course_id:int}")
+    async def read(self, request: Request, course_id: int) -> Course:
+        async with request.app.state.pool.acquire() as conn:
+            return to_course(await course_or_404(conn, course_id, request.user))
+
+    @patch("/{course_id:int}", guards=[staff_only])
+    async def update(self, request: Request, course_id: int) -> Course:
+        data = await read_json(request, CoursePatch)
+        changes = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not msgspec.UNSET}
+        if "title" in changes:
+            changes["title"] = _check_title(changes["title"])
+        async with request.app.state.pool.acquire() as conn:
+            row = await repo.update_course(conn, course_id, request.user.tenant_id, changes)
+        if row is None:
+            raise ApiError(404, f"course {course_id} not found")
+        return to_course(row)
+
+    @delete("/{course_id:int}", guards=[staff_only], status_code=204)
+    async def remove(self, request: Request, course_id: int) -> None:
+        async with request.app.state.pool.acquire() as conn:
+            if not await repo.delete_course(conn, course_id, request.user.tenant_id):
+                raise ApiError(404, f"course {course_id} not found")
+
+    @post("/{course_id:int}/enrollments", status_code=201)
+    async def enroll(self, request: Request, course_id: int) -> Response[Enrollment]:
+        raw = await request.body()
+        data = decode_json(raw, EnrollIn) if raw.strip() else EnrollIn()
+        user: AuthUser = request.user
+        async with request.app.state.pool.acquire() as conn:
+            course = await course_or_404(conn, course_id, user)
+            if user.is_staff:
+                if data.user_id is None:
+                    raise ApiError(400, "user_id is required", field="user_id")
+                target = await conn.fetchrow("SELECT id, tenant_id FROM users WHERE id = $1", data.user_id)
+                if target is None or target["tenant_id"] != user.tenant_id:
+                    raise ApiError(404, f"user {data.user_id} not found", field="user_id")
+            elif user.role == "learner":
+                if data.user_id not in (None, user.id):
+                    raise ApiError(403, "learners can only enroll themselves", field="user_id")
+                if course["price_cents"] > 0 and not await repo.is_enrolled(conn, course_id, user.id):
+                    raise ApiError(402, "this course is paid; purchase it to enroll", code="payment_required")
+                if not course["published"] and not await repo.is_enrolled(conn, course_id, user.id):
+                    raise ApiError(404, f"course {course_id} not found")
+            else:
+                raise ApiError(403, "bots cannot enroll")
+            target_id = data.user_id or user.id
+            row, created = await repo.enroll(conn, course_id, target_id)
+            name_role = await conn.fetchrow("SELECT name, role FROM users WHERE id = $1", target_id)
+        return Response(
+            Enrollment(user_id=target_id, name=name_role["name"], role=name_role["role"], created_at=row["created_at"]),
+            status_code=201 if created else 200,
+        )
+
+    @get("/{course_id:int}/enrollments", guards=[staff_only])
+    async def enrollments(self, request: Request, course_id: int, limit: int = Limit,
+                          offset: int = Offset) -> EnrollmentList:
+        async with request.app.state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, request.user)
+            rows = await repo.list_enrollments(conn, course_id, limit, offset)
+        return EnrollmentList(items=[Enrollment(user_id=r["user_id"], name=r["name"], role=r["role"],
+                                                created_at=r["created_at"]) for r in rows], limit=limit, offset=offset)
+
+    @delete("/{course_id:int}/enrollments/{user_id:int}", status_code=204)
+    async def unenroll(self, request: Request, course_id: int, user_id: int) -> None:
+        user: AuthUser = request.user
+        if not user.is_staff and user_id != user.id:
+            raise ApiError(403, "learners can only remove their own enrollment")
+        async with request.app.state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, user)
+            if not await repo.unenroll(conn, course_id, user_id):
+                raise ApiError(404, f"user {user_id} is not enrolled")

@@ -1,0 +1,108 @@
+"""Request and response bodies of the REST API (msgspec Structs; unknown fields are rejected)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+Title = Annotated[str, Meta(min_length=1, max_length=200)]
+Description = Annotated[str, Meta(max_length=10_000)]
+Price = Annotated[int, Meta(ge=0, le=100_000_000)]
+Name = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f]+$")]
+Id = Annotated[int, Meta(ge=1, le=2**62)]
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class CourseIn(Strict):
+    title: Title
+    description: Description = ""
+    published: bool = False
+    price_cents: Price = 0
+
+
+class CoursePatch(Strict):
+    title: Title | UnsetType = UNSET
+    description: Description | UnsetType = UNSET
+    published: bool | UnsetType = UNSET
+    price_cents: Price | UnsetType = UNSET
+
+
+class Course(msgspec.Struct):
+    id: int
+    title: str
+    description: str
+    published: bool
+    price_cents: int
+    owner_id: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class CourseList(msgspec.Struct):
+    items: list[Course]
+    limit: int
+    offset: int
+
+
+class EnrollIn(Strict):
+    user_id: Id | None = None
+
+
+class Enrollment(msgspec.Struct):
+    user_id: int
+    name: str
+    role: str
+    created_at: datetime
+
+
+class EnrollmentList(msgspec.Struct):
+    items: list[Enrollment]
+    limit: int
+    offset: int
+
+
+class Me(msgspec.Struct):
+    id: int
+    name: str
+    role: str
+    tenant: str
+    tenant_id: int
+
+
+class UserIn(Strict):
+    name: Name
+    role: str = "learner"
+
+
+class UserCreated(msgspec.Struct):
+    id: int
+    name: str
+    role: str
+    tenant: str
+    token: str
+
+
+class BotIn(Strict):
+    name: Name
+    label: Annotated[str, Meta(max_length=200)] = ""
+
+
+class BotToken(msgspec.Struct):
+    user_id: int
+    name: str
+    token_id: str
+    token: str
+
+
+class TokenInfo(msgspec.Struct):
+    id: str
+    user_id: int
+    user_name: str
+    label: str
+    created_at: datetime
+    revoked_at: datetime | None

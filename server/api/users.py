@@ -1,0 +1,65 @@
+"""The caller, users of a tenant, and bot tokens: /api/v1/users, /api/v1/bots, /api/v1/tokens."""
+from __future__ import annotations
+
+from litestar import Controller, Request, delete, get, post
+
+from server.api.schemas import BotIn, BotToken, Me, TokenInfo, UserCreated, UserIn
+from server.auth import AuthUser, issue_token, staff_only
+from server.decode import read_json
+from server.errors import ApiError
+from store import users as repo
+
+
+class UserController(Controller):
+    path = "/api/v1"
+    tags = ["users"]
+
+    @get("/users/me")
+    async def me(self, request: Request) -> Me:
+        u: AuthUser = request.user
+        return Me(id=u.id, name=u.name, role=u.role, tenant=u.tenant, tenant_id=u.tenant_id)
+
+    @post("/users", guards=[staff_only], status_code=201)
+    async def create_user(self, request: Request) -> UserCreated:
+        """Staff add learners to their tenant (admins may add any human role); the reply holds a login token."""
+        data = await read_json(request, UserIn)
+        u: AuthUser = request.user
+        allowed = ("learner", "instructor", "admin") if u.role == "admin" else ("learner",)
+        if data.role not in allowed:
+            raise ApiError(403 if data.role in ("instructor", "admin") else 400,
+                           f"role must be one of {', '.join(allowed)}", field="role")
+        settings = request.app.state.settings
+        async with request.app.state.pool.acquire() as conn:
+            row = await repo.create_user(conn, u.tenant_id, data.name.strip(), data.role)
+        if row is None:
+            raise ApiError(409, f"a user named {data.name!r} already exists", field="name")
+        token = issue_token(settings.secret, row["id"], u.tenant_id, row["role"], ttl_s=settings.token_ttl_s)
+        return UserCreated(id=row["id"], name=row["name"], role=row["role"], tenant=u.tenant, token=token)
+
+    @post("/bots", guards=[staff_only], status_code=201)
+    async def create_bot(self, request: Request) -> BotToken:
+        """Create (or reuse) a bot user and give it a new long-lived, revocable token."""
+        data = await read_json(request, BotIn)
+        u: AuthUser = request.user
+        async with request.app.state.pool.acquire() as conn, conn.transaction():
+            existing = await conn.fetchrow("SELECT id, role FROM users WHERE tenant_id = $1 AND name = $2",
+                                           u.tenant_id, data.name)
+            if existing is not None and existing["role"] != "bot":
+                raise ApiError(409, f"{data.name!r} is a human user's name", field="name")
+            row = existing or await repo.create_user(conn, u.tenant_id, data.name, "bot")
+            token_id = await repo.create_api_token(conn, row["id"], data.label)
+        token = issue_token(request.app.state.settings.secret, row["id"], u.tenant_id, "bot", ttl_s=None,
+                            token_id=token_id)
+        return BotToken(user_id=row["id"], name=data.name, token_id=token_id, token=token)
+
+    @get("/tokens", guards=[staff_only])
+    async def tokens(self, request: Request) -> list[TokenInfo]:
+        async with request.app.state.pool.acquire() as conn:
+            rows = await repo.list_api_tokens(conn, request.user.tenant_id)
+        return [TokenInfo(**dict(r)) for r in rows]
+
+    @delete("/tokens/{token_id:str}", guards=[staff_only], status_code=204)
+    async def revoke(self, request: Request, token_id: str) -> None:
+        async with request.app.state.pool.acquire() as conn:
+            if not await repo.revoke_api_token(conn, token_id, request.user.tenant_id):
+                raise ApiError(404, f"token {token_id} not found")

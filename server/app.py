@@ -1,0 +1,61 @@
+"""The app factory: build the Litestar app; one lifespan opens pools and puts them on app.state."""
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from arq import create_pool as create_arq_pool
+from arq.connections import RedisSettings
+from litestar import Litestar
+from litestar.exceptions import HTTPException
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from redis.asyncio import Redis
+
+from server.api.courses import CourseController
+from server.api.health import health, metrics, ready
+from server.api.users import UserController
+from server.auth import JWTAuthMiddleware
+from server.errors import http_exception_handler, internal_error_handler
+from server.observability import access_log_middleware
+from store.db import create_pool
+from store.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+PUBLIC_PATHS = ["^/health$", "^/ready$", "^/metrics$", "^/schema", "^/ws/"]
+
+
+def create_app(settings: Settings) -> Litestar:
+    """Build the app for `settings`, whose database and Redis URLs must be resolved."""
+    assert settings.database_url and settings.redis_url, "resolve services before building the app"
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.pool = await create_pool(settings.database_url)
+        app.state.redis = Redis.from_url(settings.redis_url)
+        app.state.arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+        logger.info("studyhall app ready")
+        try:
+            yield
+        finally:
+            await app.state.arq.aclose()
+            await app.state.redis.aclose()
+            await app.state.pool.close()
+
+    return Litestar(
+        route_handlers=[health, ready, metrics, CourseController, UserController],
+        lifespan=[lifespan],
+        middleware=[DefineMiddleware(JWTAuthMiddleware, exclude=PUBLIC_PATHS)],
+        exception_handlers={HTTPException: http_exception_handler, Exception: internal_error_handler},
+        openapi_config=OpenAPIConfig(title="studyhall", version="0.1.0", path="/schema"),
+        request_max_body_size=settings.max_upload_bytes,
+        logging_config=None,
+    )
+
+
+def asgi(settings: Settings):  # type: ignore[no-untyped-def]
+    """The app wrapped in the access-log middleware (outermost, so it sees every status)."""
+    return access_log_middleware(create_app(settings))

@@ -1,0 +1,188 @@
+"""`studyhall` command line: up, serve, worker, migrate, token."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+
+from store.embedded import Services, ensure_services
+from store.settings import Settings, load_settings
+
+logger = logging.getLogger("studyhall")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(getattr(args, "data_dir", None))
+    if getattr(args, "host", None):
+        settings = replace(settings, host=args.host)
+    if getattr(args, "port", None):
+        settings = replace(settings, port=args.port)
+    return settings
+
+
+def _start(args: argparse.Namespace) -> tuple[Settings, Services]:
+    from server.observability import setup_logging
+
+    settings = _settings(args)
+    setup_logging(settings.log_level)
+    services = ensure_services(settings)
+    return settings.with_urls(services.database_url, services.redis_url), services
+
+
+def _migrate(settings: Settings) -> list[str]:
+    from store.migrate import migrate
+
+    return asyncio.run(migrate(settings.database_url))
+
+
+def _serve(settings: Settings) -> None:
+    import uvicorn
+
+    from server.app import asgi
+
+    config = uvicorn.Config(asgi(settings), host=settings.host, port=settings.port, log_config=None,
+                            access_log=False, lifespan="on", ws_max_size=64 * 1024, timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings, services = _start(args)
+    try:
+        applied = _migrate(settings)
+        print("applied: " + ", ".join(applied) if applied else "database is up to date")
+    finally:
+        services.close()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings, services = _start(args)
+    try:
+        _migrate(settings)
+        _serve(settings)
+    finally:
+        services.close()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from arq.worker import Worker
+
+    from ingest.worker import worker_settings
+
+    settings, services = _start(args)
+    try:
+        _migrate(settings)
+        # arq binds the worker to the current event loop at construction and handles SIGTERM/SIGINT itself.
+        asyncio.set_event_loop(asyncio.new_event_loop())
+        Worker(**worker_settings(settings)).run()
+    finally:
+        services.close()
+    return 0
+
+
+async def _make_token(settings: Settings, user: str, role: str, tenant: str, ttl_s: int | None) -> str:
+    from server.auth import issue_token
+    from store.db import create_pool
+    from store import users as repo
+
+    pool = await create_pool(settings.database_url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            tenant_id = await repo.ensure_tenant(conn, tenant)
+            row = await repo.ensure_user(conn, tenant_id, user, role)
+            if role == "bot":
+                token_id = await repo.create_api_token(conn, row["id"], "cli")
+                return issue_token(settings.secret, row["id"], tenant_id, role, ttl_s=None, token_id=token_id)
+        return issue_token(settings.secret, row["id"], tenant_id, role, ttl_s=ttl_s or settings.token_ttl_s)
+    finally:
+        await pool.close()
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    settings, services = _start(args)
+    try:
+        _migrate(settings)
+        token = asyncio.run(_make_token(settings, args.user, args.role, args.tenant, args.ttl))
+    finally:
+        services.close()
+    print(token)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    settings, services = _start(args)
+    worker = None
+    try:
+        _migrate(settings)
+        token = asyncio.run(_make_token(settings, "dev-instructor", "instructor", "default", None))
+        env = dict(os.environ, STUDYHALL_DATA_DIR=str(settings.data_dir))
+        worker = subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=env)
+        url = f"http://{settings.host}:{settings.port}"
+        print(f"\nstudyhall is up at {url}  (data in {settings.data_dir})\n"
+              f"dev instructor token:\n{token}\n\ntry: curl -H 'Authorization: Bearer <token>' {url}/api/v1/users/me\n",
+              flush=True)
+        _serve(settings)
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        services.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="studyhall", description="studyhall: realtime learning rooms")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func, help_: str, *, net: bool = False) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--data-dir", help="data folder (default $STUDYHALL_DATA_DIR or ./.studyhall)")
+        if net:
+            p.add_argument("--host", help="bind address (default $STUDYHALL_HOST or 127.0.0.1)")
+            p.add_argument("--port", type=int, help="port (default $STUDYHALL_PORT or 8000)")
+        p.set_defaults(func=func)
+        return p
+
+    add("up", cmd_up, "migrate, start the server and one ingest worker (embedded services when no URLs)", net=True)
+    add("serve", cmd_serve, "run an API/websocket server process", net=True)
+    add("worker", cmd_worker, "run an ingest worker process")
+    add("migrate", cmd_migrate, "apply database migrations")
+    tok = add("token", cmd_token, "create the user if needed and print a token")
+    tok.add_argument("--user", required=True)
+    tok.add_argument("--role", required=True, choices=["learner", "instructor", "admin", "bot"])
+    tok.add_argument("--tenant", default="default")
+    tok.add_argument("--ttl", type=int, help="lifetime in seconds (ignored for bots: their tokens are revocable)")
+    return parser
+
+
+class _Stop(Exception):
+    """Raised by SIGTERM/SIGINT so `finally` blocks stop what this process started."""
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # uvicorn re-raises the signal it caught after a graceful shutdown; with the default handler the
+    # process would die before stopping the worker and the embedded servers.
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        return args.func(args)
+    except _Stop:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Decode request bodies into msgspec Structs with clear 4xx errors naming the field."""
+from __future__ import annotations
+
+from typing import TypeVar
+
+import msgspec
+from litestar import Request
+
+from server.errors import ApiError, field_of
+
+T = TypeVar("T")
+
+
+def decode_json(raw: bytes, typ: type[T]) -> T:
+    if not raw.strip():
+        raise ApiError(400, "request body is empty; expected a JSON object")
+    try:
+        return msgspec.json.decode(raw, type=typ)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"invalid field: {exc}", field=field_of(exc)) from exc
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from exc
+
+
+async def read_json(request: Request, typ: type[T], *, max_bytes: int | None = None) -> T:
+    """Read and decode the body as JSON (whatever Content-Type claims); enforces the body size limit."""
+    limit = max_bytes or request.app.state.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body larger than {limit} bytes")
+    raw = b""
+    async for part in request.stream():
+        raw += part
+        if len(raw) > limit:
+            raise ApiError(413, f"request body larger than {limit} bytes")
+    return decode_json(raw, typ)

@@ -1,0 +1,64 @@
+"""One JSON error shape for every failure: {status, code, message, field?}."""
+from __future__ import annotations
+
+import logging
+import re
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+logger = logging.getLogger(__name__)
+
+_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+          409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "unprocessable", 429: "rate_limited"}
+
+
+class ApiError(HTTPException):
+    """An HTTP error with a machine-readable code and, for bad input, the offending field."""
+
+    def __init__(self, status_code: int, message: str, *, code: str | None = None, field: str | None = None):
+        super().__init__(status_code=status_code, detail=message)
+        self.code = code or _CODES.get(status_code, "error")
+        self.field = field
+
+
+def body(status: int, code: str, message: str, field: str | None = None) -> dict:
+    out = {"status": status, "code": code, "message": message}
+    if field is not None:
+        out["field"] = field
+    return out
+
+
+_PATH = re.compile(r"at `\$((?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])+)`")
+
+
+def field_of(exc: msgspec.ValidationError) -> str | None:
+    """'Expected `str`, got `int` - at `$.title`' -> 'title'; unknown fields are named too."""
+    text = str(exc)
+    m = _PATH.search(text)
+    if m:
+        return m.group(1).lstrip(".")
+    m = re.search(r"(?:unknown|missing required) field `([^`]+)`", text)
+    return m.group(1) if m else None
+
+
+def http_exception_handler(_: Request, exc: HTTPException) -> Response:
+    status = exc.status_code
+    if isinstance(exc, ApiError):
+        return Response(body(status, exc.code, exc.detail, exc.field), status_code=status)
+    field = None
+    if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
+        first = exc.extra[0]
+        if isinstance(first, dict):
+            field = first.get("key")
+            detail = first.get("message") or exc.detail
+            return Response(body(status, "bad_request", f"{detail}", field), status_code=status)
+    return Response(body(status, _CODES.get(status, "error"), exc.detail), status_code=status,
+                    headers=getattr(exc, "headers", None))
+
+
+def internal_error_handler(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return Response(body(500, "internal", "internal server error"), status_code=HTTP_500_INTERNAL_SERVER_ERROR)

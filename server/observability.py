@@ -1,0 +1,69 @@
+"""Structured logs (one JSON line per request, never a query string or token) and Prometheus metrics."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from prometheus_client import Counter, Histogram
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+logger = logging.getLogger("studyhall.access")
+
+REQUESTS = Counter("studyhall_http_requests_total", "HTTP requests", ["method", "route", "status"])
+LATENCY = Histogram("studyhall_http_request_seconds", "HTTP request duration", ["method", "route"])
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+               "msg": record.getMessage()}
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, dict):
+            out.update(extra)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # uvicorn's own access log would print query strings (tokens); ours replaces it.
+    logging.getLogger("uvicorn.access").disabled = True
+
+
+def access_log_middleware(app: ASGIApp) -> ASGIApp:
+    """Pure ASGI middleware: time each HTTP request, log one line, count it."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message) -> None:  # type: ignore[no-untyped-def]
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = scope.get("path_template") or "unmatched"
+            method = scope.get("method", "")
+            REQUESTS.labels(method, route, str(status)).inc()
+            LATENCY.labels(method, route).observe(elapsed)
+            user = scope.get("user")
+            logger.info("request", extra={"fields": {
+                "method": method, "path": scope.get("path"), "status": status,
+                "duration_ms": round(elapsed * 1000, 2), "user_id": getattr(user, "id", None)}})
+
+    return middleware

@@ -1,0 +1,95 @@
+"""Courses and enrollments. Visibility rules live here, as SQL, so every caller applies the same ones."""
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+_COLS = "c.id, c.tenant_id, c.owner_id, c.title, c.description, c.published, c.price_cents, c.created_at, c.updated_at"
+
+# Who sees a course: staff (instructor/admin/bot) of its tenant; learners enrolled in it, or of its
+# tenant when it is published and free.
+_VISIBLE = """
+  c.tenant_id = $2 AND (
+    $3 IN ('instructor', 'admin', 'bot')
+    OR EXISTS (SELECT 1 FROM enrollments e WHERE e.course_id = c.id AND e.user_id = $1)
+    OR (c.published AND c.price_cents = 0))
+"""
+
+
+async def create_course(conn: asyncpg.Connection, tenant_id: int, owner_id: int, title: str,
+                        description: str, published: bool, price_cents: int) -> asyncpg.Record:
+    return await conn.fetchrow(
+        f"""INSERT INTO courses AS c (tenant_id, owner_id, title, description, published, price_cents)
+            VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_COLS}""",
+        tenant_id, owner_id, title, description, published, price_cents,
+    )
+
+
+async def visible_course(conn: asyncpg.Connection, course_id: int, user_id: int, tenant_id: int,
+                         role: str) -> asyncpg.Record | None:
+    """The course if this user may see it, else None (callers answer 404: existence is not leaked)."""
+    return await conn.fetchrow(
+        f"SELECT {_COLS} FROM courses c WHERE c.id = $4 AND {_VISIBLE}", user_id, tenant_id, role, course_id
+    )
+
+
+async def list_visible_courses(conn: asyncpg.Connection, user_id: int, tenant_id: int, role: str,
+                               limit: int, offset: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        f"SELECT {_COLS} FROM courses c WHERE {_VISIBLE} ORDER BY c.id LIMIT $4 OFFSET $5",
+        user_id, tenant_id, role, limit, offset,
+    )
+
+
+async def update_course(conn: asyncpg.Connection, course_id: int, tenant_id: int,
+                        changes: dict[str, Any]) -> asyncpg.Record | None:
+    allowed = ("title", "description", "published", "price_cents")
+    cols = [k for k in allowed if k in changes]
+    sets = ", ".join(f"{k} = ${i + 3}" for i, k in enumerate(cols))
+    sets = (sets + ", " if sets else "") + "updated_at = now()"
+    return await conn.fetchrow(
+        f"UPDATE courses c SET {sets} WHERE c.id = $1 AND c.tenant_id = $2 RETURNING {_COLS}",
+        course_id, tenant_id, *[changes[k] for k in cols],
+    )
+
+
+async def delete_course(conn: asyncpg.Connection, course_id: int, tenant_id: int) -> bool:
+    row = await conn.fetchrow("DELETE FROM courses WHERE id = $1 AND tenant_id = $2 RETURNING id",
+                              course_id, tenant_id)
+    return row is not None
+
+
+async def is_enrolled(conn: asyncpg.Connection, course_id: int, user_id: int) -> bool:
+    return bool(await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM enrollments WHERE course_id = $1 AND user_id = $2)", course_id, user_id))
+
+
+async def enroll(conn: asyncpg.Connection, course_id: int, user_id: int) -> tuple[asyncpg.Record, bool]:
+    """Enroll; returns (enrollment, created). Enrolling twice is not an error."""
+    row = await conn.fetchrow(
+        """INSERT INTO enrollments (course_id, user_id) VALUES ($1, $2)
+           ON CONFLICT DO NOTHING RETURNING course_id, user_id, created_at""",
+        course_id, user_id,
+    )
+    if row is not None:
+        return row, True
+    row = await conn.fetchrow(
+        "SELECT course_id, user_id, created_at FROM enrollments WHERE course_id = $1 AND user_id = $2",
+        course_id, user_id,
+    )
+    return row, False
+
+
+async def unenroll(conn: asyncpg.Connection, course_id: int, user_id: int) -> bool:
+    row = await conn.fetchrow(
+        "DELETE FROM enrollments WHERE course_id = $1 AND user_id = $2 RETURNING user_id", course_id, user_id)
+    return row is not None
+
+
+async def list_enrollments(conn: asyncpg.Connection, course_id: int, limit: int, offset: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT e.user_id, u.name, u.role, e.created_at FROM enrollments e JOIN users u ON u.id = e.user_id
+           WHERE e.course_id = $1 ORDER BY e.created_at, e.user_id LIMIT $2 OFFSET $3""",
+        course_id, limit, offset,
+    )

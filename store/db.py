@@ -1,0 +1,22 @@
+"""Postgres pool: pgvector and JSON codecs registered on every pooled connection."""
+from __future__ import annotations
+
+import json
+import logging
+
+import asyncpg
+from pgvector.asyncpg import register_vector
+
+logger = logging.getLogger(__name__)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await register_vector(conn)
+    for typ in ("json", "jsonb"):
+        await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
+    """Open a pool; the vector extension must already exist (migrations create it)."""
+    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection,
+                                     command_timeout=60)

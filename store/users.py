@@ -1,0 +1,80 @@
+"""Tenants, users and revocable API tokens."""
+from __future__ import annotations
+
+import secrets
+
+import asyncpg
+
+ROLES = ("learner", "instructor", "admin", "bot")
+
+
+async def ensure_tenant(conn: asyncpg.Connection, name: str) -> int:
+    """Id of the tenant named `name`, created if missing."""
+    row = await conn.fetchrow(
+        """INSERT INTO tenants (name) VALUES ($1)
+           ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id""",
+        name,
+    )
+    return row["id"]
+
+
+async def ensure_user(conn: asyncpg.Connection, tenant_id: int, name: str, role: str) -> asyncpg.Record:
+    """The user `name` of the tenant, created if missing; the role is set to `role`."""
+    return await conn.fetchrow(
+        """INSERT INTO users (tenant_id, name, role) VALUES ($1, $2, $3)
+           ON CONFLICT (tenant_id, name) DO UPDATE SET role = EXCLUDED.role
+           RETURNING id, tenant_id, name, role""",
+        tenant_id, name, role,
+    )
+
+
+async def create_user(conn: asyncpg.Connection, tenant_id: int, name: str, role: str) -> asyncpg.Record | None:
+    """A new user; None when the name is taken in the tenant."""
+    return await conn.fetchrow(
+        """INSERT INTO users (tenant_id, name, role) VALUES ($1, $2, $3)
+           ON CONFLICT (tenant_id, name) DO NOTHING RETURNING id, tenant_id, name, role""",
+        tenant_id, name, role,
+    )
+
+
+async def get_user(conn: asyncpg.Connection, user_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        """SELECT u.id, u.tenant_id, u.name, u.role, t.name AS tenant_name
+           FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE u.id = $1""",
+        user_id,
+    )
+
+
+async def get_user_with_token(conn: asyncpg.Connection, user_id: int, token_id: str) -> asyncpg.Record | None:
+    """The user, only while the API token `token_id` of that user is not revoked."""
+    return await conn.fetchrow(
+        """SELECT u.id, u.tenant_id, u.name, u.role, t.name AS tenant_name
+           FROM api_tokens k JOIN users u ON u.id = k.user_id JOIN tenants t ON t.id = u.tenant_id
+           WHERE k.id = $1 AND k.user_id = $2 AND k.revoked_at IS NULL""",
+        token_id, user_id,
+    )
+
+
+async def create_api_token(conn: asyncpg.Connection, user_id: int, label: str = "") -> str:
+    token_id = secrets.token_hex(12)
+    await conn.execute("INSERT INTO api_tokens (id, user_id, label) VALUES ($1, $2, $3)", token_id, user_id, label)
+    return token_id
+
+
+async def list_api_tokens(conn: asyncpg.Connection, tenant_id: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT k.id, k.user_id, u.name AS user_name, k.label, k.created_at, k.revoked_at
+           FROM api_tokens k JOIN users u ON u.id = k.user_id WHERE u.tenant_id = $1 ORDER BY k.created_at""",
+        tenant_id,
+    )
+
+
+async def revoke_api_token(conn: asyncpg.Connection, token_id: str, tenant_id: int | None) -> bool:
+    """Revoke a token (of the tenant, when given); False when there is no such token."""
+    row = await conn.fetchrow(
+        """UPDATE api_tokens k SET revoked_at = coalesce(k.revoked_at, now())
+           FROM users u WHERE u.id = k.user_id AND k.id = $1 AND ($2::bigint IS NULL OR u.tenant_id = $2)
+           RETURNING k.id""",
+        token_id, tenant_id,
+    )
+    return row is not None
