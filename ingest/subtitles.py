@@ -58,12 +58,17 @@ def _checked(token: str, lineno: int) -> float:
     return value
 
 
-def _timing(line: str, lineno: int, is_last: bool) -> tuple[float, float | None] | None:
+def _timing(
+    line: str, lineno: int, is_last: bool, seen: dict[str, float]
+) -> tuple[float, float | None] | None:
     """Parse "start --> end [settings]". The last timing line of a cut-off file may be partial."""
     left, _, right = line.partition("-->")
-    tokens = right.split()
+    left = left.strip()
+    tokens = right.split(None, 1)
     try:
-        start = _checked(left.strip(), lineno)
+        start = seen.get(left)
+        if start is None:
+            start = seen[left] = _checked(left, lineno)
     except PermanentIngestError:
         if is_last:
             logger.info("dropping truncated last cue at line %d", lineno)
@@ -72,7 +77,9 @@ def _timing(line: str, lineno: int, is_last: bool) -> tuple[float, float | None]
     if not tokens:
         return start, None  # missing end: derived from the next cue later
     try:
-        end = _checked(tokens[0], lineno)  # anything after it is cue settings (align:start ...)
+        end = seen.get(tokens[0])  # anything after it is cue settings (align:start ...)
+        if end is None:
+            end = seen[tokens[0]] = _checked(tokens[0], lineno)
     except PermanentIngestError:
         if is_last:
             return start, None
@@ -81,52 +88,53 @@ def _timing(line: str, lineno: int, is_last: bool) -> tuple[float, float | None]
 
 
 def parse_blocks(text: str, *, vtt: bool) -> list[RawCue]:
-    """Cues of an SRT or WebVTT document (already decoded, with "\\n" line endings)."""
+    """Cues of an SRT or WebVTT document (already decoded, with "\\n" line endings).
+
+    Walks from timing line to timing line; what lies between is the cue's text, then blank lines
+    and the next cue's identifier, or (rarely) NOTE blocks and stray text handled by `_extras`.
+    """
     lines = text.split("\n")
-    timing_rows = [i for i, line in enumerate(lines) if "-->" in line]
-    last_timing = timing_rows[-1] if timing_rows else -1
-    i = 0
-    if vtt:
-        # The header runs to the first blank line ("Kind: captions", "Language: en", ...).
-        while i < len(lines) and lines[i].strip() and (i == 0 or "-->" not in lines[i]):
-            i += 1
+    # A WebVTT header, NOTE or STYLE block may not contain "-->", so every such line is a cue's.
+    rows = [i for i, line in enumerate(lines) if "-->" in line]
+    if len(rows) > MAX_CUES:
+        raise PermanentIngestError(f"too many cues: more than {MAX_CUES}")
+    seconds: dict[str, float] = {}  # a cue's end is usually the next cue's start: parse once
     cues: list[RawCue] = []
-    while i < len(lines):
-        if not lines[i].strip():
-            i += 1
-            continue
-        j = i
-        while j < len(lines) and lines[j].strip():
-            j += 1
-        _read_block(lines, i, j, vtt, last_timing, cues)
-        if len(cues) > MAX_CUES:
-            raise PermanentIngestError(f"too many cues: more than {MAX_CUES}")
-        i = j
+    for k, row in enumerate(rows):
+        nxt = rows[k + 1] if k + 1 < len(rows) else len(lines)
+        timing = _timing(lines[row], row + 1, k + 1 == len(rows), seconds)
+        body = lines[row + 1 : nxt]
+        blank = next((b for b, line in enumerate(body) if not line.strip()), len(body))
+        cue_lines, rest = body[:blank], body[blank:]
+        if rest:
+            identifier = nxt < len(lines) and bool(rest[-1].strip())
+            if any(line.strip() for line in (rest[:-1] if identifier else rest)):
+                _extras(rest, vtt, identifier, cue_lines)
+        elif nxt < len(lines) and cue_lines and _INDEX.fullmatch(cue_lines[-1].strip()):
+            cue_lines.pop()  # the next cue's number, when the blank line before it is missing
+        if timing is not None:
+            cues.append(RawCue(timing[0], timing[1], cue_lines))
     return cues
 
 
-def _read_block(lines: list[str], i: int, j: int, vtt: bool, last_timing: int, cues: list[RawCue]) -> None:
-    block = lines[i:j]
-    first = block[0].strip()
-    if vtt and first.split(" ", 1)[0].split("\t", 1)[0] in _VTT_SKIPPED_BLOCKS:
-        return
-    timings = [k for k, line in enumerate(block) if "-->" in line]
-    if not timings:
-        if len(block) == 1 and _INDEX.fullmatch(first):
-            return  # a lone cue number
-        if i > last_timing and _PARTIAL_TIMING.match(block[-1].strip()):
-            return  # the file was cut inside the next cue's header
-        if cues:
-            cues[-1].lines.extend(block)  # SRT text with a blank line inside it
-        return
-    if timings[0] > 1 and cues:
-        # Text that lost its blank line before the next cue: everything before the identifier.
-        cues[-1].lines.extend(block[: timings[0] - 1])
-    for n, k in enumerate(timings):
-        stop = timings[n + 1] if n + 1 < len(timings) else len(block)
-        text = block[k + 1 : stop]
-        if n + 1 < len(timings) and text and _INDEX.fullmatch(text[-1].strip()):
-            text = text[:-1]  # the next cue's number, when blank lines are missing
-        parsed = _timing(block[k], i + k + 1, i + k == last_timing)
-        if parsed is not None:
-            cues.append(RawCue(parsed[0], parsed[1], text))
+def _extras(rest: list[str], vtt: bool, identifier: bool, cue_lines: list[str]) -> None:
+    """Blocks after a cue's text: skip NOTE/STYLE/REGION, numbers and cut-off timings; stray
+    text (an SRT cue with a blank line inside) joins the cue above."""
+    blocks: list[list[str]] = [[]]
+    for line in rest:
+        if line.strip():
+            blocks[-1].append(line)
+        elif blocks[-1]:
+            blocks.append([])
+    blocks = [b for b in blocks if b]
+    if identifier:
+        blocks[-1].pop()  # the next cue's identifier, directly above its timing line
+    for n, block in enumerate(blocks):
+        head = block[0].strip() if block else ""
+        if not block or (vtt and head.split(" ", 1)[0].split("\t", 1)[0] in _VTT_SKIPPED_BLOCKS):
+            continue
+        if len(block) == 1 and _INDEX.fullmatch(head):
+            continue
+        if n == len(blocks) - 1 and _PARTIAL_TIMING.match(block[-1].strip()):
+            continue  # the file was cut inside the next cue's header
+        cue_lines.extend(block)

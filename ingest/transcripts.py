@@ -160,7 +160,9 @@ def _clean(raw: list[RawCue]) -> list[Cue]:
         lines = [c for c in map(clean_line, rc.lines) if c]
         # YouTube auto-captions roll: each cue repeats the line before it, and a 10 ms cue repeats
         # the whole previous cue. Drop what is already on screen.
-        overlap = next((k for k in range(min(len(shown), len(lines)), 0, -1) if shown[-k:] == lines[:k]), 0)
+        overlap = 0
+        if shown and lines and lines[0] in shown:
+            overlap = next((k for k in range(min(len(shown), len(lines)), 0, -1) if shown[-k:] == lines[:k]), 0)
         shown = lines
         if overlap == len(lines):
             if lines and cues and rc.end is not None and rc.start >= cues[-1].start:
@@ -179,7 +181,8 @@ def normalize_cues(cues: list[Cue]) -> list[Cue]:
         if merged and c.start <= merged[-1].start:
             last = merged[-1]
             last.text = f"{last.text} {c.text}"
-            last.end = max(last.end, c.end) if not math.isnan(c.end) else last.end
+            if math.isnan(last.end) or c.end > last.end:
+                last.end = c.end
         else:
             merged.append(Cue(c.start, c.end, c.text))
     for i, c in enumerate(merged):

@@ -1,0 +1,127 @@
+"""The auth matrix over real HTTP."""
+from __future__ import annotations
+
+import time
+
+import jwt
+
+from tests.conftest import Factory
+
+
+def test_no_token_401(client):
+    r = client.get("/api/v1/courses")
+    assert r.status_code == 401
+    assert r.json()["code"] == "unauthorized"
+
+
+def test_malformed_header_401(client):
+    assert client.get("/api/v1/courses", headers={"Authorization": "Token abc"}).status_code == 401
+    assert client.get("/api/v1/courses", headers={"Authorization": "Bearer not.a.jwt"}).status_code == 401
+
+
+def test_bad_signature_401(client, make: Factory):
+    u = make.user("instructor")
+    claims = jwt.decode(u.token, options={"verify_signature": False})
+    forged = jwt.encode(claims, "not-the-secret", algorithm="HS256")
+    r = client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {forged}"})
+    assert r.status_code == 401
+
+
+def test_alg_none_rejected(client, make: Factory):
+    u = make.user("admin")
+    claims = jwt.decode(u.token, options={"verify_signature": False})
+    unsigned = jwt.encode(claims, key=None, algorithm="none")
+    assert client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {unsigned}"}).status_code == 401
+
+
+def test_expired_401(client, make: Factory, settings):
+    u = make.user("instructor")
+    now = int(time.time())
+    expired = jwt.encode({"sub": str(u.id), "tenant": u.tenant_id, "role": "instructor", "iat": now - 100,
+                          "exp": now - 10}, settings.secret, algorithm="HS256")
+    r = client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {expired}"})
+    assert r.status_code == 401
+    assert "expired" in r.json()["message"]
+
+
+def test_me(client, make: Factory):
+    u = make.user("learner", name="ada")
+    r = client.get("/api/v1/users/me", headers=u.h)
+    assert r.status_code == 200
+    assert r.json() == {"id": u.id, "name": "ada", "role": "learner", "tenant": make.tenant, "tenant_id": u.tenant_id}
+
+
+def test_learner_cannot_create_course(client, make: Factory):
+    r = client.post("/api/v1/courses", json={"title": "Mine"}, headers=make.user("learner").h)
+    assert r.status_code == 403
+    assert r.json()["code"] == "forbidden"
+
+
+def test_other_tenant_course_is_404(client, make: Factory):
+    a = make.user("instructor")
+    b = Factory(make.settings).user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "A's course"}, headers=a.h).json()["id"]
+    for method, body in (("GET", None), ("PATCH", {"title": "hijack"}), ("DELETE", None)):
+        r = client.request(method, f"/api/v1/courses/{cid}", json=body, headers=b.h)
+        assert r.status_code == 404, (method, r.text)
+    assert client.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": b.id}, headers=b.h).status_code == 404
+    assert client.get("/api/v1/courses", headers=b.h).json()["items"] == []
+    # and A's course is untouched
+    assert client.get(f"/api/v1/courses/{cid}", headers=a.h).json()["title"] == "A's course"
+
+
+def test_learner_not_enrolled(client, make: Factory):
+    inst, learner = make.user("instructor"), make.user("learner")
+    cid = client.post("/api/v1/courses", json={"title": "Draft"}, headers=inst.h).json()["id"]
+    assert client.get(f"/api/v1/courses/{cid}", headers=learner.h).status_code == 404
+    assert client.post(f"/api/v1/courses/{cid}/enrollments", headers=learner.h).status_code == 404
+    # enrolled by the instructor, the learner sees it
+    r = client.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": learner.id}, headers=inst.h)
+    assert r.status_code == 201
+    assert client.get(f"/api/v1/courses/{cid}", headers=learner.h).status_code == 200
+    # but still cannot change it
+    assert client.patch(f"/api/v1/courses/{cid}", json={"title": "x"}, headers=learner.h).status_code == 403
+
+
+def test_bot_token_revocation(client, make: Factory):
+    inst = make.user("instructor")
+    r = client.post("/api/v1/bots", json={"name": "discord-bot", "label": "discord"}, headers=inst.h)
+    assert r.status_code == 201
+    bot = r.json()
+    bh = {"Authorization": f"Bearer {bot['token']}"}
+    claims = jwt.decode(bot["token"], options={"verify_signature": False})
+    assert "exp" not in claims and claims["jti"] == bot["token_id"]
+    me = client.get("/api/v1/users/me", headers=bh).json()
+    assert me["role"] == "bot"
+    # bots read the tenant's courses but cannot create them
+    assert client.get("/api/v1/courses", headers=bh).status_code == 200
+    assert client.post("/api/v1/courses", json={"title": "x"}, headers=bh).status_code == 403
+    listed = client.get("/api/v1/tokens", headers=inst.h).json()
+    assert [t["id"] for t in listed] == [bot["token_id"]]
+    # another tenant's instructor cannot revoke it
+    other = Factory(make.settings).user("instructor")
+    assert client.delete(f"/api/v1/tokens/{bot['token_id']}", headers=other.h).status_code == 404
+    assert client.delete(f"/api/v1/tokens/{bot['token_id']}", headers=inst.h).status_code == 204
+    r = client.get("/api/v1/users/me", headers=bh)
+    assert r.status_code == 401
+
+
+def test_staff_creates_learner_with_token(client, make: Factory):
+    inst = make.user("instructor")
+    r = client.post("/api/v1/users", json={"name": "grace"}, headers=inst.h)
+    assert r.status_code == 201
+    created = r.json()
+    me = client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {created['token']}"}).json()
+    assert me["name"] == "grace" and me["role"] == "learner" and me["tenant"] == make.tenant
+    assert client.post("/api/v1/users", json={"name": "grace"}, headers=inst.h).status_code == 409
+    # an instructor cannot mint admins; a learner cannot mint anyone
+    assert client.post("/api/v1/users", json={"name": "boss", "role": "admin"}, headers=inst.h).status_code == 403
+    assert client.post("/api/v1/users", json={"name": "x"}, headers=make.user("learner").h).status_code == 403
+
+
+def test_deleted_user_token_rejected(client, make: Factory, settings):
+    from tests.conftest import fetch
+
+    u = make.user("learner")
+    fetch(settings, "DELETE FROM users WHERE id = $1", u.id)
+    assert client.get("/api/v1/users/me", headers=u.h).status_code == 401

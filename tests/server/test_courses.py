@@ -1,0 +1,133 @@
+"""Courses and enrollments over real HTTP, including bad bodies (never a 500)."""
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import Factory
+
+
+def test_course_crud(client, make: Factory):
+    inst = make.user("instructor")
+    r = client.post("/api/v1/courses", json={"title": "  Linear Algebra ", "description": "Strang"}, headers=inst.h)
+    assert r.status_code == 201
+    course = r.json()
+    assert course["title"] == "Linear Algebra" and course["published"] is False and course["owner_id"] == inst.id
+    cid = course["id"]
+    # a colleague of the same tenant sees and edits it
+    colleague = make.user("instructor")
+    r = client.patch(f"/api/v1/courses/{cid}", json={"published": True, "price_cents": 0}, headers=colleague.h)
+    assert r.status_code == 200 and r.json()["published"] is True and r.json()["title"] == "Linear Algebra"
+    listed = client.get("/api/v1/courses", headers=inst.h).json()
+    assert [c["id"] for c in listed["items"]] == [cid]
+    assert client.delete(f"/api/v1/courses/{cid}", headers=inst.h).status_code == 204
+    assert client.get(f"/api/v1/courses/{cid}", headers=inst.h).status_code == 404
+    assert client.delete(f"/api/v1/courses/{cid}", headers=inst.h).status_code == 404
+
+
+def test_published_free_course_visible_and_self_enroll(client, make: Factory):
+    inst, learner = make.user("instructor"), make.user("learner")
+    free = client.post("/api/v1/courses", json={"title": "Free", "published": True}, headers=inst.h).json()
+    paid = client.post("/api/v1/courses", json={"title": "Paid", "published": True, "price_cents": 1900},
+                       headers=inst.h).json()
+    draft = client.post("/api/v1/courses", json={"title": "Draft"}, headers=inst.h).json()
+    seen = {c["id"] for c in client.get("/api/v1/courses", headers=learner.h).json()["items"]}
+    assert seen == {free["id"]}
+    r = client.post(f"/api/v1/courses/{free['id']}/enrollments", headers=learner.h)
+    assert r.status_code == 201 and r.json()["user_id"] == learner.id
+    # enrolling twice is fine and idempotent
+    assert client.post(f"/api/v1/courses/{free['id']}/enrollments", headers=learner.h).status_code == 200
+    assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", headers=learner.h).status_code == 404
+    assert client.post(f"/api/v1/courses/{draft['id']}/enrollments", headers=learner.h).status_code == 404
+    other = make.user("learner")
+    r = client.post(f"/api/v1/courses/{free['id']}/enrollments", json={"user_id": other.id}, headers=learner.h)
+    assert r.status_code == 403
+    # the learner leaves
+    assert client.delete(f"/api/v1/courses/{free['id']}/enrollments/{learner.id}", headers=learner.h).status_code == 204
+
+
+def test_paid_course_needs_payment(client, make: Factory):
+    inst, learner = make.user("instructor"), make.user("learner")
+    paid = client.post("/api/v1/courses", json={"title": "Paid", "published": True, "price_cents": 1900},
+                       headers=inst.h).json()
+    # visible only once enrolled; learners cannot enroll themselves into a paid course
+    client.post(f"/api/v1/courses/{paid['id']}/enrollments", json={"user_id": learner.id}, headers=inst.h)
+    assert client.get(f"/api/v1/courses/{paid['id']}", headers=learner.h).status_code == 200
+
+
+def test_instructor_enrollments(client, make: Factory):
+    inst = make.user("instructor")
+    learners = [make.user("learner") for _ in range(3)]
+    cid = client.post("/api/v1/courses", json={"title": "C"}, headers=inst.h).json()["id"]
+    for u in learners:
+        assert client.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": u.id}, headers=inst.h).status_code == 201
+    items = client.get(f"/api/v1/courses/{cid}/enrollments", headers=inst.h).json()["items"]
+    assert [i["user_id"] for i in items] == [u.id for u in learners]
+    page = client.get(f"/api/v1/courses/{cid}/enrollments?limit=2&offset=2", headers=inst.h).json()["items"]
+    assert [i["user_id"] for i in page] == [learners[2].id]
+    assert client.delete(f"/api/v1/courses/{cid}/enrollments/{learners[0].id}", headers=inst.h).status_code == 204
+    assert client.delete(f"/api/v1/courses/{cid}/enrollments/{learners[0].id}", headers=inst.h).status_code == 404
+    # a user from another tenant cannot be enrolled
+    stranger = Factory(make.settings).user("learner")
+    r = client.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": stranger.id}, headers=inst.h)
+    assert r.status_code == 404
+    # learners cannot list enrollments
+    assert client.get(f"/api/v1/courses/{cid}/enrollments", headers=learners[1].h).status_code == 403
+
+
+@pytest.mark.parametrize("body,field", [
+    ({}, "title"),
+    ({"title": ""}, "title"),
+    ({"title": "   "}, "title"),
+    ({"title": 42}, "title"),
+    ({"title": None}, "title"),
+    ({"title": "x" * 201}, "title"),
+    ({"title": "ok", "extra": 1}, "extra"),
+    ({"title": "ok", "published": "yes"}, "published"),
+    ({"title": "ok", "price_cents": -1}, "price_cents"),
+    ({"title": "ok", "description": "d" * 10_001}, "description"),
+])
+def test_bad_course_bodies(client, make: Factory, body, field):
+    r = client.post("/api/v1/courses", json=body, headers=make.user("instructor").h)
+    assert r.status_code == 400, r.text
+    err = r.json()
+    assert err["field"] == field and err["status"] == 400 and err["message"]
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"", b"[1,2]", b'{"title": "x"', "\u00e9".encode("latin-1"), b"null"])
+def test_non_json_bodies(client, make: Factory, raw):
+    r = client.post("/api/v1/courses", content=raw, headers={**make.user("instructor").h,
+                                                                 "Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == "bad_request"
+
+
+def test_bad_patch_and_params(client, make: Factory):
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "C"}, headers=inst.h).json()["id"]
+    r = client.patch(f"/api/v1/courses/{cid}", json={"title": ""}, headers=inst.h)
+    assert r.status_code == 400 and r.json()["field"] == "title"
+    r = client.patch(f"/api/v1/courses/{cid}", json={"owner_id": 1}, headers=inst.h)
+    assert r.status_code == 400 and r.json()["field"] == "owner_id"
+    assert client.get("/api/v1/courses?limit=0", headers=inst.h).status_code == 400
+    assert client.get("/api/v1/courses?limit=abc", headers=inst.h).status_code == 400
+    assert client.get("/api/v1/courses/abc", headers=inst.h).status_code in (400, 404)
+    assert client.get("/api/v1/courses/99999999999", headers=inst.h).status_code == 404
+    r = client.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": "me"}, headers=inst.h)
+    assert r.status_code == 400 and r.json()["field"] == "user_id"
+
+
+def test_oversized_body_413(client, make: Factory):
+    r = client.post("/api/v1/courses", content=b'{"title": "' + b"x" * (2 * 1024 * 1024) + b'"}',
+                    headers=make.user("instructor").h)
+    assert r.status_code == 413
+
+
+def test_health_ready_metrics_schema(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["postgres"] == "ok" and ready.json()["redis"] == "ok"
+    client.get("/api/v1/courses")
+    metrics = client.get("/metrics").text
+    assert "studyhall_http_requests_total" in metrics
+    schema = client.get("/schema/openapi.json").json()
+    assert "/api/v1/courses" in schema["paths"]

@@ -1,0 +1,79 @@
+"""The embedded servers' lifecycle through the real CLI: up, joiners, clean stop, restart with data kept."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from store.embedded import free_port, read_connection_env
+from tests.conftest import ROOT, clean_env, start_server, stop_process, wait_ready
+
+
+def _cli(data_dir, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=ROOT, env=clean_env(data_dir),
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _alive(url: str) -> bool:
+    try:
+        return httpx.get(url + "/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_up_joiners_stop_and_restart(tmp_path):
+    ddir = tmp_path / "data"
+    # `token` before anything runs starts the embedded servers itself and stops them after
+    first_token = _cli(ddir, "token", "--user", "ann", "--role", "instructor").strip()
+    assert first_token.count(".") == 2 and "\n" not in first_token
+    assert not (ddir / "connection.env").exists()
+
+    port = free_port()
+    up = subprocess.Popen([sys.executable, "-m", "server.cli", "up", "--port", str(port)], cwd=ROOT,
+                          env=clean_env(ddir), stdout=open(tmp_path / "up.log", "wb"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, up)
+        urls = read_connection_env(ddir)
+        assert urls["DATABASE_URL"].startswith("postgresql://") and urls["REDIS_URL"].startswith("redis://")
+        # the first token (made before `up`) still works: same data, same secret
+        h = {"Authorization": f"Bearer {first_token}"}
+        cid = httpx.post(base + "/api/v1/courses", json={"title": "Persisted"}, headers=h).json()["id"]
+        # a token made while `up` runs joins the same servers
+        tok = _cli(ddir, "token", "--user", "bo", "--role", "learner").strip()
+        assert httpx.get(base + "/api/v1/users/me", headers={"Authorization": f"Bearer {tok}"}).json()["name"] == "bo"
+        # a second server process joins the same Postgres and Redis
+        port2 = free_port()
+        second = start_server(ddir, port2, tmp_path / "serve2.log")
+        try:
+            r = httpx.get(f"http://127.0.0.1:{port2}/api/v1/courses/{cid}", headers=h)
+            assert r.status_code == 200 and r.json()["title"] == "Persisted"
+        finally:
+            stop_process(second)
+        log = (tmp_path / "up.log").read_bytes().decode()
+        assert "dev instructor token" in log
+    finally:
+        stop_process(up, signal.SIGTERM)
+    assert up.returncode == 0
+    # everything is stopped cleanly: no server answers, connection.env is gone
+    assert not (ddir / "connection.env").exists()
+    deadline = time.monotonic() + 10
+    while _alive(base) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(base)
+    assert not (ddir / "pg" / "postmaster.pid").exists()
+
+    # start again on the same data dir: the course is there
+    port3 = free_port()
+    again = start_server(ddir, port3, tmp_path / "again.log")
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port3}/api/v1/courses/{cid}", headers={"Authorization": f"Bearer {first_token}"})
+        assert r.status_code == 200 and r.json()["title"] == "Persisted"
+    finally:
+        stop_process(again)
+    assert not (ddir / "pg" / "postmaster.pid").exists()
