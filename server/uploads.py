@@ -1,0 +1,131 @@
+"""Stream a multipart upload to disk with a size limit (never the whole body in memory)."""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from litestar import Request
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from server.errors import ApiError
+
+logger = logging.getLogger(__name__)
+
+MAX_TEXT_FIELD = 64 * 1024
+
+
+@dataclass
+class Upload:
+    """The file part (saved at `path`) and the small text fields of a multipart form."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+    filename: str | None = None
+    size: int = 0
+    head: bytes = b""
+
+    def discard(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, file_field: str = "file") -> Upload:
+    """Parse multipart/form-data from the request stream; the file part goes to `dest_dir`.
+
+    Raises ApiError 400 (malformed form, no file), 413 (over `max_bytes`). On error nothing is left on disk.
+    """
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    if ctype != b"multipart/form-data" or b"boundary" not in params:
+        raise ApiError(415, "expected application/json or multipart/form-data with a boundary")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
+        raise ApiError(413, f"upload larger than {max_bytes // (1024 * 1024)} MB")
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    up = Upload()
+    state: dict = {"headers": {}, "hname": b"", "hval": b"", "name": None, "fh": None, "buf": bytearray()}
+    problems: list[ApiError] = []
+
+    def on_part_begin() -> None:
+        state.update(headers={}, name=None, fh=None, buf=bytearray())
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["hname"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["hval"] += data[start:end]
+
+    def on_header_end() -> None:
+        state["headers"][state["hname"].decode("latin-1").lower()] = state["hval"]
+        state["hname"], state["hval"] = b"", b""
+
+    def on_headers_finished() -> None:
+        _, disp = parse_options_header(state["headers"].get("content-disposition", b""))
+        name = disp.get(b"name", b"").decode("utf-8", "replace")
+        state["name"] = name
+        if name == file_field:
+            if up.path is not None:
+                problems.append(ApiError(400, "only one file per upload", field=file_field))
+                return
+            up.filename = os.path.basename(disp.get(b"filename", b"").decode("utf-8", "replace"))[:255] or None
+            up.path = dest_dir / f"{uuid.uuid4().hex}.upload"
+            state["fh"] = open(up.path, "wb")
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        chunk = data[start:end]
+        if state["fh"] is not None:
+            up.size += len(chunk)
+            if len(up.head) < 4096:
+                up.head += chunk[: 4096 - len(up.head)]
+            if up.size > max_bytes:
+                if not problems:
+                    problems.append(ApiError(413, f"upload larger than {max_bytes // (1024 * 1024)} MB"))
+                return
+            state["fh"].write(chunk)
+        else:
+            state["buf"] += chunk
+            if len(state["buf"]) > MAX_TEXT_FIELD and not problems:
+                problems.append(ApiError(400, f"form field {state['name']!r} is too long", field=state["name"]))
+
+    def on_part_end() -> None:
+        if state["fh"] is not None:
+            state["fh"].close()
+            state["fh"] = None
+        elif state["name"]:
+            try:
+                up.fields[state["name"]] = bytes(state["buf"]).decode("utf-8")
+            except UnicodeDecodeError:
+                problems.append(ApiError(400, f"form field {state['name']!r} is not UTF-8", field=state["name"]))
+
+    parser = MultipartParser(params[b"boundary"], callbacks={
+        "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
+        "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished,
+    })
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+            if problems:
+                break
+        else:
+            parser.finalize()
+    except ApiError:
+        up.discard()
+        raise
+    except Exception as exc:  # python-multipart raises its own errors on malformed bodies
+        up.discard()
+        raise ApiError(400, f"malformed multipart body: {exc}") from exc
+    finally:
+        if state["fh"] is not None:
+            state["fh"].close()
+    if problems:
+        up.discard()
+        raise problems[0]
+    if up.path is None:
+        raise ApiError(400, f"no file in the form (expected a field named {file_field!r})", field=file_field)
+    if up.size == 0:
+        up.discard()
+        raise ApiError(400, "the uploaded file is empty", field=file_field)
+    return up

@@ -1,0 +1,89 @@
+"""Videos of a course, their transcript segments, chunks and chapters."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import numpy as np
+
+_COLS = """v.id, v.course_id, v.title, v.source, v.youtube_id, v.filename, v.file_path, v.file_kind, v.file_size,
+           v.duration_s, v.status, v.embed_model, v.embed_dim, v.language, v.captions_generated, v.chunk_count,
+           v.error, v.created_at, v.updated_at"""
+
+
+async def create_video(conn: asyncpg.Connection, course_id: int, title: str, source: str, *,
+                       youtube_id: str | None = None, filename: str | None = None, file_path: str | None = None,
+                       file_kind: str | None = None, file_size: int | None = None) -> asyncpg.Record:
+    return await conn.fetchrow(
+        f"""INSERT INTO videos AS v (course_id, title, source, youtube_id, filename, file_path, file_kind, file_size)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {_COLS}""",
+        course_id, title, source, youtube_id, filename, file_path, file_kind, file_size,
+    )
+
+
+async def get_video(conn: asyncpg.Connection, video_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"SELECT {_COLS} FROM videos v WHERE v.id = $1", video_id)
+
+
+async def list_videos(conn: asyncpg.Connection, course_id: int) -> list[asyncpg.Record]:
+    return await conn.fetch(f"SELECT {_COLS} FROM videos v WHERE v.course_id = $1 ORDER BY v.id", course_id)
+
+
+async def set_status(conn: asyncpg.Connection, video_id: int, status: str, error: str | None = None) -> None:
+    await conn.execute("UPDATE videos SET status = $2, error = $3, updated_at = now() WHERE id = $1",
+                       video_id, status, error)
+
+
+async def replace_transcript(conn: asyncpg.Connection, video_id: int, cues: Sequence[Any]) -> None:
+    """Store the cleaned cues of a video, replacing earlier ones (caller holds the transaction)."""
+    await conn.execute("DELETE FROM transcript_segments WHERE video_id = $1", video_id)
+    await conn.copy_records_to_table(
+        "transcript_segments", columns=["video_id", "idx", "start_s", "end_s", "text"],
+        records=[(video_id, i, float(c.start), float(c.end), c.text) for i, c in enumerate(cues)],
+    )
+
+
+async def replace_chunks(conn: asyncpg.Connection, video_id: int, course_id: int, chunks: Sequence[Any],
+                         embeddings: np.ndarray, embed_model: str) -> None:
+    """Swap a video's chunks for new ones. Run inside a transaction: readers see the old set or the new one."""
+    await conn.execute("DELETE FROM chunks WHERE video_id = $1", video_id)
+    records = []
+    for ch, vec in zip(chunks, embeddings, strict=True):
+        sentences = [[round(s.start, 3), round(s.end, 3), s.text] for s in ch.sentences]
+        records.append((video_id, course_id, ch.position, float(ch.start), float(ch.end), ch.text, sentences,
+                        embed_model, np.asarray(vec, dtype=np.float32)))
+    await conn.copy_records_to_table(
+        "chunks", columns=["video_id", "course_id", "position", "start_s", "end_s", "text", "sentences",
+                           "embed_model", "embedding"],
+        records=records,
+    )
+
+
+async def replace_chapters(conn: asyncpg.Connection, video_id: int, chapters: Sequence[Any]) -> None:
+    await conn.execute("DELETE FROM chapters WHERE video_id = $1", video_id)
+    await conn.executemany(
+        "INSERT INTO chapters (video_id, idx, start_s, end_s, title, summary) VALUES ($1, $2, $3, $4, $5, $6)",
+        [(video_id, i, float(c.start), float(c.end), c.title, c.summary) for i, c in enumerate(chapters)],
+    )
+
+
+async def mark_ready(conn: asyncpg.Connection, video_id: int, *, duration_s: float, embed_model: str, embed_dim: int,
+                     chunk_count: int, language: str | None, captions_generated: bool | None) -> None:
+    await conn.execute(
+        """UPDATE videos SET status = 'ready', error = NULL, duration_s = $2, embed_model = $3, embed_dim = $4,
+                  chunk_count = $5, language = coalesce($6, language),
+                  captions_generated = coalesce($7, captions_generated), updated_at = now()
+           WHERE id = $1""",
+        video_id, duration_s, embed_model, embed_dim, chunk_count, language, captions_generated,
+    )
+
+
+async def list_chapters(conn: asyncpg.Connection, video_id: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT id, idx, start_s, end_s, title, summary FROM chapters WHERE video_id = $1 ORDER BY idx", video_id)
+
+
+async def list_segments(conn: asyncpg.Connection, video_id: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT idx, start_s, end_s, text FROM transcript_segments WHERE video_id = $1 ORDER BY idx", video_id)
