@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import re
+from bisect import bisect_right
+from itertools import accumulate
 from dataclasses import dataclass
 
 from ingest.cues import Cue
@@ -29,9 +31,15 @@ _PUNCTUATED_PAUSE_SECONDS = 6.0
 # Fewer sentence marks than one per this many words means auto-captions without punctuation.
 _WORDS_PER_MARK = 60
 
-_BOUNDARY = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s|$)")
-_ABBREVIATIONS = frozenset("mr mrs ms dr prof sr jr st vs cf fig figs eq eqs approx".split())
-_INITIALISM = re.compile(r"(?:[A-Za-z]\.){2,}$")  # e.g. i.e. U.S.
+_ABBREVIATIONS = "mr mrs ms dr prof sr jr st vs cf fig figs eq eqs approx".split()
+# Where a sentence ends: after "?", "!" or "…" always; after "." unless it closes an abbreviation
+# ("Dr.", "e.g.", "U.S.") or the next word starts in lower case ("...and Dr." / "Nolen-Hoeksema",
+# "18.06. ok"). Each branch starts with a literal so the scan over a whole lecture stays in C.
+_SENTENCE_END = re.compile(
+    r"(?:!|\?|…|\.(?![.!?…]*[\"'”’)\]]*\s+[a-zß-öø-ÿ])"
+    + "".join(rf"(?<!\b(?i:{a})\.)" for a in _ABBREVIATIONS)
+    + r"(?<!\.[A-Za-z]\.))[.!?…]*[\"'”’)\]]*(?=\s|$)"
+)
 
 
 @dataclass(slots=True)
@@ -59,46 +67,11 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text.split()) * TOKENS_PER_WORD)
 
 
-def _ends_sentence(text: str, m: re.Match[str]) -> bool | None:
-    """True/False for a mark inside `text`; None when a final "." depends on what comes next."""
-    mark = m.group()
-    if "?" in mark or "!" in mark or "…" in mark:
-        return True
-    word = text[text.rfind(" ", 0, m.start()) + 1 : m.start()]
-    if word.lower().lstrip("(\"'") in _ABBREVIATIONS or _INITIALISM.search(word + "."):
-        return False
-    rest = text[m.end() :].lstrip()
-    return None if not rest else not rest[0].islower()
-
-
-def _fragments(cues: list[Cue]) -> list[tuple[float, float, str, bool | None]]:
-    """Cue text cut at sentence marks; a cue's seconds shared out by character count."""
-    out: list[tuple[float, float, str, bool | None]] = []
-    floor = -math.inf
-    for cue in cues:
-        text = cue.text.strip()
-        if not text:
-            continue
-        start = max(cue.start, floor)  # keeps times monotonic even for unsorted input
-        end = max(cue.end, start)
-        span, size, cut = end - start, len(text), 0
-        verdict: bool | None = False
-        for m in _BOUNDARY.finditer(text):
-            ends = _ends_sentence(text, m)
-            if m.end() == size:
-                verdict = ends
-            elif ends:
-                t0, t1 = start + span * cut / size, start + span * m.end() / size
-                out.append((t0, t1, text[cut : m.end()].strip(), True))
-                cut = m.end()
-        out.append((start + span * cut / size, end, text[cut:].strip(), verdict))
-        floor = end
-    return out
-
-
 def split_sentence(s: Sentence, *, max_seconds: float, max_tokens: int | None = None) -> list[Sentence]:
     """Split an overlong sentence between words; times interpolated by character position."""
     words = s.text.split()
+    if len(words) < 2:
+        return [Sentence(s.start, min(s.end, s.start + max_seconds), s.text)]
     n = max(1, math.ceil((s.end - s.start) / max_seconds))
     if max_tokens:
         n = max(n, math.ceil(estimate_tokens(s.text) / max_tokens))
@@ -117,16 +90,103 @@ def split_sentence(s: Sentence, *, max_seconds: float, max_tokens: int | None = 
 def _split_words(s: Sentence, words: list[str], n: int) -> list[Sentence]:
     total = sum(len(w) + 1 for w in words)
     rate = (s.end - s.start) / total
+
+    def at(offset: int) -> float:
+        return round(s.start + rate * offset, 3)
+
     pieces, group, offset, group_start = [], [], 0, 0
     for w in words:
         group.append(w)
         offset += len(w) + 1
         if len(pieces) < n - 1 and offset >= total * (len(pieces) + 1) / n:
-            pieces.append(Sentence(s.start + rate * group_start, s.start + rate * offset, " ".join(group)))
+            pieces.append(Sentence(at(group_start), at(offset), " ".join(group)))
             group, group_start = [], offset
     if group:
-        pieces.append(Sentence(s.start + rate * group_start, s.end, " ".join(group)))
+        pieces.append(Sentence(at(group_start), s.end, " ".join(group)))
     return pieces
+
+
+class _Timeline:
+    """Cue texts laid end to end as one string, with each cue's character offset and seconds.
+
+    Sentence ends are found by one regex over the whole string; a character offset maps back to
+    seconds by interpolating inside its cue.
+    """
+
+    def __init__(self, cues: list[Cue], pause_seconds: float) -> None:
+        texts = [c.text for c in cues]
+        starts = [c.start for c in cues]
+        ends = [c.end for c in cues]
+        joined = " ".join(texts)
+        tidy = (
+            all(texts)
+            and all(s < e for s, e in zip(starts, ends))
+            and all(e <= s for e, s in zip(ends, starts[1:]))
+            and not any(c in joined for c in ("\n", "\t", "  "))
+            and not any(t[0] == " " or t[-1] == " " for t in texts)
+        )
+        if not tidy:  # unsorted, overlapping or messy cues (parse_transcript never gives these)
+            texts, starts, ends = self._tidy(cues)
+            joined = " ".join(texts)
+        self.text = joined
+        self.lengths = [len(t) for t in texts]
+        self.offsets = [0, *accumulate(n + 1 for n in self.lengths)][:-1]
+        self.starts, self.ends = starts, ends
+        # (offset of a cue, silence before it), for silences long enough to matter
+        self.gaps = [
+            (self.offsets[i + 1], s - e) for i, (e, s) in enumerate(zip(ends, starts[1:])) if s - e > pause_seconds
+        ]
+
+    @staticmethod
+    def _tidy(cues: list[Cue]) -> tuple[list[str], list[float], list[float]]:
+        texts: list[str] = []
+        starts: list[float] = []
+        ends: list[float] = []
+        floor = -math.inf
+        for cue in cues:
+            text = " ".join(cue.text.split())
+            if text:
+                start = cue.start if cue.start > floor else floor
+                floor = cue.end if cue.end > start else start
+                texts.append(text)
+                starts.append(start)
+                ends.append(floor)
+        return texts, starts, ends
+
+    def time(self, offset: int, cue: int) -> float:
+        """Seconds at `offset` inside cue number `cue`, by character count."""
+        start, end = self.starts[cue], self.ends[cue]
+        if offset <= self.offsets[cue]:
+            return start
+        fraction = (offset - self.offsets[cue]) / self.lengths[cue]
+        return end if fraction >= 1 else round(start + (end - start) * fraction, 3)
+
+    def sentence(self, cut: int, end: int) -> Sentence | None:
+        """Text between two cuts; it starts where the previous sentence stopped, or at its cue."""
+        begin = cut + 1 if self.text[cut : cut + 1] == " " else cut
+        if begin >= end:
+            return None
+        first, last = bisect_right(self.offsets, begin) - 1, bisect_right(self.offsets, end - 1) - 1
+        start = self.time(cut if cut > self.offsets[first] else self.offsets[first], first)
+        return Sentence(start, self.time(end, last), self.text[begin:end])
+
+    def capped(self, cut: int, end: int, max_seconds: float) -> list[Sentence]:
+        """A sentence longer than `max_seconds`, split at cue boundaries, then between words."""
+        pieces: list[Sentence] = []
+        lo = cut
+        for k in range(bisect_right(self.offsets, cut + 1), bisect_right(self.offsets, end - 1)):
+            boundary = self.offsets[k] - 1  # the space before cue k
+            lo_time = self.time(lo, bisect_right(self.offsets, lo + 1) - 1)
+            if boundary > lo and self.ends[k] - lo_time > max_seconds:
+                piece = self.sentence(lo, boundary)
+                pieces += [piece] if piece else []
+                lo = boundary
+        piece = self.sentence(lo, end)
+        pieces += [piece] if piece else []
+        out: list[Sentence] = []
+        for piece in pieces:
+            out += split_sentence(piece, max_seconds=max_seconds) if piece.end - piece.start > max_seconds else [piece]
+        return out
 
 
 def to_sentences(
@@ -138,33 +198,28 @@ def to_sentences(
     sharing a cue split its time by character count. Without punctuation, pauses longer than
     `pause_seconds` end sentences; nothing runs longer than `max_seconds`.
     """
-    frags = _fragments(cues)
-    words = sum(f[2].count(" ") + 1 for f in frags)
-    marks = sum(1 for f in frags if f[3] is not False)
-    pause = pause_seconds if marks * _WORDS_PER_MARK < words else max(pause_seconds, _PUNCTUATED_PAUSE_SECONDS)
+    line = _Timeline(cues, min(pause_seconds, _PUNCTUATED_PAUSE_SECONDS))
+    text = line.text
+    if not text:
+        return []
+    cuts = [m.end() for m in _SENTENCE_END.finditer(text)]
+    punctuated = len(cuts) * _WORDS_PER_MARK >= text.count(" ") + 1
+    pause = max(pause_seconds, _PUNCTUATED_PAUSE_SECONDS) if punctuated else pause_seconds
+    breaks = [offset - 1 for offset, gap in line.gaps if gap > pause]
+    if breaks:
+        cuts = sorted(set(cuts).union(breaks))
+    if not cuts or cuts[-1] < len(text):
+        cuts.append(len(text))
     sentences: list[Sentence] = []
-    parts: list[str] = []
-    cur_start = cur_end = 0.0
-
-    def close() -> None:
-        s = Sentence(cur_start, cur_end, " ".join(parts))
-        sentences.extend(split_sentence(s, max_seconds=max_seconds) if cur_end - cur_start > max_seconds else [s])
-        parts.clear()
-
-    for i, (start, end, text, verdict) in enumerate(frags):
-        if parts and (start - cur_end > pause or end - cur_start > max_seconds):
-            close()
-        if not parts:
-            cur_start = start
-        parts.append(text)
-        cur_end = end
-        if verdict is None:  # "...Dr." / "Nolen-Hoeksema": a lowercase start continues the sentence
-            nxt = frags[i + 1][2] if i + 1 < len(frags) else ""
-            verdict = not nxt[:1].islower()
-        if verdict:
-            close()
-    if parts:
-        close()
+    prev = 0
+    for cut in cuts:
+        s = line.sentence(prev, cut)
+        if s is not None:
+            if s.end - s.start > max_seconds:
+                sentences += line.capped(prev, cut, max_seconds)
+            else:
+                sentences.append(s)
+        prev = cut
     return sentences
 
 
@@ -189,7 +244,8 @@ def chunk_sentences(
     for s in sentences:
         tokens = estimate_tokens(s.text)
         if tokens > max_tokens or s.end - s.start > max_seconds:
-            units.extend((p, estimate_tokens(p.text)) for p in split_sentence(s, max_seconds=max_seconds, max_tokens=max_tokens))
+            pieces = split_sentence(s, max_seconds=max_seconds, max_tokens=max_tokens)
+            units.extend((p, estimate_tokens(p.text)) for p in pieces)
         elif tokens:
             units.append((s, tokens))
 

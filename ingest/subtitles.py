@@ -18,123 +18,171 @@ MAX_TIMESTAMP_SECONDS = 48 * 3600.0
 
 # [h:]mm:ss[.,]fff; hours optional (WebVTT), millis optional or short ("01,5"), comma or dot.
 _TIMESTAMP = re.compile(r"(?:(\d{1,3}):)?(\d{1,2}):(\d{1,2})(?:[.,](\d{1,9}))?")
+_CANONICAL = re.compile(r"(\d\d):([0-5]\d):([0-5]\d)[.,](\d\d\d)")
 _INDEX = re.compile(r"\d+")
 # A partial timing line at the very end of a cut-off file, e.g. "00:24:5" or "00:24:57,2".
 _PARTIAL_TIMING = re.compile(r"\d{1,3}:\d")
 _VTT_SKIPPED_BLOCKS = ("NOTE", "STYLE", "REGION")
+_BLANKISH = re.compile(r"\n[ \t]+(?=\n)")  # whitespace-only lines end a block like empty ones
+# The usual timing line, matched in one step: "00:00:01.000 --> 00:00:02.500 [settings]".
+_CANONICAL_TIMING = re.compile(r"[ \t]*(\d\d:\d\d:\d\d[.,]\d\d\d)[ \t]+-->[ \t]+(\d\d:\d\d:\d\d[.,]\d\d\d)(?=[ \t]|$)[^\n]*", re.M)
 
 
 @dataclass(slots=True)
 class RawCue:
-    """A cue as written in the file: end may be missing, lines are uncleaned."""
+    """A cue as written in the file: end may be missing, text is raw and may span lines."""
 
     start: float
     end: float | None
-    lines: list[str]
+    text: str
 
 
 def parse_timestamp(token: str) -> float | None:
     """Seconds for an SRT/VTT timestamp, or None when it is not one."""
+    m = _CANONICAL.fullmatch(token)
+    if m is not None:  # nearly every timestamp: integer millis, then one exact division
+        h, mi, sec, ms = m.groups()
+        return (int(h) * 3_600_000 + int(mi) * 60_000 + int(sec) * 1000 + int(ms)) / 1000
     m = _TIMESTAMP.fullmatch(token)
     if m is None:
         return None
     hours, minutes, seconds, fraction = m.groups()
     if int(seconds) >= 60 or (hours is not None and int(minutes) >= 60):
         return None
-    value = int(hours or 0) * 3600 + int(minutes) * 60 + int(seconds)
+    millis = (int(hours or 0) * 3600 + int(minutes) * 60 + int(seconds)) * 1000
     if fraction:
-        value += int(fraction) / 10 ** len(fraction)
-    return round(value, 3)
+        millis += round(int(fraction) * 1000 / 10 ** len(fraction))
+    return millis / 1000
 
 
-def _checked(token: str, lineno: int) -> float:
+class _BadTiming(Exception):
+    def __init__(self, reason: str, start: float | None, *, fatal: bool = False) -> None:
+        super().__init__(reason)
+        self.reason, self.start, self.fatal = reason, start, fatal
+
+
+def _seconds(token: str, seen: dict[str, float], start: float | None = None) -> float:
     value = parse_timestamp(token)
     if value is None:
-        raise PermanentIngestError(f"line {lineno}: bad timestamp '{token[:40]}'")
+        raise _BadTiming(f"bad timestamp '{token[:40]}'", start)
     if value > MAX_TIMESTAMP_SECONDS:
-        raise PermanentIngestError(
-            f"line {lineno}: timestamp '{token}' is past the {MAX_TIMESTAMP_SECONDS / 3600:.0f} h limit"
-        )
+        limit = MAX_TIMESTAMP_SECONDS / 3600
+        raise _BadTiming(f"timestamp '{token}' is past the {limit:.0f} h limit", start, fatal=True)
+    seen[token] = value
     return value
 
 
-def _timing(
-    line: str, lineno: int, is_last: bool, seen: dict[str, float]
-) -> tuple[float, float | None] | None:
-    """Parse "start --> end [settings]". The last timing line of a cut-off file may be partial."""
+def _timing(line: str, seen: dict[str, float]) -> tuple[float, float | None]:
+    """Parse "start --> end [cue settings]"; a missing end is None (derived later)."""
     left, _, right = line.partition("-->")
     left = left.strip()
-    tokens = right.split(None, 1)
-    try:
-        start = seen.get(left)
-        if start is None:
-            start = seen[left] = _checked(left, lineno)
-    except PermanentIngestError:
-        if is_last:
-            logger.info("dropping truncated last cue at line %d", lineno)
-            return None
-        raise
+    # `seen` caches parsed tokens: a cue's end is usually the next cue's start.
+    start = seen.get(left)
+    if start is None:
+        start = _seconds(left, seen)
+    tokens = right.split(None, 1)  # anything after the end time is cue settings (align:start ...)
     if not tokens:
-        return start, None  # missing end: derived from the next cue later
-    try:
-        end = seen.get(tokens[0])  # anything after it is cue settings (align:start ...)
-        if end is None:
-            end = seen[tokens[0]] = _checked(tokens[0], lineno)
-    except PermanentIngestError:
-        if is_last:
-            return start, None
-        raise
-    return start, end
+        return start, None
+    end = seen.get(tokens[0])
+    return start, (_seconds(tokens[0], seen, start) if end is None else end)
+
+
+def _is_timing_line(line: str) -> bool:
+    # "a --> b" inside caption text is not a timing line; "00:01:xx --> ..." is a broken one.
+    s = line.lstrip()
+    return "-->" in s and (s[:1].isdigit() or s.startswith("-->"))
+
+
+class _Reader:
+    """One pass over the blank-line-separated blocks of a document."""
+
+    def __init__(self, text: str, vtt: bool) -> None:
+        self.text, self.vtt = text, vtt
+        self.seen: dict[str, float] = {}
+        self.cues: list[RawCue] = []
+
+    def timing(self, line: str, pos: int) -> tuple[float, float | None] | None:
+        """Times of the timing line starting at character `pos`; None for a cut-off last cue."""
+        try:
+            return _timing(line, self.seen)
+        except _BadTiming as e:
+            if not e.fatal and self.text.find("-->", pos + len(line)) == -1:
+                # The file was cut inside its last timing line: keep what parsed.
+                logger.info("truncated last cue: %s", e.reason)
+                return None if e.start is None else (e.start, None)
+            raise PermanentIngestError(f"line {self.text.count(chr(10), 0, pos) + 1}: {e.reason}") from None
+
+    def add(self, timing: tuple[float, float | None] | None, text: str) -> None:
+        if timing is not None:
+            self.cues.append(RawCue(timing[0], timing[1], text))
+
+    def extend_last(self, lines: list[str]) -> None:
+        if self.cues:
+            self.cues[-1].text += "\n" + "\n".join(lines)
+
+    def block(self, b: str, pos: int) -> None:
+        """Any block: several cues without blank lines between, NOTE/STYLE, stray text."""
+        lines = b.rstrip().split("\n")
+        rows = [k for k, line in enumerate(lines) if _is_timing_line(line)]
+        starts = [pos]
+        for line in lines[:-1]:
+            starts.append(starts[-1] + len(line) + 1)
+        if not rows:
+            head = lines[0].strip()
+            if self.vtt and head.split(" ", 1)[0].split("\t", 1)[0] in _VTT_SKIPPED_BLOCKS:
+                return
+            if len(lines) == 1 and _INDEX.fullmatch(head):
+                return  # a lone cue number
+            if _PARTIAL_TIMING.match(lines[-1].strip()) and "-->" not in self.text[pos:]:
+                return  # the file was cut inside the last cue's header
+            self.extend_last(lines)  # SRT text with a blank line inside it
+            return
+        if rows[0] > 1:
+            self.extend_last(lines[: rows[0] - 1])  # text that lost its blank line
+        for n, k in enumerate(rows):
+            stop = rows[n + 1] if n + 1 < len(rows) else len(lines)
+            text = lines[k + 1 : stop]
+            if n + 1 < len(rows) and text and _INDEX.fullmatch(text[-1].strip()):
+                text = text[:-1]  # the next cue's number
+            self.add(self.timing(lines[k], starts[k]), "\n".join(text))
 
 
 def parse_blocks(text: str, *, vtt: bool) -> list[RawCue]:
-    """Cues of an SRT or WebVTT document (already decoded, with "\\n" line endings).
+    """Cues of an SRT or WebVTT document (decoded, "\\n" line endings); lines stay uncleaned.
 
-    Walks from timing line to timing line; what lies between is the cue's text, then blank lines
-    and the next cue's identifier, or (rarely) NOTE blocks and stray text handled by `_extras`.
+    Everything before the first cue (the WEBVTT header, STYLE blocks) is skipped. A bad timestamp
+    raises, except in the last timing line of a file that was cut short.
     """
-    lines = text.split("\n")
-    # A WebVTT header, NOTE or STYLE block may not contain "-->", so every such line is a cue's.
-    rows = [i for i, line in enumerate(lines) if "-->" in line]
-    if len(rows) > MAX_CUES:
+    if text.count("-->") > MAX_CUES:
         raise PermanentIngestError(f"too many cues: more than {MAX_CUES}")
-    seconds: dict[str, float] = {}  # a cue's end is usually the next cue's start: parse once
-    cues: list[RawCue] = []
-    for k, row in enumerate(rows):
-        nxt = rows[k + 1] if k + 1 < len(rows) else len(lines)
-        timing = _timing(lines[row], row + 1, k + 1 == len(rows), seconds)
-        body = lines[row + 1 : nxt]
-        blank = next((b for b, line in enumerate(body) if not line.strip()), len(body))
-        cue_lines, rest = body[:blank], body[blank:]
-        if rest:
-            identifier = nxt < len(lines) and bool(rest[-1].strip())
-            if any(line.strip() for line in (rest[:-1] if identifier else rest)):
-                _extras(rest, vtt, identifier, cue_lines)
-        elif nxt < len(lines) and cue_lines and _INDEX.fullmatch(cue_lines[-1].strip()):
-            cue_lines.pop()  # the next cue's number, when the blank line before it is missing
-        if timing is not None:
-            cues.append(RawCue(timing[0], timing[1], cue_lines))
-    return cues
-
-
-def _extras(rest: list[str], vtt: bool, identifier: bool, cue_lines: list[str]) -> None:
-    """Blocks after a cue's text: skip NOTE/STYLE/REGION, numbers and cut-off timings; stray
-    text (an SRT cue with a blank line inside) joins the cue above."""
-    blocks: list[list[str]] = [[]]
-    for line in rest:
-        if line.strip():
-            blocks[-1].append(line)
-        elif blocks[-1]:
-            blocks.append([])
-    blocks = [b for b in blocks if b]
-    if identifier:
-        blocks[-1].pop()  # the next cue's identifier, directly above its timing line
-    for n, block in enumerate(blocks):
-        head = block[0].strip() if block else ""
-        if not block or (vtt and head.split(" ", 1)[0].split("\t", 1)[0] in _VTT_SKIPPED_BLOCKS):
+    text = _BLANKISH.sub("\n", text)  # keeps line numbers: only spaces go
+    reader = _Reader(text, vtt)
+    seen, cues = reader.seen, reader.cues
+    pos = 0
+    for b in text.split("\n\n"):
+        here, pos = pos, pos + len(b) + 2
+        if not b:
             continue
-        if len(block) == 1 and _INDEX.fullmatch(head):
-            continue
-        if n == len(blocks) - 1 and _PARTIAL_TIMING.match(block[-1].strip()):
-            continue  # the file was cut inside the next cue's header
-        cue_lines.extend(block)
+        if b[0] == "\n":
+            stripped = b.lstrip("\n")
+            here += len(b) - len(stripped)
+            b = stripped
+        # Fast path, nearly every block: "[identifier]\nhh:mm:ss.mmm --> hh:mm:ss.mmm\ntext...".
+        if b.count("-->") == 1:
+            m = _CANONICAL_TIMING.match(b)
+            if m is None:
+                nl = b.find("\n")
+                m = _CANONICAL_TIMING.match(b, nl + 1) if nl > 0 else None
+            if m is not None:
+                first, last = m.groups()
+                start, end = seen.get(first), seen.get(last)
+                if start is None or end is None:
+                    try:
+                        start, end = _timing(m.group(), seen)
+                    except _BadTiming:
+                        reader.add(reader.timing(m.group(), here + m.start()), b[m.end() + 1 :])
+                        continue
+                cues.append(RawCue(start, end, b[m.end() + 1 :]))
+                continue
+        reader.block(b, here)
+    return reader.cues

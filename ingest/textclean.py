@@ -50,7 +50,7 @@ _STRAY_GT = re.compile(r"^[\s>]*>\s*|\s*>+\s*$|\s*>+(?=[.,;:!?])")
 _SPACES = re.compile(r"\s+")
 _HAS_WORD = re.compile(r"\w")
 # Characters that send a line down the slow path; most caption lines contain none of them.
-_SPECIAL = re.compile(r"[<>&\[\]()\{:♪♫\xa0\u200b\t]|^\s*-|\s\s")
+_SPECIAL = re.compile(r"[<>&\[\]()\{:♪♫\xa0\u200b\t]")
 
 
 def _is_sound(inner: str, *, brackets: bool) -> bool:
@@ -59,7 +59,8 @@ def _is_sound(inner: str, *, brackets: bool) -> bool:
         return False
     if any(w.lower() in SOUND_WORDS for w in words):
         return True
-    shouting = inner.upper() == inner and sum(len(w) for w in words) >= 2
+    # "[? IS042 ?]", "[CB?]": a transcriber's uncertain guess at words, not a sound.
+    shouting = inner.upper() == inner and sum(len(w) for w in words) >= 2 and "?" not in inner
     return shouting and (brackets or len(words) >= 2)
 
 
@@ -88,9 +89,21 @@ def strip_speaker_label(line: str) -> str:
     return line[m.end():] if m else line
 
 
+def is_plain(text: str) -> bool:
+    """True when no line of `text` needs cleaning beyond strip() (true of most captions)."""
+    return (
+        bool(text)
+        and text[0] not in "- "
+        and "  " not in text
+        and "\n-" not in text
+        and "\n " not in text
+        and not _SPECIAL.search(text)
+    )
+
+
 def clean_line(line: str) -> str:
     """One caption line as plain spoken words; '' when nothing spoken is left."""
-    if not _SPECIAL.search(line):
+    if is_plain(line):
         return line.strip()
     if "<" in line or "{" in line:
         line = _TAGS.sub("", line)
@@ -109,6 +122,15 @@ def clean_line(line: str) -> str:
     return line if _HAS_WORD.search(line) else ""
 
 
+def join_lines(lines: list[str]) -> str:
+    """Cleaned lines of one cue as one line; drops sound tags broken across lines ("[SOUND\nOFF]")."""
+    text = " ".join(lines)
+    if ("[" in text or "(" in text) and len(lines) > 1:
+        text = _SPACES.sub(" ", _drop_sound_tags(text)).strip()
+        return text if _HAS_WORD.search(text) else ""
+    return text
+
+
 def clean_text(text: str) -> str:
     """Multi-line caption text as one cleaned line."""
-    return " ".join(c for c in (clean_line(part) for part in text.split("\n")) if c)
+    return join_lines([c for c in (clean_line(part) for part in text.split("\n")) if c])

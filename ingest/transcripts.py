@@ -14,15 +14,15 @@ import re
 from ingest.cues import Cue
 from ingest.errors import PermanentIngestError
 from ingest.subtitles import MAX_CUES, MAX_TIMESTAMP_SECONDS, RawCue, parse_blocks
-from ingest.textclean import clean_line
+from ingest.textclean import clean_line, is_plain, join_lines
 
 logger = logging.getLogger(__name__)
 
 MAX_BYTES = 50 * 1024 * 1024
-FORMATS = ("srt", "vtt", "json_youtube", "json_triples")
 
 _TIMING_LINE = re.compile(r"^[ \t]*(?:\d+:)?\d{1,2}:\d{1,2}(?:[.,]\d+)?[ \t]*-->", re.M)
 _WS = re.compile(r"\s*")
+_UTF8_SEQUENCE = re.compile(rb"[\xc2-\xf4][\x80-\xbf]{1,3}")
 # Speech runs at ~2.5 words/s; used only to give a cue without an end time a plausible length.
 _SECONDS_PER_WORD = 0.4
 _MIN_DERIVED, _MAX_DERIVED = 1.0, 10.0
@@ -45,7 +45,10 @@ def _decode(data: bytes) -> str:
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError:
-                text = data.decode("cp1252", errors="replace")  # legacy Windows subtitle files
+                # A few bad bytes in otherwise UTF-8 text (a cut-off head, a bad splice) stay UTF-8;
+                # no UTF-8 sequences at all means a legacy Windows subtitle file.
+                legacy = _UTF8_SEQUENCE.search(data) is None
+                text = data.decode("cp1252" if legacy else "utf-8", errors="replace")
     return text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -108,7 +111,8 @@ def _json_items(text: str) -> list[object]:
     try:
         items = json.loads(text)
     except json.JSONDecodeError as e:
-        if text.rstrip().endswith("]"):
+        cut_short = e.msg.startswith("Unterminated string") or e.pos >= len(text.rstrip())
+        if not cut_short:
             raise PermanentIngestError(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
         # Cut off mid-file: keep every complete item before the cut.
         items, s, decoder = [], text.lstrip(), json.JSONDecoder()
@@ -137,7 +141,7 @@ def _parse_json(text: str, fmt: str) -> list[RawCue]:
                 raise PermanentIngestError(f"item {n}: expected {{\"text\", \"start\", \"duration\"}}")
             start = _number(item["start"], "start", n)
             if item.get("duration") is not None:
-                end = start + _number(item["duration"], "duration", n)
+                end = round(start + _number(item["duration"], "duration", n), 3)
             else:
                 end = _number(item["end"], "end", n) if item.get("end") is not None else None
             words = item.get("text")
@@ -149,7 +153,7 @@ def _parse_json(text: str, fmt: str) -> list[RawCue]:
             words = item[0]
         if words is not None and not isinstance(words, str):
             raise PermanentIngestError(f"item {n}: text is not a string: {words!r:.40}")
-        cues.append(RawCue(start, end, (words or "").split("\n")))
+        cues.append(RawCue(start, end, words or ""))
     return cues
 
 
@@ -157,7 +161,13 @@ def _clean(raw: list[RawCue]) -> list[Cue]:
     cues: list[Cue] = []
     shown: list[str] = []  # the previous cue's lines, as displayed
     for rc in raw:
-        lines = [c for c in map(clean_line, rc.lines) if c]
+        if is_plain(rc.text):  # most cues: nothing to clean line by line
+            text = rc.text
+            lines = [x.strip() for x in text.split("\n")] if " \n" in text or text[-1] == " " else text.split("\n")
+            if "" in lines:
+                lines = [line for line in lines if line]
+        else:
+            lines = [line for line in map(clean_line, rc.text.split("\n")) if line]
         # YouTube auto-captions roll: each cue repeats the line before it, and a 10 ms cue repeats
         # the whole previous cue. Drop what is already on screen.
         overlap = 0
@@ -165,17 +175,27 @@ def _clean(raw: list[RawCue]) -> list[Cue]:
             overlap = next((k for k in range(min(len(shown), len(lines)), 0, -1) if shown[-k:] == lines[:k]), 0)
         shown = lines
         if overlap == len(lines):
-            if lines and cues and rc.end is not None and rc.start >= cues[-1].start:
-                cues[-1].end = max(cues[-1].end, rc.end)
+            last = cues[-1] if cues else None
+            if lines and last and rc.end is not None and rc.start >= last.start and not rc.end <= last.end:
+                last.end = rc.end
             continue
-        end = rc.end if rc.end is not None and rc.end > rc.start else math.nan
-        cues.append(Cue(rc.start, end, " ".join(lines[overlap:])))
+        text = lines[-1] if len(lines) - overlap == 1 else join_lines(lines[overlap:])
+        if text:
+            end = rc.end if rc.end is not None and rc.end > rc.start else math.nan
+            cues.append(Cue(rc.start, end, text))
     return cues
 
 
 def normalize_cues(cues: list[Cue]) -> list[Cue]:
-    """Sort, merge same-start cues, derive missing ends, clip overlaps: times strictly increase."""
-    cues = sorted(cues, key=lambda c: c.start)
+    """Sort, merge same-start cues, derive missing ends, clip overlaps: times strictly increase.
+
+    Returns new cues; the input is left as it was.
+    """
+    return _normalize([Cue(c.start, c.end, c.text) for c in cues])
+
+
+def _normalize(cues: list[Cue]) -> list[Cue]:
+    cues.sort(key=lambda c: c.start)  # stable: same-start cues keep file order
     merged: list[Cue] = []
     for c in cues:
         if merged and c.start <= merged[-1].start:
@@ -184,22 +204,23 @@ def normalize_cues(cues: list[Cue]) -> list[Cue]:
             if math.isnan(last.end) or c.end > last.end:
                 last.end = c.end
         else:
-            merged.append(Cue(c.start, c.end, c.text))
+            merged.append(c)
     for i, c in enumerate(merged):
         nxt = merged[i + 1].start if i + 1 < len(merged) else math.inf
         if math.isnan(c.end) or c.end <= c.start:
+            # Players show an open-ended cue until the next one; the last one gets reading time.
             guess = min(max(len(c.text.split()) * _SECONDS_PER_WORD, _MIN_DERIVED), _MAX_DERIVED)
-            c.end = round(c.start + guess, 3)
+            c.end = c.start + _MAX_DERIVED if nxt < math.inf else round(c.start + guess, 3)
         c.end = min(c.end, nxt)  # overlapping cues: the earlier one yields
     return merged
 
 
 def parse_transcript(data: bytes, filename: str | None = None) -> list[Cue]:
     """Clean cues from an SRT, WebVTT or JSON transcript; PermanentIngestError when unreadable."""
-    if not data.strip():
-        raise PermanentIngestError("not a transcript: the file is empty")
     if len(data) > MAX_BYTES:
         raise PermanentIngestError(f"transcript too large: {len(data) // 2**20} MB (limit {MAX_BYTES // 2**20} MB)")
+    if not data.strip():
+        raise PermanentIngestError("not a transcript: the file is empty")
     text = _decode(data)
     fmt = _sniff(text)
     ext = filename.rsplit(".", 1)[-1].lower() if filename and "." in filename else ""
@@ -213,7 +234,7 @@ def parse_transcript(data: bytes, filename: str | None = None) -> list[Cue]:
             raise PermanentIngestError("not a transcript: expected SRT, WebVTT or JSON captions")
         fmt = ext  # named like captions; let the parser say what is wrong
     raw = _parse_json(text, fmt) if fmt.startswith("json") else parse_blocks(text, vtt=fmt == "vtt")
-    cues = normalize_cues(_clean(raw))
+    cues = _normalize(_clean(raw))
     if not cues:
         raise PermanentIngestError("not a transcript: no cues found")
     logger.debug("parsed %s transcript %s: %d cues", fmt, filename or "", len(cues))

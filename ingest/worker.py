@@ -1,11 +1,15 @@
 """arq worker settings: jobs are plain async functions; shared clients live in ctx."""
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
+from arq import cron
 from arq.connections import RedisSettings
 
+from agents.config import embedder_for
+from ingest.jobs import ingest_job, recover_lost_jobs
 from store.db import create_pool
 from store.settings import Settings
 
@@ -23,6 +27,8 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
     async def on_startup(ctx: dict[str, Any]) -> None:
         ctx["settings"] = settings
         ctx["pool"] = await create_pool(settings.database_url, min_size=1, max_size=8)
+        ctx["embedder"] = functools.partial(embedder_for, settings)
+        await recover_lost_jobs(ctx)
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         pool = ctx.get("pool")
@@ -30,13 +36,15 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
             await pool.close()
 
     return dict(
-        functions=[ping],
+        functions=[ping, ingest_job],
+        cron_jobs=[cron(recover_lost_jobs, minute=set(range(0, 60, 5)), run_at_startup=False)],
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         on_startup=on_startup,
         on_shutdown=on_shutdown,
-        max_jobs=2,
-        job_timeout=3600,
+        max_jobs=settings.worker_max_jobs,
+        job_timeout=4 * 3600,
         keep_result=3600,
-        max_tries=5,
+        max_tries=1000,  # attempts are counted and capped on the job row, not by arq
+        poll_delay=0.2,
         handle_signals=True,
     )

@@ -16,9 +16,15 @@ from redis.asyncio import Redis
 from server.api.courses import CourseController
 from server.api.health import health, metrics, ready
 from server.api.users import UserController
+from server.api.videos import JobController, VideoController
 from server.auth import JWTAuthMiddleware
 from server.errors import http_exception_handler, internal_error_handler
 from server.observability import access_log_middleware
+from server.api.live import LiveController
+from server.api.pods import PodController
+from server.api.rooms import RoomController
+from server.realtime.lifespan import realtime_lifespan
+from server.realtime.socket import room_socket
 from store.db import create_pool
 from store.settings import Settings
 
@@ -46,8 +52,9 @@ def create_app(settings: Settings) -> Litestar:
             await app.state.pool.close()
 
     return Litestar(
-        route_handlers=[health, ready, metrics, CourseController, UserController],
-        lifespan=[lifespan],
+        route_handlers=[health, ready, metrics, CourseController, UserController, VideoController, JobController,
+                        room_socket, RoomController, PodController, LiveController],  # realtime rooms
+        lifespan=[lifespan, realtime_lifespan],  # realtime_lifespan uses the pools opened by lifespan
         middleware=[DefineMiddleware(JWTAuthMiddleware, exclude=PUBLIC_PATHS)],
         exception_handlers={HTTPException: http_exception_handler, Exception: internal_error_handler},
         openapi_config=OpenAPIConfig(title="studyhall", version="0.1.0", path="/schema"),

@@ -2,10 +2,16 @@
 
 Publish only after the transaction that stored the change has committed (Zulip's rule). Workers and agents
 publish too; the server only subscribes and forwards.
+
+Sequenced events (they carry `seq`) are stored in `room_events` before they are published, so a client that
+resumes gets exactly the events it missed. The others (presence, typing, welcome, error, pong) are ephemeral.
+Client → server frames live beside this module, in store/frames.py.
 """
 from __future__ import annotations
 
 import logging
+from datetime import datetime
+from typing import Any, Literal, Union
 
 import msgspec
 from redis.asyncio import Redis
@@ -30,11 +36,175 @@ class JobProgress(Event, tag="job.progress"):
     error: str | None = None
 
 
+# --- shared pieces -------------------------------------------------------------------------------------
+
+class UserRef(msgspec.Struct, kw_only=True):
+    """Who did something. `id` is null for non-human authors (role `tutor`, `grader`, `system`)."""
+
+    id: int | None
+    name: str
+    role: str
+
+
+# --- room lifecycle (ephemeral) ------------------------------------------------------------------------
+
+class Welcome(Event, tag="welcome"):
+    """First frame on every connection, and again in reply to `resume` (it marks the restart point).
+    `online` lists at most STUDYHALL_PRESENCE_MAX users; `online_count` is the full count."""
+
+    room: str
+    last_seq: int
+    online: list[UserRef]
+    online_count: int
+
+
+class Presence(Event, tag="presence"):
+    """A user's first connection to the room opened (`joined`) or their last one closed or died (`left`).
+    Sent only while the room has at most STUDYHALL_PRESENCE_MAX users online."""
+
+    room: str
+    action: Literal["joined", "left"]
+    user: UserRef
+    online_count: int
+
+
+class Typing(Event, tag="typing"):
+    """Ephemeral, never stored; not echoed to the typist."""
+
+    room: str
+    user: UserRef
+    active: bool
+
+
+class Error(Event, tag="error"):
+    """A frame was refused; the connection stays open. `ref` echoes the frame's `ref` (or client_msg_id)."""
+
+    code: str
+    detail: str
+    ref: str | None = None
+
+
+class Pong(Event, tag="pong"):
+    ref: str | None = None
+
+
+# --- messages (sequenced) ------------------------------------------------------------------------------
+
+class MessageNew(Event, tag="message.new"):
+    """A message was posted. `meta` carries extras from non-human authors (e.g. the tutor's citations,
+    grounded, follow_ups); it is omitted when empty. A deleted message is replayed with `deleted: true`
+    and empty text."""
+
+    id: int
+    seq: int
+    room: str
+    author: UserRef
+    text: str
+    created_at: datetime
+    client_msg_id: str | None
+    meta: dict[str, Any] = {}
+    deleted: bool = False
+
+
+class MessageEdited(Event, tag="message.edited"):
+    id: int
+    seq: int
+    room: str
+    text: str
+    edited_at: datetime
+
+
+class MessageDeleted(Event, tag="message.deleted"):
+    id: int
+    seq: int
+    room: str
+    deleted_by: int | None
+
+
+# --- live sessions and polls (sequenced) ---------------------------------------------------------------
+
+class LiveStarted(Event, tag="live.started"):
+    seq: int
+    room: str
+    session_id: int
+    at: datetime
+
+
+class LiveEnded(Event, tag="live.ended"):
+    seq: int
+    room: str
+    session_id: int
+    at: datetime
+
+
+class PollInfo(msgspec.Struct, kw_only=True):
+    id: int
+    session_id: int
+    question: str
+    options: list[str]
+    closed: bool
+
+
+class PollOpened(Event, tag="poll.opened"):
+    seq: int
+    room: str
+    poll: PollInfo
+
+
+class PollResults(Event, tag="poll.results"):
+    """Vote counts per option (index-aligned with the poll's options); coalesced, a few per second at most."""
+
+    seq: int
+    room: str
+    poll_id: int
+    counts: list[int]
+    total: int
+
+
+class PollClosed(Event, tag="poll.closed"):
+    """Final counts; no votes are accepted after this."""
+
+    seq: int
+    room: str
+    poll_id: int
+    counts: list[int]
+    total: int
+
+
+# --- internal control (never forwarded to clients) -----------------------------------------------------
+
+class Kick(Event, tag="internal.kick"):
+    """Close `user_id`'s sockets in `room` on every server process."""
+
+    room: str
+    user_id: int
+
+
+ServerEvent = Union[
+    Welcome, Presence, Typing, Error, Pong, MessageNew, MessageEdited, MessageDeleted, LiveStarted, LiveEnded,
+    PollOpened, PollResults, PollClosed, JobProgress,
+]
+SEQUENCED = frozenset({"message.new", "message.edited", "message.deleted", "live.started", "live.ended",
+                       "poll.opened", "poll.results", "poll.closed"})
+INTERNAL = frozenset({"internal.kick"})
+
+# Websocket close codes.
+CLOSE_TOO_BIG = 1009        # a frame over 64 KiB (uvicorn's websocket implementation sends it)
+CLOSE_SLOW_CONSUMER = 4008  # the outbound queue overflowed: reconnect with ?after=<last seq you have>
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403      # not allowed in the room, unknown room, or kicked (reason says which)
+
 _encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(ServerEvent)
 
 
 def encode(event: Event) -> bytes:
     return _encoder.encode(event)
+
+
+def decode(raw: bytes | str) -> Event:
+    """Decode a server → client frame (tests and clients written in Python use this)."""
+    return _decoder.decode(raw)
 
 
 def user_topic(user_id: int) -> str:
@@ -48,7 +218,12 @@ def room_topic(room_id: str) -> str:
 async def publish(redis: Redis, topic: str, event: Event) -> None:
     """Fan an event out to every server process; call after commit. Failures are logged, not raised:
     the stored change is the truth and clients recover it on resume."""
+    await publish_raw(redis, topic, encode(event), type(event).__name__)
+
+
+async def publish_raw(redis: Redis, topic: str, payload: bytes, what: str = "event") -> None:
+    """`publish` for an event already encoded (sequenced events are encoded once, stored, then published)."""
     try:
-        await redis.publish(events_channel(topic), encode(event))
+        await redis.publish(events_channel(topic), payload)
     except Exception:  # noqa: BLE001
-        logger.warning("could not publish %s to %s", type(event).__name__, topic, exc_info=True)
+        logger.warning("could not publish %s to %s", what, topic, exc_info=True)

@@ -13,11 +13,12 @@ _COLS = """id, kind, course_id, video_id, created_by, state, progress, error, at
 
 
 async def create_job(conn: asyncpg.Connection, kind: str, *, course_id: int | None, video_id: int | None,
-                     created_by: int | None, payload: dict[str, Any] | None = None) -> asyncpg.Record:
+                     created_by: int | None, payload: dict[str, Any] | None = None,
+                     max_attempts: int = 5) -> asyncpg.Record:
     return await conn.fetchrow(
-        f"""INSERT INTO jobs (kind, course_id, video_id, created_by, payload) VALUES ($1, $2, $3, $4, $5)
-            RETURNING {_COLS}""",
-        kind, course_id, video_id, created_by, payload or {},
+        f"""INSERT INTO jobs (kind, course_id, video_id, created_by, payload, max_attempts)
+            VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_COLS}""",
+        kind, course_id, video_id, created_by, payload or {}, max_attempts,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,10 @@ class Settings:
     embedder: str = "local"
     whisper_model: str | None = None
     youtube_languages: tuple[str, ...] = ("en",)
+    job_heartbeat_ms: int = 30_000
+    job_retry_base_s: float = 2.0
+    job_max_attempts: int = 5
+    worker_max_jobs: int = 2
     # providers
     openai_api_key: str | None = None
     openai_base_url: str | None = None
@@ -64,7 +68,13 @@ class Settings:
     anthropic_base_url: str | None = None
     anthropic_model: str = "claude-sonnet-4-5"
     llm_provider: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
+    # realtime rooms
+    ws_max_text: int = 4000
+    ws_send_rate: float = 3.0
+    ws_send_burst: int = 10
+    ws_queue_max: int = 1000
+    presence_ttl_s: float = 15.0
+    presence_max: int = 200
 
     @property
     def connection_env(self) -> Path:
@@ -92,6 +102,10 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         embedder=_str("STUDYHALL_EMBEDDER", "local") or "local",
         whisper_model=_str("STUDYHALL_WHISPER_MODEL"),
         youtube_languages=langs or ("en",),
+        job_heartbeat_ms=int(_float("STUDYHALL_JOB_HEARTBEAT_S", 30.0) * 1000),
+        job_retry_base_s=_float("STUDYHALL_JOB_RETRY_BASE_S", 2.0),
+        job_max_attempts=_int("STUDYHALL_JOB_MAX_ATTEMPTS", 5),
+        worker_max_jobs=_int("STUDYHALL_WORKER_CONCURRENCY", 2),
         openai_api_key=_str("OPENAI_API_KEY"),
         openai_base_url=_str("OPENAI_BASE_URL"),
         openai_model=_str("OPENAI_MODEL", "gpt-4o-mini") or "gpt-4o-mini",
@@ -100,6 +114,12 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         anthropic_base_url=_str("ANTHROPIC_BASE_URL"),
         anthropic_model=_str("ANTHROPIC_MODEL", "claude-sonnet-4-5") or "claude-sonnet-4-5",
         llm_provider=_str("STUDYHALL_LLM"),
+        ws_max_text=_int("STUDYHALL_WS_MAX_TEXT", 4000),
+        ws_send_rate=_float("STUDYHALL_WS_SEND_RATE", 3.0),
+        ws_send_burst=_int("STUDYHALL_WS_SEND_BURST", 10),
+        ws_queue_max=_int("STUDYHALL_WS_QUEUE", 1000),
+        presence_ttl_s=_float("STUDYHALL_PRESENCE_TTL", 15.0),
+        presence_max=_int("STUDYHALL_PRESENCE_MAX", 200),
     )
 
 

@@ -58,6 +58,20 @@ async def replace_chunks(conn: asyncpg.Connection, video_id: int, course_id: int
                            "embed_model", "embedding"],
         records=records,
     )
+    # BM25 postings from the generated tsvector (stemmed, stop words removed); tf = number of positions
+    await conn.execute(
+        """INSERT INTO chunk_terms (course_id, lexeme, chunk_id, tf)
+           SELECT c.course_id, u.lexeme, c.id, coalesce(array_length(u.positions, 1), 1)
+           FROM chunks c, unnest(c.tsv) u WHERE c.video_id = $1""",
+        video_id,
+    )
+    await conn.execute(
+        """UPDATE chunks c SET n_terms = t.n FROM (
+               SELECT chunk_id, sum(tf) AS n FROM chunk_terms WHERE chunk_id IN (SELECT id FROM chunks WHERE video_id = $1)
+               GROUP BY chunk_id) t
+           WHERE c.id = t.chunk_id""",
+        video_id,
+    )
 
 
 async def replace_chapters(conn: asyncpg.Connection, video_id: int, chapters: Sequence[Any]) -> None:

@@ -44,10 +44,22 @@ def run_sync(coro):  # type: ignore[no-untyped-def]
     return box.get("v")
 
 
+# Settings every test process gets: small limits and fast retries so tests run quickly.
+TEST_ENV = {
+    "STUDYHALL_MAX_UPLOAD_MB": "20",
+    "STUDYHALL_JOB_HEARTBEAT_S": "3",
+    "STUDYHALL_JOB_RETRY_BASE_S": "0.2",
+    "STUDYHALL_JOB_MAX_ATTEMPTS": "3",
+}
+
+
 def clean_env(data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "STUDYHALL_SECRET")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "REDIS_URL", "STUDYHALL_SECRET", "OPENAI_API_KEY", "ANTHROPIC_API_KEY",
+                        "OPENAI_BASE_URL", "STUDYHALL_LLM")}
     env["STUDYHALL_DATA_DIR"] = str(data_dir)
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(TEST_ENV)
     env.update(extra)
     return env
 
@@ -92,6 +104,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def settings(data_dir: Path) -> Settings:
+    os.environ.update(TEST_ENV)
     base = replace(load_settings(data_dir), database_url=None, redis_url=None)
     services = ensure_services(base)
     settings = base.with_urls(services.database_url, services.redis_url)
@@ -107,6 +120,35 @@ def server(settings: Settings, data_dir: Path) -> str:
     proc = start_server(data_dir, port, data_dir / "server.log")
     yield f"http://127.0.0.1:{port}"
     stop_process(proc)
+
+
+class WorkerProcess:
+    """An ingest worker process of the test session; tests may kill and restart it."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], cwd=ROOT,
+                                     env=clean_env(self.data_dir), stdout=open(self.data_dir / "worker.log", "ab"),
+                                     stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+@pytest.fixture(scope="session")
+def worker(settings: Settings, data_dir: Path) -> WorkerProcess:
+    w = WorkerProcess(data_dir)
+    w.start()
+    yield w
+    w.stop()
 
 
 @pytest.fixture
@@ -167,3 +209,48 @@ async def db_fetch(settings: Settings, sql: str, *args):  # type: ignore[no-unty
 
 def fetch(settings: Settings, sql: str, *args):  # type: ignore[no-untyped-def]
     return run_sync(db_fetch(settings, sql, *args))
+
+
+def wait_job(client: httpx.Client, job_id: int, headers: dict, timeout: float = 180) -> dict:
+    """Poll a job until it is done or failed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/v1/jobs/{job_id}", headers=headers).json()
+        if job["state"] in ("done", "failed"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s: {job}")
+
+
+def upload(client: httpx.Client, course_id: int, headers: dict, name: str, data: bytes, title: str | None = None):
+    form = {"title": title} if title else {}
+    return client.post(f"/api/v1/courses/{course_id}/videos", files={"file": (name, data)}, data=form,
+                       headers=headers)
+
+
+class EvalCourse:
+    def __init__(self, course_id: int, instructor: User, learner: User, videos: dict[str, int]) -> None:
+        self.id, self.instructor, self.learner, self.videos = course_id, instructor, learner, videos
+
+
+@pytest.fixture(scope="session")
+def eval_course(server: str, worker: WorkerProcess, settings: Settings) -> EvalCourse:
+    """A course built from ../shared/eval/transcripts through the real upload API and worker."""
+    import json
+
+    spec = json.loads((EVAL / "questions.json").read_text())
+    factory = Factory(settings)
+    inst, learner = factory.user("instructor"), factory.user("learner")
+    with httpx.Client(base_url=server, timeout=60) as c:
+        cid = c.post("/api/v1/courses", json={"title": "Eval course"}, headers=inst.h).json()["id"]
+        c.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": learner.id}, headers=inst.h)
+        videos, jobs = {}, {}
+        for v in spec["videos"]:
+            data = (EVAL / "transcripts" / v["file"]).read_bytes()
+            r = upload(c, cid, inst.h, v["file"], data, v["title"])
+            assert r.status_code == 202, r.text
+            videos[v["file"]], jobs[v["file"]] = r.json()["video_id"], r.json()["job_id"]
+        for f, job_id in jobs.items():
+            job = wait_job(c, job_id, inst.h)
+            assert job["state"] == "done", (f, job)
+    return EvalCourse(cid, inst, learner, videos)

@@ -9,3 +9,15 @@ ALTER TABLE videos ADD COLUMN file_kind text;
 ALTER TABLE jobs ADD COLUMN max_attempts integer NOT NULL DEFAULT 5;
 ALTER TABLE jobs ADD COLUMN started_at timestamptz;
 CREATE INDEX jobs_unfinished_idx ON jobs (updated_at) WHERE state NOT IN ('done', 'failed');
+
+-- BM25 postings: one row per (chunk, lexeme) with its term frequency, so full-text ranking can use real
+-- BM25 (idf over the course's chunks, length normalisation) instead of ts_rank.
+ALTER TABLE chunks ADD COLUMN n_terms integer NOT NULL DEFAULT 0;
+CREATE TABLE chunk_terms (
+    course_id   bigint NOT NULL,
+    lexeme      text NOT NULL,
+    chunk_id    bigint NOT NULL REFERENCES chunks(id) ON DELETE CASCADE,
+    tf          integer NOT NULL,
+    PRIMARY KEY (course_id, lexeme, chunk_id)
+);
+CREATE INDEX chunk_terms_chunk_idx ON chunk_terms (chunk_id);

@@ -1,0 +1,19 @@
+"""Build the configured model clients from Settings (one cached instance per process)."""
+from __future__ import annotations
+
+import functools
+
+from store.settings import Settings
+
+# The chunks table stores vector(384); OpenAI's text-embedding-3 models can return 384 dimensions.
+EMBED_DIM = 384
+
+
+@functools.cache
+def embedder_for(settings: Settings):  # type: ignore[no-untyped-def]
+    """The embedder the settings ask for, loaded once per process."""
+    from agents.embedder import get_embedder
+
+    return get_embedder(settings.embedder, openai_api_key=settings.openai_api_key,
+                        openai_base_url=settings.openai_base_url, openai_model=settings.openai_embed_model,
+                        openai_dim=EMBED_DIM)

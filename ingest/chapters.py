@@ -1,0 +1,140 @@
+"""Chapters from topic shifts in the chunk embeddings (TextTiling-style depth scores), no LLM needed.
+
+Titles and summaries are extractive: the sentences that carry the chapter's distinctive words.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MIN_CHAPTER_SECONDS = 150.0
+TARGET_CHAPTER_SECONDS = 480.0
+MAX_CHAPTERS = 20
+WINDOW = 2
+
+_WORD = re.compile(r"[a-z][a-z'\-]{2,}")
+STOPWORDS = frozenset("""
+a about above after again against all also am an and any are aren't as at be because been before being below
+between both but by can can't cannot could couldn't did didn't do does doesn't doing don't down during each
+few for from further get got gonna had hadn't has hasn't have haven't having he he'd he'll he's her here here's
+hers herself him himself his how how's i i'd i'll i'm i've if in into is isn't it it's its itself just kind
+know let let's like lot me more most mustn't my myself no nor not now of off okay on once one only or other
+ought our ours ourselves out over own really right same say says said see shan't she she'd she'll she's should
+shouldn't so some something such than that that's the their theirs them themselves then there there's these
+they they'd they'll they're they've thing things think this those through to too under until up us very want
+was wasn't way we we'd we'll we're we've well were weren't what what's when when's where where's which while
+who who's whom why why's will with won't would wouldn't yeah you you'd you'll you're you've your yours yourself
+yourselves going actually just maybe sort mean go going gonna got get gets getting look looks looking make makes
+""".split())
+
+
+@dataclass(slots=True)
+class Chapter:
+    start: float
+    end: float
+    title: str
+    summary: str
+    first_chunk: int
+    last_chunk: int
+
+
+def boundaries(emb: np.ndarray, starts: list[float], ends: list[float]) -> list[int]:
+    """Indexes i where a new chapter starts at chunk i (0 always included)."""
+    n = len(emb)
+    duration = (ends[-1] - starts[0]) if n else 0.0
+    if n < 4 or duration < 2 * MIN_CHAPTER_SECONDS:
+        return [0]
+    # similarity across each gap between windows of chunks on either side
+    sims = np.empty(n - 1)
+    for g in range(n - 1):
+        left = emb[max(0, g - WINDOW + 1): g + 1].mean(axis=0)
+        right = emb[g + 1: g + 1 + WINDOW].mean(axis=0)
+        sims[g] = float(left @ right / (np.linalg.norm(left) * np.linalg.norm(right) + 1e-9))
+    depth = np.zeros(n - 1)
+    for g in range(n - 1):
+        lpeak = sims[: g + 1].max()
+        rpeak = sims[g:].max()
+        depth[g] = (lpeak - sims[g]) + (rpeak - sims[g])
+    want = max(1, min(MAX_CHAPTERS, round(duration / TARGET_CHAPTER_SECONDS)))
+    cutoff = depth.mean() - depth.std() / 2  # TextTiling's liberal cutoff; the length rules do the rest
+    chosen: list[int] = [0]
+    for g in np.argsort(-depth):
+        if len(chosen) >= want or depth[g] <= max(cutoff, 0.0):
+            break
+        start = g + 1
+        trial = sorted(chosen + [start])
+        k = trial.index(start)
+        prev_start = starts[trial[k - 1]]
+        next_start = starts[trial[k + 1]] if k + 1 < len(trial) else ends[-1]
+        if starts[start] - prev_start >= MIN_CHAPTER_SECONDS and next_start - starts[start] >= MIN_CHAPTER_SECONDS:
+            chosen = trial
+    return chosen
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
+
+
+def _keyword_weights(chapter_text: str, doc_freq: Counter, n_docs: int) -> dict[str, float]:
+    tf = Counter(_words(chapter_text))
+    return {w: c * math.log((1 + n_docs) / (1 + doc_freq[w])) for w, c in tf.items()}
+
+
+def _sentence_score(text: str, weights: dict[str, float]) -> float:
+    words = _words(text)
+    if len(text.split()) < 5 or not words:
+        return 0.0
+    return sum(weights.get(w, 0.0) for w in set(words)) / math.sqrt(len(text.split()))
+
+
+def _title(text: str, max_words: int = 10) -> str:
+    words = text.strip().rstrip(".?!").split()
+    title = " ".join(words[:max_words]) + ("…" if len(words) > max_words else "")
+    return title[:1].upper() + title[1:]
+
+
+def build_chapters(chunks: list, emb: np.ndarray) -> list[Chapter]:
+    """Split a video's chunks into chapters with extractive titles and one-paragraph summaries."""
+    if not chunks:
+        return []
+    starts = [c.start for c in chunks]
+    ends = [c.end for c in chunks]
+    cuts = boundaries(emb, starts, ends) + [len(chunks)]
+    groups = [(cuts[i], cuts[i + 1] - 1) for i in range(len(cuts) - 1)]
+    texts = [" ".join(c.text for c in chunks[a: b + 1]) for a, b in groups]
+    doc_freq: Counter = Counter()
+    for t in texts:
+        doc_freq.update(set(_words(t)))
+    # with one chapter, IDF over chunks keeps the weights informative
+    units = texts if len(texts) > 1 else [c.text for c in chunks]
+    if len(texts) == 1:
+        doc_freq = Counter()
+        for t in units:
+            doc_freq.update(set(_words(t)))
+    out = []
+    for (a, b), text in zip(groups, texts):
+        weights = _keyword_weights(text, doc_freq, len(units))
+        seen: set[str] = set()
+        sentences = []
+        for c in chunks[a: b + 1]:
+            for s in c.sentences:
+                if s.text not in seen:  # chunks overlap by a sentence or two
+                    seen.add(s.text)
+                    sentences.append(s)
+        ranked = sorted(sentences, key=lambda s: _sentence_score(s.text, weights), reverse=True)
+        if not ranked:
+            continue
+        top = sorted(ranked[:3], key=lambda s: s.start)
+        summary = " ".join(s.text.strip() for s in top)
+        out.append(Chapter(start=chunks[a].start, end=chunks[b].end, title=_title(ranked[0].text),
+                           summary=summary[:1200], first_chunk=a, last_chunk=b))
+    for prev, nxt in zip(out, out[1:]):
+        prev.end = nxt.start  # chunks overlap; chapters tile the video without overlapping
+    return out

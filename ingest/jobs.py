@@ -1,0 +1,103 @@
+"""arq jobs for ingest. Postgres holds the job's truth; arq only carries "run job N now".
+
+A running job refreshes arq's in-progress key as a heartbeat, so when its worker dies the key lapses
+within the heartbeat TTL and another worker picks the job up again.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+from arq import Retry
+from arq.connections import ArqRedis
+
+from ingest.errors import IngestError
+from ingest.progress import JobReporter
+from store import jobs as jobs_repo
+from store import videos as videos_repo
+from store.keys import ARQ_IN_PROGRESS
+
+logger = logging.getLogger(__name__)
+
+INGEST_FUNCTION = "ingest_job"
+
+
+async def enqueue_ingest(arq: ArqRedis, pool: Any, job_id: int) -> str:
+    """Queue job `job_id` (a row in `jobs`) and remember the arq id on the row."""
+    arq_id = f"ingest-{job_id}-{uuid.uuid4().hex[:8]}"
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE jobs SET payload = payload || jsonb_build_object('arq_job_id', $2::text) "
+                           "WHERE id = $1", job_id, arq_id)
+    await arq.enqueue_job(INGEST_FUNCTION, job_id, _job_id=arq_id)
+    return arq_id
+
+
+async def _heartbeat(redis: ArqRedis, arq_job_id: str, ttl_ms: int) -> None:
+    key = ARQ_IN_PROGRESS.format(job_id=arq_job_id)
+    while True:
+        try:
+            await redis.pexpire(key, ttl_ms)
+        except Exception:  # noqa: BLE001 - a missed beat only risks a duplicate run, which is idempotent
+            logger.warning("heartbeat for %s failed", arq_job_id, exc_info=True)
+        await asyncio.sleep(ttl_ms / 3000)
+
+
+def backoff_s(attempt: int, base: float) -> float:
+    return min(300.0, base * (2 ** max(0, attempt - 1)))
+
+
+async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
+    """Run one attempt of ingest job `job_id`; transient failures retry with backoff."""
+    from ingest.pipeline import ingest_video
+
+    pool, settings = ctx["pool"], ctx["settings"]
+    async with pool.acquire() as conn:
+        job = await jobs_repo.start_attempt(conn, job_id)
+    if job is None:
+        return "already finished"
+    beat = asyncio.create_task(_heartbeat(ctx["redis"], ctx["job_id"], settings.job_heartbeat_ms))
+    reporter = JobReporter(pool, ctx["redis"], job)
+    try:
+        n = await ingest_video(pool, settings, ctx["embedder"](), job, reporter)
+        return f"{n} chunks"
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
+        if isinstance(exc, IngestError):
+            reason, permanent = exc.reason, exc.permanent
+        else:
+            logger.exception("ingest job %s crashed", job_id)
+            reason, permanent = f"internal error ({type(exc).__name__}: {exc})", False
+        if permanent or job["attempts"] >= job["max_attempts"]:
+            if not permanent:
+                reason = f"{reason} (gave up after {job['attempts']} attempts)"
+            await reporter.fail(reason)
+            async with pool.acquire() as conn:
+                await videos_repo.set_status(conn, job["video_id"], "failed", reason)
+            logger.warning("ingest job %s failed: %s", job_id, reason)
+            return f"failed: {reason}"
+        delay = backoff_s(job["attempts"], settings.job_retry_base_s)
+        async with pool.acquire() as conn:
+            await jobs_repo.note_error(conn, job_id, f"{reason}; retrying in {delay:.0f}s")
+        logger.info("ingest job %s: %s; retry %d in %.1fs", job_id, reason, job["attempts"] + 1, delay)
+        raise Retry(defer=delay) from exc
+    finally:
+        beat.cancel()
+
+
+async def recover_lost_jobs(ctx: dict[str, Any]) -> int:
+    """Re-queue unfinished jobs whose arq entry vanished (e.g. Redis lost its data). Safe to run anywhere."""
+    pool, redis = ctx["pool"], ctx["redis"]
+    stale_after = 2 * ctx["settings"].job_heartbeat_ms / 1000
+    n = 0
+    async with pool.acquire() as conn:
+        rows = await jobs_repo.unfinished_jobs(conn, stale_after)
+    for row in rows:
+        arq_id = (row["payload"] or {}).get("arq_job_id")
+        if arq_id and await redis.zscore("arq:queue", arq_id) is not None:
+            continue
+        await enqueue_ingest(redis, pool, row["id"])
+        n += 1
+    if n:
+        logger.info("re-queued %d lost ingest jobs", n)
+    return n

@@ -1,0 +1,71 @@
+"""Job progress: one place writes the job row and publishes `job.progress` (after the write commits)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import asyncpg
+from redis.asyncio import Redis
+
+from store import jobs as jobs_repo
+from store.events import JobProgress, publish, user_topic
+
+logger = logging.getLogger(__name__)
+
+# Where each stage sits in the overall 0..1 progress of an ingest job.
+STAGE_SPAN = {
+    "queued": (0.0, 0.0),
+    "fetching": (0.0, 0.10),
+    "transcribing": (0.0, 0.60),
+    "chunking": (0.60, 0.65),
+    "embedding": (0.65, 0.92),
+    "chaptering": (0.92, 0.98),
+    "done": (1.0, 1.0),
+}
+
+
+class JobReporter:
+    """Moves a job through its states. Updates inside a stage are throttled; stage changes never are."""
+
+    def __init__(self, pool: asyncpg.Pool, redis: Redis | None, job: asyncpg.Record, min_interval: float = 0.5):
+        self.pool, self.redis, self.job = pool, redis, job
+        self.state = job["state"]
+        self.min_interval = min_interval
+        self._last = 0.0
+        self._lock = asyncio.Lock()
+
+    async def stage(self, state: str, fraction: float = 0.0) -> None:
+        await self._write(state, fraction, force=state != self.state)
+
+    async def advance(self, fraction: float) -> None:
+        await self._write(self.state, fraction, force=False)
+
+    async def fail(self, reason: str) -> None:
+        await self._write("failed", 0.0, force=True, error=reason)
+
+    async def _write(self, state: str, fraction: float, *, force: bool, error: str | None = None) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.min_interval:
+            return
+        async with self._lock:
+            self._last = now
+            lo, hi = STAGE_SPAN.get(state, (0.0, 0.0))
+            progress = lo + (hi - lo) * min(1.0, max(0.0, fraction))
+            if state == "failed":
+                progress = float(self.job["progress"])
+            async with self.pool.acquire() as conn:
+                row = await jobs_repo.set_state(conn, self.job["id"], state, progress, error)
+            if row is None:
+                return
+            self.job, self.state = row, state
+            await self.announce(row)
+
+    async def announce(self, row: asyncpg.Record) -> None:
+        if self.redis is not None and row["created_by"] is not None:
+            await publish(self.redis, user_topic(row["created_by"]), job_event(row))
+
+
+def job_event(row: asyncpg.Record) -> JobProgress:
+    return JobProgress(job_id=row["id"], video_id=row["video_id"], course_id=row["course_id"], state=row["state"],
+                       progress=round(float(row["progress"]), 4), error=row["error"])

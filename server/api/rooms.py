@@ -1,0 +1,156 @@
+"""Rooms over REST: history pages, posting (bots, integrations), presence, and moderation."""
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+from litestar import Controller, Request, delete, get, post
+from litestar.params import Parameter
+from litestar.response import Response
+
+from server.api.room_schemas import KickIn, MessagePage, Mute, MuteIn, OnlineList, PostIn, RoomMessage
+from server.auth import AuthUser
+from server.decode import read_json
+from server.errors import ApiError
+from store import messages as messages_repo
+from store import moderation
+from store import rooms as rooms_repo
+from store.events import UserRef
+
+logger = logging.getLogger(__name__)
+
+Limit = Parameter(ge=1, le=200, default=50)
+Seq = Parameter(ge=0, le=2**62, default=None)
+
+# Refused codes of the store layer -> HTTP status
+_STATUS = {"not_found": 404, "forbidden": 403, "muted": 403, "conflict": 409, "poll_closed": 409,
+           "bad_option": 400, "bad_frame": 400, "too_long": 400}
+
+
+def refused(exc: messages_repo.Refused) -> ApiError:
+    return ApiError(_STATUS.get(exc.code, 400), exc.detail, code=exc.code)
+
+
+async def room_or_404(conn: asyncpg.Connection, room_id: str, user: AuthUser) -> rooms_repo.RoomAccess:
+    """The caller's access to the room (creating the row if needed); 404 when unknown or not allowed."""
+    acc = await rooms_repo.access(conn, room_id, user.id, user.tenant_id, user.role)
+    if acc is None:
+        raise ApiError(404, f"room {room_id} not found")
+    await rooms_repo.ensure_room(conn, room_id)
+    return acc
+
+
+def to_message(row: asyncpg.Record, room_id: str) -> RoomMessage:
+    return RoomMessage(id=row["id"], seq=row["seq"], room=room_id,
+                       author=UserRef(id=row["author_id"], name=row["author_name"] or "", role=row["author_role"] or ""),
+                       text=row["body"], created_at=row["created_at"], edited_at=row["edited_at"],
+                       client_msg_id=row["client_msg_id"], meta=row["meta"] or {})
+
+
+class RoomController(Controller):
+    path = "/api/v1/rooms"
+    tags = ["rooms"]
+
+    @get("/{room_id:str}/messages")
+    async def messages(self, request: Request, room_id: str, limit: int = Limit,
+                       after: int | None = Seq, before: int | None = Seq) -> MessagePage:
+        """Messages in seq order. `after`: the first `limit` after that seq; else the last `limit` before
+        `before` (default: the newest). Deleted messages are left out."""
+        async with request.app.state.pool.acquire() as conn:
+            await room_or_404(conn, room_id, request.user)
+            rows, more = await messages_repo.history(conn, room_id, after=after, before=before, limit=limit)
+        return MessagePage(items=[to_message(r, room_id) for r in rows], has_more=more)
+
+    @post("/{room_id:str}/messages", status_code=201)
+    async def post_message(self, request: Request, room_id: str) -> Response[RoomMessage]:
+        """Post as the caller (bots, integrations); same rules and limits as a websocket `message.send`."""
+        data = await read_json(request, PostIn)
+        user: AuthUser = request.user
+        state = request.app.state
+        if not data.text.strip():
+            raise ApiError(400, "text must not be empty", field="text")
+        if len(data.text) > state.settings.ws_max_text:
+            raise ApiError(400, f"text is longer than {state.settings.ws_max_text} characters", code="too_long",
+                           field="text")
+        async with state.pool.acquire() as conn:
+            await room_or_404(conn, room_id, user)
+        ok, wait = await state.hub.limiter.take(user.id)
+        if not ok:
+            raise ApiError(429, f"too many messages; retry in {wait:g}s")
+        try:
+            posted = await messages_repo.post_message(state.pool, state.redis, room_id, user.id, data.text, None,
+                                                      data.client_msg_id)
+        except messages_repo.Refused as exc:
+            raise refused(exc) from exc
+        ev = posted.event
+        return Response(RoomMessage(id=ev.id, seq=ev.seq, room=room_id, author=ev.author, text=ev.text,
+                                    created_at=ev.created_at, edited_at=None, client_msg_id=ev.client_msg_id,
+                                    meta=ev.meta), status_code=201 if posted.created else 200)
+
+    @delete("/{room_id:str}/messages/{message_id:int}", status_code=204)
+    async def delete_message(self, request: Request, room_id: str, message_id: int) -> None:
+        """Authors delete their own messages; instructors and admins delete any."""
+        state = request.app.state
+        async with state.pool.acquire() as conn:
+            acc = await room_or_404(conn, room_id, request.user)
+        try:
+            await messages_repo.delete_message(state.pool, state.redis, room_id, message_id, request.user.id,
+                                               acc.moderator)
+        except messages_repo.Refused as exc:
+            raise refused(exc) from exc
+
+    @get("/{room_id:str}/presence")
+    async def presence(self, request: Request, room_id: str,
+                       limit: int = Parameter(ge=1, le=5000, default=1000)) -> OnlineList:
+        state = request.app.state
+        async with state.pool.acquire() as conn:
+            await room_or_404(conn, room_id, request.user)
+        count, online = await state.hub.presence.online(room_id, limit)
+        return OnlineList(room=room_id, online_count=count, online=online)
+
+    # --- moderation (instructors and admins of the course's tenant) ----------------------------------
+
+    async def _moderate(self, request: Request, room_id: str, target: int | None) -> None:
+        async with request.app.state.pool.acquire() as conn:
+            acc = await room_or_404(conn, room_id, request.user)
+            if not acc.moderator:
+                raise ApiError(403, "instructors and admins only")
+            if target is not None:
+                tenant = await conn.fetchval("SELECT tenant_id FROM users WHERE id = $1", target)
+                if tenant != acc.tenant_id:
+                    raise ApiError(404, f"user {target} not found", field="user_id")
+
+    @post("/{room_id:str}/mutes", status_code=201)
+    async def mute(self, request: Request, room_id: str) -> Mute:
+        """Mute a user in the room for `seconds`: their sends get `error {code: "muted"}`."""
+        data = await read_json(request, MuteIn)
+        await self._moderate(request, room_id, data.user_id)
+        async with request.app.state.pool.acquire() as conn:
+            until = await moderation.mute(conn, room_id, data.user_id, data.seconds, request.user.id)
+        logger.info("muted", extra={"fields": {"room": room_id, "user_id": data.user_id, "by": request.user.id}})
+        return Mute(room=room_id, user_id=data.user_id, until=until)
+
+    @get("/{room_id:str}/mutes")
+    async def mutes(self, request: Request, room_id: str) -> list[Mute]:
+        await self._moderate(request, room_id, None)
+        async with request.app.state.pool.acquire() as conn:
+            rows = await moderation.list_mutes(conn, room_id)
+        return [Mute(room=room_id, user_id=r["user_id"], until=r["until"]) for r in rows]
+
+    @delete("/{room_id:str}/mutes/{user_id:int}", status_code=204)
+    async def unmute(self, request: Request, room_id: str, user_id: int) -> None:
+        await self._moderate(request, room_id, user_id)
+        async with request.app.state.pool.acquire() as conn:
+            if not await moderation.unmute(conn, room_id, user_id):
+                raise ApiError(404, f"user {user_id} is not muted here")
+
+    @post("/{room_id:str}/kicks", status_code=204)
+    async def kick(self, request: Request, room_id: str) -> None:
+        """Close the user's sockets in the room on every server process (optionally barring them for
+        `seconds`)."""
+        data = await read_json(request, KickIn)
+        await self._moderate(request, room_id, data.user_id)
+        state = request.app.state
+        async with state.pool.acquire() as conn:
+            await moderation.kick(conn, state.redis, room_id, data.user_id, data.seconds, request.user.id)
+        logger.info("kicked", extra={"fields": {"room": room_id, "user_id": data.user_id, "by": request.user.id}})

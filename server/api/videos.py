@@ -1,0 +1,310 @@
+"""Videos, chapters, transcripts, search and jobs: /api/v1/courses/{id}/videos..., /api/v1/jobs."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import asyncpg
+import msgspec
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.params import Parameter
+from msgspec import Meta
+
+from ingest.errors import IngestError
+from ingest.jobs import enqueue_ingest
+from server.api.courses import course_or_404
+from server.api.schemas import Strict, Title
+from server.auth import AuthUser, staff_only
+from server.decode import read_json
+from server.errors import ApiError
+from server.uploads import receive_upload
+from store import jobs as jobs_repo
+from store import videos as videos_repo
+from store.search import hybrid_search
+
+logger = logging.getLogger(__name__)
+
+MAX_TRANSCRIPT_BYTES = 50 * 1024 * 1024
+ACCEPTED = "transcripts (.srt, .vtt, YouTube JSON, [text, start, end] JSON) or media (wav, mp3, m4a, mp4, webm)"
+
+
+class VideoIn(Strict):
+    title: Title
+    youtube: Annotated[str, Meta(min_length=1, max_length=500)]
+
+
+class Accepted(msgspec.Struct):
+    video_id: int
+    job_id: int
+    status: str = "queued"
+
+
+class Video(msgspec.Struct):
+    id: int
+    course_id: int
+    title: str
+    source: str
+    status: str
+    youtube_id: str | None
+    filename: str | None
+    duration_s: float | None
+    chunk_count: int
+    embed_model: str | None
+    language: str | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class Chapter(msgspec.Struct):
+    id: int
+    index: int
+    start: float
+    end: float
+    title: str
+    summary: str
+
+
+class Segment(msgspec.Struct):
+    start: float
+    end: float
+    text: str
+
+
+class SearchHit(msgspec.Struct):
+    video_id: int
+    video_title: str
+    start: float
+    end: float
+    text: str
+    score: float
+    url: str | None = None
+
+
+class SearchResult(msgspec.Struct):
+    query: str
+    hits: list[SearchHit]
+
+
+class Job(msgspec.Struct):
+    id: int
+    kind: str
+    state: str
+    progress: float
+    error: str | None
+    attempts: int
+    max_attempts: int
+    course_id: int | None
+    video_id: int | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+def to_video(r: asyncpg.Record) -> Video:
+    return Video(id=r["id"], course_id=r["course_id"], title=r["title"], source=r["source"], status=r["status"],
+                 youtube_id=r["youtube_id"], filename=r["filename"], duration_s=r["duration_s"],
+                 chunk_count=r["chunk_count"], embed_model=r["embed_model"], language=r["language"],
+                 error=r["error"], created_at=r["created_at"], updated_at=r["updated_at"])
+
+
+def to_job(r: asyncpg.Record) -> Job:
+    return Job(id=r["id"], kind=r["kind"], state=r["state"], progress=round(float(r["progress"]), 4), error=r["error"],
+               attempts=r["attempts"], max_attempts=r["max_attempts"], course_id=r["course_id"],
+               video_id=r["video_id"], created_at=r["created_at"], updated_at=r["updated_at"],
+               finished_at=r["finished_at"])
+
+
+def _inspect_upload(path: Path, head: bytes, size: int, filename: str | None) -> tuple[str, str]:
+    """(source, kind) of an upload, by content; raises ApiError with the reason when it is unusable."""
+    from ingest.media import probe_media, sniff_media
+    from ingest.transcripts import detect_transcript_format, parse_transcript
+
+    kind = sniff_media(head)
+    if kind is not None:
+        try:
+            probe_media(path)
+        except IngestError as exc:
+            raise ApiError(400, exc.reason, field="file") from exc
+        return "media", kind
+    fmt = detect_transcript_format(head if size > len(head) else path.read_bytes())
+    if fmt is None and size <= MAX_TRANSCRIPT_BYTES:
+        fmt = detect_transcript_format(path.read_bytes())
+    if fmt is not None:
+        if size > MAX_TRANSCRIPT_BYTES:
+            raise ApiError(413, f"transcript files are limited to {MAX_TRANSCRIPT_BYTES // (1024 * 1024)} MB")
+        try:
+            cues = parse_transcript(path.read_bytes(), filename)
+        except IngestError as exc:
+            raise ApiError(400, f"broken transcript: {exc.reason}", field="file") from exc
+        if not cues:
+            raise ApiError(400, "the transcript has no cues with text", field="file")
+        return "transcript", fmt
+    raise ApiError(415, f"unsupported or unrecognised file; accepted: {ACCEPTED}", field="file")
+
+
+async def _video_or_404(conn: asyncpg.Connection, course_id: int, video_id: int) -> asyncpg.Record:
+    video = await videos_repo.get_video(conn, video_id)
+    if video is None or video["course_id"] != course_id:
+        raise ApiError(404, f"video {video_id} not found")
+    return video
+
+
+class VideoController(Controller):
+    path = "/api/v1/courses/{course_id:int}"
+    tags = ["videos"]
+
+    @post("/videos", guards=[staff_only], status_code=202)
+    async def add_video(self, request: Request, course_id: int) -> Accepted:
+        """Add a YouTube video (JSON) or upload a transcript/media file (multipart field `file`, + `title`)."""
+        state, user = request.app.state, request.user
+        async with state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, user)
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            video_kw = await self._receive_file(request, course_id)
+        else:
+            data = await read_json(request, VideoIn)
+            from ingest.youtube import parse_youtube_id
+
+            try:
+                yt_id = parse_youtube_id(data.youtube)
+            except ValueError as exc:
+                raise ApiError(400, str(exc), field="youtube") from exc
+            video_kw = dict(title=data.title.strip() or yt_id, source="youtube", youtube_id=yt_id)
+        try:
+            async with state.pool.acquire() as conn, conn.transaction():
+                title, source = video_kw.pop("title"), video_kw.pop("source")
+                video = await videos_repo.create_video(conn, course_id, title, source, **video_kw)
+                job = await jobs_repo.create_job(conn, "ingest", course_id=course_id, video_id=video["id"],
+                                                 created_by=user.id, max_attempts=state.settings.job_max_attempts)
+        except BaseException:
+            if video_kw.get("file_path"):
+                Path(video_kw["file_path"]).unlink(missing_ok=True)
+            raise
+        try:
+            await enqueue_ingest(state.arq, state.pool, job["id"])
+        except Exception:  # noqa: BLE001 - the job row is durable; workers re-queue lost jobs
+            logger.warning("could not enqueue job %s now; a worker will pick it up", job["id"], exc_info=True)
+        return Accepted(video_id=video["id"], job_id=job["id"])
+
+    async def _receive_file(self, request: Request, course_id: int) -> dict:
+        settings = request.app.state.settings
+        up = await receive_upload(request, settings.data_dir / "uploads" / str(course_id),
+                                  max_bytes=settings.max_upload_bytes)
+        try:
+            title = (up.fields.get("title") or "").strip() or Path(up.filename or "untitled").stem
+            if len(title) > 200:
+                raise ApiError(400, "title is longer than 200 characters", field="title")
+            source, kind = await asyncio.to_thread(_inspect_upload, up.path, up.head, up.size, up.filename)
+        except BaseException:
+            up.discard()
+            raise
+        return dict(title=title, source=source, filename=up.filename, file_path=str(up.path), file_kind=kind,
+                    file_size=up.size)
+
+    @get("/videos")
+    async def list_videos(self, request: Request, course_id: int) -> list[Video]:
+        async with request.app.state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, request.user)
+            return [to_video(r) for r in await videos_repo.list_videos(conn, course_id)]
+
+    @get("/videos/{video_id:int}")
+    async def read_video(self, request: Request, course_id: int, video_id: int) -> Video:
+        async with request.app.state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, request.user)
+            return to_video(await _video_or_404(conn, course_id, video_id))
+
+    @delete("/videos/{video_id:int}", guards=[staff_only], status_code=204)
+    async def delete_video(self, request: Request, course_id: int, video_id: int) -> None:
+        async with request.app.state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, request.user)
+            video = await _video_or_404(conn, course_id, video_id)
+            await conn.execute("DELETE FROM videos WHERE id = $1", video_id)
+        if video["file_path"]:
+            Path(video["file_path"]).unlink(missing_ok=True)
+
+    @post("/videos/{video_id:int}/reingest", guards=[staff_only], status_code=202)
+    async def reingest(self, request: Request, course_id: int, video_id: int) -> Accepted:
+        """Run ingest again (e.g. new captions); the old chunks stay searchable until the new set replaces them."""
+        state = request.app.state
+        async with state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, request.user)
+            await _video_or_404(conn, course_id, video_id)
+            job = await jobs_repo.create_job(conn, "ingest", course_id=course_id, video_id=video_id,
+                                             created_by=request.user.id, max_attempts=state.settings.job_max_attempts)
+        await enqueue_ingest(state.arq, state.pool, job["id"])
+        return Accepted(video_id=video_id, job_id=job["id"])
+
+    @get("/videos/{video_id:int}/chapters")
+    async def chapters(self, request: Request, course_id: int, video_id: int) -> list[Chapter]:
+        async with request.app.state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, request.user)
+            await _video_or_404(conn, course_id, video_id)
+            rows = await videos_repo.list_chapters(conn, video_id)
+        return [Chapter(id=r["id"], index=r["idx"], start=r["start_s"], end=r["end_s"], title=r["title"],
+                        summary=r["summary"]) for r in rows]
+
+    @get("/videos/{video_id:int}/transcript")
+    async def transcript(self, request: Request, course_id: int, video_id: int) -> list[Segment]:
+        async with request.app.state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, request.user)
+            await _video_or_404(conn, course_id, video_id)
+            rows = await videos_repo.list_segments(conn, video_id)
+        return [Segment(start=r["start_s"], end=r["end_s"], text=r["text"]) for r in rows]
+
+    @get("/search")
+    async def search(self, request: Request, course_id: int,
+                     q: str = Parameter(min_length=1, max_length=1000),
+                     k: int = Parameter(ge=1, le=50, default=5),
+                     video_id: int | None = Parameter(default=None, ge=1)) -> SearchResult:
+        """Hybrid (vector + full-text) search of the course's transcripts."""
+        from agents.config import embedder_for
+        from ingest.youtube import watch_url
+
+        state = request.app.state
+        if not q.strip():
+            raise ApiError(400, "q must not be blank", field="q")
+        embedder = await asyncio.to_thread(embedder_for, state.settings)
+        vec = (await asyncio.to_thread(embedder.embed, [q]))[0]
+        async with state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, request.user)
+            hits = await hybrid_search(conn, course_id, vec, q, embedder.name, k=k, video_id=video_id)
+        return SearchResult(query=q, hits=[
+            SearchHit(video_id=h.video_id, video_title=h.video_title, start=h.start, end=h.end, text=h.text,
+                      score=h.score, url=watch_url(h.youtube_id, h.start) if h.youtube_id else None)
+            for h in hits])
+
+
+class JobController(Controller):
+    path = "/api/v1/jobs"
+    tags = ["jobs"]
+
+    async def _job(self, conn: asyncpg.Connection, job_id: int, user: AuthUser) -> asyncpg.Record:
+        job = await jobs_repo.get_job(conn, job_id)
+        if job is None or job["course_id"] is None:
+            raise ApiError(404, f"job {job_id} not found")
+        await course_or_404(conn, job["course_id"], user)
+        if not user.is_staff and job["created_by"] != user.id:
+            raise ApiError(404, f"job {job_id} not found")
+        return job
+
+    @get("/{job_id:int}")
+    async def read(self, request: Request, job_id: int) -> Job:
+        async with request.app.state.pool.acquire() as conn:
+            return to_job(await self._job(conn, job_id, request.user))
+
+    @post("/{job_id:int}/retry", guards=[staff_only], status_code=202)
+    async def retry(self, request: Request, job_id: int) -> Job:
+        """Retry a failed job from the start."""
+        state = request.app.state
+        async with state.pool.acquire() as conn:
+            job = await self._job(conn, job_id, request.user)
+            if job["state"] != "failed":
+                raise ApiError(409, f"only failed jobs can be retried; this one is {job['state']}")
+            job = await jobs_repo.requeue(conn, job_id)
+        await enqueue_ingest(state.arq, state.pool, job_id)
+        return to_job(job)

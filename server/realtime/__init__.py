@@ -1,0 +1,1 @@
+"""Realtime rooms over websockets: the per-process hub, connections, and the /ws/rooms endpoint."""

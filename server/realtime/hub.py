@@ -1,0 +1,293 @@
+"""The per-process fan-out hub: one Redis subscription for every room with local connections, each event
+decoded once and its text shared by every local connection, presence heartbeats and sweeps, and a safety
+net that re-reads Postgres for connections left behind (a publisher that died between commit and publish).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from datetime import datetime, timezone
+
+import asyncpg
+import msgspec
+from redis.asyncio import Redis
+
+from server.realtime.conn import Conn
+from store import live as live_repo
+from store import rooms as rooms_repo
+from store.events import INTERNAL, UserRef, Welcome, publish, room_topic
+from store.events import Presence as PresenceEvent
+from store.keys import events_channel
+from store.presence import Presence
+from store.ratelimit import SendLimiter
+from store.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+UNSUBSCRIBE_AFTER_S = 30.0
+POLL_RESULTS_EVERY_S = 0.25
+
+
+class _Who(msgspec.Struct):
+    id: int | None = None
+
+
+class _Envelope(msgspec.Struct):
+    """The few fields the hub routes on; the rest of the event is forwarded untouched."""
+
+    type: str
+    seq: int = 0
+    user: _Who | None = None
+    user_id: int | None = None
+
+
+_envelope = msgspec.json.Decoder(_Envelope)
+
+
+class Hub:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: Redis) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.redis = redis
+        self.proc = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.presence = Presence(redis, self.proc, settings.presence_ttl_s)
+        self.limiter = SendLimiter(redis, settings.ws_send_rate, settings.ws_send_burst)
+        self.tick_s = max(0.2, settings.presence_ttl_s / 3)
+        self.rooms: dict[str, set[Conn]] = {}
+        self._pairs: dict[tuple[str, int], list] = {}  # (room, user id) -> [local connections, UserRef]
+        self._subscribed: set[str] = set()
+        self._sub_waiters: dict[str, asyncio.Future] = {}
+        self._idle_since: dict[str, float] = {}
+        self._seen_seq: dict[str, int] = {}
+        self._poll_flush: dict[int, asyncio.Task] = {}
+        self._prefix = events_channel("room:").encode()
+        self._pubsub = redis.pubsub()
+        self._tasks: list[asyncio.Task] = []
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._pubsub.subscribe(events_channel(f"proc:{self.proc}"))
+        await self.presence.heartbeat([])
+        self._tasks = [asyncio.create_task(self._read(), name="hub-read"),
+                       asyncio.create_task(self._tick(), name="hub-tick")]
+        logger.info("realtime hub started", extra={"fields": {"proc": self.proc}})
+
+    async def stop(self) -> None:
+        for task in self._tasks + list(self._poll_flush.values()):
+            task.cancel()
+        for conns in list(self.rooms.values()):
+            for conn in list(conns):
+                conn.close_soon(1001, "server shutting down")
+        for (room, _), (_, user) in list(self._pairs.items()):
+            try:
+                await self._announce_leave(room, user)
+            except Exception:  # noqa: BLE001
+                logger.warning("presence cleanup failed for %s", room, exc_info=True)
+        try:
+            await self.presence.forget_proc()
+            await self._pubsub.aclose()
+        except Exception:  # noqa: BLE001
+            logger.warning("hub shutdown incomplete", exc_info=True)
+
+    # --- connections ----------------------------------------------------------------------------------
+
+    async def attach(self, conn: Conn) -> None:
+        """Register a connection; returns once this process receives the room's live events."""
+        room = conn.room
+        self.rooms.setdefault(room, set()).add(conn)
+        self._idle_since.pop(room, None)
+        conn.start_writer()
+        if room not in self._subscribed:
+            waiter = self._sub_waiters.get(room)
+            if waiter is None:
+                waiter = self._sub_waiters[room] = asyncio.get_running_loop().create_future()
+                await self._pubsub.subscribe(events_channel(room_topic(room)))
+            await asyncio.wait_for(asyncio.shield(waiter), 10)
+        pair = self._pairs.get((room, conn.user.id))
+        if pair is None:
+            self._pairs[(room, conn.user.id)] = [1, conn.user]
+            change = await self.presence.join(room, conn.user)
+            if change.changed and change.online_count <= self.settings.presence_max:
+                await publish(self.redis, room_topic(room), PresenceEvent(
+                    room=room, action="joined", user=conn.user, online_count=change.online_count))
+        else:
+            pair[0] += 1
+
+    async def detach(self, conn: Conn) -> None:
+        conn.stop()
+        room = conn.room
+        conns = self.rooms.get(room)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del self.rooms[room]
+                self._idle_since[room] = time.monotonic()
+        pair = self._pairs.get((room, conn.user.id))
+        if pair is not None:
+            pair[0] -= 1
+            if pair[0] <= 0:
+                del self._pairs[(room, conn.user.id)]
+                await self._announce_leave(room, conn.user)
+
+    async def _announce_leave(self, room: str, user: UserRef) -> None:
+        change = await self.presence.leave(room, user)
+        if change.changed and change.online_count < self.settings.presence_max:
+            await publish(self.redis, room_topic(room), PresenceEvent(
+                room=room, action="left", user=user, online_count=change.online_count))
+
+    async def welcome(self, conn: Conn, after: int | None) -> None:
+        """Start (or restart) the stream: welcome first, then every event after `after`, then live ones."""
+        async with self.pool.acquire() as db:
+            last = (await rooms_repo.last_seqs(db, [conn.room])).get(conn.room, 0)
+        count, online = await self.presence.online(conn.room, self.settings.presence_max)
+        start = last if after is None else min(after, last)
+        conn.restart(start)
+        conn.push_event(Welcome(room=conn.room, last_seq=last, online=online, online_count=count))
+        conn.ready = True
+        if start < last or conn.pending:
+            conn.start_fill()
+        else:
+            conn.filling = False
+
+    async def events_after(self, room: str, after: int, limit: int) -> list[tuple[int, str]]:
+        async with self.pool.acquire() as db:
+            return await rooms_repo.events_after(db, room, after, limit)
+
+    def kick_local(self, room: str, user_id: int) -> None:
+        for conn in list(self.rooms.get(room, ())):
+            if conn.user.id == user_id:
+                conn.close_soon(4403, "kicked")
+
+    # --- fan-out --------------------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                msg = await self._pubsub.get_message(timeout=None)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - Redis went away: retry; the position check fills any gap
+                logger.warning("redis subscription failed; retrying", exc_info=True)
+                await asyncio.sleep(0.5)
+                continue
+            if msg is None:
+                continue
+            kind = msg["type"]
+            if kind == "message":
+                try:
+                    self._dispatch(msg["channel"], msg["data"])
+                except Exception:  # noqa: BLE001
+                    logger.exception("could not dispatch an event")
+            elif kind == "subscribe":
+                room = msg["channel"][len(self._prefix):].decode() if msg["channel"].startswith(self._prefix) else None
+                if room is not None:
+                    self._subscribed.add(room)
+                    waiter = self._sub_waiters.pop(room, None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(None)
+            elif kind == "unsubscribe":
+                if msg["channel"].startswith(self._prefix):
+                    self._subscribed.discard(msg["channel"][len(self._prefix):].decode())
+
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        if not channel.startswith(self._prefix):
+            return
+        room = channel[len(self._prefix):].decode()
+        conns = self.rooms.get(room)
+        if not conns:
+            return
+        env = _envelope.decode(data)
+        if env.type in INTERNAL:
+            if env.type == "internal.kick" and env.user_id is not None:
+                self.kick_local(room, env.user_id)
+            return
+        text = data.decode()  # once per process; every connection shares this string
+        if env.seq:
+            seq = env.seq
+            for conn in conns:
+                conn.offer(seq, text)
+        else:
+            skip = env.user.id if env.type == "typing" and env.user is not None else None
+            for conn in conns:
+                if conn.user.id != skip:
+                    conn.ephemeral(text)
+
+    # --- periodic duties ------------------------------------------------------------------------------
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            for duty in (self._heartbeat, self._sweep_presence, self._reap_dead_procs, self._catch_up,
+                         self._unsubscribe_idle):
+                try:
+                    await duty()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001
+                    logger.warning("hub duty %s failed", duty.__name__, exc_info=True)
+
+    async def _heartbeat(self) -> None:
+        pairs = [(room, user) for (room, _), (_, user) in self._pairs.items()]
+        for room, user in await self.presence.heartbeat(pairs):
+            count, _ = await self.presence.online(room, 0)
+            if count <= self.settings.presence_max:
+                await publish(self.redis, room_topic(room), PresenceEvent(
+                    room=room, action="joined", user=user, online_count=count))
+
+    async def _sweep_presence(self) -> None:
+        for room in list(self.rooms):
+            left, count = await self.presence.sweep(room)
+            if count < self.settings.presence_max:
+                for user in left:
+                    await publish(self.redis, room_topic(room), PresenceEvent(
+                        room=room, action="left", user=user, online_count=count))
+
+    async def _reap_dead_procs(self) -> None:
+        for proc, expired_at in await self.presence.dead_procs():
+            last_seen = datetime.fromtimestamp(expired_at - self.settings.presence_ttl_s, tz=timezone.utc)
+            async with self.pool.acquire() as db:
+                closed = await live_repo.attendance_close_proc(db, proc, last_seen)
+            logger.info("server process gone", extra={"fields": {"proc": proc, "attendance_closed": closed}})
+
+    async def _catch_up(self) -> None:
+        """Connections still behind a seq that was committed a whole tick ago re-read Postgres."""
+        if not self.rooms:
+            self._seen_seq.clear()
+            return
+        async with self.pool.acquire() as db:
+            now = await rooms_repo.last_seqs(db, list(self.rooms))
+        for room, conns in self.rooms.items():
+            target = self._seen_seq.get(room, 0)
+            for conn in conns:
+                if conn.ready and not conn.filling and conn.closing is None and conn.last_seq < target:
+                    logger.info("catching up a connection", extra={"fields": {"room": room, "seq": target}})
+                    conn.start_fill()
+        self._seen_seq = now
+
+    async def _unsubscribe_idle(self) -> None:
+        now = time.monotonic()
+        for room, since in list(self._idle_since.items()):
+            if now - since >= UNSUBSCRIBE_AFTER_S:
+                del self._idle_since[room]
+                if room not in self.rooms and room in self._subscribed and room not in self._sub_waiters:
+                    await self._pubsub.unsubscribe(events_channel(room_topic(room)))
+
+    # --- live polls -----------------------------------------------------------------------------------
+
+    def poll_voted(self, poll_id: int) -> None:
+        """Coalesce results: at most one `poll.results` per poll every 250 ms from this process."""
+        if poll_id not in self._poll_flush:
+            self._poll_flush[poll_id] = asyncio.create_task(self._flush_poll(poll_id))
+
+    async def _flush_poll(self, poll_id: int) -> None:
+        await asyncio.sleep(POLL_RESULTS_EVERY_S)
+        self._poll_flush.pop(poll_id, None)
+        try:
+            await live_repo.publish_results(self.pool, self.redis, poll_id)
+        except Exception:  # noqa: BLE001
+            logger.warning("could not publish poll results", exc_info=True)

@@ -1,0 +1,39 @@
+"""Start and stop the realtime hub with the app (after the pools of the main lifespan exist)."""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar
+
+from server.realtime.hub import Hub
+
+logger = logging.getLogger(__name__)
+
+_TOKEN = re.compile(r"(token=)[^&\s\"']+")
+
+
+class _RedactTokens(logging.Filter):
+    """uvicorn logs websocket paths with their query string; `?token=` must never reach a log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.args = tuple(_TOKEN.sub(r"\1[redacted]", a) if isinstance(a, str) else a
+                                for a in (record.args if isinstance(record.args, tuple) else (record.args,)))
+        if isinstance(record.msg, str) and "token=" in record.msg:
+            record.msg = _TOKEN.sub(r"\1[redacted]", record.msg)
+        return True
+
+
+@asynccontextmanager
+async def realtime_lifespan(app: Litestar) -> AsyncIterator[None]:
+    logging.getLogger("uvicorn.error").addFilter(_RedactTokens())
+    hub = Hub(app.state.settings, app.state.pool, app.state.redis)
+    app.state.hub = hub
+    await hub.start()
+    try:
+        yield
+    finally:
+        await hub.stop()

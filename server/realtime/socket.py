@@ -1,0 +1,182 @@
+"""GET /ws/rooms/{room_id}: authenticate, authorize, stream the room, and handle client frames.
+
+Refusals accept the handshake and close at once, so the client sees the code: 4401 (no or bad token),
+4403 (not allowed, unknown room, kicked), 4400 (bad `after`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from litestar import WebSocket, websocket
+from litestar.exceptions import NotAuthorizedException
+
+from server.auth import AuthUser, authenticate, bearer_token
+from server.realtime.conn import Conn
+from server.realtime.hub import Hub
+from store import frames
+from store import live as live_repo
+from store import messages as messages_repo
+from store import moderation
+from store import rooms as rooms_repo
+from store.events import (CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, Error, Pong, Typing, UserRef, publish,
+                          room_topic)
+
+logger = logging.getLogger(__name__)
+
+CLOSE_BAD_REQUEST = 4400
+TYPING_EVERY_S = 2.0
+
+
+async def _refuse(socket: WebSocket, code: int, reason: str) -> None:
+    await socket.accept()
+    await socket.close(code, reason)
+
+
+def _after(socket: WebSocket) -> int | None | str:
+    raw = socket.query_params.get("after")
+    if raw is None or raw == "":
+        return None
+    return int(raw) if raw.isdigit() and len(raw) < 19 else "bad"
+
+
+@websocket("/ws/rooms/{room_id:str}")
+async def room_socket(socket: WebSocket, room_id: str) -> None:
+    state = socket.app.state
+    hub: Hub = state.hub
+    after = _after(socket)
+    if after == "bad":
+        await _refuse(socket, CLOSE_BAD_REQUEST, "after must be a non-negative integer")
+        return
+    try:
+        user = await authenticate(socket, socket.query_params.get("token") or bearer_token(socket))
+    except NotAuthorizedException as exc:
+        await _refuse(socket, CLOSE_UNAUTHENTICATED, str(exc.detail))
+        return
+    async with state.pool.acquire() as db:
+        access = await rooms_repo.access(db, room_id, user.id, user.tenant_id, user.role)
+        kicked = None
+        if access is not None:
+            await rooms_repo.ensure_room(db, room_id)
+            kicked = await moderation.kicked_until(db, room_id, user.id)
+    if access is None:
+        await _refuse(socket, CLOSE_FORBIDDEN, "no such room, or you may not join it")
+        return
+    if kicked is not None:
+        await _refuse(socket, CLOSE_FORBIDDEN, f"kicked until {kicked.isoformat()}")
+        return
+
+    await socket.accept()
+    conn = Conn(hub, access, UserRef(id=user.id, name=user.name, role=user.role), socket.send,
+                state.settings.ws_queue_max)
+    conn.main_task = asyncio.current_task()
+    attendance_id = None
+    try:
+        await hub.attach(conn)
+        await hub.welcome(conn, after)  # type: ignore[arg-type]
+        if access.kind == "live":
+            async with state.pool.acquire() as db:
+                attendance_id = await live_repo.attendance_join(db, int(room_id.split(":")[1]), user.id, hub.proc)
+        await _serve(socket, conn, user, hub)
+    except asyncio.CancelledError:
+        if conn.closing is None:
+            raise
+    except Exception:  # noqa: BLE001 - never let a bug end the handler without a close code
+        logger.exception("websocket handler failed", extra={"fields": {"room": room_id, "user_id": user.id}})
+        conn.close_soon(1011, "internal error")
+    finally:
+        try:
+            await asyncio.shield(_cleanup(state, hub, conn, attendance_id))
+        except asyncio.CancelledError:
+            pass
+
+
+async def _cleanup(state, hub: Hub, conn: Conn, attendance_id: int | None) -> None:  # type: ignore[no-untyped-def]
+    await hub.detach(conn)
+    if attendance_id is not None:
+        async with state.pool.acquire() as db:
+            await live_repo.attendance_leave(db, attendance_id)
+
+
+async def _serve(socket: WebSocket, conn: Conn, user: AuthUser, hub: Hub) -> None:
+    receive = socket.receive
+    while True:
+        msg = await receive()
+        if msg["type"] == "websocket.disconnect":
+            return
+        text = msg.get("text")
+        if text is None:
+            conn.push_event(Error(code="bad_frame", detail="send JSON text frames, not binary"))
+            continue
+        try:
+            frame = frames.decode_frame(text)
+        except frames.BadFrame as exc:
+            conn.push_event(Error(code="bad_frame", detail=str(exc)))
+            continue
+        try:
+            await _handle(frame, conn, user, hub)
+        except messages_repo.Refused as exc:
+            conn.push_event(Error(code=exc.code, detail=exc.detail, ref=_ref(frame)))
+        except Exception:  # noqa: BLE001
+            logger.exception("frame failed", extra={"fields": {"room": conn.room, "type": type(frame).__name__}})
+            conn.push_event(Error(code="internal", detail="the server could not handle this frame", ref=_ref(frame)))
+
+
+def _ref(frame: frames.ClientFrame) -> str | None:
+    if frame.ref is not None:
+        return frame.ref
+    return getattr(frame, "client_msg_id", None)
+
+
+def _check_text(text: str, limit: int) -> str:
+    if not text.strip():
+        raise messages_repo.Refused("bad_frame", "text must not be empty")
+    if len(text) > limit:
+        raise messages_repo.Refused("too_long", f"text is longer than {limit} characters")
+    return text
+
+
+async def _rate(hub: Hub, user: AuthUser) -> None:
+    ok, wait = await hub.limiter.take(user.id)
+    if not ok:
+        raise messages_repo.Refused("rate_limited", f"too many messages; retry in {wait:g}s")
+
+
+async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hub) -> None:
+    settings = hub.settings
+    if isinstance(frame, frames.MessageSend):
+        text = _check_text(frame.text, settings.ws_max_text)
+        await _rate(hub, user)
+        posted = await messages_repo.post_message(hub.pool, hub.redis, conn.room, user.id, text, None,
+                                                  frame.client_msg_id)
+        if not posted.created:
+            conn.own(posted.event.seq, posted.payload.decode())
+    elif isinstance(frame, frames.MessageEdit):
+        text = _check_text(frame.text, settings.ws_max_text)
+        await _rate(hub, user)
+        await messages_repo.edit_message(hub.pool, hub.redis, conn.room, frame.id, user.id, text)
+    elif isinstance(frame, frames.MessageDelete):
+        await _rate(hub, user)
+        await messages_repo.delete_message(hub.pool, hub.redis, conn.room, frame.id, user.id,
+                                           conn.access.moderator)
+    elif isinstance(frame, frames.Typing):
+        now = time.monotonic()
+        # Throttled: "still typing" at most every 2 s per connection; a stop is sent once.
+        if frame.active and conn.typing_active and now - conn.typing_at < TYPING_EVERY_S:
+            return
+        if not frame.active and not conn.typing_active:
+            return
+        conn.typing_at, conn.typing_active = now, frame.active
+        await publish(hub.redis, room_topic(conn.room), Typing(room=conn.room, user=conn.user, active=frame.active))
+    elif isinstance(frame, frames.Resume):
+        await hub.welcome(conn, frame.after_seq)
+    elif isinstance(frame, frames.Ping):
+        conn.push_event(Pong(ref=frame.ref))
+    elif isinstance(frame, frames.PollVote):
+        if conn.access.kind != "live":
+            raise messages_repo.Refused("bad_frame", "poll.vote is for live session rooms")
+        await _rate(hub, user)
+        async with hub.pool.acquire() as db:
+            await live_repo.vote(db, frame.poll_id, int(conn.room.split(":")[1]), user.id, frame.option)
+        hub.poll_voted(frame.poll_id)

@@ -1,0 +1,79 @@
+"""Client → server websocket frames, as msgspec tagged-union Structs (server → client events: store/events.py).
+
+Every frame is a JSON object with `type` and may carry `ref` (any short string), which an `error` reply echoes.
+Unknown types, unknown fields and wrong field types are refused with `error {code: "bad_frame"}`.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+import msgspec
+from msgspec import Meta
+
+Ref = Annotated[str, Meta(max_length=100)]
+ClientMsgId = Annotated[str, Meta(min_length=1, max_length=100)]
+Id = Annotated[int, Meta(ge=1, le=2**62)]
+
+
+class Frame(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_fields=True):
+    ref: Ref | None = None
+
+
+class MessageSend(Frame, tag="message.send"):
+    """Post a message. Sending the same `client_msg_id` again returns the same message, never a second one."""
+
+    text: str
+    client_msg_id: ClientMsgId | None = None
+
+
+class MessageEdit(Frame, tag="message.edit"):
+    """Change your own message."""
+
+    id: Id
+    text: str
+
+
+class MessageDelete(Frame, tag="message.delete"):
+    """Delete your own message; instructors and admins delete any."""
+
+    id: Id
+
+
+class Typing(Frame, tag="typing"):
+    active: bool = True
+
+
+class Resume(Frame, tag="resume"):
+    """Restart the stream after `after_seq`: the server replies with `welcome`, then every event with a
+    greater seq in order, then live events. Ignore sequenced events between sending this and that `welcome`."""
+
+    after_seq: Annotated[int, Meta(ge=0)]
+
+
+class Ping(Frame, tag="ping"):
+    pass
+
+
+class PollVote(Frame, tag="poll.vote"):
+    """Live rooms: vote for option index `option` (0-based); voting again changes the vote until the poll closes."""
+
+    poll_id: Id
+    option: Annotated[int, Meta(ge=0, le=1000)]
+
+
+ClientFrame = Union[MessageSend, MessageEdit, MessageDelete, Typing, Resume, Ping, PollVote]
+
+_decoder = msgspec.json.Decoder(ClientFrame)
+
+
+class BadFrame(ValueError):
+    """The frame is not JSON, has an unknown type, or a field of the wrong type."""
+
+
+def decode_frame(raw: str | bytes) -> ClientFrame:
+    try:
+        return _decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise BadFrame(str(exc)) from exc
+    except msgspec.DecodeError as exc:
+        raise BadFrame(f"not valid JSON: {exc}") from exc

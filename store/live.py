@@ -1,0 +1,213 @@
+"""Live sessions (room `live:<id>`): schedule, start, end; attendance; polls with one changeable vote each."""
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+from redis.asyncio import Redis
+
+from store.events import LiveEnded, LiveStarted, PollClosed, PollInfo, PollOpened, PollResults
+from store.messages import Refused
+from store.rooms import sequenced
+
+_SESSION = "s.id, s.course_id, s.title, s.scheduled_at, s.started_at, s.ended_at, s.created_by, s.created_at"
+
+
+def room_of(session_id: int) -> str:
+    return f"live:{session_id}"
+
+
+def state_of(row: asyncpg.Record) -> str:
+    if row["ended_at"] is not None:
+        return "ended"
+    return "live" if row["started_at"] is not None else "scheduled"
+
+
+# --- sessions ------------------------------------------------------------------------------------------
+
+async def create_session(conn: asyncpg.Connection, course_id: int, title: str, scheduled_at: datetime | None,
+                         by: int) -> asyncpg.Record:
+    return await conn.fetchrow(
+        f"""INSERT INTO live_sessions AS s (course_id, title, scheduled_at, created_by) VALUES ($1, $2, $3, $4)
+            RETURNING {_SESSION}""", course_id, title, scheduled_at, by)
+
+
+async def session_in_tenant(conn: asyncpg.Connection, session_id: int, tenant_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"""SELECT {_SESSION} FROM live_sessions s JOIN courses c ON c.id = s.course_id
+            WHERE s.id = $1 AND c.tenant_id = $2""", session_id, tenant_id)
+
+
+async def list_sessions(conn: asyncpg.Connection, course_id: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        f"SELECT {_SESSION} FROM live_sessions s WHERE s.course_id = $1 ORDER BY coalesce(s.scheduled_at, s.created_at), s.id",
+        course_id)
+
+
+async def start_session(db: asyncpg.Pool, redis: Redis, session_id: int) -> asyncpg.Record:
+    """scheduled → live; publishes `live.started`. Refused("conflict") from any other state."""
+    async with sequenced(db, redis) as box:
+        row = await box.conn.fetchrow(
+            f"""UPDATE live_sessions s SET started_at = now() WHERE id = $1 AND started_at IS NULL AND ended_at IS NULL
+                RETURNING {_SESSION}""", session_id)
+        if row is None:
+            raise Refused("conflict", "the session has already started or ended")
+        room = room_of(session_id)
+        await box.append(room, lambda seq: LiveStarted(seq=seq, room=room, session_id=session_id,
+                                                       at=row["started_at"]))
+    return row
+
+
+async def end_session(db: asyncpg.Pool, redis: Redis, session_id: int) -> asyncpg.Record:
+    """live → ended; closes open polls and publishes their final counts, then `live.ended`."""
+    async with sequenced(db, redis) as box:
+        row = await box.conn.fetchrow(
+            f"""UPDATE live_sessions s SET ended_at = now() WHERE id = $1 AND started_at IS NOT NULL
+                AND ended_at IS NULL RETURNING {_SESSION}""", session_id)
+        if row is None:
+            raise Refused("conflict", "the session is not live")
+        room = room_of(session_id)
+        for poll_id in await box.conn.fetch(
+                "UPDATE polls SET closed_at = now() WHERE session_id = $1 AND closed_at IS NULL RETURNING id",
+                session_id):
+            await _append_closed(box, room, poll_id["id"])
+        await box.append(room, lambda seq: LiveEnded(seq=seq, room=room, session_id=session_id, at=row["ended_at"]))
+    return row
+
+
+# --- attendance ----------------------------------------------------------------------------------------
+
+async def attendance_join(conn: asyncpg.Connection, session_id: int, user_id: int, proc_id: str) -> int:
+    return await conn.fetchval(
+        "INSERT INTO live_attendance (session_id, user_id, proc_id) VALUES ($1, $2, $3) RETURNING id",
+        session_id, user_id, proc_id)
+
+
+async def attendance_leave(conn: asyncpg.Connection, attendance_id: int) -> None:
+    await conn.execute("UPDATE live_attendance SET left_at = now() WHERE id = $1 AND left_at IS NULL",
+                       attendance_id)
+
+
+async def attendance_close_proc(conn: asyncpg.Connection, proc_id: str, at: datetime) -> int:
+    """Close the open rows of a server process that died, at its last sign of life."""
+    result = await conn.execute(
+        "UPDATE live_attendance SET left_at = greatest(joined_at, $2) WHERE proc_id = $1 AND left_at IS NULL",
+        proc_id, at)
+    return int(result.split()[-1])
+
+
+async def attendance_report(conn: asyncpg.Connection, session_id: int) -> list[asyncpg.Record]:
+    """Per user: first join, last leave (null while still there), connections, and seconds present while the
+    session was live (overlapping connections count once)."""
+    return await conn.fetch(
+        """WITH s AS (SELECT started_at, coalesce(ended_at, now()) AS ended_at FROM live_sessions WHERE id = $1),
+           a AS (SELECT user_id, joined_at, left_at, coalesce(left_at, now()) AS until
+                 FROM live_attendance WHERE session_id = $1),
+           clipped AS (SELECT a.user_id, tstzrange(greatest(a.joined_at, s.started_at),
+                                                   least(a.until, s.ended_at)) AS r
+                       FROM a, s WHERE s.started_at IS NOT NULL
+                         AND greatest(a.joined_at, s.started_at) < least(a.until, s.ended_at))
+           SELECT a.user_id, u.name, min(a.joined_at) AS first_joined_at,
+                  CASE WHEN bool_or(a.left_at IS NULL) THEN NULL ELSE max(a.left_at) END AS last_left_at,
+                  count(*) AS connections,
+                  coalesce((SELECT sum(extract(epoch FROM upper(x) - lower(x)))
+                            FROM unnest((SELECT range_agg(c.r) FROM clipped c WHERE c.user_id = a.user_id)) x),
+                           0)::float AS seconds_live
+           FROM a JOIN users u ON u.id = a.user_id GROUP BY a.user_id, u.name ORDER BY min(a.joined_at)""",
+        session_id)
+
+
+# --- polls ---------------------------------------------------------------------------------------------
+
+def poll_info(row: asyncpg.Record) -> PollInfo:
+    return PollInfo(id=row["id"], session_id=row["session_id"], question=row["question"],
+                    options=list(row["options"]), closed=row["closed_at"] is not None)
+
+
+async def create_poll(db: asyncpg.Pool, redis: Redis, session_id: int, question: str, options: list[str],
+                      by: int) -> asyncpg.Record:
+    """Open a poll in the session's room; publishes `poll.opened`. Refused("conflict") once the session ended."""
+    async with sequenced(db, redis) as box:
+        ended = await box.conn.fetchval("SELECT ended_at FROM live_sessions WHERE id = $1 FOR UPDATE", session_id)
+        if ended is not None:
+            raise Refused("conflict", "the session has ended")
+        row = await box.conn.fetchrow(
+            """INSERT INTO polls (session_id, question, options, created_by) VALUES ($1, $2, $3, $4)
+               RETURNING id, session_id, question, options, created_at, closed_at""",
+            session_id, question, options, by)
+        room = room_of(session_id)
+        await box.append(room, lambda seq: PollOpened(seq=seq, room=room, poll=poll_info(row)))
+    return row
+
+
+async def poll_in_tenant(conn: asyncpg.Connection, poll_id: int, tenant_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        """SELECT p.id, p.session_id, p.question, p.options, p.created_at, p.closed_at, s.course_id
+           FROM polls p JOIN live_sessions s ON s.id = p.session_id JOIN courses c ON c.id = s.course_id
+           WHERE p.id = $1 AND c.tenant_id = $2""", poll_id, tenant_id)
+
+
+async def list_polls(conn: asyncpg.Connection, session_id: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT id, session_id, question, options, created_at, closed_at FROM polls WHERE session_id = $1 ORDER BY id",
+        session_id)
+
+
+async def counts(conn: asyncpg.Connection, poll_id: int, n_options: int) -> list[int]:
+    out = [0] * n_options
+    for r in await conn.fetch("SELECT option, count(*) AS n FROM poll_votes WHERE poll_id = $1 GROUP BY option",
+                              poll_id):
+        if r["option"] < n_options:
+            out[r["option"]] = r["n"]
+    return out
+
+
+async def my_vote(conn: asyncpg.Connection, poll_id: int, user_id: int) -> int | None:
+    return await conn.fetchval("SELECT option FROM poll_votes WHERE poll_id = $1 AND user_id = $2", poll_id, user_id)
+
+
+async def vote(conn: asyncpg.Connection, poll_id: int, session_id: int | None, user_id: int, option: int) -> None:
+    """One vote per user, changeable until the poll closes. `session_id`, when given, must be the poll's
+    session (votes arrive through that session's room)."""
+    async with conn.transaction():
+        poll = await conn.fetchrow("SELECT session_id, options, closed_at FROM polls WHERE id = $1 FOR SHARE",
+                                   poll_id)
+        if poll is None or (session_id is not None and poll["session_id"] != session_id):
+            raise Refused("not_found", f"poll {poll_id} not found in this session")
+        if poll["closed_at"] is not None:
+            raise Refused("poll_closed", "the poll is closed")
+        if option >= len(poll["options"]):
+            raise Refused("bad_option", f"option must be between 0 and {len(poll['options']) - 1}")
+        await conn.execute(
+            """INSERT INTO poll_votes (poll_id, user_id, option) VALUES ($1, $2, $3)
+               ON CONFLICT (poll_id, user_id) DO UPDATE SET option = EXCLUDED.option, updated_at = now()""",
+            poll_id, user_id, option)
+
+
+async def publish_results(db: asyncpg.Pool, redis: Redis, poll_id: int) -> None:
+    """Store and publish the current counts as `poll.results` (skipped once the poll is closed)."""
+    async with sequenced(db, redis) as box:
+        poll = await box.conn.fetchrow("SELECT session_id, options, closed_at FROM polls WHERE id = $1", poll_id)
+        if poll is None or poll["closed_at"] is not None:
+            return
+        c = await counts(box.conn, poll_id, len(poll["options"]))
+        room = room_of(poll["session_id"])
+        await box.append(room, lambda seq: PollResults(seq=seq, room=room, poll_id=poll_id, counts=c, total=sum(c)))
+
+
+async def close_poll(db: asyncpg.Pool, redis: Redis, poll_id: int) -> list[int]:
+    """Close the poll and publish the final counts (`poll.closed`). Refused("conflict") when already closed."""
+    async with sequenced(db, redis) as box:
+        session_id = await box.conn.fetchval(
+            "UPDATE polls SET closed_at = now() WHERE id = $1 AND closed_at IS NULL RETURNING session_id", poll_id)
+        if session_id is None:
+            raise Refused("conflict", "the poll is already closed")
+        final = await _append_closed(box, room_of(session_id), poll_id)
+    return final
+
+
+async def _append_closed(box, room: str, poll_id: int) -> list[int]:  # type: ignore[no-untyped-def]
+    n = await box.conn.fetchval("SELECT jsonb_array_length(options) FROM polls WHERE id = $1", poll_id)
+    c = await counts(box.conn, poll_id, n)
+    await box.append(room, lambda seq: PollClosed(seq=seq, room=room, poll_id=poll_id, counts=c, total=sum(c)))
+    return c

@@ -1,0 +1,193 @@
+"""Room messages: post (idempotent by client_msg_id), edit, delete, history pages.
+
+Each change is a sequenced event stored in `room_events` in the same transaction as the row, and published
+after commit. Non-human authors (the tutor, the grader) post with `author_id=None` from any process.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import msgspec
+from redis.asyncio import Redis
+
+from store.events import MessageDeleted, MessageEdited, MessageNew, UserRef, encode
+from store.rooms import next_seq, sequenced
+
+logger = logging.getLogger(__name__)
+
+_new_decoder = msgspec.json.Decoder(MessageNew)
+_edited_decoder = msgspec.json.Decoder(MessageEdited)
+
+
+class Refused(Exception):
+    """A change the caller may not make; `code` is the websocket error code / REST error code."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Posted:
+    event: MessageNew
+    payload: bytes
+    created: bool  # False: the client_msg_id was seen before and this is the original message
+
+
+async def _muted(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
+    return bool(await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM room_mutes WHERE room_id = $1 AND user_id = $2 AND until > now())",
+        room_id, user_id))
+
+
+async def _existing(conn: asyncpg.Connection, room_id: str, author_id: int | None,
+                    client_msg_id: str) -> Posted | None:
+    payload = await conn.fetchval(
+        """SELECT e.payload FROM messages m JOIN room_events e ON e.room_id = m.room_id AND e.seq = m.seq
+           WHERE m.room_id = $1 AND m.author_id IS NOT DISTINCT FROM $2 AND m.client_msg_id = $3""",
+        room_id, author_id, client_msg_id)
+    if payload is None:
+        return None
+    raw = payload.encode()
+    return Posted(_new_decoder.decode(raw), raw, False)
+
+
+async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room_id: str, author_id: int | None,
+                       text: str, meta: dict[str, Any] | None = None, client_msg_id: str | None = None, *,
+                       author_name: str = "Tutor", author_role: str = "tutor") -> Posted:
+    """Post a message and publish `message.new` after commit.
+
+    `author_id=None` posts as a non-human author named `author_name` with role `author_role` (the tutor,
+    the grader). With a `client_msg_id` seen before from the same author in the room, nothing is stored and
+    the original message is returned (`created=False`). Raises Refused("muted") for a muted author and
+    LookupError for a room whose course, pod or session does not exist."""
+    meta = meta or {}
+    try:
+        async with sequenced(db, redis) as box:
+            conn = box.conn
+            if client_msg_id is not None:
+                found = await _existing(conn, room_id, author_id, client_msg_id)
+                if found is not None:
+                    return found
+            if author_id is not None:
+                author = await conn.fetchrow("SELECT id, name, role FROM users WHERE id = $1", author_id)
+                if author is None:
+                    raise LookupError(f"user {author_id} does not exist")
+                if await _muted(conn, room_id, author_id):
+                    raise Refused("muted", "you are muted in this room")
+                ref = UserRef(id=author["id"], name=author["name"], role=author["role"])
+            else:
+                ref = UserRef(id=None, name=author_name, role=author_role)
+            # The event needs the row's id and the row needs the seq: allocate, insert, then store the event.
+            seq = await next_seq(conn, room_id)
+            row = await conn.fetchrow(
+                """INSERT INTO messages (room_id, seq, author_id, body, client_msg_id, meta, author_name, author_role)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                   ON CONFLICT DO NOTHING RETURNING id, created_at""",
+                room_id, seq, author_id, text, client_msg_id, meta, ref.name, ref.role)
+            if row is None:  # a concurrent send with the same client_msg_id committed first
+                raise _Duplicate()
+            event = MessageNew(id=row["id"], seq=seq, room=room_id, author=ref, text=text,
+                               created_at=row["created_at"], client_msg_id=client_msg_id, meta=meta)
+            payload = encode(event)
+            await conn.execute(
+                """INSERT INTO room_events (room_id, seq, type, message_id, payload)
+                   VALUES ($1, $2, 'message.new', $3, $4)""", room_id, seq, row["id"], payload.decode())
+            box.later(room_id, payload, "MessageNew")
+    except _Duplicate:
+        found = await _with_conn(db, lambda c: _existing(c, room_id, author_id, client_msg_id))
+        if found is None:
+            raise
+        return found
+    return Posted(event, payload, True)
+
+
+class _Duplicate(Exception):
+    pass
+
+
+async def _with_conn(db: asyncpg.Pool | asyncpg.Connection, fn):  # type: ignore[no-untyped-def]
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn:
+            return await fn(conn)
+    return await fn(db)
+
+
+async def edit_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room_id: str, message_id: int,
+                       user_id: int, text: str) -> MessageEdited:
+    """The author changes their message; publishes `message.edited` (its own seq) after commit."""
+    async with sequenced(db, redis) as box:
+        conn = box.conn
+        msg = await conn.fetchrow(
+            "SELECT author_id, deleted_at FROM messages WHERE id = $1 AND room_id = $2 FOR UPDATE",
+            message_id, room_id)
+        if msg is None or msg["deleted_at"] is not None:
+            raise Refused("not_found", f"message {message_id} not found in this room")
+        if msg["author_id"] != user_id:
+            raise Refused("forbidden", "only the author can edit a message")
+        if await _muted(conn, room_id, user_id):
+            raise Refused("muted", "you are muted in this room")
+        edited_at = await conn.fetchval(
+            "UPDATE messages SET body = $2, edited_at = now() WHERE id = $1 RETURNING edited_at", message_id, text)
+        event = await box.append(
+            room_id, lambda seq: MessageEdited(id=message_id, seq=seq, room=room_id, text=text, edited_at=edited_at),
+            message_id=message_id)
+    return event  # type: ignore[return-value]
+
+
+async def delete_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room_id: str, message_id: int,
+                         user_id: int, moderator: bool) -> MessageDeleted:
+    """Delete (authors: their own; moderators: any). The text is erased, also from the stored events that
+    carried it, so a client resuming from before sees the message as deleted, never its text."""
+    async with sequenced(db, redis) as box:
+        conn = box.conn
+        msg = await conn.fetchrow(
+            "SELECT author_id, deleted_at FROM messages WHERE id = $1 AND room_id = $2 FOR UPDATE",
+            message_id, room_id)
+        if msg is None or msg["deleted_at"] is not None:
+            raise Refused("not_found", f"message {message_id} not found in this room")
+        if not moderator and msg["author_id"] != user_id:
+            raise Refused("forbidden", "only the author or a moderator can delete a message")
+        await conn.execute("UPDATE messages SET body = '', deleted_at = now() WHERE id = $1", message_id)
+        for ev in await conn.fetch(
+                "SELECT seq, type, payload FROM room_events WHERE message_id = $1 AND room_id = $2 "
+                "AND type IN ('message.new', 'message.edited')", message_id, room_id):
+            raw = ev["payload"].encode()
+            if ev["type"] == "message.new":
+                redacted = msgspec.structs.replace(_new_decoder.decode(raw), text="", deleted=True)
+            else:
+                redacted = msgspec.structs.replace(_edited_decoder.decode(raw), text="")
+            await conn.execute("UPDATE room_events SET payload = $3 WHERE room_id = $1 AND seq = $2",
+                               room_id, ev["seq"], encode(redacted).decode())
+        event = await box.append(
+            room_id, lambda seq: MessageDeleted(id=message_id, seq=seq, room=room_id, deleted_by=user_id),
+            message_id=message_id)
+    return event  # type: ignore[return-value]
+
+
+async def history(conn: asyncpg.Connection, room_id: str, *, after: int | None, before: int | None,
+                  limit: int) -> tuple[list[asyncpg.Record], bool]:
+    """A page of live (not deleted) messages in seq order, and whether more exist in the paging direction.
+
+    With `after`: the first `limit` messages after that seq. Otherwise: the last `limit` before `before`
+    (or the newest)."""
+    if after is not None:
+        rows = await conn.fetch(
+            f"""{_HISTORY} AND m.seq > $2 AND ($3::bigint IS NULL OR m.seq < $3) ORDER BY m.seq LIMIT $4""",
+            room_id, after, before, limit + 1)
+        return list(rows[:limit]), len(rows) > limit
+    rows = await conn.fetch(
+        f"""{_HISTORY} AND ($2::bigint IS NULL OR m.seq < $2) ORDER BY m.seq DESC LIMIT $3""",
+        room_id, before, limit + 1)
+    return list(reversed(rows[:limit])), len(rows) > limit
+
+
+_HISTORY = """SELECT m.id, m.seq, m.author_id, coalesce(u.name, m.author_name) AS author_name,
+                     coalesce(u.role, m.author_role) AS author_role, m.body, m.client_msg_id, m.meta,
+                     m.created_at, m.edited_at
+              FROM messages m LEFT JOIN users u ON u.id = m.author_id
+              WHERE m.room_id = $1 AND m.deleted_at IS NULL"""

@@ -1,0 +1,50 @@
+"""Room moderation: mutes (no posting until a time) and kicks (sockets closed now, kept out until a time)."""
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+from redis.asyncio import Redis
+
+from store.events import Kick, publish, room_topic
+
+
+async def mute(conn: asyncpg.Connection, room_id: str, user_id: int, seconds: int, by: int) -> datetime:
+    """Mute `user_id` in the room for `seconds` from now (replacing any earlier mute); returns the end."""
+    return await conn.fetchval(
+        """INSERT INTO room_mutes (room_id, user_id, until, created_by)
+           VALUES ($1, $2, now() + make_interval(secs => $3), $4)
+           ON CONFLICT (room_id, user_id) DO UPDATE SET until = EXCLUDED.until, created_by = EXCLUDED.created_by,
+                                                     created_at = now()
+           RETURNING until""", room_id, user_id, float(seconds), by)
+
+
+async def unmute(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
+    row = await conn.fetchrow(
+        "DELETE FROM room_mutes WHERE room_id = $1 AND user_id = $2 AND until > now() RETURNING user_id",
+        room_id, user_id)
+    return row is not None
+
+
+async def list_mutes(conn: asyncpg.Connection, room_id: str) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT m.user_id, u.name, m.until, m.created_by FROM room_mutes m JOIN users u ON u.id = m.user_id
+           WHERE m.room_id = $1 AND m.until > now() ORDER BY m.until""", room_id)
+
+
+async def kick(conn: asyncpg.Connection, redis: Redis, room_id: str, user_id: int, seconds: int, by: int) -> None:
+    """Close the user's sockets in the room on every server process; with `seconds` > 0 they cannot rejoin
+    until then. Not inside a caller's transaction: the kick is published once recorded."""
+    if seconds > 0:
+        await conn.execute(
+            """INSERT INTO room_kicks (room_id, user_id, until, created_by)
+               VALUES ($1, $2, now() + make_interval(secs => $3), $4)
+               ON CONFLICT (room_id, user_id) DO UPDATE SET until = EXCLUDED.until, created_by = EXCLUDED.created_by,
+                                                         created_at = now()""",
+            room_id, user_id, float(seconds), by)
+    await publish(redis, room_topic(room_id), Kick(room=room_id, user_id=user_id))
+
+
+async def kicked_until(conn: asyncpg.Connection, room_id: str, user_id: int) -> datetime | None:
+    return await conn.fetchval(
+        "SELECT until FROM room_kicks WHERE room_id = $1 AND user_id = $2 AND until > now()", room_id, user_id)

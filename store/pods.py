@@ -1,0 +1,65 @@
+"""Pods: small groups inside a course with their own room (`pod:<id>`). Members must be enrolled."""
+from __future__ import annotations
+
+import asyncpg
+
+_COLS = "p.id, p.course_id, p.name, p.created_by, p.created_at"
+
+
+async def create_pod(conn: asyncpg.Connection, course_id: int, name: str, by: int) -> asyncpg.Record:
+    return await conn.fetchrow(
+        f"INSERT INTO pods AS p (course_id, name, created_by) VALUES ($1, $2, $3) RETURNING {_COLS}",
+        course_id, name, by)
+
+
+async def pod_in_tenant(conn: asyncpg.Connection, pod_id: int, tenant_id: int) -> asyncpg.Record | None:
+    """The pod if its course belongs to the tenant (else None: other tenants learn nothing)."""
+    return await conn.fetchrow(
+        f"SELECT {_COLS} FROM pods p JOIN courses c ON c.id = p.course_id WHERE p.id = $1 AND c.tenant_id = $2",
+        pod_id, tenant_id)
+
+
+async def list_course_pods(conn: asyncpg.Connection, course_id: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        f"""SELECT {_COLS}, (SELECT count(*) FROM pod_members m WHERE m.pod_id = p.id) AS members
+            FROM pods p WHERE p.course_id = $1 ORDER BY p.id""", course_id)
+
+
+async def delete_pod(conn: asyncpg.Connection, pod_id: int) -> None:
+    async with conn.transaction():
+        await conn.execute("DELETE FROM rooms WHERE id = $1", f"pod:{pod_id}")
+        await conn.execute("DELETE FROM pods WHERE id = $1", pod_id)
+
+
+async def add_member(conn: asyncpg.Connection, pod_id: int, user_id: int) -> bool:
+    """Add a member; False when already a member."""
+    row = await conn.fetchrow(
+        "INSERT INTO pod_members (pod_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING user_id",
+        pod_id, user_id)
+    return row is not None
+
+
+async def remove_member(conn: asyncpg.Connection, pod_id: int, user_id: int) -> bool:
+    row = await conn.fetchrow(
+        "DELETE FROM pod_members WHERE pod_id = $1 AND user_id = $2 RETURNING user_id", pod_id, user_id)
+    return row is not None
+
+
+async def is_member(conn: asyncpg.Connection, pod_id: int, user_id: int) -> bool:
+    return bool(await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pod_members WHERE pod_id = $1 AND user_id = $2)", pod_id, user_id))
+
+
+async def list_members(conn: asyncpg.Connection, pod_id: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT m.user_id, u.name, u.role, m.created_at FROM pod_members m JOIN users u ON u.id = m.user_id
+           WHERE m.pod_id = $1 ORDER BY m.created_at, m.user_id""", pod_id)
+
+
+async def pods_of_user(conn: asyncpg.Connection, user_id: int) -> list[asyncpg.Record]:
+    """The pods a user belongs to (in courses they are still enrolled in)."""
+    return await conn.fetch(
+        f"""SELECT {_COLS}, c.title AS course_title FROM pod_members m JOIN pods p ON p.id = m.pod_id
+            JOIN courses c ON c.id = p.course_id
+            JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = m.user_id
+            WHERE m.user_id = $1 ORDER BY p.id""", user_id)

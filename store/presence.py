@@ -1,0 +1,176 @@
+"""Who is online in each room, across server processes (Redis; rebuilt by heartbeats if lost).
+
+Per room, a ZSET of users scored by the expiry of their freshest process, and per (room, user) a ZSET of the
+processes holding their connections. Each process heartbeats its (room, user) pairs every TTL/3; a process
+that dies stops heartbeating and its entries expire; whichever survivor sweeps the room first removes the
+user (atomically, so `left` is announced once). Times come from Redis (TIME), so clocks need not agree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from store.events import UserRef
+from store.keys import PROCS, presence_room, presence_user
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: room, user key. ARGV: member, proc, ttl_ms. -> {joined (0/1), online count}
+_JOIN = _NOW + """
+local ttl = tonumber(ARGV[3])
+local exp = now + ttl
+local prev = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], exp, ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ttl * 2)
+redis.call('ZADD', KEYS[1], 'GT', exp, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+local joined = 0
+if (not prev) or tonumber(prev) < now then joined = 1 end
+return {joined, redis.call('ZCOUNT', KEYS[1], now, '+inf')}
+"""
+
+# KEYS: room, user key. ARGV: member, proc. -> {left (0/1), online count}
+_LEAVE = _NOW + """
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local top = redis.call('ZREVRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+local left = 0
+if #top == 0 then
+  left = redis.call('ZREM', KEYS[1], ARGV[1])
+else
+  redis.call('ZADD', KEYS[1], top[2], ARGV[1])
+end
+return {left, redis.call('ZCOUNT', KEYS[1], now, '+inf')}
+"""
+
+# KEYS: room. ARGV: user key prefix. -> {members that left, online count}
+_SWEEP = _NOW + """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 200)
+local left = {}
+for _, m in ipairs(expired) do
+  local ukey = ARGV[1] .. string.match(m, '^(%d+)|')
+  redis.call('ZREMRANGEBYSCORE', ukey, '-inf', now)
+  local top = redis.call('ZREVRANGE', ukey, 0, 0, 'WITHSCORES')
+  if #top == 0 then
+    redis.call('ZREM', KEYS[1], m)
+    table.insert(left, m)
+  else
+    redis.call('ZADD', KEYS[1], top[2], m)
+  end
+end
+return {left, redis.call('ZCOUNT', KEYS[1], now, '+inf')}
+"""
+
+# KEYS: procs. ARGV: proc, ttl_ms, then (room key, user key, member) triples.
+# -> indexes (0-based, per triple) of users that had expired and are back
+_HEARTBEAT = _NOW + """
+local ttl = tonumber(ARGV[2])
+local exp = now + ttl
+local back = {}
+redis.call('ZADD', KEYS[1], exp, ARGV[1])
+for i = 3, #ARGV, 3 do
+  local rk, uk, m = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  redis.call('ZADD', uk, exp, ARGV[1])
+  redis.call('PEXPIRE', uk, ttl * 2)
+  local prev = redis.call('ZSCORE', rk, m)
+  redis.call('ZADD', rk, 'GT', exp, m)
+  redis.call('PEXPIRE', rk, ttl * 2)
+  if (not prev) or tonumber(prev) < now then table.insert(back, (i - 3) / 3) end
+end
+return back
+"""
+
+# KEYS: room. ARGV: limit. -> {online count, members}
+_ONLINE = _NOW + """
+return {redis.call('ZCOUNT', KEYS[1], now, '+inf'),
+        redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf', 'LIMIT', 0, tonumber(ARGV[1]))}
+"""
+
+# KEYS: procs. ARGV: proc to skip. -> flat list of dead procs and their expiry (ms), each removed once
+_DEAD = _NOW + """
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, 20)
+local out = {}
+for i = 1, #dead, 2 do
+  if dead[i] ~= ARGV[1] and redis.call('ZREM', KEYS[1], dead[i]) == 1 then
+    table.insert(out, dead[i])
+    table.insert(out, dead[i + 1])
+  end
+end
+return out
+"""
+
+
+def member(user: UserRef) -> str:
+    return f"{user.id}|{user.role}|{user.name}"
+
+
+def user_of(m: bytes | str) -> UserRef:
+    text = m.decode() if isinstance(m, bytes) else m
+    uid, role, name = text.split("|", 2)
+    return UserRef(id=int(uid), name=name, role=role)
+
+
+@dataclass(frozen=True)
+class Change:
+    changed: bool  # joined (for join) or left (for leave)
+    online_count: int
+
+
+class Presence:
+    """Presence operations for one server process (`proc`)."""
+
+    def __init__(self, redis: Redis, proc: str, ttl_s: float) -> None:
+        self.redis = redis
+        self.proc = proc
+        self.ttl_ms = max(1000, int(ttl_s * 1000))
+        self._join = redis.register_script(_JOIN)
+        self._leave = redis.register_script(_LEAVE)
+        self._sweep = redis.register_script(_SWEEP)
+        self._heartbeat = redis.register_script(_HEARTBEAT)
+        self._online = redis.register_script(_ONLINE)
+        self._dead = redis.register_script(_DEAD)
+
+    async def join(self, room: str, user: UserRef) -> Change:
+        joined, count = await self._join(keys=[presence_room(room), presence_user(room, user.id)],
+                                         args=[member(user), self.proc, self.ttl_ms])
+        return Change(bool(joined), int(count))
+
+    async def leave(self, room: str, user: UserRef) -> Change:
+        left, count = await self._leave(keys=[presence_room(room), presence_user(room, user.id)],
+                                        args=[member(user), self.proc])
+        return Change(bool(left), int(count))
+
+    async def sweep(self, room: str) -> tuple[list[UserRef], int]:
+        """Remove users whose every process stopped heartbeating; returns who left (each reported once)."""
+        left, count = await self._sweep(keys=[presence_room(room)], args=[presence_room(room) + ":u:"])
+        return [user_of(m) for m in left], int(count)
+
+    async def heartbeat(self, pairs: list[tuple[str, UserRef]]) -> list[tuple[str, UserRef]]:
+        """Refresh this process and its (room, user) pairs; returns pairs that had expired and are back."""
+        back: list[tuple[str, UserRef]] = []
+        chunk = 500
+        for start in range(0, max(len(pairs), 1), chunk):
+            part = pairs[start:start + chunk]
+            args: list[str | int] = [self.proc, self.ttl_ms]
+            for room, user in part:
+                args += [presence_room(room), presence_user(room, user.id), member(user)]
+            for i in await self._heartbeat(keys=[PROCS], args=args):
+                back.append(part[int(i)])
+        return back
+
+    async def online(self, room: str, limit: int) -> tuple[int, list[UserRef]]:
+        count, members = await self._online(keys=[presence_room(room)], args=[limit])
+        return int(count), [user_of(m) for m in members]
+
+    async def dead_procs(self) -> list[tuple[str, float]]:
+        """Server processes whose heartbeat expired, each returned to exactly one caller: (proc, expiry s)."""
+        flat = await self._dead(keys=[PROCS], args=[self.proc])
+        return [(flat[i].decode() if isinstance(flat[i], bytes) else flat[i], float(flat[i + 1]) / 1000)
+                for i in range(0, len(flat), 2)]
+
+    async def forget_proc(self) -> None:
+        await self.redis.zrem(PROCS, self.proc)

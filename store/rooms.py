@@ -1,0 +1,173 @@
+"""Rooms: ids, who may join, and the per-room sequenced event log (`room_events`).
+
+Room ids are `course:<course_id>`, `pod:<pod_id>` and `live:<session_id>`; rows are created lazily. Every
+sequenced event gets the next `rooms.last_seq` inside the transaction that stores it; the row lock makes
+commits happen in seq order, so once seq N is visible every seq below N is too (resume and gap-fill rely on
+it). Events are published only after commit, through `Outbox`.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import asyncpg
+from redis.asyncio import Redis
+
+from store.events import Event, encode, publish_raw, room_topic
+
+logger = logging.getLogger(__name__)
+
+STAFF = ("instructor", "admin")
+_ROOM = re.compile(r"^(course|pod|live):([1-9][0-9]{0,17})$")
+
+
+@dataclass(frozen=True, slots=True)
+class RoomRef:
+    kind: str
+    target_id: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}:{self.target_id}"
+
+
+def parse_room(room_id: str) -> RoomRef | None:
+    m = _ROOM.match(room_id)
+    return RoomRef(m.group(1), int(m.group(2))) if m else None
+
+
+@dataclass(frozen=True, slots=True)
+class RoomAccess:
+    """A caller's standing in a room they may join."""
+
+    room_id: str
+    kind: str
+    course_id: int
+    tenant_id: int
+    moderator: bool  # instructors and admins of the course's tenant: delete any message, mute, kick
+
+
+# Course of the room's target and its tenant, whatever the kind.
+_TARGET = {
+    "course": "SELECT c.id AS course_id, c.tenant_id FROM courses c WHERE c.id = $1",
+    "pod": "SELECT c.id AS course_id, c.tenant_id FROM pods p JOIN courses c ON c.id = p.course_id WHERE p.id = $1",
+    "live": """SELECT c.id AS course_id, c.tenant_id FROM live_sessions s JOIN courses c ON c.id = s.course_id
+               WHERE s.id = $1""",
+}
+
+
+async def room_target(conn: asyncpg.Connection, ref: RoomRef) -> asyncpg.Record | None:
+    """(course_id, tenant_id) of the room's course, or None when the pod/session/course does not exist."""
+    return await conn.fetchrow(_TARGET[ref.kind], ref.target_id)
+
+
+async def access(conn: asyncpg.Connection, room_id: str, user_id: int, tenant_id: int,
+                 role: str) -> RoomAccess | None:
+    """The caller's access to a room, or None (unknown room or not allowed: callers do not say which).
+
+    Course and live rooms: enrolled learners, and instructors, admins and bots of the course's tenant.
+    Pod rooms: members (while enrolled) and instructors and admins of the course's tenant."""
+    ref = parse_room(room_id)
+    if ref is None:
+        return None
+    target = await room_target(conn, ref)
+    if target is None or target["tenant_id"] != tenant_id:
+        return None
+    staff = role in STAFF
+    course_id = target["course_id"]
+    if ref.kind == "pod":
+        ok = staff or bool(await conn.fetchval(
+            """SELECT EXISTS (SELECT 1 FROM pod_members m JOIN enrollments e ON e.user_id = m.user_id
+                              AND e.course_id = $3 WHERE m.pod_id = $1 AND m.user_id = $2)""",
+            ref.target_id, user_id, course_id))
+    else:
+        ok = staff or role == "bot" or bool(await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM enrollments WHERE course_id = $1 AND user_id = $2)", course_id, user_id))
+    if not ok:
+        return None
+    return RoomAccess(room_id=ref.id, kind=ref.kind, course_id=course_id, tenant_id=target["tenant_id"],
+                      moderator=staff)
+
+
+async def ensure_room(conn: asyncpg.Connection, room_id: str) -> int | None:
+    """Create the room row if missing; its last_seq, or None when the room's target does not exist."""
+    seq = await conn.fetchval("SELECT last_seq FROM rooms WHERE id = $1", room_id)
+    if seq is not None:
+        return seq
+    ref = parse_room(room_id)
+    target = await room_target(conn, ref) if ref else None
+    if target is None:
+        return None
+    await conn.execute("INSERT INTO rooms (id, kind, course_id) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+                       room_id, ref.kind, target["course_id"])
+    return await conn.fetchval("SELECT last_seq FROM rooms WHERE id = $1", room_id)
+
+
+async def last_seqs(conn: asyncpg.Connection, room_ids: list[str]) -> dict[str, int]:
+    rows = await conn.fetch("SELECT id, last_seq FROM rooms WHERE id = ANY($1::text[])", room_ids)
+    return {r["id"]: r["last_seq"] for r in rows}
+
+
+async def next_seq(conn: asyncpg.Connection, room_id: str) -> int:
+    """Allocate the room's next seq; must run inside the transaction that stores the event."""
+    seq = await conn.fetchval("UPDATE rooms SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq", room_id)
+    if seq is None:
+        if await ensure_room(conn, room_id) is None:
+            raise LookupError(f"room {room_id} does not exist")
+        seq = await conn.fetchval("UPDATE rooms SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq",
+                                  room_id)
+    return seq
+
+
+async def events_after(conn: asyncpg.Connection, room_id: str, after: int, limit: int,
+                       upto: int | None = None) -> list[tuple[int, str]]:
+    """(seq, payload) of the room's events with seq > after (and <= upto), in order."""
+    rows = await conn.fetch(
+        """SELECT seq, payload FROM room_events WHERE room_id = $1 AND seq > $2 AND ($3::bigint IS NULL OR seq <= $3)
+           ORDER BY seq LIMIT $4""", room_id, after, upto, limit)
+    return [(r["seq"], r["payload"]) for r in rows]
+
+
+class Outbox:
+    """Sequenced events stored in a transaction, published once it has committed."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.pending: list[tuple[str, bytes, str]] = []
+
+    async def append(self, room_id: str, build: Callable[[int], Event], *, message_id: int | None = None) -> Event:
+        """Give the event built by `build(seq)` the room's next seq, store it, and queue it for publishing."""
+        seq = await next_seq(self.conn, room_id)
+        event = build(seq)
+        payload = encode(event)
+        await self.conn.execute(
+            "INSERT INTO room_events (room_id, seq, type, message_id, payload) VALUES ($1, $2, $3, $4, $5)",
+            room_id, seq, event.__struct_config__.tag, message_id, payload.decode())
+        self.pending.append((room_id, payload, type(event).__name__))
+        return event
+
+    def later(self, room_id: str, payload: bytes, what: str = "event") -> None:
+        """Publish an already stored (or ephemeral) payload after commit too."""
+        self.pending.append((room_id, payload, what))
+
+
+@asynccontextmanager
+async def sequenced(db: asyncpg.Pool | asyncpg.Connection, redis: Redis) -> AsyncIterator[Outbox]:
+    """A transaction whose sequenced events are published after it commits (nothing is published on error).
+
+    `db` is a pool, or a connection that is not inside a transaction: publishing must follow the commit."""
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn:
+            async with sequenced(conn, redis) as box:
+                yield box
+        return
+    if db.is_in_transaction():
+        raise RuntimeError("pass a pool or a connection outside a transaction: events are published after commit")
+    box = Outbox(db)
+    async with db.transaction():
+        yield box
+    for room_id, payload, what in box.pending:
+        await publish_raw(redis, room_topic(room_id), payload, what)

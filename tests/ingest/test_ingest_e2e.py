@@ -1,0 +1,223 @@
+"""Ingest through the real API, queue and worker process: timestamps, search quality, chapters, failures."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+import wave
+
+import numpy as np
+import pytest
+
+from tests.conftest import EVAL, EvalCourse, Factory, fetch, upload, wait_job
+
+# Measured 0.95 (57/60) with the offline defaults on ../shared/eval (bench/search_quality.py); the issue's
+# floor is 0.92. Losing more than one question of what we measured fails here.
+SEARCH_TOP5_FLOOR = 0.93
+MAX_CHUNK_SECONDS = 90.0
+
+
+def test_eval_transcripts_chunked_with_sane_timestamps(eval_course: EvalCourse, settings):
+    for file, video_id in eval_course.videos.items():
+        chunks = fetch(settings, "SELECT position, start_s, end_s, text FROM chunks WHERE video_id = $1 ORDER BY position",
+                       video_id)
+        segs = fetch(settings, "SELECT start_s, end_s FROM transcript_segments WHERE video_id = $1 ORDER BY idx",
+                     video_id)
+        video = fetch(settings, "SELECT duration_s, chunk_count, status, embed_model FROM videos WHERE id = $1",
+                      video_id)[0]
+        assert video["status"] == "ready" and video["chunk_count"] == len(chunks) > 0, file
+        assert [c["position"] for c in chunks] == list(range(len(chunks)))
+        starts = [c["start_s"] for c in chunks]
+        assert starts == sorted(starts), f"{file}: chunk starts not monotonic"
+        for c in chunks:
+            assert 0 <= c["start_s"] <= c["end_s"] <= video["duration_s"] + 1e-6, (file, c["position"])
+            assert c["end_s"] - c["start_s"] <= MAX_CHUNK_SECONDS, (file, c["position"], c["end_s"] - c["start_s"])
+        # chunks cover the transcript: no gap between consecutive chunks, first and last line up with the cues
+        assert abs(chunks[0]["start_s"] - segs[0]["start_s"]) < 1.0
+        assert abs(chunks[-1]["end_s"] - segs[-1]["end_s"]) < 1.0
+        spans = [(c["start_s"], c["end_s"]) for c in chunks]
+        for s in segs:
+            mid = (s["start_s"] + s["end_s"]) / 2
+            assert any(a - 0.5 <= mid <= b + 0.5 for a, b in spans), f"{file}: cue at {s['start_s']} in no chunk"
+
+
+def _overlaps(hit: dict, spans: list) -> bool:
+    return any(hit["start"] <= b and hit["end"] >= a for a, b in spans)
+
+
+def test_search_finds_gold_spans(eval_course: EvalCourse, client):
+    spec = json.loads((EVAL / "questions.json").read_text())
+    hits_at_5, total, misses = 0, 0, []
+    for q in spec["questions"]:
+        r = client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": q["question"], "k": 5},
+                       headers=eval_course.learner.h)
+        assert r.status_code == 200, r.text
+        vid = eval_course.videos[q["file"]]
+        ok = any(h["video_id"] == vid and _overlaps(h, q["spans"]) for h in r.json()["hits"])
+        hits_at_5 += ok
+        total += 1
+        if not ok:
+            misses.append(q["id"])
+    rate = hits_at_5 / total
+    print(f"search top-5 hit rate {rate:.3f} ({hits_at_5}/{total}); misses: {misses}")
+    assert rate >= SEARCH_TOP5_FLOOR, misses
+
+
+def test_search_scoping_and_access(eval_course: EvalCourse, client, make: Factory):
+    vid = eval_course.videos["3b1b-bitcoin.srt"]
+    r = client.get(f"/api/v1/courses/{eval_course.id}/search",
+                   params={"q": "digital signatures", "k": 3, "video_id": vid}, headers=eval_course.learner.h)
+    assert r.status_code == 200 and r.json()["hits"]
+    assert {h["video_id"] for h in r.json()["hits"]} == {vid}
+    stranger = make.user("learner")
+    assert client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": "x"},
+                      headers=stranger.h).status_code == 404
+    bad = client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": "", "k": 3}, headers=eval_course.learner.h)
+    assert bad.status_code == 400
+    assert client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": "x", "k": 500},
+                      headers=eval_course.learner.h).status_code == 400
+
+
+def test_chapters_tile_each_video(eval_course: EvalCourse, client):
+    for file, vid in eval_course.videos.items():
+        r = client.get(f"/api/v1/courses/{eval_course.id}/videos/{vid}/chapters", headers=eval_course.learner.h)
+        assert r.status_code == 200
+        chapters = r.json()
+        assert chapters, file
+        assert [c["index"] for c in chapters] == list(range(len(chapters)))
+        for a, b in zip(chapters, chapters[1:]):
+            assert a["end"] == pytest.approx(b["start"]) and a["start"] < b["start"]
+        assert all(c["title"] and c["summary"] for c in chapters)
+    # a long lecture gets more than one chapter
+    long_vid = eval_course.videos["yale-psychology-happiness.vtt"]
+    chapters = client.get(f"/api/v1/courses/{eval_course.id}/videos/{long_vid}/chapters",
+                          headers=eval_course.learner.h).json()
+    assert len(chapters) >= 3
+
+
+def test_video_listing_and_transcript(eval_course: EvalCourse, client):
+    videos = client.get(f"/api/v1/courses/{eval_course.id}/videos", headers=eval_course.learner.h).json()
+    assert {v["id"] for v in videos} == set(eval_course.videos.values())
+    assert all(v["status"] == "ready" and v["embed_model"] for v in videos)
+    vid = eval_course.videos["mit-18.06-linear-algebra-lec1.vtt"]
+    segs = client.get(f"/api/v1/courses/{eval_course.id}/videos/{vid}/transcript", headers=eval_course.learner.h).json()
+    assert segs[0]["text"].startswith("Hi") and segs[0]["start"] == pytest.approx(8.711, abs=0.01)
+
+
+def _course(client, make: Factory):
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Uploads"}, headers=inst.h).json()["id"]
+    return inst, cid
+
+
+def _wav(seconds: float = 1.0) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        t = np.arange(int(16000 * seconds)) / 16000
+        w.writeframes((np.sin(2 * math.pi * 440 * t) * 3000).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name,data,status", [
+    ("empty.srt", b"", 400),
+    ("image.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 200, 415),
+    ("notes.txt", b"just some notes, not a transcript at all", 415),
+    ("broken.srt", b"1\n00:00:01,000 --> 00:00:02,000\nhello\n\n2\n00:00:03,000 --> 00:00:zz,000\nworld\n\n"
+                   b"3\n00:00:05,000 --> 00:00:06,000\nagain\n\n", 400),
+    ("truncated.wav", _wav(2.0)[:60], 400),
+    ("fake.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64, 400),
+])
+def test_bad_uploads_store_nothing(client, make: Factory, settings, name, data, status):
+    inst, cid = _course(client, make)
+    r = upload(client, cid, inst.h, name, data)
+    assert r.status_code == status, r.text
+    assert r.json()["message"]
+    assert fetch(settings, "SELECT count(*) AS n FROM videos WHERE course_id = $1", cid)[0]["n"] == 0
+    assert not list((settings.data_dir / "uploads" / str(cid)).glob("*")) if (settings.data_dir / "uploads" / str(cid)).exists() else True
+
+
+def test_oversize_upload_413(client, make: Factory, settings):
+    inst, cid = _course(client, make)
+    r = upload(client, cid, inst.h, "huge.srt", b"1\n00:00:01,000 --> 00:00:02,000\nhi\n\n" * 700_000)
+    assert r.status_code == 413
+    assert fetch(settings, "SELECT count(*) AS n FROM videos WHERE course_id = $1", cid)[0]["n"] == 0
+
+
+def test_bad_video_json(client, make: Factory):
+    inst, cid = _course(client, make)
+    for body, field in (({"title": "x", "youtube": "https://vimeo.com/123"}, "youtube"),
+                        ({"title": "x"}, "youtube"), ({"youtube": "dQw4w9WgXcQ"}, "title")):
+        r = client.post(f"/api/v1/courses/{cid}/videos", json=body, headers=inst.h)
+        assert r.status_code == 400 and r.json()["field"] == field, r.text
+    learner = make.user("learner")
+    assert client.post(f"/api/v1/courses/{cid}/videos", json={"title": "x", "youtube": "dQw4w9WgXcQ"},
+                       headers=learner.h).status_code == 403
+
+
+def test_unreachable_youtube_fails_with_reason_and_can_be_retried(client, make: Factory, worker):
+    # No network here: every attempt is a transient network error; after the last attempt the job fails
+    # saying why, and an instructor can retry it.
+    inst, cid = _course(client, make)
+    r = client.post(f"/api/v1/courses/{cid}/videos", json={"title": "Rick", "youtube": "https://youtu.be/dQw4w9WgXcQ"},
+                    headers=inst.h)
+    assert r.status_code == 202
+    job = wait_job(client, r.json()["job_id"], inst.h, timeout=120)
+    assert job["state"] == "failed" and job["attempts"] == job["max_attempts"]
+    assert "gave up" in job["error"]
+    video = client.get(f"/api/v1/courses/{cid}/videos/{r.json()['video_id']}", headers=inst.h).json()
+    assert video["status"] == "failed" and video["error"]
+    retried = client.post(f"/api/v1/jobs/{job['id']}/retry", headers=inst.h)
+    assert retried.status_code == 202 and retried.json()["state"] == "queued"
+    assert client.post(f"/api/v1/jobs/{job['id']}/retry", headers=inst.h).status_code == 409
+    assert wait_job(client, job["id"], inst.h, timeout=120)["state"] == "failed"
+
+
+def test_worker_killed_mid_job_completes_once(client, make: Factory, worker, settings):
+    inst, cid = _course(client, make)
+    corpus = sorted((EVAL / "corpus").glob("*.vtt"))
+    # several long lectures in one file's worth of work: the biggest transcript of the corpus
+    big = max(corpus, key=lambda p: p.stat().st_size)
+    r = upload(client, cid, inst.h, big.name, big.read_bytes())
+    assert r.status_code == 202, r.text
+    job_id, video_id = r.json()["job_id"], r.json()["video_id"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = client.get(f"/api/v1/jobs/{job_id}", headers=inst.h).json()["state"]
+        if state in ("chunking", "embedding", "chaptering", "done"):
+            break
+        time.sleep(0.02)
+    worker.kill()
+    before = client.get(f"/api/v1/jobs/{job_id}", headers=inst.h).json()
+    worker.start()
+    job = wait_job(client, job_id, inst.h, timeout=120)
+    assert job["state"] == "done", job
+    if before["state"] != "done":
+        assert job["attempts"] >= 2
+    rows = fetch(settings, "SELECT position FROM chunks WHERE video_id = $1 ORDER BY position", video_id)
+    n = fetch(settings, "SELECT chunk_count FROM videos WHERE id = $1", video_id)[0]["chunk_count"]
+    assert [r["position"] for r in rows] == list(range(n)) and n > 0
+
+
+def test_reingest_replaces_chunks_atomically(client, make: Factory, worker, settings):
+    inst, cid = _course(client, make)
+    data = (EVAL / "transcripts" / "yale-evolution-natural-selection.vtt").read_bytes()
+    r = upload(client, cid, inst.h, "evo.vtt", data)
+    vid = r.json()["video_id"]
+    assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
+    n = fetch(settings, "SELECT count(*) AS n FROM chunks WHERE video_id = $1", vid)[0]["n"]
+    ids_before = {r["id"] for r in fetch(settings, "SELECT id FROM chunks WHERE video_id = $1", vid)}
+    r2 = client.post(f"/api/v1/courses/{cid}/videos/{vid}/reingest", headers=inst.h)
+    assert r2.status_code == 202
+    seen_counts = set()
+    while client.get(f"/api/v1/jobs/{r2.json()['job_id']}", headers=inst.h).json()["state"] not in ("done", "failed"):
+        rows = fetch(settings, "SELECT id FROM chunks WHERE video_id = $1", vid)
+        ids = {r["id"] for r in rows}
+        seen_counts.add(len(ids))
+        assert ids == ids_before or not (ids & ids_before), "a reader saw old and new chunks mixed"
+    assert seen_counts <= {n}
+    after = {r["id"] for r in fetch(settings, "SELECT id FROM chunks WHERE video_id = $1", vid)}
+    assert len(after) == n and not (after & ids_before)
