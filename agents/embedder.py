@@ -61,6 +61,13 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
+def _text_list(texts: list[str]) -> list[str]:
+    # A bare string is a sequence too; embedding it character by character is never what was meant.
+    if isinstance(texts, str):
+        raise TypeError("embed() takes a list of texts; use embed_query() for one text")
+    return list(texts)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -128,7 +135,7 @@ class LocalMiniLM:
 
     def batches(self, texts: list[str]) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Tokenise, sort by length and pad per batch: [(original indices, session feeds)]."""
-        encodings = self.tokenizer.encode_batch(list(texts))
+        encodings = self.tokenizer.encode_batch(_text_list(texts))
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
         # Longest first, so similar lengths share a batch and padding stays small.
         order = np.argsort(-lengths, kind="stable")
@@ -150,6 +157,7 @@ class LocalMiniLM:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Embed texts (each truncated to 256 word-pieces); rows are unit vectors in input order."""
+        texts = _text_list(texts)
         result = np.empty((len(texts), self.dim), dtype=np.float32)
         for idx, feeds in self.batches(texts):
             hidden = self.session.run(None, feeds)[0]
@@ -201,7 +209,7 @@ class OpenAIEmbedder:
         # `dim` asks the API for shortened vectors (text-embedding-3 and later) and is part of the name:
         # a 512-wide vector of a model is not comparable with its full-width one.
         self._request_dim = dim
-        self.name = f"openai:{model}" + (f"@{dim}" if dim else "")
+        self.name = f"openai:{model}" + (f"@{dim}" if dim and dim != OPENAI_DIMS.get(model) else "")
         self._dim = dim or OPENAI_DIMS.get(model)
         kwargs: dict[str, Any] = dict(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
         self._client = openai.OpenAI(**kwargs)
@@ -225,14 +233,15 @@ class OpenAIEmbedder:
         rows = sorted(response.data, key=lambda d: d.index)
         if len(rows) != len(batch):
             raise EmbedderError(f"{self.name}: sent {len(batch)} inputs, got {len(rows)} embeddings")
+        widths = {len(r.embedding) for r in rows}
+        if len(widths) != 1 or (self._dim is not None and widths != {self._dim}):
+            raise EmbedderError(f"{self.name}: expected {self._dim or 'equal'}-width vectors, got widths {widths}")
         vecs = np.asarray([r.embedding for r in rows], dtype=np.float32)
-        if self._dim is None:
-            self._dim = vecs.shape[1]
-        if vecs.ndim != 2 or vecs.shape[1] != self._dim:
-            raise EmbedderError(f"{self.name}: expected {self._dim}-dimensional vectors, got shape {vecs.shape}")
+        self._dim = vecs.shape[1]
         return _normalise(vecs)
 
     def _chunks(self, texts: list[str]) -> list[list[str]]:
+        texts = _text_list(texts)
         return [list(texts[i : i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
 
     def embed(self, texts: list[str]) -> np.ndarray:

@@ -73,6 +73,17 @@ def bare(model: WhisperModel, path: Path, beam_size: int) -> str:
     return " ".join(segment.text for segment in segments)
 
 
+def _busy_cpu_s() -> float | None:
+    """CPU seconds every process on the machine has used (Linux), for spotting other load."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_timed(fn) -> tuple[float, float]:
     """Wall and process CPU seconds (all threads) of one call."""
     wall, cpu = time.perf_counter(), time.process_time()
@@ -80,10 +91,21 @@ def cpu_timed(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def load_note(threads: int) -> str:
-    load = os.getloadavg()[0]
-    busy = "  <- other work is running: wall figures are pessimistic" if load > threads + 0.5 else ""
-    return f"load average {load:.1f} on {os.cpu_count()} cores{busy}"
+class Contention:
+    """How much of the machine other processes used while the block ran."""
+
+    def __enter__(self) -> Contention:
+        self.wall, self.own, self.busy = time.perf_counter(), time.process_time(), _busy_cpu_s()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy = _busy_cpu_s()
+        if busy is None or self.busy is None:
+            return
+        others = max(0.0, busy - self.busy - (time.process_time() - self.own))
+        share = others / ((time.perf_counter() - self.wall) * (os.cpu_count() or 1))
+        note = "  <- wall figures are pessimistic" if share > 0.05 else ""
+        print(f"other processes used {share:.0%} of the {os.cpu_count()} cores meanwhile{note}")
 
 
 def compare(path: Path, seconds: float, beam_size: int, threads: int, rounds: int) -> None:
@@ -95,11 +117,11 @@ def compare(path: Path, seconds: float, beam_size: int, threads: int, rounds: in
     bare(plain, path, beam_size)  # warm both up (allocators, VAD session, caches)
     ours.transcribe(path)
     print(f"audio {seconds:.1f} s, beam {beam_size}, {threads} threads, int8, VAD, word timestamps")
-    print(load_note(threads))
     runs: dict[str, list[tuple[float, float]]] = {"ours": [], "bare": []}
-    for _ in range(rounds):  # alternate, so drifting machine load hits both alike
-        runs["ours"].append(cpu_timed(lambda: ours.transcribe(path)))
-        runs["bare"].append(cpu_timed(lambda: bare(plain, path, beam_size)))
+    with Contention():
+        for _ in range(rounds):  # alternate, so drifting machine load hits both alike
+            runs["ours"].append(cpu_timed(lambda: ours.transcribe(path)))
+            runs["bare"].append(cpu_timed(lambda: bare(plain, path, beam_size)))
     rtf = {}
     for name, timings in runs.items():
         rtf[name] = seconds / statistics.median(wall for wall, _ in timings)
@@ -107,7 +129,6 @@ def compare(path: Path, seconds: float, beam_size: int, threads: int, rounds: in
         each = ", ".join(f"{seconds / wall:.1f}" for wall, _ in timings)
         print(f"{name}  {rtf[name]:6.1f}x realtime  (runs: {each}; {cpu / seconds:.3f} CPU s per audio s)")
     print(f"ours/bare {rtf['ours'] / rtf['bare']:.2f}")
-    print(load_note(threads))
 
 
 def sweep(path: Path, seconds: float, threads: int, rounds: int) -> None:
@@ -118,12 +139,12 @@ def sweep(path: Path, seconds: float, threads: int, rounds: int) -> None:
     bare(model, path, 1)
     for beam_size in (1, 2, 3, 5):
         texts: list[str] = []
-        timings = [cpu_timed(lambda: texts.append(bare(model, path, beam_size))) for _ in range(rounds)]
+        with Contention():
+            timings = [cpu_timed(lambda: texts.append(bare(model, path, beam_size))) for _ in range(rounds)]
         rtf = seconds / statistics.median(wall for wall, _ in timings)
         cpu = statistics.median(cpu for _, cpu in timings)
         print(f"beam {beam_size}: {rtf:6.1f}x realtime, {cpu / seconds:.3f} CPU s per audio s, "
               f"missed words {missed_words(LECTURE, texts[0]):.1%}")
-    print(load_note(threads))
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ import logging
 import math
 import re
 from bisect import bisect_right
-from itertools import accumulate
 from dataclasses import dataclass
+from itertools import accumulate
 
 from ingest.cues import Cue
 
@@ -122,7 +122,7 @@ class _Timeline:
             all(texts)
             and all(s < e for s, e in zip(starts, ends))
             and all(e <= s for e, s in zip(ends, starts[1:]))
-            and not any(c in joined for c in ("\n", "\t", "  "))
+            and not any(ws in joined for ws in ("\n", "\t", "  "))
             and not any(t[0] == " " or t[-1] == " " for t in texts)
         )
         if not tidy:  # unsorted, overlapping or messy cues (parse_transcript never gives these)
@@ -242,7 +242,8 @@ def chunk_sentences(
     min_tokens = target_tokens // 3
     units: list[tuple[Sentence, int]] = []
     for s in sentences:
-        tokens = estimate_tokens(s.text)
+        # Counting spaces is cheaper than estimate_tokens() and never smaller.
+        tokens = 0 if not s.text or s.text.isspace() else math.ceil((s.text.count(" ") + 1) * TOKENS_PER_WORD)
         if tokens > max_tokens or s.end - s.start > max_seconds:
             pieces = split_sentence(s, max_seconds=max_seconds, max_tokens=max_tokens)
             units.extend((p, estimate_tokens(p.text)) for p in pieces)
@@ -252,9 +253,10 @@ def chunk_sentences(
     chunks: list[Chunk] = []
     cur: list[tuple[Sentence, int]] = []
     carried = 0  # how many of `cur` repeat the end of the previous chunk
+    total = 0  # tokens in `cur`
 
     def emit(keep_overlap: bool) -> None:
-        nonlocal cur, carried
+        nonlocal cur, carried, total
         if len(cur) > carried:
             ss = [s for s, _ in cur]
             chunks.append(Chunk(len(chunks), ss[0].start, ss[-1].end, " ".join(s.text for s in ss), ss))
@@ -263,23 +265,25 @@ def chunk_sentences(
         else:
             cur = []
         carried = len(cur)
+        total = sum(t for _, t in cur)
 
     for s, tokens in units:
         if cur and s.start - cur[-1][0].end > silence_seconds:
-            fresh = sum(t for _, t in cur[carried:])
+            fresh = total - sum(t for _, t in cur[:carried])
             if fresh >= min_tokens:
                 emit(keep_overlap=False)
             elif not fresh:
-                cur, carried = [], 0  # no overlap across a long silence
+                cur, carried, total = [], 0, 0  # no overlap across a long silence
         # Drop carried sentences, then close the chunk, until the new sentence fits.
-        while cur and (sum(t for _, t in cur) + tokens > max_tokens or s.end - cur[0][0].start > max_seconds):
+        while cur and (total + tokens > max_tokens or s.end - cur[0][0].start > max_seconds):
             if carried:
-                cur.pop(0)
+                total -= cur.pop(0)[1]
                 carried -= 1
             else:
                 emit(keep_overlap=True)
         cur.append((s, tokens))
-        if sum(t for _, t in cur) >= target_tokens:
+        total += tokens
+        if total >= target_tokens:
             emit(keep_overlap=True)
 
     if len(cur) > carried:

@@ -96,7 +96,15 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
         if video is None:
             raise PermanentIngestError("the video was deleted")
         await videos_repo.set_status(conn, video["id"], "processing")
-    src = await fetch_cues(video, settings, reporter)
+    if job["kind"] == "reembed":
+        # a new embedding model: re-chunk and re-embed the stored transcript, no refetch or transcription
+        await reporter.stage("fetching")
+        async with pool.acquire() as conn:
+            segs = await videos_repo.list_segments(conn, video["id"])
+        src = SourceResult([Cue(r["start_s"], r["end_s"], r["text"]) for r in segs], duration_s=video["duration_s"],
+                           language=video["language"], captions_generated=video["captions_generated"])
+    else:
+        src = await fetch_cues(video, settings, reporter)
     if not src.cues:
         raise PermanentIngestError("the transcript has no speech or text")
     await reporter.stage("chunking")

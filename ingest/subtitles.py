@@ -176,12 +176,14 @@ def parse_blocks(text: str, *, vtt: bool) -> list[RawCue]:
             if m is not None:
                 first, last = m.groups()
                 start, end = seen.get(first), seen.get(last)
-                if start is None or end is None:
-                    try:
-                        start, end = _timing(m.group(), seen)
-                    except _BadTiming:
-                        reader.add(reader.timing(m.group(), here + m.start()), b[m.end() + 1 :])
-                        continue
+                try:
+                    if start is None:
+                        start = _seconds(first, seen)
+                    if end is None:
+                        end = _seconds(last, seen, start)
+                except _BadTiming:
+                    reader.add(reader.timing(m.group(), here + m.start()), b[m.end() + 1 :])
+                    continue
                 cues.append(RawCue(start, end, b[m.end() + 1 :]))
                 continue
         reader.block(b, here)

@@ -98,6 +98,7 @@ def is_plain(text: str) -> bool:
         and "\n-" not in text
         and "\n " not in text
         and not _SPECIAL.search(text)
+        and _HAS_WORD.search(text) is not None
     )
 
 
@@ -123,7 +124,7 @@ def clean_line(line: str) -> str:
 
 
 def join_lines(lines: list[str]) -> str:
-    """Cleaned lines of one cue as one line; drops sound tags broken across lines ("[SOUND\nOFF]")."""
+    """Cleaned lines of one cue as one line, minus sound tags broken across lines ("[SOUND" / "OFF]")."""
     text = " ".join(lines)
     if ("[" in text or "(" in text) and len(lines) > 1:
         text = _SPACES.sub(" ", _drop_sound_tags(text)).strip()

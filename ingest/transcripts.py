@@ -195,7 +195,23 @@ def normalize_cues(cues: list[Cue]) -> list[Cue]:
 
 
 def _normalize(cues: list[Cue]) -> list[Cue]:
-    cues.sort(key=lambda c: c.start)  # stable: same-start cues keep file order
+    starts = [c.start for c in cues]
+    if any(a >= b for a, b in zip(starts, starts[1:])):
+        cues = _merge_same_start(sorted(cues, key=lambda c: c.start))  # stable: file order kept
+        starts = [c.start for c in cues]
+    nexts = starts[1:] + [math.inf]
+    # Only cues with a missing, backwards or overlapping end need fixing (nan fails every test).
+    for c, nxt in zip(cues, nexts):
+        if not c.start < c.end <= nxt:
+            if not c.end > c.start:
+                # Players show an open-ended cue until the next one; the last one gets reading time.
+                guess = min(max(len(c.text.split()) * _SECONDS_PER_WORD, _MIN_DERIVED), _MAX_DERIVED)
+                c.end = c.start + _MAX_DERIVED if nxt < math.inf else round(c.start + guess, 3)
+            c.end = min(c.end, nxt)  # overlapping cues: the earlier one yields
+    return cues
+
+
+def _merge_same_start(cues: list[Cue]) -> list[Cue]:
     merged: list[Cue] = []
     for c in cues:
         if merged and c.start <= merged[-1].start:
@@ -205,13 +221,6 @@ def _normalize(cues: list[Cue]) -> list[Cue]:
                 last.end = c.end
         else:
             merged.append(c)
-    for i, c in enumerate(merged):
-        nxt = merged[i + 1].start if i + 1 < len(merged) else math.inf
-        if math.isnan(c.end) or c.end <= c.start:
-            # Players show an open-ended cue until the next one; the last one gets reading time.
-            guess = min(max(len(c.text.split()) * _SECONDS_PER_WORD, _MIN_DERIVED), _MAX_DERIVED)
-            c.end = c.start + _MAX_DERIVED if nxt < math.inf else round(c.start + guess, 3)
-        c.end = min(c.end, nxt)  # overlapping cues: the earlier one yields
     return merged
 
 

@@ -46,5 +46,6 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         keep_result=3600,
         max_tries=1000,  # attempts are counted and capped on the job row, not by arq
         poll_delay=0.2,
+        health_check_interval=5,  # `studyhall ingest` checks this key to know a worker is alive
         handle_signals=True,
     )

@@ -115,6 +115,135 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    settings, services = _start(args)
+    try:
+        _migrate(settings)
+        return asyncio.run(_ingest(settings, args))
+    finally:
+        services.close()
+
+
+async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
+    import shutil
+    import uuid
+    from pathlib import Path
+
+    from arq import create_pool as create_arq_pool
+    from arq.connections import RedisSettings
+
+    from agents.config import embedder_for
+    from ingest.errors import IngestError
+    from ingest.jobs import ingest_job
+    from ingest.submit import inspect_file, submit_video
+    from ingest.youtube import parse_youtube_id
+    from store.db import create_pool
+
+    pool = await create_pool(settings.database_url, min_size=1, max_size=4)
+    arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+    try:
+        owner = await pool.fetchval("SELECT owner_id FROM courses WHERE id = $1", args.course_id)
+        if owner is None:
+            print(f"course {args.course_id} not found", file=sys.stderr)
+            return 2
+        if args.youtube:
+            try:
+                yt = parse_youtube_id(args.youtube)
+            except ValueError as exc:
+                print(exc, file=sys.stderr)
+                return 2
+            kw: dict = dict(title=args.title or yt, youtube_id=yt)
+        else:
+            src = Path(args.file)
+            if not src.is_file():
+                print(f"no such file: {src}", file=sys.stderr)
+                return 2
+            dest = settings.data_dir / "uploads" / str(args.course_id) / f"{uuid.uuid4().hex}.upload"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+            try:
+                source, kind = inspect_file(dest, src.name)
+            except IngestError as exc:
+                dest.unlink(missing_ok=True)
+                print(f"cannot ingest {src}: {exc.reason}", file=sys.stderr)
+                return 2
+            kw = dict(title=args.title or src.stem, file_path=dest, filename=src.name, source=source, kind=kind)
+        worker_alive = bool(await arq.exists("arq:queue:health-check"))
+        video_id, job_id = await submit_video(pool, arq if worker_alive else None, settings, args.course_id, owner, **kw)
+        print(f"video {video_id}, job {job_id}" + ("" if worker_alive else " (no worker running: ingesting here)"),
+              file=sys.stderr)
+        runner = None
+        if not worker_alive:
+            ctx = {"pool": pool, "settings": settings, "redis": arq, "job_id": f"cli-{job_id}",
+                   "embedder": lambda: embedder_for(settings)}
+            runner = asyncio.create_task(_run_inline(ingest_job, ctx, job_id))
+        job = await _progress(pool, job_id)
+        if runner is not None:
+            await runner
+        print(f"job {job_id}: {job['state']}" + (f" ({job['error']})" if job["error"] else ""), file=sys.stderr)
+        return 0 if job["state"] == "done" else 1
+    finally:
+        await arq.aclose()
+        await pool.close()
+
+
+async def _run_inline(job_fn, ctx: dict, job_id: int) -> None:  # type: ignore[no-untyped-def]
+    from arq import Retry
+
+    while True:
+        try:
+            await job_fn(ctx, job_id)
+            return
+        except Retry as retry:
+            await asyncio.sleep((retry.defer_score or 0) / 1000)
+
+
+async def _progress(pool, job_id: int):  # type: ignore[no-untyped-def]
+    """Draw a progress bar until the job is done or failed."""
+    width, shown = 30, None
+    while True:
+        job = await pool.fetchrow("SELECT state, progress, error FROM jobs WHERE id = $1", job_id)
+        line = f"[{'#' * int(job['progress'] * width):<{width}}] {job['progress'] * 100:5.1f}% {job['state']}"
+        if line != shown and sys.stderr.isatty():
+            print("\r" + line.ljust(60), end="", file=sys.stderr, flush=True)
+        elif line != shown:
+            print(line, file=sys.stderr, flush=True)
+        shown = line
+        if job["state"] in ("done", "failed"):
+            if sys.stderr.isatty():
+                print(file=sys.stderr)
+            return job
+        await asyncio.sleep(0.2)
+
+
+def cmd_reembed(args: argparse.Namespace) -> int:
+    settings, services = _start(args)
+    try:
+        _migrate(settings)
+        jobs = asyncio.run(_reembed(settings, args.course))
+        print(f"queued {len(jobs)} re-embed jobs" + (f": {jobs}" if jobs else ""))
+    finally:
+        services.close()
+    return 0
+
+
+async def _reembed(settings: Settings, course_id: int | None) -> list[int]:
+    from arq import create_pool as create_arq_pool
+    from arq.connections import RedisSettings
+
+    from agents.config import embedder_for
+    from ingest.submit import submit_reembed
+    from store.db import create_pool
+
+    pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+    arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+    try:
+        return await submit_reembed(pool, arq, settings, embedder_for(settings).name, course_id)
+    finally:
+        await arq.aclose()
+        await pool.close()
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings, services = _start(args)
     worker = None
@@ -161,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--role", required=True, choices=["learner", "instructor", "admin", "bot"])
     tok.add_argument("--tenant", default="default")
     tok.add_argument("--ttl", type=int, help="lifetime in seconds (ignored for bots: their tokens are revocable)")
+    ing = add("ingest", cmd_ingest, "add a video to a course from the shell, with a progress bar")
+    ing.add_argument("course_id", type=int)
+    src = ing.add_mutually_exclusive_group(required=True)
+    src.add_argument("--youtube", help="YouTube URL or 11-character id")
+    src.add_argument("--file", help="transcript (.srt/.vtt/.json) or media (wav/mp3/m4a/mp4/webm)")
+    ing.add_argument("--title")
+    re_ = add("reembed", cmd_reembed, "re-embed videos embedded by another model than the configured one")
+    re_.add_argument("--course", type=int, help="only this course")
     return parser
 
 

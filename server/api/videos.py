@@ -15,6 +15,7 @@ from msgspec import Meta
 
 from ingest.errors import IngestError
 from ingest.jobs import enqueue_ingest
+from ingest.submit import FileTooLarge, UnsupportedFile, inspect_file, submit_video
 from server.api.courses import course_or_404
 from server.api.schemas import Strict, Title
 from server.auth import AuthUser, staff_only
@@ -27,8 +28,6 @@ from store.search import hybrid_search
 
 logger = logging.getLogger(__name__)
 
-MAX_TRANSCRIPT_BYTES = 50 * 1024 * 1024
-ACCEPTED = "transcripts (.srt, .vtt, YouTube JSON, [text, start, end] JSON) or media (wav, mp3, m4a, mp4, webm)"
 
 
 class VideoIn(Strict):
@@ -118,34 +117,6 @@ def to_job(r: asyncpg.Record) -> Job:
                finished_at=r["finished_at"])
 
 
-def _inspect_upload(path: Path, head: bytes, size: int, filename: str | None) -> tuple[str, str]:
-    """(source, kind) of an upload, by content; raises ApiError with the reason when it is unusable."""
-    from ingest.media import probe_media, sniff_media
-    from ingest.transcripts import detect_transcript_format, parse_transcript
-
-    kind = sniff_media(head)
-    if kind is not None:
-        try:
-            probe_media(path)
-        except IngestError as exc:
-            raise ApiError(400, exc.reason, field="file") from exc
-        return "media", kind
-    fmt = detect_transcript_format(head if size > len(head) else path.read_bytes())
-    if fmt is None and size <= MAX_TRANSCRIPT_BYTES:
-        fmt = detect_transcript_format(path.read_bytes())
-    if fmt is not None:
-        if size > MAX_TRANSCRIPT_BYTES:
-            raise ApiError(413, f"transcript files are limited to {MAX_TRANSCRIPT_BYTES // (1024 * 1024)} MB")
-        try:
-            cues = parse_transcript(path.read_bytes(), filename)
-        except IngestError as exc:
-            raise ApiError(400, f"broken transcript: {exc.reason}", field="file") from exc
-        if not cues:
-            raise ApiError(400, "the transcript has no cues with text", field="file")
-        return "transcript", fmt
-    raise ApiError(415, f"unsupported or unrecognised file; accepted: {ACCEPTED}", field="file")
-
-
 async def _video_or_404(conn: asyncpg.Connection, course_id: int, video_id: int) -> asyncpg.Record:
     video = await videos_repo.get_video(conn, video_id)
     if video is None or video["course_id"] != course_id:
@@ -165,7 +136,7 @@ class VideoController(Controller):
             await course_or_404(conn, course_id, user)
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
-            video_kw = await self._receive_file(request, course_id)
+            kw = await self._receive_file(request, course_id)
         else:
             data = await read_json(request, VideoIn)
             from ingest.youtube import parse_youtube_id
@@ -174,22 +145,14 @@ class VideoController(Controller):
                 yt_id = parse_youtube_id(data.youtube)
             except ValueError as exc:
                 raise ApiError(400, str(exc), field="youtube") from exc
-            video_kw = dict(title=data.title.strip() or yt_id, source="youtube", youtube_id=yt_id)
+            kw = dict(title=data.title.strip() or yt_id, youtube_id=yt_id)
         try:
-            async with state.pool.acquire() as conn, conn.transaction():
-                title, source = video_kw.pop("title"), video_kw.pop("source")
-                video = await videos_repo.create_video(conn, course_id, title, source, **video_kw)
-                job = await jobs_repo.create_job(conn, "ingest", course_id=course_id, video_id=video["id"],
-                                                 created_by=user.id, max_attempts=state.settings.job_max_attempts)
+            video_id, job_id = await submit_video(state.pool, state.arq, state.settings, course_id, user.id, **kw)
         except BaseException:
-            if video_kw.get("file_path"):
-                Path(video_kw["file_path"]).unlink(missing_ok=True)
+            if kw.get("file_path"):
+                Path(kw["file_path"]).unlink(missing_ok=True)
             raise
-        try:
-            await enqueue_ingest(state.arq, state.pool, job["id"])
-        except Exception:  # noqa: BLE001 - the job row is durable; workers re-queue lost jobs
-            logger.warning("could not enqueue job %s now; a worker will pick it up", job["id"], exc_info=True)
-        return Accepted(video_id=video["id"], job_id=job["id"])
+        return Accepted(video_id=video_id, job_id=job_id)
 
     async def _receive_file(self, request: Request, course_id: int) -> dict:
         settings = request.app.state.settings
@@ -199,12 +162,18 @@ class VideoController(Controller):
             title = (up.fields.get("title") or "").strip() or Path(up.filename or "untitled").stem
             if len(title) > 200:
                 raise ApiError(400, "title is longer than 200 characters", field="title")
-            source, kind = await asyncio.to_thread(_inspect_upload, up.path, up.head, up.size, up.filename)
+            try:
+                source, kind = await asyncio.to_thread(inspect_file, up.path, up.filename)
+            except UnsupportedFile as exc:
+                raise ApiError(415, exc.reason, field="file") from exc
+            except FileTooLarge as exc:
+                raise ApiError(413, exc.reason, field="file") from exc
+            except IngestError as exc:
+                raise ApiError(400, exc.reason, field="file") from exc
         except BaseException:
             up.discard()
             raise
-        return dict(title=title, source=source, filename=up.filename, file_path=str(up.path), file_kind=kind,
-                    file_size=up.size)
+        return dict(title=title, source=source, kind=kind, filename=up.filename, file_path=up.path)
 
     @get("/videos")
     async def list_videos(self, request: Request, course_id: int) -> list[Video]:

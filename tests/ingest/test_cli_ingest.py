@@ -1,0 +1,62 @@
+"""`studyhall ingest` and `studyhall reembed` from the shell, against the session's servers and worker."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import EVAL, ROOT, Factory, clean_env, fetch, wait_job
+
+
+def _cli(data_dir, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=ROOT, env=clean_env(data_dir),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_ingest_file_with_progress(client, make: Factory, worker, data_dir, settings):
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "CLI"}, headers=inst.h).json()["id"]
+    out = _cli(data_dir, "ingest", str(cid), "--file", str(EVAL / "transcripts" / "3b1b-bitcoin.srt"),
+               "--title", "Bitcoin")
+    assert out.returncode == 0, out.stderr
+    assert "100.0% done" in out.stderr and "job" in out.stderr
+    videos = client.get(f"/api/v1/courses/{cid}/videos", headers=inst.h).json()
+    assert [(v["title"], v["status"]) for v in videos] == [("Bitcoin", "ready")]
+    assert videos[0]["chunk_count"] > 10
+
+
+def test_cli_ingest_rejects_bad_input(client, make: Factory, data_dir, tmp_path):
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "CLI"}, headers=inst.h).json()["id"]
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00\x01garbage" * 10)
+    out = _cli(data_dir, "ingest", str(cid), "--file", str(junk))
+    assert out.returncode == 2 and "unsupported" in out.stderr
+    out = _cli(data_dir, "ingest", str(cid), "--youtube", "https://example.com/watch?v=nope")
+    assert out.returncode == 2 and "YouTube" in out.stderr
+    assert _cli(data_dir, "ingest", "999999999", "--youtube", "dQw4w9WgXcQ").returncode == 2
+    assert client.get(f"/api/v1/courses/{cid}/videos", headers=inst.h).json() == []
+
+
+def test_reembed_after_model_switch(client, make: Factory, worker, data_dir, settings):
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Reembed"}, headers=inst.h).json()["id"]
+    data = (EVAL / "transcripts" / "3b1b-bitcoin.srt").read_bytes()
+    r = client.post(f"/api/v1/courses/{cid}/videos", files={"file": ("b.srt", data)}, headers=inst.h)
+    vid = r.json()["video_id"]
+    assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
+    model = fetch(settings, "SELECT embed_model FROM videos WHERE id = $1", vid)[0]["embed_model"]
+    n = fetch(settings, "SELECT count(*) AS n FROM chunks WHERE video_id = $1", vid)[0]["n"]
+    # pretend the video was embedded by another model: search must not use its vectors
+    fetch(settings, "UPDATE chunks SET embed_model = 'old-model' WHERE video_id = $1", vid)
+    fetch(settings, "UPDATE videos SET embed_model = 'old-model' WHERE id = $1", vid)
+    hits = client.get(f"/api/v1/courses/{cid}/search", params={"q": "digital signature"}, headers=inst.h).json()["hits"]
+    assert hits == []
+    out = _cli(data_dir, "reembed", "--course", str(cid))
+    assert out.returncode == 0 and "queued 1 re-embed jobs" in out.stdout, out.stderr
+    job_id = int(out.stdout.split("[")[1].split("]")[0])
+    assert wait_job(client, job_id, inst.h)["state"] == "done"
+    assert fetch(settings, "SELECT embed_model FROM videos WHERE id = $1", vid)[0]["embed_model"] == model
+    assert fetch(settings, "SELECT count(*) AS n FROM chunks WHERE video_id = $1 AND embed_model = $2", vid,
+                 model)[0]["n"] == n
+    hits = client.get(f"/api/v1/courses/{cid}/search", params={"q": "digital signature"}, headers=inst.h).json()["hits"]
+    assert hits

@@ -1,0 +1,472 @@
+"""Transcript parsing: every format, the real-world dirt each one carries, limits and bad input."""
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from ingest.cues import Cue
+from ingest.errors import PermanentIngestError
+from ingest.transcripts import detect_transcript_format, parse_transcript
+
+EVAL = Path(__file__).resolve().parents[3] / "shared" / "eval"
+
+
+def times(cues: list[Cue]) -> list[tuple[float, float, str]]:
+    return [(c.start, c.end, c.text) for c in cues]
+
+
+def assert_cues(cues: list[Cue], expected: list[tuple[float, float, str]]) -> None:
+    assert [c.text for c in cues] == [e[2] for e in expected]
+    for cue, (start, end, _) in zip(cues, expected):
+        assert cue.start == pytest.approx(start, abs=1e-6), cue
+        assert cue.end == pytest.approx(end, abs=1e-6), cue
+
+
+def parse_str(text: str, filename: str | None = None) -> list[Cue]:
+    return parse_transcript(text.encode("utf-8"), filename)
+
+
+def reason(data: bytes, filename: str | None = None) -> str:
+    with pytest.raises(PermanentIngestError) as info:
+        parse_transcript(data, filename)
+    return info.value.reason
+
+
+SRT = """1
+00:00:01,000 --> 00:00:02,500
+Hello there.
+
+2
+00:00:02,500 --> 00:00:05,250
+This is a
+two-line cue.
+
+3
+01:02:03,004 --> 01:02:04,000
+Much later.
+"""
+
+VTT = """WEBVTT - lecture one
+Kind: captions
+Language: en
+
+STYLE
+::cue { color: yellow }
+
+REGION
+id:fred width:40% lines:3
+
+NOTE this is a comment
+that spans two lines
+
+intro
+00:00:01.000 --> 00:00:02.500 align:start position:10%
+Hello there.
+
+NOTE another comment
+
+2
+00:00:02.500 --> 00:00:05.250 line:0 size:50%
+This is a
+two-line cue.
+"""
+
+
+# --- formats, cue by cue -------------------------------------------------------------------
+
+
+def test_srt_comma_millis() -> None:
+    assert_cues(
+        parse_str(SRT),
+        [(1.0, 2.5, "Hello there."), (2.5, 5.25, "This is a two-line cue."), (3723.004, 3724.0, "Much later.")],
+    )
+
+
+def test_srt_dot_millis_and_short_fractions() -> None:
+    text = "1\n00:00:01.000 --> 00:00:02.5\nOne.\n\n2\n0:00:03,25 --> 0:00:04,000\nTwo.\n"
+    assert_cues(parse_str(text), [(1.0, 2.5, "One."), (3.0 + 0.25, 4.0, "Two.")])
+
+
+def test_vtt_header_note_style_region_identifiers_and_settings() -> None:
+    assert_cues(parse_str(VTT), [(1.0, 2.5, "Hello there."), (2.5, 5.25, "This is a two-line cue.")])
+
+
+def test_vtt_hours_optional() -> None:
+    text = "WEBVTT\n\n00:01.000 --> 00:02.500\nShort form.\n\n01:02.500 --> 1:01:03.000\nMixed.\n"
+    assert_cues(parse_str(text), [(1.0, 2.5, "Short form."), (62.5, 3663.0, "Mixed.")])
+
+
+def test_youtube_json() -> None:
+    data = json.dumps(
+        [
+            {"text": "Hello &amp; welcome", "start": 0.5, "duration": 2.0},
+            {"text": "it&#39;s a\nnew line", "start": 2.5, "duration": 1.5},
+            {"text": "[Music]", "start": 4.0, "duration": 3.0},
+            {"text": "end", "start": 7.25, "duration": 1.0},
+        ]
+    ).encode()
+    assert detect_transcript_format(data) == "json_youtube"
+    assert_cues(
+        parse_transcript(data),
+        [(0.5, 2.5, "Hello & welcome"), (2.5, 4.0, "it's a new line"), (7.25, 8.25, "end")],
+    )
+
+
+def test_json_triples() -> None:
+    data = json.dumps([["First sentence.", 0.0, 4.02], ["Second one.", 4.56, 10.2], ["", 11, 12]]).encode()
+    assert detect_transcript_format(data) == "json_triples"
+    assert_cues(parse_transcript(data), [(0.0, 4.02, "First sentence."), (4.56, 10.2, "Second one.")])
+
+
+def test_detect_formats() -> None:
+    assert detect_transcript_format(SRT.encode()) == "srt"
+    assert detect_transcript_format(VTT.encode()) == "vtt"
+    assert detect_transcript_format(b"00:01.000 --> 00:02.000\nheaderless webvtt\n") == "vtt"
+    assert detect_transcript_format(b"plain prose, not captions") is None
+    assert detect_transcript_format(b"") is None
+    assert detect_transcript_format(b'{"events": []}') is None
+    assert detect_transcript_format(b"\x00\x01\x02binary\x00\x00\x00\x00\x00\x00\x00") is None
+
+
+def test_detect_from_the_head_of_a_file() -> None:
+    # Uploads are sniffed from their first bytes, which may end mid-cue or mid-character.
+    youtube = json.dumps([{"text": "héllo", "start": i, "duration": 1} for i in range(500)]).encode()
+    triples = json.dumps([["héllo", i, i + 1] for i in range(500)]).encode()
+    assert detect_transcript_format(youtube[:1000]) == "json_youtube"
+    assert detect_transcript_format(triples[:1000]) == "json_triples"
+    assert detect_transcript_format((VTT * 50).encode()[:1001]) == "vtt"
+    assert detect_transcript_format(("é" + SRT * 50).encode()[:1000]) == "srt"
+
+
+def test_content_wins_over_extension() -> None:
+    assert_cues(parse_str(SRT, "lecture.vtt")[:1], [(1.0, 2.5, "Hello there.")])
+    data = json.dumps([["Hi.", 1, 2]]).encode()
+    assert_cues(parse_transcript(data, "captions.srt"), [(1.0, 2.0, "Hi.")])
+
+
+# --- encodings and line endings ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda s: codecs.BOM_UTF8 + s.encode("utf-8"),
+        lambda s: s.encode("utf-16"),  # with BOM, native order
+        lambda s: codecs.BOM_UTF16_BE + s.encode("utf-16-be"),
+        lambda s: codecs.BOM_UTF16_LE + s.encode("utf-16-le"),
+        lambda s: s.encode("utf-16-le"),  # no BOM at all
+        lambda s: s.replace("\n", "\r\n").encode("utf-8"),
+        lambda s: s.replace("\n", "\r").encode("utf-8"),
+    ],
+    ids=["utf8-bom", "utf16", "utf16-be-bom", "utf16-le-bom", "utf16-le-nobom", "crlf", "cr"],
+)
+def test_encodings_and_line_endings(encode) -> None:
+    text = "WEBVTT\n\n00:00:01.000 --> 00:00:02.000\nCafé – naïve.\n\n00:00:02.000 --> 00:00:03.000\nNext.\n"
+    data = encode(text)
+    assert detect_transcript_format(data) == "vtt"
+    assert_cues(parse_transcript(data), [(1.0, 2.0, "Café – naïve."), (2.0, 3.0, "Next.")])
+
+
+def test_crlf_srt() -> None:
+    cues = parse_transcript(SRT.replace("\n", "\r\n").encode())
+    assert_cues(cues[:2], [(1.0, 2.5, "Hello there."), (2.5, 5.25, "This is a two-line cue.")])
+
+
+def test_windows_1252_fallback() -> None:
+    data = "1\n00:00:01,000 --> 00:00:02,000\ncafé “quoted”\n".encode("cp1252")
+    assert parse_transcript(data)[0].text == "café “quoted”"
+    # Mostly UTF-8 with one broken byte stays UTF-8.
+    data = "1\n00:00:01,000 --> 00:00:02,000\ncafé “quoted”\n".encode() + b"\xff\n"
+    assert parse_transcript(data)[0].text == "café “quoted” \ufffd"
+
+
+# --- dirt ---------------------------------------------------------------------------------
+
+
+def test_inline_timestamps_and_class_tags() -> None:
+    text = (
+        "WEBVTT\n\n00:00:01.000 --> 00:00:03.000\n"
+        "so<00:00:01.500><c> today</c><00:00:02.000><c.colorE5E5E5> we</c>\n"
+    )
+    assert_cues(parse_str(text), [(1.0, 3.0, "so today we")])
+
+
+def test_youtube_rolling_duplicates() -> None:
+    text = """WEBVTT
+Kind: captions
+Language: en
+
+00:00:00.000 --> 00:00:02.500 align:start position:0%
+ 
+so<00:00:00.500><c> today</c><00:00:01.000><c> we're</c>
+
+00:00:02.500 --> 00:00:02.510 align:start position:0%
+so today we're
+ 
+
+00:00:02.510 --> 00:00:05.000 align:start position:0%
+so today we're
+going<00:00:03.000><c> to</c><00:00:03.500><c> talk</c>
+
+00:00:05.000 --> 00:00:05.010 align:start position:0%
+going to talk
+ 
+
+00:00:05.010 --> 00:00:07.000 align:start position:0%
+going to talk
+about<00:00:05.500><c> graphs</c>
+"""
+    assert_cues(
+        parse_str(text),
+        [(0.0, 2.51, "so today we're"), (2.51, 5.01, "going to talk"), (5.01, 7.0, "about graphs")],
+    )
+
+
+def test_html_tags_and_entities() -> None:
+    text = (
+        "1\n00:00:01,000 --> 00:00:02,000\n<i>Italic</i> and <b>bold</b> <font color=\"#fff\">x</font>\n\n"
+        "2\n00:00:02,000 --> 00:00:03,000\n{\\an8}Tom &amp; Jerry &#39;quoted&#39; 3 &gt; 2 &lt;tag&gt; &nbsp;ok\n"
+    )
+    assert_cues(
+        parse_str(text),
+        [(1.0, 2.0, "Italic and bold x"), (2.0, 3.0, "Tom & Jerry 'quoted' 3 > 2 <tag> ok")],
+    )
+
+
+def test_sound_tags_removed_but_code_and_maths_kept() -> None:
+    text = (
+        "WEBVTT\n\n00:01.000 --> 00:02.000\n[Music] Welcome [SQUEAKING] back (applause)\n\n"
+        "00:02.000 --> 00:03.000\nA[i] plus A[j] (i, j) is (DNA) [LAUGHTER] (MUSIC PLAYING) [inaudible]\n\n"
+        "00:03.000 --> 00:04.000\n♪ la la ♪ [SOUND OFF/THEN ON] [you'd often say?] [CB?]\n\n"
+        "00:04.000 --> 00:05.000\nfundamentals of community [SOUND\nOFF/THEN ON] which is,\n\n"
+        "00:05.000 --> 00:06.000\n[LAUGHS\nLOUDLY]\n"
+    )
+    assert_cues(
+        parse_str(text),
+        [
+            (1.0, 2.0, "Welcome back"),
+            (2.0, 3.0, "A[i] plus A[j] (i, j) is (DNA)"),
+            (3.0, 4.0, "la la [you'd often say?] [CB?]"),
+            (4.0, 5.0, "fundamentals of community which is,"),
+        ],
+    )
+
+
+def test_speaker_labels_removed_words_kept() -> None:
+    lines = [
+        ("Prof: Today we talk.", "Today we talk."),
+        ("STUDENT: Why?", "Why?"),
+        ("JUSTIN SOLOMON: Good question.", "Good question."),
+        (">> Right, so.", "Right, so."),
+        (">> PROFESSOR: Next. >> AUDIENCE: Yes.", "Next. Yes."),
+        ("Professor Paul Bloom: Fair enough.", "Fair enough."),
+        ("- ERIK DEMAINE: Okay.", "Okay."),
+        ("Speaker 2: hi", "hi"),
+        ("Lakes: they turn over.", "Lakes: they turn over."),
+        ("So the idea is the following: x", "So the idea is the following: x"),
+        ("ratio 3:2 at 10:30", "ratio 3:2 at 10:30"),
+    ]
+    text = "WEBVTT\n\n" + "".join(
+        f"00:00:{i:02d}.000 --> 00:00:{i + 1:02d}.000\n{raw}\n\n" for i, (raw, _) in enumerate(lines)
+    )
+    assert_cues(parse_str(text), [(i, i + 1, clean) for i, (_, clean) in enumerate(lines)])
+
+
+def test_label_and_sound_only_cues_dropped() -> None:
+    text = (
+        "WEBVTT\n\n00:01.000 --> 00:02.000\nOne.\n\n00:02.000 --> 00:25.000\nStudent: [inaudible]\n"
+        "Professor Paul Bloom:\n\n00:25.000 --> 00:26.000\n   \n\n00:26.000 --> 00:27.000\n&gt;.\n\n"
+        "00:27.000 --> 00:28.000\nTwo &gt;\n"
+    )
+    assert_cues(parse_str(text), [(1.0, 2.0, "One."), (27.0, 28.0, "Two")])
+
+
+def test_overlapping_cues_clipped() -> None:
+    text = (
+        "1\n00:00:01,000 --> 00:00:04,000\nA\n\n2\n00:00:03,000 --> 00:00:05,000\nB\n\n"
+        "3\n00:00:03,500 --> 00:00:04,500\nC\n\n4\n00:00:06,000 --> 00:00:05,000\nD negative\n"
+    )
+    cues = parse_str(text)
+    assert_cues(cues, [(1.0, 3.0, "A"), (3.0, 3.5, "B"), (3.5, 4.5, "C"), (6.0, 7.0, "D negative")])
+    assert all(c.end > c.start for c in cues)
+
+
+def test_same_start_cues_merged() -> None:
+    text = "1\n00:00:01,000 --> 00:00:02,000\nA\n\n2\n00:00:01,000 --> 00:00:03,000\nB\n"
+    assert_cues(parse_str(text), [(1.0, 3.0, "A B")])
+
+
+def test_out_of_order_cues_sorted() -> None:
+    text = (
+        "2\n00:00:05,000 --> 00:00:06,000\nSecond\n\n1\n00:00:01,000 --> 00:00:02,000\nFirst\n\n"
+        "3\n00:00:09,000 --> 00:00:10,000\nThird\n"
+    )
+    assert_cues(parse_str(text), [(1.0, 2.0, "First"), (5.0, 6.0, "Second"), (9.0, 10.0, "Third")])
+
+
+def test_missing_end_mid_file_runs_to_next_cue() -> None:
+    text = "1\n00:00:01,000 -->\nNo end\n\n2\n00:00:03,000 --> 00:00:04,000\nNext\n"
+    assert_cues(parse_str(text), [(1.0, 3.0, "No end"), (3.0, 4.0, "Next")])
+
+
+@pytest.mark.parametrize(
+    ("tail", "expected_last"),
+    [
+        ("3\n00:00:05,000 -->\nthe last cue was cut mid", (5.0, 7.4, "the last cue was cut mid")),
+        ("3\n00:00:05,000 --> 00:00:0\nbroken end time here", (5.0, 6.6, "broken end time here")),
+        ("3\n00:00:0", None),
+        ("3\n00:00:05,000 --> 00:0", (5.0, 6.0, "")),
+        ("3\n", None),
+        ("3\n00:00:05,000 --> 00:00:09,000\nthe sentence stops in the mi", (5.0, 9.0, "the sentence stops in the mi")),
+    ],
+    ids=["no-end", "partial-end", "partial-start", "no-text", "index-only", "text-cut"],
+)
+def test_truncated_last_cue(tail: str, expected_last: tuple[float, float, str] | None) -> None:
+    head = "1\n00:00:01,000 --> 00:00:02,000\nOne.\n\n2\n00:00:02,000 --> 00:00:04,000\nTwo.\n\n"
+    expected = [(1.0, 2.0, "One."), (2.0, 4.0, "Two.")]
+    if expected_last and expected_last[2]:
+        expected.append(expected_last)
+    assert_cues(parse_str(head + tail), expected)
+
+
+def test_truncated_json_keeps_complete_items() -> None:
+    full = json.dumps([{"text": "one", "start": 0, "duration": 1}, {"text": "two", "start": 1, "duration": 1}])
+    assert_cues(parse_transcript(full[:-20].encode()), [(0.0, 1.0, "one")])
+    triples = b'[["a", 0, 1], ["b", 1, 2]'
+    assert_cues(parse_transcript(triples), [(0.0, 1.0, "a"), (1.0, 2.0, "b")])
+
+
+def test_missing_blank_lines_and_blank_line_inside_text() -> None:
+    text = (
+        "1\n00:00:01,000 --> 00:00:02,000\nNo blank after me\n2\n00:00:02,000 --> 00:00:03,000\n"
+        "First part\n\nsecond part after a blank line\n\n3\n00:00:03,000 --> 00:00:04,000\nThird\n"
+    )
+    assert_cues(
+        parse_str(text),
+        [
+            (1.0, 2.0, "No blank after me"),
+            (2.0, 3.0, "First part second part after a blank line"),
+            (3.0, 4.0, "Third"),
+        ],
+    )
+
+
+def test_arrow_inside_caption_text_is_text() -> None:
+    text = "1\n00:00:01,000 --> 00:00:02,000\nmap x --> y\n"
+    assert_cues(parse_str(text), [(1.0, 2.0, "map x --> y")])
+
+
+# --- bad input and limits ---------------------------------------------------------------------
+
+
+def test_bad_timestamp_mid_file_names_the_line() -> None:
+    text = (
+        "1\n00:00:01,000 --> 00:00:02,000\nOne\n\n"
+        "2\n00:01:xx --> 00:01:05,000\nTwo\n\n"
+        "3\n00:02:00,000 --> 00:02:01,000\nThree\n"
+    )
+    assert reason(text.encode()) == "line 6: bad timestamp '00:01:xx'"
+    text = "WEBVTT\n\n00:00:01.000 --> 00:00:61.000\nOne\n\n00:00:03.000 --> 00:00:04.000\nTwo\n"
+    assert reason(text.encode()) == "line 3: bad timestamp '00:00:61.000'"
+    # Whitespace-only lines end blocks too, and still count as lines.
+    text = (
+        "WEBVTT\n  \n00:01.000 --> 00:02.000\nOne\n   \n\n00:03.000 --> 00:04.000\nTwo\n \n"
+        "00:0x.000 --> 00:05.000\nx\n\n00:06.000 --> 00:07.000\ny\n"
+    )
+    assert reason(text.encode()) == "line 10: bad timestamp '00:0x.000'"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"", "not a transcript: the file is empty"),
+        (b"  \n\n ", "not a transcript: the file is empty"),
+        (b"Just some notes about the lecture.", "not a transcript: expected SRT, WebVTT or JSON captions"),
+        (b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00" * 4, "not a transcript: expected SRT, WebVTT or JSON captions"),
+        (b"WEBVTT\n\nNOTE nothing here\n", "not a transcript: no cues found"),
+        (b"WEBVTT\n\n00:01.000 --> 00:02.000\n[Music]\n", "not a transcript: no cues found"),
+        (b"[]", 'not a transcript: JSON must be [{"text", "start", "duration"}, ...] or [[text, start_s, end_s], ...]'),
+        (b'{"events": []}', "JSON is not a list of captions"),
+        (b'[{"text": "a", "start": 1, "duration": 1}, oops]', "not valid JSON: Expecting value at line 1 column 44"),
+        (b'[{"text": "a", "start": "soon", "duration": 1}]', "item 1: start is not a number: 'soon'"),
+        (b'[["a", 0, 1], ["b", -1, 2]]', "item 2: start must be a non-negative number, got -1"),
+        (b'[["a", 0, 1], ["b", 1, true]]', "item 2: end is not a number: True"),
+    ],
+)
+def test_unreadable_input_has_a_reason(data: bytes, expected: str) -> None:
+    assert reason(data) == expected
+
+
+def test_captions_named_file_without_cues() -> None:
+    assert reason(b"nothing useful", "lecture.srt") == "not a transcript: no cues found"
+
+
+def test_limit_timestamps_past_48_hours() -> None:
+    text = (
+        "1\n00:00:01,000 --> 00:00:02,000\nOk\n\n"
+        "2\n49:00:00,000 --> 49:00:01,000\nToo late\n\n"
+        "3\n50:00:00,000 --> 50:00:01,000\nx\n"
+    )
+    assert reason(text.encode()) == "line 6: timestamp '49:00:00,000' is past the 48 h limit"
+    assert reason(b'[["a", 0, 1], ["b", 200000, 200001]]') == "item 2: start 200000s is past the 48 h limit"
+
+
+def test_limit_cue_count() -> None:
+    cue = "00:00:01.000 --> 00:00:02.000\nx\n\n"
+    assert reason(("WEBVTT\n\n" + cue * 200_001).encode()) == "too many cues: more than 200000"
+    assert reason(json.dumps([["x", 1, 2]] * 200_001).encode()) == "too many cues: more than 200000"
+
+
+def test_limit_file_size() -> None:
+    assert reason(b"x" * (50 * 1024 * 1024 + 1)) == "transcript too large: 50 MB (limit 50 MB)"
+
+
+# --- the evaluation lectures -------------------------------------------------------------------
+
+SOUND_TAG = re.compile(
+    r"\[[A-Z][A-Z /'-]+\]|(?i:\[(?:music|laughter|laughs|inaudible|applause)\]|\((?:applause|laughter|music)\))"
+)
+LABEL = re.compile(r"(?:^|>> ?)(?:[A-Z][A-Z.'-]+(?: [A-Z][A-Z.'-]+)*|Prof|Professor [A-Z]\w+ [A-Z]\w+|Student):(?: |$)")
+HTML = re.compile(r"<[A-Za-z/][^>]*>|&(?:#\d+|[a-z]+);|>>")
+
+
+def eval_files() -> list[Path]:
+    if not EVAL.is_dir():
+        pytest.skip(f"evaluation data not found at {EVAL}")
+    files = sorted((EVAL / "transcripts").iterdir())
+    corpus = sorted((EVAL / "corpus").glob("*.vtt"))
+    return files + corpus[::20]
+
+
+def test_eval_transcripts_parse_clean_and_ordered() -> None:
+    files = eval_files()
+    assert len(files) >= 10
+    for path in files:
+        cues = parse_transcript(path.read_bytes(), path.name)
+        assert len(cues) > 100, path.name
+        for prev, cue in zip(cues, cues[1:]):
+            assert prev.start < cue.start and prev.end <= cue.start, (path.name, prev, cue)
+        for cue in cues:
+            assert 0 <= cue.start < cue.end, (path.name, cue)
+            assert cue.text and cue.text == cue.text.strip(), (path.name, cue)
+            assert not SOUND_TAG.search(cue.text), (path.name, cue)
+            assert not LABEL.search(cue.text), (path.name, cue)
+            assert not HTML.search(cue.text), (path.name, cue)
+
+
+def test_eval_known_lecture_details() -> None:
+    if not EVAL.is_dir():
+        pytest.skip(f"evaluation data not found at {EVAL}")
+    srt = parse_transcript((EVAL / "transcripts" / "3b1b-bitcoin.srt").read_bytes())
+    assert times(srt[:2]) == [
+        (3.9, 6.48, "What does it mean to have a Bitcoin?"),
+        (7.42, 11.313, "Many people have heard of Bitcoin, that it's a fully digital currency"),
+    ]
+    yale = parse_transcript((EVAL / "transcripts" / "yale-evolution-natural-selection.vtt").read_bytes())
+    assert times(yale[:1]) == [(1.47, 3.062, "Today we're going to talk about adaptive")]
+    triples = parse_transcript((EVAL / "transcripts" / "3b1b-attention-transformers.json").read_bytes())
+    assert (triples[-1].start, triples[-1].end, triples[-1].text) == (1564.96, 1569.2, "Thank you.")
