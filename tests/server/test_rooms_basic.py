@@ -1,0 +1,139 @@
+"""Joining rooms, sending, idempotency, edits and deletes, resume, history pages."""
+from __future__ import annotations
+
+import asyncio
+
+from tests.conftest import Factory
+from tests.server.conftest import Client, make_course
+
+
+async def test_send_receive_and_welcome(server, make: Factory):
+    course = make_course(server, make, learners=2)
+    a, b = course.learners
+    ca = await Client.connect(server, course.room, a)
+    assert ca.welcome["room"] == course.room and ca.welcome["last_seq"] == 0
+    assert [u["id"] for u in ca.welcome["online"]] == [a.id]
+    cb = await Client.connect(server, course.room, b)
+    assert {u["id"] for u in cb.welcome["online"]} == {a.id, b.id} and cb.welcome["online_count"] == 2
+    joined = await ca.expect("presence", action="joined")
+    assert joined["user"] == {"id": b.id, "name": b.name, "role": "learner"}
+
+    await ca.send({"type": "message.send", "text": "hello", "client_msg_id": "m1"})
+    for c in (ca, cb):
+        m = await c.expect("message.new")
+        assert m["text"] == "hello" and m["seq"] == 1 and m["client_msg_id"] == "m1"
+        assert m["author"] == {"id": a.id, "name": a.name, "role": "learner"} and m["room"] == course.room
+        assert "meta" not in m
+    await ca.close()
+    left = await cb.expect("presence", action="left")
+    assert left["user"]["id"] == a.id and left["online_count"] == 1
+    await cb.close()
+
+
+async def test_idempotent_send(server, make: Factory, settings):
+    from tests.conftest import fetch
+
+    course = make_course(server, make, learners=1)
+    (a,) = course.learners
+    c = await Client.connect(server, course.room, a)
+    for _ in range(3):
+        await c.send({"type": "message.send", "text": "once", "client_msg_id": "dup-1"})
+    first = await c.expect("message.new")
+    assert [f for f in await c.quiet(0.5) if f["type"] == "message.new"] == []
+    await c.close()
+    # after a reconnect from before it, the retry is answered by the replay, once
+    c = await Client.connect(server, course.room, a, after=0)
+    await c.send({"type": "message.send", "text": "once", "client_msg_id": "dup-1"})
+    again = await c.expect("message.new")
+    assert again == first
+    assert [f for f in await c.quiet(0.5) if f["type"] == "message.new"] == []
+    await c.close()
+    # live-only reconnect: the retry returns the original (it was never sent on this connection)
+    c = await Client.connect(server, course.room, a)
+    await c.send({"type": "message.send", "text": "once", "client_msg_id": "dup-1"})
+    assert await c.expect("message.new") == first
+    await c.close()
+    rows = fetch(settings, "SELECT count(*) AS n FROM messages WHERE room_id = $1", course.room)
+    assert rows[0]["n"] == 1
+
+
+async def test_edit_delete_and_resume_redacts(server, make: Factory):
+    course = make_course(server, make, learners=2)
+    a, b = course.learners
+    ca = await Client.connect(server, course.room, a)
+    cb = await Client.connect(server, course.room, b)
+    await ca.send({"type": "message.send", "text": "draft", "client_msg_id": "x"})
+    m = await cb.expect("message.new")
+    await ca.send({"type": "message.edit", "id": m["id"], "text": "final"})
+    e = await cb.expect("message.edited")
+    assert e["id"] == m["id"] and e["text"] == "final" and e["seq"] == m["seq"] + 1
+    # others may not edit or delete it
+    await cb.send({"type": "message.edit", "id": m["id"], "text": "hijack", "ref": "r1"})
+    err = await cb.expect("error")
+    assert err["code"] == "forbidden" and err["ref"] == "r1"
+    await cb.send({"type": "message.delete", "id": m["id"]})
+    assert (await cb.expect("error"))["code"] == "forbidden"
+    # the instructor deletes any message
+    ci = await Client.connect(server, course.room, course.instructor)
+    await ci.send({"type": "message.delete", "id": m["id"]})
+    d = await cb.expect("message.deleted")
+    assert d["id"] == m["id"] and d["seq"] == m["seq"] + 2 and d["deleted_by"] == course.instructor.id
+    # a client resuming from before sees the message as deleted, never its text
+    r = await Client.connect(server, course.room, b, after=0)
+    replay = [await r.recv() for _ in range(3)]
+    assert [f["type"] for f in replay] == ["message.new", "message.edited", "message.deleted"]
+    assert [f["seq"] for f in replay] == [1, 2, 3]
+    assert replay[0]["text"] == "" and replay[0]["deleted"] is True and replay[1]["text"] == ""
+    for c in (ca, cb, ci, r):
+        await c.close()
+
+
+async def test_resume_frame_restarts_stream(server, make: Factory):
+    course = make_course(server, make, learners=1)
+    (a,) = course.learners
+    c = await Client.connect(server, course.room, a)
+    for i in range(5):
+        await c.send({"type": "message.send", "text": f"m{i}", "client_msg_id": f"r{i}"})
+    for i in range(5):
+        await c.expect("message.new", text=f"m{i}")
+    await c.send({"type": "resume", "after_seq": 2})
+    w = await c.expect("welcome")
+    assert w["last_seq"] == 5
+    got = [await c.recv() for _ in range(3)]
+    assert [f["seq"] for f in got] == [3, 4, 5]
+    assert await c.quiet(0.3) == []
+    await c.close()
+
+
+async def test_history_pages(server, client, make: Factory):
+    course = make_course(server, make, learners=1)
+    (a,) = course.learners
+    c = await Client.connect(server, course.room, a)
+    for i in range(7):
+        await c.send({"type": "message.send", "text": f"h{i}", "client_msg_id": f"h{i}"})
+    for i in range(7):
+        await c.expect("message.new", text=f"h{i}")
+    await c.close()
+    url = f"/api/v1/rooms/{course.room}/messages"
+    newest = client.get(url, params={"limit": 3}, headers=a.h).json()
+    assert [m["text"] for m in newest["items"]] == ["h4", "h5", "h6"] and newest["has_more"] is True
+    older = client.get(url, params={"limit": 3, "before": newest["items"][0]["seq"]}, headers=a.h).json()
+    assert [m["text"] for m in older["items"]] == ["h1", "h2", "h3"]
+    first = client.get(url, params={"limit": 3, "after": 0}, headers=a.h).json()
+    assert [m["seq"] for m in first["items"]] == [1, 2, 3] and first["has_more"] is True
+    tail = client.get(url, params={"limit": 10, "after": 5}, headers=a.h).json()
+    assert [m["text"] for m in tail["items"]] == ["h5", "h6"] and tail["has_more"] is False
+    m = tail["items"][0]
+    assert m["author"] == {"id": a.id, "name": a.name, "role": "learner"} and m["client_msg_id"] == "h5"
+    outsider = make.user("learner")
+    assert client.get(url, headers=outsider.h).status_code == 404
+    assert client.get(url, params={"limit": 0}, headers=a.h).status_code == 400
+
+
+async def test_ping_pong(server, make: Factory):
+    course = make_course(server, make, learners=1)
+    c = await Client.connect(server, course.room, course.learners[0])
+    await c.send({"type": "ping", "ref": "p1"})
+    assert (await c.expect("pong")) == {"type": "pong", "ref": "p1"}
+    await c.close()
+    await asyncio.sleep(0)

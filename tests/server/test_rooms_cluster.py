@@ -1,0 +1,177 @@
+"""Several server processes on one Redis: one order for everyone, presence across processes, and a kill -9
+in the middle of 1,000 messages that loses nothing and doubles nothing."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import httpx
+import websockets
+
+from tests.conftest import Factory, fetch
+from tests.server.conftest import Client, make_course, ws_url
+
+
+async def test_two_processes_one_order(cluster, make: Factory):
+    a_url, b_url = cluster.urls
+    course = make_course(a_url, make, learners=6)
+    clients = [await Client.connect(a_url if i % 2 else b_url, course.room, u, after=0)
+               for i, u in enumerate(course.learners)]
+    per_client = 20
+
+    async def chatter(c: Client) -> None:
+        for i in range(per_client):
+            await c.send({"type": "message.send", "text": f"{c.user.name}:{i}", "client_msg_id": str(i)})
+
+    await asyncio.gather(*(chatter(c) for c in clients))
+    total = per_client * len(clients)
+    views = []
+    for c in clients:
+        got = []
+        while len(got) < total:
+            f = await c.recv(timeout=10)
+            if f["type"] == "message.new":
+                got.append((f["seq"], f["id"], f["text"]))
+        views.append(got)
+        await c.close()
+    assert [s for s, _, _ in views[0]] == list(range(1, total + 1))
+    assert all(v == views[0] for v in views)
+    # each author's messages keep the order they were sent in
+    for c in clients:
+        mine = [t for _, _, t in views[0] if t.startswith(c.user.name + ":")]
+        assert mine == [f"{c.user.name}:{i}" for i in range(per_client)]
+
+
+async def test_presence_across_processes_and_after_kill(cluster, victim, make: Factory, settings):
+    a_url, b_url = cluster.urls
+    v_proc, v_url = victim
+    course = make_course(a_url, make, learners=3)
+    watcher, x, y = course.learners
+    with httpx.Client(base_url=a_url) as c:
+        sid = c.post(f"/api/v1/courses/{course.id}/live", json={"title": "Lab"}, headers=course.instructor.h).json()["id"]
+        assert c.post(f"/api/v1/live/{sid}/start", headers=course.instructor.h).status_code == 200
+    room = f"live:{sid}"
+    w = await Client.connect(a_url, room, watcher)
+    cy = await Client.connect(b_url, room, y)
+    assert (await w.expect("presence", action="joined"))["user"]["id"] == y.id
+    cx = await Client.connect(v_url, room, x)
+    assert (await w.expect("presence", action="joined"))["user"]["id"] == x.id
+    assert {u["id"] for u in cx.welcome["online"]} == {watcher.id, x.id, y.id}
+    with httpx.Client(base_url=b_url) as c:
+        online = c.get(f"/api/v1/rooms/{room}/presence", headers=watcher.h).json()
+    assert online["online_count"] == 3 and {u["id"] for u in online["online"]} == {watcher.id, x.id, y.id}
+    # a second connection of y on another process: closing one of them does not make y leave
+    cy2 = await Client.connect(a_url, room, y)
+    await cy.close()
+    assert [f for f in await w.quiet(0.5) if f["type"] == "presence"] == []
+
+    t0 = time.monotonic()
+    os.kill(v_proc.pid, signal.SIGKILL)
+    v_proc.wait()
+    left = await w.expect("presence", action="left", timeout=15)
+    assert left["user"]["id"] == x.id and left["online_count"] == 2
+    assert time.monotonic() - t0 < 10  # TTL is 2 s here; 15 s by default, so well under 30 s
+    with httpx.Client(base_url=a_url) as c:
+        online = c.get(f"/api/v1/rooms/{room}/presence", headers=watcher.h).json()
+    assert {u["id"] for u in online["online"]} == {watcher.id, y.id}
+    # the dead process's attendance rows are closed by a survivor
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        rows = fetch(settings, "SELECT left_at FROM live_attendance WHERE session_id = $1 AND user_id = $2", sid, x.id)
+        if rows and rows[0]["left_at"] is not None:
+            break
+        await asyncio.sleep(0.2)
+    assert rows and rows[0]["left_at"] is not None
+    await w.close()
+    await cy2.close()
+
+
+class Member:
+    """A client that reconnects to the survivor with ?after= when its server dies, and re-sends what was
+    not acknowledged (same client_msg_id)."""
+
+    def __init__(self, user, url: str, fallback: str, room: str) -> None:  # type: ignore[no-untyped-def]
+        self.user, self.url, self.fallback, self.room = user, url, fallback, room
+        self.seqs: list[int] = []
+        self.cmids: list[str] = []
+        self.last = 0
+        self.ws = None
+        self.generation = 0
+        self.connected = asyncio.Event()
+        self.acked: set[str] = set()
+        self.reconnects = 0
+
+    async def run(self, total: int) -> None:
+        while len(self.cmids) < total:
+            try:
+                async with websockets.connect(ws_url(self.url, self.room, self.user.token, self.last),
+                                              open_timeout=10) as ws:
+                    self.ws, self.generation = ws, self.generation + 1
+                    self.connected.set()
+                    async for raw in ws:
+                        f = json.loads(raw)
+                        if f["type"] == "message.new":
+                            self.seqs.append(f["seq"])
+                            self.cmids.append(f["client_msg_id"])
+                            self.last = f["seq"]
+                            if f["author"]["id"] == self.user.id:
+                                self.acked.add(f["client_msg_id"])
+                            if len(self.cmids) >= total:
+                                return
+            except (websockets.ConnectionClosed, OSError, asyncio.TimeoutError):
+                pass
+            self.connected.clear()
+            self.url = self.fallback
+            self.reconnects += 1
+            await asyncio.sleep(0.05)
+
+    async def send_all(self, n: int, window: int = 16) -> None:
+        ids = [f"{self.user.id}-{i}" for i in range(n)]
+        sent_gen, nxt = 0, 0
+        while len(self.acked) < n:
+            await self.connected.wait()
+            ws = self.ws
+            try:
+                if self.generation != sent_gen:  # new connection: re-send everything not acknowledged
+                    sent_gen = self.generation
+                    for cmid in ids[:nxt]:
+                        if cmid not in self.acked:
+                            await ws.send(json.dumps({"type": "message.send", "text": cmid, "client_msg_id": cmid}))
+                while nxt < n and nxt - len(self.acked) < window:
+                    cmid = ids[nxt]
+                    await ws.send(json.dumps({"type": "message.send", "text": cmid, "client_msg_id": cmid}))
+                    nxt += 1
+            except websockets.ConnectionClosed:
+                pass
+            await asyncio.sleep(0.002)
+
+
+async def test_kill9_during_1000_messages_loses_nothing(cluster, victim, make: Factory, settings):
+    a_url, _ = cluster.urls
+    v_proc, v_url = victim
+    course = make_course(a_url, make, learners=6)
+    members = [Member(u, v_url if i < 3 else a_url, a_url, course.room) for i, u in enumerate(course.learners)]
+    total, per_sender = 1000, 500
+    readers = [asyncio.create_task(m.run(total)) for m in members]
+    for m in members:
+        await asyncio.wait_for(m.connected.wait(), 10)
+    senders = [asyncio.create_task(members[0].send_all(per_sender)),  # on the victim
+               asyncio.create_task(members[3].send_all(per_sender))]  # on the survivor
+
+    while sum(len(m.acked) for m in (members[0], members[3])) < 300:
+        await asyncio.sleep(0.005)
+    os.kill(v_proc.pid, signal.SIGKILL)
+    killed_at = max(len(m.seqs) for m in members)
+
+    await asyncio.wait_for(asyncio.gather(*senders, *readers), 90)
+    assert killed_at < total
+    expected = {f"{members[k].user.id}-{i}" for k in (0, 3) for i in range(per_sender)}
+    for m in members:
+        assert m.seqs == list(range(1, total + 1)), f"gaps or duplicates for {m.user.name}"
+        assert len(m.cmids) == total and set(m.cmids) == expected
+    assert all(m.reconnects >= 1 for m in members[:3])
+    n = fetch(settings, "SELECT count(*) AS n, max(seq) AS s FROM messages WHERE room_id = $1", course.room)[0]
+    assert n["n"] == total and n["s"] == total

@@ -1,0 +1,114 @@
+"""Live sessions over REST and websocket: schedule, start, end, attendance, polls and their vote rules."""
+from __future__ import annotations
+
+import asyncio
+
+from tests.conftest import Factory, fetch
+from tests.server.conftest import Client, make_course
+
+
+async def test_session_lifecycle_and_attendance(server, client, make: Factory, settings):
+    course = make_course(server, make, learners=2)
+    inst, (a, b) = course.instructor, course.learners
+    r = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "Office hours",
+                                                             "scheduled_at": "2030-01-01T10:00:00Z"}, headers=inst.h)
+    assert r.status_code == 201
+    s = r.json()
+    assert s["state"] == "scheduled" and s["room"] == f"live:{s['id']}" and s["scheduled_at"].startswith("2030-01-01")
+    sid = s["id"]
+    assert client.post(f"/api/v1/courses/{course.id}/live", json={"title": "x"}, headers=a.h).status_code == 403
+    assert [x["id"] for x in client.get(f"/api/v1/courses/{course.id}/live", headers=a.h).json()] == [sid]
+    assert client.get(f"/api/v1/live/{sid}", headers=make.user("learner").h).status_code == 404
+    assert client.post(f"/api/v1/live/{sid}/end", headers=inst.h).status_code == 409  # not live yet
+
+    ca = await Client.connect(server, s["room"], a)
+    assert client.post(f"/api/v1/live/{sid}/start", headers=a.h).status_code == 403
+    r = client.post(f"/api/v1/live/{sid}/start", headers=inst.h)
+    assert r.status_code == 200 and r.json()["state"] == "live"
+    started = await ca.expect("live.started")
+    assert started["session_id"] == sid and started["seq"] == 1
+    assert client.post(f"/api/v1/live/{sid}/start", headers=inst.h).status_code == 409
+
+    cb = await Client.connect(server, s["room"], b)
+    await asyncio.sleep(0.3)
+    await cb.close()
+    await asyncio.sleep(0.2)
+    report = {x["user_id"]: x for x in client.get(f"/api/v1/live/{sid}/attendance", headers=inst.h).json()}
+    assert set(report) == {a.id, b.id}
+    assert report[a.id]["last_left_at"] is None and report[b.id]["last_left_at"] is not None
+    assert 0.2 < report[b.id]["seconds_live"] < 5 and report[b.id]["connections"] == 1
+    assert client.get(f"/api/v1/live/{sid}/attendance", headers=a.h).status_code == 403
+
+    r = client.post(f"/api/v1/live/{sid}/end", headers=inst.h)
+    assert r.status_code == 200 and r.json()["state"] == "ended"
+    ended = await ca.expect("live.ended")
+    assert ended["seq"] == 2
+    await ca.close()
+    await asyncio.sleep(0.2)
+    rows = fetch(settings, "SELECT count(*) AS n FROM live_attendance WHERE session_id = $1 AND left_at IS NULL", sid)
+    assert rows[0]["n"] == 0
+
+
+async def test_poll_vote_rules(server, client, make: Factory):
+    course = make_course(server, make, learners=3)
+    inst, (a, b, c) = course.instructor, course.learners
+    sid = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "Quiz"}, headers=inst.h).json()["id"]
+    client.post(f"/api/v1/live/{sid}/start", headers=inst.h)
+    room = f"live:{sid}"
+    ca = await Client.connect(server, room, a)
+    cb = await Client.connect(server, room, b)
+
+    url = f"/api/v1/live/{sid}/polls"
+    assert client.post(url, json={"question": "?", "options": ["only one"]}, headers=inst.h).status_code == 400
+    assert client.post(url, json={"question": "?", "options": ["a", "b"]}, headers=a.h).status_code == 403
+    r = client.post(url, json={"question": "Best basis?", "options": ["standard", "eigen", "fourier"]}, headers=inst.h)
+    assert r.status_code == 201
+    poll = r.json()
+    assert poll["counts"] == [0, 0, 0] and poll["closed"] is False and poll["my_vote"] is None
+    opened = await ca.expect("poll.opened")
+    assert opened["poll"] == {"id": poll["id"], "session_id": sid, "question": "Best basis?",
+                              "options": ["standard", "eigen", "fourier"], "closed": False}
+
+    await ca.send({"type": "poll.vote", "poll_id": poll["id"], "option": 1})
+    await cb.send({"type": "poll.vote", "poll_id": poll["id"], "option": 1})
+    res = await ca.expect("poll.results")
+    while res["total"] < 2:
+        res = await ca.expect("poll.results")
+    assert res["counts"] == [0, 2, 0] and res["poll_id"] == poll["id"]
+    # one vote per user, changeable while open
+    await cb.send({"type": "poll.vote", "poll_id": poll["id"], "option": 2})
+    res = await ca.expect("poll.results", counts=[0, 1, 1])
+    assert res["total"] == 2
+    # a bad option, an unknown poll
+    await ca.send({"type": "poll.vote", "poll_id": poll["id"], "option": 3, "ref": "v"})
+    err = await ca.expect("error")
+    assert err["code"] == "bad_option" and err["ref"] == "v"
+    await ca.send({"type": "poll.vote", "poll_id": poll["id"] + 1000, "option": 0})
+    assert (await ca.expect("error"))["code"] == "not_found"
+    # REST voting follows the same rules
+    r = client.post(f"/api/v1/polls/{poll['id']}/votes", json={"option": 0}, headers=c.h)
+    assert r.status_code == 200 and r.json()["my_vote"] == 0 and r.json()["counts"] == [1, 1, 1]
+    assert client.post(f"/api/v1/polls/{poll['id']}/votes", json={"option": 9}, headers=c.h).status_code == 400
+    assert client.post(f"/api/v1/polls/{poll['id']}/votes", json={"option": 0},
+                       headers=make.user("learner").h).status_code == 404
+
+    assert client.post(f"/api/v1/polls/{poll['id']}/close", headers=a.h).status_code == 403
+    r = client.post(f"/api/v1/polls/{poll['id']}/close", headers=inst.h)
+    assert r.status_code == 200 and r.json()["closed"] is True
+    closed = await cb.expect("poll.closed")
+    assert closed["counts"] == [1, 1, 1] and closed["total"] == 3
+    await ca.send({"type": "poll.vote", "poll_id": poll["id"], "option": 0})
+    assert (await ca.expect("error"))["code"] == "poll_closed"
+    assert client.post(f"/api/v1/polls/{poll['id']}/close", headers=inst.h).status_code == 409
+    listed = client.get(url, headers=b.h).json()
+    assert listed[0]["my_vote"] == 2 and listed[0]["counts"] == [1, 1, 1]
+
+    # ending the session closes polls still open
+    p2 = client.post(url, json={"question": "More?", "options": ["y", "n"]}, headers=inst.h).json()
+    client.post(f"/api/v1/live/{sid}/end", headers=inst.h)
+    final = await ca.expect("poll.closed", poll_id=p2["id"])
+    assert final["total"] == 0
+    await ca.expect("live.ended")
+    assert client.post(url, json={"question": "late", "options": ["a", "b"]}, headers=inst.h).status_code == 409
+    for cl in (ca, cb):
+        await cl.close()
