@@ -10,8 +10,13 @@ from pgvector.asyncpg import register_vector
 logger = logging.getLogger(__name__)
 
 
+# HNSW candidate list: higher than pgvector's default 40 so course-filtered searches still fill k.
+HNSW_EF_SEARCH = 200
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await register_vector(conn)
+    await conn.execute(f"SET hnsw.ef_search = {HNSW_EF_SEARCH}")
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
     # binary jsonb (a version byte, then the text) so COPY ... FROM works with jsonb columns too
     await conn.set_type_codec("jsonb", encoder=_jsonb_encode, decoder=_jsonb_decode, schema="pg_catalog",

@@ -11,7 +11,6 @@ import asyncpg
 import numpy as np
 
 CANDIDATES = 50
-EF_SEARCH = 200
 BM25_K1 = 1.2
 BM25_B = 0.75
 # Fusion: a convex mix of min-max normalised scores (dense cosine, BM25). Weights tuned on ../shared/eval
@@ -48,87 +47,67 @@ def keyword_text(question: str) -> str:
 
 
 _DENSE = """
-SELECT c.id, 1 - (c.embedding <=> $1) AS score FROM chunks c
+SELECT c.id FROM chunks c
 WHERE c.course_id = $2 AND c.embed_model = $3 AND ($4::bigint IS NULL OR c.video_id = $4)
 ORDER BY c.embedding <=> $1 LIMIT $5
 """
 
-_SPARSE = f"""
-WITH q AS (SELECT DISTINCT unnest(tsvector_to_array(to_tsvector('english', $1))) AS lexeme),
-stats AS (SELECT count(*)::float8 AS n, greatest(avg(n_terms), 1)::float8 AS avgdl
-          FROM chunks WHERE course_id = $2 AND embed_model = $3),
-df AS (SELECT t.lexeme, count(*)::float8 AS df FROM chunk_terms t JOIN q USING (lexeme)
-       JOIN chunks c ON c.id = t.chunk_id
-       WHERE t.course_id = $2 AND c.embed_model = $3 GROUP BY t.lexeme)
-SELECT t.chunk_id AS id,
-       sum(ln(1 + (s.n - df.df + 0.5) / (df.df + 0.5))
-           * t.tf * {BM25_K1 + 1} / (t.tf + {BM25_K1} * (1 - {BM25_B} + {BM25_B} * c.n_terms / s.avgdl))) AS score
-FROM chunk_terms t JOIN df USING (lexeme) JOIN chunks c ON c.id = t.chunk_id CROSS JOIN stats s
-WHERE t.course_id = $2 AND c.embed_model = $3 AND ($4::bigint IS NULL OR c.video_id = $4)
-GROUP BY t.chunk_id ORDER BY score DESC, t.chunk_id LIMIT $5
+# One round trip: dense candidates, BM25 candidates, min-max normalisation, convex fusion, and the rows.
+# $1 query vector, $2 course, $3 model, $4 video or NULL, $5 candidates per side, $6 keyword text,
+# $7::float8 sparse weight, $8 k.
+_HYBRID = f"""
+WITH dense AS (
+    SELECT c.id, 1 - (c.embedding <=> $1) AS s FROM chunks c
+    WHERE c.course_id = $2 AND c.embed_model = $3 AND ($4::bigint IS NULL OR c.video_id = $4)
+    ORDER BY {{dense_order}} LIMIT $5),
+q AS (SELECT DISTINCT unnest(tsvector_to_array(to_tsvector('english', $6))) AS lexeme WHERE $7::float8 > 0),
+stats AS (SELECT n_chunks::float8 AS n, greatest(total_terms::float8 / greatest(n_chunks, 1), 1) AS avgdl
+          FROM course_term_stats WHERE course_id = $2 AND embed_model = $3),
+-- LATERAL: one primary-key range scan per query term, whatever the planner believes about table sizes
+postings AS MATERIALIZED (
+    SELECT q.lexeme, t.chunk_id, t.video_id, t.tf, t.dl FROM q CROSS JOIN LATERAL (
+        SELECT chunk_id, video_id, tf, dl FROM chunk_terms
+        WHERE course_id = $2 AND embed_model = $3 AND lexeme = q.lexeme) t),
+df AS (SELECT lexeme, count(*)::float8 AS df FROM postings GROUP BY lexeme),
+sparse AS (
+    SELECT p.chunk_id AS id,
+           sum(ln(1 + (s.n - df.df + 0.5) / (df.df + 0.5))
+               * p.tf * {BM25_K1 + 1} / (p.tf + {BM25_K1} * (1 - {BM25_B} + {BM25_B} * p.dl / s.avgdl))) AS s
+    FROM postings p JOIN df USING (lexeme) CROSS JOIN stats s
+    WHERE $4::bigint IS NULL OR p.video_id = $4
+    GROUP BY p.chunk_id ORDER BY s DESC, p.chunk_id LIMIT $5),
+dn AS (SELECT id, s, coalesce((s - min(s) OVER ()) / nullif(max(s) OVER () - min(s) OVER (), 0), 1) AS n FROM dense),
+sn AS (SELECT id, s, coalesce((s - min(s) OVER ()) / nullif(max(s) OVER () - min(s) OVER (), 0), 1) AS n FROM sparse),
+fused AS (
+    SELECT id, (1 - $7::float8) * coalesce(dn.n, 0) + $7::float8 * coalesce(sn.n, 0) AS score, dn.s AS ds, sn.s AS ss
+    FROM dn FULL JOIN sn USING (id) ORDER BY score DESC, id LIMIT $8::int)
+SELECT (SELECT count(*) FROM dense) AS dense_n, (SELECT n FROM stats) AS course_n,
+       f.id, f.score, f.ds, f.ss, c.video_id, v.title AS video_title, v.youtube_id, c.position, c.start_s, c.end_s,
+       c.text, c.sentences
+FROM fused f JOIN chunks c ON c.id = f.id JOIN videos v ON v.id = c.video_id
+ORDER BY f.score DESC, f.id
 """
 
-_FETCH = """
-SELECT c.id, c.video_id, v.title AS video_title, v.youtube_id, c.position, c.start_s, c.end_s, c.text, c.sentences
-FROM chunks c JOIN videos v ON v.id = c.video_id WHERE c.id = ANY($1::bigint[])
-"""
 
-
-def _minmax(scores: dict[int, float]) -> dict[int, float]:
-    if not scores:
-        return {}
-    lo, hi = min(scores.values()), max(scores.values())
-    if hi - lo < 1e-9:
-        return {k: 1.0 for k in scores}
-    return {k: (v - lo) / (hi - lo) for k, v in scores.items()}
-
-
-def fuse(dense: dict[int, float], sparse: dict[int, float], *, w_sparse: float = SPARSE_WEIGHT
-         ) -> list[tuple[int, float]]:
-    """Convex combination of min-max normalised dense and sparse scores; [(id, score)] best first."""
-    nd, ns = _minmax(dense), _minmax(sparse)
-    ids = set(nd) | set(ns)
-    scored = [(cid, (1 - w_sparse) * nd.get(cid, 0.0) + w_sparse * ns.get(cid, 0.0)) for cid in ids]
-    return sorted(scored, key=lambda kv: (-kv[1], kv[0]))
-
-
-async def candidates(conn: asyncpg.Connection, course_id: int, query_vec: np.ndarray, query_text: str,
-                     embed_model: str, *, video_id: int | None = None, n: int = CANDIDATES,
-                     sparse: bool = True) -> tuple[dict[int, float], dict[int, float]]:
-    """Dense and BM25 candidate scores by chunk id."""
-    async with conn.transaction():
-        await conn.execute(f"SET LOCAL hnsw.ef_search = {EF_SEARCH}")
-        dense = {r["id"]: r["score"] for r in await conn.fetch(_DENSE, query_vec, course_id, embed_model, video_id, n)}
-    sp: dict[int, float] = {}
-    words = keyword_text(query_text)
-    if sparse and words:
-        sp = {r["id"]: r["score"] for r in await conn.fetch(_SPARSE, words, course_id, embed_model, video_id, n)}
-    return dense, sp
-
-
-async def fetch_hits(conn: asyncpg.Connection, scored: list[tuple[int, float]], dense: dict[int, float],
-                     sparse: dict[int, float]) -> list[Hit]:
-    rows = {r["id"]: r for r in await conn.fetch(_FETCH, [cid for cid, _ in scored])}
-    hits = []
-    for cid, score in scored:
-        r = rows.get(cid)
-        if r is None:  # replaced by a concurrent re-ingest between the queries
-            continue
-        hits.append(Hit(chunk_id=cid, video_id=r["video_id"], video_title=r["video_title"], youtube_id=r["youtube_id"],
-                        position=r["position"], start=r["start_s"], end=r["end_s"], text=r["text"],
-                        score=round(score, 6), dense_score=dense.get(cid), sparse_score=sparse.get(cid),
-                        sentences=r["sentences"]))
-    return hits
+_HYBRID_ANN = _HYBRID.format(dense_order="c.embedding <=> $1")
+_HYBRID_EXACT = _HYBRID.format(dense_order="(c.embedding <=> $1) + 0")  # "+ 0" keeps the planner off HNSW
 
 
 async def hybrid_search(conn: asyncpg.Connection, course_id: int, query_vec: np.ndarray, query_text: str,
                         embed_model: str, *, k: int = 5, video_id: int | None = None,
-                        w_sparse: float = SPARSE_WEIGHT) -> list[Hit]:
-    """Top-k chunks of the course for a question (its embedding and its text)."""
-    dense, sparse = await candidates(conn, course_id, query_vec, query_text, embed_model, video_id=video_id,
-                                     sparse=w_sparse > 0)
-    scored = fuse(dense, sparse, w_sparse=w_sparse)[:k]
-    return await fetch_hits(conn, scored, dense, sparse) if scored else []
+                        w_sparse: float = SPARSE_WEIGHT, candidates: int = CANDIDATES) -> list[Hit]:
+    """Top-k chunks of the course for a question (its embedding and its text), in one query."""
+    args = (query_vec, course_id, embed_model, video_id, candidates, keyword_text(query_text), float(w_sparse), k)
+    rows = await conn.fetch(_HYBRID_ANN, *args)
+    # A course-filtered HNSW walk can come back short (the course is a small part of the index, or the graph
+    # holds deleted rows); then rank the course's chunks exactly. Small courses are cheap to scan.
+    want = min(candidates, int(rows[0]["course_n"] or 0)) if rows else 1
+    if video_id is not None or not rows or rows[0]["dense_n"] < want:
+        rows = await conn.fetch(_HYBRID_EXACT, *args)
+    return [Hit(chunk_id=r["id"], video_id=r["video_id"], video_title=r["video_title"], youtube_id=r["youtube_id"],
+                position=r["position"], start=r["start_s"], end=r["end_s"], text=r["text"],
+                score=round(r["score"], 6), dense_score=r["ds"], sparse_score=r["ss"], sentences=r["sentences"])
+            for r in rows]
 
 
 async def dense_search(conn: asyncpg.Connection, course_id: int, query_vec: np.ndarray, embed_model: str,

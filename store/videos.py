@@ -60,17 +60,28 @@ async def replace_chunks(conn: asyncpg.Connection, video_id: int, course_id: int
     )
     # BM25 postings from the generated tsvector (stemmed, stop words removed); tf = number of positions
     await conn.execute(
-        """INSERT INTO chunk_terms (course_id, lexeme, chunk_id, tf)
-           SELECT c.course_id, u.lexeme, c.id, coalesce(array_length(u.positions, 1), 1)
-           FROM chunks c, unnest(c.tsv) u WHERE c.video_id = $1""",
+        """WITH terms AS (
+               SELECT c.id, c.course_id, c.embed_model, c.video_id, u.lexeme,
+                      coalesce(array_length(u.positions, 1), 1) AS tf
+               FROM chunks c, unnest(c.tsv) u WHERE c.video_id = $1),
+           lengths AS (SELECT id, sum(tf)::int AS dl FROM terms GROUP BY id),
+           upd AS (UPDATE chunks c SET n_terms = l.dl FROM lengths l WHERE c.id = l.id)
+           INSERT INTO chunk_terms (course_id, embed_model, lexeme, chunk_id, video_id, tf, dl)
+           SELECT t.course_id, t.embed_model, t.lexeme, t.id, t.video_id, t.tf, l.dl
+           FROM terms t JOIN lengths l USING (id)""",
         video_id,
     )
+    await refresh_term_stats(conn, course_id)
+
+
+async def refresh_term_stats(conn: asyncpg.Connection, course_id: int) -> None:
+    """Recount BM25's N and total length for the course (per embedding model)."""
+    await conn.execute("DELETE FROM course_term_stats WHERE course_id = $1", course_id)
     await conn.execute(
-        """UPDATE chunks c SET n_terms = t.n FROM (
-               SELECT chunk_id, sum(tf) AS n FROM chunk_terms WHERE chunk_id IN (SELECT id FROM chunks WHERE video_id = $1)
-               GROUP BY chunk_id) t
-           WHERE c.id = t.chunk_id""",
-        video_id,
+        """INSERT INTO course_term_stats (course_id, embed_model, n_chunks, total_terms)
+           SELECT course_id, embed_model, count(*), coalesce(sum(n_terms), 0) FROM chunks
+           WHERE course_id = $1 GROUP BY course_id, embed_model""",
+        course_id,
     )
 
 

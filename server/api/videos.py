@@ -192,7 +192,9 @@ class VideoController(Controller):
         async with request.app.state.pool.acquire() as conn:
             await course_or_404(conn, course_id, request.user)
             video = await _video_or_404(conn, course_id, video_id)
-            await conn.execute("DELETE FROM videos WHERE id = $1", video_id)
+            async with conn.transaction():
+                await conn.execute("DELETE FROM videos WHERE id = $1", video_id)
+                await videos_repo.refresh_term_stats(conn, course_id)
         if video["file_path"]:
             Path(video["file_path"]).unlink(missing_ok=True)
 

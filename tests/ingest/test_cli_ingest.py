@@ -49,6 +49,8 @@ def test_reembed_after_model_switch(client, make: Factory, worker, data_dir, set
     # pretend the video was embedded by another model: search must not use its vectors
     fetch(settings, "UPDATE chunks SET embed_model = 'old-model' WHERE video_id = $1", vid)
     fetch(settings, "UPDATE videos SET embed_model = 'old-model' WHERE id = $1", vid)
+    fetch(settings, "UPDATE chunk_terms SET embed_model = 'old-model' WHERE video_id = $1", vid)
+    fetch(settings, "UPDATE course_term_stats SET embed_model = 'old-model' WHERE course_id = $1", cid)
     hits = client.get(f"/api/v1/courses/{cid}/search", params={"q": "digital signature"}, headers=inst.h).json()["hits"]
     assert hits == []
     out = _cli(data_dir, "reembed", "--course", str(cid))

