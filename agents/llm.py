@@ -1,0 +1,458 @@
+"""Chat models behind one small interface: `LLM.complete` and `LLM.stream`, for OpenAI (or any
+OpenAI-compatible server via a base URL) and Anthropic. Callers see `LLMError` only, never SDK errors.
+
+`get_llm(settings)` returns None when no provider is configured; callers then use their offline path.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypedDict, runtime_checkable
+
+from store.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# The status codes the SDKs themselves retry; anything else is a caller problem (auth, bad request).
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+# Error `type`s that arrive inside a 200 stream (Anthropic `event: error`, OpenAI `data: {"error":…}`).
+RETRYABLE_TYPES = frozenset({"overloaded_error", "api_error", "rate_limit_error", "timeout_error",
+                             "server_error", "rate_limit_exceeded", "tokens", "requests"})
+
+
+class Message(TypedDict):
+    role: Literal["user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    usage: Usage
+    model: str  # as the server reported it (e.g. a dated snapshot), else the requested model
+    provider: str
+    latency_s: float  # request to last byte; for a stream this includes the consumer's time between deltas
+
+
+class LLMError(Exception):
+    """A provider call failed. `retryable` says whether trying again later can help."""
+
+    def __init__(self, message: str, *, retryable: bool, provider: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.provider = provider
+        self.status = status
+
+
+@dataclass(frozen=True)
+class _End:
+    """The last item a provider's raw stream yields: what the server reported about the whole reply."""
+
+    usage: Usage
+    model: str
+
+
+class LLMStream:
+    """Async iterator of text deltas. Once exhausted, `completion` (and `usage`) hold the totals; after
+    an `LLMError` mid-stream, `text` keeps what arrived. Use `async with` (or `aclose()`) to stop early."""
+
+    def __init__(self, provider: str, model: str, raw: AsyncIterator[str | _End],
+                 to_error: Callable[[BaseException], LLMError | None]) -> None:
+        self.provider = provider
+        self.model = model
+        self.completion: Completion | None = None
+        self.first_delta_s: float | None = None  # time to first text, for latency metrics
+        self._raw = raw
+        self._to_error = to_error
+        self._parts: list[str] = []
+        self._end: _End | None = None
+        self._t0: float | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    @property
+    def usage(self) -> Usage | None:
+        return self.completion.usage if self.completion else None
+
+    def __aiter__(self) -> LLMStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        while True:
+            try:
+                item = await self._raw.__anext__()
+            except StopAsyncIteration:
+                self._finish()
+                raise
+            except Exception as exc:
+                err = self._to_error(exc)
+                if err is None:
+                    raise
+                logger.warning("%s stream failed after %d chars: %s", self.provider, len(self.text), err.message)
+                raise err from exc
+            if isinstance(item, _End):
+                self._end = item
+                continue
+            if item:
+                if self.first_delta_s is None:
+                    self.first_delta_s = time.monotonic() - self._t0
+                self._parts.append(item)
+                return item
+
+    def _finish(self) -> None:
+        # Providers raise on an incomplete reply, so no _End here means the stream was closed early.
+        if self.completion is not None or self._end is None:
+            return
+        self.completion = Completion(self.text, self._end.usage, self._end.model or self.model, self.provider,
+                                     time.monotonic() - (self._t0 or time.monotonic()))
+
+    async def aclose(self) -> None:
+        await self._raw.aclose()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> LLMStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+@runtime_checkable
+class LLM(Protocol):
+    """A chat model. `name` is the provider ('openai', 'anthropic'), `model` the model asked for."""
+
+    name: str
+    model: str
+
+    async def complete(self, messages: list[Message], *, system: str | None = None, max_tokens: int = 512,
+                       temperature: float | None = 0.2) -> Completion:
+        """The whole reply at once."""
+        ...
+
+    def stream(self, messages: list[Message], *, system: str | None = None, max_tokens: int = 512,
+               temperature: float | None = 0.2) -> LLMStream:
+        """The reply as text deltas; nothing is sent until the first `__anext__`."""
+        ...
+
+
+def _check(messages: list[Message]) -> None:
+    if not messages:
+        raise ValueError("messages must not be empty")
+    for m in messages:
+        if m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str):
+            raise ValueError(f"each message needs role 'user'|'assistant' and str content; got {m!r:.80}")
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    # Anthropic's stream lets the HTTP client's errors through on a dropped connection.
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for name in ("httpx2", "httpx"):
+        try:
+            found.append(__import__(name).HTTPError)
+        except ImportError:
+            pass
+    return tuple(found)
+
+
+def _map_error(exc: BaseException, provider: str, sdk: Any, base: type[Exception]) -> LLMError | None:
+    """The `LLMError` for an SDK or transport exception; None for anything else (a bug: let it raise)."""
+    if isinstance(exc, LLMError):
+        return exc
+    if isinstance(exc, sdk.APIStatusError) and exc.status_code >= 400:
+        status = exc.status_code
+        detail = _api_message(exc.body) or exc.message
+        what = {401: "authentication failed (check the API key)", 403: "permission denied",
+                404: "not found (check the model name and base URL)", 429: "rate limited"}.get(
+            status, "server error" if status >= 500 else "request rejected")
+        return LLMError(f"{provider}: {what} (HTTP {status}): {detail}", provider=provider, status=status,
+                        retryable=status in RETRYABLE_STATUS or status >= 500)
+    if isinstance(exc, sdk.APIConnectionError):  # includes timeouts
+        why = f" ({exc.__cause__})" if exc.__cause__ and str(exc.__cause__) else ""
+        return LLMError(f"{provider}: connection failed: {exc.message}{why}", retryable=True, provider=provider)
+    if isinstance(exc, sdk.APIResponseValidationError):
+        return LLMError(f"{provider}: unexpected response: {exc.message}", retryable=False, provider=provider)
+    if isinstance(exc, sdk.APIError):  # an error event inside a 200 stream
+        kind = _api_type(exc.body)
+        return LLMError(f"{provider}: error during the reply ({kind or 'unknown'}): "
+                        f"{_api_message(exc.body) or exc.message}", retryable=kind in RETRYABLE_TYPES,
+                        provider=provider)
+    if isinstance(exc, _transport_errors()):
+        return LLMError(f"{provider}: connection lost: {exc or type(exc).__name__}", retryable=True,
+                        provider=provider)
+    if isinstance(exc, base):  # the SDK's own root error, e.g. a missing credential
+        return LLMError(f"{provider}: {exc}", retryable=False, provider=provider)
+    return None
+
+
+def _api_error_obj(body: object) -> dict:
+    if isinstance(body, dict):
+        inner = body.get("error")
+        return inner if isinstance(inner, dict) else body
+    return {}
+
+
+def _api_message(body: object) -> str | None:
+    msg = _api_error_obj(body).get("message")
+    return msg if isinstance(msg, str) else (body if isinstance(body, str) and body else None)
+
+
+def _api_type(body: object) -> str | None:
+    err = _api_error_obj(body)
+    kind = err.get("type") if err.get("type") != "error" else None
+    return kind or err.get("code")
+
+
+def _rejects_temperature(exc: Any, sent: dict) -> bool:
+    """A 400 that blames the temperature we sent (unsupported or deprecated for this model)."""
+    return "temperature" in sent and "temperature" in f"{exc.message} {_api_message(exc.body) or ''}".lower()
+
+
+def _openai_usage(u: Any) -> Usage:
+    # Some OpenAI-compatible servers leave usage (or parts of it) out.
+    return Usage(getattr(u, "prompt_tokens", 0) or 0, getattr(u, "completion_tokens", 0) or 0)
+
+
+class OpenAIChat:
+    """OpenAI chat completions via the official SDK; any OpenAI-compatible server via `base_url`."""
+
+    name = "openai"
+
+    def __init__(self, api_key: str | None, model: str, base_url: str | None = None, timeout: float = 60,
+                 *, max_retries: int = 2, max_tokens_field: str | None = None) -> None:
+        import openai
+
+        self.model = model
+        self._sdk = openai
+        # Self-hosted servers often need no key, but the SDK refuses to start without one.
+        self._client = openai.AsyncOpenAI(api_key=api_key or "unused", base_url=base_url, timeout=timeout,
+                                          max_retries=max_retries)
+        # api.openai.com's reasoning models reject `max_tokens`; compatible servers often only know it.
+        official = self._client.base_url.host == "api.openai.com"
+        self.max_tokens_field = max_tokens_field or ("max_completion_tokens" if official else "max_tokens")
+        self._send_temperature = True
+
+    async def _create(self, params: dict, **extra: Any) -> Any:
+        try:
+            return await self._client.chat.completions.create(**params, **extra)
+        except self._sdk.BadRequestError as exc:
+            if not _rejects_temperature(exc, params):
+                raise
+        # Reasoning models (o-series, gpt-5) take only the default temperature.
+        self._send_temperature = False
+        logger.info("%s model %s rejects temperature; sending none from now on", self.name, self.model)
+        params = {k: v for k, v in params.items() if k != "temperature"}
+        return await self._client.chat.completions.create(**params, **extra)
+
+    def _params(self, messages: list[Message], system: str | None, max_tokens: int,
+                temperature: float | None) -> dict:
+        _check(messages)
+        msgs: list[dict] = ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in messages]
+        params: dict = {"model": self.model, "messages": msgs, self.max_tokens_field: max_tokens}
+        if temperature is not None and self._send_temperature:
+            params["temperature"] = temperature
+        return params
+
+    def _error(self, exc: BaseException) -> LLMError | None:
+        return _map_error(exc, self.name, self._sdk, self._sdk.OpenAIError)
+
+    async def complete(self, messages: list[Message], *, system: str | None = None, max_tokens: int = 512,
+                       temperature: float | None = 0.2) -> Completion:
+        """The whole reply at once."""
+        params = self._params(messages, system, max_tokens, temperature)
+        t0 = time.monotonic()
+        try:
+            resp = await self._create(params)
+        except Exception as exc:
+            if (err := self._error(exc)) is None:
+                raise
+            raise err from exc
+        if not resp.choices:
+            raise LLMError(f"{self.name}: the reply had no choices", retryable=True, provider=self.name)
+        usage = _openai_usage(resp.usage)
+        return Completion(resp.choices[0].message.content or "", usage, resp.model or self.model, self.name,
+                          time.monotonic() - t0)
+
+    def stream(self, messages: list[Message], *, system: str | None = None, max_tokens: int = 512,
+               temperature: float | None = 0.2) -> LLMStream:
+        """The reply as text deltas; `usage` comes from the final chunk (`include_usage`)."""
+        params = self._params(messages, system, max_tokens, temperature)
+        return LLMStream(self.name, self.model, self._raw_stream(params), self._error)
+
+    async def _raw_stream(self, params: dict) -> AsyncIterator[str | _End]:
+        usage, model, finished = Usage(), "", False
+        async with await self._create(params, stream=True, stream_options={"include_usage": True}) as chunks:
+            async for chunk in chunks:
+                model = chunk.model or model
+                if chunk.usage:
+                    usage = _openai_usage(chunk.usage)
+                for choice in chunk.choices[:1]:
+                    finished = finished or choice.finish_reason is not None
+                    if choice.delta and choice.delta.content:
+                        yield choice.delta.content
+        # A connection closed cleanly mid-reply ends the SDK's iterator without an error.
+        if not finished:
+            raise LLMError(f"{self.name}: the stream ended before the reply was complete", retryable=True,
+                           provider=self.name)
+        yield _End(usage, model)
+
+
+class AnthropicChat:
+    """Anthropic messages via the official SDK."""
+
+    name = "anthropic"
+
+    def __init__(self, api_key: str | None, model: str, base_url: str | None = None, timeout: float = 60,
+                 *, max_retries: int = 2) -> None:
+        import anthropic
+
+        self.model = model
+        self._sdk = anthropic
+        # An explicit key also stops the SDK from reading credentials from the environment or profiles.
+        self._client = anthropic.AsyncAnthropic(api_key=api_key or "unused", base_url=base_url, timeout=timeout,
+                                                max_retries=max_retries)
+        self._send_temperature = True
+
+    def _params(self, messages: list[Message], system: str | None, max_tokens: int,
+                temperature: float | None) -> dict:
+        _check(messages)
+        params: dict = {"model": self.model, "messages": [dict(m) for m in messages], "max_tokens": max_tokens}
+        if system:
+            params["system"] = system
+        # SDK 1.0 dropped the typed `temperature` argument; the API still takes it, except on newer
+        # models, which answer 400 "temperature is deprecated for this model".
+        if temperature is not None and self._send_temperature:
+            params["extra_body"] = {"temperature": temperature}
+        return params
+
+    async def _create(self, params: dict, **extra: Any) -> Any:
+        try:
+            return await self._client.messages.create(**params, **extra)
+        except self._sdk.BadRequestError as exc:
+            if not _rejects_temperature(exc, params.get("extra_body") or {}):
+                raise
+        self._send_temperature = False
+        logger.info("%s model %s rejects temperature; sending none from now on", self.name, self.model)
+        params = {k: v for k, v in params.items() if k != "extra_body"}
+        return await self._client.messages.create(**params, **extra)
+
+    def _error(self, exc: BaseException) -> LLMError | None:
+        return _map_error(exc, self.name, self._sdk, self._sdk.AnthropicError)
+
+    async def complete(self, messages: list[Message], *, system: str | None = None, max_tokens: int = 512,
+                       temperature: float | None = 0.2) -> Completion:
+        """The whole reply at once."""
+        params = self._params(messages, system, max_tokens, temperature)
+        t0 = time.monotonic()
+        try:
+            resp = await self._create(params)
+        except Exception as exc:
+            if (err := self._error(exc)) is None:
+                raise
+            raise err from exc
+        text = "".join(block.text for block in resp.content if block.type == "text")
+        usage = Usage(resp.usage.input_tokens, resp.usage.output_tokens)
+        return Completion(text, usage, resp.model or self.model, self.name, time.monotonic() - t0)
+
+    def stream(self, messages: list[Message], *, system: str | None = None, max_tokens: int = 512,
+               temperature: float | None = 0.2) -> LLMStream:
+        """The reply as text deltas; input tokens from `message_start`, output tokens from `message_delta`."""
+        params = self._params(messages, system, max_tokens, temperature)
+        return LLMStream(self.name, self.model, self._raw_stream(params), self._error)
+
+    async def _raw_stream(self, params: dict) -> AsyncIterator[str | _End]:
+        input_tokens = output_tokens = 0
+        model, stopped = "", False
+        async with await self._create(params, stream=True) as events:
+            async for ev in events:
+                if ev.type == "message_start":
+                    model = ev.message.model
+                    input_tokens = ev.message.usage.input_tokens
+                    output_tokens = ev.message.usage.output_tokens
+                elif ev.type == "content_block_delta" and ev.delta.type == "text_delta":
+                    yield ev.delta.text
+                elif ev.type == "message_delta":
+                    # Cumulative counts; input_tokens is only sometimes repeated here.
+                    output_tokens = ev.usage.output_tokens
+                    input_tokens = ev.usage.input_tokens or input_tokens
+                elif ev.type == "message_stop":
+                    stopped = True
+        if not stopped:
+            raise LLMError(f"{self.name}: the stream ended before the reply was complete", retryable=True,
+                           provider=self.name)
+        yield _End(Usage(input_tokens, output_tokens), model)
+
+
+@functools.cache
+def get_llm(settings: Settings) -> LLM | None:
+    """The configured chat model, one instance per settings; None means use the offline extractive path.
+
+    `STUDYHALL_LLM` ('extractive' | 'openai' | 'anthropic') wins; otherwise OpenAI when a key or base URL
+    is set, else Anthropic when a key is set. The SDK clients hold a connection pool: use the instance
+    from one event loop.
+    """
+    choice = (settings.llm_provider or "").strip().lower() or None
+    if choice not in (None, "auto", "extractive", "openai", "anthropic"):
+        raise ValueError(f"unknown STUDYHALL_LLM {settings.llm_provider!r}; expected extractive, openai or anthropic")
+    if choice in (None, "auto"):
+        if settings.openai_api_key or settings.openai_base_url:
+            choice = "openai"
+        elif settings.anthropic_api_key:
+            choice = "anthropic"
+        else:
+            return None
+    if choice == "extractive":
+        return None
+    if choice == "openai":
+        if not (settings.openai_api_key or settings.openai_base_url):
+            raise LLMError("STUDYHALL_LLM=openai needs OPENAI_API_KEY (or OPENAI_BASE_URL for a local server)",
+                           retryable=False, provider="openai")
+        return OpenAIChat(settings.openai_api_key, settings.openai_model, settings.openai_base_url)
+    if not (settings.anthropic_api_key or settings.anthropic_base_url):
+        raise LLMError("STUDYHALL_LLM=anthropic needs ANTHROPIC_API_KEY", retryable=False, provider="anthropic")
+    return AnthropicChat(settings.anthropic_api_key, settings.anthropic_model, settings.anthropic_base_url)
+
+
+# USD per million (input, output) tokens at list price (early 2026); update when they change. Cached and
+# batch discounts are ignored, so this is an upper bound for those calls.
+PRICES_PER_MTOK: dict[tuple[str, str], tuple[float, float]] = {
+    ("openai", "gpt-4o-mini"): (0.15, 0.60),
+    ("openai", "gpt-4o"): (2.50, 10.00),
+    ("openai", "gpt-4.1"): (2.00, 8.00),
+    ("openai", "gpt-4.1-mini"): (0.40, 1.60),
+    ("openai", "gpt-4.1-nano"): (0.10, 0.40),
+    ("openai", "gpt-5"): (1.25, 10.00),
+    ("openai", "gpt-5-mini"): (0.25, 2.00),
+    ("openai", "gpt-5-nano"): (0.05, 0.40),
+    ("anthropic", "claude-sonnet-4-6"): (3.00, 15.00),
+    ("anthropic", "claude-sonnet-4-5"): (3.00, 15.00),
+    ("anthropic", "claude-sonnet-4"): (3.00, 15.00),
+    ("anthropic", "claude-haiku-4-5"): (1.00, 5.00),
+    ("anthropic", "claude-3-5-haiku"): (0.80, 4.00),
+    ("anthropic", "claude-opus-4-6"): (5.00, 25.00),
+    ("anthropic", "claude-opus-4-5"): (5.00, 25.00),
+    ("anthropic", "claude-opus-4-1"): (15.00, 75.00),
+}
+# Servers report dated snapshots: gpt-4o-mini-2024-07-18, claude-sonnet-4-5-20250929, claude-3-5-haiku-latest.
+_SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
+
+
+def estimate_cost_usd(provider: str, model: str, usage: Usage) -> float | None:
+    """List-price cost of one call, or None for a model not in `PRICES_PER_MTOK` (e.g. self-hosted)."""
+    price = PRICES_PER_MTOK.get((provider, model)) or PRICES_PER_MTOK.get((provider, _SNAPSHOT.sub("", model)))
+    if price is None:
+        return None
+    return (usage.input_tokens * price[0] + usage.output_tokens * price[1]) / 1_000_000

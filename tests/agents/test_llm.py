@@ -1,0 +1,315 @@
+"""The chat-model interface against local servers that speak the OpenAI and Anthropic wire formats,
+through the real SDKs (retries off so failures are immediate)."""
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from agents.llm import (
+    LLM,
+    AnthropicChat,
+    Completion,
+    LLMError,
+    LLMStream,
+    OpenAIChat,
+    Usage,
+    estimate_cost_usd,
+    get_llm,
+)
+from store.settings import Settings
+from tests.agents.fake_llm_servers import ANTHROPIC_PATH, OPENAI_PATH, FakeLLMServer, Reply
+
+KEY = "sk-test-123"
+USER = [{"role": "user", "content": "What does binary search do?"}]
+PROVIDERS = ["openai", "anthropic"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with FakeLLMServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def srv(server: FakeLLMServer):
+    server.reset()
+    server.api_key = None
+    yield server
+    server.api_key = None
+
+
+def make(provider: str, srv: FakeLLMServer, key: str = KEY, model: str | None = None) -> LLM:
+    if provider == "openai":
+        return OpenAIChat(key, model or "gpt-4o-mini", base_url=srv.openai_base_url, max_retries=0)
+    return AnthropicChat(key, model or "claude-sonnet-4-6", base_url=srv.anthropic_base_url, max_retries=0)
+
+
+async def drain(stream: LLMStream) -> tuple[list[str], LLMError | None]:
+    got: list[str] = []
+    try:
+        async for delta in stream:
+            got.append(delta)
+    except LLMError as exc:
+        return got, exc
+    return got, None
+
+
+# -- happy paths -------------------------------------------------------------------------------------
+
+async def test_openai_complete_sends_chat_completion_and_reports_usage(srv):
+    srv.script(Reply("It halves the interval.", input_tokens=21, output_tokens=6, model="gpt-4o-mini-2024-07-18"))
+    llm = make("openai", srv)
+    out = await llm.complete(USER, system="You are a tutor.", max_tokens=100, temperature=0.1)
+
+    assert out == Completion("It halves the interval.", Usage(21, 6), "gpt-4o-mini-2024-07-18", "openai",
+                             out.latency_s)
+    assert 0 < out.latency_s < 10
+    req = srv.requests[-1]
+    assert req.path == OPENAI_PATH
+    assert req.headers["authorization"] == f"Bearer {KEY}"
+    assert req.body == {"model": "gpt-4o-mini", "max_tokens": 100, "temperature": 0.1,
+                        "messages": [{"role": "system", "content": "You are a tutor."}, *USER]}
+
+
+async def test_openai_stream_yields_deltas_then_usage_from_final_chunk(srv):
+    reply = Reply("Binary search halves the search interval each step.", chunks=5, input_tokens=30,
+                  output_tokens=11)
+    srv.script(reply)
+    stream = make("openai", srv).stream(USER, system="Be brief.", max_tokens=64)
+    assert stream.completion is None and not srv.requests  # lazy: nothing sent before iteration
+
+    deltas, err = await drain(stream)
+    assert err is None
+    assert deltas == reply.deltas() and len(deltas) == 5
+    assert stream.completion is not None
+    assert stream.completion.text == reply.text == stream.text
+    assert stream.usage == Usage(30, 11)
+    assert stream.completion.provider == "openai" and stream.completion.model == "gpt-4o-mini"
+    assert stream.first_delta_s is not None and stream.first_delta_s <= stream.completion.latency_s
+    body = srv.requests[-1].body
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert body["max_tokens"] == 64
+
+
+async def test_anthropic_complete_sends_messages_with_top_level_system(srv):
+    srv.script(Reply("It halves the interval.", input_tokens=19, output_tokens=5,
+                     model="claude-sonnet-4-5-20250929"))
+    llm = make("anthropic", srv)
+    out = await llm.complete(USER + [{"role": "assistant", "content": "Hm?"}, {"role": "user", "content": "Go"}],
+                             system="You are a tutor.", max_tokens=200)
+
+    assert out.text == "It halves the interval."
+    assert out.usage == Usage(19, 5)
+    assert (out.provider, out.model) == ("anthropic", "claude-sonnet-4-5-20250929")
+    req = srv.requests[-1]
+    assert req.path == ANTHROPIC_PATH
+    # anthropic SDK 2.x sends the API key as a bearer token (1.x and older: x-api-key)
+    assert KEY in (req.headers.get("x-api-key"), req.headers.get("authorization", "").removeprefix("Bearer "))
+    assert req.headers.get("anthropic-version")
+    assert req.body["system"] == "You are a tutor."
+    assert req.body["model"] == "claude-sonnet-4-6" and req.body["max_tokens"] == 200
+    assert req.body["temperature"] == 0.2
+    assert [m["role"] for m in req.body["messages"]] == ["user", "assistant", "user"]
+
+
+async def test_anthropic_stream_takes_usage_from_message_start_and_delta(srv):
+    reply = Reply("Each step discards half of the remaining items.", chunks=4, input_tokens=40, output_tokens=9)
+    srv.script(reply)
+    stream = make("anthropic", srv).stream(USER, system="Be brief.")
+    deltas, err = await drain(stream)
+
+    assert err is None and deltas == reply.deltas()
+    assert stream.completion is not None and stream.completion.text == reply.text
+    assert stream.usage == Usage(40, 9)  # input from message_start, output from message_delta
+    assert stream.completion.latency_s > 0
+    body = srv.requests[-1].body
+    assert body["stream"] is True and body["system"] == "Be brief."
+    assert "system" not in {m["role"] for m in body["messages"]}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_providers_satisfy_the_interface(srv, provider):
+    llm = make(provider, srv)
+    assert isinstance(llm, LLM)
+    assert llm.name == provider
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_closing_a_stream_early_stops_cleanly_and_the_client_stays_usable(srv, provider):
+    srv.script(Reply("one two three four five six", chunks=6, delay_s=0.05), Reply("after"))
+    llm = make(provider, srv)
+    async with llm.stream(USER) as stream:
+        first = await stream.__anext__()
+    assert first and stream.completion is None
+    await asyncio.to_thread(srv.wait_disconnects, 1)
+    assert srv.disconnects == 1  # the upstream request really was closed, not left streaming
+    assert (await llm.complete(USER)).text == "after"
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_temperature_none_is_not_sent(srv, provider):
+    await make(provider, srv).complete(USER, temperature=None)
+    assert "temperature" not in srv.requests[-1].body
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_a_model_that_rejects_temperature_is_retried_without_it_and_remembered(srv, provider):
+    srv.script(Reply(status=400), Reply("ok"))  # the 400 bodies blame temperature, as the real APIs do
+    llm = make(provider, srv)
+    assert (await llm.complete(USER)).text == "ok"
+    stream = llm.stream(USER)
+    await drain(stream)
+    bodies = [r.body for r in srv.requests]
+    assert [("temperature" in b) for b in bodies] == [True, False, False]
+    assert stream.completion is not None
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_other_bad_requests_are_not_retried(srv, provider):
+    srv.script(Reply(status=400, error_message="messages: roles must alternate"))
+    with pytest.raises(LLMError) as info:
+        await make(provider, srv).complete(USER)
+    assert info.value.status == 400 and not info.value.retryable
+    assert "roles must alternate" in info.value.message
+    assert len(srv.requests) == 1
+
+
+async def test_openai_max_tokens_field_follows_the_endpoint(srv, monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    assert OpenAIChat(KEY, "gpt-5-mini").max_tokens_field == "max_completion_tokens"
+    assert make("openai", srv).max_tokens_field == "max_tokens"  # type: ignore[attr-defined]
+    llm = OpenAIChat(KEY, "gpt-5-mini", base_url=srv.openai_base_url, max_retries=0,
+                     max_tokens_field="max_completion_tokens")
+    await llm.complete(USER, max_tokens=77)
+    body = srv.requests[-1].body
+    assert body["max_completion_tokens"] == 77 and "max_tokens" not in body
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_bad_messages_are_rejected_before_any_request(srv, provider):
+    llm = make(provider, srv)
+    with pytest.raises(ValueError):
+        await llm.complete([])
+    with pytest.raises(ValueError):
+        llm.stream([{"role": "system", "content": "hi"}])  # type: ignore[list-item]
+    assert not srv.requests
+
+
+# -- errors ------------------------------------------------------------------------------------------
+
+ERROR_CASES = [("openai", 401, False), ("openai", 429, True), ("openai", 500, True),
+               ("anthropic", 401, False), ("anthropic", 429, True), ("anthropic", 500, True),
+               ("anthropic", 529, True)]
+
+
+@pytest.mark.parametrize(("provider", "status", "retryable"), ERROR_CASES)
+async def test_http_errors_map_to_llm_error(srv, provider, status, retryable):
+    srv.script(Reply(status=status), Reply(status=status))
+    llm = make(provider, srv)
+    with pytest.raises(LLMError) as info:
+        await llm.complete(USER)
+    err = info.value
+    assert type(err) is LLMError
+    assert (err.status, err.retryable, err.provider) == (status, retryable, provider)
+    assert f"HTTP {status}" in err.message and err.message.startswith(provider)
+
+    stream = llm.stream(USER)
+    deltas, serr = await drain(stream)  # fails before streaming: nothing yielded
+    assert deltas == [] and serr is not None
+    assert (serr.status, serr.retryable) == (status, retryable)
+    assert len(srv.requests) == 2  # SDK retries are off
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_wrong_key_is_a_non_retryable_auth_error(srv, provider):
+    srv.api_key = "sk-the-real-one"
+    with pytest.raises(LLMError) as info:
+        await make(provider, srv, key="sk-wrong").complete(USER)
+    assert info.value.status == 401 and not info.value.retryable
+    assert "authentication" in info.value.message
+    assert (await make(provider, srv, key="sk-the-real-one").complete(USER)).text
+
+
+MIDSTREAM_CASES = [("openai", "drop"), ("openai", "error"), ("openai", "truncate"),
+                   ("anthropic", "drop"), ("anthropic", "error"), ("anthropic", "truncate")]
+
+
+@pytest.mark.parametrize(("provider", "mode"), MIDSTREAM_CASES)
+async def test_midstream_failure_raises_after_the_first_deltas(srv, provider, mode):
+    reply = Reply("Binary search halves the interval.", chunks=4, midstream=mode, fail_after=2)
+    srv.script(reply)
+    stream = make(provider, srv).stream(USER)
+    deltas, err = await drain(stream)
+
+    assert deltas == reply.deltas()[:2]  # the caller keeps the partial answer
+    assert stream.text == "".join(deltas)
+    assert err is not None and type(err) is LLMError and err.retryable
+    assert stream.completion is None
+    if mode == "error" and provider == "anthropic":
+        assert "overloaded_error" in err.message
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_unreachable_server_is_a_retryable_connection_error(provider):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    llm = (OpenAIChat(KEY, "m", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0, timeout=5)
+           if provider == "openai" else
+           AnthropicChat(KEY, "m", base_url=f"http://127.0.0.1:{port}", max_retries=0, timeout=5))
+    with pytest.raises(LLMError) as info:
+        await llm.complete(USER)
+    assert info.value.retryable and info.value.status is None
+    deltas, err = await drain(llm.stream(USER))
+    assert deltas == [] and err is not None and err.retryable
+
+
+# -- selection and cost ------------------------------------------------------------------------------
+
+def test_get_llm_selection_rules(srv):
+    assert get_llm(Settings()) is None
+    assert get_llm(Settings(openai_api_key="k", llm_provider="extractive")) is None
+
+    openai_key = get_llm(Settings(openai_api_key="k", anthropic_api_key="a"))
+    assert isinstance(openai_key, OpenAIChat) and openai_key.model == "gpt-4o-mini"
+    assert isinstance(get_llm(Settings(openai_base_url=srv.openai_base_url, openai_model="llama3")), OpenAIChat)
+
+    claude = get_llm(Settings(anthropic_api_key="a"))
+    assert isinstance(claude, AnthropicChat) and claude.model == "claude-sonnet-4-5"
+    assert isinstance(get_llm(Settings(openai_api_key="k", anthropic_api_key="a", llm_provider="Anthropic")),
+                      AnthropicChat)
+    assert isinstance(get_llm(Settings(anthropic_api_key="a", openai_api_key="k", llm_provider="openai")),
+                      OpenAIChat)
+
+    with pytest.raises(LLMError):
+        get_llm(Settings(anthropic_api_key="a", llm_provider="openai"))
+    with pytest.raises(LLMError):
+        get_llm(Settings(openai_api_key="k", llm_provider="anthropic"))
+    with pytest.raises(ValueError):
+        get_llm(Settings(llm_provider="gemini"))
+
+
+def test_get_llm_caches_one_instance_per_settings():
+    a = Settings(openai_api_key="k1")
+    assert get_llm(a) is get_llm(Settings(openai_api_key="k1"))
+    assert get_llm(a) is not get_llm(Settings(openai_api_key="k2"))
+
+
+async def test_get_llm_instance_talks_to_a_self_hosted_server_without_a_key(srv):
+    llm = get_llm(Settings(openai_base_url=srv.openai_base_url, openai_model="qwen2.5:7b"))
+    assert llm is not None
+    out = await llm.complete(USER)
+    assert out.text == Reply().text and srv.requests[-1].body["model"] == "qwen2.5:7b"
+
+
+def test_estimate_cost_usd():
+    assert estimate_cost_usd("openai", "gpt-4o-mini", Usage(1_000_000, 1_000_000)) == pytest.approx(0.75)
+    assert estimate_cost_usd("openai", "gpt-4o-mini-2024-07-18", Usage(2000, 500)) == pytest.approx(0.0006)
+    assert estimate_cost_usd("anthropic", "claude-sonnet-4-5-20250929", Usage(1000, 1000)) == pytest.approx(0.018)
+    assert estimate_cost_usd("openai", "gpt-4o", Usage(0, 0)) == 0
+    assert estimate_cost_usd("openai", "llama3", Usage(10, 10)) is None
+    assert estimate_cost_usd("anthropic", "gpt-4o-mini", Usage(10, 10)) is None
+    assert estimate_cost_usd("openai", "gpt-4o-audio-preview", Usage(10, 10)) is None
