@@ -56,6 +56,15 @@ async def _existing(conn: asyncpg.Connection, room_id: str, author_id: int | Non
     return Posted(_new_decoder.decode(raw), raw, False)
 
 
+# The author, whether they are muted in the room, and the stored event of an earlier post with this client_msg_id.
+_AUTHOR = """
+SELECT u.id, u.name, u.role,
+       EXISTS (SELECT 1 FROM room_mutes WHERE room_id = $1 AND user_id = u.id AND until > now()) AS muted,
+       (SELECT e.payload FROM messages m JOIN room_events e ON e.room_id = m.room_id AND e.seq = m.seq
+        WHERE m.room_id = $1 AND m.author_id = u.id AND m.client_msg_id = $3) AS original
+FROM users u WHERE u.id = $2"""
+
+
 async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room_id: str, author_id: int | None,
                        text: str, meta: dict[str, Any] | None = None, client_msg_id: str | None = None, *,
                        author_name: str = "Tutor", author_role: str = "tutor") -> Posted:
@@ -69,18 +78,22 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
     try:
         async with sequenced(db, redis) as box:
             conn = box.conn
-            if client_msg_id is not None:
-                found = await _existing(conn, room_id, author_id, client_msg_id)
-                if found is not None:
-                    return found
             if author_id is not None:
-                author = await conn.fetchrow("SELECT id, name, role FROM users WHERE id = $1", author_id)
+                # One round trip for the three questions asked before every human post.
+                author = await conn.fetchrow(_AUTHOR, room_id, author_id, client_msg_id)
                 if author is None:
                     raise LookupError(f"user {author_id} does not exist")
-                if await _muted(conn, room_id, author_id):
+                if author["original"] is not None:
+                    raw = author["original"].encode()
+                    return Posted(_new_decoder.decode(raw), raw, False)
+                if author["muted"]:
                     raise Refused("muted", "you are muted in this room")
                 ref = UserRef(id=author["id"], name=author["name"], role=author["role"])
             else:
+                if client_msg_id is not None:
+                    found = await _existing(conn, room_id, None, client_msg_id)
+                    if found is not None:
+                        return found
                 ref = UserRef(id=None, name=author_name, role=author_role)
             # The event needs the row's id and the row needs the seq: allocate, insert, then store the event.
             seq = await next_seq(conn, room_id)

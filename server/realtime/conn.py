@@ -1,16 +1,22 @@
 """One websocket connection to a room: ordered, exactly-once delivery of sequenced events, and a bounded
-outbound queue drained by its own writer task (a slow client never delays anyone else).
+outbound queue (a slow client never delays anyone else).
 
-Delivery rule: `last_seq` is the highest seq handed to the writer. A live event with seq <= last_seq is a
+Delivery rule: `last_seq` is the highest seq handed to the socket. A live event with seq <= last_seq is a
 duplicate and dropped; seq == last_seq + 1 is delivered; anything higher means a gap (or a replay in
 progress): the event waits in `pending` and `_fill` reads the missing range from Postgres, then drains
 `pending` in order. Replays wait for queue space; live events that find the queue full close the
 connection with 4008 (the client resumes with ?after=).
+
+Sending: an ASGI send only suspends when the transport is paused (its buffer is full). So frames are sent by
+driving the send coroutine directly, with no task switch per frame (that switch was most of fan-out's
+cost); when a send does suspend, it is resumed from the transport's wake-up, as a Task would resume it,
+and later frames wait in `out`, at most `queue_max` of them.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from store.events import CLOSE_SLOW_CONSUMER, Event, UserRef, encode
@@ -24,10 +30,15 @@ logger = logging.getLogger(__name__)
 FILL_BATCH = 500
 
 
+def text_frame(text: str) -> dict[str, Any]:
+    """The ASGI message for a text frame. The hub builds one per event and every local connection shares it."""
+    return {"type": "websocket.send", "text": text}
+
+
 class Conn:
-    __slots__ = ("hub", "access", "room", "user", "send", "queue", "queue_max", "writer", "fill_task", "closer",
-                 "main_task", "last_seq", "start_seq", "filling", "pending", "ready", "closing", "typing_at",
-                 "typing_active", "__weakref__")
+    __slots__ = ("hub", "access", "room", "user", "send", "out", "queue_max", "inflight", "broken", "space",
+                 "fill_task", "closer", "main_task", "last_seq", "start_seq", "filling", "pending", "ready",
+                 "closing", "typing_at", "typing_active", "__weakref__")
 
     def __init__(self, hub: Hub, access: RoomAccess, user: UserRef, send: Any, queue_max: int) -> None:
         self.hub = hub
@@ -36,15 +47,17 @@ class Conn:
         self.user = user
         self.send = send
         self.queue_max = max(queue_max, 1)
-        self.queue: asyncio.Queue[str] = asyncio.Queue(self.queue_max)
-        self.writer: asyncio.Task | None = None
+        self.out: deque[dict[str, Any]] = deque()  # outbound frames, at most queue_max
+        self.inflight: Any = None  # the send coroutine waiting for the transport, if any
+        self.broken = False  # a send failed: the peer is gone
+        self.space: asyncio.Future | None = None  # a replay waiting for room in `out`
         self.fill_task: asyncio.Task | None = None
         self.closer: asyncio.Task | None = None
         self.main_task: asyncio.Task | None = None
         self.last_seq = 0
         self.start_seq = 0  # where this connection's stream began (?after= or the room's seq at welcome)
         self.filling = True  # until the welcome is out, live events wait in `pending`
-        self.pending: dict[int, str] = {}
+        self.pending: dict[int, dict[str, Any]] = {}
         self.ready = False  # ephemeral events (presence, typing) are dropped before the welcome
         self.closing: tuple[int, str] | None = None
         self.typing_at = 0.0
@@ -52,56 +65,104 @@ class Conn:
 
     # --- outbound -------------------------------------------------------------------------------------
 
-    def start_writer(self) -> None:
-        self.writer = asyncio.create_task(self._write())
-
-    async def _write(self) -> None:
-        send, get = self.send, self.queue.get
-        try:
-            while True:
-                await send({"type": "websocket.send", "text": await get()})
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - the peer went away; the reader sees the disconnect
-            pass
-
-    def push(self, text: str) -> None:
-        """Queue a frame; a full queue closes the connection (4008)."""
-        if self.closing is not None:
+    def push(self, msg: dict[str, Any]) -> None:
+        """Send a frame now, or queue it behind a send waiting for the transport; a full queue closes the
+        connection (4008)."""
+        if self.closing is not None or self.broken:
             return
-        try:
-            self.queue.put_nowait(text)
-        except asyncio.QueueFull:
+        if len(self.out) >= self.queue_max:
             logger.info("closing slow consumer", extra={"fields": {"room": self.room, "user_id": self.user.id}})
             self.close_soon(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect with ?after=<last seq>")
+            return
+        self.out.append(msg)
+        if self.inflight is None:
+            self._pump()
+
+    async def _put(self, msg: dict[str, Any]) -> None:
+        """Queue a frame, waiting for room (replays: a slow reader only slows its own replay)."""
+        while len(self.out) >= self.queue_max and self.closing is None:
+            self.space = asyncio.get_running_loop().create_future()
+            await self.space
+        if self.closing is None and not self.broken:
+            self.out.append(msg)
+            if self.inflight is None:
+                self._pump()
+
+    def _pump(self) -> None:
+        """Send queued frames until one has to wait for the transport."""
+        out, send = self.out, self.send
+        while out and self.inflight is None:
+            if self.closing is not None or self.broken:
+                out.clear()
+                break
+            self._drive(send(out.popleft()))
+        if self.space is not None and len(out) < self.queue_max:
+            space, self.space = self.space, None
+            if not space.done():
+                space.set_result(None)
+
+    def _drive(self, coro: Any, exc: BaseException | None = None) -> None:
+        """Run a send coroutine until it finishes or waits on a future (then resume it from `_wake`)."""
+        try:
+            waiting = coro.send(None) if exc is None else coro.throw(exc)
+        except StopIteration:
+            self.inflight = None
+            return
+        except (Exception, asyncio.CancelledError):  # the peer went away; the reader sees the disconnect
+            self.inflight = None
+            self.broken = True
+            return
+        self.inflight = coro
+        if getattr(waiting, "_asyncio_future_blocking", False):
+            waiting._asyncio_future_blocking = False
+            waiting.add_done_callback(self._wake)
+        else:  # a bare yield: go on at the next turn of the loop
+            asyncio.get_running_loop().call_soon(self._wake, None)
+
+    def _wake(self, fut: asyncio.Future | None) -> None:
+        coro = self.inflight
+        if coro is None:  # abandoned (closing)
+            return
+        exc = None
+        if fut is not None:
+            exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        self._drive(coro, exc)
+        if self.inflight is None:
+            self._pump()
+
+    def _abandon_send(self) -> None:
+        coro, self.inflight = self.inflight, None
+        if coro is not None:
+            coro.close()  # it was waiting for the transport; nothing of it was written
+        self.out.clear()
 
     def push_event(self, event: Event) -> None:
-        self.push(encode(event).decode())
+        self.push(text_frame(encode(event).decode()))
 
-    def ephemeral(self, text: str) -> None:
+    def ephemeral(self, msg: dict[str, Any]) -> None:
         if self.ready:
-            self.push(text)
+            self.push(msg)
 
-    def offer(self, seq: int, text: str) -> None:
+    def offer(self, seq: int, msg: dict[str, Any]) -> None:
         """A live sequenced event (possibly duplicated or out of order across processes)."""
         if seq <= self.last_seq or self.closing is not None:
             return
         if self.filling or seq != self.last_seq + 1:
             if len(self.pending) >= self.queue_max:
                 self.pending.clear()  # nothing is lost: _fill reads the range from Postgres
-            self.pending[seq] = text
+            self.pending[seq] = msg
             if not self.filling:
                 self.start_fill()
             return
         self.last_seq = seq
-        self.push(text)
+        self.push(msg)
 
     def own(self, seq: int, text: str) -> None:
         """The original of a re-sent message: deliver it once, in order if it belongs to this stream."""
         if seq <= self.start_seq:
-            self.push(text)  # before this connection's stream: the client has not had it here
+            self.push(text_frame(text))  # before this connection's stream: the client has not had it here
         else:
-            self.offer(seq, text)
+            self.offer(seq, text_frame(text))
 
     # --- gap fill and replay --------------------------------------------------------------------------
 
@@ -111,7 +172,7 @@ class Conn:
             self.fill_task = asyncio.create_task(self._fill())
 
     async def _fill(self) -> None:
-        put = self.queue.put
+        put = self._put
         idle = 0
         try:
             while self.closing is None:
@@ -121,10 +182,10 @@ class Conn:
                         continue
                     if seq != self.last_seq + 1:  # seqs are never skipped; if rows were removed by hand, go on
                         logger.warning("hole in room log", extra={"fields": {"room": self.room, "seq": seq}})
-                    await put(payload)  # waits for the writer: a replay never overflows the queue
+                    await put(text_frame(payload))  # waits for room: a replay never overflows the queue
                     self.last_seq = seq
-                while (text := self.pending.pop(self.last_seq + 1, None)) is not None:
-                    await put(text)
+                while (msg := self.pending.pop(self.last_seq + 1, None)) is not None:
+                    await put(msg)
                     self.last_seq += 1
                 for seq in [s for s in self.pending if s <= self.last_seq]:
                     del self.pending[seq]
@@ -148,8 +209,7 @@ class Conn:
         """`resume`: drop what is queued and stream again from `after` (the caller pushes the welcome first)."""
         if self.fill_task is not None and not self.fill_task.done():
             self.fill_task.cancel()
-        while not self.queue.empty():
-            self.queue.get_nowait()
+        self.out.clear()  # a send already waiting for the transport goes first: it precedes the new welcome
         self.last_seq = self.start_seq = after
         for seq in [s for s in self.pending if s <= after]:
             del self.pending[seq]
@@ -162,10 +222,9 @@ class Conn:
         if self.closing is not None:
             return
         self.closing = (code, reason)
-        current = asyncio.current_task()
-        for task in (self.writer, self.fill_task):
-            if task is not None and task is not current and not task.done():
-                task.cancel()
+        self._abandon_send()
+        if self.fill_task is not None and self.fill_task is not asyncio.current_task() and not self.fill_task.done():
+            self.fill_task.cancel()
         self.closer = asyncio.create_task(self._close(code, reason))
 
     async def _close(self, code: int, reason: str) -> None:
@@ -177,6 +236,7 @@ class Conn:
                 self.main_task.cancel()
 
     def stop(self) -> None:
-        for task in (self.writer, self.fill_task):
-            if task is not None and not task.done():
-                task.cancel()
+        if self.fill_task is not None and not self.fill_task.done():
+            self.fill_task.cancel()
+        if self.closing is None:
+            self._abandon_send()

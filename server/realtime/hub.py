@@ -16,7 +16,7 @@ import asyncpg
 import msgspec
 from redis.asyncio import Redis
 
-from server.realtime.conn import Conn
+from server.realtime.conn import Conn, text_frame
 from store import live as live_repo
 from store import rooms as rooms_repo
 from store.events import INTERNAL, UserRef, Welcome, publish, room_topic, user_topic
@@ -104,7 +104,6 @@ class Hub:
         room = conn.room
         self.rooms.setdefault(room, set()).add(conn)
         self._idle_since.pop(room, None)
-        conn.start_writer()
         if room not in self._subscribed:
             waiter = self._sub_waiters.get(room)
             if waiter is None:
@@ -210,9 +209,9 @@ class Hub:
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         if not channel.startswith(self._prefix):
             if channel.startswith(self._user_prefix):  # personal events (job progress): every socket of the user
-                text = data.decode()
+                msg = text_frame(data.decode())
                 for conn in self._users.get(int(channel[len(self._user_prefix):]), ()):
-                    conn.ephemeral(text)
+                    conn.ephemeral(msg)
             return
         room = channel[len(self._prefix):].decode()
         conns = self.rooms.get(room)
@@ -223,16 +222,16 @@ class Hub:
             if env.type == "internal.kick" and env.user_id is not None:
                 self.kick_local(room, env.user_id)
             return
-        text = data.decode()  # once per process; every connection shares this string
+        msg = text_frame(data.decode())  # once per process; every connection shares this message
         if env.seq:
             seq = env.seq
             for conn in conns:
-                conn.offer(seq, text)
+                conn.offer(seq, msg)
         else:
             skip = env.user.id if env.type == "typing" and env.user is not None else None
             for conn in conns:
                 if conn.user.id != skip:
-                    conn.ephemeral(text)
+                    conn.ephemeral(msg)
 
     # --- periodic duties ------------------------------------------------------------------------------
 

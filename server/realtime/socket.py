@@ -41,7 +41,15 @@ def _after(socket: WebSocket) -> int | None | str:
     return int(raw) if raw.isdigit() and len(raw) < 19 else "bad"
 
 
-@websocket("/ws/rooms/{room_id:str}")
+class RoomWebSocket(WebSocket):
+    """Frames go straight to the server's send. The base class re-checks its connection state on every send;
+    the connection's own state (Conn.broken / closing) already covers that, and fan-out sends a lot."""
+
+    def send_wrapper(self, send):  # type: ignore[no-untyped-def]
+        return send
+
+
+@websocket("/ws/rooms/{room_id:str}", websocket_class=RoomWebSocket)
 async def room_socket(socket: WebSocket, room_id: str) -> None:
     state = socket.app.state
     hub: Hub = state.hub
