@@ -185,7 +185,7 @@ def tight(settings, data_dir: Path) -> str:
 
 
 @pytest.fixture
-async def store(settings):
+async def worker_db(settings):
     """A pool and Redis client of the test process, to act as a worker does (store functions directly)."""
     from redis.asyncio import Redis
 

@@ -175,3 +175,34 @@ async def test_kill9_during_1000_messages_loses_nothing(cluster, victim, make: F
     assert all(m.reconnects >= 1 for m in members[:3])
     n = fetch(settings, "SELECT count(*) AS n, max(seq) AS s FROM messages WHERE room_id = $1", course.room)[0]
     assert n["n"] == total and n["s"] == total
+
+
+async def test_committed_but_unpublished_events_still_arrive(cluster, make: Factory, worker_db):
+    """A publisher that dies between commit and publish loses nothing: the hub notices the connection is behind
+    the room's committed seq, or a later event shows the gap, and reads it from Postgres."""
+    from redis.asyncio import Redis
+
+    from store.embedded import free_port
+    from store.messages import post_message
+
+    pool, redis = worker_db
+    a_url, _ = cluster.urls
+    course = make_course(a_url, make, learners=1)
+    c = await Client.connect(a_url, course.room, course.learners[0])
+    dead = Redis(host="127.0.0.1", port=free_port())  # nothing listens: every publish fails (and is logged)
+    try:
+        t0 = time.monotonic()
+        await post_message(pool, dead, course.room, None, "never published", {}, "u1")
+        m = await c.expect("message.new", timeout=5)
+        assert m["seq"] == 1 and m["text"] == "never published"
+        assert time.monotonic() - t0 < 3  # presence TTL is 2 s here: caught up within two 0.67 s ticks
+        # a gap shown by a later event is filled at once, in order
+        await post_message(pool, dead, course.room, None, "lost", {}, "u2")
+        t0 = time.monotonic()
+        await post_message(pool, redis, course.room, None, "published", {}, "u3")
+        got = [await c.recv(timeout=2), await c.recv(timeout=2)]
+        assert [(f["seq"], f["text"]) for f in got] == [(2, "lost"), (3, "published")]
+        assert time.monotonic() - t0 < 0.6
+    finally:
+        await dead.aclose()
+        await c.close()

@@ -16,8 +16,8 @@ def _tags(union) -> set[str]:  # type: ignore[no-untyped-def]
     return {t.__struct_config__.tag for t in typing.get_args(union)}
 
 
-async def test_every_event_and_frame_type(server, client, make: Factory, store):
-    pool, redis = store
+async def test_every_event_and_frame_type(server, client, make: Factory, worker_db):
+    pool, redis = worker_db
     course = make_course(server, make, learners=2)
     inst, (a, b) = course.instructor, course.learners
     sid = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "All of it"}, headers=inst.h).json()["id"]

@@ -9,8 +9,8 @@ from tests.conftest import Factory
 from tests.server.conftest import Client, RawWs, make_course, ws_url
 
 
-async def test_slow_consumer_closed_4008_then_resumes(tight, make: Factory, store):
-    pool, redis = store
+async def test_slow_consumer_closed_4008_then_resumes(tight, make: Factory, worker_db):
+    pool, redis = worker_db
     course = make_course(tight, make, learners=2)
     slow_user, fast_user = course.learners
     # The slow client reads nothing for a while (a tiny socket buffer, reads only when told to).
