@@ -16,6 +16,20 @@ from store.settings import Settings
 logger = logging.getLogger(__name__)
 
 
+async def match_pods_weekly(ctx: dict[str, Any]) -> int:
+    """The weekly study-buddy round of every pod (once per pod and ISO week, so a re-run changes nothing)."""
+    from agents.matcher import match_all_pods
+
+    return await match_all_pods(ctx["pool"], ctx["redis"], ctx["settings"])
+
+
+async def check_leaderboards(ctx: dict[str, Any]) -> bool:
+    """Hourly: rebuild the leaderboards from the XP ledger when they are missing or disagree with it."""
+    from store.leaderboards import check_and_repair
+
+    return await check_and_repair(ctx["pool"], ctx["redis"]) is not None
+
+
 async def ping(ctx: dict[str, Any]) -> str:
     """A no-op job, used to check that a worker is consuming."""
     return "pong"
@@ -29,6 +43,9 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         ctx["pool"] = await create_pool(settings.database_url, min_size=1, max_size=8)
         ctx["embedder"] = functools.partial(embedder_for, settings)
         await recover_lost_jobs(ctx)
+        from store import leaderboards
+
+        leaderboards.EVENT_WINDOW_S = settings.leaderboard_event_s
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         pool = ctx.get("pool")
@@ -36,8 +53,12 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
             await pool.close()
 
     return dict(
-        functions=[ping, ingest_job],
-        cron_jobs=[cron(recover_lost_jobs, minute=set(range(0, 60, 5)), run_at_startup=False)],
+        functions=[ping, ingest_job, match_pods_weekly, check_leaderboards],
+        cron_jobs=[cron(recover_lost_jobs, minute=set(range(0, 60, 5)), run_at_startup=False),
+                   # progress, XP, leaderboards, matcher
+                   cron(match_pods_weekly, weekday=settings.match_weekday, hour=settings.match_hour, minute=0,
+                        run_at_startup=False, unique=True),
+                   cron(check_leaderboards, minute=17, run_at_startup=False, unique=True)],
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         on_startup=on_startup,
         on_shutdown=on_shutdown,

@@ -23,6 +23,9 @@ from server.observability import access_log_middleware
 from server.api.live import LiveController
 from server.api.pods import PodController
 from server.api.rooms import RoomController
+from server.api.leaderboards import LeaderboardController  # progress, XP, leaderboards, matcher
+from server.api.matcher import MatcherController
+from server.api.progress import ProgressController, progress_lifespan
 from server.realtime.lifespan import realtime_lifespan
 from server.realtime.socket import room_socket
 from store.db import create_pool
@@ -53,8 +56,9 @@ def create_app(settings: Settings) -> Litestar:
 
     return Litestar(
         route_handlers=[health, ready, metrics, CourseController, UserController, VideoController, JobController,
-                        room_socket, RoomController, PodController, LiveController],  # realtime rooms
-        lifespan=[lifespan, realtime_lifespan],  # realtime_lifespan uses the pools opened by lifespan
+                        room_socket, RoomController, PodController, LiveController,  # realtime rooms
+                        ProgressController, LeaderboardController, MatcherController],  # progress, XP, matcher
+        lifespan=[lifespan, realtime_lifespan, progress_lifespan],  # the others use the pools opened by lifespan
         middleware=[DefineMiddleware(JWTAuthMiddleware, exclude=PUBLIC_PATHS)],
         exception_handlers={HTTPException: http_exception_handler, Exception: internal_error_handler},
         openapi_config=OpenAPIConfig(title="studyhall", version="0.1.0", path="/schema"),

@@ -244,6 +244,42 @@ async def _reembed(settings: Settings, course_id: int | None) -> list[int]:
         await pool.close()
 
 
+def cmd_leaderboards(args: argparse.Namespace) -> int:
+    """`leaderboards rebuild`: rebuild every board from the XP ledger; `leaderboards check`: compare them."""
+    settings, services = _start(args)
+    try:
+        _migrate(settings)
+        return asyncio.run(_leaderboards(settings, args.action))
+    finally:
+        services.close()
+
+
+async def _leaderboards(settings: Settings, action: str) -> int:
+    from redis.asyncio import Redis
+
+    from store import keys, leaderboards
+    from store.db import create_pool
+
+    pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        if action == "check":
+            bad = await leaderboards.check(pool, redis)
+            built = bool(await redis.exists(keys.LEADERBOARD_BUILT))
+            print(("boards match the XP ledger" if built else "boards were never built") if not bad
+                  else f"{len(bad)} boards differ from the XP ledger: {', '.join(bad[:10])}")
+            return 0 if not bad and built else 1
+        done = await leaderboards.rebuild(pool, redis)
+        if done is None:
+            print("another process is rebuilding the leaderboards", file=sys.stderr)
+            return 1
+        print(f"rebuilt {done.boards} boards ({done.entries} entries, {done.replayed} replayed) in {done.seconds:.2f} s")
+        return 0
+    finally:
+        await redis.aclose()
+        await pool.close()
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings, services = _start(args)
     worker = None
@@ -298,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--title")
     re_ = add("reembed", cmd_reembed, "re-embed videos embedded by another model than the configured one")
     re_.add_argument("--course", type=int, help="only this course")
+    lb = add("leaderboards", cmd_leaderboards, "rebuild the Redis leaderboards from the XP ledger, or check them")
+    lb.add_argument("action", choices=["rebuild", "check"])
     return parser
 
 

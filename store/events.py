@@ -171,6 +171,56 @@ class PollClosed(Event, tag="poll.closed"):
     total: int
 
 
+# --- progress, XP and leaderboards (ephemeral; store/xp.py, store/leaderboards.py) ----------------------
+
+class XpAwarded(Event, tag="xp.awarded"):
+    """XP entered the learner's ledger: sent to that learner (topic `user:<id>`). `xp` is their new total;
+    `level_up` says this award crossed a level."""
+
+    user_id: int
+    kind: str
+    points: int
+    xp: int
+    level: int
+    level_up: bool = False
+    course_id: int | None = None
+
+
+class AchievementInfo(msgspec.Struct, kw_only=True):
+    id: str
+    title: str
+    description: str
+    tier: str  # common | rare | epic | legendary
+
+
+class AchievementUnlocked(Event, tag="achievement.unlocked"):
+    """The learner unlocked an achievement (once ever): sent to every room the learner has open
+    (topic `user:<id>`)."""
+
+    user: UserRef
+    achievement: AchievementInfo
+    unlocked_at: datetime
+
+
+class LeaderboardEntry(msgspec.Struct, kw_only=True):
+    user_id: int
+    name: str
+    xp: int
+    rank: int
+
+
+class LeaderboardChanged(Event, tag="leaderboard.changed"):
+    """A course's or pod's all-time board changed: sent to its room (`course:<id>`, `pod:<id>`), at most once
+    per STUDYHALL_LEADERBOARD_EVENT_S per board; the last change of a burst is always announced. `top` holds
+    the first ten entries."""
+
+    room: str
+    scope: str
+    scope_id: int
+    top: list[LeaderboardEntry]
+    period: str = "all"
+
+
 # --- internal control (never forwarded to clients) -----------------------------------------------------
 
 class Kick(Event, tag="internal.kick"):
@@ -183,6 +233,7 @@ class Kick(Event, tag="internal.kick"):
 ServerEvent = Union[
     Welcome, Presence, Typing, Error, Pong, MessageNew, MessageEdited, MessageDeleted, LiveStarted, LiveEnded,
     PollOpened, PollResults, PollClosed, JobProgress,
+    XpAwarded, AchievementUnlocked, LeaderboardChanged,  # progress, XP, leaderboards
 ]
 SEQUENCED = frozenset({"message.new", "message.edited", "message.deleted", "live.started", "live.ended",
                        "poll.opened", "poll.results", "poll.closed"})

@@ -41,3 +41,42 @@ def presence_user(room: str, user_id: int) -> str:
 
 def rate_send(user_id: int) -> str:
     return RATE_SEND.format(user_id=user_id)
+
+# --- progress, XP and leaderboards (store/leaderboards.py, store/progress.py) -------------------------
+# Leaderboards are rebuilt from the Postgres XP ledger (`xp_events`); nothing here is the truth.
+
+# ZSET of one board: member user id, score = XP. scope: tenant | course | pod; period: "all" (no TTL),
+# "m:<YYYY-MM>" (UTC calendar month) or "w:<YYYY-Www>" (UTC ISO week). Period keys expire
+# LEADERBOARD_PERIOD_GRACE_S after their period ends (EXPIREAT set by every write).
+LEADERBOARD = "sh:lb:{scope}:{scope_id}:{period}"
+LEADERBOARD_PERIOD_GRACE_S = 24 * 3600
+# HASH user id -> display name of the tenant's users on its boards (so a board read is Redis only). No TTL.
+LEADERBOARD_NAMES = "sh:lb:names:{tenant_id}"
+# STRING: the boards were built from the ledger (set by a rebuild). Missing (Redis flushed) -> rebuild. No TTL.
+LEADERBOARD_BUILT = "sh:lb:built"
+# STRING lock held by the one process rebuilding the boards. TTL 600 s.
+LEADERBOARD_LOCK = "sh:lb:lock"
+# STRING set while a rebuild runs: award updates also push their ledger id to LEADERBOARD_BACKLOG so the
+# rebuild can re-apply the ones its snapshot missed. TTL 3600 s. LIST backlog: same TTL.
+LEADERBOARD_BUILDING = "sh:lb:building"
+LEADERBOARD_BACKLOG = "sh:lb:backlog"
+# STRING throttle: one `leaderboard.changed` per board per STUDYHALL_LEADERBOARD_EVENT_S. TTL that window.
+LEADERBOARD_THROTTLE = "sh:lb:thr:{scope}:{scope_id}"
+# HASH token bucket (as RATE_SEND) limiting one user's progress reports. TTL: full refill time + 1 s.
+RATE_PROGRESS = "sh:rl:progress:{user_id}"
+
+
+def leaderboard(scope: str, scope_id: int, period: str) -> str:
+    return LEADERBOARD.format(scope=scope, scope_id=scope_id, period=period)
+
+
+def leaderboard_names(tenant_id: int) -> str:
+    return LEADERBOARD_NAMES.format(tenant_id=tenant_id)
+
+
+def leaderboard_throttle(scope: str, scope_id: int) -> str:
+    return LEADERBOARD_THROTTLE.format(scope=scope, scope_id=scope_id)
+
+
+def rate_progress(user_id: int) -> str:
+    return RATE_PROGRESS.format(user_id=user_id)

@@ -75,6 +75,13 @@ class Settings:
     ws_queue_max: int = 1000
     presence_ttl_s: float = 15.0
     presence_max: int = 200
+    # progress, XP, leaderboards, matcher
+    video_complete_share: float = 0.9
+    progress_rate: float = 1.0
+    progress_burst: int = 30
+    leaderboard_event_s: float = 5.0
+    match_weekday: int = 0
+    match_hour: int = 6
 
     @property
     def connection_env(self) -> Path:
@@ -120,6 +127,12 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         ws_queue_max=_int("STUDYHALL_WS_QUEUE", 1000),
         presence_ttl_s=_float("STUDYHALL_PRESENCE_TTL", 15.0),
         presence_max=_int("STUDYHALL_PRESENCE_MAX", 200),
+        video_complete_share=_float("STUDYHALL_VIDEO_COMPLETE_SHARE", 0.9),
+        progress_rate=_float("STUDYHALL_PROGRESS_RATE", 1.0),
+        progress_burst=_int("STUDYHALL_PROGRESS_BURST", 30),
+        leaderboard_event_s=_float("STUDYHALL_LEADERBOARD_EVENT_S", 5.0),
+        match_weekday=_int("STUDYHALL_MATCH_WEEKDAY", 0),
+        match_hour=_int("STUDYHALL_MATCH_HOUR", 6),
     )
 
 

@@ -3,6 +3,7 @@ Each frame received is decoded into its Struct; the test fails if a type is adde
 from __future__ import annotations
 
 import typing
+from datetime import datetime, timezone
 
 import msgspec
 
@@ -75,6 +76,19 @@ async def test_every_event_and_frame_type(server, client, make: Factory, worker_
                                                        progress=0.5))
     jp = keep(await ca.expect("job.progress"))
     assert jp["progress"] == 0.5 and "error" not in jp
+
+    # XP, achievements and boards (tests/server/test_progress.py and test_leaderboards.py drive them for real)
+    await publish(redis, user_topic(a.id), events.XpAwarded(user_id=a.id, kind="lesson_completed", points=50, xp=50,
+                                                            level=0))
+    assert keep(await ca.expect("xp.awarded"))["points"] == 50
+    await publish(redis, user_topic(a.id), events.AchievementUnlocked(
+        user=events.UserRef(id=a.id, name=a.name, role="learner"), unlocked_at=datetime.now(timezone.utc),
+        achievement=events.AchievementInfo(id="first-lesson", title="First steps", description="", tier="common")))
+    assert keep(await ca.expect("achievement.unlocked"))["achievement"]["tier"] == "common"
+    await publish(redis, events.room_topic(room), events.LeaderboardChanged(
+        room=room, scope="course", scope_id=course.id, top=[events.LeaderboardEntry(user_id=a.id, name=a.name, xp=50,
+                                                                                    rank=1)]))
+    assert keep(await ca.expect("leaderboard.changed"))["top"][0]["rank"] == 1
 
     await send(ca, {"type": "resume", "after_seq": 0})
     keep(await ca.expect("welcome"))

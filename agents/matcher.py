@@ -1,0 +1,363 @@
+"""Study-buddy matcher for a pod, as a LangGraph graph:
+
+    gather (profiles, pace, chapter strengths) -> weigh (pair weights) -> match (max-weight matching)
+    -> reasons (LLM when configured, template otherwise) -> post (store the round, post to the pod room)
+
+Pair weight = sum of WEIGHTS x factor, each factor in [0, 1]:
+  complement    mean over the course's chapters of |strength_a - strength_b| (one is strong where the other
+                is weak; strength = graded chapter score, else share of the chapter watched)
+  pace          1 - |course completion_a - completion_b|
+  availability  shared weekly free time in UTC, capped at 3 h (0.5 when either gave none)
+  timezone      1 - |UTC offset difference| / 12 h (circular)
+  goals         Jaccard similarity of the stated goals
+The matching is networkx's exact maximum-weight matching over every pair, with maximum cardinality (so
+everyone is paired when the pod is even); with an odd pod the one left over joins the pair it adds the most
+weight to, as a trio.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, TypedDict
+
+import asyncpg
+import networkx as nx
+from langgraph.graph import END, START, StateGraph
+from redis.asyncio import Redis
+
+from store import matching, messages, profiles, progress
+from store.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS = {"complement": 0.35, "pace": 0.15, "availability": 0.25, "timezone": 0.10, "goals": 0.15}
+AVAILABILITY_FULL_MIN = 180  # this much shared time a week counts as a perfect overlap
+SCALE = 10_000  # weights become integers for the matching (exact arithmetic, zero-weight pairs stay usable)
+AUTHOR_NAME = "Study buddies"
+AUTHOR_ROLE = "system"
+LLM_TIMEOUT_S = 30.0
+
+REASON_SYSTEM = (
+    "You introduce study buddies in an online course. Given facts about a pairing, write ONE friendly sentence "
+    "(at most 40 words) telling them why they were matched. Use only the facts given; no greetings, no emojis.")
+REASON_USER = "Members: {names}\nFacts:\n{facts}\nWrite the sentence."
+
+
+@dataclass
+class Learner:
+    user_id: int
+    name: str
+    timezone: str = "UTC"
+    slots: list[tuple[int, int]] = field(default_factory=list)  # [start, end) minutes of the UTC week
+    goals: list[str] = field(default_factory=list)
+    pace: float = 0.0  # share of the course's videos completed
+    strengths: dict[int, float] = field(default_factory=dict)  # chapter id -> 0..1
+    offset_h: float = 0.0
+
+
+# --- pure parts (tested against brute force) ------------------------------------------------------------
+
+def shared_minutes(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
+    return sum(max(0, min(e1, e2) - max(s1, s2)) for s1, e1 in a for s2, e2 in b)
+
+
+def factors(a: Learner, b: Learner, chapters: list[int]) -> dict[str, float]:
+    comp = (sum(abs(a.strengths.get(c, 0.0) - b.strengths.get(c, 0.0)) for c in chapters) / len(chapters)
+            if chapters else 0.0)
+    if a.slots and b.slots:
+        avail = min(1.0, shared_minutes(a.slots, b.slots) / AVAILABILITY_FULL_MIN)
+    else:
+        avail = 0.5
+    diff = abs(a.offset_h - b.offset_h) % 24
+    tz = 1.0 - min(diff, 24 - diff) / 12
+    ga, gb = {g.lower() for g in a.goals}, {g.lower() for g in b.goals}
+    goals = len(ga & gb) / len(ga | gb) if ga | gb else 0.0
+    return {"complement": comp, "pace": 1.0 - min(1.0, abs(a.pace - b.pace)), "availability": avail,
+            "timezone": tz, "goals": goals}
+
+
+def weight_of(f: dict[str, float]) -> float:
+    return sum(WEIGHTS[k] * f[k] for k in WEIGHTS)
+
+
+def int_weight(w: float) -> int:
+    return int(round(w * SCALE)) + 1
+
+
+def pair(a: int, b: int) -> tuple[int, int]:
+    return (a, b) if a < b else (b, a)
+
+
+def max_matching(ids: list[int], weights: dict[tuple[int, int], int]) -> list[list[int]]:
+    """The pairs of a maximum-weight matching among those of maximum cardinality (everyone paired when even).
+    `weights[(a, b)]` (a < b) for every pair of `ids`."""
+    g = nx.Graph()
+    g.add_nodes_from(ids)
+    for (a, b), w in weights.items():
+        g.add_edge(a, b, weight=w)
+    return sorted(sorted(p) for p in nx.max_weight_matching(g, maxcardinality=True))
+
+
+def best_groups(ids: list[int], weights: dict[tuple[int, int], int]) -> list[list[int]]:
+    """`max_matching`'s pairs; with an odd count the one left over joins the pair it adds the most weight to."""
+    ids = sorted(ids)
+    if len(ids) < 2:
+        return [ids] if ids else []
+    groups = max_matching(ids, weights)
+    left = [i for i in ids if not any(i in grp for grp in groups)]
+    if left:
+        (x,) = left
+        best = max(range(len(groups)),
+                   key=lambda k: (weights[pair(x, groups[k][0])] + weights[pair(x, groups[k][1])], -k))
+        groups[best] = sorted(groups[best] + [x])
+    return groups
+
+
+def group_weight(group: list[int], weights: dict[tuple[int, int], int]) -> int:
+    return sum(weights[pair(a, b)] for a, b in itertools.combinations(sorted(group), 2))
+
+
+# --- reasons ------------------------------------------------------------------------------------------------
+
+def _fmt_minutes(m: int) -> str:
+    h, mm = divmod(m, 60)
+    return f"{h} h" if not mm else (f"{h} h {mm} min" if h else f"{mm} min")
+
+
+def facts_for(group: list[Learner], chapter_titles: dict[int, str]) -> list[str]:
+    """Plain facts about a group, strongest first (the template and the LLM prompt both use them)."""
+    scored: list[tuple[float, str]] = []
+    pairs = list(itertools.combinations(group, 2))
+    chapters = list(chapter_titles)
+    fs = [factors(a, b, chapters) for a, b in pairs]
+    mean = {k: sum(f[k] for f in fs) / len(fs) for k in WEIGHTS}
+    # complement: who is ahead where
+    if chapters and mean["complement"] > 0.05:
+        ahead = []
+        for m in group:
+            others = [o for o in group if o is not m]
+            best = max(chapters, key=lambda c: m.strengths.get(c, 0) - max(o.strengths.get(c, 0) for o in others))
+            if m.strengths.get(best, 0) - max(o.strengths.get(best, 0) for o in others) > 0.2:
+                ahead.append(f"{m.name} is ahead on “{chapter_titles[best]}”")
+        if ahead:
+            scored.append((WEIGHTS["complement"] * mean["complement"], "; ".join(ahead) + " — you can teach each other"))
+    shared = min(shared_minutes(a.slots, b.slots) for a, b in pairs) if all(m.slots for m in group) else 0
+    if shared >= 30:
+        scored.append((WEIGHTS["availability"] * mean["availability"], f"{_fmt_minutes(shared)} of shared free time a week"))
+    common = set.intersection(*({g.lower() for g in m.goals} for m in group))
+    if common:
+        goals = [g for g in group[0].goals if g.lower() in common]
+        scored.append((WEIGHTS["goals"] * mean["goals"], "shared goals: " + ", ".join(goals)))
+    if mean["pace"] >= 0.8:
+        pcts = " and ".join(f"{round(m.pace * 100)}%" for m in group)
+        scored.append((WEIGHTS["pace"] * mean["pace"], f"a similar pace ({pcts} through the course)"))
+    if mean["timezone"] >= 0.9:
+        scored.append((WEIGHTS["timezone"] * mean["timezone"], "close timezones"))
+    scored.sort(key=lambda x: -x[0])
+    return [s for _, s in scored]
+
+
+def template_reason(group: list[Learner], chapter_titles: dict[int, str]) -> str:
+    facts = facts_for(group, chapter_titles)[:3]
+    if not facts:
+        return "Matched to balance this week's pod: a fresh partner to study with."
+    text = "; ".join(facts)
+    return text[0].upper() + text[1:] + "."
+
+
+async def llm_reason(llm: Any, group: list[Learner], chapter_titles: dict[int, str]) -> str | None:
+    facts = facts_for(group, chapter_titles) or ["they have not studied much yet; a fresh start together"]
+    prompt = REASON_USER.format(names=", ".join(m.name for m in group), facts="\n".join(f"- {f}" for f in facts))
+    try:
+        done = await asyncio.wait_for(llm.complete([{"role": "user", "content": prompt}], system=REASON_SYSTEM,
+                                                   max_tokens=120), LLM_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - a failed reason falls back to the template
+        logger.warning("matcher: LLM reason failed (%s); using the template", exc)
+        return None
+    text = " ".join(done.text.split())
+    return text[:400] if text else None
+
+
+def _get_llm(settings: Settings) -> Any:
+    try:
+        from agents.llm import get_llm
+    except ImportError:  # no model providers in this build: templates only
+        return None
+    try:
+        return get_llm(settings)
+    except Exception as exc:  # noqa: BLE001 - a misconfigured provider must not stop matching
+        logger.warning("matcher: no LLM (%s); using templates", exc)
+        return None
+
+
+# --- the graph ------------------------------------------------------------------------------------------------
+
+class MatchState(TypedDict, total=False):
+    pod_id: int
+    trigger: str  # manual | cron | decline
+    round_key: str | None
+    created_by: int | None
+    declined: list[int]
+    course_id: int
+    learners: dict[int, Learner]
+    chapter_titles: dict[int, str]
+    weights: dict[tuple[int, int], int]
+    groups: list[list[int]]
+    reasons: list[str]
+    reason_source: str
+    match: dict[str, Any] | None
+    skipped: bool
+
+
+@dataclass(frozen=True)
+class Group:
+    members: list[int]
+    reason: str
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    match_id: int
+    pod_id: int
+    groups: list[Group]
+    declined: list[int]
+    created_at: datetime
+    message_id: int | None
+
+
+def result_of(row: Any) -> MatchResult:
+    return MatchResult(match_id=row["id"], pod_id=row["pod_id"],
+                       groups=[Group(members=list(g["members"]), reason=g["reason"]) for g in row["groups"]],
+                       declined=list(row["declined"]), created_at=row["created_at"], message_id=row["message_id"])
+
+
+def build_graph(pool: asyncpg.Pool, redis: Redis, settings: Settings, llm: Any = None):  # type: ignore[no-untyped-def]
+    """The compiled matcher graph for these clients (`llm`: an agents.llm LLM, or None for templates)."""
+
+    async def gather(state: MatchState) -> MatchState:
+        async with pool.acquire() as conn:
+            if state.get("round_key") and await matching.round_exists(conn, state["pod_id"], state["round_key"]):
+                return {"skipped": True}
+            course_id = await conn.fetchval("SELECT course_id FROM pods WHERE id = $1", state["pod_id"])
+            members = [r for r in await matching.eligible_members(conn, state["pod_id"])
+                       if r["user_id"] not in set(state.get("declined", []))]
+            ids = [r["user_id"] for r in members]
+            profs = await profiles.profiles_of(conn, ids)
+            pace = await progress.course_completion(conn, ids, course_id) if ids else {}
+            titles, strengths = await progress.chapter_strengths(conn, ids, course_id) if ids else ({}, {})
+        now = datetime.now(timezone.utc)
+        learners = {r["user_id"]: Learner(
+            user_id=r["user_id"], name=r["name"], timezone=profs[r["user_id"]].timezone,
+            slots=profiles.utc_week_minutes(profs[r["user_id"]], now), goals=profs[r["user_id"]].goals,
+            pace=pace.get(r["user_id"], 0.0), strengths=strengths.get(r["user_id"], {}),
+            offset_h=profiles.utc_offset_hours(profs[r["user_id"]].timezone, now)) for r in members}
+        return {"course_id": course_id, "learners": learners, "chapter_titles": titles, "skipped": False}
+
+    async def weigh(state: MatchState) -> MatchState:
+        chapters = list(state["chapter_titles"])
+        ls = state["learners"]
+        return {"weights": {pair(a, b): int_weight(weight_of(factors(ls[a], ls[b], chapters)))
+                            for a, b in itertools.combinations(sorted(ls), 2)}}
+
+    async def match(state: MatchState) -> MatchState:
+        groups = best_groups(list(state["learners"]), state["weights"])
+        return {"groups": [g for g in groups if len(g) >= 2]}
+
+    async def reasons(state: MatchState) -> MatchState:
+        ls, titles = state["learners"], state["chapter_titles"]
+        groups = [[ls[i] for i in g] for g in state["groups"]]
+        if llm is not None and groups:
+            got = await asyncio.gather(*(llm_reason(llm, g, titles) for g in groups))
+            if all(got):
+                return {"reasons": list(got), "reason_source": "llm"}  # type: ignore[arg-type]
+            return {"reasons": [r or template_reason(g, titles) for r, g in zip(got, groups)], "reason_source": "mixed"}
+        return {"reasons": [template_reason(g, titles) for g in groups], "reason_source": "template"}
+
+    async def post(state: MatchState) -> MatchState:
+        groups = [{"members": g, "reason": r} for g, r in zip(state["groups"], state["reasons"])]
+        async with pool.acquire() as conn:
+            row = await matching.save_round(conn, state["pod_id"], state["trigger"], groups,
+                                            round_key=state.get("round_key"), created_by=state.get("created_by"),
+                                            declined=state.get("declined", []))
+        if row is None:
+            return {"skipped": True}
+        ls = state["learners"]
+        lines = [f"• {' + '.join(ls[m].name for m in g['members'])}: {g['reason']}" for g in groups]
+        text = ("This week's study buddies:\n" + "\n".join(lines)) if lines else \
+            "Not enough learners left to pair up this round."
+        meta = {"kind": "study_buddies", "match_id": row["id"], "groups": groups, "reason_source": state["reason_source"],
+                "declined": state.get("declined", [])}
+        message_id = None
+        try:
+            posted = await messages.post_message(pool, redis, f"pod:{state['pod_id']}", None, text, meta,
+                                                 f"match:{row['id']}", author_name=AUTHOR_NAME, author_role=AUTHOR_ROLE)
+            message_id = posted.event.id
+            async with pool.acquire() as conn:
+                await matching.set_message(conn, row["id"], message_id)
+        except Exception:  # noqa: BLE001 - the round stands; only its announcement failed
+            logger.warning("matcher: could not post to pod %s", state["pod_id"], exc_info=True)
+        return {"match": dict(row, message_id=message_id)}
+
+    g = StateGraph(MatchState)
+    g.add_node("gather", gather)
+    g.add_node("weigh", weigh)
+    g.add_node("match", match)
+    g.add_node("reasons", reasons)
+    g.add_node("post", post)
+    g.add_edge(START, "gather")
+    g.add_conditional_edges("gather", lambda s: END if s.get("skipped") else "weigh")
+    g.add_edge("weigh", "match")
+    g.add_edge("match", "reasons")
+    g.add_edge("reasons", "post")
+    g.add_edge("post", END)
+    return g.compile()
+
+
+async def run_match(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id: int, *, trigger: str = "manual",
+                    created_by: int | None = None, round_key: str | None = None, declined: list[int] | None = None,
+                    llm: Any = "settings") -> MatchResult | None:
+    """Match the pod's learners and post the result to its room; None when `round_key` already ran."""
+    model = _get_llm(settings) if llm == "settings" else llm
+    graph = build_graph(pool, redis, settings, model)
+    out = await graph.ainvoke({"pod_id": pod_id, "trigger": trigger, "round_key": round_key,
+                               "created_by": created_by, "declined": list(declined or [])})
+    if out.get("skipped") or not out.get("match"):
+        return None
+    return result_of(out["match"])
+
+
+class DeclineError(Exception):
+    pass
+
+
+async def decline(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id: int, user_id: int,
+                  llm: Any = "settings") -> MatchResult:
+    """The learner sits this round out: the rest of the pod is matched again without them (and without earlier
+    decliners of this round)."""
+    async with pool.acquire() as conn:
+        cur = await matching.current(conn, pod_id)
+    if cur is None or not any(user_id in g["members"] for g in cur["groups"]):
+        raise DeclineError("you are not in this pod's current study-buddy round")
+    result = await run_match(pool, redis, settings, pod_id, trigger="decline", created_by=user_id,
+                             declined=sorted(set(cur["declined"]) | {user_id}), llm=llm)
+    assert result is not None
+    return result
+
+
+async def match_all_pods(pool: asyncpg.Pool, redis: Redis, settings: Settings, at: datetime | None = None,
+                         llm: Any = "settings") -> int:
+    """The weekly round for every pod with two or more learners (once per pod and ISO week)."""
+    key = matching.week_key(at)
+    async with pool.acquire() as conn:
+        pods = await matching.pods_to_match(conn)
+    n = 0
+    for pod_id in pods:
+        try:
+            if await run_match(pool, redis, settings, pod_id, trigger="cron", round_key=key, llm=llm) is not None:
+                n += 1
+        except Exception:  # noqa: BLE001 - one pod's failure must not stop the others
+            logger.exception("matcher: weekly round failed for pod %s", pod_id)
+    return n

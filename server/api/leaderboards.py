@@ -1,0 +1,51 @@
+"""Leaderboards: GET /api/v1/leaderboards/{scope}/{id}?period=&limit= (Redis only)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from litestar import Controller, Request, get
+from litestar.params import Parameter
+
+from server.api.progress import rebuild_soon
+from server.api.progress_schemas import LeaderboardOut, Me
+from server.auth import AuthUser
+from server.errors import ApiError
+from store import courses as courses_repo
+from store import leaderboards
+from store import pods as pods_repo
+
+
+class LeaderboardController(Controller):
+    path = "/api/v1/leaderboards"
+    tags = ["leaderboards"]
+
+    @get("/{kind:str}/{scope_id:int}")
+    async def board(self, request: Request, kind: str, scope_id: int,
+                    period: Literal["all", "month", "week"] = "all",
+                    limit: int = Parameter(ge=1, le=100, default=10)) -> LeaderboardOut:
+        """`scope`: tenant (id = your tenant id), course (a course you can see) or pod (a pod you are in; staff:
+        any pod of the tenant). Months and weeks are UTC. Equal XP shares a rank."""
+        user: AuthUser = request.user
+        state = request.app.state
+        scope = kind  # `scope` is a reserved parameter name in Litestar
+        if scope not in leaderboards.SCOPES:
+            raise ApiError(404, f"unknown leaderboard scope {scope!r}; use tenant, course or pod")
+        if scope == "tenant":
+            if scope_id != user.tenant_id:
+                raise ApiError(404, f"tenant {scope_id} not found")
+        else:
+            async with state.pool.acquire() as conn:
+                if scope == "course":
+                    ok = await courses_repo.visible_course(conn, scope_id, user.id, user.tenant_id, user.role)
+                else:
+                    ok = await pods_repo.pod_in_tenant(conn, scope_id, user.tenant_id)
+                    if ok is not None and not user.is_staff and not await pods_repo.is_member(conn, scope_id, user.id):
+                        ok = None
+            if ok is None:
+                raise ApiError(404, f"{scope} {scope_id} not found")
+        board = await leaderboards.read(state.redis, scope, scope_id, user.tenant_id, period, user.id, limit=limit)
+        if not board.built:
+            rebuild_soon(state)
+        me = Me(rank=board.me.rank, xp=board.me.xp) if board.me else Me(rank=None, xp=0)
+        return LeaderboardOut(scope=scope, id=scope_id, period=period, count=board.count, entries=board.entries,
+                              me=me, neighbours=board.neighbours)

@@ -1,0 +1,109 @@
+"""Study-buddy matching and the learner's pod profile: /api/v1/pods/{id}/match[/decline],
+/api/v1/pods/{id}/profiles, /api/v1/me/profile."""
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+import msgspec
+from litestar import Controller, Request, get, patch, post
+
+from agents import matcher
+from server.api.progress_schemas import GroupOut, MatchOut, ProfileIn, ProfileOut, Slot
+from server.auth import AuthUser, staff_only
+from server.decode import read_json
+from server.errors import ApiError
+from store import matching
+from store import pods as pods_repo
+from store import profiles
+
+logger = logging.getLogger(__name__)
+
+
+def to_profile(p: profiles.Profile) -> ProfileOut:
+    return ProfileOut(user_id=p.user_id, timezone=p.timezone,
+                      availability=[Slot(day=d, start=a, end=b) for d, a, b in p.slots()],  # type: ignore[arg-type]
+                      goals=p.goals, updated_at=p.updated_at)
+
+
+def to_match(r: matcher.MatchResult) -> MatchOut:
+    return MatchOut(match_id=r.match_id, pod_id=r.pod_id, groups=[GroupOut(members=g.members, reason=g.reason)
+                                                                  for g in r.groups],
+                    declined=r.declined, created_at=r.created_at, message_id=r.message_id)
+
+
+async def _pod(conn: asyncpg.Connection, pod_id: int, user: AuthUser) -> asyncpg.Record:
+    """Staff of the tenant see every pod; learners the pods they are in. 404 otherwise."""
+    pod = await pods_repo.pod_in_tenant(conn, pod_id, user.tenant_id)
+    if pod is None or (not user.is_staff and not await pods_repo.is_member(conn, pod_id, user.id)):
+        raise ApiError(404, f"pod {pod_id} not found")
+    return pod
+
+
+class MatcherController(Controller):
+    path = "/api/v1"
+    tags = ["matcher"]
+
+    @get("/me/profile")
+    async def my_profile(self, request: Request) -> ProfileOut:
+        async with request.app.state.pool.acquire() as conn:
+            return to_profile(await profiles.get_profile(conn, request.user.id))
+
+    @patch("/me/profile")
+    async def update_profile(self, request: Request) -> ProfileOut:
+        """Change any of `timezone` (IANA name; streak days follow it), `availability` (weekly slots
+        `{day: mon..sun, start: "HH:MM", end: "HH:MM"}` in that timezone) and `goals` (up to 8 short texts)."""
+        data = await read_json(request, ProfileIn)
+        try:
+            tz = None if data.timezone is msgspec.UNSET else profiles.check_timezone(data.timezone)
+            slots = None if data.availability is msgspec.UNSET else profiles.check_availability(
+                [(s.day, s.start, s.end) for s in data.availability])
+            goals = None if data.goals is msgspec.UNSET else profiles.check_goals(data.goals)
+        except profiles.ProfileError as exc:
+            raise ApiError(400, str(exc), field=exc.field) from exc
+        async with request.app.state.pool.acquire() as conn:
+            return to_profile(await profiles.update_profile(conn, request.user.id, timezone_name=tz,
+                                                            availability=slots, goals=goals))
+
+    @get("/pods/{pod_id:int}/profiles")
+    async def pod_profiles(self, request: Request, pod_id: int) -> list[ProfileOut]:
+        """The pod profiles of the pod's learners (for its members and staff)."""
+        async with request.app.state.pool.acquire() as conn:
+            await _pod(conn, pod_id, request.user)
+            ids = [r["user_id"] for r in await matching.eligible_members(conn, pod_id)]
+            got = await profiles.profiles_of(conn, ids)
+        return [to_profile(got[i]) for i in ids]
+
+    @post("/pods/{pod_id:int}/match", guards=[staff_only], status_code=201)
+    async def match(self, request: Request, pod_id: int) -> MatchOut:
+        """Pair the pod's learners now (a trio when odd) and post the pairs to the pod room."""
+        state = request.app.state
+        async with state.pool.acquire() as conn:
+            await _pod(conn, pod_id, request.user)
+            if len(await matching.eligible_members(conn, pod_id)) < 2:
+                raise ApiError(409, "the pod needs at least two enrolled learners to match", code="too_few")
+        result = await matcher.run_match(state.pool, state.redis, state.settings, pod_id, trigger="manual",
+                                         created_by=request.user.id)
+        assert result is not None
+        return to_match(result)
+
+    @get("/pods/{pod_id:int}/match")
+    async def current(self, request: Request, pod_id: int) -> MatchOut:
+        async with request.app.state.pool.acquire() as conn:
+            await _pod(conn, pod_id, request.user)
+            row = await matching.current(conn, pod_id)
+        if row is None:
+            raise ApiError(404, f"pod {pod_id} has no study-buddy round yet")
+        return to_match(matcher.result_of(row))
+
+    @post("/pods/{pod_id:int}/match/decline", status_code=200)
+    async def decline(self, request: Request, pod_id: int) -> MatchOut:
+        """Sit this round out: the rest of the pod is matched again without you."""
+        state = request.app.state
+        async with state.pool.acquire() as conn:
+            await _pod(conn, pod_id, request.user)
+        try:
+            result = await matcher.decline(state.pool, state.redis, state.settings, pod_id, request.user.id)
+        except matcher.DeclineError as exc:
+            raise ApiError(409, str(exc), code="not_matched") from exc
+        return to_match(result)

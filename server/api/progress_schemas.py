@@ -1,0 +1,168 @@
+"""Request and response bodies of the progress, XP, leaderboard and matcher REST API (msgspec Structs)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from server.api.schemas import Strict
+from store.events import AchievementInfo, LeaderboardEntry
+
+Seconds = Annotated[float, Meta(ge=0, le=10 * 24 * 3600)]
+# Ranges are validated against the video's duration by the store; here only their shape.
+Range = Annotated[list[float], Meta(min_length=2, max_length=2)]
+
+
+class ProgressIn(Strict):
+    position: float
+    watched: Annotated[list[Range], Meta(max_length=200)] = []
+
+
+class VideoProgress(msgspec.Struct):
+    video_id: int
+    course_id: int
+    duration: float
+    position: float
+    watched: list[list[float]]
+    watched_s: float
+    fraction: float
+    completed: bool
+    completed_at: datetime | None
+    time_spent_s: float
+    updated_at: datetime | None
+    xp_awarded: list[str] = []  # kinds of XP this report earned
+
+
+class CourseVideoProgress(msgspec.Struct):
+    video_id: int
+    title: str
+    duration: float | None
+    position: float
+    fraction: float
+    completed: bool
+    time_spent_s: float
+    updated_at: datetime | None
+
+
+class CourseProgress(msgspec.Struct):
+    course_id: int
+    user_id: int
+    completion: float
+    completed_videos: int
+    total_videos: int
+    time_spent_s: float
+    last_activity_at: datetime | None
+    videos: list[CourseVideoProgress]
+
+
+class BookmarkIn(Strict):
+    at: Seconds
+    note: Annotated[str, Meta(max_length=2000)] = ""
+
+
+class Bookmark(msgspec.Struct):
+    id: int
+    video_id: int
+    at: float
+    note: str
+    created_at: datetime
+
+
+class StreakOut(msgspec.Struct):
+    current: int
+    longest: int
+    last_day: str | None
+    today: str
+    active_today: bool
+    freeze_available: bool
+    timezone: str
+
+
+class Stats(msgspec.Struct):
+    user_id: int
+    xp: int
+    level: int
+    level_xp: int  # where the current level starts
+    next_level_xp: int
+    counts: dict[str, int]
+    streak: StreakOut
+
+
+class XpEvent(msgspec.Struct):
+    id: int
+    kind: str
+    points: int
+    key: str
+    course_id: int | None
+    at: datetime
+
+
+class AchievementOut(msgspec.Struct):
+    achievement: AchievementInfo
+    requirement: str
+    progress: int
+    target: int
+    unlocked_at: datetime | None
+
+
+class HelpfulMark(msgspec.Struct):
+    message_id: int
+    room: str
+    author_id: int
+    marked_by: int | None
+    marked_at: datetime
+
+
+class Me(msgspec.Struct):
+    rank: int | None
+    xp: int
+
+
+class LeaderboardOut(msgspec.Struct):
+    scope: str
+    id: int
+    period: str
+    count: int
+    entries: list[LeaderboardEntry]
+    me: Me
+    neighbours: list[LeaderboardEntry]
+
+
+Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+HHMM = Annotated[str, Meta(pattern=r"^\d{2}:\d{2}$")]
+
+
+class Slot(msgspec.Struct, forbid_unknown_fields=True):
+    day: Day
+    start: HHMM
+    end: HHMM
+
+
+class ProfileIn(Strict):
+    timezone: Annotated[str, Meta(min_length=1, max_length=64)] | UnsetType = UNSET
+    availability: Annotated[list[Slot], Meta(max_length=28)] | UnsetType = UNSET
+    goals: Annotated[list[Annotated[str, Meta(max_length=80)]], Meta(max_length=8)] | UnsetType = UNSET
+
+
+class ProfileOut(msgspec.Struct):
+    user_id: int
+    timezone: str
+    availability: list[Slot]
+    goals: list[str]
+    updated_at: datetime | None
+
+
+class GroupOut(msgspec.Struct):
+    members: list[int]
+    reason: str
+
+
+class MatchOut(msgspec.Struct):
+    match_id: int
+    pod_id: int
+    groups: list[GroupOut]
+    declined: list[int]
+    created_at: datetime
+    message_id: int | None

@@ -1,0 +1,425 @@
+"""Leaderboards: Redis sorted sets derived from the XP ledger (`xp_events`), which stays the truth.
+
+Boards: scope `tenant` (global per tenant), `course`, `pod`; period `all`, `month`, `week`. Periods are
+UTC: a month is the calendar month, a week the ISO week from Monday 00:00 UTC (one instant for everyone, so
+a weekly league closes at the same moment for every learner; streaks use the learner's own timezone).
+Period keys expire a day after their period ends, so nothing has to clean them up.
+
+Writes: every award runs one script that bumps each of its boards (and records the display name), after the
+ledger row has committed. Rebuild (`rebuild`): at startup when `sh:lb:built` is missing (Redis flushed or
+new), from the CLI, or when `check` finds a board that disagrees with the ledger. It reads one snapshot of
+the ledger, builds every board under a temporary name and swaps them all in atomically; awards that commit
+meanwhile are logged in a backlog and re-applied when the snapshot missed them, so the result equals the
+ledger exactly (same XP, same ranks).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import asyncpg
+from redis.asyncio import Redis
+
+from store import keys
+from store.events import LeaderboardChanged, LeaderboardEntry, publish, room_topic
+
+logger = logging.getLogger(__name__)
+
+SCOPES = ("tenant", "course", "pod")
+PERIODS = ("all", "month", "week")
+NEIGHBOURS = 2  # entries shown on each side of the caller
+# Seconds between two `leaderboard.changed` events of one board; the server and worker set it from settings.
+EVENT_WINDOW_S = 5.0
+
+# --- periods -------------------------------------------------------------------------------------------
+
+
+def _utc(at: datetime | None) -> datetime:
+    at = at or datetime.now(timezone.utc)
+    return at.astimezone(timezone.utc) if at.tzinfo else at.replace(tzinfo=timezone.utc)
+
+
+def period_bounds(period: str, at: datetime | None = None) -> tuple[datetime, datetime] | None:
+    """[start, end) of the UTC month or ISO week holding `at`; None for `all`."""
+    at = _utc(at)
+    if period == "all":
+        return None
+    if period == "month":
+        start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = (start + timedelta(days=32)).replace(day=1)
+        return start, end
+    if period == "week":
+        start = (at - timedelta(days=at.weekday())).replace(hour=0, minute=0, second=0, microsecond=0)
+        return start, start + timedelta(days=7)
+    raise ValueError(f"unknown period {period!r}")
+
+
+def period_tag(period: str, at: datetime | None = None) -> str:
+    at = _utc(at)
+    if period == "all":
+        return "all"
+    if period == "month":
+        return f"m:{at:%Y-%m}"
+    if period == "week":
+        year, week, _ = at.isocalendar()
+        return f"w:{year}-W{week:02d}"
+    raise ValueError(f"unknown period {period!r}")
+
+
+def board_key(scope: str, scope_id: int, period: str, at: datetime | None = None) -> str:
+    """The Redis key of a board (`at` picks the month/week; default now)."""
+    return keys.leaderboard(scope, scope_id, period_tag(period, at))
+
+
+def expire_at(period: str, at: datetime | None = None) -> int:
+    """Unix time a period key expires (0 for `all`: never)."""
+    bounds = period_bounds(period, at)
+    return 0 if bounds is None else int(bounds[1].timestamp()) + keys.LEADERBOARD_PERIOD_GRACE_S
+
+
+def boards_of(tenant_id: int, course_id: int | None, pod_ids: list[int], at: datetime) -> list[tuple[str, int]]:
+    """(key, expire-at) of every board one ledger event counts on; period boards already expired are left out."""
+    scopes = [("tenant", tenant_id)] + ([("course", course_id)] if course_id is not None else [])
+    scopes += [("pod", p) for p in pod_ids]
+    now = time.time()
+    out = []
+    for scope, sid in scopes:
+        for period in PERIODS:
+            exp = expire_at(period, at)
+            if exp == 0 or exp > now:
+                out.append((board_key(scope, sid, period, at), exp))
+    return out
+
+
+# --- writes --------------------------------------------------------------------------------------------
+
+# KEYS: building flag, backlog, names hash, boards... ARGV: points, user id, name, ledger id, expire-at per board.
+_AWARD = """
+for i = 4, #KEYS do
+  redis.call('ZINCRBY', KEYS[i], ARGV[1], ARGV[2])
+  local exp = tonumber(ARGV[i + 1])
+  if exp > 0 then redis.call('EXPIREAT', KEYS[i], exp) end
+end
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[4])
+  redis.call('EXPIRE', KEYS[2], 3600)
+end
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One ledger event as the boards see it."""
+
+    id: int
+    tenant_id: int
+    user_id: int
+    name: str
+    points: int
+    course_id: int | None
+    pod_ids: list[int]
+    at: datetime
+
+
+class _Scripts:
+    """Scripts registered per Redis client (a client belongs to one event loop)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.award = redis.register_script(_AWARD)
+        self.read = redis.register_script(_READ)
+        self.swap = redis.register_script(_SWAP)
+
+
+_scripts: dict[int, _Scripts] = {}
+
+
+def scripts(redis: Redis) -> _Scripts:
+    s = _scripts.get(id(redis))
+    if s is None:
+        s = _scripts[id(redis)] = _Scripts(redis)
+    return s
+
+
+async def apply(redis: Redis, entries: list[Entry]) -> None:
+    """Bump the boards of committed ledger events (one round trip for all of them)."""
+    if not entries:
+        return
+    award = scripts(redis).award
+    async with redis.pipeline(transaction=False) as pipe:
+        for e in entries:
+            boards = boards_of(e.tenant_id, e.course_id, e.pod_ids, e.at)
+            await award(keys=[keys.LEADERBOARD_BUILDING, keys.LEADERBOARD_BACKLOG, keys.leaderboard_names(e.tenant_id)]
+                        + [k for k, _ in boards],
+                        args=[e.points, e.user_id, e.name, e.id] + [x for _, x in boards], client=pipe)
+        await pipe.execute()
+
+
+# --- reads ---------------------------------------------------------------------------------------------
+
+# KEYS: board, names hash, built marker. ARGV: limit, user id, neighbours each side.
+# -> {top (id, score, ...), my position (-1: not on the board), my score, my rank, neighbour start position,
+#     neighbours (id, score, ...), rank of the first neighbour, names of top, names of neighbours, count, built}
+_READ = """
+local limit, me, n = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local top = redis.call('ZREVRANGE', KEYS[1], 0, limit - 1, 'WITHSCORES')
+local pos = redis.call('ZREVRANK', KEYS[1], me)
+local score, rank, nstart, neigh, nrank = '', 0, 0, {}, 0
+if pos then
+  score = redis.call('ZSCORE', KEYS[1], me)
+  rank = redis.call('ZCOUNT', KEYS[1], '(' .. score, '+inf') + 1
+  nstart = math.max(0, pos - n)
+  neigh = redis.call('ZREVRANGE', KEYS[1], nstart, pos + n, 'WITHSCORES')
+  nrank = redis.call('ZCOUNT', KEYS[1], '(' .. neigh[2], '+inf') + 1
+else
+  pos = -1
+end
+local function names(list)
+  if #list == 0 then return {} end
+  local ids = {}
+  for i = 1, #list, 2 do ids[#ids + 1] = list[i] end
+  local got = redis.call('HMGET', KEYS[2], unpack(ids))
+  for i = 1, #got do if not got[i] then got[i] = '' end end
+  return got
+end
+return {top, pos, score, rank, nstart, neigh, nrank, names(top), names(neigh), redis.call('ZCARD', KEYS[1]),
+        redis.call('EXISTS', KEYS[3])}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Board:
+    entries: list[LeaderboardEntry]
+    me: LeaderboardEntry | None  # None: the caller has no XP on this board
+    neighbours: list[LeaderboardEntry]
+    count: int  # learners on the board
+    built: bool  # False: Redis lost the boards and a rebuild is due
+
+
+def _ranked(flat: list, names: list, first_pos: int, first_rank: int) -> list[LeaderboardEntry]:
+    """Entries with competition ranks (equal XP, equal rank: 1, 2, 2, 4)."""
+    out: list[LeaderboardEntry] = []
+    prev = None
+    for i in range(0, len(flat), 2):
+        xp = int(float(flat[i + 1]))
+        j = i // 2
+        rank = first_rank if j == 0 else (out[-1].rank if xp == prev else first_pos + j + 1)
+        name = names[j].decode() if isinstance(names[j], bytes) else str(names[j])
+        out.append(LeaderboardEntry(user_id=int(flat[i]), name=name, xp=xp, rank=rank))
+        prev = xp
+    return out
+
+
+async def read(redis: Redis, scope: str, scope_id: int, tenant_id: int, period: str, user_id: int, *,
+               limit: int = 10, at: datetime | None = None) -> Board:
+    """The top `limit`, the caller's rank and XP, and their neighbours: one Redis round trip."""
+    (top, pos, score, rank, nstart, neigh, nrank, top_names, neigh_names, count, built) = await scripts(redis).read(
+        keys=[board_key(scope, scope_id, period, at), keys.leaderboard_names(tenant_id), keys.LEADERBOARD_BUILT],
+        args=[limit, user_id, NEIGHBOURS])
+    entries = _ranked(top, top_names, 0, 1)
+    me = None
+    neighbours: list[LeaderboardEntry] = []
+    if int(pos) >= 0:
+        neighbours = _ranked(neigh, neigh_names, int(nstart), int(nrank))
+        me = next(e for e in neighbours if e.user_id == user_id)
+        assert me.rank == int(rank)
+    return Board(entries=entries, me=me, neighbours=neighbours, count=int(count), built=bool(built))
+
+
+# --- live `leaderboard.changed` events (throttled across processes) ------------------------------------
+
+_trailing: dict[str, asyncio.Task] = {}
+
+
+async def announce(redis: Redis, boards: set[tuple[str, int, int]]) -> None:
+    """Tell the rooms of these (scope, id, tenant) boards that they changed: at once when the board's window
+    is free, else once at the end of the window (so the last change of a burst is always announced)."""
+    for scope, scope_id, tenant_id in boards:
+        if scope == "tenant":
+            continue  # no room holds a whole tenant
+        try:
+            await _announce_one(redis, scope, scope_id, tenant_id)
+        except Exception:  # noqa: BLE001 - the boards are right; only the nudge is lost
+            logger.warning("could not announce a leaderboard change", exc_info=True)
+
+
+async def _announce_one(redis: Redis, scope: str, scope_id: int, tenant_id: int) -> None:
+    thr = keys.leaderboard_throttle(scope, scope_id)
+    window_ms = max(1, int(EVENT_WINDOW_S * 1000))
+    if await redis.set(thr, b"1", px=window_ms, nx=True):
+        board = await read(redis, scope, scope_id, tenant_id, "all", 0, limit=10)
+        await publish(redis, room_topic(f"{scope}:{scope_id}"), LeaderboardChanged(
+            room=f"{scope}:{scope_id}", scope=scope, scope_id=scope_id, top=board.entries))
+        return
+    if thr in _trailing:
+        return
+    wait_ms = await redis.pttl(thr)
+
+    async def later() -> None:
+        try:
+            await asyncio.sleep(max(wait_ms, 1) / 1000)
+            _trailing.pop(thr, None)
+            await _announce_one(redis, scope, scope_id, tenant_id)
+        except Exception:  # noqa: BLE001
+            logger.warning("could not announce a leaderboard change", exc_info=True)
+        finally:
+            _trailing.pop(thr, None)
+
+    _trailing[thr] = asyncio.create_task(later())
+
+
+# --- rebuild -------------------------------------------------------------------------------------------
+
+# Swap every rebuilt board in, stop the backlog and return it, all at once.
+# KEYS: building, backlog, built, then pairs (live, temp). ARGV: marker value.
+_SWAP = """
+for i = 4, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i + 1]) == 1 then
+    redis.call('RENAME', KEYS[i + 1], KEYS[i])
+  else
+    redis.call('DEL', KEYS[i])
+  end
+end
+local backlog = redis.call('LRANGE', KEYS[2], 0, -1)
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SET', KEYS[3], ARGV[1])
+return backlog
+"""
+
+_BOARDS_SQL = {
+    "tenant": "SELECT tenant_id AS sid, user_id, {sums} FROM xp_events GROUP BY 1, 2",
+    "course": "SELECT course_id AS sid, user_id, {sums} FROM xp_events WHERE course_id IS NOT NULL GROUP BY 1, 2",
+    "pod": "SELECT p AS sid, user_id, {sums} FROM xp_events, unnest(pod_ids) AS p GROUP BY 1, 2",
+}
+_SUMS = ("sum(points) AS all_xp, sum(points) FILTER (WHERE at >= $1 AND at < $2) AS month_xp, "
+         "sum(points) FILTER (WHERE at >= $3 AND at < $4) AS week_xp")
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    boards: int
+    entries: int
+    replayed: int  # awards committed during the rebuild that its snapshot missed
+    seconds: float
+
+
+async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = None) -> Rebuilt | None:
+    """Rebuild every board from the ledger; None when another process is already rebuilding."""
+    token = secrets.token_hex(8)
+    if not await redis.set(keys.LEADERBOARD_LOCK, token, ex=600, nx=True):
+        return None
+    t0 = time.perf_counter()
+    try:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.LEADERBOARD_BUILDING, b"1", ex=3600)
+            pipe.delete(keys.LEADERBOARD_BACKLOG)
+            await pipe.execute()
+        now = _utc(now)
+        month, week = period_bounds("month", now), period_bounds("week", now)
+        assert month and week
+        temp = f"sh:lb:tmp:{token}:"
+        live_keys: list[str] = []
+        n_entries = 0
+        async with pool.acquire() as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                boards: dict[str, dict[int, int]] = defaultdict(dict)
+                for scope, sql in _BOARDS_SQL.items():
+                    for r in await conn.fetch(sql.format(sums=_SUMS), month[0], month[1], week[0], week[1]):
+                        for period, col in (("all", "all_xp"), ("month", "month_xp"), ("week", "week_xp")):
+                            if r[col] is not None:
+                                boards[board_key(scope, r["sid"], period, now)][r["user_id"]] = int(r[col])
+                names = await conn.fetch(
+                    "SELECT u.tenant_id, u.id, u.name FROM users u WHERE u.id IN (SELECT user_id FROM xp_totals)")
+                async with redis.pipeline(transaction=False) as pipe:
+                    for key, scores in boards.items():
+                        items = list(scores.items())
+                        for i in range(0, len(items), 5000):
+                            pipe.zadd(temp + key, {str(u): x for u, x in items[i:i + 5000]})
+                        n_entries += len(items)
+                        exp = _period_expiry(key, now)
+                        if exp:
+                            pipe.expireat(temp + key, exp)
+                        live_keys.append(key)
+                        if len(pipe) >= 200:
+                            await pipe.execute()
+                    by_tenant: dict[int, dict[str, str]] = defaultdict(dict)
+                    for r in names:
+                        by_tenant[r["tenant_id"]][str(r["id"])] = r["name"]
+                    for tid, mapping in by_tenant.items():
+                        pipe.hset(keys.leaderboard_names(tid), mapping=mapping)
+                    await pipe.execute()
+                swap_keys = [keys.LEADERBOARD_BUILDING, keys.LEADERBOARD_BACKLOG, keys.LEADERBOARD_BUILT]
+                for key in live_keys:
+                    swap_keys += [key, temp + key]
+                backlog = await scripts(redis).swap(keys=swap_keys, args=[now.isoformat()])
+                ids = sorted({int(x) for x in backlog})
+                seen = {r["id"] for r in await conn.fetch("SELECT id FROM xp_events WHERE id = ANY($1::bigint[])", ids)}
+            missed = [i for i in ids if i not in seen]
+            replayed = await _replay(conn, redis, missed, set(live_keys)) if missed else 0
+        took = time.perf_counter() - t0
+        logger.info("leaderboards rebuilt", extra={"fields": {"boards": len(live_keys), "entries": n_entries,
+                                                              "replayed": replayed, "seconds": round(took, 3)}})
+        return Rebuilt(boards=len(live_keys), entries=n_entries, replayed=replayed, seconds=took)
+    finally:
+        # release only our own lock
+        await redis.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
+                         "return 0", 1, keys.LEADERBOARD_LOCK, token)
+
+
+def _period_expiry(key: str, now: datetime) -> int:
+    tag = key.rsplit(":", 2)
+    if key.endswith(":all"):
+        return 0
+    return expire_at("month" if tag[-2] == "m" else "week", now)
+
+
+async def _replay(conn: asyncpg.Connection, redis: Redis, ids: list[int], swapped: set[str]) -> int:
+    """Re-apply awards whose board updates landed on boards the swap replaced (their snapshot missed them)."""
+    rows = await conn.fetch(
+        """SELECT e.id, e.tenant_id, e.user_id, e.points, e.course_id, e.pod_ids, e.at FROM xp_events e
+           WHERE e.id = ANY($1::bigint[])""", ids)
+    n = 0
+    async with redis.pipeline(transaction=False) as pipe:
+        for r in rows:
+            for key, _ in boards_of(r["tenant_id"], r["course_id"], list(r["pod_ids"]), r["at"]):
+                if key in swapped:
+                    pipe.zincrby(key, r["points"], str(r["user_id"]))
+                    n += 1
+        await pipe.execute()
+    return n
+
+
+async def ensure_built(pool: asyncpg.Pool, redis: Redis) -> Rebuilt | None:
+    """Startup check: rebuild when Redis has no boards built from the ledger (flushed, or first start)."""
+    if await redis.exists(keys.LEADERBOARD_BUILT):
+        return None
+    return await rebuild(pool, redis)
+
+
+async def check(pool: asyncpg.Pool, redis: Redis) -> list[str]:
+    """All-time tenant boards that disagree with the ledger (keys); empty when every one matches."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT tenant_id, user_id, sum(points) AS xp FROM xp_events GROUP BY 1, 2")
+    want: dict[int, dict[bytes, int]] = defaultdict(dict)
+    for r in rows:
+        want[r["tenant_id"]][str(r["user_id"]).encode()] = int(r["xp"])
+    bad = []
+    for tid, scores in want.items():
+        key = board_key("tenant", tid, "all")
+        have = {m: int(s) for m, s in await redis.zrange(key, 0, -1, withscores=True)}
+        if have != scores:
+            bad.append(key)
+    return bad
+
+
+async def check_and_repair(pool: asyncpg.Pool, redis: Redis) -> Rebuilt | None:
+    """Rebuild when the boards are missing or any all-time tenant board disagrees with the ledger."""
+    if not await redis.exists(keys.LEADERBOARD_BUILT) or await check(pool, redis):
+        return await rebuild(pool, redis)
+    return None

@@ -1,0 +1,71 @@
+"""Study-buddy rounds of a pod (`pod_matches`): who is matched with whom this week, and declines.
+
+The newest round not superseded is the pod's current one. A decline supersedes it with a round of the rest
+(the decliners of the chain are left out until the next weekly round).
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+import asyncpg
+
+logger = logging.getLogger(__name__)
+
+
+def week_key(at: datetime | None = None) -> str:
+    """'cron:2026-W05': the weekly round of the ISO week (UTC) holding `at`."""
+    year, week, _ = (at or datetime.now(timezone.utc)).astimezone(timezone.utc).isocalendar()
+    return f"cron:{year}-W{week:02d}"
+
+
+async def eligible_members(conn: asyncpg.Connection, pod_id: int) -> list[asyncpg.Record]:
+    """Learners in the pod who are still enrolled in its course: (user_id, name)."""
+    return await conn.fetch(
+        """SELECT m.user_id, u.name FROM pod_members m JOIN pods p ON p.id = m.pod_id
+           JOIN users u ON u.id = m.user_id AND u.role = 'learner'
+           JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = m.user_id
+           WHERE m.pod_id = $1 ORDER BY m.user_id""", pod_id)
+
+
+async def current(conn: asyncpg.Connection, pod_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT * FROM pod_matches WHERE pod_id = $1 AND superseded_at IS NULL ORDER BY id DESC LIMIT 1", pod_id)
+
+
+async def round_exists(conn: asyncpg.Connection, pod_id: int, round_key: str) -> bool:
+    return bool(await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pod_matches WHERE pod_id = $1 AND round_key = $2)", pod_id, round_key))
+
+
+async def save_round(conn: asyncpg.Connection, pod_id: int, trigger: str, groups: list[dict[str, Any]], *,
+                     round_key: str | None, created_by: int | None, declined: list[int]) -> asyncpg.Record | None:
+    """Store a new current round (superseding the previous one); None when `round_key` already has one."""
+    async with conn.transaction():
+        # one writer per pod at a time, so exactly one round is current
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('pod_match'), $1::int)", pod_id % 2**31)
+        row = await conn.fetchrow(
+            """INSERT INTO pod_matches (pod_id, trigger, round_key, created_by, groups, declined)
+               VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (pod_id, round_key) DO NOTHING RETURNING *""",
+            pod_id, trigger, round_key, created_by, groups, declined)
+        if row is None:
+            return None
+        await conn.execute(
+            "UPDATE pod_matches SET superseded_at = now() WHERE pod_id = $1 AND id <> $2 AND superseded_at IS NULL",
+            pod_id, row["id"])
+    return row
+
+
+async def set_message(conn: asyncpg.Connection, match_id: int, message_id: int) -> None:
+    await conn.execute("UPDATE pod_matches SET message_id = $2 WHERE id = $1", match_id, message_id)
+
+
+async def pods_to_match(conn: asyncpg.Connection) -> list[int]:
+    """Pods with at least two eligible learners."""
+    rows = await conn.fetch(
+        """SELECT m.pod_id FROM pod_members m JOIN pods p ON p.id = m.pod_id
+           JOIN users u ON u.id = m.user_id AND u.role = 'learner'
+           JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = m.user_id
+           GROUP BY m.pod_id HAVING count(*) >= 2 ORDER BY m.pod_id""")
+    return [r["pod_id"] for r in rows]

@@ -1,0 +1,242 @@
+"""Learner progress: per video (resume position, watched ranges, completion, time spent), per course,
+bookmarks, and the XP that progress earns (lesson, first lesson, course, daily streak).
+
+A video counts complete once the watched ranges cover STUDYHALL_VIDEO_COMPLETE_SHARE of its duration.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import asyncpg
+from redis.asyncio import Redis
+
+from store import streaks, xp
+from store.keys import rate_progress
+from store.ratelimit import SendLimiter
+
+logger = logging.getLogger(__name__)
+
+MAX_RANGES = 200  # per report
+TOLERANCE_S = 0.5  # players report positions a hair past the end
+
+
+class ProgressError(ValueError):
+    """Bad input: `field` names what was wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def merge(ranges: list[list[float]]) -> list[list[float]]:
+    """Sorted, disjoint ranges covering the same seconds (touching ranges join)."""
+    out: list[list[float]] = []
+    for a, b in sorted((float(a), float(b)) for a, b in ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def covered(ranges: list[list[float]]) -> float:
+    return sum(b - a for a, b in ranges)
+
+
+def overlap(ranges: list[list[float]], start: float, end: float) -> float:
+    """Seconds of [start, end) the (merged) ranges cover."""
+    return sum(max(0.0, min(b, end) - max(a, start)) for a, b in ranges)
+
+
+def check_report(duration: float, position: float, watched: list[list[float]]) -> tuple[float, list[list[float]]]:
+    """Validate a report against the video's duration; returns the position and ranges clamped to it."""
+    limit = duration + TOLERANCE_S
+    if not 0 <= position <= limit:
+        raise ProgressError("position", f"position must be between 0 and the video's duration ({duration:g} s)")
+    if len(watched) > MAX_RANGES:
+        raise ProgressError("watched", f"at most {MAX_RANGES} ranges per report")
+    clean = []
+    for i, r in enumerate(watched):
+        if len(r) != 2:
+            raise ProgressError(f"watched[{i}]", "a range is [start, end] in seconds")
+        a, b = float(r[0]), float(r[1])
+        if not (0 <= a <= limit and 0 <= b <= limit):
+            raise ProgressError(f"watched[{i}]", f"range {r} is outside the video (0 to {duration:g} s)")
+        if b <= a:
+            raise ProgressError(f"watched[{i}]", f"range {r} ends before it starts")
+        clean.append([a, min(b, duration)])
+    return min(position, duration), clean
+
+
+@dataclass(frozen=True, slots=True)
+class Reported:
+    row: asyncpg.Record
+    duration: float
+    completed_now: bool
+    course_completed_now: bool
+    awards: list[xp.Award]
+
+
+_UPSERT = """
+INSERT INTO video_progress AS p (user_id, video_id, course_id, position_s, watched, watched_s, time_spent_s,
+                                 completed_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT (user_id, video_id) DO UPDATE SET position_s = EXCLUDED.position_s, watched = EXCLUDED.watched,
+    watched_s = EXCLUDED.watched_s, time_spent_s = p.time_spent_s + EXCLUDED.time_spent_s,
+    completed_at = coalesce(p.completed_at, EXCLUDED.completed_at), updated_at = EXCLUDED.updated_at
+RETURNING *"""
+
+
+async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.Record, position: float,
+                 watched: list[list[float]], complete_share: float, at: datetime | None = None) -> Reported:
+    """Store a progress report (validated by `check_report`) in `tx` and award what it earned."""
+    conn = tx.conn
+    at = at or datetime.now(timezone.utc)
+    duration = float(video["duration_s"])
+    old = await conn.fetchrow(
+        "SELECT watched, completed_at FROM video_progress WHERE user_id = $1 AND video_id = $2 FOR UPDATE",
+        user_id, video["id"])
+    merged = merge((old["watched"] if old else []) + watched)
+    watched_s = covered(merged)
+    spent = min(covered(watched), duration)  # re-watching counts as time spent, not as more coverage
+    was_complete = old is not None and old["completed_at"] is not None
+    complete = was_complete or (duration > 0 and watched_s >= complete_share * duration - 1e-6)
+    row = await conn.fetchrow(_UPSERT, user_id, video["id"], video["course_id"], position, merged, watched_s, spent,
+                              at if complete else None, at)
+    completed_now = complete and not was_complete
+    course_done = False
+    before = len(tx.awards)
+    if role == "learner":
+        if completed_now:
+            cid = video["course_id"]
+            await tx.award(user_id, "lesson_completed", f"lesson:{video['id']}", course_id=cid, at=at)
+            await tx.award(user_id, "first_lesson", "first_lesson", course_id=cid, at=at)
+            left = await conn.fetchval(
+                """SELECT count(*) FROM videos v WHERE v.course_id = $1 AND v.status = 'ready' AND NOT EXISTS (
+                       SELECT 1 FROM video_progress p WHERE p.video_id = v.id AND p.user_id = $2
+                       AND p.completed_at IS NOT NULL)""", cid, user_id)
+            if left == 0:
+                course_done = await tx.award(user_id, "course_completed", f"course:{cid}", course_id=cid, at=at) is not None
+        if watched:
+            await streaks.record_activity(tx, user_id, at)
+    return Reported(row, duration, completed_now, course_done, tx.awards[before:])
+
+
+async def video_progress(conn: asyncpg.Connection, user_id: int, video_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM video_progress WHERE user_id = $1 AND video_id = $2", user_id, video_id)
+
+
+async def course_progress(conn: asyncpg.Connection, user_id: int, course_id: int) -> list[asyncpg.Record]:
+    """Every ready video of the course with the learner's progress on it (NULLs where none)."""
+    return await conn.fetch(
+        """SELECT v.id AS video_id, v.title, v.duration_s, p.position_s, p.watched_s, p.time_spent_s,
+                  p.completed_at, p.updated_at
+           FROM videos v LEFT JOIN video_progress p ON p.video_id = v.id AND p.user_id = $2
+           WHERE v.course_id = $1 AND v.status = 'ready' ORDER BY v.id""", course_id, user_id)
+
+
+async def course_completion(conn: asyncpg.Connection, user_ids: list[int], course_id: int) -> dict[int, float]:
+    """Share of the course's ready videos each learner completed (the matcher's pace)."""
+    rows = await conn.fetch(
+        """SELECT u.id, (SELECT count(*) FROM videos v WHERE v.course_id = $2 AND v.status = 'ready') AS total,
+                  (SELECT count(*) FROM video_progress p JOIN videos v ON v.id = p.video_id
+                   WHERE p.user_id = u.id AND p.course_id = $2 AND v.status = 'ready'
+                   AND p.completed_at IS NOT NULL) AS done
+           FROM unnest($1::bigint[]) AS u(id)""", user_ids, course_id)
+    return {r["id"]: (r["done"] / r["total"] if r["total"] else 0.0) for r in rows}
+
+
+async def chapter_strengths(conn: asyncpg.Connection, user_ids: list[int],
+                            course_id: int) -> tuple[dict[int, str], dict[int, dict[int, float]]]:
+    """({chapter id: title}, {user: {chapter id: strength 0..1}}) for the course's chapters. Strength is the
+    graded score when the grader recorded one (`record_chapter_score`), else the share of the chapter watched."""
+    chapters = await conn.fetch(
+        """SELECT c.id, c.video_id, c.start_s, c.end_s, c.title FROM chapters c JOIN videos v ON v.id = c.video_id
+           WHERE v.course_id = $1 AND v.status = 'ready' ORDER BY c.video_id, c.idx""", course_id)
+    watched = await conn.fetch(
+        "SELECT user_id, video_id, watched FROM video_progress WHERE course_id = $1 AND user_id = ANY($2::bigint[])",
+        course_id, user_ids)
+    graded = await conn.fetch(
+        """SELECT s.user_id, s.chapter_id, s.score FROM chapter_scores s JOIN chapters c ON c.id = s.chapter_id
+           JOIN videos v ON v.id = c.video_id WHERE v.course_id = $1 AND s.user_id = ANY($2::bigint[])""",
+        course_id, user_ids)
+    by_video: dict[tuple[int, int], list[list[float]]] = {(r["user_id"], r["video_id"]): r["watched"] for r in watched}
+    scores = {(r["user_id"], r["chapter_id"]): float(r["score"]) for r in graded}
+    out: dict[int, dict[int, float]] = {u: {} for u in user_ids}
+    for u in user_ids:
+        for ch in chapters:
+            if (u, ch["id"]) in scores:
+                out[u][ch["id"]] = scores[(u, ch["id"])]
+            else:
+                span = max(ch["end_s"] - ch["start_s"], 1e-6)
+                out[u][ch["id"]] = min(1.0, overlap(by_video.get((u, ch["video_id"]), []), ch["start_s"], ch["end_s"]) / span)
+    return {ch["id"]: ch["title"] for ch in chapters}, out
+
+
+async def record_chapter_score(conn: asyncpg.Connection, user_id: int, chapter_id: int, score: float) -> None:
+    """Hook for the grader: the learner's graded strength (0..1) on a chapter; the matcher prefers it to watch
+    coverage."""
+    await conn.execute(
+        """INSERT INTO chapter_scores (user_id, chapter_id, score) VALUES ($1, $2, $3)
+           ON CONFLICT (user_id, chapter_id) DO UPDATE SET score = EXCLUDED.score, updated_at = now()""",
+        user_id, chapter_id, max(0.0, min(1.0, score)))
+
+
+# --- bookmarks -----------------------------------------------------------------------------------------
+
+async def add_bookmark(conn: asyncpg.Connection, user_id: int, video_id: int, at_s: float, note: str) -> asyncpg.Record:
+    return await conn.fetchrow(
+        "INSERT INTO bookmarks (user_id, video_id, at_s, note) VALUES ($1, $2, $3, $4) RETURNING *",
+        user_id, video_id, at_s, note)
+
+
+async def list_bookmarks(conn: asyncpg.Connection, user_id: int, video_id: int) -> list[asyncpg.Record]:
+    return await conn.fetch("SELECT * FROM bookmarks WHERE user_id = $1 AND video_id = $2 ORDER BY at_s, id",
+                            user_id, video_id)
+
+
+async def delete_bookmark(conn: asyncpg.Connection, user_id: int, bookmark_id: int) -> bool:
+    return await conn.fetchval("DELETE FROM bookmarks WHERE id = $1 AND user_id = $2 RETURNING id",
+                               bookmark_id, user_id) is not None
+
+
+# --- helpful answers -----------------------------------------------------------------------------------
+
+class HelpfulError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+async def mark_helpful(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room_id: str, message_id: int,
+                       marked_by: int | None) -> tuple[asyncpg.Record, bool]:
+    """An instructor (or the tutor: `marked_by=None`) marks a learner's room message helpful: its author earns
+    `helpful_answer` XP once. Returns (the mark, created). HelpfulError: not_found, not_a_learner."""
+    async with xp.transaction(db, redis) as tx:
+        msg = await tx.conn.fetchrow(
+            """SELECT m.id, m.author_id, u.role, r.course_id FROM messages m JOIN rooms r ON r.id = m.room_id
+               LEFT JOIN users u ON u.id = m.author_id WHERE m.id = $1 AND m.room_id = $2 AND m.deleted_at IS NULL""",
+            message_id, room_id)
+        if msg is None:
+            raise HelpfulError("not_found", f"message {message_id} not found in this room")
+        if msg["author_id"] is None or msg["role"] != "learner":
+            raise HelpfulError("not_a_learner", "only a learner's message can be marked helpful")
+        row = await tx.conn.fetchrow(
+            """INSERT INTO helpful_marks (message_id, room_id, author_id, marked_by) VALUES ($1, $2, $3, $4)
+               ON CONFLICT (message_id) DO NOTHING RETURNING *""", message_id, room_id, msg["author_id"], marked_by)
+        if row is None:
+            return await tx.conn.fetchrow("SELECT * FROM helpful_marks WHERE message_id = $1", message_id), False
+        await tx.award(msg["author_id"], "helpful_answer", f"helpful:{message_id}", course_id=msg["course_id"],
+                       meta={"room": room_id, "message_id": message_id})
+    return row, True
+
+
+class ProgressLimiter(SendLimiter):
+    """Progress reports per user: `rate` per second, bursts of `burst` (its own bucket, not the sends')."""
+
+    async def take(self, user_id: int, cost: int = 1) -> tuple[bool, float]:
+        ok, wait_ms = await self._script(keys=[rate_progress(user_id)], args=[self.rate, self.burst, cost])
+        return bool(ok), math.ceil(int(wait_ms) / 100) / 10

@@ -1,0 +1,121 @@
+"""Daily streaks in the learner's own timezone, with one freeze per week.
+
+A day counts when the learner is active on it (watching progress is reported) in their profile's timezone.
+Each active day extends the streak and earns `daily_streak` XP once. Missed days are covered by freezes: at
+most one per ISO week (Monday to Sunday, local), spent automatically when the learner comes back. Two missed
+days in one week, or a missed day in a week whose freeze is spent, end the streak.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+from store import achievements
+from store.xp import XpTransaction
+
+logger = logging.getLogger(__name__)
+
+FREEZES_PER_WEEK = 1
+_KEEP_WEEKS = 8  # spent-freeze weeks remembered (older ones cannot matter any more)
+
+
+def monday(d: date) -> date:
+    return d - timedelta(days=d.weekday())
+
+
+def local_day(at: datetime, tz: str) -> date:
+    at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+    return at.astimezone(ZoneInfo(tz)).date()
+
+
+@dataclass(frozen=True, slots=True)
+class Streak:
+    current: int = 0
+    longest: int = 0
+    last_day: date | None = None
+    freeze_weeks: frozenset[date] = frozenset()
+
+
+def _coverable(missed: list[date], spent: frozenset[date]) -> bool:
+    """Every missed day can take a freeze: one per week, in weeks whose freeze is not spent."""
+    weeks = [monday(d) for d in missed]
+    return len(set(weeks)) == len(weeks) and not (set(weeks) & spent)
+
+
+def advance(s: Streak, day: date) -> tuple[Streak, bool]:
+    """The streak after activity on local `day`, and whether `day` is a new streak day."""
+    if s.last_day is not None and day <= s.last_day:
+        return s, False  # the same day again, or a late report for an earlier day
+    spent = s.freeze_weeks
+    if s.last_day is None:
+        current = 1
+    else:
+        missed = [s.last_day + timedelta(days=i) for i in range(1, (day - s.last_day).days)]
+        if not missed:
+            current = s.current + 1
+        elif _coverable(missed, spent):
+            current = s.current + 1
+            spent = spent | {monday(d) for d in missed}
+        else:
+            current = 1
+    horizon = monday(day) - timedelta(weeks=_KEEP_WEEKS)
+    spent = frozenset(w for w in spent if w >= horizon)
+    return Streak(current, max(s.longest, current), day, spent), True
+
+
+def status(s: Streak, today: date) -> tuple[int, bool]:
+    """(the streak as it stands today, whether this week's freeze is still unspent). A streak whose missed
+    days since the last active one can all still be frozen is alive; otherwise it is 0."""
+    free = monday(today) not in s.freeze_weeks
+    if s.last_day is None:
+        return 0, free
+    if today <= s.last_day + timedelta(days=1):
+        return s.current, free
+    missed = [s.last_day + timedelta(days=i) for i in range(1, (today - s.last_day).days)]
+    return (s.current if _coverable(missed, s.freeze_weeks) else 0), free
+
+
+def _row_to_streak(row) -> Streak:  # type: ignore[no-untyped-def]
+    if row is None:
+        return Streak()
+    return Streak(row["current"], row["longest"], row["last_day"], frozenset(row["freeze_weeks"]))
+
+
+async def get(conn, user_id: int) -> tuple[Streak, str]:  # type: ignore[no-untyped-def]
+    """The stored streak and the learner's timezone."""
+    row = await conn.fetchrow(
+        """SELECT s.current, s.longest, s.last_day, s.freeze_weeks, coalesce(p.timezone, 'UTC') AS timezone
+           FROM users u LEFT JOIN streaks s ON s.user_id = u.id LEFT JOIN learner_profiles p ON p.user_id = u.id
+           WHERE u.id = $1""", user_id)
+    if row is None or row["last_day"] is None:
+        return Streak(), (row["timezone"] if row else "UTC")
+    return _row_to_streak(row), row["timezone"]
+
+
+async def record_activity(tx: XpTransaction, user_id: int, at: datetime | None = None) -> Streak:
+    """The learner was active at `at` (default now): extend the streak for their local day, award the day's
+    `daily_streak` XP and unlock streak achievements, all in `tx`."""
+    conn = tx.conn
+    at = at or datetime.now(timezone.utc)
+    await conn.execute("INSERT INTO streaks (user_id) VALUES ($1) ON CONFLICT DO NOTHING", user_id)
+    row = await conn.fetchrow(
+        """SELECT s.current, s.longest, s.last_day, s.freeze_weeks, coalesce(p.timezone, 'UTC') AS timezone, u.name
+           FROM streaks s JOIN users u ON u.id = s.user_id LEFT JOIN learner_profiles p ON p.user_id = s.user_id
+           WHERE s.user_id = $1 FOR UPDATE OF s""", user_id)
+    before = _row_to_streak(row)
+    day = local_day(at, row["timezone"])
+    after, new_day = advance(before, day)
+    if not new_day:
+        return before
+    await conn.execute(
+        """UPDATE streaks SET current = $2, longest = $3, last_day = $4, freeze_weeks = $5, updated_at = now()
+           WHERE user_id = $1""", user_id, after.current, after.longest, after.last_day, sorted(after.freeze_weeks))
+    await tx.award(user_id, "daily_streak", f"streak:{day.isoformat()}", at=at)
+    hit = achievements.crossed({"streak": before.longest}, {"streak": after.longest})
+    if hit:
+        got = await achievements.unlock(conn, user_id, hit)
+        tx.unlocked += [dataclasses.replace(u, name=row["name"]) for u in got]
+    return after

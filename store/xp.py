@@ -1,0 +1,209 @@
+"""The XP ledger (Postgres, the truth): award XP once per idempotency key, then update Redis after commit.
+
+Hook for other features (the grader, the tutor): award XP when something final happens.
+
+    # outside a transaction: its own transaction, then leaderboards and events
+    await xp.award_xp(pool, redis, learner_id, "assignment_passed", f"assignment:{assignment_id}",
+                      course_id=course_id)
+
+    # inside your own transaction (a grade becoming final together with its XP):
+    async with xp.transaction(pool, redis) as tx:      # tx.conn is in a transaction
+        await save_final_grade(tx.conn, ...)
+        await tx.award(learner_id, "assignment_passed", f"assignment:{assignment_id}", course_id=course_id)
+        if perfect:
+            await tx.award(learner_id, "perfect_score", f"perfect:{assignment_id}", course_id=course_id)
+    # committed: boards bumped, `xp.awarded` / `achievement.unlocked` / `leaderboard.changed` published
+
+The same (learner, key) twice counts once, also when both calls race (INSERT … ON CONFLICT DO NOTHING). Only
+learners earn XP; for anyone else (and for a duplicate) the award returns None. Points come from POINTS
+unless given. The XP counts on the tenant board, the course board (with `course_id`) and the boards of the
+learner's pods (those of the course, or all of them without a course; `pod_ids` overrides).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+
+from store import achievements, leaderboards
+from store.achievements import Unlocked, level_for
+from store.events import AchievementUnlocked, UserRef, XpAwarded, publish, user_topic
+
+logger = logging.getLogger(__name__)
+
+# The one table of XP values.
+POINTS: dict[str, int] = {
+    "lesson_completed": 50,
+    "first_lesson": 10,
+    "assignment_passed": 100,
+    "perfect_score": 50,  # on top of assignment_passed
+    "course_completed": 500,
+    "daily_streak": 20,
+    "helpful_answer": 25,
+}
+
+
+def xp_for_level(level: int) -> int:
+    """The XP at which `level` starts (level = floor(sqrt(xp / 100)))."""
+    return 100 * level * level
+
+
+@dataclass(frozen=True, slots=True)
+class Award:
+    id: int
+    tenant_id: int
+    user_id: int
+    name: str
+    kind: str
+    points: int
+    idempotency_key: str
+    course_id: int | None
+    pod_ids: list[int]
+    at: datetime
+    xp: int  # the learner's total after this award
+    level: int
+    previous_level: int
+    unlocked: list[Unlocked] = field(default_factory=list)
+
+    def entry(self) -> leaderboards.Entry:
+        return leaderboards.Entry(self.id, self.tenant_id, self.user_id, self.name, self.points, self.course_id,
+                                  self.pod_ids, self.at)
+
+
+# Insert the ledger row (learners only; a duplicate key inserts nothing) and bump the running totals, in one
+# statement. The pods default to the learner's pods in the course (all of them without a course).
+_AWARD = """
+WITH ins AS (
+    INSERT INTO xp_events (tenant_id, user_id, kind, points, idempotency_key, course_id, pod_ids, at, meta)
+    SELECT u.tenant_id, u.id, $2, $3, $4, $5,
+           coalesce($6::bigint[], ARRAY(SELECT m.pod_id FROM pod_members m JOIN pods p ON p.id = m.pod_id
+                                         WHERE m.user_id = u.id AND ($5::bigint IS NULL OR p.course_id = $5)
+                                         ORDER BY m.pod_id)),
+           coalesce($7::timestamptz, now()), $8
+    FROM users u WHERE u.id = $1 AND u.role = 'learner'
+    ON CONFLICT (user_id, idempotency_key) DO NOTHING
+    RETURNING id, tenant_id, user_id, points, course_id, pod_ids, at
+), tot AS (
+    INSERT INTO xp_totals AS t (user_id, xp, counts)
+    SELECT user_id, points, jsonb_build_object($2::text, 1) FROM ins
+    ON CONFLICT (user_id) DO UPDATE
+        SET xp = t.xp + EXCLUDED.xp,
+            counts = t.counts || jsonb_build_object($2::text, coalesce((t.counts ->> $2)::int, 0) + 1),
+            updated_at = now()
+    RETURNING xp, counts
+)
+SELECT ins.*, tot.xp AS total, tot.counts, (SELECT name FROM users WHERE id = $1) AS name FROM ins, tot
+"""
+
+
+async def insert_award(conn: asyncpg.Connection, user_id: int, kind: str, idempotency_key: str, *,
+                       points: int | None = None, course_id: int | None = None, pod_ids: list[int] | None = None,
+                       at: datetime | None = None, meta: dict[str, Any] | None = None) -> Award | None:
+    """Write one award in the caller's transaction (no Redis, no events: see `transaction`)."""
+    if points is None:
+        if kind not in POINTS:
+            raise ValueError(f"unknown XP kind {kind!r}; known: {sorted(POINTS)}")
+        points = POINTS[kind]
+    if points < 0:
+        raise ValueError("points must not be negative")
+    row = await conn.fetchrow(_AWARD, user_id, kind, points, idempotency_key, course_id, pod_ids, at, meta or {})
+    if row is None:
+        return None
+    total, counts = int(row["total"]), dict(row["counts"])
+    before_counts = dict(counts, **{kind: counts.get(kind, 1) - 1})
+    longest = 0  # awards never change the streak; its thresholds are checked where the streak moves
+    hit = achievements.crossed(achievements.stats(total - points, before_counts, longest),
+                               {k: v for k, v in achievements.stats(total, counts, longest).items() if k != "streak"})
+    unlocked = await achievements.unlock(conn, user_id, hit) if hit else []
+    return Award(id=row["id"], tenant_id=row["tenant_id"], user_id=user_id, name=row["name"], kind=kind,
+                 points=points, idempotency_key=idempotency_key, course_id=row["course_id"],
+                 pod_ids=list(row["pod_ids"]), at=row["at"], xp=total, level=level_for(total),
+                 previous_level=level_for(total - points), unlocked=unlocked)
+
+
+class XpTransaction:
+    """A transaction collecting awards and unlocks; `settle` runs for them after it commits."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.awards: list[Award] = []
+        self.unlocked: list[Unlocked] = []
+
+    async def award(self, user_id: int, kind: str, idempotency_key: str, **kw: Any) -> Award | None:
+        a = await insert_award(self.conn, user_id, kind, idempotency_key, **kw)
+        if a is not None:
+            self.awards.append(a)
+        return a
+
+
+@asynccontextmanager
+async def transaction(db: asyncpg.Pool | asyncpg.Connection, redis: Redis) -> AsyncIterator[XpTransaction]:
+    """A transaction whose awards reach Redis and the rooms only once it has committed (nothing on error).
+
+    `db` is a pool or a connection that is not inside a transaction (the commit must be ours to see)."""
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn:
+            async with transaction(conn, redis) as tx:
+                yield tx
+        return
+    if db.is_in_transaction():
+        raise RuntimeError("pass a pool or a connection outside a transaction: XP reaches Redis after commit")
+    tx = XpTransaction(db)
+    async with db.transaction():
+        yield tx
+    await settle(redis, tx.awards, tx.unlocked)
+
+
+async def award_xp(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, user_id: int, kind: str,
+                   idempotency_key: str, *, course_id: int | None = None, pod_ids: list[int] | None = None,
+                   at: datetime | None = None, points: int | None = None,
+                   meta: dict[str, Any] | None = None) -> Award | None:
+    """Award XP in its own transaction, then update the boards and publish. None: duplicate or not a learner."""
+    async with transaction(db, redis) as tx:
+        return await tx.award(user_id, kind, idempotency_key, course_id=course_id, pod_ids=pod_ids, at=at,
+                              points=points, meta=meta)
+
+
+async def settle(redis: Redis, awards: list[Award], unlocked: list[Unlocked] = ()) -> None:  # type: ignore[assignment]
+    """After commit: bump the boards, tell the learners, announce changed boards. Failures are logged: the
+    ledger is the truth and a rebuild (startup check, hourly check, CLI) restores the boards."""
+    if not awards and not unlocked:
+        return
+    try:
+        await leaderboards.apply(redis, [a.entry() for a in awards])
+    except Exception:  # noqa: BLE001
+        logger.warning("could not update leaderboards; the hourly check will rebuild them", exc_info=True)
+    boards: set[tuple[str, int, int]] = set()
+    names: dict[int, str] = {}
+    for a in awards:
+        names[a.user_id] = a.name
+        await publish(redis, user_topic(a.user_id), XpAwarded(
+            user_id=a.user_id, kind=a.kind, points=a.points, xp=a.xp, level=a.level,
+            level_up=a.level > a.previous_level, course_id=a.course_id))
+        if a.course_id is not None:
+            boards.add(("course", a.course_id, a.tenant_id))
+        boards.update(("pod", p, a.tenant_id) for p in a.pod_ids)
+    for u in [u for a in awards for u in a.unlocked] + list(unlocked):
+        await publish(redis, user_topic(u.user_id), AchievementUnlocked(
+            user=UserRef(id=u.user_id, name=u.name or names.get(u.user_id, ""), role="learner"),
+            achievement=u.achievement.info(), unlocked_at=u.unlocked_at))
+    await leaderboards.announce(redis, boards)
+
+
+async def totals(conn: asyncpg.Connection, user_id: int) -> tuple[int, dict[str, int]]:
+    row = await conn.fetchrow("SELECT xp, counts FROM xp_totals WHERE user_id = $1", user_id)
+    return (int(row["xp"]), dict(row["counts"])) if row else (0, {})
+
+
+async def history(conn: asyncpg.Connection, user_id: int, limit: int, before_id: int | None) -> list[asyncpg.Record]:
+    """The learner's ledger, newest first."""
+    return await conn.fetch(
+        """SELECT id, kind, points, idempotency_key, course_id, at FROM xp_events
+           WHERE user_id = $1 AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3""",
+        user_id, before_id, limit)

@@ -1,0 +1,105 @@
+"""The matcher's core: optimal against brute force on small pods, odd sizes as a trio, nobody twice; factors;
+LLM reasons through the real provider client against a local fake server (template when it fails)."""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from agents.matcher import (Learner, best_groups, factors, group_weight, int_weight, llm_reason, max_matching, pair,
+                            template_reason, weight_of)
+
+
+def brute_force(ids: list[int], w: dict[tuple[int, int], int]) -> int:
+    """The best total over every matching of maximum cardinality (n // 2 pairs)."""
+    best = -1
+
+    def go(rest: list[int], total: int, skipped: bool) -> None:
+        nonlocal best
+        if len(rest) < 2:
+            best = max(best, total)
+            return
+        first, others = rest[0], rest[1:]
+        for k, b in enumerate(others):
+            go(others[:k] + others[k + 1:], total + w[pair(first, b)], skipped)
+        if len(rest) % 2 == 1 and not skipped:  # odd: `first` may be the one left over
+            go(others, total, True)
+
+    go(sorted(ids), 0, False)
+    return best
+
+
+@pytest.mark.parametrize("n", range(2, 10))
+def test_optimal_against_brute_force(n: int):
+    rnd = random.Random(n)
+    for _ in range(25 if n < 9 else 8):
+        ids = rnd.sample(range(1, 1000), n)
+        w = {pair(a, b): rnd.choice([0, 1, 5, 50, rnd.randint(1, 10_000)]) for a, b in itertools.combinations(ids, 2)}
+        pairs = max_matching(sorted(ids), w)
+        assert len(pairs) == n // 2 and all(len(p) == 2 for p in pairs)
+        assert sum(w[pair(*p)] for p in pairs) == brute_force(ids, w)
+        groups = best_groups(ids, w)
+        members = [m for g in groups for m in g]
+        assert sorted(members) == sorted(ids)  # everyone, nobody twice
+        assert len(groups) == n // 2
+        if n % 2:
+            (trio,) = [g for g in groups if len(g) == 3]
+            (x,) = set(ids) - {m for p in pairs for m in p}
+            joins = [w[pair(x, p[0])] + w[pair(x, p[1])] for p in pairs]
+            assert group_weight(trio, w) == max(joins) + w[pair(*[m for m in trio if m != x])]
+        else:
+            assert all(len(g) == 2 for g in groups)
+
+
+def test_greedy_is_not_enough():
+    # greedy takes (1, 2) = 10 and is left with (3, 4) = 0; the optimum pairs (1, 3) and (2, 4): 9 + 9
+    w = {(1, 2): 10, (3, 4): 0, (1, 3): 9, (2, 4): 9, (1, 4): 0, (2, 3): 0}
+    assert best_groups([1, 2, 3, 4], w) == [[1, 3], [2, 4]]
+
+
+def test_tiny_pods():
+    assert best_groups([], {}) == []
+    assert best_groups([7], {}) == [[7]]
+    assert best_groups([3, 9], {(3, 9): 1}) == [[3, 9]]
+    assert best_groups([1, 2, 3], {(1, 2): 5, (1, 3): 1, (2, 3): 1}) == [[1, 2, 3]]
+
+
+def test_factors():
+    a = Learner(1, "Ann", slots=[(0, 120)], goals=["Exam prep", "Career change"], pace=0.5, strengths={1: 1.0, 2: 0.0})
+    b = Learner(2, "Ben", slots=[(60, 240)], goals=["exam prep"], pace=0.4, strengths={1: 0.0, 2: 1.0}, offset_h=3)
+    f = factors(a, b, [1, 2])
+    assert f["complement"] == 1.0 and f["availability"] == pytest.approx(60 / 180)
+    assert f["goals"] == pytest.approx(0.5) and f["pace"] == pytest.approx(0.9) and f["timezone"] == pytest.approx(0.75)
+    same = factors(a, a, [1, 2])
+    assert same["complement"] == 0.0 and same["timezone"] == 1.0
+    far = factors(a, Learner(3, "C", offset_h=-11), [])
+    wrap = factors(Learner(4, "D", offset_h=12), Learner(5, "E", offset_h=-11), [])
+    assert far["timezone"] == pytest.approx(1 / 12) and wrap["timezone"] == pytest.approx(11 / 12)
+    assert factors(a, Learner(6, "F"), [1, 2])["availability"] == 0.5  # unknown availability: neutral
+    assert 0 < weight_of(f) < 1 and int_weight(0.0) == 1
+
+
+def test_template_reason_names_strengths_and_time():
+    a = Learner(1, "Ann", slots=[(0, 240)], goals=["exam prep"], pace=0.5, strengths={10: 0.9, 11: 0.1})
+    b = Learner(2, "Ben", slots=[(60, 300)], goals=["Exam prep"], pace=0.55, strengths={10: 0.1, 11: 0.9})
+    text = template_reason([a, b], {10: "Sorting", 11: "Graphs"})
+    assert "Ann is ahead on “Sorting”" in text and "Ben is ahead on “Graphs”" in text
+    assert "3 h of shared free time" in text
+    assert template_reason([Learner(1, "A"), Learner(2, "B")], {}).endswith(".")
+
+
+async def test_llm_reason_through_a_real_client():
+    fake = pytest.importorskip("tests.agents.fake_llm_servers")
+    llm_mod = pytest.importorskip("agents.llm")
+    a = Learner(1, "Ann", strengths={10: 0.9}, pace=0.5)
+    b = Learner(2, "Ben", strengths={10: 0.1}, pace=0.5)
+    with fake.FakeLLMServer() as srv:
+        srv.script(fake.Reply("Ann can walk Ben through sorting, and you move at the same pace."),
+                   fake.Reply(status=401))
+        llm = llm_mod.OpenAIChat("sk-test", "gpt-4o-mini", base_url=srv.openai_base_url, max_retries=0)
+        got = await llm_reason(llm, [a, b], {10: "Sorting"})
+        assert got == "Ann can walk Ben through sorting, and you move at the same pace."
+        prompt = srv.requests[-1].body["messages"]
+        assert any("Ann is ahead on “Sorting”" in str(m.get("content")) for m in prompt)
+        assert await llm_reason(llm, [a, b], {10: "Sorting"}) is None  # the caller falls back to the template

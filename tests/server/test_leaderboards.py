@@ -1,0 +1,165 @@
+"""Leaderboards over REST: shape and access; Redis flushed under a running server and across a restart gives
+every board back exactly; `leaderboard.changed` is throttled but always tells the last state."""
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timedelta, timezone
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from store import leaderboards, xp
+from store.db import create_pool
+from tests.conftest import Factory, fetch, run_sync, stop_process, wait_ready
+from tests.progress_helpers import make_course, xp_store  # noqa: F401 - fixture
+from tests.server.conftest import Client, spawn
+from tests.store.test_leaderboards import redis_db
+
+
+def board(client: httpx.Client, user, scope: str, sid: int, period: str = "all", limit: int = 10):  # type: ignore[no-untyped-def]
+    return client.get(f"/api/v1/leaderboards/{scope}/{sid}?period={period}&limit={limit}", headers=user.h)
+
+
+async def test_board_shape_and_access(server, client, make: Factory, xp_store):
+    pool, redis = xp_store
+    course = make_course(client, make, learners=5, videos=0)
+    inst, ls = course.instructor, course.learners
+    pod = client.post(f"/api/v1/courses/{course.id}/pods", json={"name": "P"}, headers=inst.h).json()["id"]
+    for u in ls[:3]:
+        client.post(f"/api/v1/pods/{pod}/members", json={"user_id": u.id}, headers=inst.h)
+    for i, u in enumerate(ls):
+        await xp.award_xp(pool, redis, u.id, "assignment_passed", "a:1", course_id=course.id, points=100 * (i + 1))
+    r = board(client, ls[0], "course", course.id, limit=3)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [(e["user_id"], e["xp"], e["rank"]) for e in body["entries"]] == \
+        [(ls[4].id, 500, 1), (ls[3].id, 400, 2), (ls[2].id, 300, 3)]
+    assert body["entries"][0]["name"] == ls[4].name and body["count"] == 5
+    assert body["me"] == {"rank": 5, "xp": 100}
+    assert [e["user_id"] for e in body["neighbours"]] == [ls[2].id, ls[1].id, ls[0].id]
+    pod_board = board(client, ls[0], "pod", pod).json()
+    assert [e["user_id"] for e in pod_board["entries"]] == [ls[2].id, ls[1].id, ls[0].id]
+    tenant = board(client, ls[0], "tenant", ls[0].tenant_id, "week").json()
+    assert tenant["count"] == 5 and tenant["me"]["rank"] == 5
+    assert board(client, inst, "course", course.id).json()["me"] == {"rank": None, "xp": 0}
+    # access: not your pod, not your tenant, unknown scope, bad period or limit
+    assert board(client, ls[4], "pod", pod).status_code == 404
+    assert board(client, inst, "pod", pod).status_code == 200
+    assert board(client, ls[0], "tenant", ls[0].tenant_id + 1).status_code == 404
+    assert board(client, Factory(make.settings).user("learner"), "course", course.id).status_code == 404
+    assert board(client, ls[0], "planet", 1).status_code == 404
+    assert board(client, ls[0], "course", course.id, "year").status_code == 400
+    assert board(client, ls[0], "course", course.id, limit=0).status_code == 400
+
+
+async def test_leaderboard_changed_is_throttled(server, client, make: Factory, xp_store):
+    pool, redis = xp_store
+    course = make_course(client, make, learners=2, videos=0)
+    a, b = course.learners
+    old = leaderboards.EVENT_WINDOW_S
+    leaderboards.EVENT_WINDOW_S = 0.6  # this process publishes; the window is cluster-wide (in Redis)
+    ws = await Client.connect(server, f"course:{course.id}", b)
+    try:
+        for i in range(6):
+            await xp.award_xp(pool, redis, a.id, "helpful_answer", f"h:{i}", course_id=course.id)
+        first = await ws.expect("leaderboard.changed")
+        assert first["top"][0]["user_id"] == a.id and first["top"][0]["xp"] == 25
+        last = await ws.expect("leaderboard.changed", timeout=5)
+        assert last["top"][0]["xp"] == 150  # the end of the burst is announced
+        assert [f for f in await ws.quiet(1.2) if f["type"] == "leaderboard.changed"] == []
+    finally:
+        leaderboards.EVENT_WINDOW_S = old
+        await ws.close()
+
+
+def _all_boards(client: httpx.Client, viewers: dict, boards: list[tuple[str, int]]) -> list:  # type: ignore[type-arg]
+    out = []
+    for scope, sid in boards:
+        for period in leaderboards.PERIODS:
+            for u in viewers[(scope, sid)]:
+                r = board(client, u, scope, sid, period, limit=100)
+                assert r.status_code == 200, r.text
+                out.append(r.json())
+    return out
+
+
+@pytest.fixture
+def lb_redis(settings):  # type: ignore[no-untyped-def]
+    """Redis database 4 of the session's server, empty: this test may flush it."""
+    url = redis_db(settings.redis_url, 4)
+
+    async def flush() -> None:
+        r = Redis.from_url(url)
+        await r.flushdb()
+        await r.aclose()
+
+    run_sync(flush())
+    yield url
+    run_sync(flush())
+
+
+def test_flush_and_restart_give_identical_boards(settings, data_dir, make: Factory, lb_redis):
+    env = {"REDIS_URL": lb_redis, "DATABASE_URL": settings.database_url}
+    proc, url = spawn(data_dir, "lb-a", env)
+    wait_ready(url, proc)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            course = make_course(c, make, learners=6, videos=2, duration=60)
+            inst, ls = course.instructor, course.learners
+            pod = c.post(f"/api/v1/courses/{course.id}/pods", json={"name": "P"}, headers=inst.h).json()["id"]
+            for u in ls[:4]:
+                c.post(f"/api/v1/pods/{pod}/members", json={"user_id": u.id}, headers=inst.h)
+            # live XP through the API (lessons, first lesson, course, streak) ...
+            for i, u in enumerate(ls):
+                for vid in course.videos[: 1 + i % 2]:
+                    assert c.post(f"/api/v1/videos/{vid}/progress", json={"position": 60, "watched": [[0, 60]]},
+                                  headers=u.h).status_code == 200
+            # ... and older XP straight from the store, in earlier weeks and months
+            run_sync(_older_xp(lb_redis, settings.database_url, ls, course.id))
+            viewers = {("tenant", ls[0].tenant_id): ls[:2], ("course", course.id): [ls[0], ls[5], inst],
+                       ("pod", pod): [ls[1], inst]}
+            before = _all_boards(c, viewers, list(viewers))
+            assert any(b["count"] >= 6 for b in before) and any(b["me"]["rank"] for b in before)
+
+            # Redis flushed under a running server: the first read notices, a rebuild puts everything back
+            run_sync(_flush(lb_redis))
+            deadline = time.monotonic() + 30
+            while _all_boards(c, viewers, list(viewers)) != before:
+                assert time.monotonic() < deadline, "boards not rebuilt after a flush"
+                time.sleep(0.2)
+    finally:
+        stop_process(proc)
+
+    # flushed again while no server runs: the restarted server rebuilds before it answers /ready
+    run_sync(_flush(lb_redis))
+    proc, url = spawn(data_dir, "lb-b", env)
+    wait_ready(url, proc)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            assert _all_boards(c, viewers, list(viewers)) == before
+    finally:
+        stop_process(proc)
+    assert fetch(settings, "SELECT count(*) AS n FROM xp_events WHERE user_id = ANY($1::bigint[])",
+                 [u.id for u in ls])[0]["n"] >= 6 * 4
+
+
+async def _flush(url: str) -> None:
+    r = Redis.from_url(url)
+    await r.flushdb()
+    await r.aclose()
+
+
+async def _older_xp(redis_url: str, dsn: str, learners, course_id: int) -> None:  # type: ignore[no-untyped-def]
+    pool = await create_pool(dsn, min_size=1, max_size=2)
+    redis = Redis.from_url(redis_url)
+    now = datetime.now(timezone.utc)
+    try:
+        for i, u in enumerate(learners):
+            for days in (8, 40, 400):
+                await xp.award_xp(pool, redis, u.id, "assignment_passed", f"old:{days}", course_id=course_id,
+                                  at=now - timedelta(days=days + i))
+    finally:
+        await redis.aclose()
+        await pool.close()

@@ -1,0 +1,129 @@
+"""The study-buddy matcher over REST: pod profiles (validated), complementary learners paired, odd pods as a
+trio, results in the pod room, declines re-match the rest, the weekly round runs once."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+from agents.matcher import match_all_pods
+from store.matching import week_key
+from tests.conftest import Factory, fetch
+from tests.progress_helpers import make_course, xp_store  # noqa: F401 - fixture
+
+
+def test_profile_validation(client, make: Factory):
+    u = make.user("learner")
+    url = "/api/v1/me/profile"
+    assert client.get(url, headers=u.h).json()["timezone"] == "UTC"
+    bad = [({"timezone": "Mars/Olympus"}, "timezone"), ({"timezone": "../etc/passwd"}, "timezone"),
+           ({"availability": [{"day": "mon", "start": "18:00", "end": "17:00"}]}, "availability[0].end"),
+           ({"availability": [{"day": "mon", "start": "25:00", "end": "26:00"}]}, "availability[0].start"),
+           ({"availability": [{"day": "funday", "start": "10:00", "end": "11:00"}]}, "availability[0].day"),
+           ({"goals": ["x"] * 9}, "goals"), ({"goals": [" "]}, "goals[0]"), ({"colour": "red"}, "colour")]
+    for body, field in bad:
+        r = client.patch(url, json=body, headers=u.h)
+        assert r.status_code == 400 and r.json()["field"] == field, (body, r.json())
+    assert client.get(url, headers=u.h).json()["updated_at"] is None  # nothing stored
+    r = client.patch(url, json={"timezone": "Asia/Kolkata", "goals": ["Exam prep", "exam  prep", "Side project"],
+                                "availability": [{"day": "sun", "start": "20:00", "end": "24:00"},
+                                                 {"day": "mon", "start": "07:30", "end": "08:30"}]}, headers=u.h)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["timezone"] == "Asia/Kolkata" and got["goals"] == ["Exam prep", "Side project"]
+    assert got["availability"] == [{"day": "mon", "start": "07:30", "end": "08:30"},
+                                   {"day": "sun", "start": "20:00", "end": "24:00"}]
+    r = client.patch(url, json={"goals": []}, headers=u.h).json()  # partial: the rest stays
+    assert r["goals"] == [] and r["timezone"] == "Asia/Kolkata" and len(r["availability"]) == 2
+
+
+def _profile(client, u, tz: str, day: str, start: str, end: str, goals: list[str]) -> None:  # type: ignore[no-untyped-def]
+    r = client.patch("/api/v1/me/profile", json={"timezone": tz, "goals": goals,
+                                                "availability": [{"day": day, "start": start, "end": end}]}, headers=u.h)
+    assert r.status_code == 200, r.text
+
+
+def _watch(client, u, vid: int, a: float, b: float) -> None:  # type: ignore[no-untyped-def]
+    r = client.post(f"/api/v1/videos/{vid}/progress", json={"position": b, "watched": [[a, b]]}, headers=u.h)
+    assert r.status_code == 200, r.text
+
+
+def test_match_decline_and_trio(client, make: Factory, settings):
+    course = make_course(client, make, learners=6, videos=1, duration=100, chapters=2)
+    inst, (a, b, c, d, e, outsider) = course.instructor, course.learners
+    (vid,) = course.videos
+    pod = client.post(f"/api/v1/courses/{course.id}/pods", json={"name": "Study pod"}, headers=inst.h).json()["id"]
+    for u in (a, b, c, d):
+        assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": u.id}, headers=inst.h).status_code == 201
+    # a and c know part 1, b and d part 2; a and b are free on Monday evenings (Berlin and London: the same
+    # hours in UTC), c and d on Saturday mornings
+    for u in (a, c):
+        _watch(client, u, vid, 0, 50)
+    for u in (b, d):
+        _watch(client, u, vid, 50, 100)
+    _profile(client, a, "Europe/Berlin", "mon", "19:00", "22:00", ["exam prep"])
+    _profile(client, b, "Europe/London", "mon", "18:00", "21:00", ["Exam prep"])
+    _profile(client, c, "UTC", "sat", "09:00", "12:00", ["portfolio"])
+    _profile(client, d, "UTC", "sat", "09:00", "12:00", ["portfolio"])
+    profiles = client.get(f"/api/v1/pods/{pod}/profiles", headers=a.h).json()
+    assert [p["user_id"] for p in profiles] == sorted(u.id for u in (a, b, c, d))
+
+    assert client.post(f"/api/v1/pods/{pod}/match", headers=a.h).status_code == 403
+    r = client.post(f"/api/v1/pods/{pod}/match", headers=inst.h)
+    assert r.status_code == 201, r.text
+    m1 = r.json()
+    assert sorted(sorted(g["members"]) for g in m1["groups"]) == sorted([sorted([a.id, b.id]), sorted([c.id, d.id])])
+    ab = next(g for g in m1["groups"] if a.id in g["members"])
+    assert "part 1" in ab["reason"] and "shared free time" in ab["reason"] and "exam prep" in ab["reason"]
+    assert client.get(f"/api/v1/pods/{pod}/match", headers=b.h).json()["match_id"] == m1["match_id"]
+    msgs = client.get(f"/api/v1/rooms/pod:{pod}/messages", headers=a.h).json()["items"]
+    last = msgs[-1]
+    assert last["author"] == {"id": None, "name": "Study buddies", "role": "system"}
+    assert last["meta"]["match_id"] == m1["match_id"] and last["id"] == m1["message_id"]
+    assert a.name in last["text"] and b.name in last["text"]
+
+    # an odd pod: the fifth joins a pair as a trio; everyone exactly once
+    client.post(f"/api/v1/pods/{pod}/members", json={"user_id": e.id}, headers=inst.h)
+    m2 = client.post(f"/api/v1/pods/{pod}/match", headers=inst.h).json()
+    sizes = sorted(len(g["members"]) for g in m2["groups"])
+    assert sizes == [2, 3]
+    assert sorted(x for g in m2["groups"] for x in g["members"]) == sorted(u.id for u in (a, b, c, d, e))
+
+    # a declines: the other four are matched again, without a
+    assert client.post(f"/api/v1/pods/{pod}/match/decline", headers=outsider.h).status_code == 404
+    r = client.post(f"/api/v1/pods/{pod}/match/decline", headers=a.h)
+    assert r.status_code == 200, r.text
+    m3 = r.json()
+    assert m3["declined"] == [a.id] and m3["match_id"] != m2["match_id"]
+    members = [x for g in m3["groups"] for x in g["members"]]
+    assert sorted(members) == sorted(u.id for u in (b, c, d, e)) and all(len(g["members"]) == 2 for g in m3["groups"])
+    assert client.post(f"/api/v1/pods/{pod}/match/decline", headers=a.h).json()["code"] == "not_matched"
+    # b declines too: the decliners stay out
+    m4 = client.post(f"/api/v1/pods/{pod}/match/decline", headers=b.h).json()
+    assert m4["declined"] == sorted([a.id, b.id])
+    assert sorted(x for g in m4["groups"] for x in g["members"]) == sorted(u.id for u in (c, d, e))
+    assert client.get(f"/api/v1/pods/{pod}/match", headers=c.h).json()["match_id"] == m4["match_id"]
+    rounds = fetch(settings, "SELECT trigger, superseded_at FROM pod_matches WHERE pod_id = $1 ORDER BY id", pod)
+    assert [r["trigger"] for r in rounds] == ["manual", "manual", "decline", "decline"]
+    assert [r["superseded_at"] is None for r in rounds] == [False, False, False, True]
+
+    lonely = client.post(f"/api/v1/courses/{course.id}/pods", json={"name": "Alone"}, headers=inst.h).json()["id"]
+    client.post(f"/api/v1/pods/{lonely}/members", json={"user_id": outsider.id}, headers=inst.h)
+    r = client.post(f"/api/v1/pods/{lonely}/match", headers=inst.h)
+    assert r.status_code == 409 and r.json()["code"] == "too_few"
+    assert client.get(f"/api/v1/pods/{lonely}/match", headers=outsider.h).status_code == 404
+
+
+async def test_weekly_round_runs_once(client, make: Factory, settings, xp_store):
+    pool, redis = xp_store
+    course = make_course(client, make, learners=3, videos=0)
+    inst = course.instructor
+    pod = client.post(f"/api/v1/courses/{course.id}/pods", json={"name": "Weekly"}, headers=inst.h).json()["id"]
+    for u in course.learners:
+        client.post(f"/api/v1/pods/{pod}/members", json={"user_id": u.id}, headers=inst.h)
+    at = datetime(2031, 3, 5, 6, tzinfo=timezone.utc)
+    assert await match_all_pods(pool, redis, settings, at, llm=None) >= 1
+    assert await match_all_pods(pool, redis, settings, at, llm=None) == 0  # the week's round exists everywhere
+    rows = fetch(settings, "SELECT round_key, trigger, groups FROM pod_matches WHERE pod_id = $1", pod)
+    assert [(r["round_key"], r["trigger"]) for r in rows] == [(week_key(at), "cron")]
+    (trio,) = json.loads(rows[0]["groups"])  # jsonb arrives as text on a plain connection
+    assert sorted(trio["members"]) == sorted(u.id for u in course.learners)

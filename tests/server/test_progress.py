@@ -1,0 +1,168 @@
+"""Progress over REST: validation (nothing stored on a bad report), completion and the XP it earns (seen live
+over the websocket), course progress, bookmarks, rate limit, stats, helpful answers."""
+from __future__ import annotations
+
+from tests.conftest import Factory, fetch
+from tests.progress_helpers import make_course
+from tests.server.conftest import Client
+
+
+def report(client, user, video_id: int, position: float, watched: list) -> dict:  # type: ignore[no-untyped-def]
+    r = client.post(f"/api/v1/videos/{video_id}/progress", json={"position": position, "watched": watched},
+                    headers=user.h)
+    return {"status": r.status_code, **r.json()}
+
+
+def test_bad_reports_are_400_and_store_nothing(client, make: Factory, settings):
+    course = make_course(client, make, learners=1, videos=1, duration=100)
+    (a,), (vid,) = course.learners, course.videos
+    cases = [
+        ({"position": 150, "watched": []}, "position"),
+        ({"position": -1, "watched": []}, "position"),
+        ({"position": 10, "watched": [[20, 10]]}, "watched[0]"),  # inverted
+        ({"position": 10, "watched": [[0, 10], [5, 5]]}, "watched[1]"),  # empty
+        ({"position": 10, "watched": [[90, 130]]}, "watched[0]"),  # past the end
+        ({"position": 10, "watched": [[-5, 10]]}, "watched[0]"),
+        ({"position": 10, "watched": [[1, 2, 3]]}, "watched[0]"),
+        ({"position": "ten", "watched": []}, "position"),
+        ({"position": 10, "watched": [], "extra": 1}, "extra"),
+    ]
+    for body, field in cases:
+        r = client.post(f"/api/v1/videos/{vid}/progress", json=body, headers=a.h)
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["field"] == field, (body, r.json())
+    assert client.post(f"/api/v1/videos/{vid}/progress", content=b"{", headers=a.h).status_code == 400
+    assert fetch(settings, "SELECT * FROM video_progress WHERE user_id = $1", a.id) == []
+    assert fetch(settings, "SELECT * FROM xp_events WHERE user_id = $1", a.id) == []
+    got = client.get(f"/api/v1/videos/{vid}/progress", headers=a.h).json()
+    assert got["position"] == 0 and got["watched"] == [] and got["completed"] is False
+    # someone else's video: 404, not 400
+    stranger = Factory(make.settings).user("learner")
+    assert client.post(f"/api/v1/videos/{vid}/progress", json={"position": 1, "watched": []},
+                       headers=stranger.h).status_code == 404
+
+
+async def test_completion_earns_xp_once_and_live(server, client, make: Factory, settings):
+    course = make_course(client, make, learners=2, videos=2, duration=100)
+    a, b = course.learners
+    v1, v2 = course.videos
+    ws = await Client.connect(server, f"course:{course.id}", a)
+    try:
+        r = report(client, a, v1, 40, [[0, 40]])
+        assert r["status"] == 200 and r["position"] == 40 and r["completed"] is False
+        assert r["xp_awarded"] == ["daily_streak"]
+        assert (await ws.expect("xp.awarded", kind="daily_streak"))["points"] == 20
+        # overlapping and repeated ranges merge; 89% is not complete at the default 90%
+        r = report(client, a, v1, 89, [[30, 60], [60, 89]])
+        assert r["watched"] == [[0.0, 89.0]] and r["completed"] is False and r["xp_awarded"] == []
+        r = report(client, a, v1, 95, [[85, 95]])
+        assert r["completed"] is True and sorted(r["xp_awarded"]) == ["first_lesson", "lesson_completed"]
+        ev = await ws.expect("xp.awarded", kind="lesson_completed")
+        assert ev["points"] == 50 and ev["course_id"] == course.id
+        unlocked = await ws.expect("achievement.unlocked")
+        assert unlocked["achievement"]["id"] == "first-lesson" and unlocked["user"]["id"] == a.id
+        board = await ws.expect("leaderboard.changed")
+        assert board["room"] == f"course:{course.id}" and board["top"][0]["user_id"] == a.id
+        # watching it again earns nothing more; the resume position follows
+        r = report(client, a, v1, 12, [[0, 100]])
+        assert r["xp_awarded"] == [] and r["position"] == 12 and r["completed"] is True
+        assert r["time_spent_s"] == 40 + 59 + 10 + 100
+        # the last video completes the course
+        r = report(client, a, v2, 100, [[0, 100]])
+        assert sorted(r["xp_awarded"]) == ["course_completed", "lesson_completed"]
+        assert (await ws.expect("achievement.unlocked"))["achievement"]["id"] == "course-1"
+    finally:
+        await ws.close()
+    kinds = [r["kind"] for r in fetch(settings, "SELECT kind FROM xp_events WHERE user_id = $1 ORDER BY id", a.id)]
+    assert sorted(kinds) == ["course_completed", "daily_streak", "first_lesson", "lesson_completed",
+                             "lesson_completed"]
+    cp = client.get(f"/api/v1/courses/{course.id}/progress", headers=a.h).json()
+    assert cp["completion"] == 1.0 and cp["completed_videos"] == 2 and cp["total_videos"] == 2
+    assert cp["last_activity_at"] is not None and [v["video_id"] for v in cp["videos"]] == [v1, v2]
+    # staff see a learner's progress; learners only their own
+    assert client.get(f"/api/v1/courses/{course.id}/progress?user_id={a.id}",
+                      headers=course.instructor.h).json()["completion"] == 1.0
+    assert client.get(f"/api/v1/courses/{course.id}/progress?user_id={a.id}", headers=b.h).status_code == 403
+    assert client.get(f"/api/v1/courses/{course.id}/progress", headers=b.h).json()["completion"] == 0.0
+    stats = client.get("/api/v1/me/stats", headers=a.h).json()
+    assert stats["xp"] == 20 + 50 + 10 + 50 + 500 and stats["level"] == 2
+    assert (stats["level_xp"], stats["next_level_xp"]) == (400, 900)
+    assert stats["streak"]["current"] == 1 and stats["streak"]["active_today"] is True
+    assert stats["counts"]["lesson_completed"] == 2
+    ach = {x["achievement"]["id"]: x for x in client.get("/api/v1/me/achievements", headers=a.h).json()}
+    assert ach["first-lesson"]["unlocked_at"] and ach["course-1"]["unlocked_at"] and not ach["lessons-10"]["unlocked_at"]
+    assert ach["lessons-10"]["progress"] == 2 and ach["lessons-10"]["target"] == 10
+    ledger = client.get("/api/v1/me/xp?limit=2", headers=a.h).json()
+    assert [e["kind"] for e in ledger] == ["course_completed", "lesson_completed"]
+
+
+def test_staff_progress_is_stored_without_xp(client, make: Factory, settings):
+    course = make_course(client, make, learners=0, videos=1, duration=60)
+    r = report(client, course.instructor, course.videos[0], 60, [[0, 60]])
+    assert r["status"] == 200 and r["completed"] is True and r["xp_awarded"] == []
+    assert fetch(settings, "SELECT * FROM xp_events WHERE user_id = $1", course.instructor.id) == []
+
+
+def test_not_ready_video_is_409(client, make: Factory, settings):
+    course = make_course(client, make, learners=1, videos=0)
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source) VALUES ($1, 'x', 'youtube') RETURNING id",
+                course.id)[0]["id"]
+    r = client.post(f"/api/v1/videos/{vid}/progress", json={"position": 0, "watched": []}, headers=course.learners[0].h)
+    assert r.status_code == 409 and r.json()["code"] == "not_ready"
+
+
+def test_progress_rate_limit(client, make: Factory, settings):
+    course = make_course(client, make, learners=1, videos=1, duration=100)
+    (a,), (vid,) = course.learners, course.videos
+    codes = [client.post(f"/api/v1/videos/{vid}/progress", json={"position": i % 100, "watched": []},
+                         headers=a.h).status_code for i in range(60)]
+    assert codes[0] == 200 and 429 in codes
+    assert codes.index(429) >= 25  # the burst (30 by default) passes, minus what refills meanwhile
+    other = make.user("learner")  # buckets are per user
+    client.post(f"/api/v1/courses/{course.id}/enrollments", json={"user_id": other.id}, headers=course.instructor.h)
+    assert client.post(f"/api/v1/videos/{vid}/progress", json={"position": 1, "watched": []},
+                       headers=other.h).status_code == 200
+
+
+def test_bookmarks(client, make: Factory):
+    course = make_course(client, make, learners=2, videos=1, duration=100)
+    (a, b), (vid,) = course.learners, course.videos
+    url = f"/api/v1/videos/{vid}/bookmarks"
+    assert client.post(url, json={"at": 150, "note": "x"}, headers=a.h).json()["field"] == "at"
+    assert client.post(url, json={"at": -1}, headers=a.h).status_code == 400
+    first = client.post(url, json={"at": 42.5, "note": "the key formula"}, headers=a.h)
+    assert first.status_code == 201
+    client.post(url, json={"at": 10}, headers=a.h)
+    got = client.get(url, headers=a.h).json()
+    assert [(x["at"], x["note"]) for x in got] == [(10, ""), (42.5, "the key formula")]
+    assert client.get(url, headers=b.h).json() == []
+    assert client.delete(f"/api/v1/bookmarks/{first.json()['id']}", headers=b.h).status_code == 404
+    assert client.delete(f"/api/v1/bookmarks/{first.json()['id']}", headers=a.h).status_code == 204
+    assert len(client.get(url, headers=a.h).json()) == 1
+
+
+async def test_helpful_answer(server, client, make: Factory, settings):
+    course = make_course(client, make, learners=2, videos=0)
+    a, b = course.learners
+    inst = course.instructor
+    room = f"course:{course.id}"
+    msg = client.post(f"/api/v1/rooms/{room}/messages", json={"text": "use a hash map"}, headers=a.h).json()
+    own = client.post(f"/api/v1/rooms/{room}/messages", json={"text": "thanks"}, headers=inst.h).json()
+    url = f"/api/v1/rooms/{room}/messages/{msg['id']}/helpful"
+    ws = await Client.connect(server, room, a)
+    try:
+        assert client.post(url, headers=b.h).status_code == 403
+        r = client.post(url, headers=inst.h)
+        assert r.status_code == 201 and r.json()["author_id"] == a.id
+        ev = await ws.expect("xp.awarded", kind="helpful_answer")
+        assert ev["points"] == 25
+        assert (await ws.expect("achievement.unlocked"))["achievement"]["id"] == "helpful-1"
+    finally:
+        await ws.close()
+    assert client.post(url, headers=inst.h).status_code == 200  # once
+    assert [r["points"] for r in fetch(settings, "SELECT points FROM xp_events WHERE user_id = $1", a.id)] == [25]
+    r = client.post(f"/api/v1/rooms/{room}/messages/{own['id']}/helpful", headers=inst.h)
+    assert r.status_code == 409 and r.json()["code"] == "not_a_learner"
+    assert client.post(f"/api/v1/rooms/{room}/messages/999999999/helpful", headers=inst.h).status_code == 404
+    foreign = Factory(make.settings).user("instructor")
+    assert client.post(url, headers=foreign.h).status_code == 404

@@ -1,0 +1,161 @@
+"""Leaderboards: period keys roll over and expire on their own; a rebuild equals the ledger exactly, also
+while awards keep arriving. Runs on its own Redis database so it can flush it."""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from datetime import datetime, timedelta, timezone
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from redis.asyncio import Redis
+
+from store import keys, leaderboards, xp
+from store.db import create_pool
+from tests.conftest import Factory
+from tests.progress_helpers import ledger_boards, redis_boards
+
+
+def redis_db(url: str, db: int) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
+
+
+@pytest.fixture
+async def lb(settings):  # type: ignore[no-untyped-def]
+    pool = await create_pool(settings.database_url, min_size=1, max_size=10)
+    redis = Redis.from_url(redis_db(settings.redis_url, 3))
+    await redis.flushdb()
+    yield pool, redis
+    await redis.flushdb()
+    await redis.aclose()
+    await pool.close()
+
+
+def test_period_keys():
+    at = datetime(2025, 12, 31, 23, 59, tzinfo=timezone.utc)  # Wednesday of ISO week 2026-W01
+    assert leaderboards.board_key("course", 7, "all", at) == "sh:lb:course:7:all"
+    assert leaderboards.board_key("course", 7, "month", at) == "sh:lb:course:7:m:2025-12"
+    assert leaderboards.board_key("course", 7, "week", at) == "sh:lb:course:7:w:2026-W01"
+    start, end = leaderboards.period_bounds("week", at)
+    assert (start, end) == (datetime(2025, 12, 29, tzinfo=timezone.utc), datetime(2026, 1, 5, tzinfo=timezone.utc))
+    assert leaderboards.expire_at("month", at) == int(datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp()) + 86400
+    assert leaderboards.expire_at("all", at) == 0
+
+
+async def test_weekly_keys_roll_over(make: Factory, lb):
+    pool, redis = lb
+    a, b = make.user("learner"), make.user("learner")
+    now = datetime.now(timezone.utc)
+    last_week = now - timedelta(days=7)
+    await xp.award_xp(pool, redis, a.id, "lesson_completed", "lesson:1", at=last_week)
+    await xp.award_xp(pool, redis, b.id, "lesson_completed", "lesson:2", at=now)
+    await xp.award_xp(pool, redis, b.id, "first_lesson", "first_lesson", at=now)
+    tid = a.tenant_id
+    week = await leaderboards.read(redis, "tenant", tid, tid, "week", a.id)
+    assert [(e.user_id, e.xp) for e in week.entries] == [(b.id, 60)] and week.me is None
+    all_time = await leaderboards.read(redis, "tenant", tid, tid, "all", a.id)
+    assert [(e.user_id, e.xp, e.rank) for e in all_time.entries] == [(b.id, 60, 1), (a.id, 50, 2)]
+    # last week's XP went to last week's key, which expires a day after that week ended
+    old = leaderboards.board_key("tenant", tid, "week", last_week)
+    assert old != leaderboards.board_key("tenant", tid, "week", now)
+    ttl_old = await redis.ttl(old)
+    assert ttl_old == -2 or 0 < ttl_old <= 86400  # gone already, or going within the grace day
+    # this week's key expires a day after the week ends; next week starts empty
+    _, end = leaderboards.period_bounds("week", now)
+    ttl = await redis.ttl(leaderboards.board_key("tenant", tid, "week", now))
+    assert abs(ttl - ((end - now).total_seconds() + 86400)) < 5
+    nxt = await leaderboards.read(redis, "tenant", tid, tid, "week", b.id, at=now + timedelta(days=7))
+    assert nxt.entries == [] and nxt.me is None
+
+
+async def test_ranks_ties_and_neighbours(make: Factory, lb):
+    pool, redis = lb
+    users = [make.user("learner") for _ in range(7)]
+    points = [500, 300, 300, 200, 100, 100, 50]
+    for u, p in zip(users, points):
+        await xp.award_xp(pool, redis, u.id, "course_completed", "course:1", points=p)
+    tid = users[0].tenant_id
+    board = await leaderboards.read(redis, "tenant", tid, tid, "all", users[3].id, limit=3)
+    assert [e.xp for e in board.entries] == [500, 300, 300]
+    assert [e.rank for e in board.entries] == [1, 2, 2]
+    assert board.count == 7
+    assert board.me.rank == 4 and board.me.xp == 200
+    assert [e.rank for e in board.neighbours] == [2, 2, 4, 5, 5]
+    assert [e.xp for e in board.neighbours] == [300, 300, 200, 100, 100]
+    tied = await leaderboards.read(redis, "tenant", tid, tid, "all", users[5].id, limit=3)
+    assert tied.me.rank == 5 and tied.me.xp == 100  # equal XP, equal rank, whatever the order
+    last = await leaderboards.read(redis, "tenant", tid, tid, "all", users[6].id, limit=3)
+    assert last.me.rank == 7 and [e.rank for e in last.neighbours] == [5, 5, 7]
+    assert {e.name for e in board.neighbours} <= {u.name for u in users}
+
+
+async def test_flush_then_rebuild_is_identical(make: Factory, lb):
+    pool, redis = lb
+    f2 = Factory(make.settings)
+    users = [make.user("learner") for _ in range(6)] + [f2.user("learner") for _ in range(3)]
+    async with pool.acquire() as conn:
+        cid = await conn.fetchval("INSERT INTO courses (tenant_id, owner_id, title) VALUES ($1, $2, 'c') RETURNING id",
+                                  users[0].tenant_id, users[0].id)
+        pod = await conn.fetchval("INSERT INTO pods (course_id, name) VALUES ($1, 'p') RETURNING id", cid)
+        for u in users[:4]:
+            await conn.execute("INSERT INTO enrollments (course_id, user_id) VALUES ($1, $2)", cid, u.id)
+            await conn.execute("INSERT INTO pod_members (pod_id, user_id) VALUES ($1, $2)", pod, u.id)
+    now = datetime.now(timezone.utc)
+    rnd = random.Random(7)
+    for i in range(60):
+        u = rnd.choice(users)
+        at = now - timedelta(days=rnd.choice([0, 0, 1, 3, 8, 20, 40, 400]))
+        course = cid if u in users[:4] and rnd.random() < 0.7 else None
+        await xp.award_xp(pool, redis, u.id, "helpful_answer", f"h:{i}", course_id=course, at=at,
+                          points=rnd.choice([10, 25, 25, 50]))
+    async with pool.acquire() as conn:
+        want = await ledger_boards(conn, now)
+    scopes = [("tenant", users[0].tenant_id), ("tenant", users[-1].tenant_id), ("course", cid), ("pod", pod)]
+    mine = [leaderboards.board_key(sc, sid, p, now) for sc, sid in scopes for p in leaderboards.PERIODS]
+    mine = [k for k in mine if k in want]
+    assert len(mine) >= 10
+    before = await redis_boards(redis, mine)
+    assert before == {k: want[k] for k in mine}  # the live updates agree with the ledger
+    tenant_of = {users[0].tenant_id: users[0].tenant_id, users[-1].tenant_id: users[-1].tenant_id}
+    reads = [(sc, sid, p, tenant_of.get(sid, users[0].tenant_id)) for sc, sid in scopes for p in leaderboards.PERIODS]
+    ranks_before = [await leaderboards.read(redis, sc, sid, t, p, users[0].id, limit=100) for sc, sid, p, t in reads]
+
+    await redis.flushdb()
+    assert (await leaderboards.read(redis, "tenant", users[0].tenant_id, users[0].tenant_id, "all", 0)).built is False
+    done = await leaderboards.ensure_built(pool, redis)
+    assert done is not None and done.replayed == 0
+    assert await leaderboards.ensure_built(pool, redis) is None  # built: nothing to do
+    assert await redis_boards(redis, mine) == before
+    ranks_after = [await leaderboards.read(redis, sc, sid, t, p, users[0].id, limit=100) for sc, sid, p, t in reads]
+    assert [(b.entries, b.me, b.neighbours, b.count) for b in ranks_after] == \
+        [(b.entries, b.me, b.neighbours, b.count) for b in ranks_before]
+    assert any(b.me is not None for b in ranks_after) and all(b.built for b in ranks_after)
+    assert await leaderboards.check(pool, redis) == []
+
+
+async def test_rebuild_while_awards_arrive(make: Factory, lb):
+    pool, redis = lb
+    users = [make.user("learner") for _ in range(20)]
+    for i, u in enumerate(users):
+        await xp.award_xp(pool, redis, u.id, "helpful_answer", "warm", points=i)
+    await redis.delete(keys.LEADERBOARD_BUILT)
+    stop = time.monotonic() + 60
+
+    async def awarding(k: int) -> None:
+        for i in range(40):
+            await xp.award_xp(pool, redis, users[(k * 7 + i) % 20].id, "helpful_answer", f"race:{k}:{i}")
+            if time.monotonic() > stop:
+                return
+
+    results = await asyncio.gather(leaderboards.rebuild(pool, redis), *(awarding(k) for k in range(4)),
+                                   leaderboards.rebuild(pool, redis))
+    assert sum(r is not None for r in (results[0], results[-1])) >= 1
+    assert await leaderboards.check(pool, redis) == []
+    async with pool.acquire() as conn:
+        want = await ledger_boards(conn)
+    tid = users[0].tenant_id
+    mine = [k for k in want if k.startswith(f"sh:lb:tenant:{tid}:")]
+    assert await redis_boards(redis, mine) == {k: want[k] for k in mine}
+    assert not await redis.exists(keys.LEADERBOARD_BUILDING) and not await redis.exists(keys.LEADERBOARD_LOCK)

@@ -1,0 +1,93 @@
+"""Streaks: local-midnight edges in the learner's timezone, and one freeze per week."""
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+
+from store import streaks, xp
+from store.streaks import Streak, advance, status
+from tests.conftest import Factory
+from tests.progress_helpers import xp_store  # noqa: F401 - fixture
+
+MON = date(2025, 3, 3)  # a Monday
+
+
+def run(days: list[date]) -> Streak:
+    s = Streak()
+    for d in days:
+        s, _ = advance(s, d)
+    return s
+
+
+def test_consecutive_days_and_repeats():
+    s = run([MON, MON, MON + timedelta(days=1), MON + timedelta(days=2)])
+    assert (s.current, s.longest, s.last_day) == (3, 3, MON + timedelta(days=2))
+    same, new = advance(s, MON + timedelta(days=2))
+    assert same == s and not new
+    late, new = advance(s, MON)  # a late report for an earlier day changes nothing
+    assert late == s and not new
+
+
+def test_one_missed_day_is_frozen_once_per_week():
+    # Mon, Tue, (Wed missed: freeze), Thu -> 3
+    s = run([MON, MON + timedelta(days=1), MON + timedelta(days=3)])
+    assert s.current == 3 and s.freeze_weeks == {MON}
+    # (Fri missed: the week's freeze is spent) Sat -> streak restarts
+    s2, _ = advance(s, MON + timedelta(days=5))
+    assert s2.current == 1 and s2.longest == 3
+    # next week has its own freeze: Sat, (Sun missed... and Mon missed): two weeks, one each -> kept
+    s3 = run([MON + timedelta(days=5), MON + timedelta(days=8)])
+    assert s3.current == 2 and s3.freeze_weeks == {MON, MON + timedelta(days=7)}
+
+
+def test_two_missed_days_in_one_week_break_the_streak():
+    s = run([MON, MON + timedelta(days=1), MON + timedelta(days=4)])  # Wed and Thu missed
+    assert s.current == 1 and s.longest == 2 and s.freeze_weeks == frozenset()
+
+
+def test_status_as_seen_today():
+    s = run([MON, MON + timedelta(days=1)])
+    assert status(s, MON + timedelta(days=1)) == (2, True)
+    assert status(s, MON + timedelta(days=2)) == (2, True)  # today not done yet
+    assert status(s, MON + timedelta(days=3)) == (2, True)  # yesterday missed: the freeze would cover it
+    assert status(s, MON + timedelta(days=4)) == (0, True)  # two missed in one week: gone
+    frozen = run([MON, MON + timedelta(days=2)])
+    assert status(frozen, MON + timedelta(days=2)) == (2, False)  # this week's freeze is spent
+
+
+async def _activity(pool, redis, user_id: int, at: datetime) -> Streak:  # type: ignore[no-untyped-def]
+    async with xp.transaction(pool, redis) as tx:
+        return await streaks.record_activity(tx, user_id, at)
+
+
+async def test_local_midnight(make: Factory, xp_store):
+    pool, redis = xp_store
+    tokyo, utc = make.user("learner"), make.user("learner")
+    async with pool.acquire() as conn:
+        await conn.execute("INSERT INTO learner_profiles (user_id, timezone) VALUES ($1, 'Asia/Tokyo')", tokyo.id)
+    before = datetime(2025, 3, 3, 14, 30, tzinfo=timezone.utc)  # 23:30 in Tokyo, Monday
+    after = datetime(2025, 3, 3, 15, 30, tzinfo=timezone.utc)  # 00:30 in Tokyo, Tuesday; still Monday in UTC
+    for u in (tokyo, utc):
+        await _activity(pool, redis, u.id, before)
+        await _activity(pool, redis, u.id, after)
+    async with pool.acquire() as conn:
+        st, tz = await streaks.get(conn, tokyo.id)
+        assert (st.current, st.last_day, tz) == (2, date(2025, 3, 4), "Asia/Tokyo")
+        st, tz = await streaks.get(conn, utc.id)
+        assert (st.current, st.last_day, tz) == (1, date(2025, 3, 3), "UTC")
+        keys = {r["idempotency_key"] for r in await conn.fetch(
+            "SELECT idempotency_key FROM xp_events WHERE user_id = $1 AND kind = 'daily_streak'", tokyo.id)}
+        assert keys == {"streak:2025-03-03", "streak:2025-03-04"}
+        assert await conn.fetchval("SELECT count(*) FROM xp_events WHERE user_id = $1", utc.id) == 1
+
+
+async def test_streak_achievement_and_freeze_in_db(make: Factory, xp_store):
+    pool, redis = xp_store
+    u = make.user("learner")
+    t0 = datetime(2025, 3, 3, 12, tzinfo=timezone.utc)  # Monday noon UTC
+    for d in (0, 1, 3):  # Wednesday missed: frozen
+        await _activity(pool, redis, u.id, t0 + timedelta(days=d))
+    async with pool.acquire() as conn:
+        st, _ = await streaks.get(conn, u.id)
+        assert st.current == 3 and st.freeze_weeks == {MON}
+        assert await conn.fetchval(
+            "SELECT count(*) FROM user_achievements WHERE user_id = $1 AND achievement_id = 'streak-3'", u.id) == 1
