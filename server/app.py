@@ -1,6 +1,7 @@
 """The app factory: build the Litestar app; one lifespan opens pools and puts them on app.state."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,7 +14,10 @@ from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from redis.asyncio import Redis
 
+from server.api.assignments import AssignmentController  # assignments and grading
 from server.api.courses import CourseController
+from server.api.submissions import SubmissionController
+from server.api.tutor import TutorController
 from server.api.health import health, metrics, ready
 from server.api.users import UserController
 from server.api.videos import JobController, VideoController
@@ -46,18 +50,23 @@ def create_app(settings: Settings) -> Litestar:
         app.state.pool = await create_pool(settings.database_url)
         app.state.redis = Redis.from_url(settings.redis_url)
         app.state.arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+        app.state.tutor_tasks = set()
         logger.info("studyhall app ready")
         try:
             yield
         finally:
+            if app.state.tutor_tasks:  # let answers being written reach the room
+                await asyncio.wait(app.state.tutor_tasks, timeout=10)
             await app.state.arq.aclose()
             await app.state.redis.aclose()
             await app.state.pool.close()
 
     return Litestar(
         route_handlers=[health, ready, metrics, CourseController, UserController, VideoController, JobController,
+                        AssignmentController, SubmissionController,  # assignments and grading
                         room_socket, RoomController, PodController, LiveController,  # realtime rooms
-                        ProgressController, LeaderboardController, MatcherController],  # progress, XP, matcher
+                        ProgressController, LeaderboardController, MatcherController,  # progress, XP, matcher
+                        TutorController],
         lifespan=[lifespan, realtime_lifespan, progress_lifespan],  # the others use the pools opened by lifespan
         middleware=[DefineMiddleware(JWTAuthMiddleware, exclude=PUBLIC_PATHS)],
         exception_handlers={HTTPException: http_exception_handler, Exception: internal_error_handler},

@@ -1,4 +1,4 @@
-"""`studyhall` command line: up, serve, worker, migrate, token."""
+"""`studyhall` command line: up, serve, worker, migrate, token, ingest, reembed, leaderboards."""
 from __future__ import annotations
 
 import argparse
@@ -280,6 +280,64 @@ async def _leaderboards(settings: Settings, action: str) -> int:
         await pool.close()
 
 
+def cmd_ask(args: argparse.Namespace) -> int:
+    settings, services = _start(args)
+    try:
+        _migrate(settings)
+        return asyncio.run(_ask(settings, args))
+    finally:
+        services.close()
+
+
+async def _ask(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+    from types import SimpleNamespace
+
+    from redis.asyncio import Redis
+
+    from server.auth import AuthUser
+    from server.errors import ApiError
+    from server.tutoring import ask
+    from store.db import create_pool
+
+    pool = await create_pool(settings.database_url, min_size=1, max_size=4)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        row = await pool.fetchrow("""SELECT u.id, u.tenant_id, u.name, u.role, t.name AS tenant FROM courses c
+                                     JOIN users u ON u.id = c.owner_id JOIN tenants t ON t.id = u.tenant_id
+                                     WHERE c.id = $1""", args.course_id)
+        if row is None:
+            print(f"course {args.course_id} not found", file=sys.stderr)
+            return 2
+        user = AuthUser(id=row["id"], tenant_id=row["tenant_id"], tenant=row["tenant"], name=row["name"],
+                        role=row["role"])
+        state = SimpleNamespace(settings=settings, pool=pool, redis=redis)
+
+        async def on_delta(text: str) -> None:
+            if not args.json:
+                print(text, end="", flush=True)
+
+        try:
+            result = await ask(state, user, args.course_id, args.question, on_delta=on_delta)
+        except ApiError as exc:
+            print(exc.detail, file=sys.stderr)
+            return 1
+        if args.json:
+            from server.api.tutor import _public
+
+            print(json.dumps(_public(result), default=str))
+        else:
+            print()
+            for i, c in enumerate(result["citations"], 1):
+                print(f"[{i}] {c['video_title']} {c['label']} {c['url'] or ''}".rstrip())
+            for q in result["follow_ups"]:
+                print(f"? {q}")
+        return 0
+    finally:
+        await redis.aclose()
+        await pool.close()
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings, services = _start(args)
     worker = None
@@ -332,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--youtube", help="YouTube URL or 11-character id")
     src.add_argument("--file", help="transcript (.srt/.vtt/.json) or media (wav/mp3/m4a/mp4/webm)")
     ing.add_argument("--title")
+    ask_ = add("ask", cmd_ask, "ask the tutor about a course (answer with cited moments)")
+    ask_.add_argument("course_id", type=int)
+    ask_.add_argument("question")
+    ask_.add_argument("--json", action="store_true", help="print the same JSON as the REST API")
     re_ = add("reembed", cmd_reembed, "re-embed videos embedded by another model than the configured one")
     re_.add_argument("--course", type=int, help="only this course")
     lb = add("leaderboards", cmd_leaderboards, "rebuild the Redis leaderboards from the XP ledger, or check them")

@@ -36,6 +36,20 @@ class JobProgress(Event, tag="job.progress"):
     error: str | None = None
 
 
+class GradeReady(Event, tag="grade.ready"):
+    """A learner's grade is final (graded at once, released by the grader, or set by an instructor's review):
+    sent to that learner (topic `user:<id>`). Held grades are never announced before the review."""
+
+    submission_id: int
+    assignment_id: int
+    course_id: int
+    title: str
+    score: float
+    passed: bool
+    reviewed: bool
+    attempt: int
+
+
 # --- shared pieces -------------------------------------------------------------------------------------
 
 class UserRef(msgspec.Struct, kw_only=True):
@@ -221,6 +235,17 @@ class LeaderboardChanged(Event, tag="leaderboard.changed"):
     period: str = "all"
 
 
+# --- tutor (agents/tutor.py via server/tutoring.py) ---------------------------------------------------------
+
+class TutorDelta(Event, tag="tutor.delta"):
+    """A piece of the tutor's answer while it streams (ephemeral, not stored). The answer itself then arrives
+    as a normal `message.new` with author role `tutor` and `meta` {citations, grounded, follow_ups, reply_to}."""
+
+    room: str
+    reply_to: int  # id of the message that asked
+    text: str
+
+
 # --- internal control (never forwarded to clients) -----------------------------------------------------
 
 class Kick(Event, tag="internal.kick"):
@@ -233,7 +258,9 @@ class Kick(Event, tag="internal.kick"):
 ServerEvent = Union[
     Welcome, Presence, Typing, Error, Pong, MessageNew, MessageEdited, MessageDeleted, LiveStarted, LiveEnded,
     PollOpened, PollResults, PollClosed, JobProgress,
+    GradeReady,  # assignments and grading
     XpAwarded, AchievementUnlocked, LeaderboardChanged,  # progress, XP, leaderboards
+    TutorDelta,
 ]
 SEQUENCED = frozenset({"message.new", "message.edited", "message.deleted", "live.started", "live.ended",
                        "poll.opened", "poll.results", "poll.closed"})

@@ -61,7 +61,15 @@ class PollVote(Frame, tag="poll.vote"):
     option: Annotated[int, Meta(ge=0, le=1000)]
 
 
-ClientFrame = Union[MessageSend, MessageEdit, MessageDelete, Typing, Resume, Ping, PollVote]
+class TutorAsk(Frame, tag="tutor.ask"):
+    """Ask the tutor in this room: the question is posted as your message and the tutor replies to it
+    (`tutor.delta` events while it writes, then a `message.new` from the tutor). Same as `@tutor` in a message."""
+
+    text: str
+    client_msg_id: ClientMsgId | None = None
+
+
+ClientFrame = Union[MessageSend, MessageEdit, MessageDelete, Typing, Resume, Ping, PollVote, TutorAsk]
 
 _decoder = msgspec.json.Decoder(ClientFrame)
 

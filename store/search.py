@@ -114,3 +114,38 @@ async def dense_search(conn: asyncpg.Connection, course_id: int, query_vec: np.n
                        k: int = 5) -> list[int]:
     """Bare pgvector top-k (the benchmark's baseline)."""
     return [r["id"] for r in await conn.fetch(_DENSE, query_vec, course_id, embed_model, None, k)]
+
+
+_NEIGHBOURS = """
+SELECT c.id, c.video_id, v.title AS video_title, v.youtube_id, c.position, c.start_s, c.end_s, c.text, c.sentences
+FROM chunks c JOIN videos v ON v.id = c.video_id
+JOIN unnest($1::bigint[], $2::int[]) AS want(video_id, position)
+  ON c.video_id = want.video_id AND c.position = want.position
+WHERE c.embed_model = $3
+"""
+
+
+async def neighbours(conn: asyncpg.Connection, hits: list[Hit], embed_model: str, span: int = 1) -> list[Hit]:
+    """The chunks right before and after each hit (same video), not already among the hits."""
+    have = {(h.video_id, h.position) for h in hits}
+    want = sorted({(h.video_id, h.position + d) for h in hits for d in range(-span, span + 1) if d} - have)
+    if not want:
+        return []
+    rows = await conn.fetch(_NEIGHBOURS, [w[0] for w in want], [w[1] for w in want], embed_model)
+    return [Hit(chunk_id=r["id"], video_id=r["video_id"], video_title=r["video_title"], youtube_id=r["youtube_id"],
+                position=r["position"], start=r["start_s"], end=r["end_s"], text=r["text"], score=0.0,
+                sentences=r["sentences"]) for r in rows]
+
+
+_VOCAB = """
+SELECT q.lexeme, EXISTS (SELECT 1 FROM chunk_terms t WHERE t.course_id = $2 AND t.embed_model = $3
+                                                       AND t.lexeme = q.lexeme) AS present
+FROM (SELECT DISTINCT unnest(tsvector_to_array(to_tsvector('english', $1))) AS lexeme) q
+"""
+
+
+async def vocabulary_coverage(conn: asyncpg.Connection, course_id: int, embed_model: str,
+                              question: str) -> tuple[list[str], list[str]]:
+    """(present, missing): the question's content lexemes that do / do not occur anywhere in the course."""
+    rows = await conn.fetch(_VOCAB, keyword_text(question), course_id, embed_model)
+    return [r["lexeme"] for r in rows if r["present"]], [r["lexeme"] for r in rows if not r["present"]]

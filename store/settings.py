@@ -55,6 +55,7 @@ class Settings:
     embedder: str = "local"
     whisper_model: str | None = None
     youtube_languages: tuple[str, ...] = ("en",)
+    tutor_daily_limit: int = 100
     job_heartbeat_ms: int = 30_000
     job_retry_base_s: float = 2.0
     job_max_attempts: int = 5
@@ -75,6 +76,10 @@ class Settings:
     ws_queue_max: int = 1000
     presence_ttl_s: float = 15.0
     presence_max: int = 200
+    # assignments and grading
+    review_threshold: float = 0.7
+    review_band: tuple[float, float] = (40.0, 60.0)
+    max_answer_chars: int = 20_000
     # progress, XP, leaderboards, matcher
     video_complete_share: float = 0.9
     progress_rate: float = 1.0
@@ -109,6 +114,7 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         embedder=_str("STUDYHALL_EMBEDDER", "local") or "local",
         whisper_model=_str("STUDYHALL_WHISPER_MODEL"),
         youtube_languages=langs or ("en",),
+        tutor_daily_limit=_int("STUDYHALL_TUTOR_DAILY_LIMIT", 100),
         job_heartbeat_ms=int(_float("STUDYHALL_JOB_HEARTBEAT_S", 30.0) * 1000),
         job_retry_base_s=_float("STUDYHALL_JOB_RETRY_BASE_S", 2.0),
         job_max_attempts=_int("STUDYHALL_JOB_MAX_ATTEMPTS", 5),
@@ -127,6 +133,9 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         ws_queue_max=_int("STUDYHALL_WS_QUEUE", 1000),
         presence_ttl_s=_float("STUDYHALL_PRESENCE_TTL", 15.0),
         presence_max=_int("STUDYHALL_PRESENCE_MAX", 200),
+        review_threshold=_float("STUDYHALL_REVIEW_THRESHOLD", 0.7),
+        review_band=_band(_str("STUDYHALL_REVIEW_BAND", "40,60") or "40,60"),
+        max_answer_chars=_int("STUDYHALL_MAX_ANSWER_CHARS", 20_000),
         video_complete_share=_float("STUDYHALL_VIDEO_COMPLETE_SHARE", 0.9),
         progress_rate=_float("STUDYHALL_PROGRESS_RATE", 1.0),
         progress_burst=_int("STUDYHALL_PROGRESS_BURST", 30),
@@ -134,6 +143,17 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         match_weekday=_int("STUDYHALL_MATCH_WEEKDAY", 0),
         match_hour=_int("STUDYHALL_MATCH_HOUR", 6),
     )
+
+
+def _band(raw: str) -> tuple[float, float]:
+    """'40,60' -> (40.0, 60.0): totals in this range (inclusive) always go to instructor review."""
+    try:
+        low, high = (float(x) for x in raw.split(","))
+    except ValueError as exc:
+        raise SystemExit(f"STUDYHALL_REVIEW_BAND must be 'low,high' (0-100), got {raw!r}") from exc
+    if not 0 <= low <= high <= 100:
+        raise SystemExit(f"STUDYHALL_REVIEW_BAND must satisfy 0 <= low <= high <= 100, got {raw!r}")
+    return low, high
 
 
 def _load_or_create_secret(ddir: Path) -> str:

@@ -50,6 +50,7 @@ TEST_ENV = {
     "STUDYHALL_JOB_HEARTBEAT_S": "3",
     "STUDYHALL_JOB_RETRY_BASE_S": "0.2",
     "STUDYHALL_JOB_MAX_ATTEMPTS": "3",
+    "STUDYHALL_TUTOR_DAILY_LIMIT": "40",
 }
 
 
@@ -229,8 +230,9 @@ def upload(client: httpx.Client, course_id: int, headers: dict, name: str, data:
 
 
 class EvalCourse:
-    def __init__(self, course_id: int, instructor: User, learner: User, videos: dict[str, int]) -> None:
+    def __init__(self, course_id: int, instructor: User, learner: User, videos: dict[str, int], tenant: str) -> None:
         self.id, self.instructor, self.learner, self.videos = course_id, instructor, learner, videos
+        self.tenant = tenant  # name, for Factory.user(..., tenant=)
 
 
 @pytest.fixture(scope="session")
@@ -253,4 +255,4 @@ def eval_course(server: str, worker: WorkerProcess, settings: Settings) -> EvalC
         for f, job_id in jobs.items():
             job = wait_job(c, job_id, inst.h)
             assert job["state"] == "done", (f, job)
-    return EvalCourse(cid, inst, learner, videos)
+    return EvalCourse(cid, inst, learner, videos, factory.tenant)

@@ -6,6 +6,7 @@ Refusals accept the handshake and close at once, so the client sees the code: 44
 from __future__ import annotations
 
 import asyncio
+import re
 import logging
 import time
 
@@ -15,6 +16,7 @@ from litestar.exceptions import NotAuthorizedException
 from server.auth import AuthUser, authenticate, bearer_token
 from server.realtime.conn import Conn
 from server.realtime.hub import Hub
+from server.tutoring import schedule_room_answer
 from store import frames
 from store import live as live_repo
 from store import messages as messages_repo
@@ -151,6 +153,9 @@ async def _rate(hub: Hub, user: AuthUser) -> None:
         raise messages_repo.Refused("rate_limited", f"too many messages; retry in {wait:g}s")
 
 
+TUTOR_MENTION = re.compile(r"(?<![\w@])@tutor\b", re.IGNORECASE)
+
+
 async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hub) -> None:
     settings = hub.settings
     if isinstance(frame, frames.MessageSend):
@@ -160,6 +165,18 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
                                                   frame.client_msg_id)
         if not posted.created:
             conn.own(posted.event.seq, posted.payload.decode())
+        elif TUTOR_MENTION.search(text):
+            schedule_room_answer(hub.app_state, user, conn.access.course_id, conn.room, posted.event.id, text)
+    elif isinstance(frame, frames.TutorAsk):
+        # the question is posted like any message, then the tutor replies to it
+        text = _check_text(frame.text, settings.ws_max_text)
+        await _rate(hub, user)
+        posted = await messages_repo.post_message(hub.pool, hub.redis, conn.room, user.id, text,
+                                                  {"tutor_ask": True}, frame.client_msg_id)
+        if not posted.created:
+            conn.own(posted.event.seq, posted.payload.decode())
+        else:
+            schedule_room_answer(hub.app_state, user, conn.access.course_id, conn.room, posted.event.id, text)
     elif isinstance(frame, frames.MessageEdit):
         text = _check_text(frame.text, settings.ws_max_text)
         await _rate(hub, user)

@@ -1,0 +1,177 @@
+"""The tutor over REST: ask (JSON or server-sent events), private sessions, feedback, modes, accounting."""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, patch, post, put
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+from msgspec import Meta
+
+from server.api.courses import course_or_404
+from server.api.schemas import Strict
+from server.auth import staff_only
+from server.decode import read_json
+from server.errors import ApiError
+from server.tutoring import ask
+from store import tutor as repo
+
+Question = Annotated[str, Meta(min_length=1, max_length=2000)]
+
+
+class AskIn(Strict):
+    question: Question
+    session_id: Annotated[int, Meta(ge=1)] | None = None
+
+
+class FeedbackIn(Strict):
+    vote: Literal[1, -1]
+    comment: Annotated[str, Meta(max_length=2000)] = ""
+
+
+class ModeIn(Strict):
+    mode: Literal["answer", "socratic"]
+
+
+class Session(msgspec.Struct):
+    id: int
+    course_id: int
+    title: str
+    created_at: datetime
+    updated_at: datetime
+    turns: list[dict] | None = None
+
+
+def _session(r: Any, turns: list | None = None) -> Session:
+    return Session(id=r["id"], course_id=r["course_id"], title=r["title"], created_at=r["created_at"],
+                   updated_at=r["updated_at"], turns=turns)
+
+
+class TutorController(Controller):
+    path = "/api/v1"
+    tags = ["tutor"]
+
+    @post("/courses/{course_id:int}/ask", status_code=200)
+    async def ask(self, request: Request, course_id: int) -> Response:
+        """Ask the tutor. `Accept: text/event-stream` streams `delta` events, then one `answer` event."""
+        data = await read_json(request, AskIn)
+        if not data.question.strip():
+            raise ApiError(400, "question must not be blank", field="question")
+        state, user = request.app.state, request.user
+        async with state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, user)
+        if "text/event-stream" not in request.headers.get("accept", ""):
+            result = await ask(state, user, course_id, data.question, session_id=data.session_id)
+            return Response(_public(result))
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def on_delta(text: str) -> None:
+            await queue.put(("delta", {"text": text}))
+
+        async def run() -> None:
+            try:
+                result = await ask(state, user, course_id, data.question, session_id=data.session_id,
+                                   on_delta=on_delta)
+                await queue.put(("answer", _public(result)))
+            except ApiError as exc:
+                await queue.put(("error", {"status": exc.status_code, "code": exc.code, "message": exc.detail}))
+            except Exception:  # noqa: BLE001 - the stream must end with something the client can read
+                await queue.put(("error", {"status": 500, "code": "internal", "message": "tutor failed"}))
+            await queue.put(None)
+
+        task = asyncio.create_task(run())
+
+        async def events() -> AsyncIterator[ServerSentEventMessage]:
+            try:
+                while (item := await queue.get()) is not None:
+                    yield ServerSentEventMessage(event=item[0], data=json.dumps(item[1]))
+            finally:
+                if not task.done():
+                    task.cancel()
+
+        return ServerSentEvent(events())
+
+    @get("/courses/{course_id:int}/tutor/sessions")
+    async def sessions(self, request: Request, course_id: int) -> list[Session]:
+        async with request.app.state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, request.user)
+            return [_session(r) for r in await repo.list_sessions(conn, request.user.id, course_id)]
+
+    @get("/tutor/sessions/{session_id:int}")
+    async def session(self, request: Request, session_id: int) -> Session:
+        async with request.app.state.pool.acquire() as conn:
+            sess = await repo.get_session(conn, session_id, request.user.id)
+            if sess is None:
+                raise ApiError(404, f"tutor session {session_id} not found")
+            turns = [{"id": t["id"], "question": t["question"], "answer": t["answer"], "grounded": t["grounded"],
+                      "citations": t["citations"], "follow_ups": t["follow_ups"], "created_at": t["created_at"]}
+                     for t in await repo.session_turns(conn, session_id)]
+        return _session(sess, turns)
+
+    @delete("/tutor/sessions/{session_id:int}", status_code=204)
+    async def delete_session(self, request: Request, session_id: int) -> None:
+        async with request.app.state.pool.acquire() as conn:
+            if not await repo.delete_session(conn, session_id, request.user.id):
+                raise ApiError(404, f"tutor session {session_id} not found")
+
+    @post("/tutor/answers/{turn_id:int}/feedback", status_code=204)
+    async def feedback(self, request: Request, turn_id: int) -> None:
+        """Thumbs up (1) or down (-1) on a tutor answer (REST or room: the room message's meta.turn_id)."""
+        data = await read_json(request, FeedbackIn)
+        async with request.app.state.pool.acquire() as conn:
+            turn = await repo.get_turn(conn, turn_id)
+            if turn is None:
+                raise ApiError(404, f"answer {turn_id} not found")
+            await course_or_404(conn, turn["course_id"], request.user)
+            await repo.set_feedback(conn, turn_id, request.user.id, data.vote, data.comment)
+
+    @patch("/courses/{course_id:int}/tutor", guards=[staff_only])
+    async def course_mode(self, request: Request, course_id: int) -> dict:
+        data = await read_json(request, ModeIn)
+        async with request.app.state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, request.user)
+            await conn.execute("UPDATE courses SET tutor_mode = $2 WHERE id = $1", course_id, data.mode)
+        return {"course_id": course_id, "mode": data.mode}
+
+    @put("/rooms/{room_id:str}/tutor", guards=[staff_only])
+    async def room_mode(self, request: Request, room_id: str) -> dict:
+        from store.rooms import parse_room, room_target
+
+        data = await read_json(request, ModeIn)
+        ref = parse_room(room_id)
+        async with request.app.state.pool.acquire() as conn:
+            target = await room_target(conn, ref) if ref else None
+            if target is None:
+                raise ApiError(404, f"room {room_id} not found")
+            await course_or_404(conn, target["course_id"], request.user)
+            await conn.execute("""INSERT INTO room_tutor_settings (room_id, mode) VALUES ($1, $2)
+                                  ON CONFLICT (room_id) DO UPDATE SET mode = EXCLUDED.mode""", room_id, data.mode)
+        return {"room_id": room_id, "mode": data.mode}
+
+    @get("/courses/{course_id:int}/tutor/stats", guards=[staff_only])
+    async def stats(self, request: Request, course_id: int) -> dict:
+        """Questions, grounding, cache hits, tokens, cost and feedback for the course's tutor."""
+        async with request.app.state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, request.user)
+            row = await conn.fetchrow(
+                """SELECT count(*) AS questions, count(*) FILTER (WHERE grounded) AS grounded,
+                          count(*) FILTER (WHERE cache_hit) AS cache_hits,
+                          coalesce(sum(input_tokens), 0) AS input_tokens,
+                          coalesce(sum(output_tokens), 0) AS output_tokens,
+                          coalesce(sum(cost_usd), 0) AS cost_usd,
+                          percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS p95_latency_ms,
+                          (SELECT count(*) FROM tutor_feedback f JOIN tutor_turns t ON t.id = f.turn_id
+                           WHERE t.course_id = $1 AND f.vote = 1) AS thumbs_up,
+                          (SELECT count(*) FROM tutor_feedback f JOIN tutor_turns t ON t.id = f.turn_id
+                           WHERE t.course_id = $1 AND f.vote = -1) AS thumbs_down
+                   FROM tutor_turns WHERE course_id = $1""", course_id)
+        return dict(row)
+
+
+def _public(result: dict) -> dict:
+    return {k: result[k] for k in ("answer", "grounded", "citations", "follow_ups", "nearest", "session_id",
+                                    "turn_id", "mode", "cached")}

@@ -1,0 +1,127 @@
+"""Tutor sessions, answered turns (with accounting), feedback, the answer cache and per-day limits."""
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import asyncpg
+
+_TURN_COLS = """id, course_id, user_id, session_id, room_id, message_id, question, standalone, answer, grounded,
+                citations, follow_ups, mode, provider, model, input_tokens, output_tokens, latency_ms, cost_usd,
+                cache_hit, error, created_at"""
+
+
+def normalize_question(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def question_hash(text: str) -> str:
+    return hashlib.sha256(normalize_question(text).encode()).hexdigest()
+
+
+async def content_version(conn: asyncpg.Connection, course_id: int) -> str:
+    """Changes whenever a video of the course is added, re-ingested, re-embedded or removed."""
+    row = await conn.fetchrow(
+        """SELECT count(*) AS n, coalesce(max(extract(epoch FROM updated_at)), 0) AS t,
+                  coalesce(sum(id), 0) AS s FROM videos WHERE course_id = $1""",
+        course_id,
+    )
+    return f"{row['n']}:{row['s']}:{row['t']:.6f}"
+
+
+async def create_session(conn: asyncpg.Connection, course_id: int, user_id: int, title: str) -> asyncpg.Record:
+    return await conn.fetchrow(
+        "INSERT INTO tutor_sessions (course_id, user_id, title) VALUES ($1, $2, $3) RETURNING *",
+        course_id, user_id, title[:200])
+
+
+async def get_session(conn: asyncpg.Connection, session_id: int, user_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM tutor_sessions WHERE id = $1 AND user_id = $2", session_id, user_id)
+
+
+async def list_sessions(conn: asyncpg.Connection, user_id: int, course_id: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT * FROM tutor_sessions WHERE user_id = $1 AND course_id = $2 ORDER BY updated_at DESC, id DESC",
+        user_id, course_id)
+
+
+async def delete_session(conn: asyncpg.Connection, session_id: int, user_id: int) -> bool:
+    row = await conn.fetchrow("DELETE FROM tutor_sessions WHERE id = $1 AND user_id = $2 RETURNING id",
+                              session_id, user_id)
+    return row is not None
+
+
+async def session_turns(conn: asyncpg.Connection, session_id: int, limit: int = 200) -> list[asyncpg.Record]:
+    return await conn.fetch(f"SELECT {_TURN_COLS} FROM tutor_turns WHERE session_id = $1 ORDER BY id LIMIT $2",
+                            session_id, limit)
+
+
+async def record_turn(conn: asyncpg.Connection, **fields: Any) -> asyncpg.Record:
+    cols = list(fields)
+    row = await conn.fetchrow(
+        f"INSERT INTO tutor_turns ({', '.join(cols)}) VALUES ({', '.join(f'${i + 1}' for i in range(len(cols)))}) "
+        f"RETURNING {_TURN_COLS}",
+        *fields.values(),
+    )
+    if fields.get("session_id"):
+        await conn.execute("UPDATE tutor_sessions SET updated_at = now() WHERE id = $1", fields["session_id"])
+    return row
+
+
+async def get_turn(conn: asyncpg.Connection, turn_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"SELECT {_TURN_COLS} FROM tutor_turns WHERE id = $1", turn_id)
+
+
+async def turns_today(conn: asyncpg.Connection, user_id: int) -> int:
+    return await conn.fetchval(
+        "SELECT count(*) FROM tutor_turns WHERE user_id = $1 AND created_at >= date_trunc('day', now())", user_id)
+
+
+async def cached_turn(conn: asyncpg.Connection, course_id: int, version: str, mode: str,
+                      qhash: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"""SELECT {', '.join('t.' + c.strip() for c in _TURN_COLS.split(','))} FROM tutor_cache k
+            JOIN tutor_turns t ON t.id = k.turn_id
+            WHERE k.course_id = $1 AND k.content_version = $2 AND k.mode = $3 AND k.qhash = $4""",
+        course_id, version, mode, qhash)
+
+
+async def remember(conn: asyncpg.Connection, course_id: int, version: str, mode: str, qhash: str,
+                   turn_id: int) -> None:
+    await conn.execute(
+        """INSERT INTO tutor_cache (course_id, content_version, mode, qhash, turn_id) VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT DO NOTHING""",
+        course_id, version, mode, qhash, turn_id)
+    # entries for older content can never hit again
+    await conn.execute("DELETE FROM tutor_cache WHERE course_id = $1 AND content_version <> $2", course_id, version)
+
+
+async def set_feedback(conn: asyncpg.Connection, turn_id: int, user_id: int, vote: int, comment: str) -> None:
+    await conn.execute(
+        """INSERT INTO tutor_feedback (turn_id, user_id, vote, comment) VALUES ($1, $2, $3, $4)
+           ON CONFLICT (turn_id, user_id) DO UPDATE SET vote = EXCLUDED.vote, comment = EXCLUDED.comment,
+                                                       created_at = now()""",
+        turn_id, user_id, vote, comment)
+
+
+async def tutor_mode(conn: asyncpg.Connection, course_id: int, room_id: str | None = None) -> str:
+    """'socratic' when the room or course says so, or while the course has an open assignment."""
+    if room_id is not None:
+        mode = await conn.fetchval("SELECT mode FROM room_tutor_settings WHERE room_id = $1", room_id)
+        if mode:
+            return mode
+    mode = await conn.fetchval("SELECT tutor_mode FROM courses WHERE id = $1", course_id)
+    if mode == "socratic":
+        return mode
+    if await conn.fetchval("SELECT to_regclass('assignments') IS NOT NULL"):
+        try:
+            open_now = await conn.fetchval(
+                """SELECT EXISTS (SELECT 1 FROM assignments WHERE course_id = $1 AND published
+                       AND (opens_at IS NULL OR opens_at <= now()) AND (closes_at IS NULL OR closes_at > now()))""",
+                course_id)
+        except asyncpg.PostgresError:
+            open_now = False
+        if open_now:
+            return "socratic"
+    return "answer"

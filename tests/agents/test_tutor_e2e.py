@@ -1,0 +1,158 @@
+"""The tutor through a running server: REST (JSON and SSE), sessions, limits, cache, Socratic mode, CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+
+from tests.conftest import EVAL, ROOT, EvalCourse, Factory, clean_env, fetch, upload, wait_job
+
+
+def _gold(qid: str) -> dict:
+    spec = json.loads((EVAL / "questions.json").read_text())
+    return next(q for q in spec["questions"] if q["id"] == qid)
+
+
+def _in_gold(c: dict, q: dict, videos: dict) -> bool:
+    return c["video_id"] == videos[q["file"]] and any(c["start"] <= b and c["end"] >= a for a, b in q["spans"])
+
+
+def test_rest_ask_cites_the_moment(eval_course: EvalCourse, client):
+    q = _gold("att-01")
+    r = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": q["question"]},
+                    headers=eval_course.learner.h)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["grounded"] is True and body["citations"] and body["session_id"]
+    assert any(_in_gold(c, q, eval_course.videos) for c in body["citations"][:3])
+    for c in body["citations"]:
+        assert 0 < c["end"] - c["start"] <= 60 and c["quote"] and c["label"]
+    assert "[1]" in body["answer"]
+    assert 2 <= len(body["follow_ups"]) <= 3
+
+
+def test_out_of_scope_declines_without_citations(eval_course: EvalCourse, client):
+    r = client.post(f"/api/v1/courses/{eval_course.id}/ask",
+                    json={"question": "What is a good recipe for sourdough bread?"}, headers=eval_course.learner.h)
+    body = r.json()
+    assert body["grounded"] is False and body["citations"] == []
+    assert "don't cover" in body["answer"]
+
+
+def test_sse_streams_deltas_then_answer(eval_course: EvalCourse, server):
+    q = _gold("btc-01") if any(x["id"] == "btc-01" for x in json.loads((EVAL / "questions.json").read_text())["questions"]) else _gold("att-01")
+    events = []
+    with httpx.Client(base_url=server, timeout=60) as c, c.stream(
+            "POST", f"/api/v1/courses/{eval_course.id}/ask", json={"question": q["question"]},
+            headers={**eval_course.learner.h, "Accept": "text/event-stream"}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        event = None
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                events.append((event, json.loads(line.split(":", 1)[1])))
+    kinds = [e for e, _ in events]
+    assert kinds[-1] == "answer" and kinds.count("delta") >= 2 and set(kinds) == {"delta", "answer"}
+    streamed = "".join(d["text"] for e, d in events if e == "delta")
+    final = events[-1][1]
+    assert final["grounded"] and final["citations"]
+    assert streamed.strip() == final["answer"].strip()
+
+
+def test_sessions_follow_up_and_delete(eval_course: EvalCourse, client, make: Factory):
+    learner = make.user("learner", tenant=eval_course.tenant)
+    client.post(f"/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": learner.id},
+                headers=eval_course.instructor.h)
+    first = client.post(f"/api/v1/courses/{eval_course.id}/ask",
+                        json={"question": "What is a digital signature in bitcoin?"}, headers=learner.h).json()
+    assert "session_id" in first, first
+    sid = first["session_id"]
+    follow = client.post(f"/api/v1/courses/{eval_course.id}/ask",
+                         json={"question": "why can't it be forged?", "session_id": sid}, headers=learner.h).json()
+    assert follow["session_id"] == sid and follow["grounded"]
+    assert {c["video_id"] for c in follow["citations"]} == {eval_course.videos["3b1b-bitcoin.srt"]}
+    sessions = client.get(f"/api/v1/courses/{eval_course.id}/tutor/sessions", headers=learner.h).json()
+    assert [s["id"] for s in sessions] == [sid]
+    full = client.get(f"/api/v1/tutor/sessions/{sid}", headers=learner.h).json()
+    assert [t["question"] for t in full["turns"]] == ["What is a digital signature in bitcoin?", "why can't it be forged?"]
+    other = make.user("learner", tenant=eval_course.tenant)
+    assert client.get(f"/api/v1/tutor/sessions/{sid}", headers=other.h).status_code == 404
+    r = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "x?", "session_id": sid},
+                    headers=eval_course.learner.h)
+    assert r.status_code == 404
+    assert client.delete(f"/api/v1/tutor/sessions/{sid}", headers=learner.h).status_code == 204
+    assert client.get(f"/api/v1/tutor/sessions/{sid}", headers=learner.h).status_code == 404
+
+
+def test_feedback_and_stats(eval_course: EvalCourse, client):
+    body = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "What is a transformer?"},
+                       headers=eval_course.learner.h).json()
+    r = client.post(f"/api/v1/tutor/answers/{body['turn_id']}/feedback", json={"vote": 1}, headers=eval_course.learner.h)
+    assert r.status_code == 204
+    assert client.post(f"/api/v1/tutor/answers/{body['turn_id']}/feedback", json={"vote": 3},
+                       headers=eval_course.learner.h).status_code == 400
+    stats = client.get(f"/api/v1/courses/{eval_course.id}/tutor/stats", headers=eval_course.instructor.h).json()
+    assert stats["questions"] >= 1 and stats["thumbs_up"] >= 1
+    assert client.get(f"/api/v1/courses/{eval_course.id}/tutor/stats", headers=eval_course.learner.h).status_code == 403
+
+
+def test_daily_limit(eval_course: EvalCourse, client, make: Factory, settings):
+    learner = make.user("learner", tenant=eval_course.tenant)
+    client.post(f"/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": learner.id},
+                headers=eval_course.instructor.h)
+    fetch(settings, """INSERT INTO tutor_turns (course_id, user_id, question, standalone, answer, grounded, provider, model)
+                       SELECT $1, $2, 'q', 'q', 'a', true, 'extractive', 'extractive' FROM generate_series(1, 40)""",
+          eval_course.id, learner.id)
+    r = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "What is attention?"}, headers=learner.h)
+    assert r.status_code == 429 and r.json()["code"] == "daily_limit" and "resets" in r.json()["message"]
+
+
+def test_cache_and_invalidation(client, make: Factory, worker):
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Cache"}, headers=inst.h).json()["id"]
+    data = (EVAL / "transcripts" / "3b1b-bitcoin.srt").read_bytes()
+    r = upload(client, cid, inst.h, "b.srt", data)
+    assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
+    q = {"question": "What does a digital signature prove?"}
+    first = client.post(f"/api/v1/courses/{cid}/ask", json=q, headers=inst.h).json()
+    again = client.post(f"/api/v1/courses/{cid}/ask", json={"question": "  what does a DIGITAL signature prove "},
+                        headers=inst.h).json()
+    assert first["cached"] is False and again["cached"] is True and again["answer"] == first["answer"]
+    # the course's videos change: the cache no longer answers
+    r = upload(client, cid, inst.h, "more.vtt", (EVAL / "transcripts" / "mit-18.06-linear-algebra-lec1.vtt").read_bytes())
+    assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
+    third = client.post(f"/api/v1/courses/{cid}/ask", json=q, headers=inst.h).json()
+    assert third["cached"] is False
+
+
+def test_socratic_mode_gives_hints(client, make: Factory, worker):
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Socratic"}, headers=inst.h).json()["id"]
+    r = upload(client, cid, inst.h, "b.srt", (EVAL / "transcripts" / "3b1b-bitcoin.srt").read_bytes())
+    assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
+    assert client.patch(f"/api/v1/courses/{cid}/tutor", json={"mode": "socratic"}, headers=inst.h).status_code == 200
+    body = client.post(f"/api/v1/courses/{cid}/ask", json={"question": "What does a digital signature prove?"},
+                       headers=inst.h).json()
+    assert body["mode"] == "socratic" and body["grounded"] and body["citations"]
+    assert "Rewatch" in body["answer"] and "“" not in body["answer"]  # a pointer and a question, not the quote
+    assert client.patch(f"/api/v1/courses/{cid}/tutor", json={"mode": "lecture"}, headers=inst.h).status_code == 400
+
+
+def test_bad_ask_bodies(eval_course: EvalCourse, client):
+    for body, field in (({}, "question"), ({"question": ""}, "question"), ({"question": "x" * 2001}, "question"),
+                        ({"question": "hi", "session_id": "a"}, "session_id")):
+        r = client.post(f"/api/v1/courses/{eval_course.id}/ask", json=body, headers=eval_course.learner.h)
+        assert r.status_code == 400 and r.json()["field"] == field, (body, r.text)
+
+
+def test_cli_ask_json(eval_course: EvalCourse, data_dir):
+    out = subprocess.run([sys.executable, "-m", "server.cli", "ask", str(eval_course.id),
+                          "What is a digital signature?", "--json"], cwd=ROOT, env=clean_env(data_dir),
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout)
+    assert body["grounded"] and body["citations"] and set(body) >= {"answer", "grounded", "citations", "follow_ups",
+                                                                  "session_id"}
