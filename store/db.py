@@ -16,7 +16,6 @@ HNSW_EF_SEARCH = 200
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await register_vector(conn)
-    await conn.execute(f"SET hnsw.ef_search = {HNSW_EF_SEARCH}")
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
     # binary jsonb (a version byte, then the text) so COPY ... FROM works with jsonb columns too
     await conn.set_type_codec("jsonb", encoder=_jsonb_encode, decoder=_jsonb_decode, schema="pg_catalog",
@@ -33,5 +32,7 @@ def _jsonb_decode(data: bytes) -> object:
 
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
     """Open a pool; the vector extension must already exist (migrations create it)."""
+    # A startup parameter, not SET: the pool's RESET ALL on release would undo a SET.
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection,
-                                     command_timeout=60)
+                                     command_timeout=60,
+                                     server_settings={"hnsw.ef_search": str(HNSW_EF_SEARCH)})

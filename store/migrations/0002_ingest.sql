@@ -21,7 +21,8 @@ CREATE TABLE chunk_terms (
     video_id    bigint NOT NULL,
     tf          integer NOT NULL,
     dl          integer NOT NULL,
-    PRIMARY KEY (course_id, embed_model, lexeme, chunk_id)
+    -- INCLUDE: BM25 reads every posting of a query term from the index alone
+    PRIMARY KEY (course_id, embed_model, lexeme, chunk_id) INCLUDE (video_id, tf, dl)
 );
 CREATE INDEX chunk_terms_chunk_idx ON chunk_terms (chunk_id);
 
