@@ -9,6 +9,7 @@ from arq import cron
 from arq.connections import RedisSettings
 
 from agents.config import embedder_for
+from ingest.grading import grade_batch, grade_submission, recover_grading
 from ingest.jobs import ingest_job, recover_lost_jobs
 from store.db import create_pool
 from store.settings import Settings
@@ -53,8 +54,9 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
             await pool.close()
 
     return dict(
-        functions=[ping, ingest_job, match_pods_weekly, check_leaderboards],
+        functions=[ping, ingest_job, grade_submission, grade_batch, match_pods_weekly, check_leaderboards],
         cron_jobs=[cron(recover_lost_jobs, minute=set(range(0, 60, 5)), run_at_startup=False),
+                   cron(recover_grading, run_at_startup=True),  # every minute: grading jobs whose entry was lost
                    # progress, XP, leaderboards, matcher
                    cron(match_pods_weekly, weekday=settings.match_weekday, hour=settings.match_hour, minute=0,
                         run_at_startup=False, unique=True),

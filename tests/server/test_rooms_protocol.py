@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import msgspec
 
 from store import events, frames
-from store.events import JobProgress, publish, user_topic
+from store.events import GradeReady, JobProgress, publish, user_topic
 from tests.conftest import Factory
 from tests.server.conftest import Client, make_course
 
@@ -76,6 +76,10 @@ async def test_every_event_and_frame_type(server, client, make: Factory, worker_
                                                        progress=0.5))
     jp = keep(await ca.expect("job.progress"))
     assert jp["progress"] == 0.5 and "error" not in jp
+    # a final grade reaches the learner in whatever room they are in (tests/server/test_grading.py drives it for real)
+    await publish(redis, user_topic(a.id), GradeReady(submission_id=1, assignment_id=2, course_id=course.id,
+                                                      title="Quiz", score=80.0, passed=True, reviewed=False, attempt=1))
+    assert keep(await ca.expect("grade.ready"))["score"] == 80.0
 
     # XP, achievements and boards (tests/server/test_progress.py and test_leaderboards.py drive them for real)
     await publish(redis, user_topic(a.id), events.XpAwarded(user_id=a.id, kind="lesson_completed", points=50, xp=50,

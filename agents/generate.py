@@ -1,0 +1,217 @@
+"""Draft assignments from a chapter's transcript, each citing the moment it is based on.
+
+Offline (default): the chapter's key sentences — those carrying its most distinctive words against the
+rest of the course — become short-answer items (the sentence is the reference answer) and fill-in-the-blank
+multiple-choice items whose distractors are distinctive words of other chapters (closer in meaning to the
+answer for harder items). With a chat model configured, the model writes the items from the timestamped
+transcript; an item whose cited time is not a real sentence of the chapter is dropped, and if nothing
+usable comes back the offline items are used.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from agents.llm import LLM, LLMError
+from agents.scoring import STOPWORDS
+
+logger = logging.getLogger(__name__)
+
+# Transcript filler on top of the scorer's stop words: spoken words that are never the point.
+FILLER = frozenset("""
+actually basically going gonna really right okay yeah kind sort thing things stuff something anything lot lots
+know mean just like well maybe pretty little want wanna said says say saying look looking talk talking today
+will also able first second next last back even still much many every another people make makes made take
+takes used using use way ways good great better best called call let lets thats theres heres whats dont doesnt
+""".split())
+_WORD = re.compile(r"[A-Za-z][A-Za-z\-]{3,}")
+MIN_WORDS, MAX_WORDS = 8, 45
+
+GENERATE_SYSTEM = """You write practice questions for learners from a lecture transcript. Each question must be
+answerable from one moment of the transcript and cite that moment's start time exactly as given in brackets.
+Reply with one JSON object and nothing else: {"items": [{"type": "multiple_choice" | "short_answer", "prompt":
+"...", "options": ["..."] (multiple_choice only, 4 options), "correct": [index, ...] (multiple_choice only),
+"reference_answer": "..." (short_answer only), "start": <seconds as in the brackets>}]}"""
+
+
+@dataclass(frozen=True)
+class Sentence:
+    start: float
+    end: float
+    text: str
+
+
+@dataclass
+class Draft:
+    type: str
+    title: str
+    prompt: str
+    difficulty: str
+    citation: dict[str, Any]
+    options: list[str] = field(default_factory=list)
+    correct: list[int] = field(default_factory=list)
+    reference_answer: str = ""
+
+
+def _terms(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text) if w.lower() not in STOPWORDS and w.lower() not in FILLER]
+
+
+def _weights(chapter: list[Sentence], others: list[list[Sentence]]) -> dict[str, float]:
+    """tf-idf of the chapter's words against the other chapters (or its own sentences when alone)."""
+    tf = Counter(t for s in chapter for t in _terms(s.text))
+    docs = [set(t for s in group for t in _terms(s.text)) for group in others] if others else \
+        [set(_terms(s.text)) for s in chapter]
+    df = Counter(t for d in docs for t in d)
+    n = len(docs)
+    return {w: c * math.log((1 + n) / (1 + df[w])) for w, c in tf.items()}
+
+
+def key_sentences(chapter: list[Sentence], others: list[list[Sentence]], count: int) -> list[tuple[Sentence, str]]:
+    """The `count` most informative sentences with the keyword each one hinges on, in time order."""
+    weights = _weights(chapter, others)
+    scored = []
+    for s in chapter:
+        n = len(s.text.split())
+        terms = set(_terms(s.text))
+        if not MIN_WORDS <= n <= MAX_WORDS or not terms:
+            continue
+        score = sum(weights.get(t, 0.0) for t in terms) / math.sqrt(n)
+        keyword = max(terms, key=lambda t: (weights.get(t, 0.0), t))
+        scored.append((score, s, keyword))
+    scored.sort(key=lambda x: (-x[0], x[1].start))
+    chosen: list[tuple[Sentence, str]] = []
+    used_keywords: set[str] = set()
+    for _, s, kw in scored:
+        if kw in used_keywords or any(abs(s.start - c.start) < 1e-6 for c, _ in chosen):
+            continue
+        chosen.append((s, kw))
+        used_keywords.add(kw)
+        if len(chosen) >= count:
+            break
+    return sorted(chosen, key=lambda x: x[0].start)
+
+
+def _mmss(t: float) -> str:
+    t = int(t)
+    return f"{t // 60}:{t % 60:02d}"
+
+
+def _blank(text: str, keyword: str) -> str:
+    return re.sub(rf"\b{re.escape(keyword)}\b", "_____", text, count=1, flags=re.I)
+
+
+def _seed(*parts: object) -> int:
+    return int(hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
+
+
+def _distractors(keyword: str, sentence: str, pool: list[str], difficulty: str, embedder: Any) -> list[str]:
+    """Three wrong options: words of other chapters, closer in meaning to the answer when harder."""
+    in_sentence = set(_terms(sentence))
+    cands = [w for w in dict.fromkeys(pool) if w != keyword and w not in in_sentence
+             and not w.startswith(keyword[:5]) and not keyword.startswith(w[:5])]
+    if len(cands) < 3:
+        return []
+    vecs = embedder.embed([keyword, *cands])
+    sims = vecs[1:] @ vecs[0]
+    order = [cands[i] for i in np.argsort(-sims) if sims[i] < 0.9]  # not near-synonyms of the answer
+    if len(order) < 3:
+        return []
+    third = max(3, len(order) // 3)
+    band = {"hard": order[:third], "medium": order[third:2 * third] or order[:third], "easy": order[-third:]}[difficulty]
+    rng = np.random.default_rng(_seed(keyword, sentence))
+    return [band[i] for i in rng.choice(len(band), size=3, replace=False)] if len(band) >= 3 else order[:3]
+
+
+def offline_items(chapter_title: str, video_id: int, chapter: list[Sentence], others: list[list[Sentence]],
+                  count: int, difficulty: str, types: list[str], embedder: Any) -> list[Draft]:
+    """Draft items from the chapter's key sentences (blocking: call in a thread)."""
+    pool_weights: Counter = Counter()
+    for group in others:
+        w = _weights(group, [g for g in others if g is not group] + [chapter])
+        for term, v in sorted(w.items(), key=lambda x: -x[1])[:40]:
+            pool_weights[term] = max(pool_weights[term], v)
+    if not others:  # one chapter only: distractors from the chapter's own other sentences
+        w = _weights(chapter, [])
+        pool_weights.update(dict(sorted(w.items(), key=lambda x: -x[1])[:60]))
+    pool = [t for t, _ in pool_weights.most_common(120)]
+    out: list[Draft] = []
+    for i, (s, kw) in enumerate(key_sentences(chapter, others, count)):
+        kind = types[i % len(types)]
+        cite = {"video_id": video_id, "start": round(s.start, 3), "end": round(s.end, 3), "text": s.text}
+        title = f"{chapter_title[:80]} ({_mmss(s.start)})"
+        if kind == "multiple_choice":
+            wrong = _distractors(kw, s.text, pool, difficulty, embedder)
+            if len(wrong) == 3:
+                options = [kw, *wrong]
+                rng = np.random.default_rng(_seed("order", s.start, kw))
+                order = list(rng.permutation(4))
+                shuffled = [options[j] for j in order]
+                out.append(Draft("multiple_choice", title, f"Fill in the blank, as said in the lecture at "
+                                 f"{_mmss(s.start)}:\n\n\u201c{_blank(s.text, kw)}\u201d", difficulty, cite,
+                                 options=shuffled, correct=[order.index(0)]))
+                continue
+            kind = "short_answer"  # not enough distinct words elsewhere for good distractors
+        reference = s.text
+        if difficulty == "hard":
+            nxt = [x for x in chapter if x.start > s.start][:1]
+            reference = " ".join([s.text, *(x.text for x in nxt)])
+        ask = {"easy": f"What does the lecture say about \u201c{kw}\u201d?",
+               "medium": f"Explain in your own words what the lecture says about \u201c{kw}\u201d.",
+               "hard": f"Explain what the lecture says about \u201c{kw}\u201d, and why it matters."}[difficulty]
+        out.append(Draft("short_answer", title, f"{ask} (lecture at {_mmss(s.start)})", difficulty, cite,
+                         reference_answer=reference))
+    return out
+
+
+class _LLMItem(msgspec.Struct):
+    type: str
+    prompt: str
+    start: float
+    options: list[str] = []
+    correct: list[int] = []
+    reference_answer: str = ""
+
+
+class _LLMItems(msgspec.Struct):
+    items: list[_LLMItem]
+
+
+async def llm_items(llm: LLM, chapter_title: str, video_id: int, chapter: list[Sentence], count: int,
+                    difficulty: str, types: list[str]) -> list[Draft]:
+    """Items written by the chat model, kept only when they cite a real sentence of the chapter."""
+    transcript = "\n".join(f"[{s.start:.1f}] {s.text}" for s in chapter)[:24_000]
+    prompt = (f"Chapter: {chapter_title}\nWrite {count} {difficulty} questions of these types: {', '.join(types)}."
+              f"\n\nTranscript:\n{transcript}")
+    try:
+        completion = await llm.complete([{"role": "user", "content": prompt}], system=GENERATE_SYSTEM,
+                                        max_tokens=1500)
+        m = re.search(r"\{.*\}", completion.text, re.S)
+        items = msgspec.json.decode(m.group(0), type=_LLMItems).items if m else []
+    except (LLMError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        logger.warning("LLM generation failed, using offline items: %s", exc)
+        return []
+    out = []
+    for it in items[:count]:
+        s = min(chapter, key=lambda x: abs(x.start - it.start))
+        if abs(s.start - it.start) > 2.0 or it.type not in types or not it.prompt.strip():
+            continue
+        cite = {"video_id": video_id, "start": round(s.start, 3), "end": round(s.end, 3), "text": s.text}
+        title = f"{chapter_title[:80]} ({_mmss(s.start)})"
+        if it.type == "multiple_choice":
+            if len(it.options) < 2 or not it.correct or any(not 0 <= c < len(it.options) for c in it.correct):
+                continue
+            out.append(Draft("multiple_choice", title, it.prompt.strip(), difficulty, cite,
+                             options=[o.strip() for o in it.options], correct=sorted(set(it.correct))))
+        elif it.type in ("short_answer", "essay") and it.reference_answer.strip():
+            out.append(Draft(it.type, title, it.prompt.strip(), difficulty, cite,
+                             reference_answer=it.reference_answer.strip()))
+    return out

@@ -1,0 +1,274 @@
+"""The grader graph (LangGraph): score a written answer per rubric criterion, total 0-100, confidence 0-1,
+feedback with the moment to rewatch, and whether an instructor must look before the learner sees it.
+
+    offline ──> [llm] ──> feedback ──> route
+
+`offline` always runs (local embedder + key-concept coverage, agents/scoring.py). When a chat model is
+configured, `llm` grades too; its own confidence is lowered when the two graders disagree, because
+LLM graders are least reliable on exactly the partly-right answers where a second opinion differs. A
+provider failure that retrying cannot fix falls back to the offline grade; a transient one is raised for
+the job to retry. The graph is pure computation: the caller loads inputs and stores the result.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any, TypedDict
+
+import msgspec
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph import END, START, StateGraph
+
+from agents import scoring
+from agents.llm import LLM, LLMError
+
+logger = logging.getLogger(__name__)
+
+# Without a reference answer the offline grader compares against rubric text only: trust it less.
+NO_REFERENCE_FACTOR = 0.5
+MAX_CONFIDENCE_LLM = 0.95
+# Words of rubric wording, not of the subject: never reported as a missing concept.
+RUBRIC_WORDS = frozenset("explain explains explained state states stated mention mentions mentioned describe describes "
+                         "described answer student learner correct correctly complete identifies identify".split())
+
+GRADER_SYSTEM = """You grade a learner's answer to a course assignment against a rubric and a reference answer.
+Be fair to answers that are worded differently from the reference but mean the same thing. Give partial
+credit where a criterion is partly met. Reply with one JSON object and nothing else:
+{"criteria": [{"name": "<criterion name>", "score": <number from 0 to its points>, "justification": "<one
+sentence>"}], "confidence": <0..1, how sure you are a careful instructor would give the same scores>,
+"feedback": {"right": "<what the answer gets right>", "missing": "<what is missing or wrong>", "improve":
+"<one concrete way to improve>"}}
+Never quote the reference answer verbatim in the feedback."""
+
+GRADER_PROMPT = """Question:
+{question}
+
+Reference answer (for you only):
+{reference}
+
+Rubric criteria:
+{criteria}
+
+Learner's answer:
+{answer}"""
+
+
+class Criterion(TypedDict):
+    name: str
+    points: float
+    description: str
+
+
+class GradeState(TypedDict, total=False):
+    # inputs
+    question: str
+    reference: str
+    criteria: list[Criterion]
+    answer: str
+    exemplars: list[scoring.Exemplar]
+    moment: dict[str, Any] | None  # {video_id, start, end?, title?, url?}: where to rewatch
+    threshold: float
+    band: tuple[float, float]
+    # outputs
+    scores: list[dict[str, Any]]  # [{name, points, score, justification}]
+    total: float
+    confidence: float
+    feedback: dict[str, Any]
+    grader: str
+    offline_total: float
+    concepts: dict[str, list[str]]  # covered / missing key concepts (offline)
+    held: bool
+    reason: str | None
+    note: str | None
+
+
+def needs_review(total: float, confidence: float, threshold: float, band: tuple[float, float]) -> bool:
+    """The review rule: low confidence, or a total in the uncertain middle band."""
+    return confidence < threshold or band[0] <= total <= band[1]
+
+
+def _references(reference: str, criterion: Criterion, n_criteria: int) -> list[str]:
+    refs = [reference] if reference.strip() else []
+    desc = criterion.get("description", "").strip()
+    if desc and (n_criteria > 1 or not refs):
+        refs.append(desc)
+    return refs
+
+
+def offline_scores(embedder: Any, question: str, reference: str, criteria: list[Criterion], answer: str,
+                   exemplars: list[scoring.Exemplar]) -> dict[str, Any]:
+    """Per-criterion scores from the offline scorer (blocking: call in a thread)."""
+    refs_per = [_references(reference, c, len(criteria)) or [question] for c in criteria]
+    texts = scoring.texts_to_embed(question, [r for refs in refs_per for r in refs], [answer], exemplars)
+    vec = dict(zip(texts, embedder.embed(texts)))
+    out, conf_sum, points_sum, covered, missing = [], 0.0, 0.0, [], []
+    for c, refs in zip(criteria, refs_per):
+        s = scoring.score(question, refs, answer, vec, exemplars)
+        points = float(c["points"])
+        conf = scoring.confidence(s.prob, warm=s.exemplars_used > 0) * (1.0 if reference.strip() else NO_REFERENCE_FACTOR)
+        conf_sum += conf * points
+        points_sum += points
+        bits = [f"{s.features['cos_ref']:.2f} similarity to the expected answer",
+                f"{len(s.covered)} of {len(s.covered) + len(s.missing)} key concepts"]
+        if s.exemplars_used:
+            bits.append(f"compared with {s.exemplars_used} graded answers (closest {s.nearest:.2f})")
+        out.append({"name": c["name"], "points": points, "score": round(points * s.prob, 1),
+                    "justification": "; ".join(bits) + "."})
+        covered += [w for w in s.covered if w not in covered and w not in RUBRIC_WORDS]
+        missing += [w for w in s.missing if w not in missing and w not in covered and w not in RUBRIC_WORDS]
+    total = 100.0 * sum(x["score"] for x in out) / max(points_sum, 1e-9)
+    return {"scores": out, "total": round(total, 1), "confidence": round(conf_sum / max(points_sum, 1e-9), 3),
+            "concepts": {"covered": covered[:8], "missing": missing[:8]}}
+
+
+class _LLMCriterion(msgspec.Struct):
+    name: str
+    score: float
+    justification: str = ""
+
+
+class _LLMFeedback(msgspec.Struct):
+    right: str = ""
+    missing: str = ""
+    improve: str = ""
+
+
+class _LLMGrade(msgspec.Struct):
+    criteria: list[_LLMCriterion]
+    confidence: float = 0.5
+    feedback: _LLMFeedback = msgspec.field(default_factory=_LLMFeedback)
+
+
+def _parse_llm(text: str, criteria: list[Criterion]) -> dict[str, Any]:
+    m = re.search(r"\{.*\}", text, re.S)
+    if not m:
+        raise ValueError("the model's reply holds no JSON object")
+    grade = msgspec.json.decode(m.group(0), type=_LLMGrade)
+    by_name = {c.name.strip().lower(): c for c in grade.criteria}
+    scores = []
+    for i, c in enumerate(criteria):
+        got = by_name.get(c["name"].strip().lower()) or (grade.criteria[i] if i < len(grade.criteria) else None)
+        if got is None:
+            raise ValueError(f"the model's reply has no score for criterion {c['name']!r}")
+        points = float(c["points"])
+        scores.append({"name": c["name"], "points": points, "score": round(min(points, max(0.0, got.score)), 1),
+                       "justification": got.justification.strip()[:500]})
+    total = 100.0 * sum(s["score"] for s in scores) / max(sum(s["points"] for s in scores), 1e-9)
+    return {"scores": scores, "total": round(total, 1), "confidence": min(1.0, max(0.0, grade.confidence)),
+            "feedback": {"right": grade.feedback.right.strip()[:1000], "missing": grade.feedback.missing.strip()[:1000],
+                         "improve": grade.feedback.improve.strip()[:1000]}}
+
+
+async def llm_grade(llm: LLM, question: str, reference: str, criteria: list[Criterion], answer: str) -> dict[str, Any]:
+    """Grade with the chat model. Raises LLMError (retryable for transient failures; not retryable for a
+    reply that cannot be used)."""
+    rubric = "\n".join(f"- {c['name']} ({c['points']:g} points): {c.get('description') or 'correct and complete'}"
+                       for c in criteria)
+    prompt = GRADER_PROMPT.format(question=question, reference=reference or "(none given)", criteria=rubric,
+                                  answer=answer)
+    completion = await llm.complete([{"role": "user", "content": prompt}], system=GRADER_SYSTEM, max_tokens=800,
+                                    temperature=0.0)
+    try:
+        out = _parse_llm(completion.text, criteria)
+    except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise LLMError(f"{llm.name}: unusable grade: {exc}", retryable=False, provider=llm.name) from exc
+    out["grader"] = f"llm:{llm.name}:{completion.model}"
+    return out
+
+
+# --- graph nodes -----------------------------------------------------------------------------------------
+
+async def _offline(state: GradeState, config: RunnableConfig) -> dict[str, Any]:
+    embedder = config["configurable"]["embedder"]
+    out = await asyncio.to_thread(offline_scores, embedder, state["question"], state.get("reference", ""),
+                                  state["criteria"], state["answer"], state.get("exemplars") or [])
+    out["grader"] = "offline"
+    out["offline_total"] = out["total"]
+    return out
+
+
+async def _llm(state: GradeState, config: RunnableConfig) -> dict[str, Any]:
+    llm: LLM = config["configurable"]["llm"]
+    try:
+        out = await llm_grade(llm, state["question"], state.get("reference", ""), state["criteria"], state["answer"])
+    except LLMError as exc:
+        if exc.retryable:
+            raise
+        logger.warning("LLM grade unusable, keeping the offline grade: %s", exc.message)
+        return {"note": f"LLM grader failed ({exc.message}); offline grade kept"}
+    disagreement = abs(out["total"] - state["offline_total"]) / 100.0
+    out["confidence"] = round(min(MAX_CONFIDENCE_LLM, out["confidence"]) * (1.0 - 0.5 * disagreement), 3)
+    return out
+
+
+def _mmss(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _feedback(state: GradeState) -> dict[str, Any]:
+    moment = state.get("moment")
+    fb = dict(state.get("feedback") or {})
+    if not fb:  # offline wording
+        covered = state.get("concepts", {}).get("covered", [])
+        missing = state.get("concepts", {}).get("missing", [])
+        total = state["total"]
+        if total >= 80:
+            right = "Your answer matches the expected answer well"
+        elif total >= 50:
+            right = "Your answer is on the right track"
+        else:
+            right = "Your answer does not yet match what was asked"
+        right += f" (you mention {', '.join(covered[:5])})." if covered else "."
+        fb["right"] = right
+        fb["missing"] = (f"Not covered yet: {', '.join(missing[:5])}." if missing
+                         else "Nothing essential is missing." if total >= 80
+                         else "Your answer needs to address the question more directly.")
+        fb["improve"] = ("Explain the missing ideas in your own words and connect them to the question."
+                         if missing else "Add a sentence that explains why, not only what.")
+    if moment:
+        where = f"{moment.get('title') or 'the video'} at {_mmss(float(moment['start']))}"
+        fb["improve"] = (fb.get("improve", "").rstrip() + f" Rewatch {where}.").strip()
+        fb["rewatch"] = moment
+    return {"feedback": fb}
+
+
+def _route(state: GradeState) -> dict[str, Any]:
+    threshold = state.get("threshold", 0.7)
+    band = state.get("band", (40.0, 60.0))
+    if state["confidence"] < threshold:
+        return {"held": True, "reason": f"confidence {state['confidence']:.2f} below {threshold:g}"}
+    if band[0] <= state["total"] <= band[1]:
+        return {"held": True, "reason": f"total {state['total']:g} in the uncertain band {band[0]:g}-{band[1]:g}"}
+    return {"held": False, "reason": None}
+
+
+def _after_offline(state: GradeState, config: RunnableConfig) -> str:
+    return "llm" if config["configurable"].get("llm") is not None else "feedback"
+
+
+def build_graph():  # type: ignore[no-untyped-def]
+    g = StateGraph(GradeState)
+    g.add_node("offline", _offline)
+    g.add_node("llm", _llm)
+    g.add_node("feedback", _feedback)
+    g.add_node("route", _route)
+    g.add_edge(START, "offline")
+    g.add_conditional_edges("offline", _after_offline, {"llm": "llm", "feedback": "feedback"})
+    g.add_edge("llm", "feedback")
+    g.add_edge("feedback", "route")
+    g.add_edge("route", END)
+    return g.compile()
+
+
+GRAPH = build_graph()
+
+
+async def grade(inputs: GradeState, *, embedder: Any, llm: LLM | None = None) -> GradeState:
+    """Run the grader graph on one answer. Raises LLMError only when retrying can help."""
+    return await GRAPH.ainvoke(inputs, config={"configurable": {"embedder": embedder, "llm": llm}})
+
+
+def default_rubric() -> list[Criterion]:
+    return [{"name": "correctness", "points": 100.0, "description": ""}]

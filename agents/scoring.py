@@ -1,0 +1,249 @@
+"""The offline answer scorer: embedder similarity to the reference (and to graded exemplars) plus
+key-concept coverage, combined by a small logistic model. No LLM, nothing downloaded.
+
+Two models share the features below: COLD scores an answer against the reference alone; WARM also uses
+exemplars — earlier answers to the same assignment whose grade an instructor set or confirmed — the way
+a human grader remembers how they marked similar answers. Their weights were fitted on the SemEval-2013
+training splits only (`python -m bench.grader_eval --fit` prints them again); see bench/grader_eval.py.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Words that carry no concept. Negations are kept apart: they flip meaning and are a feature of their own.
+STOPWORDS = frozenset("""
+a an the of to in on at for and or but is are was were be been being it its this that these those i you he
+she they we them his her their our your my me as by with from into than then there here so do does did will
+would can could should may might must have has had what which who whom when where why how if because also
+just very about up out over under more most less some any all each both such only own same too s t
+""".split())
+NEGATIONS = frozenset("""not no never none nothing cannot cant dont doesnt isnt wont wouldnt arent didnt nor
+neither""".split())
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_SUFFIXES = ("ational", "ization", "fulness", "ousness", "iveness", "ations", "ation", "ement", "ments", "ment",
+             "ness", "ities", "ity", "ings", "ing", "edly", "ies", "ied", "ed", "ly", "es", "er", "s")
+
+
+def words(text: str) -> list[str]:
+    return [w.replace("'", "") for w in _WORD.findall(text.lower())]
+
+
+def stem(word: str) -> str:
+    """A light suffix stripper: enough to match 'connected'/'connection'/'connect'."""
+    for suf in _SUFFIXES:
+        if word.endswith(suf) and len(word) - len(suf) >= 3:
+            word = word[: -len(suf)]
+            if suf in ("ies", "ied"):
+                word += "y"
+            break
+    return word
+
+
+def concepts(text: str) -> list[str]:
+    """Content stems of a text, in order (stop words and negations removed)."""
+    return [stem(w) for w in words(text) if w not in STOPWORDS and w not in NEGATIONS]
+
+
+def concept_words(text: str) -> dict[str, str]:
+    """stem -> the first surface word it came from (to name concepts in feedback)."""
+    out: dict[str, str] = {}
+    for w in words(text):
+        if w not in STOPWORDS and w not in NEGATIONS:
+            out.setdefault(stem(w), w)
+    return out
+
+
+def _negated(text: str) -> bool:
+    return any(w in NEGATIONS or w.endswith("nt") for w in words(text))
+
+
+def _bag(text: str) -> set[str]:
+    ws = words(text)
+    return {stem(w) for w in ws if w not in STOPWORDS and w not in NEGATIONS} | {w for w in ws if w in NEGATIONS}
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / max(1, len(a | b))
+
+
+def key_concepts(reference: str, question: str) -> set[str]:
+    """The reference's concepts the question does not already give away."""
+    ref = set(concepts(reference))
+    return (ref - set(concepts(question))) or ref
+
+
+@dataclass(frozen=True)
+class Exemplar:
+    """An earlier answer to the same item with a trusted grade (fraction 0..1 of the points)."""
+
+    text: str
+    score: float
+
+
+# log_references: with several reference variants the best match is higher by chance alone.
+COLD_FEATURES = ("cos_ref", "cos_question", "coverage", "precision", "negation_mismatch", "log_words", "tiny",
+                 "jaccard_ref", "log_references")
+WARM_FEATURES = COLD_FEATURES + ("knn", "max_sim_pass", "max_sim_fail", "sim_margin", "knn_mixed",
+                                 "jaccard_margin", "mixed_max")
+KNN_K = 5
+KNN_TEMPERATURE = 10.0
+MIN_EXEMPLARS = 4  # fewer graded exemplars than this (or only one class of them): the COLD model
+
+
+@dataclass(frozen=True)
+class Model:
+    """A logistic model over standardised features: p = sigmoid(((x - mean) / sd) @ w + b)."""
+
+    features: tuple[str, ...]
+    mean: tuple[float, ...]
+    sd: tuple[float, ...]
+    weights: tuple[float, ...]
+    bias: float
+
+    def prob(self, x: np.ndarray) -> np.ndarray:
+        z = ((np.atleast_2d(x) - np.asarray(self.mean)) / np.asarray(self.sd)) @ np.asarray(self.weights) + self.bias
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, features: tuple[str, ...], l2: float = 1e-2,
+                 iterations: int = 50) -> Model:
+    """L2-regularised logistic regression by Newton's method (y may be soft labels in [0, 1])."""
+    mean, sd = x.mean(0), x.std(0) + 1e-9
+    z = np.c_[(x - mean) / sd, np.ones(len(x))]
+    w = np.zeros(z.shape[1])
+    reg = l2 * np.r_[np.ones(len(w) - 1), 0.0]
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-z @ w))
+        grad = z.T @ (p - y) / len(y) + reg * w
+        hess = (z * (p * (1 - p))[:, None]).T @ z / len(y) + np.diag(reg + 1e-9)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return Model(features, tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in sd),
+                 tuple(round(float(v), 6) for v in w[:-1]), round(float(w[-1]), 6))
+
+
+# Fitted by `python -m bench.grader_eval --fit` on SciEntsBank + Beetle training answers (never the tests).
+COLD = Model(
+    COLD_FEATURES,
+    mean=(0.554766, 0.401775, 0.389949, 0.565259, 0.289113, 2.360282, 0.032548, 0.281558, 0.588358),
+    sd=(0.227277, 0.225307, 0.390656, 0.316768, 0.453351, 0.565622, 0.17745, 0.244921, 0.75896),
+    weights=(0.362761, -0.104219, 0.559766, 0.047879, -0.156294, 0.194401, -0.056498, 0.45855, -0.530639),
+    bias=-0.46215)
+WARM = Model(
+    WARM_FEATURES,
+    mean=(0.554766, 0.401775, 0.389949, 0.565259, 0.289113, 2.360282, 0.032548, 0.281558, 0.588358, 0.494683, 0.728852, 0.746213, -0.017361, 0.49361, -0.005984, 0.671801),
+    sd=(0.227277, 0.225307, 0.390656, 0.316768, 0.453351, 0.565622, 0.17745, 0.244921, 0.75896, 0.379727, 0.20432, 0.16407, 0.17862, 0.38954, 0.293066, 0.213256),
+    weights=(0.102687, -0.099036, 0.334308, 0.002726, -0.092979, 0.318007, -0.130677, 0.149062, -0.327623, 0.370244, 0.22186, -0.001811, 0.255444, 0.445306, 0.717702, 0.256198),
+    bias=-0.682865)
+
+
+@dataclass
+class Scored:
+    """What the scorer found for one answer against one reference."""
+
+    prob: float  # estimated chance a human marks the answer correct for this criterion
+    features: dict[str, float]
+    covered: list[str] = field(default_factory=list)  # key concepts present (surface words)
+    missing: list[str] = field(default_factory=list)  # key concepts absent
+    exemplars_used: int = 0
+    nearest: float | None = None  # similarity to the closest exemplar
+
+
+def _soft_in(concept: str, answer_stems: set[str]) -> bool:
+    # misspellings and variants: 'seperated' ~ 'separat', 'termianl' ~ 'terminal'
+    if concept in answer_stems:
+        return True
+    if len(concept) >= 5:
+        return any(len(a) >= 5 and (a[:5] == concept[:5] or _edit1(a, concept)) for a in answer_stems)
+    return False
+
+
+def _edit1(a: str, b: str) -> bool:
+    if abs(len(a) - len(b)) > 1 or a == b:
+        return a == b
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
+    if len(a) > len(b):
+        a, b = b, a
+    return any(b[:i] + b[i + 1:] == a for i in range(len(b)))
+
+
+def features(question: str, references: Sequence[str], answer: str, vec: dict[str, np.ndarray],
+             exemplars: Sequence[Exemplar] = ()) -> tuple[np.ndarray, Scored]:
+    """Feature vector (COLD or WARM layout) for one answer; `vec` maps every text to its unit vector."""
+    a = vec[answer]
+    q_stems = set(concepts(question))
+    ans_list = concepts(answer)
+    ans = set(ans_list)
+    bag = _bag(answer)
+    cos_ref = max(float(a @ vec[r]) for r in references)
+    best_cov, best_prec, covered, missing = 0.0, 0.0, [], []
+    for r in references:
+        keys = key_concepts(r, question)
+        hit = {k for k in keys if _soft_in(k, ans)}
+        cov = len(hit) / max(1, len(keys))
+        if cov >= best_cov:
+            names = concept_words(r)
+            best_cov = cov
+            covered = [names.get(k, k) for k in sorted(hit)]
+            missing = [names.get(k, k) for k in sorted(keys - hit)]
+        best_prec = max(best_prec, len(ans & (set(concepts(r)) | q_stems)) / max(1, len(ans)))
+    n = len(words(answer))
+    cold = [cos_ref, float(a @ vec[question]), best_cov, best_prec,
+            float(_negated(answer) != _negated(references[0])), math.log1p(n), float(n <= 2),
+            max(jaccard(bag, _bag(r)) for r in references), math.log(len(references))]
+    scored = Scored(prob=0.0, features=dict(zip(COLD_FEATURES, cold)), covered=covered, missing=missing)
+    usable = [e for e in exemplars if e.text.strip()]
+    labels = np.array([1.0 if e.score >= 0.5 else 0.0 for e in usable])
+    if len(usable) < MIN_EXEMPLARS or labels.min(initial=1) == labels.max(initial=0):
+        return np.asarray(cold), scored
+    sims = np.array([float(a @ vec[e.text]) for e in usable])
+    soft = np.array([e.score for e in usable])
+    jac = np.array([jaccard(bag, _bag(e.text)) for e in usable])
+    mixed = 0.5 * sims + 0.5 * jac
+    top = np.argsort(-sims)[:KNN_K]
+    w = np.exp(sims[top] * KNN_TEMPERATURE)
+    top2 = np.argsort(-mixed)[:KNN_K]
+    w2 = np.exp(mixed[top2] * KNN_TEMPERATURE)
+    pos, neg = labels == 1, labels == 0
+    warm = cold + [float((w * soft[top]).sum() / w.sum()), float(sims[pos].max()), float(sims[neg].max()),
+                   float(sims[pos].max() - sims[neg].max()), float((w2 * soft[top2]).sum() / w2.sum()),
+                   float(jac[pos].max() - jac[neg].max()), float(mixed.max())]
+    scored.features = dict(zip(WARM_FEATURES, warm))
+    scored.exemplars_used = len(usable)
+    scored.nearest = float(sims.max())
+    return np.asarray(warm), scored
+
+
+def texts_to_embed(question: str, references: Sequence[str], answers: Sequence[str],
+                   exemplars: Sequence[Exemplar] = ()) -> list[str]:
+    """Every distinct text `features` will look up, for one embedding batch."""
+    seen = dict.fromkeys([question, *references, *answers, *(e.text for e in exemplars)])
+    return [t for t in seen if t is not None]
+
+
+def score(question: str, references: Sequence[str], answer: str, vec: dict[str, np.ndarray],
+          exemplars: Sequence[Exemplar] = (), cold: Model = COLD, warm: Model = WARM) -> Scored:
+    """Probability that `answer` meets the reference, with the evidence behind it."""
+    x, scored = features(question, references, answer, vec, exemplars)
+    model = warm if len(x) == len(warm.features) else cold
+    scored.prob = float(model.prob(x)[0])
+    return scored
+
+
+# Without graded exemplars the scorer has only the reference to go on, and paraphrases it cannot match
+# look like wrong answers: its confidence is discounted (bench/grader_eval.py shows the effect).
+COLD_CONFIDENCE = 0.85
+
+
+def confidence(prob: float, warm: bool = True) -> float:
+    """How far from a coin flip the estimate is: 0 at p = 0.5, 1 at p = 0 or 1 (discounted when cold)."""
+    return abs(2.0 * prob - 1.0) * (1.0 if warm else COLD_CONFIDENCE)

@@ -1,0 +1,203 @@
+"""arq jobs that grade written submissions with the grader graph (agents/grader.py).
+
+Postgres holds the truth (the submission's status); arq only carries "grade submission N now". A job that
+finds its submission no longer `grading` does nothing, so duplicate runs leave one grade. Lost queue
+entries (a Redis flush, a worker killed mid-job) are re-queued by `recover_grading`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import asyncpg
+from arq import Retry
+from arq.connections import ArqRedis
+
+from agents import grader, scoring
+from agents.llm import LLMError, get_llm
+from ingest.jobs import backoff_s
+from store import assignments as assignments_repo
+from store import jobs as jobs_repo
+from store import submissions as subs_repo
+from store.search import hybrid_search
+
+logger = logging.getLogger(__name__)
+
+GRADE_FUNCTION = "grade_submission"
+BATCH_FUNCTION = "grade_batch"
+BATCH_SIZE = 25
+MAX_TRIES = 4
+
+
+async def enqueue_grade(arq: ArqRedis, pool: Any, submission_id: int) -> str:
+    """Queue the grading of one submission (already `grading`) and remember the arq id on it."""
+    arq_id = f"grade-{submission_id}-{uuid.uuid4().hex[:8]}"
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE submissions SET grade_job = $2 WHERE id = $1", submission_id, arq_id)
+    await arq.enqueue_job(GRADE_FUNCTION, submission_id, _job_id=arq_id)
+    return arq_id
+
+
+async def enqueue_batches(arq: ArqRedis, pool: Any, job_id: int, submission_ids: list[int]) -> int:
+    """Grade many submissions as batched jobs of BATCH_SIZE; progress goes to jobs row `job_id`."""
+    batches = [submission_ids[i:i + BATCH_SIZE] for i in range(0, len(submission_ids), BATCH_SIZE)]
+    for n, batch in enumerate(batches):
+        arq_id = f"grade-batch-{job_id}-{n}-{uuid.uuid4().hex[:6]}"
+        async with pool.acquire() as conn:
+            await conn.execute("UPDATE submissions SET grade_job = $2 WHERE id = ANY($1::bigint[])", batch, arq_id)
+        await arq.enqueue_job(BATCH_FUNCTION, job_id, batch, _job_id=arq_id)
+    return len(batches)
+
+
+async def grade_submission(ctx: dict[str, Any], submission_id: int) -> str:
+    """Grade one written submission; transient failures retry with backoff."""
+    return await _grade(ctx, submission_id)
+
+
+async def grade_batch(ctx: dict[str, Any], job_id: int, submission_ids: list[int]) -> str:
+    """Grade a batch of one assignment's submissions (a retry skips those already graded)."""
+    pool = ctx["pool"]
+    results = []
+    for sid in submission_ids:
+        results.append(await _grade(ctx, sid))
+    async with pool.acquire() as conn:
+        # progress over the whole job: the share of its submissions no longer waiting for the grader
+        row = await conn.fetchrow(
+            """SELECT count(*) FILTER (WHERE s.status <> 'grading') AS done, count(*) AS total
+               FROM submissions s, jobs j WHERE j.id = $1 AND s.id = ANY(
+                   SELECT jsonb_array_elements_text(j.payload -> 'submission_ids')::bigint)""", job_id)
+        if row and row["total"]:
+            finished = row["done"] == row["total"]
+            await jobs_repo.set_state(conn, job_id, "done" if finished else "queued", row["done"] / row["total"])
+    return f"{len(results)} graded"
+
+
+async def _moment(conn: asyncpg.Connection, a: asyncpg.Record, embedder: Any) -> dict[str, Any] | None:
+    """Where to rewatch: the item's cited moment, else its chapter, else the best search hit."""
+    from ingest.youtube import watch_url
+
+    async def video(video_id: int) -> asyncpg.Record | None:
+        return await conn.fetchrow("SELECT title, youtube_id FROM videos WHERE id = $1", video_id)
+
+    start: float | None = None
+    end: float | None = None
+    vid = None
+    if a["citation"]:
+        vid, start, end = a["citation"].get("video_id"), a["citation"].get("start"), a["citation"].get("end")
+    elif a["chapter_id"]:
+        ch = await conn.fetchrow("SELECT video_id, start_s, end_s FROM chapters WHERE id = $1", a["chapter_id"])
+        if ch:
+            vid, start, end = ch["video_id"], ch["start_s"], ch["end_s"]
+    if vid is None:
+        query = f"{a['prompt']} {a['reference_answer']}".strip()
+        vec = (await asyncio.to_thread(embedder.embed, [query]))[0]
+        hits = await hybrid_search(conn, a["course_id"], vec, query, embedder.name, k=1,
+                                   video_id=a["video_id"])
+        if not hits:
+            return None
+        vid, start, end = hits[0].video_id, hits[0].start, hits[0].end
+    v = await video(vid) if vid else None
+    if v is None or start is None:
+        return None
+    out = {"video_id": vid, "start": round(float(start), 1), "title": v["title"]}
+    if end is not None:
+        out["end"] = round(float(end), 1)
+    if v["youtube_id"]:
+        out["url"] = watch_url(v["youtube_id"], float(start))
+    return out
+
+
+def criteria_of(a: asyncpg.Record) -> list[grader.Criterion]:
+    rubric = a["rubric"] or []
+    if not rubric:
+        return grader.default_rubric()
+    return [{"name": c["name"], "points": float(c["points"]), "description": c.get("description", "")} for c in rubric]
+
+
+async def _grade(ctx: dict[str, Any], submission_id: int) -> str:
+    pool, redis, settings = ctx["pool"], ctx["redis"], ctx["settings"]
+    embedder = ctx["embedder"]()
+    async with pool.acquire() as conn:
+        sub = await subs_repo.get(conn, submission_id)
+        if sub is None or sub["status"] != "grading":
+            return "nothing to do"
+        a = await assignments_repo.get(conn, sub["assignment_id"])
+        tries = await subs_repo.note_try(conn, submission_id)
+        ex_rows = await subs_repo.exemplars(conn, a["id"], exclude_user=sub["user_id"])
+        try:
+            moment = await _moment(conn, a, embedder)
+        except Exception:  # noqa: BLE001 - feedback without a moment is still feedback
+            logger.warning("no rewatch moment for assignment %s", a["id"], exc_info=True)
+            moment = None
+    answer = sub["answer"] if isinstance(sub["answer"], str) else str(sub["answer"])
+    inputs: grader.GradeState = {
+        "question": a["prompt"], "reference": a["reference_answer"], "criteria": criteria_of(a), "answer": answer,
+        "exemplars": [scoring.Exemplar(r["answer"], float(r["score"]) / 100.0) for r in ex_rows
+                      if isinstance(r["answer"], str) and r["score"] is not None],
+        "moment": moment, "threshold": settings.review_threshold, "band": settings.review_band,
+    }
+    try:
+        llm = get_llm(settings)
+    except LLMError as exc:
+        logger.warning("LLM misconfigured, grading offline: %s", exc.message)
+        llm = None
+    try:
+        result = await grader.grade(inputs, embedder=embedder, llm=llm)
+    except LLMError as exc:  # only transient provider failures get here
+        if tries < MAX_TRIES:
+            delay = backoff_s(tries, settings.job_retry_base_s)
+            logger.info("grading %s: %s; retry in %.1fs", submission_id, exc.message, delay)
+            raise Retry(defer=delay) from exc
+        result = await grader.grade(inputs, embedder=embedder, llm=None)
+        result["note"] = f"LLM grader unavailable ({exc.message}); offline grade"
+    except Exception as exc:  # noqa: BLE001
+        if tries < MAX_TRIES:
+            logger.exception("grading %s crashed; retrying", submission_id)
+            raise Retry(defer=backoff_s(tries, settings.job_retry_base_s)) from exc
+        return await _hold_failed(ctx, submission_id, f"automatic grading failed: {type(exc).__name__}: {exc}")
+    held = bool(result["held"])
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            row = await subs_repo.save_machine_grade(
+                conn, submission_id, score=result["total"], confidence=result["confidence"], criteria=result["scores"],
+                feedback=result["feedback"], grader=result["grader"], held=held,
+                reason=result.get("reason") or result.get("note"))
+        if row is None:
+            return "already graded"
+        if not held:
+            await assignments_repo.on_grade_final(conn, redis, row)
+    logger.info("graded submission %s: %.1f (confidence %.2f, %s)%s", submission_id, result["total"],
+                result["confidence"], result["grader"], " held for review" if held else "")
+    return "held" if held else "graded"
+
+
+async def _hold_failed(ctx: dict[str, Any], submission_id: int, reason: str) -> str:
+    """The grader cannot grade it: an instructor will (the learner sees `review_pending`)."""
+    async with ctx["pool"].acquire() as conn:
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                """UPDATE submissions SET status = 'review_pending', review_reason = $2, updated_at = now()
+                   WHERE id = $1 AND status = 'grading' RETURNING id""", submission_id, reason[:500])
+            if row:
+                await subs_repo.record_event(conn, submission_id, "machine", score=None, held=True, reason=reason)
+    logger.warning("submission %s sent to review: %s", submission_id, reason)
+    return "held: grading failed"
+
+
+async def recover_grading(ctx: dict[str, Any]) -> int:
+    """Re-queue submissions waiting for a grade whose queue entry vanished or whose worker died."""
+    pool, redis = ctx["pool"], ctx["redis"]
+    stale_after = max(10.0, 4 * ctx["settings"].job_heartbeat_ms / 1000)
+    async with pool.acquire() as conn:
+        rows = await subs_repo.stale_grading(conn, stale_after)
+    n = 0
+    for row in rows:
+        if row["grade_job"] and await redis.zscore("arq:queue", row["grade_job"]) is not None:
+            continue
+        await enqueue_grade(redis, pool, row["id"])
+        n += 1
+    if n:
+        logger.info("re-queued %d submissions waiting for a grade", n)
+    return n

@@ -1,0 +1,276 @@
+"""Assignments: instructor CRUD, publishing and generation from a chapter's transcript.
+
+    POST   /api/v1/courses/{id}/assignments            GET /api/v1/courses/{id}/assignments
+    POST   /api/v1/courses/{id}/assignments/generate
+    GET/PATCH/DELETE /api/v1/assignments/{id}          POST /api/v1/assignments/{id}/publish
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import asyncpg
+import msgspec
+from litestar import Controller, Request, delete, get, patch, post
+from litestar.params import Parameter
+
+from server.api.assignment_schemas import (Assignment, AssignmentIn, AssignmentList, AssignmentPatch, Citation,
+                                           Criterion, GenerateIn, Generated)
+from server.api.courses import course_or_404
+from server.auth import AuthUser, staff_only
+from server.decode import read_json
+from server.errors import ApiError
+from store import assignments as repo
+
+logger = logging.getLogger(__name__)
+
+Limit = Parameter(ge=1, le=200, default=50)
+Offset = Parameter(ge=0, le=1_000_000, default=0)
+DEFAULT_RUBRIC = [{"name": "correctness", "points": 100.0, "description": "The answer is correct and complete."}]
+
+
+def to_assignment(r: asyncpg.Record | dict, user: AuthUser, attempts_used: int | None = None) -> Assignment:
+    staff = user.is_staff
+    cite = r["citation"]
+    return Assignment(
+        id=r["id"], course_id=r["course_id"], type=r["type"], title=r["title"], prompt=r["prompt"],
+        difficulty=r["difficulty"], status=r["status"], origin=r["origin"],
+        rubric=[Criterion(c["name"], float(c["points"]), c.get("description", "")) for c in r["rubric"] or []],
+        max_attempts=r["max_attempts"], opens_at=r["opens_at"], closes_at=r["closes_at"], video_id=r["video_id"],
+        chapter_id=r["chapter_id"], concept=r["concept"], created_at=r["created_at"], updated_at=r["updated_at"],
+        options=list(r["options"] or []),
+        citation=Citation(video_id=cite["video_id"], start=cite["start"], end=cite.get("end"), text=cite.get("text"),
+                          url=cite.get("url")) if cite else None,
+        reference_answer=r["reference_answer"] if staff and r["type"] != "multiple_choice" else None,
+        correct=list(r["correct"] or []) if staff and r["type"] == "multiple_choice" else None,
+        published_at=r["published_at"], attempts_used=attempts_used)
+
+
+async def assignment_or_404(conn: asyncpg.Connection, assignment_id: int, user: AuthUser) -> asyncpg.Record:
+    """The assignment if `user` may see it: staff of its tenant; learners who see the course, once published."""
+    row = await repo.get_for_tenant(conn, assignment_id, user.tenant_id)
+    if row is None or (not user.is_staff and row["status"] != "published"):
+        raise ApiError(404, f"assignment {assignment_id} not found")
+    await course_or_404(conn, row["course_id"], user)
+    return row
+
+
+async def _links(conn: asyncpg.Connection, course_id: int, fields: dict[str, Any]) -> None:
+    """Check video_id / chapter_id belong to the course; a chapter also sets the video and the concept."""
+    if fields.get("chapter_id") is not None:
+        ch = await repo.chapter_in_course(conn, course_id, fields["chapter_id"])
+        if ch is None:
+            raise ApiError(404, f"chapter {fields['chapter_id']} not found in this course", field="chapter_id")
+        if fields.get("video_id") not in (None, ch["video_id"]):
+            raise ApiError(400, "chapter_id belongs to another video", field="chapter_id")
+        fields["video_id"] = ch["video_id"]
+        fields["concept"] = ch["title"]
+    if fields.get("video_id") is not None:
+        vid = await conn.fetchrow("SELECT id, title FROM videos WHERE id = $1 AND course_id = $2",
+                                  fields["video_id"], course_id)
+        if vid is None:
+            raise ApiError(404, f"video {fields['video_id']} not found in this course", field="video_id")
+        if not fields.get("concept"):
+            fields["concept"] = vid["title"]
+
+
+def validate(fields: dict[str, Any]) -> dict[str, Any]:
+    """The rules across fields, on the full (merged) assignment; fills the default rubric."""
+    kind = fields["type"]
+    if not fields["title"].strip():
+        raise ApiError(400, "title must not be blank", field="title")
+    if not fields["prompt"].strip():
+        raise ApiError(400, "prompt must not be blank", field="prompt")
+    if kind == "multiple_choice":
+        options = fields.get("options") or []
+        correct = fields.get("correct") or []
+        if len(options) < 2:
+            raise ApiError(400, "multiple choice needs at least 2 options", field="options")
+        if len({o.strip().lower() for o in options}) != len(options):
+            raise ApiError(400, "options must be distinct", field="options")
+        if not correct:
+            raise ApiError(400, "multiple choice needs at least one correct option index", field="correct")
+        if len(set(correct)) != len(correct) or any(i >= len(options) for i in correct):
+            raise ApiError(400, f"correct must hold distinct indexes 0..{len(options) - 1}", field="correct")
+        fields["correct"] = sorted(correct)
+        fields["rubric"] = []
+        fields["reference_answer"] = ""
+    else:
+        if fields.get("options"):
+            raise ApiError(400, f"{kind} takes no options", field="options")
+        if fields.get("correct"):
+            raise ApiError(400, f"{kind} takes no correct indexes", field="correct")
+        fields["options"], fields["correct"] = [], []
+        given = fields.get("rubric") or []
+        names = [c["name"].strip().lower() for c in given]
+        if len(set(names)) != len(names):
+            raise ApiError(400, "rubric criterion names must be distinct", field="rubric")
+        fields["rubric"] = given or DEFAULT_RUBRIC
+        fields["reference_answer"] = (fields.get("reference_answer") or "").strip()
+        if not fields["reference_answer"] and all(not c.get("description", "").strip() for c in given):
+            raise ApiError(400, "a written assignment needs a reference_answer or rubric descriptions",
+                           field="reference_answer")
+    if fields.get("opens_at") and fields.get("closes_at") and fields["closes_at"] <= fields["opens_at"]:
+        raise ApiError(400, "closes_at must be after opens_at", field="closes_at")
+    return fields
+
+
+def _plain(data: msgspec.Struct) -> dict[str, Any]:
+    out = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not msgspec.UNSET}
+    if out.get("rubric") is not None:
+        out["rubric"] = [msgspec.structs.asdict(c) for c in out["rubric"]]
+    return out
+
+
+class AssignmentController(Controller):
+    path = "/api/v1"
+    tags = ["assignments"]
+
+    @post("/courses/{course_id:int}/assignments", guards=[staff_only], status_code=201)
+    async def create(self, request: Request, course_id: int) -> Assignment:
+        data = _plain(await read_json(request, AssignmentIn))
+        user: AuthUser = request.user
+        async with request.app.state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, user)
+            await _links(conn, course_id, data)
+            row = await repo.create(conn, course_id, user.id, validate(data))
+        return to_assignment(row, user)
+
+    @get("/courses/{course_id:int}/assignments")
+    async def list_assignments(self, request: Request, course_id: int, limit: int = Limit,
+                               offset: int = Offset) -> AssignmentList:
+        user: AuthUser = request.user
+        async with request.app.state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, user)
+            rows = await repo.list_for_course(conn, course_id, published_only=not user.is_staff, limit=limit,
+                                              offset=offset)
+            used = {r["assignment_id"]: r["n"] for r in await conn.fetch(
+                """SELECT assignment_id, count(*) AS n FROM submissions WHERE course_id = $1 AND user_id = $2
+                   GROUP BY assignment_id""", course_id, user.id)}
+        return AssignmentList(items=[to_assignment(r, user, used.get(r["id"], 0)) for r in rows], limit=limit,
+                              offset=offset)
+
+    @get("/assignments/{assignment_id:int}")
+    async def read(self, request: Request, assignment_id: int) -> Assignment:
+        user: AuthUser = request.user
+        async with request.app.state.pool.acquire() as conn:
+            row = await assignment_or_404(conn, assignment_id, user)
+            used = await conn.fetchval("SELECT count(*) FROM submissions WHERE assignment_id = $1 AND user_id = $2",
+                                       assignment_id, user.id)
+        return to_assignment(row, user, used)
+
+    @patch("/assignments/{assignment_id:int}", guards=[staff_only])
+    async def update(self, request: Request, assignment_id: int) -> Assignment:
+        changes = _plain(await read_json(request, AssignmentPatch))
+        user: AuthUser = request.user
+        async with request.app.state.pool.acquire() as conn:
+            row = await assignment_or_404(conn, assignment_id, user)
+            if "type" in changes and changes["type"] != row["type"] and await conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM submissions WHERE assignment_id = $1)", assignment_id):
+                raise ApiError(409, "the type of an assignment with submissions cannot change", field="type")
+            merged = {k: row[k] for k in repo.EDITABLE} | changes
+            if "type" in changes and changes["type"] != row["type"]:
+                for k in ("options", "correct", "rubric", "reference_answer"):
+                    if k not in changes:
+                        merged[k] = None
+            if "chapter_id" in changes or "video_id" in changes:
+                merged["concept"] = ""
+                if "video_id" in changes and "chapter_id" not in changes:
+                    merged["chapter_id"] = None
+                await _links(conn, row["course_id"], merged)
+            merged = validate(merged)
+            row = await repo.update(conn, assignment_id, merged)
+        return to_assignment(row, user)
+
+    @delete("/assignments/{assignment_id:int}", guards=[staff_only], status_code=204)
+    async def remove(self, request: Request, assignment_id: int) -> None:
+        async with request.app.state.pool.acquire() as conn:
+            await assignment_or_404(conn, assignment_id, request.user)
+            await repo.delete(conn, assignment_id)
+
+    @post("/assignments/{assignment_id:int}/publish", guards=[staff_only], status_code=200)
+    async def publish(self, request: Request, assignment_id: int) -> Assignment:
+        async with request.app.state.pool.acquire() as conn:
+            await assignment_or_404(conn, assignment_id, request.user)
+            row = await repo.publish_assignment(conn, assignment_id)
+        return to_assignment(row, request.user)
+
+    @post("/courses/{course_id:int}/assignments/generate", guards=[staff_only], status_code=201)
+    async def generate(self, request: Request, course_id: int) -> Generated:
+        """Draft items from a chapter (or every chapter of a video), each citing its moment."""
+        from agents import generate as gen
+        from agents.config import embedder_for
+        from agents.llm import LLMError, get_llm
+        from store import videos as videos_repo
+
+        data = await read_json(request, GenerateIn)
+        if (data.video_id is None) == (data.chapter_id is None):
+            raise ApiError(400, "give exactly one of video_id or chapter_id", field="video_id")
+        state, user = request.app.state, request.user
+        async with state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, user)
+            if data.chapter_id is not None:
+                ch = await repo.chapter_in_course(conn, course_id, data.chapter_id)
+                if ch is None:
+                    raise ApiError(404, f"chapter {data.chapter_id} not found in this course", field="chapter_id")
+                video_id = ch["video_id"]
+            else:
+                video_id = data.video_id
+            video = await conn.fetchrow("SELECT id, title, status FROM videos WHERE id = $1 AND course_id = $2",
+                                        video_id, course_id)
+            if video is None:
+                raise ApiError(404, f"video {video_id} not found in this course", field="video_id")
+            if video["status"] != "ready":
+                raise ApiError(409, f"video {video_id} is {video['status']}; generate once it is ready")
+            chapters = [dict(c) for c in await videos_repo.list_chapters(conn, video_id)]
+            sentences = [gen.Sentence(*s) for s in await repo.video_sentences(conn, video_id)]
+            # other chapters of the course (for distractors and for what makes this chapter distinctive)
+            other_videos = [r["id"] for r in await conn.fetch(
+                "SELECT id FROM videos WHERE course_id = $1 AND status = 'ready' AND id <> $2 ORDER BY id LIMIT 20",
+                course_id, video_id)]
+            other_groups: list[list[gen.Sentence]] = []
+            for vid in other_videos:
+                vs = [gen.Sentence(*s) for s in await repo.video_sentences(conn, vid)]
+                for c in await videos_repo.list_chapters(conn, vid):
+                    other_groups.append([s for s in vs if c["start_s"] <= s.start < c["end_s"]])
+        if not chapters:
+            chapters = [{"id": None, "start_s": 0.0, "end_s": float("inf"), "title": video["title"]}]
+        targets = [c for c in chapters if data.chapter_id in (None, c["id"])]
+        groups = {c["id"]: [s for s in sentences if c["start_s"] <= s.start < c["end_s"]] for c in chapters}
+        per = [data.count // len(targets) + (1 if i < data.count % len(targets) else 0) for i in range(len(targets))]
+        embedder = await asyncio.to_thread(embedder_for, state.settings)
+        try:
+            llm = get_llm(state.settings)
+        except LLMError:
+            llm = None
+        drafts: list[tuple[dict, Any]] = []
+        generator = "offline"
+        for ch, n in zip(targets, per):
+            if n == 0 or not groups[ch["id"]]:
+                continue
+            others = [g for cid, g in groups.items() if cid != ch["id"] and g] + [g for g in other_groups if g]
+            items = []
+            if llm is not None:
+                items = await gen.llm_items(llm, ch["title"], video_id, groups[ch["id"]], n, data.difficulty,
+                                            list(data.types))
+                generator = f"llm:{llm.name}" if items else generator
+            if not items:
+                items = await asyncio.to_thread(gen.offline_items, ch["title"], video_id, groups[ch["id"]], others, n,
+                                                data.difficulty, list(data.types), embedder)
+            drafts += [(ch, it) for it in items]
+        if not drafts:
+            raise ApiError(409, "the chapter has no sentences to build items from")
+        async with state.pool.acquire() as conn:
+            async with conn.transaction():
+                rows = []
+                for ch, it in drafts:
+                    fields = {"type": it.type, "title": it.title, "prompt": it.prompt, "difficulty": it.difficulty,
+                              "options": it.options, "correct": it.correct, "reference_answer": it.reference_answer,
+                              "rubric": [] if it.type == "multiple_choice" else DEFAULT_RUBRIC,
+                              "video_id": video_id, "chapter_id": ch["id"], "concept": ch["title"],
+                              "citation": it.citation}
+                    rows.append(await repo.create(conn, course_id, user.id, fields, origin="generated"))
+        logger.info("generated %d draft assignments", len(rows),
+                    extra={"fields": {"course_id": course_id, "video_id": video_id, "generator": generator}})
+        return Generated(items=[to_assignment(r, user) for r in rows], generator=generator)

@@ -1,0 +1,276 @@
+"""Submissions, grading, the review queue and the adaptive next step.
+
+    POST /api/v1/assignments/{id}/submissions {answer}      GET /api/v1/assignments/{id}/submissions
+    POST /api/v1/assignments/{id}/grade-all                 GET /api/v1/submissions/{id}
+    POST /api/v1/submissions/{id}/review {score?, comment?}  GET /api/v1/courses/{id}/grading-queue
+    GET  /api/v1/courses/{id}/me/next
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+import asyncpg
+from litestar import Controller, Request, get, post
+from litestar.params import Parameter
+
+from server.api.assignment_schemas import (SHORT_ANSWER_MAX_CHARS, BatchAccepted, Criterion, CriterionScore, NextStep,
+                                           Queue, QueueItem, ReviewIn, Submission, SubmissionIn, SubmissionList)
+from server.api.assignments import assignment_or_404
+from server.api.courses import course_or_404
+from server.auth import AuthUser, staff_only
+from server.decode import read_json
+from server.errors import ApiError
+from store import assignments as assignments_repo
+from store import courses as courses_repo
+from store import jobs as jobs_repo
+from store import submissions as repo
+
+logger = logging.getLogger(__name__)
+
+Limit = Parameter(ge=1, le=200, default=50)
+Offset = Parameter(ge=0, le=1_000_000, default=0)
+
+
+def _criteria(raw: list | None) -> list[CriterionScore]:
+    return [CriterionScore(c["name"], float(c["points"]), float(c["score"]), c.get("justification", ""))
+            for c in raw or []]
+
+
+def to_submission(r: asyncpg.Record | dict, user: AuthUser, history: list | None = None) -> Submission:
+    final = r["status"] == "graded"
+    out = Submission(id=r["id"], assignment_id=r["assignment_id"], user_id=r["user_id"], attempt=r["attempt"],
+                     status=r["status"], answer=r["answer"], created_at=r["created_at"], final_at=r["final_at"])
+    if final or user.is_staff:
+        out.score = None if r["score"] is None else round(float(r["score"]), 1)
+        out.confidence = None if r["confidence"] is None else round(float(r["confidence"]), 3)
+        out.criteria = _criteria(r["criteria"])
+        out.feedback = r["feedback"]
+        out.review_comment = r["review_comment"]
+    if user.is_staff:
+        out.user_name = r.get("user_name") if isinstance(r, dict) else (r["user_name"] if "user_name" in r else None)
+        out.grader, out.review_reason, out.reviewed_by = r["grader"], r["review_reason"], r["reviewed_by"]
+        out.history = history
+    return out
+
+
+def grade_choice(a: asyncpg.Record, chosen: list[int]) -> tuple[float, dict[str, Any]]:
+    """Multiple choice: all of the correct options and none other is 100; with several correct options,
+    each right pick earns its share and each wrong pick takes one away (never below 0)."""
+    correct = set(a["correct"])
+    picked = set(chosen)
+    if picked == correct:
+        score = 100.0
+    elif len(correct) == 1:
+        score = 0.0
+    else:
+        score = max(0.0, 100.0 * (len(picked & correct) - len(picked - correct)) / len(correct))
+    feedback: dict[str, Any] = {"right": "Correct." if score == 100 else
+                                ("Partly correct." if score > 0 else "Not correct.")}
+    if score < 100:
+        feedback["missing"] = (f"{len(correct - picked)} correct option(s) not chosen" if correct - picked else "") + \
+            ("; " if correct - picked and picked - correct else "") + \
+            (f"{len(picked - correct)} chosen option(s) are wrong" if picked - correct else "")
+        feedback["improve"] = "Rewatch the moment this question is based on, then try again."
+    cite = a["citation"]
+    if cite:
+        feedback["rewatch"] = {"video_id": cite["video_id"], "start": cite["start"], "end": cite.get("end")}
+    return round(score, 1), feedback
+
+
+def _check_answer(a: asyncpg.Record, answer: str | list[int], max_chars: int) -> str | list[int]:
+    if a["type"] == "multiple_choice":
+        if not isinstance(answer, list):
+            raise ApiError(400, "a multiple-choice answer is a list of chosen option indexes", field="answer")
+        if not answer or len(set(answer)) != len(answer) or any(i >= len(a["options"]) for i in answer):
+            raise ApiError(400, f"choose one or more distinct option indexes 0..{len(a['options']) - 1}",
+                           field="answer")
+        if len(a["correct"]) == 1 and len(answer) > 1:
+            raise ApiError(400, "this question has exactly one correct option; choose one", field="answer")
+        return sorted(answer)
+    if not isinstance(answer, str):
+        raise ApiError(400, f"a {a['type'].replace('_', ' ')} answer is text", field="answer")
+    text = answer.strip()
+    if not text:
+        raise ApiError(400, "the answer is empty", field="answer")
+    limit = SHORT_ANSWER_MAX_CHARS if a["type"] == "short_answer" else max_chars
+    if len(text) > limit:
+        raise ApiError(400, f"the answer is {len(text)} characters; the limit is {limit}", code="too_long",
+                       field="answer")
+    return text
+
+
+def _open_check(a: asyncpg.Record, used: int) -> None:
+    now = datetime.now(timezone.utc)
+    if a["opens_at"] and now < a["opens_at"]:
+        raise ApiError(409, f"this assignment opens at {a['opens_at'].isoformat()}", code="not_open")
+    if a["closes_at"] and now >= a["closes_at"]:
+        raise ApiError(409, f"this assignment closed at {a['closes_at'].isoformat()}", code="closed")
+    if a["max_attempts"] is not None and used >= a["max_attempts"]:
+        raise ApiError(409, f"all {a['max_attempts']} attempts are used", code="attempts_exhausted")
+
+
+async def _submission_or_404(conn: asyncpg.Connection, submission_id: int, user: AuthUser) -> asyncpg.Record:
+    row = await repo.get_with_context(conn, submission_id)
+    if row is None or row["tenant_id"] != user.tenant_id or (not user.is_staff and row["user_id"] != user.id):
+        raise ApiError(404, f"submission {submission_id} not found")
+    return row
+
+
+class SubmissionController(Controller):
+    path = "/api/v1"
+    tags = ["submissions"]
+
+    @post("/assignments/{assignment_id:int}/submissions", status_code=201)
+    async def submit(self, request: Request, assignment_id: int) -> Submission:
+        """Submit an answer: text, or a list of chosen option indexes. Multiple choice is graded at once;
+        written answers go to the grader (status `grading`)."""
+        state, user = request.app.state, request.user
+        async with state.pool.acquire() as conn:
+            a = await assignment_or_404(conn, assignment_id, user)
+            if user.role != "learner":
+                raise ApiError(403, "only learners submit answers", code="forbidden")
+            if not await courses_repo.is_enrolled(conn, a["course_id"], user.id):
+                raise ApiError(403, "enroll in the course to submit answers", code="not_enrolled")
+        data = await read_json(request, SubmissionIn)
+        answer = _check_answer(a, data.answer, state.settings.max_answer_chars)
+        async with state.pool.acquire() as conn:
+            async with conn.transaction():
+                used = await repo.lock_attempts(conn, assignment_id, user.id)
+                _open_check(a, used)
+                if a["type"] == "multiple_choice":
+                    score, feedback = grade_choice(a, answer)  # type: ignore[arg-type]
+                    criteria = [{"name": "correct options", "points": 100.0, "score": score, "justification": ""}]
+                    row = await repo.create(conn, assignment_id, a["course_id"], user.id, used + 1, answer,
+                                            status="graded", score=score, confidence=1.0, criteria=criteria,
+                                            feedback=feedback, grader="auto")
+                    await repo.record_event(conn, row["id"], "auto", score=score, confidence=1.0, criteria=criteria,
+                                            feedback=feedback, grader="auto")
+                else:
+                    row = await repo.create(conn, assignment_id, a["course_id"], user.id, used + 1, answer,
+                                            status="grading")
+            if row["status"] == "graded":
+                await assignments_repo.on_grade_final(conn, state.redis, row)
+        if row["status"] == "grading":
+            from ingest.grading import enqueue_grade
+
+            await enqueue_grade(state.arq, state.pool, row["id"])
+        return to_submission(row, user)
+
+    @get("/assignments/{assignment_id:int}/submissions")
+    async def list_submissions(self, request: Request, assignment_id: int, limit: int = Limit,
+                               offset: int = Offset) -> SubmissionList:
+        """Staff: every submission; learners: their own attempts (their revision history)."""
+        user: AuthUser = request.user
+        async with request.app.state.pool.acquire() as conn:
+            await assignment_or_404(conn, assignment_id, user)
+            rows = await repo.list_for_assignment(conn, assignment_id, None if user.is_staff else user.id, limit,
+                                                  offset)
+        return SubmissionList(items=[to_submission(r, user) for r in rows], limit=limit, offset=offset)
+
+    @post("/assignments/{assignment_id:int}/grade-all", guards=[staff_only], status_code=202)
+    async def grade_all(self, request: Request, assignment_id: int) -> BatchAccepted:
+        """(Re)grade every written submission not graded by an instructor, in batched jobs (e.g. after a
+        rubric change). Progress: GET /api/v1/jobs/{job_id}."""
+        from ingest.grading import enqueue_batches
+
+        state, user = request.app.state, request.user
+        async with state.pool.acquire() as conn:
+            a = await assignment_or_404(conn, assignment_id, user)
+            if a["type"] == "multiple_choice":
+                raise ApiError(409, "multiple choice is graded on submission")
+            async with conn.transaction():
+                ids = await repo.written_for_assignment(conn, assignment_id)
+                job = await jobs_repo.create_job(conn, "grade", course_id=a["course_id"], video_id=None,
+                                                 created_by=user.id, payload={"assignment_id": assignment_id,
+                                                                              "submission_ids": ids})
+                ids = await repo.mark_grading(conn, ids, None)
+                if not ids:
+                    await jobs_repo.set_state(conn, job["id"], "done", 1.0)
+        batches = await enqueue_batches(state.arq, state.pool, job["id"], ids) if ids else 0
+        return BatchAccepted(job_id=job["id"], submissions=len(ids), batches=batches)
+
+    @get("/submissions/{submission_id:int}")
+    async def read(self, request: Request, submission_id: int) -> Submission:
+        user: AuthUser = request.user
+        async with request.app.state.pool.acquire() as conn:
+            row = await _submission_or_404(conn, submission_id, user)
+            history = None
+            if user.is_staff:
+                await course_or_404(conn, row["course_id"], user)
+                history = [dict(h) for h in await repo.history(conn, submission_id)]
+        return to_submission(row, user, history)
+
+    @post("/submissions/{submission_id:int}/review", guards=[staff_only], status_code=200)
+    async def review(self, request: Request, submission_id: int) -> Submission:
+        """Approve the held grade (no `score`) or set another (`score` 0-100), with an optional comment.
+        A final grade can be overridden the same way. The learner then gets `grade.ready`."""
+        data = await read_json(request, ReviewIn)
+        state, user = request.app.state, request.user
+        async with state.pool.acquire() as conn:
+            row = await _submission_or_404(conn, submission_id, user)
+            await course_or_404(conn, row["course_id"], user)
+            if row["status"] == "grading":
+                raise ApiError(409, "this submission is still being graded", code="grading")
+            score = data.score if data.score is not None else row["score"]
+            if score is None:
+                raise ApiError(400, "the grader proposed no score; give one", field="score")
+            criteria = _rescale(row["criteria"] or [], float(score))
+            feedback = dict(row["feedback"] or {})
+            if data.comment:
+                feedback["comment"] = data.comment
+            async with conn.transaction():
+                saved = await repo.save_review(conn, submission_id, score=float(score), comment=data.comment,
+                                               reviewer_id=user.id, criteria=criteria, feedback=feedback)
+            if saved is None:
+                raise ApiError(409, "this submission is still being graded", code="grading")
+            await assignments_repo.on_grade_final(conn, state.redis, saved)
+            history = [dict(h) for h in await repo.history(conn, submission_id)]
+        return to_submission(saved, user, history)
+
+    @get("/courses/{course_id:int}/grading-queue", guards=[staff_only])
+    async def grading_queue(self, request: Request, course_id: int, limit: int = Limit,
+                            offset: int = Offset) -> Queue:
+        """Grades held for an instructor's look, oldest first."""
+        async with request.app.state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, request.user)
+            rows = await repo.queue(conn, course_id, limit, offset)
+        return Queue(items=[QueueItem(
+            submission_id=r["id"], assignment_id=r["assignment_id"], assignment_title=r["assignment_title"],
+            assignment_type=r["assignment_type"], prompt=r["prompt"], reference_answer=r["reference_answer"],
+            rubric=[Criterion(c["name"], float(c["points"]), c.get("description", "")) for c in r["rubric"] or []],
+            user_id=r["user_id"], user_name=r["user_name"], attempt=r["attempt"], answer=r["answer"],
+            proposed_score=None if r["score"] is None else round(float(r["score"]), 1),
+            confidence=None if r["confidence"] is None else round(float(r["confidence"]), 3), criteria=_criteria(r["criteria"]),
+            feedback=r["feedback"], grader=r["grader"], reason=r["review_reason"], created_at=r["created_at"])
+            for r in rows], limit=limit, offset=offset)
+
+    @get("/courses/{course_id:int}/me/next")
+    async def next_step(self, request: Request, course_id: int) -> NextStep:
+        """Per concept (chapter): how the learner does; the difficulty to try next; what to rewatch."""
+        from server.api.adaptive import next_step
+
+        user: AuthUser = request.user
+        async with request.app.state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, user)
+            rows = await repo.learner_results(conn, course_id, user.id)
+        return next_step(rows)
+
+
+def _rescale(criteria: list[dict], score: float) -> list[dict]:
+    """Per-criterion scores that add up to the instructor's total (in proportion to the grader's)."""
+    if not criteria:
+        return [{"name": "instructor grade", "points": 100.0, "score": round(score, 1), "justification": ""}]
+    points = sum(float(c["points"]) for c in criteria) or 100.0
+    target = score / 100.0 * points
+    current = sum(float(c["score"]) for c in criteria)
+    out = []
+    for c in criteria:
+        p = float(c["points"])
+        new = (float(c["score"]) * target / current) if current > 0 else p * score / 100.0
+        new = min(p, round(new, 1))
+        changed = abs(new - float(c["score"])) > 0.05
+        out.append({**c, "score": new, "justification": (c.get("justification", "") + (" Adjusted by the instructor."
+                                                                                        if changed else "")).strip()})
+    return out

@@ -1,0 +1,145 @@
+"""Assignments of a course (instructor CRUD, drafts, publishing) and the hook run when a grade is final."""
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+
+from store.events import GradeReady, publish, user_topic
+
+logger = logging.getLogger(__name__)
+
+PASS_SCORE = 60.0  # a final score at or above this passes the assignment (XP 'assignment_passed')
+TYPES = ("multiple_choice", "short_answer", "essay")
+DIFFICULTIES = ("easy", "medium", "hard")
+
+_COLS = """a.id, a.course_id, a.video_id, a.chapter_id, a.concept, a.type, a.title, a.prompt, a.options, a.correct,
+           a.reference_answer, a.rubric, a.difficulty, a.max_attempts, a.opens_at, a.closes_at, a.status, a.origin,
+           a.citation, a.created_by, a.created_at, a.updated_at, a.published_at"""
+EDITABLE = ("video_id", "chapter_id", "concept", "type", "title", "prompt", "options", "correct", "reference_answer",
+            "rubric", "difficulty", "max_attempts", "opens_at", "closes_at", "citation")
+
+
+async def create(conn: asyncpg.Connection, course_id: int, created_by: int, fields: dict[str, Any], *,
+                 origin: str = "instructor") -> asyncpg.Record:
+    cols = [k for k in EDITABLE if k in fields]
+    names = ", ".join(["course_id", "created_by", "origin", *cols])
+    params = ", ".join(f"${i + 1}" for i in range(3 + len(cols)))
+    return await conn.fetchrow(
+        f"INSERT INTO assignments AS a ({names}) VALUES ({params}) RETURNING {_COLS}",
+        course_id, created_by, origin, *[fields[k] for k in cols])
+
+
+async def get(conn: asyncpg.Connection, assignment_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"SELECT {_COLS} FROM assignments a WHERE a.id = $1", assignment_id)
+
+
+async def get_for_tenant(conn: asyncpg.Connection, assignment_id: int, tenant_id: int) -> asyncpg.Record | None:
+    """The assignment if its course belongs to the tenant (callers answer 404 otherwise)."""
+    return await conn.fetchrow(
+        f"""SELECT {_COLS}, c.tenant_id FROM assignments a JOIN courses c ON c.id = a.course_id
+            WHERE a.id = $1 AND c.tenant_id = $2""", assignment_id, tenant_id)
+
+
+async def list_for_course(conn: asyncpg.Connection, course_id: int, *, published_only: bool,
+                          limit: int, offset: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        f"""SELECT {_COLS} FROM assignments a WHERE a.course_id = $1 AND ($2 = false OR a.status = 'published')
+            ORDER BY a.id LIMIT $3 OFFSET $4""", course_id, published_only, limit, offset)
+
+
+async def update(conn: asyncpg.Connection, assignment_id: int, changes: dict[str, Any]) -> asyncpg.Record | None:
+    cols = [k for k in EDITABLE if k in changes]
+    sets = ", ".join([f"{k} = ${i + 2}" for i, k in enumerate(cols)] + ["updated_at = now()"])
+    return await conn.fetchrow(f"UPDATE assignments a SET {sets} WHERE a.id = $1 RETURNING {_COLS}",
+                               assignment_id, *[changes[k] for k in cols])
+
+
+async def publish_assignment(conn: asyncpg.Connection, assignment_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"""UPDATE assignments a SET status = 'published', published_at = coalesce(published_at, now()),
+                   updated_at = now() WHERE a.id = $1 RETURNING {_COLS}""", assignment_id)
+
+
+async def delete(conn: asyncpg.Connection, assignment_id: int) -> bool:
+    return await conn.fetchval("DELETE FROM assignments WHERE id = $1 RETURNING id", assignment_id) is not None
+
+
+async def chapter_in_course(conn: asyncpg.Connection, course_id: int, chapter_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        """SELECT ch.id, ch.video_id, ch.idx, ch.start_s, ch.end_s, ch.title FROM chapters ch
+           JOIN videos v ON v.id = ch.video_id WHERE ch.id = $1 AND v.course_id = $2""", chapter_id, course_id)
+
+
+# --- the hook ---------------------------------------------------------------------------------------------
+
+async def on_grade_final(conn: asyncpg.Connection, redis: Redis, submission: asyncpg.Record | dict) -> None:
+    """HOOK — a grade became final (multiple choice graded, a machine grade released, or an instructor's
+    review). Call after the grade's transaction committed, with a connection outside a transaction.
+
+    1. the learner's per-chapter strength (`chapter_scores`, read by the study-buddy matcher), when it exists;
+    2. XP through `store.xp.award_xp` when that module exists: 'assignment_passed' (score >= PASS_SCORE) and
+       'perfect_score' (100), once per learner and assignment whatever the attempts or re-reviews;
+    3. a `grade.ready` event to the learner (topic `user:<id>`: every room they have open).
+    Each step is tolerant: a failure is logged and the grade, already stored, stays the truth.
+    """
+    s = dict(submission)
+    score = float(s["score"]) if s.get("score") is not None else 0.0
+    try:
+        await _update_chapter_score(conn, s["user_id"], s["assignment_id"])
+    except Exception:  # noqa: BLE001
+        logger.warning("could not update chapter_scores for submission %s", s["id"], exc_info=True)
+    await _award_xp(conn, redis, s, score)
+    a = await conn.fetchrow("SELECT title, course_id FROM assignments WHERE id = $1", s["assignment_id"])
+    await publish(redis, user_topic(s["user_id"]), GradeReady(
+        submission_id=s["id"], assignment_id=s["assignment_id"], course_id=a["course_id"] if a else s["course_id"],
+        title=a["title"] if a else "", score=round(score, 1), passed=score >= PASS_SCORE,
+        reviewed=s.get("reviewed_by") is not None, attempt=s["attempt"]))
+
+
+async def _award_xp(conn: asyncpg.Connection, redis: Redis, s: dict, score: float) -> None:
+    try:
+        xp = importlib.import_module("store.xp")
+    except ImportError:
+        return
+    award = getattr(xp, "award_xp", None)
+    if award is None or score < PASS_SCORE:
+        return
+    try:
+        await award(conn, redis, s["user_id"], "assignment_passed", f"assignment:{s['assignment_id']}",
+                    course_id=s["course_id"])
+        if score >= 100.0:
+            await award(conn, redis, s["user_id"], "perfect_score", f"perfect:{s['assignment_id']}",
+                        course_id=s["course_id"])
+    except Exception:  # noqa: BLE001
+        logger.warning("could not award XP for submission %s", s["id"], exc_info=True)
+
+
+async def _update_chapter_score(conn: asyncpg.Connection, user_id: int, assignment_id: int) -> None:
+    """Mean of the learner's best final score per assignment of the chapter, 0..1."""
+    if await conn.fetchval("SELECT to_regclass('chapter_scores')") is None:
+        return
+    await conn.execute(
+        """WITH ch AS (SELECT chapter_id FROM assignments WHERE id = $2 AND chapter_id IS NOT NULL),
+                best AS (SELECT s.assignment_id, max(s.score) AS score FROM submissions s
+                         JOIN assignments a ON a.id = s.assignment_id
+                         WHERE s.user_id = $1 AND s.status = 'graded' AND a.chapter_id = (SELECT chapter_id FROM ch)
+                         GROUP BY s.assignment_id)
+           INSERT INTO chapter_scores (user_id, chapter_id, score, updated_at)
+           SELECT $1, (SELECT chapter_id FROM ch), least(1, greatest(0, avg(score) / 100)), now() FROM best
+           HAVING count(*) > 0 AND (SELECT chapter_id FROM ch) IS NOT NULL
+           ON CONFLICT (user_id, chapter_id) DO UPDATE SET score = EXCLUDED.score, updated_at = now()""",
+        user_id, assignment_id)
+
+
+async def video_sentences(conn: asyncpg.Connection, video_id: int) -> list[tuple[float, float, str]]:
+    """Every transcript sentence of a video with its times, once each (chunks overlap by a sentence)."""
+    rows = await conn.fetch("SELECT sentences FROM chunks WHERE video_id = $1 ORDER BY position", video_id)
+    seen: dict[tuple[float, str], tuple[float, float, str]] = {}
+    for r in rows:
+        for start, end, text in r["sentences"] or []:
+            seen.setdefault((round(float(start), 3), text), (float(start), float(end), text))
+    return sorted(seen.values())

@@ -1,0 +1,161 @@
+"""Assignments over real HTTP: instructor CRUD, drafts, integrity, multiple choice graded at once (with the
+`grade.ready` event), and bad submissions refused with nothing stored."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from tests.conftest import Factory, fetch
+from tests.server.conftest import Client, make_course
+
+MC = {"type": "multiple_choice", "title": "Stacks", "prompt": "Which structure is LIFO?",
+      "options": ["queue", "stack", "heap", "tree"], "correct": [1], "difficulty": "easy"}
+MULTI = {"type": "multiple_choice", "title": "Sorting", "prompt": "Which sorts are O(n log n) on average?",
+         "options": ["merge sort", "bubble sort", "quicksort", "insertion sort"], "correct": [0, 2]}
+WRITTEN = {"type": "short_answer", "title": "Binary search", "prompt": "How does binary search work?",
+           "reference_answer": "It halves the sorted interval at every step."}
+
+
+def published(client, course, body: dict) -> dict:  # type: ignore[no-untyped-def]
+    h = course.instructor.h
+    r = client.post(f"/api/v1/courses/{course.id}/assignments", json=body, headers=h)
+    assert r.status_code == 201, r.text
+    r = client.post(f"/api/v1/assignments/{r.json()['id']}/publish", headers=h)
+    assert r.status_code == 200 and r.json()["status"] == "published"
+    return r.json()
+
+
+def count_submissions(settings, assignment_id: int) -> int:  # type: ignore[no-untyped-def]
+    return fetch(settings, "SELECT count(*) AS n FROM submissions WHERE assignment_id = $1", assignment_id)[0]["n"]
+
+
+def test_instructor_crud_drafts_and_integrity(server, client, make: Factory):
+    course = make_course(server, make, learners=1)
+    inst, (learner,) = course.instructor, course.learners
+    r = client.post(f"/api/v1/courses/{course.id}/assignments", json=WRITTEN, headers=inst.h)
+    assert r.status_code == 201, r.text
+    a = r.json()
+    assert a["status"] == "draft" and a["rubric"] == [
+        {"name": "correctness", "points": 100.0, "description": "The answer is correct and complete."}]
+    assert a["reference_answer"] == WRITTEN["reference_answer"]
+    # drafts are invisible to learners
+    assert client.get(f"/api/v1/assignments/{a['id']}", headers=learner.h).status_code == 404
+    assert client.get(f"/api/v1/courses/{course.id}/assignments", headers=learner.h).json()["items"] == []
+    assert client.post(f"/api/v1/assignments/{a['id']}/submissions", json={"answer": "x"},
+                       headers=learner.h).status_code == 404
+    r = client.patch(f"/api/v1/assignments/{a['id']}", headers=inst.h, json={
+        "rubric": [{"name": "idea", "points": 70, "description": "halving"},
+                   {"name": "precondition", "points": 30, "description": "sorted input"}], "difficulty": "hard"})
+    assert r.status_code == 200 and [c["name"] for c in r.json()["rubric"]] == ["idea", "precondition"]
+    assert client.post(f"/api/v1/assignments/{a['id']}/publish", headers=inst.h).status_code == 200
+    # learners see the rubric but never the reference answer or the correct options
+    seen = client.get(f"/api/v1/assignments/{a['id']}", headers=learner.h).json()
+    assert seen["difficulty"] == "hard" and "reference_answer" not in seen and "correct" not in seen
+    mc = published(client, course, MC)
+    listed = client.get(f"/api/v1/courses/{course.id}/assignments", headers=learner.h).json()["items"]
+    assert {x["id"] for x in listed} == {a["id"], mc["id"]} and all("correct" not in x for x in listed)
+    assert client.get(f"/api/v1/assignments/{mc['id']}", headers=inst.h).json()["correct"] == [1]
+    # learners cannot change anything; another tenant's instructor cannot even see it
+    assert client.patch(f"/api/v1/assignments/{a['id']}", json={"title": "x"}, headers=learner.h).status_code == 403
+    other = make.user("instructor", tenant=f"other-{make.tenant}")
+    for method, path in (("GET", f"/api/v1/assignments/{a['id']}"), ("PATCH", f"/api/v1/assignments/{a['id']}"),
+                         ("DELETE", f"/api/v1/assignments/{a['id']}"),
+                         ("POST", f"/api/v1/assignments/{a['id']}/publish"),
+                         ("GET", f"/api/v1/courses/{course.id}/grading-queue"),
+                         ("POST", f"/api/v1/courses/{course.id}/assignments")):
+        r = client.request(method, path, headers=other.h, json=WRITTEN if method != "GET" else None)
+        assert r.status_code == 404, (method, path, r.text)
+    assert client.delete(f"/api/v1/assignments/{a['id']}", headers=inst.h).status_code == 204
+    assert client.get(f"/api/v1/assignments/{a['id']}", headers=inst.h).status_code == 404
+
+
+def test_bad_assignment_bodies_name_the_field(server, client, make: Factory):
+    course = make_course(server, make, learners=0)
+    url, h = f"/api/v1/courses/{course.id}/assignments", course.instructor.h
+    cases = [
+        ({**MC, "correct": [7]}, "correct"), ({**MC, "options": ["a"]}, "options"), ({**MC, "correct": []}, "correct"),
+        ({**MC, "type": "poem"}, "type"), ({**WRITTEN, "reference_answer": ""}, "reference_answer"),
+        ({**WRITTEN, "rubric": [{"name": "a", "points": 0}]}, "rubric[0].points"),
+        ({**WRITTEN, "options": ["a", "b"]}, "options"), ({**WRITTEN, "difficulty": "extreme"}, "difficulty"),
+        ({**WRITTEN, "video_id": 999999999}, "video_id"), ({**WRITTEN, "surprise": 1}, "surprise"),
+        ({**WRITTEN, "opens_at": "2030-01-02T00:00:00Z", "closes_at": "2030-01-01T00:00:00Z"}, "closes_at"),
+    ]
+    for body, field in cases:
+        r = client.post(url, json=body, headers=h)
+        assert r.status_code in (400, 404), (body, r.text)
+        assert r.json().get("field") == field, (body, r.json())
+    assert fetch(make.settings, "SELECT count(*) AS n FROM assignments WHERE course_id = $1",
+                 course.id)[0]["n"] == 0
+
+
+async def test_multiple_choice_is_graded_at_once_and_announced(server, client, make: Factory, settings):
+    course = make_course(server, make, learners=2)
+    (learner, other) = course.learners
+    single, multi = published(client, course, MC), published(client, course, MULTI)
+    ws = await Client.connect(server, course.room, learner)
+    try:
+        r = client.post(f"/api/v1/assignments/{single['id']}/submissions", json={"answer": [0]}, headers=learner.h)
+        assert r.status_code == 201, r.text
+        wrong = r.json()
+        assert wrong["status"] == "graded" and wrong["score"] == 0 and wrong["confidence"] == 1.0
+        assert (await ws.expect("grade.ready", submission_id=wrong["id"]))["passed"] is False
+        right = client.post(f"/api/v1/assignments/{single['id']}/submissions", json={"answer": [1]},
+                            headers=learner.h).json()
+        assert right["score"] == 100 and right["attempt"] == 2 and right["feedback"]["right"] == "Correct."
+        ev = await ws.expect("grade.ready", submission_id=right["id"])
+        assert ev["score"] == 100 and ev["passed"] and ev["assignment_id"] == single["id"]
+        # several correct options: all of them is full marks; a right and a wrong pick cancel out
+        assert client.post(f"/api/v1/assignments/{multi['id']}/submissions", json={"answer": [2, 0]},
+                           headers=learner.h).json()["score"] == 100
+        assert client.post(f"/api/v1/assignments/{multi['id']}/submissions", json={"answer": [0]},
+                           headers=learner.h).json()["score"] == 50
+        assert client.post(f"/api/v1/assignments/{multi['id']}/submissions", json={"answer": [0, 1]},
+                           headers=learner.h).json()["score"] == 0
+    finally:
+        await ws.close()
+    # revision history: every attempt is kept; a learner sees only their own
+    mine = client.get(f"/api/v1/assignments/{single['id']}/submissions", headers=learner.h).json()["items"]
+    assert [s["attempt"] for s in mine] == [2, 1]
+    assert client.get(f"/api/v1/assignments/{single['id']}/submissions", headers=other.h).json()["items"] == []
+    assert client.get(f"/api/v1/submissions/{right['id']}", headers=other.h).status_code == 404
+    assert client.get(f"/api/v1/submissions/{right['id']}", headers=learner.h).json()["score"] == 100
+    staff = client.get(f"/api/v1/assignments/{single['id']}/submissions", headers=course.instructor.h).json()
+    assert len(staff["items"]) == 2 and staff["items"][0]["user_name"] == learner.name
+
+
+def test_bad_submissions_are_refused_and_nothing_is_stored(server, client, make: Factory, settings):
+    course = make_course(server, make, learners=1, published=True)  # visible to the tenant's learners
+    inst, (learner,) = course.instructor, course.learners
+    mc = published(client, course, {**MC, "max_attempts": 1})
+    written = published(client, course, WRITTEN)
+    essay = published(client, course, {**WRITTEN, "type": "essay", "title": "Essay"})
+    past = (datetime.now(timezone.utc) - timedelta(days=1)).isoformat()
+    future = (datetime.now(timezone.utc) + timedelta(days=1)).isoformat()
+    closed = published(client, course, {**MC, "title": "Closed", "closes_at": past})
+    not_yet = published(client, course, {**MC, "title": "Later", "opens_at": future})
+    stranger = make.user("learner")  # same tenant, sees the published course, not enrolled
+    sub = lambda a, body, who=learner: client.post(f"/api/v1/assignments/{a['id']}/submissions", json=body,  # noqa: E731
+                                                   headers=who.h)
+    cases = [
+        (sub(written, {"answer": "x" * 2001}), 400, "too_long"),
+        (sub(essay, {"answer": "x" * 20_001}), 400, "too_long"),
+        (sub(written, {"answer": "   "}), 400, "bad_request"),
+        (sub(written, {"answer": [0]}), 400, "bad_request"),
+        (sub(mc, {"answer": "stack"}), 400, "bad_request"),
+        (sub(mc, {"answer": [9]}), 400, "bad_request"),
+        (sub(mc, {"answer": [1, 2]}), 400, "bad_request"),
+        (sub(mc, {"answer": [1, 1]}), 400, "bad_request"),
+        (sub(mc, {"answer": True}), 400, "bad_request"),
+        (sub(mc, {}), 400, "bad_request"),
+        (sub(closed, {"answer": [1]}), 409, "closed"),
+        (sub(not_yet, {"answer": [1]}), 409, "not_open"),
+        (sub(written, {"answer": "halves"}, stranger), 403, "not_enrolled"),
+        (sub(written, {"answer": "halves"}, inst), 403, "forbidden"),
+    ]
+    for r, status, code in cases:
+        assert r.status_code == status and r.json()["code"] == code, (status, code, r.text)
+    for a in (mc, written, essay, closed, not_yet):
+        assert count_submissions(settings, a["id"]) == 0
+    assert sub(mc, {"answer": [1]}).status_code == 201
+    r = sub(mc, {"answer": [1]})
+    assert r.status_code == 409 and r.json()["code"] == "attempts_exhausted" and "1 attempts" in r.json()["message"]
+    assert count_submissions(settings, mc["id"]) == 1

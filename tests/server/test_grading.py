@@ -1,0 +1,164 @@
+"""Written answers graded by the real worker: per-criterion scores, the review queue, an instructor's override
+reaching the learner as `grade.ready`, batches, and restarts that lose nothing."""
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+
+from tests.conftest import Factory, fetch, stop_process
+from tests.server.conftest import Client, make_course, spawn_ready
+from tests.server.test_assignments import published
+
+REFERENCE = "Binary search halves the sorted interval at every step, so it needs logarithmic time."
+ONE = {"type": "short_answer", "title": "Binary search", "prompt": "How does binary search work and how fast is it?",
+       "reference_answer": REFERENCE}
+TWO = {**ONE, "title": "Binary search (rubric)", "rubric": [
+    {"name": "idea", "points": 60, "description": "The search interval is halved at every step"},
+    {"name": "complexity", "points": 40, "description": "The running time is logarithmic, O(log n)"}]}
+VAGUE = "Binary search is fast."
+
+
+def wait_graded(client: httpx.Client, sid: int, headers: dict, timeout: float = 90) -> dict:
+    """Poll until the grader has finished with the submission (graded or held)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = client.get(f"/api/v1/submissions/{sid}", headers=headers).json()
+        if s["status"] != "grading":
+            return s
+        time.sleep(0.2)
+    raise AssertionError(f"submission {sid} still grading after {timeout}s: {s}")
+
+
+def submit(client: httpx.Client, assignment: dict, learner, answer: str) -> dict:  # type: ignore[no-untyped-def]
+    r = client.post(f"/api/v1/assignments/{assignment['id']}/submissions", json={"answer": answer}, headers=learner.h)
+    assert r.status_code == 201, r.text
+    assert r.json()["status"] == "grading" and "score" not in r.json()
+    return r.json()
+
+
+async def test_written_answer_graded_by_the_worker_per_criterion(server, client, make: Factory, worker):
+    course = make_course(server, make, learners=1)
+    inst, (learner,) = course.instructor, course.learners
+    one, two = published(client, course, ONE), published(client, course, TWO)
+    ws = await Client.connect(server, course.room, learner)
+    try:
+        s = submit(client, one, learner, REFERENCE)
+        ev = await ws.expect("grade.ready", timeout=90, submission_id=s["id"])
+        assert ev["score"] > 80 and ev["passed"] and not ev["reviewed"]
+    finally:
+        await ws.close()
+    final = client.get(f"/api/v1/submissions/{s['id']}", headers=learner.h).json()
+    assert final["status"] == "graded" and final["score"] == ev["score"] and 0 < final["confidence"] <= 1
+    assert final["feedback"]["right"] and final["feedback"]["improve"]
+    assert "grader" not in final and "history" not in final  # grading internals are for staff
+    s2 = submit(client, two, learner, "It halves the sorted list each step, so it is logarithmic.")
+    graded = wait_graded(client, s2["id"], inst.h)
+    assert [(c["name"], c["points"]) for c in graded["criteria"]] == [("idea", 60.0), ("complexity", 40.0)]
+    assert all(0 <= c["score"] <= c["points"] and c["justification"] for c in graded["criteria"])
+    assert abs(sum(c["score"] for c in graded["criteria"]) - graded["score"]) < 0.5
+    assert graded["grader"] == "offline" and [h["kind"] for h in graded["history"]] == ["machine"]
+
+
+async def test_held_grade_waits_for_the_instructor_then_reaches_the_learner(server, client, make: Factory, worker,
+                                                                             settings):
+    course = make_course(server, make, learners=1)
+    inst, (learner,) = course.instructor, course.learners
+    a = published(client, course, TWO)
+    ws = await Client.connect(server, course.room, learner)
+    try:
+        s = submit(client, a, learner, VAGUE)
+        held = wait_graded(client, s["id"], inst.h)
+        assert held["status"] == "review_pending" and held["review_reason"]
+        # the learner sees that a review is pending, and nothing of the proposed grade
+        mine = client.get(f"/api/v1/submissions/{s['id']}", headers=learner.h).json()
+        assert mine["status"] == "review_pending"
+        assert not {"score", "confidence", "criteria", "feedback"} & set(mine)
+        queue = client.get(f"/api/v1/courses/{course.id}/grading-queue", headers=inst.h).json()["items"]
+        (item,) = queue
+        assert item["submission_id"] == s["id"] and item["user_name"] == learner.name and item["answer"] == VAGUE
+        assert item["proposed_score"] is not None and len(item["criteria"]) == 2 and item["reason"]
+        assert client.get(f"/api/v1/courses/{course.id}/grading-queue", headers=learner.h).status_code == 403
+        assert client.post(f"/api/v1/submissions/{s['id']}/review", json={"score": 75},
+                           headers=learner.h).status_code == 403
+        assert (await ws.quiet(0.3)) == []  # nothing announced while the grade is held
+        r = client.post(f"/api/v1/submissions/{s['id']}/review", headers=inst.h,
+                        json={"score": 75, "comment": "Right idea; say why it is logarithmic."})
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "graded" and r.json()["score"] == 75
+        ev = await ws.expect("grade.ready", submission_id=s["id"])
+        assert ev["score"] == 75 and ev["reviewed"] and ev["passed"]
+    finally:
+        await ws.close()
+    mine = client.get(f"/api/v1/submissions/{s['id']}", headers=learner.h).json()
+    assert mine["score"] == 75 and mine["review_comment"].startswith("Right idea")
+    assert abs(sum(c["score"] for c in mine["criteria"]) - 75) < 0.5
+    assert client.get(f"/api/v1/courses/{course.id}/grading-queue", headers=inst.h).json()["items"] == []
+    history = client.get(f"/api/v1/submissions/{s['id']}", headers=inst.h).json()["history"]
+    assert [(h["kind"], h["held"]) for h in history] == [("machine", True), ("review", False)]
+    if fetch(settings, "SELECT to_regclass('xp_events') IS NOT NULL AS x")[0]["x"]:  # the XP hook, when present
+        kinds = [r["kind"] for r in fetch(settings, "SELECT kind FROM xp_events WHERE user_id = $1", learner.id)]
+        assert "assignment_passed" in kinds
+
+
+def test_grading_a_whole_assignment_runs_as_batched_jobs(server, client, make: Factory, worker):
+    course = make_course(server, make, learners=3)
+    inst = course.instructor
+    a = published(client, course, ONE)
+    subs = [submit(client, a, who, answer) for who, answer in
+            zip(course.learners, [REFERENCE, VAGUE, "Binary search checks the middle and keeps one half."])]
+    for s in subs:
+        wait_graded(client, s["id"], inst.h)
+    r = client.post(f"/api/v1/assignments/{a['id']}/grade-all", headers=inst.h)
+    assert r.status_code == 202 and r.json()["submissions"] == 3 and r.json()["batches"] == 1
+    job_id = r.json()["job_id"]
+    deadline = time.monotonic() + 90
+    while (job := client.get(f"/api/v1/jobs/{job_id}", headers=inst.h).json())["state"] != "done":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert job["progress"] == 1.0
+    for s in subs:
+        again = client.get(f"/api/v1/submissions/{s['id']}", headers=inst.h).json()
+        assert again["status"] != "grading" and [h["kind"] for h in again["history"]] == ["machine", "machine"]
+
+
+async def test_restarts_lose_no_grade_and_no_pending_review(server, make: Factory, worker, settings, data_dir):
+    """The worker is down when two answers arrive; the server is killed -9; both come back and nothing is lost:
+    one grade is released, the other waits in the queue until the instructor reviews it on a new server."""
+    (proc, url), = spawn_ready(data_dir, ["grading-a"], {})
+    course = make_course(url, make, learners=2)
+    inst, (released_to, held_for) = course.instructor, course.learners
+    worker.kill()
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            a = published(c, course, ONE)
+            good = submit(c, a, released_to, REFERENCE)
+            vague = submit(c, a, held_for, VAGUE)
+        stop_process(proc, signal.SIGKILL)
+    finally:
+        worker.start()
+    (proc2, url2), = spawn_ready(data_dir, ["grading-b"], {})
+    try:
+        with httpx.Client(base_url=url2, timeout=30) as c:
+            assert wait_graded(c, good["id"], inst.h)["status"] == "graded"
+            assert wait_graded(c, vague["id"], inst.h)["status"] == "review_pending"
+        # and once more while the review is pending: kill the server and the worker
+        stop_process(proc2, signal.SIGKILL)
+        worker.kill()
+        worker.start()
+        (proc2, url2), = spawn_ready(data_dir, ["grading-c"], {})
+        with httpx.Client(base_url=url2, timeout=30) as c:
+            queue = c.get(f"/api/v1/courses/{course.id}/grading-queue", headers=inst.h).json()["items"]
+            assert [q["submission_id"] for q in queue] == [vague["id"]]
+            ws = await Client.connect(url2, course.room, held_for)
+            try:
+                r = c.post(f"/api/v1/submissions/{vague['id']}/review", json={"comment": "Fine."}, headers=inst.h)
+                assert r.status_code == 200 and r.json()["score"] == queue[0]["proposed_score"]  # approved as proposed
+                ev = await ws.expect("grade.ready", submission_id=vague["id"])
+                assert ev["score"] == queue[0]["proposed_score"] and ev["reviewed"]
+            finally:
+                await ws.close()
+            assert c.get(f"/api/v1/submissions/{vague['id']}", headers=held_for.h).json()["status"] == "graded"
+    finally:
+        stop_process(proc2)
