@@ -44,9 +44,10 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         ctx["pool"] = await create_pool(settings.database_url, min_size=1, max_size=8)
         ctx["embedder"] = functools.partial(embedder_for, settings)
         await recover_lost_jobs(ctx)
-        from store import leaderboards
+        from store import leaderboards, xp
 
         leaderboards.EVENT_WINDOW_S = settings.leaderboard_event_s
+        xp.ASYNC_COMMIT = settings.xp_async_commit
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         pool = ctx.get("pool")

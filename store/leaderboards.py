@@ -98,19 +98,35 @@ def boards_of(tenant_id: int, course_id: int | None, pod_ids: list[int], at: dat
 
 # --- writes --------------------------------------------------------------------------------------------
 
-# KEYS: building flag, backlog, names hash, boards... ARGV: points, user id, name, ledger id, expire-at per board.
+# One round trip per award: bump its boards, record the name, log it for a running rebuild, take the
+# `leaderboard.changed` window of each board that has a room, and publish the learner's `xp.awarded`.
+# KEYS: building flag, backlog, names hash, then the boards, then the throttle keys.
+# ARGV: points, user id, name, ledger id, number of boards, window ms, channel, payload ('' = none),
+#       then expire-at per board (0: none).
+# -> per throttle key: 0 when this call took the window (announce now), else ms until it frees.
 _AWARD = """
-for i = 4, #KEYS do
-  redis.call('ZINCRBY', KEYS[i], ARGV[1], ARGV[2])
-  local exp = tonumber(ARGV[i + 1])
-  if exp > 0 then redis.call('EXPIREAT', KEYS[i], exp) end
+local nb = tonumber(ARGV[5])
+for i = 1, nb do
+  local key = KEYS[3 + i]
+  redis.call('ZINCRBY', key, ARGV[1], ARGV[2])
+  local exp = tonumber(ARGV[8 + i])
+  if exp > 0 then redis.call('EXPIREAT', key, exp) end
 end
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('RPUSH', KEYS[2], ARGV[4])
   redis.call('EXPIRE', KEYS[2], 3600)
 end
-return 1
+local out = {}
+for i = 4 + nb, #KEYS do
+  if redis.call('SET', KEYS[i], '1', 'PX', ARGV[6], 'NX') then
+    out[#out + 1] = 0
+  else
+    out[#out + 1] = math.max(1, redis.call('PTTL', KEYS[i]))
+  end
+end
+if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[8]) end
+return out
 """
 
 
@@ -126,6 +142,10 @@ class Entry:
     course_id: int | None
     pod_ids: list[int]
     at: datetime
+
+    def rooms(self) -> list[tuple[str, int]]:
+        """The boards with a room to tell about changes (all-time course and pod boards)."""
+        return ([("course", self.course_id)] if self.course_id is not None else []) + [("pod", p) for p in self.pod_ids]
 
 
 class _Scripts:
@@ -147,18 +167,35 @@ def scripts(redis: Redis) -> _Scripts:
     return s
 
 
-async def apply(redis: Redis, entries: list[Entry]) -> None:
-    """Bump the boards of committed ledger events (one round trip for all of them)."""
+async def apply(redis: Redis, entries: list[Entry], notices: list[tuple[str, bytes]] | None = None) -> None:
+    """After commit: bump the boards of these ledger events and publish each one's notice (channel, payload),
+    in one round trip for all of them; then announce changed boards (see `announce`)."""
     if not entries:
         return
+    notices = notices or [("", b"")] * len(entries)
     award = scripts(redis).award
-    async with redis.pipeline(transaction=False) as pipe:
-        for e in entries:
-            boards = boards_of(e.tenant_id, e.course_id, e.pod_ids, e.at)
-            await award(keys=[keys.LEADERBOARD_BUILDING, keys.LEADERBOARD_BACKLOG, keys.leaderboard_names(e.tenant_id)]
-                        + [k for k, _ in boards],
-                        args=[e.points, e.user_id, e.name, e.id] + [x for _, x in boards], client=pipe)
-        await pipe.execute()
+    window_ms = max(1, int(EVENT_WINDOW_S * 1000))
+    rooms = [e.rooms() for e in entries]
+    calls = []
+    for e, (channel, payload), rs in zip(entries, notices, rooms):
+        boards = boards_of(e.tenant_id, e.course_id, e.pod_ids, e.at)
+        calls.append(([keys.LEADERBOARD_BUILDING, keys.LEADERBOARD_BACKLOG, keys.leaderboard_names(e.tenant_id)]
+                      + [k for k, _ in boards] + [keys.leaderboard_throttle(sc, sid) for sc, sid in rs],
+                      [e.points, e.user_id, e.name, e.id, len(boards), window_ms, channel, payload]
+                      + [x for _, x in boards]))
+    if len(calls) == 1:  # a pipeline would first ask SCRIPT EXISTS: one more round trip
+        results = [await award(keys=calls[0][0], args=calls[0][1])]
+    else:
+        async with redis.pipeline(transaction=False) as pipe:
+            for k, a in calls:
+                await award(keys=k, args=a, client=pipe)
+            results = await pipe.execute()
+    seen: set[tuple[str, int]] = set()
+    for e, rs, waits in zip(entries, rooms, results):
+        for (scope, sid), wait in zip(rs, waits):
+            if (scope, sid) not in seen:
+                seen.add((scope, sid))
+                await _announce(redis, scope, sid, e.tenant_id, int(wait))
 
 
 # --- reads ---------------------------------------------------------------------------------------------
@@ -237,41 +274,36 @@ async def read(redis: Redis, scope: str, scope_id: int, tenant_id: int, period: 
 _trailing: dict[str, asyncio.Task] = {}
 
 
-async def announce(redis: Redis, boards: set[tuple[str, int, int]]) -> None:
-    """Tell the rooms of these (scope, id, tenant) boards that they changed: at once when the board's window
-    is free, else once at the end of the window (so the last change of a burst is always announced)."""
-    for scope, scope_id, tenant_id in boards:
-        if scope == "tenant":
-            continue  # no room holds a whole tenant
-        try:
-            await _announce_one(redis, scope, scope_id, tenant_id)
-        except Exception:  # noqa: BLE001 - the boards are right; only the nudge is lost
-            logger.warning("could not announce a leaderboard change", exc_info=True)
+async def _announce(redis: Redis, scope: str, scope_id: int, tenant_id: int, wait_ms: int) -> None:
+    """`wait_ms` 0: this process holds the board's window, so tell the room now. Otherwise tell it once the
+    window frees (one timer per board and process), so the last change of a burst is always announced."""
+    try:
+        if wait_ms == 0:
+            board = await read(redis, scope, scope_id, tenant_id, "all", 0, limit=10)
+            await publish(redis, room_topic(f"{scope}:{scope_id}"), LeaderboardChanged(
+                room=f"{scope}:{scope_id}", scope=scope, scope_id=scope_id, top=board.entries))
+            return
+        thr = keys.leaderboard_throttle(scope, scope_id)
+        if thr not in _trailing:
+            _trailing[thr] = asyncio.create_task(_later(redis, thr, scope, scope_id, tenant_id, wait_ms))
+    except Exception:  # noqa: BLE001 - the boards are right; only the nudge is lost
+        logger.warning("could not announce a leaderboard change", exc_info=True)
 
 
-async def _announce_one(redis: Redis, scope: str, scope_id: int, tenant_id: int) -> None:
-    thr = keys.leaderboard_throttle(scope, scope_id)
-    window_ms = max(1, int(EVENT_WINDOW_S * 1000))
-    if await redis.set(thr, b"1", px=window_ms, nx=True):
-        board = await read(redis, scope, scope_id, tenant_id, "all", 0, limit=10)
-        await publish(redis, room_topic(f"{scope}:{scope_id}"), LeaderboardChanged(
-            room=f"{scope}:{scope_id}", scope=scope, scope_id=scope_id, top=board.entries))
-        return
-    if thr in _trailing:
-        return
-    wait_ms = await redis.pttl(thr)
-
-    async def later() -> None:
-        try:
-            await asyncio.sleep(max(wait_ms, 1) / 1000)
+async def _later(redis: Redis, thr: str, scope: str, scope_id: int, tenant_id: int, wait_ms: int) -> None:
+    try:
+        await asyncio.sleep(wait_ms / 1000)
+        _trailing.pop(thr, None)
+        window_ms = max(1, int(EVENT_WINDOW_S * 1000))
+        if await redis.set(thr, b"1", px=window_ms, nx=True):
+            await _announce(redis, scope, scope_id, tenant_id, 0)
+        else:  # another process took the window after us; it announces the state as of then or later
+            await _announce(redis, scope, scope_id, tenant_id, max(1, await redis.pttl(thr)))
+    except Exception:  # noqa: BLE001
+        logger.warning("could not announce a leaderboard change", exc_info=True)
+    finally:
+        if _trailing.get(thr) is asyncio.current_task():
             _trailing.pop(thr, None)
-            await _announce_one(redis, scope, scope_id, tenant_id)
-        except Exception:  # noqa: BLE001
-            logger.warning("could not announce a leaderboard change", exc_info=True)
-        finally:
-            _trailing.pop(thr, None)
-
-    _trailing[thr] = asyncio.create_task(later())
 
 
 # --- rebuild -------------------------------------------------------------------------------------------

@@ -122,8 +122,8 @@ async def update_profile(conn: asyncpg.Connection, user_id: int, *, timezone_nam
 
 
 def utc_week_minutes(profile: Profile, at: datetime | None = None) -> list[tuple[int, int]]:
-    """The availability as [start, end) minutes of the UTC week (Monday 00:00 UTC = 0), split at the week's
-    wrap; the timezone's offset at `at` (default now) is used for every slot."""
+    """The availability as merged [start, end) minutes of the UTC week (Monday 00:00 UTC = 0), split at the
+    week's wrap; the timezone's offset at `at` (default now) is used for every slot."""
     off_min = round(utc_offset_hours(profile.timezone, at) * 60)
     out: list[tuple[int, int]] = []
     for d, a, b in profile.availability:
@@ -134,7 +134,13 @@ def utc_week_minutes(profile: Profile, at: datetime | None = None) -> list[tuple
             out.append((start, end))
         else:
             out += [(start, WEEK_MIN), (0, end - WEEK_MIN)]
-    return out
+    merged: list[tuple[int, int]] = []  # overlapping slots must not count twice
+    for a, b in sorted(out):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
 
 
 def utc_offset_hours(tz: str, at: datetime | None = None) -> float:

@@ -87,6 +87,7 @@ class Settings:
     leaderboard_event_s: float = 5.0
     match_weekday: int = 0
     match_hour: int = 6
+    xp_async_commit: bool = False
 
     @property
     def connection_env(self) -> Path:
@@ -142,6 +143,7 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         leaderboard_event_s=_float("STUDYHALL_LEADERBOARD_EVENT_S", 5.0),
         match_weekday=_int("STUDYHALL_MATCH_WEEKDAY", 0),
         match_hour=_int("STUDYHALL_MATCH_HOUR", 6),
+        xp_async_commit=(_str("STUDYHALL_XP_ASYNC_COMMIT", "0") or "0").lower() in ("1", "true", "yes", "on"),
     )
 
 

@@ -33,7 +33,8 @@ from redis.asyncio import Redis
 
 from store import achievements, leaderboards
 from store.achievements import Unlocked, level_for
-from store.events import AchievementUnlocked, UserRef, XpAwarded, publish, user_topic
+from store.events import AchievementUnlocked, UserRef, XpAwarded, encode, publish, user_topic
+from store.keys import events_channel
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,12 @@ POINTS: dict[str, int] = {
     "daily_streak": 20,
     "helpful_answer": 25,
 }
+
+
+# STUDYHALL_XP_ASYNC_COMMIT (set at startup): standalone awards commit without waiting for the WAL flush. A
+# Postgres crash can then lose the last fraction of a second of standalone awards (never half of one); the
+# boards may briefly be ahead of the ledger until the hourly check rebuilds them. Off by default.
+ASYNC_COMMIT = False
 
 
 def xp_for_level(level: int) -> int:
@@ -100,19 +107,27 @@ WITH ins AS (
 )
 SELECT ins.*, tot.xp AS total, tot.counts, (SELECT name FROM users WHERE id = $1) AS name FROM ins, tot
 """
+# The same, committing asynchronously (the setting is local to the statement's own transaction).
+_AWARD_ASYNC = _AWARD.replace("FROM users u WHERE u.id = $1 AND u.role = 'learner'",
+                              "FROM users u, (SELECT set_config('synchronous_commit', 'off', true)) AS cfg "
+                              "WHERE u.id = $1 AND u.role = 'learner'")
+assert _AWARD_ASYNC != _AWARD
 
 
 async def insert_award(conn: asyncpg.Connection, user_id: int, kind: str, idempotency_key: str, *,
                        points: int | None = None, course_id: int | None = None, pod_ids: list[int] | None = None,
-                       at: datetime | None = None, meta: dict[str, Any] | None = None) -> Award | None:
-    """Write one award in the caller's transaction (no Redis, no events: see `transaction`)."""
+                       at: datetime | None = None, meta: dict[str, Any] | None = None,
+                       async_commit: bool = False) -> Award | None:
+    """Write one award in the caller's transaction (no Redis, no events: see `transaction`). `async_commit`
+    (only for a statement that is its own transaction) commits without waiting for the WAL flush."""
     if points is None:
         if kind not in POINTS:
             raise ValueError(f"unknown XP kind {kind!r}; known: {sorted(POINTS)}")
         points = POINTS[kind]
     if points < 0:
         raise ValueError("points must not be negative")
-    row = await conn.fetchrow(_AWARD, user_id, kind, points, idempotency_key, course_id, pod_ids, at, meta or {})
+    row = await conn.fetchrow(_AWARD_ASYNC if async_commit else _AWARD, user_id, kind, points, idempotency_key,
+                              course_id, pod_ids, at, meta or {})
     if row is None:
         return None
     total, counts = int(row["total"]), dict(row["counts"])
@@ -164,36 +179,41 @@ async def award_xp(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, user_id:
                    idempotency_key: str, *, course_id: int | None = None, pod_ids: list[int] | None = None,
                    at: datetime | None = None, points: int | None = None,
                    meta: dict[str, Any] | None = None) -> Award | None:
-    """Award XP in its own transaction, then update the boards and publish. None: duplicate or not a learner."""
-    async with transaction(db, redis) as tx:
-        return await tx.award(user_id, kind, idempotency_key, course_id=course_id, pod_ids=pod_ids, at=at,
-                              points=points, meta=meta)
+    """Award XP on its own, then update the boards and publish. None: duplicate or not a learner.
+
+    The ledger row and the totals are one statement (its own transaction: one round trip); an achievement it
+    unlocks is recorded right after (idempotent; `achievements.sync` repairs one lost to a crash in between)."""
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn:
+            return await award_xp(conn, redis, user_id, kind, idempotency_key, course_id=course_id, pod_ids=pod_ids,
+                                  at=at, points=points, meta=meta)
+    if db.is_in_transaction():
+        raise RuntimeError("inside a transaction use xp.transaction(): XP reaches Redis only after the commit")
+    award = await insert_award(db, user_id, kind, idempotency_key, course_id=course_id, pod_ids=pod_ids, at=at,
+                               points=points, meta=meta, async_commit=ASYNC_COMMIT)
+    if award is not None:
+        await settle(redis, [award])
+    return award
 
 
 async def settle(redis: Redis, awards: list[Award], unlocked: list[Unlocked] = ()) -> None:  # type: ignore[assignment]
-    """After commit: bump the boards, tell the learners, announce changed boards. Failures are logged: the
-    ledger is the truth and a rebuild (startup check, hourly check, CLI) restores the boards."""
+    """After commit: bump the boards and tell the learner (one Redis round trip per batch), announce changed
+    boards, publish unlocked achievements. Failures are logged: the ledger is the truth and a rebuild (startup
+    check, hourly check, CLI) restores the boards."""
     if not awards and not unlocked:
         return
     try:
-        await leaderboards.apply(redis, [a.entry() for a in awards])
+        await leaderboards.apply(redis, [a.entry() for a in awards], [(
+            events_channel(user_topic(a.user_id)),
+            encode(XpAwarded(user_id=a.user_id, kind=a.kind, points=a.points, xp=a.xp, level=a.level,
+                             level_up=a.level > a.previous_level, course_id=a.course_id))) for a in awards])
     except Exception:  # noqa: BLE001
         logger.warning("could not update leaderboards; the hourly check will rebuild them", exc_info=True)
-    boards: set[tuple[str, int, int]] = set()
-    names: dict[int, str] = {}
-    for a in awards:
-        names[a.user_id] = a.name
-        await publish(redis, user_topic(a.user_id), XpAwarded(
-            user_id=a.user_id, kind=a.kind, points=a.points, xp=a.xp, level=a.level,
-            level_up=a.level > a.previous_level, course_id=a.course_id))
-        if a.course_id is not None:
-            boards.add(("course", a.course_id, a.tenant_id))
-        boards.update(("pod", p, a.tenant_id) for p in a.pod_ids)
+    names = {a.user_id: a.name for a in awards}
     for u in [u for a in awards for u in a.unlocked] + list(unlocked):
         await publish(redis, user_topic(u.user_id), AchievementUnlocked(
             user=UserRef(id=u.user_id, name=u.name or names.get(u.user_id, ""), role="learner"),
             achievement=u.achievement.info(), unlocked_at=u.unlocked_at))
-    await leaderboards.announce(redis, boards)
 
 
 async def totals(conn: asyncpg.Connection, user_id: int) -> tuple[int, dict[str, int]]:

@@ -32,6 +32,7 @@ async def progress_lifespan(app: Litestar) -> AsyncIterator[None]:
     """Leaderboard startup check (rebuild from the ledger when Redis has none) and the progress rate limiter."""
     state = app.state
     leaderboards.EVENT_WINDOW_S = state.settings.leaderboard_event_s
+    xp.ASYNC_COMMIT = state.settings.xp_async_commit
     state.progress_limiter = repo.ProgressLimiter(state.redis, state.settings.progress_rate,
                                                   state.settings.progress_burst)
     state.lb_rebuild = None

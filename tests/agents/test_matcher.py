@@ -103,3 +103,17 @@ async def test_llm_reason_through_a_real_client():
         prompt = srv.requests[-1].body["messages"]
         assert any("Ann is ahead on “Sorting”" in str(m.get("content")) for m in prompt)
         assert await llm_reason(llm, [a, b], {10: "Sorting"}) is None  # the caller falls back to the template
+
+
+def test_availability_in_utc():
+    from datetime import datetime, timezone
+
+    from store.profiles import Profile, utc_week_minutes
+
+    winter = datetime(2025, 1, 15, tzinfo=timezone.utc)
+    # Monday 00:00-02:00 in Berlin (UTC+1) is Sunday 23:00 to Monday 01:00 UTC: it wraps round the UTC week
+    berlin = Profile(1, "Europe/Berlin", [[0, 0, 120]], [], None)
+    assert utc_week_minutes(berlin, winter) == [(0, 60), (10080 - 60, 10080)]
+    # Kolkata is UTC+5:30; overlapping slots count once
+    kolkata = Profile(2, "Asia/Kolkata", [[2, 600, 720], [2, 660, 780]], [], None)
+    assert utc_week_minutes(kolkata, winter) == [(2 * 1440 + 600 - 330, 2 * 1440 + 780 - 330)]
