@@ -64,8 +64,10 @@ async def ask(state: Any, user: Any, course_id: int, question: str, *, session_i
             session_id = sess["id"]
         version = await repo.content_version(conn, course_id)
         qhash = repo.question_hash(question)
-        cached = None if history else await repo.cached_turn(conn, course_id, version, mode, qhash)
-    tutor = tutor_for(state)
+        tutor = tutor_for(state)
+        # answers differ by mode and by model: both are part of the cache key
+        cache_key = f"{mode}|{tutor.llm.name + ':' + tutor.llm.model if tutor.llm else 'extractive'}"
+        cached = None if history else await repo.cached_turn(conn, course_id, version, cache_key, qhash)
     if cached is not None:
         result = {"answer": cached["answer"], "grounded": cached["grounded"], "citations": cached["citations"],
                   "follow_ups": cached["follow_ups"], "standalone": cached["standalone"], "nearest": [],
@@ -87,7 +89,7 @@ async def ask(state: Any, user: Any, course_id: int, question: str, *, session_i
             output_tokens=usage.get("output_tokens", 0), latency_ms=latency, cost_usd=usage.get("cost_usd"),
             cache_hit=cached is not None, error=result.get("error"))
         if cached is None and not history and not result.get("error"):
-            await repo.remember(conn, course_id, version, mode, qhash, turn["id"])
+            await repo.remember(conn, course_id, version, cache_key, qhash, turn["id"])
     return {"answer": turn["answer"], "grounded": turn["grounded"], "citations": turn["citations"],
             "follow_ups": turn["follow_ups"], "nearest": result.get("nearest") or [], "session_id": session_id,
             "turn_id": turn["id"], "mode": mode, "cached": cached is not None, "error": result.get("error")}
