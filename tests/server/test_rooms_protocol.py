@@ -93,6 +93,13 @@ async def test_every_event_and_frame_type(server, client, make: Factory, worker_
         room=room, scope="course", scope_id=course.id, top=[events.LeaderboardEntry(user_id=a.id, name=a.name, xp=50,
                                                                                     rank=1)]))
     assert keep(await ca.expect("leaderboard.changed"))["top"][0]["rank"] == 1
+    # the tutor's answer streaming into the room (tests/server/test_tutor_rooms.py drives it for real)
+    await publish(redis, events.room_topic(room), events.TutorDelta(room=room, reply_to=m["id"], text="An eigen"))
+    assert keep(await ca.expect("tutor.delta"))["text"] == "An eigen"
+
+    # asking the tutor posts the question as a message (the answer is tests/server/test_tutor_rooms.py's business)
+    await send(ca, {"type": "tutor.ask", "text": "what is an eigenvector?", "client_msg_id": "t1"})
+    assert (await ca.expect("message.new", client_msg_id="t1"))["meta"] == {"tutor_ask": True}
 
     await send(ca, {"type": "resume", "after_seq": 0})
     keep(await ca.expect("welcome"))
