@@ -34,6 +34,7 @@ takes used using use way ways good great better best called call let lets thats 
 """.split())
 _WORD = re.compile(r"[A-Za-z][A-Za-z\-]{3,}")
 MIN_WORDS, MAX_WORDS = 8, 45
+MIN_SCORE_SHARE = 0.3  # of the best sentence's score
 
 GENERATE_SYSTEM = """You write practice questions for learners from a lecture transcript. Each question must be
 answerable from one moment of the transcript and cite that moment's start time exactly as given in brackets.
@@ -85,13 +86,15 @@ def key_sentences(chapter: list[Sentence], others: list[list[Sentence]], count: 
         if not MIN_WORDS <= n <= MAX_WORDS or not terms:
             continue
         score = sum(weights.get(t, 0.0) for t in terms) / math.sqrt(n)
-        keyword = max(terms, key=lambda t: (weights.get(t, 0.0), t))
-        scored.append((score, s, keyword))
+        scored.append((score, s, sorted(terms, key=lambda t: (-weights.get(t, 0.0), t))))
     scored.sort(key=lambda x: (-x[0], x[1].start))
+    if scored:  # small talk and asides carry little of the chapter's vocabulary: never an item
+        scored = [x for x in scored if x[0] >= MIN_SCORE_SHARE * scored[0][0]]
     chosen: list[tuple[Sentence, str]] = []
     used_keywords: set[str] = set()
-    for _, s, kw in scored:
-        if kw in used_keywords or any(abs(s.start - c.start) < 1e-6 for c, _ in chosen):
+    for _, s, ranked in scored:
+        kw = next((t for t in ranked if t not in used_keywords), None)  # each item hinges on another word
+        if kw is None or any(abs(s.start - c.start) < 1e-6 for c, _ in chosen):
             continue
         chosen.append((s, kw))
         used_keywords.add(kw)
@@ -106,7 +109,7 @@ def _mmss(t: float) -> str:
 
 
 def _blank(text: str, keyword: str) -> str:
-    return re.sub(rf"\b{re.escape(keyword)}\b", "_____", text, count=1, flags=re.I)
+    return re.sub(rf"\b{re.escape(keyword)}\b", "_____", text, flags=re.I)  # every occurrence: no give-away
 
 
 def _seed(*parts: object) -> int:

@@ -1,0 +1,72 @@
+"""Item generation: offline items from key sentences with distractors from other chapters; LLM items kept
+only when they cite a real sentence of the chapter."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agents.embedder import local_minilm
+from agents.generate import Sentence, llm_items, offline_items
+from agents.llm import OpenAIChat
+from tests.agents.fake_llm_servers import FakeLLMServer, Reply
+
+CHAPTER = [Sentence(60 + 10 * i, 69 + 10 * i, t) for i, t in enumerate([
+    "So today we are going to talk about something really interesting, okay.",
+    "A hash table stores keys in buckets chosen by a hash function applied to each key.",
+    "When two keys land in the same bucket we call that a collision, and chaining keeps a list per bucket.",
+    "Open addressing instead probes the next free slot until it finds an empty bucket for the key.",
+    "The load factor measures how full the buckets are, and resizing keeps lookups constant on average.",
+])]
+OTHERS = [[Sentence(300 + 10 * i, 309 + 10 * i, t) for i, t in enumerate(group)] for group in (
+    ["A binary heap keeps the smallest element at the root of a complete tree stored in an array.",
+     "Insertion sifts the element upward while its parent is larger, which takes logarithmic time.",
+     "A priority queue built on a heap serves Dijkstra's algorithm for shortest paths in graphs."],
+    ["Recursion solves a problem by calling itself on smaller inputs until a base case stops it.",
+     "Memoization caches the results of recursive calls so overlapping subproblems are solved once.",
+     "Dynamic programming fills a table bottom up, like computing Fibonacci numbers iteratively."])]
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return local_minilm()
+
+
+def test_offline_items_cite_key_sentences_with_distractors_from_other_chapters(embedder):
+    items = offline_items("Hash tables", 5, CHAPTER, OTHERS, 4, "medium", ["multiple_choice", "short_answer"], embedder)
+    assert len(items) == 4 and {i.type for i in items} == {"multiple_choice", "short_answer"}
+    texts = {s.text: s for s in CHAPTER}
+    other_words = " ".join(s.text for g in OTHERS for s in g).lower()
+    for it in items:
+        s = texts[it.citation["text"]]  # a real sentence, cited at its own time
+        assert it.citation == {"video_id": 5, "start": s.start, "end": s.end, "text": s.text}
+        assert "really interesting" not in s.text  # filler is never a key sentence
+        if it.type == "multiple_choice":
+            answer = it.options[it.correct[0]]
+            assert answer in s.text.lower() and "_____" in it.prompt and answer not in it.prompt.lower()
+            assert all(o in other_words for i, o in enumerate(it.options) if i != it.correct[0])
+        else:
+            assert it.reference_answer == s.text
+    again = offline_items("Hash tables", 5, CHAPTER, OTHERS, 4, "medium", ["multiple_choice", "short_answer"],
+                          embedder)
+    assert [(i.prompt, i.options, i.correct) for i in again] == [(i.prompt, i.options, i.correct) for i in items]
+
+
+async def test_llm_items_must_cite_a_real_moment():
+    reply = {"items": [
+        {"type": "multiple_choice", "prompt": "What resolves collisions by keeping a list per bucket?",
+         "options": ["chaining", "probing", "hashing", "sorting"], "correct": [0], "start": 80.0},
+        {"type": "short_answer", "prompt": "What is the load factor?", "reference_answer": "How full the table is.",
+         "start": 100.4},
+        {"type": "short_answer", "prompt": "Invented moment", "reference_answer": "x", "start": 999.0},
+        {"type": "multiple_choice", "prompt": "Bad index", "options": ["a", "b"], "correct": [5], "start": 70.0},
+    ]}
+    with FakeLLMServer() as fake:
+        fake.script(Reply("Here you go:\n" + json.dumps(reply)))
+        llm = OpenAIChat("sk-test", "gpt-4o-mini", base_url=fake.openai_base_url, max_retries=0)
+        items = await llm_items(llm, "Hash tables", 5, CHAPTER, 4, "easy", ["multiple_choice", "short_answer"])
+        assert "[80.0] When two keys land" in fake.requests[-1].body["messages"][-1]["content"]
+        fake.script(Reply("no json at all"))
+        assert await llm_items(llm, "Hash tables", 5, CHAPTER, 4, "easy", ["short_answer"]) == []
+    assert [(i.type, i.citation["start"]) for i in items] == [("multiple_choice", 80), ("short_answer", 100)]
+    assert items[0].correct == [0] and items[1].reference_answer == "How full the table is."

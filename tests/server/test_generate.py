@@ -1,0 +1,80 @@
+"""Assignment generation from a real chapter (the eval course, ingested by the worker), drafts hidden from
+learners until published, and the adaptive next step built from the learner's grades."""
+from __future__ import annotations
+
+import re
+
+from tests.conftest import EvalCourse
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[^a-z0-9 ]", " ", text.lower())).strip()
+
+
+def test_generated_items_cite_real_moments_and_stay_drafts(client, eval_course: EvalCourse):
+    inst, learner = eval_course.instructor, eval_course.learner
+    video_id = eval_course.videos["3b1b-bitcoin.srt"]
+    chapters = client.get(f"/api/v1/courses/{eval_course.id}/videos/{video_id}/chapters", headers=inst.h).json()
+    assert len(chapters) >= 2
+    ch = chapters[1]
+    transcript = _norm(" ".join(s["text"] for s in client.get(
+        f"/api/v1/courses/{eval_course.id}/videos/{video_id}/transcript", headers=inst.h).json()))
+    r = client.post(f"/api/v1/courses/{eval_course.id}/assignments/generate", headers=inst.h,
+                    json={"chapter_id": ch["id"], "count": 4, "difficulty": "medium",
+                          "types": ["multiple_choice", "short_answer"]})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    items = body["items"]
+    assert body["generator"] == "offline" and len(items) == 4
+    assert {i["type"] for i in items} == {"multiple_choice", "short_answer"}
+    for it in items:
+        assert it["status"] == "draft" and it["origin"] == "generated" and it["chapter_id"] == ch["id"]
+        cite = it["citation"]
+        assert cite["video_id"] == video_id and ch["start"] <= cite["start"] < ch["end"]
+        assert _norm(cite["text"]) in transcript  # a real sentence of the chapter, at its real time
+        if it["type"] == "multiple_choice":
+            assert len(it["options"]) == 4 and len(set(it["options"])) == 4 and len(it["correct"]) == 1
+            answer = it["options"][it["correct"][0]]
+            assert "_____" in it["prompt"] and answer.lower() in cite["text"].lower()
+            assert all(o.lower() not in cite["text"].lower().split() for i, o in enumerate(it["options"])
+                       if i != it["correct"][0])
+        else:
+            assert it["reference_answer"] == cite["text"] and it["rubric"][0]["name"] == "correctness"
+    # drafts are invisible to learners until the instructor publishes them
+    listed = client.get(f"/api/v1/courses/{eval_course.id}/assignments", headers=learner.h).json()["items"]
+    assert not {i["id"] for i in items} & {a["id"] for a in listed}
+    assert client.get(f"/api/v1/assignments/{items[0]['id']}", headers=learner.h).status_code == 404
+    # a whole video: items spread over its chapters
+    r = client.post(f"/api/v1/courses/{eval_course.id}/assignments/generate", headers=inst.h,
+                    json={"video_id": video_id, "count": 3, "difficulty": "hard", "types": ["short_answer"]})
+    assert r.status_code == 201 and len({i["chapter_id"] for i in r.json()["items"]}) == min(3, len(chapters))
+    bad = client.post(f"/api/v1/courses/{eval_course.id}/assignments/generate", headers=inst.h,
+                      json={"video_id": video_id, "chapter_id": ch["id"]})
+    assert bad.status_code == 400 and bad.json()["field"] == "video_id"
+    assert client.post(f"/api/v1/courses/{eval_course.id}/assignments/generate", headers=learner.h,
+                       json={"video_id": video_id}).status_code == 403
+
+
+def test_next_step_suggests_difficulty_and_what_to_rewatch(client, eval_course: EvalCourse):
+    inst, learner = eval_course.instructor, eval_course.learner
+    video_id = eval_course.videos["yale-psychology-happiness.vtt"]
+    ch = client.get(f"/api/v1/courses/{eval_course.id}/videos/{video_id}/chapters", headers=inst.h).json()[0]
+    items = client.post(f"/api/v1/courses/{eval_course.id}/assignments/generate", headers=inst.h,
+                        json={"chapter_id": ch["id"], "count": 3, "difficulty": "medium",
+                              "types": ["multiple_choice"]}).json()["items"]
+    for it in items:
+        assert client.post(f"/api/v1/assignments/{it['id']}/publish", headers=inst.h).status_code == 200
+    first = items[0]
+    wrong = next(i for i in range(4) if i not in first["correct"])
+    seen = client.get(f"/api/v1/assignments/{first['id']}", headers=learner.h).json()
+    assert "correct" not in seen and seen["citation"]["start"] == first["citation"]["start"]
+    r = client.post(f"/api/v1/assignments/{first['id']}/submissions", json={"answer": [wrong]}, headers=learner.h)
+    assert r.status_code == 201 and r.json()["score"] == 0
+    nxt = client.get(f"/api/v1/courses/{eval_course.id}/me/next", headers=learner.h).json()
+    assert nxt["difficulty"] == "easy" and "step down" in nxt["reason"]
+    (weak,) = [c for c in nxt["struggling"] if c["chapter_id"] == ch["id"]]
+    assert weak["mean_score"] == 0 and weak["attempted"] == 1
+    starts = [m["start"] for m in weak["rewatch"]]
+    assert round(ch["start"], 1) in starts and round(first["citation"]["start"], 1) in starts
+    # the next item is one not tried yet, from the concept the learner struggles with
+    assert nxt["next"]["id"] in {i["id"] for i in items[1:]} and nxt["next"]["concept"] == ch["title"]

@@ -1,0 +1,150 @@
+"""Grading state against the session's real Postgres and Redis: the grading job run twice leaves one grade,
+the LLM grader path through the job (local OpenAI wire-format server), lost jobs re-queued, and the
+final-grade hook (grade.ready, chapter strength, XP once)."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+import uuid
+
+import pytest
+
+from agents.config import embedder_for
+from ingest import grading
+from store import assignments as assignments_repo
+from store import events
+from store import submissions as subs_repo
+from store.db import create_pool
+from store.keys import events_channel
+from tests.agents.fake_llm_servers import FakeLLMServer, Reply
+
+REFERENCE = "Binary search halves the sorted interval at every step, so it needs logarithmic time."
+
+
+@pytest.fixture
+async def db(settings):
+    from arq import create_pool as create_arq_pool
+    from arq.connections import RedisSettings
+
+    pool = await create_pool(settings.database_url, min_size=1, max_size=4)
+    redis = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))  # a worker's ctx["redis"]
+    yield pool, redis
+    await redis.aclose()
+    await pool.close()
+
+
+def ctx_for(pool, redis, settings):  # type: ignore[no-untyped-def]
+    return {"pool": pool, "redis": redis, "settings": settings, "embedder": functools.partial(embedder_for, settings)}
+
+
+async def _setup(pool, kind: str = "short_answer") -> dict:  # type: ignore[no-untyped-def]
+    async with pool.acquire() as conn:
+        tid = await conn.fetchval("INSERT INTO tenants (name) VALUES ($1) RETURNING id", f"g-{uuid.uuid4().hex[:8]}")
+        inst = await conn.fetchval(
+            "INSERT INTO users (tenant_id, name, role) VALUES ($1, 'i', 'instructor') RETURNING id", tid)
+        learner = await conn.fetchval(
+            "INSERT INTO users (tenant_id, name, role) VALUES ($1, 'l', 'learner') RETURNING id", tid)
+        cid = await conn.fetchval("INSERT INTO courses (tenant_id, owner_id, title) VALUES ($1, $2, 'c') RETURNING id",
+                                  tid, inst)
+        await conn.execute("INSERT INTO enrollments (course_id, user_id) VALUES ($1, $2)", cid, learner)
+        vid = await conn.fetchval(
+            "INSERT INTO videos (course_id, title, source, status) VALUES ($1, 'Searching', 'transcript', 'ready') "
+            "RETURNING id", cid)
+        chid = await conn.fetchval(
+            "INSERT INTO chapters (video_id, idx, start_s, end_s, title) VALUES ($1, 0, 60, 240, 'Binary search') "
+            "RETURNING id", vid)
+        a = await assignments_repo.create(conn, cid, inst, {
+            "type": kind, "title": "Binary search", "prompt": "How does binary search work?",
+            "reference_answer": REFERENCE, "rubric": [{"name": "correctness", "points": 100, "description": ""}],
+            "video_id": vid, "chapter_id": chid, "concept": "Binary search"})
+    return {"tenant": tid, "instructor": inst, "learner": learner, "course": cid, "video": vid, "chapter": chid,
+            "assignment": a}
+
+
+async def _submit(pool, s: dict, answer: str) -> int:  # type: ignore[no-untyped-def]
+    async with pool.acquire() as conn:
+        row = await subs_repo.create(conn, s["assignment"]["id"], s["course"], s["learner"], 1, answer,
+                                     status="grading")
+    return row["id"]
+
+
+async def test_a_grading_job_run_twice_leaves_one_grade(db, settings):
+    pool, redis = db
+    s = await _setup(pool)
+    sid = await _submit(pool, s, REFERENCE)
+    ctx = ctx_for(pool, redis, settings)
+    first, second = await asyncio.gather(grading.grade_submission(ctx, sid), grading.grade_submission(ctx, sid))
+    assert sorted([first, second]) in (["already graded", "graded"], ["graded", "nothing to do"])
+    assert await grading.grade_submission(ctx, sid) == "nothing to do"
+    async with pool.acquire() as conn:
+        assert [h["kind"] for h in await subs_repo.history(conn, sid)] == ["machine"]
+        row = await subs_repo.get(conn, sid)
+    assert row["status"] == "graded" and row["score"] > 80
+    # the feedback points at the chapter the item belongs to
+    assert row["feedback"]["rewatch"]["start"] == 60.0 and row["feedback"]["rewatch"]["title"] == "Searching"
+
+
+async def test_llm_grader_through_the_job(db, settings):
+    pool, redis = db
+    s = await _setup(pool)
+    sid = await _submit(pool, s, "It cuts the sorted list in half each time, so log n steps.")
+    with FakeLLMServer() as fake:
+        fake.script(Reply(json.dumps({"criteria": [{"name": "correctness", "score": 95, "justification": "Right."}],
+                                      "confidence": 0.9,
+                                      "feedback": {"right": "Halving and log n.", "missing": "", "improve": "More."}})))
+        llm_settings = dataclasses.replace(settings, openai_base_url=fake.openai_base_url, llm_provider="openai")
+        assert await grading.grade_submission(ctx_for(pool, redis, llm_settings), sid) in ("graded", "held")
+        assert "Reference answer (for you only)" in json.dumps(fake.requests[-1].body)
+    async with pool.acquire() as conn:
+        row = await subs_repo.get(conn, sid)
+    assert row["grader"].startswith("llm:openai:") and row["criteria"][0]["score"] == 95.0
+    assert row["feedback"]["right"] == "Halving and log n."
+
+
+async def test_lost_grading_jobs_are_requeued(db, settings):
+    pool, redis = db
+    s = await _setup(pool)
+    sid = await _submit(pool, s, REFERENCE)
+    async with pool.acquire() as conn:  # as if its worker died long ago and the queue entry is gone
+        await conn.execute("UPDATE submissions SET grade_job = 'grade-lost', updated_at = now() - interval '1 hour' "
+                           "WHERE id = $1", sid)
+    ctx = ctx_for(pool, redis, settings)
+    assert await grading.recover_grading(ctx) >= 1
+    async with pool.acquire() as conn:
+        job = await conn.fetchval("SELECT grade_job FROM submissions WHERE id = $1", sid)
+    assert job.startswith(f"grade-{sid}-") and await redis.zscore("arq:queue", job) is not None
+
+
+async def test_final_grade_hook_announces_and_records_once(db, settings):
+    pool, redis = db
+    s = await _setup(pool, "multiple_choice")
+    async with pool.acquire() as conn:
+        row = await subs_repo.create(conn, s["assignment"]["id"], s["course"], s["learner"], 1, [1], status="graded",
+                                     score=100.0, confidence=1.0, grader="auto")
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(events_channel(events.user_topic(s["learner"])))
+    await pubsub.get_message(timeout=1)  # the subscribe confirmation
+    async with pool.acquire() as conn:
+        await assignments_repo.on_grade_final(conn, redis, row)
+        await assignments_repo.on_grade_final(conn, redis, row)  # a repeated hook awards nothing more
+    got = []
+    for _ in range(20):
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+        if msg:
+            ev = events.decode(msg["data"])
+            if isinstance(ev, events.GradeReady):
+                got.append(ev)
+        if len(got) == 2:
+            break
+    await pubsub.aclose()
+    assert got[0].submission_id == row["id"] and got[0].score == 100 and got[0].passed and got[0].title
+    async with pool.acquire() as conn:
+        if await conn.fetchval("SELECT to_regclass('chapter_scores')"):
+            assert await conn.fetchval("SELECT score FROM chapter_scores WHERE user_id = $1 AND chapter_id = $2",
+                                       s["learner"], s["chapter"]) == 1.0
+        if await conn.fetchval("SELECT to_regclass('xp_events')"):
+            kinds = sorted(r["kind"] for r in await conn.fetch("SELECT kind FROM xp_events WHERE user_id = $1",
+                                                               s["learner"]))
+            assert kinds == ["assignment_passed", "perfect_score"]
