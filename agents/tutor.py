@@ -225,7 +225,7 @@ def citation(w: Window) -> dict:
 
 def extractive_answer(sources: list[Window], mode: str) -> str:
     """An answer built from the best transcript sentences, each cited ([1], [2])."""
-    top = sources[:2]
+    top = sources[:3]
     if mode == "socratic":
         w = top[0]
         keys = _keywords(w.core)[:2]
@@ -233,8 +233,10 @@ def extractive_answer(sources: list[Window], mode: str) -> str:
         return (f"Let's work it out together. Rewatch \"{w.video_title}\" at {mmss(w.start)} [1] and listen for "
                 f"what is said about {focus}. What do you think follows from it for your question?")
     parts = []
-    for i, w in enumerate(top, 1):
+    for i, w in enumerate(top[:2], 1):
         parts.append(f"In \"{w.video_title}\" at {mmss(w.start)}: “{quote(w.core, 400)}” [{i}]")
+    if len(top) == 3:  # a third moment, pointed to rather than quoted
+        parts.append(f"See also \"{top[2].video_title}\" at {mmss(top[2].start)} [3].")
     return "From the course videos: " + " ".join(parts)
 
 

@@ -1,0 +1,51 @@
+"""Quality floors for the offline tutor on ../shared/eval, so it cannot silently get worse.
+
+Measured with bench/tutor_eval.py (offline defaults): citation hit@1 0.70, hit@3 0.917, no citation over
+60 s, refusal accuracy 0.53 on out-of-scope questions, false refusals 0.00. Floors allow one question of slack.
+"""
+from __future__ import annotations
+
+import json
+
+from agents.embedder import local_minilm
+from agents.tutor import Tutor
+from store.db import create_pool
+from tests.conftest import EVAL, EvalCourse, run_sync
+
+
+def _overlaps(c: dict, spans: list) -> bool:
+    return any(c["start"] <= b and c["end"] >= a for a, b in spans)
+
+
+def test_tutor_quality_floors(eval_course: EvalCourse, settings):
+    spec = json.loads((EVAL / "questions.json").read_text())
+
+    async def go() -> tuple[int, int, int, int, int]:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        try:
+            tutor = Tutor(pool, local_minilm(), None)
+            h1 = h3 = too_long = refused = 0
+            for q in spec["questions"]:
+                out = await tutor.run(eval_course.id, q["question"])
+                vid = eval_course.videos[q["file"]]
+                ok = [c["video_id"] == vid and _overlaps(c, q["spans"]) for c in out["citations"]]
+                h1 += any(ok[:1])
+                h3 += any(ok[:3])
+                too_long += sum(c["end"] - c["start"] > 60 for c in out["citations"])
+                refused += not out["grounded"]
+            declined = 0
+            for q in spec["out_of_scope"]:
+                out = await tutor.run(eval_course.id, q["question"])
+                declined += not out["grounded"] and not out.get("citations")
+            return h1, h3, too_long, refused, declined
+        finally:
+            await pool.close()
+
+    h1, h3, too_long, refused, declined = run_sync(go())
+    n, n_oos = len(spec["questions"]), len(spec["out_of_scope"])
+    print(f"hit@1 {h1 / n:.3f} hit@3 {h3 / n:.3f} refusal accuracy {declined / n_oos:.3f} false refusals {refused / n:.3f}")
+    assert too_long == 0
+    assert h1 / n >= 0.68
+    assert h3 / n >= 0.90
+    assert refused / n <= 0.02
+    assert declined / n_oos >= 0.46
