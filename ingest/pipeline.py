@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import numpy as np
 
-from ingest.chapters import build_chapters
+from ingest.chapters import build_chapters, llm_titles
 from ingest.chunking import chunk_sentences, to_sentences
 from ingest.cues import Cue
 from ingest.errors import PermanentIngestError
@@ -116,6 +116,11 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
     emb = await embed_texts(embedder, [c.text for c in chunks], reporter)
     await reporter.stage("chaptering")
     chapters = build_chapters(chunks, emb)
+    from agents.llm import get_llm
+
+    llm = get_llm(settings)
+    if llm is not None:
+        await llm_titles(llm, chapters)
     duration = max(src.duration_s or 0.0, src.cues[-1].end)
     async with pool.acquire() as conn, conn.transaction():
         # lock the video row: two attempts racing (a slow "dead" worker and its replacement) serialize here

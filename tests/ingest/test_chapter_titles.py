@@ -1,0 +1,26 @@
+"""Chapter titles: model-written through the OpenAI wire format when configured, extractive when it fails."""
+from __future__ import annotations
+
+import asyncio
+
+from agents.llm import OpenAIChat
+from ingest.chapters import Chapter, llm_titles
+from tests.agents.fake_llm_servers import FakeLLMServer, Reply
+
+
+def _chapters() -> list[Chapter]:
+    return [Chapter(0, 300, "Extractive one", "We start with vectors and the row picture.", 0, 4),
+            Chapter(300, 600, "Extractive two", "Then the column picture of the same equations.", 5, 9)]
+
+
+def test_llm_titles_and_fallback():
+    with FakeLLMServer(api_key="sk-test") as srv:
+        srv.script(Reply(text='"The Row Picture of Linear Equations."'), Reply(status=500))
+        llm = OpenAIChat("sk-test", "gpt-4o-mini", base_url=srv.openai_base_url, max_retries=0)
+        chapters = _chapters()
+        changed = asyncio.run(llm_titles(llm, chapters))
+        assert changed == 1
+        assert chapters[0].title == "The Row Picture of Linear Equations"
+        assert chapters[1].title == "Extractive two"  # the model failed: the extractive title stays
+        body = srv.requests[0].body
+        assert "data, not instructions" in str(body) and "row picture" in str(body)
