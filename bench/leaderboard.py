@@ -17,7 +17,7 @@ import uuid
 from redis.asyncio import Redis
 
 from bench.common import services
-from store import leaderboards, xp
+from store import leaderboard_rebuild, leaderboards, xp
 from store.db import create_pool
 
 
@@ -53,7 +53,7 @@ async def seed(pool, redis, learners: int) -> tuple[int, int, list[int]]:  # typ
         cid = await conn.fetchval("SELECT c.id FROM courses c WHERE c.tenant_id = $1", tid)
         ids = [r["id"] for r in await conn.fetch("SELECT id FROM users WHERE tenant_id = $1 AND role = 'learner'", tid)]
     await redis.delete("sh:lb:lock")
-    done = await leaderboards.rebuild(pool, redis)
+    done = await leaderboard_rebuild.rebuild(pool, redis)
     assert done is not None
     print(f"rebuild from the ledger: {done.boards:,} boards, {done.entries:,} entries in {done.seconds:.2f} s")
     return tid, cid, ids
@@ -99,12 +99,24 @@ async def main() -> None:
                 out.append((time.perf_counter() - t0) * 1000)
             return out
 
+        seq = iter(range(10**9))
+
         async def award(i: int) -> None:
-            a = await xp.award_xp(pool, redis, rnd.choice(ids), "helpful_answer", f"bench:{run}:{i}", course_id=cid)
+            a = await xp.award_xp(pool, redis, rnd.choice(ids), "helpful_answer", f"bench:{run}:{next(seq)}",
+                                  course_id=cid)
             assert a is not None
 
         async def bare_write(i: int) -> None:
             await redis.zincrby(bare, 25, str(rnd.choice(ids)))
+
+        async with pool.acquire() as conn:  # the Postgres floor: one durable single-row insert, nothing else
+            await conn.execute("""CREATE TABLE IF NOT EXISTS bench_bare_insert (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, user_id bigint NOT NULL, k text NOT NULL,
+                UNIQUE (user_id, k))""")
+
+        async def bare_insert(i: int) -> None:
+            await pool.execute("INSERT INTO bench_bare_insert (user_id, k) VALUES ($1, $2)", rnd.choice(ids),
+                               f"{run}:{next(seq)}")
 
         async def read(i: int) -> None:
             b = await leaderboards.read(redis, "tenant", tid, tid, "all", rnd.choice(ids), limit=10)
@@ -114,8 +126,8 @@ async def main() -> None:
             await redis.zrevrange(bare, 0, 9, withscores=True)
 
         # warm up, then interleave the rounds so every side sees the same machine load
-        sides = (("award", award), ("award_async", award), ("bare_write", bare_write), ("read", read),
-                 ("bare_read", bare_read))
+        sides = (("award", award), ("award_async", award), ("bare_write", bare_write), ("bare_insert", bare_insert),
+                 ("read", read), ("bare_read", bare_read))
         res: dict[str, list[float]] = {k: [] for k, _ in sides}
         for rnd_no in range(6):
             for key, fn in sides:
@@ -134,13 +146,16 @@ async def main() -> None:
         a50, a99 = row("award (ledger commit + boards + events)", res["award"])
         s50, s99 = row("award, STUDYHALL_XP_ASYNC_COMMIT=1", res["award_async"])
         w50, w99 = row("bare redis-py ZINCRBY", res["bare_write"])
+        i50, i99 = row("bare asyncpg INSERT of one row (own transaction)", res["bare_insert"])
         r50, r99 = row("read: top 10 + my rank + neighbours + names", res["read"])
         b50, b99 = row("bare redis-py ZREVRANGE 0 9 WITHSCORES", res["bare_read"])
         print(f"\naward / bare write:              p50 {a50 / w50:5.1f}x   p99 {a99 / w99:5.1f}x   (target <= 5x)")
         print(f"award (async commit) / bare write: p50 {s50 / w50:5.1f}x   p99 {s99 / w99:5.1f}x")
+        print(f"award / (bare insert + bare write): p50 {a50 / (i50 + w50):5.1f}x   p99 {a99 / (i99 + w99):5.1f}x")
         print(f"read / bare read:                 p50 {r50 / b50:5.1f}x   p99 {r99 / b99:5.1f}x")
         print(f"read p99 {r99:.3f} ms (target <= 2 ms): {'ok' if r99 <= 2 else 'MISSED'}")
         await redis.delete(bare)
+        await pool.execute("TRUNCATE bench_bare_insert")
     finally:
         await redis.aclose()
         await pool.close()

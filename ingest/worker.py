@@ -26,7 +26,7 @@ async def match_pods_weekly(ctx: dict[str, Any]) -> int:
 
 async def check_leaderboards(ctx: dict[str, Any]) -> bool:
     """Hourly: rebuild the leaderboards from the XP ledger when they are missing or disagree with it."""
-    from store.leaderboards import check_and_repair
+    from store.leaderboard_rebuild import check_and_repair
 
     return await check_and_repair(ctx["pool"], ctx["redis"]) is not None
 

@@ -257,19 +257,19 @@ def cmd_leaderboards(args: argparse.Namespace) -> int:
 async def _leaderboards(settings: Settings, action: str) -> int:
     from redis.asyncio import Redis
 
-    from store import keys, leaderboards
+    from store import keys, leaderboard_rebuild
     from store.db import create_pool
 
     pool = await create_pool(settings.database_url, min_size=1, max_size=2)
     redis = Redis.from_url(settings.redis_url)
     try:
         if action == "check":
-            bad = await leaderboards.check(pool, redis)
+            bad = await leaderboard_rebuild.check(pool, redis)
             built = bool(await redis.exists(keys.LEADERBOARD_BUILT))
             print(("boards match the XP ledger" if built else "boards were never built") if not bad
                   else f"{len(bad)} boards differ from the XP ledger: {', '.join(bad[:10])}")
             return 0 if not bad and built else 1
-        done = await leaderboards.rebuild(pool, redis)
+        done = await leaderboard_rebuild.rebuild(pool, redis)
         if done is None:
             print("another process is rebuilding the leaderboards", file=sys.stderr)
             return 1

@@ -6,23 +6,16 @@ a weekly league closes at the same moment for every learner; streaks use the lea
 Period keys expire a day after their period ends, so nothing has to clean them up.
 
 Writes: every award runs one script that bumps each of its boards (and records the display name), after the
-ledger row has committed. Rebuild (`rebuild`): at startup when `sh:lb:built` is missing (Redis flushed or
-new), from the CLI, or when `check` finds a board that disagrees with the ledger. It reads one snapshot of
-the ledger, builds every board under a temporary name and swaps them all in atomically; awards that commit
-meanwhile are logged in a backlog and re-applied when the snapshot missed them, so the result equals the
-ledger exactly (same XP, same ranks).
+ledger row has committed. Rebuilding the boards from the ledger is store/leaderboard_rebuild.py.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-import asyncpg
 from redis.asyncio import Redis
 
 from store import keys
@@ -39,14 +32,15 @@ EVENT_WINDOW_S = 5.0
 # --- periods -------------------------------------------------------------------------------------------
 
 
-def _utc(at: datetime | None) -> datetime:
+def as_utc(at: datetime | None) -> datetime:
+    """`at` (default now) as an aware UTC datetime."""
     at = at or datetime.now(timezone.utc)
     return at.astimezone(timezone.utc) if at.tzinfo else at.replace(tzinfo=timezone.utc)
 
 
 def period_bounds(period: str, at: datetime | None = None) -> tuple[datetime, datetime] | None:
     """[start, end) of the UTC month or ISO week holding `at`; None for `all`."""
-    at = _utc(at)
+    at = as_utc(at)
     if period == "all":
         return None
     if period == "month":
@@ -60,7 +54,7 @@ def period_bounds(period: str, at: datetime | None = None) -> tuple[datetime, da
 
 
 def period_tag(period: str, at: datetime | None = None) -> str:
-    at = _utc(at)
+    at = as_utc(at)
     if period == "all":
         return "all"
     if period == "month":
@@ -154,7 +148,6 @@ class _Scripts:
     def __init__(self, redis: Redis) -> None:
         self.award = redis.register_script(_AWARD)
         self.read = redis.register_script(_READ)
-        self.swap = redis.register_script(_SWAP)
 
 
 _scripts: dict[int, _Scripts] = {}
@@ -304,154 +297,3 @@ async def _later(redis: Redis, thr: str, scope: str, scope_id: int, tenant_id: i
     finally:
         if _trailing.get(thr) is asyncio.current_task():
             _trailing.pop(thr, None)
-
-
-# --- rebuild -------------------------------------------------------------------------------------------
-
-# Swap every rebuilt board in, stop the backlog and return it, all at once.
-# KEYS: building, backlog, built, then pairs (live, temp). ARGV: marker value.
-_SWAP = """
-for i = 4, #KEYS, 2 do
-  if redis.call('EXISTS', KEYS[i + 1]) == 1 then
-    redis.call('RENAME', KEYS[i + 1], KEYS[i])
-  else
-    redis.call('DEL', KEYS[i])
-  end
-end
-local backlog = redis.call('LRANGE', KEYS[2], 0, -1)
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('SET', KEYS[3], ARGV[1])
-return backlog
-"""
-
-_BOARDS_SQL = {
-    "tenant": "SELECT tenant_id AS sid, user_id, {sums} FROM xp_events GROUP BY 1, 2",
-    "course": "SELECT course_id AS sid, user_id, {sums} FROM xp_events WHERE course_id IS NOT NULL GROUP BY 1, 2",
-    "pod": "SELECT p AS sid, user_id, {sums} FROM xp_events, unnest(pod_ids) AS p GROUP BY 1, 2",
-}
-_SUMS = ("sum(points) AS all_xp, sum(points) FILTER (WHERE at >= $1 AND at < $2) AS month_xp, "
-         "sum(points) FILTER (WHERE at >= $3 AND at < $4) AS week_xp")
-
-
-@dataclass(frozen=True)
-class Rebuilt:
-    boards: int
-    entries: int
-    replayed: int  # awards committed during the rebuild that its snapshot missed
-    seconds: float
-
-
-async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = None) -> Rebuilt | None:
-    """Rebuild every board from the ledger; None when another process is already rebuilding."""
-    token = secrets.token_hex(8)
-    if not await redis.set(keys.LEADERBOARD_LOCK, token, ex=600, nx=True):
-        return None
-    t0 = time.perf_counter()
-    try:
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.set(keys.LEADERBOARD_BUILDING, b"1", ex=3600)
-            pipe.delete(keys.LEADERBOARD_BACKLOG)
-            await pipe.execute()
-        now = _utc(now)
-        month, week = period_bounds("month", now), period_bounds("week", now)
-        assert month and week
-        temp = f"sh:lb:tmp:{token}:"
-        live_keys: list[str] = []
-        n_entries = 0
-        async with pool.acquire() as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                boards: dict[str, dict[int, int]] = defaultdict(dict)
-                for scope, sql in _BOARDS_SQL.items():
-                    for r in await conn.fetch(sql.format(sums=_SUMS), month[0], month[1], week[0], week[1]):
-                        for period, col in (("all", "all_xp"), ("month", "month_xp"), ("week", "week_xp")):
-                            if r[col] is not None:
-                                boards[board_key(scope, r["sid"], period, now)][r["user_id"]] = int(r[col])
-                names = await conn.fetch(
-                    "SELECT u.tenant_id, u.id, u.name FROM users u WHERE u.id IN (SELECT user_id FROM xp_totals)")
-                async with redis.pipeline(transaction=False) as pipe:
-                    for key, scores in boards.items():
-                        items = list(scores.items())
-                        for i in range(0, len(items), 5000):
-                            pipe.zadd(temp + key, {str(u): x for u, x in items[i:i + 5000]})
-                        n_entries += len(items)
-                        exp = _period_expiry(key, now)
-                        if exp:
-                            pipe.expireat(temp + key, exp)
-                        live_keys.append(key)
-                        if len(pipe) >= 200:
-                            await pipe.execute()
-                    by_tenant: dict[int, dict[str, str]] = defaultdict(dict)
-                    for r in names:
-                        by_tenant[r["tenant_id"]][str(r["id"])] = r["name"]
-                    for tid, mapping in by_tenant.items():
-                        pipe.hset(keys.leaderboard_names(tid), mapping=mapping)
-                    await pipe.execute()
-                swap_keys = [keys.LEADERBOARD_BUILDING, keys.LEADERBOARD_BACKLOG, keys.LEADERBOARD_BUILT]
-                for key in live_keys:
-                    swap_keys += [key, temp + key]
-                backlog = await scripts(redis).swap(keys=swap_keys, args=[now.isoformat()])
-                ids = sorted({int(x) for x in backlog})
-                seen = {r["id"] for r in await conn.fetch("SELECT id FROM xp_events WHERE id = ANY($1::bigint[])", ids)}
-            missed = [i for i in ids if i not in seen]
-            replayed = await _replay(conn, redis, missed, set(live_keys)) if missed else 0
-        took = time.perf_counter() - t0
-        logger.info("leaderboards rebuilt", extra={"fields": {"boards": len(live_keys), "entries": n_entries,
-                                                              "replayed": replayed, "seconds": round(took, 3)}})
-        return Rebuilt(boards=len(live_keys), entries=n_entries, replayed=replayed, seconds=took)
-    finally:
-        # release only our own lock
-        await redis.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
-                         "return 0", 1, keys.LEADERBOARD_LOCK, token)
-
-
-def _period_expiry(key: str, now: datetime) -> int:
-    tag = key.rsplit(":", 2)
-    if key.endswith(":all"):
-        return 0
-    return expire_at("month" if tag[-2] == "m" else "week", now)
-
-
-async def _replay(conn: asyncpg.Connection, redis: Redis, ids: list[int], swapped: set[str]) -> int:
-    """Re-apply awards whose board updates landed on boards the swap replaced (their snapshot missed them)."""
-    rows = await conn.fetch(
-        """SELECT e.id, e.tenant_id, e.user_id, e.points, e.course_id, e.pod_ids, e.at FROM xp_events e
-           WHERE e.id = ANY($1::bigint[])""", ids)
-    n = 0
-    async with redis.pipeline(transaction=False) as pipe:
-        for r in rows:
-            for key, _ in boards_of(r["tenant_id"], r["course_id"], list(r["pod_ids"]), r["at"]):
-                if key in swapped:
-                    pipe.zincrby(key, r["points"], str(r["user_id"]))
-                    n += 1
-        await pipe.execute()
-    return n
-
-
-async def ensure_built(pool: asyncpg.Pool, redis: Redis) -> Rebuilt | None:
-    """Startup check: rebuild when Redis has no boards built from the ledger (flushed, or first start)."""
-    if await redis.exists(keys.LEADERBOARD_BUILT):
-        return None
-    return await rebuild(pool, redis)
-
-
-async def check(pool: asyncpg.Pool, redis: Redis) -> list[str]:
-    """All-time tenant boards that disagree with the ledger (keys); empty when every one matches."""
-    async with pool.acquire() as conn:
-        rows = await conn.fetch("SELECT tenant_id, user_id, sum(points) AS xp FROM xp_events GROUP BY 1, 2")
-    want: dict[int, dict[bytes, int]] = defaultdict(dict)
-    for r in rows:
-        want[r["tenant_id"]][str(r["user_id"]).encode()] = int(r["xp"])
-    bad = []
-    for tid, scores in want.items():
-        key = board_key("tenant", tid, "all")
-        have = {m: int(s) for m, s in await redis.zrange(key, 0, -1, withscores=True)}
-        if have != scores:
-            bad.append(key)
-    return bad
-
-
-async def check_and_repair(pool: asyncpg.Pool, redis: Redis) -> Rebuilt | None:
-    """Rebuild when the boards are missing or any all-time tenant board disagrees with the ledger."""
-    if not await redis.exists(keys.LEADERBOARD_BUILT) or await check(pool, redis):
-        return await rebuild(pool, redis)
-    return None

@@ -19,7 +19,7 @@ from server.api.rooms import room_or_404
 from server.auth import AuthUser
 from server.decode import read_json
 from server.errors import ApiError
-from store import achievements, leaderboards, streaks, xp
+from store import achievements, leaderboard_rebuild, leaderboards, streaks, xp
 from store import courses as courses_repo
 from store import progress as repo
 from store.xp import xp_for_level
@@ -37,7 +37,7 @@ async def progress_lifespan(app: Litestar) -> AsyncIterator[None]:
                                                   state.settings.progress_burst)
     state.lb_rebuild = None
     try:
-        done = await leaderboards.ensure_built(state.pool, state.redis)
+        done = await leaderboard_rebuild.ensure_built(state.pool, state.redis)
         if done is not None:
             logger.info("leaderboards rebuilt at startup: %d boards in %.2f s", done.boards, done.seconds)
     except Exception:  # noqa: BLE001 - serve anyway; reads will ask for a rebuild again
@@ -52,7 +52,7 @@ def rebuild_soon(app_state) -> None:  # type: ignore[no-untyped-def]
     """Redis lost the boards while we run: rebuild in the background (one rebuild at a time, cluster-wide)."""
     task = getattr(app_state, "lb_rebuild", None)
     if task is None or task.done():
-        app_state.lb_rebuild = asyncio.create_task(leaderboards.rebuild(app_state.pool, app_state.redis))
+        app_state.lb_rebuild = asyncio.create_task(leaderboard_rebuild.rebuild(app_state.pool, app_state.redis))
 
 
 async def video_or_404(conn: asyncpg.Connection, video_id: int, user: AuthUser) -> asyncpg.Record:

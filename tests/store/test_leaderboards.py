@@ -11,7 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from redis.asyncio import Redis
 
-from store import keys, leaderboards, xp
+from store import keys, leaderboard_rebuild, leaderboards, xp
 from store.db import create_pool
 from tests.conftest import Factory
 from tests.progress_helpers import ledger_boards, redis_boards
@@ -124,15 +124,15 @@ async def test_flush_then_rebuild_is_identical(make: Factory, lb):
 
     await redis.flushdb()
     assert (await leaderboards.read(redis, "tenant", users[0].tenant_id, users[0].tenant_id, "all", 0)).built is False
-    done = await leaderboards.ensure_built(pool, redis)
+    done = await leaderboard_rebuild.ensure_built(pool, redis)
     assert done is not None and done.replayed == 0
-    assert await leaderboards.ensure_built(pool, redis) is None  # built: nothing to do
+    assert await leaderboard_rebuild.ensure_built(pool, redis) is None  # built: nothing to do
     assert await redis_boards(redis, mine) == before
     ranks_after = [await leaderboards.read(redis, sc, sid, t, p, users[0].id, limit=100) for sc, sid, p, t in reads]
     assert [(b.entries, b.me, b.neighbours, b.count) for b in ranks_after] == \
         [(b.entries, b.me, b.neighbours, b.count) for b in ranks_before]
     assert any(b.me is not None for b in ranks_after) and all(b.built for b in ranks_after)
-    assert await leaderboards.check(pool, redis) == []
+    assert await leaderboard_rebuild.check(pool, redis) == []
 
 
 async def test_rebuild_while_awards_arrive(make: Factory, lb):
@@ -149,10 +149,10 @@ async def test_rebuild_while_awards_arrive(make: Factory, lb):
             if time.monotonic() > stop:
                 return
 
-    results = await asyncio.gather(leaderboards.rebuild(pool, redis), *(awarding(k) for k in range(4)),
-                                   leaderboards.rebuild(pool, redis))
+    results = await asyncio.gather(leaderboard_rebuild.rebuild(pool, redis), *(awarding(k) for k in range(4)),
+                                   leaderboard_rebuild.rebuild(pool, redis))
     assert sum(r is not None for r in (results[0], results[-1])) >= 1
-    assert await leaderboards.check(pool, redis) == []
+    assert await leaderboard_rebuild.check(pool, redis) == []
     async with pool.acquire() as conn:
         want = await ledger_boards(conn)
     tid = users[0].tenant_id
