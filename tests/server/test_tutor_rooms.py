@@ -123,9 +123,13 @@ def test_llm_answer_without_markers_is_ungrounded(openai_server, eval_course: Ev
 
 async def test_llm_error_mid_stream_in_a_room(openai_server, eval_course: EvalCourse, fake_llm):
     fake_llm.reset()
-    fake_llm.script(Reply(text="Partial answer that never finishes [1]", chunks=4, midstream="drop", fail_after=2))
+    # the room has history, so the tutor first condenses the question (one plain call), then streams the answer
+    fake_llm.script(Reply(text="How does a digital signature work in bitcoin?"),
+                    Reply(text="Partial answer that never finishes [1]", chunks=4, midstream="drop", fail_after=2))
     room = f"course:{eval_course.id}"
     c = await Client.connect(openai_server, room, eval_course.learner)
+    await c.send({"type": "message.send", "text": "context before the question", "client_msg_id": "e0"})
+    await c.expect("message.new", client_msg_id="e0")
     await c.send({"type": "tutor.ask", "text": "How does a digital signature work in bitcoin, in short?",
                   "client_msg_id": "e1"})
     asked = await c.expect("message.new", client_msg_id="e1")
