@@ -62,13 +62,18 @@ async def test_leaderboard_changed_is_throttled(server, client, make: Factory, x
     leaderboards.EVENT_WINDOW_S = 0.6  # this process publishes; the window is cluster-wide (in Redis)
     ws = await Client.connect(server, f"course:{course.id}", b)
     try:
+        t0 = time.monotonic()
         for i in range(6):
             await xp.award_xp(pool, redis, a.id, "helpful_answer", f"h:{i}", course_id=course.id)
+        burst = time.monotonic() - t0
         first = await ws.expect("leaderboard.changed")
         assert first["top"][0]["user_id"] == a.id and first["top"][0]["xp"] == 25
-        last = await ws.expect("leaderboard.changed", timeout=5)
-        assert last["top"][0]["xp"] == 150  # the end of the burst is announced
+        seen = [first]
+        while seen[-1]["top"][0]["xp"] != 150:  # the end of the burst is announced
+            seen.append(await ws.expect("leaderboard.changed", timeout=5))
         assert [f for f in await ws.quiet(1.2) if f["type"] == "leaderboard.changed"] == []
+        # one per window: two when the six awards fit in one window, never one per award
+        assert len(seen) <= 2 + int(burst / leaderboards.EVENT_WINDOW_S)
     finally:
         leaderboards.EVENT_WINDOW_S = old
         await ws.close()
