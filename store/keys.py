@@ -60,6 +60,8 @@ LEADERBOARD_LOCK = "sh:lb:lock"
 # rebuild can re-apply the ones its snapshot missed. TTL 3600 s. LIST backlog: same TTL.
 LEADERBOARD_BUILDING = "sh:lb:building"
 LEADERBOARD_BACKLOG = "sh:lb:backlog"
+# A rebuild writes each board as "sh:lb:tmp:<token>:<board key>" (TTL 3600 s) and renames it into place.
+LEADERBOARD_TEMP = "sh:lb:tmp:{token}:"
 # STRING throttle: one `leaderboard.changed` per board per STUDYHALL_LEADERBOARD_EVENT_S. TTL that window.
 LEADERBOARD_THROTTLE = "sh:lb:thr:{scope}:{scope_id}"
 # HASH token bucket (as RATE_SEND) limiting one user's progress reports. TTL: full refill time + 1 s.
@@ -72,6 +74,10 @@ def leaderboard(scope: str, scope_id: int, period: str) -> str:
 
 def leaderboard_names(tenant_id: int) -> str:
     return LEADERBOARD_NAMES.format(tenant_id=tenant_id)
+
+
+def leaderboard_temp(token: str) -> str:
+    return LEADERBOARD_TEMP.format(token=token)
 
 
 def leaderboard_throttle(scope: str, scope_id: int) -> str:

@@ -26,11 +26,14 @@ logger = logging.getLogger(__name__)
 # --- rebuild -------------------------------------------------------------------------------------------
 
 # Swap every rebuilt board in, stop the backlog and return it, all at once.
-# KEYS: building, backlog, built, then pairs (live, temp). ARGV: marker value.
+# KEYS: building, backlog, built, then pairs (live, temp). ARGV: marker value, then per pair the live key's
+# expire-at (0: none). Temporary boards carry a one-hour TTL until they are swapped in.
 _SWAP = """
 for i = 4, #KEYS, 2 do
   if redis.call('EXISTS', KEYS[i + 1]) == 1 then
     redis.call('RENAME', KEYS[i + 1], KEYS[i])
+    local exp = tonumber(ARGV[(i - 4) / 2 + 2])
+    if exp > 0 then redis.call('EXPIREAT', KEYS[i], exp) else redis.call('PERSIST', KEYS[i]) end
   else
     redis.call('DEL', KEYS[i])
   end
@@ -82,7 +85,7 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
         now = as_utc(now)
         month, week = period_bounds("month", now), period_bounds("week", now)
         assert month and week
-        temp = f"sh:lb:tmp:{token}:"
+        temp = keys.leaderboard_temp(token)
         live_keys: list[str] = []
         n_entries = 0
         async with pool.acquire() as conn:
@@ -101,9 +104,7 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
                         for i in range(0, len(items), 5000):
                             pipe.zadd(temp + key, {str(u): x for u, x in items[i:i + 5000]})
                         n_entries += len(items)
-                        exp = _period_expiry(key, now)
-                        if exp:
-                            pipe.expireat(temp + key, exp)
+                        pipe.expire(temp + key, 3600)  # a crashed rebuild leaves nothing behind for long
                         live_keys.append(key)
                         if len(pipe) >= 200:
                             await pipe.execute()
@@ -116,7 +117,8 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
                 swap_keys = [keys.LEADERBOARD_BUILDING, keys.LEADERBOARD_BACKLOG, keys.LEADERBOARD_BUILT]
                 for key in live_keys:
                     swap_keys += [key, temp + key]
-                backlog = await _swap(redis)(keys=swap_keys, args=[now.isoformat()])
+                backlog = await _swap(redis)(keys=swap_keys,
+                                             args=[now.isoformat()] + [_period_expiry(k, now) for k in live_keys])
                 ids = sorted({int(x) for x in backlog})
                 seen = {r["id"] for r in await conn.fetch("SELECT id FROM xp_events WHERE id = ANY($1::bigint[])", ids)}
             missed = [i for i in ids if i not in seen]

@@ -128,6 +128,11 @@ async def test_flush_then_rebuild_is_identical(make: Factory, lb):
     assert done is not None and done.replayed == 0
     assert await leaderboard_rebuild.ensure_built(pool, redis) is None  # built: nothing to do
     assert await redis_boards(redis, mine) == before
+    for k in mine:  # all-time boards never expire; period boards a day after their period
+        ttl = await redis.ttl(k)
+        assert ttl == -1 if k.endswith(":all") else abs(ttl - (leaderboards.expire_at(
+            "month" if ":m:" in k else "week", now) - time.time())) < 5, (k, ttl)
+    assert await redis.keys("sh:lb:tmp:*") == []
     ranks_after = [await leaderboards.read(redis, sc, sid, t, p, users[0].id, limit=100) for sc, sid, p, t in reads]
     assert [(b.entries, b.me, b.neighbours, b.count) for b in ranks_after] == \
         [(b.entries, b.me, b.neighbours, b.count) for b in ranks_before]
