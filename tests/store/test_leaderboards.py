@@ -164,3 +164,18 @@ async def test_rebuild_while_awards_arrive(make: Factory, lb):
     mine = [k for k in want if k.startswith(f"sh:lb:tenant:{tid}:")]
     assert await redis_boards(redis, mine) == {k: want[k] for k in mine}
     assert not await redis.exists(keys.LEADERBOARD_BUILDING) and not await redis.exists(keys.LEADERBOARD_LOCK)
+
+
+async def test_hourly_check_repairs_a_drifted_board(make: Factory, lb):
+    pool, redis = lb
+    u, v = make.user("learner"), make.user("learner")
+    await xp.award_xp(pool, redis, u.id, "lesson_completed", "lesson:1")
+    await xp.award_xp(pool, redis, v.id, "helpful_answer", "helpful:1")
+    assert await leaderboard_rebuild.check_and_repair(pool, redis) is not None  # never built in this database
+    assert await leaderboard_rebuild.check_and_repair(pool, redis) is None  # all agree: nothing to do
+    key = leaderboards.board_key("tenant", u.tenant_id, "all")
+    await redis.zincrby(key, 500, str(v.id))  # e.g. a process died between its commit and its board update
+    assert await leaderboard_rebuild.check(pool, redis) == [key]
+    assert await leaderboard_rebuild.check_and_repair(pool, redis) is not None
+    board = await leaderboards.read(redis, "tenant", u.tenant_id, u.tenant_id, "all", v.id)
+    assert [(e.user_id, e.xp) for e in board.entries] == [(u.id, 50), (v.id, 25)]
