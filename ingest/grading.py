@@ -200,4 +200,6 @@ async def recover_grading(ctx: dict[str, Any]) -> int:
         n += 1
     if n:
         logger.info("re-queued %d submissions waiting for a grade", n)
+    async with pool.acquire() as conn:
+        await assignments_repo.reconcile_grade_xp(conn, redis)
     return n

@@ -118,6 +118,26 @@ async def _award_xp(conn: asyncpg.Connection, redis: Redis, s: dict, score: floa
         logger.warning("could not award XP for submission %s", s["id"], exc_info=True)
 
 
+async def reconcile_grade_xp(conn: asyncpg.Connection, redis: Redis, limit: int = 500) -> int:
+    """Award the XP of final passing grades that have none (the process died between the grade's commit and
+    its award). Awards are idempotent, so this is safe to run at any time; the worker runs it every minute."""
+    if await conn.fetchval("SELECT to_regclass('xp_events')") is None:
+        return 0
+    rows = await conn.fetch(
+        """SELECT DISTINCT ON (s.user_id, s.assignment_id) s.* FROM submissions s
+           JOIN users u ON u.id = s.user_id AND u.role = 'learner'
+           WHERE s.status = 'graded' AND s.score >= $1
+             AND NOT EXISTS (SELECT 1 FROM xp_events x WHERE x.user_id = s.user_id
+                             AND x.idempotency_key = 'assignment:' || s.assignment_id)
+           ORDER BY s.user_id, s.assignment_id, s.score DESC LIMIT $2""",
+        PASS_SCORE, limit)
+    for r in rows:
+        await _award_xp(conn, redis, dict(r), float(r["score"]))
+    if rows:
+        logger.info("awarded missing XP for %d final grades", len(rows))
+    return len(rows)
+
+
 async def _update_chapter_score(conn: asyncpg.Connection, user_id: int, assignment_id: int) -> None:
     """Mean of the learner's best final score per assignment of the chapter, 0..1."""
     if await conn.fetchval("SELECT to_regclass('chapter_scores')") is None:

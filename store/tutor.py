@@ -117,7 +117,7 @@ async def tutor_mode(conn: asyncpg.Connection, course_id: int, room_id: str | No
     if await conn.fetchval("SELECT to_regclass('assignments') IS NOT NULL"):
         try:
             open_now = await conn.fetchval(
-                """SELECT EXISTS (SELECT 1 FROM assignments WHERE course_id = $1 AND published
+                """SELECT EXISTS (SELECT 1 FROM assignments WHERE course_id = $1 AND status = 'published'
                        AND (opens_at IS NULL OR opens_at <= now()) AND (closes_at IS NULL OR closes_at > now()))""",
                 course_id)
         except asyncpg.PostgresError:

@@ -156,3 +156,17 @@ def test_cli_ask_json(eval_course: EvalCourse, data_dir):
     body = json.loads(out.stdout)
     assert body["grounded"] and body["citations"] and set(body) >= {"answer", "grounded", "citations", "follow_ups",
                                                                   "session_id"}
+
+
+def test_open_assignment_switches_to_socratic(client, make: Factory, worker, settings):
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Open assignment"}, headers=inst.h).json()["id"]
+    r = upload(client, cid, inst.h, "b.srt", (EVAL / "transcripts" / "3b1b-bitcoin.srt").read_bytes())
+    assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
+    q = {"question": "What does a digital signature prove?"}
+    assert client.post(f"/api/v1/courses/{cid}/ask", json=q, headers=inst.h).json()["mode"] == "answer"
+    fetch(settings, """INSERT INTO assignments (course_id, type, title, prompt, reference_answer, status)
+                       VALUES ($1, 'short_answer', 'Signatures', 'Explain signatures', 'They prove consent', 'published')""",
+          cid)
+    body = client.post(f"/api/v1/courses/{cid}/ask", json=q, headers=inst.h).json()
+    assert body["mode"] == "socratic" and "Rewatch" in body["answer"]

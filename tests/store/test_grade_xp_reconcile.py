@@ -1,0 +1,34 @@
+"""A grade committed without its XP (the process died in between) gets its XP from the reconciler, once."""
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from store.assignments import reconcile_grade_xp
+from store.db import create_pool
+from tests.conftest import Factory, fetch, run_sync
+
+
+def test_missing_grade_xp_is_awarded_once(settings, make: Factory, client):
+    inst, learner = make.user("instructor"), make.user("learner")
+    cid = client.post("/api/v1/courses", json={"title": "XP"}, headers=inst.h).json()["id"]
+    aid = fetch(settings, """INSERT INTO assignments (course_id, type, title, prompt, options, correct, status)
+                             VALUES ($1, 'multiple_choice', 'Q', 'Pick', '["a","b"]', '[0]', 'published') RETURNING id""",
+                cid)[0]["id"]
+    fetch(settings, """INSERT INTO submissions (assignment_id, course_id, user_id, attempt, answer, status, score)
+                       VALUES ($1, $2, $3, 1, '[0]', 'graded', 100)""", aid, cid, learner.id)
+
+    async def go() -> tuple[int, int]:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            async with pool.acquire() as conn:
+                return await reconcile_grade_xp(conn, redis), await reconcile_grade_xp(conn, redis)
+        finally:
+            await redis.aclose()
+            await pool.close()
+
+    first, second = run_sync(go())
+    assert first >= 1 and second == 0
+    keys = {r["idempotency_key"] for r in fetch(settings, "SELECT idempotency_key FROM xp_events WHERE user_id = $1",
+                                                 learner.id)}
+    assert keys == {f"assignment:{aid}", f"perfect:{aid}"}
