@@ -52,9 +52,11 @@ async def main() -> None:
         embed_ms = (time.perf_counter() - t0) * 1000 / len(queries)
         hybrid, bare = [], []
         async with pool.acquire() as conn:
-            for _ in range(2):  # warm caches and plans
-                await hybrid_search(conn, cid, vecs[0], queries[0], emb.name, k=5)
-                await dense_search(conn, cid, vecs[0], emb.name, k=5)
+            # warm caches and plans: after five executions Postgres settles on a statement's generic plan, as it
+            # has on a server's pooled connections
+            for q, v in list(zip(queries, vecs))[:8]:
+                await hybrid_search(conn, cid, v, q, emb.name, k=5)
+                await dense_search(conn, cid, v, emb.name, k=5)
             for q, v in zip(queries, vecs):
                 t = time.perf_counter()
                 await dense_search(conn, cid, v, emb.name, k=5)

@@ -4,6 +4,7 @@ Only chunks embedded by the query's model are searched: vectors of different mod
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -16,6 +17,13 @@ BM25_B = 0.75
 # Fusion: a convex mix of min-max normalised scores (dense cosine, BM25). Weights tuned on ../shared/eval
 # with bench/search_quality.py; see README "Search quality".
 SPARSE_WEIGHT = 0.3
+# BM25 reads whole posting lists only for the query's rarest terms, up to this many postings in all; see _HYBRID.
+POSTINGS_BUDGET = 1500
+# BM25 with idf and length normalisation factored: w = (k1 + 1) * idf per term, then per posting
+# w * tf / (tf + k1 * (1 - b) + k1 * b * dl / avgdl).
+_K1_PLUS_1 = round(BM25_K1 + 1, 9)
+_K1_FLAT = round(BM25_K1 * (1 - BM25_B), 9)
+_K1_B = round(BM25_K1 * BM25_B, 9)
 
 _TERM = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 # Words common in questions that say nothing about where the answer is (Postgres drops ordinary stop words).
@@ -53,35 +61,56 @@ ORDER BY c.embedding <=> $1 LIMIT $5
 """
 
 # One round trip: dense candidates, BM25 candidates, min-max normalisation, convex fusion, and the rows.
-# $1 query vector, $2 course, $3 model, $4 video or NULL, $5 candidates per side, $6 keyword text,
-# $7::float8 sparse weight, $8 k.
+# $1 query vector, $2 course, $3 model, $4 keyword text, $5::float8 sparse weight, [$6 video].
+# Planning this statement costs about as much as running its BM25 side, so it is written to be planned once per
+# connection: candidate counts and k are written into the text (see _statement), and the keyword text (and, for
+# the HNSW statement, the course) reach the query through sub-selects, which hide their values from the planner.
+# Custom plans then cost what the generic one does, and after five executions Postgres keeps the generic plan.
+#
+# BM25: df and N come from course_term_df / course_term_stats, so each term's idf is known before any posting is
+# read. The query's terms are read rarest first while the postings read stay within POSTINGS_BUDGET (the rarest
+# term always); those "essential" terms pick the candidates. The commoner terms (small idf, long posting lists)
+# then only score those candidates, one primary-key probe per (term, candidate), instead of being read whole.
+# A chunk holding none of the essential terms can be missed; when the whole query is within budget (any small
+# course) the ranking is exact BM25.
 _HYBRID = f"""
 WITH dense AS (
     SELECT c.id, 1 - (c.embedding <=> $1) AS s FROM chunks c
-    WHERE c.course_id = $2 AND c.embed_model = $3 AND ($4::bigint IS NULL OR c.video_id = $4)
-    ORDER BY {{dense_order}} LIMIT $5),
-q AS (SELECT DISTINCT unnest(tsvector_to_array(to_tsvector('english', $6))) AS lexeme WHERE $7::float8 > 0),
-stats AS (SELECT n_chunks::float8 AS n, greatest(total_terms::float8 / greatest(n_chunks, 1), 1) AS avgdl
-          FROM course_term_stats WHERE course_id = $2 AND embed_model = $3),
--- LATERAL: one primary-key range scan per query term, whatever the planner believes about table sizes
-postings AS MATERIALIZED (
-    SELECT q.lexeme, t.chunk_id, t.video_id, t.tf, t.dl FROM q CROSS JOIN LATERAL (
+    WHERE c.course_id = {{course}} AND c.embed_model = {{model}} {{video_filter}}
+    ORDER BY {{dense_order}} LIMIT {{candidates}}),
+terms AS (
+    SELECT d.lexeme,
+           sum(d.df) OVER by_df <= {{budget}} OR row_number() OVER by_df = 1 AS essential,
+           {_K1_PLUS_1}::float8 * ln(1 + (s.n_chunks - d.df + 0.5::float8) / (d.df + 0.5::float8)) AS w,
+           {_K1_B}::float8 / greatest(s.total_terms::float8 / greatest(s.n_chunks, 1), 1) AS per_len
+    FROM course_term_stats s JOIN course_term_df d ON d.course_id = s.course_id AND d.embed_model = s.embed_model
+    WHERE $5::float8 > 0 AND s.course_id = {{course}} AND s.embed_model = {{model}}
+      AND d.lexeme = ANY (tsvector_to_array(to_tsvector('english', (SELECT $4::text))))
+    WINDOW by_df AS (ORDER BY d.df, d.lexeme)),
+-- LATERAL: one primary-key range scan per essential term, whatever the planner believes about table sizes
+partial AS (
+    SELECT t.chunk_id AS id, sum(q.w * t.tf / (t.tf + {_K1_FLAT}::float8 + q.per_len * t.dl)) AS s
+    FROM terms q CROSS JOIN LATERAL (
         SELECT chunk_id, video_id, tf, dl FROM chunk_terms
-        WHERE course_id = $2 AND embed_model = $3 AND lexeme = q.lexeme) t),
-df AS (SELECT lexeme, count(*)::float8 AS df FROM postings GROUP BY lexeme),
-sparse AS (
-    SELECT p.chunk_id AS id,
-           sum(ln(1 + (s.n - df.df + 0.5) / (df.df + 0.5))
-               * p.tf * {BM25_K1 + 1} / (p.tf + {BM25_K1} * (1 - {BM25_B} + {BM25_B} * p.dl / s.avgdl))) AS s
-    FROM postings p JOIN df USING (lexeme) CROSS JOIN stats s
-    WHERE $4::bigint IS NULL OR p.video_id = $4
-    GROUP BY p.chunk_id ORDER BY s DESC, p.chunk_id LIMIT $5),
+        WHERE course_id = {{course}} AND embed_model = {{model}} AND lexeme = q.lexeme) t
+    WHERE q.essential {{posting_filter}}
+    GROUP BY t.chunk_id ORDER BY s DESC, t.chunk_id LIMIT {{candidates}}),
+-- LIMIT 1 keeps each probe a parameterised index lookup (the planner would otherwise read the whole list)
+rest AS (
+    SELECT p.id, q.w * t.tf / (t.tf + {_K1_FLAT}::float8 + q.per_len * t.dl) AS s
+    FROM terms q CROSS JOIN partial p CROSS JOIN LATERAL (
+        SELECT tf, dl FROM chunk_terms
+        WHERE course_id = {{course}} AND embed_model = {{model}} AND lexeme = q.lexeme AND chunk_id = p.id
+        LIMIT 1) t
+    WHERE NOT q.essential),
+sparse AS (SELECT p.id, p.s + coalesce(sum(r.s), 0) AS s FROM partial p LEFT JOIN rest r USING (id) GROUP BY p.id, p.s),
 dn AS (SELECT id, s, coalesce((s - min(s) OVER ()) / nullif(max(s) OVER () - min(s) OVER (), 0), 1) AS n FROM dense),
 sn AS (SELECT id, s, coalesce((s - min(s) OVER ()) / nullif(max(s) OVER () - min(s) OVER (), 0), 1) AS n FROM sparse),
 fused AS (
-    SELECT id, (1 - $7::float8) * coalesce(dn.n, 0) + $7::float8 * coalesce(sn.n, 0) AS score, dn.s AS ds, sn.s AS ss
-    FROM dn FULL JOIN sn USING (id) ORDER BY score DESC, id LIMIT $8::int)
-SELECT (SELECT count(*) FROM dense) AS dense_n, (SELECT n FROM stats) AS course_n,
+    SELECT id, (1 - $5::float8) * coalesce(dn.n, 0) + $5::float8 * coalesce(sn.n, 0) AS score, dn.s AS ds, sn.s AS ss
+    FROM dn FULL JOIN sn USING (id) ORDER BY score DESC, id LIMIT {{k}})
+SELECT (SELECT count(*) FROM dense) AS dense_n,
+       (SELECT n_chunks FROM course_term_stats WHERE course_id = {{course}} AND embed_model = {{model}}) AS course_n,
        f.id, f.score, f.ds, f.ss, c.video_id, v.title AS video_title, v.youtube_id, c.position, c.start_s, c.end_s,
        c.text, c.sentences
 FROM fused f JOIN chunks c ON c.id = f.id JOIN videos v ON v.id = c.video_id
@@ -89,21 +118,55 @@ ORDER BY f.score DESC, f.id
 """
 
 
-_HYBRID_ANN = _HYBRID.format(dense_order="c.embedding <=> $1")
-_HYBRID_EXACT = _HYBRID.format(dense_order="(c.embedding <=> $1) + 0")  # "+ 0" keeps the planner off HNSW
+@functools.lru_cache(maxsize=64)
+def _statement(candidates: int, k: int, *, exact: bool, video: bool) -> str:
+    return _HYBRID.format(
+        candidates=int(candidates), k=int(k), budget=POSTINGS_BUDGET,
+        # "+ 0" keeps the planner off HNSW: an exact ranking of the course's (or video's) chunks
+        dense_order="(c.embedding <=> $1) + 0" if exact else "c.embedding <=> $1",
+        # The HNSW statement's plan suits every course, so the course is hidden from the planner too (else a
+        # connection whose first searches were in small courses would plan every later search). The exact one
+        # needs the course's own estimates to pick its index over a scan of every course's chunks.
+        course="$2" if exact else "(SELECT $2::bigint)", model="$3" if exact else "(SELECT $3::text)",
+        video_filter="AND c.video_id = $6" if video else "",
+        posting_filter="AND t.video_id = $6" if video else "")
+
+
+# (course, model) -> chunk count, for courses whose HNSW walk came back short: while they stay this small they
+# are ranked exactly straight away, without walking the graph first (per process; forgotten when it fills up).
+EXACT_COURSE_MAX = 2000
+_exact_courses: dict[tuple[int, str], int] = {}
+
+
+def _remember_size(key: tuple[int, str], rows: list) -> None:
+    n = int(rows[0]["course_n"] or 0) if rows else None
+    if n is None or n > EXACT_COURSE_MAX:
+        _exact_courses.pop(key, None)
+        return
+    if len(_exact_courses) >= 10_000:
+        _exact_courses.clear()
+    _exact_courses[key] = n
 
 
 async def hybrid_search(conn: asyncpg.Connection, course_id: int, query_vec: np.ndarray, query_text: str,
                         embed_model: str, *, k: int = 5, video_id: int | None = None,
                         w_sparse: float = SPARSE_WEIGHT, candidates: int = CANDIDATES) -> list[Hit]:
     """Top-k chunks of the course for a question (its embedding and its text), in one query."""
-    args = (query_vec, course_id, embed_model, video_id, candidates, keyword_text(query_text), float(w_sparse), k)
-    rows = await conn.fetch(_HYBRID_ANN, *args)
-    # A course-filtered HNSW walk can come back short (the course is a small part of the index, or the graph
-    # holds deleted rows); then rank the course's chunks exactly. Small courses are cheap to scan.
-    want = min(candidates, int(rows[0]["course_n"] or 0)) if rows else 1
-    if video_id is not None or not rows or rows[0]["dense_n"] < want:
-        rows = await conn.fetch(_HYBRID_EXACT, *args)
+    args: tuple = (query_vec, course_id, embed_model, keyword_text(query_text), float(w_sparse))
+    key = (course_id, embed_model)
+    if video_id is not None:  # one video's chunks: ranked exactly (an HNSW walk would mostly find other videos)
+        rows = await conn.fetch(_statement(candidates, k, exact=True, video=True), *args, video_id)
+    elif _exact_courses.get(key, EXACT_COURSE_MAX + 1) <= EXACT_COURSE_MAX:
+        rows = await conn.fetch(_statement(candidates, k, exact=True, video=False), *args)
+        _remember_size(key, rows)
+    else:
+        rows = await conn.fetch(_statement(candidates, k, exact=False, video=False), *args)
+        # A course-filtered HNSW walk can come back short (the course is a small part of the index, or the graph
+        # holds deleted rows); then rank the course's chunks exactly. Small courses are cheap to scan.
+        want = min(candidates, int(rows[0]["course_n"] or 0)) if rows else 1
+        if not rows or rows[0]["dense_n"] < want:
+            rows = await conn.fetch(_statement(candidates, k, exact=True, video=False), *args)
+            _remember_size(key, rows)
     return [Hit(chunk_id=r["id"], video_id=r["video_id"], video_title=r["video_title"], youtube_id=r["youtube_id"],
                 position=r["position"], start=r["start_s"], end=r["end_s"], text=r["text"],
                 score=round(r["score"], 6), dense_score=r["ds"], sparse_score=r["ss"], sentences=r["sentences"])
@@ -138,8 +201,8 @@ async def neighbours(conn: asyncpg.Connection, hits: list[Hit], embed_model: str
 
 
 _VOCAB = """
-SELECT q.lexeme, EXISTS (SELECT 1 FROM chunk_terms t WHERE t.course_id = $2 AND t.embed_model = $3
-                                                       AND t.lexeme = q.lexeme) AS present
+SELECT q.lexeme, EXISTS (SELECT 1 FROM course_term_df d WHERE d.course_id = $2 AND d.embed_model = $3
+                                                          AND d.lexeme = q.lexeme) AS present
 FROM (SELECT DISTINCT unnest(tsvector_to_array(to_tsvector('english', $1))) AS lexeme) q
 """
 

@@ -44,9 +44,74 @@ async def replace_transcript(conn: asyncpg.Connection, video_id: int, cues: Sequ
     )
 
 
+# BM25 statistics (course_term_stats: N and total length; course_term_df: df per lexeme) are kept incrementally:
+# replace_chunks subtracts a video's old contribution and adds its new one, so ingest costs the same whatever the
+# course's size. Upkeep is serialized per course (transaction-scoped advisory lock): concurrent ingests of one
+# course would otherwise update the same df rows in different orders and could deadlock.
+_TERMS_LOCK = "SELECT pg_advisory_xact_lock(5147, hashint8($1))"
+
+# The video's current postings and sizes, taken out of the course's df and N/total (nothing for a new video).
+_FORGET_TERMS = """
+WITH old AS (
+    SELECT t.course_id, t.embed_model, t.lexeme, count(*)::int AS n
+    FROM chunks c JOIN chunk_terms t ON t.chunk_id = c.id WHERE c.video_id = $1
+    GROUP BY 1, 2, 3),
+df_gone AS (
+    DELETE FROM course_term_df d USING old o
+    WHERE d.course_id = o.course_id AND d.embed_model = o.embed_model AND d.lexeme = o.lexeme AND d.df <= o.n),
+df_less AS (
+    UPDATE course_term_df d SET df = d.df - o.n FROM old o
+    WHERE d.course_id = o.course_id AND d.embed_model = o.embed_model AND d.lexeme = o.lexeme AND d.df > o.n),
+sizes AS (
+    SELECT course_id, embed_model, count(*)::int AS n, coalesce(sum(n_terms), 0) AS total
+    FROM chunks WHERE video_id = $1 GROUP BY 1, 2),
+stats_gone AS (
+    DELETE FROM course_term_stats s USING sizes z
+    WHERE s.course_id = z.course_id AND s.embed_model = z.embed_model AND s.n_chunks <= z.n)
+UPDATE course_term_stats s SET n_chunks = s.n_chunks - z.n, total_terms = s.total_terms - z.total
+FROM sizes z WHERE s.course_id = z.course_id AND s.embed_model = z.embed_model AND s.n_chunks > z.n
+"""
+
+# The video's new chunks: BM25 postings from the generated tsvector (stemmed, stop words removed; tf = number of
+# positions), each chunk's length, and their df and N/total added to the course's.
+_ADD_TERMS = """
+WITH terms AS (
+    SELECT c.id, c.course_id, c.embed_model, c.video_id, u.lexeme, coalesce(array_length(u.positions, 1), 1) AS tf
+    FROM chunks c, unnest(c.tsv) u WHERE c.video_id = $1),
+lengths AS (SELECT id, sum(tf)::int AS dl FROM terms GROUP BY id),
+upd AS (UPDATE chunks c SET n_terms = l.dl FROM lengths l WHERE c.id = l.id),
+postings AS (
+    INSERT INTO chunk_terms (course_id, embed_model, lexeme, chunk_id, video_id, tf, dl)
+    SELECT t.course_id, t.embed_model, t.lexeme, t.id, t.video_id, t.tf, l.dl FROM terms t JOIN lengths l USING (id)),
+df AS (
+    INSERT INTO course_term_df AS d (course_id, embed_model, lexeme, df)
+    SELECT course_id, embed_model, lexeme, count(*) FROM terms GROUP BY 1, 2, 3
+    ON CONFLICT (course_id, embed_model, lexeme) DO UPDATE SET df = d.df + excluded.df)
+INSERT INTO course_term_stats AS s (course_id, embed_model, n_chunks, total_terms)
+SELECT c.course_id, c.embed_model, count(*), coalesce(sum(l.dl), 0)
+FROM chunks c LEFT JOIN lengths l USING (id) WHERE c.video_id = $1 GROUP BY 1, 2
+ON CONFLICT (course_id, embed_model)
+DO UPDATE SET n_chunks = s.n_chunks + excluded.n_chunks, total_terms = s.total_terms + excluded.total_terms
+"""
+
+# df recounted from the postings; only rows that changed are written.
+_RECOUNT_DF = """
+WITH fresh AS (
+    SELECT embed_model, lexeme, count(*)::int AS df FROM chunk_terms WHERE course_id = $1 GROUP BY 1, 2),
+gone AS (
+    DELETE FROM course_term_df d WHERE d.course_id = $1
+      AND NOT EXISTS (SELECT FROM fresh f WHERE f.embed_model = d.embed_model AND f.lexeme = d.lexeme))
+INSERT INTO course_term_df AS d (course_id, embed_model, lexeme, df)
+SELECT $1, embed_model, lexeme, df FROM fresh
+ON CONFLICT (course_id, embed_model, lexeme) DO UPDATE SET df = excluded.df WHERE d.df <> excluded.df
+"""
+
+
 async def replace_chunks(conn: asyncpg.Connection, video_id: int, course_id: int, chunks: Sequence[Any],
                          embeddings: np.ndarray, embed_model: str) -> None:
     """Swap a video's chunks for new ones. Run inside a transaction: readers see the old set or the new one."""
+    await conn.execute(_TERMS_LOCK, course_id)
+    await conn.execute(_FORGET_TERMS, video_id)
     await conn.execute("DELETE FROM chunks WHERE video_id = $1", video_id)
     records = []
     for ch, vec in zip(chunks, embeddings, strict=True):
@@ -58,24 +123,13 @@ async def replace_chunks(conn: asyncpg.Connection, video_id: int, course_id: int
                            "embed_model", "embedding"],
         records=records,
     )
-    # BM25 postings from the generated tsvector (stemmed, stop words removed); tf = number of positions
-    await conn.execute(
-        """WITH terms AS (
-               SELECT c.id, c.course_id, c.embed_model, c.video_id, u.lexeme,
-                      coalesce(array_length(u.positions, 1), 1) AS tf
-               FROM chunks c, unnest(c.tsv) u WHERE c.video_id = $1),
-           lengths AS (SELECT id, sum(tf)::int AS dl FROM terms GROUP BY id),
-           upd AS (UPDATE chunks c SET n_terms = l.dl FROM lengths l WHERE c.id = l.id)
-           INSERT INTO chunk_terms (course_id, embed_model, lexeme, chunk_id, video_id, tf, dl)
-           SELECT t.course_id, t.embed_model, t.lexeme, t.id, t.video_id, t.tf, l.dl
-           FROM terms t JOIN lengths l USING (id)""",
-        video_id,
-    )
-    await refresh_term_stats(conn, course_id)
+    await conn.execute(_ADD_TERMS, video_id)
 
 
 async def refresh_term_stats(conn: asyncpg.Connection, course_id: int) -> None:
-    """Recount BM25's N and total length for the course (per embedding model)."""
+    """Recount BM25's N, total length and df for the course (per embedding model) after chunks went away
+    other than through replace_chunks (a video deleted). Reads all of the course's postings."""
+    await conn.execute(_TERMS_LOCK, course_id)
     await conn.execute("DELETE FROM course_term_stats WHERE course_id = $1", course_id)
     await conn.execute(
         """INSERT INTO course_term_stats (course_id, embed_model, n_chunks, total_terms)
@@ -83,6 +137,7 @@ async def refresh_term_stats(conn: asyncpg.Connection, course_id: int) -> None:
            WHERE course_id = $1 GROUP BY course_id, embed_model""",
         course_id,
     )
+    await conn.execute(_RECOUNT_DF, course_id)
 
 
 async def replace_chapters(conn: asyncpg.Connection, video_id: int, chapters: Sequence[Any]) -> None:

@@ -1,0 +1,160 @@
+"""The BM25 side of hybrid search against the session's real Postgres: the per-course statistics (df per lexeme,
+N, total length) kept by ingest one video at a time always equal a recount from the postings, and reading only
+the rarest terms' postings still gives the candidates their exact BM25 scores."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from store import search
+from store import videos as videos_repo
+from store.db import create_pool
+
+MODEL = "test-model@1"
+
+
+@dataclass
+class Sentence:
+    start: float
+    end: float
+    text: str
+
+
+@dataclass
+class Chunk:
+    position: int
+    start: float
+    end: float
+    text: str
+    sentences: list = field(default_factory=list)
+
+
+def chunks_of(texts: list[str]) -> list[Chunk]:
+    return [Chunk(i, i * 10.0, i * 10.0 + 9, t, [Sentence(i * 10.0, i * 10.0 + 9, t)]) for i, t in enumerate(texts)]
+
+
+def unit_vectors(n: int, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, 384)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture
+async def pool(settings):  # type: ignore[no-untyped-def]
+    pool = await create_pool(settings.database_url, min_size=1, max_size=10)
+    yield pool
+    await pool.close()
+
+
+async def new_course(pool) -> int:  # type: ignore[no-untyped-def]
+    async with pool.acquire() as conn:
+        tid = await conn.fetchval("INSERT INTO tenants (name) VALUES ($1) RETURNING id", f"s-{uuid.uuid4().hex[:8]}")
+        owner = await conn.fetchval(
+            "INSERT INTO users (tenant_id, name, role) VALUES ($1, 'o', 'instructor') RETURNING id", tid)
+        return await conn.fetchval(
+            "INSERT INTO courses (tenant_id, owner_id, title) VALUES ($1, $2, 'search') RETURNING id", tid, owner)
+
+
+async def ingest(pool, course_id: int, texts: list[str], video_id: int | None = None,  # type: ignore[no-untyped-def]
+                 seed: int = 0) -> int:
+    """Create (or re-ingest) a video with these chunk texts, as the ingest pipeline's final transaction does."""
+    async with pool.acquire() as conn, conn.transaction():
+        if video_id is None:
+            video_id = (await videos_repo.create_video(conn, course_id, "v", "transcript"))["id"]
+        await videos_repo.replace_chunks(conn, video_id, course_id, chunks_of(texts), unit_vectors(len(texts), seed),
+                                         MODEL)
+    return video_id
+
+
+async def assert_stats_match_recount(conn, course_id: int) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    df = {(r["embed_model"], r["lexeme"]): r["df"] for r in await conn.fetch(
+        "SELECT embed_model, lexeme, df FROM course_term_df WHERE course_id = $1", course_id)}
+    recount = {(r["embed_model"], r["lexeme"]): r["n"] for r in await conn.fetch(
+        "SELECT embed_model, lexeme, count(*) AS n FROM chunk_terms WHERE course_id = $1 GROUP BY 1, 2", course_id)}
+    assert df == recount
+    stats = {r["embed_model"]: (r["n_chunks"], r["total_terms"]) for r in await conn.fetch(
+        "SELECT embed_model, n_chunks, total_terms FROM course_term_stats WHERE course_id = $1", course_id)}
+    sizes = {r["embed_model"]: (r["n"], r["total"]) for r in await conn.fetch(
+        """SELECT embed_model, count(*) AS n, sum(n_terms) AS total FROM chunks WHERE course_id = $1
+           GROUP BY embed_model""", course_id)}
+    assert stats == sizes
+    return {lexeme: n for (_, lexeme), n in df.items()}
+
+
+async def test_term_stats_follow_ingest_reingest_and_deletion(pool):
+    cid = await new_course(pool)
+    a = await ingest(pool, cid, ["Eigenvalues of a matrix", "The matrix times a vector", "Zebras graze"])
+    b = await ingest(pool, cid, ["Another matrix lecture", "Photosynthesis in leaves"], seed=1)
+    async with pool.acquire() as conn:
+        df = await assert_stats_match_recount(conn, cid)
+        assert df["matrix"] == 3 and df["zebra"] == 1 and df["photosynthesi"] == 1
+    # re-ingest: the video's old chunks leave the statistics, the new ones enter
+    await ingest(pool, cid, ["Matrix rank", "Matrix inverse and matrix rank", "Row reduction"], video_id=a, seed=2)
+    async with pool.acquire() as conn:
+        df = await assert_stats_match_recount(conn, cid)
+        assert df["matrix"] == 3 and df["rank"] == 2 and "zebra" not in df and "eigenvalu" not in df
+        assert await search.vocabulary_coverage(conn, cid, MODEL, "zebras and matrix rank") == (["matrix", "rank"],
+                                                                                                ["zebra"])
+    # a video deleted the way the API does it
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("DELETE FROM videos WHERE id = $1", b)
+        await videos_repo.refresh_term_stats(conn, cid)
+    async with pool.acquire() as conn:
+        df = await assert_stats_match_recount(conn, cid)
+        assert df["matrix"] == 2 and "photosynthesi" not in df and "lectur" not in df
+
+
+async def test_concurrent_ingests_of_one_course(pool):
+    cid = await new_course(pool)
+    words = "graph vertex edge path weight tree cycle matrix".split()
+    texts = [[" ".join(words[(v + i) % len(words)] for i in range(j, j + 4)) for j in range(5)] for v in range(8)]
+    vids = await asyncio.gather(*(ingest(pool, cid, t, seed=v) for v, t in enumerate(texts)))
+    await asyncio.gather(*(ingest(pool, cid, list(reversed(t)), video_id=v) for v, t in zip(vids, texts)))
+    async with pool.acquire() as conn:
+        df = await assert_stats_match_recount(conn, cid)
+    assert sum(df.values()) == 8 * 5 * 4
+
+
+async def test_common_terms_still_score_the_candidates(pool, monkeypatch):
+    """With a postings budget only the rarest term's postings are read; the commoner term is looked up for the
+    candidates alone, and their scores are exact BM25."""
+    cid = await new_course(pool)
+    texts = ["zebra crossing", "a zebra on a graph of graphs", "zebra graph"] + \
+            [f"graph number {i} with graph edges" for i in range(4)] + [f"lecture number {i}" for i in range(8)]
+    vid = await ingest(pool, cid, texts)
+    vec = unit_vectors(1, seed=9)[0]
+
+    async def sparse_hits(budget: int, **kw) -> list[tuple[str, float]]:
+        monkeypatch.setattr(search, "POSTINGS_BUDGET", budget)
+        search._statement.cache_clear()
+        async with pool.acquire() as conn:
+            hits = await search.hybrid_search(conn, cid, vec, "zebra graphs", MODEL, k=20, w_sparse=1.0, **kw)
+        return [(h.text, round(h.sparse_score, 9)) for h in hits if h.sparse_score is not None]
+
+    try:
+        exact = await sparse_hits(10**9)
+        budgeted = await sparse_hits(3)  # df(zebra) = 3 fits, df(graph) = 6 does not
+        in_video = await sparse_hits(3, video_id=vid)
+    finally:
+        search._statement.cache_clear()
+    # exact BM25: the chunks holding both terms first, then the one holding only the rare term, then graph alone
+    assert len(exact) == 7
+    assert {t for t, _ in exact[:2]} == {"a zebra on a graph of graphs", "zebra graph"}
+    assert exact[2][0] == "zebra crossing" and exact[3][0].startswith("graph number")
+    # budgeted: the candidates come from the rare term alone, in the same order with the same scores
+    assert budgeted == exact[:3] == in_video
+
+
+async def test_small_course_is_ranked_exactly(pool):
+    """A course that is a small part of the HNSW graph gets the exact cosine ranking, search after search."""
+    cid = await new_course(pool)
+    texts = [f"lecture {i} on graphs and matrices number {i}" for i in range(40)]
+    await ingest(pool, cid, texts, seed=5)
+    vecs, q = unit_vectors(40, seed=5), unit_vectors(3, seed=6)
+    async with pool.acquire() as conn:
+        for v in [*q, *q]:
+            hits = await search.hybrid_search(conn, cid, v, "graphs", MODEL, k=5, w_sparse=0.0)
+            assert [h.text for h in hits] == [texts[i] for i in np.argsort(-(vecs @ v))[:5]]
