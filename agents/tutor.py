@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypedDict
 
 import asyncpg
 from langgraph.graph import END, START, StateGraph
+from wordfreq import zipf_frequency
 
 from agents.evidence import MAX_CITATION_S, Window, mmss, pick_citations, quote, rank_windows, terms, windows
 from agents.judge import judge
@@ -243,15 +243,10 @@ def extractive_answer(sources: list[Window], mode: str) -> str:
 
 
 def _keywords(text: str) -> list[str]:
-    from wordfreq import zipf_frequency
-
-    words = []
+    """Up to four of the text's least common words (the ones that say what it is about), rarest first."""
+    words: list[str] = []
     for w in re.findall(r"[A-Za-z][A-Za-z\-]{3,}", text):
         lw = w.lower()
-        if lw not in words and zipf_frequency(lw, "en") < 4.6 and lw not in ("going", "really", "think"):
+        if lw not in words and zipf_frequency(lw, "en") < 4.6:
             words.append(lw)
-    return sorted(words, key=lambda x: __import__("wordfreq").zipf_frequency(x, "en"))[:4]
-
-
-def elapsed_ms(t0: float) -> float:
-    return (time.perf_counter() - t0) * 1000
+    return sorted(words, key=lambda x: zipf_frequency(x, "en"))[:4]

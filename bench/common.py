@@ -39,6 +39,12 @@ async def make_course(conn, title: str) -> int:  # type: ignore[no-untyped-def]
                                tid, uid, title)
 
 
+def pct(xs: list[float], p: float) -> float:
+    """The p-th percentile (0-100) of xs, nearest rank."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
 class Timer:
     def __enter__(self) -> "Timer":
         self.t0 = time.perf_counter()

@@ -16,14 +16,10 @@ import uuid
 
 from redis.asyncio import Redis
 
-from bench.common import services
+from bench.common import pct, services
 from store import leaderboard_rebuild, leaderboards, xp
 from store.db import create_pool
 
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 async def seed(pool, redis, learners: int) -> tuple[int, int, list[int]]:  # type: ignore[no-untyped-def]

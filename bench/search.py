@@ -13,15 +13,11 @@ import statistics
 import time
 
 from agents.config import embedder_for
-from bench.common import EVAL, eval_spec, services
+from bench.common import EVAL, eval_spec, pct, services
 from bench.ingest import ingest_corpus
 from store.db import create_pool
 from store.search import dense_search, hybrid_search
 
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 async def main() -> None:

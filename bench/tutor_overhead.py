@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from agents.config import embedder_for
 from agents.tutor import Tutor
-from bench.common import services
+from bench.common import pct, services
 from store import tutor as tutor_repo
 from store.db import create_pool
 from store.messages import post_message
@@ -35,10 +35,6 @@ class TimedEmbedder:
         finally:
             self.spent += time.perf_counter() - t
 
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 async def main() -> None:

@@ -88,6 +88,16 @@ async def submit_video(pool: asyncpg.Pool, arq: ArqRedis | None, settings: Setti
     return video["id"], job["id"]
 
 
+async def submit_job(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, kind: str, course_id: int,
+                     video_id: int, created_by: int | None) -> int:
+    """Create an ingest/reembed job for an existing video and queue it; returns the job id."""
+    async with pool.acquire() as conn:
+        job = await jobs_repo.create_job(conn, kind, course_id=course_id, video_id=video_id, created_by=created_by,
+                                         max_attempts=settings.job_max_attempts)
+    await enqueue_ingest(arq, pool, job["id"])
+    return job["id"]
+
+
 async def submit_reembed(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, embed_model: str,
                          course_id: int | None = None) -> list[int]:
     """Queue a re-embed job for every ready video whose chunks were embedded by another model."""
@@ -97,11 +107,4 @@ async def submit_reembed(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, 
                AND ($2::bigint IS NULL OR course_id = $2) ORDER BY id""",
             embed_model, course_id,
         )
-        jobs = []
-        for r in rows:
-            job = await jobs_repo.create_job(conn, "reembed", course_id=r["course_id"], video_id=r["id"],
-                                             created_by=None, max_attempts=settings.job_max_attempts)
-            jobs.append(job["id"])
-    for job_id in jobs:
-        await enqueue_ingest(arq, pool, job_id)
-    return jobs
+    return [await submit_job(pool, arq, settings, "reembed", r["course_id"], r["id"], None) for r in rows]

@@ -128,8 +128,9 @@ async def answer_in_room(state: Any, user: Any, course_id: int, room_id: str, me
 
 def schedule_room_answer(state: Any, user: Any, course_id: int, room_id: str, message_id: int, question: str) -> None:
     """Run `answer_in_room` in the background; the server waits for running answers on shutdown."""
-    tasks: set = getattr(state, "tutor_tasks", None) or set()
-    state.tutor_tasks = tasks
+    tasks: set | None = getattr(state, "tutor_tasks", None)
+    if tasks is None:
+        tasks = state.tutor_tasks = set()
     task = asyncio.create_task(answer_in_room(state, user, course_id, room_id, message_id, question))
     tasks.add(task)
     task.add_done_callback(tasks.discard)

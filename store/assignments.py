@@ -1,13 +1,13 @@
 """Assignments of a course (instructor CRUD, drafts, publishing) and the hook run when a grade is final."""
 from __future__ import annotations
 
-import importlib
 import logging
 from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
 
+from store import xp
 from store.events import GradeReady, publish, user_topic
 
 logger = logging.getLogger(__name__)
@@ -80,8 +80,8 @@ async def on_grade_final(conn: asyncpg.Connection, redis: Redis, submission: asy
     """HOOK — a grade became final (multiple choice graded, a machine grade released, or an instructor's
     review). Call after the grade's transaction committed, with a connection outside a transaction.
 
-    1. the learner's per-chapter strength (`chapter_scores`, read by the study-buddy matcher), when it exists;
-    2. XP through `store.xp.award_xp` when that module exists: 'assignment_passed' (score >= PASS_SCORE) and
+    1. the learner's per-chapter strength (`chapter_scores`, read by the study-buddy matcher);
+    2. XP through `store.xp.award_xp`: 'assignment_passed' (score >= PASS_SCORE) and
        'perfect_score' (100), once per learner and assignment whatever the attempts or re-reviews;
     3. a `grade.ready` event to the learner (topic `user:<id>`: every room they have open).
     Each step is tolerant: a failure is logged and the grade, already stored, stays the truth.
@@ -101,28 +101,21 @@ async def on_grade_final(conn: asyncpg.Connection, redis: Redis, submission: asy
 
 
 async def _award_xp(conn: asyncpg.Connection, redis: Redis, s: dict, score: float) -> None:
-    try:
-        xp = importlib.import_module("store.xp")
-    except ImportError:
-        return
-    award = getattr(xp, "award_xp", None)
-    if award is None or score < PASS_SCORE:
+    if score < PASS_SCORE:
         return
     try:
-        await award(conn, redis, s["user_id"], "assignment_passed", f"assignment:{s['assignment_id']}",
-                    course_id=s["course_id"])
+        await xp.award_xp(conn, redis, s["user_id"], "assignment_passed", f"assignment:{s['assignment_id']}",
+                          course_id=s["course_id"])
         if score >= 100.0:
-            await award(conn, redis, s["user_id"], "perfect_score", f"perfect:{s['assignment_id']}",
-                        course_id=s["course_id"])
-    except Exception:  # noqa: BLE001
+            await xp.award_xp(conn, redis, s["user_id"], "perfect_score", f"perfect:{s['assignment_id']}",
+                              course_id=s["course_id"])
+    except Exception:  # noqa: BLE001 - the grade stands; reconcile_grade_xp awards it later
         logger.warning("could not award XP for submission %s", s["id"], exc_info=True)
 
 
 async def reconcile_grade_xp(conn: asyncpg.Connection, redis: Redis, limit: int = 500) -> int:
     """Award the XP of final passing grades that have none (the process died between the grade's commit and
     its award). Awards are idempotent, so this is safe to run at any time; the worker runs it every minute."""
-    if await conn.fetchval("SELECT to_regclass('xp_events')") is None:
-        return 0
     rows = await conn.fetch(
         """SELECT DISTINCT ON (s.user_id, s.assignment_id) s.* FROM submissions s
            JOIN users u ON u.id = s.user_id AND u.role = 'learner'
@@ -140,8 +133,6 @@ async def reconcile_grade_xp(conn: asyncpg.Connection, redis: Redis, limit: int 
 
 async def _update_chapter_score(conn: asyncpg.Connection, user_id: int, assignment_id: int) -> None:
     """Mean of the learner's best final score per assignment of the chapter, 0..1."""
-    if await conn.fetchval("SELECT to_regclass('chapter_scores')") is None:
-        return
     await conn.execute(
         """WITH ch AS (SELECT chapter_id FROM assignments WHERE id = $2 AND chapter_id IS NOT NULL),
                 best AS (SELECT s.assignment_id, max(s.score) AS score FROM submissions s

@@ -111,17 +111,10 @@ async def tutor_mode(conn: asyncpg.Connection, course_id: int, room_id: str | No
         mode = await conn.fetchval("SELECT mode FROM room_tutor_settings WHERE room_id = $1", room_id)
         if mode:
             return mode
-    mode = await conn.fetchval("SELECT tutor_mode FROM courses WHERE id = $1", course_id)
-    if mode == "socratic":
-        return mode
-    if await conn.fetchval("SELECT to_regclass('assignments') IS NOT NULL"):
-        try:
-            open_now = await conn.fetchval(
-                """SELECT EXISTS (SELECT 1 FROM assignments WHERE course_id = $1 AND status = 'published'
-                       AND (opens_at IS NULL OR opens_at <= now()) AND (closes_at IS NULL OR closes_at > now()))""",
-                course_id)
-        except asyncpg.PostgresError:
-            open_now = False
-        if open_now:
-            return "socratic"
-    return "answer"
+    return await conn.fetchval(
+        """SELECT CASE WHEN c.tutor_mode = 'socratic' OR EXISTS (
+                   SELECT 1 FROM assignments a WHERE a.course_id = c.id AND a.status = 'published'
+                   AND (a.opens_at IS NULL OR a.opens_at <= now()) AND (a.closes_at IS NULL OR a.closes_at > now()))
+               THEN 'socratic' ELSE 'answer' END
+           FROM courses c WHERE c.id = $1""",
+        course_id) or "answer"

@@ -15,7 +15,7 @@ from msgspec import Meta
 
 from ingest.errors import IngestError
 from ingest.jobs import enqueue_ingest
-from ingest.submit import FileTooLarge, UnsupportedFile, inspect_file, submit_video
+from ingest.submit import FileTooLarge, UnsupportedFile, inspect_file, submit_job, submit_video
 from server.api.courses import course_or_404
 from server.api.schemas import Strict, Title
 from server.auth import AuthUser, staff_only
@@ -205,10 +205,9 @@ class VideoController(Controller):
         async with state.pool.acquire() as conn:
             await course_or_404(conn, course_id, request.user)
             await _video_or_404(conn, course_id, video_id)
-            job = await jobs_repo.create_job(conn, "ingest", course_id=course_id, video_id=video_id,
-                                             created_by=request.user.id, max_attempts=state.settings.job_max_attempts)
-        await enqueue_ingest(state.arq, state.pool, job["id"])
-        return Accepted(video_id=video_id, job_id=job["id"])
+        job_id = await submit_job(state.pool, state.arq, state.settings, "ingest", course_id, video_id,
+                                  request.user.id)
+        return Accepted(video_id=video_id, job_id=job_id)
 
     @get("/videos/{video_id:int}/chapters")
     async def chapters(self, request: Request, course_id: int, video_id: int) -> list[Chapter]:

@@ -156,7 +156,8 @@ def test_bad_uploads_store_nothing(client, make: Factory, settings, name, data, 
     assert r.status_code == status, r.text
     assert r.json()["message"]
     assert fetch(settings, "SELECT count(*) AS n FROM videos WHERE course_id = $1", cid)[0]["n"] == 0
-    assert not list((settings.data_dir / "uploads" / str(cid)).glob("*")) if (settings.data_dir / "uploads" / str(cid)).exists() else True
+    stored = settings.data_dir / "uploads" / str(cid)
+    assert not stored.exists() or not list(stored.iterdir())
 
 
 def test_oversize_upload_413(client, make: Factory, settings):
@@ -211,11 +212,12 @@ def test_worker_killed_mid_job_completes_once(client, make: Factory, worker, set
         time.sleep(0.02)
     worker.kill()
     before = client.get(f"/api/v1/jobs/{job_id}", headers=inst.h).json()
+    # the longest lecture embeds for seconds: the kill must land mid-job, or this test proves nothing
+    assert before["state"] in ("chunking", "embedding", "chaptering"), before
     worker.start()
     job = wait_job(client, job_id, inst.h, timeout=120)
     assert job["state"] == "done", job
-    if before["state"] != "done":
-        assert job["attempts"] >= 2
+    assert job["attempts"] >= 2
     rows = fetch(settings, "SELECT position FROM chunks WHERE video_id = $1 ORDER BY position", video_id)
     n = fetch(settings, "SELECT chunk_count FROM videos WHERE id = $1", video_id)[0]["chunk_count"]
     assert [r["position"] for r in rows] == list(range(n)) and n > 0
