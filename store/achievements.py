@@ -123,11 +123,13 @@ class Unlocked:
     achievement: Achievement
     unlocked_at: datetime
     name: str = ""  # the learner's display name, for the event
+    rooms: tuple[str, ...] = ()  # the learner's course and pod rooms, where the unlock is announced
 
 
 async def unlock(conn: asyncpg.Connection, user_id: int, candidates: list[Achievement],
                  at: datetime | None = None) -> list[Unlocked]:
-    """Record these achievements for the user; returns the ones unlocked now (not before)."""
+    """Record these achievements for the user; returns the ones unlocked now (not before), each with the
+    learner's rooms (enrolled courses, pods) to announce it in."""
     if not candidates:
         return []
     rows = await conn.fetch(
@@ -135,7 +137,12 @@ async def unlock(conn: asyncpg.Connection, user_id: int, candidates: list[Achiev
            SELECT $1, x, coalesce($3, now()) FROM unnest($2::text[]) AS x
            ON CONFLICT DO NOTHING RETURNING achievement_id, unlocked_at""",
         user_id, [a.id for a in candidates], at)
-    return [Unlocked(user_id, BY_ID[r["achievement_id"]], r["unlocked_at"]) for r in rows]
+    if not rows:
+        return []
+    rooms = tuple(await conn.fetchval(
+        """SELECT ARRAY(SELECT 'course:' || course_id FROM enrollments WHERE user_id = $1 ORDER BY course_id)
+               || ARRAY(SELECT 'pod:' || pod_id FROM pod_members WHERE user_id = $1 ORDER BY pod_id)""", user_id))
+    return [Unlocked(user_id, BY_ID[r["achievement_id"]], r["unlocked_at"], rooms=rooms) for r in rows]
 
 
 async def current_stats(conn: asyncpg.Connection, user_id: int) -> dict[str, int]:

@@ -208,12 +208,14 @@ class AchievementInfo(msgspec.Struct, kw_only=True):
 
 
 class AchievementUnlocked(Event, tag="achievement.unlocked"):
-    """The learner unlocked an achievement (once ever): sent to every room the learner has open
-    (topic `user:<id>`)."""
+    """The learner unlocked an achievement (once ever). The learner gets it on every socket they have open
+    (topic `user:<id>`, `room` null); the other members of the learner's course and pod rooms get it with
+    `room` set (not stored: a celebration, not history)."""
 
     user: UserRef
     achievement: AchievementInfo
     unlocked_at: datetime
+    room: str | None = None
 
 
 class LeaderboardEntry(msgspec.Struct, kw_only=True):
@@ -224,15 +226,15 @@ class LeaderboardEntry(msgspec.Struct, kw_only=True):
 
 
 class LeaderboardChanged(Event, tag="leaderboard.changed"):
-    """A course's or pod's all-time board changed: sent to its room (`course:<id>`, `pod:<id>`), at most once
-    per STUDYHALL_LEADERBOARD_EVENT_S per board; the last change of a burst is always announced. `top` holds
-    the first ten entries."""
+    """A course's or pod's board changed: sent to its room (`course:<id>`, `pod:<id>`), at most once per
+    STUDYHALL_LEADERBOARD_EVENT_S per board, as three events: `period` all, month and week (the current UTC
+    month and ISO week); the last change of a burst is always announced. `top` holds the first ten entries."""
 
     room: str
     scope: str
     scope_id: int
     top: list[LeaderboardEntry]
-    period: str = "all"
+    period: str  # all | month | week
 
 
 # --- tutor (agents/tutor.py via server/tutoring.py) ---------------------------------------------------------

@@ -271,10 +271,11 @@ async def _announce(redis: Redis, scope: str, scope_id: int, tenant_id: int, wai
     """`wait_ms` 0: this process holds the board's window, so tell the room now. Otherwise tell it once the
     window frees (one timer per board and process), so the last change of a burst is always announced."""
     try:
-        if wait_ms == 0:
-            board = await read(redis, scope, scope_id, tenant_id, "all", 0, limit=10)
-            await publish(redis, room_topic(f"{scope}:{scope_id}"), LeaderboardChanged(
-                room=f"{scope}:{scope_id}", scope=scope, scope_id=scope_id, top=board.entries))
+        if wait_ms == 0:  # one event per period: all-time, this month, this week
+            for period in PERIODS:
+                board = await read(redis, scope, scope_id, tenant_id, period, 0, limit=10)
+                await publish(redis, room_topic(f"{scope}:{scope_id}"), LeaderboardChanged(
+                    room=f"{scope}:{scope_id}", scope=scope, scope_id=scope_id, top=board.entries, period=period))
             return
         thr = keys.leaderboard_throttle(scope, scope_id)
         if thr not in _trailing:

@@ -46,6 +46,7 @@ class _Envelope(msgspec.Struct):
 
 
 _envelope = msgspec.json.Decoder(_Envelope)
+_NOT_TO_SELF = frozenset({"typing", "achievement.unlocked"})
 
 
 class Hub:
@@ -228,7 +229,8 @@ class Hub:
             for conn in conns:
                 conn.offer(seq, msg)
         else:
-            skip = env.user.id if env.type == "typing" and env.user is not None else None
+            # typing is not echoed; the learner hears of their own achievement on their personal topic
+            skip = env.user.id if env.type in _NOT_TO_SELF and env.user is not None else None
             for conn in conns:
                 if conn.user.id != skip:
                     conn.ephemeral(msg)

@@ -66,12 +66,17 @@ async def test_leaderboard_changed_is_throttled(server, client, make: Factory, x
         for i in range(6):
             await xp.award_xp(pool, redis, a.id, "helpful_answer", f"h:{i}", course_id=course.id)
         burst = time.monotonic() - t0
-        first = await ws.expect("leaderboard.changed")
+        first = await ws.expect("leaderboard.changed", period="all")
         assert first["top"][0]["user_id"] == a.id and first["top"][0]["xp"] == 25
+        # the month's and the week's boards are announced with it
+        for period in ("month", "week"):
+            assert (await ws.expect("leaderboard.changed", period=period))["top"][0]["xp"] == 25
         seen = [first]
         while seen[-1]["top"][0]["xp"] != 150:  # the end of the burst is announced
-            seen.append(await ws.expect("leaderboard.changed", timeout=5))
-        assert [f for f in await ws.quiet(1.2) if f["type"] == "leaderboard.changed"] == []
+            seen.append(await ws.expect("leaderboard.changed", timeout=5, period="all"))
+        later = [f for f in await ws.quiet(1.2) if f["type"] == "leaderboard.changed"]
+        assert [f for f in later if f["period"] == "all"] == []  # the month's and week's of those windows only
+        assert all(f["top"][0]["xp"] <= 150 for f in later)
         # one per window: two when the six awards fit in one window, never one per award
         assert len(seen) <= 2 + int(burst / leaderboards.EVENT_WINDOW_S)
     finally:

@@ -47,6 +47,7 @@ async def test_completion_earns_xp_once_and_live(server, client, make: Factory, 
     a, b = course.learners
     v1, v2 = course.videos
     ws = await Client.connect(server, f"course:{course.id}", a)
+    ws_b = await Client.connect(server, f"course:{course.id}", b)  # a classmate in the same room
     try:
         r = report(client, a, v1, 40, [[0, 40]])
         assert r["status"] == 200 and r["position"] == 40 and r["completed"] is False
@@ -61,6 +62,10 @@ async def test_completion_earns_xp_once_and_live(server, client, make: Factory, 
         assert ev["points"] == 50 and ev["course_id"] == course.id
         unlocked = await ws.expect("achievement.unlocked")
         assert unlocked["achievement"]["id"] == "first-lesson" and unlocked["user"]["id"] == a.id
+        assert unlocked.get("room") is None  # a hears it on their personal topic, once
+        seen = await ws_b.expect("achievement.unlocked")  # the room hears it too
+        assert seen["room"] == f"course:{course.id}" and seen["user"]["id"] == a.id
+        assert seen["achievement"]["id"] == "first-lesson"
         board = await ws.expect("leaderboard.changed")
         assert board["room"] == f"course:{course.id}" and board["top"][0]["user_id"] == a.id
         # watching it again earns nothing more; the resume position follows
@@ -71,8 +76,10 @@ async def test_completion_earns_xp_once_and_live(server, client, make: Factory, 
         r = report(client, a, v2, 100, [[0, 100]])
         assert sorted(r["xp_awarded"]) == ["course_completed", "lesson_completed"]
         assert (await ws.expect("achievement.unlocked"))["achievement"]["id"] == "course-1"
+        assert (await ws_b.expect("achievement.unlocked"))["achievement"]["id"] == "course-1"
     finally:
         await ws.close()
+        await ws_b.close()
     kinds = [r["kind"] for r in fetch(settings, "SELECT kind FROM xp_events WHERE user_id = $1 ORDER BY id", a.id)]
     assert sorted(kinds) == ["course_completed", "daily_streak", "first_lesson", "lesson_completed",
                              "lesson_completed"]

@@ -90,7 +90,7 @@ async def test_every_event_and_frame_type(server, client, make: Factory, worker_
         achievement=events.AchievementInfo(id="first-lesson", title="First steps", description="", tier="common")))
     assert keep(await ca.expect("achievement.unlocked"))["achievement"]["tier"] == "common"
     await publish(redis, events.room_topic(room), events.LeaderboardChanged(
-        room=room, scope="course", scope_id=course.id, top=[events.LeaderboardEntry(user_id=a.id, name=a.name, xp=50,
+        room=room, scope="course", scope_id=course.id, period="all", top=[events.LeaderboardEntry(user_id=a.id, name=a.name, xp=50,
                                                                                     rank=1)]))
     assert keep(await ca.expect("leaderboard.changed"))["top"][0]["rank"] == 1
     # the tutor's answer streaming into the room (tests/server/test_tutor_rooms.py drives it for real)
