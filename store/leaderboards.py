@@ -11,10 +11,11 @@ ledger row has committed. Rebuilding the boards from the ledger is store/leaderb
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 
 from redis.asyncio import Redis
 
@@ -76,18 +77,20 @@ def expire_at(period: str, at: datetime | None = None) -> int:
     return 0 if bounds is None else int(bounds[1].timestamp()) + keys.LEADERBOARD_PERIOD_GRACE_S
 
 
+@functools.lru_cache(maxsize=64)
+def _periods_of_day(day: date) -> tuple[tuple[str, int], ...]:
+    """(period tag, expire-at) of every period holding this UTC day: the same for every award of the day."""
+    at = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+    return tuple((period_tag(p, at), expire_at(p, at)) for p in PERIODS)
+
+
 def boards_of(tenant_id: int, course_id: int | None, pod_ids: list[int], at: datetime) -> list[tuple[str, int]]:
     """(key, expire-at) of every board one ledger event counts on; period boards already expired are left out."""
     scopes = [("tenant", tenant_id)] + ([("course", course_id)] if course_id is not None else [])
     scopes += [("pod", p) for p in pod_ids]
     now = time.time()
-    out = []
-    for scope, sid in scopes:
-        for period in PERIODS:
-            exp = expire_at(period, at)
-            if exp == 0 or exp > now:
-                out.append((board_key(scope, sid, period, at), exp))
-    return out
+    periods = [(tag, exp) for tag, exp in _periods_of_day(as_utc(at).date()) if exp == 0 or exp > now]
+    return [(keys.leaderboard(scope, sid, tag), exp) for scope, sid in scopes for tag, exp in periods]
 
 
 # --- writes --------------------------------------------------------------------------------------------

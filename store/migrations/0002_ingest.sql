@@ -34,13 +34,3 @@ CREATE TABLE course_term_stats (
     total_terms  bigint NOT NULL,
     PRIMARY KEY (course_id, embed_model)
 );
-
--- Per course, model and lexeme: how many chunks hold it (BM25's df), kept by ingest one video at a time, so a
--- search knows every query term's idf before reading any postings and can read the rarest terms first.
-CREATE TABLE course_term_df (
-    course_id    bigint NOT NULL REFERENCES courses(id) ON DELETE CASCADE,
-    embed_model  text NOT NULL,
-    lexeme       text NOT NULL,
-    df           integer NOT NULL,
-    PRIMARY KEY (course_id, embed_model, lexeme)
-);

@@ -1,0 +1,48 @@
+"""The pool releases connections without a reset round trip, which is safe only while pooled connections keep
+no session state: an open transaction is still rolled back, and the code never sets session state."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from store.db import create_pool
+
+ROOT = Path(__file__).resolve().parents[2]
+# session-level state a pooled connection would carry to its next user
+_SESSION_STATE = re.compile(r"(?i:pg_advisory_lock\(|pg_try_advisory_lock\(|set_config\([^)]*false\)|"
+                            r"['\"]\s*SET\s+(?!LOCAL)(?!TRANSACTION)\w|WITH HOLD)|['\"]\s*LISTEN\s")
+
+
+def test_no_session_state_in_pooled_code():
+    offenders = []
+    for d in ("store", "server", "ingest", "agents"):
+        for path in (ROOT / d).rglob("*.py"):
+            if path.name == "migrate.py":  # its own connection, not the pool's
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if _SESSION_STATE.search(line):
+                    offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert offenders == [], "pooled connections must not keep session state (see store/db.py _release)"
+
+
+async def test_release_rolls_back_an_open_transaction(settings):
+    pool = await create_pool(settings.database_url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute("CREATE TABLE IF NOT EXISTS pool_release_probe (x int)")
+            await conn.execute("TRUNCATE pool_release_probe")
+        with pytest.raises(RuntimeError):
+            async with pool.acquire() as conn:
+                tx = conn.transaction()
+                await tx.start()
+                await conn.execute("INSERT INTO pool_release_probe VALUES (1)")
+                raise RuntimeError("the handler failed mid-transaction")
+        async with pool.acquire() as conn:  # the same (only) connection, back in a clean state
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT count(*) FROM pool_release_probe") == 0
+            assert await conn.fetchval("SHOW hnsw.ef_search") == "200"
+            await conn.execute("DROP TABLE pool_release_probe")
+    finally:
+        await pool.close()
