@@ -207,6 +207,15 @@ FROM (SELECT DISTINCT unnest(tsvector_to_array(to_tsvector('english', $1))) AS l
 """
 
 
+async def words_present(conn: asyncpg.Connection, course_id: int, words: list[str]) -> set[str]:
+    """Which of these (lower-cased, unstemmed) words some video of the course says."""
+    if not words:
+        return set()
+    rows = await conn.fetch("SELECT DISTINCT word FROM video_words WHERE course_id = $1 AND word = ANY($2::text[])",
+                            course_id, words)
+    return {r["word"] for r in rows}
+
+
 async def vocabulary_coverage(conn: asyncpg.Connection, course_id: int, embed_model: str,
                               question: str) -> tuple[list[str], list[str]]:
     """(present, missing): the question's content lexemes that do / do not occur anywhere in the course."""

@@ -94,6 +94,18 @@ ON CONFLICT (course_id, embed_model)
 DO UPDATE SET n_chunks = s.n_chunks + excluded.n_chunks, total_terms = s.total_terms + excluded.total_terms
 """
 
+# The words the video's chunks use, as spoken (store/search.py words_present reads them). Tokens: runs of letters
+# and digits joined by an apostrophe or a hyphen ("gpt-2", "hamilton's"), lower-cased, curly apostrophes straight;
+# agents/judge.py tokenizes questions the same way.
+WORD_PATTERN = "[a-z0-9]+(?:['-][a-z0-9]+)*"
+_ADD_WORDS = """
+INSERT INTO video_words (course_id, word, video_id)
+SELECT DISTINCT c.course_id, m[1], c.video_id
+FROM chunks c, regexp_matches(translate(lower(c.text), '’', ''''), '(' || $2 || ')', 'g') AS m
+WHERE c.video_id = $1
+ON CONFLICT DO NOTHING
+"""
+
 # df recounted from the postings; only rows that changed are written.
 _RECOUNT_DF = """
 WITH fresh AS (
@@ -124,6 +136,8 @@ async def replace_chunks(conn: asyncpg.Connection, video_id: int, course_id: int
         records=records,
     )
     await conn.execute(_ADD_TERMS, video_id)
+    await conn.execute("DELETE FROM video_words WHERE video_id = $1", video_id)
+    await conn.execute(_ADD_WORDS, video_id, WORD_PATTERN)
 
 
 async def refresh_term_stats(conn: asyncpg.Connection, course_id: int) -> None:

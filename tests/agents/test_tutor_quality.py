@@ -1,7 +1,7 @@
 """Quality floors for the offline tutor on ../shared/eval, so it cannot silently get worse.
 
 Measured with bench/tutor_eval.py (offline defaults): citation hit@1 0.70, hit@3 0.917, no citation over
-60 s, refusal accuracy 0.53 on out-of-scope questions, false refusals 0.00. Floors allow one question of slack.
+60 s, refusal accuracy 0.867 on out-of-scope questions, false refusals 0.00. Floors allow one question of slack.
 """
 from __future__ import annotations
 
@@ -48,4 +48,4 @@ def test_tutor_quality_floors(eval_course: EvalCourse, settings):
     assert h1 / n >= 0.68
     assert h3 / n >= 0.90
     assert refused / n <= 0.02
-    assert declined / n_oos >= 0.46
+    assert declined / n_oos >= 0.80

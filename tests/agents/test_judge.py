@@ -1,0 +1,41 @@
+"""The offline judge's vocabulary signals: names and rare terms the course never says."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from agents.judge import candidates, forms, judge, lookup_words, uncovered
+
+
+def test_names_and_rare_terms_are_picked_out():
+    names, rare = candidates("How does proof of stake in Ethereum differ from what RoPE or GPT-2 do? Ask Alice.")
+    assert names == ["Ethereum", "RoPE", "GPT-2", "Alice"]  # "How" and "Ask" open sentences
+    assert rare == []
+    names, _ = candidates("Why can't Alice fool Bob? Hamilton's rule says so.")
+    assert names == ["Alice", "Bob"]  # "Hamilton's" opens a sentence: not taken for a name
+    _, rare = candidates("What are the eigenvalues of the matrix?")
+    assert rare == ["eigenvalues"]
+    assert candidates("Why is asking 'can I solve Ax = b' the same?") == ([], [])  # notation, not names
+
+
+def test_forms_cover_plurals_and_possessives():
+    assert set(forms("Hamilton's")) >= {"hamilton", "hamiltons"}
+    assert set(forms("eigenvalues")) >= {"eigenvalues", "eigenvalue"}
+    assert set(forms("GPT-2")) == {"gpt-2", "gpt-2s", "gpt-2es"}
+    assert "gpt-2" in lookup_words("How many heads does GPT-2 have?")
+
+
+def test_uncovered_reads_the_course_words():
+    q = "How many attention heads does GPT-2 use, compared with the eigenvalues of Alice's matrix?"
+    assert uncovered(q, {"gpt-3", "alice", "eigenvalue"}) == (["GPT-2"], [])
+    assert uncovered(q, {"gpt-2", "alice"}) == ([], ["eigenvalues"])
+    assert uncovered("What is the Hardy-Weinberg equilibrium?", {"hardy", "weinberg"}) == (["Hardy-Weinberg"], [])
+
+
+def test_verdict_combines_the_signals():
+    hit = SimpleNamespace(dense_score=0.6, text="")
+    q = "What does GPT-2 do?"
+    assert judge(q, q, [hit], ["source"], [], {"gpt-2"}).grounded
+    v = judge(q, q, [hit], ["source"], [], set())
+    assert not v.grounded and v.details["names_missing"] == ["GPT-2"]
+    assert not judge(q, q, [SimpleNamespace(dense_score=0.2, text="")], ["source"], [], {"gpt-2"}).grounded
+    assert judge(q, q, [hit], ["source"], [], None).grounded  # words not looked up: names are not judged
