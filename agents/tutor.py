@@ -19,7 +19,7 @@ from wordfreq import zipf_frequency
 from agents.evidence import MAX_CITATION_S, Window, mmss, pick_citations, quote, rank_windows, terms, windows
 from agents.judge import judge, lookup_words
 from agents.llm import LLM, LLMError, estimate_cost_usd
-from store.search import Hit, hybrid_search, neighbours, vocabulary_coverage, words_present
+from store.search import Hit, hybrid_search, neighbours, vocabulary_coverage
 
 logger = logging.getLogger(__name__)
 
@@ -125,14 +125,15 @@ class Tutor:
         async with self.pool.acquire() as conn:
             hits = await hybrid_search(conn, s["course_id"], vec, text, self.embedder.name, k=RETRIEVE_K)
             extra = await neighbours(conn, hits, self.embedder.name)
-            present, missing = await vocabulary_coverage(conn, s["course_id"], self.embedder.name, text)
-            said = await words_present(conn, s["course_id"], lookup_words(s["question"]))
+            cover = await vocabulary_coverage(conn, s["course_id"], self.embedder.name, text,
+                                              lookup_words(s["question"]))
         wins = rank_windows(text, windows(hits, extra), [h.score for h in hits], lexical_weight=1.0)
         best: dict[int, Window] = {}
         for w in wins:  # one moment per retrieved chunk, in retrieval order
             best.setdefault(w.chunk_rank, w)
         sources = pick_citations([best[r] for r in sorted(best)], MAX_SOURCES)
-        return {"hits": hits, "sources": sources, "judge": {"present": present, "missing": missing, "said": said}}
+        return {"hits": hits, "sources": sources, "judge": {"present": cover.present, "missing": cover.missing,
+                                                               "said": cover.spoken}}
 
     async def judge(self, s: TutorState) -> dict:
         verdict = judge(s["question"], s["standalone"], s.get("hits") or [], s.get("sources") or [],

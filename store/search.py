@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -201,23 +202,30 @@ async def neighbours(conn: asyncpg.Connection, hits: list[Hit], embed_model: str
 
 
 _VOCAB = """
-SELECT q.lexeme, EXISTS (SELECT 1 FROM course_term_df d WHERE d.course_id = $2 AND d.embed_model = $3
-                                                          AND d.lexeme = q.lexeme) AS present
+SELECT q.lexeme AS term, false AS spoken,
+       EXISTS (SELECT 1 FROM course_term_df d WHERE d.course_id = $2 AND d.embed_model = $3 AND d.lexeme = q.lexeme)
+           AS present
 FROM (SELECT DISTINCT unnest(tsvector_to_array(to_tsvector('english', $1))) AS lexeme) q
+UNION ALL
+SELECT w, true, EXISTS (SELECT 1 FROM video_words v WHERE v.course_id = $2 AND v.word = w)
+FROM unnest($4::text[]) AS w
 """
 
 
-async def words_present(conn: asyncpg.Connection, course_id: int, words: list[str]) -> set[str]:
-    """Which of these (lower-cased, unstemmed) words some video of the course says."""
-    if not words:
-        return set()
-    rows = await conn.fetch("SELECT DISTINCT word FROM video_words WHERE course_id = $1 AND word = ANY($2::text[])",
-                            course_id, words)
-    return {r["word"] for r in rows}
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    """How much of a question the course's transcripts say."""
+
+    present: list[str]  # the question's content lexemes (stemmed) that occur somewhere in the course
+    missing: list[str]  # ... and those that occur nowhere
+    spoken: set[str]  # which of the looked-up words (lower-cased, unstemmed) some video says
 
 
-async def vocabulary_coverage(conn: asyncpg.Connection, course_id: int, embed_model: str,
-                              question: str) -> tuple[list[str], list[str]]:
-    """(present, missing): the question's content lexemes that do / do not occur anywhere in the course."""
-    rows = await conn.fetch(_VOCAB, keyword_text(question), course_id, embed_model)
-    return [r["lexeme"] for r in rows if r["present"]], [r["lexeme"] for r in rows if not r["present"]]
+async def vocabulary_coverage(conn: asyncpg.Connection, course_id: int, embed_model: str, question: str,
+                              words: Sequence[str] = ()) -> Coverage:
+    """The question's lexemes present / missing in the course, and which of `words` the videos say as spoken
+    (store: course_term_df, video_words); one round trip."""
+    rows = await conn.fetch(_VOCAB, keyword_text(question), course_id, embed_model, list(words))
+    return Coverage(present=[r["term"] for r in rows if not r["spoken"] and r["present"]],
+                    missing=[r["term"] for r in rows if not r["spoken"] and not r["present"]],
+                    spoken={r["term"] for r in rows if r["spoken"] and r["present"]})

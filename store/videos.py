@@ -94,7 +94,7 @@ ON CONFLICT (course_id, embed_model)
 DO UPDATE SET n_chunks = s.n_chunks + excluded.n_chunks, total_terms = s.total_terms + excluded.total_terms
 """
 
-# The words the video's chunks use, as spoken (store/search.py words_present reads them). Tokens: runs of letters
+# The words the video's chunks use, as spoken (store/search.py vocabulary_coverage reads them). Tokens: runs of letters
 # and digits joined by an apostrophe or a hyphen ("gpt-2", "hamilton's"), lower-cased, curly apostrophes straight;
 # agents/judge.py tokenizes questions the same way.
 WORD_PATTERN = "[a-z0-9]+(?:['-][a-z0-9]+)*"
