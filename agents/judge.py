@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from wordfreq import zipf_frequency
 
 MIN_DENSE = 0.25  # cosine of the best chunk; below this nothing in the course is about the question
-RARE_ZIPF = 2.85  # a word this rare in English, absent from the whole course, marks an uncovered topic
+RARE_ZIPF = 3.0  # rarer than once per million words of English (zipf 3) and absent from the course: uncovered
 MIN_NAME_LEN = 3  # shorter capitalized tokens are notation ("Ax", "Mr") more often than names
 
 # the tokenization of store/videos.py WORD_PATTERN, on the question's original case
