@@ -21,7 +21,7 @@ MIN_DENSE = 0.25  # cosine of the best chunk; below this nothing in the course i
 RARE_ZIPF = 3.0  # rarer than once per million words of English (zipf 3) and absent from the course: uncovered
 MIN_NAME_LEN = 3  # shorter capitalized tokens are notation ("Ax", "Mr") more often than names
 
-# the tokenization of store/videos.py WORD_PATTERN, on the question's original case
+# the tokenization of store/videos.py WORD_RE, on the question's original case
 _TOKEN = re.compile(r"[A-Za-z0-9]+(?:['’-][A-Za-z0-9]+)*")
 _SENTENCE_END = re.compile(r"[.?!:;]\s*$")
 
@@ -38,9 +38,10 @@ def _base(word: str) -> str:
 
 
 def forms(word: str) -> list[str]:
-    """The spellings that count as the course saying `word`: itself, singular/plural, without a possessive."""
+    """The spellings that count as the course saying `word`: itself, singular/plural, with or without a
+    possessive."""
     w = _base(word)
-    out = [w, w + "s", w + "es"]
+    out = [w, w + "'s", w + "s", w + "es"]
     if w.endswith("es") and len(w) > 4:
         out.append(w[:-2])
     if w.endswith("s") and len(w) > 3:

@@ -1,7 +1,8 @@
 """Videos of a course, their transcript segments, chunks and chapters."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import asyncpg
@@ -94,17 +95,15 @@ ON CONFLICT (course_id, embed_model)
 DO UPDATE SET n_chunks = s.n_chunks + excluded.n_chunks, total_terms = s.total_terms + excluded.total_terms
 """
 
-# The words the video's chunks use, as spoken (store/search.py vocabulary_coverage reads them). Tokens: runs of letters
-# and digits joined by an apostrophe or a hyphen ("gpt-2", "hamilton's"), lower-cased, curly apostrophes straight;
-# agents/judge.py tokenizes questions the same way.
-WORD_PATTERN = "[a-z0-9]+(?:['-][a-z0-9]+)*"
-_ADD_WORDS = """
-INSERT INTO video_words (course_id, word, video_id)
-SELECT DISTINCT c.course_id, m[1], c.video_id
-FROM chunks c, regexp_matches(translate(lower(c.text), '’', ''''), '(' || $2 || ')', 'g') AS m
-WHERE c.video_id = $1
-ON CONFLICT DO NOTHING
-"""
+# The words the video's chunks use, as spoken (store/search.py vocabulary_coverage reads them). Tokens: runs of
+# letters and digits joined by an apostrophe or a hyphen ("gpt-2", "hamilton's"), lower-cased, curly apostrophes
+# straight; agents/judge.py tokenizes questions the same way, migration 0008 did the same in SQL.
+WORD_RE = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
+
+
+def spoken_words(texts: Iterable[str]) -> set[str]:
+    return {w for t in texts for w in WORD_RE.findall(t.lower().replace("\u2019", "'"))}
+
 
 # df recounted from the postings; only rows that changed are written.
 _RECOUNT_DF = """
@@ -136,8 +135,9 @@ async def replace_chunks(conn: asyncpg.Connection, video_id: int, course_id: int
         records=records,
     )
     await conn.execute(_ADD_TERMS, video_id)
-    await conn.execute("DELETE FROM video_words WHERE video_id = $1", video_id)
-    await conn.execute(_ADD_WORDS, video_id, WORD_PATTERN)
+    await conn.execute("DELETE FROM video_words WHERE video_id = $1", video_id)  # the course lock serializes this
+    await conn.copy_records_to_table("video_words", columns=["course_id", "word", "video_id"],
+                                     records=[(course_id, w, video_id) for w in spoken_words(c.text for c in chunks)])
 
 
 async def refresh_term_stats(conn: asyncpg.Connection, course_id: int) -> None:

@@ -20,7 +20,7 @@ def test_names_and_rare_terms_are_picked_out():
 def test_forms_cover_plurals_and_possessives():
     assert set(forms("Hamilton's")) >= {"hamilton", "hamiltons"}
     assert set(forms("eigenvalues")) >= {"eigenvalues", "eigenvalue"}
-    assert set(forms("GPT-2")) == {"gpt-2", "gpt-2s", "gpt-2es"}
+    assert set(forms("GPT-2")) == {"gpt-2", "gpt-2's", "gpt-2s", "gpt-2es"}
     assert "gpt-2" in lookup_words("How many heads does GPT-2 have?")
 
 
@@ -29,6 +29,8 @@ def test_uncovered_reads_the_course_words():
     assert uncovered(q, {"gpt-3", "alice", "eigenvalue"}) == (["GPT-2"], [])
     assert uncovered(q, {"gpt-2", "alice"}) == ([], ["eigenvalues"])
     assert uncovered("What is the Hardy-Weinberg equilibrium?", {"hardy", "weinberg"}) == (["Hardy-Weinberg"], [])
+    # the course says "Hamilton's rule": both "Hamilton" and "Hamilton's" are covered
+    assert uncovered("Why did Hamilton's idea and Hamilton matter?", {"hamilton's"}) == ([], [])
 
 
 def test_verdict_combines_the_signals():

@@ -163,3 +163,12 @@ async def test_small_course_is_ranked_exactly(pool):
         for v in [*q, *q]:
             hits = await search.hybrid_search(conn, cid, v, "graphs", MODEL, k=5, w_sparse=0.0)
             assert [h.text for h in hits] == [texts[i] for i in np.argsort(-(vecs @ v))[:5]]
+
+
+async def test_spoken_words_tokenize_like_the_migration(pool):
+    """Ingest (Python) and migration 0008's backfill (SQL) must cut words the same way."""
+    text = "GPT-2’s heads vs. GPT-3; Hamilton's rule -- e.g. x=0, 3-by-3 matrices, rock'n'roll, 'quoted' ... MatLab"
+    sql = await pool.fetch(r"""SELECT DISTINCT m[1] AS w FROM regexp_matches(translate(lower($1), '’', ''''),
+                                 '([a-z0-9]+(?:[''-][a-z0-9]+)*)', 'g') AS m""", text)
+    assert {r["w"] for r in sql} == videos_repo.spoken_words([text])
+    assert {"gpt-2's", "hamilton's", "3-by-3", "rock'n'roll", "quoted"} <= videos_repo.spoken_words([text])
