@@ -117,7 +117,8 @@ def rank_windows(question: str, wins: list[Window], hit_scores: list[float], *, 
         retrieval = (hit_scores[w.chunk_rank] / top) if top > 0 else 0.0
         w.score = (1 - lexical_weight) * retrieval + lexical_weight * lexical
         w.extra["lexical"] = lexical
-    return sorted(wins, key=lambda w: -w.score)
+    # On equal evidence the later moment first: a lecture states a problem before it answers it.
+    return sorted(wins, key=lambda w: (-w.score, w.chunk_rank, -w.start))
 
 
 def pick_citations(ranked: list[Window], k: int = 3) -> list[Window]:
