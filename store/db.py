@@ -40,7 +40,7 @@ def _jsonb_decode(data: bytes) -> object:
 
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
     """Open a pool; the vector extension must already exist (migrations create it)."""
-    # A startup parameter, not SET: the pool's RESET ALL on release would undo a SET.
+    # A startup parameter, not SET: pooled connections keep no session state (see _release).
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection,
                                      reset=_release, command_timeout=60,
                                      server_settings={"hnsw.ef_search": str(HNSW_EF_SEARCH)})
