@@ -191,7 +191,7 @@ async def apply(redis: Redis, entries: list[Entry], notices: list[tuple[str, byt
         for (scope, sid), wait in zip(rs, waits):
             if (scope, sid) not in seen:
                 seen.add((scope, sid))
-                await _announce(redis, scope, sid, e.tenant_id, int(wait))
+                _announce(redis, scope, sid, e.tenant_id, int(wait))
 
 
 # --- reads ---------------------------------------------------------------------------------------------
@@ -268,21 +268,30 @@ async def read(redis: Redis, scope: str, scope_id: int, tenant_id: int, period: 
 # --- live `leaderboard.changed` events (throttled across processes) ------------------------------------
 
 _trailing: dict[str, asyncio.Task] = {}
+_now: set[asyncio.Task] = set()  # announcements under way (held so they are not collected mid-flight)
 
 
-async def _announce(redis: Redis, scope: str, scope_id: int, tenant_id: int, wait_ms: int) -> None:
+def _announce(redis: Redis, scope: str, scope_id: int, tenant_id: int, wait_ms: int) -> None:
     """`wait_ms` 0: this process holds the board's window, so tell the room now. Otherwise tell it once the
-    window frees (one timer per board and process), so the last change of a burst is always announced."""
+    window frees (one timer per board and process), so the last change of a burst is always announced.
+    Either way off the award's path: the award returns once the boards are bumped."""
+    if wait_ms == 0:
+        task = asyncio.create_task(_tell(redis, scope, scope_id, tenant_id))
+        _now.add(task)
+        task.add_done_callback(_now.discard)
+        return
+    thr = keys.leaderboard_throttle(scope, scope_id)
+    if thr not in _trailing:
+        _trailing[thr] = asyncio.create_task(_later(redis, thr, scope, scope_id, tenant_id, wait_ms))
+
+
+async def _tell(redis: Redis, scope: str, scope_id: int, tenant_id: int) -> None:
+    """One `leaderboard.changed` per period: all-time, this month, this week."""
     try:
-        if wait_ms == 0:  # one event per period: all-time, this month, this week
-            for period in PERIODS:
-                board = await read(redis, scope, scope_id, tenant_id, period, 0, limit=10)
-                await publish(redis, room_topic(f"{scope}:{scope_id}"), LeaderboardChanged(
-                    room=f"{scope}:{scope_id}", scope=scope, scope_id=scope_id, top=board.entries, period=period))
-            return
-        thr = keys.leaderboard_throttle(scope, scope_id)
-        if thr not in _trailing:
-            _trailing[thr] = asyncio.create_task(_later(redis, thr, scope, scope_id, tenant_id, wait_ms))
+        for period in PERIODS:
+            board = await read(redis, scope, scope_id, tenant_id, period, 0, limit=10)
+            await publish(redis, room_topic(f"{scope}:{scope_id}"), LeaderboardChanged(
+                room=f"{scope}:{scope_id}", scope=scope, scope_id=scope_id, top=board.entries, period=period))
     except Exception:  # noqa: BLE001 - the boards are right; only the nudge is lost
         logger.warning("could not announce a leaderboard change", exc_info=True)
 
@@ -293,9 +302,9 @@ async def _later(redis: Redis, thr: str, scope: str, scope_id: int, tenant_id: i
         _trailing.pop(thr, None)
         window_ms = max(1, int(EVENT_WINDOW_S * 1000))
         if await redis.set(thr, b"1", px=window_ms, nx=True):
-            await _announce(redis, scope, scope_id, tenant_id, 0)
+            await _tell(redis, scope, scope_id, tenant_id)
         else:  # another process took the window after us; it announces the state as of then or later
-            await _announce(redis, scope, scope_id, tenant_id, max(1, await redis.pttl(thr)))
+            _announce(redis, scope, scope_id, tenant_id, max(1, await redis.pttl(thr)))
     except Exception:  # noqa: BLE001
         logger.warning("could not announce a leaderboard change", exc_info=True)
     finally:

@@ -66,11 +66,12 @@ async def test_leaderboard_changed_is_throttled(server, client, make: Factory, x
         for i in range(6):
             await xp.award_xp(pool, redis, a.id, "helpful_answer", f"h:{i}", course_id=course.id)
         burst = time.monotonic() - t0
+        # announced beside the awards, so the first event shows the board as it was then: one award or more
         first = await ws.expect("leaderboard.changed", period="all")
-        assert first["top"][0]["user_id"] == a.id and first["top"][0]["xp"] == 25
+        assert first["top"][0]["user_id"] == a.id and first["top"][0]["xp"] in (25, 50, 75, 100, 125, 150)
         # the month's and the week's boards are announced with it
         for period in ("month", "week"):
-            assert (await ws.expect("leaderboard.changed", period=period))["top"][0]["xp"] == 25
+            assert (await ws.expect("leaderboard.changed", period=period))["top"][0]["xp"] >= 25
         seen = [first]
         while seen[-1]["top"][0]["xp"] != 150:  # the end of the burst is announced
             seen.append(await ws.expect("leaderboard.changed", timeout=5, period="all"))
