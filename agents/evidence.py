@@ -90,6 +90,9 @@ def windows(hits: list, extra_hits: list | None = None, *, around: int = 1) -> l
                     lo -= 1
                 if hi + 1 < len(seq) and seq[hi + 1][1] - seq[lo][0] <= MAX_CITATION_S:
                     hi += 1
+            # A window does not end on a question the speaker asks: the answer that follows belongs to it.
+            while seq[hi][2].rstrip().endswith("?") and hi + 1 < len(seq) and seq[hi + 1][1] - seq[lo][0] <= MAX_CITATION_S:
+                hi += 1
             start, end = seq[lo][0], seq[hi][1]
             if end - start > MAX_CITATION_S:  # a single very long sentence: clip to the limit
                 end = start + MAX_CITATION_S

@@ -1,6 +1,6 @@
 """Quality floors for the offline tutor on ../shared/eval, so it cannot silently get worse.
 
-Measured with bench/tutor_eval.py (offline defaults): citation hit@1 0.733, hit@3 0.90, no citation over
+Measured with bench/tutor_eval.py (offline defaults): citation hit@1 0.75, hit@3 0.917, no citation over
 60 s, refusal accuracy 0.933 on out-of-scope questions, false refusals 0.017 (one answerable question hinges on a
 word rarer than once per million that the course never says). Floors allow one question of slack.
 """
@@ -46,7 +46,7 @@ def test_tutor_quality_floors(eval_course: EvalCourse, settings):
     n, n_oos = len(spec["questions"]), len(spec["out_of_scope"])
     print(f"hit@1 {h1 / n:.3f} hit@3 {h3 / n:.3f} refusal accuracy {declined / n_oos:.3f} false refusals {refused / n:.3f}")
     assert too_long == 0
-    assert h1 / n >= 0.71
-    assert h3 / n >= 0.88
+    assert h1 / n >= 0.73
+    assert h3 / n >= 0.90
     assert refused / n <= 0.04
     assert declined / n_oos >= 0.86
