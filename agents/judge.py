@@ -4,8 +4,8 @@ Declines when
 - the best evidence is far from the question (nothing in the course is about it), or
 - the question names something the course never says: a proper name or acronym ("Ethereum", "RoPE", "GPT-2")
   that no video mentions, in any form, or
-- the question hinges on a term that is rare in general English and that no video uses, spoken or stemmed
-  ("eigenvalues" when the course never says it).
+- the question hinges on a term that is rare in general English and that no video says in any inflection
+  ("hashing" is covered by "hash", "determinant" is not covered by "determine"), or whose stem the course lacks.
 
 The names and terms are checked against the words the course's transcripts actually use (store: video_words,
 course_term_df), so the judge needs no list of topics and nothing about the questions it will be asked.
@@ -17,13 +17,21 @@ from dataclasses import dataclass, field
 
 from wordfreq import zipf_frequency
 
+from store.videos import fold
+
 MIN_DENSE = 0.25  # cosine of the best chunk; below this nothing in the course is about the question
 RARE_ZIPF = 3.0  # rarer than once per million words of English (zipf 3) and absent from the course: uncovered
 MIN_NAME_LEN = 3  # shorter capitalized tokens are notation ("Ax", "Mr") more often than names
+COMMON_ZIPF = 5.0  # a capitalized word this common in English ("What", "World") is not taken for a name
+SELF_NAMES = frozenset({"tutor"})  # learners address the tutor by name; the course need not say it
 
-# the tokenization of store/videos.py WORD_RE, on the question's original case
-_TOKEN = re.compile(r"[A-Za-z0-9]+(?:['’-][A-Za-z0-9]+)*")
-_SENTENCE_END = re.compile(r"[.?!:;]\s*$")
+# the tokenization of store/videos.py WORD_RE (accents folded), on the question's original case
+_TOKEN = re.compile(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*")
+_MENTION = re.compile(r"@[\w.-]+")
+# what may stand between the end of a sentence and the next word: spaces, quotes, brackets, dashes
+_OPENERS = " \t\r\n\"'“”‘’([{-–—*_"
+_ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "prof", "st", "vs", "etc", "e.g", "i.e", "cf", "jr", "sr",
+                            "mt", "no", "fig", "eq"})
 
 
 @dataclass
@@ -33,42 +41,75 @@ class Verdict:
 
 
 def _base(word: str) -> str:
-    w = word.lower().replace("’", "'")
+    w = fold(word).lower()
     return w[:-2] if w.endswith("'s") else w
 
 
 def forms(word: str) -> list[str]:
-    """The spellings that count as the course saying `word`: itself, singular/plural, with or without a
-    possessive."""
+    """The spellings that count as the course saying `word`: its inflections (plural, possessive, -ed, -ing,
+    -ly), from whichever of them the question used. Not derivations: "determinant" is not "determine"."""
     w = _base(word)
-    out = [w, w + "'s", w + "s", w + "es"]
-    if w.endswith("es") and len(w) > 4:
-        out.append(w[:-2])
-    if w.endswith("s") and len(w) > 3:
-        out.append(w[:-1])
-    return list(dict.fromkeys(out))
+    bases = {w}
+    for suffix, back in (("ies", "y"), ("ied", "y"), ("es", ""), ("s", ""), ("ed", ""), ("ed", "e"), ("ing", ""),
+                         ("ing", "e"), ("ly", "")):
+        if w.endswith(suffix) and len(w) - len(suffix) >= 2:
+            stem = w[: -len(suffix)] + back
+            bases.add(stem)
+            if back == "" and len(stem) > 2 and stem[-1] == stem[-2] and stem[-1] not in "aeiouls":
+                bases.add(stem[:-1])  # stopped -> stop
+    out = set()
+    for b in bases:
+        out |= {b, b + "'s", b + "s", b + "es", b + "ed", b + "d", b + "ing", b + "ly"}
+        if b.endswith("y"):
+            out |= {b[:-1] + "ies", b[:-1] + "ied"}
+        if b.endswith("e"):
+            out.add(b[:-1] + "ing")
+    return sorted(out)
+
+
+def _opens_sentence(text: str, start: int) -> bool:
+    """Whether the token at `start` opens a sentence: nothing but openers before it since the text began, a
+    line break, or a sentence end (not an abbreviation such as "Dr.")."""
+    i = start
+    while i > 0 and text[i - 1] in _OPENERS:
+        if text[i - 1] == "\n":
+            return True
+        i -= 1
+    if i == 0:
+        return True
+    if text[i - 1] in "?!:;":
+        return True
+    if text[i - 1] == ".":
+        word = re.search(r"([A-Za-z.]+)\.$", text[:i])
+        return not (word and (word.group(1).lower() in _ABBREVIATIONS or len(word.group(1)) == 1))
+    return False
 
 
 def _is_name(token: str, sentence_start: bool) -> bool:
-    """A proper name, acronym or versioned name: capitals inside ("RoPE", "FIFA"), letters with digits ("GPT-2"),
-    or a capitalized word that does not open a sentence ("Ethereum", "Hamilton's")."""
+    """A proper name, acronym or versioned name: capitals inside ("RoPE", "FIFA"), a capitalized name with a
+    number ("GPT-2"), or a capitalized word that does not open a sentence ("Ethereum", "Hamilton's") and is
+    not an everyday word ("What", "World")."""
     letters = re.sub(r"[^A-Za-z]", "", token)
-    if len(letters) + sum(c.isdigit() for c in token) < MIN_NAME_LEN or not letters:
+    if len(letters) + sum(c.isdigit() for c in token) < MIN_NAME_LEN or not letters or not token[0].isupper():
         return False
-    if sum(c.isupper() for c in token) >= 2 or (any(c.isdigit() for c in token) and token[0].isalpha()):
+    if _base(token) in SELF_NAMES or re.match(r"I'[a-z]", token):  # "Tutor", "I've", "I'll"
+        return False
+    if sum(c.isupper() for c in token) >= 2 or any(c.isdigit() for c in token):
         return True
-    return token[0].isupper() and not sentence_start
+    return not sentence_start and zipf_frequency(_base(token), "en") < COMMON_ZIPF
 
 
 def candidates(question: str) -> tuple[list[str], list[str]]:
-    """(names, rare words) of the question, as typed; see `forms` for how each is looked up."""
+    """(names, rare words) of the question, as typed (accents folded, @mentions left out); see `forms` for how
+    each is looked up."""
+    text = _MENTION.sub(" ", fold(question))
     names, rare = [], []
-    for m in _TOKEN.finditer(question):
+    for m in _TOKEN.finditer(text):
         tok = m.group(0)
-        start = m.start() == 0 or bool(_SENTENCE_END.search(question[:m.start()]))
-        if _is_name(tok, start):
+        if _is_name(tok, _opens_sentence(text, m.start())):
             names.append(tok)
-        elif re.fullmatch(r"[A-Za-z'’-]+", tok) and zipf_frequency(_base(tok), "en") < RARE_ZIPF:
+        elif re.fullmatch(r"[A-Za-z'-]+", tok) and _base(tok) not in SELF_NAMES \
+                and zipf_frequency(_base(tok), "en") < RARE_ZIPF:
             rare.append(tok)
     return list(dict.fromkeys(names)), list(dict.fromkeys(rare))
 

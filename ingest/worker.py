@@ -50,6 +50,9 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         xp.ASYNC_COMMIT = settings.xp_async_commit
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
+        from store import leaderboards
+
+        await leaderboards.drain()  # leaderboard.changed from awards of finished jobs
         pool = ctx.get("pool")
         if pool is not None:
             await pool.close()

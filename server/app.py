@@ -32,6 +32,7 @@ from server.api.matcher import MatcherController
 from server.api.progress import ProgressController, progress_lifespan
 from server.realtime.lifespan import realtime_lifespan
 from server.realtime.socket import room_socket
+from store import leaderboards
 from store.db import create_pool
 from store.settings import Settings
 
@@ -57,6 +58,7 @@ def create_app(settings: Settings) -> Litestar:
         finally:
             if app.state.tutor_tasks:  # let answers being written reach the room
                 await asyncio.wait(app.state.tutor_tasks, timeout=10)
+            await leaderboards.drain()  # leaderboard.changed under way, and the end of a burst
             await app.state.arq.aclose()
             await app.state.redis.aclose()
             await app.state.pool.close()

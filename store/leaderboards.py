@@ -267,22 +267,38 @@ async def read(redis: Redis, scope: str, scope_id: int, tenant_id: int, period: 
 
 # --- live `leaderboard.changed` events (throttled across processes) ------------------------------------
 
-_trailing: dict[str, asyncio.Task] = {}
-_now: set[asyncio.Task] = set()  # announcements under way (held so they are not collected mid-flight)
+_trailing: dict[str, asyncio.Task] = {}  # throttle key -> the timer announcing the end of a burst
+_telling: dict[str, asyncio.Task] = {}  # room -> the announcement under way (one per board, so none overtakes)
+_again: set[str] = set()  # rooms whose board changed again while being announced
+_boards: dict[str, tuple[Redis, str, int, int]] = {}  # room -> what announcing it takes (for `drain`)
 
 
 def _announce(redis: Redis, scope: str, scope_id: int, tenant_id: int, wait_ms: int) -> None:
     """`wait_ms` 0: this process holds the board's window, so tell the room now. Otherwise tell it once the
     window frees (one timer per board and process), so the last change of a burst is always announced.
     Either way off the award's path: the award returns once the boards are bumped."""
+    room = f"{scope}:{scope_id}"
+    _boards[room] = (redis, scope, scope_id, tenant_id)
     if wait_ms == 0:
-        task = asyncio.create_task(_tell(redis, scope, scope_id, tenant_id))
-        _now.add(task)
-        task.add_done_callback(_now.discard)
+        if room in _telling:
+            _again.add(room)  # the announcement under way reads the boards once more
+        else:
+            _telling[room] = asyncio.create_task(_tell_room(room))
         return
     thr = keys.leaderboard_throttle(scope, scope_id)
     if thr not in _trailing:
         _trailing[thr] = asyncio.create_task(_later(redis, thr, scope, scope_id, tenant_id, wait_ms))
+
+
+async def _tell_room(room: str) -> None:
+    try:
+        while True:
+            _again.discard(room)
+            await _tell(*_boards[room])
+            if room not in _again:
+                return
+    finally:
+        _telling.pop(room, None)
 
 
 async def _tell(redis: Redis, scope: str, scope_id: int, tenant_id: int) -> None:
@@ -296,13 +312,27 @@ async def _tell(redis: Redis, scope: str, scope_id: int, tenant_id: int) -> None
         logger.warning("could not announce a leaderboard change", exc_info=True)
 
 
+async def drain(timeout: float = 5.0) -> None:
+    """At shutdown: finish the announcements under way and tell now what the end-of-burst timers would have
+    told later (the window is moot once this process stops), before the Redis client closes."""
+    late = [(thr, t) for thr, t in _trailing.items()]
+    for _, t in late:
+        t.cancel()
+    rooms = {f"{r[1]}:{r[2]}" for r in _boards.values()
+             if keys.leaderboard_throttle(r[1], r[2]) in {thr for thr, _ in late}}
+    tasks = list(_telling.values()) + [asyncio.create_task(_tell(*_boards[room])) for room in rooms]
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)
+    _trailing.clear()
+
+
 async def _later(redis: Redis, thr: str, scope: str, scope_id: int, tenant_id: int, wait_ms: int) -> None:
     try:
         await asyncio.sleep(wait_ms / 1000)
         _trailing.pop(thr, None)
         window_ms = max(1, int(EVENT_WINDOW_S * 1000))
         if await redis.set(thr, b"1", px=window_ms, nx=True):
-            await _tell(redis, scope, scope_id, tenant_id)
+            _announce(redis, scope, scope_id, tenant_id, 0)
         else:  # another process took the window after us; it announces the state as of then or later
             _announce(redis, scope, scope_id, tenant_id, max(1, await redis.pttl(thr)))
     except Exception:  # noqa: BLE001

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -96,13 +97,19 @@ DO UPDATE SET n_chunks = s.n_chunks + excluded.n_chunks, total_terms = s.total_t
 """
 
 # The words the video's chunks use, as spoken (store/search.py vocabulary_coverage reads them). Tokens: runs of
-# letters and digits joined by an apostrophe or a hyphen ("gpt-2", "hamilton's"), lower-cased, curly apostrophes
-# straight; agents/judge.py tokenizes questions the same way, migration 0008 did the same in SQL.
+# letters and digits joined by an apostrophe or a hyphen ("gpt-2", "hamilton's"), accents folded, lower-cased,
+# curly apostrophes straight; agents/judge.py tokenizes questions the same way, migration 0008 did the same in SQL.
 WORD_RE = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
 
 
+def fold(text: str) -> str:
+    """Accents off, curly apostrophes straight: "Schrödinger’s" -> "Schrodinger's"."""
+    text = text.replace("\u2019", "'").replace("\u2018", "'")
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+
+
 def spoken_words(texts: Iterable[str]) -> set[str]:
-    return {w for t in texts for w in WORD_RE.findall(t.lower().replace("\u2019", "'"))}
+    return {w for t in texts for w in WORD_RE.findall(fold(t).lower())}
 
 
 # df recounted from the postings; only rows that changed are written.

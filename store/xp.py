@@ -33,7 +33,7 @@ from redis.asyncio import Redis
 
 from store import achievements, leaderboards
 from store.achievements import Unlocked, level_for
-from store.events import AchievementUnlocked, UserRef, XpAwarded, encode, publish, room_topic, user_topic
+from store.events import AchievementUnlocked, UserRef, XpAwarded, encode, room_topic, user_topic
 from store.keys import events_channel
 
 logger = logging.getLogger(__name__)
@@ -210,11 +210,20 @@ async def settle(redis: Redis, awards: list[Award], unlocked: list[Unlocked] = (
     except Exception:  # noqa: BLE001
         logger.warning("could not update leaderboards; the hourly check will rebuild them", exc_info=True)
     names = {a.user_id: a.name for a in awards}
+    notes = []
     for u in [u for a in awards for u in a.unlocked] + list(unlocked):
         who = UserRef(id=u.user_id, name=u.name or names.get(u.user_id, ""), role="learner")
         for topic, room in [(user_topic(u.user_id), None)] + [(room_topic(r), r) for r in u.rooms]:
-            await publish(redis, topic, AchievementUnlocked(user=who, achievement=u.achievement.info(),
-                                                            unlocked_at=u.unlocked_at, room=room))
+            notes.append((events_channel(topic), encode(AchievementUnlocked(
+                user=who, achievement=u.achievement.info(), unlocked_at=u.unlocked_at, room=room))))
+    if notes:  # the learner and each of their rooms, in one round trip
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                for channel, payload in notes:
+                    pipe.publish(channel, payload)
+                await pipe.execute()
+        except Exception:  # noqa: BLE001 - the unlock is stored; only the nudge is lost
+            logger.warning("could not announce unlocked achievements", exc_info=True)
 
 
 async def totals(conn: asyncpg.Connection, user_id: int) -> tuple[int, dict[str, int]]:

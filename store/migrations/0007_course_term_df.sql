@@ -9,8 +9,9 @@ CREATE TABLE IF NOT EXISTS course_term_df (
     PRIMARY KEY (course_id, embed_model, lexeme)
 );
 
+-- Derived data: recounted whole from the postings (drops whatever a development build left behind).
+DELETE FROM course_term_df;
 INSERT INTO course_term_df (course_id, embed_model, lexeme, df)
 SELECT t.course_id, t.embed_model, t.lexeme, count(*)
 FROM chunk_terms t JOIN courses c ON c.id = t.course_id
-GROUP BY t.course_id, t.embed_model, t.lexeme
-ON CONFLICT (course_id, embed_model, lexeme) DO UPDATE SET df = EXCLUDED.df;
+GROUP BY t.course_id, t.embed_model, t.lexeme;

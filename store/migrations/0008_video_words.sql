@@ -9,8 +9,11 @@ CREATE TABLE video_words (
 );
 CREATE INDEX video_words_video_idx ON video_words (video_id);
 
--- The same tokenization as store/videos.py spoken_words (WORD_RE), for the chunks already stored.
+-- The same tokenization as store/videos.py spoken_words (WORD_RE, common Latin accents folded), for the chunks
+-- already stored.
 INSERT INTO video_words (course_id, word, video_id)
 SELECT DISTINCT c.course_id, m[1], c.video_id
-FROM chunks c, regexp_matches(translate(lower(c.text), '’', ''''), '([a-z0-9]+(?:[''-][a-z0-9]+)*)', 'g') AS m
+FROM chunks c, regexp_matches(lower(translate(c.text, '’‘àáâãäåçèéêëìíîïñòóôõöùúûüýÿÀÁÂÃÄÅÇÈÉÊËÌÍÎÏÑÒÓÔÕÖÙÚÛÜÝ',
+                                                        '''''aaaaaaceeeeiiiinooooouuuuyyaaaaaaceeeeiiiinooooouuuuy')),
+                               '([a-z0-9]+(?:[''-][a-z0-9]+)*)', 'g') AS m
 ON CONFLICT DO NOTHING;

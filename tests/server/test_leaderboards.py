@@ -85,6 +85,25 @@ async def test_leaderboard_changed_is_throttled(server, client, make: Factory, x
         await ws.close()
 
 
+async def test_shutdown_tells_the_end_of_a_burst(server, client, make: Factory, xp_store):
+    """A process stopping mid-window announces the last change at once instead of losing it with its timer."""
+    pool, redis = xp_store
+    course = make_course(client, make, learners=2, videos=0)
+    a, b = course.learners
+    old = leaderboards.EVENT_WINDOW_S
+    leaderboards.EVENT_WINDOW_S = 60.0
+    ws = await Client.connect(server, f"course:{course.id}", b)
+    try:
+        await xp.award_xp(pool, redis, a.id, "helpful_answer", "burst:1", course_id=course.id)
+        assert (await ws.expect("leaderboard.changed", period="all"))["top"][0]["xp"] == 25
+        await xp.award_xp(pool, redis, a.id, "helpful_answer", "burst:2", course_id=course.id)  # inside the window
+        await leaderboards.drain()
+        assert (await ws.expect("leaderboard.changed", period="all", timeout=3))["top"][0]["xp"] == 50
+    finally:
+        leaderboards.EVENT_WINDOW_S = old
+        await ws.close()
+
+
 def _all_boards(client: httpx.Client, viewers: dict, boards: list[tuple[str, int]]) -> list:  # type: ignore[type-arg]
     out = []
     for scope, sid in boards:

@@ -69,3 +69,52 @@ def test_concurrent_migrate_processes(settings, data_dir):
     assert said[0].startswith("applied:") and said[1] == "database is up to date", said
     applied, _ = run_sync(_state(dsn))
     assert [a[0] for a in applied] == [v for v, _, _ in migration_files()]
+
+
+def test_upgrade_from_a_database_with_stored_chunks(settings):
+    """0007 and 0008 on a database that already holds chunks (and a development build's df table with stale
+    rows): df is recounted from the postings, the spoken words are filled in."""
+    dsn = _fresh_db(settings)
+
+    async def go() -> tuple[dict, set]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("""CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
+                                  checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())""")
+            for version, name, sql in migration_files():
+                if version > 6:
+                    break
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2, 'x')", version, name)
+            await conn.execute("""CREATE TABLE course_term_df (course_id bigint NOT NULL REFERENCES courses(id)
+                                  ON DELETE CASCADE, embed_model text NOT NULL, lexeme text NOT NULL,
+                                  df integer NOT NULL, PRIMARY KEY (course_id, embed_model, lexeme))""")
+            tid = await conn.fetchval("INSERT INTO tenants (name) VALUES ('t') RETURNING id")
+            uid = await conn.fetchval("INSERT INTO users (tenant_id, name, role) VALUES ($1, 'i', 'instructor') "
+                                      "RETURNING id", tid)
+            cid = await conn.fetchval("INSERT INTO courses (tenant_id, owner_id, title) VALUES ($1, $2, 'c') "
+                                      "RETURNING id", tid, uid)
+            vid = await conn.fetchval("INSERT INTO videos (course_id, title, source) VALUES ($1, 'v', 'transcript') "
+                                      "RETURNING id", cid)
+            chunk = await conn.fetchval(
+                """INSERT INTO chunks (video_id, course_id, position, start_s, end_s, text, embed_model)
+                   VALUES ($1, $2, 0, 0, 5, 'Schrödinger’s matrices: matrix times matrix', 'm') RETURNING id""",
+                vid, cid)
+            await conn.execute("""INSERT INTO chunk_terms (course_id, embed_model, lexeme, chunk_id, video_id, tf, dl)
+                                  VALUES ($1, 'm', 'matrix', $2, $3, 3, 4), ($1, 'm', 'schrodinger', $2, $3, 1, 4)""",
+                               cid, chunk, vid)
+            await conn.execute("INSERT INTO course_term_df VALUES ($1, 'm', 'matrix', 7), ($1, 'm', 'gone', 2)", cid)
+        finally:
+            await conn.close()
+        assert [n for n in await migrate(dsn)] == [name for v, name, _ in migration_files() if v > 6]
+        conn = await asyncpg.connect(dsn)
+        try:
+            df = {r["lexeme"]: r["df"] for r in await conn.fetch("SELECT lexeme, df FROM course_term_df")}
+            words = {r["word"] for r in await conn.fetch("SELECT word FROM video_words")}
+            return df, words
+        finally:
+            await conn.close()
+
+    df, words = run_sync(go())
+    assert df == {"matrix": 1, "schrodinger": 1}
+    assert words == {"schrodinger's", "matrices", "matrix", "times"}
