@@ -165,8 +165,9 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
                                                   frame.client_msg_id)
         if not posted.created:
             conn.own(posted.event.seq, posted.payload.decode())
-        elif TUTOR_MENTION.search(text):
-            schedule_room_answer(hub.app_state, user, conn.access.course_id, conn.room, posted.event.id, text)
+        elif TUTOR_MENTION.search(text):  # the question is the message without the mention
+            question = " ".join(TUTOR_MENTION.sub(" ", text).split()) or text
+            schedule_room_answer(hub.app_state, user, conn.access.course_id, conn.room, posted.event.id, question)
     elif isinstance(frame, frames.TutorAsk):
         # the question is posted like any message, then the tutor replies to it
         text = _check_text(frame.text, settings.ws_max_text)
