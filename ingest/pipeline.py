@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,13 +77,20 @@ async def fetch_cues(video: asyncpg.Record, settings: Settings, reporter: JobRep
     raise PermanentIngestError(f"unknown video source {source!r}")
 
 
+# One batch embeds at a time per worker process: the model already uses every core, so two jobs embedding at
+# once only oversubscribe them; meanwhile the other job fetches, chunks and writes to Postgres.
+_embedding: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
 async def embed_texts(embedder: Any, texts: list[str], reporter: JobReporter | None = None) -> np.ndarray:
     """Embed in batches off the event loop, reporting progress between batches."""
     if not texts:
         return np.zeros((0, embedder.dim), dtype=np.float32)
+    lock = _embedding.setdefault(asyncio.get_running_loop(), asyncio.Lock())
     parts = []
     for i in range(0, len(texts), EMBED_BATCH):
-        parts.append(await asyncio.to_thread(embedder.embed, texts[i: i + EMBED_BATCH]))
+        async with lock:
+            parts.append(await asyncio.to_thread(embedder.embed, texts[i: i + EMBED_BATCH]))
         if reporter is not None:
             await reporter.advance((i + EMBED_BATCH) / len(texts))
     return np.vstack(parts)
