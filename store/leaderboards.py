@@ -280,14 +280,19 @@ def _announce(redis: Redis, scope: str, scope_id: int, tenant_id: int, wait_ms: 
     room = f"{scope}:{scope_id}"
     _boards[room] = (redis, scope, scope_id, tenant_id)
     if wait_ms == 0:
-        if room in _telling:
+        if _live(_telling.get(room)):
             _again.add(room)  # the announcement under way reads the boards once more
         else:
             _telling[room] = asyncio.create_task(_tell_room(room))
         return
     thr = keys.leaderboard_throttle(scope, scope_id)
-    if thr not in _trailing:
+    if not _live(_trailing.get(thr)):
         _trailing[thr] = asyncio.create_task(_later(redis, thr, scope, scope_id, tenant_id, wait_ms))
+
+
+def _live(task: asyncio.Task | None) -> bool:
+    """A task still running on this event loop (one left behind by a closed loop counts as gone)."""
+    return task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop()
 
 
 async def _tell_room(room: str) -> None:
@@ -315,12 +320,11 @@ async def _tell(redis: Redis, scope: str, scope_id: int, tenant_id: int) -> None
 async def drain(timeout: float = 5.0) -> None:
     """At shutdown: finish the announcements under way and tell now what the end-of-burst timers would have
     told later (the window is moot once this process stops), before the Redis client closes."""
-    late = [(thr, t) for thr, t in _trailing.items()]
-    for _, t in late:
-        t.cancel()
-    rooms = {f"{r[1]}:{r[2]}" for r in _boards.values()
-             if keys.leaderboard_throttle(r[1], r[2]) in {thr for thr, _ in late}}
-    tasks = list(_telling.values()) + [asyncio.create_task(_tell(*_boards[room])) for room in rooms]
+    late = {thr for thr, t in _trailing.items() if _live(t)}
+    for thr in late:
+        _trailing[thr].cancel()
+    rooms = {f"{r[1]}:{r[2]}" for r in _boards.values() if keys.leaderboard_throttle(r[1], r[2]) in late}
+    tasks = [t for t in _telling.values() if _live(t)] + [asyncio.create_task(_tell(*_boards[room])) for room in rooms]
     if tasks:
         await asyncio.wait(tasks, timeout=timeout)
     _trailing.clear()
