@@ -267,27 +267,27 @@ async def read(redis: Redis, scope: str, scope_id: int, tenant_id: int, period: 
 
 # --- live `leaderboard.changed` events (throttled across processes) ------------------------------------
 
-_trailing: dict[str, asyncio.Task] = {}  # throttle key -> the timer announcing the end of a burst
+_Target = tuple[Redis, str, int, int]  # what announcing a board takes: client, scope, scope id, tenant id
+_trailing: dict[str, tuple[asyncio.Task, _Target]] = {}  # throttle key -> the timer announcing the end of a burst
 _telling: dict[str, asyncio.Task] = {}  # room -> the announcement under way (one per board, so none overtakes)
 _again: set[str] = set()  # rooms whose board changed again while being announced
-_boards: dict[str, tuple[Redis, str, int, int]] = {}  # room -> what announcing it takes (for `drain`)
 
 
 def _announce(redis: Redis, scope: str, scope_id: int, tenant_id: int, wait_ms: int) -> None:
     """`wait_ms` 0: this process holds the board's window, so tell the room now. Otherwise tell it once the
     window frees (one timer per board and process), so the last change of a burst is always announced.
     Either way off the award's path: the award returns once the boards are bumped."""
-    room = f"{scope}:{scope_id}"
-    _boards[room] = (redis, scope, scope_id, tenant_id)
+    board = (redis, scope, scope_id, tenant_id)
     if wait_ms == 0:
+        room = f"{scope}:{scope_id}"
         if _live(_telling.get(room)):
             _again.add(room)  # the announcement under way reads the boards once more
         else:
-            _telling[room] = asyncio.create_task(_tell_room(room))
+            _telling[room] = asyncio.create_task(_tell_room(room, board))
         return
     thr = keys.leaderboard_throttle(scope, scope_id)
-    if not _live(_trailing.get(thr)):
-        _trailing[thr] = asyncio.create_task(_later(redis, thr, scope, scope_id, tenant_id, wait_ms))
+    if not _live(_trailing.get(thr, (None,))[0]):
+        _trailing[thr] = (asyncio.create_task(_later(thr, board, wait_ms)), board)
 
 
 def _live(task: asyncio.Task | None) -> bool:
@@ -295,11 +295,11 @@ def _live(task: asyncio.Task | None) -> bool:
     return task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop()
 
 
-async def _tell_room(room: str) -> None:
+async def _tell_room(room: str, board: _Target) -> None:
     try:
         while True:
             _again.discard(room)
-            await _tell(*_boards[room])
+            await _tell(*board)
             if room not in _again:
                 return
     finally:
@@ -320,17 +320,17 @@ async def _tell(redis: Redis, scope: str, scope_id: int, tenant_id: int) -> None
 async def drain(timeout: float = 5.0) -> None:
     """At shutdown: finish the announcements under way and tell now what the end-of-burst timers would have
     told later (the window is moot once this process stops), before the Redis client closes."""
-    late = {thr for thr, t in _trailing.items() if _live(t)}
-    for thr in late:
-        _trailing[thr].cancel()
-    rooms = {f"{r[1]}:{r[2]}" for r in _boards.values() if keys.leaderboard_throttle(r[1], r[2]) in late}
-    tasks = [t for t in _telling.values() if _live(t)] + [asyncio.create_task(_tell(*_boards[room])) for room in rooms]
+    late = [(task, board) for task, board in _trailing.values() if _live(task)]
+    for task, _ in late:
+        task.cancel()
+    tasks = [t for t in _telling.values() if _live(t)] + [asyncio.create_task(_tell(*board)) for _, board in late]
     if tasks:
         await asyncio.wait(tasks, timeout=timeout)
     _trailing.clear()
 
 
-async def _later(redis: Redis, thr: str, scope: str, scope_id: int, tenant_id: int, wait_ms: int) -> None:
+async def _later(thr: str, board: _Target, wait_ms: int) -> None:
+    redis, scope, scope_id, tenant_id = board
     try:
         await asyncio.sleep(wait_ms / 1000)
         _trailing.pop(thr, None)
@@ -342,5 +342,5 @@ async def _later(redis: Redis, thr: str, scope: str, scope_id: int, tenant_id: i
     except Exception:  # noqa: BLE001
         logger.warning("could not announce a leaderboard change", exc_info=True)
     finally:
-        if _trailing.get(thr) is asyncio.current_task():
+        if _trailing.get(thr, (None,))[0] is asyncio.current_task():
             _trailing.pop(thr, None)
