@@ -6,6 +6,7 @@ costs no query; `sync` evaluates every definition (new definitions reach learner
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -101,6 +102,26 @@ def level_for(xp: int) -> int:
     return isqrt(max(xp, 0) // 100)
 
 
+@functools.lru_cache(maxsize=256)
+def award_thresholds(kind: str) -> tuple[tuple[str, ...], tuple[int, ...], tuple[bool, ...]]:
+    """What an award of `kind` can cross, as (ids, thresholds, on_xp) for the award statement: a threshold on
+    the count of `kind`, or (on_xp) the XP at which a level threshold starts. Awards never move the streak."""
+    ids: list[str] = []
+    need: list[int] = []
+    on_xp: list[bool] = []
+    for a in BY_ID.values():
+        if a.stat == "level":
+            ids.append(a.id), need.append(100 * a.at_least * a.at_least), on_xp.append(True)
+        elif _COUNT_OF.get(a.stat) == kind:
+            ids.append(a.id), need.append(a.at_least), on_xp.append(False)
+    return tuple(ids), tuple(need), tuple(on_xp)
+
+
+# The rooms (course and pod rooms of the user $1) an unlock is announced in, as one text[] expression.
+ROOMS_SQL = """(ARRAY(SELECT 'course:' || course_id FROM enrollments WHERE user_id = $1 ORDER BY course_id)
+               || ARRAY(SELECT 'pod:' || pod_id FROM pod_members WHERE user_id = $1 ORDER BY pod_id))"""
+
+
 def stats(xp: int, counts: dict[str, int], longest_streak: int) -> dict[str, int]:
     out = {stat: int(counts.get(kind, 0)) for stat, kind in _COUNT_OF.items()}
     out["level"] = level_for(xp)
@@ -139,9 +160,7 @@ async def unlock(conn: asyncpg.Connection, user_id: int, candidates: list[Achiev
         user_id, [a.id for a in candidates], at)
     if not rows:
         return []
-    rooms = tuple(await conn.fetchval(
-        """SELECT ARRAY(SELECT 'course:' || course_id FROM enrollments WHERE user_id = $1 ORDER BY course_id)
-               || ARRAY(SELECT 'pod:' || pod_id FROM pod_members WHERE user_id = $1 ORDER BY pod_id)""", user_id))
+    rooms = tuple(await conn.fetchval(f"SELECT {ROOMS_SQL}", user_id))
     return [Unlocked(user_id, BY_ID[r["achievement_id"]], r["unlocked_at"], rooms=rooms) for r in rows]
 
 

@@ -96,17 +96,18 @@ def boards_of(tenant_id: int, course_id: int | None, pod_ids: list[int], at: dat
 # --- writes --------------------------------------------------------------------------------------------
 
 # One round trip per award: bump its boards, record the name, log it for a running rebuild, take the
-# `leaderboard.changed` window of each board that has a room, and publish the learner's `xp.awarded`.
+# `leaderboard.changed` window of each board that has a room, and publish the award's notices (the learner's
+# `xp.awarded`, the achievements it unlocked).
 # KEYS: building flag, backlog, names hash, then the boards, then the throttle keys.
-# ARGV: points, user id, name, ledger id, number of boards, window ms, channel, payload ('' = none),
-#       then expire-at per board (0: none).
+# ARGV: points, user id, name, ledger id, number of boards, window ms, number of notices,
+#       then expire-at per board (0: none), then channel and payload of each notice.
 # -> per throttle key: 0 when this call took the window (announce now), else ms until it frees.
 _AWARD = """
-local nb = tonumber(ARGV[5])
+local nb, nn = tonumber(ARGV[5]), tonumber(ARGV[7])
 for i = 1, nb do
   local key = KEYS[3 + i]
   redis.call('ZINCRBY', key, ARGV[1], ARGV[2])
-  local exp = tonumber(ARGV[8 + i])
+  local exp = tonumber(ARGV[7 + i])
   if exp > 0 then redis.call('EXPIREAT', key, exp) end
 end
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
@@ -122,7 +123,7 @@ for i = 4 + nb, #KEYS do
     out[#out + 1] = math.max(1, redis.call('PTTL', KEYS[i]))
   end
 end
-if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[8]) end
+for i = 8 + nb, 7 + nb + 2 * nn, 2 do redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
 return out
 """
 
@@ -163,22 +164,22 @@ def scripts(redis: Redis) -> _Scripts:
     return s
 
 
-async def apply(redis: Redis, entries: list[Entry], notices: list[tuple[str, bytes]] | None = None) -> None:
-    """After commit: bump the boards of these ledger events and publish each one's notice (channel, payload),
+async def apply(redis: Redis, entries: list[Entry], notices: list[list[tuple[str, bytes]]] | None = None) -> None:
+    """After commit: bump the boards of these ledger events and publish each one's notices (channel, payload),
     in one round trip for all of them; then announce changed boards (see `announce`)."""
     if not entries:
         return
-    notices = notices or [("", b"")] * len(entries)
+    notices = notices or [[] for _ in entries]
     award = scripts(redis).award
     window_ms = max(1, int(EVENT_WINDOW_S * 1000))
     rooms = [e.rooms() for e in entries]
     calls = []
-    for e, (channel, payload), rs in zip(entries, notices, rooms):
+    for e, notes, rs in zip(entries, notices, rooms):
         boards = boards_of(e.tenant_id, e.course_id, e.pod_ids, e.at)
         calls.append(([keys.LEADERBOARD_BUILDING, keys.LEADERBOARD_BACKLOG, keys.leaderboard_names(e.tenant_id)]
                       + [k for k, _ in boards] + [keys.leaderboard_throttle(sc, sid) for sc, sid in rs],
-                      [e.points, e.user_id, e.name, e.id, len(boards), window_ms, channel, payload]
-                      + [x for _, x in boards]))
+                      [e.points, e.user_id, e.name, e.id, len(boards), window_ms, len(notes)]
+                      + [x for _, x in boards] + [x for note in notes for x in note]))
     if len(calls) == 1:  # a pipeline would first ask SCRIPT EXISTS: one more round trip
         results = [await award(keys=calls[0][0], args=calls[0][1])]
     else:

@@ -83,9 +83,10 @@ class Award:
                                   self.pod_ids, self.at)
 
 
-# Insert the ledger row (learners only; a duplicate key inserts nothing) and bump the running totals, in one
-# statement. The pods default to the learner's pods in the course (all of them without a course).
-_AWARD = """
+# Insert the ledger row (learners only; a duplicate key inserts nothing), bump the running totals and record
+# the achievements the award crossed, in one statement (one round trip, one commit). The pods default to the
+# learner's pods in the course (all of them without a course). $9-$11: achievements.award_thresholds(kind).
+_AWARD = f"""
 WITH ins AS (
     INSERT INTO xp_events (tenant_id, user_id, kind, points, idempotency_key, course_id, pod_ids, at, meta)
     SELECT u.tenant_id, u.id, $2, $3, $4, $5,
@@ -104,8 +105,19 @@ WITH ins AS (
             counts = t.counts || jsonb_build_object($2::text, coalesce((t.counts ->> $2)::int, 0) + 1),
             updated_at = now()
     RETURNING xp, counts
+), unl AS (
+    INSERT INTO user_achievements (user_id, achievement_id, unlocked_at)
+    SELECT ins.user_id, d.id, now()
+    FROM ins, tot, unnest($9::text[], $10::bigint[], $11::bool[]) AS d(id, need, on_xp)
+    WHERE CASE WHEN d.on_xp THEN tot.xp - ins.points < d.need AND d.need <= tot.xp
+               ELSE (tot.counts ->> $2)::bigint - 1 < d.need AND d.need <= (tot.counts ->> $2)::bigint END
+    ON CONFLICT DO NOTHING
+    RETURNING achievement_id, unlocked_at
 )
-SELECT ins.*, tot.xp AS total, tot.counts, (SELECT name FROM users WHERE id = $1) AS name FROM ins, tot
+SELECT ins.*, tot.xp AS total, (SELECT name FROM users WHERE id = $1) AS name,
+       ARRAY(SELECT achievement_id FROM unl) AS unlocked, now() AS unlocked_at,
+       CASE WHEN EXISTS (SELECT 1 FROM unl) THEN {achievements.ROOMS_SQL} END AS rooms
+FROM ins, tot
 """
 # The same, committing asynchronously (the setting is local to the statement's own transaction).
 _AWARD_ASYNC = _AWARD.replace("FROM users u WHERE u.id = $1 AND u.role = 'learner'",
@@ -127,15 +139,13 @@ async def insert_award(conn: asyncpg.Connection, user_id: int, kind: str, idempo
     if points < 0:
         raise ValueError("points must not be negative")
     row = await conn.fetchrow(_AWARD_ASYNC if async_commit else _AWARD, user_id, kind, points, idempotency_key,
-                              course_id, pod_ids, at, meta or {})
+                              course_id, pod_ids, at, meta or {}, *achievements.award_thresholds(kind))
     if row is None:
         return None
-    total, counts = int(row["total"]), dict(row["counts"])
-    before_counts = dict(counts, **{kind: counts.get(kind, 1) - 1})
-    longest = 0  # awards never change the streak; its thresholds are checked where the streak moves
-    hit = achievements.crossed(achievements.stats(total - points, before_counts, longest),
-                               {k: v for k, v in achievements.stats(total, counts, longest).items() if k != "streak"})
-    unlocked = await achievements.unlock(conn, user_id, hit) if hit else []
+    total = int(row["total"])
+    rooms = tuple(row["rooms"] or ())
+    unlocked = [Unlocked(user_id, achievements.BY_ID[i], row["unlocked_at"], rooms=rooms)
+                for i in sorted(row["unlocked"])]
     return Award(id=row["id"], tenant_id=row["tenant_id"], user_id=user_id, name=row["name"], kind=kind,
                  points=points, idempotency_key=idempotency_key, course_id=row["course_id"],
                  pod_ids=list(row["pod_ids"]), at=row["at"], xp=total, level=level_for(total),
@@ -197,25 +207,23 @@ async def award_xp(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, user_id:
 
 
 async def settle(redis: Redis, awards: list[Award], unlocked: list[Unlocked] = ()) -> None:  # type: ignore[assignment]
-    """After commit: bump the boards and tell the learner (one Redis round trip per batch), announce changed
-    boards, publish unlocked achievements. Failures are logged: the ledger is the truth and a rebuild (startup
-    check, hourly check, CLI) restores the boards."""
+    """After commit: bump the boards, tell the learner (`xp.awarded`) and announce what each award unlocked
+    (one Redis round trip per batch); announce changed boards; publish achievements unlocked on their own.
+    Failures are logged: the ledger is the truth and a rebuild (startup check, hourly check, CLI) restores the
+    boards."""
     if not awards and not unlocked:
         return
-    try:
-        await leaderboards.apply(redis, [a.entry() for a in awards], [(
-            events_channel(user_topic(a.user_id)),
-            encode(XpAwarded(user_id=a.user_id, kind=a.kind, points=a.points, xp=a.xp, level=a.level,
-                             level_up=a.level > a.previous_level, course_id=a.course_id))) for a in awards])
-    except Exception:  # noqa: BLE001
-        logger.warning("could not update leaderboards; the hourly check will rebuild them", exc_info=True)
     names = {a.user_id: a.name for a in awards}
-    notes = []
-    for u in [u for a in awards for u in a.unlocked] + list(unlocked):
-        who = UserRef(id=u.user_id, name=u.name or names.get(u.user_id, ""), role="learner")
-        for topic, room in [(user_topic(u.user_id), None)] + [(room_topic(r), r) for r in u.rooms]:
-            notes.append((events_channel(topic), encode(AchievementUnlocked(
-                user=who, achievement=u.achievement.info(), unlocked_at=u.unlocked_at, room=room))))
+    if awards:
+        try:
+            await leaderboards.apply(redis, [a.entry() for a in awards], [
+                [(events_channel(user_topic(a.user_id)),
+                  encode(XpAwarded(user_id=a.user_id, kind=a.kind, points=a.points, xp=a.xp, level=a.level,
+                                   level_up=a.level > a.previous_level, course_id=a.course_id)))]
+                + _unlock_notes(a.unlocked, names) for a in awards])
+        except Exception:  # noqa: BLE001
+            logger.warning("could not update leaderboards; the hourly check will rebuild them", exc_info=True)
+    notes = _unlock_notes(list(unlocked), names)
     if notes:  # the learner and each of their rooms, in one round trip
         try:
             async with redis.pipeline(transaction=False) as pipe:
@@ -224,6 +232,17 @@ async def settle(redis: Redis, awards: list[Award], unlocked: list[Unlocked] = (
                 await pipe.execute()
         except Exception:  # noqa: BLE001 - the unlock is stored; only the nudge is lost
             logger.warning("could not announce unlocked achievements", exc_info=True)
+
+
+def _unlock_notes(unlocked: list[Unlocked], names: dict[int, str]) -> list[tuple[str, bytes]]:
+    """`achievement.unlocked` for the learner and for each of their rooms: (channel, payload) pairs."""
+    notes = []
+    for u in unlocked:
+        who = UserRef(id=u.user_id, name=u.name or names.get(u.user_id, ""), role="learner")
+        for topic, room in [(user_topic(u.user_id), None)] + [(room_topic(r), r) for r in u.rooms]:
+            notes.append((events_channel(topic), encode(AchievementUnlocked(
+                user=who, achievement=u.achievement.info(), unlocked_at=u.unlocked_at, room=room))))
+    return notes
 
 
 async def totals(conn: asyncpg.Connection, user_id: int) -> tuple[int, dict[str, int]]:

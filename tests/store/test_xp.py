@@ -84,3 +84,30 @@ async def test_transaction_rolls_back_awards(make: Factory, xp_store):
             with pytest.raises(RuntimeError):
                 await xp.award_xp(conn, redis, u.id, "lesson_completed", "lesson:9")
     assert (await leaderboards.read(redis, "tenant", u.tenant_id, u.tenant_id, "all", u.id)).me is None
+
+
+async def test_statement_unlocks_exactly_what_the_definitions_say(make: Factory, xp_store):
+    """The award statement records the crossed achievements itself; check it against the definitions
+    (`achievements.crossed`) over a run of mixed awards, some crossing several thresholds at once."""
+    import random
+
+    pool, redis = xp_store
+    u = make.user("learner")
+    rnd = random.Random(5)
+    total, counts, held = 0, {}, set()
+    async with pool.acquire() as conn:
+        for i in range(60):
+            kind = rnd.choice(sorted(xp.POINTS))
+            points = rnd.choice([None, None, 0, 700, 3000, 9000])
+            a = await xp.insert_award(conn, u.id, kind, f"mix:{i}", points=points)
+            gained = xp.POINTS[kind] if points is None else points
+            before = achievements.stats(total, counts, 0)
+            total, counts = total + gained, dict(counts, **{kind: counts.get(kind, 0) + 1})
+            after = {k: v for k, v in achievements.stats(total, counts, 0).items() if k != "streak"}
+            want = {x.id for x in achievements.crossed(before, after)} - held
+            assert {x.achievement.id for x in a.unlocked} == want, (i, kind, gained)
+            held |= want
+            assert (a.xp, a.level, a.previous_level) == (total, level_for(total), level_for(total - gained))
+        assert set(await achievements.unlocked_of(conn, u.id)) == held
+        assert await achievements.sync(conn, u.id) == []  # nothing missed
+    assert {"level-5", "level-10", "level-25"} <= held
