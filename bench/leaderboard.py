@@ -96,11 +96,14 @@ async def main() -> None:
             return out
 
         seq = iter(range(10**9))
+        unlocks = [0, 0]  # awards that unlocked an achievement, awards
 
         async def award(i: int) -> None:
             a = await xp.award_xp(pool, redis, rnd.choice(ids), "helpful_answer", f"bench:{run}:{next(seq)}",
                                   course_id=cid)
             assert a is not None
+            unlocks[0] += bool(a.unlocked)
+            unlocks[1] += 1
 
         async def bare_write(i: int) -> None:
             await redis.zincrby(bare, 25, str(rnd.choice(ids)))
@@ -138,7 +141,8 @@ async def main() -> None:
             print(f"  {name:<52} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms")
             return p50, p99
 
-        print(f"\n{len(ids):,} learners on the board, {n:,} operations each")
+        print(f"\n{len(ids):,} learners on the board, {n:,} operations each; "
+              f"{unlocks[0] / unlocks[1]:.0%} of the awards unlocked an achievement (a first helpful answer)")
         a50, a99 = row("award (ledger commit + boards + events)", res["award"])
         s50, s99 = row("award, STUDYHALL_XP_ASYNC_COMMIT=1", res["award_async"])
         w50, w99 = row("bare redis-py ZINCRBY", res["bare_write"])
