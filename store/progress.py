@@ -67,8 +67,13 @@ def check_report(duration: float, position: float, watched: list[list[float]]) -
             raise ProgressError(f"watched[{i}]", f"range {r} is outside the video (0 to {duration:g} s)")
         if b <= a:
             raise ProgressError(f"watched[{i}]", f"range {r} ends before it starts")
-        clean.append([a, min(b, duration)])
+        a, b = min(a, duration), min(b, duration)
+        if b > a:  # a range wholly in the tolerance past the end adds nothing
+            clean.append([a, b])
     return min(position, duration), clean
+
+
+_LEARNER_LOCK = "SELECT pg_advisory_xact_lock(5148, hashint8($1))"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +101,10 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
     conn = tx.conn
     at = at or datetime.now(timezone.utc)
     duration = float(video["duration_s"])
+    # One report per learner at a time: two concurrent first reports of a video would each merge only their
+    # own ranges (no row to lock yet), and a completing report (XP, then streak) would deadlock against a
+    # first-of-the-day one (streak, then its XP).
+    await conn.execute(_LEARNER_LOCK, user_id)
     old = await conn.fetchrow(
         "SELECT watched, completed_at FROM video_progress WHERE user_id = $1 AND video_id = $2 FOR UPDATE",
         user_id, video["id"])

@@ -191,8 +191,8 @@ async def award_xp(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, user_id:
                    meta: dict[str, Any] | None = None) -> Award | None:
     """Award XP on its own, then update the boards and publish. None: duplicate or not a learner.
 
-    The ledger row and the totals are one statement (its own transaction: one round trip); an achievement it
-    unlocks is recorded right after (idempotent; `achievements.sync` repairs one lost to a crash in between)."""
+    The ledger row, the totals and the achievements it unlocks are one statement (its own transaction: one
+    round trip)."""
     if isinstance(db, asyncpg.Pool):
         async with db.acquire() as conn:
             return await award_xp(conn, redis, user_id, kind, idempotency_key, course_id=course_id, pod_ids=pod_ids,

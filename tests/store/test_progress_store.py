@@ -1,0 +1,63 @@
+"""Progress reports stored straight through the store (as the API does), concurrently for one learner."""
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+
+from store import progress, xp
+from tests.conftest import Factory
+from tests.progress_helpers import xp_store  # noqa: F401 - fixture
+
+
+async def _video(pool, user, duration: float = 100.0) -> dict:  # type: ignore[no-untyped-def]
+    async with pool.acquire() as conn:
+        owner = await conn.fetchval("INSERT INTO users (tenant_id, name, role) VALUES ($1, $2, 'instructor') "
+                                    "RETURNING id", user.tenant_id, f"instructor of {user.name}")
+        cid = await conn.fetchval("INSERT INTO courses (tenant_id, owner_id, title) VALUES ($1, $2, 'c') RETURNING id",
+                                  user.tenant_id, owner)
+        rows = [await conn.fetchrow("INSERT INTO videos (course_id, title, source, duration_s, status) VALUES "
+                                    "($1, $2, 'transcript', $3, 'ready') RETURNING *", cid, f"v{i}", duration)
+                for i in range(2)]
+    return {"course_id": cid, "videos": [dict(r) for r in rows]}
+
+
+async def _report(pool, redis, user, video, watched, at=None):  # type: ignore[no-untyped-def]
+    position, clean = progress.check_report(float(video["duration_s"]), 0, watched)
+    async with xp.transaction(pool, redis) as tx:
+        return await progress.report(tx, user.id, "learner", video, position, clean, 0.9, at=at)
+
+
+def test_a_tail_range_past_the_end_adds_nothing():
+    # inside the tolerance past the end: accepted, clamped, and never an inverted range
+    assert progress.check_report(100.0, 100.2, [[100.1, 100.4], [90, 100.3]]) == (100.0, [[90.0, 100.0]])
+
+
+async def test_concurrent_first_reports_keep_every_range(make: Factory, xp_store):
+    pool, redis = xp_store
+    u = make.user("learner")
+    c = await _video(pool, u)
+    v = c["videos"][0]
+    parts = [[[i * 10, i * 10 + 5]] for i in range(8)]
+    await asyncio.gather(*[_report(pool, redis, u, v, p) for p in parts])
+    async with pool.acquire() as conn:
+        row = await progress.video_progress(conn, u.id, v["id"])
+    assert [list(r) for r in row["watched"]] == [p[0] for p in parts]
+    assert row["watched_s"] == 40
+
+
+async def test_completing_and_first_of_day_reports_do_not_deadlock(make: Factory, xp_store):
+    pool, redis = xp_store
+    for _ in range(5):
+        u = make.user("learner")
+        c = await _video(pool, u)
+        v1, v2 = c["videos"]
+        yesterday = datetime.now(timezone.utc) - timedelta(days=1)
+        await _report(pool, redis, u, v1, [[0, 50]], at=yesterday)
+        # one report completes v1 (lesson XP, then the streak), the other is today's first activity on v2
+        # (the streak and its XP): both commit
+        done, other = await asyncio.gather(_report(pool, redis, u, v1, [[50, 100]]),
+                                           _report(pool, redis, u, v2, [[0, 5]]))
+        assert done.completed_now and not other.completed_now
+        async with pool.acquire() as conn:
+            kinds = {r["kind"] for r in await conn.fetch("SELECT kind FROM xp_events WHERE user_id = $1", u.id)}
+        assert {"lesson_completed", "first_lesson", "daily_streak"} <= kinds
