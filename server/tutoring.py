@@ -7,19 +7,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from datetime import date
 from typing import Any
+
+import asyncpg
 
 from agents.config import embedder_for
 from agents.llm import get_llm
 from agents.tutor import Delta, Tutor
 from server.errors import ApiError
 from store import tutor as repo
-from store.events import Error, TutorDelta, publish, room_topic
+from store.events import Error, TutorDelta, publish, room_topic, user_topic
 from store.messages import post_message
 
 logger = logging.getLogger(__name__)
 
 ROOM_CONTEXT_MESSAGES = 10
+# Tutor answers one user may have under way at once (per process); more are refused with `tutor_busy`.
+MAX_RUNNING_PER_USER = 2
+MAX_QUESTION_CHARS = 2000  # over REST and in rooms
 
 
 def tutor_for(state: Any) -> Tutor:
@@ -40,59 +48,117 @@ async def _room_history(conn, room_id: str, before_id: int | None) -> list[dict]
             for r in reversed(rows)]
 
 
-async def ask(state: Any, user: Any, course_id: int, question: str, *, session_id: int | None = None,
-              room_id: str | None = None, message_id: int | None = None, on_delta: Delta | None = None) -> dict:
-    """Answer `question` for `user` in `course_id`. Raises ApiError for limits and unknown sessions."""
+@dataclass(slots=True)
+class Prepared:
+    """An ask that passed its checks: its quota is taken and its context read; `complete` answers it."""
+
+    question: str
+    session_id: int | None
+    room_id: str | None
+    mode: str
+    history: list[dict]
+    version: str
+    qhash: str
+    cache_key: str
+    cached: Any  # the stored turn for the same question on the same content, or None
+    reserved: date | None  # the day a learner's question counts on (None: staff, unlimited)
+    t0: float = field(default_factory=time.perf_counter)
+
+
+async def prepare(state: Any, user: Any, course_id: int, question: str, *, session_id: int | None = None,
+                  room_id: str | None = None, message_id: int | None = None) -> Prepared:
+    """Check and reserve: an unknown session is 404, a learner past today's limit 429 (the question is taken
+    from the quota atomically, so concurrent asks cannot pass it together). Nothing is stored on an error."""
     t0 = time.perf_counter()
     settings, pool = state.settings, state.pool
     async with pool.acquire() as conn:
-        if user.role == "learner" and await repo.turns_today(conn, user.id) >= settings.tutor_daily_limit:
-            raise ApiError(429, f"daily tutor limit reached ({settings.tutor_daily_limit} questions); "
-                                "it resets at midnight UTC", code="daily_limit")
-        mode = await repo.tutor_mode(conn, course_id, room_id)
         history: list[dict] = []
         if session_id is not None:
             sess = await repo.get_session(conn, session_id, user.id)
             if sess is None or sess["course_id"] != course_id:
                 raise ApiError(404, f"tutor session {session_id} not found", field="session_id")
-            for t in (await repo.session_turns(conn, session_id))[-6:]:
+            for t in (await repo.session_turns(conn, session_id, limit=3)):
                 history += [{"role": "user", "content": t["question"]}, {"role": "assistant", "content": t["answer"]}]
         elif room_id is not None:
             history = await _room_history(conn, room_id, message_id)
+        reserved = None
+        if user.role == "learner":
+            reserved = await repo.reserve_turn(conn, user.id, settings.tutor_daily_limit)
+            if reserved is None:
+                raise ApiError(429, f"daily tutor limit reached ({settings.tutor_daily_limit} questions); "
+                                    "it resets at midnight UTC", code="daily_limit")
+        try:
+            mode = await repo.tutor_mode(conn, course_id, room_id)
+            if session_id is None and room_id is None:
+                session_id = (await repo.create_session(conn, course_id, user.id, question))["id"]
+            version = await repo.content_version(conn, course_id)
+            qhash = repo.question_hash(question)
+            tutor = tutor_for(state)
+            # answers differ by mode and by model: both are part of the cache key
+            cache_key = f"{mode}|{tutor.llm.name + ':' + tutor.llm.model if tutor.llm else 'extractive'}"
+            cached = None if history else await repo.cached_turn(conn, course_id, version, cache_key, qhash)
+        except BaseException:
+            if reserved is not None:
+                await repo.release_turn(conn, user.id, reserved)
+            raise
+    return Prepared(question, session_id, room_id, mode, history, version, qhash, cache_key, cached, reserved, t0)
+
+
+async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_delta: Delta | None = None) -> dict:
+    """Answer a prepared ask and store the turn (accounting, cache). An internal failure gives the reserved
+    question back and raises."""
+    pool, cached = state.pool, prep.cached
+    try:
+        if cached is not None:
+            result = {"answer": cached["answer"], "grounded": cached["grounded"], "citations": cached["citations"],
+                      "follow_ups": cached["follow_ups"], "standalone": cached["standalone"], "nearest": [],
+                      "usage": {"provider": cached["provider"], "model": cached["model"], "input_tokens": 0,
+                                "output_tokens": 0, "cost_usd": 0.0}, "error": None}
+            if on_delta:
+                await on_delta(cached["answer"])
         else:
-            sess = await repo.create_session(conn, course_id, user.id, question)
-            session_id = sess["id"]
-        version = await repo.content_version(conn, course_id)
-        qhash = repo.question_hash(question)
-        tutor = tutor_for(state)
-        # answers differ by mode and by model: both are part of the cache key
-        cache_key = f"{mode}|{tutor.llm.name + ':' + tutor.llm.model if tutor.llm else 'extractive'}"
-        cached = None if history else await repo.cached_turn(conn, course_id, version, cache_key, qhash)
-    if cached is not None:
-        result = {"answer": cached["answer"], "grounded": cached["grounded"], "citations": cached["citations"],
-                  "follow_ups": cached["follow_ups"], "standalone": cached["standalone"], "nearest": [],
-                  "usage": {"provider": cached["provider"], "model": cached["model"], "input_tokens": 0,
-                            "output_tokens": 0, "cost_usd": 0.0}, "error": None}
-        if on_delta:
-            await on_delta(cached["answer"])
-    else:
-        result = await tutor.run(course_id, question, history=history, mode=mode, on_delta=on_delta)
-    usage = result.get("usage") or {}
-    latency = (time.perf_counter() - t0) * 1000
-    async with pool.acquire() as conn, conn.transaction():
-        turn = await repo.record_turn(
-            conn, course_id=course_id, user_id=user.id, session_id=session_id, room_id=room_id,
-            question=question, standalone=result.get("standalone") or question, answer=result.get("answer") or "",
-            grounded=bool(result.get("grounded")), citations=result.get("citations") or [],
-            follow_ups=result.get("follow_ups") or [], mode=mode, provider=usage.get("provider", "extractive"),
-            model=usage.get("model", "extractive"), input_tokens=usage.get("input_tokens", 0),
-            output_tokens=usage.get("output_tokens", 0), latency_ms=latency, cost_usd=usage.get("cost_usd"),
+            result = await tutor_for(state).run(course_id, prep.question, history=prep.history, mode=prep.mode,
+                                                on_delta=on_delta)
+        usage = result.get("usage") or {}
+        fields = dict(
+            course_id=course_id, user_id=user.id, session_id=prep.session_id, room_id=prep.room_id,
+            question=prep.question, standalone=result.get("standalone") or prep.question,
+            answer=result.get("answer") or "", grounded=bool(result.get("grounded")),
+            citations=result.get("citations") or [], follow_ups=result.get("follow_ups") or [], mode=prep.mode,
+            provider=usage.get("provider", "extractive"), model=usage.get("model", "extractive"),
+            input_tokens=usage.get("input_tokens", 0), output_tokens=usage.get("output_tokens", 0),
+            latency_ms=(time.perf_counter() - prep.t0) * 1000, cost_usd=usage.get("cost_usd"),
             cache_hit=cached is not None, error=result.get("error"))
-        if cached is None and not history and not result.get("error"):
-            await repo.remember(conn, course_id, version, cache_key, qhash, turn["id"])
+        async with pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    turn = await repo.record_turn(conn, **fields)
+                    if cached is None and not prep.history and not result.get("error"):
+                        await repo.remember(conn, course_id, prep.version, prep.cache_key, prep.qhash, turn["id"])
+            except asyncpg.ForeignKeyViolationError:
+                # the session was deleted while its answer was being written: keep the turn (it was asked and
+                # paid for), outside any session
+                async with conn.transaction():
+                    turn = await repo.record_turn(conn, **{**fields, "session_id": None})
+    except BaseException:
+        if prep.reserved is not None:
+            try:
+                async with pool.acquire() as conn:
+                    await repo.release_turn(conn, user.id, prep.reserved)
+            except Exception:  # noqa: BLE001
+                logger.warning("could not give back a tutor question", exc_info=True)
+        raise
     return {"answer": turn["answer"], "grounded": turn["grounded"], "citations": turn["citations"],
-            "follow_ups": turn["follow_ups"], "nearest": result.get("nearest") or [], "session_id": session_id,
-            "turn_id": turn["id"], "mode": mode, "cached": cached is not None, "error": result.get("error")}
+            "follow_ups": turn["follow_ups"], "nearest": result.get("nearest") or [], "session_id": prep.session_id,
+            "turn_id": turn["id"], "mode": prep.mode, "cached": cached is not None, "error": result.get("error")}
+
+
+async def ask(state: Any, user: Any, course_id: int, question: str, *, session_id: int | None = None,
+              room_id: str | None = None, message_id: int | None = None, on_delta: Delta | None = None) -> dict:
+    """Answer `question` for `user` in `course_id`. Raises ApiError for limits and unknown sessions."""
+    prep = await prepare(state, user, course_id, question, session_id=session_id, room_id=room_id,
+                         message_id=message_id)
+    return await complete(state, user, course_id, prep, on_delta)
 
 
 async def answer_in_room(state: Any, user: Any, course_id: int, room_id: str, message_id: int, question: str) -> None:
@@ -106,8 +172,8 @@ async def answer_in_room(state: Any, user: Any, course_id: int, room_id: str, me
     try:
         result = await ask(state, user, course_id, question, room_id=room_id, message_id=message_id,
                            on_delta=on_delta)
-    except ApiError as exc:
-        await publish(redis, room_topic(room_id), Error(code=exc.code, detail=exc.detail, ref=str(message_id)))
+    except ApiError as exc:  # the asker's own limit: theirs to see, not the room's
+        await publish(redis, user_topic(user.id), Error(code=exc.code, detail=exc.detail, ref=str(message_id)))
         return
     except Exception:  # noqa: BLE001 - the asker must hear something, never silence
         logger.exception("tutor failed in %s", room_id)
@@ -126,11 +192,34 @@ async def answer_in_room(state: Any, user: Any, course_id: int, room_id: str, me
                                posted.event.id)
 
 
-def schedule_room_answer(state: Any, user: Any, course_id: int, room_id: str, message_id: int, question: str) -> None:
-    """Run `answer_in_room` in the background; the server waits for running answers on shutdown."""
+def track(state: Any, coro: Coroutine[Any, Any, Any], user_id: int | None = None) -> asyncio.Task:
+    """Run a tutor answer in the background: the server waits for running answers on shutdown, and a failure
+    is logged."""
     tasks: set | None = getattr(state, "tutor_tasks", None)
     if tasks is None:
         tasks = state.tutor_tasks = set()
-    task = asyncio.create_task(answer_in_room(state, user, course_id, room_id, message_id, question))
+    task = asyncio.create_task(coro)
+    task.studyhall_user = user_id  # type: ignore[attr-defined]
     tasks.add(task)
-    task.add_done_callback(tasks.discard)
+
+    def done(t: asyncio.Task) -> None:
+        tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            logger.error("tutor answer failed", exc_info=t.exception())
+
+    task.add_done_callback(done)
+    return task
+
+
+def running(state: Any, user_id: int) -> int:
+    """Tutor answers under way for this user in this process."""
+    return sum(1 for t in getattr(state, "tutor_tasks", ()) if getattr(t, "studyhall_user", None) == user_id)
+
+
+def schedule_room_answer(state: Any, user: Any, course_id: int, room_id: str, message_id: int, question: str) -> bool:
+    """Run `answer_in_room` in the background; False (nothing started) when the user already has
+    MAX_RUNNING_PER_USER answers under way in this process."""
+    if running(state, user.id) >= MAX_RUNNING_PER_USER:
+        return False
+    track(state, answer_in_room(state, user, course_id, room_id, message_id, question), user.id)
+    return True

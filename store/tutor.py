@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from datetime import date
 from typing import Any
 
 import asyncpg
@@ -13,7 +14,9 @@ _TURN_COLS = """id, course_id, user_id, session_id, room_id, message_id, questio
 
 
 def normalize_question(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+    """Case, spacing and the closing punctuation do not make another question; symbols inside it do
+    ("x^2" is not "x*2", "P != NP" is not "P = NP")."""
+    return " ".join(text.lower().split()).rstrip("?!. ")
 
 
 def question_hash(text: str) -> str:
@@ -23,11 +26,13 @@ def question_hash(text: str) -> str:
 async def content_version(conn: asyncpg.Connection, course_id: int) -> str:
     """Changes whenever a video of the course is added, re-ingested, re-embedded or removed."""
     row = await conn.fetchrow(
-        """SELECT count(*) AS n, coalesce(max(extract(epoch FROM updated_at)), 0) AS t,
+        # the sum, not the max, of the update times: a transaction that began before another's yet commits after
+        # it writes an earlier now(), which would leave the max unchanged
+        """SELECT count(*) AS n, coalesce(sum(extract(epoch FROM updated_at)), 0) AS t,
                   coalesce(sum(id), 0) AS s FROM videos WHERE course_id = $1""",
         course_id,
     )
-    return f"{row['n']}:{row['s']}:{row['t']:.6f}"
+    return f"{row['n']}:{row['s']}:{row['t']}"
 
 
 async def create_session(conn: asyncpg.Connection, course_id: int, user_id: int, title: str) -> asyncpg.Record:
@@ -53,8 +58,10 @@ async def delete_session(conn: asyncpg.Connection, session_id: int, user_id: int
 
 
 async def session_turns(conn: asyncpg.Connection, session_id: int, limit: int = 200) -> list[asyncpg.Record]:
-    return await conn.fetch(f"SELECT {_TURN_COLS} FROM tutor_turns WHERE session_id = $1 ORDER BY id LIMIT $2",
+    """The session's latest `limit` turns, oldest first."""
+    rows = await conn.fetch(f"SELECT {_TURN_COLS} FROM tutor_turns WHERE session_id = $1 ORDER BY id DESC LIMIT $2",
                             session_id, limit)
+    return rows[::-1]
 
 
 async def record_turn(conn: asyncpg.Connection, **fields: Any) -> asyncpg.Record:
@@ -73,9 +80,28 @@ async def get_turn(conn: asyncpg.Connection, turn_id: int) -> asyncpg.Record | N
     return await conn.fetchrow(f"SELECT {_TURN_COLS} FROM tutor_turns WHERE id = $1", turn_id)
 
 
-async def turns_today(conn: asyncpg.Connection, user_id: int) -> int:
+async def reserve_turn(conn: asyncpg.Connection, user_id: int, limit: int) -> date | None:
+    """Take one of today's (UTC) `limit` questions for the user, atomically; the day it counts on, or None when
+    none is left. Concurrent calls never pass the limit together."""
+    if limit <= 0:
+        return None
     return await conn.fetchval(
-        "SELECT count(*) FROM tutor_turns WHERE user_id = $1 AND created_at >= date_trunc('day', now())", user_id)
+        """INSERT INTO tutor_quota AS q (user_id, day, used) VALUES ($1, (now() AT TIME ZONE 'UTC')::date, 1)
+           ON CONFLICT (user_id, day) DO UPDATE SET used = q.used + 1 WHERE q.used < $2
+           RETURNING day""", user_id, limit)
+
+
+async def release_turn(conn: asyncpg.Connection, user_id: int, day: date) -> None:
+    """Give back a question reserved for an answer that never came (an internal failure)."""
+    await conn.execute("UPDATE tutor_quota SET used = used - 1 WHERE user_id = $1 AND day = $2 AND used > 0",
+                       user_id, day)
+
+
+async def turns_today(conn: asyncpg.Connection, user_id: int) -> int:
+    """Questions the user has asked today (UTC)."""
+    return await conn.fetchval(
+        "SELECT coalesce((SELECT used FROM tutor_quota WHERE user_id = $1 AND day = (now() AT TIME ZONE 'UTC')::date), 0)",
+        user_id) or 0
 
 
 async def cached_turn(conn: asyncpg.Connection, course_id: int, version: str, mode: str,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -17,10 +18,12 @@ from server.api.schemas import Strict
 from server.auth import staff_only
 from server.decode import read_json
 from server.errors import ApiError
-from server.tutoring import ask
+from server.tutoring import MAX_QUESTION_CHARS, ask, complete, prepare, track
 from store import tutor as repo
 
-Question = Annotated[str, Meta(min_length=1, max_length=2000)]
+logger = logging.getLogger(__name__)
+
+Question = Annotated[str, Meta(min_length=1, max_length=MAX_QUESTION_CHARS)]
 
 
 class AskIn(Strict):
@@ -67,6 +70,8 @@ class TutorController(Controller):
         if "text/event-stream" not in request.headers.get("accept", ""):
             result = await ask(state, user, course_id, data.question, session_id=data.session_id)
             return Response(_public(result))
+        # limits and the session are checked before the stream opens: they answer with their HTTP status
+        prep = await prepare(state, user, course_id, data.question, session_id=data.session_id)
         queue: asyncio.Queue = asyncio.Queue()
 
         async def on_delta(text: str) -> None:
@@ -74,24 +79,23 @@ class TutorController(Controller):
 
         async def run() -> None:
             try:
-                result = await ask(state, user, course_id, data.question, session_id=data.session_id,
-                                   on_delta=on_delta)
+                result = await complete(state, user, course_id, prep, on_delta)
                 await queue.put(("answer", _public(result)))
             except ApiError as exc:
                 await queue.put(("error", {"status": exc.status_code, "code": exc.code, "message": exc.detail}))
             except Exception:  # noqa: BLE001 - the stream must end with something the client can read
+                logger.exception("tutor failed on course %s", course_id)
                 await queue.put(("error", {"status": 500, "code": "internal", "message": "tutor failed"}))
-            await queue.put(None)
+            finally:
+                queue.put_nowait(None)
 
-        task = asyncio.create_task(run())
+        # A client that goes away mid-answer does not stop it: the answer is still stored (and counted), and
+        # the server waits for it on shutdown.
+        track(state, run(), user.id)
 
         async def events() -> AsyncIterator[ServerSentEventMessage]:
-            try:
-                while (item := await queue.get()) is not None:
-                    yield ServerSentEventMessage(event=item[0], data=json.dumps(item[1]))
-            finally:
-                if not task.done():
-                    task.cancel()
+            while (item := await queue.get()) is not None:
+                yield ServerSentEventMessage(event=item[0], data=json.dumps(item[1]))
 
         return ServerSentEvent(events())
 
@@ -124,7 +128,8 @@ class TutorController(Controller):
         data = await read_json(request, FeedbackIn)
         async with request.app.state.pool.acquire() as conn:
             turn = await repo.get_turn(conn, turn_id)
-            if turn is None:
+            # a private session's answer is its learner's to rate; a room answer, any member's of the course
+            if turn is None or (turn["room_id"] is None and turn["user_id"] != request.user.id):
                 raise ApiError(404, f"answer {turn_id} not found")
             await course_or_404(conn, turn["course_id"], request.user)
             await repo.set_feedback(conn, turn_id, request.user.id, data.vote, data.comment)

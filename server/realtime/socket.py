@@ -16,7 +16,7 @@ from litestar.exceptions import NotAuthorizedException
 from server.auth import AuthUser, authenticate, bearer_token
 from server.realtime.conn import Conn
 from server.realtime.hub import Hub
-from server.tutoring import schedule_room_answer
+from server.tutoring import MAX_QUESTION_CHARS, MAX_RUNNING_PER_USER, running, schedule_room_answer
 from store import frames
 from store import live as live_repo
 from store import messages as messages_repo
@@ -153,6 +153,7 @@ async def _rate(hub: Hub, user: AuthUser) -> None:
         raise messages_repo.Refused("rate_limited", f"too many messages; retry in {wait:g}s")
 
 
+_BUSY = f"the tutor is still answering your last {MAX_RUNNING_PER_USER} questions; ask again when they are done"
 TUTOR_MENTION = re.compile(r"(?<![\w@])@tutor\b", re.IGNORECASE)
 
 
@@ -167,10 +168,17 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
             conn.own(posted.event.seq, posted.payload.decode())
         elif TUTOR_MENTION.search(text):  # the question is the message without the mention
             question = " ".join(TUTOR_MENTION.sub(" ", text).split()) or text
-            schedule_room_answer(hub.app_state, user, conn.access.course_id, conn.room, posted.event.id, question)
+            if len(question) > MAX_QUESTION_CHARS:  # the message stands; the tutor does not take it
+                raise messages_repo.Refused("too_long", f"a question to the tutor is at most {MAX_QUESTION_CHARS} "
+                                                        "characters")
+            if not schedule_room_answer(hub.app_state, user, conn.access.course_id, conn.room, posted.event.id,
+                                        question):
+                raise messages_repo.Refused("tutor_busy", _BUSY)
     elif isinstance(frame, frames.TutorAsk):
         # the question is posted like any message, then the tutor replies to it
-        text = _check_text(frame.text, settings.ws_max_text)
+        text = _check_text(frame.text, min(settings.ws_max_text, MAX_QUESTION_CHARS))
+        if running(hub.app_state, user.id) >= MAX_RUNNING_PER_USER:
+            raise messages_repo.Refused("tutor_busy", _BUSY)
         await _rate(hub, user)
         posted = await messages_repo.post_message(hub.pool, hub.redis, conn.room, user.id, text,
                                                   {"tutor_ask": True}, frame.client_msg_id)

@@ -87,27 +87,52 @@ def test_sessions_follow_up_and_delete(eval_course: EvalCourse, client, make: Fa
     assert client.get(f"/api/v1/tutor/sessions/{sid}", headers=learner.h).status_code == 404
 
 
-def test_feedback_and_stats(eval_course: EvalCourse, client):
+def test_feedback_and_stats(eval_course: EvalCourse, client, make: Factory):
     body = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "What is a transformer?"},
                        headers=eval_course.learner.h).json()
     r = client.post(f"/api/v1/tutor/answers/{body['turn_id']}/feedback", json={"vote": 1}, headers=eval_course.learner.h)
     assert r.status_code == 204
     assert client.post(f"/api/v1/tutor/answers/{body['turn_id']}/feedback", json={"vote": 3},
                        headers=eval_course.learner.h).status_code == 400
+    # a private session's answer is its learner's to rate, not a classmate's
+    classmate = make.user("learner", tenant=eval_course.tenant)
+    client.post(f"/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": classmate.id},
+                headers=eval_course.instructor.h)
+    assert client.post(f"/api/v1/tutor/answers/{body['turn_id']}/feedback", json={"vote": -1},
+                       headers=classmate.h).status_code == 404
     stats = client.get(f"/api/v1/courses/{eval_course.id}/tutor/stats", headers=eval_course.instructor.h).json()
-    assert stats["questions"] >= 1 and stats["thumbs_up"] >= 1
+    assert stats["questions"] >= 1 and stats["thumbs_up"] >= 1 and stats["thumbs_down"] == 0
     assert client.get(f"/api/v1/courses/{eval_course.id}/tutor/stats", headers=eval_course.learner.h).status_code == 403
 
 
 def test_daily_limit(eval_course: EvalCourse, client, make: Factory, settings):
+    """The limit holds under concurrent asks (each takes its question from the quota atomically); over it,
+    JSON and SSE both answer 429 before anything runs."""
+    import concurrent.futures
+
     learner = make.user("learner", tenant=eval_course.tenant)
     client.post(f"/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": learner.id},
                 headers=eval_course.instructor.h)
-    fetch(settings, """INSERT INTO tutor_turns (course_id, user_id, question, standalone, answer, grounded, provider, model)
-                       SELECT $1, $2, 'q', 'q', 'a', true, 'extractive', 'extractive' FROM generate_series(1, 40)""",
-          eval_course.id, learner.id)
+    limit = settings.tutor_daily_limit
+    fetch(settings, "INSERT INTO tutor_quota (user_id, day, used) VALUES ($1, (now() AT TIME ZONE 'UTC')::date, $2)",
+          learner.id, limit - 2)
+    url = f"{client.base_url}/api/v1/courses/{eval_course.id}/ask"
+
+    def one(i: int) -> int:
+        with httpx.Client(timeout=60) as c:
+            return c.post(url, json={"question": f"What is attention, part {i}?"}, headers=learner.h).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        codes = sorted(pool.map(one, range(8)))
+    assert codes == [200, 200] + [429] * 6, codes
+    assert fetch(settings, "SELECT count(*) AS n FROM tutor_turns WHERE user_id = $1", learner.id)[0]["n"] == 2
     r = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "What is attention?"}, headers=learner.h)
     assert r.status_code == 429 and r.json()["code"] == "daily_limit" and "resets" in r.json()["message"]
+    r = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "What is attention?"},
+                    headers={**learner.h, "Accept": "text/event-stream"})
+    assert r.status_code == 429 and r.json()["code"] == "daily_limit"
+    sessions = client.get(f"/api/v1/courses/{eval_course.id}/tutor/sessions", headers=learner.h).json()
+    assert len(sessions) == 2  # a refused ask opens no session
 
 
 def test_cache_and_invalidation(client, make: Factory, worker):
@@ -170,3 +195,11 @@ def test_open_assignment_switches_to_socratic(client, make: Factory, worker, set
           cid)
     body = client.post(f"/api/v1/courses/{cid}/ask", json=q, headers=inst.h).json()
     assert body["mode"] == "socratic" and "Rewatch" in body["answer"]
+
+
+def test_question_normalization_keeps_symbols():
+    from store.tutor import question_hash
+
+    assert question_hash("What is a Hash?") == question_hash("  what is a   hash")
+    assert question_hash("what is x^2?") != question_hash("what is x*2?")
+    assert question_hash("is P != NP") != question_hash("is P = NP")

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from tests.agents.fake_llm_servers import FakeLLMServer, Reply
-from tests.conftest import EVAL, EvalCourse, Factory, stop_process, upload, wait_job
+from tests.conftest import EVAL, EvalCourse, Factory, fetch, stop_process, upload, wait_job
 from tests.server.conftest import Client, spawn_ready
 
 
@@ -55,6 +55,29 @@ async def test_tutor_ask_frame_is_validated(eval_course: EvalCourse, server):
     err = await c.expect("error")
     assert err["code"] == "bad_frame"
     await c.close()
+
+
+async def test_room_limits_are_the_askers_own(eval_course: EvalCourse, server, client, make: Factory, settings):
+    """A learner past the daily limit hears it alone (the room does not); over-long questions and a learner's
+    third concurrent question are refused to them with a reason."""
+    asker = make.user("learner", tenant=eval_course.tenant)
+    client.post(f"/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": asker.id},
+                headers=eval_course.instructor.h)
+    fetch(settings, "INSERT INTO tutor_quota (user_id, day, used) VALUES ($1, (now() AT TIME ZONE 'UTC')::date, $2)",
+          asker.id, settings.tutor_daily_limit)
+    room = f"course:{eval_course.id}"
+    a = await Client.connect(server, room, asker)
+    other = await Client.connect(server, room, eval_course.learner)
+    await a.send({"type": "message.send", "text": "@tutor what is a hash function?", "client_msg_id": "lim1"})
+    asked = await a.expect("message.new", client_msg_id="lim1")
+    err = await a.expect("error", timeout=30)
+    assert err["code"] == "daily_limit" and err["ref"] == str(asked["id"])
+    seen = await other.quiet(1.0)
+    assert not [f for f in seen if f["type"] == "error"]
+    await a.send({"type": "tutor.ask", "text": "why " * 600, "client_msg_id": "lim2"})
+    assert (await a.expect("error"))["code"] == "too_long"
+    await a.close()
+    await other.close()
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +161,8 @@ async def test_llm_error_mid_stream_in_a_room(openai_server, eval_course: EvalCo
     final = await c.expect("message.new", timeout=60)
     assert final["author"]["role"] == "tutor" and final["meta"]["grounded"] is False
     assert final["meta"]["citations"] == []
+    # what came before the failure, without markers that now cite nothing, and why it stops
+    assert "[1]" not in final["text"] and "cut off" in final["text"]
     await c.close()
 
 
@@ -152,6 +177,27 @@ def test_llm_sse_stream(openai_server, eval_course: EvalCourse, fake_llm):
     assert kinds.count("delta") >= 3 and kinds[-1] == "answer"
     final = json.loads(lines[-1].split(":", 1)[1])
     assert final["grounded"] and len(final["citations"]) == 1
+
+
+def test_sse_client_leaving_mid_answer_still_stores_it(openai_server, eval_course: EvalCourse, fake_llm, settings):
+    """The answer was asked (and is paid for): a client that goes away mid-stream does not lose the turn."""
+    import time
+
+    fake_llm.reset()
+    fake_llm.script(Reply(text="A signature proves the owner approved the payment [1].", chunks=6, delay_s=0.3))
+    q = "What does a bitcoin signature prove about a payment, briefly?"
+    with httpx.stream("POST", f"{openai_server}/api/v1/courses/{eval_course.id}/ask", json={"question": q},
+                      headers={**eval_course.learner.h, "Accept": "text/event-stream"}, timeout=60) as r:
+        for ln in r.iter_lines():
+            if ln.startswith("event:") and "delta" in ln:
+                break  # leave after the first delta
+    rows: list = []
+    deadline = time.monotonic() + 30
+    while not rows and time.monotonic() < deadline:
+        rows = fetch(settings, "SELECT answer, grounded, output_tokens FROM tutor_turns WHERE question = $1", q)
+        time.sleep(0.1)
+    assert rows, "the answer was not stored"
+    assert rows[0]["grounded"] and rows[0]["answer"].endswith("[1].") and rows[0]["output_tokens"] > 0
 
 
 def test_planted_instruction_in_a_transcript_changes_nothing(client, make: Factory, worker):
