@@ -1,7 +1,6 @@
 """The app factory: build the Litestar app; one lifespan opens pools and puts them on app.state."""
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +21,7 @@ from server.api.health import health, metrics, ready
 from server.api.users import UserController
 from server.api.videos import JobController, VideoController
 from server.auth import JWTAuthMiddleware
+from server import tutoring
 from server.errors import http_exception_handler, internal_error_handler
 from server.observability import access_log_middleware
 from server.api.live import LiveController
@@ -56,8 +56,7 @@ def create_app(settings: Settings) -> Litestar:
         try:
             yield
         finally:
-            if app.state.tutor_tasks:  # let answers being written reach the room
-                await asyncio.wait(app.state.tutor_tasks, timeout=10)
+            await tutoring.drain(app.state, timeout=10)  # let answers being written reach the room
             await leaderboards.drain()  # leaderboard.changed under way, and the end of a burst
             await app.state.arq.aclose()
             await app.state.redis.aclose()

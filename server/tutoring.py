@@ -175,10 +175,23 @@ async def answer_in_room(state: Any, user: Any, course_id: int, room_id: str, me
     except ApiError as exc:  # the asker's own limit: theirs to see, not the room's
         await publish(redis, user_topic(user.id), Error(code=exc.code, detail=exc.detail, ref=str(message_id)))
         return
+    except asyncio.CancelledError:  # the server is stopping: the question gets a reply, not silence
+        await _reply(state, room_id, message_id, _failed("I was interrupted by a server restart before I could "
+                                                         "answer. Please ask again.", "interrupted"))
+        raise
     except Exception:  # noqa: BLE001 - the asker must hear something, never silence
         logger.exception("tutor failed in %s", room_id)
-        result = {"answer": "Sorry, I could not answer that just now. Please ask again.", "grounded": False,
-                  "citations": [], "follow_ups": [], "nearest": [], "turn_id": None, "error": "internal error"}
+        result = _failed("Sorry, I could not answer that just now. Please ask again.", "internal error")
+    await _reply(state, room_id, message_id, result)
+
+
+def _failed(text: str, error: str) -> dict:
+    return {"answer": text, "grounded": False, "citations": [], "follow_ups": [], "nearest": [], "turn_id": None,
+            "error": error}
+
+
+async def _reply(state: Any, room_id: str, message_id: int, result: dict) -> None:
+    redis = state.redis
     if result.get("error"):
         await publish(redis, room_topic(room_id), Error(code="tutor_failed", detail=result["error"],
                                                         ref=str(message_id)))
@@ -190,6 +203,20 @@ async def answer_in_room(state: Any, user: Any, course_id: int, room_id: str, me
         async with state.pool.acquire() as conn:
             await conn.execute("UPDATE tutor_turns SET message_id = $2 WHERE id = $1", result["turn_id"],
                                posted.event.id)
+
+
+async def drain(state: Any, timeout: float) -> None:
+    """At shutdown: let answers under way finish for `timeout` seconds, then stop the rest (a room question
+    gets an 'interrupted' reply, a learner's reserved question is given back) before the pools close."""
+    tasks = [t for t in getattr(state, "tutor_tasks", ()) if not t.done()]
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for t in pending:
+        t.cancel()
+    if pending:
+        logger.warning("stopped %d tutor answers at shutdown", len(pending))
+        await asyncio.wait(pending, timeout=5)
 
 
 def track(state: Any, coro: Coroutine[Any, Any, Any], user_id: int | None = None) -> asyncio.Task:

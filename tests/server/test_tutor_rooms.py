@@ -200,6 +200,30 @@ def test_sse_client_leaving_mid_answer_still_stores_it(openai_server, eval_cours
     assert rows[0]["grounded"] and rows[0]["answer"].endswith("[1].") and rows[0]["output_tokens"] > 0
 
 
+async def test_a_server_stopping_mid_answer_replies_interrupted(data_dir, eval_course: EvalCourse, fake_llm, server):
+    """A server told to stop waits for answers under way, then stops the rest: the room question gets a stored
+    'interrupted' reply (seen after reconnecting to another server), never silence."""
+    fake_llm.reset()
+    fake_llm.script(Reply(text="word " * 60, chunks=60, delay_s=0.25))  # about 15 s: past the 10 s grace
+    ((proc, url),) = spawn_ready(data_dir, ["tutor-stopping"], {
+        "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": fake_llm.openai_base_url, "OPENAI_MODEL": "gpt-4o-mini",
+        "STUDYHALL_LLM": "openai"})
+    room = f"course:{eval_course.id}"
+    try:
+        c = await Client.connect(url, room, eval_course.learner)
+        await c.send({"type": "tutor.ask", "text": "Why do blocks need proof of work, in detail?",
+                      "client_msg_id": "stop1"})
+        asked = await c.expect("message.new", client_msg_id="stop1")
+        await c.expect("tutor.delta", timeout=30, reply_to=asked["id"])
+    finally:
+        stop_process(proc)
+    again = await Client.connect(server, room, eval_course.learner, after=asked["seq"])
+    reply = await again.expect("message.new", timeout=10)
+    assert reply["author"]["role"] == "tutor" and reply["meta"]["reply_to"] == asked["id"]
+    assert "interrupted" in reply["text"] and reply["meta"]["grounded"] is False
+    await again.close()
+
+
 def test_planted_instruction_in_a_transcript_changes_nothing(client, make: Factory, worker):
     """Transcript text is data: an instruction inside it is quoted and cited like any sentence."""
     inst = make.user("instructor")
