@@ -204,7 +204,8 @@ async def test_a_server_stopping_mid_answer_replies_interrupted(data_dir, eval_c
     """A server told to stop waits for answers under way, then stops the rest: the room question gets a stored
     'interrupted' reply (seen after reconnecting to another server), never silence."""
     fake_llm.reset()
-    fake_llm.script(Reply(text="word " * 60, chunks=60, delay_s=0.25))  # about 15 s: past the 10 s grace
+    slow = Reply(text="word " * 60, chunks=60, delay_s=0.25)  # about 15 s: past the 10 s grace
+    fake_llm.script(slow, slow)  # the room has history: the first call may be the condensing one
     ((proc, url),) = spawn_ready(data_dir, ["tutor-stopping"], {
         "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": fake_llm.openai_base_url, "OPENAI_MODEL": "gpt-4o-mini",
         "STUDYHALL_LLM": "openai"})
