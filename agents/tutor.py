@@ -162,11 +162,12 @@ class Tutor:
                                  system=SOCRATIC if s["mode"] == "socratic" else SYSTEM, max_tokens=400)
         sent = 0
         try:
-            async for _ in stream:
-                # hold text back while it could still be the NOT_IN_COURSE sentinel
-                if on_delta and not "NOT_IN_COURSE".startswith(stream.text.lstrip()[:13]):
-                    await on_delta(stream.text[sent:])
-                    sent = len(stream.text)
+            async with stream:  # closed (the HTTP response released) on any way out, cancellation included
+                async for _ in stream:
+                    # hold text back while it could still be the NOT_IN_COURSE sentinel
+                    if on_delta and not "NOT_IN_COURSE".startswith(stream.text.lstrip()[:13]):
+                        await on_delta(stream.text[sent:])
+                        sent = len(stream.text)
         except LLMError as exc:
             logger.warning("tutor answer failed mid-stream: %s", exc.message)
             return {"answer": stream.text, "error": exc.message, "grounded": False}
