@@ -25,14 +25,15 @@ logger = logging.getLogger(__name__)
 
 # --- rebuild -------------------------------------------------------------------------------------------
 
-# Swap every rebuilt board in, stop the backlog and return it, all at once.
-# KEYS: building, backlog, built, then pairs (live, temp). ARGV: marker value, then per pair the live key's
-# expire-at (0: none). Temporary boards carry a one-hour TTL until they are swapped in.
+# Swap every rebuilt board in, stop the backlog and return it, and record the snapshot the boards were read
+# from, all at once.
+# KEYS: building, backlog, built, snapshot, then pairs (live, temp). ARGV: marker value, snapshot, then per pair
+# the live key's expire-at (0: none). Temporary boards carry a one-hour TTL until they are swapped in.
 _SWAP = """
-for i = 4, #KEYS, 2 do
+for i = 5, #KEYS, 2 do
   if redis.call('EXISTS', KEYS[i + 1]) == 1 then
     redis.call('RENAME', KEYS[i + 1], KEYS[i])
-    local exp = tonumber(ARGV[(i - 4) / 2 + 2])
+    local exp = tonumber(ARGV[(i - 5) / 2 + 3])
     if exp > 0 then redis.call('EXPIREAT', KEYS[i], exp) else redis.call('PERSIST', KEYS[i]) end
   else
     redis.call('DEL', KEYS[i])
@@ -41,6 +42,7 @@ end
 local backlog = redis.call('LRANGE', KEYS[2], 0, -1)
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('SET', KEYS[3], ARGV[1])
+redis.call('SET', KEYS[4], ARGV[2], 'EX', 3600)
 return backlog
 """
 
@@ -90,6 +92,8 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
         n_entries = 0
         async with pool.acquire() as conn:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
+                # the transaction's snapshot (its first statement fixes it): which awards the boards will hold
+                snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text")
                 boards: dict[str, dict[int, int]] = defaultdict(dict)
                 for scope, sql in _BOARDS_SQL.items():
                     for r in await conn.fetch(sql.format(sums=_SUMS), month[0], month[1], week[0], week[1]):
@@ -114,11 +118,12 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
                     for tid, mapping in by_tenant.items():
                         pipe.hset(keys.leaderboard_names(tid), mapping=mapping)
                     await pipe.execute()
-                swap_keys = [keys.LEADERBOARD_BUILDING, keys.LEADERBOARD_BACKLOG, keys.LEADERBOARD_BUILT]
+                swap_keys = [keys.LEADERBOARD_BUILDING, keys.LEADERBOARD_BACKLOG, keys.LEADERBOARD_BUILT,
+                             keys.LEADERBOARD_SNAPSHOT]
                 for key in live_keys:
                     swap_keys += [key, temp + key]
-                backlog = await _swap(redis)(keys=swap_keys,
-                                             args=[now.isoformat()] + [_period_expiry(k, now) for k in live_keys])
+                backlog = await _swap(redis)(keys=swap_keys, args=[now.isoformat(), snapshot]
+                                             + [_period_expiry(k, now) for k in live_keys])
                 ids = sorted({int(x) for x in backlog})
                 seen = {r["id"] for r in await conn.fetch("SELECT id FROM xp_events WHERE id = ANY($1::bigint[])", ids)}
             missed = [i for i in ids if i not in seen]

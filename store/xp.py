@@ -77,10 +77,11 @@ class Award:
     level: int
     previous_level: int
     unlocked: list[Unlocked] = field(default_factory=list)
+    xid: int = 0  # the ledger transaction's id
 
     def entry(self) -> leaderboards.Entry:
         return leaderboards.Entry(self.id, self.tenant_id, self.user_id, self.name, self.points, self.course_id,
-                                  self.pod_ids, self.at)
+                                  self.pod_ids, self.at, self.xid)
 
 
 # Insert the ledger row (learners only; a duplicate key inserts nothing), bump the running totals and record
@@ -114,7 +115,7 @@ WITH ins AS (
     ON CONFLICT DO NOTHING
     RETURNING achievement_id, unlocked_at
 )
-SELECT ins.*, tot.xp AS total, (SELECT name FROM users WHERE id = $1) AS name,
+SELECT ins.*, tot.xp AS total, (SELECT name FROM users WHERE id = $1) AS name, pg_current_xact_id()::text AS xid,
        ARRAY(SELECT achievement_id FROM unl) AS unlocked, now() AS unlocked_at,
        CASE WHEN EXISTS (SELECT 1 FROM unl) THEN {achievements.ROOMS_SQL} END AS rooms
 FROM ins, tot
@@ -149,7 +150,7 @@ async def insert_award(conn: asyncpg.Connection, user_id: int, kind: str, idempo
     return Award(id=row["id"], tenant_id=row["tenant_id"], user_id=user_id, name=row["name"], kind=kind,
                  points=points, idempotency_key=idempotency_key, course_id=row["course_id"],
                  pod_ids=list(row["pod_ids"]), at=row["at"], xp=total, level=level_for(total),
-                 previous_level=level_for(total - points), unlocked=unlocked)
+                 previous_level=level_for(total - points), unlocked=unlocked, xid=int(row["xid"]))
 
 
 class XpTransaction:

@@ -179,3 +179,21 @@ async def test_hourly_check_repairs_a_drifted_board(make: Factory, lb):
     assert await leaderboard_rebuild.check_and_repair(pool, redis) is not None
     board = await leaderboards.read(redis, "tenant", u.tenant_id, u.tenant_id, "all", v.id)
     assert [(e.user_id, e.xp) for e in board.entries] == [(u.id, 50), (v.id, 25)]
+
+
+async def test_a_board_update_arriving_after_a_rebuild_is_not_counted_twice(make: Factory, lb):
+    """An award committed before a rebuild read the ledger, whose board update comes only after the swap (its
+    process stalled in between), is already on the rebuilt boards: it must not count again. One committed
+    after that read still counts."""
+    pool, redis = lb
+    u = make.user("learner")
+    await xp.award_xp(pool, redis, u.id, "lesson_completed", "lesson:1")
+    async with pool.acquire() as conn:
+        stalled = await xp.insert_award(conn, u.id, "helpful_answer", "helpful:stalled")  # committed, no Redis yet
+    assert await leaderboard_rebuild.rebuild(pool, redis) is not None
+    async with pool.acquire() as conn:
+        later = await xp.insert_award(conn, u.id, "helpful_answer", "helpful:later")
+    await xp.settle(redis, [stalled, later])
+    assert await leaderboard_rebuild.check(pool, redis) == []
+    board = await leaderboards.read(redis, "tenant", u.tenant_id, u.tenant_id, "all", u.id)
+    assert board.me is not None and board.me.xp == 50 + 25 + 25
