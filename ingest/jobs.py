@@ -24,14 +24,14 @@ logger = logging.getLogger(__name__)
 INGEST_FUNCTION = "ingest_job"
 
 
-async def enqueue_ingest(arq: ArqRedis, pool: Any, job_id: int) -> str:
-    """Queue job `job_id` (a row in `jobs`) and remember the arq id on the row."""
-    arq_id = f"ingest-{job_id}-{uuid.uuid4().hex[:8]}"
+async def enqueue_ingest(arq: ArqRedis, pool: Any, job_id: int, arq_id: str | None = None) -> str | None:
+    """Queue job `job_id` (a row in `jobs`) and remember the arq id on the row; the arq id, or None when arq
+    already had that id (arq queues an id once: two callers passing the same `arq_id` start one run)."""
+    arq_id = arq_id or f"ingest-{job_id}-{uuid.uuid4().hex[:8]}"
     async with pool.acquire() as conn:
         await conn.execute("UPDATE jobs SET payload = payload || jsonb_build_object('arq_job_id', $2::text) "
                            "WHERE id = $1", job_id, arq_id)
-    await arq.enqueue_job(INGEST_FUNCTION, job_id, _job_id=arq_id)
-    return arq_id
+    return arq_id if await arq.enqueue_job(INGEST_FUNCTION, job_id, _job_id=arq_id) is not None else None
 
 
 async def _heartbeat(redis: ArqRedis, arq_job_id: str, ttl_ms: int) -> None:
@@ -96,8 +96,10 @@ async def recover_lost_jobs(ctx: dict[str, Any]) -> int:
         arq_id = (row["payload"] or {}).get("arq_job_id")
         if arq_id and await redis.zscore("arq:queue", arq_id) is not None:
             continue
-        await enqueue_ingest(redis, pool, row["id"])
-        n += 1
+        # the same id from every worker recovering this row at once (it names the row's last change), so
+        # arq runs the job once
+        if await enqueue_ingest(redis, pool, row["id"], f"ingest-{row['id']}-rec-{row['updated_at'].timestamp():.6f}"):
+            n += 1
     if n:
         logger.info("re-queued %d lost ingest jobs", n)
     return n

@@ -103,12 +103,13 @@ async def on_grade_final(conn: asyncpg.Connection, redis: Redis, submission: asy
 async def _award_xp(conn: asyncpg.Connection, redis: Redis, s: dict, score: float) -> None:
     if score < PASS_SCORE:
         return
-    try:
-        await xp.award_xp(conn, redis, s["user_id"], "assignment_passed", f"assignment:{s['assignment_id']}",
-                          course_id=s["course_id"])
-        if score >= 100.0:
-            await xp.award_xp(conn, redis, s["user_id"], "perfect_score", f"perfect:{s['assignment_id']}",
-                              course_id=s["course_id"])
+    try:  # both or neither: a crash in between must not leave the perfect-score bonus behind for good
+        async with xp.transaction(conn, redis) as tx:
+            await tx.award(s["user_id"], "assignment_passed", f"assignment:{s['assignment_id']}",
+                           course_id=s["course_id"])
+            if score >= 100.0:
+                await tx.award(s["user_id"], "perfect_score", f"perfect:{s['assignment_id']}",
+                               course_id=s["course_id"])
     except Exception:  # noqa: BLE001 - the grade stands; reconcile_grade_xp awards it later
         logger.warning("could not award XP for submission %s", s["id"], exc_info=True)
 
@@ -120,8 +121,10 @@ async def reconcile_grade_xp(conn: asyncpg.Connection, redis: Redis, limit: int 
         """SELECT DISTINCT ON (s.user_id, s.assignment_id) s.* FROM submissions s
            JOIN users u ON u.id = s.user_id AND u.role = 'learner'
            WHERE s.status = 'graded' AND s.score >= $1
-             AND NOT EXISTS (SELECT 1 FROM xp_events x WHERE x.user_id = s.user_id
-                             AND x.idempotency_key = 'assignment:' || s.assignment_id)
+             AND (NOT EXISTS (SELECT 1 FROM xp_events x WHERE x.user_id = s.user_id
+                                  AND x.idempotency_key = 'assignment:' || s.assignment_id)
+                  OR s.score >= 100 AND NOT EXISTS (SELECT 1 FROM xp_events x WHERE x.user_id = s.user_id
+                                                    AND x.idempotency_key = 'perfect:' || s.assignment_id))
            ORDER BY s.user_id, s.assignment_id, s.score DESC LIMIT $2""",
         PASS_SCORE, limit)
     for r in rows:

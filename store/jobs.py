@@ -55,19 +55,25 @@ async def note_error(conn: asyncpg.Connection, job_id: int, error: str) -> None:
                        job_id, error)
 
 
+# Jobs the ingest worker function runs (a `grade` job is a grade-all batch, run by the grading functions).
+INGEST_KINDS = ("ingest", "reembed")
+
+
 async def requeue(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record | None:
-    """Put a failed (or finished) job back in the queue for a fresh set of attempts."""
+    """Put a failed ingest job back in the queue for a fresh set of attempts; None when it is not (or no
+    longer) failed, so two concurrent retries start one run."""
     return await conn.fetchrow(
         f"""UPDATE jobs SET state = 'queued', progress = 0, error = NULL, attempts = 0, finished_at = NULL,
-                   updated_at = now() WHERE id = $1 RETURNING {_COLS}""",
-        job_id,
+                   updated_at = now() WHERE id = $1 AND state = 'failed' AND kind = ANY($2::text[])
+            RETURNING {_COLS}""",
+        job_id, list(INGEST_KINDS),
     )
 
 
 async def unfinished_jobs(conn: asyncpg.Connection, older_than_s: float) -> list[asyncpg.Record]:
-    """Jobs not done/failed whose row has not moved for a while (their worker may be gone)."""
+    """Ingest jobs not done/failed whose row has not moved for a while (their worker may be gone)."""
     return await conn.fetch(
-        f"""SELECT {_COLS} FROM jobs WHERE state NOT IN ('done', 'failed')
+        f"""SELECT {_COLS} FROM jobs WHERE state NOT IN ('done', 'failed') AND kind = ANY($2::text[])
             AND updated_at < now() - make_interval(secs => $1) ORDER BY id""",
-        older_than_s,
+        older_than_s, list(INGEST_KINDS),
     )

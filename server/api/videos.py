@@ -273,8 +273,12 @@ class JobController(Controller):
         state = request.app.state
         async with state.pool.acquire() as conn:
             job = await self._job(conn, job_id, request.user)
+            if job["kind"] not in jobs_repo.INGEST_KINDS:
+                raise ApiError(409, f"a {job['kind']} job is not retried here; start it again instead")
             if job["state"] != "failed":
                 raise ApiError(409, f"only failed jobs can be retried; this one is {job['state']}")
             job = await jobs_repo.requeue(conn, job_id)
+            if job is None:  # another retry took it first
+                raise ApiError(409, "this job is already being retried")
         await enqueue_ingest(state.arq, state.pool, job_id)
         return to_job(job)

@@ -32,3 +32,33 @@ def test_missing_grade_xp_is_awarded_once(settings, make: Factory, client):
     keys = {r["idempotency_key"] for r in fetch(settings, "SELECT idempotency_key FROM xp_events WHERE user_id = $1",
                                                  learner.id)}
     assert keys == {f"assignment:{aid}", f"perfect:{aid}"}
+
+
+def test_a_lost_perfect_score_bonus_is_awarded(settings, make: Factory, client):
+    """The pass was awarded but the perfect-score bonus was not (a crash between the two, before they were one
+    transaction): the reconciler gives the bonus."""
+    inst, learner = make.user("instructor"), make.user("learner")
+    cid = client.post("/api/v1/courses", json={"title": "XP"}, headers=inst.h).json()["id"]
+    aid = fetch(settings, """INSERT INTO assignments (course_id, type, title, prompt, options, correct, status)
+                             VALUES ($1, 'multiple_choice', 'Q', 'Pick', '["a","b"]', '[0]', 'published') RETURNING id""",
+                cid)[0]["id"]
+    fetch(settings, """INSERT INTO submissions (assignment_id, course_id, user_id, attempt, answer, status, score)
+                       VALUES ($1, $2, $3, 1, '[0]', 'graded', 100)""", aid, cid, learner.id)
+
+    async def go() -> int:
+        from store import xp
+
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            await xp.award_xp(pool, redis, learner.id, "assignment_passed", f"assignment:{aid}", course_id=cid)
+            async with pool.acquire() as conn:
+                return await reconcile_grade_xp(conn, redis)
+        finally:
+            await redis.aclose()
+            await pool.close()
+
+    assert run_sync(go()) >= 1
+    keys = {r["idempotency_key"] for r in fetch(settings, "SELECT idempotency_key FROM xp_events WHERE user_id = $1",
+                                                 learner.id)}
+    assert keys == {f"assignment:{aid}", f"perfect:{aid}"}

@@ -1,0 +1,43 @@
+"""Lost-job recovery takes only ingest jobs, once however many workers run it; a retry starts one run."""
+from __future__ import annotations
+
+import asyncio
+
+from arq import create_pool as create_arq_pool
+from arq.connections import RedisSettings
+
+from ingest.jobs import recover_lost_jobs
+from store import jobs as jobs_repo
+from store.db import create_pool
+from tests.conftest import Factory, fetch, run_sync
+
+
+def test_recovery_skips_grade_jobs_and_queues_a_lost_job_once(settings, make: Factory, client):
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Jobs"}, headers=inst.h).json()["id"]
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status) VALUES ($1, 'v', 'transcript', "
+                          "'processing') RETURNING id", cid)[0]["id"]
+    lost, grade = (fetch(settings, """INSERT INTO jobs (kind, course_id, video_id, state, updated_at)
+                                      VALUES ($1, $2, $3, 'queued', now() - interval '1 hour') RETURNING id""",
+                         kind, cid, v)[0]["id"] for kind, v in (("ingest", vid), ("grade", None)))
+
+    async def go() -> list[int]:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=4)
+        arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+        try:
+            ctx = {"pool": pool, "redis": arq, "settings": settings}
+            # two workers starting at once: both see the lost job, arq queues it once
+            got = await asyncio.gather(recover_lost_jobs(ctx), recover_lost_jobs(ctx))
+            queued = [j for j in await arq.queued_jobs() if j.args and j.args[0] in (lost, grade)]
+            for j in queued:  # leave nothing for the test worker to pick up
+                await arq.zrem("arq:queue", j.job_id)
+            async with pool.acquire() as conn:
+                assert await jobs_repo.requeue(conn, grade) is None  # a grade job is not an ingest retry
+            return [len(queued), *got]
+        finally:
+            await arq.aclose()
+            await pool.close()
+
+    n_queued, *got = run_sync(go())
+    assert sorted(got) == [0, 1] and n_queued <= 1  # (a running test worker may already have taken it)
+    assert fetch(settings, "SELECT state FROM jobs WHERE id = $1", grade)[0]["state"] == "queued"  # untouched
