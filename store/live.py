@@ -187,7 +187,9 @@ async def vote(conn: asyncpg.Connection, poll_id: int, session_id: int | None, u
 async def publish_results(db: asyncpg.Pool, redis: Redis, poll_id: int) -> None:
     """Store and publish the current counts as `poll.results` (skipped once the poll is closed)."""
     async with sequenced(db, redis) as box:
-        poll = await box.conn.fetchrow("SELECT session_id, options, closed_at FROM polls WHERE id = $1", poll_id)
+        # FOR SHARE: a close under way commits first and is seen, so results never follow `poll.closed`
+        poll = await box.conn.fetchrow("SELECT session_id, options, closed_at FROM polls WHERE id = $1 FOR SHARE",
+                                       poll_id)
         if poll is None or poll["closed_at"] is not None:
             return
         c = await counts(box.conn, poll_id, len(poll["options"]))

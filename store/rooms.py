@@ -21,7 +21,7 @@ from store.events import Event, encode, publish_raw, room_topic
 logger = logging.getLogger(__name__)
 
 STAFF = ("instructor", "admin")
-_ROOM = re.compile(r"^(course|pod|live):([1-9][0-9]{0,17})$")
+_ROOM = re.compile(r"(course|pod|live):([1-9][0-9]{0,17})")  # the whole id (fullmatch: no trailing newline)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +35,7 @@ class RoomRef:
 
 
 def parse_room(room_id: str) -> RoomRef | None:
-    m = _ROOM.match(room_id)
+    m = _ROOM.fullmatch(room_id)
     return RoomRef(m.group(1), int(m.group(2))) if m else None
 
 

@@ -6,7 +6,7 @@ import asyncpg
 from litestar import Controller, Request, get, post
 
 from server.api.room_schemas import Attendee, Poll, PollIn, Session, SessionIn, VoteIn
-from server.api.rooms import refused
+from server.api.rooms import not_kicked, refused
 from server.auth import AuthUser, staff_only
 from server.decode import read_json
 from server.errors import ApiError
@@ -28,6 +28,7 @@ async def _session_or_404(conn: asyncpg.Connection, session_id: int, user: AuthU
     if row is None or await rooms_repo.access(conn, repo.room_of(session_id), user.id, user.tenant_id,
                                               user.role) is None:
         raise ApiError(404, f"live session {session_id} not found")
+    await not_kicked(conn, repo.room_of(session_id), user)
     return row
 
 

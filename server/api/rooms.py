@@ -36,8 +36,16 @@ async def room_or_404(conn: asyncpg.Connection, room_id: str, user: AuthUser) ->
     acc = await rooms_repo.access(conn, room_id, user.id, user.tenant_id, user.role)
     if acc is None:
         raise ApiError(404, f"room {room_id} not found")
-    await rooms_repo.ensure_room(conn, room_id)
+    await not_kicked(conn, acc.room_id, user)
+    await rooms_repo.ensure_room(conn, acc.room_id)
     return acc
+
+
+async def not_kicked(conn: asyncpg.Connection, room_id: str, user: AuthUser) -> None:
+    """A user kicked from a room is kept out of it over REST too (403 `kicked`), as on the websocket."""
+    until = await moderation.kicked_until(conn, room_id, user.id)
+    if until is not None:
+        raise ApiError(403, f"kicked from this room until {until.isoformat()}", code="kicked")
 
 
 def to_message(row: asyncpg.Record, room_id: str) -> RoomMessage:

@@ -60,7 +60,7 @@ class Conn:
         self.pending: dict[int, dict[str, Any]] = {}
         self.ready = False  # ephemeral events (presence, typing) are dropped before the welcome
         self.closing: tuple[int, str] | None = None
-        self.typing_at = 0.0
+        self.typing_at = float("-inf")
         self.typing_active = False
 
     # --- outbound -------------------------------------------------------------------------------------

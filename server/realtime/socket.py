@@ -40,7 +40,7 @@ def _after(socket: WebSocket) -> int | None | str:
     raw = socket.query_params.get("after")
     if raw is None or raw == "":
         return None
-    return int(raw) if raw.isdigit() and len(raw) < 19 else "bad"
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else "bad"
 
 
 class RoomWebSocket(WebSocket):
@@ -196,12 +196,15 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
                                            conn.access.moderator)
     elif isinstance(frame, frames.Typing):
         now = time.monotonic()
-        # Throttled: "still typing" at most every 2 s per connection; a stop is sent once.
-        if frame.active and conn.typing_active and now - conn.typing_at < TYPING_EVERY_S:
+        # Throttled: a start at most every 2 s per connection (also when it alternates with stops, so a client
+        # cannot flood the room), a stop once after a start.
+        if frame.active:
+            if now - conn.typing_at < TYPING_EVERY_S:
+                return
+            conn.typing_at = now
+        elif not conn.typing_active:
             return
-        if not frame.active and not conn.typing_active:
-            return
-        conn.typing_at, conn.typing_active = now, frame.active
+        conn.typing_active = frame.active
         await publish(hub.redis, room_topic(conn.room), Typing(room=conn.room, user=conn.user, active=frame.active))
     elif isinstance(frame, frames.Resume):
         await hub.welcome(conn, frame.after_seq)
