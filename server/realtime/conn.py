@@ -203,12 +203,14 @@ class Conn:
             logger.exception("replay failed", extra={"fields": {"room": self.room, "user_id": self.user.id}})
             self.close_soon(1011, "replay failed; reconnect with ?after=")
         finally:
-            self.filling = False
+            if self.fill_task is asyncio.current_task():  # a fill cancelled by `resume` leaves the new one be
+                self.filling = False
 
     def restart(self, after: int) -> None:
         """`resume`: drop what is queued and stream again from `after` (the caller pushes the welcome first)."""
         if self.fill_task is not None and not self.fill_task.done():
             self.fill_task.cancel()
+        self.fill_task = None  # the cancelled fill is not done yet: `start_fill` must not take it for running
         self.out.clear()  # a send already waiting for the transport goes first: it precedes the new welcome
         self.last_seq = self.start_seq = after
         for seq in [s for s in self.pending if s <= after]:

@@ -109,7 +109,14 @@ class Hub:
             waiter = self._sub_waiters.get(room)
             if waiter is None:
                 waiter = self._sub_waiters[room] = asyncio.get_running_loop().create_future()
-                await self._pubsub.subscribe(events_channel(room_topic(room)))
+                try:
+                    await self._pubsub.subscribe(events_channel(room_topic(room)))
+                except Exception as exc:  # the next join tries again; those waiting on this one fail now
+                    self._sub_waiters.pop(room, None)
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                        waiter.exception()  # retrieved: no "never retrieved" warning when nobody else waits
+                    raise
             await asyncio.wait_for(asyncio.shield(waiter), 10)
         uid = conn.user.id
         self._users.setdefault(uid, set()).add(conn)
@@ -293,6 +300,8 @@ class Hub:
             if now - since >= UNSUBSCRIBE_AFTER_S:
                 del self._idle_since[room]
                 if room not in self.rooms and room in self._subscribed and room not in self._sub_waiters:
+                    # forget it first: a join arriving before Redis confirms subscribes again (after this, in order)
+                    self._subscribed.discard(room)
                     await self._pubsub.unsubscribe(events_channel(room_topic(room)))
         for uid in [u for u in self._user_subs if u not in self._users]:
             self._user_subs.discard(uid)

@@ -6,6 +6,7 @@ import asyncio
 import httpx
 
 from tests.conftest import Factory
+from tests.progress_helpers import xp_store  # noqa: F401 - fixture
 from tests.server.conftest import Client, closed_with, make_course, ws_url
 
 
@@ -46,3 +47,33 @@ async def test_look_alike_room_ids_and_after_values_are_refused(server, make: Fa
             assert r.status_code == 404, (room, r.status_code)
     code, _ = await closed_with(ws_url(server, course.room, u.token) + "&after=%C2%B2")  # a superscript two
     assert code == 4400
+
+
+async def test_resume_during_a_replay_streams_on_at_once(server, make: Factory, xp_store):
+    """A `resume` while the connection is still replaying a long history: the new stream starts right away
+    (the cancelled replay used to keep the new one from starting until the periodic catch-up)."""
+    import time
+
+    from store import messages
+
+    pool, redis = xp_store
+    course = make_course(server, make, learners=1)
+    (a,) = course.learners
+    for i in range(1500):
+        await messages.post_message(pool, redis, course.room, None, f"m{i}")
+    c = await Client.connect(server, course.room, a, after=0)
+    await c.send({"type": "resume", "after_seq": 1490})
+    deadline = time.monotonic() + 10
+    while True:  # skip the first stream's frames up to the second welcome
+        f = await c.recv(timeout=10)
+        if f["type"] == "welcome" and f.get("last_seq", 0) >= 1500:
+            break
+        assert time.monotonic() < deadline
+    t0 = time.monotonic()
+    seqs = []
+    while len(seqs) < 10:
+        f = await c.recv(timeout=10)
+        if f["type"] == "message.new":
+            seqs.append(f["seq"])
+    assert seqs == list(range(1491, 1501)) and time.monotonic() - t0 < 2.0
+    await c.close()
