@@ -251,10 +251,11 @@ class TutorDelta(Event, tag="tutor.delta"):
 # --- internal control (never forwarded to clients) -----------------------------------------------------
 
 class Kick(Event, tag="internal.kick"):
-    """Close `user_id`'s sockets in `room` on every server process."""
+    """Close `user_id`'s sockets in `room` on every server process (close code 4403 with `reason`)."""
 
     room: str
     user_id: int
+    reason: str = "kicked"
 
 
 ServerEvent = Union[

@@ -48,3 +48,20 @@ async def kick(conn: asyncpg.Connection, redis: Redis, room_id: str, user_id: in
 async def kicked_until(conn: asyncpg.Connection, room_id: str, user_id: int) -> datetime | None:
     return await conn.fetchval(
         "SELECT until FROM room_kicks WHERE room_id = $1 AND user_id = $2 AND until > now()", room_id, user_id)
+
+
+async def revoke_access(conn: asyncpg.Connection, redis: Redis, user_id: int, *, course_id: int | None = None,
+                        pod_id: int | None = None) -> None:
+    """Close the user's open sockets in rooms they may no longer join (4403 `access revoked`): after leaving a
+    course, its course, pod and live rooms; after leaving a pod, that pod's room. Access is checked at join, so
+    without this an open socket would keep reading and posting."""
+    if await conn.fetchval("SELECT role FROM users WHERE id = $1", user_id) != "learner":
+        return  # staff and bots join by role, not by enrollment or membership
+    rooms = [f"pod:{pod_id}"] if pod_id is not None else []
+    if course_id is not None:
+        rooms.append(f"course:{course_id}")
+        rooms += [f"pod:{r['id']}" for r in await conn.fetch("SELECT id FROM pods WHERE course_id = $1", course_id)]
+        rooms += [f"live:{r['id']}" for r in await conn.fetch(
+            "SELECT id FROM live_sessions WHERE course_id = $1 AND ended_at IS NULL", course_id)]
+    for room in rooms:
+        await publish(redis, room_topic(room), Kick(room=room, user_id=user_id, reason="access revoked"))

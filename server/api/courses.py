@@ -14,6 +14,7 @@ from server.auth import AuthUser, staff_only
 from server.decode import decode_json, read_json
 from server.errors import ApiError
 from store import courses as repo
+from store import moderation
 
 logger = logging.getLogger(__name__)
 
@@ -134,3 +135,4 @@ class CourseController(Controller):
             await course_or_404(conn, course_id, user)
             if not await repo.unenroll(conn, course_id, user_id):
                 raise ApiError(404, f"user {user_id} is not enrolled")
+            await moderation.revoke_access(conn, request.app.state.redis, user_id, course_id=course_id)

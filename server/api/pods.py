@@ -10,6 +10,7 @@ from server.auth import AuthUser, staff_only
 from server.decode import read_json
 from server.errors import ApiError
 from store import courses as courses_repo
+from store import moderation
 from store import pods as repo
 
 
@@ -91,6 +92,7 @@ class PodController(Controller):
             await _pod_or_404(conn, pod_id, user)
             if not await repo.remove_member(conn, pod_id, user_id):
                 raise ApiError(404, f"user {user_id} is not a member")
+            await moderation.revoke_access(conn, request.app.state.redis, user_id, pod_id=pod_id)
 
     @get("/pods/{pod_id:int}/members")
     async def members(self, request: Request, pod_id: int) -> list[Member]:

@@ -43,6 +43,7 @@ class _Envelope(msgspec.Struct):
     seq: int = 0
     user: _Who | None = None
     user_id: int | None = None
+    reason: str = "kicked"
 
 
 _envelope = msgspec.json.Decoder(_Envelope)
@@ -178,10 +179,10 @@ class Hub:
         async with self.pool.acquire() as db:
             return await rooms_repo.events_after(db, room, after, limit)
 
-    def kick_local(self, room: str, user_id: int) -> None:
+    def kick_local(self, room: str, user_id: int, reason: str = "kicked") -> None:
         for conn in list(self.rooms.get(room, ())):
             if conn.user.id == user_id:
-                conn.close_soon(4403, "kicked")
+                conn.close_soon(4403, reason[:100])
 
     # --- fan-out --------------------------------------------------------------------------------------
 
@@ -228,7 +229,7 @@ class Hub:
         env = _envelope.decode(data)
         if env.type in INTERNAL:
             if env.type == "internal.kick" and env.user_id is not None:
-                self.kick_local(room, env.user_id)
+                self.kick_local(room, env.user_id, env.reason)
             return
         msg = text_frame(data.decode())  # once per process; every connection shares this message
         if env.seq:

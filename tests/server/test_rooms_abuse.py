@@ -77,3 +77,31 @@ async def test_resume_during_a_replay_streams_on_at_once(server, make: Factory, 
             seqs.append(f["seq"])
     assert seqs == list(range(1491, 1501)) and time.monotonic() - t0 < 2.0
     await c.close()
+
+
+async def test_leaving_a_course_or_pod_closes_open_sockets_there(server, make: Factory):
+    """Access is checked at join; removing a learner from the course (or a pod) also closes the sockets they
+    still have open there, so they stop reading and posting."""
+    import websockets
+
+    course = make_course(server, make, learners=2)
+    gone, stays = course.learners
+    with httpx.Client(base_url=server, timeout=30) as c:
+        pod = c.post(f"/api/v1/courses/{course.id}/pods", json={"name": "p"}, headers=course.instructor.h).json()
+        for u in (gone, stays):
+            assert c.post(f"/api/v1/pods/{pod['id']}/members", json={"user_id": u.id},
+                          headers=course.instructor.h).status_code == 201
+    in_course = await Client.connect(server, course.room, gone)
+    in_pod = await Client.connect(server, f"pod:{pod['id']}", stays)
+    with httpx.Client(base_url=server, timeout=30) as c:
+        assert c.delete(f"/api/v1/courses/{course.id}/enrollments/{gone.id}",
+                        headers=course.instructor.h).status_code == 204
+        assert c.delete(f"/api/v1/pods/{pod['id']}/members/{stays.id}", headers=stays.h).status_code == 204
+    for cl in (in_course, in_pod):
+        try:
+            while True:
+                await cl.recv(timeout=5)
+        except websockets.ConnectionClosed as exc:
+            assert exc.rcvd.code == 4403 and exc.rcvd.reason == "access revoked"
+    code, _ = await closed_with(ws_url(server, course.room, gone.token))
+    assert code == 4403
