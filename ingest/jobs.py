@@ -73,7 +73,7 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
                 reason = f"{reason} (gave up after {job['attempts']} attempts)"
             await reporter.fail(reason)
             async with pool.acquire() as conn:
-                await videos_repo.set_status(conn, job["video_id"], "failed", reason)
+                await videos_repo.mark_failed(conn, job["video_id"], reason)
             logger.warning("ingest job %s failed: %s", job_id, reason)
             return f"failed: {reason}"
         delay = backoff_s(job["attempts"], settings.job_retry_base_s)

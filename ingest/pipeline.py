@@ -103,7 +103,7 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
         video = await videos_repo.get_video(conn, job["video_id"])
         if video is None:
             raise PermanentIngestError("the video was deleted")
-        await videos_repo.set_status(conn, video["id"], "processing")
+        await videos_repo.mark_processing(conn, video["id"])
     if job["kind"] == "reembed":
         # a new embedding model: re-chunk and re-embed the stored transcript, no refetch or transcription
         await reporter.stage("fetching")

@@ -37,6 +37,21 @@ async def set_status(conn: asyncpg.Connection, video_id: int, status: str, error
                        video_id, status, error)
 
 
+async def mark_processing(conn: asyncpg.Connection, video_id: int) -> None:
+    """An ingest starts. A video that is ready (it has chunks) stays ready while it is re-ingested or
+    re-embedded: learners keep searching, asking about and reporting progress on it meanwhile."""
+    await conn.execute("""UPDATE videos SET status = 'processing', error = NULL, updated_at = now()
+                          WHERE id = $1 AND NOT (status = 'ready' AND chunk_count > 0)""", video_id)
+
+
+async def mark_failed(conn: asyncpg.Connection, video_id: int, reason: str) -> None:
+    """An ingest gave up. A video still serving its earlier chunks stays ready, with the reason kept in
+    `error`; one that never became ready is `failed`."""
+    await conn.execute("""UPDATE videos SET status = CASE WHEN status = 'ready' AND chunk_count > 0 THEN 'ready'
+                                                     ELSE 'failed' END,
+                                 error = $2, updated_at = now() WHERE id = $1""", video_id, reason)
+
+
 async def replace_transcript(conn: asyncpg.Connection, video_id: int, cues: Sequence[Any]) -> None:
     """Store the cleaned cues of a video, replacing earlier ones (caller holds the transaction)."""
     await conn.execute("DELETE FROM transcript_segments WHERE video_id = $1", video_id)

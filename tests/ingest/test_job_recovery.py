@@ -41,3 +41,33 @@ def test_recovery_skips_grade_jobs_and_queues_a_lost_job_once(settings, make: Fa
     n_queued, *got = run_sync(go())
     assert sorted(got) == [0, 1] and n_queued <= 1  # (a running test worker may already have taken it)
     assert fetch(settings, "SELECT state FROM jobs WHERE id = $1", grade)[0]["state"] == "queued"  # untouched
+
+
+def test_a_ready_video_stays_ready_through_a_failed_reingest(settings, make: Factory, client):
+    """Learners keep a ready video (search, tutor, progress) while it is re-ingested, also when that fails;
+    a video that never became ready fails."""
+    from store import videos as videos_repo
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Re"}, headers=inst.h).json()["id"]
+    ready, fresh = (fetch(settings, "INSERT INTO videos (course_id, title, source, status, chunk_count) VALUES "
+                                    "($1, 'v', 'transcript', $2, $3) RETURNING id", cid, st, n)[0]["id"]
+                    for st, n in (("ready", 12), ("queued", 0)))
+
+    async def go() -> None:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        try:
+            async with pool.acquire() as conn:
+                for vid in (ready, fresh):
+                    await videos_repo.mark_processing(conn, vid)
+                assert (await conn.fetchval("SELECT status FROM videos WHERE id = $1", ready)) == "ready"
+                assert (await conn.fetchval("SELECT status FROM videos WHERE id = $1", fresh)) == "processing"
+                for vid in (ready, fresh):
+                    await videos_repo.mark_failed(conn, vid, "network down")
+        finally:
+            await pool.close()
+
+    run_sync(go())
+    rows = {r["id"]: (r["status"], r["error"]) for r in fetch(settings, "SELECT id, status, error FROM videos "
+                                                                        "WHERE course_id = $1", cid)}
+    assert rows == {ready: ("ready", "network down"), fresh: ("failed", "network down")}
