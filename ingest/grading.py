@@ -17,7 +17,7 @@ from arq.connections import ArqRedis
 
 from agents import grader, scoring
 from agents.llm import LLMError, get_llm
-from ingest.jobs import backoff_s
+from ingest.jobs import backoff_s, heartbeat
 from store import assignments as assignments_repo
 from store import jobs as jobs_repo
 from store import submissions as subs_repo
@@ -52,16 +52,19 @@ async def enqueue_batches(arq: ArqRedis, pool: Any, job_id: int, submission_ids:
 
 
 async def grade_submission(ctx: dict[str, Any], submission_id: int) -> str:
-    """Grade one written submission; transient failures retry with backoff."""
-    return await _grade(ctx, submission_id)
+    """Grade one written submission; transient failures retry with backoff. A worker dying mid-grade hands
+    it to another within the heartbeat TTL."""
+    async with heartbeat(ctx):
+        return await _grade(ctx, submission_id)
 
 
 async def grade_batch(ctx: dict[str, Any], job_id: int, submission_ids: list[int]) -> str:
     """Grade a batch of one assignment's submissions (a retry skips those already graded)."""
     pool = ctx["pool"]
     results = []
-    for sid in submission_ids:
-        results.append(await _grade(ctx, sid))
+    async with heartbeat(ctx):
+        for sid in submission_ids:
+            results.append(await _grade(ctx, sid))
     async with pool.acquire() as conn:
         # progress over the whole job: the share of its submissions no longer waiting for the grader
         row = await conn.fetchrow(

@@ -6,8 +6,10 @@ within the heartbeat TTL and another worker picks the job up again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from arq import Retry
@@ -42,6 +44,17 @@ async def _heartbeat(redis: ArqRedis, arq_job_id: str, ttl_ms: int) -> None:
         except Exception:  # noqa: BLE001 - a missed beat only risks a duplicate run, which is idempotent
             logger.warning("heartbeat for %s failed", arq_job_id, exc_info=True)
         await asyncio.sleep(ttl_ms / 3000)
+
+
+@contextlib.asynccontextmanager
+async def heartbeat(ctx: dict[str, Any]) -> AsyncIterator[None]:
+    """Keep the running arq job's in-progress key short-lived while the body runs: if this worker dies, the
+    key lapses within the heartbeat TTL (not arq's job timeout of hours) and another worker takes the job."""
+    beat = asyncio.create_task(_heartbeat(ctx["redis"], ctx["job_id"], ctx["settings"].job_heartbeat_ms))
+    try:
+        yield
+    finally:
+        beat.cancel()
 
 
 def backoff_s(attempt: int, base: float) -> float:

@@ -71,3 +71,31 @@ def test_a_ready_video_stays_ready_through_a_failed_reingest(settings, make: Fac
     rows = {r["id"]: (r["status"], r["error"]) for r in fetch(settings, "SELECT id, status, error FROM videos "
                                                                         "WHERE course_id = $1", cid)}
     assert rows == {ready: ("ready", "network down"), fresh: ("failed", "network down")}
+
+
+def test_grading_keeps_a_short_lived_in_progress_key(settings):
+    """Grading functions run under the same heartbeat as ingest jobs: the in-progress key arq sets for hours is
+    kept short, so a dead worker's grade is taken by another within seconds."""
+    import inspect
+
+    from redis.asyncio import Redis
+
+    from ingest import grading
+    from ingest.jobs import ARQ_IN_PROGRESS, heartbeat
+
+    for fn in (grading.grade_submission, grading.grade_batch):
+        assert "heartbeat(ctx)" in inspect.getsource(fn)
+
+    async def go() -> int:
+        redis = Redis.from_url(settings.redis_url)
+        key = ARQ_IN_PROGRESS.format(job_id="grade-test-heartbeat")
+        try:
+            await redis.set(key, b"1", ex=4 * 3600 + 10)
+            async with heartbeat({"redis": redis, "job_id": "grade-test-heartbeat", "settings": settings}):
+                await asyncio.sleep(0.2)
+                return await redis.pttl(key)
+        finally:
+            await redis.delete(key)
+            await redis.aclose()
+
+    assert 0 < run_sync(go()) <= settings.job_heartbeat_ms
