@@ -54,10 +54,16 @@ async def update_course(conn: asyncpg.Connection, course_id: int, tenant_id: int
     )
 
 
-async def delete_course(conn: asyncpg.Connection, course_id: int, tenant_id: int) -> bool:
-    row = await conn.fetchrow("DELETE FROM courses WHERE id = $1 AND tenant_id = $2 RETURNING id",
-                              course_id, tenant_id)
-    return row is not None
+async def delete_course(conn: asyncpg.Connection, course_id: int, tenant_id: int) -> list[str] | None:
+    """Delete the course (its videos, chunks, rooms… cascade); the uploaded files its videos kept, for the
+    caller to remove once this has committed, or None when there is no such course."""
+    async with conn.transaction():
+        files = await conn.fetch(
+            "SELECT v.file_path FROM videos v JOIN courses c ON c.id = v.course_id "
+            "WHERE c.id = $1 AND c.tenant_id = $2 AND v.file_path IS NOT NULL", course_id, tenant_id)
+        row = await conn.fetchrow("DELETE FROM courses WHERE id = $1 AND tenant_id = $2 RETURNING id",
+                                  course_id, tenant_id)
+    return [r["file_path"] for r in files] if row is not None else None
 
 
 async def is_enrolled(conn: asyncpg.Connection, course_id: int, user_id: int) -> bool:

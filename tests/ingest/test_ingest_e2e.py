@@ -242,3 +242,16 @@ def test_reingest_replaces_chunks_atomically(client, make: Factory, worker, sett
     assert seen_counts <= {n}
     after = {r["id"] for r in fetch(settings, "SELECT id FROM chunks WHERE video_id = $1", vid)}
     assert len(after) == n and not (after & ids_before)
+
+
+def test_deleting_a_course_removes_its_uploaded_files(client, make: Factory, worker, settings):
+    from pathlib import Path
+
+    inst, cid = _course(client, make)
+    data = (EVAL / "transcripts" / "3b1b-bitcoin.srt").read_bytes()
+    r = upload(client, cid, inst.h, "b.srt", data)
+    assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
+    (path,) = [x["file_path"] for x in fetch(settings, "SELECT file_path FROM videos WHERE course_id = $1", cid)]
+    assert path and Path(path).exists()
+    assert client.delete(f"/api/v1/courses/{cid}", headers=inst.h).status_code == 204
+    assert not Path(path).exists()
