@@ -77,7 +77,7 @@ async def prepare(state: Any, user: Any, course_id: int, question: str, *, sessi
             sess = await repo.get_session(conn, session_id, user.id)
             if sess is None or sess["course_id"] != course_id:
                 raise ApiError(404, f"tutor session {session_id} not found", field="session_id")
-            for t in (await repo.session_turns(conn, session_id, limit=3)):
+            for t in await repo.session_turns(conn, session_id, limit=6):  # the latest six turns
                 history += [{"role": "user", "content": t["question"]}, {"role": "assistant", "content": t["answer"]}]
         elif room_id is not None:
             history = await _room_history(conn, room_id, message_id)
