@@ -50,6 +50,9 @@ async def _heartbeat(redis: ArqRedis, arq_job_id: str, ttl_ms: int) -> None:
 async def heartbeat(ctx: dict[str, Any]) -> AsyncIterator[None]:
     """Keep the running arq job's in-progress key short-lived while the body runs: if this worker dies, the
     key lapses within the heartbeat TTL (not arq's job timeout of hours) and another worker takes the job."""
+    if ctx.get("job_id") is None:  # called directly, not as an arq job: no lease to keep
+        yield
+        return
     beat = asyncio.create_task(_heartbeat(ctx["redis"], ctx["job_id"], ctx["settings"].job_heartbeat_ms))
     try:
         yield
