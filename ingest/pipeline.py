@@ -104,6 +104,7 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
         if video is None:
             raise PermanentIngestError("the video was deleted")
         await videos_repo.mark_processing(conn, video["id"])
+    segs = None
     if job["kind"] == "reembed":
         # a new embedding model: re-chunk and re-embed the stored transcript, no refetch or transcription
         await reporter.stage("fetching")
@@ -139,12 +140,17 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
         if current is None or current["state"] in ("done", "failed"):
             logger.info("job %s already finished elsewhere; discarding this attempt", job["id"])
             return len(chunks)
-        await videos_repo.replace_transcript(conn, video["id"], src.cues)
-        await videos_repo.replace_chunks(conn, video["id"], video["course_id"], chunks, emb, embedder.name)
-        await videos_repo.replace_chapters(conn, video["id"], chapters)
-        await videos_repo.mark_ready(conn, video["id"], duration_s=duration, embed_model=embedder.name,
-                                     embed_dim=embedder.dim, chunk_count=len(chunks), language=src.language,
-                                     captions_generated=src.captions_generated)
+        if segs is not None and list(map(tuple, await videos_repo.list_segments(conn, video["id"]))) != list(
+                map(tuple, segs)):
+            # a re-ingest replaced the transcript after this re-embed read it: its newer chunks stand
+            logger.info("job %s: the transcript changed meanwhile; keeping the newer chunks", job["id"])
+        else:
+            await videos_repo.replace_transcript(conn, video["id"], src.cues)
+            await videos_repo.replace_chunks(conn, video["id"], video["course_id"], chunks, emb, embedder.name)
+            await videos_repo.replace_chapters(conn, video["id"], chapters)
+            await videos_repo.mark_ready(conn, video["id"], duration_s=duration, embed_model=embedder.name,
+                                         embed_dim=embedder.dim, chunk_count=len(chunks), language=src.language,
+                                         captions_generated=src.captions_generated)
         done = await jobs_repo.set_state(conn, job["id"], "done", 1.0)
     await reporter.announce(done)
     logger.info("ingested video %s: %d cues, %d chunks, %d chapters", video["id"], len(src.cues), len(chunks),

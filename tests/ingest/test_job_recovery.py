@@ -99,3 +99,48 @@ def test_grading_keeps_a_short_lived_in_progress_key(settings):
             await redis.aclose()
 
     assert 0 < run_sync(go()) <= settings.job_heartbeat_ms
+
+
+def test_a_reembed_does_not_put_back_a_replaced_transcript(settings, make: Factory, client):
+    """A re-embed reads the stored transcript; when a re-ingest replaces it before the re-embed commits, the
+    newer transcript and its chunks stand."""
+    from agents.config import embedder_for
+    from ingest.pipeline import ingest_video
+    from ingest.progress import JobReporter
+    from store import videos as videos_repo
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Race"}, headers=inst.h).json()["id"]
+
+    class ReingestMeanwhile(JobReporter):
+        """While the re-embed embeds, a re-ingest commits a new transcript (the race, made certain)."""
+
+        async def stage(self, state: str, fraction: float = 0.0) -> None:
+            await super().stage(state, fraction)
+            if state == "embedding":
+                async with self.pool.acquire() as conn:
+                    await conn.execute("UPDATE transcript_segments SET text = 'newer ' || text WHERE video_id = $1",
+                                       self.job["video_id"])
+
+    async def go() -> tuple[list[str], str]:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=4)
+        try:
+            async with pool.acquire() as conn:
+                vid = await conn.fetchval("INSERT INTO videos (course_id, title, source, status, chunk_count, "
+                                          "duration_s) VALUES ($1, 'v', 'transcript', 'ready', 1, 30) RETURNING id", cid)
+                await conn.executemany("INSERT INTO transcript_segments (video_id, idx, start_s, end_s, text) "
+                                       "VALUES ($1, $2, $3, $4, $5)",
+                                       [(vid, i, i * 3.0, i * 3.0 + 2.5, f"Sentence number {i} about hashing.")
+                                        for i in range(10)])
+                job = await jobs_repo.create_job(conn, "reembed", course_id=cid, video_id=vid, created_by=None)
+                job = await jobs_repo.start_attempt(conn, job["id"])
+            await ingest_video(pool, settings, embedder_for(settings), job, ReingestMeanwhile(pool, None, job))
+            async with pool.acquire() as conn:
+                texts = [r["text"] for r in await videos_repo.list_segments(conn, vid)]
+                state = await conn.fetchval("SELECT state FROM jobs WHERE id = $1", job["id"])
+            return texts, state
+        finally:
+            await pool.close()
+
+    texts, state = run_sync(go())
+    assert state == "done" and all(t.startswith("newer ") for t in texts)
