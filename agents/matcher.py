@@ -210,6 +210,7 @@ class MatchState(TypedDict, total=False):
     reason_source: str
     match: dict[str, Any] | None
     skipped: bool
+    based_on: int | None  # a decline's re-match: the round it was computed from
 
 
 @dataclass(frozen=True)
@@ -281,7 +282,7 @@ def build_graph(pool: asyncpg.Pool, redis: Redis, settings: Settings, llm: Any =
         async with pool.acquire() as conn:
             row = await matching.save_round(conn, state["pod_id"], state["trigger"], groups,
                                             round_key=state.get("round_key"), created_by=state.get("created_by"),
-                                            declined=state.get("declined", []))
+                                            declined=state.get("declined", []), based_on=state.get("based_on"))
         if row is None:
             return {"skipped": True}
         ls = state["learners"]
@@ -318,12 +319,13 @@ def build_graph(pool: asyncpg.Pool, redis: Redis, settings: Settings, llm: Any =
 
 async def run_match(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id: int, *, trigger: str = "manual",
                     created_by: int | None = None, round_key: str | None = None, declined: list[int] | None = None,
-                    llm: Any = "settings") -> MatchResult | None:
-    """Match the pod's learners and post the result to its room; None when `round_key` already ran."""
+                    llm: Any = "settings", based_on: int | None = None) -> MatchResult | None:
+    """Match the pod's learners and post the result to its room; None when `round_key` already ran.
+    Raises matching.StaleRound when `based_on` is no longer the current round."""
     model = _get_llm(settings) if llm == "settings" else llm
     graph = build_graph(pool, redis, settings, model)
     out = await graph.ainvoke({"pod_id": pod_id, "trigger": trigger, "round_key": round_key,
-                               "created_by": created_by, "declined": list(declined or [])})
+                               "created_by": created_by, "declined": list(declined or []), "based_on": based_on})
     if out.get("skipped") or not out.get("match"):
         return None
     return result_of(out["match"])
@@ -333,18 +335,26 @@ class DeclineError(Exception):
     pass
 
 
+DECLINE_TRIES = 5  # re-matches attempted when other declines land meanwhile
+
+
 async def decline(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id: int, user_id: int,
                   llm: Any = "settings") -> MatchResult:
     """The learner sits this round out: the rest of the pod is matched again without them (and without earlier
     decliners of this round)."""
-    async with pool.acquire() as conn:
-        cur = await matching.current(conn, pod_id)
-    if cur is None or not any(user_id in g["members"] for g in cur["groups"]):
-        raise DeclineError("you are not in this pod's current study-buddy round")
-    result = await run_match(pool, redis, settings, pod_id, trigger="decline", created_by=user_id,
-                             declined=sorted(set(cur["declined"]) | {user_id}), llm=llm)
-    assert result is not None
-    return result
+    for _ in range(DECLINE_TRIES):
+        async with pool.acquire() as conn:
+            cur = await matching.current(conn, pod_id)
+        if cur is None or not any(user_id in g["members"] for g in cur["groups"]):
+            raise DeclineError("you are not in this pod's current study-buddy round")
+        try:  # saved only if `cur` is still current: concurrent declines each build on the other's round
+            result = await run_match(pool, redis, settings, pod_id, trigger="decline", created_by=user_id,
+                                     declined=sorted(set(cur["declined"]) | {user_id}), llm=llm, based_on=cur["id"])
+        except matching.StaleRound:
+            continue
+        assert result is not None
+        return result
+    raise DeclineError("the pod's round kept changing while re-matching; please try again")
 
 
 async def match_all_pods(pool: asyncpg.Pool, redis: Redis, settings: Settings, at: datetime | None = None,

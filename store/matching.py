@@ -39,12 +39,24 @@ async def round_exists(conn: asyncpg.Connection, pod_id: int, round_key: str) ->
         "SELECT EXISTS (SELECT 1 FROM pod_matches WHERE pod_id = $1 AND round_key = $2)", pod_id, round_key))
 
 
+class StaleRound(Exception):
+    """The round a re-match was computed from is no longer the current one (another decline or round landed
+    meanwhile): compute again from the current round."""
+
+
 async def save_round(conn: asyncpg.Connection, pod_id: int, trigger: str, groups: list[dict[str, Any]], *,
-                     round_key: str | None, created_by: int | None, declined: list[int]) -> asyncpg.Record | None:
-    """Store a new current round (superseding the previous one); None when `round_key` already has one."""
+                     round_key: str | None, created_by: int | None, declined: list[int],
+                     based_on: int | None = None) -> asyncpg.Record | None:
+    """Store a new current round (superseding the previous one); None when `round_key` already has one.
+    `based_on`: the round this one re-matches; StaleRound when it is no longer current."""
     async with conn.transaction():
         # one writer per pod at a time, so exactly one round is current
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('pod_match'), $1::int)", pod_id % 2**31)
+        if based_on is not None:
+            cur = await conn.fetchval("SELECT id FROM pod_matches WHERE pod_id = $1 AND superseded_at IS NULL "
+                                      "ORDER BY id DESC LIMIT 1", pod_id)
+            if cur != based_on:
+                raise StaleRound(f"round {based_on} of pod {pod_id} was superseded by round {cur}")
         row = await conn.fetchrow(
             """INSERT INTO pod_matches (pod_id, trigger, round_key, created_by, groups, declined)
                VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (pod_id, round_key) DO NOTHING RETURNING *""",

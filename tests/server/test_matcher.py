@@ -127,3 +127,25 @@ async def test_weekly_round_runs_once(client, make: Factory, settings, xp_store)
     assert [(r["round_key"], r["trigger"]) for r in rows] == [(week_key(at), "cron")]
     (trio,) = json.loads(rows[0]["groups"])  # jsonb arrives as text on a plain connection
     assert sorted(trio["members"]) == sorted(u.id for u in course.learners)
+
+
+async def test_concurrent_declines_all_stay_out(client, make: Factory, settings, xp_store):
+    """Three learners decline at once: each re-match builds on the round current when it saves, so none of them
+    is paired again and every decline is recorded."""
+    import asyncio
+
+    from agents import matcher
+
+    pool, redis = xp_store
+    course = make_course(client, make, learners=7, videos=0)
+    inst = course.instructor
+    pod = client.post(f"/api/v1/courses/{course.id}/pods", json={"name": "P"}, headers=inst.h).json()["id"]
+    for u in course.learners:
+        assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": u.id}, headers=inst.h).status_code == 201
+    assert client.post(f"/api/v1/pods/{pod}/match", headers=inst.h).status_code == 201
+    out = [u.id for u in course.learners[:3]]
+    await asyncio.gather(*(matcher.decline(pool, redis, settings, pod, uid, llm=None) for uid in out))
+    cur = client.get(f"/api/v1/pods/{pod}/match", headers=course.learners[5].h).json()
+    members = [m for g in cur["groups"] for m in g["members"]]
+    assert sorted(cur["declined"]) == sorted(out)
+    assert not set(out) & set(members) and sorted(members) == sorted(u.id for u in course.learners[3:])
