@@ -46,8 +46,11 @@ async def remove_member(conn: asyncpg.Connection, pod_id: int, user_id: int) -> 
 
 
 async def is_member(conn: asyncpg.Connection, pod_id: int, user_id: int) -> bool:
+    """A member with access: in the pod and still enrolled in its course (as for the pod's room)."""
     return bool(await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM pod_members WHERE pod_id = $1 AND user_id = $2)", pod_id, user_id))
+        """SELECT EXISTS (SELECT 1 FROM pod_members m JOIN pods p ON p.id = m.pod_id
+                          JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = m.user_id
+                          WHERE m.pod_id = $1 AND m.user_id = $2)""", pod_id, user_id))
 
 
 async def list_members(conn: asyncpg.Connection, pod_id: int) -> list[asyncpg.Record]:

@@ -149,3 +149,18 @@ async def test_concurrent_declines_all_stay_out(client, make: Factory, settings,
     members = [m for g in cur["groups"] for m in g["members"]]
     assert sorted(cur["declined"]) == sorted(out)
     assert not set(out) & set(members) and sorted(members) == sorted(u.id for u in course.learners[3:])
+
+
+def test_a_learner_who_left_the_course_loses_the_pod(client, make: Factory):
+    """Pod pages (members, profiles, match, board) are for members still enrolled, as the pod room is."""
+    course = make_course(client, make, learners=2, videos=0)
+    inst, (gone, stays) = course.instructor, course.learners
+    pod = client.post(f"/api/v1/courses/{course.id}/pods", json={"name": "P"}, headers=inst.h).json()["id"]
+    for u in (gone, stays):
+        assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": u.id}, headers=inst.h).status_code == 201
+    urls = [f"/api/v1/pods/{pod}", f"/api/v1/pods/{pod}/members", f"/api/v1/pods/{pod}/profiles",
+            f"/api/v1/leaderboards/pod/{pod}"]
+    assert all(client.get(u, headers=gone.h).status_code == 200 for u in urls)
+    assert client.delete(f"/api/v1/courses/{course.id}/enrollments/{gone.id}", headers=inst.h).status_code == 204
+    assert [client.get(u, headers=gone.h).status_code for u in urls] == [404] * len(urls)
+    assert all(client.get(u, headers=stays.h).status_code == 200 for u in urls)
