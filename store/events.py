@@ -267,7 +267,13 @@ ServerEvent = Union[
 ]
 SEQUENCED = frozenset({"message.new", "message.edited", "message.deleted", "live.started", "live.ended",
                        "poll.opened", "poll.results", "poll.closed"})
-INTERNAL = frozenset({"internal.kick"})
+class TokenRevoked(Event, tag="internal.revoke"):
+    """Close the sockets opened with API token `token_id` (on the owner's personal topic, every process)."""
+
+    token_id: str
+
+
+INTERNAL = frozenset({"internal.kick", "internal.revoke"})
 
 # Websocket close codes.
 CLOSE_TOO_BIG = 1009        # a frame over 64 KiB (uvicorn's websocket implementation sends it)

@@ -69,12 +69,12 @@ async def list_api_tokens(conn: asyncpg.Connection, tenant_id: int) -> list[asyn
     )
 
 
-async def revoke_api_token(conn: asyncpg.Connection, token_id: str, tenant_id: int | None) -> bool:
-    """Revoke a token (of the tenant, when given); False when there is no such token."""
-    row = await conn.fetchrow(
+async def revoke_api_token(conn: asyncpg.Connection, token_id: str, tenant_id: int | None) -> int | None:
+    """Revoke a token (of the tenant, when given); the id of the user it belonged to, or None when there is no
+    such token."""
+    return await conn.fetchval(
         """UPDATE api_tokens k SET revoked_at = coalesce(k.revoked_at, now())
            FROM users u WHERE u.id = k.user_id AND k.id = $1 AND ($2::bigint IS NULL OR u.tenant_id = $2)
-           RETURNING k.id""",
+           RETURNING k.user_id""",
         token_id, tenant_id,
     )
-    return row is not None

@@ -8,6 +8,7 @@ from server.auth import AuthUser, issue_token, staff_only
 from server.decode import read_json
 from server.errors import ApiError
 from store import users as repo
+from store.events import TokenRevoked, publish, user_topic
 
 
 class UserController(Controller):
@@ -61,5 +62,8 @@ class UserController(Controller):
     @delete("/tokens/{token_id:str}", guards=[staff_only], status_code=204)
     async def revoke(self, request: Request, token_id: str) -> None:
         async with request.app.state.pool.acquire() as conn:
-            if not await repo.revoke_api_token(conn, token_id, request.user.tenant_id):
-                raise ApiError(404, f"token {token_id} not found")
+            owner = await repo.revoke_api_token(conn, token_id, request.user.tenant_id)
+        if owner is None:
+            raise ApiError(404, f"token {token_id} not found")
+        # sockets opened with it close too (tokens are checked when a socket opens, not on every frame)
+        await publish(request.app.state.redis, user_topic(owner), TokenRevoked(token_id=token_id))

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from server.realtime.conn import Conn, text_frame
 from store import live as live_repo
 from store import rooms as rooms_repo
-from store.events import INTERNAL, UserRef, Welcome, publish, room_topic, user_topic
+from store.events import CLOSE_UNAUTHENTICATED, INTERNAL, UserRef, Welcome, publish, room_topic, user_topic
 from store.events import Presence as PresenceEvent
 from store.keys import events_channel
 from store.presence import Presence
@@ -44,6 +44,7 @@ class _Envelope(msgspec.Struct):
     user: _Who | None = None
     user_id: int | None = None
     reason: str = "kicked"
+    token_id: str | None = None
 
 
 _envelope = msgspec.json.Decoder(_Envelope)
@@ -218,8 +219,16 @@ class Hub:
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         if not channel.startswith(self._prefix):
             if channel.startswith(self._user_prefix):  # personal events (job progress): every socket of the user
+                conns = self._users.get(int(channel[len(self._user_prefix):]), ())
+                if data.startswith(b'{"type":"internal.'):
+                    env = _envelope.decode(data)
+                    if env.type == "internal.revoke" and env.token_id:
+                        for conn in list(conns):
+                            if conn.token_id == env.token_id:
+                                conn.close_soon(CLOSE_UNAUTHENTICATED, "token revoked")
+                    return
                 msg = text_frame(data.decode())
-                for conn in self._users.get(int(channel[len(self._user_prefix):]), ()):
+                for conn in conns:
                     conn.ephemeral(msg)
             return
         room = channel[len(self._prefix):].decode()

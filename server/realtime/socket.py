@@ -80,6 +80,7 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
     await socket.accept()
     conn = Conn(hub, access, UserRef(id=user.id, name=user.name, role=user.role), socket.send,
                 state.settings.ws_queue_max)
+    conn.token_id = user.token_id
     conn.main_task = asyncio.current_task()
     attendance_id = None
     try:

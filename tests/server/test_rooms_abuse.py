@@ -105,3 +105,28 @@ async def test_leaving_a_course_or_pod_closes_open_sockets_there(server, make: F
             assert exc.rcvd.code == 4403 and exc.rcvd.reason == "access revoked"
     code, _ = await closed_with(ws_url(server, course.room, gone.token))
     assert code == 4403
+
+
+async def test_revoking_a_bot_token_closes_its_open_sockets(server, make: Factory):
+    """Tokens are checked when a socket opens; revoking one also closes the sockets opened with it (4401)."""
+    import websockets
+
+    from tests.conftest import User
+
+    course = make_course(server, make, learners=0)
+    inst = course.instructor
+    with httpx.Client(base_url=server, timeout=30) as c:
+        bot = c.post("/api/v1/bots", json={"name": f"bot-{course.id}", "label": "discord"}, headers=inst.h).json()
+    user = User(id=bot["user_id"], tenant_id=inst.tenant_id, name=bot["name"], role="bot", token=bot["token"])
+    sock = await Client.connect(server, course.room, user)
+    watcher = await Client.connect(server, course.room, inst)
+    with httpx.Client(base_url=server, timeout=30) as c:
+        assert c.delete(f"/api/v1/tokens/{bot['token_id']}", headers=inst.h).status_code == 204
+    try:
+        while True:
+            await sock.recv(timeout=5)
+    except websockets.ConnectionClosed as exc:
+        assert exc.rcvd.code == 4401 and exc.rcvd.reason == "token revoked"
+    await watcher.send({"type": "ping", "ref": "still"})
+    await watcher.expect("pong")  # the instructor's own socket stays
+    await watcher.close()
