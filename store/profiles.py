@@ -5,9 +5,10 @@ with day 0 = Monday and minutes from local midnight (end may be 1440).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import asyncpg
 
@@ -32,7 +33,14 @@ def check_timezone(name: str) -> str:
         ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
         raise ProfileError("timezone", f"unknown timezone {name!r}; use an IANA name such as Europe/Berlin") from exc
+    if name not in _zones():  # "localtime", "posixrules", "right/…": files, not zones a learner lives in
+        raise ProfileError("timezone", f"unknown timezone {name!r}; use an IANA name such as Europe/Berlin")
     return name
+
+
+@functools.lru_cache(maxsize=1)
+def _zones() -> frozenset[str]:
+    return frozenset(available_timezones()) - {"localtime", "posixrules", "Factory"}
 
 
 def _minutes(hhmm: str, field: str) -> int:

@@ -30,6 +30,8 @@ class UserController(Controller):
             raise ApiError(403 if data.role in ("instructor", "admin") else 400,
                            f"role must be one of {', '.join(allowed)}", field="role")
         settings = request.app.state.settings
+        if not data.name.strip():
+            raise ApiError(400, "name must not be blank", field="name")
         async with request.app.state.pool.acquire() as conn:
             row = await repo.create_user(conn, u.tenant_id, data.name.strip(), data.role)
         if row is None:
@@ -48,6 +50,8 @@ class UserController(Controller):
             if existing is not None and existing["role"] != "bot":
                 raise ApiError(409, f"{data.name!r} is a human user's name", field="name")
             row = existing or await repo.create_user(conn, u.tenant_id, data.name, "bot")
+            if row is None:  # created by a concurrent request a moment ago
+                raise ApiError(409, f"{data.name!r} was just created by another request; try again", field="name")
             token_id = await repo.create_api_token(conn, row["id"], data.label)
         token = issue_token(request.app.state.settings.secret, row["id"], u.tenant_id, "bot", ttl_s=None,
                             token_id=token_id)

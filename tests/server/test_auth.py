@@ -114,6 +114,8 @@ def test_staff_creates_learner_with_token(client, make: Factory):
     me = client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {created['token']}"}).json()
     assert me["name"] == "grace" and me["role"] == "learner" and me["tenant"] == make.tenant
     assert client.post("/api/v1/users", json={"name": "grace"}, headers=inst.h).status_code == 409
+    blank = client.post("/api/v1/users", json={"name": "   "}, headers=inst.h)
+    assert blank.status_code == 400 and blank.json()["field"] == "name"
     # an instructor cannot mint admins; a learner cannot mint anyone
     assert client.post("/api/v1/users", json={"name": "boss", "role": "admin"}, headers=inst.h).status_code == 403
     assert client.post("/api/v1/users", json={"name": "x"}, headers=make.user("learner").h).status_code == 403

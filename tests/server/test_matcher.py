@@ -16,6 +16,7 @@ def test_profile_validation(client, make: Factory):
     url = "/api/v1/me/profile"
     assert client.get(url, headers=u.h).json()["timezone"] == "UTC"
     bad = [({"timezone": "Mars/Olympus"}, "timezone"), ({"timezone": "../etc/passwd"}, "timezone"),
+           ({"timezone": "localtime"}, "timezone"), ({"timezone": "right/UTC"}, "timezone"),
            ({"availability": [{"day": "mon", "start": "18:00", "end": "17:00"}]}, "availability[0].end"),
            ({"availability": [{"day": "mon", "start": "25:00", "end": "26:00"}]}, "availability[0].start"),
            ({"availability": [{"day": "funday", "start": "10:00", "end": "11:00"}]}, "availability[0].day"),
