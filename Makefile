@@ -6,9 +6,9 @@ PYTEST_ARGS ?=
 
 .PHONY: run test install install-test system-deps bench clean
 
+# A venv left half-made (no venv module, no network for pip) is removed, so the next run starts over.
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --quiet --upgrade pip || { rm -rf $(VENV); exit 1; }
 
 # Reinstall whenever pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python

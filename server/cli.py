@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 from store.embedded import Services, ensure_services
@@ -76,12 +77,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from ingest.worker import worker_settings
 
     settings, services = _start(args)
+    up_pid = int(os.environ.get("STUDYHALL_UP_PID") or 0)
+    orphaned = []
+    if up_pid and up_pid == os.getppid():  # started by `up`: it dying (even by kill -9) stops this worker
+
+        def parent_died(_signum: int, _frame: object) -> None:
+            orphaned.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # arq's own graceful stop
+
+        signal.signal(signal.SIGUSR1, parent_died)
     try:
         _migrate(settings)
         # arq binds the worker to the current event loop at construction and handles SIGTERM/SIGINT itself.
         asyncio.set_event_loop(asyncio.new_event_loop())
         Worker(**worker_settings(settings)).run()
     finally:
+        if orphaned:  # `up` is still exiting (and holds the servers) until this process is handed to another
+            deadline = time.monotonic() + 5
+            while os.getppid() == up_pid and time.monotonic() < deadline:
+                time.sleep(0.02)
         services.close()
     return 0
 
@@ -177,7 +191,11 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
             ctx = {"pool": pool, "settings": settings, "redis": arq, "job_id": f"cli-{job_id}",
                    "embedder": lambda: embedder_for(settings)}
             runner = asyncio.create_task(_run_inline(ingest_job, ctx, job_id))
-        job = await _progress(pool, job_id)
+        job = await _progress(pool, job_id, arq if worker_alive else None)
+        if job is None:
+            print(f"\njob {job_id}: no worker has been consuming jobs for {WORKER_GONE_S:.0f} s (the worker stopped); "
+                  "the job stays queued for the next worker (`studyhall worker`, or `make run`)", file=sys.stderr)
+            return 1
         if runner is not None:
             await runner
         print(f"job {job_id}: {job['state']}" + (f" ({job['error']})" if job["error"] else ""), file=sys.stderr)
@@ -198,10 +216,21 @@ async def _run_inline(job_fn, ctx: dict, job_id: int) -> None:  # type: ignore[n
             await asyncio.sleep((retry.defer_score or 0) / 1000)
 
 
-async def _progress(pool, job_id: int):  # type: ignore[no-untyped-def]
-    """Draw a progress bar until the job is done or failed."""
+WORKER_GONE_S = 20.0  # `ingest` gives up waiting when no worker has reported healthy for this long
+
+
+async def _progress(pool, job_id: int, arq=None):  # type: ignore[no-untyped-def]
+    """Draw a progress bar until the job is done or failed; None when `arq` is given and no worker has been
+    alive (arq's health-check key) for WORKER_GONE_S."""
     width, shown = 30, None
+    seen_worker, checked = time.monotonic(), 0.0
     while True:
+        if arq is not None and time.monotonic() - checked >= 2:
+            checked = time.monotonic()
+            if await arq.exists("arq:queue:health-check"):
+                seen_worker = checked
+            elif checked - seen_worker >= WORKER_GONE_S:
+                return None
         job = await pool.fetchrow("SELECT state, progress, error FROM jobs WHERE id = $1", job_id)
         line = f"[{'#' * int(job['progress'] * width):<{width}}] {job['progress'] * 100:5.1f}% {job['state']}"
         if line != shown and sys.stderr.isatty():
@@ -338,14 +367,26 @@ async def _ask(settings: Settings, args: argparse.Namespace) -> int:
         await pool.close()
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGUSR1 it when its parent dies (Linux prctl PR_SET_PDEATHSIG); the worker
+    then stops like on SIGTERM, and stops the embedded servers once the parent's hold on them is gone."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGUSR1)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: a killed `up` may leave its worker behind
+        pass
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings, services = _start(args)
     worker = None
     try:
         _migrate(settings)
         token = asyncio.run(_make_token(settings, "dev-instructor", "instructor", "default", None))
-        env = dict(os.environ, STUDYHALL_DATA_DIR=str(settings.data_dir))
-        worker = subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=env)
+        env = dict(os.environ, STUDYHALL_DATA_DIR=str(settings.data_dir), STUDYHALL_UP_PID=str(os.getpid()))
+        # the worker dies with `up`, also when `up` is killed -9 (else it would hold the embedded servers open)
+        worker = subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=env, preexec_fn=_die_with_parent)
         url = f"http://{settings.host}:{settings.port}"
         print(f"\nstudyhall is up at {url}  (data in {settings.data_dir})\n"
               f"dev instructor token:\n{token}\n\ntry: curl -H 'Authorization: Bearer <token>' {url}/api/v1/users/me\n",
@@ -402,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Stop(Exception):
-    """Raised by SIGTERM/SIGINT so `finally` blocks stop what this process started."""
+    """Raised by SIGTERM/SIGINT/SIGHUP so `finally` blocks stop what this process started."""
 
 
 def _on_signal(signum: int, _frame: object) -> None:
@@ -415,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     # process would die before stopping the worker and the embedded servers.
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    # a closed terminal stops cleanly too: as SIGTERM, which uvicorn (while serving) and arq handle gracefully
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: os.kill(os.getpid(), signal.SIGTERM))
     try:
         return args.func(args)
     except _Stop:

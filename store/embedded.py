@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,13 +227,33 @@ def _ensure_postgres(ddir: Path) -> str:
         logger.info("starting embedded Postgres on 127.0.0.1:%d", port)
         # pg_ctl forks a daemon; no pipes to it (they would hang, as pgserver notes). The log lives in
         # pgdata because, under root, the server runs as another user.
-        subprocess.run(
-            [_pg_bin("pg_ctl"), "-D", str(pgdata), "-w", "-t", "60", "-l", str(pgdata / "server.log"),
-             "-o", f"-p {port}", "start"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, user=user,
-        )
+        # Its stderr goes to a file, not a pipe (the daemon would hold a pipe open), so a failure can say why.
+        with tempfile.TemporaryFile() as err:
+            try:
+                subprocess.run(
+                    [_pg_bin("pg_ctl"), "-D", str(pgdata), "-w", "-t", "60", "-l", str(pgdata / "server.log"),
+                     "-o", f"-p {port}", "start"],
+                    check=True, stdout=subprocess.DEVNULL, stderr=err, user=user,
+                )
+            except subprocess.CalledProcessError as exc:
+                err.seek(0)
+                raise RuntimeError(_pg_failure(pgdata, err.read().decode(errors="replace"))) from exc
     _create_db(port)
     return f"postgresql://{PG_USER}@127.0.0.1:{port}/{PG_DB}"
+
+
+def _pg_failure(pgdata: Path, stderr: str) -> str:
+    """Why the embedded Postgres did not start: pg_ctl's own words and the end of the server log."""
+    try:
+        log = (pgdata / "server.log").read_text(errors="replace").splitlines()[-8:]
+    except OSError as exc:
+        log = [f"(cannot read {pgdata / 'server.log'}: {exc})"]
+    hint = ""
+    if "ermission denied" in stderr + "\n".join(log):
+        hint = ("\nThe data directory was probably created by another user: run as that user, or give the directory "
+                "to this one (chown -R).")
+    return (f"the embedded Postgres in {pgdata} did not start.\npg_ctl: {stderr.strip() or '(nothing)'}\n"
+            "server.log (last lines):\n  " + "\n  ".join(log) + hint)
 
 
 def _create_db(port: int) -> None:

@@ -62,3 +62,24 @@ def test_reembed_after_model_switch(client, make: Factory, worker, data_dir, set
                  model)[0]["n"] == n
     hits = client.get(f"/api/v1/courses/{cid}/search", params={"q": "digital signature"}, headers=inst.h).json()["hits"]
     assert hits
+
+
+def test_cli_ingest_gives_up_when_the_worker_is_gone(client, make: Factory, worker, data_dir, settings):
+    """The worker dies after `ingest` handed it the job: the CLI says so and exits 1 instead of waiting forever;
+    the job stays queued and the next worker runs it."""
+    import redis
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "CLI gone"}, headers=inst.h).json()["id"]
+    worker.kill()
+    try:
+        r = redis.Redis.from_url(settings.redis_url)
+        r.set("arq:queue:health-check", b"pretend", px=1500)  # alive when the CLI looks, gone right after
+        r.close()
+        out = _cli(data_dir, "ingest", str(cid), "--file", str(EVAL / "transcripts" / "3b1b-bitcoin.srt"))
+        assert out.returncode == 1 and "no worker has been consuming jobs" in out.stderr, out.stderr
+        job_id = int(out.stderr.split("job ")[1].split()[0].rstrip(","))
+        assert fetch(settings, "SELECT state FROM jobs WHERE id = $1", job_id)[0]["state"] == "queued"
+    finally:
+        worker.start()
+    assert wait_job(client, job_id, inst.h, timeout=120)["state"] == "done"

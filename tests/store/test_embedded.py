@@ -77,3 +77,12 @@ def test_up_joiners_stop_and_restart(tmp_path):
     finally:
         stop_process(again)
     assert not (ddir / "pg" / "postmaster.pid").exists()
+
+
+def test_a_postgres_that_will_not_start_says_why(tmp_path):
+    from store.embedded import _pg_failure
+
+    (tmp_path / "server.log").write_text("LOG: starting\nFATAL:  could not open file \"global/pg_filenode.map\": "
+                                         "Permission denied\n")
+    msg = _pg_failure(tmp_path, "pg_ctl: could not start server\n")
+    assert "could not start server" in msg and "Permission denied" in msg and "chown -R" in msg
