@@ -27,6 +27,7 @@ class AuthUser(msgspec.Struct, frozen=True):
     name: str
     role: str
     token_id: str | None = None
+    expires_at: float | None = None  # the token's `exp` (unix time); None for long-lived bot tokens
 
     @property
     def is_staff(self) -> bool:
@@ -86,8 +87,9 @@ async def authenticate(connection: ASGIConnection, token: str | None) -> AuthUse
             row = await users_repo.get_user(conn, user_id)
     if row is None:
         raise NotAuthorizedException("token revoked or user unknown")
+    exp = claims.get("exp")
     return AuthUser(id=row["id"], tenant_id=row["tenant_id"], tenant=row["tenant_name"], name=row["name"],
-                    role=row["role"], token_id=jti)
+                    role=row["role"], token_id=jti, expires_at=float(exp) if exp is not None else None)
 
 
 class JWTAuthMiddleware(AbstractAuthenticationMiddleware):

@@ -83,6 +83,10 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
     conn.token_id = user.token_id
     conn.main_task = asyncio.current_task()
     attendance_id = None
+    expiry = None
+    if user.expires_at is not None:  # a token is checked when the socket opens; it also ends when the token does
+        expiry = asyncio.get_running_loop().call_later(max(0.0, user.expires_at - time.time()), conn.close_soon,
+                                                       CLOSE_UNAUTHENTICATED, "token expired")
     try:
         await hub.attach(conn)
         await hub.welcome(conn, after)  # type: ignore[arg-type]
@@ -97,6 +101,8 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
         logger.exception("websocket handler failed", extra={"fields": {"room": room_id, "user_id": user.id}})
         conn.close_soon(1011, "internal error")
     finally:
+        if expiry is not None:
+            expiry.cancel()
         try:
             await asyncio.shield(_cleanup(state, hub, conn, attendance_id))
         except asyncio.CancelledError:

@@ -130,3 +130,25 @@ async def test_revoking_a_bot_token_closes_its_open_sockets(server, make: Factor
     await watcher.send({"type": "ping", "ref": "still"})
     await watcher.expect("pong")  # the instructor's own socket stays
     await watcher.close()
+
+
+async def test_a_socket_closes_when_its_token_expires(server, make: Factory, settings):
+    import time
+
+    import websockets
+
+    from server.auth import issue_token
+    from tests.conftest import User
+
+    course = make_course(server, make, learners=1)
+    (u,) = course.learners
+    short = User(id=u.id, tenant_id=u.tenant_id, name=u.name, role=u.role,
+                 token=issue_token(settings.secret, u.id, u.tenant_id, u.role, ttl_s=2))
+    c = await Client.connect(server, course.room, short)
+    t0 = time.monotonic()
+    try:
+        while True:
+            await c.recv(timeout=10)
+    except websockets.ConnectionClosed as exc:
+        assert exc.rcvd.code == 4401 and exc.rcvd.reason == "token expired"
+    assert time.monotonic() - t0 < 6
