@@ -207,6 +207,11 @@ async def llm_items(llm: LLM, chapter_title: str, video_id: int, chapter: list[S
         s = min(chapter, key=lambda x: abs(x.start - it.start))
         if abs(s.start - it.start) > 2.0 or it.type not in types or not it.prompt.strip():
             continue
+        # the same limits as an instructor's own assignment (and no NUL, which Postgres cannot store)
+        texts = [it.prompt, it.reference_answer, *it.options]
+        if (len(it.prompt) > 10_000 or len(it.reference_answer) > 10_000 or len(it.options) > 10
+                or any(len(o) > 500 or not o.strip() for o in it.options) or any("\x00" in t for t in texts)):
+            continue
         cite = {"video_id": video_id, "start": round(s.start, 3), "end": round(s.end, 3), "text": s.text}
         title = f"{chapter_title[:80]} ({_mmss(s.start)})"
         if it.type == "multiple_choice":

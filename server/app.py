@@ -5,6 +5,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
 from arq import create_pool as create_arq_pool
 from arq.connections import RedisSettings
 from litestar import Litestar
@@ -22,7 +23,7 @@ from server.api.users import UserController
 from server.api.videos import JobController, VideoController
 from server.auth import JWTAuthMiddleware
 from server import tutoring
-from server.errors import http_exception_handler, internal_error_handler
+from server.errors import data_error_handler, http_exception_handler, internal_error_handler
 from server.observability import access_log_middleware
 from server.api.live import LiveController
 from server.api.pods import PodController
@@ -70,7 +71,8 @@ def create_app(settings: Settings) -> Litestar:
                         TutorController],
         lifespan=[lifespan, realtime_lifespan, progress_lifespan],  # the others use the pools opened by lifespan
         middleware=[DefineMiddleware(JWTAuthMiddleware, exclude=PUBLIC_PATHS)],
-        exception_handlers={HTTPException: http_exception_handler, Exception: internal_error_handler},
+        exception_handlers={HTTPException: http_exception_handler, asyncpg.DataError: data_error_handler,
+                            Exception: internal_error_handler},
         openapi_config=OpenAPIConfig(title="studyhall", version="0.1.0", path="/schema"),
         request_max_body_size=settings.max_upload_bytes,
         logging_config=None,

@@ -1,6 +1,7 @@
 """Decode request bodies into msgspec Structs with clear 4xx errors naming the field."""
 from __future__ import annotations
 
+import re
 from typing import TypeVar
 
 import msgspec
@@ -11,19 +12,31 @@ from server.errors import ApiError, field_of
 T = TypeVar("T")
 
 
+# A NUL character (JSON `\u0000`, not preceded by an escaping backslash): Postgres text cannot hold it.
+_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def has_nul(raw: bytes) -> bool:
+    return b"\\u0000" in raw and _NUL.search(raw) is not None
+
+
 def decode_json(raw: bytes, typ: type[T]) -> T:
     if not raw.strip():
         raise ApiError(400, "request body is empty; expected a JSON object")
+    if has_nul(raw):
+        raise ApiError(400, "text must not contain NUL characters (\\u0000)")
     try:
         return msgspec.json.decode(raw, type=typ)
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"invalid field: {exc}", field=field_of(exc)) from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "request body is nested too deeply") from exc
 
 
-async def read_json(request: Request, typ: type[T], *, max_bytes: int | None = None) -> T:
-    """Read and decode the body as JSON (whatever Content-Type claims); enforces the body size limit."""
+async def read_body(request: Request, *, max_bytes: int | None = None) -> bytes:
+    """The raw body, refused with 413 past the API's body size limit (uploads have their own)."""
     limit = max_bytes or request.app.state.settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -33,4 +46,9 @@ async def read_json(request: Request, typ: type[T], *, max_bytes: int | None = N
         raw += part
         if len(raw) > limit:
             raise ApiError(413, f"request body larger than {limit} bytes")
-    return decode_json(raw, typ)
+    return raw
+
+
+async def read_json(request: Request, typ: type[T], *, max_bytes: int | None = None) -> T:
+    """Read and decode the body as JSON (whatever Content-Type claims); enforces the body size limit."""
+    return decode_json(await read_body(request, max_bytes=max_bytes), typ)

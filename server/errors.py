@@ -59,6 +59,14 @@ def http_exception_handler(_: Request, exc: HTTPException) -> Response:
                     headers=getattr(exc, "headers", None))
 
 
+def data_error_handler(request: Request, exc: Exception) -> Response:
+    """A value Postgres cannot take (an id beyond 64 bits, a NUL character, a date out of its range): the
+    request's fault, so 400, without the database's wording."""
+    logger.info("bad value on %s %s: %s", request.method, request.url.path, exc)
+    return Response(body(400, "bad_request", "a value in the request is out of range or cannot be stored"),
+                    status_code=400)
+
+
 def internal_error_handler(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return Response(body(500, "internal", "internal server error"), status_code=HTTP_500_INTERNAL_SERVER_ERROR)

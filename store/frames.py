@@ -5,6 +5,8 @@ Unknown types, unknown fields and wrong field types are refused with `error {cod
 """
 from __future__ import annotations
 
+import re
+
 from typing import Annotated, Union
 
 import msgspec
@@ -78,7 +80,14 @@ class BadFrame(ValueError):
     """The frame is not JSON, has an unknown type, or a field of the wrong type."""
 
 
+# `\u0000` not preceded by an escaping backslash: a NUL character, which Postgres text cannot hold.
+_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
 def decode_frame(raw: str | bytes) -> ClientFrame:
+    text = raw if isinstance(raw, str) else raw.decode("utf-8", errors="replace")
+    if "\\u0000" in text and _NUL.search(text) or "\x00" in text:
+        raise BadFrame("text must not contain NUL characters (\\u0000)")
     try:
         return _decoder.decode(raw)
     except msgspec.ValidationError as exc:

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from server.api.schemas import Id, Strict, Title
+from server.api.schemas import Id, Strict, Title, When, check_when
 
 AssignmentType = Literal["multiple_choice", "short_answer", "essay"]
 Difficulty = Literal["easy", "medium", "hard"]
@@ -42,10 +42,13 @@ class AssignmentIn(Strict):
     rubric: Rubric | None = None
     difficulty: Difficulty = "medium"
     max_attempts: Attempts | None = None
-    opens_at: datetime | None = None
-    closes_at: datetime | None = None
+    opens_at: When | None = None
+    closes_at: When | None = None
     video_id: Id | None = None
     chapter_id: Id | None = None
+
+    def __post_init__(self) -> None:
+        check_when(self, "opens_at", "closes_at")
 
 
 class AssignmentPatch(Strict):
@@ -58,10 +61,13 @@ class AssignmentPatch(Strict):
     rubric: Rubric | None | UnsetType = UNSET
     difficulty: Difficulty | UnsetType = UNSET
     max_attempts: Attempts | None | UnsetType = UNSET
-    opens_at: datetime | None | UnsetType = UNSET
-    closes_at: datetime | None | UnsetType = UNSET
+    opens_at: When | None | UnsetType = UNSET
+    closes_at: When | None | UnsetType = UNSET
     video_id: Id | None | UnsetType = UNSET
     chapter_id: Id | None | UnsetType = UNSET
+
+    def __post_init__(self) -> None:
+        check_when(self, "opens_at", "closes_at")
 
 
 class GenerateIn(Strict):

@@ -237,6 +237,9 @@ class AssignmentController(Controller):
         if not chapters:
             chapters = [{"id": None, "start_s": 0.0, "end_s": float("inf"), "title": video["title"]}]
         targets = [c for c in chapters if data.chapter_id in (None, c["id"])]
+        if not targets:  # the chapter went away meanwhile (a re-ingest rebuilt the chapters)
+            raise ApiError(409, f"chapter {data.chapter_id} is no longer part of video {video_id}; list it again",
+                           field="chapter_id")
         groups = {c["id"]: [s for s in sentences if c["start_s"] <= s.start < c["end_s"]] for c in chapters}
         per = [data.count // len(targets) + (1 if i < data.count % len(targets) else 0) for i in range(len(targets))]
         embedder = await asyncio.to_thread(embedder_for, state.settings)

@@ -12,7 +12,7 @@ from litestar.response import Response
 
 from server.api.schemas import Course, CourseIn, CourseList, CoursePatch, EnrollIn, Enrollment, EnrollmentList
 from server.auth import AuthUser, staff_only
-from server.decode import decode_json, read_json
+from server.decode import decode_json, read_body, read_json
 from server.errors import ApiError
 from store import courses as repo
 from store import moderation
@@ -93,7 +93,7 @@ class CourseController(Controller):
 
     @post("/{course_id:int}/enrollments", status_code=201)
     async def enroll(self, request: Request, course_id: int) -> Response[Enrollment]:
-        raw = await request.body()
+        raw = await read_body(request)  # the API's body limit, not the upload limit
         data = decode_json(raw, EnrollIn) if raw.strip() else EnrollIn()
         user: AuthUser = request.user
         async with request.app.state.pool.acquire() as conn:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from server.api.schemas import Id, Name, Strict
+from server.api.schemas import Id, Name, Strict, When, check_when
 from store.events import UserRef
 
 Seconds = Annotated[int, Meta(ge=1, le=366 * 24 * 3600)]
@@ -86,7 +86,10 @@ class Member(msgspec.Struct):
 
 class SessionIn(Strict):
     title: Annotated[str, Meta(min_length=1, max_length=200)]
-    scheduled_at: datetime | None = None
+    scheduled_at: When | None = None
+
+    def __post_init__(self) -> None:
+        check_when(self, "scheduled_at")
 
 
 class Session(msgspec.Struct):

@@ -14,6 +14,18 @@ Name = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f]
 Id = Annotated[int, Meta(ge=1, le=2**62)]
 
 
+# A moment with its UTC offset ("2030-01-01T09:00:00Z"); its year is checked by `check_when` (Postgres and
+# Python date arithmetic both end somewhere).
+When = Annotated[datetime, Meta(tz=True)]
+
+
+def check_when(obj: object, *names: str) -> None:
+    """For a Struct's __post_init__: each named moment, when set, lies in the years 1970-2200."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, datetime) and not 1970 <= value.year <= 2200:
+            raise ValueError(f"`{name}` must lie between the years 1970 and 2200")
+
 class Strict(msgspec.Struct, forbid_unknown_fields=True):
     pass
 

@@ -230,7 +230,7 @@ class VideoController(Controller):
     async def search(self, request: Request, course_id: int,
                      q: str = Parameter(min_length=1, max_length=1000),
                      k: int = Parameter(ge=1, le=50, default=5),
-                     video_id: int | None = Parameter(default=None, ge=1)) -> SearchResult:
+                     video_id: int | None = Parameter(default=None, ge=1, le=2**62)) -> SearchResult:
         """Hybrid (vector + full-text) search of the course's transcripts."""
         from agents.config import embedder_for
         from ingest.youtube import watch_url
@@ -238,10 +238,11 @@ class VideoController(Controller):
         state = request.app.state
         if not q.strip():
             raise ApiError(400, "q must not be blank", field="q")
+        async with state.pool.acquire() as conn:  # access first: the embedding is work done for the caller
+            await course_or_404(conn, course_id, request.user)
         embedder = await asyncio.to_thread(embedder_for, state.settings)
         vec = (await asyncio.to_thread(embedder.embed, [q]))[0]
         async with state.pool.acquire() as conn:
-            await course_or_404(conn, course_id, request.user)
             hits = await hybrid_search(conn, course_id, vec, q, embedder.name, k=k, video_id=video_id)
         return SearchResult(query=q, hits=[
             SearchHit(video_id=h.video_id, video_title=h.video_title, start=h.start, end=h.end, text=h.text,

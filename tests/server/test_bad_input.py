@@ -1,0 +1,57 @@
+"""Malformed input gets a 4xx naming the problem, never a 500: NUL characters, invalid UTF-8, numbers past 64
+bits, moments without an offset or out of range, oversized bodies."""
+from __future__ import annotations
+
+import json
+
+from tests.conftest import Factory
+from tests.server.conftest import Client, make_course
+
+
+def test_rest_refuses_what_postgres_cannot_store(client, make: Factory):
+    inst = make.user("instructor")
+    h = inst.h
+    r = client.post("/api/v1/courses", content=b'{"title": "a\\u0000b"}', headers=h)
+    assert r.status_code == 400 and "NUL" in r.json()["message"]
+    # an escaped backslash before u0000 is plain text, not a NUL
+    r = client.post("/api/v1/courses", content=b'{"title": "path C:\\\\u0000"}', headers=h)
+    assert r.status_code == 201
+    cid = r.json()["id"]
+    r = client.post("/api/v1/courses", content=b'{"title": "\xff\xfe"}', headers=h)
+    assert r.status_code == 400 and "JSON" in r.json()["message"]
+    for url in ("/api/v1/courses/9223372036854775808", f"/api/v1/courses/{cid}/search?q=x&video_id=99999999999999999999"):
+        r = client.get(url, headers=h)
+        assert r.status_code in (400, 404) and r.status_code != 500, (url, r.text)
+    r = client.get("/api/v1/courses/99999999999999999999", headers=h)
+    assert r.status_code == 400 and r.json()["code"] == "bad_request"
+    # big enrollment bodies are cut at the API's body limit, not the upload limit
+    r = client.post(f"/api/v1/courses/{cid}/enrollments", content=b" " * (2 * 1024 * 1024) + b"{}", headers=h)
+    assert r.status_code == 413
+
+
+def test_moments_need_an_offset_and_a_sane_year(client, make: Factory):
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "When"}, headers=inst.h).json()["id"]
+    base = {"type": "short_answer", "title": "Q", "prompt": "Why?", "reference_answer": "Because."}
+    for extra, field in (({"opens_at": "2030-01-01T00:00:00", "closes_at": "2031-01-01T00:00:00Z"}, "opens_at"),
+                         ({"closes_at": "0001-01-01T00:00:00+01:00"}, None)):
+        r = client.post(f"/api/v1/courses/{cid}/assignments", json={**base, **extra}, headers=inst.h)
+        assert r.status_code == 400, (extra, r.text)
+        if field:
+            assert r.json()["field"] == field
+    r = client.post(f"/api/v1/courses/{cid}/assignments",
+                    json={**base, "opens_at": "2030-01-01T00:00:00Z", "closes_at": "2031-01-01T00:00:00+02:00"},
+                    headers=inst.h)
+    assert r.status_code == 201, r.text
+    r = client.post(f"/api/v1/courses/{cid}/live", json={"title": "L", "scheduled_at": "0001-01-01T00:00:00Z"},
+                    headers=inst.h)
+    assert r.status_code == 400
+
+
+async def test_a_nul_in_a_frame_is_a_bad_frame(server, make: Factory):
+    course = make_course(server, make, learners=1)
+    c = await Client.connect(server, course.room, course.learners[0])
+    await c.send(json.dumps({"type": "message.send", "text": "a\u0000b"}))
+    err = await c.expect("error")
+    assert err["code"] == "bad_frame" and "NUL" in err["detail"]
+    await c.close()
