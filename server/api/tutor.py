@@ -83,6 +83,10 @@ class TutorController(Controller):
                 await queue.put(("answer", _public(result)))
             except ApiError as exc:
                 await queue.put(("error", {"status": exc.status_code, "code": exc.code, "message": exc.detail}))
+            except asyncio.CancelledError:  # the server is stopping: say so, then stop
+                queue.put_nowait(("error", {"status": 503, "code": "interrupted",
+                                            "message": "the server restarted before the answer was done; ask again"}))
+                raise
             except Exception:  # noqa: BLE001 - the stream must end with something the client can read
                 logger.exception("tutor failed on course %s", course_id)
                 await queue.put(("error", {"status": 500, "code": "internal", "message": "tutor failed"}))
