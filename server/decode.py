@@ -1,23 +1,15 @@
 """Decode request bodies into msgspec Structs with clear 4xx errors naming the field."""
 from __future__ import annotations
 
-import re
 from typing import TypeVar
 
 import msgspec
 from litestar import Request
 
 from server.errors import ApiError, field_of
+from store.frames import has_nul
 
 T = TypeVar("T")
-
-
-# A NUL character (JSON `\u0000`, not preceded by an escaping backslash): Postgres text cannot hold it.
-_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
-
-
-def has_nul(raw: bytes) -> bool:
-    return b"\\u0000" in raw and _NUL.search(raw) is not None
 
 
 def decode_json(raw: bytes, typ: type[T]) -> T:

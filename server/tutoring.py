@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
@@ -62,7 +62,7 @@ class Prepared:
     cache_key: str
     cached: Any  # the stored turn for the same question on the same content, or None
     reserved: date | None  # the day a learner's question counts on (None: staff, unlimited)
-    t0: float = field(default_factory=time.perf_counter)
+    t0: float  # when the ask arrived (latency is measured from here)
 
 
 async def prepare(state: Any, user: Any, course_id: int, question: str, *, session_id: int | None = None,
@@ -222,15 +222,14 @@ async def drain(state: Any, timeout: float) -> None:
 def track(state: Any, coro: Coroutine[Any, Any, Any], user_id: int | None = None) -> asyncio.Task:
     """Run a tutor answer in the background: the server waits for running answers on shutdown, and a failure
     is logged."""
-    tasks: set | None = getattr(state, "tutor_tasks", None)
+    tasks: dict[asyncio.Task, int | None] | None = getattr(state, "tutor_tasks", None)  # task -> its user
     if tasks is None:
-        tasks = state.tutor_tasks = set()
+        tasks = state.tutor_tasks = {}
     task = asyncio.create_task(coro)
-    task.studyhall_user = user_id  # type: ignore[attr-defined]
-    tasks.add(task)
+    tasks[task] = user_id
 
     def done(t: asyncio.Task) -> None:
-        tasks.discard(t)
+        tasks.pop(t, None)
         if not t.cancelled() and t.exception() is not None:
             logger.error("tutor answer failed", exc_info=t.exception())
 
@@ -240,7 +239,7 @@ def track(state: Any, coro: Coroutine[Any, Any, Any], user_id: int | None = None
 
 def running(state: Any, user_id: int) -> int:
     """Tutor answers under way for this user in this process."""
-    return sum(1 for t in getattr(state, "tutor_tasks", ()) if getattr(t, "studyhall_user", None) == user_id)
+    return sum(1 for uid in getattr(state, "tutor_tasks", {}).values() if uid == user_id)
 
 
 def schedule_room_answer(state: Any, user: Any, course_id: int, room_id: str, message_id: int, question: str) -> bool:

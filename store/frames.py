@@ -81,12 +81,17 @@ class BadFrame(ValueError):
 
 
 # `\u0000` not preceded by an escaping backslash: a NUL character, which Postgres text cannot hold.
-_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def has_nul(raw: str | bytes) -> bool:
+    """Whether JSON text holds a NUL character (escaped as `\u0000`, or raw)."""
+    data = raw.encode("utf-8", errors="replace") if isinstance(raw, str) else raw
+    return b"\x00" in data or (b"\\u0000" in data and _NUL.search(data) is not None)
 
 
 def decode_frame(raw: str | bytes) -> ClientFrame:
-    text = raw if isinstance(raw, str) else raw.decode("utf-8", errors="replace")
-    if "\\u0000" in text and _NUL.search(text) or "\x00" in text:
+    if has_nul(raw):
         raise BadFrame("text must not contain NUL characters (\\u0000)")
     try:
         return _decoder.decode(raw)

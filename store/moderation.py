@@ -1,12 +1,16 @@
 """Room moderation: mutes (no posting until a time) and kicks (sockets closed now, kept out until a time)."""
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 
 import asyncpg
 from redis.asyncio import Redis
 
-from store.events import Kick, publish, room_topic
+from store.events import Kick, encode, publish, room_topic
+from store.keys import events_channel
+
+logger = logging.getLogger(__name__)
 
 
 async def mute(conn: asyncpg.Connection, room_id: str, user_id: int, seconds: int, by: int) -> datetime:
@@ -59,9 +63,15 @@ async def revoke_access(conn: asyncpg.Connection, redis: Redis, user_id: int, *,
         return  # staff and bots join by role, not by enrollment or membership
     rooms = [f"pod:{pod_id}"] if pod_id is not None else []
     if course_id is not None:
-        rooms.append(f"course:{course_id}")
-        rooms += [f"pod:{r['id']}" for r in await conn.fetch("SELECT id FROM pods WHERE course_id = $1", course_id)]
-        rooms += [f"live:{r['id']}" for r in await conn.fetch(
-            "SELECT id FROM live_sessions WHERE course_id = $1 AND ended_at IS NULL", course_id)]
-    for room in rooms:
-        await publish(redis, room_topic(room), Kick(room=room, user_id=user_id, reason="access revoked"))
+        rooms += [f"course:{course_id}"] + list(await conn.fetchval(
+            """SELECT ARRAY(SELECT 'pod:' || id FROM pods WHERE course_id = $1)
+                   || ARRAY(SELECT 'live:' || id FROM live_sessions WHERE course_id = $1 AND ended_at IS NULL)""",
+            course_id))
+    try:  # one round trip for all of them
+        async with redis.pipeline(transaction=False) as pipe:
+            for room in rooms:
+                pipe.publish(events_channel(room_topic(room)),
+                             encode(Kick(room=room, user_id=user_id, reason="access revoked")))
+            await pipe.execute()
+    except Exception:  # noqa: BLE001 - access is gone already; sockets left open close when they next rejoin
+        logger.warning("could not close the sockets of user %s", user_id, exc_info=True)

@@ -97,13 +97,6 @@ async def release_turn(conn: asyncpg.Connection, user_id: int, day: date) -> Non
                        user_id, day)
 
 
-async def turns_today(conn: asyncpg.Connection, user_id: int) -> int:
-    """Questions the user has asked today (UTC)."""
-    return await conn.fetchval(
-        "SELECT coalesce((SELECT used FROM tutor_quota WHERE user_id = $1 AND day = (now() AT TIME ZONE 'UTC')::date), 0)",
-        user_id) or 0
-
-
 async def cached_turn(conn: asyncpg.Connection, course_id: int, version: str, mode: str,
                       qhash: str) -> asyncpg.Record | None:
     return await conn.fetchrow(

@@ -8,7 +8,8 @@ from store.db import create_pool
 from tests.conftest import Factory, fetch, run_sync
 
 
-def test_missing_grade_xp_is_awarded_once(settings, make: Factory, client):
+def _perfect_grade(settings, make: Factory, client):  # type: ignore[no-untyped-def]
+    """A learner with a final grade of 100 on a published assignment, stored with no XP: (learner, course, assignment)."""
     inst, learner = make.user("instructor"), make.user("learner")
     cid = client.post("/api/v1/courses", json={"title": "XP"}, headers=inst.h).json()["id"]
     aid = fetch(settings, """INSERT INTO assignments (course_id, type, title, prompt, options, correct, status)
@@ -16,6 +17,11 @@ def test_missing_grade_xp_is_awarded_once(settings, make: Factory, client):
                 cid)[0]["id"]
     fetch(settings, """INSERT INTO submissions (assignment_id, course_id, user_id, attempt, answer, status, score)
                        VALUES ($1, $2, $3, 1, '[0]', 'graded', 100)""", aid, cid, learner.id)
+    return learner, cid, aid
+
+
+def test_missing_grade_xp_is_awarded_once(settings, make: Factory, client):
+    learner, _, aid = _perfect_grade(settings, make, client)
 
     async def go() -> tuple[int, int]:
         pool = await create_pool(settings.database_url, min_size=1, max_size=2)
@@ -37,13 +43,7 @@ def test_missing_grade_xp_is_awarded_once(settings, make: Factory, client):
 def test_a_lost_perfect_score_bonus_is_awarded(settings, make: Factory, client):
     """The pass was awarded but the perfect-score bonus was not (a crash between the two, before they were one
     transaction): the reconciler gives the bonus."""
-    inst, learner = make.user("instructor"), make.user("learner")
-    cid = client.post("/api/v1/courses", json={"title": "XP"}, headers=inst.h).json()["id"]
-    aid = fetch(settings, """INSERT INTO assignments (course_id, type, title, prompt, options, correct, status)
-                             VALUES ($1, 'multiple_choice', 'Q', 'Pick', '["a","b"]', '[0]', 'published') RETURNING id""",
-                cid)[0]["id"]
-    fetch(settings, """INSERT INTO submissions (assignment_id, course_id, user_id, attempt, answer, status, score)
-                       VALUES ($1, $2, $3, 1, '[0]', 'graded', 100)""", aid, cid, learner.id)
+    learner, cid, aid = _perfect_grade(settings, make, client)
 
     async def go() -> int:
         from store import xp
