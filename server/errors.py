@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 
 import msgspec
@@ -18,16 +19,23 @@ _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_f
 class ApiError(HTTPException):
     """An HTTP error with a machine-readable code and, for bad input, the offending field."""
 
-    def __init__(self, status_code: int, message: str, *, code: str | None = None, field: str | None = None):
-        super().__init__(status_code=status_code, detail=message)
+    def __init__(self, status_code: int, message: str, *, code: str | None = None, field: str | None = None,
+                 retry_after: float | None = None):
+        # retry_after (seconds): sent as a `Retry-After` header (whole seconds, rounded up) and in the body
+        headers = None if retry_after is None else {"Retry-After": str(max(1, math.ceil(retry_after)))}
+        super().__init__(status_code=status_code, detail=message, headers=headers)
         self.code = code or _CODES.get(status_code, "error")
         self.field = field
+        self.retry_after = retry_after
 
 
-def body(status: int, code: str, message: str, field: str | None = None) -> dict:
+def body(status: int, code: str, message: str, field: str | None = None,
+         retry_after: float | None = None) -> dict:
     out = {"status": status, "code": code, "message": message}
     if field is not None:
         out["field"] = field
+    if retry_after is not None:
+        out["retry_after"] = round(retry_after, 3)
     return out
 
 
@@ -47,7 +55,8 @@ def field_of(exc: msgspec.ValidationError) -> str | None:
 def http_exception_handler(_: Request, exc: HTTPException) -> Response:
     status = exc.status_code
     if isinstance(exc, ApiError):
-        return Response(body(status, exc.code, exc.detail, exc.field), status_code=status)
+        return Response(body(status, exc.code, exc.detail, exc.field, exc.retry_after), status_code=status,
+                        headers=exc.headers)
     field = None
     if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
         first = exc.extra[0]

@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
@@ -65,6 +65,12 @@ class Prepared:
     t0: float  # when the ask arrived (latency is measured from here)
 
 
+def _to_midnight_utc() -> float:
+    """Seconds until the daily tutor quota resets (midnight UTC)."""
+    now = datetime.now(timezone.utc)
+    return (datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), timezone.utc) - now).total_seconds()
+
+
 async def prepare(state: Any, user: Any, course_id: int, question: str, *, session_id: int | None = None,
                   room_id: str | None = None, message_id: int | None = None) -> Prepared:
     """Check and reserve: an unknown session is 404, a learner past today's limit 429 (the question is taken
@@ -86,7 +92,7 @@ async def prepare(state: Any, user: Any, course_id: int, question: str, *, sessi
             reserved = await repo.reserve_turn(conn, user.id, settings.tutor_daily_limit)
             if reserved is None:
                 raise ApiError(429, f"daily tutor limit reached ({settings.tutor_daily_limit} questions); "
-                                    "it resets at midnight UTC", code="daily_limit")
+                                    "it resets at midnight UTC", code="daily_limit", retry_after=_to_midnight_utc())
         try:
             mode = await repo.tutor_mode(conn, course_id, room_id)
             if session_id is None and room_id is None:
@@ -173,7 +179,8 @@ async def answer_in_room(state: Any, user: Any, course_id: int, room_id: str, me
         result = await ask(state, user, course_id, question, room_id=room_id, message_id=message_id,
                            on_delta=on_delta)
     except ApiError as exc:  # the asker's own limit: theirs to see, not the room's
-        await publish(redis, user_topic(user.id), Error(code=exc.code, detail=exc.detail, ref=str(message_id)))
+        await publish(redis, user_topic(user.id), Error(code=exc.code, detail=exc.detail, ref=str(message_id),
+                                                        retry_after=exc.retry_after))
         return
     except asyncio.CancelledError:  # the server is stopping: the question gets a reply, not silence
         await _reply(state, room_id, message_id, _failed("I was interrupted by a server restart before I could "

@@ -96,6 +96,7 @@ class Error(Event, tag="error"):
     code: str
     detail: str
     ref: str | None = None
+    retry_after: float | None = None  # seconds until a rate-limited frame may be sent again
 
 
 class Pong(Event, tag="pong"):

@@ -25,10 +25,11 @@ _edited_decoder = msgspec.json.Decoder(MessageEdited)
 class Refused(Exception):
     """A change the caller may not make; `code` is the websocket error code / REST error code."""
 
-    def __init__(self, code: str, detail: str) -> None:
+    def __init__(self, code: str, detail: str, *, retry_after: float | None = None) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
+        self.retry_after = retry_after  # seconds, for a rate limit
 
 
 @dataclass(frozen=True, slots=True)

@@ -133,7 +133,7 @@ class LiveController(Controller):
             row = await self._poll(conn, poll_id, user)
             ok, wait = await state.hub.limiter.take(user.id)
             if not ok:
-                raise ApiError(429, f"too many actions; retry in {wait:g}s")
+                raise ApiError(429, f"too many actions; retry in {wait:g}s", retry_after=wait)
             try:
                 await repo.vote(conn, poll_id, None, user.id, data.option)
             except Refused as exc:

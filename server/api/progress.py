@@ -97,7 +97,7 @@ class ProgressController(Controller):
             raise ApiError(400, str(exc), field=exc.field) from exc
         ok, wait = await state.progress_limiter.take(user.id)
         if not ok:
-            raise ApiError(429, f"too many progress reports; retry in {wait:g}s")
+            raise ApiError(429, f"too many progress reports; retry in {wait:g}s", retry_after=wait)
         async with xp.transaction(state.pool, state.redis) as tx:
             done = await repo.report(tx, user.id, user.role, video, position, watched,
                                      state.settings.video_complete_share)

@@ -84,7 +84,7 @@ class RoomController(Controller):
             await room_or_404(conn, room_id, user)
         ok, wait = await state.hub.limiter.take(user.id)
         if not ok:
-            raise ApiError(429, f"too many messages; retry in {wait:g}s")
+            raise ApiError(429, f"too many messages; retry in {wait:g}s", retry_after=wait)
         try:
             posted = await messages_repo.post_message(state.pool, state.redis, room_id, user.id, data.text, None,
                                                       data.client_msg_id)

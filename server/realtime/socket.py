@@ -134,7 +134,7 @@ async def _serve(socket: WebSocket, conn: Conn, user: AuthUser, hub: Hub) -> Non
         try:
             await _handle(frame, conn, user, hub)
         except messages_repo.Refused as exc:
-            conn.push_event(Error(code=exc.code, detail=exc.detail, ref=_ref(frame)))
+            conn.push_event(Error(code=exc.code, detail=exc.detail, ref=_ref(frame), retry_after=exc.retry_after))
         except Exception:  # noqa: BLE001
             logger.exception("frame failed", extra={"fields": {"room": conn.room, "type": type(frame).__name__}})
             conn.push_event(Error(code="internal", detail="the server could not handle this frame", ref=_ref(frame)))
@@ -157,7 +157,8 @@ def _check_text(text: str, limit: int) -> str:
 async def _rate(hub: Hub, user: AuthUser) -> None:
     ok, wait = await hub.limiter.take(user.id)
     if not ok:
-        raise messages_repo.Refused("rate_limited", f"too many messages; retry in {wait:g}s")
+        raise messages_repo.Refused("rate_limited", f"too many messages; retry in {wait:g}s",
+                                    retry_after=round(wait, 3))
 
 
 _BUSY = f"the tutor is still answering your last {MAX_RUNNING_PER_USER} questions; ask again when they are done"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 
 import httpx
 
@@ -128,6 +129,9 @@ def test_daily_limit(eval_course: EvalCourse, client, make: Factory, settings):
     assert fetch(settings, "SELECT count(*) AS n FROM tutor_turns WHERE user_id = $1", learner.id)[0]["n"] == 2
     r = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "What is attention?"}, headers=learner.h)
     assert r.status_code == 429 and r.json()["code"] == "daily_limit" and "resets" in r.json()["message"]
+    now = datetime.now(timezone.utc)  # back at midnight UTC
+    to_midnight = (datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), timezone.utc) - now)
+    assert abs(int(r.headers["retry-after"]) - to_midnight.total_seconds()) < 60
     r = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "What is attention?"},
                     headers={**learner.h, "Accept": "text/event-stream"})
     assert r.status_code == 429 and r.json()["code"] == "daily_limit"

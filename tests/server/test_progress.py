@@ -123,10 +123,13 @@ def test_not_ready_video_is_409(client, make: Factory, settings):
 def test_progress_rate_limit(client, make: Factory, settings):
     course = make_course(client, make, learners=1, videos=1, duration=100)
     (a,), (vid,) = course.learners, course.videos
-    codes = [client.post(f"/api/v1/videos/{vid}/progress", json={"position": i % 100, "watched": []},
-                         headers=a.h).status_code for i in range(60)]
+    got = [client.post(f"/api/v1/videos/{vid}/progress", json={"position": i % 100, "watched": []}, headers=a.h)
+           for i in range(60)]
+    codes = [r.status_code for r in got]
     assert codes[0] == 200 and 429 in codes
     assert codes.index(429) >= 25  # the burst (30 by default) passes, minus what refills meanwhile
+    refused = got[codes.index(429)]  # says when to come back: header in whole seconds, body exact
+    assert refused.headers["retry-after"] == "1" and 0 < refused.json()["retry_after"] <= 1
     other = make.user("learner")  # buckets are per user
     client.post(f"/api/v1/courses/{course.id}/enrollments", json={"user_id": other.id}, headers=course.instructor.h)
     assert client.post(f"/api/v1/videos/{vid}/progress", json={"position": 1, "watched": []},

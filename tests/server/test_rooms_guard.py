@@ -129,6 +129,7 @@ async def test_rate_limit_keeps_connection(server, make: Factory):
     sent = [f for f in got if f["type"] == "message.new"]
     assert errors and all(e["code"] == "rate_limited" for e in errors) and len(sent) >= 10
     assert {e["ref"] for e in errors} <= {f"r{i}" for i in range(15)}
+    assert all(0 < e["retry_after"] <= 1 for e in errors)  # refilled at 3/s: one token within a third of a second
     await asyncio.sleep(1.0)
     await c.send({"type": "message.send", "text": "later"})
     assert (await c.expect("message.new"))["text"] == "later"
