@@ -39,13 +39,18 @@ def tutor_for(state: Any) -> Tutor:
     return tutor
 
 
-async def _room_history(conn, room_id: str, before_id: int | None) -> list[dict]:  # type: ignore[no-untyped-def]
+async def _room_history(conn, room_id: str, before_id: int | None,  # type: ignore[no-untyped-def]
+                        asker_id: int) -> list[dict]:
+    """The room's latest messages before the question, oldest first, each with its author's name; `mine` marks
+    the asker's own (a follow-up continues the asker's thread, not whoever spoke last)."""
     rows = await conn.fetch(
-        """SELECT body, author_role FROM messages WHERE room_id = $1 AND deleted_at IS NULL
-           AND ($2::bigint IS NULL OR id < $2) ORDER BY seq DESC LIMIT $3""",
+        """SELECT m.body, m.author_role, m.author_id, coalesce(u.name, '') AS name FROM messages m
+           LEFT JOIN users u ON u.id = m.author_id
+           WHERE m.room_id = $1 AND m.deleted_at IS NULL AND ($2::bigint IS NULL OR m.id < $2)
+           ORDER BY m.seq DESC LIMIT $3""",
         room_id, before_id, ROOM_CONTEXT_MESSAGES)
-    return [{"role": "assistant" if r["author_role"] == "tutor" else "user", "content": r["body"]}
-            for r in reversed(rows)]
+    return [{"role": "assistant" if r["author_role"] == "tutor" else "user", "content": r["body"], "name": r["name"],
+             "mine": r["author_id"] == asker_id} for r in reversed(rows)]
 
 
 @dataclass(slots=True)
@@ -86,7 +91,7 @@ async def prepare(state: Any, user: Any, course_id: int, question: str, *, sessi
             for t in await repo.session_turns(conn, session_id, limit=6):  # the latest six turns
                 history += [{"role": "user", "content": t["question"]}, {"role": "assistant", "content": t["answer"]}]
         elif room_id is not None:
-            history = await _room_history(conn, room_id, message_id)
+            history = await _room_history(conn, room_id, message_id, user.id)
         reserved = None
         if user.role == "learner":
             reserved = await repo.reserve_turn(conn, user.id, settings.tutor_daily_limit)

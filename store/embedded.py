@@ -146,13 +146,19 @@ def ensure_services(settings: Settings) -> Services:
     if settings.database_url and settings.redis_url:
         return Services(settings.database_url, settings.redis_url, ddir)
     with _locked(ddir / "start.lock"):
-        # Join the servers a running `studyhall up` announced, when they still answer.
+        # Join the servers a running `studyhall up` announced. An outside server it was given is joined when it
+        # still answers; an embedded one only through its own pid file and port (whatever answers on a port
+        # that a stale file names may be anything).
         known = read_connection_env(ddir)
-        db_url = settings.database_url or _if_reachable(known.get("DATABASE_URL")) or _ensure_postgres(ddir)
-        redis_url = settings.redis_url or _if_reachable(known.get("REDIS_URL")) or _ensure_redis(ddir)
+        embedded = set(known.get("EMBEDDED", "").split(","))
+        db_url = (settings.database_url or ("pg" not in embedded and _if_reachable(known.get("DATABASE_URL")))
+                  or _ensure_postgres(ddir))
+        redis_url = (settings.redis_url or ("redis" not in embedded and _if_reachable(known.get("REDIS_URL")))
+                     or _ensure_redis(ddir))
         users_fd = os.open(ddir / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(users_fd, fcntl.LOCK_SH)
-        write_connection_env(ddir, db_url, redis_url)
+        write_connection_env(ddir, db_url, redis_url, embedded={"pg": db_url != settings.database_url,
+                                                                "redis": redis_url != settings.redis_url})
     return Services(
         db_url,
         redis_url,
@@ -187,9 +193,11 @@ def _if_reachable(url: str | None) -> str | None:
         return None
 
 
-def write_connection_env(ddir: Path, db_url: str, redis_url: str) -> None:
+def write_connection_env(ddir: Path, db_url: str, redis_url: str, embedded: dict[str, bool]) -> None:
+    """The URLs for joiners, and which of them are this data dir's embedded servers (EMBEDDED=pg,redis)."""
     tmp = ddir / ".connection.env.tmp"
-    tmp.write_text(f"DATABASE_URL={db_url}\nREDIS_URL={redis_url}\n")
+    tmp.write_text(f"DATABASE_URL={db_url}\nREDIS_URL={redis_url}\n"
+                   f"EMBEDDED={','.join(k for k, on in embedded.items() if on)}\n")
     os.replace(tmp, ddir / "connection.env")
 
 

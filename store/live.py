@@ -38,10 +38,11 @@ async def session_in_tenant(conn: asyncpg.Connection, session_id: int, tenant_id
             WHERE s.id = $1 AND c.tenant_id = $2""", session_id, tenant_id)
 
 
-async def list_sessions(conn: asyncpg.Connection, course_id: int) -> list[asyncpg.Record]:
+async def list_sessions(conn: asyncpg.Connection, course_id: int, *,
+                        limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
     return await conn.fetch(
-        f"SELECT {_SESSION} FROM live_sessions s WHERE s.course_id = $1 ORDER BY coalesce(s.scheduled_at, s.created_at), s.id",
-        course_id)
+        f"""SELECT {_SESSION} FROM live_sessions s WHERE s.course_id = $1
+            ORDER BY coalesce(s.scheduled_at, s.created_at), s.id LIMIT $2 OFFSET $3""", course_id, limit, offset)
 
 
 async def start_session(db: asyncpg.Pool, redis: Redis, session_id: int) -> asyncpg.Record:
@@ -96,7 +97,8 @@ async def attendance_close_proc(conn: asyncpg.Connection, proc_id: str, at: date
     return int(result.split()[-1])
 
 
-async def attendance_report(conn: asyncpg.Connection, session_id: int) -> list[asyncpg.Record]:
+async def attendance_report(conn: asyncpg.Connection, session_id: int, *,
+                            limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
     """Per user: first join, last leave (null while still there), connections, and seconds present while the
     session was live (overlapping connections count once)."""
     return await conn.fetch(
@@ -113,8 +115,9 @@ async def attendance_report(conn: asyncpg.Connection, session_id: int) -> list[a
                   coalesce((SELECT sum(extract(epoch FROM upper(x) - lower(x)))
                             FROM unnest((SELECT range_agg(c.r) FROM clipped c WHERE c.user_id = a.user_id)) x),
                            0)::float AS seconds_live
-           FROM a JOIN users u ON u.id = a.user_id GROUP BY a.user_id, u.name ORDER BY min(a.joined_at)""",
-        session_id)
+           FROM a JOIN users u ON u.id = a.user_id GROUP BY a.user_id, u.name ORDER BY min(a.joined_at), a.user_id
+           LIMIT $2 OFFSET $3""",
+        session_id, limit, offset)
 
 
 # --- polls ---------------------------------------------------------------------------------------------
@@ -147,10 +150,11 @@ async def poll_in_tenant(conn: asyncpg.Connection, poll_id: int, tenant_id: int)
            WHERE p.id = $1 AND c.tenant_id = $2""", poll_id, tenant_id)
 
 
-async def list_polls(conn: asyncpg.Connection, session_id: int) -> list[asyncpg.Record]:
+async def list_polls(conn: asyncpg.Connection, session_id: int, *,
+                     limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
     return await conn.fetch(
-        "SELECT id, session_id, question, options, created_at, closed_at FROM polls WHERE session_id = $1 ORDER BY id",
-        session_id)
+        """SELECT id, session_id, question, options, created_at, closed_at FROM polls WHERE session_id = $1
+           ORDER BY id LIMIT $2 OFFSET $3""", session_id, limit, offset)
 
 
 async def counts(conn: asyncpg.Connection, poll_id: int, n_options: int) -> list[int]:

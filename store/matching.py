@@ -20,13 +20,14 @@ def week_key(at: datetime | None = None) -> str:
     return f"cron:{year}-W{week:02d}"
 
 
-async def eligible_members(conn: asyncpg.Connection, pod_id: int) -> list[asyncpg.Record]:
+async def eligible_members(conn: asyncpg.Connection, pod_id: int, *,
+                           limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
     """Learners in the pod who are still enrolled in its course: (user_id, name)."""
     return await conn.fetch(
         """SELECT m.user_id, u.name FROM pod_members m JOIN pods p ON p.id = m.pod_id
            JOIN users u ON u.id = m.user_id AND u.role = 'learner'
            JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = m.user_id
-           WHERE m.pod_id = $1 ORDER BY m.user_id""", pod_id)
+           WHERE m.pod_id = $1 ORDER BY m.user_id LIMIT $2 OFFSET $3""", pod_id, limit, offset)
 
 
 async def current(conn: asyncpg.Connection, pod_id: int) -> asyncpg.Record | None:

@@ -30,10 +30,12 @@ async def unmute(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
     return row is not None
 
 
-async def list_mutes(conn: asyncpg.Connection, room_id: str) -> list[asyncpg.Record]:
+async def list_mutes(conn: asyncpg.Connection, room_id: str, *,
+                     limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
     return await conn.fetch(
         """SELECT m.user_id, u.name, m.until, m.created_by FROM room_mutes m JOIN users u ON u.id = m.user_id
-           WHERE m.room_id = $1 AND m.until > now() ORDER BY m.until""", room_id)
+           WHERE m.room_id = $1 AND m.until > now() ORDER BY m.until, m.user_id LIMIT $2 OFFSET $3""",
+        room_id, limit, offset)
 
 
 async def kick(conn: asyncpg.Connection, redis: Redis, room_id: str, user_id: int, seconds: int, by: int) -> None:

@@ -19,10 +19,11 @@ async def pod_in_tenant(conn: asyncpg.Connection, pod_id: int, tenant_id: int) -
         pod_id, tenant_id)
 
 
-async def list_course_pods(conn: asyncpg.Connection, course_id: int) -> list[asyncpg.Record]:
+async def list_course_pods(conn: asyncpg.Connection, course_id: int, *,
+                           limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
     return await conn.fetch(
         f"""SELECT {_COLS}, (SELECT count(*) FROM pod_members m WHERE m.pod_id = p.id) AS members
-            FROM pods p WHERE p.course_id = $1 ORDER BY p.id""", course_id)
+            FROM pods p WHERE p.course_id = $1 ORDER BY p.id LIMIT $2 OFFSET $3""", course_id, limit, offset)
 
 
 async def delete_pod(conn: asyncpg.Connection, pod_id: int) -> None:
@@ -53,16 +54,19 @@ async def is_member(conn: asyncpg.Connection, pod_id: int, user_id: int) -> bool
                           WHERE m.pod_id = $1 AND m.user_id = $2)""", pod_id, user_id))
 
 
-async def list_members(conn: asyncpg.Connection, pod_id: int) -> list[asyncpg.Record]:
+async def list_members(conn: asyncpg.Connection, pod_id: int, *,
+                       limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
     return await conn.fetch(
         """SELECT m.user_id, u.name, u.role, m.created_at FROM pod_members m JOIN users u ON u.id = m.user_id
-           WHERE m.pod_id = $1 ORDER BY m.created_at, m.user_id""", pod_id)
+           WHERE m.pod_id = $1 ORDER BY m.created_at, m.user_id LIMIT $2 OFFSET $3""", pod_id, limit, offset)
 
 
-async def pods_of_user(conn: asyncpg.Connection, user_id: int) -> list[asyncpg.Record]:
-    """The pods a user belongs to (in courses they are still enrolled in)."""
+async def pods_of_user(conn: asyncpg.Connection, user_id: int, *, course_id: int | None = None,
+                       limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
+    """The pods a user belongs to (in courses they are still enrolled in; in one course with `course_id`)."""
     return await conn.fetch(
         f"""SELECT {_COLS}, c.title AS course_title FROM pod_members m JOIN pods p ON p.id = m.pod_id
             JOIN courses c ON c.id = p.course_id
             JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = m.user_id
-            WHERE m.user_id = $1 ORDER BY p.id""", user_id)
+            WHERE m.user_id = $1 AND ($2::bigint IS NULL OR p.course_id = $2)
+            ORDER BY p.id LIMIT $3 OFFSET $4""", user_id, course_id, limit, offset)

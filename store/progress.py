@@ -202,9 +202,10 @@ async def add_bookmark(conn: asyncpg.Connection, user_id: int, video_id: int, at
         user_id, video_id, at_s, note)
 
 
-async def list_bookmarks(conn: asyncpg.Connection, user_id: int, video_id: int) -> list[asyncpg.Record]:
-    return await conn.fetch("SELECT * FROM bookmarks WHERE user_id = $1 AND video_id = $2 ORDER BY at_s, id",
-                            user_id, video_id)
+async def list_bookmarks(conn: asyncpg.Connection, user_id: int, video_id: int, *,
+                         limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
+    return await conn.fetch("SELECT * FROM bookmarks WHERE user_id = $1 AND video_id = $2 ORDER BY at_s, id "
+                            "LIMIT $3 OFFSET $4", user_id, video_id, limit, offset)
 
 
 async def delete_bookmark(conn: asyncpg.Connection, user_id: int, bookmark_id: int) -> bool:

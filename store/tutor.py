@@ -45,10 +45,11 @@ async def get_session(conn: asyncpg.Connection, session_id: int, user_id: int) -
     return await conn.fetchrow("SELECT * FROM tutor_sessions WHERE id = $1 AND user_id = $2", session_id, user_id)
 
 
-async def list_sessions(conn: asyncpg.Connection, user_id: int, course_id: int) -> list[asyncpg.Record]:
+async def list_sessions(conn: asyncpg.Connection, user_id: int, course_id: int, *,
+                        limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
     return await conn.fetch(
-        "SELECT * FROM tutor_sessions WHERE user_id = $1 AND course_id = $2 ORDER BY updated_at DESC, id DESC",
-        user_id, course_id)
+        """SELECT * FROM tutor_sessions WHERE user_id = $1 AND course_id = $2 ORDER BY updated_at DESC, id DESC
+           LIMIT $3 OFFSET $4""", user_id, course_id, limit, offset)
 
 
 async def delete_session(conn: asyncpg.Connection, session_id: int, user_id: int) -> bool:

@@ -61,12 +61,12 @@ async def create_api_token(conn: asyncpg.Connection, user_id: int, label: str = 
     return token_id
 
 
-async def list_api_tokens(conn: asyncpg.Connection, tenant_id: int) -> list[asyncpg.Record]:
+async def list_api_tokens(conn: asyncpg.Connection, tenant_id: int, *,
+                          limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
     return await conn.fetch(
         """SELECT k.id, k.user_id, u.name AS user_name, k.label, k.created_at, k.revoked_at
-           FROM api_tokens k JOIN users u ON u.id = k.user_id WHERE u.tenant_id = $1 ORDER BY k.created_at""",
-        tenant_id,
-    )
+           FROM api_tokens k JOIN users u ON u.id = k.user_id WHERE u.tenant_id = $1 ORDER BY k.created_at, k.id
+           LIMIT $2 OFFSET $3""", tenant_id, limit, offset)
 
 
 async def revoke_api_token(conn: asyncpg.Connection, token_id: str, tenant_id: int | None) -> int | None:

@@ -28,8 +28,10 @@ async def get_video(conn: asyncpg.Connection, video_id: int) -> asyncpg.Record |
     return await conn.fetchrow(f"SELECT {_COLS} FROM videos v WHERE v.id = $1", video_id)
 
 
-async def list_videos(conn: asyncpg.Connection, course_id: int) -> list[asyncpg.Record]:
-    return await conn.fetch(f"SELECT {_COLS} FROM videos v WHERE v.course_id = $1 ORDER BY v.id", course_id)
+async def list_videos(conn: asyncpg.Connection, course_id: int, *,
+                      limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
+    return await conn.fetch(f"SELECT {_COLS} FROM videos v WHERE v.course_id = $1 ORDER BY v.id LIMIT $2 OFFSET $3",
+                            course_id, limit, offset)
 
 
 async def set_status(conn: asyncpg.Connection, video_id: int, status: str, error: str | None = None) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 import asyncpg
 import msgspec
 from litestar import Controller, Request, delete, get, patch, post
-from litestar.params import Parameter
 
+from server.api.paging import Offset, PageLimit
 from server.api.assignment_schemas import (Assignment, AssignmentIn, AssignmentList, AssignmentPatch, Citation,
                                            Criterion, GenerateIn, Generated)
 from server.api.courses import course_or_404
@@ -25,8 +25,6 @@ from store import assignments as repo
 
 logger = logging.getLogger(__name__)
 
-Limit = Parameter(ge=1, le=200, default=50)
-Offset = Parameter(ge=0, le=1_000_000, default=0)
 DEFAULT_RUBRIC = [{"name": "correctness", "points": 100.0, "description": "The answer is correct and complete."}]
 
 
@@ -138,7 +136,7 @@ class AssignmentController(Controller):
         return to_assignment(row, user)
 
     @get("/courses/{course_id:int}/assignments")
-    async def list_assignments(self, request: Request, course_id: int, limit: int = Limit,
+    async def list_assignments(self, request: Request, course_id: int, limit: int = PageLimit,
                                offset: int = Offset) -> AssignmentList:
         user: AuthUser = request.user
         async with request.app.state.pool.acquire() as conn:

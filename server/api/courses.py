@@ -7,9 +7,9 @@ from pathlib import Path
 import asyncpg
 import msgspec
 from litestar import Controller, Request, delete, get, patch, post
-from litestar.params import Parameter
 from litestar.response import Response
 
+from server.api.paging import Offset, PageLimit
 from server.api.schemas import Course, CourseIn, CourseList, CoursePatch, EnrollIn, Enrollment, EnrollmentList
 from server.auth import AuthUser, staff_only
 from server.decode import decode_json, read_body, read_json
@@ -18,9 +18,6 @@ from store import courses as repo
 from store import moderation
 
 logger = logging.getLogger(__name__)
-
-Limit = Parameter(ge=1, le=200, default=50)
-Offset = Parameter(ge=0, le=1_000_000, default=0)
 
 
 def to_course(row: asyncpg.Record) -> Course:
@@ -59,7 +56,7 @@ class CourseController(Controller):
         return to_course(row)
 
     @get("/")
-    async def list_courses(self, request: Request, limit: int = Limit, offset: int = Offset) -> CourseList:
+    async def list_courses(self, request: Request, limit: int = PageLimit, offset: int = Offset) -> CourseList:
         user: AuthUser = request.user
         async with request.app.state.pool.acquire() as conn:
             rows = await repo.list_visible_courses(conn, user.id, user.tenant_id, user.role, limit, offset)
@@ -122,7 +119,7 @@ class CourseController(Controller):
         )
 
     @get("/{course_id:int}/enrollments", guards=[staff_only])
-    async def enrollments(self, request: Request, course_id: int, limit: int = Limit,
+    async def enrollments(self, request: Request, course_id: int, limit: int = PageLimit,
                           offset: int = Offset) -> EnrollmentList:
         async with request.app.state.pool.acquire() as conn:
             await course_or_404(conn, course_id, request.user)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncpg
 from litestar import Controller, Request, get, post
 
+from server.api.paging import ListLimit, Offset
 from server.api.room_schemas import Attendee, Poll, PollIn, Session, SessionIn, VoteIn
 from server.api.rooms import not_kicked, refused
 from server.auth import AuthUser, staff_only
@@ -56,12 +57,13 @@ class LiveController(Controller):
                                                         data.scheduled_at, user.id))
 
     @get("/courses/{course_id:int}/live")
-    async def list_sessions(self, request: Request, course_id: int) -> list[Session]:
+    async def list_sessions(self, request: Request, course_id: int,
+                            limit: int = ListLimit, offset: int = Offset) -> list[Session]:
         user: AuthUser = request.user
         async with request.app.state.pool.acquire() as conn:
             if await rooms_repo.access(conn, f"course:{course_id}", user.id, user.tenant_id, user.role) is None:
                 raise ApiError(404, f"course {course_id} not found")
-            return [to_session(r) for r in await repo.list_sessions(conn, course_id)]
+            return [to_session(r) for r in await repo.list_sessions(conn, course_id, limit=limit, offset=offset)]
 
     @get("/live/{session_id:int}")
     async def read(self, request: Request, session_id: int) -> Session:
@@ -90,10 +92,11 @@ class LiveController(Controller):
             raise refused(exc) from exc
 
     @get("/live/{session_id:int}/attendance", guards=[staff_only])
-    async def attendance(self, request: Request, session_id: int) -> list[Attendee]:
+    async def attendance(self, request: Request, session_id: int,
+                         limit: int = ListLimit, offset: int = Offset) -> list[Attendee]:
         async with request.app.state.pool.acquire() as conn:
             await _session_or_404(conn, session_id, request.user)
-            rows = await repo.attendance_report(conn, session_id)
+            rows = await repo.attendance_report(conn, session_id, limit=limit, offset=offset)
         return [Attendee(**dict(r)) for r in rows]
 
     @post("/live/{session_id:int}/polls", guards=[staff_only], status_code=201)
@@ -111,10 +114,12 @@ class LiveController(Controller):
             return await _to_poll(conn, row, request.user.id)
 
     @get("/live/{session_id:int}/polls")
-    async def polls(self, request: Request, session_id: int) -> list[Poll]:
+    async def polls(self, request: Request, session_id: int,
+                    limit: int = ListLimit, offset: int = Offset) -> list[Poll]:
         async with request.app.state.pool.acquire() as conn:
             await _session_or_404(conn, session_id, request.user)
-            return [await _to_poll(conn, r, request.user.id) for r in await repo.list_polls(conn, session_id)]
+            rows = await repo.list_polls(conn, session_id, limit=limit, offset=offset)
+            return [await _to_poll(conn, r, request.user.id) for r in rows]
 
     async def _poll(self, conn: asyncpg.Connection, poll_id: int, user: AuthUser) -> asyncpg.Record:
         row = await repo.poll_in_tenant(conn, poll_id, user.tenant_id)

@@ -9,6 +9,7 @@ import msgspec
 from litestar import Controller, Request, get, patch, post
 
 from agents import matcher
+from server.api.paging import ListLimit, Offset
 from server.api.progress_schemas import GroupOut, MatchOut, ProfileIn, ProfileOut, Slot
 from server.auth import AuthUser, staff_only
 from server.decode import read_json
@@ -66,11 +67,12 @@ class MatcherController(Controller):
                                                             availability=slots, goals=goals))
 
     @get("/pods/{pod_id:int}/profiles")
-    async def pod_profiles(self, request: Request, pod_id: int) -> list[ProfileOut]:
+    async def pod_profiles(self, request: Request, pod_id: int,
+                           limit: int = ListLimit, offset: int = Offset) -> list[ProfileOut]:
         """The pod profiles of the pod's learners (for its members and staff)."""
         async with request.app.state.pool.acquire() as conn:
             await _pod(conn, pod_id, request.user)
-            ids = [r["user_id"] for r in await matching.eligible_members(conn, pod_id)]
+            ids = [r["user_id"] for r in await matching.eligible_members(conn, pod_id, limit=limit, offset=offset)]
             got = await profiles.profiles_of(conn, ids)
         return [to_profile(got[i]) for i in ids]
 

@@ -5,6 +5,7 @@ import asyncpg
 from litestar import Controller, Request, delete, get, post
 from litestar.response import Response
 
+from server.api.paging import ListLimit, Offset
 from server.api.room_schemas import Member, MemberIn, Pod, PodIn
 from server.auth import AuthUser, staff_only
 from server.decode import read_json
@@ -44,15 +45,17 @@ class PodController(Controller):
             return to_pod(await repo.create_pod(conn, course_id, name, user.id))
 
     @get("/courses/{course_id:int}/pods")
-    async def list_for_course(self, request: Request, course_id: int) -> list[Pod]:
+    async def list_for_course(self, request: Request, course_id: int,
+                              limit: int = ListLimit, offset: int = Offset) -> list[Pod]:
         """Staff: every pod of the course; learners: their own pods in it."""
         user: AuthUser = request.user
         async with request.app.state.pool.acquire() as conn:
             if await courses_repo.visible_course(conn, course_id, user.id, user.tenant_id, user.role) is None:
                 raise ApiError(404, f"course {course_id} not found")
             if user.is_staff:
-                return [to_pod(r) for r in await repo.list_course_pods(conn, course_id)]
-            return [to_pod(r) for r in await repo.pods_of_user(conn, user.id) if r["course_id"] == course_id]
+                return [to_pod(r) for r in await repo.list_course_pods(conn, course_id, limit=limit, offset=offset)]
+            return [to_pod(r) for r in await repo.pods_of_user(conn, user.id, course_id=course_id, limit=limit,
+                                                               offset=offset)]
 
     @get("/pods/{pod_id:int}")
     async def read(self, request: Request, pod_id: int) -> Pod:
@@ -95,13 +98,14 @@ class PodController(Controller):
             await moderation.revoke_access(conn, request.app.state.redis, user_id, pod_id=pod_id)
 
     @get("/pods/{pod_id:int}/members")
-    async def members(self, request: Request, pod_id: int) -> list[Member]:
+    async def members(self, request: Request, pod_id: int,
+                      limit: int = ListLimit, offset: int = Offset) -> list[Member]:
         async with request.app.state.pool.acquire() as conn:
             await _pod_or_404(conn, pod_id, request.user)
-            rows = await repo.list_members(conn, pod_id)
+            rows = await repo.list_members(conn, pod_id, limit=limit, offset=offset)
         return [Member(user_id=r["user_id"], name=r["name"], role=r["role"], created_at=r["created_at"]) for r in rows]
 
     @get("/me/pods")
-    async def mine(self, request: Request) -> list[Pod]:
+    async def mine(self, request: Request, limit: int = ListLimit, offset: int = Offset) -> list[Pod]:
         async with request.app.state.pool.acquire() as conn:
-            return [to_pod(r) for r in await repo.pods_of_user(conn, request.user.id)]
+            return [to_pod(r) for r in await repo.pods_of_user(conn, request.user.id, limit=limit, offset=offset)]

@@ -13,6 +13,7 @@ from litestar import Controller, Litestar, Request, delete, get, post
 from litestar.params import Parameter
 from litestar.response import Response
 
+from server.api.paging import ListLimit, Offset
 from server.api.progress_schemas import (AchievementOut, Bookmark, BookmarkIn, CourseProgress, CourseVideoProgress,
                                          HelpfulMark, ProgressIn, Stats, StreakOut, VideoProgress, XpEvent)
 from server.api.rooms import room_or_404
@@ -151,11 +152,12 @@ class ProgressController(Controller):
         return Bookmark(id=row["id"], video_id=video_id, at=row["at_s"], note=row["note"], created_at=row["created_at"])
 
     @get("/videos/{video_id:int}/bookmarks")
-    async def bookmarks(self, request: Request, video_id: int) -> list[Bookmark]:
+    async def bookmarks(self, request: Request, video_id: int,
+                        limit: int = ListLimit, offset: int = Offset) -> list[Bookmark]:
         user: AuthUser = request.user
         async with request.app.state.pool.acquire() as conn:
             await video_or_404(conn, video_id, user)
-            rows = await repo.list_bookmarks(conn, user.id, video_id)
+            rows = await repo.list_bookmarks(conn, user.id, video_id, limit=limit, offset=offset)
         return [Bookmark(id=r["id"], video_id=video_id, at=r["at_s"], note=r["note"], created_at=r["created_at"])
                 for r in rows]
 

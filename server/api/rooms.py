@@ -8,6 +8,7 @@ from litestar import Controller, Request, delete, get, post
 from litestar.params import Parameter
 from litestar.response import Response
 
+from server.api.paging import ListLimit, Offset, PageLimit
 from server.api.room_schemas import KickIn, MessagePage, Mute, MuteIn, OnlineList, PostIn, RoomMessage
 from server.auth import AuthUser
 from server.decode import read_json
@@ -19,7 +20,6 @@ from store.events import UserRef
 
 logger = logging.getLogger(__name__)
 
-Limit = Parameter(ge=1, le=200, default=50)
 Seq = Parameter(ge=0, le=2**62, default=None)
 
 # Refused codes of the store layer -> HTTP status
@@ -60,7 +60,7 @@ class RoomController(Controller):
     tags = ["rooms"]
 
     @get("/{room_id:str}/messages")
-    async def messages(self, request: Request, room_id: str, limit: int = Limit,
+    async def messages(self, request: Request, room_id: str, limit: int = PageLimit,
                        after: int | None = Seq, before: int | None = Seq) -> MessagePage:
         """Messages in seq order. `after`: the first `limit` after that seq; else the last `limit` before
         `before` (default: the newest). Deleted messages are left out."""
@@ -139,10 +139,10 @@ class RoomController(Controller):
         return Mute(room=room_id, user_id=data.user_id, until=until)
 
     @get("/{room_id:str}/mutes")
-    async def mutes(self, request: Request, room_id: str) -> list[Mute]:
+    async def mutes(self, request: Request, room_id: str, limit: int = ListLimit, offset: int = Offset) -> list[Mute]:
         await self._moderate(request, room_id, None)
         async with request.app.state.pool.acquire() as conn:
-            rows = await moderation.list_mutes(conn, room_id)
+            rows = await moderation.list_mutes(conn, room_id, limit=limit, offset=offset)
         return [Mute(room=room_id, user_id=r["user_id"], until=r["until"]) for r in rows]
 
     @delete("/{room_id:str}/mutes/{user_id:int}", status_code=204)

@@ -13,8 +13,8 @@ from typing import Any
 
 import asyncpg
 from litestar import Controller, Request, get, post
-from litestar.params import Parameter
 
+from server.api.paging import Offset, PageLimit
 from server.api.assignment_schemas import (SHORT_ANSWER_MAX_CHARS, BatchAccepted, Criterion, CriterionScore, NextStep,
                                            Queue, QueueItem, ReviewIn, Submission, SubmissionIn, SubmissionList)
 from server.api.assignments import assignment_or_404
@@ -28,9 +28,6 @@ from store import jobs as jobs_repo
 from store import submissions as repo
 
 logger = logging.getLogger(__name__)
-
-Limit = Parameter(ge=1, le=200, default=50)
-Offset = Parameter(ge=0, le=1_000_000, default=0)
 
 
 def _criteria(raw: list | None) -> list[CriterionScore]:
@@ -159,7 +156,7 @@ class SubmissionController(Controller):
         return to_submission(row, user)
 
     @get("/assignments/{assignment_id:int}/submissions")
-    async def list_submissions(self, request: Request, assignment_id: int, limit: int = Limit,
+    async def list_submissions(self, request: Request, assignment_id: int, limit: int = PageLimit,
                                offset: int = Offset) -> SubmissionList:
         """Staff: every submission; learners: their own attempts (their revision history)."""
         user: AuthUser = request.user
@@ -230,7 +227,7 @@ class SubmissionController(Controller):
         return to_submission(saved, user, history)
 
     @get("/courses/{course_id:int}/grading-queue", guards=[staff_only])
-    async def grading_queue(self, request: Request, course_id: int, limit: int = Limit,
+    async def grading_queue(self, request: Request, course_id: int, limit: int = PageLimit,
                             offset: int = Offset) -> Queue:
         """Grades held for an instructor's look, oldest first."""
         async with request.app.state.pool.acquire() as conn:

@@ -13,6 +13,7 @@ from litestar import Controller, Request, Response, delete, get, patch, post, pu
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from msgspec import Meta
 
+from server.api.paging import ListLimit, Offset
 from server.api.courses import course_or_404
 from server.api.schemas import Strict
 from server.auth import staff_only
@@ -104,10 +105,12 @@ class TutorController(Controller):
         return ServerSentEvent(events())
 
     @get("/courses/{course_id:int}/tutor/sessions")
-    async def sessions(self, request: Request, course_id: int) -> list[Session]:
+    async def sessions(self, request: Request, course_id: int,
+                       limit: int = ListLimit, offset: int = Offset) -> list[Session]:
         async with request.app.state.pool.acquire() as conn:
             await course_or_404(conn, course_id, request.user)
-            return [_session(r) for r in await repo.list_sessions(conn, request.user.id, course_id)]
+            return [_session(r) for r in await repo.list_sessions(conn, request.user.id, course_id, limit=limit,
+                                                                    offset=offset)]
 
     @get("/tutor/sessions/{session_id:int}")
     async def session(self, request: Request, session_id: int) -> Session:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from litestar import Controller, Request, delete, get, post
 
+from server.api.paging import ListLimit, Offset
 from server.api.schemas import BotIn, BotToken, Me, TokenInfo, UserCreated, UserIn
 from server.auth import AuthUser, issue_token, staff_only
 from server.decode import read_json
@@ -58,9 +59,9 @@ class UserController(Controller):
         return BotToken(user_id=row["id"], name=data.name, token_id=token_id, token=token)
 
     @get("/tokens", guards=[staff_only])
-    async def tokens(self, request: Request) -> list[TokenInfo]:
+    async def tokens(self, request: Request, limit: int = ListLimit, offset: int = Offset) -> list[TokenInfo]:
         async with request.app.state.pool.acquire() as conn:
-            rows = await repo.list_api_tokens(conn, request.user.tenant_id)
+            rows = await repo.list_api_tokens(conn, request.user.tenant_id, limit=limit, offset=offset)
         return [TokenInfo(**dict(r)) for r in rows]
 
     @delete("/tokens/{token_id:str}", guards=[staff_only], status_code=204)

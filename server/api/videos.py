@@ -16,6 +16,7 @@ from msgspec import Meta
 from ingest.errors import IngestError
 from ingest.jobs import enqueue_ingest
 from ingest.submit import FileTooLarge, UnsupportedFile, inspect_file, submit_job, submit_video
+from server.api.paging import ListLimit, Offset
 from server.api.courses import course_or_404
 from server.api.schemas import Strict, Title
 from server.auth import AuthUser, staff_only
@@ -176,10 +177,11 @@ class VideoController(Controller):
         return dict(title=title, source=source, kind=kind, filename=up.filename, file_path=up.path)
 
     @get("/videos")
-    async def list_videos(self, request: Request, course_id: int) -> list[Video]:
+    async def list_videos(self, request: Request, course_id: int,
+                          limit: int = ListLimit, offset: int = Offset) -> list[Video]:
         async with request.app.state.pool.acquire() as conn:
             await course_or_404(conn, course_id, request.user)
-            return [to_video(r) for r in await videos_repo.list_videos(conn, course_id)]
+            return [to_video(r) for r in await videos_repo.list_videos(conn, course_id, limit=limit, offset=offset)]
 
     @get("/videos/{video_id:int}")
     async def read_video(self, request: Request, course_id: int, video_id: int) -> Video:

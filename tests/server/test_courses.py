@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Factory
+from tests.conftest import Factory, User, fetch
 
 
 def test_course_crud(client, make: Factory):
@@ -131,3 +131,46 @@ def test_health_ready_metrics_schema(client):
     assert "studyhall_http_requests_total" in metrics
     schema = client.get("/schema/openapi.json").json()
     assert "/api/v1/courses" in schema["paths"]
+
+
+def test_plain_lists_page(client, make: Factory, settings):
+    """Lists that are JSON arrays take ?limit=&offset=: the pages, read in turn, are the whole list in order."""
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Paging"}, headers=inst.h).json()["id"]
+    learner = make.user("learner")  # the same (test's own) tenant
+    assert client.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": learner.id},
+                       headers=inst.h).status_code == 201
+    pods = [client.post(f"/api/v1/courses/{cid}/pods", json={"name": f"pod {i}"}, headers=inst.h).json()["id"]
+            for i in range(5)]
+    for p in pods[:3]:
+        assert client.post(f"/api/v1/pods/{p}/members", json={"user_id": learner.id}, headers=inst.h).status_code == 201
+    for _ in range(3):  # more members for the first pod
+        other = make.user("learner")
+        client.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": other.id}, headers=inst.h)
+        assert client.post(f"/api/v1/pods/{pods[0]}/members", json={"user_id": other.id},
+                           headers=inst.h).status_code == 201
+    for i in range(3):
+        assert client.post("/api/v1/bots", json={"name": f"bot-{i}-{learner.id}"}, headers=inst.h).status_code == 201
+    fetch(settings, "INSERT INTO tutor_sessions (course_id, user_id, title) SELECT $1, $2, 'q' || i "
+                    "FROM generate_series(1, 5) i", cid, learner.id)
+
+    def pages(path: str, who: User, key: str = "id") -> tuple[list, list]:
+        whole = client.get(path, headers=who.h)
+        assert whole.status_code == 200, whole.text
+        got: list = []
+        for offset in range(0, 8, 2):
+            page = client.get(path, params={"limit": 2, "offset": offset}, headers=who.h).json()
+            assert len(page) <= 2
+            got += [x[key] for x in page]
+        return [x[key] for x in whole.json()], got
+
+    for path, who, key in [(f"/api/v1/courses/{cid}/pods", inst, "id"), (f"/api/v1/courses/{cid}/pods", learner, "id"),
+                           ("/api/v1/me/pods", learner, "id"), (f"/api/v1/pods/{pods[0]}/members", inst, "user_id"),
+                           ("/api/v1/tokens", inst, "id"),
+                           (f"/api/v1/courses/{cid}/tutor/sessions", learner, "id")]:
+        whole, paged = pages(path, who, key)
+        assert len(whole) >= 3 and paged == whole, (path, whole, paged)
+    assert [p["id"] for p in client.get(f"/api/v1/courses/{cid}/pods", headers=learner.h).json()] == pods[:3]
+    for bad in ({"limit": 0}, {"limit": 501}, {"offset": -1}, {"limit": "x"}):
+        r = client.get(f"/api/v1/courses/{cid}/pods", params=bad, headers=inst.h)
+        assert r.status_code == 400, (bad, r.text)

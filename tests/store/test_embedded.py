@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -41,6 +43,7 @@ def test_up_joiners_stop_and_restart(tmp_path):
         wait_ready(base, up)
         urls = read_connection_env(ddir)
         assert urls["DATABASE_URL"].startswith("postgresql://") and urls["REDIS_URL"].startswith("redis://")
+        assert urls["EMBEDDED"] == "pg,redis"
         # the first token (made before `up`) still works: same data, same secret
         h = {"Authorization": f"Bearer {first_token}"}
         cid = httpx.post(base + "/api/v1/courses", json={"title": "Persisted"}, headers=h).json()["id"]
@@ -86,3 +89,32 @@ def test_a_postgres_that_will_not_start_says_why(tmp_path):
                                          "Permission denied\n")
     msg = _pg_failure(tmp_path, "pg_ctl: could not start server\n")
     assert "could not start server" in msg and "Permission denied" in msg and "chown -R" in msg
+
+
+def test_a_stale_connection_env_is_not_trusted_for_embedded_servers(tmp_path):
+    """After a crash, connection.env may name ports that something else now answers on: the embedded servers
+    are found through their own pid files instead, and started when they are not running."""
+    ddir = tmp_path / "data"
+    ddir.mkdir()
+    impostors = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]  # answer, then hang up
+
+    def serve(s: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = s.accept()
+            except OSError:
+                return
+            conn.close()
+
+    for s in impostors:
+        threading.Thread(target=serve, args=(s,), daemon=True).start()
+    pg_port, redis_port = (s.getsockname()[1] for s in impostors)
+    (ddir / "connection.env").write_text(f"DATABASE_URL=postgresql://postgres@127.0.0.1:{pg_port}/studyhall\n"
+                                         f"REDIS_URL=redis://127.0.0.1:{redis_port}/0\nEMBEDDED=pg,redis\n")
+    try:
+        token = _cli(ddir, "token", "--user", "cy", "--role", "instructor").strip()
+    finally:
+        for s in impostors:
+            s.close()
+    assert token.count(".") == 2
+    assert not (ddir / "pg" / "postmaster.pid").exists()  # its own Postgres ran and stopped again

@@ -1,0 +1,54 @@
+"""The tutor's condense step: a follow-up becomes a standalone question from the asker's own thread; in a room
+the model sees who said what (through the OpenAI SDK against a local server speaking its wire format)."""
+from __future__ import annotations
+
+import pytest
+
+from agents.llm import OpenAIChat
+from agents.tutor import Tutor
+from tests.agents.fake_llm_servers import FakeLLMServer, Reply
+
+ROOM = [
+    {"role": "user", "content": "@tutor what does a hash function do?", "name": "Ana", "mine": True},
+    {"role": "assistant", "content": "It maps keys to buckets [1].", "name": "tutor", "mine": False},
+    {"role": "user", "content": "anyone up for pizza later", "name": "Bo", "mine": False},
+]
+
+
+def state(question: str, history: list[dict]) -> dict:
+    return {"question": question, "history": history,
+            "usage": {"provider": "openai", "model": "gpt-4o-mini", "input_tokens": 0, "output_tokens": 0,
+                      "cost_usd": 0.0}}
+
+
+async def test_offline_follow_up_borrows_the_askers_own_last_message():
+    tutor = Tutor(None, None, None)  # type: ignore[arg-type]  # condense touches neither pool nor embedder
+    out = await tutor.condense(state("why?", ROOM))
+    assert out["standalone"] == "why? (@tutor what does a hash function do?)"  # not Bo's pizza
+    # someone else's chatter alone gives a follow-up nothing to borrow
+    assert (await tutor.condense(state("why?", ROOM[1:])))["standalone"] == "why?"
+    # a private session's turns are all the learner's own
+    private = [{"role": "user", "content": "what is a hash function?"}, {"role": "assistant", "content": "…"}]
+    assert (await tutor.condense(state("and why?", private)))["standalone"] == "and why? (what is a hash function?)"
+
+
+@pytest.fixture(scope="module")
+def llm_server():
+    with FakeLLMServer() as srv:
+        yield srv
+
+
+async def test_the_model_sees_who_wrote_each_room_message(llm_server: FakeLLMServer):
+    llm_server.reset()
+    llm_server.script(Reply("Why does a hash function spread keys over buckets?"))
+    llm = OpenAIChat("sk-test", "gpt-4o-mini", base_url=llm_server.openai_base_url, max_retries=0)
+    tutor = Tutor(None, None, llm)  # type: ignore[arg-type]
+    out = await tutor.condense(state("why?", ROOM))
+    assert out["standalone"] == "Why does a hash function spread keys over buckets?"
+    convo = llm_server.requests[-1].body["messages"][-1]["content"]
+    assert convo.splitlines() == [
+        'user "Ana" (the asker): "@tutor what does a hash function do?"',
+        'assistant "tutor": "It maps keys to buckets [1]."',
+        'user "Bo": "anyone up for pizza later"',
+        'user (the asker) (the question to rewrite): "why?"',
+    ]
