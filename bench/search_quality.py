@@ -1,5 +1,6 @@
 """Retrieval quality on ../shared/eval: hit@1/3/5 of dense, full-text and hybrid search over the real
-chunks in Postgres. `python -m bench.search_quality [--w-sparse 0.5] [--target 180]`"""
+chunks in Postgres, with the shipped chunking and fusion weight unless told otherwise.
+`python -m bench.search_quality [--w-sparse W ...] [--target TOKENS ...]`"""
 from __future__ import annotations
 
 import argparse
@@ -11,11 +12,12 @@ import numpy as np
 from agents.embedder import local_minilm
 from bench.common import EVAL, eval_spec, make_course, services
 from ingest.chapters import build_chapters
-from ingest.chunking import chunk_sentences, to_sentences
+from ingest.chunking import DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP_SENTENCES, chunk_sentences, to_sentences
+from ingest.pipeline import CHUNK_TARGET_TOKENS
 from ingest.transcripts import parse_transcript
 from store import videos as videos_repo
 from store.db import create_pool
-from store.search import hybrid_search
+from store.search import SPARSE_WEIGHT, hybrid_search
 
 
 def cached_embed(embedder, texts):  # type: ignore[no-untyped-def]
@@ -78,10 +80,10 @@ async def evaluate(pool, cid, vids, spec, embedder, *, w_sparse: float, k_list=(
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--w-sparse", type=float, nargs="*", default=[0.5])
-    ap.add_argument("--target", type=int, nargs="*", default=[180])
-    ap.add_argument("--max-tokens", type=int, default=240)
-    ap.add_argument("--overlap", type=int, default=1)
+    ap.add_argument("--w-sparse", type=float, nargs="*", default=[SPARSE_WEIGHT])
+    ap.add_argument("--target", type=int, nargs="*", default=[CHUNK_TARGET_TOKENS])
+    ap.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    ap.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP_SENTENCES)
     args = ap.parse_args()
     settings, svc = await services("search_quality")
     try:
