@@ -20,11 +20,23 @@ def decode_json(raw: bytes, typ: type[T]) -> T:
     try:
         return msgspec.json.decode(raw, type=typ)
     except msgspec.ValidationError as exc:
-        raise ApiError(400, f"invalid field: {exc}", field=field_of(exc)) from exc
+        field = field_of(exc)
+        raise ApiError(400, _explain(str(exc), field), field=field) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise ApiError(400, "request body is nested too deeply") from exc
+
+
+# msgspec names the regex a string failed; say what it means instead
+_PATTERNS = {r"'\\S'": "must not be blank", r"'^[^\\x00-\\x1f]+$'": "must not contain control characters"}
+
+
+def _explain(text: str, field: str | None) -> str:
+    for pattern, meaning in _PATTERNS.items():
+        if f"matching regex {pattern}" in text:
+            return f"invalid field: `{field or 'value'}` {meaning}"
+    return f"invalid field: {text}"
 
 
 async def read_body(request: Request, *, max_bytes: int | None = None) -> bytes:

@@ -152,16 +152,24 @@ async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_del
                 async with conn.transaction():
                     turn = await repo.record_turn(conn, **{**fields, "session_id": None})
     except BaseException:
-        if prep.reserved is not None:
-            try:
-                async with pool.acquire() as conn:
-                    await repo.release_turn(conn, user.id, prep.reserved)
-            except Exception:  # noqa: BLE001
-                logger.warning("could not give back a tutor question", exc_info=True)
+        await _give_back(pool, user.id, prep.reserved)
         raise
+    if result.get("error"):  # the model failed mid-answer: the learner is told to ask again, so it is not counted
+        await _give_back(pool, user.id, prep.reserved)
     return {"answer": turn["answer"], "grounded": turn["grounded"], "citations": turn["citations"],
             "follow_ups": turn["follow_ups"], "nearest": result.get("nearest") or [], "session_id": prep.session_id,
             "turn_id": turn["id"], "mode": prep.mode, "cached": cached is not None, "error": result.get("error")}
+
+
+async def _give_back(pool: Any, user_id: int, day: date | None) -> None:
+    """Return a reserved question to the learner's daily quota (None: staff, nothing was taken)."""
+    if day is None:
+        return
+    try:
+        async with pool.acquire() as conn:
+            await repo.release_turn(conn, user_id, day)
+    except Exception:  # noqa: BLE001
+        logger.warning("could not give back a tutor question", exc_info=True)
 
 
 async def ask(state: Any, user: Any, course_id: int, question: str, *, session_id: int | None = None,

@@ -196,8 +196,11 @@ async def publish_results(db: asyncpg.Pool, redis: Redis, poll_id: int) -> None:
                                        poll_id)
         if poll is None or poll["closed_at"] is not None:
             return
-        c = await counts(box.conn, poll_id, len(poll["options"]))
         room = room_of(poll["session_id"])
+        # Take the room's sequence lock before counting: a publisher that counts later also gets a later seq,
+        # so results never go back in seq order (a stalled publisher cannot land old counts last).
+        await box.conn.execute("SELECT 1 FROM rooms WHERE id = $1 FOR UPDATE", room)
+        c = await counts(box.conn, poll_id, len(poll["options"]))
         await box.append(room, lambda seq: PollResults(seq=seq, room=room, poll_id=poll_id, counts=c, total=sum(c)))
 
 

@@ -172,5 +172,10 @@ class Presence:
         return [(flat[i].decode() if isinstance(flat[i], bytes) else flat[i], float(flat[i + 1]) / 1000)
                 for i in range(0, len(flat), 2)]
 
+    async def return_dead(self, proc: str, expired_at: float) -> None:
+        """Give back a dead process that `dead_procs` handed out but whose clean-up failed (unless it came back
+        to life meanwhile)."""
+        await self.redis.zadd(PROCS, {proc: int(expired_at * 1000)}, nx=True)
+
     async def forget_proc(self) -> None:
         await self.redis.zrem(PROCS, self.proc)

@@ -20,6 +20,7 @@ from store.ratelimit import SendLimiter
 logger = logging.getLogger(__name__)
 
 MAX_RANGES = 200  # per report
+MAX_STORED_RANGES = 1000  # separate watched ranges kept per learner and video (a player reports a handful)
 TOLERANCE_S = 0.5  # players report positions a hair past the end
 
 
@@ -109,6 +110,9 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
         "SELECT watched, completed_at FROM video_progress WHERE user_id = $1 AND video_id = $2 FOR UPDATE",
         user_id, video["id"])
     merged = merge((old["watched"] if old else []) + watched)
+    if len(merged) > MAX_STORED_RANGES:  # refused, not coarsened: joining gaps would count unwatched seconds
+        raise ProgressError("watched", f"at most {MAX_STORED_RANGES} separate watched ranges are kept per video; "
+                                       "report contiguous ranges")
     watched_s = covered(merged)
     spent = min(covered(watched), duration)  # re-watching counts as time spent, not as more coverage
     was_complete = old is not None and old["completed_at"] is not None

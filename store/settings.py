@@ -137,7 +137,7 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         review_threshold=_float("STUDYHALL_REVIEW_THRESHOLD", 0.7),
         review_band=_band(_str("STUDYHALL_REVIEW_BAND", "40,60") or "40,60"),
         max_answer_chars=_int("STUDYHALL_MAX_ANSWER_CHARS", 20_000),
-        video_complete_share=_float("STUDYHALL_VIDEO_COMPLETE_SHARE", 0.9),
+        video_complete_share=_share("STUDYHALL_VIDEO_COMPLETE_SHARE", 0.9),
         progress_rate=_float("STUDYHALL_PROGRESS_RATE", 1.0),
         progress_burst=_int("STUDYHALL_PROGRESS_BURST", 30),
         leaderboard_event_s=_float("STUDYHALL_LEADERBOARD_EVENT_S", 5.0),
@@ -145,6 +145,14 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         match_hour=_int("STUDYHALL_MATCH_HOUR", 6),
         xp_async_commit=(_str("STUDYHALL_XP_ASYNC_COMMIT", "0") or "0").lower() in ("1", "true", "yes", "on"),
     )
+
+
+def _share(name: str, default: float) -> float:
+    """A share in (0, 1]."""
+    value = _float(name, default)
+    if not 0 < value <= 1:  # also refuses nan
+        raise SystemExit(f"{name} must be a share above 0 and at most 1, got {value!r}")
+    return value
 
 
 def _band(raw: str) -> tuple[float, float]:

@@ -67,15 +67,18 @@ def advance(s: Streak, day: date) -> tuple[Streak, bool]:
 
 
 def status(s: Streak, today: date) -> tuple[int, bool]:
-    """(the streak as it stands today, whether this week's freeze is still unspent). A streak whose missed
-    days since the last active one can all still be frozen is alive; otherwise it is 0."""
-    free = monday(today) not in s.freeze_weeks
+    """(the streak as it stands today, whether this week's freeze is still free to cover a missed day). A streak
+    whose missed days since the last active one can all still be frozen is alive; otherwise it is 0. A day
+    already missed this week takes this week's freeze when the learner comes back, so it is no longer free
+    (unless the streak is gone anyway: a new one starts with the week's freeze unspent)."""
+    week = monday(today)
+    unspent = week not in s.freeze_weeks
     if s.last_day is None:
-        return 0, free
-    if today <= s.last_day + timedelta(days=1):
-        return s.current, free
+        return 0, unspent
     missed = [s.last_day + timedelta(days=i) for i in range(1, (today - s.last_day).days)]
-    return (s.current if _coverable(missed, s.freeze_weeks) else 0), free
+    if not _coverable(missed, s.freeze_weeks):
+        return 0, unspent
+    return s.current, unspent and not any(monday(d) == week for d in missed)
 
 
 def _row_to_streak(row) -> Streak:  # type: ignore[no-untyped-def]

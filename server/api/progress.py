@@ -99,9 +99,12 @@ class ProgressController(Controller):
         ok, wait = await state.progress_limiter.take(user.id)
         if not ok:
             raise ApiError(429, f"too many progress reports; retry in {wait:g}s", retry_after=wait)
-        async with xp.transaction(state.pool, state.redis) as tx:
-            done = await repo.report(tx, user.id, user.role, video, position, watched,
-                                     state.settings.video_complete_share)
+        try:
+            async with xp.transaction(state.pool, state.redis) as tx:
+                done = await repo.report(tx, user.id, user.role, video, position, watched,
+                                         state.settings.video_complete_share)
+        except repo.ProgressError as exc:  # nothing stored: the transaction rolled back
+            raise ApiError(400, str(exc), field=exc.field) from exc
         return _video_progress(video, done.row, [a.kind for a in done.awards])
 
     @get("/videos/{video_id:int}/progress")

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from server.api.schemas import Id, Name, Strict, When, check_when
+from server.api.schemas import Id, Name, Strict, Title, When, check_when
 from store.events import UserRef
 
 Seconds = Annotated[int, Meta(ge=1, le=366 * 24 * 3600)]
@@ -85,7 +85,7 @@ class Member(msgspec.Struct):
 
 
 class SessionIn(Strict):
-    title: Annotated[str, Meta(min_length=1, max_length=200)]
+    title: Title
     scheduled_at: When | None = None
 
     def __post_init__(self) -> None:
@@ -114,8 +114,14 @@ class Attendee(msgspec.Struct):
 
 
 class PollIn(Strict):
-    question: Annotated[str, Meta(min_length=1, max_length=500)]
-    options: Annotated[list[Annotated[str, Meta(min_length=1, max_length=200)]], Meta(min_length=2, max_length=20)]
+    question: Annotated[str, Meta(min_length=1, max_length=500, pattern=r"\S")]
+    options: Annotated[list[Annotated[str, Meta(min_length=1, max_length=200, pattern=r"\S")]],
+                       Meta(min_length=2, max_length=20)]
+
+    def __post_init__(self) -> None:
+        seen = [" ".join(o.split()).casefold() for o in self.options]
+        if len(set(seen)) != len(seen):
+            raise ValueError("`options` must differ from each other")
 
 
 class VoteIn(Strict):

@@ -7,7 +7,8 @@ from typing import Annotated
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-Title = Annotated[str, Meta(min_length=1, max_length=200)]
+# Text a person must have written something in: not blank (msgspec searches the pattern: one visible character)
+Title = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"\S")]
 Description = Annotated[str, Meta(max_length=10_000)]
 Price = Annotated[int, Meta(ge=0, le=100_000_000)]
 Name = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f]+$")]

@@ -68,7 +68,8 @@ class Hub:
         self._sub_waiters: dict[str, asyncio.Future] = {}
         self._idle_since: dict[str, float] = {}
         self._seen_seq: dict[str, int] = {}
-        self._poll_flush: dict[int, asyncio.Task] = {}
+        self._poll_flush: dict[int, asyncio.Task] = {}  # poll id -> the task that will publish its results
+        self._poll_dirty: set[int] = set()  # polls with votes their last published results did not count
         self._prefix = events_channel("room:").encode()
         self._user_prefix = events_channel("user:").encode()
         self._pubsub = redis.pubsub()
@@ -84,8 +85,13 @@ class Hub:
         logger.info("realtime hub started", extra={"fields": {"proc": self.proc}})
 
     async def stop(self) -> None:
+        unsent = list(self._poll_flush)  # votes of the last window: their results go out now, not never
         for task in self._tasks + list(self._poll_flush.values()):
             task.cancel()
+        self._poll_flush.clear()
+        self._poll_dirty.clear()
+        if unsent:
+            await asyncio.wait([asyncio.create_task(self._publish_poll(p)) for p in unsent], timeout=5)
         for conns in list(self.rooms.values()):
             for conn in list(conns):
                 conn.close_soon(1001, "server shutting down")
@@ -285,8 +291,13 @@ class Hub:
     async def _reap_dead_procs(self) -> None:
         for proc, expired_at in await self.presence.dead_procs():
             last_seen = datetime.fromtimestamp(expired_at - self.settings.presence_ttl_s, tz=timezone.utc)
-            async with self.pool.acquire() as db:
-                closed = await live_repo.attendance_close_proc(db, proc, last_seen)
+            try:
+                async with self.pool.acquire() as db:
+                    closed = await live_repo.attendance_close_proc(db, proc, last_seen)
+            except Exception:
+                # the claim is given back (still expired), so the next tick, here or elsewhere, closes the rows
+                await self.presence.return_dead(proc, expired_at)
+                raise
             logger.info("server process gone", extra={"fields": {"proc": proc, "attendance_closed": closed}})
 
     async def _catch_up(self) -> None:
@@ -321,12 +332,23 @@ class Hub:
 
     def poll_voted(self, poll_id: int) -> None:
         """Coalesce results: at most one `poll.results` per poll every 250 ms from this process."""
+        self._poll_dirty.add(poll_id)
         if poll_id not in self._poll_flush:
             self._poll_flush[poll_id] = asyncio.create_task(self._flush_poll(poll_id))
 
     async def _flush_poll(self, poll_id: int) -> None:
-        await asyncio.sleep(POLL_RESULTS_EVERY_S)
-        self._poll_flush.pop(poll_id, None)
+        """Publish the poll's results every 250 ms while votes keep coming (the task stays registered until
+        the results count every vote it was told of, so a stop can publish what a cancelled flush left)."""
+        try:
+            while poll_id in self._poll_dirty:
+                await asyncio.sleep(POLL_RESULTS_EVERY_S)
+                self._poll_dirty.discard(poll_id)
+                await self._publish_poll(poll_id)
+        finally:
+            if self._poll_flush.get(poll_id) is asyncio.current_task():
+                del self._poll_flush[poll_id]
+
+    async def _publish_poll(self, poll_id: int) -> None:
         try:
             await live_repo.publish_results(self.pool, self.redis, poll_id)
         except Exception:  # noqa: BLE001

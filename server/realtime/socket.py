@@ -110,10 +110,14 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
 
 
 async def _cleanup(state, hub: Hub, conn: Conn, attendance_id: int | None) -> None:  # type: ignore[no-untyped-def]
-    await hub.detach(conn)
-    if attendance_id is not None:
-        async with state.pool.acquire() as db:
-            await live_repo.attendance_leave(db, attendance_id)
+    """Close the attendance row first (Postgres), then leave the room (memory, Redis presence): a failure of one
+    must not skip the other, or the row would stay open for the rest of the session."""
+    try:
+        if attendance_id is not None:
+            async with state.pool.acquire() as db:
+                await live_repo.attendance_leave(db, attendance_id)
+    finally:
+        await hub.detach(conn)
 
 
 async def _serve(socket: WebSocket, conn: Conn, user: AuthUser, hub: Hub) -> None:

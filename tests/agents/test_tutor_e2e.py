@@ -155,6 +155,10 @@ def test_cache_and_invalidation(client, make: Factory, worker):
     assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
     third = client.post(f"/api/v1/courses/{cid}/ask", json=q, headers=inst.h).json()
     assert third["cached"] is False
+    assert client.post(f"/api/v1/courses/{cid}/ask", json=q, headers=inst.h).json()["cached"] is True
+    # a video deleted: the cache no longer answers either
+    assert client.delete(f"/api/v1/courses/{cid}/videos/{r.json()['video_id']}", headers=inst.h).status_code == 204
+    assert client.post(f"/api/v1/courses/{cid}/ask", json=q, headers=inst.h).json()["cached"] is False
 
 
 def test_socratic_mode_gives_hints(client, make: Factory, worker):

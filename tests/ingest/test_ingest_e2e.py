@@ -187,13 +187,18 @@ def test_unreachable_youtube_fails_with_reason_and_can_be_retried(client, make: 
     assert r.status_code == 202
     job = wait_job(client, r.json()["job_id"], inst.h, timeout=120)
     assert job["state"] == "failed" and job["attempts"] == job["max_attempts"]
-    assert "gave up" in job["error"]
+    # the reason is the network's, not a crash of ours
+    assert job["error"].startswith(("could not connect to YouTube", "YouTube did not respond", "request to YouTube"))
+    assert "gave up after" in job["error"] and "internal error" not in job["error"]
     video = client.get(f"/api/v1/courses/{cid}/videos/{r.json()['video_id']}", headers=inst.h).json()
     assert video["status"] == "failed" and video["error"]
     retried = client.post(f"/api/v1/jobs/{job['id']}/retry", headers=inst.h)
     assert retried.status_code == 202 and retried.json()["state"] == "queued"
+    assert retried.json()["attempts"] == 0 and retried.json()["error"] is None  # a fresh run, not the old verdict
     assert client.post(f"/api/v1/jobs/{job['id']}/retry", headers=inst.h).status_code == 409
-    assert wait_job(client, job["id"], inst.h, timeout=120)["state"] == "failed"
+    again = wait_job(client, job["id"], inst.h, timeout=120)
+    assert again["state"] == "failed" and again["attempts"] == again["max_attempts"]  # it really ran again
+    assert again["error"].startswith(("could not connect to YouTube", "YouTube did not respond", "request to YouTube"))
 
 
 def test_worker_killed_mid_job_completes_once(client, make: Factory, worker, settings):
@@ -239,6 +244,8 @@ def test_reingest_replaces_chunks_atomically(client, make: Factory, worker, sett
         ids = {r["id"] for r in rows}
         seen_counts.add(len(ids))
         assert ids == ids_before or not (ids & ids_before), "a reader saw old and new chunks mixed"
+        # learners keep the video meanwhile: it stays ready (progress and the tutor go on working)
+        assert client.get(f"/api/v1/courses/{cid}/videos/{vid}", headers=inst.h).json()["status"] == "ready"
     assert seen_counts <= {n}
     after = {r["id"] for r in fetch(settings, "SELECT id FROM chunks WHERE video_id = $1", vid)}
     assert len(after) == n and not (after & ids_before)

@@ -49,8 +49,14 @@ def test_paid_course_needs_payment(client, make: Factory):
     inst, learner = make.user("instructor"), make.user("learner")
     paid = client.post("/api/v1/courses", json={"title": "Paid", "published": True, "price_cents": 1900},
                        headers=inst.h).json()
-    # visible only once enrolled; learners cannot enroll themselves into a paid course
-    client.post(f"/api/v1/courses/{paid['id']}/enrollments", json={"user_id": learner.id}, headers=inst.h)
+    # learners cannot see a paid course they are not enrolled in, nor enroll themselves (nothing is stored)
+    assert client.get(f"/api/v1/courses/{paid['id']}", headers=learner.h).status_code == 404
+    assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", headers=learner.h).status_code == 404
+    assert fetch(make.settings, "SELECT 1 FROM enrollments WHERE course_id = $1 AND user_id = $2", paid["id"],
+                 learner.id) == []
+    # visible once staff enrolled them
+    assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", json={"user_id": learner.id},
+                       headers=inst.h).status_code == 201
     assert client.get(f"/api/v1/courses/{paid['id']}", headers=learner.h).status_code == 200
 
 

@@ -110,6 +110,8 @@ def test_staff_progress_is_stored_without_xp(client, make: Factory, settings):
     r = report(client, course.instructor, course.videos[0], 60, [[0, 60]])
     assert r["status"] == 200 and r["completed"] is True and r["xp_awarded"] == []
     assert fetch(settings, "SELECT * FROM xp_events WHERE user_id = $1", course.instructor.id) == []
+    stored = client.get(f"/api/v1/videos/{course.videos[0]}/progress", headers=course.instructor.h).json()
+    assert stored["watched"] == [[0.0, 60.0]] and stored["position"] == 60 and stored["completed"] is True
 
 
 def test_not_ready_video_is_409(client, make: Factory, settings):
@@ -178,3 +180,20 @@ async def test_helpful_answer(server, client, make: Factory, settings):
     assert client.post(f"/api/v1/rooms/{room}/messages/999999999/helpful", headers=inst.h).status_code == 404
     foreign = Factory(make.settings).user("instructor")
     assert client.post(url, headers=foreign.h).status_code == 404
+
+
+def test_stored_ranges_are_bounded(client, make: Factory, settings):
+    """Many tiny disjoint ranges cannot grow a learner's row without end: past 1,000 separate ranges the report
+    is refused (400 naming `watched`) and nothing of it is stored; contiguous reports go on working."""
+    course = make_course(client, make, learners=1, videos=1, duration=3600)
+    (a,), (vid,) = course.learners, course.videos
+    for k in range(5):  # 5 x 200 = 1,000 separate ranges: the most that is kept
+        watched = [[k * 200 + i + 0.0, k * 200 + i + 0.5] for i in range(200)]
+        assert report(client, a, vid, 1, watched)["status"] == 200
+    r = client.post(f"/api/v1/videos/{vid}/progress", json={"position": 2, "watched": [[1500.0, 1500.5]]}, headers=a.h)
+    assert r.status_code == 400 and r.json()["field"] == "watched", r.text
+    row = fetch(settings, "SELECT jsonb_array_length(watched) AS n, position_s FROM video_progress WHERE user_id = $1",
+                a.id)[0]
+    assert row["n"] == 1000 and row["position_s"] == 1
+    # a range joining stored ones keeps the count down, so it is taken
+    assert report(client, a, vid, 3, [[0.0, 10.0]])["status"] == 200

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import Factory
+from tests.conftest import Factory, fetch
 from tests.server.conftest import Client, make_course
 
 
@@ -137,3 +137,30 @@ async def test_ping_pong(server, make: Factory):
     assert (await c.expect("pong")) == {"type": "pong", "ref": "p1"}
     await c.close()
     await asyncio.sleep(0)
+
+
+async def test_rest_post_is_idempotent_and_delete_follows_the_rules(server, client, make: Factory, settings):
+    """REST posting (bots, integrations) keeps the websocket's rules: a repeated client_msg_id returns the original
+    (200, one stored message, one event), authors delete their own, moderators anyone's, others get 403, and a
+    deleted message leaves the history and reaches sockets as `message.deleted`."""
+    course = make_course(server, make, learners=2)
+    (a, b), inst = course.learners, course.instructor
+    watcher = await Client.connect(server, course.room, b)
+    url = f"/api/v1/rooms/{course.room}/messages"
+    first = client.post(url, json={"text": "from a bot", "client_msg_id": "rest-1"}, headers=a.h)
+    again = client.post(url, json={"text": "from a bot", "client_msg_id": "rest-1"}, headers=a.h)
+    assert first.status_code == 201 and again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    assert len(fetch(settings, "SELECT id FROM messages WHERE room_id = $1 AND client_msg_id = 'rest-1'",
+                     course.room)) == 1
+    assert (await watcher.expect("message.new"))["id"] == first.json()["id"]
+    assert not [f for f in await watcher.quiet(0.5) if f["type"] == "message.new"]  # the repeat made no event
+    other = client.post(url, json={"text": "second"}, headers=a.h).json()
+    await watcher.expect("message.new")
+    mid = first.json()["id"]
+    assert client.delete(f"{url}/{mid}", headers=b.h).status_code == 403  # not b's
+    assert client.delete(f"{url}/{mid}", headers=a.h).status_code == 204  # the author's own
+    assert (await watcher.expect("message.deleted"))["id"] == mid
+    assert client.delete(f"{url}/{other['id']}", headers=inst.h).status_code == 204  # a moderator's
+    assert client.delete(f"{url}/999999999", headers=inst.h).status_code == 404
+    assert [m["id"] for m in client.get(url, headers=b.h).json()["items"] if m["id"] in (mid, other["id"])] == []
+    await watcher.close()

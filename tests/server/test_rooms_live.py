@@ -60,6 +60,14 @@ async def test_poll_vote_rules(server, client, make: Factory):
 
     url = f"/api/v1/live/{sid}/polls"
     assert client.post(url, json={"question": "?", "options": ["only one"]}, headers=inst.h).status_code == 400
+    for bad, field in [({"question": "  ", "options": ["a", "b"]}, "question"),
+                       ({"question": "?", "options": ["a", " \t"]}, "options[1]"),
+                       ({"question": "?", "options": ["Yes", "yes "]}, None)]:
+        r = client.post(url, json=bad, headers=inst.h)
+        assert r.status_code == 400 and r.json().get("field") == field, r.text
+        assert "blank" in r.json()["message"] or "differ" in r.json()["message"]
+    r = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "   "}, headers=inst.h)
+    assert r.status_code == 400 and r.json()["field"] == "title" and "blank" in r.json()["message"]
     assert client.post(url, json={"question": "?", "options": ["a", "b"]}, headers=a.h).status_code == 403
     r = client.post(url, json={"question": "Best basis?", "options": ["standard", "eigen", "fourier"]}, headers=inst.h)
     assert r.status_code == 201

@@ -10,6 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from store import events
+from store import presence as presence_module
 from store.db import create_pool
 from store.events import UserRef
 from store.keys import events_channel
@@ -157,3 +158,24 @@ async def test_send_token_bucket(db):
     assert [ok for ok, _ in results] == [True, True, True, False] and 0 < results[-1][1] <= 0.2
     await asyncio.sleep(0.15)
     assert (await limiter.take(uid))[0]
+
+
+async def test_a_dead_process_handed_back_is_handed_out_again(db, monkeypatch):
+    """A reaper whose Postgres clean-up fails gives the dead process back: the next reaper gets it (once), and a
+    process that came back to life meanwhile is not marked dead again."""
+    _, redis = db
+    # a process list of this test's own: the running test servers reap the shared one every tick
+    monkeypatch.setattr(presence_module, "PROCS", f"sh:test:procs:{uuid.uuid4().hex[:8]}")
+    dead = f"proc-dead-{uuid.uuid4().hex[:6]}"
+    gone, reaper = Presence(redis, dead, ttl_s=1), Presence(redis, "proc-reaper", ttl_s=1)
+    await gone.heartbeat([])
+    await asyncio.sleep(1.2)
+    claimed = [(p, at) for p, at in await reaper.dead_procs() if p == dead]
+    assert len(claimed) == 1 and [p for p, _ in await reaper.dead_procs()].count(dead) == 0
+    await reaper.return_dead(*claimed[0])
+    assert [p for p, _ in await reaper.dead_procs()].count(dead) == 1
+    await reaper.return_dead(*claimed[0])
+    await gone.heartbeat([])  # alive again before anyone reaped it: it is not dead any more
+    await reaper.return_dead(*claimed[0])  # a late give-back does not kill it
+    assert dead not in [p for p, _ in await reaper.dead_procs()]
+    await gone.forget_proc()

@@ -48,8 +48,12 @@ def test_status_as_seen_today():
     s = run([MON, MON + timedelta(days=1)])
     assert status(s, MON + timedelta(days=1)) == (2, True)
     assert status(s, MON + timedelta(days=2)) == (2, True)  # today not done yet
-    assert status(s, MON + timedelta(days=3)) == (2, True)  # yesterday missed: the freeze would cover it
-    assert status(s, MON + timedelta(days=4)) == (0, True)  # two missed in one week: gone
+    # yesterday missed: this week's freeze will cover it, so it is no longer free for another miss
+    assert status(s, MON + timedelta(days=3)) == (2, False)
+    assert advance(s, MON + timedelta(days=4))[0].current == 1  # indeed: missing today too ends the streak
+    assert status(s, MON + timedelta(days=4)) == (0, True)  # two missed in one week: gone (a new streak has it)
+    weekend = run([MON + timedelta(days=5)])  # Sat; (Sun missed, last week) -> Mon: this week's freeze untouched
+    assert status(weekend, MON + timedelta(days=7)) == (1, True)
     frozen = run([MON, MON + timedelta(days=2)])
     assert status(frozen, MON + timedelta(days=2)) == (2, False)  # this week's freeze is spent
 

@@ -1,0 +1,71 @@
+"""Live polls in the store: results never go back in seq order, and a stopping server still publishes the
+results of its last votes."""
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+from server.realtime.hub import Hub
+from store import live
+from tests.progress_helpers import xp_store  # noqa: F401 - fixture
+
+
+async def _live_poll(pool, redis, learners: int = 2) -> tuple[int, dict, list[int]]:  # type: ignore[no-untyped-def]
+    async with pool.acquire() as conn:
+        tid = await conn.fetchval("INSERT INTO tenants (name) VALUES ($1) RETURNING id", f"live-{uuid.uuid4().hex[:8]}")
+        owner = await conn.fetchval(
+            "INSERT INTO users (tenant_id, name, role) VALUES ($1, 'o', 'instructor') RETURNING id", tid)
+        cid = await conn.fetchval(
+            "INSERT INTO courses (tenant_id, owner_id, title) VALUES ($1, $2, 'c') RETURNING id", tid, owner)
+        ids = [await conn.fetchval("INSERT INTO users (tenant_id, name, role) VALUES ($1, $2, 'learner') RETURNING id",
+                                   tid, f"l{i}") for i in range(learners)]
+        for u in ids:
+            await conn.execute("INSERT INTO enrollments (course_id, user_id) VALUES ($1, $2)", cid, u)
+        sid = (await live.create_session(conn, cid, "s", None, owner))["id"]
+    await live.start_session(pool, redis, sid)
+    poll = await live.create_poll(pool, redis, sid, "q", ["x", "y"], owner)
+    return sid, poll, ids
+
+
+async def _results(pool, sid: int) -> list[int]:  # type: ignore[no-untyped-def]
+    rows = await pool.fetch("SELECT payload FROM room_events WHERE room_id = $1 AND type = 'poll.results' ORDER BY seq",
+                            live.room_of(sid))
+    return [json.loads(r["payload"])["total"] for r in rows]
+
+
+async def test_a_stalled_publisher_cannot_land_old_counts_last(xp_store, monkeypatch):
+    pool, redis = xp_store
+    sid, poll, (a, b) = await _live_poll(pool, redis)
+    async with pool.acquire() as c:
+        await live.vote(c, poll["id"], sid, a, 0)
+    real, first, counted = live.counts, [True], asyncio.Event()
+
+    async def stalling_counts(conn, poll_id, n):  # type: ignore[no-untyped-def]
+        out = await real(conn, poll_id, n)
+        if first[0]:  # the first publisher stalls between counting and storing
+            first[0] = False
+            counted.set()
+            await asyncio.sleep(0.5)
+        return out
+
+    monkeypatch.setattr(live, "counts", stalling_counts)
+    slow = asyncio.create_task(live.publish_results(pool, redis, poll["id"]))
+    await counted.wait()
+    async with pool.acquire() as c:
+        await live.vote(c, poll["id"], sid, b, 1)
+    await live.publish_results(pool, redis, poll["id"])  # waits for the stalled one, then counts both votes
+    await slow
+    totals = await _results(pool, sid)
+    assert totals == sorted(totals) and totals[-1] == 2, totals
+
+
+async def test_stopping_publishes_the_results_of_the_last_votes(settings, xp_store):
+    pool, redis = xp_store
+    sid, poll, (a, _) = await _live_poll(pool, redis)
+    hub = Hub(settings, pool, redis)
+    async with pool.acquire() as c:
+        await live.vote(c, poll["id"], sid, a, 0)
+    hub.poll_voted(poll["id"])  # its results are due in 250 ms; the server stops first
+    await hub.stop()
+    assert await _results(pool, sid) == [1]
