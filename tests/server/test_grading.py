@@ -102,7 +102,7 @@ async def test_held_grade_waits_for_the_instructor_then_reaches_the_learner(serv
         assert "assignment_passed" in kinds
 
 
-def test_grading_a_whole_assignment_runs_as_batched_jobs(server, client, make: Factory, worker):
+def test_grading_a_whole_assignment_runs_as_batched_jobs(server, client, make: Factory, worker, settings):
     course = make_course(server, make, learners=3)
     inst = course.instructor
     a = published(client, course, ONE)
@@ -110,10 +110,21 @@ def test_grading_a_whole_assignment_runs_as_batched_jobs(server, client, make: F
             zip(course.learners, [REFERENCE, VAGUE, "Binary search checks the middle and keeps one half."])]
     for s in subs:
         wait_graded(client, s["id"], inst.h)
+    # 24 more answers (stored as graded, as if from before a rubric change): 27 in all, two batches of <= 25
+    more = [make.user("learner") for _ in range(24)]
+    for u in more:
+        assert client.post(f"/api/v1/courses/{course.id}/enrollments", json={"user_id": u.id},
+                           headers=inst.h).status_code == 201
+    extra = [r["id"] for r in fetch(settings, """
+        INSERT INTO submissions (assignment_id, course_id, user_id, attempt, answer, status, score, final_at)
+        SELECT s.assignment_id, s.course_id, u, 1, s.answer, 'graded', s.score, now()
+        FROM submissions s, unnest($2::bigint[]) AS u WHERE s.id = $1 RETURNING id""",
+        subs[0]["id"], [u.id for u in more])]
+    assert len(extra) == 24
     r = client.post(f"/api/v1/assignments/{a['id']}/grade-all", headers=inst.h)
-    assert r.status_code == 202 and r.json()["submissions"] == 3 and r.json()["batches"] == 1
+    assert r.status_code == 202 and r.json()["submissions"] == 27 and r.json()["batches"] == 2
     job_id = r.json()["job_id"]
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 120
     while (job := client.get(f"/api/v1/jobs/{job_id}", headers=inst.h).json())["state"] != "done":
         assert time.monotonic() < deadline, job
         time.sleep(0.2)
@@ -121,6 +132,10 @@ def test_grading_a_whole_assignment_runs_as_batched_jobs(server, client, make: F
     for s in subs:
         again = client.get(f"/api/v1/submissions/{s['id']}", headers=inst.h).json()
         assert again["status"] != "grading" and [h["kind"] for h in again["history"]] == ["machine", "machine"]
+    regraded = fetch(settings, "SELECT s.status, count(e.id) AS n FROM submissions s LEFT JOIN grade_events e "
+                               "ON e.submission_id = s.id AND e.kind = 'machine' WHERE s.id = ANY($1::bigint[]) "
+                               "GROUP BY s.id, s.status", extra)
+    assert len(regraded) == 24 and all(r["status"] != "grading" and r["n"] == 1 for r in regraded)
 
 
 async def test_restarts_lose_no_grade_and_no_pending_review(server, make: Factory, worker, settings, data_dir):

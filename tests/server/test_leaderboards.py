@@ -3,6 +3,7 @@ every board back exactly; `leaderboard.changed` is throttled but always tells th
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -14,7 +15,7 @@ from store import leaderboards, xp
 from store.db import create_pool
 from tests.conftest import Factory, fetch, run_sync, stop_process, wait_ready
 from tests.progress_helpers import make_course, xp_store  # noqa: F401 - fixture
-from tests.server.conftest import Client, spawn
+from tests.server.conftest import Client, spawn, spawn_ready
 from tests.store.test_leaderboards import redis_db
 
 
@@ -85,8 +86,8 @@ async def test_leaderboard_changed_is_throttled(server, client, make: Factory, x
         await ws.close()
 
 
-async def test_shutdown_tells_the_end_of_a_burst(server, client, make: Factory, xp_store):
-    """A process stopping mid-window announces the last change at once instead of losing it with its timer."""
+async def test_drain_tells_the_end_of_a_burst(server, client, make: Factory, xp_store):
+    """`drain` (run at shutdown) announces the last change at once instead of losing it with its timer."""
     pool, redis = xp_store
     course = make_course(client, make, learners=2, videos=0)
     a, b = course.learners
@@ -102,6 +103,31 @@ async def test_shutdown_tells_the_end_of_a_burst(server, client, make: Factory, 
     finally:
         leaderboards.EVENT_WINDOW_S = old
         await ws.close()
+
+
+async def test_a_server_stopping_mid_window_tells_the_last_change(server, client, make: Factory, data_dir):
+    """Through a real server process: XP earned on it inside the event window, then SIGTERM; a learner watching
+    from another server hears the last change at once, not never."""
+    course = make_course(client, make, learners=2, videos=0)
+    (a, b), inst = course.learners, course.instructor
+    room = f"course:{course.id}"
+    ((proc, url),) = spawn_ready(data_dir, ["lb-stopping"], {"STUDYHALL_LEADERBOARD_EVENT_S": "60"})
+    ws = await Client.connect(server, room, b)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            msgs = [c.post(f"/api/v1/rooms/{room}/messages", json={"text": f"answer {i}"}, headers=a.h).json()
+                    for i in range(2)]
+            assert c.post(f"/api/v1/rooms/{room}/messages/{msgs[0]['id']}/helpful",
+                          headers=inst.h).status_code in (200, 201)
+            assert (await ws.expect("leaderboard.changed", period="all", timeout=10))["top"][0]["xp"] == 25
+            assert c.post(f"/api/v1/rooms/{room}/messages/{msgs[1]['id']}/helpful",
+                          headers=inst.h).status_code in (200, 201)  # inside the 60 s window: held back
+        held = [f for f in await ws.quiet(0.5) if f["type"] == "leaderboard.changed" and f["top"][0]["xp"] == 50]
+        assert not held  # (the first change's month and week events are all that came)
+    finally:
+        stop_process(proc, signal.SIGTERM)
+    assert (await ws.expect("leaderboard.changed", period="all", timeout=3))["top"][0]["xp"] == 50
+    await ws.close()
 
 
 def _all_boards(client: httpx.Client, viewers: dict, boards: list[tuple[str, int]]) -> list:  # type: ignore[type-arg]
