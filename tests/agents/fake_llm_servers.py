@@ -71,6 +71,7 @@ class Reply:
     fail_after: int = 1
     model: str | None = None  # reported model; default: the requested one
     delay_s: float = 0.0  # pause before each delta
+    wait_s: float = 0.0  # pause before answering at all (streaming or not): a slow model
 
     def deltas(self) -> list[str]:
         """`text` split into `chunks` non-empty pieces (fewer if the text is shorter)."""
@@ -120,6 +121,7 @@ class _Handler(BaseHTTPRequestHandler):
         with st.lock:
             st.requests.append(Recorded("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body))
             reply = st.replies.popleft() if st.replies else st.default
+        time.sleep(reply.wait_s)
         try:
             if self.path == OPENAI_PATH:
                 self._openai(body, reply)

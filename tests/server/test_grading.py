@@ -3,11 +3,14 @@ reaching the learner as `grade.ready`, batches, and restarts that lose nothing."
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
 
-from tests.conftest import Factory, fetch, stop_process
+from tests.agents.fake_llm_servers import FakeLLMServer, Reply
+from tests.conftest import ROOT, Factory, clean_env, fetch, stop_process
 from tests.server.conftest import Client, make_course, spawn_ready
 from tests.server.test_assignments import published
 
@@ -177,3 +180,34 @@ async def test_restarts_lose_no_grade_and_no_pending_review(server, make: Factor
             assert c.get(f"/api/v1/submissions/{vague['id']}", headers=held_for.h).json()["status"] == "graded"
     finally:
         stop_process(proc2)
+
+
+def test_a_worker_killed_mid_grade_is_taken_over_and_grades_once(server, client, make: Factory, worker, settings,
+                                                                 data_dir):
+    """A worker dies (kill -9) while a grade is under way (waiting on a slow model): another worker takes the
+    job over once its lease lapses (STUDYHALL_JOB_HEARTBEAT_S, 3 s here) and the answer is graded exactly once."""
+    course = make_course(server, make, learners=1)
+    inst, (learner,) = course.instructor, course.learners
+    a = published(client, course, ONE)
+    worker.kill()
+    with FakeLLMServer(api_key="sk-test") as llm:
+        llm.reset(default=Reply(text="(no grade here)", wait_s=8))  # unusable when it comes: the offline grade stands
+        env = {**clean_env(data_dir), "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": llm.openai_base_url,
+               "STUDYHALL_LLM": "openai"}
+        slow = subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], cwd=ROOT, env=env,
+                                stdout=open(data_dir / "worker-slow.log", "ab"), stderr=subprocess.STDOUT)
+        try:
+            sub = submit(client, a, learner, REFERENCE)
+            deadline = time.monotonic() + 60
+            while not llm.requests:  # the grade is under way: offline scores done, the model asked
+                assert time.monotonic() < deadline and slow.poll() is None, "the slow worker never asked the model"
+                time.sleep(0.1)
+            stop_process(slow, signal.SIGKILL)
+        finally:
+            stop_process(slow, signal.SIGKILL)
+            worker.start()
+    assert client.get(f"/api/v1/submissions/{sub['id']}", headers=inst.h).json()["status"] == "grading"
+    done = wait_graded(client, sub["id"], inst.h, timeout=60)
+    assert done["status"] in ("graded", "review_pending")
+    machine = fetch(settings, "SELECT id FROM grade_events WHERE submission_id = $1 AND kind = 'machine'", sub["id"])
+    assert len(machine) == 1
