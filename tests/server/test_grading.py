@@ -132,6 +132,11 @@ def test_grading_a_whole_assignment_runs_as_batched_jobs(server, client, make: F
         assert time.monotonic() < deadline, job
         time.sleep(0.2)
     assert job["progress"] == 1.0
+    # the job is staff's (and its creator's) to see; a grading job is started again, not retried
+    assert client.get(f"/api/v1/jobs/{job_id}", headers=course.learners[0].h).status_code == 404
+    assert client.get(f"/api/v1/jobs/{job_id}", headers=make.user("instructor", tenant="other-tenant").h).status_code == 404
+    r = client.post(f"/api/v1/jobs/{job_id}/retry", headers=inst.h)
+    assert r.status_code == 409 and "not retried" in r.json()["message"]
     for s in subs:
         again = client.get(f"/api/v1/submissions/{s['id']}", headers=inst.h).json()
         assert again["status"] != "grading" and [h["kind"] for h in again["history"]] == ["machine", "machine"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -13,7 +15,7 @@ from redis.asyncio import Redis
 
 from store import leaderboards, xp
 from store.db import create_pool
-from tests.conftest import Factory, fetch, run_sync, stop_process, wait_ready
+from tests.conftest import ROOT, Factory, clean_env, fetch, run_sync, stop_process, wait_ready
 from tests.progress_helpers import make_course, xp_store  # noqa: F401 - fixture
 from tests.server.conftest import Client, spawn, spawn_ready
 from tests.store.test_leaderboards import redis_db
@@ -219,3 +221,44 @@ async def _older_xp(redis_url: str, dsn: str, learners, course_id: int) -> None:
     finally:
         await redis.aclose()
         await pool.close()
+
+
+def test_cli_check_and_rebuild(settings, data_dir, make: Factory, lb_redis):
+    """`studyhall leaderboards check` exits 1 on boards never built or differing from the ledger, 0 when they
+    match; `rebuild` puts them back."""
+    tenant_id = run_sync(xp_award_one(settings.database_url, lb_redis, make))
+    env = {**clean_env(data_dir), "REDIS_URL": lb_redis, "DATABASE_URL": settings.database_url}
+
+    def cli(action: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "server.cli", "leaderboards", action], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=180)
+
+    never = cli("check")
+    assert never.returncode == 1 and "never built" in never.stdout
+    built = cli("rebuild")
+    assert built.returncode == 0 and "rebuilt" in built.stdout
+    ok = cli("check")
+    assert ok.returncode == 0 and "match" in ok.stdout, ok.stdout + ok.stderr
+
+    async def tamper() -> None:
+        r = Redis.from_url(lb_redis)
+        await r.zincrby(leaderboards.board_key("tenant", tenant_id, "all"), 7, "424242")
+        await r.aclose()
+
+    run_sync(tamper())
+    bad = cli("check")
+    assert bad.returncode == 1 and "differ" in bad.stdout
+    assert cli("rebuild").returncode == 0 and cli("check").returncode == 0
+
+
+async def xp_award_one(dsn: str, redis_url: str, make: Factory) -> int:
+    """At least one award in the ledger, so there is a board to build; the learner's tenant."""
+    learner = make.user("learner")
+    pool = await create_pool(dsn, min_size=1, max_size=2)
+    redis = Redis.from_url(redis_url)
+    try:
+        await xp.award_xp(pool, redis, learner.id, "daily_streak", "cli-check")
+    finally:
+        await redis.aclose()
+        await pool.close()
+    return learner.tenant_id

@@ -361,3 +361,25 @@ def test_a_planted_instruction_reaches_the_model_only_as_quoted_data(openai_serv
     excerpts = [json.loads(m.group(2)) for m in _LISTING.finditer(user)]
     assert any(PLANTED in e for e in excerpts)
     assert "PWNED" not in _LISTING.sub("", user)  # nowhere outside the quoted excerpts
+
+
+async def test_socratic_mode_per_room(eval_course: EvalCourse, server, client, make: Factory):
+    """Staff set one room's tutor to hints only; the course's other rooms still get answers."""
+    room, learner = _pod_room(client, eval_course, make)
+    url = f"/api/v1/rooms/{room}/tutor"
+    assert client.put(url, json={"mode": "socratic"}, headers=learner.h).status_code == 403
+    assert client.put(url, json={"mode": "lecture"}, headers=eval_course.instructor.h).status_code == 400
+    assert client.put("/api/v1/rooms/pod:999999999/tutor", json={"mode": "socratic"},
+                      headers=eval_course.instructor.h).status_code == 404
+    outsider = make.user("instructor")  # staff of another tenant
+    assert client.put(url, json={"mode": "socratic"}, headers=outsider.h).status_code == 404
+    r = client.put(url, json={"mode": "socratic"}, headers=eval_course.instructor.h)
+    assert r.status_code == 200 and r.json() == {"room_id": room, "mode": "socratic"}
+    question = "What does a digital signature prove in bitcoin?"
+    for where, hinted in ((room, True), (f"course:{eval_course.id}", False)):
+        c = await Client.connect(server, where, learner)
+        await c.send({"type": "tutor.ask", "text": question, "client_msg_id": f"soc-{hinted}"})
+        (reply,) = await _tutor_replies(c, 1)
+        assert reply["meta"]["grounded"] and reply["meta"]["citations"]
+        assert ("Rewatch" in reply["text"]) is hinted, reply["text"]
+        await c.close()
