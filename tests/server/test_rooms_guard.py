@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import json
 
 import httpx
@@ -9,8 +10,8 @@ import jwt
 import pytest
 import websockets
 
-from tests.conftest import Factory
-from tests.server.conftest import Client, closed_with, make_course, ws_url
+from tests.conftest import Factory, stop_process
+from tests.server.conftest import Client, closed_with, make_course, spawn_ready, ws_url
 
 
 def _pod(server: str, course, members) -> int:  # type: ignore[no-untyped-def]
@@ -187,3 +188,26 @@ async def test_kick_closes_sockets_on_every_process(cluster, make: Factory):
     await witness.send({"type": "ping"})
     await witness.expect("pong")
     await witness.close()
+
+
+async def test_one_send_budget_over_rest_edits_and_processes(server, make: Factory, data_dir):
+    """Sends, edits, deletes and REST posts draw on one per-user bucket in Redis, whichever process they reach:
+    six REST posts to one server leave four of the default ten for edits on another."""
+    course = make_course(server, make, learners=1)
+    (a,) = course.learners
+    ((proc, other),) = spawn_ready(data_dir, [f"rate-{time.monotonic_ns()}"], {})
+    try:
+        c = await Client.connect(server, course.room, a)
+        with httpx.Client(base_url=other, timeout=30) as h:
+            posted = [h.post(f"/api/v1/rooms/{course.room}/messages", json={"text": f"p{i}"}, headers=a.h)
+                      for i in range(6)]
+        assert [r.status_code for r in posted] == [201] * 6
+        for i, r in enumerate(posted):
+            await c.send({"type": "message.edit", "id": r.json()["id"], "text": f"edited {i}", "ref": f"e{i}"})
+        frames = await c.quiet(1.0)
+        refused = [f["ref"] for f in frames if f["type"] == "error" and f["code"] == "rate_limited"]
+        edited = [f for f in frames if f["type"] == "message.edited"]
+        assert refused and len(edited) + len(refused) == 6 and len(edited) <= 5, (edited, refused)
+        await c.close()
+    finally:
+        stop_process(proc)

@@ -364,8 +364,10 @@ def test_a_planted_instruction_reaches_the_model_only_as_quoted_data(openai_serv
 
 
 async def test_socratic_mode_per_room(eval_course: EvalCourse, server, client, make: Factory):
-    """Staff set one room's tutor to hints only; the course's other rooms still get answers."""
+    """Staff set one room's tutor to hints only and another's to answers; each room's setting wins over the
+    course's (which other tests may make Socratic with an open assignment)."""
     room, learner = _pod_room(client, eval_course, make)
+    plain, other = _pod_room(client, eval_course, make)
     url = f"/api/v1/rooms/{room}/tutor"
     assert client.put(url, json={"mode": "socratic"}, headers=learner.h).status_code == 403
     assert client.put(url, json={"mode": "lecture"}, headers=eval_course.instructor.h).status_code == 400
@@ -375,9 +377,11 @@ async def test_socratic_mode_per_room(eval_course: EvalCourse, server, client, m
     assert client.put(url, json={"mode": "socratic"}, headers=outsider.h).status_code == 404
     r = client.put(url, json={"mode": "socratic"}, headers=eval_course.instructor.h)
     assert r.status_code == 200 and r.json() == {"room_id": room, "mode": "socratic"}
+    assert client.put(f"/api/v1/rooms/{plain}/tutor", json={"mode": "answer"},
+                      headers=eval_course.instructor.h).status_code == 200
     question = "What does a digital signature prove in bitcoin?"
-    for where, hinted in ((room, True), (f"course:{eval_course.id}", False)):
-        c = await Client.connect(server, where, learner)
+    for where, who, hinted in ((room, learner, True), (plain, other, False)):
+        c = await Client.connect(server, where, who)
         await c.send({"type": "tutor.ask", "text": question, "client_msg_id": f"soc-{hinted}"})
         (reply,) = await _tutor_replies(c, 1)
         assert reply["meta"]["grounded"] and reply["meta"]["citations"]
