@@ -20,7 +20,7 @@ import asyncio
 import itertools
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, TypedDict
 
 import asyncpg
@@ -357,12 +357,20 @@ async def decline(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id: 
     raise DeclineError("the pod's round kept changing while re-matching; please try again")
 
 
+def week_due(at: datetime, weekday: int, hour: int) -> datetime:
+    """The moment of the weekly round in the ISO week (UTC) holding `at`: `weekday` (0 = Monday) at `hour`."""
+    at = at.astimezone(timezone.utc)
+    monday = datetime(at.year, at.month, at.day, tzinfo=timezone.utc) - timedelta(days=at.weekday())
+    return monday + timedelta(days=weekday, hours=hour)
+
+
 async def match_all_pods(pool: asyncpg.Pool, redis: Redis, settings: Settings, at: datetime | None = None,
                          llm: Any = "settings") -> int:
-    """The weekly round for every pod with two or more learners (once per pod and ISO week)."""
+    """The weekly round for every pod with two or more learners that has none yet this ISO week (once per pod
+    and week however often it runs)."""
     key = matching.week_key(at)
     async with pool.acquire() as conn:
-        pods = await matching.pods_to_match(conn)
+        pods = await matching.pods_to_match(conn, key)
     n = 0
     for pod_id in pods:
         try:

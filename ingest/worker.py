@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from datetime import datetime, timezone
 from typing import Any
 
 from arq import cron
@@ -18,10 +19,16 @@ logger = logging.getLogger(__name__)
 
 
 async def match_pods_weekly(ctx: dict[str, Any]) -> int:
-    """The weekly study-buddy round of every pod (once per pod and ISO week, so a re-run changes nothing)."""
-    from agents.matcher import match_all_pods
+    """The weekly study-buddy round: from its moment (STUDYHALL_MATCH_WEEKDAY/_HOUR) to the end of the ISO week,
+    every run matches the pods still without this week's round. It runs every quarter hour and at worker start,
+    so a round cut short by a deploy, or missed while no worker ran, is finished by the next run."""
+    from agents.matcher import match_all_pods, week_due
 
-    return await match_all_pods(ctx["pool"], ctx["redis"], ctx["settings"])
+    settings = ctx["settings"]
+    now = datetime.now(timezone.utc)
+    if now < week_due(now, settings.match_weekday, settings.match_hour):
+        return 0
+    return await match_all_pods(ctx["pool"], ctx["redis"], settings, now)
 
 
 async def check_leaderboards(ctx: dict[str, Any]) -> bool:
@@ -41,7 +48,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         ctx["settings"] = settings
-        ctx["pool"] = await create_pool(settings.database_url, min_size=1, max_size=8)
+        ctx["pool"] = await create_pool(settings.database_url, min_size=1, max_size=min(8, settings.db_pool_max))
         ctx["embedder"] = functools.partial(embedder_for, settings)
         await recover_lost_jobs(ctx)
         from store import leaderboards, xp
@@ -62,8 +69,8 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         cron_jobs=[cron(recover_lost_jobs, minute=set(range(0, 60, 5)), run_at_startup=False),
                    cron(recover_grading, run_at_startup=True),  # every minute: grading jobs whose entry was lost
                    # progress, XP, leaderboards, matcher
-                   cron(match_pods_weekly, weekday=settings.match_weekday, hour=settings.match_hour, minute=0,
-                        run_at_startup=False, unique=True),
+                   *([cron(match_pods_weekly, minute={0, 15, 30, 45}, run_at_startup=True, unique=True)]
+                     if settings.match_weekly else []),
                    cron(check_leaderboards, minute=17, run_at_startup=False, unique=True)],
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         on_startup=on_startup,

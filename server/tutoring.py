@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -20,13 +21,16 @@ from agents.tutor import Delta, Tutor
 from server.errors import ApiError
 from store import tutor as repo
 from store.events import Error, TutorDelta, publish, room_topic, user_topic
+from store.keys import TUTOR_SLOTS
 from store.messages import post_message
 
 logger = logging.getLogger(__name__)
 
 ROOM_CONTEXT_MESSAGES = 10
-# Tutor answers one user may have under way at once (per process); more are refused with `tutor_busy`.
+# Tutor answers one user may have under way at once, over all server processes (REST and rooms); more are
+# refused with `tutor_busy`. A slot lapses after SLOT_TTL_MS even if its process died holding it.
 MAX_RUNNING_PER_USER = 2
+SLOT_TTL_MS = 180_000
 MAX_QUESTION_CHARS = 2000  # over REST and in rooms
 
 
@@ -257,15 +261,43 @@ def track(state: Any, coro: Coroutine[Any, Any, Any], user_id: int | None = None
     return task
 
 
-def running(state: Any, user_id: int) -> int:
-    """Tutor answers under way for this user in this process."""
-    return sum(1 for uid in getattr(state, "tutor_tasks", {}).values() if uid == user_id)
+# KEYS: the user's slots. ARGV: most slots, slot lifetime ms, new slot id. -> 1 taken, 0 all in use.
+_TAKE_SLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+_take_scripts: dict[int, Any] = {}  # per Redis client
 
 
-def schedule_room_answer(state: Any, user: Any, course_id: int, room_id: str, message_id: int, question: str) -> bool:
-    """Run `answer_in_room` in the background; False (nothing started) when the user already has
-    MAX_RUNNING_PER_USER answers under way in this process."""
-    if running(state, user.id) >= MAX_RUNNING_PER_USER:
-        return False
-    track(state, answer_in_room(state, user, course_id, room_id, message_id, question), user.id)
-    return True
+async def take_slot(redis: Any, user_id: int) -> str | None:
+    """One of the user's MAX_RUNNING_PER_USER answer slots, or None when all are in use (`tutor_busy`)."""
+    script = _take_scripts.get(id(redis))
+    if script is None:
+        script = _take_scripts[id(redis)] = redis.register_script(_TAKE_SLOT)
+    slot = uuid.uuid4().hex
+    taken = await script(keys=[TUTOR_SLOTS.format(user_id=user_id)], args=[MAX_RUNNING_PER_USER, SLOT_TTL_MS, slot])
+    return slot if taken else None
+
+
+async def free_slot(redis: Any, user_id: int, slot: str) -> None:
+    try:
+        await redis.zrem(TUTOR_SLOTS.format(user_id=user_id), slot)
+    except Exception:  # noqa: BLE001 - it lapses on its own
+        logger.warning("could not free a tutor slot", exc_info=True)
+
+
+def start_room_answer(state: Any, user: Any, course_id: int, room_id: str, message_id: int, question: str,
+                      slot: str) -> None:
+    """Run `answer_in_room` in the background, holding `slot` (from `take_slot`) until it is done."""
+    async def run() -> None:
+        try:
+            await answer_in_room(state, user, course_id, room_id, message_id, question)
+        finally:
+            await free_slot(state.redis, user.id, slot)
+
+    track(state, run(), user.id)

@@ -29,6 +29,9 @@ PROCS = "sh:procs"
 # HASH token bucket {t: tokens, ts: last refill ms} limiting one user's sends (messages, edits, deletes,
 # votes). TTL: time to refill the bucket completely, plus a second.
 RATE_SEND = "sh:rl:send:{user_id}"
+# ZSET of one user's tutor answers under way, over all server processes: member a random slot id, score the
+# Unix ms the slot lapses (a slot a crashed process held frees itself). TTL: the slot lifetime.
+TUTOR_SLOTS = "sh:tutor:slots:{user_id}"
 
 
 def presence_room(room: str) -> str:

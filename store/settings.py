@@ -60,6 +60,7 @@ class Settings:
     job_retry_base_s: float = 2.0
     job_max_attempts: int = 5
     worker_max_jobs: int = 2
+    db_pool_max: int = 20  # Postgres connections per server process (a worker takes at most 8, or this if fewer)
     # providers
     openai_api_key: str | None = None
     openai_base_url: str | None = None
@@ -87,6 +88,7 @@ class Settings:
     leaderboard_event_s: float = 5.0
     match_weekday: int = 0
     match_hour: int = 6
+    match_weekly: bool = True  # the worker runs the weekly round (off: only instructors start rounds)
     xp_async_commit: bool = False
 
     @property
@@ -120,6 +122,7 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         job_retry_base_s=_float("STUDYHALL_JOB_RETRY_BASE_S", 2.0),
         job_max_attempts=_int("STUDYHALL_JOB_MAX_ATTEMPTS", 5),
         worker_max_jobs=_int("STUDYHALL_WORKER_CONCURRENCY", 2),
+        db_pool_max=_at_least("STUDYHALL_DB_POOL_MAX", 20, 2),
         openai_api_key=_str("OPENAI_API_KEY"),
         openai_base_url=_str("OPENAI_BASE_URL"),
         openai_model=_str("OPENAI_MODEL", "gpt-4o-mini") or "gpt-4o-mini",
@@ -143,8 +146,16 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         leaderboard_event_s=_float("STUDYHALL_LEADERBOARD_EVENT_S", 5.0),
         match_weekday=_int("STUDYHALL_MATCH_WEEKDAY", 0),
         match_hour=_int("STUDYHALL_MATCH_HOUR", 6),
+        match_weekly=(_str("STUDYHALL_MATCH_WEEKLY", "1") or "1").lower() not in ("0", "false", "no", "off"),
         xp_async_commit=(_str("STUDYHALL_XP_ASYNC_COMMIT", "0") or "0").lower() in ("1", "true", "yes", "on"),
     )
+
+
+def _at_least(name: str, default: int, low: int) -> int:
+    value = _int(name, default)
+    if value < low:
+        raise SystemExit(f"{name} must be at least {low}, got {value}")
+    return value
 
 
 def _share(name: str, default: float) -> float:

@@ -51,6 +51,8 @@ TEST_ENV = {
     "STUDYHALL_JOB_RETRY_BASE_S": "0.2",
     "STUDYHALL_JOB_MAX_ATTEMPTS": "3",
     "STUDYHALL_TUTOR_DAILY_LIMIT": "40",
+    # no automatic weekly rounds in the test servers' worker: tests start rounds themselves
+    "STUDYHALL_MATCH_WEEKLY": "0",
 }
 
 

@@ -19,7 +19,8 @@ from server.api.schemas import Strict
 from server.auth import staff_only
 from server.decode import read_json
 from server.errors import ApiError
-from server.tutoring import MAX_QUESTION_CHARS, ask, complete, prepare, track
+from server.tutoring import (MAX_QUESTION_CHARS, MAX_RUNNING_PER_USER, ask, complete, free_slot, prepare, take_slot,
+                             track)
 from store import tutor as repo
 
 logger = logging.getLogger(__name__)
@@ -68,11 +69,22 @@ class TutorController(Controller):
         state, user = request.app.state, request.user
         async with state.pool.acquire() as conn:
             await course_or_404(conn, course_id, user)
+        slot = await take_slot(state.redis, user.id)
+        if slot is None:
+            raise ApiError(429, f"the tutor is still answering your last {MAX_RUNNING_PER_USER} questions; ask again "
+                                "when they are done", code="tutor_busy")
         if "text/event-stream" not in request.headers.get("accept", ""):
-            result = await ask(state, user, course_id, data.question, session_id=data.session_id)
+            try:
+                result = await ask(state, user, course_id, data.question, session_id=data.session_id)
+            finally:
+                await free_slot(state.redis, user.id, slot)
             return Response(_public(result))
         # limits and the session are checked before the stream opens: they answer with their HTTP status
-        prep = await prepare(state, user, course_id, data.question, session_id=data.session_id)
+        try:
+            prep = await prepare(state, user, course_id, data.question, session_id=data.session_id)
+        except BaseException:
+            await free_slot(state.redis, user.id, slot)
+            raise
         queue: asyncio.Queue = asyncio.Queue()
 
         async def on_delta(text: str) -> None:
@@ -93,6 +105,7 @@ class TutorController(Controller):
                 await queue.put(("error", {"status": 500, "code": "internal", "message": "tutor failed"}))
             finally:
                 queue.put_nowait(None)
+                await free_slot(state.redis, user.id, slot)
 
         # A client that goes away mid-answer does not stop it: the answer is still stored (and counted), and
         # the server waits for it on shutdown.

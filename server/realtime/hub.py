@@ -130,7 +130,11 @@ class Hub:
         self._users.setdefault(uid, set()).add(conn)
         if uid not in self._user_subs:
             self._user_subs.add(uid)
-            await self._pubsub.subscribe(events_channel(user_topic(uid)))
+            try:
+                await self._pubsub.subscribe(events_channel(user_topic(uid)))
+            except BaseException:  # not subscribed: the user's next connection here tries again
+                self._user_subs.discard(uid)
+                raise
         pair = self._pairs.get((room, conn.user.id))
         if pair is None:
             self._pairs[(room, conn.user.id)] = [1, conn.user]

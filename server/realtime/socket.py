@@ -16,7 +16,7 @@ from litestar.exceptions import NotAuthorizedException
 from server.auth import AuthUser, authenticate, bearer_token
 from server.realtime.conn import Conn
 from server.realtime.hub import Hub
-from server.tutoring import MAX_QUESTION_CHARS, MAX_RUNNING_PER_USER, running, schedule_room_answer
+from server.tutoring import MAX_QUESTION_CHARS, MAX_RUNNING_PER_USER, free_slot, start_room_answer, take_slot
 from store import frames
 from store import live as live_repo
 from store import messages as messages_repo
@@ -183,21 +183,28 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
             if len(question) > MAX_QUESTION_CHARS:  # the message stands; the tutor does not take it
                 raise messages_repo.Refused("too_long", f"a question to the tutor is at most {MAX_QUESTION_CHARS} "
                                                         "characters")
-            if not schedule_room_answer(hub.app_state, user, conn.access.course_id, conn.room, posted.event.id,
-                                        question):
+            slot = await take_slot(hub.redis, user.id)
+            if slot is None:  # the message stands; the tutor does not take it
                 raise messages_repo.Refused("tutor_busy", _BUSY)
+            start_room_answer(hub.app_state, user, conn.access.course_id, conn.room, posted.event.id, question, slot)
     elif isinstance(frame, frames.TutorAsk):
         # the question is posted like any message, then the tutor replies to it
         text = _check_text(frame.text, min(settings.ws_max_text, MAX_QUESTION_CHARS))
-        if running(hub.app_state, user.id) >= MAX_RUNNING_PER_USER:
+        slot = await take_slot(hub.redis, user.id)  # refused before anything is posted
+        if slot is None:
             raise messages_repo.Refused("tutor_busy", _BUSY)
-        await _rate(hub, user)
-        posted = await messages_repo.post_message(hub.pool, hub.redis, conn.room, user.id, text,
-                                                  {"tutor_ask": True}, frame.client_msg_id)
-        if not posted.created:
+        try:
+            await _rate(hub, user)
+            posted = await messages_repo.post_message(hub.pool, hub.redis, conn.room, user.id, text,
+                                                      {"tutor_ask": True}, frame.client_msg_id)
+        except BaseException:
+            await free_slot(hub.redis, user.id, slot)
+            raise
+        if not posted.created:  # a repeat of a question already asked: it is answered (or being answered) once
+            await free_slot(hub.redis, user.id, slot)
             conn.own(posted.event.seq, posted.payload.decode())
         else:
-            schedule_room_answer(hub.app_state, user, conn.access.course_id, conn.room, posted.event.id, text)
+            start_room_answer(hub.app_state, user, conn.access.course_id, conn.room, posted.event.id, text, slot)
     elif isinstance(frame, frames.MessageEdit):
         text = _check_text(frame.text, settings.ws_max_text)
         await _rate(hub, user)

@@ -165,3 +165,29 @@ def test_a_learner_who_left_the_course_loses_the_pod(client, make: Factory):
     assert client.delete(f"/api/v1/courses/{course.id}/enrollments/{gone.id}", headers=inst.h).status_code == 204
     assert [client.get(u, headers=gone.h).status_code for u in urls] == [404] * len(urls)
     assert all(client.get(u, headers=stays.h).status_code == 200 for u in urls)
+
+
+async def test_the_weekly_round_catches_up_until_the_week_ends(client, make: Factory, settings, xp_store):
+    """The worker's job (every quarter hour and at worker start) does nothing before the week's moment, then
+    matches every pod still without this week's round, and nothing more once all have it: a round missed by
+    a deploy or a stopped worker is made up within the week."""
+    from dataclasses import replace
+
+    from ingest.worker import match_pods_weekly
+
+    pool, redis = xp_store
+    course = make_course(client, make, learners=2, videos=0)
+    inst = course.instructor
+    pod = client.post(f"/api/v1/courses/{course.id}/pods", json={"name": "Catch-up"}, headers=inst.h).json()["id"]
+    for u in course.learners:
+        client.post(f"/api/v1/pods/{pod}/members", json={"user_id": u.id}, headers=inst.h)
+    now = datetime.now(timezone.utc)
+    if (now.weekday(), now.hour) < (6, 23):  # before this week's last hour: a moment still to come
+        ctx = {"pool": pool, "redis": redis, "settings": replace(settings, match_weekday=6, match_hour=23)}
+        assert await match_pods_weekly(ctx) == 0
+        assert not fetch(settings, "SELECT id FROM pod_matches WHERE pod_id = $1", pod)
+    ctx = {"pool": pool, "redis": redis, "settings": replace(settings, match_weekday=0, match_hour=0)}
+    assert await match_pods_weekly(ctx) >= 1  # the moment has passed: this pod (and any other) is matched
+    rows = fetch(settings, "SELECT round_key FROM pod_matches WHERE pod_id = $1", pod)
+    assert [r["round_key"] for r in rows] == [week_key(datetime.now(timezone.utc))]
+    assert await match_pods_weekly(ctx) == 0  # every pod has this week's round

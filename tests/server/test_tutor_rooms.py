@@ -387,3 +387,43 @@ async def test_socratic_mode_per_room(eval_course: EvalCourse, server, client, m
         assert reply["meta"]["grounded"] and reply["meta"]["citations"]
         assert ("Rewatch" in reply["text"]) is hinted, reply["text"]
         await c.close()
+
+
+def test_two_answers_per_user_over_rest_and_all_processes(openai_server, server, eval_course: EvalCourse, fake_llm,
+                                                          make: Factory, settings):
+    """Two slow SSE asks on one server process hold the learner's two slots: a third ask on another process is
+    429 `tutor_busy` (and takes nothing from the daily quota); once they are done, asking works again."""
+    import threading
+
+    learner = make.user("learner", tenant=eval_course.tenant)
+    httpx.post(f"{server}/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": learner.id},
+               headers=eval_course.instructor.h)
+    fake_llm.reset(default=Reply(text="A signature proves the owner approved the payment [1].", chunks=20,
+                                 delay_s=0.2))  # about 4 s each
+    started = threading.Barrier(3)
+    done: list[int] = []
+
+    def slow(i: int) -> None:
+        with httpx.stream("POST", f"{openai_server}/api/v1/courses/{eval_course.id}/ask",
+                          json={"question": f"What does a bitcoin signature prove, part {i}?"},
+                          headers={**learner.h, "Accept": "text/event-stream"}, timeout=60) as r:
+            lines = r.iter_lines()
+            for ln in lines:  # the first delta: the answer is under way
+                if ln.startswith("event:"):
+                    break
+            started.wait(timeout=30)
+            done.append(sum(1 for ln in lines if ln.startswith("event:")))
+
+    threads = [threading.Thread(target=slow, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=30)
+    r = httpx.post(f"{server}/api/v1/courses/{eval_course.id}/ask", json={"question": "What is a hash function?"},
+                   headers=learner.h, timeout=60)
+    assert r.status_code == 429 and r.json()["code"] == "tutor_busy", r.text
+    assert _used(settings, learner) == 2  # the refused ask took no question
+    for t in threads:
+        t.join(timeout=60)
+    assert len(done) == 2
+    fake_llm.reset(default=Reply(text="A hash function maps data to a fixed-size digest [1]."))
+    assert _ask_as(server, eval_course.id, learner, "What is a hash function?")["grounded"]

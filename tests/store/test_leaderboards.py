@@ -181,6 +181,26 @@ async def test_hourly_check_repairs_a_drifted_board(make: Factory, lb):
     assert [(e.user_id, e.xp) for e in board.entries] == [(u.id, 50), (v.id, 25)]
 
 
+async def test_an_award_in_flight_is_not_drift(make: Factory, lb):
+    """An award committed to the ledger whose board update lands a moment later (its process is between the
+    two) is not reported as drift, so the hourly check does not rebuild every busy hour."""
+    pool, redis = lb
+    u = make.user("learner")
+    await xp.award_xp(pool, redis, u.id, "lesson_completed", "lesson:1")
+    assert await leaderboard_rebuild.check_and_repair(pool, redis) is not None  # built once
+    async with pool.acquire() as conn:
+        in_flight = await xp.insert_award(conn, u.id, "helpful_answer", "helpful:1")  # committed, not on the board
+
+    async def lands_later() -> None:
+        await asyncio.sleep(0.2)
+        await xp.settle(redis, [in_flight])
+
+    landing = asyncio.create_task(lands_later())
+    assert await leaderboard_rebuild.check(pool, redis, settle_s=1.0) == []
+    await landing
+    assert await leaderboard_rebuild.check_and_repair(pool, redis) is None
+
+
 async def test_a_board_update_arriving_after_a_rebuild_is_not_counted_twice(make: Factory, lb):
     """An award committed before a rebuild read the ledger, whose board update comes only after the swap (its
     process stalled in between), is already on the rebuilt boards: it must not count again. One committed
