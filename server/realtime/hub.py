@@ -81,7 +81,8 @@ class Hub:
         await self._pubsub.subscribe(events_channel(f"proc:{self.proc}"))
         await self.presence.heartbeat([])
         self._tasks = [asyncio.create_task(self._read(), name="hub-read"),
-                       asyncio.create_task(self._tick(), name="hub-tick")]
+                       asyncio.create_task(self._tick(), name="hub-tick"),
+                       asyncio.create_task(self._beat(), name="hub-heartbeat")]
         logger.info("realtime hub started", extra={"fields": {"proc": self.proc}})
 
     async def stop(self) -> None:
@@ -267,14 +268,26 @@ class Hub:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.tick_s)
-            for duty in (self._heartbeat, self._sweep_presence, self._reap_dead_procs, self._catch_up,
-                         self._unsubscribe_idle):
+            for duty in (self._sweep_presence, self._reap_dead_procs, self._catch_up, self._unsubscribe_idle):
                 try:
-                    await duty()
+                    # bounded: a busy pool or a slow Redis delays this duty, not the next tick's
+                    await asyncio.wait_for(duty(), timeout=self.tick_s * 2)
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # noqa: BLE001
+                except Exception:  # noqa: BLE001 (TimeoutError included)
                     logger.warning("hub duty %s failed", duty.__name__, exc_info=True)
+
+    async def _beat(self) -> None:
+        """The process's heartbeat on its own schedule: slow duties (a busy pool, many rooms) must never make
+        other processes take this live one for dead and close its attendance."""
+        while True:
+            await asyncio.sleep(self.tick_s)
+            try:
+                await asyncio.wait_for(self._heartbeat(), timeout=self.tick_s * 2)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                logger.warning("hub heartbeat failed", exc_info=True)
 
     async def _heartbeat(self) -> None:
         pairs = [(room, user) for (room, _), (_, user) in self._pairs.items()]
@@ -298,9 +311,9 @@ class Hub:
             try:
                 async with self.pool.acquire() as db:
                     closed = await live_repo.attendance_close_proc(db, proc, last_seen)
-            except Exception:
+            except BaseException:  # failed, or cut off by the duty's time limit
                 # the claim is given back (still expired), so the next tick, here or elsewhere, closes the rows
-                await self.presence.return_dead(proc, expired_at)
+                await asyncio.shield(self.presence.return_dead(proc, expired_at))
                 raise
             logger.info("server process gone", extra={"fields": {"proc": proc, "attendance_closed": closed}})
 

@@ -69,3 +69,29 @@ async def test_stopping_publishes_the_results_of_the_last_votes(settings, xp_sto
     hub.poll_voted(poll["id"])  # its results are due in 250 ms; the server stops first
     await hub.stop()
     assert await _results(pool, sid) == [1]
+
+
+async def test_a_slow_duty_does_not_stop_the_heartbeat(settings, xp_store, monkeypatch):
+    """A hub whose periodic duties stall (a busy pool, many rooms) keeps heartbeating, so no other process takes
+    it for dead and closes its attendance."""
+    from dataclasses import replace
+
+    from store import presence as presence_module
+    from store.presence import Presence
+
+    pool, redis = xp_store
+    monkeypatch.setattr(presence_module, "PROCS", f"sh:test:procs:{uuid.uuid4().hex[:8]}")
+    hub = Hub(replace(settings, presence_ttl_s=1.0), pool, redis)
+
+    async def stalls() -> None:
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(hub, "_catch_up", stalls)
+    await hub.start()
+    try:
+        other = Presence(redis, "proc-other", ttl_s=1.0)
+        for _ in range(8):  # 2.4 s: more than twice the lease, while the duties are stuck
+            await asyncio.sleep(0.3)
+            assert hub.proc not in [p for p, _ in await other.dead_procs()]
+    finally:
+        await hub.stop()
