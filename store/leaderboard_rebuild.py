@@ -77,9 +77,10 @@ class Rebuilt:
 async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = None) -> Rebuilt | None:
     """Rebuild every board from the ledger; None when another process is already rebuilding."""
     token = secrets.token_hex(8)
-    if not await redis.set(keys.LEADERBOARD_LOCK, token, ex=600, nx=True):
+    if not await redis.set(keys.LEADERBOARD_LOCK, token, ex=LOCK_TTL_S, nx=True):
         return None
     t0 = time.perf_counter()
+    keeper = asyncio.create_task(_keep_lock(redis, token))  # however long it takes, no second rebuild starts
     try:
         async with redis.pipeline(transaction=True) as pipe:
             pipe.set(keys.LEADERBOARD_BUILDING, b"1", ex=3600)
@@ -134,9 +135,24 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
                                                               "replayed": replayed, "seconds": round(took, 3)}})
         return Rebuilt(boards=len(live_keys), entries=n_entries, replayed=replayed, seconds=took)
     finally:
+        keeper.cancel()
         # release only our own lock
         await redis.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
                          "return 0", 1, keys.LEADERBOARD_LOCK, token)
+
+
+LOCK_TTL_S = 600  # renewed every third of it while the rebuild runs; lapses on its own if the process died
+
+
+async def _keep_lock(redis: Redis, token: str) -> None:
+    while True:
+        await asyncio.sleep(LOCK_TTL_S / 3)
+        try:
+            await redis.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                             "return redis.call('EXPIRE', KEYS[1], ARGV[2]) end return 0",
+                             1, keys.LEADERBOARD_LOCK, token, LOCK_TTL_S)
+        except Exception:  # noqa: BLE001 - the next beat tries again
+            logger.warning("could not renew the leaderboard rebuild lock", exc_info=True)
 
 
 def _period_expiry(key: str, now: datetime) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
@@ -49,11 +50,26 @@ async def progress_lifespan(app: Litestar) -> AsyncIterator[None]:
         task.cancel()
 
 
+REBUILD_BACKOFF_S = 30.0  # after a failed rebuild, reads do not start another one for this long
+
+
 def rebuild_soon(app_state) -> None:  # type: ignore[no-untyped-def]
-    """Redis lost the boards while we run: rebuild in the background (one rebuild at a time, cluster-wide)."""
+    """Redis lost the boards while we run: rebuild in the background (one rebuild at a time, cluster-wide).
+    A rebuild that failed (Redis out of memory, say) is not retried by every read: at most every 30 s."""
     task = getattr(app_state, "lb_rebuild", None)
-    if task is None or task.done():
-        app_state.lb_rebuild = asyncio.create_task(leaderboard_rebuild.rebuild(app_state.pool, app_state.redis))
+    if task is not None and not task.done():
+        return
+    if time.monotonic() - getattr(app_state, "lb_rebuild_failed_at", -1e9) < REBUILD_BACKOFF_S:
+        return
+
+    def done(t: asyncio.Task) -> None:
+        if not t.cancelled() and t.exception() is not None:
+            app_state.lb_rebuild_failed_at = time.monotonic()
+            logger.warning("leaderboard rebuild failed; reads try again in %g s", REBUILD_BACKOFF_S,
+                           exc_info=t.exception())
+
+    app_state.lb_rebuild = asyncio.create_task(leaderboard_rebuild.rebuild(app_state.pool, app_state.redis))
+    app_state.lb_rebuild.add_done_callback(done)
 
 
 async def video_or_404(conn: asyncpg.Connection, video_id: int, user: AuthUser) -> asyncpg.Record:

@@ -217,3 +217,41 @@ async def test_a_board_update_arriving_after_a_rebuild_is_not_counted_twice(make
     assert await leaderboard_rebuild.check(pool, redis) == []
     board = await leaderboards.read(redis, "tenant", u.tenant_id, u.tenant_id, "all", u.id)
     assert board.me is not None and board.me.xp == 50 + 25 + 25
+
+
+async def test_a_failing_rebuild_is_not_retried_by_every_read(lb):
+    """Reads that find the boards gone start a rebuild; when it fails, the next reads do not start another one
+    for a while (each would aggregate the whole ledger again)."""
+    from types import SimpleNamespace
+
+    from server.api.progress import rebuild_soon
+
+    _, redis = lb
+    state = SimpleNamespace(pool=None, redis=redis)  # no database: the rebuild fails
+    rebuild_soon(state)
+    first = state.lb_rebuild
+    await asyncio.wait([first])
+    assert first.exception() is not None
+    rebuild_soon(state)
+    assert state.lb_rebuild is first  # backing off
+    assert not await redis.exists(keys.LEADERBOARD_LOCK)  # the failed rebuild let go of the lock
+
+
+async def test_a_long_rebuild_keeps_its_lock(make: Factory, lb, monkeypatch):
+    """The rebuild lock is renewed while the rebuild runs, so a second one cannot start halfway through it."""
+    from contextlib import asynccontextmanager
+    from types import SimpleNamespace
+
+    pool, redis = lb
+    monkeypatch.setattr(leaderboard_rebuild, "LOCK_TTL_S", 1)
+
+    @asynccontextmanager
+    async def slow_acquire():  # type: ignore[no-untyped-def]
+        await asyncio.sleep(2.5)  # a big ledger
+        async with pool.acquire() as conn:
+            yield conn
+
+    running = asyncio.create_task(leaderboard_rebuild.rebuild(SimpleNamespace(acquire=slow_acquire), redis))
+    await asyncio.sleep(1.8)  # past the lock's first lifetime
+    assert await leaderboard_rebuild.rebuild(pool, redis) is None  # still locked: no second rebuild
+    assert await running is not None
