@@ -62,6 +62,8 @@ def create_app(settings: Settings) -> Litestar:
             await app.state.arq.aclose()
             await app.state.redis.aclose()
             await app.state.pool.close()
+            if getattr(app.state, "ready_conn", None) is not None:
+                await app.state.ready_conn.close()
 
     return Litestar(
         route_handlers=[health, ready, metrics, CourseController, UserController, VideoController, JobController,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 from litestar import Request, Response, get
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,17 +16,36 @@ async def health() -> dict:
 
 @get("/ready", exclude_from_auth=True, include_in_schema=False)
 async def ready(request: Request) -> Response:
+    """Ready: Postgres and Redis answer, and this process receives the realtime events. Postgres is probed on a
+    connection of its own: a pool busy with requests is load, not a reason to be taken out of rotation."""
     state = request.app.state
     checks: dict[str, str] = {}
 
     async def pg() -> None:
-        async with state.pool.acquire() as conn:
-            await conn.fetchval("SELECT 1")
+        lock = getattr(state, "ready_lock", None)
+        if lock is None:
+            lock = state.ready_lock = asyncio.Lock()
+        async with lock:
+            conn = getattr(state, "ready_conn", None)
+            try:
+                if conn is None or conn.is_closed():
+                    conn = state.ready_conn = await asyncpg.connect(state.settings.database_url)
+                await conn.fetchval("SELECT 1")
+            except BaseException:
+                state.ready_conn = None
+                if conn is not None:
+                    conn.terminate()
+                raise
 
     async def rd() -> None:
         await state.redis.ping()
 
-    for name, probe in (("postgres", pg), ("redis", rd)):
+    async def realtime() -> None:
+        hub = getattr(state, "hub", None)
+        if hub is not None and not hub.receiving():
+            raise ConnectionError("not receiving realtime events")
+
+    for name, probe in (("postgres", pg), ("redis", rd), ("realtime", realtime)):
         try:
             await asyncio.wait_for(probe(), timeout=2)
             checks[name] = "ok"

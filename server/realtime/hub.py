@@ -68,6 +68,7 @@ class Hub:
         self._sub_waiters: dict[str, asyncio.Future] = {}
         self._idle_since: dict[str, float] = {}
         self._seen_seq: dict[str, int] = {}
+        self._sub_broken = False  # the pub/sub connection failed and has not delivered anything since
         self._poll_flush: dict[int, asyncio.Task] = {}  # poll id -> the task that will publish its results
         self._poll_dirty: set[int] = set()  # polls with votes their last published results did not count
         self._prefix = events_channel("room:").encode()
@@ -84,6 +85,12 @@ class Hub:
                        asyncio.create_task(self._tick(), name="hub-tick"),
                        asyncio.create_task(self._beat(), name="hub-heartbeat")]
         logger.info("realtime hub started", extra={"fields": {"proc": self.proc}})
+
+    def receiving(self) -> bool:
+        """Whether this process receives the rooms' live events (its pub/sub reader runs and its connection
+        works); readiness reports it."""
+        reader = self._tasks[0] if self._tasks else None
+        return reader is not None and not reader.done() and not self._sub_broken
 
     async def stop(self) -> None:
         unsent = list(self._poll_flush)  # votes of the last window: their results go out now, not never
@@ -206,10 +213,12 @@ class Hub:
                 raise
             except Exception:  # noqa: BLE001 - Redis went away: retry; the position check fills any gap
                 logger.warning("redis subscription failed; retrying", exc_info=True)
+                self._sub_broken = True
                 await asyncio.sleep(0.5)
                 continue
             if msg is None:
                 continue
+            self._sub_broken = False  # a message (re-subscribing answers too): the subscription works
             kind = msg["type"]
             if kind == "message":
                 try:

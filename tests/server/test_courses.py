@@ -131,7 +131,8 @@ def test_oversized_body_413(client, make: Factory):
 def test_health_ready_metrics_schema(client):
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready")
-    assert ready.status_code == 200 and ready.json()["postgres"] == "ok" and ready.json()["redis"] == "ok"
+    assert ready.status_code == 200 and ready.json() == {"status": "ok", "postgres": "ok", "redis": "ok",
+                                                         "realtime": "ok"}
     client.get("/api/v1/courses")
     metrics = client.get("/metrics").text
     assert "studyhall_http_requests_total" in metrics

@@ -48,3 +48,29 @@ async def test_release_rolls_back_an_open_transaction(settings):
             await conn.execute("DROP TABLE pool_release_probe")
     finally:
         await pool.close()
+
+
+async def test_ready_is_not_fooled_by_a_busy_pool(settings):
+    """/ready probes Postgres on a connection of its own: a pool with every connection busy is load, not an
+    outage (a load balancer would otherwise drop the busiest servers one after another)."""
+    import json
+    from types import SimpleNamespace
+
+    from redis.asyncio import Redis
+
+    from server.api.health import ready
+
+    pool = await create_pool(settings.database_url, min_size=1, max_size=1)
+    redis = Redis.from_url(settings.redis_url)
+    state = SimpleNamespace(settings=settings, pool=pool, redis=redis)
+    try:
+        async with pool.acquire():  # the only connection is taken
+            resp = await ready.fn(SimpleNamespace(app=SimpleNamespace(state=state)))
+        assert resp.status_code == 200, resp.content
+        body = resp.content if isinstance(resp.content, dict) else json.loads(resp.content)
+        assert body["postgres"] == "ok"
+    finally:
+        if getattr(state, "ready_conn", None) is not None:
+            await state.ready_conn.close()
+        await redis.aclose()
+        await pool.close()
