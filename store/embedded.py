@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -151,14 +152,13 @@ def ensure_services(settings: Settings) -> Services:
         # that a stale file names may be anything).
         known = read_connection_env(ddir)
         embedded = set(known.get("EMBEDDED", "").split(","))
-        db_url = (settings.database_url or ("pg" not in embedded and _if_reachable(known.get("DATABASE_URL")))
-                  or _ensure_postgres(ddir))
-        redis_url = (settings.redis_url or ("redis" not in embedded and _if_reachable(known.get("REDIS_URL")))
-                     or _ensure_redis(ddir))
+        db_url, pg_embedded = _choose(settings.database_url, known.get("DATABASE_URL"), "pg" in embedded,
+                                      lambda: _ensure_postgres(ddir))
+        redis_url, redis_embedded = _choose(settings.redis_url, known.get("REDIS_URL"), "redis" in embedded,
+                                            lambda: _ensure_redis(ddir))
         users_fd = os.open(ddir / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(users_fd, fcntl.LOCK_SH)
-        write_connection_env(ddir, db_url, redis_url, embedded={"pg": db_url != settings.database_url,
-                                                                "redis": redis_url != settings.redis_url})
+        write_connection_env(ddir, db_url, redis_url, embedded={"pg": pg_embedded, "redis": redis_embedded})
     return Services(
         db_url,
         redis_url,
@@ -180,6 +180,19 @@ def read_connection_env(ddir: Path) -> dict[str, str]:
         if sep and value.strip():
             out[key.strip()] = value.strip()
     return out
+
+
+def _choose(given: str | None, announced: str | None, announced_embedded: bool,
+            ensure: Callable[[], str]) -> tuple[str, bool]:
+    """(URL, whether it is this data dir's embedded server): the configured one; else an outside server that
+    connection.env announced and that still answers; else the embedded one (started if need be)."""
+    if given:
+        return given, False
+    if not announced_embedded:
+        reachable = _if_reachable(announced)
+        if reachable:
+            return reachable, False
+    return ensure(), True
 
 
 def _if_reachable(url: str | None) -> str | None:

@@ -14,10 +14,10 @@ import asyncpg
 import msgspec
 from litestar import Controller, Request, delete, get, patch, post
 
-from server.api.paging import Offset, PageLimit
 from server.api.assignment_schemas import (Assignment, AssignmentIn, AssignmentList, AssignmentPatch, Citation,
                                            Criterion, GenerateIn, Generated)
 from server.api.courses import course_or_404
+from server.api.paging import Offset, PageLimit
 from server.auth import AuthUser, staff_only
 from server.decode import read_json
 from server.errors import ApiError

@@ -14,11 +14,11 @@ from typing import Any
 import asyncpg
 from litestar import Controller, Request, get, post
 
-from server.api.paging import Offset, PageLimit
 from server.api.assignment_schemas import (SHORT_ANSWER_MAX_CHARS, BatchAccepted, Criterion, CriterionScore, NextStep,
                                            Queue, QueueItem, ReviewIn, Submission, SubmissionIn, SubmissionList)
 from server.api.assignments import assignment_or_404
 from server.api.courses import course_or_404
+from server.api.paging import Offset, PageLimit
 from server.auth import AuthUser, staff_only
 from server.decode import read_json
 from server.errors import ApiError

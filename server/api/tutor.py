@@ -13,8 +13,8 @@ from litestar import Controller, Request, Response, delete, get, patch, post, pu
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from msgspec import Meta
 
-from server.api.paging import ListLimit, Offset
 from server.api.courses import course_or_404
+from server.api.paging import ListLimit, Offset
 from server.api.schemas import Strict
 from server.auth import staff_only
 from server.decode import read_json

@@ -16,8 +16,8 @@ from msgspec import Meta
 from ingest.errors import IngestError
 from ingest.jobs import enqueue_ingest
 from ingest.submit import FileTooLarge, UnsupportedFile, inspect_file, submit_job, submit_video
-from server.api.paging import ListLimit, Offset
 from server.api.courses import course_or_404
+from server.api.paging import ListLimit, Offset
 from server.api.schemas import Strict, Title
 from server.auth import AuthUser, staff_only
 from server.decode import read_json

@@ -118,3 +118,30 @@ def test_a_stale_connection_env_is_not_trusted_for_embedded_servers(tmp_path):
             s.close()
     assert token.count(".") == 2
     assert not (ddir / "pg" / "postmaster.pid").exists()  # its own Postgres ran and stopped again
+
+
+def test_a_joiner_keeps_an_outside_server_announced_as_such(tmp_path):
+    """connection.env naming an outside server (not embedded) is passed on as outside: the next joiner uses it
+    too instead of starting an embedded server of its own."""
+    from dataclasses import replace
+
+    from store.embedded import ensure_services
+    from store.settings import load_settings
+
+    ddir = tmp_path / "data"
+    ddir.mkdir()
+    outside = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]  # "outside servers": they answer
+    pg, rd = (s.getsockname()[1] for s in outside)
+    (ddir / "connection.env").write_text(f"DATABASE_URL=postgresql://u@127.0.0.1:{pg}/x\n"
+                                         f"REDIS_URL=redis://127.0.0.1:{rd}/0\nEMBEDDED=\n")
+    try:
+        services = ensure_services(replace(load_settings(ddir), database_url=None, redis_url=None))
+        try:
+            assert services.database_url.endswith(f":{pg}/x") and services.redis_url.endswith(f":{rd}/0")
+            assert read_connection_env(ddir).get("EMBEDDED", "") == ""  # still outside for the next joiner
+        finally:
+            services.close()
+    finally:
+        for s in outside:
+            s.close()
+    assert not (ddir / "pg").exists()  # no embedded Postgres was started
