@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+import zlib
 from typing import Any
 
 import asyncpg
@@ -31,9 +32,10 @@ BATCH_SIZE = 25
 MAX_TRIES = 4
 
 
-async def enqueue_grade(arq: ArqRedis, pool: Any, submission_id: int) -> str:
-    """Queue the grading of one submission (already `grading`) and remember the arq id on it."""
-    arq_id = f"grade-{submission_id}-{uuid.uuid4().hex[:8]}"
+async def enqueue_grade(arq: ArqRedis, pool: Any, submission_id: int, arq_id: str | None = None) -> str:
+    """Queue the grading of one submission (already `grading`) and remember the arq id on it. arq queues an id
+    once: callers passing the same `arq_id` start one run."""
+    arq_id = arq_id or f"grade-{submission_id}-{uuid.uuid4().hex[:8]}"
     async with pool.acquire() as conn:
         await conn.execute("UPDATE submissions SET grade_job = $2 WHERE id = $1", submission_id, arq_id)
     await arq.enqueue_job(GRADE_FUNCTION, submission_id, _job_id=arq_id)
@@ -199,10 +201,26 @@ async def recover_grading(ctx: dict[str, Any]) -> int:
     for row in rows:
         if row["grade_job"] and await redis.zscore("arq:queue", row["grade_job"]) is not None:
             continue
-        await enqueue_grade(redis, pool, row["id"])
+        # one id per lost job: workers recovering at the same moment (all start at once) queue one run
+        lost = zlib.crc32((row["grade_job"] or "none").encode())
+        await enqueue_grade(redis, pool, row["id"], f"grade-{row['id']}-r{lost:08x}")
         n += 1
     if n:
         logger.info("re-queued %d submissions waiting for a grade", n)
     async with pool.acquire() as conn:
         await assignments_repo.reconcile_grade_xp(conn, redis)
+        await finish_grade_jobs(conn)
     return n
+
+
+async def finish_grade_jobs(conn: asyncpg.Connection) -> int:
+    """Mark done the grade-all jobs whose submissions are all graded or held, also when some were graded by
+    recovery runs (one submission each) instead of their batch, which would have marked the job."""
+    rows = await conn.fetch(
+        """SELECT j.id FROM jobs j
+           WHERE j.kind = 'grade' AND j.state NOT IN ('done', 'failed') AND j.updated_at < now() - interval '10 seconds'
+             AND NOT EXISTS (SELECT 1 FROM submissions s WHERE s.status = 'grading' AND s.id = ANY(
+                 SELECT jsonb_array_elements_text(j.payload -> 'submission_ids')::bigint))""")
+    for r in rows:
+        await jobs_repo.set_state(conn, r["id"], "done", 1.0)
+    return len(rows)

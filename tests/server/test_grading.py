@@ -216,3 +216,34 @@ def test_a_worker_killed_mid_grade_is_taken_over_and_grades_once(server, client,
     assert done["status"] in ("graded", "review_pending")
     machine = fetch(settings, "SELECT id FROM grade_events WHERE submission_id = $1 AND kind = 'machine'", sub["id"])
     assert len(machine) == 1
+
+
+def test_a_grade_all_job_finishes_when_recovery_graded_its_answers(server, client, make: Factory, worker, settings):
+    """Answers of a grade-all whose batch was lost are graded by recovery, one by one: the grade-all job is
+    still marked done (its batch, which would have marked it, never ran)."""
+    import asyncio
+
+    import asyncpg
+
+    from ingest.grading import finish_grade_jobs
+
+    course = make_course(server, make, learners=1)
+    inst, (learner,) = course.instructor, course.learners
+    a = published(client, course, ONE)
+    sub = submit(client, a, learner, REFERENCE)
+    wait_graded(client, sub["id"], inst.h)
+    (job,) = fetch(settings, """INSERT INTO jobs (kind, course_id, created_by, state, payload, updated_at)
+                                VALUES ('grade', $1, $2, 'queued', jsonb_build_object('submission_ids', $3::bigint[]),
+                                        now() - interval '1 minute') RETURNING id""",
+                   course.id, inst.id, [sub["id"]])
+
+    async def sweep() -> int:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            return await finish_grade_jobs(conn)
+        finally:
+            await conn.close()
+
+    assert asyncio.run(sweep()) >= 1
+    got = client.get(f"/api/v1/jobs/{job['id']}", headers=inst.h).json()
+    assert got["state"] == "done" and got["progress"] == 1.0
