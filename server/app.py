@@ -24,7 +24,6 @@ from server.api.videos import JobController, VideoController
 from server.auth import JWTAuthMiddleware
 from server import tutoring
 from server.errors import data_error_handler, http_exception_handler, internal_error_handler
-from server.observability import access_log_middleware
 from server.api.live import LiveController
 from server.api.pods import PodController
 from server.api.rooms import RoomController
@@ -80,7 +79,3 @@ def create_app(settings: Settings) -> Litestar:
         logging_config=None,
     )
 
-
-def asgi(settings: Settings):  # type: ignore[no-untyped-def]
-    """The app wrapped in the access-log middleware (outermost, so it sees every status)."""
-    return access_log_middleware(create_app(settings))

@@ -41,14 +41,34 @@ def _migrate(settings: Settings) -> list[str]:
     return asyncio.run(migrate(settings.database_url))
 
 
+# Seconds a stopping server gives tutor answers under way before it stops them (inside uvicorn's 10 s wait for
+# open connections, so an SSE stream it must abandon still ends with its `interrupted` event).
+ANSWER_GRACE_S = 7.0
+
+
 def _serve(settings: Settings) -> None:
     import uvicorn
 
-    from server.app import asgi
+    from server import tutoring
+    from server.app import create_app
+    from server.observability import access_log_middleware
 
-    config = uvicorn.Config(asgi(settings), host=settings.host, port=settings.port, log_config=None,
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list | None = None) -> None:  # type: ignore[override]
+            # Tutor answers get their grace from the moment the stop begins, not after uvicorn's wait for open
+            # connections (which would cut their SSE streams first); the app's own drain then finds them done.
+            early = asyncio.ensure_future(tutoring.drain(app.state, timeout=ANSWER_GRACE_S))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                await early
+
+    # the access log outermost, so it sees every status
+    config = uvicorn.Config(access_log_middleware(app), host=settings.host, port=settings.port, log_config=None,
                             access_log=False, lifespan="on", ws_max_size=64 * 1024, timeout_graceful_shutdown=10)
-    uvicorn.Server(config).run()
+    Server(config).run()
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -427,3 +427,33 @@ def test_two_answers_per_user_over_rest_and_all_processes(openai_server, server,
     assert len(done) == 2
     fake_llm.reset(default=Reply(text="A hash function maps data to a fixed-size digest [1]."))
     assert _ask_as(server, eval_course.id, learner, "What is a hash function?")["grounded"]
+
+
+def test_an_sse_answer_abandoned_at_shutdown_ends_with_interrupted(data_dir, eval_course: EvalCourse, fake_llm):
+    """A server stopping while an SSE answer streams: past the grace, the stream ends with an `interrupted` error
+    event (the server says so before its connection wait cuts the stream), not a bare end of file."""
+    import signal
+    import threading
+
+    fake_llm.reset(default=Reply(text="word " * 80, chunks=80, delay_s=0.25))  # about 20 s: past the grace
+    ((proc, url),) = spawn_ready(data_dir, ["tutor-sse-stopping"], {
+        "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": fake_llm.openai_base_url, "OPENAI_MODEL": "gpt-4o-mini",
+        "STUDYHALL_LLM": "openai"})
+    events: list[tuple[str, str]] = []
+    try:
+        with httpx.stream("POST", f"{url}/api/v1/courses/{eval_course.id}/ask",
+                          json={"question": "Why do blocks need proof of work, at length?"},
+                          headers={**eval_course.instructor.h, "Accept": "text/event-stream"}, timeout=60) as r:
+            kind = None
+            for ln in r.iter_lines():
+                if ln.startswith("event:"):
+                    kind = ln.split(":", 1)[1].strip()
+                elif ln.startswith("data:") and kind:
+                    events.append((kind, ln.split(":", 1)[1].strip()))
+                    if len(events) == 1:  # streaming: stop the server
+                        threading.Thread(target=stop_process, args=(proc, signal.SIGTERM), daemon=True).start()
+    finally:
+        stop_process(proc)
+    assert events[0][0] == "delta"
+    last_kind, last_data = events[-1]
+    assert last_kind == "error" and json.loads(last_data)["code"] == "interrupted", events[-3:]
