@@ -95,3 +95,46 @@ async def test_a_slow_duty_does_not_stop_the_heartbeat(settings, xp_store, monke
             assert hub.proc not in [p for p, _ in await other.dead_procs()]
     finally:
         await hub.stop()
+
+
+async def test_a_failed_user_subscribe_is_tried_again(settings, xp_store):
+    """If subscribing to a user's personal topic fails, the hub does not mark it done: the user's next connection
+    on this process subscribes, and their personal events (grades, XP, revocations) reach them."""
+    from server.realtime.conn import Conn
+    from store.events import UserRef, user_topic
+    from store.keys import events_channel
+    from store.rooms import RoomAccess
+
+    pool, redis = xp_store
+    hub = Hub(settings, pool, redis)
+    await hub.start()
+    user = UserRef(id=10**9 + int(uuid.uuid4().int % 10**6), name="u", role="learner")
+    channel = events_channel(user_topic(user.id))
+    real, calls = hub._pubsub.subscribe, []
+
+    async def flaky(*channels):  # type: ignore[no-untyped-def]
+        calls.append(channels)
+        if channel in channels and len([c for c in calls if channel in c]) == 1:
+            raise ConnectionError("redis went away")
+        return await real(*channels)
+
+    hub._pubsub.subscribe = flaky  # type: ignore[method-assign]
+
+    async def send(_: object) -> None:
+        return None
+
+    room = f"course:{uuid.uuid4().int % 10**6}"
+    access = RoomAccess(room_id=room, kind="course", course_id=1, tenant_id=1, moderator=False)
+    try:
+        first = Conn(hub, access, user, send, 16)
+        try:
+            await hub.attach(first)
+        except ConnectionError:
+            pass
+        await hub.detach(first)
+        second = Conn(hub, access, user, send, 16)
+        await hub.attach(second)  # subscribes this time
+        assert len([c for c in calls if channel in c]) == 2
+        await hub.detach(second)
+    finally:
+        await hub.stop()
