@@ -27,7 +27,7 @@ from store.messages import post_message
 logger = logging.getLogger(__name__)
 
 ROOM_CONTEXT_MESSAGES = 10
-# Tutor answers one user may have under way at once, over all server processes (REST and rooms); more are
+# Tutor answers one learner may have under way at once, over all server processes (REST and rooms); more are
 # refused with `tutor_busy`. A slot lapses after SLOT_TTL_MS even if its process died holding it.
 MAX_RUNNING_PER_USER = 2
 SLOT_TTL_MS = 180_000
@@ -274,8 +274,11 @@ return 1
 _take_scripts: dict[int, Any] = {}  # per Redis client
 
 
-async def take_slot(redis: Any, user_id: int) -> str | None:
-    """One of the user's MAX_RUNNING_PER_USER answer slots, or None when all are in use (`tutor_busy`)."""
+async def take_slot(redis: Any, user_id: int, role: str) -> str | None:
+    """One of a learner's MAX_RUNNING_PER_USER answer slots, or None when all are in use (`tutor_busy`). Staff
+    and bots (a Discord bot asks for many people) are not limited: their slot is "" and holds nothing."""
+    if role != "learner":
+        return ""
     script = _take_scripts.get(id(redis))
     if script is None:
         script = _take_scripts[id(redis)] = redis.register_script(_TAKE_SLOT)
@@ -285,6 +288,8 @@ async def take_slot(redis: Any, user_id: int) -> str | None:
 
 
 async def free_slot(redis: Any, user_id: int, slot: str) -> None:
+    if not slot:
+        return
     try:
         await redis.zrem(TUTOR_SLOTS.format(user_id=user_id), slot)
     except Exception:  # noqa: BLE001 - it lapses on its own

@@ -69,7 +69,7 @@ class TutorController(Controller):
         state, user = request.app.state, request.user
         async with state.pool.acquire() as conn:
             await course_or_404(conn, course_id, user)
-        slot = await take_slot(state.redis, user.id)
+        slot = await take_slot(state.redis, user.id, user.role)
         if slot is None:
             raise ApiError(429, f"the tutor is still answering your last {MAX_RUNNING_PER_USER} questions; ask again "
                                 "when they are done", code="tutor_busy")

@@ -183,14 +183,14 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
             if len(question) > MAX_QUESTION_CHARS:  # the message stands; the tutor does not take it
                 raise messages_repo.Refused("too_long", f"a question to the tutor is at most {MAX_QUESTION_CHARS} "
                                                         "characters")
-            slot = await take_slot(hub.redis, user.id)
+            slot = await take_slot(hub.redis, user.id, user.role)
             if slot is None:  # the message stands; the tutor does not take it
                 raise messages_repo.Refused("tutor_busy", _BUSY)
             start_room_answer(hub.app_state, user, conn.access.course_id, conn.room, posted.event.id, question, slot)
     elif isinstance(frame, frames.TutorAsk):
         # the question is posted like any message, then the tutor replies to it
         text = _check_text(frame.text, min(settings.ws_max_text, MAX_QUESTION_CHARS))
-        slot = await take_slot(hub.redis, user.id)  # refused before anything is posted
+        slot = await take_slot(hub.redis, user.id, user.role)  # refused before anything is posted
         if slot is None:
             raise messages_repo.Refused("tutor_busy", _BUSY)
         try:
