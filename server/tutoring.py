@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -21,7 +20,7 @@ from agents.tutor import Delta, Tutor
 from server.errors import ApiError
 from store import tutor as repo
 from store.events import Error, TutorDelta, publish, room_topic, user_topic
-from store.keys import TUTOR_SLOTS
+from store.ratelimit import free_answer_slot, take_answer_slot
 from store.messages import post_message
 
 logger = logging.getLogger(__name__)
@@ -261,37 +260,19 @@ def track(state: Any, coro: Coroutine[Any, Any, Any], user_id: int | None = None
     return task
 
 
-# KEYS: the user's slots. ARGV: most slots, slot lifetime ms, new slot id. -> 1 taken, 0 all in use.
-_TAKE_SLOT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-_take_scripts: dict[int, Any] = {}  # per Redis client
-
-
 async def take_slot(redis: Any, user_id: int, role: str) -> str | None:
     """One of a learner's MAX_RUNNING_PER_USER answer slots, or None when all are in use (`tutor_busy`). Staff
     and bots (a Discord bot asks for many people) are not limited: their slot is "" and holds nothing."""
     if role != "learner":
         return ""
-    script = _take_scripts.get(id(redis))
-    if script is None:
-        script = _take_scripts[id(redis)] = redis.register_script(_TAKE_SLOT)
-    slot = uuid.uuid4().hex
-    taken = await script(keys=[TUTOR_SLOTS.format(user_id=user_id)], args=[MAX_RUNNING_PER_USER, SLOT_TTL_MS, slot])
-    return slot if taken else None
+    return await take_answer_slot(redis, user_id, MAX_RUNNING_PER_USER, SLOT_TTL_MS)
 
 
 async def free_slot(redis: Any, user_id: int, slot: str) -> None:
     if not slot:
         return
     try:
-        await redis.zrem(TUTOR_SLOTS.format(user_id=user_id), slot)
+        await free_answer_slot(redis, user_id, slot)
     except Exception:  # noqa: BLE001 - it lapses on its own
         logger.warning("could not free a tutor slot", exc_info=True)
 

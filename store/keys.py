@@ -45,6 +45,10 @@ def presence_user(room: str, user_id: int) -> str:
 def rate_send(user_id: int) -> str:
     return RATE_SEND.format(user_id=user_id)
 
+
+def tutor_slots(user_id: int) -> str:
+    return TUTOR_SLOTS.format(user_id=user_id)
+
 # --- progress, XP and leaderboards (store/leaderboards.py, store/progress.py) -------------------------
 # Leaderboards are rebuilt from the Postgres XP ledger (`xp_events`); nothing here is the truth.
 

@@ -205,17 +205,17 @@ async def check(pool: asyncpg.Pool, redis: Redis, settle_s: float = 1.0) -> list
     if not differ:
         return []
     await asyncio.sleep(settle_s)
+    async with pool.acquire() as conn:  # the ledger again, for just those learners
+        rows = await conn.fetch("SELECT tenant_id, user_id, sum(points) AS xp FROM xp_events "
+                                "WHERE user_id = ANY($1::bigint[]) GROUP BY 1, 2",
+                                sorted({int(m) for ms in differ.values() for m in ms}))
+    now = {(r["tenant_id"], str(r["user_id"]).encode()): int(r["xp"]) for r in rows}
     bad = []
     for tid, member_set in differ.items():
         members = sorted(member_set)
-        ids = [int(m) for m in members]
-        async with pool.acquire() as conn:
-            now = {str(r["user_id"]).encode(): int(r["xp"]) for r in await conn.fetch(
-                "SELECT user_id, sum(points) AS xp FROM xp_events WHERE tenant_id = $1 AND user_id = ANY($2::bigint[]) "
-                "GROUP BY 1", tid, ids)}
         key = board_key("tenant", tid, "all")
         have = await redis.zmscore(key, members)
-        if any(now.get(m) != (None if s is None else int(s)) for m, s in zip(members, have)):
+        if any(now.get((tid, m)) != (None if s is None else int(s)) for m, s in zip(members, have)):
             bad.append(key)
     return bad
 

@@ -43,6 +43,15 @@ def _profile(client, u, tz: str, day: str, start: str, end: str, goals: list[str
     assert r.status_code == 200, r.text
 
 
+def _pod(client, course, members, name: str = "P") -> int:  # type: ignore[no-untyped-def]
+    """A pod of the course with these members (each added: 201)."""
+    inst = course.instructor
+    pod = client.post(f"/api/v1/courses/{course.id}/pods", json={"name": name}, headers=inst.h).json()["id"]
+    for u in members:
+        assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": u.id}, headers=inst.h).status_code == 201
+    return pod
+
+
 def _watch(client, u, vid: int, a: float, b: float) -> None:  # type: ignore[no-untyped-def]
     r = client.post(f"/api/v1/videos/{vid}/progress", json={"position": b, "watched": [[a, b]]}, headers=u.h)
     assert r.status_code == 200, r.text
@@ -52,9 +61,7 @@ def test_match_decline_and_trio(client, make: Factory, settings):
     course = make_course(client, make, learners=6, videos=1, duration=100, chapters=2)
     inst, (a, b, c, d, e, outsider) = course.instructor, course.learners
     (vid,) = course.videos
-    pod = client.post(f"/api/v1/courses/{course.id}/pods", json={"name": "Study pod"}, headers=inst.h).json()["id"]
-    for u in (a, b, c, d):
-        assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": u.id}, headers=inst.h).status_code == 201
+    pod = _pod(client, course, (a, b, c, d), "Study pod")
     # a and c know part 1, b and d part 2; a and b are free on Monday evenings (Berlin and London: the same
     # hours in UTC), c and d on Saturday mornings
     for u in (a, c):
@@ -117,10 +124,7 @@ def test_match_decline_and_trio(client, make: Factory, settings):
 async def test_weekly_round_runs_once(client, make: Factory, settings, xp_store):
     pool, redis = xp_store
     course = make_course(client, make, learners=3, videos=0)
-    inst = course.instructor
-    pod = client.post(f"/api/v1/courses/{course.id}/pods", json={"name": "Weekly"}, headers=inst.h).json()["id"]
-    for u in course.learners:
-        client.post(f"/api/v1/pods/{pod}/members", json={"user_id": u.id}, headers=inst.h)
+    pod = _pod(client, course, course.learners, "Weekly")
     at = datetime(2031, 3, 5, 6, tzinfo=timezone.utc)
     assert await match_all_pods(pool, redis, settings, at, llm=None) >= 1
     assert await match_all_pods(pool, redis, settings, at, llm=None) == 0  # the week's round exists everywhere
@@ -140,9 +144,7 @@ async def test_concurrent_declines_all_stay_out(client, make: Factory, settings,
     pool, redis = xp_store
     course = make_course(client, make, learners=7, videos=0)
     inst = course.instructor
-    pod = client.post(f"/api/v1/courses/{course.id}/pods", json={"name": "P"}, headers=inst.h).json()["id"]
-    for u in course.learners:
-        assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": u.id}, headers=inst.h).status_code == 201
+    pod = _pod(client, course, course.learners)
     assert client.post(f"/api/v1/pods/{pod}/match", headers=inst.h).status_code == 201
     out = [u.id for u in course.learners[:3]]
     await asyncio.gather(*(matcher.decline(pool, redis, settings, pod, uid, llm=None) for uid in out))
@@ -156,9 +158,7 @@ def test_a_learner_who_left_the_course_loses_the_pod(client, make: Factory):
     """Pod pages (members, profiles, match, board) are for members still enrolled, as the pod room is."""
     course = make_course(client, make, learners=2, videos=0)
     inst, (gone, stays) = course.instructor, course.learners
-    pod = client.post(f"/api/v1/courses/{course.id}/pods", json={"name": "P"}, headers=inst.h).json()["id"]
-    for u in (gone, stays):
-        assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": u.id}, headers=inst.h).status_code == 201
+    pod = _pod(client, course, (gone, stays))
     urls = [f"/api/v1/pods/{pod}", f"/api/v1/pods/{pod}/members", f"/api/v1/pods/{pod}/profiles",
             f"/api/v1/leaderboards/pod/{pod}"]
     assert all(client.get(u, headers=gone.h).status_code == 200 for u in urls)
@@ -177,10 +177,7 @@ async def test_the_weekly_round_catches_up_until_the_week_ends(client, make: Fac
 
     pool, redis = xp_store
     course = make_course(client, make, learners=2, videos=0)
-    inst = course.instructor
-    pod = client.post(f"/api/v1/courses/{course.id}/pods", json={"name": "Catch-up"}, headers=inst.h).json()["id"]
-    for u in course.learners:
-        client.post(f"/api/v1/pods/{pod}/members", json={"user_id": u.id}, headers=inst.h)
+    pod = _pod(client, course, course.learners, "Catch-up")
     now = datetime.now(timezone.utc)
     if (now.weekday(), now.hour) < (6, 23):  # before this week's last hour: a moment still to come
         ctx = {"pool": pool, "redis": redis, "settings": replace(settings, match_weekday=6, match_hour=23)}
