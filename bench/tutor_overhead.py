@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from agents.config import embedder_for
 from agents.tutor import Tutor
 from bench.common import pct, services
-from server.tutoring import answer_in_room
+from server.tutoring import RoomQuestion, answer_in_room
 from store.db import create_pool
 from store.messages import post_message
 from store.search import hybrid_search
@@ -62,9 +62,9 @@ async def main() -> None:
                    WHERE id = $1 ON CONFLICT (tenant_id, name) DO UPDATE SET role = 'learner' RETURNING id""", cid)
         emb = TimedEmbedder(embedder_for(settings))
         # the server's own path for a room question: quota, history, cache, the graph, the stored turn, the
-        # posted reply (a limit no run reaches, so the quota statement runs but never refuses)
+        # posted reply, the answer's hold (a limit no run reaches, so the quota statement runs but never refuses)
         state = SimpleNamespace(settings=replace(settings, tutor_daily_limit=10**9), pool=pool, redis=redis,
-                                tutor=Tutor(pool, emb, None))
+                                tutor=Tutor(pool, emb, None), hub=SimpleNamespace(proc="bench-tutor-overhead"))
         user = SimpleNamespace(id=learner, role="learner", name="bench learner")
         texts = [r["text"] for r in await pool.fetch("SELECT text FROM chunks WHERE course_id = $1 LIMIT 3000", cid)]
         rng = random.Random(3)
@@ -75,10 +75,11 @@ async def main() -> None:
             queries.append("What does the lecture say about " + " ".join(words[i: i + rng.randint(4, 9)]) + "?")
         overhead, retrieval = [], []
         for q in queries:
-            asked = await post_message(pool, redis, room, learner, q)
+            hold = RoomQuestion(state.hub.proc, learner, cid, room)  # the answer's hold, as the server keeps it
+            asked = await post_message(pool, redis, room, learner, q, also=hold)
             before = emb.spent
             t0 = time.perf_counter()
-            await answer_in_room(state, user, cid, room, asked.event.id, q)
+            await answer_in_room(state, user, cid, room, asked.event.id, q, hold.pending)
             overhead.append((time.perf_counter() - t0 - (emb.spent - before)) * 1000)
             vec = emb.embed([q])[0]
             t1 = time.perf_counter()

@@ -71,6 +71,7 @@ class Prepared:
     cached: Any  # the stored turn for the same question on the same content, or None
     reserved: date | None  # the day a learner's question counts on (None: staff, unlimited)
     t0: float  # when the ask arrived (latency is measured from here)
+    pending: int | None = None  # this answer's hold (tutor_pending), for survivors if this process dies
 
 
 def _to_midnight_utc() -> float:
@@ -79,12 +80,22 @@ def _to_midnight_utc() -> float:
     return (datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), timezone.utc) - now).total_seconds()
 
 
+def _proc(state: Any) -> str | None:
+    """The server process's id (its realtime hub's), which holds its answers under way; None outside a server."""
+    hub = getattr(state, "hub", None)
+    return getattr(hub, "proc", None)
+
+
 async def prepare(state: Any, user: Any, course_id: int, question: str, *, session_id: int | None = None,
-                  room_id: str | None = None, message_id: int | None = None) -> Prepared:
+                  room_id: str | None = None, message_id: int | None = None, pending: int | None = None) -> Prepared:
     """Check and reserve: an unknown session is 404, a learner past today's limit 429 (the question is taken
-    from the quota atomically, so concurrent asks cannot pass it together). Nothing is stored on an error."""
+    from the quota atomically, so concurrent asks cannot pass it together). Nothing is stored on an error.
+
+    `pending` is a room question's hold (made with its message). A learner's REST ask gets a hold of its own
+    here, so the question goes back to the quota even if this process dies before answering."""
     t0 = time.perf_counter()
     settings, pool = state.settings, state.pool
+    own_hold = False
     async with pool.acquire() as conn:
         history: list[dict] = []
         if session_id is not None:
@@ -97,8 +108,13 @@ async def prepare(state: Any, user: Any, course_id: int, question: str, *, sessi
             history = await _room_history(conn, room_id, message_id, user.id)
         reserved = None
         if user.role == "learner":
-            reserved = await repo.reserve_turn(conn, user.id, settings.tutor_daily_limit)
+            proc = _proc(state)
+            if pending is None and room_id is None and proc is not None:
+                pending, own_hold = await repo.hold(conn, proc, user.id, course_id), True
+            reserved = await repo.reserve_turn(conn, user.id, settings.tutor_daily_limit, pending)
             if reserved is None:
+                if own_hold:
+                    await repo.drop_hold(conn, pending)
                 raise ApiError(429, f"daily tutor limit reached ({settings.tutor_daily_limit} questions); "
                                     "it resets at midnight UTC", code="daily_limit", retry_after=_to_midnight_utc())
         try:
@@ -113,9 +129,12 @@ async def prepare(state: Any, user: Any, course_id: int, question: str, *, sessi
             cached = None if history else await repo.cached_turn(conn, course_id, version, cache_key, qhash)
         except BaseException:
             if reserved is not None:
-                await repo.release_turn(conn, user.id, reserved)
+                await repo.release_turn(conn, user.id, reserved, pending)
+            if own_hold:
+                await repo.drop_hold(conn, pending)
             raise
-    return Prepared(question, session_id, room_id, mode, history, version, qhash, cache_key, cached, reserved, t0)
+    return Prepared(question, session_id, room_id, mode, history, version, qhash, cache_key, cached, reserved, t0,
+                    pending)
 
 
 async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_delta: Delta | None = None) -> dict:
@@ -143,48 +162,105 @@ async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_del
             input_tokens=usage.get("input_tokens", 0), output_tokens=usage.get("output_tokens", 0),
             latency_ms=(time.perf_counter() - prep.t0) * 1000, cost_usd=usage.get("cost_usd"),
             cache_hit=cached is not None, error=result.get("error"))
+        failed = bool(result.get("error"))
+
+        async def record(conn: asyncpg.Connection, fields: dict) -> asyncpg.Record:
+            """The turn, the cache entry and the hold's end, together."""
+            async with conn.transaction():
+                turn = await repo.record_turn(conn, **fields)
+                if cached is None and not prep.history and not failed:
+                    await repo.remember(conn, course_id, prep.version, prep.cache_key, prep.qhash, turn["id"])
+                if prep.pending is not None:  # a room reply is still to post; a REST answer is delivered now
+                    if prep.room_id is not None:
+                        await repo.hold_answered(conn, prep.pending, turn["id"])
+                    else:
+                        await repo.drop_hold(conn, prep.pending)
+                if failed and prep.reserved is not None:
+                    # the model failed mid-answer: the learner is told to ask again, so it is not counted
+                    await repo.release_turn(conn, user.id, prep.reserved)
+            return turn
+
         async with pool.acquire() as conn:
             try:
-                async with conn.transaction():
-                    turn = await repo.record_turn(conn, **fields)
-                    if cached is None and not prep.history and not result.get("error"):
-                        await repo.remember(conn, course_id, prep.version, prep.cache_key, prep.qhash, turn["id"])
+                turn = await record(conn, fields)
             except asyncpg.ForeignKeyViolationError:
                 # the session was deleted while its answer was being written: keep the turn (it was asked and
                 # paid for), outside any session
-                async with conn.transaction():
-                    turn = await repo.record_turn(conn, **{**fields, "session_id": None})
+                turn = await record(conn, {**fields, "session_id": None})
     except BaseException:
-        await _give_back(pool, user.id, prep.reserved)
+        await _give_back(pool, user.id, prep.reserved, prep.pending)
+        if prep.pending is not None and prep.room_id is None:
+            await _drop_hold(pool, prep.pending)
         raise
-    if result.get("error"):  # the model failed mid-answer: the learner is told to ask again, so it is not counted
-        await _give_back(pool, user.id, prep.reserved)
     return {"answer": turn["answer"], "grounded": turn["grounded"], "citations": turn["citations"],
             "follow_ups": turn["follow_ups"], "nearest": result.get("nearest") or [], "session_id": prep.session_id,
             "turn_id": turn["id"], "mode": prep.mode, "cached": cached is not None, "error": result.get("error")}
 
 
-async def _give_back(pool: Any, user_id: int, day: date | None) -> None:
-    """Return a reserved question to the learner's daily quota (None: staff, nothing was taken)."""
+async def _give_back(pool: Any, user_id: int, day: date | None, pending: int | None) -> None:
+    """Return a reserved question to the learner's daily quota (None: staff, nothing was taken). If this fails,
+    the hold still has it, for a survivor to give back should this process die."""
     if day is None:
         return
     try:
         async with pool.acquire() as conn:
-            await repo.release_turn(conn, user_id, day)
+            await repo.release_turn(conn, user_id, day, pending)
     except Exception:  # noqa: BLE001
         logger.warning("could not give back a tutor question", exc_info=True)
 
 
+async def _drop_hold(pool: Any, pending: int) -> None:
+    """The answer is delivered (or the asker told why not): nothing is left for a survivor to do. If this fails,
+    the hold stays until this process's end, when a survivor finds nothing left to do but delete it."""
+    try:
+        async with pool.acquire() as conn:
+            await repo.drop_hold(conn, pending)
+    except Exception:  # noqa: BLE001
+        logger.warning("could not drop a tutor hold", exc_info=True)
+
+
 async def ask(state: Any, user: Any, course_id: int, question: str, *, session_id: int | None = None,
-              room_id: str | None = None, message_id: int | None = None, on_delta: Delta | None = None) -> dict:
+              room_id: str | None = None, message_id: int | None = None, on_delta: Delta | None = None,
+              pending: int | None = None) -> dict:
     """Answer `question` for `user` in `course_id`. Raises ApiError for limits and unknown sessions."""
     prep = await prepare(state, user, course_id, question, session_id=session_id, room_id=room_id,
-                         message_id=message_id)
+                         message_id=message_id, pending=pending)
     return await complete(state, user, course_id, prep, on_delta)
 
 
-async def answer_in_room(state: Any, user: Any, course_id: int, room_id: str, message_id: int, question: str) -> None:
-    """Stream the tutor's reply into a room, then post it as a stored, resumable `message.new`."""
+class RoomQuestion:
+    """Passed to `post_message` as `also`: records the hold of the answer to come in the question's own
+    transaction, so no room question can be left without either an answer under way or a hold for survivors."""
+
+    def __init__(self, proc: str, user_id: int, course_id: int, room_id: str) -> None:
+        self.proc, self.user_id, self.course_id, self.room_id = proc, user_id, course_id, room_id
+        self.pending: int | None = None
+
+    async def __call__(self, conn: asyncpg.Connection, message_id: int) -> None:
+        self.pending = await repo.hold(conn, self.proc, self.user_id, self.course_id, self.room_id, message_id)
+
+
+INTERRUPTED = "I was interrupted by a server restart before I could answer. Please ask again."
+
+
+async def answer_in_room(state: Any, user: Any, course_id: int, room_id: str, message_id: int, question: str,
+                         pending: int | None = None) -> None:
+    """Stream the tutor's reply into a room, then post it as a stored, resumable `message.new`; then drop the
+    answer's hold (`pending`)."""
+    told = False
+    try:
+        told = await _answer_in_room(state, user, course_id, room_id, message_id, question, pending)
+    except asyncio.CancelledError:
+        told = True  # the interrupted reply is posted
+        raise
+    finally:
+        if told and pending is not None:
+            await _drop_hold(state.pool, pending)
+
+
+async def _answer_in_room(state: Any, user: Any, course_id: int, room_id: str, message_id: int, question: str,
+                          pending: int | None) -> bool:
+    """True once the asker has been answered or told why not."""
     redis = state.redis
 
     async def on_delta(text: str) -> None:
@@ -193,19 +269,19 @@ async def answer_in_room(state: Any, user: Any, course_id: int, room_id: str, me
 
     try:
         result = await ask(state, user, course_id, question, room_id=room_id, message_id=message_id,
-                           on_delta=on_delta)
+                           on_delta=on_delta, pending=pending)
     except ApiError as exc:  # the asker's own limit: theirs to see, not the room's
         await publish(redis, user_topic(user.id), Error(code=exc.code, detail=exc.detail, ref=str(message_id),
                                                         retry_after=exc.retry_after))
-        return
+        return True
     except asyncio.CancelledError:  # the server is stopping: the question gets a reply, not silence
-        await _reply(state, room_id, message_id, _failed("I was interrupted by a server restart before I could "
-                                                         "answer. Please ask again.", "interrupted"))
+        await _reply(state.pool, redis, room_id, message_id, _failed(INTERRUPTED, "interrupted"))
         raise
     except Exception:  # noqa: BLE001 - the asker must hear something, never silence
         logger.exception("tutor failed in %s", room_id)
         result = _failed("Sorry, I could not answer that just now. Please ask again.", "internal error")
-    await _reply(state, room_id, message_id, result)
+    await _reply(state.pool, redis, room_id, message_id, result)
+    return True
 
 
 def _failed(text: str, error: str) -> dict:
@@ -213,17 +289,17 @@ def _failed(text: str, error: str) -> dict:
             "error": error}
 
 
-async def _reply(state: Any, room_id: str, message_id: int, result: dict) -> None:
-    redis = state.redis
+async def _reply(pool: Any, redis: Any, room_id: str, message_id: int, result: dict) -> None:
+    """Post the tutor's reply to a room question (once: a second reply to the same question is not stored)."""
     if result.get("error"):
         await publish(redis, room_topic(room_id), Error(code="tutor_failed", detail=result["error"],
                                                         ref=str(message_id)))
     meta = {"citations": result["citations"], "grounded": result["grounded"], "follow_ups": result["follow_ups"],
             "nearest": result["nearest"], "reply_to": message_id, "turn_id": result["turn_id"]}
-    posted = await post_message(state.pool, redis, room_id, None, result["answer"] or "…", meta,
+    posted = await post_message(pool, redis, room_id, None, result["answer"] or "…", meta,
                                 client_msg_id=f"tutor:{message_id}", author_name="Tutor", author_role="tutor")
     if result.get("turn_id"):
-        async with state.pool.acquire() as conn:
+        async with pool.acquire() as conn:
             await conn.execute("UPDATE tutor_turns SET message_id = $2 WHERE id = $1", result["turn_id"],
                                posted.event.id)
 
@@ -278,12 +354,52 @@ async def free_slot(redis: Any, user_id: int, slot: str) -> None:
 
 
 def start_room_answer(state: Any, user: Any, course_id: int, room_id: str, message_id: int, question: str,
-                      slot: str) -> None:
+                      slot: str, pending: int | None = None) -> None:
     """Run `answer_in_room` in the background, holding `slot` (from `take_slot`) until it is done."""
     async def run() -> None:
         try:
-            await answer_in_room(state, user, course_id, room_id, message_id, question)
+            await answer_in_room(state, user, course_id, room_id, message_id, question, pending)
         finally:
             await free_slot(state.redis, user.id, slot)
 
     track(state, run(), user.id)
+
+
+# --- answers a dead process left -----------------------------------------------------------------------------
+
+ORPHAN_AFTER_S = 60.0  # a hold whose process is not even listed (Redis lost it, or it stopped uncleanly)
+RECOVER_BATCH = 50
+
+
+def _from_turn(turn: asyncpg.Record) -> dict:
+    return {"answer": turn["answer"], "grounded": turn["grounded"], "citations": turn["citations"],
+            "follow_ups": turn["follow_ups"], "nearest": [], "turn_id": turn["id"], "error": turn["error"]}
+
+
+async def recover(pool: Any, redis: Any, procs: list[str]) -> int:
+    """Settle the holds of dead server processes: a room question gets its reply (the recorded answer when
+    there is one, else "interrupted, ask again"), a reserved question goes back to the learner's quota, and
+    the hold goes. Safe to run from several processes at once (holds are locked; a reply is posted once).
+    Returns the number of holds settled."""
+    done = 0
+    while True:
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                rows = await repo.claim_holds(conn, procs, RECOVER_BATCH)
+                for r in rows:
+                    if r["room_id"] is not None and r["message_id"] is not None:
+                        turn = await repo.get_turn(conn, r["turn_id"]) if r["turn_id"] is not None else None
+                        try:
+                            await _reply(pool, redis, r["room_id"], r["message_id"],
+                                         _from_turn(turn) if turn is not None else _failed(INTERRUPTED, "interrupted"))
+                        except LookupError:  # the room is gone: there is no one to tell
+                            pass
+                    if r["reserved"] is not None:
+                        await repo.release_turn(conn, r["user_id"], r["reserved"])
+                    await repo.drop_hold(conn, r["id"])
+        done += len(rows)
+        if rows:
+            logger.info("settled tutor answers of a dead process",
+                        extra={"fields": {"procs": procs, "holds": len(rows)}})
+        if len(rows) < RECOVER_BATCH:
+            return done

@@ -6,6 +6,7 @@ after commit. Non-human authors (the tutor, the grader) post with `author_id=Non
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,13 +69,16 @@ FROM users u WHERE u.id = $2"""
 
 async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room_id: str, author_id: int | None,
                        text: str, meta: dict[str, Any] | None = None, client_msg_id: str | None = None, *,
-                       author_name: str = "Tutor", author_role: str = "tutor") -> Posted:
+                       author_name: str = "Tutor", author_role: str = "tutor",
+                       also: Callable[[asyncpg.Connection, int], Awaitable[Any]] | None = None) -> Posted:
     """Post a message and publish `message.new` after commit.
 
     `author_id=None` posts as a non-human author named `author_name` with role `author_role` (the tutor,
     the grader). With a `client_msg_id` seen before from the same author in the room, nothing is stored and
     the original message is returned (`created=False`). Raises Refused("muted") for a muted author and
-    LookupError for a room whose course, pod or session does not exist."""
+    LookupError for a room whose course, pod or session does not exist. `also(conn, message_id)` runs in the
+    message's own transaction, only when a message is created (the tutor records the question it will answer,
+    so the two exist together or not at all)."""
     meta = meta or {}
     try:
         async with sequenced(db, redis) as box:
@@ -111,6 +115,8 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
             await conn.execute(
                 """INSERT INTO room_events (room_id, seq, type, message_id, payload)
                    VALUES ($1, $2, 'message.new', $3, $4)""", room_id, seq, row["id"], payload.decode())
+            if also is not None:
+                await also(conn, row["id"])
             box.later(room_id, payload, "MessageNew")
     except _Duplicate:
         found = await _with_conn(db, lambda c: _existing(c, room_id, author_id, client_msg_id))

@@ -119,6 +119,16 @@ class Change:
     changed: bool  # joined (for join) or left (for leave)
     online_count: int
 
+# KEYS: procs. ARGV: procs. -> per proc: 1 alive, 0 expired, -1 not listed
+_ALIVE = _NOW + """
+local out = {}
+for i, p in ipairs(ARGV) do
+  local s = redis.call('ZSCORE', KEYS[1], p)
+  if not s then out[i] = -1 elseif tonumber(s) >= now then out[i] = 1 else out[i] = 0 end
+end
+return out
+"""
+
 
 class Presence:
     """Presence operations for one server process (`proc`)."""
@@ -133,6 +143,7 @@ class Presence:
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._online = redis.register_script(_ONLINE)
         self._dead = redis.register_script(_DEAD)
+        self._alive = redis.register_script(_ALIVE)
 
     async def join(self, room: str, user: UserRef) -> Change:
         joined, count = await self._join(keys=[presence_room(room), presence_user(room, user.id)],
@@ -171,6 +182,14 @@ class Presence:
         flat = await self._dead(keys=[PROCS], args=[self.proc])
         return [(flat[i].decode() if isinstance(flat[i], bytes) else flat[i], float(flat[i + 1]) / 1000)
                 for i in range(0, len(flat), 2)]
+
+    async def alive(self, procs: list[str]) -> dict[str, bool | None]:
+        """Whether each server process heartbeats: True, False (expired), None (not listed: reaped already,
+        stopped, or Redis lost the list)."""
+        if not procs:
+            return {}
+        flags = await self._alive(keys=[PROCS], args=procs)
+        return {p: None if f == -1 else bool(f) for p, f in zip(procs, flags)}
 
     async def return_dead(self, proc: str, expired_at: float) -> None:
         """Give back a dead process that `dead_procs` handed out but whose clean-up failed (unless it came back

@@ -81,21 +81,63 @@ async def get_turn(conn: asyncpg.Connection, turn_id: int) -> asyncpg.Record | N
     return await conn.fetchrow(f"SELECT {_TURN_COLS} FROM tutor_turns WHERE id = $1", turn_id)
 
 
-async def reserve_turn(conn: asyncpg.Connection, user_id: int, limit: int) -> date | None:
+async def reserve_turn(conn: asyncpg.Connection, user_id: int, limit: int, pending: int | None = None) -> date | None:
     """Take one of today's (UTC) `limit` questions for the user, atomically; the day it counts on, or None when
-    none is left. Concurrent calls never pass the limit together."""
+    none is left. Concurrent calls never pass the limit together. With `pending` (a `hold`), the hold records
+    the day in the same statement, so a process that dies mid-answer leaves the question to give back."""
     if limit <= 0:
         return None
     return await conn.fetchval(
-        """INSERT INTO tutor_quota AS q (user_id, day, used) VALUES ($1, (now() AT TIME ZONE 'UTC')::date, 1)
-           ON CONFLICT (user_id, day) DO UPDATE SET used = q.used + 1 WHERE q.used < $2
-           RETURNING day""", user_id, limit)
+        """WITH q AS (
+               INSERT INTO tutor_quota AS q (user_id, day, used) VALUES ($1, (now() AT TIME ZONE 'UTC')::date, 1)
+               ON CONFLICT (user_id, day) DO UPDATE SET used = q.used + 1 WHERE q.used < $2
+               RETURNING day
+           ), h AS (
+               UPDATE tutor_pending SET reserved = (SELECT day FROM q) WHERE id = $3 AND EXISTS (SELECT 1 FROM q)
+           )
+           SELECT day FROM q""", user_id, limit, pending)
 
 
-async def release_turn(conn: asyncpg.Connection, user_id: int, day: date) -> None:
-    """Give back a question reserved for an answer that never came (an internal failure)."""
-    await conn.execute("UPDATE tutor_quota SET used = used - 1 WHERE user_id = $1 AND day = $2 AND used > 0",
-                       user_id, day)
+async def release_turn(conn: asyncpg.Connection, user_id: int, day: date, pending: int | None = None) -> None:
+    """Give back a question reserved for an answer that never came (an internal failure); `pending`'s hold no
+    longer holds it (it is given back once)."""
+    await conn.execute(
+        """WITH h AS (UPDATE tutor_pending SET reserved = NULL WHERE id = $3)
+           UPDATE tutor_quota SET used = used - 1 WHERE user_id = $1 AND day = $2 AND used > 0""",
+        user_id, day, pending)
+
+
+# --- answers under way (tutor_pending): what a dead process leaves to its survivors ---------------------------
+
+async def hold(conn: asyncpg.Connection, proc: str, user_id: int, course_id: int, room_id: str | None = None,
+               message_id: int | None = None) -> int:
+    """Record an answer that `proc` is about to give; `drop_hold` when it has been delivered."""
+    return await conn.fetchval(
+        """INSERT INTO tutor_pending (proc, user_id, course_id, room_id, message_id) VALUES ($1, $2, $3, $4, $5)
+           RETURNING id""", proc, user_id, course_id, room_id, message_id)
+
+
+async def hold_answered(conn: asyncpg.Connection, pending: int, turn_id: int) -> None:
+    """The answer is recorded (its quota question is spent): all that is left is to post it in the room."""
+    await conn.execute("UPDATE tutor_pending SET reserved = NULL, turn_id = $2 WHERE id = $1", pending, turn_id)
+
+
+async def drop_hold(conn: asyncpg.Connection, pending: int) -> None:
+    await conn.execute("DELETE FROM tutor_pending WHERE id = $1", pending)
+
+
+async def holders(conn: asyncpg.Connection, exclude: str) -> list[asyncpg.Record]:
+    """Processes other than `exclude` holding answers: (proc, age_s of their oldest hold)."""
+    return await conn.fetch(
+        """SELECT proc, extract(epoch FROM now() - min(created_at))::float8 AS age_s FROM tutor_pending
+           WHERE proc <> $1 GROUP BY proc LIMIT 50""", exclude)
+
+
+async def claim_holds(conn: asyncpg.Connection, procs: list[str], limit: int = 50) -> list[asyncpg.Record]:
+    """Lock up to `limit` holds of dead processes (in the caller's transaction; others skip them)."""
+    return await conn.fetch(
+        """SELECT * FROM tutor_pending WHERE proc = ANY($1::text[]) ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED""",
+        procs, limit)
 
 
 async def cached_turn(conn: asyncpg.Connection, course_id: int, version: str, mode: str,

@@ -16,9 +16,11 @@ import asyncpg
 import msgspec
 from redis.asyncio import Redis
 
+from server import tutoring
 from server.realtime.conn import Conn, text_frame
 from store import live as live_repo
 from store import rooms as rooms_repo
+from store import tutor as tutor_repo
 from store.events import CLOSE_UNAUTHENTICATED, INTERNAL, UserRef, Welcome, publish, room_topic, user_topic
 from store.events import Presence as PresenceEvent
 from store.keys import events_channel
@@ -277,7 +279,8 @@ class Hub:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.tick_s)
-            for duty in (self._sweep_presence, self._reap_dead_procs, self._catch_up, self._unsubscribe_idle):
+            for duty in (self._sweep_presence, self._reap_dead_procs, self._settle_orphans, self._catch_up,
+                         self._unsubscribe_idle):
                 try:
                     # bounded: a busy pool or a slow Redis delays this duty, not the next tick's
                     await asyncio.wait_for(duty(), timeout=self.tick_s * 2)
@@ -320,11 +323,27 @@ class Hub:
             try:
                 async with self.pool.acquire() as db:
                     closed = await live_repo.attendance_close_proc(db, proc, last_seen)
+                answers = await tutoring.recover(self.pool, self.redis, [proc])
             except BaseException:  # failed, or cut off by the duty's time limit
-                # the claim is given back (still expired), so the next tick, here or elsewhere, closes the rows
+                # the claim is given back (still expired), so the next tick, here or elsewhere, finishes the job
                 await asyncio.shield(self.presence.return_dead(proc, expired_at))
                 raise
-            logger.info("server process gone", extra={"fields": {"proc": proc, "attendance_closed": closed}})
+            logger.info("server process gone", extra={"fields": {"proc": proc, "attendance_closed": closed,
+                                                                 "tutor_answers_settled": answers}})
+
+    async def _settle_orphans(self) -> None:
+        """Tutor answers held by processes that are gone but were never reaped here: expired ones another duty
+        has not claimed yet, and unlisted ones (stopped uncleanly, or Redis lost the list) once their hold is
+        older than ORPHAN_AFTER_S."""
+        async with self.pool.acquire() as db:
+            held = await tutor_repo.holders(db, self.proc)
+        if not held:
+            return
+        alive = await self.presence.alive([r["proc"] for r in held])
+        gone = [r["proc"] for r in held
+                if alive[r["proc"]] is False or (alive[r["proc"]] is None and r["age_s"] > tutoring.ORPHAN_AFTER_S)]
+        if gone:
+            await tutoring.recover(self.pool, self.redis, gone)
 
     async def _catch_up(self) -> None:
         """Connections still behind a seq that was committed a whole tick ago re-read Postgres."""
