@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from server.errors import ApiError
 from store import tutor as repo
 from store.events import Error, TutorDelta, publish, room_topic, user_topic
 from store.ratelimit import free_answer_slot, take_answer_slot
-from store.messages import post_message
+from store.messages import Posted, Refused, post_message
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ ROOM_CONTEXT_MESSAGES = 10
 MAX_RUNNING_PER_USER = 2
 SLOT_TTL_MS = 180_000
 MAX_QUESTION_CHARS = 2000  # over REST and in rooms
+BUSY = f"the tutor is still answering your last {MAX_RUNNING_PER_USER} questions; ask again when they are done"
+TUTOR_MENTION = re.compile(r"(?<![\w@])@tutor\b", re.IGNORECASE)
 
 
 def tutor_for(state: Any) -> Tutor:
@@ -403,3 +406,46 @@ async def recover(pool: Any, redis: Any, procs: list[str]) -> int:
                         extra={"fields": {"procs": procs, "holds": len(rows)}})
         if len(rows) < RECOVER_BATCH:
             return done
+
+
+# --- room posts that ask the tutor (websocket frames and REST share these) ----------------------------------
+
+async def post_asking(state: Any, user: Any, room_id: str, course_id: int, text: str, meta: dict | None,
+                      client_msg_id: str | None, question: str | None, slot: str | None) -> Posted:
+    """Post a message; with a tutor `slot` (from `take_slot`) the tutor answers `question` in reply, and the
+    answer's hold is stored with the message. The slot is freed when there is nothing to answer (an error, or
+    a repeat of a message already posted: `created` is False and nothing is answered again)."""
+    proc = _proc(state)
+    asking = RoomQuestion(proc, user.id, course_id, room_id) if slot is not None and proc is not None else None
+    try:
+        posted = await post_message(state.pool, state.redis, room_id, user.id, text, meta, client_msg_id,
+                                    also=asking)
+    except BaseException:
+        if slot is not None:
+            await free_slot(state.redis, user.id, slot)
+        raise
+    if not posted.created:
+        if slot is not None:
+            await free_slot(state.redis, user.id, slot)
+    elif slot is not None:
+        start_room_answer(state, user, course_id, room_id, posted.event.id, question or text, slot,
+                          asking.pending if asking is not None else None)
+    return posted
+
+
+async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, text: str,
+                          client_msg_id: str | None) -> tuple[Posted, Refused | None]:
+    """Post a message; one that mentions @tutor asks it (the question is the message without the mention).
+    The message stands even when the tutor does not take the question (too long, or `tutor_busy`): that
+    refusal is returned, for the asker only (None for a repeat of a message already posted)."""
+    refused, question, slot = None, None, None
+    if TUTOR_MENTION.search(text):
+        question = " ".join(TUTOR_MENTION.sub(" ", text).split()) or text
+        if len(question) > MAX_QUESTION_CHARS:
+            refused = Refused("too_long", f"a question to the tutor is at most {MAX_QUESTION_CHARS} characters")
+        else:
+            slot = await take_slot(state.redis, user.id, user.role)
+            if slot is None:
+                refused = Refused("tutor_busy", BUSY)
+    posted = await post_asking(state, user, room_id, course_id, text, None, client_msg_id, question, slot)
+    return posted, refused if posted.created else None

@@ -27,6 +27,18 @@ class RoomMessage(msgspec.Struct):
     meta: dict[str, Any]
 
 
+class TutorTaken(msgspec.Struct):
+    """For a posted message that mentions @tutor: whether the tutor answers it in the room (`tutor.delta`
+    events, then its message), and if not, why (`too_long`, `tutor_busy`); the message stands either way."""
+    answering: bool
+    code: str | None = None
+    detail: str | None = None
+
+
+class PostedMessage(RoomMessage):
+    tutor: TutorTaken | None = None  # only for a message that mentions @tutor
+
+
 class MessagePage(msgspec.Struct):
     items: list[RoomMessage]
     has_more: bool

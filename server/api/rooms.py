@@ -9,10 +9,12 @@ from litestar.params import Parameter
 from litestar.response import Response
 
 from server.api.paging import ListLimit, Offset, PageLimit
-from server.api.room_schemas import KickIn, MessagePage, Mute, MuteIn, OnlineList, PostIn, RoomMessage
+from server.api.room_schemas import (KickIn, MessagePage, Mute, MuteIn, OnlineList, PostedMessage, PostIn, RoomMessage,
+                                     TutorTaken)
 from server.auth import AuthUser
 from server.decode import read_json
 from server.errors import ApiError
+from server.tutoring import TUTOR_MENTION, post_mentioning
 from store import messages as messages_repo
 from store import moderation
 from store import rooms as rooms_repo
@@ -70,8 +72,9 @@ class RoomController(Controller):
         return MessagePage(items=[to_message(r, room_id) for r in rows], has_more=more)
 
     @post("/{room_id:str}/messages", status_code=201)
-    async def post_message(self, request: Request, room_id: str) -> Response[RoomMessage]:
-        """Post as the caller (bots, integrations); same rules and limits as a websocket `message.send`."""
+    async def post_message(self, request: Request, room_id: str) -> Response[PostedMessage]:
+        """Post as the caller (bots, integrations); same rules and limits as a websocket `message.send`,
+        including `@tutor`: the tutor answers in the room, and `tutor` says whether it took the question."""
         data = await read_json(request, PostIn)
         user: AuthUser = request.user
         state = request.app.state
@@ -81,19 +84,23 @@ class RoomController(Controller):
             raise ApiError(400, f"text is longer than {state.settings.ws_max_text} characters", code="too_long",
                            field="text")
         async with state.pool.acquire() as conn:
-            await room_or_404(conn, room_id, user)
+            acc = await room_or_404(conn, room_id, user)
         ok, wait = await state.hub.limiter.take(user.id)
         if not ok:
             raise ApiError(429, f"too many messages; retry in {wait:g}s", retry_after=wait)
         try:
-            posted = await messages_repo.post_message(state.pool, state.redis, room_id, user.id, data.text, None,
+            posted, not_taken = await post_mentioning(state, user, room_id, acc.course_id, data.text,
                                                       data.client_msg_id)
         except messages_repo.Refused as exc:
             raise refused(exc) from exc
         ev = posted.event
-        return Response(RoomMessage(id=ev.id, seq=ev.seq, room=room_id, author=ev.author, text=ev.text,
-                                    created_at=ev.created_at, edited_at=None, client_msg_id=ev.client_msg_id,
-                                    meta=ev.meta), status_code=201 if posted.created else 200)
+        tutor = None
+        if posted.created and TUTOR_MENTION.search(ev.text):
+            tutor = (TutorTaken(answering=True) if not_taken is None
+                     else TutorTaken(answering=False, code=not_taken.code, detail=not_taken.detail))
+        return Response(PostedMessage(id=ev.id, seq=ev.seq, room=room_id, author=ev.author, text=ev.text,
+                                      created_at=ev.created_at, edited_at=None, client_msg_id=ev.client_msg_id,
+                                      meta=ev.meta, tutor=tutor), status_code=201 if posted.created else 200)
 
     @delete("/{room_id:str}/messages/{message_id:int}", status_code=204)
     async def delete_message(self, request: Request, room_id: str, message_id: int) -> None:

@@ -6,7 +6,6 @@ Refusals accept the handshake and close at once, so the client sees the code: 44
 from __future__ import annotations
 
 import asyncio
-import re
 import logging
 import time
 
@@ -16,8 +15,7 @@ from litestar.exceptions import NotAuthorizedException
 from server.auth import AuthUser, authenticate, bearer_token
 from server.realtime.conn import Conn
 from server.realtime.hub import Hub
-from server.tutoring import (MAX_QUESTION_CHARS, MAX_RUNNING_PER_USER, RoomQuestion, free_slot, start_room_answer,
-                             take_slot)
+from server.tutoring import BUSY, MAX_QUESTION_CHARS, free_slot, post_asking, post_mentioning, take_slot
 from store import frames
 from store import live as live_repo
 from store import messages as messages_repo
@@ -166,32 +164,6 @@ async def _rate(hub: Hub, user: AuthUser) -> None:
                                     retry_after=round(wait, 3))
 
 
-async def _post(conn: Conn, user: AuthUser, hub: Hub, text: str, meta: dict | None, client_msg_id: str | None,
-                question: str | None, slot: str | None) -> bool:
-    """Post a message; with a tutor `slot` (from `take_slot`), the tutor answers `question` in reply, and the
-    answer's hold is stored with the message. The slot is freed when there is nothing to answer. False: a
-    repeat of a message already posted (nothing is posted or answered again)."""
-    asking = RoomQuestion(hub.proc, user.id, conn.access.course_id, conn.room) if slot is not None else None
-    try:
-        posted = await messages_repo.post_message(hub.pool, hub.redis, conn.room, user.id, text, meta, client_msg_id,
-                                                  also=asking)
-    except BaseException:
-        if slot is not None:
-            await free_slot(hub.redis, user.id, slot)
-        raise
-    if not posted.created:  # a repeat: the question is answered (or being answered) once
-        if slot is not None:
-            await free_slot(hub.redis, user.id, slot)
-        conn.own(posted.event.seq, posted.payload.decode())
-        return False
-    if asking is not None and slot is not None:
-        start_room_answer(hub.app_state, user, conn.access.course_id, conn.room, posted.event.id, question or text,
-                          slot, asking.pending)
-    return True
-
-
-_BUSY = f"the tutor is still answering your last {MAX_RUNNING_PER_USER} questions; ask again when they are done"
-TUTOR_MENTION = re.compile(r"(?<![\w@])@tutor\b", re.IGNORECASE)
 
 
 async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hub) -> None:
@@ -199,30 +171,27 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
     if isinstance(frame, frames.MessageSend):
         text = _check_text(frame.text, settings.ws_max_text)
         await _rate(hub, user)
-        refused, question, slot = None, None, None
-        if TUTOR_MENTION.search(text):  # the question is the message without the mention
-            question = " ".join(TUTOR_MENTION.sub(" ", text).split()) or text
-            if len(question) > MAX_QUESTION_CHARS:  # the message stands; the tutor does not take it
-                refused = messages_repo.Refused("too_long", f"a question to the tutor is at most {MAX_QUESTION_CHARS} "
-                                                            "characters")
-            else:
-                slot = await take_slot(hub.redis, user.id, user.role)
-                if slot is None:  # the message stands; the tutor does not take it
-                    refused = messages_repo.Refused("tutor_busy", _BUSY)
-        if await _post(conn, user, hub, text, None, frame.client_msg_id, question, slot) and refused is not None:
+        posted, refused = await post_mentioning(hub.app_state, user, conn.room, conn.access.course_id, text,
+                                                frame.client_msg_id)
+        if not posted.created:
+            conn.own(posted.event.seq, posted.payload.decode())
+        if refused is not None:  # the message stands; the tutor does not take it
             raise refused
     elif isinstance(frame, frames.TutorAsk):
         # the question is posted like any message, then the tutor replies to it
         text = _check_text(frame.text, min(settings.ws_max_text, MAX_QUESTION_CHARS))
         slot = await take_slot(hub.redis, user.id, user.role)  # refused before anything is posted
         if slot is None:
-            raise messages_repo.Refused("tutor_busy", _BUSY)
+            raise messages_repo.Refused("tutor_busy", BUSY)
         try:
             await _rate(hub, user)
         except BaseException:
             await free_slot(hub.redis, user.id, slot)
             raise
-        await _post(conn, user, hub, text, {"tutor_ask": True}, frame.client_msg_id, text, slot)
+        posted = await post_asking(hub.app_state, user, conn.room, conn.access.course_id, text, {"tutor_ask": True},
+                                   frame.client_msg_id, text, slot)
+        if not posted.created:  # a repeat of a question already asked: it is answered (or being answered) once
+            conn.own(posted.event.seq, posted.payload.decode())
     elif isinstance(frame, frames.MessageEdit):
         text = _check_text(frame.text, settings.ws_max_text)
         await _rate(hub, user)

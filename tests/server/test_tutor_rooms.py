@@ -39,6 +39,34 @@ async def test_at_tutor_streams_then_posts_a_cited_message(eval_course: EvalCour
     await c.close()
 
 
+async def test_at_tutor_over_rest_is_answered_in_the_room(eval_course: EvalCourse, server, settings):
+    """A bot posting over REST (`POST /rooms/{room}/messages`) asks the tutor the way a socket does: the tutor
+    replies in the room, and the response says it took the question; a question too long for it is not taken
+    (the message stands, `tutor.answering` false with the reason); a repeat is not answered twice."""
+    room = f"course:{eval_course.id}"
+    c = await Client.connect(server, room, eval_course.instructor)
+    with httpx.Client(base_url=server, headers=eval_course.learner.h, timeout=30) as http:
+        r = http.post(f"/api/v1/rooms/{room}/messages",
+                      json={"text": "@tutor what is a digital signature in bitcoin?", "client_msg_id": "bot1"})
+        assert r.status_code == 201 and r.json()["tutor"] == {"answering": True, "code": None, "detail": None}
+        asked = r.json()
+        (answer,) = await _tutor_replies(c, 1)
+        assert answer["meta"]["reply_to"] == asked["id"] and answer["meta"]["grounded"] is True
+        assert answer["meta"]["citations"][0]["video_id"] == eval_course.videos["3b1b-bitcoin.srt"]
+        _holds_gone(settings, asked["id"])
+        again = http.post(f"/api/v1/rooms/{room}/messages",
+                          json={"text": "@tutor what is a digital signature in bitcoin?", "client_msg_id": "bot1"})
+        assert again.status_code == 200 and again.json()["id"] == asked["id"] and again.json()["tutor"] is None
+        long = http.post(f"/api/v1/rooms/{room}/messages", json={"text": "@tutor " + "why " * 600})
+        assert long.status_code == 201
+        assert long.json()["tutor"]["answering"] is False and long.json()["tutor"]["code"] == "too_long"
+        plain = http.post(f"/api/v1/rooms/{room}/messages", json={"text": "no question for anyone"})
+        assert plain.status_code == 201 and plain.json()["tutor"] is None
+    later = await c.quiet(1.5)
+    assert not [f for f in later if f["type"] == "message.new" and f["author"]["role"] == "tutor"]
+    await c.close()
+
+
 async def test_reconnect_mid_answer_resumes_to_the_final_message(eval_course: EvalCourse, server):
     room = f"course:{eval_course.id}"
     c = await Client.connect(server, room, eval_course.learner)
