@@ -274,7 +274,15 @@ class TokenRevoked(Event, tag="internal.revoke"):
     token_id: str
 
 
-INTERNAL = frozenset({"internal.kick", "internal.revoke"})
+class AccessRevoked(Event, tag="internal.leave"):
+    """Close the owner's sockets (on their personal topic, every process) in every room of course `course_id`
+    (course, pod and live rooms, ended sessions' too), or with `pod_id` in that pod's room: they left it."""
+
+    course_id: int | None = None
+    pod_id: int | None = None
+
+
+INTERNAL = frozenset({"internal.kick", "internal.revoke", "internal.leave"})
 
 # Websocket close codes.
 CLOSE_TOO_BIG = 1009        # a frame over 64 KiB (uvicorn's websocket implementation sends it)

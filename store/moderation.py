@@ -7,8 +7,7 @@ from datetime import datetime
 import asyncpg
 from redis.asyncio import Redis
 
-from store.events import Kick, encode, publish, room_topic
-from store.keys import events_channel
+from store.events import AccessRevoked, Kick, publish, room_topic, user_topic
 
 logger = logging.getLogger(__name__)
 
@@ -59,21 +58,12 @@ async def kicked_until(conn: asyncpg.Connection, room_id: str, user_id: int) -> 
 async def revoke_access(conn: asyncpg.Connection, redis: Redis, user_id: int, *, course_id: int | None = None,
                         pod_id: int | None = None) -> None:
     """Close the user's open sockets in rooms they may no longer join (4403 `access revoked`): after leaving a
-    course, its course, pod and live rooms; after leaving a pod, that pod's room. Access is checked at join, so
-    without this an open socket would keep reading and posting."""
+    course, every room of it (course, pod and live rooms, ended sessions included); after leaving a pod, that
+    pod's room. Access is checked at join, so without this an open socket would keep reading and posting. One
+    event on the user's personal topic reaches each process holding their sockets, whatever the rooms."""
     if await conn.fetchval("SELECT role FROM users WHERE id = $1", user_id) != "learner":
         return  # staff and bots join by role, not by enrollment or membership
-    rooms = [f"pod:{pod_id}"] if pod_id is not None else []
-    if course_id is not None:
-        rooms += [f"course:{course_id}"] + list(await conn.fetchval(
-            """SELECT ARRAY(SELECT 'pod:' || id FROM pods WHERE course_id = $1)
-                   || ARRAY(SELECT 'live:' || id FROM live_sessions WHERE course_id = $1 AND ended_at IS NULL)""",
-            course_id))
-    try:  # one round trip for all of them
-        async with redis.pipeline(transaction=False) as pipe:
-            for room in rooms:
-                pipe.publish(events_channel(room_topic(room)),
-                             encode(Kick(room=room, user_id=user_id, reason="access revoked")))
-            await pipe.execute()
+    try:
+        await publish(redis, user_topic(user_id), AccessRevoked(course_id=course_id, pod_id=pod_id))
     except Exception:  # noqa: BLE001 - access is gone already; sockets left open close when they next rejoin
         logger.warning("could not close the sockets of user %s", user_id, exc_info=True)

@@ -63,6 +63,7 @@ class LiveController(Controller):
         async with request.app.state.pool.acquire() as conn:
             if await rooms_repo.access(conn, f"course:{course_id}", user.id, user.tenant_id, user.role) is None:
                 raise ApiError(404, f"course {course_id} not found")
+            await not_kicked(conn, f"course:{course_id}", user)
             return [to_session(r) for r in await repo.list_sessions(conn, course_id, limit=limit, offset=offset)]
 
     @get("/live/{session_id:int}")

@@ -21,7 +21,8 @@ from server.realtime.conn import Conn, text_frame
 from store import live as live_repo
 from store import rooms as rooms_repo
 from store import tutor as tutor_repo
-from store.events import CLOSE_UNAUTHENTICATED, INTERNAL, UserRef, Welcome, publish, room_topic, user_topic
+from store.events import (CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, INTERNAL, UserRef, Welcome, publish, room_topic,
+                          user_topic)
 from store.events import Presence as PresenceEvent
 from store.keys import events_channel
 from store.presence import Presence
@@ -47,6 +48,8 @@ class _Envelope(msgspec.Struct):
     user_id: int | None = None
     reason: str = "kicked"
     token_id: str | None = None
+    course_id: int | None = None
+    pod_id: int | None = None
 
 
 _envelope = msgspec.json.Decoder(_Envelope)
@@ -248,6 +251,11 @@ class Hub:
                         for conn in list(conns):
                             if conn.token_id == env.token_id:
                                 conn.close_soon(CLOSE_UNAUTHENTICATED, "token revoked")
+                    elif env.type == "internal.leave":
+                        for conn in list(conns):
+                            if (conn.room == f"pod:{env.pod_id}" if env.pod_id is not None
+                                    else conn.access.course_id == env.course_id):
+                                conn.close_soon(CLOSE_FORBIDDEN, "access revoked")
                     return
                 msg = text_frame(data.decode())
                 for conn in conns:

@@ -88,10 +88,15 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
                                                        CLOSE_UNAUTHENTICATED, "token expired")
     try:
         await hub.attach(conn)
-        await hub.welcome(conn, after)  # type: ignore[arg-type]
-        if access.kind == "live":
-            async with state.pool.acquire() as db:
-                attendance_id = await live_repo.attendance_join(db, int(room_id.split(":")[1]), user.id, hub.proc)
+        if not await _still_allowed(state, room_id, user):
+            # a kick or a removal published between the check above and the attach never reached this socket
+            conn.close_soon(CLOSE_FORBIDDEN, "access revoked")
+        else:
+            await hub.welcome(conn, after)  # type: ignore[arg-type]
+            if access.kind == "live":
+                async with state.pool.acquire() as db:
+                    attendance_id = await live_repo.attendance_join(db, int(room_id.split(":")[1]), user.id,
+                                                                    hub.proc)
         await _serve(socket, conn, user, hub)
     except asyncio.CancelledError:
         if conn.closing is None:
@@ -106,6 +111,13 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
             await asyncio.shield(_cleanup(state, hub, conn, attendance_id))
         except asyncio.CancelledError:
             pass
+
+
+async def _still_allowed(state, room_id: str, user: AuthUser) -> bool:  # type: ignore[no-untyped-def]
+    """The join check again, once the socket receives the room's kicks and the user's removals."""
+    async with state.pool.acquire() as db:
+        return (await rooms_repo.access(db, room_id, user.id, user.tenant_id, user.role) is not None
+                and await moderation.kicked_until(db, room_id, user.id) is None)
 
 
 async def _cleanup(state, hub: Hub, conn: Conn, attendance_id: int | None) -> None:  # type: ignore[no-untyped-def]

@@ -35,6 +35,7 @@ async def test_a_kicked_user_is_kept_out_over_rest_too(server, make: Factory):
         r = c.post(f"/api/v1/rooms/{course.room}/messages", json={"text": "still here"}, headers=bad.h)
         assert r.status_code == 403 and r.json()["code"] == "kicked"
         assert c.get(f"/api/v1/rooms/{course.room}/messages", headers=bad.h).status_code == 403
+        assert c.get(f"/api/v1/courses/{course.id}/live", headers=bad.h).json()["code"] == "kicked"
         assert c.get(f"/api/v1/rooms/{course.room}/messages", headers=course.instructor.h).status_code == 200
 
 
@@ -81,23 +82,29 @@ async def test_resume_during_a_replay_streams_on_at_once(server, make: Factory, 
 
 async def test_leaving_a_course_or_pod_closes_open_sockets_there(server, make: Factory):
     """Access is checked at join; removing a learner from the course (or a pod) also closes the sockets they
-    still have open there, so they stop reading and posting."""
+    still have open there, so they stop reading and posting: in the course room, its pods' rooms and its live
+    rooms, ended sessions' included."""
     import websockets
 
     course = make_course(server, make, learners=2)
     gone, stays = course.learners
+    inst = course.instructor.h
     with httpx.Client(base_url=server, timeout=30) as c:
-        pod = c.post(f"/api/v1/courses/{course.id}/pods", json={"name": "p"}, headers=course.instructor.h).json()
+        pod = c.post(f"/api/v1/courses/{course.id}/pods", json={"name": "p"}, headers=inst).json()
         for u in (gone, stays):
-            assert c.post(f"/api/v1/pods/{pod['id']}/members", json={"user_id": u.id},
-                          headers=course.instructor.h).status_code == 201
+            assert c.post(f"/api/v1/pods/{pod['id']}/members", json={"user_id": u.id}, headers=inst).status_code == 201
+        sid = c.post(f"/api/v1/courses/{course.id}/live", json={"title": "Lab"}, headers=inst).json()["id"]
+        assert c.post(f"/api/v1/live/{sid}/start", headers=inst).status_code == 200
+        assert c.post(f"/api/v1/live/{sid}/end", headers=inst).status_code == 200
     in_course = await Client.connect(server, course.room, gone)
+    in_its_pod = await Client.connect(server, f"pod:{pod['id']}", gone)
+    in_ended_live = await Client.connect(server, f"live:{sid}", gone)
     in_pod = await Client.connect(server, f"pod:{pod['id']}", stays)
     with httpx.Client(base_url=server, timeout=30) as c:
         assert c.delete(f"/api/v1/courses/{course.id}/enrollments/{gone.id}",
                         headers=course.instructor.h).status_code == 204
         assert c.delete(f"/api/v1/pods/{pod['id']}/members/{stays.id}", headers=stays.h).status_code == 204
-    for cl in (in_course, in_pod):
+    for cl in (in_course, in_its_pod, in_ended_live, in_pod):
         try:
             while True:
                 await cl.recv(timeout=5)
