@@ -96,6 +96,18 @@ def _references(reference: str, criterion: Criterion, n_criteria: int) -> list[s
     return refs
 
 
+def criterion_score(points: float, raw: float) -> float:
+    """A criterion's score to one decimal, within [0, points] also after rounding (0.75 points must not
+    round up to 0.8)."""
+    return max(0.0, min(points, round(raw, 1)))
+
+
+def total_of(scores: list[dict[str, Any]]) -> float:
+    """The percentage over all criteria, to one decimal, within [0, 100]."""
+    total = 100.0 * sum(s["score"] for s in scores) / max(sum(s["points"] for s in scores), 1e-9)
+    return max(0.0, min(100.0, round(total, 1)))
+
+
 def offline_scores(embedder: Any, question: str, reference: str, criteria: list[Criterion], answer: str,
                    exemplars: list[scoring.Exemplar]) -> dict[str, Any]:
     """Per-criterion scores from the offline scorer (blocking: call in a thread)."""
@@ -113,12 +125,11 @@ def offline_scores(embedder: Any, question: str, reference: str, criteria: list[
                 f"{len(s.covered)} of {len(s.covered) + len(s.missing)} key concepts"]
         if s.exemplars_used:
             bits.append(f"compared with {s.exemplars_used} graded answers (closest {s.nearest:.2f})")
-        out.append({"name": c["name"], "points": points, "score": round(points * s.prob, 1),
+        out.append({"name": c["name"], "points": points, "score": criterion_score(points, points * s.prob),
                     "justification": "; ".join(bits) + "."})
         covered += [w for w in s.covered if w not in covered and w not in RUBRIC_WORDS]
         missing += [w for w in s.missing if w not in missing and w not in covered and w not in RUBRIC_WORDS]
-    total = 100.0 * sum(x["score"] for x in out) / max(points_sum, 1e-9)
-    return {"scores": out, "total": round(total, 1), "confidence": round(conf_sum / max(points_sum, 1e-9), 3),
+    return {"scores": out, "total": total_of(out), "confidence": round(conf_sum / max(points_sum, 1e-9), 3),
             "concepts": {"covered": covered[:8], "missing": missing[:8]}}
 
 
@@ -152,10 +163,9 @@ def _parse_llm(text: str, criteria: list[Criterion]) -> dict[str, Any]:
         if got is None:
             raise ValueError(f"the model's reply has no score for criterion {c['name']!r}")
         points = float(c["points"])
-        scores.append({"name": c["name"], "points": points, "score": round(min(points, max(0.0, got.score)), 1),
+        scores.append({"name": c["name"], "points": points, "score": criterion_score(points, got.score),
                        "justification": got.justification.strip()[:500]})
-    total = 100.0 * sum(s["score"] for s in scores) / max(sum(s["points"] for s in scores), 1e-9)
-    return {"scores": scores, "total": round(total, 1), "confidence": min(1.0, max(0.0, grade.confidence)),
+    return {"scores": scores, "total": total_of(scores), "confidence": min(1.0, max(0.0, grade.confidence)),
             "feedback": {"right": grade.feedback.right.strip()[:1000], "missing": grade.feedback.missing.strip()[:1000],
                          "improve": grade.feedback.improve.strip()[:1000]}}
 

@@ -130,6 +130,8 @@ async def _grade(ctx: dict[str, Any], submission_id: int) -> str:
             return "nothing to do"
         a = await assignments_repo.get(conn, sub["assignment_id"])
         tries = await subs_repo.note_try(conn, submission_id)
+        if tries > MAX_TRIES + 1:  # its runs keep dying (the worker killed, or a save that cannot work)
+            return await _hold_failed(ctx, submission_id, f"automatic grading did not finish in {tries - 1} tries")
         ex_rows = await subs_repo.exemplars(conn, a["id"], exclude_user=sub["user_id"])
         try:
             moment = await _moment(conn, a, embedder)
@@ -164,11 +166,15 @@ async def _grade(ctx: dict[str, Any], submission_id: int) -> str:
         return await _hold_failed(ctx, submission_id, f"automatic grading failed: {type(exc).__name__}: {exc}")
     held = bool(result["held"])
     async with pool.acquire() as conn:
-        async with conn.transaction():
-            row = await subs_repo.save_machine_grade(
-                conn, submission_id, score=result["total"], confidence=result["confidence"], criteria=result["scores"],
-                feedback=result["feedback"], grader=result["grader"], held=held,
-                reason=result.get("reason") or result.get("note"))
+        try:
+            async with conn.transaction():
+                row = await subs_repo.save_machine_grade(
+                    conn, submission_id, score=result["total"], confidence=result["confidence"],
+                    criteria=result["scores"], feedback=result["feedback"], grader=result["grader"], held=held,
+                    reason=result.get("reason") or result.get("note"))
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:  # never works on a retry
+            logger.exception("grade of submission %s cannot be saved", submission_id)
+            return await _hold_failed(ctx, submission_id, f"the automatic grade could not be saved: {exc}")
         if row is None:
             return "already graded"
         if not held:
@@ -209,6 +215,7 @@ async def recover_grading(ctx: dict[str, Any]) -> int:
         logger.info("re-queued %d submissions waiting for a grade", n)
     async with pool.acquire() as conn:
         await assignments_repo.reconcile_grade_xp(conn, redis)
+        await assignments_repo.reconcile_chapter_scores(conn)
         await finish_grade_jobs(conn)
     return n
 

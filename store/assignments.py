@@ -134,6 +134,24 @@ async def reconcile_grade_xp(conn: asyncpg.Connection, redis: Redis, limit: int 
     return len(rows)
 
 
+async def reconcile_chapter_scores(conn: asyncpg.Connection, limit: int = 500) -> int:
+    """Recompute the chapter strengths that a final grade of the last 7 days never reached (the process died
+    between the grade's commit and `on_grade_final`); a strength updated after the grade already counts it.
+    Safe to run at any time; the worker runs it every minute."""
+    rows = await conn.fetch(
+        """SELECT DISTINCT ON (s.user_id, a.chapter_id) s.user_id, s.assignment_id FROM submissions s
+           JOIN assignments a ON a.id = s.assignment_id AND a.chapter_id IS NOT NULL
+           WHERE s.status = 'graded' AND s.final_at > now() - interval '7 days'
+             AND NOT EXISTS (SELECT 1 FROM chapter_scores c WHERE c.user_id = s.user_id
+                                 AND c.chapter_id = a.chapter_id AND c.updated_at >= s.final_at)
+           LIMIT $1""", limit)
+    for r in rows:
+        await _update_chapter_score(conn, r["user_id"], r["assignment_id"])
+    if rows:
+        logger.info("updated %d chapter strengths that missed a final grade", len(rows))
+    return len(rows)
+
+
 async def _update_chapter_score(conn: asyncpg.Connection, user_id: int, assignment_id: int) -> None:
     """Mean of the learner's best final score per assignment of the chapter, 0..1."""
     await conn.execute(

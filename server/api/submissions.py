@@ -152,7 +152,11 @@ class SubmissionController(Controller):
         if row["status"] == "grading":
             from ingest.grading import enqueue_grade
 
-            await enqueue_grade(state.arq, state.pool, row["id"])
+            try:
+                await enqueue_grade(state.arq, state.pool, row["id"])
+            except Exception:  # noqa: BLE001 - the attempt is stored; grading recovery queues it
+                logger.warning("could not queue grading of submission %s now; recovery will", row["id"],
+                               exc_info=True)
         return to_submission(row, user)
 
     @get("/assignments/{assignment_id:int}/submissions")

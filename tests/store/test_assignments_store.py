@@ -103,6 +103,42 @@ async def test_llm_grader_through_the_job(db, settings):
     assert row["feedback"]["right"] == "Halving and log n."
 
 
+async def test_full_marks_on_fractional_points_grade_100_not_a_stuck_submission(db, settings):
+    """Criteria worth 7.5 and 2.75 points at full marks: rounding to one decimal must not give 2.8 of 2.75
+    (a total of 100.5, which the grade's check refuses, leaving the submission in `grading` forever)."""
+    pool, redis = db
+    s = await _setup(pool)
+    rubric = [{"name": "correctness", "points": 7.5, "description": ""}, {"name": "clarity", "points": 2.75,
+                                                                           "description": ""}]
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE assignments SET rubric = $2 WHERE id = $1", s["assignment"]["id"], rubric)
+    sid = await _submit(pool, s, "It cuts the sorted list in half each time, so log n steps.")
+    with FakeLLMServer() as fake:
+        fake.script(Reply(json.dumps({"criteria": [{"name": "correctness", "score": 7.5, "justification": "Right."},
+                                                   {"name": "clarity", "score": 2.75, "justification": "Clear."}],
+                                      "confidence": 0.95, "feedback": {"right": "All of it."}})))
+        llm_settings = dataclasses.replace(settings, openai_base_url=fake.openai_base_url, llm_provider="openai")
+        assert await grading.grade_submission(ctx_for(pool, redis, llm_settings), sid) in ("graded", "held")
+    async with pool.acquire() as conn:
+        row = await subs_repo.get(conn, sid)
+    assert row["status"] in ("graded", "review_pending") and row["score"] == 100.0
+    assert [c["score"] for c in row["criteria"]] == [7.5, 2.75]
+
+
+async def test_a_submission_whose_grading_keeps_dying_goes_to_review(db, settings):
+    """Runs that never finish (a worker killed each time) are not re-queued forever: past the tries, the
+    submission waits for an instructor, with the reason."""
+    pool, redis = db
+    s = await _setup(pool)
+    sid = await _submit(pool, s, REFERENCE)
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE submissions SET grade_tries = $2 WHERE id = $1", sid, grading.MAX_TRIES + 1)
+    assert await grading.grade_submission(ctx_for(pool, redis, settings), sid) == "held: grading failed"
+    async with pool.acquire() as conn:
+        row = await subs_repo.get(conn, sid)
+    assert row["status"] == "review_pending" and "did not finish" in row["review_reason"]
+
+
 async def test_lost_grading_jobs_are_requeued(db, settings):
     pool, redis = db
     s = await _setup(pool)

@@ -1,6 +1,7 @@
 """A grade committed without its XP (the process died in between) gets its XP from the reconciler, once."""
 from __future__ import annotations
 
+import pytest
 from redis.asyncio import Redis
 
 from store.assignments import reconcile_grade_xp
@@ -62,3 +63,35 @@ def test_a_lost_perfect_score_bonus_is_awarded(settings, make: Factory, client):
     keys = {r["idempotency_key"] for r in fetch(settings, "SELECT idempotency_key FROM xp_events WHERE user_id = $1",
                                                  learner.id)}
     assert keys == {f"assignment:{aid}", f"perfect:{aid}"}
+
+
+def test_a_chapter_strength_that_missed_a_final_grade_is_recomputed(settings, make: Factory, client):
+    """The grade committed, then the process died before the learner's chapter strength (read by the matcher)
+    was updated: the reconciler computes it, once."""
+    from store.assignments import reconcile_chapter_scores
+
+    inst, learner = make.user("instructor"), make.user("learner")
+    cid = client.post("/api/v1/courses", json={"title": "Strength"}, headers=inst.h).json()["id"]
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status) VALUES ($1, 'v', 'transcript', "
+                          "'ready') RETURNING id", cid)[0]["id"]
+    chid = fetch(settings, "INSERT INTO chapters (video_id, idx, start_s, end_s, title) VALUES ($1, 0, 0, 60, 'c') "
+                           "RETURNING id", vid)[0]["id"]
+    aid = fetch(settings, """INSERT INTO assignments (course_id, type, title, prompt, status, video_id, chapter_id)
+                             VALUES ($1, 'short_answer', 'Q', 'Why?', 'published', $2, $3) RETURNING id""",
+                cid, vid, chid)[0]["id"]
+    fetch(settings, """INSERT INTO submissions (assignment_id, course_id, user_id, attempt, answer, status, score,
+                                                final_at)
+                       VALUES ($1, $2, $3, 1, '"because"', 'graded', 80, now())""", aid, cid, learner.id)
+
+    async def go() -> tuple[int, int]:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        try:
+            async with pool.acquire() as conn:
+                return await reconcile_chapter_scores(conn), await reconcile_chapter_scores(conn)
+        finally:
+            await pool.close()
+
+    first, second = run_sync(go())
+    assert first >= 1 and second == 0
+    (row,) = fetch(settings, "SELECT score FROM chapter_scores WHERE user_id = $1 AND chapter_id = $2", learner.id, chid)
+    assert row["score"] == pytest.approx(0.8)
