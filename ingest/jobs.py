@@ -73,6 +73,15 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
         job = await jobs_repo.start_attempt(conn, job_id)
     if job is None:
         return "already finished"
+    if job["attempts"] > job["max_attempts"]:
+        # the earlier attempts ended without a word (the worker killed, out of memory, or past arq's timeout)
+        reason = (f"ingest did not finish in {job['attempts'] - 1} attempts (the worker stopped or timed out "
+                  "each time)")
+        if await JobReporter(pool, ctx["redis"], job).fail(reason):
+            async with pool.acquire() as conn:
+                await videos_repo.mark_failed(conn, job["video_id"], reason)
+        logger.warning("ingest job %s failed: %s", job_id, reason)
+        return f"failed: {reason}"
     beat = asyncio.create_task(_heartbeat(ctx["redis"], ctx["job_id"], settings.job_heartbeat_ms))
     reporter = JobReporter(pool, ctx["redis"], job)
     try:
@@ -87,7 +96,8 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
         if permanent or job["attempts"] >= job["max_attempts"]:
             if not permanent:
                 reason = f"{reason} (gave up after {job['attempts']} attempts)"
-            await reporter.fail(reason)
+            if not await reporter.fail(reason):  # a duplicate run finished it: its outcome stands
+                return "already finished"
             async with pool.acquire() as conn:
                 await videos_repo.mark_failed(conn, job["video_id"], reason)
             logger.warning("ingest job %s failed: %s", job_id, reason)

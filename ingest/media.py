@@ -17,6 +17,13 @@ logger = logging.getLogger(__name__)
 SNIFF_BYTES = 4096
 
 SAMPLE_RATE = 16_000  # what whisper expects
+# The longest media we transcribe. Decoded for whisper it is 12 h x 16,000 float32 samples/s = 2.8 GB of memory,
+# whatever the file's size (a small FLAC of silence or a low-bitrate MP3 can hold days).
+MAX_MEDIA_SECONDS = 12 * 3600
+
+
+def _too_long(seconds: float, limit: float) -> PermanentIngestError:
+    return PermanentIngestError(f"media is longer than the {limit / 3600:g} h limit ({seconds / 3600:.1f} h)")
 
 _AUDIO_BRANDS = {b"M4A ", b"M4B ", b"M4P ", b"F4A ", b"F4B "}
 _MPEG_BITRATE_BAD = 0xF
@@ -97,11 +104,12 @@ def _packet_end(packet: av.Packet) -> float:
     return float((packet.pts + (packet.duration or 0)) * packet.time_base)
 
 
-def probe_media(path: str | os.PathLike[str], *, require_audio: bool = True) -> MediaInfo:
+def probe_media(path: str | os.PathLike[str], *, require_audio: bool = True,
+                max_seconds: float = MAX_MEDIA_SECONDS) -> MediaInfo:
     """Open `path`, check its first audio frame decodes, and report duration and codec.
 
-    Raises PermanentIngestError for garbage, truncated files and (with `require_audio`)
-    files with no audio stream.
+    Raises PermanentIngestError for garbage, truncated files, media longer than `max_seconds` and (with
+    `require_audio`) files with no audio stream.
     """
     try:
         with av.open(os.fspath(path), mode="r", metadata_errors="ignore") as container:
@@ -133,19 +141,47 @@ def probe_media(path: str | os.PathLike[str], *, require_audio: bool = True) -> 
     duration = header or end
     if duration <= 0:
         raise _corrupt(path, "zero-length audio")
+    if duration > max_seconds:
+        raise _too_long(duration, max_seconds)
     return MediaInfo(duration, True, codec)
 
 
-def decode_audio(path: str | os.PathLike[str]) -> np.ndarray:
+class _Samples:
+    """A growing float32 buffer: sized from the header's duration up front (no final copy of hours of
+    audio), refusing more than `limit` samples."""
+
+    def __init__(self, expected: int, limit: int, max_seconds: float) -> None:
+        self.buf = np.empty(min(expected, limit), np.float32)
+        self.n, self.limit, self.max_seconds = 0, limit, max_seconds
+
+    def add(self, x: np.ndarray) -> None:
+        end = self.n + x.size
+        if end > self.limit:
+            raise _too_long(end / SAMPLE_RATE, self.max_seconds)
+        if end > self.buf.size:
+            grown = np.empty(min(self.limit, max(end, self.buf.size * 3 // 2 + 60 * SAMPLE_RATE)), np.float32)
+            grown[: self.n] = self.buf[: self.n]
+            self.buf = grown
+        self.buf[self.n: end] = x
+        self.n = end
+
+
+def decode_audio(path: str | os.PathLike[str], max_seconds: float = MAX_MEDIA_SECONDS) -> np.ndarray:
     """The first audio stream as float32 mono samples at 16 kHz.
 
-    Raises PermanentIngestError when nothing decodes (garbage, truncated, no audio).
+    Raises PermanentIngestError when nothing decodes (garbage, truncated, no audio) or the audio is longer
+    than `max_seconds` (whatever its header says).
     """
-    chunks: list[np.ndarray] = []
+    samples: _Samples | None = None
     try:
         with av.open(os.fspath(path), mode="r", metadata_errors="ignore") as container:
             if not container.streams.audio:
                 raise PermanentIngestError("corrupt or unsupported media: no audio stream")
+            header = container.duration / av.time_base if container.duration else 0.0
+            if header > max_seconds:
+                raise _too_long(header, max_seconds)
+            samples = _Samples(int(header * 1.01 * SAMPLE_RATE) + SAMPLE_RATE, int(max_seconds * SAMPLE_RATE),
+                               max_seconds)
             stream = container.streams.audio[0]
             stream.thread_type = "AUTO"
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
@@ -157,16 +193,13 @@ def decode_audio(path: str | os.PathLike[str]) -> np.ndarray:
                 for frame in frames:
                     frame.pts = None  # streams with broken timestamps still resample
                     for out in resampler.resample(frame):
-                        chunks.append(out.to_ndarray().reshape(-1))
+                        samples.add(out.to_ndarray().reshape(-1))
             for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
+                samples.add(out.to_ndarray().reshape(-1))
     except PermanentIngestError:
         raise
     except (av.error.FFmpegError, ValueError, OSError, UnicodeDecodeError) as exc:
         raise _corrupt(path, exc) from exc
-    if not chunks:
+    if samples is None or samples.n == 0:
         raise _corrupt(path, "no decodable audio")
-    audio = np.concatenate(chunks).astype(np.float32, copy=False)
-    if audio.size == 0:
-        raise _corrupt(path, "no decodable audio")
-    return audio
+    return samples.buf[: samples.n]

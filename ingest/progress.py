@@ -41,13 +41,14 @@ class JobReporter:
     async def advance(self, fraction: float) -> None:
         await self._write(self.state, fraction, force=False)
 
-    async def fail(self, reason: str) -> None:
-        await self._write("failed", 0.0, force=True, error=reason)
+    async def fail(self, reason: str) -> bool:
+        """Record the failure; False when the job had already finished (another run's outcome stands)."""
+        return await self._write("failed", 0.0, force=True, error=reason)
 
-    async def _write(self, state: str, fraction: float, *, force: bool, error: str | None = None) -> None:
+    async def _write(self, state: str, fraction: float, *, force: bool, error: str | None = None) -> bool:
         now = time.monotonic()
         if not force and now - self._last < self.min_interval:
-            return
+            return False
         async with self._lock:
             self._last = now
             lo, hi = STAGE_SPAN.get(state, (0.0, 0.0))
@@ -57,9 +58,10 @@ class JobReporter:
             async with self.pool.acquire() as conn:
                 row = await jobs_repo.set_state(conn, self.job["id"], state, progress, error)
             if row is None:
-                return
+                return False
             self.job, self.state = row, state
             await self.announce(row)
+            return True
 
     async def announce(self, row: asyncpg.Record) -> None:
         if self.redis is not None and row["created_by"] is not None:

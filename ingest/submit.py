@@ -90,11 +90,18 @@ async def submit_video(pool: asyncpg.Pool, arq: ArqRedis | None, settings: Setti
 
 async def submit_job(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, kind: str, course_id: int,
                      video_id: int, created_by: int | None) -> int:
-    """Create an ingest/reembed job for an existing video and queue it; returns the job id."""
+    """Create an ingest/reembed job for an existing video and queue it; returns the job id. Raises LookupError
+    when the video is gone (deleted meanwhile)."""
     async with pool.acquire() as conn:
-        job = await jobs_repo.create_job(conn, kind, course_id=course_id, video_id=video_id, created_by=created_by,
-                                         max_attempts=settings.job_max_attempts)
-    await enqueue_ingest(arq, pool, job["id"])
+        try:
+            job = await jobs_repo.create_job(conn, kind, course_id=course_id, video_id=video_id,
+                                             created_by=created_by, max_attempts=settings.job_max_attempts)
+        except asyncpg.ForeignKeyViolationError:
+            raise LookupError(f"video {video_id} not found") from None
+    try:
+        await enqueue_ingest(arq, pool, job["id"])
+    except Exception:  # noqa: BLE001 - the job row is durable; workers re-queue lost jobs
+        logger.warning("could not queue job %s now; a worker will pick it up", job["id"], exc_info=True)
     return job["id"]
 
 
@@ -107,4 +114,10 @@ async def submit_reembed(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, 
                AND ($2::bigint IS NULL OR course_id = $2) ORDER BY id""",
             embed_model, course_id,
         )
-    return [await submit_job(pool, arq, settings, "reembed", r["course_id"], r["id"], None) for r in rows]
+    jobs = []
+    for r in rows:
+        try:
+            jobs.append(await submit_job(pool, arq, settings, "reembed", r["course_id"], r["id"], None))
+        except LookupError:  # deleted meanwhile
+            continue
+    return jobs

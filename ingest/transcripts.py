@@ -60,7 +60,7 @@ def _first_json_item(text: str) -> object | None:
     i = _WS.match(s, 1).end()
     try:
         item, _ = json.JSONDecoder().raw_decode(s, i)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError, ValueError):  # nested too deep, a number too long
         return None
     return item
 
@@ -110,6 +110,8 @@ def _number(value: object, what: str, n: int) -> float:
 def _json_items(text: str) -> list[object]:
     try:
         items = json.loads(text)
+    except RecursionError:
+        raise PermanentIngestError("not a transcript: JSON nested too deep") from None
     except json.JSONDecodeError as e:
         cut_short = e.msg.startswith("Unterminated string") or e.pos >= len(text.rstrip())
         if not cut_short:
@@ -120,12 +122,14 @@ def _json_items(text: str) -> list[object]:
         while i < len(s) and s[i] != "]":
             try:
                 item, i = decoder.raw_decode(s, i)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError, ValueError):
                 break
             items.append(item)
             i = _WS.match(s, i).end()
             i = _WS.match(s, i + 1).end() if i < len(s) and s[i] == "," else i
         logger.info("JSON transcript is truncated; kept %d complete items", len(items))
+    except ValueError as e:  # not JSONDecodeError: e.g. an integer of more than 4,300 digits
+        raise PermanentIngestError(f"not valid JSON: {e}") from None
     if not isinstance(items, list):
         raise PermanentIngestError("JSON is not a list of captions")
     if len(items) > MAX_CUES:

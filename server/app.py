@@ -24,6 +24,7 @@ from server.api.videos import JobController, VideoController
 from server.auth import JWTAuthMiddleware
 from server import tutoring
 from server.errors import data_error_handler, http_exception_handler, internal_error_handler
+from server.uploads import FRAMING
 from server.api.live import LiveController
 from server.api.pods import PodController
 from server.api.rooms import RoomController
@@ -75,7 +76,7 @@ def create_app(settings: Settings) -> Litestar:
         exception_handlers={HTTPException: http_exception_handler, asyncpg.DataError: data_error_handler,
                             Exception: internal_error_handler},
         openapi_config=OpenAPIConfig(title="studyhall", version="0.1.0", path="/schema"),
-        request_max_body_size=settings.max_upload_bytes,
+        request_max_body_size=settings.max_upload_bytes + FRAMING,  # an upload's file may be the whole limit
         logging_config=None,
     )
 

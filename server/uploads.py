@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from litestar import Request
+from litestar.exceptions import HTTPException
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from server.errors import ApiError
@@ -15,6 +16,8 @@ from server.errors import ApiError
 logger = logging.getLogger(__name__)
 
 MAX_TEXT_FIELD = 64 * 1024
+MAX_FIELDS = 32  # form fields besides the file
+FRAMING = 64 * 1024  # what multipart adds around the file (boundaries, part headers, the text fields' share)
 
 
 @dataclass
@@ -41,7 +44,7 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         raise ApiError(415, "expected application/json or multipart/form-data with a boundary")
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
+    if declared and declared.isdigit() and int(declared) > max_bytes + FRAMING:
         raise ApiError(413, f"upload larger than {max_bytes // (1024 * 1024)} MB")
     dest_dir.mkdir(parents=True, exist_ok=True)
     up = Upload()
@@ -94,6 +97,10 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
             state["fh"].close()
             state["fh"] = None
         elif state["name"]:
+            if len(up.fields) >= MAX_FIELDS and state["name"] not in up.fields:
+                if not problems:
+                    problems.append(ApiError(400, f"too many form fields (at most {MAX_FIELDS})"))
+                return
             try:
                 up.fields[state["name"]] = bytes(state["buf"]).decode("utf-8")
             except UnicodeDecodeError:
@@ -113,6 +120,11 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
             parser.finalize()
     except ApiError:
         up.discard()
+        raise
+    except HTTPException as exc:  # the server's own body limit (the file plus FRAMING)
+        up.discard()
+        if exc.status_code == 413:
+            raise ApiError(413, f"upload larger than {max_bytes // (1024 * 1024)} MB") from exc
         raise
     except Exception as exc:  # python-multipart raises its own errors on malformed bodies
         up.discard()

@@ -38,21 +38,23 @@ async def start_attempt(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record
 
 async def set_state(conn: asyncpg.Connection, job_id: int, state: str, progress: float,
                     error: str | None = None) -> asyncpg.Record | None:
+    """Move an unfinished job; None when it is done or failed already (a late duplicate run must not write
+    over another run's outcome)."""
     if state not in STATES:
         raise ValueError(f"unknown job state {state!r}")
     progress = min(1.0, max(0.0, progress))
     return await conn.fetchrow(
         f"""UPDATE jobs SET state = $2, progress = $3, error = $4, updated_at = now(),
                    finished_at = CASE WHEN $2 IN ('done', 'failed') THEN now() ELSE finished_at END
-            WHERE id = $1 RETURNING {_COLS}""",
+            WHERE id = $1 AND state NOT IN ('done', 'failed') RETURNING {_COLS}""",
         job_id, state, progress, error,
     )
 
 
 async def note_error(conn: asyncpg.Connection, job_id: int, error: str) -> None:
     """Record why the last attempt failed while the job waits for its retry."""
-    await conn.execute("UPDATE jobs SET error = $2, state = 'queued', updated_at = now() WHERE id = $1",
-                       job_id, error)
+    await conn.execute("UPDATE jobs SET error = $2, state = 'queued', updated_at = now() "
+                       "WHERE id = $1 AND state NOT IN ('done', 'failed')", job_id, error)
 
 
 # Jobs the ingest worker function runs (a `grade` job is a grade-all batch, run by the grading functions).

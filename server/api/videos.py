@@ -207,8 +207,11 @@ class VideoController(Controller):
         async with state.pool.acquire() as conn:
             await course_or_404(conn, course_id, request.user)
             await _video_or_404(conn, course_id, video_id)
-        job_id = await submit_job(state.pool, state.arq, state.settings, "ingest", course_id, video_id,
-                                  request.user.id)
+        try:
+            job_id = await submit_job(state.pool, state.arq, state.settings, "ingest", course_id, video_id,
+                                      request.user.id)
+        except LookupError:  # deleted since the check above
+            raise ApiError(404, f"video {video_id} not found") from None
         return Accepted(video_id=video_id, job_id=job_id)
 
     @get("/videos/{video_id:int}/chapters")

@@ -167,6 +167,30 @@ def test_oversize_upload_413(client, make: Factory, settings):
     assert fetch(settings, "SELECT count(*) AS n FROM videos WHERE course_id = $1", cid)[0]["n"] == 0
 
 
+def test_oversize_chunked_upload_is_413_and_too_many_fields_400(client, make: Factory, settings):
+    """Without a Content-Length (chunked), an upload over the limit is still a 413 with the limit, not a
+    'malformed multipart body'; a form with more text fields than any upload needs is refused early."""
+    inst, cid = _course(client, make)
+    boundary = "studyhallboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"huge.srt\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    cue = b"1\n00:00:01,000 --> 00:00:02,000\nhi\n\n"
+
+    def chunks():  # a generator body: httpx sends it chunked, with no Content-Length
+        yield head
+        for _ in range(settings.max_upload_bytes // (len(cue) * 10_000) + 2):
+            yield cue * 10_000
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = client.post(f"/api/v1/courses/{cid}/videos", content=chunks(),
+                    headers={**inst.h, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 413 and "larger than" in r.json()["message"], r.text
+    fields = {f"f{i}": "x" for i in range(200)}
+    r = client.post(f"/api/v1/courses/{cid}/videos", data=fields, files={"file": ("a.srt", cue)}, headers=inst.h)
+    assert r.status_code == 400 and "too many form fields" in r.json()["message"], r.text
+    assert fetch(settings, "SELECT count(*) AS n FROM videos WHERE course_id = $1", cid)[0]["n"] == 0
+
+
 def test_bad_video_json(client, make: Factory):
     inst, cid = _course(client, make)
     for body, field in (({"title": "x", "youtube": "https://vimeo.com/123"}, "youtube"),

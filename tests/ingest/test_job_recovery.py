@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from arq import create_pool as create_arq_pool
 from arq.connections import RedisSettings
 
@@ -149,3 +150,87 @@ def test_a_reembed_does_not_put_back_a_replaced_transcript(settings, make: Facto
 
     texts, state = run_sync(go())
     assert state == "done" and all(t.startswith("newer ") for t in texts)
+
+
+def test_an_ingest_job_whose_runs_keep_dying_fails_with_the_reason(settings, make: Factory, client):
+    """Attempts that end without a word (a worker killed, out of memory, or past arq's timeout) are not run
+    again forever: the attempt past `max_attempts` fails the job and says why, and a retry starts afresh."""
+    from ingest.jobs import ingest_job
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Dying"}, headers=inst.h).json()["id"]
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status) VALUES ($1, 'v', 'transcript', "
+                          "'processing') RETURNING id", cid)[0]["id"]
+    # five attempts counted, none recorded an outcome: the row still says it is transcribing
+    job = fetch(settings, """INSERT INTO jobs (kind, course_id, video_id, state, attempts, max_attempts)
+                             VALUES ('ingest', $1, $2, 'transcribing', 5, 5) RETURNING id""", cid, vid)[0]["id"]
+
+    async def go() -> str:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+        try:
+            return await ingest_job({"pool": pool, "redis": arq, "settings": settings, "job_id": None}, job)
+        finally:
+            await arq.aclose()
+            await pool.close()
+
+    assert run_sync(go()).startswith("failed: ingest did not finish in 5 attempts")
+    row = fetch(settings, "SELECT state, error FROM jobs WHERE id = $1", job)[0]
+    assert row["state"] == "failed" and "worker stopped or timed out" in row["error"]
+    assert fetch(settings, "SELECT status FROM videos WHERE id = $1", vid)[0]["status"] == "failed"
+    r = client.post(f"/api/v1/jobs/{job}/retry", headers=inst.h)
+    assert r.status_code in (200, 202) and r.json()["attempts"] == 0
+
+
+def test_a_job_for_a_video_deleted_meanwhile_is_a_lookup_error(settings, make: Factory, client):
+    """Re-ingest racing a delete: the job's insert finds the video gone; that is a 404 for the API, not a 500."""
+    from ingest.submit import submit_job
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Gone"}, headers=inst.h).json()["id"]
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status) VALUES ($1, 'v', 'transcript', "
+                          "'ready') RETURNING id", cid)[0]["id"]
+    fetch(settings, "DELETE FROM videos WHERE id = $1", vid)
+
+    async def go() -> None:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+        try:
+            with pytest.raises(LookupError):
+                await submit_job(pool, arq, settings, "ingest", cid, vid, inst.id)
+        finally:
+            await arq.aclose()
+            await pool.close()
+
+    run_sync(go())
+    assert not fetch(settings, "SELECT 1 FROM jobs WHERE video_id = $1", vid)
+
+
+def test_a_late_duplicate_run_does_not_write_over_a_finished_job(settings, make: Factory, client):
+    """Run A's lease lapsed and run B finished the job: A's later stage, error or failure leaves B's `done`
+    (and the ready video) as they are."""
+    from ingest.progress import JobReporter
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Late"}, headers=inst.h).json()["id"]
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status, chunk_count) VALUES "
+                          "($1, 'v', 'transcript', 'ready', 0) RETURNING id", cid)[0]["id"]
+    job = fetch(settings, """INSERT INTO jobs (kind, course_id, video_id, state, attempts)
+                             VALUES ('ingest', $1, $2, 'embedding', 1) RETURNING *""", cid, vid)[0]
+
+    async def go() -> bool:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        try:
+            late = JobReporter(pool, None, job)  # run A, still holding the row it started with
+            async with pool.acquire() as conn:
+                assert await jobs_repo.set_state(conn, job["id"], "done", 1.0) is not None  # run B finishes
+                await jobs_repo.note_error(conn, job["id"], "network down; retrying in 2s")
+            await late.stage("chaptering")
+            return await late.fail("internal error")
+        finally:
+            await pool.close()
+
+    assert run_sync(go()) is False
+    row = fetch(settings, "SELECT state, error, progress FROM jobs WHERE id = $1", job["id"])[0]
+    assert row["state"] == "done" and row["error"] is None and row["progress"] == 1.0
+    assert fetch(settings, "SELECT status FROM videos WHERE id = $1", vid)[0]["status"] == "ready"

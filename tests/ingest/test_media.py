@@ -191,6 +191,31 @@ def test_broken_files_are_permanent_errors(tmp_path: Path, name: str) -> None:
         assert str(tmp_path) not in reason  # shown to instructors: no server paths
 
 
+@pytest.mark.parametrize("name", ["wav", "mp3", "flac"])
+def test_media_longer_than_the_limit_is_refused_before_it_fills_memory(tmp_path: Path, name: str) -> None:
+    """A length limit, not a size limit: small files can hold days of audio. The probe (at upload) refuses by
+    the duration it finds; decoding stops at the limit, whatever the header said."""
+    path = KINDS[name][0](tmp_path)
+    limit = TONE_S / 2
+    for fn in (probe_media, decode_audio):
+        with pytest.raises(PermanentIngestError) as caught:
+            fn(path, max_seconds=limit)
+        assert caught.value.reason.startswith(f"media is longer than the {limit / 3600:g} h limit")
+    assert len(decode_audio(path, max_seconds=TONE_S * 2)) / SAMPLE_RATE == pytest.approx(TONE_S, abs=0.2)
+
+
+def test_decoded_samples_stop_at_the_limit_whatever_the_header_said() -> None:
+    """The buffer is sized from the header and grows when the header undercounts, up to the limit."""
+    from ingest.media import _Samples
+
+    samples = _Samples(expected=SAMPLE_RATE, limit=3 * SAMPLE_RATE, max_seconds=3.0)  # the header said 1 s
+    for _ in range(3):
+        samples.add(np.full(SAMPLE_RATE, 0.5, np.float32))
+    assert samples.n == 3 * SAMPLE_RATE and float(samples.buf[: samples.n].min()) == 0.5
+    with pytest.raises(PermanentIngestError):
+        samples.add(np.zeros(1, np.float32))
+
+
 def test_video_without_sound(tmp_path: Path) -> None:
     path = tmp_path / "silent.mp4"
     with av.open(str(path), "w", format="mp4") as out:

@@ -395,10 +395,27 @@ def test_bad_timestamp_mid_file_names_the_line() -> None:
         (b'[{"text": "a", "start": "soon", "duration": 1}]', "item 1: start is not a number: 'soon'"),
         (b'[["a", 0, 1], ["b", -1, 2]]', "item 2: start must be a non-negative number, got -1"),
         (b'[["a", 0, 1], ["b", 1, true]]', "item 2: end is not a number: True"),
+        # what Python's json module refuses with other errors than JSONDecodeError
+        (b'[["a", 0, 1], ["b", ' + b"[" * 50_000, "not a transcript: JSON nested too deep"),
+        (b'[["a", 0, 1], ["b", ' + b"1" * 5000 + b", 2]]", "not valid JSON: Exceeds the limit (4300 digits) for "
+                                                           "integer string conversion: value has 5000 digits; use "
+                                                           "sys.set_int_max_str_digits() to increase the limit"),
     ],
 )
 def test_unreadable_input_has_a_reason(data: bytes, expected: str) -> None:
     assert reason(data) == expected
+
+
+def test_json_that_cannot_even_be_sniffed_is_unsupported_not_a_crash(tmp_path: Path) -> None:
+    """Nested 100,000 deep or a 5,000-digit number in the first item: the upload check says unsupported (415),
+    it does not crash (500)."""
+    from ingest.submit import UnsupportedFile, inspect_file
+
+    for i, data in enumerate((b"[" * 100_000 + b"]" * 100_000, b'[["hi", ' + b"1" * 5000 + b", 2]]")):
+        path = tmp_path / f"t{i}.json"
+        path.write_bytes(data)
+        with pytest.raises(UnsupportedFile):
+            inspect_file(path, "t.json")
 
 
 def test_captions_named_file_without_cues() -> None:
