@@ -144,6 +144,7 @@ async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_del
     """Answer a prepared ask and store the turn (accounting, cache). An internal failure gives the reserved
     question back and raises."""
     pool, cached = state.pool, prep.cached
+    recorded = False
     try:
         if cached is not None:
             result = {"answer": cached["answer"], "grounded": cached["grounded"], "citations": cached["citations"],
@@ -169,18 +170,20 @@ async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_del
 
         async def record(conn: asyncpg.Connection, fields: dict) -> asyncpg.Record:
             """The turn, the cache entry and the hold's end, together."""
+            nonlocal recorded
             async with conn.transaction():
                 turn = await repo.record_turn(conn, **fields)
                 if cached is None and not prep.history and not failed:
                     await repo.remember(conn, course_id, prep.version, prep.cache_key, prep.qhash, turn["id"])
+                if failed and prep.reserved is not None:
+                    # the model failed mid-answer: the learner is told to ask again, so it is not counted
+                    await repo.release_turn(conn, user.id, prep.reserved, prep.pending)
                 if prep.pending is not None:  # a room reply is still to post; a REST answer is delivered now
                     if prep.room_id is not None:
                         await repo.hold_answered(conn, prep.pending, turn["id"])
                     else:
                         await repo.drop_hold(conn, prep.pending)
-                if failed and prep.reserved is not None:
-                    # the model failed mid-answer: the learner is told to ask again, so it is not counted
-                    await repo.release_turn(conn, user.id, prep.reserved)
+            recorded = True
             return turn
 
         async with pool.acquire() as conn:
@@ -191,9 +194,10 @@ async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_del
                 # paid for), outside any session
                 turn = await record(conn, {**fields, "session_id": None})
     except BaseException:
-        await _give_back(pool, user.id, prep.reserved, prep.pending)
-        if prep.pending is not None and prep.room_id is None:
-            await _drop_hold(pool, prep.pending)
+        if not recorded:  # (a cancel can land after the commit, while the connection goes back to the pool)
+            await _give_back(pool, user.id, prep.reserved, prep.pending)
+            if prep.pending is not None and prep.room_id is None:
+                await _drop_hold(pool, prep.pending)
         raise
     return {"answer": turn["answer"], "grounded": turn["grounded"], "citations": turn["citations"],
             "follow_ups": turn["follow_ups"], "nearest": result.get("nearest") or [], "session_id": prep.session_id,
@@ -249,21 +253,18 @@ INTERRUPTED = "I was interrupted by a server restart before I could answer. Plea
 async def answer_in_room(state: Any, user: Any, course_id: int, room_id: str, message_id: int, question: str,
                          pending: int | None = None) -> None:
     """Stream the tutor's reply into a room, then post it as a stored, resumable `message.new`; then drop the
-    answer's hold (`pending`)."""
-    told = False
+    answer's hold (`pending`). A hold whose reply was never posted (a failure, or a cancel while posting) stays
+    for `recover`: at this process's stop, or by a survivor if it dies."""
+    told = [False]  # set once the reply (or the asker's own error) is out
     try:
-        told = await _answer_in_room(state, user, course_id, room_id, message_id, question, pending)
-    except asyncio.CancelledError:
-        told = True  # the interrupted reply is posted
-        raise
+        await _answer_in_room(state, user, course_id, room_id, message_id, question, pending, told)
     finally:
-        if told and pending is not None:
+        if told[0] and pending is not None:
             await _drop_hold(state.pool, pending)
 
 
 async def _answer_in_room(state: Any, user: Any, course_id: int, room_id: str, message_id: int, question: str,
-                          pending: int | None) -> bool:
-    """True once the asker has been answered or told why not."""
+                          pending: int | None, told: list[bool]) -> None:
     redis = state.redis
 
     async def on_delta(text: str) -> None:
@@ -276,15 +277,17 @@ async def _answer_in_room(state: Any, user: Any, course_id: int, room_id: str, m
     except ApiError as exc:  # the asker's own limit: theirs to see, not the room's
         await publish(redis, user_topic(user.id), Error(code=exc.code, detail=exc.detail, ref=str(message_id),
                                                         retry_after=exc.retry_after))
-        return True
+        told[0] = True
+        return
     except asyncio.CancelledError:  # the server is stopping: the question gets a reply, not silence
         await _reply(state.pool, redis, room_id, message_id, _failed(INTERRUPTED, "interrupted"))
+        told[0] = True
         raise
     except Exception:  # noqa: BLE001 - the asker must hear something, never silence
         logger.exception("tutor failed in %s", room_id)
         result = _failed("Sorry, I could not answer that just now. Please ask again.", "internal error")
     await _reply(state.pool, redis, room_id, message_id, result)
-    return True
+    told[0] = True
 
 
 def _failed(text: str, error: str) -> dict:
@@ -370,7 +373,9 @@ def start_room_answer(state: Any, user: Any, course_id: int, room_id: str, messa
 
 # --- answers a dead process left -----------------------------------------------------------------------------
 
-ORPHAN_AFTER_S = 60.0  # a hold whose process is not even listed (Redis lost it, or it stopped uncleanly)
+# A hold whose process is not listed at all (it stopped without settling it, or Redis lost the list) is taken
+# over once it is this old: far longer than any answer takes (answer slots lapse after SLOT_TTL_MS).
+ORPHAN_AFTER_S = 600.0
 RECOVER_BATCH = 50
 
 
@@ -379,17 +384,17 @@ def _from_turn(turn: asyncpg.Record) -> dict:
             "follow_ups": turn["follow_ups"], "nearest": [], "turn_id": turn["id"], "error": turn["error"]}
 
 
-async def recover(pool: Any, redis: Any, procs: list[str]) -> int:
-    """Settle the holds of dead server processes: a room question gets its reply (the recorded answer when
-    there is one, else "interrupted, ask again"), a reserved question goes back to the learner's quota, and
-    the hold goes. Safe to run from several processes at once (holds are locked; a reply is posted once).
-    Returns the number of holds settled."""
+async def recover(pool: Any, redis: Any, procs: list[str], older_than_s: float = 0.0) -> int:
+    """Settle the holds (older than `older_than_s`) of server processes that no longer answer them: a room
+    question gets its reply (the recorded answer when there is one, else "interrupted, ask again"), a reserved
+    question goes back to the learner's quota, and the hold goes. Safe to run from several processes at once
+    (holds are locked; a reply is posted once). Returns the number of holds settled."""
     done = 0
     while True:
         async with pool.acquire() as conn:
             async with conn.transaction():
-                rows = await repo.claim_holds(conn, procs, RECOVER_BATCH)
-                for r in rows:
+                rows = await repo.claim_holds(conn, procs, RECOVER_BATCH, older_than_s)
+                for r in rows:  # the replies first: no quota row is locked while they are posted
                     if r["room_id"] is not None and r["message_id"] is not None:
                         turn = await repo.get_turn(conn, r["turn_id"]) if r["turn_id"] is not None else None
                         try:
@@ -397,15 +402,27 @@ async def recover(pool: Any, redis: Any, procs: list[str]) -> int:
                                          _from_turn(turn) if turn is not None else _failed(INTERRUPTED, "interrupted"))
                         except LookupError:  # the room is gone: there is no one to tell
                             pass
+                for r in rows:
                     if r["reserved"] is not None:
-                        await repo.release_turn(conn, r["user_id"], r["reserved"])
+                        await repo.release_turn(conn, r["user_id"], r["reserved"], r["id"])
                     await repo.drop_hold(conn, r["id"])
         done += len(rows)
         if rows:
-            logger.info("settled tutor answers of a dead process",
+            logger.info("settled tutor answers left by a server process",
                         extra={"fields": {"procs": procs, "holds": len(rows)}})
         if len(rows) < RECOVER_BATCH:
             return done
+
+
+async def settle_own(state: Any, proc: str, timeout: float = 15.0) -> None:
+    """At this process's stop, before it leaves the list of live processes (after which survivors would take
+    its answers over): wait for the answers under way (the drain that began with the stop cuts them short),
+    then settle the holds they could not (a reply that failed or was cut while being posted)."""
+    await drain(state, timeout)
+    try:
+        await recover(state.pool, state.redis, [proc])
+    except Exception:  # noqa: BLE001 - they are settled by a survivor later
+        logger.warning("could not settle this process's tutor answers at stop", exc_info=True)
 
 
 # --- room posts that ask the tutor (websocket frames and REST share these) ----------------------------------
@@ -415,22 +432,29 @@ async def post_asking(state: Any, user: Any, room_id: str, course_id: int, text:
     """Post a message; with a tutor `slot` (from `take_slot`) the tutor answers `question` in reply, and the
     answer's hold is stored with the message. The slot is freed when there is nothing to answer (an error, or
     a repeat of a message already posted: `created` is False and nothing is answered again)."""
+    if slot is None:
+        return await post_message(state.pool, state.redis, room_id, user.id, text, meta, client_msg_id)
     proc = _proc(state)
-    asking = RoomQuestion(proc, user.id, course_id, room_id) if slot is not None and proc is not None else None
-    try:
-        posted = await post_message(state.pool, state.redis, room_id, user.id, text, meta, client_msg_id,
-                                    also=asking)
-    except BaseException:
-        if slot is not None:
+    asking = RoomQuestion(proc, user.id, course_id, room_id) if proc is not None else None
+
+    async def post_then_answer() -> Posted:
+        try:
+            posted = await post_message(state.pool, state.redis, room_id, user.id, text, meta, client_msg_id,
+                                        also=asking)
+        except BaseException:
             await free_slot(state.redis, user.id, slot)
-        raise
-    if not posted.created:
-        if slot is not None:
+            raise
+        if posted.created:
+            start_room_answer(state, user, course_id, room_id, posted.event.id, question or text, slot,
+                              asking.pending if asking is not None else None)
+        else:
             await free_slot(state.redis, user.id, slot)
-    elif slot is not None:
-        start_room_answer(state, user, course_id, room_id, posted.event.id, question or text, slot,
-                          asking.pending if asking is not None else None)
-    return posted
+        return posted
+
+    # shielded: a socket closed mid-post (a kick, a slow consumer) must not leave a stored question unanswered
+    task = asyncio.ensure_future(post_then_answer())
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read, also when nobody awaits it any more
+    return await asyncio.shield(task)
 
 
 async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, text: str,

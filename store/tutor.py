@@ -98,13 +98,17 @@ async def reserve_turn(conn: asyncpg.Connection, user_id: int, limit: int, pendi
            SELECT day FROM q""", user_id, limit, pending)
 
 
-async def release_turn(conn: asyncpg.Connection, user_id: int, day: date, pending: int | None = None) -> None:
-    """Give back a question reserved for an answer that never came (an internal failure); `pending`'s hold no
-    longer holds it (it is given back once)."""
-    await conn.execute(
-        """WITH h AS (UPDATE tutor_pending SET reserved = NULL WHERE id = $3)
-           UPDATE tutor_quota SET used = used - 1 WHERE user_id = $1 AND day = $2 AND used > 0""",
-        user_id, day, pending)
+async def release_turn(conn: asyncpg.Connection, user_id: int, day: date, pending: int | None = None) -> bool:
+    """Give back a question reserved for an answer that never came (an internal failure). With `pending`, only
+    while that hold still holds it (it is cleared in the same statement): a question is given back once, by
+    whichever of the answering process or a survivor comes first. True when it was given back."""
+    return bool(await conn.fetchval(
+        """WITH h AS (UPDATE tutor_pending SET reserved = NULL WHERE id = $3 AND reserved IS NOT NULL RETURNING 1),
+                q AS (UPDATE tutor_quota SET used = used - 1
+                      WHERE user_id = $1 AND day = $2 AND used > 0 AND ($3::bigint IS NULL OR EXISTS (SELECT 1 FROM h))
+                      RETURNING 1)
+           SELECT count(*) FROM q""",
+        user_id, day, pending))
 
 
 # --- answers under way (tutor_pending): what a dead process leaves to its survivors ---------------------------
@@ -133,11 +137,15 @@ async def holders(conn: asyncpg.Connection, exclude: str) -> list[asyncpg.Record
            WHERE proc <> $1 GROUP BY proc LIMIT 50""", exclude)
 
 
-async def claim_holds(conn: asyncpg.Connection, procs: list[str], limit: int = 50) -> list[asyncpg.Record]:
-    """Lock up to `limit` holds of dead processes (in the caller's transaction; others skip them)."""
+async def claim_holds(conn: asyncpg.Connection, procs: list[str], limit: int = 50,
+                      older_than_s: float = 0.0) -> list[asyncpg.Record]:
+    """Lock up to `limit` holds of dead processes (in the caller's transaction; others skip them), only those
+    older than `older_than_s`."""
     return await conn.fetch(
-        """SELECT * FROM tutor_pending WHERE proc = ANY($1::text[]) ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED""",
-        procs, limit)
+        """SELECT * FROM tutor_pending WHERE proc = ANY($1::text[])
+               AND created_at < now() - make_interval(secs => $3)
+           ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED""",
+        procs, limit, older_than_s)
 
 
 async def cached_turn(conn: asyncpg.Connection, course_id: int, version: str, mode: str,

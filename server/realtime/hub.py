@@ -98,6 +98,9 @@ class Hub:
         return reader is not None and not reader.done() and not self._sub_broken
 
     async def stop(self) -> None:
+        app_state = getattr(self, "app_state", None)
+        if app_state is not None:  # this process's tutor answers end here, not by a survivor's takeover
+            await tutoring.settle_own(app_state, self.proc)
         unsent = list(self._poll_flush)  # votes of the last window: their results go out now, not never
         for task in self._tasks + list(self._poll_flush.values()):
             task.cancel()
@@ -326,32 +329,37 @@ class Hub:
                         room=room, action="left", user=user, online_count=count))
 
     async def _reap_dead_procs(self) -> None:
-        for proc, expired_at in await self.presence.dead_procs():
+        dead = await self.presence.dead_procs()
+        for i, (proc, expired_at) in enumerate(dead):
             last_seen = datetime.fromtimestamp(expired_at - self.settings.presence_ttl_s, tz=timezone.utc)
             try:
                 async with self.pool.acquire() as db:
                     closed = await live_repo.attendance_close_proc(db, proc, last_seen)
                 answers = await tutoring.recover(self.pool, self.redis, [proc])
             except BaseException:  # failed, or cut off by the duty's time limit
-                # the claim is given back (still expired), so the next tick, here or elsewhere, finishes the job
-                await asyncio.shield(self.presence.return_dead(proc, expired_at))
+                # this claim and the ones not reached yet are given back (still expired), so the next tick,
+                # here or elsewhere, finishes the job
+                for left in dead[i:]:
+                    await asyncio.shield(self.presence.return_dead(*left))
                 raise
             logger.info("server process gone", extra={"fields": {"proc": proc, "attendance_closed": closed,
                                                                  "tutor_answers_settled": answers}})
 
     async def _settle_orphans(self) -> None:
-        """Tutor answers held by processes that are gone but were never reaped here: expired ones another duty
-        has not claimed yet, and unlisted ones (stopped uncleanly, or Redis lost the list) once their hold is
-        older than ORPHAN_AFTER_S."""
+        """Tutor answers held by processes that are gone but were not reaped here: expired ones the reaping duty
+        has not claimed, and unlisted ones (stopped without settling, or Redis lost the list), whose holds are
+        taken over one by one once older than ORPHAN_AFTER_S."""
         async with self.pool.acquire() as db:
             held = await tutor_repo.holders(db, self.proc)
         if not held:
             return
         alive = await self.presence.alive([r["proc"] for r in held])
-        gone = [r["proc"] for r in held
-                if alive[r["proc"]] is False or (alive[r["proc"]] is None and r["age_s"] > tutoring.ORPHAN_AFTER_S)]
-        if gone:
-            await tutoring.recover(self.pool, self.redis, gone)
+        expired = [r["proc"] for r in held if alive[r["proc"]] is False]
+        unlisted = [r["proc"] for r in held if alive[r["proc"]] is None and r["age_s"] > tutoring.ORPHAN_AFTER_S]
+        if expired:
+            await tutoring.recover(self.pool, self.redis, expired)
+        if unlisted:
+            await tutoring.recover(self.pool, self.redis, unlisted, older_than_s=tutoring.ORPHAN_AFTER_S)
 
     async def _catch_up(self) -> None:
         """Connections still behind a seq that was committed a whole tick ago re-read Postgres."""

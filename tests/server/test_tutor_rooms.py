@@ -309,8 +309,9 @@ async def test_a_server_killed_mid_answer_leaves_the_reply_to_a_survivor(data_di
 
 async def test_holds_of_a_vanished_process_are_settled(eval_course: EvalCourse, server, settings):
     """A process that vanished without staying listed (stopped uncleanly, or Redis lost the list) left a
-    recorded answer it never posted and a REST question it never answered. Once the holds are a minute old a
-    survivor posts the recorded answer, citations and all, once, and gives the REST question back."""
+    recorded answer it never posted and a REST question it never answered. Once a hold is ten minutes old a
+    survivor takes it over: it posts the recorded answer, citations and all, once, and gives the REST question
+    back. A younger hold of the same process is left alone (an answer can still be under way)."""
     room = f"course:{eval_course.id}"
     learner = eval_course.learner
     c = await Client.connect(server, room, learner)
@@ -329,11 +330,14 @@ async def test_holds_of_a_vanished_process_are_settled(eval_course: EvalCourse, 
     fetch(settings, """INSERT INTO tutor_quota (user_id, day, used) VALUES ($1, (now() AT TIME ZONE 'UTC')::date, 1)
                        ON CONFLICT (user_id, day) DO UPDATE SET used = tutor_quota.used + 1""", learner.id)
     fetch(settings, """INSERT INTO tutor_pending (proc, user_id, course_id, room_id, message_id, turn_id, created_at)
-                       VALUES ($1, $2, $3, $4, $5, $6, now() - interval '2 minutes')""",
+                       VALUES ($1, $2, $3, $4, $5, $6, now() - interval '20 minutes')""",
           gone, learner.id, eval_course.id, room, asked["id"], turn)
     fetch(settings, """INSERT INTO tutor_pending (proc, user_id, course_id, reserved, created_at)
-                       VALUES ($1, $2, $3, (now() AT TIME ZONE 'UTC')::date, now() - interval '2 minutes')""",
+                       VALUES ($1, $2, $3, (now() AT TIME ZONE 'UTC')::date, now() - interval '20 minutes')""",
           gone, learner.id, eval_course.id)
+    (young,) = fetch(settings, """INSERT INTO tutor_pending (proc, user_id, course_id, reserved)
+                                  VALUES ($1, $2, $3, (now() AT TIME ZONE 'UTC')::date) RETURNING id""",
+                     gone, learner.id, eval_course.id)
     reply = await c.expect("message.new", timeout=20)  # the survivors look every tick (5 s here)
     assert reply["author"]["role"] == "tutor" and reply["meta"]["reply_to"] == asked["id"]
     assert reply["text"] == "It maps any data to a fixed-size digest [1]."
@@ -341,8 +345,9 @@ async def test_holds_of_a_vanished_process_are_settled(eval_course: EvalCourse, 
     assert reply["meta"]["follow_ups"] == ["Why fixed-size?"] and reply["meta"]["turn_id"] == turn
     assert fetch(settings, "SELECT message_id FROM tutor_turns WHERE id = $1", turn)[0]["message_id"] == reply["id"]
     assert _used(settings, learner) == used_before
-    assert not fetch(settings, "SELECT 1 FROM tutor_pending WHERE proc = $1", gone)
+    assert [r["id"] for r in fetch(settings, "SELECT id FROM tutor_pending WHERE proc = $1", gone)] == [young["id"]]
     assert not [f for f in await c.quiet(1.0) if f["type"] == "message.new"]  # posted once
+    fetch(settings, "DELETE FROM tutor_pending WHERE id = $1", young["id"])
     await c.close()
 
 
