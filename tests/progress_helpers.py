@@ -2,6 +2,7 @@
 database (no ingest needed), and the boards the XP ledger says there should be."""
 from __future__ import annotations
 
+import uuid
 from collections import defaultdict
 from datetime import datetime
 
@@ -48,6 +49,23 @@ def make_course(client: httpx.Client, make: Factory, *, learners: int = 2, video
             await conn.close()
 
     return Course(cid, inst, users, run_sync(go()))
+
+
+async def course_in_new_tenant(conn: asyncpg.Connection, learners: int, *, enrol: bool = True
+                               ) -> tuple[int, int, list[int]]:
+    """Straight in the database: a tenant of its own with an instructor's course and `learners` learners
+    (enrolled unless `enrol` is false). (course id, instructor id, learner ids)."""
+    tid = await conn.fetchval("INSERT INTO tenants (name) VALUES ($1) RETURNING id", f"t-{uuid.uuid4().hex[:10]}")
+    owner = await conn.fetchval("INSERT INTO users (tenant_id, name, role) VALUES ($1, 'o', 'instructor') RETURNING id",
+                                tid)
+    cid = await conn.fetchval("INSERT INTO courses (tenant_id, owner_id, title) VALUES ($1, $2, 'c') RETURNING id",
+                              tid, owner)
+    ids = [await conn.fetchval("INSERT INTO users (tenant_id, name, role) VALUES ($1, $2, 'learner') RETURNING id",
+                               tid, f"l{i}") for i in range(learners)]
+    if enrol:
+        for u in ids:
+            await conn.execute("INSERT INTO enrollments (course_id, user_id) VALUES ($1, $2)", cid, u)
+    return cid, owner, ids
 
 
 async def ledger_boards(conn: asyncpg.Connection, now: datetime | None = None) -> dict[str, dict[bytes, int]]:

@@ -8,20 +8,12 @@ import uuid
 
 from server.realtime.hub import Hub
 from store import live
-from tests.progress_helpers import xp_store  # noqa: F401 - fixture
+from tests.progress_helpers import course_in_new_tenant, xp_store  # noqa: F401 - fixture
 
 
 async def _live_poll(pool, redis, learners: int = 2) -> tuple[int, dict, list[int]]:  # type: ignore[no-untyped-def]
     async with pool.acquire() as conn:
-        tid = await conn.fetchval("INSERT INTO tenants (name) VALUES ($1) RETURNING id", f"live-{uuid.uuid4().hex[:8]}")
-        owner = await conn.fetchval(
-            "INSERT INTO users (tenant_id, name, role) VALUES ($1, 'o', 'instructor') RETURNING id", tid)
-        cid = await conn.fetchval(
-            "INSERT INTO courses (tenant_id, owner_id, title) VALUES ($1, $2, 'c') RETURNING id", tid, owner)
-        ids = [await conn.fetchval("INSERT INTO users (tenant_id, name, role) VALUES ($1, $2, 'learner') RETURNING id",
-                                   tid, f"l{i}") for i in range(learners)]
-        for u in ids:
-            await conn.execute("INSERT INTO enrollments (course_id, user_id) VALUES ($1, $2)", cid, u)
+        cid, owner, ids = await course_in_new_tenant(conn, learners)
         sid = (await live.create_session(conn, cid, "s", None, owner))["id"]
     await live.start_session(pool, redis, sid)
     poll = await live.create_poll(pool, redis, sid, "q", ["x", "y"], owner)
