@@ -119,7 +119,9 @@ def award_thresholds(kind: str) -> tuple[tuple[str, ...], tuple[int, ...], tuple
 
 # The rooms (course and pod rooms of the user $1) an unlock is announced in, as one text[] expression.
 ROOMS_SQL = """(ARRAY(SELECT 'course:' || course_id FROM enrollments WHERE user_id = $1 ORDER BY course_id)
-               || ARRAY(SELECT 'pod:' || pod_id FROM pod_members WHERE user_id = $1 ORDER BY pod_id))"""
+               || ARRAY(SELECT 'pod:' || m.pod_id FROM pod_members m JOIN pods p ON p.id = m.pod_id
+                        JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = m.user_id
+                        WHERE m.user_id = $1 ORDER BY m.pod_id))"""
 
 
 def stats(xp: int, counts: dict[str, int], longest_streak: int) -> dict[str, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import time
 from collections import defaultdict
@@ -20,7 +21,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from store import keys
-from store.leaderboards import as_utc, board_key, boards_of, expire_at, period_bounds
+from store.leaderboards import as_utc, board_key, boards_of, expire_at, period_bounds, period_tag
 
 logger = logging.getLogger(__name__)
 
@@ -120,16 +121,19 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
                     for tid, mapping in by_tenant.items():
                         pipe.hset(keys.leaderboard_names(tid), mapping=mapping)
                     await pipe.execute()
+                # current boards the ledger has nothing for (XP a crash took from the ledger, a deleted course or
+                # pod): the swap deletes them, as it has no temporary board to put in their place
+                stale = await _stale_boards(redis, now, set(live_keys))
                 swap_keys = [keys.LEADERBOARD_BUILDING, keys.LEADERBOARD_BACKLOG, keys.LEADERBOARD_BUILT,
                              keys.LEADERBOARD_SNAPSHOT]
-                for key in live_keys:
+                for key in live_keys + stale:
                     swap_keys += [key, temp + key]
                 backlog = await _swap(redis)(keys=swap_keys, args=[now.isoformat(), snapshot]
-                                             + [_period_expiry(k, now) for k in live_keys])
+                                             + [_period_expiry(k, now) for k in live_keys + stale])
                 ids = sorted({int(x) for x in backlog})
                 seen = {r["id"] for r in await conn.fetch("SELECT id FROM xp_events WHERE id = ANY($1::bigint[])", ids)}
             missed = [i for i in ids if i not in seen]
-            replayed = await _replay(conn, redis, missed, set(live_keys)) if missed else 0
+            replayed = await _replay(conn, redis, missed, set(live_keys + stale), now) if missed else 0
         took = time.perf_counter() - t0
         logger.info("leaderboards rebuilt", extra={"fields": {"boards": len(live_keys), "entries": n_entries,
                                                               "replayed": replayed, "seconds": round(took, 3)}})
@@ -162,8 +166,23 @@ def _period_expiry(key: str, now: datetime) -> int:
     return expire_at("month" if tag[-2] == "m" else "week", now)
 
 
-async def _replay(conn: asyncpg.Connection, redis: Redis, ids: list[int], swapped: set[str]) -> int:
-    """Re-apply awards whose board updates landed on boards the swap replaced (their snapshot missed them)."""
+async def _stale_boards(redis: Redis, now: datetime, built: set[str]) -> list[str]:
+    """Boards of the current periods in Redis that the rebuild did not build."""
+    out = []
+    for period in ("all", "month", "week"):
+        tag = period_tag(period, now)
+        shape = re.compile(re.escape(keys.LEADERBOARD).replace(r"\{scope\}", "(tenant|course|pod)")
+                           .replace(r"\{scope_id\}", r"\d+").replace(r"\{period\}", re.escape(tag)))
+        async for raw in redis.scan_iter(match=keys.leaderboard("*", "*", tag), count=1000):  # type: ignore[arg-type]
+            key = raw.decode() if isinstance(raw, bytes) else raw
+            if shape.fullmatch(key) and key not in built:
+                out.append(key)
+    return out
+
+
+async def _replay(conn: asyncpg.Connection, redis: Redis, ids: list[int], swapped: set[str], now: datetime) -> int:
+    """Re-apply awards whose board updates landed on boards the swap replaced or deleted (their snapshot missed
+    them)."""
     rows = await conn.fetch(
         """SELECT e.id, e.tenant_id, e.user_id, e.points, e.course_id, e.pod_ids, e.at FROM xp_events e
            WHERE e.id = ANY($1::bigint[])""", ids)
@@ -173,6 +192,9 @@ async def _replay(conn: asyncpg.Connection, redis: Redis, ids: list[int], swappe
             for key, _ in boards_of(r["tenant_id"], r["course_id"], list(r["pod_ids"]), r["at"]):
                 if key in swapped:
                     pipe.zincrby(key, r["points"], str(r["user_id"]))
+                    expiry = _period_expiry(key, now)
+                    if expiry:  # a deleted board comes back: with its period's end, like every write sets
+                        pipe.expireat(key, expiry)
                     n += 1
         await pipe.execute()
     return n

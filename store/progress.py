@@ -123,10 +123,12 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
     course_done = False
     before = len(tx.awards)
     if role == "learner":
+        cid = video["course_id"]
         if completed_now:
-            cid = video["course_id"]
             await tx.award(user_id, "lesson_completed", f"lesson:{video['id']}", course_id=cid, at=at)
             await tx.award(user_id, "first_lesson", "first_lesson", course_id=cid, at=at)
+        # also on a video finished before: the course may have lost the one video left (its award is idempotent)
+        if complete and (completed_now or not await _course_awarded(conn, user_id, cid)):
             left = await conn.fetchval(
                 """SELECT count(*) FROM videos v WHERE v.course_id = $1 AND v.status = 'ready' AND NOT EXISTS (
                        SELECT 1 FROM video_progress p WHERE p.video_id = v.id AND p.user_id = $2
@@ -136,6 +138,30 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
         if watched:
             await streaks.record_activity(tx, user_id, at)
     return Reported(row, duration, completed_now, course_done, tx.awards[before:])
+
+
+async def _course_awarded(conn: asyncpg.Connection, user_id: int, course_id: int) -> bool:
+    return await conn.fetchval("SELECT EXISTS (SELECT 1 FROM xp_events WHERE user_id = $1 AND idempotency_key = $2)",
+                               user_id, f"course:{course_id}")
+
+
+async def award_finished_courses(pool: asyncpg.Pool, redis: Redis, course_id: int) -> int:
+    """`course_completed` for the learners who have now completed every ready video of the course without
+    having earned it: after a video they had not finished was removed (no report of theirs would complete the
+    course any more). Idempotent; returns the awards made."""
+    async with xp.transaction(pool, redis) as tx:
+        rows = await tx.conn.fetch(
+            """SELECT DISTINCT p.user_id FROM video_progress p JOIN users u ON u.id = p.user_id AND u.role = 'learner'
+               WHERE p.course_id = $1 AND p.completed_at IS NOT NULL
+                 AND NOT EXISTS (SELECT 1 FROM videos v WHERE v.course_id = $1 AND v.status = 'ready'
+                                 AND NOT EXISTS (SELECT 1 FROM video_progress q WHERE q.video_id = v.id
+                                                 AND q.user_id = p.user_id AND q.completed_at IS NOT NULL))
+                 AND EXISTS (SELECT 1 FROM videos v WHERE v.course_id = $1 AND v.status = 'ready')
+                 AND NOT EXISTS (SELECT 1 FROM xp_events x WHERE x.user_id = p.user_id
+                                 AND x.idempotency_key = 'course:' || $1)""", course_id)
+        for r in rows:
+            await tx.award(r["user_id"], "course_completed", f"course:{course_id}", course_id=course_id)
+    return len(rows)
 
 
 async def video_progress(conn: asyncpg.Connection, user_id: int, video_id: int) -> asyncpg.Record | None:

@@ -3,7 +3,8 @@
 A day counts when the learner is active on it (watching progress is reported) in their profile's timezone.
 Each active day extends the streak and earns `daily_streak` XP once. Missed days are covered by freezes: at
 most one per ISO week (Monday to Sunday, local), spent automatically when the learner comes back. Two missed
-days in one week, or a missed day in a week whose freeze is spent, end the streak.
+days in one week, or a missed day in a week whose freeze is spent, end the streak. A learner who changes
+timezone eastwards skips local days without missing any: those are not counted as missed.
 """
 from __future__ import annotations
 
@@ -37,6 +38,23 @@ class Streak:
     longest: int = 0
     last_day: date | None = None
     freeze_weeks: frozenset[date] = frozenset()
+    day_tz: str | None = None  # the timezone `last_day` was counted in
+
+
+def tz_shift(at: datetime, tz: str, day_tz: str | None) -> int:
+    """Local days a change of timezone from `day_tz` to `tz` skipped at `at` (moving east), 0 otherwise."""
+    if not day_tz or day_tz == tz:
+        return 0
+    try:
+        return max(0, (local_day(at, tz) - local_day(at, day_tz)).days)
+    except (ValueError, KeyError):  # a zone no longer known: count as before
+        return 0
+
+
+def _missed(last_day: date, day: date, shift: int) -> list[date]:
+    """The days between `last_day` and `day` with no activity, less the last `shift` (skipped by a move)."""
+    missed = [last_day + timedelta(days=i) for i in range(1, (day - last_day).days)]
+    return missed[: max(0, len(missed) - shift)]
 
 
 def _coverable(missed: list[date], spent: frozenset[date]) -> bool:
@@ -45,15 +63,16 @@ def _coverable(missed: list[date], spent: frozenset[date]) -> bool:
     return len(set(weeks)) == len(weeks) and not (set(weeks) & spent)
 
 
-def advance(s: Streak, day: date) -> tuple[Streak, bool]:
-    """The streak after activity on local `day`, and whether `day` is a new streak day."""
+def advance(s: Streak, day: date, shift: int = 0) -> tuple[Streak, bool]:
+    """The streak after activity on local `day`, and whether `day` is a new streak day. `shift`: days a change
+    of timezone skipped (`tz_shift`)."""
     if s.last_day is not None and day <= s.last_day:
         return s, False  # the same day again, or a late report for an earlier day
     spent = s.freeze_weeks
     if s.last_day is None:
         current = 1
     else:
-        missed = [s.last_day + timedelta(days=i) for i in range(1, (day - s.last_day).days)]
+        missed = _missed(s.last_day, day, shift)
         if not missed:
             current = s.current + 1
         elif _coverable(missed, spent):
@@ -66,7 +85,7 @@ def advance(s: Streak, day: date) -> tuple[Streak, bool]:
     return Streak(current, max(s.longest, current), day, spent), True
 
 
-def status(s: Streak, today: date) -> tuple[int, bool]:
+def status(s: Streak, today: date, shift: int = 0) -> tuple[int, bool]:
     """(the streak as it stands today, whether this week's freeze is still free to cover a missed day). A streak
     whose missed days since the last active one can all still be frozen is alive; otherwise it is 0. A day
     already missed this week takes this week's freeze when the learner comes back, so it is no longer free
@@ -75,7 +94,7 @@ def status(s: Streak, today: date) -> tuple[int, bool]:
     unspent = week not in s.freeze_weeks
     if s.last_day is None:
         return 0, unspent
-    missed = [s.last_day + timedelta(days=i) for i in range(1, (today - s.last_day).days)]
+    missed = _missed(s.last_day, today, shift)
     if not _coverable(missed, s.freeze_weeks):
         return 0, unspent
     return s.current, unspent and not any(monday(d) == week for d in missed)
@@ -84,13 +103,13 @@ def status(s: Streak, today: date) -> tuple[int, bool]:
 def _row_to_streak(row) -> Streak:  # type: ignore[no-untyped-def]
     if row is None:
         return Streak()
-    return Streak(row["current"], row["longest"], row["last_day"], frozenset(row["freeze_weeks"]))
+    return Streak(row["current"], row["longest"], row["last_day"], frozenset(row["freeze_weeks"]), row["day_tz"])
 
 
 async def get(conn, user_id: int) -> tuple[Streak, str]:  # type: ignore[no-untyped-def]
     """The stored streak and the learner's timezone."""
     row = await conn.fetchrow(
-        """SELECT s.current, s.longest, s.last_day, s.freeze_weeks, coalesce(p.timezone, 'UTC') AS timezone
+        """SELECT s.current, s.longest, s.last_day, s.freeze_weeks, s.day_tz, coalesce(p.timezone, 'UTC') AS timezone
            FROM users u LEFT JOIN streaks s ON s.user_id = u.id LEFT JOIN learner_profiles p ON p.user_id = u.id
            WHERE u.id = $1""", user_id)
     if row is None or row["last_day"] is None:
@@ -105,17 +124,20 @@ async def record_activity(tx: XpTransaction, user_id: int, at: datetime | None =
     at = at or datetime.now(timezone.utc)
     await conn.execute("INSERT INTO streaks (user_id) VALUES ($1) ON CONFLICT DO NOTHING", user_id)
     row = await conn.fetchrow(
-        """SELECT s.current, s.longest, s.last_day, s.freeze_weeks, coalesce(p.timezone, 'UTC') AS timezone, u.name
+        """SELECT s.current, s.longest, s.last_day, s.freeze_weeks, s.day_tz, coalesce(p.timezone, 'UTC') AS timezone,
+                  u.name
            FROM streaks s JOIN users u ON u.id = s.user_id LEFT JOIN learner_profiles p ON p.user_id = s.user_id
            WHERE s.user_id = $1 FOR UPDATE OF s""", user_id)
     before = _row_to_streak(row)
     day = local_day(at, row["timezone"])
-    after, new_day = advance(before, day)
+    after, new_day = advance(before, day, tz_shift(at, row["timezone"], before.day_tz))
     if not new_day:
         return before
     await conn.execute(
-        """UPDATE streaks SET current = $2, longest = $3, last_day = $4, freeze_weeks = $5, updated_at = now()
-           WHERE user_id = $1""", user_id, after.current, after.longest, after.last_day, sorted(after.freeze_weeks))
+        """UPDATE streaks SET current = $2, longest = $3, last_day = $4, freeze_weeks = $5, day_tz = $6,
+                              updated_at = now()
+           WHERE user_id = $1""", user_id, after.current, after.longest, after.last_day, sorted(after.freeze_weeks),
+        row["timezone"])
     await tx.award(user_id, "daily_streak", f"streak:{day.isoformat()}", at=at)
     hit = achievements.crossed({"streak": before.longest}, {"streak": after.longest})
     if hit:

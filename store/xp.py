@@ -17,7 +17,8 @@ Hook for other features (the grader, the tutor): award XP when something final h
 The same (learner, key) twice counts once, also when both calls race (INSERT … ON CONFLICT DO NOTHING). Only
 learners earn XP; for anyone else (and for a duplicate) the award returns None. Points come from POINTS
 unless given. The XP counts on the tenant board, the course board (with `course_id`) and the boards of the
-learner's pods (those of the course, or all of them without a course; `pod_ids` overrides).
+learner's pods (those of the course, or all of them without a course; only pods of courses they are still
+enrolled in; `pod_ids` overrides).
 """
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ WITH ins AS (
     INSERT INTO xp_events (tenant_id, user_id, kind, points, idempotency_key, course_id, pod_ids, at, meta)
     SELECT u.tenant_id, u.id, $2, $3, $4, $5,
            coalesce($6::bigint[], ARRAY(SELECT m.pod_id FROM pod_members m JOIN pods p ON p.id = m.pod_id
+                                         JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = u.id
                                          WHERE m.user_id = u.id AND ($5::bigint IS NULL OR p.course_id = $5)
                                          ORDER BY m.pod_id)),
            coalesce($7::timestamptz, now()), $8

@@ -195,8 +195,9 @@ class ProgressController(Controller):
         async with request.app.state.pool.acquire() as conn:
             total, counts = await xp.totals(conn, user.id)
             streak, tz = await streaks.get(conn, user.id)
-        today = streaks.local_day(datetime.now(timezone.utc), tz)
-        current, free = streaks.status(streak, today)
+        now = datetime.now(timezone.utc)
+        today = streaks.local_day(now, tz)
+        current, free = streaks.status(streak, today, streaks.tz_shift(now, tz, streak.day_tz))
         level = achievements.level_for(total)
         return Stats(user_id=user.id, xp=total, level=level, level_xp=xp_for_level(level),
                      next_level_xp=xp_for_level(level + 1), counts=counts,
@@ -218,11 +219,15 @@ class ProgressController(Controller):
     async def my_achievements(self, request: Request) -> list[AchievementOut]:
         """Every achievement with the caller's progress towards it and when it was unlocked."""
         user: AuthUser = request.user
-        async with request.app.state.pool.acquire() as conn:
+        state = request.app.state
+        async with state.pool.acquire() as conn:
+            new: list = []
             if user.role == "learner":
-                await achievements.sync(conn, user.id)  # definitions added since the thresholds were crossed
+                new = await achievements.sync(conn, user.id)  # definitions added since the thresholds were crossed
             current = await achievements.current_stats(conn, user.id)
             got = await achievements.unlocked_of(conn, user.id)
+        if new:  # announced like any other unlock
+            await xp.settle(state.redis, [], new)
         return [AchievementOut(achievement=a.info(), requirement=achievements.STATS[a.stat],
                                progress=min(current.get(a.stat, 0), a.at_least), target=a.at_least,
                                unlocked_at=got.get(a.id)) for a in achievements.BY_ID.values()]

@@ -24,6 +24,7 @@ from server.decode import read_json
 from server.errors import ApiError
 from server.uploads import receive_upload
 from store import jobs as jobs_repo
+from store import progress as progress_repo
 from store import videos as videos_repo
 from store.search import hybrid_search
 
@@ -197,6 +198,10 @@ class VideoController(Controller):
             async with conn.transaction():
                 await conn.execute("DELETE FROM videos WHERE id = $1", video_id)
                 await videos_repo.refresh_term_stats(conn, course_id)
+        try:  # learners for whom this was the last video left to finish have now completed the course
+            await progress_repo.award_finished_courses(request.app.state.pool, request.app.state.redis, course_id)
+        except Exception:  # noqa: BLE001 - the deletion stands; a learner's next report on a finished video awards it
+            logger.warning("could not award finished courses after deleting video %s", video_id, exc_info=True)
         if video["file_path"]:
             Path(video["file_path"]).unlink(missing_ok=True)
 

@@ -105,6 +105,39 @@ async def test_completion_earns_xp_once_and_live(server, client, make: Factory, 
     assert [e["kind"] for e in ledger] == ["course_completed", "lesson_completed"]
 
 
+async def test_an_achievement_caught_up_on_read_is_announced(server, client, make: Factory, settings):
+    """An achievement defined after its threshold was crossed is unlocked when the learner reads theirs, and
+    announced like any unlock (here: the row is removed to stand for a definition added later)."""
+    course = make_course(client, make, learners=1, videos=1, duration=60)
+    (a,) = course.learners
+    assert "first_lesson" in report(client, a, course.videos[0], 60, [[0, 60]])["xp_awarded"]
+    fetch(settings, "DELETE FROM user_achievements WHERE user_id = $1 AND achievement_id = 'first-lesson'", a.id)
+    ws = await Client.connect(server, f"course:{course.id}", a)
+    try:
+        ach = {x["achievement"]["id"]: x for x in client.get("/api/v1/me/achievements", headers=a.h).json()}
+        assert ach["first-lesson"]["unlocked_at"]
+        assert (await ws.expect("achievement.unlocked", timeout=10))["achievement"]["id"] == "first-lesson"
+        client.get("/api/v1/me/achievements", headers=a.h)  # once
+        assert [f for f in await ws.quiet(0.5) if f["type"] == "achievement.unlocked"] == []
+    finally:
+        await ws.close()
+
+
+def test_deleting_the_last_unfinished_video_completes_the_course(client, make: Factory, settings):
+    """A learner finished every video but one; staff delete that one: the course is complete for them, with
+    its XP, although no report of theirs completes anything any more."""
+    course = make_course(client, make, learners=2, videos=2, duration=60)
+    a, b = course.learners
+    v1, v2 = course.videos
+    assert "lesson_completed" in report(client, a, v1, 60, [[0, 60]])["xp_awarded"]
+    report(client, b, v1, 10, [[0, 10]])  # b has not finished v1: the deletion completes nothing for b
+    assert client.delete(f"/api/v1/courses/{course.id}/videos/{v2}", headers=course.instructor.h).status_code == 204
+    kinds = {u: [r["kind"] for r in fetch(settings, "SELECT kind FROM xp_events WHERE user_id = $1", u.id)]
+             for u in (a, b)}
+    assert kinds[a].count("course_completed") == 1 and "course_completed" not in kinds[b]
+    assert client.get(f"/api/v1/courses/{course.id}/progress", headers=a.h).json()["completion"] == 1.0
+
+
 def test_staff_progress_is_stored_without_xp(client, make: Factory, settings):
     course = make_course(client, make, learners=0, videos=1, duration=60)
     r = report(client, course.instructor, course.videos[0], 60, [[0, 60]])

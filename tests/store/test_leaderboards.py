@@ -181,6 +181,32 @@ async def test_hourly_check_repairs_a_drifted_board(make: Factory, lb):
     assert [(e.user_id, e.xp) for e in board.entries] == [(u.id, 50), (v.id, 25)]
 
 
+async def test_a_rebuild_deletes_current_boards_the_ledger_has_nothing_for(lb):
+    """XP on boards whose ledger rows are gone (an asynchronously committed award lost in a Postgres crash; a
+    deleted course or pod) is not kept by a rebuild: it builds what the ledger has and deletes the rest of the
+    current boards, while boards the ledger does have stay."""
+    from tests.progress_helpers import course_in_new_tenant
+
+    pool, redis = lb
+    async with pool.acquire() as conn:
+        cid, _, (lost, kept) = await course_in_new_tenant(conn, 2)
+        pod = await conn.fetchval("INSERT INTO pods (course_id, name) VALUES ($1, 'p') RETURNING id", cid)
+        await conn.execute("INSERT INTO pod_members (pod_id, user_id) VALUES ($1, $2)", pod, lost)
+    gone = await xp.award_xp(pool, redis, lost, "helpful_answer", "helpful:lost", course_id=cid)
+    await xp.award_xp(pool, redis, kept, "helpful_answer", "helpful:kept")  # tenant boards only
+    async with pool.acquire() as conn:
+        await conn.execute("DELETE FROM xp_events WHERE id = $1", gone.id)
+        await conn.execute("DELETE FROM xp_totals WHERE user_id = $1", lost)
+    await redis.delete(keys.LEADERBOARD_LOCK)
+    assert await leaderboard_rebuild.rebuild(pool, redis) is not None
+    for scope, sid in (("course", cid), ("pod", pod)):
+        for period in ("all", "month", "week"):
+            assert not await redis.exists(leaderboards.board_key(scope, sid, period)), (scope, period)
+    for period in ("all", "month", "week"):
+        board = await leaderboards.read(redis, "tenant", gone.tenant_id, gone.tenant_id, period, kept)
+        assert [(e.user_id, e.xp) for e in board.entries] == [(kept, 25)], period
+
+
 async def test_an_award_in_flight_is_not_drift(make: Factory, lb):
     """An award committed to the ledger whose board update lands a moment later (its process is between the
     two) is not reported as drift, so the hourly check does not rebuild every busy hour."""

@@ -95,3 +95,26 @@ async def test_streak_achievement_and_freeze_in_db(make: Factory, xp_store):
         assert st.current == 3 and st.freeze_weeks == {MON}
         assert await conn.fetchval(
             "SELECT count(*) FROM user_achievements WHERE user_id = $1 AND achievement_id = 'streak-3'", u.id) == 1
+
+
+async def test_moving_east_skips_days_without_missing_them(make: Factory, xp_store):
+    """Los Angeles, the week's freeze already spent on Tuesday; active Thursday evening, then the learner moves
+    to Tokyo and is active Friday morning LA time, which is Saturday in Tokyo: Friday was not missed, so the
+    streak goes on (it used to restart). Moving back west counts no day twice."""
+    pool, redis = xp_store
+    u = make.user("learner")
+    async with pool.acquire() as conn:
+        await conn.execute("INSERT INTO learner_profiles (user_id, timezone) VALUES ($1, 'America/Los_Angeles')", u.id)
+    la = timedelta(hours=8)  # PST
+    for day in (2, 4, 5):  # Mon 2, (Tue 3 missed: this week's freeze), Wed 4, Thu 5
+        await _activity(pool, redis, u.id, datetime(2026, 3, day, 20, tzinfo=timezone.utc) + la)
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE learner_profiles SET timezone = 'Asia/Tokyo' WHERE user_id = $1", u.id)
+    st = await _activity(pool, redis, u.id, datetime(2026, 3, 6, 8, tzinfo=timezone.utc) + la)  # Sat 01:00 Tokyo
+    assert (st.current, st.last_day) == (4, date(2026, 3, 7))
+    async with pool.acquire() as conn:
+        stored, _ = await streaks.get(conn, u.id)
+        assert status(stored, date(2026, 3, 7)) == (4, False) and stored.day_tz == "Asia/Tokyo"
+        await conn.execute("UPDATE learner_profiles SET timezone = 'America/Los_Angeles' WHERE user_id = $1", u.id)
+    again = await _activity(pool, redis, u.id, datetime(2026, 3, 6, 20, tzinfo=timezone.utc) + la)  # Fri in LA
+    assert (again.current, again.last_day) == (4, date(2026, 3, 7))  # Friday LA is before Saturday: nothing new

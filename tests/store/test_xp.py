@@ -111,3 +111,25 @@ async def test_statement_unlocks_exactly_what_the_definitions_say(make: Factory,
         assert set(await achievements.unlocked_of(conn, u.id)) == held
         assert await achievements.sync(conn, u.id) == []  # nothing missed
     assert {"level-5", "level-10", "level-25"} <= held
+
+
+async def test_a_learner_who_left_a_course_earns_nothing_on_its_pods(xp_store):
+    """Pod membership outlives an enrollment (it comes back with a re-enrolment), but a learner who left the
+    course earns nothing on its pods' boards meanwhile, and their unlocks are not announced in its pod rooms."""
+    from tests.progress_helpers import course_in_new_tenant
+
+    pool, redis = xp_store
+    async with pool.acquire() as conn:
+        cid, _, (uid,) = await course_in_new_tenant(conn, 1)
+        pod = await conn.fetchval("INSERT INTO pods (course_id, name) VALUES ($1, 'p') RETURNING id", cid)
+        await conn.execute("INSERT INTO pod_members (pod_id, user_id) VALUES ($1, $2)", pod, uid)
+        assert f"pod:{pod}" in await conn.fetchval(f"SELECT {achievements.ROOMS_SQL}", uid)
+    before = await xp.award_xp(pool, redis, uid, "daily_streak", "streak:1")
+    assert before.pod_ids == [pod]
+    async with pool.acquire() as conn:
+        await conn.execute("DELETE FROM enrollments WHERE course_id = $1 AND user_id = $2", cid, uid)
+        assert await conn.fetchval(f"SELECT {achievements.ROOMS_SQL}", uid) == []
+    after = await xp.award_xp(pool, redis, uid, "daily_streak", "streak:2")  # no course: every pod it may count on
+    assert after.pod_ids == []
+    board = await leaderboards.read(redis, "pod", pod, after.tenant_id, "all", uid)
+    assert board.me is not None and board.me.xp == before.points
