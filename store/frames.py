@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from typing import Annotated, Union
+from typing import Annotated, Any, Union
 
 import msgspec
 from msgspec import Meta
@@ -88,6 +88,28 @@ def has_nul(raw: str | bytes) -> bool:
     """Whether JSON text holds a NUL character (escaped as `\u0000`, or raw)."""
     data = raw.encode("utf-8", errors="replace") if isinstance(raw, str) else raw
     return b"\x00" in data or (b"\\u0000" in data and _NUL.search(data) is not None)
+
+
+class _Refs(msgspec.Struct):
+    """Only what a refused frame's error echoes back."""
+    ref: Any = None
+    client_msg_id: Any = None
+
+
+_refs = msgspec.json.Decoder(_Refs)
+
+
+def ref_of(raw: str | bytes) -> str | None:
+    """The `ref` (else `client_msg_id`) of a frame that failed to decode, when it has a usable one, so the error
+    can name the frame it answers."""
+    try:
+        got = _refs.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    for value in (got.ref, got.client_msg_id):
+        if isinstance(value, str) and 0 < len(value) <= 100 and "\x00" not in value:
+            return value
+    return None
 
 
 def decode_frame(raw: str | bytes) -> ClientFrame:

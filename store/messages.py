@@ -58,6 +58,14 @@ async def _existing(conn: asyncpg.Connection, room_id: str, author_id: int | Non
     return Posted(_new_decoder.decode(raw), raw, False)
 
 
+async def original(db: asyncpg.Pool | asyncpg.Connection, room_id: str, author_id: int,
+                   client_msg_id: str | None) -> Posted | None:
+    """The message `author_id` already posted in the room with `client_msg_id`, if any (a repeat)."""
+    if client_msg_id is None:
+        return None
+    return await _with_conn(db, lambda c: _existing(c, room_id, author_id, client_msg_id))
+
+
 # The author, whether they are muted in the room, and the stored event of an earlier post with this client_msg_id.
 _AUTHOR = """
 SELECT u.id, u.name, u.role,

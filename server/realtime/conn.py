@@ -19,7 +19,7 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from store.events import CLOSE_SLOW_CONSUMER, Event, UserRef, encode
+from store.events import CLOSE_SLOW_CONSUMER, SEQUENCED, Event, UserRef, encode
 from store.rooms import RoomAccess
 
 if TYPE_CHECKING:
@@ -28,6 +28,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FILL_BATCH = 500
+
+
+def _kind(text: str) -> str:
+    """An encoded event's type: msgspec writes the tag first (`{"type":"message.new",...`)."""
+    end = text.find('"', 9)
+    return text[9:end] if text.startswith('{"type":"') and end > 0 else ""
 
 
 def text_frame(text: str) -> dict[str, Any]:
@@ -79,9 +85,14 @@ class Conn:
         if self.inflight is None:
             self._pump()
 
+    def _fill_cap(self) -> int:
+        """How full a replay may make the queue: the last quarter stays free for live frames (a pong, typing,
+        the user's own events), which would otherwise close a reader that is merely slow to replay (4008)."""
+        return max(1, self.queue_max - self.queue_max // 4)
+
     async def _put(self, msg: dict[str, Any]) -> None:
         """Queue a frame, waiting for room (replays: a slow reader only slows its own replay)."""
-        while len(self.out) >= self.queue_max and self.closing is None:
+        while len(self.out) >= self._fill_cap() and self.closing is None:
             self.space = asyncio.get_running_loop().create_future()
             await self.space
         if self.closing is None and not self.broken:
@@ -97,7 +108,7 @@ class Conn:
                 out.clear()
                 break
             self._drive(send(out.popleft()))
-        if self.space is not None and len(out) < self.queue_max:
+        if self.space is not None and len(out) < self._fill_cap():
             space, self.space = self.space, None
             if not space.done():
                 space.set_result(None)
@@ -212,7 +223,9 @@ class Conn:
         if self.fill_task is not None and not self.fill_task.done():
             self.fill_task.cancel()
         self.fill_task = None  # the cancelled fill is not done yet: `start_fill` must not take it for running
-        self.out.clear()  # a send already waiting for the transport goes first: it precedes the new welcome
+        # queued room events go (the new stream sends them again); errors, pongs and personal events stay. A send
+        # already waiting for the transport goes first: it precedes the new welcome
+        self.out = deque(m for m in self.out if _kind(m["text"]) not in SEQUENCED)
         self.last_seq = self.start_seq = after
         for seq in [s for s in self.pending if s <= after]:
             del self.pending[seq]

@@ -190,9 +190,15 @@ class Hub:
 
     async def welcome(self, conn: Conn, after: int | None) -> None:
         """Start (or restart) the stream: welcome first, then every event after `after`, then live ones."""
-        async with self.pool.acquire() as db:
-            last = (await rooms_repo.last_seqs(db, [conn.room])).get(conn.room, 0)
-        count, online = await self.presence.online(conn.room, self.settings.presence_max)
+        conn.filling = True  # live events arriving while this reads where the room is wait, then come in order
+        try:
+            async with self.pool.acquire() as db:
+                last = (await rooms_repo.last_seqs(db, [conn.room])).get(conn.room, 0)
+            count, online = await self.presence.online(conn.room, self.settings.presence_max)
+        except BaseException:
+            if conn.ready:  # a failed `resume`: the stream goes on where it was, the waiting events included
+                conn.start_fill()
+            raise
         start = last if after is None else min(after, last)
         conn.restart(start)
         conn.push_event(Welcome(room=conn.room, last_seq=last, online=online, online_count=count))

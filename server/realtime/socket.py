@@ -21,6 +21,7 @@ from store import live as live_repo
 from store import messages as messages_repo
 from store import moderation
 from store import rooms as rooms_repo
+from store import users as users_repo
 from store.events import (CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, Error, Pong, Typing, UserRef, publish,
                           room_topic)
 
@@ -88,9 +89,10 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
                                                        CLOSE_UNAUTHENTICATED, "token expired")
     try:
         await hub.attach(conn)
-        if not await _still_allowed(state, room_id, user):
-            # a kick or a removal published between the check above and the attach never reached this socket
-            conn.close_soon(CLOSE_FORBIDDEN, "access revoked")
+        refused = await _still_allowed(state, room_id, user)
+        if refused is not None:
+            # a kick, a removal or a token revoked between the checks above and the attach never reached it
+            conn.close_soon(*refused)
         else:
             await hub.welcome(conn, after)  # type: ignore[arg-type]
             if access.kind == "live":
@@ -113,11 +115,16 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
             pass
 
 
-async def _still_allowed(state, room_id: str, user: AuthUser) -> bool:  # type: ignore[no-untyped-def]
-    """The join check again, once the socket receives the room's kicks and the user's removals."""
+async def _still_allowed(state, room_id: str, user: AuthUser) -> tuple[int, str] | None:  # type: ignore[no-untyped-def]
+    """The join checks again, once the socket receives the room's kicks, the user's removals and token
+    revocations: None, or the (code, reason) to close with."""
     async with state.pool.acquire() as db:
-        return (await rooms_repo.access(db, room_id, user.id, user.tenant_id, user.role) is not None
-                and await moderation.kicked_until(db, room_id, user.id) is None)
+        if user.token_id is not None and await users_repo.get_user_with_token(db, user.id, user.token_id) is None:
+            return CLOSE_UNAUTHENTICATED, "token revoked"
+        if (await rooms_repo.access(db, room_id, user.id, user.tenant_id, user.role) is None
+                or await moderation.kicked_until(db, room_id, user.id) is not None):
+            return CLOSE_FORBIDDEN, "access revoked"
+    return None
 
 
 async def _cleanup(state, hub: Hub, conn: Conn, attendance_id: int | None) -> None:  # type: ignore[no-untyped-def]
@@ -137,6 +144,8 @@ async def _serve(socket: WebSocket, conn: Conn, user: AuthUser, hub: Hub) -> Non
         msg = await receive()
         if msg["type"] == "websocket.disconnect":
             return
+        if conn.closing is not None:  # kicked, removed, revoked or cut off: nothing more is taken from it
+            continue
         text = msg.get("text")
         if text is None:
             conn.push_event(Error(code="bad_frame", detail="send JSON text frames, not binary"))
@@ -144,7 +153,7 @@ async def _serve(socket: WebSocket, conn: Conn, user: AuthUser, hub: Hub) -> Non
         try:
             frame = frames.decode_frame(text)
         except frames.BadFrame as exc:
-            conn.push_event(Error(code="bad_frame", detail=str(exc)))
+            conn.push_event(Error(code="bad_frame", detail=str(exc), ref=frames.ref_of(text)))
             continue
         try:
             await _handle(frame, conn, user, hub)
@@ -194,7 +203,12 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
         text = _check_text(frame.text, min(settings.ws_max_text, MAX_QUESTION_CHARS))
         slot = await take_slot(hub.redis, user.id, user.role)  # refused before anything is posted
         if slot is None:
-            raise messages_repo.Refused("tutor_busy", BUSY)
+            # unless it is a repeat of a question already asked: the original comes back, as for any repeat
+            original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id)
+            if original is None:
+                raise messages_repo.Refused("tutor_busy", BUSY)
+            conn.own(original.event.seq, original.payload.decode())
+            return
         try:
             await _rate(hub, user)
         except BaseException:

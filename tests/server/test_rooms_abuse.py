@@ -159,3 +159,37 @@ async def test_a_socket_closes_when_its_token_expires(server, make: Factory, set
     except websockets.ConnectionClosed as exc:
         assert exc.rcvd.code == 4401 and exc.rcvd.reason == "token expired"
     assert time.monotonic() - t0 < 6
+
+
+def test_a_socket_opening_while_its_token_is_revoked_is_closed_once_attached(server, make: Factory, settings):
+    """The token is read when the socket opens; if it is revoked before the socket receives revocations, the
+    check made once it is attached closes it (4401 `token revoked`), like a kick or a removal (4403)."""
+    from types import SimpleNamespace
+
+    from server.auth import AuthUser
+    from server.realtime.socket import _still_allowed
+    from store.db import create_pool
+    from tests.conftest import run_sync
+
+    course = make_course(server, make, learners=1)
+    inst = course.instructor
+    with httpx.Client(base_url=server, timeout=30) as c:
+        bot = c.post("/api/v1/bots", json={"name": f"bot-{course.id}", "label": "discord"}, headers=inst.h).json()
+        assert c.delete(f"/api/v1/tokens/{bot['token_id']}", headers=inst.h).status_code == 204
+        assert c.post(f"/api/v1/rooms/{course.room}/kicks", json={"user_id": course.learners[0].id, "seconds": 60},
+                      headers=inst.h).status_code == 204
+    as_bot = AuthUser(id=bot["user_id"], tenant_id=inst.tenant_id, tenant="", name=bot["name"], role="bot",
+                      token_id=bot["token_id"])
+    kicked = course.learners[0]
+    as_kicked = AuthUser(id=kicked.id, tenant_id=kicked.tenant_id, tenant="", name=kicked.name, role="learner")
+    as_staff = AuthUser(id=inst.id, tenant_id=inst.tenant_id, tenant="", name=inst.name, role="instructor")
+
+    async def go() -> list:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        try:
+            state = SimpleNamespace(pool=pool)
+            return [await _still_allowed(state, course.room, u) for u in (as_bot, as_kicked, as_staff)]
+        finally:
+            await pool.close()
+
+    assert run_sync(go()) == [(4401, "token revoked"), (4403, "access revoked"), None]

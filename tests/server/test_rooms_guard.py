@@ -94,6 +94,11 @@ async def test_malformed_frames_keep_connection(server, make: Factory):
         err = await c.expect("error")
         assert err["code"] == "bad_frame", (frame, err)
         assert err["detail"]
+    # a frame refused while decoding still names itself: its ref, else its client_msg_id
+    await c.send({"type": "message.edit", "id": 0, "text": "x", "ref": "r1"})
+    assert (await c.expect("error"))["ref"] == "r1"
+    await c.send({"type": "message.send", "text": 5, "client_msg_id": "c1"})
+    assert (await c.expect("error"))["ref"] == "c1"
     await c.ws.send(b"\x00binary")
     assert (await c.expect("error"))["code"] == "bad_frame"
     # a poll vote outside a live room is refused too

@@ -412,6 +412,12 @@ async def test_a_third_question_under_way_is_refused_before_it_is_posted(openai_
                       "client_msg_id": f"busy{i}"})
     err = await c.expect("error", timeout=10)
     assert err["code"] == "tutor_busy" and err["ref"] == "busy3"
+    # a repeat of a question under way is not a third question: no tutor_busy (it is already in this stream)
+    await c.send({"type": "tutor.ask", "text": "What does a bitcoin signature prove? (take 1)",
+                  "client_msg_id": "busy1"})
+    await c.send({"type": "ping", "ref": "after-repeat"})
+    await c.expect("pong", ref="after-repeat")
+    assert not [f for f in c.frames if f["type"] == "error" and f.get("ref") == "busy1"]
     replies = await _tutor_replies(c, 2)
     assert all(r["meta"]["grounded"] for r in replies)
     assert not fetch(settings, "SELECT id FROM messages WHERE room_id = $1 AND client_msg_id = 'busy3'", room)

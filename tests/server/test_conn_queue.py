@@ -1,0 +1,62 @@
+"""A connection's outbound queue, without a server: a replay leaves room for live frames, and a `resume`
+drops only the room events it will send again."""
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+from server.realtime.conn import Conn, text_frame
+from store.rooms import RoomAccess
+
+ACCESS = RoomAccess(room_id="course:1", kind="course", course_id=1, tenant_id=1, moderator=False)
+
+
+def _event(seq: int) -> str:
+    return json.dumps({"type": "message.new", "id": seq, "seq": seq, "room": "course:1", "text": f"m{seq}"},
+                      separators=(",", ":"))
+
+
+def _paused() -> tuple[Conn, list]:
+    """A connection whose peer reads nothing (every send waits), over a room log of 5,000 events."""
+    stalled = asyncio.get_running_loop().create_future()
+    sent: list = []
+
+    async def send(msg: dict) -> None:
+        sent.append(msg)
+        await stalled
+
+    async def events_after(room: str, after: int, limit: int) -> list[tuple[int, str]]:
+        return [(s, _event(s)) for s in range(after + 1, min(after + limit, 5000) + 1)]
+
+    hub = SimpleNamespace(events_after=events_after)
+    conn = Conn(hub, ACCESS, SimpleNamespace(id=7, name="u", role="learner"), send, 8)  # type: ignore[arg-type]
+    return conn, sent
+
+
+async def test_a_slow_replay_leaves_room_for_live_frames():
+    conn, _ = _paused()
+    conn.ready, conn.filling = True, False
+    conn.start_fill()
+    await asyncio.sleep(0.05)
+    assert len(conn.out) == 6  # three quarters of the queue: the replay waits there
+    for i in range(2):  # a pong, typing: they fit, and do not cut a reader that is only slow to replay
+        conn.push(text_frame(json.dumps({"type": "pong", "ref": str(i)})))
+    assert conn.closing is None and len(conn.out) == 8
+    conn.push(text_frame(json.dumps({"type": "pong", "ref": "over"})))  # past the whole queue: a slow consumer
+    assert conn.closing is not None and conn.closing[0] == 4008
+    conn.fill_task.cancel()
+
+
+async def test_resume_keeps_queued_errors_and_personal_events():
+    conn, sent = _paused()
+    conn.ready, conn.filling = True, False
+    conn.push(text_frame(json.dumps({"type": "pong", "ref": "first"})))  # waits for the transport (in flight)
+    conn.offer(1, text_frame(_event(1)))
+    error = text_frame(json.dumps({"type": "error", "code": "rate_limited", "detail": "slow down", "ref": "x"}))
+    conn.push(error)
+    conn.offer(2, text_frame(_event(2)))
+    assert len(conn.out) == 3
+    conn.restart(0)
+    assert list(conn.out) == [error]  # the room events come again with the new stream; the error is kept
+    assert len(sent) == 1
