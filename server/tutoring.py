@@ -22,7 +22,7 @@ from server.errors import ApiError
 from store import tutor as repo
 from store.events import Error, TutorDelta, publish, room_topic, user_topic
 from store.ratelimit import free_answer_slot, take_answer_slot
-from store.messages import Posted, Refused, post_message
+from store.messages import Posted, Refused, original, post_message
 
 logger = logging.getLogger(__name__)
 
@@ -464,6 +464,9 @@ async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, t
     refusal is returned, for the asker only (None for a repeat of a message already posted)."""
     refused, question, slot = None, None, None
     if TUTOR_MENTION.search(text):
+        repeat = await original(state.pool, room_id, user.id, client_msg_id)
+        if repeat is not None:  # answered (or being answered) once: no slot for it, no refusal
+            return repeat, None
         question = " ".join(TUTOR_MENTION.sub(" ", text).split()) or text
         if len(question) > MAX_QUESTION_CHARS:
             refused = Refused("too_long", f"a question to the tutor is at most {MAX_QUESTION_CHARS} characters")

@@ -40,6 +40,10 @@ async def round_exists(conn: asyncpg.Connection, pod_id: int, round_key: str) ->
         "SELECT EXISTS (SELECT 1 FROM pod_matches WHERE pod_id = $1 AND round_key = $2)", pod_id, round_key))
 
 
+async def round_by_key(conn: asyncpg.Connection, pod_id: int, round_key: str) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM pod_matches WHERE pod_id = $1 AND round_key = $2", pod_id, round_key)
+
+
 class StaleRound(Exception):
     """The round a re-match was computed from is no longer the current one (another decline or round landed
     meanwhile): compute again from the current round."""
@@ -49,7 +53,18 @@ async def save_round(conn: asyncpg.Connection, pod_id: int, trigger: str, groups
                      round_key: str | None, created_by: int | None, declined: list[int],
                      based_on: int | None = None) -> asyncpg.Record | None:
     """Store a new current round (superseding the previous one); None when `round_key` already has one.
-    `based_on`: the round this one re-matches; StaleRound when it is no longer current."""
+    `based_on`: the round this one re-matches; StaleRound when it is no longer current. LookupError when the
+    pod was deleted meanwhile."""
+    try:
+        return await _save_round(conn, pod_id, trigger, groups, round_key=round_key, created_by=created_by,
+                                 declined=declined, based_on=based_on)
+    except asyncpg.ForeignKeyViolationError:
+        raise LookupError(f"pod {pod_id} not found") from None
+
+
+async def _save_round(conn: asyncpg.Connection, pod_id: int, trigger: str, groups: list[dict[str, Any]], *,
+                      round_key: str | None, created_by: int | None, declined: list[int],
+                      based_on: int | None) -> asyncpg.Record | None:
     async with conn.transaction():
         # one writer per pod at a time, so exactly one round is current
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('pod_match'), $1::int)", pod_id % 2**31)

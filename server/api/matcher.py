@@ -7,6 +7,7 @@ import logging
 import asyncpg
 import msgspec
 from litestar import Controller, Request, get, patch, post
+from litestar.response import Response
 
 from agents import matcher
 from server.api.paging import ListLimit, Offset
@@ -77,17 +78,33 @@ class MatcherController(Controller):
         return [to_profile(got[i]) for i in ids]
 
     @post("/pods/{pod_id:int}/match", guards=[staff_only], status_code=201)
-    async def match(self, request: Request, pod_id: int) -> MatchOut:
-        """Pair the pod's learners now (a trio when odd) and post the pairs to the pod room."""
+    async def match(self, request: Request, pod_id: int) -> Response[MatchOut]:
+        """Pair the pod's learners now (a trio when odd) and post the pairs to the pod room. With an
+        `Idempotency-Key` header, a repeat of the same request (a double click, a retry) runs and posts once and
+        returns that round (200)."""
         state = request.app.state
+        key = request.headers.get("idempotency-key")
+        if key is not None and not 0 < len(key.strip()) <= 100:
+            raise ApiError(400, "Idempotency-Key must be 1 to 100 characters", field="Idempotency-Key")
+        round_key = f"manual:{request.user.id}:{key.strip()}" if key is not None else None
         async with state.pool.acquire() as conn:
             await _pod(conn, pod_id, request.user)
+            if round_key is not None and (done := await matching.round_by_key(conn, pod_id, round_key)) is not None:
+                return Response(to_match(matcher.result_of(done)), status_code=200)
             if len(await matching.eligible_members(conn, pod_id)) < 2:
                 raise ApiError(409, "the pod needs at least two enrolled learners to match", code="too_few")
-        result = await matcher.run_match(state.pool, state.redis, state.settings, pod_id, trigger="manual",
-                                         created_by=request.user.id)
-        assert result is not None
-        return to_match(result)
+        try:
+            result = await matcher.run_match(state.pool, state.redis, state.settings, pod_id, trigger="manual",
+                                             created_by=request.user.id, round_key=round_key)
+        except LookupError:  # deleted while it was being matched
+            raise ApiError(404, f"pod {pod_id} not found") from None
+        if result is None:  # the same key ran meanwhile: its round
+            async with state.pool.acquire() as conn:
+                done = await matching.round_by_key(conn, pod_id, round_key)  # type: ignore[arg-type]
+            if done is None:
+                raise ApiError(409, "the pod's learners changed while matching; try again", code="conflict")
+            return Response(to_match(matcher.result_of(done)), status_code=200)
+        return Response(to_match(result), status_code=201)
 
     @get("/pods/{pod_id:int}/match")
     async def current(self, request: Request, pod_id: int) -> MatchOut:
@@ -108,4 +125,6 @@ class MatcherController(Controller):
             result = await matcher.decline(state.pool, state.redis, state.settings, pod_id, request.user.id)
         except matcher.DeclineError as exc:
             raise ApiError(409, str(exc), code="not_matched") from exc
+        except LookupError:  # deleted while it was being matched again
+            raise ApiError(404, f"pod {pod_id} not found") from None
         return to_match(result)

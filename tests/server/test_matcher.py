@@ -188,3 +188,44 @@ async def test_the_weekly_round_catches_up_until_the_week_ends(client, make: Fac
     rows = fetch(settings, "SELECT round_key FROM pod_matches WHERE pod_id = $1", pod)
     assert [r["round_key"] for r in rows] == [week_key(datetime.now(timezone.utc))]
     assert await match_pods_weekly(ctx) == 0  # every pod has this week's round
+
+
+def test_a_repeated_match_request_with_an_idempotency_key_runs_once(client, make: Factory, settings):
+    """A double click (or a retry after a lost response) with the same Idempotency-Key runs and posts one round,
+    also when both requests arrive at once; another key, or none, runs a new one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    course = make_course(client, make, learners=4, videos=0)
+    inst = course.instructor
+    pod = _pod(client, course, course.learners)
+    url = f"/api/v1/pods/{pod}/match"
+
+    def post(key: str | None):  # type: ignore[no-untyped-def]
+        return client.post(url, headers={**inst.h, **({"Idempotency-Key": key} if key else {})})
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(post, ["click-1"] * 4))
+    assert sorted(r.status_code for r in got) == [200, 200, 200, 201], [r.text for r in got]
+    assert len({r.json()["match_id"] for r in got}) == 1
+    assert post("click-1").status_code == 200 and post("click-2").status_code == 201
+    assert post("x" * 101).status_code == 400
+    rounds = fetch(settings, "SELECT count(*) AS n FROM pod_matches WHERE pod_id = $1", pod)[0]["n"]
+    posted = fetch(settings, "SELECT count(*) AS n FROM messages WHERE room_id = $1 AND author_role <> 'learner'",
+                   f"pod:{pod}")[0]["n"]
+    assert rounds == 2 and posted == 2
+
+
+async def test_a_round_for_a_pod_deleted_meanwhile_is_a_lookup_error(client, make: Factory, settings, xp_store):
+    """The pod is deleted while its round is computed: saving it is a LookupError (404 over REST), not a
+    foreign-key 500."""
+    import pytest
+
+    from store import matching
+
+    pool, _ = xp_store
+    course = make_course(client, make, learners=2, videos=0)
+    pod = _pod(client, course, course.learners)
+    assert client.delete(f"/api/v1/pods/{pod}", headers=course.instructor.h).status_code == 204
+    async with pool.acquire() as conn:
+        with pytest.raises(LookupError):
+            await matching.save_round(conn, pod, "manual", [], round_key=None, created_by=None, declined=[])
