@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,12 @@ async def fetch_cues(video: asyncpg.Record, settings: Settings, reporter: JobRep
             asyncio.run_coroutine_threadsafe(reporter.advance(fraction), loop)
 
         transcriber = await asyncio.to_thread(get_transcriber, settings.whisper_model)
-        cues = await asyncio.to_thread(transcriber.transcribe, path, on_progress=on_progress)
+        stop = threading.Event()
+        try:
+            cues = await asyncio.to_thread(transcriber.transcribe, path, on_progress=on_progress, cancel=stop)
+        except asyncio.CancelledError:  # the worker is stopping: its thread stops at the next segment, not the end
+            stop.set()
+            raise
         return SourceResult(cues, duration_s=info.duration_s, language="en", captions_generated=True)
     raise PermanentIngestError(f"unknown video source {source!r}")
 

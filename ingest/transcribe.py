@@ -114,11 +114,14 @@ class Transcriber:
         path: str | os.PathLike[str],
         language: str | None = "en",
         on_progress: Callable[[float], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> list[Cue]:
         """Cues for the speech in `path` (any container PyAV reads), seconds from its start.
 
         `on_progress` gets the fraction done (0..1) after each cue. Raises
-        PermanentIngestError for unreadable media or a language the model lacks.
+        PermanentIngestError for unreadable media or a language the model lacks, and
+        TranscriptionStopped soon after `cancel` is set (between segments: a stopping
+        worker does not wait for the whole file).
         """
         if language is not None and language not in self.model.supported_languages:
             raise PermanentIngestError(
@@ -137,6 +140,8 @@ class Transcriber:
         )
         cues: list[Cue] = []
         for segment in segments:
+            if cancel is not None and cancel.is_set():
+                raise TranscriptionStopped(f"transcription of {path} stopped at {segment.start:.0f} s")
             text = segment.text.strip()
             if text:
                 words = segment.words or []
@@ -149,6 +154,10 @@ class Transcriber:
             on_progress(1.0)
         logger.info("transcribed %s: %.1f s of audio, %d cues", path, duration, len(cues))
         return cues
+
+
+class TranscriptionStopped(Exception):
+    """The job was cancelled (its worker is stopping); the job is run again elsewhere."""
 
 
 def get_transcriber(

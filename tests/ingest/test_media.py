@@ -338,6 +338,24 @@ def test_transcribes_speech_with_timestamps(transcriber: Transcriber, lecture: d
     assert progress == sorted(progress) and all(0 <= p <= 1 for p in progress)
 
 
+def test_a_cancelled_transcription_stops_between_segments(transcriber: Transcriber, lecture: dict) -> None:
+    """A stopping worker sets the event: the thread stops at the next segment instead of finishing the file."""
+    import threading
+
+    from ingest.transcribe import TranscriptionStopped
+
+    stop = threading.Event()
+    seen: list[float] = []
+
+    def progress(fraction: float) -> None:
+        seen.append(fraction)
+        stop.set()  # stopped once the first segment is done
+
+    with pytest.raises(TranscriptionStopped):
+        transcriber.transcribe(lecture["path"], on_progress=progress, cancel=stop)
+    assert len(seen) == 1 and seen[0] < 1.0
+
+
 @pytest.mark.parametrize(
     "fmt,acodec,video,suffix",
     [("mp4", "aac", "libx264", "mp4"), ("webm", "libopus", "libvpx", "webm")],
