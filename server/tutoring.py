@@ -457,11 +457,25 @@ async def post_asking(state: Any, user: Any, room_id: str, course_id: int, text:
     return await asyncio.shield(task)
 
 
+async def over_daily_limit(state: Any, user: Any) -> Refused | None:
+    """`daily_limit` for a learner whose quota is already used up, said before anything is posted or started
+    (so a REST caller hears it too); the answer's own reservation stays the real check."""
+    if user.role != "learner":
+        return None
+    limit = state.settings.tutor_daily_limit
+    async with state.pool.acquire() as conn:
+        if await repo.used_today(conn, user.id) < limit:
+            return None
+    return Refused("daily_limit", f"daily tutor limit reached ({limit} questions); it resets at midnight UTC",
+                   retry_after=_to_midnight_utc())
+
+
 async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, text: str,
                           client_msg_id: str | None) -> tuple[Posted, Refused | None]:
     """Post a message; one that mentions @tutor asks it (the question is the message without the mention).
-    The message stands even when the tutor does not take the question (too long, or `tutor_busy`): that
-    refusal is returned, for the asker only (None for a repeat of a message already posted)."""
+    The message stands even when the tutor does not take the question (too long, `daily_limit` already reached,
+    or `tutor_busy`): that refusal is returned, for the asker only (None for a repeat of a message already
+    posted)."""
     refused, question, slot = None, None, None
     if TUTOR_MENTION.search(text):
         repeat = await original(state.pool, room_id, user.id, client_msg_id)
@@ -470,6 +484,8 @@ async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, t
         question = " ".join(TUTOR_MENTION.sub(" ", text).split()) or text
         if len(question) > MAX_QUESTION_CHARS:
             refused = Refused("too_long", f"a question to the tutor is at most {MAX_QUESTION_CHARS} characters")
+        elif (over := await over_daily_limit(state, user)) is not None:
+            refused = over
         else:
             slot = await take_slot(state.redis, user.id, user.role)
             if slot is None:

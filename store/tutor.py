@@ -98,6 +98,13 @@ async def reserve_turn(conn: asyncpg.Connection, user_id: int, limit: int, pendi
            SELECT day FROM q""", user_id, limit, pending)
 
 
+async def used_today(conn: asyncpg.Connection, user_id: int) -> int:
+    """Questions the learner has taken from today's (UTC) quota."""
+    return await conn.fetchval(
+        "SELECT coalesce((SELECT used FROM tutor_quota WHERE user_id = $1 AND day = (now() AT TIME ZONE 'UTC')::date), 0)",
+        user_id)
+
+
 async def release_turn(conn: asyncpg.Connection, user_id: int, day: date, pending: int | None = None) -> bool:
     """Give back a question reserved for an answer that never came (an internal failure). With `pending`, only
     while that hold still holds it (it is cleared in the same statement): a question is given back once, by

@@ -15,7 +15,8 @@ from litestar.exceptions import NotAuthorizedException
 from server.auth import AuthUser, authenticate, bearer_token
 from server.realtime.conn import Conn
 from server.realtime.hub import Hub
-from server.tutoring import BUSY, MAX_QUESTION_CHARS, free_slot, post_asking, post_mentioning, take_slot
+from server.tutoring import (BUSY, MAX_QUESTION_CHARS, free_slot, over_daily_limit, post_asking, post_mentioning,
+                             take_slot)
 from store import frames
 from store import live as live_repo
 from store import messages as messages_repo
@@ -211,6 +212,9 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
             return
         try:
             await _rate(hub, user)
+            refused = await over_daily_limit(hub.app_state, user)  # refused before anything is posted
+            if refused is not None:
+                raise refused
         except BaseException:
             await free_slot(hub.redis, user.id, slot)
             raise

@@ -101,11 +101,17 @@ async def test_room_limits_are_the_askers_own(eval_course: EvalCourse, server, c
     a = await Client.connect(server, room, asker)
     other = await Client.connect(server, room, eval_course.learner)
     await a.send({"type": "message.send", "text": "@tutor what is a hash function?", "client_msg_id": "lim1"})
-    asked = await a.expect("message.new", client_msg_id="lim1")
+    await a.expect("message.new", client_msg_id="lim1")  # the message stands; the tutor does not take it
     err = await a.expect("error", timeout=30)
-    assert err["code"] == "daily_limit" and err["ref"] == str(asked["id"]) and 0 < err["retry_after"] <= 86400
+    assert err["code"] == "daily_limit" and err["ref"] == "lim1" and 0 < err["retry_after"] <= 86400
+    await a.send({"type": "tutor.ask", "text": "what is a hash function?", "client_msg_id": "lim3"})
+    assert (await a.expect("error"))["code"] == "daily_limit"  # refused before it is posted
+    r = client.post(f"/api/v1/rooms/{room}/messages", json={"text": "@tutor and over REST?"}, headers=asker.h)
+    assert r.status_code == 201 and r.json()["tutor"]["code"] == "daily_limit"  # a bot hears it too
     seen = await other.quiet(1.0)
     assert not [f for f in seen if f["type"] == "error"]
+    assert not [f for f in seen if f["type"] == "message.new" and f["author"]["role"] == "tutor"]
+    assert not fetch(settings, "SELECT 1 FROM messages WHERE room_id = $1 AND client_msg_id = 'lim3'", room)
     await a.send({"type": "tutor.ask", "text": "why " * 600, "client_msg_id": "lim2"})
     assert (await a.expect("error"))["code"] == "too_long"
     await a.close()
