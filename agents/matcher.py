@@ -279,6 +279,10 @@ def build_graph(pool: asyncpg.Pool, redis: Redis, settings: Settings, llm: Any =
 
     async def post(state: MatchState) -> MatchState:
         groups = [{"members": g, "reason": r} for g, r in zip(state["groups"], state["reasons"])]
+        if not groups and state.get("round_key"):
+            # learners left between the listing of pods and this run: no empty round under the week's key
+            # (it would keep the pod out of that week's round if they came back)
+            return {"skipped": True}
         async with pool.acquire() as conn:
             row = await matching.save_round(conn, state["pod_id"], state["trigger"], groups,
                                             round_key=state.get("round_key"), created_by=state.get("created_by"),

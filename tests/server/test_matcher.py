@@ -229,3 +229,21 @@ async def test_a_round_for_a_pod_deleted_meanwhile_is_a_lookup_error(client, mak
     async with pool.acquire() as conn:
         with pytest.raises(LookupError):
             await matching.save_round(conn, pod, "manual", [], round_key=None, created_by=None, declined=[])
+
+
+async def test_a_weekly_round_with_nobody_left_to_pair_is_not_stored(client, make: Factory, settings, xp_store):
+    """Members left between the listing of pods and the run: no empty round is stored under the week's key, so
+    the pod still gets that week's round once it has learners to pair again."""
+    from agents.matcher import run_match
+
+    pool, redis = xp_store
+    course = make_course(client, make, learners=2, videos=0)
+    a, b = course.learners
+    pod = _pod(client, course, (a, b), "Shrinking")
+    assert client.delete(f"/api/v1/pods/{pod}/members/{b.id}", headers=b.h).status_code == 204
+    key = week_key(datetime(2031, 4, 2, 6, tzinfo=timezone.utc))
+    assert await run_match(pool, redis, settings, pod, trigger="cron", round_key=key, llm=None) is None
+    assert not fetch(settings, "SELECT 1 FROM pod_matches WHERE pod_id = $1", pod)
+    assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": b.id},
+                       headers=course.instructor.h).status_code == 201
+    assert await run_match(pool, redis, settings, pod, trigger="cron", round_key=key, llm=None) is not None
