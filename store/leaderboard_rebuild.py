@@ -211,8 +211,8 @@ async def check(pool: asyncpg.Pool, redis: Redis, settle_s: float = 1.0) -> list
     """All-time tenant boards that disagree with the ledger (keys); empty when every one matches.
 
     The ledger and the boards are read at different moments, so an award committed but not yet on its boards
-    (its process is between the two) looks like drift: the learners that differ are read again after
-    `settle_s`, and only a difference that is still there counts."""
+    (its process is between the two) looks like drift: the learners that differ are read again, up to
+    SETTLE_ROUNDS times `settle_s` apart, and only a difference that is still there every time counts."""
     async with pool.acquire() as conn:
         rows = await conn.fetch("SELECT tenant_id, user_id, sum(points) AS xp FROM xp_events GROUP BY 1, 2")
     want: dict[int, dict[bytes, int]] = defaultdict(dict)
@@ -224,22 +224,34 @@ async def check(pool: asyncpg.Pool, redis: Redis, settle_s: float = 1.0) -> list
         members = {m for m in scores.keys() | have.keys() if scores.get(m) != have.get(m)}
         if members:
             differ[tid] = members
-    if not differ:
-        return []
-    await asyncio.sleep(settle_s)
+    # Read those learners again, a few times: a learner earning XP right now (a reconcile awarding several of
+    # their grades one after another) can differ at every single look while nothing is wrong.
+    for _ in range(SETTLE_ROUNDS):
+        if not differ:
+            return []
+        await asyncio.sleep(settle_s)
+        differ = await _still_differ(pool, redis, differ)
+    return [board_key("tenant", tid, "all") for tid in sorted(differ)]
+
+
+SETTLE_ROUNDS = 3
+
+
+async def _still_differ(pool: asyncpg.Pool, redis: Redis, differ: dict[int, set[bytes]]) -> dict[int, set[bytes]]:
+    """Of the learners that differed, those whose board XP still differs from the ledger's."""
     async with pool.acquire() as conn:  # the ledger again, for just those learners
         rows = await conn.fetch("SELECT tenant_id, user_id, sum(points) AS xp FROM xp_events "
                                 "WHERE user_id = ANY($1::bigint[]) GROUP BY 1, 2",
                                 sorted({int(m) for ms in differ.values() for m in ms}))
     now = {(r["tenant_id"], str(r["user_id"]).encode()): int(r["xp"]) for r in rows}
-    bad = []
+    still: dict[int, set[bytes]] = {}
     for tid, member_set in differ.items():
         members = sorted(member_set)
-        key = board_key("tenant", tid, "all")
-        have = await redis.zmscore(key, members)
-        if any(now.get((tid, m)) != (None if s is None else int(s)) for m, s in zip(members, have)):
-            bad.append(key)
-    return bad
+        have = await redis.zmscore(board_key("tenant", tid, "all"), members)
+        off = {m for m, sc in zip(members, have) if now.get((tid, m)) != (None if sc is None else int(sc))}
+        if off:
+            still[tid] = off
+    return still
 
 
 async def check_and_repair(pool: asyncpg.Pool, redis: Redis) -> Rebuilt | None:
