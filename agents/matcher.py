@@ -29,6 +29,7 @@ from langgraph.graph import END, START, StateGraph
 from redis.asyncio import Redis
 
 from store import matching, messages, profiles, progress
+from store.leaderboards import period_bounds
 from store.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -363,9 +364,8 @@ async def decline(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id: 
 
 def week_due(at: datetime, weekday: int, hour: int) -> datetime:
     """The moment of the weekly round in the ISO week (UTC) holding `at`: `weekday` (0 = Monday) at `hour`."""
-    at = at.astimezone(timezone.utc)
-    monday = datetime(at.year, at.month, at.day, tzinfo=timezone.utc) - timedelta(days=at.weekday())
-    return monday + timedelta(days=weekday, hours=hour)
+    start, _ = period_bounds("week", at)  # type: ignore[misc]
+    return start + timedelta(days=weekday, hours=hour)
 
 
 async def match_all_pods(pool: asyncpg.Pool, redis: Redis, settings: Settings, at: datetime | None = None,

@@ -52,7 +52,7 @@ def create_app(settings: Settings) -> Litestar:
         app.state.pool = await create_pool(settings.database_url, max_size=settings.db_pool_max)
         app.state.redis = Redis.from_url(settings.redis_url)
         app.state.arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
-        app.state.tutor_tasks = {}  # running tutor answers -> their user (server.tutoring.track)
+        app.state.tutor_tasks = set()  # running tutor answers (server.tutoring.track)
         logger.info("studyhall app ready")
         try:
             yield

@@ -6,6 +6,7 @@ from typing import TypeVar
 import msgspec
 from litestar import Request
 
+from server.api.schemas import NO_CONTROL, NOT_BLANK
 from server.errors import ApiError, field_of
 from store.frames import has_nul
 
@@ -29,7 +30,7 @@ def decode_json(raw: bytes, typ: type[T]) -> T:
 
 
 # msgspec names the regex a string failed; say what it means instead
-_PATTERNS = {r"'\\S'": "must not be blank", r"'^[^\\x00-\\x1f]+$'": "must not contain control characters"}
+_PATTERNS = {repr(NOT_BLANK): "must not be blank", repr(NO_CONTROL): "must not contain control characters"}
 
 
 def _explain(text: str, field: str | None) -> str:

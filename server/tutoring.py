@@ -324,17 +324,17 @@ async def drain(state: Any, timeout: float) -> None:
         await asyncio.wait(pending, timeout=5)
 
 
-def track(state: Any, coro: Coroutine[Any, Any, Any], user_id: int | None = None) -> asyncio.Task:
+def track(state: Any, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
     """Run a tutor answer in the background: the server waits for running answers on shutdown, and a failure
     is logged."""
-    tasks: dict[asyncio.Task, int | None] | None = getattr(state, "tutor_tasks", None)  # task -> its user
+    tasks: set[asyncio.Task] | None = getattr(state, "tutor_tasks", None)
     if tasks is None:
-        tasks = state.tutor_tasks = {}
+        tasks = state.tutor_tasks = set()
     task = asyncio.create_task(coro)
-    tasks[task] = user_id
+    tasks.add(task)
 
     def done(t: asyncio.Task) -> None:
-        tasks.pop(t, None)
+        tasks.discard(t)
         if not t.cancelled() and t.exception() is not None:
             logger.error("tutor answer failed", exc_info=t.exception())
 
@@ -368,7 +368,7 @@ def start_room_answer(state: Any, user: Any, course_id: int, room_id: str, messa
         finally:
             await free_slot(state.redis, user.id, slot)
 
-    track(state, run(), user.id)
+    track(state, run())
 
 
 # --- answers a dead process left -----------------------------------------------------------------------------

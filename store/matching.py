@@ -89,13 +89,13 @@ async def set_message(conn: asyncpg.Connection, match_id: int, message_id: int) 
     await conn.execute("UPDATE pod_matches SET message_id = $2 WHERE id = $1", match_id, message_id)
 
 
-async def pods_to_match(conn: asyncpg.Connection, round_key: str | None = None) -> list[int]:
-    """Pods with at least two eligible learners (and, with `round_key`, without that round yet)."""
+async def pods_to_match(conn: asyncpg.Connection, round_key: str) -> list[int]:
+    """Pods with at least two eligible learners and without the round `round_key` yet."""
     rows = await conn.fetch(
         """SELECT m.pod_id FROM pod_members m JOIN pods p ON p.id = m.pod_id
            JOIN users u ON u.id = m.user_id AND u.role = 'learner'
            JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = m.user_id
-           WHERE $1::text IS NULL OR NOT EXISTS (
+           WHERE NOT EXISTS (
                SELECT 1 FROM pod_matches pm WHERE pm.pod_id = m.pod_id AND pm.round_key = $1)
            GROUP BY m.pod_id HAVING count(*) >= 2 ORDER BY m.pod_id""", round_key)
     return [r["pod_id"] for r in rows]

@@ -127,22 +127,24 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
         if completed_now:
             await tx.award(user_id, "lesson_completed", f"lesson:{video['id']}", course_id=cid, at=at)
             await tx.award(user_id, "first_lesson", "first_lesson", course_id=cid, at=at)
-        # also on a video finished before: the course may have lost the one video left (its award is idempotent)
-        if complete and (completed_now or not await _course_awarded(conn, user_id, cid)):
-            left = await conn.fetchval(
-                """SELECT count(*) FROM videos v WHERE v.course_id = $1 AND v.status = 'ready' AND NOT EXISTS (
-                       SELECT 1 FROM video_progress p WHERE p.video_id = v.id AND p.user_id = $2
-                       AND p.completed_at IS NOT NULL)""", cid, user_id)
-            if left == 0:
-                course_done = await tx.award(user_id, "course_completed", f"course:{cid}", course_id=cid, at=at) is not None
+        # also on a video finished before: the course may have lost the one video left
+        if complete and await conn.fetch(_FINISHED_UNAWARDED, cid, user_id):
+            course_done = await tx.award(user_id, "course_completed", f"course:{cid}", course_id=cid, at=at) is not None
         if watched:
             await streaks.record_activity(tx, user_id, at)
     return Reported(row, duration, completed_now, course_done, tx.awards[before:])
 
 
-async def _course_awarded(conn: asyncpg.Connection, user_id: int, course_id: int) -> bool:
-    return await conn.fetchval("SELECT EXISTS (SELECT 1 FROM xp_events WHERE user_id = $1 AND idempotency_key = $2)",
-                               user_id, f"course:{course_id}")
+# Learners of course $1 (only learner $2 when given) who have completed every ready video of it and have not
+# earned `course_completed` for it yet.
+_FINISHED_UNAWARDED = """
+SELECT DISTINCT p.user_id FROM video_progress p JOIN users u ON u.id = p.user_id AND u.role = 'learner'
+WHERE p.course_id = $1 AND p.completed_at IS NOT NULL AND ($2::bigint IS NULL OR p.user_id = $2)
+  AND EXISTS (SELECT 1 FROM videos v WHERE v.course_id = $1 AND v.status = 'ready')
+  AND NOT EXISTS (SELECT 1 FROM videos v WHERE v.course_id = $1 AND v.status = 'ready'
+                  AND NOT EXISTS (SELECT 1 FROM video_progress q WHERE q.video_id = v.id
+                                  AND q.user_id = p.user_id AND q.completed_at IS NOT NULL))
+  AND NOT EXISTS (SELECT 1 FROM xp_events x WHERE x.user_id = p.user_id AND x.idempotency_key = 'course:' || $1)"""
 
 
 async def award_finished_courses(pool: asyncpg.Pool, redis: Redis, course_id: int) -> int:
@@ -150,15 +152,7 @@ async def award_finished_courses(pool: asyncpg.Pool, redis: Redis, course_id: in
     having earned it: after a video they had not finished was removed (no report of theirs would complete the
     course any more). Idempotent; returns the awards made."""
     async with xp.transaction(pool, redis) as tx:
-        rows = await tx.conn.fetch(
-            """SELECT DISTINCT p.user_id FROM video_progress p JOIN users u ON u.id = p.user_id AND u.role = 'learner'
-               WHERE p.course_id = $1 AND p.completed_at IS NOT NULL
-                 AND NOT EXISTS (SELECT 1 FROM videos v WHERE v.course_id = $1 AND v.status = 'ready'
-                                 AND NOT EXISTS (SELECT 1 FROM video_progress q WHERE q.video_id = v.id
-                                                 AND q.user_id = p.user_id AND q.completed_at IS NOT NULL))
-                 AND EXISTS (SELECT 1 FROM videos v WHERE v.course_id = $1 AND v.status = 'ready')
-                 AND NOT EXISTS (SELECT 1 FROM xp_events x WHERE x.user_id = p.user_id
-                                 AND x.idempotency_key = 'course:' || $1)""", course_id)
+        rows = await tx.conn.fetch(_FINISHED_UNAWARDED, course_id, None)
         for r in rows:
             await tx.award(r["user_id"], "course_completed", f"course:{course_id}", course_id=course_id)
     return len(rows)

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from server.api.schemas import Id, Name, Strict, Title, When, check_when
+from server.api.schemas import NOT_BLANK, Id, Name, Strict, Title, When, check_when
 from store.events import UserRef
 
 Seconds = Annotated[int, Meta(ge=1, le=366 * 24 * 3600)]
@@ -126,8 +126,8 @@ class Attendee(msgspec.Struct):
 
 
 class PollIn(Strict):
-    question: Annotated[str, Meta(min_length=1, max_length=500, pattern=r"\S")]
-    options: Annotated[list[Annotated[str, Meta(min_length=1, max_length=200, pattern=r"\S")]],
+    question: Annotated[str, Meta(min_length=1, max_length=500, pattern=NOT_BLANK)]
+    options: Annotated[list[Annotated[str, Meta(min_length=1, max_length=200, pattern=NOT_BLANK)]],
                        Meta(min_length=2, max_length=20)]
 
     def __post_init__(self) -> None:

@@ -8,10 +8,12 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 # Text a person must have written something in: not blank (msgspec searches the pattern: one visible character)
-Title = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"\S")]
+NOT_BLANK = r"\S"
+NO_CONTROL = r"^[^\x00-\x1f]+$"
+Title = Annotated[str, Meta(min_length=1, max_length=200, pattern=NOT_BLANK)]
 Description = Annotated[str, Meta(max_length=10_000)]
 Price = Annotated[int, Meta(ge=0, le=100_000_000)]
-Name = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f]+$")]
+Name = Annotated[str, Meta(min_length=1, max_length=100, pattern=NO_CONTROL)]
 Id = Annotated[int, Meta(ge=1, le=2**62)]
 
 

@@ -109,7 +109,7 @@ class TutorController(Controller):
 
         # A client that goes away mid-answer does not stop it: the answer is still stored (and counted), and
         # the server waits for it on shutdown.
-        track(state, run(), user.id)
+        track(state, run())
 
         async def events() -> AsyncIterator[ServerSentEventMessage]:
             while (item := await queue.get()) is not None:

@@ -66,11 +66,9 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
         await _refuse(socket, CLOSE_UNAUTHENTICATED, str(exc.detail))
         return
     async with state.pool.acquire() as db:
-        access = await rooms_repo.access(db, room_id, user.id, user.tenant_id, user.role)
-        kicked = None
-        if access is not None:
+        access, kicked = await _standing(db, room_id, user)
+        if access is not None and kicked is None:
             await rooms_repo.ensure_room(db, room_id)
-            kicked = await moderation.kicked_until(db, room_id, user.id)
     if access is None:
         await _refuse(socket, CLOSE_FORBIDDEN, "no such room, or you may not join it")
         return
@@ -116,16 +114,20 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
             pass
 
 
+async def _standing(db, room_id: str, user: AuthUser):  # type: ignore[no-untyped-def]
+    """(the user's access to the room or None, until when they are kicked from it or None)."""
+    access = await rooms_repo.access(db, room_id, user.id, user.tenant_id, user.role)
+    return access, (await moderation.kicked_until(db, room_id, user.id) if access is not None else None)
+
+
 async def _still_allowed(state, room_id: str, user: AuthUser) -> tuple[int, str] | None:  # type: ignore[no-untyped-def]
     """The join checks again, once the socket receives the room's kicks, the user's removals and token
     revocations: None, or the (code, reason) to close with."""
     async with state.pool.acquire() as db:
         if user.token_id is not None and await users_repo.get_user_with_token(db, user.id, user.token_id) is None:
             return CLOSE_UNAUTHENTICATED, "token revoked"
-        if (await rooms_repo.access(db, room_id, user.id, user.tenant_id, user.role) is None
-                or await moderation.kicked_until(db, room_id, user.id) is not None):
-            return CLOSE_FORBIDDEN, "access revoked"
-    return None
+        access, kicked = await _standing(db, room_id, user)
+    return (CLOSE_FORBIDDEN, "access revoked") if access is None or kicked is not None else None
 
 
 async def _cleanup(state, hub: Hub, conn: Conn, attendance_id: int | None) -> None:  # type: ignore[no-untyped-def]
