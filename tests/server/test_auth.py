@@ -22,7 +22,7 @@ def test_malformed_header_401(client):
 def test_bad_signature_401(client, make: Factory):
     u = make.user("instructor")
     claims = jwt.decode(u.token, options={"verify_signature": False})
-    forged = jwt.encode(claims, "not-the-secret", algorithm="HS256")
+    forged = jwt.encode(claims, "not-the-secret-but-as-long-as-one-should-be", algorithm="HS256")
     r = client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {forged}"})
     assert r.status_code == 401
 

@@ -244,6 +244,6 @@ def test_a_grade_all_job_finishes_when_recovery_graded_its_answers(server, clien
         finally:
             await conn.close()
 
-    assert asyncio.run(sweep()) >= 1
+    asyncio.run(sweep())  # the worker's own sweep (every minute) may come first: the count is not ours to check
     got = client.get(f"/api/v1/jobs/{job['id']}", headers=inst.h).json()
     assert got["state"] == "done" and got["progress"] == 1.0
