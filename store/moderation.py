@@ -50,6 +50,23 @@ async def kick(conn: asyncpg.Connection, redis: Redis, room_id: str, user_id: in
     await publish(redis, room_topic(room_id), Kick(room=room_id, user_id=user_id))
 
 
+async def unkick(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
+    """Lift a kick's bar (the user may rejoin now); False when they were not barred."""
+    row = await conn.fetchrow(
+        "DELETE FROM room_kicks WHERE room_id = $1 AND user_id = $2 AND until > now() RETURNING user_id",
+        room_id, user_id)
+    return row is not None
+
+
+async def list_kicks(conn: asyncpg.Connection, room_id: str, *,
+                     limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
+    """Users barred from the room now, soonest back first."""
+    return await conn.fetch(
+        """SELECT k.user_id, u.name, k.until, k.created_by FROM room_kicks k JOIN users u ON u.id = k.user_id
+           WHERE k.room_id = $1 AND k.until > now() ORDER BY k.until, k.user_id LIMIT $2 OFFSET $3""",
+        room_id, limit, offset)
+
+
 async def kicked_until(conn: asyncpg.Connection, room_id: str, user_id: int) -> datetime | None:
     return await conn.fetchval(
         "SELECT until FROM room_kicks WHERE room_id = $1 AND user_id = $2 AND until > now()", room_id, user_id)

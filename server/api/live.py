@@ -7,7 +7,7 @@ from litestar import Controller, Request, get, post
 
 from server.api.paging import ListLimit, Offset
 from server.api.room_schemas import Attendee, Poll, PollIn, Session, SessionIn, VoteIn
-from server.api.rooms import not_kicked, refused
+from server.api.rooms import not_kicked, refused, take_send
 from server.auth import AuthUser, staff_only
 from server.decode import read_json
 from server.errors import ApiError
@@ -137,9 +137,7 @@ class LiveController(Controller):
         user: AuthUser = request.user
         async with state.pool.acquire() as conn:
             row = await self._poll(conn, poll_id, user)
-            ok, wait = await state.hub.limiter.take(user.id)
-            if not ok:
-                raise ApiError(429, f"too many actions; retry in {wait:g}s", retry_after=wait)
+            await take_send(state, user)
             try:
                 await repo.vote(conn, poll_id, None, user.id, data.option)
             except Refused as exc:

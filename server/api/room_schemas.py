@@ -66,6 +66,10 @@ class Mute(msgspec.Struct):
     until: datetime
 
 
+class Kicked(Mute):
+    """A user barred from a room until `until`."""
+
+
 class KickIn(Strict):
     user_id: Id
     seconds: OptionalSeconds = 0  # > 0: cannot rejoin for that long

@@ -9,9 +9,9 @@ from litestar.params import Parameter
 from litestar.response import Response
 
 from server.api.paging import ListLimit, Offset, PageLimit
-from server.api.room_schemas import (KickIn, MessagePage, Mute, MuteIn, OnlineList, PostedMessage, PostIn, RoomMessage,
-                                     TutorTaken)
-from server.auth import AuthUser
+from server.api.room_schemas import (Kicked, KickIn, MessagePage, Mute, MuteIn, OnlineList, PostedMessage, PostIn,
+                                     RoomMessage, TutorTaken)
+from server.auth import STAFF_ROLES, AuthUser
 from server.decode import read_json
 from server.errors import ApiError
 from server.tutoring import TUTOR_MENTION, post_mentioning
@@ -50,6 +50,14 @@ async def not_kicked(conn: asyncpg.Connection, room_id: str, user: AuthUser) -> 
         raise ApiError(403, f"kicked from this room until {until.isoformat()}", code="kicked")
 
 
+async def take_send(state, user: AuthUser) -> None:  # type: ignore[no-untyped-def]
+    """One action from the caller's send budget, shared over processes with websocket sends, edits, deletes
+    and votes; 429 with `retry_after` when it is spent."""
+    ok, wait = await state.hub.limiter.take(user.id)
+    if not ok:
+        raise ApiError(429, f"too many actions; retry in {wait:g}s", retry_after=wait)
+
+
 def to_message(row: asyncpg.Record, room_id: str) -> RoomMessage:
     return RoomMessage(id=row["id"], seq=row["seq"], room=room_id,
                        author=UserRef(id=row["author_id"], name=row["author_name"] or "", role=row["author_role"] or ""),
@@ -85,9 +93,7 @@ class RoomController(Controller):
                            field="text")
         async with state.pool.acquire() as conn:
             acc = await room_or_404(conn, room_id, user)
-        ok, wait = await state.hub.limiter.take(user.id)
-        if not ok:
-            raise ApiError(429, f"too many messages; retry in {wait:g}s", retry_after=wait)
+        await take_send(state, user)
         try:
             posted, not_taken = await post_mentioning(state, user, room_id, acc.course_id, data.text,
                                                       data.client_msg_id)
@@ -108,6 +114,7 @@ class RoomController(Controller):
         state = request.app.state
         async with state.pool.acquire() as conn:
             acc = await room_or_404(conn, room_id, request.user)
+        await take_send(state, request.user)
         try:
             await messages_repo.delete_message(state.pool, state.redis, room_id, message_id, request.user.id,
                                                acc.moderator)
@@ -125,15 +132,19 @@ class RoomController(Controller):
 
     # --- moderation (instructors and admins of the course's tenant) ----------------------------------
 
-    async def _moderate(self, request: Request, room_id: str, target: int | None) -> None:
+    async def _moderate(self, request: Request, room_id: str, target: int | None, *, lifting: bool = False) -> None:
         async with request.app.state.pool.acquire() as conn:
             acc = await room_or_404(conn, room_id, request.user)
             if not acc.moderator:
                 raise ApiError(403, "instructors and admins only")
             if target is not None:
-                tenant = await conn.fetchval("SELECT tenant_id FROM users WHERE id = $1", target)
-                if tenant != acc.tenant_id:
+                row = await conn.fetchrow("SELECT tenant_id, role FROM users WHERE id = $1", target)
+                if row is None or row["tenant_id"] != acc.tenant_id:
                     raise ApiError(404, f"user {target} not found", field="user_id")
+                if not lifting and (target == request.user.id or row["role"] in STAFF_ROLES):
+                    # a moderator muted or barred by another (or by mistake, by themselves) could not undo it
+                    raise ApiError(403, "instructors and admins cannot be muted or kicked", code="staff",
+                                   field="user_id")
 
     @post("/{room_id:str}/mutes", status_code=201)
     async def mute(self, request: Request, room_id: str) -> Mute:
@@ -154,7 +165,7 @@ class RoomController(Controller):
 
     @delete("/{room_id:str}/mutes/{user_id:int}", status_code=204)
     async def unmute(self, request: Request, room_id: str, user_id: int) -> None:
-        await self._moderate(request, room_id, user_id)
+        await self._moderate(request, room_id, user_id, lifting=True)
         async with request.app.state.pool.acquire() as conn:
             if not await moderation.unmute(conn, room_id, user_id):
                 raise ApiError(404, f"user {user_id} is not muted here")
@@ -169,3 +180,19 @@ class RoomController(Controller):
         async with state.pool.acquire() as conn:
             await moderation.kick(conn, state.redis, room_id, data.user_id, data.seconds, request.user.id)
         logger.info("kicked", extra={"fields": {"room": room_id, "user_id": data.user_id, "by": request.user.id}})
+
+    @get("/{room_id:str}/kicks")
+    async def kicks(self, request: Request, room_id: str, limit: int = ListLimit, offset: int = Offset) -> list[Kicked]:
+        """Users barred from the room now, with the end of their bar."""
+        await self._moderate(request, room_id, None)
+        async with request.app.state.pool.acquire() as conn:
+            rows = await moderation.list_kicks(conn, room_id, limit=limit, offset=offset)
+        return [Kicked(room=room_id, user_id=r["user_id"], until=r["until"]) for r in rows]
+
+    @delete("/{room_id:str}/kicks/{user_id:int}", status_code=204)
+    async def unkick(self, request: Request, room_id: str, user_id: int) -> None:
+        """Lift a bar: the user may rejoin now."""
+        await self._moderate(request, room_id, user_id, lifting=True)
+        async with request.app.state.pool.acquire() as conn:
+            if not await moderation.unkick(conn, room_id, user_id):
+                raise ApiError(404, f"user {user_id} is not barred from this room")

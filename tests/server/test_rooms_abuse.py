@@ -39,6 +39,54 @@ async def test_a_kicked_user_is_kept_out_over_rest_too(server, make: Factory):
         assert c.get(f"/api/v1/rooms/{course.room}/messages", headers=course.instructor.h).status_code == 200
 
 
+def test_staff_cannot_be_muted_or_kicked_and_a_bar_can_be_lifted(server, make: Factory):
+    """A moderator barred by another (or by themselves) could not reach the room to undo it; a kick's bar is
+    listed and lifted like a mute."""
+    course = make_course(server, make, learners=1)
+    (learner,) = course.learners
+    inst, other, admin = course.instructor, make.user("instructor"), make.user("admin")
+    room = f"/api/v1/rooms/{course.room}"
+    with httpx.Client(base_url=server, timeout=30) as c:
+        for target in (inst, other, admin):
+            for what, body in (("kicks", {"user_id": target.id, "seconds": 3600}),
+                               ("mutes", {"user_id": target.id, "seconds": 3600})):
+                r = c.post(f"{room}/{what}", json=body, headers=inst.h)
+                assert r.status_code == 403 and r.json()["code"] == "staff", (what, target.role, r.text)
+        assert c.get(f"{room}/messages", headers=admin.h).status_code == 200
+        assert c.get(f"{room}/messages", headers=inst.h).status_code == 200
+
+        assert c.post(f"{room}/kicks", json={"user_id": learner.id, "seconds": 3600}, headers=inst.h).status_code == 204
+        assert c.get(f"{room}/messages", headers=learner.h).status_code == 403
+        (bar,) = c.get(f"{room}/kicks", headers=inst.h).json()
+        assert bar["user_id"] == learner.id
+        assert c.get(f"{room}/kicks", headers=learner.h).status_code == 403
+        assert c.delete(f"{room}/kicks/{learner.id}", headers=learner.h).status_code == 403
+        assert c.delete(f"{room}/kicks/{learner.id}", headers=admin.h).status_code == 204
+        assert c.get(f"{room}/messages", headers=learner.h).status_code == 200
+        assert c.get(f"{room}/kicks", headers=inst.h).json() == []
+        assert c.delete(f"{room}/kicks/{learner.id}", headers=inst.h).status_code == 404
+
+
+def test_deletes_over_rest_spend_the_send_budget(server, make: Factory):
+    """Deletes over REST share the budget of sends, edits and votes (a script could otherwise flood a room
+    with `message.deleted`)."""
+    course = make_course(server, make, learners=1)
+    (u,) = course.learners
+    room = f"/api/v1/rooms/{course.room}"
+    with httpx.Client(base_url=server, timeout=30) as c:
+        ids = []
+        for i in range(20):
+            r = c.post(f"{room}/messages", json={"text": f"m{i}"}, headers=u.h)
+            if r.status_code != 201:
+                assert r.status_code == 429
+                break
+            ids.append(r.json()["id"])
+        assert len(ids) < 20  # the budget (burst 10) is spent
+        codes = [c.delete(f"{room}/messages/{i}", headers=u.h).status_code for i in ids]
+        assert 429 in codes, codes
+        assert "retry_after" in c.delete(f"{room}/messages/{ids[-1]}", headers=u.h).json()
+
+
 async def test_look_alike_room_ids_and_after_values_are_refused(server, make: Factory):
     course = make_course(server, make, learners=1)
     (u,) = course.learners
