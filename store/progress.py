@@ -21,7 +21,12 @@ logger = logging.getLogger(__name__)
 
 MAX_RANGES = 200  # per report
 MAX_STORED_RANGES = 1000  # separate watched ranges kept per learner and video (a player reports a handful)
-TOLERANCE_S = 0.5  # players report positions a hair past the end
+TOLERANCE_S = 0.5  # players report positions a hair past the end, and leave gaps this small between ranges
+# Time spent by one report is at most what could have been played since the video's previous report (at up
+# to MAX_PLAYBACK_RATE, plus SLACK_S): a retried report (its response lost) or a script repeating one does not
+# add a whole video each time. A first report is bounded by the video's duration.
+MAX_PLAYBACK_RATE = 3.0
+SLACK_S = 3.0
 
 
 class ProgressError(ValueError):
@@ -33,10 +38,11 @@ class ProgressError(ValueError):
 
 
 def merge(ranges: list[list[float]]) -> list[list[float]]:
-    """Sorted, disjoint ranges covering the same seconds (touching ranges join)."""
+    """Sorted, disjoint ranges covering the same seconds. Touching ranges join, and so do ranges less than
+    TOLERANCE_S apart (a player's ticks leave such gaps: kept apart, they would pile up one range per report)."""
     out: list[list[float]] = []
     for a, b in sorted((float(a), float(b)) for a, b in ranges):
-        if out and a <= out[-1][1]:
+        if out and a < out[-1][1] + TOLERANCE_S:
             out[-1][1] = max(out[-1][1], b)
         else:
             out.append([a, b])
@@ -107,7 +113,8 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
     # first-of-the-day one (streak, then its XP).
     await conn.execute(_LEARNER_LOCK, user_id)
     old = await conn.fetchrow(
-        "SELECT watched, completed_at FROM video_progress WHERE user_id = $1 AND video_id = $2 FOR UPDATE",
+        "SELECT watched, completed_at, updated_at FROM video_progress WHERE user_id = $1 AND video_id = $2 "
+        "FOR UPDATE",
         user_id, video["id"])
     merged = merge((old["watched"] if old else []) + watched)
     if len(merged) > MAX_STORED_RANGES:  # refused, not coarsened: joining gaps would count unwatched seconds
@@ -115,6 +122,9 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
                                        "report contiguous ranges")
     watched_s = covered(merged)
     spent = min(covered(watched), duration)  # re-watching counts as time spent, not as more coverage
+    if old is not None:
+        elapsed = max(0.0, (at - old["updated_at"]).total_seconds())
+        spent = min(spent, (elapsed + SLACK_S) * MAX_PLAYBACK_RATE)
     was_complete = old is not None and old["completed_at"] is not None
     complete = was_complete or (duration > 0 and watched_s >= complete_share * duration - 1e-6)
     row = await conn.fetchrow(_UPSERT, user_id, video["id"], video["course_id"], position, merged, watched_s, spent,

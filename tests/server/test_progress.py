@@ -13,6 +13,12 @@ def report(client, user, video_id: int, position: float, watched: list) -> dict:
     return {"status": r.status_code, **r.json()}
 
 
+def later(settings, user, video_id: int, seconds: int = 3600) -> None:  # type: ignore[no-untyped-def]
+    """Let time pass since the learner's last report of the video (time spent is bounded by it)."""
+    fetch(settings, "UPDATE video_progress SET updated_at = updated_at - make_interval(secs => $3) "
+                    "WHERE user_id = $1 AND video_id = $2", user.id, video_id, seconds)
+
+
 def test_bad_reports_are_400_and_store_nothing(client, make: Factory, settings):
     course = make_course(client, make, learners=1, videos=1, duration=100)
     (a,), (vid,) = course.learners, course.videos
@@ -54,8 +60,10 @@ async def test_completion_earns_xp_once_and_live(server, client, make: Factory, 
         assert r["xp_awarded"] == ["daily_streak"]
         assert (await ws.expect("xp.awarded", kind="daily_streak"))["points"] == 20
         # overlapping and repeated ranges merge; 89% is not complete at the default 90%
+        later(settings, a, v1)
         r = report(client, a, v1, 89, [[30, 60], [60, 89]])
         assert r["watched"] == [[0.0, 89.0]] and r["completed"] is False and r["xp_awarded"] == []
+        later(settings, a, v1)
         r = report(client, a, v1, 95, [[85, 95]])
         assert r["completed"] is True and sorted(r["xp_awarded"]) == ["first_lesson", "lesson_completed"]
         ev = await ws.expect("xp.awarded", kind="lesson_completed")
@@ -71,6 +79,7 @@ async def test_completion_earns_xp_once_and_live(server, client, make: Factory, 
         # a heard of it once, on the personal topic: the room's copy is for the others
         assert [f for f in await ws.quiet(0.5) if f["type"] == "achievement.unlocked"] == []
         # watching it again earns nothing more; the resume position follows
+        later(settings, a, v1)
         r = report(client, a, v1, 12, [[0, 100]])
         assert r["xp_awarded"] == [] and r["position"] == 12 and r["completed"] is True
         assert r["time_spent_s"] == 40 + 59 + 10 + 100
@@ -213,6 +222,27 @@ async def test_helpful_answer(server, client, make: Factory, settings):
     assert client.post(f"/api/v1/rooms/{room}/messages/999999999/helpful", headers=inst.h).status_code == 404
     foreign = Factory(make.settings).user("instructor")
     assert client.post(url, headers=foreign.h).status_code == 404
+
+
+def test_time_spent_is_bounded_by_the_time_that_passed(client, make: Factory, settings):
+    """A report adds to time spent at most what could have played since the video's previous report: a retried
+    report (its response lost) does not count the video twice; ranges a player's ticks leave a hair apart join."""
+    from store.progress import MAX_PLAYBACK_RATE, SLACK_S
+
+    course = make_course(client, make, learners=1, videos=1, duration=3000)
+    (a,), (vid,) = course.learners, course.videos
+    assert report(client, a, vid, 3000, [[0, 3000]])["time_spent_s"] == 3000  # a first report: the duration
+    r = report(client, a, vid, 3000, [[0, 3000]] * 200)  # the same again at once, and repeated within it
+    assert 3000 < r["time_spent_s"] <= 3000 + (5 + SLACK_S) * MAX_PLAYBACK_RATE, r
+    later(settings, a, vid, 600)  # ten minutes on: ten minutes' worth (at up to the fastest playback)
+    r = report(client, a, vid, 3000, [[0, 1000], [1000, 3000]])
+    assert r["time_spent_s"] - 3000 >= 600 * MAX_PLAYBACK_RATE
+    # gaps under half a second between reported ranges join
+    r = report(client, a, vid, 10, [[0, 10], [10.3, 20]])
+    assert r["watched"] == [[0.0, 3000.0]]
+    course = make_course(client, make, learners=1, videos=1, duration=100)
+    (b,), (vid,) = course.learners, course.videos
+    assert report(client, b, vid, 20, [[0, 10], [10.000001, 20], [30, 40]])["watched"] == [[0.0, 20.0], [30.0, 40.0]]
 
 
 def test_stored_ranges_are_bounded(client, make: Factory, settings):
