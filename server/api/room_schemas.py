@@ -37,6 +37,7 @@ class TutorTaken(msgspec.Struct):
 
 class PostedMessage(RoomMessage):
     tutor: TutorTaken | None = None  # only for a message that mentions @tutor
+    deleted: bool = False  # a repeated client_msg_id whose original was deleted since (its text is gone)
 
 
 class MessagePage(msgspec.Struct):

@@ -101,12 +101,18 @@ class RoomController(Controller):
             raise refused(exc) from exc
         ev = posted.event
         tutor = None
+        text, edited_at, deleted = ev.text, None, False
         if posted.created and TUTOR_MENTION.search(ev.text):
             tutor = (TutorTaken(answering=True) if not_taken is None
                      else TutorTaken(answering=False, code=not_taken.code, detail=not_taken.detail))
-        return Response(PostedMessage(id=ev.id, seq=ev.seq, room=room_id, author=ev.author, text=ev.text,
-                                      created_at=ev.created_at, edited_at=None, client_msg_id=ev.client_msg_id,
-                                      meta=ev.meta, tutor=tutor), status_code=201 if posted.created else 200)
+        elif not posted.created:  # a repeat: the original as it is now (edited or deleted since)
+            now = await state.pool.fetchrow("SELECT body, edited_at, deleted_at FROM messages WHERE id = $1", ev.id)
+            if now is not None:
+                text, edited_at, deleted = now["body"], now["edited_at"], now["deleted_at"] is not None
+        return Response(PostedMessage(id=ev.id, seq=ev.seq, room=room_id, author=ev.author, text=text,
+                                      created_at=ev.created_at, edited_at=edited_at, client_msg_id=ev.client_msg_id,
+                                      meta=ev.meta, tutor=tutor, deleted=deleted),
+                        status_code=201 if posted.created else 200)
 
     @delete("/{room_id:str}/messages/{message_id:int}", status_code=204)
     async def delete_message(self, request: Request, room_id: str, message_id: int) -> None:

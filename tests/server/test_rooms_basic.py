@@ -163,4 +163,14 @@ async def test_rest_post_is_idempotent_and_delete_follows_the_rules(server, clie
     assert client.delete(f"{url}/{other['id']}", headers=inst.h).status_code == 204  # a moderator's
     assert client.delete(f"{url}/999999999", headers=inst.h).status_code == 404
     assert [m["id"] for m in client.get(url, headers=b.h).json()["items"] if m["id"] in (mid, other["id"])] == []
+    # a repeat of a deleted original says so (a bot retrying learns its message was removed)
+    late = client.post(url, json={"text": "from a bot", "client_msg_id": "rest-1"}, headers=a.h)
+    assert late.status_code == 200 and late.json()["deleted"] is True and late.json()["text"] == ""
+    # and a repeat of an edited one returns it as edited
+    posted = client.post(url, json={"text": "draft", "client_msg_id": "rest-2"}, headers=b.h).json()
+    assert posted["deleted"] is False and posted["edited_at"] is None
+    await watcher.send({"type": "message.edit", "id": posted["id"], "text": "final"})
+    await watcher.expect("message.edited")
+    again = client.post(url, json={"text": "draft", "client_msg_id": "rest-2"}, headers=b.h).json()
+    assert again["text"] == "final" and again["edited_at"] is not None and again["deleted"] is False
     await watcher.close()
