@@ -6,7 +6,7 @@ from typing import TypeVar
 import msgspec
 from litestar import Request
 
-from server.api.schemas import NO_CONTROL, NOT_BLANK
+from server.api.schemas import LINES, NO_CONTROL, NOT_BLANK
 from server.errors import ApiError, field_of
 from store.frames import has_nul
 
@@ -30,7 +30,8 @@ def decode_json(raw: bytes, typ: type[T]) -> T:
 
 
 # msgspec names the regex a string failed; say what it means instead
-_PATTERNS = {repr(NOT_BLANK): "must not be blank", repr(NO_CONTROL): "must not contain control characters"}
+_PATTERNS = {repr(NOT_BLANK): "must not be blank", repr(NO_CONTROL): "must not contain control characters",
+             repr(LINES): "must not contain control characters other than tabs and line breaks"}
 
 
 def _explain(text: str, field: str | None) -> str:

@@ -230,10 +230,19 @@ async def record_chapter_score(conn: asyncpg.Connection, user_id: int, chapter_i
 
 # --- bookmarks -----------------------------------------------------------------------------------------
 
-async def add_bookmark(conn: asyncpg.Connection, user_id: int, video_id: int, at_s: float, note: str) -> asyncpg.Record:
-    return await conn.fetchrow(
-        "INSERT INTO bookmarks (user_id, video_id, at_s, note) VALUES ($1, $2, $3, $4) RETURNING *",
-        user_id, video_id, at_s, note)
+MAX_BOOKMARKS = 500  # per learner and video
+
+
+async def add_bookmark(conn: asyncpg.Connection, user_id: int, video_id: int, at_s: float,
+                       note: str) -> asyncpg.Record | None:
+    """Store a bookmark; None when the learner has MAX_BOOKMARKS on the video already (counted under the
+    learner's lock, so concurrent adds cannot pass it)."""
+    async with conn.transaction():
+        await conn.execute(_LEARNER_LOCK, user_id)
+        return await conn.fetchrow(
+            """INSERT INTO bookmarks (user_id, video_id, at_s, note) SELECT $1, $2, $3, $4
+               WHERE (SELECT count(*) FROM bookmarks WHERE user_id = $1 AND video_id = $2) < $5 RETURNING *""",
+            user_id, video_id, at_s, note, MAX_BOOKMARKS)
 
 
 async def list_bookmarks(conn: asyncpg.Connection, user_id: int, video_id: int, *,

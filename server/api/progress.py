@@ -165,9 +165,14 @@ class ProgressController(Controller):
         user: AuthUser = request.user
         async with request.app.state.pool.acquire() as conn:
             video = await video_or_404(conn, video_id, user)
-            if video["duration_s"] and data.at > video["duration_s"] + repo.TOLERANCE_S:
+            if video["status"] != "ready" or not video["duration_s"]:  # nothing to watch, nor a length to check
+                raise ApiError(409, f"video {video_id} is not ready yet", code="not_ready")
+            if data.at > video["duration_s"] + repo.TOLERANCE_S:
                 raise ApiError(400, f"at must be inside the video (0 to {video['duration_s']:g} s)", field="at")
-            row = await repo.add_bookmark(conn, user.id, video_id, data.at, data.note)
+            row = await repo.add_bookmark(conn, user.id, video_id, min(data.at, video["duration_s"]), data.note)
+        if row is None:
+            raise ApiError(409, f"at most {repo.MAX_BOOKMARKS} bookmarks per video; delete some first",
+                           code="too_many")
         return Bookmark(id=row["id"], video_id=video_id, at=row["at_s"], note=row["note"], created_at=row["created_at"])
 
     @get("/videos/{video_id:int}/bookmarks")

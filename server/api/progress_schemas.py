@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from server.api.schemas import Strict
+from server.api.schemas import LINES, Strict
 from store.events import AchievementInfo, LeaderboardEntry
 
 Seconds = Annotated[float, Meta(ge=0, le=10 * 24 * 3600)]
@@ -59,7 +59,7 @@ class CourseProgress(msgspec.Struct):
 
 class BookmarkIn(Strict):
     at: Seconds
-    note: Annotated[str, Meta(max_length=2000)] = ""
+    note: Annotated[str, Meta(max_length=2000, pattern=LINES)] = ""
 
 
 class Bookmark(msgspec.Struct):

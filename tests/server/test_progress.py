@@ -195,6 +195,28 @@ def test_bookmarks(client, make: Factory):
     assert client.delete(f"/api/v1/bookmarks/{first.json()['id']}", headers=b.h).status_code == 404
     assert client.delete(f"/api/v1/bookmarks/{first.json()['id']}", headers=a.h).status_code == 204
     assert len(client.get(url, headers=a.h).json()) == 1
+    # a note keeps its line breaks but takes no other control characters; a moment in the end's slack is the end
+    r = client.post(url, json={"at": 100.4, "note": "two\nlines\tand a tab"}, headers=a.h)
+    assert r.status_code == 201 and r.json()["at"] == 100 and r.json()["note"] == "two\nlines\tand a tab"
+    r = client.post(url, json={"at": 1, "note": "bell\u0007"}, headers=a.h)
+    assert r.status_code == 400 and r.json()["field"] == "note" and "control" in r.json()["message"]
+
+
+def test_bookmarks_need_a_ready_video_and_are_bounded(client, make: Factory, settings):
+    from store.progress import MAX_BOOKMARKS
+
+    course = make_course(client, make, learners=1, videos=2, duration=100)
+    (a,), (vid, queued) = course.learners, course.videos
+    fetch(settings, "UPDATE videos SET status = 'queued', duration_s = NULL WHERE id = $1", queued)
+    r = client.post(f"/api/v1/videos/{queued}/bookmarks", json={"at": 5000}, headers=a.h)
+    assert r.status_code == 409 and r.json()["code"] == "not_ready"
+    fetch(settings, "INSERT INTO bookmarks (user_id, video_id, at_s, note) "
+                    "SELECT $1, $2, i % 100, '' FROM generate_series(1, $3) i", a.id, vid, MAX_BOOKMARKS - 1)
+    url = f"/api/v1/videos/{vid}/bookmarks"
+    assert client.post(url, json={"at": 1}, headers=a.h).status_code == 201
+    r = client.post(url, json={"at": 2}, headers=a.h)
+    assert r.status_code == 409 and r.json()["code"] == "too_many"
+    assert fetch(settings, "SELECT count(*) AS n FROM bookmarks WHERE user_id = $1", a.id)[0]["n"] == MAX_BOOKMARKS
 
 
 async def test_helpful_answer(server, client, make: Factory, settings):
