@@ -76,6 +76,12 @@ def data_error_handler(request: Request, exc: Exception) -> Response:
                     status_code=400)
 
 
+def gone_parent_handler(request: Request, exc: Exception) -> Response:
+    """A row that refers to something deleted while the request ran (a course, pod or user): 404, not 500."""
+    logger.info("referenced row gone on %s %s: %s", request.method, request.url.path, exc)
+    return Response(body(404, "not_found", "something this request refers to no longer exists"), status_code=404)
+
+
 def internal_error_handler(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return Response(body(500, "internal", "internal server error"), status_code=HTTP_500_INTERNAL_SERVER_ERROR)

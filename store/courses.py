@@ -1,6 +1,7 @@
 """Courses and enrollments. Visibility rules live here, as SQL, so every caller applies the same ones."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -54,16 +55,26 @@ async def update_course(conn: asyncpg.Connection, course_id: int, tenant_id: int
     )
 
 
-async def delete_course(conn: asyncpg.Connection, course_id: int, tenant_id: int) -> list[str] | None:
-    """Delete the course (its videos, chunks, rooms… cascade); the uploaded files its videos kept, for the
-    caller to remove once this has committed, or None when there is no such course."""
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    files: list[str]  # uploads its videos kept, for the caller to remove once the deletion has committed
+    rooms: list[str]  # its rooms (course, pods, live sessions), whose open sockets the caller closes
+
+
+async def delete_course(conn: asyncpg.Connection, course_id: int, tenant_id: int) -> Deleted | None:
+    """Delete the course (its videos, chunks, pods, sessions, rooms… cascade); None when there is no such
+    course. The course row is locked first, so no pod or session is added unseen meanwhile."""
     async with conn.transaction():
-        files = await conn.fetch(
-            "SELECT v.file_path FROM videos v JOIN courses c ON c.id = v.course_id "
-            "WHERE c.id = $1 AND c.tenant_id = $2 AND v.file_path IS NOT NULL", course_id, tenant_id)
-        row = await conn.fetchrow("DELETE FROM courses WHERE id = $1 AND tenant_id = $2 RETURNING id",
-                                  course_id, tenant_id)
-    return [r["file_path"] for r in files] if row is not None else None
+        if await conn.fetchval("SELECT id FROM courses WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
+                               course_id, tenant_id) is None:
+            return None
+        files = await conn.fetch("SELECT file_path FROM videos WHERE course_id = $1 AND file_path IS NOT NULL",
+                                 course_id)
+        rooms = await conn.fetch(
+            """SELECT 'pod:' || id AS room FROM pods WHERE course_id = $1
+               UNION ALL SELECT 'live:' || id FROM live_sessions WHERE course_id = $1""", course_id)
+        await conn.execute("DELETE FROM courses WHERE id = $1", course_id)
+    return Deleted([r["file_path"] for r in files], [f"course:{course_id}"] + [r["room"] for r in rooms])
 
 
 async def is_enrolled(conn: asyncpg.Connection, course_id: int, user_id: int) -> bool:
@@ -73,18 +84,15 @@ async def is_enrolled(conn: asyncpg.Connection, course_id: int, user_id: int) ->
 
 async def enroll(conn: asyncpg.Connection, course_id: int, user_id: int) -> tuple[asyncpg.Record, bool]:
     """Enroll; returns (enrollment, created). Enrolling twice is not an error."""
+    # One statement (a leave landing between an insert and a re-read cannot leave nothing to return); xmax is 0
+    # on a row this statement inserted, not on one it found.
     row = await conn.fetchrow(
-        """INSERT INTO enrollments (course_id, user_id) VALUES ($1, $2)
-           ON CONFLICT DO NOTHING RETURNING course_id, user_id, created_at""",
+        """INSERT INTO enrollments AS e (course_id, user_id) VALUES ($1, $2)
+           ON CONFLICT (course_id, user_id) DO UPDATE SET course_id = e.course_id
+           RETURNING course_id, user_id, created_at, xmax = 0 AS created""",
         course_id, user_id,
     )
-    if row is not None:
-        return row, True
-    row = await conn.fetchrow(
-        "SELECT course_id, user_id, created_at FROM enrollments WHERE course_id = $1 AND user_id = $2",
-        course_id, user_id,
-    )
-    return row, False
+    return row, row["created"]
 
 
 async def unenroll(conn: asyncpg.Connection, course_id: int, user_id: int) -> bool:

@@ -282,7 +282,14 @@ class AccessRevoked(Event, tag="internal.leave"):
     pod_id: int | None = None
 
 
-INTERNAL = frozenset({"internal.kick", "internal.revoke", "internal.leave"})
+class RoomClosed(Event, tag="internal.close"):
+    """The room is gone (its course, pod or live session was deleted): every process closes the sockets in it
+    (4403 `room deleted`)."""
+
+    room: str
+
+
+INTERNAL = frozenset({"internal.kick", "internal.revoke", "internal.leave", "internal.close"})
 
 # Websocket close codes.
 CLOSE_TOO_BIG = 1009        # a frame over 64 KiB (uvicorn's websocket implementation sends it)

@@ -7,7 +7,8 @@ from datetime import datetime
 import asyncpg
 from redis.asyncio import Redis
 
-from store.events import AccessRevoked, Kick, publish, room_topic, user_topic
+from store.events import AccessRevoked, Kick, RoomClosed, encode, publish, room_topic, user_topic
+from store.keys import events_channel
 
 logger = logging.getLogger(__name__)
 
@@ -84,3 +85,17 @@ async def revoke_access(conn: asyncpg.Connection, redis: Redis, user_id: int, *,
         await publish(redis, user_topic(user_id), AccessRevoked(course_id=course_id, pod_id=pod_id))
     except Exception:  # noqa: BLE001 - access is gone already; sockets left open close when they next rejoin
         logger.warning("could not close the sockets of user %s", user_id, exc_info=True)
+
+
+async def close_rooms(redis: Redis, room_ids: list[str]) -> None:
+    """After a deletion has committed: close every socket in these rooms, on every process (4403 `room
+    deleted`); left open, they read nothing more and every send failed. One round trip."""
+    if not room_ids:
+        return
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            for room in room_ids:
+                pipe.publish(events_channel(room_topic(room)), encode(RoomClosed(room=room)))
+            await pipe.execute()
+    except Exception:  # noqa: BLE001 - the rooms are gone; a socket left open is refused at its next join
+        logger.warning("could not close the sockets of deleted rooms %s", room_ids[:5], exc_info=True)

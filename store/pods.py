@@ -22,7 +22,8 @@ async def pod_in_tenant(conn: asyncpg.Connection, pod_id: int, tenant_id: int) -
 async def list_course_pods(conn: asyncpg.Connection, course_id: int, *,
                            limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
     return await conn.fetch(
-        f"""SELECT {_COLS}, (SELECT count(*) FROM pod_members m WHERE m.pod_id = p.id) AS members
+        f"""SELECT {_COLS}, (SELECT count(*) FROM pod_members m JOIN enrollments e ON e.user_id = m.user_id
+                             AND e.course_id = p.course_id WHERE m.pod_id = p.id) AS members
             FROM pods p WHERE p.course_id = $1 ORDER BY p.id LIMIT $2 OFFSET $3""", course_id, limit, offset)
 
 
@@ -54,11 +55,20 @@ async def is_member(conn: asyncpg.Connection, pod_id: int, user_id: int) -> bool
                           WHERE m.pod_id = $1 AND m.user_id = $2)""", pod_id, user_id))
 
 
+# Members with access: a learner who left the course keeps their row (it counts again once they re-enrol)
+# but is not listed or counted meanwhile, as for the pod's room.
+_MEMBERS = """SELECT m.user_id, u.name, u.role, m.created_at FROM pod_members m JOIN users u ON u.id = m.user_id
+              JOIN pods p ON p.id = m.pod_id JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = m.user_id
+              WHERE m.pod_id = $1"""
+
+
 async def list_members(conn: asyncpg.Connection, pod_id: int, *,
                        limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
-    return await conn.fetch(
-        """SELECT m.user_id, u.name, u.role, m.created_at FROM pod_members m JOIN users u ON u.id = m.user_id
-           WHERE m.pod_id = $1 ORDER BY m.created_at, m.user_id LIMIT $2 OFFSET $3""", pod_id, limit, offset)
+    return await conn.fetch(f"{_MEMBERS} ORDER BY m.created_at, m.user_id LIMIT $2 OFFSET $3", pod_id, limit, offset)
+
+
+async def member(conn: asyncpg.Connection, pod_id: int, user_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"{_MEMBERS} AND m.user_id = $2", pod_id, user_id)
 
 
 async def pods_of_user(conn: asyncpg.Connection, user_id: int, *, course_id: int | None = None,

@@ -24,6 +24,10 @@ STAFF = ("instructor", "admin")
 _ROOM = re.compile(r"(course|pod|live):([1-9][0-9]{0,17})")  # the whole id (fullmatch: no trailing newline)
 
 
+class RoomGone(LookupError):
+    """The room's course, pod or live session does not exist (any more)."""
+
+
 @dataclass(frozen=True, slots=True)
 class RoomRef:
     kind: str
@@ -116,7 +120,7 @@ async def next_seq(conn: asyncpg.Connection, room_id: str) -> int:
     seq = await conn.fetchval("UPDATE rooms SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq", room_id)
     if seq is None:
         if await ensure_room(conn, room_id) is None:
-            raise LookupError(f"room {room_id} does not exist")
+            raise RoomGone(f"room {room_id} does not exist")
         seq = await conn.fetchval("UPDATE rooms SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq",
                                   room_id)
     return seq

@@ -82,10 +82,11 @@ class CourseController(Controller):
     @delete("/{course_id:int}", guards=[staff_only], status_code=204)
     async def remove(self, request: Request, course_id: int) -> None:
         async with request.app.state.pool.acquire() as conn:
-            files = await repo.delete_course(conn, course_id, request.user.tenant_id)
-        if files is None:
+            gone = await repo.delete_course(conn, course_id, request.user.tenant_id)
+        if gone is None:
             raise ApiError(404, f"course {course_id} not found")
-        for path in files:  # committed: the uploads go too (a crash here leaves files, never a dangling row)
+        await moderation.close_rooms(request.app.state.redis, gone.rooms)
+        for path in gone.files:  # committed: the uploads go too (a crash here leaves files, never a dangling row)
             Path(path).unlink(missing_ok=True)
 
     @post("/{course_id:int}/enrollments", status_code=201)

@@ -67,6 +67,7 @@ class PodController(Controller):
         async with request.app.state.pool.acquire() as conn:
             await _pod_or_404(conn, pod_id, request.user)
             await repo.delete_pod(conn, pod_id)
+        await moderation.close_rooms(request.app.state.redis, [f"pod:{pod_id}"])
 
     @post("/pods/{pod_id:int}/members", guards=[staff_only], status_code=201)
     async def add_member(self, request: Request, pod_id: int) -> Response[Member]:
@@ -81,7 +82,9 @@ class PodController(Controller):
                 raise ApiError(409, f"user {data.user_id} is not enrolled in course {pod['course_id']}",
                                code="not_enrolled", field="user_id")
             created = await repo.add_member(conn, pod_id, data.user_id)
-            row = next(r for r in await repo.list_members(conn, pod_id) if r["user_id"] == data.user_id)
+            row = await repo.member(conn, pod_id, data.user_id)
+        if row is None:  # removed, or left the course, at this very moment
+            raise ApiError(409, f"user {data.user_id} left the pod or the course meanwhile", code="conflict")
         return Response(Member(user_id=row["user_id"], name=row["name"], role=row["role"], created_at=row["created_at"]),
                         status_code=201 if created else 200)
 
@@ -92,9 +95,11 @@ class PodController(Controller):
         if not user.is_staff and user_id != user.id:
             raise ApiError(403, "learners can only leave a pod themselves")
         async with request.app.state.pool.acquire() as conn:
-            await _pod_or_404(conn, pod_id, user)
+            # a learner who left the course may still leave its pod (their row would count again on re-enrolling)
+            if await repo.pod_in_tenant(conn, pod_id, user.tenant_id) is None:
+                raise ApiError(404, f"pod {pod_id} not found")
             if not await repo.remove_member(conn, pod_id, user_id):
-                raise ApiError(404, f"user {user_id} is not a member")
+                raise ApiError(404, f"user {user_id} is not a member" if user.is_staff else f"pod {pod_id} not found")
             await moderation.revoke_access(conn, request.app.state.redis, user_id, pod_id=pod_id)
 
     @get("/pods/{pod_id:int}/members")

@@ -99,6 +99,8 @@ class RoomController(Controller):
                                                       data.client_msg_id)
         except messages_repo.Refused as exc:
             raise refused(exc) from exc
+        except rooms_repo.RoomGone as exc:  # deleted since the check above
+            raise ApiError(404, f"room {room_id} not found") from exc
         ev = posted.event
         tutor = None
         text, edited_at, deleted = ev.text, None, False

@@ -9,8 +9,10 @@ from msgspec import UNSET, Meta, UnsetType
 
 # Text a person must have written something in: not blank (msgspec searches the pattern: one visible character)
 NOT_BLANK = r"\S"
-NO_CONTROL = r"^[^\x00-\x1f]+$"
-LINES = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f]*$"  # free text: tabs and line breaks, no other control characters
+# `(?![\s\S])` is the very end (Python's `$` also matches before a final line break, which would let one
+# through); unlike `\Z` it means the same in the JSON Schema (ECMA) dialect the OpenAPI document uses.
+NO_CONTROL = r"^[^\x00-\x1f]+(?![\s\S])"
+LINES = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f]*(?![\s\S])"  # free text: tabs and line breaks, no other control characters
 Title = Annotated[str, Meta(min_length=1, max_length=200, pattern=NOT_BLANK)]
 Description = Annotated[str, Meta(max_length=10_000)]
 Price = Annotated[int, Meta(ge=0, le=100_000_000)]

@@ -45,18 +45,21 @@ class UserController(Controller):
         """Create (or reuse) a bot user and give it a new long-lived, revocable token."""
         data = await read_json(request, BotIn)
         u: AuthUser = request.user
+        name = data.name.strip()
+        if not name:
+            raise ApiError(400, "name must not be blank", field="name")
         async with request.app.state.pool.acquire() as conn, conn.transaction():
             existing = await conn.fetchrow("SELECT id, role FROM users WHERE tenant_id = $1 AND name = $2",
-                                           u.tenant_id, data.name)
+                                           u.tenant_id, name)
             if existing is not None and existing["role"] != "bot":
-                raise ApiError(409, f"{data.name!r} is a human user's name", field="name")
-            row = existing or await repo.create_user(conn, u.tenant_id, data.name, "bot")
+                raise ApiError(409, f"{name!r} is a human user's name", field="name")
+            row = existing or await repo.create_user(conn, u.tenant_id, name, "bot")
             if row is None:  # created by a concurrent request a moment ago
-                raise ApiError(409, f"{data.name!r} was just created by another request; try again", field="name")
+                raise ApiError(409, f"{name!r} was just created by another request; try again", field="name")
             token_id = await repo.create_api_token(conn, row["id"], data.label)
         token = issue_token(request.app.state.settings.secret, row["id"], u.tenant_id, "bot", ttl_s=None,
                             token_id=token_id)
-        return BotToken(user_id=row["id"], name=data.name, token_id=token_id, token=token)
+        return BotToken(user_id=row["id"], name=name, token_id=token_id, token=token)
 
     @get("/tokens", guards=[staff_only])
     async def tokens(self, request: Request, limit: int = ListLimit, offset: int = Offset) -> list[TokenInfo]:

@@ -248,6 +248,8 @@ class VideoController(Controller):
         state = request.app.state
         if not q.strip():
             raise ApiError(400, "q must not be blank", field="q")
+        if "\x00" in q:
+            raise ApiError(400, "q must not contain NUL characters", field="q")
         async with state.pool.acquire() as conn:  # access first: the embedding is work done for the caller
             await course_or_404(conn, course_id, request.user)
         embedder = await asyncio.to_thread(embedder_for, state.settings)

@@ -278,6 +278,9 @@ class Hub:
         if env.type in INTERNAL:
             if env.type == "internal.kick" and env.user_id is not None:
                 self.kick_local(room, env.user_id, env.reason)
+            elif env.type == "internal.close":
+                for conn in list(conns):
+                    conn.close_soon(CLOSE_FORBIDDEN, "room deleted")
             return
         msg = text_frame(data.decode())  # once per process; every connection shares this message
         if env.seq:

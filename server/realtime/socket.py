@@ -162,6 +162,8 @@ async def _serve(socket: WebSocket, conn: Conn, user: AuthUser, hub: Hub) -> Non
             await _handle(frame, conn, user, hub)
         except messages_repo.Refused as exc:
             conn.push_event(Error(code=exc.code, detail=exc.detail, ref=_ref(frame), retry_after=exc.retry_after))
+        except rooms_repo.RoomGone as exc:  # its course, pod or session was deleted (the socket is closing)
+            conn.push_event(Error(code="not_found", detail=str(exc), ref=_ref(frame)))
         except Exception:  # noqa: BLE001
             logger.exception("frame failed", extra={"fields": {"room": conn.room, "type": type(frame).__name__}})
             conn.push_event(Error(code="internal", detail="the server could not handle this frame", ref=_ref(frame)))

@@ -77,6 +77,8 @@ def test_search_scoping_and_access(eval_course: EvalCourse, client, make: Factor
     assert bad.status_code == 400
     assert client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": "x", "k": 500},
                       headers=eval_course.learner.h).status_code == 400
+    nul = client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": "a\x00b"}, headers=eval_course.learner.h)
+    assert nul.status_code == 400 and nul.json()["field"] == "q"
 
 
 def test_chapters_tile_each_video(eval_course: EvalCourse, client):

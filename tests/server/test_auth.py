@@ -83,6 +83,18 @@ def test_learner_not_enrolled(client, make: Factory):
     assert client.patch(f"/api/v1/courses/{cid}", json={"title": "x"}, headers=learner.h).status_code == 403
 
 
+def test_names_must_be_visible_and_free_of_control_characters(client, make: Factory):
+    inst = make.user("instructor")
+    assert client.post("/api/v1/bots", json={"name": "nul\x00"}, headers=inst.h).status_code == 400  # any NUL
+    for name in ("   ", "b2\n", "tab\there"):
+        r = client.post("/api/v1/bots", json={"name": name}, headers=inst.h)
+        assert r.status_code == 400 and r.json()["field"] == "name", (name, r.text)
+        r = client.post("/api/v1/users", json={"name": name, "role": "learner"}, headers=inst.h)
+        assert r.status_code == 400 and r.json()["field"] == "name", (name, r.text)
+    r = client.post("/api/v1/bots", json={"name": "  spaced bot "}, headers=inst.h)
+    assert r.status_code == 201 and r.json()["name"] == "spaced bot"
+
+
 def test_bot_token_revocation(client, make: Factory):
     inst = make.user("instructor")
     r = client.post("/api/v1/bots", json={"name": "discord-bot", "label": "discord"}, headers=inst.h)

@@ -162,6 +162,84 @@ async def test_leaving_a_course_or_pod_closes_open_sockets_there(server, make: F
     assert code == 4403
 
 
+async def test_deleting_a_pod_or_course_closes_the_sockets_in_its_rooms(server, make: Factory):
+    """Sockets left open in a deleted room read nothing more and every send failed (`internal`): deleting a pod
+    closes its room's sockets, deleting a course those of the course, its pods and its live sessions, staff's
+    included (4403 `room deleted`)."""
+    import websockets
+
+    course = make_course(server, make, learners=1)
+    (u,) = course.learners
+    inst = course.instructor
+    with httpx.Client(base_url=server, timeout=30) as c:
+        pods = [c.post(f"/api/v1/courses/{course.id}/pods", json={"name": n}, headers=inst.h).json() for n in "ab"]
+        for pod in pods:
+            assert c.post(f"/api/v1/pods/{pod['id']}/members", json={"user_id": u.id},
+                          headers=inst.h).status_code == 201
+        sid = c.post(f"/api/v1/courses/{course.id}/live", json={"title": "Lab"}, headers=inst.h).json()["id"]
+        assert c.post(f"/api/v1/live/{sid}/start", headers=inst.h).status_code == 200
+    first_pod = await Client.connect(server, f"pod:{pods[0]['id']}", u)
+    rest = [await Client.connect(server, room, who) for room, who in (
+        (f"pod:{pods[1]['id']}", u), (course.room, u), (course.room, inst), (f"live:{sid}", u))]
+
+    async def closed(cl: Client) -> None:
+        try:
+            while True:
+                await cl.recv(timeout=5)
+        except websockets.ConnectionClosed as exc:
+            assert exc.rcvd.code == 4403 and exc.rcvd.reason == "room deleted"
+
+    with httpx.Client(base_url=server, timeout=30) as c:
+        assert c.delete(f"/api/v1/pods/{pods[0]['id']}", headers=inst.h).status_code == 204
+        await closed(first_pod)
+        await rest[0].send({"type": "message.send", "text": "still open"})  # the other rooms are untouched
+        await rest[0].expect("message.new")
+        assert c.delete(f"/api/v1/courses/{course.id}", headers=inst.h).status_code == 204
+    for cl in rest:
+        await closed(cl)
+
+
+def test_a_learner_who_left_the_course_is_not_listed_in_its_pods_and_may_leave_them(server, make: Factory):
+    course = make_course(server, make, learners=2)
+    gone, stays = course.learners
+    inst = course.instructor.h
+    with httpx.Client(base_url=server, timeout=30) as c:
+        pod = c.post(f"/api/v1/courses/{course.id}/pods", json={"name": "p"}, headers=inst).json()
+        for u in (gone, stays):
+            assert c.post(f"/api/v1/pods/{pod['id']}/members", json={"user_id": u.id}, headers=inst).status_code == 201
+        assert c.delete(f"/api/v1/courses/{course.id}/enrollments/{gone.id}", headers=gone.h).status_code == 204
+        members = c.get(f"/api/v1/pods/{pod['id']}/members", headers=inst).json()
+        assert [m["user_id"] for m in members] == [stays.id]
+        (listed,) = c.get(f"/api/v1/courses/{course.id}/pods", headers=inst).json()
+        assert listed["members"] == 1
+        # they may still drop the membership that would come back with a re-enrolment
+        assert c.delete(f"/api/v1/pods/{pod['id']}/members/{gone.id}", headers=gone.h).status_code == 204
+        assert c.post(f"/api/v1/courses/{course.id}/enrollments", json={"user_id": gone.id},
+                      headers=inst).status_code == 201
+        assert [m["user_id"] for m in c.get(f"/api/v1/pods/{pod['id']}/members", headers=inst).json()] == [stays.id]
+        assert c.delete(f"/api/v1/pods/{pod['id']}/members/{gone.id}", headers=gone.h).status_code == 404
+
+
+async def test_work_racing_a_course_deletion_is_404_not_500(server, make: Factory):
+    """Enrolments, pods and members written while the course goes (the foreign key refuses them) are 404s."""
+    inst = make.user("instructor")
+    learners = [make.user("learner") for _ in range(4)]
+    codes: list[int] = []
+    async with httpx.AsyncClient(base_url=server, timeout=30) as c:
+        for _ in range(4):
+            cid = (await c.post("/api/v1/courses", json={"title": "doomed", "published": True},
+                                headers=inst.h)).json()["id"]
+            pod = (await c.post(f"/api/v1/courses/{cid}/pods", json={"name": "p"}, headers=inst.h)).json()
+            await c.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": learners[0].id}, headers=inst.h)
+            jobs = [c.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": u.id}, headers=u.h)
+                    for u in learners[1:]]
+            jobs += [c.post(f"/api/v1/courses/{cid}/pods", json={"name": f"q{i}"}, headers=inst.h) for i in range(3)]
+            jobs += [c.post(f"/api/v1/pods/{pod['id']}/members", json={"user_id": learners[0].id}, headers=inst.h)]
+            jobs.insert(3, c.delete(f"/api/v1/courses/{cid}", headers=inst.h))
+            codes += [r.status_code for r in await asyncio.gather(*jobs)]
+    assert 500 not in codes and set(codes) <= {200, 201, 204, 404}, codes
+
+
 async def test_revoking_a_bot_token_closes_its_open_sockets(server, make: Factory):
     """Tokens are checked when a socket opens; revoking one also closes the sockets opened with it (4401)."""
     import websockets
