@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import os
 import signal
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -228,10 +229,30 @@ def _pg_running_port(pgdata: Path) -> int | None:
     return None
 
 
+# Appended to postgresql.conf as the last step of initialising: TCP on loopback only; no unix socket (socket
+# paths break on long data dirs). Its presence says the data directory is complete.
+_PG_CONF = "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\nmax_connections = 300\nshared_buffers = 256MB\n"
+
+
+def _pg_initialised(pgdata: Path) -> bool:
+    try:
+        return _PG_CONF in (pgdata / "postgresql.conf").read_text()
+    except OSError:
+        return False
+
+
 def _ensure_postgres(ddir: Path) -> str:
     pgdata = ddir / "pg"
     user = _pg_system_user(pgdata)
-    if not (pgdata / "PG_VERSION").exists():
+    if not _pg_initialised(pgdata):
+        if (pgdata / "postmaster.pid").exists():
+            raise RuntimeError(f"{pgdata} is an incomplete data directory with a server running on it; stop that "
+                               f"server (pg_ctl -D {pgdata} stop) or remove the directory")
+        if pgdata.exists() and any(pgdata.iterdir()):  # a first start cut off (Ctrl-C) before it finished: nothing is stored yet
+            logger.warning("the first start in %s did not finish; initialising the embedded Postgres again", pgdata)
+            shutil.rmtree(pgdata)
+            user = _pg_system_user(pgdata)
+            pgdata.mkdir(parents=True, exist_ok=True)
         logger.info("initialising embedded Postgres in %s", pgdata)
         subprocess.run(
             [_pg_bin("initdb"), "-D", str(pgdata), "--auth=trust", f"--username={PG_USER}", "-E", "UTF8",
@@ -239,9 +260,7 @@ def _ensure_postgres(ddir: Path) -> str:
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, user=user,
         )
         with open(pgdata / "postgresql.conf", "a") as fh:
-            # TCP on loopback only; no unix socket (socket paths break on long data dirs).
-            fh.write("\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n"
-                     "max_connections = 300\nshared_buffers = 256MB\n")
+            fh.write(_PG_CONF)
     port = _pg_running_port(pgdata)
     if port is None:
         port = free_port()

@@ -82,6 +82,18 @@ def test_up_joiners_stop_and_restart(tmp_path):
     assert not (ddir / "pg" / "postmaster.pid").exists()
 
 
+def test_a_first_start_cut_off_midway_is_redone(tmp_path):
+    """Ctrl-C during the very first start left a data directory half made (PG_VERSION but no `postgres`
+    database, none of our settings): every later start failed. Now the next start initialises it again."""
+    ddir = tmp_path / "data"
+    (ddir / "pg" / "base").mkdir(parents=True)
+    (ddir / "pg" / "PG_VERSION").write_text("16\n")
+    (ddir / "pg" / "postgresql.conf").write_text("# initdb was cut off here\n")
+    token = _cli(ddir, "token", "--user", "ann", "--role", "instructor").strip()
+    assert token.count(".") == 2
+    assert "unix_socket_directories = ''" in (ddir / "pg" / "postgresql.conf").read_text()
+
+
 def test_a_postgres_that_will_not_start_says_why(tmp_path):
     from store.embedded import _pg_failure
 
