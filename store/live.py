@@ -99,8 +99,9 @@ async def attendance_close_proc(conn: asyncpg.Connection, proc_id: str, at: date
 
 async def attendance_report(conn: asyncpg.Connection, session_id: int, *,
                             limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
-    """Per user: first join, last leave (null while still there), connections, and seconds present while the
-    session was live (overlapping connections count once)."""
+    """Per user present while the session was live: first join, last leave (null while still there),
+    connections, and seconds present while it was live (overlapping connections count once). Who only came
+    before it started or after it ended (to read the room) is not listed."""
     return await conn.fetch(
         """WITH s AS (SELECT started_at, coalesce(ended_at, now()) AS ended_at FROM live_sessions WHERE id = $1),
            a AS (SELECT user_id, joined_at, left_at, coalesce(left_at, now()) AS until
@@ -115,7 +116,8 @@ async def attendance_report(conn: asyncpg.Connection, session_id: int, *,
                   coalesce((SELECT sum(extract(epoch FROM upper(x) - lower(x)))
                             FROM unnest((SELECT range_agg(c.r) FROM clipped c WHERE c.user_id = a.user_id)) x),
                            0)::float AS seconds_live
-           FROM a JOIN users u ON u.id = a.user_id GROUP BY a.user_id, u.name ORDER BY min(a.joined_at), a.user_id
+           FROM a JOIN users u ON u.id = a.user_id WHERE a.user_id IN (SELECT user_id FROM clipped)
+           GROUP BY a.user_id, u.name ORDER BY min(a.joined_at), a.user_id
            LIMIT $2 OFFSET $3""",
         session_id, limit, offset)
 
@@ -129,11 +131,15 @@ def poll_info(row: asyncpg.Record) -> PollInfo:
 
 async def create_poll(db: asyncpg.Pool, redis: Redis, session_id: int, question: str, options: list[str],
                       by: int) -> asyncpg.Record:
-    """Open a poll in the session's room; publishes `poll.opened`. Refused("conflict") once the session ended."""
+    """Open a poll in the session's room; publishes `poll.opened`. Refused("conflict") before the session
+    starts and once it ended."""
     async with sequenced(db, redis) as box:
-        ended = await box.conn.fetchval("SELECT ended_at FROM live_sessions WHERE id = $1 FOR UPDATE", session_id)
-        if ended is not None:
+        s = await box.conn.fetchrow("SELECT started_at, ended_at FROM live_sessions WHERE id = $1 FOR UPDATE",
+                                    session_id)
+        if s is not None and s["ended_at"] is not None:
             raise Refused("conflict", "the session has ended")
+        if s is not None and s["started_at"] is None:  # votes before it began; a session never started
+            raise Refused("conflict", "polls open once the session has started")  # cannot end to close them
         row = await box.conn.fetchrow(
             """INSERT INTO polls (session_id, question, options, created_by) VALUES ($1, $2, $3, $4)
                RETURNING id, session_id, question, options, created_at, closed_at""",

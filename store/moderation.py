@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 
 from store.events import AccessRevoked, Kick, RoomClosed, encode, publish, room_topic, user_topic
 from store.keys import events_channel
+from store.rooms import parse_room
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,13 @@ async def kick(conn: asyncpg.Connection, redis: Redis, room_id: str, user_id: in
                ON CONFLICT (room_id, user_id) DO UPDATE SET until = EXCLUDED.until, created_by = EXCLUDED.created_by,
                                                          created_at = now()""",
             room_id, user_id, float(seconds), by)
-    await publish(redis, room_topic(room_id), Kick(room=room_id, user_id=user_id))
+    rooms = [room_id]
+    ref = parse_room(room_id)
+    if ref is not None and ref.kind == "course":  # and the course's live sessions, joined as the course room
+        rooms += [f"live:{r['id']}" for r in await conn.fetch(
+            "SELECT id FROM live_sessions WHERE course_id = $1 AND ended_at IS NULL", ref.target_id)]
+    for room in rooms:
+        await publish(redis, room_topic(room), Kick(room=room, user_id=user_id))
 
 
 async def unkick(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
@@ -69,8 +76,13 @@ async def list_kicks(conn: asyncpg.Connection, room_id: str, *,
 
 
 async def kicked_until(conn: asyncpg.Connection, room_id: str, user_id: int) -> datetime | None:
+    """Until when the user is kept out of the room, or None. A live session's room is joined as its course's
+    room, so a kick from the course room keeps them out of its live sessions too."""
+    ref = parse_room(room_id)
     return await conn.fetchval(
-        "SELECT until FROM room_kicks WHERE room_id = $1 AND user_id = $2 AND until > now()", room_id, user_id)
+        """SELECT max(until) FROM room_kicks WHERE user_id = $2 AND until > now()
+           AND (room_id = $1 OR room_id = (SELECT 'course:' || course_id FROM live_sessions WHERE id = $3))""",
+        room_id, user_id, ref.target_id if ref is not None and ref.kind == "live" else None)
 
 
 async def revoke_access(conn: asyncpg.Connection, redis: Redis, user_id: int, *, course_id: int | None = None,

@@ -20,6 +20,8 @@ async def test_session_lifecycle_and_attendance(server, client, make: Factory, s
     assert [x["id"] for x in client.get(f"/api/v1/courses/{course.id}/live", headers=a.h).json()] == [sid]
     assert client.get(f"/api/v1/live/{sid}", headers=make.user("learner").h).status_code == 404
     assert client.post(f"/api/v1/live/{sid}/end", headers=inst.h).status_code == 409  # not live yet
+    r = client.post(f"/api/v1/live/{sid}/polls", json={"question": "?", "options": ["x", "y"]}, headers=inst.h)
+    assert r.status_code == 409 and "started" in r.json()["message"]  # polls open once it is live
 
     ca = await Client.connect(server, s["room"], a)
     assert client.post(f"/api/v1/live/{sid}/start", headers=a.h).status_code == 403
@@ -47,6 +49,46 @@ async def test_session_lifecycle_and_attendance(server, client, make: Factory, s
     await asyncio.sleep(0.2)
     rows = fetch(settings, "SELECT count(*) AS n FROM live_attendance WHERE session_id = $1 AND left_at IS NULL", sid)
     assert rows[0]["n"] == 0
+    # who only opens the room after it ended (to read it back) did not attend
+    late = make.user("learner")
+    assert client.post(f"/api/v1/courses/{course.id}/enrollments", json={"user_id": late.id},
+                       headers=inst.h).status_code == 201
+    reader = await Client.connect(server, s["room"], late)
+    await asyncio.sleep(0.2)
+    report = {x["user_id"] for x in client.get(f"/api/v1/live/{sid}/attendance", headers=inst.h).json()}
+    assert report == {a.id, b.id}
+    await reader.close()
+
+
+async def test_a_course_kick_keeps_the_learner_out_of_its_live_sessions(server, client, make: Factory):
+    """A live session's room is joined as its course room: a kick from the course room closes the learner's
+    live sockets and keeps them out of its sessions (room, REST, votes) too."""
+    import websockets
+
+    from tests.server.conftest import closed_with, ws_url
+
+    course = make_course(server, make, learners=1)
+    inst, (a,) = course.instructor, course.learners
+    sid = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "Lab"}, headers=inst.h).json()["id"]
+    assert client.post(f"/api/v1/live/{sid}/start", headers=inst.h).status_code == 200
+    poll = client.post(f"/api/v1/live/{sid}/polls", json={"question": "?", "options": ["x", "y"]},
+                       headers=inst.h).json()
+    live = await Client.connect(server, f"live:{sid}", a)
+    assert client.post(f"/api/v1/rooms/{course.room}/kicks", json={"user_id": a.id, "seconds": 600},
+                       headers=inst.h).status_code == 204
+    try:
+        while True:
+            await live.recv(timeout=5)
+    except websockets.ConnectionClosed as exc:
+        assert exc.rcvd.code == 4403 and exc.rcvd.reason == "kicked"
+    code, _ = await closed_with(ws_url(server, f"live:{sid}", a.token))
+    assert code == 4403
+    for r in (client.get(f"/api/v1/live/{sid}", headers=a.h),
+              client.post(f"/api/v1/polls/{poll['id']}/votes", json={"option": 0}, headers=a.h),
+              client.post(f"/api/v1/rooms/live:{sid}/messages", json={"text": "hi"}, headers=a.h)):
+        assert r.status_code == 403 and r.json()["code"] == "kicked", r.text
+    assert client.delete(f"/api/v1/rooms/{course.room}/kicks/{a.id}", headers=inst.h).status_code == 204
+    assert client.get(f"/api/v1/live/{sid}", headers=a.h).status_code == 200
 
 
 async def test_poll_vote_rules(server, client, make: Factory):
