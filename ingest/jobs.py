@@ -64,6 +64,16 @@ def backoff_s(attempt: int, base: float) -> float:
     return min(300.0, base * (2 ** max(0, attempt - 1)))
 
 
+# Set by the worker's signal handler (arq cancels running jobs when it stops): a cancelled attempt was cut by
+# the stop, not by arq's time limit, and is given back.
+STOPPING = False
+
+
+def mark_stopping(_signal: object = None) -> None:
+    global STOPPING
+    STOPPING = True
+
+
 async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
     """Run one attempt of ingest job `job_id`; transient failures retry with backoff."""
     from ingest.pipeline import ingest_video
@@ -87,6 +97,10 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
     try:
         n = await ingest_video(pool, settings, ctx["embedder"](), job, reporter)
         return f"{n} chunks"
+    except asyncio.CancelledError:
+        if STOPPING:
+            await asyncio.shield(_give_back(pool, job_id))
+        raise
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
         if isinstance(exc, IngestError):
             reason, permanent = exc.reason, exc.permanent
@@ -109,6 +123,16 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
         raise Retry(defer=delay) from exc
     finally:
         beat.cancel()
+
+
+async def _give_back(pool: Any, job_id: int) -> None:
+    try:
+        async with pool.acquire() as conn:
+            await jobs_repo.give_back_attempt(conn, job_id)
+        logger.info("ingest job %s: cut short by the worker stopping; it runs again (the attempt is not counted)",
+                    job_id)
+    except Exception:  # noqa: BLE001 - the attempt counts after all; nothing else is lost
+        logger.warning("could not give back the attempt of ingest job %s", job_id, exc_info=True)
 
 
 async def recover_lost_jobs(ctx: dict[str, Any]) -> int:

@@ -11,6 +11,9 @@ import sys
 import time
 from dataclasses import replace
 
+import asyncpg
+from redis.exceptions import RedisError
+
 from store.embedded import Services, ensure_services
 from store.settings import Settings, load_settings
 
@@ -21,7 +24,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(getattr(args, "data_dir", None))
     if getattr(args, "host", None):
         settings = replace(settings, host=args.host)
-    if getattr(args, "port", None):
+    if getattr(args, "port", None) is not None:
         settings = replace(settings, port=args.port)
     return settings
 
@@ -94,6 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from arq.worker import Worker
 
+    from ingest.jobs import mark_stopping
     from ingest.worker import worker_settings
 
     settings, services = _start(args)
@@ -110,7 +114,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         _migrate(settings)
         # arq binds the worker to the current event loop at construction and handles SIGTERM/SIGINT itself.
         asyncio.set_event_loop(asyncio.new_event_loop())
-        Worker(**worker_settings(settings)).run()
+        worker = Worker(**worker_settings(settings))
+        worker.on_stop = mark_stopping  # jobs cancelled by the stop give their attempt back
+        worker.run()
     finally:
         if orphaned:  # `up` is still exiting (and holds the servers) until this process is handed to another
             deadline = time.monotonic() + 5
@@ -130,6 +136,9 @@ async def _make_token(settings: Settings, user: str, role: str, tenant: str, ttl
         async with pool.acquire() as conn, conn.transaction():
             tenant_id = await repo.ensure_tenant(conn, tenant)
             row = await repo.ensure_user(conn, tenant_id, user, role)
+            if row["role"] != role:  # roles are read from the database: changing it would break their tokens
+                raise CliError(f"{user!r} of tenant {tenant!r} is a {row['role']}, not a {role}; "
+                               "use that role or another name")
             if role == "bot":
                 token_id = await repo.create_api_token(conn, row["id"], "cli")
                 return issue_token(settings.secret, row["id"], tenant_id, role, ttl_s=None, token_id=token_id)
@@ -270,13 +279,17 @@ def cmd_reembed(args: argparse.Namespace) -> int:
     try:
         _migrate(settings)
         jobs = asyncio.run(_reembed(settings, args.course))
+        if jobs is None:
+            print(f"course {args.course} not found", file=sys.stderr)
+            return 2
         print(f"queued {len(jobs)} re-embed jobs" + (f": {jobs}" if jobs else ""))
     finally:
         services.close()
     return 0
 
 
-async def _reembed(settings: Settings, course_id: int | None) -> list[int]:
+async def _reembed(settings: Settings, course_id: int | None) -> list[int] | None:
+    """The re-embed jobs queued; None when `course_id` names no course."""
     from arq import create_pool as create_arq_pool
     from arq.connections import RedisSettings
 
@@ -287,6 +300,9 @@ async def _reembed(settings: Settings, course_id: int | None) -> list[int]:
     pool = await create_pool(settings.database_url, min_size=1, max_size=2)
     arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
     try:
+        if course_id is not None and not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM courses WHERE id = $1)",
+                                                             course_id):
+            return None
         return await submit_reembed(pool, arq, settings, embedder_for(settings).name, course_id)
     finally:
         await arq.aclose()
@@ -432,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", help="data folder (default $STUDYHALL_DATA_DIR or ./.studyhall)")
         if net:
             p.add_argument("--host", help="bind address (default $STUDYHALL_HOST or 127.0.0.1)")
-            p.add_argument("--port", type=int, help="port (default $STUDYHALL_PORT or 8000)")
+            p.add_argument("--port", type=_port, help="port (default $STUDYHALL_PORT or 8000)")
         p.set_defaults(func=func)
         return p
 
@@ -441,25 +457,56 @@ def build_parser() -> argparse.ArgumentParser:
     add("worker", cmd_worker, "run an ingest worker process")
     add("migrate", cmd_migrate, "apply database migrations")
     tok = add("token", cmd_token, "create the user if needed and print a token")
-    tok.add_argument("--user", required=True)
+    tok.add_argument("--user", required=True, type=_name)
     tok.add_argument("--role", required=True, choices=["learner", "instructor", "admin", "bot"])
     tok.add_argument("--tenant", default="default")
-    tok.add_argument("--ttl", type=int, help="lifetime in seconds (ignored for bots: their tokens are revocable)")
+    tok.add_argument("--ttl", type=_positive, help="lifetime in seconds (ignored for bots: their tokens are revocable)")
     ing = add("ingest", cmd_ingest, "add a video to a course from the shell, with a progress bar")
-    ing.add_argument("course_id", type=int)
+    ing.add_argument("course_id", type=_id)
     src = ing.add_mutually_exclusive_group(required=True)
     src.add_argument("--youtube", help="YouTube URL or 11-character id")
     src.add_argument("--file", help="transcript (.srt/.vtt/.json) or media (wav/mp3/m4a/mp4/webm)")
     ing.add_argument("--title")
     ask_ = add("ask", cmd_ask, "ask the tutor about a course (answer with cited moments)")
-    ask_.add_argument("course_id", type=int)
-    ask_.add_argument("question")
+    ask_.add_argument("course_id", type=_id)
+    ask_.add_argument("question", type=_name)
     ask_.add_argument("--json", action="store_true", help="print the same JSON as the REST API")
     re_ = add("reembed", cmd_reembed, "re-embed videos embedded by another model than the configured one")
-    re_.add_argument("--course", type=int, help="only this course")
+    re_.add_argument("--course", type=_id, help="only this course")
     lb = add("leaderboards", cmd_leaderboards, "rebuild the Redis leaderboards from the XP ledger, or check them")
     lb.add_argument("action", choices=["rebuild", "check"])
     return parser
+
+
+class CliError(Exception):
+    """A mistake in what the command was asked to do: printed as one line, exit status 2."""
+
+
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _id(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= 2**62:
+        raise argparse.ArgumentTypeError(f"not an id: {value}")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {value}")
+    return value
+
+
+def _name(raw: str) -> str:
+    if not raw.strip():
+        raise argparse.ArgumentTypeError("must not be blank")
+    return raw
 
 
 class _Stop(Exception):
@@ -482,6 +529,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except _Stop:
         return 0
+    except CliError as exc:
+        print(f"studyhall: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError) as exc:
+        # a database or Redis that cannot be reached (DATABASE_URL, REDIS_URL), or refuses: say so in a line
+        print(f"studyhall: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

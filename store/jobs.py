@@ -36,6 +36,13 @@ async def start_attempt(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record
     )
 
 
+async def give_back_attempt(conn: asyncpg.Connection, job_id: int) -> None:
+    """An attempt cut short by its worker stopping (a deploy, Ctrl-C) does not count: the job runs again
+    elsewhere, and enough stops would otherwise fail it for `max_attempts`."""
+    await conn.execute("UPDATE jobs SET attempts = greatest(attempts - 1, 0), updated_at = now() "
+                       "WHERE id = $1 AND state NOT IN ('done', 'failed')", job_id)
+
+
 async def set_state(conn: asyncpg.Connection, job_id: int, state: str, progress: float,
                     error: str | None = None) -> asyncpg.Record | None:
     """Move an unfinished job; None when it is done or failed already (a late duplicate run must not write

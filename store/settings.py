@@ -35,6 +35,24 @@ def _str(name: str, default: str | None = None) -> str | None:
     return raw if raw not in (None, "") else default
 
 
+def _choice(name: str, default: str | None, choices: tuple[str, ...]) -> str | None:
+    """One of `choices` (any case); a misspelling stops the start instead of failing each request later."""
+    raw = _str(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value not in choices:
+        raise SystemExit(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return value
+
+
+def _port(name: str, default: int) -> int:
+    value = _int(name, default)
+    if not 1 <= value <= 65535:
+        raise SystemExit(f"{name} must be a port number from 1 to 65535, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every knob of studyhall; README lists each environment variable."""
@@ -110,11 +128,12 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         redis_url=_str("REDIS_URL"),
         secret=secret,
         host=_str("STUDYHALL_HOST", "127.0.0.1") or "127.0.0.1",
-        port=_int("STUDYHALL_PORT", 8000),
-        log_level=(_str("STUDYHALL_LOG_LEVEL", "INFO") or "INFO").upper(),
+        port=_port("STUDYHALL_PORT", 8000),
+        log_level=(_choice("STUDYHALL_LOG_LEVEL", "info", ("debug", "info", "warning", "error", "critical"))
+                   or "info").upper(),
         token_ttl_s=_int("STUDYHALL_TOKEN_TTL", 7 * 24 * 3600),
         max_upload_bytes=_int("STUDYHALL_MAX_UPLOAD_MB", 500) * 1024 * 1024,
-        embedder=_str("STUDYHALL_EMBEDDER", "local") or "local",
+        embedder=_choice("STUDYHALL_EMBEDDER", "local", ("local", "openai")) or "local",
         whisper_model=_str("STUDYHALL_WHISPER_MODEL"),
         youtube_languages=langs or ("en",),
         tutor_daily_limit=_int("STUDYHALL_TUTOR_DAILY_LIMIT", 100),
@@ -130,7 +149,7 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         anthropic_api_key=_str("ANTHROPIC_API_KEY"),
         anthropic_base_url=_str("ANTHROPIC_BASE_URL"),
         anthropic_model=_str("ANTHROPIC_MODEL", "claude-sonnet-4-5") or "claude-sonnet-4-5",
-        llm_provider=_str("STUDYHALL_LLM"),
+        llm_provider=_choice("STUDYHALL_LLM", None, ("auto", "extractive", "openai", "anthropic")),
         ws_max_text=_int("STUDYHALL_WS_MAX_TEXT", 4000),
         ws_send_rate=_float("STUDYHALL_WS_SEND_RATE", 3.0),
         ws_send_burst=_int("STUDYHALL_WS_SEND_BURST", 10),

@@ -19,10 +19,11 @@ async def ensure_tenant(conn: asyncpg.Connection, name: str) -> int:
 
 
 async def ensure_user(conn: asyncpg.Connection, tenant_id: int, name: str, role: str) -> asyncpg.Record:
-    """The user `name` of the tenant, created if missing; the role is set to `role`."""
+    """The user `name` of the tenant, created with `role` if missing; an existing user keeps their role (the
+    caller compares)."""
     return await conn.fetchrow(
-        """INSERT INTO users (tenant_id, name, role) VALUES ($1, $2, $3)
-           ON CONFLICT (tenant_id, name) DO UPDATE SET role = EXCLUDED.role
+        """INSERT INTO users AS u (tenant_id, name, role) VALUES ($1, $2, $3)
+           ON CONFLICT (tenant_id, name) DO UPDATE SET role = u.role
            RETURNING id, tenant_id, name, role""",
         tenant_id, name, role,
     )

@@ -182,6 +182,53 @@ def test_an_ingest_job_whose_runs_keep_dying_fails_with_the_reason(settings, mak
     assert r.status_code in (200, 202) and r.json()["attempts"] == 0
 
 
+def test_an_attempt_cut_by_a_worker_stop_is_given_back(settings, make: Factory, client, monkeypatch):
+    """arq cancels running jobs when its worker stops (a deploy, Ctrl-C); the job runs again elsewhere. Such an
+    attempt is not counted, else five deploys during a long transcription failed it. A cancel that is not a
+    stop (arq's time limit) still counts."""
+    from ingest import jobs, pipeline
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Stopped"}, headers=inst.h).json()["id"]
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status) VALUES ($1, 'v', 'transcript', "
+                          "'processing') RETURNING id", cid)[0]["id"]
+    job = fetch(settings, """INSERT INTO jobs (kind, course_id, video_id, state, attempts, max_attempts)
+                             VALUES ('ingest', $1, $2, 'transcribing', 2, 5) RETURNING id""", cid, vid)[0]["id"]
+    started: list[asyncio.Event] = []
+
+    async def long_transcription(*_a: object, **_k: object) -> int:
+        started[-1].set()
+        await asyncio.sleep(60)
+        return 0
+
+    monkeypatch.setattr(pipeline, "ingest_video", long_transcription)
+
+    async def cut(stopping: bool) -> None:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+        monkeypatch.setattr(jobs, "STOPPING", False)
+        try:
+            started.append(asyncio.Event())
+            task = asyncio.create_task(jobs.ingest_job({"pool": pool, "redis": arq, "settings": settings,
+                                                        "job_id": None, "embedder": lambda: None}, job))
+            await asyncio.wait_for(started[-1].wait(), 10)
+            if stopping:
+                jobs.mark_stopping()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.2)  # the shielded give-back
+        finally:
+            await arq.aclose()
+            await pool.close()
+
+    attempts = lambda: fetch(settings, "SELECT attempts FROM jobs WHERE id = $1", job)[0]["attempts"]  # noqa: E731
+    run_sync(cut(stopping=True))
+    assert attempts() == 2  # counted at the start (3), given back at the stop
+    run_sync(cut(stopping=False))
+    assert attempts() == 3
+
+
 def test_a_job_for_a_video_deleted_meanwhile_is_a_lookup_error(settings, make: Factory, client):
     """Re-ingest racing a delete: the job's insert finds the video gone; that is a 404 for the API, not a 500."""
     from ingest.submit import submit_job

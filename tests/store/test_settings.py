@@ -13,3 +13,20 @@ def test_a_completion_share_outside_0_to_1_stops_startup(monkeypatch, tmp_path, 
         load_settings(tmp_path)
     monkeypatch.setenv("STUDYHALL_VIDEO_COMPLETE_SHARE", "1")
     assert load_settings(tmp_path).video_complete_share == 1.0
+
+
+@pytest.mark.parametrize("name,raw", [("STUDYHALL_LLM", "gpt4"), ("STUDYHALL_EMBEDDER", "minilm"),
+                                      ("STUDYHALL_LOG_LEVEL", "verbose"), ("STUDYHALL_PORT", "70000"),
+                                      ("STUDYHALL_PORT", "0")])
+def test_a_misspelt_choice_or_a_bad_port_stops_startup(monkeypatch, tmp_path, name, raw):
+    """Caught at the start, not as a 500 on every ask or a traceback once logging starts."""
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(SystemExit, match=name):
+        load_settings(tmp_path)
+
+
+def test_choices_take_any_case(monkeypatch, tmp_path):
+    for name, raw in (("STUDYHALL_LLM", "Anthropic"), ("STUDYHALL_EMBEDDER", "Local"), ("STUDYHALL_LOG_LEVEL", "debug")):
+        monkeypatch.setenv(name, raw)
+    s = load_settings(tmp_path)
+    assert (s.llm_provider, s.embedder, s.log_level) == ("anthropic", "local", "DEBUG")

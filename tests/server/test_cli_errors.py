@@ -1,0 +1,43 @@
+"""The CLI's answers to mistakes: one line and exit status 2, never a traceback; nothing changed."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import ROOT, Factory, clean_env, fetch
+
+
+def _cli(settings, tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
+    env = {"DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url, **env}
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=ROOT, env=clean_env(tmp_path / "d", **env),
+                          capture_output=True, text=True, timeout=120)
+
+
+def _refused(out: subprocess.CompletedProcess, words: str) -> None:
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr and words in out.stderr, out.stderr
+
+
+def test_token_keeps_an_existing_users_role(settings, tmp_path, make: Factory):
+    """Roles are read from the database: `token --role learner` for an instructor would have demoted them and
+    broken their tokens."""
+    inst = make.user("instructor")
+    tenant = fetch(settings, "SELECT t.name FROM tenants t JOIN users u ON u.tenant_id = t.id WHERE u.id = $1",
+                   inst.id)[0]["name"]
+    out = _cli(settings, tmp_path, "token", "--user", inst.name, "--role", "learner", "--tenant", tenant)
+    _refused(out, "is a instructor, not a learner")
+    assert fetch(settings, "SELECT role FROM users WHERE id = $1", inst.id)[0]["role"] == "instructor"
+    ok = _cli(settings, tmp_path, "token", "--user", inst.name, "--role", "instructor", "--tenant", tenant)
+    assert ok.returncode == 0 and ok.stdout.count(".") == 2
+
+
+def test_mistakes_are_one_line_and_status_2(settings, tmp_path):
+    _refused(_cli(settings, tmp_path, "token", "--user", "x", "--role", "learner", "--ttl", "-100"), "--ttl")
+    _refused(_cli(settings, tmp_path, "token", "--user", "  ", "--role", "learner"), "--user")
+    _refused(_cli(settings, tmp_path, "ask", "1", ""), "question")
+    _refused(_cli(settings, tmp_path, "ask", "99999999999999999999", "why?"), "course_id")
+    _refused(_cli(settings, tmp_path, "reembed", "--course", "4242424242"), "course 4242424242 not found")
+    _refused(_cli(settings, tmp_path, "serve", "--port", "70000"), "--port")
+    unreachable = _cli(settings, tmp_path, "migrate", DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
+    _refused(unreachable, "studyhall: ")
+    assert len(unreachable.stderr.strip().splitlines()) <= 3, unreachable.stderr
