@@ -6,8 +6,11 @@ PYTEST_ARGS ?=
 
 .PHONY: run test install install-test system-deps bench clean
 
-# A venv left half-made (no venv module, no network for pip) is removed, so the next run starts over.
+# A venv left half-made (no venv module, no network for pip) or made by another Python than 3.11 is removed, so
+# the next run starts over.
 $(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { \
+	  echo "studyhall needs Python 3.11; $(PYTHON) is $$($(PYTHON) --version 2>&1). Install python3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --quiet --upgrade pip || { rm -rf $(VENV); exit 1; }
 
 # Reinstall whenever pyproject.toml changes.
@@ -22,12 +25,14 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-# System programs the tests use (espeak-ng synthesizes speech for the transcription test).
+# System programs the tests use (espeak-ng synthesizes speech for the transcription test). Where it cannot be
+# installed (no apt-get, no passwordless sudo) the suite still runs; the tests that need it fail saying so.
 system-deps:
 	@command -v espeak-ng >/dev/null 2>&1 || { \
 	  echo "installing espeak-ng (test speech synthesis)"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng >/dev/null; }
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng >/dev/null; } || \
+	  echo "WARNING: could not install espeak-ng (needs apt-get and root or passwordless sudo); the speech tests will fail"; }
 
 run: install
 	$(BIN)/studyhall up

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 
@@ -50,6 +51,12 @@ ANSWER_GRACE_S = 7.0
 
 
 def _serve(settings: Settings) -> None:
+    server, _config = _server(settings)
+    server.run()
+
+
+def _server(settings: Settings):  # type: ignore[no-untyped-def]
+    """The uvicorn server for the app and its config (`config.bind_socket()` binds before `run(sockets=)`)."""
     import uvicorn
 
     from server import tutoring
@@ -71,7 +78,7 @@ def _serve(settings: Settings) -> None:
     # the access log outermost, so it sees every status
     config = uvicorn.Config(access_log_middleware(app), host=settings.host, port=settings.port, log_config=None,
                             access_log=False, lifespan="on", ws_max_size=64 * 1024, timeout_graceful_shutdown=10)
-    Server(config).run()
+    return Server(config), config
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -414,27 +421,67 @@ def _die_with_parent() -> None:
         pass
 
 
+class _Worker:
+    """`up`'s ingest worker, started again (after 1 s, doubling to 30 s while it keeps dying) when it exits on
+    its own: killed by the out-of-memory killer mid-transcription, say. Without it uploads stayed queued."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.proc = self._spawn()
+        threading.Thread(target=self._watch, name="worker-watch", daemon=True).start()
+
+    def _spawn(self) -> subprocess.Popen:
+        # the worker dies with `up`, also when `up` is killed -9 (else it would hold the embedded servers open)
+        return subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=self.env,
+                                preexec_fn=_die_with_parent)
+
+    def _watch(self) -> None:
+        delay, started = 1.0, time.monotonic()
+        while not self.stopping.wait(1.0):
+            code = self.proc.poll()
+            if code is None:
+                continue
+            if time.monotonic() - started > 60:
+                delay = 1.0
+            logger.warning("the ingest worker exited with status %s; starting it again in %.0f s", code, delay)
+            if self.stopping.wait(delay):
+                return
+            with self.lock:
+                if self.stopping.is_set():
+                    return
+                self.proc, started, delay = self._spawn(), time.monotonic(), min(30.0, delay * 2)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping.set()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings, services = _start(args)
     worker = None
     try:
         _migrate(settings)
         token = asyncio.run(_make_token(settings, "dev-instructor", "instructor", "default", None))
+        server, config = _server(settings)
+        sock = config.bind_socket()  # a port in use stops here, before a worker starts or the URL is announced
         env = dict(os.environ, STUDYHALL_DATA_DIR=str(settings.data_dir), STUDYHALL_UP_PID=str(os.getpid()))
-        # the worker dies with `up`, also when `up` is killed -9 (else it would hold the embedded servers open)
-        worker = subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=env, preexec_fn=_die_with_parent)
+        worker = _Worker(env)
         url = f"http://{settings.host}:{settings.port}"
         print(f"\nstudyhall is up at {url}  (data in {settings.data_dir})\n"
               f"dev instructor token:\n{token}\n\ntry: curl -H 'Authorization: Bearer <token>' {url}/api/v1/users/me\n",
               flush=True)
-        _serve(settings)
+        server.run(sockets=[sock])
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        if worker is not None:
+            worker.stop()
         services.close()
     return 0
 

@@ -82,6 +82,56 @@ def test_up_joiners_stop_and_restart(tmp_path):
     assert not (ddir / "pg" / "postmaster.pid").exists()
 
 
+def _workers_of(pid: int) -> set[int]:
+    """The `studyhall worker` children of process `pid` (from /proc)."""
+    import os
+
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+            cmd = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"server.cli" in cmd and b"worker" in cmd:
+            found.add(int(entry))
+    return found
+
+
+def test_up_starts_its_worker_again_and_checks_its_port_first(tmp_path):
+    """A worker killed under `up` (the out-of-memory killer, say) is started again, else uploads stayed queued;
+    a port in use stops `up` before it starts a worker or announces a URL."""
+    import os
+
+    ddir = tmp_path / "data"
+    port = free_port()
+    up = subprocess.Popen([sys.executable, "-m", "server.cli", "up", "--port", str(port)], cwd=ROOT,
+                          env=clean_env(ddir), stdout=open(tmp_path / "up.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", up)
+        deadline = time.monotonic() + 30
+        while not (first := _workers_of(up.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (pid,) = first
+        os.kill(pid, signal.SIGKILL)
+        while time.monotonic() < deadline:
+            again = _workers_of(up.pid) - {pid}
+            if again:
+                break
+            time.sleep(0.2)
+        assert again, (tmp_path / "up.log").read_text()
+        assert "starting it again" in (tmp_path / "up.log").read_text()
+        # the same port again: refused before anything starts
+        second = subprocess.run([sys.executable, "-m", "server.cli", "up", "--port", str(port)], cwd=ROOT,
+                                env=clean_env(ddir), capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0 and "studyhall is up" not in second.stdout, second.stdout
+    finally:
+        stop_process(up, signal.SIGTERM)
+    assert up.returncode == 0 and not _workers_of(up.pid)
+
+
 def test_a_first_start_cut_off_midway_is_redone(tmp_path):
     """Ctrl-C during the very first start left a data directory half made (PG_VERSION but no `postgres`
     database, none of our settings): every later start failed. Now the next start initialises it again."""
