@@ -18,7 +18,7 @@ from arq.connections import ArqRedis
 
 from agents import grader, scoring
 from agents.llm import LLMError, get_llm
-from ingest.jobs import backoff_s, heartbeat
+from ingest.jobs import backoff_s, give_back_if_stopping, heartbeat
 from store import assignments as assignments_repo
 from store import jobs as jobs_repo
 from store import submissions as subs_repo
@@ -122,7 +122,7 @@ def criteria_of(a: asyncpg.Record) -> list[grader.Criterion]:
 
 
 async def _grade(ctx: dict[str, Any], submission_id: int) -> str:
-    pool, redis, settings = ctx["pool"], ctx["redis"], ctx["settings"]
+    pool = ctx["pool"]
     embedder = ctx["embedder"]()
     async with pool.acquire() as conn:
         sub = await subs_repo.get(conn, submission_id)
@@ -138,6 +138,18 @@ async def _grade(ctx: dict[str, Any], submission_id: int) -> str:
         except Exception:  # noqa: BLE001 - feedback without a moment is still feedback
             logger.warning("no rewatch moment for assignment %s", a["id"], exc_info=True)
             moment = None
+    try:
+        return await _grade_counted(ctx, submission_id, sub, a, tries, ex_rows, moment, embedder)
+    except asyncio.CancelledError:  # a stopping worker's run goes again elsewhere and is not a try
+        await give_back_if_stopping(pool, lambda conn: subs_repo.give_back_try(conn, submission_id),
+                                    f"grading of submission {submission_id}")
+        raise
+
+
+async def _grade_counted(ctx: dict[str, Any], submission_id: int, sub: asyncpg.Record, a: asyncpg.Record, tries: int,
+                         ex_rows: list[asyncpg.Record], moment: dict[str, Any] | None, embedder: Any) -> str:
+    """One counted try at grading the submission (the model, then the grade saved in its transaction)."""
+    pool, redis, settings = ctx["pool"], ctx["redis"], ctx["settings"]
     answer = sub["answer"] if isinstance(sub["answer"], str) else str(sub["answer"])
     inputs: grader.GradeState = {
         "question": a["prompt"], "reference": a["reference_answer"], "criteria": criteria_of(a), "answer": answer,

@@ -9,9 +9,10 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import asyncpg
 from arq import Retry
 from arq.connections import ArqRedis
 
@@ -98,8 +99,7 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
         n = await ingest_video(pool, settings, ctx["embedder"](), job, reporter)
         return f"{n} chunks"
     except asyncio.CancelledError:
-        if STOPPING:
-            await asyncio.shield(_give_back(pool, job_id))
+        await give_back_if_stopping(pool, lambda conn: jobs_repo.give_back_attempt(conn, job_id), f"ingest job {job_id}")
         raise
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
         if isinstance(exc, IngestError):
@@ -125,14 +125,22 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
         beat.cancel()
 
 
-async def _give_back(pool: Any, job_id: int) -> None:
-    try:
-        async with pool.acquire() as conn:
-            await jobs_repo.give_back_attempt(conn, job_id)
-        logger.info("ingest job %s: cut short by the worker stopping; it runs again (the attempt is not counted)",
-                    job_id)
-    except Exception:  # noqa: BLE001 - the attempt counts after all; nothing else is lost
-        logger.warning("could not give back the attempt of ingest job %s", job_id, exc_info=True)
+async def give_back_if_stopping(pool: Any, give_back: Callable[[asyncpg.Connection], Awaitable[None]],
+                                what: str) -> None:
+    """For a run cancelled by arq: when its worker is stopping (not arq's time limit), `give_back` the attempt
+    it counted, shielded from the cancel, as the run goes again elsewhere."""
+    if not STOPPING:
+        return
+
+    async def run() -> None:
+        try:
+            async with pool.acquire() as conn:
+                await give_back(conn)
+            logger.info("%s: cut short by the worker stopping; it runs again (the attempt is not counted)", what)
+        except Exception:  # noqa: BLE001 - the attempt counts after all; nothing else is lost
+            logger.warning("could not give back the attempt of %s", what, exc_info=True)
+
+    await asyncio.shield(run())
 
 
 async def recover_lost_jobs(ctx: dict[str, Any]) -> int:

@@ -119,6 +119,12 @@ async def note_try(conn: asyncpg.Connection, submission_id: int, job: str | None
                   updated_at = now() WHERE id = $1 RETURNING grade_tries""", submission_id, job) or 0
 
 
+async def give_back_try(conn: asyncpg.Connection, submission_id: int) -> None:
+    """A try cut short by its worker stopping (a deploy) does not count towards sending it to review."""
+    await conn.execute("UPDATE submissions SET grade_tries = greatest(grade_tries - 1, 0) "
+                       "WHERE id = $1 AND status = 'grading'", submission_id)
+
+
 async def stale_grading(conn: asyncpg.Connection, older_than_s: float) -> list[asyncpg.Record]:
     """Submissions waiting for a grade whose row has not moved for a while (their job may be lost)."""
     return await conn.fetch(

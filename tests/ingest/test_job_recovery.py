@@ -229,6 +229,55 @@ def test_an_attempt_cut_by_a_worker_stop_is_given_back(settings, make: Factory, 
     assert attempts() == 3
 
 
+def test_a_grading_try_cut_by_a_worker_stop_is_given_back(settings, make: Factory, client, monkeypatch):
+    """The same for grading: deploys during grading would otherwise send a submission to review as one whose
+    runs keep dying."""
+    from agents import grader
+    from ingest import grading, jobs
+
+    inst, learner = make.user("instructor"), make.user("learner")
+    cid = client.post("/api/v1/courses", json={"title": "Graded"}, headers=inst.h).json()["id"]
+    aid = fetch(settings, "INSERT INTO assignments (course_id, type, title, prompt) VALUES ($1, 'essay', 'E', 'Why?') "
+                          "RETURNING id", cid)[0]["id"]
+    sid = fetch(settings, """INSERT INTO submissions (assignment_id, course_id, user_id, attempt, answer, status,
+                                                      grade_tries)
+                             VALUES ($1, $2, $3, 1, '"because"', 'grading', 1) RETURNING id""",
+                aid, cid, learner.id)[0]["id"]
+    started: list[asyncio.Event] = []
+
+    async def slow_model(*_a: object, **_k: object) -> dict:
+        started[-1].set()
+        await asyncio.sleep(60)
+        return {}
+
+    monkeypatch.setattr(grader, "grade", slow_model)
+
+    async def cut(stopping: bool) -> None:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+        monkeypatch.setattr(jobs, "STOPPING", False)
+        try:
+            started.append(asyncio.Event())
+            task = asyncio.create_task(grading.grade_submission(
+                {"pool": pool, "redis": arq, "settings": settings, "job_id": None, "embedder": lambda: None}, sid))
+            await asyncio.wait_for(started[-1].wait(), 10)
+            if stopping:
+                jobs.mark_stopping()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.2)
+        finally:
+            await arq.aclose()
+            await pool.close()
+
+    tries = lambda: fetch(settings, "SELECT grade_tries FROM submissions WHERE id = $1", sid)[0]["grade_tries"]  # noqa: E731
+    run_sync(cut(stopping=True))
+    assert tries() == 1
+    run_sync(cut(stopping=False))
+    assert tries() == 2
+
+
 def test_a_job_for_a_video_deleted_meanwhile_is_a_lookup_error(settings, make: Factory, client):
     """Re-ingest racing a delete: the job's insert finds the video gone; that is a 404 for the API, not a 500."""
     from ingest.submit import submit_job
