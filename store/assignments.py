@@ -68,6 +68,52 @@ async def delete(conn: asyncpg.Connection, assignment_id: int) -> bool:
     return await conn.fetchval("DELETE FROM assignments WHERE id = $1 RETURNING id", assignment_id) is not None
 
 
+def grade_choice(a: asyncpg.Record, chosen: list[int]) -> tuple[float, list[dict[str, Any]], dict[str, Any]]:
+    """Multiple choice: all of the correct options and none other is 100; with several correct options,
+    each right pick earns its share and each wrong pick takes one away (never below 0). (score, criteria,
+    feedback)."""
+    correct = set(a["correct"])
+    picked = set(chosen)
+    if picked == correct:
+        score = 100.0
+    elif len(correct) == 1:
+        score = 0.0
+    else:
+        score = max(0.0, 100.0 * (len(picked & correct) - len(picked - correct)) / len(correct))
+    feedback: dict[str, Any] = {"right": "Correct." if score == 100 else
+                                ("Partly correct." if score > 0 else "Not correct.")}
+    if score < 100:
+        feedback["missing"] = (f"{len(correct - picked)} correct option(s) not chosen" if correct - picked else "") + \
+            ("; " if correct - picked and picked - correct else "") + \
+            (f"{len(picked - correct)} chosen option(s) are wrong" if picked - correct else "")
+        feedback["improve"] = "Rewatch the moment this question is based on, then try again."
+    cite = a["citation"]
+    if cite:
+        feedback["rewatch"] = {"video_id": cite["video_id"], "start": cite["start"], "end": cite.get("end")}
+    score = round(score, 1)
+    return score, [{"name": "correct options", "points": 100.0, "score": score, "justification": ""}], feedback
+
+
+
+async def regrade_choices(conn: asyncpg.Connection, a: asyncpg.Record) -> list[asyncpg.Record]:
+    """After a multiple-choice item's answer key changed: score again every answer no instructor graded, in the
+    caller's transaction. Returns the submissions whose score changed (for `on_grade_final` after commit)."""
+    from store import submissions
+
+    out = []
+    for r in await conn.fetch(f"SELECT {submissions.COLS} FROM submissions s WHERE s.assignment_id = $1 "
+                              "AND s.status = 'graded' AND s.reviewed_by IS NULL ORDER BY s.id FOR UPDATE", a["id"]):
+        score, criteria, feedback = grade_choice(a, list(r["answer"]))
+        if r["score"] is not None and abs(score - float(r["score"])) < 0.05:
+            continue
+        out.append(await conn.fetchrow(
+            f"""UPDATE submissions s SET score = $2, criteria = $3, feedback = $4, final_at = now(), updated_at = now()
+                WHERE s.id = $1 RETURNING {submissions.COLS}""", r["id"], score, criteria, feedback))
+        await submissions.record_event(conn, r["id"], "auto", score=score, confidence=1.0, criteria=criteria,
+                                       feedback=feedback, grader="auto", reason="the answer key changed")
+    return out
+
+
 async def chapter_in_course(conn: asyncpg.Connection, course_id: int, chapter_id: int) -> asyncpg.Record | None:
     return await conn.fetchrow(
         """SELECT ch.id, ch.video_id, ch.idx, ch.start_s, ch.end_s, ch.title FROM chapters ch

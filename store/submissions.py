@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 
-_COLS = """s.id, s.assignment_id, s.course_id, s.user_id, s.attempt, s.answer, s.status, s.score, s.confidence,
+COLS = """s.id, s.assignment_id, s.course_id, s.user_id, s.attempt, s.answer, s.status, s.score, s.confidence,
            s.criteria, s.feedback, s.grader, s.review_reason, s.review_comment, s.reviewed_by, s.grade_job,
            s.grade_tries, s.created_at, s.updated_at, s.final_at"""
 EXEMPLAR_LIMIT = 200
@@ -32,19 +32,19 @@ async def create(conn: asyncpg.Connection, assignment_id: int, course_id: int, u
         f"""INSERT INTO submissions AS s (assignment_id, course_id, user_id, attempt, answer, status, score, confidence,
                                           criteria, feedback, grader, grade_job, final_at)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, CASE WHEN $6 = 'graded' THEN now() END)
-            RETURNING {_COLS}""",
+            RETURNING {COLS}""",
         assignment_id, course_id, user_id, attempt, answer, status, score, confidence, criteria or [], feedback,
         grader, grade_job)
 
 
 async def get(conn: asyncpg.Connection, submission_id: int) -> asyncpg.Record | None:
-    return await conn.fetchrow(f"SELECT {_COLS} FROM submissions s WHERE s.id = $1", submission_id)
+    return await conn.fetchrow(f"SELECT {COLS} FROM submissions s WHERE s.id = $1", submission_id)
 
 
 async def get_with_context(conn: asyncpg.Connection, submission_id: int) -> asyncpg.Record | None:
     """The submission with its course's tenant (for access checks)."""
     return await conn.fetchrow(
-        f"""SELECT {_COLS}, c.tenant_id FROM submissions s JOIN courses c ON c.id = s.course_id WHERE s.id = $1""",
+        f"""SELECT {COLS}, c.tenant_id FROM submissions s JOIN courses c ON c.id = s.course_id WHERE s.id = $1""",
         submission_id)
 
 
@@ -52,7 +52,7 @@ async def list_for_assignment(conn: asyncpg.Connection, assignment_id: int, user
                               limit: int, offset: int) -> list[asyncpg.Record]:
     """Submissions of an assignment, newest first; only `user_id`'s when given."""
     return await conn.fetch(
-        f"""SELECT {_COLS}, u.name AS user_name FROM submissions s JOIN users u ON u.id = s.user_id
+        f"""SELECT {COLS}, u.name AS user_name FROM submissions s JOIN users u ON u.id = s.user_id
             WHERE s.assignment_id = $1 AND ($2::bigint IS NULL OR s.user_id = $2)
             ORDER BY s.id DESC LIMIT $3 OFFSET $4""", assignment_id, user_id, limit, offset)
 
@@ -81,7 +81,7 @@ async def save_machine_grade(conn: asyncpg.Connection, submission_id: int, *, sc
         f"""UPDATE submissions s SET status = CASE WHEN $7 THEN 'review_pending' ELSE 'graded' END,
                    score = $2, confidence = $3, criteria = $4, feedback = $5, grader = $6, review_reason = $8,
                    final_at = CASE WHEN $7 THEN NULL ELSE now() END, updated_at = now()
-            WHERE s.id = $1 AND s.status = 'grading' RETURNING {_COLS}""",
+            WHERE s.id = $1 AND s.status = 'grading' RETURNING {COLS}""",
         submission_id, score, confidence, criteria, feedback, grader, held, reason)
     if row is not None:
         await record_event(conn, submission_id, "machine", score=score, confidence=confidence, criteria=criteria,
@@ -93,9 +93,10 @@ async def save_review(conn: asyncpg.Connection, submission_id: int, *, score: fl
                       reviewer_id: int, criteria: list, feedback: dict) -> asyncpg.Record | None:
     """An instructor's final grade (approval or override); None if the submission is still being graded."""
     row = await conn.fetchrow(
-        f"""UPDATE submissions s SET status = 'graded', score = $2, review_comment = $3, reviewed_by = $4,
+        f"""UPDATE submissions s SET status = 'graded', score = $2, review_comment = coalesce($3, review_comment),
+                   reviewed_by = $4,
                    criteria = $5, feedback = $6, final_at = now(), updated_at = now()
-            WHERE s.id = $1 AND s.status IN ('review_pending', 'graded') RETURNING {_COLS}""",
+            WHERE s.id = $1 AND s.status IN ('review_pending', 'graded') RETURNING {COLS}""",
         submission_id, score, comment, reviewer_id, criteria, feedback)
     if row is not None:
         await record_event(conn, submission_id, "review", score=score, criteria=criteria, feedback=feedback,
@@ -107,7 +108,7 @@ async def mark_grading(conn: asyncpg.Connection, submission_ids: list[int], job:
     """Send submissions (back) to the grader, except those an instructor graded; returns the ids marked."""
     rows = await conn.fetch(
         """UPDATE submissions SET status = 'grading', grade_job = coalesce($2, grade_job), grade_tries = 0,
-                  updated_at = now()
+                  final_at = NULL, updated_at = now()
            WHERE id = ANY($1::bigint[]) AND reviewed_by IS NULL RETURNING id""", submission_ids, job)
     return [r["id"] for r in rows]
 
@@ -148,7 +149,7 @@ async def exemplars(conn: asyncpg.Connection, assignment_id: int, exclude_user: 
 async def queue(conn: asyncpg.Connection, course_id: int, limit: int, offset: int) -> list[asyncpg.Record]:
     """The course's held grades, oldest first (first in, first reviewed)."""
     return await conn.fetch(
-        f"""SELECT {_COLS}, u.name AS user_name, a.title AS assignment_title, a.type AS assignment_type,
+        f"""SELECT {COLS}, u.name AS user_name, a.title AS assignment_title, a.type AS assignment_type,
                    a.prompt, a.reference_answer, a.rubric
             FROM submissions s JOIN users u ON u.id = s.user_id JOIN assignments a ON a.id = s.assignment_id
             WHERE s.course_id = $1 AND s.status = 'review_pending' ORDER BY s.created_at, s.id LIMIT $2 OFFSET $3""",

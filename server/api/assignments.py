@@ -38,8 +38,9 @@ def to_assignment(r: asyncpg.Record | dict, user: AuthUser, attempts_used: int |
         max_attempts=r["max_attempts"], opens_at=r["opens_at"], closes_at=r["closes_at"], video_id=r["video_id"],
         chapter_id=r["chapter_id"], concept=r["concept"], created_at=r["created_at"], updated_at=r["updated_at"],
         options=list(r["options"] or []),
-        citation=Citation(video_id=cite["video_id"], start=cite["start"], end=cite.get("end"), text=cite.get("text"),
-                          url=cite.get("url")) if cite else None,
+        # the cited sentence is staff's: for a generated item it is the filled-in blank or the reference answer
+        citation=Citation(video_id=cite["video_id"], start=cite["start"], end=cite.get("end"),
+                          text=cite.get("text") if staff else None, url=cite.get("url")) if cite else None,
         reference_answer=r["reference_answer"] if staff and r["type"] != "multiple_choice" else None,
         correct=list(r["correct"] or []) if staff and r["type"] == "multiple_choice" else None,
         published_at=r["published_at"], attempts_used=attempts_used)
@@ -164,9 +165,14 @@ class AssignmentController(Controller):
         user: AuthUser = request.user
         async with request.app.state.pool.acquire() as conn:
             row = await assignment_or_404(conn, assignment_id, user)
-            if "type" in changes and changes["type"] != row["type"] and await conn.fetchval(
-                    "SELECT EXISTS (SELECT 1 FROM submissions WHERE assignment_id = $1)", assignment_id):
+            answered = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM submissions WHERE assignment_id = $1)",
+                                           assignment_id)
+            if answered and "type" in changes and changes["type"] != row["type"]:
                 raise ApiError(409, "the type of an assignment with submissions cannot change", field="type")
+            if answered and "options" in changes and len(changes["options"] or []) != len(row["options"] or []):
+                # stored answers are option indexes: they would point at other options
+                raise ApiError(409, "an assignment with submissions keeps its number of options (their wording "
+                                    "may change)", field="options")
             merged = {k: row[k] for k in repo.EDITABLE} | changes
             if "type" in changes and changes["type"] != row["type"]:
                 for k in ("options", "correct", "rubric", "reference_answer"):
@@ -178,13 +184,25 @@ class AssignmentController(Controller):
                     merged["chapter_id"] = None
                 await _links(conn, row["course_id"], merged)
             merged = validate(merged)
-            row = await repo.update(conn, assignment_id, merged)
+            key_changed = (answered and row["type"] == "multiple_choice" and merged.get("type") == "multiple_choice"
+                           and sorted(merged.get("correct") or []) != sorted(row["correct"] or []))
+            async with conn.transaction():
+                row = await repo.update(conn, assignment_id, merged)
+                regraded = await repo.regrade_choices(conn, row) if key_changed else []
+            for sub in regraded:  # a corrected key: the new grades are final, announced, and earn what they earn
+                await repo.on_grade_final(conn, request.app.state.redis, sub)
         return to_assignment(row, user)
 
     @delete("/assignments/{assignment_id:int}", guards=[staff_only], status_code=204)
-    async def remove(self, request: Request, assignment_id: int) -> None:
+    async def remove(self, request: Request, assignment_id: int, force: bool = False) -> None:
+        """Delete a draft, or an assignment nobody answered; with submissions (their grades and grade
+        history go with it) only with `?force=true`."""
         async with request.app.state.pool.acquire() as conn:
             await assignment_or_404(conn, assignment_id, request.user)
+            n = await conn.fetchval("SELECT count(*) FROM submissions WHERE assignment_id = $1", assignment_id)
+            if n and not force:
+                raise ApiError(409, f"{n} submission(s) and their grades would be deleted with it; "
+                                    "send ?force=true to delete anyway", code="has_submissions")
             await repo.delete(conn, assignment_id)
 
     @post("/assignments/{assignment_id:int}/publish", guards=[staff_only], status_code=200)

@@ -52,30 +52,6 @@ def to_submission(r: asyncpg.Record | dict, user: AuthUser, history: list | None
     return out
 
 
-def grade_choice(a: asyncpg.Record, chosen: list[int]) -> tuple[float, dict[str, Any]]:
-    """Multiple choice: all of the correct options and none other is 100; with several correct options,
-    each right pick earns its share and each wrong pick takes one away (never below 0)."""
-    correct = set(a["correct"])
-    picked = set(chosen)
-    if picked == correct:
-        score = 100.0
-    elif len(correct) == 1:
-        score = 0.0
-    else:
-        score = max(0.0, 100.0 * (len(picked & correct) - len(picked - correct)) / len(correct))
-    feedback: dict[str, Any] = {"right": "Correct." if score == 100 else
-                                ("Partly correct." if score > 0 else "Not correct.")}
-    if score < 100:
-        feedback["missing"] = (f"{len(correct - picked)} correct option(s) not chosen" if correct - picked else "") + \
-            ("; " if correct - picked and picked - correct else "") + \
-            (f"{len(picked - correct)} chosen option(s) are wrong" if picked - correct else "")
-        feedback["improve"] = "Rewatch the moment this question is based on, then try again."
-    cite = a["citation"]
-    if cite:
-        feedback["rewatch"] = {"video_id": cite["video_id"], "start": cite["start"], "end": cite.get("end")}
-    return round(score, 1), feedback
-
-
 def _check_answer(a: asyncpg.Record, answer: str | list[int], max_chars: int) -> str | list[int]:
     if a["type"] == "multiple_choice":
         if not isinstance(answer, list):
@@ -137,8 +113,7 @@ class SubmissionController(Controller):
                 used = await repo.lock_attempts(conn, assignment_id, user.id)
                 _open_check(a, used)
                 if a["type"] == "multiple_choice":
-                    score, feedback = grade_choice(a, answer)  # type: ignore[arg-type]
-                    criteria = [{"name": "correct options", "points": 100.0, "score": score, "justification": ""}]
+                    score, criteria, feedback = assignments_repo.grade_choice(a, answer)  # type: ignore[arg-type]
                     row = await repo.create(conn, assignment_id, a["course_id"], user.id, used + 1, answer,
                                             status="graded", score=score, confidence=1.0, criteria=criteria,
                                             feedback=feedback, grader="auto")
@@ -217,7 +192,7 @@ class SubmissionController(Controller):
             score = data.score if data.score is not None else row["score"]
             if score is None:
                 raise ApiError(400, "the grader proposed no score; give one", field="score")
-            criteria = _rescale(row["criteria"] or [], float(score))
+            criteria = rescale(row["criteria"] or [], float(score))
             feedback = dict(row["feedback"] or {})
             if data.comment:
                 feedback["comment"] = data.comment
@@ -259,19 +234,23 @@ class SubmissionController(Controller):
         return next_step(rows)
 
 
-def _rescale(criteria: list[dict], score: float) -> list[dict]:
-    """Per-criterion scores that add up to the instructor's total (in proportion to the grader's)."""
+def rescale(criteria: list[dict], score: float) -> list[dict]:
+    """Per-criterion scores that add up to the instructor's total: in proportion to the grader's, each within
+    its points, and what a full criterion cannot take goes to those with room left."""
     if not criteria:
         return [{"name": "instructor grade", "points": 100.0, "score": round(score, 1), "justification": ""}]
-    points = sum(float(c["points"]) for c in criteria) or 100.0
-    target = score / 100.0 * points
+    points = [float(c["points"]) for c in criteria]
+    target = score / 100.0 * (sum(points) or 100.0)
     current = sum(float(c["score"]) for c in criteria)
+    new = [min(p, float(c["score"]) * target / current if current > 0 else p * score / 100.0)
+           for c, p in zip(criteria, points)]
+    short, room = target - sum(new), [p - n for p, n in zip(points, new)]
+    if short > 1e-9 and sum(room) > 0:
+        new = [n + short * r / sum(room) for n, r in zip(new, room)]
     out = []
-    for c in criteria:
-        p = float(c["points"])
-        new = (float(c["score"]) * target / current) if current > 0 else p * score / 100.0
-        new = min(p, round(new, 1))
-        changed = abs(new - float(c["score"])) > 0.05
-        out.append({**c, "score": new, "justification": (c.get("justification", "") + (" Adjusted by the instructor."
-                                                                                        if changed else "")).strip()})
+    for c, n in zip(criteria, new):
+        n = round(n, 1)
+        changed = abs(n - float(c["score"])) > 0.05
+        out.append({**c, "score": n, "justification": (c.get("justification", "") + (" Adjusted by the instructor."
+                                                                                      if changed else "")).strip()})
     return out

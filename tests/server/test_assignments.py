@@ -159,3 +159,60 @@ def test_bad_submissions_are_refused_and_nothing_is_stored(server, client, make:
     r = sub(mc, {"answer": [1]})
     assert r.status_code == 409 and r.json()["code"] == "attempts_exhausted" and "1 attempts" in r.json()["message"]
     assert count_submissions(settings, mc["id"]) == 1
+
+
+async def test_a_corrected_answer_key_scores_the_answers_again(server, client, make: Factory, settings):
+    """A wrong key fixed after learners answered: their answers are scored again (announced, the new passes
+    earn XP, the history says why); the number of options, which stored answers point into, cannot change."""
+    course = make_course(server, make, learners=2)
+    a, b = course.learners
+    item = published(client, course, MC)
+    url = f"/api/v1/assignments/{item['id']}"
+    first = client.post(f"{url}/submissions", json={"answer": [1]}, headers=a.h).json()
+    second = client.post(f"{url}/submissions", json={"answer": [2]}, headers=b.h).json()
+    assert (first["score"], second["score"]) == (100, 0)
+    ws = await Client.connect(server, course.room, b)
+    try:
+        r = client.patch(url, json={"correct": [2]}, headers=course.instructor.h)
+        assert r.status_code == 200 and r.json()["correct"] == [2]
+        assert (await ws.expect("grade.ready", submission_id=second["id"]))["passed"] is True
+    finally:
+        await ws.close()
+    assert client.get(f"/api/v1/submissions/{first['id']}", headers=a.h).json()["score"] == 0
+    again = client.get(f"/api/v1/submissions/{second['id']}", headers=course.instructor.h).json()
+    assert again["score"] == 100 and again["history"][-1]["reason"] == "the answer key changed"
+    assert fetch(settings, "SELECT count(*) AS n FROM xp_events WHERE user_id = $1 AND kind = 'assignment_passed'",
+                 b.id)[0]["n"] == 1
+    r = client.patch(url, json={"options": ["queue", "stack", "heap"], "correct": [1]}, headers=course.instructor.h)
+    assert r.status_code == 409 and r.json()["field"] == "options"
+    r = client.patch(url, json={"options": ["a queue", "a stack", "a heap", "a tree"]}, headers=course.instructor.h)
+    assert r.status_code == 200  # wording may change
+
+
+def test_an_answered_assignment_is_deleted_only_on_purpose(server, client, make: Factory, settings):
+    course = make_course(server, make, learners=1)
+    (learner,) = course.learners
+    item = published(client, course, MC)
+    fetch(settings, """UPDATE assignments SET citation = '{"video_id": 1, "start": 3.0, "text": "A stack is LIFO."}'
+                       WHERE id = $1""", item["id"])
+    seen = client.get(f"/api/v1/assignments/{item['id']}", headers=learner.h).json()
+    assert seen["citation"]["start"] == 3.0 and seen["citation"]["text"] is None  # the key's own sentence is staff's
+    assert client.get(f"/api/v1/assignments/{item['id']}",
+                      headers=course.instructor.h).json()["citation"]["text"] == "A stack is LIFO."
+    client.post(f"/api/v1/assignments/{item['id']}/submissions", json={"answer": [1]}, headers=learner.h)
+    r = client.delete(f"/api/v1/assignments/{item['id']}", headers=course.instructor.h)
+    assert r.status_code == 409 and r.json()["code"] == "has_submissions"
+    assert count_submissions(settings, item["id"]) == 1
+    assert client.delete(f"/api/v1/assignments/{item['id']}?force=true", headers=course.instructor.h).status_code == 204
+    assert count_submissions(settings, item["id"]) == 0
+
+
+def test_an_override_keeps_criteria_adding_up():
+    from server.api.submissions import rescale
+
+    crit = [{"name": "idea", "points": 60.0, "score": 0.0}, {"name": "complexity", "points": 40.0, "score": 40.0}]
+    assert [c["score"] for c in rescale(crit, 100)] == [60.0, 40.0]
+    crit = [{"name": "idea", "points": 60.0, "score": 50.0}, {"name": "complexity", "points": 40.0, "score": 40.0}]
+    assert [c["score"] for c in rescale(crit, 100)] == [60.0, 40.0]
+    assert sum(c["score"] for c in rescale(crit, 45)) == 45.0
+    assert [c["score"] for c in rescale(crit, 0)] == [0.0, 0.0]

@@ -100,6 +100,9 @@ async def test_held_grade_waits_for_the_instructor_then_reaches_the_learner(serv
     assert client.get(f"/api/v1/courses/{course.id}/grading-queue", headers=inst.h).json()["items"] == []
     history = client.get(f"/api/v1/submissions/{s['id']}", headers=inst.h).json()["history"]
     assert [(h["kind"], h["held"]) for h in history] == [("machine", True), ("review", False)]
+    # approving the final grade again (no comment) keeps the comment the learner reads
+    assert client.post(f"/api/v1/submissions/{s['id']}/review", json={}, headers=inst.h).status_code == 200
+    assert client.get(f"/api/v1/submissions/{s['id']}", headers=learner.h).json()["review_comment"].startswith("Right")
     if fetch(settings, "SELECT to_regclass('xp_events') IS NOT NULL AS x")[0]["x"]:  # the XP hook, when present
         kinds = [r["kind"] for r in fetch(settings, "SELECT kind FROM xp_events WHERE user_id = $1", learner.id)]
         assert "assignment_passed" in kinds
