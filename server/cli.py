@@ -385,8 +385,11 @@ async def _ask(settings: Settings, args: argparse.Namespace) -> int:
                         role=row["role"])
         state = SimpleNamespace(settings=settings, pool=pool, redis=redis)
 
+        streamed: list[str] = []
+
         async def on_delta(text: str) -> None:
             if not args.json:
+                streamed.append(text)
                 print(text, end="", flush=True)
 
         try:
@@ -399,7 +402,13 @@ async def _ask(settings: Settings, args: argparse.Namespace) -> int:
 
             print(json.dumps(_public(result), default=str))
         else:
-            print()
+            shown, final = "".join(streamed).strip(), (result.get("answer") or "").strip()
+            if not shown:  # a decline, or an answer from the cache: nothing was streamed
+                print(final)
+            elif shown != final:  # markers renumbered, or a note that the model failed
+                print(f"\n\nas stored, with its citations numbered:\n{final}")
+            else:
+                print()
             for i, c in enumerate(result["citations"], 1):
                 print(f"[{i}] {c['video_title']} {c['label']} {c['url'] or ''}".rstrip())
             for q in result["follow_ups"]:

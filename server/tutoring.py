@@ -8,6 +8,7 @@ import asyncio
 import logging
 import re
 import time
+import unicodedata
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -33,6 +34,7 @@ MAX_RUNNING_PER_USER = 2
 SLOT_TTL_MS = 180_000
 MAX_QUESTION_CHARS = 2000  # over REST and in rooms
 BUSY = f"the tutor is still answering your last {MAX_RUNNING_PER_USER} questions; ask again when they are done"
+BUSY_RETRY_S = 5.0  # told with `tutor_busy`: an answer usually takes seconds
 TUTOR_MENTION = re.compile(r"(?<![\w@])@tutor\b", re.IGNORECASE)
 
 
@@ -148,7 +150,8 @@ async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_del
     try:
         if cached is not None:
             result = {"answer": cached["answer"], "grounded": cached["grounded"], "citations": cached["citations"],
-                      "follow_ups": cached["follow_ups"], "standalone": cached["standalone"], "nearest": [],
+                      "follow_ups": cached["follow_ups"], "standalone": cached["standalone"],
+                      "nearest": cached["nearest"],
                       "usage": {"provider": cached["provider"], "model": cached["model"], "input_tokens": 0,
                                 "output_tokens": 0, "cost_usd": 0.0}, "error": None}
             if on_delta:
@@ -161,7 +164,8 @@ async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_del
             course_id=course_id, user_id=user.id, session_id=prep.session_id, room_id=prep.room_id,
             question=prep.question, standalone=result.get("standalone") or prep.question,
             answer=result.get("answer") or "", grounded=bool(result.get("grounded")),
-            citations=result.get("citations") or [], follow_ups=result.get("follow_ups") or [], mode=prep.mode,
+            citations=result.get("citations") or [], follow_ups=result.get("follow_ups") or [],
+            nearest=result.get("nearest") or [], mode=prep.mode,
             provider=usage.get("provider", "extractive"), model=usage.get("model", "extractive"),
             input_tokens=usage.get("input_tokens", 0), output_tokens=usage.get("output_tokens", 0),
             latency_ms=(time.perf_counter() - prep.t0) * 1000, cost_usd=usage.get("cost_usd"),
@@ -381,7 +385,7 @@ RECOVER_BATCH = 50
 
 def _from_turn(turn: asyncpg.Record) -> dict:
     return {"answer": turn["answer"], "grounded": turn["grounded"], "citations": turn["citations"],
-            "follow_ups": turn["follow_ups"], "nearest": [], "turn_id": turn["id"], "error": turn["error"]}
+            "follow_ups": turn["follow_ups"], "nearest": turn["nearest"], "turn_id": turn["id"], "error": turn["error"]}
 
 
 async def recover(pool: Any, redis: Any, procs: list[str], older_than_s: float = 0.0) -> int:
@@ -470,6 +474,11 @@ async def over_daily_limit(state: Any, user: Any) -> Refused | None:
                    retry_after=_to_midnight_utc())
 
 
+def blank(text: str) -> bool:
+    """Nothing to read: only spaces and invisible format characters (a zero-width space is not a question)."""
+    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
+
+
 async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, text: str,
                           client_msg_id: str | None) -> tuple[Posted, Refused | None]:
     """Post a message; one that mentions @tutor asks it (the question is the message without the mention).
@@ -481,14 +490,16 @@ async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, t
         repeat = await original(state.pool, room_id, user.id, client_msg_id)
         if repeat is not None:  # answered (or being answered) once: no slot for it, no refusal
             return repeat, None
-        question = " ".join(TUTOR_MENTION.sub(" ", text).split()) or text
-        if len(question) > MAX_QUESTION_CHARS:
+        question = " ".join(TUTOR_MENTION.sub(" ", text).split())
+        if blank(question):  # "@tutor" alone asks nothing (and costs nothing)
+            question, refused = None, Refused("empty_question", "write your question after @tutor")
+        elif len(question) > MAX_QUESTION_CHARS:
             refused = Refused("too_long", f"a question to the tutor is at most {MAX_QUESTION_CHARS} characters")
         elif (over := await over_daily_limit(state, user)) is not None:
             refused = over
         else:
             slot = await take_slot(state.redis, user.id, user.role)
             if slot is None:
-                refused = Refused("tutor_busy", BUSY)
+                refused = Refused("tutor_busy", BUSY, retry_after=BUSY_RETRY_S)
     posted = await post_asking(state, user, room_id, course_id, text, None, client_msg_id, question, slot)
     return posted, refused if posted.created else None

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 
 _TURN_COLS = """id, course_id, user_id, session_id, room_id, message_id, question, standalone, answer, grounded,
-                citations, follow_ups, mode, provider, model, input_tokens, output_tokens, latency_ms, cost_usd,
+                citations, follow_ups, nearest, mode, provider, model, input_tokens, output_tokens, latency_ms, cost_usd,
                 cache_hit, error, created_at"""
 
 
@@ -53,9 +53,18 @@ async def list_sessions(conn: asyncpg.Connection, user_id: int, course_id: int, 
 
 
 async def delete_session(conn: asyncpg.Connection, session_id: int, user_id: int) -> bool:
-    row = await conn.fetchrow("DELETE FROM tutor_sessions WHERE id = $1 AND user_id = $2 RETURNING id",
-                              session_id, user_id)
-    return row is not None
+    """Delete the learner's session and the text of its turns; their accounting (provider, tokens, cost,
+    latency) and feedback stay, unlinked, for the course's statistics."""
+    async with conn.transaction():
+        if await conn.fetchval("SELECT id FROM tutor_sessions WHERE id = $1 AND user_id = $2 FOR UPDATE",
+                               session_id, user_id) is None:
+            return False
+        await conn.execute("DELETE FROM tutor_cache WHERE turn_id IN (SELECT id FROM tutor_turns WHERE session_id = $1)",
+                           session_id)
+        await conn.execute("""UPDATE tutor_turns SET question = '', standalone = '', answer = '', citations = '[]',
+                                     follow_ups = '[]', nearest = '[]' WHERE session_id = $1""", session_id)
+        await conn.execute("DELETE FROM tutor_sessions WHERE id = $1", session_id)
+    return True
 
 
 async def session_turns(conn: asyncpg.Connection, session_id: int, limit: int = 200) -> list[asyncpg.Record]:

@@ -19,8 +19,8 @@ from server.api.schemas import Strict
 from server.auth import staff_only
 from server.decode import read_json
 from server.errors import ApiError
-from server.tutoring import (MAX_QUESTION_CHARS, MAX_RUNNING_PER_USER, ask, complete, free_slot, prepare, take_slot,
-                             track)
+from server.tutoring import (BUSY, BUSY_RETRY_S, MAX_QUESTION_CHARS, ask, blank, complete, free_slot, prepare,
+                             take_slot, track)
 from store import tutor as repo
 
 logger = logging.getLogger(__name__)
@@ -64,15 +64,14 @@ class TutorController(Controller):
     async def ask(self, request: Request, course_id: int) -> Response:
         """Ask the tutor. `Accept: text/event-stream` streams `delta` events, then one `answer` event."""
         data = await read_json(request, AskIn)
-        if not data.question.strip():
+        if blank(data.question):
             raise ApiError(400, "question must not be blank", field="question")
         state, user = request.app.state, request.user
         async with state.pool.acquire() as conn:
             await course_or_404(conn, course_id, user)
         slot = await take_slot(state.redis, user.id, user.role)
         if slot is None:
-            raise ApiError(429, f"the tutor is still answering your last {MAX_RUNNING_PER_USER} questions; ask again "
-                                "when they are done", code="tutor_busy")
+            raise ApiError(429, BUSY, code="tutor_busy", retry_after=BUSY_RETRY_S)
         if "text/event-stream" not in request.headers.get("accept", ""):
             try:
                 result = await ask(state, user, course_id, data.question, session_id=data.session_id)

@@ -15,8 +15,8 @@ from litestar.exceptions import NotAuthorizedException
 from server.auth import AuthUser, authenticate, bearer_token
 from server.realtime.conn import Conn
 from server.realtime.hub import Hub
-from server.tutoring import (BUSY, MAX_QUESTION_CHARS, free_slot, over_daily_limit, post_asking, post_mentioning,
-                             take_slot)
+from server.tutoring import (BUSY, BUSY_RETRY_S, MAX_QUESTION_CHARS, blank, free_slot, over_daily_limit, post_asking,
+                             post_mentioning, take_slot)
 from store import frames
 from store import live as live_repo
 from store import messages as messages_repo
@@ -176,7 +176,7 @@ def _ref(frame: frames.ClientFrame) -> str | None:
 
 
 def _check_text(text: str, limit: int) -> str:
-    if not text.strip():
+    if blank(text):
         raise messages_repo.Refused("bad_frame", "text must not be empty")
     if len(text) > limit:
         raise messages_repo.Refused("too_long", f"text is longer than {limit} characters")
@@ -211,7 +211,7 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
             # unless it is a repeat of a question already asked: the original comes back, as for any repeat
             original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id)
             if original is None:
-                raise messages_repo.Refused("tutor_busy", BUSY)
+                raise messages_repo.Refused("tutor_busy", BUSY, retry_after=BUSY_RETRY_S)
             conn.own(original.event.seq, original.payload.decode())
             return
         try:

@@ -39,7 +39,10 @@ def test_out_of_scope_declines_without_citations(eval_course: EvalCourse, client
                     json={"question": "What is a good recipe for sourdough bread?"}, headers=eval_course.learner.h)
     body = r.json()
     assert body["grounded"] is False and body["citations"] == []
-    assert "don't cover" in body["answer"]
+    assert "don't cover" in body["answer"] and body["nearest"]
+    again = client.post(f"/api/v1/courses/{eval_course.id}/ask",
+                        json={"question": "What is a good recipe for sourdough bread?"}, headers=eval_course.learner.h)
+    assert again.json()["cached"] is True and again.json()["nearest"] == body["nearest"]  # as its text says
 
 
 def test_sse_streams_deltas_then_answer(eval_course: EvalCourse, server):
@@ -63,7 +66,7 @@ def test_sse_streams_deltas_then_answer(eval_course: EvalCourse, server):
     assert streamed.strip() == final["answer"].strip()
 
 
-def test_sessions_follow_up_and_delete(eval_course: EvalCourse, client, make: Factory):
+def test_sessions_follow_up_and_delete(eval_course: EvalCourse, client, make: Factory, settings):
     learner = make.user("learner", tenant=eval_course.tenant)
     client.post(f"/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": learner.id},
                 headers=eval_course.instructor.h)
@@ -84,8 +87,17 @@ def test_sessions_follow_up_and_delete(eval_course: EvalCourse, client, make: Fa
     r = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "x?", "session_id": sid},
                     headers=eval_course.learner.h)
     assert r.status_code == 404
+    assert client.post(f"/api/v1/tutor/answers/{follow['turn_id']}/feedback", json={"vote": 1},
+                       headers=learner.h).status_code == 204
     assert client.delete(f"/api/v1/tutor/sessions/{sid}", headers=learner.h).status_code == 204
     assert client.get(f"/api/v1/tutor/sessions/{sid}", headers=learner.h).status_code == 404
+    # the learner's words are gone; what the answers cost, and the thumbs up, stay for the course's statistics
+    turns = fetch(settings, "SELECT question, answer, session_id, provider, latency_ms FROM tutor_turns "
+                            "WHERE id = ANY($1::bigint[])", [first["turn_id"], follow["turn_id"]])
+    assert len(turns) == 2 and all(t["question"] == t["answer"] == "" and t["session_id"] is None for t in turns)
+    assert all(t["provider"] and t["latency_ms"] > 0 for t in turns)
+    assert fetch(settings, "SELECT count(*) AS n FROM tutor_feedback WHERE turn_id = $1",
+                 follow["turn_id"])[0]["n"] == 1
 
 
 def test_feedback_and_stats(eval_course: EvalCourse, client, make: Factory):
@@ -175,7 +187,8 @@ def test_socratic_mode_gives_hints(client, make: Factory, worker):
 
 
 def test_bad_ask_bodies(eval_course: EvalCourse, client):
-    for body, field in (({}, "question"), ({"question": ""}, "question"), ({"question": "x" * 2001}, "question"),
+    for body, field in (({}, "question"), ({"question": ""}, "question"), ({"question": "\u200b \u2060"}, "question"),
+                        ({"question": "x" * 2001}, "question"),
                         ({"question": "hi", "session_id": "a"}, "session_id")):
         r = client.post(f"/api/v1/courses/{eval_course.id}/ask", json=body, headers=eval_course.learner.h)
         assert r.status_code == 400 and r.json()["field"] == field, (body, r.text)
@@ -189,6 +202,15 @@ def test_cli_ask_json(eval_course: EvalCourse, data_dir):
     body = json.loads(out.stdout)
     assert body["grounded"] and body["citations"] and set(body) >= {"answer", "grounded", "citations", "follow_ups",
                                                                   "session_id"}
+
+
+def test_cli_ask_prints_a_decline(eval_course: EvalCourse, data_dir):
+    """A decline is not streamed: the CLI still prints it, with no citations."""
+    out = subprocess.run([sys.executable, "-m", "server.cli", "ask", str(eval_course.id),
+                          "Which wine goes best with sourdough bread?"], cwd=ROOT, env=clean_env(data_dir),
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert "don't cover" in out.stdout and "[1]" not in out.stdout
 
 
 def test_open_assignment_switches_to_socratic(client, make: Factory, worker, settings):

@@ -562,6 +562,7 @@ def test_two_answers_per_user_over_rest_and_all_processes(openai_server, server,
     r = httpx.post(f"{server}/api/v1/courses/{eval_course.id}/ask", json={"question": "What is a hash function?"},
                    headers=learner.h, timeout=60)
     assert r.status_code == 429 and r.json()["code"] == "tutor_busy", r.text
+    assert float(r.headers["retry-after"]) > 0 and r.json()["retry_after"] > 0
     assert _used(settings, learner) == 2  # the refused ask took no question
     for t in threads:
         t.join(timeout=60)
@@ -595,3 +596,16 @@ def test_an_sse_answer_abandoned_at_shutdown_ends_with_interrupted(data_dir, eva
     assert events[0][0] == "delta"
     last_kind, last_data = events[-1]
     assert last_kind == "error" and json.loads(last_data)["code"] == "interrupted", events[-3:]
+
+
+def test_a_mention_alone_asks_nothing(eval_course: EvalCourse, client, make: Factory, settings):
+    """"@tutor" with nothing after it stands as a message, but the tutor does not take it (nor a question from
+    the day's quota)."""
+    learner = make.user("learner", tenant=eval_course.tenant)
+    client.post(f"/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": learner.id},
+                headers=eval_course.instructor.h)
+    for text in ("@tutor", "@Tutor \u200b"):
+        r = client.post(f"/api/v1/rooms/course:{eval_course.id}/messages", json={"text": text}, headers=learner.h)
+        assert r.status_code == 201 and r.json()["tutor"] == {"answering": False, "code": "empty_question",
+                                                             "detail": "write your question after @tutor"}, r.text
+    assert _used(settings, learner) == 0

@@ -1,0 +1,31 @@
+"""Citations after generation: markers renumbered in order of use, indexes in quoted transcript text left alone,
+and a clipped citation never longer than 60 s as shown."""
+from __future__ import annotations
+
+import asyncio
+
+from agents.evidence import Window
+from agents.tutor import MAX_CITATION_S, Tutor, citation
+
+
+def _w(start: float, end: float, text: str = "x") -> Window:
+    return Window(video_id=1, video_title="Arrays", youtube_id=None, start=start, end=end, text=text, chunk_rank=0)
+
+
+def test_an_index_in_a_quote_is_text_not_a_marker():
+    sources = [_w(10, 20, "the first element is arr[0], then arr[2]"), _w(30, 40), _w(50, 60)]
+    answer = "“the first element is arr[0], then arr[2]” [1] and “more” [3]"
+    out = asyncio.run(Tutor.cite(None, {"answer": answer, "sources": sources}))  # type: ignore[arg-type]
+    assert out["answer"] == "“the first element is arr[0], then arr[2]” [1] and “more” [2]"
+    assert [c["start"] for c in out["citations"]] == [10, 50]
+    # a marker a model put inside a quote, after a space, still cites
+    out = asyncio.run(Tutor.cite(None, {"answer": '"it halves the interval [2]"', "sources": sources}))  # type: ignore[arg-type]
+    assert out["answer"] == '"it halves the interval [1]"' and out["citations"][0]["start"] == 30
+
+
+def test_a_clipped_citation_is_at_most_60_seconds_as_shown():
+    c = citation(_w(197.605, 400.0))
+    assert c["end"] - c["start"] <= MAX_CITATION_S and c["start"] == 197.6
+    for start in (0.005, 12.345, 1234.565, 39999.995):
+        c = citation(_w(start, start + 500))
+        assert c["end"] - c["start"] <= MAX_CITATION_S, c
