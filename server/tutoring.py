@@ -66,7 +66,7 @@ class Prepared:
     """An ask that passed its checks: its quota is taken and its context read; `complete` answers it."""
 
     question: str
-    session_id: int | None
+    session_id: int | None  # None for a private ask without one: its session is made with its first turn
     room_id: str | None
     mode: str
     history: list[dict]
@@ -124,8 +124,6 @@ async def prepare(state: Any, user: Any, course_id: int, question: str, *, sessi
                                     "it resets at midnight UTC", code="daily_limit", retry_after=_to_midnight_utc())
         try:
             mode = await repo.tutor_mode(conn, course_id, room_id)
-            if session_id is None and room_id is None:
-                session_id = (await repo.create_session(conn, course_id, user.id, question))["id"]
             version = await repo.content_version(conn, course_id)
             qhash = repo.question_hash(question)
             tutor = tutor_for(state)
@@ -172,10 +170,14 @@ async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_del
             cache_hit=cached is not None, error=result.get("error"))
         failed = bool(result.get("error"))
 
-        async def record(conn: asyncpg.Connection, fields: dict) -> asyncpg.Record:
-            """The turn, the cache entry and the hold's end, together."""
+        async def record(conn: asyncpg.Connection, fields: dict, *, in_session: bool = True) -> asyncpg.Record:
+            """The turn (with the session it opens, for a private ask without one), the cache entry and the
+            hold's end, together: an ask that fails before this leaves no empty session behind."""
             nonlocal recorded
             async with conn.transaction():
+                if in_session and prep.session_id is None and prep.room_id is None:
+                    fields = {**fields, "session_id": (await repo.create_session(conn, course_id, user.id,
+                                                                                  prep.question))["id"]}
                 turn = await repo.record_turn(conn, **fields)
                 if cached is None and not prep.history and not failed:
                     await repo.remember(conn, course_id, prep.version, prep.cache_key, prep.qhash, turn["id"])
@@ -196,7 +198,7 @@ async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_del
             except asyncpg.ForeignKeyViolationError:
                 # the session was deleted while its answer was being written: keep the turn (it was asked and
                 # paid for), outside any session
-                turn = await record(conn, {**fields, "session_id": None})
+                turn = await record(conn, {**fields, "session_id": None}, in_session=False)
     except BaseException:
         if not recorded:  # (a cancel can land after the commit, while the connection goes back to the pool)
             await _give_back(pool, user.id, prep.reserved, prep.pending)
@@ -204,7 +206,7 @@ async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_del
                 await _drop_hold(pool, prep.pending)
         raise
     return {"answer": turn["answer"], "grounded": turn["grounded"], "citations": turn["citations"],
-            "follow_ups": turn["follow_ups"], "nearest": result.get("nearest") or [], "session_id": prep.session_id,
+            "follow_ups": turn["follow_ups"], "nearest": result.get("nearest") or [], "session_id": turn["session_id"],
             "turn_id": turn["id"], "mode": prep.mode, "cached": cached is not None, "error": result.get("error")}
 
 

@@ -233,3 +233,37 @@ def test_question_normalization_keeps_symbols():
     assert question_hash("What is a Hash?") == question_hash("  what is a   hash")
     assert question_hash("what is x^2?") != question_hash("what is x*2?")
     assert question_hash("is P != NP") != question_hash("is P = NP")
+
+
+def test_a_session_is_made_with_its_first_answer(eval_course: EvalCourse, make: Factory, settings):
+    """An ask that fails between its checks and its answer leaves no empty session in the learner's list: the
+    session is stored with the first turn, in one transaction."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from redis.asyncio import Redis
+
+    from server.auth import AuthUser
+    from server.tutoring import complete, prepare
+    from store.db import create_pool
+
+    learner = make.user("learner", tenant=eval_course.tenant)
+    fetch(settings, "INSERT INTO enrollments (course_id, user_id) VALUES ($1, $2)", eval_course.id, learner.id)
+    user = AuthUser(id=learner.id, tenant_id=learner.tenant_id, tenant=eval_course.tenant, name=learner.name,
+                    role="learner")
+    sessions = lambda: fetch(settings, "SELECT id FROM tutor_sessions WHERE user_id = $1", learner.id)  # noqa: E731
+
+    async def go() -> dict:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            state = SimpleNamespace(settings=settings, pool=pool, redis=redis)
+            prep = await prepare(state, user, eval_course.id, "What is a digital signature?")
+            assert sessions() == []  # asked, not answered: a failure here would leave nothing
+            return await complete(state, user, eval_course.id, prep)
+        finally:
+            await redis.aclose()
+            await pool.close()
+
+    out = asyncio.run(go())
+    assert [s["id"] for s in sessions()] == [out["session_id"]] and out["grounded"]
