@@ -194,8 +194,27 @@ async def vote(conn: asyncpg.Connection, poll_id: int, session_id: int | None, u
             poll_id, user_id, option)
 
 
-async def publish_results(db: asyncpg.Pool, redis: Redis, poll_id: int) -> None:
-    """Store and publish the current counts as `poll.results` (skipped once the poll is closed)."""
+# A vote newer than its poll's last published counts: `stale_polls` finds them after UNPUBLISHED_AFTER_S.
+_NEWER_VOTE = """EXISTS (SELECT 1 FROM poll_votes v WHERE v.poll_id = p.id
+                         AND v.updated_at > coalesce((SELECT r.at FROM poll_published r WHERE r.poll_id = p.id),
+                                                     '-infinity'){older})"""
+UNPUBLISHED_AFTER_S = 2.0
+
+
+async def stale_polls(conn: asyncpg.Connection, limit: int = 20) -> list[int]:
+    """Open polls with a vote whose results were never published (the process that took it died within the
+    coalescing window), oldest vote first."""
+    rows = await conn.fetch(
+        f"""SELECT p.id FROM polls p WHERE p.closed_at IS NULL
+            AND {_NEWER_VOTE.format(older=" AND v.updated_at < now() - make_interval(secs => $2)")}
+            ORDER BY p.id LIMIT $1""", limit, UNPUBLISHED_AFTER_S)
+    return [r["id"] for r in rows]
+
+
+async def publish_results(db: asyncpg.Pool, redis: Redis, poll_id: int, *, only_if_stale: bool = False) -> None:
+    """Store and publish the current counts as `poll.results` (skipped once the poll is closed; with
+    `only_if_stale`, also when no vote came since the last published counts: survivors sweeping at once
+    publish once)."""
     async with sequenced(db, redis) as box:
         # FOR SHARE: a close under way commits first and is seen, so results never follow `poll.closed`
         poll = await box.conn.fetchrow("SELECT session_id, options, closed_at FROM polls WHERE id = $1 FOR SHARE",
@@ -206,8 +225,14 @@ async def publish_results(db: asyncpg.Pool, redis: Redis, poll_id: int) -> None:
         # Take the room's sequence lock before counting: a publisher that counts later also gets a later seq,
         # so results never go back in seq order (a stalled publisher cannot land old counts last).
         await box.conn.execute("SELECT 1 FROM rooms WHERE id = $1 FOR UPDATE", room)
+        if only_if_stale and not await box.conn.fetchval(
+                f"SELECT {_NEWER_VOTE.format(older='')} FROM polls p WHERE p.id = $1", poll_id):
+            return
         c = await counts(box.conn, poll_id, len(poll["options"]))
         await box.append(room, lambda seq: PollResults(seq=seq, room=room, poll_id=poll_id, counts=c, total=sum(c)))
+        await box.conn.execute(
+            """INSERT INTO poll_published AS r (poll_id, at) VALUES ($1, now())
+               ON CONFLICT (poll_id) DO UPDATE SET at = greatest(r.at, EXCLUDED.at)""", poll_id)
 
 
 async def close_poll(db: asyncpg.Pool, redis: Redis, poll_id: int) -> list[int]:

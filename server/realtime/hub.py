@@ -300,7 +300,7 @@ class Hub:
         while True:
             await asyncio.sleep(self.tick_s)
             for duty in (self._sweep_presence, self._reap_dead_procs, self._settle_orphans, self._catch_up,
-                         self._unsubscribe_idle):
+                         self._unsubscribe_idle, self._unpublished_polls):
                 try:
                     # bounded: a busy pool or a slow Redis delays this duty, not the next tick's
                     await asyncio.wait_for(duty(), timeout=self.tick_s * 2)
@@ -417,6 +417,15 @@ class Hub:
         finally:
             if self._poll_flush.get(poll_id) is asyncio.current_task():
                 del self._poll_flush[poll_id]
+
+    async def _unpublished_polls(self) -> None:
+        """Votes whose results a dead process never published (it coalesces them for 250 ms): every process
+        looks, one publishes (the check repeats under the room's lock)."""
+        async with self.pool.acquire() as db:
+            stale = await live_repo.stale_polls(db)
+        for poll_id in stale:
+            if poll_id not in self._poll_flush:  # this process publishes its own
+                await live_repo.publish_results(self.pool, self.redis, poll_id, only_if_stale=True)
 
     async def _publish_poll(self, poll_id: int) -> None:
         try:

@@ -162,3 +162,26 @@ async def test_poll_vote_rules(server, client, make: Factory):
     assert client.post(url, json={"question": "late", "options": ["a", "b"]}, headers=inst.h).status_code == 409
     for cl in (ca, cb):
         await cl.close()
+
+
+async def test_a_vote_whose_results_a_dead_process_never_sent_is_published(server, client, make: Factory, settings):
+    """Results are coalesced in the voting process for 250 ms; a process killed inside that window left a stored
+    vote that no `poll.results` ever counted. A survivor's periodic look publishes it (once)."""
+    course = make_course(server, make, learners=2)
+    inst, (a, b) = course.instructor, course.learners
+    sid = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "Quiz"}, headers=inst.h).json()["id"]
+    assert client.post(f"/api/v1/live/{sid}/start", headers=inst.h).status_code == 200
+    poll = client.post(f"/api/v1/live/{sid}/polls", json={"question": "?", "options": ["x", "y"]},
+                       headers=inst.h).json()
+    ws = await Client.connect(server, f"live:{sid}", a)
+    try:
+        # b's vote as a process that died right after storing it left it: stored, never published
+        fetch(settings, "INSERT INTO poll_votes (poll_id, user_id, option, created_at, updated_at) "
+                        "VALUES ($1, $2, 1, now() - interval '3 seconds', now() - interval '3 seconds')",
+              poll["id"], b.id)
+        results = await ws.expect("poll.results", timeout=20)
+        assert results["poll_id"] == poll["id"] and results["counts"] == [0, 1]
+        await asyncio.sleep(6)  # a later look finds nothing new: no second copy
+        assert [f for f in await ws.quiet(0.5) if f["type"] == "poll.results"] == []
+    finally:
+        await ws.close()
