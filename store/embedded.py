@@ -10,7 +10,6 @@ import importlib.util
 import logging
 import os
 import signal
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -229,14 +228,18 @@ def _pg_running_port(pgdata: Path) -> int | None:
     return None
 
 
-# Appended to postgresql.conf as the last step of initialising: TCP on loopback only; no unix socket (socket
-# paths break on long data dirs). Its presence says the data directory is complete.
+# Appended to postgresql.conf when initialising: TCP on loopback only; no unix socket (socket paths break on long
+# data dirs). Then the marker file says the data directory is complete (operators may edit the settings).
 _PG_CONF = "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\nmax_connections = 300\nshared_buffers = 256MB\n"
+_PG_MARKER = ".studyhall-initialised"
 
 
 def _pg_initialised(pgdata: Path) -> bool:
+    """Made to the end: the marker, or (a directory made before the marker existed) our settings in the conf."""
+    if (pgdata / _PG_MARKER).exists():
+        return True
     try:
-        return _PG_CONF in (pgdata / "postgresql.conf").read_text()
+        return "unix_socket_directories = ''" in (pgdata / "postgresql.conf").read_text()
     except OSError:
         return False
 
@@ -248,9 +251,11 @@ def _ensure_postgres(ddir: Path) -> str:
         if (pgdata / "postmaster.pid").exists():
             raise RuntimeError(f"{pgdata} is an incomplete data directory with a server running on it; stop that "
                                f"server (pg_ctl -D {pgdata} stop) or remove the directory")
-        if pgdata.exists() and any(pgdata.iterdir()):  # a first start cut off (Ctrl-C) before it finished: nothing is stored yet
-            logger.warning("the first start in %s did not finish; initialising the embedded Postgres again", pgdata)
-            shutil.rmtree(pgdata)
+        if pgdata.exists() and any(pgdata.iterdir()):
+            # a first start cut off (Ctrl-C) before it finished; moved aside, never deleted
+            aside = ddir / f"pg.incomplete-{int(time.time())}"
+            logger.warning("the first start in %s did not finish; moved it to %s and initialising again", pgdata, aside)
+            pgdata.rename(aside)
             user = _pg_system_user(pgdata)
             pgdata.mkdir(parents=True, exist_ok=True)
         logger.info("initialising embedded Postgres in %s", pgdata)
@@ -261,6 +266,8 @@ def _ensure_postgres(ddir: Path) -> str:
         )
         with open(pgdata / "postgresql.conf", "a") as fh:
             fh.write(_PG_CONF)
+    if not (pgdata / _PG_MARKER).exists():
+        (pgdata / _PG_MARKER).write_text("initdb and studyhall's settings done\n")
     port = _pg_running_port(pgdata)
     if port is None:
         port = free_port()

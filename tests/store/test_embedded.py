@@ -142,6 +142,13 @@ def test_a_first_start_cut_off_midway_is_redone(tmp_path):
     token = _cli(ddir, "token", "--user", "ann", "--role", "instructor").strip()
     assert token.count(".") == 2
     assert "unix_socket_directories = ''" in (ddir / "pg" / "postgresql.conf").read_text()
+    (aside,) = ddir.glob("pg.incomplete-*")  # moved aside, never deleted
+    assert (aside / "PG_VERSION").exists()
+    # a complete directory whose settings an operator edited is kept as it is
+    conf = ddir / "pg" / "postgresql.conf"
+    conf.write_text(conf.read_text().replace("max_connections = 300", "max_connections = 310"))
+    _cli(ddir, "token", "--user", "bo", "--role", "learner")
+    assert "max_connections = 310" in conf.read_text() and len(list(ddir.glob("pg.incomplete-*"))) == 1
 
 
 def test_a_postgres_that_will_not_start_says_why(tmp_path):
