@@ -33,8 +33,11 @@ async def create(conn: asyncpg.Connection, course_id: int, created_by: int, fiel
         course_id, created_by, origin, *[fields[k] for k in cols])
 
 
-async def get(conn: asyncpg.Connection, assignment_id: int) -> asyncpg.Record | None:
-    return await conn.fetchrow(f"SELECT {_COLS} FROM assignments a WHERE a.id = $1", assignment_id)
+async def get(conn: asyncpg.Connection, assignment_id: int, *, lock: str = "") -> asyncpg.Record | None:
+    """`lock`: "share" (a submission graded against this version) or "update" (a change of it), inside the
+    caller's transaction: a key corrected meanwhile cannot miss an answer graded with the old one."""
+    suffix = {"": "", "share": " FOR SHARE", "update": " FOR UPDATE"}[lock]
+    return await conn.fetchrow(f"SELECT {_COLS} FROM assignments a WHERE a.id = $1{suffix}", assignment_id)
 
 
 async def get_for_tenant(conn: asyncpg.Connection, assignment_id: int, tenant_id: int) -> asyncpg.Record | None:

@@ -163,8 +163,10 @@ class AssignmentController(Controller):
     async def update(self, request: Request, assignment_id: int) -> Assignment:
         changes = _plain(await read_json(request, AssignmentPatch))
         user: AuthUser = request.user
-        async with request.app.state.pool.acquire() as conn:
-            row = await assignment_or_404(conn, assignment_id, user)
+        async with request.app.state.pool.acquire() as conn, conn.transaction():
+            await assignment_or_404(conn, assignment_id, user)
+            # locked: a submission graded meanwhile waits for this change, so a corrected key misses none
+            row = await repo.get(conn, assignment_id, lock="update")
             answered = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM submissions WHERE assignment_id = $1)",
                                            assignment_id)
             if answered and "type" in changes and changes["type"] != row["type"]:
@@ -186,9 +188,9 @@ class AssignmentController(Controller):
             merged = validate(merged)
             key_changed = (answered and row["type"] == "multiple_choice" and merged.get("type") == "multiple_choice"
                            and sorted(merged.get("correct") or []) != sorted(row["correct"] or []))
-            async with conn.transaction():
-                row = await repo.update(conn, assignment_id, merged)
-                regraded = await repo.regrade_choices(conn, row) if key_changed else []
+            row = await repo.update(conn, assignment_id, merged)
+            regraded = await repo.regrade_choices(conn, row) if key_changed else []
+        async with request.app.state.pool.acquire() as conn:
             for sub in regraded:  # a corrected key: the new grades are final, announced, and earn what they earn
                 await repo.on_grade_final(conn, request.app.state.redis, sub)
         return to_assignment(row, user)
@@ -197,8 +199,9 @@ class AssignmentController(Controller):
     async def remove(self, request: Request, assignment_id: int, force: bool = False) -> None:
         """Delete a draft, or an assignment nobody answered; with submissions (their grades and grade
         history go with it) only with `?force=true`."""
-        async with request.app.state.pool.acquire() as conn:
+        async with request.app.state.pool.acquire() as conn, conn.transaction():
             await assignment_or_404(conn, assignment_id, request.user)
+            await repo.get(conn, assignment_id, lock="update")  # a submission arriving meanwhile waits, then 404s
             n = await conn.fetchval("SELECT count(*) FROM submissions WHERE assignment_id = $1", assignment_id)
             if n and not force:
                 raise ApiError(409, f"{n} submission(s) and their grades would be deleted with it; "

@@ -111,6 +111,10 @@ class SubmissionController(Controller):
         async with state.pool.acquire() as conn:
             async with conn.transaction():
                 used = await repo.lock_attempts(conn, assignment_id, user.id)
+                # graded against the assignment as it is now, held until this commits (a key change waits)
+                a = await assignments_repo.get(conn, assignment_id, lock="share")
+                if a is None or a["status"] != "published":
+                    raise ApiError(404, f"assignment {assignment_id} not found")
                 _open_check(a, used)
                 if a["type"] == "multiple_choice":
                     score, criteria, feedback = assignments_repo.grade_choice(a, answer)  # type: ignore[arg-type]

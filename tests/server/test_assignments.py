@@ -216,3 +216,35 @@ def test_an_override_keeps_criteria_adding_up():
     assert [c["score"] for c in rescale(crit, 100)] == [60.0, 40.0]
     assert sum(c["score"] for c in rescale(crit, 45)) == 45.0
     assert [c["score"] for c in rescale(crit, 0)] == [0.0, 0.0]
+
+
+def test_an_answer_arriving_while_the_key_changes_is_graded_with_the_new_key(server, client, make: Factory, settings):
+    """A submission read the assignment before a key change committed and graded with the old key, which the
+    change's regrade could not see yet: now it waits for the change and is graded with what was committed."""
+    import asyncio
+    import threading
+
+    import asyncpg
+
+    course = make_course(server, make, learners=1)
+    (learner,) = course.learners
+    item = published(client, course, MC)
+    got: list[dict] = []
+
+    async def change_key_slowly() -> None:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT 1 FROM assignments WHERE id = $1 FOR UPDATE", item["id"])
+                await conn.execute("UPDATE assignments SET correct = '[2]' WHERE id = $1", item["id"])
+                t = threading.Thread(target=lambda: got.append(client.post(
+                    f"/api/v1/assignments/{item['id']}/submissions", json={"answer": [2]}, headers=learner.h).json()))
+                t.start()
+                await asyncio.sleep(1.0)  # the answer arrives while the change is under way
+                assert not got
+        finally:
+            await conn.close()
+        await asyncio.to_thread(t.join, 30)
+
+    asyncio.run(change_key_slowly())
+    assert got and got[0]["score"] == 100, got
