@@ -6,8 +6,8 @@ PYTEST_ARGS ?=
 
 .PHONY: run test install install-test system-deps bench clean
 
-# A venv left half-made (no venv module, no network for pip) or made by another Python than 3.11 is removed, so
-# the next run starts over.
+# A venv left half-made (no venv module, no network for pip) is removed, so the next run starts over; another
+# Python than 3.11 is refused before a venv is made (an existing .venv of another Python: make clean).
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { \
 	  echo "studyhall needs Python 3.11; $(PYTHON) is $$($(PYTHON) --version 2>&1). Install python3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }

@@ -132,15 +132,16 @@ async def _grade(ctx: dict[str, Any], submission_id: int) -> str:
         tries = await subs_repo.note_try(conn, submission_id)
         if tries > MAX_TRIES + 1:  # its runs keep dying (the worker killed, or a save that cannot work)
             return await _hold_failed(ctx, submission_id, f"automatic grading did not finish in {tries - 1} tries")
-        ex_rows = await subs_repo.exemplars(conn, a["id"], exclude_user=sub["user_id"])
-        try:
-            moment = await _moment(conn, a, embedder)
-        except Exception:  # noqa: BLE001 - feedback without a moment is still feedback
-            logger.warning("no rewatch moment for assignment %s", a["id"], exc_info=True)
-            moment = None
-    try:
+    try:  # from the counted try on, a stopping worker's run goes again elsewhere and is not a try
+        async with pool.acquire() as conn:
+            ex_rows = await subs_repo.exemplars(conn, a["id"], exclude_user=sub["user_id"])
+            try:
+                moment = await _moment(conn, a, embedder)
+            except Exception:  # noqa: BLE001 - feedback without a moment is still feedback
+                logger.warning("no rewatch moment for assignment %s", a["id"], exc_info=True)
+                moment = None
         return await _grade_counted(ctx, submission_id, sub, a, tries, ex_rows, moment, embedder)
-    except asyncio.CancelledError:  # a stopping worker's run goes again elsewhere and is not a try
+    except asyncio.CancelledError:
         await give_back_if_stopping(pool, lambda conn: subs_repo.give_back_try(conn, submission_id),
                                     f"grading of submission {submission_id}")
         raise

@@ -133,7 +133,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _make_token(settings: Settings, user: str, role: str, tenant: str, ttl_s: int | None) -> str:
+async def _make_token(settings: Settings, user: str, role: str, tenant: str, ttl_s: int | None, *,
+                      any_staff: bool = False) -> str:
     from server.auth import issue_token
     from store.db import create_pool
     from store import users as repo
@@ -143,8 +144,10 @@ async def _make_token(settings: Settings, user: str, role: str, tenant: str, ttl
         async with pool.acquire() as conn, conn.transaction():
             tenant_id = await repo.ensure_tenant(conn, tenant)
             row = await repo.ensure_user(conn, tenant_id, user, role)
+            if any_staff and row["role"] in ("instructor", "admin"):
+                role = row["role"]
             if row["role"] != role:  # roles are read from the database: changing it would break their tokens
-                raise CliError(f"{user!r} of tenant {tenant!r} is a {row['role']}, not a {role}; "
+                raise CliError(f"{user!r} of tenant {tenant!r} has the role {row['role']}, not {role}; "
                                "use that role or another name")
             if role == "bot":
                 token_id = await repo.create_api_token(conn, row["id"], "cli")
@@ -419,48 +422,55 @@ async def _ask(settings: Settings, args: argparse.Namespace) -> int:
         await pool.close()
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGUSR1 it when its parent dies (Linux prctl PR_SET_PDEATHSIG); the worker
-    then stops like on SIGTERM, and stops the embedded servers once the parent's hold on them is gone."""
+def _parent_death_signal():  # type: ignore[no-untyped-def]
+    """The child's preexec_fn: SIGUSR1 it when the thread that started it dies (Linux prctl PR_SET_PDEATHSIG);
+    the worker then stops like on SIGTERM, and stops the embedded servers once the parent's hold on them is gone.
+    Resolved here, in the parent: between fork and exec the child imports nothing. None where there is no prctl
+    (not Linux: a killed `up` may leave its worker behind)."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGUSR1)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: a killed `up` may leave its worker behind
-        pass
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGUSR1)  # 1 = PR_SET_PDEATHSIG
 
 
 class _Worker:
-    """`up`'s ingest worker, started again (after 1 s, doubling to 30 s while it keeps dying) when it exits on
-    its own: killed by the out-of-memory killer mid-transcription, say. Without it uploads stayed queued."""
+    """`up`'s ingest worker, started again (after 1 s, doubling to 30 s while it keeps dying) when it dies on its
+    own: killed by the out-of-memory killer mid-transcription, say (uploads stayed queued). A worker that stopped
+    on a signal (Ctrl-C reaches the whole process group) is not started again. The death signal is tied to the
+    thread that starts a worker, so the watching thread lives until the worker it started has stopped."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
+        self.preexec = _parent_death_signal()
         self.lock = threading.Lock()
-        self.stopping = threading.Event()
+        self.stopping = threading.Event()  # no more restarts
+        self.stopped = threading.Event()  # the worker is gone: the watching thread may end
         self.proc = self._spawn()
         threading.Thread(target=self._watch, name="worker-watch", daemon=True).start()
 
     def _spawn(self) -> subprocess.Popen:
-        # the worker dies with `up`, also when `up` is killed -9 (else it would hold the embedded servers open)
-        return subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=self.env,
-                                preexec_fn=_die_with_parent)
+        return subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=self.env, preexec_fn=self.preexec)
 
     def _watch(self) -> None:
         delay, started = 1.0, time.monotonic()
-        while not self.stopping.wait(1.0):
+        while not self.stopped.wait(1.0):
             code = self.proc.poll()
-            if code is None:
+            if code is None or self.stopping.is_set():
+                continue
+            if code in (0, -signal.SIGINT, -signal.SIGTERM, -signal.SIGHUP):
+                logger.info("the ingest worker stopped (status %s)", code)
                 continue
             if time.monotonic() - started > 60:
                 delay = 1.0
-            logger.warning("the ingest worker exited with status %s; starting it again in %.0f s", code, delay)
+            logger.warning("the ingest worker died (status %s); starting it again in %.0f s", code, delay)
             if self.stopping.wait(delay):
-                return
+                continue
             with self.lock:
-                if self.stopping.is_set():
-                    return
-                self.proc, started, delay = self._spawn(), time.monotonic(), min(30.0, delay * 2)
+                if not self.stopping.is_set():
+                    self.proc, started, delay = self._spawn(), time.monotonic(), min(30.0, delay * 2)
 
     def stop(self) -> None:
         with self.lock:
@@ -471,6 +481,7 @@ class _Worker:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        self.stopped.set()
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -478,7 +489,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     worker = None
     try:
         _migrate(settings)
-        token = asyncio.run(_make_token(settings, "dev-instructor", "instructor", "default", None))
+        # the dev user keeps a staff role it was given (admin, say); a learner or bot of that name is refused
+        token = asyncio.run(_make_token(settings, "dev-instructor", "instructor", "default", None, any_staff=True))
         server, config = _server(settings)
         sock = config.bind_socket()  # a port in use stops here, before a worker starts or the URL is announced
         env = dict(os.environ, STUDYHALL_DATA_DIR=str(settings.data_dir), STUDYHALL_UP_PID=str(os.getpid()))

@@ -78,7 +78,9 @@ def data_error_handler(request: Request, exc: Exception) -> Response:
 
 def gone_parent_handler(request: Request, exc: Exception) -> Response:
     """A row that refers to something deleted while the request ran (a course, pod or user): 404, not 500."""
-    logger.info("referenced row gone on %s %s: %s", request.method, request.url.path, exc)
+    # a warning: besides the races it answers (a course deleted mid-request), it would also hide a wrongly wired id
+    logger.warning("referenced row gone on %s %s (%s): %s", request.method, request.url.path,
+                   getattr(exc, "constraint_name", None), exc)
     return Response(body(404, "not_found", "something this request refers to no longer exists"), status_code=404)
 
 

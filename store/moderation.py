@@ -58,6 +58,16 @@ async def kick(conn: asyncpg.Connection, redis: Redis, room_id: str, user_id: in
         await publish(redis, room_topic(room), Kick(room=room, user_id=user_id))
 
 
+# Bars in force in room $1; with a live session's id (parameter {sid}), its course room's bars too.
+_BARRING = """k.until > now() AND (k.room_id = $1 OR k.room_id = (SELECT 'course:' || s.course_id FROM live_sessions s
+                                                                  WHERE s.id = {sid}::bigint))"""
+
+
+def _session_of(room_id: str) -> int | None:
+    ref = parse_room(room_id)
+    return ref.target_id if ref is not None and ref.kind == "live" else None
+
+
 async def unkick(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
     """Lift a kick's bar (the user may rejoin now); False when they were not barred."""
     row = await conn.fetchrow(
@@ -68,21 +78,19 @@ async def unkick(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
 
 async def list_kicks(conn: asyncpg.Connection, room_id: str, *,
                      limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
-    """Users barred from the room now, soonest back first."""
+    """Users barred from the room now, soonest back first; for a live session's room, the bars of its course
+    room too (`room_id` says which room a bar is lifted in)."""
     return await conn.fetch(
-        """SELECT k.user_id, u.name, k.until, k.created_by FROM room_kicks k JOIN users u ON u.id = k.user_id
-           WHERE k.room_id = $1 AND k.until > now() ORDER BY k.until, k.user_id LIMIT $2 OFFSET $3""",
-        room_id, limit, offset)
+        f"""SELECT k.room_id, k.user_id, u.name, k.until, k.created_by FROM room_kicks k JOIN users u ON u.id = k.user_id
+            WHERE {_BARRING.format(sid="$4")} ORDER BY k.until, k.user_id, k.room_id LIMIT $2 OFFSET $3""",
+        room_id, limit, offset, _session_of(room_id))
 
 
 async def kicked_until(conn: asyncpg.Connection, room_id: str, user_id: int) -> datetime | None:
     """Until when the user is kept out of the room, or None. A live session's room is joined as its course's
     room, so a kick from the course room keeps them out of its live sessions too."""
-    ref = parse_room(room_id)
-    return await conn.fetchval(
-        """SELECT max(until) FROM room_kicks WHERE user_id = $2 AND until > now()
-           AND (room_id = $1 OR room_id = (SELECT 'course:' || course_id FROM live_sessions WHERE id = $3))""",
-        room_id, user_id, ref.target_id if ref is not None and ref.kind == "live" else None)
+    return await conn.fetchval(f"SELECT max(k.until) FROM room_kicks k WHERE k.user_id = $2 AND {_BARRING.format(sid='$3')}",
+                               room_id, user_id, _session_of(room_id))
 
 
 async def revoke_access(conn: asyncpg.Connection, redis: Redis, user_id: int, *, course_id: int | None = None,

@@ -129,8 +129,8 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         secret=secret,
         host=_str("STUDYHALL_HOST", "127.0.0.1") or "127.0.0.1",
         port=_port("STUDYHALL_PORT", 8000),
-        log_level=(_choice("STUDYHALL_LOG_LEVEL", "info", ("debug", "info", "warning", "error", "critical"))
-                   or "info").upper(),
+        log_level=(_choice("STUDYHALL_LOG_LEVEL", "info", ("debug", "info", "warning", "warn", "error", "critical",
+                                                          "fatal", "notset")) or "info").upper(),
         token_ttl_s=_int("STUDYHALL_TOKEN_TTL", 7 * 24 * 3600),
         max_upload_bytes=_int("STUDYHALL_MAX_UPLOAD_MB", 500) * 1024 * 1024,
         embedder=_choice("STUDYHALL_EMBEDDER", "local", ("local", "openai")) or "local",

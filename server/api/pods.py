@@ -79,11 +79,15 @@ class PodController(Controller):
             if target is None or target["tenant_id"] != request.user.tenant_id:
                 raise ApiError(404, f"user {data.user_id} not found", field="user_id")
             if not await courses_repo.is_enrolled(conn, pod["course_id"], data.user_id):
+                await _pod_or_404(conn, pod_id, request.user)  # the course (and pod) deleted meanwhile: 404
                 raise ApiError(409, f"user {data.user_id} is not enrolled in course {pod['course_id']}",
                                code="not_enrolled", field="user_id")
             created = await repo.add_member(conn, pod_id, data.user_id)
             row = await repo.member(conn, pod_id, data.user_id)
-        if row is None:  # removed, or left the course, at this very moment
+        if row is None:  # the pod deleted, or the user removed or gone from the course, at this very moment
+            async with request.app.state.pool.acquire() as conn:
+                if await repo.pod_in_tenant(conn, pod_id, request.user.tenant_id) is None:
+                    raise ApiError(404, f"pod {pod_id} not found")
             raise ApiError(409, f"user {data.user_id} left the pod or the course meanwhile", code="conflict")
         return Response(Member(user_id=row["user_id"], name=row["name"], role=row["role"], created_at=row["created_at"]),
                         status_code=201 if created else 200)

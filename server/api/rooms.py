@@ -191,11 +191,12 @@ class RoomController(Controller):
 
     @get("/{room_id:str}/kicks")
     async def kicks(self, request: Request, room_id: str, limit: int = ListLimit, offset: int = Offset) -> list[Kicked]:
-        """Users barred from the room now, with the end of their bar."""
+        """Users barred from the room now, with the end of their bar and the room it was set in (a live
+        session's room lists its course room's bars too)."""
         await self._moderate(request, room_id, None)
         async with request.app.state.pool.acquire() as conn:
             rows = await moderation.list_kicks(conn, room_id, limit=limit, offset=offset)
-        return [Kicked(room=room_id, user_id=r["user_id"], until=r["until"]) for r in rows]
+        return [Kicked(room=r["room_id"], user_id=r["user_id"], until=r["until"]) for r in rows]
 
     @delete("/{room_id:str}/kicks/{user_id:int}", status_code=204)
     async def unkick(self, request: Request, room_id: str, user_id: int) -> None:
@@ -203,4 +204,6 @@ class RoomController(Controller):
         await self._moderate(request, room_id, user_id, lifting=True)
         async with request.app.state.pool.acquire() as conn:
             if not await moderation.unkick(conn, room_id, user_id):
-                raise ApiError(404, f"user {user_id} is not barred from this room")
+                barred = await moderation.kicked_until(conn, room_id, user_id)
+                raise ApiError(404, f"user {user_id} is not barred from this room" + (
+                    " (the bar is the course room's: lift it there)" if barred else ""))

@@ -25,7 +25,7 @@ def test_token_keeps_an_existing_users_role(settings, tmp_path, make: Factory):
     tenant = fetch(settings, "SELECT t.name FROM tenants t JOIN users u ON u.tenant_id = t.id WHERE u.id = $1",
                    inst.id)[0]["name"]
     out = _cli(settings, tmp_path, "token", "--user", inst.name, "--role", "learner", "--tenant", tenant)
-    _refused(out, "is a instructor, not a learner")
+    _refused(out, "has the role instructor, not learner")
     assert fetch(settings, "SELECT role FROM users WHERE id = $1", inst.id)[0]["role"] == "instructor"
     ok = _cli(settings, tmp_path, "token", "--user", inst.name, "--role", "instructor", "--tenant", tenant)
     assert ok.returncode == 0 and ok.stdout.count(".") == 2

@@ -87,6 +87,10 @@ async def test_a_course_kick_keeps_the_learner_out_of_its_live_sessions(server, 
               client.post(f"/api/v1/polls/{poll['id']}/votes", json={"option": 0}, headers=a.h),
               client.post(f"/api/v1/rooms/live:{sid}/messages", json={"text": "hi"}, headers=a.h)):
         assert r.status_code == 403 and r.json()["code"] == "kicked", r.text
+    (bar,) = client.get(f"/api/v1/rooms/live:{sid}/kicks", headers=inst.h).json()  # seen from the live room too
+    assert bar["user_id"] == a.id and bar["room"] == course.room
+    r = client.delete(f"/api/v1/rooms/live:{sid}/kicks/{a.id}", headers=inst.h)
+    assert r.status_code == 404 and "course room" in r.json()["message"]
     assert client.delete(f"/api/v1/rooms/{course.room}/kicks/{a.id}", headers=inst.h).status_code == 204
     assert client.get(f"/api/v1/live/{sid}", headers=a.h).status_code == 200
 

@@ -106,6 +106,7 @@ def test_up_starts_its_worker_again_and_checks_its_port_first(tmp_path):
     import os
 
     ddir = tmp_path / "data"
+    _cli(ddir, "token", "--user", "dev-instructor", "--role", "admin")  # up's dev user keeps a staff role it has
     port = free_port()
     up = subprocess.Popen([sys.executable, "-m", "server.cli", "up", "--port", str(port)], cwd=ROOT,
                           env=clean_env(ddir), stdout=open(tmp_path / "up.log", "wb"), stderr=subprocess.STDOUT)
@@ -123,6 +124,13 @@ def test_up_starts_its_worker_again_and_checks_its_port_first(tmp_path):
             time.sleep(0.2)
         assert again, (tmp_path / "up.log").read_text()
         assert "starting it again" in (tmp_path / "up.log").read_text()
+        # a worker stopped on a signal (Ctrl-C reaches the whole process group) is not started again
+        (pid,) = again
+        os.kill(pid, signal.SIGTERM)
+        while time.monotonic() < deadline and "the ingest worker stopped" not in (tmp_path / "up.log").read_text():
+            time.sleep(0.2)
+        time.sleep(2.5)
+        assert not _workers_of(up.pid), (tmp_path / "up.log").read_text()
         # the same port again: refused before anything starts
         second = subprocess.run([sys.executable, "-m", "server.cli", "up", "--port", str(port)], cwd=ROOT,
                                 env=clean_env(ddir), capture_output=True, text=True, timeout=120)
