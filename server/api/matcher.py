@@ -21,6 +21,9 @@ from store import profiles
 
 logger = logging.getLogger(__name__)
 
+# A manual match repeated this soon by the same caller for the same learners, without Idempotency-Key, is a repeat
+DOUBLE_CLICK_S = 10.0
+
 
 def to_profile(p: profiles.Profile) -> ProfileOut:
     return ProfileOut(user_id=p.user_id, timezone=p.timezone,
@@ -81,15 +84,28 @@ class MatcherController(Controller):
     async def match(self, request: Request, pod_id: int) -> Response[MatchOut]:
         """Pair the pod's learners now (a trio when odd) and post the pairs to the pod room. With an
         `Idempotency-Key` header, a repeat of the same request (a double click, a retry) runs and posts once and
-        returns that round (200)."""
+        returns that round (200); without one, a repeat within DOUBLE_CLICK_S of the caller's round, for the same
+        learners, returns it."""
         state = request.app.state
         key = request.headers.get("idempotency-key")
         if key is not None and not 0 < len(key.strip()) <= 100:
             raise ApiError(400, "Idempotency-Key must be 1 to 100 characters", field="Idempotency-Key")
-        round_key = f"manual:{request.user.id}:{key.strip()}" if key is not None else None
         async with state.pool.acquire() as conn:
             await _pod(conn, pod_id, request.user)
-            if round_key is not None and (done := await matching.round_by_key(conn, pod_id, round_key)) is not None:
+            if key is not None:
+                round_key = f"manual:{request.user.id}:{key.strip()}"
+            else:
+                # Without a key, a double click is still one round: this caller's round of a moment ago is
+                # returned, and two requests racing on the same current round share one key (one runs).
+                cur = await matching.current(conn, pod_id)
+                if cur is not None and cur["trigger"] == "manual" and cur["created_by"] == request.user.id and \
+                        await conn.fetchval("SELECT $1::timestamptz > now() - make_interval(secs => $2)",
+                                            cur["created_at"], DOUBLE_CLICK_S) and \
+                        {m for g in cur["groups"] for m in g["members"]} | set(cur["declined"]) == \
+                        {r["user_id"] for r in await matching.eligible_members(conn, pod_id)}:
+                    return Response(to_match(matcher.result_of(cur)), status_code=200)  # same pod, same people
+                round_key = f"manual:{request.user.id}:after:{cur['id'] if cur is not None else 0}"
+            if (done := await matching.round_by_key(conn, pod_id, round_key)) is not None:
                 return Response(to_match(matcher.result_of(done)), status_code=200)
             if len(await matching.eligible_members(conn, pod_id)) < 2:
                 raise ApiError(409, "the pod needs at least two enrolled learners to match", code="too_few")
@@ -100,7 +116,7 @@ class MatcherController(Controller):
             raise ApiError(404, f"pod {pod_id} not found") from None
         if result is None:  # the same key ran meanwhile: its round
             async with state.pool.acquire() as conn:
-                done = await matching.round_by_key(conn, pod_id, round_key)  # type: ignore[arg-type]
+                done = await matching.round_by_key(conn, pod_id, round_key)
             if done is None:
                 raise ApiError(409, "the pod's learners changed while matching; try again", code="conflict")
             return Response(to_match(matcher.result_of(done)), status_code=200)

@@ -213,6 +213,20 @@ def test_a_repeated_match_request_with_an_idempotency_key_runs_once(client, make
     posted = fetch(settings, "SELECT count(*) AS n FROM messages WHERE room_id = $1 AND author_role <> 'learner'",
                    f"pod:{pod}")[0]["n"]
     assert rounds == 2 and posted == 2
+    # without a key, a double click (even at once) is one round too, unless the pod's learners changed
+    assert post(None).status_code == 200  # click-2's round, a moment ago: the same action again
+    fetch(settings, "UPDATE pod_matches SET created_at = created_at - interval '1 minute' WHERE pod_id = $1", pod)
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(post, [None] * 3))
+    assert sorted(r.status_code for r in got) == [200, 200, 201], [r.text for r in got]
+    assert len({r.json()["match_id"] for r in got}) == 1
+    assert post(None).status_code == 200
+    newcomer = make.user("learner")
+    assert client.post(f"/api/v1/courses/{course.id}/enrollments", json={"user_id": newcomer.id},
+                       headers=inst.h).status_code == 201
+    assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": newcomer.id}, headers=inst.h).status_code == 201
+    assert post(None).status_code == 201
+    assert fetch(settings, "SELECT count(*) AS n FROM pod_matches WHERE pod_id = $1", pod)[0]["n"] == 4
 
 
 async def test_a_round_for_a_pod_deleted_meanwhile_is_a_lookup_error(client, make: Factory, settings, xp_store):
