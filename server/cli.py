@@ -455,13 +455,14 @@ class _Worker:
         return subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=self.env, preexec_fn=self.preexec)
 
     def _watch(self) -> None:
-        delay, started = 1.0, time.monotonic()
+        delay, started, left = 1.0, time.monotonic(), None
         while not self.stopped.wait(1.0):
             code = self.proc.poll()
-            if code is None or self.stopping.is_set():
+            if code is None or self.stopping.is_set() or self.proc is left:
                 continue
             if code in (0, -signal.SIGINT, -signal.SIGTERM, -signal.SIGHUP):
                 logger.info("the ingest worker stopped (status %s)", code)
+                left = self.proc  # said once; it stays stopped
                 continue
             if time.monotonic() - started > 60:
                 delay = 1.0
