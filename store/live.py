@@ -76,6 +76,17 @@ async def end_session(db: asyncpg.Pool, redis: Redis, session_id: int) -> asyncp
     return row
 
 
+async def cancel_session(conn: asyncpg.Connection, session_id: int) -> None:
+    """Delete a session that never started, with its room (messages posted while it was scheduled go too).
+    Refused("conflict") once it has started: a session that took place keeps its attendance and polls."""
+    async with conn.transaction():
+        started = await conn.fetchval("SELECT started_at FROM live_sessions WHERE id = $1 FOR UPDATE", session_id)
+        if started is not None:
+            raise Refused("conflict", "only a session that has not started can be cancelled; end it instead")
+        await conn.execute("DELETE FROM rooms WHERE id = $1", room_of(session_id))
+        await conn.execute("DELETE FROM live_sessions WHERE id = $1", session_id)
+
+
 # --- attendance ----------------------------------------------------------------------------------------
 
 async def attendance_join(conn: asyncpg.Connection, session_id: int, user_id: int, proc_id: str) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncpg
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, delete, get, post
 
 from server.api.paging import ListLimit, Offset
 from server.api.room_schemas import Attendee, Poll, PollIn, Session, SessionIn, VoteIn
@@ -13,6 +13,7 @@ from server.decode import read_json
 from server.errors import ApiError
 from store import courses as courses_repo
 from store import live as repo
+from store import moderation
 from store import rooms as rooms_repo
 from store.messages import Refused
 
@@ -91,6 +92,19 @@ class LiveController(Controller):
             return to_session(await repo.end_session(state.pool, state.redis, session_id))
         except Refused as exc:
             raise refused(exc) from exc
+
+    @delete("/live/{session_id:int}", guards=[staff_only], status_code=204)
+    async def cancel(self, request: Request, session_id: int) -> None:
+        """Cancel a session that has not started (409 once it has: end it instead); sockets open in its room
+        close (4403 `room deleted`)."""
+        state = request.app.state
+        async with state.pool.acquire() as conn:
+            await _session_or_404(conn, session_id, request.user)
+            try:
+                await repo.cancel_session(conn, session_id)
+            except Refused as exc:
+                raise refused(exc) from exc
+        await moderation.close_rooms(state.redis, [repo.room_of(session_id)])
 
     @get("/live/{session_id:int}/attendance", guards=[staff_only])
     async def attendance(self, request: Request, session_id: int,

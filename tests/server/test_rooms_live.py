@@ -189,3 +189,26 @@ async def test_a_vote_whose_results_a_dead_process_never_sent_is_published(serve
         assert [f for f in await ws.quiet(0.5) if f["type"] == "poll.results"] == []
     finally:
         await ws.close()
+
+
+async def test_a_scheduled_session_can_be_cancelled_not_one_that_took_place(server, client, make: Factory):
+    import websockets
+
+    course = make_course(server, make, learners=1)
+    inst, (a,) = course.instructor, course.learners
+    url = f"/api/v1/courses/{course.id}/live"
+    planned = client.post(url, json={"title": "Maybe"}, headers=inst.h).json()["id"]
+    held = client.post(url, json={"title": "Held"}, headers=inst.h).json()["id"]
+    waiting = await Client.connect(server, f"live:{planned}", a)
+    assert client.delete(f"/api/v1/live/{planned}", headers=a.h).status_code == 403
+    assert client.delete(f"/api/v1/live/{planned}", headers=inst.h).status_code == 204
+    try:
+        while True:
+            await waiting.recv(timeout=5)
+    except websockets.ConnectionClosed as exc:
+        assert exc.rcvd.code == 4403 and exc.rcvd.reason == "room deleted"
+    assert client.get(f"/api/v1/live/{planned}", headers=inst.h).status_code == 404
+    assert [s["id"] for s in client.get(url, headers=a.h).json()] == [held]
+    assert client.post(f"/api/v1/live/{held}/start", headers=inst.h).status_code == 200
+    r = client.delete(f"/api/v1/live/{held}", headers=inst.h)
+    assert r.status_code == 409 and "end it" in r.json()["message"]
