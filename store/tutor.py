@@ -67,10 +67,11 @@ async def delete_session(conn: asyncpg.Connection, session_id: int, user_id: int
     return True
 
 
-async def session_turns(conn: asyncpg.Connection, session_id: int, limit: int = 200) -> list[asyncpg.Record]:
-    """The session's latest `limit` turns, oldest first."""
-    rows = await conn.fetch(f"SELECT {_TURN_COLS} FROM tutor_turns WHERE session_id = $1 ORDER BY id DESC LIMIT $2",
-                            session_id, limit)
+async def session_turns(conn: asyncpg.Connection, session_id: int, limit: int = 200,
+                        before: int | None = None) -> list[asyncpg.Record]:
+    """The session's latest `limit` turns (before turn `before`, when given), oldest first."""
+    rows = await conn.fetch(f"SELECT {_TURN_COLS} FROM tutor_turns WHERE session_id = $1 "
+                            "AND ($3::bigint IS NULL OR id < $3) ORDER BY id DESC LIMIT $2", session_id, limit, before)
     return rows[::-1]
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post, put
 from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.params import Parameter
 from msgspec import Meta
 
 from server.api.courses import course_or_404
@@ -49,6 +50,7 @@ class Session(msgspec.Struct):
     created_at: datetime
     updated_at: datetime
     turns: list[dict] | None = None
+    has_more: bool | None = None  # with `turns`: older turns exist
 
 
 def _session(r: Any, turns: list | None = None) -> Session:
@@ -125,15 +127,23 @@ class TutorController(Controller):
                                                                     offset=offset)]
 
     @get("/tutor/sessions/{session_id:int}")
-    async def session(self, request: Request, session_id: int) -> Session:
+    async def session(self, request: Request, session_id: int,
+                      limit: int = Parameter(ge=1, le=200, default=200),
+                      before: int | None = Parameter(ge=1, le=2**62, default=None)) -> Session:
+        """The session with its latest `limit` turns, oldest first; `has_more`: older turns exist (page back with
+        `before` = the first turn id of this page)."""
         async with request.app.state.pool.acquire() as conn:
             sess = await repo.get_session(conn, session_id, request.user.id)
             if sess is None:
                 raise ApiError(404, f"tutor session {session_id} not found")
-            turns = [{"id": t["id"], "question": t["question"], "answer": t["answer"], "grounded": t["grounded"],
-                      "citations": t["citations"], "follow_ups": t["follow_ups"], "created_at": t["created_at"]}
-                     for t in await repo.session_turns(conn, session_id)]
-        return _session(sess, turns)
+            rows = await repo.session_turns(conn, session_id, limit + 1, before)
+        more, rows = len(rows) > limit, rows[-limit:]
+        turns = [{"id": t["id"], "question": t["question"], "answer": t["answer"], "grounded": t["grounded"],
+                  "citations": t["citations"], "follow_ups": t["follow_ups"], "created_at": t["created_at"]}
+                 for t in rows]
+        out = _session(sess, turns)
+        out.has_more = more
+        return out
 
     @delete("/tutor/sessions/{session_id:int}", status_code=204)
     async def delete_session(self, request: Request, session_id: int) -> None:

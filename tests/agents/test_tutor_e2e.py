@@ -82,6 +82,12 @@ def test_sessions_follow_up_and_delete(eval_course: EvalCourse, client, make: Fa
     assert [s["id"] for s in sessions] == [sid]
     full = client.get(f"/api/v1/tutor/sessions/{sid}", headers=learner.h).json()
     assert [t["question"] for t in full["turns"]] == ["What is a digital signature in bitcoin?", "why can't it be forged?"]
+    assert full["has_more"] is False
+    last = client.get(f"/api/v1/tutor/sessions/{sid}?limit=1", headers=learner.h).json()
+    assert [t["question"] for t in last["turns"]] == ["why can't it be forged?"] and last["has_more"] is True
+    older = client.get(f"/api/v1/tutor/sessions/{sid}?limit=1&before={last['turns'][0]['id']}", headers=learner.h).json()
+    assert [t["question"] for t in older["turns"]] == ["What is a digital signature in bitcoin?"]
+    assert older["has_more"] is False
     other = make.user("learner", tenant=eval_course.tenant)
     assert client.get(f"/api/v1/tutor/sessions/{sid}", headers=other.h).status_code == 404
     r = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "x?", "session_id": sid},
