@@ -14,21 +14,32 @@ from store.rooms import parse_room
 logger = logging.getLogger(__name__)
 
 
+async def _bar(conn: asyncpg.Connection, table: str, room_id: str, user_id: int, seconds: int,
+               by: int) -> datetime:
+    """Set the user's mute or kick bar (`table`) in the room to `seconds` from now, replacing an earlier one."""
+    return await conn.fetchval(
+        f"""INSERT INTO {table} (room_id, user_id, until, created_by)
+            VALUES ($1, $2, now() + make_interval(secs => $3), $4)
+            ON CONFLICT (room_id, user_id) DO UPDATE SET until = EXCLUDED.until, created_by = EXCLUDED.created_by,
+                                                      created_at = now()
+            RETURNING until""", room_id, user_id, float(seconds), by)
+
+
+async def _lift(conn: asyncpg.Connection, table: str, room_id: str, user_id: int) -> bool:
+    """End the user's mute or kick bar (`table`) in the room now; False when none was in force."""
+    row = await conn.fetchrow(
+        f"DELETE FROM {table} WHERE room_id = $1 AND user_id = $2 AND until > now() RETURNING user_id",
+        room_id, user_id)
+    return row is not None
+
+
 async def mute(conn: asyncpg.Connection, room_id: str, user_id: int, seconds: int, by: int) -> datetime:
     """Mute `user_id` in the room for `seconds` from now (replacing any earlier mute); returns the end."""
-    return await conn.fetchval(
-        """INSERT INTO room_mutes (room_id, user_id, until, created_by)
-           VALUES ($1, $2, now() + make_interval(secs => $3), $4)
-           ON CONFLICT (room_id, user_id) DO UPDATE SET until = EXCLUDED.until, created_by = EXCLUDED.created_by,
-                                                     created_at = now()
-           RETURNING until""", room_id, user_id, float(seconds), by)
+    return await _bar(conn, "room_mutes", room_id, user_id, seconds, by)
 
 
 async def unmute(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
-    row = await conn.fetchrow(
-        "DELETE FROM room_mutes WHERE room_id = $1 AND user_id = $2 AND until > now() RETURNING user_id",
-        room_id, user_id)
-    return row is not None
+    return await _lift(conn, "room_mutes", room_id, user_id)
 
 
 async def list_mutes(conn: asyncpg.Connection, room_id: str, *,
@@ -43,12 +54,7 @@ async def kick(conn: asyncpg.Connection, redis: Redis, room_id: str, user_id: in
     """Close the user's sockets in the room on every server process; with `seconds` > 0 they cannot rejoin
     until then. Not inside a caller's transaction: the kick is published once recorded."""
     if seconds > 0:
-        await conn.execute(
-            """INSERT INTO room_kicks (room_id, user_id, until, created_by)
-               VALUES ($1, $2, now() + make_interval(secs => $3), $4)
-               ON CONFLICT (room_id, user_id) DO UPDATE SET until = EXCLUDED.until, created_by = EXCLUDED.created_by,
-                                                         created_at = now()""",
-            room_id, user_id, float(seconds), by)
+        await _bar(conn, "room_kicks", room_id, user_id, seconds, by)
     rooms = [room_id]
     ref = parse_room(room_id)
     if ref is not None and ref.kind == "course":  # and the course's live sessions, joined as the course room
@@ -70,10 +76,7 @@ def _session_of(room_id: str) -> int | None:
 
 async def unkick(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
     """Lift a kick's bar (the user may rejoin now); False when they were not barred."""
-    row = await conn.fetchrow(
-        "DELETE FROM room_kicks WHERE room_id = $1 AND user_id = $2 AND until > now() RETURNING user_id",
-        room_id, user_id)
-    return row is not None
+    return await _lift(conn, "room_kicks", room_id, user_id)
 
 
 async def list_kicks(conn: asyncpg.Connection, room_id: str, *,
@@ -81,16 +84,17 @@ async def list_kicks(conn: asyncpg.Connection, room_id: str, *,
     """Users barred from the room now, soonest back first; for a live session's room, the bars of its course
     room too (`room_id` says which room a bar is lifted in)."""
     return await conn.fetch(
-        f"""SELECT k.room_id, k.user_id, u.name, k.until, k.created_by FROM room_kicks k JOIN users u ON u.id = k.user_id
-            WHERE {_BARRING.format(sid="$4")} ORDER BY k.until, k.user_id, k.room_id LIMIT $2 OFFSET $3""",
+        f"""SELECT k.room_id, k.user_id, u.name, k.until, k.created_by
+            FROM room_kicks k JOIN users u ON u.id = k.user_id WHERE {_BARRING.format(sid="$4")} ORDER BY k.until, k.user_id, k.room_id LIMIT $2 OFFSET $3""",
         room_id, limit, offset, _session_of(room_id))
 
 
 async def kicked_until(conn: asyncpg.Connection, room_id: str, user_id: int) -> datetime | None:
     """Until when the user is kept out of the room, or None. A live session's room is joined as its course's
     room, so a kick from the course room keeps them out of its live sessions too."""
-    return await conn.fetchval(f"SELECT max(k.until) FROM room_kicks k WHERE k.user_id = $2 AND {_BARRING.format(sid='$3')}",
-                               room_id, user_id, _session_of(room_id))
+    return await conn.fetchval(
+        f"SELECT max(k.until) FROM room_kicks k WHERE k.user_id = $2 AND {_BARRING.format(sid='$3')}",
+        room_id, user_id, _session_of(room_id))
 
 
 async def revoke_access(conn: asyncpg.Connection, redis: Redis, user_id: int, *, course_id: int | None = None,

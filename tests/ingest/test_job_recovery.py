@@ -182,6 +182,40 @@ def test_an_ingest_job_whose_runs_keep_dying_fails_with_the_reason(settings, mak
     assert r.status_code in (200, 202) and r.json()["attempts"] == 0
 
 
+def _cut_mid_run(settings, monkeypatch, owner, name: str, run):  # type: ignore[no-untyped-def]
+    """`cut(stopping)`: run `run(ctx)` (a worker's job function) with `owner.name` hanging, and cancel it there as
+    arq does (after marking the worker stopping, with `stopping`); it returns once the run has ended."""
+    from ingest import jobs
+
+    started: list[asyncio.Event] = []
+
+    async def hang(*_a: object, **_k: object) -> None:
+        started[-1].set()
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(owner, name, hang)
+
+    async def cut(stopping: bool) -> None:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+        monkeypatch.setattr(jobs, "STOPPING", False)
+        try:
+            started.append(asyncio.Event())
+            task = asyncio.create_task(run({"pool": pool, "redis": arq, "settings": settings, "job_id": None,
+                                            "embedder": lambda: None}))
+            await asyncio.wait_for(started[-1].wait(), 10)
+            if stopping:
+                jobs.mark_stopping()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task  # the give-back is shielded: it has run by now
+        finally:
+            await arq.aclose()
+            await pool.close()
+
+    return cut
+
+
 def test_an_attempt_cut_by_a_worker_stop_is_given_back(settings, make: Factory, client, monkeypatch):
     """arq cancels running jobs when its worker stops (a deploy, Ctrl-C); the job runs again elsewhere. Such an
     attempt is not counted, else five deploys during a long transcription failed it. A cancel that is not a
@@ -194,35 +228,8 @@ def test_an_attempt_cut_by_a_worker_stop_is_given_back(settings, make: Factory, 
                           "'processing') RETURNING id", cid)[0]["id"]
     job = fetch(settings, """INSERT INTO jobs (kind, course_id, video_id, state, attempts, max_attempts)
                              VALUES ('ingest', $1, $2, 'transcribing', 2, 5) RETURNING id""", cid, vid)[0]["id"]
-    started: list[asyncio.Event] = []
-
-    async def long_transcription(*_a: object, **_k: object) -> int:
-        started[-1].set()
-        await asyncio.sleep(60)
-        return 0
-
-    monkeypatch.setattr(pipeline, "ingest_video", long_transcription)
-
-    async def cut(stopping: bool) -> None:
-        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
-        arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
-        monkeypatch.setattr(jobs, "STOPPING", False)
-        try:
-            started.append(asyncio.Event())
-            task = asyncio.create_task(jobs.ingest_job({"pool": pool, "redis": arq, "settings": settings,
-                                                        "job_id": None, "embedder": lambda: None}, job))
-            await asyncio.wait_for(started[-1].wait(), 10)
-            if stopping:
-                jobs.mark_stopping()
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            await asyncio.sleep(0.2)  # the shielded give-back
-        finally:
-            await arq.aclose()
-            await pool.close()
-
     attempts = lambda: fetch(settings, "SELECT attempts FROM jobs WHERE id = $1", job)[0]["attempts"]  # noqa: E731
+    cut = _cut_mid_run(settings, monkeypatch, pipeline, "ingest_video", lambda ctx: jobs.ingest_job(ctx, job))
     run_sync(cut(stopping=True))
     assert attempts() == 2  # counted at the start (3), given back at the stop
     run_sync(cut(stopping=False))
@@ -243,35 +250,8 @@ def test_a_grading_try_cut_by_a_worker_stop_is_given_back(settings, make: Factor
                                                       grade_tries)
                              VALUES ($1, $2, $3, 1, '"because"', 'grading', 1) RETURNING id""",
                 aid, cid, learner.id)[0]["id"]
-    started: list[asyncio.Event] = []
-
-    async def slow_model(*_a: object, **_k: object) -> dict:
-        started[-1].set()
-        await asyncio.sleep(60)
-        return {}
-
-    monkeypatch.setattr(grader, "grade", slow_model)
-
-    async def cut(stopping: bool) -> None:
-        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
-        arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
-        monkeypatch.setattr(jobs, "STOPPING", False)
-        try:
-            started.append(asyncio.Event())
-            task = asyncio.create_task(grading.grade_submission(
-                {"pool": pool, "redis": arq, "settings": settings, "job_id": None, "embedder": lambda: None}, sid))
-            await asyncio.wait_for(started[-1].wait(), 10)
-            if stopping:
-                jobs.mark_stopping()
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            await asyncio.sleep(0.2)
-        finally:
-            await arq.aclose()
-            await pool.close()
-
     tries = lambda: fetch(settings, "SELECT grade_tries FROM submissions WHERE id = $1", sid)[0]["grade_tries"]  # noqa: E731
+    cut = _cut_mid_run(settings, monkeypatch, grader, "grade", lambda ctx: grading.grade_submission(ctx, sid))
     run_sync(cut(stopping=True))
     assert tries() == 1
     run_sync(cut(stopping=False))

@@ -162,6 +162,14 @@ class Client:
     def seqs(self, type_: str | None = None) -> list[int]:
         return [f["seq"] for f in self.frames if "seq" in f and (type_ is None or f["type"] == type_)]
 
+    async def closed(self, timeout: float = 5) -> tuple[int, str]:
+        """Read on until the server closes the socket: its close (code, reason). Fails (times out) otherwise."""
+        try:
+            while True:
+                await self.recv(timeout)
+        except websockets.ConnectionClosed as exc:
+            return (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
+
     async def close(self) -> None:
         await self.ws.close()
 

@@ -132,8 +132,6 @@ async def test_leaving_a_course_or_pod_closes_open_sockets_there(server, make: F
     """Access is checked at join; removing a learner from the course (or a pod) also closes the sockets they
     still have open there, so they stop reading and posting: in the course room, its pods' rooms and its live
     rooms, ended sessions' included."""
-    import websockets
-
     course = make_course(server, make, learners=2)
     gone, stays = course.learners
     inst = course.instructor.h
@@ -153,11 +151,7 @@ async def test_leaving_a_course_or_pod_closes_open_sockets_there(server, make: F
                         headers=course.instructor.h).status_code == 204
         assert c.delete(f"/api/v1/pods/{pod['id']}/members/{stays.id}", headers=stays.h).status_code == 204
     for cl in (in_course, in_its_pod, in_ended_live, in_pod):
-        try:
-            while True:
-                await cl.recv(timeout=5)
-        except websockets.ConnectionClosed as exc:
-            assert exc.rcvd.code == 4403 and exc.rcvd.reason == "access revoked"
+        assert await cl.closed() == (4403, "access revoked")
     code, _ = await closed_with(ws_url(server, course.room, gone.token))
     assert code == 4403
 
@@ -166,8 +160,6 @@ async def test_deleting_a_pod_or_course_closes_the_sockets_in_its_rooms(server, 
     """Sockets left open in a deleted room read nothing more and every send failed (`internal`): deleting a pod
     closes its room's sockets, deleting a course those of the course, its pods and its live sessions, staff's
     included (4403 `room deleted`)."""
-    import websockets
-
     course = make_course(server, make, learners=1)
     (u,) = course.learners
     inst = course.instructor
@@ -182,21 +174,14 @@ async def test_deleting_a_pod_or_course_closes_the_sockets_in_its_rooms(server, 
     rest = [await Client.connect(server, room, who) for room, who in (
         (f"pod:{pods[1]['id']}", u), (course.room, u), (course.room, inst), (f"live:{sid}", u))]
 
-    async def closed(cl: Client) -> None:
-        try:
-            while True:
-                await cl.recv(timeout=5)
-        except websockets.ConnectionClosed as exc:
-            assert exc.rcvd.code == 4403 and exc.rcvd.reason == "room deleted"
-
     with httpx.Client(base_url=server, timeout=30) as c:
         assert c.delete(f"/api/v1/pods/{pods[0]['id']}", headers=inst.h).status_code == 204
-        await closed(first_pod)
+        assert await first_pod.closed() == (4403, "room deleted")
         await rest[0].send({"type": "message.send", "text": "still open"})  # the other rooms are untouched
         await rest[0].expect("message.new")
         assert c.delete(f"/api/v1/courses/{course.id}", headers=inst.h).status_code == 204
     for cl in rest:
-        await closed(cl)
+        assert await cl.closed() == (4403, "room deleted")
 
 
 def test_a_learner_who_left_the_course_is_not_listed_in_its_pods_and_may_leave_them(server, make: Factory):
@@ -243,8 +228,6 @@ async def test_work_racing_a_course_deletion_is_404_not_500(server, make: Factor
 
 async def test_revoking_a_bot_token_closes_its_open_sockets(server, make: Factory):
     """Tokens are checked when a socket opens; revoking one also closes the sockets opened with it (4401)."""
-    import websockets
-
     from tests.conftest import User
 
     course = make_course(server, make, learners=0)
@@ -256,11 +239,7 @@ async def test_revoking_a_bot_token_closes_its_open_sockets(server, make: Factor
     watcher = await Client.connect(server, course.room, inst)
     with httpx.Client(base_url=server, timeout=30) as c:
         assert c.delete(f"/api/v1/tokens/{bot['token_id']}", headers=inst.h).status_code == 204
-    try:
-        while True:
-            await sock.recv(timeout=5)
-    except websockets.ConnectionClosed as exc:
-        assert exc.rcvd.code == 4401 and exc.rcvd.reason == "token revoked"
+    assert await sock.closed() == (4401, "token revoked")
     await watcher.send({"type": "ping", "ref": "still"})
     await watcher.expect("pong")  # the instructor's own socket stays
     await watcher.close()
@@ -268,8 +247,6 @@ async def test_revoking_a_bot_token_closes_its_open_sockets(server, make: Factor
 
 async def test_a_socket_closes_when_its_token_expires(server, make: Factory, settings):
     import time
-
-    import websockets
 
     from server.auth import issue_token
     from tests.conftest import User
@@ -280,11 +257,7 @@ async def test_a_socket_closes_when_its_token_expires(server, make: Factory, set
                  token=issue_token(settings.secret, u.id, u.tenant_id, u.role, ttl_s=2))
     c = await Client.connect(server, course.room, short)
     t0 = time.monotonic()
-    try:
-        while True:
-            await c.recv(timeout=10)
-    except websockets.ConnectionClosed as exc:
-        assert exc.rcvd.code == 4401 and exc.rcvd.reason == "token expired"
+    assert await c.closed(timeout=10) == (4401, "token expired")
     assert time.monotonic() - t0 < 6
 
 
