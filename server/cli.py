@@ -197,8 +197,7 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
     try:
         owner = await pool.fetchval("SELECT owner_id FROM courses WHERE id = $1", args.course_id)
         if owner is None:
-            print(f"course {args.course_id} not found", file=sys.stderr)
-            return 2
+            raise CliError(f"course {args.course_id} not found")
         if args.youtube:
             try:
                 yt = parse_youtube_id(args.youtube)
@@ -289,17 +288,14 @@ def cmd_reembed(args: argparse.Namespace) -> int:
     try:
         _migrate(settings)
         jobs = asyncio.run(_reembed(settings, args.course))
-        if jobs is None:
-            print(f"course {args.course} not found", file=sys.stderr)
-            return 2
         print(f"queued {len(jobs)} re-embed jobs" + (f": {jobs}" if jobs else ""))
     finally:
         services.close()
     return 0
 
 
-async def _reembed(settings: Settings, course_id: int | None) -> list[int] | None:
-    """The re-embed jobs queued; None when `course_id` names no course."""
+async def _reembed(settings: Settings, course_id: int | None) -> list[int]:
+    """The re-embed jobs queued (CliError when `course_id` names no course)."""
     from arq import create_pool as create_arq_pool
     from arq.connections import RedisSettings
 
@@ -312,7 +308,7 @@ async def _reembed(settings: Settings, course_id: int | None) -> list[int] | Non
     try:
         if course_id is not None and not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM courses WHERE id = $1)",
                                                              course_id):
-            return None
+            raise CliError(f"course {course_id} not found")
         return await submit_reembed(pool, arq, settings, embedder_for(settings).name, course_id)
     finally:
         await arq.aclose()
@@ -382,8 +378,7 @@ async def _ask(settings: Settings, args: argparse.Namespace) -> int:
                                      JOIN users u ON u.id = c.owner_id JOIN tenants t ON t.id = u.tenant_id
                                      WHERE c.id = $1""", args.course_id)
         if row is None:
-            print(f"course {args.course_id} not found", file=sys.stderr)
-            return 2
+            raise CliError(f"course {args.course_id} not found")
         user = AuthUser(id=row["id"], tenant_id=row["tenant_id"], tenant=row["tenant"], name=row["name"],
                         role=row["role"])
         state = SimpleNamespace(settings=settings, pool=pool, redis=redis)
@@ -551,25 +546,21 @@ class CliError(Exception):
     """A mistake in what the command was asked to do: printed as one line, exit status 2."""
 
 
-def _positive(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_in(low: int, high: int, what: str):  # type: ignore[no-untyped-def]
+    """An argparse type: an integer from `low` to `high` (else `what` in the message)."""
+    def parse(raw: str) -> int:
+        value = int(raw)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in "invalid integer value"
+    return parse
 
 
-def _id(raw: str) -> int:
-    value = int(raw)
-    if not 1 <= value <= 2**62:
-        raise argparse.ArgumentTypeError(f"not an id: {value}")
-    return value
-
-
-def _port(raw: str) -> int:
-    value = int(raw)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {value}")
-    return value
+_positive = _int_in(1, 2**62, "must be at least 1")
+_id = _int_in(1, 2**62, "not an id")
+_port = _int_in(1, 65535, "a port is 1 to 65535")
 
 
 def _name(raw: str) -> str:

@@ -34,6 +34,14 @@ _PATTERNS = {repr(NOT_BLANK): "must not be blank", repr(NO_CONTROL): "must not c
              repr(LINES): "must not contain control characters other than tabs and line breaks"}
 
 
+def trimmed(value: str, field: str) -> str:
+    """`value` without surrounding spaces; 400 naming `field` when nothing is left."""
+    value = value.strip()
+    if not value:
+        raise ApiError(400, f"{field} must not be blank", field=field)
+    return value
+
+
 def _explain(text: str, field: str | None) -> str:
     for pattern, meaning in _PATTERNS.items():
         if f"matching regex {pattern}" in text:

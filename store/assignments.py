@@ -97,26 +97,6 @@ def grade_choice(a: asyncpg.Record, chosen: list[int]) -> tuple[float, list[dict
     return score, [{"name": "correct options", "points": 100.0, "score": score, "justification": ""}], feedback
 
 
-
-async def regrade_choices(conn: asyncpg.Connection, a: asyncpg.Record) -> list[asyncpg.Record]:
-    """After a multiple-choice item's answer key changed: score again every answer no instructor graded, in the
-    caller's transaction. Returns the submissions whose score changed (for `on_grade_final` after commit)."""
-    from store import submissions
-
-    out = []
-    for r in await conn.fetch(f"SELECT {submissions.COLS} FROM submissions s WHERE s.assignment_id = $1 "
-                              "AND s.status = 'graded' AND s.reviewed_by IS NULL ORDER BY s.id FOR UPDATE", a["id"]):
-        score, criteria, feedback = grade_choice(a, list(r["answer"]))
-        if r["score"] is not None and abs(score - float(r["score"])) < 0.05:
-            continue
-        out.append(await conn.fetchrow(
-            f"""UPDATE submissions s SET score = $2, criteria = $3, feedback = $4, final_at = now(), updated_at = now()
-                WHERE s.id = $1 RETURNING {submissions.COLS}""", r["id"], score, criteria, feedback))
-        await submissions.record_event(conn, r["id"], "auto", score=score, confidence=1.0, criteria=criteria,
-                                       feedback=feedback, grader="auto", reason="the answer key changed")
-    return out
-
-
 async def chapter_in_course(conn: asyncpg.Connection, course_id: int, chapter_id: int) -> asyncpg.Record | None:
     return await conn.fetchrow(
         """SELECT ch.id, ch.video_id, ch.idx, ch.start_s, ch.end_s, ch.title FROM chapters ch

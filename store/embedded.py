@@ -230,7 +230,8 @@ def _pg_running_port(pgdata: Path) -> int | None:
 
 # Appended to postgresql.conf when initialising: TCP on loopback only; no unix socket (socket paths break on long
 # data dirs). Then the marker file says the data directory is complete (operators may edit the settings).
-_PG_CONF = "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\nmax_connections = 300\nshared_buffers = 256MB\n"
+_PG_CONF = ("\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\nmax_connections = 300\n"
+            "shared_buffers = 256MB\n")
 _PG_MARKER = ".studyhall-initialised"
 
 

@@ -85,7 +85,8 @@ async def list_kicks(conn: asyncpg.Connection, room_id: str, *,
     room too (`room_id` says which room a bar is lifted in)."""
     return await conn.fetch(
         f"""SELECT k.room_id, k.user_id, u.name, k.until, k.created_by
-            FROM room_kicks k JOIN users u ON u.id = k.user_id WHERE {_BARRING.format(sid="$4")} ORDER BY k.until, k.user_id, k.room_id LIMIT $2 OFFSET $3""",
+            FROM room_kicks k JOIN users u ON u.id = k.user_id WHERE {_BARRING.format(sid="$4")}
+            ORDER BY k.until, k.user_id, k.room_id LIMIT $2 OFFSET $3""",
         room_id, limit, offset, _session_of(room_id))
 
 

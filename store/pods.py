@@ -47,19 +47,16 @@ async def remove_member(conn: asyncpg.Connection, pod_id: int, user_id: int) -> 
     return row is not None
 
 
-async def is_member(conn: asyncpg.Connection, pod_id: int, user_id: int) -> bool:
-    """A member with access: in the pod and still enrolled in its course (as for the pod's room)."""
-    return bool(await conn.fetchval(
-        """SELECT EXISTS (SELECT 1 FROM pod_members m JOIN pods p ON p.id = m.pod_id
-                          JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = m.user_id
-                          WHERE m.pod_id = $1 AND m.user_id = $2)""", pod_id, user_id))
-
-
 # Members with access: a learner who left the course keeps their row (it counts again once they re-enrol)
 # but is not listed or counted meanwhile, as for the pod's room.
 _MEMBERS = """SELECT m.user_id, u.name, u.role, m.created_at FROM pod_members m JOIN users u ON u.id = m.user_id
               JOIN pods p ON p.id = m.pod_id JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = m.user_id
               WHERE m.pod_id = $1"""
+
+
+async def is_member(conn: asyncpg.Connection, pod_id: int, user_id: int) -> bool:
+    """A member with access: in the pod and still enrolled in its course (as for the pod's room)."""
+    return await member(conn, pod_id, user_id) is not None
 
 
 async def list_members(conn: asyncpg.Connection, pod_id: int, *,

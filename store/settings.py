@@ -46,11 +46,6 @@ def _choice(name: str, default: str | None, choices: tuple[str, ...]) -> str | N
     return value
 
 
-def _port(name: str, default: int) -> int:
-    value = _int(name, default)
-    if not 1 <= value <= 65535:
-        raise SystemExit(f"{name} must be a port number from 1 to 65535, got {value}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -128,12 +123,12 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         redis_url=_str("REDIS_URL"),
         secret=secret,
         host=_str("STUDYHALL_HOST", "127.0.0.1") or "127.0.0.1",
-        port=_port("STUDYHALL_PORT", 8000),
-        log_level=(_choice("STUDYHALL_LOG_LEVEL", "info", ("debug", "info", "warning", "warn", "error", "critical",
-                                                          "fatal", "notset")) or "info").upper(),
+        port=_bounded("STUDYHALL_PORT", 8000, 1, 65535),
+        log_level=str(_choice("STUDYHALL_LOG_LEVEL", "info", ("debug", "info", "warning", "warn", "error", "critical",
+                                                             "fatal", "notset"))).upper(),
         token_ttl_s=_int("STUDYHALL_TOKEN_TTL", 7 * 24 * 3600),
         max_upload_bytes=_int("STUDYHALL_MAX_UPLOAD_MB", 500) * 1024 * 1024,
-        embedder=_choice("STUDYHALL_EMBEDDER", "local", ("local", "openai")) or "local",
+        embedder=str(_choice("STUDYHALL_EMBEDDER", "local", ("local", "openai"))),
         whisper_model=_str("STUDYHALL_WHISPER_MODEL"),
         youtube_languages=langs or ("en",),
         tutor_daily_limit=_int("STUDYHALL_TUTOR_DAILY_LIMIT", 100),
@@ -141,7 +136,7 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         job_retry_base_s=_float("STUDYHALL_JOB_RETRY_BASE_S", 2.0),
         job_max_attempts=_int("STUDYHALL_JOB_MAX_ATTEMPTS", 5),
         worker_max_jobs=_int("STUDYHALL_WORKER_CONCURRENCY", 2),
-        db_pool_max=_at_least("STUDYHALL_DB_POOL_MAX", 20, 2),
+        db_pool_max=_bounded("STUDYHALL_DB_POOL_MAX", 20, 2),
         openai_api_key=_str("OPENAI_API_KEY"),
         openai_base_url=_str("OPENAI_BASE_URL"),
         openai_model=_str("OPENAI_MODEL", "gpt-4o-mini") or "gpt-4o-mini",
@@ -170,10 +165,12 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
     )
 
 
-def _at_least(name: str, default: int, low: int) -> int:
+def _bounded(name: str, default: int, low: int, high: int | None = None) -> int:
+    """An integer setting of at least `low` (and at most `high`); else the start stops naming it."""
     value = _int(name, default)
-    if value < low:
-        raise SystemExit(f"{name} must be at least {low}, got {value}")
+    if value < low or (high is not None and value > high):
+        raise SystemExit(f"{name} must be at least {low}" + (f" and at most {high}" if high is not None else "")
+                         + f", got {value}")
     return value
 
 

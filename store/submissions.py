@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 
-COLS = """s.id, s.assignment_id, s.course_id, s.user_id, s.attempt, s.answer, s.status, s.score, s.confidence,
+_COLS = """s.id, s.assignment_id, s.course_id, s.user_id, s.attempt, s.answer, s.status, s.score, s.confidence,
            s.criteria, s.feedback, s.grader, s.review_reason, s.review_comment, s.reviewed_by, s.grade_job,
            s.grade_tries, s.created_at, s.updated_at, s.final_at"""
 EXEMPLAR_LIMIT = 200
@@ -32,19 +32,19 @@ async def create(conn: asyncpg.Connection, assignment_id: int, course_id: int, u
         f"""INSERT INTO submissions AS s (assignment_id, course_id, user_id, attempt, answer, status, score, confidence,
                                           criteria, feedback, grader, grade_job, final_at)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, CASE WHEN $6 = 'graded' THEN now() END)
-            RETURNING {COLS}""",
+            RETURNING {_COLS}""",
         assignment_id, course_id, user_id, attempt, answer, status, score, confidence, criteria or [], feedback,
         grader, grade_job)
 
 
 async def get(conn: asyncpg.Connection, submission_id: int) -> asyncpg.Record | None:
-    return await conn.fetchrow(f"SELECT {COLS} FROM submissions s WHERE s.id = $1", submission_id)
+    return await conn.fetchrow(f"SELECT {_COLS} FROM submissions s WHERE s.id = $1", submission_id)
 
 
 async def get_with_context(conn: asyncpg.Connection, submission_id: int) -> asyncpg.Record | None:
     """The submission with its course's tenant (for access checks)."""
     return await conn.fetchrow(
-        f"""SELECT {COLS}, c.tenant_id FROM submissions s JOIN courses c ON c.id = s.course_id WHERE s.id = $1""",
+        f"""SELECT {_COLS}, c.tenant_id FROM submissions s JOIN courses c ON c.id = s.course_id WHERE s.id = $1""",
         submission_id)
 
 
@@ -52,7 +52,7 @@ async def list_for_assignment(conn: asyncpg.Connection, assignment_id: int, user
                               limit: int, offset: int) -> list[asyncpg.Record]:
     """Submissions of an assignment, newest first; only `user_id`'s when given."""
     return await conn.fetch(
-        f"""SELECT {COLS}, u.name AS user_name FROM submissions s JOIN users u ON u.id = s.user_id
+        f"""SELECT {_COLS}, u.name AS user_name FROM submissions s JOIN users u ON u.id = s.user_id
             WHERE s.assignment_id = $1 AND ($2::bigint IS NULL OR s.user_id = $2)
             ORDER BY s.id DESC LIMIT $3 OFFSET $4""", assignment_id, user_id, limit, offset)
 
@@ -81,12 +81,32 @@ async def save_machine_grade(conn: asyncpg.Connection, submission_id: int, *, sc
         f"""UPDATE submissions s SET status = CASE WHEN $7 THEN 'review_pending' ELSE 'graded' END,
                    score = $2, confidence = $3, criteria = $4, feedback = $5, grader = $6, review_reason = $8,
                    final_at = CASE WHEN $7 THEN NULL ELSE now() END, updated_at = now()
-            WHERE s.id = $1 AND s.status = 'grading' RETURNING {COLS}""",
+            WHERE s.id = $1 AND s.status = 'grading' RETURNING {_COLS}""",
         submission_id, score, confidence, criteria, feedback, grader, held, reason)
     if row is not None:
         await record_event(conn, submission_id, "machine", score=score, confidence=confidence, criteria=criteria,
                            feedback=feedback, grader=grader, held=held, reason=reason)
     return row
+
+
+async def regrade_choices(conn: asyncpg.Connection, a: asyncpg.Record) -> list[asyncpg.Record]:
+    """After multiple-choice assignment `a`'s answer key changed: score again every answer no instructor graded,
+    in the caller's transaction. Returns the submissions whose score changed (for `on_grade_final` after
+    commit)."""
+    from store.assignments import grade_choice
+
+    out = []
+    for r in await conn.fetch(f"SELECT {_COLS} FROM submissions s WHERE s.assignment_id = $1 "
+                              "AND s.status = 'graded' AND s.reviewed_by IS NULL ORDER BY s.id FOR UPDATE", a["id"]):
+        score, criteria, feedback = grade_choice(a, list(r["answer"]))
+        if r["score"] is not None and abs(score - float(r["score"])) < 0.05:
+            continue
+        out.append(await conn.fetchrow(
+            f"""UPDATE submissions s SET score = $2, criteria = $3, feedback = $4, final_at = now(), updated_at = now()
+                WHERE s.id = $1 RETURNING {_COLS}""", r["id"], score, criteria, feedback))
+        await record_event(conn, r["id"], "auto", score=score, confidence=1.0, criteria=criteria, feedback=feedback,
+                           grader="auto", reason="the answer key changed")
+    return out
 
 
 async def save_review(conn: asyncpg.Connection, submission_id: int, *, score: float, comment: str | None,
@@ -96,7 +116,7 @@ async def save_review(conn: asyncpg.Connection, submission_id: int, *, score: fl
         f"""UPDATE submissions s SET status = 'graded', score = $2, review_comment = coalesce($3, review_comment),
                    reviewed_by = $4,
                    criteria = $5, feedback = $6, final_at = now(), updated_at = now()
-            WHERE s.id = $1 AND s.status IN ('review_pending', 'graded') RETURNING {COLS}""",
+            WHERE s.id = $1 AND s.status IN ('review_pending', 'graded') RETURNING {_COLS}""",
         submission_id, score, comment, reviewer_id, criteria, feedback)
     if row is not None:
         await record_event(conn, submission_id, "review", score=score, criteria=criteria, feedback=feedback,
@@ -149,7 +169,7 @@ async def exemplars(conn: asyncpg.Connection, assignment_id: int, exclude_user: 
 async def queue(conn: asyncpg.Connection, course_id: int, limit: int, offset: int) -> list[asyncpg.Record]:
     """The course's held grades, oldest first (first in, first reviewed)."""
     return await conn.fetch(
-        f"""SELECT {COLS}, u.name AS user_name, a.title AS assignment_title, a.type AS assignment_type,
+        f"""SELECT {_COLS}, u.name AS user_name, a.title AS assignment_title, a.type AS assignment_type,
                    a.prompt, a.reference_answer, a.rubric
             FROM submissions s JOIN users u ON u.id = s.user_id JOIN assignments a ON a.id = s.assignment_id
             WHERE s.course_id = $1 AND s.status = 'review_pending' ORDER BY s.created_at, s.id LIMIT $2 OFFSET $3""",

@@ -22,6 +22,7 @@ from server.auth import AuthUser, staff_only
 from server.decode import read_json
 from server.errors import ApiError
 from store import assignments as repo
+from store import submissions as submissions_repo
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class AssignmentController(Controller):
             key_changed = (answered and row["type"] == "multiple_choice" and merged.get("type") == "multiple_choice"
                            and sorted(merged.get("correct") or []) != sorted(row["correct"] or []))
             row = await repo.update(conn, assignment_id, merged)
-            regraded = await repo.regrade_choices(conn, row) if key_changed else []
+            regraded = await submissions_repo.regrade_choices(conn, row) if key_changed else []
         async with request.app.state.pool.acquire() as conn:
             for sub in regraded:  # a corrected key: the new grades are final, announced, and earn what they earn
                 await repo.on_grade_final(conn, request.app.state.redis, sub)

@@ -12,7 +12,7 @@ from litestar.response import Response
 from server.api.paging import Offset, PageLimit
 from server.api.schemas import Course, CourseIn, CourseList, CoursePatch, EnrollIn, Enrollment, EnrollmentList
 from server.auth import AuthUser, staff_only
-from server.decode import decode_json, read_body, read_json
+from server.decode import decode_json, read_body, read_json, trimmed
 from server.errors import ApiError
 from store import courses as repo
 from store import moderation
@@ -34,13 +34,6 @@ async def course_or_404(conn: asyncpg.Connection, course_id: int, user: AuthUser
     return row
 
 
-def _check_title(title: str) -> str:
-    title = title.strip()
-    if not title:
-        raise ApiError(400, "title must not be blank", field="title")
-    return title
-
-
 class CourseController(Controller):
     path = "/api/v1/courses"
     tags = ["courses"]
@@ -50,7 +43,7 @@ class CourseController(Controller):
         data = await read_json(request, CourseIn)
         user: AuthUser = request.user
         async with request.app.state.pool.acquire() as conn:
-            row = await repo.create_course(conn, user.tenant_id, user.id, _check_title(data.title),
+            row = await repo.create_course(conn, user.tenant_id, user.id, trimmed(data.title, "title"),
                                            data.description, data.published, data.price_cents)
         logger.info("course created", extra={"fields": {"course_id": row["id"], "user_id": user.id}})
         return to_course(row)
@@ -72,7 +65,7 @@ class CourseController(Controller):
         data = await read_json(request, CoursePatch)
         changes = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not msgspec.UNSET}
         if "title" in changes:
-            changes["title"] = _check_title(changes["title"])
+            changes["title"] = trimmed(changes["title"], "title")
         async with request.app.state.pool.acquire() as conn:
             row = await repo.update_course(conn, course_id, request.user.tenant_id, changes)
         if row is None:

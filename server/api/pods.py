@@ -8,7 +8,7 @@ from litestar.response import Response
 from server.api.paging import ListLimit, Offset
 from server.api.room_schemas import Member, MemberIn, Pod, PodIn
 from server.auth import AuthUser, staff_only
-from server.decode import read_json
+from server.decode import read_json, trimmed
 from server.errors import ApiError
 from store import courses as courses_repo
 from store import moderation
@@ -36,9 +36,7 @@ class PodController(Controller):
     async def create(self, request: Request, course_id: int) -> Pod:
         data = await read_json(request, PodIn)
         user: AuthUser = request.user
-        name = data.name.strip()
-        if not name:
-            raise ApiError(400, "name must not be blank", field="name")
+        name = trimmed(data.name, "name")
         async with request.app.state.pool.acquire() as conn:
             if await courses_repo.visible_course(conn, course_id, user.id, user.tenant_id, user.role) is None:
                 raise ApiError(404, f"course {course_id} not found")

@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post, put
-from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.params import Parameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 from msgspec import Meta
 
 from server.api.courses import course_or_404
@@ -53,9 +53,9 @@ class Session(msgspec.Struct):
     has_more: bool | None = None  # with `turns`: older turns exist
 
 
-def _session(r: Any, turns: list | None = None) -> Session:
+def _session(r: Any, turns: list | None = None, has_more: bool | None = None) -> Session:
     return Session(id=r["id"], course_id=r["course_id"], title=r["title"], created_at=r["created_at"],
-                   updated_at=r["updated_at"], turns=turns)
+                   updated_at=r["updated_at"], turns=turns, has_more=has_more)
 
 
 class TutorController(Controller):
@@ -141,9 +141,7 @@ class TutorController(Controller):
         turns = [{"id": t["id"], "question": t["question"], "answer": t["answer"], "grounded": t["grounded"],
                   "citations": t["citations"], "follow_ups": t["follow_ups"], "created_at": t["created_at"]}
                  for t in rows]
-        out = _session(sess, turns)
-        out.has_more = more
-        return out
+        return _session(sess, turns, more)
 
     @delete("/tutor/sessions/{session_id:int}", status_code=204)
     async def delete_session(self, request: Request, session_id: int) -> None:

@@ -6,7 +6,7 @@ from litestar import Controller, Request, delete, get, post
 from server.api.paging import ListLimit, Offset
 from server.api.schemas import BotIn, BotToken, Me, TokenInfo, UserCreated, UserIn
 from server.auth import AuthUser, issue_token, staff_only
-from server.decode import read_json
+from server.decode import read_json, trimmed
 from server.errors import ApiError
 from store import users as repo
 from store.events import TokenRevoked, publish, user_topic
@@ -31,10 +31,9 @@ class UserController(Controller):
             raise ApiError(403 if data.role in ("instructor", "admin") else 400,
                            f"role must be one of {', '.join(allowed)}", field="role")
         settings = request.app.state.settings
-        if not data.name.strip():
-            raise ApiError(400, "name must not be blank", field="name")
+        name = trimmed(data.name, "name")
         async with request.app.state.pool.acquire() as conn:
-            row = await repo.create_user(conn, u.tenant_id, data.name.strip(), data.role)
+            row = await repo.create_user(conn, u.tenant_id, name, data.role)
         if row is None:
             raise ApiError(409, f"a user named {data.name!r} already exists", field="name")
         token = issue_token(settings.secret, row["id"], u.tenant_id, row["role"], ttl_s=settings.token_ttl_s)
@@ -45,9 +44,7 @@ class UserController(Controller):
         """Create (or reuse) a bot user and give it a new long-lived, revocable token."""
         data = await read_json(request, BotIn)
         u: AuthUser = request.user
-        name = data.name.strip()
-        if not name:
-            raise ApiError(400, "name must not be blank", field="name")
+        name = trimmed(data.name, "name")
         async with request.app.state.pool.acquire() as conn, conn.transaction():
             existing = await conn.fetchrow("SELECT id, role FROM users WHERE tenant_id = $1 AND name = $2",
                                            u.tenant_id, name)
