@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 async def _bar(conn: asyncpg.Connection, table: str, room_id: str, user_id: int, seconds: int,
                by: int) -> datetime:
-    """Set the user's mute or kick bar (`table`) in the room to `seconds` from now, replacing an earlier one."""
+    """Bar the user in the room (a mute or a kick, by `table`) for `seconds` from now, replacing an earlier bar."""
     return await conn.fetchval(
         f"""INSERT INTO {table} (room_id, user_id, until, created_by)
             VALUES ($1, $2, now() + make_interval(secs => $3), $4)
