@@ -57,11 +57,11 @@ async def kick(conn: asyncpg.Connection, redis: Redis, room_id: str, user_id: in
         await _bar(conn, "room_kicks", room_id, user_id, seconds, by)
     rooms = [room_id]
     ref = parse_room(room_id)
-    if ref is not None and ref.kind == "course":  # and the course's live sessions, joined as the course room
-        rooms += [f"live:{r['id']}" for r in await conn.fetch(
-            "SELECT id FROM live_sessions WHERE course_id = $1 AND ended_at IS NULL", ref.target_id)]
-    for room in rooms:
-        await publish(redis, room_topic(room), Kick(room=room, user_id=user_id))
+    if ref is not None and ref.kind == "course":  # and the course's live sessions (ended ones keep their chat),
+        rooms += [f"live:{r['id']}" for r in await conn.fetch(  # joined as the course room
+            "SELECT id FROM live_sessions WHERE course_id = $1", ref.target_id)]
+    await _to_rooms(redis, [Kick(room=room, user_id=user_id) for room in rooms],
+                    f"could not close the sockets of user {user_id} in %s")
 
 
 # Bars in force in room $1; with a live session's id (parameter {sid}), its course room's bars too.
@@ -115,12 +115,19 @@ async def revoke_access(conn: asyncpg.Connection, redis: Redis, user_id: int, *,
 async def close_rooms(redis: Redis, room_ids: list[str]) -> None:
     """After a deletion has committed: close every socket in these rooms, on every process (4403 `room
     deleted`); left open, they read nothing more and every send failed. One round trip."""
-    if not room_ids:
+    await _to_rooms(redis, [RoomClosed(room=room) for room in room_ids],
+                    "could not close the sockets of deleted rooms %s")
+
+
+async def _to_rooms(redis: Redis, events: list[Kick | RoomClosed], failed: str) -> None:
+    """Publish each event to its room's topic in one round trip. A failure is logged (`failed` % rooms): the bar
+    or deletion is stored, and a socket left open is refused at its next join."""
+    if not events:
         return
     try:
         async with redis.pipeline(transaction=False) as pipe:
-            for room in room_ids:
-                pipe.publish(events_channel(room_topic(room)), encode(RoomClosed(room=room)))
+            for event in events:
+                pipe.publish(events_channel(room_topic(event.room)), encode(event))
             await pipe.execute()
-    except Exception:  # noqa: BLE001 - the rooms are gone; a socket left open is refused at its next join
-        logger.warning("could not close the sockets of deleted rooms %s", room_ids[:5], exc_info=True)
+    except Exception:  # noqa: BLE001
+        logger.warning(failed, [e.room for e in events][:5], exc_info=True)

@@ -52,7 +52,7 @@ async def assignment_or_404(conn: asyncpg.Connection, assignment_id: int, user: 
     row = await repo.get_for_tenant(conn, assignment_id, user.tenant_id)
     if row is None or (not user.is_staff and row["status"] != "published"):
         raise ApiError(404, f"assignment {assignment_id} not found")
-    await course_or_404(conn, row["course_id"], user)
+    await course_or_404(conn, row["course_id"], user, missing=f"assignment {assignment_id} not found")
     return row
 
 

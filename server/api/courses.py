@@ -26,11 +26,13 @@ def to_course(row: asyncpg.Record) -> Course:
                   updated_at=row["updated_at"])
 
 
-async def course_or_404(conn: asyncpg.Connection, course_id: int, user: AuthUser) -> asyncpg.Record:
-    """The course if `user` may see it; 404 otherwise, so other tenants learn nothing."""
+async def course_or_404(conn: asyncpg.Connection, course_id: int, user: AuthUser, *,
+                        missing: str | None = None) -> asyncpg.Record:
+    """The course if `user` may see it; 404 otherwise, so other tenants learn nothing. `missing`: the 404's
+    message when the course is that of an object the caller asked for (it must not name the course)."""
     row = await repo.visible_course(conn, course_id, user.id, user.tenant_id, user.role)
     if row is None:
-        raise ApiError(404, f"course {course_id} not found")
+        raise ApiError(404, missing or f"course {course_id} not found")
     return row
 
 

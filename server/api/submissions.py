@@ -178,7 +178,7 @@ class SubmissionController(Controller):
             row = await _submission_or_404(conn, submission_id, user)
             history = None
             if user.is_staff:
-                await course_or_404(conn, row["course_id"], user)
+                await course_or_404(conn, row["course_id"], user, missing=f"submission {submission_id} not found")
                 history = [dict(h) for h in await repo.history(conn, submission_id)]
         return to_submission(row, user, history)
 
@@ -190,7 +190,7 @@ class SubmissionController(Controller):
         state, user = request.app.state, request.user
         async with state.pool.acquire() as conn:
             row = await _submission_or_404(conn, submission_id, user)
-            await course_or_404(conn, row["course_id"], user)
+            await course_or_404(conn, row["course_id"], user, missing=f"submission {submission_id} not found")
             if row["status"] == "grading":
                 raise ApiError(409, "this submission is still being graded", code="grading")
             score = data.score if data.score is not None else row["score"]

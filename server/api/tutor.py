@@ -158,7 +158,7 @@ class TutorController(Controller):
             # a private session's answer is its learner's to rate; a room answer, any member's of the course
             if turn is None or (turn["room_id"] is None and turn["user_id"] != request.user.id):
                 raise ApiError(404, f"answer {turn_id} not found")
-            await course_or_404(conn, turn["course_id"], request.user)
+            await course_or_404(conn, turn["course_id"], request.user, missing=f"answer {turn_id} not found")
             await repo.set_feedback(conn, turn_id, request.user.id, data.vote, data.comment)
 
     @patch("/courses/{course_id:int}/tutor", guards=[staff_only])
@@ -179,7 +179,7 @@ class TutorController(Controller):
             target = await room_target(conn, ref) if ref else None
             if target is None:
                 raise ApiError(404, f"room {room_id} not found")
-            await course_or_404(conn, target["course_id"], request.user)
+            await course_or_404(conn, target["course_id"], request.user, missing=f"room {room_id} not found")
             await conn.execute("""INSERT INTO room_tutor_settings (room_id, mode) VALUES ($1, $2)
                                   ON CONFLICT (room_id) DO UPDATE SET mode = EXCLUDED.mode""", room_id, data.mode)
         return {"room_id": room_id, "mode": data.mode}

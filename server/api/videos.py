@@ -270,7 +270,7 @@ class JobController(Controller):
         job = await jobs_repo.get_job(conn, job_id)
         if job is None or job["course_id"] is None:
             raise ApiError(404, f"job {job_id} not found")
-        await course_or_404(conn, job["course_id"], user)
+        await course_or_404(conn, job["course_id"], user, missing=f"job {job_id} not found")
         if not user.is_staff and job["created_by"] != user.id:
             raise ApiError(404, f"job {job_id} not found")
         return job

@@ -5,7 +5,7 @@ import time
 
 import jwt
 
-from tests.conftest import Factory
+from tests.conftest import Factory, fetch, upload
 
 
 def test_no_token_401(client):
@@ -68,6 +68,36 @@ def test_other_tenant_course_is_404(client, make: Factory):
     assert client.get("/api/v1/courses", headers=b.h).json()["items"] == []
     # and A's course is untouched
     assert client.get(f"/api/v1/courses/{cid}", headers=a.h).json()["title"] == "A's course"
+
+
+def test_hidden_objects_are_not_found_as_themselves(client, make: Factory, settings):
+    """An object in a course the caller may not see is 'X not found', the same as an id that does not exist:
+    the answer must not confirm it exists nor name its course."""
+    owner = make.user("instructor")
+    other = Factory(make.settings)
+    outsiders = [other.user("learner"), other.user("instructor"), make.user("learner")]  # + not enrolled
+    cid = client.post("/api/v1/courses", json={"title": "Hidden"}, headers=owner.h).json()["id"]
+    srt = b"1\n00:00:01,000 --> 00:00:04,000\nA sentence to ingest.\n"
+    job = upload(client, cid, owner.h, "one.srt", srt).json()["job_id"]
+    pod = client.post(f"/api/v1/courses/{cid}/pods", json={"name": "P"}, headers=owner.h).json()["id"]
+    a = client.post(f"/api/v1/courses/{cid}/assignments", json={
+        "type": "short_answer", "title": "T", "prompt": "Why?", "reference_answer": "Because."}, headers=owner.h)
+    assignment = a.json()["id"]
+    assert client.post(f"/api/v1/assignments/{assignment}/publish", headers=owner.h).status_code == 200
+    turn = fetch(settings, """INSERT INTO tutor_turns (course_id, room_id, user_id, question, standalone, answer, grounded,
+                                                     provider, model)
+                              VALUES ($1, $2, $3, 'q', 'q', 'a', true, 'extractive', 'x')
+                              RETURNING id""", cid, f"course:{cid}", owner.id)[0]["id"]
+    for who in outsiders:
+        for method, url, body, what in [
+                ("GET", f"/api/v1/jobs/{job}", None, f"job {job}"),
+                ("GET", f"/api/v1/assignments/{assignment}", None, f"assignment {assignment}"),
+                ("POST", f"/api/v1/tutor/answers/{turn}/feedback", {"vote": 1}, f"answer {turn}"),
+                ("PUT", f"/api/v1/rooms/pod:{pod}/tutor", {"mode": "socratic"}, f"room pod:{pod}")]:
+            r = client.request(method, url, json=body, headers=who.h)
+            if r.status_code == 403 and who.role == "learner":
+                continue  # a staff-only route
+            assert r.status_code == 404 and r.json()["message"] == f"{what} not found", (who.role, url, r.text)
 
 
 def test_learner_not_enrolled(client, make: Factory):

@@ -62,19 +62,24 @@ async def test_session_lifecycle_and_attendance(server, client, make: Factory, s
 
 async def test_a_course_kick_keeps_the_learner_out_of_its_live_sessions(server, client, make: Factory):
     """A live session's room is joined as its course room: a kick from the course room closes the learner's
-    live sockets and keeps them out of its sessions (room, REST, votes) too."""
+    live sockets (an ended session's chat too) and keeps them out of its sessions (room, REST, votes)."""
     from tests.server.conftest import closed_with, ws_url
 
     course = make_course(server, make, learners=1)
     inst, (a,) = course.instructor, course.learners
+    past = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "Last week"}, headers=inst.h).json()["id"]
+    assert client.post(f"/api/v1/live/{past}/start", headers=inst.h).status_code == 200
+    assert client.post(f"/api/v1/live/{past}/end", headers=inst.h).status_code == 200
     sid = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "Lab"}, headers=inst.h).json()["id"]
     assert client.post(f"/api/v1/live/{sid}/start", headers=inst.h).status_code == 200
     poll = client.post(f"/api/v1/live/{sid}/polls", json={"question": "?", "options": ["x", "y"]},
                        headers=inst.h).json()
     live = await Client.connect(server, f"live:{sid}", a)
+    ended = await Client.connect(server, f"live:{past}", a)
     assert client.post(f"/api/v1/rooms/{course.room}/kicks", json={"user_id": a.id, "seconds": 600},
                        headers=inst.h).status_code == 204
     assert await live.closed() == (4403, "kicked")
+    assert await ended.closed() == (4403, "kicked")
     code, _ = await closed_with(ws_url(server, f"live:{sid}", a.token))
     assert code == 4403
     for r in (client.get(f"/api/v1/live/{sid}", headers=a.h),
