@@ -6,10 +6,12 @@ OpenAI-compatible server via a base URL) and Anthropic. Callers see `LLMError` o
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypedDict, runtime_checkable
 
@@ -190,12 +192,25 @@ def _map_error(exc: BaseException, provider: str, sdk: Any, base: type[Exception
         return LLMError(f"{provider}: error during the reply ({kind or 'unknown'}): "
                         f"{_api_message(exc.body) or exc.message}", retryable=kind in RETRYABLE_TYPES,
                         provider=provider)
+    if isinstance(exc, json.JSONDecodeError):  # a body that claims to be JSON and is not
+        return LLMError(f"{provider}: unusable reply (not JSON: {exc})", retryable=False, provider=provider)
     if isinstance(exc, _transport_errors()):
         return LLMError(f"{provider}: connection lost: {exc or type(exc).__name__}", retryable=True,
                         provider=provider)
     if isinstance(exc, base):  # the SDK's own root error, e.g. a missing credential
         return LLMError(f"{provider}: {exc}", retryable=False, provider=provider)
     return None
+
+
+@contextmanager
+def _unusable(provider: str, resp: Any) -> Iterator[None]:
+    """Reading a 200 reply that is not the API's shape (a proxy's HTML page, a field missing or null) raises
+    an LLMError that says so, not an AttributeError deep in the caller."""
+    try:
+        yield
+    except (AttributeError, TypeError, KeyError, IndexError) as exc:
+        raise LLMError(f"{provider}: unusable reply ({type(exc).__name__}: {exc}): {str(resp)[:120]!r}",
+                       retryable=False, provider=provider) from exc
 
 
 def _api_error_obj(body: object) -> dict:
@@ -280,11 +295,11 @@ class OpenAIChat:
             if (err := self._error(exc)) is None:
                 raise
             raise err from exc
-        if not resp.choices:
-            raise LLMError(f"{self.name}: the reply had no choices", retryable=True, provider=self.name)
-        usage = _openai_usage(resp.usage)
-        return Completion(resp.choices[0].message.content or "", usage, resp.model or self.model, self.name,
-                          time.monotonic() - t0)
+        with _unusable(self.name, resp):
+            if not resp.choices:
+                raise LLMError(f"{self.name}: the reply had no choices", retryable=True, provider=self.name)
+            return Completion(resp.choices[0].message.content or "", _openai_usage(resp.usage),
+                              resp.model or self.model, self.name, time.monotonic() - t0)
 
     def stream(self, messages: list[Message], *, system: str | None = None, max_tokens: int = 512,
                temperature: float | None = 0.2) -> LLMStream:
@@ -363,9 +378,10 @@ class AnthropicChat:
             if (err := self._error(exc)) is None:
                 raise
             raise err from exc
-        text = "".join(block.text for block in resp.content if block.type == "text")
-        usage = Usage(resp.usage.input_tokens, resp.usage.output_tokens)
-        return Completion(text, usage, resp.model or self.model, self.name, time.monotonic() - t0)
+        with _unusable(self.name, resp):
+            text = "".join(block.text for block in resp.content if block.type == "text")
+            usage = Usage(resp.usage.input_tokens or 0, resp.usage.output_tokens or 0)
+            return Completion(text, usage, resp.model or self.model, self.name, time.monotonic() - t0)
 
     def stream(self, messages: list[Message], *, system: str | None = None, max_tokens: int = 512,
                temperature: float | None = 0.2) -> LLMStream:

@@ -131,7 +131,8 @@ async def _grade(ctx: dict[str, Any], submission_id: int) -> str:
         a = await assignments_repo.get(conn, sub["assignment_id"])
         tries = await subs_repo.note_try(conn, submission_id)
         if tries > MAX_TRIES + 1:  # its runs keep dying (the worker killed, or a save that cannot work)
-            return await _hold_failed(ctx, submission_id, f"automatic grading did not finish in {tries - 1} tries")
+            return await _hold_failed(ctx, submission_id, sub["grade_gen"],
+                                      f"automatic grading did not finish in {tries - 1} tries")
     try:  # from the counted try on, a stopping worker's run goes again elsewhere and is not a try
         async with pool.acquire() as conn:
             ex_rows = await subs_repo.exemplars(conn, a["id"], exclude_user=sub["user_id"])
@@ -176,7 +177,8 @@ async def _grade_counted(ctx: dict[str, Any], submission_id: int, sub: asyncpg.R
         if tries < MAX_TRIES:
             logger.exception("grading %s crashed; retrying", submission_id)
             raise Retry(defer=backoff_s(tries, settings.job_retry_base_s)) from exc
-        return await _hold_failed(ctx, submission_id, f"automatic grading failed: {type(exc).__name__}: {exc}")
+        return await _hold_failed(ctx, submission_id, sub["grade_gen"],
+                                  f"automatic grading failed: {type(exc).__name__}: {exc}")
     held = bool(result["held"])
     async with pool.acquire() as conn:
         try:
@@ -184,12 +186,14 @@ async def _grade_counted(ctx: dict[str, Any], submission_id: int, sub: asyncpg.R
                 row = await subs_repo.save_machine_grade(
                     conn, submission_id, score=result["total"], confidence=result["confidence"],
                     criteria=result["scores"], feedback=result["feedback"], grader=result["grader"], held=held,
-                    reason=result.get("reason") or result.get("note"))
+                    reason="; ".join(r for r in (result.get("reason"), result.get("note")) if r) or None,
+                    gen=sub["grade_gen"])
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:  # never works on a retry
             logger.exception("grade of submission %s cannot be saved", submission_id)
-            return await _hold_failed(ctx, submission_id, f"the automatic grade could not be saved: {exc}")
+            return await _hold_failed(ctx, submission_id, sub["grade_gen"],
+                                      f"the automatic grade could not be saved: {exc}")
         if row is None:
-            return "already graded"
+            return "already graded, or sent to the grader again"
         if not held:
             await assignments_repo.on_grade_final(conn, redis, row)
     logger.info("graded submission %s: %.1f (confidence %.2f, %s)%s", submission_id, result["total"],
@@ -197,13 +201,15 @@ async def _grade_counted(ctx: dict[str, Any], submission_id: int, sub: asyncpg.R
     return "held" if held else "graded"
 
 
-async def _hold_failed(ctx: dict[str, Any], submission_id: int, reason: str) -> str:
-    """The grader cannot grade it: an instructor will (the learner sees `review_pending`)."""
+async def _hold_failed(ctx: dict[str, Any], submission_id: int, gen: int, reason: str) -> str:
+    """The grader cannot grade it: an instructor will (the learner sees `review_pending`). Not when it was
+    sent to the grader again since this run started (`gen`): the newer run decides."""
     async with ctx["pool"].acquire() as conn:
         async with conn.transaction():
             row = await conn.fetchrow(
                 """UPDATE submissions SET status = 'review_pending', review_reason = $2, updated_at = now()
-                   WHERE id = $1 AND status = 'grading' RETURNING id""", submission_id, reason[:500])
+                   WHERE id = $1 AND status = 'grading' AND grade_gen = $3 RETURNING id""",
+                submission_id, reason[:500], gen)
             if row:
                 await subs_repo.record_event(conn, submission_id, "machine", score=None, held=True, reason=reason)
     logger.warning("submission %s sent to review: %s", submission_id, reason)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 from dataclasses import dataclass, replace
@@ -126,16 +127,16 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         port=_bounded("STUDYHALL_PORT", 8000, 1, 65535),
         log_level=str(_choice("STUDYHALL_LOG_LEVEL", "info", ("debug", "info", "warning", "warn", "error", "critical",
                                                              "fatal", "notset"))).upper(),
-        token_ttl_s=_int("STUDYHALL_TOKEN_TTL", 7 * 24 * 3600),
-        max_upload_bytes=_int("STUDYHALL_MAX_UPLOAD_MB", 500) * 1024 * 1024,
+        token_ttl_s=_bounded("STUDYHALL_TOKEN_TTL", 7 * 24 * 3600, 60),
+        max_upload_bytes=_bounded("STUDYHALL_MAX_UPLOAD_MB", 500, 1) * 1024 * 1024,
         embedder=str(_choice("STUDYHALL_EMBEDDER", "local", ("local", "openai"))),
         whisper_model=_str("STUDYHALL_WHISPER_MODEL"),
         youtube_languages=langs or ("en",),
-        tutor_daily_limit=_int("STUDYHALL_TUTOR_DAILY_LIMIT", 100),
-        job_heartbeat_ms=int(_float("STUDYHALL_JOB_HEARTBEAT_S", 30.0) * 1000),
-        job_retry_base_s=_float("STUDYHALL_JOB_RETRY_BASE_S", 2.0),
-        job_max_attempts=_int("STUDYHALL_JOB_MAX_ATTEMPTS", 5),
-        worker_max_jobs=_int("STUDYHALL_WORKER_CONCURRENCY", 2),
+        tutor_daily_limit=_bounded("STUDYHALL_TUTOR_DAILY_LIMIT", 100, 0),
+        job_heartbeat_ms=int(_ranged("STUDYHALL_JOB_HEARTBEAT_S", 30.0, 1.0) * 1000),
+        job_retry_base_s=_ranged("STUDYHALL_JOB_RETRY_BASE_S", 2.0, 0.0),
+        job_max_attempts=_bounded("STUDYHALL_JOB_MAX_ATTEMPTS", 5, 1),
+        worker_max_jobs=_bounded("STUDYHALL_WORKER_CONCURRENCY", 2, 1),
         db_pool_max=_bounded("STUDYHALL_DB_POOL_MAX", 20, 2),
         openai_api_key=_str("OPENAI_API_KEY"),
         openai_base_url=_str("OPENAI_BASE_URL"),
@@ -145,21 +146,21 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         anthropic_base_url=_str("ANTHROPIC_BASE_URL"),
         anthropic_model=_str("ANTHROPIC_MODEL", "claude-sonnet-4-5") or "claude-sonnet-4-5",
         llm_provider=_choice("STUDYHALL_LLM", None, ("auto", "extractive", "openai", "anthropic")),
-        ws_max_text=_int("STUDYHALL_WS_MAX_TEXT", 4000),
-        ws_send_rate=_float("STUDYHALL_WS_SEND_RATE", 3.0),
-        ws_send_burst=_int("STUDYHALL_WS_SEND_BURST", 10),
-        ws_queue_max=_int("STUDYHALL_WS_QUEUE", 1000),
-        presence_ttl_s=_float("STUDYHALL_PRESENCE_TTL", 15.0),
-        presence_max=_int("STUDYHALL_PRESENCE_MAX", 200),
-        review_threshold=_float("STUDYHALL_REVIEW_THRESHOLD", 0.7),
+        ws_max_text=_bounded("STUDYHALL_WS_MAX_TEXT", 4000, 1),
+        ws_send_rate=_ranged("STUDYHALL_WS_SEND_RATE", 3.0, 0.001),
+        ws_send_burst=_bounded("STUDYHALL_WS_SEND_BURST", 10, 1),
+        ws_queue_max=_bounded("STUDYHALL_WS_QUEUE", 1000, 1),
+        presence_ttl_s=_ranged("STUDYHALL_PRESENCE_TTL", 15.0, 1.0),
+        presence_max=_bounded("STUDYHALL_PRESENCE_MAX", 200, 1),
+        review_threshold=_ranged("STUDYHALL_REVIEW_THRESHOLD", 0.7, 0.0, 1.0),
         review_band=_band(_str("STUDYHALL_REVIEW_BAND", "40,60") or "40,60"),
-        max_answer_chars=_int("STUDYHALL_MAX_ANSWER_CHARS", 20_000),
+        max_answer_chars=_bounded("STUDYHALL_MAX_ANSWER_CHARS", 20_000, 1),
         video_complete_share=_share("STUDYHALL_VIDEO_COMPLETE_SHARE", 0.9),
-        progress_rate=_float("STUDYHALL_PROGRESS_RATE", 1.0),
-        progress_burst=_int("STUDYHALL_PROGRESS_BURST", 30),
-        leaderboard_event_s=_float("STUDYHALL_LEADERBOARD_EVENT_S", 5.0),
-        match_weekday=_int("STUDYHALL_MATCH_WEEKDAY", 0),
-        match_hour=_int("STUDYHALL_MATCH_HOUR", 6),
+        progress_rate=_ranged("STUDYHALL_PROGRESS_RATE", 1.0, 0.001),
+        progress_burst=_bounded("STUDYHALL_PROGRESS_BURST", 30, 1),
+        leaderboard_event_s=_ranged("STUDYHALL_LEADERBOARD_EVENT_S", 5.0, 0.0),
+        match_weekday=_bounded("STUDYHALL_MATCH_WEEKDAY", 0, 0, 6),
+        match_hour=_bounded("STUDYHALL_MATCH_HOUR", 6, 0, 23),
         match_weekly=(_str("STUDYHALL_MATCH_WEEKLY", "1") or "1").lower() not in ("0", "false", "no", "off"),
         xp_async_commit=(_str("STUDYHALL_XP_ASYNC_COMMIT", "0") or "0").lower() in ("1", "true", "yes", "on"),
     )
@@ -171,6 +172,15 @@ def _bounded(name: str, default: int, low: int, high: int | None = None) -> int:
     if value < low or (high is not None and value > high):
         raise SystemExit(f"{name} must be at least {low}" + (f" and at most {high}" if high is not None else "")
                          + f", got {value}")
+    return value
+
+
+def _ranged(name: str, default: float, low: float, high: float | None = None) -> float:
+    """A number of at least `low` (and at most `high`); else the start stops naming it."""
+    value = _float(name, default)
+    if not (low <= value and (high is None or value <= high) and math.isfinite(value)):  # also refuses nan
+        raise SystemExit(f"{name} must be a number of at least {low:g}"
+                         + (f" and at most {high:g}" if high is not None else "") + f", got {value!r}")
     return value
 
 

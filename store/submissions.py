@@ -12,7 +12,7 @@ import asyncpg
 
 _COLS = """s.id, s.assignment_id, s.course_id, s.user_id, s.attempt, s.answer, s.status, s.score, s.confidence,
            s.criteria, s.feedback, s.grader, s.review_reason, s.review_comment, s.reviewed_by, s.grade_job,
-           s.grade_tries, s.created_at, s.updated_at, s.final_at"""
+           s.grade_tries, s.grade_gen, s.created_at, s.updated_at, s.final_at"""
 EXEMPLAR_LIMIT = 200
 
 
@@ -75,14 +75,15 @@ async def history(conn: asyncpg.Connection, submission_id: int) -> list[asyncpg.
 
 async def save_machine_grade(conn: asyncpg.Connection, submission_id: int, *, score: float, confidence: float,
                              criteria: list, feedback: dict, grader: str, held: bool,
-                             reason: str | None) -> asyncpg.Record | None:
-    """Store a grader result on a submission still `grading` (None: already graded — a duplicate run)."""
+                             reason: str | None, gen: int) -> asyncpg.Record | None:
+    """Store a grader result on a submission still `grading` for the same request (`gen`, read when the run
+    started); None: already graded (a duplicate run) or sent to the grader again since (a newer run saves)."""
     row = await conn.fetchrow(
         f"""UPDATE submissions s SET status = CASE WHEN $7 THEN 'review_pending' ELSE 'graded' END,
                    score = $2, confidence = $3, criteria = $4, feedback = $5, grader = $6, review_reason = $8,
                    final_at = CASE WHEN $7 THEN NULL ELSE now() END, updated_at = now()
-            WHERE s.id = $1 AND s.status = 'grading' RETURNING {_COLS}""",
-        submission_id, score, confidence, criteria, feedback, grader, held, reason)
+            WHERE s.id = $1 AND s.status = 'grading' AND s.grade_gen = $9 RETURNING {_COLS}""",
+        submission_id, score, confidence, criteria, feedback, grader, held, reason, gen)
     if row is not None:
         await record_event(conn, submission_id, "machine", score=score, confidence=confidence, criteria=criteria,
                            feedback=feedback, grader=grader, held=held, reason=reason)
@@ -128,7 +129,7 @@ async def mark_grading(conn: asyncpg.Connection, submission_ids: list[int], job:
     """Send submissions (back) to the grader, except those an instructor graded; returns the ids marked."""
     rows = await conn.fetch(
         """UPDATE submissions SET status = 'grading', grade_job = coalesce($2, grade_job), grade_tries = 0,
-                  final_at = NULL, updated_at = now()
+                  grade_gen = grade_gen + 1, final_at = NULL, updated_at = now()
            WHERE id = ANY($1::bigint[]) AND reviewed_by IS NULL RETURNING id""", submission_ids, job)
     return [r["id"] for r in rows]
 

@@ -106,6 +106,9 @@ def validate(fields: dict[str, Any]) -> dict[str, Any]:
         names = [c["name"].strip().lower() for c in given]
         if len(set(names)) != len(names):
             raise ApiError(400, "rubric criterion names must be distinct", field="rubric")
+        for i, c in enumerate(given):  # scores go to 0.01 of a point: full marks must be one of them
+            if abs(c["points"] * 100 - round(c["points"] * 100)) > 1e-6:
+                raise ApiError(400, "rubric points take at most two decimals", field=f"rubric[{i}].points")
         fields["rubric"] = given or DEFAULT_RUBRIC
         fields["reference_answer"] = (fields.get("reference_answer") or "").strip()
         if not fields["reference_answer"] and all(not c.get("description", "").strip() for c in given):

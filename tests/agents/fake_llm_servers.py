@@ -72,6 +72,7 @@ class Reply:
     model: str | None = None  # reported model; default: the requested one
     delay_s: float = 0.0  # pause before each delta
     wait_s: float = 0.0  # pause before answering at all (streaming or not): a slow model
+    raw: tuple[str, str] | None = None  # (content type, body): a 200 with this body instead, like a proxy's page
 
     def deltas(self) -> list[str]:
         """`text` split into `chunks` non-empty pieces (fewer if the text is shorter)."""
@@ -123,7 +124,9 @@ class _Handler(BaseHTTPRequestHandler):
             reply = st.replies.popleft() if st.replies else st.default
         time.sleep(reply.wait_s)
         try:
-            if self.path == OPENAI_PATH:
+            if reply.raw is not None:
+                self._raw(*reply.raw)
+            elif self.path == OPENAI_PATH:
                 self._openai(body, reply)
             elif self.path == ANTHROPIC_PATH:
                 self._anthropic(body, reply)
@@ -143,6 +146,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _raw(self, content_type: str, body: str) -> None:
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 

@@ -223,6 +223,23 @@ async def test_http_errors_map_to_llm_error(srv, provider, status, retryable):
     assert len(srv.requests) == 2  # SDK retries are off
 
 
+UNUSABLE = [("text/html", "<html><body>Sign in to the proxy</body></html>"),
+            ("application/json", "{not json"),
+            ("application/json", '{"choices": [{"index": 0}], "content": null, "usage": null}'),
+            ("application/json", "[]")]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("raw", UNUSABLE)
+async def test_a_reply_not_in_the_apis_shape_is_an_llm_error(srv, provider, raw):
+    """A 200 that is not a completion (a proxy's login page, a field missing or null) is an LLMError that
+    says so: callers fall back on it, where an AttributeError was a crash (a grade lost, a 500)."""
+    srv.script(Reply(raw=raw))
+    with pytest.raises(LLMError) as info:
+        await make(provider, srv).complete(USER)
+    assert "unusable reply" in info.value.message and not info.value.retryable
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_wrong_key_is_a_non_retryable_auth_error(srv, provider):
     srv.api_key = "sk-the-real-one"

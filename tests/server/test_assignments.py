@@ -75,6 +75,7 @@ def test_bad_assignment_bodies_name_the_field(server, client, make: Factory):
         ({**MC, "correct": [7]}, "correct"), ({**MC, "options": ["a"]}, "options"), ({**MC, "correct": []}, "correct"),
         ({**MC, "type": "poem"}, "type"), ({**WRITTEN, "reference_answer": ""}, "reference_answer"),
         ({**WRITTEN, "rubric": [{"name": "a", "points": 0}]}, "rubric[0].points"),
+        ({**WRITTEN, "rubric": [{"name": "a", "points": 1}, {"name": "b", "points": 0.125}]}, "rubric[1].points"),
         ({**WRITTEN, "options": ["a", "b"]}, "options"), ({**WRITTEN, "difficulty": "extreme"}, "difficulty"),
         ({**WRITTEN, "video_id": 999999999}, "video_id"), ({**WRITTEN, "surprise": 1}, "surprise"),
         ({**WRITTEN, "opens_at": "2030-01-02T00:00:00Z", "closes_at": "2030-01-01T00:00:00Z"}, "closes_at"),

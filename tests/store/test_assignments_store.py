@@ -76,7 +76,8 @@ async def test_a_grading_job_run_twice_leaves_one_grade(db, settings):
     sid = await _submit(pool, s, REFERENCE)
     ctx = ctx_for(pool, redis, settings)
     first, second = await asyncio.gather(grading.grade_submission(ctx, sid), grading.grade_submission(ctx, sid))
-    assert sorted([first, second]) in (["already graded", "graded"], ["graded", "nothing to do"])
+    assert sorted([first, second]) in (["already graded, or sent to the grader again", "graded"],
+                                       ["graded", "nothing to do"])
     assert await grading.grade_submission(ctx, sid) == "nothing to do"
     async with pool.acquire() as conn:
         assert [h["kind"] for h in await subs_repo.history(conn, sid)] == ["machine"]
@@ -184,3 +185,29 @@ async def test_final_grade_hook_announces_and_records_once(db, settings):
             kinds = sorted(r["kind"] for r in await conn.fetch("SELECT kind FROM xp_events WHERE user_id = $1",
                                                                s["learner"]))
             assert kinds == ["assignment_passed", "perfect_score"]
+
+
+async def test_a_run_overtaken_by_a_new_grading_request_does_not_save_the_old_rubrics_grade(db, settings):
+    """The rubric changes and grade-all sends the answer to the grader again while a run (a slow model) still
+    grades it against the old rubric: that run must not save, or the new run finds it graded and stops."""
+    pool, redis = db
+    s = await _setup(pool)
+    sid = await _submit(pool, s, REFERENCE)
+    with FakeLLMServer() as fake:
+        fake.script(Reply(json.dumps({"criteria": [{"name": "correctness", "score": 90}], "confidence": 0.9}),
+                          wait_s=1.0))
+        llm_settings = dataclasses.replace(settings, openai_base_url=fake.openai_base_url, llm_provider="openai")
+        old_run = asyncio.create_task(grading.grade_submission(ctx_for(pool, redis, llm_settings), sid))
+        while not fake.requests:  # the old run has read the submission and the rubric, and waits for the model
+            await asyncio.sleep(0.02)
+        async with pool.acquire() as conn:
+            await conn.execute("UPDATE assignments SET rubric = $2 WHERE id = $1", s["assignment"]["id"],
+                               [{"name": "accuracy", "points": 100, "description": "halves the interval"}])
+            assert await subs_repo.mark_grading(conn, [sid], None) == [sid]
+        assert await old_run == "already graded, or sent to the grader again"  # it finished first: not saved
+        assert await grading.grade_submission(ctx_for(pool, redis, settings), sid) in ("graded", "held")
+    async with pool.acquire() as conn:
+        row = await subs_repo.get(conn, sid)
+        kinds = [h["kind"] for h in await subs_repo.history(conn, sid)]
+    assert [c["name"] for c in row["criteria"]] == ["accuracy"] and row["grader"] == "offline"
+    assert kinds == ["machine"]
