@@ -8,7 +8,6 @@ import asyncio
 import logging
 import re
 import time
-import unicodedata
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -23,6 +22,7 @@ from server.errors import ApiError
 from store import tutor as repo
 from store.events import Error, TutorDelta, publish, room_topic, user_topic
 from store.ratelimit import free_answer_slot, take_answer_slot
+from store.frames import blank
 from store.messages import Posted, Refused, original, post_message
 
 logger = logging.getLogger(__name__)
@@ -474,11 +474,6 @@ async def over_daily_limit(state: Any, user: Any) -> Refused | None:
             return None
     return Refused("daily_limit", f"daily tutor limit reached ({limit} questions); it resets at midnight UTC",
                    retry_after=_to_midnight_utc())
-
-
-def blank(text: str) -> bool:
-    """Nothing to read: only spaces and invisible format characters (a zero-width space is not a question)."""
-    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
 
 
 async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, text: str,

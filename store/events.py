@@ -296,6 +296,7 @@ CLOSE_TOO_BIG = 1009        # a frame over 64 KiB (uvicorn's websocket implement
 CLOSE_SLOW_CONSUMER = 4008  # the outbound queue overflowed: reconnect with ?after=<last seq you have>
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403      # not allowed in the room, unknown room, or kicked (reason says which)
+CLOSE_TOO_MANY = 4429       # too many sockets of one user on this server, or a connection that floods frames
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(ServerEvent)

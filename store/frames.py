@@ -6,7 +6,7 @@ Unknown types, unknown fields and wrong field types are refused with `error {cod
 from __future__ import annotations
 
 import re
-
+import unicodedata
 from typing import Annotated, Any, Union
 
 import msgspec
@@ -84,6 +84,29 @@ class BadFrame(ValueError):
 _NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
+# Letters that render as nothing: Hangul fillers and the blank Braille pattern (used to post "empty" messages).
+_INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+# Control characters a message may not hold: all but tab and line breaks (terminal escapes, bells, DEL).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def blank(text: str) -> bool:
+    """Nothing to read: only spaces, invisible format characters (a zero-width space), combining marks with
+    nothing to combine with, and letters that render as nothing."""
+    return all(c.isspace() or c in _INVISIBLE or unicodedata.category(c) in ("Cf", "Mn", "Me") for c in text)
+
+
+def text_problem(text: str, limit: int) -> tuple[str, str] | None:
+    """Why a message's text is refused, as (code, detail), or None: the same rule for a websocket frame and REST."""
+    if blank(text):
+        return "bad_frame", "text must not be empty"
+    if len(text) > limit:
+        return "too_long", f"text is longer than {limit} characters"
+    if _CONTROL.search(text):
+        return "bad_frame", "text must not contain control characters other than tabs and line breaks"
+    return None
+
+
 def has_nul(raw: str | bytes) -> bool:
     """Whether JSON text holds a NUL character (escaped as `\u0000`, or raw)."""
     data = raw.encode("utf-8", errors="replace") if isinstance(raw, str) else raw
@@ -104,7 +127,7 @@ def ref_of(raw: str | bytes) -> str | None:
     can name the frame it answers."""
     try:
         got = _refs.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
     for value in (got.ref, got.client_msg_id):
         if isinstance(value, str) and 0 < len(value) <= 100 and "\x00" not in value:
@@ -121,3 +144,5 @@ def decode_frame(raw: str | bytes) -> ClientFrame:
         raise BadFrame(str(exc)) from exc
     except msgspec.DecodeError as exc:
         raise BadFrame(f"not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # msgspec's own limit on nesting
+        raise BadFrame("the frame is nested too deeply") from exc

@@ -14,6 +14,7 @@ import asyncpg
 import msgspec
 from redis.asyncio import Redis
 
+from store import moderation
 from store.events import MessageDeleted, MessageEdited, MessageNew, UserRef, encode
 from store.rooms import next_seq, sequenced
 
@@ -41,9 +42,7 @@ class Posted:
 
 
 async def _muted(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
-    return bool(await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM room_mutes WHERE room_id = $1 AND user_id = $2 AND until > now())",
-        room_id, user_id))
+    return await moderation.muted_until(conn, room_id, user_id) is not None
 
 
 async def _existing(conn: asyncpg.Connection, room_id: str, author_id: int | None,
@@ -66,10 +65,11 @@ async def original(db: asyncpg.Pool | asyncpg.Connection, room_id: str, author_i
     return await _with_conn(db, lambda c: _existing(c, room_id, author_id, client_msg_id))
 
 
-# The author, whether they are muted in the room, and the stored event of an earlier post with this client_msg_id.
-_AUTHOR = """
+# The author, whether they are muted in the room (for a live session's room $4, in its course room too), and the
+# stored event of an earlier post with this client_msg_id.
+_AUTHOR = f"""
 SELECT u.id, u.name, u.role,
-       EXISTS (SELECT 1 FROM room_mutes WHERE room_id = $1 AND user_id = u.id AND until > now()) AS muted,
+       EXISTS (SELECT 1 FROM room_mutes k WHERE k.user_id = u.id AND {moderation.BARRING.format(sid="$4")}) AS muted,
        (SELECT e.payload FROM messages m JOIN room_events e ON e.room_id = m.room_id AND e.seq = m.seq
         WHERE m.room_id = $1 AND m.author_id = u.id AND m.client_msg_id = $3) AS original
 FROM users u WHERE u.id = $2"""
@@ -93,7 +93,8 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
             conn = box.conn
             if author_id is not None:
                 # One round trip for the three questions asked before every human post.
-                author = await conn.fetchrow(_AUTHOR, room_id, author_id, client_msg_id)
+                author = await conn.fetchrow(_AUTHOR, room_id, author_id, client_msg_id,
+                                             moderation.session_of(room_id))
                 if author is None:
                     raise LookupError(f"user {author_id} does not exist")
                 if author["original"] is not None:

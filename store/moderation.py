@@ -44,10 +44,15 @@ async def unmute(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
 
 async def list_mutes(conn: asyncpg.Connection, room_id: str, *,
                      limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
-    return await conn.fetch(
-        """SELECT m.user_id, u.name, m.until, m.created_by FROM room_mutes m JOIN users u ON u.id = m.user_id
-           WHERE m.room_id = $1 AND m.until > now() ORDER BY m.until, m.user_id LIMIT $2 OFFSET $3""",
-        room_id, limit, offset)
+    """Users muted in the room now, soonest back first; for a live session's room, the mutes of its course
+    room too (`room_id` says which room a mute is lifted in)."""
+    return await _list_bars(conn, "room_mutes", room_id, limit, offset)
+
+
+async def muted_until(conn: asyncpg.Connection, room_id: str, user_id: int) -> datetime | None:
+    """Until when the user's sends are refused in the room (a mute there or, for a live session, in its course
+    room), or None."""
+    return await _barred_until(conn, "room_mutes", room_id, user_id)
 
 
 async def kick(conn: asyncpg.Connection, redis: Redis, room_id: str, user_id: int, seconds: int, by: int) -> None:
@@ -64,12 +69,14 @@ async def kick(conn: asyncpg.Connection, redis: Redis, room_id: str, user_id: in
                     f"could not close the sockets of user {user_id} in %s")
 
 
-# Bars in force in room $1; with a live session's id (parameter {sid}), its course room's bars too.
-_BARRING = """k.until > now() AND (k.room_id = $1 OR k.room_id = (SELECT 'course:' || s.course_id FROM live_sessions s
-                                                                  WHERE s.id = {sid}::bigint))"""
+# Bars (mutes or kicks, as `k`) in force in room $1; with a live session's id (parameter {sid}), its course room's
+# bars too: a live session's room is joined as its course's room.
+BARRING = """k.until > now() AND (k.room_id = $1 OR k.room_id = (SELECT 'course:' || s.course_id FROM live_sessions s
+                                                                 WHERE s.id = {sid}::bigint))"""
 
 
-def _session_of(room_id: str) -> int | None:
+def session_of(room_id: str) -> int | None:
+    """The live session whose room this is (for BARRING's {sid}), or None."""
     ref = parse_room(room_id)
     return ref.target_id if ref is not None and ref.kind == "live" else None
 
@@ -83,19 +90,28 @@ async def list_kicks(conn: asyncpg.Connection, room_id: str, *,
                      limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
     """Users barred from the room now, soonest back first; for a live session's room, the bars of its course
     room too (`room_id` says which room a bar is lifted in)."""
-    return await conn.fetch(
-        f"""SELECT k.room_id, k.user_id, u.name, k.until, k.created_by
-            FROM room_kicks k JOIN users u ON u.id = k.user_id WHERE {_BARRING.format(sid="$4")}
-            ORDER BY k.until, k.user_id, k.room_id LIMIT $2 OFFSET $3""",
-        room_id, limit, offset, _session_of(room_id))
+    return await _list_bars(conn, "room_kicks", room_id, limit, offset)
 
 
 async def kicked_until(conn: asyncpg.Connection, room_id: str, user_id: int) -> datetime | None:
     """Until when the user is kept out of the room, or None. A live session's room is joined as its course's
     room, so a kick from the course room keeps them out of its live sessions too."""
+    return await _barred_until(conn, "room_kicks", room_id, user_id)
+
+
+async def _list_bars(conn: asyncpg.Connection, table: str, room_id: str, limit: int | None,
+                     offset: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        f"""SELECT k.room_id, k.user_id, u.name, k.until, k.created_by
+            FROM {table} k JOIN users u ON u.id = k.user_id WHERE {BARRING.format(sid="$4")}
+            ORDER BY k.until, k.user_id, k.room_id LIMIT $2 OFFSET $3""",
+        room_id, limit, offset, session_of(room_id))
+
+
+async def _barred_until(conn: asyncpg.Connection, table: str, room_id: str, user_id: int) -> datetime | None:
     return await conn.fetchval(
-        f"SELECT max(k.until) FROM room_kicks k WHERE k.user_id = $2 AND {_BARRING.format(sid='$3')}",
-        room_id, user_id, _session_of(room_id))
+        f"SELECT max(k.until) FROM {table} k WHERE k.user_id = $2 AND {BARRING.format(sid='$3')}",
+        room_id, user_id, session_of(room_id))
 
 
 async def revoke_access(conn: asyncpg.Connection, redis: Redis, user_id: int, *, course_id: int | None = None,

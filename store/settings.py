@@ -89,6 +89,7 @@ class Settings:
     ws_send_rate: float = 3.0
     ws_send_burst: int = 10
     ws_queue_max: int = 1000
+    ws_max_per_user: int = 50  # open sockets per user on one server process (bots are not limited)
     presence_ttl_s: float = 15.0
     presence_max: int = 200
     # assignments and grading
@@ -150,6 +151,7 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         ws_send_rate=_ranged("STUDYHALL_WS_SEND_RATE", 3.0, 0.001),
         ws_send_burst=_bounded("STUDYHALL_WS_SEND_BURST", 10, 1),
         ws_queue_max=_bounded("STUDYHALL_WS_QUEUE", 1000, 1),
+        ws_max_per_user=_bounded("STUDYHALL_WS_MAX_PER_USER", 50, 1),
         presence_ttl_s=_ranged("STUDYHALL_PRESENCE_TTL", 15.0, 1.0),
         presence_max=_bounded("STUDYHALL_PRESENCE_MAX", 200, 1),
         review_threshold=_ranged("STUDYHALL_REVIEW_THRESHOLD", 0.7, 0.0, 1.0),

@@ -19,6 +19,7 @@ from store import messages as messages_repo
 from store import moderation
 from store import rooms as rooms_repo
 from store.events import UserRef
+from store.frames import text_problem
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +87,9 @@ class RoomController(Controller):
         data = await read_json(request, PostIn)
         user: AuthUser = request.user
         state = request.app.state
-        if not data.text.strip():
-            raise ApiError(400, "text must not be empty", field="text")
-        if len(data.text) > state.settings.ws_max_text:
-            raise ApiError(400, f"text is longer than {state.settings.ws_max_text} characters", code="too_long",
-                           field="text")
+        if (problem := text_problem(data.text, state.settings.ws_max_text)) is not None:
+            code, detail = problem
+            raise ApiError(400, detail, code=None if code == "bad_frame" else code, field="text")
         async with state.pool.acquire() as conn:
             acc = await room_or_404(conn, room_id, user)
         await take_send(state, user)
@@ -166,17 +165,21 @@ class RoomController(Controller):
 
     @get("/{room_id:str}/mutes")
     async def mutes(self, request: Request, room_id: str, limit: int = ListLimit, offset: int = Offset) -> list[Mute]:
+        """Users muted in the room now, with the room the mute was set in (a live session's room lists its
+        course room's mutes too: they apply there)."""
         await self._moderate(request, room_id, None)
         async with request.app.state.pool.acquire() as conn:
             rows = await moderation.list_mutes(conn, room_id, limit=limit, offset=offset)
-        return [Mute(room=room_id, user_id=r["user_id"], until=r["until"]) for r in rows]
+        return [Mute(room=r["room_id"], user_id=r["user_id"], until=r["until"]) for r in rows]
 
     @delete("/{room_id:str}/mutes/{user_id:int}", status_code=204)
     async def unmute(self, request: Request, room_id: str, user_id: int) -> None:
         await self._moderate(request, room_id, user_id, lifting=True)
         async with request.app.state.pool.acquire() as conn:
             if not await moderation.unmute(conn, room_id, user_id):
-                raise ApiError(404, f"user {user_id} is not muted here")
+                muted = await moderation.muted_until(conn, room_id, user_id)
+                raise ApiError(404, f"user {user_id} is not muted here" + (
+                    " (the mute is the course room's: lift it there)" if muted else ""))
 
     @post("/{room_id:str}/kicks", status_code=204)
     async def kick(self, request: Request, room_id: str) -> None:

@@ -20,9 +20,10 @@ from server.api.schemas import Strict
 from server.auth import staff_only
 from server.decode import read_json
 from server.errors import ApiError
-from server.tutoring import (BUSY, BUSY_RETRY_S, MAX_QUESTION_CHARS, ask, blank, complete, free_slot, prepare,
+from server.tutoring import (BUSY, BUSY_RETRY_S, MAX_QUESTION_CHARS, ask, complete, free_slot, prepare,
                              take_slot, track)
 from store import tutor as repo
+from store.frames import blank
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ def text_frame(text: str) -> dict[str, Any]:
 class Conn:
     __slots__ = ("hub", "access", "room", "user", "send", "out", "queue_max", "inflight", "broken", "space",
                  "fill_task", "closer", "main_task", "last_seq", "start_seq", "filling", "pending", "ready",
-                 "closing", "typing_at", "typing_active", "token_id", "__weakref__")
+                 "closing", "typing_at", "typing_active", "token_id", "resumed_at", "__weakref__")
 
     def __init__(self, hub: Hub, access: RoomAccess, user: UserRef, send: Any, queue_max: int) -> None:
         self.hub = hub
@@ -69,6 +69,7 @@ class Conn:
         self.typing_at = float("-inf")
         self.token_id: str | None = None  # the API token the socket was opened with (closed when revoked)
         self.typing_active = False
+        self.resumed_at = float("-inf")  # when the client last sent `resume`
 
     # --- outbound -------------------------------------------------------------------------------------
 

@@ -124,6 +124,10 @@ class Hub:
 
     # --- connections ----------------------------------------------------------------------------------
 
+    def sockets_of(self, user_id: int) -> int:
+        """The user's open sockets on this process."""
+        return len(self._users.get(user_id, ()))
+
     async def attach(self, conn: Conn) -> None:
         """Register a connection; returns once this process receives the room's live events."""
         room = conn.room

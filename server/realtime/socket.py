@@ -15,7 +15,7 @@ from litestar.exceptions import NotAuthorizedException
 from server.auth import AuthUser, authenticate, bearer_token
 from server.realtime.conn import Conn
 from server.realtime.hub import Hub
-from server.tutoring import (BUSY, BUSY_RETRY_S, MAX_QUESTION_CHARS, blank, free_slot, over_daily_limit, post_asking,
+from server.tutoring import (BUSY, BUSY_RETRY_S, MAX_QUESTION_CHARS, free_slot, over_daily_limit, post_asking,
                              post_mentioning, take_slot)
 from store import frames
 from store import live as live_repo
@@ -23,13 +23,19 @@ from store import messages as messages_repo
 from store import moderation
 from store import rooms as rooms_repo
 from store import users as users_repo
-from store.events import (CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, Error, Pong, Typing, UserRef, publish,
-                          room_topic)
+from store.events import (CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_UNAUTHENTICATED, Error, Pong, Typing, UserRef,
+                          publish, room_topic)
 
 logger = logging.getLogger(__name__)
 
 CLOSE_BAD_REQUEST = 4400
 TYPING_EVERY_S = 2.0
+RESUME_EVERY_S = 1.0  # a resume replays from Postgres: at most one a second per connection
+# Frames of any type one connection may send per second, and at once (at least twice the send budget). Beyond,
+# frames are dropped unread (with one `rate_limited` error a second); a connection that keeps on past another
+# burst's worth is closed (4429).
+FRAME_RATE = 20.0
+FRAME_BURST = 60.0
 
 
 async def _refuse(socket: WebSocket, code: int, reason: str) -> None:
@@ -76,6 +82,10 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
         await _refuse(socket, CLOSE_FORBIDDEN, f"kicked until {kicked.isoformat()}")
         return
 
+    if user.role != "bot" and hub.sockets_of(user.id) >= state.settings.ws_max_per_user:  # bots bridge many rooms
+        await _refuse(socket, CLOSE_TOO_MANY, f"too many open sockets (at most {state.settings.ws_max_per_user} "
+                                              "per user on one server)")
+        return
     await socket.accept()
     conn = Conn(hub, access, UserRef(id=user.id, name=user.name, role=user.role), socket.send,
                 state.settings.ws_queue_max)
@@ -143,11 +153,25 @@ async def _cleanup(state, hub: Hub, conn: Conn, attendance_id: int | None) -> No
 
 async def _serve(socket: WebSocket, conn: Conn, user: AuthUser, hub: Hub) -> None:
     receive = socket.receive
+    rate = max(FRAME_RATE, 2 * hub.settings.ws_send_rate)
+    burst = max(FRAME_BURST, 2 * hub.settings.ws_send_burst)
+    tokens, last, told = burst, time.monotonic(), float("-inf")
     while True:
         msg = await receive()
         if msg["type"] == "websocket.disconnect":
             return
         if conn.closing is not None:  # kicked, removed, revoked or cut off: nothing more is taken from it
+            continue
+        now = time.monotonic()
+        tokens = min(burst, tokens + (now - last) * rate) - 1
+        last = now
+        if tokens < 0:  # a flood: not even decoded
+            if tokens < -burst:
+                conn.close_soon(CLOSE_TOO_MANY, "too many frames")
+            elif now - told >= 1.0:
+                told = now
+                conn.push_event(Error(code="rate_limited", detail=f"more than {rate:g} frames a second; "
+                                      "frames are being dropped", retry_after=round(-tokens / rate, 3)))
             continue
         text = msg.get("text")
         if text is None:
@@ -176,10 +200,8 @@ def _ref(frame: frames.ClientFrame) -> str | None:
 
 
 def _check_text(text: str, limit: int) -> str:
-    if blank(text):
-        raise messages_repo.Refused("bad_frame", "text must not be empty")
-    if len(text) > limit:
-        raise messages_repo.Refused("too_long", f"text is longer than {limit} characters")
+    if (problem := frames.text_problem(text, limit)) is not None:
+        raise messages_repo.Refused(*problem)
     return text
 
 
@@ -206,14 +228,15 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
     elif isinstance(frame, frames.TutorAsk):
         # the question is posted like any message, then the tutor replies to it
         text = _check_text(frame.text, min(settings.ws_max_text, MAX_QUESTION_CHARS))
-        slot = await take_slot(hub.redis, user.id, user.role)  # refused before anything is posted
-        if slot is None:
-            # unless it is a repeat of a question already asked: the original comes back, as for any repeat
-            original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id)
-            if original is None:
-                raise messages_repo.Refused("tutor_busy", BUSY, retry_after=BUSY_RETRY_S)
+        # a repeat of a question already asked (a re-send after a reconnect): the original comes back, as for any
+        # repeat, whatever the slots, the send budget or the daily limit say now
+        original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id)
+        if original is not None:
             conn.own(original.event.seq, original.payload.decode())
             return
+        slot = await take_slot(hub.redis, user.id, user.role)  # refused before anything is posted
+        if slot is None:
+            raise messages_repo.Refused("tutor_busy", BUSY, retry_after=BUSY_RETRY_S)
         try:
             await _rate(hub, user)
             refused = await over_daily_limit(hub.app_state, user)  # refused before anything is posted
@@ -247,6 +270,11 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
         conn.typing_active = frame.active
         await publish(hub.redis, room_topic(conn.room), Typing(room=conn.room, user=conn.user, active=frame.active))
     elif isinstance(frame, frames.Resume):
+        wait = conn.resumed_at + RESUME_EVERY_S - time.monotonic()
+        if wait > 0:
+            raise messages_repo.Refused("rate_limited", f"one resume a second; retry in {wait:.2g}s",
+                                        retry_after=round(wait, 3))
+        conn.resumed_at = time.monotonic()
         await hub.welcome(conn, frame.after_seq)
     elif isinstance(frame, frames.Ping):
         conn.push_event(Pong(ref=frame.ref))

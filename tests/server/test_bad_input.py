@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import Factory
+from tests.conftest import Factory, fetch
 from tests.server.conftest import Client, make_course
 
 
@@ -54,4 +54,37 @@ async def test_a_nul_in_a_frame_is_a_bad_frame(server, make: Factory):
     await c.send(json.dumps({"type": "message.send", "text": "a\u0000b"}))
     err = await c.expect("error")
     assert err["code"] == "bad_frame" and "NUL" in err["detail"]
+    await c.close()
+
+
+async def test_a_deeply_nested_frame_is_a_bad_frame_and_the_socket_stays_open(server, make: Factory):
+    """msgspec refuses deep nesting with a RecursionError: that is a bad frame too, not a 1011 close."""
+    course = make_course(server, make, learners=1)
+    c = await Client.connect(server, course.room, course.learners[0])
+    deep = "[" * 2000 + "]" * 2000
+    for frame in ('{"type": "message.send", "text": 5, "ref": %s}' % deep, '{"x": %s, "type": "ping"}' % deep):
+        await c.send(frame)
+        err = await c.expect("error")
+        assert err["code"] == "bad_frame", err
+    await c.send(json.dumps({"type": "ping", "ref": "still-here"}))
+    assert (await c.expect("pong"))["ref"] == "still-here"
+    await c.close()
+
+
+async def test_invisible_or_control_character_messages_are_refused_alike_over_socket_and_rest(server, client,
+                                                                                            make: Factory, settings):
+    course = make_course(server, make, learners=1)
+    learner = course.learners[0]
+    c = await Client.connect(server, course.room, learner)
+    for i, text in enumerate(["\u200b\u200b", "\u3164\u3164", "\u2800", "\u0301\u0301", "ring \x07 bell",
+                              "\x1b[31mred\x1b[0m", "del\x7f"]):
+        await c.send(json.dumps({"type": "message.send", "text": text, "client_msg_id": f"bad{i}"}))
+        err = await c.expect("error")
+        assert err["code"] == "bad_frame" and err["ref"] == f"bad{i}", (text, err)
+        r = client.post(f"/api/v1/rooms/{course.room}/messages", json={"text": text}, headers=learner.h)
+        assert r.status_code == 400 and r.json()["field"] == "text", (text, r.text)
+    assert fetch(settings, "SELECT count(*) AS n FROM messages WHERE room_id = $1", course.room)[0]["n"] == 0
+    await c.send(json.dumps({"type": "message.send", "text": "tabs\tand\nlines, e\u0301 and \U0001f600 are fine",
+                             "client_msg_id": "ok"}))
+    await c.expect("message.new", client_msg_id="ok")
     await c.close()

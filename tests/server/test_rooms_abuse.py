@@ -293,3 +293,50 @@ def test_a_socket_opening_while_its_token_is_revoked_is_closed_once_attached(ser
             await pool.close()
 
     assert run_sync(go()) == [(4401, "token revoked"), (4403, "access revoked"), None]
+
+
+async def test_a_connection_flooding_frames_is_told_then_closed(server, make: Factory):
+    """Pings, typing or garbage cost the server a frame each: past the frame budget they are dropped unread with
+    one `rate_limited` a second, and a connection that keeps on is closed (4429), while others are unaffected."""
+    course = make_course(server, make, learners=2)
+    a, b = course.learners
+    flood = await Client.connect(server, course.room, a)
+    calm = await Client.connect(server, course.room, b)
+    for i in range(100):
+        await flood.ws.send('{"type": "ping", "ref": "p%d"}' % i)
+    err = await flood.expect("error", timeout=5)
+    assert err["code"] == "rate_limited" and err["retry_after"] > 0
+    for _ in range(400):
+        await flood.ws.send("not json")
+    assert await flood.closed() == (4429, "too many frames")
+    await calm.send({"type": "ping", "ref": "fine"})
+    await calm.expect("pong", ref="fine")
+    await calm.close()
+
+
+async def test_resume_is_at_most_once_a_second_per_connection(server, make: Factory):
+    course = make_course(server, make, learners=1)
+    c = await Client.connect(server, course.room, course.learners[0])
+    await c.send({"type": "resume", "after_seq": 0, "ref": "r1"})
+    await c.expect("welcome")
+    await c.send({"type": "resume", "after_seq": 0, "ref": "r2"})
+    err = await c.expect("error")
+    assert err["code"] == "rate_limited" and err["ref"] == "r2" and 0 < err["retry_after"] <= 1
+    await asyncio.sleep(err["retry_after"])
+    await c.send({"type": "resume", "after_seq": 0, "ref": "r3"})
+    await c.expect("welcome")
+    await c.close()
+
+
+async def test_one_user_opens_a_bounded_number_of_sockets(server, make: Factory, settings):
+    course = make_course(server, make, learners=1)
+    (a,) = course.learners
+    limit = settings.ws_max_per_user
+    opened = [await Client.connect(server, course.room, a) for _ in range(limit)]
+    code, reason = await closed_with(ws_url(server, course.room, a.token))
+    assert code == 4429 and "too many open sockets" in reason
+    await opened.pop().close()
+    await asyncio.sleep(0.2)
+    opened.append(await Client.connect(server, course.room, a))  # one closed: one may open
+    for c in opened:
+        await c.close()

@@ -94,6 +94,34 @@ async def test_a_course_kick_keeps_the_learner_out_of_its_live_sessions(server, 
     assert client.get(f"/api/v1/live/{sid}", headers=a.h).status_code == 200
 
 
+async def test_a_course_mute_holds_in_its_live_sessions(server, client, make: Factory):
+    """Muted in the course room, muted in its live sessions' rooms (joined as the course room), over the socket
+    and REST, until the course room's mute is lifted."""
+    course = make_course(server, make, learners=1)
+    inst, (a,) = course.instructor, course.learners
+    sid = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "Lab"}, headers=inst.h).json()["id"]
+    assert client.post(f"/api/v1/live/{sid}/start", headers=inst.h).status_code == 200
+    live = await Client.connect(server, f"live:{sid}", a)
+    await live.send({"type": "message.send", "text": "before", "client_msg_id": "m0"})
+    mine = await live.expect("message.new", client_msg_id="m0")
+    assert client.post(f"/api/v1/rooms/{course.room}/mutes", json={"user_id": a.id, "seconds": 600},
+                       headers=inst.h).status_code == 201
+    await live.send({"type": "message.send", "text": "still talking", "client_msg_id": "m1"})
+    assert (await live.expect("error"))["code"] == "muted"
+    await live.send({"type": "message.edit", "id": mine["id"], "text": "edited"})
+    assert (await live.expect("error"))["code"] == "muted"
+    r = client.post(f"/api/v1/rooms/live:{sid}/messages", json={"text": "over REST"}, headers=a.h)
+    assert r.status_code == 403 and r.json()["code"] == "muted", r.text
+    (mute,) = client.get(f"/api/v1/rooms/live:{sid}/mutes", headers=inst.h).json()
+    assert mute["user_id"] == a.id and mute["room"] == course.room
+    r = client.delete(f"/api/v1/rooms/live:{sid}/mutes/{a.id}", headers=inst.h)
+    assert r.status_code == 404 and "course room" in r.json()["message"]
+    assert client.delete(f"/api/v1/rooms/{course.room}/mutes/{a.id}", headers=inst.h).status_code == 204
+    await live.send({"type": "message.send", "text": "back", "client_msg_id": "m2"})
+    await live.expect("message.new", client_msg_id="m2")
+    await live.close()
+
+
 async def test_poll_vote_rules(server, client, make: Factory):
     course = make_course(server, make, learners=3)
     inst, (a, b, c) = course.instructor, course.learners

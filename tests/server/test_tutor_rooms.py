@@ -89,6 +89,30 @@ async def test_tutor_ask_frame_is_validated(eval_course: EvalCourse, server):
     await c.close()
 
 
+async def test_a_resent_question_returns_the_original_even_past_the_daily_limit(eval_course: EvalCourse, server, client,
+                                                                              make: Factory, settings):
+    """A client re-sending its question after a reconnect gets the original back, not a limit it reached since."""
+    asker = make.user("learner", tenant=eval_course.tenant)
+    client.post(f"/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": asker.id},
+                headers=eval_course.instructor.h)
+    room = f"course:{eval_course.id}"
+    ask = {"type": "tutor.ask", "text": "what is a hash function?", "client_msg_id": "again1"}
+    a = await Client.connect(server, room, asker)
+    await a.send(ask)
+    first = await a.expect("message.new", client_msg_id="again1")
+    await a.close()
+    fetch(settings, """INSERT INTO tutor_quota (user_id, day, used) VALUES ($1, (now() AT TIME ZONE 'UTC')::date, $2)
+                       ON CONFLICT (user_id, day) DO UPDATE SET used = EXCLUDED.used""",
+          asker.id, settings.tutor_daily_limit)
+    a = await Client.connect(server, room, asker)
+    await a.send(ask)
+    await a.send({"type": "ping", "ref": "after"})
+    await a.expect("pong", ref="after", timeout=10)
+    assert not [f for f in a.frames if f["type"] == "error"], a.frames
+    assert (await a.expect("message.new", client_msg_id="again1"))["id"] == first["id"]
+    await a.close()
+
+
 async def test_room_limits_are_the_askers_own(eval_course: EvalCourse, server, client, make: Factory, settings):
     """A learner past the daily limit hears it alone (the room does not); over-long questions and a learner's
     third concurrent question are refused to them with a reason."""
