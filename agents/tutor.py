@@ -144,7 +144,8 @@ class Tutor:
     async def retrieve(self, s: TutorState) -> dict:
         text = s["standalone"]
         vec = (await asyncio.to_thread(self.embedder.embed, [text]))[0]
-        async with self.pool.acquire() as conn:
+        # one snapshot: a re-ingest committing between these reads would pair old hits with new neighbours
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             hits = await hybrid_search(conn, s["course_id"], vec, text, self.embedder.name, k=RETRIEVE_K)
             extra = await neighbours(conn, hits, self.embedder.name)
             cover = await vocabulary_coverage(conn, s["course_id"], self.embedder.name, text,

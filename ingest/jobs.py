@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
+from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -161,3 +163,39 @@ async def recover_lost_jobs(ctx: dict[str, Any]) -> int:
     if n:
         logger.info("re-queued %d lost ingest jobs", n)
     return n
+
+
+ORPHAN_UPLOAD_S = 24 * 3600
+
+
+async def sweep_uploads(ctx: dict[str, Any]) -> int:
+    """Delete uploaded files no video refers to, a day after they were last written: an upload cut short by a
+    crash or a shutdown, or a file whose video row never committed. Also the empty folders of deleted courses.
+    Returns the number of files deleted."""
+    root: Path = ctx["settings"].data_dir / "uploads"
+    cutoff = time.time() - ORPHAN_UPLOAD_S
+
+    def old_files() -> list[Path]:
+        if not root.is_dir():
+            return []
+        return [p for p in root.glob("*/*.upload") if p.stat().st_mtime < cutoff]
+
+    found = await asyncio.to_thread(old_files)
+    if found:
+        async with ctx["pool"].acquire() as conn:
+            kept = {r["file_path"] for r in await conn.fetch(
+                "SELECT file_path FROM videos WHERE file_path = ANY($1::text[])", [str(p) for p in found])}
+        found = [p for p in found if str(p) not in kept]
+
+    def remove() -> None:
+        for p in found:
+            p.unlink(missing_ok=True)
+        for d in (root.iterdir() if root.is_dir() else ()):
+            if d.is_dir() and d.stat().st_mtime < cutoff and not any(d.iterdir()):
+                with contextlib.suppress(OSError):  # a file just arrived
+                    d.rmdir()
+
+    await asyncio.to_thread(remove)
+    if found:
+        logger.info("deleted %d uploaded files no video refers to", len(found))
+    return len(found)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +62,7 @@ async def fetch_cues(video: asyncpg.Record, settings: Settings, reporter: JobRep
         return SourceResult(parse_transcript(data, video["filename"]))
     if source == "media":
         from ingest.media import probe_media
-        from ingest.transcribe import get_transcriber
+        from ingest.transcribe import TranscriptionStopped, get_transcriber
 
         await reporter.stage("transcribing")
         info = await asyncio.to_thread(probe_media, path)
@@ -73,12 +72,16 @@ async def fetch_cues(video: asyncpg.Record, settings: Settings, reporter: JobRep
             asyncio.run_coroutine_threadsafe(reporter.advance(fraction), loop)
 
         transcriber = await asyncio.to_thread(get_transcriber, settings.whisper_model)
-        stop = threading.Event()
+        # the thread stops at its next segment, not the end, when the progress writes find the job deleted or
+        # when the worker stops (this run is over either way)
         try:
-            cues = await asyncio.to_thread(transcriber.transcribe, path, on_progress=on_progress, cancel=stop)
-        except asyncio.CancelledError:  # the worker is stopping: its thread stops at the next segment, not the end
-            stop.set()
+            cues = await asyncio.to_thread(transcriber.transcribe, path, on_progress=on_progress,
+                                           cancel=reporter.deleted)
+        except asyncio.CancelledError:
+            reporter.deleted.set()
             raise
+        except TranscriptionStopped:
+            raise PermanentIngestError("the video was deleted") from None
         return SourceResult(cues, duration_s=info.duration_s, language="en", captions_generated=True)
     raise PermanentIngestError(f"unknown video source {source!r}")
 
@@ -123,14 +126,15 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
     if not src.cues:
         raise PermanentIngestError("the transcript has no speech or text")
     await reporter.stage("chunking")
-    sentences = to_sentences(src.cues)
-    chunks = chunk_sentences(sentences, target_tokens=CHUNK_TARGET_TOKENS)
+    # CPU work off the event loop: the job's heartbeat and the other job keep running meanwhile
+    chunks = await asyncio.to_thread(
+        lambda: chunk_sentences(to_sentences(src.cues), target_tokens=CHUNK_TARGET_TOKENS))
     if not chunks:
         raise PermanentIngestError("nothing to index: the transcript is empty after cleaning")
     await reporter.stage("embedding")
     emb = await embed_texts(embedder, [c.text for c in chunks], reporter)
     await reporter.stage("chaptering")
-    chapters = build_chapters(chunks, emb)
+    chapters = await asyncio.to_thread(build_chapters, chunks, emb)
     from agents.llm import get_llm
 
     llm = get_llm(settings)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 import asyncpg
 from redis.asyncio import Redis
 
+from ingest.errors import PermanentIngestError
 from store import jobs as jobs_repo
 from store.events import JobProgress, publish, user_topic
 
@@ -34,9 +36,15 @@ class JobReporter:
         self.min_interval = min_interval
         self._last = 0.0
         self._lock = asyncio.Lock()
+        # set once a write finds the job row gone (its video or course deleted): long work (a transcription
+        # thread) watches it and stops, and the next stage change raises
+        self.deleted = threading.Event()
 
     async def stage(self, state: str, fraction: float = 0.0) -> None:
+        """Enter a stage; PermanentIngestError when the job was deleted meanwhile (nothing left to do it for)."""
         await self._write(state, fraction, force=state != self.state)
+        if self.deleted.is_set():
+            raise PermanentIngestError("the video was deleted")
 
     async def advance(self, fraction: float) -> None:
         await self._write(self.state, fraction, force=False)
@@ -57,6 +65,9 @@ class JobReporter:
                 progress = float(self.job["progress"])
             async with self.pool.acquire() as conn:
                 row = await jobs_repo.set_state(conn, self.job["id"], state, progress, error)
+                if row is None and not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM jobs WHERE id = $1)",
+                                                           self.job["id"]):
+                    self.deleted.set()
             if row is None:
                 return False
             self.job, self.state = row, state

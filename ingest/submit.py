@@ -63,6 +63,14 @@ def inspect_file(path: Path, filename: str | None = None) -> tuple[str, str]:
     return "transcript", fmt
 
 
+class DuplicateVideo(Exception):
+    """The course already has this YouTube video (`video_id`)."""
+
+    def __init__(self, video_id: int) -> None:
+        super().__init__(f"this YouTube video is already in the course as video {video_id}")
+        self.video_id = video_id
+
+
 async def submit_video(pool: asyncpg.Pool, arq: ArqRedis | None, settings: Settings, course_id: int,
                        created_by: int | None, title: str, *, youtube_id: str | None = None,
                        file_path: Path | None = None, filename: str | None = None, source: str | None = None,
@@ -73,13 +81,19 @@ async def submit_video(pool: asyncpg.Pool, arq: ArqRedis | None, settings: Setti
     """
     if youtube_id is None and file_path is None:
         raise ValueError("a video needs a YouTube id or a file")
-    async with pool.acquire() as conn, conn.transaction():
-        video = await videos_repo.create_video(
-            conn, course_id, title, "youtube" if youtube_id else (source or "transcript"), youtube_id=youtube_id,
-            filename=filename, file_path=str(file_path) if file_path else None, file_kind=kind,
-            file_size=file_path.stat().st_size if file_path else None)
-        job = await jobs_repo.create_job(conn, "ingest", course_id=course_id, video_id=video["id"],
-                                         created_by=created_by, max_attempts=settings.job_max_attempts)
+    async with pool.acquire() as conn:
+        try:
+            async with conn.transaction():
+                video = await videos_repo.create_video(
+                    conn, course_id, title, "youtube" if youtube_id else (source or "transcript"),
+                    youtube_id=youtube_id, filename=filename, file_path=str(file_path) if file_path else None,
+                    file_kind=kind, file_size=file_path.stat().st_size if file_path else None)
+                job = await jobs_repo.create_job(conn, "ingest", course_id=course_id, video_id=video["id"],
+                                                 created_by=created_by, max_attempts=settings.job_max_attempts)
+        except asyncpg.UniqueViolationError:  # the same YouTube video, added before (or at the same moment)
+            existing = await conn.fetchval("SELECT id FROM videos WHERE course_id = $1 AND youtube_id = $2",
+                                           course_id, youtube_id)
+            raise DuplicateVideo(existing) from None
     if arq is not None:
         try:
             await enqueue_ingest(arq, pool, job["id"])
@@ -94,8 +108,10 @@ async def submit_job(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, kind
     when the video is gone (deleted meanwhile)."""
     async with pool.acquire() as conn:
         try:
-            job = await jobs_repo.create_job(conn, kind, course_id=course_id, video_id=video_id,
-                                             created_by=created_by, max_attempts=settings.job_max_attempts)
+            async with conn.transaction():
+                job = await jobs_repo.create_job(conn, kind, course_id=course_id, video_id=video_id,
+                                                 created_by=created_by, max_attempts=settings.job_max_attempts)
+                await videos_repo.mark_requeued(conn, video_id)
         except asyncpg.ForeignKeyViolationError:
             raise LookupError(f"video {video_id} not found") from None
     try:

@@ -49,8 +49,11 @@ _CHEVRONS = re.compile(r"\s*>>+\s*")
 _STRAY_GT = re.compile(r"^[\s>]*>\s*|\s*>+\s*$|\s*>+(?=[.,;:!?])")
 _SPACES = re.compile(r"\s+")
 _HAS_WORD = re.compile(r"\w")
+# What Postgres text cannot hold (NUL), what no encoder takes (lone surrogates, e.g. from a JSON "\ud800"), and
+# other control characters: never stored.
+_UNSTORABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")
 # Characters that send a line down the slow path; most caption lines contain none of them.
-_SPECIAL = re.compile(r"[<>&\[\]()\{:♪♫\xa0\u200b\t]")
+_SPECIAL = re.compile(r"[<>&\[\]()\{:♪♫\xa0\u200b\t\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")
 
 
 def _is_sound(inner: str, *, brackets: bool) -> bool:
@@ -111,6 +114,7 @@ def clean_line(line: str) -> str:
     if "&" in line:
         line = _unescape(line)
     line = line.replace("\xa0", " ").replace("\u200b", "").replace("♪", " ").replace("♫", " ")
+    line = _UNSTORABLE.sub(" ", line)
     line = _drop_sound_tags(line)
     if ">>" in line:
         # ">>" marks a change of speaker, and a label may follow it mid-line.

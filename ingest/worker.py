@@ -11,7 +11,7 @@ from arq.connections import RedisSettings
 
 from agents.config import embedder_for
 from ingest.grading import grade_batch, grade_submission, recover_grading
-from ingest.jobs import ingest_job, recover_lost_jobs
+from ingest.jobs import ingest_job, recover_lost_jobs, sweep_uploads
 from store.db import create_pool
 from store.settings import Settings
 
@@ -71,7 +71,8 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
                    # progress, XP, leaderboards, matcher
                    *([cron(match_pods_weekly, minute={0, 15, 30, 45}, run_at_startup=True, unique=True)]
                      if settings.match_weekly else []),
-                   cron(check_leaderboards, minute=17, run_at_startup=False, unique=True)],
+                   cron(check_leaderboards, minute=17, run_at_startup=False, unique=True),
+                   cron(sweep_uploads, minute=41, run_at_startup=True, unique=True)],
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         on_startup=on_startup,
         on_shutdown=on_shutdown,

@@ -188,7 +188,7 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
     from agents.config import embedder_for
     from ingest.errors import IngestError
     from ingest.jobs import ingest_job
-    from ingest.submit import inspect_file, submit_video
+    from ingest.submit import DuplicateVideo, inspect_file, submit_video
     from ingest.youtube import parse_youtube_id
     from store.db import create_pool
 
@@ -221,7 +221,11 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
                 return 2
             kw = dict(title=args.title or src.stem, file_path=dest, filename=src.name, source=source, kind=kind)
         worker_alive = bool(await arq.exists("arq:queue:health-check"))
-        video_id, job_id = await submit_video(pool, arq if worker_alive else None, settings, args.course_id, owner, **kw)
+        try:
+            video_id, job_id = await submit_video(pool, arq if worker_alive else None, settings, args.course_id,
+                                                  owner, **kw)
+        except DuplicateVideo as exc:
+            raise CliError(str(exc)) from None
         print(f"video {video_id}, job {job_id}" + ("" if worker_alive else " (no worker running: ingesting here)"),
               file=sys.stderr)
         runner = None
@@ -270,6 +274,8 @@ async def _progress(pool, job_id: int, arq=None):  # type: ignore[no-untyped-def
             elif checked - seen_worker >= WORKER_GONE_S:
                 return None
         job = await pool.fetchrow("SELECT state, progress, error FROM jobs WHERE id = $1", job_id)
+        if job is None:
+            raise CliError(f"job {job_id} is gone: its video or course was deleted")
         line = f"[{'#' * int(job['progress'] * width):<{width}}] {job['progress'] * 100:5.1f}% {job['state']}"
         if line != shown and sys.stderr.isatty():
             print("\r" + line.ljust(60), end="", file=sys.stderr, flush=True)

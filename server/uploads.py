@@ -129,6 +129,9 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
     except Exception as exc:  # python-multipart raises its own errors on malformed bodies
         up.discard()
         raise ApiError(400, f"malformed multipart body: {exc}") from exc
+    except BaseException:  # cancelled (a shutdown cuts the request short): no half-written file left behind
+        up.discard()
+        raise
     finally:
         if state["fh"] is not None:
             state["fh"].close()

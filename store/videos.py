@@ -46,6 +46,13 @@ async def mark_processing(conn: asyncpg.Connection, video_id: int) -> None:
                           WHERE id = $1 AND NOT (status = 'ready' AND chunk_count > 0)""", video_id)
 
 
+async def mark_requeued(conn: asyncpg.Connection, video_id: int) -> None:
+    """A new ingest of a failed video is queued (a retry, a re-ingest): it is `queued` again, without the old
+    error, from now on rather than once a worker starts it."""
+    await conn.execute("""UPDATE videos SET status = 'queued', error = NULL, updated_at = now()
+                          WHERE id = $1 AND status = 'failed'""", video_id)
+
+
 async def mark_failed(conn: asyncpg.Connection, video_id: int, reason: str) -> None:
     """An ingest gave up. A video still serving its earlier chunks stays ready, with the reason kept in
     `error`; one that never became ready is `failed`."""
@@ -125,8 +132,13 @@ def fold(text: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
 
 
+# Longer "words" (a pasted hash, a run of digits) are nobody's search term, and past ~2,700 bytes they do not fit
+# the words index at all.
+MAX_WORD_CHARS = 100
+
+
 def spoken_words(texts: Iterable[str]) -> set[str]:
-    return {w for t in texts for w in WORD_RE.findall(fold(t).lower())}
+    return {w for t in texts for w in WORD_RE.findall(fold(t).lower()) if len(w) <= MAX_WORD_CHARS}
 
 
 # df recounted from the postings; only rows that changed are written.

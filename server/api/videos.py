@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +16,7 @@ from msgspec import Meta
 
 from ingest.errors import IngestError
 from ingest.jobs import enqueue_ingest
-from ingest.submit import FileTooLarge, UnsupportedFile, inspect_file, submit_job, submit_video
+from ingest.submit import DuplicateVideo, FileTooLarge, UnsupportedFile, inspect_file, submit_job, submit_video
 from server.api.courses import course_or_404
 from server.api.paging import ListLimit, Offset
 from server.api.schemas import Strict, Title
@@ -137,7 +138,7 @@ class VideoController(Controller):
         async with state.pool.acquire() as conn:
             await course_or_404(conn, course_id, user)
         ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
+        if ctype.lower().lstrip().startswith("multipart/form-data"):  # media types ignore case
             kw = await self._receive_file(request, course_id)
         else:
             data = await read_json(request, VideoIn)
@@ -150,6 +151,8 @@ class VideoController(Controller):
             kw = dict(title=data.title.strip() or yt_id, youtube_id=yt_id)
         try:
             video_id, job_id = await submit_video(state.pool, state.arq, state.settings, course_id, user.id, **kw)
+        except DuplicateVideo as exc:
+            raise ApiError(409, str(exc), code="duplicate", field="youtube") from exc
         except BaseException:
             if kw.get("file_path"):
                 Path(kw["file_path"]).unlink(missing_ok=True)
@@ -161,9 +164,14 @@ class VideoController(Controller):
         up = await receive_upload(request, settings.data_dir / "uploads" / str(course_id),
                                   max_bytes=settings.max_upload_bytes)
         try:
-            title = (up.fields.get("title") or "").strip() or Path(up.filename or "untitled").stem
+            title = (up.fields.get("title") or "").strip()
             if len(title) > 200:
                 raise ApiError(400, "title is longer than 200 characters", field="title")
+            if "\x00" in title:
+                raise ApiError(400, "title must not contain NUL characters", field="title")
+            if not title:  # from the file's name, which the user did not write as a title: made to fit
+                title = " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", Path(up.filename or "").stem).split())[:200].strip()
+                title = title or "untitled"
             try:
                 source, kind = await asyncio.to_thread(inspect_file, up.path, up.filename)
             except UnsupportedFile as exc:
@@ -290,8 +298,11 @@ class JobController(Controller):
                 raise ApiError(409, f"a {job['kind']} job is not retried here; start it again instead")
             if job["state"] != "failed":
                 raise ApiError(409, f"only failed jobs can be retried; this one is {job['state']}")
-            job = await jobs_repo.requeue(conn, job_id)
-            if job is None:  # another retry took it first
-                raise ApiError(409, "this job is already being retried")
+            async with conn.transaction():
+                job = await jobs_repo.requeue(conn, job_id)
+                if job is None:  # another retry took it first
+                    raise ApiError(409, "this job is already being retried")
+                if job["video_id"] is not None:
+                    await videos_repo.mark_requeued(conn, job["video_id"])
         await enqueue_ingest(state.arq, state.pool, job_id)
         return to_job(job)

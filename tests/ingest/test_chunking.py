@@ -276,3 +276,20 @@ def test_overlap_dropped_when_it_would_overflow_the_next_chunk() -> None:
         t += 10.0
     chunks = chunk_sentences(sentences, target_tokens=180, max_tokens=240)
     assert [[s.text[:4] for s in c.sentences] for c in chunks] == [["s0w0", "s1w0"], ["s2w0"]]
+
+
+def test_one_huge_sentence_is_split_in_few_passes(monkeypatch):
+    """A cue of 100,000 words squeezed into 2 s: the fewest pieces that fit are found by doubling and bisecting
+    (one more piece per pass took minutes and starved the worker's heartbeat)."""
+    from ingest import chunking
+
+    calls = []
+    real = chunking._split_words
+    monkeypatch.setattr(chunking, "_split_words", lambda *a: calls.append(a[2]) or real(*a))
+    s = chunking.Sentence(10.0, 12.0, " ".join(f"w{i}" for i in range(100_000)))
+    pieces = chunking.split_sentence(s, max_seconds=0.5, max_tokens=50)
+    assert len(calls) <= 40
+    assert all(chunking.estimate_tokens(p.text) <= 50 and p.end - p.start <= 0.5 for p in pieces)
+    assert " ".join(p.text for p in pieces) == s.text
+    fewer = real(s, s.text.split(), len(pieces) - 1)  # one piece fewer does not fit
+    assert any(chunking.estimate_tokens(p.text) > 50 or p.end - p.start > 0.5 for p in fewer)

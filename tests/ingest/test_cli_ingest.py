@@ -83,3 +83,24 @@ def test_cli_ingest_gives_up_when_the_worker_is_gone(client, make: Factory, work
     finally:
         worker.start()
     assert wait_job(client, job_id, inst.h, timeout=120)["state"] == "done"
+
+
+def test_cli_progress_of_a_job_deleted_meanwhile_is_one_line(settings):
+    """The video (or course) deleted while `studyhall ingest` watches: a CliError (one line, status 2), not a
+    TypeError traceback."""
+    import asyncio
+
+    import pytest
+
+    from server.cli import CliError, _progress
+    from store.db import create_pool
+
+    async def go() -> None:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        try:
+            await _progress(pool, 2**62)
+        finally:
+            await pool.close()
+
+    with pytest.raises(CliError, match="is gone"):
+        asyncio.run(go())

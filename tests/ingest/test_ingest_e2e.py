@@ -193,6 +193,40 @@ def test_oversize_chunked_upload_is_413_and_too_many_fields_400(client, make: Fa
     assert fetch(settings, "SELECT count(*) AS n FROM videos WHERE course_id = $1", cid)[0]["n"] == 0
 
 
+def test_upload_content_type_in_any_case_and_a_long_file_name_as_title(client, make: Factory, settings):
+    """Media types are case-insensitive; a title taken from a long file name is cut to fit (the user never sent a
+    title to be told it is too long); a title with a NUL is refused."""
+    inst, cid = _course(client, make)
+    boundary = "studyhallboundary"
+    name = "lecture-" + "x" * 230 + ".srt"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n1\n00:00:01,000 --> 00:00:02,000\nhi\n\r\n"
+            f"--{boundary}--\r\n").encode()
+    r = client.post(f"/api/v1/courses/{cid}/videos", content=body,
+                    headers={**inst.h, "Content-Type": f"Multipart/Form-Data; boundary={boundary}"})
+    assert r.status_code == 202, r.text
+    title = client.get(f"/api/v1/courses/{cid}/videos/{r.json()['video_id']}", headers=inst.h).json()["title"]
+    assert title == name.removesuffix(".srt")[:200]
+    r = upload(client, cid, inst.h, "a.srt", b"1\n00:00:01,000 --> 00:00:02,000\nhi\n", title="bad\x00title")
+    assert r.status_code == 400 and r.json()["field"] == "title", r.text
+
+
+def test_a_youtube_video_is_added_to_a_course_once(client, make: Factory, settings):
+    inst, cid = _course(client, make)
+    first = client.post(f"/api/v1/courses/{cid}/videos", json={"title": "Rick", "youtube": "dQw4w9WgXcQ"},
+                        headers=inst.h)
+    assert first.status_code == 202
+    again = client.post(f"/api/v1/courses/{cid}/videos",
+                        json={"title": "Rick again", "youtube": "https://www.youtube.com/watch?v=dQw4w9WgXcQ"},
+                        headers=inst.h)
+    assert again.status_code == 409 and again.json()["code"] == "duplicate", again.text
+    assert f"video {first.json()['video_id']}" in again.json()["message"]
+    assert fetch(settings, "SELECT count(*) AS n FROM videos WHERE course_id = $1", cid)[0]["n"] == 1
+    other = client.post("/api/v1/courses", json={"title": "Another"}, headers=inst.h).json()["id"]
+    assert client.post(f"/api/v1/courses/{other}/videos", json={"title": "Rick", "youtube": "dQw4w9WgXcQ"},
+                       headers=inst.h).status_code == 202  # another course may have it too
+
+
 def test_bad_video_json(client, make: Factory):
     inst, cid = _course(client, make)
     for body, field in (({"title": "x", "youtube": "https://vimeo.com/123"}, "youtube"),
@@ -221,6 +255,8 @@ def test_unreachable_youtube_fails_with_reason_and_can_be_retried(client, make: 
     retried = client.post(f"/api/v1/jobs/{job['id']}/retry", headers=inst.h)
     assert retried.status_code == 202 and retried.json()["state"] == "queued"
     assert retried.json()["attempts"] == 0 and retried.json()["error"] is None  # a fresh run, not the old verdict
+    video = client.get(f"/api/v1/courses/{cid}/videos/{r.json()['video_id']}", headers=inst.h).json()
+    assert video["status"] in ("queued", "processing") and video["error"] is None  # the video says so at once
     assert client.post(f"/api/v1/jobs/{job['id']}/retry", headers=inst.h).status_code == 409
     again = wait_job(client, job["id"], inst.h, timeout=120)
     assert again["state"] == "failed" and again["attempts"] == again["max_attempts"]  # it really ran again

@@ -310,3 +310,72 @@ def test_a_late_duplicate_run_does_not_write_over_a_finished_job(settings, make:
     row = fetch(settings, "SELECT state, error, progress FROM jobs WHERE id = $1", job["id"])[0]
     assert row["state"] == "done" and row["error"] is None and row["progress"] == 1.0
     assert fetch(settings, "SELECT status FROM videos WHERE id = $1", vid)[0]["status"] == "ready"
+
+
+def test_uploaded_files_no_video_refers_to_are_swept_after_a_day(settings, make: Factory, client, tmp_path):
+    """An upload cut short by a crash or shutdown left its file for good; the worker's sweep deletes files no
+    video refers to once they are a day old (a file still being written is newer), and empty course folders."""
+    import dataclasses
+    import os
+    import time
+
+    from ingest.jobs import ORPHAN_UPLOAD_S, sweep_uploads
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Files"}, headers=inst.h).json()["id"]
+    folder = (tmp_path / "uploads" / str(cid)).resolve()
+    folder.mkdir(parents=True)
+    kept, orphan, fresh = (folder / f"{n}.upload" for n in ("kept", "orphan", "fresh"))
+    gone_course = tmp_path.resolve() / "uploads" / "999999999"
+    gone_course.mkdir()
+    for p in (kept, orphan, fresh):
+        p.write_bytes(b"data")
+    old = time.time() - ORPHAN_UPLOAD_S - 60
+    for p in (kept, orphan, gone_course):
+        os.utime(p, (old, old))
+    fetch(settings, "INSERT INTO videos (course_id, title, source, file_path) VALUES ($1, 'v', 'media', $2)",
+          cid, str(kept))
+
+    async def go() -> int:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        try:
+            mine = dataclasses.replace(settings, data_dir=tmp_path.resolve())
+            return await sweep_uploads({"pool": pool, "settings": mine})
+        finally:
+            await pool.close()
+
+    assert run_sync(go()) == 1
+    assert kept.exists() and fresh.exists() and not orphan.exists() and not gone_course.exists()
+
+
+def test_a_job_deleted_while_it_runs_stops_at_its_next_progress_write(settings, make: Factory, client):
+    """Deleting a video (or its course) deletes its job; the run notices at its next progress write: a running
+    transcription's thread is told to stop (the `deleted` event is its cancel flag) and the next stage raises."""
+    from ingest.errors import PermanentIngestError
+    from ingest.progress import JobReporter
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Deleted"}, headers=inst.h).json()["id"]
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source) VALUES ($1, 'v', 'media') RETURNING id",
+                cid)[0]["id"]
+    job_id = fetch(settings, "INSERT INTO jobs (kind, course_id, video_id) VALUES ('ingest', $1, $2) RETURNING id",
+                   cid, vid)[0]["id"]
+
+    async def go() -> None:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        try:
+            async with pool.acquire() as conn:
+                job = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
+            reporter = JobReporter(pool, None, job, min_interval=0)
+            await reporter.stage("transcribing")
+            await reporter.advance(0.3)
+            assert not reporter.deleted.is_set()
+            assert client.delete(f"/api/v1/courses/{cid}/videos/{vid}", headers=inst.h).status_code == 204
+            await reporter.advance(0.4)  # what the transcription thread's progress callback runs
+            assert reporter.deleted.is_set()
+            with pytest.raises(PermanentIngestError, match="deleted"):
+                await reporter.stage("chunking")
+        finally:
+            await pool.close()
+
+    run_sync(go())

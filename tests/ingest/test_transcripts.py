@@ -487,3 +487,23 @@ def test_eval_known_lecture_details() -> None:
     assert times(yale[:1]) == [(1.47, 3.062, "Today we're going to talk about adaptive")]
     triples = parse_transcript((EVAL / "transcripts" / "3b1b-attention-transformers.json").read_bytes())
     assert (triples[-1].start, triples[-1].end, triples[-1].text) == (1564.96, 1569.2, "Thank you.")
+
+
+def test_characters_postgres_or_the_embedder_cannot_take_are_cleaned_out() -> None:
+    """A NUL (Postgres text refuses it), a lone surrogate (no encoder takes it) or a terminal escape in a cue
+    used to pass parsing and fail the job on every attempt."""
+    data = json.dumps([{"text": "hello\u0000 world", "start": 1, "duration": 2},
+                       {"text": "half \ud800 a pair", "start": 3, "duration": 2},
+                       {"text": "\u001b[31mred\u001b[0m text", "start": 5, "duration": 2}]).encode()
+    cues = parse_transcript(data, "t.json")
+    assert [c.text for c in cues] == ["hello world", "half a pair", "[31mred [0m text"]
+    for c in cues:
+        c.text.encode("utf-8")  # storable
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", c.text)
+
+
+def test_overlong_words_stay_out_of_the_words_index() -> None:
+    from store.videos import MAX_WORD_CHARS, spoken_words
+
+    assert spoken_words(["a " + "x1" * 3000 + " normal words"]) == {"a", "normal", "words"}
+    assert spoken_words(["y" * MAX_WORD_CHARS]) == {"y" * MAX_WORD_CHARS}
