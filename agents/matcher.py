@@ -258,14 +258,17 @@ def build_graph(pool: asyncpg.Pool, redis: Redis, settings: Settings, llm: Any =
             offset_h=profiles.utc_offset_hours(profs[r["user_id"]].timezone, now)) for r in members}
         return {"course_id": course_id, "learners": learners, "chapter_titles": titles, "skipped": False}
 
+    # CPU work (every pair, then a maximum-weight matching) runs in a thread: the server and the worker keep
+    # serving meanwhile
     async def weigh(state: MatchState) -> MatchState:
         chapters = list(state["chapter_titles"])
         ls = state["learners"]
-        return {"weights": {pair(a, b): int_weight(weight_of(factors(ls[a], ls[b], chapters)))
-                            for a, b in itertools.combinations(sorted(ls), 2)}}
+        return {"weights": await asyncio.to_thread(
+            lambda: {pair(a, b): int_weight(weight_of(factors(ls[a], ls[b], chapters)))
+                     for a, b in itertools.combinations(sorted(ls), 2)})}
 
     async def match(state: MatchState) -> MatchState:
-        groups = best_groups(list(state["learners"]), state["weights"])
+        groups = await asyncio.to_thread(best_groups, list(state["learners"]), state["weights"])
         return {"groups": [g for g in groups if len(g) >= 2]}
 
     async def reasons(state: MatchState) -> MatchState:
@@ -340,16 +343,24 @@ class DeclineError(Exception):
     pass
 
 
+class StaleDecline(DeclineError):
+    """The round the learner declined was replaced by a newer one (not a re-match of it after declines)."""
+
+
 DECLINE_TRIES = 5  # re-matches attempted when other declines land meanwhile
 
 
 async def decline(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id: int, user_id: int,
-                  llm: Any = "settings") -> MatchResult:
+                  llm: Any = "settings", *, seen: int | None = None) -> MatchResult:
     """The learner sits this round out: the rest of the pod is matched again without them (and without earlier
-    decliners of this round)."""
+    decliners of this round). `seen`: the round they saw; StaleDecline when a newer round (a manual or weekly
+    one, not a re-match of it after declines) replaced it, so a decline never lands on a round never seen."""
     for _ in range(DECLINE_TRIES):
         async with pool.acquire() as conn:
             cur = await matching.current(conn, pod_id)
+            if seen is not None and not await matching.declines_only_since(conn, pod_id, seen):
+                raise StaleDecline(f"round {seen} is no longer this pod's round; read the current one "
+                                   f"(GET /pods/{pod_id}/match) before declining")
         if cur is None or not any(user_id in g["members"] for g in cur["groups"]):
             raise DeclineError("you are not in this pod's current study-buddy round")
         try:  # saved only if `cur` is still current: concurrent declines each build on the other's round

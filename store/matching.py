@@ -35,6 +35,15 @@ async def current(conn: asyncpg.Connection, pod_id: int) -> asyncpg.Record | Non
         "SELECT * FROM pod_matches WHERE pod_id = $1 AND superseded_at IS NULL ORDER BY id DESC LIMIT 1", pod_id)
 
 
+async def declines_only_since(conn: asyncpg.Connection, pod_id: int, match_id: int) -> bool:
+    """Whether `match_id` is a round of the pod and every round after it is a re-match after declines (so the
+    current round is it, or derives from it)."""
+    return bool(await conn.fetchval(
+        """SELECT EXISTS (SELECT 1 FROM pod_matches WHERE id = $2 AND pod_id = $1)
+                  AND NOT EXISTS (SELECT 1 FROM pod_matches WHERE pod_id = $1 AND id > $2 AND trigger <> 'decline')""",
+        pod_id, match_id))
+
+
 async def round_exists(conn: asyncpg.Connection, pod_id: int, round_key: str) -> bool:
     return bool(await conn.fetchval(
         "SELECT EXISTS (SELECT 1 FROM pod_matches WHERE pod_id = $1 AND round_key = $2)", pod_id, round_key))

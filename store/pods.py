@@ -33,11 +33,27 @@ async def delete_pod(conn: asyncpg.Connection, pod_id: int) -> None:
         await conn.execute("DELETE FROM pods WHERE id = $1", pod_id)
 
 
+# A pod is a small cohort: the matcher weighs every pair of its members.
+MAX_MEMBERS = 50
+
+
+class PodFull(Exception):
+    pass
+
+
 async def add_member(conn: asyncpg.Connection, pod_id: int, user_id: int) -> bool:
-    """Add a member; False when already a member."""
-    row = await conn.fetchrow(
-        "INSERT INTO pod_members (pod_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING user_id",
-        pod_id, user_id)
+    """Add a member; False when already a member; PodFull when it has MAX_MEMBERS (rows of learners who left
+    the course count: they come back with their enrolment)."""
+    async with conn.transaction():
+        await conn.execute("SELECT 1 FROM pods WHERE id = $1 FOR UPDATE", pod_id)  # one add at a time per pod
+        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pod_members WHERE pod_id = $1 AND user_id = $2)",
+                               pod_id, user_id):
+            return False
+        if await conn.fetchval("SELECT count(*) FROM pod_members WHERE pod_id = $1", pod_id) >= MAX_MEMBERS:
+            raise PodFull(f"pod {pod_id} is full ({MAX_MEMBERS} members)")
+        row = await conn.fetchrow(
+            "INSERT INTO pod_members (pod_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING user_id",
+            pod_id, user_id)
     return row is not None
 
 

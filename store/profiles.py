@@ -12,6 +12,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import asyncpg
 
+from store.frames import blank
+
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_SLOTS = 28
 MAX_GOALS = 8
@@ -66,7 +68,13 @@ def check_availability(slots: list[tuple[str, str, str]]) -> list[list[int]]:
         if b <= a:
             raise ProfileError(f"availability[{i}].end", "a slot must end after it starts")
         out.append([DAYS.index(day), a, b])
-    return sorted(out)
+    merged: list[list[int]] = []
+    for d, a, b in sorted(out):  # the same or overlapping slots of a day are one
+        if merged and merged[-1][0] == d and a <= merged[-1][2]:
+            merged[-1][2] = max(merged[-1][2], b)
+        else:
+            merged.append([d, a, b])
+    return merged
 
 
 def check_goals(goals: list[str]) -> list[str]:
@@ -75,7 +83,7 @@ def check_goals(goals: list[str]) -> list[str]:
     out = []
     for i, g in enumerate(goals):
         g = " ".join(g.split())
-        if not g or len(g) > 80:
+        if blank(g) or len(g) > 80:
             raise ProfileError(f"goals[{i}]", "a goal is 1 to 80 characters")
         if g.lower() not in (x.lower() for x in out):
             out.append(g)

@@ -27,6 +27,19 @@ TOLERANCE_S = 0.5  # players report positions a hair past the end, and leave gap
 # add a whole video each time. A first report is bounded by the video's duration.
 MAX_PLAYBACK_RATE = 3.0
 SLACK_S = 3.0
+# Newly watched seconds over all of a learner's videos come from a budget (watch_budget) that holds at most
+# WATCH_BUDGET_S and refills at MAX_PLAYBACK_RATE: a player reporting as it plays, or an app syncing a few hours
+# watched offline, never meets it; a script reporting whole videos back to back waits (429) as if it had played them.
+WATCH_BUDGET_S = 3600.0
+
+
+class OverBudget(Exception):
+    """The report covers more new seconds than the learner's watch budget holds; nothing is stored."""
+
+    def __init__(self, new_seconds: float, wait_s: float) -> None:
+        super().__init__(f"{new_seconds:.0f} s newly watched is more than could have been played by now; "
+                         f"report as you watch, or retry in {wait_s:.0f} s")
+        self.wait_s = wait_s
 
 
 class ProgressError(ValueError):
@@ -121,6 +134,8 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
         raise ProgressError("watched", f"at most {MAX_STORED_RANGES} separate watched ranges are kept per video; "
                                        "report contiguous ranges")
     watched_s = covered(merged)
+    if role == "learner":
+        await _spend_budget(conn, user_id, watched_s - covered(old["watched"] if old else []), at)
     spent = min(covered(watched), duration)  # re-watching counts as time spent, not as more coverage
     if old is not None:
         elapsed = max(0.0, (at - old["updated_at"]).total_seconds())
@@ -143,6 +158,23 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
         if watched:
             await streaks.record_activity(tx, user_id, at)
     return Reported(row, duration, completed_now, course_done, tx.awards[before:])
+
+
+async def _spend_budget(conn: asyncpg.Connection, user_id: int, new_seconds: float, at: datetime) -> None:
+    """Take `new_seconds` from the learner's watch budget (in the report's transaction, under its learner lock);
+    OverBudget when it does not hold them. A report bigger than a full budget passes on a full one (the budget
+    then owes the rest)."""
+    if new_seconds <= 0:
+        return
+    row = await conn.fetchrow("SELECT seconds, at FROM watch_budget WHERE user_id = $1", user_id)
+    have = WATCH_BUDGET_S if row is None else min(
+        WATCH_BUDGET_S, row["seconds"] + max(0.0, (at - row["at"]).total_seconds()) * MAX_PLAYBACK_RATE)
+    need = min(new_seconds, WATCH_BUDGET_S)
+    if have + 1e-6 < need:
+        raise OverBudget(new_seconds, (need - have) / MAX_PLAYBACK_RATE)
+    await conn.execute("""INSERT INTO watch_budget (user_id, seconds, at) VALUES ($1, $2, $3)
+                          ON CONFLICT (user_id) DO UPDATE SET seconds = EXCLUDED.seconds, at = EXCLUDED.at""",
+                       user_id, have - new_seconds, at)
 
 
 # Learners of course $1 (only learner $2 when given) who have completed every ready video of it and have not

@@ -3,8 +3,9 @@
 A day counts when the learner is active on it (watching progress is reported) in their profile's timezone.
 Each active day extends the streak and earns `daily_streak` XP once. Missed days are covered by freezes: at
 most one per ISO week (Monday to Sunday, local), spent automatically when the learner comes back. Two missed
-days in one week, or a missed day in a week whose freeze is spent, end the streak. A learner who changes
-timezone eastwards skips local days without missing any: those are not counted as missed.
+days in one week, or a missed day in a week whose freeze is spent, end the streak. Missed days are counted in
+the calendar the last active day was counted in: a learner who moves east skips local days without missing any,
+and one who moves west (or back and forth) misses the days they really missed there.
 """
 from __future__ import annotations
 
@@ -42,19 +43,22 @@ class Streak:
 
 
 def tz_shift(at: datetime, tz: str, day_tz: str | None) -> int:
-    """Local days a change of timezone from `day_tz` to `tz` skipped at `at` (moving east), 0 otherwise."""
+    """How many days the learner's date in `tz` is ahead of their date in `day_tz` (the timezone their last active
+    day was counted in) at `at`: positive after a move east, negative after a move west, 0 without a move."""
     if not day_tz or day_tz == tz:
         return 0
     try:
-        return max(0, (local_day(at, tz) - local_day(at, day_tz)).days)
+        return (local_day(at, tz) - local_day(at, day_tz)).days
     except (ValueError, KeyError):  # a zone no longer known: count as before
         return 0
 
 
 def _missed(last_day: date, day: date, shift: int) -> list[date]:
-    """The days between `last_day` and `day` with no activity, less the last `shift` (skipped by a move)."""
-    missed = [last_day + timedelta(days=i) for i in range(1, (day - last_day).days)]
-    return missed[: max(0, len(missed) - shift)]
+    """The days after `last_day` with no activity up to `day` (in the current timezone), counted in the calendar
+    `last_day` was counted in: up to `day - shift`. Counting in the new calendar would forgive the days a move
+    east skips over, so a learner flipping between far-apart zones would never miss a day."""
+    end = day - timedelta(days=shift)
+    return [last_day + timedelta(days=i) for i in range(1, (end - last_day).days)]
 
 
 def _coverable(missed: list[date], spent: frozenset[date]) -> bool:
@@ -64,8 +68,8 @@ def _coverable(missed: list[date], spent: frozenset[date]) -> bool:
 
 
 def advance(s: Streak, day: date, shift: int = 0) -> tuple[Streak, bool]:
-    """The streak after activity on local `day`, and whether `day` is a new streak day. `shift`: days a change
-    of timezone skipped (`tz_shift`)."""
+    """The streak after activity on local `day`, and whether `day` is a new streak day. `shift`: how far a change
+    of timezone moved the calendar (`tz_shift`)."""
     if s.last_day is not None and day <= s.last_day:
         return s, False  # the same day again, or a late report for an earlier day
     spent = s.freeze_weeks

@@ -30,6 +30,8 @@ class LeaderboardController(Controller):
         scope = kind  # `scope` is a reserved parameter name in Litestar
         if scope not in leaderboards.SCOPES:
             raise ApiError(404, f"unknown leaderboard scope {scope!r}; use tenant, course or pod")
+        if scope_id >= 2**63:  # as for every id: past 64 bits is bad input, whatever the scope
+            raise ApiError(400, f"id {scope_id} is out of range", field="id")
         if scope == "tenant":
             if scope_id != user.tenant_id:
                 raise ApiError(404, f"tenant {scope_id} not found")

@@ -11,9 +11,9 @@ from litestar.response import Response
 
 from agents import matcher
 from server.api.paging import ListLimit, Offset
-from server.api.progress_schemas import GroupOut, MatchOut, ProfileIn, ProfileOut, Slot
+from server.api.progress_schemas import DeclineIn, GroupOut, MatchOut, ProfileIn, ProfileOut, Slot
 from server.auth import AuthUser, staff_only
-from server.decode import read_json
+from server.decode import decode_json, read_body, read_json
 from server.errors import ApiError
 from store import matching
 from store import pods as pods_repo
@@ -133,12 +133,18 @@ class MatcherController(Controller):
 
     @post("/pods/{pod_id:int}/match/decline", status_code=200)
     async def decline(self, request: Request, pod_id: int) -> MatchOut:
-        """Sit this round out: the rest of the pod is matched again without you."""
+        """Sit this round out: the rest of the pod is matched again without you. With `{match_id}` (the round
+        you saw), a newer round that is not a re-match of it after declines is 409 `stale_round`: read it first."""
+        raw = await read_body(request)
+        seen = (decode_json(raw, DeclineIn) if raw.strip() else DeclineIn()).match_id
         state = request.app.state
         async with state.pool.acquire() as conn:
             await _pod(conn, pod_id, request.user)
         try:
-            result = await matcher.decline(state.pool, state.redis, state.settings, pod_id, request.user.id)
+            result = await matcher.decline(state.pool, state.redis, state.settings, pod_id, request.user.id,
+                                           seen=seen)
+        except matcher.StaleDecline as exc:
+            raise ApiError(409, str(exc), code="stale_round") from exc
         except matcher.DeclineError as exc:
             raise ApiError(409, str(exc), code="not_matched") from exc
         except LookupError:  # deleted while it was being matched again

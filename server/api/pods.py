@@ -80,7 +80,10 @@ class PodController(Controller):
                 await _pod_or_404(conn, pod_id, request.user)  # the course (and pod) deleted meanwhile: 404
                 raise ApiError(409, f"user {data.user_id} is not enrolled in course {pod['course_id']}",
                                code="not_enrolled", field="user_id")
-            created = await repo.add_member(conn, pod_id, data.user_id)
+            try:
+                created = await repo.add_member(conn, pod_id, data.user_id)
+            except repo.PodFull as exc:
+                raise ApiError(409, str(exc), code="pod_full", field="user_id") from exc
             row = await repo.member(conn, pod_id, data.user_id)
         if row is None:  # the pod deleted, or the user removed or gone from the course, at this very moment
             async with request.app.state.pool.acquire() as conn:

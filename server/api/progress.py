@@ -121,6 +121,8 @@ class ProgressController(Controller):
                                          state.settings.video_complete_share)
         except repo.ProgressError as exc:  # nothing stored: the transaction rolled back
             raise ApiError(400, str(exc), field=exc.field) from exc
+        except repo.OverBudget as exc:  # nothing stored either: the client keeps its ranges and sends them later
+            raise ApiError(429, str(exc), code="watch_budget", field="watched", retry_after=exc.wait_s) from exc
         return _video_progress(video, done.row, [a.kind for a in done.awards])
 
     @get("/videos/{video_id:int}/progress")

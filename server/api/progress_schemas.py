@@ -7,12 +7,16 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from server.api.schemas import LINES, Strict
+from server.api.schemas import LINES, Id, Strict
 from store.events import AchievementInfo, LeaderboardEntry
 
 Seconds = Annotated[float, Meta(ge=0, le=10 * 24 * 3600)]
 # Ranges are validated against the video's duration by the store; here only their shape.
 Range = Annotated[list[float], Meta(min_length=2, max_length=2)]
+
+
+class DeclineIn(Strict):
+    match_id: Id | None = None  # the round the learner saw; a newer round (not one of its declines) is 409
 
 
 class ProgressIn(Strict):

@@ -24,6 +24,9 @@ def test_rest_refuses_what_postgres_cannot_store(client, make: Factory):
         assert r.status_code in (400, 404) and r.status_code != 500, (url, r.text)
     r = client.get("/api/v1/courses/99999999999999999999", headers=h)
     assert r.status_code == 400 and r.json()["code"] == "bad_request"
+    for scope in ("tenant", "course", "pod"):  # the same answer whatever the board's scope
+        r = client.get(f"/api/v1/leaderboards/{scope}/9223372036854775808", headers=h)
+        assert r.status_code == 400, (scope, r.text)
     # big enrollment bodies are cut at the API's body limit, not the upload limit
     r = client.post(f"/api/v1/courses/{cid}/enrollments", content=b" " * (2 * 1024 * 1024) + b"{}", headers=h)
     assert r.status_code == 413

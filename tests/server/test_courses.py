@@ -181,3 +181,21 @@ def test_plain_lists_page(client, make: Factory, settings):
     for bad in ({"limit": 0}, {"limit": 501}, {"offset": -1}, {"limit": "x"}):
         r = client.get(f"/api/v1/courses/{cid}/pods", params=bad, headers=inst.h)
         assert r.status_code == 400, (bad, r.text)
+
+
+def test_a_pod_is_a_small_cohort(client, make: Factory, settings):
+    """The matcher weighs every pair of a pod's members: a pod holds at most 50 (409 `pod_full`)."""
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Cohorts"}, headers=inst.h).json()["id"]
+    pod = client.post(f"/api/v1/courses/{cid}/pods", json={"name": "big"}, headers=inst.h).json()["id"]
+    fetch(settings, """WITH u AS (INSERT INTO users (tenant_id, name, role)
+                                  SELECT $2, 'member ' || i, 'learner' FROM generate_series(1, 50) i RETURNING id),
+                            e AS (INSERT INTO enrollments (course_id, user_id) SELECT $1, id FROM u)
+                       INSERT INTO pod_members (pod_id, user_id) SELECT $3, id FROM u""", cid, inst.tenant_id, pod)
+    late = make.user("learner")
+    assert client.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": late.id},
+                       headers=inst.h).status_code == 201
+    r = client.post(f"/api/v1/pods/{pod}/members", json={"user_id": late.id}, headers=inst.h)
+    assert r.status_code == 409 and r.json()["code"] == "pod_full", r.text
+    member = fetch(settings, "SELECT user_id FROM pod_members WHERE pod_id = $1 LIMIT 1", pod)[0]["user_id"]
+    assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": member}, headers=inst.h).status_code == 200

@@ -20,14 +20,17 @@ def test_profile_validation(client, make: Factory):
            ({"availability": [{"day": "mon", "start": "18:00", "end": "17:00"}]}, "availability[0].end"),
            ({"availability": [{"day": "mon", "start": "25:00", "end": "26:00"}]}, "availability[0].start"),
            ({"availability": [{"day": "funday", "start": "10:00", "end": "11:00"}]}, "availability[0].day"),
-           ({"goals": ["x"] * 9}, "goals"), ({"goals": [" "]}, "goals[0]"), ({"colour": "red"}, "colour")]
+           ({"goals": ["x"] * 9}, "goals"), ({"goals": [" "]}, "goals[0]"), ({"goals": ["\u200b\u3164"]}, "goals[0]"),
+           ({"colour": "red"}, "colour")]
     for body, field in bad:
         r = client.patch(url, json=body, headers=u.h)
         assert r.status_code == 400 and r.json()["field"] == field, (body, r.json())
     assert client.get(url, headers=u.h).json()["updated_at"] is None  # nothing stored
     r = client.patch(url, json={"timezone": "Asia/Kolkata", "goals": ["Exam prep", "exam  prep", "Side project"],
                                 "availability": [{"day": "sun", "start": "20:00", "end": "24:00"},
-                                                 {"day": "mon", "start": "07:30", "end": "08:30"}]}, headers=u.h)
+                                                 {"day": "mon", "start": "07:30", "end": "08:30"},
+                                                 {"day": "mon", "start": "07:30", "end": "08:30"},  # the same again
+                                                 {"day": "mon", "start": "08:00", "end": "08:15"}]}, headers=u.h)
     assert r.status_code == 200, r.text
     got = r.json()
     assert got["timezone"] == "Asia/Kolkata" and got["goals"] == ["Exam prep", "Side project"]
@@ -96,6 +99,9 @@ def test_match_decline_and_trio(client, make: Factory, settings):
     assert sizes == [2, 3]
     assert sorted(x for g in m2["groups"] for x in g["members"]) == sorted(u.id for u in (a, b, c, d, e))
 
+    # declining the first round, replaced since by the second: 409, nothing re-matched
+    r = client.post(f"/api/v1/pods/{pod}/match/decline", json={"match_id": m1["match_id"]}, headers=a.h)
+    assert r.status_code == 409 and r.json()["code"] == "stale_round", r.text
     # a declines: the other four are matched again, without a
     assert client.post(f"/api/v1/pods/{pod}/match/decline", headers=outsider.h).status_code == 404
     r = client.post(f"/api/v1/pods/{pod}/match/decline", headers=a.h)
@@ -105,8 +111,8 @@ def test_match_decline_and_trio(client, make: Factory, settings):
     members = [x for g in m3["groups"] for x in g["members"]]
     assert sorted(members) == sorted(u.id for u in (b, c, d, e)) and all(len(g["members"]) == 2 for g in m3["groups"])
     assert client.post(f"/api/v1/pods/{pod}/match/decline", headers=a.h).json()["code"] == "not_matched"
-    # b declines too: the decliners stay out
-    m4 = client.post(f"/api/v1/pods/{pod}/match/decline", headers=b.h).json()
+    # b declines too, naming the round b saw (m2, re-matched since after a's decline): the decliners stay out
+    m4 = client.post(f"/api/v1/pods/{pod}/match/decline", json={"match_id": m2["match_id"]}, headers=b.h).json()
     assert m4["declined"] == sorted([a.id, b.id])
     assert sorted(x for g in m4["groups"] for x in g["members"]) == sorted(u.id for u in (c, d, e))
     assert client.get(f"/api/v1/pods/{pod}/match", headers=c.h).json()["match_id"] == m4["match_id"]

@@ -282,3 +282,20 @@ def test_stored_ranges_are_bounded(client, make: Factory, settings):
     assert row["n"] == 1000 and row["position_s"] == 1
     # a range joining stored ones keeps the count down, so it is taken
     assert report(client, a, vid, 3, [[0.0, 10.0]])["status"] == 200
+
+
+def test_whole_videos_reported_back_to_back_wait_as_if_played(client, make: Factory, settings):
+    """Three hour-long videos reported fully watched within a second used to complete the course (680 XP): new
+    coverage comes from a budget that refills at the playback rate, so the second waits (429, nothing stored)."""
+    course = make_course(client, make, learners=1, videos=3, duration=3600)
+    (a,), (v1, v2, v3) = course.learners, course.videos
+    assert report(client, a, v1, 3600, [[0, 3600]])["status"] == 200  # one long video reported at its end: fine
+    r = client.post(f"/api/v1/videos/{v2}/progress", json={"position": 3600, "watched": [[0, 3600]]}, headers=a.h)
+    assert r.status_code == 429 and r.json()["code"] == "watch_budget", r.text
+    assert 1100 < r.json()["retry_after"] <= 1200 and int(r.headers["Retry-After"]) >= 1100
+    stored = fetch(settings, "SELECT video_id FROM video_progress WHERE user_id = $1", a.id)
+    assert [r["video_id"] for r in stored] == [v1]
+    fetch(settings, "UPDATE watch_budget SET at = at - interval '1300 seconds' WHERE user_id = $1", a.id)
+    assert report(client, a, v2, 3600, [[0, 3600]])["status"] == 200  # once that much could have been played
+    kinds = [r["kind"] for r in fetch(settings, "SELECT kind FROM xp_events WHERE user_id = $1", a.id)]
+    assert "course_completed" not in kinds and kinds.count("lesson_completed") == 2

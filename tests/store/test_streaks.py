@@ -118,3 +118,23 @@ async def test_moving_east_skips_days_without_missing_them(make: Factory, xp_sto
         await conn.execute("UPDATE learner_profiles SET timezone = 'America/Los_Angeles' WHERE user_id = $1", u.id)
     again = await _activity(pool, redis, u.id, datetime(2026, 3, 6, 20, tzinfo=timezone.utc) + la)  # Fri in LA
     assert (again.current, again.last_day) == (4, date(2026, 3, 7))  # Friday LA is before Saturday: nothing new
+
+
+async def test_flipping_between_far_apart_timezones_forgives_no_missed_day(make: Factory, xp_store):
+    """Away every Wednesday and Thursday for a month, switching between UTC-12 and UTC+14 every two active days:
+    each move east used to forgive the days it skipped, so the streak outlived the missed pairs (8 days, where a
+    learner staying in UTC reaches 5). Counted in the calendar of the last active day, the missed days end it."""
+    pool, redis = xp_store
+    flipper, steady = make.user("learner"), make.user("learner")
+    zones = ["Etc/GMT+12", "Pacific/Kiritimati"]
+    async with pool.acquire() as conn:
+        await conn.execute("INSERT INTO learner_profiles (user_id, timezone) VALUES ($1, $2)", flipper.id, zones[0])
+    start = datetime(2026, 3, 2, 15, tzinfo=timezone.utc)  # a Monday
+    days = [start + timedelta(days=d) for d in range(30) if (start + timedelta(days=d)).weekday() not in (2, 3)]
+    for n, at in enumerate(days):
+        async with pool.acquire() as conn:
+            await conn.execute("UPDATE learner_profiles SET timezone = $2 WHERE user_id = $1", flipper.id,
+                               zones[(n // 2) % 2])
+        moved = await _activity(pool, redis, flipper.id, at)
+        kept = await _activity(pool, redis, steady.id, at)
+    assert kept.longest == 5 and moved.longest <= kept.longest, (moved, kept)
