@@ -207,14 +207,17 @@ async def ensure_built(pool: asyncpg.Pool, redis: Redis) -> Rebuilt | None:
     return await rebuild(pool, redis)
 
 
-async def check(pool: asyncpg.Pool, redis: Redis, settle_s: float = 1.0) -> list[str]:
-    """All-time tenant boards that disagree with the ledger (keys); empty when every one matches.
+async def check(pool: asyncpg.Pool, redis: Redis, settle_s: float = 1.0, *,
+                tenant_ids: list[int] | None = None) -> list[str]:
+    """All-time tenant boards that disagree with the ledger (keys); empty when every one matches. `tenant_ids`:
+    only those tenants' boards (default: every tenant's).
 
     The ledger and the boards are read at different moments, so an award committed but not yet on its boards
     (its process is between the two) looks like drift: the learners that differ are read again, up to
     SETTLE_ROUNDS times `settle_s` apart, and only a difference that is still there every time counts."""
     async with pool.acquire() as conn:
-        rows = await conn.fetch("SELECT tenant_id, user_id, sum(points) AS xp FROM xp_events GROUP BY 1, 2")
+        rows = await conn.fetch("SELECT tenant_id, user_id, sum(points) AS xp FROM xp_events "
+                                "WHERE $1::bigint[] IS NULL OR tenant_id = ANY($1) GROUP BY 1, 2", tenant_ids)
     want: dict[int, dict[bytes, int]] = defaultdict(dict)
     for r in rows:
         want[r["tenant_id"]][str(r["user_id"]).encode()] = int(r["xp"])
@@ -254,8 +257,9 @@ async def _still_differ(pool: asyncpg.Pool, redis: Redis, differ: dict[int, set[
     return still
 
 
-async def check_and_repair(pool: asyncpg.Pool, redis: Redis) -> Rebuilt | None:
-    """Rebuild when the boards are missing or any all-time tenant board disagrees with the ledger."""
-    if not await redis.exists(keys.LEADERBOARD_BUILT) or await check(pool, redis):
+async def check_and_repair(pool: asyncpg.Pool, redis: Redis, *, tenant_ids: list[int] | None = None) -> Rebuilt | None:
+    """Rebuild when the boards are missing or any all-time tenant board (of `tenant_ids`, default all)
+    disagrees with the ledger."""
+    if not await redis.exists(keys.LEADERBOARD_BUILT) or await check(pool, redis, tenant_ids=tenant_ids):
         return await rebuild(pool, redis)
     return None
