@@ -50,7 +50,8 @@ async def fetch_cues(video: asyncpg.Record, settings: Settings, reporter: JobRep
         yt = await asyncio.to_thread(fetch_youtube_transcript, video["youtube_id"], list(settings.youtube_languages))
         from ingest.transcripts import normalize_cues
 
-        return SourceResult(normalize_cues(yt.cues), language=yt.language_code, captions_generated=yt.is_generated)
+        return SourceResult(await asyncio.to_thread(normalize_cues, yt.cues), language=yt.language_code,
+                            captions_generated=yt.is_generated)
     path = Path(video["file_path"] or "")
     if not path.exists():
         raise PermanentIngestError("the uploaded file is missing from storage; upload it again")
@@ -59,7 +60,7 @@ async def fetch_cues(video: asyncpg.Record, settings: Settings, reporter: JobRep
 
         await reporter.stage("fetching")
         data = await asyncio.to_thread(path.read_bytes)
-        return SourceResult(parse_transcript(data, video["filename"]))
+        return SourceResult(await asyncio.to_thread(parse_transcript, data, video["filename"]))
     if source == "media":
         from ingest.media import probe_media
         from ingest.transcribe import TranscriptionStopped, get_transcriber

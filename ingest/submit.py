@@ -91,7 +91,7 @@ async def submit_video(pool: asyncpg.Pool, arq: ArqRedis | None, settings: Setti
                 job = await jobs_repo.create_job(conn, "ingest", course_id=course_id, video_id=video["id"],
                                                  created_by=created_by, max_attempts=settings.job_max_attempts)
         except asyncpg.UniqueViolationError:  # the same YouTube video, added before (or at the same moment)
-            existing = await conn.fetchval("SELECT id FROM videos WHERE course_id = $1 AND youtube_id = $2",
+            existing = await conn.fetchval("SELECT min(id) FROM videos WHERE course_id = $1 AND youtube_id = $2",
                                            course_id, youtube_id)
             raise DuplicateVideo(existing) from None
     if arq is not None:

@@ -6,9 +6,9 @@ from typing import TypeVar
 import msgspec
 from litestar import Request
 
-from server.api.schemas import LINES, NO_CONTROL, NOT_BLANK
+from server.api.schemas import LINE_TEXT, LINES, NO_CONTROL, NOT_BLANK
 from server.errors import ApiError, field_of
-from store.frames import has_nul
+from store.frames import blank, has_nul
 
 T = TypeVar("T")
 
@@ -31,13 +31,14 @@ def decode_json(raw: bytes, typ: type[T]) -> T:
 
 # msgspec names the regex a string failed; say what it means instead
 _PATTERNS = {repr(NOT_BLANK): "must not be blank", repr(NO_CONTROL): "must not contain control characters",
-             repr(LINES): "must not contain control characters other than tabs and line breaks"}
+             repr(LINES): "must not contain control characters other than tabs and line breaks",
+             repr(LINE_TEXT): "must not be blank, nor contain control characters or line breaks"}
 
 
 def trimmed(value: str, field: str) -> str:
-    """`value` without surrounding spaces; 400 naming `field` when nothing is left."""
+    """`value` without surrounding spaces; 400 naming `field` when nothing visible is left."""
     value = value.strip()
-    if not value:
+    if blank(value):
         raise ApiError(400, f"{field} must not be blank", field=field)
     return value
 

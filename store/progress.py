@@ -162,8 +162,8 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
 
 async def _spend_budget(conn: asyncpg.Connection, user_id: int, new_seconds: float, at: datetime) -> None:
     """Take `new_seconds` from the learner's watch budget (in the report's transaction, under its learner lock);
-    OverBudget when it does not hold them. A report bigger than a full budget passes on a full one (the budget
-    then owes the rest)."""
+    OverBudget when it does not hold them. A report bigger than a full budget passes on a full one and empties
+    it (no debt: the player's next reports, as it plays, fit again at once)."""
     if new_seconds <= 0:
         return
     row = await conn.fetchrow("SELECT seconds, at FROM watch_budget WHERE user_id = $1", user_id)
@@ -174,7 +174,7 @@ async def _spend_budget(conn: asyncpg.Connection, user_id: int, new_seconds: flo
         raise OverBudget(new_seconds, (need - have) / MAX_PLAYBACK_RATE)
     await conn.execute("""INSERT INTO watch_budget (user_id, seconds, at) VALUES ($1, $2, $3)
                           ON CONFLICT (user_id) DO UPDATE SET seconds = EXCLUDED.seconds, at = EXCLUDED.at""",
-                       user_id, have - new_seconds, at)
+                       user_id, max(0.0, have - new_seconds), at)
 
 
 # Learners of course $1 (only learner $2 when given) who have completed every ready video of it and have not

@@ -133,15 +133,20 @@ async def record_activity(tx: XpTransaction, user_id: int, at: datetime | None =
            FROM streaks s JOIN users u ON u.id = s.user_id LEFT JOIN learner_profiles p ON p.user_id = s.user_id
            WHERE s.user_id = $1 FOR UPDATE OF s""", user_id)
     before = _row_to_streak(row)
-    day = local_day(at, row["timezone"])
-    after, new_day = advance(before, day, tz_shift(at, row["timezone"], before.day_tz))
+    day, counted_tz = local_day(at, row["timezone"]), row["timezone"]
+    shift = tz_shift(at, counted_tz, before.day_tz)
+    if before.last_day is not None and day <= before.last_day < day - timedelta(days=shift):
+        # after a move west the new calendar has not passed the last active day yet, but the one that day was
+        # counted in has: a new day there (the streak goes on in that calendar until the new one catches up)
+        day, counted_tz, shift = day - timedelta(days=shift), before.day_tz, 0
+    after, new_day = advance(before, day, shift)
     if not new_day:
         return before
     await conn.execute(
         """UPDATE streaks SET current = $2, longest = $3, last_day = $4, freeze_weeks = $5, day_tz = $6,
                               updated_at = now()
            WHERE user_id = $1""", user_id, after.current, after.longest, after.last_day, sorted(after.freeze_weeks),
-        row["timezone"])
+        counted_tz)
     await tx.award(user_id, "daily_streak", f"streak:{day.isoformat()}", at=at)
     hit = achievements.crossed({"streak": before.longest}, {"streak": after.longest})
     if hit:

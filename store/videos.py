@@ -1,6 +1,7 @@
 """Videos of a course, their transcript segments, chunks and chapters."""
 from __future__ import annotations
 
+import asyncio
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -172,8 +173,9 @@ async def replace_chunks(conn: asyncpg.Connection, video_id: int, course_id: int
     )
     await conn.execute(_ADD_TERMS, video_id)
     await conn.execute("DELETE FROM video_words WHERE video_id = $1", video_id)  # the course lock serializes this
+    words = await asyncio.to_thread(spoken_words, [c.text for c in chunks])  # seconds for a long lecture series
     await conn.copy_records_to_table("video_words", columns=["course_id", "word", "video_id"],
-                                     records=[(course_id, w, video_id) for w in spoken_words(c.text for c in chunks)])
+                                     records=[(course_id, w, video_id) for w in words])
 
 
 async def refresh_term_stats(conn: asyncpg.Connection, course_id: int) -> None:

@@ -23,6 +23,7 @@ from server.decode import read_json
 from server.errors import ApiError
 from store import assignments as repo
 from store import submissions as submissions_repo
+from store.frames import blank
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +76,20 @@ async def _links(conn: asyncpg.Connection, course_id: int, fields: dict[str, Any
             fields["concept"] = vid["title"]
 
 
+def check_points(rubric: list[dict[str, Any]] | None) -> None:
+    """A rubric sent in a request: scores go to 0.01 of a point, so full marks must be one of them. (A rubric
+    stored before this rule stays editable: only what is sent is checked.)"""
+    for i, c in enumerate(rubric or []):
+        if abs(c["points"] * 100 - round(c["points"] * 100)) > 1e-6:
+            raise ApiError(400, "rubric points take at most two decimals", field=f"rubric[{i}].points")
+
+
 def validate(fields: dict[str, Any]) -> dict[str, Any]:
     """The rules across fields, on the full (merged) assignment; fills the default rubric."""
     kind = fields["type"]
-    if not fields["title"].strip():
+    if blank(fields["title"]):
         raise ApiError(400, "title must not be blank", field="title")
-    if not fields["prompt"].strip():
+    if blank(fields["prompt"]):
         raise ApiError(400, "prompt must not be blank", field="prompt")
     if kind == "multiple_choice":
         options = fields.get("options") or []
@@ -106,9 +115,6 @@ def validate(fields: dict[str, Any]) -> dict[str, Any]:
         names = [c["name"].strip().lower() for c in given]
         if len(set(names)) != len(names):
             raise ApiError(400, "rubric criterion names must be distinct", field="rubric")
-        for i, c in enumerate(given):  # scores go to 0.01 of a point: full marks must be one of them
-            if abs(c["points"] * 100 - round(c["points"] * 100)) > 1e-6:
-                raise ApiError(400, "rubric points take at most two decimals", field=f"rubric[{i}].points")
         fields["rubric"] = given or DEFAULT_RUBRIC
         fields["reference_answer"] = (fields.get("reference_answer") or "").strip()
         if not fields["reference_answer"] and all(not c.get("description", "").strip() for c in given):
@@ -137,6 +143,7 @@ class AssignmentController(Controller):
         async with request.app.state.pool.acquire() as conn:
             await course_or_404(conn, course_id, user)
             await _links(conn, course_id, data)
+            check_points(data.get("rubric"))
             row = await repo.create(conn, course_id, user.id, validate(data))
         return to_assignment(row, user)
 
@@ -179,6 +186,7 @@ class AssignmentController(Controller):
                 # stored answers are option indexes: they would point at other options
                 raise ApiError(409, "an assignment with submissions keeps its number of options (their wording "
                                     "may change)", field="options")
+            check_points(changes.get("rubric"))
             merged = {k: row[k] for k in repo.EDITABLE} | changes
             if "type" in changes and changes["type"] != row["type"]:
                 for k in ("options", "correct", "rubric", "reference_answer"):

@@ -7,8 +7,9 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from server.api.schemas import NOT_BLANK, Id, Name, Strict, Title, When, check_when
+from server.api.schemas import LINE_TEXT, Id, Name, Strict, Title, When, check_when
 from store.events import UserRef
+from store.frames import blank
 
 Seconds = Annotated[int, Meta(ge=1, le=366 * 24 * 3600)]
 OptionalSeconds = Annotated[int, Meta(ge=0, le=366 * 24 * 3600)]
@@ -106,6 +107,8 @@ class SessionIn(Strict):
     scheduled_at: When | None = None
 
     def __post_init__(self) -> None:
+        if blank(self.title):
+            raise ValueError("`title` must not be blank")
         check_when(self, "scheduled_at")
 
 
@@ -131,11 +134,13 @@ class Attendee(msgspec.Struct):
 
 
 class PollIn(Strict):
-    question: Annotated[str, Meta(min_length=1, max_length=500, pattern=NOT_BLANK)]
-    options: Annotated[list[Annotated[str, Meta(min_length=1, max_length=200, pattern=NOT_BLANK)]],
+    question: Annotated[str, Meta(min_length=1, max_length=500, pattern=LINE_TEXT)]
+    options: Annotated[list[Annotated[str, Meta(min_length=1, max_length=200, pattern=LINE_TEXT)]],
                        Meta(min_length=2, max_length=20)]
 
     def __post_init__(self) -> None:
+        if blank(self.question) or any(blank(o) for o in self.options):
+            raise ValueError("the question and every option must have something visible in them")
         seen = [" ".join(o.split()).casefold() for o in self.options]
         if len(set(seen)) != len(seen):
             raise ValueError("`options` must differ from each other")

@@ -194,7 +194,7 @@ def test_socratic_mode_gives_hints(client, make: Factory, worker):
 
 def test_bad_ask_bodies(eval_course: EvalCourse, client):
     for body, field in (({}, "question"), ({"question": ""}, "question"), ({"question": "\u200b \u2060"}, "question"),
-                        ({"question": "x" * 2001}, "question"),
+                        ({"question": "x" * 2001}, "question"), ({"question": "what\x1b[2J is\x07 this"}, "question"),
                         ({"question": "hi", "session_id": "a"}, "session_id")):
         r = client.post(f"/api/v1/courses/{eval_course.id}/ask", json=body, headers=eval_course.learner.h)
         assert r.status_code == 400 and r.json()["field"] == field, (body, r.text)

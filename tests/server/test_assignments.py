@@ -2,6 +2,7 @@
 `grade.ready` event), and bad submissions refused with nothing stored."""
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 
 from tests.conftest import Factory, fetch
@@ -249,3 +250,15 @@ def test_an_answer_arriving_while_the_key_changes_is_graded_with_the_new_key(ser
 
     asyncio.run(change_key_slowly())
     assert got and got[0]["score"] == 100, got
+
+
+def test_a_rubric_stored_before_the_two_decimal_rule_stays_editable(server, client, make: Factory, settings):
+    course = make_course(server, make, learners=0)
+    h = course.instructor.h
+    a = client.post(f"/api/v1/courses/{course.id}/assignments", json=WRITTEN, headers=h).json()
+    fetch(settings, "UPDATE assignments SET rubric = $2::jsonb WHERE id = $1", a["id"], json.dumps(
+          [{"name": "a", "points": 33.333, "description": ""}, {"name": "b", "points": 66.667, "description": ""}]))
+    r = client.patch(f"/api/v1/assignments/{a['id']}", json={"title": "Renamed"}, headers=h)
+    assert r.status_code == 200 and r.json()["title"] == "Renamed", r.text
+    r = client.patch(f"/api/v1/assignments/{a['id']}", json={"rubric": [{"name": "a", "points": 0.125}]}, headers=h)
+    assert r.status_code == 400 and r.json()["field"] == "rubric[0].points"

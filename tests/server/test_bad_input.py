@@ -91,3 +91,26 @@ async def test_invisible_or_control_character_messages_are_refused_alike_over_so
                              "client_msg_id": "ok"}))
     await c.expect("message.new", client_msg_id="ok")
     await c.close()
+
+
+async def test_titles_polls_and_goals_refuse_invisible_or_control_character_text(server, client, make: Factory):
+    """The room messages' rule for text, on the other things people name or write: course, pod and session titles,
+    poll questions and options, profile goals (terminal escapes and bells were stored and broadcast)."""
+    course = make_course(server, make, learners=1)
+    inst, (learner,) = course.instructor, course.learners
+    sid = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "Lab"}, headers=inst.h).json()["id"]
+    assert client.post(f"/api/v1/live/{sid}/start", headers=inst.h).status_code == 200
+    bad = ["\u200b\u200b", "\u3164", "x\x1b[2Jy\x07", "p\x7f"]
+    for text in bad:
+        for method, url, body, field in [
+                ("POST", "/api/v1/courses", {"title": text}, "title"),
+                ("PATCH", f"/api/v1/courses/{course.id}", {"title": text}, "title"),
+                ("POST", f"/api/v1/courses/{course.id}/pods", {"name": text}, "name"),
+                ("POST", f"/api/v1/courses/{course.id}/live", {"title": text}, None),
+                ("POST", f"/api/v1/live/{sid}/polls", {"question": text, "options": ["a", "b"]}, None),
+                ("POST", f"/api/v1/live/{sid}/polls", {"question": "?", "options": ["a", text]}, None)]:
+            r = client.request(method, url, json=body, headers=inst.h)
+            assert r.status_code == 400, (url, repr(text), r.text)
+            assert field is None or r.json().get("field") == field, (url, r.text)
+        r = client.patch("/api/v1/me/profile", json={"goals": [text]}, headers=learner.h)
+        assert r.status_code == 400 and r.json()["field"] == "goals[0]", (repr(text), r.text)

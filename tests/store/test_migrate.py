@@ -6,6 +6,7 @@ import sys
 import uuid
 
 import asyncpg
+import pytest
 
 from store.migrate import migrate, migration_files
 from tests.conftest import ROOT, clean_env, run_sync
@@ -118,3 +119,42 @@ def test_upgrade_from_a_database_with_stored_chunks(settings):
     df, words = run_sync(go())
     assert df == {"matrix": 1, "schrodinger": 1}
     assert words == {"schrodinger's", "matrices", "matrix", "times"}
+
+
+def test_upgrade_keeps_youtube_videos_added_twice_before_the_rule(settings):
+    """0016 on a database where a course holds the same YouTube video twice (allowed until then): the upgrade
+    succeeds, both rows stay, and a third add is refused by the new index."""
+    dsn = _fresh_db(settings)
+
+    async def go() -> list[bool]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("""CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
+                                  checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())""")
+            for version, name, sql in migration_files():
+                if version > 15:
+                    break
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2, 'x')", version, name)
+            tid = await conn.fetchval("INSERT INTO tenants (name) VALUES ('t') RETURNING id")
+            uid = await conn.fetchval("INSERT INTO users (tenant_id, name, role) VALUES ($1, 'i', 'instructor') "
+                                      "RETURNING id", tid)
+            cid = await conn.fetchval("INSERT INTO courses (tenant_id, owner_id, title) VALUES ($1, $2, 'c') "
+                                      "RETURNING id", tid, uid)
+            for _ in range(2):
+                await conn.execute("INSERT INTO videos (course_id, title, source, youtube_id) "
+                                   "VALUES ($1, 'v', 'youtube', 'dQw4w9WgXcQ')", cid)
+        finally:
+            await conn.close()
+        await migrate(dsn)
+        conn = await asyncpg.connect(dsn)
+        try:
+            with pytest.raises(asyncpg.UniqueViolationError):
+                await conn.execute("INSERT INTO videos (course_id, title, source, youtube_id) "
+                                   "VALUES ($1, 'v', 'youtube', 'dQw4w9WgXcQ')", cid)
+            return [r["youtube_duplicate"] for r in await conn.fetch(
+                "SELECT youtube_duplicate FROM videos WHERE course_id = $1 ORDER BY id", cid)]
+        finally:
+            await conn.close()
+
+    assert run_sync(go()) == [False, True]

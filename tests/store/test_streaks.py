@@ -138,3 +138,25 @@ async def test_flipping_between_far_apart_timezones_forgives_no_missed_day(make:
         moved = await _activity(pool, redis, flipper.id, at)
         kept = await _activity(pool, redis, steady.id, at)
     assert kept.longest == 5 and moved.longest <= kept.longest, (moved, kept)
+
+
+async def test_moving_west_and_active_every_day_keeps_the_streak(make: Factory, xp_store):
+    """Tokyo, this week's freeze spent, active Sunday to Wednesday evenings; moves to Los Angeles and is active
+    Wednesday and Thursday evenings there (Thursday and Friday in Tokyo). Active every day in both calendars: the
+    streak goes on (a day new only in the Tokyo calendar used to be dropped, then charged as missed)."""
+    pool, redis = xp_store
+    u = make.user("learner")
+    async with pool.acquire() as conn:
+        await conn.execute("INSERT INTO learner_profiles (user_id, timezone) VALUES ($1, 'Asia/Tokyo')", u.id)
+    tokyo = timedelta(hours=9)
+    for day in (8, 10, 11):  # Sun 8, (Mon 9 missed: this week's freeze), Tue 10, Wed 11 March 2026, 20:00 Tokyo
+        await _activity(pool, redis, u.id, datetime(2026, 3, day, 20, tzinfo=timezone.utc) - tokyo)
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE learner_profiles SET timezone = 'America/Los_Angeles' WHERE user_id = $1", u.id)
+    la = timedelta(hours=7)  # PDT
+    for day in (11, 12):  # Wed 11 and Thu 12, 20:00 in Los Angeles
+        st = await _activity(pool, redis, u.id, datetime(2026, 3, day, 20, tzinfo=timezone.utc) + la)
+    assert st.current == 5, st
+    async with pool.acquire() as conn:
+        n = await conn.fetchval("SELECT count(*) FROM xp_events WHERE user_id = $1 AND kind = 'daily_streak'", u.id)
+    assert n == 5
