@@ -214,6 +214,7 @@ class OpenAIEmbedder:
         kwargs: dict[str, Any] = dict(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
         self._client = openai.OpenAI(**kwargs)
         self._aclient = openai.AsyncOpenAI(**kwargs)
+        self._sdk_error = openai.OpenAIError
 
     @property
     def dim(self) -> int:
@@ -246,14 +247,20 @@ class OpenAIEmbedder:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Embed texts, at most 2048 per request; rows are unit vectors in input order."""
-        parts = [self._collect(b, self._client.embeddings.create(**self._params(b))) for b in self._chunks(texts)]
+        try:
+            parts = [self._collect(b, self._client.embeddings.create(**self._params(b))) for b in self._chunks(texts)]
+        except self._sdk_error as exc:  # after the SDK's own retries: the service is down, or refuses us
+            raise EmbedderError(f"{self.name}: the embedding service failed: {exc}") from exc
         return np.concatenate(parts) if parts else np.empty((0, self._dim or 0), dtype=np.float32)
 
     async def aembed(self, texts: list[str]) -> np.ndarray:
         """Async `embed`: requests go out one after another on the async client."""
         parts = []
         for b in self._chunks(texts):
-            parts.append(self._collect(b, await self._aclient.embeddings.create(**self._params(b))))
+            try:
+                parts.append(self._collect(b, await self._aclient.embeddings.create(**self._params(b))))
+            except self._sdk_error as exc:
+                raise EmbedderError(f"{self.name}: the embedding service failed: {exc}") from exc
         return np.concatenate(parts) if parts else np.empty((0, self._dim or 0), dtype=np.float32)
 
     def embed_query(self, text: str) -> np.ndarray:

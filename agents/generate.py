@@ -112,6 +112,16 @@ def _blank(text: str, keyword: str) -> str:
     return re.sub(rf"\b{re.escape(keyword)}\b", "_____", text, flags=re.I)  # every occurrence: no give-away
 
 
+def masked(text: str, answers: list[str]) -> str:
+    """`text` (an item's title, its concept) without the answer's words, nor words sharing their stem: learners
+    see those beside the question, and a chapter title is often the very sentence the answer was blanked from."""
+    for answer in answers:
+        for word in re.findall(r"[^\W_]{3,}", answer):
+            stem = word[:5] if len(word) > 5 else word
+            text = re.sub(rf"\b{re.escape(stem)}[^\W_]*", "…", text, flags=re.I)
+    return text
+
+
 def _seed(*parts: object) -> int:
     return int(hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
 
@@ -162,6 +172,8 @@ def offline_items(chapter_title: str, video_id: int, chapter: list[Sentence], ot
                                  f"{_mmss(s.start)}:\n\n\u201c{_blank(s.text, kw)}\u201d", difficulty, cite,
                                  options=shuffled, correct=[order.index(0)]))
                 continue
+            if "short_answer" not in types:  # no good distractors: no item, rather than one of a kind not asked for
+                continue
             kind = "short_answer"  # not enough distinct words elsewhere for good distractors
         reference = s.text
         if difficulty == "hard":
@@ -185,7 +197,7 @@ class _LLMItem(msgspec.Struct):
 
 
 class _LLMItems(msgspec.Struct):
-    items: list[_LLMItem]
+    items: list[Any]  # each checked on its own: one malformed item does not cost the others
 
 
 async def llm_items(llm: LLM, chapter_title: str, video_id: int, chapter: list[Sentence], count: int,
@@ -202,8 +214,14 @@ async def llm_items(llm: LLM, chapter_title: str, video_id: int, chapter: list[S
     except (LLMError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         logger.warning("LLM generation failed, using offline items: %s", exc)
         return []
-    out = []
-    for it in items[:count]:
+    out: list[Draft] = []
+    for raw in items:
+        if len(out) == count:
+            break
+        try:
+            it = msgspec.convert(raw, _LLMItem)
+        except msgspec.ValidationError:
+            continue
         s = min(chapter, key=lambda x: abs(x.start - it.start))
         if abs(s.start - it.start) > 2.0 or it.type not in types or not it.prompt.strip():
             continue
@@ -217,6 +235,8 @@ async def llm_items(llm: LLM, chapter_title: str, video_id: int, chapter: list[S
         if it.type == "multiple_choice":
             if len(it.options) < 2 or not it.correct or any(not 0 <= c < len(it.options) for c in it.correct):
                 continue
+            if len({" ".join(o.split()).casefold() for o in it.options}) < len(it.options):
+                continue  # the rule an instructor's own item meets: options differ
             out.append(Draft("multiple_choice", title, it.prompt.strip(), difficulty, cite,
                              options=[o.strip() for o in it.options], correct=sorted(set(it.correct))))
         elif it.type in ("short_answer", "essay") and it.reference_answer.strip():

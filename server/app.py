@@ -23,7 +23,9 @@ from server.api.users import UserController
 from server.api.videos import JobController, VideoController
 from server.auth import JWTAuthMiddleware
 from server import tutoring
-from server.errors import data_error_handler, gone_parent_handler, http_exception_handler, internal_error_handler
+from agents.embedder import EmbedderError
+from server.errors import (data_error_handler, embedder_error_handler, gone_parent_handler, http_exception_handler,
+                           internal_error_handler)
 from server.uploads import FRAMING
 from server.api.live import LiveController
 from server.api.pods import PodController
@@ -74,7 +76,8 @@ def create_app(settings: Settings) -> Litestar:
         lifespan=[lifespan, realtime_lifespan, progress_lifespan],  # the others use the pools opened by lifespan
         middleware=[DefineMiddleware(JWTAuthMiddleware, exclude=PUBLIC_PATHS)],
         exception_handlers={HTTPException: http_exception_handler, asyncpg.DataError: data_error_handler,
-                            asyncpg.ForeignKeyViolationError: gone_parent_handler, Exception: internal_error_handler},
+                            asyncpg.ForeignKeyViolationError: gone_parent_handler, EmbedderError: embedder_error_handler,
+                            Exception: internal_error_handler},
         openapi_config=OpenAPIConfig(title="studyhall", version="0.1.0", path="/schema"),
         request_max_body_size=settings.max_upload_bytes + FRAMING,  # an upload's file may be the whole limit
         logging_config=None,

@@ -84,6 +84,14 @@ def gone_parent_handler(request: Request, exc: Exception) -> Response:
     return Response(body(404, "not_found", "something this request refers to no longer exists"), status_code=404)
 
 
+def embedder_error_handler(request: Request, exc: Exception) -> Response:
+    """The embedding model cannot be used now (the OpenAI embedder's service down or refusing, a broken install):
+    503 with the reason, not a bare 500. Ingest jobs retry on it by themselves."""
+    logger.warning("embedder failed on %s %s: %s", request.method, request.url.path, exc)
+    return Response(body(503, "embedder_unavailable", f"the embedding model is unavailable: {exc}", retry_after=5),
+                    status_code=503, headers={"Retry-After": "5"})
+
+
 def internal_error_handler(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return Response(body(500, "internal", "internal server error"), status_code=HTTP_500_INTERNAL_SERVER_ERROR)

@@ -97,3 +97,12 @@ def leaderboard_throttle(scope: str, scope_id: int) -> str:
 
 def rate_progress(user_id: int) -> str:
     return RATE_PROGRESS.format(user_id=user_id)
+
+
+# HASH token bucket (as RATE_SEND) limiting one user's assignment generations (each may call the model once per
+# chapter). TTL: full refill time + 1 s.
+RATE_GENERATE = "sh:rl:generate:{user_id}"
+
+
+def rate_generate(user_id: int) -> str:
+    return RATE_GENERATE.format(user_id=user_id)

@@ -6,7 +6,6 @@ A video counts complete once the watched ranges cover STUDYHALL_VIDEO_COMPLETE_S
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -319,9 +318,6 @@ async def mark_helpful(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
     return row, True
 
 
-class ProgressLimiter(SendLimiter):
+def progress_limiter(redis: Redis, rate: float, burst: int) -> SendLimiter:
     """Progress reports per user: `rate` per second, bursts of `burst` (its own bucket, not the sends')."""
-
-    async def take(self, user_id: int, cost: int = 1) -> tuple[bool, float]:
-        ok, wait_ms = await self._script(keys=[rate_progress(user_id)], args=[self.rate, self.burst, cost])
-        return bool(ok), math.ceil(int(wait_ms) / 100) / 10
+    return SendLimiter(redis, rate, burst, key=rate_progress)

@@ -7,6 +7,8 @@ import uuid
 
 from redis.asyncio import Redis
 
+from collections.abc import Callable
+
 from store.keys import rate_send, tutor_slots
 
 # KEYS: bucket. ARGV: rate (tokens/s), burst, cost. -> {allowed (0/1), ms until `cost` tokens are available}
@@ -32,16 +34,18 @@ return {ok, wait}
 
 
 class SendLimiter:
-    """`rate` sends per second per user, with bursts of up to `burst`."""
+    """`rate` sends per second per user, with bursts of up to `burst`. `key`: the user's bucket (default: their
+    sends; progress reports and generation have buckets of their own)."""
 
-    def __init__(self, redis: Redis, rate: float, burst: int) -> None:
+    def __init__(self, redis: Redis, rate: float, burst: int, key: Callable[[int], str] = rate_send) -> None:
         self.rate = max(rate, 0.001)
         self.burst = max(burst, 1)
+        self._key = key
         self._script = redis.register_script(_BUCKET)
 
     async def take(self, user_id: int, cost: int = 1) -> tuple[bool, float]:
         """(allowed, seconds to wait before retrying when not)."""
-        ok, wait_ms = await self._script(keys=[rate_send(user_id)], args=[self.rate, self.burst, cost])
+        ok, wait_ms = await self._script(keys=[self._key(user_id)], args=[self.rate, self.burst, cost])
         return bool(ok), math.ceil(int(wait_ms) / 100) / 10
 
 

@@ -26,7 +26,8 @@ _K1_PLUS_1 = round(BM25_K1 + 1, 9)
 _K1_FLAT = round(BM25_K1 * (1 - BM25_B), 9)
 _K1_B = round(BM25_K1 * BM25_B, 9)
 
-_TERM = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+# Words in any script ("schrödinger", "café", "naïve" as the chunks' to_tsvector keeps them), not only ASCII.
+_TERM = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 # Words common in questions that say nothing about where the answer is (Postgres drops ordinary stop words).
 _QUESTION_STOP = frozenset("""
 what which who whom whose when where why how does did do explain mean means meaning describe tell say said

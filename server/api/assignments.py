@@ -24,9 +24,13 @@ from server.errors import ApiError
 from store import assignments as repo
 from store import submissions as submissions_repo
 from store.frames import blank
+from store.keys import rate_generate
+from store.ratelimit import SendLimiter
 
 logger = logging.getLogger(__name__)
 
+GENERATE_PER_HOUR = 30  # generations per user, refilling evenly, with bursts of GENERATE_BURST
+GENERATE_BURST = 10
 DEFAULT_RUBRIC = [{"name": "correctness", "points": 100.0, "description": "The answer is correct and complete."}]
 
 
@@ -239,6 +243,11 @@ class AssignmentController(Controller):
         if (data.video_id is None) == (data.chapter_id is None):
             raise ApiError(400, "give exactly one of video_id or chapter_id", field="video_id")
         state, user = request.app.state, request.user
+        ok, wait = await SendLimiter(state.redis, GENERATE_PER_HOUR / 3600, GENERATE_BURST, key=rate_generate).take(
+            user.id)
+        if not ok:  # each generation may call the model once per chapter: a cost to bound
+            raise ApiError(429, f"at most {GENERATE_PER_HOUR} generations an hour; retry in {wait:g}s",
+                           code="rate_limited", retry_after=wait)
         async with state.pool.acquire() as conn:
             await course_or_404(conn, course_id, user)
             if data.chapter_id is not None:
@@ -299,10 +308,12 @@ class AssignmentController(Controller):
             async with conn.transaction():
                 rows = []
                 for ch, it in drafts:
-                    fields = {"type": it.type, "title": it.title, "prompt": it.prompt, "difficulty": it.difficulty,
-                              "options": it.options, "correct": it.correct, "reference_answer": it.reference_answer,
+                    answers = [it.options[i] for i in it.correct or []]  # learners see title and concept
+                    fields = {"type": it.type, "title": gen.masked(it.title, answers), "prompt": it.prompt,
+                              "difficulty": it.difficulty, "options": it.options, "correct": it.correct,
+                              "reference_answer": it.reference_answer,
                               "rubric": [] if it.type == "multiple_choice" else DEFAULT_RUBRIC,
-                              "video_id": video_id, "chapter_id": ch["id"], "concept": ch["title"],
+                              "video_id": video_id, "chapter_id": ch["id"], "concept": gen.masked(ch["title"], answers),
                               "citation": it.citation}
                     rows.append(await repo.create(conn, course_id, user.id, fields, origin="generated"))
         logger.info("generated %d draft assignments", len(rows),

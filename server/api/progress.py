@@ -35,8 +35,8 @@ async def progress_lifespan(app: Litestar) -> AsyncIterator[None]:
     state = app.state
     leaderboards.EVENT_WINDOW_S = state.settings.leaderboard_event_s
     xp.ASYNC_COMMIT = state.settings.xp_async_commit
-    state.progress_limiter = repo.ProgressLimiter(state.redis, state.settings.progress_rate,
-                                                  state.settings.progress_burst)
+    state.progress_limiter = repo.progress_limiter(state.redis, state.settings.progress_rate,
+                                                   state.settings.progress_burst)
     state.lb_rebuild = None
     try:
         done = await leaderboard_rebuild.ensure_built(state.pool, state.redis)

@@ -205,6 +205,10 @@ class VideoController(Controller):
             video = await _video_or_404(conn, course_id, video_id)
             async with conn.transaction():
                 await conn.execute("DELETE FROM videos WHERE id = $1", video_id)
+                # a citation is a moment of a video: pointing at a deleted one, it would send learners to a 404
+                await conn.execute("""UPDATE assignments SET citation = NULL, updated_at = now()
+                                      WHERE course_id = $1 AND (citation ->> 'video_id')::bigint = $2""",
+                                   course_id, video_id)
                 await videos_repo.refresh_term_stats(conn, course_id)
         try:  # learners for whom this was the last video left to finish have now completed the course
             await progress_repo.award_finished_courses(request.app.state.pool, request.app.state.redis, course_id)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from agents.embedder import local_minilm
-from agents.generate import Sentence, llm_items, offline_items
+from agents.generate import Sentence, llm_items, masked, offline_items
 from agents.llm import OpenAIChat
 from tests.agents.fake_llm_servers import FakeLLMServer, Reply
 
@@ -70,3 +70,30 @@ async def test_llm_items_must_cite_a_real_moment():
         assert await llm_items(llm, "Hash tables", 5, CHAPTER, 4, "easy", ["short_answer"]) == []
     assert [(i.type, i.citation["start"]) for i in items] == [("multiple_choice", 80), ("short_answer", 100)]
     assert items[0].correct == [0] and items[1].reference_answer == "How full the table is."
+
+
+async def test_llm_items_are_checked_one_by_one_like_an_instructors_own():
+    """A malformed item (a string where indexes go) costs only itself; options that differ only in case or spaces
+    are refused, as for an instructor's item; the count is taken from the items kept."""
+    reply = {"items": [
+        {"type": "multiple_choice", "prompt": "Bad correct", "options": ["a", "b"], "correct": "a", "start": 80.0},
+        {"type": "multiple_choice", "prompt": "Same options", "options": ["Chaining", "chaining", " Chaining ", "x"],
+         "correct": [0], "start": 80.0},
+        {"type": "short_answer", "prompt": "What is the load factor?", "reference_answer": "How full it is.",
+         "start": 100.0},
+        {"type": "short_answer", "prompt": "What is a collision?", "reference_answer": "Two keys, one bucket.",
+         "start": 80.0},
+    ]}
+    with FakeLLMServer() as fake:
+        fake.script(Reply(json.dumps(reply)))
+        llm = OpenAIChat("sk-test", "gpt-4o-mini", base_url=fake.openai_base_url, max_retries=0)
+        items = await llm_items(llm, "Hash tables", 5, CHAPTER, 2, "easy", ["multiple_choice", "short_answer"])
+    assert [i.prompt for i in items] == ["What is the load factor?", "What is a collision?"]
+
+
+def test_a_title_or_concept_does_not_give_the_answer_away(embedder):
+    assert masked("So an equal number of equations and unknowns (1:21)", ["unknowns"]) == \
+        "So an equal number of equations and … (1:21)"
+    assert masked("Parameter count of the model", ["parameters"]) == "… count of the model"
+    only_mc = offline_items("Hash tables", 5, CHAPTER, [], 4, "medium", ["multiple_choice"], embedder)
+    assert all(i.type == "multiple_choice" for i in only_mc)  # never a kind that was not asked for

@@ -114,3 +114,24 @@ async def test_titles_polls_and_goals_refuse_invisible_or_control_character_text
             assert field is None or r.json().get("field") == field, (url, r.text)
         r = client.patch("/api/v1/me/profile", json={"goals": [text]}, headers=learner.h)
         assert r.status_code == 400 and r.json()["field"] == "goals[0]", (repr(text), r.text)
+
+
+def test_an_embedding_service_that_fails_is_a_503_with_the_reason(settings, data_dir, make: Factory):
+    """With the OpenAI embedder and its service down, search answered a bare 500 after the SDK's retries."""
+    import httpx
+
+    from tests.conftest import free_port, stop_process
+    from tests.server.conftest import spawn_ready
+
+    ((proc, url),) = spawn_ready(data_dir, [f"dead-embedder-{free_port()}"], {
+        "STUDYHALL_EMBEDDER": "openai", "OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}/v1",
+        "OPENAI_API_KEY": "sk-test"})
+    try:
+        inst = make.user("instructor")
+        with httpx.Client(base_url=url, timeout=60) as c:
+            cid = c.post("/api/v1/courses", json={"title": "Search"}, headers=inst.h).json()["id"]
+            r = c.get(f"/api/v1/courses/{cid}/search", params={"q": "hash"}, headers=inst.h)
+        assert r.status_code == 503 and r.json()["code"] == "embedder_unavailable", r.text
+        assert "embedding service failed" in r.json()["message"] and r.headers["Retry-After"] == "5"
+    finally:
+        stop_process(proc)

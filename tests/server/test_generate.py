@@ -36,6 +36,7 @@ def test_generated_items_cite_real_moments_and_stay_drafts(client, eval_course: 
             assert len(it["options"]) == 4 and len(set(it["options"])) == 4 and len(it["correct"]) == 1
             answer = it["options"][it["correct"][0]]
             assert "_____" in it["prompt"] and answer.lower() in cite["text"].lower()
+            assert answer.lower() not in (it["title"] + " " + it["concept"]).lower()  # learners see these
             assert all(o.lower() not in cite["text"].lower().split() for i, o in enumerate(it["options"])
                        if i != it["correct"][0])
         else:
@@ -77,4 +78,40 @@ def test_next_step_suggests_difficulty_and_what_to_rewatch(client, eval_course: 
     starts = [m["start"] for m in weak["rewatch"]]
     assert round(ch["start"], 1) in starts and round(first["citation"]["start"], 1) in starts
     # the next item is one not tried yet, from the concept the learner struggles with
-    assert nxt["next"]["id"] in {i["id"] for i in items[1:]} and nxt["next"]["concept"] == ch["title"]
+    assert nxt["next"]["id"] in {i["id"] for i in items[1:]}
+    # (its concept is the chapter's title, without the item's answer in it)
+    assert nxt["next"]["concept"] == next(i for i in items if i["id"] == nxt["next"]["id"])["concept"]
+
+
+def test_deleting_a_video_drops_the_citations_that_point_at_it(client, make, worker, settings):
+    """An item's citation is a moment of a video: once the video is deleted, learners are not sent to it."""
+    from tests.conftest import fetch, upload, wait_job
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Cited"}, headers=inst.h).json()["id"]
+    srt = "".join(f"{i}\n00:00:{i * 5:02d},000 --> 00:00:{i * 5 + 4:02d},000\nA hash table keeps keys in buckets "
+                  f"chosen by hashing, and a collision number {i} is resolved by chaining lists.\n\n" for i in range(1, 9))
+    r = upload(client, cid, inst.h, "hash.srt", srt.encode())
+    assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
+    vid = r.json()["video_id"]
+    items = client.post(f"/api/v1/courses/{cid}/assignments/generate", headers=inst.h,
+                        json={"video_id": vid, "count": 1, "types": ["short_answer"]}).json()["items"]
+    assert items and items[0]["citation"]["video_id"] == vid
+    assert client.delete(f"/api/v1/courses/{cid}/videos/{vid}", headers=inst.h).status_code == 204
+    after = client.get(f"/api/v1/assignments/{items[0]['id']}", headers=inst.h).json()
+    assert after.get("citation") is None and after["id"] == items[0]["id"]
+
+
+def test_generation_is_rate_limited_per_user(client, make, settings):
+    """Each generation may call the model once per chapter: a user gets a bounded number an hour."""
+    from server.api.assignments import GENERATE_BURST
+    from tests.conftest import fetch
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Costly"}, headers=inst.h).json()["id"]
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status) VALUES ($1, 'v', 'transcript', "
+                          "'processing') RETURNING id", cid)[0]["id"]
+    codes = [client.post(f"/api/v1/courses/{cid}/assignments/generate", json={"video_id": vid},
+                         headers=inst.h) for _ in range(GENERATE_BURST + 1)]
+    assert [r.status_code for r in codes[:-1]] == [409] * GENERATE_BURST  # not ready: refused, but counted
+    assert codes[-1].status_code == 429 and int(codes[-1].headers["Retry-After"]) >= 1, codes[-1].text
