@@ -192,12 +192,41 @@ async def refresh_term_stats(conn: asyncpg.Connection, course_id: int) -> None:
     await conn.execute(_RECOUNT_DF, course_id)
 
 
+# Assignments of the video's old chapters move to the new chapter holding their cited moment, else to the one
+# overlapping the old chapter most (new chapters carry negative idx until the old ones are gone).
+_RELINK = """
+UPDATE assignments a SET chapter_id = (
+    SELECT n.id FROM chapters n WHERE n.video_id = $1 AND n.idx < 0
+    ORDER BY (a.citation ->> 'video_id')::bigint = $1 AND (a.citation ->> 'start')::float8 >= n.start_s
+             AND (a.citation ->> 'start')::float8 < n.end_s DESC NULLS LAST,
+             greatest(0, least(n.end_s, o.end_s) - greatest(n.start_s, o.start_s)) DESC, n.idx DESC
+    LIMIT 1)
+FROM chapters o WHERE o.id = a.chapter_id AND o.video_id = $1 AND o.idx >= 0"""
+
+# Learners' strengths on the new chapters, as `assignments._update_chapter_score` computes them (the old
+# chapters' rows went with them).
+_RESCORE = """
+INSERT INTO chapter_scores (user_id, chapter_id, score, updated_at)
+SELECT b.user_id, a.chapter_id, least(1, greatest(0, avg(b.score) / 100)), now()
+FROM (SELECT s.user_id, s.assignment_id, max(s.score) AS score FROM submissions s
+      WHERE s.status = 'graded' GROUP BY 1, 2) b
+JOIN assignments a ON a.id = b.assignment_id JOIN chapters n ON n.id = a.chapter_id AND n.video_id = $1
+GROUP BY b.user_id, a.chapter_id
+ON CONFLICT (user_id, chapter_id) DO UPDATE SET score = EXCLUDED.score, updated_at = now()"""
+
+
 async def replace_chapters(conn: asyncpg.Connection, video_id: int, chapters: Sequence[Any]) -> None:
-    await conn.execute("DELETE FROM chapters WHERE video_id = $1", video_id)
+    """Swap the video's chapters for new ones (in the caller's transaction). A re-ingest keeps what hangs on them:
+    assignments move to the matching new chapter, and learners' chapter strengths are recomputed there."""
     await conn.executemany(
         "INSERT INTO chapters (video_id, idx, start_s, end_s, title, summary) VALUES ($1, $2, $3, $4, $5, $6)",
-        [(video_id, i, float(c.start), float(c.end), c.title, c.summary) for i, c in enumerate(chapters)],
+        [(video_id, -1 - i, float(c.start), float(c.end), c.title, c.summary) for i, c in enumerate(chapters)],
     )
+    if chapters:
+        await conn.execute(_RELINK, video_id)
+    await conn.execute("DELETE FROM chapters WHERE video_id = $1 AND idx >= 0", video_id)
+    await conn.execute("UPDATE chapters SET idx = -1 - idx WHERE video_id = $1", video_id)
+    await conn.execute(_RESCORE, video_id)
 
 
 async def mark_ready(conn: asyncpg.Connection, video_id: int, *, duration_s: float, embed_model: str, embed_dim: int,

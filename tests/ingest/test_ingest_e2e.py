@@ -324,3 +324,34 @@ def test_deleting_a_course_removes_its_uploaded_files(client, make: Factory, wor
     assert path and Path(path).exists()
     assert client.delete(f"/api/v1/courses/{cid}", headers=inst.h).status_code == 204
     assert not Path(path).exists()
+
+
+def test_reingest_keeps_assignments_on_their_chapter_and_learners_strengths(client, make: Factory, worker, settings):
+    """Re-ingesting replaces the video's chapters: an item stays tied to the new chapter holding its cited moment,
+    and a learner's strength there is kept (the old rows went with the old chapters: the item lost its chapter and
+    the learner's score vanished)."""
+    inst, cid = _course(client, make)
+    srt = "".join(f"{i}\n00:{i // 12:02d}:{i % 12 * 5:02d},000 --> 00:{i // 12:02d}:{i % 12 * 5 + 4:02d},000\n"
+                  f"A hash table keeps keys in buckets chosen by hashing; collision number {i} is resolved "
+                  f"by chaining lists.\n\n" for i in range(1, 30))
+    r = upload(client, cid, inst.h, "hash.srt", srt.encode())
+    assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
+    vid = r.json()["video_id"]
+    chapter = client.get(f"/api/v1/courses/{cid}/videos/{vid}/chapters", headers=inst.h).json()[0]
+    a = client.post(f"/api/v1/courses/{cid}/assignments", headers=inst.h, json={
+        "type": "multiple_choice", "title": "Q", "prompt": "Which?", "options": ["x", "y"], "correct": [0],
+        "chapter_id": chapter["id"]}).json()
+    assert client.post(f"/api/v1/assignments/{a['id']}/publish", headers=inst.h).status_code == 200
+    learner = make.user("learner")
+    assert client.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": learner.id},
+                       headers=inst.h).status_code == 201
+    assert client.post(f"/api/v1/assignments/{a['id']}/submissions", json={"answer": [0]},
+                       headers=learner.h).status_code == 201
+    r = client.post(f"/api/v1/courses/{cid}/videos/{vid}/reingest", headers=inst.h)
+    assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
+    new_chapters = {c["id"] for c in client.get(f"/api/v1/courses/{cid}/videos/{vid}/chapters", headers=inst.h).json()}
+    assert chapter["id"] not in new_chapters
+    moved = client.get(f"/api/v1/assignments/{a['id']}", headers=inst.h).json()["chapter_id"]
+    assert moved in new_chapters
+    rows = fetch(settings, "SELECT chapter_id, score FROM chapter_scores WHERE user_id = $1", learner.id)
+    assert [(r["chapter_id"], r["score"]) for r in rows] == [(moved, 1.0)]
