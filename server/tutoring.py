@@ -38,11 +38,13 @@ BUSY_RETRY_S = 5.0  # told with `tutor_busy`: an answer usually takes seconds
 TUTOR_MENTION = re.compile(r"(?<![\w@])@tutor\b", re.IGNORECASE)
 
 
-def tutor_for(state: Any) -> Tutor:
-    """One Tutor per process (it holds the compiled graph)."""
+async def tutor_for(state: Any) -> Tutor:
+    """One Tutor per process (it holds the compiled graph). The embedding model loads in a thread: loading it on
+    the event loop stalled the process (sockets, presence heartbeats) for seconds at its first question."""
     tutor = getattr(state, "tutor", None)
     if tutor is None:
-        tutor = Tutor(state.pool, embedder_for(state.settings), get_llm(state.settings))
+        embedder = await asyncio.to_thread(embedder_for, state.settings)
+        tutor = getattr(state, "tutor", None) or Tutor(state.pool, embedder, get_llm(state.settings))
         state.tutor = tutor
     return tutor
 
@@ -126,7 +128,7 @@ async def prepare(state: Any, user: Any, course_id: int, question: str, *, sessi
             mode = await repo.tutor_mode(conn, course_id, room_id)
             version = await repo.content_version(conn, course_id)
             qhash = repo.question_hash(question)
-            tutor = tutor_for(state)
+            tutor = await tutor_for(state)
             # answers differ by mode and by model: both are part of the cache key
             cache_key = f"{mode}|{tutor.llm.name + ':' + tutor.llm.model if tutor.llm else 'extractive'}"
             cached = None if history else await repo.cached_turn(conn, course_id, version, cache_key, qhash)
@@ -155,7 +157,7 @@ async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_del
             if on_delta:
                 await on_delta(cached["answer"])
         else:
-            result = await tutor_for(state).run(course_id, prep.question, history=prep.history, mode=prep.mode,
+            result = await (await tutor_for(state)).run(course_id, prep.question, history=prep.history, mode=prep.mode,
                                                 on_delta=on_delta)
         usage = result.get("usage") or {}
         fields = dict(

@@ -27,8 +27,9 @@ TOLERANCE_S = 0.5  # players report positions a hair past the end, and leave gap
 MAX_PLAYBACK_RATE = 3.0
 SLACK_S = 3.0
 # Newly watched seconds over all of a learner's videos come from a budget (watch_budget) that holds at most
-# WATCH_BUDGET_S and refills at MAX_PLAYBACK_RATE: a player reporting as it plays, or an app syncing a few hours
-# watched offline, never meets it; a script reporting whole videos back to back waits (429) as if it had played them.
+# WATCH_BUDGET_S and refills at MAX_PLAYBACK_RATE: a player reporting as it plays, or one long video reported at
+# its end, never meets it; a script reporting whole videos back to back waits (429) as if it had played them, and
+# so does an app syncing more than an hour watched offline at once (it sends the rest again later).
 WATCH_BUDGET_S = 3600.0
 
 
