@@ -88,8 +88,8 @@ def embedder_error_handler(request: Request, exc: Exception) -> Response:
     """The embedding model cannot be used now (the OpenAI embedder's service down or refusing, a broken install):
     503 with the reason, not a bare 500. Ingest jobs retry on it by themselves."""
     logger.warning("embedder failed on %s %s: %s", request.method, request.url.path, exc)
-    return Response(body(503, "embedder_unavailable", f"the embedding model is unavailable: {exc}", retry_after=5),
-                    status_code=503, headers={"Retry-After": "5"})
+    return http_exception_handler(request, ApiError(503, f"the embedding model is unavailable: {exc}",
+                                                    code="embedder_unavailable", retry_after=5))
 
 
 def internal_error_handler(request: Request, exc: Exception) -> Response:

@@ -96,14 +96,15 @@ def blank(text: str) -> bool:
     return all(c.isspace() or c in _INVISIBLE or unicodedata.category(c) in ("Cf", "Mn", "Me") for c in text)
 
 
-def text_problem(text: str, limit: int) -> tuple[str, str] | None:
-    """Why a message's text is refused, as (code, detail), or None: the same rule for a websocket frame and REST."""
+def text_problem(text: str, limit: int, what: str = "text") -> tuple[str, str] | None:
+    """Why a written text (`what`: a message's text, a question...) is refused, as (code, detail), or None: the
+    same rule for a websocket frame and REST."""
     if blank(text):
-        return "bad_frame", "text must not be empty"
+        return "bad_frame", f"{what} must not be empty"
     if len(text) > limit:
-        return "too_long", f"text is longer than {limit} characters"
+        return "too_long", f"{what} is longer than {limit} characters"
     if _CONTROL.search(text):
-        return "bad_frame", "text must not contain control characters other than tabs and line breaks"
+        return "bad_frame", f"{what} must not contain control characters other than tabs and line breaks"
     return None
 
 

@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import asyncpg
 
-from store.frames import blank, text_problem
+from store.frames import text_problem
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_SLOTS = 28
@@ -83,7 +83,7 @@ def check_goals(goals: list[str]) -> list[str]:
     out = []
     for i, g in enumerate(goals):
         g = " ".join(g.split())
-        if blank(g) or len(g) > 80 or text_problem(g, 80) is not None:
+        if text_problem(g, 80) is not None:
             raise ProfileError(f"goals[{i}]", "a goal is 1 to 80 characters")
         if g.lower() not in (x.lower() for x in out):
             out.append(g)

@@ -67,8 +67,8 @@ class TutorController(Controller):
     async def ask(self, request: Request, course_id: int) -> Response:
         """Ask the tutor. `Accept: text/event-stream` streams `delta` events, then one `answer` event."""
         data = await read_json(request, AskIn)
-        if (problem := text_problem(data.question, MAX_QUESTION_CHARS)) is not None:
-            raise ApiError(400, problem[1].replace("text", "question", 1), field="question")
+        if (problem := text_problem(data.question, MAX_QUESTION_CHARS, "question")) is not None:
+            raise ApiError(400, problem[1], field="question")
         state, user = request.app.state, request.user
         async with state.pool.acquire() as conn:
             await course_or_404(conn, course_id, user)

@@ -157,13 +157,8 @@ def test_an_ingest_job_whose_runs_keep_dying_fails_with_the_reason(settings, mak
     again forever: the attempt past `max_attempts` fails the job and says why, and a retry starts afresh."""
     from ingest.jobs import ingest_job
 
-    inst = make.user("instructor")
-    cid = client.post("/api/v1/courses", json={"title": "Dying"}, headers=inst.h).json()["id"]
-    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status) VALUES ($1, 'v', 'transcript', "
-                          "'processing') RETURNING id", cid)[0]["id"]
     # five attempts counted, none recorded an outcome: the row still says it is transcribing
-    job = fetch(settings, """INSERT INTO jobs (kind, course_id, video_id, state, attempts, max_attempts)
-                             VALUES ('ingest', $1, $2, 'transcribing', 5, 5) RETURNING id""", cid, vid)[0]["id"]
+    inst, vid, job = _transcribing_job(settings, make, client, attempts=5)
 
     async def go() -> str:
         pool = await create_pool(settings.database_url, min_size=1, max_size=2)
@@ -180,6 +175,19 @@ def test_an_ingest_job_whose_runs_keep_dying_fails_with_the_reason(settings, mak
     assert fetch(settings, "SELECT status FROM videos WHERE id = $1", vid)[0]["status"] == "failed"
     r = client.post(f"/api/v1/jobs/{job}/retry", headers=inst.h)
     assert r.status_code in (200, 202) and r.json()["attempts"] == 0
+
+
+def _transcribing_job(settings, make: Factory, client, attempts: int):  # type: ignore[no-untyped-def]
+    """A video being processed and its ingest job, mid-transcription after `attempts` of 5: (its instructor, video
+    id, job id)."""
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Transcribing"}, headers=inst.h).json()["id"]
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status) VALUES ($1, 'v', 'transcript', "
+                          "'processing') RETURNING id", cid)[0]["id"]
+    job = fetch(settings, """INSERT INTO jobs (kind, course_id, video_id, state, attempts, max_attempts)
+                             VALUES ('ingest', $1, $2, 'transcribing', $3, 5) RETURNING id""", cid, vid,
+                attempts)[0]["id"]
+    return inst, vid, job
 
 
 def _cut_mid_run(settings, monkeypatch, owner, name: str, run):  # type: ignore[no-untyped-def]
@@ -222,12 +230,7 @@ def test_an_attempt_cut_by_a_worker_stop_is_given_back(settings, make: Factory, 
     stop (arq's time limit) still counts."""
     from ingest import jobs, pipeline
 
-    inst = make.user("instructor")
-    cid = client.post("/api/v1/courses", json={"title": "Stopped"}, headers=inst.h).json()["id"]
-    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status) VALUES ($1, 'v', 'transcript', "
-                          "'processing') RETURNING id", cid)[0]["id"]
-    job = fetch(settings, """INSERT INTO jobs (kind, course_id, video_id, state, attempts, max_attempts)
-                             VALUES ('ingest', $1, $2, 'transcribing', 2, 5) RETURNING id""", cid, vid)[0]["id"]
+    _, _, job = _transcribing_job(settings, make, client, attempts=2)
     attempts = lambda: fetch(settings, "SELECT attempts FROM jobs WHERE id = $1", job)[0]["attempts"]  # noqa: E731
     cut = _cut_mid_run(settings, monkeypatch, pipeline, "ingest_video", lambda ctx: jobs.ingest_job(ctx, job))
     run_sync(cut(stopping=True))

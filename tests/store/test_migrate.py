@@ -37,6 +37,22 @@ async def _state(dsn: str) -> tuple[list, list]:
         await conn.close()
 
 
+async def _migrated_to(conn: asyncpg.Connection, last: int) -> int:
+    """Apply the migrations up to `last` by hand (as an older build left the database) and add a course; its id."""
+    await conn.execute("""CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
+                          checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())""")
+    for version, name, sql in migration_files():
+        if version > last:
+            break
+        await conn.execute(sql)
+        await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2, 'x')", version, name)
+    tid = await conn.fetchval("INSERT INTO tenants (name) VALUES ('t') RETURNING id")
+    uid = await conn.fetchval("INSERT INTO users (tenant_id, name, role) VALUES ($1, 'i', 'instructor') RETURNING id",
+                              tid)
+    return await conn.fetchval("INSERT INTO courses (tenant_id, owner_id, title) VALUES ($1, $2, 'c') RETURNING id",
+                               tid, uid)
+
+
 def test_migrate_twice_changes_nothing(settings):
     dsn = _fresh_db(settings)
     first = run_sync(migrate(dsn))
@@ -80,21 +96,10 @@ def test_upgrade_from_a_database_with_stored_chunks(settings):
     async def go() -> tuple[dict, set]:
         conn = await asyncpg.connect(dsn)
         try:
-            await conn.execute("""CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
-                                  checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())""")
-            for version, name, sql in migration_files():
-                if version > 6:
-                    break
-                await conn.execute(sql)
-                await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2, 'x')", version, name)
+            cid = await _migrated_to(conn, 6)
             await conn.execute("""CREATE TABLE course_term_df (course_id bigint NOT NULL REFERENCES courses(id)
                                   ON DELETE CASCADE, embed_model text NOT NULL, lexeme text NOT NULL,
                                   df integer NOT NULL, PRIMARY KEY (course_id, embed_model, lexeme))""")
-            tid = await conn.fetchval("INSERT INTO tenants (name) VALUES ('t') RETURNING id")
-            uid = await conn.fetchval("INSERT INTO users (tenant_id, name, role) VALUES ($1, 'i', 'instructor') "
-                                      "RETURNING id", tid)
-            cid = await conn.fetchval("INSERT INTO courses (tenant_id, owner_id, title) VALUES ($1, $2, 'c') "
-                                      "RETURNING id", tid, uid)
             vid = await conn.fetchval("INSERT INTO videos (course_id, title, source) VALUES ($1, 'v', 'transcript') "
                                       "RETURNING id", cid)
             chunk = await conn.fetchval(
@@ -129,18 +134,7 @@ def test_upgrade_keeps_youtube_videos_added_twice_before_the_rule(settings):
     async def go() -> list[bool]:
         conn = await asyncpg.connect(dsn)
         try:
-            await conn.execute("""CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
-                                  checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())""")
-            for version, name, sql in migration_files():
-                if version > 15:
-                    break
-                await conn.execute(sql)
-                await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2, 'x')", version, name)
-            tid = await conn.fetchval("INSERT INTO tenants (name) VALUES ('t') RETURNING id")
-            uid = await conn.fetchval("INSERT INTO users (tenant_id, name, role) VALUES ($1, 'i', 'instructor') "
-                                      "RETURNING id", tid)
-            cid = await conn.fetchval("INSERT INTO courses (tenant_id, owner_id, title) VALUES ($1, $2, 'c') "
-                                      "RETURNING id", tid, uid)
+            cid = await _migrated_to(conn, 15)
             for _ in range(2):
                 await conn.execute("INSERT INTO videos (course_id, title, source, youtube_id) "
                                    "VALUES ($1, 'v', 'youtube', 'dQw4w9WgXcQ')", cid)
