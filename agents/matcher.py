@@ -293,21 +293,8 @@ def build_graph(pool: asyncpg.Pool, redis: Redis, settings: Settings, llm: Any =
                                             declined=state.get("declined", []), based_on=state.get("based_on"))
         if row is None:
             return {"skipped": True}
-        ls = state["learners"]
-        lines = [f"• {' + '.join(ls[m].name for m in g['members'])}: {g['reason']}" for g in groups]
-        text = ("This week's study buddies:\n" + "\n".join(lines)) if lines else \
-            "Not enough learners left to pair up this round."
-        meta = {"kind": "study_buddies", "match_id": row["id"], "groups": groups, "reason_source": state["reason_source"],
-                "declined": state.get("declined", [])}
-        message_id = None
-        try:
-            posted = await messages.post_message(pool, redis, f"pod:{state['pod_id']}", None, text, meta,
-                                                 f"match:{row['id']}", author_name=AUTHOR_NAME, author_role=AUTHOR_ROLE)
-            message_id = posted.event.id
-            async with pool.acquire() as conn:
-                await matching.set_message(conn, row["id"], message_id)
-        except Exception:  # noqa: BLE001 - the round stands; only its announcement failed
-            logger.warning("matcher: could not post to pod %s", state["pod_id"], exc_info=True)
+        names = {uid: learner.name for uid, learner in state["learners"].items()}
+        message_id = await announce(pool, redis, row, names, state["reason_source"])
         return {"match": dict(row, message_id=message_id)}
 
     g = StateGraph(MatchState)
@@ -323,6 +310,27 @@ def build_graph(pool: asyncpg.Pool, redis: Redis, settings: Settings, llm: Any =
     g.add_edge("reasons", "post")
     g.add_edge("post", END)
     return g.compile()
+
+
+async def announce(pool: asyncpg.Pool, redis: Redis, row: Any, names: dict[int, str],
+                   reason_source: str) -> int | None:
+    """Post a stored round to its pod room and record the message; its id, or None when the post failed (the
+    round stands; the weekly run posts it later). Posting twice gives the one message (its client_msg_id)."""
+    groups = row["groups"]
+    lines = [f"• {' + '.join(names.get(m, f'learner {m}') for m in g['members'])}: {g['reason']}" for g in groups]
+    text = ("This week's study buddies:\n" + "\n".join(lines)) if lines else \
+        "Not enough learners left to pair up this round."
+    meta = {"kind": "study_buddies", "match_id": row["id"], "groups": groups, "reason_source": reason_source,
+            "declined": list(row["declined"] or [])}
+    try:
+        posted = await messages.post_message(pool, redis, f"pod:{row['pod_id']}", None, text, meta,
+                                             f"match:{row['id']}", author_name=AUTHOR_NAME, author_role=AUTHOR_ROLE)
+        async with pool.acquire() as conn:
+            await matching.set_message(conn, row["id"], posted.event.id)
+        return posted.event.id
+    except Exception:  # noqa: BLE001 - the round stands; only its announcement failed
+        logger.warning("matcher: could not post round %s to pod %s", row["id"], row["pod_id"], exc_info=True)
+        return None
 
 
 async def run_match(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id: int, *, trigger: str = "manual",
@@ -386,6 +394,12 @@ async def match_all_pods(pool: asyncpg.Pool, redis: Redis, settings: Settings, a
     key = matching.week_key(at)
     async with pool.acquire() as conn:
         pods = await matching.pods_to_match(conn, key)
+        unposted = await matching.unannounced(conn, key)
+        names = {r["id"]: r["name"] for r in await conn.fetch(
+            "SELECT id, name FROM users WHERE id = ANY($1::bigint[])",
+            sorted({m for r in unposted for g in r["groups"] for m in g["members"]}))}
+    for row in unposted:  # saved by a run whose post failed or was cut off: announced now
+        await announce(pool, redis, row, names, "unknown")
     n = 0
     for pod_id in pods:
         try:

@@ -36,10 +36,11 @@ import numpy as np
 
 from agents import scoring
 from agents.grader import needs_review
+from bench.common import EVAL
 from store.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-GRADING = ROOT.parent / "shared" / "eval" / "grading"
+GRADING = EVAL / "grading"
 SEMEVAL = GRADING / "semeval2013-task7-2way"
 CACHE = ROOT / ".bench" / "grader_embeddings.npz"
 

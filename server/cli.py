@@ -15,6 +15,8 @@ from dataclasses import replace
 import asyncpg
 from redis.exceptions import RedisError
 
+from agents.embedder import EmbedderError
+from agents.llm import LLMError
 from store.embedded import Services, ensure_services
 from store.settings import Settings, load_settings
 
@@ -596,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
     except _Stop:
         return 0
     except CliError as exc:
+        print(f"studyhall: {exc}", file=sys.stderr)
+        return 2
+    except (EmbedderError, LLMError) as exc:  # a model service that fails: what it said, in a line
         print(f"studyhall: {exc}", file=sys.stderr)
         return 2
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError) as exc:

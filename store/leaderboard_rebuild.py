@@ -78,13 +78,13 @@ class Rebuilt:
 async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = None) -> Rebuilt | None:
     """Rebuild every board from the ledger; None when another process is already rebuilding."""
     token = secrets.token_hex(8)
-    if not await redis.set(keys.LEADERBOARD_LOCK, token, ex=LOCK_TTL_S, nx=True):
+    if not await redis.set(keys.LEADERBOARD_LOCK, token, px=int(LOCK_TTL_S * 1000), nx=True):
         return None
     t0 = time.perf_counter()
     keeper = asyncio.create_task(_keep_lock(redis, token))  # however long it takes, no second rebuild starts
     try:
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.set(keys.LEADERBOARD_BUILDING, b"1", ex=3600)
+            pipe.set(keys.LEADERBOARD_BUILDING, b"1", px=int(2 * LOCK_TTL_S * 1000))  # kept up with the lock
             pipe.delete(keys.LEADERBOARD_BACKLOG)
             await pipe.execute()
         now = as_utc(now)
@@ -145,16 +145,26 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
                          "return 0", 1, keys.LEADERBOARD_LOCK, token)
 
 
-LOCK_TTL_S = 600  # renewed every third of it while the rebuild runs; lapses on its own if the process died
+# Renewed every third of it while the rebuild runs; a process that died mid-rebuild holds it (and keeps awards
+# logging to the backlog) no longer than this, so the next read, start or check rebuilds soon after.
+LOCK_TTL_S = 30.0
+
+# KEYS: lock, building flag. ARGV: token, ttl ms. Only the lock's holder renews; a building flag the swap already
+# removed stays removed.
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], 2 * tonumber(ARGV[2]))
+return 1
+"""
 
 
 async def _keep_lock(redis: Redis, token: str) -> None:
     while True:
         await asyncio.sleep(LOCK_TTL_S / 3)
         try:
-            await redis.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then "
-                             "return redis.call('EXPIRE', KEYS[1], ARGV[2]) end return 0",
-                             1, keys.LEADERBOARD_LOCK, token, LOCK_TTL_S)
+            await redis.eval(_RENEW, 2, keys.LEADERBOARD_LOCK, keys.LEADERBOARD_BUILDING, token,
+                             int(LOCK_TTL_S * 1000))
         except Exception:  # noqa: BLE001 - the next beat tries again
             logger.warning("could not renew the leaderboard rebuild lock", exc_info=True)
 

@@ -98,6 +98,13 @@ async def set_message(conn: asyncpg.Connection, match_id: int, message_id: int) 
     await conn.execute("UPDATE pod_matches SET message_id = $2 WHERE id = $1", match_id, message_id)
 
 
+async def unannounced(conn: asyncpg.Connection, round_key: str) -> list[asyncpg.Record]:
+    """Rounds `round_key` saved without their pod-room message (the post failed, or the run stopped between
+    the two) that are still current."""
+    return await conn.fetch("""SELECT * FROM pod_matches WHERE round_key = $1 AND message_id IS NULL
+                               AND superseded_at IS NULL ORDER BY id""", round_key)
+
+
 async def pods_to_match(conn: asyncpg.Connection, round_key: str) -> list[int]:
     """Pods with at least two eligible learners and without the round `round_key` yet."""
     rows = await conn.fetch(

@@ -90,17 +90,24 @@ return {redis.call('ZCOUNT', KEYS[1], now, '+inf'),
         redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf', 'LIMIT', 0, tonumber(ARGV[1]))}
 """
 
-# KEYS: procs. ARGV: proc to skip. -> flat list of dead procs and their expiry (ms), each removed once
+# KEYS: procs. ARGV: proc to skip, then the candidates. -> flat list of the candidates still expired and their
+# expiry (ms), each removed (so returned to one caller only)
 _DEAD = _NOW + """
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, 20)
 local out = {}
-for i = 1, #dead, 2 do
-  if dead[i] ~= ARGV[1] and redis.call('ZREM', KEYS[1], dead[i]) == 1 then
-    table.insert(out, dead[i])
-    table.insert(out, dead[i + 1])
+for i = 2, #ARGV do
+  local p = ARGV[i]
+  local s = redis.call('ZSCORE', KEYS[1], p)
+  if p ~= ARGV[1] and s and tonumber(s) < now and redis.call('ZREM', KEYS[1], p) == 1 then
+    table.insert(out, p)
+    table.insert(out, s)
   end
 end
 return out
+"""
+
+# KEYS: procs. -> up to 100 procs whose lease has lapsed
+_EXPIRED = _NOW + """
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, 100)
 """
 
 
@@ -143,6 +150,7 @@ class Presence:
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._online = redis.register_script(_ONLINE)
         self._dead = redis.register_script(_DEAD)
+        self._expired = redis.register_script(_EXPIRED)
         self._alive = redis.register_script(_ALIVE)
 
     async def join(self, room: str, user: UserRef) -> Change:
@@ -177,9 +185,17 @@ class Presence:
         count, members = await self._online(keys=[presence_room(room)], args=[limit])
         return int(count), [user_of(m) for m in members]
 
-    async def dead_procs(self) -> list[tuple[str, float]]:
-        """Server processes whose heartbeat expired, each returned to exactly one caller: (proc, expiry s)."""
-        flat = await self._dead(keys=[PROCS], args=[self.proc])
+    async def expired_procs(self) -> list[str]:
+        """Other server processes whose lease has lapsed now (dead, or not renewed yet after a Redis stall)."""
+        return [p.decode() if isinstance(p, bytes) else p for p in await self._expired(keys=[PROCS])
+                if (p.decode() if isinstance(p, bytes) else p) != self.proc]
+
+    async def dead_procs(self, candidates: list[str]) -> list[tuple[str, float]]:
+        """Those of `candidates` whose lease is still lapsed, each returned to exactly one caller and taken off
+        the list: (proc, expiry s)."""
+        if not candidates:
+            return []
+        flat = await self._dead(keys=[PROCS], args=[self.proc, *candidates])
         return [(flat[i].decode() if isinstance(flat[i], bytes) else flat[i], float(flat[i + 1]) / 1000)
                 for i in range(0, len(flat), 2)]
 

@@ -119,10 +119,10 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
     ddir = Path(data_dir or _str("STUDYHALL_DATA_DIR", ".studyhall")).resolve()
     secret = _str("STUDYHALL_SECRET") or _load_or_create_secret(ddir)
     langs = tuple(x.strip() for x in (_str("STUDYHALL_YOUTUBE_LANGUAGES", "en") or "en").split(",") if x.strip())
-    return Settings(
+    settings = Settings(
         data_dir=ddir,
-        database_url=_str("DATABASE_URL"),
-        redis_url=_str("REDIS_URL"),
+        database_url=_url("DATABASE_URL", ("postgres", "postgresql")),
+        redis_url=_url("REDIS_URL", ("redis", "rediss", "unix")),
         secret=secret,
         host=_str("STUDYHALL_HOST", "127.0.0.1") or "127.0.0.1",
         port=_bounded("STUDYHALL_PORT", 8000, 1, 65535),
@@ -133,7 +133,7 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         embedder=str(_choice("STUDYHALL_EMBEDDER", "local", ("local", "openai"))),
         whisper_model=_str("STUDYHALL_WHISPER_MODEL"),
         youtube_languages=langs or ("en",),
-        tutor_daily_limit=_bounded("STUDYHALL_TUTOR_DAILY_LIMIT", 100, 0),
+        tutor_daily_limit=_bounded("STUDYHALL_TUTOR_DAILY_LIMIT", 100, 1),
         job_heartbeat_ms=int(_ranged("STUDYHALL_JOB_HEARTBEAT_S", 30.0, 1.0) * 1000),
         job_retry_base_s=_ranged("STUDYHALL_JOB_RETRY_BASE_S", 2.0, 0.0),
         job_max_attempts=_bounded("STUDYHALL_JOB_MAX_ATTEMPTS", 5, 1),
@@ -163,9 +163,48 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         leaderboard_event_s=_ranged("STUDYHALL_LEADERBOARD_EVENT_S", 5.0, 0.0),
         match_weekday=_bounded("STUDYHALL_MATCH_WEEKDAY", 0, 0, 6),
         match_hour=_bounded("STUDYHALL_MATCH_HOUR", 6, 0, 23),
-        match_weekly=(_str("STUDYHALL_MATCH_WEEKLY", "1") or "1").lower() not in ("0", "false", "no", "off"),
-        xp_async_commit=(_str("STUDYHALL_XP_ASYNC_COMMIT", "0") or "0").lower() in ("1", "true", "yes", "on"),
+        match_weekly=_flag("STUDYHALL_MATCH_WEEKLY", True),
+        xp_async_commit=_flag("STUDYHALL_XP_ASYNC_COMMIT", False),
     )
+    _check_providers(settings)
+    return settings
+
+
+def _url(name: str, schemes: tuple[str, ...]) -> str | None:
+    """A server's URL (unset: the embedded one); one of another kind stops the start naming the variable."""
+    raw = _str(name)
+    if raw is None:
+        return None
+    scheme, sep, _ = raw.partition("://")
+    if not sep or scheme.lower() not in schemes:
+        raise SystemExit(f"{name} must be a URL starting {' or '.join(f'{x}://' for x in schemes)}, got {raw!r}")
+    return raw
+
+
+def _flag(name: str, default: bool) -> bool:
+    """On or off: 1/0, true/false, yes/no, on/off (any case); anything else stops the start (a misspelt `flase`
+    would otherwise mean the opposite of what was meant)."""
+    raw = _str(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), got {raw!r}")
+
+
+def _check_providers(s: Settings) -> None:
+    """A provider asked for by name needs its key (or a base URL, for a local OpenAI-compatible server): without
+    one, every question or search would fail later."""
+    openai = bool(s.openai_api_key or s.openai_base_url)
+    if s.llm_provider == "openai" and not openai:
+        raise SystemExit("STUDYHALL_LLM=openai needs OPENAI_API_KEY (or OPENAI_BASE_URL for a local server)")
+    if s.llm_provider == "anthropic" and not (s.anthropic_api_key or s.anthropic_base_url):
+        raise SystemExit("STUDYHALL_LLM=anthropic needs ANTHROPIC_API_KEY (or ANTHROPIC_BASE_URL)")
+    if s.embedder == "openai" and not openai:
+        raise SystemExit("STUDYHALL_EMBEDDER=openai needs OPENAI_API_KEY (or OPENAI_BASE_URL for a local server)")
 
 
 def _bounded(name: str, default: int, low: int, high: int | None = None) -> int:

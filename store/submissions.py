@@ -180,7 +180,8 @@ async def queue(conn: asyncpg.Connection, course_id: int, limit: int, offset: in
 async def learner_results(conn: asyncpg.Connection, course_id: int, user_id: int) -> list[asyncpg.Record]:
     """Per published assignment: the learner's final attempts (latest first) and the concept it belongs to."""
     return await conn.fetch(
-        """SELECT a.id AS assignment_id, a.title, a.type, a.difficulty, a.max_attempts, a.closes_at, a.video_id, a.chapter_id, a.concept, a.citation,
+        """SELECT a.id AS assignment_id, a.title, a.type, a.difficulty, a.max_attempts, a.opens_at, a.closes_at,
+                  a.video_id, a.chapter_id, a.concept, a.citation,
                   ch.start_s AS chapter_start, ch.end_s AS chapter_end, ch.title AS chapter_title, v.title AS video_title,
                   v.youtube_id,
                   coalesce(array_agg(s.score ORDER BY s.final_at DESC) FILTER (WHERE s.status = 'graded'), '{}')

@@ -23,13 +23,22 @@ def _moment(video_id: int | None, start: float | None, end: float | None, title:
                   title=title, url=url)
 
 
-def next_step(rows: list[asyncpg.Record]) -> NextStep:
-    """Build the learner's next step from `store.submissions.learner_results` rows."""
+def _concept_key(r: asyncpg.Record) -> tuple[str, int | None]:
+    """What an item practises: its chapter, else its video (chapter and video ids are separate counters)."""
+    return ("chapter", r["chapter_id"]) if r["chapter_id"] else ("video", r["video_id"])
+
+
+def _concept_name(r: asyncpg.Record) -> str:
+    return r["concept"] or r["chapter_title"] or r["video_title"] or "General"
+
+
+def next_step(rows: list[asyncpg.Record], *, cannot_submit: str | None = None) -> NextStep:
+    """Build the learner's next step from `store.submissions.learner_results` rows; no `next` when the caller
+    cannot submit answers (`cannot_submit` says why: they see the course without being enrolled in it)."""
     concepts: dict[object, dict] = {}
     recent: list[tuple[datetime, float, str]] = []
     for r in rows:
-        key = ("chapter", r["chapter_id"]) if r["chapter_id"] else ("video", r["video_id"])
-        c = concepts.setdefault(key, {"concept": r["concept"] or r["chapter_title"] or r["video_title"] or "General",
+        c = concepts.setdefault(_concept_key(r), {"concept": _concept_name(r),
                                       "chapter_id": r["chapter_id"], "video_id": r["video_id"], "rows": []})
         c["rows"].append(r)
         if r["scores"]:
@@ -70,15 +79,19 @@ def next_step(rows: list[asyncpg.Record]) -> NextStep:
         else:
             difficulty, reason = LEVELS[level], f"recent average {avg:.0f}: keep practising at this level"
     struggling = [s for s in states if s.status == "struggling"]
-    weak = {s.chapter_id or s.video_id for s in struggling}
+    weak = {("chapter", s.chapter_id) if s.chapter_id else ("video", s.video_id) for s in struggling}
     now = datetime.now(timezone.utc)
-    open_rows = [r for r in rows if r["attempts"] == 0 and (r["closes_at"] is None or r["closes_at"] > now)]
+    # what the learner can take now: untried, opened, not closed
+    open_rows = [r for r in rows if r["attempts"] == 0 and (r["opens_at"] is None or r["opens_at"] <= now)
+                 and (r["closes_at"] is None or r["closes_at"] > now)] if cannot_submit is None else []
 
     def rank(r: asyncpg.Record) -> tuple:
-        return ((r["chapter_id"] or r["video_id"]) not in weak, r["difficulty"] != difficulty,
+        return (_concept_key(r) not in weak, r["difficulty"] != difficulty,
                 abs(LEVELS.index(r["difficulty"]) - LEVELS.index(difficulty)), r["assignment_id"])
 
     pick = min(open_rows, key=rank, default=None)
     nxt = NextAssignment(id=pick["assignment_id"], title=pick["title"], type=pick["type"],
-                         difficulty=pick["difficulty"], concept=pick["concept"]) if pick else None
+                         difficulty=pick["difficulty"], concept=_concept_name(pick)) if pick else None
+    if cannot_submit is not None:
+        reason = f"{cannot_submit}; {reason}"
     return NextStep(difficulty=difficulty, reason=reason, next=nxt, struggling=struggling, concepts=states)

@@ -235,7 +235,9 @@ class SubmissionController(Controller):
         async with request.app.state.pool.acquire() as conn:
             await course_or_404(conn, course_id, user)
             rows = await repo.learner_results(conn, course_id, user.id)
-        return next_step(rows)
+            why_not = ("only learners submit answers" if user.role != "learner" else None if
+                       await courses_repo.is_enrolled(conn, course_id, user.id) else "enroll in the course to practise")
+        return next_step(rows, cannot_submit=why_not)
 
 
 def rescale(criteria: list[dict], score: float) -> list[dict]:

@@ -21,7 +21,7 @@ from server.api.courses import course_or_404
 from server.api.paging import ListLimit, Offset
 from server.api.schemas import Strict, Title
 from server.auth import AuthUser, staff_only
-from server.decode import read_json
+from server.decode import read_json, trimmed
 from server.errors import ApiError
 from server.uploads import receive_upload
 from store import jobs as jobs_repo
@@ -148,7 +148,7 @@ class VideoController(Controller):
                 yt_id = parse_youtube_id(data.youtube)
             except ValueError as exc:
                 raise ApiError(400, str(exc), field="youtube") from exc
-            kw = dict(title=data.title.strip() or yt_id, youtube_id=yt_id)
+            kw = dict(title=trimmed(data.title, "title"), youtube_id=yt_id)
         try:
             video_id, job_id = await submit_video(state.pool, state.arq, state.settings, course_id, user.id, **kw)
         except DuplicateVideo as exc:
@@ -167,9 +167,11 @@ class VideoController(Controller):
             title = (up.fields.get("title") or "").strip()
             if len(title) > 200:
                 raise ApiError(400, "title is longer than 200 characters", field="title")
-            if "\x00" in title:
-                raise ApiError(400, "title must not contain NUL characters", field="title")
-            if not title:  # from the file's name, which the user did not write as a title: made to fit
+            if re.search(r"[\x00-\x1f\x7f]", title):  # one line, as every title
+                raise ApiError(400, "title must not contain control characters", field="title")
+            if title:
+                title = trimmed(title, "title")  # something to read, not only invisible characters
+            else:  # from the file's name, which the user did not write as a title: made to fit
                 title = " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", Path(up.filename or "").stem).split())[:200].strip()
                 title = title or "untitled"
             try:
@@ -264,6 +266,8 @@ class VideoController(Controller):
             raise ApiError(400, "q must not contain NUL characters", field="q")
         async with state.pool.acquire() as conn:  # access first: the embedding is work done for the caller
             await course_or_404(conn, course_id, request.user)
+            if video_id is not None:  # another course's video is not found here, as everywhere else
+                await _video_or_404(conn, course_id, video_id)
         embedder = await asyncio.to_thread(embedder_for, state.settings)
         vec = (await asyncio.to_thread(embedder.embed, [q]))[0]
         async with state.pool.acquire() as conn:

@@ -23,6 +23,7 @@ from store.events import CLOSE_SLOW_CONSUMER, SEQUENCED, Event, UserRef, encode
 from store.rooms import RoomAccess
 
 if TYPE_CHECKING:
+    from server.auth import AuthUser
     from server.realtime.hub import Hub
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def text_frame(text: str) -> dict[str, Any]:
 class Conn:
     __slots__ = ("hub", "access", "room", "user", "send", "out", "queue_max", "inflight", "broken", "space",
                  "fill_task", "closer", "main_task", "last_seq", "start_seq", "filling", "pending", "ready",
-                 "closing", "typing_at", "typing_active", "token_id", "resumed_at", "__weakref__")
+                 "closing", "typing_at", "typing_active", "auth", "resumed_at", "__weakref__")
 
     def __init__(self, hub: Hub, access: RoomAccess, user: UserRef, send: Any, queue_max: int) -> None:
         self.hub = hub
@@ -67,7 +68,7 @@ class Conn:
         self.ready = False  # ephemeral events (presence, typing) are dropped before the welcome
         self.closing: tuple[int, str] | None = None
         self.typing_at = float("-inf")
-        self.token_id: str | None = None  # the API token the socket was opened with (closed when revoked)
+        self.auth: AuthUser | None = None  # who opened the socket, with which API token (closed when revoked)
         self.typing_active = False
         self.resumed_at = float("-inf")  # when the client last sent `resume`
 

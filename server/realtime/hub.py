@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from server import tutoring
 from server.realtime.conn import Conn, text_frame
+from server.realtime.standing import still_allowed
 from store import live as live_repo
 from store import rooms as rooms_repo
 from store import tutor as tutor_repo
@@ -74,6 +75,9 @@ class Hub:
         self._idle_since: dict[str, float] = {}
         self._seen_seq: dict[str, int] = {}
         self._sub_broken = False  # the pub/sub connection failed and has not delivered anything since
+        self._recheck_due = False  # sockets to check again (see _recheck_soon)
+        self._recheck_task: asyncio.Task | None = None
+        self._expired_seen: dict[str, float] = {}  # other processes seen with a lapsed lease, and since when
         self._poll_flush: dict[int, asyncio.Task] = {}  # poll id -> the task that will publish its results
         self._poll_dirty: set[int] = set()  # polls with votes their last published results did not count
         self._prefix = events_channel("room:").encode()
@@ -102,7 +106,7 @@ class Hub:
         if app_state is not None:  # this process's tutor answers end here, not by a survivor's takeover
             await tutoring.settle_own(app_state, self.proc)
         unsent = list(self._poll_flush)  # votes of the last window: their results go out now, not never
-        for task in self._tasks + list(self._poll_flush.values()):
+        for task in self._tasks + list(self._poll_flush.values()) + [t for t in (self._recheck_task,) if t]:
             task.cancel()
         self._poll_flush.clear()
         self._poll_dirty.clear()
@@ -236,7 +240,9 @@ class Hub:
                 continue
             if msg is None:
                 continue
-            self._sub_broken = False  # a message (re-subscribing answers too): the subscription works
+            if self._sub_broken:  # a message (re-subscribing answers too): the subscription works again
+                self._sub_broken = False
+                self._recheck_soon()
             kind = msg["type"]
             if kind == "message":
                 try:
@@ -254,6 +260,34 @@ class Hub:
                 if msg["channel"].startswith(self._prefix):
                     self._subscribed.discard(msg["channel"][len(self._prefix):].decode())
 
+    def _recheck_soon(self) -> None:
+        """Kicks, removals, revocations and room deletions published while the subscription was down never
+        reach this process: check every local socket against the database again (one pass at a time; a break
+        during a pass asks for another)."""
+        self._recheck_due = True
+        if self._recheck_task is None or self._recheck_task.done():
+            self._recheck_task = asyncio.create_task(self._recheck(), name="hub-recheck")
+
+    async def _recheck(self) -> None:
+        while self._recheck_due:
+            self._recheck_due = False
+            conns = [c for room in list(self.rooms.values()) for c in list(room)]
+            closed = 0
+            try:
+                async with self.pool.acquire() as db:
+                    for conn in conns:
+                        if conn.closing is None and conn.auth is not None:
+                            refused = await still_allowed(db, conn.room, conn.auth)
+                            if refused is not None:
+                                conn.close_soon(*refused)
+                                closed += 1
+            except Exception:  # noqa: BLE001 - the database is away too: try again shortly
+                logger.warning("could not check sockets after the subscription came back", exc_info=True)
+                self._recheck_due = True
+                await asyncio.sleep(1.0)
+            if closed:
+                logger.info("closed %d sockets whose access ended while the subscription was down", closed)
+
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         if not channel.startswith(self._prefix):
             if channel.startswith(self._user_prefix):  # personal events (job progress): every socket of the user
@@ -262,7 +296,7 @@ class Hub:
                     env = _envelope.decode(data)
                     if env.type == "internal.revoke" and env.token_id:
                         for conn in list(conns):
-                            if conn.token_id == env.token_id:
+                            if conn.auth is not None and conn.auth.token_id == env.token_id:
                                 conn.close_soon(CLOSE_UNAUTHENTICATED, "token revoked")
                     elif env.type == "internal.leave":
                         for conn in list(conns):
@@ -325,6 +359,24 @@ class Hub:
             except Exception:  # noqa: BLE001
                 logger.warning("hub heartbeat failed", exc_info=True)
 
+    async def _long_expired(self) -> list[str]:
+        """Other processes whose lease has lapsed and stayed lapsed for a whole lease since this process first
+        saw it. A lapse alone is not death: after a Redis stall or outage every lease has lapsed, live
+        processes' too, until each renews its own; reaping them then closed their live-session attendance and
+        settled their tutor answers while their sockets were open."""
+        now = time.monotonic()
+        expired = set(await self.presence.expired_procs())
+        for proc in list(self._expired_seen):
+            if proc not in expired:  # renewed, or reaped elsewhere
+                del self._expired_seen[proc]
+        for proc in expired:
+            self._expired_seen.setdefault(proc, now)
+        return self._lapsed_long()
+
+    def _lapsed_long(self) -> list[str]:
+        now = time.monotonic()
+        return [p for p, since in self._expired_seen.items() if now - since >= self.settings.presence_ttl_s]
+
     async def _heartbeat(self) -> None:
         pairs = [(room, user) for (room, _), (_, user) in self._pairs.items()]
         for room, user in await self.presence.heartbeat(pairs):
@@ -342,7 +394,10 @@ class Hub:
                         room=room, action="left", user=user, online_count=count))
 
     async def _reap_dead_procs(self) -> None:
-        dead = await self.presence.dead_procs()
+        due = await self._long_expired()
+        if not due:
+            return
+        dead = await self.presence.dead_procs(due)
         for i, (proc, expired_at) in enumerate(dead):
             last_seen = datetime.fromtimestamp(expired_at - self.settings.presence_ttl_s, tz=timezone.utc)
             try:
@@ -367,7 +422,8 @@ class Hub:
         if not held:
             return
         alive = await self.presence.alive([r["proc"] for r in held])
-        expired = [r["proc"] for r in held if alive[r["proc"]] is False]
+        lapsed = set(self._lapsed_long())  # as the reaping duty saw them just before
+        expired = [r["proc"] for r in held if alive[r["proc"]] is False and r["proc"] in lapsed]
         unlisted = [r["proc"] for r in held if alive[r["proc"]] is None and r["age_s"] > tutoring.ORPHAN_AFTER_S]
         if expired:
             await tutoring.recover(self.pool, self.redis, expired)

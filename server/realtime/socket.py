@@ -15,14 +15,13 @@ from litestar.exceptions import NotAuthorizedException
 from server.auth import AuthUser, authenticate, bearer_token
 from server.realtime.conn import Conn
 from server.realtime.hub import Hub
+from server.realtime.standing import standing, still_allowed
 from server.tutoring import (BUSY, BUSY_RETRY_S, MAX_QUESTION_CHARS, free_slot, over_daily_limit, post_asking,
                              post_mentioning, take_slot)
 from store import frames
 from store import live as live_repo
 from store import messages as messages_repo
-from store import moderation
 from store import rooms as rooms_repo
-from store import users as users_repo
 from store.events import (CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_UNAUTHENTICATED, Error, Pong, Typing, UserRef,
                           publish, room_topic)
 
@@ -72,7 +71,7 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
         await _refuse(socket, CLOSE_UNAUTHENTICATED, str(exc.detail))
         return
     async with state.pool.acquire() as db:
-        access, kicked = await _standing(db, room_id, user)
+        access, kicked = await standing(db, room_id, user)
         if access is not None and kicked is None:
             await rooms_repo.ensure_room(db, room_id)
     if access is None:
@@ -89,7 +88,7 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
     await socket.accept()
     conn = Conn(hub, access, UserRef(id=user.id, name=user.name, role=user.role), socket.send,
                 state.settings.ws_queue_max)
-    conn.token_id = user.token_id
+    conn.auth = user
     conn.main_task = asyncio.current_task()
     attendance_id = None
     expiry = None
@@ -98,7 +97,8 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
                                                        CLOSE_UNAUTHENTICATED, "token expired")
     try:
         await hub.attach(conn)
-        refused = await _still_allowed(state, room_id, user)
+        async with state.pool.acquire() as db:
+            refused = await still_allowed(db, room_id, user)
         if refused is not None:
             # a kick, a removal or a token revoked between the checks above and the attach never reached it
             conn.close_soon(*refused)
@@ -122,22 +122,6 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
             await asyncio.shield(_cleanup(state, hub, conn, attendance_id))
         except asyncio.CancelledError:
             pass
-
-
-async def _standing(db, room_id: str, user: AuthUser):  # type: ignore[no-untyped-def]
-    """(the user's access to the room or None, until when they are kicked from it or None)."""
-    access = await rooms_repo.access(db, room_id, user.id, user.tenant_id, user.role)
-    return access, (await moderation.kicked_until(db, room_id, user.id) if access is not None else None)
-
-
-async def _still_allowed(state, room_id: str, user: AuthUser) -> tuple[int, str] | None:  # type: ignore[no-untyped-def]
-    """The join checks again, once the socket receives the room's kicks, the user's removals and token
-    revocations: None, or the (code, reason) to close with."""
-    async with state.pool.acquire() as db:
-        if user.token_id is not None and await users_repo.get_user_with_token(db, user.id, user.token_id) is None:
-            return CLOSE_UNAUTHENTICATED, "token revoked"
-        access, kicked = await _standing(db, room_id, user)
-    return (CLOSE_FORBIDDEN, "access revoked") if access is None or kicked is not None else None
 
 
 async def _cleanup(state, hub: Hub, conn: Conn, attendance_id: int | None) -> None:  # type: ignore[no-untyped-def]

@@ -64,12 +64,20 @@ def test_search_finds_gold_spans(eval_course: EvalCourse, client):
     assert rate >= SEARCH_TOP5_FLOOR, misses
 
 
-def test_search_scoping_and_access(eval_course: EvalCourse, client, make: Factory):
+def test_search_scoping_and_access(eval_course: EvalCourse, client, make: Factory, settings):
     vid = eval_course.videos["3b1b-bitcoin.srt"]
     r = client.get(f"/api/v1/courses/{eval_course.id}/search",
                    params={"q": "digital signatures", "k": 3, "video_id": vid}, headers=eval_course.learner.h)
     assert r.status_code == 200 and r.json()["hits"]
     assert {h["video_id"] for h in r.json()["hits"]} == {vid}
+    # another course's video (or none at all) is not found here, rather than an empty result
+    other = client.post("/api/v1/courses", json={"title": "Other"}, headers=eval_course.instructor.h).json()["id"]
+    theirs = fetch(settings, "INSERT INTO videos (course_id, title, source, status) VALUES ($1, 'v', 'transcript', "
+                             "'ready') RETURNING id", other)[0]["id"]
+    for missing in (theirs, theirs + 1000):
+        r = client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": "signatures", "video_id": missing},
+                       headers=eval_course.learner.h)
+        assert r.status_code == 404 and r.json()["message"] == f"video {missing} not found", r.text
     stranger = make.user("learner")
     assert client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": "x"},
                       headers=stranger.h).status_code == 404

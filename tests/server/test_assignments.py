@@ -262,3 +262,48 @@ def test_a_rubric_stored_before_the_two_decimal_rule_stays_editable(server, clie
     assert r.status_code == 200 and r.json()["title"] == "Renamed", r.text
     r = client.patch(f"/api/v1/assignments/{a['id']}", json={"rubric": [{"name": "a", "points": 0.125}]}, headers=h)
     assert r.status_code == 400 and r.json()["field"] == "rubric[0].points"
+
+
+def _result(aid: int, *, chapter_id: int | None, video_id: int, difficulty: str = "easy", score: float | None = None,
+            opens_at: datetime | None = None, concept: str = "", chapter_title: str | None = None) -> dict:
+    """A row as `store.submissions.learner_results` returns it."""
+    return {"assignment_id": aid, "title": f"item {aid}", "type": "multiple_choice", "difficulty": difficulty,
+            "max_attempts": 1, "opens_at": opens_at, "closes_at": None, "video_id": video_id,
+            "chapter_id": chapter_id, "concept": concept, "citation": None, "chapter_start": 0.0,
+            "chapter_end": 60.0, "chapter_title": chapter_title, "video_title": f"video {video_id}",
+            "youtube_id": None, "scores": [] if score is None else [score], "attempts": 0 if score is None else 1,
+            "last_at": None if score is None else datetime.now(timezone.utc)}
+
+
+def test_the_next_item_is_one_the_learner_can_take_now_from_the_concept_they_struggle_with():
+    """Chapter and video ids are separate counters: an item on video 7 is not in chapter 7. An item not open yet
+    is not suggested; the suggestion's concept is named as in `concepts`."""
+    from server.api.adaptive import next_step
+
+    later = datetime.now(timezone.utc) + timedelta(days=3)
+    rows = [_result(1, chapter_id=7, video_id=1, score=0.0, chapter_title="Pivots"),  # failed: chapter 7 is weak
+            _result(2, chapter_id=None, video_id=7, difficulty="hard"),  # another video, whose id is 7
+            _result(3, chapter_id=9, video_id=2, chapter_title="Determinants"),
+            _result(4, chapter_id=7, video_id=1, opens_at=later, chapter_title="Pivots")]  # weak, but not open
+    step = next_step(rows)  # type: ignore[arg-type]
+    assert step.difficulty == "easy" and [s.chapter_id for s in step.struggling] == [7]
+    assert step.next is not None and step.next.id == 3 and step.next.concept == "Determinants"
+    rows.append(_result(5, chapter_id=7, video_id=1, chapter_title="Pivots"))
+    assert next_step(rows).next.id == 5  # type: ignore[arg-type, union-attr]
+    blocked = next_step(rows, cannot_submit="enroll in the course to practise")  # type: ignore[arg-type]
+    assert blocked.next is None and blocked.reason.startswith("enroll in the course to practise; ")
+
+
+def test_next_step_suggests_nothing_to_who_cannot_submit(server, client, make: Factory):
+    course = make_course(server, make, learners=1)
+    inst, (learner,) = course.instructor, course.learners
+    assert client.patch(f"/api/v1/courses/{course.id}", json={"published": True}, headers=inst.h).status_code == 200
+    later = (datetime.now(timezone.utc) + timedelta(days=3)).isoformat()
+    soon = published(client, course, {**MC, "title": "Later", "opens_at": later})
+    now = published(client, course, {**MC, "title": "Now"})
+    assert client.get(f"/api/v1/courses/{course.id}/me/next", headers=learner.h).json()["next"]["id"] == now["id"]
+    assert soon["id"] != now["id"]
+    viewer = make.user("learner")  # sees the published free course without enrolling
+    for who, why in ((viewer, "enroll in the course to practise"), (inst, "only learners submit answers")):
+        r = client.get(f"/api/v1/courses/{course.id}/me/next", headers=who.h)
+        assert r.status_code == 200 and r.json()["next"] is None and r.json()["reason"].startswith(why), r.text

@@ -94,8 +94,8 @@ async def test_invisible_or_control_character_messages_are_refused_alike_over_so
 
 
 async def test_titles_polls_and_goals_refuse_invisible_or_control_character_text(server, client, make: Factory):
-    """The room messages' rule for text, on the other things people name or write: course, pod and session titles,
-    poll questions and options, profile goals (terminal escapes and bells were stored and broadcast)."""
+    """The room messages' rule for text, on the other things people name or write: course, pod, session and video
+    titles, poll questions and options, profile goals (terminal escapes and bells were stored and broadcast)."""
     course = make_course(server, make, learners=1)
     inst, (learner,) = course.instructor, course.learners
     sid = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "Lab"}, headers=inst.h).json()["id"]
@@ -108,10 +108,14 @@ async def test_titles_polls_and_goals_refuse_invisible_or_control_character_text
                 ("POST", f"/api/v1/courses/{course.id}/pods", {"name": text}, "name"),
                 ("POST", f"/api/v1/courses/{course.id}/live", {"title": text}, None),
                 ("POST", f"/api/v1/live/{sid}/polls", {"question": text, "options": ["a", "b"]}, None),
-                ("POST", f"/api/v1/live/{sid}/polls", {"question": "?", "options": ["a", text]}, None)]:
+                ("POST", f"/api/v1/live/{sid}/polls", {"question": "?", "options": ["a", text]}, None),
+                ("POST", f"/api/v1/courses/{course.id}/videos", {"title": text, "youtube": "dQw4w9WgXcQ"}, "title")]:
             r = client.request(method, url, json=body, headers=inst.h)
             assert r.status_code == 400, (url, repr(text), r.text)
             assert field is None or r.json().get("field") == field, (url, r.text)
+        r = client.post(f"/api/v1/courses/{course.id}/videos", data={"title": text}, headers=inst.h,
+                        files={"file": ("talk.vtt", b"WEBVTT\n\n00:00.000 --> 00:02.000\nHello\n")})
+        assert r.status_code == 400 and r.json()["field"] == "title", (repr(text), r.text)
         r = client.patch("/api/v1/me/profile", json={"goals": [text]}, headers=learner.h)
         assert r.status_code == 400 and r.json()["field"] == "goals[0]", (repr(text), r.text)
 

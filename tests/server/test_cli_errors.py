@@ -41,3 +41,16 @@ def test_mistakes_are_one_line_and_status_2(settings, tmp_path):
     unreachable = _cli(settings, tmp_path, "migrate", DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
     _refused(unreachable, "studyhall: ")
     assert len(unreachable.stderr.strip().splitlines()) <= 3, unreachable.stderr
+
+
+def test_a_failing_model_service_is_one_line_too(settings, tmp_path, make: Factory):
+    """`ask` (and `reembed`) with an embedding service that does not answer printed the SDK's traceback."""
+    from tests.conftest import free_port
+
+    inst = make.user("instructor")
+    cid = fetch(settings, "INSERT INTO courses (tenant_id, owner_id, title) VALUES ($1, $2, 'Embed') RETURNING id",
+                inst.tenant_id, inst.id)[0]["id"]
+    out = _cli(settings, tmp_path, "ask", str(cid), "why?", STUDYHALL_EMBEDDER="openai", OPENAI_API_KEY="sk-test",
+               OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1")
+    _refused(out, "embedding service failed")  # after the SDK's logged retries
+    assert out.stderr.strip().splitlines()[-1].startswith("studyhall: "), out.stderr

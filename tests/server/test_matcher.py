@@ -267,3 +267,33 @@ async def test_a_weekly_round_with_nobody_left_to_pair_is_not_stored(client, mak
     assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": b.id},
                        headers=course.instructor.h).status_code == 201
     assert await run_match(pool, redis, settings, pod, trigger="cron", round_key=key, llm=None) is not None
+
+
+async def test_a_weekly_round_whose_post_failed_is_posted_by_the_next_run(client, make: Factory, settings, xp_store,
+                                                                          monkeypatch):
+    """The round is saved before it is posted: a post that failed (or a run stopped between the two) left the
+    week's round unannounced for good, since the pod already had it. The next run posts it, once."""
+    from agents import matcher
+
+    pool, redis = xp_store
+    course = make_course(client, make, learners=2, videos=0)
+    pod = _pod(client, course, course.learners, "Unposted")
+    at = datetime(2031, 4, 9, 6, tzinfo=timezone.utc)
+    real = matcher.messages.post_message
+
+    async def down(*a, **kw):  # type: ignore[no-untyped-def]
+        raise ConnectionError("the database went away")
+
+    monkeypatch.setattr(matcher.messages, "post_message", down)
+    await match_all_pods(pool, redis, settings, at, llm=None)
+    (row,) = fetch(settings, "SELECT id, message_id FROM pod_matches WHERE pod_id = $1", pod)
+    assert row["message_id"] is None
+    monkeypatch.setattr(matcher.messages, "post_message", real)
+    for _ in range(2):
+        await match_all_pods(pool, redis, settings, at, llm=None)
+    (row,) = fetch(settings, "SELECT id, message_id FROM pod_matches WHERE pod_id = $1", pod)
+    assert row["message_id"] is not None
+    msgs = client.get(f"/api/v1/rooms/pod:{pod}/messages", headers=course.learners[0].h).json()["items"]
+    (posted,) = [m for m in msgs if (m.get("meta") or {}).get("kind") == "study_buddies"]
+    assert posted["meta"]["match_id"] == row["id"] and posted["id"] == row["message_id"]
+    assert all(u.name in posted["text"] for u in course.learners), posted["text"]

@@ -264,10 +264,8 @@ async def test_a_socket_closes_when_its_token_expires(server, make: Factory, set
 def test_a_socket_opening_while_its_token_is_revoked_is_closed_once_attached(server, make: Factory, settings):
     """The token is read when the socket opens; if it is revoked before the socket receives revocations, the
     check made once it is attached closes it (4401 `token revoked`), like a kick or a removal (4403)."""
-    from types import SimpleNamespace
-
     from server.auth import AuthUser
-    from server.realtime.socket import _still_allowed
+    from server.realtime.standing import still_allowed
     from store.db import create_pool
     from tests.conftest import run_sync
 
@@ -287,8 +285,8 @@ def test_a_socket_opening_while_its_token_is_revoked_is_closed_once_attached(ser
     async def go() -> list:
         pool = await create_pool(settings.database_url, min_size=1, max_size=2)
         try:
-            state = SimpleNamespace(pool=pool)
-            return [await _still_allowed(state, course.room, u) for u in (as_bot, as_kicked, as_staff)]
+            async with pool.acquire() as db:
+                return [await still_allowed(db, course.room, u) for u in (as_bot, as_kicked, as_staff)]
         finally:
             await pool.close()
 

@@ -206,3 +206,62 @@ async def test_committed_but_unpublished_events_still_arrive(cluster, make: Fact
     finally:
         await dead.aclose()
         await c.close()
+
+
+async def test_kicks_and_removals_published_while_a_subscription_was_down_still_close_the_sockets(
+        server, make: Factory, settings):
+    """Kicks, removals and revocations reach sockets only as pub/sub messages, which a dropped subscription
+    never gets again: once it is back, the process checks its sockets against the database."""
+    from redis.asyncio import Redis
+
+    course = make_course(server, make, learners=3)
+    kicked, removed, stays = course.learners
+    clients = [await Client.connect(server, course.room, u) for u in course.learners]
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        with httpx.Client(base_url=server, timeout=30) as c:
+            # the kick and the removal are published while the server's subscription is down (it retries after
+            # half a second)
+            await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            assert c.post(f"/api/v1/rooms/{course.room}/kicks", json={"user_id": kicked.id, "seconds": 3600},
+                          headers=course.instructor.h).status_code == 204
+            assert c.delete(f"/api/v1/courses/{course.id}/enrollments/{removed.id}",
+                            headers=course.instructor.h).status_code == 204
+    finally:
+        await redis.aclose()
+    assert (await clients[0].closed(10))[0] == 4403
+    assert (await clients[1].closed(10))[0] == 4403
+    await clients[2].send({"type": "ping", "ref": "still"})
+    assert (await clients[2].expect("pong", timeout=10))["ref"] == "still"
+    await clients[2].close()
+
+
+async def test_a_redis_stall_does_not_make_live_processes_reap_each_other(cluster, make: Factory, settings):
+    """After a stall longer than the presence lease every process's lease has lapsed, live ones' too: the first
+    to tick again took the others for dead, closed their live-session attendance and would have settled their
+    tutor answers, while their sockets were open. A process reaps only once its own beats got through for a
+    whole lease."""
+    from redis.asyncio import Redis
+
+    a_url, b_url = cluster.urls
+    course = make_course(a_url, make, learners=2)
+    with httpx.Client(base_url=a_url, timeout=30) as c:
+        sid = c.post(f"/api/v1/courses/{course.id}/live", json={"title": "Stall"},
+                     headers=course.instructor.h).json()["id"]
+        assert c.post(f"/api/v1/live/{sid}/start", headers=course.instructor.h).status_code == 200
+    clients = [await Client.connect(url, f"live:{sid}", u) for url, u in zip((a_url, b_url), course.learners)]
+    open_rows = "SELECT count(*) AS n FROM live_attendance WHERE session_id = $1 AND left_at IS NULL"
+    deadline = time.monotonic() + 10
+    while fetch(settings, open_rows, sid)[0]["n"] < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await redis.execute_command("CLIENT", "PAUSE", "6000", "ALL")  # the test servers' lease is 2 s
+    finally:
+        await redis.aclose()
+    await asyncio.sleep(6 + 2 * 2 + 1)  # the stall, then two leases for anyone to reap
+    assert fetch(settings, open_rows, sid)[0]["n"] == 2
+    for i, client in enumerate(clients):
+        await client.send({"type": "ping", "ref": str(i)})
+        assert (await client.expect("pong", timeout=10))["ref"] == str(i)
+        await client.close()

@@ -282,3 +282,21 @@ async def test_a_long_rebuild_keeps_its_lock(make: Factory, lb, monkeypatch):
     await asyncio.sleep(1.8)  # past the lock's first lifetime
     assert await leaderboard_rebuild.rebuild(pool, redis) is None  # still locked: no second rebuild
     assert await running is not None
+
+
+async def test_a_rebuild_lock_is_kept_while_its_holder_lives_and_lapses_soon_after_it_dies(lb, monkeypatch):
+    """The lock (and the building flag) lived ten minutes: a process killed mid-rebuild kept every read, start
+    and check from rebuilding the boards for that long. Now they live LOCK_TTL_S, renewed by the holder."""
+    pool, redis = lb
+    assert leaderboard_rebuild.LOCK_TTL_S <= 30
+    monkeypatch.setattr(leaderboard_rebuild, "LOCK_TTL_S", 0.6)
+    await redis.set(keys.LEADERBOARD_LOCK, "holder", px=600)
+    await redis.set(keys.LEADERBOARD_BUILDING, b"1", px=1200)
+    keeper = asyncio.create_task(leaderboard_rebuild._keep_lock(redis, "holder"))
+    await asyncio.sleep(1.5)  # past both TTLs: renewed
+    assert await redis.get(keys.LEADERBOARD_LOCK) == b"holder" and await redis.exists(keys.LEADERBOARD_BUILDING)
+    assert await leaderboard_rebuild.rebuild(pool, redis) is None  # held
+    keeper.cancel()  # the holder dies
+    await asyncio.sleep(1.3)
+    assert not await redis.exists(keys.LEADERBOARD_LOCK, keys.LEADERBOARD_BUILDING)
+    assert await leaderboard_rebuild.rebuild(pool, redis) is not None

@@ -170,12 +170,13 @@ async def test_a_dead_process_handed_back_is_handed_out_again(db, monkeypatch):
     gone, reaper = Presence(redis, dead, ttl_s=1), Presence(redis, "proc-reaper", ttl_s=1)
     await gone.heartbeat([])
     await asyncio.sleep(1.2)
-    claimed = [(p, at) for p, at in await reaper.dead_procs() if p == dead]
-    assert len(claimed) == 1 and [p for p, _ in await reaper.dead_procs()].count(dead) == 0
+    assert await reaper.expired_procs() == [dead]
+    claimed = [(p, at) for p, at in await reaper.dead_procs([dead]) if p == dead]
+    assert len(claimed) == 1 and [p for p, _ in await reaper.dead_procs([dead])].count(dead) == 0
     await reaper.return_dead(*claimed[0])
-    assert [p for p, _ in await reaper.dead_procs()].count(dead) == 1
+    assert [p for p, _ in await reaper.dead_procs([dead])].count(dead) == 1
     await reaper.return_dead(*claimed[0])
     await gone.heartbeat([])  # alive again before anyone reaped it: it is not dead any more
     await reaper.return_dead(*claimed[0])  # a late give-back does not kill it
-    assert dead not in [p for p, _ in await reaper.dead_procs()]
+    assert dead not in [p for p, _ in await reaper.dead_procs([dead])] and await reaper.expired_procs() == []
     await gone.forget_proc()

@@ -17,7 +17,8 @@ def test_a_completion_share_outside_0_to_1_stops_startup(monkeypatch, tmp_path, 
 
 @pytest.mark.parametrize("name,raw", [("STUDYHALL_LLM", "gpt4"), ("STUDYHALL_EMBEDDER", "minilm"),
                                       ("STUDYHALL_LOG_LEVEL", "verbose"), ("STUDYHALL_PORT", "70000"),
-                                      ("STUDYHALL_PORT", "0")])
+                                      ("STUDYHALL_PORT", "0"), ("REDIS_URL", "notaurl"),
+                                      ("REDIS_URL", "postgresql://x@h/db"), ("DATABASE_URL", "localhost:5432")])
 def test_a_misspelt_choice_or_a_bad_port_stops_startup(monkeypatch, tmp_path, name, raw):
     """Caught at the start, not as a 500 on every ask or a traceback once logging starts."""
     monkeypatch.setenv(name, raw)
@@ -30,7 +31,7 @@ def test_a_misspelt_choice_or_a_bad_port_stops_startup(monkeypatch, tmp_path, na
                                       ("STUDYHALL_MATCH_HOUR", "24"), ("STUDYHALL_WS_SEND_RATE", "0"),
                                       ("STUDYHALL_PRESENCE_TTL", "inf"), ("STUDYHALL_WS_QUEUE", "0"),
                                       ("STUDYHALL_JOB_MAX_ATTEMPTS", "0"), ("STUDYHALL_MAX_UPLOAD_MB", "-5"),
-                                      ("STUDYHALL_LEADERBOARD_EVENT_S", "-1")])
+                                      ("STUDYHALL_LEADERBOARD_EVENT_S", "-1"), ("STUDYHALL_TUTOR_DAILY_LIMIT", "0")])
 def test_a_number_outside_its_range_stops_startup(monkeypatch, tmp_path, name, raw):
     """A threshold of nan never holds a grade, 70 (meant as a percent) holds every one; weekday 7 or hour 24
     schedule the weekly match for a time that never comes; a rate of 0 refuses every send."""
@@ -40,7 +41,36 @@ def test_a_number_outside_its_range_stops_startup(monkeypatch, tmp_path, name, r
 
 
 def test_choices_take_any_case(monkeypatch, tmp_path):
-    for name, raw in (("STUDYHALL_LLM", "Anthropic"), ("STUDYHALL_EMBEDDER", "Local"), ("STUDYHALL_LOG_LEVEL", "debug")):
+    for name, raw in (("STUDYHALL_LLM", "Anthropic"), ("STUDYHALL_EMBEDDER", "Local"), ("STUDYHALL_LOG_LEVEL", "debug"),
+                      ("ANTHROPIC_API_KEY", "sk-ant-test")):
         monkeypatch.setenv(name, raw)
     s = load_settings(tmp_path)
     assert (s.llm_provider, s.embedder, s.log_level) == ("anthropic", "local", "DEBUG")
+
+
+@pytest.mark.parametrize("name,raw", [("STUDYHALL_MATCH_WEEKLY", "flase"), ("STUDYHALL_XP_ASYNC_COMMIT", "ture"),
+                                      ("STUDYHALL_MATCH_WEEKLY", "2")])
+def test_a_misspelt_on_off_value_stops_startup(monkeypatch, tmp_path, name, raw):
+    """`flase` left weekly rounds on: the opposite of what was meant, silently."""
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(SystemExit, match=name):
+        load_settings(tmp_path)
+    for raw, want in (("Off", False), ("yes", True), ("0", False), ("TRUE", True)):
+        monkeypatch.setenv(name, raw)
+        assert getattr(load_settings(tmp_path), name.removeprefix("STUDYHALL_").lower()) is want
+
+
+@pytest.mark.parametrize("env", [{"STUDYHALL_LLM": "openai"}, {"STUDYHALL_LLM": "anthropic"},
+                                 {"STUDYHALL_EMBEDDER": "openai"}, {"STUDYHALL_LLM": "anthropic",
+                                                                    "OPENAI_API_KEY": "sk-test"}])
+def test_a_provider_named_without_its_key_stops_startup(monkeypatch, tmp_path, env):
+    """The server started, then answered every tutor question with a 500 (and the CLI with a traceback)."""
+    for key in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    for name, raw in env.items():
+        monkeypatch.setenv(name, raw)
+    which = next(n for n in env if n.startswith("STUDYHALL_"))
+    with pytest.raises(SystemExit, match=f"{which}={env[which]} needs"):
+        load_settings(tmp_path)
+    monkeypatch.setenv("OPENAI_BASE_URL" if env[which] == "openai" else "ANTHROPIC_API_KEY", "http://127.0.0.1:9/v1")
+    load_settings(tmp_path)
