@@ -126,7 +126,7 @@ async def on_grade_final(conn: asyncpg.Connection, redis: Redis, submission: asy
     await publish(redis, user_topic(s["user_id"]), GradeReady(
         submission_id=s["id"], assignment_id=s["assignment_id"], course_id=a["course_id"] if a else s["course_id"],
         title=a["title"] if a else "", score=round(score, 1), passed=score >= PASS_SCORE,
-        reviewed=s.get("reviewed_by") is not None, attempt=s["attempt"]))
+        reviewed=s.get("reviewed_by") is not None, attempt=s["attempt"], graded_at=s.get("final_at")))
 
 
 async def _award_xp(conn: asyncpg.Connection, redis: Redis, s: dict, score: float) -> None:

@@ -48,6 +48,7 @@ class GradeReady(Event, tag="grade.ready"):
     passed: bool
     reviewed: bool
     attempt: int
+    graded_at: datetime | None = None  # when this grade was set: of two events for one submission, the later counts
 
 
 # --- shared pieces -------------------------------------------------------------------------------------

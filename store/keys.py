@@ -106,3 +106,12 @@ RATE_GENERATE = "sh:rl:generate:{user_id}"
 
 def rate_generate(user_id: int) -> str:
     return RATE_GENERATE.format(user_id=user_id)
+
+
+# HASH token bucket (as RATE_SEND) limiting one learner's written answers (each is graded, by a model when one
+# is configured). TTL: full refill time + 1 s.
+RATE_WRITTEN = "sh:rl:written:{user_id}"
+
+
+def rate_written(user_id: int) -> str:
+    return RATE_WRITTEN.format(user_id=user_id)

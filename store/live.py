@@ -95,9 +95,10 @@ async def attendance_join(conn: asyncpg.Connection, session_id: int, user_id: in
         session_id, user_id, proc_id)
 
 
-async def attendance_leave(conn: asyncpg.Connection, attendance_id: int) -> None:
-    await conn.execute("UPDATE live_attendance SET left_at = now() WHERE id = $1 AND left_at IS NULL",
-                       attendance_id)
+async def attendance_leave(conn: asyncpg.Connection, attendance_id: int, at: datetime | None = None) -> None:
+    """Close the row at `at` (default now): a retried close keeps the moment the socket closed."""
+    await conn.execute("UPDATE live_attendance SET left_at = greatest(joined_at, coalesce($2, now())) "
+                       "WHERE id = $1 AND left_at IS NULL", attendance_id, at)
 
 
 async def attendance_close_proc(conn: asyncpg.Connection, proc_id: str, at: datetime) -> int:
@@ -110,25 +111,27 @@ async def attendance_close_proc(conn: asyncpg.Connection, proc_id: str, at: date
 
 async def attendance_report(conn: asyncpg.Connection, session_id: int, *,
                             limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
-    """Per user present while the session was live: first join, last leave (null while still there),
-    connections, and seconds present while it was live (overlapping connections count once). Who only came
-    before it started or after it ended (to read the room) is not listed."""
+    """Per user present while the session was live, from their connections that were open while it was live:
+    first join, last leave (null while still there), how many, and the seconds present while live (overlapping
+    connections count once). Connections only before the start or after the end (reading the room) do not
+    count; who only made those is not listed."""
     return await conn.fetch(
         """WITH s AS (SELECT started_at, coalesce(ended_at, now()) AS ended_at FROM live_sessions WHERE id = $1),
-           a AS (SELECT user_id, joined_at, left_at, coalesce(left_at, now()) AS until
-                 FROM live_attendance WHERE session_id = $1),
-           clipped AS (SELECT a.user_id, tstzrange(greatest(a.joined_at, s.started_at),
-                                                   least(a.until, s.ended_at)) AS r
-                       FROM a, s WHERE s.started_at IS NOT NULL
-                         AND greatest(a.joined_at, s.started_at) < least(a.until, s.ended_at))
-           SELECT a.user_id, u.name, min(a.joined_at) AS first_joined_at,
-                  CASE WHEN bool_or(a.left_at IS NULL) THEN NULL ELSE max(a.left_at) END AS last_left_at,
-                  count(*) AS connections,
-                  coalesce((SELECT sum(extract(epoch FROM upper(x) - lower(x)))
-                            FROM unnest((SELECT range_agg(c.r) FROM clipped c WHERE c.user_id = a.user_id)) x),
+           live AS (SELECT a.user_id, a.joined_at, a.left_at,
+                           tstzrange(greatest(a.joined_at, s.started_at),
+                                     least(coalesce(a.left_at, now()), s.ended_at)) AS r
+                    FROM live_attendance a, s
+                    WHERE a.session_id = $1 AND s.started_at IS NOT NULL
+                      AND greatest(a.joined_at, s.started_at) < least(coalesce(a.left_at, now()), s.ended_at)),
+           per AS (SELECT user_id, min(joined_at) AS first_joined_at,
+                          CASE WHEN bool_or(left_at IS NULL) THEN NULL ELSE max(left_at) END AS last_left_at,
+                          count(*) AS connections, range_agg(r) AS ranges
+                   FROM live GROUP BY user_id)
+           SELECT p.user_id, u.name, p.first_joined_at, p.last_left_at, p.connections,
+                  coalesce((SELECT sum(extract(epoch FROM upper(x) - lower(x))) FROM unnest(p.ranges) x),
                            0)::float AS seconds_live
-           FROM a JOIN users u ON u.id = a.user_id WHERE a.user_id IN (SELECT user_id FROM clipped)
-           GROUP BY a.user_id, u.name ORDER BY min(a.joined_at), a.user_id
+           FROM per p JOIN users u ON u.id = p.user_id
+           ORDER BY p.first_joined_at, p.user_id
            LIMIT $2 OFFSET $3""",
         session_id, limit, offset)
 

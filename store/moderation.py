@@ -16,12 +16,16 @@ logger = logging.getLogger(__name__)
 
 async def _bar(conn: asyncpg.Connection, table: str, room_id: str, user_id: int, seconds: int,
                by: int) -> datetime:
-    """Bar the user in the room (a mute or a kick, by `table`) for `seconds` from now, replacing an earlier bar."""
+    """Bar the user in the room (a mute or a kick, by `table`) for `seconds` from now, replacing an earlier bar;
+    `created_at` is the moment of the latest. 0 seconds (a kick that only closes sockets) records that moment and
+    leaves a bar in force as it is."""
     return await conn.fetchval(
-        f"""INSERT INTO {table} (room_id, user_id, until, created_by)
+        f"""INSERT INTO {table} AS k (room_id, user_id, until, created_by)
             VALUES ($1, $2, now() + make_interval(secs => $3), $4)
-            ON CONFLICT (room_id, user_id) DO UPDATE SET until = EXCLUDED.until, created_by = EXCLUDED.created_by,
-                                                      created_at = now()
+            ON CONFLICT (room_id, user_id) DO UPDATE
+                SET until = CASE WHEN $3 > 0 THEN EXCLUDED.until ELSE greatest(k.until, EXCLUDED.until) END,
+                    created_by = CASE WHEN $3 > 0 OR k.until <= now() THEN EXCLUDED.created_by ELSE k.created_by END,
+                    created_at = now()
             RETURNING until""", room_id, user_id, float(seconds), by)
 
 
@@ -58,8 +62,9 @@ async def muted_until(conn: asyncpg.Connection, room_id: str, user_id: int) -> d
 async def kick(conn: asyncpg.Connection, redis: Redis, room_id: str, user_id: int, seconds: int, by: int) -> None:
     """Close the user's sockets in the room on every server process; with `seconds` > 0 they cannot rejoin
     until then. Not inside a caller's transaction: the kick is published once recorded."""
-    if seconds > 0:
-        await _bar(conn, "room_kicks", room_id, user_id, seconds, by)
+    # recorded even without a bar: a process whose subscription is down misses the event and, once it is back,
+    # closes the sockets opened before the latest kick (see kicked_since)
+    await _bar(conn, "room_kicks", room_id, user_id, max(seconds, 0), by)
     rooms = [room_id]
     ref = parse_room(room_id)
     if ref is not None and ref.kind == "course":  # and the course's live sessions (ended ones keep their chat),
@@ -71,8 +76,9 @@ async def kick(conn: asyncpg.Connection, redis: Redis, room_id: str, user_id: in
 
 # Bars (mutes or kicks, as `k`) in force in room $1; with a live session's id (parameter {sid}), its course room's
 # bars too: a live session's room is joined as its course's room.
-BARRING = """k.until > now() AND (k.room_id = $1 OR k.room_id = (SELECT 'course:' || s.course_id FROM live_sessions s
-                                                                 WHERE s.id = {sid}::bigint))"""
+IN_ROOM = """(k.room_id = $1 OR k.room_id = (SELECT 'course:' || s.course_id FROM live_sessions s
+                                             WHERE s.id = {sid}::bigint))"""
+BARRING = "k.until > now() AND " + IN_ROOM
 
 
 def session_of(room_id: str) -> int | None:
@@ -97,6 +103,15 @@ async def kicked_until(conn: asyncpg.Connection, room_id: str, user_id: int) -> 
     """Until when the user is kept out of the room, or None. A live session's room is joined as its course's
     room, so a kick from the course room keeps them out of its live sessions too."""
     return await _barred_until(conn, "room_kicks", room_id, user_id)
+
+
+async def kicked_since(conn: asyncpg.Connection, room_id: str, user_id: int, since: datetime) -> bool:
+    """Whether the user was kicked from the room (or, for a live session's room, its course room) after `since`,
+    with or without a bar."""
+    return bool(await conn.fetchval(
+        f"""SELECT EXISTS (SELECT 1 FROM room_kicks k WHERE k.user_id = $2 AND k.created_at > $4
+                           AND {IN_ROOM.format(sid='$3')})""",
+        room_id, user_id, session_of(room_id), since))
 
 
 async def _list_bars(conn: asyncpg.Connection, table: str, room_id: str, limit: int | None,

@@ -27,18 +27,28 @@ async def lock_attempts(conn: asyncpg.Connection, assignment_id: int, user_id: i
 async def create(conn: asyncpg.Connection, assignment_id: int, course_id: int, user_id: int, attempt: int,
                  answer: Any, *, status: str, score: float | None = None, confidence: float | None = None,
                  criteria: list | None = None, feedback: dict | None = None, grader: str | None = None,
-                 grade_job: str | None = None) -> asyncpg.Record:
+                 grade_job: str | None = None, client_key: str | None = None) -> asyncpg.Record:
     return await conn.fetchrow(
         f"""INSERT INTO submissions AS s (assignment_id, course_id, user_id, attempt, answer, status, score, confidence,
-                                          criteria, feedback, grader, grade_job, final_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, CASE WHEN $6 = 'graded' THEN now() END)
+                                          criteria, feedback, grader, grade_job, final_at, client_key)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, CASE WHEN $6 = 'graded' THEN now() END, $13)
             RETURNING {_COLS}""",
         assignment_id, course_id, user_id, attempt, answer, status, score, confidence, criteria or [], feedback,
-        grader, grade_job)
+        grader, grade_job, client_key)
 
 
-async def get(conn: asyncpg.Connection, submission_id: int) -> asyncpg.Record | None:
-    return await conn.fetchrow(f"SELECT {_COLS} FROM submissions s WHERE s.id = $1", submission_id)
+async def by_client_key(conn: asyncpg.Connection, assignment_id: int, user_id: int,
+                        client_key: str) -> asyncpg.Record | None:
+    """The learner's submission made with this Idempotency-Key, if any."""
+    return await conn.fetchrow(
+        f"SELECT {_COLS} FROM submissions s WHERE s.assignment_id = $1 AND s.user_id = $2 AND s.client_key = $3",
+        assignment_id, user_id, client_key)
+
+
+async def get(conn: asyncpg.Connection, submission_id: int, *, lock: bool = False) -> asyncpg.Record | None:
+    """The submission; `lock` (inside a transaction): held until it ends, so reviews of it take turns."""
+    return await conn.fetchrow(f"SELECT {_COLS} FROM submissions s WHERE s.id = $1" + (" FOR UPDATE" if lock else ""),
+                               submission_id)
 
 
 async def get_with_context(conn: asyncpg.Connection, submission_id: int) -> asyncpg.Record | None:
@@ -116,7 +126,7 @@ async def save_review(conn: asyncpg.Connection, submission_id: int, *, score: fl
     row = await conn.fetchrow(
         f"""UPDATE submissions s SET status = 'graded', score = $2, review_comment = coalesce($3, review_comment),
                    reviewed_by = $4,
-                   criteria = $5, feedback = $6, final_at = now(), updated_at = now()
+                   criteria = $5, feedback = $6, final_at = clock_timestamp(), updated_at = now()
             WHERE s.id = $1 AND s.status IN ('review_pending', 'graded') RETURNING {_COLS}""",
         submission_id, score, comment, reviewer_id, criteria, feedback)
     if row is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime, timezone
 from typing import Any
 
 import asyncpg
@@ -36,20 +37,32 @@ DEFAULT_RUBRIC = [{"name": "correctness", "points": 100.0, "description": "The a
 
 def to_assignment(r: asyncpg.Record | dict, user: AuthUser, attempts_used: int | None = None) -> Assignment:
     staff = user.is_staff
-    cite = r["citation"]
+    # before it opens, learners see that it exists and when it opens, not the questions
+    locked = not staff and r["opens_at"] is not None and r["opens_at"] > datetime.now(timezone.utc)
+    cite = None if locked else r["citation"]
     return Assignment(
-        id=r["id"], course_id=r["course_id"], type=r["type"], title=r["title"], prompt=r["prompt"],
+        id=r["id"], course_id=r["course_id"], type=r["type"], title=r["title"], prompt="" if locked else r["prompt"],
         difficulty=r["difficulty"], status=r["status"], origin=r["origin"],
-        rubric=[Criterion(c["name"], float(c["points"]), c.get("description", "")) for c in r["rubric"] or []],
+        rubric=[] if locked else [Criterion(c["name"], float(c["points"]), c.get("description", ""))
+                                  for c in r["rubric"] or []],
         max_attempts=r["max_attempts"], opens_at=r["opens_at"], closes_at=r["closes_at"], video_id=r["video_id"],
         chapter_id=r["chapter_id"], concept=r["concept"], created_at=r["created_at"], updated_at=r["updated_at"],
-        options=list(r["options"] or []),
+        options=[] if locked else list(r["options"] or []),
         # the cited sentence is staff's: for a generated item it is the filled-in blank or the reference answer
         citation=Citation(video_id=cite["video_id"], start=cite["start"], end=cite.get("end"),
                           text=cite.get("text") if staff else None, url=cite.get("url")) if cite else None,
         reference_answer=r["reference_answer"] if staff and r["type"] != "multiple_choice" else None,
         correct=list(r["correct"] or []) if staff and r["type"] == "multiple_choice" else None,
         published_at=r["published_at"], attempts_used=attempts_used)
+
+
+def _moved(old: list[str], new: list[str]) -> bool:
+    """Whether an option now stands at another position (reordered), rather than reworded in its place."""
+    def norm(option: str) -> str:
+        return " ".join(option.lower().split())
+
+    was = {norm(o): i for i, o in enumerate(old)}
+    return any(was.get(norm(o), i) != i for i, o in enumerate(new))
 
 
 async def assignment_or_404(conn: asyncpg.Connection, assignment_id: int, user: AuthUser) -> asyncpg.Record:
@@ -182,6 +195,8 @@ class AssignmentController(Controller):
             await assignment_or_404(conn, assignment_id, user)
             # locked: a submission graded meanwhile waits for this change, so a corrected key misses none
             row = await repo.get(conn, assignment_id, lock="update")
+            if row is None:  # deleted meanwhile
+                raise ApiError(404, f"assignment {assignment_id} not found")
             answered = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM submissions WHERE assignment_id = $1)",
                                            assignment_id)
             if answered and "type" in changes and changes["type"] != row["type"]:
@@ -190,6 +205,9 @@ class AssignmentController(Controller):
                 # stored answers are option indexes: they would point at other options
                 raise ApiError(409, "an assignment with submissions keeps its number of options (their wording "
                                     "may change)", field="options")
+            if answered and "options" in changes and _moved(row["options"] or [], changes["options"] or []):
+                raise ApiError(409, "an assignment with submissions keeps its options in their places (answers "
+                                    "are stored by position; their wording may change)", field="options")
             check_points(changes.get("rubric"))
             merged = {k: row[k] for k in repo.EDITABLE} | changes
             if "type" in changes and changes["type"] != row["type"]:
@@ -229,6 +247,8 @@ class AssignmentController(Controller):
         async with request.app.state.pool.acquire() as conn:
             await assignment_or_404(conn, assignment_id, request.user)
             row = await repo.publish_assignment(conn, assignment_id)
+        if row is None:  # deleted meanwhile
+            raise ApiError(404, f"assignment {assignment_id} not found")
         return to_assignment(row, request.user)
 
     @post("/courses/{course_id:int}/assignments/generate", guards=[staff_only], status_code=201)

@@ -1,6 +1,7 @@
 """Request and response bodies of the rooms, pods and live-session REST API (msgspec Structs)."""
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -141,9 +142,18 @@ class PollIn(Strict):
     def __post_init__(self) -> None:
         if blank(self.question) or any(blank(o) for o in self.options):
             raise ValueError("the question and every option must have something visible in them")
-        seen = [" ".join(o.split()).casefold() for o in self.options]
+        self.question = self.question.strip()
+        self.options = [o.strip() for o in self.options]
+        seen = [_as_read(o) for o in self.options]
         if len(set(seen)) != len(seen):
             raise ValueError("`options` must differ from each other")
+
+
+def _as_read(text: str) -> str:
+    """What a voter reads: compatibility forms folded (a full-width "Ｙes" is "Yes"), invisible characters
+    dropped, spacing and case ignored."""
+    folded = unicodedata.normalize("NFKC", text)
+    return " ".join("".join(c for c in folded if c.isspace() or not blank(c)).split()).casefold()
 
 
 class VoteIn(Strict):

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import asyncpg
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, Response, get, post
 
 from server.api.assignment_schemas import (SHORT_ANSWER_MAX_CHARS, BatchAccepted, Criterion, CriterionScore, NextStep,
                                            Queue, QueueItem, ReviewIn, Submission, SubmissionIn, SubmissionList)
@@ -26,8 +26,13 @@ from store import assignments as assignments_repo
 from store import courses as courses_repo
 from store import jobs as jobs_repo
 from store import submissions as repo
+from store.keys import rate_written
+from store.ratelimit import SendLimiter
 
 logger = logging.getLogger(__name__)
+
+WRITTEN_PER_HOUR = 60  # written answers per learner (each is graded, with a model when one is configured),
+WRITTEN_BURST = 20  # refilling evenly, in bursts of up to this many
 
 
 def _criteria(raw: list | None) -> list[CriterionScore]:
@@ -96,21 +101,37 @@ class SubmissionController(Controller):
     tags = ["submissions"]
 
     @post("/assignments/{assignment_id:int}/submissions", status_code=201)
-    async def submit(self, request: Request, assignment_id: int) -> Submission:
+    async def submit(self, request: Request, assignment_id: int) -> Response[Submission]:
         """Submit an answer: text, or a list of chosen option indexes. Multiple choice is graded at once;
-        written answers go to the grader (status `grading`)."""
+        written answers go to the grader (status `grading`). With an `Idempotency-Key` header, a repeat (a lost
+        response, a double click) returns the attempt the key made (200) instead of making another."""
         state, user = request.app.state, request.user
+        key = request.headers.get("idempotency-key")
+        if key is not None:
+            key = key.strip()
+            if not 0 < len(key) <= 100:
+                raise ApiError(400, "Idempotency-Key must be 1 to 100 characters", field="Idempotency-Key")
         async with state.pool.acquire() as conn:
             a = await assignment_or_404(conn, assignment_id, user)
             if user.role != "learner":
                 raise ApiError(403, "only learners submit answers", code="forbidden")
             if not await courses_repo.is_enrolled(conn, a["course_id"], user.id):
                 raise ApiError(403, "enroll in the course to submit answers", code="not_enrolled")
+            if key is not None and (done := await repo.by_client_key(conn, assignment_id, user.id, key)):
+                return Response(to_submission(done, user), status_code=200)
         data = await read_json(request, SubmissionIn)
         answer = _check_answer(a, data.answer, state.settings.max_answer_chars)
+        if a["type"] != "multiple_choice":  # each written answer costs a grading run (a model call, with one)
+            ok, wait = await SendLimiter(state.redis, WRITTEN_PER_HOUR / 3600, WRITTEN_BURST,
+                                         key=rate_written).take(user.id)
+            if not ok:
+                raise ApiError(429, f"at most {WRITTEN_PER_HOUR} written answers an hour; retry in {wait:g}s",
+                               code="rate_limited", retry_after=wait)
         async with state.pool.acquire() as conn:
             async with conn.transaction():
                 used = await repo.lock_attempts(conn, assignment_id, user.id)
+                if key is not None and (done := await repo.by_client_key(conn, assignment_id, user.id, key)):
+                    return Response(to_submission(done, user), status_code=200)  # the same request, raced
                 # graded against the assignment as it is now, held until this commits (a key change waits)
                 a = await assignments_repo.get(conn, assignment_id, lock="share")
                 if a is None or a["status"] != "published":
@@ -120,12 +141,12 @@ class SubmissionController(Controller):
                     score, criteria, feedback = assignments_repo.grade_choice(a, answer)  # type: ignore[arg-type]
                     row = await repo.create(conn, assignment_id, a["course_id"], user.id, used + 1, answer,
                                             status="graded", score=score, confidence=1.0, criteria=criteria,
-                                            feedback=feedback, grader="auto")
+                                            feedback=feedback, grader="auto", client_key=key)
                     await repo.record_event(conn, row["id"], "auto", score=score, confidence=1.0, criteria=criteria,
                                             feedback=feedback, grader="auto")
                 else:
                     row = await repo.create(conn, assignment_id, a["course_id"], user.id, used + 1, answer,
-                                            status="grading")
+                                            status="grading", client_key=key)
             if row["status"] == "graded":
                 await assignments_repo.on_grade_final(conn, state.redis, row)
         if row["status"] == "grading":
@@ -136,7 +157,7 @@ class SubmissionController(Controller):
             except Exception:  # noqa: BLE001 - the attempt is stored; grading recovery queues it
                 logger.warning("could not queue grading of submission %s now; recovery will", row["id"],
                                exc_info=True)
-        return to_submission(row, user)
+        return Response(to_submission(row, user), status_code=201)
 
     @get("/assignments/{assignment_id:int}/submissions")
     async def list_submissions(self, request: Request, assignment_id: int, limit: int = PageLimit,
@@ -188,26 +209,37 @@ class SubmissionController(Controller):
         A final grade can be overridden the same way. The learner then gets `grade.ready`."""
         data = await read_json(request, ReviewIn)
         state, user = request.app.state, request.user
+        comment = (data.comment or "").strip() or None  # a blank comment keeps the earlier one, as none does
         async with state.pool.acquire() as conn:
             row = await _submission_or_404(conn, submission_id, user)
             await course_or_404(conn, row["course_id"], user, missing=f"submission {submission_id} not found")
-            if row["status"] == "grading":
-                raise ApiError(409, "this submission is still being graded", code="grading")
-            score = data.score if data.score is not None else row["score"]
-            if score is None:
-                raise ApiError(400, "the grader proposed no score; give one", field="score")
-            criteria = rescale(row["criteria"] or [], float(score))
-            feedback = dict(row["feedback"] or {})
-            if data.comment:
-                feedback["comment"] = data.comment
             async with conn.transaction():
-                saved = await repo.save_review(conn, submission_id, score=float(score), comment=data.comment,
-                                               reviewer_id=user.id, criteria=criteria, feedback=feedback)
-            if saved is None:
-                raise ApiError(409, "this submission is still being graded", code="grading")
-            await assignments_repo.on_grade_final(conn, state.redis, saved)
+                # Reviews of one submission take turns, each deciding on the grade as the last one left it: an
+                # approval read before another reviewer's override would have put the old score back.
+                row = await repo.get(conn, submission_id, lock=True)
+                if row is None:
+                    raise ApiError(404, f"submission {submission_id} not found")
+                if row["status"] == "grading":
+                    raise ApiError(409, "this submission is still being graded", code="grading")
+                score = data.score if data.score is not None else row["score"]
+                if score is None:
+                    raise ApiError(400, "the grader proposed no score; give one", field="score")
+                unchanged = (row["status"] == "graded" and row["reviewed_by"] is not None
+                             and float(row["score"]) == float(score) and comment in (None, row["review_comment"]))
+                if not unchanged:
+                    feedback = dict(row["feedback"] or {})
+                    if comment:
+                        feedback["comment"] = comment
+                    row = await repo.save_review(conn, submission_id, score=float(score), comment=comment,
+                                                 reviewer_id=user.id, criteria=rescale(row["criteria"] or [],
+                                                                                       float(score)),
+                                                 feedback=feedback)
+                    if row is None:  # not possible while the row is locked; said plainly all the same
+                        raise ApiError(409, "this submission is still being graded", code="grading")
+            if not unchanged:  # an instructor's grade the learner has already: nothing to store or announce
+                await assignments_repo.on_grade_final(conn, state.redis, row)
             history = [dict(h) for h in await repo.history(conn, submission_id)]
-        return to_submission(saved, user, history)
+        return to_submission(row, user, history)
 
     @get("/courses/{course_id:int}/grading-queue", guards=[staff_only])
     async def grading_queue(self, request: Request, course_id: int, limit: int = PageLimit,

@@ -23,6 +23,7 @@ from server.api.schemas import Strict, Title
 from server.auth import AuthUser, staff_only
 from server.decode import read_json, trimmed
 from server.errors import ApiError
+from store.frames import blank
 from server.uploads import receive_upload
 from store import jobs as jobs_repo
 from store import progress as progress_repo
@@ -173,7 +174,7 @@ class VideoController(Controller):
                 title = trimmed(title, "title")  # something to read, not only invisible characters
             else:  # from the file's name, which the user did not write as a title: made to fit
                 title = " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", Path(up.filename or "").stem).split())[:200].strip()
-                title = title or "untitled"
+                title = title if title and not blank(title) else "untitled"
             try:
                 source, kind = await asyncio.to_thread(inspect_file, up.path, up.filename)
             except UnsupportedFile as exc:

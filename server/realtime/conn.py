@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from store.events import CLOSE_SLOW_CONSUMER, SEQUENCED, Event, UserRef, encode
@@ -45,7 +46,7 @@ def text_frame(text: str) -> dict[str, Any]:
 class Conn:
     __slots__ = ("hub", "access", "room", "user", "send", "out", "queue_max", "inflight", "broken", "space",
                  "fill_task", "closer", "main_task", "last_seq", "start_seq", "filling", "pending", "ready",
-                 "closing", "typing_at", "typing_active", "auth", "resumed_at", "__weakref__")
+                 "closing", "typing_at", "typing_active", "auth", "opened_at", "resumed_at", "__weakref__")
 
     def __init__(self, hub: Hub, access: RoomAccess, user: UserRef, send: Any, queue_max: int) -> None:
         self.hub = hub
@@ -69,6 +70,7 @@ class Conn:
         self.closing: tuple[int, str] | None = None
         self.typing_at = float("-inf")
         self.auth: AuthUser | None = None  # who opened the socket, with which API token (closed when revoked)
+        self.opened_at = datetime.now(timezone.utc)  # a kick after this closes it
         self.typing_active = False
         self.resumed_at = float("-inf")  # when the client last sent `resume`
 

@@ -78,6 +78,7 @@ class Hub:
         self._recheck_due = False  # sockets to check again (see _recheck_soon)
         self._recheck_task: asyncio.Task | None = None
         self._expired_seen: dict[str, float] = {}  # other processes seen with a lapsed lease, and since when
+        self._unclosed: dict[int, datetime] = {}  # attendance rows whose close failed -> when the socket closed
         self._poll_flush: dict[int, asyncio.Task] = {}  # poll id -> the task that will publish its results
         self._poll_dirty: set[int] = set()  # polls with votes their last published results did not count
         self._prefix = events_channel("room:").encode()
@@ -120,6 +121,10 @@ class Hub:
                 await self._announce_leave(room, user)
             except Exception:  # noqa: BLE001
                 logger.warning("presence cleanup failed for %s", room, exc_info=True)
+        try:
+            await self._close_attendance()  # rows whose close failed earlier
+        except Exception:  # noqa: BLE001
+            logger.warning("attendance rows %s left open", sorted(self._unclosed)[:10], exc_info=True)
         try:
             await self.presence.forget_proc()
             await self._pubsub.aclose()
@@ -262,8 +267,8 @@ class Hub:
 
     def _recheck_soon(self) -> None:
         """Kicks, removals, revocations and room deletions published while the subscription was down never
-        reach this process: check every local socket against the database again (one pass at a time; a break
-        during a pass asks for another)."""
+        reach this process: check every local socket against the database again, a kick since it opened
+        included (one pass at a time; a break during a pass asks for another)."""
         self._recheck_due = True
         if self._recheck_task is None or self._recheck_task.done():
             self._recheck_task = asyncio.create_task(self._recheck(), name="hub-recheck")
@@ -273,13 +278,16 @@ class Hub:
             self._recheck_due = False
             conns = [c for room in list(self.rooms.values()) for c in list(room)]
             closed = 0
+            verdicts: dict[tuple, tuple[int, str] | None] = {}  # one check per (room, user, token)
             try:
                 async with self.pool.acquire() as db:
                     for conn in conns:
                         if conn.closing is None and conn.auth is not None:
-                            refused = await still_allowed(db, conn.room, conn.auth)
-                            if refused is not None:
-                                conn.close_soon(*refused)
+                            key = (conn.room, conn.auth.id, conn.auth.token_id, conn.opened_at)
+                            if key not in verdicts:
+                                verdicts[key] = await still_allowed(db, conn.room, conn.auth, conn.opened_at)
+                            if verdicts[key] is not None:
+                                conn.close_soon(*verdicts[key])  # type: ignore[misc]
                                 closed += 1
             except Exception:  # noqa: BLE001 - the database is away too: try again shortly
                 logger.warning("could not check sockets after the subscription came back", exc_info=True)
@@ -338,7 +346,7 @@ class Hub:
         while True:
             await asyncio.sleep(self.tick_s)
             for duty in (self._sweep_presence, self._reap_dead_procs, self._settle_orphans, self._catch_up,
-                         self._unsubscribe_idle, self._unpublished_polls):
+                         self._unsubscribe_idle, self._unpublished_polls, self._close_attendance):
                 try:
                     # bounded: a busy pool or a slow Redis delays this duty, not the next tick's
                     await asyncio.wait_for(duty(), timeout=self.tick_s * 2)
@@ -384,6 +392,19 @@ class Hub:
             if count <= self.settings.presence_max:
                 await publish(self.redis, room_topic(room), PresenceEvent(
                     room=room, action="joined", user=user, online_count=count))
+
+    def close_attendance_later(self, attendance_id: int, left_at: datetime) -> None:
+        """A socket's attendance row could not be closed when it left: the next ticks try again (the process
+        lives, so no reaper would ever close it)."""
+        self._unclosed[attendance_id] = left_at
+
+    async def _close_attendance(self) -> None:
+        if not self._unclosed:
+            return
+        async with self.pool.acquire() as db:
+            for attendance_id, left_at in list(self._unclosed.items()):
+                await live_repo.attendance_leave(db, attendance_id, left_at)
+                del self._unclosed[attendance_id]
 
     async def _sweep_presence(self) -> None:
         for room in list(self.rooms):

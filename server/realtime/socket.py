@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime, timezone
 
 from litestar import WebSocket, websocket
 from litestar.exceptions import NotAuthorizedException
@@ -104,7 +105,7 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
             conn.close_soon(*refused)
         else:
             await hub.welcome(conn, after)  # type: ignore[arg-type]
-            if access.kind == "live":
+            if access.kind == "live" and user.role != "bot":  # attendance is of people, not of bridges
                 async with state.pool.acquire() as db:
                     attendance_id = await live_repo.attendance_join(db, int(room_id.split(":")[1]), user.id,
                                                                     hub.proc)
@@ -129,8 +130,13 @@ async def _cleanup(state, hub: Hub, conn: Conn, attendance_id: int | None) -> No
     must not skip the other, or the row would stay open for the rest of the session."""
     try:
         if attendance_id is not None:
-            async with state.pool.acquire() as db:
-                await live_repo.attendance_leave(db, attendance_id)
+            left_at = datetime.now(timezone.utc)
+            try:
+                async with state.pool.acquire() as db:
+                    await live_repo.attendance_leave(db, attendance_id, left_at)
+            except Exception:  # noqa: BLE001 - a blip must not leave the learner present for the whole session
+                logger.warning("could not close attendance %s now; retrying", attendance_id, exc_info=True)
+                hub.close_attendance_later(attendance_id, left_at)
     finally:
         await hub.detach(conn)
 

@@ -307,3 +307,77 @@ def test_next_step_suggests_nothing_to_who_cannot_submit(server, client, make: F
     for who, why in ((viewer, "enroll in the course to practise"), (inst, "only learners submit answers")):
         r = client.get(f"/api/v1/courses/{course.id}/me/next", headers=who.h)
         assert r.status_code == 200 and r.json()["next"] is None and r.json()["reason"].startswith(why), r.text
+
+
+def test_before_it_opens_learners_see_that_an_assignment_exists_not_its_questions(server, client, make: Factory):
+    course = make_course(server, make, learners=1)
+    inst, (learner,) = course.instructor, course.learners
+    later = (datetime.now(timezone.utc) + timedelta(days=3)).isoformat()
+    a = published(client, course, {**MC, "opens_at": later})
+    for r in (client.get(f"/api/v1/assignments/{a['id']}", headers=learner.h).json(),
+              client.get(f"/api/v1/courses/{course.id}/assignments", headers=learner.h).json()["items"][0]):
+        assert r["title"] == MC["title"] and r["opens_at"] and r["prompt"] == "" and r.get("options", []) == [], r
+    staff = client.get(f"/api/v1/assignments/{a['id']}", headers=inst.h).json()
+    assert staff["prompt"] == MC["prompt"] and staff["options"] == MC["options"]
+
+
+def test_answered_options_may_be_reworded_in_place_but_not_moved(server, client, make: Factory, settings):
+    """Answers are stored as option positions: a reordered list turned a right answer into a wrong one."""
+    course = make_course(server, make, learners=1)
+    inst, (learner,) = course.instructor, course.learners
+    a = published(client, course, MC)
+    r = client.post(f"/api/v1/assignments/{a['id']}/submissions", json={"answer": [1]}, headers=learner.h)
+    assert r.status_code == 201 and r.json()["score"] == 100
+    moved = client.patch(f"/api/v1/assignments/{a['id']}", headers=inst.h,
+                         json={"options": ["stack", "queue", "heap", "tree"], "correct": [0]})
+    assert moved.status_code == 409 and moved.json()["field"] == "options", moved.text
+    reworded = client.patch(f"/api/v1/assignments/{a['id']}", headers=inst.h,
+                            json={"options": ["a queue", "a stack", "heap", "tree"]})
+    assert reworded.status_code == 200, reworded.text
+    assert fetch(settings, "SELECT score FROM submissions WHERE assignment_id = $1", a["id"])[0]["score"] == 100
+
+
+def test_written_answers_are_rate_limited_per_learner(server, client, make: Factory):
+    """Each written answer is a grading run (a model call, with one configured): bounded per learner."""
+    from server.api.submissions import WRITTEN_BURST
+
+    course = make_course(server, make, learners=1)
+    (learner,) = course.learners
+    past = (datetime.now(timezone.utc) - timedelta(minutes=1)).isoformat()
+    a = published(client, course, {**WRITTEN, "closes_at": past})  # closed: refused, but counted, graded never
+    codes = [client.post(f"/api/v1/assignments/{a['id']}/submissions", json={"answer": "It halves."},
+                         headers=learner.h) for _ in range(WRITTEN_BURST + 1)]
+    assert [r.status_code for r in codes[:-1]] == [409] * WRITTEN_BURST, codes[0].text
+    assert codes[-1].status_code == 429 and int(codes[-1].headers["Retry-After"]) >= 1, codes[-1].text
+    mc = published(client, course, MC)  # multiple choice is graded at once: not limited
+    assert client.post(f"/api/v1/assignments/{mc['id']}/submissions", json={"answer": [1]},
+                       headers=learner.h).status_code == 201
+
+
+async def test_a_retried_submit_with_its_idempotency_key_is_one_attempt(server, make: Factory, settings):
+    """A lost response or a double click made a second attempt (or, with one attempt allowed, a 409 for the
+    learner whose first had gone through)."""
+    import asyncio
+
+    import httpx
+
+    course = make_course(server, make, learners=1)
+    (learner,) = course.learners
+    async with httpx.AsyncClient(base_url=server, timeout=30) as c:
+        r = await c.post(f"/api/v1/courses/{course.id}/assignments", json={**MC, "max_attempts": 1},
+                         headers=course.instructor.h)
+        aid = r.json()["id"]
+        assert (await c.post(f"/api/v1/assignments/{aid}/publish", headers=course.instructor.h)).status_code == 200
+        h = {**learner.h, "Idempotency-Key": "quiz-1-try"}
+        url = f"/api/v1/assignments/{aid}/submissions"
+        first, second = await asyncio.gather(c.post(url, json={"answer": [1]}, headers=h),
+                                             c.post(url, json={"answer": [1]}, headers=h))
+        assert sorted([first.status_code, second.status_code]) == [200, 201], (first.text, second.text)
+        assert first.json()["id"] == second.json()["id"] and first.json()["score"] == 100
+        again = await c.post(url, json={"answer": [1]}, headers=h)
+        assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+        other = await c.post(url, json={"answer": [0]}, headers={**learner.h, "Idempotency-Key": "quiz-1-b"})
+        assert other.status_code == 409 and other.json()["code"] == "attempts_exhausted"
+        bad = await c.post(url, json={"answer": [1]}, headers={**learner.h, "Idempotency-Key": "x" * 101})
+        assert bad.status_code == 400 and bad.json()["field"] == "Idempotency-Key"
+    assert count_submissions(settings, aid) == 1

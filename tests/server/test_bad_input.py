@@ -118,6 +118,12 @@ async def test_titles_polls_and_goals_refuse_invisible_or_control_character_text
         assert r.status_code == 400 and r.json()["field"] == "title", (repr(text), r.text)
         r = client.patch("/api/v1/me/profile", json={"goals": [text]}, headers=learner.h)
         assert r.status_code == 400 and r.json()["field"] == "goals[0]", (repr(text), r.text)
+    # without a title, one from a file name with nothing visible in it is "untitled"
+    r = client.post(f"/api/v1/courses/{course.id}/videos", headers=inst.h,
+                    files={"file": ("\u200b\u3164.vtt", b"WEBVTT\n\n00:00.000 --> 00:02.000\nHello\n")})
+    assert r.status_code == 202, r.text
+    assert client.get(f"/api/v1/courses/{course.id}/videos/{r.json()['video_id']}",
+                      headers=inst.h).json()["title"] == "untitled"
 
 
 def test_an_embedding_service_that_fails_is_a_503_with_the_reason(settings, data_dir, make: Factory):

@@ -250,3 +250,49 @@ def test_a_grade_all_job_finishes_when_recovery_graded_its_answers(server, clien
     asyncio.run(sweep())  # the worker's own sweep (every minute) may come first: the count is not ours to check
     got = client.get(f"/api/v1/jobs/{job['id']}", headers=inst.h).json()
     assert got["state"] == "done" and got["progress"] == 1.0
+
+
+async def test_two_reviews_at_once_take_turns_and_the_last_announcement_is_the_grade(server, make: Factory,
+                                                                                    settings):
+    """An approval read the held score before a colleague's override committed and then wrote it back (the
+    override was lost, its comment kept); the learner's two events could end on the wrong score. Reviews now
+    take turns, and `graded_at` orders the announcements."""
+    import asyncio
+    import json
+
+    course = make_course(server, make, learners=1)
+    inst, (learner,) = course.instructor, course.learners
+    colleague = make.user("instructor")
+    with httpx.Client(base_url=server, timeout=30) as c:
+        a = published(c, course, ONE)
+    ws = await Client.connect(server, course.room, learner)
+    try:
+        async with httpx.AsyncClient(base_url=server, timeout=30) as c:
+            for attempt in range(1, 7):
+                sid = fetch(settings, """INSERT INTO submissions (assignment_id, course_id, user_id, attempt, answer,
+                                         status, score, grader) VALUES ($1, $2, $3, $4, $5, 'review_pending', 70,
+                                         'offline') RETURNING id""",
+                            a["id"], course.id, learner.id, attempt, json.dumps(VAGUE))[0]["id"]
+                approve, override = await asyncio.gather(
+                    c.post(f"/api/v1/submissions/{sid}/review", json={}, headers=inst.h),
+                    c.post(f"/api/v1/submissions/{sid}/review", json={"score": 20, "comment": "see me"},
+                           headers=colleague.h))
+                assert approve.status_code == override.status_code == 200, (approve.text, override.text)
+                stored = (await c.get(f"/api/v1/submissions/{sid}", headers=learner.h)).json()
+                # whichever came first, the override stands: an approval after it approves 20, not 70 again
+                assert stored["score"] == 20 and stored["review_comment"] == "see me", stored
+                events = []
+                while True:
+                    try:
+                        events.append(await ws.expect("grade.ready", timeout=1.5, submission_id=sid))
+                    except TimeoutError:
+                        break
+                assert 1 <= len(events) <= 2 and max(events, key=lambda e: e["graded_at"])["score"] == 20, events
+                # approving the final grade again changes nothing and tells nobody
+                again = await c.post(f"/api/v1/submissions/{sid}/review", json={"comment": "  "}, headers=inst.h)
+                assert again.status_code == 200 and again.json()["review_comment"] == "see me"
+                assert [f for f in await ws.quiet(0.5) if f["type"] == "grade.ready"] == []
+                history = (await c.get(f"/api/v1/submissions/{sid}", headers=inst.h)).json()["history"]
+                assert len(history) == len(events), history
+    finally:
+        await ws.close()

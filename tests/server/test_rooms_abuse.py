@@ -290,7 +290,7 @@ def test_a_socket_opening_while_its_token_is_revoked_is_closed_once_attached(ser
         finally:
             await pool.close()
 
-    assert run_sync(go()) == [(4401, "token revoked"), (4403, "access revoked"), None]
+    assert run_sync(go()) == [(4401, "token revoked"), (4403, "kicked"), None]
 
 
 async def test_a_connection_flooding_frames_is_told_then_closed(server, make: Factory):

@@ -214,26 +214,34 @@ async def test_kicks_and_removals_published_while_a_subscription_was_down_still_
     never gets again: once it is back, the process checks its sockets against the database."""
     from redis.asyncio import Redis
 
-    course = make_course(server, make, learners=3)
-    kicked, removed, stays = course.learners
+    course = make_course(server, make, learners=4)
+    kicked, closed_only, removed, stays = course.learners
+    doomed = make_course(server, make, learners=1)
     clients = [await Client.connect(server, course.room, u) for u in course.learners]
+    in_doomed = await Client.connect(server, doomed.room, doomed.learners[0])
     redis = Redis.from_url(settings.redis_url)
     try:
         with httpx.Client(base_url=server, timeout=30) as c:
-            # the kick and the removal are published while the server's subscription is down (it retries after
-            # half a second)
+            # published while the server's subscription is down (it retries after half a second)
             await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-            assert c.post(f"/api/v1/rooms/{course.room}/kicks", json={"user_id": kicked.id, "seconds": 3600},
-                          headers=course.instructor.h).status_code == 204
+            for user, body in ((kicked, {"seconds": 3600}), (closed_only, {})):  # a bar, and a kick without one
+                assert c.post(f"/api/v1/rooms/{course.room}/kicks", json={"user_id": user.id, **body},
+                              headers=course.instructor.h).status_code == 204
             assert c.delete(f"/api/v1/courses/{course.id}/enrollments/{removed.id}",
                             headers=course.instructor.h).status_code == 204
+            assert c.delete(f"/api/v1/courses/{doomed.id}", headers=doomed.instructor.h).status_code == 204
     finally:
         await redis.aclose()
-    assert (await clients[0].closed(10))[0] == 4403
-    assert (await clients[1].closed(10))[0] == 4403
-    await clients[2].send({"type": "ping", "ref": "still"})
-    assert (await clients[2].expect("pong", timeout=10))["ref"] == "still"
-    await clients[2].close()
+    assert await clients[0].closed(10) == (4403, "kicked")
+    assert await clients[1].closed(10) == (4403, "kicked")
+    assert await clients[2].closed(10) == (4403, "access revoked")
+    assert await in_doomed.closed(10) == (4403, "room deleted")
+    await clients[3].send({"type": "ping", "ref": "still"})
+    assert (await clients[3].expect("pong", timeout=10))["ref"] == "still"
+    await clients[3].close()
+    # the kick without a bar closed the sockets of then; a new one may join
+    again = await Client.connect(server, course.room, closed_only)
+    await again.close()
 
 
 async def test_a_redis_stall_does_not_make_live_processes_reap_each_other(cluster, make: Factory, settings):

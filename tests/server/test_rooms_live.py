@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import asyncio
 
+import websockets
+
 from tests.conftest import Factory, fetch
-from tests.server.conftest import Client, make_course
+from tests.server.conftest import Client, make_course, ws_url
 
 
 async def test_session_lifecycle_and_attendance(server, client, make: Factory, settings):
@@ -32,8 +34,11 @@ async def test_session_lifecycle_and_attendance(server, client, make: Factory, s
     assert client.post(f"/api/v1/live/{sid}/start", headers=inst.h).status_code == 409
 
     cb = await Client.connect(server, s["room"], b)
+    bot = client.post("/api/v1/bots", json={"name": f"bridge-{sid}", "label": "discord"}, headers=inst.h).json()
+    bridge = await websockets.connect(ws_url(server, s["room"], bot["token"]), open_timeout=10)  # not a person
     await asyncio.sleep(0.3)
     await cb.close()
+    await bridge.close()
     await asyncio.sleep(0.2)
     report = {x["user_id"]: x for x in client.get(f"/api/v1/live/{sid}/attendance", headers=inst.h).json()}
     assert set(report) == {a.id, b.id}
@@ -54,10 +59,13 @@ async def test_session_lifecycle_and_attendance(server, client, make: Factory, s
     assert client.post(f"/api/v1/courses/{course.id}/enrollments", json={"user_id": late.id},
                        headers=inst.h).status_code == 201
     reader = await Client.connect(server, s["room"], late)
+    again = await Client.connect(server, s["room"], a)  # and who reads it back stays counted as they were
     await asyncio.sleep(0.2)
-    report = {x["user_id"] for x in client.get(f"/api/v1/live/{sid}/attendance", headers=inst.h).json()}
-    assert report == {a.id, b.id}
+    report = {x["user_id"]: x for x in client.get(f"/api/v1/live/{sid}/attendance", headers=inst.h).json()}
+    assert set(report) == {a.id, b.id}
+    assert report[a.id]["connections"] == 1 and report[a.id]["last_left_at"] is not None, report[a.id]
     await reader.close()
+    await again.close()
 
 
 async def test_a_course_kick_keeps_the_learner_out_of_its_live_sessions(server, client, make: Factory):
@@ -135,16 +143,20 @@ async def test_poll_vote_rules(server, client, make: Factory):
     assert client.post(url, json={"question": "?", "options": ["only one"]}, headers=inst.h).status_code == 400
     for bad, field in [({"question": "  ", "options": ["a", "b"]}, "question"),
                        ({"question": "?", "options": ["a", " \t"]}, "options[1]"),
-                       ({"question": "?", "options": ["Yes", "yes "]}, None)]:
+                       ({"question": "?", "options": ["Yes", "yes "]}, None),
+                       ({"question": "?", "options": ["Yes", "Yes\u200b"]}, None),  # the same to a voter
+                       ({"question": "?", "options": ["Yes", "\uff39es"]}, None)]:
         r = client.post(url, json=bad, headers=inst.h)
         assert r.status_code == 400 and r.json().get("field") == field, r.text
         assert "blank" in r.json()["message"] or "differ" in r.json()["message"]
     r = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "   "}, headers=inst.h)
     assert r.status_code == 400 and r.json()["field"] == "title" and "blank" in r.json()["message"]
     assert client.post(url, json={"question": "?", "options": ["a", "b"]}, headers=a.h).status_code == 403
-    r = client.post(url, json={"question": "Best basis?", "options": ["standard", "eigen", "fourier"]}, headers=inst.h)
+    r = client.post(url, json={"question": " Best basis? ", "options": ["standard ", "eigen", "fourier"]},
+                    headers=inst.h)
     assert r.status_code == 201
     poll = r.json()
+    assert poll["question"] == "Best basis?" and poll["options"][0] == "standard"  # stored trimmed, as titles
     assert poll["counts"] == [0, 0, 0] and poll["closed"] is False and poll["my_vote"] is None
     opened = await ca.expect("poll.opened")
     assert opened["poll"] == {"id": poll["id"], "session_id": sid, "question": "Best basis?",

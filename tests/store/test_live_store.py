@@ -148,3 +148,24 @@ async def test_answer_slots_limit_learners_not_staff_or_bots(xp_store):
         assert [await take_slot(redis, uid + 1, role) for _ in range(5)] == [""] * 5
     for s in (slots[1], again):
         await free_slot(redis, uid, s)
+
+
+async def test_an_attendance_close_that_failed_is_retried_with_the_time_the_socket_left(settings, xp_store):
+    """A close that failed once (a database blip) left the learner present for the rest of the session: the
+    process lives, so no reaper closes its rows. The hub retries on its next ticks, and at stop."""
+    from datetime import datetime, timezone
+
+    pool, redis = xp_store
+    sid, _, (a, b) = await _live_poll(pool, redis)
+    hub = Hub(settings, pool, redis)
+    async with pool.acquire() as c:
+        rows = [await live.attendance_join(c, sid, u, hub.proc) for u in (a, b)]
+    await asyncio.sleep(0.2)
+    left = datetime.now(timezone.utc)  # the sockets leave; closing their rows fails
+    for row in rows:
+        hub.close_attendance_later(row, left)
+    await asyncio.sleep(0.3)
+    await hub._close_attendance()  # a later tick
+    got = await pool.fetch("SELECT left_at FROM live_attendance WHERE id = ANY($1::bigint[])", rows)
+    assert [abs((r["left_at"] - left).total_seconds()) < 0.01 for r in got] == [True, True]
+    assert hub._unclosed == {}
