@@ -541,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--title")
     ask_ = add("ask", cmd_ask, "ask the tutor about a course (answer with cited moments)")
     ask_.add_argument("course_id", type=_id)
-    ask_.add_argument("question", type=_name)
+    ask_.add_argument("question", type=_question)
     ask_.add_argument("--json", action="store_true", help="print the same JSON as the REST API")
     re_ = add("reembed", cmd_reembed, "re-embed videos embedded by another model than the configured one")
     re_.add_argument("--course", type=_id, help="only this course")
@@ -575,6 +575,16 @@ def _name(raw: str) -> str:
     if not raw.strip():
         raise argparse.ArgumentTypeError("must not be blank")
     return raw
+
+
+def _question(raw: str) -> str:
+    """The rule a question meets over REST and in rooms (length, nothing to read, control characters)."""
+    from server.tutoring import MAX_QUESTION_CHARS
+    from store.frames import text_problem
+
+    if (problem := text_problem(raw.strip(), MAX_QUESTION_CHARS, "the question")) is not None:
+        raise argparse.ArgumentTypeError(problem[1])
+    return raw.strip()
 
 
 class _Stop(Exception):

@@ -181,7 +181,7 @@ async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_del
                     fields = {**fields, "session_id": (await repo.create_session(conn, course_id, user.id,
                                                                                   prep.question))["id"]}
                 turn = await repo.record_turn(conn, **fields)
-                if cached is None and not prep.history and not failed:
+                if cached is None and not prep.history and not failed and in_session:
                     await repo.remember(conn, course_id, prep.version, prep.cache_key, prep.qhash, turn["id"])
                 if failed and prep.reserved is not None:
                     # the model failed mid-answer: the learner is told to ask again, so it is not counted
@@ -198,9 +198,13 @@ async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_del
             try:
                 turn = await record(conn, fields)
             except asyncpg.ForeignKeyViolationError:
-                # the session was deleted while its answer was being written: keep the turn (it was asked and
-                # paid for), outside any session
-                turn = await record(conn, {**fields, "session_id": None}, in_session=False)
+                # the session was deleted while its answer was being written: keep the turn's accounting (it
+                # was asked and paid for), outside any session and without its text, as the delete erased the
+                # session's other turns; the asker still gets the answer they were reading
+                blank = {"question": "", "standalone": "", "answer": "", "citations": [], "follow_ups": [],
+                         "nearest": []}
+                kept = await record(conn, {**fields, **blank, "session_id": None}, in_session=False)
+                turn = {**dict(kept), **{k: fields[k] for k in ("answer", "citations", "follow_ups")}}
     except BaseException:
         if not recorded:  # (a cancel can land after the commit, while the connection goes back to the pool)
             await _give_back(pool, user.id, prep.reserved, prep.pending)

@@ -85,7 +85,7 @@ _NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
 # Letters that render as nothing: Hangul fillers and the blank Braille pattern (used to post "empty" messages).
-_INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800")  # letters that render as nothing
 # Control characters a message may not hold: all but tab and line breaks (terminal escapes, bells, DEL).
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -93,7 +93,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 def blank(text: str) -> bool:
     """Nothing to read: only spaces, invisible format characters (a zero-width space), combining marks with
     nothing to combine with, and letters that render as nothing."""
-    return all(c.isspace() or c in _INVISIBLE or unicodedata.category(c) in ("Cf", "Mn", "Me") for c in text)
+    return all(c.isspace() or c in INVISIBLE or unicodedata.category(c) in ("Cf", "Mn", "Me") for c in text)
 
 
 def text_problem(text: str, limit: int, what: str = "text") -> tuple[str, str] | None:

@@ -130,7 +130,7 @@ async def attendance_report(conn: asyncpg.Connection, session_id: int, *,
            SELECT p.user_id, u.name, p.first_joined_at, p.last_left_at, p.connections,
                   coalesce((SELECT sum(extract(epoch FROM upper(x) - lower(x))) FROM unnest(p.ranges) x),
                            0)::float AS seconds_live
-           FROM per p JOIN users u ON u.id = p.user_id
+           FROM per p JOIN users u ON u.id = p.user_id AND u.role <> 'bot'  -- bridges are not attendees
            ORDER BY p.first_joined_at, p.user_id
            LIMIT $2 OFFSET $3""",
         session_id, limit, offset)

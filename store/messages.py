@@ -192,10 +192,24 @@ async def delete_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, ro
                 redacted = msgspec.structs.replace(_edited_decoder.decode(raw), text="")
             await conn.execute("UPDATE room_events SET payload = $3 WHERE room_id = $1 AND seq = $2",
                                room_id, ev["seq"], encode(redacted).decode())
+        await _forget_in_tutor(conn, room_id, message_id)
         event = await box.append(
             room_id, lambda seq: MessageDeleted(id=message_id, seq=seq, room=room_id, deleted_by=user_id),
             message_id=message_id)
     return event  # type: ignore[return-value]
+
+
+async def _forget_in_tutor(conn: asyncpg.Connection, room_id: str, message_id: int) -> None:
+    """The tutor's record of a deleted room message: a deleted answer loses its text there and is not served
+    from the cache again; a deleted question loses its text (the answer's reply has client_msg_id
+    `tutor:<question id>`)."""
+    await conn.execute("DELETE FROM tutor_cache WHERE turn_id IN (SELECT id FROM tutor_turns WHERE message_id = $1)",
+                       message_id)
+    await conn.execute("""UPDATE tutor_turns SET answer = '', citations = '[]', follow_ups = '[]', nearest = '[]'
+                          WHERE message_id = $1""", message_id)
+    await conn.execute("""UPDATE tutor_turns t SET question = '', standalone = '' FROM messages r
+                          WHERE r.room_id = $1 AND r.author_id IS NULL AND r.client_msg_id = 'tutor:' || $2::bigint
+                            AND t.message_id = r.id""", room_id, message_id)
 
 
 async def history(conn: asyncpg.Connection, room_id: str, *, after: int | None, before: int | None,

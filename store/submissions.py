@@ -31,7 +31,7 @@ async def create(conn: asyncpg.Connection, assignment_id: int, course_id: int, u
     return await conn.fetchrow(
         f"""INSERT INTO submissions AS s (assignment_id, course_id, user_id, attempt, answer, status, score, confidence,
                                           criteria, feedback, grader, grade_job, final_at, client_key)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, CASE WHEN $6 = 'graded' THEN now() END, $13)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, CASE WHEN $6 = 'graded' THEN clock_timestamp() END, $13)
             RETURNING {_COLS}""",
         assignment_id, course_id, user_id, attempt, answer, status, score, confidence, criteria or [], feedback,
         grader, grade_job, client_key)
@@ -91,7 +91,7 @@ async def save_machine_grade(conn: asyncpg.Connection, submission_id: int, *, sc
     row = await conn.fetchrow(
         f"""UPDATE submissions s SET status = CASE WHEN $7 THEN 'review_pending' ELSE 'graded' END,
                    score = $2, confidence = $3, criteria = $4, feedback = $5, grader = $6, review_reason = $8,
-                   final_at = CASE WHEN $7 THEN NULL ELSE now() END, updated_at = now()
+                   final_at = CASE WHEN $7 THEN NULL ELSE clock_timestamp() END, updated_at = now()
             WHERE s.id = $1 AND s.status = 'grading' AND s.grade_gen = $9 RETURNING {_COLS}""",
         submission_id, score, confidence, criteria, feedback, grader, held, reason, gen)
     if row is not None:
@@ -113,7 +113,8 @@ async def regrade_choices(conn: asyncpg.Connection, a: asyncpg.Record) -> list[a
         if r["score"] is not None and abs(score - float(r["score"])) < 0.05:
             continue
         out.append(await conn.fetchrow(
-            f"""UPDATE submissions s SET score = $2, criteria = $3, feedback = $4, final_at = now(), updated_at = now()
+            f"""UPDATE submissions s SET score = $2, criteria = $3, feedback = $4, final_at = clock_timestamp(),
+                       updated_at = now()
                 WHERE s.id = $1 RETURNING {_COLS}""", r["id"], score, criteria, feedback))
         await record_event(conn, r["id"], "auto", score=score, confidence=1.0, criteria=criteria, feedback=feedback,
                            grader="auto", reason="the answer key changed")

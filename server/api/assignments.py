@@ -61,8 +61,8 @@ def _moved(old: list[str], new: list[str]) -> bool:
     def norm(option: str) -> str:
         return " ".join(option.lower().split())
 
-    was = {norm(o): i for i, o in enumerate(old)}
-    return any(was.get(norm(o), i) != i for i, o in enumerate(new))
+    olds = [norm(o) for o in old]
+    return any(norm(o) != olds[i] and norm(o) in olds for i, o in enumerate(new) if i < len(olds))
 
 
 async def assignment_or_404(conn: asyncpg.Connection, assignment_id: int, user: AuthUser) -> asyncpg.Record:

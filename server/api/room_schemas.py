@@ -10,7 +10,7 @@ from msgspec import Meta
 
 from server.api.schemas import LINE_TEXT, Id, Name, Strict, Title, When, check_when
 from store.events import UserRef
-from store.frames import blank
+from store.frames import INVISIBLE, blank
 
 Seconds = Annotated[int, Meta(ge=1, le=366 * 24 * 3600)]
 OptionalSeconds = Annotated[int, Meta(ge=0, le=366 * 24 * 3600)]
@@ -150,10 +150,13 @@ class PollIn(Strict):
 
 
 def _as_read(text: str) -> str:
-    """What a voter reads: compatibility forms folded (a full-width "Ｙes" is "Yes"), invisible characters
-    dropped, spacing and case ignored."""
-    folded = unicodedata.normalize("NFKC", text)
-    return " ".join("".join(c for c in folded if c.isspace() or not blank(c)).split()).casefold()
+    """What a voter reads: composed (NFC), full-width Latin letters and digits folded ("Ｙes" is "Yes"), format
+    characters (a zero-width space) and letters that render as nothing dropped, spacing and case ignored. Marks
+    stay: in Thai, Arabic or Hindi they tell words apart."""
+    composed = unicodedata.normalize("NFC", text)
+    folded = "".join(unicodedata.normalize("NFKC", c) if "\uff01" <= c <= "\uff5e" else c for c in composed)
+    kept = "".join(c for c in folded if unicodedata.category(c) != "Cf" and c not in INVISIBLE)
+    return " ".join(kept.split()).casefold()
 
 
 class VoteIn(Strict):

@@ -40,6 +40,15 @@ def _criteria(raw: list | None) -> list[CriterionScore]:
             for c in raw or []]
 
 
+def _repeat(done: asyncpg.Record, answer: Any, user: AuthUser) -> Response[Submission]:
+    """The attempt an Idempotency-Key made, for a repeat of the same answer; another answer under the same key
+    is refused rather than dropped."""
+    if done["answer"] != answer:
+        raise ApiError(409, "this Idempotency-Key was used for another answer; use a new key for a new attempt",
+                       code="idempotency_key_reused", field="Idempotency-Key")
+    return Response(to_submission(done, user), status_code=200)
+
+
 def to_submission(r: asyncpg.Record | dict, user: AuthUser, history: list | None = None) -> Submission:
     final = r["status"] == "graded"
     out = Submission(id=r["id"], assignment_id=r["assignment_id"], user_id=r["user_id"], attempt=r["attempt"],
@@ -117,10 +126,12 @@ class SubmissionController(Controller):
                 raise ApiError(403, "only learners submit answers", code="forbidden")
             if not await courses_repo.is_enrolled(conn, a["course_id"], user.id):
                 raise ApiError(403, "enroll in the course to submit answers", code="not_enrolled")
-            if key is not None and (done := await repo.by_client_key(conn, assignment_id, user.id, key)):
-                return Response(to_submission(done, user), status_code=200)
         data = await read_json(request, SubmissionIn)
         answer = _check_answer(a, data.answer, state.settings.max_answer_chars)
+        if key is not None:
+            async with state.pool.acquire() as conn:
+                if (done := await repo.by_client_key(conn, assignment_id, user.id, key)) is not None:
+                    return _repeat(done, answer, user)
         if a["type"] != "multiple_choice":  # each written answer costs a grading run (a model call, with one)
             ok, wait = await SendLimiter(state.redis, WRITTEN_PER_HOUR / 3600, WRITTEN_BURST,
                                          key=rate_written).take(user.id)
@@ -131,7 +142,7 @@ class SubmissionController(Controller):
             async with conn.transaction():
                 used = await repo.lock_attempts(conn, assignment_id, user.id)
                 if key is not None and (done := await repo.by_client_key(conn, assignment_id, user.id, key)):
-                    return Response(to_submission(done, user), status_code=200)  # the same request, raced
+                    return _repeat(done, answer, user)  # the same request, raced
                 # graded against the assignment as it is now, held until this commits (a key change waits)
                 a = await assignments_repo.get(conn, assignment_id, lock="share")
                 if a is None or a["status"] != "published":

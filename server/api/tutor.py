@@ -14,6 +14,7 @@ from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from msgspec import Meta
 
+from agents.embedder import EmbedderError
 from server.api.courses import course_or_404
 from server.api.paging import ListLimit, Offset
 from server.api.schemas import Strict
@@ -24,10 +25,35 @@ from server.tutoring import (BUSY, BUSY_RETRY_S, MAX_QUESTION_CHARS, ask, comple
                              take_slot, track)
 from store import tutor as repo
 from store.frames import text_problem
+from store.rooms import access as rooms_access
 
 logger = logging.getLogger(__name__)
 
 Question = Annotated[str, Meta(min_length=1, max_length=MAX_QUESTION_CHARS)]
+
+
+async def _staff_room(conn: Any, room_id: str, user: Any) -> None:
+    """404 unless the room exists in a course the caller sees."""
+    from store.rooms import parse_room, room_target
+
+    ref = parse_room(room_id)
+    target = await room_target(conn, ref) if ref else None
+    if target is None:
+        raise ApiError(404, f"room {room_id} not found")
+    await course_or_404(conn, target["course_id"], user, missing=f"room {room_id} not found")
+
+
+def wants_stream(accept: str) -> bool:
+    """Whether an Accept header asks for server-sent events: the media type in any case, unless its `q` is 0."""
+    for part in accept.split(","):
+        media, *params = (x.strip() for x in part.split(";"))
+        if media.lower() == "text/event-stream":
+            q = next((p.split("=", 1)[1].strip() for p in params if p.replace(" ", "").lower().startswith("q=")), "1")
+            try:
+                return float(q) > 0
+            except ValueError:
+                return True
+    return False
 
 
 class AskIn(Strict):
@@ -75,7 +101,7 @@ class TutorController(Controller):
         slot = await take_slot(state.redis, user.id, user.role)
         if slot is None:
             raise ApiError(429, BUSY, code="tutor_busy", retry_after=BUSY_RETRY_S)
-        if "text/event-stream" not in request.headers.get("accept", ""):
+        if not wants_stream(request.headers.get("accept", "")):
             try:
                 result = await ask(state, user, course_id, data.question, session_id=data.session_id)
             finally:
@@ -98,6 +124,10 @@ class TutorController(Controller):
                 await queue.put(("answer", _public(result)))
             except ApiError as exc:
                 await queue.put(("error", {"status": exc.status_code, "code": exc.code, "message": exc.detail}))
+            except EmbedderError as exc:  # as the JSON ask answers it (server.errors.embedder_error_handler)
+                logger.warning("embedder failed on a streamed ask on course %s: %s", course_id, exc)
+                await queue.put(("error", {"status": 503, "code": "embedder_unavailable", "retry_after": 5,
+                                           "message": f"the embedding model is unavailable: {exc}"}))
             except asyncio.CancelledError:  # the server is stopping: say so, then stop
                 queue.put_nowait(("error", {"status": 503, "code": "interrupted",
                                             "message": "the server restarted before the answer was done; ask again"}))
@@ -156,10 +186,13 @@ class TutorController(Controller):
         data = await read_json(request, FeedbackIn)
         async with request.app.state.pool.acquire() as conn:
             turn = await repo.get_turn(conn, turn_id)
-            # a private session's answer is its learner's to rate; a room answer, any member's of the course
+            # a private session's answer is its learner's to rate; a room answer, theirs who may join the room
             if turn is None or (turn["room_id"] is None and turn["user_id"] != request.user.id):
                 raise ApiError(404, f"answer {turn_id} not found")
             await course_or_404(conn, turn["course_id"], request.user, missing=f"answer {turn_id} not found")
+            if turn["room_id"] is not None and await rooms_access(conn, turn["room_id"], request.user.id,
+                                                                  request.user.tenant_id, request.user.role) is None:
+                raise ApiError(404, f"answer {turn_id} not found")  # a pod's answers are its members'
             await repo.set_feedback(conn, turn_id, request.user.id, data.vote, data.comment)
 
     @patch("/courses/{course_id:int}/tutor", guards=[staff_only])
@@ -172,18 +205,19 @@ class TutorController(Controller):
 
     @put("/rooms/{room_id:str}/tutor", guards=[staff_only])
     async def room_mode(self, request: Request, room_id: str) -> dict:
-        from store.rooms import parse_room, room_target
-
         data = await read_json(request, ModeIn)
-        ref = parse_room(room_id)
         async with request.app.state.pool.acquire() as conn:
-            target = await room_target(conn, ref) if ref else None
-            if target is None:
-                raise ApiError(404, f"room {room_id} not found")
-            await course_or_404(conn, target["course_id"], request.user, missing=f"room {room_id} not found")
+            await _staff_room(conn, room_id, request.user)
             await conn.execute("""INSERT INTO room_tutor_settings (room_id, mode) VALUES ($1, $2)
                                   ON CONFLICT (room_id) DO UPDATE SET mode = EXCLUDED.mode""", room_id, data.mode)
         return {"room_id": room_id, "mode": data.mode}
+
+    @delete("/rooms/{room_id:str}/tutor", guards=[staff_only], status_code=204)
+    async def room_mode_cleared(self, request: Request, room_id: str) -> None:
+        """The room follows its course's mode again (and Socratic mode while an assignment is open)."""
+        async with request.app.state.pool.acquire() as conn:
+            await _staff_room(conn, room_id, request.user)
+            await conn.execute("DELETE FROM room_tutor_settings WHERE room_id = $1", room_id)
 
     @get("/courses/{course_id:int}/tutor/stats", guards=[staff_only])
     async def stats(self, request: Request, course_id: int) -> dict:

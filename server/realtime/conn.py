@@ -70,7 +70,7 @@ class Conn:
         self.closing: tuple[int, str] | None = None
         self.typing_at = float("-inf")
         self.auth: AuthUser | None = None  # who opened the socket, with which API token (closed when revoked)
-        self.opened_at = datetime.now(timezone.utc)  # a kick after this closes it
+        self.opened_at = datetime.now(timezone.utc)  # a kick after this closes it (set from the database's clock)
         self.typing_active = False
         self.resumed_at = float("-inf")  # when the client last sent `resume`
 

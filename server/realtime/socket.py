@@ -72,6 +72,9 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
         await _refuse(socket, CLOSE_UNAUTHENTICATED, str(exc.detail))
         return
     async with state.pool.acquire() as db:
+        # the database's clock, read before the checks: a kick after this moment closes the socket (kicks carry
+        # the database's time too)
+        opened_at = await db.fetchval("SELECT now()")
         access, kicked = await standing(db, room_id, user)
         if access is not None and kicked is None:
             await rooms_repo.ensure_room(db, room_id)
@@ -89,7 +92,7 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
     await socket.accept()
     conn = Conn(hub, access, UserRef(id=user.id, name=user.name, role=user.role), socket.send,
                 state.settings.ws_queue_max)
-    conn.auth = user
+    conn.auth, conn.opened_at = user, opened_at
     conn.main_task = asyncio.current_task()
     attendance_id = None
     expiry = None
@@ -99,7 +102,7 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
     try:
         await hub.attach(conn)
         async with state.pool.acquire() as db:
-            refused = await still_allowed(db, room_id, user)
+            refused = await still_allowed(db, room_id, user, opened_at)
         if refused is not None:
             # a kick, a removal or a token revoked between the checks above and the attach never reached it
             conn.close_soon(*refused)

@@ -376,8 +376,18 @@ async def test_a_retried_submit_with_its_idempotency_key_is_one_attempt(server, 
         assert first.json()["id"] == second.json()["id"] and first.json()["score"] == 100
         again = await c.post(url, json={"answer": [1]}, headers=h)
         assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+        changed = await c.post(url, json={"answer": [0]}, headers=h)  # the key of another answer: not dropped
+        assert changed.status_code == 409 and changed.json()["code"] == "idempotency_key_reused", changed.text
         other = await c.post(url, json={"answer": [0]}, headers={**learner.h, "Idempotency-Key": "quiz-1-b"})
         assert other.status_code == 409 and other.json()["code"] == "attempts_exhausted"
         bad = await c.post(url, json={"answer": [1]}, headers={**learner.h, "Idempotency-Key": "x" * 101})
         assert bad.status_code == 400 and bad.json()["field"] == "Idempotency-Key"
     assert count_submissions(settings, aid) == 1
+
+
+def test_options_moved_or_only_respaced():
+    from server.api.assignments import _moved
+
+    assert _moved(["a", "b", "c"], ["b", "a", "c"]) and not _moved(["a", "b"], ["A ", "b"])
+    assert not _moved(["a b", "a  b", "c"], ["a b", "a  b", "c"])  # the same list back is no move
+    assert not _moved(["stack", "queue"], ["a stack", "queue"])  # reworded in place

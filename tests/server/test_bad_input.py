@@ -141,7 +141,14 @@ def test_an_embedding_service_that_fails_is_a_503_with_the_reason(settings, data
         with httpx.Client(base_url=url, timeout=60) as c:
             cid = c.post("/api/v1/courses", json={"title": "Search"}, headers=inst.h).json()["id"]
             r = c.get(f"/api/v1/courses/{cid}/search", params={"q": "hash"}, headers=inst.h)
+            # a streamed ask ends with the same 503 (it was a 500 "tutor failed")
+            with c.stream("POST", f"/api/v1/courses/{cid}/ask", json={"question": "what is a hash?"},
+                          headers={**inst.h, "Accept": "text/event-stream"}) as sse:
+                lines = [ln for ln in sse.iter_lines() if ln.startswith(("event:", "data:"))]
         assert r.status_code == 503 and r.json()["code"] == "embedder_unavailable", r.text
         assert "embedding service failed" in r.json()["message"] and r.headers["Retry-After"] == "5"
+        assert lines[-2] == "event: error", lines
+        err = json.loads(lines[-1].split(":", 1)[1])
+        assert (err["status"], err["code"], err["retry_after"]) == (503, "embedder_unavailable", 5), err
     finally:
         stop_process(proc)

@@ -35,6 +35,8 @@ def test_mistakes_are_one_line_and_status_2(settings, tmp_path):
     _refused(_cli(settings, tmp_path, "token", "--user", "x", "--role", "learner", "--ttl", "-100"), "--ttl")
     _refused(_cli(settings, tmp_path, "token", "--user", "  ", "--role", "learner"), "--user")
     _refused(_cli(settings, tmp_path, "ask", "1", ""), "question")
+    _refused(_cli(settings, tmp_path, "ask", "1", "why? " * 500), "longer than 2000")  # as over REST
+    _refused(_cli(settings, tmp_path, "ask", "1", "clear \x1b[2J\x07"), "control characters")
     _refused(_cli(settings, tmp_path, "ask", "99999999999999999999", "why?"), "course_id")
     _refused(_cli(settings, tmp_path, "reembed", "--course", "4242424242"), "course 4242424242 not found")
     _refused(_cli(settings, tmp_path, "serve", "--port", "70000"), "--port")

@@ -535,7 +535,7 @@ def test_a_planted_instruction_reaches_the_model_only_as_quoted_data(openai_serv
     assert "PWNED" not in _LISTING.sub("", user)  # nowhere outside the quoted excerpts
 
 
-async def test_socratic_mode_per_room(eval_course: EvalCourse, server, client, make: Factory):
+async def test_socratic_mode_per_room(eval_course: EvalCourse, server, client, make: Factory, settings):
     """Staff set one room's tutor to hints only and another's to answers; each room's setting wins over the
     course's (which other tests may make Socratic with an open assignment)."""
     room, learner = _pod_room(client, eval_course, make)
@@ -559,6 +559,11 @@ async def test_socratic_mode_per_room(eval_course: EvalCourse, server, client, m
         assert reply["meta"]["grounded"] and reply["meta"]["citations"]
         assert ("Rewatch" in reply["text"]) is hinted, reply["text"]
         await c.close()
+    # a room's own mode can be dropped: it follows its course again
+    assert client.delete(f"/api/v1/rooms/{plain}/tutor", headers=learner.h).status_code == 403
+    assert client.delete(f"/api/v1/rooms/{plain}/tutor", headers=outsider.h).status_code == 404
+    assert client.delete(f"/api/v1/rooms/{plain}/tutor", headers=eval_course.instructor.h).status_code == 204
+    assert fetch(settings, "SELECT count(*) AS n FROM room_tutor_settings WHERE room_id = $1", plain)[0]["n"] == 0
 
 
 def test_two_answers_per_user_over_rest_and_all_processes(openai_server, server, eval_course: EvalCourse, fake_llm,
@@ -640,3 +645,63 @@ def test_a_mention_alone_asks_nothing(eval_course: EvalCourse, client, make: Fac
         assert r.status_code == 201 and r.json()["tutor"] == {"answering": False, "code": "empty_question",
                                                              "detail": "write your question after @tutor"}, r.text
     assert _used(settings, learner) == 0
+
+
+async def test_a_pods_tutor_answers_are_rated_by_its_members_only(eval_course: EvalCourse, server, make: Factory):
+    """Feedback checked the course, not the room: a classmate outside the pod could rate (and probe) its answers."""
+    inst, member = eval_course.instructor, eval_course.learner
+    outsider = make.user("learner", tenant=eval_course.tenant)
+    with httpx.Client(base_url=server, timeout=30) as http:
+        assert http.post(f"/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": outsider.id},
+                         headers=inst.h).status_code == 201
+        pod = http.post(f"/api/v1/courses/{eval_course.id}/pods", json={"name": "Feedback pod"},
+                        headers=inst.h).json()["id"]
+        assert http.post(f"/api/v1/pods/{pod}/members", json={"user_id": member.id},
+                         headers=inst.h).status_code in (200, 201)
+        c = await Client.connect(server, f"pod:{pod}", inst)
+        r = http.post(f"/api/v1/rooms/pod:{pod}/messages", json={"text": "@tutor what does a signature prove?"},
+                      headers=member.h)
+        assert r.status_code == 201 and r.json()["tutor"]["answering"], r.text
+        (answer,) = await _tutor_replies(c, 1)
+        await c.close()
+        turn = answer["meta"]["turn_id"]
+        url = f"/api/v1/tutor/answers/{turn}/feedback"
+        assert http.post(url, json={"vote": -1}, headers=outsider.h).status_code == 404
+        assert http.post(url, json={"vote": 1}, headers=member.h).status_code == 204
+
+
+def test_the_accept_header_is_read_as_media_types():
+    """`text/event-stream;q=0` (do not stream) streamed, and the type in capitals did not."""
+    from server.api.tutor import wants_stream
+
+    assert wants_stream("text/event-stream") and wants_stream("TEXT/Event-Stream; charset=utf-8")
+    assert wants_stream("application/json;q=0.9, text/event-stream;q=0.5")
+    assert not wants_stream("application/json, text/event-stream;q=0") and not wants_stream("*/*")
+
+
+async def test_deleting_a_room_question_or_answer_erases_it_from_the_tutors_record(eval_course: EvalCourse, server,
+                                                                                  client, make: Factory, settings):
+    """Deleting a message blanked the room's copy only: the tutor's record kept the question, and a moderator's
+    deleted answer was still served from the cache to the next learner asking the same."""
+    inst = eval_course.instructor
+    room, learner = _pod_room(client, eval_course, make)  # no history: the answer is cached
+    question = "my private worry: what does a digital signature prove about a payment?"
+    with httpx.Client(base_url=server, timeout=30) as http:
+        c = await Client.connect(server, room, inst)
+        asked = http.post(f"/api/v1/rooms/{room}/messages", json={"text": f"@tutor {question}"},
+                          headers=learner.h).json()
+        (answer,) = await _tutor_replies(c, 1)
+        await c.close()
+        turn = answer["meta"]["turn_id"]
+        assert fetch(settings, "SELECT count(*) AS n FROM tutor_cache WHERE turn_id = $1", turn)[0]["n"] == 1
+        assert http.delete(f"/api/v1/rooms/{room}/messages/{asked['id']}", headers=learner.h).status_code == 204
+        row = fetch(settings, "SELECT question, standalone, answer FROM tutor_turns WHERE id = $1", turn)[0]
+        assert (row["question"], row["standalone"]) == ("", "") and row["answer"], row
+        assert http.delete(f"/api/v1/rooms/{room}/messages/{answer['id']}", headers=inst.h).status_code == 204
+        assert fetch(settings, "SELECT answer FROM tutor_turns WHERE id = $1", turn)[0]["answer"] == ""
+        assert fetch(settings, "SELECT count(*) AS n FROM tutor_cache WHERE turn_id = $1", turn)[0]["n"] == 0
+        other = make.user("learner", tenant=eval_course.tenant)
+        assert http.post(f"/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": other.id},
+                         headers=inst.h).status_code == 201
+        again = http.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": question}, headers=other.h)
+        assert again.status_code == 200 and again.json()["cached"] is False, again.text
