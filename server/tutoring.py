@@ -180,8 +180,13 @@ async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_del
                 if in_session and prep.session_id is None and prep.room_id is None:
                     fields = {**fields, "session_id": (await repo.create_session(conn, course_id, user.id,
                                                                                   prep.question))["id"]}
+                withdrawn = prep.pending is not None and await conn.fetchval(
+                    """SELECT m.deleted_at IS NOT NULL FROM tutor_pending p JOIN messages m ON m.id = p.message_id
+                       WHERE p.id = $1""", prep.pending)
+                if withdrawn:  # the room question was deleted while it was being answered: its text goes too
+                    fields = {**fields, "question": "", "standalone": ""}
                 turn = await repo.record_turn(conn, **fields)
-                if cached is None and not prep.history and not failed and in_session:
+                if cached is None and not prep.history and not failed and in_session and not withdrawn:
                     await repo.remember(conn, course_id, prep.version, prep.cache_key, prep.qhash, turn["id"])
                 if failed and prep.reserved is not None:
                     # the model failed mid-answer: the learner is told to ask again, so it is not counted

@@ -203,13 +203,20 @@ async def _forget_in_tutor(conn: asyncpg.Connection, room_id: str, message_id: i
     """The tutor's record of a deleted room message: a deleted answer loses its text there and is not served
     from the cache again; a deleted question loses its text (the answer's reply has client_msg_id
     `tutor:<question id>`)."""
-    await conn.execute("DELETE FROM tutor_cache WHERE turn_id IN (SELECT id FROM tutor_turns WHERE message_id = $1)",
-                       message_id)
+    # the cache rows of this answer: its own turn's, and (for an answer the cache gave) those of the turn it came
+    # from, found by the same answer text in the course
+    await conn.execute("""DELETE FROM tutor_cache c USING tutor_turns t, tutor_turns s
+                          WHERE t.message_id = $1 AND s.course_id = t.course_id AND s.answer = t.answer
+                            AND c.turn_id = s.id""", message_id)
     await conn.execute("""UPDATE tutor_turns SET answer = '', citations = '[]', follow_ups = '[]', nearest = '[]'
                           WHERE message_id = $1""", message_id)
+    # a question: its answer's turn, found by the reply (client_msg_id `tutor:<question id>`) or, when the reply
+    # is not posted yet, by the answer's hold
     await conn.execute("""UPDATE tutor_turns t SET question = '', standalone = '' FROM messages r
                           WHERE r.room_id = $1 AND r.author_id IS NULL AND r.client_msg_id = 'tutor:' || $2::bigint
                             AND t.message_id = r.id""", room_id, message_id)
+    await conn.execute("""UPDATE tutor_turns SET question = '', standalone = ''
+                          WHERE id = (SELECT turn_id FROM tutor_pending WHERE message_id = $1)""", message_id)
 
 
 async def history(conn: asyncpg.Connection, room_id: str, *, after: int | None, before: int | None,

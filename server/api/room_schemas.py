@@ -1,6 +1,7 @@
 """Request and response bodies of the rooms, pods and live-session REST API (msgspec Structs)."""
 from __future__ import annotations
 
+import re
 import unicodedata
 from datetime import datetime
 from typing import Annotated, Any
@@ -155,8 +156,14 @@ def _as_read(text: str) -> str:
     stay: in Thai, Arabic or Hindi they tell words apart."""
     composed = unicodedata.normalize("NFC", text)
     folded = "".join(unicodedata.normalize("NFKC", c) if "\uff01" <= c <= "\uff5e" else c for c in composed)
-    kept = "".join(c for c in folded if unicodedata.category(c) != "Cf" and c not in INVISIBLE)
+    kept = "".join(c for c in folded if unicodedata.category(c) != "Cf" and c not in INVISIBLE
+                   and not _SELECTOR.match(c))
     return " ".join(kept.split()).casefold()
+
+
+# marks that change nothing a reader sees: variation selectors, the combining grapheme joiner, Mongolian free
+# variation selectors, Khmer inherent vowels
+_SELECTOR = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef\u034f\u180b-\u180f\u17b4\u17b5]")
 
 
 class VoteIn(Strict):

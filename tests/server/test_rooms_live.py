@@ -148,7 +148,8 @@ async def test_poll_vote_rules(server, client, make: Factory):
                        ({"question": "?", "options": ["a", " \t"]}, "options[1]"),
                        ({"question": "?", "options": ["Yes", "yes "]}, None),
                        ({"question": "?", "options": ["Yes", "Yes\u200b"]}, None),  # the same to a voter
-                       ({"question": "?", "options": ["Yes", "\uff39es"]}, None)]:
+                       ({"question": "?", "options": ["Yes", "\uff39es"]}, None),
+                       ({"question": "?", "options": ["Yes", "Yes\ufe0f"]}, None)]:  # a variation selector
         r = client.post(url, json=bad, headers=inst.h)
         assert r.status_code == 400 and r.json().get("field") == field, r.text
         assert "blank" in r.json()["message"] or "differ" in r.json()["message"]

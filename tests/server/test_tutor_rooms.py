@@ -705,3 +705,36 @@ async def test_deleting_a_room_question_or_answer_erases_it_from_the_tutors_reco
                          headers=inst.h).status_code == 201
         again = http.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": question}, headers=other.h)
         assert again.status_code == 200 and again.json()["cached"] is False, again.text
+        # an answer the cache gave the room: deleting it drops the cache row it came from too
+        q2 = "what stops someone from copying a signed transaction line in bitcoin?"
+        assert http.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": q2},
+                         headers=other.h).json()["cached"] is False
+        room2, member2 = _pod_room(client, eval_course, make)
+        c = await Client.connect(server, room2, inst)
+        http.post(f"/api/v1/rooms/{room2}/messages", json={"text": f"@tutor {q2}"}, headers=member2.h)
+        (served,) = await _tutor_replies(c, 1)
+        await c.close()
+        assert fetch(settings, "SELECT cache_hit FROM tutor_turns WHERE id = $1",
+                     served["meta"]["turn_id"])[0]["cache_hit"]
+        assert http.delete(f"/api/v1/rooms/{room2}/messages/{served['id']}", headers=inst.h).status_code == 204
+        third = http.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": q2}, headers=learner.h)
+        assert third.status_code == 200 and third.json()["cached"] is False, third.text
+
+
+async def test_a_room_question_deleted_while_it_is_answered_leaves_no_text(openai_server, eval_course: EvalCourse,
+                                                                           fake_llm, client, make: Factory,
+                                                                           settings):
+    """Deleted before its answer was recorded (or its reply posted), the question's text stayed in the turn."""
+    fake_llm.reset()
+    fake_llm.script(Reply(text="A signature shows the owner approved it [1].", chunks=12, delay_s=0.15))
+    room, learner = _pod_room(client, eval_course, make)
+    c = await Client.connect(openai_server, room, eval_course.instructor)
+    with httpx.Client(base_url=openai_server, timeout=30) as http:
+        asked = http.post(f"/api/v1/rooms/{room}/messages", json={"text": "@tutor my secret worry zq17: signatures?"},
+                          headers=learner.h).json()
+        await c.expect("tutor.delta", timeout=30)
+        assert http.delete(f"/api/v1/rooms/{room}/messages/{asked['id']}", headers=learner.h).status_code == 204
+    (reply,) = await _tutor_replies(c, 1)
+    await c.close()
+    row = fetch(settings, "SELECT question, standalone FROM tutor_turns WHERE id = $1", reply["meta"]["turn_id"])[0]
+    assert (row["question"], row["standalone"]) == ("", ""), row
