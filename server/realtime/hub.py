@@ -278,7 +278,7 @@ class Hub:
             self._recheck_due = False
             conns = [c for room in list(self.rooms.values()) for c in list(room)]
             closed = 0
-            verdicts: dict[tuple, tuple[int, str] | None] = {}  # one check per (room, user, token)
+            verdicts: dict[tuple, tuple[int, str] | None] = {}  # sockets alike share one check
             try:
                 async with self.pool.acquire() as db:
                     for conn in conns:
