@@ -143,6 +143,9 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
         await llm_titles(llm, chapters)
     duration = max(src.duration_s or 0.0, src.cues[-1].end)
     async with pool.acquire() as conn, conn.transaction():
+        # the course row first, as a course delete takes it (then its videos'): in the other order the two
+        # deadlocked and the delete failed
+        await conn.execute("SELECT 1 FROM courses WHERE id = $1 FOR KEY SHARE", video["course_id"])
         # lock the video row: two attempts racing (a slow "dead" worker and its replacement) serialize here
         locked = await conn.fetchrow("SELECT id FROM videos WHERE id = $1 FOR UPDATE", video["id"])
         if locked is None:

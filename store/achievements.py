@@ -162,8 +162,10 @@ async def unlock(conn: asyncpg.Connection, user_id: int, candidates: list[Achiev
         user_id, [a.id for a in candidates], at)
     if not rows:
         return []
-    rooms = tuple(await conn.fetchval(f"SELECT {ROOMS_SQL}", user_id))
-    return [Unlocked(user_id, BY_ID[r["achievement_id"]], r["unlocked_at"], rooms=rooms) for r in rows]
+    who = await conn.fetchrow(f"SELECT {ROOMS_SQL} AS rooms, (SELECT name FROM users WHERE id = $1) AS name", user_id)
+    rooms = tuple(who["rooms"] or ())
+    return [Unlocked(user_id, BY_ID[r["achievement_id"]], r["unlocked_at"], name=who["name"] or "", rooms=rooms)
+            for r in rows]
 
 
 async def current_stats(conn: asyncpg.Connection, user_id: int) -> dict[str, int]:

@@ -9,7 +9,6 @@ and one who moves west (or back and forth) misses the days they really missed th
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -128,9 +127,8 @@ async def record_activity(tx: XpTransaction, user_id: int, at: datetime | None =
     at = at or datetime.now(timezone.utc)
     await conn.execute("INSERT INTO streaks (user_id) VALUES ($1) ON CONFLICT DO NOTHING", user_id)
     row = await conn.fetchrow(
-        """SELECT s.current, s.longest, s.last_day, s.freeze_weeks, s.day_tz, coalesce(p.timezone, 'UTC') AS timezone,
-                  u.name
-           FROM streaks s JOIN users u ON u.id = s.user_id LEFT JOIN learner_profiles p ON p.user_id = s.user_id
+        """SELECT s.current, s.longest, s.last_day, s.freeze_weeks, s.day_tz, coalesce(p.timezone, 'UTC') AS timezone
+           FROM streaks s LEFT JOIN learner_profiles p ON p.user_id = s.user_id
            WHERE s.user_id = $1 FOR UPDATE OF s""", user_id)
     before = _row_to_streak(row)
     day, counted_tz = local_day(at, row["timezone"]), row["timezone"]
@@ -150,6 +148,5 @@ async def record_activity(tx: XpTransaction, user_id: int, at: datetime | None =
     await tx.award(user_id, "daily_streak", f"streak:{day.isoformat()}", at=at)
     hit = achievements.crossed({"streak": before.longest}, {"streak": after.longest})
     if hit:
-        got = await achievements.unlock(conn, user_id, hit)
-        tx.unlocked += [dataclasses.replace(u, name=row["name"]) for u in got]
+        tx.unlocked += await achievements.unlock(conn, user_id, hit)  # named, with the learner's rooms
     return after

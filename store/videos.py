@@ -245,6 +245,9 @@ async def list_chapters(conn: asyncpg.Connection, video_id: int) -> list[asyncpg
         "SELECT id, idx, start_s, end_s, title, summary FROM chapters WHERE video_id = $1 ORDER BY idx", video_id)
 
 
-async def list_segments(conn: asyncpg.Connection, video_id: int) -> list[asyncpg.Record]:
+async def list_segments(conn: asyncpg.Connection, video_id: int, *, limit: int | None = None,
+                        offset: int = 0) -> list[asyncpg.Record]:
+    """The video's cues in order (all of them without `limit`)."""
     return await conn.fetch(
-        "SELECT idx, start_s, end_s, text FROM transcript_segments WHERE video_id = $1 ORDER BY idx", video_id)
+        "SELECT idx, start_s, end_s, text FROM transcript_segments WHERE video_id = $1 ORDER BY idx LIMIT $2 OFFSET $3",
+        video_id, limit, offset)

@@ -128,6 +128,10 @@ async def _video_or_404(conn: asyncpg.Connection, course_id: int, video_id: int)
     return video
 
 
+# a transcript page: a lecture's whole transcript at once (an hour is ~1,000 cues), a long one in pages
+TranscriptLimit = Parameter(ge=1, le=5000, default=5000, description="cues per page; a shorter page is the last one")
+
+
 class VideoController(Controller):
     path = "/api/v1/courses/{course_id:int}"
     tags = ["videos"]
@@ -244,11 +248,13 @@ class VideoController(Controller):
                         summary=r["summary"]) for r in rows]
 
     @get("/videos/{video_id:int}/transcript")
-    async def transcript(self, request: Request, course_id: int, video_id: int) -> list[Segment]:
+    async def transcript(self, request: Request, course_id: int, video_id: int,
+                         limit: int = TranscriptLimit, offset: int = Offset) -> list[Segment]:
+        """The timestamped cues in order, `limit` (at most 5,000: a lecture's whole transcript) after `offset`."""
         async with request.app.state.pool.acquire() as conn:
             await course_or_404(conn, course_id, request.user)
             await _video_or_404(conn, course_id, video_id)
-            rows = await videos_repo.list_segments(conn, video_id)
+            rows = await videos_repo.list_segments(conn, video_id, limit=limit, offset=offset)
         return [Segment(start=r["start_s"], end=r["end_s"], text=r["text"]) for r in rows]
 
     @get("/search")
@@ -313,5 +319,8 @@ class JobController(Controller):
                     raise ApiError(409, "this job is already being retried")
                 if job["video_id"] is not None:
                     await videos_repo.mark_requeued(conn, job["video_id"])
-        await enqueue_ingest(state.arq, state.pool, job_id)
+        try:
+            await enqueue_ingest(state.arq, state.pool, job_id)
+        except Exception:  # noqa: BLE001 - the job is queued in the database; lost-job recovery sends it
+            logger.warning("could not queue retried job %s now; recovery will", job_id, exc_info=True)
         return to_job(job)

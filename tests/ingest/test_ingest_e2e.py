@@ -363,3 +363,15 @@ def test_reingest_keeps_assignments_on_their_chapter_and_learners_strengths(clie
     assert moved in new_chapters
     rows = fetch(settings, "SELECT chapter_id, score FROM chapter_scores WHERE user_id = $1", learner.id)
     assert [(r["chapter_id"], r["score"]) for r in rows] == [(moved, 1.0)]
+
+
+def test_a_transcript_is_read_in_pages(eval_course: EvalCourse, client):
+    """The whole transcript came back in one response whatever its size (200,000 cues: 28 MB) and ignored
+    `limit`/`offset`."""
+    vid = eval_course.videos["3b1b-bitcoin.srt"]
+    url = f"/api/v1/courses/{eval_course.id}/videos/{vid}/transcript"
+    whole = client.get(url, headers=eval_course.learner.h).json()
+    assert 100 < len(whole) <= 5000
+    page = client.get(url, params={"limit": 5, "offset": 10}, headers=eval_course.learner.h).json()
+    assert page == whole[10:15]
+    assert client.get(url, params={"limit": 5001}, headers=eval_course.learner.h).status_code == 400

@@ -107,6 +107,17 @@ def test_grading_keeps_a_short_lived_in_progress_key(settings):
         assert 0 < run_sync(ttl_after(run)) <= settings.job_heartbeat_ms
 
 
+async def _reembedding(conn, course_id: int):  # type: ignore[no-untyped-def]
+    """A ready video with a ten-cue transcript and its re-embed job, started: (video id, job row)."""
+    vid = await conn.fetchval("INSERT INTO videos (course_id, title, source, status, chunk_count, duration_s) "
+                              "VALUES ($1, 'v', 'transcript', 'ready', 1, 30) RETURNING id", course_id)
+    await conn.executemany("INSERT INTO transcript_segments (video_id, idx, start_s, end_s, text) VALUES ($1, $2, $3, "
+                           "$4, $5)", [(vid, i, i * 3.0, i * 3.0 + 2.5, f"Sentence number {i} about hashing.")
+                                       for i in range(10)])
+    job = await jobs_repo.create_job(conn, "reembed", course_id=course_id, video_id=vid, created_by=None)
+    return vid, await jobs_repo.start_attempt(conn, job["id"])
+
+
 def test_a_reembed_does_not_put_back_a_replaced_transcript(settings, make: Factory, client):
     """A re-embed reads the stored transcript; when a re-ingest replaces it before the re-embed commits, the
     newer transcript and its chunks stand."""
@@ -132,14 +143,7 @@ def test_a_reembed_does_not_put_back_a_replaced_transcript(settings, make: Facto
         pool = await create_pool(settings.database_url, min_size=1, max_size=4)
         try:
             async with pool.acquire() as conn:
-                vid = await conn.fetchval("INSERT INTO videos (course_id, title, source, status, chunk_count, "
-                                          "duration_s) VALUES ($1, 'v', 'transcript', 'ready', 1, 30) RETURNING id", cid)
-                await conn.executemany("INSERT INTO transcript_segments (video_id, idx, start_s, end_s, text) "
-                                       "VALUES ($1, $2, $3, $4, $5)",
-                                       [(vid, i, i * 3.0, i * 3.0 + 2.5, f"Sentence number {i} about hashing.")
-                                        for i in range(10)])
-                job = await jobs_repo.create_job(conn, "reembed", course_id=cid, video_id=vid, created_by=None)
-                job = await jobs_repo.start_attempt(conn, job["id"])
+                vid, job = await _reembedding(conn, cid)
             await ingest_video(pool, settings, embedder_for(settings), job, ReingestMeanwhile(pool, None, job))
             async with pool.acquire() as conn:
                 texts = [r["text"] for r in await videos_repo.list_segments(conn, vid)]
@@ -382,3 +386,41 @@ def test_a_job_deleted_while_it_runs_stops_at_its_next_progress_write(settings, 
             await pool.close()
 
     run_sync(go())
+
+
+def test_deleting_a_course_while_an_ingest_commits_does_not_deadlock(settings, make: Factory, client, monkeypatch):
+    """The ingest's last transaction locked the video, then (inserting chunks) the course; a course delete
+    locks them the other way round: one of the two was killed as a deadlock, and it was the delete (a 500)."""
+    import asyncio
+
+    from agents.config import embedder_for
+    from ingest.pipeline import ingest_video
+    from ingest.progress import JobReporter
+    from store import videos as videos_repo
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Going"}, headers=inst.h).json()["id"]
+    real = videos_repo.replace_transcript
+
+    async def slow(*a, **kw):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(1.0)  # the course delete arrives now
+        return await real(*a, **kw)
+
+    monkeypatch.setattr(videos_repo, "replace_transcript", slow)
+
+    async def go() -> int:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=4)
+        try:
+            async with pool.acquire() as conn:
+                _, job = await _reembedding(conn, cid)
+            ingest = asyncio.create_task(ingest_video(pool, settings, embedder_for(settings), job,
+                                                      JobReporter(pool, None, job)))
+            await asyncio.sleep(0.5)
+            deleted = await asyncio.to_thread(client.delete, f"/api/v1/courses/{cid}", headers=inst.h)
+            await asyncio.gather(ingest, return_exceptions=True)
+            return deleted.status_code
+        finally:
+            await pool.close()
+
+    assert run_sync(go()) == 204
+    assert client.get(f"/api/v1/courses/{cid}", headers=inst.h).status_code == 404

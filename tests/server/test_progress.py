@@ -125,7 +125,9 @@ async def test_an_achievement_caught_up_on_read_is_announced(server, client, mak
     try:
         ach = {x["achievement"]["id"]: x for x in client.get("/api/v1/me/achievements", headers=a.h).json()}
         assert ach["first-lesson"]["unlocked_at"]
-        assert (await ws.expect("achievement.unlocked", timeout=10))["achievement"]["id"] == "first-lesson"
+        told = await ws.expect("achievement.unlocked", timeout=10)
+        assert told["achievement"]["id"] == "first-lesson"
+        assert told["user"] == {"id": a.id, "name": a.name, "role": "learner"}  # it went out unnamed
         client.get("/api/v1/me/achievements", headers=a.h)  # once
         assert [f for f in await ws.quiet(0.5) if f["type"] == "achievement.unlocked"] == []
     finally:
