@@ -236,7 +236,8 @@ class SubmissionController(Controller):
                 if score is None:
                     raise ApiError(400, "the grader proposed no score; give one", field="score")
                 unchanged = (row["status"] == "graded" and row["reviewed_by"] is not None
-                             and float(row["score"]) == float(score) and comment in (None, row["review_comment"]))
+                             and abs(float(row["score"]) - float(score)) < 0.005  # stored as real
+                             and comment in (None, row["review_comment"]))
                 if not unchanged:
                     feedback = dict(row["feedback"] or {})
                     if comment:

@@ -291,6 +291,8 @@ async def test_two_reviews_at_once_take_turns_and_the_last_announcement_is_the_g
                 # approving the final grade again changes nothing and tells nobody
                 again = await c.post(f"/api/v1/submissions/{sid}/review", json={"comment": "  "}, headers=inst.h)
                 assert again.status_code == 200 and again.json()["review_comment"] == "see me"
+                same = await c.post(f"/api/v1/submissions/{sid}/review", json={"score": 20}, headers=colleague.h)
+                assert same.status_code == 200 and same.json()["score"] == 20
                 assert [f for f in await ws.quiet(0.5) if f["type"] == "grade.ready"] == []
                 history = (await c.get(f"/api/v1/submissions/{sid}", headers=inst.h)).json()["history"]
                 assert len(history) == len(events), history
