@@ -123,11 +123,15 @@ async def submit_job(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, kind
 
 async def submit_reembed(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, embed_model: str,
                          course_id: int | None = None) -> list[int]:
-    """Queue a re-embed job for every ready video whose chunks were embedded by another model."""
+    """Queue a re-embed job for every ready video whose chunks were embedded by another model, unless one is
+    queued or running for it already (a second `studyhall reembed` doubled the work)."""
     async with pool.acquire() as conn:
         rows = await conn.fetch(
-            """SELECT id, course_id FROM videos WHERE status = 'ready' AND embed_model IS DISTINCT FROM $1
-               AND ($2::bigint IS NULL OR course_id = $2) ORDER BY id""",
+            """SELECT v.id, v.course_id FROM videos v WHERE v.status = 'ready' AND v.embed_model IS DISTINCT FROM $1
+               AND ($2::bigint IS NULL OR v.course_id = $2)
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.video_id = v.id AND j.kind = 'reembed'
+                               AND j.state NOT IN ('done', 'failed'))
+               ORDER BY v.id""",
             embed_model, course_id,
         )
     jobs = []

@@ -53,6 +53,8 @@ def test_reembed_after_model_switch(client, make: Factory, worker, data_dir, set
     fetch(settings, "UPDATE course_term_stats SET embed_model = 'old-model' WHERE course_id = $1", cid)
     hits = client.get(f"/api/v1/courses/{cid}/search", params={"q": "digital signature"}, headers=inst.h).json()["hits"]
     assert hits == []
+    fetch(settings, "INSERT INTO jobs (kind, course_id, video_id, state) VALUES ('reembed', $1, $2, 'failed')",
+          cid, vid)  # an earlier failed run does not stand in the way
     out = _cli(data_dir, "reembed", "--course", str(cid))
     assert out.returncode == 0 and "queued 1 re-embed jobs" in out.stdout, out.stderr
     job_id = int(out.stdout.split("[")[1].split("]")[0])
@@ -62,6 +64,16 @@ def test_reembed_after_model_switch(client, make: Factory, worker, data_dir, set
                  model)[0]["n"] == n
     hits = client.get(f"/api/v1/courses/{cid}/search", params={"q": "digital signature"}, headers=inst.h).json()["hits"]
     assert hits
+    # run while a re-embed of the video is under way: nothing more is queued (a second run doubled the work)
+    fetch(settings, "UPDATE videos SET embed_model = 'old-model' WHERE id = $1", vid)
+    busy = fetch(settings, "INSERT INTO jobs (kind, course_id, video_id, state) VALUES ('reembed', $1, $2, "
+                           "'running') RETURNING id", cid, vid)[0]["id"]
+    try:
+        again = _cli(data_dir, "reembed", "--course", str(cid))
+        assert again.returncode == 0 and "queued 0 re-embed jobs" in again.stdout, again.stdout
+    finally:
+        fetch(settings, "DELETE FROM jobs WHERE id = $1", busy)
+        fetch(settings, "UPDATE videos SET embed_model = $2 WHERE id = $1", vid, model)
 
 
 def test_cli_ingest_gives_up_when_the_worker_is_gone(client, make: Factory, worker, data_dir, settings):
