@@ -187,8 +187,8 @@ class Presence:
 
     async def expired_procs(self) -> list[str]:
         """Other server processes whose lease has lapsed now (dead, or not renewed yet after a Redis stall)."""
-        return [p.decode() if isinstance(p, bytes) else p for p in await self._expired(keys=[PROCS])
-                if (p.decode() if isinstance(p, bytes) else p) != self.proc]
+        names = [p.decode() if isinstance(p, bytes) else p for p in await self._expired(keys=[PROCS])]
+        return [p for p in names if p != self.proc]
 
     async def dead_procs(self, candidates: list[str]) -> list[tuple[str, float]]:
         """Those of `candidates` whose lease is still lapsed, each returned to exactly one caller and taken off

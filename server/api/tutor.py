@@ -17,6 +17,7 @@ from msgspec import Meta
 from agents.embedder import EmbedderError
 from server.api.courses import course_or_404
 from server.api.paging import ListLimit, Offset
+from server.api.rooms import room_or_404
 from server.api.schemas import Strict
 from server.auth import staff_only
 from server.decode import read_json
@@ -30,17 +31,6 @@ from store.rooms import access as rooms_access
 logger = logging.getLogger(__name__)
 
 Question = Annotated[str, Meta(min_length=1, max_length=MAX_QUESTION_CHARS)]
-
-
-async def _staff_room(conn: Any, room_id: str, user: Any) -> None:
-    """404 unless the room exists in a course the caller sees."""
-    from store.rooms import parse_room, room_target
-
-    ref = parse_room(room_id)
-    target = await room_target(conn, ref) if ref else None
-    if target is None:
-        raise ApiError(404, f"room {room_id} not found")
-    await course_or_404(conn, target["course_id"], user, missing=f"room {room_id} not found")
 
 
 def wants_stream(accept: str) -> bool:
@@ -207,17 +197,17 @@ class TutorController(Controller):
     async def room_mode(self, request: Request, room_id: str) -> dict:
         data = await read_json(request, ModeIn)
         async with request.app.state.pool.acquire() as conn:
-            await _staff_room(conn, room_id, request.user)
+            acc = await room_or_404(conn, room_id, request.user)
             await conn.execute("""INSERT INTO room_tutor_settings (room_id, mode) VALUES ($1, $2)
-                                  ON CONFLICT (room_id) DO UPDATE SET mode = EXCLUDED.mode""", room_id, data.mode)
+                                  ON CONFLICT (room_id) DO UPDATE SET mode = EXCLUDED.mode""", acc.room_id, data.mode)
         return {"room_id": room_id, "mode": data.mode}
 
     @delete("/rooms/{room_id:str}/tutor", guards=[staff_only], status_code=204)
     async def room_mode_cleared(self, request: Request, room_id: str) -> None:
         """The room follows its course's mode again (and Socratic mode while an assignment is open)."""
         async with request.app.state.pool.acquire() as conn:
-            await _staff_room(conn, room_id, request.user)
-            await conn.execute("DELETE FROM room_tutor_settings WHERE room_id = $1", room_id)
+            acc = await room_or_404(conn, room_id, request.user)
+            await conn.execute("DELETE FROM room_tutor_settings WHERE room_id = $1", acc.room_id)
 
     @get("/courses/{course_id:int}/tutor/stats", guards=[staff_only])
     async def stats(self, request: Request, course_id: int) -> dict:

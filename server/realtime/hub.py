@@ -278,16 +278,13 @@ class Hub:
             self._recheck_due = False
             conns = [c for room in list(self.rooms.values()) for c in list(room)]
             closed = 0
-            verdicts: dict[tuple, tuple[int, str] | None] = {}  # sockets alike share one check
             try:
                 async with self.pool.acquire() as db:
                     for conn in conns:
                         if conn.closing is None and conn.auth is not None:
-                            key = (conn.room, conn.auth.id, conn.auth.token_id, conn.opened_at)
-                            if key not in verdicts:
-                                verdicts[key] = await still_allowed(db, conn.room, conn.auth, conn.opened_at)
-                            if verdicts[key] is not None:
-                                conn.close_soon(*verdicts[key])  # type: ignore[misc]
+                            refused = await still_allowed(db, conn.room, conn.auth, conn.opened_at)
+                            if refused is not None:
+                                conn.close_soon(*refused)
                                 closed += 1
             except Exception:  # noqa: BLE001 - the database is away too: try again shortly
                 logger.warning("could not check sockets after the subscription came back", exc_info=True)
