@@ -587,8 +587,10 @@ def _question(raw: str) -> str:
     return raw.strip()
 
 
-class _Stop(Exception):
-    """Raised by SIGTERM/SIGINT/SIGHUP so `finally` blocks stop what this process started."""
+class _Stop(SystemExit):
+    """Raised by SIGTERM/SIGINT/SIGHUP so `finally` blocks stop what this process started. A SystemExit, not an
+    Exception: the handler raises wherever the process happens to be, and an `except Exception` there (a
+    library probing for something, asyncio running a callback) must not swallow the stop."""
 
 
 def _on_signal(signum: int, _frame: object) -> None:

@@ -20,8 +20,9 @@ from datetime import datetime
 import asyncpg
 from redis.asyncio import Redis
 
-from store import keys
-from store.leaderboards import as_utc, board_key, boards_of, expire_at, period_bounds, period_tag
+from store import keys, leaderboards
+from store.leaderboards import (ON_COURSE_SQL, ON_PODS_SQL, as_utc, board_key, boards_of, expire_at, period_bounds,
+                                period_tag)
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +59,27 @@ def _swap(redis: Redis):  # type: ignore[no-untyped-def]
     return script
 
 
-_BOARDS_SQL = {
-    "tenant": "SELECT tenant_id AS sid, user_id, {sums} FROM xp_events GROUP BY 1, 2",
-    "course": "SELECT course_id AS sid, user_id, {sums} FROM xp_events WHERE course_id IS NOT NULL GROUP BY 1, 2",
-    "pod": "SELECT p AS sid, user_id, {sums} FROM xp_events, unnest(pod_ids) AS p GROUP BY 1, 2",
+# Who stands on a board: on the tenant board everyone with XP; on a course board the learners enrolled in it now;
+# on a pod board its members with access now (in the pod and enrolled in its course). XP earned on a course or pod
+# stays in the ledger: a learner who comes back stands there again with it. Per scope: (board id, ledger rows).
+_BOARDS_FROM = {
+    "tenant": ("x.tenant_id", "xp_events x"),
+    "course": ("x.course_id", "xp_events x JOIN enrollments e ON e.course_id = x.course_id AND e.user_id = x.user_id"),
+    "pod": ("pid", "xp_events x CROSS JOIN LATERAL unnest(x.pod_ids) AS pid "
+                   "JOIN pod_members m ON m.pod_id = pid AND m.user_id = x.user_id "
+                   "JOIN pods p ON p.id = pid JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = x.user_id"),
 }
-_SUMS = ("sum(points) AS all_xp, sum(points) FILTER (WHERE at >= $1 AND at < $2) AS month_xp, "
-         "sum(points) FILTER (WHERE at >= $3 AND at < $4) AS week_xp")
+
+
+def _sums(first: int) -> str:
+    """All-time, month and week XP; parameters $first..$first+3: month start and end, week start and end."""
+    a, b, c, d = (f"${first + i}" for i in range(4))
+    return (f"sum(x.points) AS all_xp, sum(x.points) FILTER (WHERE x.at >= {a} AND x.at < {b}) AS month_xp, "
+            f"sum(x.points) FILTER (WHERE x.at >= {c} AND x.at < {d}) AS week_xp")
+
+
+_BOARDS_SQL = {scope: f"SELECT {sid} AS sid, x.user_id, {_sums(1)} FROM {frm} GROUP BY 1, 2"
+               for scope, (sid, frm) in _BOARDS_FROM.items()}
 
 
 @dataclass(frozen=True)
@@ -99,7 +114,7 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
                 snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text")
                 boards: dict[str, dict[int, int]] = defaultdict(dict)
                 for scope, sql in _BOARDS_SQL.items():
-                    for r in await conn.fetch(sql.format(sums=_SUMS), month[0], month[1], week[0], week[1]):
+                    for r in await conn.fetch(sql, month[0], month[1], week[0], week[1]):
                         for period, col in (("all", "all_xp"), ("month", "month_xp"), ("week", "week_xp")):
                             if r[col] is not None:
                                 boards[board_key(scope, r["sid"], period, now)][r["user_id"]] = int(r[col])
@@ -194,8 +209,11 @@ async def _replay(conn: asyncpg.Connection, redis: Redis, ids: list[int], swappe
     """Re-apply awards whose board updates landed on boards the swap replaced or deleted (their snapshot missed
     them)."""
     rows = await conn.fetch(
-        """SELECT e.id, e.tenant_id, e.user_id, e.points, e.course_id, e.pod_ids, e.at FROM xp_events e
-           WHERE e.id = ANY($1::bigint[])""", ids)
+        f"""SELECT x.id, x.tenant_id, x.user_id, x.points, x.at,
+                   CASE WHEN {ON_COURSE_SQL.format(course="x.course_id", user="x.user_id")} THEN x.course_id END
+                       AS course_id,
+                   {ON_PODS_SQL.format(user="x.user_id", pods="x.pod_ids")} AS pod_ids
+            FROM xp_events x WHERE x.id = ANY($1::bigint[])""", ids)
     n = 0
     async with redis.pipeline(transaction=False) as pipe:
         for r in rows:
@@ -219,24 +237,26 @@ async def ensure_built(pool: asyncpg.Pool, redis: Redis) -> Rebuilt | None:
 
 async def check(pool: asyncpg.Pool, redis: Redis, settle_s: float = 1.0, *,
                 tenant_ids: list[int] | None = None) -> list[str]:
-    """All-time tenant boards that disagree with the ledger (keys); empty when every one matches. `tenant_ids`:
-    only those tenants' boards (default: every tenant's).
+    """All-time boards (tenant, course, pod) that disagree with the ledger (keys); empty when every one matches.
+    `tenant_ids`: only those tenants' boards (default: every tenant's).
 
     The ledger and the boards are read at different moments, so an award committed but not yet on its boards
     (its process is between the two) looks like drift: the learners that differ are read again, up to
     SETTLE_ROUNDS times `settle_s` apart, and only a difference that is still there every time counts."""
     async with pool.acquire() as conn:
-        rows = await conn.fetch("SELECT tenant_id, user_id, sum(points) AS xp FROM xp_events "
-                                "WHERE $1::bigint[] IS NULL OR tenant_id = ANY($1) GROUP BY 1, 2", tenant_ids)
-    want: dict[int, dict[bytes, int]] = defaultdict(dict)
-    for r in rows:
-        want[r["tenant_id"]][str(r["user_id"]).encode()] = int(r["xp"])
-    differ: dict[int, set[bytes]] = {}
-    for tid, scores in want.items():
-        have = {m: int(s) for m, s in await redis.zrange(board_key("tenant", tid, "all"), 0, -1, withscores=True)}
+        want = await _all_time(conn, tenant_ids, None)
+        boards = {board_key(r["scope"], r["sid"], "all") for r in await conn.fetch(
+            """SELECT 'tenant' AS scope, t.id AS sid FROM tenants t WHERE $1::bigint[] IS NULL OR t.id = ANY($1)
+               UNION ALL SELECT 'course', c.id FROM courses c WHERE $1::bigint[] IS NULL OR c.tenant_id = ANY($1)
+               UNION ALL SELECT 'pod', p.id FROM pods p JOIN courses c ON c.id = p.course_id
+                         WHERE $1::bigint[] IS NULL OR c.tenant_id = ANY($1)""", tenant_ids)}
+    differ: dict[str, set[bytes]] = {}
+    for key in sorted(boards | want.keys()):
+        scores = want.get(key, {})
+        have = {m: int(s) for m, s in await redis.zrange(key, 0, -1, withscores=True)}
         members = {m for m in scores.keys() | have.keys() if scores.get(m) != have.get(m)}
         if members:
-            differ[tid] = members
+            differ[key] = members
     # Read those learners again, a few times: a learner earning XP right now (a reconcile awarding several of
     # their grades one after another) can differ at every single look while nothing is wrong.
     for _ in range(SETTLE_ROUNDS):
@@ -244,32 +264,122 @@ async def check(pool: asyncpg.Pool, redis: Redis, settle_s: float = 1.0, *,
             return []
         await asyncio.sleep(settle_s)
         differ = await _still_differ(pool, redis, differ)
-    return [board_key("tenant", tid, "all") for tid in sorted(differ)]
+    return sorted(differ)
 
 
 SETTLE_ROUNDS = 3
 
 
-async def _still_differ(pool: asyncpg.Pool, redis: Redis, differ: dict[int, set[bytes]]) -> dict[int, set[bytes]]:
+async def _all_time(conn: asyncpg.Connection, tenant_ids: list[int] | None,
+                    user_ids: list[int] | None) -> dict[str, dict[bytes, int]]:
+    """Every all-time board as the ledger defines it, key -> {member: xp}; only ledger rows of `tenant_ids` and
+    learners `user_ids` (None: all)."""
+    out: dict[str, dict[bytes, int]] = defaultdict(dict)
+    for scope, (sid, frm) in _BOARDS_FROM.items():
+        for r in await conn.fetch(f"""SELECT {sid} AS sid, x.user_id, sum(x.points) AS xp FROM {frm}
+                                      WHERE ($1::bigint[] IS NULL OR x.tenant_id = ANY($1))
+                                        AND ($2::bigint[] IS NULL OR x.user_id = ANY($2)) GROUP BY 1, 2""",
+                                  tenant_ids, user_ids):
+            out[board_key(scope, r["sid"], "all")][str(r["user_id"]).encode()] = int(r["xp"])
+    return out
+
+
+async def _still_differ(pool: asyncpg.Pool, redis: Redis, differ: dict[str, set[bytes]]) -> dict[str, set[bytes]]:
     """Of the learners that differed, those whose board XP still differs from the ledger's."""
     async with pool.acquire() as conn:  # the ledger again, for just those learners
-        rows = await conn.fetch("SELECT tenant_id, user_id, sum(points) AS xp FROM xp_events "
-                                "WHERE user_id = ANY($1::bigint[]) GROUP BY 1, 2",
-                                sorted({int(m) for ms in differ.values() for m in ms}))
-    now = {(r["tenant_id"], str(r["user_id"]).encode()): int(r["xp"]) for r in rows}
-    still: dict[int, set[bytes]] = {}
-    for tid, member_set in differ.items():
+        now = await _all_time(conn, None, sorted({int(m) for ms in differ.values() for m in ms}))
+    still: dict[str, set[bytes]] = {}
+    for key, member_set in differ.items():
         members = sorted(member_set)
-        have = await redis.zmscore(board_key("tenant", tid, "all"), members)
-        off = {m for m, sc in zip(members, have) if now.get((tid, m)) != (None if sc is None else int(sc))}
+        have = await redis.zmscore(key, members)
+        want = now.get(key, {})
+        off = {m for m, sc in zip(members, have) if want.get(m) != (None if sc is None else int(sc))}
         if off:
-            still[tid] = off
+            still[key] = off
     return still
 
 
 async def check_and_repair(pool: asyncpg.Pool, redis: Redis, *, tenant_ids: list[int] | None = None) -> Rebuilt | None:
-    """Rebuild when the boards are missing or any all-time tenant board (of `tenant_ids`, default all)
-    disagrees with the ledger."""
+    """Rebuild when the boards are missing or any all-time board (of `tenant_ids`, default all) disagrees with
+    the ledger."""
     if not await redis.exists(keys.LEADERBOARD_BUILT) or await check(pool, redis, tenant_ids=tenant_ids):
         return await rebuild(pool, redis)
     return None
+
+
+# --- one learner's standing on a course's boards -------------------------------------------------------
+
+# The learner's XP on the course's board and each of its pods' boards, and whether they stand there now.
+# $1 learner, $2 course, $3-$6 month and week bounds.
+_MEMBER_BOARDS = f"""
+SELECT b.scope, b.sid, b.member, {_sums(3)}
+FROM (SELECT 'course' AS scope, c.id AS sid, {ON_COURSE_SQL.format(course="c.id", user="$1")} AS member
+      FROM courses c WHERE c.id = $2
+      UNION ALL
+      SELECT 'pod', p.id, cardinality({ON_PODS_SQL.format(user="$1", pods="ARRAY[p.id]")}) > 0
+      FROM pods p WHERE p.course_id = $2) AS b
+LEFT JOIN xp_events x ON x.user_id = $1
+     AND CASE WHEN b.scope = 'course' THEN x.course_id = b.sid ELSE b.sid = ANY(x.pod_ids) END
+GROUP BY 1, 2, 3
+"""
+
+# A second look this long after a change: an award whose board update was in flight meanwhile (or a rebuild
+# whose snapshot predates the change) is then settled; the hourly check catches anything later.
+AGAIN_AFTER_S = 2.0
+_again: set[asyncio.Task] = set()
+
+
+async def resync_member(pool: asyncpg.Pool, redis: Redis, user_id: int, course_id: int, *,
+                        again_after_s: float | None = AGAIN_AFTER_S, now: datetime | None = None) -> None:
+    """After an enrolment or pod membership changed (committed): set the learner's XP on the course's boards and
+    its pods' boards from the ledger, or take them off where they no longer belong; announce boards that
+    changed. Failures are logged (the hourly check repairs). `again_after_s`: look once more that much later."""
+    try:
+        await _resync(pool, redis, user_id, course_id, now)
+    except Exception:  # noqa: BLE001 - the ledger is the truth; the check rebuilds
+        logger.warning("could not update the boards of a learner's course", exc_info=True)
+    if again_after_s is not None:
+        task = asyncio.create_task(_resync_later(pool, redis, user_id, course_id, again_after_s))
+        _again.add(task)
+        task.add_done_callback(_again.discard)
+
+
+async def _resync_later(pool: asyncpg.Pool, redis: Redis, user_id: int, course_id: int, delay: float) -> None:
+    await asyncio.sleep(delay)
+    try:
+        deadline = time.monotonic() + 2 * LOCK_TTL_S
+        while await redis.exists(keys.LEADERBOARD_BUILDING) and time.monotonic() < deadline:
+            await asyncio.sleep(delay)  # a rebuild's swap may bring back what it read before the change
+        await _resync(pool, redis, user_id, course_id, None)
+    except Exception:  # noqa: BLE001
+        logger.warning("could not update the boards of a learner's course", exc_info=True)
+
+
+async def _resync(pool: asyncpg.Pool, redis: Redis, user_id: int, course_id: int, now: datetime | None) -> None:
+    now = as_utc(now)
+    month, week = period_bounds("month", now), period_bounds("week", now)
+    assert month and week
+    async with pool.acquire() as conn:
+        who = await conn.fetchrow("SELECT tenant_id, name FROM users WHERE id = $1", user_id)
+        rows = await conn.fetch(_MEMBER_BOARDS, user_id, course_id, month[0], month[1], week[0], week[1])
+    if who is None or not rows:
+        return
+    member = str(user_id)
+    ops: list[tuple[str, int]] = []
+    async with redis.pipeline(transaction=True) as pipe:
+        for r in rows:
+            for period, col in (("all", "all_xp"), ("month", "month_xp"), ("week", "week_xp")):
+                key = board_key(r["scope"], r["sid"], period, now)
+                ops.append((r["scope"], r["sid"]))
+                if r["member"] and r[col] is not None:
+                    pipe.zadd(key, {member: int(r[col])}, ch=True)
+                    if period != "all":
+                        ops.append(("", 0))
+                        pipe.expireat(key, expire_at(period, now))
+                else:
+                    pipe.zrem(key, member)
+        pipe.hset(keys.leaderboard_names(who["tenant_id"]), member, who["name"])
+        results = await pipe.execute()
+    changed = {board for board, n in zip(ops, results) if board[0] and n}
+    for scope, sid in sorted(changed):
+        await leaderboards.nudge(redis, scope, sid, who["tenant_id"])

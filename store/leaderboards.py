@@ -143,6 +143,15 @@ return out
 """
 
 
+# Which course and pod boards a learner stands on now (a rebuild counts the same): a course board while enrolled
+# in the course; a pod board while a member of the pod and enrolled in its course. Format with SQL expressions
+# for the learner, the course, the pods.
+ON_COURSE_SQL = "EXISTS (SELECT 1 FROM enrollments e WHERE e.course_id = {course} AND e.user_id = {user})"
+ON_PODS_SQL = ("ARRAY(SELECT m.pod_id FROM pod_members m JOIN pods p ON p.id = m.pod_id "
+               "JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = m.user_id "
+               "WHERE m.user_id = {user} AND m.pod_id = ANY({pods}) ORDER BY m.pod_id)")
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One ledger event as the boards see it."""
@@ -347,16 +356,22 @@ async def drain(timeout: float = 5.0) -> None:
     _trailing.clear()
 
 
+async def nudge(redis: Redis, scope: str, scope_id: int, tenant_id: int) -> None:
+    """Announce a changed board to its room: now when this process takes the board's window, else once it frees."""
+    thr = keys.leaderboard_throttle(scope, scope_id)
+    window_ms = max(1, int(EVENT_WINDOW_S * 1000))
+    if await redis.set(thr, b"1", px=window_ms, nx=True):
+        _announce(redis, scope, scope_id, tenant_id, 0)
+    else:  # another award or process holds the window; announce the state as of when it frees
+        _announce(redis, scope, scope_id, tenant_id, max(1, await redis.pttl(thr)))
+
+
 async def _later(thr: str, board: _Target, wait_ms: int) -> None:
     redis, scope, scope_id, tenant_id = board
     try:
         await asyncio.sleep(wait_ms / 1000)
         _trailing.pop(thr, None)
-        window_ms = max(1, int(EVENT_WINDOW_S * 1000))
-        if await redis.set(thr, b"1", px=window_ms, nx=True):
-            _announce(redis, scope, scope_id, tenant_id, 0)
-        else:  # another process took the window after us; it announces the state as of then or later
-            _announce(redis, scope, scope_id, tenant_id, max(1, await redis.pttl(thr)))
+        await nudge(redis, scope, scope_id, tenant_id)
     except Exception:  # noqa: BLE001
         logger.warning("could not announce a leaderboard change", exc_info=True)
     finally:

@@ -18,7 +18,9 @@ The same (learner, key) twice counts once, also when both calls race (INSERT …
 learners earn XP; for anyone else (and for a duplicate) the award returns None. Points come from POINTS
 unless given. The XP counts on the tenant board, the course board (with `course_id`) and the boards of the
 learner's pods (those of the course, or all of them without a course; only pods of courses they are still
-enrolled in; `pod_ids` overrides).
+enrolled in; `pod_ids` overrides). A course or pod board shows only who belongs there now (enrolled; a member
+with access): XP given with the course of a learner who left it stays in the ledger and counts there again when
+they come back (`leaderboard_rebuild.resync_member`, on every enrolment or pod membership change).
 """
 from __future__ import annotations
 
@@ -79,15 +81,21 @@ class Award:
     previous_level: int
     unlocked: list[Unlocked] = field(default_factory=list)
     xid: int = 0  # the ledger transaction's id
+    on_course: bool = True  # the learner is enrolled in `course_id` (stands on its boards)
+    board_pod_ids: list[int] | None = None  # of `pod_ids`, the pods the learner stands on (None: all of them)
 
     def entry(self) -> leaderboards.Entry:
-        return leaderboards.Entry(self.id, self.tenant_id, self.user_id, self.name, self.points, self.course_id,
-                                  self.pod_ids, self.at, self.xid)
+        """The award as the boards see it: only the course and pod boards the learner stands on now."""
+        return leaderboards.Entry(self.id, self.tenant_id, self.user_id, self.name, self.points,
+                                  self.course_id if self.on_course else None,
+                                  self.pod_ids if self.board_pod_ids is None else self.board_pod_ids, self.at, self.xid)
 
 
 # Insert the ledger row (learners only; a duplicate key inserts nothing), bump the running totals and record
 # the achievements the award crossed, in one statement (one round trip, one commit). The pods default to the
 # learner's pods in the course (all of them without a course). $9-$11: achievements.award_thresholds(kind).
+# Also which of the award's course and pod boards the learner stands on now (`on_course`, `board_pods`: enrolled
+# in the course, a member of the pod with access), as a rebuild counts them.
 _AWARD = f"""
 WITH ins AS (
     INSERT INTO xp_events (tenant_id, user_id, kind, points, idempotency_key, course_id, pod_ids, at, meta)
@@ -118,6 +126,9 @@ WITH ins AS (
     RETURNING achievement_id, unlocked_at
 )
 SELECT ins.*, tot.xp AS total, (SELECT name FROM users WHERE id = $1) AS name, pg_current_xact_id()::text AS xid,
+       {leaderboards.ON_COURSE_SQL.format(course="ins.course_id", user="$1")} AS on_course,
+       CASE WHEN $6::bigint[] IS NULL THEN ins.pod_ids
+            ELSE {leaderboards.ON_PODS_SQL.format(user="$1", pods="ins.pod_ids")} END AS board_pods,
        ARRAY(SELECT achievement_id FROM unl) AS unlocked, now() AS unlocked_at,
        CASE WHEN EXISTS (SELECT 1 FROM unl) THEN {achievements.ROOMS_SQL} END AS rooms
 FROM ins, tot
@@ -152,7 +163,8 @@ async def insert_award(conn: asyncpg.Connection, user_id: int, kind: str, idempo
     return Award(id=row["id"], tenant_id=row["tenant_id"], user_id=user_id, name=row["name"], kind=kind,
                  points=points, idempotency_key=idempotency_key, course_id=row["course_id"],
                  pod_ids=list(row["pod_ids"]), at=row["at"], xp=total, level=level_for(total),
-                 previous_level=level_for(total - points), unlocked=unlocked, xid=int(row["xid"]))
+                 previous_level=level_for(total - points), unlocked=unlocked, xid=int(row["xid"]),
+                 on_course=row["on_course"], board_pod_ids=list(row["board_pods"]))
 
 
 class XpTransaction:

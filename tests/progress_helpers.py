@@ -69,12 +69,18 @@ async def course_in_new_tenant(conn: asyncpg.Connection, learners: int, *, enrol
 
 
 async def ledger_boards(conn: asyncpg.Connection, now: datetime | None = None) -> dict[str, dict[bytes, int]]:
-    """Every current board as the ledger defines it: key -> {member: xp} (computed independently of rebuild)."""
+    """Every current board as the ledger defines it: key -> {member: xp} (computed independently of rebuild):
+    course boards hold who is enrolled now, pod boards who is a member and enrolled in the pod's course now."""
     out: dict[str, dict[bytes, int]] = defaultdict(dict)
     month, week = leaderboards.period_bounds("month", now), leaderboards.period_bounds("week", now)
+    enrolled = {(r["course_id"], r["user_id"]) for r in await conn.fetch("SELECT course_id, user_id FROM enrollments")}
+    course_of = {r["id"]: r["course_id"] for r in await conn.fetch("SELECT id, course_id FROM pods")}
+    in_pod = {(r["pod_id"], r["user_id"]) for r in await conn.fetch("SELECT pod_id, user_id FROM pod_members")}
     for r in await conn.fetch("SELECT tenant_id, user_id, points, course_id, pod_ids, at FROM xp_events"):
-        scopes = [("tenant", r["tenant_id"])] + ([("course", r["course_id"])] if r["course_id"] else [])
-        scopes += [("pod", p) for p in r["pod_ids"]]
+        u = r["user_id"]
+        scopes = [("tenant", r["tenant_id"])]
+        scopes += [("course", r["course_id"])] if r["course_id"] and (r["course_id"], u) in enrolled else []
+        scopes += [("pod", p) for p in r["pod_ids"] if (p, u) in in_pod and (course_of.get(p), u) in enrolled]
         for scope, sid in scopes:
             for period, bounds in (("all", None), ("month", month), ("week", week)):
                 if bounds is None or bounds[0] <= r["at"] < bounds[1]:

@@ -15,7 +15,7 @@ from server.auth import AuthUser, staff_only
 from server.decode import decode_json, read_body, read_json, trimmed
 from server.errors import ApiError
 from store import courses as repo
-from store import moderation
+from store import leaderboard_rebuild, moderation
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,8 @@ class CourseController(Controller):
             target_id = data.user_id or user.id
             row, created = await repo.enroll(conn, course_id, target_id)
             name_role = await conn.fetchrow("SELECT name, role FROM users WHERE id = $1", target_id)
+        if created and name_role["role"] == "learner":  # back on the course's boards with XP earned there before
+            await leaderboard_rebuild.resync_member(request.app.state.pool, request.app.state.redis, target_id, course_id)
         return Response(
             Enrollment(user_id=target_id, name=name_role["name"], role=name_role["role"], created_at=row["created_at"]),
             status_code=201 if created else 200,
@@ -133,3 +135,4 @@ class CourseController(Controller):
             if not await repo.unenroll(conn, course_id, user_id):
                 raise ApiError(404, f"user {user_id} is not enrolled")
             await moderation.revoke_access(conn, request.app.state.redis, user_id, course_id=course_id)
+        await leaderboard_rebuild.resync_member(request.app.state.pool, request.app.state.redis, user_id, course_id)

@@ -11,7 +11,7 @@ from server.auth import AuthUser, staff_only
 from server.decode import read_json, trimmed
 from server.errors import ApiError
 from store import courses as courses_repo
-from store import moderation
+from store import leaderboard_rebuild, moderation
 from store import pods as repo
 
 
@@ -90,6 +90,9 @@ class PodController(Controller):
                 if await repo.pod_in_tenant(conn, pod_id, request.user.tenant_id) is None:
                     raise ApiError(404, f"pod {pod_id} not found")
             raise ApiError(409, f"user {data.user_id} left the pod or the course meanwhile", code="conflict")
+        if created:  # on the pod's boards with the XP earned in it before
+            await leaderboard_rebuild.resync_member(request.app.state.pool, request.app.state.redis, data.user_id,
+                                                    pod["course_id"])
         return Response(Member(user_id=row["user_id"], name=row["name"], role=row["role"], created_at=row["created_at"]),
                         status_code=201 if created else 200)
 
@@ -101,11 +104,14 @@ class PodController(Controller):
             raise ApiError(403, "learners can only leave a pod themselves")
         async with request.app.state.pool.acquire() as conn:
             # a learner who left the course may still leave its pod (their row would count again on re-enrolling)
-            if await repo.pod_in_tenant(conn, pod_id, user.tenant_id) is None:
+            pod = await repo.pod_in_tenant(conn, pod_id, user.tenant_id)
+            if pod is None:
                 raise ApiError(404, f"pod {pod_id} not found")
             if not await repo.remove_member(conn, pod_id, user_id):
                 raise ApiError(404, f"user {user_id} is not a member" if user.is_staff else f"pod {pod_id} not found")
             await moderation.revoke_access(conn, request.app.state.redis, user_id, pod_id=pod_id)
+        await leaderboard_rebuild.resync_member(request.app.state.pool, request.app.state.redis, user_id,
+                                                pod["course_id"])
 
     @get("/pods/{pod_id:int}/members")
     async def members(self, request: Request, pod_id: int,

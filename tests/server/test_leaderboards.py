@@ -57,6 +57,37 @@ async def test_board_shape_and_access(server, client, make: Factory, xp_store):
     assert board(client, ls[0], "course", course.id, limit=0).status_code == 400
 
 
+async def test_leaving_a_course_or_pod_leaves_its_boards(server, client, make: Factory, xp_store):
+    """Over REST: a learner who leaves a course is off its boards and its pods' boards at once (still on the
+    tenant's); enrolled again, they are back with their XP; a member who leaves a pod is off its board."""
+    pool, redis = xp_store
+    course = make_course(client, make, learners=3, videos=0)
+    inst, ls = course.instructor, course.learners
+    pod = client.post(f"/api/v1/courses/{course.id}/pods", json={"name": "P"}, headers=inst.h).json()["id"]
+    for u in ls:
+        assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": u.id}, headers=inst.h).status_code == 201
+    for i, u in enumerate(ls):
+        await xp.award_xp(pool, redis, u.id, "assignment_passed", "a:1", course_id=course.id, points=100 * (i + 1))
+
+    def on(scope: str, sid: int, period: str = "all") -> list[tuple[int, int]]:
+        return [(e["user_id"], e["xp"]) for e in board(client, inst, scope, sid, period).json()["entries"]]
+
+    assert on("course", course.id) == on("pod", pod) == [(ls[2].id, 300), (ls[1].id, 200), (ls[0].id, 100)]
+    r = client.delete(f"/api/v1/courses/{course.id}/enrollments/{ls[2].id}", headers=ls[2].h)
+    assert r.status_code == 204, r.text
+    for period in leaderboards.PERIODS:
+        assert on("course", course.id, period) == on("pod", pod, period) == [(ls[1].id, 200), (ls[0].id, 100)]
+    assert (ls[2].id, 300) in on("tenant", ls[2].tenant_id)
+    r = client.post(f"/api/v1/courses/{course.id}/enrollments", json={"user_id": ls[2].id}, headers=inst.h)
+    assert r.status_code == 201, r.text
+    assert on("course", course.id) == on("pod", pod) == [(ls[2].id, 300), (ls[1].id, 200), (ls[0].id, 100)]
+    assert client.delete(f"/api/v1/pods/{pod}/members/{ls[1].id}", headers=ls[1].h).status_code == 204
+    assert on("pod", pod) == [(ls[2].id, 300), (ls[0].id, 100)]
+    assert on("course", course.id) == [(ls[2].id, 300), (ls[1].id, 200), (ls[0].id, 100)]
+    assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": ls[1].id}, headers=inst.h).status_code == 201
+    assert on("pod", pod) == [(ls[2].id, 300), (ls[1].id, 200), (ls[0].id, 100)]
+
+
 async def test_leaderboard_changed_is_throttled(server, client, make: Factory, xp_store):
     pool, redis = xp_store
     course = make_course(client, make, learners=2, videos=0)

@@ -300,3 +300,87 @@ async def test_a_rebuild_lock_is_kept_while_its_holder_lives_and_lapses_soon_aft
     await asyncio.sleep(1.3)
     assert not await redis.exists(keys.LEADERBOARD_LOCK, keys.LEADERBOARD_BUILDING)
     assert await leaderboard_rebuild.rebuild(pool, redis) is not None
+
+
+async def test_course_and_pod_boards_show_who_belongs_there_now(lb):
+    """A learner who leaves a course leaves its boards and its pods' boards (every period; the tenant board keeps
+    their XP); XP given with the course meanwhile stays off them; re-enrolling brings back everything earned
+    there. Leaving a pod leaves its boards. Live updates, the hourly check and a rebuild all agree."""
+    from tests.progress_helpers import course_in_new_tenant
+
+    pool, redis = lb
+    async with pool.acquire() as conn:
+        cid, _, (leaver, stayer) = await course_in_new_tenant(conn, 2)
+        tid = await conn.fetchval("SELECT tenant_id FROM courses WHERE id = $1", cid)
+        pod = await conn.fetchval("INSERT INTO pods (course_id, name) VALUES ($1, 'p') RETURNING id", cid)
+        for u in (leaver, stayer):
+            await conn.execute("INSERT INTO pod_members (pod_id, user_id) VALUES ($1, $2)", pod, u)
+    await xp.award_xp(pool, redis, leaver, "lesson_completed", "lesson:1", course_id=cid)
+    await xp.award_xp(pool, redis, stayer, "helpful_answer", "helpful:1", course_id=cid)
+    await leaderboard_rebuild.rebuild(pool, redis)
+    boards = [leaderboards.board_key(sc, sid, p) for sc, sid in (("course", cid), ("pod", pod), ("tenant", tid))
+              for p in leaderboards.PERIODS]
+
+    async def standing() -> dict[str, dict[bytes, int]]:
+        return await redis_boards(redis, boards)
+
+    async def agrees_with_ledger() -> dict[str, dict[bytes, int]]:
+        async with pool.acquire() as conn:
+            want = await ledger_boards(conn)
+        now = await standing()
+        assert now == {k: want.get(k, {}) for k in boards}
+        assert await leaderboard_rebuild.check(pool, redis, settle_s=0.05, tenant_ids=[tid]) == []
+        return now
+
+    everyone = await agrees_with_ledger()
+    assert everyone[boards[0]] == {str(leaver).encode(): 50, str(stayer).encode(): 25}
+
+    async with pool.acquire() as conn:
+        await conn.execute("DELETE FROM enrollments WHERE course_id = $1 AND user_id = $2", cid, leaver)
+    await leaderboard_rebuild.resync_member(pool, redis, leaver, cid, again_after_s=None)
+    gone = await agrees_with_ledger()
+    for key in boards[:6]:  # course and pod, every period
+        assert str(leaver).encode() not in gone[key] and gone[key][str(stayer).encode()] == 25, key
+    assert gone[boards[6]][str(leaver).encode()] == 50  # the tenant board keeps it
+    # XP given with the course while away (a late grade): on the tenant board only
+    late = await xp.award_xp(pool, redis, leaver, "assignment_passed", "assignment:1", course_id=cid)
+    assert late is not None and late.course_id == cid and late.pod_ids == []
+    away = await agrees_with_ledger()
+    assert str(leaver).encode() not in away[boards[0]] and away[boards[6]][str(leaver).encode()] == 150
+    await redis.delete(keys.LEADERBOARD_LOCK)
+    await leaderboard_rebuild.rebuild(pool, redis)
+    assert await standing() == away  # a rebuild counts the same
+
+    async with pool.acquire() as conn:
+        await conn.execute("INSERT INTO enrollments (course_id, user_id) VALUES ($1, $2)", cid, leaver)
+    await leaderboard_rebuild.resync_member(pool, redis, leaver, cid, again_after_s=None)
+    back = await agrees_with_ledger()
+    assert back[boards[0]][str(leaver).encode()] == 150  # everything earned with the course
+    assert back[boards[3]][str(leaver).encode()] == 50  # the pod: what was earned in it
+
+    async with pool.acquire() as conn:
+        await conn.execute("DELETE FROM pod_members WHERE pod_id = $1 AND user_id = $2", pod, leaver)
+    await leaderboard_rebuild.resync_member(pool, redis, leaver, cid, again_after_s=None)
+    left_pod = await agrees_with_ledger()
+    assert str(leaver).encode() not in left_pod[boards[3]] and left_pod[boards[0]][str(leaver).encode()] == 150
+    board = await leaderboards.read(redis, "pod", pod, tid, "all", leaver)
+    assert board.me is None and [e.user_id for e in board.entries] == [stayer]
+
+
+async def test_a_learner_put_back_on_a_board_by_an_award_in_flight_is_taken_off_again(lb):
+    """An award read the enrolment just before the learner left, and its board update lands after they were
+    taken off: the second look puts it right."""
+    from tests.progress_helpers import course_in_new_tenant
+
+    pool, redis = lb
+    async with pool.acquire() as conn:
+        cid, _, (leaver,) = await course_in_new_tenant(conn, 1)
+        in_flight = await xp.insert_award(conn, leaver, "lesson_completed", "lesson:1", course_id=cid)
+        await conn.execute("DELETE FROM enrollments WHERE course_id = $1 AND user_id = $2", cid, leaver)
+    await leaderboard_rebuild.resync_member(pool, redis, leaver, cid, again_after_s=0.3)
+    await xp.settle(redis, [in_flight])
+    key = leaderboards.board_key("course", cid, "all")
+    assert await redis.zscore(key, str(leaver)) == 50
+    await asyncio.sleep(1.0)
+    assert await redis.zscore(key, str(leaver)) is None
+    assert await leaderboard_rebuild.check(pool, redis, settle_s=0.05, tenant_ids=[in_flight.tenant_id]) == []
