@@ -47,6 +47,10 @@ async def seed(pool, redis, learners: int) -> tuple[int, int, list[int]]:  # typ
                                       WHERE tenant_id = $1""", tid)
             print(f"seeded {learners:,} learners in {time.perf_counter() - t0:.1f} s")
         cid = await conn.fetchval("SELECT c.id FROM courses c WHERE c.tenant_id = $1", tid)
+        # enrolled: an award with the course counts on its boards only for learners enrolled in it
+        await conn.execute("""INSERT INTO enrollments (course_id, user_id)
+                              SELECT $1, id FROM users WHERE tenant_id = $2 AND role = 'learner'
+                              ON CONFLICT DO NOTHING""", cid, tid)
         ids = [r["id"] for r in await conn.fetch("SELECT id FROM users WHERE tenant_id = $1 AND role = 'learner'", tid)]
     await redis.delete("sh:lb:lock")
     done = await leaderboard_rebuild.rebuild(pool, redis)

@@ -316,16 +316,18 @@ SELECT b.scope, b.sid, b.member, {_sums(3)}
 FROM (SELECT 'course' AS scope, c.id AS sid, {ON_COURSE_SQL.format(course="c.id", user="$1")} AS member
       FROM courses c WHERE c.id = $2
       UNION ALL
-      SELECT 'pod', p.id, cardinality({ON_PODS_SQL.format(user="$1", pods="ARRAY[p.id]")}) > 0
-      FROM pods p WHERE p.course_id = $2) AS b
+      SELECT 'pod', pod.id, cardinality({ON_PODS_SQL.format(user="$1", pods="ARRAY[pod.id]")}) > 0
+      FROM pods pod WHERE pod.course_id = $2) AS b
 LEFT JOIN xp_events x ON x.user_id = $1
      AND CASE WHEN b.scope = 'course' THEN x.course_id = b.sid ELSE b.sid = ANY(x.pod_ids) END
 GROUP BY 1, 2, 3
 """
 
-# A second look this long after a change: an award whose board update was in flight meanwhile (or a rebuild
-# whose snapshot predates the change) is then settled; the hourly check catches anything later.
+# Another look this long after a change (and again while a look still changes something, up to AGAIN_LOOKS):
+# an award committed before the change whose board update was still in flight (or a rebuild whose snapshot
+# predates the change) is then settled; the hourly check catches anything later.
 AGAIN_AFTER_S = 2.0
+AGAIN_LOOKS = 3
 _again: set[asyncio.Task] = set()
 
 
@@ -350,20 +352,38 @@ async def _resync_later(pool: asyncpg.Pool, redis: Redis, user_id: int, course_i
         deadline = time.monotonic() + 2 * LOCK_TTL_S
         while await redis.exists(keys.LEADERBOARD_BUILDING) and time.monotonic() < deadline:
             await asyncio.sleep(delay)  # a rebuild's swap may bring back what it read before the change
-        await _resync(pool, redis, user_id, course_id, None)
+        for _ in range(AGAIN_LOOKS):
+            if not await _resync(pool, redis, user_id, course_id, None):
+                return
+            await asyncio.sleep(delay)
     except Exception:  # noqa: BLE001
         logger.warning("could not update the boards of a learner's course", exc_info=True)
 
 
-async def _resync(pool: asyncpg.Pool, redis: Redis, user_id: int, course_id: int, now: datetime | None) -> None:
+async def _resync(pool: asyncpg.Pool, redis: Redis, user_id: int, course_id: int, now: datetime | None) -> int:
+    """Write the learner's standing on the course's boards; how many boards it changed."""
     now = as_utc(now)
     month, week = period_bounds("month", now), period_bounds("week", now)
     assert month and week
-    async with pool.acquire() as conn:
+    async with pool.acquire() as conn, conn.transaction():
+        # Awards of this learner take their totals row: one still in its transaction (it may have read the old
+        # enrolment) commits before the ledger is read here, and one after waits until the boards are set, so
+        # its own board update lands after this absolute one, not under it.
+        await conn.execute("SELECT 1 FROM xp_totals WHERE user_id = $1 FOR UPDATE", user_id)
         who = await conn.fetchrow("SELECT tenant_id, name FROM users WHERE id = $1", user_id)
         rows = await conn.fetch(_MEMBER_BOARDS, user_id, course_id, month[0], month[1], week[0], week[1])
-    if who is None or not rows:
-        return
+        if who is None or not rows:
+            return 0
+        changed = await _set_standing(redis, user_id, who, rows, now)
+    for scope, sid in sorted(changed):
+        await leaderboards.nudge(redis, scope, sid, who["tenant_id"])
+    return len(changed)
+
+
+async def _set_standing(redis: Redis, user_id: int, who: asyncpg.Record, rows: list[asyncpg.Record],
+                        now: datetime) -> set[tuple[str, int]]:
+    """Write the learner's XP on each board they stand on, take them off the others (one transaction); the
+    (scope, id) of the boards that changed."""
     member = str(user_id)
     ops: list[tuple[str, int]] = []
     async with redis.pipeline(transaction=True) as pipe:
@@ -380,6 +400,4 @@ async def _resync(pool: asyncpg.Pool, redis: Redis, user_id: int, course_id: int
                     pipe.zrem(key, member)
         pipe.hset(keys.leaderboard_names(who["tenant_id"]), member, who["name"])
         results = await pipe.execute()
-    changed = {board for board, n in zip(ops, results) if board[0] and n}
-    for scope, sid in sorted(changed):
-        await leaderboards.nudge(redis, scope, sid, who["tenant_id"])
+    return {board for board, n in zip(ops, results) if board[0] and n}

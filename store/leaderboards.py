@@ -146,10 +146,12 @@ return out
 # Which course and pod boards a learner stands on now (a rebuild counts the same): a course board while enrolled
 # in the course; a pod board while a member of the pod and enrolled in its course. Format with SQL expressions
 # for the learner, the course, the pods.
-ON_COURSE_SQL = "EXISTS (SELECT 1 FROM enrollments e WHERE e.course_id = {course} AND e.user_id = {user})"
-ON_PODS_SQL = ("ARRAY(SELECT m.pod_id FROM pod_members m JOIN pods p ON p.id = m.pod_id "
-               "JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = m.user_id "
-               "WHERE m.user_id = {user} AND m.pod_id = ANY({pods}) ORDER BY m.pod_id)")
+# (Aliases of their own: an outer query's `p` or `e` must not be shadowed inside.)
+ON_COURSE_SQL = ("EXISTS (SELECT 1 FROM enrollments on_e WHERE on_e.course_id = {course} "
+                 "AND on_e.user_id = {user})")
+ON_PODS_SQL = ("ARRAY(SELECT on_m.pod_id FROM pod_members on_m JOIN pods on_p ON on_p.id = on_m.pod_id "
+               "JOIN enrollments on_e ON on_e.course_id = on_p.course_id AND on_e.user_id = on_m.user_id "
+               "WHERE on_m.user_id = {user} AND on_m.pod_id = ANY({pods}) ORDER BY on_m.pod_id)")
 
 
 @dataclass(frozen=True, slots=True)

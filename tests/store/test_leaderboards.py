@@ -384,3 +384,71 @@ async def test_a_learner_put_back_on_a_board_by_an_award_in_flight_is_taken_off_
     await asyncio.sleep(1.0)
     assert await redis.zscore(key, str(leaver)) is None
     assert await leaderboard_rebuild.check(pool, redis, settle_s=0.05, tenant_ids=[in_flight.tenant_id]) == []
+
+
+async def test_leaving_one_pod_or_course_keeps_the_other_boards(lb):
+    """Two pods in one course and a pod of another course: leaving one pod takes the learner off that pod's
+    board only; leaving a course takes them off its pods' boards, not the other course's; joining a pod again
+    does not bring back a pod they left."""
+    from tests.progress_helpers import course_in_new_tenant
+
+    pool, redis = lb
+    async with pool.acquire() as conn:
+        c1, owner, (u,) = await course_in_new_tenant(conn, 1)
+        tid = await conn.fetchval("SELECT tenant_id FROM courses WHERE id = $1", c1)
+        c2 = await conn.fetchval("INSERT INTO courses (tenant_id, owner_id, title) VALUES ($1, $2, 'd') RETURNING id",
+                                 tid, owner)
+        await conn.execute("INSERT INTO enrollments (course_id, user_id) VALUES ($1, $2)", c2, u)
+        p1, p2 = [await conn.fetchval("INSERT INTO pods (course_id, name) VALUES ($1, $2) RETURNING id", c1, n)
+                  for n in ("p1", "p2")]
+        q = await conn.fetchval("INSERT INTO pods (course_id, name) VALUES ($1, 'q') RETURNING id", c2)
+        for pod in (p1, p2, q):
+            await conn.execute("INSERT INTO pod_members (pod_id, user_id) VALUES ($1, $2)", pod, u)
+    await xp.award_xp(pool, redis, u, "lesson_completed", "lesson:1", course_id=c1)
+    await xp.award_xp(pool, redis, u, "helpful_answer", "helpful:1", course_id=c2)
+    me = str(u).encode()
+
+    async def on(pod: int) -> bool:
+        return me in (await redis_boards(redis, [leaderboards.board_key("pod", pod, "all")]))[
+            leaderboards.board_key("pod", pod, "all")]
+
+    assert [await on(p) for p in (p1, p2, q)] == [True, True, True]
+    async with pool.acquire() as conn:
+        await conn.execute("DELETE FROM pod_members WHERE pod_id = $1 AND user_id = $2", p1, u)
+    await leaderboard_rebuild.resync_member(pool, redis, u, c1, again_after_s=None)
+    assert [await on(p) for p in (p1, p2, q)] == [False, True, True]
+    async with pool.acquire() as conn:
+        await conn.execute("DELETE FROM enrollments WHERE course_id = $1 AND user_id = $2", c2, u)
+    await leaderboard_rebuild.resync_member(pool, redis, u, c2, again_after_s=None)
+    assert [await on(p) for p in (p1, p2, q)] == [False, True, False]
+    await leaderboard_rebuild.resync_member(pool, redis, u, c1, again_after_s=None)  # e.g. a pod joined
+    assert [await on(p) for p in (p1, p2, q)] == [False, True, False]
+    assert await leaderboard_rebuild.check(pool, redis, settle_s=0.05, tenant_ids=[tid]) == []
+
+
+async def test_an_award_still_in_its_transaction_when_the_learner_leaves_is_settled(lb):
+    """An award that read the enrolment before the learner left, in a transaction still open while their boards
+    are set: the resync waits for it, so the learner is not put back on the course board by it."""
+    from tests.progress_helpers import course_in_new_tenant
+
+    pool, redis = lb
+    async with pool.acquire() as conn:
+        cid, _, (u,) = await course_in_new_tenant(conn, 1)
+    await xp.award_xp(pool, redis, u, "lesson_completed", "lesson:0", course_id=cid)
+    key = leaderboards.board_key("course", cid, "all")
+
+    async def slow_award() -> None:
+        async with xp.transaction(pool, redis) as tx:
+            await tx.award(u, "lesson_completed", "lesson:1", course_id=cid)
+            await asyncio.sleep(0.5)
+
+    awarding = asyncio.create_task(slow_award())
+    await asyncio.sleep(0.1)
+    async with pool.acquire() as conn:
+        await conn.execute("DELETE FROM enrollments WHERE course_id = $1 AND user_id = $2", cid, u)
+    await leaderboard_rebuild.resync_member(pool, redis, u, cid, again_after_s=None)
+    await awarding
+    assert await redis.zscore(key, str(u)) is None
+    async with pool.acquire() as conn:
+        tid = await conn.fetchval("SELECT tenant_id FROM users WHERE id = $1", u)
+    assert await leaderboard_rebuild.check(pool, redis, settle_s=0.05, tenant_ids=[tid]) == []
