@@ -19,7 +19,7 @@ from arq import Retry
 from arq.connections import ArqRedis
 
 from ingest.errors import IngestError
-from ingest.progress import JobReporter
+from ingest.progress import JobReporter, announce_job
 from store import jobs as jobs_repo
 from store import videos as videos_repo
 from store.keys import ARQ_IN_PROGRESS
@@ -120,7 +120,9 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
             return f"failed: {reason}"
         delay = backoff_s(job["attempts"], settings.job_retry_base_s)
         async with pool.acquire() as conn:
-            await jobs_repo.note_error(conn, job_id, f"{reason}; retrying in {delay:.0f}s")
+            waiting = await jobs_repo.note_error(conn, job_id, f"{reason}; retrying in {delay:.0f}s")
+        if waiting is not None:  # back to `queued`, saying why and when it goes again
+            await announce_job(ctx["redis"], waiting)
         logger.info("ingest job %s: %s; retry %d in %.1fs", job_id, reason, job["attempts"] + 1, delay)
         raise Retry(defer=delay) from exc
     finally:

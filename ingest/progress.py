@@ -75,8 +75,14 @@ class JobReporter:
             return True
 
     async def announce(self, row: asyncpg.Record) -> None:
-        if self.redis is not None and row["created_by"] is not None:
-            await publish(self.redis, user_topic(row["created_by"]), job_event(row))
+        if self.redis is not None:
+            await announce_job(self.redis, row)
+
+
+async def announce_job(redis: Redis, row: asyncpg.Record) -> None:
+    """`job.progress` to whoever started the job (every socket of theirs); a Redis failure is logged."""
+    if row["created_by"] is not None:
+        await publish(redis, user_topic(row["created_by"]), job_event(row))
 
 
 def job_event(row: asyncpg.Record) -> JobProgress:

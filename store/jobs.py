@@ -58,10 +58,11 @@ async def set_state(conn: asyncpg.Connection, job_id: int, state: str, progress:
     )
 
 
-async def note_error(conn: asyncpg.Connection, job_id: int, error: str) -> None:
-    """Record why the last attempt failed while the job waits for its retry."""
-    await conn.execute("UPDATE jobs SET error = $2, state = 'queued', updated_at = now() "
-                       "WHERE id = $1 AND state NOT IN ('done', 'failed')", job_id, error)
+async def note_error(conn: asyncpg.Connection, job_id: int, error: str) -> asyncpg.Record | None:
+    """Record why the last attempt failed while the job waits for its retry (back to `queued`); None when the
+    job is gone or finished."""
+    return await conn.fetchrow(f"UPDATE jobs SET error = $2, state = 'queued', progress = 0, updated_at = now() "
+                               f"WHERE id = $1 AND state NOT IN ('done', 'failed') RETURNING {_COLS}", job_id, error)
 
 
 # Jobs the ingest worker function runs (a `grade` job is a grade-all batch, run by the grading functions).

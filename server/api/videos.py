@@ -16,6 +16,7 @@ from msgspec import Meta
 
 from ingest.errors import IngestError
 from ingest.jobs import enqueue_ingest
+from ingest.progress import announce_job
 from ingest.submit import DuplicateVideo, FileTooLarge, UnsupportedFile, inspect_file, submit_job, submit_video
 from server.api.courses import course_or_404
 from server.api.paging import ListLimit, Offset
@@ -319,6 +320,8 @@ class JobController(Controller):
                     raise ApiError(409, "this job is already being retried")
                 if job["video_id"] is not None:
                     await videos_repo.mark_requeued(conn, job["video_id"])
+        # who started it sees it queued again, not still failed (before a worker can report its first stage)
+        await announce_job(state.redis, job)
         try:
             await enqueue_ingest(state.arq, state.pool, job_id)
         except Exception:  # noqa: BLE001 - the job is queued in the database; lost-job recovery sends it

@@ -246,10 +246,27 @@ def test_bad_video_json(client, make: Factory):
                        headers=learner.h).status_code == 403
 
 
-def test_unreachable_youtube_fails_with_reason_and_can_be_retried(client, make: Factory, worker):
+def test_unreachable_youtube_fails_with_reason_and_can_be_retried(client, make: Factory, worker, settings):
     # No network here: every attempt is a transient network error; after the last attempt the job fails
-    # saying why, and an instructor can retry it.
+    # saying why, and an instructor can retry it. Whoever started the job hears each move as `job.progress`:
+    # back to queued between attempts (saying why), failed, queued again on the retry.
+    import redis as redis_sync
+
+    from store.events import JobProgress, decode, user_topic
+    from store.keys import events_channel
+
     inst, cid = _course(client, make)
+    listener = redis_sync.Redis.from_url(settings.redis_url).pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(events_channel(user_topic(inst.id)))
+    listener.get_message(timeout=1)  # the subscription's confirmation (ignored: None)
+
+    def heard() -> list[JobProgress]:
+        out = []
+        while (m := listener.get_message(timeout=0.05)) is not None:
+            if isinstance(ev := decode(m["data"]), JobProgress):
+                out.append(ev)
+        return out
+
     r = client.post(f"/api/v1/courses/{cid}/videos", json={"title": "Rick", "youtube": "https://youtu.be/dQw4w9WgXcQ"},
                     headers=inst.h)
     assert r.status_code == 202
@@ -258,17 +275,25 @@ def test_unreachable_youtube_fails_with_reason_and_can_be_retried(client, make: 
     # the reason is the network's, not a crash of ours
     assert job["error"].startswith(("could not connect to YouTube", "YouTube did not respond", "request to YouTube"))
     assert "gave up after" in job["error"] and "internal error" not in job["error"]
+    first_run = heard()
+    waits = [e for e in first_run if e.state == "queued"]
+    assert len(waits) == job["max_attempts"] - 1 and all("retrying in" in (e.error or "") for e in waits), first_run
+    assert first_run[-1].state == "failed" and first_run[-1].error == job["error"]
     video = client.get(f"/api/v1/courses/{cid}/videos/{r.json()['video_id']}", headers=inst.h).json()
     assert video["status"] == "failed" and video["error"]
     retried = client.post(f"/api/v1/jobs/{job['id']}/retry", headers=inst.h)
     assert retried.status_code == 202 and retried.json()["state"] == "queued"
     assert retried.json()["attempts"] == 0 and retried.json()["error"] is None  # a fresh run, not the old verdict
+    time.sleep(0.2)
+    told = heard()
+    assert told and told[0].state == "queued" and told[0].error is None and told[0].progress == 0, told
     video = client.get(f"/api/v1/courses/{cid}/videos/{r.json()['video_id']}", headers=inst.h).json()
     assert video["status"] in ("queued", "processing") and video["error"] is None  # the video says so at once
     assert client.post(f"/api/v1/jobs/{job['id']}/retry", headers=inst.h).status_code == 409
     again = wait_job(client, job["id"], inst.h, timeout=120)
     assert again["state"] == "failed" and again["attempts"] == again["max_attempts"]  # it really ran again
     assert again["error"].startswith(("could not connect to YouTube", "YouTube did not respond", "request to YouTube"))
+    listener.close()
 
 
 def test_worker_killed_mid_job_completes_once(client, make: Factory, worker, settings):
