@@ -65,6 +65,14 @@ def shared_minutes(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
     return sum(max(0, min(e1, e2) - max(s1, s2)) for s1, e1 in a for s2, e2 in b)
 
 
+def common_slots(*members: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The times of the week every one of them is free."""
+    common = members[0]
+    for other in members[1:]:
+        common = [(max(s1, s2), min(e1, e2)) for s1, e1 in common for s2, e2 in other if min(e1, e2) > max(s1, s2)]
+    return common
+
+
 def factors(a: Learner, b: Learner, chapters: list[int]) -> dict[str, float]:
     comp = (sum(abs(a.strengths.get(c, 0.0) - b.strengths.get(c, 0.0)) for c in chapters) / len(chapters)
             if chapters else 0.0)
@@ -94,27 +102,45 @@ def pair(a: int, b: int) -> tuple[int, int]:
 
 def max_matching(ids: list[int], weights: dict[tuple[int, int], int]) -> list[list[int]]:
     """The pairs of a maximum-weight matching among those of maximum cardinality (everyone paired when even).
-    `weights[(a, b)]` (a < b) for every pair of `ids`."""
+    `weights[(a, b)]` (a < b) for every pair of `ids` (pairs of others are ignored)."""
     g = nx.Graph()
     g.add_nodes_from(ids)
-    for (a, b), w in weights.items():
-        g.add_edge(a, b, weight=w)
+    g.add_weighted_edges_from((a, b, weights[pair(a, b)]) for a, b in itertools.combinations(sorted(ids), 2))
     return sorted(sorted(p) for p in nx.max_weight_matching(g, maxcardinality=True))
 
 
+# Up to this many members an odd pod tries every possible trio (exact: C(13, 3) = 286 small matchings); above it,
+# every member as the one left over, joining the pair it adds most to (n matchings).
+EXACT_TRIO_MAX = 13
+
+
 def best_groups(ids: list[int], weights: dict[tuple[int, int], int]) -> list[list[int]]:
-    """`max_matching`'s pairs; with an odd count the one left over joins the pair it adds the most weight to."""
+    """Pairs of a maximum-weight perfect matching; with an odd count, one trio and pairs of the greatest total
+    weight (a trio weighs its three pairs): exact up to EXACT_TRIO_MAX members, else the best over which member
+    is left over by the matching of the others and joins the pair it adds the most to."""
     ids = sorted(ids)
     if len(ids) < 2:
         return [ids] if ids else []
-    groups = max_matching(ids, weights)
-    left = [i for i in ids if not any(i in grp for grp in groups)]
-    if left:
-        (x,) = left
-        best = max(range(len(groups)),
-                   key=lambda k: (weights[pair(x, groups[k][0])] + weights[pair(x, groups[k][1])], -k))
-        groups[best] = sorted(groups[best] + [x])
-    return groups
+    if len(ids) % 2 == 0:
+        return max_matching(ids, weights)
+    best: tuple[int, list[list[int]]] | None = None
+    if len(ids) <= EXACT_TRIO_MAX:
+        for trio in itertools.combinations(ids, 3):
+            rest = [i for i in ids if i not in trio]
+            groups = max_matching(rest, weights) + [list(trio)]
+            total = sum(group_weight(g, weights) for g in groups)
+            if best is None or total > best[0]:
+                best = (total, groups)
+    else:
+        for x in ids:
+            groups = max_matching([i for i in ids if i != x], weights)
+            k = max(range(len(groups)), key=lambda k: (weights[pair(x, groups[k][0])] + weights[pair(x, groups[k][1])], -k))
+            groups[k] = sorted(groups[k] + [x])
+            total = sum(group_weight(g, weights) for g in groups)
+            if best is None or total > best[0]:
+                best = (total, groups)
+    assert best is not None
+    return sorted(best[1])
 
 
 def group_weight(group: list[int], weights: dict[tuple[int, int], int]) -> int:
@@ -145,7 +171,8 @@ def facts_for(group: list[Learner], chapter_titles: dict[int, str]) -> list[str]
                 ahead.append(f"{m.name} is ahead on “{chapter_titles[best]}”")
         if ahead:
             scored.append((WEIGHTS["complement"] * mean["complement"], "; ".join(ahead) + " — you can teach each other"))
-    shared = min(shared_minutes(a.slots, b.slots) for a, b in pairs) if all(m.slots for m in group) else 0
+    # time they are all free at once (for a trio, not just each pair now and then)
+    shared = sum(e - s for s, e in common_slots(*(m.slots for m in group))) if all(m.slots for m in group) else 0
     if shared >= 30:
         scored.append((WEIGHTS["availability"] * mean["availability"], f"{_fmt_minutes(shared)} of shared free time a week"))
     common = set.intersection(*({g.lower() for g in m.goals} for m in group))

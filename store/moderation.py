@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 
 from store.events import AccessRevoked, Kick, RoomClosed, encode, publish, room_topic, user_topic
 from store.keys import events_channel
-from store.rooms import parse_room
+from store.rooms import STAFF, parse_room
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +135,8 @@ async def revoke_access(conn: asyncpg.Connection, redis: Redis, user_id: int, *,
     course, every room of it (course, pod and live rooms, ended sessions included); after leaving a pod, that
     pod's room. Access is checked at join, so without this an open socket would keep reading and posting. One
     event on the user's personal topic reaches each process holding their sockets, whatever the rooms."""
-    if await conn.fetchval("SELECT role FROM users WHERE id = $1", user_id) != "learner":
-        return  # staff and bots join by role, not by enrollment or membership
+    if await conn.fetchval("SELECT role FROM users WHERE id = $1", user_id) in STAFF:
+        return  # staff join by role; learners and bots (a bridge added to a pod) by enrollment and membership
     try:
         await publish(redis, user_topic(user_id), AccessRevoked(course_id=course_id, pod_id=pod_id))
     except Exception:  # noqa: BLE001 - access is gone already; sockets left open close when they next rejoin

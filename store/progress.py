@@ -136,7 +136,9 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
     watched_s = covered(merged)
     if role == "learner":
         await _spend_budget(conn, user_id, watched_s - covered(old["watched"] if old else []), at)
-    spent = min(covered(watched), duration)  # re-watching counts as time spent, not as more coverage
+    # re-watching (in a later report) counts as time spent, not as more coverage; within one report a second
+    # itself counts once (a range repeated a hundred times is not a hundred times the time)
+    spent = min(covered(merge(watched)), duration)
     if old is not None:
         elapsed = max(0.0, (at - old["updated_at"]).total_seconds())
         spent = min(spent, (elapsed + SLACK_S) * MAX_PLAYBACK_RATE)

@@ -5,7 +5,9 @@ Each active day extends the streak and earns `daily_streak` XP once. Missed days
 most one per ISO week (Monday to Sunday, local), spent automatically when the learner comes back. Two missed
 days in one week, or a missed day in a week whose freeze is spent, end the streak. Missed days are counted in
 the calendar the last active day was counted in: a learner who moves east skips local days without missing any,
-and one who moves west (or back and forth) misses the days they really missed there.
+and one who moves west (or back and forth) misses the days they really missed there. After a move west, the first
+day new in the old calendar (not yet in the new one) counts, recorded as the new calendar's day: from then on
+days are counted where the learner now lives.
 """
 from __future__ import annotations
 
@@ -133,19 +135,25 @@ async def record_activity(tx: XpTransaction, user_id: int, at: datetime | None =
     before = _row_to_streak(row)
     day, counted_tz = local_day(at, row["timezone"]), row["timezone"]
     shift = tz_shift(at, counted_tz, before.day_tz)
+    here = day
     if before.last_day is not None and day <= before.last_day < day - timedelta(days=shift):
         # after a move west the new calendar has not passed the last active day yet, but the one that day was
-        # counted in has: a new day there (the streak goes on in that calendar until the new one catches up)
-        day, counted_tz, shift = day - timedelta(days=shift), before.day_tz, 0
+        # counted in has: a new day there. Recorded as the new calendar's day (`here`): the learner was active
+        # on it, and from then on days are counted where they now live (kept in the old calendar, a learner
+        # active every evening would stay a day ahead of it for good and be charged its days as missed)
+        day, shift = day - timedelta(days=shift), 0
     after, new_day = advance(before, day, shift)
     if not new_day:
         return before
+    # the day's XP once: a day counted in the old calendar is named with it (its date may come again here)
+    xp_key = f"streak:{day.isoformat()}" if here == day else f"streak:{day.isoformat()}@{before.day_tz}"
+    after = Streak(after.current, after.longest, here, after.freeze_weeks, counted_tz)
     await conn.execute(
         """UPDATE streaks SET current = $2, longest = $3, last_day = $4, freeze_weeks = $5, day_tz = $6,
                               updated_at = now()
            WHERE user_id = $1""", user_id, after.current, after.longest, after.last_day, sorted(after.freeze_weeks),
         counted_tz)
-    await tx.award(user_id, "daily_streak", f"streak:{day.isoformat()}", at=at)
+    await tx.award(user_id, "daily_streak", xp_key, at=at)
     hit = achievements.crossed({"streak": before.longest}, {"streak": after.longest})
     if hit:
         tx.unlocked += await achievements.unlock(conn, user_id, hit)  # named, with the learner's rooms

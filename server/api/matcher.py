@@ -104,7 +104,8 @@ class MatcherController(Controller):
                         {m for g in cur["groups"] for m in g["members"]} | set(cur["declined"]) == \
                         {r["user_id"] for r in await matching.eligible_members(conn, pod_id)}:
                     return Response(to_match(matcher.result_of(cur)), status_code=200)  # same pod, same people
-                round_key = f"manual:{request.user.id}:after:{cur['id'] if cur is not None else 0}"
+                # not the caller's id: two staff clicking at once on the same round get one new round
+                round_key = f"manual:after:{cur['id'] if cur is not None else 0}"
             if (done := await matching.round_by_key(conn, pod_id, round_key)) is not None:
                 return Response(to_match(matcher.result_of(done)), status_code=200)
             if len(await matching.eligible_members(conn, pod_id)) < 2:

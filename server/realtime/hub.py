@@ -306,7 +306,9 @@ class Hub:
                     elif env.type == "internal.leave":
                         for conn in list(conns):
                             if (conn.room == f"pod:{env.pod_id}" if env.pod_id is not None
-                                    else conn.access.course_id == env.course_id):
+                                    else conn.access.course_id == env.course_id
+                                    # a bot stays in course and live rooms (it joins those by role), not in pods
+                                    and (conn.access.kind == "pod" or conn.auth is None or conn.auth.role != "bot")):
                                 conn.close_soon(CLOSE_FORBIDDEN, "access revoked")
                     return
                 msg = text_frame(data.decode())

@@ -44,12 +44,33 @@ def test_optimal_against_brute_force(n: int):
         assert sorted(members) == sorted(ids)  # everyone, nobody twice
         assert len(groups) == n // 2
         if n % 2:
-            (trio,) = [g for g in groups if len(g) == 3]
-            (x,) = set(ids) - {m for p in pairs for m in p}
-            joins = [w[pair(x, p[0])] + w[pair(x, p[1])] for p in pairs]
-            assert group_weight(trio, w) == max(joins) + w[pair(*[m for m in trio if m != x])]
+            assert sorted(len(g) for g in groups)[-1] == 3 and sum(len(g) == 3 for g in groups) == 1
+            assert sum(group_weight(g, w) for g in groups) == brute_force_groups(ids, w)
         else:
             assert all(len(g) == 2 for g in groups)
+
+
+def brute_force_groups(ids: list[int], w: dict[tuple[int, int], int]) -> int:
+    """The best total over every grouping of an odd count into pairs and one trio (a trio weighs its three pairs)."""
+    best = -1
+    for trio in itertools.combinations(ids, 3):
+        rest = [i for i in ids if i not in trio]
+        best = max(best, group_weight(list(trio), w) + brute_force(rest, w))
+    return best
+
+
+def test_large_odd_pods_leave_out_the_member_that_costs_least():
+    """Above the exact size every member is tried as the one left over: never worse than leaving out whoever a
+    single matching happens to leave out, and everyone grouped once."""
+    rnd = random.Random(5)
+    ids = list(range(1, 20))
+    w = {pair(a, b): rnd.randint(1, 10_000) for a, b in itertools.combinations(ids, 2)}
+    groups = best_groups(ids, w)
+    assert sorted(m for g in groups for m in g) == ids and sorted(len(g) for g in groups)[-1] == 3
+    pairs = max_matching(ids, w)
+    (x,) = set(ids) - {m for p in pairs for m in p}
+    naive = sum(w[pair(*p)] for p in pairs) + max(w[pair(x, p[0])] + w[pair(x, p[1])] for p in pairs)
+    assert sum(group_weight(g, w) for g in groups) >= naive
 
 
 def test_greedy_is_not_enough():
@@ -87,6 +108,12 @@ def test_template_reason_names_strengths_and_time():
     assert "Ann is ahead on “Sorting”" in text and "Ben is ahead on “Graphs”" in text
     assert "3 h of shared free time" in text
     assert template_reason([Learner(1, "A"), Learner(2, "B")], {}).endswith(".")
+    # a trio: only time all three are free counts (each pair shares 3 h, never all three)
+    trio = [Learner(1, "A", slots=[(0, 180), (1440, 1620)]), Learner(2, "B", slots=[(0, 180), (2880, 3060)]),
+            Learner(3, "C", slots=[(1440, 1620), (2880, 3060)])]
+    assert "shared free time" not in template_reason(trio, {})
+    trio[2] = Learner(3, "C", slots=[(60, 120), (1440, 1620), (2880, 3060)])
+    assert "1 h of shared free time" in template_reason(trio, {})
 
 
 async def test_llm_reason_through_a_real_client():

@@ -233,6 +233,14 @@ def test_a_repeated_match_request_with_an_idempotency_key_runs_once(client, make
     assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": newcomer.id}, headers=inst.h).status_code == 201
     assert post(None).status_code == 201
     assert fetch(settings, "SELECT count(*) AS n FROM pod_matches WHERE pod_id = $1", pod)[0]["n"] == 4
+    # two staff clicking at once on the same round: one new round, posted once
+    colleague = make.user("instructor")
+    fetch(settings, "UPDATE pod_matches SET created_at = created_at - interval '1 minute' WHERE pod_id = $1", pod)
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda who: client.post(url, headers=who.h), [inst, colleague]))
+    assert sorted(r.status_code for r in got) == [200, 201], [r.text for r in got]
+    assert len({r.json()["match_id"] for r in got}) == 1
+    assert fetch(settings, "SELECT count(*) AS n FROM pod_matches WHERE pod_id = $1", pod)[0]["n"] == 5
 
 
 async def test_a_round_for_a_pod_deleted_meanwhile_is_a_lookup_error(client, make: Factory, settings, xp_store):

@@ -256,6 +256,8 @@ def test_time_spent_is_bounded_by_the_time_that_passed(client, make: Factory, se
     course = make_course(client, make, learners=1, videos=1, duration=3000)
     (a,), (vid,) = course.learners, course.videos
     assert report(client, a, vid, 3000, [[0, 3000]])["time_spent_s"] == 3000  # a first report: the duration
+    other = make_course(client, make, learners=1, videos=1, duration=3000)  # a range repeated in one report: once
+    assert report(client, other.learners[0], other.videos[0], 10, [[0, 10]] * 100)["time_spent_s"] == 10
     r = report(client, a, vid, 3000, [[0, 3000]] * 200)  # the same again at once, and repeated within it
     assert 3000 < r["time_spent_s"] <= 3000 + (5 + SLACK_S) * MAX_PLAYBACK_RATE, r
     later(settings, a, vid, 600)  # ten minutes on: ten minutes' worth (at up to the fastest playback)

@@ -156,6 +156,32 @@ async def test_leaving_a_course_or_pod_closes_open_sockets_there(server, make: F
     assert code == 4403
 
 
+async def test_a_bot_taken_out_of_a_pod_or_its_course_leaves_the_pod_room_only(server, make: Factory):
+    """A bot (a Discord bridge, say) joins pod rooms as an enrolled member, like a learner: taken out of the pod,
+    or of the course, its socket in the pod room closes; it stays in the course room, which bots join by role."""
+    course = make_course(server, make, learners=1)
+    inst = course.instructor.h
+    bots = [make.user("bot"), make.user("bot")]
+    with httpx.Client(base_url=server, timeout=30) as c:
+        pod = c.post(f"/api/v1/courses/{course.id}/pods", json={"name": "p"}, headers=inst).json()["id"]
+        for b in bots:
+            assert c.post(f"/api/v1/courses/{course.id}/enrollments", json={"user_id": b.id},
+                          headers=inst).status_code == 201
+            assert c.post(f"/api/v1/pods/{pod}/members", json={"user_id": b.id}, headers=inst).status_code == 201
+    pod_socks = [await Client.connect(server, f"pod:{pod}", b) for b in bots]
+    course_sock = await Client.connect(server, course.room, bots[0])
+    with httpx.Client(base_url=server, timeout=30) as c:
+        assert c.delete(f"/api/v1/courses/{course.id}/enrollments/{bots[0].id}", headers=inst).status_code == 204
+        assert c.delete(f"/api/v1/pods/{pod}/members/{bots[1].id}", headers=inst).status_code == 204
+    for cl in pod_socks:
+        assert await cl.closed() == (4403, "access revoked")
+    learner = await Client.connect(server, course.room, course.learners[0])
+    await learner.send({"type": "message.send", "text": "still there?", "client_msg_id": "m1"})
+    assert (await course_sock.expect("message.new"))["text"] == "still there?"
+    await learner.close()
+    await course_sock.close()
+
+
 async def test_deleting_a_pod_or_course_closes_the_sockets_in_its_rooms(server, make: Factory):
     """Sockets left open in a deleted room read nothing more and every send failed (`internal`): deleting a pod
     closes its room's sockets, deleting a course those of the course, its pods and its live sessions, staff's

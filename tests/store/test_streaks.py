@@ -160,3 +160,27 @@ async def test_moving_west_and_active_every_day_keeps_the_streak(make: Factory, 
     async with pool.acquire() as conn:
         n = await conn.fetchval("SELECT count(*) FROM xp_events WHERE user_id = $1 AND kind = 'daily_streak'", u.id)
     assert n == 5
+
+
+async def test_after_moving_west_days_are_counted_where_the_learner_lives(make: Factory, xp_store):
+    """Tokyo, this week's freeze spent; moves to Los Angeles and is active every local day there, late evenings
+    and just after midnight included: every Los Angeles day counts once (23:30 and 00:30 are two days), nothing
+    is charged as missed, and each day earns its XP (the old calendar used to stay a day ahead for good)."""
+    pool, redis = xp_store
+    u = make.user("learner")
+    async with pool.acquire() as conn:
+        await conn.execute("INSERT INTO learner_profiles (user_id, timezone) VALUES ($1, 'Asia/Tokyo')", u.id)
+    tokyo = timedelta(hours=9)
+    for day in (16, 18, 19):  # Mon 16, (Tue 17 missed: the week's freeze), Wed 18, Thu 19 March 2026, noon Tokyo
+        await _activity(pool, redis, u.id, datetime(2026, 3, day, 12, tzinfo=timezone.utc) - tokyo)
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE learner_profiles SET timezone = 'America/Los_Angeles' WHERE user_id = $1", u.id)
+    la = timedelta(hours=7)  # PDT
+    seen = []
+    for day, hour, minute in ((19, 20, 0), (20, 23, 30), (21, 0, 30), (22, 9, 0), (23, 21, 0)):
+        seen.append(await _activity(pool, redis, u.id, datetime(2026, 3, day, hour, minute, tzinfo=timezone.utc) + la))
+    assert [s.current for s in seen] == [4, 5, 6, 7, 8], seen
+    assert seen[-1].day_tz == "America/Los_Angeles" and seen[-1].last_day.isoformat() == "2026-03-23"
+    async with pool.acquire() as conn:
+        n = await conn.fetchval("SELECT count(*) FROM xp_events WHERE user_id = $1 AND kind = 'daily_streak'", u.id)
+    assert n == 8
