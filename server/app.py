@@ -35,7 +35,7 @@ from server.api.matcher import MatcherController
 from server.api.progress import ProgressController, progress_lifespan
 from server.realtime.lifespan import realtime_lifespan
 from server.realtime.socket import room_socket
-from store import leaderboards
+from store import leaderboard_rebuild, leaderboards
 from store.db import create_pool
 from store.settings import Settings
 
@@ -60,6 +60,7 @@ def create_app(settings: Settings) -> Litestar:
             yield
         finally:
             await tutoring.drain(app.state, timeout=10)  # let answers being written reach the room
+            await leaderboard_rebuild.drain()  # second looks at boards after enrolment changes, taken now
             await leaderboards.drain()  # leaderboard.changed under way, and the end of a burst
             await app.state.arq.aclose()
             await app.state.redis.aclose()

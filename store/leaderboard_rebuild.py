@@ -328,7 +328,7 @@ GROUP BY 1, 2, 3
 # predates the change) is then settled; the hourly check catches anything later.
 AGAIN_AFTER_S = 2.0
 AGAIN_LOOKS = 3
-_again: set[asyncio.Task] = set()
+_again: dict[asyncio.Task, tuple[asyncpg.Pool, Redis, int, int]] = {}  # pending looks: (pool, redis, learner, course)
 
 
 async def resync_member(pool: asyncpg.Pool, redis: Redis, user_id: int, course_id: int, *,
@@ -336,28 +336,45 @@ async def resync_member(pool: asyncpg.Pool, redis: Redis, user_id: int, course_i
     """After an enrolment or pod membership changed (committed): set the learner's XP on the course's boards and
     its pods' boards from the ledger, or take them off where they no longer belong; announce boards that
     changed. Failures are logged (the hourly check repairs). `again_after_s`: look once more that much later."""
-    try:
-        await _resync(pool, redis, user_id, course_id, now)
-    except Exception:  # noqa: BLE001 - the ledger is the truth; the check rebuilds
-        logger.warning("could not update the boards of a learner's course", exc_info=True)
+    await _look_now(pool, redis, user_id, course_id, now)
     if again_after_s is not None:
         task = asyncio.create_task(_resync_later(pool, redis, user_id, course_id, again_after_s))
-        _again.add(task)
-        task.add_done_callback(_again.discard)
+        _again[task] = (pool, redis, user_id, course_id)
+        task.add_done_callback(lambda t: _again.pop(t, None))
+
+
+async def drain(timeout: float = 5.0) -> None:
+    """At shutdown, before the pool and Redis close: take the pending looks now rather than lose them."""
+    pending = [(t, args) for t, args in list(_again.items()) if not t.done()]
+    for task, _ in pending:
+        task.cancel()
+    _again.clear()
+    if pending:
+        await asyncio.wait([asyncio.create_task(_look_now(*args)) for _, args in pending], timeout=timeout)
+
+
+async def _look_now(pool: asyncpg.Pool, redis: Redis, user_id: int, course_id: int,
+                    now: datetime | None = None) -> int:
+    """`_resync`, a failure logged (the ledger is the truth; the hourly check repairs): boards changed."""
+    try:
+        return await _resync(pool, redis, user_id, course_id, now)
+    except Exception:  # noqa: BLE001
+        logger.warning("could not update the boards of a learner's course", exc_info=True)
+        return 0
 
 
 async def _resync_later(pool: asyncpg.Pool, redis: Redis, user_id: int, course_id: int, delay: float) -> None:
     await asyncio.sleep(delay)
+    deadline = time.monotonic() + 2 * LOCK_TTL_S
     try:
-        deadline = time.monotonic() + 2 * LOCK_TTL_S
         while await redis.exists(keys.LEADERBOARD_BUILDING) and time.monotonic() < deadline:
             await asyncio.sleep(delay)  # a rebuild's swap may bring back what it read before the change
-        for _ in range(AGAIN_LOOKS):
-            if not await _resync(pool, redis, user_id, course_id, None):
-                return
-            await asyncio.sleep(delay)
-    except Exception:  # noqa: BLE001
-        logger.warning("could not update the boards of a learner's course", exc_info=True)
+    except Exception:  # noqa: BLE001 - Redis unreachable: the look below says so
+        pass
+    for _ in range(AGAIN_LOOKS):
+        if not await _look_now(pool, redis, user_id, course_id):
+            return
+        await asyncio.sleep(delay)
 
 
 async def _resync(pool: asyncpg.Pool, redis: Redis, user_id: int, course_id: int, now: datetime | None) -> int:

@@ -71,8 +71,10 @@ def _coverable(missed: list[date], spent: frozenset[date]) -> bool:
 def advance(s: Streak, day: date, shift: int = 0) -> tuple[Streak, bool]:
     """The streak after activity on local `day`, and whether `day` is a new streak day. `shift`: how far a change
     of timezone moved the calendar (`tz_shift`)."""
-    if s.last_day is not None and day <= s.last_day:
-        return s, False  # the same day again, or a late report for an earlier day
+    if s.last_day is not None and day - timedelta(days=shift) <= s.last_day:
+        # the same day again, or a late report for an earlier day, in the calendar the last day was counted in
+        # (a move east opens no extra day: switching there and back would count each day twice)
+        return s, False
     spent = s.freeze_weeks
     if s.last_day is None:
         current = 1

@@ -370,15 +370,8 @@ async def test_course_and_pod_boards_show_who_belongs_there_now(lb):
 async def test_a_learner_put_back_on_a_board_by_an_award_in_flight_is_taken_off_again(lb):
     """An award read the enrolment just before the learner left, and its board update lands after they were
     taken off: the second look puts it right."""
-    from tests.progress_helpers import course_in_new_tenant
-
     pool, redis = lb
-    async with pool.acquire() as conn:
-        cid, _, (leaver,) = await course_in_new_tenant(conn, 1)
-        in_flight = await xp.insert_award(conn, leaver, "lesson_completed", "lesson:1", course_id=cid)
-        await conn.execute("DELETE FROM enrollments WHERE course_id = $1 AND user_id = $2", cid, leaver)
-    await leaderboard_rebuild.resync_member(pool, redis, leaver, cid, again_after_s=0.3)
-    await xp.settle(redis, [in_flight])
+    cid, leaver, in_flight = await _left_with_an_award_in_flight(pool, redis, again_after_s=0.3)
     key = leaderboards.board_key("course", cid, "all")
     assert await redis.zscore(key, str(leaver)) == 50
     await asyncio.sleep(1.0)
@@ -452,3 +445,28 @@ async def test_an_award_still_in_its_transaction_when_the_learner_leaves_is_sett
     async with pool.acquire() as conn:
         tid = await conn.fetchval("SELECT tenant_id FROM users WHERE id = $1", u)
     assert await leaderboard_rebuild.check(pool, redis, settle_s=0.05, tenant_ids=[tid]) == []
+
+
+async def test_pending_looks_are_taken_at_shutdown(lb):
+    """A server stopping within the second look's wait takes that look at once (before its pool and Redis close)
+    instead of leaving a board an in-flight award put wrong for the hourly check."""
+    pool, redis = lb
+    cid, leaver, _ = await _left_with_an_award_in_flight(pool, redis, again_after_s=600)
+    key = leaderboards.board_key("course", cid, "all")
+    assert await redis.zscore(key, str(leaver)) == 50
+    await leaderboard_rebuild.drain()
+    assert await redis.zscore(key, str(leaver)) is None and not leaderboard_rebuild._again
+
+
+async def _left_with_an_award_in_flight(pool, redis, again_after_s: float):  # type: ignore[no-untyped-def]
+    """A learner leaves their course while an award that read their enrolment is committed but not yet on the
+    boards; its board update lands after the first look. (course id, learner id, the award)"""
+    from tests.progress_helpers import course_in_new_tenant
+
+    async with pool.acquire() as conn:
+        cid, _, (leaver,) = await course_in_new_tenant(conn, 1)
+        in_flight = await xp.insert_award(conn, leaver, "lesson_completed", "lesson:1", course_id=cid)
+        await conn.execute("DELETE FROM enrollments WHERE course_id = $1 AND user_id = $2", cid, leaver)
+    await leaderboard_rebuild.resync_member(pool, redis, leaver, cid, again_after_s=again_after_s)
+    await xp.settle(redis, [in_flight])
+    return cid, leaver, in_flight

@@ -184,3 +184,33 @@ async def test_after_moving_west_days_are_counted_where_the_learner_lives(make: 
     async with pool.acquire() as conn:
         n = await conn.fetchval("SELECT count(*) FROM xp_events WHERE user_id = $1 AND kind = 'daily_streak'", u.id)
     assert n == 8
+
+
+async def test_switching_timezone_there_and_back_every_day_counts_each_day_once(make: Factory, xp_store):
+    """Every day just after midnight in Tokyo, a learner switches to Los Angeles, reports, switches back and
+    reports again: one streak day and one day's XP per day, as for a learner who stays in Tokyo."""
+    pool, redis = xp_store
+    flipper, steady = make.user("learner"), make.user("learner")
+    async with pool.acquire() as conn:
+        for u in (flipper, steady):
+            await conn.execute("INSERT INTO learner_profiles (user_id, timezone) VALUES ($1, 'Asia/Tokyo')", u.id)
+
+    async def move(tz: str) -> None:
+        async with pool.acquire() as conn:
+            await conn.execute("UPDATE learner_profiles SET timezone = $2 WHERE user_id = $1", flipper.id, tz)
+
+    first = datetime(2026, 3, 16, 3, tzinfo=timezone.utc)  # Monday noon in Tokyo
+    await _activity(pool, redis, flipper.id, first)
+    await _activity(pool, redis, steady.id, first)
+    for d in range(1, 7):
+        at = datetime(2026, 3, 16 + d, 0, 30, tzinfo=timezone.utc) - timedelta(hours=9)  # 00:30 in Tokyo
+        await move("America/Los_Angeles")
+        await _activity(pool, redis, flipper.id, at)
+        await move("Asia/Tokyo")
+        flipped = await _activity(pool, redis, flipper.id, at + timedelta(minutes=1))
+        stayed = await _activity(pool, redis, steady.id, at + timedelta(minutes=1))
+    assert flipped.current == stayed.current == 7, (flipped, stayed)
+    async with pool.acquire() as conn:
+        n = await conn.fetchval("SELECT count(*) FROM xp_events WHERE user_id = $1 AND kind = 'daily_streak'",
+                                flipper.id)
+    assert n == 7
