@@ -94,9 +94,12 @@ def _sentence_score(text: str, weights: dict[str, float]) -> float:
     return sum(weights.get(w, 0.0) for w in set(words)) / math.sqrt(len(text.split()))
 
 
-def _title(text: str, max_words: int = 10) -> str:
+def _title(text: str, max_words: int = 10, max_chars: int = 120) -> str:
     words = text.strip().rstrip(".?!").split()
-    title = " ".join(words[:max_words]) + ("…" if len(words) > max_words else "")
+    title = " ".join(words[:max_words])
+    if len(title) > max_chars:
+        title = title[:max_chars - 1].rstrip()
+    title += "…" if len(words) > max_words or len(title) < len(" ".join(words[:max_words])) else ""
     return title[:1].upper() + title[1:]
 
 

@@ -58,7 +58,26 @@ def sniff_media(head: bytes) -> str | None:
         return "mov" if brand == b"qt  " else "mp4"
     if head[:3] == b"ID3":
         return _after_id3(head)
+    if _unicode_text(head):  # a UTF-16/32 transcript's byte-order mark FF FE also reads as an MPEG frame sync
+        return None
     return _mpeg_sync(head)
+
+
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32-le", 4), (b"\xff\xfe", "utf-16-le", 2), (b"\xfe\xff", "utf-16-be", 2))
+
+
+def _unicode_text(head: bytes) -> bool:
+    """Starts with a UTF-16/32 byte-order mark followed by printable text."""
+    for bom, encoding, width in _BOMS:
+        if head.startswith(bom):
+            sample = head[len(bom):len(bom) + 1024]
+            sample = sample[:len(sample) - len(sample) % width]
+            try:
+                text = sample.decode(encoding)
+            except UnicodeDecodeError:
+                return False
+            return bool(text) and all(c.isprintable() or c.isspace() for c in text)
+    return False
 
 
 def _after_id3(head: bytes) -> str:
@@ -119,6 +138,8 @@ def probe_media(path: str | os.PathLike[str], *, require_audio: bool = True,
                     raise PermanentIngestError("corrupt or unsupported media: no audio stream")
                 return MediaInfo(header, False, None)
             stream = container.streams.audio[0]
+            if stream.codec_context is None:  # an audio codec FFmpeg has no decoder for
+                raise _corrupt(path, "no decoder for its audio codec")
             codec = stream.codec_context.codec.canonical_name
             if not header and stream.duration and stream.time_base:
                 header = float(stream.duration * stream.time_base)

@@ -48,9 +48,9 @@ async def fetch_cues(video: asyncpg.Record, settings: Settings, reporter: JobRep
 
         await reporter.stage("fetching")
         yt = await asyncio.to_thread(fetch_youtube_transcript, video["youtube_id"], list(settings.youtube_languages))
-        from ingest.transcripts import normalize_cues
+        from ingest.transcripts import clean_cues
 
-        return SourceResult(await asyncio.to_thread(normalize_cues, yt.cues), language=yt.language_code,
+        return SourceResult(await asyncio.to_thread(clean_cues, yt.cues), language=yt.language_code,
                             captions_generated=yt.is_generated)
     path = Path(video["file_path"] or "")
     if not path.exists():
@@ -83,7 +83,10 @@ async def fetch_cues(video: asyncpg.Record, settings: Settings, reporter: JobRep
             raise
         except TranscriptionStopped:
             raise PermanentIngestError("the video was deleted") from None
-        return SourceResult(cues, duration_s=info.duration_s, language="en", captions_generated=True)
+        from ingest.transcripts import clean_cues
+
+        return SourceResult(await asyncio.to_thread(clean_cues, cues), duration_s=info.duration_s, language="en",
+                            captions_generated=True)
     raise PermanentIngestError(f"unknown video source {source!r}")
 
 

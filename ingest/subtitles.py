@@ -90,7 +90,7 @@ def _timing(line: str, seen: dict[str, float]) -> tuple[float, float | None]:
 def _is_timing_line(line: str) -> bool:
     # "a --> b" inside caption text is not a timing line; "00:01:xx --> ..." is a broken one.
     s = line.lstrip()
-    return "-->" in s and (s[:1].isdigit() or s.startswith("-->"))
+    return "-->" in s and (s[:1].isdigit() or s.startswith("-->") or (s[:1] == "-" and s[1:2].isdigit()))
 
 
 class _Reader:
@@ -106,8 +106,8 @@ class _Reader:
         try:
             return _timing(line, self.seen)
         except _BadTiming as e:
-            if not e.fatal and self.text.find("-->", pos + len(line)) == -1:
-                # The file was cut inside its last timing line: keep what parsed.
+            if not e.fatal and not self.text[pos + len(line):].strip():
+                # The file was cut inside its last timing line (nothing follows it): keep what parsed.
                 logger.info("truncated last cue: %s", e.reason)
                 return None if e.start is None else (e.start, None)
             raise PermanentIngestError(f"line {self.text.count(chr(10), 0, pos) + 1}: {e.reason}") from None

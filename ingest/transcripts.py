@@ -25,6 +25,10 @@ _WS = re.compile(r"\s*")
 _UTF8_SEQUENCE = re.compile(rb"[\xc2-\xf4][\x80-\xbf]{1,3}")
 # Speech runs at ~2.5 words/s; used only to give a cue without an end time a plausible length.
 _SECONDS_PER_WORD = 0.4
+# A "word" longer than this (no spaces in a whole paragraph, a pasted blob) is broken into pieces of it, so chunks
+# and chapter titles, which split and cut between words, stay bounded.
+MAX_WORD_CHARS = 200
+_LONG_WORD = re.compile(r"\S{%d,}" % (MAX_WORD_CHARS + 1))
 _MIN_DERIVED, _MAX_DERIVED = 1.0, 10.0
 
 
@@ -146,6 +150,8 @@ def _parse_json(text: str, fmt: str) -> list[RawCue]:
             start = _number(item["start"], "start", n)
             if item.get("duration") is not None:
                 end = round(start + _number(item["duration"], "duration", n), 3)
+                if end > MAX_TIMESTAMP_SECONDS:
+                    raise PermanentIngestError(f"item {n}: start + duration {end:.0f}s is past the 48 h limit")
             else:
                 end = _number(item["end"], "end", n) if item.get("end") is not None else None
             words = item.get("text")
@@ -184,10 +190,19 @@ def _clean(raw: list[RawCue]) -> list[Cue]:
                 last.end = rc.end
             continue
         text = lines[-1] if len(lines) - overlap == 1 else join_lines(lines[overlap:])
+        if len(text) > MAX_WORD_CHARS and _LONG_WORD.search(text):
+            text = _LONG_WORD.sub(lambda m: " ".join(m[0][i:i + MAX_WORD_CHARS]
+                                                     for i in range(0, len(m[0]), MAX_WORD_CHARS)), text)
         if text:
             end = rc.end if rc.end is not None and rc.end > rc.start else math.nan
             cues.append(Cue(rc.start, end, text))
     return cues
+
+
+def clean_cues(cues: list[Cue]) -> list[Cue]:
+    """Cues from elsewhere (YouTube captions, speech recognition) cleaned as an uploaded transcript's are (tags,
+    sound notes such as [Music], speaker labels, rolled-up repeats, overlong words), then normalized. New cues."""
+    return _normalize(_clean([RawCue(c.start, c.end, c.text) for c in cues]))
 
 
 def normalize_cues(cues: list[Cue]) -> list[Cue]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,9 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
             if up.path is not None:
                 problems.append(ApiError(400, "only one file per upload", field=file_field))
                 return
-            up.filename = os.path.basename(disp.get(b"filename", b"").decode("utf-8", "replace"))[:255] or None
+            raw = os.path.basename(disp.get(b"filename", b"").decode("utf-8", "replace"))
+            # kept for display and the format hint: no control characters (a NUL is refused where it is checked)
+            up.filename = re.sub(r"[\x01-\x1f\x7f-\x9f]", "", raw)[:255] or None
             up.path = dest_dir / f"{uuid.uuid4().hex}.upload"
             state["fh"] = open(up.path, "wb")
 

@@ -379,3 +379,25 @@ def test_broken_upload_is_a_permanent_transcription_error(tmp_path: Path, transc
 def test_english_only_model_refuses_other_languages(transcriber: Transcriber, lecture: dict) -> None:
     with pytest.raises(PermanentIngestError, match="cannot transcribe 'fr'"):
         transcriber.transcribe(lecture["path"], language="fr")
+
+
+def test_audio_in_a_codec_without_a_decoder_is_a_clear_error(tmp_path: Path) -> None:
+    """A WAV whose format tag names no codec FFmpeg can decode (or an unusual extensible header) is refused as
+    unsupported media, not a crash (500)."""
+    import io
+    import struct
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"\x00\x01" * 16000)
+    data = bytearray(buf.getvalue())
+    at = data.find(b"fmt ") + 8
+    for tag in (0xABCD, 0xFFFE):
+        data[at:at + 2] = struct.pack("<H", tag)
+        path = tmp_path / f"odd-{tag:x}.wav"
+        path.write_bytes(bytes(data))
+        with pytest.raises(PermanentIngestError, match="corrupt or unsupported media"):
+            probe_media(path)

@@ -507,3 +507,55 @@ def test_overlong_words_stay_out_of_the_words_index() -> None:
 
     assert spoken_words(["a " + "x1" * 3000 + " normal words"]) == {"a", "normal", "words"}
     assert spoken_words(["y" * MAX_WORD_CHARS]) == {"y" * MAX_WORD_CHARS}
+
+
+def test_utf16_and_utf32_with_a_byte_order_mark_are_transcripts_not_mp3(tmp_path: Path) -> None:
+    """Notepad's "Unicode" (UTF-16 LE with a BOM) starts FF FE, which also reads as an MPEG frame sync."""
+    from ingest.submit import inspect_file
+
+    srt = "1\r\n00:00:01,000 --> 00:00:02,000\r\nhello there\r\n"
+    for encoding in ("utf-16", "utf-16-be", "utf-32"):
+        data = srt.encode(encoding) if encoding != "utf-16-be" else codecs.BOM_UTF16_BE + srt.encode(encoding)
+        path = tmp_path / f"x-{encoding}.srt"
+        path.write_bytes(data)
+        assert inspect_file(path, path.name) == ("transcript", "srt"), encoding
+        assert [c.text for c in parse_transcript(data, path.name)] == ["hello there"]
+
+
+def test_json_start_plus_duration_past_48_hours_is_refused() -> None:
+    data = json.dumps([{"text": "hello there friend", "start": 172000, "duration": 172000}]).encode()
+    with pytest.raises(PermanentIngestError, match="item 1: start \\+ duration .* past the 48 h limit"):
+        parse_transcript(data, "x.json")
+
+
+def test_broken_timing_lines_are_errors_naming_the_line() -> None:
+    negative = "1\n00:00:01,000 --> 00:00:02,000\nfirst.\n\n2\n-00:00:03,000 --> 00:00:04,000\nsecond.\n"
+    with pytest.raises(PermanentIngestError, match="line 6"):
+        parse_transcript(negative.encode(), "x.srt")
+    bad_last = "1\n00:00:01,000 --> 00:00:02,000\nfirst.\n\n2\n00:00:75,000 --> 00:00:76,000\nsecond, complete.\n"
+    with pytest.raises(PermanentIngestError, match="line 6"):
+        parse_transcript(bad_last.encode(), "x.srt")
+    cut = "1\n00:00:01,000 --> 00:00:02,000\nfirst.\n\n2\n00:00:03,000 --> 00:0"  # really cut short: kept
+    assert [c.text for c in parse_transcript(cut.encode(), "x.srt")] == ["first."]
+
+
+def test_overlong_words_are_broken_and_titles_bounded() -> None:
+    from ingest.chapters import _title
+    from ingest.transcripts import MAX_WORD_CHARS
+
+    blob = "x" * 5000
+    (cue,) = parse_transcript(f"1\n00:00:01,000 --> 00:00:09,000\nsee {blob} here\n".encode(), "x.srt")
+    words = cue.text.split()
+    assert max(map(len, words)) == MAX_WORD_CHARS and "".join(words[1:-1]) == blob
+    assert len(_title(cue.text)) <= 120 and _title(cue.text).endswith("…")
+    assert _title("a short title") == "A short title"
+
+
+def test_youtube_and_speech_cues_are_cleaned_like_uploads() -> None:
+    from ingest.transcripts import clean_cues
+
+    raw = [Cue(0.0, 2.0, "[MUSIC PLAYING]"), Cue(2.0, 4.0, "PROFESSOR: Today we cover <i>graphs</i>."),
+           Cue(4.0, 6.0, ">> AUDIENCE: What about trees?"), Cue(6.0, 8.0, "[Applause]")]
+    assert [(c.start, c.text) for c in clean_cues(raw)] == [(2.0, "Today we cover graphs."),
+                                                           (4.0, "What about trees?")]
+    assert raw[1].text.startswith("PROFESSOR")  # the input is left as it was
