@@ -87,7 +87,8 @@ _NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 # Letters that render as nothing: Hangul fillers and the blank Braille pattern (used to post "empty" messages).
 INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800")  # letters that render as nothing
 # Control characters a message may not hold: all but tab and line breaks (terminal escapes, bells, DEL).
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# C0 and C1 controls (U+0080-U+009F: U+009B is an 8-bit terminal escape) but tab, line breaks and NEL
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f]")
 
 
 def blank(text: str) -> bool:

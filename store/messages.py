@@ -47,14 +47,21 @@ async def _muted(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
 
 async def _existing(conn: asyncpg.Connection, room_id: str, author_id: int | None,
                     client_msg_id: str) -> Posted | None:
-    payload = await conn.fetchval(
-        """SELECT e.payload FROM messages m JOIN room_events e ON e.room_id = m.room_id AND e.seq = m.seq
+    row = await conn.fetchrow(
+        """SELECT e.payload, m.body FROM messages m JOIN room_events e ON e.room_id = m.room_id AND e.seq = m.seq
            WHERE m.room_id = $1 AND m.author_id IS NOT DISTINCT FROM $2 AND m.client_msg_id = $3""",
         room_id, author_id, client_msg_id)
-    if payload is None:
-        return None
-    raw = payload.encode()
-    return Posted(_new_decoder.decode(raw), raw, False)
+    return None if row is None else _as_now(row["payload"], row["body"])
+
+
+def _as_now(payload: str, body: str) -> Posted:
+    """A repeat's original `message.new` as the message is now: its stored event carries the text first posted
+    (a deletion blanks it there too), so an edit since is laid over it, as REST's repeat shows."""
+    event = _new_decoder.decode(payload.encode())
+    if not event.deleted and event.text != body:
+        event = msgspec.structs.replace(event, text=body)
+        return Posted(event, encode(event), False)
+    return Posted(event, payload.encode(), False)
 
 
 async def original(db: asyncpg.Pool | asyncpg.Connection, room_id: str, author_id: int,
@@ -70,9 +77,11 @@ async def original(db: asyncpg.Pool | asyncpg.Connection, room_id: str, author_i
 _AUTHOR = f"""
 SELECT u.id, u.name, u.role,
        EXISTS (SELECT 1 FROM room_mutes k WHERE k.user_id = u.id AND {moderation.BARRING.format(sid="$4")}) AS muted,
-       (SELECT e.payload FROM messages m JOIN room_events e ON e.room_id = m.room_id AND e.seq = m.seq
-        WHERE m.room_id = $1 AND m.author_id = u.id AND m.client_msg_id = $3) AS original
-FROM users u WHERE u.id = $2"""
+       o.payload AS original, o.body AS original_body
+FROM users u LEFT JOIN LATERAL (
+    SELECT e.payload, m.body FROM messages m JOIN room_events e ON e.room_id = m.room_id AND e.seq = m.seq
+    WHERE m.room_id = $1 AND m.author_id = u.id AND m.client_msg_id = $3) AS o ON true
+WHERE u.id = $2"""
 
 
 async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room_id: str, author_id: int | None,
@@ -98,8 +107,7 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
                 if author is None:
                     raise LookupError(f"user {author_id} does not exist")
                 if author["original"] is not None:
-                    raw = author["original"].encode()
-                    return Posted(_new_decoder.decode(raw), raw, False)
+                    return _as_now(author["original"], author["original_body"])
                 if author["muted"]:
                     raise Refused("muted", "you are muted in this room")
                 ref = UserRef(id=author["id"], name=author["name"], role=author["role"])

@@ -90,6 +90,7 @@ class Settings:
     ws_send_burst: int = 10
     ws_queue_max: int = 1000
     ws_max_per_user: int = 50  # open sockets per user on one server process (bots are not limited)
+    ws_stall_s: float = 45.0  # a send waiting this long for the client to read closes the socket (4008)
     presence_ttl_s: float = 15.0
     presence_max: int = 200
     # assignments and grading
@@ -152,6 +153,7 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         ws_send_burst=_bounded("STUDYHALL_WS_SEND_BURST", 10, 1),
         ws_queue_max=_bounded("STUDYHALL_WS_QUEUE", 1000, 1),
         ws_max_per_user=_bounded("STUDYHALL_WS_MAX_PER_USER", 50, 1),
+        ws_stall_s=_ranged("STUDYHALL_WS_STALL_S", 45.0, 1.0),
         presence_ttl_s=_ranged("STUDYHALL_PRESENCE_TTL", 15.0, 1.0),
         presence_max=_bounded("STUDYHALL_PRESENCE_MAX", 200, 1),
         review_threshold=_ranged("STUDYHALL_REVIEW_THRESHOLD", 0.7, 0.0, 1.0),

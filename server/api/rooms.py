@@ -92,7 +92,11 @@ class RoomController(Controller):
             raise ApiError(400, detail, code=None if code == "bad_frame" else code, field="text")
         async with state.pool.acquire() as conn:
             acc = await room_or_404(conn, room_id, user)
-        await take_send(state, user)
+        try:
+            await take_send(state, user)
+        except ApiError:  # a repeat of a message already stored gets the original, budget or not
+            if await messages_repo.original(state.pool, room_id, user.id, data.client_msg_id) is None:
+                raise
         try:
             posted, not_taken = await post_mentioning(state, user, room_id, acc.course_id, data.text,
                                                       data.client_msg_id)

@@ -15,6 +15,7 @@ and later frames wait in `out`, at most `queue_max` of them.
 from __future__ import annotations
 
 import asyncio
+import time
 import logging
 from collections import deque
 from datetime import datetime, timezone
@@ -46,7 +47,8 @@ def text_frame(text: str) -> dict[str, Any]:
 class Conn:
     __slots__ = ("hub", "access", "room", "user", "send", "out", "queue_max", "inflight", "broken", "space",
                  "fill_task", "closer", "main_task", "last_seq", "start_seq", "filling", "pending", "ready",
-                 "closing", "typing_at", "typing_active", "auth", "opened_at", "resumed_at", "__weakref__")
+                 "closing", "typing_at", "typing_active", "auth", "opened_at", "resumed_at", "blocked_at",
+                 "__weakref__")
 
     def __init__(self, hub: Hub, access: RoomAccess, user: UserRef, send: Any, queue_max: int) -> None:
         self.hub = hub
@@ -73,6 +75,7 @@ class Conn:
         self.opened_at = datetime.now(timezone.utc)  # a kick after this closes it (set from the database's clock)
         self.typing_active = False
         self.resumed_at = float("-inf")  # when the client last sent `resume`
+        self.blocked_at: float | None = None  # since when the send in flight waits for the client to read
 
     # --- outbound -------------------------------------------------------------------------------------
 
@@ -122,12 +125,14 @@ class Conn:
         try:
             waiting = coro.send(None) if exc is None else coro.throw(exc)
         except StopIteration:
-            self.inflight = None
+            self.inflight = self.blocked_at = None
             return
         except (Exception, asyncio.CancelledError):  # the peer went away; the reader sees the disconnect
-            self.inflight = None
+            self.inflight = self.blocked_at = None
             self.broken = True
             return
+        if self.inflight is None:
+            self.blocked_at = time.monotonic()
         self.inflight = coro
         if getattr(waiting, "_asyncio_future_blocking", False):
             waiting._asyncio_future_blocking = False
@@ -146,7 +151,13 @@ class Conn:
         if self.inflight is None:
             self._pump()
 
+    def stalled(self, now: float, limit_s: float) -> bool:
+        """A send has waited more than `limit_s` for the client to read: a reader that stopped (a hung tab, a
+        vanished peer) would otherwise hold its socket, its presence and its queue until TCP gives up."""
+        return self.blocked_at is not None and now - self.blocked_at > limit_s and self.closing is None
+
     def _abandon_send(self) -> None:
+        self.blocked_at = None
         coro, self.inflight = self.inflight, None
         if coro is not None:
             coro.close()  # it was waiting for the transport; nothing of it was written

@@ -22,8 +22,8 @@ from server.realtime.standing import still_allowed
 from store import live as live_repo
 from store import rooms as rooms_repo
 from store import tutor as tutor_repo
-from store.events import (CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, INTERNAL, UserRef, Welcome, publish, room_topic,
-                          user_topic)
+from store.events import (CLOSE_FORBIDDEN, CLOSE_SLOW_CONSUMER, CLOSE_UNAUTHENTICATED, INTERNAL, UserRef, Welcome,
+                          publish, room_topic, user_topic)
 from store.events import Presence as PresenceEvent
 from store.keys import events_channel
 from store.presence import Presence
@@ -344,6 +344,7 @@ class Hub:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.tick_s)
+            self._cut_stalled()
             for duty in (self._sweep_presence, self._reap_dead_procs, self._settle_orphans, self._catch_up,
                          self._unsubscribe_idle, self._unpublished_polls, self._close_attendance):
                 try:
@@ -353,6 +354,17 @@ class Hub:
                     raise
                 except Exception:  # noqa: BLE001 (TimeoutError included)
                     logger.warning("hub duty %s failed", duty.__name__, exc_info=True)
+
+    def _cut_stalled(self) -> None:
+        """Close sockets whose client stopped reading (a send stuck past STUDYHALL_WS_STALL_S) with 4008: in a
+        quiet room the queue never fills, so the slow-consumer limit would not catch them."""
+        now, limit = time.monotonic(), self.settings.ws_stall_s
+        for conns in list(self.rooms.values()):
+            for conn in list(conns):
+                if conn.stalled(now, limit):
+                    logger.info("closing a stalled reader", extra={"fields": {"room": conn.room,
+                                                                              "user_id": conn.user.id}})
+                    conn.close_soon(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect with ?after=<last seq>")
 
     async def _beat(self) -> None:
         """The process's heartbeat on its own schedule: slow duties (a busy pool, many rooms) must never make

@@ -211,7 +211,15 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
     settings = hub.settings
     if isinstance(frame, frames.MessageSend):
         text = _check_text(frame.text, settings.ws_max_text)
-        await _rate(hub, user)
+        try:
+            await _rate(hub, user)
+        except messages_repo.Refused:
+            # a re-send of a message already stored (after a reconnect) gets the original, budget or not
+            original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id)
+            if original is None:
+                raise
+            conn.own(original.event.seq, original.payload.decode())
+            return
         posted, refused = await post_mentioning(hub.app_state, user, conn.room, conn.access.course_id, text,
                                                 frame.client_msg_id)
         if not posted.created:

@@ -57,6 +57,31 @@ async def test_idempotent_send(server, make: Factory, settings):
     assert rows[0]["n"] == 1
 
 
+async def test_a_resent_message_comes_back_as_it_is_now_and_past_the_send_budget(server, make: Factory):
+    """A re-send of a stored message (after a reconnect) answers with the message as it is now (an edit since
+    included, as over REST), and it is answered even when the send budget is spent: it stores nothing new.
+    C1 control characters (an 8-bit terminal escape) are refused like C0 ones."""
+    course = make_course(server, make, learners=1)
+    (a,) = course.learners
+    c = await Client.connect(server, course.room, a)
+    await c.send({"type": "message.send", "text": "draft", "client_msg_id": "k1"})
+    m = await c.expect("message.new")
+    await c.send({"type": "message.edit", "id": m["id"], "text": "final"})
+    await c.expect("message.edited")
+    for i in range(12):  # past the budget (3/s, bursts of 10)
+        await c.send({"type": "message.send", "text": f"more {i}", "client_msg_id": f"n{i}"})
+    await c.quiet(0.3)
+    await c.close()
+    c = await Client.connect(server, course.room, a)
+    await c.send({"type": "message.send", "text": "draft", "client_msg_id": "k1"})
+    again = await c.expect("message.new")
+    assert (again["id"], again["text"]) == (m["id"], "final")
+    await c.send({"type": "message.send", "text": "red\u009b31mALERT", "client_msg_id": "c1", "ref": "c1"})
+    err = await c.expect("error", ref="c1")
+    assert err["code"] == "bad_frame", err
+    await c.close()
+
+
 async def test_edit_delete_and_resume_redacts(server, make: Factory):
     course = make_course(server, make, learners=2)
     a, b = course.learners

@@ -11,13 +11,8 @@ from tests.server.conftest import Client, RawWs, make_course, ws_url
 
 async def test_slow_consumer_closed_4008_then_resumes(tight, make: Factory, worker_db):
     pool, redis = worker_db
-    course = make_course(tight, make, learners=2)
-    slow_user, fast_user = course.learners
-    # The slow client reads nothing for a while (a tiny socket buffer, reads only when told to).
-    slow = await RawWs.connect(ws_url(tight, course.room, slow_user.token))
-    opcode, payload = await slow.frame()
-    assert json.loads(payload)["type"] == "welcome"
-    fast = await Client.connect(tight, course.room, fast_user)
+    course, slow, fast = await _a_reader_and_a_watcher(tight, make)
+    slow_user = course.learners[0]
 
     # ~44 KB frames (a long answer with big citations), so the ~4 MB the kernel buffers on loopback fill fast
     n, text, pad = 200, "x" * 4000, "y" * 40_000
@@ -55,3 +50,38 @@ async def test_slow_consumer_closed_4008_then_resumes(tight, make: Factory, work
     assert seqs == list(range(1, n + 1))
     await again.close()
     await fast.close()
+
+
+async def test_a_reader_that_stops_reading_in_a_quiet_room_is_dropped(make: Factory, worker_db, data_dir):
+    """A client that stops reading while a send waits for it (a hung tab) is closed once the send has waited
+    STUDYHALL_WS_STALL_S, though the room is too quiet to fill its queue: it leaves presence ("left" goes out)
+    and frees its socket, instead of staying online until TCP gives up."""
+    from tests.conftest import stop_process
+    from tests.server.conftest import CLUSTER_ENV, spawn_ready
+
+    pool, redis = worker_db
+    ((proc, url),) = spawn_ready(data_dir, ["stall"], {**CLUSTER_ENV, "STUDYHALL_WS_STALL_S": "2"})
+    try:
+        course, hung, watcher = await _a_reader_and_a_watcher(url, make)
+        hung_user = course.learners[0]
+        # a few big frames: enough to fill the kernel buffers on loopback, far fewer than the 1,000-frame queue
+        for i in range(150):
+            await post_message(pool, redis, course.room, None, f"{i}:" + "x" * 4000, {"pad": "y" * 40_000}, f"s{i}",
+                               author_name="Tutor", author_role="tutor")
+        t0 = time.monotonic()
+        left = await watcher.expect("presence", timeout=40, action="left")
+        assert left["user"]["id"] == hung_user.id and left["online_count"] == 1
+        assert time.monotonic() - t0 < 30
+        hung.close()
+        await watcher.close()
+    finally:
+        stop_process(proc)
+
+
+async def _a_reader_and_a_watcher(url: str, make: Factory):  # type: ignore[no-untyped-def]
+    """A course room with a client that reads only when told to (a tiny socket buffer) and one that reads all."""
+    course = make_course(url, make, learners=2)
+    reader = await RawWs.connect(ws_url(url, course.room, course.learners[0].token))
+    opcode, payload = await reader.frame()
+    assert json.loads(payload)["type"] == "welcome"
+    return course, reader, await Client.connect(url, course.room, course.learners[1])
