@@ -99,6 +99,14 @@ def rate_progress(user_id: int) -> str:
     return RATE_PROGRESS.format(user_id=user_id)
 
 
+# HASH token bucket (as RATE_SEND) limiting one user's searches (each embeds the query). TTL: full refill + 1 s.
+RATE_SEARCH = "sh:rl:search:{user_id}"
+
+
+def rate_search(user_id: int) -> str:
+    return RATE_SEARCH.format(user_id=user_id)
+
+
 # HASH token bucket (as RATE_SEND) limiting one user's assignment generations (each may call the model once per
 # chapter). TTL: full refill time + 1 s.
 RATE_GENERATE = "sh:rl:generate:{user_id}"

@@ -29,6 +29,8 @@ from server.uploads import receive_upload
 from store import jobs as jobs_repo
 from store import progress as progress_repo
 from store import videos as videos_repo
+from store.keys import rate_search
+from store.ratelimit import SendLimiter
 from store.search import hybrid_search
 
 logger = logging.getLogger(__name__)
@@ -173,12 +175,12 @@ class VideoController(Controller):
             title = (up.fields.get("title") or "").strip()
             if len(title) > 200:
                 raise ApiError(400, "title is longer than 200 characters", field="title")
-            if re.search(r"[\x00-\x1f\x7f]", title):  # one line, as every title
+            if re.search(r"[\x00-\x1f\x7f-\x9f]", title):  # one line, as every title
                 raise ApiError(400, "title must not contain control characters", field="title")
             if title:
                 title = trimmed(title, "title")  # something to read, not only invisible characters
             else:  # from the file's name, which the user did not write as a title: made to fit
-                title = " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", Path(up.filename or "").stem).split())[:200].strip()
+                title = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", Path(up.filename or "").stem).split())[:200].strip()
                 title = title if title and not blank(title) else "untitled"
             try:
                 source, kind = await asyncio.to_thread(inspect_file, up.path, up.filename)
@@ -276,6 +278,9 @@ class VideoController(Controller):
             await course_or_404(conn, course_id, request.user)
             if video_id is not None:  # another course's video is not found here, as everywhere else
                 await _video_or_404(conn, course_id, video_id)
+        ok, wait = await SendLimiter(state.redis, SEARCH_RATE, SEARCH_BURST, key=rate_search).take(request.user.id)
+        if not ok:
+            raise ApiError(429, f"too many searches; retry in {wait:g}s", retry_after=wait)
         embedder = await asyncio.to_thread(embedder_for, state.settings)
         vec = (await asyncio.to_thread(embedder.embed, [q]))[0]
         async with state.pool.acquire() as conn:
@@ -284,6 +289,11 @@ class VideoController(Controller):
             SearchHit(video_id=h.video_id, video_title=h.video_title, start=h.start, end=h.end, text=h.text,
                       score=h.score, url=watch_url(h.youtube_id, h.start) if h.youtube_id else None)
             for h in hits])
+
+
+# Searches per user and second, refilling evenly, with bursts of SEARCH_BURST: each embeds its query.
+SEARCH_RATE = 5.0
+SEARCH_BURST = 20
 
 
 class JobController(Controller):

@@ -50,8 +50,9 @@ def test_search_finds_gold_spans(eval_course: EvalCourse, client):
     spec = json.loads((EVAL / "questions.json").read_text())
     hits_at_5, total, misses = 0, 0, []
     for q in spec["questions"]:
-        r = client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": q["question"], "k": 5},
-                       headers=eval_course.learner.h)
+        while (r := client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": q["question"], "k": 5},
+                               headers=eval_course.learner.h)).status_code == 429:
+            time.sleep(float(r.headers["Retry-After"]))  # as a client should: the per-user search limit
         assert r.status_code == 200, r.text
         vid = eval_course.videos[q["file"]]
         ok = any(h["video_id"] == vid and _overlaps(h, q["spans"]) for h in r.json()["hits"])
@@ -87,6 +88,14 @@ def test_search_scoping_and_access(eval_course: EvalCourse, client, make: Factor
                       headers=eval_course.learner.h).status_code == 400
     nul = client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": "a\x00b"}, headers=eval_course.learner.h)
     assert nul.status_code == 400 and nul.json()["field"] == "q"
+    # each search embeds its query: a burst of 20 per user, then 429 with when to come back
+    eager = make.user("learner", tenant=eval_course.tenant)
+    assert client.post(f"/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": eager.id},
+                       headers=eval_course.instructor.h).status_code == 201
+    codes = [client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": "hash"}, headers=eager.h)
+             for _ in range(25)]
+    assert [r.status_code for r in codes[:20]] == [200] * 20 and codes[-1].status_code == 429, codes[-1].text
+    assert 0 < float(codes[-1].headers["Retry-After"]) <= 1
 
 
 def test_chapters_tile_each_video(eval_course: EvalCourse, client):
