@@ -531,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok = add("token", cmd_token, "create the user if needed and print a token")
     tok.add_argument("--user", required=True, type=_name)
     tok.add_argument("--role", required=True, choices=["learner", "instructor", "admin", "bot"])
-    tok.add_argument("--tenant", default="default")
+    tok.add_argument("--tenant", default="default", type=_name)
     tok.add_argument("--ttl", type=_positive, help="lifetime in seconds (ignored for bots: their tokens are revocable)")
     ing = add("ingest", cmd_ingest, "add a video to a course from the shell, with a progress bar")
     ing.add_argument("course_id", type=_id)
@@ -572,8 +572,16 @@ _port = _int_in(1, 65535, "a port is 1 to 65535")
 
 
 def _name(raw: str) -> str:
-    if not raw.strip():
+    """A user or tenant name as REST takes one: something visible, no control characters, at most 100."""
+    import re
+
+    from server.api.schemas import NO_CONTROL
+    from store.frames import blank
+
+    if not raw.strip() or blank(raw):
         raise argparse.ArgumentTypeError("must not be blank")
+    if not re.fullmatch(NO_CONTROL, raw) or len(raw) > 100:
+        raise argparse.ArgumentTypeError("must be at most 100 characters, without control characters")
     return raw
 
 

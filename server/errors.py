@@ -49,6 +49,9 @@ def field_of(exc: msgspec.ValidationError) -> str | None:
     if m:
         return m.group(1).lstrip(".")
     m = re.search(r"(?:unknown|missing required) field `([^`]+)`", text)
+    if m:
+        return m.group(1)
+    m = re.match(r"`([a-z_][a-z0-9_]*)` ", text)  # a check after decoding names its field first: "`opens_at` must…"
     return m.group(1) if m else None
 
 

@@ -3,17 +3,19 @@
 A day counts when the learner is active on it (watching progress is reported) in their profile's timezone.
 Each active day extends the streak and earns `daily_streak` XP once. Missed days are covered by freezes: at
 most one per ISO week (Monday to Sunday, local), spent automatically when the learner comes back. Two missed
-days in one week, or a missed day in a week whose freeze is spent, end the streak. Missed days are counted in
-the calendar the last active day was counted in: a learner who moves east skips local days without missing any,
-and one who moves west (or back and forth) misses the days they really missed there. After a move west, the first
-day new in the old calendar (not yet in the new one) counts, recorded as the new calendar's day: from then on
-days are counted where the learner now lives.
+days in one week, or a missed day in a week whose freeze is spent, end the streak.
+
+Timezone moves: a day is new only if it starts (in the current timezone) no earlier than the last counted day
+ended (in the timezone it was counted in). Counted days never overlap in time, so switching timezones can gain
+no day (at most one per 24 hours), and the local day a move lands in, when it overlaps the day already counted,
+is simply not new. Missed days are the whole local days (current timezone) between the end of the last counted
+day and the new one: a learner who moves east or west and is active every local day misses none.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 from store import achievements
@@ -43,23 +45,27 @@ class Streak:
     day_tz: str | None = None  # the timezone `last_day` was counted in
 
 
-def tz_shift(at: datetime, tz: str, day_tz: str | None) -> int:
-    """How many days the learner's date in `tz` is ahead of their date in `day_tz` (the timezone their last active
-    day was counted in) at `at`: positive after a move east, negative after a move west, 0 without a move."""
-    if not day_tz or day_tz == tz:
-        return 0
+def _zone(tz: str | None) -> ZoneInfo:
     try:
-        return (local_day(at, tz) - local_day(at, day_tz)).days
-    except (ValueError, KeyError):  # a zone no longer known: count as before
-        return 0
+        return ZoneInfo(tz or "UTC")
+    except (ValueError, KeyError):  # a zone no longer known: UTC
+        return ZoneInfo("UTC")
 
 
-def _missed(last_day: date, day: date, shift: int) -> list[date]:
-    """The days after `last_day` with no activity up to `day` (in the current timezone), counted in the calendar
-    `last_day` was counted in: up to `day - shift`. Counting in the new calendar would forgive the days a move
-    east skips over, so a learner flipping between far-apart zones would never miss a day."""
-    end = day - timedelta(days=shift)
-    return [last_day + timedelta(days=i) for i in range(1, (end - last_day).days)]
+def _midnight(day: date, tz: str | None) -> datetime:
+    return datetime.combine(day, time(0), tzinfo=_zone(tz))
+
+
+def _new_and_missed(s: Streak, day: date, tz: str) -> tuple[bool, list[date]]:
+    """Whether local `day` (in `tz`) is a new streak day after the last counted one, and the local days (in `tz`)
+    missed in between: those wholly after the last counted day ended and before `day`."""
+    if s.last_day is None:
+        return True, []
+    ended = _midnight(s.last_day + timedelta(days=1), s.day_tz or tz)  # the instant the last counted day ended
+    if _midnight(day, tz) < ended:
+        return False, []  # the same day again, a late report, or a day overlapping the counted one (a move)
+    last_here = (ended - timedelta(microseconds=1)).astimezone(_zone(tz)).date()
+    return True, [last_here + timedelta(days=i) for i in range(1, (day - last_here).days)]
 
 
 def _coverable(missed: list[date], spent: frozenset[date]) -> bool:
@@ -68,18 +74,15 @@ def _coverable(missed: list[date], spent: frozenset[date]) -> bool:
     return len(set(weeks)) == len(weeks) and not (set(weeks) & spent)
 
 
-def advance(s: Streak, day: date, shift: int = 0) -> tuple[Streak, bool]:
-    """The streak after activity on local `day`, and whether `day` is a new streak day. `shift`: how far a change
-    of timezone moved the calendar (`tz_shift`)."""
-    if s.last_day is not None and day - timedelta(days=shift) <= s.last_day:
-        # the same day again, or a late report for an earlier day, in the calendar the last day was counted in
-        # (a move east opens no extra day: switching there and back would count each day twice)
+def advance(s: Streak, day: date, tz: str = "UTC") -> tuple[Streak, bool]:
+    """The streak after activity on local `day` in `tz`, and whether `day` is a new streak day."""
+    new, missed = _new_and_missed(s, day, tz)
+    if not new:
         return s, False
     spent = s.freeze_weeks
     if s.last_day is None:
         current = 1
     else:
-        missed = _missed(s.last_day, day, shift)
         if not missed:
             current = s.current + 1
         elif _coverable(missed, spent):
@@ -89,10 +92,10 @@ def advance(s: Streak, day: date, shift: int = 0) -> tuple[Streak, bool]:
             current = 1
     horizon = monday(day) - timedelta(weeks=_KEEP_WEEKS)
     spent = frozenset(w for w in spent if w >= horizon)
-    return Streak(current, max(s.longest, current), day, spent), True
+    return Streak(current, max(s.longest, current), day, spent, tz), True
 
 
-def status(s: Streak, today: date, shift: int = 0) -> tuple[int, bool]:
+def status(s: Streak, today: date, tz: str = "UTC") -> tuple[int, bool]:
     """(the streak as it stands today, whether this week's freeze is still free to cover a missed day). A streak
     whose missed days since the last active one can all still be frozen is alive; otherwise it is 0. A day
     already missed this week takes this week's freeze when the learner comes back, so it is no longer free
@@ -101,7 +104,7 @@ def status(s: Streak, today: date, shift: int = 0) -> tuple[int, bool]:
     unspent = week not in s.freeze_weeks
     if s.last_day is None:
         return 0, unspent
-    missed = _missed(s.last_day, today, shift)
+    _, missed = _new_and_missed(s, today, tz)
     if not _coverable(missed, s.freeze_weeks):
         return 0, unspent
     return s.current, unspent and not any(monday(d) == week for d in missed)
@@ -135,28 +138,25 @@ async def record_activity(tx: XpTransaction, user_id: int, at: datetime | None =
            FROM streaks s LEFT JOIN learner_profiles p ON p.user_id = s.user_id
            WHERE s.user_id = $1 FOR UPDATE OF s""", user_id)
     before = _row_to_streak(row)
-    day, counted_tz = local_day(at, row["timezone"]), row["timezone"]
-    shift = tz_shift(at, counted_tz, before.day_tz)
-    here = day
-    if before.last_day is not None and day <= before.last_day < day - timedelta(days=shift):
-        # after a move west the new calendar has not passed the last active day yet, but the one that day was
-        # counted in has: a new day there. Recorded as the new calendar's day (`here`): the learner was active
-        # on it, and from then on days are counted where they now live (kept in the old calendar, a learner
-        # active every evening would stay a day ahead of it for good and be charged its days as missed)
-        day, shift = day - timedelta(days=shift), 0
-    after, new_day = advance(before, day, shift)
+    tz = row["timezone"]
+    day = local_day(at, tz)
+    after, new_day = advance(before, day, tz)
     if not new_day:
         return before
-    # the day's XP once: a day counted in the old calendar is named with it (its date may come again here)
-    xp_key = f"streak:{day.isoformat()}" if here == day else f"streak:{day.isoformat()}@{before.day_tz}"
-    after = Streak(after.current, after.longest, here, after.freeze_weeks, counted_tz)
+    # the day's XP once (a date in another timezone than the last one's is another day: named with its zone)
+    xp_key = f"streak:{day.isoformat()}" if tz == (before.day_tz or tz) else f"streak:{day.isoformat()}@{tz}"
     await conn.execute(
         """UPDATE streaks SET current = $2, longest = $3, last_day = $4, freeze_weeks = $5, day_tz = $6,
                               updated_at = now()
            WHERE user_id = $1""", user_id, after.current, after.longest, after.last_day, sorted(after.freeze_weeks),
-        counted_tz)
+        tz)
     await tx.award(user_id, "daily_streak", xp_key, at=at)
     hit = achievements.crossed({"streak": before.longest}, {"streak": after.longest})
     if hit:
         tx.unlocked += await achievements.unlock(conn, user_id, hit)  # named, with the learner's rooms
     return after
+
+
+def counted_today(s: Streak, today: date, tz: str) -> bool:
+    """Today (local, in `tz`) needs no more activity for the streak: it is the last counted day, or overlaps it."""
+    return s.last_day is not None and not _new_and_missed(s, today, tz)[0]

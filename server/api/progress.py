@@ -204,13 +204,13 @@ class ProgressController(Controller):
             streak, tz = await streaks.get(conn, user.id)
         now = datetime.now(timezone.utc)
         today = streaks.local_day(now, tz)
-        current, free = streaks.status(streak, today, streaks.tz_shift(now, tz, streak.day_tz))
+        current, free = streaks.status(streak, today, tz)
         level = achievements.level_for(total)
         return Stats(user_id=user.id, xp=total, level=level, level_xp=xp_for_level(level),
                      next_level_xp=xp_for_level(level + 1), counts=counts,
                      streak=StreakOut(current=current, longest=streak.longest,
                                       last_day=streak.last_day.isoformat() if streak.last_day else None,
-                                      today=today.isoformat(), active_today=streak.last_day == today,
+                                      today=today.isoformat(), active_today=streaks.counted_today(streak, today, tz),
                                       freeze_available=free, timezone=tz))
 
     @get("/me/xp")

@@ -141,8 +141,10 @@ class PollIn(Strict):
                        Meta(min_length=2, max_length=20)]
 
     def __post_init__(self) -> None:
-        if blank(self.question) or any(blank(o) for o in self.options):
-            raise ValueError("the question and every option must have something visible in them")
+        if blank(self.question):
+            raise ValueError("`question` must have something visible in it")
+        if any(blank(o) for o in self.options):
+            raise ValueError("`options` must each have something visible in them")
         self.question = self.question.strip()
         self.options = [o.strip() for o in self.options]
         seen = [_as_read(o) for o in self.options]

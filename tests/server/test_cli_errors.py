@@ -34,6 +34,8 @@ def test_token_keeps_an_existing_users_role(settings, tmp_path, make: Factory):
 def test_mistakes_are_one_line_and_status_2(settings, tmp_path):
     _refused(_cli(settings, tmp_path, "token", "--user", "x", "--role", "learner", "--ttl", "-100"), "--ttl")
     _refused(_cli(settings, tmp_path, "token", "--user", "  ", "--role", "learner"), "--user")
+    _refused(_cli(settings, tmp_path, "token", "--user", "bad\x1bname", "--role", "learner"), "--user")
+    _refused(_cli(settings, tmp_path, "token", "--user", "x", "--role", "learner", "--tenant", "   "), "--tenant")
     _refused(_cli(settings, tmp_path, "ask", "1", ""), "question")
     _refused(_cli(settings, tmp_path, "ask", "1", "why? " * 500), "longer than 2000")  # as over REST
     _refused(_cli(settings, tmp_path, "ask", "1", "clear \x1b[2J\x07"), "control characters")

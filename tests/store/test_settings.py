@@ -31,7 +31,9 @@ def test_a_misspelt_choice_or_a_bad_port_stops_startup(monkeypatch, tmp_path, na
                                       ("STUDYHALL_MATCH_HOUR", "24"), ("STUDYHALL_WS_SEND_RATE", "0"),
                                       ("STUDYHALL_PRESENCE_TTL", "inf"), ("STUDYHALL_WS_QUEUE", "0"),
                                       ("STUDYHALL_JOB_MAX_ATTEMPTS", "0"), ("STUDYHALL_MAX_UPLOAD_MB", "-5"),
-                                      ("STUDYHALL_LEADERBOARD_EVENT_S", "-1"), ("STUDYHALL_TUTOR_DAILY_LIMIT", "0")])
+                                      ("STUDYHALL_LEADERBOARD_EVENT_S", "-1"), ("STUDYHALL_TUTOR_DAILY_LIMIT", "0"),
+                                      ("STUDYHALL_JOB_HEARTBEAT_S", "1e306"), ("STUDYHALL_WS_STALL_S", "1e300"),
+                                      ("STUDYHALL_PRESENCE_TTL", "1e9"), ("STUDYHALL_TOKEN_TTL", "100000000000")])
 def test_a_number_outside_its_range_stops_startup(monkeypatch, tmp_path, name, raw):
     """A threshold of nan never holds a grade, 70 (meant as a percent) holds every one; weekday 7 or hour 24
     schedule the weekly match for a time that never comes; a rate of 0 refuses every send."""
