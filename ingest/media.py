@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import unicodedata
 from dataclasses import dataclass
 
 import av
@@ -72,11 +73,10 @@ def _unicode_text(head: bytes) -> bool:
         if head.startswith(bom):
             sample = head[len(bom):len(bom) + 1024]
             sample = sample[:len(sample) - len(sample) % width]
-            try:
-                text = sample.decode(encoding)
-            except UnicodeDecodeError:
-                return False
-            return bool(text) and all(c.isprintable() or c.isspace() for c in text)
+            text = sample.decode(encoding, errors="ignore")  # a character cut by the sample's end is dropped
+            # printable, spacing, or format characters (right-to-left marks, zero-width spaces) as subtitles have
+            return bool(text.strip()) and all(c.isprintable() or c.isspace() or unicodedata.category(c) == "Cf"
+                                              for c in text)
     return False
 
 

@@ -11,9 +11,11 @@ import re
 
 logger = logging.getLogger(__name__)
 
-# Karaoke timestamps (<00:00:01.000>), markup (<c>, <i>, <v Name>, <font color=..>) and ASS
-# overrides ({\an8}). A tag must start with a letter, so "a < b" in maths survives.
-_TAGS = re.compile(r"<\d{1,2}:\d{2}(?::\d{2})?(?:[.,]\d+)?>|</?[A-Za-z][^<>]*>|\{\\[^{}]*\}")
+# Karaoke timestamps (<00:00:01.000>), caption markup (<c>, <i>, <v Name>, <font color=..>, <lang en>, <ruby>)
+# and ASS overrides ({\an8}). Only tags captions use: "a < b", "x<y and y>z" and "vector<int>" are what was said.
+_TAGS = re.compile(r"<\d{1,2}:\d{2}(?::\d{2})?(?:[.,]\d+)?>"
+                   r"|</?(?:[bius]|c|v|lang|ruby|rt|font|span|br|em|strong)(?:[\s.][^<>]*)?/?>"
+                   r"|\{\\[^{}]*\}", re.IGNORECASE)
 _ENTITY = re.compile(r"&(?:#\d+|#[xX][0-9a-fA-F]+|[A-Za-z]+\d*);")
 _BRACKETED = re.compile(r"\[([^\[\]]*)\]")
 _PARENTHESISED = re.compile(r"\(([^()]*)\)")
@@ -62,8 +64,9 @@ def _is_sound(inner: str, *, brackets: bool) -> bool:
         return False
     if any(w.lower() in SOUND_WORDS for w in words):
         return True
-    # "[? IS042 ?]", "[CB?]": a transcriber's uncertain guess at words, not a sound.
-    shouting = inner.upper() == inner and sum(len(w) for w in words) >= 2 and "?" not in inner
+    # "[? IS042 ?]", "[CB?]": a transcriber's uncertain guess at words, not a sound. A word of three letters or
+    # more, as a description has ("[MUSIC]", "(CROWD CHEERING)"): "[H2O]", "[AB]", "P(A|B)", "f(X, Y)" are maths.
+    shouting = (inner.upper() == inner and "?" not in inner and any(len(w) >= 3 for w in words))
     return shouting and (brackets or len(words) >= 2)
 
 

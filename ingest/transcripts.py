@@ -25,9 +25,9 @@ _WS = re.compile(r"\s*")
 _UTF8_SEQUENCE = re.compile(rb"[\xc2-\xf4][\x80-\xbf]{1,3}")
 # Speech runs at ~2.5 words/s; used only to give a cue without an end time a plausible length.
 _SECONDS_PER_WORD = 0.4
-# A "word" longer than this (no spaces in a whole paragraph, a pasted blob) is broken into pieces of it, so chunks
-# and chapter titles, which split and cut between words, stay bounded.
-MAX_WORD_CHARS = 200
+# A "word" longer than this (a pasted blob; far longer than a URL or a caption line of Chinese, which has no
+# spaces) is broken into pieces of it, so chunks, which split between words, stay bounded.
+MAX_WORD_CHARS = 1000
 _LONG_WORD = re.compile(r"\S{%d,}" % (MAX_WORD_CHARS + 1))
 _MIN_DERIVED, _MAX_DERIVED = 1.0, 10.0
 

@@ -513,13 +513,15 @@ def test_utf16_and_utf32_with_a_byte_order_mark_are_transcripts_not_mp3(tmp_path
     """Notepad's "Unicode" (UTF-16 LE with a BOM) starts FF FE, which also reads as an MPEG frame sync."""
     from ingest.submit import inspect_file
 
-    srt = "1\r\n00:00:01,000 --> 00:00:02,000\r\nhello there\r\n"
+    head = "1\r\n00:00:01,000 --> 00:00:02,000\r\n\u200fhello\u200b there "  # right-to-left mark, zero-width space
+    srt = head + "x" * (511 - len(head)) + "\U0001f600\r\n"  # the emoji's two UTF-16 units straddle the sniffed part
     for encoding in ("utf-16", "utf-16-be", "utf-32"):
         data = srt.encode(encoding) if encoding != "utf-16-be" else codecs.BOM_UTF16_BE + srt.encode(encoding)
         path = tmp_path / f"x-{encoding}.srt"
         path.write_bytes(data)
         assert inspect_file(path, path.name) == ("transcript", "srt"), encoding
-        assert [c.text for c in parse_transcript(data, path.name)] == ["hello there"]
+        (cue,) = parse_transcript(data, path.name)
+        assert "hello" in cue.text and cue.text.endswith("x\U0001f600")
 
 
 def test_json_start_plus_duration_past_48_hours_is_refused() -> None:
@@ -559,3 +561,6 @@ def test_youtube_and_speech_cues_are_cleaned_like_uploads() -> None:
     assert [(c.start, c.text) for c in clean_cues(raw)] == [(2.0, "Today we cover graphs."),
                                                            (4.0, "What about trees?")]
     assert raw[1].text.startswith("PROFESSOR")  # the input is left as it was
+    maths = ["P(A|B) is the probability of A given B", "f(X, Y) = 0", "[H2O] and [OH-] and [H3O+]",
+             "vector<int> v;", "if x<y and y>z then x<z", "see https://example.org/" + "a" * 300]
+    assert [c.text for c in clean_cues([Cue(i, i + 1.0, t) for i, t in enumerate(maths)])] == maths
