@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from typing import Any, TypedDict
 
 import msgspec
@@ -158,10 +157,14 @@ class _LLMGrade(msgspec.Struct):
 
 
 def _parse_llm(text: str, criteria: list[Criterion]) -> dict[str, Any]:
-    m = re.search(r"\{.*\}", text, re.S)
-    if not m:
+    start = text.find("{")
+    if start < 0:
         raise ValueError("the model's reply holds no JSON object")
-    grade = msgspec.json.decode(m.group(0), type=_LLMGrade)
+    try:  # where the first JSON object ends; prose after it (braces included) is ignored
+        _, end = json.JSONDecoder().raw_decode(text, start)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the model's reply holds no valid JSON object: {exc}") from None
+    grade = msgspec.json.decode(text[start:end], type=_LLMGrade)  # strict: no NaN or infinity
     names = [c.name.strip().lower() for c in grade.criteria]
     wanted = [c["name"].strip().lower() for c in criteria]
     if len(set(names)) < len(names):

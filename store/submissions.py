@@ -52,9 +52,10 @@ async def get(conn: asyncpg.Connection, submission_id: int, *, lock: bool = Fals
 
 
 async def get_with_context(conn: asyncpg.Connection, submission_id: int) -> asyncpg.Record | None:
-    """The submission with its course's tenant (for access checks)."""
+    """The submission with its course's tenant (for access checks) and the learner's name."""
     return await conn.fetchrow(
-        f"""SELECT {_COLS}, c.tenant_id FROM submissions s JOIN courses c ON c.id = s.course_id WHERE s.id = $1""",
+        f"""SELECT {_COLS}, c.tenant_id, u.name AS user_name FROM submissions s JOIN courses c ON c.id = s.course_id
+            JOIN users u ON u.id = s.user_id WHERE s.id = $1""",
         submission_id)
 
 

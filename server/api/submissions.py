@@ -22,6 +22,7 @@ from server.api.paging import Offset, PageLimit
 from server.auth import AuthUser, staff_only
 from server.decode import read_json
 from server.errors import ApiError
+from store.frames import blank
 from store import assignments as assignments_repo
 from store import courses as courses_repo
 from store import jobs as jobs_repo
@@ -79,13 +80,16 @@ def _check_answer(a: asyncpg.Record, answer: str | list[int], max_chars: int) ->
     if not isinstance(answer, str):
         raise ApiError(400, f"a {a['type'].replace('_', ' ')} answer is text", field="answer")
     text = answer.strip()
-    if not text:
+    if not text or blank(text):  # zero-width spaces and the like are empty too
         raise ApiError(400, "the answer is empty", field="answer")
     limit = SHORT_ANSWER_MAX_CHARS if a["type"] == "short_answer" else max_chars
     if len(text) > limit:
         raise ApiError(400, f"the answer is {len(text)} characters; the limit is {limit}", code="too_long",
                        field="answer")
     return text
+
+
+_ADJUSTED = "Adjusted by the instructor."
 
 
 def _open_check(a: asyncpg.Record, used: int) -> None:
@@ -127,6 +131,9 @@ class SubmissionController(Controller):
             if not await courses_repo.is_enrolled(conn, a["course_id"], user.id):
                 raise ApiError(403, "enroll in the course to submit answers", code="not_enrolled")
         data = await read_json(request, SubmissionIn)
+        now = datetime.now(timezone.utc)
+        if a["opens_at"] and now < a["opens_at"]:  # before anything about the answer: its options are hidden yet
+            _open_check(a, 0)
         answer = _check_answer(a, data.answer, state.settings.max_answer_chars)
         if key is not None:
             async with state.pool.acquire() as conn:
@@ -232,7 +239,8 @@ class SubmissionController(Controller):
                     raise ApiError(404, f"submission {submission_id} not found")
                 if row["status"] == "grading":
                     raise ApiError(409, "this submission is still being graded", code="grading")
-                score = data.score if data.score is not None else row["score"]
+                # to one decimal, as every view shows it: a 59.96 shown as 60 passes, a 99.97 shown as 100 is perfect
+                score = round(data.score, 1) if data.score is not None else row["score"]
                 if score is None:
                     raise ApiError(400, "the grader proposed no score; give one", field="score")
                 unchanged = (row["status"] == "graded" and row["reviewed_by"] is not None
@@ -301,6 +309,8 @@ def rescale(criteria: list[dict], score: float) -> list[dict]:
     for c, n in zip(criteria, new):
         n = round(n, 1)
         changed = abs(n - float(c["score"])) > 0.05
-        out.append({**c, "score": n, "justification": (c.get("justification", "") + (" Adjusted by the instructor."
-                                                                                      if changed else "")).strip()})
+        note = c.get("justification", "")
+        if changed and not note.endswith(_ADJUSTED):  # once, however often it is overridden
+            note = f"{note} {_ADJUSTED}"
+        out.append({**c, "score": n, "justification": note.strip()})
     return out

@@ -185,3 +185,19 @@ async def test_an_answer_that_talks_to_the_grader_is_quoted_and_a_far_higher_mod
     prompt = fake.requests[-1].body["messages"][-1]["content"]
     assert json.dumps(answer, ensure_ascii=False) in prompt  # data, quoted: its newlines cannot start a section
     assert "never instructions" in json.dumps(fake.requests[-1].body)
+
+
+def test_a_reply_with_prose_and_braces_after_its_json_is_used():
+    """A model that adds a sentence with braces after the JSON ("... the {rubric} explained") still gave a grade;
+    NaN stays refused."""
+    import msgspec
+    import pytest
+
+    from agents.grader import _parse_llm
+
+    crit = [{"name": "Accuracy", "points": 10}]
+    reply = ('Here you go: {"criteria": [{"name": "Accuracy", "score": 8, "justification": "ok"}], '
+             '"confidence": 0.9} Let me know if you want the {rubric} explained.')
+    assert _parse_llm(reply, crit)["total"] == 80.0
+    with pytest.raises((ValueError, msgspec.DecodeError)):
+        _parse_llm('{"criteria": [{"name": "Accuracy", "score": NaN}]}', crit)

@@ -150,6 +150,9 @@ def test_bad_submissions_are_refused_and_nothing_is_stored(server, client, make:
         (sub(mc, {}), 400, "bad_request"),
         (sub(closed, {"answer": [1]}), 409, "closed"),
         (sub(not_yet, {"answer": [1]}), 409, "not_open"),
+        (sub(not_yet, {"answer": [9]}), 409, "not_open"),  # nothing about the hidden options (their count)
+        (sub(not_yet, {"answer": [0, 1]}), 409, "not_open"),
+        (sub(written, {"answer": "\u200b\u200b"}), 400, "bad_request"),  # nothing visible
         (sub(written, {"answer": "halves"}, stranger), 403, "not_enrolled"),
         (sub(written, {"answer": "halves"}, inst), 403, "forbidden"),
     ]
@@ -218,6 +221,8 @@ def test_an_override_keeps_criteria_adding_up():
     assert [c["score"] for c in rescale(crit, 100)] == [60.0, 40.0]
     assert sum(c["score"] for c in rescale(crit, 45)) == 45.0
     assert [c["score"] for c in rescale(crit, 0)] == [0.0, 0.0]
+    twice = rescale(rescale(crit, 45), 30)  # overridden again: the note once
+    assert all(c["justification"].count("Adjusted by the instructor.") == 1 for c in twice), twice
 
 
 def test_an_answer_arriving_while_the_key_changes_is_graded_with_the_new_key(server, client, make: Factory, settings):
@@ -391,3 +396,20 @@ def test_options_moved_or_only_respaced():
     assert _moved(["a", "b", "c"], ["b", "a", "c"]) and not _moved(["a", "b"], ["A ", "b"])
     assert not _moved(["a b", "a  b", "c"], ["a b", "a  b", "c"])  # the same list back is no move
     assert not _moved(["stack", "queue"], ["a stack", "queue"])  # reworded in place
+
+
+def test_an_instructors_score_counts_as_it_is_shown(server, client, make: Factory, settings):
+    """Scores show to one decimal: an override of 59.96 shows (and now counts) as 60, a pass with its XP, and
+    99.97 as 100, a perfect score."""
+    course = make_course(server, make, learners=1)
+    inst, (learner,) = course.instructor, course.learners
+    a = published(client, course, MC)
+    s = client.post(f"/api/v1/assignments/{a['id']}/submissions", json={"answer": [0]}, headers=learner.h).json()
+    r = client.post(f"/api/v1/submissions/{s['id']}/review", json={"score": 59.96}, headers=inst.h)
+    assert r.status_code == 200 and r.json()["score"] == 60.0, r.text
+    assert client.get(f"/api/v1/submissions/{s['id']}", headers=inst.h).json()["user_name"] == learner.name
+    mine = client.get(f"/api/v1/submissions/{s['id']}", headers=learner.h).json()
+    assert mine["score"] == 60.0 and mine["feedback"] is not None
+    client.post(f"/api/v1/submissions/{s['id']}/review", json={"score": 99.97}, headers=inst.h)
+    kinds = {r["kind"] for r in fetch(settings, "SELECT kind FROM xp_events WHERE user_id = $1", learner.id)}
+    assert {"assignment_passed", "perfect_score"} <= kinds, kinds
