@@ -74,9 +74,8 @@ def _unicode_text(head: bytes) -> bool:
             sample = head[len(bom):len(bom) + 1024]
             sample = sample[:len(sample) - len(sample) % width]
             text = sample.decode(encoding, errors="ignore")  # a character cut by the sample's end is dropped
-            # printable, spacing, or format characters (right-to-left marks, zero-width spaces) as subtitles have
-            return bool(text.strip()) and all(c.isprintable() or c.isspace() or unicodedata.category(c) == "Cf"
-                                              for c in text)
+            # no control characters but spacing (anything else is text: marks, emoji newer than this Python's tables)
+            return bool(text.strip()) and not any(unicodedata.category(c) == "Cc" and not c.isspace() for c in text)
     return False
 
 

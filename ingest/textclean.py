@@ -14,7 +14,8 @@ logger = logging.getLogger(__name__)
 # Karaoke timestamps (<00:00:01.000>), caption markup (<c>, <i>, <v Name>, <font color=..>, <lang en>, <ruby>)
 # and ASS overrides ({\an8}). Only tags captions use: "a < b", "x<y and y>z" and "vector<int>" are what was said.
 _TAGS = re.compile(r"<\d{1,2}:\d{2}(?::\d{2})?(?:[.,]\d+)?>"
-                   r"|</?(?:[bius]|c|v|lang|ruby|rt|font|span|br|em|strong)(?:[\s.][^<>]*)?/?>"
+                   r"|</?(?:[bius]|c|ruby|rt|rp|sub|sup|br|em|strong)(?:\.[\w.-]*)?\s*/?>"  # WebVTT: classes only
+                   r"|</?(?:v|lang|font|span)(?:[\s.][^<>]*)?>"  # with a name or attributes
                    r"|\{\\[^{}]*\}", re.IGNORECASE)
 _ENTITY = re.compile(r"&(?:#\d+|#[xX][0-9a-fA-F]+|[A-Za-z]+\d*);")
 _BRACKETED = re.compile(r"\[([^\[\]]*)\]")
@@ -49,6 +50,7 @@ _CHEVRONS = re.compile(r"\s*>>+\s*")
 # A stray ">" left where "<inaudible>"-style markup was mangled: at either end of the line or just
 # before punctuation. A ">" between two words is kept (it may be maths).
 _STRAY_GT = re.compile(r"^[\s>]*>\s*|\s*>+\s*$|\s*>+(?=[.,;:!?])")
+_LEADING_GT = re.compile(r"^[\s>]*>\s*")
 _SPACES = re.compile(r"\s+")
 _HAS_WORD = re.compile(r"\w")
 # What Postgres text cannot hold (NUL), what no encoder takes (lone surrogates, e.g. from a JSON "\ud800"), and
@@ -125,7 +127,8 @@ def clean_line(line: str) -> str:
     else:
         line = strip_speaker_label(line)
     if ">" in line:
-        line = _STRAY_GT.sub("", line)
+        # a ">" closing a "<" on the line is what was said ("vector<int>", "map<int, int>."); only a leading one goes
+        line = (_LEADING_GT if "<" in line else _STRAY_GT).sub("", line)
     line = _SPACES.sub(" ", line).strip()
     return line if _HAS_WORD.search(line) else ""
 

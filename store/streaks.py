@@ -33,7 +33,7 @@ def monday(d: date) -> date:
 
 def local_day(at: datetime, tz: str) -> date:
     at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
-    return at.astimezone(ZoneInfo(tz)).date()
+    return at.astimezone(_zone(tz)).date()
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +61,8 @@ def _new_and_missed(s: Streak, day: date, tz: str) -> tuple[bool, list[date]]:
     missed in between: those wholly after the last counted day ended and before `day`."""
     if s.last_day is None:
         return True, []
-    ended = _midnight(s.last_day + timedelta(days=1), s.day_tz or tz)  # the instant the last counted day ended
+    # the instant the last counted day ended, in UTC: arithmetic on a zone's wall clock goes wrong across DST
+    ended = _midnight(s.last_day + timedelta(days=1), s.day_tz or tz).astimezone(timezone.utc)
     if _midnight(day, tz) < ended:
         return False, []  # the same day again, a late report, or a day overlapping the counted one (a move)
     last_here = (ended - timedelta(microseconds=1)).astimezone(_zone(tz)).date()

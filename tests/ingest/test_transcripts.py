@@ -513,7 +513,7 @@ def test_utf16_and_utf32_with_a_byte_order_mark_are_transcripts_not_mp3(tmp_path
     """Notepad's "Unicode" (UTF-16 LE with a BOM) starts FF FE, which also reads as an MPEG frame sync."""
     from ingest.submit import inspect_file
 
-    head = "1\r\n00:00:01,000 --> 00:00:02,000\r\n\u200fhello\u200b there "  # right-to-left mark, zero-width space
+    head = "1\r\n00:00:01,000 --> 00:00:02,000\r\n\u200fhello\u200b there \U0001fa77 "  # RLM, ZWSP, Unicode 15
     srt = head + "x" * (511 - len(head)) + "\U0001f600\r\n"  # the emoji's two UTF-16 units straddle the sniffed part
     for encoding in ("utf-16", "utf-16-be", "utf-32"):
         data = srt.encode(encoding) if encoding != "utf-16-be" else codecs.BOM_UTF16_BE + srt.encode(encoding)
@@ -562,5 +562,6 @@ def test_youtube_and_speech_cues_are_cleaned_like_uploads() -> None:
                                                            (4.0, "What about trees?")]
     assert raw[1].text.startswith("PROFESSOR")  # the input is left as it was
     maths = ["P(A|B) is the probability of A given B", "f(X, Y) = 0", "[H2O] and [OH-] and [H3O+]",
-             "vector<int> v;", "if x<y and y>z then x<z", "see https://example.org/" + "a" * 300]
+             "vector<int> v;", "if x<y and y>z then x<z", "see https://example.org/" + "a" * 300,
+             "then a<b and b>c holds", "0 <i and j> 5", "std::map<int, int>."]
     assert [c.text for c in clean_cues([Cue(i, i + 1.0, t) for i, t in enumerate(maths)])] == maths

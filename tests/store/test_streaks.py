@@ -262,3 +262,20 @@ async def test_switching_timezone_at_each_local_midnight_counts_each_day_once(ma
     async with pool.acquire() as conn:
         n = await conn.fetchval("SELECT count(*) FROM xp_events WHERE user_id = $1 AND kind = 'daily_streak'", u.id)
     assert st.current == n == 7, (st, n)
+
+
+async def test_a_move_across_a_dst_night_charges_no_missed_day(make: Factory, xp_store):
+    """Beirut falls back at midnight on 25 October 2026 (the hour before midnight comes twice): the counted Saturday
+    ends at an instant that wall-clock arithmetic got an hour wrong, so a move to Amman charged its Sunday (which
+    overlaps the counted Saturday) as missed and, the week's freeze spent, ended the streak."""
+    pool, redis = xp_store
+    u = make.user("learner")
+    async with pool.acquire() as conn:
+        await conn.execute("INSERT INTO learner_profiles (user_id, timezone) VALUES ($1, 'Asia/Beirut')", u.id)
+    for day in (19, 21, 22, 23, 24):  # Mon 19, (Tue 20 missed: the week's freeze), Wed 21 to Sat 24, noon UTC
+        await _activity(pool, redis, u.id, datetime(2026, 10, day, 12, tzinfo=timezone.utc))
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE learner_profiles SET timezone = 'Asia/Amman' WHERE user_id = $1", u.id)
+    await _activity(pool, redis, u.id, datetime(2026, 10, 24, 21, 30, tzinfo=timezone.utc))  # Sun 00:30 in Amman
+    st = await _activity(pool, redis, u.id, datetime(2026, 10, 26, 9, tzinfo=timezone.utc))  # Monday
+    assert st.current == 6, st
