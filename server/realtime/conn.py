@@ -15,8 +15,8 @@ and later frames wait in `out`, at most `queue_max` of them.
 from __future__ import annotations
 
 import asyncio
-import time
 import logging
+import time
 from collections import deque
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
