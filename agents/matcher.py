@@ -123,24 +123,19 @@ def best_groups(ids: list[int], weights: dict[tuple[int, int], int]) -> list[lis
         return [ids] if ids else []
     if len(ids) % 2 == 0:
         return max_matching(ids, weights)
-    best: tuple[int, list[list[int]]] | None = None
-    if len(ids) <= EXACT_TRIO_MAX:
-        for trio in itertools.combinations(ids, 3):
-            rest = [i for i in ids if i not in trio]
-            groups = max_matching(rest, weights) + [list(trio)]
-            total = sum(group_weight(g, weights) for g in groups)
-            if best is None or total > best[0]:
-                best = (total, groups)
-    else:
+    def groupings():  # type: ignore[no-untyped-def]
+        if len(ids) <= EXACT_TRIO_MAX:
+            for trio in itertools.combinations(ids, 3):
+                yield max_matching([i for i in ids if i not in trio], weights) + [list(trio)]
+            return
         for x in ids:
             groups = max_matching([i for i in ids if i != x], weights)
             k = max(range(len(groups)), key=lambda k: (weights[pair(x, groups[k][0])] + weights[pair(x, groups[k][1])], -k))
             groups[k] = sorted(groups[k] + [x])
-            total = sum(group_weight(g, weights) for g in groups)
-            if best is None or total > best[0]:
-                best = (total, groups)
-    assert best is not None
-    return sorted(best[1])
+            yield groups
+
+    # the first of the heaviest groupings
+    return sorted(max(groupings(), key=lambda groups: sum(group_weight(g, weights) for g in groups)))
 
 
 def group_weight(group: list[int], weights: dict[tuple[int, int], int]) -> int:

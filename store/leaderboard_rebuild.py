@@ -402,19 +402,19 @@ async def _set_standing(redis: Redis, user_id: int, who: asyncpg.Record, rows: l
     """Write the learner's XP on each board they stand on, take them off the others (one transaction); the
     (scope, id) of the boards that changed."""
     member = str(user_id)
-    ops: list[tuple[str, int]] = []
+    boards: list[tuple[str, int] | None] = []  # per command: the board whose change it reports, if any
     async with redis.pipeline(transaction=True) as pipe:
         for r in rows:
             for period, col in (("all", "all_xp"), ("month", "month_xp"), ("week", "week_xp")):
                 key = board_key(r["scope"], r["sid"], period, now)
-                ops.append((r["scope"], r["sid"]))
+                boards.append((r["scope"], r["sid"]))
                 if r["member"] and r[col] is not None:
                     pipe.zadd(key, {member: int(r[col])}, ch=True)
                     if period != "all":
-                        ops.append(("", 0))
+                        boards.append(None)
                         pipe.expireat(key, expire_at(period, now))
                 else:
                     pipe.zrem(key, member)
         pipe.hset(keys.leaderboard_names(who["tenant_id"]), member, who["name"])
         results = await pipe.execute()
-    return {board for board, n in zip(ops, results) if board[0] and n}
+    return {board for board, n in zip(boards, results) if board is not None and n}

@@ -92,10 +92,14 @@ def _check_answer(a: asyncpg.Record, answer: str | list[int], max_chars: int) ->
 _ADJUSTED = "Adjusted by the instructor."
 
 
-def _open_check(a: asyncpg.Record, used: int) -> None:
-    now = datetime.now(timezone.utc)
-    if a["opens_at"] and now < a["opens_at"]:
+def _opened(a: asyncpg.Record) -> None:
+    if a["opens_at"] and datetime.now(timezone.utc) < a["opens_at"]:
         raise ApiError(409, f"this assignment opens at {a['opens_at'].isoformat()}", code="not_open")
+
+
+def _open_check(a: asyncpg.Record, used: int) -> None:
+    _opened(a)
+    now = datetime.now(timezone.utc)
     if a["closes_at"] and now >= a["closes_at"]:
         raise ApiError(409, f"this assignment closed at {a['closes_at'].isoformat()}", code="closed")
     if a["max_attempts"] is not None and used >= a["max_attempts"]:
@@ -131,9 +135,7 @@ class SubmissionController(Controller):
             if not await courses_repo.is_enrolled(conn, a["course_id"], user.id):
                 raise ApiError(403, "enroll in the course to submit answers", code="not_enrolled")
         data = await read_json(request, SubmissionIn)
-        now = datetime.now(timezone.utc)
-        if a["opens_at"] and now < a["opens_at"]:  # before anything about the answer: its options are hidden yet
-            _open_check(a, 0)
+        _opened(a)  # before anything about the answer: until it opens, its options are hidden
         answer = _check_answer(a, data.answer, state.settings.max_answer_chars)
         if key is not None:
             async with state.pool.acquire() as conn:
