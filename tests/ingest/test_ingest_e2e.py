@@ -46,13 +46,20 @@ def _overlaps(hit: dict, spans: list) -> bool:
     return any(hit["start"] <= b and hit["end"] >= a for a, b in spans)
 
 
+def _search(client, course: EvalCourse, **params):  # type: ignore[no-untyped-def]
+    """The course's learner searches, waiting when told to as a client should (the per-user search limit is
+    shared by the tests of this module)."""
+    while (r := client.get(f"/api/v1/courses/{course.id}/search", params=params,
+                           headers=course.learner.h)).status_code == 429:
+        time.sleep(float(r.headers["Retry-After"]))
+    return r
+
+
 def test_search_finds_gold_spans(eval_course: EvalCourse, client):
     spec = json.loads((EVAL / "questions.json").read_text())
     hits_at_5, total, misses = 0, 0, []
     for q in spec["questions"]:
-        while (r := client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": q["question"], "k": 5},
-                               headers=eval_course.learner.h)).status_code == 429:
-            time.sleep(float(r.headers["Retry-After"]))  # as a client should: the per-user search limit
+        r = _search(client, eval_course, q=q["question"], k=5)
         assert r.status_code == 200, r.text
         vid = eval_course.videos[q["file"]]
         ok = any(h["video_id"] == vid and _overlaps(h, q["spans"]) for h in r.json()["hits"])
@@ -67,8 +74,7 @@ def test_search_finds_gold_spans(eval_course: EvalCourse, client):
 
 def test_search_scoping_and_access(eval_course: EvalCourse, client, make: Factory, settings):
     vid = eval_course.videos["3b1b-bitcoin.srt"]
-    r = client.get(f"/api/v1/courses/{eval_course.id}/search",
-                   params={"q": "digital signatures", "k": 3, "video_id": vid}, headers=eval_course.learner.h)
+    r = _search(client, eval_course, q="digital signatures", k=3, video_id=vid)
     assert r.status_code == 200 and r.json()["hits"]
     assert {h["video_id"] for h in r.json()["hits"]} == {vid}
     # another course's video (or none at all) is not found here, rather than an empty result
@@ -76,17 +82,15 @@ def test_search_scoping_and_access(eval_course: EvalCourse, client, make: Factor
     theirs = fetch(settings, "INSERT INTO videos (course_id, title, source, status) VALUES ($1, 'v', 'transcript', "
                              "'ready') RETURNING id", other)[0]["id"]
     for missing in (theirs, theirs + 1000):
-        r = client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": "signatures", "video_id": missing},
-                       headers=eval_course.learner.h)
+        r = _search(client, eval_course, q="signatures", video_id=missing)
         assert r.status_code == 404 and r.json()["message"] == f"video {missing} not found", r.text
     stranger = make.user("learner")
     assert client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": "x"},
                       headers=stranger.h).status_code == 404
-    bad = client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": "", "k": 3}, headers=eval_course.learner.h)
+    bad = _search(client, eval_course, q="", k=3)
     assert bad.status_code == 400
-    assert client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": "x", "k": 500},
-                      headers=eval_course.learner.h).status_code == 400
-    nul = client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": "a\x00b"}, headers=eval_course.learner.h)
+    assert _search(client, eval_course, q="x", k=500).status_code == 400
+    nul = _search(client, eval_course, q="a\x00b")
     assert nul.status_code == 400 and nul.json()["field"] == "q"
     # each search embeds its query: a burst of 20 per user, then 429 with when to come back
     eager = make.user("learner", tenant=eval_course.tenant)
