@@ -7,6 +7,7 @@ user (atomically, so `left` is announced once). Times come from Redis (TIME), so
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -168,12 +169,16 @@ class Presence:
         left, count = await self._sweep(keys=[presence_room(room)], args=[presence_room(room) + ":u:"])
         return [user_of(m) for m in left], int(count)
 
-    async def heartbeat(self, pairs: list[tuple[str, UserRef]]) -> list[tuple[str, UserRef]]:
-        """Refresh this process and its (room, user) pairs; returns pairs that had expired and are back."""
+    async def heartbeat(self, pairs: list[tuple[str, UserRef]],
+                        live: Callable[[str, UserRef], bool] | None = None) -> list[tuple[str, UserRef]]:
+        """Refresh this process and its (room, user) pairs; returns pairs that had expired and are back.
+
+        `live(room, user)`: whether a pair is still here. Pairs go out in chunks, one round trip each; a pair
+        that left while an earlier chunk was on its way is not refreshed (that would put them back online)."""
         back: list[tuple[str, UserRef]] = []
         chunk = 500
         for start in range(0, max(len(pairs), 1), chunk):
-            part = pairs[start:start + chunk]
+            part = [p for p in pairs[start:start + chunk] if live is None or live(*p)]
             args: list[str | int] = [self.proc, self.ttl_ms]
             for room, user in part:
                 args += [presence_room(room), presence_user(room, user.id), member(user)]

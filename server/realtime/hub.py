@@ -398,7 +398,9 @@ class Hub:
 
     async def _heartbeat(self) -> None:
         pairs = [(room, user) for (room, _), (_, user) in self._pairs.items()]
-        for room, user in await self.presence.heartbeat(pairs):
+        for room, user in await self.presence.heartbeat(pairs, lambda room, user: (room, user.id) in self._pairs):
+            if (room, user.id) not in self._pairs:
+                continue  # left meanwhile: their leave is announced, no "joined" after it
             count, _ = await self.presence.online(room, 0)
             if count <= self.settings.presence_max:
                 await publish(self.redis, room_topic(room), PresenceEvent(
@@ -487,6 +489,8 @@ class Hub:
                     self._subscribed.discard(room)
                     await self._pubsub.unsubscribe(events_channel(room_topic(room)))
         for uid in [u for u in self._user_subs if u not in self._users]:
+            if uid in self._users:  # came back while an earlier unsubscribe was on its way
+                continue
             self._user_subs.discard(uid)
             await self._pubsub.unsubscribe(events_channel(user_topic(uid)))
 

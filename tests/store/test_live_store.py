@@ -169,3 +169,35 @@ async def test_an_attendance_close_that_failed_is_retried_with_the_time_the_sock
     got = await pool.fetch("SELECT left_at FROM live_attendance WHERE id = ANY($1::bigint[])", rows)
     assert [abs((r["left_at"] - left).total_seconds()) < 0.01 for r in got] == [True, True]
     assert hub._unclosed == {}
+
+
+async def test_a_user_who_leaves_during_a_heartbeat_stays_gone(settings, xp_store):
+    """A heartbeat refreshes a big room's (room, user) pairs in chunks, one round trip each: a user whose socket
+    closed while an earlier chunk was on its way is not put back online by a later one."""
+    from store.events import UserRef
+
+    pool, redis = xp_store
+    hub = Hub(settings, pool, redis)
+    room = f"course:hb{uuid.uuid4().hex[:6]}"
+    users = [UserRef(id=10_000_000 + i, name=f"u{i}", role="learner") for i in range(600)]
+    for u in users:
+        hub._pairs[(room, u.id)] = [1, u]
+        await hub.presence.join(room, u)
+    real, calls = hub.presence._heartbeat, [0]
+    leaving = users[550]
+
+    async def beat_then_leave(*args, **kw):  # type: ignore[no-untyped-def]
+        out = await real(*args, **kw)
+        calls[0] += 1
+        if calls[0] == 1:  # the socket closes while the first chunk's reply is on its way
+            del hub._pairs[(room, leaving.id)]
+            await hub._announce_leave(room, leaving)
+        return out
+
+    hub.presence._heartbeat = beat_then_leave
+    await hub._heartbeat()
+    assert calls[0] == 2
+    count, online = await hub.presence.online(room, 1000)
+    assert count == 599 and leaving not in online
+    for u in users:
+        await hub.presence.leave(room, u)
