@@ -52,6 +52,7 @@ async def start_session(db: asyncpg.Pool, redis: Redis, session_id: int) -> asyn
             f"""UPDATE live_sessions s SET started_at = now() WHERE id = $1 AND started_at IS NULL AND ended_at IS NULL
                 RETURNING {_SESSION}""", session_id)
         if row is None:
+            await _gone(box.conn, "live_sessions", session_id, "live session")
             raise Refused("conflict", "the session has already started or ended")
         room = room_of(session_id)
         await box.append(room, lambda seq: LiveStarted(seq=seq, room=room, session_id=session_id,
@@ -66,6 +67,7 @@ async def end_session(db: asyncpg.Pool, redis: Redis, session_id: int) -> asyncp
             f"""UPDATE live_sessions s SET ended_at = now() WHERE id = $1 AND started_at IS NOT NULL
                 AND ended_at IS NULL RETURNING {_SESSION}""", session_id)
         if row is None:
+            await _gone(box.conn, "live_sessions", session_id, "live session")
             raise Refused("conflict", "the session is not live")
         room = room_of(session_id)
         for poll_id in await box.conn.fetch(
@@ -74,6 +76,13 @@ async def end_session(db: asyncpg.Pool, redis: Redis, session_id: int) -> asyncp
             await _append_closed(box, room, poll_id["id"])
         await box.append(room, lambda seq: LiveEnded(seq=seq, room=room, session_id=session_id, at=row["ended_at"]))
     return row
+
+
+async def _gone(conn: asyncpg.Connection, table: str, row_id: int, what: str) -> None:
+    """Refused("not_found") when the row no longer exists (deleted with its course, or cancelled, while the
+    caller waited): a change that found nothing to change is a conflict only when there was something there."""
+    if not await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table} WHERE id = $1)", row_id):
+        raise Refused("not_found", f"{what} {row_id} not found")
 
 
 async def cancel_session(conn: asyncpg.Connection, session_id: int) -> None:
@@ -143,6 +152,9 @@ def poll_info(row: asyncpg.Record) -> PollInfo:
                     options=list(row["options"]), closed=row["closed_at"] is not None)
 
 
+MAX_POLLS_PER_SESSION = 200  # an explicit bound: a session ending closes and counts its open polls at once
+
+
 async def create_poll(db: asyncpg.Pool, redis: Redis, session_id: int, question: str, options: list[str],
                       by: int) -> asyncpg.Record:
     """Open a poll in the session's room; publishes `poll.opened`. Refused("conflict") before the session
@@ -154,6 +166,9 @@ async def create_poll(db: asyncpg.Pool, redis: Redis, session_id: int, question:
             raise Refused("conflict", "the session has ended")
         if s is not None and s["started_at"] is None:  # votes before it began; a session never started
             raise Refused("conflict", "polls open once the session has started")  # cannot end to close them
+        if s is not None and await box.conn.fetchval("SELECT count(*) FROM polls WHERE session_id = $1",
+                                                     session_id) >= MAX_POLLS_PER_SESSION:
+            raise Refused("conflict", f"a session holds at most {MAX_POLLS_PER_SESSION} polls")
         row = await box.conn.fetchrow(
             """INSERT INTO polls (session_id, question, options, created_by) VALUES ($1, $2, $3, $4)
                RETURNING id, session_id, question, options, created_at, closed_at""",
@@ -255,6 +270,7 @@ async def close_poll(db: asyncpg.Pool, redis: Redis, poll_id: int) -> list[int]:
         session_id = await box.conn.fetchval(
             "UPDATE polls SET closed_at = now() WHERE id = $1 AND closed_at IS NULL RETURNING session_id", poll_id)
         if session_id is None:
+            await _gone(box.conn, "polls", poll_id, "poll")
             raise Refused("conflict", "the poll is already closed")
         final = await _append_closed(box, room_of(session_id), poll_id)
     return final

@@ -169,5 +169,7 @@ class LiveController(Controller):
         except Refused as exc:
             raise refused(exc) from exc
         async with state.pool.acquire() as conn:
-            return await _to_poll(conn, await repo.poll_in_tenant(conn, poll_id, request.user.tenant_id),
-                                  request.user.id)
+            row = await repo.poll_in_tenant(conn, poll_id, request.user.tenant_id)
+            if row is None:  # closed, then deleted with its course before this read
+                raise ApiError(404, f"poll {poll_id} not found")
+            return await _to_poll(conn, row, request.user.id)

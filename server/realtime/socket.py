@@ -10,6 +10,7 @@ import logging
 import time
 from datetime import datetime, timezone
 
+import asyncpg
 from litestar import WebSocket, websocket
 from litestar.exceptions import NotAuthorizedException
 
@@ -109,9 +110,12 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
         else:
             await hub.welcome(conn, after)  # type: ignore[arg-type]
             if access.kind == "live" and user.role != "bot":  # attendance is of people, not of bridges
-                async with state.pool.acquire() as db:
-                    attendance_id = await live_repo.attendance_join(db, int(room_id.split(":")[1]), user.id,
-                                                                    hub.proc)
+                try:
+                    async with state.pool.acquire() as db:
+                        attendance_id = await live_repo.attendance_join(db, int(room_id.split(":")[1]), user.id,
+                                                                        hub.proc)
+                except asyncpg.ForeignKeyViolationError:  # the session was cancelled (or its course deleted)
+                    conn.close_soon(CLOSE_FORBIDDEN, "room deleted")
         await _serve(socket, conn, user, hub)
     except asyncio.CancelledError:
         if conn.closing is None:

@@ -256,3 +256,27 @@ async def test_a_scheduled_session_can_be_cancelled_not_one_that_took_place(serv
     assert client.post(f"/api/v1/live/{held}/start", headers=inst.h).status_code == 200
     r = client.delete(f"/api/v1/live/{held}", headers=inst.h)
     assert r.status_code == 409 and "end it" in r.json()["message"]
+
+
+async def test_joining_while_the_session_is_cancelled_closes_as_room_deleted(server, client, make: Factory, settings):
+    """The attendance row of a learner joining a session that is cancelled at that moment cannot be stored: the
+    socket closes with 4403 "room deleted" (as for everyone already in it), not 1011 "internal error"."""
+    import asyncpg
+
+    course = make_course(server, make, learners=1)
+    inst, (a,) = course.instructor, course.learners
+    sid = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "Maybe"}, headers=inst.h).json()["id"]
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        tx = db.transaction()
+        await tx.start()
+        # the cancel has the session row: the join's attendance row waits for it, then finds the session gone
+        await db.execute("SELECT 1 FROM live_sessions WHERE id = $1 FOR UPDATE", sid)
+        joining = await Client.connect(server, f"live:{sid}", a)
+        await asyncio.sleep(0.3)
+        await db.execute("DELETE FROM rooms WHERE id = $1", f"live:{sid}")
+        await db.execute("DELETE FROM live_sessions WHERE id = $1", sid)
+        await tx.commit()
+        assert await joining.closed() == (4403, "room deleted")
+    finally:
+        await db.close()

@@ -201,3 +201,42 @@ async def test_a_user_who_leaves_during_a_heartbeat_stays_gone(settings, xp_stor
     assert count == 599 and leaving not in online
     for u in users:
         await hub.presence.leave(room, u)
+
+
+async def test_changes_to_a_session_or_poll_deleted_meanwhile_are_not_found(xp_store):
+    """Start, end and close that find their session or poll deleted (with its course, or cancelled) while they
+    waited say not found, not that it was already started, ended or closed."""
+    from store.messages import Refused
+
+    pool, redis = xp_store
+    sid, poll, _ = await _live_poll(pool, redis)
+    await pool.execute("DELETE FROM polls WHERE id = $1", poll["id"])
+    try:
+        await live.close_poll(pool, redis, poll["id"])
+        raise AssertionError("not refused")
+    except Refused as exc:
+        assert (exc.code, exc.detail) == ("not_found", f"poll {poll['id']} not found")
+    await pool.execute("DELETE FROM live_sessions WHERE id = $1", sid)
+    for attempt in (live.start_session, live.end_session):
+        try:
+            await attempt(pool, redis, sid)
+            raise AssertionError("not refused")
+        except Refused as exc:
+            assert (exc.code, exc.detail) == ("not_found", f"live session {sid} not found")
+
+
+async def test_a_session_holds_a_bounded_number_of_polls(xp_store, monkeypatch):
+    from store.messages import Refused
+
+    pool, redis = xp_store
+    monkeypatch.setattr(live, "MAX_POLLS_PER_SESSION", 3)
+    sid, poll, _ = await _live_poll(pool, redis)  # the first
+    async with pool.acquire() as c:
+        owner = await c.fetchval("SELECT created_by FROM polls WHERE id = $1", poll["id"])
+    for _ in range(2):
+        await live.create_poll(pool, redis, sid, "q", ["x", "y"], owner)
+    try:
+        await live.create_poll(pool, redis, sid, "q", ["x", "y"], owner)
+        raise AssertionError("not refused")
+    except Refused as exc:
+        assert (exc.code, exc.detail) == ("conflict", "a session holds at most 3 polls")
