@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 from arq.connections import ArqRedis
@@ -72,10 +73,19 @@ class DuplicateVideo(Exception):
 
 
 async def submit_video(pool: asyncpg.Pool, arq: ArqRedis | None, settings: Settings, course_id: int,
-                       created_by: int | None, title: str, *, youtube_id: str | None = None,
-                       file_path: Path | None = None, filename: str | None = None, source: str | None = None,
-                       kind: str | None = None) -> tuple[int, int]:
-    """Create the video and its ingest job, then queue it; returns (video_id, job_id).
+                       created_by: int | None, title: str, **kw: Any) -> tuple[int, int]:
+    """Create the video and its ingest job, then queue it; returns (video_id, job_id). See `create_video`."""
+    video_id, job_id = await create_video(pool, settings, course_id, created_by, title, **kw)
+    if arq is not None:
+        await queue_job(arq, pool, job_id)
+    return video_id, job_id
+
+
+async def create_video(pool: asyncpg.Pool, settings: Settings, course_id: int, created_by: int | None, title: str,
+                       *, youtube_id: str | None = None, file_path: Path | None = None, filename: str | None = None,
+                       source: str | None = None, kind: str | None = None) -> tuple[int, int]:
+    """Store the video and its ingest job (one transaction); returns (video_id, job_id). From then on the
+    video owns the file: its job reads it, deleting the video removes it. Queue the job with `queue_job`.
 
     A file must already be stored at `file_path` and checked with `inspect_file`.
     """
@@ -94,12 +104,15 @@ async def submit_video(pool: asyncpg.Pool, arq: ArqRedis | None, settings: Setti
             existing = await conn.fetchval("SELECT min(id) FROM videos WHERE course_id = $1 AND youtube_id = $2",
                                            course_id, youtube_id)
             raise DuplicateVideo(existing) from None
-    if arq is not None:
-        try:
-            await enqueue_ingest(arq, pool, job["id"])
-        except Exception:  # noqa: BLE001 - the job row is durable; workers re-queue lost jobs
-            logger.warning("could not queue job %s now; a worker will pick it up", job["id"], exc_info=True)
     return video["id"], job["id"]
+
+
+async def queue_job(arq: ArqRedis, pool: asyncpg.Pool, job_id: int) -> None:
+    """Queue a stored job now if Redis takes it; if not, a worker's lost-job recovery queues it later."""
+    try:
+        await enqueue_ingest(arq, pool, job_id)
+    except Exception:  # noqa: BLE001 - the job row is durable; workers re-queue lost jobs
+        logger.warning("could not queue job %s now; a worker will pick it up", job_id, exc_info=True)
 
 
 async def submit_job(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, kind: str, course_id: int,
@@ -114,10 +127,7 @@ async def submit_job(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, kind
                 await videos_repo.mark_requeued(conn, video_id)
         except asyncpg.ForeignKeyViolationError:
             raise LookupError(f"video {video_id} not found") from None
-    try:
-        await enqueue_ingest(arq, pool, job["id"])
-    except Exception:  # noqa: BLE001 - the job row is durable; workers re-queue lost jobs
-        logger.warning("could not queue job %s now; a worker will pick it up", job["id"], exc_info=True)
+    await queue_job(arq, pool, job["id"])
     return job["id"]
 
 

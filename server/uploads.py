@@ -49,7 +49,8 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
         raise ApiError(413, f"upload larger than {max_bytes // (1024 * 1024)} MB")
     dest_dir.mkdir(parents=True, exist_ok=True)
     up = Upload()
-    state: dict = {"headers": {}, "hname": b"", "hval": b"", "name": None, "fh": None, "buf": bytearray()}
+    state: dict = {"headers": {}, "hname": b"", "hval": b"", "name": None, "fh": None, "buf": bytearray(),
+                   "ended": False}
     problems: list[ApiError] = []
 
     def on_part_begin() -> None:
@@ -75,7 +76,7 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
                 return
             raw = os.path.basename(disp.get(b"filename", b"").decode("utf-8", "replace"))
             # kept for display and the format hint: no control characters (a NUL is refused where it is checked)
-            up.filename = re.sub(r"[\x01-\x1f\x7f-\x9f]", "", raw)[:255] or None
+            up.filename = re.sub(r"[\x00-\x1f\x7f-\x9f]", "", raw)[:255] or None
             up.path = dest_dir / f"{uuid.uuid4().hex}.upload"
             state["fh"] = open(up.path, "wb")
 
@@ -109,10 +110,13 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
             except UnicodeDecodeError:
                 problems.append(ApiError(400, f"form field {state['name']!r} is not UTF-8", field=state["name"]))
 
+    def on_end() -> None:  # the closing boundary: python-multipart's finalize() does not check for it
+        state["ended"] = True
+
     parser = MultipartParser(params[b"boundary"], callbacks={
         "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
         "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
-        "on_headers_finished": on_headers_finished,
+        "on_headers_finished": on_headers_finished, "on_end": on_end,
     })
     try:
         async for chunk in request.stream():
@@ -121,6 +125,8 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
                 break
         else:
             parser.finalize()
+            if not problems and not state["ended"]:  # a body cut off mid-file would be stored half
+                raise ApiError(400, "malformed multipart body: it ends before its closing boundary")
     except ApiError:
         up.discard()
         raise

@@ -18,7 +18,7 @@ from agents.embedder import EmbedderError
 from server.api.courses import course_or_404
 from server.api.paging import ListLimit, Offset
 from server.api.rooms import room_or_404
-from server.api.schemas import Strict
+from server.api.schemas import LINES, Strict
 from server.auth import staff_only
 from server.decode import read_json
 from server.errors import ApiError
@@ -53,7 +53,7 @@ class AskIn(Strict):
 
 class FeedbackIn(Strict):
     vote: Literal[1, -1]
-    comment: Annotated[str, Meta(max_length=2000)] = ""
+    comment: Annotated[str, Meta(max_length=2000, pattern=LINES)] = ""
 
 
 class ModeIn(Strict):
@@ -227,6 +227,23 @@ class TutorController(Controller):
                            WHERE t.course_id = $1 AND f.vote = -1) AS thumbs_down
                    FROM tutor_turns WHERE course_id = $1""", course_id)
         return dict(row)
+
+
+    @get("/courses/{course_id:int}/tutor/feedback", guards=[staff_only])
+    async def feedback_list(self, request: Request, course_id: int, vote: Literal[1, -1] | None = None,
+                            limit: int = ListLimit, offset: int = Offset) -> list[dict]:
+        """What learners said about the tutor's answers, newest first: the vote, the comment and the answer it
+        was about (without who gave it or what they asked: a private session stays private)."""
+        async with request.app.state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, request.user)
+            rows = await conn.fetch(
+                """SELECT f.turn_id, f.vote, f.comment, f.created_at AS at, t.answer, t.citations, t.grounded,
+                          t.room_id
+                   FROM tutor_feedback f JOIN tutor_turns t ON t.id = f.turn_id
+                   WHERE t.course_id = $1 AND ($2::int IS NULL OR f.vote = $2)
+                   ORDER BY f.created_at DESC, f.turn_id DESC, f.user_id LIMIT $3 OFFSET $4""",
+                course_id, vote, limit, offset)
+        return [dict(r) for r in rows]
 
 
 def _public(result: dict) -> dict:

@@ -15,9 +15,9 @@ from litestar.params import Parameter
 from msgspec import Meta
 
 from ingest.errors import IngestError
-from ingest.jobs import enqueue_ingest
 from ingest.progress import announce_job
-from ingest.submit import DuplicateVideo, FileTooLarge, UnsupportedFile, inspect_file, submit_job, submit_video
+from ingest.submit import (DuplicateVideo, FileTooLarge, UnsupportedFile, create_video, inspect_file, queue_job,
+                           submit_job)
 from server.api.courses import course_or_404
 from server.api.paging import ListLimit, Offset
 from server.api.schemas import Strict, Title
@@ -158,13 +158,15 @@ class VideoController(Controller):
                 raise ApiError(400, str(exc), field="youtube") from exc
             kw = dict(title=trimmed(data.title, "title"), youtube_id=yt_id)
         try:
-            video_id, job_id = await submit_video(state.pool, state.arq, state.settings, course_id, user.id, **kw)
+            video_id, job_id = await create_video(state.pool, state.settings, course_id, user.id, **kw)
         except DuplicateVideo as exc:
             raise ApiError(409, str(exc), code="duplicate", field="youtube") from exc
         except BaseException:
             if kw.get("file_path"):
                 Path(kw["file_path"]).unlink(missing_ok=True)
             raise
+        # the stored video owns the file now: cut short while queueing (a shutdown), its job still finds it
+        await queue_job(state.arq, state.pool, job_id)
         return Accepted(video_id=video_id, job_id=job_id)
 
     async def _receive_file(self, request: Request, course_id: int) -> dict:
@@ -214,6 +216,11 @@ class VideoController(Controller):
             await course_or_404(conn, course_id, request.user)
             video = await _video_or_404(conn, course_id, video_id)
             async with conn.transaction():
+                # the course row first, as deleting the course takes it: racing that, this waits and finds the
+                # course gone, instead of holding the video row its cascade needs while waiting for the course
+                # row (for the BM25 statistics) itself, a deadlock
+                if await conn.fetchval("SELECT 1 FROM courses WHERE id = $1 FOR KEY SHARE", course_id) is None:
+                    raise ApiError(404, f"course {course_id} not found")
                 await conn.execute("DELETE FROM videos WHERE id = $1", video_id)
                 # a citation is a moment of a video: pointing at a deleted one, it would send learners to a 404
                 await conn.execute("""UPDATE assignments SET citation = NULL, updated_at = now()
@@ -325,6 +332,10 @@ class JobController(Controller):
             if job["state"] != "failed":
                 raise ApiError(409, f"only failed jobs can be retried; this one is {job['state']}")
             async with conn.transaction():
+                # the video row before the job's, in the order deleting the video takes them (no deadlock)
+                if job["video_id"] is not None and await conn.fetchval(
+                        "SELECT 1 FROM videos WHERE id = $1 FOR NO KEY UPDATE", job["video_id"]) is None:
+                    raise ApiError(404, f"job {job_id} not found")  # deleted with its video meanwhile
                 job = await jobs_repo.requeue(conn, job_id)
                 if job is None:  # another retry took it first
                     raise ApiError(409, "this job is already being retried")
@@ -332,8 +343,5 @@ class JobController(Controller):
                     await videos_repo.mark_requeued(conn, job["video_id"])
         # who started it sees it queued again, not still failed (before a worker can report its first stage)
         await announce_job(state.redis, job)
-        try:
-            await enqueue_ingest(state.arq, state.pool, job_id)
-        except Exception:  # noqa: BLE001 - the job is queued in the database; lost-job recovery sends it
-            logger.warning("could not queue retried job %s now; recovery will", job_id, exc_info=True)
+        await queue_job(state.arq, state.pool, job_id)
         return to_job(job)

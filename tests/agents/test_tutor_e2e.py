@@ -122,6 +122,22 @@ def test_feedback_and_stats(eval_course: EvalCourse, client, make: Factory):
     stats = client.get(f"/api/v1/courses/{eval_course.id}/tutor/stats", headers=eval_course.instructor.h).json()
     assert stats["questions"] >= 1 and stats["thumbs_up"] >= 1 and stats["thumbs_down"] == 0
     assert client.get(f"/api/v1/courses/{eval_course.id}/tutor/stats", headers=eval_course.learner.h).status_code == 403
+    # a comment is text a person wrote: no control characters; staff read the comments with the answer they rate
+    r = client.post(f"/api/v1/tutor/answers/{body['turn_id']}/feedback", json={"vote": 1, "comment": "a\x1b[2Jb"},
+                    headers=eval_course.learner.h)
+    assert r.status_code == 400 and r.json()["field"] == "comment", r.text
+    assert client.post(f"/api/v1/tutor/answers/{body['turn_id']}/feedback",
+                       json={"vote": -1, "comment": "Cites the wrong moment.\nSee 3:10 instead."},
+                       headers=eval_course.learner.h).status_code == 204
+    url = f"/api/v1/courses/{eval_course.id}/tutor/feedback"
+    said = client.get(url, params={"vote": -1}, headers=eval_course.instructor.h).json()
+    mine = [f for f in said if f["turn_id"] == body["turn_id"]]
+    assert mine and mine[0]["comment"] == "Cites the wrong moment.\nSee 3:10 instead." and mine[0]["vote"] == -1
+    assert mine[0]["answer"] == body["answer"] and "user_id" not in mine[0] and "question" not in mine[0]
+    assert all(f["vote"] == -1 for f in said)
+    assert client.get(url, params={"vote": 1}, headers=eval_course.instructor.h).json()[:1] != mine[:1]
+    assert client.get(url, params={"vote": 2}, headers=eval_course.instructor.h).status_code == 400
+    assert client.get(url, headers=eval_course.learner.h).status_code == 403
 
 
 def test_daily_limit(eval_course: EvalCourse, client, make: Factory, settings):

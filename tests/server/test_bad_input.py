@@ -118,6 +118,16 @@ async def test_titles_polls_and_goals_refuse_invisible_or_control_character_text
         assert r.status_code == 400 and r.json()["field"] == "title", (repr(text), r.text)
         r = client.patch("/api/v1/me/profile", json={"goals": [text]}, headers=learner.h)
         assert r.status_code == 400 and r.json()["field"] == "goals[0]", (repr(text), r.text)
+    # free text (a course description) keeps line breaks and tabs, not other control characters; a bot's label is
+    # one line
+    for method, url, body, field in [
+            ("PATCH", f"/api/v1/courses/{course.id}", {"description": "a\x01\x1bb"}, "description"),
+            ("POST", "/api/v1/courses", {"title": "T", "description": "x\x07"}, "description"),
+            ("POST", "/api/v1/bots", {"name": "bridge", "label": "disc\nord"}, "label")]:
+        r = client.request(method, url, json=body, headers=inst.h)
+        assert r.status_code == 400 and r.json().get("field") == field, (url, r.text)
+    r = client.patch(f"/api/v1/courses/{course.id}", json={"description": "Week 1:\n\tvectors"}, headers=inst.h)
+    assert r.status_code == 200 and r.json()["description"] == "Week 1:\n\tvectors", r.text
     # without a title, one from a file name with nothing visible in it is "untitled"
     r = client.post(f"/api/v1/courses/{course.id}/videos", headers=inst.h,
                     files={"file": ("\u200b\u3164.vtt", b"WEBVTT\n\n00:00.000 --> 00:02.000\nHello\n")})
