@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test system-deps bench clean
+.PHONY: run test install install-test system-deps bench clean clean-data
 
 # A venv left half-made (no venv module, no network for pip) is removed, so the next run starts over; another
 # Python than 3.11 is refused before a venv is made (an existing .venv of another Python: make clean).
@@ -45,5 +45,10 @@ test: install-test system-deps
 bench: install-test
 	$(BIN)/python -m bench
 
+# Only the venv: the data (embedded Postgres and Redis, uploads) goes with `make clean-data CONFIRM=yes`.
 clean:
-	rm -rf $(VENV) .studyhall
+	rm -rf $(VENV)
+
+clean-data:
+	@[ "$(CONFIRM)" = "yes" ] || { echo "clean-data deletes $(CURDIR)/.studyhall: the embedded database (messages, grades, XP, payments), Redis and uploads. Stop studyhall, then run: make clean-data CONFIRM=yes"; exit 1; }
+	rm -rf .studyhall

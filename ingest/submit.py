@@ -5,6 +5,7 @@ Checks a file by content, creates the video and job rows in one transaction, the
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,15 @@ class DuplicateVideo(Exception):
     def __init__(self, video_id: int) -> None:
         super().__init__(f"this YouTube video is already in the course as video {video_id}")
         self.video_id = video_id
+
+
+def title_from_filename(filename: str | None) -> str:
+    """A video's title from its file's name, which nobody wrote as a title: one line of at most 200 characters,
+    "untitled" when nothing readable is left."""
+    from store.frames import blank
+
+    title = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", Path(filename or "").stem).split())[:200].strip()
+    return title if title and not blank(title) else "untitled"
 
 
 async def submit_video(pool: asyncpg.Pool, arq: ArqRedis | None, settings: Settings, course_id: int,

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from agents.embedder import EmbedderError
 from agents.llm import LLMError
-from store.embedded import Services, ensure_services
+from store.embedded import EmbeddedError, Services, ensure_services
 from store.settings import Settings, load_settings
 
 logger = logging.getLogger("studyhall")
@@ -190,7 +190,7 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
     from agents.config import embedder_for
     from ingest.errors import IngestError
     from ingest.jobs import ingest_job
-    from ingest.submit import DuplicateVideo, inspect_file, submit_video
+    from ingest.submit import DuplicateVideo, inspect_file, submit_video, title_from_filename
     from ingest.youtube import parse_youtube_id
     from store.db import create_pool
 
@@ -221,7 +221,8 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
                 dest.unlink(missing_ok=True)
                 print(f"cannot ingest {src}: {exc.reason}", file=sys.stderr)
                 return 2
-            kw = dict(title=args.title or src.stem, file_path=dest, filename=src.name, source=source, kind=kind)
+            kw = dict(title=args.title or title_from_filename(src.name), file_path=dest, filename=src.name,
+                      source=source, kind=kind)
         worker_alive = bool(await arq.exists("arq:queue:health-check"))
         try:
             video_id, job_id = await submit_video(pool, arq if worker_alive else None, settings, args.course_id,
@@ -532,13 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--user", required=True, type=_name)
     tok.add_argument("--role", required=True, choices=["learner", "instructor", "admin", "bot"])
     tok.add_argument("--tenant", default="default", type=_name)
-    tok.add_argument("--ttl", type=_positive, help="lifetime in seconds (ignored for bots: their tokens are revocable)")
+    tok.add_argument("--ttl", type=_ttl, help="lifetime in seconds (ignored for bots: their tokens are revocable)")
     ing = add("ingest", cmd_ingest, "add a video to a course from the shell, with a progress bar")
     ing.add_argument("course_id", type=_id)
     src = ing.add_mutually_exclusive_group(required=True)
     src.add_argument("--youtube", help="YouTube URL or 11-character id")
     src.add_argument("--file", help="transcript (.srt/.vtt/.json) or media (wav/mp3/m4a/mp4/webm)")
-    ing.add_argument("--title")
+    ing.add_argument("--title", type=_title, help="at most 200 characters on one line (default: from the file name)")
     ask_ = add("ask", cmd_ask, "ask the tutor about a course (answer with cited moments)")
     ask_.add_argument("course_id", type=_id)
     ask_.add_argument("question", type=_question)
@@ -566,9 +567,9 @@ def _int_in(low: int, high: int, what: str):  # type: ignore[no-untyped-def]
     return parse
 
 
-_positive = _int_in(1, 2**62, "must be at least 1")
 _id = _int_in(1, 2**62, "not an id")
 _port = _int_in(1, 65535, "a port is 1 to 65535")
+_ttl = _int_in(60, 366 * 24 * 3600, "a token lives 60 to 31,622,400 seconds (a year), as STUDYHALL_TOKEN_TTL")
 
 
 def _name(raw: str) -> str:
@@ -582,6 +583,21 @@ def _name(raw: str) -> str:
         raise argparse.ArgumentTypeError("must not be blank")
     if not re.fullmatch(NO_CONTROL, raw) or len(raw) > 100:
         raise argparse.ArgumentTypeError("must be at most 100 characters, without control characters")
+    return raw
+
+
+def _title(raw: str) -> str:
+    """A video title as REST takes one: one line of at most 200 characters with something to read."""
+    import re
+
+    from server.api.schemas import LINE_TEXT
+    from store.frames import blank
+
+    raw = raw.strip()
+    if not raw or blank(raw):
+        raise argparse.ArgumentTypeError("must not be blank")
+    if not re.fullmatch(LINE_TEXT, raw) or len(raw) > 200:
+        raise argparse.ArgumentTypeError("must be at most 200 characters on one line, without control characters")
     return raw
 
 
@@ -620,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"studyhall: {exc}", file=sys.stderr)
         return 2
-    except (EmbedderError, LLMError) as exc:  # a model service that fails: what it said, in a line
+    except (EmbedderError, LLMError, EmbeddedError) as exc:  # a model service, or an embedded server, that fails
         print(f"studyhall: {exc}", file=sys.stderr)
         return 2
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError) as exc:

@@ -31,7 +31,7 @@ def _pgserver_root() -> Path:
     # Located without importing pgserver: its __init__ pulls in platformdirs and warns on headless boxes.
     spec = importlib.util.find_spec("pgserver")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the pgserver package is not installed; install studyhall's dependencies")
+        raise EmbeddedError("the pgserver package is not installed; install studyhall's dependencies")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -114,16 +114,22 @@ class Services:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
         with _locked(self.data_dir / "start.lock"):
-            probe = os.open(self.data_dir / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                try:
-                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    logger.info("embedded servers still in use by another process; leaving them running")
-                    return
-                stop_embedded(self.data_dir)
-            finally:
-                os.close(probe)
+            _stop_if_unused(self.data_dir)
+
+
+def _stop_if_unused(ddir: Path) -> None:
+    """Stop the data dir's embedded servers unless another process uses them (holds users.lock); the caller
+    holds start.lock, so nobody joins meanwhile."""
+    probe = os.open(ddir / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("embedded servers still in use by another process; leaving them running")
+            return
+        stop_embedded(ddir)
+    finally:
+        os.close(probe)
 
 
 class _locked:
@@ -140,6 +146,10 @@ class _locked:
         os.close(self.fd)
 
 
+class EmbeddedError(RuntimeError):
+    """An embedded server cannot be started here; the message says why and what to do."""
+
+
 def ensure_services(settings: Settings) -> Services:
     """Return URLs for Postgres and Redis, starting embedded servers for whichever URL is unset."""
     ddir = settings.data_dir
@@ -154,8 +164,13 @@ def ensure_services(settings: Settings) -> Services:
         embedded = set(known.get("EMBEDDED", "").split(","))
         db_url, pg_embedded = _choose(settings.database_url, known.get("DATABASE_URL"), "pg" in embedded,
                                       lambda: _ensure_postgres(ddir))
-        redis_url, redis_embedded = _choose(settings.redis_url, known.get("REDIS_URL"), "redis" in embedded,
-                                            lambda: _ensure_redis(ddir))
+        try:
+            redis_url, redis_embedded = _choose(settings.redis_url, known.get("REDIS_URL"), "redis" in embedded,
+                                                lambda: _ensure_redis(ddir))
+        except BaseException:
+            if pg_embedded:  # nobody would own the Postgres just joined or started: stop it unless in use
+                _stop_if_unused(ddir)
+            raise
         users_fd = os.open(ddir / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(users_fd, fcntl.LOCK_SH)
         write_connection_env(ddir, db_url, redis_url, embedded={"pg": pg_embedded, "redis": redis_embedded})
@@ -250,7 +265,7 @@ def _ensure_postgres(ddir: Path) -> str:
     user = _pg_system_user(pgdata)
     if not _pg_initialised(pgdata):
         if (pgdata / "postmaster.pid").exists():
-            raise RuntimeError(f"{pgdata} is an incomplete data directory with a server running on it; stop that "
+            raise EmbeddedError(f"{pgdata} is an incomplete data directory with a server running on it; stop that "
                                f"server (pg_ctl -D {pgdata} stop) or remove the directory")
         if pgdata.exists() and any(pgdata.iterdir()):
             # a first start cut off (Ctrl-C) before it finished; moved aside, never deleted
@@ -260,11 +275,15 @@ def _ensure_postgres(ddir: Path) -> str:
             user = _pg_system_user(pgdata)
             pgdata.mkdir(parents=True, exist_ok=True)
         logger.info("initialising embedded Postgres in %s", pgdata)
-        subprocess.run(
-            [_pg_bin("initdb"), "-D", str(pgdata), "--auth=trust", f"--username={PG_USER}", "-E", "UTF8",
-             "--no-locale", "--no-instructions"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, user=user,
-        )
+        try:
+            subprocess.run(
+                [_pg_bin("initdb"), "-D", str(pgdata), "--auth=trust", f"--username={PG_USER}", "-E", "UTF8",
+                 "--no-locale", "--no-instructions"],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, user=user,
+            )
+        except subprocess.CalledProcessError as exc:
+            raise EmbeddedError(f"initdb could not create {pgdata}: "
+                                f"{(exc.stderr or b'').decode(errors='replace').strip()[-500:]}") from exc
         with open(pgdata / "postgresql.conf", "a") as fh:
             fh.write(_PG_CONF)
     if not (pgdata / _PG_MARKER).exists():
@@ -285,7 +304,7 @@ def _ensure_postgres(ddir: Path) -> str:
                 )
             except subprocess.CalledProcessError as exc:
                 err.seek(0)
-                raise RuntimeError(_pg_failure(pgdata, err.read().decode(errors="replace"))) from exc
+                raise EmbeddedError(_pg_failure(pgdata, err.read().decode(errors="replace"))) from exc
     _create_db(port)
     return f"postgresql://{PG_USER}@127.0.0.1:{port}/{PG_DB}"
 
@@ -346,7 +365,7 @@ def _ensure_redis(ddir: Path) -> str:
         deadline = time.monotonic() + 20
         while not _port_open(port):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"embedded Redis did not start; see {rdir / 'redis.log'}")
+                raise EmbeddedError(f"embedded Redis did not start; see {rdir / 'redis.log'}")
             time.sleep(0.05)
     return f"redis://127.0.0.1:{port}/0"
 

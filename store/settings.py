@@ -7,6 +7,7 @@ import os
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ class Settings:
 def load_settings(data_dir: str | Path | None = None) -> Settings:
     """Read settings from the environment; generate and keep a secret in the data dir when unset."""
     ddir = Path(data_dir or _str("STUDYHALL_DATA_DIR", ".studyhall")).resolve()
-    secret = _str("STUDYHALL_SECRET") or _load_or_create_secret(ddir)
+    given = _str("STUDYHALL_SECRET")
+    secret = _secret(given, "STUDYHALL_SECRET") if given is not None else _load_or_create_secret(ddir)
     langs = tuple(x.strip() for x in (_str("STUDYHALL_YOUTUBE_LANGUAGES", "en") or "en").split(",") if x.strip())
     settings = Settings(
         data_dir=ddir,
@@ -130,16 +132,16 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         log_level=str(_choice("STUDYHALL_LOG_LEVEL", "info", ("debug", "info", "warning", "warn", "error", "critical",
                                                              "fatal", "notset"))).upper(),
         token_ttl_s=_bounded("STUDYHALL_TOKEN_TTL", 7 * 24 * 3600, 60, 366 * 24 * 3600),
-        max_upload_bytes=_bounded("STUDYHALL_MAX_UPLOAD_MB", 500, 1) * 1024 * 1024,
+        max_upload_bytes=_bounded("STUDYHALL_MAX_UPLOAD_MB", 500, 1, 100_000) * 1024 * 1024,
         embedder=str(_choice("STUDYHALL_EMBEDDER", "local", ("local", "openai"))),
         whisper_model=_str("STUDYHALL_WHISPER_MODEL"),
         youtube_languages=langs or ("en",),
-        tutor_daily_limit=_bounded("STUDYHALL_TUTOR_DAILY_LIMIT", 100, 1),
+        tutor_daily_limit=_bounded("STUDYHALL_TUTOR_DAILY_LIMIT", 100, 1, 1_000_000),
         job_heartbeat_ms=int(_ranged("STUDYHALL_JOB_HEARTBEAT_S", 30.0, 1.0, 3600.0) * 1000),
-        job_retry_base_s=_ranged("STUDYHALL_JOB_RETRY_BASE_S", 2.0, 0.0),
-        job_max_attempts=_bounded("STUDYHALL_JOB_MAX_ATTEMPTS", 5, 1),
-        worker_max_jobs=_bounded("STUDYHALL_WORKER_CONCURRENCY", 2, 1),
-        db_pool_max=_bounded("STUDYHALL_DB_POOL_MAX", 20, 2),
+        job_retry_base_s=_ranged("STUDYHALL_JOB_RETRY_BASE_S", 2.0, 0.0, 300.0),
+        job_max_attempts=_bounded("STUDYHALL_JOB_MAX_ATTEMPTS", 5, 1, 1000),
+        worker_max_jobs=_bounded("STUDYHALL_WORKER_CONCURRENCY", 2, 1, 1000),
+        db_pool_max=_bounded("STUDYHALL_DB_POOL_MAX", 20, 2, 1000),
         openai_api_key=_str("OPENAI_API_KEY"),
         openai_base_url=_str("OPENAI_BASE_URL"),
         openai_model=_str("OPENAI_MODEL", "gpt-4o-mini") or "gpt-4o-mini",
@@ -148,21 +150,21 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         anthropic_base_url=_str("ANTHROPIC_BASE_URL"),
         anthropic_model=_str("ANTHROPIC_MODEL", "claude-sonnet-4-5") or "claude-sonnet-4-5",
         llm_provider=_choice("STUDYHALL_LLM", None, ("auto", "extractive", "openai", "anthropic")),
-        ws_max_text=_bounded("STUDYHALL_WS_MAX_TEXT", 4000, 1),
-        ws_send_rate=_ranged("STUDYHALL_WS_SEND_RATE", 3.0, 0.001),
-        ws_send_burst=_bounded("STUDYHALL_WS_SEND_BURST", 10, 1),
-        ws_queue_max=_bounded("STUDYHALL_WS_QUEUE", 1000, 1),
-        ws_max_per_user=_bounded("STUDYHALL_WS_MAX_PER_USER", 50, 1),
+        ws_max_text=_bounded("STUDYHALL_WS_MAX_TEXT", 4000, 1, 60_000),
+        ws_send_rate=_ranged("STUDYHALL_WS_SEND_RATE", 3.0, 0.001, 1_000_000.0),
+        ws_send_burst=_bounded("STUDYHALL_WS_SEND_BURST", 10, 1, 1_000_000),
+        ws_queue_max=_bounded("STUDYHALL_WS_QUEUE", 1000, 1, 1_000_000),
+        ws_max_per_user=_bounded("STUDYHALL_WS_MAX_PER_USER", 50, 1, 100_000),
         ws_stall_s=_ranged("STUDYHALL_WS_STALL_S", 45.0, 1.0, 3600.0),
         presence_ttl_s=_ranged("STUDYHALL_PRESENCE_TTL", 15.0, 1.0, 3600.0),
-        presence_max=_bounded("STUDYHALL_PRESENCE_MAX", 200, 1),
+        presence_max=_bounded("STUDYHALL_PRESENCE_MAX", 200, 1, 1_000_000),
         review_threshold=_ranged("STUDYHALL_REVIEW_THRESHOLD", 0.7, 0.0, 1.0),
         review_band=_band(_str("STUDYHALL_REVIEW_BAND", "40,60") or "40,60"),
-        max_answer_chars=_bounded("STUDYHALL_MAX_ANSWER_CHARS", 20_000, 1),
+        max_answer_chars=_bounded("STUDYHALL_MAX_ANSWER_CHARS", 20_000, 1, 1_000_000),
         video_complete_share=_share("STUDYHALL_VIDEO_COMPLETE_SHARE", 0.9),
-        progress_rate=_ranged("STUDYHALL_PROGRESS_RATE", 1.0, 0.001),
-        progress_burst=_bounded("STUDYHALL_PROGRESS_BURST", 30, 1),
-        leaderboard_event_s=_ranged("STUDYHALL_LEADERBOARD_EVENT_S", 5.0, 0.0),
+        progress_rate=_ranged("STUDYHALL_PROGRESS_RATE", 1.0, 0.001, 1_000_000.0),
+        progress_burst=_bounded("STUDYHALL_PROGRESS_BURST", 30, 1, 1_000_000),
+        leaderboard_event_s=_ranged("STUDYHALL_LEADERBOARD_EVENT_S", 5.0, 0.0, 3600.0),
         match_weekday=_bounded("STUDYHALL_MATCH_WEEKDAY", 0, 0, 6),
         match_hour=_bounded("STUDYHALL_MATCH_HOUR", 6, 0, 23),
         match_weekly=_flag("STUDYHALL_MATCH_WEEKLY", True),
@@ -180,6 +182,14 @@ def _url(name: str, schemes: tuple[str, ...]) -> str | None:
     scheme, sep, _ = raw.partition("://")
     if not sep or scheme.lower() not in schemes:
         raise SystemExit(f"{name} must be a URL starting {' or '.join(f'{x}://' for x in schemes)}, got {raw!r}")
+    parts = urlsplit(raw)
+    if "," not in parts.netloc:  # a list of Postgres hosts is asyncpg's to read
+        try:
+            parts.port  # noqa: B018 - a port that is not a number from 0 to 65535 raises
+        except ValueError as exc:
+            raise SystemExit(f"{name} has an unusable port ({exc}), got {raw!r}") from None
+    if scheme.lower() in ("redis", "rediss") and parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        raise SystemExit(f"{name}: the path after the host is a database number, got {raw!r}")
     return raw
 
 
@@ -246,14 +256,32 @@ def _band(raw: str) -> tuple[float, float]:
     return low, high
 
 
+MIN_SECRET_CHARS = 32  # HS256 wants a key at least as long as its hash (PyJWT warns below 32 bytes)
+
+
+def _secret(value: str, where: str, hint: str = "") -> str:
+    """The signing secret, if long enough to sign with; else the start stops saying where it came from."""
+    value = value.strip()
+    if len(value) < MIN_SECRET_CHARS:
+        raise SystemExit(f"{where} must hold a secret of at least {MIN_SECRET_CHARS} characters, it holds "
+                         f"{len(value)}{hint}")
+    return value
+
+
 def _load_or_create_secret(ddir: Path) -> str:
     path = ddir / "secret"
+    hint = " (delete the file to have one generated; tokens signed with the old one stop working)"
     if path.exists():
-        return path.read_text().strip()
+        return _secret(path.read_text(), str(path), hint)
     ddir.mkdir(parents=True, exist_ok=True)
     tmp = ddir / f".secret.{os.getpid()}"
-    tmp.write_text(secrets.token_urlsafe(48))
-    tmp.chmod(0o600)
+    tmp.unlink(missing_ok=True)
+    # readable by the owner only from the start, and on disk before it is linked: a crash cannot leave an
+    # empty secret behind
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(secrets.token_urlsafe(48))
+        f.flush()
+        os.fsync(f.fileno())
     # link() is atomic and fails if the file exists: when two processes race, one secret wins.
     try:
         os.link(tmp, path)
@@ -262,4 +290,4 @@ def _load_or_create_secret(ddir: Path) -> str:
         pass
     finally:
         tmp.unlink(missing_ok=True)
-    return path.read_text().strip()
+    return _secret(path.read_text(), str(path), hint)

@@ -17,7 +17,7 @@ from msgspec import Meta
 from ingest.errors import IngestError
 from ingest.progress import announce_job
 from ingest.submit import (DuplicateVideo, FileTooLarge, UnsupportedFile, create_video, inspect_file, queue_job,
-                           submit_job)
+                           submit_job, title_from_filename)
 from server.api.courses import course_or_404
 from server.api.paging import ListLimit, Offset
 from server.api.schemas import Strict, Title
@@ -181,9 +181,8 @@ class VideoController(Controller):
                 raise ApiError(400, "title must not contain control characters", field="title")
             if title:
                 title = trimmed(title, "title")  # something to read, not only invisible characters
-            else:  # from the file's name, which the user did not write as a title: made to fit
-                title = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", Path(up.filename or "").stem).split())[:200].strip()
-                title = title if title and not blank(title) else "untitled"
+            else:
+                title = title_from_filename(up.filename)
             try:
                 source, kind = await asyncio.to_thread(inspect_file, up.path, up.filename)
             except UnsupportedFile as exc:

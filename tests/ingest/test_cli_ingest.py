@@ -34,7 +34,14 @@ def test_cli_ingest_rejects_bad_input(client, make: Factory, data_dir, tmp_path)
     out = _cli(data_dir, "ingest", str(cid), "--youtube", "https://example.com/watch?v=nope")
     assert out.returncode == 2 and "YouTube" in out.stderr
     assert _cli(data_dir, "ingest", "999999999", "--youtube", "dQw4w9WgXcQ").returncode == 2
+    # titles as REST takes them: one line, at most 200 characters (an escape sequence reached tutor answers)
+    for title in ("bad\x1b[31mred", "two\nlines", "x" * 201, " "):
+        out = _cli(data_dir, "ingest", str(cid), "--youtube", "dQw4w9WgXcQ", "--title", title)
+        assert out.returncode == 2 and "--title" in out.stderr, (repr(title), out.stderr)
     assert client.get(f"/api/v1/courses/{cid}/videos", headers=inst.h).json() == []
+    # a token's lifetime is bounded as STUDYHALL_TOKEN_TTL is
+    out = _cli(data_dir, "token", "--user", "ttl-check", "--role", "learner", "--ttl", str(2**40))
+    assert out.returncode == 2 and "31,622,400" in out.stderr, out.stderr
 
 
 def test_reembed_after_model_switch(client, make: Factory, worker, data_dir, settings):

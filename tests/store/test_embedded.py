@@ -159,6 +159,28 @@ def test_a_first_start_cut_off_midway_is_redone(tmp_path):
     assert "max_connections = 310" in conf.read_text() and len(list(ddir.glob("pg.incomplete-*"))) == 1
 
 
+def test_an_embedded_server_that_will_not_start_is_one_line_and_leaves_nothing_running(tmp_path):
+    """A Postgres refusing its settings was a chained traceback; a Redis that could not start left the Postgres
+    just started running for nobody."""
+    ddir = tmp_path / "data"
+    _cli(ddir, "migrate")  # initialised (and stopped again when the command ends)
+    conf = ddir / "pg" / "postgresql.conf"
+    good = conf.read_text()
+    conf.write_text(good + "\nnot_a_setting = 1\n")
+    out = subprocess.run([sys.executable, "-m", "server.cli", "migrate"], cwd=ROOT, env=clean_env(ddir),
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 2 and "\nstudyhall: " in out.stderr and "Traceback" not in out.stderr, out.stderr
+    conf.write_text(good)
+    (ddir / "redis").rename(ddir / "redis.aside")
+    (ddir / "redis").write_text("a file where Redis keeps its data")
+    out = subprocess.run([sys.executable, "-m", "server.cli", "migrate"], cwd=ROOT, env=clean_env(ddir),
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    from store.embedded import _pg_running_port
+
+    assert _pg_running_port(ddir / "pg") is None  # the Postgres it started is stopped again
+
+
 def test_a_postgres_that_will_not_start_says_why(tmp_path):
     from store.embedded import _pg_failure
 

@@ -18,7 +18,9 @@ def test_a_completion_share_outside_0_to_1_stops_startup(monkeypatch, tmp_path, 
 @pytest.mark.parametrize("name,raw", [("STUDYHALL_LLM", "gpt4"), ("STUDYHALL_EMBEDDER", "minilm"),
                                       ("STUDYHALL_LOG_LEVEL", "verbose"), ("STUDYHALL_PORT", "70000"),
                                       ("STUDYHALL_PORT", "0"), ("REDIS_URL", "notaurl"),
-                                      ("REDIS_URL", "postgresql://x@h/db"), ("DATABASE_URL", "localhost:5432")])
+                                      ("REDIS_URL", "postgresql://x@h/db"), ("DATABASE_URL", "localhost:5432"),
+                                      ("DATABASE_URL", "postgresql://postgres@127.0.0.1:abc/studyhall"),
+                                      ("REDIS_URL", "redis://127.0.0.1:99999/0"), ("REDIS_URL", "redis://h:6379/0x")])
 def test_a_misspelt_choice_or_a_bad_port_stops_startup(monkeypatch, tmp_path, name, raw):
     """Caught at the start, not as a 500 on every ask or a traceback once logging starts."""
     monkeypatch.setenv(name, raw)
@@ -33,7 +35,13 @@ def test_a_misspelt_choice_or_a_bad_port_stops_startup(monkeypatch, tmp_path, na
                                       ("STUDYHALL_JOB_MAX_ATTEMPTS", "0"), ("STUDYHALL_MAX_UPLOAD_MB", "-5"),
                                       ("STUDYHALL_LEADERBOARD_EVENT_S", "-1"), ("STUDYHALL_TUTOR_DAILY_LIMIT", "0"),
                                       ("STUDYHALL_JOB_HEARTBEAT_S", "1e306"), ("STUDYHALL_WS_STALL_S", "1e300"),
-                                      ("STUDYHALL_PRESENCE_TTL", "1e9"), ("STUDYHALL_TOKEN_TTL", "100000000000")])
+                                      ("STUDYHALL_PRESENCE_TTL", "1e9"), ("STUDYHALL_TOKEN_TTL", "100000000000"),
+                                      # past what Postgres stores (every ask or upload was a 400) or Redis takes
+                                      ("STUDYHALL_TUTOR_DAILY_LIMIT", "3000000000"),
+                                      ("STUDYHALL_JOB_MAX_ATTEMPTS", "3000000000"),
+                                      ("STUDYHALL_LEADERBOARD_EVENT_S", "1e20"), ("STUDYHALL_JOB_RETRY_BASE_S", "1e9"),
+                                      ("STUDYHALL_MAX_UPLOAD_MB", "10000000000000"), ("STUDYHALL_WS_QUEUE", "1e7"),
+                                      ("STUDYHALL_DB_POOL_MAX", "100000"), ("STUDYHALL_WS_MAX_TEXT", "100000000")])
 def test_a_number_outside_its_range_stops_startup(monkeypatch, tmp_path, name, raw):
     """A threshold of nan never holds a grade, 70 (meant as a percent) holds every one; weekday 7 or hour 24
     schedule the weekly match for a time that never comes; a rate of 0 refuses every send."""
@@ -76,3 +84,28 @@ def test_a_provider_named_without_its_key_stops_startup(monkeypatch, tmp_path, e
         load_settings(tmp_path)
     monkeypatch.setenv("OPENAI_BASE_URL" if env[which] == "openai" else "ANTHROPIC_API_KEY", "http://127.0.0.1:9/v1")
     load_settings(tmp_path)
+
+
+def test_urls_that_connect_are_taken(monkeypatch, tmp_path):
+    for name, raw in (("DATABASE_URL", "postgresql://a@h1:5432,h2:5433/db"), ("REDIS_URL", "unix:///tmp/r.sock?db=1"),
+                      ("REDIS_URL", "redis://h:6379"), ("REDIS_URL", "rediss://u:p@h:6380/3")):
+        monkeypatch.setenv(name, raw)
+        assert getattr(load_settings(tmp_path), name.lower()) == raw
+
+
+def test_a_secret_too_short_to_sign_with_stops_startup(monkeypatch, tmp_path):
+    """An empty secret file gave a server that said it was ready and answered every signed-in request with a 500
+    (and a CLI traceback); a one-character secret signed tokens anyone could forge."""
+    monkeypatch.delenv("STUDYHALL_SECRET", raising=False)
+    (tmp_path / "secret").write_text("\n")
+    with pytest.raises(SystemExit, match="secret must hold a secret of at least 32 characters, it holds 0"):
+        load_settings(tmp_path)
+    (tmp_path / "secret").unlink()
+    made = load_settings(tmp_path).secret  # generated: long enough, owner-only
+    assert len(made) >= 32 and (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
+    assert load_settings(tmp_path).secret == made
+    monkeypatch.setenv("STUDYHALL_SECRET", "x")
+    with pytest.raises(SystemExit, match="STUDYHALL_SECRET must hold a secret of at least 32"):
+        load_settings(tmp_path)
+    monkeypatch.setenv("STUDYHALL_SECRET", "s" * 32)
+    assert load_settings(tmp_path).secret == "s" * 32
