@@ -6,7 +6,7 @@ from typing import TypeVar
 import msgspec
 from litestar import Request
 
-from server.api.schemas import LINE_TEXT, LINES, NO_CONTROL, NOT_BLANK
+from server.api.schemas import LINE_TEXT, LINES, NO_CONTROL, NOT_BLANK, ONE_LINE
 from server.errors import ApiError, field_of
 from store.frames import blank, has_nul
 
@@ -32,7 +32,8 @@ def decode_json(raw: bytes, typ: type[T]) -> T:
 # msgspec names the regex a string failed; say what it means instead
 _PATTERNS = {repr(NOT_BLANK): "must not be blank", repr(NO_CONTROL): "must not contain control characters",
              repr(LINES): "must not contain control characters other than tabs and line breaks",
-             repr(LINE_TEXT): "must not be blank, nor contain control characters or line breaks"}
+             repr(LINE_TEXT): "must not be blank, nor contain control characters or line breaks",
+             repr(ONE_LINE): "must not contain control characters or line breaks"}
 
 
 def trimmed(value: str, field: str) -> str:

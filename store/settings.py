@@ -150,7 +150,7 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         anthropic_base_url=_str("ANTHROPIC_BASE_URL"),
         anthropic_model=_str("ANTHROPIC_MODEL", "claude-sonnet-4-5") or "claude-sonnet-4-5",
         llm_provider=_choice("STUDYHALL_LLM", None, ("auto", "extractive", "openai", "anthropic")),
-        ws_max_text=_bounded("STUDYHALL_WS_MAX_TEXT", 4000, 1, 60_000),
+        ws_max_text=_bounded("STUDYHALL_WS_MAX_TEXT", 4000, 1, 10_000),
         ws_send_rate=_ranged("STUDYHALL_WS_SEND_RATE", 3.0, 0.001, 1_000_000.0),
         ws_send_burst=_bounded("STUDYHALL_WS_SEND_BURST", 10, 1, 1_000_000),
         ws_queue_max=_bounded("STUDYHALL_WS_QUEUE", 1000, 1, 1_000_000),
@@ -260,11 +260,12 @@ MIN_SECRET_CHARS = 32  # HS256 wants a key at least as long as its hash (PyJWT w
 
 
 def _secret(value: str, where: str, hint: str = "") -> str:
-    """The signing secret, if long enough to sign with; else the start stops saying where it came from."""
-    value = value.strip()
-    if len(value) < MIN_SECRET_CHARS:
+    """The signing secret as given, if long enough to sign with; else the start stops saying where it came from.
+    (Not trimmed: a secret from a file mounted into the environment often ends in a line break, and tokens
+    signed with it must stay valid.)"""
+    if len(value.strip()) < MIN_SECRET_CHARS:
         raise SystemExit(f"{where} must hold a secret of at least {MIN_SECRET_CHARS} characters, it holds "
-                         f"{len(value)}{hint}")
+                         f"{len(value.strip())}{hint}")
     return value
 
 
@@ -272,7 +273,7 @@ def _load_or_create_secret(ddir: Path) -> str:
     path = ddir / "secret"
     hint = " (delete the file to have one generated; tokens signed with the old one stop working)"
     if path.exists():
-        return _secret(path.read_text(), str(path), hint)
+        return _secret(path.read_text().strip(), str(path), hint)
     ddir.mkdir(parents=True, exist_ok=True)
     tmp = ddir / f".secret.{os.getpid()}"
     tmp.unlink(missing_ok=True)
@@ -290,4 +291,4 @@ def _load_or_create_secret(ddir: Path) -> str:
         pass
     finally:
         tmp.unlink(missing_ok=True)
-    return _secret(path.read_text(), str(path), hint)
+    return _secret(path.read_text().strip(), str(path), hint)

@@ -190,15 +190,18 @@ async def queue(conn: asyncpg.Connection, course_id: int, limit: int, offset: in
 
 
 async def learner_results(conn: asyncpg.Connection, course_id: int, user_id: int) -> list[asyncpg.Record]:
-    """Per published assignment: the learner's final attempts (latest first) and the concept it belongs to."""
+    """Per published assignment: the scores of the learner's graded attempts, latest attempt first (an earlier
+    attempt graded later, say on review, does not count as the latest), when the latest of them was submitted,
+    and the concept the assignment belongs to."""
     return await conn.fetch(
         """SELECT a.id AS assignment_id, a.title, a.type, a.difficulty, a.max_attempts, a.opens_at, a.closes_at,
                   a.video_id, a.chapter_id, a.concept, a.citation,
                   ch.start_s AS chapter_start, ch.end_s AS chapter_end, ch.title AS chapter_title, v.title AS video_title,
                   v.youtube_id,
-                  coalesce(array_agg(s.score ORDER BY s.final_at DESC) FILTER (WHERE s.status = 'graded'), '{}')
+                  coalesce(array_agg(s.score ORDER BY s.attempt DESC) FILTER (WHERE s.status = 'graded'), '{}')
                       AS scores,
-                  count(s.id) AS attempts, max(s.final_at) AS last_at
+                  count(s.id) AS attempts,
+                  (array_agg(s.created_at ORDER BY s.attempt DESC) FILTER (WHERE s.status = 'graded'))[1] AS last_at
            FROM assignments a
            LEFT JOIN chapters ch ON ch.id = a.chapter_id
            LEFT JOIN videos v ON v.id = a.video_id

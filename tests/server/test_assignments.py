@@ -413,3 +413,21 @@ def test_an_instructors_score_counts_as_it_is_shown(server, client, make: Factor
     client.post(f"/api/v1/submissions/{s['id']}/review", json={"score": 99.97}, headers=inst.h)
     kinds = {r["kind"] for r in fetch(settings, "SELECT kind FROM xp_events WHERE user_id = $1", learner.id)}
     assert {"assignment_passed", "perfect_score"} <= kinds, kinds
+
+
+def test_the_next_step_goes_by_the_latest_attempt_whenever_earlier_ones_are_reviewed(server, client, make: Factory):
+    """An instructor approving attempt 1 (failed) after attempt 2 passed made attempt 1 the 'latest' grade: the
+    learner was told to step down and rewatch."""
+    course = make_course(server, make, learners=1)
+    inst, (learner,) = course.instructor, course.learners
+    a = published(client, course, {**MC, "max_attempts": 2})
+    url = f"/api/v1/assignments/{a['id']}/submissions"
+    first = client.post(url, json={"answer": [0]}, headers=learner.h).json()
+    assert first["score"] == 0
+    assert client.post(url, json={"answer": [1]}, headers=learner.h).json()["score"] == 100
+    before = client.get(f"/api/v1/courses/{course.id}/me/next", headers=learner.h).json()
+    r = client.post(f"/api/v1/submissions/{first['id']}/review", json={}, headers=inst.h)
+    assert r.status_code == 200, r.text
+    after = client.get(f"/api/v1/courses/{course.id}/me/next", headers=learner.h).json()
+    assert [c["status"] for c in after["concepts"]] == [c["status"] for c in before["concepts"]] == ["mastered"]
+    assert after["difficulty"] == before["difficulty"]

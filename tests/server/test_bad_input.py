@@ -126,6 +126,7 @@ async def test_titles_polls_and_goals_refuse_invisible_or_control_character_text
             ("POST", "/api/v1/bots", {"name": "bridge", "label": "disc\nord"}, "label")]:
         r = client.request(method, url, json=body, headers=inst.h)
         assert r.status_code == 400 and r.json().get("field") == field, (url, r.text)
+        assert "must not contain control characters" in r.json()["message"], r.text  # said, not a regex
     r = client.patch(f"/api/v1/courses/{course.id}", json={"description": "Week 1:\n\tvectors"}, headers=inst.h)
     assert r.status_code == 200 and r.json()["description"] == "Week 1:\n\tvectors", r.text
     # without a title, one from a file name with nothing visible in it is "untitled"

@@ -112,6 +112,11 @@ async def test_completion_earns_xp_once_and_live(server, client, make: Factory, 
     assert ach["lessons-10"]["progress"] == 2 and ach["lessons-10"]["target"] == 10
     ledger = client.get("/api/v1/me/xp?limit=2", headers=a.h).json()
     assert [e["kind"] for e in ledger] == ["course_completed", "lesson_completed"]
+    # ids past 64 bits are refused naming the parameter, not with the database's generic 400
+    r = client.get(f"/api/v1/me/xp?before={2**63}", headers=a.h)
+    assert r.status_code == 400 and r.json()["field"] == "before", r.text
+    r = client.get(f"/api/v1/courses/{course.id}/progress?user_id={2**63}", headers=course.instructor.h)
+    assert r.status_code == 400 and r.json()["field"] == "user_id", r.text
 
 
 async def test_an_achievement_caught_up_on_read_is_announced(server, client, make: Factory, settings):

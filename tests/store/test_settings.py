@@ -107,5 +107,5 @@ def test_a_secret_too_short_to_sign_with_stops_startup(monkeypatch, tmp_path):
     monkeypatch.setenv("STUDYHALL_SECRET", "x")
     with pytest.raises(SystemExit, match="STUDYHALL_SECRET must hold a secret of at least 32"):
         load_settings(tmp_path)
-    monkeypatch.setenv("STUDYHALL_SECRET", "s" * 32)
-    assert load_settings(tmp_path).secret == "s" * 32
+    monkeypatch.setenv("STUDYHALL_SECRET", "s" * 32 + "\n")  # as given (tokens signed with it stay valid)
+    assert load_settings(tmp_path).secret == "s" * 32 + "\n"
