@@ -231,15 +231,26 @@ class OpenAIEmbedder:
         return params
 
     def _collect(self, batch: list[str], response: Any) -> np.ndarray:
-        rows = sorted(response.data, key=lambda d: d.index)
+        try:
+            rows = sorted(response.data, key=lambda d: d.index)
+            vecs = [r.embedding for r in rows]
+        except (AttributeError, TypeError, KeyError) as exc:  # a proxy's HTML page, a body without `data`
+            raise EmbedderError(f"{self.name}: unusable reply from the embedding service "
+                                f"({type(exc).__name__}: {exc}): {str(response)[:120]!r}") from exc
+        return self._checked(batch, rows, vecs)
+
+    def _checked(self, batch: list[str], rows: list, vecs: list) -> np.ndarray:
         if len(rows) != len(batch):
             raise EmbedderError(f"{self.name}: sent {len(batch)} inputs, got {len(rows)} embeddings")
-        widths = {len(r.embedding) for r in rows}
-        if len(widths) != 1 or (self._dim is not None and widths != {self._dim}):
-            raise EmbedderError(f"{self.name}: expected {self._dim or 'equal'}-width vectors, got widths {widths}")
-        vecs = np.asarray([r.embedding for r in rows], dtype=np.float32)
-        self._dim = vecs.shape[1]
-        return _normalise(vecs)
+        try:
+            widths = {len(v) for v in vecs}
+            if len(widths) != 1 or (self._dim is not None and widths != {self._dim}):
+                raise EmbedderError(f"{self.name}: expected {self._dim or 'equal'}-width vectors, got widths {widths}")
+            out = np.asarray(vecs, dtype=np.float32)
+        except (TypeError, ValueError) as exc:  # vectors that are not lists of numbers
+            raise EmbedderError(f"{self.name}: unusable vectors from the embedding service ({exc})") from exc
+        self._dim = out.shape[1]
+        return _normalise(out)
 
     def _chunks(self, texts: list[str]) -> list[list[str]]:
         texts = _text_list(texts)
@@ -249,7 +260,7 @@ class OpenAIEmbedder:
         """Embed texts, at most 2048 per request; rows are unit vectors in input order."""
         try:
             parts = [self._collect(b, self._client.embeddings.create(**self._params(b))) for b in self._chunks(texts)]
-        except self._sdk_error as exc:  # after the SDK's own retries: the service is down, or refuses us
+        except (self._sdk_error, ValueError) as exc:  # after the SDK's retries: down, refusing, or not JSON
             raise EmbedderError(f"{self.name}: the embedding service failed: {exc}") from exc
         return np.concatenate(parts) if parts else np.empty((0, self._dim or 0), dtype=np.float32)
 
@@ -259,7 +270,7 @@ class OpenAIEmbedder:
         for b in self._chunks(texts):
             try:
                 parts.append(self._collect(b, await self._aclient.embeddings.create(**self._params(b))))
-            except self._sdk_error as exc:
+            except (self._sdk_error, ValueError) as exc:
                 raise EmbedderError(f"{self.name}: the embedding service failed: {exc}") from exc
         return np.concatenate(parts) if parts else np.empty((0, self._dim or 0), dtype=np.float32)
 

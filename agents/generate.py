@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from agents.llm import LLM, LLMError
+from agents.llm import LLM, LLMError, first_json_object
 from agents.scoring import STOPWORDS
 
 logger = logging.getLogger(__name__)
@@ -207,11 +207,14 @@ async def llm_items(llm: LLM, chapter_title: str, video_id: int, chapter: list[S
     prompt = (f"Chapter: {chapter_title}\nWrite {count} {difficulty} questions of these types: {', '.join(types)}."
               f"\n\nTranscript:\n{transcript}")
     try:
+        # room for every item asked for (about 300 tokens each): a reply cut at the limit is no JSON at all
         completion = await llm.complete([{"role": "user", "content": prompt}], system=GENERATE_SYSTEM,
-                                        max_tokens=1500)
-        m = re.search(r"\{.*\}", completion.text, re.S)
-        items = msgspec.json.decode(m.group(0), type=_LLMItems).items if m else []
-    except (LLMError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+                                        max_tokens=max(1500, 350 * count))
+        if completion.truncated:
+            logger.warning("LLM generation reached its length limit; keeping what parses")
+        items = msgspec.json.decode(first_json_object(completion.text), type=_LLMItems).items
+    except (LLMError, ValueError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        # ValueError: no JSON object in the reply, or text that cannot be encoded (a lone surrogate)
         logger.warning("LLM generation failed, using offline items: %s", exc)
         return []
     out: list[Draft] = []

@@ -21,7 +21,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 
 from agents import scoring
-from agents.llm import LLM, LLMError
+from agents.llm import LLM, LLMError, first_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -157,14 +157,7 @@ class _LLMGrade(msgspec.Struct):
 
 
 def _parse_llm(text: str, criteria: list[Criterion]) -> dict[str, Any]:
-    start = text.find("{")
-    if start < 0:
-        raise ValueError("the model's reply holds no JSON object")
-    try:  # where the first JSON object ends; prose after it (braces included) is ignored
-        _, end = json.JSONDecoder().raw_decode(text, start)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"the model's reply holds no valid JSON object: {exc}") from None
-    grade = msgspec.json.decode(text[start:end], type=_LLMGrade)  # strict: no NaN or infinity
+    grade = msgspec.json.decode(first_json_object(text), type=_LLMGrade)  # strict: no NaN or infinity
     names = [c.name.strip().lower() for c in grade.criteria]
     wanted = [c["name"].strip().lower() for c in criteria]
     if len(set(names)) < len(names):

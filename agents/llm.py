@@ -44,6 +44,7 @@ class Completion:
     model: str  # as the server reported it (e.g. a dated snapshot), else the requested model
     provider: str
     latency_s: float  # request to last byte; for a stream this includes the consumer's time between deltas
+    truncated: bool = False  # the reply stopped at `max_tokens`, not where the model meant to end it
 
 
 class LLMError(Exception):
@@ -63,6 +64,7 @@ class _End:
 
     usage: Usage
     model: str
+    truncated: bool = False
 
 
 class LLMStream:
@@ -103,6 +105,10 @@ class LLMStream:
                 raise
             except Exception as exc:
                 err = self._to_error(exc)
+                if err is None and isinstance(exc, (AttributeError, TypeError, KeyError, IndexError)):
+                    # an event not in the API's shape (a chunk without `choices`, a delta without `delta`)
+                    err = LLMError(f"{self.provider}: unusable stream ({type(exc).__name__}: {exc})",
+                                   retryable=False, provider=self.provider)
                 if err is None:
                     raise
                 logger.warning("%s stream failed after %d chars: %s", self.provider, len(self.text), err.message)
@@ -121,7 +127,7 @@ class LLMStream:
         if self.completion is not None or self._end is None:
             return
         self.completion = Completion(self.text, self._end.usage, self._end.model or self.model, self.provider,
-                                     time.monotonic() - (self._t0 or time.monotonic()))
+                                     time.monotonic() - (self._t0 or time.monotonic()), self._end.truncated)
 
     async def aclose(self) -> None:
         await self._raw.aclose()  # type: ignore[attr-defined]
@@ -236,6 +242,11 @@ def _rejects_temperature(exc: Any, sent: dict) -> bool:
     return "temperature" in sent and "temperature" in f"{exc.message} {_api_message(exc.body) or ''}".lower()
 
 
+def _anthropic_usage(u: Any) -> Usage:
+    # Some Anthropic-compatible endpoints leave usage (or parts of it) out.
+    return Usage(getattr(u, "input_tokens", 0) or 0, getattr(u, "output_tokens", 0) or 0)
+
+
 def _openai_usage(u: Any) -> Usage:
     # Some OpenAI-compatible servers leave usage (or parts of it) out.
     return Usage(getattr(u, "prompt_tokens", 0) or 0, getattr(u, "completion_tokens", 0) or 0)
@@ -299,7 +310,8 @@ class OpenAIChat:
             if not resp.choices:
                 raise LLMError(f"{self.name}: the reply had no choices", retryable=True, provider=self.name)
             return Completion(resp.choices[0].message.content or "", _openai_usage(resp.usage),
-                              resp.model or self.model, self.name, time.monotonic() - t0)
+                              resp.model or self.model, self.name, time.monotonic() - t0,
+                              truncated=resp.choices[0].finish_reason == "length")
 
     def stream(self, messages: list[Message], *, system: str | None = None, max_tokens: int = 512,
                temperature: float | None = 0.2) -> LLMStream:
@@ -308,7 +320,7 @@ class OpenAIChat:
         return LLMStream(self.name, self.model, self._raw_stream(params), self._error)
 
     async def _raw_stream(self, params: dict) -> AsyncIterator[str | _End]:
-        usage, model, finished = Usage(), "", False
+        usage, model, finished, truncated = Usage(), "", False, False
         async with await self._create(params, stream=True, stream_options={"include_usage": True}) as chunks:
             async for chunk in chunks:
                 model = chunk.model or model
@@ -316,13 +328,14 @@ class OpenAIChat:
                     usage = _openai_usage(chunk.usage)
                 for choice in chunk.choices[:1]:
                     finished = finished or choice.finish_reason is not None
+                    truncated = truncated or choice.finish_reason == "length"
                     if choice.delta and choice.delta.content:
                         yield choice.delta.content
         # A connection closed cleanly mid-reply ends the SDK's iterator without an error.
         if not finished:
             raise LLMError(f"{self.name}: the stream ended before the reply was complete", retryable=True,
                            provider=self.name)
-        yield _End(usage, model)
+        yield _End(usage, model, truncated)
 
 
 class AnthropicChat:
@@ -380,8 +393,9 @@ class AnthropicChat:
             raise err from exc
         with _unusable(self.name, resp):
             text = "".join(block.text for block in resp.content if block.type == "text")
-            usage = Usage(resp.usage.input_tokens or 0, resp.usage.output_tokens or 0)
-            return Completion(text, usage, resp.model or self.model, self.name, time.monotonic() - t0)
+            return Completion(text, _anthropic_usage(getattr(resp, "usage", None)), resp.model or self.model,
+                              self.name, time.monotonic() - t0,
+                              truncated=getattr(resp, "stop_reason", None) == "max_tokens")
 
     def stream(self, messages: list[Message], *, system: str | None = None, max_tokens: int = 512,
                temperature: float | None = 0.2) -> LLMStream:
@@ -391,25 +405,40 @@ class AnthropicChat:
 
     async def _raw_stream(self, params: dict) -> AsyncIterator[str | _End]:
         input_tokens = output_tokens = 0
-        model, stopped = "", False
+        model, stopped, truncated = "", False, False
         async with await self._create(params, stream=True) as events:
             async for ev in events:
                 if ev.type == "message_start":
                     model = ev.message.model
-                    input_tokens = ev.message.usage.input_tokens
-                    output_tokens = ev.message.usage.output_tokens
+                    usage = _anthropic_usage(getattr(ev.message, "usage", None))
+                    input_tokens, output_tokens = usage.input_tokens, usage.output_tokens
                 elif ev.type == "content_block_delta" and ev.delta.type == "text_delta":
                     yield ev.delta.text
                 elif ev.type == "message_delta":
                     # Cumulative counts; input_tokens is only sometimes repeated here.
-                    output_tokens = ev.usage.output_tokens
-                    input_tokens = ev.usage.input_tokens or input_tokens
+                    usage = _anthropic_usage(getattr(ev, "usage", None))
+                    output_tokens = usage.output_tokens or output_tokens
+                    input_tokens = usage.input_tokens or input_tokens
+                    truncated = getattr(getattr(ev, "delta", None), "stop_reason", None) == "max_tokens"
                 elif ev.type == "message_stop":
                     stopped = True
         if not stopped:
             raise LLMError(f"{self.name}: the stream ended before the reply was complete", retryable=True,
                            provider=self.name)
-        yield _End(Usage(input_tokens, output_tokens), model)
+        yield _End(Usage(input_tokens, output_tokens), model, truncated)
+
+
+def first_json_object(text: str) -> str:
+    """The first JSON object in a model's reply; prose after it (braces included) is ignored. ValueError when
+    there is none."""
+    start = text.find("{")
+    if start < 0:
+        raise ValueError("the model's reply holds no JSON object")
+    try:
+        _, end = json.JSONDecoder().raw_decode(text, start)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the model's reply holds no valid JSON object: {exc}") from None
+    return text[start:end]
 
 
 @functools.cache

@@ -193,9 +193,13 @@ class Tutor:
         if stream.usage:
             self._account(s, stream.usage)
         text = stream.text.strip()
+        truncated = stream.completion is not None and stream.completion.truncated
+        if truncated and not text:  # a reasoning model can spend the whole budget thinking: not a "no"
+            return {"answer": "", "grounded": False,
+                    "error": f"{self.llm.name}: the reply reached its length limit before any answer"}
         if text.startswith("NOT_IN_COURSE"):
             return {"answer": "", "grounded": False}
-        return {"answer": text}
+        return {"answer": text + " …" if truncated else text}  # cut at the limit: say so
 
     async def decline(self, s: TutorState) -> dict:
         nearest = [citation(w) for w in (s.get("sources") or [])[:3]]

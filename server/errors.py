@@ -87,11 +87,15 @@ def gone_parent_handler(request: Request, exc: Exception) -> Response:
     return Response(body(404, "not_found", "something this request refers to no longer exists"), status_code=404)
 
 
+# The service's own words (an OpenAI error can quote the API key) stay in the log.
+EMBEDDER_UNAVAILABLE = "the embedding model is unavailable; try again shortly"
+
+
 def embedder_error_handler(request: Request, exc: Exception) -> Response:
     """The embedding model cannot be used now (the OpenAI embedder's service down or refusing, a broken install):
-    503 with the reason, not a bare 500. Ingest jobs retry on it by themselves."""
+    503 saying so (the reason is logged), not a bare 500. Ingest jobs retry on it by themselves."""
     logger.warning("embedder failed on %s %s: %s", request.method, request.url.path, exc)
-    return http_exception_handler(request, ApiError(503, f"the embedding model is unavailable: {exc}",
+    return http_exception_handler(request, ApiError(503, EMBEDDER_UNAVAILABLE,
                                                     code="embedder_unavailable", retry_after=5))
 
 

@@ -218,7 +218,8 @@ async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_del
         raise
     return {"answer": turn["answer"], "grounded": turn["grounded"], "citations": turn["citations"],
             "follow_ups": turn["follow_ups"], "nearest": result.get("nearest") or [], "session_id": turn["session_id"],
-            "turn_id": turn["id"], "mode": prep.mode, "cached": cached is not None, "error": result.get("error")}
+            "turn_id": turn["id"], "mode": prep.mode, "cached": cached is not None,
+            "error": public_error(result.get("error"))}
 
 
 async def _give_back(pool: Any, user_id: int, day: date | None, pending: int | None) -> None:
@@ -307,6 +308,18 @@ async def _answer_in_room(state: Any, user: Any, course_id: int, room_id: str, m
     told[0] = True
 
 
+# What askers (and a room) are told when the model failed: the provider's own words can quote the API key it
+# was given ("Incorrect API key provided: sk-wr***ng") and say nothing a learner can act on; they stay in the
+# log and in the turn's record.
+MODEL_FAILED = "the tutor's language model failed; please ask again"
+_OUR_ERRORS = frozenset({"interrupted", "internal error"})
+
+
+def public_error(error: str | None) -> str | None:
+    """The failure as the asker sees it (None: no failure)."""
+    return None if not error else error if error in _OUR_ERRORS else MODEL_FAILED
+
+
 def _failed(text: str, error: str) -> dict:
     return {"answer": text, "grounded": False, "citations": [], "follow_ups": [], "nearest": [], "turn_id": None,
             "error": error}
@@ -315,7 +328,7 @@ def _failed(text: str, error: str) -> dict:
 async def _reply(pool: Any, redis: Any, room_id: str, message_id: int, result: dict) -> None:
     """Post the tutor's reply to a room question (once: a second reply to the same question is not stored)."""
     if result.get("error"):
-        await publish(redis, room_topic(room_id), Error(code="tutor_failed", detail=result["error"],
+        await publish(redis, room_topic(room_id), Error(code="tutor_failed", detail=public_error(result["error"]),
                                                         ref=str(message_id)))
     meta = {"citations": result["citations"], "grounded": result["grounded"], "follow_ups": result["follow_ups"],
             "nearest": result["nearest"], "reply_to": message_id, "turn_id": result["turn_id"]}

@@ -122,10 +122,18 @@ def _vector(text: str, width: int) -> list[float]:
 
 class _EmbeddingsHandler(BaseHTTPRequestHandler):
     requests: list[dict] = []
+    raw: tuple[str, bytes] | None = None  # (content type, body): a 200 that is not the API's reply
 
     def do_POST(self):  # noqa: N802 - http.server's naming
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        if self.raw is not None:
+            self.send_response(200)
+            self.send_header("Content-Type", self.raw[0])
+            self.send_header("Content-Length", str(len(self.raw[1])))
+            self.end_headers()
+            self.wfile.write(self.raw[1])
+            return
         width = body.get("dimensions", 8)
         data = [
             {"object": "embedding", "index": i, "embedding": _vector(t, width)} for i, t in enumerate(body["input"])
@@ -152,6 +160,7 @@ class _EmbeddingsHandler(BaseHTTPRequestHandler):
 @pytest.fixture()
 def openai_server():
     _EmbeddingsHandler.requests = []
+    _EmbeddingsHandler.raw = None
     server = ThreadingHTTPServer(("127.0.0.1", 0), _EmbeddingsHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -206,3 +215,18 @@ def test_openai_vectors_of_an_unexpected_width_are_refused(openai_server):
     assert emb.dim == 1536
     with pytest.raises(EmbedderError, match="1536"):
         emb.embed(["a"])
+
+
+@pytest.mark.parametrize("raw", [("text/html", b"<html>Sign in to the proxy</html>"), ("application/json", b"{not json"),
+                                 ("application/json", b'{"data": null}'), ("application/json", b'{"object": "list"}'),
+                                 ("application/json", b'{"data": [{"index": 0, "embedding": "nope"}]}')])
+async def test_a_reply_not_in_the_apis_shape_is_an_embedder_error(openai_server, raw):
+    """A 200 that is not an embeddings reply escaped as AttributeError/TypeError/JSONDecodeError: a 500 for
+    the asker, where the API promises 503 embedder_unavailable."""
+    base_url, _ = openai_server
+    _EmbeddingsHandler.raw = raw
+    emb = OpenAIEmbedder("local-embed", api_key="sk-test", base_url=base_url, dim=8, max_retries=0)
+    with pytest.raises(EmbedderError):
+        emb.embed(["a"])
+    with pytest.raises(EmbedderError):
+        await emb.aembed(["a"])

@@ -68,6 +68,17 @@ async def test_llm_items_must_cite_a_real_moment():
         assert "[80.0] When two keys land" in fake.requests[-1].body["messages"][-1]["content"]
         fake.script(Reply("no json at all"))
         assert await llm_items(llm, "Hash tables", 5, CHAPTER, 4, "easy", ["short_answer"]) == []
+        # prose with braces after the JSON does not cost the items (it did: nothing parsed, all were dropped)
+        fake.script(Reply(json.dumps(reply) + "\nNote: I skipped the {aside}."))
+        again = await llm_items(llm, "Hash tables", 5, CHAPTER, 4, "easy", ["multiple_choice", "short_answer"])
+        assert [(i.type, i.citation["start"]) for i in again] == [("multiple_choice", 80), ("short_answer", 100)]
+        # room for every item asked for
+        assert fake.requests[-1].body["max_tokens"] == 1500
+        await llm_items(llm, "Hash tables", 5, CHAPTER, 20, "easy", ["short_answer"])
+        assert fake.requests[-1].body["max_tokens"] == 7000
+        # a lone surrogate in the reply is a reply that cannot be used, not a 500
+        fake.script(Reply('{"items": [{"type": "short_answer", "prompt": "\\ud83d", "start": 80.0}]} \ud83d'))
+        assert await llm_items(llm, "Hash tables", 5, CHAPTER, 4, "easy", ["short_answer"]) == []
     assert [(i.type, i.citation["start"]) for i in items] == [("multiple_choice", 80), ("short_answer", 100)]
     assert items[0].correct == [0] and items[1].reference_answer == "How full the table is."
 

@@ -3,6 +3,7 @@ through the real SDKs (retries off so failures are immediate)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 
 import pytest
@@ -330,3 +331,83 @@ def test_estimate_cost_usd():
     assert estimate_cost_usd("openai", "llama3", Usage(10, 10)) is None
     assert estimate_cost_usd("anthropic", "gpt-4o-mini", Usage(10, 10)) is None
     assert estimate_cost_usd("openai", "gpt-4o-audio-preview", Usage(10, 10)) is None
+
+
+def _sse(events: list[tuple[str | None, dict | str]]) -> str:
+    out = []
+    for name, data in events:
+        body = data if isinstance(data, str) else json.dumps(data)
+        out.append((f"event: {name}\n" if name else "") + f"data: {body}\n\n")
+    return "".join(out)
+
+
+def _openai_chunk(content: str | None, finish: str | None = None) -> dict:
+    return {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "delta": {"content": content} if content else {}, "finish_reason": finish}]}
+
+
+def _anthropic_events(stop_reason: str, *, usage: bool = True, delta: bool = True) -> list:
+    message = {"id": "m1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6", "content": [],
+               "stop_reason": None, **({"usage": {"input_tokens": 5, "output_tokens": 1}} if usage else {})}
+    block_delta = {"type": "content_block_delta", "index": 0,
+                   **({"delta": {"type": "text_delta", "text": "Half an ans"}} if delta else {})}
+    return [("message_start", {"type": "message_start", "message": message}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+            ("content_block_delta", block_delta),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop_reason},
+                               **({"usage": {"output_tokens": 3}} if usage else {})}),
+            ("message_stop", {"type": "message_stop"})]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_a_stream_not_in_the_apis_shape_is_an_llm_error(srv, provider):
+    """A chunk without `choices`, a delta event without its `delta`: an AttributeError or TypeError from deep
+    in the stream skipped every `except LLMError` (a 500 for the asker, the partial answer lost)."""
+    if provider == "openai":
+        body = _sse([(None, _openai_chunk("Hi")), (None, {"id": "c1", "object": "chat.completion.chunk",
+                                                          "created": 1, "model": "gpt-4o-mini"}), (None, "[DONE]")])
+    else:
+        body = _sse(_anthropic_events("end_turn", delta=False))
+    srv.script(Reply(raw=("text/event-stream", body)))
+    _, err = await drain(make(provider, srv).stream(USER))
+    assert err is not None and "unusable stream" in err.message and not err.retryable
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_a_reply_cut_at_the_length_limit_says_so(srv, provider):
+    """finish_reason "length" / stop_reason "max_tokens": the reply is not what the model meant to end with."""
+    if provider == "openai":
+        whole = {"id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "Half an ans"},
+                              "finish_reason": "length"}], "usage": {"prompt_tokens": 5, "completion_tokens": 3}}
+        streamed = _sse([(None, _openai_chunk("Half an ans")), (None, _openai_chunk(None, "length")), (None, "[DONE]")])
+    else:
+        whole = {"id": "m1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
+                 "content": [{"type": "text", "text": "Half an ans"}], "stop_reason": "max_tokens",
+                 "usage": {"input_tokens": 5, "output_tokens": 3}}
+        streamed = _sse(_anthropic_events("max_tokens"))
+    srv.script(Reply(raw=("application/json", json.dumps(whole))))
+    done = await make(provider, srv).complete(USER)
+    assert done.text == "Half an ans" and done.truncated
+    srv.script(Reply(raw=("text/event-stream", streamed)))
+    stream = make(provider, srv).stream(USER)
+    got, err = await drain(stream)
+    assert err is None and "".join(got) == "Half an ans" and stream.completion and stream.completion.truncated
+    srv.script(Reply(text="All of it."))
+    assert not (await make(provider, srv).complete(USER)).truncated
+
+
+async def test_an_anthropic_reply_without_usage_is_still_the_reply(srv):
+    """Some Anthropic-compatible endpoints leave usage out: the reply was thrown away as unusable (every grade
+    fell back to offline); it counts zero tokens instead, as OpenAI-compatible ones do."""
+    whole = {"id": "m1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
+             "content": [{"type": "text", "text": "Fine."}], "stop_reason": "end_turn"}
+    srv.script(Reply(raw=("application/json", json.dumps(whole))))
+    done = await make("anthropic", srv).complete(USER)
+    assert (done.text, done.usage) == ("Fine.", Usage(0, 0))
+    srv.script(Reply(raw=("text/event-stream", _sse(_anthropic_events("end_turn", usage=False)))))
+    stream = make("anthropic", srv).stream(USER)
+    got, err = await drain(stream)
+    assert err is None and "".join(got) == "Half an ans" and stream.usage == Usage(0, 0)

@@ -225,6 +225,8 @@ async def test_llm_error_mid_stream_in_a_room(openai_server, eval_course: EvalCo
     asked = await c.expect("message.new", client_msg_id="e1")
     err = await c.expect("error", timeout=60)
     assert err["code"] == "tutor_failed" and err["ref"] == str(asked["id"])
+    # the room hears that the model failed, not the provider's words (which can quote the API key)
+    assert err["detail"] == "the tutor's language model failed; please ask again", err
     final = await c.expect("message.new", timeout=60)
     assert final["author"]["role"] == "tutor" and final["meta"]["grounded"] is False
     assert final["meta"]["citations"] == []
@@ -738,3 +740,22 @@ async def test_a_room_question_deleted_while_it_is_answered_leaves_no_text(opena
     await c.close()
     row = fetch(settings, "SELECT question, standalone FROM tutor_turns WHERE id = $1", reply["meta"]["turn_id"])[0]
     assert (row["question"], row["standalone"]) == ("", ""), row
+
+
+def _length_capped_sse(text: str) -> str:
+    chunks = ([{"index": 0, "delta": {"content": text}, "finish_reason": None}] if text else []) + \
+        [{"index": 0, "delta": {}, "finish_reason": "length"}]
+    return "".join(f"data: {json.dumps({'id': 'c', 'object': 'chat.completion.chunk', 'created': 1, 'model': 'gpt-4o-mini', 'choices': [c]})}\n\n"
+                   for c in chunks) + "data: [DONE]\n\n"
+
+
+def test_an_answer_cut_at_the_length_limit_says_so(openai_server, eval_course: EvalCourse, fake_llm):
+    """A reply stopped by max_tokens was shown as finished; one that used the whole budget before any text (a
+    reasoning model thinking) was shown as "the course videos don't cover this"."""
+    fake_llm.reset()
+    fake_llm.script(Reply(raw=("text/event-stream", _length_capped_sse("A signature proves the owner approved [1] and"))))
+    body = _ask(openai_server, eval_course, "What does a signature prove about a bitcoin payment?")
+    assert body["answer"].endswith("and …") and body["grounded"] and body["citations"], body
+    fake_llm.script(Reply(raw=("text/event-stream", _length_capped_sse(""))))
+    body = _ask(openai_server, eval_course, "What exactly does a signature prove about a bitcoin payment?")
+    assert body["grounded"] is False and "don't cover" not in body["answer"] and "please ask again" in body["answer"]
