@@ -24,8 +24,8 @@ from server.api.videos import JobController, VideoController
 from server.auth import JWTAuthMiddleware
 from server import tutoring
 from agents.embedder import EmbedderError
-from server.errors import (data_error_handler, embedder_error_handler, gone_parent_handler, http_exception_handler,
-                           internal_error_handler)
+from server.errors import (UNREACHABLE, data_error_handler, embedder_error_handler, gone_parent_handler,
+                           http_exception_handler, internal_error_handler, unavailable_handler)
 from server.uploads import FRAMING
 from server.api.live import LiveController
 from server.api.pods import PodController
@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 PUBLIC_PATHS = ["^/health$", "^/ready$", "^/metrics$", "^/schema", "^/ws/"]
 
 
+REDIS_TIMEOUT_S = 10.0
+
+
 def create_app(settings: Settings) -> Litestar:
     """Build the app for `settings`, whose database and Redis URLs must be resolved."""
     assert settings.database_url and settings.redis_url, "resolve services before building the app"
@@ -52,7 +55,12 @@ def create_app(settings: Settings) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         app.state.settings = settings
         app.state.pool = await create_pool(settings.database_url, max_size=settings.db_pool_max)
-        app.state.redis = Redis.from_url(settings.redis_url)
+        # Commands give up after REDIS_TIMEOUT_S: a stalled or partitioned Redis is a 503, not a request hanging
+        # until TCP gives up. The hub's subscription waits for messages as long as it takes: a client of its own.
+        app.state.redis = Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT_S,
+                                         socket_connect_timeout=REDIS_TIMEOUT_S)
+        app.state.pubsub_redis = Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S,
+                                                socket_keepalive=True)
         app.state.arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
         app.state.tutor_tasks = set()  # running tutor answers (server.tutoring.track)
         logger.info("studyhall app ready")
@@ -64,6 +72,7 @@ def create_app(settings: Settings) -> Litestar:
             await leaderboards.drain()  # leaderboard.changed under way, and the end of a burst
             await app.state.arq.aclose()
             await app.state.redis.aclose()
+            await app.state.pubsub_redis.aclose()
             await app.state.pool.close()
             if getattr(app.state, "ready_conn", None) is not None:
                 await app.state.ready_conn.close()
@@ -78,7 +87,7 @@ def create_app(settings: Settings) -> Litestar:
         middleware=[DefineMiddleware(JWTAuthMiddleware, exclude=PUBLIC_PATHS)],
         exception_handlers={HTTPException: http_exception_handler, asyncpg.DataError: data_error_handler,
                             asyncpg.ForeignKeyViolationError: gone_parent_handler, EmbedderError: embedder_error_handler,
-                            Exception: internal_error_handler},
+                            **dict.fromkeys(UNREACHABLE, unavailable_handler), Exception: internal_error_handler},
         openapi_config=OpenAPIConfig(title="studyhall", version="0.1.0", path="/schema"),
         request_max_body_size=settings.max_upload_bytes + FRAMING,  # an upload's file may be the whole limit
         logging_config=None,

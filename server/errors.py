@@ -5,10 +5,13 @@ import logging
 import math
 import re
 
+import asyncpg
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +100,20 @@ def embedder_error_handler(request: Request, exc: Exception) -> Response:
     logger.warning("embedder failed on %s %s: %s", request.method, request.url.path, exc)
     return http_exception_handler(request, ApiError(503, EMBEDDER_UNAVAILABLE,
                                                     code="embedder_unavailable", retry_after=5))
+
+
+# Postgres or Redis down, restarting or out of reach (a connection refused, reset or timed out): 503, not 500.
+UNREACHABLE: tuple[type[Exception], ...] = (
+    ConnectionError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
+    RedisConnectionError, RedisTimeoutError)
+UNAVAILABLE = "the database or Redis cannot be reached right now; try again shortly"
+
+
+def unavailable_handler(request: Request, exc: Exception) -> Response:
+    """Postgres or Redis down, restarting or unreachable: 503 with `Retry-After`, so clients and load balancers
+    try again, and one log line (not a traceback per request for as long as the outage lasts)."""
+    logger.warning("service unreachable on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    return http_exception_handler(request, ApiError(503, UNAVAILABLE, code="unavailable", retry_after=5))
 
 
 def internal_error_handler(request: Request, exc: Exception) -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -174,6 +175,11 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
     return settings
 
 
+def _masked(url: str) -> str:
+    """The URL with its password replaced by ***, for messages and logs."""
+    return re.sub(r"(^|//)([^:@/]*):[^@/]*@", r"\1\2:***@", url, count=1)
+
+
 def _url(name: str, schemes: tuple[str, ...]) -> str | None:
     """A server's URL (unset: the embedded one); one of another kind stops the start naming the variable."""
     raw = _str(name)
@@ -181,15 +187,16 @@ def _url(name: str, schemes: tuple[str, ...]) -> str | None:
         return None
     scheme, sep, _ = raw.partition("://")
     if not sep or scheme.lower() not in schemes:
-        raise SystemExit(f"{name} must be a URL starting {' or '.join(f'{x}://' for x in schemes)}, got {raw!r}")
+        raise SystemExit(f"{name} must be a URL starting {' or '.join(f'{x}://' for x in schemes)}, "
+                         f"got {_masked(raw)!r}")
     parts = urlsplit(raw)
     if "," not in parts.netloc:  # a list of Postgres hosts is asyncpg's to read
         try:
             parts.port  # noqa: B018 - a port that is not a number from 0 to 65535 raises
         except ValueError as exc:
-            raise SystemExit(f"{name} has an unusable port ({exc}), got {raw!r}") from None
+            raise SystemExit(f"{name} has an unusable port ({exc}), got {_masked(raw)!r}") from None
     if scheme.lower() in ("redis", "rediss") and parts.path.strip("/") and not parts.path.strip("/").isdigit():
-        raise SystemExit(f"{name}: the path after the host is a database number, got {raw!r}")
+        raise SystemExit(f"{name}: the path after the host is a database number, got {_masked(raw)!r}")
     return raw
 
 

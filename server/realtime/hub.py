@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 UNSUBSCRIBE_AFTER_S = 30.0
 POLL_RESULTS_EVERY_S = 0.25
+COMPLAIN_EVERY_S = 60.0  # a failure repeating every tick is logged again this often (see Hub._complain)
 
 
 class _Who(msgspec.Struct):
@@ -58,7 +59,10 @@ _NOT_TO_SELF = frozenset({"typing", "achievement.unlocked"})
 
 
 class Hub:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: Redis) -> None:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: Redis, *,
+                 pubsub_redis: Redis | None = None) -> None:
+        """`pubsub_redis`: the client the subscription reads from (one without a read timeout: it waits for
+        messages as long as it takes); default `redis`."""
         self.settings = settings
         self.pool = pool
         self.redis = redis
@@ -83,8 +87,9 @@ class Hub:
         self._poll_dirty: set[int] = set()  # polls with votes their last published results did not count
         self._prefix = events_channel("room:").encode()
         self._user_prefix = events_channel("user:").encode()
-        self._pubsub = redis.pubsub()
+        self._pubsub = (pubsub_redis or redis).pubsub()
         self._tasks: list[asyncio.Task] = []
+        self._failing: dict[str, float] = {}  # repeating failures (see _complain) -> when last logged
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -239,10 +244,11 @@ class Hub:
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - Redis went away: retry; the position check fills any gap
-                logger.warning("redis subscription failed; retrying", exc_info=True)
+                self._complain("read", "redis subscription failed; retrying")
                 self._sub_broken = True
                 await asyncio.sleep(0.5)
                 continue
+            self._failing.pop("read", None)
             if msg is None:
                 continue
             if self._sub_broken:  # a message (re-subscribing answers too): the subscription works again
@@ -350,10 +356,19 @@ class Hub:
                 try:
                     # bounded: a busy pool or a slow Redis delays this duty, not the next tick's
                     await asyncio.wait_for(duty(), timeout=self.tick_s * 2)
+                    self._failing.pop(duty.__name__, None)
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # noqa: BLE001 (TimeoutError included)
-                    logger.warning("hub duty %s failed", duty.__name__, exc_info=True)
+                    self._complain(duty.__name__, "hub duty %s failed", duty.__name__)
+
+    def _complain(self, key: str, msg: str, *args: object) -> None:
+        """A failure that repeats every tick while Redis or Postgres is down: logged with its traceback the first
+        time, then one line a minute while it lasts (a traceback every half second filled the disk)."""
+        now, first = time.monotonic(), key not in self._failing
+        if first or now - self._failing[key] >= COMPLAIN_EVERY_S:
+            logger.warning(msg + ("" if first else " (still failing)"), *args, exc_info=first)
+            self._failing[key] = now
 
     def _cut_stalled(self) -> None:
         """Close sockets whose client stopped reading (a send stuck past STUDYHALL_WS_STALL_S) with 4008: in a
@@ -373,10 +388,11 @@ class Hub:
             await asyncio.sleep(self.tick_s)
             try:
                 await asyncio.wait_for(self._heartbeat(), timeout=self.tick_s * 2)
+                self._failing.pop("beat", None)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001
-                logger.warning("hub heartbeat failed", exc_info=True)
+                self._complain("beat", "hub heartbeat failed")
 
     async def _long_expired(self) -> list[str]:
         """Other processes whose lease has lapsed and stayed lapsed for a whole lease since this process first

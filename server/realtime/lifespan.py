@@ -30,7 +30,7 @@ class _RedactTokens(logging.Filter):
 @asynccontextmanager
 async def realtime_lifespan(app: Litestar) -> AsyncIterator[None]:
     logging.getLogger("uvicorn.error").addFilter(_RedactTokens())
-    hub = Hub(app.state.settings, app.state.pool, app.state.redis)
+    hub = Hub(app.state.settings, app.state.pool, app.state.redis, pubsub_redis=app.state.pubsub_redis)
     hub.app_state = app.state  # the tutor (server/tutoring.py) answers rooms with the app's clients
     app.state.hub = hub
     await hub.start()

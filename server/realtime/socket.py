@@ -1,7 +1,7 @@
 """GET /ws/rooms/{room_id}: authenticate, authorize, stream the room, and handle client frames.
 
 Refusals accept the handshake and close at once, so the client sees the code: 4401 (no or bad token),
-4403 (not allowed, unknown room, kicked), 4400 (bad `after`).
+4403 (not allowed, unknown room, kicked), 4400 (bad `after`), 1013 (Postgres or Redis out of reach: try again).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from litestar import WebSocket, websocket
 from litestar.exceptions import NotAuthorizedException
 
 from server.auth import AuthUser, authenticate, bearer_token
+from server.errors import UNREACHABLE
 from server.realtime.conn import Conn
 from server.realtime.hub import Hub
 from server.realtime.standing import standing, still_allowed
@@ -30,6 +31,7 @@ from store.events import (CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_UNAUTHENTICATED
 logger = logging.getLogger(__name__)
 
 CLOSE_BAD_REQUEST = 4400
+CLOSE_TRY_AGAIN = 1013  # RFC 6455 "try again later": a service the checks need is unreachable
 TYPING_EVERY_S = 2.0
 RESUME_EVERY_S = 1.0  # a resume replays from Postgres: at most one a second per connection
 # Frames of any type one connection may send per second, and at once (at least twice the send budget). Beyond,
@@ -69,16 +71,25 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
         return
     try:
         user = await authenticate(socket, socket.query_params.get("token") or bearer_token(socket))
+        async with state.pool.acquire() as db:
+            # the database's clock, read before the checks: a kick after this moment closes the socket (kicks
+            # carry the database's time too)
+            opened_at = await db.fetchval("SELECT now()")
+            access, kicked = await standing(db, room_id, user)
+            if access is not None and kicked is None:
+                await rooms_repo.ensure_room(db, room_id)
     except NotAuthorizedException as exc:
         await _refuse(socket, CLOSE_UNAUTHENTICATED, str(exc.detail))
         return
-    async with state.pool.acquire() as db:
-        # the database's clock, read before the checks: a kick after this moment closes the socket (kicks carry
-        # the database's time too)
-        opened_at = await db.fetchval("SELECT now()")
-        access, kicked = await standing(db, room_id, user)
-        if access is not None and kicked is None:
-            await rooms_repo.ensure_room(db, room_id)
+    except UNREACHABLE as exc:  # Postgres or Redis out of reach: "come back", not a 403 nor silence
+        logger.warning("websocket refused, a service is unreachable: %s: %s", type(exc).__name__, exc,
+                       extra={"fields": {"room": room_id}})
+        await _refuse(socket, CLOSE_TRY_AGAIN, "try again later")
+        return
+    except Exception:  # noqa: BLE001 - never let a bug end the handshake without a close code
+        logger.exception("websocket handshake failed", extra={"fields": {"room": room_id}})
+        await _refuse(socket, 1011, "internal error")
+        return
     if access is None:
         await _refuse(socket, CLOSE_FORBIDDEN, "no such room, or you may not join it")
         return

@@ -44,6 +44,7 @@ def test_up_joiners_stop_and_restart(tmp_path):
         urls = read_connection_env(ddir)
         assert urls["DATABASE_URL"].startswith("postgresql://") and urls["REDIS_URL"].startswith("redis://")
         assert urls["EMBEDDED"] == "pg,redis"
+        assert (ddir / "connection.env").stat().st_mode & 0o777 == 0o600  # an outside URL can hold a password
         # the first token (made before `up`) still works: same data, same secret
         h = {"Authorization": f"Bearer {first_token}"}
         cid = httpx.post(base + "/api/v1/courses", json={"title": "Persisted"}, headers=h).json()["id"]
@@ -244,3 +245,82 @@ def test_a_joiner_keeps_an_outside_server_announced_as_such(tmp_path):
         for s in outside:
             s.close()
     assert not (ddir / "pg").exists()  # no embedded Postgres was started
+
+
+def test_postgres_down_is_a_503_to_retry_and_the_server_recovers(tmp_path):
+    """With Postgres stopped under a running server, requests were 500 "internal" (a traceback each) and a
+    socket opening was refused with an HTTP 403; now 503 `unavailable` with Retry-After, the socket closes
+    with 1013 "try again later", and once Postgres is back the same server answers again."""
+    import asyncio
+
+    import websockets
+
+    from store.embedded import _pg_bin, _pg_running_port, _pg_system_user
+
+    ddir = tmp_path / "data"
+    token = _cli(ddir, "token", "--user", "ann", "--role", "instructor").strip()
+    port = free_port()
+    server = start_server(ddir, port, tmp_path / "serve.log")
+    base, h = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
+    pgdata = ddir / "pg"
+    try:
+        assert httpx.get(base + "/api/v1/courses", headers=h).status_code == 200
+        pg_port = _pg_running_port(pgdata)
+        subprocess.run([_pg_bin("pg_ctl"), "-D", str(pgdata), "-m", "fast", "-w", "stop"], check=True,
+                       capture_output=True, user=_pg_system_user(pgdata))
+        r = httpx.get(base + "/api/v1/courses", headers=h, timeout=30)
+        assert r.status_code == 503 and r.json()["code"] == "unavailable" and r.headers["Retry-After"] == "5", r.text
+
+        async def opening() -> tuple[int, str]:
+            async with websockets.connect(f"ws://127.0.0.1:{port}/ws/rooms/course:1?token={token}") as ws:
+                try:
+                    await asyncio.wait_for(ws.recv(), timeout=20)
+                except websockets.ConnectionClosed as exc:
+                    return exc.rcvd.code, exc.rcvd.reason
+            return 0, ""
+
+        assert asyncio.run(opening()) == (1013, "try again later")
+        import json
+
+        ours = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines()
+                if line.startswith("{") and '"logger": "server.' in line]
+        assert any("service unreachable" in d["msg"] for d in ours)  # one line each, not a traceback each
+        assert not [d for d in ours if "exc" in d], [d["msg"] for d in ours if "exc" in d]
+        subprocess.run([_pg_bin("pg_ctl"), "-D", str(pgdata), "-w", "-l", str(pgdata / "server.log"),
+                        "-o", f"-p {pg_port}", "start"],  # back on its port
+                       check=True, capture_output=True, user=_pg_system_user(pgdata))
+        deadline = time.monotonic() + 30
+        while httpx.get(base + "/api/v1/courses", headers=h).status_code != 200:
+            assert time.monotonic() < deadline, "the server did not recover"
+            time.sleep(0.5)
+    finally:
+        stop_process(server)
+
+
+def test_a_stalled_redis_is_a_503_not_a_hang(tmp_path):
+    """A Redis that stops answering (a partition, a stalled process) held requests until TCP gave up; commands
+    now give up after 10 s with a 503 to retry, and the server carries on once Redis is back."""
+    import os
+
+    ddir = tmp_path / "data"
+    token = _cli(ddir, "token", "--user", "ann", "--role", "instructor").strip()
+    port = free_port()
+    server = start_server(ddir, port, tmp_path / "serve.log")
+    base, h = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
+    pid = int((ddir / "redis" / "redis.pid").read_text().strip())
+    try:
+        cid = httpx.post(base + "/api/v1/courses", json={"title": "Stall"}, headers=h).json()["id"]
+        url = f"{base}/api/v1/rooms/course:{cid}/messages"
+        assert httpx.post(url, json={"text": "before", "client_msg_id": "a"}, headers=h).status_code == 201
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            r = httpx.post(url, json={"text": "during", "client_msg_id": "b"}, headers=h, timeout=60)
+            took = time.monotonic() - t0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert r.status_code == 503 and r.json()["code"] == "unavailable" and took < 30, (r.text, took)
+        r = httpx.post(url, json={"text": "after", "client_msg_id": "c"}, headers=h)
+        assert r.status_code == 201, r.text
+    finally:
+        stop_process(server)

@@ -240,3 +240,27 @@ async def test_a_session_holds_a_bounded_number_of_polls(xp_store, monkeypatch):
         raise AssertionError("not refused")
     except Refused as exc:
         assert (exc.code, exc.detail) == ("conflict", "a session holds at most 3 polls")
+
+
+async def test_a_failure_repeating_every_tick_is_logged_once_a_minute(settings, xp_store, caplog, monkeypatch):
+    """With Redis down the pub/sub reader and each duty logged a traceback every half second (~350 MB a day)."""
+    import logging
+
+    from server.realtime import hub as hub_module
+
+    pool, redis = xp_store
+    hub = Hub(settings, pool, redis)
+    caplog.set_level(logging.WARNING, logger="server.realtime.hub")
+    for _ in range(3):
+        try:
+            raise ConnectionError("redis is down")
+        except ConnectionError:
+            hub._complain("read", "redis subscription failed; retrying")
+    assert [(r.getMessage(), bool(r.exc_info)) for r in caplog.records] == [
+        ("redis subscription failed; retrying", True)]
+    monkeypatch.setattr(hub_module, "COMPLAIN_EVERY_S", 0.0)
+    hub._complain("read", "redis subscription failed; retrying")
+    assert caplog.records[-1].getMessage().endswith("(still failing)") and not caplog.records[-1].exc_info
+    hub._failing.pop("read")  # working again: the next failure is news
+    hub._complain("read", "redis subscription failed; retrying")
+    assert caplog.records[-1].exc_info

@@ -109,3 +109,13 @@ def test_a_secret_too_short_to_sign_with_stops_startup(monkeypatch, tmp_path):
         load_settings(tmp_path)
     monkeypatch.setenv("STUDYHALL_SECRET", "s" * 32 + "\n")  # as given (tokens signed with it stay valid)
     assert load_settings(tmp_path).secret == "s" * 32 + "\n"
+
+
+def test_a_bad_url_is_named_without_its_password(monkeypatch, tmp_path):
+    for name, raw in (("DATABASE_URL", "postgresql://u:TopSecretPw@db:5432x/x"),
+                      ("REDIS_URL", "redis://:TopSecretPw@redis:6379/cache"), ("DATABASE_URL", "u:TopSecretPw@db/x")):
+        monkeypatch.setenv(name, raw)
+        with pytest.raises(SystemExit) as info:
+            load_settings(tmp_path)
+        assert name in str(info.value) and "TopSecretPw" not in str(info.value) and ":***@" in str(info.value)
+        monkeypatch.delenv(name)
