@@ -465,10 +465,12 @@ def get_llm(settings: Settings) -> LLM | None:
         if not (settings.openai_api_key or settings.openai_base_url):
             raise LLMError("STUDYHALL_LLM=openai needs OPENAI_API_KEY (or OPENAI_BASE_URL for a local server)",
                            retryable=False, provider="openai")
-        return OpenAIChat(settings.openai_api_key, settings.openai_model, settings.openai_base_url)
+        return OpenAIChat(settings.openai_api_key, settings.openai_model, settings.openai_base_url,
+                          timeout=settings.llm_timeout_s)
     if not (settings.anthropic_api_key or settings.anthropic_base_url):
         raise LLMError("STUDYHALL_LLM=anthropic needs ANTHROPIC_API_KEY", retryable=False, provider="anthropic")
-    return AnthropicChat(settings.anthropic_api_key, settings.anthropic_model, settings.anthropic_base_url)
+    return AnthropicChat(settings.anthropic_api_key, settings.anthropic_model, settings.anthropic_base_url,
+                         timeout=settings.llm_timeout_s)
 
 
 # USD per million (input, output) tokens at list price (early 2026); update when they change. Cached and

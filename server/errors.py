@@ -13,6 +13,8 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from server.observability import request_id_of
+
 logger = logging.getLogger(__name__)
 
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
@@ -117,5 +119,8 @@ def unavailable_handler(request: Request, exc: Exception) -> Response:
 
 
 def internal_error_handler(request: Request, exc: Exception) -> Response:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return Response(body(500, "internal", "internal server error"), status_code=HTTP_500_INTERNAL_SERVER_ERROR)
+    rid = request_id_of(request.scope)  # the same id as the access line and the X-Request-ID header
+    logger.exception("unhandled error on %s %s", request.method, request.url.path,
+                     extra={"fields": {"request_id": rid}})
+    return Response(body(500, "internal", f"internal server error (request {rid})"),
+                    status_code=HTTP_500_INTERNAL_SERVER_ERROR)

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+import uuid
 
 from prometheus_client import Counter, Histogram
 from litestar.types import ASGIApp, Receive, Scope, Send
@@ -37,6 +39,19 @@ def setup_logging(level: str) -> None:
     logging.getLogger("uvicorn.access").disabled = True
 
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")
+
+
+def request_id_of(scope: Scope) -> str:
+    """The request's id: the client's (or a proxy's) `X-Request-ID` when it is a plain token, else a new one;
+    kept in the scope, sent back as `X-Request-ID`, and in the request's log lines and a 500's message."""
+    if (rid := scope.get("studyhall_request_id")) is None:  # type: ignore[union-attr]
+        given = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"").decode("latin-1")
+        rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        scope["studyhall_request_id"] = rid  # type: ignore[typeddict-unknown-key]
+    return rid
+
+
 def access_log_middleware(app: ASGIApp) -> ASGIApp:
     """Pure ASGI middleware: time each HTTP request, log one line, count it."""
 
@@ -46,11 +61,13 @@ def access_log_middleware(app: ASGIApp) -> ASGIApp:
             return
         start = time.perf_counter()
         status = 500
+        rid = request_id_of(scope)
 
         async def send_wrapper(message) -> None:  # type: ignore[no-untyped-def]
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", rid.encode())]}
             await send(message)
 
         try:
@@ -64,6 +81,6 @@ def access_log_middleware(app: ASGIApp) -> ASGIApp:
             user = scope.get("user")
             logger.info("request", extra={"fields": {
                 "method": method, "path": scope.get("path"), "status": status,
-                "duration_ms": round(elapsed * 1000, 2), "user_id": getattr(user, "id", None)}})
+                "duration_ms": round(elapsed * 1000, 2), "user_id": getattr(user, "id", None), "request_id": rid}})
 
     return middleware

@@ -411,3 +411,19 @@ async def test_an_anthropic_reply_without_usage_is_still_the_reply(srv):
     stream = make("anthropic", srv).stream(USER)
     got, err = await drain(stream)
     assert err is None and "".join(got) == "Half an ans" and stream.usage == Usage(0, 0)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_a_model_slower_than_the_timeout_is_a_retryable_error(srv, provider):
+    """STUDYHALL_LLM_TIMEOUT_S bounds each request (a slow self-hosted model needs more than the default 60 s;
+    a hung one must not hold a grade or a generation for minutes)."""
+    settings = (Settings(openai_base_url=srv.openai_base_url, openai_api_key="sk-x", llm_timeout_s=1.0)
+                if provider == "openai" else
+                Settings(anthropic_api_key="sk-x", anthropic_base_url=srv.anthropic_base_url, llm_timeout_s=1.0))
+    llm = get_llm(settings)
+    llm._client = llm._client.with_options(max_retries=0)  # type: ignore[union-attr]
+    srv.script(Reply(wait_s=3.0))
+    t0 = asyncio.get_running_loop().time()
+    with pytest.raises(LLMError) as info:
+        await llm.complete(USER)  # type: ignore[union-attr]
+    assert info.value.retryable and asyncio.get_running_loop().time() - t0 < 2.5

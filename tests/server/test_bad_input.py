@@ -166,3 +166,16 @@ def test_an_embedding_service_that_fails_is_a_503_with_the_reason(settings, data
         assert err["message"] == r.json()["message"], err
     finally:
         stop_process(proc)
+
+
+def test_every_response_carries_a_request_id(client, make: Factory):
+    """A 500 could not be matched with its log line: each response now says its request id (the caller's own
+    X-Request-ID when it is a plain token), as do its access line and a 500's message."""
+    r = client.get("/health")
+    assert len(r.headers["X-Request-ID"]) == 16
+    assert client.get("/health", headers={"X-Request-ID": "lb-7f3a.42"}).headers["X-Request-ID"] == "lb-7f3a.42"
+    odd = client.get("/health", headers={"X-Request-ID": "a b\tc" + "x" * 200}).headers["X-Request-ID"]
+    assert len(odd) == 16 and " " not in odd
+    inst = make.user("instructor")
+    r = client.get("/api/v1/courses/999999999", headers={**inst.h, "X-Request-ID": "trace-1"})
+    assert r.status_code == 404 and r.headers["X-Request-ID"] == "trace-1"

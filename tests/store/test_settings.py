@@ -119,3 +119,12 @@ def test_a_bad_url_is_named_without_its_password(monkeypatch, tmp_path):
             load_settings(tmp_path)
         assert name in str(info.value) and "TopSecretPw" not in str(info.value) and ":***@" in str(info.value)
         monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize("raw", ["0", "601", "nan"])
+def test_the_model_timeout_is_bounded(monkeypatch, tmp_path, raw):
+    monkeypatch.setenv("STUDYHALL_LLM_TIMEOUT_S", raw)
+    with pytest.raises(SystemExit, match="STUDYHALL_LLM_TIMEOUT_S"):
+        load_settings(tmp_path)
+    monkeypatch.setenv("STUDYHALL_LLM_TIMEOUT_S", "300")
+    assert load_settings(tmp_path).llm_timeout_s == 300.0
