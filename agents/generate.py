@@ -207,9 +207,10 @@ async def llm_items(llm: LLM, chapter_title: str, video_id: int, chapter: list[S
     prompt = (f"Chapter: {chapter_title}\nWrite {count} {difficulty} questions of these types: {', '.join(types)}."
               f"\n\nTranscript:\n{transcript}")
     try:
-        # room for every item asked for (about 300 tokens each): a reply cut at the limit is no JSON at all
+        # room for every item asked for (about 300 tokens each; a reply cut at the limit is no JSON at all), within
+        # the 4,096 output tokens every current model allows
         completion = await llm.complete([{"role": "user", "content": prompt}], system=GENERATE_SYSTEM,
-                                        max_tokens=max(1500, 350 * count))
+                                        max_tokens=min(4096, max(1500, 350 * count)))
         if completion.truncated:
             logger.warning("LLM generation reached its length limit; keeping what parses")
         items = msgspec.json.decode(first_json_object(completion.text), type=_LLMItems).items

@@ -195,8 +195,9 @@ class Tutor:
         text = stream.text.strip()
         truncated = stream.completion is not None and stream.completion.truncated
         if truncated and not text:  # a reasoning model can spend the whole budget thinking: not a "no"
-            return {"answer": "", "grounded": False,
-                    "error": f"{self.llm.name}: the reply reached its length limit before any answer"}
+            why = f"{self.llm.name}: the reply reached its length limit before any answer"
+            logger.warning("tutor answer failed: %s (model %s)", why, self.llm.model)
+            return {"answer": "", "grounded": False, "error": why}
         if text.startswith("NOT_IN_COURSE"):
             return {"answer": "", "grounded": False}
         return {"answer": text + " …" if truncated else text}  # cut at the limit: say so

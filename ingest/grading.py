@@ -18,7 +18,7 @@ from arq.connections import ArqRedis
 
 from agents import grader, scoring
 from agents.llm import LLMError, get_llm
-from ingest.jobs import backoff_s, give_back_if_stopping, heartbeat
+from ingest.jobs import backoff_s, enqueue, give_back_if_stopping, heartbeat
 from store import assignments as assignments_repo
 from store import jobs as jobs_repo
 from store import submissions as subs_repo
@@ -38,7 +38,7 @@ async def enqueue_grade(arq: ArqRedis, pool: Any, submission_id: int, arq_id: st
     arq_id = arq_id or f"grade-{submission_id}-{uuid.uuid4().hex[:8]}"
     async with pool.acquire() as conn:
         await conn.execute("UPDATE submissions SET grade_job = $2 WHERE id = $1", submission_id, arq_id)
-    await arq.enqueue_job(GRADE_FUNCTION, submission_id, _job_id=arq_id)
+    await enqueue(arq, GRADE_FUNCTION, submission_id, _job_id=arq_id)
     return arq_id
 
 
@@ -49,7 +49,7 @@ async def enqueue_batches(arq: ArqRedis, pool: Any, job_id: int, submission_ids:
         arq_id = f"grade-batch-{job_id}-{n}-{uuid.uuid4().hex[:6]}"
         async with pool.acquire() as conn:
             await conn.execute("UPDATE submissions SET grade_job = $2 WHERE id = ANY($1::bigint[])", batch, arq_id)
-        await arq.enqueue_job(BATCH_FUNCTION, job_id, batch, _job_id=arq_id)
+        await enqueue(arq, BATCH_FUNCTION, job_id, batch, _job_id=arq_id)
     return len(batches)
 
 

@@ -36,7 +36,17 @@ async def enqueue_ingest(arq: ArqRedis, pool: Any, job_id: int, arq_id: str | No
     async with pool.acquire() as conn:
         await conn.execute("UPDATE jobs SET payload = payload || jsonb_build_object('arq_job_id', $2::text) "
                            "WHERE id = $1", job_id, arq_id)
-    return arq_id if await arq.enqueue_job(INGEST_FUNCTION, job_id, _job_id=arq_id) is not None else None
+    return arq_id if await enqueue(arq, INGEST_FUNCTION, job_id, _job_id=arq_id) is not None else None
+
+
+# arq's client has no read timeout: on a stalled Redis an enqueue would wait for good (a request held open, a
+# recovery pass stuck). Every job row is in Postgres first, so a given-up enqueue is queued again by recovery.
+ENQUEUE_TIMEOUT_S = 10.0
+
+
+async def enqueue(arq: ArqRedis, function: str, *args: Any, **kw: Any) -> Any:
+    """`arq.enqueue_job`, giving up with TimeoutError after ENQUEUE_TIMEOUT_S."""
+    return await asyncio.wait_for(arq.enqueue_job(function, *args, **kw), ENQUEUE_TIMEOUT_S)
 
 
 async def _heartbeat(redis: ArqRedis, arq_job_id: str, ttl_ms: int) -> None:

@@ -61,7 +61,8 @@ def create_app(settings: Settings) -> Litestar:
                                          socket_connect_timeout=REDIS_TIMEOUT_S)
         app.state.pubsub_redis = Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S,
                                                 socket_keepalive=True)
-        app.state.arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+        app.state.arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))  # enqueues: see
+        # ingest.jobs.ENQUEUE_TIMEOUT_S (arq sets no read timeout of its own)
         app.state.tutor_tasks = set()  # running tutor answers (server.tutoring.track)
         logger.info("studyhall app ready")
         try:

@@ -178,8 +178,15 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
 
 
 def _masked(url: str) -> str:
-    """The URL with its password replaced by ***, for messages and logs."""
-    return re.sub(r"(^|//)([^:@/]*):[^@/]*@", r"\1\2:***@", url, count=1)
+    """The URL with its password replaced by ***, for messages and logs. The host follows the last `@` (a
+    password with an unencoded `/`, `#`, `?` or `@` in it is hidden whole, with whatever follows it)."""
+    scheme, sep, rest = url.rpartition("://") if "://" in url else ("", "", url)
+    if "@" not in rest:
+        return url
+    userinfo, host = rest.rsplit("@", 1)
+    if ":" not in userinfo:  # a user name, no password
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 def _url(name: str, schemes: tuple[str, ...]) -> str | None:
@@ -195,8 +202,9 @@ def _url(name: str, schemes: tuple[str, ...]) -> str | None:
     if "," not in parts.netloc:  # a list of Postgres hosts is asyncpg's to read
         try:
             parts.port  # noqa: B018 - a port that is not a number from 0 to 65535 raises
-        except ValueError as exc:
-            raise SystemExit(f"{name} has an unusable port ({exc}), got {_masked(raw)!r}") from None
+        except ValueError:  # (urllib's message can quote a piece of the password)
+            raise SystemExit(f"{name} has an unusable port (not a number from 0 to 65535), got {_masked(raw)!r}") \
+                from None
     if scheme.lower() in ("redis", "rediss") and parts.path.strip("/") and not parts.path.strip("/").isdigit():
         raise SystemExit(f"{name}: the path after the host is a database number, got {_masked(raw)!r}")
     return raw

@@ -21,7 +21,7 @@ from server.api.rooms import room_or_404
 from server.api.schemas import LINES, Strict
 from server.auth import staff_only
 from server.decode import read_json
-from server.errors import EMBEDDER_UNAVAILABLE, ApiError
+from server.errors import EMBEDDER_UNAVAILABLE, UNAVAILABLE, UNREACHABLE, ApiError
 from server.tutoring import (BUSY, BUSY_RETRY_S, MAX_QUESTION_CHARS, ask, complete, free_slot, prepare,
                              take_slot, track)
 from store import tutor as repo
@@ -122,6 +122,11 @@ class TutorController(Controller):
                 queue.put_nowait(("error", {"status": 503, "code": "interrupted",
                                             "message": "the server restarted before the answer was done; ask again"}))
                 raise
+            except UNREACHABLE as exc:  # as the JSON ask answers it (server.errors.unavailable_handler)
+                logger.warning("a service is unreachable on a streamed ask on course %s: %s: %s", course_id,
+                               type(exc).__name__, exc)
+                await queue.put(("error", {"status": 503, "code": "unavailable", "retry_after": 5,
+                                           "message": UNAVAILABLE}))
             except Exception:  # noqa: BLE001 - the stream must end with something the client can read
                 logger.exception("tutor failed on course %s", course_id)
                 await queue.put(("error", {"status": 500, "code": "internal", "message": "tutor failed"}))

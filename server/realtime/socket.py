@@ -15,7 +15,7 @@ from litestar import WebSocket, websocket
 from litestar.exceptions import NotAuthorizedException
 
 from server.auth import AuthUser, authenticate, bearer_token
-from server.errors import UNREACHABLE
+from server.errors import UNAVAILABLE, UNREACHABLE
 from server.realtime.conn import Conn
 from server.realtime.hub import Hub
 from server.realtime.standing import standing, still_allowed
@@ -131,6 +131,10 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
     except asyncio.CancelledError:
         if conn.closing is None:
             raise
+    except UNREACHABLE as exc:  # Redis (subscribing, presence) or Postgres out of reach: come back later
+        logger.warning("websocket closed, a service is unreachable: %s: %s", type(exc).__name__, exc,
+                       extra={"fields": {"room": room_id, "user_id": user.id}})
+        conn.close_soon(CLOSE_TRY_AGAIN, "try again later")
     except Exception:  # noqa: BLE001 - never let a bug end the handler without a close code
         logger.exception("websocket handler failed", extra={"fields": {"room": room_id, "user_id": user.id}})
         conn.close_soon(1011, "internal error")
@@ -196,6 +200,10 @@ async def _serve(socket: WebSocket, conn: Conn, user: AuthUser, hub: Hub) -> Non
             conn.push_event(Error(code=exc.code, detail=exc.detail, ref=_ref(frame), retry_after=exc.retry_after))
         except rooms_repo.RoomGone as exc:  # its course, pod or session was deleted (the socket is closing)
             conn.push_event(Error(code="not_found", detail=str(exc), ref=_ref(frame)))
+        except UNREACHABLE as exc:  # a line, not a traceback per frame for as long as the outage lasts
+            logger.warning("frame failed, a service is unreachable: %s: %s", type(exc).__name__, exc,
+                           extra={"fields": {"room": conn.room, "type": type(frame).__name__}})
+            conn.push_event(Error(code="unavailable", detail=UNAVAILABLE, ref=_ref(frame), retry_after=5))
         except Exception:  # noqa: BLE001
             logger.exception("frame failed", extra={"fields": {"room": conn.room, "type": type(frame).__name__}})
             conn.push_event(Error(code="internal", detail="the server could not handle this frame", ref=_ref(frame)))

@@ -75,7 +75,7 @@ async def test_llm_items_must_cite_a_real_moment():
         # room for every item asked for
         assert fake.requests[-1].body["max_tokens"] == 1500
         await llm_items(llm, "Hash tables", 5, CHAPTER, 20, "easy", ["short_answer"])
-        assert fake.requests[-1].body["max_tokens"] == 7000
+        assert fake.requests[-1].body["max_tokens"] == 4096
         # a lone surrogate in the reply is a reply that cannot be used, not a 500
         fake.script(Reply('{"items": [{"type": "short_answer", "prompt": "\\ud83d", "start": 80.0}]} \ud83d'))
         assert await llm_items(llm, "Hash tables", 5, CHAPTER, 4, "easy", ["short_answer"]) == []

@@ -312,14 +312,38 @@ def test_a_stalled_redis_is_a_503_not_a_hang(tmp_path):
         cid = httpx.post(base + "/api/v1/courses", json={"title": "Stall"}, headers=h).json()["id"]
         url = f"{base}/api/v1/rooms/course:{cid}/messages"
         assert httpx.post(url, json={"text": "before", "client_msg_id": "a"}, headers=h).status_code == 201
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        import asyncio
+        import concurrent.futures
+
+        import websockets
+
+        async def opening() -> tuple[int, str]:
+            async with websockets.connect(f"ws://127.0.0.1:{port}/ws/rooms/course:{cid}?token={token}") as ws:
+                try:
+                    while True:
+                        await asyncio.wait_for(ws.recv(), timeout=40)
+                except websockets.ConnectionClosed as exc:
+                    return exc.rcvd.code, exc.rcvd.reason
+
+        def timed(fn):  # type: ignore[no-untyped-def]
             t0 = time.monotonic()
-            r = httpx.post(url, json={"text": "during", "client_msg_id": "b"}, headers=h, timeout=60)
-            took = time.monotonic() - t0
+            return fn(), time.monotonic() - t0
+
+        os.kill(pid, signal.SIGSTOP)
+        try:  # at once: each waits out the 10 s
+            with concurrent.futures.ThreadPoolExecutor(3) as ex:
+                posted = ex.submit(timed, lambda: httpx.post(url, json={"text": "during", "client_msg_id": "b"},
+                                                             headers=h, timeout=60))
+                added = ex.submit(timed, lambda: httpx.post(f"{base}/api/v1/courses/{cid}/videos", headers=h,
+                                                            json={"title": "T", "youtube": "dQw4w9WgXcQ"}, timeout=60))
+                socket_ = ex.submit(timed, lambda: asyncio.run(opening()))
+                (r, took), (video, video_took), (closed, socket_took) = posted.result(), added.result(), socket_.result()
         finally:
             os.kill(pid, signal.SIGCONT)
         assert r.status_code == 503 and r.json()["code"] == "unavailable" and took < 30, (r.text, took)
+        # the video is stored and its job queued later by recovery: enqueueing gave up instead of hanging
+        assert video.status_code == 202 and video_took < 30, (video.text, video_took)
+        assert closed == (1013, "try again later") and socket_took < 30, (closed, socket_took)
         r = httpx.post(url, json={"text": "after", "client_msg_id": "c"}, headers=h)
         assert r.status_code == 201, r.text
     finally:

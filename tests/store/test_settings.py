@@ -113,7 +113,11 @@ def test_a_secret_too_short_to_sign_with_stops_startup(monkeypatch, tmp_path):
 
 def test_a_bad_url_is_named_without_its_password(monkeypatch, tmp_path):
     for name, raw in (("DATABASE_URL", "postgresql://u:TopSecretPw@db:5432x/x"),
-                      ("REDIS_URL", "redis://:TopSecretPw@redis:6379/cache"), ("DATABASE_URL", "u:TopSecretPw@db/x")):
+                      ("REDIS_URL", "redis://:TopSecretPw@redis:6379/cache"), ("DATABASE_URL", "u:TopSecretPw@db/x"),
+                      # characters that break the URL apart: urllib's own message quoted pieces of the password
+                      ("REDIS_URL", "redis://:TopSecretPw/Qw+e3@cache.example:6379/0"),
+                      ("REDIS_URL", "redis://:TopSecretPw#et@h:1/0"), ("DATABASE_URL", "postgresql://app:TopSecretPw?ss@h/db"),
+                      ("REDIS_URL", "redis://:TopSecretPw@ss@cache:6379/x")):
         monkeypatch.setenv(name, raw)
         with pytest.raises(SystemExit) as info:
             load_settings(tmp_path)
