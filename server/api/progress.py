@@ -134,8 +134,10 @@ class ProgressController(Controller):
 
     @get("/courses/{course_id:int}/progress")
     async def course(self, request: Request, course_id: int,
-                     user_id: int | None = Parameter(ge=1, le=2**63 - 1, default=None)) -> CourseProgress:
-        """The caller's progress through the course; staff may pass `user_id` to see a learner's."""
+                     user_id: int | None = Parameter(ge=1, le=2**63 - 1, default=None),
+                     limit: int = Parameter(ge=1, le=1000, default=500), offset: int = Offset) -> CourseProgress:
+        """The caller's progress through the course; staff may pass `user_id` to see a learner's. The totals
+        cover the whole course; `videos` is the page `offset`, `limit` of them (in the course's order)."""
         user: AuthUser = request.user
         target = user.id
         async with request.app.state.pool.acquire() as conn:
@@ -157,7 +159,8 @@ class ProgressController(Controller):
         last = max((v.updated_at for v in videos if v.updated_at), default=None)
         return CourseProgress(course_id=course_id, user_id=target, completion=done / len(videos) if videos else 0.0,
                               completed_videos=done, total_videos=len(videos),
-                              time_spent_s=sum(v.time_spent_s for v in videos), last_activity_at=last, videos=videos)
+                              time_spent_s=sum(v.time_spent_s for v in videos), last_activity_at=last,
+                              videos=videos[offset:offset + limit])
 
     # --- bookmarks ------------------------------------------------------------------------------------
 

@@ -179,3 +179,29 @@ def test_every_response_carries_a_request_id(client, make: Factory):
     inst = make.user("instructor")
     r = client.get("/api/v1/courses/999999999", headers={**inst.h, "X-Request-ID": "trace-1"})
     assert r.status_code == 404 and r.headers["X-Request-ID"] == "trace-1"
+
+
+async def test_a_500_names_the_request_id_of_its_log_line(caplog):
+    """In process (a handler that fails on purpose): the 500's message, its header and its log line carry one id."""
+    import logging
+
+    import httpx
+    from litestar import Litestar, get
+
+    from server.errors import internal_error_handler
+    from server.observability import access_log_middleware
+
+    @get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    app = access_log_middleware(Litestar([boom], exception_handlers={Exception: internal_error_handler},
+                                         logging_config=None))
+    caplog.set_level(logging.ERROR, logger="server.errors")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        for sent in ("abc-1", None):
+            r = await c.get("/boom", headers={"X-Request-ID": sent} if sent else {})
+            rid = r.headers["X-Request-ID"]
+            assert r.status_code == 500 and (sent is None or rid == sent)
+            assert r.json()["message"] == f"internal server error (request {rid})"
+            assert caplog.records[-1].fields["request_id"] == rid  # type: ignore[attr-defined]

@@ -97,6 +97,11 @@ async def test_completion_earns_xp_once_and_live(server, client, make: Factory, 
     cp = client.get(f"/api/v1/courses/{course.id}/progress", headers=a.h).json()
     assert cp["completion"] == 1.0 and cp["completed_videos"] == 2 and cp["total_videos"] == 2
     assert cp["last_activity_at"] is not None and [v["video_id"] for v in cp["videos"]] == [v1, v2]
+    # a page of the videos; the totals still cover the whole course
+    page = client.get(f"/api/v1/courses/{course.id}/progress?limit=1&offset=1", headers=a.h).json()
+    assert [v["video_id"] for v in page["videos"]] == [v2] and page["total_videos"] == 2 and page["completion"] == 1.0
+    r = client.get(f"/api/v1/courses/{course.id}/progress?limit=1001", headers=a.h)
+    assert r.status_code == 400 and r.json()["field"] == "limit"
     # staff see a learner's progress; learners only their own
     assert client.get(f"/api/v1/courses/{course.id}/progress?user_id={a.id}",
                       headers=course.instructor.h).json()["completion"] == 1.0
