@@ -232,16 +232,12 @@ class OpenAIEmbedder:
 
     def _collect(self, batch: list[str], response: Any) -> np.ndarray:
         try:
-            rows = sorted(response.data, key=lambda d: d.index)
-            vecs = [r.embedding for r in rows]
+            vecs = [r.embedding for r in sorted(response.data, key=lambda d: d.index)]
         except (AttributeError, TypeError, KeyError) as exc:  # a proxy's HTML page, a body without `data`
             raise EmbedderError(f"{self.name}: unusable reply from the embedding service "
                                 f"({type(exc).__name__}: {exc}): {str(response)[:120]!r}") from exc
-        return self._checked(batch, rows, vecs)
-
-    def _checked(self, batch: list[str], rows: list, vecs: list) -> np.ndarray:
-        if len(rows) != len(batch):
-            raise EmbedderError(f"{self.name}: sent {len(batch)} inputs, got {len(rows)} embeddings")
+        if len(vecs) != len(batch):
+            raise EmbedderError(f"{self.name}: sent {len(batch)} inputs, got {len(vecs)} embeddings")
         try:
             widths = {len(v) for v in vecs}
             if len(widths) != 1 or (self._dim is not None and widths != {self._dim}):

@@ -96,10 +96,9 @@ def _sentence_score(text: str, weights: dict[str, float]) -> float:
 
 def _title(text: str, max_words: int = 10, max_chars: int = 120) -> str:
     words = text.strip().rstrip(".?!").split()
-    title = " ".join(words[:max_words])
-    if len(title) > max_chars:
-        title = title[:max_chars - 1].rstrip()
-    title += "…" if len(words) > max_words or len(title) < len(" ".join(words[:max_words])) else ""
+    whole = " ".join(words[:max_words])
+    title = whole[:max_chars - 1].rstrip() if len(whole) > max_chars else whole
+    title += "…" if len(words) > max_words or title != whole else ""
     return title[:1].upper() + title[1:]
 
 

@@ -5,7 +5,6 @@ Checks a file by content, creates the video and job rows in one transaction, the
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +75,9 @@ class DuplicateVideo(Exception):
 def title_from_filename(filename: str | None) -> str:
     """A video's title from its file's name, which nobody wrote as a title: one line of at most 200 characters,
     "untitled" when nothing readable is left."""
-    from store.frames import blank
+    from store.frames import LINE_CONTROL, blank
 
-    title = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", Path(filename or "").stem).split())[:200].strip()
+    title = " ".join(LINE_CONTROL.sub(" ", Path(filename or "").stem).split())[:200].strip()
     return title if title and not blank(title) else "untitled"
 
 

@@ -49,8 +49,8 @@ _LABEL = re.compile(
 _CHEVRONS = re.compile(r"\s*>>+\s*")
 # A stray ">" left where "<inaudible>"-style markup was mangled: at either end of the line or just
 # before punctuation. A ">" between two words is kept (it may be maths).
-_STRAY_GT = re.compile(r"^[\s>]*>\s*|\s*>+\s*$|\s*>+(?=[.,;:!?])")
 _LEADING_GT = re.compile(r"^[\s>]*>\s*")
+_STRAY_GT = re.compile(_LEADING_GT.pattern + r"|\s*>+\s*$|\s*>+(?=[.,;:!?])")
 _SPACES = re.compile(r"\s+")
 _HAS_WORD = re.compile(r"\w")
 # What Postgres text cannot hold (NUL), what no encoder takes (lone surrogates, e.g. from a JSON "\ud800"), and

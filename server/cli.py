@@ -572,33 +572,33 @@ _port = _int_in(1, 65535, "a port is 1 to 65535")
 _ttl = _int_in(60, 366 * 24 * 3600, "a token lives 60 to 31,622,400 seconds (a year), as STUDYHALL_TOKEN_TTL")
 
 
-def _name(raw: str) -> str:
-    """A user or tenant name as REST takes one: something visible, no control characters, at most 100."""
+def _as_rest_takes(raw: str, pattern: str, limit: int, rule: str) -> str:
+    """`raw` if REST would take it for a field of `pattern` and at most `limit` characters with something to read
+    (else argparse says `rule`)."""
     import re
 
-    from server.api.schemas import NO_CONTROL
     from store.frames import blank
 
     if not raw.strip() or blank(raw):
         raise argparse.ArgumentTypeError("must not be blank")
-    if not re.fullmatch(NO_CONTROL, raw) or len(raw) > 100:
-        raise argparse.ArgumentTypeError("must be at most 100 characters, without control characters")
+    if not re.fullmatch(pattern, raw) or len(raw) > limit:
+        raise argparse.ArgumentTypeError(rule)
     return raw
+
+
+def _name(raw: str) -> str:
+    """A user or tenant name as REST takes one: something visible, no control characters, at most 100."""
+    from server.api.schemas import NO_CONTROL
+
+    return _as_rest_takes(raw, NO_CONTROL, 100, "must be at most 100 characters, without control characters")
 
 
 def _title(raw: str) -> str:
     """A video title as REST takes one: one line of at most 200 characters with something to read."""
-    import re
-
     from server.api.schemas import LINE_TEXT
-    from store.frames import blank
 
-    raw = raw.strip()
-    if not raw or blank(raw):
-        raise argparse.ArgumentTypeError("must not be blank")
-    if not re.fullmatch(LINE_TEXT, raw) or len(raw) > 200:
-        raise argparse.ArgumentTypeError("must be at most 200 characters on one line, without control characters")
-    return raw
+    return _as_rest_takes(raw.strip(), LINE_TEXT, 200,
+                          "must be at most 200 characters on one line, without control characters")
 
 
 def _question(raw: str) -> str:

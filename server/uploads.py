@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from litestar.exceptions import HTTPException
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from server.errors import ApiError
+from store.frames import LINE_CONTROL
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
                 return
             raw = os.path.basename(disp.get(b"filename", b"").decode("utf-8", "replace"))
             # kept for display and the format hint: no control characters (a NUL is refused where it is checked)
-            up.filename = re.sub(r"[\x00-\x1f\x7f-\x9f]", "", raw)[:255] or None
+            up.filename = LINE_CONTROL.sub("", raw)[:255] or None
             up.path = dest_dir / f"{uuid.uuid4().hex}.upload"
             state["fh"] = open(up.path, "wb")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from store.settings import Settings
+from store.settings import Settings, write_owner_only
 
 logger = logging.getLogger(__name__)
 
@@ -224,11 +224,9 @@ def _if_reachable(url: str | None) -> str | None:
 def write_connection_env(ddir: Path, db_url: str, redis_url: str, embedded: dict[str, bool]) -> None:
     """The URLs for joiners, and which of them are this data dir's embedded servers (EMBEDDED=pg,redis)."""
     tmp = ddir / ".connection.env.tmp"
-    tmp.unlink(missing_ok=True)
     # owner-only, like the secret beside it: an outside server's URL can carry its password
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-        f.write(f"DATABASE_URL={db_url}\nREDIS_URL={redis_url}\n"
-                f"EMBEDDED={','.join(k for k, on in embedded.items() if on)}\n")
+    write_owner_only(tmp, f"DATABASE_URL={db_url}\nREDIS_URL={redis_url}\n"
+                          f"EMBEDDED={','.join(k for k, on in embedded.items() if on)}\n")
     os.replace(tmp, ddir / "connection.env")
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import secrets
@@ -236,21 +235,19 @@ def _check_providers(s: Settings) -> None:
         raise SystemExit("STUDYHALL_EMBEDDER=openai needs OPENAI_API_KEY (or OPENAI_BASE_URL for a local server)")
 
 
-def _bounded(name: str, default: int, low: int, high: int | None = None) -> int:
-    """An integer setting of at least `low` (and at most `high`); else the start stops naming it."""
+def _bounded(name: str, default: int, low: int, high: int) -> int:
+    """An integer setting from `low` to `high`; else the start stops naming it."""
     value = _int(name, default)
-    if value < low or (high is not None and value > high):
-        raise SystemExit(f"{name} must be at least {low}" + (f" and at most {high}" if high is not None else "")
-                         + f", got {value}")
+    if not low <= value <= high:
+        raise SystemExit(f"{name} must be at least {low} and at most {high}, got {value}")
     return value
 
 
-def _ranged(name: str, default: float, low: float, high: float | None = None) -> float:
-    """A number of at least `low` (and at most `high`); else the start stops naming it."""
+def _ranged(name: str, default: float, low: float, high: float) -> float:
+    """A number from `low` to `high`; else the start stops naming it."""
     value = _float(name, default)
-    if not (low <= value and (high is None or value <= high) and math.isfinite(value)):  # also refuses nan
-        raise SystemExit(f"{name} must be a number of at least {low:g}"
-                         + (f" and at most {high:g}" if high is not None else "") + f", got {value!r}")
+    if not low <= value <= high:  # also refuses nan
+        raise SystemExit(f"{name} must be a number of at least {low:g} and at most {high:g}, got {value!r}")
     return value
 
 
@@ -286,6 +283,16 @@ def _secret(value: str, where: str, hint: str = "") -> str:
     return value
 
 
+def write_owner_only(path: Path, text: str) -> None:
+    """Write a new file readable by its owner only from the start (a secret, URLs that can hold passwords), on
+    disk before this returns; a leftover file of that name is replaced."""
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _load_or_create_secret(ddir: Path) -> str:
     path = ddir / "secret"
     hint = " (delete the file to have one generated; tokens signed with the old one stop working)"
@@ -293,13 +300,7 @@ def _load_or_create_secret(ddir: Path) -> str:
         return _secret(path.read_text().strip(), str(path), hint)
     ddir.mkdir(parents=True, exist_ok=True)
     tmp = ddir / f".secret.{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    # readable by the owner only from the start, and on disk before it is linked: a crash cannot leave an
-    # empty secret behind
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-        f.write(secrets.token_urlsafe(48))
-        f.flush()
-        os.fsync(f.fileno())
+    write_owner_only(tmp, secrets.token_urlsafe(48))  # on disk before it is linked: never an empty secret
     # link() is atomic and fails if the file exists: when two processes race, one secret wins.
     try:
         os.link(tmp, path)

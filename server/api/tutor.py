@@ -233,7 +233,6 @@ class TutorController(Controller):
                    FROM tutor_turns WHERE course_id = $1""", course_id)
         return dict(row)
 
-
     @get("/courses/{course_id:int}/tutor/feedback", guards=[staff_only])
     async def feedback_list(self, request: Request, course_id: int, vote: Literal[1, -1] | None = None,
                             limit: int = ListLimit, offset: int = Offset) -> list[dict]:

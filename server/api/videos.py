@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -24,7 +23,7 @@ from server.api.schemas import Strict, Title
 from server.auth import AuthUser, staff_only
 from server.decode import read_json, trimmed
 from server.errors import ApiError
-from store.frames import blank
+from store.frames import LINE_CONTROL
 from server.uploads import receive_upload
 from store import jobs as jobs_repo
 from store import progress as progress_repo
@@ -177,7 +176,7 @@ class VideoController(Controller):
             title = (up.fields.get("title") or "").strip()
             if len(title) > 200:
                 raise ApiError(400, "title is longer than 200 characters", field="title")
-            if re.search(r"[\x00-\x1f\x7f-\x9f]", title):  # one line, as every title
+            if LINE_CONTROL.search(title):  # one line, as every title
                 raise ApiError(400, "title must not contain control characters", field="title")
             if title:
                 title = trimmed(title, "title")  # something to read, not only invisible characters

@@ -40,9 +40,22 @@ def test_a_form_cut_off_mid_file_is_refused_and_nothing_stored(client, make: Fac
     assert video["title"] == "b"
 
 
-async def _blocked(task: asyncio.Task, seconds: float = 0.5) -> bool:
-    await asyncio.sleep(seconds)
-    return not task.done()
+async def _racing_a_delete(settings, table: str, row_id: int, call):  # type: ignore[no-untyped-def]
+    """`call()` (a blocking request) made while a transaction holds `table`'s row `row_id`, as the row's deletion
+    begins; the request must wait for it, then the transaction deletes the row and commits: the response."""
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        tx = db.transaction()
+        await tx.start()
+        await db.execute(f"SELECT 1 FROM {table} WHERE id = $1 FOR UPDATE", row_id)
+        request = asyncio.create_task(asyncio.to_thread(call))
+        await asyncio.sleep(0.5)
+        assert not request.done()  # it waits for the row
+        await db.execute(f"DELETE FROM {table} WHERE id = $1", row_id)
+        await tx.commit()
+        return await request
+    finally:
+        await db.close()
 
 
 async def test_deleting_a_video_while_its_course_is_deleted_is_not_found(client, make: Factory, settings, worker):
@@ -54,20 +67,9 @@ async def test_deleting_a_video_while_its_course_is_deleted_is_not_found(client,
         r = upload(client, cid, inst.h, name, SRT)
         assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
         vids.append(r.json()["video_id"])
-    db = await asyncpg.connect(settings.database_url)
-    try:
-        tx = db.transaction()
-        await tx.start()
-        await db.execute("SELECT 1 FROM courses WHERE id = $1 FOR UPDATE", cid)  # as delete_course begins
-        gone = asyncio.create_task(asyncio.to_thread(
-            client.delete, f"/api/v1/courses/{cid}/videos/{vids[0]}", headers=inst.h))
-        assert await _blocked(gone)
-        await db.execute("DELETE FROM courses WHERE id = $1", cid)
-        await tx.commit()
-        r = await gone
-        assert r.status_code == 404 and r.json()["message"] == f"course {cid} not found", r.text
-    finally:
-        await db.close()
+    r = await _racing_a_delete(settings, "courses", cid,  # as delete_course begins
+                               lambda: client.delete(f"/api/v1/courses/{cid}/videos/{vids[0]}", headers=inst.h))
+    assert r.status_code == 404 and r.json()["message"] == f"course {cid} not found", r.text
 
 
 async def test_retrying_a_job_while_its_video_is_deleted_is_not_found(client, make: Factory, settings):
@@ -78,16 +80,6 @@ async def test_retrying_a_job_while_its_video_is_deleted_is_not_found(client, ma
                           "'failed') RETURNING id", cid)[0]["id"]
     job = fetch(settings, "INSERT INTO jobs (kind, course_id, video_id, state, error) VALUES ('ingest', $1, $2, "
                           "'failed', 'boom') RETURNING id", cid, vid)[0]["id"]
-    db = await asyncpg.connect(settings.database_url)
-    try:
-        tx = db.transaction()
-        await tx.start()
-        await db.execute("SELECT 1 FROM videos WHERE id = $1 FOR UPDATE", vid)  # as the video's deletion begins
-        retry = asyncio.create_task(asyncio.to_thread(client.post, f"/api/v1/jobs/{job}/retry", headers=inst.h))
-        assert await _blocked(retry)
-        await db.execute("DELETE FROM videos WHERE id = $1", vid)
-        await tx.commit()
-        r = await retry
-        assert r.status_code == 404 and r.json()["message"] == f"job {job} not found", r.text
-    finally:
-        await db.close()
+    r = await _racing_a_delete(settings, "videos", vid,  # as the video's deletion begins
+                               lambda: client.post(f"/api/v1/jobs/{job}/retry", headers=inst.h))
+    assert r.status_code == 404 and r.json()["message"] == f"job {job} not found", r.text
