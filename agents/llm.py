@@ -69,9 +69,10 @@ class _End:
 
 class LLMStream:
     """Async iterator of text deltas. Once exhausted, `completion` (and `usage`) hold the totals; after
-    an `LLMError` mid-stream, `text` keeps what arrived. Use `async with` (or `aclose()`) to stop early."""
+    an `LLMError` mid-stream, `text` keeps what arrived and `usage_so_far` the tokens the provider had reported
+    (billed all the same). Use `async with` (or `aclose()`) to stop early."""
 
-    def __init__(self, provider: str, model: str, raw: AsyncIterator[str | _End],
+    def __init__(self, provider: str, model: str, raw: AsyncIterator[str | Usage | _End],
                  to_error: Callable[[BaseException], LLMError | None]) -> None:
         self.provider = provider
         self.model = model
@@ -81,6 +82,7 @@ class LLMStream:
         self._to_error = to_error
         self._parts: list[str] = []
         self._end: _End | None = None
+        self._reported = Usage()
         self._t0: float | None = None
 
     @property
@@ -90,6 +92,11 @@ class LLMStream:
     @property
     def usage(self) -> Usage | None:
         return self.completion.usage if self.completion else None
+
+    @property
+    def usage_so_far(self) -> Usage:
+        """The totals once complete; before that (a stream that failed) what the provider had reported."""
+        return self.completion.usage if self.completion else self._reported
 
     def __aiter__(self) -> LLMStream:
         return self
@@ -115,6 +122,9 @@ class LLMStream:
                 raise err from exc
             if isinstance(item, _End):
                 self._end = item
+                continue
+            if isinstance(item, Usage):  # counts reported mid-stream
+                self._reported = item
                 continue
             if item:
                 if self.first_delta_s is None:
@@ -319,13 +329,14 @@ class OpenAIChat:
         params = self._params(messages, system, max_tokens, temperature)
         return LLMStream(self.name, self.model, self._raw_stream(params), self._error)
 
-    async def _raw_stream(self, params: dict) -> AsyncIterator[str | _End]:
+    async def _raw_stream(self, params: dict) -> AsyncIterator[str | Usage | _End]:
         usage, model, finished, truncated = Usage(), "", False, False
         async with await self._create(params, stream=True, stream_options={"include_usage": True}) as chunks:
             async for chunk in chunks:
                 model = chunk.model or model
                 if chunk.usage:
                     usage = _openai_usage(chunk.usage)
+                    yield usage
                 for choice in chunk.choices[:1]:
                     finished = finished or choice.finish_reason is not None
                     truncated = truncated or choice.finish_reason == "length"
@@ -403,7 +414,7 @@ class AnthropicChat:
         params = self._params(messages, system, max_tokens, temperature)
         return LLMStream(self.name, self.model, self._raw_stream(params), self._error)
 
-    async def _raw_stream(self, params: dict) -> AsyncIterator[str | _End]:
+    async def _raw_stream(self, params: dict) -> AsyncIterator[str | Usage | _End]:
         input_tokens = output_tokens = 0
         model, stopped, truncated = "", False, False
         async with await self._create(params, stream=True) as events:
@@ -412,6 +423,7 @@ class AnthropicChat:
                     model = ev.message.model
                     usage = _anthropic_usage(getattr(ev.message, "usage", None))
                     input_tokens, output_tokens = usage.input_tokens, usage.output_tokens
+                    yield Usage(input_tokens, output_tokens)
                 elif ev.type == "content_block_delta" and ev.delta.type == "text_delta":
                     yield ev.delta.text
                 elif ev.type == "message_delta":
@@ -419,6 +431,7 @@ class AnthropicChat:
                     usage = _anthropic_usage(getattr(ev, "usage", None))
                     output_tokens = usage.output_tokens or output_tokens
                     input_tokens = usage.input_tokens or input_tokens
+                    yield Usage(input_tokens, output_tokens)
                     truncated = getattr(getattr(ev, "delta", None), "stop_reason", None) == "max_tokens"
                 elif ev.type == "message_stop":
                     stopped = True

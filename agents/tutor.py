@@ -189,6 +189,7 @@ class Tutor:
                         sent = len(stream.text)
         except LLMError as exc:
             logger.warning("tutor answer failed mid-stream: %s", exc.message)
+            self._account(s, stream.usage_so_far)  # what the provider reported is billed all the same
             return {"answer": stream.text, "error": exc.message, "grounded": False}
         if stream.usage:
             self._account(s, stream.usage)

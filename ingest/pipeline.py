@@ -21,6 +21,7 @@ from ingest.cues import Cue
 from ingest.errors import PermanentIngestError
 from ingest.progress import JobReporter
 from store import jobs as jobs_repo
+from store import progress as progress_repo
 from store import videos as videos_repo
 from store.settings import Settings
 
@@ -168,6 +169,7 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
             await videos_repo.mark_ready(conn, video["id"], duration_s=duration, embed_model=embedder.name,
                                          embed_dim=embedder.dim, chunk_count=len(chunks), language=src.language,
                                          captions_generated=src.captions_generated)
+            await progress_repo.fit_to_duration(conn, video["id"], duration)
         done = await jobs_repo.set_state(conn, job["id"], "done", 1.0)
     await reporter.announce(done)
     logger.info("ingested video %s: %d cues, %d chunks, %d chapters", video["id"], len(src.cues), len(chunks),

@@ -71,6 +71,30 @@ def overlap(ranges: list[list[float]], start: float, end: float) -> float:
     return sum(max(0.0, min(b, end) - max(a, start)) for a, b in ranges)
 
 
+def clip(ranges: list[list[float]], duration: float) -> list[list[float]]:
+    """The parts of (merged) ranges inside [0, duration]: a re-ingest can make a video shorter than what was
+    watched of it before."""
+    return [[a, min(b, duration)] for a, b in ranges if a < duration]
+
+
+# A re-ingest that made the video shorter: positions and watched ranges of its learners cut to the new length
+# (in the ingest's transaction), so nothing past the end counts towards completion or shows as watched.
+_PAST_END = """SELECT user_id, position_s, watched FROM video_progress
+               WHERE video_id = $1 AND (position_s > $2 OR jsonb_path_exists(watched, '$[*] ? (@[1] > $d)',
+                                                                            jsonb_build_object('d', $2::float8)))"""
+
+
+async def fit_to_duration(conn: asyncpg.Connection, video_id: int, duration: float) -> int:
+    """Cut the video's stored progress to `duration`; returns the learners whose progress changed. Completion
+    (and the XP it earned) stays: it was earned on the video as it was."""
+    rows = await conn.fetch(_PAST_END, video_id, float(duration))
+    fitted = [(video_id, r["user_id"], min(r["position_s"], duration), w, covered(w))
+              for r in rows for w in [clip(r["watched"], duration)]]
+    await conn.executemany("UPDATE video_progress SET position_s = $3, watched = $4, watched_s = $5 "
+                           "WHERE video_id = $1 AND user_id = $2", fitted)
+    return len(fitted)
+
+
 def check_report(duration: float, position: float, watched: list[list[float]]) -> tuple[float, list[list[float]]]:
     """Validate a report against the video's duration; returns the position and ranges clamped to it."""
     limit = duration + TOLERANCE_S
@@ -129,13 +153,14 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
         "SELECT watched, completed_at, updated_at FROM video_progress WHERE user_id = $1 AND video_id = $2 "
         "FOR UPDATE",
         user_id, video["id"])
-    merged = merge((old["watched"] if old else []) + watched)
+    had = clip(old["watched"], duration) if old else []  # as of this video's length (see fit_to_duration)
+    merged = merge(had + watched)
     if len(merged) > MAX_STORED_RANGES:  # refused, not coarsened: joining gaps would count unwatched seconds
         raise ProgressError("watched", f"at most {MAX_STORED_RANGES} separate watched ranges are kept per video; "
                                        "report contiguous ranges")
     watched_s = covered(merged)
     if role == "learner":
-        await _spend_budget(conn, user_id, watched_s - covered(old["watched"] if old else []), at)
+        await _spend_budget(conn, user_id, watched_s - covered(had), at)
     # re-watching (in a later report) counts as time spent, not as more coverage; within one report a second
     # itself counts once (a range repeated a hundred times is not a hundred times the time)
     spent = min(covered(merge(watched)), duration)

@@ -48,7 +48,7 @@ class Streak:
 def _zone(tz: str | None) -> ZoneInfo:
     try:
         return ZoneInfo(tz or "UTC")
-    except (ValueError, KeyError):  # a zone no longer known: UTC
+    except (ValueError, KeyError, OSError):  # a zone no longer known (or a tzdata folder, a name too long): UTC
         return ZoneInfo("UTC")
 
 

@@ -268,6 +268,9 @@ async def test_midstream_failure_raises_after_the_first_deltas(srv, provider, mo
     assert stream.completion is None
     if mode == "error" and provider == "anthropic":
         assert "overloaded_error" in err.message
+    # what the provider reported before failing is kept for billing: Anthropic counts the input at the start,
+    # OpenAI reports usage only in its last chunk
+    assert stream.usage_so_far == (Usage(reply.input_tokens, 1) if provider == "anthropic" else Usage())
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

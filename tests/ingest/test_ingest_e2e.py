@@ -413,3 +413,39 @@ def test_a_transcript_is_read_in_pages(eval_course: EvalCourse, client):
     page = client.get(url, params={"limit": 5, "offset": 10}, headers=eval_course.learner.h).json()
     assert page == whole[10:15]
     assert client.get(url, params={"limit": 5001}, headers=eval_course.learner.h).status_code == 400
+
+
+def _srt(seconds: int) -> bytes:
+    """Cues of 5 s each up to `seconds`."""
+    return "".join(f"{i + 1}\n00:{t // 60:02d}:{t % 60:02d},000 --> 00:{(t + 5) // 60:02d}:{(t + 5) % 60:02d},000\n"
+                   f"Sorting algorithm remark number {i} about merge sort and quicksort.\n\n"
+                   for i, t in enumerate(range(0, seconds, 5))).encode()
+
+
+def test_a_reingest_that_shortens_a_video_cuts_its_progress_to_the_new_length(client, make: Factory, worker,
+                                                                               settings):
+    """Watched seconds past the new end counted towards completion (a later empty report completed the lesson
+    and the course, with their XP) and showed as watched; now progress is cut to the video as it is."""
+    from pathlib import Path
+
+    inst, cid = _course(client, make)
+    r = upload(client, cid, inst.h, "sorting.srt", _srt(100))
+    assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
+    vid = r.json()["video_id"]
+    learner = make.user("learner")
+    assert client.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": learner.id},
+                       headers=inst.h).status_code == 201
+    url = f"/api/v1/videos/{vid}/progress"
+    got = client.post(url, json={"position": 100, "watched": [[30, 100]]}, headers=learner.h).json()
+    assert got["duration"] == 100 and got["fraction"] == 0.7 and not got["completed"]
+    (path,) = [x["file_path"] for x in fetch(settings, "SELECT file_path FROM videos WHERE id = $1", vid)]
+    Path(path).write_bytes(_srt(60))  # the source now says 60 s
+    r = client.post(f"/api/v1/courses/{cid}/videos/{vid}/reingest", headers=inst.h)
+    assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
+    now = client.get(url, headers=learner.h).json()
+    assert (now["duration"], now["position"], now["watched"], now["watched_s"], now["fraction"]) == (
+        60, 60, [[30, 60]], 30, 0.5), now
+    again = client.post(url, json={"position": 10, "watched": []}, headers=learner.h).json()
+    assert not again["completed"] and again["xp_awarded"] == [] and again["fraction"] == 0.5
+    course = client.get(f"/api/v1/courses/{cid}/progress", headers=learner.h).json()
+    assert course["videos"][0]["fraction"] == 0.5 and course["completion"] == 0

@@ -159,6 +159,18 @@ def test_deleting_the_last_unfinished_video_completes_the_course(client, make: F
     assert client.get(f"/api/v1/courses/{course.id}/progress", headers=a.h).json()["completion"] == 1.0
 
 
+def test_a_report_counts_earlier_ranges_only_inside_the_video_as_it_is_now(client, make: Factory, settings):
+    """The video got shorter after an earlier report (a re-ingest committing while this report ran): the seconds
+    past the new end do not complete it."""
+    course = make_course(client, make, learners=1, videos=1, duration=1000)
+    (learner,), (vid,) = course.learners, course.videos
+    assert report(client, learner, vid, 1000, [[300, 1000]])["fraction"] == 0.7
+    fetch(settings, "UPDATE videos SET duration_s = 600 WHERE id = $1", vid)
+    got = report(client, learner, vid, 10, [])
+    assert not got["completed"] and got["xp_awarded"] == [] and got["watched"] == [[300, 600]], got
+    assert got["fraction"] == 0.5
+
+
 def test_staff_progress_is_stored_without_xp(client, make: Factory, settings):
     course = make_course(client, make, learners=0, videos=1, duration=60)
     r = report(client, course.instructor, course.videos[0], 60, [[0, 60]])

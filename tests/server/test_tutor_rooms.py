@@ -512,6 +512,19 @@ def test_a_model_failing_mid_answer_gives_the_question_back(openai_server, eval_
     assert not fetch(settings, "SELECT 1 FROM tutor_pending WHERE user_id = $1", learner.id)
 
 
+def test_a_model_failing_mid_answer_still_records_the_tokens_reported(anthropic_server, eval_course: EvalCourse,
+                                                                       fake_llm, settings):
+    """Anthropic counts the input tokens at the start of a stream and bills them whether or not it finishes."""
+    fake_llm.reset(default=Reply(text="Partial answer that never finishes [1]", chunks=4, midstream="error",
+                                 fail_after=2, input_tokens=321))
+    body = _ask(anthropic_server, eval_course, "What does a bitcoin signature show, if the model fails mid-way?")
+    assert body["grounded"] is False and "cut off" in body["answer"]
+    (turn,) = fetch(settings, "SELECT input_tokens, output_tokens, cost_usd, error FROM tutor_turns WHERE id = $1",
+                    body["turn_id"])
+    assert turn["error"] and turn["input_tokens"] == 321 and turn["output_tokens"] == 1, dict(turn)
+    assert turn["cost_usd"] > 0
+
+
 def _ask_as(url: str, course_id: int, user: User, question: str) -> dict:
     r = httpx.post(f"{url}/api/v1/courses/{course_id}/ask", json={"question": question}, headers=user.h, timeout=60)
     assert r.status_code == 200, r.text

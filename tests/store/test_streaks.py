@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from datetime import date, datetime, timedelta, timezone
 
+import pytest
+
 from store import streaks, xp
 from store.streaks import Streak, advance, status
 from tests.conftest import Factory
@@ -61,6 +63,13 @@ def test_status_as_seen_today():
 async def _activity(pool, redis, user_id: int, at: datetime) -> Streak:  # type: ignore[no-untyped-def]
     async with xp.transaction(pool, redis) as tx:
         return await streaks.record_activity(tx, user_id, at)
+
+
+@pytest.mark.parametrize("stored", ["Atlantis/Lost", "America", "Europe/" + "x" * 300, "", None])
+def test_a_stored_zone_that_is_not_one_counts_in_utc(stored):
+    """Profiles only take IANA names, but a stored value can stop being one (tzdata, a hand edit): UTC days."""
+    at = datetime(2025, 3, 3, 23, 30, tzinfo=timezone.utc)
+    assert streaks.local_day(at, stored) == date(2025, 3, 3)
 
 
 async def test_local_midnight(make: Factory, xp_store):
