@@ -9,6 +9,7 @@ usable comes back the offline items are used.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -22,6 +23,7 @@ import numpy as np
 
 from agents.llm import LLM, LLMError, first_json_object
 from agents.scoring import STOPWORDS
+from store.frames import LINE_CONTROL, text_problem
 
 logger = logging.getLogger(__name__)
 
@@ -62,18 +64,37 @@ class Draft:
     reference_answer: str = ""
 
 
-def _terms(text: str) -> list[str]:
-    return [w.lower() for w in _WORD.findall(text) if w.lower() not in STOPWORDS and w.lower() not in FILLER]
+@functools.lru_cache(maxsize=65_536)  # a generation request reads the course's other chapters once per target
+def _terms(text: str) -> tuple[str, ...]:
+    return tuple(w.lower() for w in _WORD.findall(text) if w.lower() not in STOPWORDS and w.lower() not in FILLER)
+
+
+def _tf(group: list[Sentence]) -> Counter:
+    return Counter(t for s in group for t in _terms(s.text))
 
 
 def _weights(chapter: list[Sentence], others: list[list[Sentence]]) -> dict[str, float]:
     """tf-idf of the chapter's words against the other chapters (or its own sentences when alone)."""
-    tf = Counter(t for s in chapter for t in _terms(s.text))
-    docs = [set(t for s in group for t in _terms(s.text)) for group in others] if others else \
-        [set(_terms(s.text)) for s in chapter]
+    tf = _tf(chapter)
+    docs = [set(_tf(group)) for group in others] if others else [set(_terms(s.text)) for s in chapter]
     df = Counter(t for d in docs for t in d)
     n = len(docs)
     return {w: c * math.log((1 + n) / (1 + df[w])) for w, c in tf.items()}
+
+
+def _pool_weights(chapter: list[Sentence], others: list[list[Sentence]], per_group: int) -> Counter:
+    """Each other chapter's `per_group` best words by tf-idf against the rest (the other chapters and this one),
+    the best weight of each word: document frequencies counted once, each chapter's own taken back out (it
+    was computed per chapter against all the rest: quadratic in the course's chapters)."""
+    tfs = [_tf(g) for g in others]
+    df = Counter(t for d in [*tfs, _tf(chapter)] for t in set(d))
+    n = len(others)  # the rest of each one: the other others, and the chapter
+    best: Counter = Counter()
+    for tf in tfs:  # a word of this chapter is in df once for it
+        w = {t: c * math.log((1 + n) / df[t]) for t, c in tf.items()}
+        for term, v in sorted(w.items(), key=lambda x: -x[1])[:per_group]:
+            best[term] = max(best[term], v)
+    return best
 
 
 def key_sentences(chapter: list[Sentence], others: list[list[Sentence]], count: int) -> list[tuple[Sentence, str]]:
@@ -112,14 +133,23 @@ def _blank(text: str, keyword: str) -> str:
     return re.sub(rf"\b{re.escape(keyword)}\b", "_____", text, flags=re.I)  # every occurrence: no give-away
 
 
+_AT = re.compile(r" \(\d+:\d\d\)$")  # the moment a generated title ends with
+
+
 def masked(text: str, answers: list[str]) -> str:
-    """`text` (an item's title, its concept) without the answer's words, nor words sharing their stem: learners
-    see those beside the question, and a chapter title is often the very sentence the answer was blanked from."""
+    """`text` (an item's title, its concept) without the answer's words, nor words sharing their stem, nor the
+    answer itself however short ("O(1)", "42"): learners see those beside the question, and a chapter title is
+    often the very sentence the answer was blanked from. A title's closing "(m:ss)" is kept."""
+    at = _AT.search(text)
+    head, tail = (text[: at.start()], at.group()) if at else (text, "")
     for answer in answers:
+        phrase = " ".join(answer.split())
+        if re.search(r"[^\W_]", phrase):  # the whole answer, where it is not part of a longer word
+            head = re.sub(rf"(?<![^\W_]){re.escape(phrase)}(?![^\W_])", "…", head, flags=re.I)
         for word in re.findall(r"[^\W_]{3,}", answer):
             stem = word[:5] if len(word) > 5 else word
-            text = re.sub(rf"\b{re.escape(stem)}[^\W_]*", "…", text, flags=re.I)
-    return text
+            head = re.sub(rf"\b{re.escape(stem)}[^\W_]*", "…", head, flags=re.I)
+    return head + tail
 
 
 def _seed(*parts: object) -> int:
@@ -147,11 +177,7 @@ def _distractors(keyword: str, sentence: str, pool: list[str], difficulty: str, 
 def offline_items(chapter_title: str, video_id: int, chapter: list[Sentence], others: list[list[Sentence]],
                   count: int, difficulty: str, types: list[str], embedder: Any) -> list[Draft]:
     """Draft items from the chapter's key sentences (blocking: call in a thread)."""
-    pool_weights: Counter = Counter()
-    for group in others:
-        w = _weights(group, [g for g in others if g is not group] + [chapter])
-        for term, v in sorted(w.items(), key=lambda x: -x[1])[:40]:
-            pool_weights[term] = max(pool_weights[term], v)
+    pool_weights = _pool_weights(chapter, others, 40)
     if not others:  # one chapter only: distractors from the chapter's own other sentences
         w = _weights(chapter, [])
         pool_weights.update(dict(sorted(w.items(), key=lambda x: -x[1])[:60]))
@@ -214,7 +240,7 @@ async def llm_items(llm: LLM, chapter_title: str, video_id: int, chapter: list[S
         if completion.truncated:
             logger.warning("LLM generation reached its length limit; keeping what parses")
         items = msgspec.json.decode(first_json_object(completion.text), type=_LLMItems).items
-    except (LLMError, ValueError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (LLMError, ValueError, RecursionError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         # ValueError: no JSON object in the reply, or text that cannot be encoded (a lone surrogate)
         logger.warning("LLM generation failed, using offline items: %s", exc)
         return []
@@ -227,12 +253,13 @@ async def llm_items(llm: LLM, chapter_title: str, video_id: int, chapter: list[S
         except msgspec.ValidationError:
             continue
         s = min(chapter, key=lambda x: abs(x.start - it.start))
-        if abs(s.start - it.start) > 2.0 or it.type not in types or not it.prompt.strip():
+        if abs(s.start - it.start) > 2.0 or it.type not in types:
             continue
-        # the same limits as an instructor's own assignment (and no NUL, which Postgres cannot store)
-        texts = [it.prompt, it.reference_answer, *it.options]
-        if (len(it.prompt) > 10_000 or len(it.reference_answer) > 10_000 or len(it.options) > 10
-                or any(len(o) > 500 or not o.strip() for o in it.options) or any("\x00" in t for t in texts)):
+        # the rules an instructor's own assignment meets: something visible, within the limits, no control
+        # characters (an option is one line; NUL, which Postgres cannot store, is one of them)
+        if (text_problem(it.prompt, 10_000) or len(it.options) > 10
+                or (it.reference_answer and text_problem(it.reference_answer, 10_000))
+                or any(text_problem(o, 500) or LINE_CONTROL.search(o) for o in it.options)):
             continue
         cite = {"video_id": video_id, "start": round(s.start, 3), "end": round(s.end, 3), "text": s.text}
         title = f"{chapter_title[:80]} ({_mmss(s.start)})"
@@ -243,7 +270,7 @@ async def llm_items(llm: LLM, chapter_title: str, video_id: int, chapter: list[S
                 continue  # the rule an instructor's own item meets: options differ
             out.append(Draft("multiple_choice", title, it.prompt.strip(), difficulty, cite,
                              options=[o.strip() for o in it.options], correct=sorted(set(it.correct))))
-        elif it.type in ("short_answer", "essay") and it.reference_answer.strip():
+        elif it.type in ("short_answer", "essay") and it.reference_answer:
             out.append(Draft(it.type, title, it.prompt.strip(), difficulty, cite,
                              reference_answer=it.reference_answer.strip()))
     return out

@@ -196,7 +196,7 @@ async def llm_grade(llm: LLM, question: str, reference: str, criteria: list[Crit
                                     max_tokens=500 + 100 * len(criteria), temperature=0.0)
     try:
         out = _parse_llm(completion.text, criteria)
-    except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (ValueError, RecursionError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise LLMError(f"{llm.name}: unusable grade: {exc}", retryable=False, provider=llm.name) from exc
     out["grader"] = f"llm:{llm.name}:{completion.model}"
     return out

@@ -451,6 +451,8 @@ def first_json_object(text: str) -> str:
         _, end = json.JSONDecoder().raw_decode(text, start)
     except json.JSONDecodeError as exc:
         raise ValueError(f"the model's reply holds no valid JSON object: {exc}") from None
+    except RecursionError:
+        raise ValueError("the model's reply nests its JSON too deeply") from None
     return text[start:end]
 
 

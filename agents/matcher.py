@@ -19,6 +19,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypedDict
@@ -27,8 +30,10 @@ import asyncpg
 import networkx as nx
 from langgraph.graph import END, START, StateGraph
 from redis.asyncio import Redis
+from redis.exceptions import LockError
 
-from store import matching, messages, profiles, progress
+from store import keys, matching, messages, profiles, progress
+from store.frames import text_problem
 from store.leaderboards import period_bounds
 from store.settings import Settings
 
@@ -191,6 +196,10 @@ def template_reason(group: list[Learner], chapter_titles: dict[int, str]) -> str
     return text[0].upper() + text[1:] + "."
 
 
+REASON_MAX_CHARS = 400
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a lone one: not UTF-8
+
+
 async def llm_reason(llm: Any, group: list[Learner], chapter_titles: dict[int, str]) -> str | None:
     facts = facts_for(group, chapter_titles) or ["they have not studied much yet; a fresh start together"]
     prompt = REASON_USER.format(names=", ".join(m.name for m in group), facts="\n".join(f"- {f}" for f in facts))
@@ -201,7 +210,16 @@ async def llm_reason(llm: Any, group: list[Learner], chapter_titles: dict[int, s
         logger.warning("matcher: LLM reason failed (%s); using the template", exc)
         return None
     text = " ".join(done.text.split())
-    return text[:400] if text else None
+    if len(text) > REASON_MAX_CHARS:  # at a word, and marked as cut
+        text = text[: REASON_MAX_CHARS - 1].rsplit(" ", 1)[0] + "…"
+    # posted to the pod's room: the bar a member's message meets (and text Postgres can store), else the template
+    problem = text_problem(text, REASON_MAX_CHARS, "the reason")
+    why = ("was cut off at its length limit" if done.truncated else problem[1] if problem
+           else "holds a lone surrogate" if _SURROGATE.search(text) else None)
+    if why:
+        logger.warning("matcher: the LLM's reason %s; using the template", why)
+        return None
+    return text
 
 
 def _get_llm(settings: Settings) -> Any:
@@ -370,37 +388,106 @@ async def run_match(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id
 
 
 class DeclineError(Exception):
-    pass
+    """The decline could not be made now (the round kept changing): trying again can work."""
+
+
+class NotMatched(DeclineError):
+    """The learner is not in the pod's current round."""
 
 
 class StaleDecline(DeclineError):
     """The round the learner declined was replaced by a newer one (not a re-match of it after declines)."""
 
 
-DECLINE_TRIES = 5  # re-matches attempted when other declines land meanwhile
+class PodBusy(Exception):
+    """Another round of the pod was being computed for longer than we waited."""
+
+
+MATCH_LEASE_S = 120.0  # a pod's matching lock ends on its own after this (a holder that died)
+MATCH_WAIT_S = 60.0  # how long a decline or a manual round waits for the pod's turn
+DECLINE_TRIES = 5  # re-matches attempted when a round not made under the lock lands meanwhile
+
+
+@asynccontextmanager
+async def pod_turn(redis: Redis, pod_id: int, *, wait_s: float = MATCH_WAIT_S) -> AsyncIterator[None]:
+    """This process's turn to compute a round of the pod (see keys.POD_MATCHING); PodBusy when it did not come
+    within `wait_s` (0: do not wait). Correctness does not rest on it: a round is saved only on the round it
+    was computed from (`based_on`, a round key), so a lease that ran out costs a retry, not a lost decline."""
+    lock = redis.lock(keys.pod_matching(pod_id), timeout=MATCH_LEASE_S)
+    if not await lock.acquire(blocking=wait_s > 0, blocking_timeout=wait_s or None):
+        raise PodBusy(f"pod {pod_id}'s study-buddy round is being computed; try again shortly")
+    try:
+        yield
+    finally:
+        try:
+            await lock.release()
+        except LockError:  # the lease ran out meanwhile (and someone else may hold it now): nothing to free
+            logger.warning("matcher: pod %s's matching lock expired before it was released", pod_id)
 
 
 async def decline(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id: int, user_id: int,
                   llm: Any = "settings", *, seen: int | None = None) -> MatchResult:
     """The learner sits this round out: the rest of the pod is matched again without them (and without earlier
     decliners of this round). `seen`: the round they saw; StaleDecline when a newer round (a manual or weekly
-    one, not a re-match of it after declines) replaced it, so a decline never lands on a round never seen."""
+    one, not a re-match of it after declines) replaced it, so a decline never lands on a round never seen.
+    Declines arriving together take turns (pod_turn), each building on the round the one before it made."""
+    result = await _rematch(pool, redis, settings, pod_id, user_id, declining=True, llm=llm, seen=seen)
+    if result is None:
+        raise NotMatched("you are not in this pod's current study-buddy round")
+    return result
+
+
+async def after_leaving(pool: asyncpg.Pool, redis: Redis, settings: Settings, user_id: int, *,
+                        pod_id: int | None = None, course_id: int | None = None, llm: Any = "settings") -> int:
+    """A learner left a pod (or the course of its pods): each of those pods whose current round still pairs
+    them is matched again without them, as after a decline, so their partners are not left without a buddy
+    until next week. Failures are logged (the weekly round makes up for them); returns the rounds made."""
+    async with pool.acquire() as conn:
+        pods = [pod_id] if pod_id is not None else [r["id"] for r in await conn.fetch(
+            "SELECT id FROM pods WHERE course_id = $1 ORDER BY id", course_id)]
+    made = 0
+    for p in pods:
+        try:
+            made += await _rematch(pool, redis, settings, p, user_id, declining=False, llm=llm) is not None
+        except LookupError:  # the pod was deleted meanwhile
+            pass
+        except Exception:  # noqa: BLE001 - the leaving stands; the weekly round re-pairs the rest
+            logger.warning("matcher: could not re-match pod %s after user %s left", p, user_id, exc_info=True)
+    return made
+
+
+async def _rematch(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id: int, user_id: int, *,
+                   declining: bool, llm: Any, seen: int | None = None) -> MatchResult | None:
+    """Match the pod again on its current round, without `user_id` (a decliner; or a leaver, whom the graph
+    leaves out as no longer eligible); None when the current round does not pair them."""
     for _ in range(DECLINE_TRIES):
-        async with pool.acquire() as conn:
-            cur = await matching.current(conn, pod_id)
-            if seen is not None and not await matching.declines_only_since(conn, pod_id, seen):
-                raise StaleDecline(f"round {seen} is no longer this pod's round; read the current one "
-                                   f"(GET /pods/{pod_id}/match) before declining")
-        if cur is None or not any(user_id in g["members"] for g in cur["groups"]):
-            raise DeclineError("you are not in this pod's current study-buddy round")
-        try:  # saved only if `cur` is still current: concurrent declines each build on the other's round
-            result = await run_match(pool, redis, settings, pod_id, trigger="decline", created_by=user_id,
-                                     declined=sorted(set(cur["declined"]) | {user_id}), llm=llm, based_on=cur["id"])
-        except matching.StaleRound:
-            continue
-        assert result is not None
-        return result
+        async with pod_turn(redis, pod_id):
+            async with pool.acquire() as conn:
+                cur = await matching.current(conn, pod_id)
+                if seen is not None and not await matching.declines_only_since(conn, pod_id, seen):
+                    raise StaleDecline(f"round {seen} is no longer this pod's round; read the current one "
+                                       f"(GET /pods/{pod_id}/match) before declining")
+            if cur is None or not any(user_id in g["members"] for g in cur["groups"]):
+                return None
+            declined = set(cur["declined"]) | ({user_id} if declining else set())
+            try:  # saved only if `cur` is still current
+                return await run_match(pool, redis, settings, pod_id, trigger="decline",
+                                       created_by=user_id if declining else None, declined=sorted(declined),
+                                       llm=llm, based_on=cur["id"])
+            except matching.StaleRound:
+                continue
     raise DeclineError("the pod's round kept changing while re-matching; please try again")
+
+
+async def announce_unposted(pool: asyncpg.Pool, redis: Redis) -> int:
+    """Post the current rounds whose post failed or was cut off (any kind of round, of the last week: a manual
+    one's request got its round back without a message); returns how many were posted."""
+    async with pool.acquire() as conn:
+        unposted = await matching.unannounced(conn)
+        names = {r["id"]: r["name"] for r in await conn.fetch(
+            "SELECT id, name FROM users WHERE id = ANY($1::bigint[])",
+            sorted({m for r in unposted for g in r["groups"] for m in g["members"]}))}
+    return sum([await announce(pool, redis, row, names, "unknown") is not None for row in unposted])
 
 
 def week_due(at: datetime, weekday: int, hour: int) -> datetime:
@@ -414,19 +501,17 @@ async def match_all_pods(pool: asyncpg.Pool, redis: Redis, settings: Settings, a
     """The weekly round for every pod with two or more learners that has none yet this ISO week (once per pod
     and week however often it runs)."""
     key = matching.week_key(at)
+    await announce_unposted(pool, redis)
     async with pool.acquire() as conn:
         pods = await matching.pods_to_match(conn, key)
-        unposted = await matching.unannounced(conn, key)
-        names = {r["id"]: r["name"] for r in await conn.fetch(
-            "SELECT id, name FROM users WHERE id = ANY($1::bigint[])",
-            sorted({m for r in unposted for g in r["groups"] for m in g["members"]}))}
-    for row in unposted:  # saved by a run whose post failed or was cut off: announced now
-        await announce(pool, redis, row, names, "unknown")
     n = 0
     for pod_id in pods:
         try:
-            if await run_match(pool, redis, settings, pod_id, trigger="cron", round_key=key, llm=llm) is not None:
-                n += 1
+            async with pod_turn(redis, pod_id, wait_s=0):  # taken: another run (or a decline) has the pod now
+                if await run_match(pool, redis, settings, pod_id, trigger="cron", round_key=key, llm=llm) is not None:
+                    n += 1
+        except PodBusy:
+            logger.info("matcher: pod %s is being matched elsewhere; the next run looks at it again", pod_id)
         except Exception:  # noqa: BLE001 - one pod's failure must not stop the others
             logger.exception("matcher: weekly round failed for pod %s", pod_id)
     return n

@@ -21,12 +21,14 @@ logger = logging.getLogger(__name__)
 async def match_pods_weekly(ctx: dict[str, Any]) -> int:
     """The weekly study-buddy round: from its moment (STUDYHALL_MATCH_WEEKDAY/_HOUR) to the end of the ISO week,
     every run matches the pods still without this week's round. It runs every quarter hour and at worker start,
-    so a round cut short by a deploy, or missed while no worker ran, is finished by the next run."""
-    from agents.matcher import match_all_pods, week_due
+    so a round cut short by a deploy, or missed while no worker ran, is finished by the next run. Every run
+    (also before the week's moment) posts the rounds whose post failed."""
+    from agents.matcher import announce_unposted, match_all_pods, week_due
 
     settings = ctx["settings"]
     now = datetime.now(timezone.utc)
     if now < week_due(now, settings.match_weekday, settings.match_hour):
+        await announce_unposted(ctx["pool"], ctx["redis"])
         return 0
     return await match_all_pods(ctx["pool"], ctx["redis"], settings, now)
 

@@ -181,6 +181,26 @@ async def reconcile_chapter_scores(conn: asyncpg.Connection, limit: int = 500) -
     return len(rows)
 
 
+async def rescore_chapters(conn: asyncpg.Connection, chapter_ids: list[int | None]) -> None:
+    """Every learner's strength on these chapters again, from the assignments on them now (after one was deleted,
+    or moved to another chapter): a learner with no graded assignment left there loses the row (their strength
+    falls back to what they watched)."""
+    ids = sorted({c for c in chapter_ids if c is not None})
+    if not ids:
+        return
+    await conn.execute(
+        """WITH best AS (SELECT s.user_id, a.chapter_id, s.assignment_id, max(s.score) AS score FROM submissions s
+                         JOIN assignments a ON a.id = s.assignment_id
+                         WHERE s.status = 'graded' AND a.chapter_id = ANY($1::bigint[]) GROUP BY 1, 2, 3),
+                strength AS (SELECT user_id, chapter_id, least(1, greatest(0, avg(score) / 100)) AS score FROM best
+                             GROUP BY 1, 2),
+                gone AS (DELETE FROM chapter_scores c WHERE c.chapter_id = ANY($1::bigint[]) AND NOT EXISTS (
+                             SELECT 1 FROM strength x WHERE x.user_id = c.user_id AND x.chapter_id = c.chapter_id))
+           INSERT INTO chapter_scores (user_id, chapter_id, score, updated_at)
+           SELECT user_id, chapter_id, score, now() FROM strength
+           ON CONFLICT (user_id, chapter_id) DO UPDATE SET score = EXCLUDED.score, updated_at = now()""", ids)
+
+
 async def _update_chapter_score(conn: asyncpg.Connection, user_id: int, assignment_id: int) -> None:
     """Mean of the learner's best final score per assignment of the chapter, 0..1."""
     await conn.execute(

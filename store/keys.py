@@ -123,3 +123,13 @@ RATE_WRITTEN = "sh:rl:written:{user_id}"
 
 def rate_written(user_id: int) -> str:
     return RATE_WRITTEN.format(user_id=user_id)
+
+
+# redis-py lock: one pod's study-buddy rounds are computed one at a time (declines queue instead of each
+# re-matching the pod again and again; two workers' weekly runs do not both compute the pod). Its lease ends
+# on its own if the holder dies.
+POD_MATCHING = "sh:pod:{pod_id}:matching"
+
+
+def pod_matching(pod_id: int) -> str:
+    return POD_MATCHING.format(pod_id=pod_id)

@@ -98,11 +98,14 @@ async def set_message(conn: asyncpg.Connection, match_id: int, message_id: int) 
     await conn.execute("UPDATE pod_matches SET message_id = $2 WHERE id = $1", match_id, message_id)
 
 
-async def unannounced(conn: asyncpg.Connection, round_key: str) -> list[asyncpg.Record]:
-    """Rounds `round_key` saved without their pod-room message (the post failed, or the run stopped between
-    the two) that are still current."""
-    return await conn.fetch("""SELECT * FROM pod_matches WHERE round_key = $1 AND message_id IS NULL
-                               AND superseded_at IS NULL ORDER BY id""", round_key)
+UNANNOUNCED_WITHIN = "7 days"  # older rounds are not announced late any more
+
+
+async def unannounced(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """Current rounds (weekly, manual, after a decline) of the last week saved without their pod-room message:
+    the post failed, or the process stopped between the two."""
+    return await conn.fetch(f"""SELECT * FROM pod_matches WHERE message_id IS NULL AND superseded_at IS NULL
+                                AND created_at > now() - interval '{UNANNOUNCED_WITHIN}' ORDER BY id""")
 
 
 async def pods_to_match(conn: asyncpg.Connection, round_key: str) -> list[int]:

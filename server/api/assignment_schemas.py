@@ -7,14 +7,14 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from server.api.schemas import Id, Strict, Title, When, check_when
+from server.api.schemas import LINE_TEXT, LINES, Id, Strict, Title, When, check_when
 
 AssignmentType = Literal["multiple_choice", "short_answer", "essay"]
 Difficulty = Literal["easy", "medium", "hard"]
-Prompt = Annotated[str, Meta(min_length=1, max_length=10_000)]
-Option = Annotated[str, Meta(min_length=1, max_length=500)]
+Prompt = Annotated[str, Meta(min_length=1, max_length=10_000, pattern=LINES)]
+Option = Annotated[str, Meta(min_length=1, max_length=500, pattern=LINE_TEXT)]
 Index = Annotated[int, Meta(ge=0, le=99)]
-Reference = Annotated[str, Meta(max_length=10_000)]
+Reference = Annotated[str, Meta(max_length=10_000, pattern=LINES)]
 Attempts = Annotated[int, Meta(ge=1, le=100)]
 Comment = Annotated[str, Meta(max_length=2_000)]
 Score = Annotated[float, Meta(ge=0, le=100)]
@@ -24,9 +24,9 @@ SHORT_ANSWER_MAX_CHARS = 2_000
 
 
 class CriterionIn(Strict):
-    name: Annotated[str, Meta(min_length=1, max_length=100)]
-    points: Annotated[float, Meta(gt=0, le=1_000)]
-    description: Annotated[str, Meta(max_length=2_000)] = ""
+    name: Annotated[str, Meta(min_length=1, max_length=100, pattern=LINE_TEXT)]
+    points: Annotated[float, Meta(ge=0.01, le=1_000)]  # scores go to 0.01 of a point
+    description: Annotated[str, Meta(max_length=2_000, pattern=LINES)] = ""
 
 
 Rubric = Annotated[list[CriterionIn], Meta(min_length=1, max_length=20)]

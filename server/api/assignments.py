@@ -113,6 +113,8 @@ def validate(fields: dict[str, Any]) -> dict[str, Any]:
         correct = fields.get("correct") or []
         if len(options) < 2:
             raise ApiError(400, "multiple choice needs at least 2 options", field="options")
+        if (i := next((i for i, o in enumerate(options) if blank(o)), None)) is not None:
+            raise ApiError(400, "an option must not be blank", field=f"options[{i}]")
         if len({o.strip().lower() for o in options}) != len(options):
             raise ApiError(400, "options must be distinct", field="options")
         if not correct:
@@ -129,6 +131,8 @@ def validate(fields: dict[str, Any]) -> dict[str, Any]:
             raise ApiError(400, f"{kind} takes no correct indexes", field="correct")
         fields["options"], fields["correct"] = [], []
         given = fields.get("rubric") or []
+        if (i := next((i for i, c in enumerate(given) if blank(c["name"])), None)) is not None:
+            raise ApiError(400, "a criterion's name must not be blank", field=f"rubric[{i}].name")
         names = [c["name"].strip().lower() for c in given]
         if len(set(names)) != len(names):
             raise ApiError(400, "rubric criterion names must be distinct", field="rubric")
@@ -222,8 +226,11 @@ class AssignmentController(Controller):
             merged = validate(merged)
             key_changed = (answered and row["type"] == "multiple_choice" and merged.get("type") == "multiple_choice"
                            and sorted(merged.get("correct") or []) != sorted(row["correct"] or []))
+            old_chapter = row["chapter_id"]
             row = await repo.update(conn, assignment_id, merged)
             regraded = await submissions_repo.regrade_choices(conn, row) if key_changed else []
+            if answered and row["chapter_id"] != old_chapter:  # its grades count on the chapter it is on now
+                await repo.rescore_chapters(conn, [old_chapter, row["chapter_id"]])
         async with request.app.state.pool.acquire() as conn:
             for sub in regraded:  # a corrected key: the new grades are final, announced, and earn what they earn
                 await repo.on_grade_final(conn, request.app.state.redis, sub)
@@ -235,12 +242,15 @@ class AssignmentController(Controller):
         history go with it) only with `?force=true`."""
         async with request.app.state.pool.acquire() as conn, conn.transaction():
             await assignment_or_404(conn, assignment_id, request.user)
-            await repo.get(conn, assignment_id, lock="update")  # a submission arriving meanwhile waits, then 404s
+            # locked: a submission arriving meanwhile waits, then 404s
+            gone = await repo.get(conn, assignment_id, lock="update")
             n = await conn.fetchval("SELECT count(*) FROM submissions WHERE assignment_id = $1", assignment_id)
             if n and not force:
                 raise ApiError(409, f"{n} submission(s) and their grades would be deleted with it; "
                                     "send ?force=true to delete anyway", code="has_submissions")
             await repo.delete(conn, assignment_id)
+            if n and gone is not None:  # its grades no longer count towards its chapter's strengths
+                await repo.rescore_chapters(conn, [gone["chapter_id"]])
 
     @post("/assignments/{assignment_id:int}/publish", guards=[staff_only], status_code=200)
     async def publish(self, request: Request, assignment_id: int) -> Assignment:

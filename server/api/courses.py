@@ -9,6 +9,7 @@ import msgspec
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.response import Response
 
+from agents import matcher
 from server.api.paging import Offset, PageLimit
 from server.api.schemas import Course, CourseIn, CourseList, CoursePatch, EnrollIn, Enrollment, EnrollmentList
 from server.auth import AuthUser, staff_only
@@ -135,4 +136,6 @@ class CourseController(Controller):
             if not await repo.unenroll(conn, course_id, user_id):
                 raise ApiError(404, f"user {user_id} is not enrolled")
             await moderation.revoke_access(conn, request.app.state.redis, user_id, course_id=course_id)
-        await leaderboard_rebuild.resync_member(request.app.state.pool, request.app.state.redis, user_id, course_id)
+        state = request.app.state
+        await leaderboard_rebuild.resync_member(state.pool, state.redis, user_id, course_id)
+        await matcher.after_leaving(state.pool, state.redis, state.settings, user_id, course_id=course_id)

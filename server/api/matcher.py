@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 # A manual match repeated this soon by the same caller for the same learners, without Idempotency-Key, is a repeat
 DOUBLE_CLICK_S = 10.0
+BUSY_RETRY_S = 5  # Retry-After when the pod's round is being computed by someone else
 
 
 def to_profile(p: profiles.Profile) -> ProfileOut:
@@ -111,10 +112,13 @@ class MatcherController(Controller):
             if len(await matching.eligible_members(conn, pod_id)) < 2:
                 raise ApiError(409, "the pod needs at least two enrolled learners to match", code="too_few")
         try:
-            result = await matcher.run_match(state.pool, state.redis, state.settings, pod_id, trigger="manual",
-                                             created_by=request.user.id, round_key=round_key)
+            async with matcher.pod_turn(state.redis, pod_id):
+                result = await matcher.run_match(state.pool, state.redis, state.settings, pod_id, trigger="manual",
+                                                 created_by=request.user.id, round_key=round_key)
         except LookupError:  # deleted while it was being matched
             raise ApiError(404, f"pod {pod_id} not found") from None
+        except matcher.PodBusy as exc:
+            raise ApiError(409, str(exc), code="conflict", retry_after=BUSY_RETRY_S) from exc
         if result is None:  # the same key ran meanwhile: its round
             async with state.pool.acquire() as conn:
                 done = await matching.round_by_key(conn, pod_id, round_key)
@@ -146,8 +150,10 @@ class MatcherController(Controller):
                                            seen=seen)
         except matcher.StaleDecline as exc:
             raise ApiError(409, str(exc), code="stale_round") from exc
-        except matcher.DeclineError as exc:
+        except matcher.NotMatched as exc:
             raise ApiError(409, str(exc), code="not_matched") from exc
+        except (matcher.DeclineError, matcher.PodBusy) as exc:  # contention: trying again works
+            raise ApiError(409, str(exc), code="conflict", retry_after=BUSY_RETRY_S) from exc
         except LookupError:  # deleted while it was being matched again
             raise ApiError(404, f"pod {pod_id} not found") from None
         return to_match(result)

@@ -5,6 +5,7 @@ import asyncpg
 from litestar import Controller, Request, delete, get, post
 from litestar.response import Response
 
+from agents import matcher
 from server.api.paging import ListLimit, Offset
 from server.api.room_schemas import Member, MemberIn, Pod, PodIn
 from server.auth import AuthUser, staff_only
@@ -110,8 +111,9 @@ class PodController(Controller):
             if not await repo.remove_member(conn, pod_id, user_id):
                 raise ApiError(404, f"user {user_id} is not a member" if user.is_staff else f"pod {pod_id} not found")
             await moderation.revoke_access(conn, request.app.state.redis, user_id, pod_id=pod_id)
-        await leaderboard_rebuild.resync_member(request.app.state.pool, request.app.state.redis, user_id,
-                                                pod["course_id"])
+        state = request.app.state
+        await leaderboard_rebuild.resync_member(state.pool, state.redis, user_id, pod["course_id"])
+        await matcher.after_leaving(state.pool, state.redis, state.settings, user_id, pod_id=pod_id)
 
     @get("/pods/{pod_id:int}/members")
     async def members(self, request: Request, pod_id: int,

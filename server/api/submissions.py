@@ -153,10 +153,14 @@ class SubmissionController(Controller):
                 if key is not None and (done := await repo.by_client_key(conn, assignment_id, user.id, key)):
                     return _repeat(done, answer, user)  # the same request, raced
                 # graded against the assignment as it is now, held until this commits (a key change waits)
-                a = await assignments_repo.get(conn, assignment_id, lock="share")
+                checked, a = a, await assignments_repo.get(conn, assignment_id, lock="share")
                 if a is None or a["status"] != "published":
                     raise ApiError(404, f"assignment {assignment_id} not found")
                 _open_check(a, used)
+                if a["type"] != checked["type"]:  # edited before anyone answered: the answer was for the old one
+                    raise ApiError(409, "the assignment was changed while this answer was sent; read it again",
+                                   code="conflict")
+                answer = _check_answer(a, data.answer, state.settings.max_answer_chars)  # its options may have too
                 if a["type"] == "multiple_choice":
                     score, criteria, feedback = assignments_repo.grade_choice(a, answer)  # type: ignore[arg-type]
                     row = await repo.create(conn, assignment_id, a["course_id"], user.id, used + 1, answer,

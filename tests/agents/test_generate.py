@@ -79,6 +79,16 @@ async def test_llm_items_must_cite_a_real_moment():
         # a lone surrogate in the reply is a reply that cannot be used, not a 500
         fake.script(Reply('{"items": [{"type": "short_answer", "prompt": "\\ud83d", "start": 80.0}]} \ud83d'))
         assert await llm_items(llm, "Hash tables", 5, CHAPTER, 4, "easy", ["short_answer"]) == []
+        # an item an instructor could not write is dropped: nothing visible, control characters, a multi-line option
+        bad = [{"type": "short_answer", "prompt": "\u200b\u200b", "reference_answer": "\u200b", "start": 80.0},
+               {"type": "short_answer", "prompt": "Why\x1b[2J?", "reference_answer": "x", "start": 80.0},
+               {"type": "multiple_choice", "prompt": "Which?", "options": ["a\nb", "c"], "correct": [0], "start": 80.0}]
+        fake.script(Reply(json.dumps({"items": bad})))
+        assert await llm_items(llm, "Hash tables", 5, CHAPTER, 4, "easy", ["short_answer", "multiple_choice"]) == []
+        # JSON nested past the parsers' depth: unusable, not a 500 (a RecursionError)
+        for depth in (900, 3000):
+            fake.script(Reply('{"items": ' + "[" * depth + "]" * depth + "}"))
+            assert await llm_items(llm, "Hash tables", 5, CHAPTER, 4, "easy", ["short_answer"]) == []
     assert [(i.type, i.citation["start"]) for i in items] == [("multiple_choice", 80), ("short_answer", 100)]
     assert items[0].correct == [0] and items[1].reference_answer == "How full the table is."
 
@@ -106,5 +116,31 @@ def test_a_title_or_concept_does_not_give_the_answer_away(embedder):
     assert masked("So an equal number of equations and unknowns (1:21)", ["unknowns"]) == \
         "So an equal number of equations and … (1:21)"
     assert masked("Parameter count of the model", ["parameters"]) == "… count of the model"
+    # an answer however short, where it is not part of a longer word; the title's moment is kept
+    assert masked("Hash lookups take O(1) time (1:42)", ["O(1)"]) == "Hash lookups take … time (1:42)"
+    assert masked("The answer is 42, not 420 (0:42)", ["42"]) == "The answer is …, not 420 (0:42)"
+    assert masked("Go or Rust", ["Go"]) == "… or Rust"
     only_mc = offline_items("Hash tables", 5, CHAPTER, [], 4, "medium", ["multiple_choice"], embedder)
     assert all(i.type == "multiple_choice" for i in only_mc)  # never a kind that was not asked for
+
+
+def test_distractor_words_are_weighed_once_per_request_not_once_per_chapter_pair():
+    """Each other chapter's best words against the rest: the same weights as computing each against all the
+    others (which took 38 s per target chapter on a course of 219 chapters), from document frequencies counted
+    once."""
+    import random
+    from collections import Counter
+
+    from agents.generate import Sentence, _pool_weights, _weights
+
+    rnd = random.Random(3)
+    vocab = ["".join(rnd.choice("abcdefghij") for _ in range(6)) for _ in range(300)]
+    groups = [[Sentence(i * 5.0, i * 5.0 + 4, " ".join(rnd.choice(vocab) for _ in range(12))) for i in range(20)]
+              for _ in range(12)]
+    chapter, others = groups[0], groups[1:]
+    naive: Counter = Counter()
+    for g in others:
+        w = _weights(g, [x for x in others if x is not g] + [chapter])
+        for term, v in sorted(w.items(), key=lambda x: -x[1])[:40]:
+            naive[term] = max(naive[term], v)
+    assert _pool_weights(chapter, others, 40) == naive and naive

@@ -114,6 +114,14 @@ async def test_unusable_llm_reply_falls_back_to_offline(embedder, fake):
     assert out["grader"] == "offline" and "LLM grader failed" in out["note"]
 
 
+@pytest.mark.parametrize("depth", [900, 3000])
+async def test_a_reply_nested_too_deeply_falls_back_to_offline(embedder, fake, depth):
+    llm = openai_llm(fake)
+    fake.script(Reply('{"criteria": ' + "[" * depth + "]" * depth + "}"))
+    out = await grader.grade(inputs(REFERENCE), embedder=embedder, llm=llm)
+    assert out["grader"] == "offline" and "LLM grader failed" in out["note"]
+
+
 async def test_transient_llm_failure_is_raised_for_the_job_to_retry(embedder, fake):
     fake.reset()
     llm = AnthropicChat("sk-test", "claude-sonnet-4-5", base_url=fake.anthropic_base_url, max_retries=0)

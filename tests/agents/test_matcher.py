@@ -132,6 +132,28 @@ async def test_llm_reason_through_a_real_client():
         assert await llm_reason(llm, [a, b], {10: "Sorting"}) is None  # the caller falls back to the template
 
 
+@pytest.mark.parametrize(("text", "truncated", "used"), [
+    ("You two\x00 should study together.", False, False),  # NUL: the round could not be stored
+    ("You two \x1b[31mshould\x1b[0m pair up.", False, False),  # controls a member's message may not hold
+    ("You two \ud83d pair up.", False, False),  # a lone surrogate: not UTF-8
+    ("\u200b\u200b", False, False),  # renders as nothing
+    ("You were matched because you both", True, False),  # cut off at max_tokens: half a sentence
+    ("Ann helps Ben. " * 40, False, True)])
+async def test_an_unusable_llm_reason_falls_back_to_the_template(text, truncated, used):
+    from agents.llm import Completion, Usage
+
+    class Model:
+        async def complete(self, *a, **kw):  # type: ignore[no-untyped-def]
+            return Completion(text, Usage(), "m", "stub", 0.0, truncated=truncated)
+
+    got = await llm_reason(Model(), [Learner(1, "Ann"), Learner(2, "Ben")], {})
+    if not used:
+        assert got is None
+    else:  # a long one is cut at a word, and says so
+        assert got is not None and len(got) <= 400 and got.endswith("…")
+        assert text.startswith(got[:-1]) and text[len(got) - 1] == " "
+
+
 def test_availability_in_utc():
     from datetime import datetime, timezone
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 
+import httpx
+import pytest
+
 from tests.conftest import Factory, fetch
 from tests.server.conftest import Client, make_course
 
@@ -80,6 +83,12 @@ def test_bad_assignment_bodies_name_the_field(server, client, make: Factory):
         ({**WRITTEN, "options": ["a", "b"]}, "options"), ({**WRITTEN, "difficulty": "extreme"}, "difficulty"),
         ({**WRITTEN, "video_id": 999999999}, "video_id"), ({**WRITTEN, "surprise": 1}, "surprise"),
         ({**WRITTEN, "opens_at": "2030-01-02T00:00:00Z", "closes_at": "2030-01-01T00:00:00Z"}, "closes_at"),
+        # nothing visible, control characters, a weight no score can be given in (every answer scored 0)
+        ({**MC, "options": ["queue", "\u200b\u200b", "heap"]}, "options[1]"),
+        ({**MC, "options": ["queue", "stack\nheap"]}, "options[1]"), ({**MC, "prompt": "Which \x1b[2J?"}, "prompt"),
+        ({**WRITTEN, "rubric": [{"name": " \u3164 ", "points": 1, "description": "d"}]}, "rubric[0].name"),
+        ({**WRITTEN, "rubric": [{"name": "a", "points": 1e-9, "description": "d"}]}, "rubric[0].points"),
+        ({**WRITTEN, "reference_answer": "halves\x07"}, "reference_answer"),
     ]
     for body, field in cases:
         r = client.post(url, json=body, headers=h)
@@ -257,6 +266,43 @@ def test_an_answer_arriving_while_the_key_changes_is_graded_with_the_new_key(ser
     assert got and got[0]["score"] == 100, got
 
 
+@pytest.mark.parametrize(("change", "status", "field"), [
+    ("options = '[\"a\", \"b\"]', correct = '[0]'", 400, "answer"),  # option 3 is gone
+    ("type = 'short_answer', options = '[]', correct = '[]', reference_answer = 'x'", 409, None)])
+def test_an_answer_checked_before_an_edit_committed_is_checked_again(server, client, make: Factory, settings,
+                                                                    change, status, field):
+    """An answer was checked against the assignment as it was, then stored against the edited one (an option
+    that no longer exists; a list of indexes as a written answer). Nobody had answered, so the edit was allowed."""
+    import asyncio
+    import threading
+
+    import asyncpg
+
+    course = make_course(server, make, learners=1)
+    (learner,) = course.learners
+    item = published(client, course, MC)
+    got: list[httpx.Response] = []
+
+    async def edit_slowly() -> None:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT 1 FROM assignments WHERE id = $1 FOR UPDATE", item["id"])
+                await conn.execute(f"UPDATE assignments SET {change} WHERE id = $1", item["id"])
+                t = threading.Thread(target=lambda: got.append(client.post(
+                    f"/api/v1/assignments/{item['id']}/submissions", json={"answer": [3]}, headers=learner.h)))
+                t.start()
+                await asyncio.sleep(1.0)  # checked against the old version, now waiting for the edit
+                assert not got
+        finally:
+            await conn.close()
+        await asyncio.to_thread(t.join, 30)
+
+    asyncio.run(edit_slowly())
+    assert got[0].status_code == status and got[0].json().get("field") == field, got[0].text
+    assert not fetch(settings, "SELECT 1 FROM submissions WHERE assignment_id = $1", item["id"])
+
+
 def test_a_rubric_stored_before_the_two_decimal_rule_stays_editable(server, client, make: Factory, settings):
     course = make_course(server, make, learners=0)
     h = course.instructor.h
@@ -431,3 +477,31 @@ def test_the_next_step_goes_by_the_latest_attempt_whenever_earlier_ones_are_revi
     after = client.get(f"/api/v1/courses/{course.id}/me/next", headers=learner.h).json()
     assert [c["status"] for c in after["concepts"]] == [c["status"] for c in before["concepts"]] == ["mastered"]
     assert after["difficulty"] == before["difficulty"]
+
+
+def test_chapter_strengths_follow_a_deleted_or_moved_assignment(client, make: Factory, settings):
+    """A learner's strength on a chapter (the matcher reads it) still counted the grades of an assignment deleted
+    with `?force=true`, or moved to another chapter."""
+    from tests.progress_helpers import make_course as course_with_chapters
+
+    course = course_with_chapters(client, make, learners=1, videos=1, chapters=2)
+    (learner,), h = course.learners, course.instructor.h
+    one, two = [c["id"] for c in fetch(settings, "SELECT id FROM chapters WHERE video_id = $1 ORDER BY idx",
+                                       course.videos[0])]
+    items = []
+    for answer in ([1], [0]):  # right, then wrong
+        a = client.post(f"/api/v1/courses/{course.id}/assignments", json={**MC, "chapter_id": one}, headers=h).json()
+        assert client.post(f"/api/v1/assignments/{a['id']}/publish", headers=h).status_code == 200
+        assert client.post(f"/api/v1/assignments/{a['id']}/submissions", json={"answer": answer},
+                           headers=learner.h).status_code == 201
+        items.append(a["id"])
+
+    def strengths() -> dict[int, float]:
+        return {r["chapter_id"]: r["score"] for r in fetch(
+            settings, "SELECT chapter_id, score FROM chapter_scores WHERE user_id = $1", learner.id)}
+
+    assert strengths() == {one: 0.5}
+    assert client.delete(f"/api/v1/assignments/{items[1]}?force=true", headers=h).status_code == 204
+    assert strengths() == {one: 1.0}  # only the right answer is left on chapter one
+    assert client.patch(f"/api/v1/assignments/{items[0]}", json={"chapter_id": two}, headers=h).status_code == 200
+    assert strengths() == {two: 1.0}  # it counts where it is now

@@ -141,23 +141,68 @@ async def test_weekly_round_runs_once(client, make: Factory, settings, xp_store)
 
 
 async def test_concurrent_declines_all_stay_out(client, make: Factory, settings, xp_store):
-    """Three learners decline at once: each re-match builds on the round current when it saves, so none of them
-    is paired again and every decline is recorded."""
+    """Twelve of sixteen learners decline at once: they take turns, each re-match building on the round the one
+    before made, so none of them is paired again and every decline is recorded (five of ten were refused after
+    re-matching five times)."""
     import asyncio
 
     from agents import matcher
 
     pool, redis = xp_store
-    course = make_course(client, make, learners=7, videos=0)
+    course = make_course(client, make, learners=16, videos=0)
     inst = course.instructor
     pod = _pod(client, course, course.learners)
     assert client.post(f"/api/v1/pods/{pod}/match", headers=inst.h).status_code == 201
-    out = [u.id for u in course.learners[:3]]
+    out = [u.id for u in course.learners[:12]]
     await asyncio.gather(*(matcher.decline(pool, redis, settings, pod, uid, llm=None) for uid in out))
-    cur = client.get(f"/api/v1/pods/{pod}/match", headers=course.learners[5].h).json()
+    cur = client.get(f"/api/v1/pods/{pod}/match", headers=course.learners[13].h).json()
     members = [m for g in cur["groups"] for m in g["members"]]
     assert sorted(cur["declined"]) == sorted(out)
-    assert not set(out) & set(members) and sorted(members) == sorted(u.id for u in course.learners[3:])
+    assert not set(out) & set(members) and sorted(members) == sorted(u.id for u in course.learners[12:])
+
+
+async def test_overlapping_weekly_runs_compute_each_pod_once(client, make: Factory, settings, xp_store):
+    """Two workers' runs at once (a run at startup, a long run overlapping the next tick) both matched every
+    pod and paid the model for it twice; one stored round each all the same."""
+    import asyncio
+
+    from agents.llm import Completion, Usage
+
+    pool, redis = xp_store
+    calls: list[int] = []
+
+    class Model:
+        async def complete(self, *a, **kw):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            await asyncio.sleep(0.2)
+            return Completion("You two study well together.", Usage(), "m", "stub", 0.2)
+
+    course = make_course(client, make, learners=8, videos=0)
+    pods = [_pod(client, course, course.learners[i:i + 2], f"P{i}") for i in range(0, 8, 2)]
+    at = datetime(2032, 3, 3, 6, tzinfo=timezone.utc)
+    made = await asyncio.gather(match_all_pods(pool, redis, settings, at, llm=Model()),
+                                match_all_pods(pool, redis, settings, at, llm=Model()))
+    rows = fetch(settings, "SELECT pod_id, groups FROM pod_matches WHERE round_key = $1", week_key(at))
+    assert set(pods) <= {r["pod_id"] for r in rows} and sum(made) == len(rows)  # (other tests' pods are due too)
+    assert len(calls) == sum(len(json.loads(r["groups"])) for r in rows), calls  # one reason per group made
+
+
+def test_a_learner_leaving_is_matched_out_of_the_current_round(client, make: Factory):
+    """A learner who left the pod, or the course, stayed in the pod's round: listed as paired, their partner
+    without a buddy until next week (and unable to get one by declining)."""
+    course = make_course(client, make, learners=6, videos=0)
+    inst, learners = course.instructor, course.learners
+    pod = _pod(client, course, learners)
+    first = client.post(f"/api/v1/pods/{pod}/match", headers=inst.h).json()
+    assert sorted(len(g["members"]) for g in first["groups"]) == [2, 2, 2]
+    leaver, by_course = learners[0], learners[1]
+    assert client.delete(f"/api/v1/pods/{pod}/members/{leaver.id}", headers=leaver.h).status_code == 204
+    assert client.delete(f"/api/v1/courses/{course.id}/enrollments/{by_course.id}",
+                         headers=inst.h).status_code == 204
+    cur = client.get(f"/api/v1/pods/{pod}/match", headers=learners[2].h).json()
+    members = sorted(m for g in cur["groups"] for m in g["members"])
+    assert members == sorted(u.id for u in learners[2:]) and cur["match_id"] != first["match_id"]
+    assert cur["declined"] == []  # they left; they did not decline
 
 
 def test_a_learner_who_left_the_course_loses_the_pod(client, make: Factory):
@@ -305,3 +350,27 @@ async def test_a_weekly_round_whose_post_failed_is_posted_by_the_next_run(client
     (posted,) = [m for m in msgs if (m.get("meta") or {}).get("kind") == "study_buddies"]
     assert posted["meta"]["match_id"] == row["id"] and posted["id"] == row["message_id"]
     assert all(u.name in posted["text"] for u in course.learners), posted["text"]
+
+
+async def test_a_manual_round_whose_post_failed_is_posted_by_the_next_run(client, make: Factory, settings, xp_store,
+                                                                          monkeypatch):
+    """Only the week's own rounds were posted late: a manual round (or a re-match after a decline) whose post
+    failed stayed unannounced, its request answered with `message_id: null`."""
+    from agents import matcher
+
+    pool, redis = xp_store
+    course = make_course(client, make, learners=2, videos=0)
+    pod = _pod(client, course, course.learners, "Manual unposted")
+
+    async def down(*a, **kw):  # type: ignore[no-untyped-def]
+        raise ConnectionError("the database went away")
+
+    real = matcher.messages.post_message
+    monkeypatch.setattr(matcher.messages, "post_message", down)
+    made = await matcher.run_match(pool, redis, settings, pod, trigger="manual", round_key="manual:1:k", llm=None)
+    assert made is not None and made.message_id is None
+    monkeypatch.setattr(matcher.messages, "post_message", real)
+    assert await matcher.announce_unposted(pool, redis) >= 1
+    assert await matcher.announce_unposted(pool, redis) == 0  # once
+    (row,) = fetch(settings, "SELECT message_id FROM pod_matches WHERE id = $1", made.match_id)
+    assert row["message_id"] is not None
