@@ -108,6 +108,7 @@ class Settings:
     match_weekly: bool = True  # the worker runs the weekly round (off: only instructors start rounds)
     xp_async_commit: bool = False
     llm_timeout_s: float = 60.0
+    generate_deadline_s: float = 120.0
 
     @property
     def connection_env(self) -> Path:
@@ -171,6 +172,7 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         match_weekly=_flag("STUDYHALL_MATCH_WEEKLY", True),
         xp_async_commit=_flag("STUDYHALL_XP_ASYNC_COMMIT", False),
         llm_timeout_s=_ranged("STUDYHALL_LLM_TIMEOUT_S", 60.0, 1.0, 600.0),
+        generate_deadline_s=_ranged("STUDYHALL_GENERATE_DEADLINE_S", 120.0, 1.0, 3600.0),
     )
     _check_providers(settings)
     return settings

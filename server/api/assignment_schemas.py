@@ -242,5 +242,9 @@ class NextStep(msgspec.Struct):
     difficulty: str
     reason: str
     next: NextAssignment | None
-    struggling: list[ConceptState]
-    concepts: list[ConceptState]
+    struggling: list[ConceptState]  # the first `limit` of them
+    concepts: list[ConceptState]  # a page of them
+    concepts_total: int = 0
+    struggling_total: int = 0
+    limit: int = 0
+    offset: int = 0

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 GENERATE_PER_HOUR = 30  # generations per user, refilling evenly, with bursts of GENERATE_BURST
 GENERATE_BURST = 10
+GENERATE_MODEL_CALLS = 4  # chapters written by the model at once in one generation
 DEFAULT_RUBRIC = [{"name": "correctness", "points": 100.0, "description": "The answer is correct and complete."}]
 
 
@@ -317,18 +318,34 @@ class AssignmentController(Controller):
             llm = get_llm(state.settings)
         except LLMError:
             llm = None
+        work = [(ch, n) for ch, n in zip(targets, per) if n and groups[ch["id"]]]
+        by_model: list[list] = [[] for _ in work]
+        if llm is not None:  # a few chapters at a time, all within one deadline; the rest are written offline
+            gate = asyncio.Semaphore(GENERATE_MODEL_CALLS)
+            # all of a generation's model calls (STUDYHALL_GENERATE_DEADLINE_S): chapters the model has not written
+            # by then are written offline
+            limit_s = state.settings.generate_deadline_s
+            deadline = asyncio.get_running_loop().time() + limit_s
+
+            async def written(ch: dict, n: int) -> list:
+                async with gate:
+                    left = deadline - asyncio.get_running_loop().time()
+                    if left <= 0:
+                        return []
+                    try:
+                        return await asyncio.wait_for(gen.llm_items(llm, ch["title"], video_id, groups[ch["id"]], n,
+                                                                    data.difficulty, list(data.types)), left)
+                    except asyncio.TimeoutError:
+                        logger.warning("generation: the model missed the request's %gs deadline; offline items for "
+                                       "chapter %s", limit_s, ch["id"])
+                        return []
+
+            by_model = list(await asyncio.gather(*(written(ch, n) for ch, n in work)))
+        generator = f"llm:{llm.name}" if llm is not None and any(by_model) else "offline"
         drafts: list[tuple[dict, Any]] = []
-        generator = "offline"
-        for ch, n in zip(targets, per):
-            if n == 0 or not groups[ch["id"]]:
-                continue
-            others = [g for cid, g in groups.items() if cid != ch["id"] and g] + [g for g in other_groups if g]
-            items = []
-            if llm is not None:
-                items = await gen.llm_items(llm, ch["title"], video_id, groups[ch["id"]], n, data.difficulty,
-                                            list(data.types))
-                generator = f"llm:{llm.name}" if items else generator
+        for (ch, n), items in zip(work, by_model):
             if not items:
+                others = [g for cid, g in groups.items() if cid != ch["id"] and g] + [g for g in other_groups if g]
                 items = await asyncio.to_thread(gen.offline_items, ch["title"], video_id, groups[ch["id"]], others, n,
                                                 data.difficulty, list(data.types), embedder)
             drafts += [(ch, it) for it in items]

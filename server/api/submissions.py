@@ -12,13 +12,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 import asyncpg
+import msgspec
 from litestar import Controller, Request, Response, get, post
 
 from server.api.assignment_schemas import (SHORT_ANSWER_MAX_CHARS, BatchAccepted, Criterion, CriterionScore, NextStep,
                                            Queue, QueueItem, ReviewIn, Submission, SubmissionIn, SubmissionList)
 from server.api.assignments import assignment_or_404
 from server.api.courses import course_or_404
-from server.api.paging import Offset, PageLimit
+from server.api.paging import ListLimit, Offset, PageLimit
 from server.auth import AuthUser, staff_only
 from server.decode import read_json
 from server.errors import ApiError
@@ -285,8 +286,11 @@ class SubmissionController(Controller):
             for r in rows], limit=limit, offset=offset)
 
     @get("/courses/{course_id:int}/me/next")
-    async def next_step(self, request: Request, course_id: int) -> NextStep:
-        """Per concept (chapter): how the learner does; the difficulty to try next; what to rewatch."""
+    async def next_step(self, request: Request, course_id: int, limit: int = ListLimit,
+                        offset: int = Offset) -> NextStep:
+        """Per concept (chapter): how the learner does; the difficulty to try next; what to rewatch. The step
+        is worked out over every concept; `concepts` is paged (`limit`, `offset`), `struggling` is its first
+        `limit`, and the totals say how many there are."""
         from server.api.adaptive import next_step
 
         user: AuthUser = request.user
@@ -295,7 +299,10 @@ class SubmissionController(Controller):
             rows = await repo.learner_results(conn, course_id, user.id)
             why_not = ("only learners submit answers" if user.role != "learner" else None if
                        await courses_repo.is_enrolled(conn, course_id, user.id) else "enroll in the course to practise")
-        return next_step(rows, cannot_submit=why_not)
+        step = next_step(rows, cannot_submit=why_not)
+        return msgspec.structs.replace(step, concepts=step.concepts[offset:offset + limit],
+                                       struggling=step.struggling[:limit], concepts_total=len(step.concepts),
+                                       struggling_total=len(step.struggling), limit=limit, offset=offset)
 
 
 def rescale(criteria: list[dict], score: float) -> list[dict]:

@@ -96,9 +96,17 @@ def test_search_scoping_and_access(eval_course: EvalCourse, client, make: Factor
     eager = make.user("learner", tenant=eval_course.tenant)
     assert client.post(f"/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": eager.id},
                        headers=eval_course.instructor.h).status_code == 201
-    codes = [client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": "hash"}, headers=eager.h)
-             for _ in range(25)]
-    assert [r.status_code for r in codes[:20]] == [200] * 20 and codes[-1].status_code == 429, codes[-1].text
+    import time
+
+    from server.api.videos import SEARCH_BURST, SEARCH_RATE
+
+    codes, t0 = [], time.monotonic()
+    while len(codes) < 200 and (not codes or codes[-1].status_code == 200):
+        codes.append(client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": "hash"}, headers=eager.h))
+    # the burst, and what refilled while it ran (searches are slow on a busy machine)
+    allowed = SEARCH_BURST + SEARCH_RATE * (time.monotonic() - t0)
+    assert codes[-1].status_code == 429, codes[-1].text
+    assert SEARCH_BURST <= len(codes) - 1 <= allowed + 1, (len(codes), allowed)
     assert 0 < float(codes[-1].headers["Retry-After"]) <= 1
 
 

@@ -505,3 +505,24 @@ def test_chapter_strengths_follow_a_deleted_or_moved_assignment(client, make: Fa
     assert strengths() == {one: 1.0}  # only the right answer is left on chapter one
     assert client.patch(f"/api/v1/assignments/{items[0]}", json={"chapter_id": two}, headers=h).status_code == 200
     assert strengths() == {two: 1.0}  # it counts where it is now
+
+
+def test_the_next_step_pages_its_concepts(client, make: Factory, settings):
+    """Every concept of the course came back in one response, however many there were."""
+    from tests.progress_helpers import make_course as course_with_chapters
+
+    course = course_with_chapters(client, make, learners=1, videos=1, chapters=3)
+    (learner,), h = course.learners, course.instructor.h
+    for c in fetch(settings, "SELECT id FROM chapters WHERE video_id = $1 ORDER BY idx", course.videos[0]):
+        a = client.post(f"/api/v1/courses/{course.id}/assignments", json={**MC, "chapter_id": c["id"]},
+                        headers=h).json()
+        assert client.post(f"/api/v1/assignments/{a['id']}/publish", headers=h).status_code == 200
+        assert client.post(f"/api/v1/assignments/{a['id']}/submissions", json={"answer": [0]},
+                           headers=learner.h).status_code == 201  # wrong: struggling there
+    url = f"/api/v1/courses/{course.id}/me/next"
+    whole = client.get(url, headers=learner.h).json()
+    assert (whole["concepts_total"], whole["struggling_total"], len(whole["concepts"])) == (3, 3, 3)
+    page = client.get(url, params={"limit": 2, "offset": 1}, headers=learner.h).json()
+    assert [c["concept"] for c in page["concepts"]] == [c["concept"] for c in whole["concepts"][1:3]]
+    assert len(page["struggling"]) == 2 and page["struggling_total"] == 3 and page["difficulty"] == whole["difficulty"]
+    assert client.get(url, params={"limit": 0}, headers=learner.h).status_code == 400

@@ -115,3 +115,34 @@ def test_generation_is_rate_limited_per_user(client, make, settings):
                          headers=inst.h) for _ in range(GENERATE_BURST + 1)]
     assert [r.status_code for r in codes[:-1]] == [409] * GENERATE_BURST  # not ready: refused, but counted
     assert codes[-1].status_code == 429 and int(codes[-1].headers["Retry-After"]) >= 1, codes[-1].text
+
+
+def test_a_slow_model_gets_one_deadline_for_the_whole_generation(eval_course: EvalCourse, data_dir):
+    """The model was called once per chapter, one after another, each with its own timeout: a video of many
+    chapters held the request for minutes. Now the calls share STUDYHALL_GENERATE_DEADLINE_S (and run a few at
+    once); chapters the model has not written by then get offline items."""
+    import time
+
+    import httpx
+
+    from tests.agents.fake_llm_servers import FakeLLMServer, Reply
+    from tests.conftest import stop_process
+    from tests.server.conftest import spawn_ready
+
+    inst = eval_course.instructor
+    video_id = eval_course.videos["3b1b-bitcoin.srt"]
+    with FakeLLMServer(default=Reply(text='{"items": []}', wait_s=8.0)) as fake:
+        ((proc, url),) = spawn_ready(data_dir, ["generate-deadline"], {
+            "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": fake.openai_base_url, "STUDYHALL_LLM": "openai",
+            "STUDYHALL_GENERATE_DEADLINE_S": "1"})
+        try:
+            t0 = time.monotonic()
+            r = httpx.post(f"{url}/api/v1/courses/{eval_course.id}/assignments/generate", headers=inst.h,
+                           json={"video_id": video_id, "count": 6, "types": ["short_answer"]}, timeout=60)
+            took = time.monotonic() - t0
+            assert r.status_code == 201, r.text
+            assert r.json()["generator"] == "offline" and len(r.json()["items"]) >= 2
+            assert took < 8, took  # not even one model reply was waited for
+            assert len(fake.requests) >= 2  # the model was asked, several chapters at once
+        finally:
+            stop_process(proc)
