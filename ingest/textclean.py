@@ -13,8 +13,10 @@ logger = logging.getLogger(__name__)
 
 # Karaoke timestamps (<00:00:01.000>), caption markup (<c>, <i>, <v Name>, <font color=..>, <lang en>, <ruby>)
 # and ASS overrides ({\an8}). Only tags captions use: "a < b", "x<y and y>z" and "vector<int>" are what was said.
+# A one-letter tag opening right after a letter or digit is code ("List<U>", "Foo<T>"), not markup.
 _TAGS = re.compile(r"<\d{1,2}:\d{2}(?::\d{2})?(?:[.,]\d+)?>"
-                   r"|</?(?:[bius]|c|ruby|rt|rp|sub|sup|br|em|strong)(?:\.[\w.-]*)?\s*/?>"  # WebVTT: classes only
+                   r"|(?<![^\W_])<(?:[bius])(?:\.[\w.-]*)?\s*/?>|</(?:[bius])\s*>"
+                   r"|</?(?:c|ruby|rt|rp|sub|sup|br|em|strong)(?:\.[\w.-]*)?\s*/?>"  # WebVTT: classes only
                    r"|</?(?:v|lang|font|span)(?:[\s.][^<>]*)?>"  # with a name or attributes
                    r"|\{\\[^{}]*\}", re.IGNORECASE)
 _ENTITY = re.compile(r"&(?:#\d+|#[xX][0-9a-fA-F]+|[A-Za-z]+\d*);")

@@ -67,6 +67,13 @@ async def publish_assignment(conn: asyncpg.Connection, assignment_id: int) -> as
                    updated_at = now() WHERE a.id = $1 RETURNING {_COLS}""", assignment_id)
 
 
+async def unpublish_assignment(conn: asyncpg.Connection, assignment_id: int) -> asyncpg.Record | None:
+    """Back to a draft (`published_at` keeps when it was first published)."""
+    return await conn.fetchrow(
+        f"UPDATE assignments a SET status = 'draft', updated_at = now() WHERE a.id = $1 RETURNING {_COLS}",
+        assignment_id)
+
+
 async def delete(conn: asyncpg.Connection, assignment_id: int) -> bool:
     return await conn.fetchval("DELETE FROM assignments WHERE id = $1 RETURNING id", assignment_id) is not None
 

@@ -2,7 +2,7 @@
 
     POST   /api/v1/courses/{id}/assignments            GET /api/v1/courses/{id}/assignments
     POST   /api/v1/courses/{id}/assignments/generate
-    GET/PATCH/DELETE /api/v1/assignments/{id}          POST /api/v1/assignments/{id}/publish
+    GET/PATCH/DELETE /api/v1/assignments/{id}          POST /api/v1/assignments/{id}/publish, /unpublish
 """
 from __future__ import annotations
 
@@ -260,6 +260,22 @@ class AssignmentController(Controller):
             row = await repo.publish_assignment(conn, assignment_id)
         if row is None:  # deleted meanwhile
             raise ApiError(404, f"assignment {assignment_id} not found")
+        return to_assignment(row, request.user)
+
+    @post("/assignments/{assignment_id:int}/unpublish", guards=[staff_only], status_code=200)
+    async def unpublish(self, request: Request, assignment_id: int) -> Assignment:
+        """Back to a draft, hidden from learners, while nobody has answered it (their attempts and grades are
+        read through the published assignment: 409 `has_submissions` then)."""
+        async with request.app.state.pool.acquire() as conn, conn.transaction():
+            await assignment_or_404(conn, assignment_id, request.user)
+            # locked: a submission arriving meanwhile waits, then finds a draft (404)
+            if await repo.get(conn, assignment_id, lock="update") is None:
+                raise ApiError(404, f"assignment {assignment_id} not found")
+            n = await conn.fetchval("SELECT count(*) FROM submissions WHERE assignment_id = $1", assignment_id)
+            if n:
+                raise ApiError(409, f"{n} submission(s) were made to it: learners read their grades through it",
+                               code="has_submissions")
+            row = await repo.unpublish_assignment(conn, assignment_id)
         return to_assignment(row, request.user)
 
     @post("/courses/{course_id:int}/assignments/generate", guards=[staff_only], status_code=201)

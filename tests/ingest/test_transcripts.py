@@ -563,5 +563,5 @@ def test_youtube_and_speech_cues_are_cleaned_like_uploads() -> None:
     assert raw[1].text.startswith("PROFESSOR")  # the input is left as it was
     maths = ["P(A|B) is the probability of A given B", "f(X, Y) = 0", "[H2O] and [OH-] and [H3O+]",
              "vector<int> v;", "if x<y and y>z then x<z", "see https://example.org/" + "a" * 300,
-             "then a<b and b>c holds", "0 <i and j> 5", "std::map<int, int>."]
+             "then a<b and b>c holds", "0 <i and j> 5", "std::map<int, int>.", "a List<U> of U", "Foo<T> x"]
     assert [c.text for c in clean_cues([Cue(i, i + 1.0, t) for i, t in enumerate(maths)])] == maths

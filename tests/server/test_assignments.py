@@ -526,3 +526,22 @@ def test_the_next_step_pages_its_concepts(client, make: Factory, settings):
     assert [c["concept"] for c in page["concepts"]] == [c["concept"] for c in whole["concepts"][1:3]]
     assert len(page["struggling"]) == 2 and page["struggling_total"] == 3 and page["difficulty"] == whole["difficulty"]
     assert client.get(url, params={"limit": 0}, headers=learner.h).status_code == 400
+
+
+def test_an_unanswered_assignment_can_be_unpublished(server, client, make: Factory, settings):
+    course = make_course(server, make, learners=1)
+    (learner,), h = course.learners, course.instructor.h
+    item = published(client, course, MC)
+    url = f"/api/v1/assignments/{item['id']}"
+    assert client.get(url, headers=learner.h).status_code == 200
+    r = client.post(f"{url}/unpublish", headers=h)
+    assert r.status_code == 200 and r.json()["status"] == "draft", r.text
+    assert client.get(url, headers=learner.h).status_code == 404
+    assert client.post(f"{url}/submissions", json={"answer": [1]}, headers=learner.h).status_code == 404
+    assert client.post(f"{url}/unpublish", headers=learner.h).status_code == 403
+    # published again and answered: learners read their grades through it, so it stays published
+    assert client.post(f"{url}/publish", headers=h).status_code == 200
+    assert client.post(f"{url}/submissions", json={"answer": [1]}, headers=learner.h).status_code == 201
+    r = client.post(f"{url}/unpublish", headers=h)
+    assert r.status_code == 409 and r.json()["code"] == "has_submissions"
+    assert client.get(url, headers=learner.h).json()["status"] == "published"
