@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+from collections import OrderedDict
 from typing import Any, TypedDict
 
 import msgspec
@@ -113,12 +115,39 @@ def total_of(scores: list[dict[str, Any]]) -> float:
     return max(0.0, min(100.0, round(total, 1)))
 
 
+# Vectors of texts graded against again and again (the question, the reference, up to 200 instructor-graded
+# exemplars, re-embedded on every grade: seconds per essay once the review queue had taught the grader), per
+# embedding model; the oldest go first. Grades run in threads, hence the lock.
+VECTOR_CACHE_SIZE = 4096
+_vectors: OrderedDict[tuple[str, str], Any] = OrderedDict()
+_vectors_lock = threading.Lock()
+
+
+def embed_cached(embedder: Any, texts: list[str]) -> dict[str, Any]:
+    """{text: vector}, embedding only the texts not seen lately."""
+    model = getattr(embedder, "name", type(embedder).__name__)
+    with _vectors_lock:
+        got = {t: _vectors[(model, t)] for t in texts if (model, t) in _vectors}
+        for t in got:
+            _vectors.move_to_end((model, t))
+    todo = [t for t in dict.fromkeys(texts) if t not in got]
+    if todo:
+        fresh = dict(zip(todo, embedder.embed(todo)))
+        got.update(fresh)
+        with _vectors_lock:
+            for t, v in fresh.items():
+                _vectors[(model, t)] = v
+            while len(_vectors) > VECTOR_CACHE_SIZE:
+                _vectors.popitem(last=False)
+    return got
+
+
 def offline_scores(embedder: Any, question: str, reference: str, criteria: list[Criterion], answer: str,
                    exemplars: list[scoring.Exemplar]) -> dict[str, Any]:
     """Per-criterion scores from the offline scorer (blocking: call in a thread)."""
     refs_per = [_references(reference, c, len(criteria)) or [question] for c in criteria]
     texts = scoring.texts_to_embed(question, [r for refs in refs_per for r in refs], [answer], exemplars)
-    vec = dict(zip(texts, embedder.embed(texts)))
+    vec = embed_cached(embedder, texts)
     out, conf_sum, points_sum, covered, missing = [], 0.0, 0.0, [], []
     for c, refs in zip(criteria, refs_per):
         s = scoring.score(question, refs, answer, vec, exemplars)

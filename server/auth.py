@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
+from datetime import datetime
 from typing import Any
 
 import jwt
@@ -18,6 +20,9 @@ logger = logging.getLogger(__name__)
 
 ALGORITHM = "HS256"
 STAFF_ROLES = frozenset({"instructor", "admin"})
+# Seconds a token's issue time (`iat`) may lie ahead of this server's clock: a token issued by a host whose clock
+# is ahead works at once here.
+CLOCK_SKEW_S = 60
 
 
 class AuthUser(msgspec.Struct, frozen=True):
@@ -28,6 +33,7 @@ class AuthUser(msgspec.Struct, frozen=True):
     role: str
     token_id: str | None = None
     expires_at: float | None = None  # the token's `exp` (unix time); None for long-lived bot tokens
+    issued_at: int = 0  # the token's `iat` (a person's tokens issued before their `tokens_after` are ended)
 
     @property
     def is_staff(self) -> bool:
@@ -35,9 +41,12 @@ class AuthUser(msgspec.Struct, frozen=True):
 
 
 def issue_token(secret: str, user_id: int, tenant_id: int, role: str, *, ttl_s: int | None,
-                token_id: str | None = None) -> str:
-    """Sign a token. `ttl_s=None` makes a long-lived token, which must carry a revocable `token_id`."""
+                token_id: str | None = None, not_before: datetime | None = None) -> str:
+    """Sign a token. `ttl_s=None` makes a long-lived token, which must carry a revocable `token_id`.
+    `not_before`: the user's `tokens_after` (a token issued in the second the others were ended still works)."""
     now = int(time.time())
+    if not_before is not None:
+        now = max(now, math.ceil(not_before.timestamp()))
     claims: dict[str, Any] = {"sub": str(user_id), "tenant": tenant_id, "role": role, "iat": now}
     if ttl_s is not None:
         claims["exp"] = now + ttl_s
@@ -50,15 +59,26 @@ def issue_token(secret: str, user_id: int, tenant_id: int, role: str, *, ttl_s: 
 
 def decode_token(secret: str, token: str) -> dict[str, Any]:
     """Verified claims, or NotAuthorizedException with the reason."""
-    try:
-        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], options={"require": ["sub", "iat"]})
+    try:  # `iat` is checked below, with the clock difference allowed (`exp` is not stretched)
+        claims = jwt.decode(token, secret, algorithms=[ALGORITHM],
+                            options={"require": ["sub", "iat"], "verify_iat": False})
     except jwt.ExpiredSignatureError as exc:
         raise NotAuthorizedException("token expired") from exc
     except jwt.InvalidTokenError as exc:
         raise NotAuthorizedException("invalid token") from exc
-    if "exp" not in claims and "jti" not in claims:
+    iat = claims["iat"]
+    if not isinstance(iat, int) or isinstance(iat, bool) or ("exp" not in claims and "jti" not in claims):
         raise NotAuthorizedException("invalid token")
+    if iat > time.time() + CLOCK_SKEW_S:
+        raise NotAuthorizedException("token not valid yet: it was issued by a server whose clock is ahead of "
+                                     f"this one's by over {CLOCK_SKEW_S} s")
     return claims
+
+
+def ended(row: Any, token_id: str | None, issued_at: int) -> bool:
+    """A person's token issued before they were signed out everywhere (`users.tokens_after`)."""
+    after = row["tokens_after"] if token_id is None else None
+    return after is not None and issued_at < after.timestamp()
 
 
 def bearer_token(connection: ASGIConnection) -> str | None:
@@ -87,9 +107,13 @@ async def authenticate(connection: ASGIConnection, token: str | None) -> AuthUse
             row = await users_repo.get_user(conn, user_id)
     if row is None:
         raise NotAuthorizedException("token revoked or user unknown")
+    issued_at = int(claims["iat"])
+    if ended(row, jti, issued_at):
+        raise NotAuthorizedException("token ended: the user was signed out everywhere since it was issued")
     exp = claims.get("exp")
     return AuthUser(id=row["id"], tenant_id=row["tenant_id"], tenant=row["tenant_name"], name=row["name"],
-                    role=row["role"], token_id=jti, expires_at=float(exp) if exp is not None else None)
+                    role=row["role"], token_id=jti, expires_at=float(exp) if exp is not None else None,
+                    issued_at=issued_at)
 
 
 class JWTAuthMiddleware(AbstractAuthenticationMiddleware):

@@ -154,7 +154,9 @@ async def _make_token(settings: Settings, user: str, role: str, tenant: str, ttl
             if role == "bot":
                 token_id = await repo.create_api_token(conn, row["id"], "cli")
                 return issue_token(settings.secret, row["id"], tenant_id, role, ttl_s=None, token_id=token_id)
-        return issue_token(settings.secret, row["id"], tenant_id, role, ttl_s=ttl_s or settings.token_ttl_s)
+            after = await conn.fetchval("SELECT tokens_after FROM users WHERE id = $1", row["id"])
+        return issue_token(settings.secret, row["id"], tenant_id, role, ttl_s=ttl_s or settings.token_ttl_s,
+                           not_before=after)
     finally:
         await pool.close()
 

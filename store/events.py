@@ -275,6 +275,13 @@ class TokenRevoked(Event, tag="internal.revoke"):
     token_id: str
 
 
+class SignedOut(Event, tag="internal.signout"):
+    """Close the user's sockets opened with a person token issued before `before` (unix time; on the user's
+    personal topic, every process)."""
+
+    before: float
+
+
 class AccessRevoked(Event, tag="internal.leave"):
     """Close the owner's sockets (on their personal topic, every process) in every room of course `course_id`
     (course, pod and live rooms, ended sessions' too), or with `pod_id` in that pod's room: they left it."""

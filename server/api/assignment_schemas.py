@@ -16,7 +16,7 @@ Option = Annotated[str, Meta(min_length=1, max_length=500, pattern=LINE_TEXT)]
 Index = Annotated[int, Meta(ge=0, le=99)]
 Reference = Annotated[str, Meta(max_length=10_000, pattern=LINES)]
 Attempts = Annotated[int, Meta(ge=1, le=100)]
-Comment = Annotated[str, Meta(max_length=2_000)]
+Comment = Annotated[str, Meta(max_length=2_000, pattern=LINES)]
 Score = Annotated[float, Meta(ge=0, le=100)]
 
 # Written answers: short answers are short; essays are limited by STUDYHALL_MAX_ANSWER_CHARS.

@@ -109,6 +109,13 @@ class UserCreated(msgspec.Struct):
     token: str
 
 
+class UserToken(msgspec.Struct):
+    user_id: int
+    name: str
+    role: str
+    token: str
+
+
 class BotIn(Strict):
     name: Name
     label: Annotated[str, Meta(max_length=200, pattern=ONE_LINE)] = ""

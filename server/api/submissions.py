@@ -143,6 +143,10 @@ class SubmissionController(Controller):
                 if (done := await repo.by_client_key(conn, assignment_id, user.id, key)) is not None:
                     return _repeat(done, answer, user)
         if a["type"] != "multiple_choice":  # each written answer costs a grading run (a model call, with one)
+            async with state.pool.acquire() as conn:  # an answer refused anyway does not use up the allowance
+                _open_check(a, await conn.fetchval(
+                    "SELECT count(*) FROM submissions WHERE assignment_id = $1 AND user_id = $2", assignment_id,
+                    user.id))  # (checked again under the lock below)
             ok, wait = await SendLimiter(state.redis, WRITTEN_PER_HOUR / 3600, WRITTEN_BURST,
                                          key=rate_written).take(user.id)
             if not ok:
@@ -214,7 +218,11 @@ class SubmissionController(Controller):
                 ids = await repo.mark_grading(conn, ids, None)
                 if not ids:
                     await jobs_repo.set_state(conn, job["id"], "done", 1.0)
-        batches = await enqueue_batches(state.arq, state.pool, job["id"], ids) if ids else 0
+        try:
+            batches = await enqueue_batches(state.arq, state.pool, job["id"], ids) if ids else 0
+        except Exception:  # noqa: BLE001 - the job and its marks are stored; grading recovery queues them
+            logger.warning("could not queue grade-all job %s now; recovery will", job["id"], exc_info=True)
+            batches = 0
         return BatchAccepted(job_id=job["id"], submissions=len(ids), batches=batches)
 
     @get("/submissions/{submission_id:int}")
@@ -234,7 +242,8 @@ class SubmissionController(Controller):
         A final grade can be overridden the same way. The learner then gets `grade.ready`."""
         data = await read_json(request, ReviewIn)
         state, user = request.app.state, request.user
-        comment = (data.comment or "").strip() or None  # a blank comment keeps the earlier one, as none does
+        # a blank comment (invisible characters too) keeps the earlier one, as none does
+        comment = None if data.comment is None or blank(data.comment) else data.comment.strip()
         async with state.pool.acquire() as conn:
             row = await _submission_or_404(conn, submission_id, user)
             await course_or_404(conn, row["course_id"], user, missing=f"submission {submission_id} not found")
@@ -318,10 +327,18 @@ def rescale(criteria: list[dict], score: float) -> list[dict]:
     short, room = target - sum(new), [p - n for p, n in zip(points, new)]
     if short > 1e-9 and sum(room) > 0:
         new = [n + short * r / sum(room) for n, r in zip(new, room)]
+    # to 0.01 of a point, as machine scores are, within each criterion's points; the rounding's few hundredths go
+    # where there is room, so the criteria add up to the total
+    new = [min(p, max(0.0, round(n, 2))) for n, p in zip(new, points)]
+    diff = round(round(target, 2) - sum(new), 2)
+    for i in sorted(range(len(new)), key=lambda i: new[i] - points[i] if diff > 0 else -new[i]):
+        if abs(diff) < 0.005:
+            break
+        step = min(diff, points[i] - new[i]) if diff > 0 else max(diff, -new[i])
+        new[i], diff = round(new[i] + step, 2), round(diff - step, 2)
     out = []
     for c, n in zip(criteria, new):
-        n = round(n, 1)
-        changed = abs(n - float(c["score"])) > 0.05
+        changed = abs(n - float(c["score"])) > 0.005
         note = c.get("justification", "")
         if changed and not note.endswith(_ADJUSTED):  # once, however often it is overridden
             note = f"{note} {_ADJUSTED}"

@@ -4,12 +4,20 @@ from __future__ import annotations
 from litestar import Controller, Request, delete, get, post
 
 from server.api.paging import ListLimit, Offset
-from server.api.schemas import BotIn, BotToken, Me, TokenInfo, UserCreated, UserIn
+from server.api.schemas import BotIn, BotToken, Me, TokenInfo, UserCreated, UserIn, UserToken
 from server.auth import AuthUser, issue_token, staff_only
 from server.decode import read_json, trimmed
 from server.errors import ApiError
 from store import users as repo
-from store.events import TokenRevoked, publish, user_topic
+from store.events import SignedOut, TokenRevoked, publish, user_topic
+
+
+def _may_manage(staff: AuthUser, role: str) -> None:
+    """Instructors manage learners' tokens, admins every person's; bots have tokens of their own (/bots)."""
+    if role == "bot":
+        raise ApiError(400, "a bot's tokens are made with POST /bots and ended with DELETE /tokens/{id}")
+    if staff.role != "admin" and role != "learner":
+        raise ApiError(403, "instructors manage learners' tokens; admins anyone's")
 
 
 class UserController(Controller):
@@ -38,6 +46,40 @@ class UserController(Controller):
             raise ApiError(409, f"a user named {data.name!r} already exists", field="name")
         token = issue_token(settings.secret, row["id"], u.tenant_id, row["role"], ttl_s=settings.token_ttl_s)
         return UserCreated(id=row["id"], name=row["name"], role=row["role"], tenant=u.tenant, token=token)
+
+    @post("/users/{user_id:int}/tokens", guards=[staff_only], status_code=201)
+    async def new_token(self, request: Request, user_id: int) -> UserToken:
+        """A new login token for a person of the tenant (an expired one, a new device): instructors for learners,
+        admins for anyone but bots (their tokens come from POST /bots)."""
+        u: AuthUser = request.user
+        async with request.app.state.pool.acquire() as conn:
+            row = await repo.get_user(conn, user_id)
+        if row is None or row["tenant_id"] != u.tenant_id:
+            raise ApiError(404, f"user {user_id} not found")
+        _may_manage(u, row["role"])
+        settings = request.app.state.settings
+        token = issue_token(settings.secret, row["id"], u.tenant_id, row["role"], ttl_s=settings.token_ttl_s,
+                            not_before=row["tokens_after"])
+        return UserToken(user_id=row["id"], name=row["name"], role=row["role"], token=token)
+
+    @delete("/users/{user_id:int}/tokens", status_code=204)
+    async def sign_out_everywhere(self, request: Request, user_id: int) -> None:
+        """End every login token of a person issued until now (a leaked token, a lost device); their open
+        sockets close with 4401. Staff for the people they manage, and anyone for themselves."""
+        u: AuthUser = request.user
+        if user_id != u.id:
+            if not u.is_staff:
+                raise ApiError(403, "learners can only sign themselves out")
+            async with request.app.state.pool.acquire() as conn:
+                row = await repo.get_user(conn, user_id)
+            if row is None or row["tenant_id"] != u.tenant_id:
+                raise ApiError(404, f"user {user_id} not found")
+            _may_manage(u, row["role"])
+        async with request.app.state.pool.acquire() as conn:
+            done = await repo.end_tokens(conn, user_id, u.tenant_id)
+        if done is None:  # a bot (its tokens are revoked one by one) or gone meanwhile
+            raise ApiError(404, f"user {user_id} not found")
+        await publish(request.app.state.redis, user_topic(user_id), SignedOut(before=done["tokens_after"].timestamp()))
 
     @post("/bots", guards=[staff_only], status_code=201)
     async def create_bot(self, request: Request) -> BotToken:

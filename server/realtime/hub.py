@@ -50,6 +50,7 @@ class _Envelope(msgspec.Struct):
     user_id: int | None = None
     reason: str = "kicked"
     token_id: str | None = None
+    before: float = 0.0  # internal.signout
     course_id: int | None = None
     pod_id: int | None = None
 
@@ -309,6 +310,11 @@ class Hub:
                         for conn in list(conns):
                             if conn.auth is not None and conn.auth.token_id == env.token_id:
                                 conn.close_soon(CLOSE_UNAUTHENTICATED, "token revoked")
+                    elif env.type == "internal.signout" and env.before:
+                        for conn in list(conns):
+                            if conn.auth is not None and conn.auth.token_id is None and \
+                                    conn.auth.issued_at < env.before:
+                                conn.close_soon(CLOSE_UNAUTHENTICATED, "token ended")
                     elif env.type == "internal.leave":
                         for conn in list(conns):
                             if (conn.room == f"pod:{env.pod_id}" if env.pod_id is not None

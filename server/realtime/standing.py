@@ -6,7 +6,7 @@ from datetime import datetime
 
 import asyncpg
 
-from server.auth import AuthUser
+from server.auth import AuthUser, ended
 from store import moderation
 from store import rooms as rooms_repo
 from store import users as users_repo
@@ -27,6 +27,9 @@ async def still_allowed(db: asyncpg.Connection, room_id: str, user: AuthUser,
     events give). With `opened_at`, a kick since the socket opened counts too, even one that bars nobody."""
     if user.token_id is not None and await users_repo.get_user_with_token(db, user.id, user.token_id) is None:
         return CLOSE_UNAUTHENTICATED, "token revoked"
+    if user.token_id is None and ended(await users_repo.get_user(db, user.id) or {"tokens_after": None}, None,
+                                       user.issued_at):
+        return CLOSE_UNAUTHENTICATED, "token ended"
     access, kicked = await standing(db, room_id, user)
     if access is None:
         ref = parse_room(room_id)

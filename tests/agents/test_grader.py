@@ -209,3 +209,27 @@ def test_a_reply_with_prose_and_braces_after_its_json_is_used():
     assert _parse_llm(reply, crit)["total"] == 80.0
     with pytest.raises((ValueError, msgspec.DecodeError)):
         _parse_llm('{"criteria": [{"name": "Accuracy", "score": NaN}]}', crit)
+
+
+def test_texts_graded_against_again_are_embedded_once(embedder):
+    """The question, the reference and the exemplars were embedded again for every answer graded (up to 200
+    exemplars: seconds per essay); now only what is new is."""
+    from agents import grader as g
+
+    seen: list[str] = []
+
+    class Counting:
+        name = f"counting-{id(seen)}"
+
+        def embed(self, texts):  # type: ignore[no-untyped-def]
+            seen.extend(texts)
+            return embedder.embed(texts)
+
+    exemplars = [scoring.Exemplar(f"graded answer number {i} about binary search", 0.5) for i in range(30)]
+    first = g.offline_scores(Counting(), QUESTION, REFERENCE, RUBRIC, "It halves the interval.", exemplars)
+    n = len(seen)
+    again = g.offline_scores(Counting(), QUESTION, REFERENCE, RUBRIC, "It checks every element.", exemplars)
+    assert len(seen) - n == 1 and seen[-1] == "It checks every element."  # only the new answer
+    assert again["scores"] != first["scores"]
+    same = g.offline_scores(Counting(), QUESTION, REFERENCE, RUBRIC, "It halves the interval.", exemplars)
+    assert same == first  # cached vectors score as fresh ones do

@@ -232,6 +232,15 @@ def test_an_override_keeps_criteria_adding_up():
     assert [c["score"] for c in rescale(crit, 0)] == [0.0, 0.0]
     twice = rescale(rescale(crit, 45), 30)  # overridden again: the note once
     assert all(c["justification"].count("Adjusted by the instructor.") == 1 for c in twice), twice
+    # criteria worth hundredths: each stays within its points and they add up to the total (rounding to tenths
+    # gave 0.05 -> 0.0 and 99.95 -> 100.0, or 33.4 of 33.35 twice, 100.1 in all)
+    small = [{"name": "a", "points": 0.05, "score": 0.0}, {"name": "b", "points": 99.95, "score": 50.0}]
+    assert [c["score"] for c in rescale(small, 100)] == [0.05, 99.95]
+    thirds = [{"name": n, "points": p, "score": 10.0} for n, p in (("a", 33.35), ("b", 33.35), ("c", 33.3))]
+    for total in (100, 50, 33.3, 0.1):
+        got = rescale(thirds, total)
+        assert round(sum(c["score"] for c in got), 2) == total, (total, got)
+        assert all(0 <= c["score"] <= c["points"] for c in got), got
 
 
 def test_an_answer_arriving_while_the_key_changes_is_graded_with_the_new_key(server, client, make: Factory, settings):
@@ -395,10 +404,14 @@ def test_written_answers_are_rate_limited_per_learner(server, client, make: Fact
     course = make_course(server, make, learners=1)
     (learner,) = course.learners
     past = (datetime.now(timezone.utc) - timedelta(minutes=1)).isoformat()
-    a = published(client, course, {**WRITTEN, "closes_at": past})  # closed: refused, but counted, graded never
-    codes = [client.post(f"/api/v1/assignments/{a['id']}/submissions", json={"answer": "It halves."},
-                         headers=learner.h) for _ in range(WRITTEN_BURST + 1)]
-    assert [r.status_code for r in codes[:-1]] == [409] * WRITTEN_BURST, codes[0].text
+    closed = published(client, course, {**WRITTEN, "closes_at": past})
+    # refused answers (closed, no attempts left) are never graded: they do not use up the allowance
+    assert {client.post(f"/api/v1/assignments/{closed['id']}/submissions", json={"answer": "It halves."},
+                        headers=learner.h).status_code for _ in range(WRITTEN_BURST + 5)} == {409}
+    a = published(client, course, WRITTEN)
+    codes = [client.post(f"/api/v1/assignments/{a['id']}/submissions", json={"answer": f"It halves, {i}."},
+                         headers=learner.h) for i in range(WRITTEN_BURST + 1)]
+    assert [r.status_code for r in codes[:-1]] == [201] * WRITTEN_BURST, codes[0].text
     assert codes[-1].status_code == 429 and int(codes[-1].headers["Retry-After"]) >= 1, codes[-1].text
     mc = published(client, course, MC)  # multiple choice is graded at once: not limited
     assert client.post(f"/api/v1/assignments/{mc['id']}/submissions", json={"answer": [1]},

@@ -169,3 +169,53 @@ def test_deleted_user_token_rejected(client, make: Factory, settings):
     u = make.user("learner")
     fetch(settings, "DELETE FROM users WHERE id = $1", u.id)
     assert client.get("/api/v1/users/me", headers=u.h).status_code == 401
+
+
+def test_a_token_from_a_server_whose_clock_is_a_little_ahead_works(client, make: Factory, settings):
+    """Tokens issued by another host (the CLI on an operator's machine, another server behind the balancer) whose
+    clock ran ahead were 'invalid token' until this clock caught up."""
+    u = make.user("instructor")
+    now = int(time.time())
+
+    def token(iat: int) -> dict:
+        t = jwt.encode({"sub": str(u.id), "tenant": u.tenant_id, "role": "instructor", "iat": iat,
+                        "exp": iat + 3600}, settings.secret, algorithm="HS256")
+        return {"Authorization": f"Bearer {t}"}
+
+    assert client.get("/api/v1/users/me", headers=token(now + 30)).status_code == 200
+    r = client.get("/api/v1/users/me", headers=token(now + 600))
+    assert r.status_code == 401 and "clock" in r.json()["message"], r.text
+
+
+def test_staff_give_a_person_a_new_token_and_sign_them_out_everywhere(client, make: Factory):
+    """There was no way but the operator's CLI to give a learner whose token expired a new one, nor to end a
+    leaked one before it expired."""
+    inst = make.user("instructor")
+    learner = make.user("learner")  # one tenant: the factory's
+    colleague, admin = make.user("instructor"), make.user("admin")
+    bot = client.post("/api/v1/bots", json={"name": f"bot-{learner.id}"}, headers=inst.h).json()
+    r = client.post(f"/api/v1/users/{learner.id}/tokens", headers=inst.h)
+    assert r.status_code == 201 and r.json()["user_id"] == learner.id, r.text
+    fresh = {"Authorization": f"Bearer {r.json()['token']}"}
+    assert client.get("/api/v1/users/me", headers=fresh).json()["id"] == learner.id
+    # who may: instructors for learners, admins for people; bots have their own tokens; other tenants see nothing
+    assert client.post(f"/api/v1/users/{colleague.id}/tokens", headers=inst.h).status_code == 403
+    assert client.post(f"/api/v1/users/{colleague.id}/tokens", headers=admin.h).status_code == 201
+    assert client.post(f"/api/v1/users/{bot['user_id']}/tokens", headers=inst.h).status_code == 400
+    assert client.post(f"/api/v1/users/{learner.id}/tokens", headers=learner.h).status_code == 403
+    stranger = Factory(make.settings).user("admin")
+    assert client.post(f"/api/v1/users/{learner.id}/tokens", headers=stranger.h).status_code == 404
+    assert client.delete(f"/api/v1/users/{learner.id}/tokens", headers=stranger.h).status_code == 404
+    # signed out everywhere: every token issued until now ends; one issued right after works at once
+    assert client.delete(f"/api/v1/users/{learner.id}/tokens", headers=inst.h).status_code == 204
+    for h in (learner.h, fresh):
+        r = client.get("/api/v1/users/me", headers=h)
+        assert r.status_code == 401 and "signed out" in r.json()["message"], r.text
+    again = client.post(f"/api/v1/users/{learner.id}/tokens", headers=inst.h).json()["token"]
+    assert client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {again}"}).status_code == 200
+    # anyone may sign themselves out; a learner may not sign out someone else
+    assert client.delete(f"/api/v1/users/{inst.id}/tokens", headers={"Authorization": f"Bearer {again}"}
+                         ).status_code == 403
+    assert client.delete(f"/api/v1/users/{colleague.id}/tokens", headers=colleague.h).status_code == 204
+    assert client.get("/api/v1/users/me", headers=colleague.h).status_code == 401
+    assert client.get("/api/v1/users/me", headers=inst.h).status_code == 200

@@ -103,6 +103,13 @@ async def test_held_grade_waits_for_the_instructor_then_reaches_the_learner(serv
     # approving the final grade again (no comment) keeps the comment the learner reads
     assert client.post(f"/api/v1/submissions/{s['id']}/review", json={}, headers=inst.h).status_code == 200
     assert client.get(f"/api/v1/submissions/{s['id']}", headers=learner.h).json()["review_comment"].startswith("Right")
+    # an invisible comment is a blank one (it replaced the comment with nothing to see); control characters are
+    # refused, as in every text a learner reads
+    assert client.post(f"/api/v1/submissions/{s['id']}/review", json={"comment": "\u200b\u3164"},
+                       headers=inst.h).status_code == 200
+    assert client.get(f"/api/v1/submissions/{s['id']}", headers=learner.h).json()["review_comment"].startswith("Right")
+    r = client.post(f"/api/v1/submissions/{s['id']}/review", json={"comment": "\x1b[2J\x07bad"}, headers=inst.h)
+    assert r.status_code == 400 and r.json()["field"] == "comment", r.text
     if fetch(settings, "SELECT to_regclass('xp_events') IS NOT NULL AS x")[0]["x"]:  # the XP hook, when present
         kinds = [r["kind"] for r in fetch(settings, "SELECT kind FROM xp_events WHERE user_id = $1", learner.id)]
         assert "assignment_passed" in kinds

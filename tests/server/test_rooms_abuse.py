@@ -271,6 +271,19 @@ async def test_revoking_a_bot_token_closes_its_open_sockets(server, make: Factor
     await watcher.close()
 
 
+async def test_signing_a_person_out_everywhere_closes_their_open_sockets(server, make: Factory):
+    course = make_course(server, make, learners=1)
+    inst, (learner,) = course.instructor, course.learners
+    sock = await Client.connect(server, course.room, learner)
+    watcher = await Client.connect(server, course.room, inst)
+    with httpx.Client(base_url=server, timeout=30) as c:
+        assert c.delete(f"/api/v1/users/{learner.id}/tokens", headers=inst.h).status_code == 204
+    assert await sock.closed() == (4401, "token ended")
+    await watcher.send({"type": "ping", "ref": "still"})
+    await watcher.expect("pong")  # the instructor's own socket stays
+    await watcher.close()
+
+
 async def test_a_socket_closes_when_its_token_expires(server, make: Factory, settings):
     import time
 
