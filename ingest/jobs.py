@@ -118,7 +118,7 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
             reason, permanent = exc.reason, exc.permanent
         else:
             logger.exception("ingest job %s crashed", job_id)
-            reason, permanent = f"internal error ({type(exc).__name__}: {exc})", False
+            reason, permanent = internal_reason(exc, job_id)
         if permanent or job["attempts"] >= job["max_attempts"]:
             if not permanent:
                 reason = f"{reason} (gave up after {job['attempts']} attempts)"
@@ -137,6 +137,20 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
         raise Retry(defer=delay) from exc
     finally:
         beat.cancel()
+
+
+def internal_reason(exc: BaseException, job_id: int) -> tuple[str, bool]:
+    """What a job (and its video) say about a failure that is not an ingest error, and whether it is permanent.
+    Never the exception's own words: a provider's message can quote the API key, and the video's reason is shown
+    in the course. The worker's log has the details. A provider refusing the key does not retry."""
+    from agents.embedder import EmbedderError
+
+    status = getattr(exc.__cause__, "status_code", None)
+    if isinstance(exc, EmbedderError):
+        if status in (401, 403):
+            return "the embedding service refused the configured API key (see the worker's log)", True
+        return f"the embedding model failed (the worker's log has the details, job {job_id})", False
+    return f"internal error ({type(exc).__name__}; the worker's log has the details, job {job_id})", False
 
 
 async def give_back_if_stopping(pool: Any, give_back: Callable[[asyncpg.Connection], Awaitable[None]],

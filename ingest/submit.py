@@ -51,6 +51,11 @@ def inspect_file(path: Path, filename: str | None = None) -> tuple[str, str]:
     fmt = detect_transcript_format(head)
     if fmt is None and size <= MAX_TRANSCRIPT_BYTES:
         fmt = detect_transcript_format(path.read_bytes())
+    ext = filename.rsplit(".", 1)[-1].lower() if filename and "." in filename else ""
+    if fmt is None and size <= MAX_TRANSCRIPT_BYTES and (ext in ("srt", "vtt", "json")
+                                                         or head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"[", b"{")):
+        # named (or shaped) as a transcript that is not one: the parser says what is wrong, and where
+        fmt = ext or "json"
     if fmt is None:
         raise UnsupportedFile(f"unsupported or unrecognised file; accepted: {ACCEPTED}")
     if size > MAX_TRANSCRIPT_BYTES:
@@ -125,12 +130,23 @@ async def queue_job(arq: ArqRedis, pool: asyncpg.Pool, job_id: int) -> None:
 
 
 async def submit_job(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, kind: str, course_id: int,
-                     video_id: int, created_by: int | None) -> int:
+                     video_id: int, created_by: int | None, *, reuse_waiting: bool = False) -> int:
     """Create an ingest/reembed job for an existing video and queue it; returns the job id. Raises LookupError
-    when the video is gone (deleted meanwhile)."""
+    when the video is gone (deleted meanwhile). `reuse_waiting`: a job of this kind for the video that has not
+    started yet (queued, or waiting for its retry) is the one asked for again: its id, and no second run (three
+    clicks on re-ingest ran the whole pipeline, a transcription included, three times). One already running
+    does not count: what it read may be what changed."""
     async with pool.acquire() as conn:
         try:
             async with conn.transaction():
+                if reuse_waiting:  # under the video's lock: two requests at once find the one job
+                    if await conn.fetchval("SELECT id FROM videos WHERE id = $1 FOR NO KEY UPDATE", video_id) is None:
+                        raise LookupError(f"video {video_id} not found")
+                    waiting = await conn.fetchval(
+                        "SELECT id FROM jobs WHERE video_id = $1 AND kind = $2 AND state = 'queued' ORDER BY id "
+                        "LIMIT 1", video_id, kind)
+                    if waiting is not None:
+                        return waiting
                 job = await jobs_repo.create_job(conn, kind, course_id=course_id, video_id=video_id,
                                                  created_by=created_by, max_attempts=settings.job_max_attempts)
                 await videos_repo.mark_requeued(conn, video_id)

@@ -100,6 +100,10 @@ class _Reader:
         self.text, self.vtt = text, vtt
         self.seen: dict[str, float] = {}
         self.cues: list[RawCue] = []
+        self.last_arrow = text.rfind("-->")  # no timing line starts after it
+        # text of blocks without a timing line, per cue it continues: joined once at the end (appending to the
+        # cue's text block after block copied it each time, quadratic in a long run of such blocks)
+        self.more: dict[int, list[str]] = {}
 
     def timing(self, line: str, pos: int) -> tuple[float, float | None] | None:
         """Times of the timing line starting at character `pos`; None for a cut-off last cue."""
@@ -118,7 +122,13 @@ class _Reader:
 
     def extend_last(self, lines: list[str]) -> None:
         if self.cues:
-            self.cues[-1].text += "\n" + "\n".join(lines)
+            self.more.setdefault(len(self.cues) - 1, []).append("\n".join(lines))
+
+    def finish(self) -> list[RawCue]:
+        for i, parts in self.more.items():
+            self.cues[i].text = "\n".join([self.cues[i].text, *parts])
+        self.more = {}
+        return self.cues
 
     def block(self, b: str, pos: int) -> None:
         """Any block: several cues without blank lines between, NOTE/STYLE, stray text."""
@@ -133,7 +143,7 @@ class _Reader:
                 return
             if len(lines) == 1 and _INDEX.fullmatch(head):
                 return  # a lone cue number
-            if _PARTIAL_TIMING.match(lines[-1].strip()) and "-->" not in self.text[pos:]:
+            if _PARTIAL_TIMING.match(lines[-1].strip()) and self.last_arrow < pos:
                 return  # the file was cut inside the last cue's header
             self.extend_last(lines)  # SRT text with a blank line inside it
             return
@@ -187,4 +197,4 @@ def parse_blocks(text: str, *, vtt: bool) -> list[RawCue]:
                 cues.append(RawCue(start, end, b[m.end() + 1 :]))
                 continue
         reader.block(b, here)
-    return reader.cues
+    return reader.finish()

@@ -56,10 +56,10 @@ _STRAY_GT = re.compile(_LEADING_GT.pattern + r"|\s*>+\s*$|\s*>+(?=[.,;:!?])")
 _SPACES = re.compile(r"\s+")
 _HAS_WORD = re.compile(r"\w")
 # What Postgres text cannot hold (NUL), what no encoder takes (lone surrogates, e.g. from a JSON "\ud800"), and
-# other control characters: never stored.
-_UNSTORABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")
+# other control characters, C1 ones too (a terminal's CSI \x9b): never stored.
+_UNSTORABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 # Characters that send a line down the slow path; most caption lines contain none of them.
-_SPECIAL = re.compile(r"[<>&\[\]()\{:♪♫\xa0\u200b\t\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")
+_SPECIAL = re.compile(r"[<>&\[\]()\{:♪♫\xa0\u200b\t\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def _is_sound(inner: str, *, brackets: bool) -> bool:

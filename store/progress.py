@@ -95,9 +95,23 @@ async def fit_to_duration(conn: asyncpg.Connection, video_id: int, duration: flo
     return len(fitted)
 
 
-def check_report(duration: float, position: float, watched: list[list[float]]) -> tuple[float, list[list[float]]]:
-    """Validate a report against the video's duration; returns the position and ranges clamped to it."""
-    limit = duration + TOLERANCE_S
+# A video made from captions (YouTube, an uploaded transcript) is as long as its last caption, while the player
+# knows the real length (an outro without words, credits): this much past the end is taken (as the end) too.
+CAPTIONS_SLACK_SHARE, CAPTIONS_SLACK_MAX_S = 0.1, 300.0
+
+
+def past_end_slack(duration: float, source: str) -> float:
+    """How far past `duration` a reported moment may lie (and is taken as the end)."""
+    if source == "media":  # measured from the audio itself
+        return TOLERANCE_S
+    return max(TOLERANCE_S, min(CAPTIONS_SLACK_MAX_S, CAPTIONS_SLACK_SHARE * duration))
+
+
+def check_report(duration: float, position: float, watched: list[list[float]],
+                 slack: float = TOLERANCE_S) -> tuple[float, list[list[float]]]:
+    """Validate a report against the video's duration (give or take `slack` past its end, see past_end_slack);
+    returns the position and ranges clamped to it."""
+    limit = duration + slack
     if not 0 <= position <= limit:
         raise ProgressError("position", f"position must be between 0 and the video's duration ({duration:g} s)")
     if len(watched) > MAX_RANGES:

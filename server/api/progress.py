@@ -73,7 +73,8 @@ def rebuild_soon(app_state) -> None:  # type: ignore[no-untyped-def]
 
 
 async def video_or_404(conn: asyncpg.Connection, video_id: int, user: AuthUser) -> asyncpg.Record:
-    row = await conn.fetchrow("SELECT id, course_id, title, duration_s, status FROM videos WHERE id = $1", video_id)
+    row = await conn.fetchrow("SELECT id, course_id, title, duration_s, status, source FROM videos WHERE id = $1",
+                              video_id)
     if row is None or await courses_repo.visible_course(conn, row["course_id"], user.id, user.tenant_id,
                                                         user.role) is None:
         raise ApiError(404, f"video {video_id} not found")
@@ -109,7 +110,9 @@ class ProgressController(Controller):
         if video["status"] != "ready" or not video["duration_s"]:
             raise ApiError(409, f"video {video_id} is not ready yet", code="not_ready")
         try:
-            position, watched = repo.check_report(float(video["duration_s"]), data.position, data.watched)
+            duration = float(video["duration_s"])
+            position, watched = repo.check_report(duration, data.position, data.watched,
+                                                  repo.past_end_slack(duration, video["source"]))
         except repo.ProgressError as exc:
             raise ApiError(400, str(exc), field=exc.field) from exc
         ok, wait = await state.progress_limiter.take(user.id)
@@ -172,7 +175,7 @@ class ProgressController(Controller):
             video = await video_or_404(conn, video_id, user)
             if video["status"] != "ready" or not video["duration_s"]:  # nothing to watch, nor a length to check
                 raise ApiError(409, f"video {video_id} is not ready yet", code="not_ready")
-            if data.at > video["duration_s"] + repo.TOLERANCE_S:
+            if data.at > video["duration_s"] + repo.past_end_slack(video["duration_s"], video["source"]):
                 raise ApiError(400, f"at must be inside the video (0 to {video['duration_s']:g} s)", field="at")
             row = await repo.add_bookmark(conn, user.id, video_id, min(data.at, video["duration_s"]), data.note)
         if row is None:

@@ -23,7 +23,7 @@ from server.api.schemas import Strict, Title
 from server.auth import AuthUser, staff_only
 from server.decode import read_json, trimmed
 from server.errors import ApiError
-from store.frames import LINE_CONTROL
+from store.frames import LINE_CONTROL, blank
 from server.uploads import receive_upload
 from store import jobs as jobs_repo
 from store import progress as progress_repo
@@ -109,11 +109,12 @@ class Job(msgspec.Struct):
     finished_at: datetime | None
 
 
-def to_video(r: asyncpg.Record) -> Video:
+def to_video(r: asyncpg.Record, user: AuthUser) -> Video:
+    """The video as `user` sees it: why its ingest failed is for staff."""
     return Video(id=r["id"], course_id=r["course_id"], title=r["title"], source=r["source"], status=r["status"],
                  youtube_id=r["youtube_id"], filename=r["filename"], duration_s=r["duration_s"],
                  chunk_count=r["chunk_count"], embed_model=r["embed_model"], language=r["language"],
-                 error=r["error"], created_at=r["created_at"], updated_at=r["updated_at"])
+                 error=r["error"] if user.is_staff else None, created_at=r["created_at"], updated_at=r["updated_at"])
 
 
 def to_job(r: asyncpg.Record) -> Job:
@@ -200,13 +201,14 @@ class VideoController(Controller):
                           limit: int = ListLimit, offset: int = Offset) -> list[Video]:
         async with request.app.state.pool.acquire() as conn:
             await course_or_404(conn, course_id, request.user)
-            return [to_video(r) for r in await videos_repo.list_videos(conn, course_id, limit=limit, offset=offset)]
+            return [to_video(r, request.user) for r in await videos_repo.list_videos(conn, course_id, limit=limit,
+                                                                                    offset=offset)]
 
     @get("/videos/{video_id:int}")
     async def read_video(self, request: Request, course_id: int, video_id: int) -> Video:
         async with request.app.state.pool.acquire() as conn:
             await course_or_404(conn, course_id, request.user)
-            return to_video(await _video_or_404(conn, course_id, video_id))
+            return to_video(await _video_or_404(conn, course_id, video_id), request.user)
 
     @delete("/videos/{video_id:int}", guards=[staff_only], status_code=204)
     async def delete_video(self, request: Request, course_id: int, video_id: int) -> None:
@@ -234,14 +236,15 @@ class VideoController(Controller):
 
     @post("/videos/{video_id:int}/reingest", guards=[staff_only], status_code=202)
     async def reingest(self, request: Request, course_id: int, video_id: int) -> Accepted:
-        """Run ingest again (e.g. new captions); the old chunks stay searchable until the new set replaces them."""
+        """Run ingest again (e.g. new captions); the old chunks stay searchable until the new set replaces them. A
+        re-ingest asked for while one is still waiting to start is that one (its job id)."""
         state = request.app.state
         async with state.pool.acquire() as conn:
             await course_or_404(conn, course_id, request.user)
             await _video_or_404(conn, course_id, video_id)
         try:
             job_id = await submit_job(state.pool, state.arq, state.settings, "ingest", course_id, video_id,
-                                      request.user.id)
+                                      request.user.id, reuse_waiting=True)
         except LookupError:  # deleted since the check above
             raise ApiError(404, f"video {video_id} not found") from None
         return Accepted(video_id=video_id, job_id=job_id)
@@ -275,7 +278,7 @@ class VideoController(Controller):
         from ingest.youtube import watch_url
 
         state = request.app.state
-        if not q.strip():
+        if blank(q):  # invisible characters too
             raise ApiError(400, "q must not be blank", field="q")
         if "\x00" in q:
             raise ApiError(400, "q must not contain NUL characters", field="q")

@@ -87,8 +87,9 @@ def test_search_scoping_and_access(eval_course: EvalCourse, client, make: Factor
     stranger = make.user("learner")
     assert client.get(f"/api/v1/courses/{eval_course.id}/search", params={"q": "x"},
                       headers=stranger.h).status_code == 404
-    bad = _search(client, eval_course, q="", k=3)
-    assert bad.status_code == 400
+    for blank in ("", "\u200b\u3164 "):
+        bad = _search(client, eval_course, q=blank, k=3)
+        assert bad.status_code == 400 and bad.json()["field"] == "q", bad.text
     assert _search(client, eval_course, q="x", k=500).status_code == 400
     nul = _search(client, eval_course, q="a\x00b")
     assert nul.status_code == 400 and nul.json()["field"] == "q"
@@ -177,6 +178,8 @@ def _mp4() -> bytes:
     ("notes.txt", b"just some notes, not a transcript at all", 415),
     ("broken.srt", b"1\n00:00:01,000 --> 00:00:02,000\nhello\n\n2\n00:00:03,000 --> 00:00:zz,000\nworld\n\n"
                    b"3\n00:00:05,000 --> 00:00:06,000\nagain\n\n", 400),
+    ("negative.srt", b"1\n-00:00:01,000 --> 00:00:02,000\nhi\n", 400),  # was 415: named a transcript, the parser says
+    ("colons.srt", b"1\n00:00:01:000 --> 00:00:02:000\nhi\n", 400),      # what is wrong and on which line
     ("header-only.wav", _wav(2.0)[:44], 400),
     ("truncated.mp4", _mp4()[: len(_mp4()) // 2], 400),
     ("fake.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64, 400),
@@ -186,6 +189,8 @@ def test_bad_uploads_store_nothing(client, make: Factory, settings, name, data, 
     r = upload(client, cid, inst.h, name, data)
     assert r.status_code == status, r.text
     assert r.json()["message"]
+    if name in ("negative.srt", "colons.srt"):
+        assert "line 2" in r.json()["message"], r.text
     assert fetch(settings, "SELECT count(*) AS n FROM videos WHERE course_id = $1", cid)[0]["n"] == 0
     stored = settings.data_dir / "uploads" / str(cid)
     assert not stored.exists() or not list(stored.iterdir())

@@ -424,3 +424,89 @@ def test_deleting_a_course_while_an_ingest_commits_does_not_deadlock(settings, m
 
     assert run_sync(go()) == 204
     assert client.get(f"/api/v1/courses/{cid}", headers=inst.h).status_code == 404
+
+
+def test_an_internal_failure_is_told_without_the_exceptions_words():
+    """A job's (and its video's) reason quoted the exception: an embedding provider's 401 quotes the API key, and
+    the video's reason is read in the course. A refused key does not retry either."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from agents.embedder import EmbedderError, OpenAIEmbedder
+    from ingest.jobs import internal_reason
+
+    class Refusing(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            body = json.dumps({"error": {"message": "Incorrect API key provided: sk-live-SECRET123",
+                                         "type": "invalid_request_error", "code": "invalid_api_key"}}).encode()
+            self.send_response(401)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        emb = OpenAIEmbedder("local-embed", api_key="sk-live-SECRET123",
+                             base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", dim=8, max_retries=0)
+        with pytest.raises(EmbedderError) as info:
+            emb.embed(["a"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "SECRET123" in str(info.value)  # the provider's words, for the log
+    reason, permanent = internal_reason(info.value, 7)
+    assert permanent and "SECRET" not in reason and "API key" in reason
+    reason, permanent = internal_reason(KeyError("internal detail"), 7)
+    assert not permanent and "internal detail" not in reason and "KeyError" in reason and "job 7" in reason
+
+
+def test_why_a_video_failed_is_for_staff(settings, make: Factory, client):
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Failing"}, headers=inst.h).json()["id"]
+    learner = make.user("learner")
+    assert client.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": learner.id},
+                       headers=inst.h).status_code == 201
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status, error) VALUES ($1, 'v', "
+                          "'transcript', 'failed', 'the embedding model failed') RETURNING id", cid)[0]["id"]
+    url = f"/api/v1/courses/{cid}/videos/{vid}"
+    assert client.get(url, headers=inst.h).json()["error"] == "the embedding model failed"
+    assert client.get(url, headers=learner.h).json()["error"] is None
+    assert [v["error"] for v in client.get(f"/api/v1/courses/{cid}/videos", headers=learner.h).json()] == [None]
+
+
+def test_re_ingest_asked_again_before_it_starts_is_one_job(settings, make: Factory, client):
+    """Three clicks on re-ingest ran the whole pipeline (a transcription, for media) three times."""
+    import threading
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Clicks"}, headers=inst.h).json()["id"]
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status) VALUES ($1, 'v', 'transcript', "
+                          "'ready') RETURNING id", cid)[0]["id"]
+    url = f"/api/v1/courses/{cid}/videos/{vid}/reingest"
+    # a re-ingest waiting to start (kept out of the queue: a worker of this session must not start it meanwhile)
+    waiting = fetch(settings, "INSERT INTO jobs (kind, course_id, video_id, state) VALUES ('ingest', $1, $2, "
+                              "'queued') RETURNING id", cid, vid)[0]["id"]
+    got: list[int] = []
+
+    def click() -> None:
+        r = client.post(url, headers=inst.h)
+        assert r.status_code == 202, r.text
+        got.append(r.json()["job_id"])
+
+    clicks = [threading.Thread(target=click) for _ in range(3)]
+    for t in clicks:
+        t.start()
+    for t in clicks:
+        t.join()
+    assert got == [waiting] * 3, got
+    assert [r["id"] for r in fetch(settings, "SELECT id FROM jobs WHERE video_id = $1", vid)] == [waiting]
+    fetch(settings, "UPDATE jobs SET state = 'embedding' WHERE id = $1", waiting)  # it started
+    client.post(url, headers=inst.h)
+    assert len(fetch(settings, "SELECT id FROM jobs WHERE video_id = $1", vid)) == 2  # what it read may have changed

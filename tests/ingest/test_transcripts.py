@@ -406,16 +406,20 @@ def test_unreadable_input_has_a_reason(data: bytes, expected: str) -> None:
     assert reason(data) == expected
 
 
-def test_json_that_cannot_even_be_sniffed_is_unsupported_not_a_crash(tmp_path: Path) -> None:
-    """Nested 100,000 deep or a 5,000-digit number in the first item: the upload check says unsupported (415),
-    it does not crash (500)."""
-    from ingest.submit import UnsupportedFile, inspect_file
+def test_json_that_cannot_even_be_sniffed_is_refused_with_its_reason_not_a_crash(tmp_path: Path) -> None:
+    """Nested 100,000 deep or a 5,000-digit number in the first item: the upload check says what is wrong (400),
+    it does not crash (500); so do a trailing comma and an item without its text (a generic 415 said neither)."""
+    from ingest.submit import inspect_file
 
-    for i, data in enumerate((b"[" * 100_000 + b"]" * 100_000, b'[["hi", ' + b"1" * 5000 + b", 2]]")):
+    for i, (data, why) in enumerate([(b"[" * 100_000 + b"]" * 100_000, "nested too deep"),
+                                     (b'[["hi", ' + b"1" * 5000 + b", 2]]", "not valid JSON"),
+                                     (b'[{"text": "a", "start": 1,}]', "line 1 column 27"),
+                                     (b'[{"start": 1, "duration": 2}]', 'JSON must be [{"text"')]):
         path = tmp_path / f"t{i}.json"
         path.write_bytes(data)
-        with pytest.raises(UnsupportedFile):
-            inspect_file(path, "t.json")
+        for name in ("t.json", "upload"):  # by its name or by its shape
+            with pytest.raises(PermanentIngestError, match=re.escape(why)):
+                inspect_file(path, name)
 
 
 def test_captions_named_file_without_cues() -> None:
@@ -494,12 +498,13 @@ def test_characters_postgres_or_the_embedder_cannot_take_are_cleaned_out() -> No
     used to pass parsing and fail the job on every attempt."""
     data = json.dumps([{"text": "hello\u0000 world", "start": 1, "duration": 2},
                        {"text": "half \ud800 a pair", "start": 3, "duration": 2},
-                       {"text": "\u001b[31mred\u001b[0m text", "start": 5, "duration": 2}]).encode()
+                       {"text": "\u001b[31mred\u001b[0m text", "start": 5, "duration": 2},
+                       {"text": "C1\u0085controls \u009b31m too\u0080", "start": 7, "duration": 2}]).encode()
     cues = parse_transcript(data, "t.json")
-    assert [c.text for c in cues] == ["hello world", "half a pair", "[31mred [0m text"]
+    assert [c.text for c in cues] == ["hello world", "half a pair", "[31mred [0m text", "C1 controls 31m too"]
     for c in cues:
         c.text.encode("utf-8")  # storable
-        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", c.text)
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", c.text)
 
 
 def test_overlong_words_stay_out_of_the_words_index() -> None:

@@ -171,6 +171,23 @@ def test_a_report_counts_earlier_ranges_only_inside_the_video_as_it_is_now(clien
     assert got["fraction"] == 0.5
 
 
+def test_the_end_of_a_video_made_from_captions_is_reportable(client, make: Factory, settings):
+    """A video from captions is as long as its last caption; the player knows its real length (an outro without
+    words), so its last seconds were refused (400) and the whole report with them. A little past the end counts
+    as the end; a media file's length is measured, so there it does not."""
+    course = make_course(client, make, learners=1, videos=2, duration=119)
+    (a,), (captions, media) = course.learners, course.videos
+    fetch(settings, "UPDATE videos SET source = 'media' WHERE id = $1", media)
+    got = report(client, a, captions, 125, [[110, 125]])
+    assert got["status"] == 200 and got["position"] == 119 and got["watched"] == [[110, 119]], got
+    assert client.post(f"/api/v1/videos/{captions}/bookmarks", json={"at": 124, "note": "end"},
+                       headers=a.h).json()["at"] == 119
+    r = client.post(f"/api/v1/videos/{captions}/progress", json={"position": 200, "watched": []}, headers=a.h)
+    assert r.status_code == 400 and r.json()["field"] == "position"  # not any number at all
+    r = client.post(f"/api/v1/videos/{media}/progress", json={"position": 125, "watched": []}, headers=a.h)
+    assert r.status_code == 400 and r.json()["field"] == "position"
+
+
 def test_staff_progress_is_stored_without_xp(client, make: Factory, settings):
     course = make_course(client, make, learners=0, videos=1, duration=60)
     r = report(client, course.instructor, course.videos[0], 60, [[0, 60]])
