@@ -442,18 +442,36 @@ async def after_leaving(pool: asyncpg.Pool, redis: Redis, settings: Settings, us
     """A learner left a pod (or the course of its pods): each of those pods whose current round still pairs
     them is matched again without them, as after a decline, so their partners are not left without a buddy
     until next week. Failures are logged (the weekly round makes up for them); returns the rounds made."""
-    async with pool.acquire() as conn:
-        pods = [pod_id] if pod_id is not None else [r["id"] for r in await conn.fetch(
-            "SELECT id FROM pods WHERE course_id = $1 ORDER BY id", course_id)]
+    async with pool.acquire() as conn:  # only pods whose current round pairs them (no lock taken for the rest)
+        pods = [r["pod_id"] for r in await conn.fetch(
+            """SELECT m.pod_id FROM pod_matches m JOIN pods p ON p.id = m.pod_id
+               WHERE m.superseded_at IS NULL AND ($2::bigint IS NULL OR m.pod_id = $2)
+                 AND ($3::bigint IS NULL OR p.course_id = $3)
+                 AND EXISTS (SELECT 1 FROM jsonb_array_elements(m.groups) g
+                             WHERE g -> 'members' @> to_jsonb($1::bigint))
+               ORDER BY m.pod_id""", user_id, pod_id, course_id)]
     made = 0
     for p in pods:
         try:
             made += await _rematch(pool, redis, settings, p, user_id, declining=False, llm=llm) is not None
-        except LookupError:  # the pod was deleted meanwhile
+        except matching.PodGone:  # the pod was deleted meanwhile
             pass
         except Exception:  # noqa: BLE001 - the leaving stands; the weekly round re-pairs the rest
             logger.warning("matcher: could not re-match pod %s after user %s left", p, user_id, exc_info=True)
     return made
+
+
+_leaving: set[asyncio.Task] = set()  # re-matches after someone left, under way in this process
+
+
+def after_leaving_soon(pool: asyncpg.Pool, redis: Redis, settings: Settings, user_id: int, *,
+                       pod_id: int | None = None, course_id: int | None = None) -> None:
+    """`after_leaving` in the background: the unenrolment or the leaving answers at once (re-matching waits for
+    each pod's turn and may ask the model for reasons). A process stopping first loses it; the weekly round
+    re-pairs the rest."""
+    task = asyncio.create_task(after_leaving(pool, redis, settings, user_id, pod_id=pod_id, course_id=course_id))
+    _leaving.add(task)
+    task.add_done_callback(_leaving.discard)
 
 
 async def _rematch(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id: int, user_id: int, *,

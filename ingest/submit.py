@@ -5,6 +5,7 @@ Checks a file by content, creates the video and job rows in one transaction, the
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,10 @@ class FileTooLarge(PermanentIngestError):
     """Over a size limit (HTTP 413)."""
 
 
+# The start of a JSON transcript (a list of objects or of lists, or an object): "[Music] Welcome" is not one.
+_JSON_SHAPED = re.compile(rb"^(?:\xef\xbb\xbf)?\s*(?:\[\s*[\[{\]]|\{\s*[\"}])")
+
+
 def inspect_file(path: Path, filename: str | None = None) -> tuple[str, str]:
     """(source, kind) of a file judged by its content: ('media', 'mp4') or ('transcript', 'vtt').
 
@@ -52,8 +57,7 @@ def inspect_file(path: Path, filename: str | None = None) -> tuple[str, str]:
     if fmt is None and size <= MAX_TRANSCRIPT_BYTES:
         fmt = detect_transcript_format(path.read_bytes())
     ext = filename.rsplit(".", 1)[-1].lower() if filename and "." in filename else ""
-    if fmt is None and size <= MAX_TRANSCRIPT_BYTES and (ext in ("srt", "vtt", "json")
-                                                         or head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"[", b"{")):
+    if fmt is None and size <= MAX_TRANSCRIPT_BYTES and (ext in ("srt", "vtt", "json") or _JSON_SHAPED.match(head)):
         # named (or shaped) as a transcript that is not one: the parser says what is wrong, and where
         fmt = ext or "json"
     if fmt is None:

@@ -13,7 +13,9 @@ logger = logging.getLogger(__name__)
 
 # Karaoke timestamps (<00:00:01.000>), caption markup (<c>, <i>, <v Name>, <font color=..>, <lang en>, <ruby>)
 # and ASS overrides ({\an8}). Only tags captions use: "a < b", "x<y and y>z" and "vector<int>" are what was said.
-# A one-letter tag opening right after a letter or digit is code ("List<U>", "Foo<T>"), not markup.
+# A one-letter tag opening right after a letter or digit is code ("List<U>", "Foo<T>"), not markup, unless its
+# closing tag follows ("is<i>really</i>"): pairs go first.
+_PAIRED = re.compile(r"<([bius])(?:\.[\w.-]*)?\s*>(.*?)</\1\s*>", re.IGNORECASE)
 _TAGS = re.compile(r"<\d{1,2}:\d{2}(?::\d{2})?(?:[.,]\d+)?>"
                    r"|(?<![^\W_])<(?:[bius])(?:\.[\w.-]*)?\s*/?>|</(?:[bius])\s*>"
                    r"|</?(?:c|ruby|rt|rp|sub|sup|br|em|strong)(?:\.[\w.-]*)?\s*/?>"  # WebVTT: classes only
@@ -117,6 +119,8 @@ def clean_line(line: str) -> str:
     if is_plain(line):
         return line.strip()
     if "<" in line or "{" in line:
+        if "</" in line:
+            line = _PAIRED.sub(r"\2", line)
         line = _TAGS.sub("", line)
     if "&" in line:
         line = _unescape(line)

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
-from datetime import datetime
 from typing import Any
 
 import jwt
@@ -33,7 +31,7 @@ class AuthUser(msgspec.Struct, frozen=True):
     role: str
     token_id: str | None = None
     expires_at: float | None = None  # the token's `exp` (unix time); None for long-lived bot tokens
-    issued_at: int = 0  # the token's `iat` (a person's tokens issued before their `tokens_after` are ended)
+    token_gen: int = 0  # a person's token generation (`gen`): tokens of an earlier one than theirs are ended
 
     @property
     def is_staff(self) -> bool:
@@ -41,17 +39,17 @@ class AuthUser(msgspec.Struct, frozen=True):
 
 
 def issue_token(secret: str, user_id: int, tenant_id: int, role: str, *, ttl_s: int | None,
-                token_id: str | None = None, not_before: datetime | None = None) -> str:
-    """Sign a token. `ttl_s=None` makes a long-lived token, which must carry a revocable `token_id`.
-    `not_before`: the user's `tokens_after` (a token issued in the second the others were ended still works)."""
+                token_id: str | None = None, gen: int = 0) -> str:
+    """Sign a token. `ttl_s=None` makes a long-lived token, which must carry a revocable `token_id`. `gen`: the
+    person's current token generation (`users.token_gen`; signing them out everywhere moves it on)."""
     now = int(time.time())
-    if not_before is not None:
-        now = max(now, math.ceil(not_before.timestamp()))
     claims: dict[str, Any] = {"sub": str(user_id), "tenant": tenant_id, "role": role, "iat": now}
     if ttl_s is not None:
         claims["exp"] = now + ttl_s
     if token_id is not None:
         claims["jti"] = token_id
+    if gen:
+        claims["gen"] = gen
     if ttl_s is None and token_id is None:
         raise ValueError("a token without expiry must be revocable (token_id)")
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
@@ -66,8 +64,9 @@ def decode_token(secret: str, token: str) -> dict[str, Any]:
         raise NotAuthorizedException("token expired") from exc
     except jwt.InvalidTokenError as exc:
         raise NotAuthorizedException("invalid token") from exc
-    iat = claims["iat"]
-    if not isinstance(iat, int) or isinstance(iat, bool) or ("exp" not in claims and "jti" not in claims):
+    iat, gen = claims["iat"], claims.get("gen", 0)
+    if (not isinstance(iat, int) or isinstance(iat, bool) or not isinstance(gen, int) or isinstance(gen, bool)
+            or ("exp" not in claims and "jti" not in claims)):
         raise NotAuthorizedException("invalid token")
     if iat > time.time() + CLOCK_SKEW_S:
         raise NotAuthorizedException("token not valid yet: it was issued by a server whose clock is ahead of "
@@ -75,10 +74,10 @@ def decode_token(secret: str, token: str) -> dict[str, Any]:
     return claims
 
 
-def ended(row: Any, token_id: str | None, issued_at: int) -> bool:
-    """A person's token issued before they were signed out everywhere (`users.tokens_after`)."""
-    after = row["tokens_after"] if token_id is None else None
-    return after is not None and issued_at < after.timestamp()
+def ended(row: Any, token_id: str | None, gen: int) -> bool:
+    """A person's login token of a generation before their current one: they were signed out everywhere since.
+    (Bot tokens, with a `token_id`, are revoked one by one.)"""
+    return token_id is None and gen < row["token_gen"]
 
 
 def bearer_token(connection: ASGIConnection) -> str | None:
@@ -107,13 +106,13 @@ async def authenticate(connection: ASGIConnection, token: str | None) -> AuthUse
             row = await users_repo.get_user(conn, user_id)
     if row is None:
         raise NotAuthorizedException("token revoked or user unknown")
-    issued_at = int(claims["iat"])
-    if ended(row, jti, issued_at):
+    gen = int(claims.get("gen", 0))
+    if ended(row, jti, gen):
         raise NotAuthorizedException("token ended: the user was signed out everywhere since it was issued")
     exp = claims.get("exp")
     return AuthUser(id=row["id"], tenant_id=row["tenant_id"], tenant=row["tenant_name"], name=row["name"],
                     role=row["role"], token_id=jti, expires_at=float(exp) if exp is not None else None,
-                    issued_at=issued_at)
+                    token_gen=gen)
 
 
 class JWTAuthMiddleware(AbstractAuthenticationMiddleware):

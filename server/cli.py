@@ -154,9 +154,8 @@ async def _make_token(settings: Settings, user: str, role: str, tenant: str, ttl
             if role == "bot":
                 token_id = await repo.create_api_token(conn, row["id"], "cli")
                 return issue_token(settings.secret, row["id"], tenant_id, role, ttl_s=None, token_id=token_id)
-            after = await conn.fetchval("SELECT tokens_after FROM users WHERE id = $1", row["id"])
-        return issue_token(settings.secret, row["id"], tenant_id, role, ttl_s=ttl_s or settings.token_ttl_s,
-                           not_before=after)
+            gen = await conn.fetchval("SELECT token_gen FROM users WHERE id = $1", row["id"])
+        return issue_token(settings.secret, row["id"], tenant_id, role, ttl_s=ttl_s or settings.token_ttl_s, gen=gen)
     finally:
         await pool.close()
 

@@ -276,10 +276,10 @@ class TokenRevoked(Event, tag="internal.revoke"):
 
 
 class SignedOut(Event, tag="internal.signout"):
-    """Close the user's sockets opened with a person token issued before `before` (unix time; on the user's
-    personal topic, every process)."""
+    """Close the user's sockets opened with a login token of a generation before `gen` (on the user's personal
+    topic, every process)."""
 
-    before: float
+    gen: int
 
 
 class AccessRevoked(Event, tag="internal.leave"):

@@ -58,17 +58,21 @@ class StaleRound(Exception):
     meanwhile): compute again from the current round."""
 
 
+class PodGone(LookupError):
+    """The pod was deleted while a round of it was being made."""
+
+
 async def save_round(conn: asyncpg.Connection, pod_id: int, trigger: str, groups: list[dict[str, Any]], *,
                      round_key: str | None, created_by: int | None, declined: list[int],
                      based_on: int | None = None) -> asyncpg.Record | None:
     """Store a new current round (superseding the previous one); None when `round_key` already has one.
-    `based_on`: the round this one re-matches; StaleRound when it is no longer current. LookupError when the
-    pod was deleted meanwhile."""
+    `based_on`: the round this one re-matches; StaleRound when it is no longer current. PodGone when the pod was
+    deleted meanwhile."""
     try:
         return await _save_round(conn, pod_id, trigger, groups, round_key=round_key, created_by=created_by,
                                  declined=declined, based_on=based_on)
     except asyncpg.ForeignKeyViolationError:
-        raise LookupError(f"pod {pod_id} not found") from None
+        raise PodGone(f"pod {pod_id} not found") from None
 
 
 async def _save_round(conn: asyncpg.Connection, pod_id: int, trigger: str, groups: list[dict[str, Any]], *,

@@ -159,7 +159,16 @@ def utc_week_minutes(profile: Profile, at: datetime | None = None) -> list[tuple
     return merged
 
 
+def zone(tz: str | None) -> ZoneInfo:
+    """The named zone; UTC for none, or for a stored name that is not a zone (any more): tzdata dropped it, or a
+    value written past `check_timezone` names a folder or is too long."""
+    try:
+        return ZoneInfo(tz or "UTC")
+    except (ValueError, KeyError, OSError):  # ZoneInfoNotFoundError is a KeyError
+        return ZoneInfo("UTC")
+
+
 def utc_offset_hours(tz: str, at: datetime | None = None) -> float:
     at = at or datetime.now(timezone.utc)
-    offset = at.astimezone(ZoneInfo(tz)).utcoffset()
+    offset = at.astimezone(zone(tz)).utcoffset()
     return offset.total_seconds() / 3600 if offset else 0.0

@@ -79,9 +79,12 @@ def clip(ranges: list[list[float]], duration: float) -> list[list[float]]:
 
 # A re-ingest that made the video shorter: positions and watched ranges of its learners cut to the new length
 # (in the ingest's transaction), so nothing past the end counts towards completion or shows as watched.
+# (`strict`: in lax mode the path unwraps each [a, b] before the filter, and `@[1]` matched nothing.) Locked: a
+# report committing meanwhile is read, not written over.
 _PAST_END = """SELECT user_id, position_s, watched FROM video_progress
-               WHERE video_id = $1 AND (position_s > $2 OR jsonb_path_exists(watched, '$[*] ? (@[1] > $d)',
-                                                                            jsonb_build_object('d', $2::float8)))"""
+               WHERE video_id = $1 AND (position_s > $2 OR jsonb_path_exists(watched, 'strict $[*] ? (@[1] > $d)',
+                                                                            jsonb_build_object('d', $2::float8)))
+               ORDER BY user_id FOR UPDATE"""
 
 
 async def fit_to_duration(conn: asyncpg.Connection, video_id: int, duration: float) -> int:

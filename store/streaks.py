@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
-from zoneinfo import ZoneInfo
 
 from store import achievements
+from store.profiles import zone
 from store.xp import XpTransaction
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def monday(d: date) -> date:
 
 def local_day(at: datetime, tz: str) -> date:
     at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
-    return at.astimezone(_zone(tz)).date()
+    return at.astimezone(zone(tz)).date()
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,15 +45,8 @@ class Streak:
     day_tz: str | None = None  # the timezone `last_day` was counted in
 
 
-def _zone(tz: str | None) -> ZoneInfo:
-    try:
-        return ZoneInfo(tz or "UTC")
-    except (ValueError, KeyError, OSError):  # a zone no longer known (or a tzdata folder, a name too long): UTC
-        return ZoneInfo("UTC")
-
-
 def _midnight(day: date, tz: str | None) -> datetime:
-    return datetime.combine(day, time(0), tzinfo=_zone(tz))
+    return datetime.combine(day, time(0), tzinfo=zone(tz))
 
 
 def _new_and_missed(s: Streak, day: date, tz: str) -> tuple[bool, list[date]]:
@@ -65,7 +58,7 @@ def _new_and_missed(s: Streak, day: date, tz: str) -> tuple[bool, list[date]]:
     ended = _midnight(s.last_day + timedelta(days=1), s.day_tz or tz).astimezone(timezone.utc)
     if _midnight(day, tz) < ended:
         return False, []  # the same day again, a late report, or a day overlapping the counted one (a move)
-    last_here = (ended - timedelta(microseconds=1)).astimezone(_zone(tz)).date()
+    last_here = (ended - timedelta(microseconds=1)).astimezone(zone(tz)).date()
     return True, [last_here + timedelta(days=i) for i in range(1, (day - last_here).days)]
 
 

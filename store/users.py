@@ -39,20 +39,20 @@ async def create_user(conn: asyncpg.Connection, tenant_id: int, name: str, role:
 
 
 async def get_user(conn: asyncpg.Connection, user_id: int) -> asyncpg.Record | None:
-    """The user with their tenant's name and `tokens_after` (their person tokens issued before it are ended)."""
+    """The user with their tenant's name and `token_gen` (their login tokens of earlier generations are ended)."""
     return await conn.fetchrow(
-        """SELECT u.id, u.tenant_id, u.name, u.role, t.name AS tenant_name, u.tokens_after
+        """SELECT u.id, u.tenant_id, u.name, u.role, t.name AS tenant_name, u.token_gen
            FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE u.id = $1""",
         user_id,
     )
 
 
 async def end_tokens(conn: asyncpg.Connection, user_id: int, tenant_id: int) -> asyncpg.Record | None:
-    """End the person's tokens issued until now (the next whole second: tokens carry their issue time in
-    seconds). The user with the new `tokens_after`, or None when not a person of the tenant."""
+    """End the person's login tokens issued until now: they move to the next token generation. The user with
+    the new `token_gen`, or None when not a person of the tenant."""
     return await conn.fetchrow(
-        """UPDATE users SET tokens_after = date_trunc('second', now()) + interval '1 second'
-           WHERE id = $1 AND tenant_id = $2 AND role <> 'bot' RETURNING id, role, tokens_after""",
+        """UPDATE users SET token_gen = token_gen + 1 WHERE id = $1 AND tenant_id = $2 AND role <> 'bot'
+           RETURNING id, role, token_gen""",
         user_id, tenant_id)
 
 

@@ -138,8 +138,9 @@ def validate(fields: dict[str, Any]) -> dict[str, Any]:
         if len(set(names)) != len(names):
             raise ApiError(400, "rubric criterion names must be distinct", field="rubric")
         fields["rubric"] = given or DEFAULT_RUBRIC
-        fields["reference_answer"] = (fields.get("reference_answer") or "").strip()
-        if not fields["reference_answer"] and all(not c.get("description", "").strip() for c in given):
+        reference = (fields.get("reference_answer") or "").strip()
+        fields["reference_answer"] = "" if blank(reference) else reference  # invisible characters are nothing
+        if not fields["reference_answer"] and all(blank(c.get("description", "")) for c in given):
             raise ApiError(400, "a written assignment needs a reference_answer or rubric descriptions",
                            field="reference_answer")
     if fields.get("opens_at") and fields.get("closes_at") and fields["closes_at"] <= fields["opens_at"]:

@@ -138,4 +138,4 @@ class CourseController(Controller):
             await moderation.revoke_access(conn, request.app.state.redis, user_id, course_id=course_id)
         state = request.app.state
         await leaderboard_rebuild.resync_member(state.pool, state.redis, user_id, course_id)
-        await matcher.after_leaving(state.pool, state.redis, state.settings, user_id, course_id=course_id)
+        matcher.after_leaving_soon(state.pool, state.redis, state.settings, user_id, course_id=course_id)

@@ -115,7 +115,7 @@ class MatcherController(Controller):
             async with matcher.pod_turn(state.redis, pod_id):
                 result = await matcher.run_match(state.pool, state.redis, state.settings, pod_id, trigger="manual",
                                                  created_by=request.user.id, round_key=round_key)
-        except LookupError:  # deleted while it was being matched
+        except matching.PodGone:  # deleted while it was being matched
             raise ApiError(404, f"pod {pod_id} not found") from None
         except matcher.PodBusy as exc:
             raise ApiError(409, str(exc), code="conflict", retry_after=BUSY_RETRY_S) from exc
@@ -154,6 +154,6 @@ class MatcherController(Controller):
             raise ApiError(409, str(exc), code="not_matched") from exc
         except (matcher.DeclineError, matcher.PodBusy) as exc:  # contention: trying again works
             raise ApiError(409, str(exc), code="conflict", retry_after=BUSY_RETRY_S) from exc
-        except LookupError:  # deleted while it was being matched again
+        except matching.PodGone:  # deleted while it was being matched again
             raise ApiError(404, f"pod {pod_id} not found") from None
         return to_match(result)

@@ -113,7 +113,7 @@ class PodController(Controller):
             await moderation.revoke_access(conn, request.app.state.redis, user_id, pod_id=pod_id)
         state = request.app.state
         await leaderboard_rebuild.resync_member(state.pool, state.redis, user_id, pod["course_id"])
-        await matcher.after_leaving(state.pool, state.redis, state.settings, user_id, pod_id=pod_id)
+        matcher.after_leaving_soon(state.pool, state.redis, state.settings, user_id, pod_id=pod_id)
 
     @get("/pods/{pod_id:int}/members")
     async def members(self, request: Request, pod_id: int,

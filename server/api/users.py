@@ -1,6 +1,8 @@
 """The caller, users of a tenant, and bot tokens: /api/v1/users, /api/v1/bots, /api/v1/tokens."""
 from __future__ import annotations
 
+import logging
+
 from litestar import Controller, Request, delete, get, post
 
 from server.api.paging import ListLimit, Offset
@@ -10,6 +12,8 @@ from server.decode import read_json, trimmed
 from server.errors import ApiError
 from store import users as repo
 from store.events import SignedOut, TokenRevoked, publish, user_topic
+
+logger = logging.getLogger(__name__)
 
 
 def _may_manage(staff: AuthUser, role: str) -> None:
@@ -59,7 +63,8 @@ class UserController(Controller):
         _may_manage(u, row["role"])
         settings = request.app.state.settings
         token = issue_token(settings.secret, row["id"], u.tenant_id, row["role"], ttl_s=settings.token_ttl_s,
-                            not_before=row["tokens_after"])
+                            gen=row["token_gen"])
+        logger.info("user %s (%s) issued a login token for user %s (%s)", u.id, u.role, row["id"], row["role"])
         return UserToken(user_id=row["id"], name=row["name"], role=row["role"], token=token)
 
     @delete("/users/{user_id:int}/tokens", status_code=204)
@@ -67,6 +72,8 @@ class UserController(Controller):
         """End every login token of a person issued until now (a leaked token, a lost device); their open
         sockets close with 4401. Staff for the people they manage, and anyone for themselves."""
         u: AuthUser = request.user
+        if u.role == "bot":
+            raise ApiError(400, "a bot's tokens are ended one by one: DELETE /tokens/{id}")
         if user_id != u.id:
             if not u.is_staff:
                 raise ApiError(403, "learners can only sign themselves out")
@@ -79,7 +86,8 @@ class UserController(Controller):
             done = await repo.end_tokens(conn, user_id, u.tenant_id)
         if done is None:  # a bot (its tokens are revoked one by one) or gone meanwhile
             raise ApiError(404, f"user {user_id} not found")
-        await publish(request.app.state.redis, user_topic(user_id), SignedOut(before=done["tokens_after"].timestamp()))
+        logger.info("user %s signed user %s out everywhere", u.id, user_id)
+        await publish(request.app.state.redis, user_topic(user_id), SignedOut(gen=done["token_gen"]))
 
     @post("/bots", guards=[staff_only], status_code=201)
     async def create_bot(self, request: Request) -> BotToken:

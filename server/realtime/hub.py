@@ -50,7 +50,7 @@ class _Envelope(msgspec.Struct):
     user_id: int | None = None
     reason: str = "kicked"
     token_id: str | None = None
-    before: float = 0.0  # internal.signout
+    gen: int = 0  # internal.signout
     course_id: int | None = None
     pod_id: int | None = None
 
@@ -310,10 +310,10 @@ class Hub:
                         for conn in list(conns):
                             if conn.auth is not None and conn.auth.token_id == env.token_id:
                                 conn.close_soon(CLOSE_UNAUTHENTICATED, "token revoked")
-                    elif env.type == "internal.signout" and env.before:
+                    elif env.type == "internal.signout" and env.gen:
                         for conn in list(conns):
                             if conn.auth is not None and conn.auth.token_id is None and \
-                                    conn.auth.issued_at < env.before:
+                                    conn.auth.token_gen < env.gen:
                                 conn.close_soon(CLOSE_UNAUTHENTICATED, "token ended")
                     elif env.type == "internal.leave":
                         for conn in list(conns):

@@ -27,8 +27,8 @@ async def still_allowed(db: asyncpg.Connection, room_id: str, user: AuthUser,
     events give). With `opened_at`, a kick since the socket opened counts too, even one that bars nobody."""
     if user.token_id is not None and await users_repo.get_user_with_token(db, user.id, user.token_id) is None:
         return CLOSE_UNAUTHENTICATED, "token revoked"
-    if user.token_id is None and ended(await users_repo.get_user(db, user.id) or {"tokens_after": None}, None,
-                                       user.issued_at):
+    if user.token_id is None and ended(await users_repo.get_user(db, user.id) or {"token_gen": 0}, None,
+                                       user.token_gen):
         return CLOSE_UNAUTHENTICATED, "token ended"
     access, kicked = await standing(db, room_id, user)
     if access is None:

@@ -462,3 +462,14 @@ def test_a_reingest_that_shortens_a_video_cuts_its_progress_to_the_new_length(cl
     assert not again["completed"] and again["xp_awarded"] == [] and again["fraction"] == 0.5
     course = client.get(f"/api/v1/courses/{cid}/progress", headers=learner.h).json()
     assert course["videos"][0]["fraction"] == 0.5 and course["completion"] == 0
+    # a learner who rewound before the new end: their ranges past it are cut all the same
+    rewound = make.user("learner")
+    assert client.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": rewound.id},
+                       headers=inst.h).status_code == 201
+    client.post(url, json={"position": 60, "watched": [[20, 60]]}, headers=rewound.h)
+    client.post(url, json={"position": 10, "watched": []}, headers=rewound.h)  # rewound to 0:10
+    Path(path).write_bytes(_srt(40))
+    r = client.post(f"/api/v1/courses/{cid}/videos/{vid}/reingest", headers=inst.h)
+    assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
+    now = client.get(url, headers=rewound.h).json()
+    assert (now["duration"], now["position"], now["watched"], now["watched_s"]) == (40, 10, [[20, 40]], 20), now

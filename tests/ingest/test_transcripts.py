@@ -420,6 +420,14 @@ def test_json_that_cannot_even_be_sniffed_is_refused_with_its_reason_not_a_crash
         for name in ("t.json", "upload"):  # by its name or by its shape
             with pytest.raises(PermanentIngestError, match=re.escape(why)):
                 inspect_file(path, name)
+    # plain text that starts with a bracket is not JSON-shaped: unsupported, with the formats accepted
+    from ingest.submit import UnsupportedFile
+
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"[Music]\nWelcome to the course.\n")
+    for name in ("notes.txt", None):
+        with pytest.raises(UnsupportedFile):
+            inspect_file(notes, name)
 
 
 def test_captions_named_file_without_cues() -> None:
@@ -570,3 +578,6 @@ def test_youtube_and_speech_cues_are_cleaned_like_uploads() -> None:
              "vector<int> v;", "if x<y and y>z then x<z", "see https://example.org/" + "a" * 300,
              "then a<b and b>c holds", "0 <i and j> 5", "std::map<int, int>.", "a List<U> of U", "Foo<T> x"]
     assert [c.text for c in clean_cues([Cue(i, i + 1.0, t) for i, t in enumerate(maths)])] == maths
+    # markup right after a word goes as a pair (the opening tag was kept while its closing one went)
+    marked = [Cue(0.0, 1.0, "This is<i>really</i> important"), Cue(1.0, 2.0, "We call it<b>the key</b>.")]
+    assert [c.text for c in clean_cues(marked)] == ["This isreally important", "We call itthe key."]

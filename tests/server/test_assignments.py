@@ -89,6 +89,10 @@ def test_bad_assignment_bodies_name_the_field(server, client, make: Factory):
         ({**WRITTEN, "rubric": [{"name": " \u3164 ", "points": 1, "description": "d"}]}, "rubric[0].name"),
         ({**WRITTEN, "rubric": [{"name": "a", "points": 1e-9, "description": "d"}]}, "rubric[0].points"),
         ({**WRITTEN, "reference_answer": "halves\x07"}, "reference_answer"),
+        # nothing visible to grade against
+        ({**WRITTEN, "reference_answer": "\u200b\u200b"}, "reference_answer"),
+        ({**WRITTEN, "reference_answer": "", "rubric": [{"name": "a", "points": 1, "description": "\u3164"}]},
+         "reference_answer"),
     ]
     for body, field in cases:
         r = client.post(url, json=body, headers=h)

@@ -213,6 +213,20 @@ def test_staff_give_a_person_a_new_token_and_sign_them_out_everywhere(client, ma
         assert r.status_code == 401 and "signed out" in r.json()["message"], r.text
     again = client.post(f"/api/v1/users/{learner.id}/tokens", headers=inst.h).json()["token"]
     assert client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {again}"}).status_code == 200
+    # by generation, not by clock: a token stamped by a host whose clock runs ahead, and one issued between two
+    # sign-outs within the same second, end with the next sign-out too
+    ahead = jwt.encode({**jwt.decode(again, options={"verify_signature": False}), "iat": int(time.time()) + 30},
+                       make.settings.secret, algorithm="HS256")
+    assert client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {ahead}"}).status_code == 200
+    assert client.delete(f"/api/v1/users/{learner.id}/tokens", headers=inst.h).status_code == 204
+    between = client.post(f"/api/v1/users/{learner.id}/tokens", headers=inst.h).json()["token"]
+    assert client.delete(f"/api/v1/users/{learner.id}/tokens", headers=inst.h).status_code == 204
+    for t in (again, ahead, between):
+        assert client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {t}"}).status_code == 401
+    again = client.post(f"/api/v1/users/{learner.id}/tokens", headers=inst.h).json()["token"]
+    # a bot ends its tokens one by one (DELETE /tokens/{id})
+    bh = {"Authorization": f"Bearer {bot['token']}"}
+    assert client.delete(f"/api/v1/users/{bot['user_id']}/tokens", headers=bh).status_code == 400
     # anyone may sign themselves out; a learner may not sign out someone else
     assert client.delete(f"/api/v1/users/{inst.id}/tokens", headers={"Authorization": f"Bearer {again}"}
                          ).status_code == 403
