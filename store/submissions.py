@@ -12,7 +12,7 @@ import asyncpg
 
 _COLS = """s.id, s.assignment_id, s.course_id, s.user_id, s.attempt, s.answer, s.status, s.score, s.confidence,
            s.criteria, s.feedback, s.grader, s.review_reason, s.review_comment, s.reviewed_by, s.grade_job,
-           s.grade_tries, s.grade_gen, s.created_at, s.updated_at, s.final_at"""
+           s.grade_tries, s.grade_gen, s.created_at, s.updated_at, s.final_at, s.released"""
 EXEMPLAR_LIMIT = 200
 
 
@@ -138,9 +138,13 @@ async def save_review(conn: asyncpg.Connection, submission_id: int, *, score: fl
 
 
 async def mark_grading(conn: asyncpg.Connection, submission_ids: list[int], job: str | None) -> list[int]:
-    """Send submissions (back) to the grader, except those an instructor graded; returns the ids marked."""
+    """Send submissions (back) to the grader, except those an instructor graded; returns the ids marked. A grade
+    the learner was given is kept in `released` (they see it until the new one is final)."""
     rows = await conn.fetch(
         """UPDATE submissions SET status = 'grading', grade_job = coalesce($2, grade_job), grade_tries = 0,
+                  released = CASE WHEN status = 'graded' THEN jsonb_build_object(
+                      'score', score, 'confidence', confidence, 'criteria', criteria, 'feedback', feedback,
+                      'review_comment', review_comment, 'final_at', final_at) ELSE released END,
                   grade_gen = grade_gen + 1, final_at = NULL, updated_at = now()
            WHERE id = ANY($1::bigint[]) AND reviewed_by IS NULL RETURNING id""", submission_ids, job)
     return [r["id"] for r in rows]
@@ -198,10 +202,12 @@ async def learner_results(conn: asyncpg.Connection, course_id: int, user_id: int
                   a.video_id, a.chapter_id, a.concept, a.citation,
                   ch.start_s AS chapter_start, ch.end_s AS chapter_end, ch.title AS chapter_title, v.title AS video_title,
                   v.youtube_id,
-                  coalesce(array_agg(s.score ORDER BY s.attempt DESC) FILTER (WHERE s.status = 'graded'), '{}')
-                      AS scores,
+                  coalesce(array_agg(CASE WHEN s.status = 'graded' THEN s.score
+                                          ELSE (s.released ->> 'score')::float8 END ORDER BY s.attempt DESC)
+                           FILTER (WHERE s.status = 'graded' OR s.released ->> 'score' IS NOT NULL), '{}') AS scores,
                   count(s.id) AS attempts,
-                  (array_agg(s.created_at ORDER BY s.attempt DESC) FILTER (WHERE s.status = 'graded'))[1] AS last_at
+                  (array_agg(s.created_at ORDER BY s.attempt DESC)
+                       FILTER (WHERE s.status = 'graded' OR s.released ->> 'score' IS NOT NULL))[1] AS last_at
            FROM assignments a
            LEFT JOIN chapters ch ON ch.id = a.chapter_id
            LEFT JOIN videos v ON v.id = a.video_id

@@ -51,16 +51,25 @@ def _repeat(done: asyncpg.Record, answer: Any, user: AuthUser) -> Response[Submi
     return Response(to_submission(done, user), status_code=200)
 
 
+def _released(r: asyncpg.Record | dict) -> dict | None:
+    """The grade the learner was given before their answer went back to the grader (grade-all), if any."""
+    released = r.get("released") if isinstance(r, dict) else (r["released"] if "released" in r else None)
+    return released if released and released.get("score") is not None else None
+
+
 def to_submission(r: asyncpg.Record | dict, user: AuthUser, history: list | None = None) -> Submission:
     final = r["status"] == "graded"
     out = Submission(id=r["id"], assignment_id=r["assignment_id"], user_id=r["user_id"], attempt=r["attempt"],
                      status=r["status"], answer=r["answer"], created_at=r["created_at"], final_at=r["final_at"])
-    if final or user.is_staff:
-        out.score = None if r["score"] is None else round(float(r["score"]), 1)
-        out.confidence = None if r["confidence"] is None else round(float(r["confidence"]), 3)
-        out.criteria = _criteria(r["criteria"])
-        out.feedback = r["feedback"]
-        out.review_comment = r["review_comment"]
+    shown = r if final or user.is_staff else _released(r)  # while graded again, the learner sees their last grade
+    if shown is not None:
+        out.score = None if shown["score"] is None else round(float(shown["score"]), 1)
+        out.confidence = None if shown["confidence"] is None else round(float(shown["confidence"]), 3)
+        out.criteria = _criteria(shown["criteria"])
+        out.feedback = shown["feedback"]
+        out.review_comment = shown["review_comment"]
+        if shown is not r:
+            out.final_at = datetime.fromisoformat(shown["final_at"]) if shown.get("final_at") else None
     if user.is_staff:
         out.user_name = r.get("user_name") if isinstance(r, dict) else (r["user_name"] if "user_name" in r else None)
         out.grader, out.review_reason, out.reviewed_by = r["grader"], r["review_reason"], r["reviewed_by"]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import asyncpg
 import httpx
 
 from tests.agents.fake_llm_servers import FakeLLMServer, Reply
@@ -305,3 +306,36 @@ async def test_two_reviews_at_once_take_turns_and_the_last_announcement_is_the_g
                 assert len(history) == len(events), history
     finally:
         await ws.close()
+
+
+def test_a_learner_keeps_seeing_their_grade_while_it_is_graded_again(server, client, make: Factory, settings):
+    """grade-all sent a released grade back to the grader: the learner stopped seeing its score (and, when the
+    regrade was held, until an instructor reviewed it), and their next step lost it."""
+    from store import submissions as repo
+    from tests.conftest import run_sync
+
+    course = make_course(server, make, learners=1)
+    (learner,) = course.learners
+    one = published(client, course, ONE)
+    sid = submit(client, one, learner, VAGUE)["id"]
+    fetch(settings, """UPDATE submissions SET status = 'graded', score = 85, confidence = 0.9, final_at = now(),
+                       criteria = '[{"name": "correctness", "points": 100, "score": 85, "justification": "ok"}]',
+                       feedback = '{"right": "Good.", "improve": "More."}' WHERE id = $1""", sid)
+    given = client.get(f"/api/v1/submissions/{sid}", headers=learner.h).json()
+
+    async def regrade() -> None:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            assert await repo.mark_grading(conn, [sid], None) == [sid]  # what grade-all does first
+        finally:
+            await conn.close()
+
+    run_sync(regrade())
+    now = client.get(f"/api/v1/submissions/{sid}", headers=learner.h).json()
+    assert now["status"] == "grading" and now["score"] == 85, now
+    assert {k: now[k] for k in ("criteria", "feedback", "final_at")} == {k: given[k] for k in ("criteria", "feedback",
+                                                                                              "final_at")}
+    nxt = client.get(f"/api/v1/courses/{course.id}/me/next", headers=learner.h).json()
+    assert [c["mean_score"] for c in nxt["concepts"]] == [85.0], nxt
+    fetch(settings, "UPDATE submissions SET status = 'review_pending', score = 20 WHERE id = $1", sid)  # held
+    assert client.get(f"/api/v1/submissions/{sid}", headers=learner.h).json()["score"] == 85
