@@ -61,10 +61,10 @@ LEADERBOARD_PERIOD_GRACE_S = 24 * 3600
 LEADERBOARD_NAMES = "sh:lb:names:{tenant_id}"
 # STRING: the boards were built from the ledger (set by a rebuild). Missing (Redis flushed) -> rebuild. No TTL.
 LEADERBOARD_BUILT = "sh:lb:built"
-# STRING lock held by the one process rebuilding the boards. TTL 600 s.
+# STRING lock held by the one process rebuilding the boards (its token). TTL 30 s, renewed while it runs.
 LEADERBOARD_LOCK = "sh:lb:lock"
 # STRING set while a rebuild runs: award updates also push their ledger id to LEADERBOARD_BACKLOG so the
-# rebuild can re-apply the ones its snapshot missed. TTL 3600 s. LIST backlog: same TTL.
+# rebuild can re-apply the ones its snapshot missed. TTL 60 s, renewed with the lock. LIST backlog: an hour.
 LEADERBOARD_BUILDING = "sh:lb:building"
 LEADERBOARD_BACKLOG = "sh:lb:backlog"
 # STRING the ledger snapshot the last rebuild read (Postgres `xmin:xmax:xip,...`), for an hour after its swap: an

@@ -29,14 +29,24 @@ logger = logging.getLogger(__name__)
 # --- rebuild -------------------------------------------------------------------------------------------
 
 # Swap every rebuilt board in, stop the backlog and return it, and record the snapshot the boards were read
-# from, all at once.
-# KEYS: building, backlog, built, snapshot, then pairs (live, temp). ARGV: marker value, snapshot, then per pair
-# the live key's expire-at (0: none). Temporary boards carry a one-hour TTL until they are swapped in.
+# from, all at once. Nothing is swapped (an error) when the rebuild lost what it stands on: its lock (another
+# rebuild may have started), the building flag (its backlog), or a board it built (Redis flushed, restarted or
+# evicting meanwhile): deleting the live boards and marking them built would leave them empty until the hourly
+# check.
+# KEYS: building, backlog, built, snapshot, lock, then pairs (live, temp): first the boards built, then the stale
+# ones (no temporary board: deleted). ARGV: marker value, snapshot, lock token, number of boards built, then per
+# pair the live key's expire-at (0: none). Temporary boards carry a one-hour TTL until they are swapped in.
 _SWAP = """
-for i = 5, #KEYS, 2 do
+if redis.call('GET', KEYS[5]) ~= ARGV[3] then return redis.error_reply('rebuild lost its lock') end
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('rebuild lost its building flag') end
+local built = tonumber(ARGV[4])
+for j = 0, built - 1 do
+  if redis.call('EXISTS', KEYS[7 + 2 * j]) == 0 then return redis.error_reply('rebuild lost its boards') end
+end
+for i = 6, #KEYS, 2 do
   if redis.call('EXISTS', KEYS[i + 1]) == 1 then
     redis.call('RENAME', KEYS[i + 1], KEYS[i])
-    local exp = tonumber(ARGV[(i - 5) / 2 + 3])
+    local exp = tonumber(ARGV[(i - 6) / 2 + 5])
     if exp > 0 then redis.call('EXPIREAT', KEYS[i], exp) else redis.call('PERSIST', KEYS[i]) end
   else
     redis.call('DEL', KEYS[i])
@@ -140,10 +150,10 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
                 # pod): the swap deletes them, as it has no temporary board to put in their place
                 stale = await _stale_boards(redis, now, set(live_keys))
                 swap_keys = [keys.LEADERBOARD_BUILDING, keys.LEADERBOARD_BACKLOG, keys.LEADERBOARD_BUILT,
-                             keys.LEADERBOARD_SNAPSHOT]
+                             keys.LEADERBOARD_SNAPSHOT, keys.LEADERBOARD_LOCK]
                 for key in live_keys + stale:
                     swap_keys += [key, temp + key]
-                backlog = await _swap(redis)(keys=swap_keys, args=[now.isoformat(), snapshot]
+                backlog = await _swap(redis)(keys=swap_keys, args=[now.isoformat(), snapshot, token, len(live_keys)]
                                              + [_period_expiry(k, now) for k in live_keys + stale])
                 ids = sorted({int(x) for x in backlog})
                 seen = {r["id"] for r in await conn.fetch("SELECT id FROM xp_events WHERE id = ANY($1::bigint[])", ids)}

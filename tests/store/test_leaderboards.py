@@ -208,6 +208,37 @@ async def test_a_rebuild_deletes_current_boards_the_ledger_has_nothing_for(lb):
         assert [(e.user_id, e.xp) for e in board.entries] == [(kept, 25)], period
 
 
+async def test_a_rebuild_that_lost_its_boards_midway_swaps_nothing_and_the_next_one_builds(lb, monkeypatch):
+    """Redis lost the temporary boards (flushed, restarted, evicting) between their writing and the swap: the swap
+    deleted every live board as if the ledger had nothing for it and marked them built, so reads showed empty
+    boards, as built, until the hourly check."""
+    from redis.exceptions import ResponseError
+
+    from tests.progress_helpers import course_in_new_tenant
+
+    pool, redis = lb
+    async with pool.acquire() as conn:
+        cid, _, learners = await course_in_new_tenant(conn, 3)
+    for u in learners:
+        a = await xp.award_xp(pool, redis, u, "helpful_answer", f"helpful:{u}", course_id=cid)
+    tenant = a.tenant_id
+    real = leaderboard_rebuild._stale_boards
+
+    async def flushed_first(*args, **kw):  # type: ignore[no-untyped-def]
+        await redis.flushdb()
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(leaderboard_rebuild, "_stale_boards", flushed_first)
+    await redis.delete(keys.LEADERBOARD_LOCK)
+    with pytest.raises(ResponseError, match="lost"):
+        await leaderboard_rebuild.rebuild(pool, redis)
+    assert not await redis.exists(keys.LEADERBOARD_BUILT)  # so the next read or start rebuilds
+    monkeypatch.setattr(leaderboard_rebuild, "_stale_boards", real)
+    assert await leaderboard_rebuild.ensure_built(pool, redis) is not None
+    board = await leaderboards.read(redis, "tenant", tenant, tenant, "all", learners[0])
+    assert board.count == 3 and board.built
+
+
 async def test_an_award_in_flight_is_not_drift(make: Factory, lb):
     """An award committed to the ledger whose board update lands a moment later (its process is between the
     two) is not reported as drift, so the hourly check does not rebuild every busy hour."""
