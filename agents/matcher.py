@@ -474,6 +474,34 @@ def after_leaving_soon(pool: asyncpg.Pool, redis: Redis, settings: Settings, use
     task.add_done_callback(_leaving.discard)
 
 
+async def drain_leaving(timeout: float = 10.0) -> None:
+    """At shutdown: let the re-matches under way finish (the worker's runs make up for any cut short)."""
+    if _leaving:
+        await asyncio.wait(list(_leaving), timeout=timeout)
+
+
+# (pod, a member of its current round who is no longer in the pod or the course), one per pod
+_DEPARTED = """
+SELECT DISTINCT ON (m.pod_id) m.pod_id, mem::bigint AS user_id FROM pod_matches m
+JOIN pods p ON p.id = m.pod_id
+CROSS JOIN LATERAL jsonb_array_elements(m.groups) g CROSS JOIN LATERAL jsonb_array_elements_text(g -> 'members') mem
+WHERE m.superseded_at IS NULL AND NOT EXISTS (
+    SELECT 1 FROM pod_members pm JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = pm.user_id
+    WHERE pm.pod_id = m.pod_id AND pm.user_id = mem::bigint)
+ORDER BY m.pod_id"""
+
+
+async def rematch_departed(pool: asyncpg.Pool, redis: Redis, settings: Settings, llm: Any = "settings") -> int:
+    """Re-match the pods whose current round still pairs someone who left (the re-match after their leaving was
+    cut short by a restart); returns the rounds made. The worker runs it every quarter hour."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(_DEPARTED)
+    made = 0
+    for r in rows:
+        made += await after_leaving(pool, redis, settings, r["user_id"], pod_id=r["pod_id"], llm=llm)
+    return made
+
+
 async def _rematch(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id: int, user_id: int, *,
                    declining: bool, llm: Any, seen: int | None = None) -> MatchResult | None:
     """Match the pod again on its current round, without `user_id` (a decliner; or a leaver, whom the graph

@@ -22,11 +22,13 @@ async def match_pods_weekly(ctx: dict[str, Any]) -> int:
     """The weekly study-buddy round: from its moment (STUDYHALL_MATCH_WEEKDAY/_HOUR) to the end of the ISO week,
     every run matches the pods still without this week's round. It runs every quarter hour and at worker start,
     so a round cut short by a deploy, or missed while no worker ran, is finished by the next run. Every run
-    (also before the week's moment) posts the rounds whose post failed."""
-    from agents.matcher import announce_unposted, match_all_pods, week_due
+    (also before the week's moment) posts the rounds whose post failed and re-matches the rounds that still pair
+    someone who left."""
+    from agents.matcher import announce_unposted, match_all_pods, rematch_departed, week_due
 
     settings = ctx["settings"]
     now = datetime.now(timezone.utc)
+    await rematch_departed(ctx["pool"], ctx["redis"], settings)  # rounds still pairing someone who left
     if now < week_due(now, settings.match_weekday, settings.match_hour):
         await announce_unposted(ctx["pool"], ctx["redis"])
         return 0

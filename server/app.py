@@ -23,6 +23,7 @@ from server.api.users import UserController
 from server.api.videos import JobController, VideoController
 from server.auth import JWTAuthMiddleware
 from server import tutoring
+from agents import matcher
 from agents.embedder import EmbedderError
 from server.errors import (UNREACHABLE, data_error_handler, embedder_error_handler, gone_parent_handler,
                            http_exception_handler, internal_error_handler, unavailable_handler)
@@ -71,6 +72,7 @@ def create_app(settings: Settings) -> Litestar:
             await tutoring.drain(app.state, timeout=10)  # let answers being written reach the room
             await leaderboard_rebuild.drain()  # second looks at boards after enrolment changes, taken now
             await leaderboards.drain()  # leaderboard.changed under way, and the end of a burst
+            await matcher.drain_leaving()  # re-matches after someone left a pod or a course
             await app.state.arq.aclose()
             await app.state.redis.aclose()
             await app.state.pubsub_redis.aclose()

@@ -47,6 +47,21 @@ def _migrate(settings: Settings) -> list[str]:
     return asyncio.run(migrate(settings.database_url))
 
 
+def _check_redis(settings: Settings) -> None:
+    """Redis answers (a RedisError or OSError otherwise: one line and exit 2, as for Postgres; inside the server's
+    startup it was a traceback and exit 3)."""
+    from redis.asyncio import Redis
+
+    async def ping() -> None:
+        redis = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=5)
+        try:
+            await redis.ping()
+        finally:
+            await redis.aclose()
+
+    asyncio.run(ping())
+
+
 # Seconds a stopping server gives tutor answers under way before it stops them (inside uvicorn's 10 s wait for
 # open connections, so an SSE stream it must abandon still ends with its `interrupted` event).
 ANSWER_GRACE_S = 7.0
@@ -97,6 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings, services = _start(args)
     try:
         _migrate(settings)
+        _check_redis(settings)
         _serve(settings)
     finally:
         services.close()
@@ -495,6 +511,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     worker = None
     try:
         _migrate(settings)
+        _check_redis(settings)
         # the dev user keeps a staff role it was given (admin, say); a learner or bot of that name is refused
         token = asyncio.run(_make_token(settings, "dev-instructor", "instructor", "default", None, any_staff=True))
         server, config = _server(settings)

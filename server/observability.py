@@ -52,6 +52,9 @@ def request_id_of(scope: Scope) -> str:
     return rid
 
 
+CLIENT_CLOSED = 499  # as nginx logs it: the client closed the connection before the answer
+
+
 def access_log_middleware(app: ASGIApp) -> ASGIApp:
     """Pure ASGI middleware: time each HTTP request, log one line, count it."""
 
@@ -62,17 +65,27 @@ def access_log_middleware(app: ASGIApp) -> ASGIApp:
         start = time.perf_counter()
         status = 500
         rid = request_id_of(scope)
+        hung_up = started = False  # the client went away before an answer started: 499, not a 500 nobody caused
 
         async def send_wrapper(message) -> None:  # type: ignore[no-untyped-def]
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", rid.encode())]}
             await send(message)
 
+        async def receive_wrapper():  # type: ignore[no-untyped-def]
+            nonlocal hung_up
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                hung_up = True
+            return message
+
         try:
-            await app(scope, receive, send_wrapper)
+            await app(scope, receive_wrapper, send_wrapper)
         finally:
+            if hung_up and not started:
+                status = CLIENT_CLOSED
             elapsed = time.perf_counter() - start
             route = scope.get("path_template") or "unmatched"
             method = scope.get("method", "")

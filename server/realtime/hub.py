@@ -35,6 +35,11 @@ logger = logging.getLogger(__name__)
 UNSUBSCRIBE_AFTER_S = 30.0
 POLL_RESULTS_EVERY_S = 0.25
 COMPLAIN_EVERY_S = 60.0  # a failure repeating every tick is logged again this often (see Hub._complain)
+# The subscription is pinged this often, and taken for dead (reconnected, readiness failing meanwhile) when no pong
+# came back for SUB_DEAD_S: a half-open connection (a partition, a proxy that lost Redis) reads nothing forever
+# without an error.
+SUB_PING_S = 5.0
+SUB_DEAD_S = 15.0
 
 
 class _Who(msgspec.Struct):
@@ -97,9 +102,11 @@ class Hub:
     async def start(self) -> None:
         await self._pubsub.subscribe(events_channel(f"proc:{self.proc}"))
         await self.presence.heartbeat([])
+        self._pong_at = asyncio.get_running_loop().time()
         self._tasks = [asyncio.create_task(self._read(), name="hub-read"),
                        asyncio.create_task(self._tick(), name="hub-tick"),
-                       asyncio.create_task(self._beat(), name="hub-heartbeat")]
+                       asyncio.create_task(self._beat(), name="hub-heartbeat"),
+                       asyncio.create_task(self._watch(), name="hub-watch")]
         logger.info("realtime hub started", extra={"fields": {"proc": self.proc}})
 
     def receiving(self) -> bool:
@@ -252,6 +259,7 @@ class Hub:
             self._failing.pop("read", None)
             if msg is None:
                 continue
+            self._pong_at = asyncio.get_running_loop().time()  # any message: the connection works
             if self._sub_broken:  # a message (re-subscribing answers too): the subscription works again
                 self._sub_broken = False
                 self._recheck_soon()
@@ -271,6 +279,28 @@ class Hub:
             elif kind == "unsubscribe":
                 if msg["channel"].startswith(self._prefix):
                     self._subscribed.discard(msg["channel"][len(self._prefix):].decode())
+
+    async def _watch(self) -> None:
+        """Ping the subscription; when the pongs (and every other message) stop for SUB_DEAD_S, drop its connection
+        so the reader reconnects and subscribes again (it then re-checks the sockets, as after any outage)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SUB_PING_S)
+            if loop.time() - self._pong_at > SUB_DEAD_S:
+                self._complain("ping", "redis subscription stopped answering; reconnecting")
+                self._sub_broken = True
+                self._pong_at = loop.time()  # the new connection gets its time
+                conn = self._pubsub.connection
+                if conn is not None:
+                    try:
+                        await conn.disconnect()  # the reader's pending read fails, and it reconnects
+                    except Exception:  # noqa: BLE001
+                        pass
+                continue
+            try:
+                await asyncio.wait_for(self._pubsub.ping(), SUB_PING_S)
+            except Exception:  # noqa: BLE001 - the reader sees a broken connection; a silent one, the next round
+                pass
 
     def _recheck_soon(self) -> None:
         """Kicks, removals, revocations and room deletions published while the subscription was down never

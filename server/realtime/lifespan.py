@@ -12,17 +12,21 @@ from server.realtime.hub import Hub
 
 logger = logging.getLogger(__name__)
 
-_TOKEN = re.compile(r"(token=)[^&\s\"']+")
+_TOKEN = re.compile(r"(token=|authorization:\s*(?:bearer\s+)?)[^&\s\"']+", re.IGNORECASE)
 
 
 class _RedactTokens(logging.Filter):
-    """uvicorn logs websocket paths with their query string; `?token=` must never reach a log."""
+    """uvicorn logs websocket paths with their query string: `?token=` must never reach a log, nor an
+    `Authorization` header. At debug level the websocket protocol traces every handshake header and frame
+    ("< authorization: Bearer …", "< TEXT '{…message…}'"): those lines are dropped (tokens, learners' words)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG and isinstance(record.msg, str) and record.msg[:2] in ("< ", "> "):
+            return False
         if record.args:
             record.args = tuple(_TOKEN.sub(r"\1[redacted]", a) if isinstance(a, str) else a
                                 for a in (record.args if isinstance(record.args, tuple) else (record.args,)))
-        if isinstance(record.msg, str) and "token=" in record.msg:
+        if isinstance(record.msg, str) and _TOKEN.search(record.msg):
             record.msg = _TOKEN.sub(r"\1[redacted]", record.msg)
         return True
 

@@ -205,3 +205,45 @@ async def test_a_500_names_the_request_id_of_its_log_line(caplog):
             assert r.status_code == 500 and (sent is None or rid == sent)
             assert r.json()["message"] == f"internal server error (request {rid})"
             assert caplog.records[-1].fields["request_id"] == rid  # type: ignore[attr-defined]
+
+
+async def test_a_client_hanging_up_mid_body_is_a_499_not_a_500(caplog):
+    """A client that closed the connection halfway through its body was logged and counted as a 500 (nothing
+    failed, and no answer was sent), so 5xx alerts fired on flaky mobile networks."""
+    import logging
+
+    from server.observability import access_log_middleware
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        while (await receive())["type"] != "http.disconnect":  # reading the body when the client goes
+            pass
+        raise OSError("client went away")
+
+    async def boom(scope, receive, send):  # type: ignore[no-untyped-def]
+        await receive()
+        raise RuntimeError("a bug")
+
+    events = iter([{"type": "http.request", "body": b"x" * 10, "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive():  # type: ignore[no-untyped-def]
+        return next(events)
+
+    async def send(message):  # type: ignore[no-untyped-def]
+        pass
+
+    caplog.set_level(logging.INFO, logger="studyhall.access")
+    scope = {"type": "http", "method": "POST", "path": "/api/v1/courses", "headers": []}
+    try:
+        await access_log_middleware(app)(scope, receive, send)
+    except OSError:
+        pass
+    assert caplog.records[-1].fields["status"] == 499  # type: ignore[attr-defined]
+    try:  # a failure of ours with the client still there stays a 500
+        await access_log_middleware(boom)(dict(scope), lambda: _request(), send)
+    except RuntimeError:
+        pass
+    assert caplog.records[-1].fields["status"] == 500  # type: ignore[attr-defined]
+
+
+async def _request() -> dict:
+    return {"type": "http.request", "body": b"", "more_body": False}

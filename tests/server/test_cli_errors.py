@@ -45,6 +45,13 @@ def test_mistakes_are_one_line_and_status_2(settings, tmp_path):
     unreachable = _cli(settings, tmp_path, "migrate", DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
     _refused(unreachable, "studyhall: ")
     assert len(unreachable.stderr.strip().splitlines()) <= 3, unreachable.stderr
+    # Redis unreachable at `serve`: one line and 2 as well (it was uvicorn's traceback and exit status 3)
+    from tests.conftest import free_port
+
+    no_redis = _cli(settings, tmp_path, "serve", "--port", str(free_port()),
+                    REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    _refused(no_redis, "studyhall: ")
+    assert no_redis.stderr.strip().splitlines()[-1].startswith("studyhall: "), no_redis.stderr
 
 
 def test_a_failing_model_service_is_one_line_too(settings, tmp_path, make: Factory):

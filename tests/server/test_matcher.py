@@ -393,3 +393,24 @@ def test_a_stored_zone_that_is_not_one_matches_in_utc(client, make: Factory, set
         fetch(settings, "UPDATE learner_profiles SET timezone = $2 WHERE user_id = $1", u.id, tz)
     r = client.post(f"/api/v1/pods/{pod}/match", headers=course.instructor.h)
     assert r.status_code == 201, r.text
+
+
+async def test_a_round_still_pairing_someone_who_left_is_matched_again_by_the_worker(client, make: Factory,
+                                                                                     settings, xp_store):
+    """The re-match after a learner left runs in the server's background: a restart in between left them paired
+    until next week's round (or for good, with weekly rounds off). The worker's quarter-hourly run catches up."""
+    from agents import matcher
+
+    pool, redis = xp_store
+    course = make_course(client, make, learners=4, videos=0)
+    learners = course.learners
+    pod = _pod(client, course, learners, "Departed")
+    assert client.post(f"/api/v1/pods/{pod}/match", headers=course.instructor.h).status_code == 201
+    gone = learners[0]
+    fetch(settings, "DELETE FROM pod_members WHERE pod_id = $1 AND user_id = $2", pod, gone.id)  # no re-match ran
+    assert await matcher.rematch_departed(pool, redis, settings, llm=None) >= 1
+    cur = client.get(f"/api/v1/pods/{pod}/match", headers=learners[1].h).json()
+    assert sorted(m for g in cur["groups"] for m in g["members"]) == sorted(u.id for u in learners[1:])
+    await matcher.rematch_departed(pool, redis, settings, llm=None)  # again (other tests' pods may be due)
+    cur2 = client.get(f"/api/v1/pods/{pod}/match", headers=learners[1].h).json()
+    assert cur2["match_id"] == cur["match_id"]  # nothing left to do for this pod
