@@ -22,14 +22,14 @@ async def match_pods_weekly(ctx: dict[str, Any]) -> int:
     """The weekly study-buddy round: from its moment (STUDYHALL_MATCH_WEEKDAY/_HOUR) to the end of the ISO week,
     every run matches the pods still without this week's round. It runs every quarter hour and at worker start,
     so a round cut short by a deploy, or missed while no worker ran, is finished by the next run. Every run
-    (also before the week's moment) posts the rounds whose post failed and re-matches the rounds that still pair
-    someone who left."""
+    (also before the week's moment, and with STUDYHALL_MATCH_WEEKLY off, when it does nothing else) posts the
+    rounds whose post failed and re-matches the rounds that still pair someone who left."""
     from agents.matcher import announce_unposted, match_all_pods, rematch_departed, week_due
 
     settings = ctx["settings"]
     now = datetime.now(timezone.utc)
     await rematch_departed(ctx["pool"], ctx["redis"], settings)  # rounds still pairing someone who left
-    if now < week_due(now, settings.match_weekday, settings.match_hour):
+    if not settings.match_weekly or now < week_due(now, settings.match_weekday, settings.match_hour):
         await announce_unposted(ctx["pool"], ctx["redis"])
         return 0
     return await match_all_pods(ctx["pool"], ctx["redis"], settings, now)
@@ -73,8 +73,8 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         cron_jobs=[cron(recover_lost_jobs, minute=set(range(0, 60, 5)), run_at_startup=False),
                    cron(recover_grading, run_at_startup=True),  # every minute: grading jobs whose entry was lost
                    # progress, XP, leaderboards, matcher
-                   *([cron(match_pods_weekly, minute={0, 15, 30, 45}, run_at_startup=True, unique=True)]
-                     if settings.match_weekly else []),
+                   # (with weekly rounds off it still posts unposted rounds and re-pairs those who left)
+                   cron(match_pods_weekly, minute={0, 15, 30, 45}, run_at_startup=True, unique=True),
                    cron(check_leaderboards, minute=17, run_at_startup=False, unique=True),
                    cron(sweep_uploads, minute=41, run_at_startup=True, unique=True)],
         redis_settings=RedisSettings.from_dsn(settings.redis_url),

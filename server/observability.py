@@ -69,8 +69,8 @@ def access_log_middleware(app: ASGIApp) -> ASGIApp:
 
         async def send_wrapper(message) -> None:  # type: ignore[no-untyped-def]
             nonlocal status, started
-            if message["type"] == "http.response.start":
-                status, started = message["status"], True
+            if message["type"] == "http.response.start":  # (the framework answers a body cut off with a 500)
+                status, started = (CLIENT_CLOSED if hung_up else message["status"]), True
                 message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", rid.encode())]}
             await send(message)
 

@@ -166,6 +166,13 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
     # own ranges (no row to lock yet), and a completing report (XP, then streak) would deadlock against a
     # first-of-the-day one (streak, then its XP).
     await conn.execute(_LEARNER_LOCK, user_id)
+    # the video's length now (a re-ingest that shortened it commits first: its cut to the new length then stands,
+    # and this report is cut to it too)
+    now_s = await conn.fetchval("SELECT duration_s FROM videos WHERE id = $1 FOR SHARE", video["id"])
+    if now_s is not None and float(now_s) < duration:
+        duration = float(now_s)
+        position = min(position, duration)
+        watched = clip(watched, duration)
     old = await conn.fetchrow(
         "SELECT watched, completed_at, updated_at FROM video_progress WHERE user_id = $1 AND video_id = $2 "
         "FOR UPDATE",

@@ -287,6 +287,8 @@ class Hub:
         while True:
             await asyncio.sleep(SUB_PING_S)
             if loop.time() - self._pong_at > SUB_DEAD_S:
+                await asyncio.sleep(0.1)  # a loop that was stalled: the reader takes what arrived meanwhile first
+            if loop.time() - self._pong_at > SUB_DEAD_S:
                 self._complain("ping", "redis subscription stopped answering; reconnecting")
                 self._sub_broken = True
                 self._pong_at = loop.time()  # the new connection gets its time

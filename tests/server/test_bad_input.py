@@ -3,6 +3,7 @@ bits, moments without an offset or out of range, oversized bodies."""
 from __future__ import annotations
 
 import json
+import time
 
 from tests.conftest import Factory, fetch
 from tests.server.conftest import Client, make_course
@@ -247,3 +248,29 @@ async def test_a_client_hanging_up_mid_body_is_a_499_not_a_500(caplog):
 
 async def _request() -> dict:
     return {"type": "http.request", "body": b"", "more_body": False}
+
+
+def test_a_client_hanging_up_mid_body_is_counted_as_499_by_the_running_server(server, client, make: Factory):
+    """Through the whole stack: the framework answers a body cut off with a 500 of its own, which was what the log
+    and the metrics said."""
+    import re
+    import socket
+    from urllib.parse import urlsplit
+
+    inst = make.user("instructor")
+
+    def count() -> float:
+        text = client.get("/metrics").text
+        m = re.search(r'studyhall_http_requests_total\{method="POST",route="/api/v1/courses",status="499"\} (\S+)', text)
+        return float(m.group(1)) if m else 0.0
+
+    before = count()
+    url = urlsplit(server)
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall(b"POST /api/v1/courses HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + inst.token.encode() + b"\r\nContent-Length: 100000\r\n\r\n"
+                     b'{"title": "cut')
+    deadline = time.monotonic() + 10
+    while count() == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert count() == before + 1

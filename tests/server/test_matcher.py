@@ -238,14 +238,21 @@ async def test_the_weekly_round_catches_up_until_the_week_ends(client, make: Fac
     pod = _pod(client, course, course.learners, "Catch-up")
     now = datetime.now(timezone.utc)
     if (now.weekday(), now.hour) < (6, 23):  # before this week's last hour: a moment still to come
-        ctx = {"pool": pool, "redis": redis, "settings": replace(settings, match_weekday=6, match_hour=23)}
+        ctx = {"pool": pool, "redis": redis,
+               "settings": replace(settings, match_weekly=True, match_weekday=6, match_hour=23)}
         assert await match_pods_weekly(ctx) == 0
         assert not fetch(settings, "SELECT id FROM pod_matches WHERE pod_id = $1", pod)
-    ctx = {"pool": pool, "redis": redis, "settings": replace(settings, match_weekday=0, match_hour=0)}
+    ctx = {"pool": pool, "redis": redis, "settings": replace(settings, match_weekly=True, match_weekday=0,
+                                                             match_hour=0)}
     assert await match_pods_weekly(ctx) >= 1  # the moment has passed: this pod (and any other) is matched
     rows = fetch(settings, "SELECT round_key FROM pod_matches WHERE pod_id = $1", pod)
     assert [r["round_key"] for r in rows] == [week_key(datetime.now(timezone.utc))]
     assert await match_pods_weekly(ctx) == 0  # every pod has this week's round
+    off = {**ctx, "settings": replace(ctx["settings"], match_weekly=False)}
+    other = make_course(client, make, learners=2, videos=0)
+    waiting = _pod(client, other, other.learners, "Off")  # due this week, but weekly rounds are off
+    assert await match_pods_weekly(off) == 0
+    assert not fetch(settings, "SELECT 1 FROM pod_matches WHERE pod_id = $1", waiting)
 
 
 def test_a_repeated_match_request_with_an_idempotency_key_runs_once(client, make: Factory, settings):
@@ -414,3 +421,14 @@ async def test_a_round_still_pairing_someone_who_left_is_matched_again_by_the_wo
     await matcher.rematch_departed(pool, redis, settings, llm=None)  # again (other tests' pods may be due)
     cur2 = client.get(f"/api/v1/pods/{pod}/match", headers=learners[1].h).json()
     assert cur2["match_id"] == cur["match_id"]  # nothing left to do for this pod
+
+
+def test_the_worker_repairs_rounds_also_with_weekly_rounds_off(settings):
+    """With STUDYHALL_MATCH_WEEKLY off the quarter-hourly job was not registered at all, so nothing re-paired
+    those a lost background re-match left paired, nor posted unposted rounds."""
+    from dataclasses import replace
+
+    from ingest.worker import worker_settings
+
+    jobs = {c.name for c in worker_settings(replace(settings, match_weekly=False))["cron_jobs"]}
+    assert "cron:match_pods_weekly" in jobs

@@ -238,6 +238,19 @@ async def test_a_rebuild_that_lost_its_boards_midway_swaps_nothing_and_the_next_
     board = await leaderboards.read(redis, "tenant", tenant, tenant, "all", learners[0])
     assert board.count == 3 and board.built
 
+    # one temporary board evicted (lock and flag still there): nothing is swapped, the live boards stay
+    async def one_evicted(*args, **kw):  # type: ignore[no-untyped-def]
+        temp = [k async for k in redis.scan_iter("sh:lb:tmp:*")]
+        await redis.delete(temp[0])
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(leaderboard_rebuild, "_stale_boards", one_evicted)
+    await redis.delete(keys.LEADERBOARD_LOCK)
+    with pytest.raises(ResponseError, match="lost its boards"):
+        await leaderboard_rebuild.rebuild(pool, redis)
+    board = await leaderboards.read(redis, "tenant", tenant, tenant, "all", learners[0])
+    assert board.count == 3 and board.built
+
 
 async def test_an_award_in_flight_is_not_drift(make: Factory, lb):
     """An award committed to the ledger whose board update lands a moment later (its process is between the

@@ -61,3 +61,28 @@ async def test_completing_and_first_of_day_reports_do_not_deadlock(make: Factory
         async with pool.acquire() as conn:
             kinds = {r["kind"] for r in await conn.fetch("SELECT kind FROM xp_events WHERE user_id = $1", u.id)}
         assert {"lesson_completed", "first_lesson", "daily_streak"} <= kinds
+
+
+async def test_a_report_read_before_a_re_ingest_shortened_the_video_is_cut_to_the_new_length(make: Factory,
+                                                                                            xp_store):
+    """The report checked its ranges against the length it read before the re-ingest committed, waited for the
+    re-ingest's cut, then stored ranges past the new end."""
+    pool, redis = xp_store
+    u = make.user("learner")
+    v = (await _video(pool, u))["videos"][0]  # 100 s, as the report reads it
+    await _report(pool, redis, u, v, [[0, 40]])
+    ingest = await pool.acquire()
+    tx = ingest.transaction()
+    await tx.start()
+    try:  # a re-ingest: the video is 30 s now, its progress cut, not committed yet
+        await ingest.execute("SELECT 1 FROM videos WHERE id = $1 FOR UPDATE", v["id"])
+        await ingest.execute("UPDATE videos SET duration_s = 30 WHERE id = $1", v["id"])
+        await progress.fit_to_duration(ingest, v["id"], 30.0)
+        late = asyncio.create_task(_report(pool, redis, u, v, [[40, 80]]))
+        await asyncio.sleep(0.5)
+        assert not late.done()  # it waits for the re-ingest
+        await tx.commit()
+    finally:
+        await pool.release(ingest)
+    done = await late
+    assert done.row["watched"] == [[0.0, 30.0]] and done.row["watched_s"] == 30.0, dict(done.row)
