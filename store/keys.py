@@ -133,3 +133,12 @@ POD_MATCHING = "sh:pod:{pod_id}:matching"
 
 def pod_matching(pod_id: int) -> str:
     return POD_MATCHING.format(pod_id=pod_id)
+
+
+# STRING window: one `typing` start per user and room per 2 s, whatever number of sockets (and processes) they
+# type from. TTL that window.
+TYPING = "sh:typing:{room}:{user_id}"
+
+
+def typing_window(room: str, user_id: int) -> str:
+    return TYPING.format(room=room, user_id=user_id)

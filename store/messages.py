@@ -77,6 +77,7 @@ async def original(db: asyncpg.Pool | asyncpg.Connection, room_id: str, author_i
 _AUTHOR = f"""
 SELECT u.id, u.name, u.role,
        EXISTS (SELECT 1 FROM room_mutes k WHERE k.user_id = u.id AND {moderation.BARRING.format(sid="$4")}) AS muted,
+       EXISTS (SELECT 1 FROM room_kicks k WHERE k.user_id = u.id AND {moderation.BARRING.format(sid="$4")}) AS kicked,
        o.payload AS original, o.body AS original_body
 FROM users u LEFT JOIN LATERAL (
     SELECT e.payload, m.body FROM messages m JOIN room_events e ON e.room_id = m.room_id AND e.seq = m.seq
@@ -92,7 +93,8 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
 
     `author_id=None` posts as a non-human author named `author_name` with role `author_role` (the tutor,
     the grader). With a `client_msg_id` seen before from the same author in the room, nothing is stored and
-    the original message is returned (`created=False`). Raises Refused("muted") for a muted author and
+    the original message is returned (`created=False`). Raises Refused("kicked") for an author barred from the
+    room, Refused("muted") for a muted one and
     LookupError for a room whose course, pod or session does not exist. `also(conn, message_id)` runs in the
     message's own transaction, only when a message is created (the tutor records the question it will answer,
     so the two exist together or not at all)."""
@@ -108,6 +110,8 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
                     raise LookupError(f"user {author_id} does not exist")
                 if author["original"] is not None:
                     return _as_now(author["original"], author["original_body"])
+                if author["kicked"]:  # (an open socket closes on the kick's event; should that be lost, not this)
+                    raise Refused("kicked", "you are barred from this room")
                 if author["muted"]:
                     raise Refused("muted", "you are muted in this room")
                 ref = UserRef(id=author["id"], name=author["name"], role=author["role"])
@@ -166,6 +170,8 @@ async def edit_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
             raise Refused("not_found", f"message {message_id} not found in this room")
         if msg["author_id"] != user_id:
             raise Refused("forbidden", "only the author can edit a message")
+        if await moderation.kicked_until(conn, room_id, user_id) is not None:
+            raise Refused("kicked", "you are barred from this room")
         if await _muted(conn, room_id, user_id):
             raise Refused("muted", "you are muted in this room")
         edited_at = await conn.fetchval(

@@ -23,8 +23,10 @@ from server.tutoring import (BUSY, BUSY_RETRY_S, MAX_QUESTION_CHARS, free_slot, 
                              post_mentioning, take_slot)
 from store import frames
 from store import live as live_repo
+from store import moderation
 from store import messages as messages_repo
 from store import rooms as rooms_repo
+from store.keys import typing_window
 from store.events import (CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_UNAUTHENTICATED, Error, Pong, Typing, UserRef,
                           publish, room_topic)
 
@@ -160,6 +162,11 @@ async def _cleanup(state, hub: Hub, conn: Conn, attendance_id: int | None) -> No
                 logger.warning("could not close attendance %s now; retrying", attendance_id, exc_info=True)
                 hub.close_attendance_later(attendance_id, left_at)
     finally:
+        if conn.typing_active and conn.user is not None:  # a tab closed mid-sentence: nobody is left typing
+            try:
+                await publish(hub.redis, room_topic(conn.room), Typing(room=conn.room, user=conn.user, active=False))
+            except Exception:  # noqa: BLE001 - only the indicator is left behind
+                logger.warning("could not clear a typing indicator", exc_info=True)
         await hub.detach(conn)
 
 
@@ -198,6 +205,8 @@ async def _serve(socket: WebSocket, conn: Conn, user: AuthUser, hub: Hub) -> Non
             await _handle(frame, conn, user, hub)
         except messages_repo.Refused as exc:
             conn.push_event(Error(code=exc.code, detail=exc.detail, ref=_ref(frame), retry_after=exc.retry_after))
+            if exc.code == "kicked":  # the kick's own event never reached this socket: it goes now
+                conn.close_soon(CLOSE_FORBIDDEN, "kicked")
         except rooms_repo.RoomGone as exc:  # its course, pod or session was deleted (the socket is closing)
             conn.push_event(Error(code="not_found", detail=str(exc), ref=_ref(frame)))
         except UNREACHABLE as exc:  # a line, not a traceback per frame for as long as the outage lasts
@@ -284,11 +293,18 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
     elif isinstance(frame, frames.Typing):
         now = time.monotonic()
         # Throttled: a start at most every 2 s per connection (also when it alternates with stops, so a client
-        # cannot flood the room), a stop once after a start.
+        # cannot flood the room), and per user and room across their sockets and processes (a Redis window); a
+        # stop once after a start. Nobody sees a muted user typing.
         if frame.active:
             if now - conn.typing_at < TYPING_EVERY_S:
                 return
             conn.typing_at = now
+            if not await hub.redis.set(typing_window(conn.room, user.id), b"1", px=int(TYPING_EVERY_S * 1000),
+                                       nx=True):
+                return
+            async with hub.pool.acquire() as db:
+                if await moderation.muted_until(db, conn.room, user.id) is not None:
+                    return
         elif not conn.typing_active:
             return
         conn.typing_active = frame.active

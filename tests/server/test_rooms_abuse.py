@@ -25,6 +25,34 @@ async def test_alternating_typing_frames_do_not_flood_the_room(server, make: Fac
     await cb.close()
 
 
+async def test_typing_is_throttled_per_user_not_per_socket_and_never_from_the_muted(server, make: Factory):
+    """One user with many sockets multiplied the typing events (the 2 s throttle was per socket); a muted user's
+    typing still reached the room; a tab closed mid-sentence left them typing for everyone."""
+    course = make_course(server, make, learners=3)
+    watcher, typist, muted = course.learners
+    w = await Client.connect(server, course.room, watcher)
+    tabs = [await Client.connect(server, course.room, typist) for _ in range(6)]
+    await w.quiet(0.5)
+    for tab in tabs:
+        await tab.send({"type": "typing", "active": True})
+    await asyncio.sleep(0.5)
+    starts = [f for f in await w.quiet(1.0) if f["type"] == "typing" and f["active"]]
+    assert len(starts) == 1, starts  # one start for the user, whatever the number of their sockets
+    # the tab that announced it closes without a stop: the room hears the stop
+    await asyncio.gather(*(t.close() for t in tabs))
+    stops = [f for f in await w.quiet(1.0) if f["type"] == "typing" and not f["active"]]
+    assert [f["user"]["id"] for f in stops] == [typist.id], stops
+    with httpx.Client(base_url=server, timeout=30) as c:
+        assert c.post(f"/api/v1/rooms/{course.room}/mutes", json={"user_id": muted.id, "seconds": 60},
+                      headers=course.instructor.h).status_code == 201
+    m = await Client.connect(server, course.room, muted)
+    await w.quiet(0.5)
+    await m.send({"type": "typing", "active": True})
+    assert not [f for f in await w.quiet(1.0) if f["type"] == "typing"]
+    await m.close()
+    await w.close()
+
+
 async def test_a_kicked_user_is_kept_out_over_rest_too(server, make: Factory):
     course = make_course(server, make, learners=1)
     (bad,) = course.learners
@@ -37,6 +65,25 @@ async def test_a_kicked_user_is_kept_out_over_rest_too(server, make: Factory):
         assert c.get(f"/api/v1/rooms/{course.room}/messages", headers=bad.h).status_code == 403
         assert c.get(f"/api/v1/courses/{course.id}/live", headers=bad.h).json()["code"] == "kicked"
         assert c.get(f"/api/v1/rooms/{course.room}/messages", headers=course.instructor.h).status_code == 200
+
+
+async def test_a_kick_whose_event_was_lost_still_stops_the_open_socket(server, make: Factory, settings):
+    """Kicks reached open sockets only as a published event: one lost (its publish failed) left the barred learner
+    posting on their open socket. Posting now checks the bar, and the socket closes."""
+    from tests.conftest import fetch
+
+    course = make_course(server, make, learners=1)
+    (bad,) = course.learners
+    sock = await Client.connect(server, course.room, bad)
+    await sock.send({"type": "message.send", "text": "hi", "client_msg_id": "k1"})
+    await sock.expect("message.new", client_msg_id="k1")
+    fetch(settings, "INSERT INTO room_kicks (room_id, user_id, until) VALUES ($1, $2, now() + interval '1 hour')",
+          course.room, bad.id)  # the bar stored, its event never published
+    await sock.send({"type": "message.send", "text": "still here", "client_msg_id": "k2"})
+    err = await sock.expect("error")
+    assert err["code"] == "kicked", err
+    assert await sock.closed() == (4403, "kicked")
+    assert not fetch(settings, "SELECT 1 FROM messages WHERE room_id = $1 AND body = 'still here'", course.room)
 
 
 def test_staff_cannot_be_muted_or_kicked_and_a_bar_can_be_lifted(server, make: Factory):
