@@ -65,8 +65,8 @@ def decode_token(secret: str, token: str) -> dict[str, Any]:
     except jwt.InvalidTokenError as exc:
         raise NotAuthorizedException("invalid token") from exc
     iat, gen = claims["iat"], claims.get("gen", 0)
-    if (not isinstance(iat, int) or isinstance(iat, bool) or not isinstance(gen, int) or isinstance(gen, bool)
-            or ("exp" not in claims and "jti" not in claims)):
+    if (not isinstance(iat, (int, float)) or isinstance(iat, bool) or not isinstance(gen, int)
+            or isinstance(gen, bool) or ("exp" not in claims and "jti" not in claims)):
         raise NotAuthorizedException("invalid token")
     if iat > time.time() + CLOCK_SKEW_S:
         raise NotAuthorizedException("token not valid yet: it was issued by a server whose clock is ahead of "
