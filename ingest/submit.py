@@ -42,7 +42,7 @@ def inspect_file(path: Path, filename: str | None = None) -> tuple[str, str]:
     Raises UnsupportedFile, FileTooLarge, or PermanentIngestError (broken transcript or media) with the reason.
     """
     from ingest.media import SNIFF_BYTES, probe_media, sniff_media
-    from ingest.transcripts import detect_transcript_format, parse_transcript
+    from ingest.transcripts import detect_transcript_format, extension, parse_transcript
 
     size = path.stat().st_size
     if size == 0:
@@ -56,7 +56,7 @@ def inspect_file(path: Path, filename: str | None = None) -> tuple[str, str]:
     fmt = detect_transcript_format(head)
     if fmt is None and size <= MAX_TRANSCRIPT_BYTES:
         fmt = detect_transcript_format(path.read_bytes())
-    ext = filename.rsplit(".", 1)[-1].lower() if filename and "." in filename else ""
+    ext = extension(filename)
     if fmt is None and size <= MAX_TRANSCRIPT_BYTES and (ext in ("srt", "vtt", "json") or _JSON_SHAPED.match(head)):
         # named (or shaped) as a transcript that is not one: the parser says what is wrong, and where
         fmt = ext or "json"

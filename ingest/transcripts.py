@@ -243,6 +243,11 @@ def _merge_same_start(cues: list[Cue]) -> list[Cue]:
     return merged
 
 
+def extension(filename: str | None) -> str:
+    """The file name's extension, lower case, without the dot ("" for none)."""
+    return filename.rsplit(".", 1)[-1].lower() if filename and "." in filename else ""
+
+
 def parse_transcript(data: bytes, filename: str | None = None) -> list[Cue]:
     """Clean cues from an SRT, WebVTT or JSON transcript; PermanentIngestError when unreadable."""
     if len(data) > MAX_BYTES:
@@ -251,7 +256,7 @@ def parse_transcript(data: bytes, filename: str | None = None) -> list[Cue]:
         raise PermanentIngestError("not a transcript: the file is empty")
     text = _decode(data)
     fmt = _sniff(text)
-    ext = filename.rsplit(".", 1)[-1].lower() if filename and "." in filename else ""
+    ext = extension(filename)
     if fmt is None:
         if text.lstrip().startswith(("[", "{")) or ext == "json":
             _json_items(text)  # a clear JSON syntax error beats a vague "unknown shape"

@@ -16,12 +16,17 @@ _COLS = """s.id, s.assignment_id, s.course_id, s.user_id, s.attempt, s.answer, s
 EXEMPLAR_LIMIT = 200
 
 
+async def attempts(conn: asyncpg.Connection, assignment_id: int, user_id: int) -> int:
+    """The learner's attempts at the assignment so far."""
+    return await conn.fetchval(
+        "SELECT count(*) FROM submissions WHERE assignment_id = $1 AND user_id = $2", assignment_id, user_id)
+
+
 async def lock_attempts(conn: asyncpg.Connection, assignment_id: int, user_id: int) -> int:
     """Serialise one learner's submissions to one assignment (inside a transaction); returns attempts so far."""
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('submit:' || $1::bigint::text || ':' || $2::bigint::text, 0))",
                        assignment_id, user_id)
-    return await conn.fetchval(
-        "SELECT count(*) FROM submissions WHERE assignment_id = $1 AND user_id = $2", assignment_id, user_id)
+    return await attempts(conn, assignment_id, user_id)
 
 
 async def create(conn: asyncpg.Connection, assignment_id: int, course_id: int, user_id: int, attempt: int,

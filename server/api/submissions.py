@@ -153,9 +153,7 @@ class SubmissionController(Controller):
                     return _repeat(done, answer, user)
         if a["type"] != "multiple_choice":  # each written answer costs a grading run (a model call, with one)
             async with state.pool.acquire() as conn:  # an answer refused anyway does not use up the allowance
-                _open_check(a, await conn.fetchval(
-                    "SELECT count(*) FROM submissions WHERE assignment_id = $1 AND user_id = $2", assignment_id,
-                    user.id))  # (checked again under the lock below)
+                _open_check(a, await repo.attempts(conn, assignment_id, user.id))  # (again under the lock below)
             ok, wait = await SendLimiter(state.redis, WRITTEN_PER_HOUR / 3600, WRITTEN_BURST,
                                          key=rate_written).take(user.id)
             if not ok:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+import asyncpg
 from litestar import Controller, Request, delete, get, post
 
 from server.api.paging import ListLimit, Offset
@@ -16,12 +17,19 @@ from store.events import SignedOut, TokenRevoked, publish, user_topic
 logger = logging.getLogger(__name__)
 
 
-def _may_manage(staff: AuthUser, role: str) -> None:
-    """Instructors manage learners' tokens, admins every person's; bots have tokens of their own (/bots)."""
-    if role == "bot":
+async def _managed(request: Request, user_id: int) -> asyncpg.Record:
+    """The person of the caller's tenant whose login tokens the caller manages: instructors learners', admins
+    every person's; bots have tokens of their own (/bots)."""
+    staff: AuthUser = request.user
+    async with request.app.state.pool.acquire() as conn:
+        row = await repo.get_user(conn, user_id)
+    if row is None or row["tenant_id"] != staff.tenant_id:
+        raise ApiError(404, f"user {user_id} not found")
+    if row["role"] == "bot":
         raise ApiError(400, "a bot's tokens are made with POST /bots and ended with DELETE /tokens/{id}")
-    if staff.role != "admin" and role != "learner":
+    if staff.role != "admin" and row["role"] != "learner":
         raise ApiError(403, "instructors manage learners' tokens; admins anyone's")
+    return row
 
 
 class UserController(Controller):
@@ -56,11 +64,7 @@ class UserController(Controller):
         """A new login token for a person of the tenant (an expired one, a new device): instructors for learners,
         admins for anyone but bots (their tokens come from POST /bots)."""
         u: AuthUser = request.user
-        async with request.app.state.pool.acquire() as conn:
-            row = await repo.get_user(conn, user_id)
-        if row is None or row["tenant_id"] != u.tenant_id:
-            raise ApiError(404, f"user {user_id} not found")
-        _may_manage(u, row["role"])
+        row = await _managed(request, user_id)
         settings = request.app.state.settings
         token = issue_token(settings.secret, row["id"], u.tenant_id, row["role"], ttl_s=settings.token_ttl_s,
                             gen=row["token_gen"])
@@ -77,11 +81,7 @@ class UserController(Controller):
         if user_id != u.id:
             if not u.is_staff:
                 raise ApiError(403, "learners can only sign themselves out")
-            async with request.app.state.pool.acquire() as conn:
-                row = await repo.get_user(conn, user_id)
-            if row is None or row["tenant_id"] != u.tenant_id:
-                raise ApiError(404, f"user {user_id} not found")
-            _may_manage(u, row["role"])
+            await _managed(request, user_id)
         async with request.app.state.pool.acquire() as conn:
             done = await repo.end_tokens(conn, user_id, u.tenant_id)
         if done is None:  # a bot (its tokens are revoked one by one) or gone meanwhile

@@ -308,24 +308,25 @@ async def test_revoking_a_bot_token_closes_its_open_sockets(server, make: Factor
     with httpx.Client(base_url=server, timeout=30) as c:
         bot = c.post("/api/v1/bots", json={"name": f"bot-{course.id}", "label": "discord"}, headers=inst.h).json()
     user = User(id=bot["user_id"], tenant_id=inst.tenant_id, name=bot["name"], role="bot", token=bot["token"])
-    sock = await Client.connect(server, course.room, user)
-    watcher = await Client.connect(server, course.room, inst)
-    with httpx.Client(base_url=server, timeout=30) as c:
-        assert c.delete(f"/api/v1/tokens/{bot['token_id']}", headers=inst.h).status_code == 204
-    assert await sock.closed() == (4401, "token revoked")
-    await watcher.send({"type": "ping", "ref": "still"})
-    await watcher.expect("pong")  # the instructor's own socket stays
-    await watcher.close()
+    await _ending_closes_only_their_sockets(server, course, user, f"/api/v1/tokens/{bot['token_id']}",
+                                            "token revoked")
 
 
 async def test_signing_a_person_out_everywhere_closes_their_open_sockets(server, make: Factory):
     course = make_course(server, make, learners=1)
-    inst, (learner,) = course.instructor, course.learners
-    sock = await Client.connect(server, course.room, learner)
+    (learner,) = course.learners
+    await _ending_closes_only_their_sockets(server, course, learner, f"/api/v1/users/{learner.id}/tokens",
+                                            "token ended")
+
+
+async def _ending_closes_only_their_sockets(server: str, course, user, delete_url: str, reason: str) -> None:  # type: ignore[no-untyped-def]
+    """`user`'s socket closes with 4401 `reason` once the instructor DELETEs `delete_url`; the instructor's stays."""
+    inst = course.instructor
+    sock = await Client.connect(server, course.room, user)
     watcher = await Client.connect(server, course.room, inst)
     with httpx.Client(base_url=server, timeout=30) as c:
-        assert c.delete(f"/api/v1/users/{learner.id}/tokens", headers=inst.h).status_code == 204
-    assert await sock.closed() == (4401, "token ended")
+        assert c.delete(delete_url, headers=inst.h).status_code == 204
+    assert await sock.closed() == (4401, reason)
     await watcher.send({"type": "ping", "ref": "still"})
     await watcher.expect("pong")  # the instructor's own socket stays
     await watcher.close()
