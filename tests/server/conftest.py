@@ -246,5 +246,21 @@ class RawWs:
 
         return await asyncio.wait_for(read(), timeout)
 
+    def send_frame(self, opcode: int, payload: bytes = b"", times: int = 1) -> None:
+        """Write `times` copies of one masked client frame (payload under 126 bytes), without waiting."""
+        import os
+
+        assert len(payload) < 126
+        mask = os.urandom(4)
+        frame = bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.writer.write(frame * times)
+
     def close(self) -> None:
         self.writer.close()
+
+    def server_end_open(self) -> bool:
+        """Whether the server still holds its end of this connection (an entry in the kernel's TCP table)."""
+        here, there = self.writer.get_extra_info("sockname")[1], self.writer.get_extra_info("peername")[1]
+        with open("/proc/net/tcp") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+        return any(int(r[1].split(":")[1], 16) == there and int(r[2].split(":")[1], 16) == here for r in rows)

@@ -7,7 +7,7 @@ import httpx
 
 from tests.conftest import Factory
 from tests.progress_helpers import xp_store  # noqa: F401 - fixture
-from tests.server.conftest import Client, closed_with, make_course, ws_url
+from tests.server.conftest import Client, RawWs, closed_with, make_course, ws_url
 
 
 async def test_alternating_typing_frames_do_not_flood_the_room(server, make: Factory):
@@ -397,6 +397,41 @@ async def test_a_connection_flooding_frames_is_told_then_closed(server, make: Fa
     await calm.send({"type": "ping", "ref": "fine"})
     await calm.expect("pong", ref="fine")
     await calm.close()
+
+
+async def test_pings_are_answered_within_a_rate_and_a_ping_flood_is_closed_1008(server, make: Factory):
+    """Websocket pings are answered below the app, so its frame budget does not see them: a keepalive's worth
+    (a burst of 20, then two a second) is answered; a flood is closed with 1008, whether or not
+    the peer reads (one that never read made the server hold every pong it was sent)."""
+    from server.realtime.transport import PING_BURST
+
+    course = make_course(server, make, learners=2)
+    a, b = course.learners
+    calm = await RawWs.connect(ws_url(server, course.room, a.token))
+    assert (await calm.frame())[0] == 1  # the welcome
+    calm.send_frame(9, b"k", times=PING_BURST)
+    pongs = 0
+    while pongs < PING_BURST:
+        opcode, payload = await calm.frame()
+        if opcode == 10:
+            assert payload == b"k"
+            pongs += 1
+    await asyncio.sleep(1)
+    calm.send_frame(9, b"again")
+    while (frame := await calm.frame())[0] != 10:
+        pass
+    assert frame == (10, b"again")
+
+    flood = await RawWs.connect(ws_url(server, course.room, b.token))
+    flood.send_frame(9, b"p" * 125, times=10_000)  # 1.3 MB of pings in one go, nothing read yet
+    await asyncio.sleep(0.5)
+    frames = []
+    while (frame := await flood.frame())[0] != 8:
+        frames.append(frame[0])
+    assert int.from_bytes(frame[1][:2], "big") == 1008 and frame[1][2:] == b"too many pings"
+    assert frames.count(10) <= PING_BURST  # a read over the budget is not answered at all
+    calm.close()
+    flood.close()
 
 
 async def test_resume_is_at_most_once_a_second_per_connection(server, make: Factory):

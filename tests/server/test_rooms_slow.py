@@ -1,6 +1,7 @@
 """A client that cannot keep up is closed with 4008 without delaying anyone, and resumes without loss."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -55,7 +56,7 @@ async def test_slow_consumer_closed_4008_then_resumes(tight, make: Factory, work
 async def test_a_reader_that_stops_reading_in_a_quiet_room_is_dropped(make: Factory, worker_db, data_dir):
     """A client that stops reading while a send waits for it (a hung tab) is closed once the send has waited
     STUDYHALL_WS_STALL_S, though the room is too quiet to fill its queue: it leaves presence ("left" goes out)
-    and frees its socket, instead of staying online until TCP gives up."""
+    and the server frees its socket, instead of staying online until TCP gives up."""
     from tests.conftest import stop_process
     from tests.server.conftest import CLUSTER_ENV, spawn_ready
 
@@ -64,6 +65,7 @@ async def test_a_reader_that_stops_reading_in_a_quiet_room_is_dropped(make: Fact
     try:
         course, hung, watcher = await _a_reader_and_a_watcher(url, make)
         hung_user = course.learners[0]
+        assert hung.server_end_open()
         # a few big frames: enough to fill the kernel buffers on loopback, far fewer than the 1,000-frame queue
         for i in range(150):
             await post_message(pool, redis, course.room, None, f"{i}:" + "x" * 4000, {"pad": "y" * 40_000}, f"s{i}",
@@ -72,6 +74,12 @@ async def test_a_reader_that_stops_reading_in_a_quiet_room_is_dropped(make: Fact
         left = await watcher.expect("presence", timeout=40, action="left")
         assert left["user"]["id"] == hung_user.id and left["online_count"] == 1
         assert time.monotonic() - t0 < 30
+        # the close frame cannot reach a peer that does not read: once the close has waited its time the server
+        # drops its end, rather than hold the socket and its unsent buffer until TCP gives up (never,
+        # while the peer's window is shut)
+        while hung.server_end_open():
+            assert time.monotonic() - t0 < 60, "the server still holds the connection"
+            await asyncio.sleep(0.5)
         hung.close()
         await watcher.close()
     finally:
