@@ -116,6 +116,14 @@ def rate_generate(user_id: int) -> str:
     return RATE_GENERATE.format(user_id=user_id)
 
 
+# HASH token bucket (as RATE_SEND) limiting how often one user opens room sockets. TTL: full refill time + 1 s.
+RATE_CONNECT = "sh:rl:connect:{user_id}"
+
+
+def rate_connect(user_id: int) -> str:
+    return RATE_CONNECT.format(user_id=user_id)
+
+
 # HASH token bucket (as RATE_SEND) limiting one learner's written answers (each is graded, by a model when one
 # is configured). TTL: full refill time + 1 s.
 RATE_WRITTEN = "sh:rl:written:{user_id}"

@@ -91,8 +91,11 @@ class Settings:
     ws_send_burst: int = 10
     ws_queue_max: int = 1000
     ws_max_per_user: int = 50  # open sockets per user on one server process (bots are not limited)
+    ws_connect_rate: float = 2.0  # sockets a user may open per second, over all processes (bots are not limited)
+    ws_connect_burst: int = 60
     ws_stall_s: float = 45.0  # a send waiting this long for the client to read closes the socket (4008)
     presence_ttl_s: float = 15.0
+    presence_grace_s: float = 3.0  # a user's last socket in a room closing announces `left` this much later
     presence_max: int = 200
     # assignments and grading
     review_threshold: float = 0.7
@@ -157,8 +160,11 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         ws_send_burst=_bounded("STUDYHALL_WS_SEND_BURST", 10, 1, 1_000_000),
         ws_queue_max=_bounded("STUDYHALL_WS_QUEUE", 1000, 1, 1_000_000),
         ws_max_per_user=_bounded("STUDYHALL_WS_MAX_PER_USER", 50, 1, 100_000),
+        ws_connect_rate=_ranged("STUDYHALL_WS_CONNECT_RATE", 2.0, 0.001, 1_000_000.0),
+        ws_connect_burst=_bounded("STUDYHALL_WS_CONNECT_BURST", 60, 1, 1_000_000),
         ws_stall_s=_ranged("STUDYHALL_WS_STALL_S", 45.0, 1.0, 3600.0),
         presence_ttl_s=_ranged("STUDYHALL_PRESENCE_TTL", 15.0, 1.0, 3600.0),
+        presence_grace_s=_ranged("STUDYHALL_PRESENCE_GRACE_S", 3.0, 0.0, 600.0),
         presence_max=_bounded("STUDYHALL_PRESENCE_MAX", 200, 1, 1_000_000),
         review_threshold=_ranged("STUDYHALL_REVIEW_THRESHOLD", 0.7, 0.0, 1.0),
         review_band=_band(_str("STUDYHALL_REVIEW_BAND", "40,60") or "40,60"),

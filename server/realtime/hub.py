@@ -25,7 +25,7 @@ from store import tutor as tutor_repo
 from store.events import (CLOSE_FORBIDDEN, CLOSE_SLOW_CONSUMER, CLOSE_UNAUTHENTICATED, INTERNAL, UserRef, Welcome,
                           publish, room_topic, user_topic)
 from store.events import Presence as PresenceEvent
-from store.keys import events_channel
+from store.keys import events_channel, rate_connect
 from store.presence import Presence
 from store.ratelimit import SendLimiter
 from store.settings import Settings
@@ -75,9 +75,13 @@ class Hub:
         self.proc = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.presence = Presence(redis, self.proc, settings.presence_ttl_s)
         self.limiter = SendLimiter(redis, settings.ws_send_rate, settings.ws_send_burst)
+        self.connect_limiter = SendLimiter(redis, settings.ws_connect_rate, settings.ws_connect_burst, key=rate_connect)
         self.tick_s = max(0.2, settings.presence_ttl_s / 3)
         self.rooms: dict[str, set[Conn]] = {}
         self._pairs: dict[tuple[str, int], list] = {}  # (room, user id) -> [local connections, UserRef]
+        self._leaving: dict[tuple[str, int], asyncio.TimerHandle] = {}  # pairs with no connection, in their grace
+        self._leaves: set[asyncio.Task] = set()  # `left` announcements under way
+        self._stopping = False
         self._users: dict[int, set[Conn]] = {}  # user id -> local connections (personal `user:<id>` events)
         self._user_subs: set[int] = set()
         self._subscribed: set[str] = set()
@@ -116,6 +120,7 @@ class Hub:
         return reader is not None and not reader.done() and not self._sub_broken
 
     async def stop(self) -> None:
+        self._stopping = True
         app_state = getattr(self, "app_state", None)
         if app_state is not None:  # this process's tutor answers end here, not by a survivor's takeover
             await tutoring.settle_own(app_state, self.proc)
@@ -129,6 +134,11 @@ class Hub:
         for conns in list(self.rooms.values()):
             for conn in list(conns):
                 conn.close_soon(1001, "server shutting down")
+        for grace in self._leaving.values():
+            grace.cancel()
+        self._leaving.clear()
+        if self._leaves:
+            await asyncio.wait(list(self._leaves), timeout=5)
         for (room, _), (_, user) in list(self._pairs.items()):
             try:
                 await self._announce_leave(room, user)
@@ -178,6 +188,8 @@ class Hub:
                 self._user_subs.discard(uid)
                 raise
         pair = self._pairs.get((room, conn.user.id))
+        if (grace := self._leaving.pop((room, conn.user.id), None)) is not None:
+            grace.cancel()  # back within the grace (a reload, a network blip): they never left
         if pair is None:
             self._pairs[(room, conn.user.id)] = [1, conn.user]
             change = await self.presence.join(room, conn.user)
@@ -201,12 +213,36 @@ class Hub:
             mine.discard(conn)
             if not mine:
                 del self._users[conn.user.id]
-        pair = self._pairs.get((room, conn.user.id))
+        key = (room, conn.user.id)
+        pair = self._pairs.get(key)
         if pair is not None:
             pair[0] -= 1
             if pair[0] <= 0:
-                del self._pairs[(room, conn.user.id)]
-                await self._announce_leave(room, conn.user)
+                grace = self.settings.presence_grace_s
+                if grace > 0 and self._tasks and not self._stopping:  # a stopping hub announces every pair itself
+                    # Still online (heartbeats go on) for the grace: a reload or a blip reconnecting in time,
+                    # here or on another process, shows neither `left` nor `joined`.
+                    if key not in self._leaving:
+                        self._leaving[key] = asyncio.get_running_loop().call_later(grace, self._grace_over, key)
+                else:
+                    del self._pairs[key]
+                    await self._announce_leave(room, conn.user)
+
+    def _grace_over(self, key: tuple[str, int]) -> None:
+        self._leaving.pop(key, None)
+        pair = self._pairs.get(key)
+        if pair is None or pair[0] > 0:
+            return
+        del self._pairs[key]
+        task = asyncio.create_task(self._leave_logged(key[0], pair[1]))
+        self._leaves.add(task)
+        task.add_done_callback(self._leaves.discard)
+
+    async def _leave_logged(self, room: str, user: UserRef) -> None:
+        try:
+            await self._announce_leave(room, user)
+        except Exception:  # noqa: BLE001 - the entry expires with its heartbeats; a sweep announces it then
+            logger.warning("could not announce that user %s left %s", user.id, room, exc_info=True)
 
     async def _announce_leave(self, room: str, user: UserRef) -> None:
         change = await self.presence.leave(room, user)

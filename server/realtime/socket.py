@@ -73,13 +73,17 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
         return
     try:
         user = await authenticate(socket, socket.query_params.get("token") or bearer_token(socket))
-        async with state.pool.acquire() as db:
-            # the database's clock, read before the checks: a kick after this moment closes the socket (kicks
-            # carry the database's time too)
-            opened_at = await db.fetchval("SELECT now()")
-            access, kicked = await standing(db, room_id, user)
-            if access is not None and kicked is None:
-                await rooms_repo.ensure_room(db, room_id)
+        # sockets opened per user and second, over all processes, checked before any database work (a client
+        # reconnecting in a loop); bots bridge many rooms and are not limited
+        ok, wait = (True, 0.0) if user.role == "bot" else await hub.connect_limiter.take(user.id)
+        if ok:
+            async with state.pool.acquire() as db:
+                # the database's clock, read before the checks: a kick after this moment closes the socket (kicks
+                # carry the database's time too)
+                opened_at = await db.fetchval("SELECT now()")
+                access, kicked = await standing(db, room_id, user)
+                if access is not None and kicked is None:
+                    await rooms_repo.ensure_room(db, room_id)
     except NotAuthorizedException as exc:
         await _refuse(socket, CLOSE_UNAUTHENTICATED, str(exc.detail))
         return
@@ -91,6 +95,9 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
     except Exception:  # noqa: BLE001 - never let a bug end the handshake without a close code
         logger.exception("websocket handshake failed", extra={"fields": {"room": room_id}})
         await _refuse(socket, 1011, "internal error")
+        return
+    if not ok:
+        await _refuse(socket, CLOSE_TOO_MANY, f"too many connects: retry in {wait:g} s")
         return
     if access is None:
         await _refuse(socket, CLOSE_FORBIDDEN, "no such room, or you may not join it")

@@ -460,3 +460,31 @@ async def test_one_user_opens_a_bounded_number_of_sockets(server, make: Factory,
     opened.append(await Client.connect(server, course.room, a))  # one closed: one may open
     for c in opened:
         await c.close()
+
+
+async def test_a_user_reconnecting_in_a_loop_is_refused_4429_before_any_database_work(server, make: Factory, settings):
+    """Opening sockets is a token bucket per user over all processes (STUDYHALL_WS_CONNECT_RATE / _BURST): the
+    burst covers a user filling every socket they may hold at once; a client reconnecting in a loop is refused
+    with 4429 and the time to wait, others are unaffected, and after that wait it may connect again."""
+    import websockets
+
+    course = make_course(server, make, learners=2)
+    a, b = course.learners
+    url = ws_url(server, course.room, a.token)
+    refused = None
+    for _ in range(settings.ws_connect_burst + 20):
+        async with websockets.connect(url) as ws:
+            try:
+                await asyncio.wait_for(ws.recv(), 5)  # the welcome, or the refusal
+            except websockets.ConnectionClosed as exc:
+                refused = (exc.rcvd.code, exc.rcvd.reason)
+                break
+    assert refused is not None and refused[0] == 4429 and refused[1].startswith("too many connects: retry in ")
+    wait = float(refused[1].removeprefix("too many connects: retry in ").removesuffix(" s"))
+    assert 0 < wait <= 1 / settings.ws_connect_rate + 0.1
+    other = await Client.connect(server, course.room, b)
+    await other.close()
+    await asyncio.sleep(wait)
+    again = await Client.connect(server, course.room, a)
+    await again.close()
+

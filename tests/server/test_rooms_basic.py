@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from tests.conftest import Factory, fetch
 from tests.server.conftest import Client, make_course
@@ -28,6 +29,28 @@ async def test_send_receive_and_welcome(server, make: Factory):
     left = await cb.expect("presence", action="left")
     assert left["user"]["id"] == a.id and left["online_count"] == 1
     await cb.close()
+
+
+async def test_a_reconnect_within_the_grace_is_neither_a_leave_nor_a_join(server, make: Factory, settings):
+    """A reload or a network blip: the last socket closes and the user is back within
+    STUDYHALL_PRESENCE_GRACE_S, so the room sees nothing; staying away, they leave once the grace is over."""
+    grace = settings.presence_grace_s
+    course = make_course(server, make, learners=2)
+    a, b = course.learners
+    watcher = await Client.connect(server, course.room, b)
+    ca = await Client.connect(server, course.room, a)
+    await watcher.expect("presence", action="joined")
+    await ca.close()
+    await asyncio.sleep(0.5)  # the page loading again
+    ca = await Client.connect(server, course.room, a)
+    assert {u["id"] for u in ca.welcome["online"]} == {a.id, b.id}
+    assert [f for f in await watcher.quiet(grace + 0.5) if f["type"] == "presence"] == []
+    await ca.close()
+    t0 = time.monotonic()
+    assert [f for f in await watcher.quiet(grace - 1) if f["type"] == "presence"] == []
+    left = await watcher.expect("presence", action="left", timeout=grace + 5)
+    assert left["user"]["id"] == a.id and left["online_count"] == 1 and time.monotonic() - t0 >= grace - 0.5
+    await watcher.close()
 
 
 async def test_idempotent_send(server, make: Factory, settings):

@@ -67,6 +67,12 @@ async def test_presence_across_processes_and_after_kill(cluster, victim, make: F
     cy2 = await Client.connect(a_url, room, y)
     await cy.close()
     assert [f for f in await w.quiet(0.5) if f["type"] == "presence"] == []
+    # y's last socket closes on one process and y is back on the other within the grace (a reload landing
+    # elsewhere): nobody sees y leave or join
+    await cy2.close()
+    await asyncio.sleep(0.5)  # the page loading again
+    cy2 = await Client.connect(b_url, room, y)
+    assert [f for f in await w.quiet(settings.presence_grace_s + 0.5) if f["type"] == "presence"] == []
 
     t0 = time.monotonic()
     os.kill(v_proc.pid, signal.SIGKILL)
