@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import jwt
@@ -88,8 +89,10 @@ def bearer_token(connection: ASGIConnection) -> str | None:
     return None
 
 
-async def authenticate(connection: ASGIConnection, token: str | None) -> AuthUser:
-    """Resolve a token to a live user (deleted users and revoked tokens fail)."""
+async def authenticate(connection: ASGIConnection, token: str | None,
+                       before_lookup: Callable[[int, dict[str, Any]], Awaitable[None]] | None = None) -> AuthUser:
+    """Resolve a token to a live user (deleted users and revoked tokens fail). `before_lookup(user_id, claims)`
+    runs once the signature is verified and before the database is asked (a rate limit, say); it may raise."""
     if not token:
         raise NotAuthorizedException("missing bearer token")
     state = connection.app.state
@@ -98,6 +101,8 @@ async def authenticate(connection: ASGIConnection, token: str | None) -> AuthUse
         user_id = int(claims["sub"])
     except (TypeError, ValueError) as exc:
         raise NotAuthorizedException("invalid token") from exc
+    if before_lookup is not None:
+        await before_lookup(user_id, claims)
     jti = claims.get("jti")
     async with state.pool.acquire() as conn:
         if jti is not None:

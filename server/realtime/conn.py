@@ -48,7 +48,7 @@ class Conn:
     __slots__ = ("hub", "access", "room", "user", "send", "out", "queue_max", "inflight", "broken", "space",
                  "fill_task", "closer", "main_task", "last_seq", "start_seq", "filling", "pending", "ready",
                  "closing", "typing_at", "typing_active", "auth", "opened_at", "resumed_at", "blocked_at",
-                 "__weakref__")
+                 "counted", "__weakref__")
 
     def __init__(self, hub: Hub, access: RoomAccess, user: UserRef, send: Any, queue_max: int) -> None:
         self.hub = hub
@@ -76,6 +76,7 @@ class Conn:
         self.typing_active = False
         self.resumed_at = float("-inf")  # when the client last sent `resume`
         self.blocked_at: float | None = None  # since when the send in flight waits for the client to read
+        self.counted = False  # counted in the hub's presence pair for (room, user) (see Hub.attach)
 
     # --- outbound -------------------------------------------------------------------------------------
 

@@ -64,6 +64,11 @@ _envelope = msgspec.json.Decoder(_Envelope)
 _NOT_TO_SELF = frozenset({"typing", "achievement.unlocked"})
 
 
+def _logged_leave(task: asyncio.Task) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:  # the entry expires with its heartbeats
+        logger.warning("could not announce a user leaving a room", exc_info=exc)
+
+
 class Hub:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: Redis, *,
                  pubsub_redis: Redis | None = None) -> None:
@@ -80,7 +85,7 @@ class Hub:
         self.rooms: dict[str, set[Conn]] = {}
         self._pairs: dict[tuple[str, int], list] = {}  # (room, user id) -> [local connections, UserRef]
         self._leaving: dict[tuple[str, int], asyncio.TimerHandle] = {}  # pairs with no connection, in their grace
-        self._leaves: set[asyncio.Task] = set()  # `left` announcements under way
+        self._leave_tasks: dict[tuple[str, int], asyncio.Task] = {}  # `left` announcements under way, per pair
         self._stopping = False
         self._users: dict[int, set[Conn]] = {}  # user id -> local connections (personal `user:<id>` events)
         self._user_subs: set[int] = set()
@@ -137,8 +142,8 @@ class Hub:
         for grace in self._leaving.values():
             grace.cancel()
         self._leaving.clear()
-        if self._leaves:
-            await asyncio.wait(list(self._leaves), timeout=5)
+        if self._leave_tasks:
+            await asyncio.wait(list(self._leave_tasks.values()), timeout=5)
         for (room, _), (_, user) in list(self._pairs.items()):
             try:
                 await self._announce_leave(room, user)
@@ -187,11 +192,17 @@ class Hub:
             except BaseException:  # not subscribed: the user's next connection here tries again
                 self._user_subs.discard(uid)
                 raise
-        pair = self._pairs.get((room, conn.user.id))
-        if (grace := self._leaving.pop((room, conn.user.id), None)) is not None:
+        key = (room, uid)
+        while (leaving := self._leave_tasks.get(key)) is not None and not leaving.done():
+            # their `left` is under way: it goes out first, then this join announces them again (not the other way
+            # round, which would leave them connected but gone from presence)
+            await asyncio.wait([leaving])
+        if (grace := self._leaving.pop(key, None)) is not None:
             grace.cancel()  # back within the grace (a reload, a network blip): they never left
+        conn.counted = True
+        pair = self._pairs.get(key)
         if pair is None:
-            self._pairs[(room, conn.user.id)] = [1, conn.user]
+            self._pairs[key] = [1, conn.user]
             change = await self.presence.join(room, conn.user)
             if change.changed and change.online_count <= self.settings.presence_max:
                 await publish(self.redis, room_topic(room), PresenceEvent(
@@ -215,7 +226,8 @@ class Hub:
                 del self._users[conn.user.id]
         key = (room, conn.user.id)
         pair = self._pairs.get(key)
-        if pair is not None:
+        if pair is not None and conn.counted:  # an attach that failed early never counted this connection
+            conn.counted = False
             pair[0] -= 1
             if pair[0] <= 0:
                 grace = self.settings.presence_grace_s
@@ -226,7 +238,7 @@ class Hub:
                         self._leaving[key] = asyncio.get_running_loop().call_later(grace, self._grace_over, key)
                 else:
                     del self._pairs[key]
-                    await self._announce_leave(room, conn.user)
+                    await asyncio.shield(self._leave(key, conn.user))
 
     def _grace_over(self, key: tuple[str, int]) -> None:
         self._leaving.pop(key, None)
@@ -234,15 +246,13 @@ class Hub:
         if pair is None or pair[0] > 0:
             return
         del self._pairs[key]
-        task = asyncio.create_task(self._leave_logged(key[0], pair[1]))
-        self._leaves.add(task)
-        task.add_done_callback(self._leaves.discard)
+        self._leave(key, pair[1]).add_done_callback(_logged_leave)
 
-    async def _leave_logged(self, room: str, user: UserRef) -> None:
-        try:
-            await self._announce_leave(room, user)
-        except Exception:  # noqa: BLE001 - the entry expires with its heartbeats; a sweep announces it then
-            logger.warning("could not announce that user %s left %s", user.id, room, exc_info=True)
+    def _leave(self, key: tuple[str, int], user: UserRef) -> asyncio.Task:
+        """Announce that the user left the room, as a task an `attach` of theirs waits for."""
+        task = self._leave_tasks[key] = asyncio.create_task(self._announce_leave(key[0], user))
+        task.add_done_callback(lambda t: self._leave_tasks.pop(key, None) if self._leave_tasks.get(key) is t else None)
+        return task
 
     async def _announce_leave(self, room: str, user: UserRef) -> None:
         change = await self.presence.leave(room, user)

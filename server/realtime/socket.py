@@ -63,6 +63,12 @@ class RoomWebSocket(WebSocket):
         return send
 
 
+class _TooManyConnects(Exception):
+    def __init__(self, wait: float) -> None:
+        super().__init__(wait)
+        self.wait = wait
+
+
 @websocket("/ws/rooms/{room_id:str}", websocket_class=RoomWebSocket)
 async def room_socket(socket: WebSocket, room_id: str) -> None:
     state = socket.app.state
@@ -71,19 +77,28 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
     if after == "bad":
         await _refuse(socket, CLOSE_BAD_REQUEST, "after must be a non-negative integer")
         return
+
+    async def connect_budget(user_id: int, claims: dict) -> None:
+        # sockets opened per user and second, over all processes, checked once the token's signature is verified
+        # and before any database work (a client reconnecting in a loop); bots (by their signed role) bridge many
+        # rooms and are not limited
+        if claims.get("role") != "bot":
+            ok, wait = await hub.connect_limiter.take(user_id)
+            if not ok:
+                raise _TooManyConnects(wait)
+
     try:
-        user = await authenticate(socket, socket.query_params.get("token") or bearer_token(socket))
-        # sockets opened per user and second, over all processes, checked before any database work (a client
-        # reconnecting in a loop); bots bridge many rooms and are not limited
-        ok, wait = (True, 0.0) if user.role == "bot" else await hub.connect_limiter.take(user.id)
-        if ok:
-            async with state.pool.acquire() as db:
-                # the database's clock, read before the checks: a kick after this moment closes the socket (kicks
-                # carry the database's time too)
-                opened_at = await db.fetchval("SELECT now()")
-                access, kicked = await standing(db, room_id, user)
-                if access is not None and kicked is None:
-                    await rooms_repo.ensure_room(db, room_id)
+        user = await authenticate(socket, socket.query_params.get("token") or bearer_token(socket), connect_budget)
+        async with state.pool.acquire() as db:
+            # the database's clock, read before the checks: a kick after this moment closes the socket (kicks
+            # carry the database's time too)
+            opened_at = await db.fetchval("SELECT now()")
+            access, kicked = await standing(db, room_id, user)
+            if access is not None and kicked is None:
+                await rooms_repo.ensure_room(db, room_id)
+    except _TooManyConnects as exc:
+        await _refuse(socket, CLOSE_TOO_MANY, f"too many connects: retry in {exc.wait:g} s")
+        return
     except NotAuthorizedException as exc:
         await _refuse(socket, CLOSE_UNAUTHENTICATED, str(exc.detail))
         return
@@ -95,9 +110,6 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
     except Exception:  # noqa: BLE001 - never let a bug end the handshake without a close code
         logger.exception("websocket handshake failed", extra={"fields": {"room": room_id}})
         await _refuse(socket, 1011, "internal error")
-        return
-    if not ok:
-        await _refuse(socket, CLOSE_TOO_MANY, f"too many connects: retry in {wait:g} s")
         return
     if access is None:
         await _refuse(socket, CLOSE_FORBIDDEN, "no such room, or you may not join it")
