@@ -63,6 +63,9 @@ class RoomWebSocket(WebSocket):
         return send
 
 
+CONNECT_CHECK_S = 3.0  # how long opening a socket waits for the connect budget (Redis) before 1013
+
+
 class _TooManyConnects(Exception):
     def __init__(self, wait: float) -> None:
         super().__init__(wait)
@@ -83,7 +86,8 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
         # and before any database work (a client reconnecting in a loop); bots (by their signed role) bridge many
         # rooms and are not limited
         if claims.get("role") != "bot":
-            ok, wait = await hub.connect_limiter.take(user_id)
+            # the handshake is still open: a Redis that does not answer is a 1013 soon, not a client's timeout
+            ok, wait = await asyncio.wait_for(hub.connect_limiter.take(user_id), CONNECT_CHECK_S)
             if not ok:
                 raise _TooManyConnects(wait)
 
