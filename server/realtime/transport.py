@@ -8,8 +8,10 @@
 - **A finished connection ends.** When the app is done with a socket (it closed it, or gave up on a peer that
   stopped reading) or the keepalive ping went unanswered, asyncio's close waits for the write buffer to drain,
   which a peer that never reads never lets happen: its socket and buffer stayed open until TCP gave up (with a
-  zero receive window, never). Such a connection is now aborted once the close handshake has had its time
-  (`close_timeout`, 10 s, + REAP_S).
+  zero receive window, never), and a close sent while the buffer was full waited forever. Now a close waits at
+  most `close_timeout` (10 s) to go out; an app that finishes while the peer still has not read what it was
+  sent cuts the connection at once; any other connection not ended `close_timeout` + REAP_S after the app
+  finished (or REAP_S after a keepalive timeout) is cut. Cut: aborted with a reset (see `cut`).
 """
 from __future__ import annotations
 
