@@ -121,7 +121,9 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
         async with pool.acquire() as conn:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 # the transaction's snapshot (its first statement fixes it): which awards the boards will hold
-                snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text")
+                # and when it was taken: a transaction that begins later is not in it (see leaderboards._AWARD)
+                snapshot = await conn.fetchval(
+                    "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint || ';' || pg_current_snapshot()::text")
                 boards: dict[str, dict[int, int]] = defaultdict(dict)
                 for scope, sql in _BOARDS_SQL.items():
                     for r in await conn.fetch(sql, month[0], month[1], week[0], week[1]):

@@ -98,20 +98,24 @@ def boards_of(tenant_id: int, course_id: int | None, pod_ids: list[int], at: dat
 # One round trip per award: bump its boards (unless the last rebuild's snapshot already counted the award),
 # record the name, log it for a running rebuild, take the `leaderboard.changed` window of each board that has a
 # room, and publish the award's notices (the learner's `xp.awarded`, the achievements it unlocked).
+# The snapshot is `<ms taken>;<xmin>:<xmax>:<xip,...>` (leaderboard_rebuild); a transaction that began after it
+# was taken cannot be in it, whatever its id (a Postgres restored from a backup hands out the same ids again).
 # KEYS: building flag, backlog, names hash, rebuild snapshot, then the boards, then the throttle keys.
 # ARGV: points, user id, name, ledger id, number of boards, window ms, number of notices, transaction id
-#       (0: unknown), then expire-at per board (0: none), then channel and payload of each notice.
+#       (0: unknown), when the transaction began (ms, Postgres clock), then expire-at per board (0: none), then
+#       channel and payload of each notice.
 # -> per throttle key: 0 when this call took the window (announce now), else ms until it frees.
 _AWARD = """
-local nb, nn, xid = tonumber(ARGV[5]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local nb, nn, xid, began = tonumber(ARGV[5]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local counted = false
 if xid > 0 then
   local snap = redis.call('GET', KEYS[4])
-  if snap then
-    local xmin, xmax, xip = string.match(snap, '^(%d+):(%d+):(.*)$')
-    if xmin and xid < tonumber(xmin) then
+  local taken, xmin, xmax, xip
+  if snap then taken, xmin, xmax, xip = string.match(snap, '^(%d+);(%d+):(%d+):(.*)$') end
+  if taken and began <= tonumber(taken) then
+    if xid < tonumber(xmin) then
       counted = true
-    elseif xmax and xid < tonumber(xmax) then
+    elseif xid < tonumber(xmax) then
       counted = true
       for x in string.gmatch(xip, '%d+') do
         if tonumber(x) == xid then counted = false end
@@ -122,7 +126,7 @@ end
 for i = 1, nb do
   local key = KEYS[4 + i]
   if not counted then redis.call('ZINCRBY', key, ARGV[1], ARGV[2]) end
-  local exp = tonumber(ARGV[8 + i])
+  local exp = tonumber(ARGV[9 + i])
   if exp > 0 then redis.call('EXPIREAT', key, exp) end
 end
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
@@ -138,7 +142,7 @@ for i = 5 + nb, #KEYS do
     out[#out + 1] = math.max(1, redis.call('PTTL', KEYS[i]))
   end
 end
-for i = 9 + nb, 8 + nb + 2 * nn, 2 do redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
+for i = 10 + nb, 9 + nb + 2 * nn, 2 do redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
 return out
 """
 
@@ -167,6 +171,7 @@ class Entry:
     pod_ids: list[int]
     at: datetime
     xid: int = 0  # the ledger transaction's id (pg_current_xact_id); 0: unknown, always counted
+    began_ms: int = 0  # when that transaction began (Postgres clock, ms since the epoch)
 
     def rooms(self) -> list[tuple[str, int]]:
         """The boards with a room to tell about changes (all-time course and pod boards)."""
@@ -206,7 +211,7 @@ async def apply(redis: Redis, entries: list[Entry], notices: list[list[tuple[str
         calls.append(([keys.LEADERBOARD_BUILDING, keys.LEADERBOARD_BACKLOG, keys.leaderboard_names(e.tenant_id),
                        keys.LEADERBOARD_SNAPSHOT]
                       + [k for k, _ in boards] + [keys.leaderboard_throttle(sc, sid) for sc, sid in rs],
-                      [e.points, e.user_id, e.name, e.id, len(boards), window_ms, len(notes), e.xid]
+                      [e.points, e.user_id, e.name, e.id, len(boards), window_ms, len(notes), e.xid, e.began_ms]
                       + [x for _, x in boards] + [x for note in notes for x in note]))
     if len(calls) == 1:  # a pipeline would first ask SCRIPT EXISTS: one more round trip
         results = [await award(keys=calls[0][0], args=calls[0][1])]

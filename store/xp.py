@@ -81,6 +81,7 @@ class Award:
     previous_level: int
     unlocked: list[Unlocked] = field(default_factory=list)
     xid: int = 0  # the ledger transaction's id
+    began_ms: int = 0  # when that transaction began (Postgres clock, ms since the epoch)
     on_course: bool = True  # the learner is enrolled in `course_id` (stands on its boards)
     board_pod_ids: list[int] | None = None  # of `pod_ids`, the pods the learner stands on (None: all of them)
 
@@ -88,7 +89,8 @@ class Award:
         """The award as the boards see it: only the course and pod boards the learner stands on now."""
         return leaderboards.Entry(self.id, self.tenant_id, self.user_id, self.name, self.points,
                                   self.course_id if self.on_course else None,
-                                  self.pod_ids if self.board_pod_ids is None else self.board_pod_ids, self.at, self.xid)
+                                  self.pod_ids if self.board_pod_ids is None else self.board_pod_ids, self.at, self.xid,
+                                  self.began_ms)
 
 
 # Insert the ledger row (learners only; a duplicate key inserts nothing), bump the running totals and record
@@ -126,6 +128,7 @@ WITH ins AS (
     RETURNING achievement_id, unlocked_at
 )
 SELECT ins.*, tot.xp AS total, (SELECT name FROM users WHERE id = $1) AS name, pg_current_xact_id()::text AS xid,
+       (extract(epoch FROM now()) * 1000)::bigint AS began_ms,
        {leaderboards.ON_COURSE_SQL.format(course="ins.course_id", user="$1")} AS on_course,
        CASE WHEN $6::bigint[] IS NULL THEN ins.pod_ids
             ELSE {leaderboards.ON_PODS_SQL.format(user="$1", pods="ins.pod_ids")} END AS board_pods,
@@ -163,7 +166,7 @@ async def insert_award(conn: asyncpg.Connection, user_id: int, kind: str, idempo
     return Award(id=row["id"], tenant_id=row["tenant_id"], user_id=user_id, name=row["name"], kind=kind,
                  points=points, idempotency_key=idempotency_key, course_id=row["course_id"],
                  pod_ids=list(row["pod_ids"]), at=row["at"], xp=total, level=level_for(total),
-                 previous_level=level_for(total - points), unlocked=unlocked, xid=int(row["xid"]),
+                 previous_level=level_for(total - points), unlocked=unlocked, xid=int(row["xid"]), began_ms=row["began_ms"],
                  on_course=row["on_course"], board_pod_ids=list(row["board_pods"]))
 
 

@@ -290,6 +290,27 @@ async def test_a_board_update_arriving_after_a_rebuild_is_not_counted_twice(make
     assert board.me is not None and board.me.xp == 50 + 25 + 25
 
 
+async def test_awards_after_a_rebuild_count_though_postgres_hands_out_old_transaction_ids(make: Factory, lb):
+    """A Postgres restored from a backup (or set up anew) under the same Redis hands out transaction ids the last
+    rebuild's snapshot already covers: by id alone, every award of the next hour looked counted by that rebuild and
+    was left off the boards. A transaction that began after the snapshot was taken cannot be in it."""
+    import re
+
+    pool, redis = lb
+    u = make.user("learner")
+    await xp.award_xp(pool, redis, u.id, "lesson_completed", "lesson:1")
+    assert await leaderboard_rebuild.rebuild(pool, redis) is not None
+    # the snapshot's ids moved far past every id Postgres hands out now, as after a restore rewound them
+    snap = (await redis.get(keys.LEADERBOARD_SNAPSHOT)).decode()
+    rewound = re.sub(r"\d+:\d+:[\d,]*$", f"{10**15}:{10**15}:", snap)
+    assert rewound != snap
+    await redis.set(keys.LEADERBOARD_SNAPSHOT, rewound, ex=3600)
+    await asyncio.sleep(0.01)  # the next transaction begins after the snapshot was taken
+    await xp.award_xp(pool, redis, u.id, "helpful_answer", "helpful:after-restore")
+    board = await leaderboards.read(redis, "tenant", u.tenant_id, u.tenant_id, "all", u.id)
+    assert board.me is not None and board.me.xp == 50 + 25
+
+
 async def test_a_failing_rebuild_is_not_retried_by_every_read(lb):
     """Reads that find the boards gone start a rebuild; when it fails, the next reads do not start another one
     for a while (each would aggregate the whole ledger again)."""
