@@ -8,10 +8,11 @@
 - **A finished connection ends.** When the app is done with a socket (it closed it, or gave up on a peer that
   stopped reading) or the keepalive ping went unanswered, asyncio's close waits for the write buffer to drain,
   which a peer that never reads never lets happen: its socket and buffer stayed open until TCP gave up (with a
-  zero receive window, never), and a close sent while the buffer was full waited forever. Now a close waits at
-  most `close_timeout` (10 s) to go out; an app that finishes while the peer still has not read what it was
-  sent cuts the connection at once; any other connection not ended `close_timeout` + REAP_S after the app
-  finished (or REAP_S after a keepalive timeout) is cut. Cut: aborted with a reset (see `cut`).
+  zero receive window, never). uvicorn's send waits without limit for the buffer to drain, so the app bounds
+  its own close (`Conn._close` gives up after 10 s and ends the handler); an app that finishes while the peer
+  still has not read what it was sent now cuts the connection at once, and any other connection not ended
+  `close_timeout` + REAP_S after the app finished (or REAP_S after a keepalive timeout) is cut. Cut: aborted
+  with a reset (see `cut`).
 """
 from __future__ import annotations
 
@@ -73,17 +74,6 @@ class WsProtocol(WebSocketsSansIOProtocol):
         self.close_timer = self.loop.call_later(REAP_S, self.cut)
 
     # --- ending: a connection the app is done with does not outlive its close handshake ---------------
-
-    async def send(self, message: Any) -> None:
-        # uvicorn waits, without limit, for the write buffer to drain before any send, a close included; for a
-        # peer that stopped reading that is forever, and the app's handler never returns. A close waits at most
-        # `close_timeout`: then the connection is aborted (the send ends with ClientDisconnected).
-        if message.get("type") == "websocket.close" and not self.writable.is_set():
-            try:
-                await asyncio.wait_for(self.writable.wait(), self.close_timeout)
-            except asyncio.TimeoutError:
-                self.cut()
-        await super().send(message)
 
     async def run_asgi(self) -> None:
         await super().run_asgi()

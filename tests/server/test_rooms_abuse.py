@@ -487,4 +487,3 @@ async def test_a_user_reconnecting_in_a_loop_is_refused_4429_before_any_database
     await asyncio.sleep(wait)
     again = await Client.connect(server, course.room, a)
     await again.close()
-
