@@ -255,9 +255,9 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
             ctx = {"pool": pool, "settings": settings, "redis": arq, "job_id": f"cli-{job_id}",
                    "embedder": lambda: embedder_for(settings)}
             runner = asyncio.create_task(_run_inline(ingest_job, ctx, job_id))
-        job = await _progress(pool, job_id, arq if worker_alive else None)
+        job = await _progress(pool, job_id, arq if worker_alive else None, gone_after=args.worker_wait)
         if job is None:
-            print(f"\njob {job_id}: no worker has been consuming jobs for {WORKER_GONE_S:.0f} s (the worker stopped); "
+            print(f"\njob {job_id}: no worker has been consuming jobs for {args.worker_wait:.0f} s (the worker stopped); "
                   "the job stays queued for the next worker (`studyhall worker`, or `make run`)", file=sys.stderr)
             return 1
         if runner is not None:
@@ -280,12 +280,12 @@ async def _run_inline(job_fn, ctx: dict, job_id: int) -> None:  # type: ignore[n
             await asyncio.sleep((retry.defer_score or 0) / 1000)
 
 
-WORKER_GONE_S = 20.0  # `ingest` gives up waiting when no worker has reported healthy for this long
+WORKER_GONE_S = 20.0  # `ingest` gives up waiting when no worker has reported healthy for this long (--worker-wait)
 
 
-async def _progress(pool, job_id: int, arq=None):  # type: ignore[no-untyped-def]
+async def _progress(pool, job_id: int, arq=None, gone_after: float = WORKER_GONE_S):  # type: ignore[no-untyped-def]
     """Draw a progress bar until the job is done or failed; None when `arq` is given and no worker has been
-    alive (arq's health-check key) for WORKER_GONE_S."""
+    alive (arq's health-check key) for `gone_after` seconds."""
     width, shown = 30, None
     seen_worker, checked = time.monotonic(), 0.0
     while True:
@@ -293,7 +293,7 @@ async def _progress(pool, job_id: int, arq=None):  # type: ignore[no-untyped-def
             checked = time.monotonic()
             if await arq.exists("arq:queue:health-check"):
                 seen_worker = checked
-            elif checked - seen_worker >= WORKER_GONE_S:
+            elif checked - seen_worker >= gone_after:
                 return None
         job = await pool.fetchrow("SELECT state, progress, error FROM jobs WHERE id = $1", job_id)
         if job is None:
@@ -560,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--youtube", help="YouTube URL or 11-character id")
     src.add_argument("--file", help="transcript (.srt/.vtt/.json) or media (wav/mp3/m4a/mp4/webm)")
     ing.add_argument("--title", type=_title, help="at most 200 characters on one line (default: from the file name)")
+    ing.add_argument("--worker-wait", type=_worker_wait, default=WORKER_GONE_S, metavar="S",
+                     help=f"give up after S seconds without a live worker (5 to 3600, default {WORKER_GONE_S:.0f}); "
+                          "the job stays queued")
     ask_ = add("ask", cmd_ask, "ask the tutor about a course (answer with cited moments)")
     ask_.add_argument("course_id", type=_id)
     ask_.add_argument("question", type=_question)
@@ -590,6 +593,8 @@ def _int_in(low: int, high: int, what: str):  # type: ignore[no-untyped-def]
 _id = _int_in(1, 2**62, "not an id")
 _port = _int_in(1, 65535, "a port is 1 to 65535")
 _ttl = _int_in(60, 366 * 24 * 3600, "a token lives 60 to 31,622,400 seconds (a year), as STUDYHALL_TOKEN_TTL")
+# at least the worker's health-check period (5 s): a live worker is never taken for gone
+_worker_wait = _int_in(5, 3600, "--worker-wait is 5 to 3600 seconds")
 
 
 def _as_rest_takes(raw: str, pattern: str, limit: int, rule: str) -> str:

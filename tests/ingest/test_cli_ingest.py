@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 from tests.conftest import EVAL, ROOT, Factory, clean_env, fetch, wait_job
 
@@ -42,6 +43,9 @@ def test_cli_ingest_rejects_bad_input(client, make: Factory, data_dir, tmp_path)
     # a token's lifetime is bounded as STUDYHALL_TOKEN_TTL is
     out = _cli(data_dir, "token", "--user", "ttl-check", "--role", "learner", "--ttl", str(2**40))
     assert out.returncode == 2 and "31,622,400" in out.stderr, out.stderr
+    # --worker-wait is at least the worker's health-check period: shorter would take a live worker for gone
+    out = _cli(data_dir, "ingest", str(cid), "--youtube", "dQw4w9WgXcQ", "--worker-wait", "4")
+    assert out.returncode == 2 and "5 to 3600" in out.stderr, out.stderr
 
 
 def test_reembed_after_model_switch(client, make: Factory, worker, data_dir, settings):
@@ -95,8 +99,11 @@ def test_cli_ingest_gives_up_when_the_worker_is_gone(client, make: Factory, work
         r = redis.Redis.from_url(settings.redis_url)
         r.set("arq:queue:health-check", b"pretend", px=1500)  # alive when the CLI looks, gone right after
         r.close()
-        out = _cli(data_dir, "ingest", str(cid), "--file", str(EVAL / "transcripts" / "3b1b-bitcoin.srt"))
-        assert out.returncode == 1 and "no worker has been consuming jobs" in out.stderr, out.stderr
+        t0 = time.monotonic()
+        out = _cli(data_dir, "ingest", str(cid), "--file", str(EVAL / "transcripts" / "3b1b-bitcoin.srt"),
+                   "--worker-wait", "5")
+        assert out.returncode == 1 and "no worker has been consuming jobs for 5 s" in out.stderr, out.stderr
+        assert time.monotonic() - t0 < 20  # not the default 20 s
         job_id = int(out.stderr.split("job ")[1].split()[0].rstrip(","))
         assert fetch(settings, "SELECT state FROM jobs WHERE id = $1", job_id)[0]["state"] == "queued"
     finally:
