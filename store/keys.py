@@ -75,6 +75,11 @@ LEADERBOARD_SNAPSHOT = "sh:lb:snapshot"
 LEADERBOARD_TEMP = "sh:lb:tmp:{token}:"
 # STRING throttle: one `leaderboard.changed` per board per STUDYHALL_LEADERBOARD_EVENT_S. TTL that window.
 LEADERBOARD_THROTTLE = "sh:lb:thr:{scope}:{scope_id}"
+# ZSET "<scope>:<scope id>:<tenant id>" -> when its window ends (ms, Redis clock): boards that changed inside their
+# window and still owe the room a `leaderboard.changed` once it ends. The process that held the change back
+# announces it then; if that process died, any server's hub does (whoever removes the entry tells). No TTL: every
+# entry is taken within a tick of coming due while a server runs.
+LEADERBOARD_DUE = "sh:lb:due"
 # HASH token bucket (as RATE_SEND) limiting one user's progress reports. TTL: full refill time + 1 s.
 RATE_PROGRESS = "sh:rl:progress:{user_id}"
 

@@ -97,13 +97,14 @@ def boards_of(tenant_id: int, course_id: int | None, pod_ids: list[int], at: dat
 
 # One round trip per award: bump its boards (unless the last rebuild's snapshot already counted the award),
 # record the name, log it for a running rebuild, take the `leaderboard.changed` window of each board that has a
-# room, and publish the award's notices (the learner's `xp.awarded`, the achievements it unlocked).
+# room (a board whose window another change holds goes on the due list), and publish the award's notices (the
+# learner's `xp.awarded`, the achievements it unlocked).
 # The snapshot is `<ms taken>;<xmin>:<xmax>:<xip,...>` (leaderboard_rebuild); a transaction that began after it
 # was taken cannot be in it, whatever its id (a Postgres restored from a backup hands out the same ids again).
-# KEYS: building flag, backlog, names hash, rebuild snapshot, then the boards, then the throttle keys.
+# KEYS: building flag, backlog, names hash, rebuild snapshot, due list, then the boards, then the throttle keys.
 # ARGV: points, user id, name, ledger id, number of boards, window ms, number of notices, transaction id
 #       (0: unknown), when the transaction began (ms, Postgres clock), then expire-at per board (0: none), then
-#       channel and payload of each notice.
+#       channel and payload of each notice, then the due-list member of each throttle key.
 # -> per throttle key: 0 when this call took the window (announce now), else ms until it frees.
 _AWARD = """
 local nb, nn, xid, began = tonumber(ARGV[5]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -124,7 +125,7 @@ if xid > 0 then
   end
 end
 for i = 1, nb do
-  local key = KEYS[4 + i]
+  local key = KEYS[5 + i]
   if not counted then redis.call('ZINCRBY', key, ARGV[1], ARGV[2]) end
   local exp = tonumber(ARGV[9 + i])
   if exp > 0 then redis.call('EXPIREAT', key, exp) end
@@ -135,11 +136,16 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('EXPIRE', KEYS[2], 3600)
 end
 local out = {}
-for i = 5 + nb, #KEYS do
+local first = 6 + nb
+for i = first, #KEYS do
   if redis.call('SET', KEYS[i], '1', 'PX', ARGV[6], 'NX') then
     out[#out + 1] = 0
   else
-    out[#out + 1] = math.max(1, redis.call('PTTL', KEYS[i]))
+    local wait = math.max(1, redis.call('PTTL', KEYS[i]))
+    local t = redis.call('TIME')
+    redis.call('ZADD', KEYS[5], 'NX', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + wait,
+               ARGV[10 + nb + 2 * nn + i - first])
+    out[#out + 1] = wait
   end
 end
 for i = 10 + nb, 9 + nb + 2 * nn, 2 do redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
@@ -184,6 +190,8 @@ class _Scripts:
     def __init__(self, redis: Redis) -> None:
         self.award = redis.register_script(_AWARD)
         self.read = redis.register_script(_READ)
+        self.defer = redis.register_script(_DEFER)
+        self.take_due = redis.register_script(_TAKE_DUE)
 
 
 _scripts: dict[int, _Scripts] = {}
@@ -209,10 +217,11 @@ async def apply(redis: Redis, entries: list[Entry], notices: list[list[tuple[str
     for e, notes, rs in zip(entries, notices, rooms):
         boards = boards_of(e.tenant_id, e.course_id, e.pod_ids, e.at)
         calls.append(([keys.LEADERBOARD_BUILDING, keys.LEADERBOARD_BACKLOG, keys.leaderboard_names(e.tenant_id),
-                       keys.LEADERBOARD_SNAPSHOT]
+                       keys.LEADERBOARD_SNAPSHOT, keys.LEADERBOARD_DUE]
                       + [k for k, _ in boards] + [keys.leaderboard_throttle(sc, sid) for sc, sid in rs],
                       [e.points, e.user_id, e.name, e.id, len(boards), window_ms, len(notes), e.xid, e.began_ms]
-                      + [x for _, x in boards] + [x for note in notes for x in note]))
+                      + [x for _, x in boards] + [x for note in notes for x in note]
+                      + [_due_member(sc, sid, e.tenant_id) for sc, sid in rs]))
     if len(calls) == 1:  # a pipeline would first ask SCRIPT EXISTS: one more round trip
         results = [await award(keys=calls[0][0], args=calls[0][1])]
     else:
@@ -306,11 +315,39 @@ _trailing: dict[str, tuple[asyncio.Task, _Target]] = {}  # throttle key -> the t
 _telling: dict[str, asyncio.Task] = {}  # room -> the announcement under way (one per board, so none overtakes)
 _again: set[str] = set()  # rooms whose board changed again while being announced
 
+# A change inside another change's window is held back: the board goes on the due list (keys.LEADERBOARD_DUE)
+# until the window ends. The process that held it back has a timer for then; whoever removes the entry first (that
+# timer, or any server's `take_due` when that process died) tells the room.
+
+# Take the board's window, or put the board on the due list for the window's end (kept when already listed).
+# KEYS: throttle key, due list. ARGV: window ms, due-list member. -> 0: window taken (tell now), else ms to wait.
+_DEFER = """
+if redis.call('SET', KEYS[1], '1', 'PX', ARGV[1], 'NX') then return 0 end
+local wait = math.max(1, redis.call('PTTL', KEYS[1]))
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[2], 'NX', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + wait, ARGV[2])
+return wait
+"""
+
+# Remove and return the boards whose window has ended (Redis clock), at most ARGV[1] of them. KEYS: due list.
+_TAKE_DUE = """
+local t = redis.call('TIME')
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000),
+                       'LIMIT', 0, tonumber(ARGV[1]))
+if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+return due
+"""
+TAKE_DUE_MAX = 200  # boards one `take_due` call tells about; the rest wait for the next call
+
+
+def _due_member(scope: str, scope_id: int, tenant_id: int) -> str:
+    return f"{scope}:{scope_id}:{tenant_id}"
+
 
 def _announce(redis: Redis, scope: str, scope_id: int, tenant_id: int, wait_ms: int) -> None:
-    """`wait_ms` 0: this process holds the board's window, so tell the room now. Otherwise tell it once the
-    window frees (one timer per board and process), so the last change of a burst is always announced.
-    Either way off the award's path: the award returns once the boards are bumped."""
+    """`wait_ms` 0: this process holds the board's window, so tell the room now. Otherwise the board is on the due
+    list: tell the room once the window frees (one timer per board and process), so the last change of a burst is
+    always announced. Either way off the award's path: the award returns once the boards are bumped."""
     board = (redis, scope, scope_id, tenant_id)
     if wait_ms == 0:
         room = f"{scope}:{scope_id}"
@@ -353,24 +390,43 @@ async def _tell(redis: Redis, scope: str, scope_id: int, tenant_id: int) -> None
 
 async def drain(timeout: float = 5.0) -> None:
     """At shutdown: finish the announcements under way and tell now what the end-of-burst timers would have
-    told later (the window is moot once this process stops), before the Redis client closes."""
+    told later (the window is moot once this process stops; the boards come off the due list), before the
+    Redis client closes."""
     late = [(task, board) for task, board in _trailing.values() if _live(task)]
     for task, _ in late:
         task.cancel()
-    tasks = [t for t in _telling.values() if _live(t)] + [asyncio.create_task(_tell(*board)) for _, board in late]
+    tasks = [t for t in _telling.values() if _live(t)] + [asyncio.create_task(_tell_due(*board)) for _, board in late]
     if tasks:
         await asyncio.wait(tasks, timeout=timeout)
     _trailing.clear()
 
 
+async def _tell_due(redis: Redis, scope: str, scope_id: int, tenant_id: int) -> None:
+    """Tell a board held back by this process now, unless another process already took it off the due list."""
+    try:
+        if not await redis.zrem(keys.LEADERBOARD_DUE, _due_member(scope, scope_id, tenant_id)):
+            return
+    except Exception:  # noqa: BLE001 - tell anyway: at worst a room hears the same board twice
+        logger.warning("could not take a board off the due list", exc_info=True)
+    await _tell(redis, scope, scope_id, tenant_id)
+
+
 async def nudge(redis: Redis, scope: str, scope_id: int, tenant_id: int) -> None:
     """Announce a changed board to its room: now when this process takes the board's window, else once it frees."""
-    thr = keys.leaderboard_throttle(scope, scope_id)
-    window_ms = max(1, int(EVENT_WINDOW_S * 1000))
-    if await redis.set(thr, b"1", px=window_ms, nx=True):
-        _announce(redis, scope, scope_id, tenant_id, 0)
-    else:  # another award or process holds the window; announce the state as of when it frees
-        _announce(redis, scope, scope_id, tenant_id, max(1, await redis.pttl(thr)))
+    wait = await scripts(redis).defer(
+        keys=[keys.leaderboard_throttle(scope, scope_id), keys.LEADERBOARD_DUE],
+        args=[max(1, int(EVENT_WINDOW_S * 1000)), _due_member(scope, scope_id, tenant_id)])
+    _announce(redis, scope, scope_id, tenant_id, int(wait))
+
+
+async def take_due(redis: Redis) -> int:
+    """Tell the rooms of boards whose window has ended with a change held back, when the process that held it
+    back has not (it died); how many boards were due. Every server's hub calls this each tick."""
+    due = await scripts(redis).take_due(keys=[keys.LEADERBOARD_DUE], args=[TAKE_DUE_MAX])
+    for member in due:
+        scope, scope_id, tenant_id = (member.decode() if isinstance(member, bytes) else member).split(":")
+        await nudge(redis, scope, int(scope_id), int(tenant_id))
+    return len(due)
 
 
 async def _later(thr: str, board: _Target, wait_ms: int) -> None:
@@ -378,7 +434,9 @@ async def _later(thr: str, board: _Target, wait_ms: int) -> None:
     try:
         await asyncio.sleep(wait_ms / 1000)
         _trailing.pop(thr, None)
-        await nudge(redis, scope, scope_id, tenant_id)
+        # whoever takes the board off the due list tells (a hub's take_due may have been first)
+        if await redis.zrem(keys.LEADERBOARD_DUE, _due_member(scope, scope_id, tenant_id)):
+            await nudge(redis, scope, scope_id, tenant_id)
     except Exception:  # noqa: BLE001
         logger.warning("could not announce a leaderboard change", exc_info=True)
     finally:

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from server import tutoring
 from server.realtime.conn import Conn, text_frame
 from server.realtime.standing import still_allowed
+from store import leaderboards
 from store import live as live_repo
 from store import rooms as rooms_repo
 from store import tutor as tutor_repo
@@ -436,7 +437,7 @@ class Hub:
             await asyncio.sleep(self.tick_s)
             self._cut_stalled()
             for duty in (self._sweep_presence, self._reap_dead_procs, self._settle_orphans, self._catch_up,
-                         self._unsubscribe_idle, self._unpublished_polls, self._close_attendance):
+                         self._unsubscribe_idle, self._unpublished_polls, self._close_attendance, self._due_boards):
                 try:
                     # bounded: a busy pool or a slow Redis delays this duty, not the next tick's
                     await asyncio.wait_for(duty(), timeout=self.tick_s * 2)
@@ -510,6 +511,11 @@ class Hub:
         """A socket's attendance row could not be closed when it left: the next ticks try again (the process
         lives, so no reaper would ever close it)."""
         self._unclosed[attendance_id] = left_at
+
+    async def _due_boards(self) -> None:
+        """`leaderboard.changed` that a dead process held back for the end of a board's window: every process
+        looks, whoever takes a board off the due list tells its room."""
+        await leaderboards.take_due(self.redis)
 
     async def _close_attendance(self) -> None:
         if not self._unclosed:

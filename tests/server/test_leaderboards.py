@@ -13,7 +13,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from store import leaderboards, xp
+from store import keys, leaderboards, xp
 from store.db import create_pool
 from tests.conftest import ROOT, Factory, clean_env, fetch, run_sync, stop_process, wait_ready
 from tests.progress_helpers import make_course, xp_store  # noqa: F401 - fixture
@@ -131,20 +131,27 @@ async def test_drain_tells_the_end_of_a_burst(server, client, make: Factory, xp_
         await xp.award_xp(pool, redis, a.id, "helpful_answer", "burst:1", course_id=course.id)
         assert (await ws.expect("leaderboard.changed", period="all"))["top"][0]["xp"] == 25
         await xp.award_xp(pool, redis, a.id, "helpful_answer", "burst:2", course_id=course.id)  # inside the window
+        due = [m.decode() for m in await redis.zrange(keys.LEADERBOARD_DUE, 0, -1)]
+        assert any(m.startswith(f"course:{course.id}:") for m in due)  # for any process, should this one die
         await leaderboards.drain()
         assert (await ws.expect("leaderboard.changed", period="all", timeout=3))["top"][0]["xp"] == 50
+        due = [m.decode() for m in await redis.zrange(keys.LEADERBOARD_DUE, 0, -1)]
+        assert not any(m.startswith(f"course:{course.id}:") for m in due)  # told: nobody tells it again
     finally:
         leaderboards.EVENT_WINDOW_S = old
         await ws.close()
 
 
-async def test_a_server_stopping_mid_window_tells_the_last_change(server, client, make: Factory, data_dir):
-    """Through a real server process: XP earned on it inside the event window, then SIGTERM; a learner watching
-    from another server hears the last change at once, not never."""
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+async def test_a_server_gone_mid_window_still_tells_the_last_change(server, client, make: Factory, data_dir, how):
+    """Through a real server process: XP earned on it inside the event window, then the process goes. Stopped
+    (SIGTERM): a learner watching from another server hears the last change at once. Killed (SIGKILL): the board
+    is on the due list in Redis, and the surviving server tells the room once the window ends. Never: no one."""
     course = make_course(client, make, learners=2, videos=0)
     (a, b), inst = course.learners, course.instructor
     room = f"course:{course.id}"
-    ((proc, url),) = spawn_ready(data_dir, ["lb-stopping"], {"STUDYHALL_LEADERBOARD_EVENT_S": "60"})
+    window = {"stopped": 60, "killed": 4}[how]
+    ((proc, url),) = spawn_ready(data_dir, [f"lb-{how}"], {"STUDYHALL_LEADERBOARD_EVENT_S": str(window)})
     ws = await Client.connect(server, room, b)
     try:
         with httpx.Client(base_url=url, timeout=30) as c:
@@ -154,13 +161,16 @@ async def test_a_server_stopping_mid_window_tells_the_last_change(server, client
                           headers=inst.h).status_code in (200, 201)
             assert (await ws.expect("leaderboard.changed", period="all", timeout=10))["top"][0]["xp"] == 25
             assert c.post(f"/api/v1/rooms/{room}/messages/{msgs[1]['id']}/helpful",
-                          headers=inst.h).status_code in (200, 201)  # inside the 60 s window: held back
+                          headers=inst.h).status_code in (200, 201)  # inside the window: held back
         held = [f for f in await ws.quiet(0.5) if f["type"] == "leaderboard.changed" and f["top"][0]["xp"] == 50]
         assert not held  # (the first change's month and week events are all that came)
+        stop_process(proc, signal.SIGTERM if how == "stopped" else signal.SIGKILL)
+        t0 = time.monotonic()
+        changed = await ws.expect("leaderboard.changed", period="all", timeout=15)
+        assert changed["top"][0]["xp"] == 50 and time.monotonic() - t0 < (3 if how == "stopped" else window + 5)
     finally:
-        stop_process(proc, signal.SIGTERM)
-    assert (await ws.expect("leaderboard.changed", period="all", timeout=3))["top"][0]["xp"] == 50
-    await ws.close()
+        stop_process(proc)
+        await ws.close()
 
 
 def _all_boards(client: httpx.Client, viewers: dict, boards: list[tuple[str, int]]) -> list:  # type: ignore[type-arg]
