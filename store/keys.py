@@ -71,6 +71,10 @@ LEADERBOARD_BACKLOG = "sh:lb:backlog"
 # after its swap: an award whose transaction that snapshot already saw, but whose board update comes only after the
 # swap (its process stalled between commit and Redis), is not counted twice.
 LEADERBOARD_SNAPSHOT = "sh:lb:snapshot"
+# STRING the highest ledger (xp_events) id the boards hold: raised by every award, set by a rebuild. Above the
+# ledger's highest id at startup, the ledger lost events the boards still count (Postgres restored from a
+# backup): the startup check rebuilds. No TTL.
+LEADERBOARD_HIGH = "sh:lb:high"
 # A rebuild writes each board as "sh:lb:tmp:<token>:<board key>" (TTL 3600 s) and renames it into place.
 LEADERBOARD_TEMP = "sh:lb:tmp:{token}:"
 # STRING throttle: one `leaderboard.changed` per board per STUDYHALL_LEADERBOARD_EVENT_S. TTL that window.

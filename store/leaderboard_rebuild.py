@@ -124,6 +124,7 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
                 # and when it was taken: a transaction that begins later is not in it (see leaderboards._AWARD)
                 snapshot = await conn.fetchval(
                     "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint || ';' || pg_current_snapshot()::text")
+                high = await conn.fetchval("SELECT coalesce(max(id), 0) FROM xp_events")
                 boards: dict[str, dict[int, int]] = defaultdict(dict)
                 for scope, sql in _BOARDS_SQL.items():
                     for r in await conn.fetch(sql, month[0], month[1], week[0], week[1]):
@@ -157,6 +158,9 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
                     swap_keys += [key, temp + key]
                 backlog = await _swap(redis)(keys=swap_keys, args=[now.isoformat(), snapshot, token, len(live_keys)]
                                              + [_period_expiry(k, now) for k in live_keys + stale])
+                # the boards' high-water mark is now the ledger's (awards since raise it again); lower than the truth
+                # at worst, which only makes the startup check below miss a loss, never rebuild for nothing
+                await redis.set(keys.LEADERBOARD_HIGH, high)
                 ids = sorted({int(x) for x in backlog})
                 seen = {r["id"] for r in await conn.fetch("SELECT id FROM xp_events WHERE id = ANY($1::bigint[])", ids)}
             missed = [i for i in ids if i not in seen]
@@ -241,9 +245,17 @@ async def _replay(conn: asyncpg.Connection, redis: Redis, ids: list[int], swappe
 
 
 async def ensure_built(pool: asyncpg.Pool, redis: Redis) -> Rebuilt | None:
-    """Startup check: rebuild when Redis has no boards built from the ledger (flushed, or first start)."""
-    if await redis.exists(keys.LEADERBOARD_BUILT):
-        return None
+    """Startup check: rebuild when Redis has no boards built from the ledger (flushed, or first start), or when the
+    boards hold a later ledger event than the ledger has (Postgres restored from a backup: the boards still count
+    the XP it lost)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        built, high = await pipe.exists(keys.LEADERBOARD_BUILT).get(keys.LEADERBOARD_HIGH).execute()
+    if built:
+        newest = await pool.fetchval("SELECT coalesce(max(id), 0) FROM xp_events")
+        if high is None or int(high) <= newest:
+            return None
+        logger.warning("the leaderboards hold XP events the ledger does not have (Postgres restored from a "
+                       "backup?): rebuilding them", extra={"fields": {"boards_high": int(high), "ledger_high": newest}})
     return await rebuild(pool, redis)
 
 

@@ -101,7 +101,8 @@ def boards_of(tenant_id: int, course_id: int | None, pod_ids: list[int], at: dat
 # learner's `xp.awarded`, the achievements it unlocked).
 # The snapshot is `<ms taken>;<xmin>:<xmax>:<xip,...>` (leaderboard_rebuild); a transaction that began after it
 # was taken cannot be in it, whatever its id (a Postgres restored from a backup hands out the same ids again).
-# KEYS: building flag, backlog, names hash, rebuild snapshot, due list, then the boards, then the throttle keys.
+# KEYS: building flag, backlog, names hash, rebuild snapshot, due list, high-water mark (the highest ledger id on
+#       the boards), then the boards, then the throttle keys.
 # ARGV: points, user id, name, ledger id, number of boards, window ms, number of notices, transaction id
 #       (0: unknown), when the transaction began (ms, Postgres clock), then expire-at per board (0: none), then
 #       channel and payload of each notice, then the due-list member of each throttle key.
@@ -125,18 +126,19 @@ if xid > 0 then
   end
 end
 for i = 1, nb do
-  local key = KEYS[5 + i]
+  local key = KEYS[6 + i]
   if not counted then redis.call('ZINCRBY', key, ARGV[1], ARGV[2]) end
   local exp = tonumber(ARGV[9 + i])
   if exp > 0 then redis.call('EXPIREAT', key, exp) end
 end
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+if tonumber(ARGV[4]) > tonumber(redis.call('GET', KEYS[6]) or '0') then redis.call('SET', KEYS[6], ARGV[4]) end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('RPUSH', KEYS[2], ARGV[4])
   redis.call('EXPIRE', KEYS[2], 3600)
 end
 local out = {}
-local first = 6 + nb
+local first = 7 + nb
 for i = first, #KEYS do
   if redis.call('SET', KEYS[i], '1', 'PX', ARGV[6], 'NX') then
     out[#out + 1] = 0
@@ -217,7 +219,7 @@ async def apply(redis: Redis, entries: list[Entry], notices: list[list[tuple[str
     for e, notes, rs in zip(entries, notices, rooms):
         boards = boards_of(e.tenant_id, e.course_id, e.pod_ids, e.at)
         calls.append(([keys.LEADERBOARD_BUILDING, keys.LEADERBOARD_BACKLOG, keys.leaderboard_names(e.tenant_id),
-                       keys.LEADERBOARD_SNAPSHOT, keys.LEADERBOARD_DUE]
+                       keys.LEADERBOARD_SNAPSHOT, keys.LEADERBOARD_DUE, keys.LEADERBOARD_HIGH]
                       + [k for k, _ in boards] + [keys.leaderboard_throttle(sc, sid) for sc, sid in rs],
                       [e.points, e.user_id, e.name, e.id, len(boards), window_ms, len(notes), e.xid, e.began_ms]
                       + [x for _, x in boards] + [x for note in notes for x in note]

@@ -140,6 +140,32 @@ async def test_flush_then_rebuild_is_identical(make: Factory, lb):
     assert await leaderboard_rebuild.check(pool, redis, tenant_ids=sorted({u.tenant_id for u in users})) == []
 
 
+async def test_boards_ahead_of_a_restored_ledger_are_rebuilt_at_startup(make: Factory, lb):
+    """Postgres restored from a backup under the same Redis: the ledger lost its newest events, the boards still
+    count them. The startup check sees the boards hold a later ledger id than the ledger has and rebuilds."""
+    pool, redis = lb
+    a, b = make.user("learner"), make.user("learner")
+    tid = a.tenant_id
+    await xp.award_xp(pool, redis, a.id, "lesson_completed", "restore:1")
+    await xp.award_xp(pool, redis, b.id, "helpful_answer", "restore:2")
+    assert await leaderboard_rebuild.ensure_built(pool, redis) is not None  # first start: built
+    assert await leaderboard_rebuild.ensure_built(pool, redis) is None  # nothing lost: nothing to do
+    lost = await xp.award_xp(pool, redis, a.id, "course_completed", "restore:3")
+    assert lost is not None
+    board = await leaderboards.read(redis, "tenant", tid, tid, "all", a.id)
+    assert board.me is not None and board.me.xp == 550
+    async with pool.acquire() as conn:  # the backup was taken before that award
+        await conn.execute("DELETE FROM xp_events WHERE id = $1", lost.id)
+        await conn.execute("UPDATE xp_totals SET xp = xp - 500 WHERE user_id = $1", a.id)
+    assert await leaderboard_rebuild.ensure_built(pool, redis) is not None
+    board = await leaderboards.read(redis, "tenant", tid, tid, "all", a.id)
+    assert board.me is not None and board.me.xp == 50
+    assert await leaderboard_rebuild.ensure_built(pool, redis) is None  # rebuilt: the marks agree again
+    again = await xp.award_xp(pool, redis, a.id, "course_completed", "restore:4")  # the ledger carries on
+    assert again is not None and int(await redis.get(keys.LEADERBOARD_HIGH)) == again.id
+    assert await leaderboard_rebuild.ensure_built(pool, redis) is None
+
+
 async def test_rebuild_while_awards_arrive(make: Factory, lb):
     pool, redis = lb
     users = [make.user("learner") for _ in range(20)]
