@@ -129,10 +129,11 @@ def uncovered(question: str, present: set[str]) -> tuple[list[str], list[str]]:
 
 
 def missing_rare_words(question: str, missing_lexemes: list[str]) -> list[str]:
-    """Question words whose stem is absent from the course and that are rare in general English."""
+    """Question words whose stem is absent from the course and that are rare in general English (accents folded,
+    as the lexemes are: "Schrödinger" is "schrodinger")."""
     missing = set(missing_lexemes)
     out = []
-    for word in re.findall(r"[A-Za-z][A-Za-z\-']{2,}", question):
+    for word in re.findall(r"[A-Za-z][A-Za-z\-']{2,}", fold(question)):
         lw = word.lower()
         if any(lw.startswith(m) or m.startswith(lw[:5]) for m in missing) and zipf_frequency(lw, "en") < RARE_ZIPF:
             out.append(lw)

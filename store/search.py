@@ -26,7 +26,8 @@ _K1_PLUS_1 = round(BM25_K1 + 1, 9)
 _K1_FLAT = round(BM25_K1 * (1 - BM25_B), 9)
 _K1_B = round(BM25_K1 * BM25_B, 9)
 
-# Words in any script ("schrödinger", "café", "naïve" as the chunks' to_tsvector keeps them), not only ASCII.
+# Words in any script ("schrödinger", "café", "naïve"), not only ASCII; Postgres folds the accents of both sides
+# (sh_fold, migration 0022), so "schrodinger" finds "Schrödinger" and the other way round.
 _TERM = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 # Words common in questions that say nothing about where the answer is (Postgres drops ordinary stop words).
 _QUESTION_STOP = frozenset("""
@@ -87,7 +88,7 @@ terms AS (
            {_K1_B}::float8 / greatest(s.total_terms::float8 / greatest(s.n_chunks, 1), 1) AS per_len
     FROM course_term_stats s JOIN course_term_df d ON d.course_id = s.course_id AND d.embed_model = s.embed_model
     WHERE $5::float8 > 0 AND s.course_id = {{course}} AND s.embed_model = {{model}}
-      AND d.lexeme = ANY (tsvector_to_array(to_tsvector('english', (SELECT $4::text))))
+      AND d.lexeme = ANY (tsvector_to_array(to_tsvector('english', sh_fold((SELECT $4::text)))))
     WINDOW by_df AS (ORDER BY d.df, d.lexeme)),
 -- LATERAL: one primary-key range scan per essential term, whatever the planner believes about table sizes
 partial AS (
@@ -206,7 +207,7 @@ _VOCAB = """
 SELECT q.lexeme AS term, false AS spoken,
        EXISTS (SELECT 1 FROM course_term_df d WHERE d.course_id = $2 AND d.embed_model = $3 AND d.lexeme = q.lexeme)
            AS present
-FROM (SELECT DISTINCT unnest(tsvector_to_array(to_tsvector('english', $1))) AS lexeme) q
+FROM (SELECT DISTINCT unnest(tsvector_to_array(to_tsvector('english', sh_fold($1)))) AS lexeme) q
 UNION ALL
 SELECT w, true, EXISTS (SELECT 1 FROM video_words v WHERE v.course_id = $2 AND v.word = w)
 FROM unnest($4::text[]) AS w

@@ -154,6 +154,24 @@ async def test_common_terms_still_score_the_candidates(pool, monkeypatch):
     assert budgeted == exact[:3] == in_video
 
 
+async def test_full_text_search_folds_accents_both_ways(pool):
+    """"schrodinger" finds the chunk that says "Schrödinger" and "Poincaré" the one that says "Poincare" (no
+    unaccent extension in the embedded Postgres: migration 0022's sh_fold); the judge's coverage agrees."""
+    cid = await new_course(pool)
+    texts = ["Schrödinger’s equation describes the wave function", "Poincare conjectured it about spheres",
+             "a naïve café serves coffee", "matrices and vectors", "graphs and trees"]
+    await ingest(pool, cid, texts)
+    vec = unit_vectors(1, seed=11)[0]
+    async with pool.acquire() as conn:
+        for question, want in (("schrodinger's equation", 0), ("Schrödinger", 0), ("what did Poincaré conjecture", 1),
+                               ("naive cafe", 2), ("NAÏVE CAFÉ", 2)):
+            hits = await search.hybrid_search(conn, cid, vec, question, MODEL, k=5, w_sparse=1.0)
+            scored = [h.text for h in hits if h.sparse_score]
+            assert scored[:1] == [texts[want]], (question, scored)
+        cover = await search.vocabulary_coverage(conn, cid, MODEL, "Schrödinger and Poincare on cafes")
+        assert {"schroding", "poincar", "cafe"} <= set(cover.present) and cover.missing == []
+
+
 async def test_small_course_is_ranked_exactly(pool):
     """A course that is a small part of the HNSW graph gets the exact cosine ranking, search after search."""
     cid = await new_course(pool)
