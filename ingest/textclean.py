@@ -8,6 +8,8 @@ from __future__ import annotations
 import html
 import logging
 import re
+from collections import Counter
+from collections.abc import Iterable
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +97,37 @@ def _unescape(line: str) -> str:
     return line
 
 
-def strip_speaker_label(line: str) -> str:
-    """Remove a leading speaker label ("PROF:", "Student:", "- JOHN SMITH:") and keep the words."""
+def strip_speaker_label(line: str, keep: frozenset[str] = frozenset()) -> str:
+    """Remove a leading speaker label ("PROF:", "Student:", "- JOHN SMITH:") and keep the words; a label in
+    `keep` (see `word_labels_to_keep`) stays as text."""
     m = _LABEL.match(line)
-    return line[m.end():] if m else line
+    if m is None or (keep and _label_key(m) in keep):
+        return line
+    return line[m.end():]
+
+
+_ROLE_WORD = re.compile(_ROLES + r"\.?", re.IGNORECASE)
+
+
+def _label_key(m: re.Match[str]) -> str:
+    return m.group(0).strip().lstrip("-").rstrip(":").strip()
+
+
+def word_labels_to_keep(lines: Iterable[str]) -> frozenset[str]:
+    """One ALL-CAPS word before a colon at a line's start ("DNA: the molecule", "NOTE: ...") is an acronym or a
+    heading as often as a speaker ("BOB: hi"). In a transcript where no label comes back (one voice), such a
+    word is kept as text; where some label occurs twice or more (a transcript that names its speakers), it is a
+    label. Role words ("STUDENT:") and names of several words ("JOHN SMITH:") are labels either way."""
+    counts: Counter[str] = Counter()
+    for line in lines:
+        if ":" in line:
+            for part in _CHEVRONS.split(line) if ">>" in line else (line,):
+                m = _LABEL.match(part)
+                if m is not None:
+                    counts[_label_key(m)] += 1
+    if not counts or max(counts.values()) >= 2:
+        return frozenset()
+    return frozenset(k for k in counts if " " not in k and k.isupper() and not _ROLE_WORD.fullmatch(k))
 
 
 def is_plain(text: str) -> bool:
@@ -114,8 +143,9 @@ def is_plain(text: str) -> bool:
     )
 
 
-def clean_line(line: str) -> str:
-    """One caption line as plain spoken words; '' when nothing spoken is left."""
+def clean_line(line: str, keep_labels: frozenset[str] = frozenset()) -> str:
+    """One caption line as plain spoken words; '' when nothing spoken is left. `keep_labels`: one-word labels
+    that are text in this transcript (`word_labels_to_keep`)."""
     if is_plain(line):
         return line.strip()
     if "<" in line or "{" in line:
@@ -131,7 +161,7 @@ def clean_line(line: str) -> str:
         # ">>" marks a change of speaker, and a label may follow it mid-line.
         line = " ".join(strip_speaker_label(part) for part in _CHEVRONS.split(line))
     else:
-        line = strip_speaker_label(line)
+        line = strip_speaker_label(line, keep_labels)
     if ">" in line:
         # a ">" closing a "<" on the line is what was said ("vector<int>", "map<int, int>."); only a leading one goes
         line = (_LEADING_GT if "<" in line else _STRAY_GT).sub("", line)

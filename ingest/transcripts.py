@@ -14,7 +14,7 @@ import re
 from ingest.cues import Cue
 from ingest.errors import PermanentIngestError
 from ingest.subtitles import MAX_CUES, MAX_TIMESTAMP_SECONDS, RawCue, parse_blocks
-from ingest.textclean import clean_line, is_plain, join_lines
+from ingest.textclean import clean_line, is_plain, join_lines, word_labels_to_keep
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ def _parse_json(text: str, fmt: str) -> list[RawCue]:
 def _clean(raw: list[RawCue]) -> list[Cue]:
     cues: list[Cue] = []
     shown: list[str] = []  # the previous cue's lines, as displayed
+    keep = word_labels_to_keep(line for rc in raw if ":" in rc.text for line in rc.text.split("\n"))
     for rc in raw:
         if is_plain(rc.text):  # most cues: nothing to clean line by line
             text = rc.text
@@ -177,7 +178,7 @@ def _clean(raw: list[RawCue]) -> list[Cue]:
             if "" in lines:
                 lines = [line for line in lines if line]
         else:
-            lines = [line for line in map(clean_line, rc.text.split("\n")) if line]
+            lines = [c for c in (clean_line(line, keep) for line in rc.text.split("\n")) if c]
         # YouTube auto-captions roll: each cue repeats the line before it, and a 10 ms cue repeats
         # the whole previous cue. Drop what is already on screen.
         overlap = 0

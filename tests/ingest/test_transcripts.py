@@ -276,6 +276,23 @@ def test_speaker_labels_removed_words_kept() -> None:
     assert_cues(parse_str(text), [(i, i + 1, clean) for i, (_, clean) in enumerate(lines)])
 
 
+def test_one_word_in_capitals_is_a_label_only_where_labels_come_back() -> None:
+    """"DNA:" at a line's start in a one-voice lecture is what was said, not a speaker; in a transcript that
+    names its speakers again and again, "BOB:" is a label. Role words and names of several words are labels
+    either way."""
+    def vtt(lines: list[str]) -> str:
+        return "WEBVTT\n\n" + "".join(f"00:00:{i:02d}.000 --> 00:00:{i + 1:02d}.000\n{raw}\n\n"
+                                      for i, raw in enumerate(lines))
+
+    lecture = ["Today, the molecule of heredity.", "DNA: a double helix of two strands.", "NOTE: they run antiparallel.",
+               "STUDENT: Why antiparallel?", "JOHN SMITH: Good question."]
+    assert [c.text for c in parse_str(vtt(lecture))] == [
+        "Today, the molecule of heredity.", "DNA: a double helix of two strands.", "NOTE: they run antiparallel.",
+        "Why antiparallel?", "Good question."]
+    dialogue = ["BOB: Hi.", "ALICE: Hello.", "BOB: What is DNA?", ">> ALICE: A molecule.", "BOB: Thanks."]
+    assert [c.text for c in parse_str(vtt(dialogue))] == ["Hi.", "Hello.", "What is DNA?", "A molecule.", "Thanks."]
+
+
 def test_label_and_sound_only_cues_dropped() -> None:
     text = (
         "WEBVTT\n\n00:01.000 --> 00:02.000\nOne.\n\n00:02.000 --> 00:25.000\nStudent: [inaudible]\n"
