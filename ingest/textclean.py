@@ -117,9 +117,10 @@ def word_labels_to_keep(lines: Iterable[str]) -> frozenset[str]:
     """One ALL-CAPS word before a colon at a line's start ("DNA: the molecule", "NOTE: ...") is an acronym or a
     heading as often as a speaker ("BOB: hi"). In a transcript where no label comes back (one voice), such a
     word is kept as text; where some label occurs twice or more (a transcript that names its speakers), it is a
-    label. Role words ("STUDENT:") and names of several words ("JOHN SMITH:") are labels either way."""
+    label. Role words ("STUDENT:") and names of several words ("JOHN SMITH:") are labels either way. `lines`: the
+    transcript's raw caption lines; each distinct line counts once (rolling captions show a line twice)."""
     counts: Counter[str] = Counter()
-    for line in lines:
+    for line in {_markup_off(x) for x in lines if ":" in x}:
         if ":" in line:
             for part in _CHEVRONS.split(line) if ">>" in line else (line,):
                 m = _LABEL.match(part)
@@ -143,11 +144,8 @@ def is_plain(text: str) -> bool:
     )
 
 
-def clean_line(line: str, keep_labels: frozenset[str] = frozenset()) -> str:
-    """One caption line as plain spoken words; '' when nothing spoken is left. `keep_labels`: one-word labels
-    that are text in this transcript (`word_labels_to_keep`)."""
-    if is_plain(line):
-        return line.strip()
+def _markup_off(line: str) -> str:
+    """A caption line without its markup, entities, invisible characters and sound tags (labels still on)."""
     if "<" in line or "{" in line:
         if "</" in line:
             line = _PAIRED.sub(r"\2", line)
@@ -156,7 +154,15 @@ def clean_line(line: str, keep_labels: frozenset[str] = frozenset()) -> str:
         line = _unescape(line)
     line = line.replace("\xa0", " ").replace("\u200b", "").replace("♪", " ").replace("♫", " ")
     line = _UNSTORABLE.sub(" ", line)
-    line = _drop_sound_tags(line)
+    return _drop_sound_tags(line)
+
+
+def clean_line(line: str, keep_labels: frozenset[str] = frozenset()) -> str:
+    """One caption line as plain spoken words; '' when nothing spoken is left. `keep_labels`: one-word labels
+    that are text in this transcript (`word_labels_to_keep`)."""
+    if is_plain(line):
+        return line.strip()
+    line = _markup_off(line)
     if ">>" in line:
         # ">>" marks a change of speaker, and a label may follow it mid-line.
         line = " ".join(strip_speaker_label(part) for part in _CHEVRONS.split(line))

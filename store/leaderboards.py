@@ -214,7 +214,13 @@ async def apply(redis: Redis, entries: list[Entry], notices: list[list[tuple[str
     notices = notices or [[] for _ in entries]
     award = scripts(redis).award
     window_ms = max(1, int(EVENT_WINDOW_S * 1000))
-    rooms = [e.rooms() for e in entries]
+    # each room's window is taken (or its board put on the due list) by the first award of the batch that names
+    # it: the announcement reads the boards after the whole batch is applied
+    named: set[tuple[str, int]] = set()
+    rooms = []
+    for e in entries:
+        rooms.append([r for r in e.rooms() if r not in named])
+        named.update(rooms[-1])
     calls = []
     for e, notes, rs in zip(entries, notices, rooms):
         boards = boards_of(e.tenant_id, e.course_id, e.pod_ids, e.at)
@@ -231,12 +237,9 @@ async def apply(redis: Redis, entries: list[Entry], notices: list[list[tuple[str
             for k, a in calls:
                 await award(keys=k, args=a, client=pipe)
             results = await pipe.execute()
-    seen: set[tuple[str, int]] = set()
     for e, rs, waits in zip(entries, rooms, results):
         for (scope, sid), wait in zip(rs, waits):
-            if (scope, sid) not in seen:
-                seen.add((scope, sid))
-                _announce(redis, scope, sid, e.tenant_id, int(wait))
+            _announce(redis, scope, sid, e.tenant_id, int(wait))
 
 
 # --- reads ---------------------------------------------------------------------------------------------
@@ -425,9 +428,15 @@ async def take_due(redis: Redis) -> int:
     """Tell the rooms of boards whose window has ended with a change held back, when the process that held it
     back has not (it died); how many boards were due. Every server's hub calls this each tick."""
     due = await scripts(redis).take_due(keys=[keys.LEADERBOARD_DUE], args=[TAKE_DUE_MAX])
-    for member in due:
-        scope, scope_id, tenant_id = (member.decode() if isinstance(member, bytes) else member).split(":")
-        await nudge(redis, scope, int(scope_id), int(tenant_id))
+    untold = [m.decode() if isinstance(m, bytes) else m for m in due]
+    try:
+        while untold:
+            scope, scope_id, tenant_id = untold[0].split(":")
+            await nudge(redis, scope, int(scope_id), int(tenant_id))
+            untold.pop(0)
+    finally:
+        if untold:  # Redis failed or the duty ran out of time: back on the list, due now, for the next look
+            await redis.zadd(keys.LEADERBOARD_DUE, {m: 0 for m in untold}, nx=True)
     return len(due)
 
 

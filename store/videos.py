@@ -99,12 +99,13 @@ UPDATE course_term_stats s SET n_chunks = s.n_chunks - z.n, total_terms = s.tota
 FROM sizes z WHERE s.course_id = z.course_id AND s.embed_model = z.embed_model AND s.n_chunks > z.n
 """
 
-# The video's new chunks: BM25 postings from the generated tsvector (stemmed, stop words removed; tf = number of
-# positions), each chunk's length, and their df and N/total added to the course's.
+# The video's new chunks: BM25 postings from the text's tsvector, accents folded (sh_fold, migration 0022; stemmed,
+# stop words removed; tf = number of positions), each chunk's length, and their df and N/total added to the
+# course's.
 _ADD_TERMS = """
 WITH terms AS (
     SELECT c.id, c.course_id, c.embed_model, c.video_id, u.lexeme, coalesce(array_length(u.positions, 1), 1) AS tf
-    FROM chunks c, unnest(c.tsv) u WHERE c.video_id = $1),
+    FROM chunks c, unnest(to_tsvector('english', sh_fold(c.text))) u WHERE c.video_id = $1),
 lengths AS (SELECT id, sum(tf)::int AS dl FROM terms GROUP BY id),
 upd AS (UPDATE chunks c SET n_terms = l.dl FROM lengths l WHERE c.id = l.id),
 postings AS (

@@ -1,10 +1,11 @@
 -- Accent-insensitive full-text search without the unaccent extension (the embedded Postgres has none): the chunks'
 -- lexemes and the questions' are taken from the text with accents folded ("Schrödinger" is found by "schrodinger"
 -- and the other way round, "café" by "cafe"), as the judge's word list already is (store/videos.py fold).
--- sh_fold maps each Latin letter that Unicode decomposes into an ASCII letter and accents (U+00C0-U+024F,
--- U+1E00-U+1EFF: what store.videos.fold folds there) to that letter, and curly apostrophes to straight ones.
+-- sh_fold drops combining accents (text stored decomposed), then maps each Latin letter that Unicode decomposes
+-- into an ASCII letter and accents (U+00C0-U+024F, U+1E00-U+1EFF: what store.videos.fold folds there) to that
+-- letter, and curly apostrophes to straight ones.
 CREATE OR REPLACE FUNCTION sh_fold(t text) RETURNS text LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $fold$
-    SELECT translate(t,
+    SELECT translate(regexp_replace(t, U&'[\0300-\036F]', '', 'g'),
         '’‘ÀÁÂÃÄÅÇÈÉÊËÌÍÎÏÑÒÓÔÕÖÙÚÛÜÝàáâãäåçèéêëìíîïñòóôõöùúûüýÿĀāĂăĄ'
         || 'ąĆćĈĉĊċČčĎďĒēĔĕĖėĘęĚěĜĝĞğĠġĢģĤĥĨĩĪīĬĭĮįİĴĵĶķĹĺĻļĽľŃńŅņŇňŌōŎŏ'
         || 'ŐőŔŕŖŗŘřŚśŜŝŞşŠšŢţŤťŨũŪūŬŭŮůŰűŲųŴŵŶŷŸŹźŻżŽžſƠơƯưǍǎǏǐǑǒǓǔǕǖǗǘ'
@@ -25,17 +26,17 @@ CREATE OR REPLACE FUNCTION sh_fold(t text) RETURNS text LANGUAGE sql IMMUTABLE S
         || 'UuUuYyYyYyYy')
 $fold$;
 
--- The lexemes from the folded text. (Nothing searches the old GIN index: BM25 reads chunk_terms.)
+-- The lexemes are now taken from the folded text when postings are written (store/videos.py _ADD_TERMS); the
+-- stored tsvector column goes (dropping a column rewrites nothing; nothing searched its GIN index).
 ALTER TABLE chunks DROP COLUMN tsv;
-ALTER TABLE chunks ADD COLUMN tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', sh_fold(text))) STORED;
 
--- Derived data, derived again from the new lexemes: postings, each chunk's length, df, N and total length.
+-- Derived data, derived again from the folded text: postings, each chunk's length, df, N and total length.
 DELETE FROM chunk_terms;
 DELETE FROM course_term_df;
 DELETE FROM course_term_stats;
 WITH terms AS (
     SELECT c.id, c.course_id, c.embed_model, c.video_id, u.lexeme, coalesce(array_length(u.positions, 1), 1) AS tf
-    FROM chunks c, unnest(c.tsv) u),
+    FROM chunks c, unnest(to_tsvector('english', sh_fold(c.text))) u),
 lengths AS (SELECT id, sum(tf)::int AS dl FROM terms GROUP BY id),
 upd AS (UPDATE chunks c SET n_terms = coalesce(l.dl, 0) FROM chunks c2 LEFT JOIN lengths l ON l.id = c2.id
         WHERE c.id = c2.id AND c.n_terms IS DISTINCT FROM coalesce(l.dl, 0)),

@@ -291,6 +291,11 @@ def test_one_word_in_capitals_is_a_label_only_where_labels_come_back() -> None:
         "Why antiparallel?", "Good question."]
     dialogue = ["BOB: Hi.", "ALICE: Hello.", "BOB: What is DNA?", ">> ALICE: A molecule.", "BOB: Thanks."]
     assert [c.text for c in parse_str(vtt(dialogue))] == ["Hi.", "Hello.", "What is DNA?", "A molecule.", "Thanks."]
+    # labels inside markup count as labels; a line a rolling caption shows twice counts once
+    voiced = ["<v Bob>BOB: hi</v>", "<v Alice>ALICE: hello</v>", "<v Bob>BOB: what</v>", "ALICE: ok"]
+    assert [c.text for c in parse_str(vtt(voiced))] == ["hi", "hello", "what", "ok"]
+    rolling = ["So, the code.", "So, the code.\nDNA: a double helix.", "DNA: a double helix.\nof two strands."]
+    assert " ".join(c.text for c in parse_str(vtt(rolling))) == "So, the code. DNA: a double helix. of two strands."
 
 
 def test_label_and_sound_only_cues_dropped() -> None:

@@ -166,6 +166,48 @@ async def test_boards_ahead_of_a_restored_ledger_are_rebuilt_at_startup(make: Fa
     assert await leaderboard_rebuild.ensure_built(pool, redis) is None
 
 
+async def test_a_batch_of_awards_takes_each_room_window_once(make: Factory, lb):
+    """Awards settled together (a lesson and a first lesson in one transaction) announce each room once: the
+    first award naming the room takes its window, the others neither try again nor leave the board due for a
+    second announcement at the window's end."""
+    pool, redis = lb
+    u = make.user("learner")
+    async with pool.acquire() as conn:
+        cid = await conn.fetchval("INSERT INTO courses (tenant_id, owner_id, title) VALUES ($1, $2, 'c') RETURNING id",
+                                  u.tenant_id, u.id)
+        await conn.execute("INSERT INTO enrollments (course_id, user_id) VALUES ($1, $2)", cid, u.id)
+    async with xp.transaction(pool, redis) as tx:
+        await tx.award(u.id, "lesson_completed", "batch:1", course_id=cid)
+        await tx.award(u.id, "first_lesson", "batch:2", course_id=cid)
+    assert await redis.pttl(keys.leaderboard_throttle("course", cid)) > 0  # the window: taken, announced
+    assert await redis.zrange(keys.LEADERBOARD_DUE, 0, -1) == []
+    await leaderboards.drain()
+
+
+async def test_due_boards_a_failed_look_did_not_tell_stay_due(lb, monkeypatch):
+    """`take_due` takes the due boards off the list before telling them; those it could not tell (Redis failed,
+    the duty ran out of time) go back on the list for the next look instead of being lost."""
+    _, redis = lb
+    await redis.zadd(keys.LEADERBOARD_DUE, {"course:1:9": 0, "course:2:9": 0, "course:3:9": 0})
+    told: list[int] = []
+    real = leaderboards.nudge
+
+    async def flaky(redis, scope, scope_id, tenant_id):  # type: ignore[no-untyped-def]
+        if scope_id == 2 and not told.count(-2):
+            told.append(-2)
+            raise ConnectionError("Redis went away")
+        told.append(scope_id)
+
+    monkeypatch.setattr(leaderboards, "nudge", flaky)
+    with pytest.raises(ConnectionError):
+        await leaderboards.take_due(redis)
+    assert told == [1, -2]
+    assert sorted(await redis.zrange(keys.LEADERBOARD_DUE, 0, -1)) == [b"course:2:9", b"course:3:9"]
+    assert await leaderboards.take_due(redis) == 2
+    assert told == [1, -2, 2, 3] and await redis.zrange(keys.LEADERBOARD_DUE, 0, -1) == []
+    monkeypatch.setattr(leaderboards, "nudge", real)
+
+
 async def test_rebuild_while_awards_arrive(make: Factory, lb):
     pool, redis = lb
     users = [make.user("learner") for _ in range(20)]

@@ -89,11 +89,12 @@ def test_concurrent_migrate_processes(settings, data_dir):
 
 
 def test_upgrade_from_a_database_with_stored_chunks(settings):
-    """0007 and 0008 on a database that already holds chunks (and a development build's df table with stale
-    rows): df is recounted from the postings, the spoken words are filled in."""
+    """0007, 0008 and 0022 on a database that already holds chunks (hand-made postings, and a development build's
+    df table with stale rows): the postings, df and the course's N and length end up derived from the chunks'
+    text, accents folded; the spoken words are filled in."""
     dsn = _fresh_db(settings)
 
-    async def go() -> tuple[dict, set]:
+    async def go() -> tuple:
         conn = await asyncpg.connect(dsn)
         try:
             cid = await _migrated_to(conn, 6)
@@ -116,13 +117,18 @@ def test_upgrade_from_a_database_with_stored_chunks(settings):
         conn = await asyncpg.connect(dsn)
         try:
             df = {r["lexeme"]: r["df"] for r in await conn.fetch("SELECT lexeme, df FROM course_term_df")}
+            tf = {r["lexeme"]: (r["tf"], r["dl"]) for r in await conn.fetch("SELECT lexeme, tf, dl FROM chunk_terms")}
+            stats = tuple(await conn.fetchrow("SELECT n_chunks, total_terms FROM course_term_stats"))
+            n_terms = await conn.fetchval("SELECT n_terms FROM chunks")
             words = {r["word"] for r in await conn.fetch("SELECT word FROM video_words")}
-            return df, words
+            return df, tf, stats, n_terms, words
         finally:
             await conn.close()
 
-    df, words = run_sync(go())
-    assert df == {"matrix": 1, "schrodinger": 1}
+    df, tf, stats, n_terms, words = run_sync(go())
+    assert df == {"schroding": 1, "matric": 1, "matrix": 1, "time": 1}
+    assert tf == {"schroding": (1, 5), "matric": (1, 5), "matrix": (2, 5), "time": (1, 5)}
+    assert stats == (1, 5) and n_terms == 5
     assert words == {"schrodinger's", "matrices", "matrix", "times"}
 
 
