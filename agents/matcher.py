@@ -545,11 +545,13 @@ def week_due(at: datetime, weekday: int, hour: int) -> datetime:
 async def match_all_pods(pool: asyncpg.Pool, redis: Redis, settings: Settings, at: datetime | None = None,
                          llm: Any = "settings") -> int:
     """The weekly round for every pod with two or more learners that has none yet this ISO week (once per pod
-    and week however often it runs)."""
+    and week however often it runs; a round made since the week's moment, by an instructor or a decline, is the
+    pod's round for the week)."""
     key = matching.week_key(at)
     await announce_unposted(pool, redis)
+    since = week_due(at or datetime.now(timezone.utc), settings.match_weekday, settings.match_hour)
     async with pool.acquire() as conn:
-        pods = await matching.pods_to_match(conn, key)
+        pods = await matching.pods_to_match(conn, key, since)
     n = 0
     for pod_id in pods:
         try:

@@ -51,11 +51,14 @@ _QUOTED = re.compile(r"“[^”]*”|\"[^\"\n]*\"")
 _MARKER_IN_QUOTE = re.compile(r"(?<![\w)\]])\[(\d{1,2})\]")
 
 
-def _markers(repl: Callable[[re.Match[str]], str], text: str) -> str:
-    """`_MARKER.sub(repl, text)`, leaving indexes inside quotes alone."""
+def _markers(repl: Callable[[re.Match[str]], str], text: str, *, in_quotes: bool = True) -> str:
+    """`_MARKER.sub(repl, text)`, leaving indexes inside quotes alone. `in_quotes` False: nothing inside a quote
+    is a marker (an extractive answer puts its own markers after its quotes; a "table [5]" quoted from the
+    transcript is text)."""
     out, last = [], 0
     for m in _QUOTED.finditer(text):
-        out += [_MARKER.sub(repl, text[last:m.start()]), _MARKER_IN_QUOTE.sub(repl, m.group(0))]
+        inside = _MARKER_IN_QUOTE.sub(repl, m.group(0)) if in_quotes else m.group(0)
+        out += [_MARKER.sub(repl, text[last:m.start()]), inside]
         last = m.end()
     return "".join(out + [_MARKER.sub(repl, text[last:])])
 _FOLLOW_UP_HINT = re.compile(r"^(and|but|so|why|how|what about|what if|then|also|it|that|this|they|those)\b", re.I)
@@ -230,11 +233,14 @@ class Tutor:
             if n not in used:
                 used.append(n)
             return f"[{used.index(n) + 1}]"
-        text = _markers(renumber, s["answer"]).strip()
+        extractive = (s.get("usage") or {}).get("provider") == "extractive"
+        text = _markers(renumber, s["answer"], in_quotes=not extractive).strip()
         cites = [citation(sources[n - 1]) for n in used]
         return {"answer": text, "citations": cites, "grounded": bool(cites), "nearest": []}
 
     async def follow_ups(self, s: TutorState) -> dict:
+        if s.get("error") or not s.get("grounded"):  # nothing answered (a model's decline, a cut-off answer): as
+            return {"follow_ups": []}                 # a declined question, it offers the nearest moments instead
         cited = {(c["video_id"], c["start"]) for c in s.get("citations") or []}
         rest = [w for w in s.get("sources") or [] if (w.video_id, w.start) not in cited]
         qs = []

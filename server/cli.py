@@ -439,6 +439,9 @@ async def _ask(settings: Settings, args: argparse.Namespace) -> int:
                 print(f"[{i}] {c['video_title']} {c['label']} {c['url'] or ''}".rstrip())
             for q in result["follow_ups"]:
                 print(f"? {q}")
+        if result.get("error"):  # stored and printed as the rooms see it; the status says it failed
+            print("the tutor's language model failed; please ask again", file=sys.stderr)
+            return 1
         return 0
     finally:
         await redis.aclose()

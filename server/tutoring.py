@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from agents.config import embedder_for
+from agents.judge import candidates
 from agents.llm import get_llm
 from agents.tutor import Delta, Tutor
 from server.errors import ApiError
@@ -127,7 +128,7 @@ async def prepare(state: Any, user: Any, course_id: int, question: str, *, sessi
         try:
             mode = await repo.tutor_mode(conn, course_id, room_id)
             version = await repo.content_version(conn, course_id)
-            qhash = repo.question_hash(question)
+            qhash = repo.question_hash(question, candidates(question)[0])
             tutor = await tutor_for(state)
             # answers differ by mode and by model: both are part of the cache key
             cache_key = f"{mode}|{tutor.llm.name + ':' + tutor.llm.model if tutor.llm else 'extractive'}"

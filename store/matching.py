@@ -112,13 +112,15 @@ async def unannounced(conn: asyncpg.Connection) -> list[asyncpg.Record]:
                                 AND created_at > now() - interval '{UNANNOUNCED_WITHIN}' ORDER BY id""")
 
 
-async def pods_to_match(conn: asyncpg.Connection, round_key: str) -> list[int]:
-    """Pods with at least two eligible learners and without the round `round_key` yet."""
+async def pods_to_match(conn: asyncpg.Connection, round_key: str, since: datetime) -> list[int]:
+    """Pods with at least two eligible learners, without the round `round_key` yet and without any round made
+    since `since` (the week's moment): a round an instructor asked for after it, and the rounds its declines
+    made, are the pod's round for the week; the weekly run must not replace them (and undo a decline)."""
     rows = await conn.fetch(
         """SELECT m.pod_id FROM pod_members m JOIN pods p ON p.id = m.pod_id
            JOIN users u ON u.id = m.user_id AND u.role = 'learner'
            JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = m.user_id
            WHERE NOT EXISTS (
-               SELECT 1 FROM pod_matches pm WHERE pm.pod_id = m.pod_id AND pm.round_key = $1)
-           GROUP BY m.pod_id HAVING count(*) >= 2 ORDER BY m.pod_id""", round_key)
+               SELECT 1 FROM pod_matches pm WHERE pm.pod_id = m.pod_id AND (pm.round_key = $1 OR pm.created_at >= $2))
+           GROUP BY m.pod_id HAVING count(*) >= 2 ORDER BY m.pod_id""", round_key, since)
     return [r["pod_id"] for r in rows]

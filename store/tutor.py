@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from datetime import date
 from typing import Any
 
@@ -19,8 +20,10 @@ def normalize_question(text: str) -> str:
     return " ".join(text.lower().split()).rstrip("?!. ")
 
 
-def question_hash(text: str) -> str:
-    return hashlib.sha256(normalize_question(text).encode()).hexdigest()
+def question_hash(text: str, names: Sequence[str] = ()) -> str:
+    """`names`: what the judge takes for names in the question as typed (agents.judge.candidates): case does
+    make another question where it makes a name ("RoPE" is a name the course may never say, "rope" a word)."""
+    return hashlib.sha256((normalize_question(text) + "|" + "\x1f".join(names)).encode()).hexdigest()
 
 
 async def content_version(conn: asyncpg.Connection, course_id: int) -> str:

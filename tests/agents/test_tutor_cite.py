@@ -23,6 +23,21 @@ def test_an_index_in_a_quote_is_text_not_a_marker():
     assert out["answer"] == '"it halves the interval [1]"' and out["citations"][0]["start"] == 30
 
 
+def test_a_bracketed_number_quoted_in_an_extractive_answer_is_text():
+    """The extractive answer quotes the transcript and puts its own markers after the quotes: "table [5]" in a
+    lecture is what was said, not a citation of source 5 (which made source 5 the first citation)."""
+    from agents.tutor import extractive_answer
+
+    sources = [_w(10, 20, "as shown in table [5] above"), _w(30, 40, "more"), _w(50, 60), _w(70, 80), _w(90, 99)]
+    for w in sources:
+        w.core = w.text
+    answer = extractive_answer(sources, "answer")
+    state = {"answer": answer, "sources": sources, "usage": {"provider": "extractive"}}
+    out = asyncio.run(Tutor.cite(None, state))  # type: ignore[arg-type]
+    assert "table [5] above" in out["answer"]
+    assert [c["start"] for c in out["citations"]] == [10, 30, 50]
+
+
 def test_a_clipped_citation_is_at_most_60_seconds_as_shown():
     c = citation(_w(197.605, 400.0))
     assert c["end"] - c["start"] <= MAX_CITATION_S and c["start"] == 197.6

@@ -181,7 +181,9 @@ def test_cache_and_invalidation(client, make: Factory, worker):
     assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
     q = {"question": "What does a digital signature prove?"}
     first = client.post(f"/api/v1/courses/{cid}/ask", json=q, headers=inst.h).json()
-    again = client.post(f"/api/v1/courses/{cid}/ask", json={"question": "  what does a DIGITAL signature prove "},
+    # spacing, the first letter's case and the closing "?" make no other question ("DIGITAL" would: the judge
+    # reads a word in capitals as a name to look up, see test_the_cache_tells_a_name_from_a_word)
+    again = client.post(f"/api/v1/courses/{cid}/ask", json={"question": "  what does a digital   signature prove "},
                         headers=inst.h).json()
     assert first["cached"] is False and again["cached"] is True and again["answer"] == first["answer"]
     # the course's videos change: the cache no longer answers
@@ -255,6 +257,21 @@ def test_question_normalization_keeps_symbols():
     assert question_hash("What is a Hash?") == question_hash("  what is a   hash")
     assert question_hash("what is x^2?") != question_hash("what is x*2?")
     assert question_hash("is P != NP") != question_hash("is P = NP")
+    assert question_hash("How does RoPE work?", ["RoPE"]) != question_hash("how does rope work", [])
+
+
+def test_the_cache_tells_a_name_from_a_word(eval_course: EvalCourse, client):
+    """"how does rope work" and "How does RoPE work?" normalize alike, but the judge reads a name the course never
+    says only in the second: it is declined, not served the first one's cached answer."""
+    h = eval_course.learner.h
+    first = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "how does rope work"}, headers=h)
+    assert first.status_code == 200, first.text
+    named = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "How does RoPE work?"}, headers=h)
+    assert named.status_code == 200, named.text
+    body = named.json()
+    assert body["cached"] is False and body["grounded"] is False and body["citations"] == []
+    again = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "how does RoPE work"}, headers=h)
+    assert again.json()["cached"] is True and again.json()["grounded"] is False
 
 
 def test_a_session_is_made_with_its_first_answer(eval_course: EvalCourse, make: Factory, settings):

@@ -3,7 +3,7 @@ trio, results in the pod room, declines re-match the rest, the weekly round runs
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from agents.matcher import match_all_pods
 from store.matching import week_key
@@ -138,6 +138,32 @@ async def test_weekly_round_runs_once(client, make: Factory, settings, xp_store)
     assert [(r["round_key"], r["trigger"]) for r in rows] == [(week_key(at), "cron")]
     (trio,) = json.loads(rows[0]["groups"])  # jsonb arrives as text on a plain connection
     assert sorted(trio["members"]) == sorted(u.id for u in course.learners)
+
+
+async def test_the_weekly_run_keeps_a_round_made_since_the_weeks_moment(client, make: Factory, settings, xp_store):
+    """An instructor matched the pod after the week's moment and a learner declined: that is the pod's round for
+    the week. The weekly run (every quarter hour until the week ends) left it alone; it replaced it with a round
+    of its own that paired the decliner again."""
+    from agents.matcher import week_due
+
+    pool, redis = xp_store
+    course = make_course(client, make, learners=4, videos=0)
+    pod = _pod(client, course, course.learners, "Midweek")
+    b = course.learners[1]
+    assert client.post(f"/api/v1/pods/{pod}/match", headers=course.instructor.h).status_code == 201
+    declined = client.post(f"/api/v1/pods/{pod}/match/decline", headers=b.h).json()
+    at = datetime(2033, 3, 2, 12, tzinfo=timezone.utc)  # a Wednesday; the rounds above were made that morning
+    made = week_due(at, settings.match_weekday, settings.match_hour) + timedelta(minutes=1)
+    fetch(settings, "UPDATE pod_matches SET created_at = $2 WHERE pod_id = $1", pod, made)
+    await match_all_pods(pool, redis, settings, at, llm=None)
+    rows = fetch(settings, "SELECT trigger FROM pod_matches WHERE pod_id = $1 ORDER BY id", pod)
+    assert [r["trigger"] for r in rows] == ["manual", "decline"]
+    now = client.get(f"/api/v1/pods/{pod}/match", headers=course.learners[0].h).json()
+    assert now["match_id"] == declined["match_id"] and now["declined"] == [b.id]
+    # the next week's run matches the pod as usual
+    await match_all_pods(pool, redis, settings, at + timedelta(days=7), llm=None)
+    rows = fetch(settings, "SELECT trigger FROM pod_matches WHERE pod_id = $1 ORDER BY id", pod)
+    assert [r["trigger"] for r in rows] == ["manual", "decline", "cron"]
 
 
 async def test_concurrent_declines_all_stay_out(client, make: Factory, settings, xp_store):

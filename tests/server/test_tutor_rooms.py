@@ -5,13 +5,15 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
 from tests.agents.fake_llm_servers import FakeLLMServer, Reply
-from tests.conftest import EVAL, EvalCourse, Factory, User, fetch, stop_process, upload, wait_job
+from tests.conftest import EVAL, ROOT, EvalCourse, Factory, User, clean_env, fetch, stop_process, upload, wait_job
 from tests.server.conftest import CLUSTER_ENV, Client, spawn_ready
 
 
@@ -202,6 +204,7 @@ def test_llm_says_not_in_course(openai_server, eval_course: EvalCourse, fake_llm
     fake_llm.script(Reply(text="NOT_IN_COURSE"))
     body = _ask(openai_server, eval_course, "What does a digital signature prove, exactly, in legal terms?")
     assert body["grounded"] is False and body["citations"] == [] and body["nearest"]
+    assert body["follow_ups"] == []  # as when the judge declines: the nearest moments, no suggested questions
 
 
 def test_llm_answer_without_markers_is_ungrounded(openai_server, eval_course: EvalCourse, fake_llm):
@@ -229,10 +232,32 @@ async def test_llm_error_mid_stream_in_a_room(openai_server, eval_course: EvalCo
     assert err["detail"] == "the tutor's language model failed; please ask again", err
     final = await c.expect("message.new", timeout=60)
     assert final["author"]["role"] == "tutor" and final["meta"]["grounded"] is False
-    assert final["meta"]["citations"] == []
+    assert final["meta"]["citations"] == [] and final["meta"]["follow_ups"] == []
     # what came before the failure, without markers that now cite nothing, and why it stops
     assert "[1]" not in final["text"] and "cut off" in final["text"]
     await c.close()
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_cli_ask_whose_model_fails_exits_1(eval_course: EvalCourse, fake_llm, data_dir, as_json):
+    """`studyhall ask` with the model failing mid-answer: what came and the note that it was cut off, as stored,
+    then status 1 and one line on stderr (it exited 0 as if answered)."""
+    fake_llm.reset()
+    fake_llm.script(Reply(text="Partial answer that never finishes [1]", chunks=4, midstream="drop", fail_after=2))
+    env = clean_env(data_dir, OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=fake_llm.openai_base_url,
+                    OPENAI_MODEL="gpt-4o-mini", STUDYHALL_LLM="openai")
+    out = subprocess.run([sys.executable, "-m", "server.cli", "ask", str(eval_course.id),
+                          "How do other people check a bitcoin signature?" if as_json
+                          else "How is a bitcoin signature checked by others?"]
+                         + (["--json"] if as_json else []), cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "language model failed" in out.stderr and "sk-test" not in out.stderr + out.stdout
+    if as_json:
+        body = json.loads(out.stdout)
+        assert body["grounded"] is False and body["citations"] == [] and "cut off" in body["answer"]
+    else:
+        assert "cut off" in out.stdout
 
 
 def test_llm_sse_stream(openai_server, eval_course: EvalCourse, fake_llm):
