@@ -483,7 +483,8 @@ def get_llm(settings: Settings) -> LLM | None:
         return OpenAIChat(settings.openai_api_key, settings.openai_model, settings.openai_base_url,
                           timeout=settings.llm_timeout_s)
     if not (settings.anthropic_api_key or settings.anthropic_base_url):
-        raise LLMError("STUDYHALL_LLM=anthropic needs ANTHROPIC_API_KEY (or ANTHROPIC_BASE_URL)", retryable=False, provider="anthropic")
+        raise LLMError("STUDYHALL_LLM=anthropic needs ANTHROPIC_API_KEY (or ANTHROPIC_BASE_URL)", retryable=False,
+                       provider="anthropic")
     return AnthropicChat(settings.anthropic_api_key, settings.anthropic_model, settings.anthropic_base_url,
                          timeout=settings.llm_timeout_s)
 

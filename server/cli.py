@@ -257,8 +257,9 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
             runner = asyncio.create_task(_run_inline(ingest_job, ctx, job_id))
         job = await _progress(pool, job_id, arq if worker_alive else None, gone_after=args.worker_wait)
         if job is None:
-            print(f"\njob {job_id}: no worker has been consuming jobs for {args.worker_wait:.0f} s (the worker stopped); "
-                  "the job stays queued for the next worker (`studyhall worker`, or `make run`)", file=sys.stderr)
+            print(f"\njob {job_id}: no worker has been consuming jobs for {args.worker_wait:.0f} s "
+                  "(the worker stopped); the job stays queued for the next worker (`studyhall worker`, or `make run`)",
+                  file=sys.stderr)
             return 1
         if runner is not None:
             await runner

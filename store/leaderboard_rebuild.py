@@ -100,6 +100,10 @@ class Rebuilt:
     seconds: float
 
 
+# The ledger's highest event id: what the boards' high-water mark (keys.LEADERBOARD_HIGH) is compared with.
+_LEDGER_HIGH = "SELECT coalesce(max(id), 0) FROM xp_events"
+
+
 async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = None) -> Rebuilt | None:
     """Rebuild every board from the ledger; None when another process is already rebuilding."""
     token = secrets.token_hex(8)
@@ -122,9 +126,9 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 # the transaction's snapshot (its first statement fixes it): which awards the boards will hold
                 # and when it was taken: a transaction that begins later is not in it (see leaderboards._AWARD)
-                snapshot = await conn.fetchval(
-                    "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint || ';' || pg_current_snapshot()::text")
-                high = await conn.fetchval("SELECT coalesce(max(id), 0) FROM xp_events")
+                snapshot = await conn.fetchval("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint || ';' "
+                                               "|| pg_current_snapshot()::text")
+                high = await conn.fetchval(_LEDGER_HIGH)
                 boards: dict[str, dict[int, int]] = defaultdict(dict)
                 for scope, sql in _BOARDS_SQL.items():
                     for r in await conn.fetch(sql, month[0], month[1], week[0], week[1]):
@@ -251,7 +255,7 @@ async def ensure_built(pool: asyncpg.Pool, redis: Redis) -> Rebuilt | None:
     async with redis.pipeline(transaction=False) as pipe:
         built, high = await pipe.exists(keys.LEADERBOARD_BUILT).get(keys.LEADERBOARD_HIGH).execute()
     if built:
-        newest = await pool.fetchval("SELECT coalesce(max(id), 0) FROM xp_events")
+        newest = await pool.fetchval(_LEDGER_HIGH)
         if high is None or int(high) <= newest:
             return None
         logger.warning("the leaderboards hold XP events the ledger does not have (Postgres restored from a "

@@ -107,7 +107,23 @@ def boards_of(tenant_id: int, course_id: int | None, pod_ids: list[int], at: dat
 #       (0: unknown), when the transaction began (ms, Postgres clock), then expire-at per board (0: none), then
 #       channel and payload of each notice, then the due-list member of each throttle key.
 # -> per throttle key: 0 when this call took the window (announce now), else ms until it frees.
-_AWARD = """
+# Lua shared by the scripts that take a board's `leaderboard.changed` window: Redis's clock in ms, and taking the
+# window or, when another change holds it, putting the board on the due list for the window's end (an entry
+# already there is kept). -> 0: window taken (tell now), else ms until it frees.
+_WINDOW_LUA = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function take_window(throttle, due, window_ms, member)
+  if redis.call('SET', throttle, '1', 'PX', window_ms, 'NX') then return 0 end
+  local wait = math.max(1, redis.call('PTTL', throttle))
+  redis.call('ZADD', due, 'NX', now_ms() + wait, member)
+  return wait
+end
+"""
+
+_AWARD = _WINDOW_LUA + """
 local nb, nn, xid, began = tonumber(ARGV[5]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local counted = false
 if xid > 0 then
@@ -140,15 +156,7 @@ end
 local out = {}
 local first = 7 + nb
 for i = first, #KEYS do
-  if redis.call('SET', KEYS[i], '1', 'PX', ARGV[6], 'NX') then
-    out[#out + 1] = 0
-  else
-    local wait = math.max(1, redis.call('PTTL', KEYS[i]))
-    local t = redis.call('TIME')
-    redis.call('ZADD', KEYS[5], 'NX', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + wait,
-               ARGV[10 + nb + 2 * nn + i - first])
-    out[#out + 1] = wait
-  end
+  out[#out + 1] = take_window(KEYS[i], KEYS[5], ARGV[6], ARGV[10 + nb + 2 * nn + i - first])
 end
 for i = 10 + nb, 9 + nb + 2 * nn, 2 do redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
 return out
@@ -324,21 +332,12 @@ _again: set[str] = set()  # rooms whose board changed again while being announce
 # until the window ends. The process that held it back has a timer for then; whoever removes the entry first (that
 # timer, or any server's `take_due` when that process died) tells the room.
 
-# Take the board's window, or put the board on the due list for the window's end (kept when already listed).
-# KEYS: throttle key, due list. ARGV: window ms, due-list member. -> 0: window taken (tell now), else ms to wait.
-_DEFER = """
-if redis.call('SET', KEYS[1], '1', 'PX', ARGV[1], 'NX') then return 0 end
-local wait = math.max(1, redis.call('PTTL', KEYS[1]))
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[2], 'NX', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + wait, ARGV[2])
-return wait
-"""
+# `take_window` on its own. KEYS: throttle key, due list. ARGV: window ms, due-list member.
+_DEFER = _WINDOW_LUA + "return take_window(KEYS[1], KEYS[2], ARGV[1], ARGV[2])"
 
 # Remove and return the boards whose window has ended (Redis clock), at most ARGV[1] of them. KEYS: due list.
-_TAKE_DUE = """
-local t = redis.call('TIME')
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000),
-                       'LIMIT', 0, tonumber(ARGV[1]))
+_TAKE_DUE = _WINDOW_LUA + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[1]))
 if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
 return due
 """

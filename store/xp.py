@@ -166,8 +166,8 @@ async def insert_award(conn: asyncpg.Connection, user_id: int, kind: str, idempo
     return Award(id=row["id"], tenant_id=row["tenant_id"], user_id=user_id, name=row["name"], kind=kind,
                  points=points, idempotency_key=idempotency_key, course_id=row["course_id"],
                  pod_ids=list(row["pod_ids"]), at=row["at"], xp=total, level=level_for(total),
-                 previous_level=level_for(total - points), unlocked=unlocked, xid=int(row["xid"]), began_ms=row["began_ms"],
-                 on_course=row["on_course"], board_pod_ids=list(row["board_pods"]))
+                 previous_level=level_for(total - points), unlocked=unlocked, xid=int(row["xid"]),
+                 began_ms=row["began_ms"], on_course=row["on_course"], board_pod_ids=list(row["board_pods"]))
 
 
 class XpTransaction:

@@ -284,8 +284,8 @@ def test_one_word_in_capitals_is_a_label_only_where_labels_come_back() -> None:
         return "WEBVTT\n\n" + "".join(f"00:00:{i:02d}.000 --> 00:00:{i + 1:02d}.000\n{raw}\n\n"
                                       for i, raw in enumerate(lines))
 
-    lecture = ["Today, the molecule of heredity.", "DNA: a double helix of two strands.", "NOTE: they run antiparallel.",
-               "STUDENT: Why antiparallel?", "JOHN SMITH: Good question."]
+    lecture = ["Today, the molecule of heredity.", "DNA: a double helix of two strands.",
+               "NOTE: they run antiparallel.", "STUDENT: Why antiparallel?", "JOHN SMITH: Good question."]
     assert [c.text for c in parse_str(vtt(lecture))] == [
         "Today, the molecule of heredity.", "DNA: a double helix of two strands.", "NOTE: they run antiparallel.",
         "Why antiparallel?", "Good question."]

@@ -190,7 +190,6 @@ async def test_due_boards_a_failed_look_did_not_tell_stay_due(lb, monkeypatch):
     _, redis = lb
     await redis.zadd(keys.LEADERBOARD_DUE, {"course:1:9": 0, "course:2:9": 0, "course:3:9": 0})
     told: list[int] = []
-    real = leaderboards.nudge
 
     async def flaky(redis, scope, scope_id, tenant_id):  # type: ignore[no-untyped-def]
         if scope_id == 2 and not told.count(-2):
@@ -205,7 +204,6 @@ async def test_due_boards_a_failed_look_did_not_tell_stay_due(lb, monkeypatch):
     assert sorted(await redis.zrange(keys.LEADERBOARD_DUE, 0, -1)) == [b"course:2:9", b"course:3:9"]
     assert await leaderboards.take_due(redis) == 2
     assert told == [1, -2, 2, 3] and await redis.zrange(keys.LEADERBOARD_DUE, 0, -1) == []
-    monkeypatch.setattr(leaderboards, "nudge", real)
 
 
 async def test_rebuild_while_awards_arrive(make: Factory, lb):
