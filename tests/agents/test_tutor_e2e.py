@@ -207,6 +207,7 @@ def test_socratic_mode_gives_hints(client, make: Factory, worker):
                        headers=inst.h).json()
     assert body["mode"] == "socratic" and body["grounded"] and body["citations"]
     assert "Rewatch" in body["answer"] and "“" not in body["answer"]  # a pointer and a question, not the quote
+    assert all(c["quote"] == "" and c["end"] > c["start"] for c in body["citations"])  # nor does a citation
     assert client.patch(f"/api/v1/courses/{cid}/tutor", json={"mode": "lecture"}, headers=inst.h).status_code == 400
 
 
