@@ -403,13 +403,27 @@ async def _ask(settings: Settings, args: argparse.Namespace) -> int:
     pool = await create_pool(settings.database_url, min_size=1, max_size=4)
     redis = Redis.from_url(settings.redis_url)
     try:
-        row = await pool.fetchrow("""SELECT u.id, u.tenant_id, u.name, u.role, t.name AS tenant FROM courses c
-                                     JOIN users u ON u.id = c.owner_id JOIN tenants t ON t.id = u.tenant_id
-                                     WHERE c.id = $1""", args.course_id)
-        if row is None:
-            raise CliError(f"course {args.course_id} not found")
+        if args.as_user is None:  # the course's owner
+            row = await pool.fetchrow("""SELECT u.id, u.tenant_id, u.name, u.role, t.name AS tenant FROM courses c
+                                         JOIN users u ON u.id = c.owner_id JOIN tenants t ON t.id = u.tenant_id
+                                         WHERE c.id = $1""", args.course_id)
+            if row is None:
+                raise CliError(f"course {args.course_id} not found")
+        else:
+            row = await pool.fetchrow("""SELECT u.id, u.tenant_id, u.name, u.role, t.name AS tenant FROM users u
+                                         JOIN tenants t ON t.id = u.tenant_id WHERE u.id = $1""", args.as_user)
+            if row is None:
+                raise CliError(f"user {args.as_user} not found")
         user = AuthUser(id=row["id"], tenant_id=row["tenant_id"], tenant=row["tenant"], name=row["name"],
                         role=row["role"])
+        if args.as_user is not None:  # asks as that user would over REST: a course they may see
+            from server.api.courses import course_or_404
+
+            async with pool.acquire() as conn:
+                try:
+                    await course_or_404(conn, args.course_id, user)
+                except ApiError as exc:
+                    raise CliError(f"user {user.id}: {exc.detail}") from None
         state = SimpleNamespace(settings=settings, pool=pool, redis=redis)
 
         streamed: list[str] = []
@@ -420,7 +434,8 @@ async def _ask(settings: Settings, args: argparse.Namespace) -> int:
                 print(text, end="", flush=True)
 
         try:
-            result = await ask(state, user, args.course_id, args.question, on_delta=on_delta)
+            result = await ask(state, user, args.course_id, args.question, session_id=args.session,
+                               on_delta=on_delta)
         except ApiError as exc:
             print(exc.detail, file=sys.stderr)
             return 1
@@ -571,6 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask_.add_argument("course_id", type=_id)
     ask_.add_argument("question", type=_question)
     ask_.add_argument("--json", action="store_true", help="print the same JSON as the REST API")
+    ask_.add_argument("--as", dest="as_user", type=_id, metavar="USER_ID",
+                      help="ask as this user (a course they may see; a learner's daily limit applies; "
+                           "default: the course's owner)")
+    ask_.add_argument("--session", type=_id, metavar="SESSION_ID",
+                      help="a follow-up in this tutor session of the asking user (printed by --json)")
     re_ = add("reembed", cmd_reembed, "re-embed videos embedded by another model than the configured one")
     re_.add_argument("--course", type=_id, help="only this course")
     lb = add("leaderboards", cmd_leaderboards, "rebuild the Redis leaderboards from the XP ledger, or check them")

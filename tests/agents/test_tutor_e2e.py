@@ -219,14 +219,35 @@ def test_bad_ask_bodies(eval_course: EvalCourse, client):
         assert r.status_code == 400 and r.json()["field"] == field, (body, r.text)
 
 
-def test_cli_ask_json(eval_course: EvalCourse, data_dir):
-    out = subprocess.run([sys.executable, "-m", "server.cli", "ask", str(eval_course.id),
-                          "What is a digital signature?", "--json"], cwd=ROOT, env=clean_env(data_dir),
-                         capture_output=True, text=True, timeout=180)
+def test_cli_ask_json_as_owner_or_a_learner(eval_course: EvalCourse, client, make: Factory, data_dir):
+    """The REST API's JSON; --as asks as that user (their session, their quota); --session continues it; a user who may not see the
+    course is refused before anything is asked."""
+    def cli(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "server.cli", "ask", str(eval_course.id), *extra],
+                              cwd=ROOT, env=clean_env(data_dir), capture_output=True, text=True, timeout=180)
+
+    out = cli("What is a digital signature?", "--json")  # as the course's owner
     assert out.returncode == 0, out.stderr
     body = json.loads(out.stdout)
     assert body["grounded"] and body["citations"] and set(body) >= {"answer", "grounded", "citations", "follow_ups",
                                                                   "session_id"}
+    learner = eval_course.learner
+    out = cli("What is a digital signature?", "--json", "--as", str(learner.id))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["session_id"] != body["session_id"]
+    sid = json.loads(out.stdout)["session_id"]
+    out = cli("And who can check it?", "--json", "--as", str(learner.id), "--session", str(sid))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["session_id"] == sid
+    turns = client.get(f"/api/v1/tutor/sessions/{sid}", headers=learner.h).json()["turns"]
+    assert [t["question"] for t in turns][-2:] == ["What is a digital signature?", "And who can check it?"]
+    out = cli("And then?", "--as", str(eval_course.instructor.id), "--session", str(sid))  # not the owner's session
+    assert out.returncode == 1 and f"tutor session {sid} not found" in out.stderr
+    outsider = make.user("learner")
+    out = cli("What is a digital signature?", "--as", str(outsider.id))
+    assert out.returncode == 2 and "not found" in out.stderr and not out.stdout
+    out = cli("What is a digital signature?", "--as", "999999999")
+    assert out.returncode == 2 and "user 999999999 not found" in out.stderr
 
 
 def test_cli_ask_prints_a_decline(eval_course: EvalCourse, data_dir):
