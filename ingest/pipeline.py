@@ -23,6 +23,7 @@ from ingest.progress import JobReporter
 from store import jobs as jobs_repo
 from store import progress as progress_repo
 from store import videos as videos_repo
+from store import xp
 from store.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
         await llm_titles(llm, chapters)
     duration = max(src.duration_s or 0.0, src.cues[-1].end)
     async with pool.acquire() as conn, conn.transaction():
+        xtx = xp.XpTransaction(conn)  # the XP of videos the new length completes, settled after the commit
         # the course row first, as a course delete takes it (then its videos'): in the other order the two
         # deadlocked and the delete failed
         await conn.execute("SELECT 1 FROM courses WHERE id = $1 FOR KEY SHARE", video["course_id"])
@@ -169,8 +171,10 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
             await videos_repo.mark_ready(conn, video["id"], duration_s=duration, embed_model=embedder.name,
                                          embed_dim=embedder.dim, chunk_count=len(chunks), language=src.language,
                                          captions_generated=src.captions_generated)
-            await progress_repo.fit_to_duration(conn, video["id"], duration)
+            await progress_repo.fit_to_duration(xtx, video["id"], duration, settings.video_complete_share)
         done = await jobs_repo.set_state(conn, job["id"], "done", 1.0)
+    if xtx.awards and reporter.redis is not None:  # (without Redis the boards' check rebuilds them from the ledger)
+        await xp.settle(reporter.redis, xtx.awards, xtx.unlocked)
     await reporter.announce(done)
     logger.info("ingested video %s: %d cues, %d chunks, %d chapters", video["id"], len(src.cues), len(chunks),
                 len(chapters))

@@ -42,6 +42,10 @@ class OverBudget(Exception):
         self.wait_s = wait_s
 
 
+class Gone(LookupError):
+    """The video (or its course) was deleted while the report waited: 404."""
+
+
 class ProgressError(ValueError):
     """Bad input: `field` names what was wrong."""
 
@@ -87,15 +91,33 @@ _PAST_END = """SELECT user_id, position_s, watched FROM video_progress
                ORDER BY user_id FOR UPDATE"""
 
 
-async def fit_to_duration(conn: asyncpg.Connection, video_id: int, duration: float) -> int:
-    """Cut the video's stored progress to `duration`; returns the learners whose progress changed. Completion
-    (and the XP it earned) stays: it was earned on the video as it was."""
+async def fit_to_duration(tx: xp.XpTransaction, video_id: int, duration: float, complete_share: float) -> int:
+    """Cut the video's stored progress to `duration` (in the re-ingest's transaction `tx`); returns the learners
+    whose progress changed. Completion (and the XP it earned) stays: it was earned on the video as it was. A
+    shorter video can also be complete now for learners who had not finished it (the same seconds are a larger share
+    of less time): they complete it here, with the lesson's (and perhaps the course's) XP, as a report would."""
+    conn = tx.conn
     rows = await conn.fetch(_PAST_END, video_id, float(duration))
     fitted = [(video_id, r["user_id"], min(r["position_s"], duration), w, covered(w))
               for r in rows for w in [clip(r["watched"], duration)]]
     await conn.executemany("UPDATE video_progress SET position_s = $3, watched = $4, watched_s = $5 "
                            "WHERE video_id = $1 AND user_id = $2", fitted)
+    if duration > 0:
+        done = await conn.fetch(_COMPLETE_NOW, video_id, complete_share * duration - 1e-6)
+        for r in done:
+            if r["role"] == "learner":
+                await _award_completion(tx, r["user_id"], video_id, r["course_id"], True, r["completed_at"])
     return len(fitted)
+
+
+# Progress on video $1 that now covers the share (as $2 seconds) without having been completed: completed now
+# (locking the rows in learner order).
+_COMPLETE_NOW = """
+WITH due AS (SELECT user_id FROM video_progress WHERE video_id = $1 AND completed_at IS NULL AND watched_s >= $2
+             ORDER BY user_id FOR UPDATE)
+UPDATE video_progress p SET completed_at = now() FROM due, users u
+WHERE p.video_id = $1 AND p.user_id = due.user_id AND u.id = p.user_id
+RETURNING p.user_id, p.course_id, p.completed_at, u.role"""
 
 
 # A video made from captions (YouTube, an uploaded transcript) is as long as its last caption, while the player
@@ -135,6 +157,9 @@ def check_report(duration: float, position: float, watched: list[list[float]],
 
 
 _LEARNER_LOCK = "SELECT pg_advisory_xact_lock(5148, hashint8($1))"
+# Taken by progress reports; a video's or the course's deletion takes it FOR UPDATE (store.videos.delete_video,
+# store.courses.delete_course), so the two wait for each other instead of overlapping.
+_COURSE_LOCK = "SELECT 1 FROM courses WHERE id = $1 FOR KEY SHARE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,16 +185,26 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
                  watched: list[list[float]], complete_share: float, at: datetime | None = None) -> Reported:
     """Store a progress report (validated by `check_report`) in `tx` and award what it earned."""
     conn = tx.conn
-    at = at or datetime.now(timezone.utc)
     duration = float(video["duration_s"])
     # One report per learner at a time: two concurrent first reports of a video would each merge only their
     # own ranges (no row to lock yet), and a completing report (XP, then streak) would deadlock against a
     # first-of-the-day one (streak, then its XP).
     await conn.execute(_LEARNER_LOCK, user_id)
+    # the report's time once it is the learner's turn: two reports straddling their midnight count both days in
+    # the order they are stored (the later one's time taken first, the earlier day looked missed)
+    at = at or datetime.now(timezone.utc)
+    # The course row before the video's, as deleting the course or a video takes it (the other way round, a
+    # first report, whose new row's key check needs the course row, deadlocked with a course deletion), and so
+    # that a report racing a video's deletion sees the course as it is after it (the one video left to finish
+    # gone: the course is complete).
+    if await conn.fetchval(_COURSE_LOCK, video["course_id"]) is None:
+        raise Gone(f"video {video['id']} not found")
     # the video's length now (a re-ingest that shortened it commits first: its cut to the new length then stands,
     # and this report is cut to it too)
     now_s = await conn.fetchval("SELECT duration_s FROM videos WHERE id = $1 FOR SHARE", video["id"])
-    if now_s is not None and float(now_s) < duration:
+    if now_s is None:
+        raise Gone(f"video {video['id']} not found")
+    if float(now_s) < duration:
         duration = float(now_s)
         position = min(position, duration)
         watched = clip(watched, duration)
@@ -199,16 +234,24 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
     course_done = False
     before = len(tx.awards)
     if role == "learner":
-        cid = video["course_id"]
-        if completed_now:
-            await tx.award(user_id, "lesson_completed", f"lesson:{video['id']}", course_id=cid, at=at)
-            await tx.award(user_id, "first_lesson", "first_lesson", course_id=cid, at=at)
-        # also on a video finished before: the course may have lost the one video left
-        if complete and await conn.fetch(_FINISHED_UNAWARDED, cid, user_id):
-            course_done = await tx.award(user_id, "course_completed", f"course:{cid}", course_id=cid, at=at) is not None
+        if complete:  # also on a video finished before: the course may have lost the one video left
+            course_done = await _award_completion(tx, user_id, video["id"], video["course_id"], completed_now, at)
         if watched:
             await streaks.record_activity(tx, user_id, at)
     return Reported(row, duration, completed_now, course_done, tx.awards[before:])
+
+
+async def _award_completion(tx: xp.XpTransaction, user_id: int, video_id: int, course_id: int, completed_now: bool,
+                            at: datetime) -> bool:
+    """The XP of a learner's completed video: the lesson's when `completed_now`, and the course's when every
+    ready video of it is complete; True when the course's was awarded."""
+    if completed_now:
+        await tx.award(user_id, "lesson_completed", f"lesson:{video_id}", course_id=course_id, at=at)
+        await tx.award(user_id, "first_lesson", "first_lesson", course_id=course_id, at=at)
+    if await tx.conn.fetch(_FINISHED_UNAWARDED, course_id, user_id):
+        return await tx.award(user_id, "course_completed", f"course:{course_id}", course_id=course_id,
+                              at=at) is not None
+    return False
 
 
 async def _spend_budget(conn: asyncpg.Connection, user_id: int, new_seconds: float, at: datetime) -> None:
@@ -240,14 +283,13 @@ WHERE p.course_id = $1 AND p.completed_at IS NOT NULL AND ($2::bigint IS NULL OR
   AND NOT EXISTS (SELECT 1 FROM xp_events x WHERE x.user_id = p.user_id AND x.idempotency_key = 'course:' || $1)"""
 
 
-async def award_finished_courses(pool: asyncpg.Pool, redis: Redis, course_id: int) -> int:
-    """`course_completed` for the learners who have now completed every ready video of the course without
-    having earned it: after a video they had not finished was removed (no report of theirs would complete the
-    course any more). Idempotent; returns the awards made."""
-    async with xp.transaction(pool, redis) as tx:
-        rows = await tx.conn.fetch(_FINISHED_UNAWARDED, course_id, None)
-        for r in rows:
-            await tx.award(r["user_id"], "course_completed", f"course:{course_id}", course_id=course_id)
+async def award_finished_courses(tx: xp.XpTransaction, course_id: int) -> int:
+    """`course_completed` (in `tx`) for the learners who have now completed every ready video of the course
+    without having earned it: after a video they had not finished was removed (no report of theirs would complete
+    the course any more). Idempotent; returns the awards made."""
+    rows = await tx.conn.fetch(_FINISHED_UNAWARDED, course_id, None)
+    for r in rows:
+        await tx.award(r["user_id"], "course_completed", f"course:{course_id}", course_id=course_id)
     return len(rows)
 
 

@@ -9,6 +9,9 @@ from typing import Any
 
 import asyncpg
 import numpy as np
+from redis.asyncio import Redis
+
+from store import progress, xp
 
 _COLS = """v.id, v.course_id, v.title, v.source, v.youtube_id, v.filename, v.file_path, v.file_kind, v.file_size,
            v.duration_s, v.status, v.embed_model, v.embed_dim, v.language, v.captions_generated, v.chunk_count,
@@ -252,3 +255,23 @@ async def list_segments(conn: asyncpg.Connection, video_id: int, *, limit: int |
     return await conn.fetch(
         "SELECT idx, start_s, end_s, text FROM transcript_segments WHERE video_id = $1 ORDER BY idx LIMIT $2 OFFSET $3",
         video_id, limit, offset)
+
+
+async def delete_video(conn: asyncpg.Connection, redis: Redis, course_id: int, video_id: int) -> bool:
+    """Delete the video (its chunks, progress… cascade) in a transaction of its own, with the `course_completed`
+    XP of learners for whom it was the last video left to finish; False when the course is gone. The course row
+    is locked first and exclusively: racing the course's deletion, this waits and finds the course gone (instead
+    of holding the video row that deletion's cascade needs while waiting for the course row itself, a deadlock),
+    and a progress report (which takes the course row to share) is either done before or sees the video gone: a
+    learner finishing the one other video meanwhile completes the course either way."""
+    async with xp.transaction(conn, redis) as tx:
+        if await conn.fetchval("SELECT 1 FROM courses WHERE id = $1 FOR UPDATE", course_id) is None:
+            return False
+        await conn.execute("DELETE FROM videos WHERE id = $1 AND course_id = $2", video_id, course_id)
+        # a citation is a moment of a video: pointing at a deleted one, it would send learners to a 404
+        await conn.execute("""UPDATE assignments SET citation = NULL, updated_at = now()
+                              WHERE course_id = $1 AND (citation ->> 'video_id')::bigint = $2""",
+                           course_id, video_id)
+        await refresh_term_stats(conn, course_id)
+        await progress.award_finished_courses(tx, course_id)
+    return True

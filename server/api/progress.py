@@ -81,7 +81,8 @@ async def video_or_404(conn: asyncpg.Connection, video_id: int, user: AuthUser) 
     return row
 
 
-def _video_progress(video: asyncpg.Record, row: asyncpg.Record | None, awarded: list[str] = ()) -> VideoProgress:  # type: ignore[assignment]
+def _video_progress(video: asyncpg.Record | dict, row: asyncpg.Record | None,
+                    awarded: list[str] = ()) -> VideoProgress:  # type: ignore[assignment]
     duration = float(video["duration_s"] or 0.0)
     if row is None:
         return VideoProgress(video_id=video["id"], course_id=video["course_id"], duration=duration, position=0.0,
@@ -124,9 +125,12 @@ class ProgressController(Controller):
                                          state.settings.video_complete_share)
         except repo.ProgressError as exc:  # nothing stored: the transaction rolled back
             raise ApiError(400, str(exc), field=exc.field) from exc
+        except repo.Gone as exc:
+            raise ApiError(404, str(exc)) from exc
         except repo.OverBudget as exc:  # nothing stored either: the client keeps its ranges and sends them later
             raise ApiError(429, str(exc), code="watch_budget", field="watched", retry_after=exc.wait_s) from exc
-        return _video_progress(video, done.row, [a.kind for a in done.awards])
+        # the length the report was stored against (a re-ingest may have shortened the video since it was read)
+        return _video_progress({**video, "duration_s": done.duration}, done.row, [a.kind for a in done.awards])
 
     @get("/videos/{video_id:int}/progress")
     async def read(self, request: Request, video_id: int) -> VideoProgress:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -26,14 +25,10 @@ from server.errors import ApiError
 from store.frames import LINE_CONTROL, blank
 from server.uploads import receive_upload
 from store import jobs as jobs_repo
-from store import progress as progress_repo
 from store import videos as videos_repo
 from store.keys import rate_search
 from store.ratelimit import SendLimiter
 from store.search import hybrid_search
-
-logger = logging.getLogger(__name__)
-
 
 
 class VideoIn(Strict):
@@ -215,22 +210,8 @@ class VideoController(Controller):
         async with request.app.state.pool.acquire() as conn:
             await course_or_404(conn, course_id, request.user)
             video = await _video_or_404(conn, course_id, video_id)
-            async with conn.transaction():
-                # the course row first, as deleting the course takes it: racing that, this waits and finds the
-                # course gone, instead of holding the video row its cascade needs while waiting for the course
-                # row (for the BM25 statistics) itself, a deadlock
-                if await conn.fetchval("SELECT 1 FROM courses WHERE id = $1 FOR KEY SHARE", course_id) is None:
-                    raise ApiError(404, f"course {course_id} not found")
-                await conn.execute("DELETE FROM videos WHERE id = $1", video_id)
-                # a citation is a moment of a video: pointing at a deleted one, it would send learners to a 404
-                await conn.execute("""UPDATE assignments SET citation = NULL, updated_at = now()
-                                      WHERE course_id = $1 AND (citation ->> 'video_id')::bigint = $2""",
-                                   course_id, video_id)
-                await videos_repo.refresh_term_stats(conn, course_id)
-        try:  # learners for whom this was the last video left to finish have now completed the course
-            await progress_repo.award_finished_courses(request.app.state.pool, request.app.state.redis, course_id)
-        except Exception:  # noqa: BLE001 - the deletion stands; a learner's next report on a finished video awards it
-            logger.warning("could not award finished courses after deleting video %s", video_id, exc_info=True)
+            if not await videos_repo.delete_video(conn, request.app.state.redis, course_id, video_id):
+                raise ApiError(404, f"course {course_id} not found")
         if video["file_path"]:
             Path(video["file_path"]).unlink(missing_ok=True)
 

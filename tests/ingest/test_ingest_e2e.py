@@ -451,6 +451,10 @@ def test_a_reingest_that_shortens_a_video_cuts_its_progress_to_the_new_length(cl
     url = f"/api/v1/videos/{vid}/progress"
     got = client.post(url, json={"position": 100, "watched": [[30, 100]]}, headers=learner.h).json()
     assert got["duration"] == 100 and got["fraction"] == 0.7 and not got["completed"]
+    near = make.user("learner")  # 55 s of 100: of the 60 s the video will be, enough to complete it
+    assert client.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": near.id},
+                       headers=inst.h).status_code == 201
+    assert not client.post(url, json={"position": 55, "watched": [[0, 55]]}, headers=near.h).json()["completed"]
     (path,) = [x["file_path"] for x in fetch(settings, "SELECT file_path FROM videos WHERE id = $1", vid)]
     Path(path).write_bytes(_srt(60))  # the source now says 60 s
     r = client.post(f"/api/v1/courses/{cid}/videos/{vid}/reingest", headers=inst.h)
@@ -458,6 +462,11 @@ def test_a_reingest_that_shortens_a_video_cuts_its_progress_to_the_new_length(cl
     now = client.get(url, headers=learner.h).json()
     assert (now["duration"], now["position"], now["watched"], now["watched_s"], now["fraction"]) == (
         60, 60, [[30, 60]], 30, 0.5), now
+    done = client.get(url, headers=near.h).json()
+    assert done["completed"] and done["watched_s"] == 55, done
+    kinds = sorted(x["kind"] for x in fetch(settings, "SELECT kind FROM xp_events WHERE user_id = $1", near.id))
+    assert kinds == ["course_completed", "daily_streak", "first_lesson", "lesson_completed"], kinds
+    assert client.get(f"/api/v1/leaderboards/course/{cid}", headers=near.h).json()["me"]["xp"] == 560  # on the board
     again = client.post(url, json={"position": 10, "watched": []}, headers=learner.h).json()
     assert not again["completed"] and again["xp_awarded"] == [] and again["fraction"] == 0.5
     course = client.get(f"/api/v1/courses/{cid}/progress", headers=learner.h).json()

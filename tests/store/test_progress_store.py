@@ -77,7 +77,7 @@ async def test_a_report_read_before_a_re_ingest_shortened_the_video_is_cut_to_th
     try:  # a re-ingest: the video is 30 s now, its progress cut, not committed yet
         await ingest.execute("SELECT 1 FROM videos WHERE id = $1 FOR UPDATE", v["id"])
         await ingest.execute("UPDATE videos SET duration_s = 30 WHERE id = $1", v["id"])
-        await progress.fit_to_duration(ingest, v["id"], 30.0)
+        await progress.fit_to_duration(xp.XpTransaction(ingest), v["id"], 30.0, 0.9)
         late = asyncio.create_task(_report(pool, redis, u, v, [[40, 80]]))
         await asyncio.sleep(0.5)
         assert not late.done()  # it waits for the re-ingest
@@ -86,3 +86,113 @@ async def test_a_report_read_before_a_re_ingest_shortened_the_video_is_cut_to_th
         await pool.release(ingest)
     done = await late
     assert done.row["watched"] == [[0.0, 30.0]] and done.row["watched_s"] == 30.0, dict(done.row)
+
+
+async def _kinds(pool, user_id: int) -> list[str]:  # type: ignore[no-untyped-def]
+    async with pool.acquire() as conn:
+        return sorted(r["kind"] for r in await conn.fetch("SELECT kind FROM xp_events WHERE user_id = $1", user_id))
+
+
+async def test_a_first_report_racing_the_course_deletion_is_not_found_not_a_deadlock(make: Factory, xp_store):
+    """The report locked the video, then its new row's key check waited for the course row, which the deletion
+    held while its cascade waited for the video: a deadlock, a 500 for one of the two."""
+    pool, redis = xp_store
+    u = make.user("learner")
+    c = await _video(pool, u)
+    deleting = await pool.acquire()
+    tx = deleting.transaction()
+    await tx.start()
+    try:  # as store.courses.delete_course: the course row, then the delete
+        await deleting.execute("SELECT 1 FROM courses WHERE id = $1 FOR UPDATE", c["course_id"])
+        late = asyncio.create_task(_report(pool, redis, u, c["videos"][0], [[0, 10]]))
+        await asyncio.sleep(0.5)
+        await deleting.execute("DELETE FROM courses WHERE id = $1", c["course_id"])
+        await tx.commit()
+    finally:
+        await pool.release(deleting)
+    try:
+        await late
+        raise AssertionError("stored a report on a deleted course")
+    except progress.Gone:
+        pass
+    assert await _kinds(pool, u.id) == []
+
+
+async def test_a_report_finishing_the_course_while_its_last_other_video_is_deleted_earns_the_course(
+        make: Factory, xp_store):
+    """The report read the other video as still there (its deletion not committed), the deletion's catch-up ran
+    before the report committed: neither awarded `course_completed`."""
+    pool, redis = xp_store
+    from store import videos
+
+    u = make.user("learner")
+    c = await _video(pool, u)
+    v1, v2 = c["videos"]
+    await _report(pool, redis, u, v1, [[0, 50]], at=datetime.now(timezone.utc) - timedelta(days=1))
+    h1, h2 = await pool.acquire(), await pool.acquire()
+    t1, t2 = h1.transaction(), h2.transaction()
+    await t1.start()
+    await t2.start()
+    try:
+        # hold the deletion after it deleted v2 (at the course's search statistics it recounts next)...
+        await h1.execute(videos._TERMS_LOCK, c["course_id"])
+        # ...and the report after its course check (at its streak), until the deletion has committed
+        await h2.execute("SELECT 1 FROM streaks WHERE user_id = $1 FOR UPDATE", u.id)
+        async with pool.acquire() as conn:
+            deletion = asyncio.create_task(videos.delete_video(conn, redis, c["course_id"], v2["id"]))
+            await asyncio.sleep(0.3)
+            finishing = asyncio.create_task(_report(pool, redis, u, v1, [[50, 100]]))
+            await asyncio.sleep(0.5)
+            await t1.commit()
+            assert await deletion
+            await asyncio.sleep(0.2)
+            await t2.commit()
+            await finishing
+    finally:
+        await pool.release(h1)
+        await pool.release(h2)
+    assert await _kinds(pool, u.id) == ["course_completed", "daily_streak", "daily_streak", "first_lesson",
+                                        "lesson_completed"]
+
+
+async def test_a_re_ingest_that_shortens_a_video_completes_it_for_who_watched_enough(make: Factory, xp_store):
+    """45 s of 100 watched; the video is 50 s now: 90 % of it, complete, with its XP (and the course's)."""
+    pool, redis = xp_store
+    u, other = make.user("learner"), make.user("learner")
+    c = await _video(pool, u)
+    v1, v2 = c["videos"]
+    await _report(pool, redis, u, v2, [[0, 100]])
+    await _report(pool, redis, u, v1, [[0, 45]])
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE videos SET course_id = $1 WHERE id = $2", c["course_id"], v1["id"])
+    async with xp.transaction(pool, redis) as tx:
+        await tx.conn.execute("UPDATE videos SET duration_s = 50 WHERE id = $1", v1["id"])
+        await progress.fit_to_duration(tx, v1["id"], 50.0, 0.9)
+    assert [a.kind for a in tx.awards] == ["lesson_completed", "course_completed"]
+    async with pool.acquire() as conn:
+        row = await progress.video_progress(conn, u.id, v1["id"])
+    assert row["completed_at"] is not None and row["watched_s"] == 45
+    assert await _kinds(pool, u.id) == ["course_completed", "daily_streak", "first_lesson", "lesson_completed",
+                                        "lesson_completed"]
+    assert await _kinds(pool, other.id) == []
+
+
+async def test_a_report_takes_its_time_once_it_is_the_learners_turn(make: Factory, xp_store):
+    """Two reports straddling the learner's midnight, the later one stored first: the earlier one's time must not
+    be older than what is stored (its day looked missed, the streak broken)."""
+    pool, redis = xp_store
+    u = make.user("learner")
+    v = (await _video(pool, u))["videos"][0]
+    holder = await pool.acquire()
+    tx = holder.transaction()
+    await tx.start()
+    try:  # another report of the learner's, under way
+        await holder.execute(progress._LEARNER_LOCK, u.id)
+        waiting = asyncio.create_task(_report(pool, redis, u, v, [[0, 10]]))
+        await asyncio.sleep(0.5)
+        released = datetime.now(timezone.utc)
+        await tx.commit()
+    finally:
+        await pool.release(holder)
+    done = await waiting
+    assert done.row["updated_at"] >= released
