@@ -234,11 +234,16 @@ class Conn:
             if self.fill_task is asyncio.current_task():  # a fill cancelled by `resume` leaves the new one be
                 self.filling = False
 
-    def restart(self, after: int) -> None:
-        """`resume`: drop what is queued and stream again from `after` (the caller pushes the welcome first)."""
+    def stop_fill(self) -> None:
+        """Cancel a replay under way (`resume` starts the stream again): ended while the new welcome waits, it
+        would let live events through to the socket ahead of that welcome, and the new stream drop them."""
         if self.fill_task is not None and not self.fill_task.done():
             self.fill_task.cancel()
         self.fill_task = None  # the cancelled fill is not done yet: `start_fill` must not take it for running
+
+    def restart(self, after: int) -> None:
+        """`resume`: drop what is queued and stream again from `after` (the caller pushes the welcome first)."""
+        self.stop_fill()
         # queued room events go (the new stream sends them again); errors, pongs and personal events stay. A send
         # already waiting for the transport goes first: it precedes the new welcome
         self.out = deque(m for m in self.out if _kind(m["text"]) not in SEQUENCED)

@@ -263,6 +263,7 @@ class Hub:
 
     async def welcome(self, conn: Conn, after: int | None) -> None:
         """Start (or restart) the stream: welcome first, then every event after `after`, then live ones."""
+        conn.stop_fill()  # a replay under way must not end (and stop holding live events back) while this reads
         conn.filling = True  # live events arriving while this reads where the room is wait, then come in order
         try:
             async with self.pool.acquire() as db:
@@ -588,7 +589,8 @@ class Hub:
     async def _unsubscribe_idle(self) -> None:
         now = time.monotonic()
         for room, since in list(self._idle_since.items()):
-            if now - since >= UNSUBSCRIBE_AFTER_S:
+            # (an earlier room's unsubscribe waited for Redis: a join meanwhile took this one off the list)
+            if now - since >= UNSUBSCRIBE_AFTER_S and self._idle_since.get(room) == since:
                 del self._idle_since[room]
                 if room not in self.rooms and room in self._subscribed and room not in self._sub_waiters:
                     # forget it first: a join arriving before Redis confirms subscribes again (after this, in order)

@@ -71,3 +71,91 @@ async def test_a_connection_that_never_attached_does_not_take_the_user_offline(s
         assert await _online(hub, room) == {8} and hub._pairs[(room, user.id)][0] == 1
     finally:
         await hub.stop()
+
+
+async def test_a_resume_while_a_replay_ends_loses_no_live_event(settings, xp_store, make):  # type: ignore[no-untyped-def]
+    """`resume` while a gap's replay was under way: the replay ended while the welcome read where the room is, so
+    the next live event went to the socket ahead of the welcome and the new stream dropped it (nothing after the
+    welcome until the hub's catch-up check)."""
+    import json
+
+    from server.realtime.conn import text_frame
+    from store import messages, rooms
+
+    pool, redis = xp_store
+    u = make.user("learner")
+    async with pool.acquire() as db:
+        cid = await db.fetchval("INSERT INTO courses (tenant_id, owner_id, title) VALUES ($1, $2, 'c') RETURNING id",
+                                u.tenant_id, u.id)
+        await rooms.ensure_room(db, f"course:{cid}")
+    room = f"course:{cid}"
+    for i in range(7):
+        await messages.post_message(pool, redis, room, None, f"m{i + 1}")
+    hub = await _hub(settings, xp_store)
+    sent: list[dict] = []
+
+    async def send(msg: dict) -> None:
+        sent.append(json.loads(msg["text"]))
+
+    conn = Conn(hub, RoomAccess(room_id=room, kind="course", course_id=cid, tenant_id=u.tenant_id, moderator=False),
+                UserRef(id=u.id, name=u.name, role="learner"), send, 64)
+    conn.ready, conn.filling, conn.last_seq = True, False, 5
+    gate, events_after, online = asyncio.Event(), hub.events_after, hub.presence.online
+
+    async def gated(*args):  # type: ignore[no-untyped-def]
+        await gate.wait()
+        return await events_after(*args)
+
+    hub.events_after = gated  # type: ignore[method-assign]
+    try:
+        async with pool.acquire() as db:
+            (_, seven), = await rooms.events_after(db, room, 6, 1)
+        conn.offer(7, text_frame(seven))  # 6 is missing: a replay of 6..7 starts (and waits at the gate)
+        replay = conn.fill_task
+
+        async def held(*args):  # type: ignore[no-untyped-def]
+            await asyncio.wait([replay])  # the welcome reads presence once the old replay is over...
+            await messages.post_message(pool, redis, room, None, "m8")  # ...and seq 8 comes in meanwhile
+            async with pool.acquire() as db:
+                (_, eight), = await rooms.events_after(db, room, 7, 1)
+            conn.offer(8, text_frame(eight))
+            return await online(*args)
+
+        hub.presence.online = held  # type: ignore[method-assign]
+        welcome = asyncio.create_task(hub.welcome(conn, 7))  # the client: resume after_seq 7
+        await asyncio.sleep(0)
+        gate.set()
+        await welcome
+        await asyncio.sleep(0.3)
+        last = max(i for i, f in enumerate(sent) if f["type"] == "welcome")
+        assert [f.get("seq") for f in sent[last + 1:]] == [8], sent
+    finally:
+        conn.stop_fill()
+        await hub.stop()
+
+
+async def test_a_join_while_idle_rooms_are_unsubscribed_keeps_its_room(settings, xp_store):
+    """Two rooms idle long enough: a join to the second while the first's unsubscribe waited for Redis made the
+    sweep fail (KeyError), leaving the other idle rooms and users subscribed until a later tick."""
+    hub = await _hub(settings, xp_store)
+    first, second, third = (f"course:{uuid.uuid4().hex[:8]}" for _ in range(3))
+    user = UserRef(id=9, name="w", role="learner")
+    try:
+        for room in (first, second, third):
+            conn = _conn(hub, room, user)
+            await hub.attach(conn)
+            await hub.detach(conn)
+        for room in (first, second, third):
+            hub._idle_since[room] -= 3600  # idle for an hour
+        unsubscribe, back = hub._pubsub.unsubscribe, _conn(hub, second, user)
+
+        async def slow(*channels):  # type: ignore[no-untyped-def]
+            if back.room not in hub.rooms:
+                await hub.attach(back)  # the user is back in the second room while Redis confirms the first
+            return await unsubscribe(*channels)
+
+        hub._pubsub.unsubscribe = slow  # type: ignore[method-assign]
+        await hub._unsubscribe_idle()
+        assert hub._subscribed & {first, second, third} == {second} and hub.rooms[second] == {back}
+    finally:
+        await hub.stop()
