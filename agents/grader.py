@@ -23,7 +23,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 
 from agents import scoring
-from agents.llm import LLM, LLMError, first_json_object
+from agents.llm import LLM, LLMError, first_json_object, json_objects
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +185,28 @@ class _LLMGrade(msgspec.Struct):
     feedback: _LLMFeedback = msgspec.field(default_factory=_LLMFeedback)
 
 
+def _one_grade(text: str) -> _LLMGrade:
+    """The grade in a model's reply. A reply holding two different grades is refused: the answer graded is the
+    learner's text, and a grade written into it, quoted back by the model, must not pass for the model's own."""
+    objects = json_objects(text)
+    if not objects:
+        first_json_object(text)  # raises, saying why (no object, or broken JSON)
+    grades: list[_LLMGrade] = []
+    error: Exception | None = None
+    for obj in objects:  # other objects (a note, an example) are not grades
+        try:
+            grades.append(msgspec.json.decode(obj, type=_LLMGrade))  # strict: no NaN or infinity
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            error = error or exc
+    if not grades:
+        raise error or ValueError("the model's reply holds no grade")
+    if any(g != grades[0] for g in grades[1:]):
+        raise ValueError("the model's reply holds more than one grade (one may be quoted from the answer)")
+    return grades[0]
+
+
 def _parse_llm(text: str, criteria: list[Criterion]) -> dict[str, Any]:
-    grade = msgspec.json.decode(first_json_object(text), type=_LLMGrade)  # strict: no NaN or infinity
+    grade = _one_grade(text)
     names = [c.name.strip().lower() for c in grade.criteria]
     wanted = [c["name"].strip().lower() for c in criteria]
     if len(set(names)) < len(names):
@@ -276,7 +296,11 @@ def _feedback(state: GradeState) -> dict[str, Any]:
             right = "Your answer does not yet match what was asked"
         right += f" (you mention {', '.join(covered[:5])})." if covered else "."
         fb.setdefault("right", right)
-        fb.setdefault("missing", f"Not covered yet: {', '.join(missing[:5])}." if missing
+        # counted, not named: the missing ideas are the reference answer's words, and with attempts to spare a
+        # learner could send them back as a keyword list
+        n = len(missing)
+        fb.setdefault("missing", f"{n} key idea{'s' if n > 1 else ''} of the expected answer "
+                                 f"{'are' if n > 1 else 'is'} not covered yet." if missing
                       else "Nothing essential is missing." if total >= 80
                       else "Your answer needs to address the question more directly.")
         fb.setdefault("improve", "Explain the missing ideas in your own words and connect them to the question."

@@ -456,6 +456,21 @@ def first_json_object(text: str) -> str:
     return text[start:end]
 
 
+def json_objects(text: str) -> list[str]:
+    """Every top-level JSON object in a model's reply, in order (text and broken JSON between them skipped)."""
+    out, decoder = [], json.JSONDecoder()
+    start = text.find("{")
+    while start >= 0:
+        try:
+            _, end = decoder.raw_decode(text, start)
+        except (json.JSONDecodeError, RecursionError):
+            start = text.find("{", start + 1)
+            continue
+        out.append(text[start:end])
+        start = text.find("{", end)
+    return out
+
+
 @functools.cache
 def get_llm(settings: Settings) -> LLM | None:
     """The configured chat model, one instance per settings; None means use the offline extractive path.

@@ -203,11 +203,14 @@ async def _grade_counted(ctx: dict[str, Any], submission_id: int, sub: asyncpg.R
 
 async def _hold_failed(ctx: dict[str, Any], submission_id: int, gen: int, reason: str) -> str:
     """The grader cannot grade it: an instructor will (the learner sees `review_pending`). Not when it was
-    sent to the grader again since this run started (`gen`): the newer run decides."""
+    sent to the grader again since this run started (`gen`): the newer run decides. The grader proposes nothing:
+    a grade from before a regrade (a changed rubric) is no proposal for this one; the learner's is kept in
+    `released`."""
     async with ctx["pool"].acquire() as conn:
         async with conn.transaction():
             row = await conn.fetchrow(
-                """UPDATE submissions SET status = 'review_pending', review_reason = $2, updated_at = now()
+                """UPDATE submissions SET status = 'review_pending', review_reason = $2, score = NULL,
+                          confidence = NULL, criteria = '[]', feedback = NULL, grader = NULL, updated_at = now()
                    WHERE id = $1 AND status = 'grading' AND grade_gen = $3 RETURNING id""",
                 submission_id, reason[:500], gen)
             if row:

@@ -132,12 +132,18 @@ async def test_a_submission_whose_grading_keeps_dying_goes_to_review(db, setting
     pool, redis = db
     s = await _setup(pool)
     sid = await _submit(pool, s, REFERENCE)
+    assert await grading.grade_submission(ctx_for(pool, redis, settings), sid) in ("graded", "held")
     async with pool.acquire() as conn:
+        first = await subs_repo.get(conn, sid)
+        assert first["score"] is not None
+        assert await subs_repo.mark_grading(conn, [sid], None) == [sid]  # a regrade (grade-all), which keeps dying
         await conn.execute("UPDATE submissions SET grade_tries = $2 WHERE id = $1", sid, grading.MAX_TRIES + 1)
     assert await grading.grade_submission(ctx_for(pool, redis, settings), sid) == "held: grading failed"
     async with pool.acquire() as conn:
         row = await subs_repo.get(conn, sid)
     assert row["status"] == "review_pending" and "did not finish" in row["review_reason"]
+    # the grade from before the regrade is no proposal for this one (an approval would make it final)
+    assert row["score"] is None and row["confidence"] is None and row["criteria"] == [] and row["feedback"] is None
 
 
 async def test_lost_grading_jobs_are_requeued(db, settings):
