@@ -173,17 +173,21 @@ class Reported:
 
 _UPSERT = """
 INSERT INTO video_progress AS p (user_id, video_id, course_id, position_s, watched, watched_s, time_spent_s,
-                                 completed_at, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                                 completed_at, updated_at, position_player, position_seq)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 ON CONFLICT (user_id, video_id) DO UPDATE SET position_s = EXCLUDED.position_s, watched = EXCLUDED.watched,
+    position_player = EXCLUDED.position_player, position_seq = EXCLUDED.position_seq,
     watched_s = EXCLUDED.watched_s, time_spent_s = p.time_spent_s + EXCLUDED.time_spent_s,
     completed_at = coalesce(p.completed_at, EXCLUDED.completed_at), updated_at = EXCLUDED.updated_at
 RETURNING *"""
 
 
 async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.Record, position: float,
-                 watched: list[list[float]], complete_share: float, at: datetime | None = None) -> Reported:
-    """Store a progress report (validated by `check_report`) in `tx` and award what it earned."""
+                 watched: list[list[float]], complete_share: float, at: datetime | None = None, *,
+                 player: str | None = None, seq: int | None = None) -> Reported:
+    """Store a progress report (validated by `check_report`) in `tx` and award what it earned. `player` and
+    `seq`: the report's player and its number there; an older report of the player that set the position leaves
+    the position where it is (its ranges still count)."""
     conn = tx.conn
     duration = float(video["duration_s"])
     # One report per learner at a time: two concurrent first reports of a video would each merge only their
@@ -209,9 +213,12 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
         position = min(position, duration)
         watched = clip(watched, duration)
     old = await conn.fetchrow(
-        "SELECT watched, completed_at, updated_at FROM video_progress WHERE user_id = $1 AND video_id = $2 "
-        "FOR UPDATE",
+        "SELECT watched, completed_at, updated_at, position_s, position_player, position_seq FROM video_progress "
+        "WHERE user_id = $1 AND video_id = $2 FOR UPDATE",
         user_id, video["id"])
+    if old is not None and player is not None and old["position_player"] == player and seq is not None \
+            and old["position_seq"] is not None and old["position_seq"] > seq:
+        position, seq = min(old["position_s"], duration), old["position_seq"]  # sent before the one stored
     had = clip(old["watched"], duration) if old else []  # as of this video's length (see fit_to_duration)
     merged = merge(had + watched)
     if len(merged) > MAX_STORED_RANGES:  # refused, not coarsened: joining gaps would count unwatched seconds
@@ -229,7 +236,7 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
     was_complete = old is not None and old["completed_at"] is not None
     complete = was_complete or (duration > 0 and watched_s >= complete_share * duration - 1e-6)
     row = await conn.fetchrow(_UPSERT, user_id, video["id"], video["course_id"], position, merged, watched_s, spent,
-                              at if complete else None, at)
+                              at if complete else None, at, player, seq)
     completed_now = complete and not was_complete
     course_done = False
     before = len(tx.awards)

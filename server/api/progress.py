@@ -104,6 +104,10 @@ class ProgressController(Controller):
         """Report watching: `position` (resume point) and the `watched` ranges since the last report, in
         seconds. Positions and ranges must lie inside the video; a range must end after it starts."""
         data = await read_json(request, ProgressIn)
+        if (data.player is None) != (data.seq is None):
+            missing = "seq" if data.seq is None else "player"
+            raise ApiError(400, f"{missing} is required with {'player' if missing == 'seq' else 'seq'}",
+                           field=missing)
         user: AuthUser = request.user
         state = request.app.state
         async with state.pool.acquire() as conn:
@@ -122,7 +126,7 @@ class ProgressController(Controller):
         try:
             async with xp.transaction(state.pool, state.redis) as tx:
                 done = await repo.report(tx, user.id, user.role, video, position, watched,
-                                         state.settings.video_complete_share)
+                                         state.settings.video_complete_share, player=data.player, seq=data.seq)
         except repo.ProgressError as exc:  # nothing stored: the transaction rolled back
             raise ApiError(400, str(exc), field=exc.field) from exc
         except repo.Gone as exc:

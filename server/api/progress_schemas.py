@@ -22,6 +22,11 @@ class DeclineIn(Strict):
 class ProgressIn(Strict):
     position: float
     watched: Annotated[list[Range], Meta(max_length=200)] = []
+    # optional, together: an id the player makes up for its playback session and the number of the report in it
+    # (rising); a report of the same player with a lower number than the one that set the position (sent
+    # earlier, arriving late) does not move the position back
+    player: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")] | None = None
+    seq: Annotated[int, Meta(ge=0, le=2**53)] | None = None
 
 
 class VideoProgress(msgspec.Struct):

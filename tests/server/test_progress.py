@@ -32,6 +32,11 @@ def test_bad_reports_are_400_and_store_nothing(client, make: Factory, settings):
         ({"position": 10, "watched": [[1, 2, 3]]}, "watched[0]"),
         ({"position": "ten", "watched": []}, "position"),
         ({"position": 10, "watched": [], "extra": 1}, "extra"),
+        ({"position": 10, "player": "tab-1"}, "seq"),  # the two go together
+        ({"position": 10, "seq": 3}, "player"),
+        ({"position": 10, "player": "tab 1", "seq": 1}, "player"),
+        ({"position": 10, "player": "x" * 65, "seq": 1}, "player"),
+        ({"position": 10, "player": "tab-1", "seq": -1}, "seq"),
     ]
     for body, field in cases:
         r = client.post(f"/api/v1/videos/{vid}/progress", json=body, headers=a.h)
@@ -142,6 +147,29 @@ async def test_an_achievement_caught_up_on_read_is_announced(server, client, mak
         assert [f for f in await ws.quiet(0.5) if f["type"] == "achievement.unlocked"] == []
     finally:
         await ws.close()
+
+
+def test_a_late_report_of_the_same_player_does_not_move_the_position_back(client, make: Factory, settings):
+    """A player's report sent earlier but arriving later (a retry) set the resume position back; with `player`
+    and `seq` it counts its ranges and leaves the position. Another player, or a report without them, moves it:
+    the last to arrive."""
+    course = make_course(client, make, learners=1, videos=1, duration=100)
+    (a,), (vid,) = course.learners, course.videos
+    url = f"/api/v1/videos/{vid}/progress"
+
+    def send(position: float, watched: list, **extra: object) -> dict:
+        r = client.post(url, json={"position": position, "watched": watched, **extra}, headers=a.h)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    assert send(50, [[40, 50]], player="tab-1", seq=2)["position"] == 50
+    late = send(40, [[30, 40]], player="tab-1", seq=1)
+    assert late["position"] == 50 and late["watched"] == [[30, 50]]  # its range counts, its position does not
+    assert client.get(url, headers=a.h).json()["position"] == 50
+    assert send(52, [[50, 52]], player="tab-1", seq=2)["position"] == 52  # the same number again: a retry, taken
+    assert send(10, [], player="phone", seq=0)["position"] == 10  # another device
+    assert send(20, [])["position"] == 20  # no player: the last to arrive
+    assert send(15, [], player="phone", seq=1)["position"] == 15
 
 
 def test_deleting_the_last_unfinished_video_completes_the_course(client, make: Factory, settings):
