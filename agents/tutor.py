@@ -207,7 +207,7 @@ class Tutor:
         return {"answer": text + " …" if truncated else text}  # cut at the limit: say so
 
     async def decline(self, s: TutorState) -> dict:
-        nearest = [citation(w, s["mode"]) for w in (s.get("sources") or [])[:3]]
+        nearest = [citation(w, s.get("mode", "answer")) for w in (s.get("sources") or [])[:3]]
         where = "; ".join(f"\"{n['video_title']}\" at {mmss(n['start'])}" for n in nearest)
         text = ("The course videos don't cover this, so I won't guess."
                 + (f" The nearest moments are {where}." if where else ""))
@@ -215,7 +215,7 @@ class Tutor:
 
     async def cite(self, s: TutorState) -> dict:
         if s.get("error") or not s.get("grounded", True) or not s.get("answer"):
-            nearest = [citation(w, s["mode"]) for w in (s.get("sources") or [])[:3]]
+            nearest = [citation(w, s.get("mode", "answer")) for w in (s.get("sources") or [])[:3]]
             fallback = s.get("answer") or "The course videos don't cover this, so I won't guess."
             if s.get("error"):  # cut off mid-answer: what came, without markers that now cite nothing
                 partial = _markers(lambda m: "", s.get("answer") or "").strip()
@@ -235,7 +235,7 @@ class Tutor:
             return f"[{used.index(n) + 1}]"
         extractive = (s.get("usage") or {}).get("provider") == "extractive"
         text = _markers(renumber, s["answer"], in_quotes=not extractive).strip()
-        cites = [citation(sources[n - 1], s["mode"]) for n in used]
+        cites = [citation(sources[n - 1], s.get("mode", "answer")) for n in used]
         return {"answer": text, "citations": cites, "grounded": bool(cites), "nearest": []}
 
     async def follow_ups(self, s: TutorState) -> dict:
