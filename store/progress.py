@@ -31,6 +31,10 @@ SLACK_S = 3.0
 # its end, never meets it; a script reporting whole videos back to back waits (429) as if it had played them, and
 # so does an app syncing more than an hour watched offline at once (it sends the rest again later).
 WATCH_BUDGET_S = 3600.0
+# Time spent over all of a user's videos comes from an allowance the same size, refilling at the same rate (what
+# the per-video bound above leaves could otherwise be taken on many videos at once); what a report adds beyond
+# it is not counted (its ranges are).
+TIME_BUDGET_S = 3600.0
 
 
 class OverBudget(Exception):
@@ -233,6 +237,7 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
     if old is not None:
         elapsed = max(0.0, (at - old["updated_at"]).total_seconds())
         spent = min(spent, (elapsed + SLACK_S) * MAX_PLAYBACK_RATE)
+    spent = await _take_time(conn, user_id, spent, at)
     was_complete = old is not None and old["completed_at"] is not None
     complete = was_complete or (duration > 0 and watched_s >= complete_share * duration - 1e-6)
     row = await conn.fetchrow(_UPSERT, user_id, video["id"], video["course_id"], position, merged, watched_s, spent,
@@ -276,6 +281,21 @@ async def _spend_budget(conn: asyncpg.Connection, user_id: int, new_seconds: flo
     await conn.execute("""INSERT INTO watch_budget (user_id, seconds, at) VALUES ($1, $2, $3)
                           ON CONFLICT (user_id) DO UPDATE SET seconds = EXCLUDED.seconds, at = EXCLUDED.at""",
                        user_id, max(0.0, have - new_seconds), at)
+
+
+async def _take_time(conn: asyncpg.Connection, user_id: int, spent: float, at: datetime) -> float:
+    """Take up to `spent` seconds from the user's time-spent allowance (under the learner lock); returns what it
+    held of them."""
+    if spent <= 0:
+        return 0.0
+    row = await conn.fetchrow("SELECT time_s, time_at FROM watch_budget WHERE user_id = $1", user_id)
+    have = TIME_BUDGET_S if row is None or row["time_at"] is None else min(
+        TIME_BUDGET_S, row["time_s"] + max(0.0, (at - row["time_at"]).total_seconds()) * MAX_PLAYBACK_RATE)
+    take = min(spent, have)
+    await conn.execute("""INSERT INTO watch_budget (user_id, seconds, at, time_s, time_at) VALUES ($1, $2, $4, $3, $4)
+                          ON CONFLICT (user_id) DO UPDATE SET time_s = EXCLUDED.time_s, time_at = EXCLUDED.time_at""",
+                       user_id, WATCH_BUDGET_S, have - take, at)
+    return take
 
 
 # Learners of course $1 (only learner $2 when given) who have completed every ready video of it and have not

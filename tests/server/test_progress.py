@@ -14,9 +14,12 @@ def report(client, user, video_id: int, position: float, watched: list) -> dict:
 
 
 def later(settings, user, video_id: int, seconds: int = 3600) -> None:  # type: ignore[no-untyped-def]
-    """Let time pass since the learner's last report of the video (time spent is bounded by it)."""
+    """Let time pass since the learner's last report of the video (time spent is bounded by it, and by the
+    learner's allowance)."""
     fetch(settings, "UPDATE video_progress SET updated_at = updated_at - make_interval(secs => $3) "
                     "WHERE user_id = $1 AND video_id = $2", user.id, video_id, seconds)
+    fetch(settings, "UPDATE watch_budget SET time_at = time_at - make_interval(secs => $2) WHERE user_id = $1",
+          user.id, seconds)
 
 
 def test_bad_reports_are_400_and_store_nothing(client, make: Factory, settings):
@@ -336,6 +339,26 @@ def test_time_spent_is_bounded_by_the_time_that_passed(client, make: Factory, se
     course = make_course(client, make, learners=1, videos=1, duration=100)
     (b,), (vid,) = course.learners, course.videos
     assert report(client, b, vid, 20, [[0, 10], [10.000001, 20], [30, 40]])["watched"] == [[0.0, 20.0], [30.0, 40.0]]
+
+
+def test_time_spent_over_many_videos_is_bounded_by_the_time_that_passed(client, make: Factory, settings):
+    """Each video bounds what a report adds by the time since that video's previous report; re-sending watched
+    ranges of many videos at once multiplied it. Over all of a learner's videos time spent now comes from an
+    allowance of an hour refilling at the fastest playback: the ranges count, the time beyond it does not."""
+    from store.progress import MAX_PLAYBACK_RATE, TIME_BUDGET_S
+
+    course = make_course(client, make, learners=1, videos=8, duration=600)
+    (a,), vids = course.learners, course.videos
+    for v in vids:  # 80 minutes watched, as played
+        assert report(client, a, v, 600, [[0, 600]])["time_spent_s"] == 600
+        fetch(settings, "UPDATE watch_budget SET at = at - interval '200 seconds', "
+                        "time_at = time_at - interval '200 seconds' WHERE user_id = $1", a.id)
+    for v in vids:
+        later(settings, a, v, 3600)  # an hour on: each video alone would take its whole length again
+    again = [report(client, a, v, 600, [[0, 600]]) for v in vids]  # all eight re-sent at once
+    added = sum(r["time_spent_s"] for r in again) - 8 * 600
+    assert TIME_BUDGET_S <= added <= TIME_BUDGET_S + 10 * MAX_PLAYBACK_RATE, added  # not 4,800 s
+    assert all(r["watched"] == [[0.0, 600.0]] and r["completed"] for r in again)
 
 
 def test_stored_ranges_are_bounded(client, make: Factory, settings):
