@@ -106,6 +106,8 @@ async def fit_to_duration(tx: xp.XpTransaction, video_id: int, duration: float, 
               for r in rows for w in [clip(r["watched"], duration)]]
     await conn.executemany("UPDATE video_progress SET position_s = $3, watched = $4, watched_s = $5 "
                            "WHERE video_id = $1 AND user_id = $2", fitted)
+    # bookmarks past the new end mark its end (their notes stay)
+    await conn.execute("UPDATE bookmarks SET at_s = $2 WHERE video_id = $1 AND at_s > $2", video_id, float(duration))
     if duration > 0:
         done = await conn.fetch(_COMPLETE_NOW, video_id, complete_share * duration - 1e-6)
         for r in done:

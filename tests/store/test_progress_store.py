@@ -155,7 +155,7 @@ async def test_a_report_finishing_the_course_while_its_last_other_video_is_delet
                                         "lesson_completed"]
 
 
-async def test_a_re_ingest_that_shortens_a_video_completes_it_for_who_watched_enough(make: Factory, xp_store):
+async def test_a_re_ingest_that_shortens_a_video_completes_it_for_who_watched_enough_and_cuts_bookmarks(make: Factory, xp_store):
     """45 s of 100 watched; the video is 50 s now: 90 % of it, complete, with its XP (and the course's)."""
     pool, redis = xp_store
     u, other = make.user("learner"), make.user("learner")
@@ -163,6 +163,9 @@ async def test_a_re_ingest_that_shortens_a_video_completes_it_for_who_watched_en
     v1, v2 = c["videos"]
     await _report(pool, redis, u, v2, [[0, 100]])
     await _report(pool, redis, u, v1, [[0, 45]])
+    async with pool.acquire() as conn:
+        for at in (20.0, 80.0):
+            await progress.add_bookmark(conn, u.id, v1["id"], at, f"at {at:g}")
     async with pool.acquire() as conn:
         await conn.execute("UPDATE videos SET course_id = $1 WHERE id = $2", c["course_id"], v1["id"])
     async with xp.transaction(pool, redis) as tx:
@@ -172,6 +175,9 @@ async def test_a_re_ingest_that_shortens_a_video_completes_it_for_who_watched_en
     async with pool.acquire() as conn:
         row = await progress.video_progress(conn, u.id, v1["id"])
     assert row["completed_at"] is not None and row["watched_s"] == 45
+    async with pool.acquire() as conn:  # a bookmark past the new end marks the end, with its note
+        marks = await progress.list_bookmarks(conn, u.id, v1["id"])
+    assert [(m["at_s"], m["note"]) for m in marks] == [(20.0, "at 20"), (50.0, "at 80")]
     assert await _kinds(pool, u.id) == ["course_completed", "daily_streak", "first_lesson", "lesson_completed",
                                         "lesson_completed"]
     assert await _kinds(pool, other.id) == []
