@@ -118,6 +118,15 @@ def unavailable_handler(request: Request, exc: Exception) -> Response:
     return http_exception_handler(request, ApiError(503, UNAVAILABLE, code="unavailable", retry_after=5))
 
 
+def contention_handler(request: Request, exc: Exception) -> Response:
+    """Postgres rolled the request's transaction back for a concurrent one (a deadlock, a serialization failure):
+    nothing of it was stored and trying again works, so 409 with `Retry-After`, not 500. (Known lock orders are
+    kept so this does not happen; a warning says where it did.)"""
+    logger.warning("transaction rolled back on %s %s: %s", request.method, request.url.path, exc)
+    return http_exception_handler(request, ApiError(409, "a concurrent change got in the way; nothing was stored, "
+                                                         "try again", code="conflict", retry_after=1))
+
+
 def internal_error_handler(request: Request, exc: Exception) -> Response:
     rid = request_id_of(request.scope)  # the same id as the access line and the X-Request-ID header
     logger.exception("unhandled error on %s %s", request.method, request.url.path,

@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 
 from store.events import LiveEnded, LiveStarted, PollClosed, PollInfo, PollOpened, PollResults
 from store.messages import Refused
-from store.rooms import sequenced
+from store.rooms import RoomGone, lock_room, sequenced
 
 _SESSION = "s.id, s.course_id, s.title, s.scheduled_at, s.started_at, s.ended_at, s.created_by, s.created_at"
 
@@ -45,9 +45,18 @@ async def list_sessions(conn: asyncpg.Connection, course_id: int, *,
             ORDER BY coalesce(s.scheduled_at, s.created_at), s.id LIMIT $2 OFFSET $3""", course_id, limit, offset)
 
 
+async def _lock_room(conn: asyncpg.Connection, session_id: int) -> None:
+    """The session room's row before the session's or its polls' (see `store.rooms.lock_room`)."""
+    try:
+        await lock_room(conn, room_of(session_id))
+    except RoomGone:
+        raise Refused("not_found", f"live session {session_id} not found") from None
+
+
 async def start_session(db: asyncpg.Pool, redis: Redis, session_id: int) -> asyncpg.Record:
     """scheduled → live; publishes `live.started`. Refused("conflict") from any other state."""
     async with sequenced(db, redis) as box:
+        await _lock_room(box.conn, session_id)
         row = await box.conn.fetchrow(
             f"""UPDATE live_sessions s SET started_at = now() WHERE id = $1 AND started_at IS NULL AND ended_at IS NULL
                 RETURNING {_SESSION}""", session_id)
@@ -63,6 +72,7 @@ async def start_session(db: asyncpg.Pool, redis: Redis, session_id: int) -> asyn
 async def end_session(db: asyncpg.Pool, redis: Redis, session_id: int) -> asyncpg.Record:
     """live → ended; closes open polls and publishes their final counts, then `live.ended`."""
     async with sequenced(db, redis) as box:
+        await _lock_room(box.conn, session_id)
         row = await box.conn.fetchrow(
             f"""UPDATE live_sessions s SET ended_at = now() WHERE id = $1 AND started_at IS NOT NULL
                 AND ended_at IS NULL RETURNING {_SESSION}""", session_id)
@@ -89,6 +99,7 @@ async def cancel_session(conn: asyncpg.Connection, session_id: int) -> None:
     """Delete a session that never started, with its room (messages posted while it was scheduled go too).
     Refused("conflict") once it has started: a session that took place keeps its attendance and polls."""
     async with conn.transaction():
+        await _lock_room(conn, session_id)
         started = await conn.fetchval("SELECT started_at FROM live_sessions WHERE id = $1 FOR UPDATE", session_id)
         if started is not None:
             raise Refused("conflict", "only a session that has not started can be cancelled; end it instead")
@@ -160,6 +171,7 @@ async def create_poll(db: asyncpg.Pool, redis: Redis, session_id: int, question:
     """Open a poll in the session's room; publishes `poll.opened`. Refused("conflict") before the session
     starts and once it ended."""
     async with sequenced(db, redis) as box:
+        await _lock_room(box.conn, session_id)
         s = await box.conn.fetchrow("SELECT started_at, ended_at FROM live_sessions WHERE id = $1 FOR UPDATE",
                                     session_id)
         if s is not None and s["ended_at"] is not None:
@@ -245,15 +257,22 @@ async def publish_results(db: asyncpg.Pool, redis: Redis, poll_id: int, *, only_
     `only_if_stale`, also when no vote came since the last published counts: survivors sweeping at once
     publish once)."""
     async with sequenced(db, redis) as box:
+        session_id = await box.conn.fetchval("SELECT session_id FROM polls WHERE id = $1", poll_id)
+        if session_id is None:
+            return
+        # The room's sequence lock first (see `_lock_room`), and before counting: a publisher that counts later
+        # also gets a later seq, so results never go back in seq order (a stalled publisher cannot land old
+        # counts last).
+        try:
+            await _lock_room(box.conn, session_id)
+        except Refused:
+            return
         # FOR SHARE: a close under way commits first and is seen, so results never follow `poll.closed`
         poll = await box.conn.fetchrow("SELECT session_id, options, closed_at FROM polls WHERE id = $1 FOR SHARE",
                                        poll_id)
         if poll is None or poll["closed_at"] is not None:
             return
-        room = room_of(poll["session_id"])
-        # Take the room's sequence lock before counting: a publisher that counts later also gets a later seq,
-        # so results never go back in seq order (a stalled publisher cannot land old counts last).
-        await box.conn.execute("SELECT 1 FROM rooms WHERE id = $1 FOR UPDATE", room)
+        room = room_of(session_id)
         if only_if_stale and not await box.conn.fetchval(
                 f"SELECT {_NEWER_VOTE.format(older='')} FROM polls p WHERE p.id = $1", poll_id):
             return
@@ -267,6 +286,10 @@ async def publish_results(db: asyncpg.Pool, redis: Redis, poll_id: int, *, only_
 async def close_poll(db: asyncpg.Pool, redis: Redis, poll_id: int) -> list[int]:
     """Close the poll and publish the final counts (`poll.closed`). Refused("conflict") when already closed."""
     async with sequenced(db, redis) as box:
+        session_id = await box.conn.fetchval("SELECT session_id FROM polls WHERE id = $1", poll_id)
+        if session_id is None:
+            raise Refused("not_found", f"poll {poll_id} not found")
+        await _lock_room(box.conn, session_id)
         session_id = await box.conn.fetchval(
             "UPDATE polls SET closed_at = now() WHERE id = $1 AND closed_at IS NULL RETURNING session_id", poll_id)
         if session_id is None:

@@ -14,7 +14,7 @@ import asyncpg
 import msgspec
 from redis.asyncio import Redis
 
-from store import moderation
+from store import moderation, rooms
 from store.events import MessageDeleted, MessageEdited, MessageNew, UserRef, encode
 from store.rooms import next_seq, sequenced
 
@@ -102,6 +102,8 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
     try:
         async with sequenced(db, redis) as box:
             conn = box.conn
+            if also is not None:  # it writes a row of the course's (the tutor's hold): the course's row goes first
+                await rooms.lock_room(conn, room_id)
             if author_id is not None:
                 # One round trip for the three questions asked before every human post.
                 author = await conn.fetchrow(_AUTHOR, room_id, author_id, client_msg_id,
@@ -158,11 +160,20 @@ async def _with_conn(db: asyncpg.Pool | asyncpg.Connection, fn):  # type: ignore
     return await fn(db)
 
 
+async def _lock_room(conn: asyncpg.Connection, room_id: str, message_id: int) -> None:
+    """The room's row before the message's (see `rooms.lock_room`): a message in a room being deleted is gone."""
+    try:
+        await rooms.lock_room(conn, room_id)
+    except rooms.RoomGone:
+        raise Refused("not_found", f"message {message_id} not found in this room") from None
+
+
 async def edit_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room_id: str, message_id: int,
                        user_id: int, text: str) -> MessageEdited:
     """The author changes their message; publishes `message.edited` (its own seq) after commit."""
     async with sequenced(db, redis) as box:
         conn = box.conn
+        await _lock_room(conn, room_id, message_id)
         msg = await conn.fetchrow(
             "SELECT author_id, deleted_at FROM messages WHERE id = $1 AND room_id = $2 FOR UPDATE",
             message_id, room_id)
@@ -188,6 +199,7 @@ async def delete_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, ro
     carried it, so a client resuming from before sees the message as deleted, never its text."""
     async with sequenced(db, redis) as box:
         conn = box.conn
+        await _lock_room(conn, room_id, message_id)
         msg = await conn.fetchrow(
             "SELECT author_id, deleted_at FROM messages WHERE id = $1 AND room_id = $2 FOR UPDATE",
             message_id, room_id)

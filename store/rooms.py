@@ -110,6 +110,27 @@ async def ensure_room(conn: asyncpg.Connection, room_id: str) -> int | None:
     return await conn.fetchval("SELECT last_seq FROM rooms WHERE id = $1", room_id)
 
 
+async def lock_room(conn: asyncpg.Connection, room_id: str) -> None:
+    """Take the room's course row (to share its key) and then the room's row (creating it if need be) before
+    changing rows inside the room whose change is then sequenced (a message, a session, a poll). A course's
+    deletion takes its row, then deletes the room's row, then the rows inside it; a pod's or session's deletion
+    the room's row, then the rest. Taken the other way round (a row inside, then the room: or the room, then the
+    course, which a second update of a room row made in the same transaction checks), the two deadlocked and one
+    failed. RoomGone when the room's course, pod or session is gone (also once a deletion this waited for
+    commits)."""
+    course_id = await conn.fetchval("SELECT course_id FROM rooms WHERE id = $1", room_id)
+    if course_id is None:
+        ref = parse_room(room_id)
+        target = await room_target(conn, ref) if ref else None
+        course_id = target["course_id"] if target else None
+    if course_id is None or await conn.fetchval("SELECT 1 FROM courses WHERE id = $1 FOR KEY SHARE",
+                                                course_id) is None:
+        raise RoomGone(f"room {room_id} does not exist")
+    if await ensure_room(conn, room_id) is None or await conn.fetchval(
+            "SELECT 1 FROM rooms WHERE id = $1 FOR NO KEY UPDATE", room_id) is None:
+        raise RoomGone(f"room {room_id} does not exist")
+
+
 async def last_seqs(conn: asyncpg.Connection, room_ids: list[str]) -> dict[str, int]:
     rows = await conn.fetch("SELECT id, last_seq FROM rooms WHERE id = ANY($1::text[])", room_ids)
     return {r["id"]: r["last_seq"] for r in rows}

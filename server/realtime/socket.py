@@ -232,6 +232,11 @@ async def _serve(socket: WebSocket, conn: Conn, user: AuthUser, hub: Hub) -> Non
                 conn.close_soon(CLOSE_FORBIDDEN, "kicked")
         except rooms_repo.RoomGone as exc:  # its course, pod or session was deleted (the socket is closing)
             conn.push_event(Error(code="not_found", detail=str(exc), ref=_ref(frame)))
+        except asyncpg.TransactionRollbackError as exc:  # a deadlock or serialization failure: nothing stored
+            logger.warning("frame rolled back for a concurrent change: %s", exc,
+                           extra={"fields": {"room": conn.room, "type": type(frame).__name__}})
+            conn.push_event(Error(code="conflict", detail="a concurrent change got in the way; nothing was stored, "
+                                                          "send it again", ref=_ref(frame), retry_after=1))
         except UNREACHABLE as exc:  # a line, not a traceback per frame for as long as the outage lasts
             logger.warning("frame failed, a service is unreachable: %s: %s", type(exc).__name__, exc,
                            extra={"fields": {"room": conn.room, "type": type(frame).__name__}})

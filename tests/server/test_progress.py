@@ -395,3 +395,41 @@ def test_whole_videos_reported_back_to_back_wait_as_if_played(client, make: Fact
     assert report(client, a, v3, 60, [[0, 60]])["status"] == 200  # a minute later, a minute played fits
     kinds = [r["kind"] for r in fetch(settings, "SELECT kind FROM xp_events WHERE user_id = $1", a.id)]
     assert "course_completed" not in kinds and kinds.count("lesson_completed") == 2
+
+
+async def test_a_request_rolled_back_for_a_deadlock_is_409_to_retry(server, make: Factory, settings, client):
+    """A deadlock (here made on purpose: another transaction holds the row the report needs and then wants the
+    learner's lock the report holds) was a 500; it is a 409 `conflict` with Retry-After, nothing stored, and the
+    same report sent again works."""
+    import asyncio
+
+    import asyncpg
+    import httpx
+
+    from store.progress import _LEARNER_LOCK
+
+    course = make_course(client, make, learners=1, videos=1, duration=100)
+    (a,), (vid,) = course.learners, course.videos
+    assert report(client, a, vid, 10, [[0, 10]])["status"] == 200
+    other = await asyncpg.connect(settings.database_url)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("SELECT 1 FROM video_progress WHERE user_id = $1 AND video_id = $2 FOR UPDATE", a.id, vid)
+        async with httpx.AsyncClient(base_url=server, timeout=30) as http:
+            sent = asyncio.create_task(http.post(f"/api/v1/videos/{vid}/progress",
+                                                 json={"position": 20, "watched": [[10, 20]]}, headers=a.h))
+            await asyncio.sleep(0.4)  # the report holds the learner's lock and waits for the row
+            try:
+                await other.execute(_LEARNER_LOCK, a.id)  # and now this waits for the report: a cycle
+            except asyncpg.DeadlockDetectedError:
+                pass  # (should this side be the one Postgres picks)
+            r = await sent
+        await tx.rollback()
+    finally:
+        await other.close()
+    if r.status_code == 200:  # Postgres rolled back the other side this time: nothing to see
+        return
+    assert r.status_code == 409 and r.json()["code"] == "conflict" and r.headers["Retry-After"] == "1", r.text
+    assert client.get(f"/api/v1/videos/{vid}/progress", headers=a.h).json()["watched"] == [[0.0, 10.0]]
+    assert report(client, a, vid, 20, [[10, 20]])["watched"] == [[0.0, 20.0]]
