@@ -62,14 +62,47 @@ class Chunk:
     sentences: list[Sentence]
 
 
+# Text without spaces between words: the embedder's tokenizer makes a word-piece of each Chinese, Japanese or
+# Korean character, and several of a long run of letters (a pasted blob, Thai, a URL); counting words alone
+# took a Chinese chunk for a few dozen pieces (it was ~390: a third of it never embedded).
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f]")
+LONG_WORD_CHARS = 32  # a "word" longer than this (a blob, a URL; no English word) is counted, and split, by characters
+CHARS_PER_PIECE = 3  # word-pieces in a long run of letters: about one per three characters, or more
+_LONG_OR_CJK = re.compile(r"\S{%d,}|%s" % (LONG_WORD_CHARS + 1, _CJK.pattern))
+
+
 def estimate_tokens(text: str) -> int:
-    """Approximate embedder word-pieces in `text`."""
-    return math.ceil(len(text.split()) * TOKENS_PER_WORD)
+    """Approximate embedder word-pieces in `text` (never fewer than words x TOKENS_PER_WORD)."""
+    if not _LONG_OR_CJK.search(text):
+        return math.ceil(len(text.split()) * TOKENS_PER_WORD)
+    n = 0.0
+    for w in text.split():
+        cjk = len(_CJK.findall(w))
+        rest = len(w) - cjk
+        n += cjk + (0 if not rest else TOKENS_PER_WORD if rest <= LONG_WORD_CHARS else
+                    max(TOKENS_PER_WORD, rest / CHARS_PER_PIECE))
+    return math.ceil(n)
+
+
+def _units(text: str) -> list[str]:
+    """`text` cut where a split may fall, each piece with the space before it: between words, and inside a
+    word with CJK characters or longer than LONG_WORD_CHARS (every LONG_WORD_CHARS characters)."""
+    out: list[str] = []
+    for m in re.finditer(r"\s*\S+", text):
+        w = m.group(0)
+        if len(w) <= LONG_WORD_CHARS or not (_LONG_OR_CJK.search(w)):
+            out.append(w)
+            continue
+        lead = len(w) - len(w.lstrip())
+        out.append(w[: lead + LONG_WORD_CHARS])
+        out.extend(w[i: i + LONG_WORD_CHARS] for i in range(lead + LONG_WORD_CHARS, len(w), LONG_WORD_CHARS))
+    return out
 
 
 def split_sentence(s: Sentence, *, max_seconds: float, max_tokens: int | None = None) -> list[Sentence]:
-    """Split an overlong sentence between words; times interpolated by character position."""
-    words = s.text.split()
+    """Split an overlong sentence between words (inside a long word or a run of CJK characters where need be);
+    times interpolated by character position."""
+    words = _units(s.text)
     if len(words) < 2:
         return [Sentence(s.start, min(s.end, s.start + max_seconds), s.text)]
     n = max(1, math.ceil((s.end - s.start) / max_seconds))
@@ -100,7 +133,8 @@ def split_sentence(s: Sentence, *, max_seconds: float, max_tokens: int | None = 
 
 
 def _split_words(s: Sentence, words: list[str], n: int) -> list[Sentence]:
-    total = sum(len(w) + 1 for w in words)
+    """`words`: `_units` of the text (each with the space before it)."""
+    total = sum(len(w) for w in words)
     rate = (s.end - s.start) / total
 
     def at(offset: int) -> float:
@@ -109,12 +143,12 @@ def _split_words(s: Sentence, words: list[str], n: int) -> list[Sentence]:
     pieces, group, offset, group_start = [], [], 0, 0
     for w in words:
         group.append(w)
-        offset += len(w) + 1
+        offset += len(w)
         if len(pieces) < n - 1 and offset >= total * (len(pieces) + 1) / n:
-            pieces.append(Sentence(at(group_start), at(offset), " ".join(group)))
+            pieces.append(Sentence(at(group_start), at(offset), "".join(group).strip()))
             group, group_start = [], offset
     if group:
-        pieces.append(Sentence(at(group_start), s.end, " ".join(group)))
+        pieces.append(Sentence(at(group_start), s.end, "".join(group).strip()))
     return pieces
 
 
@@ -254,8 +288,9 @@ def chunk_sentences(
     min_tokens = target_tokens // 3
     units: list[tuple[Sentence, int]] = []
     for s in sentences:
-        # Counting spaces is cheaper than estimate_tokens() and never smaller.
-        tokens = 0 if not s.text or s.text.isspace() else math.ceil((s.text.count(" ") + 1) * TOKENS_PER_WORD)
+        # Counting spaces is cheaper than estimate_tokens() and, without long words or CJK, never smaller.
+        tokens = 0 if not s.text or s.text.isspace() else math.ceil((s.text.count(" ") + 1) * TOKENS_PER_WORD) \
+            if not _LONG_OR_CJK.search(s.text) else estimate_tokens(s.text)
         if tokens > max_tokens or s.end - s.start > max_seconds:
             pieces = split_sentence(s, max_seconds=max_seconds, max_tokens=max_tokens)
             units.extend((p, estimate_tokens(p.text)) for p in pieces)

@@ -21,7 +21,8 @@ from store.settings import Settings
 logger = logging.getLogger(__name__)
 
 MAX_TRANSCRIPT_BYTES = 50 * 1024 * 1024
-ACCEPTED = "transcripts (.srt, .vtt, YouTube JSON, [text, start, end] JSON) or media (wav, mp3, m4a, mp4, webm)"
+ACCEPTED = ("transcripts (.srt, .vtt, YouTube JSON, [text, start, end] JSON) or media (wav, mp3, aac, m4a, mp4, mov, "
+            "webm, ogg, flac, mkv)")
 
 
 class UnsupportedFile(PermanentIngestError):

@@ -21,7 +21,7 @@ _TIMESTAMP = re.compile(r"(?:(\d{1,3}):)?(\d{1,2}):(\d{1,2})(?:[.,](\d{1,9}))?")
 _CANONICAL = re.compile(r"(\d\d):([0-5]\d):([0-5]\d)[.,](\d\d\d)")
 _INDEX = re.compile(r"\d+")
 # A partial timing line at the very end of a cut-off file, e.g. "00:24:5" or "00:24:57,2".
-_PARTIAL_TIMING = re.compile(r"\d{1,3}:\d")
+_PARTIAL_TIMING = re.compile(r"\d{1,3}:[\d:.,]*(?:[ \t]+-{0,2})?")  # (all of the line: "1:1 exactly" is text)
 _VTT_SKIPPED_BLOCKS = ("NOTE", "STYLE", "REGION")
 _BLANKISH = re.compile(r"\n[ \t]+(?=\n)")  # whitespace-only lines end a block like empty ones
 # The usual timing line, matched in one step: "00:00:01.000 --> 00:00:02.500 [settings]".
@@ -87,10 +87,14 @@ def _timing(line: str, seen: dict[str, float]) -> tuple[float, float | None]:
     return start, (_seconds(tokens[0], seen, start) if end is None else end)
 
 
+_TIMESTAMP_START = re.compile(r"-?\d+:")
+
+
 def _is_timing_line(line: str) -> bool:
-    # "a --> b" inside caption text is not a timing line; "00:01:xx --> ..." is a broken one.
+    # "a --> b" and "2 --> 3 is the map" inside caption text are not timing lines (a timestamp has a colon);
+    # "00:01:xx --> ..." is a broken one.
     s = line.lstrip()
-    return "-->" in s and (s[:1].isdigit() or s.startswith("-->") or (s[:1] == "-" and s[1:2].isdigit()))
+    return "-->" in s and (s.startswith("-->") or _TIMESTAMP_START.match(s) is not None)
 
 
 class _Reader:
@@ -143,7 +147,7 @@ class _Reader:
                 return
             if len(lines) == 1 and _INDEX.fullmatch(head):
                 return  # a lone cue number
-            if _PARTIAL_TIMING.match(lines[-1].strip()) and self.last_arrow < pos:
+            if _PARTIAL_TIMING.fullmatch(lines[-1].strip()) and self.last_arrow < pos:
                 return  # the file was cut inside the last cue's header
             self.extend_last(lines)  # SRT text with a blank line inside it
             return
@@ -152,8 +156,10 @@ class _Reader:
         for n, k in enumerate(rows):
             stop = rows[n + 1] if n + 1 < len(rows) else len(lines)
             text = lines[k + 1 : stop]
-            if n + 1 < len(rows) and text and _INDEX.fullmatch(text[-1].strip()):
-                text = text[:-1]  # the next cue's number
+            own = lines[k - 1].strip() if k else ""
+            if n + 1 < len(rows) and text and _INDEX.fullmatch(text[-1].strip()) and (
+                    not _INDEX.fullmatch(own) or int(text[-1]) == int(own) + 1):
+                text = text[:-1]  # the next cue's number (when this cue has one, the number after it)
             self.add(self.timing(lines[k], starts[k]), "\n".join(text))
 
 

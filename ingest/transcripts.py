@@ -30,9 +30,11 @@ _SECONDS_PER_WORD = 0.4
 MAX_WORD_CHARS = 1000
 _LONG_WORD = re.compile(r"\S{%d,}" % (MAX_WORD_CHARS + 1))
 _MIN_DERIVED, _MAX_DERIVED = 1.0, 10.0
+ROLL_GAP_S = 2.0  # a cue repeating the one before starting later than this after it ended says it again
 
 
-def _decode(data: bytes) -> str:
+def _decode(data: bytes, strict: bool = True) -> str:
+    """Text of a transcript file. `strict`: refuse (PermanentIngestError) a legacy file that is not Western."""
     if data.startswith(codecs.BOM_UTF8):
         text = data[3:].decode("utf-8", errors="replace")
     elif data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
@@ -49,11 +51,28 @@ def _decode(data: bytes) -> str:
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError:
-                # A few bad bytes in otherwise UTF-8 text (a cut-off head, a bad splice) stay UTF-8;
-                # no UTF-8 sequences at all means a legacy Windows subtitle file.
-                legacy = _UTF8_SEQUENCE.search(data) is None
-                text = data.decode("cp1252" if legacy else "utf-8", errors="replace")
+                # A few bad bytes in otherwise UTF-8 text (a cut-off head, a bad splice) stay UTF-8; mostly
+                # bytes that are not UTF-8 means a legacy Windows subtitle file (whose "é’" or "«à" can look
+                # like a UTF-8 sequence here and there, so one such pair does not make it UTF-8).
+                good = len(_UTF8_SEQUENCE.findall(data))
+                bad = data.decode("utf-8", errors="replace").count("\ufffd")
+                if good > 2 * bad:
+                    text = data.decode("utf-8", errors="replace")
+                else:
+                    text = data.decode("cp1252", errors="replace")
+                    if strict and _not_western(text):
+                        raise PermanentIngestError(
+                            "the file is neither UTF-8 nor Western (Windows-1252) text; save it as UTF-8")
     return text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _not_western(text: str) -> bool:
+    """Text decoded as Windows-1252 that was something else (Shift-JIS, GBK, Big5...): bytes Windows-1252 leaves
+    undefined, or more accented letters than a Western language has."""
+    if "\ufffd" in text:
+        return True
+    letters = [c for c in text if c.isalpha()]
+    return bool(letters) and sum(not c.isascii() for c in letters) > 0.3 * len(letters)
 
 
 def _first_json_item(text: str) -> object | None:
@@ -94,7 +113,7 @@ def detect_transcript_format(data: bytes) -> str | None:
     """'srt', 'vtt', 'json_youtube', 'json_triples', or None; judged by content, not file name."""
     if not data.strip():
         return None
-    return _sniff(_decode(data))
+    return _sniff(_decode(data, strict=False))  # (what a file is; parsing it says what is wrong with it)
 
 
 def _number(value: object, what: str, n: int) -> float:
@@ -102,7 +121,7 @@ def _number(value: object, what: str, n: int) -> float:
         raise PermanentIngestError(f"item {n}: {what} is not a number: {value!r:.40}")
     try:
         x = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # (an integer of hundreds of digits overflows)
         raise PermanentIngestError(f"item {n}: {what} is not a number: {value!r:.40}") from None
     if not math.isfinite(x) or x < 0:
         raise PermanentIngestError(f"item {n}: {what} must be a non-negative number, got {value!r:.40}")
@@ -170,6 +189,7 @@ def _parse_json(text: str, fmt: str) -> list[RawCue]:
 def _clean(raw: list[RawCue]) -> list[Cue]:
     cues: list[Cue] = []
     shown: list[str] = []  # the previous cue's lines, as displayed
+    shown_until = -math.inf  # ...until then
     keep = word_labels_to_keep(line for rc in raw if ":" in rc.text for line in rc.text.split("\n"))
     for rc in raw:
         if is_plain(rc.text):  # most cues: nothing to clean line by line
@@ -181,10 +201,12 @@ def _clean(raw: list[RawCue]) -> list[Cue]:
             lines = [c for c in (clean_line(line, keep) for line in rc.text.split("\n")) if c]
         # YouTube auto-captions roll: each cue repeats the line before it, and a 10 ms cue repeats
         # the whole previous cue. Drop what is already on screen.
+        # Only a cue that follows at once rolls: "No." said again a minute later is said again.
         overlap = 0
-        if shown and lines and lines[0] in shown:
+        if shown and lines and lines[0] in shown and rc.start <= shown_until + ROLL_GAP_S:
             overlap = next((k for k in range(min(len(shown), len(lines)), 0, -1) if shown[-k:] == lines[:k]), 0)
         shown = lines
+        shown_until = rc.start if rc.end is None else max(rc.start, rc.end)
         if overlap == len(lines):
             last = cues[-1] if cues else None
             if lines and last and rc.end is not None and rc.start >= last.start and not rc.end <= last.end:

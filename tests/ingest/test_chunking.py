@@ -291,5 +291,28 @@ def test_one_huge_sentence_is_split_in_few_passes(monkeypatch):
     assert len(calls) <= 40
     assert all(chunking.estimate_tokens(p.text) <= 50 and p.end - p.start <= 0.5 for p in pieces)
     assert " ".join(p.text for p in pieces) == s.text
-    fewer = real(s, s.text.split(), len(pieces) - 1)  # one piece fewer does not fit
+    fewer = real(s, chunking._units(s.text), len(pieces) - 1)  # one piece fewer does not fit
     assert any(chunking.estimate_tokens(p.text) > 50 or p.end - p.start > 0.5 for p in fewer)
+
+
+def test_text_without_spaces_is_counted_and_split_by_its_characters():
+    """A Chinese transcript (no spaces) was counted as a few words a cue: its chunks were ~390 word-pieces, a
+    third never embedded; a run of letters without spaces made a chunk of 100,000 characters. Now CJK characters
+    count one piece each and long runs by their characters, and both split inside (the text kept as it was)."""
+    from ingest import chunking
+
+    assert chunking.estimate_tokens("the cat sat") == 4  # English as before
+    assert chunking.estimate_tokens("注意力机制让模型关注输入的不同部分") == 17
+    assert chunking.estimate_tokens("x" * 999) >= 333
+    zh = "。".join("注意力机制让模型关注输入的不同部分" for _ in range(6))
+    cues = [Cue(i * 3.0, i * 3.0 + 3, zh) for i in range(40)]
+    chunks = chunk_sentences(to_sentences(cues), target_tokens=120)
+    assert chunks and all(chunking.estimate_tokens(c.text) <= DEFAULT_MAX_TOKENS for c in chunks)
+    s = chunking.Sentence(0.0, 60.0, zh * 10)  # one long sentence: split inside, nothing added or lost
+    pieces = chunking.split_sentence(s, max_seconds=90, max_tokens=100)
+    assert len(pieces) > 1 and "".join(p.text for p in pieces) == s.text
+    assert all(chunking.estimate_tokens(p.text) <= 100 for p in pieces)
+    blob = chunking.Sentence(0.0, 60.0, " ".join("y" * 999 for _ in range(200)))
+    chunks = chunk_sentences([blob], target_tokens=120)
+    assert all(len(c.text) < 2000 for c in chunks)  # was one chunk of 100,000 characters
+    assert sum(len(c.text.replace(" ", "")) for c in chunks) >= 999 * 200  # nothing lost

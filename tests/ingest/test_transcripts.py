@@ -603,3 +603,25 @@ def test_youtube_and_speech_cues_are_cleaned_like_uploads() -> None:
     # markup right after a word goes as a pair (the opening tag was kept while its closing one went)
     marked = [Cue(0.0, 1.0, "This is<i>really</i> important"), Cue(1.0, 2.0, "We call it<b>the key</b>.")]
     assert [c.text for c in clean_cues(marked)] == ["This isreally important", "We call itthe key."]
+
+
+def test_review_fixes_legacy_encodings_numbers_and_caption_text():
+    """Found in review: a Windows-1252 file with one "é’" pair (it looks like a UTF-8 sequence) was read as UTF-8,
+    every accent a U+FFFD; a Shift-JIS file became mojibake; a 400-digit number was a 500; a caption "2 --> 3 is
+    the map" failed the file; a caption's last line "42" was taken for the next cue's number; a paragraph
+    "1:1 exactly" at the end was taken for a cut-off timing line; "No." said again a minute later was dropped."""
+    srt = "1\n00:00:01,000 --> 00:00:03,000\nJosé’s café – très «bien»\n"
+    assert [c.text for c in parse_transcript(srt.encode("cp1252"), "a.srt")] == ["José’s café – très «bien»"]
+    with pytest.raises(PermanentIngestError, match="UTF-8"):
+        parse_transcript("1\n00:00:01,000 --> 00:00:03,000\n注意力機構はモデルに入力の別の部分を見させる\n"
+                         .encode("shift_jis"), "a.srt")
+    assert detect_transcript_format("1\n00:00:01,000 --> 00:00:03,000\n注意力\n".encode("shift_jis")) == "srt"
+    with pytest.raises(PermanentIngestError, match="start is not a number"):
+        parse_transcript(json.dumps([["hi", 10 ** 400, 2]]).encode(), "a.json")
+    cues = parse_str("1\n00:00:01,000 --> 00:00:03,000\n2 --> 3 is the map\n\n"
+                     "2\n00:00:04,000 --> 00:00:06,000\nthe answer is\n42\n"
+                     "3\n00:00:07,000 --> 00:00:09,000\nright\n\n1:1 exactly\n")
+    assert [c.text for c in cues] == ["2 --> 3 is the map", "the answer is 42", "right 1:1 exactly"]
+    cues = parse_str("WEBVTT\n\n00:00:01.000 --> 00:00:02.000\nNo.\n\n00:00:02.000 --> 00:00:04.000\nNo.\nI mean yes.\n\n"
+                     "00:01:40.000 --> 00:01:41.000\nNo.\n")
+    assert times(cues) == [(1.0, 2.0, "No."), (2.0, 4.0, "I mean yes."), (100.0, 101.0, "No.")]
