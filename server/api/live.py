@@ -61,6 +61,8 @@ class LiveController(Controller):
     async def list_sessions(self, request: Request, course_id: int,
                             limit: int = ListLimit, offset: int = Offset) -> list[Session]:
         user: AuthUser = request.user
+        if course_id >= 2**63:  # as for every id (the room name would not take it: an unknown room, a 404)
+            raise ApiError(400, f"id {course_id} is out of range", field="course_id")
         async with request.app.state.pool.acquire() as conn:
             if await rooms_repo.access(conn, f"course:{course_id}", user.id, user.tenant_id, user.role) is None:
                 raise ApiError(404, f"course {course_id} not found")

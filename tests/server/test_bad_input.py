@@ -28,6 +28,8 @@ def test_rest_refuses_what_postgres_cannot_store(client, make: Factory):
     for scope in ("tenant", "course", "pod"):  # the same answer whatever the board's scope
         r = client.get(f"/api/v1/leaderboards/{scope}/9223372036854775808", headers=h)
         assert r.status_code == 400, (scope, r.text)
+    r = client.get("/api/v1/courses/9223372036854775808/live", headers=h)  # (a room name, not a query: was 404)
+    assert r.status_code == 400, r.text
     # big enrollment bodies are cut at the API's body limit, not the upload limit
     r = client.post(f"/api/v1/courses/{cid}/enrollments", content=b" " * (2 * 1024 * 1024) + b"{}", headers=h)
     assert r.status_code == 413
