@@ -160,7 +160,14 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
         if current is None or current["state"] in ("done", "failed"):
             logger.info("job %s already finished elsewhere; discarding this attempt", job["id"])
             return len(chunks)
-        if segs is not None and list(map(tuple, await videos_repo.list_segments(conn, video["id"]))) != list(
+        newer = None if job["kind"] != "ingest" else await conn.fetchval(
+            "SELECT id FROM jobs WHERE video_id = $1 AND kind = 'ingest' AND id > $2 AND state = 'done' LIMIT 1",
+            video["id"], job["id"])
+        if newer is not None:
+            # a re-ingest asked for after this one started (while it ran) fetched the source later and finished
+            # first: its transcript stands, not this older one
+            logger.info("job %s: newer ingest %s of the video finished first; keeping its result", job["id"], newer)
+        elif segs is not None and list(map(tuple, await videos_repo.list_segments(conn, video["id"]))) != list(
                 map(tuple, segs)):
             # a re-ingest replaced the transcript after this re-embed read it: its newer chunks stand
             logger.info("job %s: the transcript changed meanwhile; keeping the newer chunks", job["id"])
