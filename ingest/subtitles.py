@@ -87,14 +87,22 @@ def _timing(line: str, seen: dict[str, float]) -> tuple[float, float | None]:
     return start, (_seconds(tokens[0], seen, start) if end is None else end)
 
 
-_TIMESTAMP_START = re.compile(r"-?\d+:")
+_TIMESTAMP_LIKE = re.compile(r"-?\d+[:.,][\d:.,]*\S*")
 
 
 def _is_timing_line(line: str) -> bool:
-    # "a --> b" and "2 --> 3 is the map" inside caption text are not timing lines (a timestamp has a colon);
-    # "00:01:xx --> ..." is a broken one.
+    # "a --> b" and "2 --> 3 is the map" inside caption text are not timing lines (a timestamp has a separator);
+    # "00:01:xx --> ..." and "00.00.03,000 --> ..." are broken ones (a 400 naming the line).
     s = line.lstrip()
-    return "-->" in s and (s.startswith("-->") or _TIMESTAMP_START.match(s) is not None)
+    return "-->" in s and (s.startswith("-->") or _TIMESTAMP_LIKE.fullmatch(s.split("-->", 1)[0].strip()) is not None)
+
+
+def _numbers_next(own: str, number: str) -> bool:
+    """Whether `number` (a line of digits) can be the number of the cue after the one numbered `own`: a little
+    above it (numbering may skip a few: an edited file). Digits compared as text past 18 of them."""
+    if len(own) > 18 or len(number) > 18:
+        return False
+    return int(own) < int(number) <= int(own) + 5
 
 
 class _Reader:
@@ -158,8 +166,8 @@ class _Reader:
             text = lines[k + 1 : stop]
             own = lines[k - 1].strip() if k else ""
             if n + 1 < len(rows) and text and _INDEX.fullmatch(text[-1].strip()) and (
-                    not _INDEX.fullmatch(own) or int(text[-1]) == int(own) + 1):
-                text = text[:-1]  # the next cue's number (when this cue has one, the number after it)
+                    not _INDEX.fullmatch(own) or _numbers_next(own, text[-1].strip())):
+                text = text[:-1]  # the next cue's number (when this cue has one, a number just after it)
             self.add(self.timing(lines[k], starts[k]), "\n".join(text))
 
 

@@ -55,8 +55,10 @@ def _decode(data: bytes, strict: bool = True) -> str:
                 # bytes that are not UTF-8 means a legacy Windows subtitle file (whose "é’" or "«à" can look
                 # like a UTF-8 sequence here and there, so one such pair does not make it UTF-8).
                 good = len(_UTF8_SEQUENCE.findall(data))
-                bad = data.decode("utf-8", errors="replace").count("\ufffd")
-                if good > 2 * bad:
+                # (a character cut at the file's start or end is a cut, not another encoding)
+                core = data.lstrip(bytes(range(0x80, 0xC0)))
+                bad = codecs.getincrementaldecoder("utf-8")("replace").decode(core, final=False).count("\ufffd")
+                if bad == 0 or good > 2 * bad:
                     text = data.decode("utf-8", errors="replace")
                 else:
                     text = data.decode("cp1252", errors="replace")

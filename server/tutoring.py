@@ -64,6 +64,11 @@ async def _room_history(conn, room_id: str, before_id: int | None,  # type: igno
              "mine": r["author_id"] == asker_id} for r in reversed(rows)]
 
 
+# Part of the answer cache's key: raised when stored answers would differ from new ones for the same content
+# (2: Socratic citations without their quote).
+ANSWER_FORMAT = 2
+
+
 @dataclass(slots=True)
 class Prepared:
     """An ask that passed its checks: its quota is taken and its context read; `complete` answers it."""
@@ -131,7 +136,8 @@ async def prepare(state: Any, user: Any, course_id: int, question: str, *, sessi
             qhash = repo.question_hash(question, candidates(question)[0])
             tutor = await tutor_for(state)
             # answers differ by mode and by model: both are part of the cache key
-            cache_key = f"{mode}|{tutor.llm.name + ':' + tutor.llm.model if tutor.llm else 'extractive'}"
+            # (ANSWER_FORMAT: answers stored before a change in what an answer carries are not served again)
+            cache_key = f"{ANSWER_FORMAT}|{mode}|{tutor.llm.name + ':' + tutor.llm.model if tutor.llm else 'extractive'}"
             cached = None if history else await repo.cached_turn(conn, course_id, version, cache_key, qhash)
         except BaseException:
             if reserved is not None:

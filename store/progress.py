@@ -163,9 +163,10 @@ def check_report(duration: float, position: float, watched: list[list[float]],
 
 
 _LEARNER_LOCK = "SELECT pg_advisory_xact_lock(5148, hashint8($1))"
-# Taken by progress reports; a video's or the course's deletion takes it FOR UPDATE (store.videos.delete_video,
-# store.courses.delete_course), so the two wait for each other instead of overlapping.
-_COURSE_LOCK = "SELECT 1 FROM courses WHERE id = $1 FOR KEY SHARE"
+# Taken by progress reports; a video's deletion takes it FOR NO KEY UPDATE (store.videos.delete_video) and the
+# course's FOR UPDATE (store.courses.delete_course), so either waits for the reports under way and the reports
+# after it for it, instead of the two overlapping.
+_COURSE_LOCK = "SELECT 1 FROM courses WHERE id = $1 FOR SHARE"
 
 
 @dataclass(frozen=True, slots=True)

@@ -262,10 +262,12 @@ async def delete_video(conn: asyncpg.Connection, redis: Redis, course_id: int, v
     XP of learners for whom it was the last video left to finish; False when the course is gone. The course row
     is locked first and exclusively: racing the course's deletion, this waits and finds the course gone (instead
     of holding the video row that deletion's cascade needs while waiting for the course row itself, a deadlock),
-    and a progress report (which takes the course row to share) is either done before or sees the video gone: a
+    and a progress report (which takes the course row FOR SHARE) is either done before or sees the video gone: a
     learner finishing the one other video meanwhile completes the course either way."""
     async with xp.transaction(conn, redis) as tx:
-        if await conn.fetchval("SELECT 1 FROM courses WHERE id = $1 FOR UPDATE", course_id) is None:
+        # NO KEY UPDATE: exclusive against reports' SHARE, but not against the KEY SHARE every insert of a row of
+        # the course takes (a re-ingest's job, a submission), which FOR UPDATE deadlocked with
+        if await conn.fetchval("SELECT 1 FROM courses WHERE id = $1 FOR NO KEY UPDATE", course_id) is None:
             return False
         await conn.execute("DELETE FROM videos WHERE id = $1 AND course_id = $2", video_id, course_id)
         # a citation is a moment of a video: pointing at a deleted one, it would send learners to a 404

@@ -625,3 +625,13 @@ def test_review_fixes_legacy_encodings_numbers_and_caption_text():
     cues = parse_str("WEBVTT\n\n00:00:01.000 --> 00:00:02.000\nNo.\n\n00:00:02.000 --> 00:00:04.000\nNo.\nI mean yes.\n\n"
                      "00:01:40.000 --> 00:01:41.000\nNo.\n")
     assert times(cues) == [(1.0, 2.0, "No."), (2.0, 4.0, "I mean yes."), (100.0, 101.0, "No.")]
+    # and what those rules must not take: a broken timestamp is still a 400, a numbering gap is still a number, a
+    # number too long for int() is text, a UTF-8 file cut inside its first character stays UTF-8
+    with pytest.raises(PermanentIngestError, match="line 5"):
+        parse_str("1\n00:00:01,000 --> 00:00:02,000\nhello\n\n00.00.03,000 --> 00.00.04,000\nworld\n")
+    assert [c.text for c in parse_str("1\n00:00:01,000 --> 00:00:02,000\nhello\n3\n00:00:03,000 --> "
+                                      "00:00:04,000\nworld\n")] == ["hello", "world"]
+    assert [c.text for c in parse_str("1\n00:00:01,000 --> 00:00:02,000\nhello\n" + "9" * 4301 +
+                                      "\n00:00:03,000 --> 00:00:04,000\nworld\n")][1] == "world"
+    cut = "é\n1\n00:00:01,000 --> 00:00:02,000\nLe café est fermé\n".encode()[1:]
+    assert [c.text for c in parse_transcript(cut, "a.srt")] == ["Le café est fermé"]

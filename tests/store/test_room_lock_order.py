@@ -127,3 +127,29 @@ async def test_a_tutor_question_posted_while_its_course_is_deleted_is_gone(make:
         await pool.release(deleting)
     with pytest.raises(LookupError):
         await ask
+
+
+async def test_deleting_a_video_while_it_is_re_ingested_does_both(make: Factory, xp_store):
+    """The video's deletion locks its course row (to wait for progress reports under way): exclusively (FOR
+    UPDATE) it also blocked the course key a re-ingest's new job row checks, while the re-ingest held the video
+    the deletion needed: a deadlock."""
+    from store import videos
+
+    pool, redis = xp_store
+    cid, tid, by = await _course(pool, make)
+    async with pool.acquire() as conn:
+        vid = await conn.fetchval("INSERT INTO videos (course_id, title, source, duration_s, status) VALUES "
+                                  "($1, 'v', 'transcript', 10, 'ready') RETURNING id", cid)
+    asking = await pool.acquire()
+    tx = asking.transaction()
+    await tx.start()
+    try:  # as ingest.submit.submit_job: the video, then the job
+        await asking.execute("SELECT id FROM videos WHERE id = $1 FOR NO KEY UPDATE", vid)
+        async with pool.acquire() as conn:
+            deleting = asyncio.create_task(videos.delete_video(conn, redis, cid, vid))
+            await asyncio.sleep(0.5)
+            await asking.execute("INSERT INTO jobs (kind, course_id, video_id) VALUES ('ingest', $1, $2)", cid, vid)
+            await tx.commit()
+            assert await deleting
+    finally:
+        await pool.release(asking)
