@@ -51,13 +51,11 @@ _QUOTED = re.compile(r"“[^”]*”|\"[^\"\n]*\"")
 _MARKER_IN_QUOTE = re.compile(r"(?<![\w)\]])\[(\d{1,2})\]")
 
 
-def _markers(repl: Callable[[re.Match[str]], str], text: str, *, in_quotes: bool = True) -> str:
-    """`_MARKER.sub(repl, text)`, leaving indexes inside quotes alone. `in_quotes` False: nothing inside a quote
-    is a marker (an extractive answer puts its own markers after its quotes; a "table [5]" quoted from the
-    transcript is text)."""
+def _markers(repl: Callable[[re.Match[str]], str], text: str) -> str:
+    """`_MARKER.sub(repl, text)`, leaving indexes inside quotes alone."""
     out, last = [], 0
     for m in _QUOTED.finditer(text):
-        inside = _MARKER_IN_QUOTE.sub(repl, m.group(0)) if in_quotes else m.group(0)
+        inside = _MARKER_IN_QUOTE.sub(repl, m.group(0))
         out += [_MARKER.sub(repl, text[last:m.start()]), inside]
         last = m.end()
     return "".join(out + [_MARKER.sub(repl, text[last:])])
@@ -225,6 +223,13 @@ class Tutor:
                     "(The answer was cut off by a model error; please ask again.)"
             return {"citations": [], "grounded": False, "nearest": nearest, "answer": fallback}
         sources = s["sources"]
+        mode = s.get("mode", "answer")
+        if (s.get("usage") or {}).get("provider") == "extractive":
+            # its markers are its template's, [1].. in order: nothing in a title or a quoted transcript (a "table
+            # [5]", a stray quote mark that upsets finding what is quoted) is read as one
+            n = 1 if mode == "socratic" else min(3, len(sources))
+            return {"answer": s["answer"].strip(), "citations": [citation(w, mode) for w in sources[:n]],
+                    "grounded": n > 0, "nearest": []}
         used: list[int] = []
         def renumber(m: re.Match[str]) -> str:
             n = int(m.group(1))
@@ -233,16 +238,15 @@ class Tutor:
             if n not in used:
                 used.append(n)
             return f"[{used.index(n) + 1}]"
-        extractive = (s.get("usage") or {}).get("provider") == "extractive"
-        text = _markers(renumber, s["answer"], in_quotes=not extractive).strip()
-        cites = [citation(sources[n - 1], s.get("mode", "answer")) for n in used]
+        text = _markers(renumber, s["answer"]).strip()
+        cites = [citation(sources[n - 1], mode) for n in used]
         return {"answer": text, "citations": cites, "grounded": bool(cites), "nearest": []}
 
     async def follow_ups(self, s: TutorState) -> dict:
         if s.get("error") or not s.get("grounded"):  # nothing answered (a model's decline, a cut-off answer): as
             return {"follow_ups": []}                 # a declined question, it offers the nearest moments instead
-        cited = {(c["video_id"], c["start"]) for c in s.get("citations") or []}
-        rest = [w for w in s.get("sources") or [] if (w.video_id, w.start) not in cited]
+        cited = {(c["video_id"], c["start"]) for c in s.get("citations") or []}  # (starts as cited: rounded)
+        rest = [w for w in s.get("sources") or [] if (w.video_id, round(w.start, 2)) not in cited]
         qs = []
         asked = set(terms(s["standalone"]))
         for w in rest + (s.get("sources") or []):

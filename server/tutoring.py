@@ -36,7 +36,9 @@ SLOT_TTL_MS = 180_000
 MAX_QUESTION_CHARS = 2000  # over REST and in rooms
 BUSY = f"the tutor is still answering your last {MAX_RUNNING_PER_USER} questions; ask again when they are done"
 BUSY_RETRY_S = 5.0  # told with `tutor_busy`: an answer usually takes seconds
-TUTOR_MENTION = re.compile(r"(?<![\w@])@tutor\b", re.IGNORECASE)
+# "@tutor" as a word of its own: not in an address (bob@tutor.com), a link (…/@tutor/1), code (`@tutor`) or a
+# longer name (@tutor-bot, @tutors)
+TUTOR_MENTION = re.compile(r"(?<![\w@/`.-])@tutor(?![\w`/-])", re.IGNORECASE)
 
 
 async def tutor_for(state: Any) -> Tutor:

@@ -113,14 +113,17 @@ async def unannounced(conn: asyncpg.Connection) -> list[asyncpg.Record]:
 
 
 async def pods_to_match(conn: asyncpg.Connection, round_key: str, since: datetime) -> list[int]:
-    """Pods with at least two eligible learners, without the round `round_key` yet and without any round made
-    since `since` (the week's moment): a round an instructor asked for after it, and the rounds its declines
-    made, are the pod's round for the week; the weekly run must not replace them (and undo a decline)."""
+    """Pods with at least two eligible learners, without the round `round_key` yet and without a round made
+    since `since` (the week's moment) other than by a decline: a round an instructor asked for after it, and the
+    rounds its declines made, are the pod's round for the week; the weekly run must not replace them (and undo a
+    decline). A decline of an older round (last week's, declined after the moment, before this run) does not
+    stand for the week: its decliners are back in the weekly round."""
     rows = await conn.fetch(
         """SELECT m.pod_id FROM pod_members m JOIN pods p ON p.id = m.pod_id
            JOIN users u ON u.id = m.user_id AND u.role = 'learner'
            JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = m.user_id
            WHERE NOT EXISTS (
-               SELECT 1 FROM pod_matches pm WHERE pm.pod_id = m.pod_id AND (pm.round_key = $1 OR pm.created_at >= $2))
+               SELECT 1 FROM pod_matches pm WHERE pm.pod_id = m.pod_id
+               AND (pm.round_key = $1 OR (pm.created_at >= $2 AND pm.trigger <> 'decline')))
            GROUP BY m.pod_id HAVING count(*) >= 2 ORDER BY m.pod_id""", round_key, since)
     return [r["pod_id"] for r in rows]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -53,8 +54,10 @@ class Hit:
 
 
 def keyword_text(question: str) -> str:
-    """The question without question-only words, for the full-text side."""
-    return " ".join(t for t in _TERM.findall(question.lower()) if t not in _QUESTION_STOP)
+    """The question without question-only words, for the full-text side. (NFC first: a decomposed "Gödel" is
+    one word, not "go" and "del".)"""
+    return " ".join(t for t in _TERM.findall(unicodedata.normalize("NFC", question).lower())
+                    if t not in _QUESTION_STOP)
 
 
 _DENSE = """
@@ -203,13 +206,17 @@ async def neighbours(conn: asyncpg.Connection, hits: list[Hit], embed_model: str
                 sentences=r["sentences"]) for r in rows]
 
 
+# A word of one of the course's video titles counts as said too (a title is the course's, and the tutor's own
+# follow-up questions quote titles). (sh_fold straightens curly apostrophes.)
 _VOCAB = """
+WITH t AS (SELECT lower(sh_fold(coalesce(string_agg(title, ' '), ''))) AS titles FROM videos WHERE course_id = $2)
 SELECT q.lexeme AS term, false AS spoken,
        EXISTS (SELECT 1 FROM course_term_df d WHERE d.course_id = $2 AND d.embed_model = $3 AND d.lexeme = q.lexeme)
-           AS present
+       OR q.lexeme = ANY(tsvector_to_array(to_tsvector('english', (SELECT titles FROM t)))) AS present
 FROM (SELECT DISTINCT unnest(tsvector_to_array(to_tsvector('english', sh_fold($1)))) AS lexeme) q
 UNION ALL
 SELECT w, true, EXISTS (SELECT 1 FROM video_words v WHERE v.course_id = $2 AND v.word = w)
+                OR w = ANY(regexp_split_to_array((SELECT titles FROM t), '[^a-z0-9''-]+'))
 FROM unnest($4::text[]) AS w
 """
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Sequence
 from datetime import date
 from typing import Any
@@ -16,8 +17,9 @@ _TURN_COLS = """id, course_id, user_id, session_id, room_id, message_id, questio
 
 def normalize_question(text: str) -> str:
     """Case, spacing and the closing punctuation do not make another question; symbols inside it do
-    ("x^2" is not "x*2", "P != NP" is not "P = NP")."""
-    return " ".join(text.lower().split()).rstrip("?!. ")
+    ("x^2" is not "x*2", "P != NP" is not "P = NP"), nor does how an accent is encoded (NFC) or a full-width
+    question mark."""
+    return " ".join(unicodedata.normalize("NFC", text).lower().split()).rstrip("?!. ？！。")
 
 
 def question_hash(text: str, names: Sequence[str] = ()) -> str:

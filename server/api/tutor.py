@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import asyncpg
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post, put
 from litestar.params import Parameter
@@ -44,6 +45,21 @@ def wants_stream(accept: str) -> bool:
             except ValueError:
                 return True
     return False
+
+
+def stream_error(exc: Exception) -> dict | None:
+    """The `error` event of a streamed ask for what the JSON ask answers with a status of its own (the
+    exception handlers of server.errors): a transaction rolled back for a concurrent one, something deleted
+    meanwhile, a value the database cannot take. None: a 500."""
+    if isinstance(exc, asyncpg.TransactionRollbackError):
+        return {"status": 409, "code": "conflict", "retry_after": 1,
+                "message": "a concurrent change got in the way; nothing was stored, try again"}
+    if isinstance(exc, asyncpg.ForeignKeyViolationError):
+        return {"status": 404, "code": "not_found", "message": "something this request refers to no longer exists"}
+    if isinstance(exc, asyncpg.DataError):
+        return {"status": 400, "code": "bad_request",
+                "message": "a value in the request is out of range or cannot be stored"}
+    return None
 
 
 class AskIn(Strict):
@@ -127,9 +143,13 @@ class TutorController(Controller):
                                type(exc).__name__, exc)
                 await queue.put(("error", {"status": 503, "code": "unavailable", "retry_after": 5,
                                            "message": UNAVAILABLE}))
-            except Exception:  # noqa: BLE001 - the stream must end with something the client can read
-                logger.exception("tutor failed on course %s", course_id)
-                await queue.put(("error", {"status": 500, "code": "internal", "message": "tutor failed"}))
+            except Exception as exc:  # noqa: BLE001 - the stream must end with something the client can read
+                known = stream_error(exc)
+                if known is None:
+                    logger.exception("tutor failed on course %s", course_id)
+                else:
+                    logger.warning("streamed ask on course %s: %s", course_id, exc)
+                await queue.put(("error", known or {"status": 500, "code": "internal", "message": "tutor failed"}))
             finally:
                 queue.put_nowait(None)
                 await free_slot(state.redis, user.id, slot)

@@ -36,6 +36,13 @@ def test_a_bracketed_number_quoted_in_an_extractive_answer_is_text():
     out = asyncio.run(Tutor.cite(None, state))  # type: ignore[arg-type]
     assert "table [5] above" in out["answer"]
     assert [c["start"] for c in out["citations"]] == [10, 30, 50]
+    # nor does a quote mark in a title or a closing quote in the transcript move or add a citation
+    sources[0].video_title = 'The 5" floppy'
+    sources[1].text = sources[1].core = "he said ” and see table [2]"
+    answer = extractive_answer(sources, "answer")
+    out = asyncio.run(Tutor.cite(None, {"answer": answer, "sources": sources,  # type: ignore[arg-type]
+                                        "usage": {"provider": "extractive"}}))
+    assert out["answer"] == answer and [c["start"] for c in out["citations"]] == [10, 30, 50]
 
 
 def test_a_clipped_citation_is_at_most_60_seconds_as_shown():
@@ -44,3 +51,13 @@ def test_a_clipped_citation_is_at_most_60_seconds_as_shown():
     for start in (0.005, 12.345, 1234.565, 39999.995):
         c = citation(_w(start, start + 500))
         assert c["end"] - c["start"] <= MAX_CITATION_S, c
+
+
+def test_follow_ups_leave_out_the_cited_moment_whatever_its_start():
+    """Citations carry starts rounded to hundredths; a window starting at 12.345 was never found cited, so the
+    follow-ups pointed at the moment just cited."""
+    cited = _w(12.345, 30, "hashing buckets collisions chaining")
+    other = _w(40, 50, "binary search halving intervals")
+    out = asyncio.run(Tutor.follow_ups(None, {  # type: ignore[arg-type]
+        "grounded": True, "standalone": "why?", "citations": [citation(cited)], "sources": [cited, other]}))
+    assert "halving" in out["follow_ups"][0], out  # the moment not cited comes first

@@ -276,6 +276,20 @@ def test_question_normalization_keeps_symbols():
     assert question_hash("what is x^2?") != question_hash("what is x*2?")
     assert question_hash("is P != NP") != question_hash("is P = NP")
     assert question_hash("How does RoPE work?", ["RoPE"]) != question_hash("how does rope work", [])
+    import unicodedata  # an accent's encoding, a full-width question mark: the same question
+
+    assert question_hash(unicodedata.normalize("NFD", "Wer war Gödel?")) == question_hash("wer war gödel？")
+
+
+def test_a_tutor_mention_is_a_word_of_its_own():
+    """"@tutor" inside a link, a code span or a longer name asked the tutor (and took a question of the quota)."""
+    from server.tutoring import TUTOR_MENTION
+
+    for text in ("@tutor why?", "hey @Tutor, why?", "why? @tutor", "(@tutor) why", "why @tutor."):
+        assert TUTOR_MENTION.search(text), text
+    for text in ("mail bob@tutor.com", "see https://mastodon.social/@tutor/123", "use `@tutor` to ask",
+                 "@tutor-bot hi", "@tutors hi", "x@tutor"):
+        assert not TUTOR_MENTION.search(text), text
 
 
 def test_the_cache_tells_a_name_from_a_word(eval_course: EvalCourse, client):
@@ -324,3 +338,17 @@ def test_a_session_is_made_with_its_first_answer(eval_course: EvalCourse, make: 
 
     out = asyncio.run(go())
     assert [s["id"] for s in sessions()] == [out["session_id"]] and out["grounded"]
+
+
+def test_a_streamed_ask_ends_with_the_status_the_json_ask_would_give():
+    """A deadlock, a course deleted mid-answer or a value Postgres refuses ended a streamed ask with a 500 where
+    the JSON ask answers 409, 404 or 400 (README: the `error` event carries what the JSON ask would give)."""
+    import asyncpg
+
+    from server.api.tutor import stream_error
+
+    assert stream_error(asyncpg.DeadlockDetectedError("deadlock detected"))["status"] == 409
+    assert stream_error(asyncpg.SerializationError("could not serialize"))["code"] == "conflict"
+    assert stream_error(asyncpg.ForeignKeyViolationError("gone"))["status"] == 404
+    assert stream_error(asyncpg.DataError("out of range"))["status"] == 400
+    assert stream_error(RuntimeError("a bug")) is None  # still a 500

@@ -166,6 +166,30 @@ async def test_the_weekly_run_keeps_a_round_made_since_the_weeks_moment(client, 
     assert [r["trigger"] for r in rows] == ["manual", "decline", "cron"]
 
 
+async def test_a_decline_of_last_weeks_round_does_not_stand_for_this_week(client, make: Factory, settings,
+                                                                           xp_store):
+    """Last week's round, declined after this week's moment but before the weekly run got to the pod (a worker
+    down, a re-match after someone left): the run skipped the pod, and the decliner sat out a second week."""
+    from agents.matcher import week_due
+
+    pool, redis = xp_store
+    course = make_course(client, make, learners=4, videos=0)
+    pod = _pod(client, course, course.learners, "Monday")
+    b = course.learners[1]
+    assert client.post(f"/api/v1/pods/{pod}/match", headers=course.instructor.h).status_code == 201
+    at = datetime(2033, 3, 9, 12, tzinfo=timezone.utc)
+    moment = week_due(at, settings.match_weekday, settings.match_hour)
+    fetch(settings, "UPDATE pod_matches SET created_at = $2 WHERE pod_id = $1", pod, moment - timedelta(days=6))
+    client.post(f"/api/v1/pods/{pod}/match/decline", headers=b.h)
+    fetch(settings, "UPDATE pod_matches SET created_at = $2 WHERE pod_id = $1 AND trigger = 'decline'", pod,
+          moment + timedelta(minutes=5))
+    await match_all_pods(pool, redis, settings, at, llm=None)
+    rows = fetch(settings, "SELECT trigger FROM pod_matches WHERE pod_id = $1 ORDER BY id", pod)
+    assert [r["trigger"] for r in rows] == ["manual", "decline", "cron"]
+    now = client.get(f"/api/v1/pods/{pod}/match", headers=b.h).json()
+    assert now["declined"] == [] and any(b.id in g["members"] for g in now["groups"])
+
+
 async def test_concurrent_declines_all_stay_out(client, make: Factory, settings, xp_store):
     """Twelve of sixteen learners decline at once: they take turns, each re-match building on the round the one
     before made, so none of them is paired again and every decline is recorded (five of ten were refused after

@@ -4,6 +4,7 @@ the rarest terms' postings still gives the candidates their exact BM25 scores.""
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 import uuid
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -111,6 +112,14 @@ async def test_term_stats_follow_ingest_reingest_and_deletion(pool):
         assert df["matrix"] == 2 and "photosynthesi" not in df and "lectur" not in df
         assert (await search.vocabulary_coverage(conn, cid, MODEL, "", ["photosynthesis", "inverse"])).spoken \
             == {"inverse"}
+    # a video's title is the course's too: the tutor's follow-ups quote titles ("What does "Fibonacci Heaps III"
+    # say about ...?"), and the judge declined them for words the speaker never says
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE videos SET title = 'Fibonacci Heaps III: Schrödinger’s Cat' WHERE id = $1", a)
+        cover = await search.vocabulary_coverage(conn, cid, MODEL, "fibonacci heaps and zebras",
+                                                 ["fibonacci", "iii", "schrodinger's", "zebras"])
+        assert (cover.present, cover.missing) == (["fibonacci", "heap"], ["zebra"])
+        assert cover.spoken == {"fibonacci", "iii", "schrodinger's"}
 
 
 async def test_concurrent_ingests_of_one_course(pool):
@@ -202,3 +211,5 @@ def test_keyword_text_keeps_words_in_any_script():
     tutor's judge heard them as missing from the course."""
     assert search.keyword_text("What did Schrödinger say in the café?") == "schrödinger in the café"
     assert search.keyword_text("Why is naïve Bayes naïve?") == "is naïve bayes naïve"
+    # a decomposed accent (NFD, as some keyboards and macOS send it) is the same word, not "go" and "del"
+    assert search.keyword_text(unicodedata.normalize("NFD", "What did Gödel prove?")) == "gödel prove"
