@@ -67,7 +67,8 @@ LEADERBOARD_LOCK = "sh:lb:lock"
 # rebuild can re-apply the ones its snapshot missed. TTL 60 s, renewed with the lock. LIST backlog: an hour.
 LEADERBOARD_BUILDING = "sh:lb:building"
 LEADERBOARD_BACKLOG = "sh:lb:backlog"
-# STRING the ledger snapshot the last rebuild read (`<ms taken>;<xmin>:<xmax>:<xip,...>`, Postgres), for an hour
+# STRING the ledger snapshot the last rebuild read (`<ms taken>;<month>,<week>;<xmin>:<xmax>:<xip,...>`: when, the
+# period boards it built, what Postgres had committed), for an hour
 # after its swap: an award whose transaction that snapshot already saw, but whose board update comes only after the
 # swap (its process stalled between commit and Redis), is not counted twice.
 LEADERBOARD_SNAPSHOT = "sh:lb:snapshot"

@@ -128,6 +128,8 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
                 # and when it was taken: a transaction that begins later is not in it (see leaderboards._AWARD)
                 snapshot = await conn.fetchval("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint || ';' "
                                                "|| pg_current_snapshot()::text")
+                taken, seen_ids = snapshot.split(";", 1)  # with the period boards built (their tags)
+                snapshot = f"{taken};{period_tag('month', now)},{period_tag('week', now)};{seen_ids}"
                 high = await conn.fetchval(_LEDGER_HIGH)
                 boards: dict[str, dict[int, int]] = defaultdict(dict)
                 for scope, sql in _BOARDS_SQL.items():

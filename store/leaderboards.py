@@ -99,7 +99,8 @@ def boards_of(tenant_id: int, course_id: int | None, pod_ids: list[int], at: dat
 # record the name, log it for a running rebuild, take the `leaderboard.changed` window of each board that has a
 # room (a board whose window another change holds goes on the due list), and publish the award's notices (the
 # learner's `xp.awarded`, the achievements it unlocked).
-# The snapshot is `<ms taken>;<xmin>:<xmax>:<xip,...>` (leaderboard_rebuild); a transaction that began after it
+# The snapshot is `<ms taken>;<month tag>,<week tag>;<xmin>:<xmax>:<xip,...>` (leaderboard_rebuild; the tags of the
+# period boards it built; an older rebuild's has none); a transaction that began after it
 # was taken cannot be in it, whatever its id (a Postgres restored from a backup hands out the same ids again).
 # KEYS: building flag, backlog, names hash, rebuild snapshot, due list, high-water mark (the highest ledger id on
 #       the boards), then the boards, then the throttle keys.
@@ -126,10 +127,14 @@ end
 _AWARD = _WINDOW_LUA + """
 local nb, nn, xid, began = tonumber(ARGV[5]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local counted = false
+local built = nil
 if xid > 0 then
   local snap = redis.call('GET', KEYS[4])
   local taken, xmin, xmax, xip
-  if snap then taken, xmin, xmax, xip = string.match(snap, '^(%d+);(%d+):(%d+):(.*)$') end
+  if snap then
+    taken, built, xmin, xmax, xip = string.match(snap, '^(%d+);([^;]*);(%d+):(%d+):(.*)$')
+    if not taken then taken, xmin, xmax, xip = string.match(snap, '^(%d+);(%d+):(%d+):(.*)$') end
+  end
   if taken and began <= tonumber(taken) then
     if xid < tonumber(xmin) then
       counted = true
@@ -141,9 +146,18 @@ if xid > 0 then
     end
   end
 end
+-- the rebuild counted the award only on the boards it built: all-time, and its own month and week (an award at
+-- the start of the next week, committed before its snapshot, still counts on that week's board)
+local function rebuilt(key)
+  if built == nil or string.sub(key, -4) == ':all' then return true end
+  for tag in string.gmatch(built, '[^,]+') do
+    if string.sub(key, -(#tag + 1)) == ':' .. tag then return true end
+  end
+  return false
+end
 for i = 1, nb do
   local key = KEYS[6 + i]
-  if not counted then redis.call('ZINCRBY', key, ARGV[1], ARGV[2]) end
+  if not (counted and rebuilt(key)) then redis.call('ZINCRBY', key, ARGV[1], ARGV[2]) end
   local exp = tonumber(ARGV[9 + i])
   if exp > 0 then redis.call('EXPIREAT', key, exp) end
 end

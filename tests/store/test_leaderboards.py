@@ -356,6 +356,27 @@ async def test_a_board_update_arriving_after_a_rebuild_is_not_counted_twice(make
     assert board.me is not None and board.me.xp == 50 + 25 + 25
 
 
+async def test_an_award_a_rebuild_counted_still_counts_on_the_next_weeks_board(make: Factory, lb):
+    """A rebuild just before a week ends, an award just after it that committed before the rebuild read the ledger
+    and reached Redis only after the swap: the rebuild counted it on the boards it built (all-time, its week), so
+    it skipped every board, the new week's too, which the rebuild never built."""
+    from datetime import datetime, timedelta, timezone
+
+    pool, redis = lb
+    u = make.user("learner")
+    sunday = datetime.now(timezone.utc).replace(hour=23, minute=59, second=59, microsecond=0)
+    sunday += timedelta(days=(6 - sunday.weekday()) % 7)  # this week's Sunday, a second before it ends
+    monday = sunday + timedelta(seconds=1)
+    async with pool.acquire() as conn:  # committed at the new week's start, no Redis yet
+        stalled = await xp.insert_award(conn, u.id, "helpful_answer", "helpful:monday", at=monday)
+    assert await leaderboard_rebuild.rebuild(pool, redis, now=sunday) is not None
+    await xp.settle(redis, [stalled])
+    tid = u.tenant_id
+    assert await redis.zscore(leaderboards.board_key("tenant", tid, "all"), str(u.id)) == 25  # once
+    assert await redis.zscore(leaderboards.board_key("tenant", tid, "week", monday), str(u.id)) == 25  # not 0
+    assert await redis.zscore(leaderboards.board_key("tenant", tid, "week", sunday), str(u.id)) is None
+
+
 async def test_awards_after_a_rebuild_count_though_postgres_hands_out_old_transaction_ids(make: Factory, lb):
     """A Postgres restored from a backup (or set up anew) under the same Redis hands out transaction ids the last
     rebuild's snapshot already covers: by id alone, every award of the next hour looked counted by that rebuild and
