@@ -219,8 +219,8 @@ class Tutor:
                 partial = _markers(lambda m: "", s.get("answer") or "").strip()
                 if "NOT_IN_COURSE".startswith(partial[:13]):
                     partial = ""
-                fallback = ((partial + " …\n\n") if partial else "") + \
-                    "(The answer was cut off by a model error; please ask again.)"
+                fallback = (partial + " …\n\n(The answer was cut off by a model error; please ask again.)"
+                            if partial else "(The language model failed before answering; please ask again.)")
             return {"citations": [], "grounded": False, "nearest": nearest, "answer": fallback}
         sources = s["sources"]
         mode = s.get("mode", "answer")

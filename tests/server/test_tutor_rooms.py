@@ -797,3 +797,4 @@ def test_an_answer_cut_at_the_length_limit_says_so(openai_server, eval_course: E
     fake_llm.script(Reply(raw=("text/event-stream", _length_capped_sse(""))))
     body = _ask(openai_server, eval_course, "What exactly does a signature prove about a bitcoin payment?")
     assert body["grounded"] is False and "don't cover" not in body["answer"] and "please ask again" in body["answer"]
+    assert "cut off" not in body["answer"], body  # nothing came: nothing was cut off
