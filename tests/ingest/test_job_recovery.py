@@ -118,33 +118,27 @@ async def _reembedding(conn, course_id: int):  # type: ignore[no-untyped-def]
     return vid, await jobs_repo.start_attempt(conn, job["id"])
 
 
-def test_a_reembed_does_not_put_back_a_replaced_transcript(settings, make: Factory, client):
-    """A re-embed reads the stored transcript; when a re-ingest replaces it before the re-embed commits, the
-    newer transcript and its chunks stand."""
+def _run_racing(settings, setup, meanwhile) -> tuple[list[str], str]:  # type: ignore[no-untyped-def]
+    """Run the pipeline for the job `setup(conn)` makes ((video id, started job)); `meanwhile(conn, job)` runs
+    once it starts embedding (the race, made certain). -> (the video's stored transcript texts, the job's state)."""
     from agents.config import embedder_for
     from ingest.pipeline import ingest_video
     from ingest.progress import JobReporter
     from store import videos as videos_repo
 
-    inst = make.user("instructor")
-    cid = client.post("/api/v1/courses", json={"title": "Race"}, headers=inst.h).json()["id"]
-
-    class ReingestMeanwhile(JobReporter):
-        """While the re-embed embeds, a re-ingest commits a new transcript (the race, made certain)."""
-
+    class Meanwhile(JobReporter):
         async def stage(self, state: str, fraction: float = 0.0) -> None:
             await super().stage(state, fraction)
             if state == "embedding":
                 async with self.pool.acquire() as conn:
-                    await conn.execute("UPDATE transcript_segments SET text = 'newer ' || text WHERE video_id = $1",
-                                       self.job["video_id"])
+                    await meanwhile(conn, self.job)
 
     async def go() -> tuple[list[str], str]:
         pool = await create_pool(settings.database_url, min_size=1, max_size=4)
         try:
             async with pool.acquire() as conn:
-                vid, job = await _reembedding(conn, cid)
-            await ingest_video(pool, settings, embedder_for(settings), job, ReingestMeanwhile(pool, None, job))
+                vid, job = await setup(conn)
+            await ingest_video(pool, settings, embedder_for(settings), job, Meanwhile(pool, None, job))
             async with pool.acquire() as conn:
                 texts = [r["text"] for r in await videos_repo.list_segments(conn, vid)]
                 state = await conn.fetchval("SELECT state FROM jobs WHERE id = $1", job["id"])
@@ -152,7 +146,19 @@ def test_a_reembed_does_not_put_back_a_replaced_transcript(settings, make: Facto
         finally:
             await pool.close()
 
-    texts, state = run_sync(go())
+    return run_sync(go())
+
+
+async def _newer_transcript(conn, job) -> None:  # type: ignore[no-untyped-def]
+    await conn.execute("UPDATE transcript_segments SET text = 'newer ' || text WHERE video_id = $1", job["video_id"])
+
+
+def test_a_reembed_does_not_put_back_a_replaced_transcript(settings, make: Factory, client):
+    """A re-embed reads the stored transcript; when a re-ingest replaces it before the re-embed commits, the
+    newer transcript and its chunks stand."""
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Race"}, headers=inst.h).json()["id"]
+    texts, state = _run_racing(settings, lambda conn: _reembedding(conn, cid), _newer_transcript)
     assert state == "done" and all(t.startswith("newer ") for t in texts)
 
 
@@ -160,48 +166,25 @@ def test_an_older_ingest_finishing_after_a_newer_one_keeps_the_newer_transcript(
                                                                                  tmp_path):
     """A re-ingest asked for while an ingest ran (a second worker takes it) fetched the source later and finished
     first; the older run then committed its older transcript over it."""
-    from agents.config import embedder_for
-    from ingest.pipeline import ingest_video
-    from ingest.progress import JobReporter
-    from store import videos as videos_repo
-
     inst = make.user("instructor")
     cid = client.post("/api/v1/courses", json={"title": "Race"}, headers=inst.h).json()["id"]
     srt = tmp_path / "old.srt"
     srt.write_text("1\n00:00:01,000 --> 00:00:04,000\nThe older captions say this.\n")
 
-    class NewerMeanwhile(JobReporter):
-        """While this run embeds, a newer ingest job of the video stores its transcript and is done."""
+    async def ingesting(conn):  # type: ignore[no-untyped-def]
+        vid = await conn.fetchval("INSERT INTO videos (course_id, title, source, status, file_path, filename) "
+                                  "VALUES ($1, 'v', 'transcript', 'ready', $2, 'old.srt') RETURNING id", cid, str(srt))
+        await conn.execute("INSERT INTO transcript_segments (video_id, idx, start_s, end_s, text) "
+                           "VALUES ($1, 0, 1, 4, 'what the newer run stored')", vid)
+        job = await jobs_repo.create_job(conn, "ingest", course_id=cid, video_id=vid, created_by=None)
+        return vid, await jobs_repo.start_attempt(conn, job["id"])
 
-        async def stage(self, state: str, fraction: float = 0.0) -> None:
-            await super().stage(state, fraction)
-            if state == "embedding":
-                async with self.pool.acquire() as conn:
-                    await conn.execute("UPDATE transcript_segments SET text = 'newer ' || text WHERE video_id = $1",
-                                       self.job["video_id"])
-                    await conn.execute("INSERT INTO jobs (kind, course_id, video_id, state) "
-                                       "VALUES ('ingest', $1, $2, 'done')", cid, self.job["video_id"])
+    async def newer_done(conn, job):  # type: ignore[no-untyped-def]
+        await _newer_transcript(conn, job)  # a newer ingest job of the video stored its transcript and is done
+        await conn.execute("INSERT INTO jobs (kind, course_id, video_id, state) VALUES ('ingest', $1, $2, 'done')",
+                           cid, job["video_id"])
 
-    async def go() -> tuple[list[str], str]:
-        pool = await create_pool(settings.database_url, min_size=1, max_size=4)
-        try:
-            async with pool.acquire() as conn:
-                vid = await conn.fetchval(
-                    "INSERT INTO videos (course_id, title, source, status, file_path, filename) "
-                    "VALUES ($1, 'v', 'transcript', 'ready', $2, 'old.srt') RETURNING id", cid, str(srt))
-                await conn.execute("INSERT INTO transcript_segments (video_id, idx, start_s, end_s, text) "
-                                   "VALUES ($1, 0, 1, 4, 'what the newer run stored')", vid)
-                job = await jobs_repo.create_job(conn, "ingest", course_id=cid, video_id=vid, created_by=None)
-                job = await jobs_repo.start_attempt(conn, job["id"])
-            await ingest_video(pool, settings, embedder_for(settings), job, NewerMeanwhile(pool, None, job))
-            async with pool.acquire() as conn:
-                texts = [r["text"] for r in await videos_repo.list_segments(conn, vid)]
-                state = await conn.fetchval("SELECT state FROM jobs WHERE id = $1", job["id"])
-            return texts, state
-        finally:
-            await pool.close()
-
-    texts, state = run_sync(go())
+    texts, state = _run_racing(settings, ingesting, newer_done)
     assert state == "done" and texts == ["newer what the newer run stored"], texts
 
 
