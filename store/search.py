@@ -209,14 +209,17 @@ async def neighbours(conn: asyncpg.Connection, hits: list[Hit], embed_model: str
 # A word of one of the course's video titles counts as said too (a title is the course's, and the tutor's own
 # follow-up questions quote titles). (sh_fold straightens curly apostrophes.)
 _VOCAB = """
-WITH t AS (SELECT lower(sh_fold(coalesce(string_agg(title, ' '), ''))) AS titles FROM videos WHERE course_id = $2)
+WITH t AS MATERIALIZED (
+    SELECT tsvector_to_array(to_tsvector('english', titles)) AS lexemes,
+           regexp_split_to_array(titles, '[^a-z0-9''-]+') AS words
+    FROM (SELECT lower(sh_fold(coalesce(string_agg(title, ' '), ''))) AS titles FROM videos WHERE course_id = $2) v)
 SELECT q.lexeme AS term, false AS spoken,
        EXISTS (SELECT 1 FROM course_term_df d WHERE d.course_id = $2 AND d.embed_model = $3 AND d.lexeme = q.lexeme)
-       OR q.lexeme = ANY(tsvector_to_array(to_tsvector('english', (SELECT titles FROM t)))) AS present
+       OR q.lexeme = ANY((SELECT lexemes FROM t)) AS present
 FROM (SELECT DISTINCT unnest(tsvector_to_array(to_tsvector('english', sh_fold($1)))) AS lexeme) q
 UNION ALL
 SELECT w, true, EXISTS (SELECT 1 FROM video_words v WHERE v.course_id = $2 AND v.word = w)
-                OR w = ANY(regexp_split_to_array((SELECT titles FROM t), '[^a-z0-9''-]+'))
+                OR w = ANY((SELECT words FROM t))
 FROM unnest($4::text[]) AS w
 """
 
