@@ -215,11 +215,11 @@ WITH t AS MATERIALIZED (
     FROM (SELECT lower(sh_fold(coalesce(string_agg(title, ' '), ''))) AS titles FROM videos WHERE course_id = $2) v)
 SELECT q.lexeme AS term, false AS spoken,
        EXISTS (SELECT 1 FROM course_term_df d WHERE d.course_id = $2 AND d.embed_model = $3 AND d.lexeme = q.lexeme)
-       OR q.lexeme = ANY((SELECT lexemes FROM t)) AS present
+       OR q.lexeme = ANY((SELECT lexemes FROM t)::text[]) AS present
 FROM (SELECT DISTINCT unnest(tsvector_to_array(to_tsvector('english', sh_fold($1)))) AS lexeme) q
 UNION ALL
 SELECT w, true, EXISTS (SELECT 1 FROM video_words v WHERE v.course_id = $2 AND v.word = w)
-                OR w = ANY((SELECT words FROM t))
+                OR w = ANY((SELECT words FROM t)::text[])
 FROM unnest($4::text[]) AS w
 """
 
