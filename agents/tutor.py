@@ -285,7 +285,8 @@ def citation(w: Window, mode: str = "answer") -> dict:
     start = round(w.start, 2)
     end = min(round(w.end, 2), round(start + MAX_CITATION_S - 0.01, 2))
     return {"video_id": w.video_id, "video_title": w.video_title, "start": start, "end": end,
-            "quote": "" if mode == "socratic" else quote(w.core or w.text), "url": watch_url(w.youtube_id, w.start) if w.youtube_id else None,
+            "quote": "" if mode == "socratic" else quote(w.core or w.text),
+            "url": watch_url(w.youtube_id, w.start) if w.youtube_id else None,
             "label": mmss(w.start)}
 
 
