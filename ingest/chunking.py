@@ -90,7 +90,7 @@ def _units(text: str) -> list[str]:
     out: list[str] = []
     for m in re.finditer(r"\s*\S+", text):
         w = m.group(0)
-        if len(w) <= LONG_WORD_CHARS or not (_LONG_OR_CJK.search(w)):
+        if len(w) <= LONG_WORD_CHARS or not _LONG_OR_CJK.search(w):
             out.append(w)
             continue
         lead = len(w) - len(w.lstrip())

@@ -76,11 +76,17 @@ def http_exception_handler(_: Request, exc: HTTPException) -> Response:
                     headers=getattr(exc, "headers", None))
 
 
+# What the handlers below answer (a streamed ask ends with the same: server.api.tutor.stream_error).
+BAD_VALUE = "a value in the request is out of range or cannot be stored"
+GONE = "something this request refers to no longer exists"
+CONFLICT = "a concurrent change got in the way; nothing was stored, try again"
+
+
 def data_error_handler(request: Request, exc: Exception) -> Response:
     """A value Postgres cannot take (an id beyond 64 bits, a NUL character, a date out of its range): the
     request's fault, so 400, without the database's wording."""
     logger.info("bad value on %s %s: %s", request.method, request.url.path, exc)
-    return Response(body(400, "bad_request", "a value in the request is out of range or cannot be stored"),
+    return Response(body(400, "bad_request", BAD_VALUE),
                     status_code=400)
 
 
@@ -89,7 +95,7 @@ def gone_parent_handler(request: Request, exc: Exception) -> Response:
     # a warning: besides the races it answers (a course deleted mid-request), it would also hide a wrongly wired id
     logger.warning("referenced row gone on %s %s (%s): %s", request.method, request.url.path,
                    getattr(exc, "constraint_name", None), exc)
-    return Response(body(404, "not_found", "something this request refers to no longer exists"), status_code=404)
+    return Response(body(404, "not_found", GONE), status_code=404)
 
 
 # The service's own words (an OpenAI error can quote the API key) stay in the log.
@@ -123,8 +129,7 @@ def contention_handler(request: Request, exc: Exception) -> Response:
     nothing of it was stored and trying again works, so 409 with `Retry-After`, not 500. (Known lock orders are
     kept so this does not happen; a warning says where it did.)"""
     logger.warning("transaction rolled back on %s %s: %s", request.method, request.url.path, exc)
-    return http_exception_handler(request, ApiError(409, "a concurrent change got in the way; nothing was stored, "
-                                                         "try again", code="conflict", retry_after=1))
+    return http_exception_handler(request, ApiError(409, CONFLICT, code="conflict", retry_after=1))
 
 
 def internal_error_handler(request: Request, exc: Exception) -> Response:

@@ -119,14 +119,15 @@ async def lock_room(conn: asyncpg.Connection, room_id: str) -> None:
     failed. RoomGone when the room's course, pod or session is gone (also once a deletion this waited for
     commits)."""
     course_id = await conn.fetchval("SELECT course_id FROM rooms WHERE id = $1", room_id)
-    if course_id is None:
+    missing = course_id is None  # (nobody has joined or posted yet: the row is made below)
+    if missing:
         ref = parse_room(room_id)
         target = await room_target(conn, ref) if ref else None
         course_id = target["course_id"] if target else None
     if course_id is None or await conn.fetchval("SELECT 1 FROM courses WHERE id = $1 FOR KEY SHARE",
                                                 course_id) is None:
         raise RoomGone(f"room {room_id} does not exist")
-    if await ensure_room(conn, room_id) is None or await conn.fetchval(
+    if (missing and await ensure_room(conn, room_id) is None) or await conn.fetchval(
             "SELECT 1 FROM rooms WHERE id = $1 FOR NO KEY UPDATE", room_id) is None:
         raise RoomGone(f"room {room_id} does not exist")
 

@@ -22,7 +22,7 @@ from server.api.rooms import room_or_404
 from server.api.schemas import LINES, Strict
 from server.auth import staff_only
 from server.decode import read_json
-from server.errors import EMBEDDER_UNAVAILABLE, UNAVAILABLE, UNREACHABLE, ApiError
+from server.errors import BAD_VALUE, CONFLICT, EMBEDDER_UNAVAILABLE, GONE, UNAVAILABLE, UNREACHABLE, ApiError
 from server.tutoring import (BUSY, BUSY_RETRY_S, MAX_QUESTION_CHARS, ask, complete, free_slot, prepare,
                              take_slot, track)
 from store import tutor as repo
@@ -52,13 +52,11 @@ def stream_error(exc: Exception) -> dict | None:
     exception handlers of server.errors): a transaction rolled back for a concurrent one, something deleted
     meanwhile, a value the database cannot take. None: a 500."""
     if isinstance(exc, asyncpg.TransactionRollbackError):
-        return {"status": 409, "code": "conflict", "retry_after": 1,
-                "message": "a concurrent change got in the way; nothing was stored, try again"}
+        return {"status": 409, "code": "conflict", "retry_after": 1, "message": CONFLICT}
     if isinstance(exc, asyncpg.ForeignKeyViolationError):
-        return {"status": 404, "code": "not_found", "message": "something this request refers to no longer exists"}
+        return {"status": 404, "code": "not_found", "message": GONE}
     if isinstance(exc, asyncpg.DataError):
-        return {"status": 400, "code": "bad_request",
-                "message": "a value in the request is out of range or cannot be stored"}
+        return {"status": 400, "code": "bad_request", "message": BAD_VALUE}
     return None
 
 
