@@ -1,6 +1,7 @@
 """Stream a multipart upload to disk with a size limit (never the whole body in memory)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import uuid
@@ -152,4 +153,24 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
     if up.size == 0:
         up.discard()
         raise ApiError(400, "the uploaded file is empty", field=file_field)
+    try:  # acknowledged means stored: the bytes and the file's name reach the disk before the job is committed
+        await asyncio.to_thread(_make_durable, up.path)
+    except BaseException as exc:
+        up.discard()
+        if isinstance(exc, OSError):
+            logger.error("could not store an upload: %s", exc)
+            raise ApiError(503, "the upload could not be stored; please try again", retry_after=5) from exc
+        raise
     return up
+
+
+def _make_durable(path: Path) -> None:
+    """fsync the file, then the directories naming it (its course's, made for it perhaps, and that one's)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    for d in (path.parent, path.parent.parent):
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
