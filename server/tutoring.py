@@ -307,7 +307,10 @@ async def _answer_in_room(state: Any, user: Any, course_id: int, room_id: str, m
         told[0] = True
         return
     except asyncio.CancelledError:  # the server is stopping: the question gets a reply, not silence
-        await _reply(state.pool, redis, room_id, message_id, _failed(INTERRUPTED, "interrupted"))
+        # a cancel can land after the answer was recorded (and its question counted): then that answer is the reply
+        turn = await _recorded_turn(state.pool, pending)
+        await _reply(state.pool, redis, room_id, message_id,
+                     _from_turn(turn) if turn is not None else _failed(INTERRUPTED, "interrupted"))
         told[0] = True
         raise
     except Exception:  # noqa: BLE001 - the asker must hear something, never silence
@@ -315,6 +318,15 @@ async def _answer_in_room(state: Any, user: Any, course_id: int, room_id: str, m
         result = _failed("Sorry, I could not answer that just now. Please ask again.", "internal error")
     await _reply(state.pool, redis, room_id, message_id, result)
     told[0] = True
+
+
+async def _recorded_turn(pool: Any, pending: int | None) -> asyncpg.Record | None:
+    """The turn recorded for a room question's hold (None: not recorded yet, or no hold)."""
+    if pending is None:
+        return None
+    async with pool.acquire() as conn:
+        turn_id = await conn.fetchval("SELECT turn_id FROM tutor_pending WHERE id = $1", pending)
+        return await repo.get_turn(conn, turn_id) if turn_id is not None else None
 
 
 # What askers (and a room) are told when the model failed: the provider's own words can quote the API key it

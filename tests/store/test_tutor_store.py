@@ -51,3 +51,47 @@ async def test_a_recorded_answer_is_not_given_back_by_a_survivor(xp_store):
     async with pool.acquire() as conn:
         assert await repo.release_turn(conn, uid, day) is True
     assert await _used(pool, uid) == 0
+
+
+async def test_a_cancel_after_the_answer_is_recorded_posts_that_answer_not_interrupted(xp_store, settings,
+                                                                                      monkeypatch):
+    """A server stopping just after a room answer was recorded (its question counted) posted "interrupted, ask
+    again" for an answer the learner had paid for; the recorded answer is posted instead."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import pytest
+
+    from agents.embedder import local_minilm
+    from agents.tutor import Tutor
+    from server.auth import AuthUser
+    from store.messages import post_message
+
+    pool, redis = xp_store
+    proc = f"test-{uuid.uuid4().hex[:6]}"
+    async with pool.acquire() as conn:
+        cid, _, (uid,) = await course_in_new_tenant(conn, 1)
+        room = f"course:{cid}"
+        await conn.execute("INSERT INTO rooms (id, kind, course_id) VALUES ($1, 'course', $2)", room, cid)
+        tid = await conn.fetchval("SELECT tenant_id FROM users WHERE id = $1", uid)
+    user = AuthUser(id=uid, tenant_id=tid, tenant="t", name="l0", role="learner")
+    state = SimpleNamespace(settings=settings, pool=pool, redis=redis, tutor=Tutor(pool, local_minilm(), None),
+                            hub=SimpleNamespace(proc=proc))
+    hold = tutoring.RoomQuestion(proc, uid, cid, room)
+    asked = await post_message(pool, redis, room, uid, "@tutor what is a hash function?", also=hold)
+
+    real = tutoring.public_error
+    def cancelled_after_commit(error):  # type: ignore[no-untyped-def]  # the first call follows the record's commit
+        monkeypatch.setattr(tutoring, "public_error", real)
+        raise asyncio.CancelledError
+    monkeypatch.setattr(tutoring, "public_error", cancelled_after_commit)
+    with pytest.raises(asyncio.CancelledError):
+        await tutoring.answer_in_room(state, user, cid, room, asked.event.id, "what is a hash function?", hold.pending)
+
+    turn = await pool.fetchrow("SELECT id, answer FROM tutor_turns WHERE user_id = $1", uid)
+    reply = await pool.fetchrow("SELECT body, meta FROM messages WHERE room_id = $1 AND client_msg_id = $2", room,
+                                f"tutor:{asked.event.id}")
+    assert reply["meta"]["turn_id"] == turn["id"] and reply["body"] == turn["answer"]
+    assert tutoring.INTERRUPTED not in reply["body"]
+    assert await pool.fetchval("SELECT count(*) FROM tutor_pending WHERE id = $1", hold.pending) == 0
+    assert await _used(pool, uid) == 1
