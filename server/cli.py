@@ -436,9 +436,8 @@ async def _ask(settings: Settings, args: argparse.Namespace) -> int:
         try:
             result = await ask(state, user, args.course_id, args.question, session_id=args.session,
                                on_delta=on_delta)
-        except ApiError as exc:
-            print(exc.detail, file=sys.stderr)
-            return 1
+        except ApiError as exc:  # what the REST ask would refuse (an unknown session, the daily limit): a mistake
+            raise CliError(exc.detail) from None
         if args.json:
             from server.api.tutor import _public
 

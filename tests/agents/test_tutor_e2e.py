@@ -241,6 +241,8 @@ def test_cli_ask_json_as_owner_or_a_learner(eval_course: EvalCourse, client, mak
     assert json.loads(out.stdout)["session_id"] == sid
     turns = client.get(f"/api/v1/tutor/sessions/{sid}", headers=learner.h).json()["turns"]
     assert [t["question"] for t in turns][-2:] == ["What is a digital signature?", "And who can check it?"]
+    out = cli("And who can check it?", "--as", str(learner.id), "--session", "987654321")  # a refusal REST gives
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == "studyhall: tutor session 987654321 not found"
     outsider = make.user("learner")  # not in the course: refused before anything is asked
     out = cli("What is a digital signature?", "--as", str(outsider.id), "--session", str(sid))
     assert out.returncode == 2 and "not found" in out.stderr and not out.stdout
