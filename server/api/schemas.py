@@ -11,12 +11,13 @@ from msgspec import UNSET, Meta, UnsetType
 NOT_BLANK = r"\S"
 # `(?![\s\S])` is the very end (Python's `$` also matches before a final line break, which would let one
 # through); unlike `\Z` it means the same in the JSON Schema (ECMA) dialect the OpenAPI document uses.
-NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f]+(?![\s\S])"
-ONE_LINE = r"^[^\x00-\x1f\x7f-\x9f]*(?![\s\S])"  # NO_CONTROL, or nothing
+NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+(?![\s\S])"
+ONE_LINE = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*(?![\s\S])"  # NO_CONTROL, or nothing
 LINES = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f]*(?![\s\S])"  # free text: tabs and line breaks, no other control characters
-# One line someone wrote: something other than spaces, no control characters (titles, poll questions and options).
+# One line someone wrote: something other than spaces, no control characters and no line or paragraph separator
+# (U+2028/U+2029) (titles, poll questions and options).
 # Invisible-only text (zero-width, fillers) is refused where it is trimmed (`decode.trimmed`, `frames.blank`).
-LINE_TEXT = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*(?![\s\S])"
+LINE_TEXT = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f\u2028\u2029]*(?![\s\S])"
 Title = Annotated[str, Meta(min_length=1, max_length=200, pattern=LINE_TEXT)]
 Description = Annotated[str, Meta(max_length=10_000, pattern=LINES)]
 Price = Annotated[int, Meta(ge=0, le=100_000_000)]
