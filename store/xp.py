@@ -190,16 +190,17 @@ async def transaction(db: asyncpg.Pool | asyncpg.Connection, redis: Redis) -> As
     """A transaction whose awards reach Redis and the rooms only once it has committed (nothing on error).
 
     `db` is a pool or a connection that is not inside a transaction (the commit must be ours to see)."""
-    if isinstance(db, asyncpg.Pool):
+    if isinstance(db, asyncpg.Pool):  # the connection goes back before Redis is called (a stalled Redis holds none)
         async with db.acquire() as conn:
-            async with transaction(conn, redis) as tx:
+            tx = XpTransaction(conn)
+            async with conn.transaction():
                 yield tx
-        return
-    if db.is_in_transaction():
-        raise RuntimeError("pass a pool or a connection outside a transaction: XP reaches Redis after commit")
-    tx = XpTransaction(db)
-    async with db.transaction():
-        yield tx
+    else:
+        if db.is_in_transaction():
+            raise RuntimeError("pass a pool or a connection outside a transaction: XP reaches Redis after commit")
+        tx = XpTransaction(db)
+        async with db.transaction():
+            yield tx
     await settle(redis, tx.awards, tx.unlocked)
 
 
@@ -211,14 +212,15 @@ async def award_xp(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, user_id:
 
     The ledger row, the totals and the achievements it unlocks are one statement (its own transaction: one
     round trip)."""
-    if isinstance(db, asyncpg.Pool):
+    kw: dict[str, Any] = dict(course_id=course_id, pod_ids=pod_ids, at=at, points=points, meta=meta,
+                              async_commit=ASYNC_COMMIT)
+    if isinstance(db, asyncpg.Pool):  # the connection goes back before Redis is called (a stalled Redis holds none)
         async with db.acquire() as conn:
-            return await award_xp(conn, redis, user_id, kind, idempotency_key, course_id=course_id, pod_ids=pod_ids,
-                                  at=at, points=points, meta=meta)
-    if db.is_in_transaction():
-        raise RuntimeError("inside a transaction use xp.transaction(): XP reaches Redis only after the commit")
-    award = await insert_award(db, user_id, kind, idempotency_key, course_id=course_id, pod_ids=pod_ids, at=at,
-                               points=points, meta=meta, async_commit=ASYNC_COMMIT)
+            award = await insert_award(conn, user_id, kind, idempotency_key, **kw)
+    else:
+        if db.is_in_transaction():
+            raise RuntimeError("inside a transaction use xp.transaction(): XP reaches Redis only after the commit")
+        award = await insert_award(db, user_id, kind, idempotency_key, **kw)
     if award is not None:
         await settle(redis, [award])
     return award

@@ -153,7 +153,8 @@ class LiveController(Controller):
         user: AuthUser = request.user
         async with state.pool.acquire() as conn:
             row = await self._poll(conn, poll_id, user)
-            await take_send(state, user)
+        await take_send(state, user)  # a Redis call: no pooled connection held while it waits
+        async with state.pool.acquire() as conn:
             try:
                 await repo.vote(conn, poll_id, None, user.id, data.option)
             except Refused as exc:

@@ -280,3 +280,35 @@ async def test_joining_while_the_session_is_cancelled_closes_as_room_deleted(ser
         assert await joining.closed() == (4403, "room deleted")
     finally:
         await db.close()
+
+
+async def test_rest_votes_waiting_on_redis_hold_no_database_connection(server, make: Factory, settings):
+    """A REST vote took its send budget (a Redis call) while holding a pooled Postgres connection: with Redis
+    stalled, a class voting at once (more votes than the pool's 20 connections) kept every other request waiting."""
+    import time
+
+    import httpx
+    from redis.asyncio import Redis
+
+    course = make_course(server, make, learners=24)
+    inst = course.instructor
+    async with httpx.AsyncClient(base_url=server, timeout=30) as c:
+        sid = (await c.post(f"/api/v1/courses/{course.id}/live", json={"title": "Quiz"}, headers=inst.h)).json()["id"]
+        assert (await c.post(f"/api/v1/live/{sid}/start", headers=inst.h)).status_code == 200
+        poll = (await c.post(f"/api/v1/live/{sid}/polls", json={"question": "?", "options": ["x", "y"]},
+                             headers=inst.h)).json()
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            await redis.execute_command("CLIENT", "PAUSE", "3000", "WRITE")  # the budget's script waits
+            votes = [asyncio.create_task(c.post(f"/api/v1/polls/{poll['id']}/votes", json={"option": 1}, headers=l.h))
+                     for l in course.learners]
+            await asyncio.sleep(0.8)  # every vote is waiting on Redis
+            t0 = time.monotonic()
+            read = await c.get(f"/api/v1/live/{sid}", headers=inst.h)
+            took = time.monotonic() - t0
+            done = await asyncio.gather(*votes)
+        finally:
+            await redis.execute_command("CLIENT", "UNPAUSE")
+            await redis.aclose()
+    assert read.status_code == 200 and took < 1.0, took
+    assert [v.status_code for v in done] == [200] * len(course.learners), [v.text for v in done if v.status_code != 200]

@@ -622,3 +622,34 @@ async def _left_with_an_award_in_flight(pool, redis, again_after_s: float):  # t
     await leaderboard_rebuild.resync_member(pool, redis, leaver, cid, again_after_s=again_after_s)
     await xp.settle(redis, [in_flight])
     return cid, leaver, in_flight
+
+
+async def test_an_award_waiting_on_redis_holds_no_database_connection(make: Factory, settings):
+    """Awards (on their own or in an XP transaction) updated the boards while still holding their pooled
+    connection: with Redis stalled, every award under way kept one, and the rest of the process waited."""
+    u = make.user("learner")
+    pool = await create_pool(settings.database_url, min_size=1, max_size=1)
+    redis, admin = Redis.from_url(redis_db(settings.redis_url, 3)), Redis.from_url(settings.redis_url)
+    try:
+        async def transacted() -> None:
+            async with xp.transaction(pool, redis) as tx:
+                await tx.award(u.id, "helpful_answer", "stall:2")
+
+        for award in (lambda: xp.award_xp(pool, redis, u.id, "helpful_answer", "stall:1"), transacted):
+            await admin.execute_command("CLIENT", "PAUSE", "2000", "WRITE")  # the award's board script waits
+            try:
+                task = asyncio.create_task(award())
+                await asyncio.sleep(0.5)  # committed, now waiting on Redis
+                t0 = time.monotonic()
+                assert await asyncio.wait_for(pool.fetchval("SELECT 1"), 10) == 1
+                assert time.monotonic() - t0 < 0.5
+            finally:
+                await admin.execute_command("CLIENT", "UNPAUSE")
+            await task
+        assert await pool.fetchval("SELECT count(*) FROM xp_events WHERE user_id = $1", u.id) == 2
+    finally:
+        await leaderboards.drain()
+        await redis.flushdb()
+        await redis.aclose()
+        await admin.aclose()
+        await pool.close()
