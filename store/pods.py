@@ -23,7 +23,8 @@ async def list_course_pods(conn: asyncpg.Connection, course_id: int, *,
                            limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
     return await conn.fetch(
         f"""SELECT {_COLS}, (SELECT count(*) FROM pod_members m JOIN enrollments e ON e.user_id = m.user_id
-                             AND e.course_id = p.course_id WHERE m.pod_id = p.id) AS members
+                             AND e.course_id = p.course_id WHERE m.pod_id = p.id) AS members,
+                   (SELECT count(*) FROM pod_members m WHERE m.pod_id = p.id) AS places_taken
             FROM pods p WHERE p.course_id = $1 ORDER BY p.id LIMIT $2 OFFSET $3""", course_id, limit, offset)
 
 
@@ -49,8 +50,15 @@ async def add_member(conn: asyncpg.Connection, pod_id: int, user_id: int) -> boo
         if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pod_members WHERE pod_id = $1 AND user_id = $2)",
                                pod_id, user_id):
             return False
-        if await conn.fetchval("SELECT count(*) FROM pod_members WHERE pod_id = $1", pod_id) >= MAX_MEMBERS:
-            raise PodFull(f"pod {pod_id} is full ({MAX_MEMBERS} members)")
+        taken = await conn.fetchrow(
+            """SELECT count(*) AS n, count(*) FILTER (WHERE e.user_id IS NULL) AS departed
+               FROM pod_members m JOIN pods p ON p.id = m.pod_id
+               LEFT JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = m.user_id
+               WHERE m.pod_id = $1""", pod_id)
+        if taken["n"] >= MAX_MEMBERS:
+            held = (f"; {taken['departed']} of the places are held by learners who left the course (listed to staff "
+                    "with `departed`): remove them to free their places" if taken["departed"] else "")
+            raise PodFull(f"pod {pod_id} is full ({MAX_MEMBERS} members{held})")
         row = await conn.fetchrow(
             "INSERT INTO pod_members (pod_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING user_id",
             pod_id, user_id)
@@ -75,9 +83,16 @@ async def is_member(conn: asyncpg.Connection, pod_id: int, user_id: int) -> bool
     return await member(conn, pod_id, user_id) is not None
 
 
-async def list_members(conn: asyncpg.Connection, pod_id: int, *,
+async def list_members(conn: asyncpg.Connection, pod_id: int, *, departed: bool = False,
                        limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
-    return await conn.fetch(f"{_MEMBERS} ORDER BY m.created_at, m.user_id LIMIT $2 OFFSET $3", pod_id, limit, offset)
+    """Members with access; with `departed` (for staff) also those who left the course, flagged `departed`: their
+    places stay taken, and staff can only free a place they can see."""
+    return await conn.fetch(
+        """SELECT m.user_id, u.name, u.role, m.created_at, e.user_id IS NULL AS departed
+           FROM pod_members m JOIN users u ON u.id = m.user_id JOIN pods p ON p.id = m.pod_id
+           LEFT JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = m.user_id
+           WHERE m.pod_id = $1 AND ($4 OR e.user_id IS NOT NULL)
+           ORDER BY m.created_at, m.user_id LIMIT $2 OFFSET $3""", pod_id, limit, offset, departed)
 
 
 async def member(conn: asyncpg.Connection, pod_id: int, user_id: int) -> asyncpg.Record | None:

@@ -18,7 +18,8 @@ from store import pods as repo
 
 def to_pod(row: asyncpg.Record) -> Pod:
     return Pod(id=row["id"], course_id=row["course_id"], name=row["name"], room=f"pod:{row['id']}",
-               created_at=row["created_at"], members=row.get("members"), course_title=row.get("course_title"))
+               created_at=row["created_at"], members=row.get("members"), places_taken=row.get("places_taken"),
+               course_title=row.get("course_title"))
 
 
 async def _pod_or_404(conn: asyncpg.Connection, pod_id: int, user: AuthUser) -> asyncpg.Record:
@@ -120,8 +121,9 @@ class PodController(Controller):
                       limit: int = ListLimit, offset: int = Offset) -> list[Member]:
         async with request.app.state.pool.acquire() as conn:
             await _pod_or_404(conn, pod_id, request.user)
-            rows = await repo.list_members(conn, pod_id, limit=limit, offset=offset)
-        return [Member(user_id=r["user_id"], name=r["name"], role=r["role"], created_at=r["created_at"]) for r in rows]
+            rows = await repo.list_members(conn, pod_id, departed=request.user.is_staff, limit=limit, offset=offset)
+        return [Member(user_id=r["user_id"], name=r["name"], role=r["role"], created_at=r["created_at"],
+                       departed=r["departed"]) for r in rows]
 
     @get("/me/pods")
     async def mine(self, request: Request, limit: int = ListLimit, offset: int = Offset) -> list[Pod]:

@@ -89,7 +89,8 @@ class Pod(msgspec.Struct):
     name: str
     room: str
     created_at: datetime
-    members: int | None = None
+    members: int | None = None  # (staff's course list) members with access
+    places_taken: int | None = None  # (staff's course list) of the 50, with those who left the course
     course_title: str | None = None
 
 
@@ -102,6 +103,7 @@ class Member(msgspec.Struct):
     name: str
     role: str
     created_at: datetime
+    departed: bool = False  # (listed to staff only) left the course: not in the pod's room, still holds a place
 
 
 class SessionIn(Strict):

@@ -185,6 +185,8 @@ def test_plain_lists_page(client, make: Factory, settings):
 
 def test_a_pod_is_a_small_cohort(client, make: Factory, settings):
     """The matcher weighs every pair of a pod's members: a pod holds at most 50 (409 `pod_full`)."""
+    from server.auth import issue_token
+
     inst = make.user("instructor")
     cid = client.post("/api/v1/courses", json={"title": "Cohorts"}, headers=inst.h).json()["id"]
     pod = client.post(f"/api/v1/courses/{cid}/pods", json={"name": "big"}, headers=inst.h).json()["id"]
@@ -199,3 +201,20 @@ def test_a_pod_is_a_small_cohort(client, make: Factory, settings):
     assert r.status_code == 409 and r.json()["code"] == "pod_full", r.text
     member = fetch(settings, "SELECT user_id FROM pod_members WHERE pod_id = $1 LIMIT 1", pod)[0]["user_id"]
     assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": member}, headers=inst.h).status_code == 200
+    # learners who left the course keep their places: staff see who holds them, and can free them
+    gone = [r["user_id"] for r in fetch(settings, "SELECT user_id FROM pod_members WHERE pod_id = $1 "
+                                                  "ORDER BY user_id DESC LIMIT 2", pod)]
+    for g in gone:
+        assert client.delete(f"/api/v1/courses/{cid}/enrollments/{g}", headers=inst.h).status_code == 204
+    r = client.post(f"/api/v1/pods/{pod}/members", json={"user_id": late.id}, headers=inst.h)
+    assert r.status_code == 409 and "2 of the places are held by learners who left the course" in r.json()["message"]
+    listed = client.get(f"/api/v1/pods/{pod}/members", headers=inst.h).json()
+    assert len(listed) == 50 and sorted(m["user_id"] for m in listed if m["departed"]) == sorted(gone)
+    stays = next(m["user_id"] for m in listed if not m["departed"])
+    token = issue_token(settings.secret, stays, inst.tenant_id, "learner", ttl_s=600)
+    seen = client.get(f"/api/v1/pods/{pod}/members", headers={"Authorization": f"Bearer {token}"}).json()
+    assert len(seen) == 48 and not any(m["departed"] for m in seen)  # a member sees those in the pod's room
+    (listing,) = client.get(f"/api/v1/courses/{cid}/pods", headers=inst.h).json()
+    assert listing["members"] == 48 and listing["places_taken"] == 50
+    assert client.delete(f"/api/v1/pods/{pod}/members/{gone[0]}", headers=inst.h).status_code == 204
+    assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": late.id}, headers=inst.h).status_code == 201
