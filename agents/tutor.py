@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypedDict
 
@@ -17,7 +18,7 @@ import asyncpg
 from langgraph.graph import END, START, StateGraph
 from wordfreq import zipf_frequency
 
-from agents.evidence import MAX_CITATION_S, Window, mmss, pick_citations, quote, rank_windows, terms, windows
+from agents.evidence import MAX_CITATION_S, Window, mmss, pick_citations, quote, rank_windows, stem, terms, windows
 from agents.judge import judge, lookup_words
 from agents.llm import LLM, LLMError, estimate_cost_usd
 from store.search import Hit, hybrid_search, neighbours, vocabulary_coverage
@@ -247,14 +248,17 @@ class Tutor:
             return {"follow_ups": []}                 # a declined question, it offers the nearest moments instead
         cited = {(c["video_id"], c["start"]) for c in s.get("citations") or []}  # (starts as cited: rounded)
         rest = [w for w in s.get("sources") or [] if (w.video_id, round(w.start, 2)) not in cited]
-        qs = []
+        qs: list[str] = []
         asked = set(terms(s["standalone"]))
         for w in rest + (s.get("sources") or []):
-            words = [t for t in _keywords(w.text) if t not in asked]
-            if len(words) >= 2:
-                q = f"What does \"{w.video_title}\" say about {words[0]} and {words[1]}?"
-                if q not in qs:
-                    qs.append(q)
+            # a question the lecture itself asks there, when one stands on its own; else its topic words
+            q = _lecture_question(w.text, asked)
+            if q is None:
+                words = [t for t in _keywords(w.text) if stem(t) not in asked]
+                if len(words) >= 2:
+                    q = f"What does \"{w.video_title}\" say about {words[0]} and {words[1]}?"
+            if q is not None and q not in qs:
+                qs.append(q)
             if len(qs) == 3:
                 break
         return {"follow_ups": qs}
@@ -307,11 +311,51 @@ def extractive_answer(sources: list[Window], mode: str) -> str:
     return "From the course videos: " + " ".join(parts)
 
 
+_WORD_FORM = re.compile(r"[A-Za-z][A-Za-z'’\-]*[A-Za-z]")
+RARE_ZIPF = 4.6  # below this a word is uncommon enough in English to say what a passage is about
+
+
+def _adverb(word: str) -> bool:
+    """An -ly adverb made from a word ("periodically", "easily"), not a noun that ends so ("anomaly", "rally")."""
+    if not word.endswith("ly"):
+        return False
+    bases = [word[:-2]] + ([word[:-3] + "y"] if word.endswith("ily") else [])
+    return any(len(b) >= 4 and zipf_frequency(b, "en") >= 2.5 for b in bases)
+
+
 def _keywords(text: str) -> list[str]:
-    """Up to four of the text's least common words (the ones that say what it is about), rarest first."""
-    words: list[str] = []
-    for w in re.findall(r"[A-Za-z][A-Za-z\-]{3,}", text):
-        lw = w.lower()
-        if lw not in words and zipf_frequency(lw, "en") < 4.6:
-            words.append(lw)
-    return sorted(words, key=lambda x: zipf_frequency(x, "en"))[:4]
+    """Up to four words that say what the text is about: uncommon in English, those said more than once first, then
+    the rarest. A word and its plural are one; contractions ("doesn't"), -ly adverbs and words under four letters
+    are not topics."""
+    counts: Counter = Counter()
+    form: dict[str, str] = {}
+    for m in _WORD_FORM.finditer(text):
+        w = m.group(0).lower().replace("’", "'").removesuffix("'s")
+        if "'" in w or len(w) < 4 or zipf_frequency(w, "en") >= RARE_ZIPF or _adverb(w):
+            continue
+        key = stem(w).rstrip("e")  # "signature" and "signatures" ("signatur") are one
+        form.setdefault(key, w)
+        counts[key] += 1
+    ranked = sorted(counts, key=lambda k: (-min(counts[k], 2), zipf_frequency(form[k], "en")))
+    return [form[k] for k in ranked[:4]]
+
+
+# A question the lecturer asks that makes sense on its own: it opens with a question word (after "so", "now"…),
+# names no one in the room and points at nothing it leaves unsaid ("this", "it", "here").
+_OPENERS = re.compile(r"^(?:(?:so|and|but|now|okay|ok|well|then|alright|all right)\b[,]?\s*)*", re.I)
+_QUESTION = re.compile(r"^(?:what|what's|why|how|when|where|which|who|is|are|can|does|do|did|will|would|could|"
+                       r"should)\b[^?]*\?$", re.I)
+_CONTEXTUAL = re.compile(r"\b(?:i|i'm|i've|i'd|i'll|me|my|you|your|you're|you've|we|we're|we've|our|us|he|she|it|"
+                         r"it's|its|this|that|these|those|they|them|their|here|there|him|her)\b", re.I)
+
+
+def _lecture_question(text: str, asked: set[str]) -> str | None:
+    """A question the passage itself asks, as a follow-up: 5-20 words, standing on its own, about an uncommon word
+    the learner's question did not use."""
+    for sentence in re.split(r"(?<=[.?!])\s+", text):
+        q = _OPENERS.sub("", sentence.strip().replace("’", "'"))
+        if not _QUESTION.match(q) or not 5 <= len(q.split()) <= 20 or _CONTEXTUAL.search(q):
+            continue
+        if any(stem(k) not in asked for k in _keywords(q)):
+            return q[:1].upper() + q[1:]
+    return None

@@ -67,8 +67,8 @@ async def _room_history(conn, room_id: str, before_id: int | None,  # type: igno
 
 
 # Part of the answer cache's key: raised when stored answers would differ from new ones for the same content
-# (2: Socratic citations without their quote).
-ANSWER_FORMAT = 2
+# (2: Socratic citations without their quote; 3: follow-ups from the lecture's own questions and topic words).
+ANSWER_FORMAT = 3
 
 
 @dataclass(slots=True)

@@ -61,3 +61,36 @@ def test_follow_ups_leave_out_the_cited_moment_whatever_its_start():
     out = asyncio.run(Tutor.follow_ups(None, {  # type: ignore[arg-type]
         "grounded": True, "standalone": "why?", "citations": [citation(cited)], "sources": [cited, other]}))
     assert "halving" in out["follow_ups"][0], out  # the moment not cited comes first
+
+
+def test_follow_up_topics_are_words_the_passage_is_about():
+    """Follow-ups asked about "cryptocurrencies and doesn" and "encoded and correlates": the rarest words, split
+    at apostrophes, whatever their part of speech. Words said more than once come first; contractions, -ly adverbs
+    and a plural beside its singular are not topics."""
+    from agents.tutor import _keywords
+
+    text = ("The ledger doesn't need a bank. Each ledger entry is signed, and signatures periodically get checked; "
+            "a signature couldn't be forged. Supply is fixed.")
+    got = _keywords(text)
+    assert got[:2] == ["ledger", "signatures"], got  # each said twice (a word and its plural are one)
+    assert not {"doesn", "couldn", "doesn't", "periodically"} & set(got), got
+    assert _keywords("An anomaly and a monopoly, periodically seen.") == ["anomaly", "monopoly"]  # nouns in -ly stay
+    out = asyncio.run(Tutor.follow_ups(None, {  # type: ignore[arg-type]
+        "grounded": True, "standalone": "why a ledger?", "citations": [], "sources": [_w(0, 30, text)]}))
+    assert out["follow_ups"] == ['What does "Arrays" say about signatures and forged?'], out
+
+
+def test_a_question_the_lecture_asks_is_a_follow_up_when_it_stands_on_its_own():
+    """"So what's to prevent Bob from forging a transaction?" is a follow-up as it is; a question about "this" or
+    "you", or one about what the learner asked already, is not."""
+    from agents.tutor import _lecture_question
+    from agents.evidence import terms
+
+    text = ("Now can you see this? So what's to prevent Bob from writing a fraudulent transaction? "
+            "That is where signatures come in.")
+    assert _lecture_question(text, set()) == "What's to prevent Bob from writing a fraudulent transaction?"
+    assert _lecture_question(text, set(terms("preventing a fraudulent transaction by Bob"))) is None
+    assert _lecture_question("Why does this matter so much here?", set()) is None
+    out = asyncio.run(Tutor.follow_ups(None, {  # type: ignore[arg-type]
+        "grounded": True, "standalone": "what is a ledger?", "citations": [], "sources": [_w(0, 30, text)]}))
+    assert out["follow_ups"] == ["What's to prevent Bob from writing a fraudulent transaction?"], out
