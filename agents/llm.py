@@ -186,20 +186,47 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+# A credential quoted in an error (an HTTP library refusing a header quotes it whole): never passed on.
+_CREDENTIAL = re.compile(r"(?i)(\bbearer\s+|\bx-api-key\b\W{0,4}|\bapi[_-]?key\b\W{0,4})[^\s'\"]+"
+                         r"|\bsk-[A-Za-z0-9][A-Za-z0-9_\-]{6,}")
+
+
+def _redact(text: str) -> str:
+    return _CREDENTIAL.sub(lambda m: (m.group(1) or "sk-") + "***", text)
+
+
 def _map_error(exc: BaseException, provider: str, sdk: Any, base: type[Exception]) -> LLMError | None:
-    """The `LLMError` for an SDK or transport exception; None for anything else (a bug: let it raise)."""
+    """The `LLMError` for an SDK or transport exception (credentials in its wording masked); None for anything
+    else (a bug: let it raise)."""
     if isinstance(exc, LLMError):
         return exc
+    err = _sdk_error(exc, provider, sdk, base)
+    if err is not None:
+        err.message = _redact(err.message)
+        err.args = (err.message,)
+    return err
+
+
+# 429s that waiting does not cure: the account is out of credit (OpenAI `insufficient_quota`).
+_NOT_RETRYABLE_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
+
+
+def _sdk_error(exc: BaseException, provider: str, sdk: Any, base: type[Exception]) -> LLMError | None:
     if isinstance(exc, sdk.APIStatusError) and exc.status_code >= 400:
         status = exc.status_code
         detail = _api_message(exc.body) or exc.message
         what = {401: "authentication failed (check the API key)", 403: "permission denied",
                 404: "not found (check the model name and base URL)", 429: "rate limited"}.get(
             status, "server error" if status >= 500 else "request rejected")
+        codes = {_api_type(exc.body), _api_error_obj(exc.body).get("code")}
+        response = getattr(exc, "response", None)
+        retryable = ((status in RETRYABLE_STATUS or status >= 500) and not codes & _NOT_RETRYABLE_CODES
+                     # the server's own word, which the SDKs obey too
+                     and (response is None or response.headers.get("x-should-retry", "").lower() != "false"))
         return LLMError(f"{provider}: {what} (HTTP {status}): {detail}", provider=provider, status=status,
-                        retryable=status in RETRYABLE_STATUS or status >= 500)
+                        retryable=retryable)
     if isinstance(exc, sdk.APIConnectionError):  # includes timeouts
-        why = f" ({exc.__cause__})" if exc.__cause__ and str(exc.__cause__) else ""
+        why = f" ({type(exc.__cause__).__name__})" if exc.__cause__ is not None else ""
         return LLMError(f"{provider}: connection failed: {exc.message}{why}", retryable=True, provider=provider)
     if isinstance(exc, sdk.APIResponseValidationError):
         return LLMError(f"{provider}: unexpected response: {exc.message}", retryable=False, provider=provider)
@@ -262,6 +289,19 @@ def _openai_usage(u: Any) -> Usage:
     return Usage(getattr(u, "prompt_tokens", 0) or 0, getattr(u, "completion_tokens", 0) or 0)
 
 
+# OpenAI reasoning models (o1, o3, o4-mini, gpt-5…): `reasoning_effort`, and output room for the reasoning.
+_REASONING_MODEL = re.compile(r"^(o\d|gpt-5)")
+REASONING_HEADROOM = 1024
+# A request's timeout (STUDYHALL_LLM_TIMEOUT_S) grows with a long reply it may get (a generation's 4,096
+# tokens): the first byte of an unstreamed reply comes at its end.
+LONG_REPLY_TOKENS = 1024
+SECONDS_PER_TOKEN = 0.05
+
+
+def _timeout_for(timeout: float, max_tokens: int) -> float:
+    return timeout + max(0, max_tokens - LONG_REPLY_TOKENS) * SECONDS_PER_TOKEN
+
+
 class OpenAIChat:
     """OpenAI chat completions via the official SDK; any OpenAI-compatible server via `base_url`."""
 
@@ -276,21 +316,53 @@ class OpenAIChat:
         # Self-hosted servers often need no key, but the SDK refuses to start without one.
         self._client = openai.AsyncOpenAI(api_key=api_key or "unused", base_url=base_url, timeout=timeout,
                                           max_retries=max_retries)
-        # api.openai.com's reasoning models reject `max_tokens`; compatible servers often only know it.
-        official = self._client.base_url.host == "api.openai.com"
+        self._timeout = timeout
+        # OpenAI's reasoning models reject `max_tokens`; compatible servers often only know it. A server that
+        # refuses the one we send gets the other from then on (Azure, OpenAI's regional hosts, old vLLM).
+        official = (self._client.base_url.host or "").endswith("api.openai.com")
         self.max_tokens_field = max_tokens_field or ("max_completion_tokens" if official else "max_tokens")
         self._send_temperature = True
+        self._stream_options = True  # usage in the last chunk; some compatible servers refuse the option
+        # Reasoning models spend the output budget on hidden reasoning first: a low effort and room for it, so a
+        # short reply is not all reasoning and no text (dropped if the server refuses the parameter).
+        self._reasoning = official and bool(_REASONING_MODEL.match(model))
+
+    def _adapt(self, exc: Any, params: dict, extra: dict) -> bool:
+        """Change what a 400/422 blames on a parameter we can do without or name otherwise; False: nothing to
+        change (the error stands)."""
+        text = f"{exc.message} {_api_message(exc.body) or ''} {exc.body}"  # (a validation error's body: a list)
+        param = _api_error_obj(exc.body).get("param")
+        blames = (lambda name: param == name) if isinstance(param, str) and param else (
+            lambda name: re.search(rf"\b{name}\b", text) is not None)
+        if "temperature" in params and (blames("temperature") or _rejects_temperature(exc, params)):
+            self._send_temperature = False  # reasoning models (o-series, gpt-5) take only the default
+            params.pop("temperature")
+        elif "stream_options" in extra and blames("stream_options"):
+            self._stream_options = False
+            extra.pop("stream_options")
+        elif "reasoning_effort" in params and blames("reasoning_effort"):
+            self._reasoning = False
+            params.pop("reasoning_effort")
+        elif blames(self.max_tokens_field) and not (isinstance(param, str) and param) and self.max_tokens_field \
+                == "max_completion_tokens" and re.search(r"\bmax_tokens\b", text):
+            return False  # "use max_completion_tokens instead": already sent
+        elif blames(self.max_tokens_field):
+            other = "max_tokens" if self.max_tokens_field == "max_completion_tokens" else "max_completion_tokens"
+            params[other] = params.pop(self.max_tokens_field)
+            self.max_tokens_field = other
+        else:
+            return False
+        logger.info("%s model %s refused a parameter; adapted (%s)", self.name, self.model, _redact(text)[:200])
+        return True
 
     async def _create(self, params: dict, **extra: Any) -> Any:
-        try:
-            return await self._client.chat.completions.create(**params, **extra)
-        except self._sdk.BadRequestError as exc:
-            if not _rejects_temperature(exc, params):
-                raise
-        # Reasoning models (o-series, gpt-5) take only the default temperature.
-        self._send_temperature = False
-        logger.info("%s model %s rejects temperature; sending none from now on", self.name, self.model)
-        params = {k: v for k, v in params.items() if k != "temperature"}
+        params, extra = dict(params), dict(extra)
+        for _ in range(4):  # each parameter is adapted at most once
+            try:
+                return await self._client.chat.completions.create(**params, **extra)
+            except (self._sdk.BadRequestError, self._sdk.UnprocessableEntityError) as exc:
+                if not self._adapt(exc, params, extra):
+                    raise
         return await self._client.chat.completions.create(**params, **extra)
 
     def _params(self, messages: list[Message], system: str | None, max_tokens: int,
@@ -298,8 +370,12 @@ class OpenAIChat:
         _check(messages)
         msgs: list[dict] = ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in messages]
         params: dict = {"model": self.model, "messages": msgs, self.max_tokens_field: max_tokens}
+        if self._reasoning:
+            params.update({"reasoning_effort": "low", self.max_tokens_field: max_tokens + REASONING_HEADROOM})
         if temperature is not None and self._send_temperature:
             params["temperature"] = temperature
+        # a long reply takes its time before the first byte when not streamed
+        params["timeout"] = _timeout_for(self._timeout, max_tokens)
         return params
 
     def _error(self, exc: BaseException) -> LLMError | None:
@@ -319,9 +395,19 @@ class OpenAIChat:
         with _unusable(self.name, resp):
             if not resp.choices:
                 raise LLMError(f"{self.name}: the reply had no choices", retryable=True, provider=self.name)
-            return Completion(resp.choices[0].message.content or "", _openai_usage(resp.usage),
+            choice = resp.choices[0]
+            self._refused(getattr(choice.message, "refusal", None), choice.finish_reason)
+            return Completion(choice.message.content or "", _openai_usage(resp.usage),
                               resp.model or self.model, self.name, time.monotonic() - t0,
-                              truncated=resp.choices[0].finish_reason == "length")
+                              truncated=choice.finish_reason == "length")
+
+    def _refused(self, refusal: str | None, finish_reason: str | None) -> None:
+        """A refusal or a content filter is no answer (nor a retryable failure)."""
+        if refusal:
+            raise LLMError(f"{self.name}: the model refused: {refusal[:200]}", retryable=False, provider=self.name)
+        if finish_reason == "content_filter":
+            raise LLMError(f"{self.name}: the reply was stopped by the provider's content filter", retryable=False,
+                           provider=self.name)
 
     def stream(self, messages: list[Message], *, system: str | None = None, max_tokens: int = 512,
                temperature: float | None = 0.2) -> LLMStream:
@@ -331,7 +417,25 @@ class OpenAIChat:
 
     async def _raw_stream(self, params: dict) -> AsyncIterator[str | Usage | _End]:
         usage, model, finished, truncated = Usage(), "", False, False
-        async with await self._create(params, stream=True, stream_options={"include_usage": True}) as chunks:
+        extra: dict = {"stream_options": {"include_usage": True}} if self._stream_options else {}
+        try:
+            chunks = await self._create(params, stream=True, **extra)
+        except self._sdk.BadRequestError as exc:
+            if _api_error_obj(exc.body).get("param") != "stream":
+                raise
+            # this model may not be streamed here (OpenAI: an organization not verified for it): the whole reply
+            # as one delta
+            logger.info("%s model %s cannot be streamed here; answering at once", self.name, self.model)
+            resp = await self._create(params)
+            with _unusable(self.name, resp):
+                choice = resp.choices[0]
+                self._refused(getattr(choice.message, "refusal", None), choice.finish_reason)
+                usage = _openai_usage(resp.usage)
+                yield usage
+                yield choice.message.content or ""
+                yield _End(usage, resp.model or self.model, choice.finish_reason == "length")
+            return
+        async with chunks:
             async for chunk in chunks:
                 model = chunk.model or model
                 if chunk.usage:
@@ -340,6 +444,8 @@ class OpenAIChat:
                 for choice in chunk.choices[:1]:
                     finished = finished or choice.finish_reason is not None
                     truncated = truncated or choice.finish_reason == "length"
+                    self._refused(getattr(choice.delta, "refusal", None) if choice.delta else None,
+                                  choice.finish_reason)
                     if choice.delta and choice.delta.content:
                         yield choice.delta.content
         # A connection closed cleanly mid-reply ends the SDK's iterator without an error.
@@ -363,7 +469,14 @@ class AnthropicChat:
         # An explicit key also stops the SDK from reading credentials from the environment or profiles.
         self._client = anthropic.AsyncAnthropic(api_key=api_key or "unused", base_url=base_url, timeout=timeout,
                                                 max_retries=max_retries)
+        self._timeout = timeout
         self._send_temperature = True
+
+    def _stopped(self, stop_reason: str | None) -> bool:
+        """True when the reply was cut at a limit; a refusal is no answer (nor a retryable failure)."""
+        if stop_reason == "refusal":
+            raise LLMError(f"{self.name}: the model refused to answer", retryable=False, provider=self.name)
+        return stop_reason in ("max_tokens", "model_context_window_exceeded")
 
     def _params(self, messages: list[Message], system: str | None, max_tokens: int,
                 temperature: float | None) -> dict:
@@ -375,6 +488,7 @@ class AnthropicChat:
         # models, which answer 400 "temperature is deprecated for this model".
         if temperature is not None and self._send_temperature:
             params["extra_body"] = {"temperature": temperature}
+        params["timeout"] = _timeout_for(self._timeout, max_tokens)
         return params
 
     async def _create(self, params: dict, **extra: Any) -> Any:
@@ -404,9 +518,9 @@ class AnthropicChat:
             raise err from exc
         with _unusable(self.name, resp):
             text = "".join(block.text for block in resp.content if block.type == "text")
+            truncated = self._stopped(getattr(resp, "stop_reason", None))
             return Completion(text, _anthropic_usage(getattr(resp, "usage", None)), resp.model or self.model,
-                              self.name, time.monotonic() - t0,
-                              truncated=getattr(resp, "stop_reason", None) == "max_tokens")
+                              self.name, time.monotonic() - t0, truncated=truncated)
 
     def stream(self, messages: list[Message], *, system: str | None = None, max_tokens: int = 512,
                temperature: float | None = 0.2) -> LLMStream:
@@ -432,7 +546,7 @@ class AnthropicChat:
                     output_tokens = usage.output_tokens or output_tokens
                     input_tokens = usage.input_tokens or input_tokens
                     yield Usage(input_tokens, output_tokens)
-                    truncated = getattr(getattr(ev, "delta", None), "stop_reason", None) == "max_tokens"
+                    truncated = self._stopped(getattr(getattr(ev, "delta", None), "stop_reason", None))
                 elif ev.type == "message_stop":
                     stopped = True
         if not stopped:
@@ -523,6 +637,10 @@ PRICES_PER_MTOK: dict[tuple[str, str], tuple[float, float]] = {
     ("anthropic", "claude-opus-4-6"): (5.00, 25.00),
     ("anthropic", "claude-opus-4-5"): (5.00, 25.00),
     ("anthropic", "claude-opus-4-1"): (15.00, 75.00),
+    ("anthropic", "claude-opus-4"): (15.00, 75.00),
+    ("anthropic", "claude-opus-4-0"): (15.00, 75.00),
+    ("anthropic", "claude-sonnet-4-0"): (3.00, 15.00),
+    ("openai", "gpt-4o-2024-05-13"): (5.00, 15.00),  # the first gpt-4o snapshot kept its launch price
 }
 # Servers report dated snapshots: gpt-4o-mini-2024-07-18, claude-sonnet-4-5-20250929, claude-3-5-haiku-latest.
 _SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")

@@ -37,6 +37,13 @@ def _str(name: str, default: str | None = None) -> str | None:
     return raw if raw not in (None, "") else default
 
 
+def _key(name: str) -> str | None:
+    """An API key without the white space a secret file ends with (a trailing newline in a header is refused,
+    and the HTTP library's refusal quotes the header, key and all)."""
+    raw = (_str(name) or "").strip()
+    return raw or None
+
+
 def _choice(name: str, default: str | None, choices: tuple[str, ...]) -> str | None:
     """One of `choices` (any case); a misspelling stops the start instead of failing each request later."""
     raw = _str(name)
@@ -147,11 +154,11 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         job_max_attempts=_bounded("STUDYHALL_JOB_MAX_ATTEMPTS", 5, 1, 1000),
         worker_max_jobs=_bounded("STUDYHALL_WORKER_CONCURRENCY", 2, 1, 1000),
         db_pool_max=_bounded("STUDYHALL_DB_POOL_MAX", 20, 2, 1000),
-        openai_api_key=_str("OPENAI_API_KEY"),
+        openai_api_key=_key("OPENAI_API_KEY"),
         openai_base_url=_str("OPENAI_BASE_URL"),
         openai_model=_str("OPENAI_MODEL", "gpt-4o-mini") or "gpt-4o-mini",
         openai_embed_model=_str("OPENAI_EMBED_MODEL", "text-embedding-3-small") or "text-embedding-3-small",
-        anthropic_api_key=_str("ANTHROPIC_API_KEY"),
+        anthropic_api_key=_key("ANTHROPIC_API_KEY"),
         anthropic_base_url=_str("ANTHROPIC_BASE_URL"),
         anthropic_model=_str("ANTHROPIC_MODEL", "claude-sonnet-4-5") or "claude-sonnet-4-5",
         llm_provider=_choice("STUDYHALL_LLM", None, ("auto", "extractive", "openai", "anthropic")),

@@ -73,6 +73,10 @@ class Reply:
     delay_s: float = 0.0  # pause before each delta
     wait_s: float = 0.0  # pause before answering at all (streaming or not): a slow model
     raw: tuple[str, str] | None = None  # (content type, body): a 200 with this body instead, like a proxy's page
+    finish: str | None = None  # OpenAI finish_reason / Anthropic stop_reason instead of stop / end_turn
+    refusal: str | None = None  # OpenAI: the model's refusal (message.refusal, or a delta's), with no content
+    error_code: str | None = None  # with `status`: the OpenAI error's `code` (e.g. insufficient_quota)
+    headers: dict[str, str] = field(default_factory=dict)  # with `status`: extra response headers
 
     def deltas(self) -> list[str]:
         """`text` split into `chunks` non-empty pieces (fewer if the text is shorter)."""
@@ -101,6 +105,9 @@ class _State:
     replies: deque[Reply] = field(default_factory=deque)
     requests: list[Recorded] = field(default_factory=list)
     disconnects: int = 0
+    # OpenAI: parameters this "model" refuses while present in a request: name -> (status, error object), as
+    # api.openai.com words it (`refuse`)
+    refused: dict[str, tuple[int, dict]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -188,13 +195,22 @@ class _Handler(BaseHTTPRequestHandler):
     # -- OpenAI -----------------------------------------------------------------------------------
     def _openai(self, body: dict, reply: Reply) -> None:
         auth = self.headers.get("authorization") or ""
+        for name, (refused_status, refusal_err) in self.server.state.refused.items():
+            if body.get(name) not in (None, False):  # the scripted reply is not used up by a refused request
+                with self.server.state.lock:
+                    self.server.state.replies.appendleft(reply)
+                self._json(refused_status, {"error": refusal_err} if "message" in refusal_err else refusal_err)
+                return
         status = reply.status or (None if self._key_ok(auth.removeprefix("Bearer ")) else 401)
         if status:
             err = dict(OPENAI_ERRORS.get(status, {"message": f"HTTP {status}", "type": "server_error",
                                                   "param": None, "code": None}))
             if reply.error_message:
                 err.update(message=reply.error_message, param=None)
-            self._json(status, {"error": err}, {"retry-after": "1"} if status == 429 else None)
+            if reply.error_code:
+                err.update(code=reply.error_code, type=reply.error_code)
+            self._json(status, {"error": err},
+                       {**({"retry-after": "1"} if status == 429 else {}), **reply.headers})
             return
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         model = reply.model or body.get("model", "")
@@ -203,8 +219,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not body.get("stream"):
             self._json(200, {
                 "id": cid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text, "refusal": None},
-                             "logprobs": None, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": {"role": "assistant",
+                                                     "content": None if reply.refusal else reply.text,
+                                                     "refusal": reply.refusal},
+                             "logprobs": None, "finish_reason": reply.finish or "stop"}],
                 "usage": usage, "system_fingerprint": "fp_fake"})
             return
 
@@ -218,16 +236,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._start_sse()
         chunk([{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None}, "logprobs": None,
                 "finish_reason": None}], **nulls)
-        for i, piece in enumerate(reply.deltas()):
+        for i, piece in enumerate([] if reply.refusal else reply.deltas()):
             if reply.midstream and i == reply.fail_after:
                 self._openai_fail(reply.midstream)
                 return
             time.sleep(reply.delay_s)
             chunk([{"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}], **nulls)
+        if reply.refusal:
+            chunk([{"index": 0, "delta": {"refusal": reply.refusal}, "logprobs": None, "finish_reason": None}],
+                  **nulls)
         if reply.midstream:
             self._openai_fail(reply.midstream)
             return
-        chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}], **nulls)
+        chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reply.finish or "stop"}], **nulls)
         if include_usage:
             chunk([], usage=usage)
         self._chunk("data: [DONE]\n\n")
@@ -257,7 +278,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not body.get("stream"):
             self._json(200, {
                 "id": mid, "type": "message", "role": "assistant", "model": model,
-                "content": [{"type": "text", "text": reply.text}], "stop_reason": "end_turn",
+                "content": [{"type": "text", "text": reply.text}], "stop_reason": reply.finish or "end_turn",
                 "stop_sequence": None, "usage": {"input_tokens": reply.input_tokens,
                                                  "output_tokens": reply.output_tokens,
                                                  "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}},
@@ -288,7 +309,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         event("content_block_stop", {"type": "content_block_stop", "index": 0})
         event("message_delta", {"type": "message_delta",
-                                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                "delta": {"stop_reason": reply.finish or "end_turn", "stop_sequence": None},
                                 "usage": {"output_tokens": reply.output_tokens}})
         event("message_stop", {"type": "message_stop"})
         self._end_body()
@@ -356,6 +377,15 @@ class FakeLLMServer:
     def api_key(self, value: str | None) -> None:
         self._httpd.state.api_key = value
 
+    def refuse(self, name: str, status: int = 400, error: dict | None = None) -> None:
+        """OpenAI: answer `status` to any request sending parameter `name` (as a model or a compatible server
+        that does not take it), with api.openai.com's unsupported-parameter error unless `error` is given (an
+        object with `message` is wrapped in `{"error": …}`; anything else is sent as it is)."""
+        with self._httpd.state.lock:
+            self._httpd.state.refused[name] = (status, error or {
+                "message": f"Unsupported parameter: '{name}' is not supported with this model.",
+                "type": "invalid_request_error", "param": name, "code": "unsupported_parameter"})
+
     def script(self, *replies: Reply) -> None:
         """Queue replies, answered in order before falling back to the default."""
         with self._httpd.state.lock:
@@ -368,6 +398,7 @@ class FakeLLMServer:
             st.replies.clear()
             st.requests.clear()
             st.disconnects = 0
+            st.refused.clear()
             st.default = default or Reply()
 
     def start(self) -> FakeLLMServer:

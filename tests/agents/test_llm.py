@@ -430,3 +430,108 @@ async def test_a_model_slower_than_the_timeout_is_a_retryable_error(srv, provide
     with pytest.raises(LLMError) as info:
         await llm.complete(USER)  # type: ignore[union-attr]
     assert info.value.retryable and asyncio.get_running_loop().time() - t0 < 2.5
+
+
+# -- what real providers and compatible servers refuse or answer besides text ---------------------------------
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_a_key_quoted_in_an_error_is_never_passed_on(srv, provider, monkeypatch):
+    """A key read from a secret file ends with a newline: the HTTP library refuses the header and quotes it, key
+    and all, and that text went into the grade's review reason, the turn's record and the logs."""
+    secret = "sk-proj-SECRETKEY1234567"
+    with pytest.raises(LLMError) as info:
+        await make(provider, srv, key=secret + "\n").complete(USER)
+    assert info.value.retryable and "SECRETKEY" not in info.value.message and "SECRETKEY" not in str(info.value)
+    monkeypatch.setenv("OPENAI_API_KEY", secret + "\n")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", f"  {secret}\r\n")
+    from store.settings import load_settings
+
+    loaded = load_settings()
+    assert loaded.openai_api_key == secret and loaded.anthropic_api_key == secret
+
+
+async def test_errors_waiting_cannot_cure_are_not_retryable(srv):
+    """An account out of credit answers 429 `insufficient_quota`; a server may say `x-should-retry: false`.
+    Grading jobs retried those for hours."""
+    srv.script(Reply(status=429, error_code="insufficient_quota", error_message="You exceeded your current quota"),
+               Reply(status=500, headers={"x-should-retry": "false"}), Reply(status=429))
+    for retryable in (False, False, True):
+        with pytest.raises(LLMError) as info:
+            await make("openai", srv).complete(USER)
+        assert info.value.retryable is retryable, info.value.message
+
+
+async def test_a_refused_token_limit_field_is_swapped_for_the_other_once(srv):
+    """OpenAI's reasoning models on hosts other than api.openai.com (Azure, regional hosts) refuse `max_tokens`;
+    some compatible servers refuse `max_completion_tokens`. Every answer failed; now the other field is sent,
+    from then on."""
+    srv.refuse("max_tokens", error={
+        "message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                   "'max_completion_tokens' instead.", "type": "invalid_request_error", "param": "max_tokens",
+        "code": "unsupported_parameter"})
+    llm = make("openai", srv)
+    assert (await llm.complete(USER, max_tokens=50)).text
+    assert [("max_tokens" in r.body, r.body.get("max_completion_tokens")) for r in srv.requests] == [
+        (True, None), (False, 50)]
+    got, err = await drain(llm.stream(USER, max_tokens=60))
+    assert err is None and srv.requests[-1].body.get("max_completion_tokens") == 60 and len(srv.requests) == 3
+    srv.reset()
+    srv.refuse("max_completion_tokens", error={  # a compatible server, worded as a validation error
+        "message": "Unrecognized request argument supplied: max_completion_tokens", "type": "invalid_request_error",
+        "param": None, "code": None})
+    llm = OpenAIChat(KEY, "gpt-5-mini", base_url=srv.openai_base_url, max_retries=0,
+                     max_tokens_field="max_completion_tokens")
+    assert (await llm.complete(USER, max_tokens=40)).text and srv.requests[-1].body["max_tokens"] == 40
+
+
+async def test_servers_that_refuse_stream_options_or_streaming_still_answer(srv):
+    """Mistral answers 422 to `stream_options`; OpenAI answers 400 `param: stream` for a model an organization
+    may not stream. Every tutor answer failed on them."""
+    srv.refuse("stream_options", status=422, error={"detail": [{"type": "extra_forbidden", "loc": ["body",
+               "stream_options"], "msg": "Extra inputs are not permitted", "input": {"include_usage": True}}]})
+    llm = make("openai", srv)
+    got, err = await drain(llm.stream(USER))
+    assert err is None and "".join(got) == Reply().text
+    got, err = await drain(llm.stream(USER))  # remembered: no refused request first
+    assert err is None and [("stream_options" in r.body) for r in srv.requests] == [True, False, False]
+    srv.reset()
+    srv.refuse("stream", error={"message": "Your organization must be verified to stream this model.",
+                                "type": "invalid_request_error", "param": "stream", "code": "unsupported_value"})
+    stream = make("openai", srv).stream(USER)
+    got, err = await drain(stream)
+    assert err is None and "".join(got) == Reply().text and stream.usage == Usage(12, 7)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_a_refusal_or_a_content_filter_is_no_answer(srv, provider):
+    """Anthropic `stop_reason: refusal`, OpenAI `refusal` and `finish_reason: content_filter` were taken for a
+    complete answer (an empty or partial one, cited as grounded)."""
+    replies = ([Reply(refusal="I can't help with that."), Reply(finish="content_filter")] if provider == "openai"
+               else [Reply(finish="refusal")])
+    for reply in replies:
+        for streamed in (False, True):
+            srv.script(reply)
+            llm = make(provider, srv)
+            if streamed:
+                _, err = await drain(llm.stream(USER))
+            else:
+                with pytest.raises(LLMError) as info:
+                    await llm.complete(USER)
+                err = info.value
+            assert err is not None and not err.retryable and ("refused" in err.message or "filter" in err.message)
+    if provider == "anthropic":  # the context window full: cut short, as at max_tokens
+        srv.script(Reply(finish="model_context_window_exceeded"))
+        assert (await make(provider, srv).complete(USER)).truncated
+
+
+async def test_a_reasoning_model_gets_a_low_effort_and_room_to_reason(srv):
+    """gpt-5 and the o-series spend `max_completion_tokens` on hidden reasoning first: an 80-token condense came
+    back empty. A server that refuses `reasoning_effort` gets none from then on."""
+    llm = OpenAIChat(KEY, "gpt-5-mini", base_url=srv.openai_base_url, max_retries=0,
+                     max_tokens_field="max_completion_tokens")
+    llm._reasoning = True  # as for api.openai.com, which this test cannot reach
+    await llm.complete(USER, max_tokens=80)
+    body = srv.requests[-1].body
+    assert body["reasoning_effort"] == "low" and body["max_completion_tokens"] == 80 + 1024
+    srv.refuse("reasoning_effort")
+    assert (await llm.complete(USER)).text and "reasoning_effort" not in srv.requests[-1].body
