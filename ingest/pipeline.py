@@ -68,7 +68,7 @@ async def fetch_cues(video: asyncpg.Record, settings: Settings, reporter: JobRep
         from ingest.transcribe import TranscriptionStopped, get_transcriber
 
         await reporter.stage("transcribing")
-        info = await asyncio.to_thread(probe_media, path)
+        await asyncio.to_thread(probe_media, path)  # unreadable media is refused before the model loads
         loop = asyncio.get_running_loop()
 
         def on_progress(fraction: float) -> None:
@@ -78,8 +78,7 @@ async def fetch_cues(video: asyncpg.Record, settings: Settings, reporter: JobRep
         # the thread stops at its next segment, not the end, when the progress writes find the job deleted or
         # when the worker stops (this run is over either way)
         try:
-            cues = await asyncio.to_thread(transcriber.transcribe, path, on_progress=on_progress,
-                                           cancel=reporter.deleted)
+            done = await asyncio.to_thread(transcriber.run, path, on_progress=on_progress, cancel=reporter.deleted)
         except asyncio.CancelledError:
             reporter.deleted.set()
             raise
@@ -87,8 +86,9 @@ async def fetch_cues(video: asyncpg.Record, settings: Settings, reporter: JobRep
             raise PermanentIngestError("the video was deleted") from None
         from ingest.transcripts import clean_cues
 
-        return SourceResult(await asyncio.to_thread(clean_cues, cues), duration_s=info.duration_s, language="en",
-                            captions_generated=True)
+        # the length that decoded: a truncated file's header claims the whole
+        return SourceResult(await asyncio.to_thread(clean_cues, done.cues), duration_s=done.duration_s,
+                            language=done.language, captions_generated=True)
     raise PermanentIngestError(f"unknown video source {source!r}")
 
 

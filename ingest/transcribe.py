@@ -5,8 +5,10 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from faster_whisper import WhisperModel
 
 from ingest.cues import Cue
@@ -112,48 +114,100 @@ class Transcriber:
     def transcribe(
         self,
         path: str | os.PathLike[str],
-        language: str | None = "en",
+        language: str | None = None,
         on_progress: Callable[[float], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> list[Cue]:
-        """Cues for the speech in `path` (any container PyAV reads), seconds from its start.
+        """Cues for the speech in `path` (any container PyAV reads), seconds from its start (see `run`)."""
+        return self.run(path, language, on_progress, cancel).cues
 
-        `on_progress` gets the fraction done (0..1) after each cue. Raises
-        PermanentIngestError for unreadable media or a language the model lacks, and
-        TranscriptionStopped soon after `cancel` is set (between segments: a stopping
-        worker does not wait for the whole file).
+    def run(
+        self,
+        path: str | os.PathLike[str],
+        language: str | None = None,
+        on_progress: Callable[[float], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Transcription:
+        """The speech in `path`: cues, the language spoken (`language`, else detected by a multilingual
+        model, else English) and the length of the audio that decoded.
+
+        The audio is transcribed in slices of about SLICE_S, cut at the quietest moment near each cut: whisper
+        builds its features for all the audio it is given at once (about 2.5 GB per hour), so a long lecture
+        in one piece ran the worker out of memory. `on_progress` gets the fraction done (0..1) after each cue.
+        Raises PermanentIngestError for unreadable media or a language the model lacks, and
+        TranscriptionStopped soon after `cancel` is set (between segments and slices: a stopping worker does
+        not wait for the whole file).
         """
+        multilingual = bool(getattr(self.model.model, "is_multilingual", False))
+        if language is None and not multilingual:
+            language = "en"
         if language is not None and language not in self.model.supported_languages:
             raise PermanentIngestError(
                 f"the whisper model {self.model_path.name} cannot transcribe {language!r}"
             )
         audio = decode_audio(path)
         duration = len(audio) / SAMPLE_RATE
-        segments, _info = self.model.transcribe(
-            audio,
-            language=language,
-            beam_size=self.beam_size,
-            vad_filter=True,
-            # Word times pin cue starts to the speech, not to the end of the previous
-            # window, so a cue after a long pause starts when the talking does.
-            word_timestamps=True,
-        )
         cues: list[Cue] = []
-        for segment in segments:
+        for a, b in slices(audio):
             if cancel is not None and cancel.is_set():
-                raise TranscriptionStopped(f"transcription of {path} stopped at {segment.start:.0f} s")
-            text = segment.text.strip()
-            if text:
-                words = segment.words or []
-                start = words[0].start if words else segment.start
-                end = words[-1].end if words else segment.end
-                cues.append(Cue(start=float(start), end=float(max(end, start)), text=text))
-            if on_progress is not None and duration > 0:
-                on_progress(min(1.0, float(segment.end) / duration))
+                raise TranscriptionStopped(f"transcription of {path} stopped at {a / SAMPLE_RATE:.0f} s")
+            offset = a / SAMPLE_RATE
+            segments, info = self.model.transcribe(
+                audio[a:b],
+                language=language,
+                beam_size=self.beam_size,
+                vad_filter=True,
+                # Word times pin cue starts to the speech, not to the end of the previous
+                # window, so a cue after a long pause starts when the talking does.
+                word_timestamps=True,
+            )
+            language = language or info.language  # detected once, on the first slice, then kept
+            for segment in segments:
+                if cancel is not None and cancel.is_set():
+                    raise TranscriptionStopped(
+                        f"transcription of {path} stopped at {offset + segment.start:.0f} s")
+                text = segment.text.strip()
+                if text:
+                    words = segment.words or []
+                    start = offset + (words[0].start if words else segment.start)
+                    end = offset + (words[-1].end if words else segment.end)
+                    cues.append(Cue(start=float(start), end=float(max(end, start)), text=text))
+                if on_progress is not None and duration > 0:
+                    on_progress(min(1.0, (offset + float(segment.end)) / duration))
         if on_progress is not None:
             on_progress(1.0)
-        logger.info("transcribed %s: %.1f s of audio, %d cues", path, duration, len(cues))
-        return cues
+        logger.info("transcribed %s: %.1f s of audio, %d cues (%s)", path, duration, len(cues), language)
+        return Transcription(cues, language or "en", duration)
+
+
+# Whisper is given at most this much audio at once (its features take ~2.5 GB per hour of audio); each cut is
+# moved to the quietest 0.1 s within CUT_SEARCH_S of it, so no word is split.
+SLICE_S = 20 * 60
+CUT_SEARCH_S = 15.0
+_FRAME = SAMPLE_RATE // 10
+
+
+def slices(audio: np.ndarray, slice_s: float | None = None) -> list[tuple[int, int]]:
+    """[start, end) sample ranges covering `audio` in order, each about `slice_s` long (the last up to 1.5x)."""
+    size = int((slice_s or SLICE_S) * SAMPLE_RATE)
+    out, a, n = [], 0, len(audio)
+    while n - a > size * 1.5:
+        lo = max(a + _FRAME, a + size - int(CUT_SEARCH_S * SAMPLE_RATE))
+        hi = min(n - _FRAME, a + size + int(CUT_SEARCH_S * SAMPLE_RATE))
+        frames = (hi - lo) // _FRAME
+        window = audio[lo: lo + frames * _FRAME].reshape(frames, _FRAME)
+        cut = lo + int(np.argmin(np.square(window).mean(axis=1))) * _FRAME + _FRAME // 2
+        out.append((a, cut))
+        a = cut
+    out.append((a, n))
+    return out
+
+
+@dataclass(frozen=True)
+class Transcription:
+    cues: list[Cue]
+    language: str
+    duration_s: float  # of the audio that decoded (a truncated file's header can claim more)
 
 
 class TranscriptionStopped(Exception):

@@ -401,3 +401,48 @@ def test_audio_in_a_codec_without_a_decoder_is_a_clear_error(tmp_path: Path) -> 
         path.write_bytes(bytes(data))
         with pytest.raises(PermanentIngestError, match="corrupt or unsupported media"):
             probe_media(path)
+
+
+def test_long_audio_is_transcribed_in_slices_cut_where_it_is_quiet() -> None:
+    """Whisper builds its features for all the audio it is given (about 2.5 GB an hour): a 12-hour lecture in one
+    piece ran the worker out of memory. The audio goes in slices of about 20 minutes, each cut moved to the
+    quietest moment within 15 s, so no word is split."""
+    from ingest.transcribe import CUT_SEARCH_S, SLICE_S, slices
+
+    rng = np.random.default_rng(1)
+    audio = (rng.standard_normal(int(50 * 60 * SAMPLE_RATE)) * 0.1).astype(np.float32)
+    gaps = [(SLICE_S - 5.0, SLICE_S - 4.0), (2 * SLICE_S + 10.0, 2 * SLICE_S + 11.0)]  # pauses near the cuts
+    for a, b in gaps:
+        audio[int(a * SAMPLE_RATE): int(b * SAMPLE_RATE)] = 0.0
+    got = slices(audio)
+    assert got[0][0] == 0 and got[-1][1] == len(audio) and all(x[1] == y[0] for x, y in zip(got, got[1:]))
+    assert len(got) == 2 + 1  # 50 minutes: two cuts, the last slice up to 1.5 slices long
+    for (_, cut), (a, b) in zip(got, gaps):
+        assert a <= cut / SAMPLE_RATE <= b, (cut / SAMPLE_RATE, a, b)
+    assert CUT_SEARCH_S < 20 and slices(audio[: int(29 * 60 * SAMPLE_RATE)]) == [(0, int(29 * 60 * SAMPLE_RATE))]
+
+
+def test_sliced_transcription_keeps_each_cue_at_its_time(transcriber: Transcriber, lecture: dict,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cues of a later slice carry the slice's offset; the cut falls in the pause, and both sentences survive."""
+    import ingest.transcribe as tr
+
+    monkeypatch.setattr(tr, "SLICE_S", lecture["pause_at"] + PAUSE_S / 2)  # the nominal cut: mid-pause
+    monkeypatch.setattr(tr, "CUT_SEARCH_S", PAUSE_S / 2 - 0.3)
+    audio = decode_audio(lecture["path"])
+    assert len(tr.slices(audio)) == 2
+    done = transcriber.run(lecture["path"])
+    _check(done.cues, lecture)
+    assert done.language == "en" and done.duration_s == pytest.approx(len(audio) / SAMPLE_RATE)
+
+
+def test_the_length_is_what_decodes_not_what_a_truncated_header_says(tmp_path: Path, transcriber: Transcriber,
+                                                                      lecture: dict) -> None:
+    """An MP3 cut in half keeps a header giving the whole length: the video's duration (which fits progress and
+    completion) was stored twice too long."""
+    whole = encode(tmp_path / "whole.mp3", "mp3", "libmp3lame", lecture["samples"], lecture["rate"])
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    full = len(lecture["samples"]) / lecture["rate"]
+    assert probe_media(cut).duration_s == pytest.approx(full, abs=0.5)  # what the header claims
+    assert transcriber.run(cut).duration_s < 0.7 * full
