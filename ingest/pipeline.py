@@ -49,7 +49,13 @@ async def fetch_cues(video: asyncpg.Record, settings: Settings, reporter: JobRep
         from ingest.youtube import fetch_youtube_transcript
 
         await reporter.stage("fetching")
-        yt = await asyncio.to_thread(fetch_youtube_transcript, video["youtube_id"], list(settings.youtube_languages))
+        proxy = None
+        if settings.youtube_proxy:
+            from youtube_transcript_api.proxies import GenericProxyConfig
+
+            proxy = GenericProxyConfig(http_url=settings.youtube_proxy, https_url=settings.youtube_proxy)
+        yt = await asyncio.to_thread(fetch_youtube_transcript, video["youtube_id"], list(settings.youtube_languages),
+                                     proxy_config=proxy)
         from ingest.transcripts import clean_cues
 
         return SourceResult(await asyncio.to_thread(clean_cues, yt.cues), language=yt.language_code,

@@ -130,6 +130,11 @@ def fetch_youtube_transcript(
         error = _ingest_error(exc)
         logger.info("youtube %s: %s (%s)", video_id, error.reason, type(exc).__name__)
         raise error from exc
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+        # the library reads YouTube's page without checks (a caption name in another form: KeyError 'runs'; no
+        # playability status: AttributeError), and defusedxml refuses entities with a ValueError
+        logger.warning("youtube %s: unreadable page (%s: %s)", video_id, type(exc).__name__, exc)
+        raise PermanentIngestError(_UNPARSABLE) from exc
 
     cues = []
     for snippet in fetched.snippets:
@@ -149,18 +154,38 @@ def fetch_youtube_transcript(
 
 
 def _choose_track(transcripts: TranscriptList, languages: list[str]) -> Transcript:
-    finders = (transcripts.find_manually_created_transcript, transcripts.find_generated_transcript)
-    for find in finders:
-        try:
-            return find(languages)
-        except NoTranscriptFound:
-            continue
+    """The first listed language with a manual track, else with a generated one; a language matches its
+    regional tracks ("en" takes "en-GB") and a regional one its base ("en-US" takes "en"). Failing those, a
+    manual track YouTube translates into a listed language (counted as generated: a machine wrote it)."""
+    tracks = list(transcripts)
+
+    def matching(code: str, generated: bool) -> Transcript | None:
+        code = code.lower()
+        base = code.split("-")[0]
+        ranked = [t for t in tracks if t.is_generated == generated and t.language_code.lower() == code]
+        ranked += [t for t in tracks if t.is_generated == generated
+                   and t.language_code.lower().split("-")[0] == base and t not in ranked]
+        return ranked[0] if ranked else None
+
+    for generated in (False, True):
+        for code in languages:
+            if (found := matching(code, generated)) is not None:
+                return found
+    for code in languages:
+        for t in tracks:
+            if not t.is_generated and t.is_translatable:
+                offered = {x.language_code.lower(): x.language_code for x in t.translation_languages}
+                if code.lower() in offered:
+                    return t.translate(offered[code.lower()])
     available = ", ".join(
-        t.language_code + (" (auto-generated)" if t.is_generated else "") for t in transcripts
+        t.language_code + (" (auto-generated)" if t.is_generated else "") for t in tracks
     )
     raise PermanentIngestError(
         f"no captions in {', '.join(languages)}; available: {available or 'none'}"
     )
+
+
+_UNPARSABLE = "YouTube's page could not be read (the captions library may need an update)"
 
 
 def _clean_text(text: str) -> str:
@@ -203,9 +228,7 @@ def _ingest_error(exc: Exception) -> IngestError:
     if isinstance(exc, FailedToCreateConsentCookie):
         return PermanentIngestError("YouTube asked for cookie consent that could not be given")
     if isinstance(exc, YouTubeDataUnparsable):
-        return PermanentIngestError(
-            "YouTube's page could not be read (the captions library may need an update)"
-        )
+        return PermanentIngestError(_UNPARSABLE)
     return PermanentIngestError(f"could not fetch captions ({type(exc).__name__})")
 
 

@@ -77,6 +77,7 @@ class Settings:
     embedder: str = "local"
     whisper_model: str | None = None
     youtube_languages: tuple[str, ...] = ("en",)
+    youtube_proxy: str | None = None  # http(s) proxy URL for YouTube requests (cloud hosts are blocked)
     tutor_daily_limit: int = 100
     job_heartbeat_ms: int = 30_000
     job_retry_base_s: float = 2.0
@@ -148,6 +149,7 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         embedder=str(_choice("STUDYHALL_EMBEDDER", "local", ("local", "openai"))),
         whisper_model=_str("STUDYHALL_WHISPER_MODEL"),
         youtube_languages=langs or ("en",),
+        youtube_proxy=_url("STUDYHALL_YOUTUBE_PROXY", ("http", "https")),
         tutor_daily_limit=_bounded("STUDYHALL_TUTOR_DAILY_LIMIT", 100, 1, 1_000_000),
         job_heartbeat_ms=int(_ranged("STUDYHALL_JOB_HEARTBEAT_S", 30.0, 1.0, 3600.0) * 1000),
         job_retry_base_s=_ranged("STUDYHALL_JOB_RETRY_BASE_S", 2.0, 0.0, 300.0),

@@ -242,9 +242,10 @@ def test_fetch_without_a_matching_language_lists_what_is_available():
     session, adapter = recorded_session()
 
     with pytest.raises(PermanentIngestError) as caught:
-        fetch_youtube_transcript(VIDEO_ID, ["fr", "es"], http_client=session)
+        # (French or Spanish would be a translation of the English track: languages YouTube does not offer)
+        fetch_youtube_transcript(VIDEO_ID, ["tlh", "qya"], http_client=session)
 
-    assert caught.value.reason == "no captions in fr, es; available: en, de (auto-generated)"
+    assert caught.value.reason == "no captions in tlh, qya; available: en, de (auto-generated)"
     assert not any("/api/timedtext" in r.url for r in adapter.sent)
 
 
@@ -356,3 +357,40 @@ def test_default_session_sets_a_timeout():
     session.get(f"https://www.youtube.com/watch?v={VIDEO_ID}")
 
     assert adapter.timeouts == [REQUEST_TIMEOUT_SECONDS]
+
+
+def _player_with(edit) -> tuple[int, bytes, str]:  # type: ignore[no-untyped-def]
+    """The recorded player reply with its caption list changed by `edit(tracks, renderer)`."""
+    data = json.loads(fixture("player.json"))
+    renderer = data["captions"]["playerCaptionsTracklistRenderer"]
+    edit(renderer["captionTracks"], renderer)
+    return (200, json.dumps(data).encode(), JSON)
+
+
+def test_a_language_takes_its_regional_tracks_and_a_translation_last():
+    """The library matches language codes exactly: with "en" asked, a manual "en-GB" track lost to a generated
+    one, and a manual "en-US" alone failed the video for good."""
+    def regional(tracks, _):  # type: ignore[no-untyped-def]
+        tracks[0]["languageCode"] = "en-GB"
+        tracks[0]["vssId"] = ".en-GB"
+
+    for asked in (["en"], ["en-US"], ["fr", "en"]):
+        session, _ = recorded_session(**{"POST /youtubei/v1/player": _player_with(regional)})
+        got = fetch_youtube_transcript(VIDEO_ID, asked, http_client=session)
+        assert (got.language_code, got.is_generated) == ("en-GB", False), asked
+    # nothing in French: the manual English track, translated by YouTube (a machine's words: generated)
+    session, adapter = recorded_session()
+    got = fetch_youtube_transcript(VIDEO_ID, ["fr"], http_client=session)
+    assert (got.language_code, got.is_generated) == ("fr", True) and got.cues
+    assert "tlang=fr" in adapter.sent[-1].url
+
+
+def test_a_page_the_library_cannot_read_fails_the_video_with_the_reason():
+    """The library reads YouTube's data unchecked: a caption name given as `simpleText` raised KeyError 'runs',
+    which the job retried as an internal error."""
+    def simple_text(tracks, _):  # type: ignore[no-untyped-def]
+        tracks[0]["name"] = {"simpleText": "English"}
+
+    session, _ = recorded_session(**{"POST /youtubei/v1/player": _player_with(simple_text)})
+    with pytest.raises(PermanentIngestError, match="could not be read"):
+        fetch_youtube_transcript(VIDEO_ID, ["en"], http_client=session)

@@ -23,7 +23,9 @@ def test_a_value_outside_its_range_stops_startup_and_one_inside_is_taken(monkeyp
                                       ("STUDYHALL_PORT", "0"), ("REDIS_URL", "notaurl"),
                                       ("REDIS_URL", "postgresql://x@h/db"), ("DATABASE_URL", "localhost:5432"),
                                       ("DATABASE_URL", "postgresql://postgres@127.0.0.1:abc/studyhall"),
-                                      ("REDIS_URL", "redis://127.0.0.1:99999/0"), ("REDIS_URL", "redis://h:6379/0x")])
+                                      ("REDIS_URL", "redis://127.0.0.1:99999/0"), ("REDIS_URL", "redis://h:6379/0x"),
+                                      ("STUDYHALL_YOUTUBE_PROXY", "socks5://127.0.0.1:1080"),
+                                      ("STUDYHALL_YOUTUBE_PROXY", "proxy.example:3128")])
 def test_a_misspelt_choice_or_a_bad_port_stops_startup(monkeypatch, tmp_path, name, raw):
     """Caught at the start, not as a 500 on every ask or a traceback once logging starts."""
     monkeypatch.setenv(name, raw)
@@ -126,3 +128,13 @@ def test_a_bad_url_is_named_without_its_password(monkeypatch, tmp_path):
             load_settings(tmp_path)
         assert name in str(info.value) and "TopSecretPw" not in str(info.value) and ":***@" in str(info.value)
         monkeypatch.delenv(name)
+
+
+def test_a_youtube_proxy_reaches_the_captions_requests(monkeypatch, tmp_path):
+    """Cloud hosts' addresses are blocked by YouTube: requests go through STUDYHALL_YOUTUBE_PROXY."""
+    from youtube_transcript_api.proxies import GenericProxyConfig
+
+    monkeypatch.setenv("STUDYHALL_YOUTUBE_PROXY", "http://user:pw@proxy.example:3128")
+    url = load_settings(tmp_path).youtube_proxy
+    assert url == "http://user:pw@proxy.example:3128"
+    assert GenericProxyConfig(http_url=url, https_url=url).to_requests_dict() == {"http": url, "https": url}
