@@ -33,10 +33,16 @@ MAX_SEQ_LENGTH = 256
 
 OPENAI_MAX_BATCH = 2048  # the API's limit on inputs per request
 OPENAI_DIMS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
+OPENAI_FIXED_WIDTH = frozenset({"text-embedding-ada-002"})  # no `dimensions` parameter: always its full width
 
 
 class EmbedderError(RuntimeError):
     """The embedder cannot be loaded or returned something unusable."""
+
+
+class EmbedderMisconfigured(EmbedderError):
+    """The configured embedding model cannot serve studyhall as set up (a model that cannot give the stored
+    width, a model or parameter the service rejects): trying again does not help, the configuration must change."""
 
 
 @runtime_checkable
@@ -74,6 +80,26 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+_piece_tokenizer: Any = None
+_piece_lock = threading.Lock()
+
+
+def minilm_pieces(text: str) -> int:
+    """Word-pieces MiniLM's tokenizer makes of `text` (no truncation, without [CLS]/[SEP]): what its window
+    holds of a chunk. The tokenizer (0.7 MB) is loaded once, on first use."""
+    global _piece_tokenizer
+    if _piece_tokenizer is None:
+        from tokenizers import Tokenizer
+
+        with _piece_lock:
+            if _piece_tokenizer is None:
+                tok = Tokenizer.from_file(str(_package_file(TOKENIZER_PACKAGE, TOKENIZER_FILE)))
+                tok.no_truncation()
+                tok.no_padding()
+                _piece_tokenizer = tok
+    return len(_piece_tokenizer.encode(text, add_special_tokens=False).ids)
 
 
 def _package_file(package: str, relpath: str) -> Path:
@@ -206,6 +232,9 @@ class OpenAIEmbedder:
             raise ValueError(f"batch_size must be between 1 and {OPENAI_MAX_BATCH}")
         self.model = model
         self.batch_size = batch_size
+        if model in OPENAI_FIXED_WIDTH and dim and dim != OPENAI_DIMS[model]:
+            raise EmbedderMisconfigured(f"{model} only gives {OPENAI_DIMS[model]}-wide vectors, and {dim} are needed: "
+                                        "use text-embedding-3-small or text-embedding-3-large")
         # `dim` asks the API for shortened vectors (text-embedding-3 and later) and is part of the name:
         # a 512-wide vector of a model is not comparable with its full-width one.
         self._request_dim = dim
@@ -240,8 +269,11 @@ class OpenAIEmbedder:
             raise EmbedderError(f"{self.name}: sent {len(batch)} inputs, got {len(vecs)} embeddings")
         try:
             widths = {len(v) for v in vecs}
-            if len(widths) != 1 or (self._dim is not None and widths != {self._dim}):
-                raise EmbedderError(f"{self.name}: expected {self._dim or 'equal'}-width vectors, got widths {widths}")
+            if len(widths) != 1:
+                raise EmbedderError(f"{self.name}: vectors of different widths in one reply: {sorted(widths)}")
+            if self._dim is not None and widths != {self._dim}:  # a server ignoring `dimensions`, a wrong model
+                raise EmbedderMisconfigured(f"{self.name}: expected {self._dim}-width vectors, got {widths.pop()}-wide "
+                                            "ones (a model or server that does not take the `dimensions` parameter?)")
             out = np.asarray(vecs, dtype=np.float32)
         except (TypeError, ValueError) as exc:  # vectors that are not lists of numbers
             raise EmbedderError(f"{self.name}: unusable vectors from the embedding service ({exc})") from exc
@@ -252,12 +284,21 @@ class OpenAIEmbedder:
         texts = _text_list(texts)
         return [list(texts[i : i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
 
+    def _failed(self, exc: Exception) -> EmbedderError:
+        """After the SDK's retries: down, refusing, or not JSON. A request the service rejects as such (an unknown
+        model, a parameter it does not take) is a configuration to change, not a failure to wait out."""
+        status = getattr(exc, "status_code", None)
+        if status in (400, 404, 422):
+            return EmbedderMisconfigured(f"{self.name}: the embedding service rejected the request (HTTP {status}): "
+                                         "check the model name and base URL")
+        return EmbedderError(f"{self.name}: the embedding service failed: {exc}")
+
     def embed(self, texts: list[str]) -> np.ndarray:
         """Embed texts, at most 2048 per request; rows are unit vectors in input order."""
         try:
             parts = [self._collect(b, self._client.embeddings.create(**self._params(b))) for b in self._chunks(texts)]
-        except (self._sdk_error, ValueError) as exc:  # after the SDK's retries: down, refusing, or not JSON
-            raise EmbedderError(f"{self.name}: the embedding service failed: {exc}") from exc
+        except (self._sdk_error, ValueError) as exc:
+            raise self._failed(exc) from exc
         return np.concatenate(parts) if parts else np.empty((0, self._dim or 0), dtype=np.float32)
 
     async def aembed(self, texts: list[str]) -> np.ndarray:
@@ -267,7 +308,7 @@ class OpenAIEmbedder:
             try:
                 parts.append(self._collect(b, await self._aclient.embeddings.create(**self._params(b))))
             except (self._sdk_error, ValueError) as exc:
-                raise EmbedderError(f"{self.name}: the embedding service failed: {exc}") from exc
+                raise self._failed(exc) from exc
         return np.concatenate(parts) if parts else np.empty((0, self._dim or 0), dtype=np.float32)
 
     def embed_query(self, text: str) -> np.ndarray:

@@ -72,7 +72,19 @@ _LONG_OR_CJK = re.compile(r"\S{%d,}|%s" % (LONG_WORD_CHARS + 1, _CJK.pattern))
 
 
 def estimate_tokens(text: str) -> int:
-    """Approximate embedder word-pieces in `text` (never fewer than words x TOKENS_PER_WORD)."""
+    """Embedder word-pieces in `text`: estimated for ASCII text (never fewer than words x TOKENS_PER_WORD), and
+    counted with MiniLM's own tokenizer for any other (never fewer than the estimate). MiniLM's vocabulary is
+    English: a Russian, Greek, Arabic or Hebrew word is about one piece per letter, a German one about two
+    and a half pieces, so an estimate by words let two thirds of a Russian chunk fall outside the window."""
+    n = _estimate(text)
+    if text.isascii():
+        return n
+    from agents.embedder import minilm_pieces
+
+    return max(n, minilm_pieces(text))
+
+
+def _estimate(text: str) -> int:
     if not _LONG_OR_CJK.search(text):
         return math.ceil(len(text.split()) * TOKENS_PER_WORD)
     n = 0.0
@@ -288,9 +300,9 @@ def chunk_sentences(
     min_tokens = target_tokens // 3
     units: list[tuple[Sentence, int]] = []
     for s in sentences:
-        # Counting spaces is cheaper than estimate_tokens() and, without long words or CJK, never smaller.
+        # Counting spaces is cheaper than estimate_tokens() and, for ASCII without long words, never smaller.
         tokens = 0 if not s.text or s.text.isspace() else math.ceil((s.text.count(" ") + 1) * TOKENS_PER_WORD) \
-            if not _LONG_OR_CJK.search(s.text) else estimate_tokens(s.text)
+            if s.text.isascii() and not _LONG_OR_CJK.search(s.text) else estimate_tokens(s.text)
         if tokens > max_tokens or s.end - s.start > max_seconds:
             pieces = split_sentence(s, max_seconds=max_seconds, max_tokens=max_tokens)
             units.extend((p, estimate_tokens(p.text)) for p in pieces)

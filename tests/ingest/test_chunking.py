@@ -316,3 +316,21 @@ def test_text_without_spaces_is_counted_and_split_by_its_characters():
     chunks = chunk_sentences([blob], target_tokens=120)
     assert all(len(c.text) < 2000 for c in chunks)  # was one chunk of 100,000 characters
     assert sum(len(c.text.replace(" ", "")) for c in chunks) >= 999 * 200  # nothing lost
+
+
+def test_chunks_in_other_scripts_fit_the_embedders_window():
+    """MiniLM's vocabulary is English: a Russian word is about one word-piece per letter. Sized by words, a
+    Russian chunk was ~770 pieces and two thirds of it was never embedded; German ones ran over the window too."""
+    from agents.embedder import MAX_SEQ_LENGTH, minilm_pieces
+    from ingest import chunking
+
+    ru = ("Машинное обучение это область искусственного интеллекта, которая изучает методы построения "
+          "алгоритмов, способных обучаться на данных.")
+    de = ("Maschinelles Lernen ist ein Teilgebiet der künstlichen Intelligenz, das Algorithmen untersucht, die aus "
+          "Daten lernen und sich durch Erfahrung verbessern.")
+    assert chunking.estimate_tokens(ru) == minilm_pieces(ru) > 100  # counted, not guessed from 15 words
+    assert chunking.estimate_tokens("the cat sat") == 4  # ASCII: the estimate, as before
+    for text in (ru, de):
+        chunks = chunk_sentences([chunking.Sentence(i * 6.0, i * 6.0 + 5.5, text) for i in range(60)],
+                                 target_tokens=180)
+        assert chunks and max(minilm_pieces(c.text) for c in chunks) <= DEFAULT_MAX_TOKENS < MAX_SEQ_LENGTH - 2
