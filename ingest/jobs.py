@@ -143,9 +143,11 @@ def internal_reason(exc: BaseException, job_id: int) -> tuple[str, bool]:
     """What a job (and its video) say about a failure that is not an ingest error, and whether it is permanent.
     Never the exception's own words: a provider's message can quote the API key, and the video's reason is shown
     in the course. The worker's log has the details. A provider refusing the key does not retry."""
-    from agents.embedder import EmbedderError
+    from agents.embedder import EmbedderError, EmbedderMisconfigured
 
     status = getattr(exc.__cause__, "status_code", None)
+    if isinstance(exc, EmbedderMisconfigured):  # our own words (no provider text): the setting to change
+        return f"the embedding model is misconfigured: {exc}", True
     if isinstance(exc, EmbedderError):
         if status in (401, 403):
             return "the embedding service refused the configured API key (see the worker's log)", True

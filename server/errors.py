@@ -102,12 +102,23 @@ def gone_parent_handler(request: Request, exc: Exception) -> Response:
 EMBEDDER_UNAVAILABLE = "the embedding model is unavailable; try again shortly"
 
 
+EMBEDDER_MISCONFIGURED = "the embedding model is misconfigured; the server's log says what to change"
+
+
+def embedder_api_error(exc: Exception) -> ApiError:
+    """What an asker is told when the embedder fails: 503, to wait out, or (misconfigured) for the operator."""
+    from agents.embedder import EmbedderMisconfigured
+
+    if isinstance(exc, EmbedderMisconfigured):
+        return ApiError(503, EMBEDDER_MISCONFIGURED, code="embedder_misconfigured")
+    return ApiError(503, EMBEDDER_UNAVAILABLE, code="embedder_unavailable", retry_after=5)
+
+
 def embedder_error_handler(request: Request, exc: Exception) -> Response:
     """The embedding model cannot be used now (the OpenAI embedder's service down or refusing, a broken install):
     503 saying so (the reason is logged), not a bare 500. Ingest jobs retry on it by themselves."""
     logger.warning("embedder failed on %s %s: %s", request.method, request.url.path, exc)
-    return http_exception_handler(request, ApiError(503, EMBEDDER_UNAVAILABLE,
-                                                    code="embedder_unavailable", retry_after=5))
+    return http_exception_handler(request, embedder_api_error(exc))
 
 
 # Postgres or Redis down, restarting or out of reach (a connection refused, reset or timed out): 503, not 500.

@@ -22,7 +22,7 @@ from server.api.rooms import room_or_404
 from server.api.schemas import LINES, Strict
 from server.auth import staff_only
 from server.decode import read_json
-from server.errors import BAD_VALUE, CONFLICT, EMBEDDER_UNAVAILABLE, GONE, UNAVAILABLE, UNREACHABLE, ApiError
+from server.errors import BAD_VALUE, CONFLICT, GONE, UNAVAILABLE, UNREACHABLE, ApiError, embedder_api_error
 from server.tutoring import (BUSY, BUSY_RETRY_S, MAX_QUESTION_CHARS, ask, complete, free_slot, prepare,
                              take_slot, track)
 from store import tutor as repo
@@ -130,8 +130,9 @@ class TutorController(Controller):
                 await queue.put(("error", {"status": exc.status_code, "code": exc.code, "message": exc.detail}))
             except EmbedderError as exc:  # as the JSON ask answers it (server.errors.embedder_error_handler)
                 logger.warning("embedder failed on a streamed ask on course %s: %s", course_id, exc)
-                await queue.put(("error", {"status": 503, "code": "embedder_unavailable", "retry_after": 5,
-                                           "message": EMBEDDER_UNAVAILABLE}))
+                err = embedder_api_error(exc)
+                await queue.put(("error", {"status": 503, "code": err.code, "message": err.detail,
+                                           **({"retry_after": 5} if err.retry_after else {})}))
             except asyncio.CancelledError:  # the server is stopping: say so, then stop
                 queue.put_nowait(("error", {"status": 503, "code": "interrupted",
                                             "message": "the server restarted before the answer was done; ask again"}))

@@ -123,10 +123,22 @@ def _vector(text: str, width: int) -> list[float]:
 class _EmbeddingsHandler(BaseHTTPRequestHandler):
     requests: list[dict] = []
     raw: tuple[str, bytes] | None = None  # (content type, body): a 200 that is not the API's reply
+    ignores_dimensions = False  # a compatible server answering its model's own width whatever is asked
+    status: int | None = None  # an error status to answer with, worded as the API does
 
     def do_POST(self):  # noqa: N802 - http.server's naming
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        if self.status is not None:
+            err = json.dumps({"error": {"message": f"The model `{body['model']}` does not exist",
+                                        "type": "invalid_request_error", "param": None,
+                                        "code": "model_not_found"}}).encode()
+            self.send_response(self.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(err)))
+            self.end_headers()
+            self.wfile.write(err)
+            return
         if self.raw is not None:
             self.send_response(200)
             self.send_header("Content-Type", self.raw[0])
@@ -134,7 +146,7 @@ class _EmbeddingsHandler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(self.raw[1])
             return
-        width = body.get("dimensions", 8)
+        width = 8 if self.ignores_dimensions else body.get("dimensions", 8)
         data = [
             {"object": "embedding", "index": i, "embedding": _vector(t, width)} for i, t in enumerate(body["input"])
         ]
@@ -161,6 +173,8 @@ class _EmbeddingsHandler(BaseHTTPRequestHandler):
 def openai_server():
     _EmbeddingsHandler.requests = []
     _EmbeddingsHandler.raw = None
+    _EmbeddingsHandler.ignores_dimensions = False
+    _EmbeddingsHandler.status = None
     server = ThreadingHTTPServer(("127.0.0.1", 0), _EmbeddingsHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -230,3 +244,28 @@ async def test_a_reply_not_in_the_apis_shape_is_an_embedder_error(openai_server,
         emb.embed(["a"])
     with pytest.raises(EmbedderError):
         await emb.aembed(["a"])
+
+
+def test_an_embedding_model_that_cannot_serve_is_a_misconfiguration_not_an_outage(openai_server):
+    """text-embedding-ada-002 has no `dimensions` (a 400 on every request); a compatible server that ignores it
+    answers its own width; an unknown model is a 404. Each was a transient failure: ingest retried until it gave
+    up, and search said "try again shortly". They are a setting to change, said as such."""
+    from agents.embedder import EmbedderMisconfigured
+    from ingest.jobs import internal_reason
+    from server.errors import embedder_api_error
+
+    base_url, _ = openai_server
+    with pytest.raises(EmbedderMisconfigured, match="text-embedding-3"):
+        OpenAIEmbedder("text-embedding-ada-002", api_key="sk-test", base_url=base_url, dim=384)
+    _EmbeddingsHandler.ignores_dimensions = True
+    emb = OpenAIEmbedder("local-embed", api_key="sk-test", base_url=base_url, dim=384, max_retries=0)
+    with pytest.raises(EmbedderMisconfigured, match="384") as info:
+        emb.embed(["a"])
+    reason, permanent = internal_reason(info.value, 7)
+    assert permanent and "misconfigured" in reason and "384" in reason
+    _EmbeddingsHandler.ignores_dimensions, _EmbeddingsHandler.status = False, 404
+    with pytest.raises(EmbedderMisconfigured, match="HTTP 404"):
+        emb.embed(["a"])
+    err = embedder_api_error(info.value)
+    assert (err.status_code, err.code, err.retry_after) == (503, "embedder_misconfigured", None)
+    assert embedder_api_error(EmbedderError("down")).code == "embedder_unavailable"
