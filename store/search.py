@@ -91,14 +91,15 @@ terms AS (
            {_K1_B}::float8 / greatest(s.total_terms::float8 / greatest(s.n_chunks, 1), 1) AS per_len
     FROM course_term_stats s JOIN course_term_df d ON d.course_id = s.course_id AND d.embed_model = s.embed_model
     WHERE $5::float8 > 0 AND s.course_id = {{course}} AND s.embed_model = {{model}}
-      AND d.lexeme = ANY (tsvector_to_array(to_tsvector('english', sh_fold((SELECT $4::text)))))
+      AND d.lexeme = ANY ((SELECT tsvector_to_array(to_tsvector('english', sh_fold($4::text))))::text[])
     WINDOW by_df AS (ORDER BY d.df, d.lexeme)),
--- LATERAL: one primary-key range scan per essential term, whatever the planner believes about table sizes
+-- LATERAL: one primary-key range scan per essential term, whatever the planner believes about table sizes (OFFSET 0
+-- keeps the subquery from being flattened into a join the planner may turn into a scan of the whole course)
 partial AS (
     SELECT t.chunk_id AS id, sum(q.w * t.tf / (t.tf + {_K1_FLAT}::float8 + q.per_len * t.dl)) AS s
     FROM terms q CROSS JOIN LATERAL (
         SELECT chunk_id, video_id, tf, dl FROM chunk_terms
-        WHERE course_id = {{course}} AND embed_model = {{model}} AND lexeme = q.lexeme) t
+        WHERE course_id = {{course}} AND embed_model = {{model}} AND lexeme = q.lexeme OFFSET 0) t
     WHERE q.essential {{posting_filter}}
     GROUP BY t.chunk_id ORDER BY s DESC, t.chunk_id LIMIT {{candidates}}),
 -- LIMIT 1 keeps each probe a parameterised index lookup (the planner would otherwise read the whole list)
@@ -138,20 +139,27 @@ def _statement(candidates: int, k: int, *, exact: bool, video: bool) -> str:
         posting_filter="AND t.video_id = $6" if video else "")
 
 
-# (course, model) -> chunk count, for courses whose HNSW walk came back short: while they stay this small they
-# are ranked exactly straight away, without walking the graph first (per process; forgotten when it fills up).
+# A course of at most this many chunks is ranked exactly (a scan of its own chunks through the course index is a
+# few ms): a course-filtered HNSW walk over every course's chunks loses recall as the graph fills with other
+# courses' near copies (the same YouTube lecture in many courses; a cloned course). With 17 copies of a course in
+# the index, the walk still returned 50 of its chunks, but not its nearest: the tutor cited the wrong lecture.
 EXACT_COURSE_MAX = 2000
-_exact_courses: dict[tuple[int, str], int] = {}
+# (course, model) -> chunk count, as last seen (per process: each search's reply carries the count, so a course
+# that grows past EXACT_COURSE_MAX walks the graph from its next search on; forgotten when the map fills up).
+_course_sizes: dict[tuple[int, str], int] = {}
 
 
-def _remember_size(key: tuple[int, str], rows: list) -> None:
-    n = int(rows[0]["course_n"] or 0) if rows else None
-    if n is None or n > EXACT_COURSE_MAX:
-        _exact_courses.pop(key, None)
-        return
-    if len(_exact_courses) >= 10_000:
-        _exact_courses.clear()
-    _exact_courses[key] = n
+def _remember_size(key: tuple[int, str], n: int) -> None:
+    if len(_course_sizes) >= 10_000:
+        _course_sizes.clear()
+    _course_sizes[key] = n
+
+
+async def _course_size(conn: asyncpg.Connection, key: tuple[int, str]) -> int:
+    if key not in _course_sizes:
+        _remember_size(key, int(await conn.fetchval(
+            "SELECT n_chunks FROM course_term_stats WHERE course_id = $1 AND embed_model = $2", *key) or 0))
+    return _course_sizes[key]
 
 
 async def hybrid_search(conn: asyncpg.Connection, course_id: int, query_vec: np.ndarray, query_text: str,
@@ -162,17 +170,17 @@ async def hybrid_search(conn: asyncpg.Connection, course_id: int, query_vec: np.
     key = (course_id, embed_model)
     if video_id is not None:  # one video's chunks: ranked exactly (an HNSW walk would mostly find other videos)
         rows = await conn.fetch(_statement(candidates, k, exact=True, video=True), *args, video_id)
-    elif _exact_courses.get(key, EXACT_COURSE_MAX + 1) <= EXACT_COURSE_MAX:
+    elif await _course_size(conn, key) <= EXACT_COURSE_MAX:
         rows = await conn.fetch(_statement(candidates, k, exact=True, video=False), *args)
-        _remember_size(key, rows)
     else:
         rows = await conn.fetch(_statement(candidates, k, exact=False, video=False), *args)
         # A course-filtered HNSW walk can come back short (the course is a small part of the index, or the graph
-        # holds deleted rows); then rank the course's chunks exactly. Small courses are cheap to scan.
+        # holds deleted rows); then rank the course's chunks exactly.
         want = min(candidates, int(rows[0]["course_n"] or 0)) if rows else 1
         if not rows or rows[0]["dense_n"] < want:
             rows = await conn.fetch(_statement(candidates, k, exact=True, video=False), *args)
-            _remember_size(key, rows)
+    if rows and video_id is None:
+        _remember_size(key, int(rows[0]["course_n"] or 0))
     return [Hit(chunk_id=r["id"], video_id=r["video_id"], video_title=r["video_title"], youtube_id=r["youtube_id"],
                 position=r["position"], start=r["start_s"], end=r["end_s"], text=r["text"],
                 score=round(r["score"], 6), dense_score=r["ds"], sparse_score=r["ss"], sentences=r["sentences"])
