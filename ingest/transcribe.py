@@ -90,8 +90,21 @@ def load_model(path: Path, device: str, compute_type: str, cpu_threads: int) -> 
                 cpu_threads=cpu_threads,
                 local_files_only=True,
             )
+            check_features(path, model)
             _models[key] = model
         return model
+
+
+def check_features(path: Path, model: WhisperModel) -> None:
+    """The features faster-whisper will make fit the model: without preprocessor_config.json it makes 80 mel bins,
+    and large-v3 and turbo models take 128 (they would fail on every file, each retried as an internal error)."""
+    wants = int(getattr(model.model, "n_mels", 0) or 0)
+    makes = int(model.feature_extractor.mel_filters.shape[0])
+    if wants and wants != makes:
+        raise ModelNotFoundError(
+            f"whisper model at {path} takes {wants} mel bins but would be given {makes}: "
+            "it lacks (or has a wrong) preprocessor_config.json"
+        )
 
 
 class Transcriber:

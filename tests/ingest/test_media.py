@@ -446,3 +446,16 @@ def test_the_length_is_what_decodes_not_what_a_truncated_header_says(tmp_path: P
     full = len(lecture["samples"]) / lecture["rate"]
     assert probe_media(cut).duration_s == pytest.approx(full, abs=0.5)  # what the header claims
     assert transcriber.run(cut).duration_s < 0.7 * full
+
+
+def test_a_model_whose_features_do_not_fit_is_refused_when_it_loads(transcriber: Transcriber) -> None:
+    """A large-v3 or turbo directory without preprocessor_config.json gets 80 mel bins for its 128: every file
+    failed at transcription, retried as an internal error. It is refused as a model that is not usable."""
+    from types import SimpleNamespace
+
+    from ingest.transcribe import ModelNotFoundError, check_features
+
+    check_features(transcriber.model_path, transcriber.model)  # the packaged model fits
+    wide = SimpleNamespace(model=SimpleNamespace(n_mels=128), feature_extractor=transcriber.model.feature_extractor)
+    with pytest.raises(ModelNotFoundError, match="128 mel bins but would be given 80"):
+        check_features(transcriber.model_path, wide)  # type: ignore[arg-type]
