@@ -79,6 +79,7 @@ def _server(settings: Settings):  # type: ignore[no-untyped-def]
     from server import tutoring
     from server.app import create_app
     from server.observability import access_log_middleware
+    from server.http_transport import HttpProtocol
     from server.realtime.transport import WsProtocol
 
     app = create_app(settings)
@@ -94,9 +95,11 @@ def _server(settings: Settings):  # type: ignore[no-untyped-def]
                 await early
 
     # the access log outermost, so it sees every status
+    # per-message deflate off: room frames are small JSON, and compressing each one for each socket cost ~5x the
+    # send CPU and ~35 KB a socket
     config = uvicorn.Config(access_log_middleware(app), host=settings.host, port=settings.port, log_config=None,
-                            access_log=False, lifespan="on", ws=WsProtocol, ws_max_size=64 * 1024,
-                            timeout_graceful_shutdown=10)
+                            access_log=False, lifespan="on", http=HttpProtocol, ws=WsProtocol, ws_max_size=64 * 1024,
+                            ws_per_message_deflate=False, timeout_graceful_shutdown=10)
     return Server(config), config
 
 

@@ -1,0 +1,89 @@
+"""The HTTP transport's guards on a real uvicorn server over real sockets: a request head has a size limit and a
+deadline (uvicorn has neither: a 100 MB header stalled the event loop for 12 s; a slowloris client held its
+connections for ever)."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import uvicorn
+
+from server import http_transport
+from tests.conftest import free_port
+
+
+async def _app(scope, receive, send):  # type: ignore[no-untyped-def]
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            pass
+        return
+    body = b"ok"
+    if scope["method"] == "POST":
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        body = str(len(body)).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+async def server(monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(http_transport, "HEAD_TIMEOUT_S", 1.0)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(_app, host="127.0.0.1", port=port, http=http_transport.HttpProtocol,
+                                        log_config=None, lifespan="off", timeout_keep_alive=30))
+    task = asyncio.create_task(srv.serve())
+    while not srv.started:
+        await asyncio.sleep(0.01)
+    yield port
+    srv.should_exit = True
+    await task
+
+
+async def _exchange(port: int, *parts: bytes, pause: float = 0.0) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for p in parts:
+            writer.write(p)
+            await writer.drain()
+            await asyncio.sleep(pause)
+        return await asyncio.wait_for(reader.read(), 10)
+    except (ConnectionResetError, BrokenPipeError):
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_a_request_head_over_the_limit_is_431_and_a_normal_one_is_served(server):
+    huge = [b"GET / HTTP/1.1\r\nHost: x\r\nX-A: "] + [b"a" * 16384] * 5 + [b"a"]  # the byte past the limit
+    got = await _exchange(server, *huge, pause=0.05)
+    assert got.startswith(b"HTTP/1.1 431"), got[:80]
+    ok = await _exchange(server, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200") and ok.endswith(b"ok")
+    # a body arriving with its head (well past the head limit) is no head over the limit
+    body = b"x" * (3 * http_transport.MAX_HEAD_BYTES)
+    post = (b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: " + str(len(body)).encode()
+            + b"\r\n\r\n" + body)
+    got = await _exchange(server, post)
+    assert got.startswith(b"HTTP/1.1 200") and got.endswith(str(len(body)).encode())
+
+
+async def test_a_head_not_complete_in_time_closes_the_connection(server):
+    t0 = time.monotonic()
+    got = await _exchange(server, b"GET / HTTP/1.1\r\n", b"Host: x\r\n", b"X-A: 1\r\n", pause=0.4)  # dribbling
+    assert got == b"" and time.monotonic() - t0 < 3
+    reader, writer = await asyncio.open_connection("127.0.0.1", server)  # connected, nothing sent
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    # a keep-alive connection gets the same deadline for its next head; a slow response is not cut
+    reader, writer = await asyncio.open_connection("127.0.0.1", server)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200")
+    writer.write(b"GET / HTTP/1.1\r\n")
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
