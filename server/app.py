@@ -18,7 +18,7 @@ from server.api.assignments import AssignmentController  # assignments and gradi
 from server.api.courses import CourseController
 from server.api.submissions import SubmissionController
 from server.api.tutor import TutorController
-from server.api.health import health, metrics, ready
+from server.api.health import health, health_head, metrics, ready, ready_head
 from server.api.users import UserController
 from server.api.videos import JobController, VideoController
 from server.auth import JWTAuthMiddleware
@@ -81,7 +81,8 @@ def create_app(settings: Settings) -> Litestar:
                 await app.state.ready_conn.close()
 
     return Litestar(
-        route_handlers=[health, ready, metrics, CourseController, UserController, VideoController, JobController,
+        route_handlers=[health, health_head, ready, ready_head, metrics,
+                        CourseController, UserController, VideoController, JobController,
                         AssignmentController, SubmissionController,  # assignments and grading
                         room_socket, RoomController, PodController, LiveController,  # realtime rooms
                         ProgressController, LeaderboardController, MatcherController,  # progress, XP, matcher

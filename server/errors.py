@@ -60,20 +60,25 @@ def field_of(exc: msgspec.ValidationError) -> str | None:
     return m.group(1) if m else None
 
 
+# Litestar's words for a query parameter that is required and missing (it names no field of its own)
+_MISSING_PARAM = re.compile(r"^Missing required (?:query|header|cookie) parameter '([^']+)'")
+
+
 def http_exception_handler(_: Request, exc: HTTPException) -> Response:
     status = exc.status_code
+    # a 401 names the scheme to authenticate with (RFC 9110)
+    challenge = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
     if isinstance(exc, ApiError):
         return Response(body(status, exc.code, exc.detail, exc.field, exc.retry_after), status_code=status,
-                        headers=exc.headers)
-    field = None
+                        headers={**(exc.headers or {}), **challenge})
     if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
         first = exc.extra[0]
         if isinstance(first, dict):
-            field = first.get("key")
             detail = first.get("message") or exc.detail
-            return Response(body(status, "bad_request", f"{detail}", field), status_code=status)
-    return Response(body(status, _CODES.get(status, "error"), exc.detail), status_code=status,
-                    headers=getattr(exc, "headers", None))
+            return Response(body(status, "bad_request", f"{detail}", first.get("key")), status_code=status)
+    missing = _MISSING_PARAM.match(str(exc.detail or "")) if status == 400 else None
+    return Response(body(status, _CODES.get(status, "error"), exc.detail, missing.group(1) if missing else None),
+                    status_code=status, headers={**(getattr(exc, "headers", None) or {}), **challenge})
 
 
 # What the handlers below answer (a streamed ask ends with the same: server.api.tutor.stream_error).

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
-from litestar import Request, Response, get
+from litestar import Request, Response, get, head
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -14,10 +14,26 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
+# HEAD as well (uptime checkers and `curl -I` use it): the status alone
+@head("/health", exclude_from_auth=True, include_in_schema=False)
+async def health_head() -> None:
+    return None
+
+
+@head("/ready", exclude_from_auth=True, include_in_schema=False)
+async def ready_head(request: Request) -> Response[None]:
+    return Response(None, status_code=(await _readiness(request))[1])
+
+
 @get("/ready", exclude_from_auth=True, include_in_schema=False)
 async def ready(request: Request) -> Response:
     """Ready: Postgres and Redis answer, and this process receives the realtime events. Postgres is probed on a
     connection of its own: a pool busy with requests is load, not a reason to be taken out of rotation."""
+    body, status = await _readiness(request)
+    return Response(body, status_code=status)
+
+
+async def _readiness(request: Request) -> tuple[dict, int]:
     state = request.app.state
     checks: dict[str, str] = {}
 
@@ -52,8 +68,7 @@ async def ready(request: Request) -> Response:
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             checks[name] = f"error: {type(exc).__name__}"
     ok = all(v == "ok" for v in checks.values())
-    return Response({"status": "ok" if ok else "unavailable", **checks},
-                    status_code=200 if ok else HTTP_503_SERVICE_UNAVAILABLE)
+    return {"status": "ok" if ok else "unavailable", **checks}, 200 if ok else HTTP_503_SERVICE_UNAVAILABLE
 
 
 @get("/metrics", exclude_from_auth=True, include_in_schema=False)

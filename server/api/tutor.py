@@ -158,7 +158,14 @@ class TutorController(Controller):
         track(state, run())
 
         async def events() -> AsyncIterator[ServerSentEventMessage]:
-            while (item := await queue.get()) is not None:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), state.settings.sse_keepalive_s)
+                except asyncio.TimeoutError:  # a condense call or a slow first token: a proxy must not idle it out
+                    yield ServerSentEventMessage(comment="keep-alive", data=None)  # (no `data:`: no empty event)
+                    continue
+                if item is None:
+                    return
                 yield ServerSentEventMessage(event=item[0], data=json.dumps(item[1]))
 
         return ServerSentEvent(events())

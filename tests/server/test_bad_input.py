@@ -279,3 +279,19 @@ def test_a_client_hanging_up_mid_body_is_counted_as_499_by_the_running_server(se
     while count() == before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert count() == before + 1
+
+
+def test_head_checks_401_challenge_and_a_missing_query_parameter_named(client, make: Factory):
+    """Uptime checkers' HEAD /health was a 405; a 401 named no scheme (RFC 9110's WWW-Authenticate); a missing
+    required query parameter was a 400 without the `field` every other bad input names."""
+    for path in ("/health", "/ready"):
+        r = client.head(path)
+        assert r.status_code == 200 and r.content == b"", (path, r.status_code)
+    r = client.get("/api/v1/me/pods")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    r = client.get("/api/v1/me/pods", headers={"Authorization": "Bearer not-a-token"})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Params"}, headers=inst.h).json()["id"]
+    r = client.get(f"/api/v1/courses/{cid}/search", headers=inst.h)
+    assert r.status_code == 400 and r.json()["field"] == "q", r.text

@@ -798,3 +798,23 @@ def test_an_answer_cut_at_the_length_limit_says_so(openai_server, eval_course: E
     body = _ask(openai_server, eval_course, "What exactly does a signature prove about a bitcoin payment?")
     assert body["grounded"] is False and "don't cover" not in body["answer"] and "please ask again" in body["answer"]
     assert "cut off" not in body["answer"], body  # nothing came: nothing was cut off
+
+
+def test_a_streamed_answer_waiting_for_its_model_keeps_the_connection_alive(data_dir, eval_course: EvalCourse,
+                                                                         fake_llm):
+    """Before the first token (a condense call, a slow model) the stream sent nothing: a proxy's 60 s idle timeout
+    cut it, and the client never saw the answer it was charged for. A comment goes out meanwhile, which clients
+    ignore (no `data:` line, so no empty event)."""
+    fake_llm.reset(default=Reply(text="A hash maps data to a digest [1].", wait_s=3.5))
+    proc, url = _openai_server(data_dir, fake_llm, "tutor-sse-keepalive", STUDYHALL_SSE_KEEPALIVE_S="1")
+    try:
+        with httpx.stream("POST", f"{url}/api/v1/courses/{eval_course.id}/ask",
+                          json={"question": "What is a hash function, slowly?"},
+                          headers={**eval_course.instructor.h, "Accept": "text/event-stream"}, timeout=60) as r:
+            lines = [ln for ln in r.iter_lines() if ln]
+    finally:
+        stop_process(proc)
+    first_event = next(i for i, ln in enumerate(lines) if ln.startswith("event:"))
+    assert lines[:first_event].count(": keep-alive") >= 2, lines[:6]
+    assert not any(ln.startswith("data:") for ln in lines[:first_event]), lines[:first_event]
+    assert lines[-2:][0] == "event: answer", lines[-3:]
