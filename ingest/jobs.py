@@ -92,11 +92,20 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
     from ingest.pipeline import ingest_video
 
     pool, settings = ctx["pool"], ctx["settings"]
-    async with pool.acquire() as conn:
-        job = await jobs_repo.start_attempt(conn, job_id)
+    # the heartbeat first: arq's own lease on a job is its 4-hour timeout, so a worker killed before the beat began
+    # left the job parked for hours
+    beat = asyncio.create_task(_heartbeat(ctx["redis"], ctx["job_id"], settings.job_heartbeat_ms))
+    try:
+        async with pool.acquire() as conn:
+            job = await jobs_repo.start_attempt(conn, job_id)
+    except BaseException:
+        beat.cancel()
+        raise
     if job is None:
+        beat.cancel()
         return "already finished"
     if job["attempts"] > job["max_attempts"]:
+        beat.cancel()
         # the earlier attempts ended without a word (the worker killed, out of memory, or past arq's timeout)
         reason = (f"ingest did not finish in {job['attempts'] - 1} attempts (the worker stopped or timed out "
                   "each time)")
@@ -105,7 +114,6 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
                 await videos_repo.mark_failed(conn, job["video_id"], reason)
         logger.warning("ingest job %s failed: %s", job_id, reason)
         return f"failed: {reason}"
-    beat = asyncio.create_task(_heartbeat(ctx["redis"], ctx["job_id"], settings.job_heartbeat_ms))
     reporter = JobReporter(pool, ctx["redis"], job)
     try:
         n = await ingest_video(pool, settings, ctx["embedder"](), job, reporter)

@@ -1,13 +1,17 @@
 """arq worker settings: jobs are plain async functions; shared clients live in ctx."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from datetime import datetime, timezone
 from typing import Any
 
+
 from arq import cron
 from arq.connections import RedisSettings
+from arq.worker import Worker
+from redis.exceptions import RedisError
 
 from agents.config import embedder_for
 from ingest.grading import grade_batch, grade_submission, recover_grading
@@ -16,6 +20,30 @@ from store.db import create_pool
 from store.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+POLL_BACKOFF_MAX_S = 5.0
+
+
+class ResilientWorker(Worker):
+    """arq's worker, whose poll survives Redis dropping or restarting. arq's loop lets any Redis error end it; the
+    worker then waited, taking no job, no cron and beating no health key, until its running jobs ended (hours,
+    for a long transcription) before the process exited. Here a failed poll is logged and tried again, backing
+    off up to POLL_BACKOFF_MAX_S, and the worker goes on once Redis is back."""
+
+    poll_backoff_s = 0.0
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self.poll_backoff_s = min(POLL_BACKOFF_MAX_S, max(0.25, self.poll_backoff_s * 2))
+            logger.warning("worker: Redis unavailable (%s: %s); polling again in %.2f s", type(exc).__name__, exc,
+                           self.poll_backoff_s)
+            await asyncio.sleep(self.poll_backoff_s)
+        else:
+            if self.poll_backoff_s:
+                logger.info("worker: Redis is back; polling again")
+            self.poll_backoff_s = 0.0
 
 
 async def match_pods_weekly(ctx: dict[str, Any]) -> int:

@@ -125,10 +125,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from arq.worker import Worker
-
     from ingest.jobs import mark_stopping
-    from ingest.worker import worker_settings
+    from ingest.worker import ResilientWorker, worker_settings
 
     settings, services = _start(args)
     up_pid = int(os.environ.get("STUDYHALL_UP_PID") or 0)
@@ -144,7 +142,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         _migrate(settings)
         # arq binds the worker to the current event loop at construction and handles SIGTERM/SIGINT itself.
         asyncio.set_event_loop(asyncio.new_event_loop())
-        worker = Worker(**worker_settings(settings))
+        worker = ResilientWorker(**worker_settings(settings))
         worker.on_stop = mark_stopping  # jobs cancelled by the stop give their attempt back
         worker.run()
     finally:
