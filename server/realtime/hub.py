@@ -595,12 +595,23 @@ class Hub:
                 if room not in self.rooms and room in self._subscribed and room not in self._sub_waiters:
                     # forget it first: a join arriving before Redis confirms subscribes again (after this, in order)
                     self._subscribed.discard(room)
-                    await self._pubsub.unsubscribe(events_channel(room_topic(room)))
+                    try:
+                        await self._pubsub.unsubscribe(events_channel(room_topic(room)))
+                    except BaseException:  # (a cancel too: the sweep's time ran out)
+                        # Redis went away: redis-py re-subscribes the channel when it reconnects, so it stays on
+                        # the list to be dropped by a later sweep (else its events came for good, to no one)
+                        self._idle_since.setdefault(room, since)
+                        raise
         for uid in [u for u in self._user_subs if u not in self._users]:
             if uid in self._users:  # came back while an earlier unsubscribe was on its way
                 continue
             self._user_subs.discard(uid)
-            await self._pubsub.unsubscribe(events_channel(user_topic(uid)))
+            try:
+                await self._pubsub.unsubscribe(events_channel(user_topic(uid)))
+            except BaseException:
+                if uid not in self._users:  # as for a room: a later sweep tries again
+                    self._user_subs.add(uid)
+                raise
 
     # --- live polls -----------------------------------------------------------------------------------
 

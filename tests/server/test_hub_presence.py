@@ -6,6 +6,8 @@ import asyncio
 import uuid
 from dataclasses import replace
 
+import pytest
+
 from server.realtime.conn import Conn
 from server.realtime.hub import Hub
 from store.events import UserRef
@@ -157,5 +159,33 @@ async def test_a_join_while_idle_rooms_are_unsubscribed_keeps_its_room(settings,
         hub._pubsub.unsubscribe = slow  # type: ignore[method-assign]
         await hub._unsubscribe_idle()
         assert hub._subscribed & {first, second, third} == {second} and hub.rooms[second] == {back}
+    finally:
+        await hub.stop()
+
+
+async def test_an_unsubscribe_that_fails_is_tried_again(settings, xp_store):
+    """An idle room whose unsubscribe failed (Redis dropped) was forgotten, but redis-py subscribes its channel
+    again on reconnecting: the process received the room's events for good, for no one."""
+    hub = await _hub(settings, xp_store)
+    room = f"course:{uuid.uuid4().hex[:8]}"
+    user = UserRef(id=11, name="w", role="learner")
+    try:
+        conn = _conn(hub, room, user)
+        await hub.attach(conn)
+        await hub.detach(conn)
+        hub._idle_since[room] -= 3600
+        unsubscribe = hub._pubsub.unsubscribe
+
+        async def dropped(*channels):  # type: ignore[no-untyped-def]
+            raise ConnectionError("Connection closed by server.")
+
+        hub._pubsub.unsubscribe = dropped  # type: ignore[method-assign]
+        with pytest.raises(ConnectionError):
+            await hub._unsubscribe_idle()
+        assert room in hub._idle_since  # still to be dropped
+        hub._pubsub.unsubscribe = unsubscribe  # type: ignore[method-assign]
+        hub._subscribed.add(room)  # as re-subscribing on the reconnect confirms it
+        await hub._unsubscribe_idle()
+        assert room not in hub._idle_since and room not in hub._subscribed
     finally:
         await hub.stop()
