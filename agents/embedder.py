@@ -88,18 +88,25 @@ _piece_lock = threading.Lock()
 
 def minilm_pieces(text: str) -> int:
     """Word-pieces MiniLM's tokenizer makes of `text` (no truncation, without [CLS]/[SEP]): what its window
-    holds of a chunk. The tokenizer (0.7 MB) is loaded once, on first use."""
+    holds of a chunk. The tokenizer (0.7 MB, not the model) is loaded once, on first use."""
     global _piece_tokenizer
     if _piece_tokenizer is None:
-        from tokenizers import Tokenizer
-
         with _piece_lock:
             if _piece_tokenizer is None:
-                tok = Tokenizer.from_file(str(_package_file(TOKENIZER_PACKAGE, TOKENIZER_FILE)))
+                tok = _minilm_tokenizer()
                 tok.no_truncation()
-                tok.no_padding()
                 _piece_tokenizer = tok
     return len(_piece_tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def _minilm_tokenizer(path: str | Path | None = None) -> Any:
+    """MiniLM's tokenizer (the packaged file, or `path`, checked against the one we trust), without padding."""
+    from tokenizers import Tokenizer
+
+    tpath = _verified(Path(path) if path else _package_file(TOKENIZER_PACKAGE, TOKENIZER_FILE), TOKENIZER_SHA256)
+    tokenizer = Tokenizer.from_file(str(tpath))
+    tokenizer.no_padding()
+    return tokenizer
 
 
 def _package_file(package: str, relpath: str) -> Path:
@@ -134,7 +141,6 @@ class LocalMiniLM:
         tokenizer_path: str | Path | None = None,
     ) -> None:
         import onnxruntime as ort
-        from tokenizers import Tokenizer
 
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -142,13 +148,8 @@ class LocalMiniLM:
         self.batch_size = batch_size
         # An explicit path is checked against the same constants: there is one MiniLM file we trust.
         mpath = _verified(Path(model_path) if model_path else _package_file(MODEL_PACKAGE, MODEL_FILE), MODEL_SHA256)
-        tpath = _verified(
-            Path(tokenizer_path) if tokenizer_path else _package_file(TOKENIZER_PACKAGE, TOKENIZER_FILE),
-            TOKENIZER_SHA256,
-        )
-        tokenizer = Tokenizer.from_file(str(tpath))
+        tokenizer = _minilm_tokenizer(tokenizer_path)  # we pad per batch, after sorting by length
         tokenizer.enable_truncation(max_length=MAX_SEQ_LENGTH)
-        tokenizer.no_padding()  # we pad per batch, after sorting by length
         self.tokenizer = tokenizer
 
         options = ort.SessionOptions()

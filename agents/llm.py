@@ -343,9 +343,6 @@ class OpenAIChat:
         elif "reasoning_effort" in params and blames("reasoning_effort"):
             self._reasoning = False
             params.pop("reasoning_effort")
-        elif blames(self.max_tokens_field) and not (isinstance(param, str) and param) and self.max_tokens_field \
-                == "max_completion_tokens" and re.search(r"\bmax_tokens\b", text):
-            return False  # "use max_completion_tokens instead": already sent
         elif blames(self.max_tokens_field):
             other = "max_tokens" if self.max_tokens_field == "max_completion_tokens" else "max_completion_tokens"
             params[other] = params.pop(self.max_tokens_field)

@@ -46,16 +46,11 @@ async def fetch_cues(video: asyncpg.Record, settings: Settings, reporter: JobRep
     """Turn the video's source into cleaned, timed cues."""
     source = video["source"]
     if source == "youtube":
-        from ingest.youtube import fetch_youtube_transcript
+        from ingest.youtube import fetch_youtube_transcript, proxy_config
 
         await reporter.stage("fetching")
-        proxy = None
-        if settings.youtube_proxy:
-            from youtube_transcript_api.proxies import GenericProxyConfig
-
-            proxy = GenericProxyConfig(http_url=settings.youtube_proxy, https_url=settings.youtube_proxy)
         yt = await asyncio.to_thread(fetch_youtube_transcript, video["youtube_id"], list(settings.youtube_languages),
-                                     proxy_config=proxy)
+                                     proxy_config=proxy_config(settings.youtube_proxy))
         from ingest.transcripts import clean_cues
 
         return SourceResult(await asyncio.to_thread(clean_cues, yt.cues), language=yt.language_code,

@@ -200,9 +200,9 @@ CUT_SEARCH_S = 15.0
 _FRAME = SAMPLE_RATE // 10
 
 
-def slices(audio: np.ndarray, slice_s: float | None = None) -> list[tuple[int, int]]:
-    """[start, end) sample ranges covering `audio` in order, each about `slice_s` long (the last up to 1.5x)."""
-    size = int((slice_s or SLICE_S) * SAMPLE_RATE)
+def slices(audio: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) sample ranges covering `audio` in order, each about SLICE_S long (the last up to 1.5x)."""
+    size = int(SLICE_S * SAMPLE_RATE)
     out, a, n = [], 0, len(audio)
     while n - a > size * 1.5:
         lo = max(a + _FRAME, a + size - int(CUT_SEARCH_S * SAMPLE_RATE))

@@ -7,7 +7,6 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
-
 from arq import cron
 from arq.connections import RedisSettings
 from arq.worker import Worker

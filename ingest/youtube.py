@@ -27,7 +27,7 @@ from youtube_transcript_api import (
     YouTubeRequestFailed,
     YouTubeTranscriptApi,
 )
-from youtube_transcript_api.proxies import ProxyConfig
+from youtube_transcript_api.proxies import GenericProxyConfig, ProxyConfig
 
 from ingest.cues import Cue
 from ingest.errors import IngestError, PermanentIngestError, TransientIngestError
@@ -97,6 +97,11 @@ def watch_url(video_id: str, t: float | None = None) -> str:
     if not math.isfinite(t):
         raise ValueError(f"timestamp must be a finite number of seconds, got {t!r}")
     return f"{url}&t={max(0, math.floor(t))}"
+
+
+def proxy_config(url: str | None) -> ProxyConfig | None:
+    """Requests through this http(s) proxy (STUDYHALL_YOUTUBE_PROXY: YouTube blocks most cloud hosts); None: direct."""
+    return GenericProxyConfig(http_url=url, https_url=url) if url else None
 
 
 def fetch_youtube_transcript(

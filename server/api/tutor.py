@@ -47,6 +47,12 @@ def wants_stream(accept: str) -> bool:
     return False
 
 
+def _error_event(err: ApiError) -> dict:
+    """An `error` event carrying what the JSON ask's error body would."""
+    return {"status": err.status_code, "code": err.code, "message": err.detail,
+            **({"retry_after": err.retry_after} if err.retry_after is not None else {})}
+
+
 def stream_error(exc: Exception) -> dict | None:
     """The `error` event of a streamed ask for what the JSON ask answers with a status of its own (the
     exception handlers of server.errors): a transaction rolled back for a concurrent one, something deleted
@@ -127,12 +133,10 @@ class TutorController(Controller):
                 result = await complete(state, user, course_id, prep, on_delta)
                 await queue.put(("answer", _public(result)))
             except ApiError as exc:
-                await queue.put(("error", {"status": exc.status_code, "code": exc.code, "message": exc.detail}))
+                await queue.put(("error", _error_event(exc)))
             except EmbedderError as exc:  # as the JSON ask answers it (server.errors.embedder_error_handler)
                 logger.warning("embedder failed on a streamed ask on course %s: %s", course_id, exc)
-                err = embedder_api_error(exc)
-                await queue.put(("error", {"status": 503, "code": err.code, "message": err.detail,
-                                           **({"retry_after": 5} if err.retry_after else {})}))
+                await queue.put(("error", _error_event(embedder_api_error(exc))))
             except asyncio.CancelledError:  # the server is stopping: say so, then stop
                 queue.put_nowait(("error", {"status": 503, "code": "interrupted",
                                             "message": "the server restarted before the answer was done; ask again"}))

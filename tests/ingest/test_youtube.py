@@ -48,10 +48,12 @@ class RecordedAdapter(HTTPAdapter):
         self.fail_first = list(fail_first or [])
         self.sent: list[requests.PreparedRequest] = []
         self.timeouts: list[object] = []
+        self.proxies: list[object] = []
 
     def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
         self.sent.append(request)
         self.timeouts.append(timeout)
+        self.proxies.append(proxies)
         if self.fail_first:
             raise self.fail_first.pop(0)
         url = urlsplit(request.url)
@@ -394,3 +396,14 @@ def test_a_page_the_library_cannot_read_fails_the_video_with_the_reason():
     session, _ = recorded_session(**{"POST /youtubei/v1/player": _player_with(simple_text)})
     with pytest.raises(PermanentIngestError, match="could not be read"):
         fetch_youtube_transcript(VIDEO_ID, ["en"], http_client=session)
+
+
+def test_requests_go_through_the_configured_proxy():
+    """STUDYHALL_YOUTUBE_PROXY: every request of a fetch goes through it (YouTube blocks most cloud hosts)."""
+    from ingest.youtube import proxy_config
+
+    url = "http://user:pw@proxy.example:3128"
+    session, adapter = recorded_session()
+    assert fetch_youtube_transcript(VIDEO_ID, ["en"], http_client=session, proxy_config=proxy_config(url)).cues
+    assert adapter.proxies and all(p == {"http": url, "https": url} for p in adapter.proxies)
+    assert proxy_config(None) is None
