@@ -22,6 +22,7 @@ from ingest.jobs import backoff_s, enqueue, give_back_if_stopping, heartbeat
 from store import assignments as assignments_repo
 from store import jobs as jobs_repo
 from store import submissions as subs_repo
+from store.keys import QUEUES, QUICK_QUEUE
 from store.search import hybrid_search
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ async def enqueue_grade(arq: ArqRedis, pool: Any, submission_id: int, arq_id: st
     arq_id = arq_id or f"grade-{submission_id}-{uuid.uuid4().hex[:8]}"
     async with pool.acquire() as conn:
         await conn.execute("UPDATE submissions SET grade_job = $2 WHERE id = $1", submission_id, arq_id)
-    await enqueue(arq, GRADE_FUNCTION, submission_id, _job_id=arq_id)
+    await enqueue(arq, GRADE_FUNCTION, submission_id, _job_id=arq_id, _queue_name=QUICK_QUEUE)
     return arq_id
 
 
@@ -49,7 +50,7 @@ async def enqueue_batches(arq: ArqRedis, pool: Any, job_id: int, submission_ids:
         arq_id = f"grade-batch-{job_id}-{n}-{uuid.uuid4().hex[:6]}"
         async with pool.acquire() as conn:
             await conn.execute("UPDATE submissions SET grade_job = $2 WHERE id = ANY($1::bigint[])", batch, arq_id)
-        await enqueue(arq, BATCH_FUNCTION, job_id, batch, _job_id=arq_id)
+        await enqueue(arq, BATCH_FUNCTION, job_id, batch, _job_id=arq_id, _queue_name=QUICK_QUEUE)
     return len(batches)
 
 
@@ -219,6 +220,15 @@ async def _hold_failed(ctx: dict[str, Any], submission_id: int, gen: int, reason
     return "held: grading failed"
 
 
+async def _queued(redis: ArqRedis, arq_id: str) -> bool:
+    """Whether a queue holds this job: the quick queue, or the ingest queue, where an earlier version queued grades
+    (ingest workers still run those)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for queue in QUEUES:
+            pipe.zscore(queue, arq_id)
+        return any(score is not None for score in await pipe.execute())
+
+
 async def recover_grading(ctx: dict[str, Any]) -> int:
     """Re-queue submissions waiting for a grade whose queue entry vanished or whose worker died."""
     pool, redis = ctx["pool"], ctx["redis"]
@@ -227,7 +237,7 @@ async def recover_grading(ctx: dict[str, Any]) -> int:
         rows = await subs_repo.stale_grading(conn, stale_after)
     n = 0
     for row in rows:
-        if row["grade_job"] and await redis.zscore("arq:queue", row["grade_job"]) is not None:
+        if row["grade_job"] and await _queued(redis, row["grade_job"]):
             continue
         # one id per lost job: workers recovering at the same moment (all start at once) queue one run
         lost = zlib.crc32((row["grade_job"] or "none").encode())

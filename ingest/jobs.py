@@ -22,7 +22,7 @@ from ingest.errors import IngestError
 from ingest.progress import JobReporter, announce_job
 from store import jobs as jobs_repo
 from store import videos as videos_repo
-from store.keys import ARQ_IN_PROGRESS
+from store.keys import ARQ_IN_PROGRESS, INGEST_QUEUE
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ async def enqueue_ingest(arq: ArqRedis, pool: Any, job_id: int, arq_id: str | No
     async with pool.acquire() as conn:
         await conn.execute("UPDATE jobs SET payload = payload || jsonb_build_object('arq_job_id', $2::text) "
                            "WHERE id = $1", job_id, arq_id)
-    return arq_id if await enqueue(arq, INGEST_FUNCTION, job_id, _job_id=arq_id) is not None else None
+    queued = await enqueue(arq, INGEST_FUNCTION, job_id, _job_id=arq_id, _queue_name=INGEST_QUEUE)
+    return arq_id if queued is not None else None
 
 
 # arq's client has no read timeout: on a stalled Redis an enqueue would wait for good (a request held open, a
@@ -190,7 +191,7 @@ async def recover_lost_jobs(ctx: dict[str, Any]) -> int:
         rows = await jobs_repo.unfinished_jobs(conn, stale_after)
     for row in rows:
         arq_id = (row["payload"] or {}).get("arq_job_id")
-        if arq_id and await redis.zscore("arq:queue", arq_id) is not None:
+        if arq_id and await redis.zscore(INGEST_QUEUE, arq_id) is not None:
             continue
         # the same id from every worker recovering this row at once (it names the row's last change), so
         # arq runs the job once

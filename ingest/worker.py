@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import signal
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -16,11 +18,13 @@ from agents.config import embedder_for
 from ingest.grading import grade_batch, grade_submission, recover_grading
 from ingest.jobs import ingest_job, recover_lost_jobs, sweep_uploads
 from store.db import create_pool
+from store.keys import INGEST_QUEUE, QUICK_QUEUE
 from store.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 POLL_BACKOFF_MAX_S = 5.0
+WORKER_QUEUES = ("ingest", "quick")
 
 
 class ResilientWorker(Worker):
@@ -74,14 +78,45 @@ async def ping(ctx: dict[str, Any]) -> str:
     return "pong"
 
 
-def worker_settings(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for arq.Worker bound to these settings."""
+# One Postgres pool per worker process, shared by its queues' workers: [pool, holders].
+_pools: dict[str, list[Any]] = {}
+
+
+async def _shared_pool(settings: Settings) -> Any:
+    got = _pools.get(settings.database_url)  # type: ignore[arg-type]
+    if got is None:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=min(8, settings.db_pool_max))
+        got = _pools.setdefault(settings.database_url, [pool, 0])  # type: ignore[arg-type]
+        if got[0] is not pool:  # the other queue's worker made one meanwhile
+            await pool.close()
+    got[1] += 1
+    return got[0]
+
+
+async def _release_pool(pool: Any) -> None:
+    for url, got in list(_pools.items()):
+        if got[0] is pool:
+            got[1] -= 1
+            if got[1] > 0:
+                return
+            del _pools[url]
+    await pool.close()
+
+
+def worker_settings(settings: Settings, queue: str = "ingest") -> dict[str, Any]:
+    """Keyword arguments for arq.Worker bound to these settings, for one of the two queues (store.keys):
+    `ingest` (transcription, embedding: hours at worst; STUDYHALL_WORKER_CONCURRENCY at once) or `quick` (grading,
+    the weekly matcher and the hourly checks; STUDYHALL_WORKER_QUICK_CONCURRENCY at once), so a grade never waits
+    for two long transcriptions to end. `studyhall worker` runs both in one process (see `run_workers`)."""
+    if queue not in WORKER_QUEUES:
+        raise ValueError(f"unknown queue {queue!r}; known: {', '.join(WORKER_QUEUES)}")
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         ctx["settings"] = settings
-        ctx["pool"] = await create_pool(settings.database_url, min_size=1, max_size=min(8, settings.db_pool_max))
+        ctx["pool"] = await _shared_pool(settings)
         ctx["embedder"] = functools.partial(embedder_for, settings)
-        await recover_lost_jobs(ctx)
+        if queue == "ingest":
+            await recover_lost_jobs(ctx)
         from store import leaderboards, xp
 
         leaderboards.EVENT_WINDOW_S = settings.leaderboard_event_s
@@ -91,27 +126,69 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         from store import leaderboards
 
         await leaderboards.drain()  # leaderboard.changed from awards of finished jobs
-        pool = ctx.get("pool")
-        if pool is not None:
-            await pool.close()
+        if ctx.get("pool") is not None:
+            await _release_pool(ctx["pool"])
 
+    if queue == "ingest":
+        # grading functions too: grades queued here by an earlier version still run
+        functions = [ping, ingest_job, grade_submission, grade_batch]
+        crons = [cron(recover_lost_jobs, minute=set(range(0, 60, 5)), run_at_startup=False),
+                 cron(sweep_uploads, minute=41, run_at_startup=True, unique=True)]
+    else:
+        functions = [ping, grade_submission, grade_batch, match_pods_weekly, check_leaderboards]
+        crons = [cron(recover_grading, run_at_startup=True),  # every minute: grading jobs whose entry was lost
+                 # progress, XP, leaderboards, matcher
+                 # (with weekly rounds off it still posts unposted rounds and re-pairs those who left)
+                 cron(match_pods_weekly, minute={0, 15, 30, 45}, run_at_startup=True, unique=True),
+                 cron(check_leaderboards, minute=17, run_at_startup=False, unique=True)]
     return dict(
-        functions=[ping, ingest_job, grade_submission, grade_batch, match_pods_weekly, check_leaderboards],
-        cron_jobs=[cron(recover_lost_jobs, minute=set(range(0, 60, 5)), run_at_startup=False),
-                   cron(recover_grading, run_at_startup=True),  # every minute: grading jobs whose entry was lost
-                   # progress, XP, leaderboards, matcher
-                   # (with weekly rounds off it still posts unposted rounds and re-pairs those who left)
-                   cron(match_pods_weekly, minute={0, 15, 30, 45}, run_at_startup=True, unique=True),
-                   cron(check_leaderboards, minute=17, run_at_startup=False, unique=True),
-                   cron(sweep_uploads, minute=41, run_at_startup=True, unique=True)],
+        functions=functions,
+        cron_jobs=crons,
+        queue_name=INGEST_QUEUE if queue == "ingest" else QUICK_QUEUE,
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         on_startup=on_startup,
         on_shutdown=on_shutdown,
-        max_jobs=settings.worker_max_jobs,
+        max_jobs=settings.worker_max_jobs if queue == "ingest" else settings.worker_quick_jobs,
         job_timeout=4 * 3600,
         keep_result=3600,
         max_tries=1000,  # attempts are counted and capped on the job row, not by arq
         poll_delay=0.2,
-        health_check_interval=5,  # `studyhall ingest` checks this key to know a worker is alive
-        handle_signals=True,
+        health_check_interval=5,  # `studyhall ingest` checks the ingest queue's key to know a worker is alive
+        handle_signals=True,  # arq's close() then skips a second stop; run_workers replaces the handlers
     )
+
+
+def run_workers(workers: list[Worker], on_stop: Callable[[signal.Signals], None] | None = None) -> None:
+    """Run arq workers (one per queue) on their shared event loop until SIGTERM or SIGINT stops them all (arq's own
+    handler stops one worker: the last one to register it), or until one of them ends on its own (Redis gone at
+    start, say): the others are then stopped too and its error raised, so the process exits and is restarted.
+    `on_stop` runs once on a stop."""
+    loop = workers[0].loop
+    stopped: list[signal.Signals] = []
+
+    def stop(sig: signal.Signals) -> None:
+        if stopped:
+            return
+        stopped.append(sig)
+        if on_stop is not None:
+            on_stop(sig)
+        for w in workers:  # cancels its running jobs (they give their attempt back) and its poll
+            w.handle_sig(sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, functools.partial(stop, sig))
+    for w in workers:
+        w.main_task = loop.create_task(w.main())
+    tasks = [w.main_task for w in workers]
+    try:
+        loop.run_until_complete(asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED))
+        stop(signal.SIGTERM)
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        for w in workers:
+            loop.run_until_complete(w.close())
+    for t in tasks:
+        if not t.cancelled() and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]

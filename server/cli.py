@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 from agents.embedder import EmbedderError
 from agents.llm import LLMError
 from store.embedded import EmbeddedError, Services, ensure_services
+from store.keys import INGEST_QUEUE
 from store.settings import Settings, load_settings
 
 logger = logging.getLogger("studyhall")
@@ -126,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from ingest.jobs import mark_stopping
-    from ingest.worker import ResilientWorker, worker_settings
+    from ingest.worker import ResilientWorker, run_workers, worker_settings
 
     settings, services = _start(args)
     up_pid = int(os.environ.get("STUDYHALL_UP_PID") or 0)
@@ -142,9 +143,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         _migrate(settings)
         # arq binds the worker to the current event loop at construction and handles SIGTERM/SIGINT itself.
         asyncio.set_event_loop(asyncio.new_event_loop())
-        worker = ResilientWorker(**worker_settings(settings))
-        worker.on_stop = mark_stopping  # jobs cancelled by the stop give their attempt back
-        worker.run()
+        run_workers([ResilientWorker(**worker_settings(settings, q)) for q in args.queues],
+                    on_stop=mark_stopping)  # jobs cancelled by the stop give their attempt back
     finally:
         if orphaned:  # `up` is still exiting (and holds the servers) until this process is handed to another
             deadline = time.monotonic() + 5
@@ -243,7 +243,7 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
                 return 2
             kw = dict(title=args.title or title_from_filename(src.name), file_path=dest, filename=src.name,
                       source=source, kind=kind)
-        worker_alive = bool(await arq.exists("arq:queue:health-check"))
+        worker_alive = bool(await arq.exists(INGEST_QUEUE + ":health-check"))
         try:
             video_id, job_id = await submit_video(pool, arq if worker_alive else None, settings, args.course_id,
                                                   owner, **kw)
@@ -282,6 +282,17 @@ async def _run_inline(job_fn, ctx: dict, job_id: int) -> None:  # type: ignore[n
             await asyncio.sleep((retry.defer_score or 0) / 1000)
 
 
+def _queues(text: str) -> tuple[str, ...]:
+    from ingest.worker import WORKER_QUEUES
+
+    got = tuple(dict.fromkeys(q.strip() for q in text.split(",") if q.strip()))
+    bad = [q for q in got if q not in WORKER_QUEUES]
+    if not got or bad:
+        raise argparse.ArgumentTypeError(f"queues are a comma-separated list of {', '.join(WORKER_QUEUES)}"
+                                         + (f"; not {', '.join(bad)}" if bad else ""))
+    return got
+
+
 WORKER_GONE_S = 20.0  # `ingest` gives up waiting when no worker has reported healthy for this long (--worker-wait)
 
 
@@ -293,7 +304,7 @@ async def _progress(pool, job_id: int, arq=None, gone_after: float = WORKER_GONE
     while True:
         if arq is not None and time.monotonic() - checked >= 2:
             checked = time.monotonic()
-            if await arq.exists("arq:queue:health-check"):
+            if await arq.exists(INGEST_QUEUE + ":health-check"):
                 seen_worker = checked
             elif checked - seen_worker >= gone_after:
                 return None
@@ -479,8 +490,8 @@ def _parent_death_signal():  # type: ignore[no-untyped-def]
 
 
 class _Worker:
-    """`up`'s ingest worker, started again (after 1 s, doubling to 30 s while it keeps dying) when it dies on its
-    own: killed by the out-of-memory killer mid-transcription, say (uploads stayed queued). A worker that stopped
+    """`up`'s worker (both queues), started again (after 1 s, doubling to 30 s while it keeps dying) when it dies
+    on its own: killed by the out-of-memory killer mid-transcription, say (uploads stayed queued). A worker that stopped
     on a signal (Ctrl-C reaches the whole process group) is not started again. The death signal is tied to the
     thread that starts a worker, so the watching thread lives until the worker it started has stopped."""
 
@@ -503,12 +514,12 @@ class _Worker:
             if code is None or self.stopping.is_set() or self.proc is left:
                 continue
             if code in (0, -signal.SIGINT, -signal.SIGTERM, -signal.SIGHUP):
-                logger.info("the ingest worker stopped (status %s)", code)
+                logger.info("the worker stopped (status %s)", code)
                 left = self.proc  # said once; it stays stopped
                 continue
             if time.monotonic() - started > 60:
                 delay = 1.0
-            logger.warning("the ingest worker died (status %s); starting it again in %.0f s", code, delay)
+            logger.warning("the worker died (status %s); starting it again in %.0f s", code, delay)
             if self.stopping.wait(delay):
                 continue
             with self.lock:
@@ -564,9 +575,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("up", cmd_up, "migrate, start the server and one ingest worker (embedded services when no URLs)", net=True)
+    add("up", cmd_up, "migrate, start the server and one worker (embedded services when no URLs)", net=True)
     add("serve", cmd_serve, "run an API/websocket server process", net=True)
-    add("worker", cmd_worker, "run an ingest worker process")
+    wk = add("worker", cmd_worker, "run a worker process (ingest, grading, matching, checks)")
+    wk.add_argument("--queues", type=_queues, default=("ingest", "quick"), metavar="Q[,Q]",
+                    help="the queues this process serves: ingest (transcription, embedding), quick (grading, "
+                         "matching, checks); default both")
     add("migrate", cmd_migrate, "apply database migrations")
     tok = add("token", cmd_token, "create the user if needed and print a token")
     tok.add_argument("--user", required=True, type=_name)

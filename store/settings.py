@@ -82,7 +82,8 @@ class Settings:
     job_heartbeat_ms: int = 30_000
     job_retry_base_s: float = 2.0
     job_max_attempts: int = 5
-    worker_max_jobs: int = 2
+    worker_max_jobs: int = 2  # ingest jobs one worker process runs at once
+    worker_quick_jobs: int = 4  # grading, matching and check jobs at once (their own queue: never behind an ingest)
     db_pool_max: int = 20  # Postgres connections per server process (a worker takes at most 8, or this if fewer)
     # providers
     openai_api_key: str | None = None
@@ -156,6 +157,7 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         job_retry_base_s=_ranged("STUDYHALL_JOB_RETRY_BASE_S", 2.0, 0.0, 300.0),
         job_max_attempts=_bounded("STUDYHALL_JOB_MAX_ATTEMPTS", 5, 1, 1000),
         worker_max_jobs=_bounded("STUDYHALL_WORKER_CONCURRENCY", 2, 1, 1000),
+        worker_quick_jobs=_bounded("STUDYHALL_WORKER_QUICK_CONCURRENCY", 4, 1, 1000),
         db_pool_max=_bounded("STUDYHALL_DB_POOL_MAX", 20, 2, 1000),
         openai_api_key=_key("OPENAI_API_KEY"),
         openai_base_url=_str("OPENAI_BASE_URL"),

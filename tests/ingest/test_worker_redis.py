@@ -44,3 +44,63 @@ async def test_the_worker_polls_again_once_redis_is_back(settings):
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
         await asyncio.gather(worker.close(), return_exceptions=True)
+
+
+def test_one_worker_process_serves_both_queues_and_stops_on_sigterm(settings, data_dir):
+    """`studyhall worker` runs an arq worker per queue (ingest; quick: grading, matching, checks) in one process;
+    SIGTERM stops both (each had taken arq's signal handler from the other: only the last one stopped).
+    `--queues quick` serves only that one. Its own Redis database keeps the session's worker out."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import redis as redis_sync
+
+    from store.keys import INGEST_QUEUE, QUICK_QUEUE
+    from tests.conftest import ROOT, clean_env, stop_process
+
+    url = settings.redis_url.rsplit("/", 1)[0] + "/7"
+    r = redis_sync.Redis.from_url(url)
+    r.flushdb()
+    env = clean_env(data_dir, DATABASE_URL=settings.database_url, REDIS_URL=url)
+    alive = lambda q: bool(r.exists(q + ":health-check"))  # noqa: E731
+
+    def start(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "server.cli", "worker", *args], cwd=ROOT, env=env,
+                                stdout=open(data_dir / "worker-queues.log", "ab"), stderr=subprocess.STDOUT)
+
+    def wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline and proc.poll() is None, what
+            time.sleep(0.1)
+
+    async def pings() -> list:  # type: ignore[type-arg]
+        pool = await create_pool(RedisSettings.from_dsn(url))
+        try:
+            jobs = [await pool.enqueue_job("ping", _queue_name=q) for q in (INGEST_QUEUE, QUICK_QUEUE)]
+            return [await j.result(timeout=30) for j in jobs]  # type: ignore[union-attr]
+        finally:
+            await pool.aclose()
+
+    both = start()
+    try:
+        wait_for(lambda: alive(INGEST_QUEUE) and alive(QUICK_QUEUE), both, "the worker did not serve both queues")
+        assert asyncio.run(pings()) == ["pong", "pong"]
+        t0 = time.monotonic()
+        both.send_signal(signal.SIGTERM)
+        assert both.wait(timeout=20) == 0 and time.monotonic() - t0 < 15
+        assert not alive(INGEST_QUEUE) and not alive(QUICK_QUEUE)  # each worker closed (and dropped its key)
+    finally:
+        stop_process(both, signal.SIGKILL)
+    quick = start("--queues", "quick")
+    try:
+        wait_for(lambda: alive(QUICK_QUEUE), quick, "the quick-only worker did not start")
+        time.sleep(1)
+        assert not alive(INGEST_QUEUE)
+        quick.send_signal(signal.SIGINT)
+        assert quick.wait(timeout=20) == 0
+    finally:
+        stop_process(quick, signal.SIGKILL)
+        r.flushdb()

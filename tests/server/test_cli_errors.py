@@ -42,6 +42,7 @@ def test_mistakes_are_one_line_and_status_2(settings, tmp_path):
     _refused(_cli(settings, tmp_path, "ask", "99999999999999999999", "why?"), "course_id")
     _refused(_cli(settings, tmp_path, "reembed", "--course", "4242424242"), "course 4242424242 not found")
     _refused(_cli(settings, tmp_path, "serve", "--port", "70000"), "--port")
+    _refused(_cli(settings, tmp_path, "worker", "--queues", "ingest,fast"), "--queues")
     unreachable = _cli(settings, tmp_path, "migrate", DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
     _refused(unreachable, "studyhall: ")
     assert len(unreachable.stderr.strip().splitlines()) <= 3, unreachable.stderr

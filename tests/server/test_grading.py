@@ -339,3 +339,42 @@ def test_a_learner_keeps_seeing_their_grade_while_it_is_graded_again(server, cli
     assert [c["mean_score"] for c in nxt["concepts"]] == [85.0], nxt
     fetch(settings, "UPDATE submissions SET status = 'review_pending', score = 20 WHERE id = $1", sid)  # held
     assert client.get(f"/api/v1/submissions/{sid}", headers=learner.h).json()["score"] == 85
+
+
+def test_a_grade_does_not_wait_behind_a_long_ingest(server, client, make: Factory, worker, data_dir):
+    """Grading has its own queue: with the worker's one ingest slot (STUDYHALL_WORKER_CONCURRENCY=1) held by an
+    ingest stalled on YouTube (through a proxy that never answers: 30 s per request), an answer is graded while
+    that ingest's first attempt is still under way. (One queue had graded it only after the ingest let go.)"""
+    import socket
+
+    course = make_course(server, make, learners=1)
+    inst, (learner,) = course.instructor, course.learners
+    a = published(client, course, ONE)
+    stall = socket.socket()
+    stall.bind(("127.0.0.1", 0))
+    stall.listen(8)  # connections complete in the kernel's backlog; nothing ever answers
+    worker.kill()  # the session's worker would take either job
+    env = clean_env(data_dir, STUDYHALL_WORKER_CONCURRENCY="1",
+                    STUDYHALL_YOUTUBE_PROXY=f"http://127.0.0.1:{stall.getsockname()[1]}")
+    one_slot = subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], cwd=ROOT, env=env,
+                                stdout=open(data_dir / "worker-one-slot.log", "ab"), stderr=subprocess.STDOUT)
+    try:
+        r = client.post(f"/api/v1/courses/{course.id}/videos", json={"title": "Stalled", "youtube": "dQw4w9WgXcQ"},
+                        headers=inst.h)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        deadline = time.monotonic() + 30
+        while (job := client.get(f"/api/v1/jobs/{job_id}", headers=inst.h).json())["state"] == "queued":
+            assert time.monotonic() < deadline and one_slot.poll() is None, "the worker never took the ingest"
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        sub = submit(client, a, learner, REFERENCE)
+        done = wait_graded(client, sub["id"], inst.h, timeout=60)
+        took = time.monotonic() - t0
+        job = client.get(f"/api/v1/jobs/{job_id}", headers=inst.h).json()
+        assert done["status"] in ("graded", "review_pending")
+        assert job["attempts"] == 1 and job["state"] not in ("queued", "done", "failed"), (job, took)
+    finally:
+        stop_process(one_slot, signal.SIGKILL)  # a stop would wait out the stalled request's thread (30 s)
+        stall.close()
+        worker.start()

@@ -480,5 +480,5 @@ def test_the_worker_repairs_rounds_also_with_weekly_rounds_off(settings):
 
     from ingest.worker import worker_settings
 
-    jobs = {c.name for c in worker_settings(replace(settings, match_weekly=False))["cron_jobs"]}
+    jobs = {c.name for c in worker_settings(replace(settings, match_weekly=False), "quick")["cron_jobs"]}
     assert "cron:match_pods_weekly" in jobs

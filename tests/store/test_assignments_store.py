@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import functools
 import json
+import time
 import uuid
 
 import pytest
@@ -17,7 +18,7 @@ from store import assignments as assignments_repo
 from store import events
 from store import submissions as subs_repo
 from store.db import create_pool
-from store.keys import events_channel
+from store.keys import INGEST_QUEUE, QUICK_QUEUE, events_channel
 from tests.agents.fake_llm_servers import FakeLLMServer, Reply
 
 REFERENCE = "Binary search halves the sorted interval at every step, so it needs logarithmic time."
@@ -157,7 +158,21 @@ async def test_lost_grading_jobs_are_requeued(db, settings):
     assert await grading.recover_grading(ctx) >= 1
     async with pool.acquire() as conn:
         job = await conn.fetchval("SELECT grade_job FROM submissions WHERE id = $1", sid)
-    assert job.startswith(f"grade-{sid}-") and await redis.zscore("arq:queue", job) is not None
+    # on the quick queue: grading never waits behind an ingest
+    assert job.startswith(f"grade-{sid}-") and await redis.zscore(QUICK_QUEUE, job) is not None
+    assert await redis.zscore(INGEST_QUEUE, job) is None
+    # a grade an earlier version queued on the ingest queue is still queued (ingest workers run it): left alone
+    legacy = f"grade-{sid}-legacy"
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE submissions SET grade_job = $2, updated_at = now() - interval '1 hour' "
+                           "WHERE id = $1", sid, legacy)
+    await redis.zadd(INGEST_QUEUE, {legacy: (time.time() + 3600) * 1000})  # due in an hour: no worker takes it
+    try:
+        await grading.recover_grading(ctx)
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT grade_job FROM submissions WHERE id = $1", sid) == legacy
+    finally:
+        await redis.zrem(INGEST_QUEUE, legacy)
 
 
 async def test_final_grade_hook_announces_and_records_once(db, settings):

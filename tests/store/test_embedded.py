@@ -128,7 +128,7 @@ def test_up_starts_its_worker_again_and_checks_its_port_first(tmp_path):
         # a worker stopped on a signal (Ctrl-C reaches the whole process group) is not started again
         (pid,) = again
         os.kill(pid, signal.SIGTERM)
-        while time.monotonic() < deadline and "the ingest worker stopped" not in (tmp_path / "up.log").read_text():
+        while time.monotonic() < deadline and "the worker stopped" not in (tmp_path / "up.log").read_text():
             time.sleep(0.2)
         time.sleep(2.5)
         assert not _workers_of(up.pid), (tmp_path / "up.log").read_text()
