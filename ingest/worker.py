@@ -11,6 +11,7 @@ from typing import Any
 
 from arq import cron
 from arq.connections import RedisSettings
+from arq.connections import create_pool as create_arq_pool
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
@@ -24,6 +25,7 @@ from store.settings import Settings
 logger = logging.getLogger(__name__)
 
 POLL_BACKOFF_MAX_S = 5.0
+REDIS_READ_TIMEOUT_S = 10.0  # no worker command (polls, heartbeats, enqueues, scripts) blocks on the server
 WORKER_QUEUES = ("ingest", "quick")
 
 
@@ -34,6 +36,20 @@ class ResilientWorker(Worker):
     off up to POLL_BACKOFF_MAX_S, and the worker goes on once Redis is back."""
 
     poll_backoff_s = 0.0
+
+    async def main(self) -> None:
+        if self._pool is None:
+            # arq's settings have no read timeout: over a half-open connection (a Redis failover, a NAT dropping the
+            # flow) the poll, a heartbeat or an enqueue waited forever and the worker took no job again. Every
+            # command of its client now gives up after REDIS_READ_TIMEOUT_S (a failed poll is tried again).
+            self._pool = await create_arq_pool(self.redis_settings, job_deserializer=self.job_deserializer,
+                                               job_serializer=self.job_serializer, default_queue_name=self.queue_name,
+                                               expires_extra_ms=self.expires_extra_ms)
+            conns = self._pool.connection_pool
+            conns.connection_kwargs["socket_timeout"] = REDIS_READ_TIMEOUT_S
+            await conns.disconnect()
+            conns.reset()  # the connection arq checked Redis with, made without it (nothing else has one yet)
+        await super().main()
 
     async def _poll_iteration(self) -> None:
         try:

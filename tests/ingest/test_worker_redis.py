@@ -104,3 +104,43 @@ def test_one_worker_process_serves_both_queues_and_stops_on_sigterm(settings, da
     finally:
         stop_process(quick, signal.SIGKILL)
         r.flushdb()
+
+
+async def test_a_worker_on_a_half_open_connection_takes_jobs_again(settings, monkeypatch):
+    """arq's client had no read timeout: when its connection went quiet (half-open: bytes swallowed, nothing
+    closed) the worker's poll waited forever and no job ran again. Now the poll times out, reconnects, polls."""
+    from urllib.parse import urlsplit
+
+    from ingest import worker as worker_module
+    from tests.server.test_hub_subscription import Proxy
+
+    monkeypatch.setattr(worker_module, "REDIS_READ_TIMEOUT_S", 0.5)
+    ran = asyncio.Event()
+
+    async def job(ctx: dict) -> str:  # type: ignore[type-arg]
+        ran.set()
+        return "done"
+
+    url = urlsplit(settings.redis_url)
+    proxy = Proxy(url.hostname or "127.0.0.1", url.port or 6379)
+    port = await proxy.start()
+    queue = f"arq:test:{uuid.uuid4().hex[:8]}"
+    through = RedisSettings.from_dsn(settings.redis_url.replace(f":{url.port}", f":{port}", 1))
+    worker = ResilientWorker(functions=[func(job, name="job")], redis_settings=through, queue_name=queue,
+                             poll_delay=0.05, handle_signals=False)
+    direct = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+    running = asyncio.create_task(worker.main())
+    try:
+        while worker._pool is None or not await direct.exists(queue + ":health-check"):
+            await asyncio.sleep(0.05)
+        proxy.silence()  # every connection the worker has goes quiet; new ones work
+        await asyncio.sleep(0.3)
+        await direct.enqueue_job("job", _queue_name=queue)
+        await asyncio.wait_for(ran.wait(), 15)
+        assert not running.done()
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await asyncio.gather(worker.close(), return_exceptions=True)
+        await direct.aclose()
+        await proxy.close()
