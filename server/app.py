@@ -25,7 +25,7 @@ from server.auth import JWTAuthMiddleware
 from server import tutoring
 from agents import matcher
 from agents.embedder import EmbedderError
-from server.errors import (UNREACHABLE, contention_handler, data_error_handler, embedder_error_handler,
+from server.errors import (ROLLED_BACK, UNREACHABLE, contention_handler, data_error_handler, embedder_error_handler,
                            gone_parent_handler, http_exception_handler, internal_error_handler, unavailable_handler)
 from server.uploads import FRAMING
 from server.api.live import LiveController
@@ -101,7 +101,7 @@ def create_app(settings: Settings) -> Litestar:
         middleware=[DefineMiddleware(JWTAuthMiddleware, exclude=PUBLIC_PATHS)],
         exception_handlers={HTTPException: http_exception_handler, asyncpg.DataError: data_error_handler,
                             asyncpg.ForeignKeyViolationError: gone_parent_handler, EmbedderError: embedder_error_handler,
-                            asyncpg.TransactionRollbackError: contention_handler,
+                            **dict.fromkeys(ROLLED_BACK, contention_handler),
                             **dict.fromkeys(UNREACHABLE, unavailable_handler), Exception: internal_error_handler},
         openapi_config=OpenAPIConfig(title="studyhall", version="0.1.0", path="/schema"),
         request_max_body_size=settings.max_upload_bytes + FRAMING,  # an upload's file may be the whole limit

@@ -140,10 +140,17 @@ def unavailable_handler(request: Request, exc: Exception) -> Response:
     return http_exception_handler(request, ApiError(503, UNAVAILABLE, code="unavailable", retry_after=5))
 
 
+# A transaction rolled back for a concurrent change, nothing of it stored, that works when tried again: a deadlock
+# or serialization failure; or a migration that changed a table under a statement asyncpg had cached (it cannot
+# re-prepare one inside a transaction; the next try prepares it afresh). Queries name their columns, so adding a
+# column does not do this.
+ROLLED_BACK: tuple[type[Exception], ...] = (asyncpg.TransactionRollbackError, asyncpg.InvalidCachedStatementError)
+
+
 def contention_handler(request: Request, exc: Exception) -> Response:
-    """Postgres rolled the request's transaction back for a concurrent one (a deadlock, a serialization failure):
-    nothing of it was stored and trying again works, so 409 with `Retry-After`, not 500. (Known lock orders are
-    kept so this does not happen; a warning says where it did.)"""
+    """Postgres rolled the request's transaction back for a concurrent change (ROLLED_BACK): nothing of it was
+    stored and trying again works, so 409 with `Retry-After`, not 500. (Known lock orders are kept so deadlocks
+    do not happen; a warning says where one did.)"""
     logger.warning("transaction rolled back on %s %s: %s", request.method, request.url.path, exc)
     return http_exception_handler(request, ApiError(409, CONFLICT, code="conflict", retry_after=1))
 

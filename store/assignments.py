@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 
 from store import xp
 from store.events import GradeReady, publish, user_topic
+from store.submissions import COLUMNS as SUBMISSION_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ async def reconcile_grade_xp(conn: asyncpg.Connection, redis: Redis, limit: int 
     """Award the XP of final passing grades that have none (the process died between the grade's commit and
     its award). Awards are idempotent, so this is safe to run at any time; the worker runs it every minute."""
     rows = await conn.fetch(
-        """SELECT DISTINCT ON (s.user_id, s.assignment_id) s.* FROM submissions s
+        f"""SELECT DISTINCT ON (s.user_id, s.assignment_id) {SUBMISSION_COLUMNS} FROM submissions s
            JOIN users u ON u.id = s.user_id AND u.role = 'learner'
            WHERE s.status = 'graded' AND s.score >= $1
              AND (NOT EXISTS (SELECT 1 FROM xp_events x WHERE x.user_id = s.user_id

@@ -13,6 +13,10 @@ import asyncpg
 
 logger = logging.getLogger(__name__)
 
+# Columns by name, never `*`: a statement asyncpg cached before a migration added a column would change its row
+# type, which inside a transaction fails (InvalidCachedStatementError) on every process still running old code.
+_MATCH_COLS = "id, pod_id, trigger, round_key, created_by, groups, declined, message_id, created_at, superseded_at"
+
 
 def week_key(at: datetime | None = None) -> str:
     """'cron:2026-W05': the weekly round of the ISO week (UTC) holding `at`."""
@@ -32,7 +36,8 @@ async def eligible_members(conn: asyncpg.Connection, pod_id: int, *,
 
 async def current(conn: asyncpg.Connection, pod_id: int) -> asyncpg.Record | None:
     return await conn.fetchrow(
-        "SELECT * FROM pod_matches WHERE pod_id = $1 AND superseded_at IS NULL ORDER BY id DESC LIMIT 1", pod_id)
+        f"SELECT {_MATCH_COLS} FROM pod_matches WHERE pod_id = $1 AND superseded_at IS NULL ORDER BY id DESC LIMIT 1",
+        pod_id)
 
 
 async def declines_only_since(conn: asyncpg.Connection, pod_id: int, match_id: int) -> bool:
@@ -50,7 +55,8 @@ async def round_exists(conn: asyncpg.Connection, pod_id: int, round_key: str) ->
 
 
 async def round_by_key(conn: asyncpg.Connection, pod_id: int, round_key: str) -> asyncpg.Record | None:
-    return await conn.fetchrow("SELECT * FROM pod_matches WHERE pod_id = $1 AND round_key = $2", pod_id, round_key)
+    return await conn.fetchrow(f"SELECT {_MATCH_COLS} FROM pod_matches WHERE pod_id = $1 AND round_key = $2",
+                               pod_id, round_key)
 
 
 class StaleRound(Exception):
@@ -87,8 +93,8 @@ async def _save_round(conn: asyncpg.Connection, pod_id: int, trigger: str, group
             if cur != based_on:
                 raise StaleRound(f"round {based_on} of pod {pod_id} was superseded by round {cur}")
         row = await conn.fetchrow(
-            """INSERT INTO pod_matches (pod_id, trigger, round_key, created_by, groups, declined)
-               VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (pod_id, round_key) DO NOTHING RETURNING *""",
+            f"""INSERT INTO pod_matches (pod_id, trigger, round_key, created_by, groups, declined)
+               VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (pod_id, round_key) DO NOTHING RETURNING {_MATCH_COLS}""",
             pod_id, trigger, round_key, created_by, groups, declined)
         if row is None:
             return None
@@ -108,7 +114,7 @@ UNANNOUNCED_WITHIN = "7 days"  # older rounds are not announced late any more
 async def unannounced(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     """Current rounds (weekly, manual, after a decline) of the last week saved without their pod-room message:
     the post failed, or the process stopped between the two."""
-    return await conn.fetch(f"""SELECT * FROM pod_matches WHERE message_id IS NULL AND superseded_at IS NULL
+    return await conn.fetch(f"""SELECT {_MATCH_COLS} FROM pod_matches WHERE message_id IS NULL AND superseded_at IS NULL
                                 AND created_at > now() - interval '{UNANNOUNCED_WITHIN}' ORDER BY id""")
 
 

@@ -18,6 +18,13 @@ from store.ratelimit import SendLimiter
 
 logger = logging.getLogger(__name__)
 
+# Columns by name, never `*`: a statement asyncpg cached before a migration added a column would change its row
+# type, which inside a transaction fails (InvalidCachedStatementError) on every process still running old code.
+_PROGRESS_COLS = ("user_id, video_id, course_id, position_s, watched, watched_s, time_spent_s, completed_at, "
+                  "created_at, updated_at, position_player, position_seq")
+_BOOKMARK_COLS = "id, user_id, video_id, at_s, note, created_at"
+_HELPFUL_COLS = "message_id, room_id, author_id, marked_by, marked_at"
+
 MAX_RANGES = 200  # per report
 MAX_STORED_RANGES = 1000  # separate watched ranges kept per learner and video (a player reports a handful)
 TOLERANCE_S = 0.5  # players report positions a hair past the end, and leave gaps this small between ranges
@@ -186,7 +193,7 @@ ON CONFLICT (user_id, video_id) DO UPDATE SET position_s = EXCLUDED.position_s, 
     position_player = EXCLUDED.position_player, position_seq = EXCLUDED.position_seq,
     watched_s = EXCLUDED.watched_s, time_spent_s = p.time_spent_s + EXCLUDED.time_spent_s,
     completed_at = coalesce(p.completed_at, EXCLUDED.completed_at), updated_at = EXCLUDED.updated_at
-RETURNING *"""
+RETURNING """ + _PROGRESS_COLS
 
 
 async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.Record, position: float,
@@ -324,7 +331,8 @@ async def award_finished_courses(tx: xp.XpTransaction, course_id: int) -> int:
 
 
 async def video_progress(conn: asyncpg.Connection, user_id: int, video_id: int) -> asyncpg.Record | None:
-    return await conn.fetchrow("SELECT * FROM video_progress WHERE user_id = $1 AND video_id = $2", user_id, video_id)
+    return await conn.fetchrow(f"SELECT {_PROGRESS_COLS} FROM video_progress WHERE user_id = $1 AND video_id = $2",
+                               user_id, video_id)
 
 
 async def course_progress(conn: asyncpg.Connection, user_id: int, course_id: int) -> list[asyncpg.Record]:
@@ -395,14 +403,16 @@ async def add_bookmark(conn: asyncpg.Connection, user_id: int, video_id: int, at
     async with conn.transaction():
         await conn.execute(_LEARNER_LOCK, user_id)
         return await conn.fetchrow(
-            """INSERT INTO bookmarks (user_id, video_id, at_s, note) SELECT $1, $2, $3, $4
-               WHERE (SELECT count(*) FROM bookmarks WHERE user_id = $1 AND video_id = $2) < $5 RETURNING *""",
+            f"""INSERT INTO bookmarks (user_id, video_id, at_s, note) SELECT $1, $2, $3, $4
+               WHERE (SELECT count(*) FROM bookmarks WHERE user_id = $1 AND video_id = $2) < $5
+               RETURNING {_BOOKMARK_COLS}""",
             user_id, video_id, at_s, note, MAX_BOOKMARKS)
 
 
 async def list_bookmarks(conn: asyncpg.Connection, user_id: int, video_id: int, *,
                          limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
-    return await conn.fetch("SELECT * FROM bookmarks WHERE user_id = $1 AND video_id = $2 ORDER BY at_s, id "
+    return await conn.fetch(f"SELECT {_BOOKMARK_COLS} FROM bookmarks WHERE user_id = $1 AND video_id = $2 "
+                            "ORDER BY at_s, id "
                             "LIMIT $3 OFFSET $4", user_id, video_id, limit, offset)
 
 
@@ -433,10 +443,12 @@ async def mark_helpful(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
         if msg["author_id"] is None or msg["role"] != "learner":
             raise HelpfulError("not_a_learner", "only a learner's message can be marked helpful")
         row = await tx.conn.fetchrow(
-            """INSERT INTO helpful_marks (message_id, room_id, author_id, marked_by) VALUES ($1, $2, $3, $4)
-               ON CONFLICT (message_id) DO NOTHING RETURNING *""", message_id, room_id, msg["author_id"], marked_by)
+            f"""INSERT INTO helpful_marks (message_id, room_id, author_id, marked_by) VALUES ($1, $2, $3, $4)
+               ON CONFLICT (message_id) DO NOTHING RETURNING {_HELPFUL_COLS}""",
+            message_id, room_id, msg["author_id"], marked_by)
         if row is None:
-            return await tx.conn.fetchrow("SELECT * FROM helpful_marks WHERE message_id = $1", message_id), False
+            return await tx.conn.fetchrow(f"SELECT {_HELPFUL_COLS} FROM helpful_marks WHERE message_id = $1",
+                                          message_id), False
         await tx.award(msg["author_id"], "helpful_answer", f"helpful:{message_id}", course_id=msg["course_id"],
                        meta={"room": room_id, "message_id": message_id})
     return row, True

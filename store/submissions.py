@@ -13,6 +13,7 @@ import asyncpg
 _COLS = """s.id, s.assignment_id, s.course_id, s.user_id, s.attempt, s.answer, s.status, s.score, s.confidence,
            s.criteria, s.feedback, s.grader, s.review_reason, s.review_comment, s.reviewed_by, s.grade_job,
            s.grade_tries, s.grade_gen, s.created_at, s.updated_at, s.final_at, s.released"""
+COLUMNS = _COLS  # a submission's columns, by name (alias `s`)
 EXEMPLAR_LIMIT = 200
 
 

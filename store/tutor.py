@@ -10,6 +10,10 @@ from typing import Any
 
 import asyncpg
 
+# Columns by name, never `*`: a statement asyncpg cached before a migration added a column would change its row
+# type, which inside a transaction fails (InvalidCachedStatementError) on every process still running old code.
+_SESSION_COLS = "id, course_id, user_id, title, created_at, updated_at"
+_PENDING_COLS = "id, proc, user_id, course_id, room_id, message_id, reserved, turn_id, created_at"
 _TURN_COLS = """id, course_id, user_id, session_id, room_id, message_id, question, standalone, answer, grounded,
                 citations, follow_ups, nearest, mode, provider, model, input_tokens, output_tokens, latency_ms, cost_usd,
                 cache_hit, error, created_at"""
@@ -42,18 +46,20 @@ async def content_version(conn: asyncpg.Connection, course_id: int) -> str:
 
 async def create_session(conn: asyncpg.Connection, course_id: int, user_id: int, title: str) -> asyncpg.Record:
     return await conn.fetchrow(
-        "INSERT INTO tutor_sessions (course_id, user_id, title) VALUES ($1, $2, $3) RETURNING *",
+        f"INSERT INTO tutor_sessions (course_id, user_id, title) VALUES ($1, $2, $3) RETURNING {_SESSION_COLS}",
         course_id, user_id, title[:200])
 
 
 async def get_session(conn: asyncpg.Connection, session_id: int, user_id: int) -> asyncpg.Record | None:
-    return await conn.fetchrow("SELECT * FROM tutor_sessions WHERE id = $1 AND user_id = $2", session_id, user_id)
+    return await conn.fetchrow(f"SELECT {_SESSION_COLS} FROM tutor_sessions WHERE id = $1 AND user_id = $2",
+                               session_id, user_id)
 
 
 async def list_sessions(conn: asyncpg.Connection, user_id: int, course_id: int, *,
                         limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
     return await conn.fetch(
-        """SELECT * FROM tutor_sessions WHERE user_id = $1 AND course_id = $2 ORDER BY updated_at DESC, id DESC
+        f"""SELECT {_SESSION_COLS} FROM tutor_sessions WHERE user_id = $1 AND course_id = $2
+           ORDER BY updated_at DESC, id DESC
            LIMIT $3 OFFSET $4""", user_id, course_id, limit, offset)
 
 
@@ -164,7 +170,7 @@ async def claim_holds(conn: asyncpg.Connection, procs: list[str], limit: int = 5
     """Lock up to `limit` holds of dead processes (in the caller's transaction; others skip them), only those
     older than `older_than_s`."""
     return await conn.fetch(
-        """SELECT * FROM tutor_pending WHERE proc = ANY($1::text[])
+        f"""SELECT {_PENDING_COLS} FROM tutor_pending WHERE proc = ANY($1::text[])
                AND created_at < now() - make_interval(secs => $3)
            ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED""",
         procs, limit, older_than_s)

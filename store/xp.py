@@ -127,7 +127,8 @@ WITH ins AS (
     ON CONFLICT DO NOTHING
     RETURNING achievement_id, unlocked_at
 )
-SELECT ins.*, tot.xp AS total, (SELECT name FROM users WHERE id = $1) AS name, pg_current_xact_id()::text AS xid,
+SELECT ins.id, ins.tenant_id, ins.user_id, ins.points, ins.course_id, ins.pod_ids, ins.at, tot.xp AS total,
+       (SELECT name FROM users WHERE id = $1) AS name, pg_current_xact_id()::text AS xid,
        (extract(epoch FROM now()) * 1000)::bigint AS began_ms,
        {leaderboards.ON_COURSE_SQL.format(course="ins.course_id", user="$1")} AS on_course,
        CASE WHEN $6::bigint[] IS NULL THEN ins.pod_ids

@@ -22,7 +22,8 @@ from server.api.rooms import room_or_404
 from server.api.schemas import LINES, Strict
 from server.auth import staff_only
 from server.decode import read_json
-from server.errors import BAD_VALUE, CONFLICT, GONE, UNAVAILABLE, UNREACHABLE, ApiError, embedder_api_error
+from server.errors import (BAD_VALUE, CONFLICT, GONE, ROLLED_BACK, UNAVAILABLE, UNREACHABLE, ApiError,
+                           embedder_api_error)
 from server.tutoring import (BUSY, BUSY_RETRY_S, MAX_QUESTION_CHARS, ask, complete, free_slot, prepare,
                              take_slot, track)
 from store import tutor as repo
@@ -57,7 +58,7 @@ def stream_error(exc: Exception) -> dict | None:
     """The `error` event of a streamed ask for what the JSON ask answers with a status of its own (the
     exception handlers of server.errors): a transaction rolled back for a concurrent one, something deleted
     meanwhile, a value the database cannot take. None: a 500."""
-    if isinstance(exc, asyncpg.TransactionRollbackError):
+    if isinstance(exc, ROLLED_BACK):
         return {"status": 409, "code": "conflict", "retry_after": 1, "message": CONFLICT}
     if isinstance(exc, asyncpg.ForeignKeyViolationError):
         return {"status": 404, "code": "not_found", "message": GONE}

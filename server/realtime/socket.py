@@ -15,7 +15,7 @@ from litestar import WebSocket, websocket
 from litestar.exceptions import NotAuthorizedException
 
 from server.auth import AuthUser, authenticate, bearer_token
-from server.errors import UNAVAILABLE, UNREACHABLE
+from server.errors import ROLLED_BACK, UNAVAILABLE, UNREACHABLE
 from server.realtime.conn import Conn
 from server.realtime.hub import Hub
 from server.realtime.standing import standing, still_allowed
@@ -232,7 +232,7 @@ async def _serve(socket: WebSocket, conn: Conn, user: AuthUser, hub: Hub) -> Non
                 conn.close_soon(CLOSE_FORBIDDEN, "kicked")
         except rooms_repo.RoomGone as exc:  # its course, pod or session was deleted (the socket is closing)
             conn.push_event(Error(code="not_found", detail=str(exc), ref=_ref(frame)))
-        except asyncpg.TransactionRollbackError as exc:  # a deadlock or serialization failure: nothing stored
+        except ROLLED_BACK as exc:  # a deadlock, a serialization failure, a table migrated: nothing stored
             logger.warning("frame rolled back for a concurrent change: %s", exc,
                            extra={"fields": {"room": conn.room, "type": type(frame).__name__}})
             conn.push_event(Error(code="conflict", detail="a concurrent change got in the way; nothing was stored, "

@@ -74,3 +74,52 @@ async def test_ready_is_not_fooled_by_a_busy_pool(settings):
             await state.ready_conn.close()
         await redis.aclose()
         await pool.close()
+
+
+# `SELECT *`, `RETURNING *`, `alias.*` (not count(*), not `SELECT 1`)
+_STAR = re.compile(r"(?i:\bSELECT\s+(?:DISTINCT\s+(?:ON\s*\([^)]*\)\s*)?)?\*|\bRETURNING\s+\*|\b[a-z_][a-z_0-9]*\.\*(?!\*))")
+
+
+def test_queries_name_their_columns():
+    """A statement asyncpg cached returns the row type it was prepared with: after a migration adds a column, a
+    `*` statement run inside a transaction fails (InvalidCachedStatementError) on every process still running
+    (a rolling deploy). Named columns keep their row type (next test)."""
+    offenders = []
+    for d in ("store", "server", "ingest", "agents"):
+        for path in (ROOT / d).rglob("*.py"):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                code = line.split("#", 1)[0]
+                if _STAR.search(code) and not re.search(r"\b(?:re|fnmatch|glob)\b", code):
+                    offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert offenders == [], "name the columns: " + "; ".join(offenders)
+
+
+async def test_a_migration_adding_a_column_breaks_star_statements_only(settings):
+    """Why the columns are named: inside a transaction, a cached `SELECT *` fails once a column is added (and a
+    server answers that failure as a 409 to try again, like a deadlock); the same query naming its columns goes on."""
+    import asyncpg
+
+    from server.api.tutor import stream_error
+
+    conn = await asyncpg.connect(settings.database_url)
+    other = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute("DROP TABLE IF EXISTS cached_stmt_probe; CREATE TABLE cached_stmt_probe (id int, a text)")
+        await conn.execute("INSERT INTO cached_stmt_probe VALUES (1, 'x')")
+        star, named = "SELECT * FROM cached_stmt_probe WHERE id = $1", "SELECT id, a FROM cached_stmt_probe WHERE id = $1"
+        for q in (star, named):  # prepared and cached
+            async with conn.transaction():
+                assert (await conn.fetchrow(q, 1))["a"] == "x"
+        await other.execute("ALTER TABLE cached_stmt_probe ADD COLUMN b int")  # another process migrates
+        with pytest.raises(asyncpg.InvalidCachedStatementError) as err:
+            async with conn.transaction():
+                await conn.fetchrow(star, 1)
+        assert stream_error(err.value) == {"status": 409, "code": "conflict", "retry_after": 1,
+                                           "message": "a concurrent change got in the way; nothing was stored, try again"}
+        async with conn.transaction():
+            assert (await conn.fetchrow(named, 1))["a"] == "x"
+            assert "b" in await conn.fetchrow(star, 1)  # tried again, it is prepared afresh
+    finally:
+        await conn.execute("DROP TABLE IF EXISTS cached_stmt_probe")
+        await conn.close()
+        await other.close()
