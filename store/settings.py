@@ -104,6 +104,7 @@ class Settings:
     ws_connect_burst: int = 60
     ws_stall_s: float = 45.0  # a send waiting this long for the client to read closes the socket (4008)
     sse_keepalive_s: float = 15.0  # a streamed answer with nothing to send this long sends a comment (proxies idle out)
+    metrics_token: str | None = None  # when set, GET /metrics wants `Authorization: Bearer <it>` (None: public)
     presence_ttl_s: float = 15.0
     presence_grace_s: float = 3.0  # a user's last socket in a room closing announces `left` this much later
     presence_max: int = 200
@@ -176,6 +177,7 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         ws_connect_burst=_bounded("STUDYHALL_WS_CONNECT_BURST", 60, 1, 1_000_000),
         ws_stall_s=_ranged("STUDYHALL_WS_STALL_S", 45.0, 1.0, 3600.0),
         sse_keepalive_s=_ranged("STUDYHALL_SSE_KEEPALIVE_S", 15.0, 1.0, 300.0),
+        metrics_token=_key("STUDYHALL_METRICS_TOKEN"),
         presence_ttl_s=_ranged("STUDYHALL_PRESENCE_TTL", 15.0, 1.0, 3600.0),
         presence_grace_s=_ranged("STUDYHALL_PRESENCE_GRACE_S", 3.0, 0.0, 600.0),
         presence_max=_bounded("STUDYHALL_PRESENCE_MAX", 200, 1, 1_000_000),

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 
 import asyncpg
 from litestar import Request, Response, get, head
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.errors import ApiError
 
 
 @get("/health", exclude_from_auth=True, include_in_schema=False)
@@ -72,5 +75,12 @@ async def _readiness(request: Request) -> tuple[dict, int]:
 
 
 @get("/metrics", exclude_from_auth=True, include_in_schema=False)
-async def metrics() -> Response:
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics. With STUDYHALL_METRICS_TOKEN set, only for `Authorization: Bearer <that token>` (a
+    scraper's `authorization: {credentials: ...}`), not for anyone who can reach the API."""
+    want = request.app.state.settings.metrics_token
+    if want is not None:
+        scheme, _, got = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(got.strip().encode(), want.encode()):
+            raise ApiError(401, "metrics need the token set in STUDYHALL_METRICS_TOKEN", code="unauthorized")
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,9 +1,10 @@
 """Courses and enrollments over real HTTP, including bad bodies (never a 500)."""
 from __future__ import annotations
 
+import httpx
 import pytest
 
-from tests.conftest import Factory, User, fetch
+from tests.conftest import Factory, User, fetch, stop_process
 
 
 def test_course_crud(client, make: Factory):
@@ -138,6 +139,25 @@ def test_health_ready_metrics_schema(client):
     assert "studyhall_http_requests_total" in metrics
     schema = client.get("/schema/openapi.json").json()
     assert "/api/v1/courses" in schema["paths"]
+
+
+def test_metrics_can_be_kept_to_the_scraper(data_dir, make: Factory):
+    """With STUDYHALL_METRICS_TOKEN set, /metrics answers only the scraper's bearer token (not an API user's)."""
+    from tests.server.conftest import spawn_ready
+
+    ((proc, url),) = spawn_ready(data_dir, ["metrics-token"], {"STUDYHALL_METRICS_TOKEN": "scrape-me"})
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic scrape-me"},
+                            make.user("admin").h):
+                r = c.get("/metrics", headers=headers)
+                assert r.status_code == 401 and r.json()["code"] == "unauthorized", (headers, r.text)
+                assert r.headers["WWW-Authenticate"] == "Bearer"
+            got = c.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+            assert got.status_code == 200 and "studyhall_http_requests_total" in got.text
+            assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200  # still open
+    finally:
+        stop_process(proc)
 
 
 def test_plain_lists_page(client, make: Factory, settings):
