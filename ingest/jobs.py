@@ -21,7 +21,6 @@ from arq.connections import ArqRedis
 from ingest.errors import IngestError
 from ingest.progress import JobReporter, announce_job
 from store import jobs as jobs_repo
-from store import videos as videos_repo
 from store.keys import ARQ_IN_PROGRESS, INGEST_QUEUE
 
 logger = logging.getLogger(__name__)
@@ -110,9 +109,7 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
         # the earlier attempts ended without a word (the worker killed, out of memory, or past arq's timeout)
         reason = (f"ingest did not finish in {job['attempts'] - 1} attempts (the worker stopped or timed out "
                   "each time)")
-        if await JobReporter(pool, ctx["redis"], job).fail(reason):
-            async with pool.acquire() as conn:
-                await videos_repo.mark_failed(conn, job["video_id"], reason)
+        await JobReporter(pool, ctx["redis"], job).fail(reason)
         logger.warning("ingest job %s failed: %s", job_id, reason)
         return f"failed: {reason}"
     reporter = JobReporter(pool, ctx["redis"], job)
@@ -133,8 +130,6 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
                 reason = f"{reason} (gave up after {job['attempts']} attempts)"
             if not await reporter.fail(reason):  # a duplicate run finished it: its outcome stands
                 return "already finished"
-            async with pool.acquire() as conn:
-                await videos_repo.mark_failed(conn, job["video_id"], reason)
             logger.warning("ingest job %s failed: %s", job_id, reason)
             return f"failed: {reason}"
         delay = backoff_s(job["attempts"], settings.job_retry_base_s)

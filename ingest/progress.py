@@ -5,12 +5,14 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 from redis.asyncio import Redis
 
 from ingest.errors import PermanentIngestError
 from store import jobs as jobs_repo
+from store import videos as videos_repo
 from store.events import JobProgress, publish, user_topic
 
 logger = logging.getLogger(__name__)
@@ -50,10 +52,14 @@ class JobReporter:
         await self._write(self.state, fraction, force=False)
 
     async def fail(self, reason: str) -> bool:
-        """Record the failure; False when the job had already finished (another run's outcome stands)."""
-        return await self._write("failed", 0.0, force=True, error=reason)
+        """Record the failure on the job and on its video, in one transaction (a kill between two commits left the
+        video `processing` for good: nothing revisits a failed job); False when the job had already finished
+        (another run's outcome stands)."""
+        return await self._write("failed", 0.0, force=True, error=reason,
+                                 also=lambda conn: videos_repo.mark_failed(conn, self.job["video_id"], reason))
 
-    async def _write(self, state: str, fraction: float, *, force: bool, error: str | None = None) -> bool:
+    async def _write(self, state: str, fraction: float, *, force: bool, error: str | None = None,
+                     also: Callable[[asyncpg.Connection], Awaitable[None]] | None = None) -> bool:
         now = time.monotonic()
         if not force and now - self._last < self.min_interval:
             return False
@@ -63,8 +69,10 @@ class JobReporter:
             progress = lo + (hi - lo) * min(1.0, max(0.0, fraction))
             if state == "failed":
                 progress = float(self.job["progress"])
-            async with self.pool.acquire() as conn:
+            async with self.pool.acquire() as conn, conn.transaction():
                 row = await jobs_repo.set_state(conn, self.job["id"], state, progress, error)
+                if row is not None and also is not None:
+                    await also(conn)
                 if row is None and not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM jobs WHERE id = $1)",
                                                            self.job["id"]):
                     self.deleted.set()

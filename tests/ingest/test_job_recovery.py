@@ -542,3 +542,41 @@ def test_re_ingest_asked_again_before_it_starts_is_one_job(settings, make: Facto
     fetch(settings, "UPDATE jobs SET state = 'embedding' WHERE id = $1", waiting)  # it started
     client.post(url, headers=inst.h)
     assert len(fetch(settings, "SELECT id FROM jobs WHERE video_id = $1", vid)) == 2  # what it read may have changed
+
+
+def test_a_failing_ingest_fails_its_video_in_the_same_commit(settings, make: Factory, client, monkeypatch):
+    """The job's `failed` and its video's `failed` commit together: the process dying between two commits left
+    the video `processing` for good (nothing revisits a failed job). Here the video's update breaks off, as a
+    kill would: the job is not failed either, and the next run fails both."""
+    from ingest.progress import JobReporter
+    from store import videos as videos_repo
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Fail"}, headers=inst.h).json()["id"]
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status) VALUES ($1, 'v', 'transcript', "
+                          "'processing') RETURNING id", cid)[0]["id"]
+    (job,) = fetch(settings, """INSERT INTO jobs (kind, course_id, video_id, state, attempts, created_by)
+                                VALUES ('ingest', $1, $2, 'embedding', 1, $3) RETURNING *""", cid, vid, inst.id)
+    real = videos_repo.mark_failed
+
+    async def killed(conn, video_id, reason):  # type: ignore[no-untyped-def]
+        raise ConnectionResetError("the worker died here")
+
+    async def go(mark) -> bool:  # type: ignore[no-untyped-def]
+        monkeypatch.setattr(videos_repo, "mark_failed", mark)
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+        try:
+            return await JobReporter(pool, arq, job).fail("the transcript could not be read")
+        finally:
+            await arq.aclose()
+            await pool.close()
+
+    with pytest.raises(ConnectionResetError):
+        run_sync(go(killed))
+    state = lambda: (fetch(settings, "SELECT state FROM jobs WHERE id = $1", job["id"])[0]["state"],  # noqa: E731
+                     fetch(settings, "SELECT status, error FROM videos WHERE id = $1", vid)[0]["status"])
+    assert state() == ("embedding", "processing")  # neither: the job is still there to run again
+    assert run_sync(go(real)) is True
+    assert state() == ("failed", "failed")
+    assert fetch(settings, "SELECT error FROM videos WHERE id = $1", vid)[0]["error"] == "the transcript could not be read"
