@@ -79,18 +79,25 @@ def _unicode_text(head: bytes) -> bool:
     return False
 
 
+MAX_ID3_TAGS = 8  # chained tags looked past; a file of thousands of them recursed until a RecursionError (a 500)
+
+
 def _after_id3(head: bytes) -> str:
-    """An ID3 tag usually fronts an mp3, but may front FLAC or ADTS AAC; peek past it."""
-    if len(head) >= 10:
+    """An ID3 tag usually fronts an mp3, but may front FLAC or ADTS AAC; peek past it (and past a few more tags
+    chained behind it)."""
+    for _ in range(MAX_ID3_TAGS):
+        if len(head) < 10:
+            break
         size = 0
         for byte in head[6:10]:
             size = (size << 7) | (byte & 0x7F)
         offset = 10 + size + (10 if head[5] & 0x10 else 0)
-        if offset < len(head):
-            kind = sniff_media(head[offset:])
-            if kind is not None:
-                return kind
-    return "mp3"
+        if offset >= len(head):
+            break
+        head = head[offset:]
+        if head[:3] != b"ID3":
+            return sniff_media(head) or "mp3"
+    return "mp3"  # (the decoder's probe says whether there is sound behind the tags)
 
 
 def _mpeg_sync(head: bytes) -> str | None:

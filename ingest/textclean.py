@@ -17,7 +17,9 @@ logger = logging.getLogger(__name__)
 # and ASS overrides ({\an8}). Only tags captions use: "a < b", "x<y and y>z" and "vector<int>" are what was said.
 # A one-letter tag opening right after a letter or digit is code ("List<U>", "Foo<T>"), not markup, unless its
 # closing tag follows ("is<i>really</i>"): pairs go first.
-_PAIRED = re.compile(r"<([bius])(?:\.[\w.-]*)?\s*>(.*?)</\1\s*>", re.IGNORECASE)
+# (A pair's text does not run past another opening of its tag: a search from every opening to the line's end made
+# a line of many unclosed tags quadratic; "<b>" * 8,000 took seconds. Nested same tags pair from the inside.)
+_PAIRED = re.compile(r"<([bius])(?:\.[\w.-]*)?\s*>((?:(?!<\1[.\s>]).)*?)</\1\s*>", re.IGNORECASE)
 _TAGS = re.compile(r"<\d{1,2}:\d{2}(?::\d{2})?(?:[.,]\d+)?>"
                    r"|(?<![^\W_])<(?:[bius])(?:\.[\w.-]*)?\s*/?>|</(?:[bius])\s*>"
                    r"|</?(?:c|ruby|rt|rp|sub|sup|br|em|strong)(?:\.[\w.-]*)?\s*/?>"  # WebVTT: classes only
@@ -52,11 +54,14 @@ _LABEL = re.compile(
     rf"|{_ROLES}\.?(?:\s+(?:[A-Z][\w'.\-]*|\d+)){{0,3}}"
     r")\s*:(?=\s|$)"
 )
-_CHEVRONS = re.compile(r"\s*>>+\s*")
+# Patterns with a leading run (white space, ">") start only where that run starts, as a search from each place
+# inside it scanned to its end (a line of 20,000 spaces took seconds; the time grows with the square).
+_RUN_START = r"(?:(?<!\s)\s++|(?<![\s>]))"
+_CHEVRONS = re.compile(_RUN_START + r">{2,}+\s*+")
 # A stray ">" left where "<inaudible>"-style markup was mangled: at either end of the line or just
 # before punctuation. A ">" between two words is kept (it may be maths).
 _LEADING_GT = re.compile(r"^[\s>]*>\s*")
-_STRAY_GT = re.compile(_LEADING_GT.pattern + r"|\s*>+\s*$|\s*>+(?=[.,;:!?])")
+_STRAY_GT = re.compile(_LEADING_GT.pattern + "|" + _RUN_START + r">++\s*+$|" + _RUN_START + r">++(?=[.,;:!?])")
 _SPACES = re.compile(r"\s+")
 _HAS_WORD = re.compile(r"\w")
 # What Postgres text cannot hold (NUL), what no encoder takes (lone surrogates, e.g. from a JSON "\ud800"), and

@@ -183,6 +183,7 @@ def _mp4() -> bytes:
     ("header-only.wav", _wav(2.0)[:44], 400),
     ("truncated.mp4", _mp4()[: len(_mp4()) // 2], 400),
     ("fake.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64, 400),
+    ("tags-only.mp3", b"ID3\x03\x00\x00\x00\x00\x00\x00" * 700, 400),  # chained ID3 tags, no sound: was a 500
 ])
 def test_bad_uploads_store_nothing(client, make: Factory, settings, name, data, status):
     inst, cid = _course(client, make)

@@ -128,6 +128,8 @@ def test_sniffing_ignores_the_extension(tmp_path: Path) -> None:
     [
         (b"ID3\x04\x00\x00\x00\x00\x00\x00fLaC\x00\x00\x00\x22", "flac"),  # tagged FLAC
         (b"ID3\x04\x00\x00\x00\x00\x7f\x7f", "mp3"),  # tag longer than the head: assume mp3
+        (b"ID3\x04\x00\x00\x00\x00\x00\x00" * 2 + b"fLaC\x00\x00\x00\x22", "flac"),  # two tags chained
+        (b"ID3\x03\x00\x00\x00\x00\x00\x00" * 20_000, "mp3"),  # tags upon tags (they recursed: RecursionError)
         (b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00", "mov"),
         (b"\x00\x00\x00\x18ftypM4B \x00\x00\x02\x00", "m4a"),
         (b"RF64\xff\xff\xff\xffWAVEds64", "wav"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -635,3 +636,29 @@ def test_review_fixes_legacy_encodings_numbers_and_caption_text():
                                       "\n00:00:03,000 --> 00:00:04,000\nworld\n")][1] == "world"
     cut = "é\n1\n00:00:01,000 --> 00:00:02,000\nLe café est fermé\n".encode()[1:]
     assert [c.text for c in parse_transcript(cut, "a.srt")] == ["Le café est fermé"]
+
+
+@pytest.mark.parametrize("line", [
+    "a" + " " * 200_000 + "x> y",  # a stray ">" after a long run of spaces
+    "<b>" * 70_000 + "</i>",  # unclosed pair tags
+    ">> a" + " " * 200_000 + "x",  # a speaker change, then spaces
+    "x" + " > " * 70_000 + "y",
+])
+def test_long_lines_are_cleaned_in_linear_time(line: str) -> None:
+    """A 200 KB caption line: each cleaning pattern searched from every place in a run to its end, so the time grew
+    with the square of the line (these took minutes to hours, holding the GIL: the server stalled). The bound is
+    a hang guard, hundreds of times the time it takes now (about 0.05 s), not a speed target."""
+    data = ("1\n00:00:01,000 --> 00:00:02,000\n" + line + "\n").encode()
+    t0 = time.perf_counter()
+    try:
+        parse_transcript(data, "long.srt")
+    except PermanentIngestError:  # nothing spoken left: fine, as long as it is said in time
+        pass
+    assert time.perf_counter() - t0 < 10
+
+
+def test_a_timing_line_with_a_long_number_is_judged_in_linear_time() -> None:
+    data = b"1\n00:00:01,000 --> 00:00:02,000\nhi\n\n1:" + b"1" * 200_000 + b" x --> 00:00:02,000\nyo\n"
+    t0 = time.perf_counter()
+    cues = parse_transcript(data, "long.srt")
+    assert time.perf_counter() - t0 < 10 and cues[0].text.startswith("hi 1:111")  # text: "1:111…" is no time
