@@ -24,6 +24,16 @@ _new_decoder = msgspec.json.Decoder(MessageNew)
 _edited_decoder = msgspec.json.Decoder(MessageEdited)
 
 
+ACCESS_REVOKED = "access_revoked"  # a Refused code: the author left the course or pod (the socket then closes)
+
+
+async def _allowed(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
+    ref = rooms.parse_room(room_id)
+    return ref is not None and bool(await conn.fetchval(
+        f"SELECT {rooms.ACCESS_SQL.format(u='u', kind='$2::text', target='$3::bigint')} FROM users u WHERE u.id = $1",
+        user_id, ref.kind, ref.target_id))
+
+
 class Refused(Exception):
     """A change the caller may not make; `code` is the websocket error code / REST error code."""
 
@@ -72,12 +82,13 @@ async def original(db: asyncpg.Pool | asyncpg.Connection, room_id: str, author_i
     return await _with_conn(db, lambda c: _existing(c, room_id, author_id, client_msg_id))
 
 
-# The author, whether they are muted in the room (for a live session's room $4, in its course room too), and the
-# stored event of an earlier post with this client_msg_id.
+# The author, whether they are muted in the room (for a live session's room $4, in its course room too), whether
+# they may still use it (room kind $5, target $6), and the stored event of an earlier post with this client_msg_id.
 _AUTHOR = f"""
 SELECT u.id, u.name, u.role,
        EXISTS (SELECT 1 FROM room_mutes k WHERE k.user_id = u.id AND {moderation.BARRING.format(sid="$4")}) AS muted,
        EXISTS (SELECT 1 FROM room_kicks k WHERE k.user_id = u.id AND {moderation.BARRING.format(sid="$4")}) AS kicked,
+       {rooms.ACCESS_SQL.format(u="u", kind="$5::text", target="$6::bigint")} AS allowed,
        o.payload AS original, o.body AS original_body
 FROM users u LEFT JOIN LATERAL (
     SELECT e.payload, m.body FROM messages m JOIN room_events e ON e.room_id = m.room_id AND e.seq = m.seq
@@ -106,12 +117,16 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
                 await rooms.lock_room(conn, room_id)
             if author_id is not None:
                 # One round trip for the three questions asked before every human post.
+                where = rooms.parse_room(room_id)
                 author = await conn.fetchrow(_AUTHOR, room_id, author_id, client_msg_id,
-                                             moderation.session_of(room_id))
+                                             moderation.session_of(room_id), where.kind if where else "",
+                                             where.target_id if where else 0)
                 if author is None:
                     raise LookupError(f"user {author_id} does not exist")
                 if author["original"] is not None:
                     return _as_now(author["original"], author["original_body"])
+                if not author["allowed"]:  # left the course or pod: the socket's close may have been lost
+                    raise Refused(ACCESS_REVOKED, "you no longer have access to this room")
                 if author["kicked"]:  # (an open socket closes on the kick's event; should that be lost, not this)
                     raise Refused("kicked", "you are barred from this room")
                 if author["muted"]:
@@ -181,6 +196,8 @@ async def edit_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
             raise Refused("not_found", f"message {message_id} not found in this room")
         if msg["author_id"] != user_id:
             raise Refused("forbidden", "only the author can edit a message")
+        if not await _allowed(conn, room_id, user_id):
+            raise Refused(ACCESS_REVOKED, "you no longer have access to this room")
         if await moderation.kicked_until(conn, room_id, user_id) is not None:
             raise Refused("kicked", "you are barred from this room")
         if await _muted(conn, room_id, user_id):

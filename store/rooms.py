@@ -68,6 +68,20 @@ async def room_target(conn: asyncpg.Connection, ref: RoomRef) -> asyncpg.Record 
     return await conn.fetchrow(_TARGET[ref.kind], ref.target_id)
 
 
+# Whether a user (its `users` row as {u}) may use a room of kind {kind} and target id {target} now, as `access`
+# decides at join (the tenant was checked there and does not change). For checks inside other statements.
+ACCESS_SQL = """(CASE WHEN {u}.role IN ('instructor', 'admin') THEN true
+      WHEN {kind} = 'pod' THEN EXISTS (
+          SELECT 1 FROM pod_members acc_m JOIN pods acc_p ON acc_p.id = acc_m.pod_id
+          JOIN enrollments acc_e ON acc_e.course_id = acc_p.course_id AND acc_e.user_id = acc_m.user_id
+          WHERE acc_m.pod_id = {target} AND acc_m.user_id = {u}.id)
+      WHEN {u}.role = 'bot' THEN true
+      WHEN {kind} = 'course' THEN EXISTS (
+          SELECT 1 FROM enrollments acc_e WHERE acc_e.course_id = {target} AND acc_e.user_id = {u}.id)
+      ELSE EXISTS (SELECT 1 FROM live_sessions acc_s JOIN enrollments acc_e ON acc_e.course_id = acc_s.course_id
+                   WHERE acc_s.id = {target} AND acc_e.user_id = {u}.id) END)"""
+
+
 async def access(conn: asyncpg.Connection, room_id: str, user_id: int, tenant_id: int,
                  role: str) -> RoomAccess | None:
     """The caller's access to a room, or None (unknown room or not allowed: callers do not say which).

@@ -18,7 +18,7 @@ from msgspec import Meta
 from agents.embedder import EmbedderError
 from server.api.courses import course_or_404
 from server.api.paging import ListLimit, Offset
-from server.api.rooms import room_or_404
+from server.api.rooms import not_kicked, room_or_404
 from server.api.schemas import LINES, Strict
 from server.auth import staff_only
 from server.decode import read_json
@@ -216,9 +216,11 @@ class TutorController(Controller):
             if turn is None or (turn["room_id"] is None and turn["user_id"] != request.user.id):
                 raise ApiError(404, f"answer {turn_id} not found")
             await course_or_404(conn, turn["course_id"], request.user, missing=f"answer {turn_id} not found")
-            if turn["room_id"] is not None and await rooms_access(conn, turn["room_id"], request.user.id,
-                                                                  request.user.tenant_id, request.user.role) is None:
-                raise ApiError(404, f"answer {turn_id} not found")  # a pod's answers are its members'
+            if turn["room_id"] is not None:
+                if await rooms_access(conn, turn["room_id"], request.user.id, request.user.tenant_id,
+                                      request.user.role) is None:
+                    raise ApiError(404, f"answer {turn_id} not found")  # a pod's answers are its members'
+                await not_kicked(conn, turn["room_id"], request.user)  # as every other room call over REST
             await repo.set_feedback(conn, turn_id, request.user.id, data.vote, data.comment)
 
     @patch("/courses/{course_id:int}/tutor", guards=[staff_only])

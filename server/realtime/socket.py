@@ -230,6 +230,8 @@ async def _serve(socket: WebSocket, conn: Conn, user: AuthUser, hub: Hub) -> Non
             conn.push_event(Error(code=exc.code, detail=exc.detail, ref=_ref(frame), retry_after=exc.retry_after))
             if exc.code == "kicked":  # the kick's own event never reached this socket: it goes now
                 conn.close_soon(CLOSE_FORBIDDEN, "kicked")
+            elif exc.code == messages_repo.ACCESS_REVOKED:  # so did the revocation's
+                conn.close_soon(CLOSE_FORBIDDEN, "access revoked")
         except rooms_repo.RoomGone as exc:  # its course, pod or session was deleted (the socket is closing)
             conn.push_event(Error(code="not_found", detail=str(exc), ref=_ref(frame)))
         except ROLLED_BACK as exc:  # a deadlock, a serialization failure, a table migrated: nothing stored

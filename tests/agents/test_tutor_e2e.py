@@ -140,6 +140,28 @@ def test_feedback_and_stats(eval_course: EvalCourse, client, make: Factory):
     assert client.get(url, headers=eval_course.learner.h).status_code == 403
 
 
+def test_a_learner_kicked_from_a_room_cannot_rate_its_answers(eval_course: EvalCourse, client, make: Factory,
+                                                             settings):
+    """Rating a room's tutor answer is a room call: a kicked learner gets 403 `kicked`, as on every other."""
+    from tests.conftest import fetch
+
+    room = f"course:{eval_course.id}"
+    learner = make.user("learner", tenant=eval_course.tenant)
+    client.post(f"/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": learner.id},
+                headers=eval_course.instructor.h)
+    (turn,) = fetch(settings, """INSERT INTO tutor_turns (course_id, user_id, room_id, question, standalone, answer,
+                                                          grounded, provider, model)
+                                 VALUES ($1, $2, $3, 'q', 'q', 'a', true, 'extractive', 'extractive') RETURNING id""",
+                    eval_course.id, eval_course.learner.id, room)
+    url = f"/api/v1/tutor/answers/{turn['id']}/feedback"
+    assert client.post(url, json={"vote": 1}, headers=learner.h).status_code == 204  # anyone in the room may
+    r = client.post(f"/api/v1/rooms/{room}/kicks", json={"user_id": learner.id, "seconds": 600},
+                    headers=eval_course.instructor.h)
+    assert r.status_code == 204, r.text
+    r = client.post(url, json={"vote": -1}, headers=learner.h)
+    assert r.status_code == 403 and r.json()["code"] == "kicked", r.text
+
+
 def test_daily_limit(eval_course: EvalCourse, client, make: Factory, settings):
     """The limit holds under concurrent asks (each takes its question from the quota atomically); over it,
     JSON and SSE both answer 429 before anything runs."""

@@ -50,3 +50,38 @@ async def test_pods(server, client, make: Factory):
     assert client.get("/api/v1/me/pods", headers=b.h).json() == []
     assert client.delete(f"/api/v1/pods/{pid}", headers=inst.h).status_code == 204
     assert client.get(f"/api/v1/pods/{pid}", headers=inst.h).status_code == 404
+
+
+async def test_a_member_whose_removal_never_reached_the_socket_cannot_post(server, client, make: Factory, settings):
+    """Removing a learner from a pod (or the course) closes their sockets through Redis; should that message be
+    lost, the socket stayed open and posts went on (only kicks and mutes were checked at post time). Now a post or
+    an edit from someone who left is refused (`access_revoked`) and the socket closes then."""
+    from tests.conftest import fetch
+
+    course = make_course(server, make, learners=1)
+    inst, (a,) = course.instructor, course.learners
+    pid = client.post(f"/api/v1/courses/{course.id}/pods", json={"name": "P"}, headers=inst.h).json()["id"]
+    assert client.post(f"/api/v1/pods/{pid}/members", json={"user_id": a.id}, headers=inst.h).status_code == 201
+    c = await Client.connect(server, f"pod:{pid}", a)
+    try:
+        await c.send({"type": "message.send", "text": "before", "client_msg_id": "b1"})
+        mine = await c.expect("message.new")
+        fetch(settings, "DELETE FROM pod_members WHERE pod_id = $1 AND user_id = $2", pid, a.id)  # no close sent
+        await c.send({"type": "message.edit", "id": mine["id"], "text": "edited"})
+        err = await c.expect("error")
+        assert err["code"] == "access_revoked", err
+        assert await c.closed() == (4403, "access revoked")
+    finally:
+        await c.close()
+    fetch(settings, "INSERT INTO pod_members (pod_id, user_id) VALUES ($1, $2)", pid, a.id)
+    c = await Client.connect(server, f"pod:{pid}", a)
+    try:
+        fetch(settings, "DELETE FROM enrollments WHERE course_id = $1 AND user_id = $2", course.id, a.id)
+        await c.send({"type": "message.send", "text": "after", "client_msg_id": "a1"})
+        err = await c.expect("error")
+        assert err["code"] == "access_revoked", err
+        assert await c.closed() == (4403, "access revoked")
+    finally:
+        await c.close()
+    texts = [m["text"] for m in fetch(settings, "SELECT body AS text FROM messages WHERE room_id = $1", f"pod:{pid}")]
+    assert texts == ["before"]
