@@ -88,7 +88,7 @@ _NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800")  # letters that render as nothing
 # Control characters a message may not hold: all but tab and line breaks (terminal escapes, bells, DEL).
 # C0 and C1 controls (U+0080-U+009F: U+009B is an 8-bit terminal escape) but tab, line breaks and NEL
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f]")
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f]")
 # What one line (a title, a file name) may not hold: every C0 and C1 control character, line breaks and the line
 # and paragraph separators (U+2028, U+2029) included.
 LINE_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -107,7 +107,7 @@ def text_problem(text: str, limit: int, what: str = "text") -> tuple[str, str] |
         return "bad_frame", f"{what} must not be empty"
     if len(text) > limit:
         return "too_long", f"{what} is longer than {limit} characters"
-    if _CONTROL.search(text):
+    if CONTROL.search(text):
         return "bad_frame", f"{what} must not contain control characters other than tabs and line breaks"
     return None
 

@@ -102,9 +102,11 @@ def check_points(rubric: list[dict[str, Any]] | None) -> None:
             raise ApiError(400, "rubric points take at most two decimals", field=f"rubric[{i}].points")
 
 
-def validate(fields: dict[str, Any]) -> dict[str, Any]:
-    """The rules across fields, on the full (merged) assignment; fills the default rubric."""
+def validate(fields: dict[str, Any], sent: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The rules across fields, on the full (merged) assignment; fills the default rubric. `sent`: the fields the
+    request gave (default: all), which must all apply to the assignment's type (none is dropped unsaid)."""
     kind = fields["type"]
+    sent = fields if sent is None else sent
     if blank(fields["title"]):
         raise ApiError(400, "title must not be blank", field="title")
     if blank(fields["prompt"]):
@@ -123,6 +125,11 @@ def validate(fields: dict[str, Any]) -> dict[str, Any]:
         if len(set(correct)) != len(correct) or any(i >= len(options) for i in correct):
             raise ApiError(400, f"correct must hold distinct indexes 0..{len(options) - 1}", field="correct")
         fields["correct"] = sorted(correct)
+        if sent.get("rubric"):
+            raise ApiError(400, "multiple choice takes no rubric (its key is `correct`)", field="rubric")
+        if not blank(sent.get("reference_answer") or ""):
+            raise ApiError(400, "multiple choice takes no reference_answer (its key is `correct`)",
+                           field="reference_answer")
         fields["rubric"] = []
         fields["reference_answer"] = ""
     else:
@@ -225,7 +232,7 @@ class AssignmentController(Controller):
                 if "video_id" in changes and "chapter_id" not in changes:
                     merged["chapter_id"] = None
                 await _links(conn, row["course_id"], merged)
-            merged = validate(merged)
+            merged = validate(merged, changes)
             key_changed = (answered and row["type"] == "multiple_choice" and merged.get("type") == "multiple_choice"
                            and sorted(merged.get("correct") or []) != sorted(row["correct"] or []))
             old_chapter = row["chapter_id"]

@@ -25,7 +25,8 @@ class ProgressIn(Strict):
     # optional, together: an id the player makes up for its playback session and the number of the report in it
     # (rising); a report of the same player with a lower number than the one that set the position (sent
     # earlier, arriving late) does not move the position back
-    player: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")] | None = None
+    # (`(?![\s\S])`, not `$`: that passes a final line break)
+    player: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+(?![\s\S])")] | None = None
     seq: Annotated[int, Meta(ge=0, le=2**53)] | None = None
 
 
@@ -140,7 +141,7 @@ class LeaderboardOut(msgspec.Struct):
 
 
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-HHMM = Annotated[str, Meta(pattern=r"^\d{2}:\d{2}$")]
+HHMM = Annotated[str, Meta(pattern=r"^\d{2}:\d{2}(?![\s\S])")]
 
 
 class Slot(msgspec.Struct, forbid_unknown_fields=True):

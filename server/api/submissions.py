@@ -23,7 +23,7 @@ from server.api.paging import ListLimit, Offset, PageLimit
 from server.auth import AuthUser, staff_only
 from server.decode import read_json
 from server.errors import ApiError
-from store.frames import blank
+from store.frames import CONTROL, blank
 from store import assignments as assignments_repo
 from store import courses as courses_repo
 from store import jobs as jobs_repo
@@ -95,6 +95,9 @@ def _check_answer(a: asyncpg.Record, answer: str | list[int], max_chars: int) ->
     limit = SHORT_ANSWER_MAX_CHARS if a["type"] == "short_answer" else max_chars
     if len(text) > limit:
         raise ApiError(400, f"the answer is {len(text)} characters; the limit is {limit}", code="too_long",
+                       field="answer")
+    if CONTROL.search(text):  # staff read it in the grading queue: no terminal escapes, bells
+        raise ApiError(400, "the answer must not contain control characters other than tabs and line breaks",
                        field="answer")
     return text
 

@@ -19,7 +19,7 @@ from agents.embedder import EmbedderError
 from server.api.courses import course_or_404
 from server.api.paging import ListLimit, Offset
 from server.api.rooms import not_kicked, room_or_404
-from server.api.schemas import LINES, Strict
+from server.api.schemas import LINES, Id, Strict
 from server.auth import staff_only
 from server.decode import read_json
 from server.errors import (BAD_VALUE, CONFLICT, GONE, ROLLED_BACK, UNAVAILABLE, UNREACHABLE, ApiError,
@@ -69,7 +69,7 @@ def stream_error(exc: Exception) -> dict | None:
 
 class AskIn(Strict):
     question: Question
-    session_id: Annotated[int, Meta(ge=1)] | None = None
+    session_id: Id | None = None
 
 
 class FeedbackIn(Strict):

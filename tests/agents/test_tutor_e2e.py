@@ -113,6 +113,9 @@ def test_feedback_and_stats(eval_course: EvalCourse, client, make: Factory):
     assert r.status_code == 204
     assert client.post(f"/api/v1/tutor/answers/{body['turn_id']}/feedback", json={"vote": 3},
                        headers=eval_course.learner.h).status_code == 400
+    r = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "Why?", "session_id": 2**63},
+                    headers=eval_course.learner.h)
+    assert r.status_code == 400 and r.json()["field"] == "session_id", r.text  # (was a 400 naming nothing)
     # a private session's answer is its learner's to rate, not a classmate's
     classmate = make.user("learner", tenant=eval_course.tenant)
     client.post(f"/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": classmate.id},

@@ -58,6 +58,13 @@ def test_instructor_crud_drafts_and_integrity(server, client, make: Factory):
     listed = client.get(f"/api/v1/courses/{course.id}/assignments", headers=learner.h).json()["items"]
     assert {x["id"] for x in listed} == {a["id"], mc["id"]} and all("correct" not in x for x in listed)
     assert client.get(f"/api/v1/assignments/{mc['id']}", headers=inst.h).json()["correct"] == [1]
+    r = client.patch(f"/api/v1/assignments/{mc['id']}", json={"reference_answer": "LIFO"}, headers=inst.h)
+    assert r.status_code == 400 and r.json()["field"] == "reference_answer"  # not stored and dropped unsaid
+    # a written draft becoming multiple choice leaves its rubric behind without being told to
+    draft = client.post(f"/api/v1/courses/{course.id}/assignments", json=WRITTEN, headers=inst.h).json()
+    r = client.patch(f"/api/v1/assignments/{draft['id']}", json={k: MC[k] for k in ("type", "options", "correct")},
+                     headers=inst.h)
+    assert r.status_code == 200 and r.json()["rubric"] == [] and r.json()["type"] == "multiple_choice"
     # learners cannot change anything; another tenant's instructor cannot even see it
     assert client.patch(f"/api/v1/assignments/{a['id']}", json={"title": "x"}, headers=learner.h).status_code == 403
     other = make.user("instructor", tenant=f"other-{make.tenant}")
@@ -93,6 +100,9 @@ def test_bad_assignment_bodies_name_the_field(server, client, make: Factory):
         ({**WRITTEN, "reference_answer": "\u200b\u200b"}, "reference_answer"),
         ({**WRITTEN, "reference_answer": "", "rubric": [{"name": "a", "points": 1, "description": "\u3164"}]},
          "reference_answer"),
+        # what multiple choice does not use is refused, not dropped unsaid
+        ({**MC, "reference_answer": "a stack"}, "reference_answer"),
+        ({**MC, "rubric": [{"name": "a", "points": 1, "description": "d"}]}, "rubric"),
     ]
     for body, field in cases:
         r = client.post(url, json=body, headers=h)
@@ -166,6 +176,8 @@ def test_bad_submissions_are_refused_and_nothing_is_stored(server, client, make:
         (sub(not_yet, {"answer": [9]}), 409, "not_open"),  # nothing about the hidden options (their count)
         (sub(not_yet, {"answer": [0, 1]}), 409, "not_open"),
         (sub(written, {"answer": "\u200b\u200b"}), 400, "bad_request"),  # nothing visible
+        (sub(written, {"answer": "halves\x1b[2J\x07"}), 400, "bad_request"),  # staff read it: no terminal escapes
+        (sub(written, {"answer": "halves\u009b"}), 400, "bad_request"),
         (sub(written, {"answer": "halves"}, stranger), 403, "not_enrolled"),
         (sub(written, {"answer": "halves"}, inst), 403, "forbidden"),
     ]

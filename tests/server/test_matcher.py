@@ -20,6 +20,7 @@ def test_profile_validation(client, make: Factory):
            ({"availability": [{"day": "mon", "start": "18:00", "end": "17:00"}]}, "availability[0].end"),
            ({"availability": [{"day": "mon", "start": "25:00", "end": "26:00"}]}, "availability[0].start"),
            ({"availability": [{"day": "funday", "start": "10:00", "end": "11:00"}]}, "availability[0].day"),
+           ({"availability": [{"day": "mon", "start": "09:00\n", "end": "10:00"}]}, "availability[0].start"),
            ({"goals": ["x"] * 9}, "goals"), ({"goals": [" "]}, "goals[0]"), ({"goals": ["\u200b\u3164"]}, "goals[0]"),
            ({"colour": "red"}, "colour")]
     for body, field in bad:

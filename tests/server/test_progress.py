@@ -38,6 +38,7 @@ def test_bad_reports_are_400_and_store_nothing(client, make: Factory, settings):
         ({"position": 10, "player": "tab-1"}, "seq"),  # the two go together
         ({"position": 10, "seq": 3}, "player"),
         ({"position": 10, "player": "tab 1", "seq": 1}, "player"),
+        ({"position": 10, "player": "tab-1\n", "seq": 1}, "player"),  # (a pattern's `$` let a final break in)
         ({"position": 10, "player": "x" * 65, "seq": 1}, "player"),
         ({"position": 10, "player": "tab-1", "seq": -1}, "seq"),
     ]
