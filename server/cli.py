@@ -212,6 +212,7 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
     from ingest.jobs import ingest_job
     from ingest.submit import DuplicateVideo, inspect_file, submit_video, title_from_filename
     from ingest.youtube import parse_youtube_id
+    from server.uploads import make_durable
     from store.db import create_pool
 
     pool = await create_pool(settings.database_url, min_size=1, max_size=4)
@@ -232,23 +233,38 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
             if not src.is_file():
                 print(f"no such file: {src}", file=sys.stderr)
                 return 2
+            if src.stat().st_size > settings.max_upload_bytes:  # the limit an upload has over REST (413)
+                print(f"cannot ingest {src}: larger than the upload limit of {settings.max_upload_bytes // 2**20} MB "
+                      "(STUDYHALL_MAX_UPLOAD_MB)", file=sys.stderr)
+                return 2
+            # a name that is not UTF-8 (bytes the file system allows) is stored as the upload's name would be
+            name = os.fsencode(src.name).decode("utf-8", errors="replace")
             dest = settings.data_dir / "uploads" / str(args.course_id) / f"{uuid.uuid4().hex}.upload"
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dest)
+            kept = False
             try:
-                source, kind = inspect_file(dest, src.name)
+                shutil.copyfile(src, dest)
+                await asyncio.to_thread(make_durable, dest)  # on disk before its video row commits, as uploads
+                source, kind = inspect_file(dest, name)
+                kw = dict(title=args.title or title_from_filename(name), file_path=dest, filename=name,
+                          source=source, kind=kind)
+                kept = True
             except IngestError as exc:
-                dest.unlink(missing_ok=True)
                 print(f"cannot ingest {src}: {exc.reason}", file=sys.stderr)
                 return 2
-            kw = dict(title=args.title or title_from_filename(src.name), file_path=dest, filename=src.name,
-                      source=source, kind=kind)
+            finally:
+                if not kept:  # nothing refers to the copy
+                    dest.unlink(missing_ok=True)
         worker_alive = bool(await arq.exists(INGEST_QUEUE + ":health-check"))
         try:
             video_id, job_id = await submit_video(pool, arq if worker_alive else None, settings, args.course_id,
                                                   owner, **kw)
-        except DuplicateVideo as exc:
-            raise CliError(str(exc)) from None
+        except BaseException as exc:
+            if "file_path" in kw:  # no video row refers to the copy
+                kw["file_path"].unlink(missing_ok=True)
+            if isinstance(exc, DuplicateVideo):
+                raise CliError(str(exc)) from None
+            raise
         print(f"video {video_id}, job {job_id}" + ("" if worker_alive else " (no worker running: ingesting here)"),
               file=sys.stderr)
         runner = None
@@ -644,6 +660,7 @@ def _as_rest_takes(raw: str, pattern: str, limit: int, rule: str) -> str:
 
     if not raw.strip() or blank(raw):
         raise argparse.ArgumentTypeError("must not be blank")
+    _utf8(raw)
     if not re.fullmatch(pattern, raw) or len(raw) > limit:
         raise argparse.ArgumentTypeError(rule)
     return raw
@@ -669,9 +686,19 @@ def _question(raw: str) -> str:
     from server.tutoring import MAX_QUESTION_CHARS
     from store.frames import text_problem
 
+    _utf8(raw)
     if (problem := text_problem(raw.strip(), MAX_QUESTION_CHARS, "the question")) is not None:
         raise argparse.ArgumentTypeError(problem[1])
     return raw.strip()
+
+
+def _utf8(raw: str) -> None:
+    """Bytes of an argument that are not UTF-8 (in a UTF-8 locale) arrive as lone surrogates: refused here, not
+    with a traceback where the text is first encoded."""
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("must be UTF-8 text") from None
 
 
 class _Stop(SystemExit):

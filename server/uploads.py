@@ -154,7 +154,7 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
         up.discard()
         raise ApiError(400, "the uploaded file is empty", field=file_field)
     try:  # acknowledged means stored: the bytes and the file's name reach the disk before the job is committed
-        await asyncio.to_thread(_make_durable, up.path)
+        await asyncio.to_thread(make_durable, up.path)
     except BaseException as exc:
         up.discard()
         if isinstance(exc, OSError):
@@ -164,7 +164,7 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
     return up
 
 
-def _make_durable(path: Path) -> None:
+def make_durable(path: Path) -> None:
     """fsync the file, then the directories naming it (its course's, made for it perhaps, and that one's)."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())

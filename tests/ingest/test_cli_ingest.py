@@ -25,6 +25,32 @@ def test_cli_ingest_file_with_progress(client, make: Factory, worker, data_dir, 
     assert videos[0]["chunk_count"] > 10
 
 
+def test_cli_ingest_keeps_to_the_upload_rules(client, make: Factory, worker, data_dir, settings, tmp_path):
+    """The file is checked against STUDYHALL_MAX_UPLOAD_MB before it is copied (it was copied whole, whatever
+    its size); a refused file leaves no copy in the uploads folder; a file name that is not UTF-8 is stored as an
+    upload's would be (it was a database error, its copy left behind)."""
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "CLI rules"}, headers=inst.h).json()["id"]
+    uploads = data_dir / "uploads" / str(cid)
+    big = tmp_path / "big.srt"
+    big.write_bytes(b"1\n00:00:01,000 --> 00:00:02,000\nhello\n\n" * 60_000)  # ~2.5 MB
+    env = {**clean_env(data_dir), "STUDYHALL_MAX_UPLOAD_MB": "1"}
+    out = subprocess.run([sys.executable, "-m", "server.cli", "ingest", str(cid), "--file", str(big)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "upload limit of 1 MB" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00\x01garbage" * 10)
+    assert _cli(data_dir, "ingest", str(cid), "--file", str(junk)).returncode == 2
+    assert not uploads.exists() or list(uploads.iterdir()) == []  # no copy left of either
+    odd = tmp_path / "Vorlesung_\udce4.srt"  # the byte 0xE4 (latin-1 "ä") in the name: not UTF-8
+    odd.write_bytes((EVAL / "transcripts" / "3b1b-bitcoin.srt").read_bytes())
+    out = subprocess.run([sys.executable.encode(), b"-m", b"server.cli", b"ingest", str(cid).encode(), b"--file",
+                          bytes(odd)], cwd=ROOT, env=clean_env(data_dir), capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr.decode(errors="replace")
+    (video,) = client.get(f"/api/v1/courses/{cid}/videos", headers=inst.h).json()
+    assert video["status"] == "ready" and video["title"].startswith("Vorlesung"), video
+
+
 def test_cli_ingest_rejects_bad_input(client, make: Factory, data_dir, tmp_path):
     inst = make.user("instructor")
     cid = client.post("/api/v1/courses", json={"title": "CLI"}, headers=inst.h).json()["id"]
