@@ -19,7 +19,7 @@ from agents.config import embedder_for
 from agents.judge import candidates
 from agents.llm import get_llm
 from agents.tutor import Delta, Tutor
-from server.errors import ApiError
+from server.errors import UNREACHABLE, ApiError
 from store import tutor as repo
 from store.events import Error, TutorDelta, publish, room_topic, user_topic
 from store.ratelimit import free_answer_slot, take_answer_slot
@@ -316,8 +316,31 @@ async def _answer_in_room(state: Any, user: Any, course_id: int, room_id: str, m
     except Exception:  # noqa: BLE001 - the asker must hear something, never silence
         logger.exception("tutor failed in %s", room_id)
         result = _failed("Sorry, I could not answer that just now. Please ask again.", "internal error")
-    await _reply(state.pool, redis, room_id, message_id, result)
+    await _reply_when_possible(state.pool, redis, room_id, message_id, result)
     told[0] = True
+
+
+REPLY_RETRY_S = 600.0  # how long a reply that cannot be posted (Postgres away) is tried again
+REPLY_BACKOFF_MAX_S = 30.0
+
+
+async def _reply_when_possible(pool: Any, redis: Any, room_id: str, message_id: int, result: dict) -> None:
+    """`_reply`, tried again while Postgres (or Redis) cannot be reached, backing off to REPLY_BACKOFF_MAX_S: the
+    answer (or the failure the asker is owed) is posted once they are back. A reply that failed once had waited,
+    unposted, until this process stopped (survivors settle only the holds of processes that are gone). Posting
+    is idempotent (the reply's client_msg_id), so a try whose commit landed is not posted twice."""
+    delay, deadline = 0.5, time.monotonic() + REPLY_RETRY_S
+    while True:
+        try:
+            await _reply(pool, redis, room_id, message_id, result)
+            return
+        except UNREACHABLE as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("could not post the tutor's reply in %s (%s: %s); trying again in %.1f s", room_id,
+                           type(exc).__name__, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(REPLY_BACKOFF_MAX_S, delay * 2)
 
 
 async def _recorded_turn(pool: Any, pending: int | None) -> asyncpg.Record | None:

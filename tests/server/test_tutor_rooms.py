@@ -818,3 +818,38 @@ def test_a_streamed_answer_waiting_for_its_model_keeps_the_connection_alive(data
     assert lines[:first_event].count(": keep-alive") >= 2, lines[:6]
     assert not any(ln.startswith("data:") for ln in lines[:first_event]), lines[:first_event]
     assert lines[-2:][0] == "event: answer", lines[-3:]
+
+
+async def test_a_reply_that_cannot_be_posted_yet_is_posted_once_postgres_is_back(settings, make: Factory, server,
+                                                                                  monkeypatch):
+    """The tutor's room reply, when posting it fails for Postgres being away, is tried again (backing off) and
+    posted once it is back, once. It had waited, unposted, until the process stopped."""
+    from redis.asyncio import Redis
+
+    from server import tutoring
+    from store.db import create_pool
+    from tests.server.conftest import make_course
+
+    course = make_course(server, make, learners=0)
+    real, tries = tutoring.post_message, []
+
+    async def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]  # Postgres restarting for the first two
+        tries.append(1)
+        if len(tries) <= 2:
+            raise ConnectionRefusedError("[Errno 111] Connect call failed ('127.0.0.1', 5432)")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(tutoring, "post_message", flaky)
+    monkeypatch.setattr(tutoring, "REPLY_BACKOFF_MAX_S", 0.2)
+    pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        answer = tutoring._failed("Sorry, I could not answer that just now. Please ask again.", "internal error")
+        await tutoring._reply_when_possible(pool, redis, course.room, 424242, answer)
+        await tutoring._reply_when_possible(pool, redis, course.room, 424242, answer)  # once, however often
+    finally:
+        await redis.aclose()
+        await pool.close()
+    posted = fetch(settings, "SELECT body FROM messages WHERE room_id = $1 AND client_msg_id = 'tutor:424242'",
+                   course.room)
+    assert len(tries) == 4 and [m["body"] for m in posted] == [answer["answer"]]
