@@ -31,6 +31,7 @@ from youtube_transcript_api.proxies import GenericProxyConfig, ProxyConfig
 
 from ingest.cues import Cue
 from ingest.errors import IngestError, PermanentIngestError, TransientIngestError
+from ingest.subtitles import MAX_CUES, MAX_TIMESTAMP_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -141,11 +142,20 @@ def fetch_youtube_transcript(
         logger.warning("youtube %s: unreadable page (%s: %s)", video_id, type(exc).__name__, exc)
         raise PermanentIngestError(_UNPARSABLE) from exc
 
-    cues = []
+    # the limits an uploaded transcript has: a caption track is its video owner's to write
+    if len(fetched.snippets) > MAX_CUES:
+        raise PermanentIngestError(f"the captions have too many cues: more than {MAX_CUES}")
+    cues, outside = [], 0
     for snippet in fetched.snippets:
+        start, end = snippet.start, snippet.start + snippet.duration
+        if not (math.isfinite(start) and math.isfinite(end) and 0 <= start <= end <= MAX_TIMESTAMP_SECONDS):
+            outside += 1  # no moment of the video: left out (the rest of the track is good)
+            continue
         text = _clean_text(snippet.text)
         if text:
-            cues.append(Cue(start=snippet.start, end=snippet.start + snippet.duration, text=text))
+            cues.append(Cue(start=start, end=end, text=text))
+    if outside:
+        logger.warning("youtube %s: %d captions with times outside 0-48 h left out", video_id, outside)
     logger.info(
         "youtube %s: %d cues (%s, generated=%s)",
         video_id, len(cues), fetched.language_code, fetched.is_generated,

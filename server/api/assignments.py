@@ -19,6 +19,7 @@ from server.api.assignment_schemas import (Assignment, AssignmentIn, AssignmentL
                                            Criterion, GenerateIn, Generated)
 from server.api.courses import course_or_404
 from server.api.paging import Offset, PageLimit
+from server.api.room_schemas import as_read
 from server.auth import AuthUser, staff_only
 from server.decode import read_json
 from server.errors import ApiError
@@ -118,7 +119,7 @@ def validate(fields: dict[str, Any], sent: dict[str, Any] | None = None) -> dict
             raise ApiError(400, "multiple choice needs at least 2 options", field="options")
         if (i := next((i for i, o in enumerate(options) if blank(o)), None)) is not None:
             raise ApiError(400, "an option must not be blank", field=f"options[{i}]")
-        if len({o.strip().lower() for o in options}) != len(options):
+        if len({as_read(o) for o in options}) != len(options):  # as a learner reads them ("Ｙes" is "Yes")
             raise ApiError(400, "options must be distinct", field="options")
         if not correct:
             raise ApiError(400, "multiple choice needs at least one correct option index", field="correct")
@@ -141,7 +142,7 @@ def validate(fields: dict[str, Any], sent: dict[str, Any] | None = None) -> dict
         given = fields.get("rubric") or []
         if (i := next((i for i, c in enumerate(given) if blank(c["name"])), None)) is not None:
             raise ApiError(400, "a criterion's name must not be blank", field=f"rubric[{i}].name")
-        names = [c["name"].strip().lower() for c in given]
+        names = [as_read(c["name"]) for c in given]
         if len(set(names)) != len(names):
             raise ApiError(400, "rubric criterion names must be distinct", field="rubric")
         fields["rubric"] = given or DEFAULT_RUBRIC

@@ -149,12 +149,12 @@ class PollIn(Strict):
             raise ValueError("`options` must each have something visible in them")
         self.question = self.question.strip()
         self.options = [o.strip() for o in self.options]
-        seen = [_as_read(o) for o in self.options]
+        seen = [as_read(o) for o in self.options]
         if len(set(seen)) != len(seen):
             raise ValueError("`options` must differ from each other")
 
 
-def _as_read(text: str) -> str:
+def as_read(text: str) -> str:
     """What a voter reads: composed (NFC), full-width Latin letters and digits folded ("Ｙes" is "Yes"), format
     characters (a zero-width space) and letters that render as nothing dropped, spacing and case ignored. Marks
     stay: in Thai, Arabic or Hindi they tell words apart."""

@@ -407,3 +407,21 @@ def test_requests_go_through_the_configured_proxy():
     assert fetch_youtube_transcript(VIDEO_ID, ["en"], http_client=session, proxy_config=proxy_config(url)).cues
     assert adapter.proxies and all(p == {"http": url, "https": url} for p in adapter.proxies)
     assert proxy_config(None) is None
+
+
+def test_captions_keep_to_the_transcript_limits(monkeypatch):
+    """A caption track is its video owner's to write: times outside 0-48 h (negative, not a number, past the
+    limit) are left out as no moment of the video, and a track of more cues than an upload may have fails."""
+    import ingest.youtube as youtube
+
+    xml = (b'<?xml version="1.0" encoding="utf-8" ?><transcript>'
+           b'<text start="1.0" dur="2.0">kept</text><text start="-5" dur="1">negative</text>'
+           b'<text start="nan" dur="1">not a number</text><text start="200000" dur="1">past 48 hours</text>'
+           b'<text start="3.0" dur="inf">forever</text><text start="4.0" dur="1.5">kept too</text></transcript>')
+    session, _ = recorded_session(**{"GET /api/timedtext?lang=en": (200, xml, XML)})
+    got = fetch_youtube_transcript(VIDEO_ID, ["en"], http_client=session)
+    assert [(c.start, c.end, c.text) for c in got.cues] == [(1.0, 3.0, "kept"), (4.0, 5.5, "kept too")]
+    monkeypatch.setattr(youtube, "MAX_CUES", 3)
+    session, _ = recorded_session(**{"GET /api/timedtext?lang=en": (200, xml, XML)})
+    with pytest.raises(PermanentIngestError, match="too many cues"):
+        fetch_youtube_transcript(VIDEO_ID, ["en"], http_client=session)

@@ -100,6 +100,10 @@ def test_bad_assignment_bodies_name_the_field(server, client, make: Factory):
         ({**WRITTEN, "reference_answer": "\u200b\u200b"}, "reference_answer"),
         ({**WRITTEN, "reference_answer": "", "rubric": [{"name": "a", "points": 1, "description": "\u3164"}]},
          "reference_answer"),
+        # options (and criteria) that read the same are the same, as poll options are
+        ({**MC, "options": ["Yes", "\uff39es", "No"]}, "options"), ({**MC, "options": ["Yes", "Yes\u200b"]}, "options"),
+        ({**WRITTEN, "rubric": [{"name": "Idea", "points": 1, "description": "d"},
+                                {"name": "idea\u200b", "points": 1, "description": "d"}]}, "rubric"),
         # what multiple choice does not use is refused, not dropped unsaid
         ({**MC, "reference_answer": "a stack"}, "reference_answer"),
         ({**MC, "rubric": [{"name": "a", "points": 1, "description": "d"}]}, "rubric"),
