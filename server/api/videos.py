@@ -31,6 +31,9 @@ from store.ratelimit import SendLimiter
 from store.search import hybrid_search
 
 
+UPLOAD_FIELDS = frozenset({"title"})  # the form fields an upload takes beside its `file`
+
+
 class VideoIn(Strict):
     title: Title
     youtube: Annotated[str, Meta(min_length=1, max_length=500)]
@@ -169,6 +172,10 @@ class VideoController(Controller):
         up = await receive_upload(request, settings.data_dir / "uploads" / str(course_id),
                                   max_bytes=settings.max_upload_bytes)
         try:
+            unknown = sorted(set(up.fields) - UPLOAD_FIELDS)
+            if unknown:  # a typo ("titel") or a JSON field sent as a form field ("youtube") is said, not ignored
+                raise ApiError(400, f"unknown form field {unknown[0]!r}: an upload takes `file` and `title`",
+                               field=unknown[0])
             title = (up.fields.get("title") or "").strip()
             if len(title) > 200:
                 raise ApiError(400, "title is longer than 200 characters", field="title")

@@ -244,6 +244,12 @@ def test_upload_content_type_in_any_case_and_a_long_file_name_as_title(client, m
     assert title == name.removesuffix(".srt")[:200]
     r = upload(client, cid, inst.h, "a.srt", b"1\n00:00:01,000 --> 00:00:02,000\nhi\n", title="bad\x00title")
     assert r.status_code == 400 and r.json()["field"] == "title", r.text
+    # a field the upload does not take is said, not ignored (a misspelt title, a YouTube link sent as a form field)
+    for field in ("titel", "youtube"):
+        r = client.post(f"/api/v1/courses/{cid}/videos", data={field: "Lecture 1"}, headers=inst.h,
+                        files={"file": ("b.srt", b"1\n00:00:01,000 --> 00:00:02,000\nhi\n")})
+        assert r.status_code == 400 and r.json()["field"] == field, r.text
+    assert len(client.get(f"/api/v1/courses/{cid}/videos", headers=inst.h).json()) == 1  # only the first
 
 
 def test_a_youtube_video_is_added_to_a_course_once(client, make: Factory, settings):
