@@ -30,8 +30,10 @@ _TOKEN = re.compile(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*")
 _MENTION = re.compile(r"@[\w.-]+")
 # what may stand between the end of a sentence and the next word: spaces, quotes, brackets, dashes
 _OPENERS = " \t\r\n\"'“”‘’([{-–—*_"
+_ABBREVIATION_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.")
 _ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "prof", "st", "vs", "etc", "e.g", "i.e", "cf", "jr", "sr",
                             "mt", "no", "fig", "eq"})
+_ABBREVIATION_MAX = max(len(a) for a in _ABBREVIATIONS)
 
 
 @dataclass
@@ -80,8 +82,16 @@ def _opens_sentence(text: str, start: int) -> bool:
     if text[i - 1] in "?!:;":
         return True
     if text[i - 1] == ".":
-        word = re.search(r"([A-Za-z.]+)\.$", text[:i])
-        return not (word and (word.group(1).lower() in _ABBREVIATIONS or len(word.group(1)) == 1))
+        # the letters and dots before the dot ("e.g", "Dr", "U.S"), looked for backwards and only as far as an
+        # abbreviation goes: a search over the text before each word was quadratic (a 2,000-character question
+        # of a long run and many ". B" took seconds of the event loop)
+        j = i - 1
+        while j > 0 and i - 1 - j <= _ABBREVIATION_MAX and (text[j - 1] in _ABBREVIATION_CHARS):
+            j -= 1
+        word = text[j:i - 1]
+        if i - 1 - j > _ABBREVIATION_MAX:  # longer than any abbreviation: a word ends the sentence
+            return True
+        return not (word and (word.lower() in _ABBREVIATIONS or len(word) == 1))
     return False
 
 

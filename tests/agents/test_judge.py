@@ -71,3 +71,16 @@ def test_verdict_combines_the_signals():
     assert not v.grounded and v.details["names_missing"] == ["GPT-2"]
     assert not judge(q, q, [SimpleNamespace(dense_score=0.2, text="")], ["source"], [], {"gpt-2"}).grounded
     assert judge(q, q, [hit], ["source"], [], None).grounded  # words not looked up: names are not judged
+
+
+def test_a_long_question_is_read_in_linear_time():
+    """Whether a word opens a sentence looked for the word before a dot with a search over all the text before
+    it: a 2,000-character question (a long run, then many ". B") took over 2 s per look, three looks per ask,
+    on the event loop. The bound is a hang guard (it now takes milliseconds), not a speed target."""
+    import time
+
+    t0 = time.perf_counter()
+    names, _ = candidates("a" * 1300 + " " + ". B" * 300)
+    assert time.perf_counter() - t0 < 1.0
+    assert names == []  # "B" opens each sentence: no name
+    assert candidates("Ask Dr. Strange about e.g. Maxwell.")[0] == ["Strange", "Maxwell"]
