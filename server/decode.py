@@ -8,7 +8,7 @@ from litestar import Request
 
 from server.api.schemas import LINE_TEXT, LINES, NO_CONTROL, NOT_BLANK, ONE_LINE
 from server.errors import ApiError, field_of
-from store.frames import blank, has_nul
+from store.frames import ECHO_MAX, blank, echo, has_nul
 
 T = TypeVar("T")
 
@@ -22,9 +22,11 @@ def decode_json(raw: bytes, typ: type[T]) -> T:
         return msgspec.json.decode(raw, type=typ)
     except msgspec.ValidationError as exc:
         field = field_of(exc)
-        raise ApiError(400, _explain(str(exc), field), field=field) from exc
+        if field is not None and len(field) > ECHO_MAX:
+            field = echo(field)
+        raise ApiError(400, echo(_explain(str(exc), field)), field=field) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}") from exc
+        raise ApiError(400, echo(f"request body is not valid JSON: {exc}")) from exc
     except RecursionError as exc:
         raise ApiError(400, "request body is nested too deeply") from exc
 
@@ -57,12 +59,12 @@ async def read_body(request: Request, *, max_bytes: int | None = None) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body larger than {limit} bytes")
-    raw = b""
+    raw = bytearray()  # (`bytes +=` copied the body so far for every piece: quadratic in many small pieces)
     async for part in request.stream():
         raw += part
         if len(raw) > limit:
             raise ApiError(413, f"request body larger than {limit} bytes")
-    return raw
+    return bytes(raw)
 
 
 async def read_json(request: Request, typ: type[T], *, max_bytes: int | None = None) -> T:

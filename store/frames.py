@@ -140,14 +140,23 @@ def ref_of(raw: str | bytes) -> str | None:
     return None
 
 
+ECHO_MAX = 200  # characters of a decoder's message an error repeats (it quotes fields and values sent)
+
+
+def echo(text: str) -> str:
+    """A decoder's message, cut to ECHO_MAX characters: it names the unknown field or bad value it met, and a
+    64 KiB key made every error frame (queued per socket) and error body that large."""
+    return text if len(text) <= ECHO_MAX else text[:ECHO_MAX - 1] + "…"
+
+
 def decode_frame(raw: str | bytes) -> ClientFrame:
     if has_nul(raw):
         raise BadFrame("text must not contain NUL characters (\\u0000)")
     try:
         return _decoder.decode(raw)
     except msgspec.ValidationError as exc:
-        raise BadFrame(str(exc)) from exc
+        raise BadFrame(echo(str(exc))) from exc
     except msgspec.DecodeError as exc:
-        raise BadFrame(f"not valid JSON: {exc}") from exc
+        raise BadFrame(echo(f"not valid JSON: {exc}")) from exc
     except RecursionError as exc:  # msgspec's own limit on nesting
         raise BadFrame("the frame is nested too deeply") from exc

@@ -77,6 +77,23 @@ async def test_a_deeply_nested_frame_is_a_bad_frame_and_the_socket_stays_open(se
     await c.close()
 
 
+async def test_an_error_does_not_echo_a_huge_field_name(server, client, make: Factory):
+    """The decoder's message names the unknown field or bad value it met: a 64 KiB key made each error frame
+    (queued per socket, 1,000 a socket) and each 400 body that large. They are cut to 200 characters."""
+    course = make_course(server, make, learners=1)
+    key = "k" * 65_000
+    c = await Client.connect(server, course.room, course.learners[0])
+    try:
+        for frame in ({"type": "ping", key: 1}, {"type": key}):
+            await c.send(json.dumps(frame))
+            err = await c.expect("error")
+            assert err["code"] == "bad_frame" and len(err["detail"]) <= 200, len(err["detail"])
+    finally:
+        await c.close()
+    r = client.post("/api/v1/courses", json={"title": "x", key: 1}, headers=course.instructor.h)
+    assert r.status_code == 400 and len(r.content) < 1000, len(r.content)
+
+
 async def test_invisible_or_control_character_messages_are_refused_alike_over_socket_and_rest(server, client,
                                                                                             make: Factory, settings):
     course = make_course(server, make, learners=1)
