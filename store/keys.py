@@ -148,6 +148,15 @@ def rate_written(user_id: int) -> str:
     return RATE_WRITTEN.format(user_id=user_id)
 
 
+# HASH token bucket (as RATE_SEND) limiting one learner's multiple-choice answers (each stores an attempt and its
+# grade). TTL: full refill time + 1 s.
+RATE_CHOICE = "sh:rl:choice:{user_id}"
+
+
+def rate_choice(user_id: int) -> str:
+    return RATE_CHOICE.format(user_id=user_id)
+
+
 # redis-py lock: one pod's study-buddy rounds are computed one at a time (declines queue instead of each
 # re-matching the pod again and again; two workers' weekly runs do not both compute the pod). Its lease ends
 # on its own if the holder dies.

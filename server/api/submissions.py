@@ -28,13 +28,17 @@ from store import assignments as assignments_repo
 from store import courses as courses_repo
 from store import jobs as jobs_repo
 from store import submissions as repo
-from store.keys import rate_written
+from store.keys import rate_choice, rate_written
 from store.ratelimit import SendLimiter
 
 logger = logging.getLogger(__name__)
 
 WRITTEN_PER_HOUR = 60  # written answers per learner (each is graded, with a model when one is configured),
 WRITTEN_BURST = 20  # refilling evenly, in bursts of up to this many
+# Multiple-choice answers are graded at once, without a model, but each stores an attempt and its grade: a loop
+# of them grew the tables (and each later submit's work) without bound. Generous for a person, not for a script.
+CHOICE_PER_MINUTE = 60
+CHOICE_BURST = 30
 
 
 def _criteria(raw: list | None) -> list[CriterionScore]:
@@ -154,7 +158,13 @@ class SubmissionController(Controller):
             async with state.pool.acquire() as conn:
                 if (done := await repo.by_client_key(conn, assignment_id, user.id, key)) is not None:
                     return _repeat(done, answer, user)
-        if a["type"] != "multiple_choice":  # each written answer costs a grading run (a model call, with one)
+        if a["type"] == "multiple_choice":
+            ok, wait = await SendLimiter(state.redis, CHOICE_PER_MINUTE / 60, CHOICE_BURST,
+                                         key=rate_choice).take(user.id)
+            if not ok:
+                raise ApiError(429, f"at most {CHOICE_PER_MINUTE} multiple-choice answers a minute; retry in "
+                               f"{wait:g}s", code="rate_limited", retry_after=wait)
+        else:  # each written answer costs a grading run (a model call, with one)
             async with state.pool.acquire() as conn:  # an answer refused anyway does not use up the allowance
                 _open_check(a, await repo.attempts(conn, assignment_id, user.id))  # (again under the lock below)
             ok, wait = await SendLimiter(state.redis, WRITTEN_PER_HOUR / 3600, WRITTEN_BURST,

@@ -418,8 +418,9 @@ def test_answered_options_may_be_reworded_in_place_but_not_moved(server, client,
 
 
 def test_written_answers_are_rate_limited_per_learner(server, client, make: Factory):
-    """Each written answer is a grading run (a model call, with one configured): bounded per learner."""
-    from server.api.submissions import WRITTEN_BURST
+    """Each written answer is a grading run (a model call, with one configured): bounded per learner. Multiple
+    choice too, more generously (each stores an attempt and its grade)."""
+    from server.api.submissions import CHOICE_BURST, WRITTEN_BURST
 
     course = make_course(server, make, learners=1)
     (learner,) = course.learners
@@ -433,9 +434,12 @@ def test_written_answers_are_rate_limited_per_learner(server, client, make: Fact
                          headers=learner.h) for i in range(WRITTEN_BURST + 1)]
     assert [r.status_code for r in codes[:-1]] == [201] * WRITTEN_BURST, codes[0].text
     assert codes[-1].status_code == 429 and int(codes[-1].headers["Retry-After"]) >= 1, codes[-1].text
-    mc = published(client, course, MC)  # multiple choice is graded at once: not limited
-    assert client.post(f"/api/v1/assignments/{mc['id']}/submissions", json={"answer": [1]},
-                       headers=learner.h).status_code == 201
+    mc = published(client, course, MC)  # multiple choice has an allowance of its own, a larger one
+    codes = [client.post(f"/api/v1/assignments/{mc['id']}/submissions", json={"answer": [i % 3]}, headers=learner.h)
+             for i in range(CHOICE_BURST + 1)]
+    assert [r.status_code for r in codes[:-1]] == [201] * CHOICE_BURST, codes[0].text
+    assert codes[-1].status_code == 429 and codes[-1].json()["code"] == "rate_limited", codes[-1].text
+    assert count_submissions(make.settings, mc["id"]) == CHOICE_BURST  # a loop of them stored without bound
 
 
 async def test_a_retried_submit_with_its_idempotency_key_is_one_attempt(server, make: Factory, settings):
