@@ -87,3 +87,43 @@ async def test_a_head_not_complete_in_time_closes_the_connection(server):
     writer.write(b"GET / HTTP/1.1\r\n")
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
+
+
+async def test_a_client_that_stops_reading_is_cut_and_its_response_let_go(monkeypatch):
+    """A client that asks for a large response and reads none of it held the response in memory (and the
+    app's task, waiting for the drain) for as long as it kept the connection open. After WRITE_STALL_S of no
+    reading the connection is cut and the app's send returns."""
+    import socket
+
+    monkeypatch.setattr(http_transport, "WRITE_STALL_S", 1.0, raising=False)
+    finished = asyncio.Event()
+    big = b"x" * (8 * 2**20)
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(big)).encode())]})
+        try:
+            await send({"type": "http.response.body", "body": big})
+        finally:
+            finished.set()
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=http_transport.HttpProtocol,
+                                        log_config=None, lifespan="off"))
+    task = asyncio.create_task(srv.serve())
+    while not srv.started:
+        await asyncio.sleep(0.01)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
+    try:
+        await asyncio.wait_for(finished.wait(), 10)
+        deadline = time.monotonic() + 5
+        while srv.server_state.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not srv.server_state.connections  # the server let go of it, though the client still holds it
+    finally:
+        sock.close()
+        srv.should_exit = True
+        await task
