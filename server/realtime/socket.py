@@ -260,10 +260,10 @@ def _check_text(text: str, limit: int) -> str:
     return text
 
 
-async def _rate(hub: Hub, user: AuthUser) -> None:
+async def _rate(hub: Hub, user: AuthUser, what: str = "messages") -> None:
     ok, wait = await hub.limiter.take(user.id)
     if not ok:
-        raise messages_repo.Refused("rate_limited", f"too many messages; retry in {wait:g}s",
+        raise messages_repo.Refused("rate_limited", f"too many {what}; retry in {wait:g}s",
                                     retry_after=round(wait, 3))
 
 
@@ -344,6 +344,9 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
         if wait > 0:
             raise messages_repo.Refused("rate_limited", f"one resume a second; retry in {wait:.2g}s",
                                         retry_after=round(wait, 3))
+        # each re-reads up to a batch of events from Postgres: from the user's send budget too, shared by their
+        # sockets on every process (one a second per socket let 50 sockets re-read 50 batches a second)
+        await _rate(hub, user, "resumes")
         conn.resumed_at = time.monotonic()
         await hub.welcome(conn, frame.after_seq)
     elif isinstance(frame, frames.Ping):

@@ -450,6 +450,29 @@ async def test_resume_is_at_most_once_a_second_per_connection(server, make: Fact
     await c.close()
 
 
+async def test_resumes_come_out_of_the_users_send_budget(server, make: Factory, settings):
+    """Each resume re-reads a batch of events from Postgres; one a second per socket let a user's 50 sockets
+    re-read 50 batches a second. Resumes now also take from the user's send budget, shared by their sockets."""
+    course = make_course(server, make, learners=1)
+    (a,) = course.learners
+    sockets = [await Client.connect(server, course.room, a) for _ in range(settings.ws_send_burst + 5)]
+    try:
+        for i, c in enumerate(sockets):
+            await c.send({"type": "resume", "after_seq": 0, "ref": f"r{i}"})
+        got = []
+        for c in sockets:
+            f = await c.recv()
+            while f["type"] not in ("welcome", "error"):
+                f = await c.recv()
+            got.append(f)
+        refused = [f for f in got if f["type"] == "error"]
+        assert refused and all(e["code"] == "rate_limited" and "resumes" in e["detail"] for e in refused), got
+        assert len(got) - len(refused) >= settings.ws_send_burst  # (the budget refills meanwhile)
+    finally:
+        for c in sockets:
+            await c.close()
+
+
 async def test_one_user_opens_a_bounded_number_of_sockets(server, make: Factory, settings):
     course = make_course(server, make, learners=1)
     (a,) = course.learners
