@@ -10,7 +10,8 @@ connection with 4008 (the client resumes with ?after=).
 Sending: an ASGI send only suspends when the transport is paused (its buffer is full). So frames are sent by
 driving the send coroutine directly, with no task switch per frame (that switch was most of fan-out's
 cost); when a send does suspend, it is resumed from the transport's wake-up, as a Task would resume it,
-and later frames wait in `out`, at most `queue_max` of them.
+and later frames wait in `out`, at most `queue_max` of them and QUEUE_MAX_CHARS of text (a count alone let a
+replay of the largest messages hold ~16 MB per socket).
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FILL_BATCH = 500
+FILL_BATCH = 200  # events read per replay query (held while a slow reader takes them)
+QUEUE_MAX_CHARS = 1_000_000  # text queued for one socket (besides `queue_max` frames)
 
 
 def _kind(text: str) -> str:
@@ -47,7 +49,7 @@ def text_frame(text: str) -> dict[str, Any]:
 class Conn:
     __slots__ = ("hub", "access", "room", "user", "send", "out", "queue_max", "inflight", "broken", "space",
                  "fill_task", "closer", "main_task", "last_seq", "start_seq", "filling", "pending", "ready",
-                 "closing", "typing_at", "typing_active", "auth", "opened_at", "resumed_at", "blocked_at",
+                 "closing", "typing_at", "typing_active", "auth", "opened_at", "resumed_at", "blocked_at", "out_chars",
                  "counted", "__weakref__")
 
     def __init__(self, hub: Hub, access: RoomAccess, user: UserRef, send: Any, queue_max: int) -> None:
@@ -58,6 +60,7 @@ class Conn:
         self.send = send
         self.queue_max = max(queue_max, 1)
         self.out: deque[dict[str, Any]] = deque()  # outbound frames, at most queue_max
+        self.out_chars = 0  # their text's length, at most QUEUE_MAX_CHARS
         self.inflight: Any = None  # the send coroutine waiting for the transport, if any
         self.broken = False  # a send failed: the peer is gone
         self.space: asyncio.Future | None = None  # a replay waiting for room in `out`
@@ -85,11 +88,12 @@ class Conn:
         connection (4008)."""
         if self.closing is not None or self.broken:
             return
-        if len(self.out) >= self.queue_max:
+        if len(self.out) >= self.queue_max or (self.out and self.out_chars + len(msg["text"]) > QUEUE_MAX_CHARS):
             logger.info("closing slow consumer", extra={"fields": {"room": self.room, "user_id": self.user.id}})
             self.close_soon(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect with ?after=<last seq>")
             return
         self.out.append(msg)
+        self.out_chars += len(msg["text"])
         if self.inflight is None:
             self._pump()
 
@@ -98,13 +102,17 @@ class Conn:
         the user's own events), which would otherwise close a reader that is merely slow to replay (4008)."""
         return max(1, self.queue_max - self.queue_max // 4)
 
+    def _full_for_replay(self) -> bool:
+        return bool(self.out) and (len(self.out) >= self._fill_cap() or self.out_chars >= QUEUE_MAX_CHARS * 3 // 4)
+
     async def _put(self, msg: dict[str, Any]) -> None:
         """Queue a frame, waiting for room (replays: a slow reader only slows its own replay)."""
-        while len(self.out) >= self._fill_cap() and self.closing is None:
+        while self._full_for_replay() and self.closing is None:
             self.space = asyncio.get_running_loop().create_future()
             await self.space
         if self.closing is None and not self.broken:
             self.out.append(msg)
+            self.out_chars += len(msg["text"])
             if self.inflight is None:
                 self._pump()
 
@@ -114,9 +122,12 @@ class Conn:
         while out and self.inflight is None:
             if self.closing is not None or self.broken:
                 out.clear()
+                self.out_chars = 0
                 break
-            self._drive(send(out.popleft()))
-        if self.space is not None and len(out) < self._fill_cap():
+            msg = out.popleft()
+            self.out_chars -= len(msg["text"])
+            self._drive(send(msg))
+        if self.space is not None and not self._full_for_replay():
             space, self.space = self.space, None
             if not space.done():
                 space.set_result(None)
@@ -163,6 +174,7 @@ class Conn:
         if coro is not None:
             coro.close()  # it was waiting for the transport; nothing of it was written
         self.out.clear()
+        self.out_chars = 0
 
     def push_event(self, event: Event) -> None:
         self.push(text_frame(encode(event).decode()))
@@ -247,6 +259,7 @@ class Conn:
         # queued room events go (the new stream sends them again); errors, pongs and personal events stay. A send
         # already waiting for the transport goes first: it precedes the new welcome
         self.out = deque(m for m in self.out if _kind(m["text"]) not in SEQUENCED)
+        self.out_chars = sum(len(m["text"]) for m in self.out)
         self.last_seq = self.start_seq = after
         for seq in [s for s in self.pending if s <= after]:
             del self.pending[seq]

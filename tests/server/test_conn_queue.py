@@ -60,3 +60,33 @@ async def test_resume_keeps_queued_errors_and_personal_events():
     conn.restart(0)
     assert list(conn.out) == [error]  # the room events come again with the new stream; the error is kept
     assert len(sent) == 1
+
+
+async def test_the_queue_is_bounded_by_its_text_too(monkeypatch):
+    """A count of frames alone let a replay of the largest messages (4,000 emoji: 16 KB each) hold 750 of them,
+    ~12 MB, per socket of a reader that reads nothing. The replay also waits at three quarters of
+    QUEUE_MAX_CHARS of text, and a live frame past the whole of it closes the connection (4008)."""
+    from server.realtime import conn as conn_module
+
+    monkeypatch.setattr(conn_module, "QUEUE_MAX_CHARS", 5_000, raising=False)
+    big = lambda s: json.dumps({"type": "message.new", "id": s, "seq": s, "room": "course:1",  # noqa: E731
+                                "text": "x" * 900}, separators=(",", ":"))
+    stalled = asyncio.get_running_loop().create_future()
+
+    async def send(msg: dict) -> None:
+        await stalled
+
+    async def events_after(room: str, after: int, limit: int) -> list[tuple[int, str]]:
+        return [(s, big(s)) for s in range(after + 1, min(after + limit, 5000) + 1)]
+
+    conn = Conn(SimpleNamespace(events_after=events_after), ACCESS, SimpleNamespace(id=7, name="u", role="learner"),
+                send, 1000)  # type: ignore[arg-type]
+    conn.ready, conn.filling = True, False
+    conn.start_fill()
+    await asyncio.sleep(0.05)
+    assert len(conn.out) == 4 and 3_750 <= conn.out_chars < 5_000  # the replay waits at three quarters of the text
+    conn.push(text_frame(big(10_000)))  # a live frame still fits
+    assert conn.closing is None and conn.out_chars == sum(len(m["text"]) for m in conn.out)
+    conn.push(text_frame(big(10_001)))  # past the whole budget: a slow consumer, as with too many frames
+    assert conn.closing is not None and conn.closing[0] == 4008
+    conn.fill_task.cancel()
