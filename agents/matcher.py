@@ -252,6 +252,7 @@ class MatchState(TypedDict, total=False):
     match: dict[str, Any] | None
     skipped: bool
     based_on: int | None  # a decline's re-match: the round it was computed from
+    week_since: datetime | None  # the weekly round: skip the pod if a round was made since (not by a decline)
 
 
 @dataclass(frozen=True)
@@ -330,7 +331,8 @@ def build_graph(pool: asyncpg.Pool, redis: Redis, settings: Settings, llm: Any =
         async with pool.acquire() as conn:
             row = await matching.save_round(conn, state["pod_id"], state["trigger"], groups,
                                             round_key=state.get("round_key"), created_by=state.get("created_by"),
-                                            declined=state.get("declined", []), based_on=state.get("based_on"))
+                                            declined=state.get("declined", []), based_on=state.get("based_on"),
+                                            unless_since=state.get("week_since"))
         if row is None:
             return {"skipped": True}
         names = {uid: learner.name for uid, learner in state["learners"].items()}
@@ -375,13 +377,16 @@ async def announce(pool: asyncpg.Pool, redis: Redis, row: Any, names: dict[int, 
 
 async def run_match(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id: int, *, trigger: str = "manual",
                     created_by: int | None = None, round_key: str | None = None, declined: list[int] | None = None,
-                    llm: Any = "settings", based_on: int | None = None) -> MatchResult | None:
-    """Match the pod's learners and post the result to its room; None when `round_key` already ran.
-    Raises matching.StaleRound when `based_on` is no longer the current round."""
+                    llm: Any = "settings", based_on: int | None = None,
+                    week_since: datetime | None = None) -> MatchResult | None:
+    """Match the pod's learners and post the result to its room; None when `round_key` already ran (or, with
+    `week_since`, when the pod got a round other than by a decline since then). Raises matching.StaleRound when
+    `based_on` is no longer the current round."""
     model = _get_llm(settings) if llm == "settings" else llm
     graph = build_graph(pool, redis, settings, model)
     out = await graph.ainvoke({"pod_id": pod_id, "trigger": trigger, "round_key": round_key,
-                               "created_by": created_by, "declined": list(declined or []), "based_on": based_on})
+                               "created_by": created_by, "declined": list(declined or []), "based_on": based_on,
+                               "week_since": week_since})
     if out.get("skipped") or not out.get("match"):
         return None
     return result_of(out["match"])
@@ -556,7 +561,9 @@ async def match_all_pods(pool: asyncpg.Pool, redis: Redis, settings: Settings, a
     for pod_id in pods:
         try:
             async with pod_turn(redis, pod_id, wait_s=0):  # taken: another run (or a decline) has the pod now
-                if await run_match(pool, redis, settings, pod_id, trigger="cron", round_key=key, llm=llm) is not None:
+                # (the pod may have got a round of an instructor's since it was listed: that one stands)
+                if await run_match(pool, redis, settings, pod_id, trigger="cron", round_key=key, llm=llm,
+                                   week_since=since) is not None:
                     n += 1
         except PodBusy:
             logger.info("matcher: pod %s is being matched elsewhere; the next run looks at it again", pod_id)

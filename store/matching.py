@@ -70,20 +70,22 @@ class PodGone(LookupError):
 
 async def save_round(conn: asyncpg.Connection, pod_id: int, trigger: str, groups: list[dict[str, Any]], *,
                      round_key: str | None, created_by: int | None, declined: list[int],
-                     based_on: int | None = None) -> asyncpg.Record | None:
-    """Store a new current round (superseding the previous one); None when `round_key` already has one.
+                     based_on: int | None = None, unless_since: datetime | None = None) -> asyncpg.Record | None:
+    """Store a new current round (superseding the previous one); None when `round_key` already has one, or when
+    `unless_since` is given and the pod got a round other than by a decline since then (the weekly round must not
+    replace an instructor's, made while it was computed).
     `based_on`: the round this one re-matches; StaleRound when it is no longer current. PodGone when the pod was
     deleted meanwhile."""
     try:
         return await _save_round(conn, pod_id, trigger, groups, round_key=round_key, created_by=created_by,
-                                 declined=declined, based_on=based_on)
+                                 declined=declined, based_on=based_on, unless_since=unless_since)
     except asyncpg.ForeignKeyViolationError:
         raise PodGone(f"pod {pod_id} not found") from None
 
 
 async def _save_round(conn: asyncpg.Connection, pod_id: int, trigger: str, groups: list[dict[str, Any]], *,
                       round_key: str | None, created_by: int | None, declined: list[int],
-                      based_on: int | None) -> asyncpg.Record | None:
+                      based_on: int | None, unless_since: datetime | None) -> asyncpg.Record | None:
     async with conn.transaction():
         # one writer per pod at a time, so exactly one round is current
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('pod_match'), $1::int)", pod_id % 2**31)
@@ -92,6 +94,10 @@ async def _save_round(conn: asyncpg.Connection, pod_id: int, trigger: str, group
                                       "ORDER BY id DESC LIMIT 1", pod_id)
             if cur != based_on:
                 raise StaleRound(f"round {based_on} of pod {pod_id} was superseded by round {cur}")
+        if unless_since is not None and await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pod_matches WHERE pod_id = $1 AND created_at >= $2 "
+                "AND trigger <> 'decline')", pod_id, unless_since):
+            return None
         row = await conn.fetchrow(
             f"""INSERT INTO pod_matches (pod_id, trigger, round_key, created_by, groups, declined)
                VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (pod_id, round_key) DO NOTHING RETURNING {_MATCH_COLS}""",

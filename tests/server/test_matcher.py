@@ -167,6 +167,36 @@ async def test_the_weekly_run_keeps_a_round_made_since_the_weeks_moment(client, 
     assert [r["trigger"] for r in rows] == ["manual", "decline", "cron"]
 
 
+async def test_the_weekly_run_keeps_a_round_made_while_it_ran(client, make: Factory, settings, xp_store,
+                                                              monkeypatch):
+    """The weekly run lists the pods first, then matches them one by one (minutes, with a model): an instructor's
+    round made in between, and the declines of it, were replaced by the weekly round (race review)."""
+    from agents.matcher import week_due
+    from store import matching
+
+    pool, redis = xp_store
+    course = make_course(client, make, learners=4, videos=0)
+    pod = _pod(client, course, course.learners, "Meanwhile")
+    at = datetime(2034, 3, 1, 12, tzinfo=timezone.utc)
+    since = week_due(at, settings.match_weekday, settings.match_hour)
+    async with pool.acquire() as conn:
+        listed = await matching.pods_to_match(conn, week_key(at), since)
+    assert pod in listed
+
+    async def listed_before(conn, key, since_):  # type: ignore[no-untyped-def]  # the listing, taken before
+        return [pod]
+
+    assert client.post(f"/api/v1/pods/{pod}/match", headers=course.instructor.h).status_code == 201  # meanwhile
+    declined = client.post(f"/api/v1/pods/{pod}/match/decline", headers=course.learners[1].h).json()
+    fetch(settings, "UPDATE pod_matches SET created_at = $2 WHERE pod_id = $1", pod, since + timedelta(minutes=1))
+    monkeypatch.setattr(matching, "pods_to_match", listed_before)
+    assert await match_all_pods(pool, redis, settings, at, llm=None) == 0
+    rows = fetch(settings, "SELECT trigger FROM pod_matches WHERE pod_id = $1 ORDER BY id", pod)
+    assert [r["trigger"] for r in rows] == ["manual", "decline"]
+    now = client.get(f"/api/v1/pods/{pod}/match", headers=course.learners[0].h).json()
+    assert now["match_id"] == declined["match_id"]
+
+
 async def test_a_decline_of_last_weeks_round_does_not_stand_for_this_week(client, make: Factory, settings,
                                                                            xp_store):
     """Last week's round, declined after this week's moment but before the weekly run got to the pod (a worker
