@@ -210,7 +210,15 @@ async def rescore_chapters(conn: asyncpg.Connection, chapter_ids: list[int | Non
 
 
 async def _update_chapter_score(conn: asyncpg.Connection, user_id: int, assignment_id: int) -> None:
-    """Mean of the learner's best final score per assignment of the chapter, 0..1."""
+    """Mean of the learner's best final score per assignment of the chapter, 0..1. One recompute per learner at a
+    time, reading after the one before it committed: two grades finishing together each computed from a snapshot
+    without the other's, and the later write could keep only one (stamped newer than both, so no repair)."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('chapter_score'), $1::int)", user_id % 2**31)
+        await _write_chapter_score(conn, user_id, assignment_id)
+
+
+async def _write_chapter_score(conn: asyncpg.Connection, user_id: int, assignment_id: int) -> None:
     await conn.execute(
         """WITH ch AS (SELECT chapter_id FROM assignments WHERE id = $2 AND chapter_id IS NOT NULL),
                 best AS (SELECT s.assignment_id, max(s.score) AS score FROM submissions s
@@ -218,9 +226,9 @@ async def _update_chapter_score(conn: asyncpg.Connection, user_id: int, assignme
                          WHERE s.user_id = $1 AND s.status = 'graded' AND a.chapter_id = (SELECT chapter_id FROM ch)
                          GROUP BY s.assignment_id)
            INSERT INTO chapter_scores (user_id, chapter_id, score, updated_at)
-           SELECT $1, (SELECT chapter_id FROM ch), least(1, greatest(0, avg(score) / 100)), now() FROM best
+           SELECT $1, (SELECT chapter_id FROM ch), least(1, greatest(0, avg(score) / 100)), clock_timestamp() FROM best
            HAVING count(*) > 0 AND (SELECT chapter_id FROM ch) IS NOT NULL
-           ON CONFLICT (user_id, chapter_id) DO UPDATE SET score = EXCLUDED.score, updated_at = now()""",
+           ON CONFLICT (user_id, chapter_id) DO UPDATE SET score = EXCLUDED.score, updated_at = clock_timestamp()""",
         user_id, assignment_id)
 
 

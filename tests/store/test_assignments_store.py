@@ -232,3 +232,40 @@ async def test_a_run_overtaken_by_a_new_grading_request_does_not_save_the_old_ru
         kinds = [h["kind"] for h in await subs_repo.history(conn, sid)]
     assert [c["name"] for c in row["criteria"]] == ["accuracy"] and row["grader"] == "offline"
     assert kinds == ["machine"]
+
+
+async def test_two_grades_of_a_chapter_finishing_together_both_count(db, settings):
+    """Two final grades of one learner's chapter, their hooks running at once: the later write had been computed
+    from a snapshot without the other grade, and kept only its own (race review). Here B's grade and recompute are
+    not yet committed when A's recompute starts; A must read after B commits."""
+    pool, _ = db
+    s = await _setup(pool)
+    async with pool.acquire() as conn:
+        a2 = await assignments_repo.create(conn, s["course"], s["instructor"], {
+            "type": "short_answer", "title": "Binary search, again", "prompt": "Why sorted?",
+            "reference_answer": REFERENCE, "rubric": [{"name": "correctness", "points": 100, "description": ""}],
+            "video_id": s["video"], "chapter_id": s["chapter"], "concept": "Binary search"})
+        await subs_repo.create(conn, s["assignment"]["id"], s["course"], s["learner"], 1, "a", status="graded",
+                               score=100.0, confidence=1.0, grader="auto")
+    b = await pool.acquire()
+    try:
+        tx = b.transaction()
+        await tx.start()
+        await subs_repo.create(b, a2["id"], s["course"], s["learner"], 1, "b", status="graded", score=0.0,
+                               confidence=1.0, grader="auto")
+        await assignments_repo._update_chapter_score(b, s["learner"], a2["id"])  # B's hook, not committed yet
+
+        async def a_hook() -> None:
+            async with pool.acquire() as conn:
+                await assignments_repo._update_chapter_score(conn, s["learner"], s["assignment"]["id"])
+
+        a = asyncio.create_task(a_hook())
+        await asyncio.sleep(0.3)  # A's recompute is under way (or waiting)
+        await tx.commit()
+        await a
+    finally:
+        await pool.release(b)
+    async with pool.acquire() as conn:
+        score = await conn.fetchval("SELECT score FROM chapter_scores WHERE user_id = $1 AND chapter_id = $2",
+                                    s["learner"], s["chapter"])
+    assert score == pytest.approx(0.5)  # both grades: (100 + 0) / 2
