@@ -222,6 +222,10 @@ ON CONFLICT (user_id, chapter_id) DO UPDATE SET score = EXCLUDED.score, updated_
 async def replace_chapters(conn: asyncpg.Connection, video_id: int, chapters: Sequence[Any]) -> None:
     """Swap the video's chapters for new ones (in the caller's transaction). A re-ingest keeps what hangs on them:
     assignments move to the matching new chapter, and learners' chapter strengths are recomputed there."""
+    # The old chapters are locked first: an assignment being written on one (its key held) is waited for and
+    # then moved; one written after waits here and finds its chapter gone (a 404, not a chapter silently nulled
+    # by the delete, as an assignment that slipped in between the move and the delete was).
+    await conn.execute("SELECT id FROM chapters WHERE video_id = $1 AND idx >= 0 ORDER BY id FOR UPDATE", video_id)
     await conn.executemany(
         "INSERT INTO chapters (video_id, idx, start_s, end_s, title, summary) VALUES ($1, $2, $3, $4, $5, $6)",
         [(video_id, -1 - i, float(c.start), float(c.end), c.title, c.summary) for i, c in enumerate(chapters)],

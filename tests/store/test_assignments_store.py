@@ -269,3 +269,36 @@ async def test_two_grades_of_a_chapter_finishing_together_both_count(db, setting
         score = await conn.fetchval("SELECT score FROM chapter_scores WHERE user_id = $1 AND chapter_id = $2",
                                     s["learner"], s["chapter"])
     assert score == pytest.approx(0.5)  # both grades: (100 + 0) / 2
+
+
+async def test_an_assignment_written_during_a_reingest_moves_to_the_new_chapter(db, settings):
+    """A re-ingest moves the assignments of the video's old chapters to the new ones, then deletes the old: one
+    being written meanwhile was not moved, and the delete nulled its chapter (race review)."""
+    from store import videos as videos_repo
+
+    pool, _ = db
+    s = await _setup(pool)
+    writer = await pool.acquire()
+    try:
+        tx = writer.transaction()
+        await tx.start()
+        a = await assignments_repo.create(writer, s["course"], s["instructor"], {
+            "type": "short_answer", "title": "Written meanwhile", "prompt": "Why?", "reference_answer": REFERENCE,
+            "rubric": [{"name": "correctness", "points": 100, "description": ""}], "video_id": s["video"],
+            "chapter_id": s["chapter"], "concept": "Binary search"})
+
+        async def reingest() -> None:
+            async with pool.acquire() as conn, conn.transaction():
+                await videos_repo.replace_chapters(conn, s["video"], [
+                    dataclasses.make_dataclass("Ch", ["start", "end", "title", "summary"])(0, 300, "Search", "")])
+
+        swap = asyncio.create_task(reingest())
+        await asyncio.sleep(0.3)
+        await tx.commit()
+        await swap
+    finally:
+        await pool.release(writer)
+    async with pool.acquire() as conn:
+        chapter = await conn.fetchval("SELECT chapter_id FROM assignments WHERE id = $1", a["id"])
+        new = await conn.fetchval("SELECT id FROM chapters WHERE video_id = $1", s["video"])
+    assert chapter == new and chapter != s["chapter"]
