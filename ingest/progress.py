@@ -56,7 +56,8 @@ class JobReporter:
         video `processing` for good: nothing revisits a failed job); False when the job had already finished
         (another run's outcome stands)."""
         return await self._write("failed", 0.0, force=True, error=reason,
-                                 also=lambda conn: videos_repo.mark_failed(conn, self.job["video_id"], reason))
+                                 also=lambda conn: videos_repo.mark_failed(conn, self.job["video_id"], reason,
+                                                                            self.job["id"]))
 
     async def _write(self, state: str, fraction: float, *, force: bool, error: str | None = None,
                      also: Callable[[asyncpg.Connection], Awaitable[None]] | None = None) -> bool:

@@ -57,12 +57,16 @@ async def mark_requeued(conn: asyncpg.Connection, video_id: int) -> None:
                           WHERE id = $1 AND status = 'failed'""", video_id)
 
 
-async def mark_failed(conn: asyncpg.Connection, video_id: int, reason: str) -> None:
+async def mark_failed(conn: asyncpg.Connection, video_id: int, reason: str, job_id: int | None = None) -> None:
     """An ingest gave up. A video still serving its earlier chunks stays ready, with the reason kept in
-    `error`; one that never became ready is `failed`."""
+    `error`; one that never became ready is `failed`. Nothing changes when a later ingest of the video (than job
+    `job_id`) has finished: the video is that one's now, and its error would be none of its own."""
     await conn.execute("""UPDATE videos SET status = CASE WHEN status = 'ready' AND chunk_count > 0 THEN 'ready'
                                                      ELSE 'failed' END,
-                                 error = $2, updated_at = now() WHERE id = $1""", video_id, reason)
+                                 error = $2, updated_at = now()
+                          WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.video_id = $1 AND j.id > $3
+                                                          AND j.kind = 'ingest' AND j.state = 'done')""",
+                       video_id, reason, job_id or 0)
 
 
 async def replace_transcript(conn: asyncpg.Connection, video_id: int, cues: Sequence[Any]) -> None:

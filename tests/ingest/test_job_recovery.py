@@ -559,7 +559,7 @@ def test_a_failing_ingest_fails_its_video_in_the_same_commit(settings, make: Fac
                                 VALUES ('ingest', $1, $2, 'embedding', 1, $3) RETURNING *""", cid, vid, inst.id)
     real = videos_repo.mark_failed
 
-    async def killed(conn, video_id, reason):  # type: ignore[no-untyped-def]
+    async def killed(conn, video_id, reason, job_id=None):  # type: ignore[no-untyped-def]
         raise ConnectionResetError("the worker died here")
 
     async def go(mark) -> bool:  # type: ignore[no-untyped-def]
@@ -580,3 +580,31 @@ def test_a_failing_ingest_fails_its_video_in_the_same_commit(settings, make: Fac
     assert run_sync(go(real)) is True
     assert state() == ("failed", "failed")
     assert fetch(settings, "SELECT error FROM videos WHERE id = $1", vid)[0]["error"] == "the transcript could not be read"
+
+
+def test_an_older_ingest_failing_after_a_newer_one_finished_leaves_the_video_alone(settings, make: Factory, client):
+    """An older ingest of a video, retrying after a newer one had finished, exhausted its attempts and stamped its
+    error on the video the newer one had made ready (race review)."""
+    from ingest.progress import JobReporter
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Older"}, headers=inst.h).json()["id"]
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status, chunk_count) VALUES ($1, 'v', "
+                          "'transcript', 'ready', 0) RETURNING id", cid)[0]["id"]
+    older, newer = (fetch(settings, """INSERT INTO jobs (kind, course_id, video_id, state, attempts, created_by)
+                                      VALUES ('ingest', $1, $2, $3, 1, $4) RETURNING *""", cid, vid, st, inst.id)[0]
+                    for st in ("embedding", "done"))
+
+    async def fail() -> bool:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+        try:
+            return await JobReporter(pool, arq, older).fail("YouTube did not respond in time (gave up after 3)")
+        finally:
+            await arq.aclose()
+            await pool.close()
+
+    assert run_sync(fail()) is True  # the older job says why it failed
+    assert fetch(settings, "SELECT state FROM jobs WHERE id = $1", older["id"])[0]["state"] == "failed"
+    video = fetch(settings, "SELECT status, error FROM videos WHERE id = $1", vid)[0]
+    assert (video["status"], video["error"]) == ("ready", None)  # the video is the newer ingest's
