@@ -10,9 +10,9 @@
   or the previous response ended closes the connection. (Bodies have no deadline: a large upload over a slow link
   is legitimate.)
 - **A response has a reader.** A client that stops reading kept its response in memory for good: the app waits
-  for the write buffer to drain (it never does), and closing a connection waits for the same. A response whose
-  writing has waited WRITE_STALL_S for the client to read anything, or a connection closed with bytes still
-  unsent, is cut (reset), as a stalled websocket is.
+  for the write buffer to drain (it never does), and closing a connection waits for the same. While the buffer
+  is over its high-water mark, a client that takes nothing of it for WRITE_STALL_S is cut (reset), as a stalled
+  websocket is; one that reads, however slowly, gets the whole response (closes still wait for the drain).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 30.0
-WRITE_STALL_S = 60.0  # no byte of a response read for this long: the client is gone (or never meant to read)
+WRITE_STALL_S = 60.0  # nothing of a full write buffer taken for this long: the client is gone (or never reads)
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -31,7 +31,8 @@ class HttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.head_bytes = 0
         self.head_timer: asyncio.TimerHandle | None = None  # set while a request head is awaited
-        self.stall_timer: asyncio.TimerHandle | None = None  # set while writing waits for the client to read
+        self.stall_timer: asyncio.TimerHandle | None = None  # set while the write buffer is over its high-water mark
+        self.stall_left = 0  # the buffer's size when the stall timer was set
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -45,11 +46,15 @@ class HttpProtocol(HttpToolsProtocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self.stall_timer is None:
-            self.stall_timer = self.loop.call_later(WRITE_STALL_S, self._write_stalled)
+            self._watch_drain()
 
     def resume_writing(self) -> None:
         self._unstalled()
         super().resume_writing()
+
+    def _watch_drain(self) -> None:
+        self.stall_left = self.transport.get_write_buffer_size()
+        self.stall_timer = self.loop.call_later(WRITE_STALL_S, self._write_stalled)
 
     def _unstalled(self) -> None:
         if self.stall_timer is not None:
@@ -58,19 +63,12 @@ class HttpProtocol(HttpToolsProtocol):
 
     def _write_stalled(self) -> None:
         self.stall_timer = None
-        self.transport.abort()  # connection_lost follows: the app's wait for the drain ends
-
-    def _close(self) -> None:
-        """Close, or cut when bytes are still unsent (a close waits for a reader that may never come)."""
-        if self.transport.is_closing():
+        if self.transport.get_protocol() is not self:  # upgraded to a websocket meanwhile: its own guards apply
             return
-        if self.transport.get_write_buffer_size():
-            self.transport.abort()
-        else:
-            self.transport.close()
-
-    def timeout_keep_alive_handler(self) -> None:
-        self._close()
+        if self.transport.get_write_buffer_size() < self.stall_left:  # read from meanwhile: a slow reader
+            self._watch_drain()
+            return
+        self.transport.abort()  # connection_lost follows: the app's wait for the drain ends
 
     def _await_head(self) -> None:
         self._head_done()
@@ -84,7 +82,8 @@ class HttpProtocol(HttpToolsProtocol):
 
     def _head_timeout(self) -> None:
         self.head_timer = None
-        self._close()
+        if not self.transport.is_closing():
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.head_timer is not None:  # a head is being read: bytes fed so far have not completed it

@@ -127,3 +127,45 @@ async def test_a_client_that_stops_reading_is_cut_and_its_response_let_go(monkey
         sock.close()
         srv.should_exit = True
         await task
+
+
+async def test_a_slow_but_steady_reader_gets_the_whole_response(monkeypatch):
+    """The stall cut is for a client that takes nothing: one reading slowly (here at most 128 KB each 50 ms, the
+    response 16 MB, more than the kernel's buffers take: behind for longer than WRITE_STALL_S and the keep-alive
+    timeout) gets every byte."""
+    import socket
+
+    monkeypatch.setattr(http_transport, "WRITE_STALL_S", 2.0)
+    body = bytes(range(256)) * 65536  # 16 MiB
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=http_transport.HttpProtocol,
+                                        log_config=None, lifespan="off", timeout_keep_alive=1))
+    task = asyncio.create_task(srv.serve())
+    while not srv.started:
+        await asyncio.sleep(0.01)
+    sock = socket.socket()
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_sendall(sock, b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = b""
+        while True:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 131072), 10)
+            if not chunk:
+                break
+            got += chunk
+            await asyncio.sleep(0.05)
+            if got.endswith(body[-64:]) and len(got) >= len(body):
+                break
+        assert got.split(b"\r\n\r\n", 1)[1] == body
+    finally:
+        sock.close()
+        srv.should_exit = True
+        await task
