@@ -57,7 +57,8 @@ _LABEL = re.compile(
 # Patterns with a leading run (white space, ">") start only where that run starts, as a search from each place
 # inside it scanned to its end (a line of 20,000 spaces took seconds; the time grows with the square).
 _RUN_START = r"(?:(?<!\s)\s++|(?<![\s>]))"
-_CHEVRONS = re.compile(_RUN_START + r">{2,}+\s*+")
+# (">> >>" is one match: a second run starts inside the first's match, where the run-start check cannot see it)
+_CHEVRONS = re.compile(_RUN_START + r">{2,}+(?:\s*+>{2,}+)*+\s*+")
 # A stray ">" left where "<inaudible>"-style markup was mangled: at either end of the line or just
 # before punctuation. A ">" between two words is kept (it may be maths).
 _LEADING_GT = re.compile(r"^[\s>]*>\s*")

@@ -201,10 +201,18 @@ def run_workers(workers: list[Worker], on_stop: Callable[[signal.Signals], None]
         stop(signal.SIGTERM)
         loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
     finally:
+        for w in workers:  # each on its own: one failing to close (Redis gone) must not leave the other open
+            try:
+                loop.run_until_complete(w.close())
+            except Exception:  # noqa: BLE001
+                logger.warning("worker for %s did not close cleanly", w.queue_name, exc_info=True)
+        # A second SIGTERM or Ctrl-C (`up` passing one on) while the workers close, or while the process exits, is
+        # the stop already under way: the loop's handlers stay through the closes, then the signals are ignored.
+        # (Removing the handlers, or the loop closing at exit, puts back the default action: a late signal killed
+        # the process mid-close.)
+        loop.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        for w in workers:
-            loop.run_until_complete(w.close())
+            signal.signal(sig, signal.SIG_IGN)
     for t in tasks:
         if not t.cancelled() and t.exception() is not None:
             raise t.exception()  # type: ignore[misc]

@@ -264,6 +264,7 @@ def test_speaker_labels_removed_words_kept() -> None:
         ("JUSTIN SOLOMON: Good question.", "Good question."),
         (">> Right, so.", "Right, so."),
         (">> PROFESSOR: Next. >> AUDIENCE: Yes.", "Next. Yes."),
+        ("Right >> >> PROFESSOR: next.", "Right next."),  # runs of chevrons, one after another
         ("Professor Paul Bloom: Fair enough.", "Fair enough."),
         ("- ERIK DEMAINE: Okay.", "Okay."),
         ("Speaker 2: hi", "hi"),

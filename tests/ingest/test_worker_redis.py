@@ -90,6 +90,8 @@ def test_one_worker_process_serves_both_queues_and_stops_on_sigterm(settings, da
         assert asyncio.run(pings()) == ["pong", "pong"]
         t0 = time.monotonic()
         both.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        both.send_signal(signal.SIGTERM)  # a second one (`up` passing Ctrl-C on) while it closes: no kill
         assert both.wait(timeout=20) == 0 and time.monotonic() - t0 < 15
         assert not alive(INGEST_QUEUE) and not alive(QUICK_QUEUE)  # each worker closed (and dropped its key)
     finally:
