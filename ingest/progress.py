@@ -71,6 +71,10 @@ class JobReporter:
             if state == "failed":
                 progress = float(self.job["progress"])
             async with self.pool.acquire() as conn, conn.transaction():
+                if also is not None and self.job["video_id"] is not None:
+                    # the video's row before the job's, as deleting a video (its jobs cascade) and the pipeline's
+                    # final commit take them: the other order could deadlock with them
+                    await conn.execute("SELECT 1 FROM videos WHERE id = $1 FOR NO KEY UPDATE", self.job["video_id"])
                 row = await jobs_repo.set_state(conn, self.job["id"], state, progress, error)
                 if row is not None and also is not None:
                     await also(conn)

@@ -260,8 +260,8 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
             video_id, job_id = await submit_video(pool, arq if worker_alive else None, settings, args.course_id,
                                                   owner, **kw)
         except BaseException as exc:
-            if "file_path" in kw:  # no video row refers to the copy
-                kw["file_path"].unlink(missing_ok=True)
+            if "file_path" in kw:  # the copy goes unless its video committed (a stop can land after the commit)
+                await _drop_unclaimed(pool, kw["file_path"])
             if isinstance(exc, DuplicateVideo):
                 raise CliError(str(exc)) from None
             raise
@@ -285,6 +285,17 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         await arq.aclose()
         await pool.close()
+
+
+async def _drop_unclaimed(pool, path) -> None:  # type: ignore[no-untyped-def]
+    """Delete an uploaded copy no video refers to; when that cannot be told (the database away), leave it to the
+    worker's hourly sweep of unclaimed uploads."""
+    try:
+        claimed = await pool.fetchval("SELECT EXISTS (SELECT 1 FROM videos WHERE file_path = $1)", str(path))
+    except Exception:  # noqa: BLE001
+        return
+    if not claimed:
+        path.unlink(missing_ok=True)
 
 
 async def _run_inline(job_fn, ctx: dict, job_id: int) -> None:  # type: ignore[no-untyped-def]

@@ -228,7 +228,10 @@ async def replace_chapters(conn: asyncpg.Connection, video_id: int, chapters: Se
     assignments move to the matching new chapter, and learners' chapter strengths are recomputed there."""
     # The old chapters are locked first: an assignment being written on one (its key held) is waited for and
     # then moved; one written after waits here and finds its chapter gone (a 404, not a chapter silently nulled
-    # by the delete, as an assignment that slipped in between the move and the delete was).
+    # by the delete, as an assignment that slipped in between the move and the delete was). Their assignments
+    # before them, as an edit locks an assignment and then its new chapter's key (the other order deadlocked).
+    await conn.execute("""SELECT a.id FROM assignments a JOIN chapters c ON c.id = a.chapter_id
+                          WHERE c.video_id = $1 AND c.idx >= 0 ORDER BY a.id FOR UPDATE OF a""", video_id)
     await conn.execute("SELECT id FROM chapters WHERE video_id = $1 AND idx >= 0 ORDER BY id FOR UPDATE", video_id)
     await conn.executemany(
         "INSERT INTO chapters (video_id, idx, start_s, end_s, title, summary) VALUES ($1, $2, $3, $4, $5, $6)",

@@ -158,6 +158,8 @@ class SubmissionController(Controller):
             async with state.pool.acquire() as conn:
                 if (done := await repo.by_client_key(conn, assignment_id, user.id, key)) is not None:
                     return _repeat(done, answer, user)
+        async with state.pool.acquire() as conn:  # an answer refused anyway does not use up the allowance
+            _open_check(a, await repo.attempts(conn, assignment_id, user.id))  # (again under the lock below)
         if a["type"] == "multiple_choice":
             ok, wait = await SendLimiter(state.redis, CHOICE_PER_MINUTE / 60, CHOICE_BURST,
                                          key=rate_choice).take(user.id)
@@ -165,8 +167,6 @@ class SubmissionController(Controller):
                 raise ApiError(429, f"at most {CHOICE_PER_MINUTE} multiple-choice answers a minute; retry in "
                                f"{wait:g}s", code="rate_limited", retry_after=wait)
         else:  # each written answer costs a grading run (a model call, with one)
-            async with state.pool.acquire() as conn:  # an answer refused anyway does not use up the allowance
-                _open_check(a, await repo.attempts(conn, assignment_id, user.id))  # (again under the lock below)
             ok, wait = await SendLimiter(state.redis, WRITTEN_PER_HOUR / 3600, WRITTEN_BURST,
                                          key=rate_written).take(user.id)
             if not ok:

@@ -156,3 +156,31 @@ def test_cli_progress_of_a_job_deleted_meanwhile_is_one_line(settings):
 
     with pytest.raises(CliError, match="is gone"):
         asyncio.run(go())
+
+
+def test_a_failed_ingest_drops_only_a_copy_no_video_claims(settings, make: Factory, client, tmp_path):
+    """`ingest --file` deletes its copy when the submit fails, unless the video committed first (a stop landing
+    during the enqueue, after the commit, had deleted the file of a stored video)."""
+    import asyncio
+
+    from server.cli import _drop_unclaimed
+    from store.db import create_pool
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Copies"}, headers=inst.h).json()["id"]
+    claimed, loose = tmp_path / "claimed.upload", tmp_path / "loose.upload"
+    for p in (claimed, loose):
+        p.write_bytes(b"1\n00:00:01,000 --> 00:00:02,000\nhi\n")
+    fetch(settings, "INSERT INTO videos (course_id, title, source, status, file_path) VALUES ($1, 'v', 'transcript', "
+                    "'queued', $2)", cid, str(claimed))
+
+    async def go() -> None:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        try:
+            for p in (claimed, loose):
+                await _drop_unclaimed(pool, p)
+        finally:
+            await pool.close()
+
+    asyncio.run(go())
+    assert claimed.exists() and not loose.exists()

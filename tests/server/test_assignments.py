@@ -434,6 +434,9 @@ def test_written_answers_are_rate_limited_per_learner(server, client, make: Fact
                          headers=learner.h) for i in range(WRITTEN_BURST + 1)]
     assert [r.status_code for r in codes[:-1]] == [201] * WRITTEN_BURST, codes[0].text
     assert codes[-1].status_code == 429 and int(codes[-1].headers["Retry-After"]) >= 1, codes[-1].text
+    closed_mc = published(client, course, {**MC, "title": "Closed MC", "closes_at": past})
+    assert {client.post(f"/api/v1/assignments/{closed_mc['id']}/submissions", json={"answer": [1]},
+                        headers=learner.h).status_code for _ in range(CHOICE_BURST + 5)} == {409}  # nothing taken
     mc = published(client, course, MC)  # multiple choice has an allowance of its own, a larger one
     codes = [client.post(f"/api/v1/assignments/{mc['id']}/submissions", json={"answer": [i % 3]}, headers=learner.h)
              for i in range(CHOICE_BURST + 1)]

@@ -85,3 +85,12 @@ async def test_a_member_whose_removal_never_reached_the_socket_cannot_post(serve
         await c.close()
     texts = [m["text"] for m in fetch(settings, "SELECT body AS text FROM messages WHERE room_id = $1", f"pod:{pid}")]
     assert texts == ["before"]
+
+
+def test_access_revoked_is_a_403_over_rest():
+    """A REST post or edit that loses the race with a removal is refused as a kick is (it was a 400)."""
+    from server.api.rooms import refused
+    from store.messages import ACCESS_REVOKED, Refused
+
+    err = refused(Refused(ACCESS_REVOKED, "you no longer have access to this room"))
+    assert err.status_code == 403 and err.code == "access_revoked"
