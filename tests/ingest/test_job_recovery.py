@@ -544,11 +544,23 @@ def test_re_ingest_asked_again_before_it_starts_is_one_job(settings, make: Facto
     assert len(fetch(settings, "SELECT id FROM jobs WHERE video_id = $1", vid)) == 2  # what it read may have changed
 
 
+async def _fail_job(settings, job, reason: str) -> bool:  # type: ignore[no-untyped-def]
+    """A job's run failing for good with `reason`, as the worker records it."""
+    from ingest.progress import JobReporter
+
+    pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+    arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+    try:
+        return await JobReporter(pool, arq, job).fail(reason)
+    finally:
+        await arq.aclose()
+        await pool.close()
+
+
 def test_a_failing_ingest_fails_its_video_in_the_same_commit(settings, make: Factory, client, monkeypatch):
     """The job's `failed` and its video's `failed` commit together: the process dying between two commits left
     the video `processing` for good (nothing revisits a failed job). Here the video's update breaks off, as a
     kill would: the job is not failed either, and the next run fails both."""
-    from ingest.progress import JobReporter
     from store import videos as videos_repo
 
     inst = make.user("instructor")
@@ -564,13 +576,7 @@ def test_a_failing_ingest_fails_its_video_in_the_same_commit(settings, make: Fac
 
     async def go(mark) -> bool:  # type: ignore[no-untyped-def]
         monkeypatch.setattr(videos_repo, "mark_failed", mark)
-        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
-        arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
-        try:
-            return await JobReporter(pool, arq, job).fail("the transcript could not be read")
-        finally:
-            await arq.aclose()
-            await pool.close()
+        return await _fail_job(settings, job, "the transcript could not be read")
 
     with pytest.raises(ConnectionResetError):
         run_sync(go(killed))
@@ -579,14 +585,13 @@ def test_a_failing_ingest_fails_its_video_in_the_same_commit(settings, make: Fac
     assert state() == ("embedding", "processing")  # neither: the job is still there to run again
     assert run_sync(go(real)) is True
     assert state() == ("failed", "failed")
-    assert fetch(settings, "SELECT error FROM videos WHERE id = $1", vid)[0]["error"] == "the transcript could not be read"
+    error = fetch(settings, "SELECT error FROM videos WHERE id = $1", vid)[0]["error"]
+    assert error == "the transcript could not be read"
 
 
 def test_an_older_ingest_failing_after_a_newer_one_finished_leaves_the_video_alone(settings, make: Factory, client):
     """An older ingest of a video, retrying after a newer one had finished, exhausted its attempts and stamped its
     error on the video the newer one had made ready (race review)."""
-    from ingest.progress import JobReporter
-
     inst = make.user("instructor")
     cid = client.post("/api/v1/courses", json={"title": "Older"}, headers=inst.h).json()["id"]
     vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status, chunk_count) VALUES ($1, 'v', "
@@ -595,16 +600,8 @@ def test_an_older_ingest_failing_after_a_newer_one_finished_leaves_the_video_alo
                                       VALUES ('ingest', $1, $2, $3, 1, $4) RETURNING *""", cid, vid, st, inst.id)[0]
                     for st in ("embedding", "done"))
 
-    async def fail() -> bool:
-        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
-        arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
-        try:
-            return await JobReporter(pool, arq, older).fail("YouTube did not respond in time (gave up after 3)")
-        finally:
-            await arq.aclose()
-            await pool.close()
-
-    assert run_sync(fail()) is True  # the older job says why it failed
+    # the older job says why it failed
+    assert run_sync(_fail_job(settings, older, "YouTube did not respond in time (gave up after 3)")) is True
     assert fetch(settings, "SELECT state FROM jobs WHERE id = $1", older["id"])[0]["state"] == "failed"
     video = fetch(settings, "SELECT status, error FROM videos WHERE id = $1", vid)[0]
     assert (video["status"], video["error"]) == ("ready", None)  # the video is the newer ingest's

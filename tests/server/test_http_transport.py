@@ -31,15 +31,21 @@ async def _app(scope, receive, send):  # type: ignore[no-untyped-def]
     await send({"type": "http.response.body", "body": body})
 
 
-@pytest.fixture
-async def server(monkeypatch):  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(http_transport, "HEAD_TIMEOUT_S", 1.0)
+async def _serve(app, **config) -> tuple[uvicorn.Server, asyncio.Task, int]:  # type: ignore[no-untyped-def]
+    """A uvicorn server on our transport, started: (server, its task, port)."""
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(_app, host="127.0.0.1", port=port, http=http_transport.HttpProtocol,
-                                        log_config=None, lifespan="off", timeout_keep_alive=30))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=http_transport.HttpProtocol,
+                                        log_config=None, lifespan="off", **config))
     task = asyncio.create_task(srv.serve())
     while not srv.started:
         await asyncio.sleep(0.01)
+    return srv, task, port
+
+
+@pytest.fixture
+async def server(monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(http_transport, "HEAD_TIMEOUT_S", 1.0)
+    srv, task, port = await _serve(_app, timeout_keep_alive=30)
     yield port
     srv.should_exit = True
     await task
@@ -107,12 +113,7 @@ async def test_a_client_that_stops_reading_is_cut_and_its_response_let_go(monkey
         finally:
             finished.set()
 
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=http_transport.HttpProtocol,
-                                        log_config=None, lifespan="off"))
-    task = asyncio.create_task(srv.serve())
-    while not srv.started:
-        await asyncio.sleep(0.01)
+    srv, task, port = await _serve(app)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
@@ -143,12 +144,7 @@ async def test_a_slow_but_steady_reader_gets_the_whole_response(monkeypatch):
                     "headers": [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=http_transport.HttpProtocol,
-                                        log_config=None, lifespan="off", timeout_keep_alive=1))
-    task = asyncio.create_task(srv.serve())
-    while not srv.started:
-        await asyncio.sleep(0.01)
+    srv, task, port = await _serve(app, timeout_keep_alive=1)
     sock = socket.socket()
     sock.connect(("127.0.0.1", port))
     sock.setblocking(False)
