@@ -60,6 +60,9 @@ async def main() -> None:
             learner = await conn.fetchval(
                 """INSERT INTO users (tenant_id, name, role) SELECT tenant_id, 'bench learner', 'learner' FROM courses
                    WHERE id = $1 ON CONFLICT (tenant_id, name) DO UPDATE SET role = 'learner' RETURNING id""", cid)
+            # enrolled: a post is refused to someone who may not use the room
+            await conn.execute("INSERT INTO enrollments (course_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                               cid, learner)
         emb = TimedEmbedder(embedder_for(settings))
         # the server's own path for a room question: quota, history, cache, the graph, the stored turn, the
         # posted reply, the answer's hold (a limit no run reaches, so the quota statement runs but never refuses)
