@@ -141,7 +141,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGUSR1, parent_died)
     try:
         _migrate(settings)
-        # arq binds the worker to the current event loop at construction and handles SIGTERM/SIGINT itself.
+        # arq binds each worker to the current event loop at construction; run_workers handles SIGTERM/SIGINT.
         asyncio.set_event_loop(asyncio.new_event_loop())
         run_workers([ResilientWorker(**worker_settings(settings, q)) for q in args.queues],
                     on_stop=mark_stopping)  # jobs cancelled by the stop give their attempt back

@@ -105,7 +105,7 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
     `author_id=None` posts as a non-human author named `author_name` with role `author_role` (the tutor,
     the grader). With a `client_msg_id` seen before from the same author in the room, nothing is stored and
     the original message is returned (`created=False`). Raises Refused("kicked") for an author barred from the
-    room, Refused("muted") for a muted one and
+    room, Refused("muted") for a muted one, Refused(ACCESS_REVOKED) for one who may no longer use the room and
     LookupError for a room whose course, pod or session does not exist. `also(conn, message_id)` runs in the
     message's own transaction, only when a message is created (the tutor records the question it will answer,
     so the two exist together or not at all)."""
@@ -116,7 +116,7 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
             if also is not None:  # it writes a row of the course's (the tutor's hold): the course's row goes first
                 await rooms.lock_room(conn, room_id)
             if author_id is not None:
-                # One round trip for the three questions asked before every human post.
+                # One round trip for the questions asked before every human post.
                 where = rooms.parse_room(room_id)
                 author = await conn.fetchrow(_AUTHOR, room_id, author_id, client_msg_id,
                                              moderation.session_of(room_id), where.kind if where else "",
