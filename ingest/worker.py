@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 POLL_BACKOFF_MAX_S = 5.0
 REDIS_READ_TIMEOUT_S = 10.0  # no worker command (polls, heartbeats, enqueues, scripts) blocks on the server
 WORKER_QUEUES = ("ingest", "quick")
+RECANCEL_S = 2.0  # a worker still polling this long after its stop is cancelled again
 
 
 class ResilientWorker(Worker):
@@ -190,6 +191,18 @@ def run_workers(workers: list[Worker], on_stop: Callable[[signal.Signals], None]
             on_stop(sig)
         for w in workers:  # cancels its running jobs (they give their attempt back) and its poll
             w.handle_sig(sig)
+        loop.call_later(RECANCEL_S, cancel_again)
+
+    def cancel_again() -> None:
+        # A worker's poll went on after its cancel once (both queues' workers, in CI: the process ignored SIGTERM
+        # until `up` killed it 30 s later); wherever a library let that cancel go, it is sent again until the
+        # poll ends.
+        left = [w for w in workers if w.main_task is not None and not w.main_task.done()]
+        for w in left:
+            logger.warning("worker for %s still polling after its stop; cancelling it again", w.queue_name)
+            w.main_task.cancel()
+        if left:
+            loop.call_later(RECANCEL_S, cancel_again)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, functools.partial(stop, sig))

@@ -146,3 +146,58 @@ async def test_a_worker_on_a_half_open_connection_takes_jobs_again(settings, mon
         await asyncio.gather(worker.close(), return_exceptions=True)
         await direct.aclose()
         await proxy.close()
+
+
+def test_a_worker_that_lets_its_cancel_go_is_stopped_all_the_same(monkeypatch):
+    """In CI both queues' workers went on polling after SIGTERM had cancelled them (the process stopped only when
+    `up` killed it, 30 s later): somewhere under arq a cancel was let go. run_workers sends it again until each
+    worker's poll ends. (A stand-in worker lets its first cancel go; arq's own cannot be made to on purpose.)"""
+    import os
+    import signal
+    import time
+
+    from ingest import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "RECANCEL_S", 0.1, raising=False)
+    loop = asyncio.new_event_loop()
+
+    class Stubborn:
+        queue_name = "stubborn"
+
+        def __init__(self) -> None:
+            self.loop, self.main_task, self.closed, self.cancels = loop, None, False, 0
+
+        async def main(self) -> None:
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    self.cancels += 1
+                    if self.cancels == 1:
+                        continue  # let go, as something under the real poll once did
+                    raise
+
+        def handle_sig(self, sig: signal.Signals) -> None:
+            self.main_task.cancel()
+
+        async def close(self) -> None:
+            self.closed = True
+
+    def too_long(_signum: int, _frame: object) -> None:
+        raise TimeoutError("run_workers did not return")
+
+    w = Stubborn()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(10)
+    try:
+        loop.call_later(0.2, os.kill, os.getpid(), signal.SIGTERM)
+        t0 = time.monotonic()
+        worker_module.run_workers([w])  # type: ignore[list-item]
+        assert w.closed and w.cancels == 2 and time.monotonic() - t0 < 5
+    finally:
+        signal.alarm(0)
+        for s, h in saved.items():
+            signal.signal(s, h)
+        if not loop.is_closed():
+            loop.close()
