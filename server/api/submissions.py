@@ -159,7 +159,13 @@ class SubmissionController(Controller):
                 if (done := await repo.by_client_key(conn, assignment_id, user.id, key)) is not None:
                     return _repeat(done, answer, user)
         async with state.pool.acquire() as conn:  # an answer refused anyway does not use up the allowance
-            _open_check(a, await repo.attempts(conn, assignment_id, user.id))  # (again under the lock below)
+            try:
+                _open_check(a, await repo.attempts(conn, assignment_id, user.id))  # (again under the lock below)
+            except ApiError:
+                # the same request, raced: its twin stored the attempt since the key was looked up above
+                if key is not None and (done := await repo.by_client_key(conn, assignment_id, user.id, key)):
+                    return _repeat(done, answer, user)
+                raise
         if a["type"] == "multiple_choice":
             ok, wait = await SendLimiter(state.redis, CHOICE_PER_MINUTE / 60, CHOICE_BURST,
                                          key=rate_choice).take(user.id)
