@@ -29,9 +29,7 @@ ACCESS_REVOKED = "access_revoked"  # a Refused code: the author left the course 
 
 async def _allowed(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
     ref = rooms.parse_room(room_id)
-    return ref is not None and bool(await conn.fetchval(
-        f"SELECT {rooms.ACCESS_SQL.format(u='u', kind='$2::text', target='$3::bigint')} FROM users u WHERE u.id = $1",
-        user_id, ref.kind, ref.target_id))
+    return ref is not None and await rooms.allowed(conn, ref, user_id)
 
 
 class Refused(Exception):

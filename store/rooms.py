@@ -68,8 +68,9 @@ async def room_target(conn: asyncpg.Connection, ref: RoomRef) -> asyncpg.Record 
     return await conn.fetchrow(_TARGET[ref.kind], ref.target_id)
 
 
-# Whether a user (its `users` row as {u}) may use a room of kind {kind} and target id {target} now, as `access`
-# decides at join (the tenant was checked there and does not change). For checks inside other statements.
+# Whether a user (its `users` row as {u}) may use a room of kind {kind} and target id {target} now: the one rule,
+# asked at join (`access`, which also checks the tenant: that does not change), post and edit (`allowed`, or inside
+# another statement).
 ACCESS_SQL = """(CASE WHEN {u}.role IN ('instructor', 'admin') THEN true
       WHEN {kind} = 'pod' THEN EXISTS (
           SELECT 1 FROM pod_members acc_m JOIN pods acc_p ON acc_p.id = acc_m.pod_id
@@ -80,6 +81,13 @@ ACCESS_SQL = """(CASE WHEN {u}.role IN ('instructor', 'admin') THEN true
           SELECT 1 FROM enrollments acc_e WHERE acc_e.course_id = {target} AND acc_e.user_id = {u}.id)
       ELSE EXISTS (SELECT 1 FROM live_sessions acc_s JOIN enrollments acc_e ON acc_e.course_id = acc_s.course_id
                    WHERE acc_s.id = {target} AND acc_e.user_id = {u}.id) END)"""
+
+
+async def allowed(conn: asyncpg.Connection, ref: RoomRef, user_id: int) -> bool:
+    """Whether the user may use the room now (ACCESS_SQL: the rule at join, post and edit)."""
+    return bool(await conn.fetchval(
+        f"SELECT {ACCESS_SQL.format(u='u', kind='$2::text', target='$3::bigint')} FROM users u WHERE u.id = $1",
+        user_id, ref.kind, ref.target_id))
 
 
 async def access(conn: asyncpg.Connection, room_id: str, user_id: int, tenant_id: int,
@@ -94,18 +102,10 @@ async def access(conn: asyncpg.Connection, room_id: str, user_id: int, tenant_id
     target = await room_target(conn, ref)
     if target is None or target["tenant_id"] != tenant_id:
         return None
+    if not await allowed(conn, ref, user_id):
+        return None
     staff = role in STAFF
     course_id = target["course_id"]
-    if ref.kind == "pod":
-        ok = staff or bool(await conn.fetchval(
-            """SELECT EXISTS (SELECT 1 FROM pod_members m JOIN enrollments e ON e.user_id = m.user_id
-                              AND e.course_id = $3 WHERE m.pod_id = $1 AND m.user_id = $2)""",
-            ref.target_id, user_id, course_id))
-    else:
-        ok = staff or role == "bot" or bool(await conn.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM enrollments WHERE course_id = $1 AND user_id = $2)", course_id, user_id))
-    if not ok:
-        return None
     return RoomAccess(room_id=ref.id, kind=ref.kind, course_id=course_id, tenant_id=target["tenant_id"],
                       moderator=staff)
 

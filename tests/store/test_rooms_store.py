@@ -117,10 +117,14 @@ async def test_access_rules(db):
     async with pool.acquire() as conn:
         assert (await access(conn, room, learner, tid, "learner")) is not None
         assert (await access(conn, room, learner, tid + 10_000, "learner")) is None  # wrong tenant
-        assert (await access(conn, room, 0, tid, "learner")) is None  # not enrolled
-        staff = await access(conn, room, 0, tid, "instructor")
+        owner = await conn.fetchval("SELECT owner_id FROM courses WHERE id = $1", int(room.split(":")[1]))
+        other, bot_id = [await conn.fetchval("INSERT INTO users (tenant_id, name, role) VALUES ($1, $2, $2) "
+                                             "RETURNING id", tid, role) for role in ("learner", "bot")]
+        assert (await access(conn, room, other, tid, "learner")) is None  # not enrolled
+        assert (await access(conn, room, 0, tid, "instructor")) is None  # no such user: the role is the stored one
+        staff = await access(conn, room, owner, tid, "instructor")
         assert staff is not None and staff.moderator
-        bot = await access(conn, room, 0, tid, "bot")
+        bot = await access(conn, room, bot_id, tid, "bot")
         assert bot is not None and not bot.moderator
         for bad in ("course:0", "course:abc", "room:1", "pod:", "live:1:2", ""):
             assert (await access(conn, bad, learner, tid, "admin")) is None
