@@ -65,6 +65,11 @@ _FOLLOW_UP_HINT = re.compile(r"^(and|but|so|why|how|what about|what if|then|also
 Delta = Callable[[str], Awaitable[None]]
 
 
+def _declined(lead: str, nearest: list[dict]) -> str:
+    where = "; ".join(f"\"{n['video_title']}\" at {mmss(n['start'])}" for n in nearest)
+    return lead + (f" The nearest moments are {where}." if where else "")
+
+
 class TutorState(TypedDict, total=False):
     course_id: int
     question: str
@@ -84,13 +89,24 @@ class TutorState(TypedDict, total=False):
     usage: dict
     error: str | None
     on_delta: Any  # where the answer streams (a coroutine function), or None
+    deadline: float  # the event loop's time by which the model must have answered (see Tutor.budget_s)
+    cacheable: bool  # False: an outcome another ask may not share (a model's reply that cited nothing)
+
+
+# How long one answer may take with a model, everything included (condensing, then the whole streamed reply).
+DEFAULT_BUDGET_S = 150.0
 
 
 class Tutor:
-    """Builds and runs the tutor graph for one process (embedder, pool, optional LLM)."""
+    """Builds and runs the tutor graph for one process (embedder, pool, optional LLM).
 
-    def __init__(self, pool: asyncpg.Pool, embedder: Any, llm: LLM | None = None) -> None:
-        self.pool, self.embedder, self.llm = pool, embedder, llm
+    `budget_s` bounds a whole answer from the model: the SDKs' timeouts bound each read, so a server sending a
+    token a minute (or pings) could hold an answer, its slot and its held question for hours. Past the budget
+    the answer ends as a model failure (what came, and "please ask again")."""
+
+    def __init__(self, pool: asyncpg.Pool, embedder: Any, llm: LLM | None = None, *,
+                 budget_s: float = DEFAULT_BUDGET_S) -> None:
+        self.pool, self.embedder, self.llm, self.budget_s = pool, embedder, llm, budget_s
         g = StateGraph(TutorState)
         g.add_node("condense", self.condense)
         g.add_node("retrieve", self.retrieve)
@@ -115,7 +131,7 @@ class Tutor:
                              "usage": {"provider": self.llm.name if self.llm else "extractive",
                                        "model": self.llm.model if self.llm else "extractive",
                                        "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}, "error": None,
-                             "on_delta": on_delta}
+                             "on_delta": on_delta, "deadline": asyncio.get_running_loop().time() + self.budget_s}
         return await self.graph.ainvoke(state)
 
     # -- nodes --------------------------------------------------------------------------------------------
@@ -129,12 +145,16 @@ class Tutor:
             asker = " (the asker)" if any("mine" in h for h in history) else ""
             convo += f"\nuser{asker} (the question to rewrite): {json.dumps(q)}"
             try:
-                c = await self.llm.complete([{"role": "user", "content": convo}], system=CONDENSE, max_tokens=80)
+                async with asyncio.timeout_at(s.get("deadline")):
+                    c = await self.llm.complete([{"role": "user", "content": convo}], system=CONDENSE,
+                                                max_tokens=80)
                 self._account(s, c.usage)
                 if c.text.strip():
                     return {"standalone": c.text.strip()[:500]}
             except LLMError as exc:
                 logger.warning("condense failed, using the heuristic: %s", exc.message)
+            except TimeoutError:  # the answer then fails the same way, at once
+                logger.warning("condense took the whole answer's %g s, using the heuristic", self.budget_s)
         # Offline: a short or pronoun-led follow-up borrows the content words of the asker's own previous message
         # (in a room, another learner's chatter is not what "why?" follows).
         last_user = next((h["content"] for h in reversed(history) if h["role"] == "user" and h.get("mine", True)),
@@ -183,16 +203,19 @@ class Tutor:
                                  system=SOCRATIC if s["mode"] == "socratic" else SYSTEM, max_tokens=400)
         sent = 0
         try:
-            async with stream:  # closed (the HTTP response released) on any way out, cancellation included
-                async for _ in stream:
-                    # hold text back while it could still be the NOT_IN_COURSE sentinel
-                    if on_delta and not "NOT_IN_COURSE".startswith(stream.text.lstrip()[:13]):
-                        await on_delta(stream.text[sent:])
-                        sent = len(stream.text)
-        except LLMError as exc:
-            logger.warning("tutor answer failed mid-stream: %s", exc.message)
+            async with asyncio.timeout_at(s.get("deadline")):
+                async with stream:  # closed (the HTTP response released) on any way out, cancellation included
+                    async for _ in stream:
+                        # hold text back while it could still be the NOT_IN_COURSE sentinel
+                        if on_delta and not "NOT_IN_COURSE".startswith(stream.text.lstrip()[:13]):
+                            await on_delta(stream.text[sent:])
+                            sent = len(stream.text)
+        except (LLMError, TimeoutError) as exc:  # (the stream turns its own timeouts into LLMError)
+            why = exc.message if isinstance(exc, LLMError) else (
+                f"{self.llm.name}: the answer was not complete within {self.budget_s:g} s")
+            logger.warning("tutor answer failed mid-stream: %s", why)
             self._account(s, stream.usage_so_far)  # what the provider reported is billed all the same
-            return {"answer": stream.text, "error": exc.message, "grounded": False}
+            return {"answer": stream.text, "error": why, "grounded": False}
         if stream.usage:
             self._account(s, stream.usage)
         text = stream.text.strip()
@@ -207,9 +230,7 @@ class Tutor:
 
     async def decline(self, s: TutorState) -> dict:
         nearest = [citation(w, s.get("mode", "answer")) for w in (s.get("sources") or [])[:3]]
-        where = "; ".join(f"\"{n['video_title']}\" at {mmss(n['start'])}" for n in nearest)
-        text = ("The course videos don't cover this, so I won't guess."
-                + (f" The nearest moments are {where}." if where else ""))
+        text = _declined("The course videos don't cover this, so I won't guess.", nearest)
         return {"answer": text, "citations": [], "nearest": nearest, "follow_ups": [], "grounded": False}
 
     async def cite(self, s: TutorState) -> dict:
@@ -241,7 +262,14 @@ class Tutor:
             return f"[{used.index(n) + 1}]"
         text = _markers(renumber, s["answer"]).strip()
         cites = [citation(sources[n - 1], mode) for n in used]
-        return {"answer": text, "citations": cites, "grounded": bool(cites), "nearest": []}
+        if not cites:
+            # nothing in the reply is tied to a moment (it may be invented): not shown, and not cached for the next
+            # asker (who may get a cited reply); the nearest moments instead, as in a decline
+            nearest = [citation(w, mode) for w in sources[:3]]
+            return {"answer": _declined("I could not tie an answer to the course videos, so I won't guess.",
+                                        nearest), "citations": [], "grounded": False, "nearest": nearest,
+                    "cacheable": False}
+        return {"answer": text, "citations": cites, "grounded": True, "nearest": []}
 
     async def follow_ups(self, s: TutorState) -> dict:
         if s.get("error") or not s.get("grounded"):  # nothing answered (a model's decline, a cut-off answer): as

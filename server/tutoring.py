@@ -30,9 +30,9 @@ logger = logging.getLogger(__name__)
 
 ROOM_CONTEXT_MESSAGES = 10
 # Tutor answers one learner may have under way at once, over all server processes (REST and rooms); more are
-# refused with `tutor_busy`. A slot lapses after SLOT_TTL_MS even if its process died holding it.
+# refused with `tutor_busy`. A slot lapses on its own (`take_slot`) even if its process died holding it.
 MAX_RUNNING_PER_USER = 2
-SLOT_TTL_MS = 180_000
+SLOT_SPARE_S = 30  # a slot outlives the longest answer (the tutor's budget) by this much
 MAX_QUESTION_CHARS = 2000  # over REST and in rooms
 BUSY = f"the tutor is still answering your last {MAX_RUNNING_PER_USER} questions; ask again when they are done"
 BUSY_RETRY_S = 5.0  # told with `tutor_busy`: an answer usually takes seconds
@@ -41,13 +41,20 @@ BUSY_RETRY_S = 5.0  # told with `tutor_busy`: an answer usually takes seconds
 TUTOR_MENTION = re.compile(r"(?<![\w@/`.-])@tutor(?![\w`/-])", re.IGNORECASE)
 
 
+def answer_budget_s(settings: Any) -> float:
+    """How long one answer may take with a model: condensing and the streamed reply, each request of which may
+    take STUDYHALL_LLM_TIMEOUT_S (a reply arriving token by token may take longer than one request's timeout)."""
+    return 2.5 * settings.llm_timeout_s
+
+
 async def tutor_for(state: Any) -> Tutor:
     """One Tutor per process (it holds the compiled graph). The embedding model loads in a thread: loading it on
     the event loop stalled the process (sockets, presence heartbeats) for seconds at its first question."""
     tutor = getattr(state, "tutor", None)
     if tutor is None:
         embedder = await asyncio.to_thread(embedder_for, state.settings)
-        tutor = getattr(state, "tutor", None) or Tutor(state.pool, embedder, get_llm(state.settings))
+        tutor = getattr(state, "tutor", None) or Tutor(state.pool, embedder, get_llm(state.settings),
+                                                       budget_s=answer_budget_s(state.settings))
         state.tutor = tutor
     return tutor
 
@@ -111,6 +118,9 @@ async def prepare(state: Any, user: Any, course_id: int, question: str, *, sessi
     t0 = time.perf_counter()
     settings, pool = state.settings, state.pool
     own_hold = False
+    # (a process's first ask loads the embedding model, for seconds: not while holding a connection, which a
+    # burst of first asks after a deploy would take from everyone)
+    tutor = await tutor_for(state)
     async with pool.acquire() as conn:
         history: list[dict] = []
         if session_id is not None:
@@ -136,7 +146,6 @@ async def prepare(state: Any, user: Any, course_id: int, question: str, *, sessi
             mode = await repo.tutor_mode(conn, course_id, room_id)
             version = await repo.content_version(conn, course_id)
             qhash = repo.question_hash(question, candidates(question)[0])
-            tutor = await tutor_for(state)
             # answers differ by mode and by model: both are part of the cache key
             # (ANSWER_FORMAT: answers stored before a change in what an answer carries are not served again)
             cache_key = f"{ANSWER_FORMAT}|{mode}|{tutor.llm.name + ':' + tutor.llm.model if tutor.llm else 'extractive'}"
@@ -195,7 +204,8 @@ async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_del
                 if withdrawn:  # the room question was deleted while it was being answered: its text goes too
                     fields = {**fields, "question": "", "standalone": ""}
                 turn = await repo.record_turn(conn, **fields)
-                if cached is None and not prep.history and not failed and in_session and not withdrawn:
+                if (cached is None and not prep.history and not failed and in_session and not withdrawn
+                        and result.get("cacheable", True)):
                     await repo.remember(conn, course_id, prep.version, prep.cache_key, prep.qhash, turn["id"])
                 if failed and prep.reserved is not None:
                     # the model failed mid-answer: the learner is told to ask again, so it is not counted
@@ -416,12 +426,14 @@ def track(state: Any, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
     return task
 
 
-async def take_slot(redis: Any, user_id: int, role: str) -> str | None:
+async def take_slot(redis: Any, user_id: int, role: str, settings: Any) -> str | None:
     """One of a learner's MAX_RUNNING_PER_USER answer slots, or None when all are in use (`tutor_busy`). Staff
-    and bots (a Discord bot asks for many people) are not limited: their slot is "" and holds nothing."""
+    and bots (a Discord bot asks for many people) are not limited: their slot is "" and holds nothing. A slot
+    lapses on its own (its process may die holding it), after the longest an answer may take."""
     if role != "learner":
         return ""
-    return await take_answer_slot(redis, user_id, MAX_RUNNING_PER_USER, SLOT_TTL_MS)
+    ttl_ms = int((answer_budget_s(settings) + SLOT_SPARE_S) * 1000)
+    return await take_answer_slot(redis, user_id, MAX_RUNNING_PER_USER, ttl_ms)
 
 
 async def free_slot(redis: Any, user_id: int, slot: str) -> None:
@@ -448,8 +460,12 @@ def start_room_answer(state: Any, user: Any, course_id: int, room_id: str, messa
 # --- answers a dead process left -----------------------------------------------------------------------------
 
 # A hold whose process is not listed at all (it stopped without settling it, or Redis lost the list) is taken
-# over once it is this old: far longer than any answer takes (answer slots lapse after SLOT_TTL_MS).
+# over once it is this old, and older than any answer may take (`orphan_after_s`).
 ORPHAN_AFTER_S = 600.0
+
+
+def orphan_after_s(settings: Any) -> float:
+    return max(ORPHAN_AFTER_S, answer_budget_s(settings) + SLOT_SPARE_S)
 RECOVER_BATCH = 50
 
 
@@ -563,7 +579,7 @@ async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, t
         elif (over := await over_daily_limit(state, user)) is not None:
             refused = over
         else:
-            slot = await take_slot(state.redis, user.id, user.role)
+            slot = await take_slot(state.redis, user.id, user.role, state.settings)
             if slot is None:
                 refused = Refused("tutor_busy", BUSY, retry_after=BUSY_RETRY_S)
     posted = await post_asking(state, user, room_id, course_id, text, None, client_msg_id, question, slot)

@@ -109,7 +109,7 @@ class TutorController(Controller):
         state, user = request.app.state, request.user
         async with state.pool.acquire() as conn:
             await course_or_404(conn, course_id, user)
-        slot = await take_slot(state.redis, user.id, user.role)
+        slot = await take_slot(state.redis, user.id, user.role, state.settings)
         if slot is None:
             raise ApiError(429, BUSY, code="tutor_busy", retry_after=BUSY_RETRY_S)
         if not wants_stream(request.headers.get("accept", "")):
@@ -284,5 +284,7 @@ class TutorController(Controller):
 
 
 def _public(result: dict) -> dict:
-    return {k: result[k] for k in ("answer", "grounded", "citations", "follow_ups", "nearest", "session_id",
-                                    "turn_id", "mode", "cached")}
+    """The answer as the asker gets it; `error` (null, or what went wrong, in our words) tells a model failure
+    ("ask again") from a decline."""
+    return {k: result.get(k) for k in ("answer", "grounded", "citations", "follow_ups", "nearest", "session_id",
+                                        "turn_id", "mode", "cached", "error")}

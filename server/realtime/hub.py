@@ -557,7 +557,7 @@ class Hub:
     async def _settle_orphans(self) -> None:
         """Tutor answers held by processes that are gone but were not reaped here: expired ones the reaping duty
         has not claimed, and unlisted ones (stopped without settling, or Redis lost the list), whose holds are
-        taken over one by one once older than ORPHAN_AFTER_S."""
+        taken over one by one once older than `tutoring.orphan_after_s`."""
         async with self.pool.acquire() as db:
             held = await tutor_repo.holders(db, self.proc)
         if not held:
@@ -565,11 +565,12 @@ class Hub:
         alive = await self.presence.alive([r["proc"] for r in held])
         lapsed = set(self._lapsed_long())  # as the reaping duty saw them just before
         expired = [r["proc"] for r in held if alive[r["proc"]] is False and r["proc"] in lapsed]
-        unlisted = [r["proc"] for r in held if alive[r["proc"]] is None and r["age_s"] > tutoring.ORPHAN_AFTER_S]
+        orphan_s = tutoring.orphan_after_s(self.settings)
+        unlisted = [r["proc"] for r in held if alive[r["proc"]] is None and r["age_s"] > orphan_s]
         if expired:
             await tutoring.recover(self.pool, self.redis, expired)
         if unlisted:
-            await tutoring.recover(self.pool, self.redis, unlisted, older_than_s=tutoring.ORPHAN_AFTER_S)
+            await tutoring.recover(self.pool, self.redis, unlisted, older_than_s=orphan_s)
 
     async def _catch_up(self) -> None:
         """Connections still behind a seq that was committed a whole tick ago re-read Postgres."""

@@ -297,7 +297,7 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
         if original is not None:
             conn.own(original.event.seq, original.payload.decode())
             return
-        slot = await take_slot(hub.redis, user.id, user.role)  # refused before anything is posted
+        slot = await take_slot(hub.redis, user.id, user.role, hub.settings)  # refused before anything is posted
         if slot is None:
             raise messages_repo.Refused("tutor_busy", BUSY, retry_after=BUSY_RETRY_S)
         try:

@@ -208,10 +208,17 @@ def test_llm_says_not_in_course(openai_server, eval_course: EvalCourse, fake_llm
 
 
 def test_llm_answer_without_markers_is_ungrounded(openai_server, eval_course: EvalCourse, fake_llm):
+    """A reply that cites nothing is not shown (it may be invented) and not cached: the same question again asks
+    the model again, which may cite this time."""
     fake_llm.reset()
-    fake_llm.script(Reply(text="Signatures are magic and need no source."))
-    body = _ask(openai_server, eval_course, "How are bitcoin signatures checked by other people?")
-    assert body["grounded"] is False and body["citations"] == []
+    fake_llm.script(Reply(text="Signatures are magic and need no source."),
+                    Reply(text="Others check it with the public key [1]."))
+    q = "How are bitcoin signatures checked by other people?"
+    body = _ask(openai_server, eval_course, q)
+    assert body["grounded"] is False and body["citations"] == [] and body["error"] is None
+    assert "magic" not in body["answer"] and "could not tie an answer" in body["answer"] and body["nearest"]
+    again = _ask(openai_server, eval_course, q)
+    assert again["cached"] is False and again["grounded"] is True and len(fake_llm.requests) == 2
 
 
 async def test_llm_error_mid_stream_in_a_room(openai_server, eval_course: EvalCourse, fake_llm):
@@ -256,6 +263,7 @@ def test_cli_ask_whose_model_fails_exits_1(eval_course: EvalCourse, fake_llm, da
     if as_json:
         body = json.loads(out.stdout)
         assert body["grounded"] is False and body["citations"] == [] and "cut off" in body["answer"]
+        assert body["error"] == "the tutor's language model failed; please ask again"  # as REST gives it
     else:
         assert "cut off" in out.stdout
 

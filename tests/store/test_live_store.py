@@ -136,16 +136,17 @@ async def test_answer_slots_limit_learners_not_staff_or_bots(xp_store):
     """Two tutor answers at once per learner, over every process (the slots live in Redis); staff and bots, which
     ask for many people, are not limited."""
     from server.tutoring import MAX_RUNNING_PER_USER, free_slot, take_slot
+    from store.settings import Settings
 
     _, redis = xp_store
     uid = 10**9 + int(uuid.uuid4().int % 10**6)
-    slots = [await take_slot(redis, uid, "learner") for _ in range(MAX_RUNNING_PER_USER)]
-    assert all(slots) and await take_slot(redis, uid, "learner") is None
+    slots = [await take_slot(redis, uid, "learner", Settings()) for _ in range(MAX_RUNNING_PER_USER)]
+    assert all(slots) and await take_slot(redis, uid, "learner", Settings()) is None
     await free_slot(redis, uid, slots[0])
-    again = await take_slot(redis, uid, "learner")
+    again = await take_slot(redis, uid, "learner", Settings())
     assert again
     for role in ("bot", "instructor", "admin"):
-        assert [await take_slot(redis, uid + 1, role) for _ in range(5)] == [""] * 5
+        assert [await take_slot(redis, uid + 1, role, Settings()) for _ in range(5)] == [""] * 5
     for s in (slots[1], again):
         await free_slot(redis, uid, s)
 
