@@ -102,6 +102,12 @@ _PAST_END = """SELECT user_id, position_s, watched FROM video_progress
                ORDER BY user_id FOR UPDATE"""
 
 
+def completes_at(share: float, duration: float) -> float:
+    """The watched seconds that complete a video: its share of the duration, give or take a hair (a player whose
+    media ends a fraction of a second before the stored duration could never finish a video at a share of 1)."""
+    return share * duration - min(TOLERANCE_S, duration / 100)
+
+
 async def fit_to_duration(tx: xp.XpTransaction, video_id: int, duration: float, complete_share: float) -> int:
     """Cut the video's stored progress to `duration` (in the re-ingest's transaction `tx`); returns the learners
     whose progress changed. Completion (and the XP it earned) stays: it was earned on the video as it was. A
@@ -116,7 +122,7 @@ async def fit_to_duration(tx: xp.XpTransaction, video_id: int, duration: float, 
     # bookmarks past the new end mark its end (their notes stay)
     await conn.execute("UPDATE bookmarks SET at_s = $2 WHERE video_id = $1 AND at_s > $2", video_id, float(duration))
     if duration > 0:
-        done = await conn.fetch(_COMPLETE_NOW, video_id, complete_share * duration - 1e-6)
+        done = await conn.fetch(_COMPLETE_NOW, video_id, completes_at(complete_share, duration))
         for r in done:
             if r["role"] == "learner":
                 await _award_completion(tx, r["user_id"], video_id, r["course_id"], True, r["completed_at"])
@@ -223,15 +229,17 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
     if now_s is None:
         raise Gone(f"video {video['id']} not found")
     if float(now_s) < duration:
-        duration = float(now_s)
-        position = min(position, duration)
-        watched = clip(watched, duration)
+        position = min(position, float(now_s))
+        watched = clip(watched, float(now_s))
+    duration = float(now_s)  # (also when a re-ingest made it longer: completion is a share of the new length)
     old = await conn.fetchrow(
         "SELECT watched, completed_at, updated_at, position_s, position_player, position_seq FROM video_progress "
         "WHERE user_id = $1 AND video_id = $2 FOR UPDATE",
         user_id, video["id"])
-    if old is not None and player is not None and old["position_player"] == player and seq is not None \
-            and old["position_seq"] is not None and old["position_seq"] > seq:
+    same_player = (old is not None and player is not None and old["position_player"] == player and seq is not None
+                   and old["position_seq"] is not None)
+    repeat = same_player and old["position_seq"] == seq  # the stored report sent again (its response lost)
+    if same_player and old["position_seq"] > seq:
         position, seq = min(old["position_s"], duration), old["position_seq"]  # sent before the one stored
     had = clip(old["watched"], duration) if old else []  # as of this video's length (see fit_to_duration)
     merged = merge(had + watched)
@@ -244,12 +252,14 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
     # re-watching (in a later report) counts as time spent, not as more coverage; within one report a second
     # itself counts once (a range repeated a hundred times is not a hundred times the time)
     spent = min(covered(merge(watched)), duration)
-    if old is not None:
+    if repeat:
+        spent = 0.0  # its time is counted already
+    elif old is not None:
         elapsed = max(0.0, (at - old["updated_at"]).total_seconds())
         spent = min(spent, (elapsed + SLACK_S) * MAX_PLAYBACK_RATE)
     spent = await _take_time(conn, user_id, spent, at)
     was_complete = old is not None and old["completed_at"] is not None
-    complete = was_complete or (duration > 0 and watched_s >= complete_share * duration - 1e-6)
+    complete = was_complete or (duration > 0 and watched_s >= completes_at(complete_share, duration))
     row = await conn.fetchrow(_UPSERT, user_id, video["id"], video["course_id"], position, merged, watched_s, spent,
                               at if complete else None, at, player, seq)
     completed_now = complete and not was_complete

@@ -202,3 +202,56 @@ async def test_a_report_takes_its_time_once_it_is_the_learners_turn(make: Factor
         await pool.release(holder)
     done = await waiting
     assert done.row["updated_at"] >= released
+
+
+async def test_a_report_sent_again_adds_no_time_but_a_late_earlier_one_does(make: Factory, xp_store):
+    """The same player's report with the seq already stored is that report again (its response lost): its ranges
+    merge as before and its seconds are not counted twice. A lower seq arriving late was never counted."""
+    pool, redis = xp_store
+    u = make.user("learner")
+    v = (await _video(pool, u, duration=600.0))["videos"][0]
+    t0 = datetime.now(timezone.utc)
+
+    async def send(watched: list, seq: int, at: datetime):  # type: ignore[no-untyped-def]
+        position, clean = progress.check_report(600.0, watched[-1][1], watched)
+        async with xp.transaction(pool, redis) as tx:
+            return (await progress.report(tx, u.id, "learner", v, position, clean, 0.9, at=at, player="tab-1",
+                                          seq=seq)).row
+
+    assert (await send([[100, 110]], 7, t0))["time_spent_s"] == 10
+    again = await send([[100, 110]], 7, t0 + timedelta(seconds=1))
+    assert again["time_spent_s"] == 10 and again["watched"] == [[100.0, 110.0]]
+    assert (await send([[110, 120]], 8, t0 + timedelta(seconds=11)))["time_spent_s"] == 20
+    late = await send([[90, 100]], 6, t0 + timedelta(seconds=12))  # sent before 7, arriving now: counted
+    assert late["time_spent_s"] == 30 and late["position_s"] == 120 and late["watched"] == [[90.0, 120.0]]
+
+
+async def test_a_report_that_waited_out_a_re_ingest_making_the_video_longer_is_a_share_of_the_new_length(
+        make: Factory, xp_store):
+    """The report read the video as 100 s; a re-ingest made it 1,000 s while the report waited: 95 s watched is
+    not 90 % of it (it completed the lesson, with XP, at a tenth watched)."""
+    pool, redis = xp_store
+    u = make.user("learner")
+    v = (await _video(pool, u))["videos"][0]  # 100 s, as the report reads it
+    ingest = await pool.acquire()
+    tx = ingest.transaction()
+    await tx.start()
+    try:
+        await ingest.execute("UPDATE videos SET duration_s = 1000 WHERE id = $1", v["id"])
+        late = asyncio.create_task(_report(pool, redis, u, v, [[0, 95]]))
+        await asyncio.sleep(0.5)
+        assert not late.done()  # it waits for the re-ingest
+        await tx.commit()
+    finally:
+        await pool.release(ingest)
+    done = await late
+    assert not done.completed_now and done.row["completed_at"] is None and done.duration == 1000.0
+    assert "lesson_completed" not in await _kinds(pool, u.id)
+
+
+def test_a_video_completes_at_its_share_give_or_take_a_hair():
+    """At a share of 1, a player whose media ends a fraction of a second before the stored length (600.0 of
+    600.04 s) could never complete the video."""
+    assert progress.completes_at(1.0, 600.04) <= 600.0
+    assert progress.completes_at(0.9, 600.0) == 540.0 - 0.5
+    assert 0 < progress.completes_at(1.0, 2.0) < 2.0 and progress.completes_at(1.0, 0.3) > 0.29  # short videos
