@@ -335,6 +335,13 @@ def build_graph(pool: asyncpg.Pool, redis: Redis, settings: Settings, llm: Any =
                                             unless_since=state.get("week_since"))
         if row is None:
             return {"skipped": True}
+        # Someone who left the pod or course after `gather` listed them is in this round: their leaving looked for
+        # rounds pairing them before this one was saved. Looked at after the commit, one of the two always sees
+        # the other (a leaving committed before this look is seen here; one after it finds this round).
+        async with pool.acquire() as conn:
+            still = {r["user_id"] for r in await matching.eligible_members(conn, state["pod_id"])}
+        for uid in sorted({m for g in groups for m in g["members"]} - still):
+            after_leaving_soon(pool, redis, settings, uid, pod_id=state["pod_id"])
         names = {uid: learner.name for uid, learner in state["learners"].items()}
         message_id = await announce(pool, redis, row, names, state["reason_source"])
         return {"match": dict(row, message_id=message_id)}

@@ -513,3 +513,34 @@ def test_the_worker_repairs_rounds_also_with_weekly_rounds_off(settings):
 
     jobs = {c.name for c in worker_settings(replace(settings, match_weekly=False), "quick")["cron_jobs"]}
     assert "cron:match_pods_weekly" in jobs
+
+
+async def test_a_learner_leaving_while_a_round_is_computed_is_matched_out_of_it(client, make: Factory, settings,
+                                                                                xp_store, monkeypatch):
+    """A learner leaves after the round listed the pod's members and before it is saved: their leaving looked
+    for rounds pairing them before this one existed, so it stood (naming someone gone) until the quarter-hourly
+    repair. The saved round looks again and matches them out at once."""
+    from agents import matcher
+    from store import matching
+
+    pool, redis = xp_store
+    course = make_course(client, make, learners=4, videos=0)
+    learners = course.learners
+    pod = _pod(client, course, learners, "Leaving meanwhile")
+    gone = learners[0]
+    listing = matching.eligible_members
+
+    async def listed_then_left(conn, pod_id, **kw):  # type: ignore[no-untyped-def]
+        rows = await listing(conn, pod_id, **kw)
+        monkeypatch.setattr(matching, "eligible_members", listing)  # once: the round's own listing
+        fetch(settings, "DELETE FROM pod_members WHERE pod_id = $1 AND user_id = $2", pod, gone.id)
+        assert await matcher.after_leaving(pool, redis, settings, gone.id, pod_id=pod, llm=None) == 0
+        return rows
+
+    monkeypatch.setattr(matching, "eligible_members", listed_then_left)
+    made = await matcher.run_match(pool, redis, settings, pod, trigger="manual", llm=None)
+    assert made is not None and gone.id in [m for g in made.groups for m in g.members]
+    await matcher.drain_leaving()
+    cur = client.get(f"/api/v1/pods/{pod}/match", headers=learners[1].h).json()
+    assert cur["match_id"] != made.match_id
+    assert sorted(m for g in cur["groups"] for m in g["members"]) == sorted(u.id for u in learners[1:])
