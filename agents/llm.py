@@ -50,12 +50,14 @@ class Completion:
 class LLMError(Exception):
     """A provider call failed. `retryable` says whether trying again later can help."""
 
-    def __init__(self, message: str, *, retryable: bool, provider: str = "", status: int | None = None) -> None:
+    def __init__(self, message: str, *, retryable: bool, provider: str = "", status: int | None = None,
+                 refused: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
         self.provider = provider
         self.status = status
+        self.refused = refused  # the model refused, or the provider's content filter stopped the reply
 
 
 @dataclass(frozen=True)
@@ -401,10 +403,11 @@ class OpenAIChat:
     def _refused(self, refusal: str | None, finish_reason: str | None) -> None:
         """A refusal or a content filter is no answer (nor a retryable failure)."""
         if refusal:
-            raise LLMError(f"{self.name}: the model refused: {refusal[:200]}", retryable=False, provider=self.name)
+            raise LLMError(f"{self.name}: the model refused: {refusal[:200]}", retryable=False, provider=self.name,
+                           refused=True)
         if finish_reason == "content_filter":
             raise LLMError(f"{self.name}: the reply was stopped by the provider's content filter", retryable=False,
-                           provider=self.name)
+                           provider=self.name, refused=True)
 
     def stream(self, messages: list[Message], *, system: str | None = None, max_tokens: int = 512,
                temperature: float | None = 0.2) -> LLMStream:
@@ -472,7 +475,8 @@ class AnthropicChat:
     def _stopped(self, stop_reason: str | None) -> bool:
         """True when the reply was cut at a limit; a refusal is no answer (nor a retryable failure)."""
         if stop_reason == "refusal":
-            raise LLMError(f"{self.name}: the model refused to answer", retryable=False, provider=self.name)
+            raise LLMError(f"{self.name}: the model refused to answer", retryable=False, provider=self.name,
+                           refused=True)
         return stop_reason in ("max_tokens", "model_context_window_exceeded")
 
     def _params(self, messages: list[Message], system: str | None, max_tokens: int,

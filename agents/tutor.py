@@ -89,6 +89,7 @@ class TutorState(TypedDict, total=False):
     usage: dict
     error: str | None
     on_delta: Any  # where the answer streams (a coroutine function), or None
+    refused: bool  # the model refused, or its provider's filter stopped the reply (nothing of it is shown)
     deadline: float  # the event loop's time by which the model must have answered (see Tutor.budget_s)
     cacheable: bool  # False: an outcome another ask may not share (a model's reply that cited nothing)
 
@@ -215,6 +216,8 @@ class Tutor:
                 f"{self.llm.name}: the answer was not complete within {self.budget_s:g} s")
             logger.warning("tutor answer failed mid-stream: %s", why)
             self._account(s, stream.usage_so_far)  # what the provider reported is billed all the same
+            if isinstance(exc, LLMError) and exc.refused:  # what a filter stopped is not shown, not even in part
+                return {"answer": "", "error": why, "grounded": False, "refused": True}
             return {"answer": stream.text, "error": why, "grounded": False}
         if stream.usage:
             self._account(s, stream.usage)
@@ -243,6 +246,8 @@ class Tutor:
                     partial = ""
                 fallback = (partial + " …\n\n(The answer was cut off by a model error; please ask again.)"
                             if partial else "(The language model failed before answering; please ask again.)")
+                if s.get("refused"):
+                    fallback = "(The language model would not answer this; try asking it another way.)"
             return {"citations": [], "grounded": False, "nearest": nearest, "answer": fallback}
         sources = s["sources"]
         mode = s.get("mode", "answer")

@@ -79,3 +79,19 @@ async def test_a_reply_that_cites_nothing_is_not_shown_nor_cached():
     assert out["grounded"] is False and out["citations"] == [] and out["cacheable"] is False
     assert "2008" not in out["answer"] and "could not tie an answer" in out["answer"]
     assert [n["start"] for n in out["nearest"]] == [10, 30] and '"Arrays" at 0:10' in out["answer"]
+
+
+@pytest.mark.parametrize("reply", [Reply("The harmful part begins here [1] and goes on", chunks=4,
+                                         finish="content_filter"),
+                                   Reply("", refusal="I can't help with that.")])
+async def test_what_a_content_filter_stopped_is_not_shown_even_in_part(llm_server: FakeLLMServer, reply: Reply):
+    """A reply the provider's filter stopped after some text (or the model's refusal) is not kept as a partial
+    answer "cut off by a model error": nothing of it reaches the stored answer."""
+    llm_server.reset()
+    llm_server.script(reply)
+    tutor = Tutor(None, None, _llm(llm_server, "openai"), budget_s=BUDGET_S)  # type: ignore[arg-type]
+    out = await tutor.answer(_state(tutor))
+    assert out["answer"] == "" and out["refused"] is True and out["error"]
+    cited = await tutor.cite({**_state(tutor), **out})
+    assert cited["grounded"] is False and "harmful" not in cited["answer"]
+    assert cited["answer"] == "(The language model would not answer this; try asking it another way.)"
