@@ -71,21 +71,27 @@ async def test_a_report_read_before_a_re_ingest_shortened_the_video_is_cut_to_th
     u = make.user("learner")
     v = (await _video(pool, u))["videos"][0]  # 100 s, as the report reads it
     await _report(pool, redis, u, v, [[0, 40]])
+    done = await _report_behind_re_ingest(pool, redis, u, v, [[40, 80]], 30.0)
+    assert done.row["watched"] == [[0.0, 30.0]] and done.row["watched_s"] == 30.0, dict(done.row)
+
+
+async def _report_behind_re_ingest(pool, redis, u, v, watched, duration: float):  # type: ignore[no-untyped-def]
+    """A report of `watched` (checked against the video as `v` has it) that waits for a re-ingest making the video
+    `duration` long (its progress fitted to it) and then is stored."""
     ingest = await pool.acquire()
     tx = ingest.transaction()
     await tx.start()
-    try:  # a re-ingest: the video is 30 s now, its progress cut, not committed yet
+    try:  # the re-ingest, not committed yet
         await ingest.execute("SELECT 1 FROM videos WHERE id = $1 FOR UPDATE", v["id"])
-        await ingest.execute("UPDATE videos SET duration_s = 30 WHERE id = $1", v["id"])
-        await progress.fit_to_duration(xp.XpTransaction(ingest), v["id"], 30.0, 0.9)
-        late = asyncio.create_task(_report(pool, redis, u, v, [[40, 80]]))
+        await ingest.execute("UPDATE videos SET duration_s = $2 WHERE id = $1", v["id"], duration)
+        await progress.fit_to_duration(xp.XpTransaction(ingest), v["id"], duration, 0.9)
+        late = asyncio.create_task(_report(pool, redis, u, v, watched))
         await asyncio.sleep(0.5)
         assert not late.done()  # it waits for the re-ingest
         await tx.commit()
     finally:
         await pool.release(ingest)
-    done = await late
-    assert done.row["watched"] == [[0.0, 30.0]] and done.row["watched_s"] == 30.0, dict(done.row)
+    return await late
 
 
 async def _kinds(pool, user_id: int) -> list[str]:  # type: ignore[no-untyped-def]
@@ -233,18 +239,7 @@ async def test_a_report_that_waited_out_a_re_ingest_making_the_video_longer_is_a
     pool, redis = xp_store
     u = make.user("learner")
     v = (await _video(pool, u))["videos"][0]  # 100 s, as the report reads it
-    ingest = await pool.acquire()
-    tx = ingest.transaction()
-    await tx.start()
-    try:
-        await ingest.execute("UPDATE videos SET duration_s = 1000 WHERE id = $1", v["id"])
-        late = asyncio.create_task(_report(pool, redis, u, v, [[0, 95]]))
-        await asyncio.sleep(0.5)
-        assert not late.done()  # it waits for the re-ingest
-        await tx.commit()
-    finally:
-        await pool.release(ingest)
-    done = await late
+    done = await _report_behind_re_ingest(pool, redis, u, v, [[0, 95]], 1000.0)
     assert not done.completed_now and done.row["completed_at"] is None and done.duration == 1000.0
     assert "lesson_completed" not in await _kinds(pool, u.id)
 
