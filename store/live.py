@@ -7,7 +7,8 @@ import asyncpg
 from redis.asyncio import Redis
 
 from store.events import LiveEnded, LiveStarted, PollClosed, PollInfo, PollOpened, PollResults
-from store.messages import Refused
+from store import moderation, rooms
+from store.messages import ACCESS_REVOKED, Refused
 from store.rooms import RoomGone, lock_room, sequenced
 
 _SESSION = "s.id, s.course_id, s.title, s.scheduled_at, s.started_at, s.ended_at, s.created_by, s.created_at"
@@ -218,13 +219,20 @@ async def my_vote(conn: asyncpg.Connection, poll_id: int, user_id: int) -> int |
 
 
 async def vote(conn: asyncpg.Connection, poll_id: int, session_id: int | None, user_id: int, option: int) -> None:
-    """One vote per user, changeable until the poll closes. `session_id`, when given, must be the poll's
-    session (votes arrive through that session's room)."""
+    """One vote per user, changeable until the poll closes, while the voter may use the session's room (not
+    removed from the course, not kicked; a mute does not stop a vote). `session_id`, when given, must be the
+    poll's session (votes arrive through that session's room)."""
     async with conn.transaction():
         poll = await conn.fetchrow("SELECT session_id, options, closed_at FROM polls WHERE id = $1 FOR SHARE",
                                    poll_id)
         if poll is None or (session_id is not None and poll["session_id"] != session_id):
             raise Refused("not_found", f"poll {poll_id} not found in this session")
+        # as for a post: a socket whose close on a removal or kick was lost (or a REST vote racing one) is refused
+        room = room_of(poll["session_id"])
+        if not await rooms.allowed(conn, rooms.RoomRef("live", poll["session_id"]), user_id):
+            raise Refused(ACCESS_REVOKED, "you no longer have access to this room")
+        if await moderation.kicked_until(conn, room, user_id) is not None:
+            raise Refused("kicked", "you are barred from this room")
         if poll["closed_at"] is not None:
             raise Refused("poll_closed", "the poll is closed")
         if option >= len(poll["options"]):

@@ -312,3 +312,28 @@ async def test_rest_votes_waiting_on_redis_hold_no_database_connection(server, m
             await redis.aclose()
     assert read.status_code == 200 and took < 1.0, took
     assert [v.status_code for v in done] == [200] * len(course.learners), [v.text for v in done if v.status_code != 200]
+
+
+async def test_a_vote_on_a_socket_whose_kick_or_removal_was_lost_is_refused(server, client, make: Factory, settings):
+    """Posts check the author's standing (a lost kick or removal event left the socket open); votes did not: a
+    barred learner, or one who left the course, kept voting on an open socket."""
+    course = make_course(server, make, learners=2)
+    inst, (a, b) = course.instructor, course.learners
+    sid = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "Quiz"}, headers=inst.h).json()["id"]
+    assert client.post(f"/api/v1/live/{sid}/start", headers=inst.h).status_code == 200
+    poll = client.post(f"/api/v1/live/{sid}/polls", json={"question": "?", "options": ["x", "y"]},
+                       headers=inst.h).json()
+    ca, cb = [await Client.connect(server, f"live:{sid}", u) for u in (a, b)]
+    fetch(settings, "INSERT INTO rooms (id, kind, course_id) VALUES ($1, 'course', $2) ON CONFLICT DO NOTHING",
+          course.room, course.id)
+    fetch(settings, "INSERT INTO room_kicks (room_id, user_id, until) VALUES ($1, $2, now() + interval '1 hour')",
+          course.room, a.id)  # the bar stored, its event never published
+    fetch(settings, "DELETE FROM enrollments WHERE course_id = $1 AND user_id = $2", course.id, b.id)  # likewise
+    for sock, code in ((ca, "kicked"), (cb, "access_revoked")):
+        await sock.send({"type": "poll.vote", "poll_id": poll["id"], "option": 0})
+        err = await sock.expect("error")
+        assert err["code"] == code, err
+        assert await sock.closed() == (4403, code.replace("_", " "))
+    r = client.post(f"/api/v1/polls/{poll['id']}/votes", json={"option": 0}, headers=a.h)
+    assert r.status_code == 403 and r.json()["code"] == "kicked"
+    assert not fetch(settings, "SELECT 1 FROM poll_votes WHERE poll_id = $1", poll["id"])
