@@ -150,12 +150,20 @@ class Hub:
                 await self._announce_leave(room, user)
             except Exception:  # noqa: BLE001
                 logger.warning("presence cleanup failed for %s", room, exc_info=True)
+        settled = True
         try:
-            await self._close_attendance()  # rows whose close failed earlier
+            await self._close_attendance()  # rows whose close failed earlier, at the moment each socket left
+            async with self.pool.acquire() as db:  # and rows of sockets whose handlers have not cleaned up yet
+                await live_repo.attendance_close_proc(db, self.proc, datetime.now(timezone.utc))
         except Exception:  # noqa: BLE001
-            logger.warning("attendance rows %s left open", sorted(self._unclosed)[:10], exc_info=True)
+            # this process stays listed, so its lease lapses and a survivor's reaper closes its rows (forgotten,
+            # nobody ever would)
+            settled = False
+            logger.warning("attendance rows left open; a survivor closes them once this process's lease lapses",
+                           exc_info=True)
         try:
-            await self.presence.forget_proc()
+            if settled:
+                await self.presence.forget_proc()
             await self._pubsub.aclose()
         except Exception:  # noqa: BLE001
             logger.warning("hub shutdown incomplete", exc_info=True)

@@ -172,6 +172,35 @@ async def test_an_attendance_close_that_failed_is_retried_with_the_time_the_sock
     assert hub._unclosed == {}
 
 
+async def test_a_stopping_process_closes_its_attendance_rows_or_stays_listed_for_a_survivor(settings, xp_store,
+                                                                                              monkeypatch):
+    """A stop closed only the rows whose close had failed earlier, then took the process off the list: rows of
+    sockets whose handlers had not cleaned up yet (uvicorn's grace ran out) stayed open for good, as no reaper
+    looks for an unlisted process. Now every row of the process is closed, or, if that fails, it stays listed,
+    its lease lapses and a survivor closes them."""
+    from store.keys import PROCS
+
+    pool, redis = xp_store
+    sid, _, (a, b) = await _live_poll(pool, redis)
+    for fails in (False, True):
+        hub = Hub(settings, pool, redis)
+        await hub.start()
+        async with pool.acquire() as c:
+            row = await live.attendance_join(c, sid, a, hub.proc)  # its socket's handler never got to close it
+        if fails:
+            async def down(*_: object) -> int:
+                raise ConnectionRefusedError("postgres went away")
+
+            monkeypatch.setattr(live, "attendance_close_proc", down)
+        await hub.stop()
+        left = await pool.fetchval("SELECT left_at FROM live_attendance WHERE id = $1", row)
+        listed = await redis.zscore(PROCS, hub.proc) is not None
+        assert (left is None, listed) == ((True, True) if fails else (False, False))
+        if fails:
+            monkeypatch.undo()
+            await redis.zrem(PROCS, hub.proc)
+
+
 async def test_a_user_who_leaves_during_a_heartbeat_stays_gone(settings, xp_store):
     """A heartbeat refreshes a big room's (room, user) pairs in chunks, one round trip each: a user whose socket
     closed while an earlier chunk was on its way is not put back online by a later one."""
