@@ -13,7 +13,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate
 
-from ingest.cues import Cue
+from ingest.cues import SLOWEST_SECONDS_PER_WORD, Cue
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +32,15 @@ _PUNCTUATED_PAUSE_SECONDS = 6.0
 _WORDS_PER_MARK = 60
 
 _ABBREVIATIONS = "mr mrs ms dr prof sr jr st vs cf fig figs eq eqs approx".split()
-# Where a sentence ends: after "?", "!" or "…" always; after "." unless it closes an abbreviation
-# ("Dr.", "e.g.", "U.S.") or the next word starts in lower case ("...and Dr." / "Nolen-Hoeksema",
-# "18.06. ok"). Each branch starts with a literal so the scan over a whole lecture stays in C.
+# Where a sentence ends: after "?", "!" or "…" always (and the Devanagari danda, the Arabic question mark); after
+# "." unless it closes an abbreviation ("Dr.", "e.g.", "U.S.") or the next word starts in lower case ("...and Dr."
+# / "Nolen-Hoeksema", "18.06. ok"); after the full-width marks of Chinese and Japanese, which no space follows.
+# Each branch starts with a literal so the scan over a whole lecture stays in C.
 _SENTENCE_END = re.compile(
-    r"(?:!|\?|…|\.(?![.!?…]*[\"'”’)\]]*\s+[a-zß-öø-ÿ])"
+    r"(?:(?:!|\?|…|।|؟|\.(?![.!?…]*[\"'”’)\]]*\s+[a-zß-öø-ÿ])"
     + "".join(rf"(?<!\b(?i:{a})\.)" for a in _ABBREVIATIONS)
     + r"(?<!\.[A-Za-z]\.))[.!?…]*[\"'”’)\]]*(?=\s|$)"
+    + r"|[。！？]+[」』”’）)\]]*)"
 )
 
 
@@ -117,6 +119,14 @@ def split_sentence(s: Sentence, *, max_seconds: float, max_tokens: int | None = 
     words = _units(s.text)
     if len(words) < 2:
         return [Sentence(s.start, min(s.end, s.start + max_seconds), s.text)]
+    # A few words shown for minutes (a cue held through a silent demo) were said near its start: spread evenly over
+    # the cue they were cut into one-word pieces at made-up times. Longer than its words take, it is clipped first.
+    said = max(max_seconds, len(s.text.split()) * SLOWEST_SECONDS_PER_WORD)
+    if s.end - s.start > said:
+        s = Sentence(s.start, s.start + said, s.text)
+        if not max_tokens or estimate_tokens(s.text) <= max_tokens:
+            if s.end - s.start <= max_seconds:
+                return [s]
     n = max(1, math.ceil((s.end - s.start) / max_seconds))
     if max_tokens:
         n = max(n, math.ceil(estimate_tokens(s.text) / max_tokens))

@@ -22,7 +22,8 @@ _CANONICAL = re.compile(r"(\d\d):([0-5]\d):([0-5]\d)[.,](\d\d\d)")
 _INDEX = re.compile(r"\d+")
 # A partial timing line at the very end of a cut-off file, e.g. "00:24:5" or "00:24:57,2".
 _PARTIAL_TIMING = re.compile(r"\d{1,3}:[\d:.,]*(?:[ \t]+-{0,2})?")  # (all of the line: "1:1 exactly" is text)
-_VTT_SKIPPED_BLOCKS = ("NOTE", "STYLE", "REGION")
+# (a second "WEBVTT" header: HLS segment files joined into one)
+_VTT_SKIPPED_BLOCKS = ("NOTE", "STYLE", "REGION", "WEBVTT")
 _BLANKISH = re.compile(r"\n[ \t]+(?=\n)")  # whitespace-only lines end a block like empty ones
 # The usual timing line, matched in one step: "00:00:01.000 --> 00:00:02.500 [settings]".
 _CANONICAL_TIMING = re.compile(r"[ \t]*(\d\d:\d\d:\d\d[.,]\d\d\d)[ \t]+-->[ \t]+(\d\d:\d\d:\d\d[.,]\d\d\d)(?=[ \t]|$)[^\n]*", re.M)

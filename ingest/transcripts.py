@@ -11,7 +11,7 @@ import logging
 import math
 import re
 
-from ingest.cues import Cue
+from ingest.cues import SLOWEST_SECONDS_PER_WORD, Cue
 from ingest.errors import PermanentIngestError
 from ingest.subtitles import MAX_CUES, MAX_TIMESTAMP_SECONDS, RawCue, parse_blocks
 from ingest.textclean import clean_line, is_plain, join_lines, word_labels_to_keep
@@ -30,6 +30,9 @@ _SECONDS_PER_WORD = 0.4
 MAX_WORD_CHARS = 1000
 _LONG_WORD = re.compile(r"\S{%d,}" % (MAX_WORD_CHARS + 1))
 _MIN_DERIVED, _MAX_DERIVED = 1.0, 10.0
+# The last cue's end sets a transcript's video length: one shown far longer than its words take to say (a closing
+# credit "to 23:59:59") is cut to what they take, at least this long.
+_LONGEST_LAST_CUE_S = 30.0
 ROLL_GAP_S = 2.0  # a cue repeating the one before starting later than this after it ended says it again
 
 
@@ -252,6 +255,10 @@ def _normalize(cues: list[Cue]) -> list[Cue]:
                 guess = min(max(len(c.text.split()) * _SECONDS_PER_WORD, _MIN_DERIVED), _MAX_DERIVED)
                 c.end = c.start + _MAX_DERIVED if nxt < math.inf else round(c.start + guess, 3)
             c.end = min(c.end, nxt)  # overlapping cues: the earlier one yields
+    if cues:
+        last = cues[-1]
+        last.end = min(last.end, last.start + max(_LONGEST_LAST_CUE_S,
+                                                  len(last.text.split()) * SLOWEST_SECONDS_PER_WORD))
     return cues
 
 

@@ -223,6 +223,27 @@ def test_overlong_sentence_split_by_words() -> None:
     assert all(0 < s.end - s.start < 40 for s in pieces)
 
 
+def test_a_few_words_held_on_screen_for_minutes_are_not_spread_over_them() -> None:
+    """A cue held through a silent demo (four minutes, six words) was cut by time into one-word chunks at made-up
+    moments ("demo." cited at 13:02); its words were said near its start."""
+    cues = [Cue(600.0, 840.0, "Let me show you the demo."), Cue(840.0, 843.0, "Okay, that was it.")]
+    sentences = to_sentences(cues)
+    assert spans(sentences)[0] == (600.0, 630.0, "Let me show you the demo.")
+    chunks = chunk_sentences(sentences)  # (the silence after the words ends a chunk)
+    assert [(c.start, c.end, c.text) for c in chunks] == [(600.0, 630.0, "Let me show you the demo."),
+                                                          (840.0, 843.0, "Okay, that was it.")]
+
+
+def test_chinese_and_japanese_sentence_marks_end_sentences() -> None:
+    """"。！？" end sentences with no space after them: 60 cues of Chinese became six 30-second "sentences"."""
+    cues = [Cue(3.0 * i, 3.0 * i + 3.0, f"这是第{i}句话。") for i in range(60)]
+    assert len(to_sentences(cues)) == 60
+    jp = to_sentences([Cue(0.0, 4.0, "これはペンです！本当ですか？「はい。」次へ")])
+    assert [s.text for s in jp] == ["これはペンです！", "本当ですか？", "「はい。」", "次へ"]
+    hi = to_sentences([Cue(0.0, 4.0, "यह पहला वाक्य है। यह दूसरा है।")])
+    assert [s.text for s in hi] == ["यह पहला वाक्य है।", "यह दूसरा है।"]
+
+
 def test_small_tail_joins_the_previous_chunk() -> None:
     sentences = even_sentences(15)  # 14 sentences reach 182 tokens; the 15th alone would be a scrap
     chunks = chunk_sentences(sentences, target_tokens=180, max_tokens=240)

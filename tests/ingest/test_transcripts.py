@@ -97,8 +97,24 @@ def test_vtt_header_note_style_region_identifiers_and_settings() -> None:
 
 
 def test_vtt_hours_optional() -> None:
-    text = "WEBVTT\n\n00:01.000 --> 00:02.500\nShort form.\n\n01:02.500 --> 1:01:03.000\nMixed.\n"
-    assert_cues(parse_str(text), [(1.0, 2.5, "Short form."), (62.5, 3663.0, "Mixed.")])
+    text = ("WEBVTT\n\n00:01.000 --> 00:02.500\nShort form.\n\n01:02.500 --> 1:01:03.000\nMixed.\n\n"
+            "1:01:03.000 --> 1:01:04.000\nEnd.\n")
+    assert_cues(parse_str(text), [(1.0, 2.5, "Short form."), (62.5, 3663.0, "Mixed."), (3663.0, 3664.0, "End.")])
+
+
+def test_a_last_cue_held_far_longer_than_its_words_is_cut_to_them() -> None:
+    """The last cue's end sets a transcript's video length: a closing credit shown "to 23:59:59" made a 24-hour
+    video (its chunks there, and completion a share of it)."""
+    text = ("1\n00:00:01,000 --> 00:00:03,000\nHello.\n\n"
+            "2\n00:59:58,000 --> 23:59:59,000\nSubtitles by ACME.\n")
+    assert_cues(parse_str(text, "a.srt"), [(1.0, 3.0, "Hello."), (3598.0, 3628.0, "Subtitles by ACME.")])
+
+
+def test_a_second_webvtt_header_is_not_caption_text() -> None:
+    """HLS segment files joined into one repeat the header: it was added to the cue before as its text."""
+    part = "WEBVTT\nX-TIMESTAMP-MAP=MPEGTS:900000,LOCAL:00:00:00.000\n\n00:00:{s:02d}.000 --> 00:00:{e:02d}.000\n{t}\n\n"
+    text = part.format(s=1, e=2, t="Hello there.") + part.format(s=10, e=12, t="Second part.")
+    assert_cues(parse_str(text), [(1.0, 2.0, "Hello there."), (10.0, 12.0, "Second part.")])
 
 
 def test_youtube_json() -> None:
