@@ -327,15 +327,17 @@ def room_topic(room_id: str) -> str:
     return f"room:{room_id}"
 
 
-async def publish(redis: Redis, topic: str, event: Event) -> None:
+async def publish(redis: Redis, topic: str, event: Event) -> bool:
     """Fan an event out to every server process; call after commit. Failures are logged, not raised:
-    the stored change is the truth and clients recover it on resume."""
-    await publish_raw(redis, topic, encode(event), type(event).__name__)
+    the stored change is the truth and clients recover it on resume. False: it was not published."""
+    return await publish_raw(redis, topic, encode(event), type(event).__name__)
 
 
-async def publish_raw(redis: Redis, topic: str, payload: bytes, what: str = "event") -> None:
+async def publish_raw(redis: Redis, topic: str, payload: bytes, what: str = "event") -> bool:
     """`publish` for an event already encoded (sequenced events are encoded once, stored, then published)."""
     try:
         await redis.publish(events_channel(topic), payload)
+        return True
     except Exception:  # noqa: BLE001
         logger.warning("could not publish %s to %s", what, topic, exc_info=True)
+        return False

@@ -36,6 +36,11 @@ logger = logging.getLogger(__name__)
 UNSUBSCRIBE_AFTER_S = 30.0
 POLL_RESULTS_EVERY_S = 0.25
 COMPLAIN_EVERY_S = 60.0  # a failure repeating every tick is logged again this often (see Hub._complain)
+# Every local socket is checked against the database every this many presence leases anyway (60 s by default;
+# see _recheck_soon): a kick or removal whose event was lost (its publish failed while every subscription was
+# fine) still closes the socket.
+RECHECK_EVERY_TTLS = 4
+LEFT_RETRIES = 5  # ticks a `left` whose publish failed is published again (while the user stays away)
 # The subscription is pinged this often, and taken for dead (reconnected, readiness failing meanwhile) when no pong
 # came back for SUB_DEAD_S: a half-open connection (a partition, a proxy that lost Redis) reads nothing forever
 # without an error.
@@ -97,6 +102,9 @@ class Hub:
         self._sub_broken = False  # the pub/sub connection failed and has not delivered anything since
         self._recheck_due = False  # sockets to check again (see _recheck_soon)
         self._recheck_task: asyncio.Task | None = None
+        self._rechecked_at = time.monotonic()
+        self._left_unsent: dict[tuple[str, int], tuple[UserRef, int]] = {}  # (room, user) -> (user, tries left)
+        self._background: set[asyncio.Task] = set()
         self._expired_seen: dict[str, float] = {}  # other processes seen with a lapsed lease, and since when
         self._unclosed: dict[int, datetime] = {}  # attendance rows whose close failed -> when the socket closed
         self._poll_flush: dict[int, asyncio.Task] = {}  # poll id -> the task that will publish its results
@@ -131,7 +139,8 @@ class Hub:
         if app_state is not None:  # this process's tutor answers end here, not by a survivor's takeover
             await tutoring.settle_own(app_state, self.proc)
         unsent = list(self._poll_flush)  # votes of the last window: their results go out now, not never
-        for task in self._tasks + list(self._poll_flush.values()) + [t for t in (self._recheck_task,) if t]:
+        for task in (self._tasks + list(self._poll_flush.values()) + [t for t in (self._recheck_task,) if t]
+                     + list(self._background)):
             task.cancel()
         self._poll_flush.clear()
         self._poll_dirty.clear()
@@ -266,8 +275,41 @@ class Hub:
     async def _announce_leave(self, room: str, user: UserRef) -> None:
         change = await self.presence.leave(room, user)
         if change.changed and change.online_count < self.settings.presence_max:
-            await publish(self.redis, room_topic(room), PresenceEvent(
-                room=room, action="left", user=user, online_count=change.online_count))
+            if not await publish(self.redis, room_topic(room), PresenceEvent(
+                    room=room, action="left", user=user, online_count=change.online_count)):
+                # gone from the presence set, so no sweep would ever say it: the next ticks do
+                self._left_unsent[(room, user.id)] = (user, LEFT_RETRIES)
+
+    async def _resend_left(self) -> None:
+        """`left` events whose publish failed, again, while the user stays away from the room."""
+        for key, (user, tries) in list(self._left_unsent.items()):
+            room = key[0]
+            if key in self._pairs:  # back on this process: their `joined` said so
+                del self._left_unsent[key]
+                continue
+            count, online = await self.presence.online(room, self.settings.presence_max)
+            if any(u.id == user.id for u in online):  # back elsewhere
+                del self._left_unsent[key]
+                continue
+            sent = count < self.settings.presence_max and await publish(
+                self.redis, room_topic(room), PresenceEvent(room=room, action="left", user=user, online_count=count))
+            if sent or tries <= 1:
+                del self._left_unsent[key]
+            else:
+                self._left_unsent[key] = (user, tries - 1)
+
+    async def _refresh_presence(self) -> None:
+        """After the subscription came back: presence and typing are not stored, so what it missed (a `left`, a
+        `joined`) is never replayed; every ready socket gets a new `welcome` with the room's presence as it is
+        now. It continues the stream (`last_seq`: the last event queued before it), as after a `resume`."""
+        for room, conns in list(self.rooms.items()):
+            ready = [c for c in conns if c.ready and c.closing is None and not c.filling]
+            if not ready:
+                continue
+            count, online = await self.presence.online(room, self.settings.presence_max)
+            for conn in ready:
+                if conn.ready and conn.closing is None and not conn.filling:
+                    conn.push_event(Welcome(room=room, last_seq=conn.last_seq, online=online, online_count=count))
 
     async def welcome(self, conn: Conn, after: int | None) -> None:
         """Start (or restart) the stream: welcome first, then every event after `after`, then live ones."""
@@ -319,6 +361,7 @@ class Hub:
             if self._sub_broken:  # a message (re-subscribing answers too): the subscription works again
                 self._sub_broken = False
                 self._recheck_soon()
+                self._refresh_soon()
             kind = msg["type"]
             if kind == "message":
                 try:
@@ -360,6 +403,16 @@ class Hub:
             except Exception:  # noqa: BLE001 - the reader sees a broken connection; a silent one, the next round
                 pass
 
+    def _refresh_soon(self) -> None:
+        task = asyncio.create_task(self._refresh_presence(), name="hub-presence-refresh")
+        self._background.add(task)
+        task.add_done_callback(self._refreshed)
+
+    def _refreshed(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("could not refresh presence after the subscription came back", exc_info=task.exception())
+
     def _recheck_soon(self) -> None:
         """Kicks, removals, revocations and room deletions published while the subscription was down never
         reach this process: check every local socket against the database again, a kick since it opened
@@ -371,6 +424,7 @@ class Hub:
     async def _recheck(self) -> None:
         while self._recheck_due:
             self._recheck_due = False
+            self._rechecked_at = time.monotonic()
             conns = [c for room in list(self.rooms.values()) for c in list(room)]
             closed = 0
             try:
@@ -385,8 +439,8 @@ class Hub:
                 logger.warning("could not check sockets after the subscription came back", exc_info=True)
                 self._recheck_due = True
                 await asyncio.sleep(1.0)
-            if closed:
-                logger.info("closed %d sockets whose access ended while the subscription was down", closed)
+            if closed:  # (while the subscription was down, or their close event was lost)
+                logger.info("closed %d sockets whose access had ended", closed)
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         if not channel.startswith(self._prefix):
@@ -445,8 +499,12 @@ class Hub:
         while True:
             await asyncio.sleep(self.tick_s)
             self._cut_stalled()
-            for duty in (self._sweep_presence, self._reap_dead_procs, self._settle_orphans, self._catch_up,
-                         self._unsubscribe_idle, self._unpublished_polls, self._close_attendance, self._due_boards):
+            if time.monotonic() - self._rechecked_at >= RECHECK_EVERY_TTLS * self.settings.presence_ttl_s:
+                self._recheck_soon()
+            # the gap repair first: Postgres only, it must not wait behind duties stuck on an unreachable Redis
+            for duty in (self._catch_up, self._sweep_presence, self._reap_dead_procs, self._settle_orphans,
+                         self._unsubscribe_idle, self._unpublished_polls, self._close_attendance, self._due_boards,
+                         self._resend_left):
                 try:
                     # bounded: a busy pool or a slow Redis delays this duty, not the next tick's
                     await asyncio.wait_for(duty(), timeout=self.tick_s * 2)
