@@ -171,7 +171,7 @@ def clean_line(line: str, keep_labels: frozenset[str] = frozenset()) -> str:
     line = _markup_off(line)
     if ">>" in line:
         # ">>" marks a change of speaker, and a label may follow it mid-line.
-        line = " ".join(strip_speaker_label(part) for part in _CHEVRONS.split(line))
+        line = _speaker_changes(line)
     else:
         line = strip_speaker_label(line, keep_labels)
     if ">" in line:
@@ -179,6 +179,28 @@ def clean_line(line: str, keep_labels: frozenset[str] = frozenset()) -> str:
         line = (_LEADING_GT if "<" in line else _STRAY_GT).sub("", line)
     line = _SPACES.sub(" ", line).strip()
     return line if _HAS_WORD.search(line) else ""
+
+
+# What a speaker change follows mid-line: the end of a sentence (or of a quote or bracket closing one).
+_SAID_BEFORE = frozenset(".!?…:;,\"'”’)]")
+_LABEL_AT = re.compile(_LABEL.pattern.removeprefix("^"))  # (matched at a position: `^` would not)
+assert _LABEL_AT.pattern != _LABEL.pattern
+
+
+def _speaker_changes(line: str) -> str:
+    """The line without its speaker marks (">>", and a label after one). A ">>" between two words that no
+    sentence end comes before and no label follows is what was said: a shift or a stream in code ("cin >> x",
+    "x >> 2"). (A mark's match takes the white space around it: the characters beside it are not white space.)"""
+    out, last = [], 0
+    for m in _CHEVRONS.finditer(line):
+        start, end = m.start(), m.end()
+        if (start > last and line[start - 1] not in _SAID_BEFORE and end < len(line)
+                and not _LABEL_AT.match(line, end)):
+            continue  # text: it stays where it is, and the next mark cuts after it
+        out.append(strip_speaker_label(line[last:m.start()]))
+        last = m.end()
+    out.append(strip_speaker_label(line[last:]))
+    return " ".join(out)
 
 
 def join_lines(lines: list[str]) -> str:

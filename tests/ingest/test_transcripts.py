@@ -281,6 +281,9 @@ def test_speaker_labels_removed_words_kept() -> None:
         (">> Right, so.", "Right, so."),
         (">> PROFESSOR: Next. >> AUDIENCE: Yes.", "Next. Yes."),
         ("Right >> >> PROFESSOR: next.", "Right next."),  # runs of chevrons, one after another
+        ("so that's it. >> okay then", "so that's it. okay then"),  # after a sentence's end: a new speaker
+        ("read it with cin >> x; >> STUDENT: why?", "read it with cin >> x; why?"),
+        ("and x >> 2 shifts right", "and x >> 2 shifts right"),  # between words: code, what was said
         ("Professor Paul Bloom: Fair enough.", "Fair enough."),
         ("- ERIK DEMAINE: Okay.", "Okay."),
         ("Speaker 2: hi", "hi"),
