@@ -72,26 +72,44 @@ _UNSTORABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 _SPECIAL = re.compile(r"[<>&\[\]()\{:♪♫\xa0\u200b\t\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
-def _is_sound(inner: str, *, brackets: bool) -> bool:
+def _is_sound(inner: str, *, brackets: bool, shouting: bool = False) -> bool:
     words = _WORD.findall(inner)
     if not words:
         return False
     if any(w.lower() in SOUND_WORDS for w in words):
         return True
+    if shouting and not brackets:  # in a transcript all in capitals, "(NAIVE BAYES)" is speech like the rest
+        return False
     # "[? IS042 ?]", "[CB?]": a transcriber's uncertain guess at words, not a sound. A word of three letters or
     # more, as a description has ("[MUSIC]", "(CROWD CHEERING)"): "[H2O]", "[AB]", "P(A|B)", "f(X, Y)" are maths.
     shouting = (inner.upper() == inner and "?" not in inner and any(len(w) >= 3 for w in words))
     return shouting and (brackets or len(words) >= 2)
 
 
-def _drop_sound_tags(line: str) -> str:
+def _drop_sound_tags(line: str, shouting: bool = False) -> str:
     if "[" in line:
         line = _BRACKETED.sub(lambda m: " " if _is_sound(m.group(1), brackets=True) else m.group(0), line)
     if "(" in line:
         line = _PARENTHESISED.sub(
-            lambda m: " " if _is_sound(m.group(1), brackets=False) else m.group(0), line
+            lambda m: " " if _is_sound(m.group(1), brackets=False, shouting=shouting) else m.group(0), line
         )
     return line
+
+
+def shouting(texts: Iterable[str], sample_chars: int = 200_000) -> bool:
+    """Whether a transcript is written all in capitals (broadcast captions often are): there, a run of capitals
+    before a colon or inside parentheses is no sign of a speaker label or a sound note. Judged on a sample."""
+    upper = lower = seen = 0
+    for text in texts:
+        for ch in text[: sample_chars - seen]:
+            if ch.isupper():
+                upper += 1
+            elif ch.islower():
+                lower += 1
+        seen += len(text)
+        if seen >= sample_chars:
+            break
+    return upper >= 200 and lower <= upper // 50
 
 
 def _unescape(line: str) -> str:
@@ -119,19 +137,23 @@ def _label_key(m: re.Match[str]) -> str:
     return m.group(0).strip().lstrip("-").rstrip(":").strip()
 
 
-def word_labels_to_keep(lines: Iterable[str]) -> frozenset[str]:
+def word_labels_to_keep(lines: Iterable[str], shouting: bool = False) -> frozenset[str]:
     """One ALL-CAPS word before a colon at a line's start ("DNA: the molecule", "NOTE: ...") is an acronym or a
     heading as often as a speaker ("BOB: hi"). In a transcript where no label comes back (one voice), such a
     word is kept as text; where some label occurs twice or more (a transcript that names its speakers), it is a
-    label. Role words ("STUDENT:") and names of several words ("JOHN SMITH:") are labels either way. `lines`: the
-    transcript's raw caption lines; each distinct line counts once (rolling captions show a line twice)."""
+    label. Role words ("STUDENT:") and names of several words ("JOHN SMITH:") are labels either way; but in a
+    transcript all in capitals (`shouting`) any run of words before a colon may be speech ("THE KEY IDEA IS:"):
+    there one that does not come back is text unless a role word leads it. `lines`: the transcript's raw caption
+    lines; each distinct line counts once (rolling captions show a line twice)."""
     counts: Counter[str] = Counter()
-    for line in {_markup_off(x) for x in lines if ":" in x}:
+    for line in {_markup_off(x, shouting) for x in lines if ":" in x}:
         if ":" in line:
             for part in _CHEVRONS.split(line) if ">>" in line else (line,):
                 m = _LABEL.match(part)
                 if m is not None:
                     counts[_label_key(m)] += 1
+    if shouting:
+        return frozenset(k for k, n in counts.items() if n < 2 and not _ROLE_WORD.match(k))
     if not counts or max(counts.values()) >= 2:
         return frozenset()
     return frozenset(k for k in counts if " " not in k and k.isupper() and not _ROLE_WORD.fullmatch(k))
@@ -150,7 +172,7 @@ def is_plain(text: str) -> bool:
     )
 
 
-def _markup_off(line: str) -> str:
+def _markup_off(line: str, shouting: bool = False) -> str:
     """A caption line without its markup, entities, invisible characters and sound tags (labels still on)."""
     if "<" in line or "{" in line:
         if "</" in line:
@@ -160,15 +182,15 @@ def _markup_off(line: str) -> str:
         line = _unescape(line)
     line = line.replace("\xa0", " ").replace("\u200b", "").replace("♪", " ").replace("♫", " ")
     line = _UNSTORABLE.sub(" ", line)
-    return _drop_sound_tags(line)
+    return _drop_sound_tags(line, shouting)
 
 
-def clean_line(line: str, keep_labels: frozenset[str] = frozenset()) -> str:
-    """One caption line as plain spoken words; '' when nothing spoken is left. `keep_labels`: one-word labels
-    that are text in this transcript (`word_labels_to_keep`)."""
+def clean_line(line: str, keep_labels: frozenset[str] = frozenset(), shouting: bool = False) -> str:
+    """One caption line as plain spoken words; '' when nothing spoken is left. `keep_labels`: labels that are
+    text in this transcript (`word_labels_to_keep`); `shouting`: the transcript is all in capitals (`shouting`)."""
     if is_plain(line):
         return line.strip()
-    line = _markup_off(line)
+    line = _markup_off(line, shouting)
     if ">>" in line:
         # ">>" marks a change of speaker, and a label may follow it mid-line.
         line = _speaker_changes(line)
@@ -203,11 +225,11 @@ def _speaker_changes(line: str) -> str:
     return " ".join(out)
 
 
-def join_lines(lines: list[str]) -> str:
+def join_lines(lines: list[str], shouting: bool = False) -> str:
     """Cleaned lines of one cue as one line, minus sound tags broken across lines ("[SOUND" / "OFF]")."""
     text = " ".join(lines)
     if ("[" in text or "(" in text) and len(lines) > 1:
-        text = _SPACES.sub(" ", _drop_sound_tags(text)).strip()
+        text = _SPACES.sub(" ", _drop_sound_tags(text, shouting)).strip()
         return text if _HAS_WORD.search(text) else ""
     return text
 

@@ -14,7 +14,7 @@ import re
 from ingest.cues import SLOWEST_SECONDS_PER_WORD, Cue
 from ingest.errors import PermanentIngestError
 from ingest.subtitles import MAX_CUES, MAX_TIMESTAMP_SECONDS, RawCue, parse_blocks
-from ingest.textclean import clean_line, is_plain, join_lines, word_labels_to_keep
+from ingest.textclean import clean_line, is_plain, join_lines, shouting, word_labels_to_keep
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,8 @@ def _clean(raw: list[RawCue]) -> list[Cue]:
     cues: list[Cue] = []
     shown: list[str] = []  # the previous cue's lines, as displayed
     shown_until = -math.inf  # ...until then
-    keep = word_labels_to_keep(line for rc in raw if ":" in rc.text for line in rc.text.split("\n"))
+    caps = shouting(rc.text for rc in raw)
+    keep = word_labels_to_keep((line for rc in raw if ":" in rc.text for line in rc.text.split("\n")), caps)
     for rc in raw:
         if is_plain(rc.text):  # most cues: nothing to clean line by line
             text = rc.text
@@ -203,7 +204,7 @@ def _clean(raw: list[RawCue]) -> list[Cue]:
             if "" in lines:
                 lines = [line for line in lines if line]
         else:
-            lines = [c for c in (clean_line(line, keep) for line in rc.text.split("\n")) if c]
+            lines = [c for c in (clean_line(line, keep, caps) for line in rc.text.split("\n")) if c]
         # YouTube auto-captions roll: each cue repeats the line before it, and a 10 ms cue repeats
         # the whole previous cue. Drop what is already on screen.
         # Only a cue that follows at once rolls: "No." said again a minute later is said again.
@@ -217,7 +218,7 @@ def _clean(raw: list[RawCue]) -> list[Cue]:
             if lines and last and rc.end is not None and rc.start >= last.start and not rc.end <= last.end:
                 last.end = rc.end
             continue
-        text = lines[-1] if len(lines) - overlap == 1 else join_lines(lines[overlap:])
+        text = lines[-1] if len(lines) - overlap == 1 else join_lines(lines[overlap:], caps)
         if len(text) > MAX_WORD_CHARS and _LONG_WORD.search(text):
             text = _LONG_WORD.sub(lambda m: " ".join(m[0][i:i + MAX_WORD_CHARS]
                                                      for i in range(0, len(m[0]), MAX_WORD_CHARS)), text)

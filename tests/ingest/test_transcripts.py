@@ -682,3 +682,18 @@ def test_a_timing_line_with_a_long_number_is_judged_in_linear_time() -> None:
     t0 = time.perf_counter()
     cues = parse_transcript(data, "long.srt")
     assert time.perf_counter() - t0 < 10 and cues[0].text.startswith("hi 1:111")  # text: "1:111…" is no time
+
+
+def test_a_transcript_all_in_capitals_keeps_its_words() -> None:
+    """Broadcast captions are often all in capitals: there a run of capitals before a colon or inside parentheses
+    is speech, not a speaker label or a sound note ("THE (NAIVE BAYES) CLASSIFIER." lost its name). Sound words
+    and labels that come back (the speakers) still go."""
+    lines = ["WELCOME BACK. TODAY WE LOOK AT THE (NAIVE BAYES) CLASSIFIER.", "THE KEY IDEA IS: ASSUME INDEPENDENCE.",
+             "IT MAKES IT O(N TIMES D).", "JOHN SMITH: SO WHY DOES IT WORK?", "(APPLAUSE)",
+             "JOHN SMITH: BECAUSE THE COUNTS ARE SIMPLE.", "STUDENT: WHAT ABOUT ZEROS?",
+             "STEP ONE: ADD THE NUMBERS UP AND DIVIDE BY THE TOTAL COUNT OF EXAMPLES WE HAVE SEEN SO FAR."]
+    text = "WEBVTT\n\n" + "".join(f"00:00:{i:02d}.000 --> 00:00:{i + 1:02d}.000\n{raw}\n\n" for i, raw in enumerate(lines))
+    assert [c.text for c in parse_str(text)] == [
+        "WELCOME BACK. TODAY WE LOOK AT THE (NAIVE BAYES) CLASSIFIER.", "THE KEY IDEA IS: ASSUME INDEPENDENCE.",
+        "IT MAKES IT O(N TIMES D).", "SO WHY DOES IT WORK?", "BECAUSE THE COUNTS ARE SIMPLE.", "WHAT ABOUT ZEROS?",
+        "STEP ONE: ADD THE NUMBERS UP AND DIVIDE BY THE TOTAL COUNT OF EXAMPLES WE HAVE SEEN SO FAR."]
