@@ -63,6 +63,7 @@ def _markers(repl: Callable[[re.Match[str]], str], text: str) -> str:
 _FOLLOW_UP_HINT = re.compile(r"^(and|but|so|why|how|what about|what if|then|also|it|that|this|they|those)\b", re.I)
 
 Delta = Callable[[str], Awaitable[None]]
+REFUSED_PREFIX = "refused: "  # an answer's error when the model refused or its provider's filter stopped it
 
 
 def _declined(lead: str, nearest: list[dict]) -> str:
@@ -207,7 +208,8 @@ class Tutor:
             async with asyncio.timeout_at(s.get("deadline")):
                 async with stream:  # closed (the HTTP response released) on any way out, cancellation included
                     async for _ in stream:
-                        # hold text back while it could still be the NOT_IN_COURSE sentinel
+                        # hold text back while it could still be the NOT_IN_COURSE sentinel (what streams is a
+                        # draft: the final answer, after `cite`, replaces it)
                         if on_delta and not "NOT_IN_COURSE".startswith(stream.text.lstrip()[:13]):
                             await on_delta(stream.text[sent:])
                             sent = len(stream.text)
@@ -216,8 +218,8 @@ class Tutor:
                 f"{self.llm.name}: the answer was not complete within {self.budget_s:g} s")
             logger.warning("tutor answer failed mid-stream: %s", why)
             self._account(s, stream.usage_so_far)  # what the provider reported is billed all the same
-            if isinstance(exc, LLMError) and exc.refused:  # what a filter stopped is not shown, not even in part
-                return {"answer": "", "error": why, "grounded": False, "refused": True}
+            if isinstance(exc, LLMError) and exc.refused:  # what a filter stopped is not kept, not even in part
+                return {"answer": "", "error": REFUSED_PREFIX + why, "grounded": False, "refused": True}
             return {"answer": stream.text, "error": why, "grounded": False}
         if stream.usage:
             self._account(s, stream.usage)

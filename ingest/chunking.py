@@ -13,7 +13,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate
 
-from ingest.cues import SLOWEST_SECONDS_PER_WORD, Cue
+from ingest.cues import CJK, Cue, slowest_speaking_s
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Chunk:
 # Text without spaces between words: the embedder's tokenizer makes a word-piece of each Chinese, Japanese or
 # Korean character, and several of a long run of letters (a pasted blob, Thai, a URL); counting words alone
 # took a Chinese chunk for a few dozen pieces (it was ~390: a third of it never embedded).
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f]")
+_CJK = CJK
 LONG_WORD_CHARS = 32  # a "word" longer than this (a blob, a URL; no English word) is counted, and split, by characters
 CHARS_PER_PIECE = 3  # word-pieces in a long run of letters: about one per three characters, or more
 _LONG_OR_CJK = re.compile(r"\S{%d,}|%s" % (LONG_WORD_CHARS + 1, _CJK.pattern))
@@ -121,7 +121,7 @@ def split_sentence(s: Sentence, *, max_seconds: float, max_tokens: int | None = 
         return [Sentence(s.start, min(s.end, s.start + max_seconds), s.text)]
     # A few words shown for minutes (a cue held through a silent demo) were said near its start: spread evenly over
     # the cue they were cut into one-word pieces at made-up times. Longer than its words take, it is clipped first.
-    said = max(max_seconds, len(s.text.split()) * SLOWEST_SECONDS_PER_WORD)
+    said = max(max_seconds, slowest_speaking_s(s.text))
     if s.end - s.start > said:
         s = Sentence(s.start, s.start + said, s.text)
         if not max_tokens or estimate_tokens(s.text) <= max_tokens:

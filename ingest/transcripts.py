@@ -11,7 +11,7 @@ import logging
 import math
 import re
 
-from ingest.cues import SLOWEST_SECONDS_PER_WORD, Cue
+from ingest.cues import Cue, slowest_speaking_s
 from ingest.errors import PermanentIngestError
 from ingest.subtitles import MAX_CUES, MAX_TIMESTAMP_SECONDS, RawCue, parse_blocks
 from ingest.textclean import clean_line, is_plain, join_lines, shouting, word_labels_to_keep
@@ -258,8 +258,7 @@ def _normalize(cues: list[Cue]) -> list[Cue]:
             c.end = min(c.end, nxt)  # overlapping cues: the earlier one yields
     if cues:
         last = cues[-1]
-        last.end = min(last.end, last.start + max(_LONGEST_LAST_CUE_S,
-                                                  len(last.text.split()) * SLOWEST_SECONDS_PER_WORD))
+        last.end = min(last.end, last.start + max(_LONGEST_LAST_CUE_S, slowest_speaking_s(last.text)))
     return cues
 
 

@@ -18,7 +18,7 @@ import asyncpg
 from agents.config import embedder_for
 from agents.judge import candidates
 from agents.llm import get_llm
-from agents.tutor import Delta, Tutor
+from agents.tutor import REFUSED_PREFIX, Delta, Tutor
 from server.errors import UNREACHABLE, ApiError
 from store import tutor as repo
 from store.events import Error, TutorDelta, publish, room_topic, user_topic
@@ -74,8 +74,9 @@ async def _room_history(conn, room_id: str, before_id: int | None,  # type: igno
 
 
 # Part of the answer cache's key: raised when stored answers would differ from new ones for the same content
-# (2: Socratic citations without their quote; 3: follow-ups from the lecture's own questions and topic words).
-ANSWER_FORMAT = 3
+# (2: Socratic citations without their quote; 3: follow-ups from the lecture's own questions and topic words;
+# 4: a model's reply that cites nothing is not stored: it was, with its text).
+ANSWER_FORMAT = 4
 
 
 @dataclass(slots=True)
@@ -366,12 +367,17 @@ async def _recorded_turn(pool: Any, pending: int | None) -> asyncpg.Record | Non
 # was given ("Incorrect API key provided: sk-wr***ng") and say nothing a learner can act on; they stay in the
 # log and in the turn's record.
 MODEL_FAILED = "the tutor's language model failed; please ask again"
+MODEL_REFUSED = "the tutor's language model would not answer this; try asking it another way"
 _OUR_ERRORS = frozenset({"interrupted", "internal error"})
 
 
 def public_error(error: str | None) -> str | None:
     """The failure as the asker sees it (None: no failure)."""
-    return None if not error else error if error in _OUR_ERRORS else MODEL_FAILED
+    if not error:
+        return None
+    if error in _OUR_ERRORS:
+        return error
+    return MODEL_REFUSED if error.startswith(REFUSED_PREFIX) else MODEL_FAILED
 
 
 def _failed(text: str, error: str) -> dict:

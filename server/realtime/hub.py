@@ -597,8 +597,9 @@ class Hub:
             left, count = await self.presence.sweep(room)
             if count < self.settings.presence_max:
                 for user in left:
-                    await publish(self.redis, room_topic(room), PresenceEvent(
-                        room=room, action="left", user=user, online_count=count))
+                    if not await publish(self.redis, room_topic(room), PresenceEvent(
+                            room=room, action="left", user=user, online_count=count)):
+                        self._left_unsent[(room, user.id)] = (user, LEFT_RETRIES)  # swept: no sweep says it again
 
     async def _reap_dead_procs(self) -> None:
         due = await self._long_expired()

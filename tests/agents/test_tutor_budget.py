@@ -40,7 +40,7 @@ def _state(tutor: Tutor, history: list[dict] | None = None) -> dict:
 async def test_a_reply_trickling_past_the_budget_ends_as_a_model_failure(llm_server: FakeLLMServer, which: str):
     llm_server.reset()
     # 20 deltas, 0.4 s apart: each read is quick, the whole reply takes 8 s
-    llm_server.script(Reply("It halves the interval each step [1] " * 2, chunks=20, delay_s=0.4))
+    llm_server.script(Reply("[1] It halves the interval each step. " * 2, chunks=20, delay_s=0.4))
     tutor = Tutor(None, None, _llm(llm_server, which), budget_s=BUDGET_S)  # type: ignore[arg-type]
     deltas: list[str] = []
 
@@ -92,6 +92,10 @@ async def test_what_a_content_filter_stopped_is_not_shown_even_in_part(llm_serve
     tutor = Tutor(None, None, _llm(llm_server, "openai"), budget_s=BUDGET_S)  # type: ignore[arg-type]
     out = await tutor.answer(_state(tutor))
     assert out["answer"] == "" and out["refused"] is True and out["error"]
+    # the asker is told the model would not answer (not "failed; please ask again": the same ask fails the same)
+    from server.tutoring import MODEL_REFUSED, public_error
+    assert public_error(out["error"]) == MODEL_REFUSED and public_error("openai: server error") != MODEL_REFUSED
     cited = await tutor.cite({**_state(tutor), **out})
     assert cited["grounded"] is False and "harmful" not in cited["answer"]
     assert cited["answer"] == "(The language model would not answer this; try asking it another way.)"
+

@@ -234,6 +234,14 @@ def test_a_few_words_held_on_screen_for_minutes_are_not_spread_over_them() -> No
                                                           (840.0, 843.0, "Okay, that was it.")]
 
 
+def test_a_long_cue_of_chinese_keeps_its_time() -> None:
+    """Chinese has no spaces: a cue of 164 characters counted as one word was squeezed into its first 30 s."""
+    text = "我们今天讨论的是算法的复杂度以及如何分析一个程序运行所需要的时间和空间" * 4 + "这是结尾的部分内容"
+    cues = [Cue(0.0, 90.0, text), Cue(90.0, 92.0, "下一句。")]
+    sentences = to_sentences(cues)
+    assert sentences[0].start == 0.0 and max(s.end for s in sentences[:-1]) == 90.0
+
+
 def test_chinese_and_japanese_sentence_marks_end_sentences() -> None:
     """"。！？" end sentences with no space after them: 60 cues of Chinese became six 30-second "sentences"."""
     cues = [Cue(3.0 * i, 3.0 * i + 3.0, f"这是第{i}句话。") for i in range(60)]
