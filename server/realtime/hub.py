@@ -436,7 +436,7 @@ class Hub:
                                 conn.close_soon(*refused)
                                 closed += 1
             except Exception:  # noqa: BLE001 - the database is away too: try again shortly
-                logger.warning("could not check sockets after the subscription came back", exc_info=True)
+                logger.warning("could not check the sockets' access again", exc_info=True)
                 self._recheck_due = True
                 await asyncio.sleep(1.0)
             if closed:  # (while the subscription was down, or their close event was lost)
