@@ -91,7 +91,7 @@ class CourseController(Controller):
         data = decode_json(raw, EnrollIn) if raw.strip() else EnrollIn()
         user: AuthUser = request.user
         async with request.app.state.pool.acquire() as conn:
-            course = await course_or_404(conn, course_id, user)
+            await course_or_404(conn, course_id, user)
             if user.is_staff:
                 if data.user_id is None:
                     raise ApiError(400, "user_id is required", field="user_id")
@@ -101,14 +101,21 @@ class CourseController(Controller):
             elif user.role == "learner":
                 if data.user_id not in (None, user.id):
                     raise ApiError(403, "learners can only enroll themselves", field="user_id")
-                if course["price_cents"] > 0 and not await repo.is_enrolled(conn, course_id, user.id):
-                    raise ApiError(402, "this course is paid; purchase it to enroll", code="payment_required")
-                if not course["published"] and not await repo.is_enrolled(conn, course_id, user.id):
-                    raise ApiError(404, f"course {course_id} not found")
             else:
                 raise ApiError(403, "bots cannot enroll")
             target_id = data.user_id or user.id
-            row, created = await repo.enroll(conn, course_id, target_id)
+            async with conn.transaction():
+                if user.role == "learner":
+                    # the course as it is now, kept so until the enrollment commits: a change making it paid or a
+                    # draft (read as free and published above) waits for it, or is seen here
+                    now = await conn.fetchrow("SELECT published, price_cents FROM courses WHERE id = $1 FOR SHARE",
+                                              course_id)
+                    enrolled = now is not None and await repo.is_enrolled(conn, course_id, user.id)
+                    if now is None or (not now["published"] and not enrolled):
+                        raise ApiError(404, f"course {course_id} not found")
+                    if now["price_cents"] > 0 and not enrolled:
+                        raise ApiError(402, "this course is paid; purchase it to enroll", code="payment_required")
+                row, created = await repo.enroll(conn, course_id, target_id)
             name_role = await conn.fetchrow("SELECT name, role FROM users WHERE id = $1", target_id)
         if created and name_role["role"] == "learner":  # back on the course's boards with XP earned there before
             await leaderboard_rebuild.resync_member(request.app.state.pool, request.app.state.redis, target_id, course_id)

@@ -238,3 +238,33 @@ def test_a_pod_is_a_small_cohort(client, make: Factory, settings):
     assert listing["members"] == 48 and listing["places_taken"] == 50
     assert client.delete(f"/api/v1/pods/{pod}/members/{gone[0]}", headers=inst.h).status_code == 204
     assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": late.id}, headers=inst.h).status_code == 201
+
+
+async def test_a_course_made_paid_while_a_learner_enrolls_is_not_enrolled_for_free(server, make: Factory, settings):
+    """The enrollment checked the course as it was read first, then enrolled: a change making the course paid
+    (or a draft) committing in between let the learner keep it for free. The check now holds the course row until
+    the enrollment commits, so the change waits for it or is seen."""
+    import asyncio
+
+    import asyncpg
+
+    inst = make.user("instructor")
+    learner = make.user("learner")
+    async with httpx.AsyncClient(base_url=server, timeout=30) as c:
+        course = (await c.post("/api/v1/courses", json={"title": "Soon paid", "published": True},
+                               headers=inst.h)).json()
+        db = await asyncpg.connect(settings.database_url)
+        try:
+            tx = db.transaction()
+            await tx.start()
+            await db.execute("UPDATE courses SET price_cents = 4900 WHERE id = $1", course["id"])  # not committed
+            enrolling = asyncio.create_task(c.post(f"/api/v1/courses/{course['id']}/enrollments", headers=learner.h))
+            await asyncio.sleep(1.0)
+            assert not enrolling.done()  # it waits for the change
+            await tx.commit()
+            r = await enrolling
+        finally:
+            await db.close()
+    assert r.status_code == 402 and r.json()["code"] == "payment_required", r.text
+    assert fetch(settings, "SELECT 1 FROM enrollments WHERE course_id = $1 AND user_id = $2", course["id"],
+                 learner.id) == []
