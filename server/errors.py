@@ -25,18 +25,19 @@ class ApiError(HTTPException):
     """An HTTP error with a machine-readable code and, for bad input, the offending field."""
 
     def __init__(self, status_code: int, message: str, *, code: str | None = None, field: str | None = None,
-                 retry_after: float | None = None):
+                 retry_after: float | None = None, extra: dict | None = None):
         # retry_after (seconds): sent as a `Retry-After` header (whole seconds, rounded up) and in the body
         headers = None if retry_after is None else {"Retry-After": str(max(1, math.ceil(retry_after)))}
         super().__init__(status_code=status_code, detail=message, headers=headers)
         self.code = code or _CODES.get(status_code, "error")
         self.field = field
         self.retry_after = retry_after
+        self.extra = extra  # more of the body (e.g. the `user_id` a name conflict is with)
 
 
 def body(status: int, code: str, message: str, field: str | None = None,
-         retry_after: float | None = None) -> dict:
-    out = {"status": status, "code": code, "message": message}
+         retry_after: float | None = None, extra: dict | None = None) -> dict:
+    out = {"status": status, "code": code, "message": message, **(extra or {})}
     if field is not None:
         out["field"] = field
     if retry_after is not None:
@@ -69,7 +70,7 @@ def http_exception_handler(_: Request, exc: HTTPException) -> Response:
     # a 401 names the scheme to authenticate with (RFC 9110)
     challenge = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
     if isinstance(exc, ApiError):
-        return Response(body(status, exc.code, exc.detail, exc.field, exc.retry_after), status_code=status,
+        return Response(body(status, exc.code, exc.detail, exc.field, exc.retry_after, exc.extra), status_code=status,
                         headers={**(exc.headers or {}), **challenge})
     if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
         first = exc.extra[0]

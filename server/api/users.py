@@ -54,8 +54,14 @@ class UserController(Controller):
         name = trimmed(data.name, "name")
         async with request.app.state.pool.acquire() as conn:
             row = await repo.create_user(conn, u.tenant_id, name, data.role)
+            taken = None if row is not None else await conn.fetchrow(
+                "SELECT id, role FROM users WHERE tenant_id = $1 AND name = $2", u.tenant_id, name)
         if row is None:
-            raise ApiError(409, f"a user named {data.name!r} already exists", field="name")
+            # the one the caller manages is named (`user_id`): a retry whose first reply was lost finds the user it
+            # made, and gets them a token with POST /users/{user_id}/tokens
+            manages = taken is not None and taken["role"] != "bot" and (u.role == "admin" or taken["role"] == "learner")
+            raise ApiError(409, f"a user named {name!r} already exists", field="name",
+                           extra={"user_id": taken["id"], "role": taken["role"]} if manages else None)
         token = issue_token(settings.secret, row["id"], u.tenant_id, row["role"], ttl_s=settings.token_ttl_s)
         return UserCreated(id=row["id"], name=row["name"], role=row["role"], tenant=u.tenant, token=token)
 
@@ -101,8 +107,11 @@ class UserController(Controller):
             if existing is not None and existing["role"] != "bot":
                 raise ApiError(409, f"{name!r} is a human user's name", field="name")
             row = existing or await repo.create_user(conn, u.tenant_id, name, "bot")
-            if row is None:  # created by a concurrent request a moment ago
-                raise ApiError(409, f"{name!r} was just created by another request; try again", field="name")
+            if row is None:  # created by a concurrent request a moment ago (committed: a new statement sees it)
+                row = await conn.fetchrow("SELECT id, role FROM users WHERE tenant_id = $1 AND name = $2",
+                                          u.tenant_id, name)
+                if row is None or row["role"] != "bot":
+                    raise ApiError(409, f"{name!r} is taken; try again", field="name")
             token_id = await repo.create_api_token(conn, row["id"], data.label)
         token = issue_token(request.app.state.settings.secret, row["id"], u.tenant_id, "bot", ttl_s=None,
                             token_id=token_id)

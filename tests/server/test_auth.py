@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import jwt
 
 from tests.conftest import Factory, fetch, upload
@@ -155,7 +156,13 @@ def test_staff_creates_learner_with_token(client, make: Factory):
     created = r.json()
     me = client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {created['token']}"}).json()
     assert me["name"] == "grace" and me["role"] == "learner" and me["tenant"] == make.tenant
-    assert client.post("/api/v1/users", json={"name": "grace"}, headers=inst.h).status_code == 409
+    # a retry whose first reply was lost: the conflict names the learner it made (there is no user listing)
+    again = client.post("/api/v1/users", json={"name": " grace "}, headers=inst.h)
+    assert again.status_code == 409 and again.json()["user_id"] == created["id"] and again.json()["role"] == "learner"
+    assert client.post(f"/api/v1/users/{created['id']}/tokens", headers=inst.h).status_code == 201
+    colleague = make.user("instructor", name=f"colleague-{created['id']}")  # not a learner: not named to instructors
+    taken = client.post("/api/v1/users", json={"name": colleague.name}, headers=inst.h)
+    assert taken.status_code == 409 and "user_id" not in taken.json()
     blank = client.post("/api/v1/users", json={"name": "   "}, headers=inst.h)
     assert blank.status_code == 400 and blank.json()["field"] == "name"
     # an instructor cannot mint admins; a learner cannot mint anyone
@@ -233,3 +240,16 @@ def test_staff_give_a_person_a_new_token_and_sign_them_out_everywhere(client, ma
     assert client.delete(f"/api/v1/users/{colleague.id}/tokens", headers=colleague.h).status_code == 204
     assert client.get("/api/v1/users/me", headers=colleague.h).status_code == 401
     assert client.get("/api/v1/users/me", headers=inst.h).status_code == 200
+
+
+async def test_two_bridges_asking_for_the_same_bot_at_once_both_get_a_token(server, make: Factory):
+    """The loser of two concurrent creations of one bot got a 409 "try again"; it now finds the bot just made."""
+    import asyncio
+
+    inst = make.user("instructor")
+    async with httpx.AsyncClient(base_url=server, timeout=30) as c:
+        for i in range(5):
+            rs = await asyncio.gather(*(c.post("/api/v1/bots", json={"name": f"bridge-{inst.id}-{i}"}, headers=inst.h)
+                                        for _ in range(4)))
+            assert [r.status_code for r in rs] == [201] * 4, [r.text for r in rs]
+            assert len({r.json()["user_id"] for r in rs}) == 1 and len({r.json()["token_id"] for r in rs}) == 4
