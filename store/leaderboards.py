@@ -93,6 +93,18 @@ def boards_of(tenant_id: int, course_id: int | None, pod_ids: list[int], at: dat
     return [(keys.leaderboard(scope, sid, tag), exp) for scope, sid in scopes for tag, exp in periods]
 
 
+async def drop_boards(redis: Redis, scopes: list[tuple[str, int]]) -> None:
+    """After a course or pod was deleted: its boards (all-time ones never expire; nobody can read them any more).
+    Period boards of earlier weeks and months still in their grace go too. Failures are logged (memory only)."""
+    now = as_utc(None)
+    tags = {period_tag(p, at) for p in PERIODS for at in (now, now - timedelta(days=8), now - timedelta(days=32))}
+    try:
+        if scopes:
+            await redis.delete(*(keys.leaderboard(scope, sid, tag) for scope, sid in scopes for tag in sorted(tags)))
+    except Exception:  # noqa: BLE001
+        logger.warning("could not delete the boards of %s", scopes[:5], exc_info=True)
+
+
 # --- writes --------------------------------------------------------------------------------------------
 
 # One round trip per award: bump its boards (unless the last rebuild's snapshot already counted the award),

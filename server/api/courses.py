@@ -16,7 +16,7 @@ from server.auth import AuthUser, staff_only
 from server.decode import decode_json, read_body, read_json, trimmed
 from server.errors import ApiError
 from store import courses as repo
-from store import leaderboard_rebuild, moderation
+from store import leaderboard_rebuild, leaderboards, moderation
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ class CourseController(Controller):
         if gone is None:
             raise ApiError(404, f"course {course_id} not found")
         await moderation.close_rooms(request.app.state.redis, gone.rooms)
+        await leaderboards.drop_boards(request.app.state.redis, [("course", course_id)] + [
+            ("pod", int(r.split(":")[1])) for r in gone.rooms if r.startswith("pod:")])
         for path in gone.files:  # committed: the uploads go too (a crash here leaves files, never a dangling row)
             Path(path).unlink(missing_ok=True)
 

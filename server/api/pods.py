@@ -12,7 +12,7 @@ from server.auth import AuthUser, staff_only
 from server.decode import read_json, trimmed
 from server.errors import ApiError
 from store import courses as courses_repo
-from store import leaderboard_rebuild, moderation
+from store import leaderboard_rebuild, leaderboards, moderation
 from store import pods as repo
 
 
@@ -68,6 +68,7 @@ class PodController(Controller):
             await _pod_or_404(conn, pod_id, request.user)
             await repo.delete_pod(conn, pod_id)
         await moderation.close_rooms(request.app.state.redis, [f"pod:{pod_id}"])
+        await leaderboards.drop_boards(request.app.state.redis, [("pod", pod_id)])
 
     @post("/pods/{pod_id:int}/members", guards=[staff_only], status_code=201)
     async def add_member(self, request: Request, pod_id: int) -> Response[Member]:

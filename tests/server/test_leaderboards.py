@@ -303,3 +303,24 @@ async def xp_award_one(dsn: str, redis_url: str, make: Factory) -> int:
         await redis.aclose()
         await pool.close()
     return learner.tenant_id
+
+
+async def test_a_deleted_course_or_pod_takes_its_boards_out_of_redis(server, client, make: Factory, xp_store):
+    """All-time boards never expire: a deleted course's or pod's stayed in Redis for good (nobody can read them)."""
+    pool, redis = xp_store
+    course = make_course(client, make, learners=2, videos=0)
+    inst, ls = course.instructor, course.learners
+    pods = [client.post(f"/api/v1/courses/{course.id}/pods", json={"name": n}, headers=inst.h).json()["id"]
+            for n in ("P", "Q")]
+    for p in pods:
+        client.post(f"/api/v1/pods/{p}/members", json={"user_id": ls[0].id}, headers=inst.h)
+    await xp.award_xp(pool, redis, ls[0].id, "assignment_passed", "a:1", course_id=course.id)
+    boards = {(scope, sid): [leaderboards.board_key(scope, sid, period) for period in leaderboards.PERIODS]
+              for scope, sid in [("course", course.id), ("pod", pods[0]), ("pod", pods[1])]}
+    assert all([await redis.exists(k) for ks in boards.values() for k in ks])
+    assert client.delete(f"/api/v1/pods/{pods[1]}", headers=inst.h).status_code == 204
+    assert [await redis.exists(k) for k in boards[("pod", pods[1])]] == [0, 0, 0]
+    assert all([await redis.exists(k) for k in boards[("pod", pods[0])]])
+    assert client.delete(f"/api/v1/courses/{course.id}", headers=inst.h).status_code == 204
+    assert [await redis.exists(k) for ks in boards.values() for k in ks] == [0] * 9
+    assert await redis.exists(leaderboards.board_key("tenant", ls[0].tenant_id, "all"))  # the tenant's stays
