@@ -82,6 +82,14 @@ class DuplicateVideo(Exception):
         self.video_id = video_id
 
 
+class RepeatedKey(Exception):
+    """The course already has a video added with this Idempotency-Key (`video`: its row)."""
+
+    def __init__(self, video: asyncpg.Record) -> None:
+        super().__init__(f"video {video['id']} was added with this Idempotency-Key")
+        self.video = video
+
+
 def title_from_filename(filename: str | None) -> str:
     """A video's title from its file's name, which nobody wrote as a title: one line of at most 200 characters,
     "untitled" when nothing readable is left."""
@@ -102,11 +110,13 @@ async def submit_video(pool: asyncpg.Pool, arq: ArqRedis | None, settings: Setti
 
 async def create_video(pool: asyncpg.Pool, settings: Settings, course_id: int, created_by: int | None, title: str,
                        *, youtube_id: str | None = None, file_path: Path | None = None, filename: str | None = None,
-                       source: str | None = None, kind: str | None = None) -> tuple[int, int]:
+                       source: str | None = None, kind: str | None = None,
+                       client_key: str | None = None) -> tuple[int, int]:
     """Store the video and its ingest job (one transaction); returns (video_id, job_id). From then on the
     video owns the file: its job reads it, deleting the video removes it. Queue the job with `queue_job`.
 
-    A file must already be stored at `file_path` and checked with `inspect_file`.
+    A file must already be stored at `file_path` and checked with `inspect_file`. `client_key`: the request's
+    Idempotency-Key; RepeatedKey when the course has a video added with it (also one added at the same moment).
     """
     if youtube_id is None and file_path is None:
         raise ValueError("a video needs a YouTube id or a file")
@@ -116,10 +126,13 @@ async def create_video(pool: asyncpg.Pool, settings: Settings, course_id: int, c
                 video = await videos_repo.create_video(
                     conn, course_id, title, "youtube" if youtube_id else (source or "transcript"),
                     youtube_id=youtube_id, filename=filename, file_path=str(file_path) if file_path else None,
-                    file_kind=kind, file_size=file_path.stat().st_size if file_path else None)
+                    file_kind=kind, file_size=file_path.stat().st_size if file_path else None, client_key=client_key)
                 job = await jobs_repo.create_job(conn, "ingest", course_id=course_id, video_id=video["id"],
                                                  created_by=created_by, max_attempts=settings.job_max_attempts)
-        except asyncpg.UniqueViolationError:  # the same YouTube video, added before (or at the same moment)
+        except asyncpg.UniqueViolationError as exc:
+            if client_key is not None and exc.constraint_name == "videos_client_key":
+                raise RepeatedKey(await videos_repo.by_client_key(conn, course_id, client_key)) from None
+            # the same YouTube video, added before (or at the same moment)
             existing = await conn.fetchval("SELECT min(id) FROM videos WHERE course_id = $1 AND youtube_id = $2",
                                            course_id, youtube_id)
             raise DuplicateVideo(existing) from None

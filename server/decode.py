@@ -38,6 +38,17 @@ _PATTERNS = {repr(NOT_BLANK): "must not be blank", repr(NO_CONTROL): "must not c
              repr(ONE_LINE): "must not contain control characters or line breaks"}
 
 
+def idempotency_key(request: Request) -> str | None:
+    """The request's `Idempotency-Key` header, trimmed (1 to 100 characters), or None without one."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    key = key.strip()
+    if not 0 < len(key) <= 100:
+        raise ApiError(400, "Idempotency-Key must be 1 to 100 characters", field="Idempotency-Key")
+    return key
+
+
 def trimmed(value: str, field: str) -> str:
     """`value` without surrounding spaces; 400 naming `field` when nothing visible is left."""
     value = value.strip()

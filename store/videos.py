@@ -20,12 +20,24 @@ _COLS = """v.id, v.course_id, v.title, v.source, v.youtube_id, v.filename, v.fil
 
 async def create_video(conn: asyncpg.Connection, course_id: int, title: str, source: str, *,
                        youtube_id: str | None = None, filename: str | None = None, file_path: str | None = None,
-                       file_kind: str | None = None, file_size: int | None = None) -> asyncpg.Record:
+                       file_kind: str | None = None, file_size: int | None = None,
+                       client_key: str | None = None) -> asyncpg.Record:
     return await conn.fetchrow(
-        f"""INSERT INTO videos AS v (course_id, title, source, youtube_id, filename, file_path, file_kind, file_size)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {_COLS}""",
-        course_id, title, source, youtube_id, filename, file_path, file_kind, file_size,
+        f"""INSERT INTO videos AS v (course_id, title, source, youtube_id, filename, file_path, file_kind, file_size,
+                                     client_key)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {_COLS}""",
+        course_id, title, source, youtube_id, filename, file_path, file_kind, file_size, client_key,
     )
+
+
+async def by_client_key(conn: asyncpg.Connection, course_id: int, key: str) -> asyncpg.Record | None:
+    """The video added to the course with this Idempotency-Key, with its first ingest job (`job_id`, `job_state`;
+    None once the job is gone)."""
+    return await conn.fetchrow(
+        f"""SELECT {_COLS}, j.id AS job_id, j.state AS job_state FROM videos v
+            LEFT JOIN LATERAL (SELECT id, state FROM jobs WHERE video_id = v.id AND kind = 'ingest' ORDER BY id
+                               LIMIT 1) j ON true
+            WHERE v.course_id = $1 AND v.client_key = $2""", course_id, key)
 
 
 async def get_video(conn: asyncpg.Connection, video_id: int) -> asyncpg.Record | None:

@@ -13,7 +13,7 @@ from agents import matcher
 from server.api.paging import ListLimit, Offset
 from server.api.progress_schemas import DeclineIn, GroupOut, MatchOut, ProfileIn, ProfileOut, Slot
 from server.auth import AuthUser, staff_only
-from server.decode import decode_json, read_body, read_json
+from server.decode import decode_json, idempotency_key, read_body, read_json
 from server.errors import ApiError
 from store import matching
 from store import pods as pods_repo
@@ -88,13 +88,11 @@ class MatcherController(Controller):
         returns that round (200); without one, a repeat within DOUBLE_CLICK_S of the caller's round, for the same
         learners, returns it."""
         state = request.app.state
-        key = request.headers.get("idempotency-key")
-        if key is not None and not 0 < len(key.strip()) <= 100:
-            raise ApiError(400, "Idempotency-Key must be 1 to 100 characters", field="Idempotency-Key")
+        key = idempotency_key(request)
         async with state.pool.acquire() as conn:
             await _pod(conn, pod_id, request.user)
             if key is not None:
-                round_key = f"manual:{request.user.id}:{key.strip()}"
+                round_key = f"manual:{request.user.id}:{key}"
             else:
                 # Without a key, a double click is still one round: this caller's round of a moment ago is
                 # returned, and two requests racing on the same current round share one key (one runs).

@@ -21,7 +21,7 @@ from server.api.assignments import assignment_or_404
 from server.api.courses import course_or_404
 from server.api.paging import ListLimit, Offset, PageLimit
 from server.auth import AuthUser, staff_only
-from server.decode import read_json
+from server.decode import idempotency_key, read_json
 from server.errors import ApiError
 from store.frames import CONTROL, blank
 from store import assignments as assignments_repo
@@ -140,11 +140,7 @@ class SubmissionController(Controller):
         written answers go to the grader (status `grading`). With an `Idempotency-Key` header, a repeat (a lost
         response, a double click) returns the attempt the key made (200) instead of making another."""
         state, user = request.app.state, request.user
-        key = request.headers.get("idempotency-key")
-        if key is not None:
-            key = key.strip()
-            if not 0 < len(key) <= 100:
-                raise ApiError(400, "Idempotency-Key must be 1 to 100 characters", field="Idempotency-Key")
+        key = idempotency_key(request)
         async with state.pool.acquire() as conn:
             a = await assignment_or_404(conn, assignment_id, user)
             if user.role != "learner":

@@ -14,13 +14,13 @@ from msgspec import Meta
 
 from ingest.errors import IngestError
 from ingest.progress import announce_job
-from ingest.submit import (DuplicateVideo, FileTooLarge, UnsupportedFile, create_video, inspect_file, queue_job,
-                           submit_job, title_from_filename)
+from ingest.submit import (DuplicateVideo, FileTooLarge, RepeatedKey, UnsupportedFile, create_video, inspect_file,
+                           queue_job, submit_job, title_from_filename)
 from server.api.courses import course_or_404
 from server.api.paging import ListLimit, Offset
 from server.api.schemas import Strict, Title
 from server.auth import AuthUser, staff_only
-from server.decode import read_json, trimmed
+from server.decode import idempotency_key, read_json, trimmed
 from server.errors import ApiError
 from store.frames import LINE_CONTROL, blank
 from server.uploads import receive_upload
@@ -122,6 +122,18 @@ def to_job(r: asyncpg.Record) -> Job:
                finished_at=r["finished_at"])
 
 
+def _repeat(video: asyncpg.Record, kw: dict, size: int | None) -> Response[Accepted]:
+    """The video an Idempotency-Key made, for a repeat of the same request (the same YouTube video, or a file of
+    the same name and size); another video under the same key is refused rather than dropped."""
+    same = (video["youtube_id"] == kw["youtube_id"] if kw.get("youtube_id") else
+            video["youtube_id"] is None and video["filename"] == kw.get("filename") and video["file_size"] == size)
+    if not same:
+        raise ApiError(409, "this Idempotency-Key was used for another video; use a new key for a new video",
+                       code="idempotency_key_reused", field="Idempotency-Key")
+    return Response(Accepted(video_id=video["id"], job_id=video["job_id"] or 0, status=video["job_state"] or "done"),
+                    status_code=200)
+
+
 async def _video_or_404(conn: asyncpg.Connection, course_id: int, video_id: int) -> asyncpg.Record:
     video = await videos_repo.get_video(conn, video_id)
     if video is None or video["course_id"] != course_id:
@@ -138,9 +150,12 @@ class VideoController(Controller):
     tags = ["videos"]
 
     @post("/videos", guards=[staff_only], status_code=202)
-    async def add_video(self, request: Request, course_id: int) -> Accepted:
-        """Add a YouTube video (JSON) or upload a transcript/media file (multipart field `file`, + `title`)."""
+    async def add_video(self, request: Request, course_id: int) -> Response[Accepted]:
+        """Add a YouTube video (JSON) or upload a transcript/media file (multipart field `file`, + `title`). With
+        an `Idempotency-Key` header, a repeat (a retried upload whose reply was lost) returns the video the key
+        made (200) instead of storing and ingesting the file again."""
         state, user = request.app.state, request.user
+        key = idempotency_key(request)
         async with state.pool.acquire() as conn:
             await course_or_404(conn, course_id, user)
         ctype = request.headers.get("content-type", "")
@@ -156,7 +171,19 @@ class VideoController(Controller):
                 raise ApiError(400, str(exc), field="youtube") from exc
             kw = dict(title=trimmed(data.title, "title"), youtube_id=yt_id)
         try:
-            video_id, job_id = await create_video(state.pool, state.settings, course_id, user.id, **kw)
+            if key is not None:
+                async with state.pool.acquire() as conn:
+                    done = await videos_repo.by_client_key(conn, course_id, key)
+                if done is not None:
+                    raise RepeatedKey(done)
+            video_id, job_id = await create_video(state.pool, state.settings, course_id, user.id, **kw,
+                                                  client_key=key)
+        except RepeatedKey as exc:
+            size = None
+            if kw.get("file_path"):  # the video the key made has its own copy
+                size = Path(kw["file_path"]).stat().st_size
+                Path(kw["file_path"]).unlink(missing_ok=True)
+            return _repeat(exc.video, kw, size)
         except DuplicateVideo as exc:
             raise ApiError(409, str(exc), code="duplicate", field="youtube") from exc
         except BaseException:
@@ -165,7 +192,7 @@ class VideoController(Controller):
             raise
         # the stored video owns the file now: cut short while queueing (a shutdown), its job still finds it
         await queue_job(state.arq, state.pool, job_id)
-        return Accepted(video_id=video_id, job_id=job_id)
+        return Response(Accepted(video_id=video_id, job_id=job_id), status_code=202)
 
     async def _receive_file(self, request: Request, course_id: int) -> dict:
         settings = request.app.state.settings

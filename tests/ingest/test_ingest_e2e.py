@@ -268,6 +268,46 @@ def test_a_youtube_video_is_added_to_a_course_once(client, make: Factory, settin
                        headers=inst.h).status_code == 202  # another course may have it too
 
 
+async def test_a_retried_upload_with_its_idempotency_key_is_one_video(server, make: Factory, settings):
+    """A retried upload (its reply lost behind a proxy) stored the file again and ingested it twice: with the same
+    Idempotency-Key it gets the video the key made (200), also when the two arrive together; the key with another
+    file is refused."""
+    import asyncio
+    from pathlib import Path
+
+    import httpx
+
+    inst = make.user("instructor")
+    data = (EVAL / "transcripts" / "mit-18.06-linear-algebra-lec1.vtt").read_bytes()
+    async with httpx.AsyncClient(base_url=server, timeout=60) as c:
+        cid = (await c.post("/api/v1/courses", json={"title": "Retry"}, headers=inst.h)).json()["id"]
+        url, key = f"/api/v1/courses/{cid}/videos", {**inst.h, "Idempotency-Key": "upload-1"}
+
+        def send(body: bytes = data, name: str = "lec1.vtt"):  # type: ignore[no-untyped-def]
+            return c.post(url, files={"file": (name, body)}, data={"title": "Lecture 1"}, headers=key)
+
+        first = await send()
+        assert first.status_code == 202, first.text
+        again = await send()
+        assert again.status_code == 200 and again.json()["video_id"] == first.json()["video_id"]
+        assert again.json()["job_id"] == first.json()["job_id"]
+        other = await send(data + b"\n", "lec2.vtt")
+        assert other.status_code == 409 and other.json()["code"] == "idempotency_key_reused", other.text
+        key = {**inst.h, "Idempotency-Key": "upload-2"}
+        both = await asyncio.gather(send(), send())  # at once: one stores it, the other finds it
+        assert sorted(r.status_code for r in both) == [200, 202], [r.text for r in both]
+        assert len({r.json()["video_id"] for r in both}) == 1
+        yt = {**inst.h, "Idempotency-Key": "yt-1"}
+        body = {"title": "Rick", "youtube": "dQw4w9WgXcQ"}
+        assert (await c.post(url, json=body, headers=yt)).status_code == 202
+        assert (await c.post(url, json=body, headers=yt)).status_code == 200
+        assert (await c.post(url, json=body, headers={**inst.h, "Idempotency-Key": "k" * 101})).status_code == 400
+    assert fetch(settings, "SELECT count(*) AS n FROM videos WHERE course_id = $1", cid)[0]["n"] == 3
+    assert fetch(settings, "SELECT count(*) AS n FROM jobs WHERE course_id = $1", cid)[0]["n"] == 3
+    uploads = Path(settings.data_dir) / "uploads" / str(cid)
+    assert len(list(uploads.glob("*.upload"))) == 2  # the repeats' copies went
+
+
 def test_bad_video_json(client, make: Factory):
     inst, cid = _course(client, make)
     for body, field in (({"title": "x", "youtube": "https://vimeo.com/123"}, "youtube"),
