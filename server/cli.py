@@ -33,11 +33,14 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _start(args: argparse.Namespace) -> tuple[Settings, Services]:
+def _start(args: argparse.Namespace, *, one_shot: bool = False) -> tuple[Settings, Services]:
+    """Settings and running services. A `one_shot` command (a token, an answer, an ingest) logs warnings and
+    errors only unless STUDYHALL_LOG_LEVEL says otherwise: its output is what was asked for, and a mistake one
+    line on stderr, not after the embedded servers' start and stop notes."""
     from server.observability import setup_logging
 
     settings = _settings(args)
-    setup_logging(settings.log_level)
+    setup_logging("WARNING" if one_shot and not os.environ.get("STUDYHALL_LOG_LEVEL") else settings.log_level)
     services = ensure_services(settings)
     return settings.with_urls(services.database_url, services.redis_url), services
 
@@ -105,7 +108,7 @@ def _server(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    settings, services = _start(args)
+    settings, services = _start(args, one_shot=True)
     try:
         applied = _migrate(settings)
         print("applied: " + ", ".join(applied) if applied else "database is up to date")
@@ -180,7 +183,7 @@ async def _make_token(settings: Settings, user: str, role: str, tenant: str, ttl
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    settings, services = _start(args)
+    settings, services = _start(args, one_shot=True)
     try:
         _migrate(settings)
         token = asyncio.run(_make_token(settings, args.user, args.role, args.tenant, args.ttl))
@@ -191,7 +194,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    settings, services = _start(args)
+    settings, services = _start(args, one_shot=True)
     try:
         _migrate(settings)
         return asyncio.run(_ingest(settings, args))
@@ -352,7 +355,7 @@ async def _progress(pool, job_id: int, arq=None, gone_after: float = WORKER_GONE
 
 
 def cmd_reembed(args: argparse.Namespace) -> int:
-    settings, services = _start(args)
+    settings, services = _start(args, one_shot=True)
     try:
         _migrate(settings)
         jobs = asyncio.run(_reembed(settings, args.course))
@@ -385,7 +388,7 @@ async def _reembed(settings: Settings, course_id: int | None) -> list[int]:
 
 def cmd_leaderboards(args: argparse.Namespace) -> int:
     """`leaderboards rebuild`: rebuild every board from the XP ledger; `leaderboards check`: compare them."""
-    settings, services = _start(args)
+    settings, services = _start(args, one_shot=True)
     try:
         _migrate(settings)
         return asyncio.run(_leaderboards(settings, args.action))
@@ -420,7 +423,7 @@ async def _leaderboards(settings: Settings, action: str) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    settings, services = _start(args)
+    settings, services = _start(args, one_shot=True)
     try:
         _migrate(settings)
         return asyncio.run(_ask(settings, args))

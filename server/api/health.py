@@ -83,4 +83,8 @@ async def metrics(request: Request) -> Response:
         scheme, _, got = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(got.strip().encode(), want.encode()):
             raise ApiError(401, "metrics need the token set in STUDYHALL_METRICS_TOKEN", code="unauthorized")
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(), media_type=_METRICS_TYPE)
+
+
+# (the server adds the charset to a text type itself: given it too, the header said it twice)
+_METRICS_TYPE = CONTENT_TYPE_LATEST.replace("; charset=utf-8", "")

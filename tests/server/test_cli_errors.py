@@ -70,3 +70,15 @@ def test_a_failing_model_service_is_one_line_too(settings, tmp_path, make: Facto
                OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1")
     _refused(out, "embedding service failed")  # after the SDK's logged retries
     assert out.stderr.strip().splitlines()[-1].startswith("studyhall: "), out.stderr
+
+
+def test_a_one_shot_command_prints_what_was_asked_and_no_notes(data_dir, make: Factory):
+    """`studyhall token` on the embedded servers wrote their start/stop notes (JSON INFO lines) to stderr around
+    the token: a mistake is one line there, and a success says nothing, unless STUDYHALL_LOG_LEVEL asks."""
+    user = make.user("learner")
+    run = [sys.executable, "-m", "server.cli", "token", "--user", user.name, "--role", "learner"]
+    out = subprocess.run(run, cwd=ROOT, env=clean_env(data_dir), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.count(".") == 2 and out.stderr == "", out.stderr
+    loud = subprocess.run(run, cwd=ROOT, env=clean_env(data_dir, STUDYHALL_LOG_LEVEL="INFO"), capture_output=True,
+                          text=True, timeout=120)
+    assert loud.returncode == 0 and '"level": "INFO"' in loud.stderr.replace('"level":"INFO"', '"level": "INFO"')

@@ -135,8 +135,10 @@ def test_health_ready_metrics_schema(client):
     assert ready.status_code == 200 and ready.json() == {"status": "ok", "postgres": "ok", "redis": "ok",
                                                          "realtime": "ok"}
     client.get("/api/v1/courses")
-    metrics = client.get("/metrics").text
-    assert "studyhall_http_requests_total" in metrics
+    r = client.get("/metrics")
+    assert "studyhall_http_requests_total" in r.text
+    assert r.headers["content-type"].count("charset") == 1, r.headers["content-type"]  # (it said it twice)
+    assert r.headers["content-type"].startswith("text/plain; version=")
     schema = client.get("/schema/openapi.json").json()
     assert "/api/v1/courses" in schema["paths"]
 
