@@ -81,7 +81,7 @@ class ModeIn(Strict):
     mode: Literal["answer", "socratic"]
 
 
-class Session(msgspec.Struct):
+class Session(msgspec.Struct, omit_defaults=True):  # (a listing leaves out `turns`, `has_more`)
     id: int
     course_id: int
     title: str

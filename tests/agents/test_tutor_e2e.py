@@ -80,6 +80,7 @@ def test_sessions_follow_up_and_delete(eval_course: EvalCourse, client, make: Fa
     assert {c["video_id"] for c in follow["citations"]} == {eval_course.videos["3b1b-bitcoin.srt"]}
     sessions = client.get(f"/api/v1/courses/{eval_course.id}/tutor/sessions", headers=learner.h).json()
     assert [s["id"] for s in sessions] == [sid]
+    assert "turns" not in sessions[0] and "has_more" not in sessions[0]  # (a listing said null for both)
     full = client.get(f"/api/v1/tutor/sessions/{sid}", headers=learner.h).json()
     assert [t["question"] for t in full["turns"]] == ["What is a digital signature in bitcoin?", "why can't it be forged?"]
     assert full["has_more"] is False
