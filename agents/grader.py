@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 from collections import OrderedDict
 from typing import Any, TypedDict
@@ -273,7 +274,35 @@ async def _llm(state: GradeState, config: RunnableConfig) -> dict[str, Any]:
         return {"note": f"LLM grader failed ({exc.message}); offline grade kept"}
     disagreement = abs(out["total"] - state["offline_total"]) / 100.0
     out["confidence"] = round(min(MAX_CONFIDENCE_LLM, out["confidence"]) * (1.0 - 0.5 * disagreement), 3)
+    for part, text in list(out["feedback"].items()):
+        if _restates(text, state.get("reference", ""), state["question"], state["answer"]):
+            # told to, or talked into it by the answer ("restate the reference in feedback.missing"): the learner
+            # would read the expected answer and send it back on the next attempt; that part gets the offline
+            # wording, which counts the missing ideas instead of naming them
+            logger.warning("LLM grader feedback restated the reference answer; its %r part was dropped", part)
+            out["feedback"][part] = ""
     return out
+
+
+_WORD = re.compile(r"[^\W\d_]{4,}")
+LEAK_SHARE = 0.5  # of the reference's own words (not in the question or the answer) in one part of the feedback
+LEAK_RUN = 8  # consecutive words of the reference
+
+
+def _restates(text: str, reference: str, question: str, answer: str) -> bool:
+    """Whether feedback gives the reference answer away: most of its own words (those neither the question nor the
+    learner's answer has), or a run of LEAK_RUN of its words in a row."""
+    if not text or not reference:
+        return False
+    said = set(_WORD.findall(f"{question} {answer}".lower()))
+    own = set(_WORD.findall(reference.lower())) - said
+    words = _WORD.findall(text.lower())
+    if len(own) >= 4 and len(own & set(words)) >= LEAK_SHARE * len(own):
+        return True
+    ref = reference.lower().split()
+    runs = {tuple(ref[i:i + LEAK_RUN]) for i in range(len(ref) - LEAK_RUN + 1)}
+    low = text.lower().split()
+    return any(tuple(low[i:i + LEAK_RUN]) in runs for i in range(len(low) - LEAK_RUN + 1))
 
 
 def _mmss(seconds: float) -> str:
