@@ -727,6 +727,9 @@ def _on_signal(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # what studyhall writes (the data dir, uploads, the embedded servers' files) is its user's alone: with the
+    # usual umask other local users could read uploaded course media and the Redis dump
+    os.umask(0o077)
     # uvicorn re-raises the signal it caught after a graceful shutdown; with the default handler the
     # process would die before stopping the worker and the embedded servers.
     signal.signal(signal.SIGTERM, _on_signal)

@@ -82,3 +82,13 @@ def test_a_one_shot_command_prints_what_was_asked_and_no_notes(data_dir, make: F
     loud = subprocess.run(run, cwd=ROOT, env=clean_env(data_dir, STUDYHALL_LOG_LEVEL="INFO"), capture_output=True,
                           text=True, timeout=120)
     assert loud.returncode == 0 and '"level": "INFO"' in loud.stderr.replace('"level":"INFO"', '"level": "INFO"')
+
+
+def test_what_studyhall_writes_is_its_users_alone(settings, tmp_path, make: Factory):
+    """The data dir (uploads, the embedded servers' files, the secret) was made with the usual umask: readable by
+    every local user."""
+    user = make.user("learner")
+    out = _cli(settings, tmp_path, "token", "--user", user.name, "--role", "learner")
+    assert out.returncode == 0, out.stderr
+    made = [p for p in (tmp_path / "d").rglob("*")] + [tmp_path / "d"]
+    assert made and all(p.stat().st_mode & 0o077 == 0 for p in made), [(p, oct(p.stat().st_mode)) for p in made]
