@@ -22,8 +22,8 @@ import msgspec
 import numpy as np
 
 from agents.llm import LLM, LLMError, first_json_object
-from agents.scoring import STOPWORDS
-from store.frames import LINE_CONTROL, text_problem
+from agents.scoring import STOPWORDS, stem
+from store.frames import LINE_CONTROL, as_read, text_problem
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,9 @@ know mean just like well maybe pretty little want wanna said says say saying loo
 will also able first second next last back even still much many every another people make makes made take
 takes used using use way ways good great better best called call let lets thats theres heres whats dont doesnt
 """.split())
-_WORD = re.compile(r"[A-Za-z][A-Za-z\-]{3,}")
+# A whole word of 4+ letters in any script (hyphens inside): "Schrödinger" was cut to "dinger" and "ResNet50" to
+# "resnet", and a keyword that is not a whole word blanks nothing
+_WORD = re.compile(r"(?<![^\W_])[^\W\d_](?:[^\W\d_]|-(?=[^\W\d_])){3,}(?![\w-])")
 MIN_WORDS, MAX_WORDS = 8, 45
 MIN_SCORE_SHARE = 0.3  # of the best sentence's score
 
@@ -129,8 +131,20 @@ def _mmss(t: float) -> str:
     return f"{t // 60}:{t % 60:02d}"
 
 
+_ANY_WORD = re.compile(r"(?<![^\W_])[^\W_](?:[\w']|-(?=\w))*")
+
+
 def _blank(text: str, keyword: str) -> str:
-    return re.sub(rf"\b{re.escape(keyword)}\b", "_____", text, flags=re.I)  # every occurrence: no give-away
+    """The sentence with the keyword blanked wherever it is said, in any form ("parameters" for "parameter",
+    "painful" for "pain"): no give-away."""
+    kw = keyword.lower()
+    root = stem(kw)
+
+    def hide(m: re.Match[str]) -> str:
+        w = m.group(0).lower()
+        return "_____" if w == kw or w.startswith(kw) or stem(w) == root else m.group(0)
+
+    return _ANY_WORD.sub(hide, text)
 
 
 _AT = re.compile(r" \(\d+:\d\d\)$")  # the moment a generated title ends with
@@ -156,11 +170,21 @@ def _seed(*parts: object) -> int:
     return int(hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
 
 
+def _look(word: str) -> str:
+    """What makes two options look alike: their first five letters, a final y read as i ("happy", "happiness")."""
+    w = word.lower()
+    return (w[:-1] + "i" if w.endswith("y") else w)[:5]
+
+
 def _distractors(keyword: str, sentence: str, pool: list[str], difficulty: str, embedder: Any) -> list[str]:
     """Three wrong options: words of other chapters, closer in meaning to the answer when harder."""
     in_sentence = set(_terms(sentence))
-    cands = [w for w in dict.fromkeys(pool) if w != keyword and w not in in_sentence
-             and not w.startswith(keyword[:5]) and not keyword.startswith(w[:5])]
+    taken = {_look(keyword)}
+    cands = []
+    for w in dict.fromkeys(pool):  # one word per look: "therapies" and "therapists", "happy" and "happiness"
+        if w not in in_sentence and _look(w) not in taken:
+            cands.append(w)
+            taken.add(_look(w))
     if len(cands) < 3:
         return []
     vecs = embedder.embed([keyword, *cands])
@@ -187,6 +211,8 @@ def offline_items(chapter_title: str, video_id: int, chapter: list[Sentence], ot
         kind = types[i % len(types)]
         cite = {"video_id": video_id, "start": round(s.start, 3), "end": round(s.end, 3), "text": s.text}
         title = f"{chapter_title[:80]} ({_mmss(s.start)})"
+        if "_____" not in _blank(s.text, kw):  # (defensive: a keyword that is not a word of the sentence)
+            continue
         if kind == "multiple_choice":
             wrong = _distractors(kw, s.text, pool, difficulty, embedder)
             if len(wrong) == 3:
@@ -266,8 +292,10 @@ async def llm_items(llm: LLM, chapter_title: str, video_id: int, chapter: list[S
         if it.type == "multiple_choice":
             if len(it.options) < 2 or not it.correct or any(not 0 <= c < len(it.options) for c in it.correct):
                 continue
-            if len({" ".join(o.split()).casefold() for o in it.options}) < len(it.options):
-                continue  # the rule an instructor's own item meets: options differ
+            if len(set(it.correct)) >= len(it.options):
+                continue  # every option right: nothing to choose
+            if len({as_read(o) for o in it.options}) < len(it.options):
+                continue  # the rule an instructor's own item meets: options differ as a learner reads them
             out.append(Draft("multiple_choice", title, it.prompt.strip(), difficulty, cite,
                              options=[o.strip() for o in it.options], correct=sorted(set(it.correct))))
         elif it.type in ("short_answer", "essay") and it.reference_answer:

@@ -86,6 +86,22 @@ _NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 # Letters that render as nothing: Hangul fillers and the blank Braille pattern (used to post "empty" messages).
 INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800")  # letters that render as nothing
+
+
+def as_read(text: str) -> str:
+    """What a voter reads: composed (NFC), full-width Latin letters and digits folded ("Ｙes" is "Yes"), format
+    characters (a zero-width space) and letters that render as nothing dropped, spacing and case ignored. Marks
+    stay: in Thai, Arabic or Hindi they tell words apart."""
+    composed = unicodedata.normalize("NFC", text)
+    folded = "".join(unicodedata.normalize("NFKC", c) if "\uff01" <= c <= "\uff5e" else c for c in composed)
+    kept = "".join(c for c in folded if unicodedata.category(c) != "Cf" and c not in INVISIBLE
+                   and not _SELECTOR.match(c))
+    return " ".join(kept.split()).casefold()
+
+
+# marks that change nothing a reader sees: variation selectors, the combining grapheme joiner, Mongolian free
+# variation selectors, Khmer inherent vowels
+_SELECTOR = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef\u034f\u180b-\u180f\u17b4\u17b5]")
 # Control characters a message may not hold: all but tab and line breaks (terminal escapes, bells, DEL).
 # C0 and C1 controls (U+0080-U+009F: U+009B is an 8-bit terminal escape) but tab, line breaks and NEL
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f]")

@@ -19,13 +19,12 @@ from server.api.assignment_schemas import (Assignment, AssignmentIn, AssignmentL
                                            Criterion, GenerateIn, Generated)
 from server.api.courses import course_or_404
 from server.api.paging import Offset, PageLimit
-from server.api.room_schemas import as_read
 from server.auth import AuthUser, staff_only
 from server.decode import read_json
 from server.errors import ApiError
 from store import assignments as repo
 from store import submissions as submissions_repo
-from store.frames import blank
+from store.frames import as_read, blank
 from store.keys import rate_generate
 from store.ratelimit import SendLimiter
 
@@ -377,17 +376,29 @@ class AssignmentController(Controller):
         if not drafts:
             raise ApiError(409, "the chapter has no sentences to build items from")
         async with state.pool.acquire() as conn:
-            async with conn.transaction():
-                rows = []
-                for ch, it in drafts:
-                    answers = [it.options[i] for i in it.correct or []]  # learners see title and concept
-                    fields = {"type": it.type, "title": gen.masked(it.title, answers), "prompt": it.prompt,
-                              "difficulty": it.difficulty, "options": it.options, "correct": it.correct,
-                              "reference_answer": it.reference_answer,
-                              "rubric": [] if it.type == "multiple_choice" else DEFAULT_RUBRIC,
-                              "video_id": video_id, "chapter_id": ch["id"], "concept": gen.masked(ch["title"], answers),
-                              "citation": it.citation}
-                    rows.append(await repo.create(conn, course_id, user.id, fields, origin="generated"))
+            try:
+                rows = await self._store_drafts(conn, course_id, user.id, video_id, drafts)
+            except asyncpg.ForeignKeyViolationError as exc:  # the video or its chapters went meanwhile
+                raise ApiError(409, "the video's chapters were rebuilt (a re-ingest) or it was deleted while the items "
+                                    "were written; generate again", code="conflict") from exc
         logger.info("generated %d draft assignments", len(rows),
                     extra={"fields": {"course_id": course_id, "video_id": video_id, "generator": generator}})
         return Generated(items=[to_assignment(r, user) for r in rows], generator=generator)
+
+    @staticmethod
+    async def _store_drafts(conn: asyncpg.Connection, course_id: int, user_id: int, video_id: int,
+                            drafts: list) -> list:
+        from agents.generate import masked
+
+        async with conn.transaction():
+            rows = []
+            for ch, it in drafts:
+                answers = [it.options[i] for i in it.correct or []]  # learners see title and concept
+                fields = {"type": it.type, "title": masked(it.title, answers), "prompt": it.prompt,
+                          "difficulty": it.difficulty, "options": it.options, "correct": it.correct,
+                          "reference_answer": it.reference_answer,
+                          "rubric": [] if it.type == "multiple_choice" else DEFAULT_RUBRIC,
+                          "video_id": video_id, "chapter_id": ch["id"], "concept": masked(ch["title"], answers),
+                          "citation": it.citation}
+                rows.append(await repo.create(conn, course_id, user_id, fields, origin="generated"))
+        return rows

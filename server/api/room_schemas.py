@@ -1,8 +1,6 @@
 """Request and response bodies of the rooms, pods and live-session REST API (msgspec Structs)."""
 from __future__ import annotations
 
-import re
-import unicodedata
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -11,7 +9,7 @@ from msgspec import Meta
 
 from server.api.schemas import LINE_TEXT, Id, Name, Strict, Title, When, check_when
 from store.events import UserRef
-from store.frames import INVISIBLE, blank
+from store.frames import as_read, blank
 
 Seconds = Annotated[int, Meta(ge=1, le=366 * 24 * 3600)]
 OptionalSeconds = Annotated[int, Meta(ge=0, le=366 * 24 * 3600)]
@@ -154,20 +152,6 @@ class PollIn(Strict):
             raise ValueError("`options` must differ from each other")
 
 
-def as_read(text: str) -> str:
-    """What a voter reads: composed (NFC), full-width Latin letters and digits folded ("Ｙes" is "Yes"), format
-    characters (a zero-width space) and letters that render as nothing dropped, spacing and case ignored. Marks
-    stay: in Thai, Arabic or Hindi they tell words apart."""
-    composed = unicodedata.normalize("NFC", text)
-    folded = "".join(unicodedata.normalize("NFKC", c) if "\uff01" <= c <= "\uff5e" else c for c in composed)
-    kept = "".join(c for c in folded if unicodedata.category(c) != "Cf" and c not in INVISIBLE
-                   and not _SELECTOR.match(c))
-    return " ".join(kept.split()).casefold()
-
-
-# marks that change nothing a reader sees: variation selectors, the combining grapheme joiner, Mongolian free
-# variation selectors, Khmer inherent vowels
-_SELECTOR = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef\u034f\u180b-\u180f\u17b4\u17b5]")
 
 
 class VoteIn(Strict):

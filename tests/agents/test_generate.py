@@ -7,7 +7,7 @@ import json
 import pytest
 
 from agents.embedder import local_minilm
-from agents.generate import Sentence, llm_items, masked, offline_items
+from agents.generate import Sentence, _blank, _distractors, _WORD, llm_items, masked, offline_items
 from agents.llm import OpenAIChat
 from tests.agents.fake_llm_servers import FakeLLMServer, Reply
 
@@ -100,6 +100,10 @@ async def test_llm_items_are_checked_one_by_one_like_an_instructors_own():
         {"type": "multiple_choice", "prompt": "Bad correct", "options": ["a", "b"], "correct": "a", "start": 80.0},
         {"type": "multiple_choice", "prompt": "Same options", "options": ["Chaining", "chaining", " Chaining ", "x"],
          "correct": [0], "start": 80.0},
+        {"type": "multiple_choice", "prompt": "Look-alike", "options": ["Yes", "\uff39es", "no", "maybe"],
+         "correct": [0], "start": 80.0},  # the same to a learner: an instructor's item is refused that way
+        {"type": "multiple_choice", "prompt": "All right", "options": ["a", "b", "c", "d"], "correct": [0, 1, 2, 3],
+         "start": 80.0},  # nothing to choose
         {"type": "short_answer", "prompt": "What is the load factor?", "reference_answer": "How full it is.",
          "start": 100.0},
         {"type": "short_answer", "prompt": "What is a collision?", "reference_answer": "Two keys, one bucket.",
@@ -144,3 +148,33 @@ def test_distractor_words_are_weighed_once_per_request_not_once_per_chapter_pair
         for term, v in sorted(w.items(), key=lambda x: -x[1])[:40]:
             naive[term] = max(naive[term], v)
     assert _pool_weights(chapter, others, 40) == naive and naive
+
+
+def test_a_blank_hides_every_form_of_the_answer_and_whole_words_of_any_script(embedder):
+    """"600 million _____" kept "parameters" beside the blanked "parameter"; accented words were cut into pieces
+    ("Schrödinger" gave "dinger", which blanked nothing), so an item had no blank at all."""
+    assert _blank("A tally for parameter count: 600 million parameters.", "parameter") == \
+        "A tally for _____ count: 600 million _____."
+    assert _blank("It was very painful; the pain lasted.", "pain") == "It was very _____; the _____ lasted."
+    assert _WORD.findall("The Schrödinger equation, ResNet50, well-known") == ["Schrödinger", "equation", "well-known"]
+    chapter = [Sentence(10.0 * i, 10.0 * i + 9, t) for i, t in enumerate([
+        "The Schrödinger equation describes how the quantum state of a physical system changes over time.",
+        "Solving the Schrödinger equation gives the wave function of the electron in the hydrogen atom.",
+        "Eigenvalues of the Hamiltonian operator are the allowed energies of the quantum system.",
+        "The Hamiltonian operator collects the kinetic and potential energy of the particle.",
+    ])]
+    others = [[Sentence(0.0, 9.0, "Thermodynamics studies entropy, temperature and heat engines in equilibrium.")],
+              [Sentence(0.0, 9.0, "Electromagnetism couples magnetic fields, charges, currents and induction.")],
+              [Sentence(0.0, 9.0, "Relativity bends spacetime; clocks dilate and lengths contract at speed.")]]
+    items = offline_items("Quantum", 1, chapter, others, 4, "easy", ["multiple_choice", "short_answer"], embedder)
+    assert items and all("_____" in i.prompt for i in items if i.type == "multiple_choice")
+    assert not any(o in ("dinger", "schr") for i in items for o in i.options)
+
+
+def test_distractors_do_not_look_alike(embedder):
+    """"therapies" and "therapists", "happiness" and "happy" were offered side by side."""
+    pool = ["therapies", "therapists", "happiness", "happy", "ledger", "equations", "entropy", "bucket"]
+    for difficulty in ("easy", "medium", "hard"):
+        wrong = _distractors("signature", "A signature proves who paid.", pool, difficulty, embedder)
+        looks = [w.replace("y", "i")[:5] for w in wrong]
+        assert len(wrong) == 3 and len(set(looks)) == 3, wrong
