@@ -170,7 +170,7 @@ def test_an_embedded_server_that_will_not_start_is_one_line_and_leaves_nothing_r
     conf.write_text(good + "\nnot_a_setting = 1\n")
     out = subprocess.run([sys.executable, "-m", "server.cli", "migrate"], cwd=ROOT, env=clean_env(ddir),
                          capture_output=True, text=True, timeout=180)
-    assert out.returncode == 2 and "\nstudyhall: " in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert out.returncode == 2 and out.stderr.startswith("studyhall: ") and "Traceback" not in out.stderr, out.stderr
     conf.write_text(good)
     (ddir / "redis").rename(ddir / "redis.aside")
     (ddir / "redis").write_text("a file where Redis keeps its data")
