@@ -390,10 +390,15 @@ class AssignmentController(Controller):
                             drafts: list) -> list:
         from agents.generate import masked
 
+        # learners see every item's title and concept: none may give away the answer of any item of its chapter
+        # (the items of a chapter share its title, which is often the very sentence an answer was blanked from)
+        by_chapter: dict[int, list[str]] = {}
+        for ch, it in drafts:
+            by_chapter.setdefault(ch["id"], []).extend(it.options[i] for i in it.correct or [])
         async with conn.transaction():
             rows = []
             for ch, it in drafts:
-                answers = [it.options[i] for i in it.correct or []]  # learners see title and concept
+                answers = by_chapter[ch["id"]]
                 fields = {"type": it.type, "title": masked(it.title, answers), "prompt": it.prompt,
                           "difficulty": it.difficulty, "options": it.options, "correct": it.correct,
                           "reference_answer": it.reference_answer,

@@ -41,6 +41,9 @@ def test_generated_items_cite_real_moments_and_stay_drafts(client, eval_course: 
                        if i != it["correct"][0])
         else:
             assert it["reference_answer"] == cite["text"] and it["rubric"][0]["name"] == "correctness"
+    # nor does one item's title or concept give away another's answer (they share the chapter's title)
+    answers = [it["options"][it["correct"][0]].lower() for it in items if it["type"] == "multiple_choice"]
+    assert not [a for a in answers for it in items if a in (it["title"] + " " + it["concept"]).lower()]
     # drafts are invisible to learners until the instructor publishes them
     listed = client.get(f"/api/v1/courses/{eval_course.id}/assignments", headers=learner.h).json()["items"]
     assert not {i["id"] for i in items} & {a["id"] for a in listed}
