@@ -9,6 +9,17 @@ from tests.conftest import Factory, fetch
 from tests.server.conftest import Client, make_course, ws_url
 
 
+def _live_poll(server, client, make: Factory):  # type: ignore[no-untyped-def]
+    """A course with two learners, a started live session and an open two-option poll in it."""
+    course = make_course(server, make, learners=2)
+    inst = course.instructor
+    sid = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "Quiz"}, headers=inst.h).json()["id"]
+    assert client.post(f"/api/v1/live/{sid}/start", headers=inst.h).status_code == 200
+    poll = client.post(f"/api/v1/live/{sid}/polls", json={"question": "?", "options": ["x", "y"]},
+                       headers=inst.h).json()
+    return course, sid, poll
+
+
 async def test_session_lifecycle_and_attendance(server, client, make: Factory, settings):
     course = make_course(server, make, learners=2)
     inst, (a, b) = course.instructor, course.learners
@@ -221,12 +232,8 @@ async def test_poll_vote_rules(server, client, make: Factory):
 async def test_a_vote_whose_results_a_dead_process_never_sent_is_published(server, client, make: Factory, settings):
     """Results are coalesced in the voting process for 250 ms; a process killed inside that window left a stored
     vote that no `poll.results` ever counted. A survivor's periodic look publishes it (once)."""
-    course = make_course(server, make, learners=2)
+    course, sid, poll = _live_poll(server, client, make)
     inst, (a, b) = course.instructor, course.learners
-    sid = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "Quiz"}, headers=inst.h).json()["id"]
-    assert client.post(f"/api/v1/live/{sid}/start", headers=inst.h).status_code == 200
-    poll = client.post(f"/api/v1/live/{sid}/polls", json={"question": "?", "options": ["x", "y"]},
-                       headers=inst.h).json()
     ws = await Client.connect(server, f"live:{sid}", a)
     try:
         # b's vote as a process that died right after storing it left it: stored, never published
@@ -317,12 +324,8 @@ async def test_rest_votes_waiting_on_redis_hold_no_database_connection(server, m
 async def test_a_vote_on_a_socket_whose_kick_or_removal_was_lost_is_refused(server, client, make: Factory, settings):
     """Posts check the author's standing (a lost kick or removal event left the socket open); votes did not: a
     barred learner, or one who left the course, kept voting on an open socket."""
-    course = make_course(server, make, learners=2)
+    course, sid, poll = _live_poll(server, client, make)
     inst, (a, b) = course.instructor, course.learners
-    sid = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "Quiz"}, headers=inst.h).json()["id"]
-    assert client.post(f"/api/v1/live/{sid}/start", headers=inst.h).status_code == 200
-    poll = client.post(f"/api/v1/live/{sid}/polls", json={"question": "?", "options": ["x", "y"]},
-                       headers=inst.h).json()
     ca, cb = [await Client.connect(server, f"live:{sid}", u) for u in (a, b)]
     fetch(settings, "INSERT INTO rooms (id, kind, course_id) VALUES ($1, 'course', $2) ON CONFLICT DO NOTHING",
           course.room, course.id)
