@@ -85,8 +85,8 @@ class DuplicateVideo(Exception):
 class RepeatedKey(Exception):
     """The course already has a video added with this Idempotency-Key (`video`: its row)."""
 
-    def __init__(self, video: asyncpg.Record) -> None:
-        super().__init__(f"video {video['id']} was added with this Idempotency-Key")
+    def __init__(self, video: asyncpg.Record | None) -> None:  # (None: deleted as the repeat came in)
+        super().__init__("a video was added with this Idempotency-Key")
         self.video = video
 
 
