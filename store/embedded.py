@@ -9,6 +9,7 @@ import fcntl
 import importlib.util
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -25,6 +26,21 @@ logger = logging.getLogger(__name__)
 
 PG_DB = "studyhall"
 PG_USER = "postgres"
+
+
+def _embedded_password(ddir: Path) -> str:
+    """The embedded servers' password (the Postgres superuser's, Redis's `requirepass`), made once per data dir
+    and kept owner-only: listening on 127.0.0.1 keeps other hosts out, not other users of this one (trust auth
+    let any of them in as the Postgres superuser). Called under the start lock."""
+    path = ddir / "embedded.secret"
+    try:
+        pw = path.read_text().strip()
+    except FileNotFoundError:
+        pw = ""
+    if not pw:
+        pw = secrets.token_urlsafe(24)  # URL-safe: it goes into the URLs as it is
+        write_owner_only(path, pw + "\n")
+    return pw
 
 
 def _pgserver_root() -> Path:
@@ -276,15 +292,26 @@ def _ensure_postgres(ddir: Path) -> str:
             user = _pg_system_user(pgdata)
             pgdata.mkdir(parents=True, exist_ok=True)
         logger.info("initialising embedded Postgres in %s", pgdata)
+        # the password reaches initdb in a file only it reads (as root, initdb runs as Postgres' own user)
+        fd, pwfile = tempfile.mkstemp(prefix="studyhall-pw-")
         try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(_embedded_password(ddir) + "\n")
+            if user is not None:
+                import pwd
+
+                entry = pwd.getpwnam(user)
+                os.chown(pwfile, entry.pw_uid, entry.pw_gid)
             subprocess.run(
-                [_pg_bin("initdb"), "-D", str(pgdata), "--auth=trust", f"--username={PG_USER}", "-E", "UTF8",
-                 "--no-locale", "--no-instructions"],
+                [_pg_bin("initdb"), "-D", str(pgdata), "--auth=scram-sha-256", f"--pwfile={pwfile}",
+                 f"--username={PG_USER}", "-E", "UTF8", "--no-locale", "--no-instructions"],
                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, user=user,
             )
         except subprocess.CalledProcessError as exc:
             raise EmbeddedError(f"initdb could not create {pgdata}: "
                                 f"{(exc.stderr or b'').decode(errors='replace').strip()[-500:]}") from exc
+        finally:
+            Path(pwfile).unlink(missing_ok=True)
         with open(pgdata / "postgresql.conf", "a") as fh:
             fh.write(_PG_CONF)
     if not (pgdata / _PG_MARKER).exists():
@@ -306,8 +333,9 @@ def _ensure_postgres(ddir: Path) -> str:
             except subprocess.CalledProcessError as exc:
                 err.seek(0)
                 raise EmbeddedError(_pg_failure(pgdata, err.read().decode(errors="replace"))) from exc
-    _create_db(port)
-    return f"postgresql://{PG_USER}@127.0.0.1:{port}/{PG_DB}"
+    pw = _embedded_password(ddir)  # (a data dir made before passwords trusts local connections: it is ignored)
+    _create_db(port, pw)
+    return f"postgresql://{PG_USER}:{pw}@127.0.0.1:{port}/{PG_DB}"
 
 
 def _pg_failure(pgdata: Path, stderr: str) -> str:
@@ -324,16 +352,17 @@ def _pg_failure(pgdata: Path, stderr: str) -> str:
             "server.log (last lines):\n  " + "\n  ".join(log) + hint)
 
 
-def _create_db(port: int) -> None:
+def _create_db(port: int, password: str) -> None:
+    env = {**os.environ, "PGPASSWORD": password}  # (not on the command line, which `ps` shows everyone)
     out = subprocess.run(
         [_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, "-d", "postgres", "-tAc",
          f"SELECT 1 FROM pg_database WHERE datname = '{PG_DB}'"],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, env=env,
     )
     if out.stdout.strip() != "1":
         subprocess.run(
             [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, PG_DB],
-            check=True, capture_output=True,
+            check=True, capture_output=True, env=env,
         )
 
 
@@ -352,12 +381,14 @@ def _ensure_redis(ddir: Path) -> str:
     rdir = ddir / "redis"
     rdir.mkdir(parents=True, exist_ok=True)
     port = _redis_running_port(rdir)
+    conf = rdir / "redis.conf"  # the password, in a file only its owner reads (not on the command line)
     if port is None:
         port = free_port()
         logger.info("starting embedded Redis on 127.0.0.1:%d", port)
         (rdir / "port").write_text(str(port))
+        write_owner_only(conf, f"requirepass {_embedded_password(ddir)}\n")
         subprocess.run(
-            [_redis_bin(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(rdir),
+            [_redis_bin(), str(conf), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(rdir),
              "--daemonize", "yes", "--pidfile", str(rdir / "redis.pid"), "--logfile", str(rdir / "redis.log"),
              "--appendonly", "yes", "--appendfsync", "everysec", "--save", "60 1",
              "--unixsocket", "", "--protected-mode", "yes"],
@@ -368,7 +399,9 @@ def _ensure_redis(ddir: Path) -> str:
             if time.monotonic() > deadline:
                 raise EmbeddedError(f"embedded Redis did not start; see {rdir / 'redis.log'}")
             time.sleep(0.05)
-    return f"redis://127.0.0.1:{port}/0"
+    # (one still running from before passwords, started without the file, takes none)
+    auth = f":{_embedded_password(ddir)}@" if conf.exists() else ""
+    return f"redis://{auth}127.0.0.1:{port}/0"
 
 
 def stop_embedded(ddir: Path) -> None:

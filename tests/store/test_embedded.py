@@ -28,6 +28,36 @@ def _alive(url: str) -> bool:
         return False
 
 
+def _need_the_password(urls: dict[str, str]) -> None:
+    """Listening on 127.0.0.1 keeps other hosts out, not other users of this one: without the data dir's password
+    (owner-only, as the URLs in connection.env) neither server lets anyone in (Postgres trusted every local
+    connection as its superuser; Redis took any command)."""
+    import asyncio
+    from urllib.parse import urlparse
+
+    import asyncpg
+    import pytest
+    from redis import Redis
+    from redis.exceptions import AuthenticationError, ResponseError
+
+    db, rd = urlparse(urls["DATABASE_URL"]), urlparse(urls["REDIS_URL"])
+    assert db.password and rd.password
+
+    async def without() -> None:
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await asyncpg.connect(host="127.0.0.1", port=db.port, user="postgres", database="studyhall",
+                                  password="guess")
+        conn = await asyncpg.connect(urls["DATABASE_URL"])
+        await conn.close()
+
+    asyncio.run(without())
+    anonymous = Redis(host="127.0.0.1", port=rd.port)
+    with pytest.raises((AuthenticationError, ResponseError)):
+        anonymous.ping()
+    anonymous.close()
+    assert Redis.from_url(urls["REDIS_URL"]).ping()
+
+
 def test_up_joiners_stop_and_restart(tmp_path):
     ddir = tmp_path / "data"
     # `token` before anything runs starts the embedded servers itself and stops them after
@@ -45,6 +75,7 @@ def test_up_joiners_stop_and_restart(tmp_path):
         assert urls["DATABASE_URL"].startswith("postgresql://") and urls["REDIS_URL"].startswith("redis://")
         assert urls["EMBEDDED"] == "pg,redis"
         assert (ddir / "connection.env").stat().st_mode & 0o777 == 0o600  # an outside URL can hold a password
+        _need_the_password(urls)
         # the first token (made before `up`) still works: same data, same secret
         h = {"Authorization": f"Bearer {first_token}"}
         cid = httpx.post(base + "/api/v1/courses", json={"title": "Persisted"}, headers=h).json()["id"]
