@@ -13,14 +13,14 @@ from typing import Any
 
 import asyncpg
 import msgspec
-from litestar import Controller, Request, delete, get, patch, post
+from litestar import Controller, Request, Response, delete, get, patch, post
 
 from server.api.assignment_schemas import (Assignment, AssignmentIn, AssignmentList, AssignmentPatch, Citation,
                                            Criterion, GenerateIn, Generated)
 from server.api.courses import course_or_404
 from server.api.paging import Offset, PageLimit
 from server.auth import AuthUser, staff_only
-from server.decode import read_json
+from server.decode import idempotency_key, read_json
 from server.errors import ApiError
 from store import assignments as repo
 from store import submissions as submissions_repo
@@ -287,17 +287,26 @@ class AssignmentController(Controller):
         return to_assignment(row, request.user)
 
     @post("/courses/{course_id:int}/assignments/generate", guards=[staff_only], status_code=201)
-    async def generate(self, request: Request, course_id: int) -> Generated:
-        """Draft items from a chapter (or every chapter of a video), each citing its moment."""
+    async def generate(self, request: Request, course_id: int) -> Response[Generated]:
+        """Draft items from a chapter (or every chapter of a video), each citing its moment. With an
+        `Idempotency-Key` header, a repeat (a retry after the reply was lost) returns the drafts the key made (200)
+        instead of making a second set."""
         from agents import generate as gen
         from agents.config import embedder_for
         from agents.llm import LLMError, get_llm
         from store import videos as videos_repo
 
+        key = idempotency_key(request)
         data = await read_json(request, GenerateIn)
         if (data.video_id is None) == (data.chapter_id is None):
             raise ApiError(400, "give exactly one of video_id or chapter_id", field="video_id")
         state, user = request.app.state, request.user
+        if key is not None:
+            async with state.pool.acquire() as conn:
+                await course_or_404(conn, course_id, user)
+                done = await _generated_with(conn, course_id, key, user)
+            if done is not None:
+                return Response(done, status_code=200)
         ok, wait = await SendLimiter(state.redis, GENERATE_PER_HOUR / 3600, GENERATE_BURST, key=rate_generate).take(
             user.id)
         if not ok:  # each generation may call the model once per chapter: a cost to bound
@@ -377,17 +386,22 @@ class AssignmentController(Controller):
             raise ApiError(409, "the chapter has no sentences to build items from")
         async with state.pool.acquire() as conn:
             try:
-                rows = await self._store_drafts(conn, course_id, user.id, video_id, drafts)
+                rows = await self._store_drafts(conn, course_id, user.id, video_id, drafts, key, generator)
             except asyncpg.ForeignKeyViolationError as exc:  # the video or its chapters went meanwhile
                 raise ApiError(409, "the video's chapters were rebuilt (a re-ingest) or it was deleted while the items "
                                     "were written; generate again", code="conflict") from exc
+            if rows is None:  # its twin (the same key, at the same time) stored its drafts first: those stand
+                done = await _generated_with(conn, course_id, key, user)  # type: ignore[arg-type]
+                return Response(done or Generated(items=[], generator=generator), status_code=200)
         logger.info("generated %d draft assignments", len(rows),
                     extra={"fields": {"course_id": course_id, "video_id": video_id, "generator": generator}})
-        return Generated(items=[to_assignment(r, user) for r in rows], generator=generator)
+        return Response(Generated(items=[to_assignment(r, user) for r in rows], generator=generator), status_code=201)
 
     @staticmethod
     async def _store_drafts(conn: asyncpg.Connection, course_id: int, user_id: int, video_id: int,
-                            drafts: list) -> list:
+                            drafts: list, key: str | None, generator: str) -> list | None:
+        """The drafts stored, in one transaction; None when a generation with the same Idempotency-Key stored its
+        own meanwhile (these are rolled back: that one's stand)."""
         from agents.generate import masked
 
         # learners see every item's title and concept: none may give away the answer of any item of its chapter
@@ -395,15 +409,37 @@ class AssignmentController(Controller):
         by_chapter: dict[int, list[str]] = {}
         for ch, it in drafts:
             by_chapter.setdefault(ch["id"], []).extend(it.options[i] for i in it.correct or [])
-        async with conn.transaction():
-            rows = []
-            for ch, it in drafts:
-                answers = by_chapter[ch["id"]]
-                fields = {"type": it.type, "title": masked(it.title, answers), "prompt": it.prompt,
-                          "difficulty": it.difficulty, "options": it.options, "correct": it.correct,
-                          "reference_answer": it.reference_answer,
-                          "rubric": [] if it.type == "multiple_choice" else DEFAULT_RUBRIC,
-                          "video_id": video_id, "chapter_id": ch["id"], "concept": masked(ch["title"], answers),
-                          "citation": it.citation}
-                rows.append(await repo.create(conn, course_id, user_id, fields, origin="generated"))
+        try:
+            async with conn.transaction():
+                rows = []
+                for ch, it in drafts:
+                    answers = by_chapter[ch["id"]]
+                    fields = {"type": it.type, "title": masked(it.title, answers), "prompt": it.prompt,
+                              "difficulty": it.difficulty, "options": it.options, "correct": it.correct,
+                              "reference_answer": it.reference_answer,
+                              "rubric": [] if it.type == "multiple_choice" else DEFAULT_RUBRIC,
+                              "video_id": video_id, "chapter_id": ch["id"],
+                              "concept": masked(ch["title"], answers), "citation": it.citation}
+                    rows.append(await repo.create(conn, course_id, user_id, fields, origin="generated"))
+                if key is not None and await conn.fetchval(
+                        """INSERT INTO generation_requests (course_id, client_key, user_id, generator, assignment_ids)
+                           VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING 1""",
+                        course_id, key, user_id, generator, [r["id"] for r in rows]) is None:
+                    raise _Twin()
+        except _Twin:
+            return None
         return rows
+
+
+class _Twin(Exception):
+    """Another generation with the same Idempotency-Key stored its drafts first."""
+
+
+async def _generated_with(conn: asyncpg.Connection, course_id: int, key: str, user: AuthUser) -> Generated | None:
+    """The drafts a generation with this Idempotency-Key made (those still there), or None."""
+    done = await conn.fetchrow("SELECT generator, assignment_ids FROM generation_requests "
+                               "WHERE course_id = $1 AND client_key = $2", course_id, key)
+    if done is None:
+        return None
+    rows = [r for r in [await repo.get(conn, i) for i in done["assignment_ids"]] if r is not None]
+    return Generated(items=[to_assignment(r, user) for r in rows], generator=done["generator"])

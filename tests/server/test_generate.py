@@ -149,3 +149,33 @@ def test_a_slow_model_gets_one_deadline_for_the_whole_generation(eval_course: Ev
             assert len(fake.requests) >= 2  # the model was asked, several chapters at once
         finally:
             stop_process(proc)
+
+
+async def test_a_generation_retried_with_its_idempotency_key_makes_one_set_of_drafts(server, eval_course: EvalCourse,
+                                                                                     settings):
+    """A generation runs inside the request (up to two minutes): a client or proxy timing out and retrying made a
+    second set of drafts. With the same Idempotency-Key the retry gets the first set (200), also when both run at
+    once (one set is stored)."""
+    import asyncio
+
+    import httpx
+
+    from tests.conftest import fetch
+
+    inst = eval_course.instructor
+    vid = eval_course.videos["3b1b-bitcoin.srt"]
+    url = f"/api/v1/courses/{eval_course.id}/assignments/generate"
+    body = {"video_id": vid, "count": 1, "types": ["short_answer"]}
+    before = fetch(settings, "SELECT count(*) AS n FROM assignments WHERE course_id = $1", eval_course.id)[0]["n"]
+    async with httpx.AsyncClient(base_url=server, timeout=120) as c:
+        first = await c.post(url, json=body, headers={**inst.h, "Idempotency-Key": "gen-1"})
+        assert first.status_code == 201, first.text
+        again = await c.post(url, json=body, headers={**inst.h, "Idempotency-Key": "gen-1"})
+        assert again.status_code == 200 and [i["id"] for i in again.json()["items"]] == \
+            [i["id"] for i in first.json()["items"]]
+        both = await asyncio.gather(*(c.post(url, json=body, headers={**inst.h, "Idempotency-Key": "gen-2"})
+                                      for _ in range(2)))
+        assert sorted(r.status_code for r in both) == [200, 201], [r.text for r in both]
+        assert [i["id"] for i in both[0].json()["items"]] == [i["id"] for i in both[1].json()["items"]]
+    made = fetch(settings, "SELECT count(*) AS n FROM assignments WHERE course_id = $1", eval_course.id)[0]["n"]
+    assert made - before == 2 * len(first.json()["items"])
