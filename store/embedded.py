@@ -317,6 +317,7 @@ def _ensure_postgres(ddir: Path) -> str:
     if not (pgdata / _PG_MARKER).exists():
         (pgdata / _PG_MARKER).write_text("initdb and studyhall's settings done\n")
     port = _pg_running_port(pgdata)
+    started = port is None
     if port is None:
         port = free_port()
         logger.info("starting embedded Postgres on 127.0.0.1:%d", port)
@@ -334,7 +335,13 @@ def _ensure_postgres(ddir: Path) -> str:
                 err.seek(0)
                 raise EmbeddedError(_pg_failure(pgdata, err.read().decode(errors="replace"))) from exc
     pw = _embedded_password(ddir)  # (a data dir made before passwords trusts local connections: it is ignored)
-    _create_db(port, pw)
+    try:
+        _create_db(port, pw)
+    except EmbeddedError:
+        if started:  # nobody would use (or stop) the server just started
+            subprocess.run([_pg_bin("pg_ctl"), "-D", str(pgdata), "-m", "fast", "-w", "-t", "60", "stop"],
+                           check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, user=user)
+        raise
     return f"postgresql://{PG_USER}:{pw}@127.0.0.1:{port}/{PG_DB}"
 
 
@@ -354,16 +361,21 @@ def _pg_failure(pgdata: Path, stderr: str) -> str:
 
 def _create_db(port: int, password: str) -> None:
     env = {**os.environ, "PGPASSWORD": password}  # (not on the command line, which `ps` shows everyone)
-    out = subprocess.run(
-        [_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, "-d", "postgres", "-tAc",
-         f"SELECT 1 FROM pg_database WHERE datname = '{PG_DB}'"],
-        check=True, capture_output=True, text=True, env=env,
-    )
-    if out.stdout.strip() != "1":
-        subprocess.run(
-            [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, PG_DB],
-            check=True, capture_output=True, env=env,
+    try:
+        out = subprocess.run(
+            [_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, "-d", "postgres", "-tAc",
+             f"SELECT 1 FROM pg_database WHERE datname = '{PG_DB}'"],
+            check=True, capture_output=True, text=True, env=env,
         )
+        if out.stdout.strip() != "1":
+            subprocess.run(
+                [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, PG_DB],
+                check=True, capture_output=True, text=True, env=env,
+            )
+    except subprocess.CalledProcessError as exc:  # e.g. embedded.secret replaced: a line saying so, not a traceback
+        why = (exc.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
+        raise EmbeddedError(f"the embedded Postgres on port {port} refused studyhall: {why[0]} (its password is "
+                            "in embedded.secret in the data dir, made with it)") from exc
 
 
 def _redis_running_port(rdir: Path) -> int | None:

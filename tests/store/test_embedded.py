@@ -379,3 +379,18 @@ def test_a_stalled_redis_is_a_503_not_a_hang(tmp_path):
         assert r.status_code == 201, r.text
     finally:
         stop_process(server)
+
+
+def test_a_postgres_that_refuses_the_password_says_so_in_a_line(tmp_path):
+    """The embedded servers' password is made with the data dir (`embedded.secret`): one replaced afterwards was a
+    traceback from psql; it is one line naming the file."""
+    ddir = tmp_path / "data"
+    _cli(ddir, "migrate")
+    (ddir / "embedded.secret").write_text("not-the-password\n")
+    out = subprocess.run([sys.executable, "-m", "server.cli", "migrate"], cwd=ROOT, env=clean_env(ddir),
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("studyhall: the embedded Postgres") and "embedded.secret" in out.stderr, out.stderr
+    from store.embedded import _pg_running_port
+
+    assert _pg_running_port(ddir / "pg") is None  # the Postgres it started is stopped again
