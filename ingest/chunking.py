@@ -67,10 +67,9 @@ class Chunk:
 # Text without spaces between words: the embedder's tokenizer makes a word-piece of each Chinese, Japanese or
 # Korean character, and several of a long run of letters (a pasted blob, Thai, a URL); counting words alone
 # took a Chinese chunk for a few dozen pieces (it was ~390: a third of it never embedded).
-_CJK = CJK
 LONG_WORD_CHARS = 32  # a "word" longer than this (a blob, a URL; no English word) is counted, and split, by characters
 CHARS_PER_PIECE = 3  # word-pieces in a long run of letters: about one per three characters, or more
-_LONG_OR_CJK = re.compile(r"\S{%d,}|%s" % (LONG_WORD_CHARS + 1, _CJK.pattern))
+_LONG_OR_CJK = re.compile(r"\S{%d,}|%s" % (LONG_WORD_CHARS + 1, CJK.pattern))
 
 
 def estimate_tokens(text: str) -> int:
@@ -91,7 +90,7 @@ def _estimate(text: str) -> int:
         return math.ceil(len(text.split()) * TOKENS_PER_WORD)
     n = 0.0
     for w in text.split():
-        cjk = len(_CJK.findall(w))
+        cjk = len(CJK.findall(w))
         rest = len(w) - cjk
         n += cjk + (0 if not rest else TOKENS_PER_WORD if rest <= LONG_WORD_CHARS else
                     max(TOKENS_PER_WORD, rest / CHARS_PER_PIECE))

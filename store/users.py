@@ -38,6 +38,11 @@ async def create_user(conn: asyncpg.Connection, tenant_id: int, name: str, role:
     )
 
 
+async def by_name(conn: asyncpg.Connection, tenant_id: int, name: str) -> asyncpg.Record | None:
+    """The tenant's user of that name: (id, role), or None."""
+    return await conn.fetchrow("SELECT id, role FROM users WHERE tenant_id = $1 AND name = $2", tenant_id, name)
+
+
 async def get_user(conn: asyncpg.Connection, user_id: int) -> asyncpg.Record | None:
     """The user with their tenant's name and `token_gen` (their login tokens of earlier generations are ended)."""
     return await conn.fetchrow(

@@ -54,8 +54,7 @@ class UserController(Controller):
         name = trimmed(data.name, "name")
         async with request.app.state.pool.acquire() as conn:
             row = await repo.create_user(conn, u.tenant_id, name, data.role)
-            taken = None if row is not None else await conn.fetchrow(
-                "SELECT id, role FROM users WHERE tenant_id = $1 AND name = $2", u.tenant_id, name)
+            taken = None if row is not None else await repo.by_name(conn, u.tenant_id, name)
         if row is None:
             # the one the caller manages is named (`user_id`): a retry whose first reply was lost finds the user it
             # made, and gets them a token with POST /users/{user_id}/tokens
@@ -102,16 +101,12 @@ class UserController(Controller):
         u: AuthUser = request.user
         name = trimmed(data.name, "name")
         async with request.app.state.pool.acquire() as conn, conn.transaction():
-            existing = await conn.fetchrow("SELECT id, role FROM users WHERE tenant_id = $1 AND name = $2",
-                                           u.tenant_id, name)
-            if existing is not None and existing["role"] != "bot":
+            # the bot of that name: there already, made now, or made by a concurrent request a moment ago (it
+            # committed: a new statement sees it)
+            row = (await repo.by_name(conn, u.tenant_id, name) or await repo.create_user(conn, u.tenant_id, name, "bot")
+                   or await repo.by_name(conn, u.tenant_id, name))
+            if row is None or row["role"] != "bot":
                 raise ApiError(409, f"{name!r} is a human user's name", field="name")
-            row = existing or await repo.create_user(conn, u.tenant_id, name, "bot")
-            if row is None:  # created by a concurrent request a moment ago (committed: a new statement sees it)
-                row = await conn.fetchrow("SELECT id, role FROM users WHERE tenant_id = $1 AND name = $2",
-                                          u.tenant_id, name)
-                if row is None or row["role"] != "bot":
-                    raise ApiError(409, f"{name!r} is taken; try again", field="name")
             token_id = await repo.create_api_token(conn, row["id"], data.label)
         token = issue_token(request.app.state.settings.secret, row["id"], u.tenant_id, "bot", ttl_s=None,
                             token_id=token_id)
