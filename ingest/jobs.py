@@ -15,8 +15,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import msgspec
 from arq import Retry
-from arq.connections import ArqRedis
+from arq import create_pool as create_arq_pool
+from arq.connections import ArqRedis, RedisSettings
 
 from ingest.errors import IngestError
 from ingest.progress import JobReporter, announce_job
@@ -26,6 +28,36 @@ from store.keys import ARQ_IN_PROGRESS, INGEST_QUEUE
 logger = logging.getLogger(__name__)
 
 INGEST_FUNCTION = "ingest_job"
+
+
+# Jobs (and arq's results) travel as JSON, not arq's default pickle: unpickling runs code, so whoever could write to
+# Redis could make a worker run anything. A job carries ids only ("run job N now"); its truth is in Postgres.
+def dumps_job(data: Any) -> bytes:
+    """arq's job_serializer. A value JSON cannot carry fails the enqueue (arq: SerializationError), except an
+    exception in a failed job's result, kept as its text."""
+    return msgspec.json.encode(data, enc_hook=_exception_text)
+
+
+def _exception_text(value: Any) -> str:
+    if isinstance(value, BaseException):
+        return f"{type(value).__name__}: {value}"
+    raise TypeError(f"{type(value).__name__} cannot travel in an arq job (JSON only)")
+
+
+def loads_job(data: bytes) -> Any:
+    """arq's job_deserializer. A pickled job (queued by a studyhall from before jobs were JSON) is refused without
+    being unpickled; arq fails it, and recovery (recover_lost_jobs, recover_grading) queues its work again."""
+    if data[:1] == b"\x80":
+        raise ValueError("a pickled arq job is not run (jobs are JSON); recovery queues its work again")
+    return msgspec.json.decode(data)
+
+
+ARQ_CODEC: dict[str, Any] = {"job_serializer": dumps_job, "job_deserializer": loads_job}
+
+
+async def connect_arq(redis_url: str) -> ArqRedis:
+    """An arq client whose jobs are JSON (see dumps_job): every process that queues or reads jobs uses one."""
+    return await create_arq_pool(RedisSettings.from_dsn(redis_url), **ARQ_CODEC)
 
 
 async def enqueue_ingest(arq: ArqRedis, pool: Any, job_id: int, arq_id: str | None = None) -> str | None:

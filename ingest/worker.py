@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from agents.config import embedder_for
 from ingest.grading import grade_batch, grade_submission, recover_grading
-from ingest.jobs import ingest_job, recover_lost_jobs, sweep_uploads
+from ingest.jobs import ARQ_CODEC, ingest_job, recover_lost_jobs, sweep_uploads
 from store.db import create_pool
 from store.keys import INGEST_QUEUE, QUICK_QUEUE
 from store.settings import Settings
@@ -163,6 +163,7 @@ def worker_settings(settings: Settings, queue: str = "ingest") -> dict[str, Any]
         cron_jobs=crons,
         queue_name=INGEST_QUEUE if queue == "ingest" else QUICK_QUEUE,
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        **ARQ_CODEC,
         on_startup=on_startup,
         on_shutdown=on_shutdown,
         max_jobs=settings.worker_max_jobs if queue == "ingest" else settings.worker_quick_jobs,

@@ -6,8 +6,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
-from arq import create_pool as create_arq_pool
-from arq.connections import RedisSettings
 from litestar import Litestar
 from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
@@ -25,6 +23,7 @@ from server.auth import JWTAuthMiddleware
 from server import tutoring
 from agents import matcher
 from agents.embedder import EmbedderError
+from ingest.jobs import connect_arq
 from server.errors import (ROLLED_BACK, UNREACHABLE, contention_handler, data_error_handler, embedder_error_handler,
                            gone_parent_handler, http_exception_handler, internal_error_handler, unavailable_handler)
 from server.uploads import FRAMING
@@ -72,7 +71,7 @@ def create_app(settings: Settings) -> Litestar:
         app.state.redis = command_redis(settings.redis_url)
         app.state.pubsub_redis = Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S,
                                                 socket_keepalive=True)
-        app.state.arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))  # enqueues: see
+        app.state.arq = await connect_arq(settings.redis_url)  # enqueues: see
         # ingest.jobs.ENQUEUE_TIMEOUT_S (arq sets no read timeout of its own)
         app.state.tutor_tasks = set()  # running tutor answers (server.tutoring.track)
         logger.info("studyhall app ready")

@@ -207,19 +207,16 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
     import uuid
     from pathlib import Path
 
-    from arq import create_pool as create_arq_pool
-    from arq.connections import RedisSettings
-
     from agents.config import embedder_for
     from ingest.errors import IngestError
-    from ingest.jobs import ingest_job
+    from ingest.jobs import connect_arq, ingest_job
     from ingest.submit import DuplicateVideo, inspect_file, submit_video, title_from_filename
     from ingest.youtube import parse_youtube_id
     from server.uploads import make_durable
     from store.db import create_pool
 
     pool = await create_pool(settings.database_url, min_size=1, max_size=4)
-    arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+    arq = await connect_arq(settings.redis_url)
     try:
         owner = await pool.fetchval("SELECT owner_id FROM courses WHERE id = $1", args.course_id)
         if owner is None:
@@ -367,15 +364,13 @@ def cmd_reembed(args: argparse.Namespace) -> int:
 
 async def _reembed(settings: Settings, course_id: int | None) -> list[int]:
     """The re-embed jobs queued (CliError when `course_id` names no course)."""
-    from arq import create_pool as create_arq_pool
-    from arq.connections import RedisSettings
-
     from agents.config import embedder_for
+    from ingest.jobs import connect_arq
     from ingest.submit import submit_reembed
     from store.db import create_pool
 
     pool = await create_pool(settings.database_url, min_size=1, max_size=2)
-    arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+    arq = await connect_arq(settings.redis_url)
     try:
         if course_id is not None and not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM courses WHERE id = $1)",
                                                              course_id):

@@ -4,10 +4,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from arq import create_pool as create_arq_pool
-from arq.connections import RedisSettings
 
-from ingest.jobs import recover_lost_jobs
+from ingest.jobs import connect_arq, recover_lost_jobs
 from store import jobs as jobs_repo
 from store.db import create_pool
 from tests.conftest import Factory, fetch, run_sync
@@ -24,7 +22,7 @@ def test_recovery_skips_grade_jobs_and_queues_a_lost_job_once(settings, make: Fa
 
     async def go() -> list[int]:
         pool = await create_pool(settings.database_url, min_size=1, max_size=4)
-        arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+        arq = await connect_arq(settings.redis_url)
         try:
             ctx = {"pool": pool, "redis": arq, "settings": settings}
             # two workers starting at once: both see the lost job, arq queues it once
@@ -198,7 +196,7 @@ def test_an_ingest_job_whose_runs_keep_dying_fails_with_the_reason(settings, mak
 
     async def go() -> str:
         pool = await create_pool(settings.database_url, min_size=1, max_size=2)
-        arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+        arq = await connect_arq(settings.redis_url)
         try:
             return await ingest_job({"pool": pool, "redis": arq, "settings": settings, "job_id": None}, job)
         finally:
@@ -241,7 +239,7 @@ def _cut_mid_run(settings, monkeypatch, owner, name: str, run):  # type: ignore[
 
     async def cut(stopping: bool) -> None:
         pool = await create_pool(settings.database_url, min_size=1, max_size=2)
-        arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+        arq = await connect_arq(settings.redis_url)
         monkeypatch.setattr(jobs, "STOPPING", False)
         try:
             started.append(asyncio.Event())
@@ -309,7 +307,7 @@ def test_a_job_for_a_video_deleted_meanwhile_is_a_lookup_error(settings, make: F
 
     async def go() -> None:
         pool = await create_pool(settings.database_url, min_size=1, max_size=2)
-        arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+        arq = await connect_arq(settings.redis_url)
         try:
             with pytest.raises(LookupError):
                 await submit_job(pool, arq, settings, "ingest", cid, vid, inst.id)
@@ -549,7 +547,7 @@ async def _fail_job(settings, job, reason: str) -> bool:  # type: ignore[no-unty
     from ingest.progress import JobReporter
 
     pool = await create_pool(settings.database_url, min_size=1, max_size=2)
-    arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+    arq = await connect_arq(settings.redis_url)
     try:
         return await JobReporter(pool, arq, job).fail(reason)
     finally:

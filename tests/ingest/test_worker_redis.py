@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from arq import create_pool
 from arq.connections import RedisSettings
 from arq.worker import func
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from ingest.jobs import ARQ_CODEC, connect_arq
 from ingest.worker import ResilientWorker
 
 
@@ -21,7 +21,7 @@ async def test_the_worker_polls_again_once_redis_is_back(settings):
         return "done"
 
     queue = f"arq:test:{uuid.uuid4().hex[:8]}"
-    pool = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+    pool = await connect_arq(settings.redis_url)
     real, failures = pool.zrangebyscore, [0]
 
     async def dropping(*args, **kwargs):  # type: ignore[no-untyped-def]  # Redis gone for the first polls
@@ -31,7 +31,7 @@ async def test_the_worker_polls_again_once_redis_is_back(settings):
         return await real(*args, **kwargs)
 
     pool.zrangebyscore = dropping  # type: ignore[method-assign]
-    worker = ResilientWorker(functions=[func(job, name="job")], redis_pool=pool, queue_name=queue, poll_delay=0.05,
+    worker = ResilientWorker(functions=[func(job, name="job")], redis_pool=pool, queue_name=queue, poll_delay=0.05, **ARQ_CODEC,
                              handle_signals=False)
     running = asyncio.create_task(worker.main())
     try:
@@ -77,7 +77,7 @@ def test_one_worker_process_serves_both_queues_and_stops_on_sigterm(settings, da
             time.sleep(0.1)
 
     async def pings() -> list:  # type: ignore[type-arg]
-        pool = await create_pool(RedisSettings.from_dsn(url))
+        pool = await connect_arq(url)
         try:
             jobs = [await pool.enqueue_job("ping", _queue_name=q) for q in (INGEST_QUEUE, QUICK_QUEUE)]
             return [await j.result(timeout=30) for j in jobs]  # type: ignore[union-attr]
@@ -128,9 +128,9 @@ async def test_a_worker_on_a_half_open_connection_takes_jobs_again(settings, mon
     port = await proxy.start()
     queue = f"arq:test:{uuid.uuid4().hex[:8]}"
     through = RedisSettings.from_dsn(settings.redis_url.replace(f":{url.port}", f":{port}", 1))
-    worker = ResilientWorker(functions=[func(job, name="job")], redis_settings=through, queue_name=queue,
+    worker = ResilientWorker(functions=[func(job, name="job")], redis_settings=through, queue_name=queue, **ARQ_CODEC,
                              poll_delay=0.05, handle_signals=False)
-    direct = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+    direct = await connect_arq(settings.redis_url)
     running = asyncio.create_task(worker.main())
     try:
         while worker._pool is None or not await direct.exists(queue + ":health-check"):
@@ -201,3 +201,64 @@ def test_a_worker_that_lets_its_cancel_go_is_stopped_all_the_same(monkeypatch):
             signal.signal(s, h)
         if not loop.is_closed():
             loop.close()
+
+
+class _Planted:
+    """What a pickled job could carry: unpickling it runs code (here, touching a file)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+async def test_jobs_travel_as_json_and_a_pickled_job_is_refused_unopened(settings, tmp_path):
+    """arq pickles jobs by default, and unpickling runs code: anyone able to write to Redis could make a worker run
+    anything. Jobs are JSON; a pickled one (planted, or queued by an older version) is failed without being read."""
+    import pickle
+    import time
+
+    from arq.jobs import serialize_job
+
+    from ingest.jobs import loads_job
+
+    calls: list[int] = []
+
+    async def job(ctx: dict, n: int) -> str:  # type: ignore[type-arg]
+        calls.append(n)
+        return f"got {n}"
+
+    queue = f"arq:test:{uuid.uuid4().hex[:8]}"
+    pool = await connect_arq(settings.redis_url)
+    worker = ResilientWorker(functions=[func(job, name="job")], redis_pool=pool, queue_name=queue, poll_delay=0.05,
+                             handle_signals=False, **ARQ_CODEC)
+    marker = tmp_path / "unpickled"
+    planted = f"planted-{uuid.uuid4().hex[:8]}"
+    await pool.set("arq:job:" + planted, serialize_job("job", (_Planted(str(marker)),), {}, 1,
+                                                       int(time.time() * 1000), serializer=pickle.dumps))
+    await pool.zadd(queue, {planted: int(time.time() * 1000)})
+    fine = await pool.enqueue_job("job", 7, _queue_name=queue)
+    assert fine is not None
+    raw = await pool.get("arq:job:" + fine.job_id)
+    assert raw.startswith(b"{") and loads_job(raw)["a"] == [7]  # what Redis holds is JSON
+    running = asyncio.create_task(worker.main())
+    try:
+        assert await fine.result(timeout=15) == "got 7"
+        for _ in range(300):
+            failed = await pool.get("arq:result:" + planted)
+            if failed is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert failed is not None, "the pickled job was never taken"
+        result = loads_job(failed)
+        assert result["s"] is False and "deserialize" in result["r"]
+        assert calls == [7] and not marker.exists()  # refused, never unpickled
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await asyncio.gather(worker.close(), return_exceptions=True)
+        await pool.delete(queue, "arq:result:" + planted)
+        await pool.aclose()

@@ -26,11 +26,10 @@ REFERENCE = "Binary search halves the sorted interval at every step, so it needs
 
 @pytest.fixture
 async def db(settings):
-    from arq import create_pool as create_arq_pool
-    from arq.connections import RedisSettings
+    from ingest.jobs import connect_arq
 
     pool = await create_pool(settings.database_url, min_size=1, max_size=4)
-    redis = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))  # a worker's ctx["redis"]
+    redis = await connect_arq(settings.redis_url)  # a worker's ctx["redis"]
     yield pool, redis
     await redis.aclose()
     await pool.close()
