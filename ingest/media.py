@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import av
@@ -18,8 +19,8 @@ logger = logging.getLogger(__name__)
 SNIFF_BYTES = 4096
 
 SAMPLE_RATE = 16_000  # what whisper expects
-# The longest media we transcribe. Decoded for whisper it is 12 h x 16,000 float32 samples/s = 2.8 GB of memory,
-# whatever the file's size (a small FLAC of silence or a low-bitrate MP3 can hold days).
+# The longest media we transcribe (a small FLAC of silence or a low-bitrate MP3 can hold days). Decoded whole it would
+# be 12 h x 16,000 float32 samples/s = 2.8 GB: transcription takes it in slices as it decodes (`audio_blocks`).
 MAX_MEDIA_SECONDS = 12 * 3600
 
 
@@ -173,33 +174,33 @@ def probe_media(path: str | os.PathLike[str], *, require_audio: bool = True,
     return MediaInfo(duration, True, codec)
 
 
-class _Samples:
-    """A growing float32 buffer: sized from the header's duration up front (no final copy of hours of
-    audio), refusing more than `limit` samples."""
-
-    def __init__(self, expected: int, limit: int, max_seconds: float) -> None:
-        self.buf = np.empty(min(expected, limit), np.float32)
-        self.n, self.limit, self.max_seconds = 0, limit, max_seconds
-
-    def add(self, x: np.ndarray) -> None:
-        end = self.n + x.size
-        if end > self.limit:
-            raise _too_long(end / SAMPLE_RATE, self.max_seconds)
-        if end > self.buf.size:
-            grown = np.empty(min(self.limit, max(end, self.buf.size * 3 // 2 + 60 * SAMPLE_RATE)), np.float32)
-            grown[: self.n] = self.buf[: self.n]
-            self.buf = grown
-        self.buf[self.n: end] = x
-        self.n = end
+BLOCK_S = 30.0  # `audio_blocks` hands the samples on in pieces of about this length
 
 
-def decode_audio(path: str | os.PathLike[str], max_seconds: float = MAX_MEDIA_SECONDS) -> np.ndarray:
-    """The first audio stream as float32 mono samples at 16 kHz.
+def audio_blocks(path: str | os.PathLike[str], max_seconds: float = MAX_MEDIA_SECONDS) -> Iterator[np.ndarray]:
+    """The first audio stream as float32 mono samples at 16 kHz, decoded as it is read, in blocks of about
+    BLOCK_S: a caller that takes the audio in parts holds only what it keeps (12 hours decoded whole are 2.8 GB).
 
-    Raises PermanentIngestError when nothing decodes (garbage, truncated, no audio) or the audio is longer
-    than `max_seconds` (whatever its header says).
-    """
-    samples: _Samples | None = None
+    Raises PermanentIngestError (when the iteration gets there) when nothing decodes (garbage, truncated, no
+    audio) or the audio is longer than `max_seconds` (whatever its header says)."""
+    limit, total, block_n = int(max_seconds * SAMPLE_RATE), 0, int(BLOCK_S * SAMPLE_RATE)
+    pending: list[np.ndarray] = []
+    held = 0
+
+    def take(x: np.ndarray) -> np.ndarray | None:
+        nonlocal total, held
+        total += x.size
+        if total > limit:
+            raise _too_long(total / SAMPLE_RATE, max_seconds)
+        pending.append(x)
+        held += x.size
+        if held < block_n:
+            return None
+        out = np.concatenate(pending)
+        pending.clear()
+        held = 0
+        return out
+
     try:
         with av.open(os.fspath(path), mode="r", metadata_errors="ignore") as container:
             if not container.streams.audio:
@@ -207,8 +208,6 @@ def decode_audio(path: str | os.PathLike[str], max_seconds: float = MAX_MEDIA_SE
             header = container.duration / av.time_base if container.duration else 0.0
             if header > max_seconds:
                 raise _too_long(header, max_seconds)
-            samples = _Samples(int(header * 1.01 * SAMPLE_RATE) + SAMPLE_RATE, int(max_seconds * SAMPLE_RATE),
-                               max_seconds)
             stream = container.streams.audio[0]
             stream.thread_type = "AUTO"
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
@@ -220,13 +219,24 @@ def decode_audio(path: str | os.PathLike[str], max_seconds: float = MAX_MEDIA_SE
                 for frame in frames:
                     frame.pts = None  # streams with broken timestamps still resample
                     for out in resampler.resample(frame):
-                        samples.add(out.to_ndarray().reshape(-1))
+                        block = take(out.to_ndarray().reshape(-1))
+                        if block is not None:
+                            yield block
             for out in resampler.resample(None):
-                samples.add(out.to_ndarray().reshape(-1))
+                block = take(out.to_ndarray().reshape(-1))
+                if block is not None:
+                    yield block
     except PermanentIngestError:
         raise
     except (av.error.FFmpegError, ValueError, OSError, UnicodeDecodeError) as exc:
         raise _corrupt(path, exc) from exc
-    if samples is None or samples.n == 0:
+    if pending:
+        yield np.concatenate(pending)
+    if total == 0:
         raise _corrupt(path, "no decodable audio")
-    return samples.buf[: samples.n]
+
+
+def decode_audio(path: str | os.PathLike[str], max_seconds: float = MAX_MEDIA_SECONDS) -> np.ndarray:
+    """The whole of `audio_blocks` in one array (whose errors it raises): for short media and tests; transcription
+    takes the blocks as they come."""
+    return np.concatenate(list(audio_blocks(path, max_seconds)))

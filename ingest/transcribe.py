@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +13,7 @@ from faster_whisper import WhisperModel
 
 from ingest.cues import Cue
 from ingest.errors import PermanentIngestError
-from ingest.media import SAMPLE_RATE, decode_audio
+from ingest.media import SAMPLE_RATE, audio_blocks, probe_media
 
 logger = logging.getLogger(__name__)
 
@@ -144,9 +144,10 @@ class Transcriber:
         """The speech in `path`: cues, the language spoken (`language`, else detected by a multilingual
         model, else English) and the length of the audio that decoded.
 
-        The audio is transcribed in slices of about SLICE_S, cut at the quietest moment near each cut: whisper
-        builds its features for all the audio it is given at once (about 2.5 GB per hour), so a long lecture
-        in one piece ran the worker out of memory. `on_progress` gets the fraction done (0..1) after each cue.
+        The audio is transcribed in slices of about SLICE_S, cut at the quietest moment near each cut, as it
+        decodes: whisper builds its features for all the audio it is given at once (about 2.5 GB per hour), so a
+        long lecture in one piece ran the worker out of memory, and 12 hours decoded whole are 2.8 GB more.
+        `on_progress` gets the fraction done (0..1, of the length the file claims) after each cue.
         Raises PermanentIngestError for unreadable media or a language the model lacks, and
         TranscriptionStopped soon after `cancel` is set (between segments and slices: a stopping worker does
         not wait for the whole file).
@@ -158,15 +159,16 @@ class Transcriber:
             raise PermanentIngestError(
                 f"the whisper model {self.model_path.name} cannot transcribe {language!r}"
             )
-        audio = decode_audio(path)
-        duration = len(audio) / SAMPLE_RATE
+        expected = probe_media(path).duration_s  # for progress; what decodes is the length
         cues: list[Cue] = []
-        for a, b in slices(audio):
+        decoded = 0
+        for a, audio in stream_slices(audio_blocks(path)):
             if cancel is not None and cancel.is_set():
                 raise TranscriptionStopped(f"transcription of {path} stopped at {a / SAMPLE_RATE:.0f} s")
             offset = a / SAMPLE_RATE
+            decoded = a + len(audio)
             segments, info = self.model.transcribe(
-                audio[a:b],
+                audio,
                 language=language,
                 beam_size=self.beam_size,
                 vad_filter=True,
@@ -185,10 +187,12 @@ class Transcriber:
                     start = offset + (words[0].start if words else segment.start)
                     end = offset + (words[-1].end if words else segment.end)
                     cues.append(Cue(start=float(start), end=float(max(end, start)), text=text))
-                if on_progress is not None and duration > 0:
-                    on_progress(min(1.0, (offset + float(segment.end)) / duration))
+                if on_progress is not None and expected > 0:
+                    on_progress(min(1.0, (offset + float(segment.end)) / expected))
+            del audio, segments  # not held while the next slice decodes
         if on_progress is not None:
             on_progress(1.0)
+        duration = decoded / SAMPLE_RATE
         logger.info("transcribed %s: %.1f s of audio, %d cues (%s)", path, duration, len(cues), language)
         return Transcription(cues, language or "en", duration)
 
@@ -200,20 +204,49 @@ CUT_SEARCH_S = 15.0
 _FRAME = SAMPLE_RATE // 10
 
 
+def _cut(audio: np.ndarray, a: int) -> int:
+    """Where the slice starting at `a` ends: about SLICE_S on, at the quietest 0.1 s within CUT_SEARCH_S (the
+    audio runs on for more than half a slice past it)."""
+    size = int(SLICE_S * SAMPLE_RATE)
+    lo = max(a + _FRAME, a + size - int(CUT_SEARCH_S * SAMPLE_RATE))
+    hi = min(len(audio) - _FRAME, a + size + int(CUT_SEARCH_S * SAMPLE_RATE))
+    frames = (hi - lo) // _FRAME
+    window = audio[lo: lo + frames * _FRAME].reshape(frames, _FRAME)
+    return lo + int(np.argmin(np.square(window).mean(axis=1))) * _FRAME + _FRAME // 2
+
+
 def slices(audio: np.ndarray) -> list[tuple[int, int]]:
     """[start, end) sample ranges covering `audio` in order, each about SLICE_S long (the last up to 1.5x)."""
     size = int(SLICE_S * SAMPLE_RATE)
     out, a, n = [], 0, len(audio)
     while n - a > size * 1.5:
-        lo = max(a + _FRAME, a + size - int(CUT_SEARCH_S * SAMPLE_RATE))
-        hi = min(n - _FRAME, a + size + int(CUT_SEARCH_S * SAMPLE_RATE))
-        frames = (hi - lo) // _FRAME
-        window = audio[lo: lo + frames * _FRAME].reshape(frames, _FRAME)
-        cut = lo + int(np.argmin(np.square(window).mean(axis=1))) * _FRAME + _FRAME // 2
+        cut = _cut(audio, a)
         out.append((a, cut))
         a = cut
     out.append((a, n))
     return out
+
+
+def stream_slices(blocks: Iterable[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+    """The slices of `slices`, cut at the same samples, from audio arriving in blocks: (first sample, samples).
+    One buffer of about 1.5 slices is held, not the whole audio; each slice is a copy of its own."""
+    size = int(SLICE_S * SAMPLE_RATE)
+    buf = np.empty(int(size * 1.5) + 60 * SAMPLE_RATE, np.float32)
+    n = base = 0
+    for block in blocks:
+        if n + block.size > buf.size:  # a block longer than a minute (audio_blocks gives BLOCK_S)
+            grown = np.empty(n + block.size, np.float32)
+            grown[:n] = buf[:n]
+            buf = grown
+        buf[n: n + block.size] = block
+        n += block.size
+        while n > size * 1.5:  # the audio runs on past this slice's search window: cut it
+            cut = _cut(buf[:n], 0)
+            yield base, buf[:cut].copy()
+            buf[: n - cut] = buf[cut:n]  # (numpy copies overlapping ranges safely)
+            base, n = base + cut, n - cut
+    if n:
+        yield base, buf[:n].copy()
 
 
 @dataclass(frozen=True)

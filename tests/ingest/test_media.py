@@ -206,16 +206,34 @@ def test_media_longer_than_the_limit_is_refused_before_it_fills_memory(tmp_path:
     assert len(decode_audio(path, max_seconds=TONE_S * 2)) / SAMPLE_RATE == pytest.approx(TONE_S, abs=0.2)
 
 
-def test_decoded_samples_stop_at_the_limit_whatever_the_header_said() -> None:
-    """The buffer is sized from the header and grows when the header undercounts, up to the limit."""
-    from ingest.media import _Samples
+def test_decoded_samples_stop_at_the_limit_whatever_the_header_said(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file whose header says nothing of its length (or undercounts it) is stopped by the samples decoded."""
+    import ingest.media as media
 
-    samples = _Samples(expected=SAMPLE_RATE, limit=3 * SAMPLE_RATE, max_seconds=3.0)  # the header said 1 s
-    for _ in range(3):
-        samples.add(np.full(SAMPLE_RATE, 0.5, np.float32))
-    assert samples.n == 3 * SAMPLE_RATE and float(samples.buf[: samples.n].min()) == 0.5
-    with pytest.raises(PermanentIngestError):
-        samples.add(np.zeros(1, np.float32))
+    path = KINDS["wav"][0](tmp_path)
+    opened = av.open
+
+    class Headerless:
+        duration = None
+
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            self.real = opened(*args, **kwargs)
+
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(self.real, name)
+
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            self.real.__enter__()
+            return self
+
+        def __exit__(self, *exc):  # type: ignore[no-untyped-def]
+            return self.real.__exit__(*exc)
+
+    monkeypatch.setattr(media.av, "open", Headerless)
+    with pytest.raises(PermanentIngestError, match="longer than the"):
+        list(media.audio_blocks(path, max_seconds=TONE_S / 2))
+    assert len(decode_audio(path)) / SAMPLE_RATE == pytest.approx(TONE_S, abs=0.2)
 
 
 def test_video_without_sound(tmp_path: Path) -> None:
@@ -422,6 +440,38 @@ def test_long_audio_is_transcribed_in_slices_cut_where_it_is_quiet() -> None:
     for (_, cut), (a, b) in zip(got, gaps):
         assert a <= cut / SAMPLE_RATE <= b, (cut / SAMPLE_RATE, a, b)
     assert CUT_SEARCH_S < 20 and slices(audio[: int(29 * 60 * SAMPLE_RATE)]) == [(0, int(29 * 60 * SAMPLE_RATE))]
+
+
+def test_audio_is_sliced_as_it_decodes_at_the_same_cuts() -> None:
+    """Decoded whole, 12 hours of audio are 2.8 GB before whisper sees any: the slices are cut from blocks as they
+    decode, holding about one and a half slices, at the samples `slices` picks over the whole."""
+    from ingest.transcribe import SLICE_S, slices, stream_slices
+
+    rng = np.random.default_rng(2)
+    audio = (rng.standard_normal(int(75 * 60 * SAMPLE_RATE)) * 0.1).astype(np.float32)
+    for at in (19.9, 41.0, 59.7):  # pauses near where cuts fall
+        audio[int(at * 60 * SAMPLE_RATE): int((at * 60 + 1) * SAMPLE_RATE)] = 0.0
+    sizes = rng.integers(1, 90 * SAMPLE_RATE, 400)
+    bounds = np.cumsum(sizes)
+    taken = [0]
+
+    def blocks():  # type: ignore[no-untyped-def]
+        a = 0
+        for b in bounds:
+            if a >= len(audio):
+                return
+            taken[0] += 1
+            yield audio[a: int(b)]
+            a = int(b)
+
+    got, held = [], []
+    for start, part in stream_slices(blocks()):
+        got.append((start, start + len(part)))
+        held.append(int(bounds[taken[0] - 1]) - start)  # decoded so far, from this slice's start
+        assert np.array_equal(part, audio[start: start + len(part)])
+    assert got == slices(audio) and len(got) == 4
+    assert max(held) <= 1.5 * SLICE_S * SAMPLE_RATE + 90 * SAMPLE_RATE  # never the whole audio at once
+    assert list(stream_slices(iter([audio[:1000]]))) [0][1].size == 1000
 
 
 def test_sliced_transcription_keeps_each_cue_at_its_time(transcriber: Transcriber, lecture: dict,
