@@ -9,6 +9,7 @@ import fcntl
 import importlib.util
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -334,8 +335,9 @@ def _ensure_postgres(ddir: Path) -> str:
             except subprocess.CalledProcessError as exc:
                 err.seek(0)
                 raise EmbeddedError(_pg_failure(pgdata, err.read().decode(errors="replace"))) from exc
-    pw = _embedded_password(ddir)  # (a data dir made before passwords trusts local connections: it is ignored)
+    pw = _embedded_password(ddir)
     try:
+        _require_password(pgdata, port, pw, user)
         _create_db(port, pw)
     except EmbeddedError:
         if started:  # nobody would use (or stop) the server just started
@@ -357,6 +359,36 @@ def _pg_failure(pgdata: Path, stderr: str) -> str:
                 "to this one (chown -R).")
     return (f"the embedded Postgres in {pgdata} did not start.\npg_ctl: {stderr.strip() or '(nothing)'}\n"
             "server.log (last lines):\n  " + "\n  ".join(log) + hint)
+
+
+# A method field of `trust` in pg_hba.conf (a data dir made before the embedded Postgres had a password: any local
+# user connected as its superuser)
+_HBA_TRUST = re.compile(r"^(\s*(?:local|host\w*)\s.*?\s)trust(?=\s|$)", re.M)
+
+
+def _require_password(pgdata: Path, port: int, password: str, user: str | None) -> None:
+    """A data dir made before the embedded Postgres took a password trusts every local connection: its superuser
+    gets the data dir's password, then pg_hba.conf asks for it (scram-sha-256) and the server reloads it."""
+    hba = pgdata / "pg_hba.conf"
+    text = hba.read_text()
+    required = _HBA_TRUST.sub(r"\1scram-sha-256", text)
+    if required == text:
+        return
+    logger.warning("the embedded Postgres in %s trusted local connections; it asks for the data dir's password now",
+                   pgdata)
+    quoted = password.replace("'", "''")
+    try:  # (the password on stdin, not the command line, which `ps` shows everyone)
+        subprocess.run([_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, "-d", "postgres",
+                        "-v", "ON_ERROR_STOP=1", "-q", "-f", "-"],
+                       input=f"SET password_encryption = 'scram-sha-256';\n"
+                             f"ALTER ROLE {PG_USER} PASSWORD '{quoted}';\n",
+                       check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as exc:
+        why = (exc.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
+        raise EmbeddedError(f"could not set the password of the embedded Postgres in {pgdata}: {why[0]}") from exc
+    hba.write_text(required)  # (in place: the file keeps its owner and mode)
+    subprocess.run([_pg_bin("pg_ctl"), "-D", str(pgdata), "reload"], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, user=user)
 
 
 def _create_db(port: int, password: str) -> None:

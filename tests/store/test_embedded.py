@@ -394,3 +394,26 @@ def test_a_postgres_that_refuses_the_password_says_so_in_a_line(tmp_path):
     from store.embedded import _pg_running_port
 
     assert _pg_running_port(ddir / "pg") is None  # the Postgres it started is stopped again
+
+
+def test_a_data_dir_that_trusted_local_connections_asks_for_the_password_from_its_next_start(tmp_path):
+    """Data dirs made before the embedded Postgres had a password trust every local connection (any user of the
+    machine was its superuser). At the next start the superuser gets the data dir's password and pg_hba.conf asks
+    for it."""
+    from dataclasses import replace
+
+    from store.embedded import ensure_services
+    from store.settings import load_settings
+
+    ddir = tmp_path / "data"
+    _cli(ddir, "migrate")
+    hba = ddir / "pg" / "pg_hba.conf"
+    hba.write_text(hba.read_text().replace("scram-sha-256", "trust"))  # as such a dir's was
+    (ddir / "embedded.secret").unlink()  # nor had it a secret
+    services = ensure_services(replace(load_settings(ddir), database_url=None, redis_url=None))
+    try:
+        assert " trust" not in hba.read_text() and "scram-sha-256" in hba.read_text()
+        _need_the_password({"DATABASE_URL": services.database_url, "REDIS_URL": services.redis_url})
+    finally:
+        services.close()
+    _cli(ddir, "token", "--user", "ann", "--role", "instructor")  # and the next start just uses it
