@@ -60,7 +60,22 @@ def _markers(repl: Callable[[re.Match[str]], str], text: str) -> str:
         out += [_MARKER.sub(repl, text[last:m.start()]), inside]
         last = m.end()
     return "".join(out + [_MARKER.sub(repl, text[last:])])
-_FOLLOW_UP_HINT = re.compile(r"^(and|but|so|why|how|what about|what if|then|also|it|that|this|they|those)\b", re.I)
+# A follow-up, for the offline condense: it goes on from the last question ("and why?", "what about sharding?"),
+# points back at it ("why does it matter?", "is this always true?"), or has no topic of its own ("why?", "can you
+# give an example?"). A question with a topic of its own ("how do plants make food?") is taken as it is: borrowing
+# the last question's words turned it into a question about that (answered, cited, about the wrong thing).
+_GOES_ON = re.compile(r"^(and|but|so|then|also|what about|what if|how about)\b", re.I)
+_POINTS_BACK = frozenset("it its they them their this these those".split())
+_ASKS_FOR_MORE = frozenset(stem(w) for w in """give example examples more detail details elaborate again else instead
+clarify expand repeat simpler simply further continue another different""".split())
+
+
+def _follows_up(question: str) -> bool:
+    if _GOES_ON.match(question.strip()):
+        return True
+    if any(w in _POINTS_BACK for w in re.findall(r"[a-z]+", question.lower())):
+        return True
+    return not [t for t in terms(question) if t not in _ASKS_FOR_MORE]
 
 Delta = Callable[[str], Awaitable[None]]
 REFUSED_PREFIX = "refused: "  # an answer's error when the model refused or its provider's filter stopped it
@@ -161,7 +176,7 @@ class Tutor:
         # (in a room, another learner's chatter is not what "why?" follows).
         last_user = next((h["content"] for h in reversed(history) if h["role"] == "user" and h.get("mine", True)),
                          None)
-        if last_user and (len(q.split()) <= 8 or _FOLLOW_UP_HINT.match(q)):
+        if last_user and _follows_up(q):
             return {"standalone": f"{q} ({last_user})"}
         return {"standalone": q}
 

@@ -32,6 +32,19 @@ async def test_offline_follow_up_borrows_the_askers_own_last_message():
     assert (await tutor.condense(state("and why?", private)))["standalone"] == "and why? (what is a hash function?)"
 
 
+async def test_offline_a_question_with_a_topic_of_its_own_is_taken_as_it_is():
+    """Every question of up to 8 words (or opening with how/why) borrowed the last one's words: "How do plants make
+    food?" after a question on hashing was searched as a hashing question, passed the relevance check on them and
+    was answered with hashing moments. Only a question that goes on, points back, or has no topic borrows."""
+    tutor = Tutor(None, None, None)  # type: ignore[arg-type]
+    private = [{"role": "user", "content": "What is a hash function?"}, {"role": "assistant", "content": "…"}]
+    for own in ("How do plants make food?", "What is a binary search tree?", "Why do prices rise in winter?"):
+        assert (await tutor.condense(state(own, private)))["standalone"] == own
+    for follow in ("Why does it matter?", "Is this always true?", "Can you give an example?", "tell me more",
+                   "What about collisions?", "so what?", "why?"):
+        assert (await tutor.condense(state(follow, private)))["standalone"] == f"{follow} (What is a hash function?)"
+
+
 @pytest.fixture(scope="module")
 def llm_server():
     with FakeLLMServer() as srv:
