@@ -257,7 +257,7 @@ class TutorController(Controller):
                           count(*) FILTER (WHERE cache_hit) AS cache_hits,
                           coalesce(sum(input_tokens), 0) AS input_tokens,
                           coalesce(sum(output_tokens), 0) AS output_tokens,
-                          coalesce(sum(cost_usd), 0) AS cost_usd,
+                          coalesce(sum(cost_usd::numeric), 0)::float8 AS cost_usd,  -- (as real it adds in float4)
                           percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS p95_latency_ms,
                           (SELECT count(*) FROM tutor_feedback f JOIN tutor_turns t ON t.id = f.turn_id
                            WHERE t.course_id = $1 AND f.vote = 1) AS thumbs_up,

@@ -107,6 +107,19 @@ def test_sessions_follow_up_and_delete(eval_course: EvalCourse, client, make: Fa
                  follow["turn_id"])[0]["n"] == 1
 
 
+def test_stats_add_up_costs_exactly(client, make: Factory, settings):
+    """Per-answer costs are stored as `real`, and summed as `real` they drifted: 100,000 answers at $0.0004 came to
+    $40.03."""
+    teacher = make.user("instructor")
+    course = client.post("/api/v1/courses", json={"title": "costs"}, headers=teacher.h).json()["id"]
+    fetch(settings, """INSERT INTO tutor_turns (course_id, question, standalone, answer, grounded, provider, model,
+                                                cost_usd)
+                       SELECT $1, 'q', 'q', 'a', true, 'openai', 'gpt-4o-mini', 0.0004 FROM generate_series(1, 100000)
+                       RETURNING 1""", course)
+    stats = client.get(f"/api/v1/courses/{course}/tutor/stats", headers=teacher.h).json()
+    assert stats["questions"] == 100_000 and stats["cost_usd"] == 40.0, stats
+
+
 def test_feedback_and_stats(eval_course: EvalCourse, client, make: Factory):
     body = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "What is a transformer?"},
                        headers=eval_course.learner.h).json()
