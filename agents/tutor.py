@@ -78,6 +78,7 @@ def _follows_up(question: str) -> bool:
     return not [t for t in terms(question) if t not in _ASKS_FOR_MORE]
 
 Delta = Callable[[str], Awaitable[None]]
+DELTA_CHARS = 120  # an offline answer streams in pieces of about this length
 REFUSED_PREFIX = "refused: "  # an answer's error when the model refused or its provider's filter stopped it
 
 
@@ -208,8 +209,8 @@ class Tutor:
         sources = s["sources"]
         if self.llm is None:
             text = extractive_answer(sources, s["mode"])
-            if on_delta:
-                for piece in re.findall(r"\S+\s*", text):
+            if on_delta:  # written already: a few pieces, not one per word (each is a publish and a frame per socket)
+                for piece in re.findall(r".{1,%d}(?:\s+|$)|\S+\s*" % DELTA_CHARS, text, re.S):
                     await on_delta(piece)
             return {"answer": text}
         # JSON-quoted: a transcript (or a question) cannot close its quotes and pose as the prompt's structure

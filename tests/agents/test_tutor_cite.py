@@ -94,3 +94,23 @@ def test_a_question_the_lecture_asks_is_a_follow_up_when_it_stands_on_its_own():
     out = asyncio.run(Tutor.follow_ups(None, {  # type: ignore[arg-type]
         "grounded": True, "standalone": "what is a ledger?", "citations": [], "sources": [_w(0, 30, text)]}))
     assert out["follow_ups"] == ["What's to prevent Bob from writing a fraudulent transaction?"], out
+
+
+def test_an_offline_answer_streams_in_a_few_pieces_not_a_word_each():
+    """The extractive answer is written before it streams: one `tutor.delta` per word was ~150 publishes and ~150
+    frames to every socket in the room for one answer (a briefly blocked client overflowed its queue)."""
+    from types import SimpleNamespace
+
+    sources = [_w(10 * i, 10 * i + 9, "a hash function maps any input to a short fixed-size digest " * 3)
+               for i in range(3)]
+    for w in sources:
+        w.core = w.text
+    got: list[str] = []
+
+    async def on_delta(piece: str) -> None:
+        got.append(piece)
+
+    out = asyncio.run(Tutor.answer(SimpleNamespace(llm=None), {  # type: ignore[arg-type]
+        "sources": sources, "mode": "answer", "on_delta": on_delta}))
+    words = len(out["answer"].split())
+    assert "".join(got) == out["answer"] and words > 60 and 2 <= len(got) <= words // 8, (len(got), words)
