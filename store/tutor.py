@@ -204,15 +204,17 @@ async def set_feedback(conn: asyncpg.Connection, turn_id: int, user_id: int, vot
 
 
 async def tutor_mode(conn: asyncpg.Connection, course_id: int, room_id: str | None = None) -> str:
-    """'socratic' when the room or course says so, or while the course has an open assignment."""
+    """The mode in effect: the room's own when it has one, else the course's ('answer', 'socratic', or with 'auto'
+    Socratic while the course has an open assignment)."""
     if room_id is not None:
         mode = await conn.fetchval("SELECT mode FROM room_tutor_settings WHERE room_id = $1", room_id)
         if mode:
             return mode
     return await conn.fetchval(
-        """SELECT CASE WHEN c.tutor_mode = 'socratic' OR EXISTS (
-                   SELECT 1 FROM assignments a WHERE a.course_id = c.id AND a.status = 'published'
-                   AND (a.opens_at IS NULL OR a.opens_at <= now()) AND (a.closes_at IS NULL OR a.closes_at > now()))
-               THEN 'socratic' ELSE 'answer' END
+        """SELECT CASE WHEN c.tutor_mode <> 'auto' THEN c.tutor_mode
+                       WHEN EXISTS (SELECT 1 FROM assignments a WHERE a.course_id = c.id AND a.status = 'published'
+                                    AND (a.opens_at IS NULL OR a.opens_at <= now())
+                                    AND (a.closes_at IS NULL OR a.closes_at > now())) THEN 'socratic'
+                       ELSE 'answer' END
            FROM courses c WHERE c.id = $1""",
         course_id) or "answer"

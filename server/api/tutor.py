@@ -81,6 +81,10 @@ class ModeIn(Strict):
     mode: Literal["answer", "socratic"]
 
 
+class CourseModeIn(Strict):
+    mode: Literal["auto", "answer", "socratic"]  # auto: Socratic while the course has an open assignment
+
+
 class Session(msgspec.Struct, omit_defaults=True):  # (a listing leaves out `turns`, `has_more`)
     id: int
     course_id: int
@@ -225,11 +229,20 @@ class TutorController(Controller):
 
     @patch("/courses/{course_id:int}/tutor", guards=[staff_only])
     async def course_mode(self, request: Request, course_id: int) -> dict:
-        data = await read_json(request, ModeIn)
+        """The course's tutor mode, and the mode it puts in effect now (`in_effect`: what an ask outside a room
+        with a mode of its own gets)."""
+        data = await read_json(request, CourseModeIn)
         async with request.app.state.pool.acquire() as conn:
             await course_or_404(conn, course_id, request.user)
             await conn.execute("UPDATE courses SET tutor_mode = $2 WHERE id = $1", course_id, data.mode)
-        return {"course_id": course_id, "mode": data.mode}
+            return {"course_id": course_id, "mode": data.mode, "in_effect": await repo.tutor_mode(conn, course_id)}
+
+    @get("/courses/{course_id:int}/tutor", guards=[staff_only])
+    async def course_mode_read(self, request: Request, course_id: int) -> dict:
+        async with request.app.state.pool.acquire() as conn:
+            await course_or_404(conn, course_id, request.user)
+            mode = await conn.fetchval("SELECT tutor_mode FROM courses WHERE id = $1", course_id)
+            return {"course_id": course_id, "mode": mode, "in_effect": await repo.tutor_mode(conn, course_id)}
 
     @put("/rooms/{room_id:str}/tutor", guards=[staff_only])
     async def room_mode(self, request: Request, room_id: str) -> dict:

@@ -250,6 +250,29 @@ def test_socratic_mode_gives_hints(client, make: Factory, worker):
     assert client.patch(f"/api/v1/courses/{cid}/tutor", json={"mode": "lecture"}, headers=inst.h).status_code == 400
 
 
+def test_a_course_in_answer_mode_answers_during_an_open_assignment(client, make: Factory, worker):
+    """Socratic mode came on with any open assignment whatever the course said: one published without a closing
+    date made every ask Socratic for good. 'auto' (the default) does that; 'answer' answers regardless."""
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Modes"}, headers=inst.h).json()["id"]
+    r = upload(client, cid, inst.h, "b.srt", (EVAL / "transcripts" / "3b1b-bitcoin.srt").read_bytes())
+    assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
+    q = {"question": "What does a digital signature prove?"}
+    assert client.get(f"/api/v1/courses/{cid}/tutor", headers=inst.h).json() == {
+        "course_id": cid, "mode": "auto", "in_effect": "answer"}
+    a = client.post(f"/api/v1/courses/{cid}/assignments", headers=inst.h, json={
+        "type": "short_answer", "title": "Signatures", "prompt": "What does a signature prove?",
+        "reference_answer": "That the owner of the key approved the message."}).json()
+    assert client.post(f"/api/v1/assignments/{a['id']}/publish", headers=inst.h).status_code == 200  # no closes_at
+    assert client.post(f"/api/v1/courses/{cid}/ask", json=q, headers=inst.h).json()["mode"] == "socratic"
+    r = client.patch(f"/api/v1/courses/{cid}/tutor", json={"mode": "answer"}, headers=inst.h)
+    assert r.json() == {"course_id": cid, "mode": "answer", "in_effect": "answer"}, r.text
+    body = client.post(f"/api/v1/courses/{cid}/ask", json=q, headers=inst.h).json()
+    assert body["mode"] == "answer" and body["citations"][0]["quote"]
+    r = client.patch(f"/api/v1/courses/{cid}/tutor", json={"mode": "auto"}, headers=inst.h)
+    assert r.json()["in_effect"] == "socratic"
+
+
 def test_bad_ask_bodies(eval_course: EvalCourse, client):
     for body, field in (({}, "question"), ({"question": ""}, "question"), ({"question": "\u200b \u2060"}, "question"),
                         ({"question": "x" * 2001}, "question"), ({"question": "what\x1b[2J is\x07 this"}, "question"),
