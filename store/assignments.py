@@ -151,13 +151,17 @@ async def _award_xp(conn: asyncpg.Connection, redis: Redis, s: dict, score: floa
         logger.warning("could not award XP for submission %s", s["id"], exc_info=True)
 
 
+GRADE_XP_LOOKBACK = "30 days"  # far longer than any outage the every-minute check must cover
+
+
 async def reconcile_grade_xp(conn: asyncpg.Connection, redis: Redis, limit: int = 500) -> int:
-    """Award the XP of final passing grades that have none (the process died between the grade's commit and
-    its award). Awards are idempotent, so this is safe to run at any time; the worker runs it every minute."""
+    """Award the XP of final passing grades of the last GRADE_XP_LOOKBACK that have none (the process died between
+    the grade's commit and its award). Awards are idempotent, so this is safe to run at any time; the worker runs it
+    every minute (over every grade ever, each run probed the ledger twice per passing submission of all time)."""
     rows = await conn.fetch(
         f"""SELECT DISTINCT ON (s.user_id, s.assignment_id) {SUBMISSION_COLUMNS} FROM submissions s
            JOIN users u ON u.id = s.user_id AND u.role = 'learner'
-           WHERE s.status = 'graded' AND s.score >= $1
+           WHERE s.status = 'graded' AND s.score >= $1 AND s.final_at > now() - interval '{GRADE_XP_LOOKBACK}'
              AND (NOT EXISTS (SELECT 1 FROM xp_events x WHERE x.user_id = s.user_id
                                   AND x.idempotency_key = 'assignment:' || s.assignment_id)
                   OR s.score >= 100 AND NOT EXISTS (SELECT 1 FROM xp_events x WHERE x.user_id = s.user_id

@@ -16,8 +16,9 @@ def _perfect_grade(settings, make: Factory, client):  # type: ignore[no-untyped-
     aid = fetch(settings, """INSERT INTO assignments (course_id, type, title, prompt, options, correct, status)
                              VALUES ($1, 'multiple_choice', 'Q', 'Pick', '["a","b"]', '[0]', 'published') RETURNING id""",
                 cid)[0]["id"]
-    fetch(settings, """INSERT INTO submissions (assignment_id, course_id, user_id, attempt, answer, status, score)
-                       VALUES ($1, $2, $3, 1, '[0]', 'graded', 100)""", aid, cid, learner.id)
+    fetch(settings, """INSERT INTO submissions (assignment_id, course_id, user_id, attempt, answer, status, score,
+                                               final_at)
+                       VALUES ($1, $2, $3, 1, '[0]', 'graded', 100, now())""", aid, cid, learner.id)
     return learner, cid, aid
 
 
@@ -34,8 +35,12 @@ def test_missing_grade_xp_is_awarded_once(settings, make: Factory, client):
             await redis.aclose()
             await pool.close()
 
+    old, _, old_aid = _perfect_grade(settings, make, client)  # graded long ago: beyond what each run looks at
+    fetch(settings, "UPDATE submissions SET final_at = now() - interval '40 days' WHERE assignment_id = $1 "
+                    "RETURNING 1", old_aid)
     first, second = run_sync(go())
     assert first >= 1 and second == 0
+    assert fetch(settings, "SELECT count(*) AS n FROM xp_events WHERE user_id = $1", old.id)[0]["n"] == 0
     keys = {r["idempotency_key"] for r in fetch(settings, "SELECT idempotency_key FROM xp_events WHERE user_id = $1",
                                                  learner.id)}
     assert keys == {f"assignment:{aid}", f"perfect:{aid}"}
@@ -92,7 +97,11 @@ def test_a_chapter_strength_that_missed_a_final_grade_is_recomputed(settings, ma
         finally:
             await pool.close()
 
+    old, _, old_aid = _perfect_grade(settings, make, client)  # graded long ago: beyond what each run looks at
+    fetch(settings, "UPDATE submissions SET final_at = now() - interval '40 days' WHERE assignment_id = $1 "
+                    "RETURNING 1", old_aid)
     first, second = run_sync(go())
     assert first >= 1 and second == 0
+    assert fetch(settings, "SELECT count(*) AS n FROM xp_events WHERE user_id = $1", old.id)[0]["n"] == 0
     (row,) = fetch(settings, "SELECT score FROM chapter_scores WHERE user_id = $1 AND chapter_id = $2", learner.id, chid)
     assert row["score"] == pytest.approx(0.5)

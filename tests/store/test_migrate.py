@@ -182,3 +182,44 @@ def test_every_foreign_key_to_a_deleted_parent_has_an_index(settings):
             await conn.close()
 
     assert run_sync(check()) == []
+
+
+def test_a_migration_behind_a_long_transaction_lets_go_and_tries_again(settings, tmp_path, monkeypatch):
+    """A migration's ALTER waiting for a table a long transaction reads queued every later query of that table behind
+    it (the service stalled until that transaction ended). It waits LOCK_TIMEOUT_S at most, lets go (the queries
+    go on), and tries again. A misnamed file is an error, not quietly never applied."""
+    import asyncio
+    import time
+
+    import store.migrate as m
+
+    dsn = _fresh_db(settings)
+    monkeypatch.setattr(m, "MIGRATIONS_DIR", tmp_path)
+    (tmp_path / "0001_table.sql").write_text("CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
+    assert run_sync(m.migrate(dsn)) == ["0001_table.sql"]
+    (tmp_path / "0002_column.sql").write_text("ALTER TABLE t ADD COLUMN x int;")
+    monkeypatch.setattr(m, "LOCK_TIMEOUT_S", 0.3)
+
+    async def go() -> tuple[list[str], float]:
+        holder, reader = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+        try:
+            tx = holder.transaction()
+            await tx.start()
+            await holder.fetch("SELECT * FROM t")  # a long transaction holding the table
+            migrating = asyncio.create_task(m.migrate(dsn))
+            await asyncio.sleep(1.0)
+            assert not migrating.done()
+            t0 = time.monotonic()
+            assert await asyncio.wait_for(reader.fetchval("SELECT count(*) FROM t"), 3) == 1  # not queued for good
+            waited = time.monotonic() - t0
+            await tx.rollback()
+            return await asyncio.wait_for(migrating, 10), waited
+        finally:
+            await holder.close()
+            await reader.close()
+
+    applied, waited = run_sync(go())
+    assert applied == ["0002_column.sql"] and waited < 1.0
+    (tmp_path / "0003_bad-name.sql").write_text("SELECT 1;")
+    with pytest.raises(RuntimeError, match="0003_bad-name.sql"):
+        m.migration_files()
