@@ -199,9 +199,11 @@ async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_del
                 if in_session and prep.session_id is None and prep.room_id is None:
                     fields = {**fields, "session_id": (await repo.create_session(conn, course_id, user.id,
                                                                                   prep.question))["id"]}
+                # (FOR SHARE: a deletion of the question waits for this record, then finds its turn and clears it;
+                # read without a lock, a deletion committing meanwhile found no turn and the question's text stayed)
                 withdrawn = prep.pending is not None and await conn.fetchval(
                     """SELECT m.deleted_at IS NOT NULL FROM tutor_pending p JOIN messages m ON m.id = p.message_id
-                       WHERE p.id = $1""", prep.pending)
+                       WHERE p.id = $1 FOR SHARE OF m""", prep.pending)
                 if withdrawn:  # the room question was deleted while it was being answered: its text goes too
                     fields = {**fields, "question": "", "standalone": ""}
                 turn = await repo.record_turn(conn, **fields)
@@ -392,12 +394,19 @@ async def _reply(pool: Any, redis: Any, room_id: str, message_id: int, result: d
                                                         ref=str(message_id)))
     meta = {"citations": result["citations"], "grounded": result["grounded"], "follow_ups": result["follow_ups"],
             "nearest": result["nearest"], "reply_to": message_id, "turn_id": result["turn_id"]}
+    turn_id = result.get("turn_id")
+
+    async def link(conn: Any, reply_id: int) -> None:
+        await conn.execute("UPDATE tutor_turns SET message_id = $2 WHERE id = $1", turn_id, reply_id)
+
+    # the turn learns its reply in the reply's own transaction: linked afterwards, a moderator deleting the reply in
+    # between (or a crash) left the answer's text in the tutor's record and in the cache for the next asker
     posted = await post_message(pool, redis, room_id, None, result["answer"] or "…", meta,
-                                client_msg_id=f"tutor:{message_id}", author_name="Tutor", author_role="tutor")
-    if result.get("turn_id"):
+                                client_msg_id=f"tutor:{message_id}", author_name="Tutor", author_role="tutor",
+                                also=link if turn_id else None)
+    if turn_id and not posted.created:  # the reply was there already (posted before the turn knew it)
         async with pool.acquire() as conn:
-            await conn.execute("UPDATE tutor_turns SET message_id = $2 WHERE id = $1", result["turn_id"],
-                               posted.event.id)
+            await link(conn, posted.event.id)
 
 
 async def drain(state: Any, timeout: float) -> None:

@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from tests.agents.fake_llm_servers import FakeLLMServer, Reply
-from tests.conftest import EVAL, ROOT, EvalCourse, Factory, User, clean_env, fetch, stop_process, upload, wait_job
+from tests.conftest import (EVAL, ROOT, EvalCourse, Factory, User, clean_env, fetch, run_sync, stop_process, upload,
+                            wait_job)
 from tests.server.conftest import CLUSTER_ENV, Client, spawn_ready
 
 
@@ -861,3 +862,47 @@ async def test_a_reply_that_cannot_be_posted_yet_is_posted_once_postgres_is_back
     posted = fetch(settings, "SELECT body FROM messages WHERE room_id = $1 AND client_msg_id = 'tutor:424242'",
                    course.room)
     assert len(tries) == 4 and [m["body"] for m in posted] == [answer["answer"]]
+
+
+def test_a_room_reply_and_its_turns_link_are_one_transaction(client, make: Factory, settings, monkeypatch):
+    """The reply was posted, then its turn linked to it in a second statement: a moderator deleting the reply in
+    between (or a crash, or Postgres gone for that moment) left the answer's text in the tutor's record and in the
+    cache for the next asker. The turn now learns its reply in the reply's own transaction."""
+    import asyncpg
+    from redis.asyncio import Redis
+
+    from server.tutoring import _reply
+    from store.db import create_pool
+
+    teacher = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Linked"}, headers=teacher.h).json()["id"]
+    turn = fetch(settings, """INSERT INTO tutor_turns (course_id, question, standalone, answer, grounded, provider,
+                                                       model) VALUES ($1, 'q', 'q', 'a', true, 'extractive',
+                                                       'extractive') RETURNING id""", cid)[0]["id"]
+
+    async def go() -> None:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        redis = Redis.from_url(settings.redis_url)
+        handed, acquire = [0], asyncpg.Pool.acquire
+
+        def gone_after_the_post(self, *args, **kwargs):  # type: ignore[no-untyped-def]  # after the first connection
+            if self is pool:
+                handed[0] += 1
+                if handed[0] > 1:
+                    raise ConnectionRefusedError("Postgres went away")
+            return acquire(self, *args, **kwargs)
+
+        monkeypatch.setattr(asyncpg.Pool, "acquire", gone_after_the_post)
+        try:
+            await _reply(pool, redis, f"course:{cid}", 10**12, {
+                "answer": "a [1]", "grounded": True, "citations": [], "follow_ups": [], "nearest": [],
+                "turn_id": turn})
+        finally:
+            monkeypatch.undo()
+            await redis.aclose()
+            await pool.close()
+
+    run_sync(go())
+    (row,) = fetch(settings, """SELECT t.message_id, m.client_msg_id FROM tutor_turns t
+                                LEFT JOIN messages m ON m.id = t.message_id WHERE t.id = $1""", turn)
+    assert row["client_msg_id"] == f"tutor:{10**12}", row
