@@ -186,13 +186,18 @@ async def cached_turn(conn: asyncpg.Connection, course_id: int, version: str, mo
 
 
 async def remember(conn: asyncpg.Connection, course_id: int, version: str, mode: str, qhash: str,
-                   turn_id: int) -> None:
+                   turn_id: int) -> bool:
+    """Cache the answer under the content `version` it was made from, and drop the entries of other versions (they
+    can never hit again); unless the course's videos changed since that version was read: the answer is then not
+    cached, and the entries of the newer content stay (a slow answer of the old content deleted them all)."""
+    if await content_version(conn, course_id) != version:
+        return False
     await conn.execute(
         """INSERT INTO tutor_cache (course_id, content_version, mode, qhash, turn_id) VALUES ($1, $2, $3, $4, $5)
            ON CONFLICT DO NOTHING""",
         course_id, version, mode, qhash, turn_id)
-    # entries for older content can never hit again
     await conn.execute("DELETE FROM tutor_cache WHERE course_id = $1 AND content_version <> $2", course_id, version)
+    return True
 
 
 async def set_feedback(conn: asyncpg.Connection, turn_id: int, user_id: int, vote: int, comment: str) -> None:

@@ -95,3 +95,24 @@ async def test_a_cancel_after_the_answer_is_recorded_posts_that_answer_not_inter
     assert tutoring.INTERRUPTED not in reply["body"]
     assert await pool.fetchval("SELECT count(*) FROM tutor_pending WHERE id = $1", hold.pending) == 0
     assert await _used(pool, uid) == 1
+
+
+async def test_an_answer_of_content_that_changed_meanwhile_leaves_the_newer_cache_alone(xp_store):
+    """An ask that read the course's content version before a video was added, and finished after others had cached
+    answers of the new content, deleted all of them (and cached its own, which could never hit)."""
+    pool, _ = xp_store
+    async with pool.acquire() as conn:
+        cid, owner, _ = await course_in_new_tenant(conn, 0, enrol=False)
+        old = await repo.content_version(conn, cid)
+        await conn.execute("INSERT INTO videos (course_id, title, source) VALUES ($1, 'v', 'transcript')", cid)
+        new = await repo.content_version(conn, cid)
+        assert new != old
+
+        async def turn() -> int:
+            return await conn.fetchval(
+                """INSERT INTO tutor_turns (course_id, question, standalone, answer, grounded, provider, model)
+                   VALUES ($1, 'q', 'q', 'a', true, 'extractive', 'extractive') RETURNING id""", cid)
+
+        assert await repo.remember(conn, cid, new, "answer", "h-new", await turn()) is True
+        assert await repo.remember(conn, cid, old, "answer", "h-old", await turn()) is False  # the slow one
+        assert await conn.fetchval("SELECT array_agg(qhash) FROM tutor_cache WHERE course_id = $1", cid) == ["h-new"]
