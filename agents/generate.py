@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
+from wordfreq import zipf_frequency
 
 from agents.llm import LLM, LLMError, first_json_object
 from agents.scoring import STOPWORDS, stem
@@ -66,30 +67,44 @@ class Draft:
     reference_answer: str = ""
 
 
+# A word this common in the lecture's language (Zipf scale: about once in 250,000 words or more) is never what an
+# item hinges on: "would", "never", "durante", "während", "leurs" (the stop words above are English only, and a
+# blank in "you _____ have no grandchildren" asks for nothing the lecture taught). "system", "water" stay.
+COMMON_ZIPF = 5.6
+
+
+@functools.lru_cache(maxsize=65_536)
+def _common(word: str, language: str) -> bool:
+    return zipf_frequency(word, language) >= COMMON_ZIPF
+
+
 @functools.lru_cache(maxsize=65_536)  # a generation request reads the course's other chapters once per target
-def _terms(text: str) -> tuple[str, ...]:
-    return tuple(w.lower() for w in _WORD.findall(text) if w.lower() not in STOPWORDS and w.lower() not in FILLER)
+def _terms(text: str, language: str = "en") -> tuple[str, ...]:
+    return tuple(w.lower() for w in _WORD.findall(text)
+                 if w.lower() not in STOPWORDS and w.lower() not in FILLER and not _common(w.lower(), language))
 
 
-def _tf(group: list[Sentence]) -> Counter:
-    return Counter(t for s in group for t in _terms(s.text))
+def _tf(group: list[Sentence], language: str = "en") -> Counter:
+    return Counter(t for s in group for t in _terms(s.text, language))
 
 
-def _weights(chapter: list[Sentence], others: list[list[Sentence]]) -> dict[str, float]:
+def _weights(chapter: list[Sentence], others: list[list[Sentence]], language: str = "en") -> dict[str, float]:
     """tf-idf of the chapter's words against the other chapters (or its own sentences when alone)."""
-    tf = _tf(chapter)
-    docs = [set(_tf(group)) for group in others] if others else [set(_terms(s.text)) for s in chapter]
+    tf = _tf(chapter, language)
+    docs = ([set(_tf(group, language)) for group in others] if others
+            else [set(_terms(s.text, language)) for s in chapter])
     df = Counter(t for d in docs for t in d)
     n = len(docs)
     return {w: c * math.log((1 + n) / (1 + df[w])) for w, c in tf.items()}
 
 
-def _pool_weights(chapter: list[Sentence], others: list[list[Sentence]], per_group: int) -> Counter:
+def _pool_weights(chapter: list[Sentence], others: list[list[Sentence]], per_group: int, language: str = "en"
+                  ) -> Counter:
     """Each other chapter's `per_group` best words by tf-idf against the rest (the other chapters and this one),
     the best weight of each word: document frequencies counted once, each chapter's own taken back out (it
     was computed per chapter against all the rest: quadratic in the course's chapters)."""
-    tfs = [_tf(g) for g in others]
-    df = Counter(t for d in [*tfs, _tf(chapter)] for t in set(d))
+    tfs = [_tf(g, language) for g in others]
+    df = Counter(t for d in [*tfs, _tf(chapter, language)] for t in set(d))
     n = len(others)  # the rest of each one: the other others, and the chapter
     best: Counter = Counter()
     for tf in tfs:  # a word of this chapter is in df once for it
@@ -99,13 +114,14 @@ def _pool_weights(chapter: list[Sentence], others: list[list[Sentence]], per_gro
     return best
 
 
-def key_sentences(chapter: list[Sentence], others: list[list[Sentence]], count: int) -> list[tuple[Sentence, str]]:
+def key_sentences(chapter: list[Sentence], others: list[list[Sentence]], count: int, language: str = "en"
+                  ) -> list[tuple[Sentence, str]]:
     """The `count` most informative sentences with the keyword each one hinges on, in time order."""
-    weights = _weights(chapter, others)
+    weights = _weights(chapter, others, language)
     scored = []
     for s in chapter:
         n = len(s.text.split())
-        terms = set(_terms(s.text))
+        terms = set(_terms(s.text, language))
         if not MIN_WORDS <= n <= MAX_WORDS or not terms:
             continue
         score = sum(weights.get(t, 0.0) for t in terms) / math.sqrt(n)
@@ -199,15 +215,16 @@ def _distractors(keyword: str, sentence: str, pool: list[str], difficulty: str, 
 
 
 def offline_items(chapter_title: str, video_id: int, chapter: list[Sentence], others: list[list[Sentence]],
-                  count: int, difficulty: str, types: list[str], embedder: Any) -> list[Draft]:
-    """Draft items from the chapter's key sentences (blocking: call in a thread)."""
-    pool_weights = _pool_weights(chapter, others, 40)
+                  count: int, difficulty: str, types: list[str], embedder: Any, *, language: str = "en") -> list[Draft]:
+    """Draft items from the chapter's key sentences (blocking: call in a thread). `language`: the lecture's (an ISO
+    639-1 code, as whisper gives it)."""
+    pool_weights = _pool_weights(chapter, others, 40, language)
     if not others:  # one chapter only: distractors from the chapter's own other sentences
-        w = _weights(chapter, [])
+        w = _weights(chapter, [], language)
         pool_weights.update(dict(sorted(w.items(), key=lambda x: -x[1])[:60]))
     pool = [t for t, _ in pool_weights.most_common(120)]
     out: list[Draft] = []
-    for i, (s, kw) in enumerate(key_sentences(chapter, others, count)):
+    for i, (s, kw) in enumerate(key_sentences(chapter, others, count, language)):
         kind = types[i % len(types)]
         cite = {"video_id": video_id, "start": round(s.start, 3), "end": round(s.end, 3), "text": s.text}
         title = f"{chapter_title[:80]} ({_mmss(s.start)})"

@@ -321,7 +321,7 @@ class AssignmentController(Controller):
                 video_id = ch["video_id"]
             else:
                 video_id = data.video_id
-            video = await conn.fetchrow("SELECT id, title, status FROM videos WHERE id = $1 AND course_id = $2",
+            video = await conn.fetchrow("SELECT id, title, status, language FROM videos WHERE id = $1 AND course_id = $2",
                                         video_id, course_id)
             if video is None:
                 raise ApiError(404, f"video {video_id} not found in this course", field="video_id")
@@ -380,7 +380,8 @@ class AssignmentController(Controller):
             if not items:
                 others = [g for cid, g in groups.items() if cid != ch["id"] and g] + [g for g in other_groups if g]
                 items = await asyncio.to_thread(gen.offline_items, ch["title"], video_id, groups[ch["id"]], others, n,
-                                                data.difficulty, list(data.types), embedder)
+                                                data.difficulty, list(data.types), embedder,
+                                                language=video["language"] or "en")
             drafts += [(ch, it) for it in items]
         if not drafts:
             raise ApiError(409, "the chapter has no sentences to build items from")

@@ -178,3 +178,28 @@ def test_distractors_do_not_look_alike(embedder):
         wrong = _distractors("signature", "A signature proves who paid.", pool, difficulty, embedder)
         looks = [w.replace("y", "i")[:5] for w in wrong]
         assert len(wrong) == 3 and len(set(looks)) == 3, wrong
+
+
+def test_no_item_hinges_on_a_word_common_in_the_lectures_language():
+    """The stop words are English: a Spanish chapter blanked "durante"; and spoken English put blanks on "would" or
+    "never" ("you _____ have no grandchildren"). A word as common as these in the lecture's language is not a
+    keyword; the terms of the lecture are."""
+    from agents.generate import key_sentences
+
+    es = [Sentence(10.0 * i, 10.0 * i + 9, t) for i, t in enumerate([
+        "Durante la fotosíntesis las plantas convierten la energía luminosa en glucosa dentro del cloroplasto.",
+        "Durante la noche la respiración celular consume glucosa y libera dióxido de carbono en la mitocondria.",
+        "Durante el día la clorofila absorbe la luz roja y azul y refleja la luz verde de las hojas.",
+    ])]
+    others = [[Sentence(0.0, 9.0, "Los mamíferos regulan su temperatura corporal y amamantan a sus crías pequeñas.")],
+              [Sentence(0.0, 9.0, "Las bacterias se dividen por fisión binaria y algunas forman esporas resistentes.")]]
+    got = [kw for _, kw in key_sentences(es, others, 3, "es")]
+    assert got and "durante" not in got, got
+    assert "durante" in [kw for _, kw in key_sentences(es, others, 3, "en")]  # (what an English list left)
+    en = [Sentence(10.0 * i, 10.0 * i + 9, t) for i, t in enumerate([
+        "Without helping relatives you would never have grandchildren, never, and that would matter.",
+        "You would never see altruism spread if helping never paid off for the helper or kin.",
+    ])]
+    others = [[Sentence(0.0, 9.0, "Mammals regulate their body temperature and nurse their young offspring.")]]
+    kws = [kw for _, kw in key_sentences(en, others, 2, "en")]
+    assert kws == ["grandchildren", "helping"], kws  # ("never" came first)
