@@ -66,14 +66,22 @@ def _markers(repl: Callable[[re.Match[str]], str], text: str) -> str:
 # the last question's words turned it into a question about that (answered, cited, about the wrong thing).
 _GOES_ON = re.compile(r"^(and|but|so|then|also|what about|what if|how about)\b", re.I)
 _POINTS_BACK = frozenset("it its they them their this these those".split())
+# "that" points back at the start or end ("that is why?", "why that?") or after these ("is that true?", "how is
+# that different?", "what does that mean?"); after a noun it is a relative ("the algorithm that sorts lists")
+_BEFORE_THAT = frozenset("is was are were does did do about of with for in on from than like mean means why how "
+                         "after before by".split())
 _ASKS_FOR_MORE = frozenset(stem(w) for w in """give example examples more detail details elaborate again else instead
-clarify expand repeat simpler simply further continue another different""".split())
+clarify expand repeat simpler simply further continue another different please next happen happens huh hmm""".split())
 
 
 def _follows_up(question: str) -> bool:
     if _GOES_ON.match(question.strip()):
         return True
-    if any(w in _POINTS_BACK for w in re.findall(r"[a-z]+", question.lower())):
+    words = re.findall(r"[a-z]+", question.lower())
+    if any(w in _POINTS_BACK for w in words):
+        return True
+    if any(w == "that" and (i == 0 or i == len(words) - 1 or words[i - 1] in _BEFORE_THAT)
+           for i, w in enumerate(words)):
         return True
     return not [t for t in terms(question) if t not in _ASKS_FOR_MORE]
 

@@ -13,13 +13,12 @@ import shutil
 import time
 import uuid
 
-from arq import create_pool as create_arq_pool
-from arq.connections import RedisSettings
 from arq.worker import Worker
 
 from agents.config import embedder_for
 from bench.common import EVAL, make_course, services
 from ingest.chunking import chunk_sentences, to_sentences
+from ingest.jobs import connect_arq
 from ingest.pipeline import CHUNK_TARGET_TOKENS
 from ingest.submit import submit_video
 from ingest.transcripts import parse_transcript
@@ -30,7 +29,7 @@ from store.db import create_pool
 async def ingest_corpus(settings, files) -> tuple[int, float, int]:  # type: ignore[no-untyped-def]
     """Queue every file and drain the queue with one worker; returns (course_id, wall seconds, chunks)."""
     pool = await create_pool(settings.database_url)
-    arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+    arq = await connect_arq(settings.redis_url)  # (JSON jobs, as the worker reads them)
     embedder_for(settings)  # load the model before the clock starts, as a running worker has
     async with pool.acquire() as conn:
         cid = await make_course(conn, "corpus")

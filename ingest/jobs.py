@@ -23,7 +23,7 @@ from arq.connections import ArqRedis, RedisSettings
 from ingest.errors import IngestError
 from ingest.progress import JobReporter, announce_job
 from store import jobs as jobs_repo
-from store.keys import ARQ_IN_PROGRESS, INGEST_QUEUE
+from store.keys import ARQ_IN_PROGRESS, ARQ_RESULT, INGEST_QUEUE
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,11 @@ async def recover_lost_jobs(ctx: dict[str, Any]) -> int:
             continue
         # the same id from every worker recovering this row at once (it names the row's last change), so
         # arq runs the job once
-        if await enqueue_ingest(redis, pool, row["id"], f"ingest-{row['id']}-rec-{row['updated_at'].timestamp():.6f}"):
+        rec_id = f"ingest-{row['id']}-rec-{row['updated_at'].timestamp():.6f}"
+        # a result kept under that id is of a run that ended without touching the row (a job arq could not read,
+        # as a pickled one from an older version): while arq keeps it (an hour) it would refuse the id
+        await redis.delete(ARQ_RESULT.format(job_id=rec_id))
+        if await enqueue_ingest(redis, pool, row["id"], rec_id):
             n += 1
     if n:
         logger.info("re-queued %d lost ingest jobs", n)

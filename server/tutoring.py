@@ -199,11 +199,7 @@ async def complete(state: Any, user: Any, course_id: int, prep: Prepared, on_del
                 if in_session and prep.session_id is None and prep.room_id is None:
                     fields = {**fields, "session_id": (await repo.create_session(conn, course_id, user.id,
                                                                                   prep.question))["id"]}
-                # (FOR SHARE: a deletion of the question waits for this record, then finds its turn and clears it;
-                # read without a lock, a deletion committing meanwhile found no turn and the question's text stayed)
-                withdrawn = prep.pending is not None and await conn.fetchval(
-                    """SELECT m.deleted_at IS NOT NULL FROM tutor_pending p JOIN messages m ON m.id = p.message_id
-                       WHERE p.id = $1 FOR SHARE OF m""", prep.pending)
+                withdrawn = prep.pending is not None and await repo.question_withdrawn(conn, course_id, prep.pending)
                 if withdrawn:  # the room question was deleted while it was being answered: its text goes too
                     fields = {**fields, "question": "", "standalone": ""}
                 turn = await repo.record_turn(conn, **fields)

@@ -386,9 +386,20 @@ def _require_password(pgdata: Path, port: int, password: str, user: str | None) 
     except subprocess.CalledProcessError as exc:
         why = (exc.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
         raise EmbeddedError(f"could not set the password of the embedded Postgres in {pgdata}: {why[0]}") from exc
-    hba.write_text(required)  # (in place: the file keeps its owner and mode)
-    subprocess.run([_pg_bin("pg_ctl"), "-D", str(pgdata), "reload"], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, user=user)
+    # a new file moved over the old one (a crash mid-write would leave a Postgres that does not start), with its
+    # owner and mode
+    st = hba.stat()
+    fresh = hba.with_name(hba.name + ".studyhall")
+    fresh.write_text(required)
+    os.chmod(fresh, st.st_mode & 0o777)
+    if os.geteuid() == 0:
+        os.chown(fresh, st.st_uid, st.st_gid)
+    os.replace(fresh, hba)
+    reload = subprocess.run([_pg_bin("pg_ctl"), "-D", str(pgdata), "reload"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, user=user)
+    if reload.returncode != 0:
+        raise EmbeddedError(f"the embedded Postgres in {pgdata} did not reload pg_hba.conf: "
+                            f"{(reload.stderr or '').strip()[-300:]}")
 
 
 def _create_db(port: int, password: str) -> None:

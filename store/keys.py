@@ -9,6 +9,7 @@ EVENTS_CHANNEL = "sh:ev:{topic}"
 
 # arq's own queue keys use the "arq:" prefix; job heartbeats refresh arq's in-progress key (TTL below).
 ARQ_IN_PROGRESS = "arq:in-progress:{job_id}"
+ARQ_RESULT = "arq:result:{job_id}"
 # Two arq queues, so a grade never waits behind hours of transcription: ingest jobs on arq's default queue (its
 # health-check key tells `studyhall ingest` a worker is alive), grading, matching and checks on the quick one.
 INGEST_QUEUE = "arq:queue"

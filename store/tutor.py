@@ -32,16 +32,16 @@ def question_hash(text: str, names: Sequence[str] = ()) -> str:
     return hashlib.sha256((normalize_question(text) + "|" + "\x1f".join(names)).encode()).hexdigest()
 
 
+# The course's content version (course id $1), as SQL: statements compare it within their own snapshot. The sum, not
+# the max, of the update times: a transaction that began before another's yet commits after it writes an earlier
+# now(), which would leave the max unchanged.
+_VERSION = """(SELECT count(*) || ':' || coalesce(sum(id), 0) || ':' || coalesce(sum(extract(epoch FROM updated_at)), 0)
+               FROM videos WHERE course_id = $1)"""
+
+
 async def content_version(conn: asyncpg.Connection, course_id: int) -> str:
     """Changes whenever a video of the course is added, re-ingested, re-embedded or removed."""
-    row = await conn.fetchrow(
-        # the sum, not the max, of the update times: a transaction that began before another's yet commits after
-        # it writes an earlier now(), which would leave the max unchanged
-        """SELECT count(*) AS n, coalesce(sum(extract(epoch FROM updated_at)), 0) AS t,
-                  coalesce(sum(id), 0) AS s FROM videos WHERE course_id = $1""",
-        course_id,
-    )
-    return f"{row['n']}:{row['s']}:{row['t']}"
+    return await conn.fetchval(f"SELECT {_VERSION}", course_id)
 
 
 async def create_session(conn: asyncpg.Connection, course_id: int, user_id: int, title: str) -> asyncpg.Record:
@@ -149,6 +149,18 @@ async def hold(conn: asyncpg.Connection, proc: str, user_id: int, course_id: int
            RETURNING id""", proc, user_id, course_id, room_id, message_id)
 
 
+async def question_withdrawn(conn: asyncpg.Connection, course_id: int, pending: int) -> bool:
+    """In the transaction recording an answer to a room question: whether the question was deleted meanwhile. Its
+    message is held (FOR SHARE) until the record commits, so a deletion coming now waits and then finds the turn to
+    clear (read without a lock, one committing meanwhile found no turn, and the question's text stayed). The course
+    row is taken first, as every path locking a course's rows does (the turn's foreign key takes it after the
+    message otherwise, and a course being deleted, holding it and waiting for the message, deadlocked)."""
+    await conn.execute("SELECT 1 FROM courses WHERE id = $1 FOR KEY SHARE", course_id)
+    return bool(await conn.fetchval(
+        """SELECT m.deleted_at IS NOT NULL FROM tutor_pending p JOIN messages m ON m.id = p.message_id
+           WHERE p.id = $1 FOR SHARE OF m""", pending))
+
+
 async def hold_answered(conn: asyncpg.Connection, pending: int, turn_id: int) -> None:
     """The answer is recorded (its quota question is spent): all that is left is to post it in the room."""
     await conn.execute("UPDATE tutor_pending SET reserved = NULL, turn_id = $2 WHERE id = $1", pending, turn_id)
@@ -190,14 +202,16 @@ async def remember(conn: asyncpg.Connection, course_id: int, version: str, mode:
     """Cache the answer under the content `version` it was made from, and drop the entries of other versions (they
     can never hit again); unless the course's videos changed since that version was read: the answer is then not
     cached, and the entries of the newer content stay (a slow answer of the old content deleted them all)."""
-    if await content_version(conn, course_id) != version:
-        return False
-    await conn.execute(
-        """INSERT INTO tutor_cache (course_id, content_version, mode, qhash, turn_id) VALUES ($1, $2, $3, $4, $5)
-           ON CONFLICT DO NOTHING""",
+    # each statement compares the version in its own snapshot: entries of newer content committed before it mean the
+    # version it reads is newer too (nothing is done), and those committed after it it does not see
+    current = await conn.fetchval(
+        f"""WITH same AS (SELECT {_VERSION} = $2 AS yes)
+            INSERT INTO tutor_cache (course_id, content_version, mode, qhash, turn_id)
+            SELECT $1, $2, $3, $4, $5 FROM same WHERE yes ON CONFLICT DO NOTHING RETURNING true""",
         course_id, version, mode, qhash, turn_id)
-    await conn.execute("DELETE FROM tutor_cache WHERE course_id = $1 AND content_version <> $2", course_id, version)
-    return True
+    await conn.execute(f"DELETE FROM tutor_cache WHERE course_id = $1 AND content_version <> $2 AND {_VERSION} = $2",
+                       course_id, version)
+    return bool(current)
 
 
 async def set_feedback(conn: asyncpg.Connection, turn_id: int, user_id: int, vote: int, comment: str) -> None:

@@ -38,10 +38,12 @@ async def test_offline_a_question_with_a_topic_of_its_own_is_taken_as_it_is():
     was answered with hashing moments. Only a question that goes on, points back, or has no topic borrows."""
     tutor = Tutor(None, None, None)  # type: ignore[arg-type]
     private = [{"role": "user", "content": "What is a hash function?"}, {"role": "assistant", "content": "…"}]
-    for own in ("How do plants make food?", "What is a binary search tree?", "Why do prices rise in winter?"):
+    for own in ("How do plants make food?", "What is a binary search tree?", "Why do prices rise in winter?",
+                "Which algorithm that sorts lists is stable?"):
         assert (await tutor.condense(state(own, private)))["standalone"] == own
     for follow in ("Why does it matter?", "Is this always true?", "Can you give an example?", "tell me more",
-                   "What about collisions?", "so what?", "why?"):
+                   "What about collisions?", "so what?", "why?", "Is that always true?", "How is that different?",
+                   "What does that mean?", "Explain again please", "example please", "What happens next?", "Huh?"):
         assert (await tutor.condense(state(follow, private)))["standalone"] == f"{follow} (What is a hash function?)"
 
 

@@ -603,3 +603,31 @@ def test_an_older_ingest_failing_after_a_newer_one_finished_leaves_the_video_alo
     assert fetch(settings, "SELECT state FROM jobs WHERE id = $1", older["id"])[0]["state"] == "failed"
     video = fetch(settings, "SELECT status, error FROM videos WHERE id = $1", vid)[0]
     assert (video["status"], video["error"]) == ("ready", None)  # the video is the newer ingest's
+
+
+def test_a_lost_job_whose_recovery_id_holds_a_result_is_queued_again(settings, make: Factory, client):
+    """A recovery queued under an id naming the row's last change; a run of it that ended without touching the row
+    (arq could not read the job: a pickled one from an older version) left a result under that id, and arq
+    refused the id while it kept the result (an hour): the job waited that long, not the 5 minutes of a pass."""
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Jobs"}, headers=inst.h).json()["id"]
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status) VALUES ($1, 'v', 'transcript', "
+                          "'processing') RETURNING id", cid)[0]["id"]
+    row = fetch(settings, """INSERT INTO jobs (kind, course_id, video_id, state, updated_at)
+                             VALUES ('ingest', $1, $2, 'queued', now() - interval '1 hour') RETURNING id, updated_at""",
+                cid, vid)[0]
+
+    async def go() -> int:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        arq = await connect_arq(settings.redis_url)
+        rec_id = f"ingest-{row['id']}-rec-{row['updated_at'].timestamp():.6f}"
+        try:
+            await arq.set(f"arq:result:{rec_id}", b'{"s": false, "r": "DeserializationError"}', ex=3600)
+            n = await recover_lost_jobs({"pool": pool, "redis": arq, "settings": settings})
+            await arq.zrem("arq:queue", rec_id)  # nothing for the test worker to pick up
+            return n
+        finally:
+            await arq.aclose()
+            await pool.close()
+
+    assert run_sync(go()) == 1

@@ -116,3 +116,55 @@ async def test_an_answer_of_content_that_changed_meanwhile_leaves_the_newer_cach
         assert await repo.remember(conn, cid, new, "answer", "h-new", await turn()) is True
         assert await repo.remember(conn, cid, old, "answer", "h-old", await turn()) is False  # the slow one
         assert await conn.fetchval("SELECT array_agg(qhash) FROM tutor_cache WHERE course_id = $1", cid) == ["h-new"]
+
+
+async def test_a_question_deleted_while_its_answer_is_recorded_loses_its_text_and_deadlocks_nothing(xp_store):
+    """Recording a room answer holds its question (FOR SHARE) so that a deletion of the question waits, then clears
+    the turn it answered; the course row comes first, so deleting the course meanwhile waits instead of
+    deadlocking (the turn's foreign key took the course after the message, the deletion the other way round)."""
+    import asyncio
+
+    import asyncpg
+
+    from store.courses import delete_course
+    from store.messages import delete_message, post_message
+
+    pool, redis = xp_store
+    async with pool.acquire() as conn:
+        cid, _, (uid,) = await course_in_new_tenant(conn, 1)
+        tenant = await conn.fetchval("SELECT tenant_id FROM courses WHERE id = $1", cid)
+    room = f"course:{cid}"
+    asked = await post_message(pool, redis, room, uid, "@tutor what is a hash?", client_msg_id="q1")
+    qid = asked.event.id
+    async with pool.acquire() as conn:
+        pending = await repo.hold(conn, f"test-{uuid.uuid4().hex[:6]}", uid, cid, room, qid)
+
+    async def record(then) -> int:  # type: ignore[no-untyped-def]  # what the tutor's record does, `then` meanwhile
+        async with pool.acquire() as conn, conn.transaction():
+            assert await repo.question_withdrawn(conn, cid, pending) is False
+            other = asyncio.create_task(then())
+            await asyncio.sleep(0.5)
+            assert not other.done()  # it waits for this record
+            turn = await repo.record_turn(conn, course_id=cid, user_id=uid, room_id=room, question="what is a hash?",
+                                          standalone="what is a hash?", answer="a [1]", grounded=True,
+                                          provider="extractive", model="extractive")
+            await repo.hold_answered(conn, pending, turn["id"])
+        await asyncio.wait_for(other, 10)
+        return turn["id"]
+
+    turn = await record(lambda: delete_message(pool, redis, room, qid, uid, moderator=False))
+    assert await pool.fetchval("SELECT question FROM tutor_turns WHERE id = $1", turn) == ""
+
+    async with pool.acquire() as conn:
+        pending = await repo.hold(conn, f"test-{uuid.uuid4().hex[:6]}", uid, cid, room,
+                                  (await post_message(pool, redis, room, uid, "and why?", client_msg_id="q2")).event.id)
+
+    async def delete() -> object:
+        async with pool.acquire() as conn:
+            return await delete_course(conn, cid, tenant)
+
+    try:
+        await record(delete)
+    except asyncpg.DeadlockDetectedError:  # pragma: no cover - what the order of locks prevents
+        raise AssertionError("deleting the course deadlocked with recording an answer")
+    assert await pool.fetchval("SELECT count(*) FROM courses WHERE id = $1", cid) == 0
