@@ -21,6 +21,11 @@ _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # again: a statement queued for a lock makes every later query of that table queue behind it, stalling the service.
 LOCK_TIMEOUT_S = 5.0
 LOCK_RETRY_FOR_S = 300.0  # and gives up, saying why, after trying this long
+# A file starting with this line runs statement by statement outside a transaction: for CREATE INDEX CONCURRENTLY
+# (an index built without blocking the table's writes), which cannot run inside one. Its statements must be safe to
+# run again (IF NOT EXISTS): a failure part way leaves the file to be applied again whole.
+NO_TRANSACTION = "-- studyhall: no transaction"
+_CONCURRENT_INDEX = re.compile(r"CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+IF\s+NOT\s+EXISTS\s+(\w+)", re.I)
 
 
 def migration_files() -> list[tuple[int, str, str]]:
@@ -43,9 +48,14 @@ async def migrate(dsn: str) -> list[str]:
     conn = await asyncpg.connect(dsn)
     applied_now: list[str] = []
     try:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
-            logger.info("waiting for another process to finish migrating the database")
-            await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+        # asked for again and again, not waited for in a statement: a statement waiting holds a snapshot, which a
+        # CREATE INDEX CONCURRENTLY of the process migrating waits to end (a deadlock)
+        waited = False
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
+            if not waited:
+                logger.info("waiting for another process to finish migrating the database")
+                waited = True
+            await asyncio.sleep(0.2)
         try:
             await conn.execute(
                 """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -66,7 +76,10 @@ async def migrate(dsn: str) -> list[str]:
                         logger.warning("migration %s changed after it was applied", name)
                     continue
                 logger.info("applying migration %s", name)
-                await _apply(conn, version, name, sql, checksum)
+                if sql.startswith(NO_TRANSACTION):
+                    await _apply_outside(conn, version, name, sql, checksum)
+                else:
+                    await _apply(conn, version, name, sql, checksum)
                 applied_now.append(name)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
@@ -95,3 +108,23 @@ async def _apply(conn: asyncpg.Connection, version: int, name: str, sql: str, ch
             logger.warning("migration %s waits for a table a transaction holds; trying again in %g s", name, pause)
             await asyncio.sleep(pause)
             pause = min(30.0, pause * 2)
+
+
+async def _apply_outside(conn: asyncpg.Connection, version: int, name: str, sql: str, checksum: str) -> None:
+    """A NO_TRANSACTION file: each statement on its own (ended by `;` at the end of a line). An index a failed
+    CREATE INDEX CONCURRENTLY left behind invalid is dropped first (IF NOT EXISTS would keep it, unused for good).
+    No lock timeout: a concurrent build waits without holding up the table's reads and writes."""
+    body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    for statement in (x.strip() for x in re.split(r";[ \t]*(?:\n|$)", body)):
+        if not statement:
+            continue
+        index = _CONCURRENT_INDEX.search(statement)
+        if index and await conn.fetchval(
+                """SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                   WHERE c.relname = $1 AND c.relnamespace = current_schema()::regnamespace""", index.group(1)):
+            logger.warning("migration %s: index %s was left invalid by a failed build; building it again", name,
+                           index.group(1))
+            await conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{index.group(1)}"')
+        await conn.execute(statement)
+    await conn.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                       version, name, checksum)

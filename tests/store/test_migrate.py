@@ -223,3 +223,42 @@ def test_a_migration_behind_a_long_transaction_lets_go_and_tries_again(settings,
     (tmp_path / "0003_bad-name.sql").write_text("SELECT 1;")
     with pytest.raises(RuntimeError, match="0003_bad-name.sql"):
         m.migration_files()
+
+
+def test_an_index_migration_builds_concurrently_and_rebuilds_what_a_failed_build_left(settings, tmp_path, monkeypatch):
+    """Indexes on busy tables are built CONCURRENTLY (writes go on), which cannot run in a transaction: such a file
+    runs statement by statement. A failed concurrent build leaves an invalid index that IF NOT EXISTS would keep for
+    good: the next run drops it and builds it again."""
+    import store.migrate as m
+
+    dsn = _fresh_db(settings)
+    monkeypatch.setattr(m, "MIGRATIONS_DIR", tmp_path)
+    (tmp_path / "0001_table.sql").write_text("CREATE TABLE t (x int); INSERT INTO t VALUES (1), (1);")
+    (tmp_path / "0002_index.sql").write_text(
+        m.NO_TRANSACTION + "\n-- one index\nCREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS t_x ON t (x);\n"
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS t_x2 ON t ((x * 2));\n")
+    with pytest.raises(asyncpg.UniqueViolationError):
+        run_sync(m.migrate(dsn))
+
+    async def fix_and_look() -> list:  # type: ignore[type-arg]
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = 't_x'::regclass")
+            await conn.execute("DELETE FROM t WHERE ctid = (SELECT max(ctid) FROM t)")
+            return []
+        finally:
+            await conn.close()
+
+    async def indexes() -> list:  # type: ignore[type-arg]
+        conn = await asyncpg.connect(dsn)
+        try:
+            return [tuple(r) for r in await conn.fetch(
+                """SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                   WHERE i.indrelid = 't'::regclass ORDER BY 1""")]
+        finally:
+            await conn.close()
+
+    run_sync(fix_and_look())
+    assert run_sync(m.migrate(dsn)) == ["0002_index.sql"]
+    assert run_sync(indexes()) == [("t_x", True), ("t_x2", True)]
+    assert run_sync(m.migrate(dsn)) == []
