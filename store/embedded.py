@@ -380,8 +380,8 @@ def _require_password(pgdata: Path, port: int, password: str, user: str | None) 
     try:  # (the password on stdin, not the command line, which `ps` shows everyone)
         subprocess.run([_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, "-d", "postgres",
                         "-v", "ON_ERROR_STOP=1", "-q", "-f", "-"],
-                       input=f"SET password_encryption = 'scram-sha-256';\n"
-                             f"ALTER ROLE {PG_USER} PASSWORD '{quoted}';\n",
+                       input=f"BEGIN;\nSET LOCAL password_encryption = 'scram-sha-256';\n"
+                             f"ALTER ROLE {PG_USER} PASSWORD '{quoted}';\nCOMMIT;\n",
                        check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as exc:
         why = (exc.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
