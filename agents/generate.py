@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
-from wordfreq import zipf_frequency
+from wordfreq import available_languages, get_frequency_list
 
 from agents.llm import LLM, LLMError, first_json_object
 from agents.scoring import STOPWORDS, stem
@@ -34,6 +34,7 @@ actually basically going gonna really right okay yeah kind sort thing things stu
 know mean just like well maybe pretty little want wanna said says say saying look looking talk talking today
 will also able first second next last back even still much many every another people make makes made take
 takes used using use way ways good great better best called call let lets thats theres heres whats dont doesnt
+never always often sometimes usually
 """.split())
 # A whole word of 4+ letters in any script (hyphens inside): "Schrödinger" was cut to "dinger" and "ResNet50" to
 # "resnet", and a keyword that is not a whole word blanks nothing
@@ -67,21 +68,29 @@ class Draft:
     reference_answer: str = ""
 
 
-# A word this common in the lecture's language (Zipf scale: about once in 250,000 words or more) is never what an
-# item hinges on: "would", "never", "durante", "während", "leurs" (the stop words above are English only, and a
-# blank in "you _____ have no grandchildren" asks for nothing the lecture taught). "system", "water" stay.
+# Beyond English (whose stop and filler words are listed above), a word this common in the lecture's language (Zipf
+# scale: about once in 250,000 words or more) is never what an item hinges on: "durante", "während", "leurs" (with
+# English lists only, a Spanish chapter blanked "durante"). Common nouns go too ("tiempo", "vida"), which are seldom a
+# chapter's point. Languages wordfreq has no list for keep the English lists only.
 COMMON_ZIPF = 5.6
 
 
-@functools.lru_cache(maxsize=65_536)
-def _common(word: str, language: str) -> bool:
-    return zipf_frequency(word, language) >= COMMON_ZIPF
+@functools.lru_cache(maxsize=32)
+def _common_words(language: str) -> frozenset[str]:
+    """The language's words at COMMON_ZIPF or more (from wordfreq's frequency list: no tokenizer is needed, which
+    the per-word lookup wanted for Chinese, Japanese or Korean); empty for English and unknown languages."""
+    code = (language or "en").lower().replace("_", "-").split("-")[0]
+    if code == "en" or code not in available_languages():
+        return frozenset()
+    buckets = get_frequency_list(code)  # bucket i: words of frequency 10 ** (-i / 100)
+    return frozenset(w for bucket in buckets[: int(round((9 - COMMON_ZIPF) * 100)) + 1] for w in bucket)
 
 
 @functools.lru_cache(maxsize=65_536)  # a generation request reads the course's other chapters once per target
 def _terms(text: str, language: str = "en") -> tuple[str, ...]:
+    common = _common_words(language)
     return tuple(w.lower() for w in _WORD.findall(text)
-                 if w.lower() not in STOPWORDS and w.lower() not in FILLER and not _common(w.lower(), language))
+                 if w.lower() not in STOPWORDS and w.lower() not in FILLER and w.lower() not in common)
 
 
 def _tf(group: list[Sentence], language: str = "en") -> Counter:

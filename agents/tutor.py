@@ -68,8 +68,8 @@ _GOES_ON = re.compile(r"^(and|but|so|then|also|what about|what if|how about)\b",
 _POINTS_BACK = frozenset("it its they them their this these those".split())
 # "that" points back at the start or end ("that is why?", "why that?") or after these ("is that true?", "how is
 # that different?", "what does that mean?"); after a noun it is a relative ("the algorithm that sorts lists")
-_BEFORE_THAT = frozenset("is was are were does did do about of with for in on from than like mean means why how "
-                         "after before by".split())
+_BEFORE_THAT = frozenset("is was are were does did do about of with for in on from than like why how after before "
+                         "by".split())  # (not "mean": "does correlation mean that one causes the other?")
 _ASKS_FOR_MORE = frozenset(stem(w) for w in """give example examples more detail details elaborate again else instead
 clarify expand repeat simpler simply further continue another different please next happen happens huh hmm""".split())
 

@@ -202,4 +202,9 @@ def test_no_item_hinges_on_a_word_common_in_the_lectures_language():
     ])]
     others = [[Sentence(0.0, 9.0, "Mammals regulate their body temperature and nurse their young offspring.")]]
     kws = [kw for _, kw in key_sentences(en, others, 2, "en")]
-    assert kws == ["grandchildren", "helping"], kws  # ("never" came first)
+    assert kws and not {"never", "would"} & set(kws), kws  # ("never" came first)
+    # every language whisper or YouTube may give: those with a list, those without, CJK (whose per-word lookup
+    # wanted a tokenizer this install has not: a 500), regional tags
+    ja = [Sentence(0.0, 9.0, "光合成では植物が光エネルギーを化学エネルギーに変換して糖を合成する仕組みがある")] * 2
+    for lang in ("ja", "zh", "ko", "yue", "th", "haw", "pt-BR", "es_ES", ""):
+        key_sentences(ja + es, others, 2, lang)

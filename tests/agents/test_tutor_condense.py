@@ -39,7 +39,8 @@ async def test_offline_a_question_with_a_topic_of_its_own_is_taken_as_it_is():
     tutor = Tutor(None, None, None)  # type: ignore[arg-type]
     private = [{"role": "user", "content": "What is a hash function?"}, {"role": "assistant", "content": "…"}]
     for own in ("How do plants make food?", "What is a binary search tree?", "Why do prices rise in winter?",
-                "Which algorithm that sorts lists is stable?"):
+                "Which algorithm that sorts lists is stable?",
+                "Does correlation mean that one variable causes the other?"):
         assert (await tutor.condense(state(own, private)))["standalone"] == own
     for follow in ("Why does it matter?", "Is this always true?", "Can you give an example?", "tell me more",
                    "What about collisions?", "so what?", "why?", "Is that always true?", "How is that different?",
