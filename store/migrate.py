@@ -25,7 +25,11 @@ LOCK_RETRY_FOR_S = 300.0  # and gives up, saying why, after trying this long
 # (an index built without blocking the table's writes), which cannot run inside one. Its statements must be safe to
 # run again (IF NOT EXISTS): a failure part way leaves the file to be applied again whole.
 NO_TRANSACTION = "-- studyhall: no transaction"
-_CONCURRENT_INDEX = re.compile(r"CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+IF\s+NOT\s+EXISTS\s+(\w+)", re.I)
+_CONCURRENT_INDEX = re.compile(r"CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+IF\s+NOT\s+EXISTS\s+(?:\w+\.)?(\w+)\s",
+                               re.I)
+# Checksums a file had before an edit that changes nothing it does (taken as its own: no warning)
+_EARLIER = {27: {"1515e88b4b5e404b7bec136d91c7b6bf8a8a24084d94dbb1547400dad1900467"}}  # 0027 before CONCURRENTLY
+WAIT_LOG_S = 30.0  # while waiting for another process's migration, say who holds it this often
 
 
 def migration_files() -> list[tuple[int, str, str]]:
@@ -50,11 +54,17 @@ async def migrate(dsn: str) -> list[str]:
     try:
         # asked for again and again, not waited for in a statement: a statement waiting holds a snapshot, which a
         # CREATE INDEX CONCURRENTLY of the process migrating waits to end (a deadlock)
-        waited = False
+        said = 0.0
         while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
-            if not waited:
-                logger.info("waiting for another process to finish migrating the database")
-                waited = True
+            if time.monotonic() - said >= WAIT_LOG_S:
+                holder = await conn.fetchrow(
+                    """SELECT a.pid, a.state, left(a.query, 200) AS query, a.client_addr::text AS client
+                       FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                       WHERE l.locktype = 'advisory' AND l.granted AND l.objid = ($1::bigint & 4294967295)::oid
+                       LIMIT 1""", _LOCK_KEY)
+                logger.info("waiting for another process to finish migrating the database (%s)",
+                            dict(holder) if holder else "holder not visible")
+                said = time.monotonic()
             await asyncio.sleep(0.2)
         try:
             await conn.execute(
@@ -72,8 +82,11 @@ async def migrate(dsn: str) -> list[str]:
             for version, name, sql in files:
                 checksum = hashlib.sha256(sql.encode()).hexdigest()
                 if version in done:
-                    if done[version]["checksum"] != checksum:
+                    if done[version]["checksum"] != checksum and done[version]["checksum"] not in _EARLIER.get(
+                            version, ()):
                         logger.warning("migration %s changed after it was applied", name)
+                    if sql.startswith(NO_TRANSACTION):  # an index a failed build left invalid, recorded meanwhile
+                        await _repair_indexes(conn, name, sql)  # by an older runner: built again
                     continue
                 logger.info("applying migration %s", name)
                 if sql.startswith(NO_TRANSACTION):
@@ -110,21 +123,65 @@ async def _apply(conn: asyncpg.Connection, version: int, name: str, sql: str, ch
             pause = min(30.0, pause * 2)
 
 
-async def _apply_outside(conn: asyncpg.Connection, version: int, name: str, sql: str, checksum: str) -> None:
-    """A NO_TRANSACTION file: each statement on its own (ended by `;` at the end of a line). An index a failed
-    CREATE INDEX CONCURRENTLY left behind invalid is dropped first (IF NOT EXISTS would keep it, unused for good).
-    No lock timeout: a concurrent build waits without holding up the table's reads and writes."""
-    body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
-    for statement in (x.strip() for x in re.split(r";[ \t]*(?:\n|$)", body)):
-        if not statement:
+def _statements(sql: str) -> list[str]:
+    """A NO_TRANSACTION file's statements: each ends with `;` at the end of its line (a comment may follow); `--`
+    lines are comments. Anything else (two on a line, a `;` inside a statement) is refused rather than run in part."""
+    out, current = [], []
+    for line in sql.splitlines():
+        if line.lstrip().startswith("--"):
             continue
-        index = _CONCURRENT_INDEX.search(statement)
-        if index and await conn.fetchval(
-                """SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-                   WHERE c.relname = $1 AND c.relnamespace = current_schema()::regnamespace""", index.group(1)):
+        code, sep, _ = line.partition("--")
+        current.append(code)
+        if code.rstrip().endswith(";"):
+            statement = "\n".join(current).strip()[:-1].strip()
+            current = []
+            if ";" in statement or "$$" in statement or "/*" in statement:
+                raise RuntimeError(f"a no-transaction migration takes one plain statement per ';' at a line's end: "
+                                   f"{statement[:80]!r}")
+            if statement:
+                out.append(statement)
+    if "\n".join(current).strip():
+        raise RuntimeError("a no-transaction migration's last statement does not end with ';'")
+    return out
+
+
+async def _invalid(conn: asyncpg.Connection, index: str) -> bool:
+    return bool(await conn.fetchval(
+        """SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+           WHERE c.relname = $1 AND c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())""",
+        index.lower()))
+
+
+async def _build(conn: asyncpg.Connection, name: str, statement: str) -> None:
+    """One statement; a concurrent index build that failed (a deadlock with a process of an older version waiting
+    for the migration lock inside a statement, say) leaves its index invalid: dropped and built again, a few times."""
+    index = _CONCURRENT_INDEX.search(statement + " ")
+    for attempt in range(4):
+        if index and await _invalid(conn, index.group(1)):
             logger.warning("migration %s: index %s was left invalid by a failed build; building it again", name,
                            index.group(1))
-            await conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{index.group(1)}"')
-        await conn.execute(statement)
+            await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {index.group(1)}")
+        try:
+            await conn.execute(statement)
+            return
+        except asyncpg.DeadlockDetectedError:
+            if not index or attempt == 3:
+                raise
+            await asyncio.sleep(1.0)
+
+
+async def _repair_indexes(conn: asyncpg.Connection, name: str, sql: str) -> None:
+    for statement in _statements(sql):
+        index = _CONCURRENT_INDEX.search(statement + " ")
+        if index and await _invalid(conn, index.group(1)):
+            await _build(conn, name, statement)
+
+
+async def _apply_outside(conn: asyncpg.Connection, version: int, name: str, sql: str, checksum: str) -> None:
+    """A NO_TRANSACTION file: each statement on its own (see `_statements`). An index a failed CREATE INDEX
+    CONCURRENTLY left behind invalid is dropped first (IF NOT EXISTS would keep it, unused for good). No lock
+    timeout: a concurrent build waits for older transactions without holding up the table's reads and writes."""
+    for statement in _statements(sql):
+        await _build(conn, name, statement)
     await conn.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
                        version, name, checksum)

@@ -262,3 +262,21 @@ def test_an_index_migration_builds_concurrently_and_rebuilds_what_a_failed_build
     assert run_sync(m.migrate(dsn)) == ["0002_index.sql"]
     assert run_sync(indexes()) == [("t_x", True), ("t_x2", True)]
     assert run_sync(m.migrate(dsn)) == []
+
+    # an older runner recorded the file over an index left invalid (it waited for the lock inside a statement, which
+    # deadlocked the concurrent build): every run builds such an index again
+    async def invalidate() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 't_x2'::regclass")
+        finally:
+            await conn.close()
+
+    run_sync(invalidate())
+    assert run_sync(m.migrate(dsn)) == [] and run_sync(indexes()) == [("t_x", True), ("t_x2", True)]
+    # statements it cannot tell apart are refused, not run in part; a comment after the ';' is fine
+    assert m._statements("-- c\nCREATE INDEX CONCURRENTLY IF NOT EXISTS a ON t (x); -- by x\nSELECT 1;\n") == [
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS a ON t (x)", "SELECT 1"]
+    for bad in ("SELECT 1; SELECT 2;\n", "DO $$ BEGIN\nPERFORM 1;\nEND $$;\n", "SELECT 1\n"):
+        with pytest.raises(RuntimeError):
+            m._statements(bad)
