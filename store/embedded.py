@@ -390,11 +390,19 @@ def _require_password(pgdata: Path, port: int, password: str, user: str | None) 
     # owner and mode
     st = hba.stat()
     fresh = hba.with_name(hba.name + ".studyhall")
-    fresh.write_text(required)
+    with open(fresh, "w") as fh:
+        fh.write(required)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.chmod(fresh, st.st_mode & 0o777)
     if os.geteuid() == 0:
         os.chown(fresh, st.st_uid, st.st_gid)
     os.replace(fresh, hba)
+    folder = os.open(pgdata, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself, through a power cut
+    finally:
+        os.close(folder)
     reload = subprocess.run([_pg_bin("pg_ctl"), "-D", str(pgdata), "reload"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, user=user)
     if reload.returncode != 0:
