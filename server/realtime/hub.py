@@ -40,6 +40,11 @@ COMPLAIN_EVERY_S = 60.0  # a failure repeating every tick is logged again this o
 # see _recheck_soon): a kick or removal whose event was lost (its publish failed while every subscription was
 # fine) still closes the socket.
 RECHECK_EVERY_TTLS = 4
+# The periodic check goes at most this many sockets a second per process (a few queries each: with tens of thousands
+# of sockets it was a burst of queries every minute), in chunks of RECHECK_CHUNK per pooled connection; the check
+# after a subscription break (when events were surely lost) goes at full speed.
+RECHECK_PER_S = 200.0
+RECHECK_CHUNK = 50
 LEFT_RETRIES = 5  # ticks a `left` whose publish failed is published again (while the user stays away)
 # The subscription is pinged this often, and taken for dead (reconnected, readiness failing meanwhile) when no pong
 # came back for SUB_DEAD_S: a half-open connection (a partition, a proxy that lost Redis) reads nothing forever
@@ -101,6 +106,7 @@ class Hub:
         self._seen_seq: dict[str, int] = {}
         self._sub_broken = False  # the pub/sub connection failed and has not delivered anything since
         self._recheck_due = False  # sockets to check again (see _recheck_soon)
+        self._recheck_hurry = False  # the next (or running) check at full speed
         self._recheck_task: asyncio.Task | None = None
         self._rechecked_at = time.monotonic()
         self._left_unsent: dict[tuple[str, int], tuple[UserRef, int]] = {}  # (room, user) -> (user, tries left)
@@ -413,10 +419,13 @@ class Hub:
         if not task.cancelled() and task.exception() is not None:
             logger.warning("could not refresh presence after the subscription came back", exc_info=task.exception())
 
-    def _recheck_soon(self) -> None:
+    def _recheck_soon(self, *, paced: bool = False) -> None:
         """Kicks, removals, revocations and room deletions published while the subscription was down never
         reach this process: check every local socket against the database again, a kick since it opened
-        included (one pass at a time; a break during a pass asks for another)."""
+        included (one pass at a time; a break during a pass asks for another). `paced`: the periodic check, at
+        most RECHECK_PER_S sockets a second (a break's check hurries a paced pass along)."""
+        if not paced:
+            self._recheck_hurry = True
         self._recheck_due = True
         if self._recheck_task is None or self._recheck_task.done():
             self._recheck_task = asyncio.create_task(self._recheck(), name="hub-recheck")
@@ -424,17 +433,23 @@ class Hub:
     async def _recheck(self) -> None:
         while self._recheck_due:
             self._recheck_due = False
+            hurry, self._recheck_hurry = self._recheck_hurry, False  # (one asked for meanwhile hurries this one too)
             self._rechecked_at = time.monotonic()
             conns = [c for room in list(self.rooms.values()) for c in list(room)]
             closed = 0
             try:
-                async with self.pool.acquire() as db:
-                    for conn in conns:
-                        if conn.closing is None and conn.auth is not None:
-                            refused = await still_allowed(db, conn.room, conn.auth, conn.opened_at)
-                            if refused is not None:
-                                conn.close_soon(*refused)
-                                closed += 1
+                for i in range(0, len(conns), RECHECK_CHUNK):
+                    began = time.monotonic()
+                    chunk = [c for c in conns[i: i + RECHECK_CHUNK] if c.closing is None and c.auth is not None]
+                    if chunk:
+                        async with self.pool.acquire() as db:
+                            for conn in chunk:
+                                refused = await still_allowed(db, conn.room, conn.auth, conn.opened_at)
+                                if refused is not None:
+                                    conn.close_soon(*refused)
+                                    closed += 1
+                    if not (hurry or self._recheck_hurry):
+                        await asyncio.sleep(max(0.0, len(chunk) / RECHECK_PER_S - (time.monotonic() - began)))
             except Exception:  # noqa: BLE001 - the database is away too: try again shortly
                 logger.warning("could not check the sockets' access again", exc_info=True)
                 self._recheck_due = True
@@ -500,7 +515,7 @@ class Hub:
             await asyncio.sleep(self.tick_s)
             self._cut_stalled()
             if time.monotonic() - self._rechecked_at >= RECHECK_EVERY_TTLS * self.settings.presence_ttl_s:
-                self._recheck_soon()
+                self._recheck_soon(paced=True)
             # the gap repair first: Postgres only, it must not wait behind duties stuck on an unreachable Redis
             for duty in (self._catch_up, self._sweep_presence, self._reap_dead_procs, self._settle_orphans,
                          self._unsubscribe_idle, self._unpublished_polls, self._close_attendance, self._due_boards,

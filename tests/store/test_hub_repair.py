@@ -111,3 +111,42 @@ async def test_sockets_are_checked_again_even_when_no_subscription_broke(setting
     finally:
         await hub.stop()
     assert len(checked) >= 2, checked
+
+
+async def test_the_periodic_check_is_paced_and_a_breaks_check_is_not(settings, xp_store, monkeypatch):
+    """Every socket's check is a few queries: with tens of thousands of sockets the periodic pass was a burst every
+    minute. It goes at most RECHECK_PER_S sockets a second; the check after a subscription break (events surely
+    lost) goes at once."""
+    from server.auth import AuthUser
+
+    pool, redis = xp_store
+    hub = Hub(settings, pool, redis)
+    room = f"course:{uuid.uuid4().int % 10**6}"
+    access = RoomAccess(room_id=room, kind="course", course_id=1, tenant_id=1, moderator=False)
+    checked: list[float] = []
+
+    async def fine(db, room_id, auth, opened_at=None):  # type: ignore[no-untyped-def]
+        checked.append(asyncio.get_running_loop().time())
+        return None
+
+    async def send(msg: dict) -> None:
+        pass
+
+    monkeypatch.setattr(hub_module, "still_allowed", fine)
+    monkeypatch.setattr(hub_module, "RECHECK_PER_S", 40.0)
+    monkeypatch.setattr(hub_module, "RECHECK_CHUNK", 10)
+    for _ in range(60):
+        user = _user("u")
+        conn = Conn(hub, access, user, send, 16)
+        conn.auth = AuthUser(id=user.id, tenant_id=1, tenant="t", name="u", role="learner")
+        hub.rooms.setdefault(room, set()).add(conn)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    hub._recheck_soon(paced=True)
+    await hub._recheck_task
+    paced = loop.time() - t0
+    checked.clear()
+    t0 = loop.time()
+    hub._recheck_soon()  # after a subscription break
+    await hub._recheck_task
+    assert len(checked) == 60 and paced >= 1.2 and loop.time() - t0 < 0.5, (paced, loop.time() - t0)
