@@ -20,7 +20,9 @@ from typing import Any
 
 import msgspec
 import numpy as np
+from langcodes import closest_supported_match
 from wordfreq import available_languages, get_frequency_list
+from wordfreq.preprocess import preprocess_text
 
 from agents.llm import LLM, LLMError, first_json_object
 from agents.scoring import STOPWORDS, stem
@@ -34,7 +36,8 @@ actually basically going gonna really right okay yeah kind sort thing things stu
 know mean just like well maybe pretty little want wanna said says say saying look looking talk talking today
 will also able first second next last back even still much many every another people make makes made take
 takes used using use way ways good great better best called call let lets thats theres heres whats dont doesnt
-never always often sometimes usually
+never always often sometimes usually other after before through between during without against until since while
+again down away ever someone doing please sure keep give find
 """.split())
 # A whole word of 4+ letters in any script (hyphens inside): "Schrödinger" was cut to "dinger" and "ResNet50" to
 # "resnet", and a keyword that is not a whole word blanks nothing
@@ -80,17 +83,28 @@ def _common_words(language: str) -> frozenset[str]:
     """The language's words at COMMON_ZIPF or more (from wordfreq's frequency list: no tokenizer is needed, which
     the per-word lookup wanted for Chinese, Japanese or Korean); empty for English and unknown languages."""
     code = (language or "en").lower().replace("_", "-").split("-")[0]
-    if code == "en" or code not in available_languages():
+    if code == "en":
+        return frozenset()
+    # the list of the language or a near one ("no" is "nb", "sr"/"hr"/"bs" are "sh"; "cy" or "haw" have none)
+    code = closest_supported_match(code, list(available_languages()), max_distance=10)
+    if code is None or code == "en":
         return frozenset()
     buckets = get_frequency_list(code)  # bucket i: words of frequency 10 ** (-i / 100)
     return frozenset(w for bucket in buckets[: int(round((9 - COMMON_ZIPF) * 100)) + 1] for w in bucket)
+
+
+def _listed_as(word: str, language: str) -> str:
+    """`word` as wordfreq lists it (its casefolding: "weiß" is "weiss", a final "ς" is "σ")."""
+    code = (language or "en").lower().replace("_", "-").split("-")[0]
+    return preprocess_text(word, code) if code != "en" else word
 
 
 @functools.lru_cache(maxsize=65_536)  # a generation request reads the course's other chapters once per target
 def _terms(text: str, language: str = "en") -> tuple[str, ...]:
     common = _common_words(language)
     return tuple(w.lower() for w in _WORD.findall(text)
-                 if w.lower() not in STOPWORDS and w.lower() not in FILLER and w.lower() not in common)
+                 if w.lower() not in STOPWORDS and w.lower() not in FILLER
+                 and not (common and _listed_as(w.lower(), language) in common))
 
 
 def _tf(group: list[Sentence], language: str = "en") -> Counter:

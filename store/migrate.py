@@ -60,10 +60,13 @@ async def migrate(dsn: str) -> list[str]:
                 holder = await conn.fetchrow(
                     """SELECT a.pid, a.state, left(a.query, 200) AS query, a.client_addr::text AS client
                        FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-                       WHERE l.locktype = 'advisory' AND l.granted AND l.objid = ($1::bigint & 4294967295)::oid
+                       WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                         AND l.classid = ($1::bigint >> 32)::oid AND l.objid = ($1::bigint & 4294967295)::oid
                        LIMIT 1""", _LOCK_KEY)
-                logger.info("waiting for another process to finish migrating the database (%s)",
-                            dict(holder) if holder else "holder not visible")
+                (logger.warning if said else logger.info)(
+                    "waiting for another process to finish migrating the database (%s)",
+                    dict(holder) if holder else "holder not visible")
                 said = time.monotonic()
             await asyncio.sleep(0.2)
         try:
@@ -130,14 +133,14 @@ def _statements(sql: str) -> list[str]:
     for line in sql.splitlines():
         if line.lstrip().startswith("--"):
             continue
-        code, sep, _ = line.partition("--")
+        code = line.partition("--")[0]
         current.append(code)
         if code.rstrip().endswith(";"):
             statement = "\n".join(current).strip()[:-1].strip()
             current = []
-            if ";" in statement or "$$" in statement or "/*" in statement:
-                raise RuntimeError(f"a no-transaction migration takes one plain statement per ';' at a line's end: "
-                                   f"{statement[:80]!r}")
+            if any(c in statement for c in (";", "$", "/*", "'", '"')):
+                raise RuntimeError(f"a no-transaction migration takes plain statements (no quotes, dollar quotes or "
+                                   f"block comments), each ended by ';' at its line's end: {statement[:80]!r}")
             if statement:
                 out.append(statement)
     if "\n".join(current).strip():
@@ -171,10 +174,22 @@ async def _build(conn: asyncpg.Connection, name: str, statement: str) -> None:
 
 
 async def _repair_indexes(conn: asyncpg.Connection, name: str, sql: str) -> None:
-    for statement in _statements(sql):
-        index = _CONCURRENT_INDEX.search(statement + " ")
-        if index and await _invalid(conn, index.group(1)):
+    """Build again the indexes of an applied file that a failed build left invalid (best effort: whatever goes
+    wrong is logged, not raised: every process migrates at start, and this must not stop one). An index being built
+    right now (by hand, say) is left to its build."""
+    try:
+        for statement in _statements(sql):
+            index = _CONCURRENT_INDEX.search(statement + " ")
+            if not index or not await _invalid(conn, index.group(1)):
+                continue
+            if await conn.fetchval(
+                    """SELECT EXISTS (SELECT 1 FROM pg_stat_progress_create_index p JOIN pg_class c
+                                      ON c.oid = p.index_relid WHERE c.relname = $1)""", index.group(1).lower()):
+                continue
             await _build(conn, name, statement)
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("migration %s: could not rebuild an invalid index (%s: %s); it is tried again at the next "
+                       "start", name, type(exc).__name__, exc)
 
 
 async def _apply_outside(conn: asyncpg.Connection, version: int, name: str, sql: str, checksum: str) -> None:

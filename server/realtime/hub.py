@@ -440,7 +440,8 @@ class Hub:
             try:
                 for i in range(0, len(conns), RECHECK_CHUNK):
                     began = time.monotonic()
-                    chunk = [c for c in conns[i: i + RECHECK_CHUNK] if c.closing is None and c.auth is not None]
+                    chunk = [c for c in conns[i: i + RECHECK_CHUNK]  # (still attached: gone since the pass began)
+                             if c.closing is None and c.auth is not None and c in self.rooms.get(c.room, ())]
                     if chunk:
                         async with self.pool.acquire() as db:
                             for conn in chunk:
@@ -453,6 +454,7 @@ class Hub:
             except Exception:  # noqa: BLE001 - the database is away too: try again shortly
                 logger.warning("could not check the sockets' access again", exc_info=True)
                 self._recheck_due = True
+                self._recheck_hurry |= hurry  # (a break's check stays at full speed)
                 await asyncio.sleep(1.0)
             if closed:  # (while the subscription was down, or their close event was lost)
                 logger.info("closed %d sockets whose access had ended", closed)

@@ -208,3 +208,8 @@ def test_no_item_hinges_on_a_word_common_in_the_lectures_language():
     ja = [Sentence(0.0, 9.0, "光合成では植物が光エネルギーを化学エネルギーに変換して糖を合成する仕組みがある")] * 2
     for lang in ("ja", "zh", "ko", "yue", "th", "haw", "pt-BR", "es_ES", ""):
         key_sentences(ja + es, others, 2, lang)
+    from agents.generate import _terms
+
+    # words as wordfreq lists them ("weiß" is "weiss"), and the nearest list ("no" is Bokmål's)
+    assert "weiß" not in _terms("Jeder weiß, dass Licht gebrochen wird", "de") and "licht" in _terms("Licht", "de")
+    assert "mellom" not in _terms("Forskjellen mellom lyset og mørket", "no")

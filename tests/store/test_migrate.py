@@ -277,6 +277,7 @@ def test_an_index_migration_builds_concurrently_and_rebuilds_what_a_failed_build
     # statements it cannot tell apart are refused, not run in part; a comment after the ';' is fine
     assert m._statements("-- c\nCREATE INDEX CONCURRENTLY IF NOT EXISTS a ON t (x); -- by x\nSELECT 1;\n") == [
         "CREATE INDEX CONCURRENTLY IF NOT EXISTS a ON t (x)", "SELECT 1"]
-    for bad in ("SELECT 1; SELECT 2;\n", "DO $$ BEGIN\nPERFORM 1;\nEND $$;\n", "SELECT 1\n"):
+    for bad in ("SELECT 1; SELECT 2;\n", "DO $$ BEGIN\nPERFORM 1;\nEND $$;\n", "SELECT 1\n",
+                "CREATE INDEX CONCURRENTLY IF NOT EXISTS a ON t (x) WHERE y <> '--';\n"):
         with pytest.raises(RuntimeError):
             m._statements(bad)
