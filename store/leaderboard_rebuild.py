@@ -53,10 +53,19 @@ for i = 6, #KEYS, 2 do
   end
 end
 local backlog = redis.call('LRANGE', KEYS[2], 0, -1)
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('SET', KEYS[3], ARGV[1])
+-- the built marker goes, not on: the backlog's awards are on the boards only once replayed (`_MARK_BUILT`); a
+-- rebuild stopped before that (a deploy, a timeout, a crash) leaves the marker missing, so the next read or start
+-- rebuilds instead of keeping boards without them
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('SET', KEYS[4], ARGV[2], 'EX', 3600)
 return backlog
+"""
+# KEYS: lock, built, high-water mark. ARGV: token, marker value, high. After the replay, while the lock is ours.
+_MARK_BUILT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+if tonumber(ARGV[3]) > tonumber(redis.call('GET', KEYS[3]) or '0') then redis.call('SET', KEYS[3], ARGV[3]) end
+return 1
 """
 
 _swaps: dict[int, object] = {}
@@ -164,13 +173,14 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
                     swap_keys += [key, temp + key]
                 backlog = await _swap(redis)(keys=swap_keys, args=[now.isoformat(), snapshot, token, len(live_keys)]
                                              + [_period_expiry(k, now) for k in live_keys + stale])
-                # the boards' high-water mark is now the ledger's (awards since raise it again); lower than the truth
-                # at worst, which only makes the startup check below miss a loss, never rebuild for nothing
+                # the boards' high-water mark is now the ledger's (awards since raise it again)
                 await redis.set(keys.LEADERBOARD_HIGH, high)
                 ids = sorted({int(x) for x in backlog})
                 seen = {r["id"] for r in await conn.fetch("SELECT id FROM xp_events WHERE id = ANY($1::bigint[])", ids)}
             missed = [i for i in ids if i not in seen]
             replayed = await _replay(conn, redis, missed, set(live_keys + stale), now) if missed else 0
+            await redis.eval(_MARK_BUILT, 3, keys.LEADERBOARD_LOCK, keys.LEADERBOARD_BUILT, keys.LEADERBOARD_HIGH,
+                             token, now.isoformat(), max([high or 0, *ids]))
         took = time.perf_counter() - t0
         logger.info("leaderboards rebuilt", extra={"fields": {"boards": len(live_keys), "entries": n_entries,
                                                               "replayed": replayed, "seconds": round(took, 3)}})
@@ -258,10 +268,17 @@ async def ensure_built(pool: asyncpg.Pool, redis: Redis) -> Rebuilt | None:
         built, high = await pipe.exists(keys.LEADERBOARD_BUILT).get(keys.LEADERBOARD_HIGH).execute()
     if built:
         newest = await pool.fetchval(_LEDGER_HIGH)
-        if high is None or int(high) <= newest:
+        if high is not None and int(high) < newest and await check(pool, redis):
+            # behind the ledger: Redis came back without its last writes (an append-only file synced every second,
+            # a restored snapshot, a replica behind): the hourly check would have found it, an hour later
+            logger.warning("the leaderboards miss XP events of the ledger (Redis lost its last writes?): rebuilding "
+                           "them", extra={"fields": {"boards_high": int(high), "ledger_high": newest}})
+        elif high is None or int(high) <= newest:
             return None
-        logger.warning("the leaderboards hold XP events the ledger does not have (Postgres restored from a "
-                       "backup?): rebuilding them", extra={"fields": {"boards_high": int(high), "ledger_high": newest}})
+        else:
+            logger.warning("the leaderboards hold XP events the ledger does not have (Postgres restored from a "
+                           "backup?): rebuilding them",
+                           extra={"fields": {"boards_high": int(high), "ledger_high": newest}})
     return await rebuild(pool, redis)
 
 
@@ -393,9 +410,14 @@ async def _look_now(pool: asyncpg.Pool, redis: Redis, user_id: int, course_id: i
         return 0
 
 
+RESYNC_WAIT_S = 1800.0  # the longest a membership change's look waits for a running rebuild
+
+
 async def _resync_later(pool: asyncpg.Pool, redis: Redis, user_id: int, course_id: int, delay: float) -> None:
     await asyncio.sleep(delay)
-    deadline = time.monotonic() + 2 * LOCK_TTL_S
+    # as long as a rebuild runs (its flag lapses within 2 x LOCK_TTL_S of its holder dying): one whose swap came after
+    # a fixed minute brought back the standing it had read before the change, and no look came after it
+    deadline = time.monotonic() + RESYNC_WAIT_S
     try:
         while await redis.exists(keys.LEADERBOARD_BUILDING) and time.monotonic() < deadline:
             await asyncio.sleep(delay)  # a rebuild's swap may bring back what it read before the change

@@ -156,6 +156,8 @@ async def insert_award(conn: asyncpg.Connection, user_id: int, kind: str, idempo
         points = POINTS[kind]
     if points < 0:
         raise ValueError("points must not be negative")
+    if pod_ids is not None:  # once each (a rebuild unnests the list; the live boards counted a pod once)
+        pod_ids = sorted(set(pod_ids))
     row = await conn.fetchrow(_AWARD_ASYNC if async_commit else _AWARD, user_id, kind, points, idempotency_key,
                               course_id, pod_ids, at, meta or {}, *achievements.award_thresholds(kind))
     if row is None:

@@ -653,3 +653,61 @@ async def test_an_award_waiting_on_redis_holds_no_database_connection(make: Fact
         await redis.aclose()
         await admin.aclose()
         await pool.close()
+
+
+async def test_a_rebuild_stopped_between_its_swap_and_its_replay_leaves_the_boards_to_be_built_again(
+        make: Factory, lb, monkeypatch):
+    """The swap marked the boards built and handed the backlog (awards made during the build) to Python memory: a
+    rebuild stopped before replaying it (a deploy cancelling the hourly check, a timeout, a crash) left boards
+    without those awards for good, marked built. Now the marker is set after the replay."""
+    pool, redis = lb
+    u = make.user("learner")
+    await xp.award_xp(pool, redis, u.id, "lesson_completed", "lesson:1")
+    real_stale = leaderboard_rebuild._stale_boards
+
+    async def award_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]  # after the snapshot, before the swap
+        await xp.award_xp(pool, redis, u.id, "helpful_answer", "helpful:during")
+        return await real_stale(*args, **kwargs)
+
+    async def stopped(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise asyncio.CancelledError()
+
+    monkeypatch.setattr(leaderboard_rebuild, "_stale_boards", award_meanwhile)
+    monkeypatch.setattr(leaderboard_rebuild, "_replay", stopped)
+    with pytest.raises(asyncio.CancelledError):
+        await leaderboard_rebuild.rebuild(pool, redis)
+    monkeypatch.undo()
+    assert not await redis.exists(keys.LEADERBOARD_BUILT)
+    assert await leaderboard_rebuild.ensure_built(pool, redis) is not None
+    board = await leaderboards.read(redis, "tenant", u.tenant_id, u.tenant_id, "all", u.id)
+    assert board.me is not None and board.me.xp == 75 and board.built
+
+
+async def test_boards_behind_the_ledger_are_rebuilt_at_startup(make: Factory, lb):
+    """Redis back without its last writes (its append-only file synced once a second, a restored snapshot): the boards
+    stayed marked built and missed that XP until the hourly check."""
+    pool, redis = lb
+    u = make.user("learner")
+    await xp.award_xp(pool, redis, u.id, "lesson_completed", "lesson:1")
+    assert await leaderboard_rebuild.ensure_built(pool, redis) is not None  # (built here first)
+    async with pool.acquire() as conn:  # committed, its board update lost with Redis's last second
+        assert await xp.insert_award(conn, u.id, "helpful_answer", "helpful:lost") is not None
+    assert await leaderboard_rebuild.ensure_built(pool, redis) is not None
+    board = await leaderboards.read(redis, "tenant", u.tenant_id, u.tenant_id, "all", u.id)
+    assert board.me is not None and board.me.xp == 75
+
+
+async def test_a_pod_named_twice_counts_once_everywhere(lb):
+    """pod_ids [P, P]: the live boards counted the pod once, a rebuild (unnesting the ledger's list) twice, so the
+    hourly check saw drift and each rebuild doubled the pod board."""
+    from tests.progress_helpers import course_in_new_tenant
+
+    pool, redis = lb
+    async with pool.acquire() as conn:
+        cid, _, (u,) = await course_in_new_tenant(conn, 1)
+        pod = await conn.fetchval("INSERT INTO pods (course_id, name) VALUES ($1, 'p') RETURNING id", cid)
+        await conn.execute("INSERT INTO pod_members (pod_id, user_id) VALUES ($1, $2)", pod, u)
+    a = await xp.award_xp(pool, redis, u, "helpful_answer", "helpful:1", course_id=cid, pod_ids=[pod, pod])
+    assert a is not None and a.pod_ids == [pod]
+    await leaderboard_rebuild.rebuild(pool, redis)
+    assert await redis.zscore(leaderboards.board_key("pod", pod, "all"), str(u)) == 25
