@@ -492,7 +492,7 @@ async def _ask(settings: Settings, args: argparse.Namespace) -> int:
             for q in result["follow_ups"]:
                 print(f"? {q}")
         if result.get("error"):  # stored and printed as the rooms see it; the status says it failed
-            print("the tutor's language model failed; please ask again", file=sys.stderr)
+            print(f"studyhall: {result['error']}", file=sys.stderr)  # (failed, or would not answer: its public words)
             return 1
         return 0
     finally:
@@ -717,7 +717,15 @@ class _Stop(SystemExit):
 
 
 def _on_signal(signum: int, _frame: object) -> None:
+    jobs = sys.modules.get("ingest.jobs")
+    if jobs is not None:  # a job this process runs itself (`ingest` without a worker) is cut by a stop, as a
+        jobs.mark_stopping()  # worker's: its attempt is given back, and a worker's recovery runs it again
     raise _Stop(signal.Signals(signum).name)
+
+
+# Commands that run until stopped: a stop is how they end (0). A one-shot command stopped did not finish: it says so
+# and exits 128 + the signal's number, so `studyhall ingest ... && next` does not go on.
+_RUN_UNTIL_STOPPED = ("serve", "worker", "up")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -733,8 +741,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, lambda _signum, _frame: os.kill(os.getpid(), signal.SIGTERM))
     try:
         return args.func(args)
-    except _Stop:
-        return 0
+    except _Stop as stop:
+        if args.command in _RUN_UNTIL_STOPPED:
+            return 0
+        print(f"studyhall: interrupted ({stop.code}) before {args.command} finished"
+              + ("; a job it ran itself is left for a worker, whose recovery queues it again"
+                 if args.command == "ingest" else ""), file=sys.stderr)
+        return 128 + signal.Signals[str(stop.code)].value
     except CliError as exc:
         print(f"studyhall: {exc}", file=sys.stderr)
         return 2

@@ -184,3 +184,26 @@ def test_a_failed_ingest_drops_only_a_copy_no_video_claims(settings, make: Facto
 
     asyncio.run(go())
     assert claimed.exists() and not loose.exists()
+
+
+def test_an_interrupted_one_shot_command_says_so_and_does_not_exit_0(client, make: Factory, worker, data_dir,
+                                                                      tmp_path):
+    """Ctrl-C (or SIGTERM) ended `studyhall ingest` with status 0 and not a word: `ingest ... && next` went on as if
+    the video were in. It says it was interrupted and exits 128 + the signal."""
+    import signal
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "CLI stop"}, headers=inst.h).json()["id"]
+    big = tmp_path / "long.srt"
+    big.write_text("".join(f"{i}\n00:{i // 60 % 60:02d}:{i % 60:02d},000 --> 00:{i // 60 % 60:02d}:{i % 60:02d},900\n"
+                           f"sentence number {i} about hashing and signatures.\n\n" for i in range(1, 3000)))
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "ingest", str(cid), "--file", str(big)], cwd=ROOT,
+                            env=clean_env(data_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(v["title"] for v in client.get(f"/api/v1/courses/{cid}/videos", headers=inst.h).json()):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, (proc.returncode, err)
+    assert "interrupted (SIGINT) before ingest finished" in err, err
