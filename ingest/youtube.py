@@ -129,7 +129,9 @@ def fetch_youtube_transcript(
     try:
         transcripts = api.list(video_id)
         track = _choose_track(transcripts, languages)
-        fetched = track.fetch()
+        # preserve_formatting: without it the library drops everything between a '<' and a '>' ("if i < n and j > 0"
+        # lost its middle); it keeps a few formatting tags then, which _clean_text takes out
+        fetched = track.fetch(preserve_formatting=True)
     except IngestError:
         raise
     except (CouldNotRetrieveTranscript, requests.RequestException, ParseError) as exc:
@@ -203,9 +205,13 @@ def _choose_track(transcripts: TranscriptList, languages: list[str]) -> Transcri
 _UNPARSABLE = "YouTube's page could not be read (the captions library may need an update)"
 
 
+# The formatting tags the library keeps with preserve_formatting (a whole tag, with its attributes)
+_FORMAT_TAG = re.compile(r"</?(?:strong|em|b|i|mark|small|del|ins|sub|sup)(?:\s[^<>]*)?>", re.I)
+
+
 def _clean_text(text: str) -> str:
     # The library unescapes once, but YouTube sometimes double-escapes (&amp;#39;).
-    return " ".join(html.unescape(text).split())
+    return " ".join(html.unescape(_FORMAT_TAG.sub("", text)).split())
 
 
 def _ingest_error(exc: Exception) -> IngestError:

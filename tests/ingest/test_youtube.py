@@ -425,3 +425,15 @@ def test_captions_keep_to_the_transcript_limits(monkeypatch):
     session, _ = recorded_session(**{"GET /api/timedtext?lang=en": (200, xml, XML)})
     with pytest.raises(PermanentIngestError, match="too many cues"):
         fetch_youtube_transcript(VIDEO_ID, ["en"], http_client=session)
+
+
+def test_caption_text_between_a_less_than_and_a_greater_than_is_kept():
+    """The library (without preserve_formatting) removed anything from a '<' to a '>': "if i < n and j > 0 we stop"
+    was stored as "if i 0 we stop". Formatting tags still go."""
+    xml = (b'<?xml version="1.0" encoding="utf-8" ?><transcript>'
+           b'<text start="0.5" dur="2.0">if i &amp;lt; n and j &amp;gt; 0 we stop</text>'
+           b'<text start="3.0" dur="2.0">&amp;lt;i&amp;gt;really&amp;lt;/i&amp;gt; &amp;lt;b&amp;gt;fast&amp;lt;/b&amp;gt;</text>'
+           b'</transcript>')
+    session, _ = recorded_session(**{"GET /api/timedtext?lang=en": (200, xml, XML)})
+    transcript = fetch_youtube_transcript(VIDEO_ID, ["en"], http_client=session)
+    assert [c.text for c in transcript.cues] == ["if i < n and j > 0 we stop", "really fast"]
