@@ -60,7 +60,8 @@ def parse_youtube_id(value: str) -> str:
     text = (value or "").strip()
     if _VIDEO_ID.fullmatch(text):
         return text
-    url = text if "://" in text else f"https://{text}"
+    # an iframe's protocol-relative src ("//www.youtube.com/embed/ID") has its host after the two slashes
+    url = text if "://" in text else f"https:{text}" if text.startswith("//") else f"https://{text}"
     try:
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()

@@ -120,6 +120,7 @@ VALID = [
     "https://youtu.be/r6sGWTCMz2k?si=Ab12Cd34Ef56Gh78",
     "https://www.youtube.com/embed/r6sGWTCMz2k",
     "https://www.youtube.com/embed/r6sGWTCMz2k?start=42&autoplay=1",
+    "//www.youtube.com/embed/r6sGWTCMz2k",  # an iframe's src, protocol-relative
     "https://www.youtube-nocookie.com/embed/r6sGWTCMz2k",
     "https://youtube-nocookie.com/embed/r6sGWTCMz2k?rel=0",
     "https://www.youtube.com/shorts/r6sGWTCMz2k",
