@@ -355,15 +355,18 @@ def cmd_reembed(args: argparse.Namespace) -> int:
     settings, services = _start(args, one_shot=True)
     try:
         _migrate(settings)
-        jobs = asyncio.run(_reembed(settings, args.course))
+        jobs, worker_alive = asyncio.run(_reembed(settings, args.course))
         print(f"queued {len(jobs)} re-embed jobs" + (f": {jobs}" if jobs else ""))
+        if jobs and not worker_alive:
+            print("studyhall: no worker is running: the jobs wait for one (studyhall worker, or studyhall up), which "
+                  "must embed with the model set here (STUDYHALL_EMBEDDER)", file=sys.stderr)
     finally:
         services.close()
     return 0
 
 
-async def _reembed(settings: Settings, course_id: int | None) -> list[int]:
-    """The re-embed jobs queued (CliError when `course_id` names no course)."""
+async def _reembed(settings: Settings, course_id: int | None) -> tuple[list[int], bool]:
+    """The re-embed jobs queued (CliError when `course_id` names no course), and whether a worker is alive."""
     from agents.config import embedder_for
     from ingest.jobs import connect_arq
     from ingest.submit import submit_reembed
@@ -375,7 +378,8 @@ async def _reembed(settings: Settings, course_id: int | None) -> list[int]:
         if course_id is not None and not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM courses WHERE id = $1)",
                                                              course_id):
             raise CliError(f"course {course_id} not found")
-        return await submit_reembed(pool, arq, settings, embedder_for(settings).name, course_id)
+        jobs = await submit_reembed(pool, arq, settings, embedder_for(settings).name, course_id)
+        return jobs, bool(await arq.exists(INGEST_QUEUE + ":health-check"))
     finally:
         await arq.aclose()
         await pool.close()

@@ -94,6 +94,7 @@ def test_reembed_after_model_switch(client, make: Factory, worker, data_dir, set
           cid, vid)  # an earlier failed run does not stand in the way
     out = _cli(data_dir, "reembed", "--course", str(cid))
     assert out.returncode == 0 and "queued 1 re-embed jobs" in out.stdout, out.stderr
+    assert "no worker is running" not in out.stderr  # (the session's worker is)
     job_id = int(out.stdout.split("[")[1].split("]")[0])
     assert wait_job(client, job_id, inst.h)["state"] == "done"
     assert fetch(settings, "SELECT embed_model FROM videos WHERE id = $1", vid)[0]["embed_model"] == model
@@ -110,6 +111,19 @@ def test_reembed_after_model_switch(client, make: Factory, worker, data_dir, set
         assert again.returncode == 0 and "queued 0 re-embed jobs" in again.stdout, again.stdout
     finally:
         fetch(settings, "DELETE FROM jobs WHERE id = $1", busy)
+        fetch(settings, "UPDATE videos SET embed_model = $2 WHERE id = $1", vid, model)
+    # with no worker alive the jobs would wait unseen: it says so (a Redis database no worker serves)
+    fetch(settings, "UPDATE videos SET embed_model = 'old-model' WHERE id = $1", vid)
+    lonely = subprocess.run([sys.executable, "-m", "server.cli", "reembed", "--course", str(cid)], cwd=ROOT,
+                            env=clean_env(data_dir, DATABASE_URL=settings.database_url,
+                                          REDIS_URL=settings.redis_url.rsplit("/", 1)[0] + "/7"),
+                            capture_output=True, text=True, timeout=300)
+    try:
+        assert lonely.returncode == 0 and "queued 1 re-embed jobs" in lonely.stdout, lonely.stderr
+        assert "no worker is running" in lonely.stderr, lonely.stderr
+    finally:
+        fetch(settings, "DELETE FROM jobs WHERE course_id = $1 AND kind = 'reembed' AND state = 'queued' RETURNING 1",
+              cid)
         fetch(settings, "UPDATE videos SET embed_model = $2 WHERE id = $1", vid, model)
 
 
