@@ -410,31 +410,32 @@ def test_requests_go_through_the_configured_proxy():
     assert proxy_config(None) is None
 
 
+def _from_captions(*texts: bytes) -> YouTubeTranscript:
+    """What fetching a video whose English captions are these <text> elements gives."""
+    xml = b'<?xml version="1.0" encoding="utf-8" ?><transcript>' + b"".join(texts) + b"</transcript>"
+    session, _ = recorded_session(**{"GET /api/timedtext?lang=en": (200, xml, XML)})
+    return fetch_youtube_transcript(VIDEO_ID, ["en"], http_client=session)
+
+
 def test_captions_keep_to_the_transcript_limits(monkeypatch):
     """A caption track is its video owner's to write: times outside 0-48 h (negative, not a number, past the
     limit) are left out as no moment of the video, and a track of more cues than an upload may have fails."""
     import ingest.youtube as youtube
 
-    xml = (b'<?xml version="1.0" encoding="utf-8" ?><transcript>'
-           b'<text start="1.0" dur="2.0">kept</text><text start="-5" dur="1">negative</text>'
-           b'<text start="nan" dur="1">not a number</text><text start="200000" dur="1">past 48 hours</text>'
-           b'<text start="3.0" dur="inf">forever</text><text start="4.0" dur="1.5">kept too</text></transcript>')
-    session, _ = recorded_session(**{"GET /api/timedtext?lang=en": (200, xml, XML)})
-    got = fetch_youtube_transcript(VIDEO_ID, ["en"], http_client=session)
+    texts = (b'<text start="1.0" dur="2.0">kept</text><text start="-5" dur="1">negative</text>',
+             b'<text start="nan" dur="1">not a number</text><text start="200000" dur="1">past 48 hours</text>',
+             b'<text start="3.0" dur="inf">forever</text><text start="4.0" dur="1.5">kept too</text>')
+    got = _from_captions(*texts)
     assert [(c.start, c.end, c.text) for c in got.cues] == [(1.0, 3.0, "kept"), (4.0, 5.5, "kept too")]
     monkeypatch.setattr(youtube, "MAX_CUES", 3)
-    session, _ = recorded_session(**{"GET /api/timedtext?lang=en": (200, xml, XML)})
     with pytest.raises(PermanentIngestError, match="too many cues"):
-        fetch_youtube_transcript(VIDEO_ID, ["en"], http_client=session)
+        _from_captions(*texts)
 
 
 def test_caption_text_between_a_less_than_and_a_greater_than_is_kept():
     """The library (without preserve_formatting) removed anything from a '<' to a '>': "if i < n and j > 0 we stop"
     was stored as "if i 0 we stop". Formatting tags still go."""
-    xml = (b'<?xml version="1.0" encoding="utf-8" ?><transcript>'
-           b'<text start="0.5" dur="2.0">if i &amp;lt; n and j &amp;gt; 0 we stop</text>'
-           b'<text start="3.0" dur="2.0">&amp;lt;i&amp;gt;really&amp;lt;/i&amp;gt; &amp;lt;b&amp;gt;fast&amp;lt;/b&amp;gt;</text>'
-           b'</transcript>')
-    session, _ = recorded_session(**{"GET /api/timedtext?lang=en": (200, xml, XML)})
-    transcript = fetch_youtube_transcript(VIDEO_ID, ["en"], http_client=session)
+    transcript = _from_captions(
+        b'<text start="0.5" dur="2.0">if i &amp;lt; n and j &amp;gt; 0 we stop</text>',
+        b'<text start="3.0" dur="2.0">&amp;lt;i&amp;gt;really&amp;lt;/i&amp;gt; &amp;lt;b&amp;gt;fast&amp;lt;/b&amp;gt;</text>')
     assert [c.text for c in transcript.cues] == ["if i < n and j > 0 we stop", "really fast"]
