@@ -148,7 +148,8 @@ async def queue_job(arq: ArqRedis, pool: asyncpg.Pool, job_id: int) -> None:
 
 
 async def submit_job(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, kind: str, course_id: int,
-                     video_id: int, created_by: int | None, *, reuse_waiting: bool = False) -> int:
+                     video_id: int, created_by: int | None, *, reuse_waiting: bool = False,
+                     payload: dict | None = None) -> int:
     """Create an ingest/reembed job for an existing video and queue it; returns the job id. Raises LookupError
     when the video is gone (deleted meanwhile). `reuse_waiting`: a job of this kind for the video that has not
     started yet (queued, or waiting for its retry) is the one asked for again: its id, and no second run (three
@@ -166,7 +167,8 @@ async def submit_job(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, kind
                     if waiting is not None:
                         return waiting
                 job = await jobs_repo.create_job(conn, kind, course_id=course_id, video_id=video_id,
-                                                 created_by=created_by, max_attempts=settings.job_max_attempts)
+                                                 created_by=created_by, max_attempts=settings.job_max_attempts,
+                                                 payload=payload)
                 await videos_repo.mark_requeued(conn, video_id)
         except asyncpg.ForeignKeyViolationError:
             raise LookupError(f"video {video_id} not found") from None
@@ -190,7 +192,10 @@ async def submit_reembed(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, 
     jobs = []
     for r in rows:
         try:
-            jobs.append(await submit_job(pool, arq, settings, "reembed", r["course_id"], r["id"], None))
+            # the model it is for: a worker still embedding with another (not restarted after the switch) fails it
+            # saying so, instead of "re-embedding" with the old model, marking it done, round after round
+            jobs.append(await submit_job(pool, arq, settings, "reembed", r["course_id"], r["id"], None,
+                                         payload={"embed_model": embed_model}))
         except LookupError:  # deleted meanwhile
             continue
     return jobs

@@ -221,3 +221,35 @@ def test_an_interrupted_one_shot_command_says_so_and_does_not_exit_0(client, mak
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGINT, (proc.returncode, err)
     assert "interrupted (SIGINT) before ingest finished" in err, err
+
+
+def test_a_reembed_for_another_model_than_the_workers_fails_saying_so(client, make: Factory, worker, settings):
+    """A re-embed job did not say which model it was for: a worker not restarted after STUDYHALL_EMBEDDER changed
+    "re-embedded" with the old model and marked it done, and every `studyhall reembed` queued the same videos again.
+    The job carries the model; a worker embedding with another fails it with the reason."""
+    import asyncio
+
+    from ingest.jobs import connect_arq
+    from ingest.submit import submit_reembed
+    from store.db import create_pool
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Model"}, headers=inst.h).json()["id"]
+    data = (EVAL / "transcripts" / "3b1b-bitcoin.srt").read_bytes()
+    r = client.post(f"/api/v1/courses/{cid}/videos", files={"file": ("b.srt", data)}, headers=inst.h)
+    assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
+
+    async def queue() -> list[int]:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        arq = await connect_arq(settings.redis_url)
+        try:
+            return await submit_reembed(pool, arq, settings, "some-other-model@1", cid)
+        finally:
+            await arq.aclose()
+            await pool.close()
+
+    (job_id,) = asyncio.run(queue())
+    job = wait_job(client, job_id, inst.h)
+    assert job["state"] == "failed" and "asked for some-other-model@1" in job["error"], job
+    videos = client.get(f"/api/v1/courses/{cid}/videos", headers=inst.h).json()
+    assert [v["status"] for v in videos] == ["ready"]  # still searchable with what it has
