@@ -79,32 +79,26 @@ COMMON_ZIPF = 5.6
 
 
 @functools.lru_cache(maxsize=32)
-def _common_words(language: str) -> frozenset[str]:
-    """The language's words at COMMON_ZIPF or more (from wordfreq's frequency list: no tokenizer is needed, which
-    the per-word lookup wanted for Chinese, Japanese or Korean); empty for English and unknown languages."""
+def _common_words(language: str) -> tuple[str, frozenset[str]]:
+    """(wordfreq's code for the language, its words at COMMON_ZIPF or more), from wordfreq's frequency list: no
+    tokenizer is needed, which the per-word lookup wanted for Chinese, Japanese or Korean. No words for English
+    and for languages without a list, or a near one ("no" is "nb", "sr"/"hr"/"bs" are "sh"; "cy" or "haw" have none)."""
     code = (language or "en").lower().replace("_", "-").split("-")[0]
+    if code != "en":
+        code = closest_supported_match(code, list(available_languages()), max_distance=10) or "en"
     if code == "en":
-        return frozenset()
-    # the list of the language or a near one ("no" is "nb", "sr"/"hr"/"bs" are "sh"; "cy" or "haw" have none)
-    code = closest_supported_match(code, list(available_languages()), max_distance=10)
-    if code is None or code == "en":
-        return frozenset()
+        return code, frozenset()
     buckets = get_frequency_list(code)  # bucket i: words of frequency 10 ** (-i / 100)
-    return frozenset(w for bucket in buckets[: int(round((9 - COMMON_ZIPF) * 100)) + 1] for w in bucket)
-
-
-def _listed_as(word: str, language: str) -> str:
-    """`word` as wordfreq lists it (its casefolding: "weiß" is "weiss", a final "ς" is "σ")."""
-    code = (language or "en").lower().replace("_", "-").split("-")[0]
-    return preprocess_text(word, code) if code != "en" else word
+    return code, frozenset(w for bucket in buckets[: int(round((9 - COMMON_ZIPF) * 100)) + 1] for w in bucket)
 
 
 @functools.lru_cache(maxsize=65_536)  # a generation request reads the course's other chapters once per target
 def _terms(text: str, language: str = "en") -> tuple[str, ...]:
-    common = _common_words(language)
+    code, common = _common_words(language)
+    # (looked up as wordfreq lists words: its casefolding, "weiß" as "weiss", a final "ς" as "σ")
     return tuple(w.lower() for w in _WORD.findall(text)
                  if w.lower() not in STOPWORDS and w.lower() not in FILLER
-                 and not (common and _listed_as(w.lower(), language) in common))
+                 and not (common and preprocess_text(w.lower(), code) in common))
 
 
 def _tf(group: list[Sentence], language: str = "en") -> Counter:

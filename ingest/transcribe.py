@@ -204,27 +204,21 @@ CUT_SEARCH_S = 15.0
 _FRAME = SAMPLE_RATE // 10
 
 
-def _cut(audio: np.ndarray, a: int) -> int:
-    """Where the slice starting at `a` ends: about SLICE_S on, at the quietest 0.1 s within CUT_SEARCH_S (the
-    audio runs on for more than half a slice past it)."""
+def _cut(audio: np.ndarray) -> int:
+    """Where the slice starting at `audio`'s first sample ends: about SLICE_S on, at the quietest 0.1 s within
+    CUT_SEARCH_S (the audio runs on for more than half a slice past it)."""
     size = int(SLICE_S * SAMPLE_RATE)
-    lo = max(a + _FRAME, a + size - int(CUT_SEARCH_S * SAMPLE_RATE))
-    hi = min(len(audio) - _FRAME, a + size + int(CUT_SEARCH_S * SAMPLE_RATE))
+    lo = max(_FRAME, size - int(CUT_SEARCH_S * SAMPLE_RATE))
+    hi = min(len(audio) - _FRAME, size + int(CUT_SEARCH_S * SAMPLE_RATE))
     frames = (hi - lo) // _FRAME
     window = audio[lo: lo + frames * _FRAME].reshape(frames, _FRAME)
     return lo + int(np.argmin(np.square(window).mean(axis=1))) * _FRAME + _FRAME // 2
 
 
 def slices(audio: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) sample ranges covering `audio` in order, each about SLICE_S long (the last up to 1.5x)."""
-    size = int(SLICE_S * SAMPLE_RATE)
-    out, a, n = [], 0, len(audio)
-    while n - a > size * 1.5:
-        cut = _cut(audio, a)
-        out.append((a, cut))
-        a = cut
-    out.append((a, n))
-    return out
+    """[start, end) sample ranges covering `audio` in order, each about SLICE_S long (the last up to 1.5x): those of
+    `stream_slices` given the audio whole."""
+    return [(a, a + len(part)) for a, part in stream_slices([audio])] or [(0, 0)]
 
 
 def stream_slices(blocks: Iterable[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
@@ -241,7 +235,7 @@ def stream_slices(blocks: Iterable[np.ndarray]) -> Iterator[tuple[int, np.ndarra
         buf[n: n + block.size] = block
         n += block.size
         while n > size * 1.5:  # the audio runs on past this slice's search window: cut it
-            cut = _cut(buf[:n], 0)
+            cut = _cut(buf[:n])
             yield base, buf[:cut].copy()
             buf[: n - cut] = buf[cut:n]  # (numpy copies overlapping ranges safely)
             base, n = base + cut, n - cut

@@ -384,8 +384,8 @@ def _require_password(pgdata: Path, port: int, password: str, user: str | None) 
                              f"ALTER ROLE {PG_USER} PASSWORD '{quoted}';\nCOMMIT;\n",
                        check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as exc:
-        why = (exc.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
-        raise EmbeddedError(f"could not set the password of the embedded Postgres in {pgdata}: {why[0]}") from exc
+        raise EmbeddedError(f"could not set the password of the embedded Postgres in {pgdata}: {_last_line(exc)}"
+                            ) from exc
     # a new file moved over the old one (a crash mid-write would leave a Postgres that does not start), with its
     # owner and mode
     st = hba.stat()
@@ -410,6 +410,11 @@ def _require_password(pgdata: Path, port: int, password: str, user: str | None) 
                             f"{(reload.stderr or '').strip()[-300:]}")
 
 
+def _last_line(exc: subprocess.CalledProcessError) -> str:
+    """What psql said last (its error), for a one-line message."""
+    return ((exc.stderr or "").strip().splitlines()[-1:] or ["(no output)"])[0]
+
+
 def _create_db(port: int, password: str) -> None:
     env = {**os.environ, "PGPASSWORD": password}  # (not on the command line, which `ps` shows everyone)
     try:
@@ -424,8 +429,7 @@ def _create_db(port: int, password: str) -> None:
                 check=True, capture_output=True, text=True, env=env,
             )
     except subprocess.CalledProcessError as exc:  # e.g. embedded.secret replaced: a line saying so, not a traceback
-        why = (exc.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
-        raise EmbeddedError(f"the embedded Postgres on port {port} refused studyhall: {why[0]} (its password is "
+        raise EmbeddedError(f"the embedded Postgres on port {port} refused studyhall: {_last_line(exc)} (its password is "
                             "in embedded.secret in the data dir, made with it)") from exc
 
 

@@ -82,14 +82,16 @@ async def migrate(dsn: str) -> list[str]:
                 logger.warning("the database has migrations this studyhall does not know (%s): a newer version "
                                "migrated it, and this one may fail where the schema changed",
                                ", ".join(done[v]["name"] for v in newer))
+            # indexes a failed concurrent build left invalid (one look at start, not one per index)
+            invalid = {r["relname"] for r in await conn.fetch(_INVALID)}
             for version, name, sql in files:
                 checksum = hashlib.sha256(sql.encode()).hexdigest()
                 if version in done:
                     if done[version]["checksum"] != checksum and done[version]["checksum"] not in _EARLIER.get(
                             version, ()):
                         logger.warning("migration %s changed after it was applied", name)
-                    if sql.startswith(NO_TRANSACTION):  # an index a failed build left invalid, recorded meanwhile
-                        await _repair_indexes(conn, name, sql)  # by an older runner: built again
+                    if invalid and sql.startswith(NO_TRANSACTION):  # an index a failed build left invalid,
+                        await _repair_indexes(conn, name, sql, invalid)  # recorded by an older runner: built again
                     continue
                 logger.info("applying migration %s", name)
                 if sql.startswith(NO_TRANSACTION):
@@ -148,11 +150,12 @@ def _statements(sql: str) -> list[str]:
     return out
 
 
+_INVALID = """SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+              WHERE NOT i.indisvalid AND c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())"""
+
+
 async def _invalid(conn: asyncpg.Connection, index: str) -> bool:
-    return bool(await conn.fetchval(
-        """SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-           WHERE c.relname = $1 AND c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())""",
-        index.lower()))
+    return bool(await conn.fetchval(f"SELECT EXISTS ({_INVALID} AND c.relname = $1)", index.lower()))
 
 
 async def _build(conn: asyncpg.Connection, name: str, statement: str) -> None:
@@ -173,14 +176,14 @@ async def _build(conn: asyncpg.Connection, name: str, statement: str) -> None:
             await asyncio.sleep(1.0)
 
 
-async def _repair_indexes(conn: asyncpg.Connection, name: str, sql: str) -> None:
+async def _repair_indexes(conn: asyncpg.Connection, name: str, sql: str, invalid: set[str]) -> None:
     """Build again the indexes of an applied file that a failed build left invalid (best effort: whatever goes
     wrong is logged, not raised: every process migrates at start, and this must not stop one). An index being built
     right now (by hand, say) is left to its build."""
     try:
         for statement in _statements(sql):
             index = _CONCURRENT_INDEX.search(statement + " ")
-            if not index or not await _invalid(conn, index.group(1)):
+            if not index or index.group(1).lower() not in invalid:
                 continue
             if await conn.fetchval(
                     """SELECT EXISTS (SELECT 1 FROM pg_stat_progress_create_index p JOIN pg_class c

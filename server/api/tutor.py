@@ -235,14 +235,13 @@ class TutorController(Controller):
         async with request.app.state.pool.acquire() as conn:
             await course_or_404(conn, course_id, request.user)
             await conn.execute("UPDATE courses SET tutor_mode = $2 WHERE id = $1", course_id, data.mode)
-            return {"course_id": course_id, "mode": data.mode, "in_effect": await repo.tutor_mode(conn, course_id)}
+            return await _course_mode(conn, course_id)
 
     @get("/courses/{course_id:int}/tutor", guards=[staff_only])
     async def course_mode_read(self, request: Request, course_id: int) -> dict:
         async with request.app.state.pool.acquire() as conn:
             await course_or_404(conn, course_id, request.user)
-            mode = await conn.fetchval("SELECT tutor_mode FROM courses WHERE id = $1", course_id)
-            return {"course_id": course_id, "mode": mode, "in_effect": await repo.tutor_mode(conn, course_id)}
+            return await _course_mode(conn, course_id)
 
     @put("/rooms/{room_id:str}/tutor", guards=[staff_only])
     async def room_mode(self, request: Request, room_id: str) -> dict:
@@ -301,3 +300,9 @@ def _public(result: dict) -> dict:
     ("ask again") from a decline."""
     return {k: result.get(k) for k in ("answer", "grounded", "citations", "follow_ups", "nearest", "session_id",
                                         "turn_id", "mode", "cached", "error")}
+
+
+async def _course_mode(conn: asyncpg.Connection, course_id: int) -> dict:
+    """The course's tutor mode as set, and the mode in effect now."""
+    mode = await conn.fetchval("SELECT tutor_mode FROM courses WHERE id = $1", course_id)
+    return {"course_id": course_id, "mode": mode, "in_effect": await repo.tutor_mode(conn, course_id)}
