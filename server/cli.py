@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -277,14 +278,22 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
             print(f"\njob {job_id}: no worker has been consuming jobs for {args.worker_wait:.0f} s "
                   "(the worker stopped); the job stays queued for the next worker (`studyhall worker`, or `make run`)",
                   file=sys.stderr)
+            _ingest_result(args, video_id, job_id, "queued", None)
             return 1
         if runner is not None:
             await runner
         print(f"job {job_id}: {job['state']}" + (f" ({job['error']})" if job["error"] else ""), file=sys.stderr)
+        _ingest_result(args, video_id, job_id, job["state"], job["error"])
         return 0 if job["state"] == "done" else 1
     finally:
         await arq.aclose()
         await pool.close()
+
+
+def _ingest_result(args: argparse.Namespace, video_id: int, job_id: int, state: str, error: str | None) -> None:
+    """With --json, the outcome on stdout for scripts (the progress and messages stay on stderr)."""
+    if args.json:
+        print(json.dumps({"video_id": video_id, "job_id": job_id, "state": state, "error": error}), flush=True)
 
 
 async def _drop_unclaimed(pool, path) -> None:  # type: ignore[no-untyped-def]
@@ -431,7 +440,6 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 async def _ask(settings: Settings, args: argparse.Namespace) -> int:
-    import json
     from types import SimpleNamespace
 
     from redis.asyncio import Redis
@@ -625,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--worker-wait", type=_worker_wait, default=WORKER_GONE_S, metavar="S",
                      help=f"give up after S seconds without a live worker (5 to 3600, default {WORKER_GONE_S:.0f}); "
                           "the job stays queued")
+    ing.add_argument("--json", action="store_true",
+                     help='print {"video_id", "job_id", "state", "error"} on stdout when the job ends or is left queued')
     ask_ = add("ask", cmd_ask, "ask the tutor about a course (answer with cited moments)")
     ask_.add_argument("course_id", type=_id)
     ask_.add_argument("question", type=_question)

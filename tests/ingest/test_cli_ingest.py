@@ -1,6 +1,7 @@
 """`studyhall ingest` and `studyhall reembed` from the shell, against the session's servers and worker."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -17,11 +18,14 @@ def test_cli_ingest_file_with_progress(client, make: Factory, worker, data_dir, 
     inst = make.user("instructor")
     cid = client.post("/api/v1/courses", json={"title": "CLI"}, headers=inst.h).json()["id"]
     out = _cli(data_dir, "ingest", str(cid), "--file", str(EVAL / "transcripts" / "3b1b-bitcoin.srt"),
-               "--title", "Bitcoin")
+               "--title", "Bitcoin", "--json")
     assert out.returncode == 0, out.stderr
     assert "100.0% done" in out.stderr and "job" in out.stderr
+    result = json.loads(out.stdout)  # --json: the ids on stdout for a script (the progress stays on stderr)
+    assert result["state"] == "done" and result["error"] is None, result
     videos = client.get(f"/api/v1/courses/{cid}/videos", headers=inst.h).json()
-    assert [(v["title"], v["status"]) for v in videos] == [("Bitcoin", "ready")]
+    assert [(v["id"], v["title"], v["status"]) for v in videos] == [(result["video_id"], "Bitcoin", "ready")]
+    assert wait_job(client, result["job_id"], inst.h)["state"] == "done"
     assert videos[0]["chunk_count"] > 10
 
 
@@ -141,10 +145,12 @@ def test_cli_ingest_gives_up_when_the_worker_is_gone(client, make: Factory, work
         r.close()
         t0 = time.monotonic()
         out = _cli(data_dir, "ingest", str(cid), "--file", str(EVAL / "transcripts" / "3b1b-bitcoin.srt"),
-                   "--worker-wait", "5")
+                   "--worker-wait", "5", "--json")
         assert out.returncode == 1 and "no worker has been consuming jobs for 5 s" in out.stderr, out.stderr
         assert time.monotonic() - t0 < 20  # not the default 20 s
-        job_id = int(out.stderr.split("job ")[1].split()[0].rstrip(","))
+        result = json.loads(out.stdout)
+        job_id = result["job_id"]
+        assert result["state"] == "queued" and int(out.stderr.split("job ")[1].split()[0].rstrip(",")) == job_id
         assert fetch(settings, "SELECT state FROM jobs WHERE id = $1", job_id)[0]["state"] == "queued"
     finally:
         worker.start()
