@@ -90,6 +90,9 @@ class SearchHit(msgspec.Struct):
 class SearchResult(msgspec.Struct):
     query: str
     hits: list[SearchHit]
+    # ready videos (of the search's scope) embedded by another model than the configured one, not searched until
+    # re-embedded (`studyhall reembed`): a course switched to a new embedder finds nothing in them meanwhile
+    awaiting_reembed: list[int] = msgspec.field(default_factory=list)
 
 
 class Job(msgspec.Struct):
@@ -300,21 +303,39 @@ class VideoController(Controller):
             raise ApiError(400, "q must not be blank", field="q")
         if "\x00" in q:
             raise ApiError(400, "q must not contain NUL characters", field="q")
+        if "\ufffd" in q and not _utf8_query(request.scope.get("query_string", b"")):
+            raise ApiError(400, "q must be UTF-8 text (percent-encoded bytes that are not UTF-8 were sent)", field="q")
+        embedder = await asyncio.to_thread(embedder_for, state.settings)
         async with state.pool.acquire() as conn:  # access first: the embedding is work done for the caller
             await course_or_404(conn, course_id, request.user)
             if video_id is not None:  # another course's video is not found here, as everywhere else
                 await _video_or_404(conn, course_id, video_id)
+            behind = await conn.fetch(
+                """SELECT id FROM videos WHERE course_id = $1 AND ($2::bigint IS NULL OR id = $2) AND status = 'ready'
+                   AND embed_model IS DISTINCT FROM $3 ORDER BY id LIMIT 100""", course_id, video_id, embedder.name)
         ok, wait = await SendLimiter(state.redis, SEARCH_RATE, SEARCH_BURST, key=rate_search).take(request.user.id)
         if not ok:
             raise ApiError(429, f"too many searches; retry in {wait:g}s", retry_after=wait)
-        embedder = await asyncio.to_thread(embedder_for, state.settings)
         vec = (await asyncio.to_thread(embedder.embed, [q]))[0]
         async with state.pool.acquire() as conn:
             hits = await hybrid_search(conn, course_id, vec, q, embedder.name, k=k, video_id=video_id)
         return SearchResult(query=q, hits=[
             SearchHit(video_id=h.video_id, video_title=h.video_title, start=h.start, end=h.end, text=h.text,
                       score=h.score, url=watch_url(h.youtube_id, h.start) if h.youtube_id else None)
-            for h in hits])
+            for h in hits], awaiting_reembed=[r["id"] for r in behind])
+
+
+def _utf8_query(raw: bytes) -> bool:
+    """Whether every parameter of a raw query string decodes as UTF-8 (a U+FFFD in a decoded value may stand for
+    bytes that were not: `q=%FF` searched for the replacement character)."""
+    from urllib.parse import unquote_to_bytes
+
+    try:
+        for part in raw.split(b"&"):
+            unquote_to_bytes(part.replace(b"+", b" ")).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 # Searches per user and second, refilling evenly, with bursts of SEARCH_BURST: each embeds its query.

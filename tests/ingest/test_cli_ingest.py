@@ -92,8 +92,8 @@ def test_reembed_after_model_switch(client, make: Factory, worker, data_dir, set
     fetch(settings, "UPDATE videos SET embed_model = 'old-model' WHERE id = $1", vid)
     fetch(settings, "UPDATE chunk_terms SET embed_model = 'old-model' WHERE video_id = $1", vid)
     fetch(settings, "UPDATE course_term_stats SET embed_model = 'old-model' WHERE course_id = $1", cid)
-    hits = client.get(f"/api/v1/courses/{cid}/search", params={"q": "digital signature"}, headers=inst.h).json()["hits"]
-    assert hits == []
+    found = client.get(f"/api/v1/courses/{cid}/search", params={"q": "digital signature"}, headers=inst.h).json()
+    assert found["hits"] == [] and found["awaiting_reembed"] == [vid], found  # says why it finds nothing
     fetch(settings, "INSERT INTO jobs (kind, course_id, video_id, state) VALUES ('reembed', $1, $2, 'failed')",
           cid, vid)  # an earlier failed run does not stand in the way
     out = _cli(data_dir, "reembed", "--course", str(cid))
@@ -104,8 +104,8 @@ def test_reembed_after_model_switch(client, make: Factory, worker, data_dir, set
     assert fetch(settings, "SELECT embed_model FROM videos WHERE id = $1", vid)[0]["embed_model"] == model
     assert fetch(settings, "SELECT count(*) AS n FROM chunks WHERE video_id = $1 AND embed_model = $2", vid,
                  model)[0]["n"] == n
-    hits = client.get(f"/api/v1/courses/{cid}/search", params={"q": "digital signature"}, headers=inst.h).json()["hits"]
-    assert hits
+    found = client.get(f"/api/v1/courses/{cid}/search", params={"q": "digital signature"}, headers=inst.h).json()
+    assert found["hits"] and found["awaiting_reembed"] == [], found
     # run while a re-embed of the video is under way: nothing more is queued (a second run doubled the work)
     fetch(settings, "UPDATE videos SET embed_model = 'old-model' WHERE id = $1", vid)
     busy = fetch(settings, "INSERT INTO jobs (kind, course_id, video_id, state) VALUES ('reembed', $1, $2, "

@@ -93,6 +93,11 @@ def test_search_scoping_and_access(eval_course: EvalCourse, client, make: Factor
     assert _search(client, eval_course, q="x", k=500).status_code == 400
     nul = _search(client, eval_course, q="a\x00b")
     assert nul.status_code == 400 and nul.json()["field"] == "q"
+    # bytes that are not UTF-8 are refused (they were searched as U+FFFD); a real U+FFFD is text like any other
+    raw = client.get(f"/api/v1/courses/{eval_course.id}/search?q=hash%FF%FE&k=3", headers=eval_course.learner.h)
+    assert raw.status_code == 400 and "UTF-8" in raw.json()["message"] and raw.json()["field"] == "q", raw.text
+    assert _search(client, eval_course, q="hash \ufffd", k=3).status_code == 200
+    assert _search(client, eval_course, q="signatures", k=3).json()["awaiting_reembed"] == []
     # each search embeds its query: a burst of 20 per user, then 429 with when to come back
     eager = make.user("learner", tenant=eval_course.tenant)
     assert client.post(f"/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": eager.id},
