@@ -141,11 +141,15 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
                 snapshot = f"{taken};{period_tag('month', now)},{period_tag('week', now)};{seen_ids}"
                 high = await conn.fetchval(_LEDGER_HIGH)
                 boards: dict[str, dict[int, int]] = defaultdict(dict)
+                scoped: dict[str, tuple[str, int]] = {}  # course and pod boards: whose
                 for scope, sql in _BOARDS_SQL.items():
                     for r in await conn.fetch(sql, month[0], month[1], week[0], week[1]):
                         for period, col in (("all", "all_xp"), ("month", "month_xp"), ("week", "week_xp")):
                             if r[col] is not None:
-                                boards[board_key(scope, r["sid"], period, now)][r["user_id"]] = int(r[col])
+                                key = board_key(scope, r["sid"], period, now)
+                                boards[key][r["user_id"]] = int(r[col])
+                                if scope != "tenant":
+                                    scoped[key] = (scope, r["sid"])
                 names = await conn.fetch(
                     "SELECT u.tenant_id, u.id, u.name FROM users u WHERE u.id IN (SELECT user_id FROM xp_totals)")
                 async with redis.pipeline(transaction=False) as pipe:
@@ -177,8 +181,13 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
                 await redis.set(keys.LEADERBOARD_HIGH, high)
                 ids = sorted({int(x) for x in backlog})
                 seen = {r["id"] for r in await conn.fetch("SELECT id FROM xp_events WHERE id = ANY($1::bigint[])", ids)}
+            # a course or pod deleted after the snapshot: its deletion may have dropped its boards before the swap
+            # put them back (all-time boards never expire; nobody can read them any more)
+            gone = await _gone(conn, scoped)
+            if gone:
+                await redis.delete(*gone)
             missed = [i for i in ids if i not in seen]
-            replayed = await _replay(conn, redis, missed, set(live_keys + stale), now) if missed else 0
+            replayed = await _replay(conn, redis, missed, set(live_keys + stale) - set(gone), now) if missed else 0
             await redis.eval(_MARK_BUILT, 3, keys.LEADERBOARD_LOCK, keys.LEADERBOARD_BUILT, keys.LEADERBOARD_HIGH,
                              token, now.isoformat(), max([high or 0, *ids]))
         took = time.perf_counter() - t0
@@ -214,6 +223,15 @@ async def _keep_lock(redis: Redis, token: str) -> None:
                              int(LOCK_TTL_S * 1000))
         except Exception:  # noqa: BLE001 - the next beat tries again
             logger.warning("could not renew the leaderboard rebuild lock", exc_info=True)
+
+
+async def _gone(conn: asyncpg.Connection, scoped: dict[str, tuple[str, int]]) -> list[str]:
+    """The boards (of `scoped`, key -> (scope, id)) whose course or pod no longer exists."""
+    ids = {scope: sorted({sid for sc, sid in scoped.values() if sc == scope}) for scope in ("course", "pod")}
+    rows = await conn.fetch("SELECT 'course' AS scope, id FROM courses WHERE id = ANY($1::bigint[]) "
+                            "UNION ALL SELECT 'pod', id FROM pods WHERE id = ANY($2::bigint[])", ids["course"], ids["pod"])
+    there = {(r["scope"], r["id"]) for r in rows}
+    return sorted(k for k, owner in scoped.items() if owner not in there)
 
 
 def _period_expiry(key: str, now: datetime) -> int:

@@ -683,6 +683,37 @@ async def test_a_rebuild_stopped_between_its_swap_and_its_replay_leaves_the_boar
     assert board.me is not None and board.me.xp == 75 and board.built
 
 
+async def test_a_course_deleted_during_a_rebuild_does_not_get_its_boards_back(lb, monkeypatch):
+    """The course (and its pod) deleted after the rebuild's snapshot, its boards dropped before the swap: the swap
+    put them back, all-time boards that never expire and nobody can read."""
+    from tests.progress_helpers import course_in_new_tenant
+
+    pool, redis = lb
+    async with pool.acquire() as conn:
+        cid, _, learners = await course_in_new_tenant(conn, 2)
+        pod = await conn.fetchval("INSERT INTO pods (course_id, name) VALUES ($1, 'p') RETURNING id", cid)
+        for u in learners:
+            await conn.execute("INSERT INTO pod_members (pod_id, user_id) VALUES ($1, $2)", pod, u)
+    for u in learners:
+        await xp.award_xp(pool, redis, u, "helpful_answer", f"helpful:{u}", course_id=cid)
+    assert await redis.exists(keys.leaderboard("course", cid, "all"), keys.leaderboard("pod", pod, "all")) == 2
+    real = leaderboard_rebuild._stale_boards
+
+    async def deleted_meanwhile(*args, **kw):  # type: ignore[no-untyped-def]  # after the snapshot, before the swap
+        async with pool.acquire() as conn:
+            await conn.execute("DELETE FROM courses WHERE id = $1", cid)
+        await leaderboards.drop_boards(redis, [("course", cid), ("pod", pod)])
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(leaderboard_rebuild, "_stale_boards", deleted_meanwhile)
+    assert await leaderboard_rebuild.rebuild(pool, redis) is not None
+    left = [k async for k in redis.scan_iter(f"sh:lb:course:{cid}:*")] + [k async for k in redis.scan_iter(f"sh:lb:pod:{pod}:*")]
+    assert left == []
+    tenant = await redis.zscore(keys.leaderboard("tenant", (await pool.fetchval(
+        "SELECT tenant_id FROM users WHERE id = $1", learners[0])), "all"), str(learners[0]))
+    assert tenant == 25  # the tenant board keeps the XP
+
+
 async def test_boards_behind_the_ledger_are_rebuilt_at_startup(make: Factory, lb):
     """Redis back without its last writes (its append-only file synced once a second, a restored snapshot): the boards
     stayed marked built and missed that XP until the hourly check."""
