@@ -1,4 +1,4 @@
-"""`studyhall` command line: up, serve, worker, migrate, token, ingest, reembed, leaderboards."""
+"""`studyhall` command line: up, serve, worker, migrate, token, ingest, reembed, leaderboards, ask."""
 from __future__ import annotations
 
 import argparse
