@@ -147,6 +147,29 @@ def group_weight(group: list[int], weights: dict[tuple[int, int], int]) -> int:
     return sum(weights[pair(a, b)] for a, b in itertools.combinations(sorted(group), 2))
 
 
+def mended_groups(kept: list[list[int]], ids: list[int], weights: dict[tuple[int, int], int]) -> list[list[int]]:
+    """A round after someone dropped out of it (a decline, a leaving): the groups of `kept` whose members are all
+    still here (`ids`) stay as they were; the learners left without a group (the one who dropped out's partners,
+    newcomers) are grouped among themselves, or one left alone joins a pair as a third, or takes a trio's member
+    as a partner, wherever that weighs most. Only the groups the drop-out touched change, not everyone's buddy."""
+    present = set(ids)
+    stay = sorted(sorted(g) for g in kept if len(g) >= 2 and set(g) <= present)
+    loose = sorted(present - {m for g in stay for m in g})
+    if len(loose) != 1:
+        return sorted(stay + [g for g in best_groups(loose, weights) if len(g) >= 2])
+    (y,) = loose
+    options = []
+    for k, g in enumerate(stay):
+        rest = stay[:k] + stay[k + 1:]
+        if len(g) == 2:
+            options.append(rest + [sorted(g + [y])])
+        else:
+            options += [rest + [sorted(set(g) - {m}), sorted([m, y])] for m in g]
+    if not options:
+        return stay
+    return sorted(max(options, key=lambda groups: sum(group_weight(g, weights) for g in groups)))
+
+
 # --- reasons ------------------------------------------------------------------------------------------------
 
 def _fmt_minutes(m: int) -> str:
@@ -253,6 +276,7 @@ class MatchState(TypedDict, total=False):
     skipped: bool
     based_on: int | None  # a decline's re-match: the round it was computed from
     week_since: datetime | None  # the weekly round: skip the pod if a round was made since (not by a decline)
+    kept: list[dict[str, Any]] | None  # a re-match: the groups of `based_on` to keep ({members, reason})
 
 
 @dataclass(frozen=True)
@@ -309,18 +333,30 @@ def build_graph(pool: asyncpg.Pool, redis: Redis, settings: Settings, llm: Any =
                      for a, b in itertools.combinations(sorted(ls), 2)})}
 
     async def match(state: MatchState) -> MatchState:
-        groups = await asyncio.to_thread(best_groups, list(state["learners"]), state["weights"])
+        kept = state.get("kept")
+        if kept is None:
+            groups = await asyncio.to_thread(best_groups, list(state["learners"]), state["weights"])
+        else:
+            groups = await asyncio.to_thread(mended_groups, [list(g["members"]) for g in kept],
+                                             list(state["learners"]), state["weights"])
         return {"groups": [g for g in groups if len(g) >= 2]}
 
     async def reasons(state: MatchState) -> MatchState:
         ls, titles = state["learners"], state["chapter_titles"]
-        groups = [[ls[i] for i in g] for g in state["groups"]]
+        # a group kept from the round re-matched keeps its reason (no model call for it)
+        old = {tuple(sorted(g["members"])): g["reason"] for g in state.get("kept") or []}
+        fresh = [g for g in state["groups"] if tuple(g) not in old]
+        groups = [[ls[i] for i in g] for g in fresh]
         if llm is not None and groups:
             got = await asyncio.gather(*(llm_reason(llm, g, titles) for g in groups))
-            if all(got):
-                return {"reasons": list(got), "reason_source": "llm"}  # type: ignore[arg-type]
-            return {"reasons": [r or template_reason(g, titles) for r, g in zip(got, groups)], "reason_source": "mixed"}
-        return {"reasons": [template_reason(g, titles) for g in groups], "reason_source": "template"}
+            source = "llm" if all(got) else "mixed"
+            made = [r or template_reason(g, titles) for r, g in zip(got, groups)]
+        else:
+            source, made = "template", [template_reason(g, titles) for g in groups]
+        if not fresh and old:
+            source = "kept"
+        new = dict(zip(map(tuple, fresh), made))
+        return {"reasons": [new.get(tuple(g)) or old[tuple(g)] for g in state["groups"]], "reason_source": source}
 
     async def post(state: MatchState) -> MatchState:
         groups = [{"members": g, "reason": r} for g, r in zip(state["groups"], state["reasons"])]
@@ -385,15 +421,16 @@ async def announce(pool: asyncpg.Pool, redis: Redis, row: Any, names: dict[int, 
 async def run_match(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id: int, *, trigger: str = "manual",
                     created_by: int | None = None, round_key: str | None = None, declined: list[int] | None = None,
                     llm: Any = "settings", based_on: int | None = None,
-                    week_since: datetime | None = None) -> MatchResult | None:
+                    week_since: datetime | None = None, kept: list[dict[str, Any]] | None = None) -> MatchResult | None:
     """Match the pod's learners and post the result to its room; None when `round_key` already ran (or, with
     `week_since`, when the pod got a round other than by a decline since then). Raises matching.StaleRound when
-    `based_on` is no longer the current round."""
+    `based_on` is no longer the current round. `kept`: mend that round's groups ({members, reason}) rather than
+    matching everyone anew (`mended_groups`)."""
     model = _get_llm(settings) if llm == "settings" else llm
     graph = build_graph(pool, redis, settings, model)
     out = await graph.ainvoke({"pod_id": pod_id, "trigger": trigger, "round_key": round_key,
                                "created_by": created_by, "declined": list(declined or []), "based_on": based_on,
-                               "week_since": week_since})
+                               "week_since": week_since, "kept": kept})
     if out.get("skipped") or not out.get("match"):
         return None
     return result_of(out["match"])
@@ -531,7 +568,8 @@ async def _rematch(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id:
             try:  # saved only if `cur` is still current
                 return await run_match(pool, redis, settings, pod_id, trigger="decline",
                                        created_by=user_id if declining else None, declined=sorted(declined),
-                                       llm=llm, based_on=cur["id"])
+                                       llm=llm, based_on=cur["id"],
+                                       kept=[g for g in cur["groups"] if user_id not in g["members"]])
             except matching.StaleRound:
                 continue
     raise DeclineError("the pod's round kept changing while re-matching; please try again")

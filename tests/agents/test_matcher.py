@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from agents.matcher import (Learner, best_groups, factors, group_weight, int_weight, llm_reason, max_matching, pair,
-                            template_reason, weight_of)
+from agents.matcher import (Learner, best_groups, factors, group_weight, int_weight, llm_reason, max_matching,
+                            mended_groups, pair, template_reason, weight_of)
 
 
 def brute_force(ids: list[int], w: dict[tuple[int, int], int]) -> int:
@@ -84,6 +84,35 @@ def test_tiny_pods():
     assert best_groups([7], {}) == [[7]]
     assert best_groups([3, 9], {(3, 9): 1}) == [[3, 9]]
     assert best_groups([1, 2, 3], {(1, 2): 5, (1, 3): 1, (2, 3): 1}) == [[1, 2, 3]]
+
+
+def test_a_drop_out_changes_only_the_groups_it_touches():
+    """One learner out of a round (a decline, a leaving): everyone else's buddy stayed only by chance (the whole
+    rest was matched anew); now the untouched groups stay and only the drop-out's partners are placed again."""
+    ids = list(range(1, 9))
+    w = {pair(a, b): 1 for a, b in itertools.combinations(ids, 2)}
+    w[pair(2, 7)] = 100  # the lone partner 2 fits best with the pair (7, 8)
+    kept = [[3, 4], [5, 6], [7, 8]]  # the round was (1, 2), (3, 4), (5, 6), (7, 8); 1 dropped out
+    assert mended_groups(kept, [2, 3, 4, 5, 6, 7, 8], w) == [[2, 7, 8], [3, 4], [5, 6]]
+    # only trios to join: the lone one takes the trio member it weighs most with, the trio becomes a pair
+    assert mended_groups([[3, 4, 7], [5, 6]], [2, 3, 4, 5, 6, 7], w) == [[2, 7], [3, 4], [5, 6]]
+    # two left without a group (a trio's drop-out, or a newcomer beside a lone partner) pair up with each other
+    assert mended_groups([[3, 4], [5, 6]], [2, 3, 4, 5, 6, 9], {**w, pair(2, 9): 1, **{pair(9, x): 1 for x in
+                                                                                       range(3, 7)}}) == \
+        [[2, 9], [3, 4], [5, 6]]
+    # a kept group one of whose members is gone meanwhile is mended too; nobody left: no group
+    assert mended_groups([[3, 4], [5, 6]], [3, 5, 6], w) == [[3, 5, 6]]
+    assert mended_groups([], [2], w) == []
+    for n in range(3, 12):  # random rounds: everyone present exactly once, untouched groups kept
+        rnd = random.Random(n)
+        ids = list(range(1, n + 1))
+        w = {pair(a, b): rnd.randint(0, 50) for a, b in itertools.combinations(ids, 2)}
+        groups = best_groups(ids, w)
+        out = rnd.choice(ids)
+        kept = [g for g in groups if out not in g]
+        mended = mended_groups(kept, [i for i in ids if i != out], w)
+        assert sorted(m for g in mended for m in g) == [i for i in ids if i != out] and all(2 <= len(g) <= 3 for g in mended)
+        assert sum(g not in mended for g in kept) <= 1, (groups, out, mended)
 
 
 def test_factors():

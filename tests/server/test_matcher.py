@@ -197,6 +197,27 @@ async def test_the_weekly_run_keeps_a_round_made_while_it_ran(client, make: Fact
     assert now["match_id"] == declined["match_id"]
 
 
+def test_a_decline_leaves_the_other_groups_alone(client, make: Factory, settings):
+    """A decline re-matched the whole rest of the pod: buddies who had already met up got new ones. Now the other
+    groups keep their members and reasons, and the decliner's partner joins one of them."""
+    course = make_course(client, make, learners=6, videos=0)
+    pod = _pod(client, course, course.learners)
+    first = client.post(f"/api/v1/pods/{pod}/match", headers=course.instructor.h).json()
+    by_id = {u.id: u for u in course.learners}
+    (x, partner) = first["groups"][0]["members"]
+    r = client.post(f"/api/v1/pods/{pod}/match/decline", headers=by_id[x].h)
+    assert r.status_code == 200, r.text
+    now = r.json()
+    others = [g for g in first["groups"][1:]]
+    kept = [g for g in now["groups"] if partner not in g["members"]]
+    joined = next(g for g in now["groups"] if partner in g["members"])
+    assert len(joined["members"]) == 3 and kept, now
+    assert all(g in others for g in kept)  # same members, same reason
+    assert sorted(set(joined["members"]) - {partner}) in [sorted(g["members"]) for g in others]
+    msg = client.get(f"/api/v1/rooms/pod:{pod}/messages", headers=by_id[partner].h).json()["items"][-1]
+    assert msg["meta"]["match_id"] == now["match_id"] and msg["meta"]["reason_source"] == "template"
+
+
 async def test_a_decline_of_last_weeks_round_does_not_stand_for_this_week(client, make: Factory, settings,
                                                                            xp_store):
     """Last week's round, declined after this week's moment but before the weekly run got to the pod (a worker
