@@ -222,6 +222,11 @@ async def delete_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, ro
             raise Refused("not_found", f"message {message_id} not found in this room")
         if not moderator and msg["author_id"] != user_id:
             raise Refused("forbidden", "only the author or a moderator can delete a message")
+        if not moderator:  # as for an edit (and over REST): an author removed or barred since cannot erase it
+            if not await _allowed(conn, room_id, user_id):
+                raise Refused(ACCESS_REVOKED, "you no longer have access to this room")
+            if await moderation.kicked_until(conn, room_id, user_id) is not None:
+                raise Refused("kicked", "you are barred from this room")
         await conn.execute("UPDATE messages SET body = '', deleted_at = now() WHERE id = $1", message_id)
         for ev in await conn.fetch(
                 "SELECT seq, type, payload FROM room_events WHERE message_id = $1 AND room_id = $2 "

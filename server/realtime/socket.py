@@ -348,6 +348,11 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
         # sockets on every process (one a second per socket let 50 sockets re-read 50 batches a second)
         await _rate(hub, user, "resumes")
         conn.resumed_at = time.monotonic()
+        async with hub.pool.acquire() as db:  # a replay of the room's history is for who may still read it (a
+            refused = await still_allowed(db, conn.room, user, conn.opened_at)  # removal's close may be lost)
+        if refused is not None:
+            conn.close_soon(*refused)
+            return
         await hub.welcome(conn, frame.after_seq)
     elif isinstance(frame, frames.Ping):
         conn.push_event(Pong(ref=frame.ref))

@@ -86,6 +86,33 @@ async def test_a_kick_whose_event_was_lost_still_stops_the_open_socket(server, m
     assert not fetch(settings, "SELECT 1 FROM messages WHERE room_id = $1 AND body = 'still here'", course.room)
 
 
+async def test_a_socket_whose_removal_was_lost_cannot_delete_or_replay(server, client, make: Factory, settings):
+    """A pod member removed (their close event lost) could still erase their messages (evidence a moderator may
+    want) and replay the room's whole history with `resume`, as REST would not let them. Both now check access:
+    the delete is refused and the socket closes; a resume closes it without a replay."""
+    from tests.conftest import fetch
+
+    course = make_course(server, make, learners=2)
+    inst, (a, b) = course.instructor, course.learners
+    pid = client.post(f"/api/v1/courses/{course.id}/pods", json={"name": "P"}, headers=inst.h).json()["id"]
+    for u in (a, b):
+        assert client.post(f"/api/v1/pods/{pid}/members", json={"user_id": u.id}, headers=inst.h).status_code == 201
+    for what in ("delete", "resume"):
+        fetch(settings, "INSERT INTO pod_members (pod_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", pid, a.id)
+        ca = await Client.connect(server, f"pod:{pid}", a)
+        await ca.send({"type": "message.send", "text": f"mine {what}", "client_msg_id": what})
+        mine = await ca.expect("message.new", client_msg_id=what)
+        fetch(settings, "DELETE FROM pod_members WHERE pod_id = $1 AND user_id = $2", pid, a.id)  # no event
+        if what == "delete":
+            await ca.send({"type": "message.delete", "id": mine["id"]})
+            assert (await ca.expect("error"))["code"] == "access_revoked"
+        else:
+            await ca.send({"type": "resume", "after_seq": 0})
+        assert await ca.closed() == (4403, "access revoked")
+        assert fetch(settings, "SELECT deleted_at FROM messages WHERE id = $1", mine["id"])[0]["deleted_at"] is None
+        assert [f["type"] for f in ca.frames].count("welcome") == 1, ca.frames  # the join's, no replay
+
+
 def test_staff_cannot_be_muted_or_kicked_and_a_bar_can_be_lifted(server, make: Factory):
     """A moderator barred by another (or by themselves) could not reach the room to undo it; a kick's bar is
     listed and lifted like a mute."""
