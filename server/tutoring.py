@@ -579,7 +579,7 @@ async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, t
     posted)."""
     refused, question, slot = None, None, None
     if TUTOR_MENTION.search(text):
-        repeat = await original(state.pool, room_id, user.id, client_msg_id)
+        repeat = await original(state.pool, room_id, user.id, client_msg_id, text)
         if repeat is not None:  # answered (or being answered) once: no slot for it, no refusal
             return repeat, None
         question = " ".join(TUTOR_MENTION.sub(" ", text).split())

@@ -54,18 +54,26 @@ async def _muted(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
 
 
 async def _existing(conn: asyncpg.Connection, room_id: str, author_id: int | None,
-                    client_msg_id: str) -> Posted | None:
+                    client_msg_id: str, text: str | None = None) -> Posted | None:
     row = await conn.fetchrow(
         """SELECT e.payload, m.body FROM messages m JOIN room_events e ON e.room_id = m.room_id AND e.seq = m.seq
            WHERE m.room_id = $1 AND m.author_id IS NOT DISTINCT FROM $2 AND m.client_msg_id = $3""",
         room_id, author_id, client_msg_id)
-    return None if row is None else _as_now(row["payload"], row["body"])
+    return None if row is None else _as_now(row["payload"], row["body"], text)
 
 
-def _as_now(payload: str, body: str) -> Posted:
+REUSED = "idempotency_key_reused"  # a Refused code: a client_msg_id sent again with another text
+
+
+def _as_now(payload: str, body: str, text: str | None = None) -> Posted:
     """A repeat's original `message.new` as the message is now: its stored event carries the text first posted
-    (a deletion blanks it there too), so an edit since is laid over it, as REST's repeat shows."""
+    (a deletion blanks it there too), so an edit since is laid over it, as REST's repeat shows. With `text` (the
+    repeat's), Refused(REUSED) when it is not the text first posted: a client reusing its ids (a counter reset by a
+    reload) would otherwise have its new message dropped without a word."""
     event = _new_decoder.decode(payload.encode())
+    if text is not None and not event.deleted and event.text != text:
+        raise Refused(REUSED, f"client_msg_id {event.client_msg_id!r} was already used for another message in this "
+                              "room; send a new message with a new client_msg_id")
     if not event.deleted and event.text != body:
         event = msgspec.structs.replace(event, text=body)
         return Posted(event, encode(event), False)
@@ -73,11 +81,12 @@ def _as_now(payload: str, body: str) -> Posted:
 
 
 async def original(db: asyncpg.Pool | asyncpg.Connection, room_id: str, author_id: int,
-                   client_msg_id: str | None) -> Posted | None:
-    """The message `author_id` already posted in the room with `client_msg_id`, if any (a repeat)."""
+                   client_msg_id: str | None, text: str | None = None) -> Posted | None:
+    """The message `author_id` already posted in the room with `client_msg_id`, if any (a repeat); Refused(REUSED)
+    when `text` is given and the original's was another."""
     if client_msg_id is None:
         return None
-    return await _with_conn(db, lambda c: _existing(c, room_id, author_id, client_msg_id))
+    return await _with_conn(db, lambda c: _existing(c, room_id, author_id, client_msg_id, text))
 
 
 # The author, whether they are muted in the room (for a live session's room $4, in its course room too), whether
@@ -122,7 +131,7 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
                 if author is None:
                     raise LookupError(f"user {author_id} does not exist")
                 if author["original"] is not None:
-                    return _as_now(author["original"], author["original_body"])
+                    return _as_now(author["original"], author["original_body"], text)
                 if not author["allowed"]:  # left the course or pod: the socket's close may have been lost
                     raise Refused(ACCESS_REVOKED, "you no longer have access to this room")
                 if author["kicked"]:  # (an open socket closes on the kick's event; should that be lost, not this)
@@ -155,7 +164,8 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
                 await also(conn, row["id"])
             box.later(room_id, payload, "MessageNew")
     except _Duplicate:
-        found = await _with_conn(db, lambda c: _existing(c, room_id, author_id, client_msg_id))
+        found = await _with_conn(db, lambda c: _existing(c, room_id, author_id, client_msg_id,
+                                                         None if author_id is None else text))
         if found is None:
             raise
         return found

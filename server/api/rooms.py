@@ -27,6 +27,7 @@ Seq = Parameter(ge=0, le=2**62, default=None)
 
 # Refused codes of the store layer -> HTTP status
 _STATUS = {"not_found": 404, "forbidden": 403, "muted": 403, "kicked": 403, "access_revoked": 403, "conflict": 409,
+           messages_repo.REUSED: 409,
            "poll_closed": 409,
            "bad_option": 400, "bad_frame": 400, "too_long": 400}
 
@@ -96,8 +97,11 @@ class RoomController(Controller):
         try:
             await take_send(state, user)
         except ApiError:  # a repeat of a message already stored gets the original, budget or not
-            if await messages_repo.original(state.pool, room_id, user.id, data.client_msg_id) is None:
-                raise
+            try:
+                if await messages_repo.original(state.pool, room_id, user.id, data.client_msg_id, data.text) is None:
+                    raise
+            except messages_repo.Refused as exc:
+                raise refused(exc) from exc
         try:
             posted, not_taken = await post_mentioning(state, user, room_id, acc.course_id, data.text,
                                                       data.client_msg_id)

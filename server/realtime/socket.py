@@ -277,7 +277,7 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
             await _rate(hub, user)
         except messages_repo.Refused:
             # a re-send of a message already stored (after a reconnect) gets the original, budget or not
-            original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id)
+            original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id, text)
             if original is None:
                 raise
             conn.own(original.event.seq, original.payload.decode())
@@ -293,7 +293,7 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
         text = _check_text(frame.text, min(settings.ws_max_text, MAX_QUESTION_CHARS))
         # a repeat of a question already asked (a re-send after a reconnect): the original comes back, as for any
         # repeat, whatever the slots, the send budget or the daily limit say now
-        original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id)
+        original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id, text)
         if original is not None:
             conn.own(original.event.seq, original.payload.decode())
             return

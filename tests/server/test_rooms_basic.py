@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
+
 from tests.conftest import Factory, fetch
 from tests.server.conftest import Client, make_course
 
@@ -78,6 +80,20 @@ async def test_idempotent_send(server, make: Factory, settings):
     await c.close()
     rows = fetch(settings, "SELECT count(*) AS n FROM messages WHERE room_id = $1", course.room)
     assert rows[0]["n"] == 1
+    # the id again with another text (a client whose counter restarted): refused, never silently dropped; on
+    # the socket where the original was delivered too (it got no reply at all), and over REST (409)
+    c = await Client.connect(server, course.room, a)
+    await c.send({"type": "message.send", "text": "once", "client_msg_id": "dup-1"})
+    await c.expect("message.new")
+    for kind in ("message.send", "tutor.ask"):
+        await c.send({"type": kind, "text": "something new", "client_msg_id": "dup-1"})
+        err = await c.expect("error")
+        assert err["code"] == "idempotency_key_reused" and err["ref"] == "dup-1", err
+    await c.close()
+    r = httpx.post(f"{server}/api/v1/rooms/{course.room}/messages", json={"text": "another", "client_msg_id": "dup-1"},
+                   headers=a.h)
+    assert r.status_code == 409 and r.json()["code"] == "idempotency_key_reused", r.text
+    assert fetch(settings, "SELECT count(*) AS n FROM messages WHERE room_id = $1", course.room)[0]["n"] == 1
 
 
 async def test_a_resent_message_comes_back_as_it_is_now_and_past_the_send_budget(server, make: Factory):

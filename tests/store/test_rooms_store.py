@@ -82,7 +82,7 @@ async def test_concurrent_posts_get_consecutive_seqs(db):
     _, learner, room = await _course(pool)
 
     async def one(i: int):  # type: ignore[no-untyped-def]
-        return await post_message(pool, redis, room, learner, f"m{i}", None, f"c{i % 20}")
+        return await post_message(pool, redis, room, learner, f"m{i % 20}", None, f"c{i % 20}")
 
     results = await asyncio.gather(*(one(i) for i in range(60)))
     created = [r for r in results if r.created]
@@ -93,6 +93,12 @@ async def test_concurrent_posts_get_consecutive_seqs(db):
         rows = await events_after(conn, room, 0, 100)
     assert [s for s, _ in rows] == list(range(1, 21))
     assert sorted(msgspec.json.decode(p)["seq"] for _, p in rows) == list(range(1, 21))
+    # an id racing with another text: one is stored, the others are refused (none dropped silently)
+    raced = await asyncio.gather(*(post_message(pool, redis, room, learner, f"race {i}", None, "r")
+                                   for i in range(8)), return_exceptions=True)
+    assert sum(not isinstance(r, BaseException) and r.created for r in raced) == 1
+    assert all(isinstance(r, Refused) and r.code == "idempotency_key_reused" for r in raced
+               if isinstance(r, BaseException)) and sum(isinstance(r, Refused) for r in raced) == 7, raced
 
 
 async def test_delete_redacts_stored_events_and_mute_refuses(db):
