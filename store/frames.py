@@ -135,20 +135,28 @@ def has_nul(raw: str | bytes) -> bool:
 
 
 class _Refs(msgspec.Struct):
-    """Only what a refused frame's error echoes back."""
+    """Only what a refused frame's error echoes back (and its type)."""
     ref: Any = None
     client_msg_id: Any = None
+    type: Any = None
+
+
+# Frames that change something (a post, an edit, a vote): dropped unread over the frame budget, each is told so
+# by name, so a client knows which of its sends to send again (typing and pings go without a word).
+CHANGING = frozenset({"message.send", "tutor.ask", "message.edit", "message.delete", "poll.vote"})
 
 
 _refs = msgspec.json.Decoder(_Refs)
 
 
-def ref_of(raw: str | bytes) -> str | None:
+def ref_of(raw: str | bytes, *, changing: bool = False) -> str | None:
     """The `ref` (else `client_msg_id`) of a frame that failed to decode, when it has a usable one, so the error
-    can name the frame it answers."""
+    can name the frame it answers. `changing`: only for a frame of a CHANGING type."""
     try:
         got = _refs.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+    if changing and got.type not in CHANGING:
         return None
     for value in (got.ref, got.client_msg_id):
         if isinstance(value, str) and 0 < len(value) <= 100 and "\x00" not in value:

@@ -428,6 +428,27 @@ async def test_a_connection_flooding_frames_is_told_then_closed(server, make: Fa
     await calm.close()
 
 
+async def test_sends_dropped_over_the_frame_budget_are_each_named(server, make: Factory, settings):
+    """Typing frames spent the budget, then sends were dropped with one unnamed `rate_limited` for all: the client
+    could not tell which of its messages were lost. Each dropped send is now named; typing is dropped quietly."""
+    from tests.conftest import fetch
+
+    course = make_course(server, make, learners=1)
+    (a,) = course.learners
+    sock = await Client.connect(server, course.room, a)
+    for _ in range(59):
+        await sock.ws.send('{"type": "typing", "active": true}')
+    for i in range(6):
+        await sock.send({"type": "message.send", "text": f"line {i}", "client_msg_id": f"l{i}"})
+    got = {f["client_msg_id"] for f in await sock.quiet(1.5) if f["type"] == "message.new"}
+    named = {f["ref"] for f in sock.frames if f["type"] == "error" and f["code"] == "rate_limited" and f.get("ref")}
+    assert named and got | named == {f"l{i}" for i in range(6)} and not got & named, (got, named)
+    stored = {r["client_msg_id"] for r in fetch(settings, "SELECT client_msg_id FROM messages WHERE room_id = $1",
+                                                course.room)}
+    assert stored == got
+    await sock.close()
+
+
 async def test_pings_are_answered_within_a_rate_and_a_ping_flood_is_closed_1008(server, make: Factory):
     """Websocket pings are answered below the app, so its frame budget does not see them: a keepalive's worth
     (a burst of 20, then two a second) is answered; a flood is closed with 1008, whether or not
