@@ -3,6 +3,7 @@
     POST /api/v1/assignments/{id}/submissions {answer}      GET /api/v1/assignments/{id}/submissions
     POST /api/v1/assignments/{id}/grade-all                 GET /api/v1/submissions/{id}
     POST /api/v1/submissions/{id}/review {score?, comment?}  GET /api/v1/courses/{id}/grading-queue
+    POST /api/v1/submissions/{id}/regrade
     GET  /api/v1/courses/{id}/me/next
 """
 from __future__ import annotations
@@ -256,6 +257,39 @@ class SubmissionController(Controller):
             if user.is_staff:
                 await course_or_404(conn, row["course_id"], user, missing=f"submission {submission_id} not found")
                 history = [dict(h) for h in await repo.history(conn, submission_id)]
+        return to_submission(row, user, history)
+
+    @post("/submissions/{submission_id:int}/regrade", guards=[staff_only], status_code=202)
+    async def regrade(self, request: Request, submission_id: int) -> Submission:
+        """Grade one written answer again automatically: one the grader could not grade (the model away: held for
+        review saying why), or one to grade after a rubric change, without sending the whole assignment back
+        (grade-all). The learner keeps seeing the grade they were given until the new one is final. An
+        instructor's own grade is kept (409 `reviewed`); one being graded is left to that run."""
+        from ingest.grading import enqueue_grade
+
+        state, user = request.app.state, request.user
+        async with state.pool.acquire() as conn:
+            row = await _submission_or_404(conn, submission_id, user)
+            await course_or_404(conn, row["course_id"], user, missing=f"submission {submission_id} not found")
+            kind = await conn.fetchval("SELECT type FROM assignments WHERE id = $1", row["assignment_id"])
+            if kind == "multiple_choice":
+                raise ApiError(409, "multiple choice is graded on submission")
+            async with conn.transaction():
+                row = await repo.get(conn, submission_id, lock=True)
+                if row is None:
+                    raise ApiError(404, f"submission {submission_id} not found")
+                if row["reviewed_by"] is not None:
+                    raise ApiError(409, "an instructor graded this answer; change the grade with POST "
+                                        f"/submissions/{submission_id}/review", code="reviewed")
+                marked = row["status"] != "grading" and await repo.mark_grading(conn, [submission_id], None)
+            if marked:
+                try:
+                    await enqueue_grade(state.arq, state.pool, submission_id)
+                except Exception:  # noqa: BLE001 - marked `grading`: grading recovery queues it
+                    logger.warning("could not queue grading of submission %s now; recovery will", submission_id,
+                                   exc_info=True)
+            row = await repo.get_with_context(conn, submission_id)
+            history = [dict(h) for h in await repo.history(conn, submission_id)]
         return to_submission(row, user, history)
 
     @post("/submissions/{submission_id:int}/review", guards=[staff_only], status_code=200)

@@ -116,6 +116,32 @@ async def test_held_grade_waits_for_the_instructor_then_reaches_the_learner(serv
         assert "assignment_passed" in kinds
 
 
+def test_one_answer_is_graded_again_on_its_own(server, client, make: Factory, worker, settings):
+    """A grade that failed (the model away) or was held could only be retried by sending the whole assignment back
+    to the grader (grade-all: everyone's grades re-made and re-announced). Now one answer can be."""
+    course = make_course(server, make, learners=2)
+    inst, (learner, other) = course.instructor, course.learners
+    a = published(client, course, TWO)
+    s = submit(client, a, learner, VAGUE)
+    held = wait_graded(client, s["id"], inst.h)
+    theirs = wait_graded(client, submit(client, a, other, VAGUE)["id"], inst.h)
+    fetch(settings, "UPDATE submissions SET review_reason = 'automatic grading failed: the model was away' "
+                    "WHERE id = $1", s["id"])
+    assert client.post(f"/api/v1/submissions/{s['id']}/regrade", headers=learner.h).status_code == 403
+    r = client.post(f"/api/v1/submissions/{s['id']}/regrade", headers=inst.h)
+    assert r.status_code == 202 and r.json()["status"] == "grading", r.text
+    again = wait_graded(client, s["id"], inst.h)
+    assert again["status"] == held["status"] and again["review_reason"] != "automatic grading failed: the model was away"
+    assert [h["kind"] for h in again["history"]] == ["machine", "machine"]
+    assert client.get(f"/api/v1/submissions/{theirs['id']}", headers=inst.h).json()["history"] == theirs["history"]
+    # an instructor's grade stays theirs; another tenant's staff do not find the answer
+    assert client.post(f"/api/v1/submissions/{s['id']}/review", json={"score": 70}, headers=inst.h).status_code == 200
+    r = client.post(f"/api/v1/submissions/{s['id']}/regrade", headers=inst.h)
+    assert r.status_code == 409 and r.json()["code"] == "reviewed", r.text
+    stranger = make.user("instructor", tenant="elsewhere")
+    assert client.post(f"/api/v1/submissions/{s['id']}/regrade", headers=stranger.h).status_code == 404
+
+
 def test_grading_a_whole_assignment_runs_as_batched_jobs(server, client, make: Factory, worker, settings):
     course = make_course(server, make, learners=3)
     inst = course.instructor
