@@ -141,7 +141,8 @@ def test_cli_ingest_gives_up_when_the_worker_is_gone(client, make: Factory, work
     worker.kill()
     try:
         r = redis.Redis.from_url(settings.redis_url)
-        r.set("arq:queue:health-check", b"pretend", px=1500)  # alive when the CLI looks, gone right after
+        # alive when the CLI looks (its start takes a while on a busy machine), gone soon after
+        r.set("arq:queue:health-check", b"pretend", px=5000)
         r.close()
         t0 = time.monotonic()
         out = _cli(data_dir, "ingest", str(cid), "--file", str(EVAL / "transcripts" / "3b1b-bitcoin.srt"),
