@@ -179,7 +179,13 @@ async def _grade_counted(ctx: dict[str, Any], submission_id: int, sub: asyncpg.R
             delay = backoff_s(tries, settings.job_retry_base_s)
             logger.info("grading %s: %s; retry in %.1fs", submission_id, exc.message, delay)
             raise Retry(defer=delay) from exc
-        result = await grader.grade(inputs, embedder=embedder, llm=None)
+        try:
+            result = await grader.grade(inputs, embedder=embedder, llm=None)
+        except Exception as offline_exc:  # noqa: BLE001 - retries are spent: say why, do not just die
+            logger.exception("grading %s: the offline fallback failed too", submission_id)
+            return await _hold_failed(ctx, submission_id, sub["grade_gen"],
+                                      f"automatic grading failed: LLM grader unavailable ({exc.message}); offline "
+                                      f"grader: {type(offline_exc).__name__}: {offline_exc}")
         result["note"] = f"LLM grader unavailable ({exc.message}); offline grade"
     except Exception as exc:  # noqa: BLE001
         if tries < MAX_TRIES:

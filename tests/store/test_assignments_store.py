@@ -303,6 +303,50 @@ async def test_an_assignment_written_during_a_reingest_moves_to_the_new_chapter(
     assert chapter == new and chapter != s["chapter"]
 
 
+async def test_an_offline_fallback_that_fails_on_the_last_try_says_why(db, settings):
+    """The model failed on the last try and the offline fallback then failed too: the job died with that error,
+    and recovery re-ran it until "did not finish in N tries", the real reason lost. Now it is held saying both."""
+    pool, redis = db
+    s = await _setup(pool)
+    sid = await _submit(pool, s, REFERENCE)
+    async with pool.acquire() as conn:  # the next try is the last
+        await conn.execute("UPDATE submissions SET grade_tries = $2 WHERE id = $1", sid, grading.MAX_TRIES - 1)
+    real = embedder_for(settings)
+
+    class Flaky:  # works for the first grade (the model's), fails for the fallback's
+        grading_again = False
+
+        @property
+        def name(self) -> str:  # (vectors are cached by model name: the fallback's must not come from there)
+            return f"flaky-{uuid.uuid4().hex}"
+
+        def embed(self, texts):  # type: ignore[no-untyped-def]
+            if Flaky.grading_again:
+                raise RuntimeError("onnxruntime: out of memory")
+            return real.embed(texts)
+
+    flaky = Flaky()
+    real_grade = grading.grader.grade
+
+    async def grade(inputs, *, embedder, llm):  # type: ignore[no-untyped-def]
+        Flaky.grading_again = llm is None
+        return await real_grade(inputs, embedder=embedder, llm=llm)
+
+    with FakeLLMServer() as fake:
+        fake.reset(Reply(status=503, error_message="overloaded"))  # every request (the SDK retries too)
+        llm_settings = dataclasses.replace(settings, openai_base_url=fake.openai_base_url, llm_provider="openai")
+        grading.grader.grade = grade
+        try:
+            out = await grading.grade_submission({**ctx_for(pool, redis, llm_settings), "embedder": lambda: flaky}, sid)
+        finally:
+            grading.grader.grade = real_grade
+    assert out == "held: grading failed"
+    async with pool.acquire() as conn:
+        row = await subs_repo.get(conn, sid)
+    assert row["status"] == "review_pending", dict(row)
+    assert "LLM grader unavailable" in row["review_reason"] and "out of memory" in row["review_reason"]
+
+
 async def test_an_embedding_model_that_will_not_load_counts_as_tries_then_goes_to_review(db, settings):
     """The model was loaded before the try was counted: one that would not load (files missing, say) kept the
     submission in `grading` for good, re-queued every minute, with no reason anywhere and no review possible."""
