@@ -130,11 +130,14 @@ async def on_grade_final(conn: asyncpg.Connection, redis: Redis, submission: asy
     except Exception:  # noqa: BLE001
         logger.warning("could not update chapter_scores for submission %s", s["id"], exc_info=True)
     await _award_xp(conn, redis, s, score)
-    a = await conn.fetchrow("SELECT title, course_id FROM assignments WHERE id = $1", s["assignment_id"])
-    await publish(redis, user_topic(s["user_id"]), GradeReady(
-        submission_id=s["id"], assignment_id=s["assignment_id"], course_id=a["course_id"] if a else s["course_id"],
-        title=a["title"] if a else "", score=round(score, 1), passed=score >= PASS_SCORE,
-        reviewed=s.get("reviewed_by") is not None, attempt=s["attempt"], graded_at=s.get("final_at")))
+    try:  # (the grade is stored: its caller's reply must not become a 500, inviting a second attempt)
+        a = await conn.fetchrow("SELECT title, course_id FROM assignments WHERE id = $1", s["assignment_id"])
+        await publish(redis, user_topic(s["user_id"]), GradeReady(
+            submission_id=s["id"], assignment_id=s["assignment_id"], course_id=a["course_id"] if a else s["course_id"],
+            title=a["title"] if a else "", score=round(score, 1), passed=score >= PASS_SCORE,
+            reviewed=s.get("reviewed_by") is not None, attempt=s["attempt"], graded_at=s.get("final_at")))
+    except Exception:  # noqa: BLE001 - only the nudge is lost; the learner reads the grade on the submission
+        logger.warning("could not announce the grade of submission %s", s["id"], exc_info=True)
 
 
 async def _award_xp(conn: asyncpg.Connection, redis: Redis, s: dict, score: float) -> None:

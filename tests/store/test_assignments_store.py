@@ -303,6 +303,21 @@ async def test_an_assignment_written_during_a_reingest_moves_to_the_new_chapter(
     assert chapter == new and chapter != s["chapter"]
 
 
+async def test_the_final_grade_hook_never_raises_after_the_grade_is_stored(db, settings):
+    """Its steps are each tolerant but the last: the assignment read for `grade.ready` raised when the database went
+    away after the commit, turning a stored multiple-choice grade into a 500 (a retry then spent another attempt)."""
+    import asyncpg
+
+    pool, redis = db
+    s = await _setup(pool, "short_answer")
+    sid = await _submit(pool, s, REFERENCE)
+    async with pool.acquire() as conn:
+        row = await subs_repo.get(conn, sid)
+    gone = await asyncpg.connect(settings.database_url)
+    await gone.close()  # every query on it fails, as on a connection the database dropped
+    await assignments_repo.on_grade_final(gone, redis, {**dict(row), "score": 90.0})
+
+
 async def test_an_offline_fallback_that_fails_on_the_last_try_says_why(db, settings):
     """The model failed on the last try and the offline fallback then failed too: the job died with that error,
     and recovery re-ran it until "did not finish in N tries", the real reason lost. Now it is held saying both."""
