@@ -150,7 +150,7 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
 
     llm = get_llm(settings)
     if llm is not None:
-        await llm_titles(llm, chapters)
+        await llm_titles(llm, chapters, progress=reporter.advance)  # a model call per chapter: keep the job's pulse
     duration = max(src.duration_s or 0.0, src.cues[-1].end)
     async with pool.acquire() as conn, conn.transaction():
         xtx = xp.XpTransaction(conn)  # the XP of videos the new length completes, settled after the commit

@@ -18,8 +18,13 @@ def test_llm_titles_and_fallback():
         srv.script(Reply(text='"The Row Picture of Linear Equations."'), Reply(status=500))
         llm = OpenAIChat("sk-test", "gpt-4o-mini", base_url=srv.openai_base_url, max_retries=0)
         chapters = _chapters()
-        changed = asyncio.run(llm_titles(llm, chapters))
-        assert changed == 1
+        seen: list[float] = []
+
+        async def progress(fraction: float) -> None:  # the job's heartbeat, between the model's calls
+            seen.append(fraction)
+
+        changed = asyncio.run(llm_titles(llm, chapters, progress))
+        assert changed == 1 and seen == [0.5]
         assert chapters[0].title == "The Row Picture of Linear Equations"
         assert chapters[1].title == "Extractive two"  # the model failed: the extractive title stays
         body = srv.requests[0].body
