@@ -27,6 +27,29 @@ async def create_course(conn: asyncpg.Connection, tenant_id: int, owner_id: int,
     )
 
 
+# Who finds a course in the catalog (its title, description and price; not its content): who sees it, and the
+# tenant's learners when it is published, paid or not (a paid one answers 402 to their enrollment until they have
+# access: `course_access`).
+_LISTED = """
+  c.tenant_id = $2 AND (
+    $3 IN ('instructor', 'admin', 'bot')
+    OR c.published
+    OR EXISTS (SELECT 1 FROM enrollments e WHERE e.course_id = c.id AND e.user_id = $1))
+"""
+# Whether the user ($1) is enrolled in the course (c), and whether they may enroll themselves in it now (a learner:
+# published, and free or with access).
+_STANDING = """EXISTS (SELECT 1 FROM enrollments e WHERE e.course_id = c.id AND e.user_id = $1) AS enrolled,
+  (c.published AND (c.price_cents = 0 OR EXISTS (SELECT 1 FROM course_access a WHERE a.course_id = c.id
+                                                   AND a.user_id = $1))) AS may_join"""
+
+
+async def listed_course(conn: asyncpg.Connection, course_id: int, user_id: int, tenant_id: int,
+                        role: str) -> asyncpg.Record | None:
+    """The course as the catalog shows it to this user (with `enrolled`, `may_join`), else None."""
+    return await conn.fetchrow(f"SELECT {_COLS}, {_STANDING} FROM courses c WHERE c.id = $4 AND {_LISTED}",
+                               user_id, tenant_id, role, course_id)
+
+
 async def visible_course(conn: asyncpg.Connection, course_id: int, user_id: int, tenant_id: int,
                          role: str) -> asyncpg.Record | None:
     """The course if this user may see it, else None (callers answer 404: existence is not leaked)."""
@@ -35,10 +58,11 @@ async def visible_course(conn: asyncpg.Connection, course_id: int, user_id: int,
     )
 
 
-async def list_visible_courses(conn: asyncpg.Connection, user_id: int, tenant_id: int, role: str,
-                               limit: int, offset: int) -> list[asyncpg.Record]:
+async def list_catalog(conn: asyncpg.Connection, user_id: int, tenant_id: int, role: str,
+                       limit: int, offset: int) -> list[asyncpg.Record]:
+    """The courses the user finds in the catalog (`_LISTED`), with their standing (`enrolled`, `may_join`)."""
     return await conn.fetch(
-        f"SELECT {_COLS} FROM courses c WHERE {_VISIBLE} ORDER BY c.id LIMIT $4 OFFSET $5",
+        f"SELECT {_COLS}, {_STANDING} FROM courses c WHERE {_LISTED} ORDER BY c.id LIMIT $4 OFFSET $5",
         user_id, tenant_id, role, limit, offset,
     )
 
@@ -83,11 +107,16 @@ async def is_enrolled(conn: asyncpg.Connection, course_id: int, user_id: int) ->
 
 
 async def enroll(conn: asyncpg.Connection, course_id: int, user_id: int) -> tuple[asyncpg.Record, bool]:
-    """Enroll; returns (enrollment, created). Enrolling twice is not an error."""
+    """Enroll; returns (enrollment, created). Enrolling twice is not an error. In a paid course the learner gets
+    access (`course_access`) too: leaving does not take it, so they may enroll again themselves."""
     # One statement (a leave landing between an insert and a re-read cannot leave nothing to return); xmax is 0
     # on a row this statement inserted, not on one it found.
     row = await conn.fetchrow(
-        """INSERT INTO enrollments AS e (course_id, user_id) VALUES ($1, $2)
+        """WITH access AS (
+               INSERT INTO course_access (course_id, user_id)
+               SELECT c.id, $2 FROM courses c WHERE c.id = $1 AND c.price_cents > 0
+               ON CONFLICT DO NOTHING)
+           INSERT INTO enrollments AS e (course_id, user_id) VALUES ($1, $2)
            ON CONFLICT (course_id, user_id) DO UPDATE SET course_id = e.course_id
            RETURNING course_id, user_id, created_at, xmax = 0 AS created""",
         course_id, user_id,

@@ -22,9 +22,21 @@ logger = logging.getLogger(__name__)
 
 
 def to_course(row: asyncpg.Record) -> Course:
+    standing = "enrolled" in row.keys()  # a catalog read: the caller's standing with it
+    enrolled = bool(row["enrolled"]) if standing else False
     return Course(id=row["id"], title=row["title"], description=row["description"], published=row["published"],
                   price_cents=row["price_cents"], owner_id=row["owner_id"], created_at=row["created_at"],
-                  updated_at=row["updated_at"])
+                  updated_at=row["updated_at"], enrolled=enrolled,
+                  payment_required=standing and not enrolled and row["price_cents"] > 0 and not row["may_join"])
+
+
+async def listed_or_404(conn: asyncpg.Connection, course_id: int, user: AuthUser) -> asyncpg.Record:
+    """The course as the catalog shows it to `user` (a paid published course too, whose content they cannot see
+    before they have access); 404 otherwise."""
+    row = await repo.listed_course(conn, course_id, user.id, user.tenant_id, user.role)
+    if row is None:
+        raise ApiError(404, f"course {course_id} not found")
+    return row
 
 
 async def course_or_404(conn: asyncpg.Connection, course_id: int, user: AuthUser, *,
@@ -55,13 +67,13 @@ class CourseController(Controller):
     async def list_courses(self, request: Request, limit: int = PageLimit, offset: int = Offset) -> CourseList:
         user: AuthUser = request.user
         async with request.app.state.pool.acquire() as conn:
-            rows = await repo.list_visible_courses(conn, user.id, user.tenant_id, user.role, limit, offset)
+            rows = await repo.list_catalog(conn, user.id, user.tenant_id, user.role, limit, offset)
         return CourseList(items=[to_course(r) for r in rows], limit=limit, offset=offset)
 
     @get("/{course_id:int}")
     async def read(self, request: Request, course_id: int) -> Course:
         async with request.app.state.pool.acquire() as conn:
-            return to_course(await course_or_404(conn, course_id, request.user))
+            return to_course(await listed_or_404(conn, course_id, request.user))
 
     @patch("/{course_id:int}", guards=[staff_only])
     async def update(self, request: Request, course_id: int) -> Course:
@@ -93,7 +105,7 @@ class CourseController(Controller):
         data = decode_json(raw, EnrollIn) if raw.strip() else EnrollIn()
         user: AuthUser = request.user
         async with request.app.state.pool.acquire() as conn:
-            await course_or_404(conn, course_id, user)
+            await listed_or_404(conn, course_id, user)  # a paid course a learner has no access to yet: 402 below
             if user.is_staff:
                 if data.user_id is None:
                     raise ApiError(400, "user_id is required", field="user_id")
@@ -110,12 +122,14 @@ class CourseController(Controller):
                 if user.role == "learner":
                     # the course as it is now, kept so until the enrollment commits: a change making it paid or a
                     # draft (read as free and published above) waits for it, or is seen here
-                    now = await conn.fetchrow("SELECT published, price_cents FROM courses WHERE id = $1 FOR SHARE",
-                                              course_id)
+                    now = await conn.fetchrow(
+                        """SELECT c.published, c.price_cents, EXISTS (SELECT 1 FROM course_access a
+                               WHERE a.course_id = c.id AND a.user_id = $2) AS has_access
+                           FROM courses c WHERE c.id = $1 FOR SHARE""", course_id, user.id)
                     enrolled = now is not None and await repo.is_enrolled(conn, course_id, user.id)
                     if now is None or (not now["published"] and not enrolled):
                         raise ApiError(404, f"course {course_id} not found")
-                    if now["price_cents"] > 0 and not enrolled:
+                    if now["price_cents"] > 0 and not enrolled and not now["has_access"]:
                         raise ApiError(402, "this course is paid; purchase it to enroll", code="payment_required")
                 row, created = await repo.enroll(conn, course_id, target_id)
             name_role = await conn.fetchrow("SELECT name, role FROM users WHERE id = $1", target_id)

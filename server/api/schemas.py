@@ -64,6 +64,9 @@ class Course(msgspec.Struct):
     owner_id: int
     created_at: datetime
     updated_at: datetime
+    enrolled: bool = False  # the caller is
+    # the caller (a learner) finds it in the catalog but cannot enroll themselves before paying (no access yet)
+    payment_required: bool = False
 
 
 class CourseList(msgspec.Struct):

@@ -31,14 +31,18 @@ def test_published_free_course_visible_and_self_enroll(client, make: Factory):
     paid = client.post("/api/v1/courses", json={"title": "Paid", "published": True, "price_cents": 1900},
                        headers=inst.h).json()
     draft = client.post("/api/v1/courses", json={"title": "Draft"}, headers=inst.h).json()
-    seen = {c["id"] for c in client.get("/api/v1/courses", headers=learner.h).json()["items"]}
-    assert seen == {free["id"]}
+    # the catalog: published courses, free or paid (a paid one says so), not drafts
+    seen = {c["id"]: (c["enrolled"], c["payment_required"])
+            for c in client.get("/api/v1/courses", headers=learner.h).json()["items"]}
+    assert seen == {free["id"]: (False, False), paid["id"]: (False, True)}
     r = client.post(f"/api/v1/courses/{free['id']}/enrollments", headers=learner.h)
     assert r.status_code == 201 and r.json()["user_id"] == learner.id
+    assert client.get(f"/api/v1/courses/{free['id']}", headers=learner.h).json()["enrolled"] is True
     # enrolling twice is fine and idempotent
     assert client.post(f"/api/v1/courses/{free['id']}/enrollments", headers=learner.h).status_code == 200
-    assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", headers=learner.h).status_code == 404
+    assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", headers=learner.h).status_code == 402
     assert client.post(f"/api/v1/courses/{draft['id']}/enrollments", headers=learner.h).status_code == 404
+    assert client.get(f"/api/v1/courses/{draft['id']}", headers=learner.h).status_code == 404
     other = make.user("learner")
     r = client.post(f"/api/v1/courses/{free['id']}/enrollments", json={"user_id": other.id}, headers=learner.h)
     assert r.status_code == 403
@@ -50,15 +54,32 @@ def test_paid_course_needs_payment(client, make: Factory):
     inst, learner = make.user("instructor"), make.user("learner")
     paid = client.post("/api/v1/courses", json={"title": "Paid", "published": True, "price_cents": 1900},
                        headers=inst.h).json()
-    # learners cannot see a paid course they are not enrolled in, nor enroll themselves (nothing is stored)
-    assert client.get(f"/api/v1/courses/{paid['id']}", headers=learner.h).status_code == 404
-    assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", headers=learner.h).status_code == 404
+    # learners find a paid course in the catalog but not its content, and cannot enroll themselves (402, nothing
+    # stored)
+    listed = client.get(f"/api/v1/courses/{paid['id']}", headers=learner.h).json()
+    assert listed["price_cents"] == 1900 and listed["payment_required"] and not listed["enrolled"]
+    for path in ("videos", "assignments", f"search?q=x", "live"):
+        assert client.get(f"/api/v1/courses/{paid['id']}/{path}", headers=learner.h).status_code == 404, path
+    r = client.post(f"/api/v1/courses/{paid['id']}/enrollments", headers=learner.h)
+    assert r.status_code == 402 and r.json()["code"] == "payment_required", r.text
     assert fetch(make.settings, "SELECT 1 FROM enrollments WHERE course_id = $1 AND user_id = $2", paid["id"],
                  learner.id) == []
-    # visible once staff enrolled them
+    # in once staff enrolled them
     assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", json={"user_id": learner.id},
                        headers=inst.h).status_code == 201
-    assert client.get(f"/api/v1/courses/{paid['id']}", headers=learner.h).status_code == 200
+    now = client.get(f"/api/v1/courses/{paid['id']}", headers=learner.h).json()
+    assert now["enrolled"] and not now["payment_required"]
+    assert client.get(f"/api/v1/courses/{paid['id']}/videos", headers=learner.h).status_code == 200
+    # a learner who leaves a paid course they were let into may come back themselves (they left with a 404 before:
+    # only staff could let them in again)
+    assert client.delete(f"/api/v1/courses/{paid['id']}/enrollments/{learner.id}", headers=learner.h).status_code == 204
+    again = client.get(f"/api/v1/courses/{paid['id']}", headers=learner.h).json()
+    assert not again["enrolled"] and not again["payment_required"]
+    assert client.get(f"/api/v1/courses/{paid['id']}/videos", headers=learner.h).status_code == 404
+    assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", headers=learner.h).status_code == 201
+    # access is per learner: another still pays
+    other = make.user("learner")
+    assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", headers=other.h).status_code == 402
 
 
 def test_instructor_enrollments(client, make: Factory):
