@@ -122,12 +122,34 @@ async def attendance_leave(conn: asyncpg.Connection, attendance_id: int, at: dat
                        "WHERE id = $1 AND left_at IS NULL", attendance_id, at)
 
 
-async def attendance_close_proc(conn: asyncpg.Connection, proc_id: str, at: datetime) -> int:
-    """Close the open rows of a server process that died, at its last sign of life."""
+async def attendance_close_proc(conn: asyncpg.Connection, proc_id: str, at: datetime | None = None,
+                                ago_s: float = 0.0) -> int:
+    """Close the open rows of a server process that died (or stops), at its last sign of life: `at`, else the
+    database's now() less `ago_s` seconds."""
     result = await conn.execute(
-        "UPDATE live_attendance SET left_at = greatest(joined_at, $2) WHERE proc_id = $1 AND left_at IS NULL",
-        proc_id, at)
+        "UPDATE live_attendance SET left_at = greatest(joined_at, coalesce($2, now() - make_interval(secs => $3))) "
+        "WHERE proc_id = $1 AND left_at IS NULL", proc_id, at, ago_s)
     return int(result.split()[-1])
+
+
+async def attendance_reopen(conn: asyncpg.Connection, proc_id: str, attendance_ids: list[int],
+                            closed_before_s: float) -> int:
+    """Reopen rows of this process's open sockets that another process closed, taking it for dead (its heartbeats
+    could not reach Redis for a while, its sockets stayed open): their rows closed at least `closed_before_s` ago.
+    A row its own socket closed just now (at the database's now) is not one of them."""
+    if not attendance_ids:
+        return 0
+    result = await conn.execute(
+        """UPDATE live_attendance SET left_at = NULL WHERE id = ANY($2::bigint[]) AND proc_id = $1
+           AND left_at IS NOT NULL AND left_at < now() - make_interval(secs => $3)""",
+        proc_id, attendance_ids, closed_before_s)
+    return int(result.split()[-1])
+
+
+async def attendance_procs(conn: asyncpg.Connection, other_than: str) -> list[str]:
+    """Server processes (but `other_than`) with attendance rows still open."""
+    return [r["proc_id"] for r in await conn.fetch(
+        "SELECT DISTINCT proc_id FROM live_attendance WHERE left_at IS NULL AND proc_id <> $1", other_than)]
 
 
 async def attendance_report(conn: asyncpg.Connection, session_id: int, *,

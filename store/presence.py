@@ -67,12 +67,13 @@ return {left, redis.call('ZCOUNT', KEYS[1], now, '+inf')}
 """
 
 # KEYS: procs. ARGV: proc, ttl_ms, then (room key, user key, member) triples.
-# -> indexes (0-based, per triple) of users that had expired and are back
+# -> {1 when the process was not on the list (reaped, or Redis lost it), indexes (0-based, per triple) of users
+#     that had expired and are back}
 _HEARTBEAT = _NOW + """
 local ttl = tonumber(ARGV[2])
 local exp = now + ttl
 local back = {}
-redis.call('ZADD', KEYS[1], exp, ARGV[1])
+local added = redis.call('ZADD', KEYS[1], exp, ARGV[1])
 for i = 3, #ARGV, 3 do
   local rk, uk, m = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   redis.call('ZADD', uk, exp, ARGV[1])
@@ -82,7 +83,7 @@ for i = 3, #ARGV, 3 do
   redis.call('PEXPIRE', rk, ttl * 2)
   if (not prev) or tonumber(prev) < now then table.insert(back, (i - 3) / 3) end
 end
-return back
+return {added, back}
 """
 
 # KEYS: room. ARGV: limit. -> {online count, members}
@@ -153,6 +154,9 @@ class Presence:
         self._dead = redis.register_script(_DEAD)
         self._expired = redis.register_script(_EXPIRED)
         self._alive = redis.register_script(_ALIVE)
+        # a heartbeat found this process off the list (taken for dead and reaped, or Redis lost the list): whoever
+        # acts on it (the hub reopens the attendance a reaper closed) sets it back to False
+        self.relisted = False
 
     async def join(self, room: str, user: UserRef) -> Change:
         joined, count = await self._join(keys=[presence_room(room), presence_user(room, user.id)],
@@ -182,7 +186,9 @@ class Presence:
             args: list[str | int] = [self.proc, self.ttl_ms]
             for room, user in part:
                 args += [presence_room(room), presence_user(room, user.id), member(user)]
-            for i in await self._heartbeat(keys=[PROCS], args=args):
+            added, indexes = await self._heartbeat(keys=[PROCS], args=args)
+            self.relisted = self.relisted or bool(added)
+            for i in indexes:
                 back.append(part[int(i)])
         return back
 

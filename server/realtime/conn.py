@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from store.events import CLOSE_SLOW_CONSUMER, SEQUENCED, Event, UserRef, encode
@@ -50,7 +50,7 @@ class Conn:
     __slots__ = ("hub", "access", "room", "user", "send", "out", "queue_max", "inflight", "broken", "space",
                  "fill_task", "closer", "main_task", "last_seq", "start_seq", "filling", "pending", "ready",
                  "closing", "typing_at", "typing_active", "auth", "opened_at", "resumed_at", "blocked_at", "out_chars",
-                 "counted", "__weakref__")
+                 "counted", "attendance_id", "opened_mono", "__weakref__")
 
     def __init__(self, hub: Hub, access: RoomAccess, user: UserRef, send: Any, queue_max: int) -> None:
         self.hub = hub
@@ -76,10 +76,17 @@ class Conn:
         self.typing_at = float("-inf")
         self.auth: AuthUser | None = None  # who opened the socket, with which API token (closed when revoked)
         self.opened_at = datetime.now(timezone.utc)  # a kick after this closes it (set from the database's clock)
+        self.opened_mono = time.monotonic()  # this process's clock at `opened_at`
+        self.attendance_id: int | None = None  # its live-session attendance row while open (see socket.py)
         self.typing_active = False
         self.resumed_at = float("-inf")  # when the client last sent `resume`
         self.blocked_at: float | None = None  # since when the send in flight waits for the client to read
         self.counted = False  # counted in the hub's presence pair for (room, user) (see Hub.attach)
+
+    def db_now(self) -> datetime:
+        """Now on the database's clock, as this socket knows it (its `opened_at` and the time since): attendance
+        times are all the database's, whichever host's clock is off."""
+        return self.opened_at + timedelta(seconds=time.monotonic() - self.opened_mono)
 
     # --- outbound -------------------------------------------------------------------------------------
 

@@ -51,6 +51,9 @@ LEFT_RETRIES = 5  # ticks a `left` whose publish failed is published again (whil
 # without an error.
 SUB_PING_S = 5.0
 SUB_DEAD_S = 15.0
+# A process with attendance rows open that stays off the process list this many leases is dead (a live one lists
+# itself again within one): its rows are closed (see Hub._close_unlisted).
+UNLISTED_TTLS = 3
 
 
 class _Who(msgspec.Struct):
@@ -113,6 +116,8 @@ class Hub:
         self._background: set[asyncio.Task] = set()
         self._expired_seen: dict[str, float] = {}  # other processes seen with a lapsed lease, and since when
         self._unclosed: dict[int, datetime] = {}  # attendance rows whose close failed -> when the socket closed
+        self._unlisted_seen: dict[str, float] = {}  # processes with open attendance, off the list, and since when
+        self._unlisted_checked = float("-inf")
         self._poll_flush: dict[int, asyncio.Task] = {}  # poll id -> the task that will publish its results
         self._poll_dirty: set[int] = set()  # polls with votes their last published results did not count
         self._prefix = events_channel("room:").encode()
@@ -169,7 +174,7 @@ class Hub:
         try:
             await self._close_attendance()  # rows whose close failed earlier, at the moment each socket left
             async with self.pool.acquire() as db:  # and rows of sockets whose handlers have not cleaned up yet
-                await live_repo.attendance_close_proc(db, self.proc, datetime.now(timezone.utc))
+                await live_repo.attendance_close_proc(db, self.proc)  # (the database's now)
         except Exception:  # noqa: BLE001
             # this process stays listed, so its lease lapses and a survivor's reaper closes its rows (forgotten,
             # nobody ever would)
@@ -381,6 +386,14 @@ class Hub:
                     waiter = self._sub_waiters.pop(room, None)
                     if waiter is not None and not waiter.done():
                         waiter.set_result(None)
+                    elif waiter is None and room not in self.rooms:
+                        # nobody here wants it (confirmed late, or subscribed again by redis-py's reconnect after
+                        # an unsubscribe that never got its reply): the idle sweep drops it, or it stayed for good
+                        self._idle_since.setdefault(room, time.monotonic())
+                elif msg["channel"].startswith(self._user_prefix):
+                    uid = int(msg["channel"][len(self._user_prefix):])
+                    if uid not in self._users:  # likewise: the sweep unsubscribes what is on this list
+                        self._user_subs.add(uid)
             elif kind == "unsubscribe":
                 if msg["channel"].startswith(self._prefix):
                     self._subscribed.discard(msg["channel"][len(self._prefix):].decode())
@@ -520,8 +533,8 @@ class Hub:
                 self._recheck_soon(paced=True)
             # the gap repair first: Postgres only, it must not wait behind duties stuck on an unreachable Redis
             for duty in (self._catch_up, self._sweep_presence, self._reap_dead_procs, self._settle_orphans,
-                         self._unsubscribe_idle, self._unpublished_polls, self._close_attendance, self._due_boards,
-                         self._resend_left):
+                         self._unsubscribe_idle, self._unpublished_polls, self._close_attendance, self._close_unlisted,
+                         self._due_boards, self._resend_left):
                 try:
                     # bounded: a busy pool or a slow Redis delays this duty, not the next tick's
                     await asyncio.wait_for(duty(), timeout=self.tick_s * 2)
@@ -583,13 +596,52 @@ class Hub:
 
     async def _heartbeat(self) -> None:
         pairs = [(room, user) for (room, _), (_, user) in self._pairs.items()]
-        for room, user in await self.presence.heartbeat(pairs, lambda room, user: (room, user.id) in self._pairs):
+        back = await self.presence.heartbeat(pairs, lambda room, user: (room, user.id) in self._pairs)
+        if self.presence.relisted:
+            await self._reopen_attendance()
+        for room, user in back:
             if (room, user.id) not in self._pairs:
                 continue  # left meanwhile: their leave is announced, no "joined" after it
             count, _ = await self.presence.online(room, 0)
             if count <= self.settings.presence_max:
                 await publish(self.redis, room_topic(room), PresenceEvent(
                     room=room, action="joined", user=user, online_count=count))
+
+    async def _reopen_attendance(self) -> None:
+        """This process was off the list (taken for dead while it could not reach Redis, its sockets open all along;
+        or Redis lost the list): the attendance a reaper closed is reopened for the sockets still open, so the
+        report counts them as there the whole time. Tried again on the next beats until it works."""
+        ids = [c.attendance_id for conns in self.rooms.values() for c in conns if c.attendance_id is not None]
+        if ids:
+            async with self.pool.acquire() as db:
+                n = await live_repo.attendance_reopen(db, self.proc, ids, self.settings.presence_ttl_s)
+            if n:
+                logger.warning("this server process had been taken for dead: reopened the attendance of its open "
+                               "sockets", extra={"fields": {"proc": self.proc, "reopened": n}})
+        self.presence.relisted = False
+
+    async def _close_unlisted(self) -> None:
+        """Open attendance rows of processes that are not on the list at all (Redis lost it, and they died before
+        listing themselves again: no lease lapses, so the reaper never sees them): closed once a process has been
+        off the list for UNLISTED_TTLS leases (a live one lists itself again within one), at the moment it was
+        first seen off it. Every lease; each process looks, the update is idempotent."""
+        ttl = self.settings.presence_ttl_s
+        now = time.monotonic()
+        if now - self._unlisted_checked < ttl:
+            return
+        self._unlisted_checked = now
+        async with self.pool.acquire() as db:
+            procs = await live_repo.attendance_procs(db, self.proc)
+        alive = await self.presence.alive(procs)
+        unlisted = {p for p, a in alive.items() if a is None}
+        self._unlisted_seen = {p: self._unlisted_seen.get(p, now) for p in unlisted}
+        for proc, since in list(self._unlisted_seen.items()):
+            if now - since >= UNLISTED_TTLS * ttl:
+                async with self.pool.acquire() as db:
+                    closed = await live_repo.attendance_close_proc(db, proc, ago_s=now - since)
+                del self._unlisted_seen[proc]
+                logger.info("server process gone (not listed)", extra={"fields": {"proc": proc,
+                                                                                  "attendance_closed": closed}})
 
     def close_attendance_later(self, attendance_id: int, left_at: datetime) -> None:
         """A socket's attendance row could not be closed when it left: the next ticks try again (the process

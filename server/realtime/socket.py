@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime, timezone
 
 import asyncpg
 from litestar import WebSocket, websocket
@@ -97,6 +96,7 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
             # the database's clock, read before the checks: a kick after this moment closes the socket (kicks
             # carry the database's time too)
             opened_at = await db.fetchval("SELECT now()")
+            opened_mono = time.monotonic()
             access, kicked = await standing(db, room_id, user)
             if access is not None and kicked is None:
                 await rooms_repo.ensure_room(db, room_id)
@@ -129,9 +129,8 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
     await socket.accept()
     conn = Conn(hub, access, UserRef(id=user.id, name=user.name, role=user.role), socket.send,
                 state.settings.ws_queue_max)
-    conn.auth, conn.opened_at = user, opened_at
+    conn.auth, conn.opened_at, conn.opened_mono = user, opened_at, opened_mono
     conn.main_task = asyncio.current_task()
-    attendance_id = None
     expiry = None
     if user.expires_at is not None:  # a token is checked when the socket opens; it also ends when the token does
         expiry = asyncio.get_running_loop().call_later(max(0.0, user.expires_at - time.time()), conn.close_soon,
@@ -148,8 +147,8 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
             if access.kind == "live" and user.role != "bot":  # attendance is of people, not of bridges
                 try:
                     async with state.pool.acquire() as db:
-                        attendance_id = await live_repo.attendance_join(db, int(room_id.split(":")[1]), user.id,
-                                                                        hub.proc)
+                        conn.attendance_id = await live_repo.attendance_join(db, int(room_id.split(":")[1]),
+                                                                             user.id, hub.proc)
                 except asyncpg.ForeignKeyViolationError:  # the session was cancelled (or its course deleted)
                     conn.close_soon(CLOSE_FORBIDDEN, "room deleted")
         await _serve(socket, conn, user, hub)
@@ -167,17 +166,18 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
         if expiry is not None:
             expiry.cancel()
         try:
-            await asyncio.shield(_cleanup(state, hub, conn, attendance_id))
+            await asyncio.shield(_cleanup(state, hub, conn))
         except asyncio.CancelledError:
             pass
 
 
-async def _cleanup(state, hub: Hub, conn: Conn, attendance_id: int | None) -> None:  # type: ignore[no-untyped-def]
+async def _cleanup(state, hub: Hub, conn: Conn) -> None:  # type: ignore[no-untyped-def]
     """Close the attendance row first (Postgres), then leave the room (memory, Redis presence): a failure of one
     must not skip the other, or the row would stay open for the rest of the session."""
     try:
+        attendance_id, conn.attendance_id = conn.attendance_id, None  # (the hub reopens only rows still held)
         if attendance_id is not None:
-            left_at = datetime.now(timezone.utc)
+            left_at = conn.db_now()
             try:
                 async with state.pool.acquire() as db:
                     await live_repo.attendance_leave(db, attendance_id, left_at)

@@ -189,3 +189,39 @@ async def test_an_unsubscribe_that_fails_is_tried_again(settings, xp_store):
         assert room not in hub._idle_since and room not in hub._subscribed
     finally:
         await hub.stop()
+
+
+async def test_a_channel_subscribed_for_nobody_is_dropped_by_the_idle_sweep(settings, xp_store):
+    """A subscription confirmed for a room (or user) nobody here wants any more (redis-py subscribing again, on a
+    reconnect, to a channel whose unsubscribe got no reply; a confirmation arriving late) went on the subscribed
+    list but never on the idle one: its events came to this process for good, for no one."""
+    from store.events import room_topic, user_topic
+    from store.keys import events_channel
+
+    hub = await _hub(settings, xp_store)
+    room = f"course:{uuid.uuid4().hex[:8]}"
+    try:
+        await hub._pubsub.subscribe(events_channel(room_topic(room)), events_channel(user_topic(424242)))
+        for _ in range(50):  # the reader takes the confirmations
+            if room in hub._subscribed and 424242 in hub._user_subs:
+                break
+            await asyncio.sleep(0.05)
+        assert room in hub._subscribed and room in hub._idle_since and 424242 in hub._user_subs
+        hub._idle_since[room] -= 3600
+        await hub._unsubscribe_idle()
+        assert room not in hub._subscribed and room not in hub._idle_since and 424242 not in hub._user_subs
+    finally:
+        await hub.stop()
+
+
+def test_attendance_times_are_on_the_database_clock():
+    """A socket's leaving was stamped with its server host's clock, its joining with the database's: hosts whose
+    clocks were off shortened (or dropped) or lengthened every connection in the report. The leaving is now the
+    database's time the socket opened at, plus the time since on this host's steady clock."""
+    import time
+    from datetime import datetime, timedelta, timezone
+
+    conn = Conn.__new__(Conn)
+    conn.opened_at = datetime(2030, 1, 1, tzinfo=timezone.utc)  # the database said, an hour off this host
+    conn.opened_mono = time.monotonic() - 90
+    assert abs(conn.db_now() - (conn.opened_at + timedelta(seconds=90))) < timedelta(seconds=1)

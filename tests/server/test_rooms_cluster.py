@@ -279,3 +279,48 @@ async def test_a_redis_stall_does_not_make_live_processes_reap_each_other(cluste
         await client.send({"type": "ping", "ref": str(i)})
         assert (await client.expect("pong", timeout=10))["ref"] == str(i)
         await client.close()
+
+
+async def test_attendance_survives_a_process_taken_for_dead_and_ends_with_one_never_listed(cluster, victim,
+                                                                                          make: Factory, settings):
+    """A process cut off from Redis for a while (a stall, a partition) was reaped by the others, which closed its
+    attendance rows; its sockets stayed open and its presence healed, but the rows stayed closed: the report cut
+    those learners off at the stall. Now the process reopens them when it finds itself off the list. And rows of a
+    process that died off the list (Redis lost it) were never closed: they are now, once it stays off it."""
+    a_url, _ = cluster.urls
+    v_proc, v_url = victim
+    course = make_course(a_url, make, learners=3)
+    watcher, x, ghost = course.learners
+    with httpx.Client(base_url=a_url) as c:
+        sid = c.post(f"/api/v1/courses/{course.id}/live", json={"title": "Lab"},
+                     headers=course.instructor.h).json()["id"]
+        assert c.post(f"/api/v1/live/{sid}/start", headers=course.instructor.h).status_code == 200
+    room = f"live:{sid}"
+    w = await Client.connect(a_url, room, watcher)
+    cx = await Client.connect(v_url, room, x, ping_interval=None)
+    await w.expect("presence", action="joined")
+    rows = "SELECT left_at FROM live_attendance WHERE session_id = $1 AND user_id = $2"
+
+    async def until(check, timeout: float = 20):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while not check() and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        return check()
+
+    assert await until(lambda: fetch(settings, rows, sid, x.id) and fetch(settings, rows, sid, x.id)[0]["left_at"]
+                       is None)
+    os.kill(v_proc.pid, signal.SIGSTOP)  # no heartbeat for longer than the others wait (2 s leases here)
+    try:
+        assert await until(lambda: fetch(settings, rows, sid, x.id)[0]["left_at"] is not None)  # reaped
+    finally:
+        os.kill(v_proc.pid, signal.SIGCONT)
+    assert await until(lambda: fetch(settings, rows, sid, x.id)[0]["left_at"] is None), "not reopened"
+    await cx.send({"type": "ping", "ref": "p"})
+    assert (await cx.expect("pong", timeout=5))["ref"] == "p"
+    # a row of a process that is not on the list at all (it died after Redis lost the list)
+    fetch(settings, "INSERT INTO live_attendance (session_id, user_id, proc_id, joined_at) "
+                    "VALUES ($1, $2, 'ghost-proc', now() - interval '1 minute')", sid, ghost.id)
+    assert await until(lambda: fetch(settings, rows, sid, ghost.id)[0]["left_at"] is not None, 30), "never closed"
+    assert fetch(settings, rows, sid, x.id)[0]["left_at"] is None  # (a live process's rows are not touched)
+    await cx.close()
+    await w.close()
