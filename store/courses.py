@@ -36,11 +36,11 @@ _LISTED = """
     OR c.published
     OR EXISTS (SELECT 1 FROM enrollments e WHERE e.course_id = c.id AND e.user_id = $1))
 """
-# Whether the user ($1) is enrolled in the course (c), and whether they may enroll themselves in it now (a learner:
-# published, and free or with access).
+# Whether the user ($1, role $3) is enrolled in the course (c), and whether they may enroll themselves in it now (a
+# learner: published, and free or with access; staff and bots see every course without paying).
 _STANDING = """EXISTS (SELECT 1 FROM enrollments e WHERE e.course_id = c.id AND e.user_id = $1) AS enrolled,
-  (c.published AND (c.price_cents = 0 OR EXISTS (SELECT 1 FROM course_access a WHERE a.course_id = c.id
-                                                   AND a.user_id = $1))) AS may_join"""
+  ($3 <> 'learner' OR c.published AND (c.price_cents = 0 OR EXISTS (SELECT 1 FROM course_access a
+                                          WHERE a.course_id = c.id AND a.user_id = $1))) AS may_join"""
 
 
 async def listed_course(conn: asyncpg.Connection, course_id: int, user_id: int, tenant_id: int,
@@ -124,9 +124,13 @@ async def enroll(conn: asyncpg.Connection, course_id: int, user_id: int) -> tupl
     return row, row["created"]
 
 
-async def unenroll(conn: asyncpg.Connection, course_id: int, user_id: int) -> bool:
+async def unenroll(conn: asyncpg.Connection, course_id: int, user_id: int, *, revoke: bool = False) -> bool:
+    """Remove the enrollment; `revoke` (staff removing a learner) takes their access to a paid course too, so they
+    cannot enroll again themselves (a learner who leaves keeps it)."""
     row = await conn.fetchrow(
-        "DELETE FROM enrollments WHERE course_id = $1 AND user_id = $2 RETURNING user_id", course_id, user_id)
+        """WITH access AS (DELETE FROM course_access WHERE $3 AND course_id = $1 AND user_id = $2)
+           DELETE FROM enrollments WHERE course_id = $1 AND user_id = $2 RETURNING user_id""",
+        course_id, user_id, revoke)
     return row is not None
 
 

@@ -156,7 +156,7 @@ class CourseController(Controller):
             raise ApiError(403, "learners can only remove their own enrollment")
         async with request.app.state.pool.acquire() as conn:
             await course_or_404(conn, course_id, user)
-            if not await repo.unenroll(conn, course_id, user_id):
+            if not await repo.unenroll(conn, course_id, user_id, revoke=user_id != user.id):
                 raise ApiError(404, f"user {user_id} is not enrolled")
             await moderation.revoke_access(conn, request.app.state.redis, user_id, course_id=course_id)
         state = request.app.state

@@ -80,6 +80,14 @@ def test_paid_course_needs_payment(client, make: Factory):
     # access is per learner: another still pays
     other = make.user("learner")
     assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", headers=other.h).status_code == 402
+    # removed by staff, a learner loses their access too: no enrolling again themselves
+    assert client.delete(f"/api/v1/courses/{paid['id']}/enrollments/{learner.id}", headers=inst.h).status_code == 204
+    assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", headers=learner.h).status_code == 402
+    # staff are never asked to pay
+    mine = client.get(f"/api/v1/courses/{paid['id']}", headers=inst.h).json()
+    assert not mine["payment_required"] and not mine["enrolled"]
+    assert not next(c for c in client.get("/api/v1/courses", headers=inst.h).json()["items"]
+                    if c["id"] == paid["id"])["payment_required"]
 
 
 def test_instructor_enrollments(client, make: Factory):
