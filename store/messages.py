@@ -5,6 +5,7 @@ after commit. Non-human authors (the tutor, the grader) post with `author_id=Non
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -56,22 +57,29 @@ async def _muted(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
 async def _existing(conn: asyncpg.Connection, room_id: str, author_id: int | None,
                     client_msg_id: str, text: str | None = None) -> Posted | None:
     row = await conn.fetchrow(
-        """SELECT e.payload, m.body FROM messages m JOIN room_events e ON e.room_id = m.room_id AND e.seq = m.seq
+        """SELECT e.payload, m.body, m.text_sha FROM messages m
+           JOIN room_events e ON e.room_id = m.room_id AND e.seq = m.seq
            WHERE m.room_id = $1 AND m.author_id IS NOT DISTINCT FROM $2 AND m.client_msg_id = $3""",
         room_id, author_id, client_msg_id)
-    return None if row is None else _as_now(row["payload"], row["body"], text)
+    return None if row is None else _as_now(row["payload"], row["body"], text, row["text_sha"])
 
 
 REUSED = "idempotency_key_reused"  # a Refused code: a client_msg_id sent again with another text
 
 
-def _as_now(payload: str, body: str, text: str | None = None) -> Posted:
+def _sha(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+def _as_now(payload: str, body: str, text: str | None = None, text_sha: bytes | None = None) -> Posted:
     """A repeat's original `message.new` as the message is now: its stored event carries the text first posted
     (a deletion blanks it there too), so an edit since is laid over it, as REST's repeat shows. With `text` (the
     repeat's), Refused(REUSED) when it is not the text first posted: a client reusing its ids (a counter reset by a
     reload) would otherwise have its new message dropped without a word."""
     event = _new_decoder.decode(payload.encode())
-    if text is not None and not event.deleted and event.text != text:
+    # (a deleted message's text is gone: the digest of the text it was posted with stands in for it)
+    if text is not None and (event.text != text if not event.deleted else text_sha is not None and
+                             bytes(text_sha) != _sha(text)):
         raise Refused(REUSED, f"client_msg_id {event.client_msg_id!r} was already used for another message in this "
                               "room; send a new message with a new client_msg_id")
     if not event.deleted and event.text != body:
@@ -96,9 +104,9 @@ SELECT u.id, u.name, u.role,
        EXISTS (SELECT 1 FROM room_mutes k WHERE k.user_id = u.id AND {moderation.BARRING.format(sid="$4")}) AS muted,
        EXISTS (SELECT 1 FROM room_kicks k WHERE k.user_id = u.id AND {moderation.BARRING.format(sid="$4")}) AS kicked,
        {rooms.ACCESS_SQL.format(u="u", kind="$5::text", target="$6::bigint")} AS allowed,
-       o.payload AS original, o.body AS original_body
+       o.payload AS original, o.body AS original_body, o.text_sha AS original_sha
 FROM users u LEFT JOIN LATERAL (
-    SELECT e.payload, m.body FROM messages m JOIN room_events e ON e.room_id = m.room_id AND e.seq = m.seq
+    SELECT e.payload, m.body, m.text_sha FROM messages m JOIN room_events e ON e.room_id = m.room_id AND e.seq = m.seq
     WHERE m.room_id = $1 AND m.author_id = u.id AND m.client_msg_id = $3) AS o ON true
 WHERE u.id = $2"""
 
@@ -131,7 +139,7 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
                 if author is None:
                     raise LookupError(f"user {author_id} does not exist")
                 if author["original"] is not None:
-                    return _as_now(author["original"], author["original_body"], text)
+                    return _as_now(author["original"], author["original_body"], text, author["original_sha"])
                 if not author["allowed"]:  # left the course or pod: the socket's close may have been lost
                     raise Refused(ACCESS_REVOKED, "you no longer have access to this room")
                 if author["kicked"]:  # (an open socket closes on the kick's event; should that be lost, not this)
@@ -148,10 +156,12 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
             # The event needs the row's id and the row needs the seq: allocate, insert, then store the event.
             seq = await next_seq(conn, room_id)
             row = await conn.fetchrow(
-                """INSERT INTO messages (room_id, seq, author_id, body, client_msg_id, meta, author_name, author_role)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                """INSERT INTO messages (room_id, seq, author_id, body, client_msg_id, meta, author_name, author_role,
+                                        text_sha)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                    ON CONFLICT DO NOTHING RETURNING id, created_at""",
-                room_id, seq, author_id, text, client_msg_id, meta, ref.name, ref.role)
+                room_id, seq, author_id, text, client_msg_id, meta, ref.name, ref.role,
+                _sha(text) if client_msg_id is not None else None)
             if row is None:  # a concurrent send with the same client_msg_id committed first
                 raise _Duplicate()
             event = MessageNew(id=row["id"], seq=seq, room=room_id, author=ref, text=text,

@@ -230,6 +230,9 @@ async def test_rest_post_is_idempotent_and_delete_follows_the_rules(server, clie
     # a repeat of a deleted original says so (a bot retrying learns its message was removed)
     late = client.post(url, json={"text": "from a bot", "client_msg_id": "rest-1"}, headers=a.h)
     assert late.status_code == 200 and late.json()["deleted"] is True and late.json()["text"] == ""
+    # its id with another text is refused, deleted original or not (its text is gone; its digest is kept)
+    reused = client.post(url, json={"text": "a new message", "client_msg_id": "rest-1"}, headers=a.h)
+    assert reused.status_code == 409 and reused.json()["code"] == "idempotency_key_reused", reused.text
     # and a repeat of an edited one returns it as edited
     posted = client.post(url, json={"text": "draft", "client_msg_id": "rest-2"}, headers=b.h).json()
     assert posted["deleted"] is False and posted["edited_at"] is None
