@@ -349,14 +349,15 @@ def build_graph(pool: asyncpg.Pool, redis: Redis, settings: Settings, llm: Any =
         groups = [[ls[i] for i in g] for g in fresh]
         if llm is not None and groups:
             got = await asyncio.gather(*(llm_reason(llm, g, titles) for g in groups))
-            source = "llm" if all(got) else "mixed"
+            sources = {"llm" if r else "template" for r in got}
             made = [r or template_reason(g, titles) for r, g in zip(got, groups)]
         else:
-            source, made = "template", [template_reason(g, titles) for g in groups]
-        if not fresh and old:
-            source = "kept"
+            sources, made = ({"template"} if groups else set()), [template_reason(g, titles) for g in groups]
+        if len(fresh) < len(state["groups"]):  # some groups kept, with the reasons they had
+            sources.add("kept")
         new = dict(zip(map(tuple, fresh), made))
-        return {"reasons": [new.get(tuple(g)) or old[tuple(g)] for g in state["groups"]], "reason_source": source}
+        return {"reasons": [new.get(tuple(g)) or old[tuple(g)] for g in state["groups"]],
+                "reason_source": sources.pop() if len(sources) == 1 else "mixed" if sources else "template"}
 
     async def post(state: MatchState) -> MatchState:
         groups = [{"members": g, "reason": r} for g, r in zip(state["groups"], state["reasons"])]

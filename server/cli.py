@@ -278,7 +278,8 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
             print(f"\njob {job_id}: no worker has been consuming jobs for {args.worker_wait:.0f} s "
                   "(the worker stopped); the job stays queued for the next worker (`studyhall worker`, or `make run`)",
                   file=sys.stderr)
-            _ingest_result(args, video_id, job_id, "queued", None)
+            now = await pool.fetchrow("SELECT state, error FROM jobs WHERE id = $1", job_id)  # (it may be mid-way)
+            _ingest_result(args, video_id, job_id, now["state"] if now else "deleted", now["error"] if now else None)
             return 1
         if runner is not None:
             await runner
@@ -634,7 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"give up after S seconds without a live worker (5 to 3600, default {WORKER_GONE_S:.0f}); "
                           "the job stays queued")
     ing.add_argument("--json", action="store_true",
-                     help='print {"video_id", "job_id", "state", "error"} on stdout when the job ends or is left queued')
+                     help='print {"video_id", "job_id", "state", "error"} on stdout when the job ends or is left to '
+                          'the next worker')
     ask_ = add("ask", cmd_ask, "ask the tutor about a course (answer with cited moments)")
     ask_.add_argument("course_id", type=_id)
     ask_.add_argument("question", type=_question)

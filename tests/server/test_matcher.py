@@ -215,7 +215,7 @@ def test_a_decline_leaves_the_other_groups_alone(client, make: Factory, settings
     assert all(g in others for g in kept)  # same members, same reason
     assert sorted(set(joined["members"]) - {partner}) in [sorted(g["members"]) for g in others]
     msg = client.get(f"/api/v1/rooms/pod:{pod}/messages", headers=by_id[partner].h).json()["items"][-1]
-    assert msg["meta"]["match_id"] == now["match_id"] and msg["meta"]["reason_source"] == "template"
+    assert msg["meta"]["match_id"] == now["match_id"] and msg["meta"]["reason_source"] == "mixed"  # kept + new
 
 
 async def test_a_decline_of_last_weeks_round_does_not_stand_for_this_week(client, make: Factory, settings,
