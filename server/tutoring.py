@@ -571,6 +571,15 @@ async def over_daily_limit(state: Any, user: Any) -> Refused | None:
                    retry_after=_to_midnight_utc())
 
 
+def question_of(text: str) -> str:
+    """What a message or question asks the tutor: its text without the `@tutor` mentions (blank when that is all
+    it holds)."""
+    return " ".join(TUTOR_MENTION.sub(" ", text).split())
+
+
+EMPTY_QUESTION = "write your question after @tutor"
+
+
 async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, text: str,
                           client_msg_id: str | None) -> tuple[Posted, Refused | None]:
     """Post a message; one that mentions @tutor asks it (the question is the message without the mention).
@@ -582,9 +591,9 @@ async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, t
         repeat = await original(state.pool, room_id, user.id, client_msg_id, text)
         if repeat is not None:  # answered (or being answered) once: no slot for it, no refusal
             return repeat, None
-        question = " ".join(TUTOR_MENTION.sub(" ", text).split())
+        question = question_of(text)
         if blank(question):  # "@tutor" alone asks nothing (and costs nothing)
-            question, refused = None, Refused("empty_question", "write your question after @tutor")
+            question, refused = None, Refused("empty_question", EMPTY_QUESTION)
         elif len(question) > MAX_QUESTION_CHARS:
             refused = Refused("too_long", f"a question to the tutor is at most {MAX_QUESTION_CHARS} characters")
         elif (over := await over_daily_limit(state, user)) is not None:

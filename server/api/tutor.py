@@ -24,10 +24,10 @@ from server.auth import staff_only
 from server.decode import read_json
 from server.errors import (BAD_VALUE, CONFLICT, GONE, ROLLED_BACK, UNAVAILABLE, UNREACHABLE, ApiError,
                            embedder_api_error)
-from server.tutoring import (BUSY, BUSY_RETRY_S, MAX_QUESTION_CHARS, ask, complete, free_slot, prepare,
-                             take_slot, track)
+from server.tutoring import (BUSY, BUSY_RETRY_S, EMPTY_QUESTION, MAX_QUESTION_CHARS, ask, complete, free_slot,
+                             prepare, question_of, take_slot, track)
 from store import tutor as repo
-from store.frames import text_problem
+from store.frames import blank, text_problem
 from store.rooms import access as rooms_access
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,8 @@ class TutorController(Controller):
         data = await read_json(request, AskIn)
         if (problem := text_problem(data.question, MAX_QUESTION_CHARS, "question")) is not None:
             raise ApiError(400, problem[1], field="question")
+        if blank(question_of(data.question)):  # "@tutor" alone asks nothing (and must not cost a question)
+            raise ApiError(400, EMPTY_QUESTION, code="empty_question", field="question")
         state, user = request.app.state, request.user
         async with state.pool.acquire() as conn:
             await course_or_404(conn, course_id, user)

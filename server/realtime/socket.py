@@ -18,8 +18,8 @@ from server.errors import ROLLED_BACK, UNAVAILABLE, UNREACHABLE
 from server.realtime.conn import Conn
 from server.realtime.hub import Hub
 from server.realtime.standing import standing, still_allowed
-from server.tutoring import (BUSY, BUSY_RETRY_S, MAX_QUESTION_CHARS, free_slot, over_daily_limit, post_asking,
-                             post_mentioning, take_slot)
+from server.tutoring import (BUSY, BUSY_RETRY_S, EMPTY_QUESTION, MAX_QUESTION_CHARS, free_slot, over_daily_limit,
+                             post_asking, post_mentioning, question_of, take_slot)
 from store import frames
 from store import live as live_repo
 from store import moderation
@@ -296,6 +296,8 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
     elif isinstance(frame, frames.TutorAsk):
         # the question is posted like any message, then the tutor replies to it
         text = _check_text(frame.text, min(settings.ws_max_text, MAX_QUESTION_CHARS))
+        if frames.blank(question_of(text)):  # "@tutor" alone asks nothing: refused before anything is posted
+            raise messages_repo.Refused("empty_question", EMPTY_QUESTION)
         # a repeat of a question already asked (a re-send after a reconnect): the original comes back, as for any
         # repeat, whatever the slots, the send budget or the daily limit say now
         original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id, text)

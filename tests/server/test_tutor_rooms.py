@@ -683,7 +683,7 @@ def test_an_sse_answer_abandoned_at_shutdown_ends_with_interrupted(data_dir, eva
     assert last_kind == "error" and json.loads(last_data)["code"] == "interrupted", events[-3:]
 
 
-def test_a_mention_alone_asks_nothing(eval_course: EvalCourse, client, make: Factory, settings):
+async def test_a_mention_alone_asks_nothing(eval_course: EvalCourse, server, client, make: Factory, settings):
     """"@tutor" with nothing after it stands as a message, but the tutor does not take it (nor a question from
     the day's quota)."""
     learner = make.user("learner", tenant=eval_course.tenant)
@@ -693,6 +693,18 @@ def test_a_mention_alone_asks_nothing(eval_course: EvalCourse, client, make: Fac
         r = client.post(f"/api/v1/rooms/course:{eval_course.id}/messages", json={"text": text}, headers=learner.h)
         assert r.status_code == 201 and r.json()["tutor"] == {"answering": False, "code": "empty_question",
                                                              "detail": "write your question after @tutor"}, r.text
+    # a `tutor.ask` or a REST ask of the mention alone is refused before anything is posted or counted (they were
+    # posted and answered as a question, one of the day's)
+    r = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "@tutor"}, headers=learner.h)
+    assert r.status_code == 400 and r.json()["code"] == "empty_question", r.text
+    sock = await Client.connect(server, f"course:{eval_course.id}", learner)
+    try:
+        await sock.send({"type": "tutor.ask", "text": " @tutor ", "client_msg_id": "only-mention"})
+        err = await sock.expect("error")
+        assert err["code"] == "empty_question" and err["ref"] == "only-mention", err
+    finally:
+        await sock.close()
+    assert not fetch(settings, "SELECT 1 FROM messages WHERE client_msg_id = 'only-mention'")
     assert _used(settings, learner) == 0
 
 
