@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from datetime import datetime, timezone
 from typing import Any
@@ -301,10 +302,11 @@ class AssignmentController(Controller):
         if (data.video_id is None) == (data.chapter_id is None):
             raise ApiError(400, "give exactly one of video_id or chapter_id", field="video_id")
         state, user = request.app.state, request.user
+        asked = hashlib.sha256(msgspec.json.encode(data)).digest()  # what this key is for
         if key is not None:
             async with state.pool.acquire() as conn:
                 await course_or_404(conn, course_id, user)
-                done = await _generated_with(conn, course_id, key, user)
+                done = await _generated_with(conn, course_id, key, user, asked)
             if done is not None:
                 return Response(done, status_code=200)
         ok, wait = await SendLimiter(state.redis, GENERATE_PER_HOUR / 3600, GENERATE_BURST, key=rate_generate).take(
@@ -387,12 +389,12 @@ class AssignmentController(Controller):
             raise ApiError(409, "the chapter has no sentences to build items from")
         async with state.pool.acquire() as conn:
             try:
-                rows = await self._store_drafts(conn, course_id, user.id, video_id, drafts, key, generator)
+                rows = await self._store_drafts(conn, course_id, user.id, video_id, drafts, key, generator, asked)
             except asyncpg.ForeignKeyViolationError as exc:  # the video or its chapters went meanwhile
                 raise ApiError(409, "the video's chapters were rebuilt (a re-ingest) or it was deleted while the items "
                                     "were written; generate again", code="conflict") from exc
             if rows is None:  # its twin (the same key, at the same time) stored its drafts first: those stand
-                done = await _generated_with(conn, course_id, key, user)  # type: ignore[arg-type]
+                done = await _generated_with(conn, course_id, key, user, asked)  # type: ignore[arg-type]
                 return Response(done or Generated(items=[], generator=generator), status_code=200)
         logger.info("generated %d draft assignments", len(rows),
                     extra={"fields": {"course_id": course_id, "video_id": video_id, "generator": generator}})
@@ -400,7 +402,7 @@ class AssignmentController(Controller):
 
     @staticmethod
     async def _store_drafts(conn: asyncpg.Connection, course_id: int, user_id: int, video_id: int,
-                            drafts: list, key: str | None, generator: str) -> list | None:
+                            drafts: list, key: str | None, generator: str, asked: bytes) -> list | None:
         """The drafts stored, in one transaction; None when a generation with the same Idempotency-Key stored its
         own meanwhile (these are rolled back: that one's stand)."""
         from agents.generate import masked
@@ -423,9 +425,10 @@ class AssignmentController(Controller):
                               "concept": masked(ch["title"], answers), "citation": it.citation}
                     rows.append(await repo.create(conn, course_id, user_id, fields, origin="generated"))
                 if key is not None and await conn.fetchval(
-                        """INSERT INTO generation_requests (course_id, client_key, user_id, generator, assignment_ids)
-                           VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING 1""",
-                        course_id, key, user_id, generator, [r["id"] for r in rows]) is None:
+                        """INSERT INTO generation_requests (course_id, client_key, user_id, generator, assignment_ids,
+                                                            request_sha)
+                           VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING 1""",
+                        course_id, key, user_id, generator, [r["id"] for r in rows], asked) is None:
                     raise _Twin()
         except _Twin:
             return None
@@ -436,11 +439,16 @@ class _Twin(Exception):
     """Another generation with the same Idempotency-Key stored its drafts first."""
 
 
-async def _generated_with(conn: asyncpg.Connection, course_id: int, key: str, user: AuthUser) -> Generated | None:
-    """The drafts a generation with this Idempotency-Key made (those still there), or None."""
-    done = await conn.fetchrow("SELECT generator, assignment_ids FROM generation_requests "
+async def _generated_with(conn: asyncpg.Connection, course_id: int, key: str, user: AuthUser,
+                          asked: bytes) -> Generated | None:
+    """The drafts a generation with this Idempotency-Key made (those still there), or None; 409 when the key was
+    used for another request (`asked`: its digest)."""
+    done = await conn.fetchrow("SELECT generator, assignment_ids, request_sha FROM generation_requests "
                                "WHERE course_id = $1 AND client_key = $2", course_id, key)
     if done is None:
         return None
+    if done["request_sha"] is not None and bytes(done["request_sha"]) != asked:
+        raise ApiError(409, "this Idempotency-Key was used for another generation; use a new key for a new one",
+                       code="idempotency_key_reused", field="Idempotency-Key")
     rows = [r for r in [await repo.get(conn, i) for i in done["assignment_ids"]] if r is not None]
     return Generated(items=[to_assignment(r, user) for r in rows], generator=done["generator"])

@@ -173,6 +173,9 @@ async def test_a_generation_retried_with_its_idempotency_key_makes_one_set_of_dr
         again = await c.post(url, json=body, headers={**inst.h, "Idempotency-Key": "gen-1"})
         assert again.status_code == 200 and [i["id"] for i in again.json()["items"]] == \
             [i["id"] for i in first.json()["items"]]
+        # the key with another body is refused (it returned the first request's drafts)
+        other = await c.post(url, json={**body, "count": 2}, headers={**inst.h, "Idempotency-Key": "gen-1"})
+        assert other.status_code == 409 and other.json()["code"] == "idempotency_key_reused", other.text
         both = await asyncio.gather(*(c.post(url, json=body, headers={**inst.h, "Idempotency-Key": "gen-2"})
                                       for _ in range(2)))
         assert sorted(r.status_code for r in both) == [200, 201], [r.text for r in both]
