@@ -18,7 +18,7 @@ from server.observability import request_id_of
 logger = logging.getLogger(__name__)
 
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-          409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "unprocessable", 429: "rate_limited"}
+          409: "invalid_state", 413: "too_large", 415: "unsupported_media_type", 422: "unprocessable", 429: "rate_limited"}
 
 
 class ApiError(HTTPException):

@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 
 from store.events import LiveEnded, LiveStarted, PollClosed, PollInfo, PollOpened, PollResults
 from store import moderation, rooms
-from store.messages import ACCESS_REVOKED, Refused
+from store.messages import ACCESS_REVOKED, INVALID_STATE, Refused
 from store.rooms import RoomGone, lock_room, sequenced
 
 _SESSION = "s.id, s.course_id, s.title, s.scheduled_at, s.started_at, s.ended_at, s.created_by, s.created_at"
@@ -55,7 +55,7 @@ async def _lock_room(conn: asyncpg.Connection, session_id: int) -> None:
 
 
 async def start_session(db: asyncpg.Pool, redis: Redis, session_id: int) -> asyncpg.Record:
-    """scheduled → live; publishes `live.started`. Refused("conflict") from any other state."""
+    """scheduled → live; publishes `live.started`. Refused(INVALID_STATE) from any other state."""
     async with sequenced(db, redis) as box:
         await _lock_room(box.conn, session_id)
         row = await box.conn.fetchrow(
@@ -63,7 +63,7 @@ async def start_session(db: asyncpg.Pool, redis: Redis, session_id: int) -> asyn
                 RETURNING {_SESSION}""", session_id)
         if row is None:
             await _gone(box.conn, "live_sessions", session_id, "live session")
-            raise Refused("conflict", "the session has already started or ended")
+            raise Refused(INVALID_STATE, "the session has already started or ended")
         room = room_of(session_id)
         await box.append(room, lambda seq: LiveStarted(seq=seq, room=room, session_id=session_id,
                                                        at=row["started_at"]))
@@ -79,7 +79,7 @@ async def end_session(db: asyncpg.Pool, redis: Redis, session_id: int) -> asyncp
                 AND ended_at IS NULL RETURNING {_SESSION}""", session_id)
         if row is None:
             await _gone(box.conn, "live_sessions", session_id, "live session")
-            raise Refused("conflict", "the session is not live")
+            raise Refused(INVALID_STATE, "the session is not live")
         room = room_of(session_id)
         for poll_id in await box.conn.fetch(
                 "UPDATE polls SET closed_at = now() WHERE session_id = $1 AND closed_at IS NULL RETURNING id",
@@ -91,19 +91,19 @@ async def end_session(db: asyncpg.Pool, redis: Redis, session_id: int) -> asyncp
 
 async def _gone(conn: asyncpg.Connection, table: str, row_id: int, what: str) -> None:
     """Refused("not_found") when the row no longer exists (deleted with its course, or cancelled, while the
-    caller waited): a change that found nothing to change is a conflict only when there was something there."""
+    caller waited): a change that found nothing to change is invalid only when there was something there."""
     if not await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table} WHERE id = $1)", row_id):
         raise Refused("not_found", f"{what} {row_id} not found")
 
 
 async def cancel_session(conn: asyncpg.Connection, session_id: int) -> None:
     """Delete a session that never started, with its room (messages posted while it was scheduled go too).
-    Refused("conflict") once it has started: a session that took place keeps its attendance and polls."""
+    Refused(INVALID_STATE) once it has started: a session that took place keeps its attendance and polls."""
     async with conn.transaction():
         await _lock_room(conn, session_id)
         started = await conn.fetchval("SELECT started_at FROM live_sessions WHERE id = $1 FOR UPDATE", session_id)
         if started is not None:
-            raise Refused("conflict", "only a session that has not started can be cancelled; end it instead")
+            raise Refused(INVALID_STATE, "only a session that has not started can be cancelled; end it instead")
         await conn.execute("DELETE FROM rooms WHERE id = $1", room_of(session_id))
         await conn.execute("DELETE FROM live_sessions WHERE id = $1", session_id)
 
@@ -191,19 +191,19 @@ MAX_POLLS_PER_SESSION = 200  # an explicit bound: a session ending closes and co
 
 async def create_poll(db: asyncpg.Pool, redis: Redis, session_id: int, question: str, options: list[str],
                       by: int) -> asyncpg.Record:
-    """Open a poll in the session's room; publishes `poll.opened`. Refused("conflict") before the session
+    """Open a poll in the session's room; publishes `poll.opened`. Refused(INVALID_STATE) before the session
     starts and once it ended."""
     async with sequenced(db, redis) as box:
         await _lock_room(box.conn, session_id)
         s = await box.conn.fetchrow("SELECT started_at, ended_at FROM live_sessions WHERE id = $1 FOR UPDATE",
                                     session_id)
         if s is not None and s["ended_at"] is not None:
-            raise Refused("conflict", "the session has ended")
+            raise Refused(INVALID_STATE, "the session has ended")
         if s is not None and s["started_at"] is None:  # votes before it began; a session never started
-            raise Refused("conflict", "polls open once the session has started")  # cannot end to close them
+            raise Refused(INVALID_STATE, "polls open once the session has started")  # cannot end to close them
         if s is not None and await box.conn.fetchval("SELECT count(*) FROM polls WHERE session_id = $1",
                                                      session_id) >= MAX_POLLS_PER_SESSION:
-            raise Refused("conflict", f"a session holds at most {MAX_POLLS_PER_SESSION} polls")
+            raise Refused(INVALID_STATE, f"a session holds at most {MAX_POLLS_PER_SESSION} polls")
         row = await box.conn.fetchrow(
             """INSERT INTO polls (session_id, question, options, created_by) VALUES ($1, $2, $3, $4)
                RETURNING id, session_id, question, options, created_at, closed_at""",
@@ -314,7 +314,7 @@ async def publish_results(db: asyncpg.Pool, redis: Redis, poll_id: int, *, only_
 
 
 async def close_poll(db: asyncpg.Pool, redis: Redis, poll_id: int) -> list[int]:
-    """Close the poll and publish the final counts (`poll.closed`). Refused("conflict") when already closed."""
+    """Close the poll and publish the final counts (`poll.closed`). Refused(INVALID_STATE) when already closed."""
     async with sequenced(db, redis) as box:
         session_id = await box.conn.fetchval("SELECT session_id FROM polls WHERE id = $1", poll_id)
         if session_id is None:
@@ -324,7 +324,7 @@ async def close_poll(db: asyncpg.Pool, redis: Redis, poll_id: int) -> list[int]:
             "UPDATE polls SET closed_at = now() WHERE id = $1 AND closed_at IS NULL RETURNING session_id", poll_id)
         if session_id is None:
             await _gone(box.conn, "polls", poll_id, "poll")
-            raise Refused("conflict", "the poll is already closed")
+            raise Refused(INVALID_STATE, "the poll is already closed")
         final = await _append_closed(box, room_of(session_id), poll_id)
     return final
 

@@ -65,6 +65,9 @@ async def _existing(conn: asyncpg.Connection, room_id: str, author_id: int | Non
 
 
 REUSED = "idempotency_key_reused"  # a Refused code: a client_msg_id sent again with another text
+# a Refused code: what is asked is not possible in the object's present state (a session not live, a poll closed);
+# the detail says why, and sending the same again does not help (`conflict` is for a concurrent change: retry)
+INVALID_STATE = "invalid_state"
 
 
 def _sha(text: str) -> bytes:

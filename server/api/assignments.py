@@ -392,7 +392,7 @@ class AssignmentController(Controller):
                 rows = await self._store_drafts(conn, course_id, user.id, video_id, drafts, key, generator, asked)
             except asyncpg.ForeignKeyViolationError as exc:  # the video or its chapters went meanwhile
                 raise ApiError(409, "the video's chapters were rebuilt (a re-ingest) or it was deleted while the items "
-                                    "were written; generate again", code="conflict") from exc
+                                    "were written; generate again", code="conflict", retry_after=1) from exc
             if rows is None:  # its twin (the same key, at the same time) stored its drafts first: those stand
                 done = await _generated_with(conn, course_id, key, user, asked)  # type: ignore[arg-type]
                 return Response(done or Generated(items=[], generator=generator), status_code=200)

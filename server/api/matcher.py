@@ -121,7 +121,8 @@ class MatcherController(Controller):
             async with state.pool.acquire() as conn:
                 done = await matching.round_by_key(conn, pod_id, round_key)
             if done is None:
-                raise ApiError(409, "the pod's learners changed while matching; try again", code="conflict")
+                raise ApiError(409, "the pod's learners changed while matching; try again", code="conflict",
+                               retry_after=1)
             return Response(to_match(matcher.result_of(done)), status_code=200)
         return Response(to_match(result), status_code=201)
 

@@ -92,7 +92,7 @@ class PodController(Controller):
             async with request.app.state.pool.acquire() as conn:
                 if await repo.pod_in_tenant(conn, pod_id, request.user.tenant_id) is None:
                     raise ApiError(404, f"pod {pod_id} not found")
-            raise ApiError(409, f"user {data.user_id} left the pod or the course meanwhile", code="conflict")
+            raise ApiError(409, f"user {data.user_id} left the pod or the course meanwhile", code="invalid_state")
         if created:  # on the pod's boards with the XP earned in it before
             await leaderboard_rebuild.resync_member(request.app.state.pool, request.app.state.redis, data.user_id,
                                                     pod["course_id"])

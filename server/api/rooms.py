@@ -27,7 +27,7 @@ Seq = Parameter(ge=0, le=2**62, default=None)
 
 # Refused codes of the store layer -> HTTP status
 _STATUS = {"not_found": 404, "forbidden": 403, "muted": 403, "kicked": 403, "access_revoked": 403, "conflict": 409,
-           messages_repo.REUSED: 409,
+           messages_repo.REUSED: 409, messages_repo.INVALID_STATE: 409,
            "poll_closed": 409,
            "bad_option": 400, "bad_frame": 400, "too_long": 400}
 

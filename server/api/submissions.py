@@ -187,7 +187,7 @@ class SubmissionController(Controller):
                 _open_check(a, used)
                 if a["type"] != checked["type"]:  # edited before anyone answered: the answer was for the old one
                     raise ApiError(409, "the assignment was changed while this answer was sent; read it again",
-                                   code="conflict")
+                                   code="invalid_state")
                 answer = _check_answer(a, data.answer, state.settings.max_answer_chars)  # its options may have too
                 if a["type"] == "multiple_choice":
                     score, criteria, feedback = assignments_repo.grade_choice(a, answer)  # type: ignore[arg-type]

@@ -129,7 +129,7 @@ def _repeat(video: asyncpg.Record | None, kw: dict, size: int | None) -> Respons
     """The video an Idempotency-Key made, for a repeat of the same request (the same YouTube video, or a file of
     the same name and size); another video under the same key is refused rather than dropped."""
     if video is None:  # the video the key made was deleted as this repeat came in
-        raise ApiError(409, "the video this Idempotency-Key made was just deleted; use a new key", code="conflict",
+        raise ApiError(409, "the video this Idempotency-Key made was just deleted; use a new key", code="invalid_state",
                        field="Idempotency-Key")
     same = (video["youtube_id"] == kw["youtube_id"] if kw.get("youtube_id") else
             video["youtube_id"] is None and video["filename"] == kw.get("filename") and video["file_size"] == size)

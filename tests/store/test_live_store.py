@@ -269,7 +269,7 @@ async def test_a_session_holds_a_bounded_number_of_polls(xp_store, monkeypatch):
         await live.create_poll(pool, redis, sid, "q", ["x", "y"], owner)
         raise AssertionError("not refused")
     except Refused as exc:
-        assert (exc.code, exc.detail) == ("conflict", "a session holds at most 3 polls")
+        assert (exc.code, exc.detail) == ("invalid_state", "a session holds at most 3 polls")
 
 
 async def test_a_failure_repeating_every_tick_is_logged_once_a_minute(settings, xp_store, caplog, monkeypatch):
