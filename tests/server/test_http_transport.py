@@ -79,6 +79,33 @@ async def test_a_request_head_over_the_limit_is_431_and_a_normal_one_is_served(s
     assert got.startswith(b"HTTP/1.1 200") and got.endswith(str(len(body)).encode())
 
 
+async def test_the_rest_of_a_body_answered_early_is_not_the_next_head(server):
+    """A response sent before its request's body ended (a 413 refusing an upload early): the rest of the body was
+    counted as the next request's head, and the next request on the connection got 431."""
+    async def early(scope, receive, send):  # type: ignore[no-untyped-def]
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-length", b"3")]})
+        await send({"type": "http.response.body", "body": b"big"})
+
+    srv, task, port = await _serve(early, timeout_keep_alive=30)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = b"x" * (3 * http_transport.MAX_HEAD_BYTES)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+        await writer.drain()
+        assert (await reader.readuntil(b"big")).startswith(b"HTTP/1.1 413")
+        for i in range(0, len(body), 8192):  # the client goes on sending its body, then asks again
+            writer.write(body[i:i + 8192])
+            await writer.drain()
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        again = await asyncio.wait_for(reader.read(), 10)
+        assert again.startswith(b"HTTP/1.1 413"), again[:80]  # answered (by this app: 413), not 431
+        writer.close()
+    finally:
+        srv.should_exit = True
+        await task
+
+
 async def test_a_head_not_complete_in_time_closes_the_connection(server):
     t0 = time.monotonic()
     got = await _exchange(server, b"GET / HTTP/1.1\r\n", b"Host: x\r\n", b"X-A: 1\r\n", pause=0.4)  # dribbling
