@@ -90,6 +90,10 @@ DELTA_CHARS = 120  # an offline answer streams in pieces of about this length
 REFUSED_PREFIX = "refused: "  # an answer's error when the model refused or its provider's filter stopped it
 
 
+SMALL_TALK_REPLY = ("Hello! I answer questions about this course's videos and point to the moments the answer comes "
+                    "from. What would you like to know?")
+
+
 def _declined(lead: str, nearest: list[dict]) -> str:
     where = "; ".join(f"\"{n['video_title']}\" at {mmss(n['start'])}" for n in nearest)
     return lead + (f" The nearest moments are {where}." if where else "")
@@ -258,6 +262,8 @@ class Tutor:
         return {"answer": text + " …" if truncated else text}  # cut at the limit: say so
 
     async def decline(self, s: TutorState) -> dict:
+        if (s.get("judge") or {}).get("small_talk"):  # a greeting or a thank-you: no moments to point at
+            return {"answer": SMALL_TALK_REPLY, "citations": [], "nearest": [], "follow_ups": [], "grounded": False}
         nearest = [citation(w, s.get("mode", "answer")) for w in (s.get("sources") or [])[:3]]
         text = _declined("The course videos don't cover this, so I won't guess.", nearest)
         return {"answer": text, "citations": [], "nearest": nearest, "follow_ups": [], "grounded": False}

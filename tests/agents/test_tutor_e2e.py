@@ -45,6 +45,19 @@ def test_out_of_scope_declines_without_citations(eval_course: EvalCourse, client
     assert again.json()["cached"] is True and again.json()["nearest"] == body["nearest"]  # as its text says
 
 
+def test_a_greeting_is_greeted_not_answered_from_the_course(eval_course: EvalCourse, client):
+    """"hi" and "thanks!" were answered as grounded questions, citing the course's "Hi." and "Thank you." moments."""
+    for greeting in ("hi", "Thanks!", "@tutor thank you so much", "Good morning :)"):
+        body = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": greeting},
+                           headers=eval_course.learner.h).json()
+        assert body["grounded"] is False and body["citations"] == [] and body["nearest"] == [], (greeting, body)
+        assert body["answer"].startswith("Hello!"), body
+    # a question that happens to hold a courteous word is a question
+    body = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "thanks, but what is a hash function?"},
+                       headers=eval_course.learner.h).json()
+    assert body["grounded"] is True and body["citations"], body
+
+
 def test_sse_streams_deltas_then_answer(eval_course: EvalCourse, server):
     q = _gold("btc-01") if any(x["id"] == "btc-01" for x in json.loads((EVAL / "questions.json").read_text())["questions"]) else _gold("att-01")
     events = []
