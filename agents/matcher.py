@@ -192,8 +192,9 @@ def facts_for(group: list[Learner], chapter_titles: dict[int, str]) -> list[str]
             best = max(chapters, key=lambda c: m.strengths.get(c, 0) - max(o.strengths.get(c, 0) for o in others))
             if m.strengths.get(best, 0) - max(o.strengths.get(best, 0) for o in others) > 0.2:
                 ahead.append(f"{m.name} is ahead on “{chapter_titles[best]}”")
-        if ahead:
-            scored.append((WEIGHTS["complement"] * mean["complement"], "; ".join(ahead) + " — you can teach each other"))
+        if ahead:  # (one ahead alone teaches; "each other" is for two or more)
+            scored.append((WEIGHTS["complement"] * mean["complement"],
+                           "; ".join(ahead) + (" — you can teach each other" if len(ahead) > 1 else " and can help")))
     # time they are all free at once (for a trio, not just each pair now and then)
     shared = sum(e - s for s, e in common_slots(*(m.slots for m in group))) if all(m.slots for m in group) else 0
     if shared >= 30:
@@ -216,6 +217,8 @@ def template_reason(group: list[Learner], chapter_titles: dict[int, str]) -> str
     if not facts:
         return "Matched to balance this week's pod: a fresh partner to study with."
     text = "; ".join(facts)
+    if any(text.startswith(m.name) for m in group):  # a name stays as its owner writes it ("alice" is not "Alice")
+        return text + "."
     return text[0].upper() + text[1:] + "."
 
 

@@ -135,8 +135,14 @@ def test_template_reason_names_strengths_and_time():
     b = Learner(2, "Ben", slots=[(60, 300)], goals=["Exam prep"], pace=0.55, strengths={10: 0.1, 11: 0.9})
     text = template_reason([a, b], {10: "Sorting", 11: "Graphs"})
     assert "Ann is ahead on “Sorting”" in text and "Ben is ahead on “Graphs”" in text
-    assert "3 h of shared free time" in text
+    assert "3 h of shared free time" in text and "teach each other" in text
     assert template_reason([Learner(1, "A"), Learner(2, "B")], {}).endswith(".")
+    # a name starting the reason stays as written (a lowercase "alice" became "Alice", another user's name), and
+    # one learner ahead alone helps rather than "you can teach each other"
+    alice = Learner(1, "alice", pace=0.9, offset_h=9, strengths={10: 0.9, 11: 0.2})
+    bo = Learner(2, "bo", pace=0.1, offset_h=-5, strengths={10: 0.1, 11: 0.2})
+    text = template_reason([alice, bo], {10: "Sorting", 11: "Graphs"})
+    assert text == "alice is ahead on “Sorting” and can help.", text
     # a trio: only time all three are free counts (each pair shares 3 h, never all three)
     trio = [Learner(1, "A", slots=[(0, 180), (1440, 1620)]), Learner(2, "B", slots=[(0, 180), (2880, 3060)]),
             Learner(3, "C", slots=[(1440, 1620), (2880, 3060)])]
