@@ -86,8 +86,9 @@ async def record_event(conn: asyncpg.Connection, submission_id: int, kind: str, 
 
 async def history(conn: asyncpg.Connection, submission_id: int) -> list[asyncpg.Record]:
     return await conn.fetch(
-        """SELECT id, kind, score, confidence, criteria, grader, held, reason, comment, by_user, created_at
-           FROM grade_events WHERE submission_id = $1 ORDER BY id""", submission_id)
+        """SELECT id, kind, round(score::numeric, 1)::float8 AS score, round(confidence::numeric, 3)::float8 AS confidence,
+                  criteria, grader, held, reason, comment, by_user, created_at
+           FROM grade_events WHERE submission_id = $1 ORDER BY id""", submission_id)  # (stored as real: 85.9000015)
 
 
 async def save_machine_grade(conn: asyncpg.Connection, submission_id: int, *, score: float, confidence: float,
