@@ -103,6 +103,9 @@ async def heartbeat(ctx: dict[str, Any]) -> AsyncIterator[None]:
         yield
     finally:
         beat.cancel()
+        # its end awaited (a cancellation of ours still goes through): a stopping worker closed its loop with the
+        # task pending ("Task was destroyed but it is pending!" in the log)
+        await asyncio.wait([beat])
 
 
 def backoff_s(attempt: int, base: float) -> float:

@@ -756,7 +756,9 @@ def main(argv: list[str] | None = None) -> int:
     # a closed terminal stops cleanly too: as SIGTERM, which uvicorn (while serving) and arq handle gracefully
     signal.signal(signal.SIGHUP, lambda _signum, _frame: os.kill(os.getpid(), signal.SIGTERM))
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a reader gone away is caught, not at the interpreter's exit
+        return code
     except _Stop as stop:
         if args.command in _RUN_UNTIL_STOPPED:
             return 0
@@ -767,6 +769,10 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"studyhall: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`studyhall ask ... --json | head`): as other tools, quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # (the interpreter's flush at exit must not fail again)
+        return 128 + signal.SIGPIPE.value
     except (EmbedderError, LLMError, EmbeddedError) as exc:  # a model service, or an embedded server, that fails
         print(f"studyhall: {exc}", file=sys.stderr)
         return 2

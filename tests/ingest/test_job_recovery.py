@@ -631,3 +631,25 @@ def test_a_lost_job_whose_recovery_id_holds_a_result_is_queued_again(settings, m
             await pool.close()
 
     assert run_sync(go()) == 1
+
+
+async def test_a_job_heartbeat_is_finished_when_its_job_is(settings):
+    """The lease-keeping task was only cancelled: a worker stopping closed its loop with it pending ("Task was
+    destroyed but it is pending!" on every stop with a job running)."""
+    import asyncio
+
+    from ingest.jobs import connect_arq, heartbeat
+    from store.keys import ARQ_IN_PROGRESS
+
+    redis = await connect_arq(settings.redis_url)
+    key = ARQ_IN_PROGRESS.format(job_id="beat-test")
+    try:
+        await redis.set(key, b"1")
+        before = set(asyncio.all_tasks())
+        async with heartbeat({"redis": redis, "job_id": "beat-test", "settings": settings}):
+            await asyncio.sleep(0.05)
+        assert not [t for t in asyncio.all_tasks() - before if not t.done()]  # (before anything else runs)
+        assert 0 < await redis.pttl(key) <= settings.job_heartbeat_ms  # the lease was kept
+    finally:
+        await redis.delete(key)
+        await redis.aclose()

@@ -92,3 +92,18 @@ def test_what_studyhall_writes_is_its_users_alone(settings, tmp_path, make: Fact
     assert out.returncode == 0, out.stderr
     made = [p for p in (tmp_path / "d").rglob("*")] + [tmp_path / "d"]
     assert made and all(p.stat().st_mode & 0o077 == 0 for p in made), [(p, oct(p.stat().st_mode)) for p in made]
+
+
+def test_a_reader_gone_away_ends_the_command_quietly(settings, tmp_path):
+    """`studyhall ask ... --json | head -c 300`: the reader closing the pipe made a BrokenPipeError traceback (or an
+    "Exception ignored" at exit); now the command ends quietly, as other tools do (status 128 + SIGPIPE)."""
+    import signal
+
+    env = {"DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url}
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "token", "--user", "piped", "--role", "learner"],
+                            cwd=ROOT, env=clean_env(tmp_path / "d", **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE.value, err
+    assert "BrokenPipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err
