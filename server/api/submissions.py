@@ -322,6 +322,10 @@ class SubmissionController(Controller):
                     feedback = dict(row["feedback"] or {})
                     if comment:
                         feedback["comment"] = comment
+                    if row["score"] is None or abs(float(row["score"]) - float(score)) >= 0.05:
+                        # an override: the grader's verdict ("Correct.", "does not yet match what was asked") would
+                        # contradict the grade the learner reads beside it
+                        feedback["right"] = f"Your instructor set the grade to {float(score):g} out of 100."
                     row = await repo.save_review(conn, submission_id, score=float(score), comment=comment,
                                                  reviewer_id=user.id, criteria=rescale(row["criteria"] or [],
                                                                                        float(score)),

@@ -97,6 +97,7 @@ async def test_held_grade_waits_for_the_instructor_then_reaches_the_learner(serv
         await ws.close()
     mine = client.get(f"/api/v1/submissions/{s['id']}", headers=learner.h).json()
     assert mine["score"] == 75 and mine["review_comment"].startswith("Right idea")
+    assert mine["feedback"]["right"] == "Your instructor set the grade to 75 out of 100."  # not the grader's verdict
     assert abs(sum(c["score"] for c in mine["criteria"]) - 75) < 0.5
     assert client.get(f"/api/v1/courses/{course.id}/grading-queue", headers=inst.h).json()["items"] == []
     history = client.get(f"/api/v1/submissions/{s['id']}", headers=inst.h).json()["history"]
