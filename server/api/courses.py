@@ -112,9 +112,9 @@ class CourseController(Controller):
                 target = await conn.fetchrow("SELECT id, tenant_id, role FROM users WHERE id = $1", data.user_id)
                 if target is None or target["tenant_id"] != user.tenant_id:
                     raise ApiError(404, f"user {data.user_id} not found", field="user_id")
-                if target["role"] != "learner":  # (enrolled, they counted as pod members and poll voters)
-                    raise ApiError(400, f"only learners enroll; a {target['role']} of the tenant sees every course "
-                                        "already", field="user_id")
+                if target["role"] in ("instructor", "admin"):  # (enrolled, they counted as pod members and voters)
+                    raise ApiError(400, f"an {target['role']} of the tenant sees every course already; only learners "
+                                        "(and bots bridging a pod's room) are enrolled", field="user_id")
             elif user.role == "learner":
                 if data.user_id not in (None, user.id):
                     raise ApiError(403, "learners can only enroll themselves", field="user_id")

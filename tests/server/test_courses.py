@@ -108,11 +108,14 @@ def test_instructor_enrollments(client, make: Factory):
     assert r.status_code == 404
     # learners cannot list enrollments
     assert client.get(f"/api/v1/courses/{cid}/enrollments", headers=learners[1].h).status_code == 403
-    # only learners enroll: staff and bots see every course (enrolled, they counted as pod members and voters)
-    bot = client.post("/api/v1/bots", json={"name": "bridge"}, headers=inst.h).json()
-    for who in (make.user("instructor").id, bot["user_id"]):
+    # staff see every course already: enrolled, they counted as pod members and poll voters (bots are enrolled to
+    # bridge a pod's room)
+    for who in (make.user("instructor").id, make.user("admin").id):
         r = client.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": who}, headers=inst.h)
         assert r.status_code == 400 and r.json()["field"] == "user_id" and "only learners" in r.json()["message"]
+    bot = client.post("/api/v1/bots", json={"name": "bridge"}, headers=inst.h).json()
+    assert client.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": bot["user_id"]},
+                       headers=inst.h).status_code == 201
 
 
 @pytest.mark.parametrize("body,field", [
