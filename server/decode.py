@@ -57,10 +57,17 @@ def trimmed(value: str, field: str) -> str:
     return value
 
 
+# the other patterns of the API's bodies
+_PATTERNS[repr(r"^[A-Za-z0-9_.:-]+(?![\s\S])")] = "may hold only letters, digits and _ . : -"
+_PATTERNS[repr(r"^\d{2}:\d{2}(?![\s\S])")] = "must be a time as HH:MM"
+
+
 def _explain(text: str, field: str | None) -> str:
     for pattern, meaning in _PATTERNS.items():
         if f"matching regex {pattern}" in text:
             return f"invalid field: `{field or 'value'}` {meaning}"
+    if "matching regex" in text:  # a pattern with no words here: say what is wrong, not the regex
+        return f"invalid field: `{field or 'value'}` holds characters or a form that is not allowed"
     return f"invalid field: {text}"
 
 

@@ -312,3 +312,18 @@ def test_head_checks_401_challenge_and_a_missing_query_parameter_named(client, m
     cid = client.post("/api/v1/courses", json={"title": "Params"}, headers=inst.h).json()["id"]
     r = client.get(f"/api/v1/courses/{cid}/search", headers=inst.h)
     assert r.status_code == 400 and r.json()["field"] == "q", r.text
+
+
+def test_a_pattern_a_value_breaks_is_said_in_words_not_as_its_regex():
+    """A `player` id with a space came back as "Expected `str` matching regex '^[A-Za-z0-9_.:-]+(?![\\s\\S])'"."""
+    import pytest
+
+    from server.api.progress_schemas import ProgressIn, Slot
+    from server.decode import decode_json
+    from server.errors import ApiError
+
+    for raw, typ, words in ((b'{"position": 1, "player": "a b", "seq": 1}', ProgressIn, "letters, digits"),
+                            (b'{"day": "mon", "start": "9am", "end": "10:00"}', Slot, "HH:MM")):
+        with pytest.raises(ApiError) as err:
+            decode_json(raw, typ)
+        assert words in err.value.detail and "regex" not in err.value.detail, err.value.detail
