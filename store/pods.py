@@ -15,7 +15,8 @@ async def create_pod(conn: asyncpg.Connection, course_id: int, name: str, by: in
 async def pod_in_tenant(conn: asyncpg.Connection, pod_id: int, tenant_id: int) -> asyncpg.Record | None:
     """The pod if its course belongs to the tenant (else None: other tenants learn nothing)."""
     return await conn.fetchrow(
-        f"SELECT {_COLS} FROM pods p JOIN courses c ON c.id = p.course_id WHERE p.id = $1 AND c.tenant_id = $2",
+        f"SELECT {_COLS}, c.title AS course_title FROM pods p JOIN courses c ON c.id = p.course_id "
+        "WHERE p.id = $1 AND c.tenant_id = $2",
         pod_id, tenant_id)
 
 
@@ -24,7 +25,8 @@ async def list_course_pods(conn: asyncpg.Connection, course_id: int, *,
     return await conn.fetch(
         f"""SELECT {_COLS}, (SELECT count(*) FROM pod_members m JOIN enrollments e ON e.user_id = m.user_id
                              AND e.course_id = p.course_id WHERE m.pod_id = p.id) AS members,
-                   (SELECT count(*) FROM pod_members m WHERE m.pod_id = p.id) AS places_taken
+                   (SELECT count(*) FROM pod_members m WHERE m.pod_id = p.id) AS places_taken,
+                   (SELECT title FROM courses WHERE id = p.course_id) AS course_title
             FROM pods p WHERE p.course_id = $1 ORDER BY p.id LIMIT $2 OFFSET $3""", course_id, limit, offset)
 
 

@@ -40,9 +40,11 @@ class PodController(Controller):
         user: AuthUser = request.user
         name = trimmed(data.name, "name")
         async with request.app.state.pool.acquire() as conn:
-            if await courses_repo.visible_course(conn, course_id, user.id, user.tenant_id, user.role) is None:
+            course = await courses_repo.visible_course(conn, course_id, user.id, user.tenant_id, user.role)
+            if course is None:
                 raise ApiError(404, f"course {course_id} not found")
-            return to_pod(await repo.create_pod(conn, course_id, name, user.id))
+            return to_pod({**dict(await repo.create_pod(conn, course_id, name, user.id)),
+                           "course_title": course["title"]})
 
     @get("/courses/{course_id:int}/pods")
     async def list_for_course(self, request: Request, course_id: int,

@@ -248,7 +248,12 @@ def test_a_pod_is_a_small_cohort(client, make: Factory, settings):
 
     inst = make.user("instructor")
     cid = client.post("/api/v1/courses", json={"title": "Cohorts"}, headers=inst.h).json()["id"]
-    pod = client.post(f"/api/v1/courses/{cid}/pods", json={"name": "big"}, headers=inst.h).json()["id"]
+    made = client.post(f"/api/v1/courses/{cid}/pods", json={"name": "big"}, headers=inst.h).json()
+    pod = made["id"]
+    # every view of a pod names its course (staff's were null: only learners' lists had it)
+    assert made["course_title"] == "Cohorts"
+    assert client.get(f"/api/v1/pods/{pod}", headers=inst.h).json()["course_title"] == "Cohorts"
+    assert [p["course_title"] for p in client.get(f"/api/v1/courses/{cid}/pods", headers=inst.h).json()] == ["Cohorts"]
     fetch(settings, """WITH u AS (INSERT INTO users (tenant_id, name, role)
                                   SELECT $2, 'member ' || i, 'learner' FROM generate_series(1, 50) i RETURNING id),
                             e AS (INSERT INTO enrollments (course_id, user_id) SELECT $1, id FROM u)
