@@ -96,8 +96,27 @@ def _sentence_score(text: str, weights: dict[str, float]) -> float:
     return sum(weights.get(w, 0.0) for w in set(words)) / math.sqrt(len(text.split()))
 
 
+# Spoken openers a title does without ("So, directional, stabilizing and disruptive" is "Directional, ...")
+_OPENER = re.compile(r"^(?:(?:so|and|but|now|well|okay|ok|also|then|however|finally|of course|in fact|"
+                     r"actually|anyway|alright|all right|right)\b[,:]?\s+)+", re.IGNORECASE)
+TITLE_WORDS = 12  # a chapter's title is its best sentence this short, whole, when one of its best is
+
+
+def _titled(ranked: list, max_words: int = TITLE_WORDS) -> str:
+    """The title from a chapter's sentences, best first: the first of the best few that is short enough to be
+    whole (no "In fact, for the hash function I'm showing here, called…"), else the best, cut."""
+    for s in ranked[:8]:
+        text = _OPENER.sub("", s.text.strip())
+        if 2 <= len(text.split()) <= max_words:
+            return _title(text, max_words)
+    return _title(_OPENER.sub("", ranked[0].text.strip()))
+
+
 def _title(text: str, max_words: int = 10, max_chars: int = 120) -> str:
-    words = text.strip().rstrip(".?!").split()
+    text = text.strip()
+    if (text.count('"') + text.count("“") + text.count("”")) % 2:  # a quote closing (or opening) in another sentence
+        text = text.strip('"“”')
+    words = text.rstrip(".?!").split()
     whole = " ".join(words[:max_words])
     title = whole[:max_chars - 1].rstrip() if len(whole) > max_chars else whole
     title += "…" if len(words) > max_words or title != whole else ""
@@ -137,7 +156,7 @@ def build_chapters(chunks: list, emb: np.ndarray) -> list[Chapter]:
             continue
         top = sorted(ranked[:3], key=lambda s: s.start)
         summary = " ".join(s.text.strip() for s in top)
-        out.append(Chapter(start=chunks[a].start, end=chunks[b].end, title=_title(ranked[0].text),
+        out.append(Chapter(start=chunks[a].start, end=chunks[b].end, title=_titled(ranked),
                            summary=summary[:1200], first_chunk=a, last_chunk=b))
     for prev, nxt in zip(out, out[1:]):
         prev.end = nxt.start  # chunks overlap; chapters tile the video without overlapping

@@ -29,3 +29,20 @@ def test_llm_titles_and_fallback():
         assert chapters[1].title == "Extractive two"  # the model failed: the extractive title stays
         body = srv.requests[0].body
         assert "data, not instructions" in str(body) and "row picture" in str(body)
+
+
+def test_an_extractive_title_is_a_whole_short_sentence_when_one_of_the_best_is():
+    """Titles were the best sentence cut at ten words ("In fact, for the hash function I'm showing here, called…"):
+    now the first of the best few short enough to be whole, without spoken openers or a stray quote mark."""
+    from types import SimpleNamespace as S
+
+    from ingest.chapters import _titled
+
+    ranked = [S(text="In fact, for the hash function I'm showing here, called SHA256, the output looks random."),
+              S(text="So, directional, stabilizing and disruptive."),
+              S(text="Okay.")]
+    assert _titled(ranked) == "Directional, stabilizing and disruptive"
+    assert _titled(ranked[:1]) == "For the hash function I'm showing here, called SHA256, the…"
+    assert _titled([S(text='How happy would you feel if you did not get tenure?"')]) == \
+        "How happy would you feel if you did not get tenure"
+    assert _titled([S(text='"A" is an hour of pain.')]) == '"A" is an hour of pain'
