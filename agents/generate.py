@@ -149,7 +149,10 @@ def key_sentences(chapter: list[Sentence], others: list[list[Sentence]], count: 
     chosen: list[tuple[Sentence, str]] = []
     used_keywords: set[str] = set()
     for _, s, ranked in scored:
-        kw = next((t for t in ranked if t not in used_keywords), None)  # each item hinges on another word
+        # each item hinges on another word; a name only when nothing else will do (blanked, "Alice" among common
+        # words gives itself away)
+        ranked = sorted(ranked, key=lambda t: _named(s.text, t))
+        kw = next((t for t in ranked if t not in used_keywords), None)
         if kw is None or any(abs(s.start - c.start) < 1e-6 for c, _ in chosen):
             continue
         chosen.append((s, kw))
@@ -167,15 +170,26 @@ def _mmss(t: float) -> str:
 _ANY_WORD = re.compile(r"(?<![^\W_])[^\W_](?:[\w']|-(?=\w))*")
 
 
+def _named(text: str, keyword: str) -> bool:
+    """Whether the keyword is a name in the sentence: every time it is said, capitalized, not only where a
+    sentence starts."""
+    kw = keyword.lower()
+    said = [m for m in _ANY_WORD.finditer(text) if m.group(0).lower().startswith(kw)]
+    return bool(said) and all(m.group(0)[:1].isupper() for m in said) and any(
+        m.start() > 0 and not re.search(r"[.?!]\s*$", text[:m.start()]) for m in said)
+
+
 def _blank(text: str, keyword: str) -> str:
     """The sentence with the keyword blanked wherever it is said, in any form ("parameters" for "parameter",
-    "painful" for "pain"): no give-away."""
+    "painful" for "pain"): no give-away. A possessive keeps its "'s" ("_____'s signature")."""
     kw = keyword.lower()
     root = stem(kw)
 
     def hide(m: re.Match[str]) -> str:
         w = m.group(0).lower()
-        return "_____" if w == kw or w.startswith(kw) or stem(w) == root else m.group(0)
+        if w == kw or w.startswith(kw) or stem(w) == root:
+            return "_____'s" if w.endswith("'s") and (w[:-2] == kw or stem(w[:-2]) == root) else "_____"
+        return m.group(0)
 
     return _ANY_WORD.sub(hide, text)
 

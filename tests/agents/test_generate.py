@@ -171,6 +171,21 @@ def test_a_blank_hides_every_form_of_the_answer_and_whole_words_of_any_script(em
     assert not any(o in ("dinger", "schr") for i in items for o in i.options)
 
 
+def test_an_item_hinges_on_a_name_only_when_nothing_else_will_do():
+    """"If _____ signs a transaction like _____ pays Bob $100, even though Bob can't forge _____ signature" with
+    options fast, alice, considered, proof: a name blanked among common words gives itself away, in lowercase, and
+    its possessive was lost."""
+    from agents.generate import key_sentences
+
+    assert _blank("Bob can't forge Alice's signature, Alice knows.", "alice") == \
+        "Bob can't forge _____'s signature, _____ knows."
+    sentence = Sentence(0.0, 9.0, "If Alice signs a transaction like Alice pays Bob, only Alice holds the private "
+                                  "key behind her digital signature.")
+    others = [[Sentence(0.0, 9.0, "Blocks chain hashes together; miners search nonces for proof of work.")]]
+    ((_, kw),) = key_sentences([sentence], others, 1)
+    assert kw != "alice", kw
+
+
 def test_distractors_do_not_look_alike(embedder):
     """"therapies" and "therapists", "happiness" and "happy" were offered side by side."""
     pool = ["therapies", "therapists", "happiness", "happy", "ledger", "equations", "entropy", "bucket"]
