@@ -388,6 +388,10 @@ def _adverb(word: str) -> bool:
     return any(len(b) >= 4 and zipf_frequency(b, "en") >= 2.5 for b in bases)
 
 
+def _starts_sentence(text: str, at: int) -> bool:
+    return not text[:at].strip() or bool(re.search(r"[.?!:]\s*[\"“']?\s*$", text[:at]))
+
+
 def _keywords(text: str) -> list[str]:
     """Up to four words that say what the text is about: uncommon in English, those said more than once first, then
     the rarest. A word and its plural are one; contractions ("doesn't"), -ly adverbs and words under four letters
@@ -395,11 +399,13 @@ def _keywords(text: str) -> list[str]:
     counts: Counter = Counter()
     form: dict[str, str] = {}
     for m in _WORD_FORM.finditer(text):
-        w = m.group(0).lower().replace("’", "'").removesuffix("'s")
+        said = m.group(0).replace("’", "'").removesuffix("'s")
+        w = said.lower()
         if "'" in w or len(w) < 4 or zipf_frequency(w, "en") >= RARE_ZIPF or _adverb(w):
             continue
         key = stem(w).rstrip("e")  # "signature" and "signatures" ("signatur") are one
-        form.setdefault(key, w)
+        # as said: a name keeps its capital ("about ledger and alice" named nobody), other words are lowercase
+        form.setdefault(key, said if said[:1].isupper() and not _starts_sentence(text, m.start()) else w)
         counts[key] += 1
     ranked = sorted(counts, key=lambda k: (-min(counts[k], 2), zipf_frequency(form[k], "en")))
     return [form[k] for k in ranked[:4]]

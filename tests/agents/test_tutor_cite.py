@@ -114,3 +114,12 @@ def test_an_offline_answer_streams_in_a_few_pieces_not_a_word_each():
         "sources": sources, "mode": "answer", "on_delta": on_delta}))
     words = len(out["answer"].split())
     assert "".join(got) == out["answer"] and words > 60 and 2 <= len(got) <= words // 8, (len(got), words)
+
+
+def test_follow_up_topics_keep_a_name_as_said():
+    """Offline follow-ups read "What does "Bitcoin" say about ledger and alice?": a name lost its capital."""
+    from agents.tutor import _keywords
+
+    words = _keywords("If Alice signs a transaction like Alice pays Bob, the ledger shows it. Ledger entries are "
+                      "public.")
+    assert "Alice" in words and "ledger" in words and "alice" not in words and "Ledger" not in words, words
