@@ -33,10 +33,10 @@ class HttpProtocol(HttpToolsProtocol):
         self.head_timer: asyncio.TimerHandle | None = None  # set while a request head is awaited
         self.stall_timer: asyncio.TimerHandle | None = None  # set while the write buffer is over its high-water mark
         self.stall_left = 0  # the buffer's size when the stall timer was set
-        # the request's message (its body) has been read whole: only then is what comes next a head. A response
-        # sent before the body ended (a 413 refusing an upload) left the rest of the body counted as the next
-        # request's head, and that request was refused 431.
-        self.message_done = True
+        # between a request's head and the end of its body: bytes read then are body, not a head. A response sent
+        # before the body ended (a 413 refusing an upload early) arms the next head's deadline at once, but the
+        # rest of the body is not counted against its size (that request was refused 431)
+        self.in_body = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -90,7 +90,7 @@ class HttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self.head_timer is not None:  # a head is being read: bytes fed so far have not completed it
+        if self.head_timer is not None and not self.in_body:  # a head is being read: bytes so far did not end it
             if self.head_bytes > MAX_HEAD_BYTES:
                 self._head_done()
                 self._refuse_head()
@@ -98,25 +98,22 @@ class HttpProtocol(HttpToolsProtocol):
             self.head_bytes += len(data)
         super().data_received(data)
 
-    def on_message_begin(self) -> None:
-        self.message_done = False
-        super().on_message_begin()
-
     def on_headers_complete(self) -> None:
         self._head_done()
+        self.in_body = True
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self.message_done = True
+        self.in_body = False
         super().on_message_complete()
-        if (self.cycle is not None and self.cycle.response_complete and not self.pipeline
-                and not self.parser.should_upgrade() and not self.transport.is_closing()):
-            self._await_head()  # answered before its body ended: the next head starts now
+        if self.head_timer is not None and not self.transport.is_closing():
+            # answered before its body ended (the deadline armed then): the next head starts now, counted from 0
+            self._await_head()
 
     def on_response_complete(self) -> None:
         idle = not self.pipeline  # a pipelined request's head is already in
         super().on_response_complete()
-        if idle and self.message_done and not self.transport.is_closing():
+        if idle and not self.transport.is_closing():
             self._await_head()
 
     def _refuse_head(self) -> None:

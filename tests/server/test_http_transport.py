@@ -106,6 +106,50 @@ async def test_the_rest_of_a_body_answered_early_is_not_the_next_head(server):
         await task
 
 
+async def test_the_head_guards_hold_after_a_request_answered_early_or_a_head_begun_with_the_last(server):
+    """The rest-of-the-body fix (above) first held the head's deadline and size limit back until a message ended:
+    the start of a next head sent with a request, or one body byte after an early answer, then left a connection
+    with no deadline and no size limit at all (slowloris, a 4 MB header)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n")  # a request and a head begun
+    await writer.drain()
+    t0 = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 10) and time.monotonic() - t0 < 5  # cut at the 1 s deadline
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nX-A: ")
+    try:
+        for _ in range(64):  # a megabyte of one header: refused past the 64 KB limit
+            writer.write(b"a" * 16384)
+            await writer.drain()
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    try:
+        got = await asyncio.wait_for(reader.read(), 10)
+    except ConnectionResetError:  # (closed with our bytes still coming: the 431 may be lost in the reset)
+        got = b"431 (reset)"
+    assert b"431" in got, got[:80]
+    writer.close()
+
+    async def early(scope, receive, send):  # type: ignore[no-untyped-def]
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-length", b"3")]})
+        await send({"type": "http.response.body", "body": b"big"})
+
+    srv, task, port = await _serve(early, timeout_keep_alive=30)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+        await writer.drain()
+        assert (await reader.readuntil(b"big")).startswith(b"HTTP/1.1 413")
+        writer.write(b"x")  # then a byte of body now and then: the connection is cut at the head's deadline
+        await writer.drain()
+        await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    finally:
+        srv.should_exit = True
+        await task
+
+
 async def test_a_head_not_complete_in_time_closes_the_connection(server):
     t0 = time.monotonic()
     got = await _exchange(server, b"GET / HTTP/1.1\r\n", b"Host: x\r\n", b"X-A: 1\r\n", pause=0.4)  # dribbling
