@@ -133,17 +133,16 @@ async def attendance_close_proc(conn: asyncpg.Connection, proc_id: str, at: date
 
 
 async def attendance_reopen(conn: asyncpg.Connection, proc_id: str, attendance_ids: list[int],
-                            closed_before_s: float) -> int:
+                            closed_before_s: float) -> list[int]:
     """Reopen rows of this process's open sockets that another process closed, taking it for dead (its heartbeats
     could not reach Redis for a while, its sockets stayed open): their rows closed at least `closed_before_s` ago.
     A row its own socket closed just now (at the database's now) is not one of them."""
     if not attendance_ids:
-        return 0
-    result = await conn.execute(
+        return []
+    return [r["id"] for r in await conn.fetch(
         """UPDATE live_attendance SET left_at = NULL WHERE id = ANY($2::bigint[]) AND proc_id = $1
-           AND left_at IS NOT NULL AND left_at < now() - make_interval(secs => $3)""",
-        proc_id, attendance_ids, closed_before_s)
-    return int(result.split()[-1])
+           AND left_at IS NOT NULL AND left_at < now() - make_interval(secs => $3) RETURNING id""",
+        proc_id, attendance_ids, closed_before_s)]
 
 
 async def attendance_procs(conn: asyncpg.Connection, other_than: str) -> list[str]:

@@ -118,6 +118,7 @@ class Hub:
         self._unclosed: dict[int, datetime] = {}  # attendance rows whose close failed -> when the socket closed
         self._unlisted_seen: dict[str, float] = {}  # processes with open attendance, off the list, and since when
         self._unlisted_checked = float("-inf")
+        self._reopen_until = float("-inf")  # after this process found itself off the list: reopen its rows till then
         self._poll_flush: dict[int, asyncio.Task] = {}  # poll id -> the task that will publish its results
         self._poll_dirty: set[int] = set()  # polls with votes their last published results did not count
         self._prefix = events_channel("room:").encode()
@@ -598,27 +599,37 @@ class Hub:
         pairs = [(room, user) for (room, _), (_, user) in self._pairs.items()]
         back = await self.presence.heartbeat(pairs, lambda room, user: (room, user.id) in self._pairs)
         if self.presence.relisted:
-            await self._reopen_attendance()
-        for room, user in back:
+            # a reaper's close of this process's rows can land a while after it took it off the list: look again
+            # on every beat for a few leases
+            self.presence.relisted = False
+            self._reopen_until = time.monotonic() + UNLISTED_TTLS * self.settings.presence_ttl_s
+        for room, user in back:  # (first: the "back" pairs are reported once, whatever fails after)
             if (room, user.id) not in self._pairs:
                 continue  # left meanwhile: their leave is announced, no "joined" after it
             count, _ = await self.presence.online(room, 0)
             if count <= self.settings.presence_max:
                 await publish(self.redis, room_topic(room), PresenceEvent(
                     room=room, action="joined", user=user, online_count=count))
+        if time.monotonic() < self._reopen_until:
+            await self._reopen_attendance()
 
     async def _reopen_attendance(self) -> None:
         """This process was off the list (taken for dead while it could not reach Redis, its sockets open all along;
         or Redis lost the list): the attendance a reaper closed is reopened for the sockets still open, so the
-        report counts them as there the whole time. Tried again on the next beats until it works."""
+        report counts them as there the whole time. A socket that closed while this ran has its row closed again
+        (its own close found it closed already)."""
         ids = [c.attendance_id for conns in self.rooms.values() for c in conns if c.attendance_id is not None]
-        if ids:
-            async with self.pool.acquire() as db:
-                n = await live_repo.attendance_reopen(db, self.proc, ids, self.settings.presence_ttl_s)
-            if n:
-                logger.warning("this server process had been taken for dead: reopened the attendance of its open "
-                               "sockets", extra={"fields": {"proc": self.proc, "reopened": n}})
-        self.presence.relisted = False
+        if not ids:
+            return
+        async with self.pool.acquire() as db:
+            reopened = await live_repo.attendance_reopen(db, self.proc, ids, self.settings.presence_ttl_s)
+            held = {c.attendance_id for conns in self.rooms.values() for c in conns}
+            for attendance_id in reopened:
+                if attendance_id not in held:
+                    await live_repo.attendance_leave(db, attendance_id)
+        if reopened:
+            logger.warning("this server process had been taken for dead: reopened the attendance of its open "
+                           "sockets", extra={"fields": {"proc": self.proc, "reopened": len(reopened)}})
 
     async def _close_unlisted(self) -> None:
         """Open attendance rows of processes that are not on the list at all (Redis lost it, and they died before

@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import pytest
 
+from server.realtime import socket as socket_mod
 from server.realtime.conn import Conn
 from server.realtime.hub import Hub
+from store import live
 from store.events import UserRef
+from store.keys import PROCS
 from store.rooms import RoomAccess
-from tests.progress_helpers import xp_store  # noqa: F401 - fixture
+from tests.progress_helpers import course_in_new_tenant, xp_store  # noqa: F401 - fixture
 
 
 async def _hub(settings, xp_store) -> Hub:  # type: ignore[no-untyped-def]
@@ -225,3 +230,127 @@ def test_attendance_times_are_on_the_database_clock():
     conn.opened_at = datetime(2030, 1, 1, tzinfo=timezone.utc)  # the database said, an hour off this host
     conn.opened_mono = time.monotonic() - 90
     assert abs(conn.db_now() - (conn.opened_at + timedelta(seconds=90))) < timedelta(seconds=1)
+
+
+# --- attendance reopened after this process was taken for dead (review cases) ---------------------------------
+
+
+async def _live_hub(settings, pool, redis):  # type: ignore[no-untyped-def]
+    """A hub with one open socket in a live session's room, its attendance row 5 minutes old."""
+    async with pool.acquire() as c:
+        cid, owner, ids = await course_in_new_tenant(c, 1)
+        sid = (await live.create_session(c, cid, "s", None, owner))["id"]
+    await live.start_session(pool, redis, sid)
+    hub = Hub(settings, pool, redis)
+    await hub.start()
+    room = live.room_of(sid)
+
+    async def send(msg):  # type: ignore[no-untyped-def]
+        pass
+
+    access = RoomAccess(room_id=room, kind="live", course_id=cid, tenant_id=1, moderator=False)
+    conn = Conn(hub, access, UserRef(id=ids[0], name="u", role="learner"), send, 8)
+    async with pool.acquire() as c:
+        conn.attendance_id = await live.attendance_join(c, sid, ids[0], hub.proc)
+        await c.execute("UPDATE live_attendance SET joined_at = now() - interval '5 minutes' WHERE id = $1",
+                        conn.attendance_id)
+    hub.rooms.setdefault(room, set()).add(conn)
+    return hub, conn, sid
+
+
+async def _left(pool, aid):  # type: ignore[no-untyped-def]
+    return await pool.fetchval("SELECT left_at FROM live_attendance WHERE id = $1", aid)
+
+
+async def test_a_reapers_close_landing_after_the_relisting_is_reopened(settings, xp_store):
+    """(Review) the reopen ran once, on the beat that found the process back on the list: a reaper's close
+    landing after it (the reaper waits for a connection between its claim and its update) stayed for good."""
+    pool, redis = xp_store
+    hub, conn, sid = await _live_hub(settings, pool, redis)
+    try:
+        # the reaper (another process) claims this one: _DEAD's ZREM
+        assert await redis.zrem(PROCS, hub.proc) == 1
+        # this process's heartbeat comes before the reaper's Postgres update: relisted, nothing to reopen yet
+        await hub._heartbeat()
+        assert hub.presence.relisted is False
+        # the reaper's close lands (at the last sign of life, a lease and more ago)
+        last_seen = datetime.now(timezone.utc) - timedelta(seconds=3 * settings.presence_ttl_s)
+        async with pool.acquire() as c:
+            assert await live.attendance_close_proc(c, hub.proc, last_seen) == 1
+        for _ in range(3):  # later beats: listed all along now
+            await hub._heartbeat()
+        assert conn in hub.rooms[conn.room] and conn.attendance_id is not None  # the socket is open
+        assert await _left(pool, conn.attendance_id) is None, "socket open, its row closed for good"
+    finally:
+        hub.rooms.clear()
+        await hub.stop()
+
+
+async def test_a_socket_closing_while_its_row_is_reopened_has_it_closed(settings, xp_store, monkeypatch):
+    """(Review) the socket's own close found its row closed by the reaper; the reopen then opened it for good."""
+    pool, redis = xp_store
+    hub, conn, sid = await _live_hub(settings, pool, redis)
+    aid = conn.attendance_id
+    try:
+        # reaped a while ago: row closed at the last sign of life
+        async with pool.acquire() as c:
+            await live.attendance_close_proc(c, hub.proc, datetime.now(timezone.utc) - timedelta(minutes=1))
+        await redis.zrem(PROCS, hub.proc)
+        real = live.attendance_reopen
+
+        async def slow_reopen(db, proc, ids, s):  # type: ignore[no-untyped-def]
+            # the socket closes while the reopen waits for its pool connection: its cleanup runs now
+            st = SimpleNamespace(pool=pool)
+            hub.rooms[conn.room].discard(conn)
+            await socket_mod._cleanup(st, hub, conn)
+            return await real(db, proc, ids, s)
+        monkeypatch.setattr(live, "attendance_reopen", slow_reopen)
+        await hub._heartbeat()
+        monkeypatch.setattr(live, "attendance_reopen", real)
+        for _ in range(3):
+            await hub._heartbeat()
+        assert conn.attendance_id is None  # the socket is gone
+        assert await _left(pool, aid) is not None, "row of a closed socket open for good"
+    finally:
+        hub.rooms.clear()
+        await hub.stop()
+
+
+async def test_a_failed_reopen_does_not_lose_the_joined_announcements(settings, xp_store, monkeypatch):
+    """(Review) the reopen ran before the "joined" of the users back, which a heartbeat reports once."""
+    from store.events import room_topic
+    from store.keys import events_channel, presence_room
+    pool, redis = xp_store
+    hub, conn, sid = await _live_hub(settings, pool, redis)
+    room, user = conn.room, conn.user
+    hub._pairs[(room, user.id)] = [1, user]
+    sub = redis.pubsub()
+    await sub.subscribe(events_channel(room_topic(room)))
+    try:
+        await hub._heartbeat()  # listed, the pair online
+        while await sub.get_message(timeout=0.5) is not None:
+            pass
+        # taken for dead: reaped (off the list) and its users swept from the room (others saw `left`)
+        await redis.zrem(PROCS, hub.proc)
+        await redis.delete(presence_room(room))
+
+        async def failing(*a, **k):  # type: ignore[no-untyped-def]
+            raise OSError("database unreachable for a moment")
+        monkeypatch.setattr(live, "attendance_reopen", failing)
+        try:
+            await hub._heartbeat()
+        except OSError:
+            pass
+        monkeypatch.undo()
+        await hub._heartbeat()
+        await hub._heartbeat()
+        got = []
+        while (m := await sub.get_message(timeout=0.5)) is not None:
+            if m["type"] == "message":
+                got.append(m["data"])
+        assert any(b'"joined"' in g for g in got), got
+    finally:
+        await sub.aclose()
+        hub.rooms.clear()
+        hub._pairs.clear()
+        await hub.stop()
