@@ -30,9 +30,11 @@ _TOKEN = re.compile(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*")
 _MENTION = re.compile(r"@[\w.-]+")
 # Greetings and courtesies: a message made of nothing else asks the course nothing ("hi" was answered, cited, with the
 # course's "Hi." and "Thank you." moments)
-SMALL_TALK = frozenset("""hi hello hey hiya yo howdy greetings thanks thank thx ty you ok okay cool great nice good
-    morning afternoon evening night bye goodbye cheers please sorry yes no yeah yep nope awesome wow lol there all
-    again much so very tutor""".split())
+SMALL_TALK = frozenset("""hi hello hey hiya yo howdy greetings thanks thank thx ty you cool great nice good
+    morning afternoon evening night bye goodbye cheers awesome wow lol there all much very tutor""".split())
+# ...and replies: after a tutor's question ("yes", "no") or answer ("again please") they go on with what came before,
+# which the condensed question holds; small talk only when nothing was borrowed
+REPLIES = frozenset("ok okay please sorry yes no yeah yep nope again so".split())
 # what may stand between the end of a sentence and the next word: spaces, quotes, brackets, dashes
 _OPENERS = " \t\r\n\"'“”‘’([{-–—*_"
 _ABBREVIATION_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.")
@@ -155,16 +157,19 @@ def missing_rare_words(question: str, missing_lexemes: list[str]) -> list[str]:
     return out
 
 
-def small_talk(question: str) -> bool:
-    """Whether the question is only greetings and courtesies (no topic to look for)."""
-    words = re.findall(r"[^\W\d_]+", _MENTION.sub(" ", fold(question)).lower())
-    return bool(words) and all(w in SMALL_TALK for w in words)
+def small_talk(question: str, standalone: str | None = None) -> bool:
+    """Whether the question is only greetings and courtesies (no topic to look for); with replies among them
+    ("yes", "again please"), only when the condensed `standalone` borrowed nothing from the conversation."""
+    words = set(re.findall(r"[^\W\d_]+", _MENTION.sub(" ", fold(question)).lower()))
+    if not words or not words <= SMALL_TALK | REPLIES:
+        return False
+    return not words & REPLIES or standalone is None or " ".join(standalone.split()) == " ".join(question.split())
 
 
 def judge(question: str, standalone: str, hits: list, sources: list, missing_lexemes: list[str],  # type: ignore[type-arg]
           present_words: set[str] | None = None) -> Verdict:
     """`present_words`: which of `lookup_words(question)` the course says (None: not looked up)."""
-    if small_talk(question):
+    if small_talk(question, standalone):
         return Verdict(False, {"small_talk": True})
     top_dense = max(((h.dense_score or 0.0) for h in hits), default=0.0)
     rare = missing_rare_words(question, missing_lexemes)

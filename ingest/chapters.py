@@ -102,12 +102,17 @@ _OPENER = re.compile(r"^(?:(?:so|and|but|now|well|okay|ok|also|then|however|fina
 TITLE_WORDS = 12  # a chapter's title is its best sentence this short, whole, when one of its best is
 
 
-def _titled(ranked: list, max_words: int = TITLE_WORDS) -> str:
+TITLE_SHARE = 0.5  # ...and scoring at least this share of the best's (never filler: "Any questions so far")
+
+
+def _titled(ranked: list, score: Callable[[Any], float] = lambda s: 1.0, max_words: int = TITLE_WORDS) -> str:
     """The title from a chapter's sentences, best first: the first of the best few that is short enough to be
-    whole (no "In fact, for the hash function I'm showing here, called…"), else the best, cut."""
+    whole (no "In fact, for the hash function I'm showing here, called…") and scores near the best, else the best,
+    cut."""
+    best = score(ranked[0])
     for s in ranked[:8]:
         text = _OPENER.sub("", s.text.strip())
-        if 2 <= len(text.split()) <= max_words:
+        if 2 <= len(text.split()) <= max_words and score(s) > 0 and score(s) >= TITLE_SHARE * best:
             return _title(text, max_words)
     return _title(_OPENER.sub("", ranked[0].text.strip()))
 
@@ -156,7 +161,7 @@ def build_chapters(chunks: list, emb: np.ndarray) -> list[Chapter]:
             continue
         top = sorted(ranked[:3], key=lambda s: s.start)
         summary = " ".join(s.text.strip() for s in top)
-        out.append(Chapter(start=chunks[a].start, end=chunks[b].end, title=_titled(ranked),
+        out.append(Chapter(start=chunks[a].start, end=chunks[b].end, title=_titled(ranked, lambda s: _sentence_score(s.text, weights)),
                            summary=summary[:1200], first_chunk=a, last_chunk=b))
     for prev, nxt in zip(out, out[1:]):
         prev.end = nxt.start  # chunks overlap; chapters tile the video without overlapping

@@ -128,8 +128,10 @@ async def unenroll(conn: asyncpg.Connection, course_id: int, user_id: int, *, re
     """Remove the enrollment; `revoke` (staff removing a learner) takes their access to a paid course too, so they
     cannot enroll again themselves (a learner who leaves keeps it)."""
     row = await conn.fetchrow(
-        """WITH access AS (DELETE FROM course_access WHERE $3 AND course_id = $1 AND user_id = $2)
-           DELETE FROM enrollments WHERE course_id = $1 AND user_id = $2 RETURNING user_id""",
+        """WITH gone AS (DELETE FROM enrollments WHERE course_id = $1 AND user_id = $2 RETURNING user_id),
+           access AS (DELETE FROM course_access WHERE $3 AND course_id = $1 AND user_id = $2
+                      AND EXISTS (SELECT 1 FROM gone))
+           SELECT user_id FROM gone""",
         course_id, user_id, revoke)
     return row is not None
 

@@ -323,9 +323,12 @@ class SubmissionController(Controller):
                     if comment:
                         feedback["comment"] = comment
                     if row["score"] is None or abs(float(row["score"]) - float(score)) >= 0.05:
-                        # an override: the grader's verdict ("Correct.", "does not yet match what was asked") would
-                        # contradict the grade the learner reads beside it
-                        feedback["right"] = f"Your instructor set the grade to {float(score):g} out of 100."
+                        # an override: the offline grader's verdict ("Correct.", "does not yet match what was asked")
+                        # would contradict the grade the learner reads beside it; a model's "right" says what the
+                        # answer got right, kept after the instructor's word
+                        said = f"Your instructor set the grade to {float(score):g} out of 100."
+                        feedback["right"] = said if not str(row["grader"] or "").startswith("llm:") else \
+                            " ".join([said, *([feedback["right"]] if feedback.get("right") else [])])
                     row = await repo.save_review(conn, submission_id, score=float(score), comment=comment,
                                                  reviewer_id=user.id, criteria=rescale(row["criteria"] or [],
                                                                                        float(score)),

@@ -84,3 +84,15 @@ def test_a_long_question_is_read_in_linear_time():
     assert time.perf_counter() - t0 < 1.0
     assert names == []  # "B" opens each sentence: no name
     assert candidates("Ask Dr. Strange about e.g. Maxwell.")[0] == ["Strange", "Maxwell"]
+
+
+def test_small_talk_is_greetings_alone_and_replies_only_when_nothing_was_borrowed():
+    """(Review) "yes", "no" or "again please" answer the tutor's own question or ask for more: they go on with
+    the conversation (which the condensed question holds), not a greeting to greet."""
+    from agents.judge import small_talk
+
+    assert small_talk("hi") and small_talk("Thanks!", "What is a hash function? Thanks!")
+    assert small_talk("yes", "yes") and small_talk("ok")
+    assert not small_talk("yes", "Is the ledger public? yes")
+    assert not small_talk("again please", "What is proof of work? again please")
+    assert not small_talk("yes or no?") and not small_talk("so what?") and not small_talk("what is good?")

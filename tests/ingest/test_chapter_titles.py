@@ -46,3 +46,9 @@ def test_an_extractive_title_is_a_whole_short_sentence_when_one_of_the_best_is()
     assert _titled([S(text='How happy would you feel if you did not get tenure?"')]) == \
         "How happy would you feel if you did not get tenure"
     assert _titled([S(text='"A" is an hour of pain.')]) == '"A" is an hour of pain'
+    # (review) a short sentence far below the best is filler, not a title
+    scores = {"Any questions so far?": 0.1}
+    long_best = S(text="The hash function maps any message to a fixed-size digest that looks random and is hard to "
+                       "invert by design.")
+    assert _titled([long_best, S(text="Any questions so far?")], lambda s: scores.get(s.text, 10.0)).startswith(
+        "The hash function maps any message to a fixed-size digest…")

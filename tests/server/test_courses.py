@@ -80,6 +80,10 @@ def test_paid_course_needs_payment(client, make: Factory):
     # access is per learner: another still pays
     other = make.user("learner")
     assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", headers=other.h).status_code == 402
+    # staff removing a learner who is not enrolled (they left) change nothing: 404, access kept
+    assert client.delete(f"/api/v1/courses/{paid['id']}/enrollments/{learner.id}", headers=learner.h).status_code == 204
+    assert client.delete(f"/api/v1/courses/{paid['id']}/enrollments/{learner.id}", headers=inst.h).status_code == 404
+    assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", headers=learner.h).status_code == 201
     # removed by staff, a learner loses their access too: no enrolling again themselves
     assert client.delete(f"/api/v1/courses/{paid['id']}/enrollments/{learner.id}", headers=inst.h).status_code == 204
     assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", headers=learner.h).status_code == 402

@@ -173,6 +173,10 @@ async def test_a_generation_retried_with_its_idempotency_key_makes_one_set_of_dr
         again = await c.post(url, json=body, headers={**inst.h, "Idempotency-Key": "gen-1"})
         assert again.status_code == 200 and [i["id"] for i in again.json()["items"]] == \
             [i["id"] for i in first.json()["items"]]
+        # the same request with its types listed in another order is the same request
+        same = await c.post(url, json={**body, "types": ["short_answer", "short_answer"]},
+                            headers={**inst.h, "Idempotency-Key": "gen-1"})
+        assert same.status_code == 200, same.text
         # the key with another body is refused (it returned the first request's drafts)
         other = await c.post(url, json={**body, "count": 2}, headers={**inst.h, "Idempotency-Key": "gen-1"})
         assert other.status_code == 409 and other.json()["code"] == "idempotency_key_reused", other.text
