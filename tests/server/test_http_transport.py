@@ -79,14 +79,16 @@ async def test_a_request_head_over_the_limit_is_431_and_a_normal_one_is_served(s
     assert got.startswith(b"HTTP/1.1 200") and got.endswith(str(len(body)).encode())
 
 
+async def _early(scope, receive, send):  # type: ignore[no-untyped-def]
+    """An app answering 413 before reading the body (as a refused upload)."""
+    await send({"type": "http.response.start", "status": 413, "headers": [(b"content-length", b"3")]})
+    await send({"type": "http.response.body", "body": b"big"})
+
+
 async def test_the_rest_of_a_body_answered_early_is_not_the_next_head(server):
     """A response sent before its request's body ended (a 413 refusing an upload early): the rest of the body was
     counted as the next request's head, and the next request on the connection got 431."""
-    async def early(scope, receive, send):  # type: ignore[no-untyped-def]
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-length", b"3")]})
-        await send({"type": "http.response.body", "body": b"big"})
-
-    srv, task, port = await _serve(early, timeout_keep_alive=30)
+    srv, task, port = await _serve(_early, timeout_keep_alive=30)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         body = b"x" * (3 * http_transport.MAX_HEAD_BYTES)
@@ -131,11 +133,7 @@ async def test_the_head_guards_hold_after_a_request_answered_early_or_a_head_beg
     assert b"431" in got, got[:80]
     writer.close()
 
-    async def early(scope, receive, send):  # type: ignore[no-untyped-def]
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-length", b"3")]})
-        await send({"type": "http.response.body", "body": b"big"})
-
-    srv, task, port = await _serve(early, timeout_keep_alive=30)
+    srv, task, port = await _serve(_early, timeout_keep_alive=30)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
