@@ -1,9 +1,11 @@
 """Decode request bodies into msgspec Structs with clear 4xx errors naming the field."""
 from __future__ import annotations
 
-from typing import TypeVar
+import re
+from typing import Any, TypeVar
 
 import msgspec
+import msgspec.inspect
 from litestar import Request
 
 from server.api.schemas import LINE_TEXT, LINES, NO_CONTROL, NOT_BLANK, ONE_LINE
@@ -24,7 +26,7 @@ def decode_json(raw: bytes, typ: type[T]) -> T:
         field = field_of(exc)
         if field is not None and len(field) > ECHO_MAX:
             field = echo(field)
-        raise ApiError(400, echo(_explain(str(exc), field)), field=field) from exc
+        raise ApiError(400, echo(_explain(str(exc), field) + _allowed(typ, str(exc))), field=field) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, echo(f"request body is not valid JSON: {exc}")) from exc
     except RecursionError as exc:
@@ -60,6 +62,28 @@ def trimmed(value: str, field: str) -> str:
 # the other patterns of the API's bodies
 _PATTERNS[repr(r"^[A-Za-z0-9_.:-]+(?![\s\S])")] = "may hold only letters, digits and _ . : -"
 _PATTERNS[repr(r"^\d{2}:\d{2}(?![\s\S])")] = "must be a time as HH:MM"
+
+
+def _allowed(typ: Any, text: str) -> str:
+    """For a value not among a field's few allowed ones ("Invalid enum value 'impossible'"): which they are."""
+    m = _PATH_TOP.search(text)
+    if not text.startswith("Invalid enum value") or m is None:
+        return ""
+    try:
+        info = msgspec.inspect.type_info(typ)
+    except Exception:  # noqa: BLE001 - only a hint
+        return ""
+    kinds = {f.name: f.type for f in getattr(info, "fields", ())}
+    t = kinds.get(m.group(1))
+    while isinstance(t, (msgspec.inspect.ListType, msgspec.inspect.UnionType)):  # a list's items; X | None
+        t = t.item_type if isinstance(t, msgspec.inspect.ListType) else next(
+            (u for u in t.types if not isinstance(u, msgspec.inspect.NoneType)), None)
+    if isinstance(t, msgspec.inspect.LiteralType):
+        return f" (one of: {', '.join(map(str, t.values))})"
+    return ""
+
+
+_PATH_TOP = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
 def _explain(text: str, field: str | None) -> str:

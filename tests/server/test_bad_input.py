@@ -327,3 +327,18 @@ def test_a_pattern_a_value_breaks_is_said_in_words_not_as_its_regex():
         with pytest.raises(ApiError) as err:
             decode_json(raw, typ)
         assert words in err.value.detail and "regex" not in err.value.detail, err.value.detail
+
+
+def test_a_value_outside_a_fields_choices_is_told_the_choices():
+    """"Invalid enum value 'impossible'" named no allowed value: the client had to guess them."""
+    import pytest
+
+    from server.api.assignment_schemas import GenerateIn
+    from server.decode import decode_json
+    from server.errors import ApiError
+
+    for raw, field, choices in ((b'{"video_id": 1, "difficulty": "impossible"}', "difficulty", "easy, hard, medium"),
+                                (b'{"video_id": 1, "types": ["essay"]}', "types[0]", "multiple_choice, short_answer")):
+        with pytest.raises(ApiError) as err:
+            decode_json(raw, GenerateIn)
+        assert err.value.field == field and f"(one of: {choices})" in err.value.detail, err.value.detail
