@@ -76,7 +76,7 @@ def forms(word: str) -> list[str]:
     return sorted(out)
 
 
-def _opens_sentence(text: str, start: int) -> bool:
+def opens_sentence(text: str, start: int) -> bool:
     """Whether the token at `start` opens a sentence: nothing but openers before it since the text began, a
     line break, or a sentence end (not an abbreviation such as "Dr.")."""
     i = start
@@ -123,7 +123,7 @@ def candidates(question: str) -> tuple[list[str], list[str]]:
     names, rare = [], []
     for m in _TOKEN.finditer(text):
         tok = m.group(0)
-        if _is_name(tok, _opens_sentence(text, m.start())):
+        if _is_name(tok, opens_sentence(text, m.start())):
             names.append(tok)
         elif re.fullmatch(r"[A-Za-z'-]+", tok) and _base(tok) not in SELF_NAMES \
                 and zipf_frequency(_base(tok), "en") < RARE_ZIPF:

@@ -19,7 +19,7 @@ from langgraph.graph import END, START, StateGraph
 from wordfreq import zipf_frequency
 
 from agents.evidence import MAX_CITATION_S, Window, mmss, pick_citations, quote, rank_windows, stem, terms, windows
-from agents.judge import judge, lookup_words
+from agents.judge import judge, lookup_words, opens_sentence
 from agents.llm import LLM, LLMError, estimate_cost_usd
 from store.search import Hit, hybrid_search, neighbours, vocabulary_coverage
 
@@ -388,10 +388,6 @@ def _adverb(word: str) -> bool:
     return any(len(b) >= 4 and zipf_frequency(b, "en") >= 2.5 for b in bases)
 
 
-def _starts_sentence(text: str, at: int) -> bool:
-    return not text[:at].strip() or bool(re.search(r"[.?!:]\s*[\"“']?\s*$", text[:at]))
-
-
 def _keywords(text: str) -> list[str]:
     """Up to four words that say what the text is about: uncommon in English, those said more than once first, then
     the rarest. A word and its plural are one; contractions ("doesn't"), -ly adverbs and words under four letters
@@ -405,7 +401,7 @@ def _keywords(text: str) -> list[str]:
             continue
         key = stem(w).rstrip("e")  # "signature" and "signatures" ("signatur") are one
         # as said: a name keeps its capital ("about ledger and alice" named nobody), other words are lowercase
-        form.setdefault(key, said if said[:1].isupper() and not _starts_sentence(text, m.start()) else w)
+        form.setdefault(key, said if said[:1].isupper() and not opens_sentence(text, m.start()) else w)
         counts[key] += 1
     ranked = sorted(counts, key=lambda k: (-min(counts[k], 2), zipf_frequency(form[k], "en")))
     return [form[k] for k in ranked[:4]]

@@ -100,8 +100,6 @@ def _sentence_score(text: str, weights: dict[str, float]) -> float:
 _OPENER = re.compile(r"^(?:(?:so|and|but|now|well|okay|ok|also|then|however|finally|of course|in fact|"
                      r"actually|anyway|alright|all right|right)\b[,:]?\s+)+", re.IGNORECASE)
 TITLE_WORDS = 12  # a chapter's title is its best sentence this short, whole, when one of its best is
-
-
 TITLE_SHARE = 0.5  # ...and scoring at least this share of the best's (never filler: "Any questions so far")
 
 
@@ -161,7 +159,8 @@ def build_chapters(chunks: list, emb: np.ndarray) -> list[Chapter]:
             continue
         top = sorted(ranked[:3], key=lambda s: s.start)
         summary = " ".join(s.text.strip() for s in top)
-        out.append(Chapter(start=chunks[a].start, end=chunks[b].end, title=_titled(ranked, lambda s: _sentence_score(s.text, weights)),
+        title = _titled(ranked, lambda s: _sentence_score(s.text, weights))
+        out.append(Chapter(start=chunks[a].start, end=chunks[b].end, title=title,
                            summary=summary[:1200], first_chunk=a, last_chunk=b))
     for prev, nxt in zip(out, out[1:]):
         prev.end = nxt.start  # chunks overlap; chapters tile the video without overlapping

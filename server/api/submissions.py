@@ -327,8 +327,9 @@ class SubmissionController(Controller):
                         # would contradict the grade the learner reads beside it; a model's "right" says what the
                         # answer got right, kept after the instructor's word
                         said = f"Your instructor set the grade to {float(score):g} out of 100."
-                        feedback["right"] = said if not str(row["grader"] or "").startswith("llm:") else \
-                            " ".join([said, *([feedback["right"]] if feedback.get("right") else [])])
+                        if str(row["grader"] or "").startswith("llm:") and feedback.get("right"):
+                            said = f"{said} {feedback['right']}"
+                        feedback["right"] = said
                     row = await repo.save_review(conn, submission_id, score=float(score), comment=comment,
                                                  reviewer_id=user.id, criteria=rescale(row["criteria"] or [],
                                                                                        float(score)),

@@ -214,11 +214,13 @@ async def _serve(socket: WebSocket, conn: Conn, user: AuthUser, hub: Hub) -> Non
             # a post, edit or vote dropped is named (its ref or client_msg_id), so it can be sent again; the rest
             # (typing, pings, frames without a ref) get one unnamed notice a second
             ref = frames.ref_of(msg["text"], changing=True) if msg.get("text") is not None else None
-            if ref is not None or now - told >= 1.0:
-                told = now if ref is None else told
-                conn.push_event(Error(code="rate_limited", detail=f"more than {rate:g} frames a second; "
-                                      "frames are being dropped" + (": this one was not handled" if ref else ""),
-                                      ref=ref, retry_after=round(-tokens / rate, 3)))
+            if ref is None:
+                if now - told < 1.0:
+                    continue
+                told = now
+            conn.push_event(Error(code="rate_limited", detail=f"more than {rate:g} frames a second; frames are "
+                                  "being dropped" + (": this one was not handled" if ref else ""),
+                                  ref=ref, retry_after=round(-tokens / rate, 3)))
             continue
         text = msg.get("text")
         if text is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
@@ -235,8 +236,10 @@ def test_attendance_times_are_on_the_database_clock():
 # --- attendance reopened after this process was taken for dead (review cases) ---------------------------------
 
 
+@asynccontextmanager
 async def _live_hub(settings, pool, redis):  # type: ignore[no-untyped-def]
-    """A hub with one open socket in a live session's room, its attendance row 5 minutes old."""
+    """A started hub with one open socket in a live session's room, its attendance row 5 minutes old: (hub, conn);
+    stopped on the way out."""
     async with pool.acquire() as c:
         cid, owner, ids = await course_in_new_tenant(c, 1)
         sid = (await live.create_session(c, cid, "s", None, owner))["id"]
@@ -250,12 +253,17 @@ async def _live_hub(settings, pool, redis):  # type: ignore[no-untyped-def]
 
     access = RoomAccess(room_id=room, kind="live", course_id=cid, tenant_id=1, moderator=False)
     conn = Conn(hub, access, UserRef(id=ids[0], name="u", role="learner"), send, 8)
-    async with pool.acquire() as c:
-        conn.attendance_id = await live.attendance_join(c, sid, ids[0], hub.proc)
-        await c.execute("UPDATE live_attendance SET joined_at = now() - interval '5 minutes' WHERE id = $1",
-                        conn.attendance_id)
-    hub.rooms.setdefault(room, set()).add(conn)
-    return hub, conn, sid
+    try:
+        async with pool.acquire() as c:
+            conn.attendance_id = await live.attendance_join(c, sid, ids[0], hub.proc)
+            await c.execute("UPDATE live_attendance SET joined_at = now() - interval '5 minutes' WHERE id = $1",
+                            conn.attendance_id)
+        hub.rooms.setdefault(room, set()).add(conn)
+        yield hub, conn
+    finally:
+        hub.rooms.clear()
+        hub._pairs.clear()
+        await hub.stop()
 
 
 async def _left(pool, aid):  # type: ignore[no-untyped-def]
@@ -266,8 +274,7 @@ async def test_a_reapers_close_landing_after_the_relisting_is_reopened(settings,
     """(Review) the reopen ran once, on the beat that found the process back on the list: a reaper's close
     landing after it (the reaper waits for a connection between its claim and its update) stayed for good."""
     pool, redis = xp_store
-    hub, conn, sid = await _live_hub(settings, pool, redis)
-    try:
+    async with _live_hub(settings, pool, redis) as (hub, conn):
         # the reaper (another process) claims this one: _DEAD's ZREM
         assert await redis.zrem(PROCS, hub.proc) == 1
         # this process's heartbeat comes before the reaper's Postgres update: relisted, nothing to reopen yet
@@ -281,17 +288,13 @@ async def test_a_reapers_close_landing_after_the_relisting_is_reopened(settings,
             await hub._heartbeat()
         assert conn in hub.rooms[conn.room] and conn.attendance_id is not None  # the socket is open
         assert await _left(pool, conn.attendance_id) is None, "socket open, its row closed for good"
-    finally:
-        hub.rooms.clear()
-        await hub.stop()
 
 
 async def test_a_socket_closing_while_its_row_is_reopened_has_it_closed(settings, xp_store, monkeypatch):
     """(Review) the socket's own close found its row closed by the reaper; the reopen then opened it for good."""
     pool, redis = xp_store
-    hub, conn, sid = await _live_hub(settings, pool, redis)
-    aid = conn.attendance_id
-    try:
+    async with _live_hub(settings, pool, redis) as (hub, conn):
+        aid = conn.attendance_id
         # reaped a while ago: row closed at the last sign of life
         async with pool.acquire() as c:
             await live.attendance_close_proc(c, hub.proc, datetime.now(timezone.utc) - timedelta(minutes=1))
@@ -311,9 +314,6 @@ async def test_a_socket_closing_while_its_row_is_reopened_has_it_closed(settings
             await hub._heartbeat()
         assert conn.attendance_id is None  # the socket is gone
         assert await _left(pool, aid) is not None, "row of a closed socket open for good"
-    finally:
-        hub.rooms.clear()
-        await hub.stop()
 
 
 async def test_a_failed_reopen_does_not_lose_the_joined_announcements(settings, xp_store, monkeypatch):
@@ -321,36 +321,33 @@ async def test_a_failed_reopen_does_not_lose_the_joined_announcements(settings, 
     from store.events import room_topic
     from store.keys import events_channel, presence_room
     pool, redis = xp_store
-    hub, conn, sid = await _live_hub(settings, pool, redis)
-    room, user = conn.room, conn.user
-    hub._pairs[(room, user.id)] = [1, user]
-    sub = redis.pubsub()
-    await sub.subscribe(events_channel(room_topic(room)))
-    try:
-        await hub._heartbeat()  # listed, the pair online
-        while await sub.get_message(timeout=0.5) is not None:
-            pass
-        # taken for dead: reaped (off the list) and its users swept from the room (others saw `left`)
-        await redis.zrem(PROCS, hub.proc)
-        await redis.delete(presence_room(room))
-
-        async def failing(*a, **k):  # type: ignore[no-untyped-def]
-            raise OSError("database unreachable for a moment")
-        monkeypatch.setattr(live, "attendance_reopen", failing)
+    async with _live_hub(settings, pool, redis) as (hub, conn):
+        room, user = conn.room, conn.user
+        hub._pairs[(room, user.id)] = [1, user]
+        sub = redis.pubsub()
+        await sub.subscribe(events_channel(room_topic(room)))
         try:
+            await hub._heartbeat()  # listed, the pair online
+            while await sub.get_message(timeout=0.5) is not None:
+                pass
+            # taken for dead: reaped (off the list) and its users swept from the room (others saw `left`)
+            await redis.zrem(PROCS, hub.proc)
+            await redis.delete(presence_room(room))
+
+            async def failing(*a, **k):  # type: ignore[no-untyped-def]
+                raise OSError("database unreachable for a moment")
+            monkeypatch.setattr(live, "attendance_reopen", failing)
+            try:
+                await hub._heartbeat()
+            except OSError:
+                pass
+            monkeypatch.undo()
             await hub._heartbeat()
-        except OSError:
-            pass
-        monkeypatch.undo()
-        await hub._heartbeat()
-        await hub._heartbeat()
-        got = []
-        while (m := await sub.get_message(timeout=0.5)) is not None:
-            if m["type"] == "message":
-                got.append(m["data"])
-        assert any(b'"joined"' in g for g in got), got
-    finally:
-        await sub.aclose()
-        hub.rooms.clear()
-        hub._pairs.clear()
-        await hub.stop()
+            await hub._heartbeat()
+            got = []
+            while (m := await sub.get_message(timeout=0.5)) is not None:
+                if m["type"] == "message":
+                    got.append(m["data"])
+            assert any(b'"joined"' in g for g in got), got
+        finally:
+            await sub.aclose()
