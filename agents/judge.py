@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from wordfreq import zipf_frequency
 
 from store.videos import fold
 
-MIN_DENSE = 0.25  # cosine of the best chunk; below this nothing in the course is about the question
+MIN_DENSE = 0.25  # MiniLM cosine of the best chunk; below this nothing in the course is about the question
 RARE_ZIPF = 3.0  # rarer than once per million words of English (zipf 3) and absent from the course: uncovered
 MIN_NAME_LEN = 3  # shorter capitalized tokens are notation ("Ax", "Mr") more often than names
 COMMON_ZIPF = 5.0  # a capitalized word this common in English ("What", "World") is not taken for a name
@@ -166,12 +167,19 @@ def small_talk(question: str, standalone: str | None = None) -> bool:
     return not words & REPLIES or standalone is None or " ".join(standalone.split()) == " ".join(question.split())
 
 
+def _dense(hit: Any) -> float:
+    """A hit's cosine on MiniLM's scale, which MIN_DENSE is set on (an ensemble's hits carry their primary's)."""
+    primary = getattr(hit, "primary_dense", None)
+    return float(primary if primary is not None else hit.dense_score or 0.0)
+
+
 def judge(question: str, standalone: str, hits: list, sources: list, missing_lexemes: list[str],  # type: ignore[type-arg]
           present_words: set[str] | None = None) -> Verdict:
     """`present_words`: which of `lookup_words(question)` the course says (None: not looked up)."""
     if small_talk(question, standalone):
         return Verdict(False, {"small_talk": True})
-    top_dense = max(((h.dense_score or 0.0) for h in hits), default=0.0)
+    # on MiniLM's scale (an ensemble's hits carry their primary member's cosine)
+    top_dense = max((_dense(h) for h in hits), default=0.0)
     rare = missing_rare_words(question, missing_lexemes)
     names, unsaid = uncovered(question, present_words) if present_words is not None else ([], [])
     grounded = bool(sources) and top_dense >= MIN_DENSE and not rare and not names and not unsaid

@@ -195,10 +195,12 @@ class Tutor:
 
     async def retrieve(self, s: TutorState) -> dict:
         text = s["standalone"]
-        vec = (await asyncio.to_thread(self.embedder.embed, [text]))[0]
+        vec = await asyncio.to_thread(self.embedder.embed_query, text)
         # one snapshot: a re-ingest committing between these reads would pair old hits with new neighbours
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-            hits = await hybrid_search(conn, s["course_id"], vec, text, self.embedder.name, k=RETRIEVE_K)
+            # an ensemble's hits carry its primary's cosine too: the judge's threshold is on that scale
+            hits = await hybrid_search(conn, s["course_id"], vec, text, self.embedder.name, k=RETRIEVE_K,
+                                       primary=getattr(self.embedder, "primary_slice", None))
             extra = await neighbours(conn, hits, self.embedder.name)
             cover = await vocabulary_coverage(conn, s["course_id"], self.embedder.name, text,
                                               lookup_words(s["question"]))

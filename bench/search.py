@@ -44,7 +44,7 @@ async def main() -> None:
             i = rng.randrange(max(1, len(words) - 12))
             queries.append(" ".join(words[i: i + rng.randint(5, 12)]))
         t0 = time.perf_counter()
-        vecs = emb.embed(queries)
+        vecs = [emb.embed_query(q) for q in queries]
         embed_ms = (time.perf_counter() - t0) * 1000 / len(queries)
         hybrid, bare = [], []
         async with pool.acquire() as conn:

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from agents.embedder import local_minilm
+from agents.embedder import local_default, primary_part
 from bench.common import EVAL, eval_spec, make_course, services
 from ingest.chapters import build_chapters
 from ingest.chunking import DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP_SENTENCES, chunk_sentences, to_sentences
@@ -51,7 +51,7 @@ async def build(pool, spec, embedder, **chunk_kw):  # type: ignore[no-untyped-de
         async with pool.acquire() as conn, conn.transaction():
             video = await videos_repo.create_video(conn, cid, v["title"], "transcript", filename=v["file"])
             await videos_repo.replace_chunks(conn, video["id"], cid, chunks, emb, embedder.name)
-            await videos_repo.replace_chapters(conn, video["id"], build_chapters(chunks, emb))
+            await videos_repo.replace_chapters(conn, video["id"], build_chapters(chunks, primary_part(embedder, emb)))
         vids[v["file"]] = video["id"]
     return cid, vids
 
@@ -60,7 +60,7 @@ async def evaluate(pool, cid, vids, spec, embedder, *, w_sparse: float, k_list=(
     res = {name: {k: 0 for k in k_list} for name in ("dense", "sparse", "hybrid")}
     misses = []
     qs = spec["questions"]
-    qvecs = embedder.embed([q["question"] for q in qs])
+    qvecs = [embedder.embed_query(q["question"]) for q in qs]
     async with pool.acquire() as conn:
         for q, vec in zip(qs, qvecs):
             vid = vids[q["file"]]
@@ -89,7 +89,7 @@ async def main() -> None:
     try:
         pool = await create_pool(settings.database_url)
         spec = eval_spec()
-        embedder = local_minilm()
+        embedder = local_default()
         for target in args.target:
             t0 = time.perf_counter()
             cid, vids = await build(pool, spec, embedder, target_tokens=target,

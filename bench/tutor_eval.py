@@ -13,12 +13,13 @@ from collections import defaultdict
 import numpy as np
 from rank_bm25 import BM25Okapi
 
-from agents.embedder import local_minilm
+from agents.embedder import local_default
 from agents.evidence import terms
 from agents.tutor import Tutor
 from bench.common import eval_spec, services
 from bench.search_quality import build, overlaps
 from store.db import create_pool
+from store.vectors import stored
 
 
 async def evaluate(pool, cid: int, vids: dict, spec: dict, embedder) -> dict:  # type: ignore[no-untyped-def]
@@ -56,10 +57,10 @@ async def baselines(pool, cid: int, vids: dict, spec: dict, embedder) -> dict:  
     mat = np.vstack([r["embedding"].to_numpy().astype(np.float32) for r in rows])
     out = {"bm25": [0, 0], "dense": [0, 0]}
     qs = spec["questions"]
-    qv = embedder.embed([q["question"] for q in qs])
+    qv = [embedder.embed_query(q["question"]) for q in qs]
     for q, v in zip(qs, qv):
         vid = vids[q["file"]]
-        for name, scores in (("bm25", bm25.get_scores(terms(q["question"]))), ("dense", mat @ v)):
+        for name, scores in (("bm25", bm25.get_scores(terms(q["question"]))), ("dense", mat @ stored(v))):
             top = np.argsort(-np.asarray(scores))[:3]
             ok = [rows[i]["video_id"] == vid and overlaps(rows[i]["start_s"], rows[i]["end_s"], q["spans"])
                   for i in top]
@@ -72,7 +73,7 @@ async def main() -> None:
     settings, svc = await services("tutor_eval")
     try:
         pool = await create_pool(settings.database_url)
-        spec, embedder = eval_spec(), local_minilm()
+        spec, embedder = eval_spec(), local_default()
         cid, vids = await build(pool, spec, embedder, target_tokens=120)
         base = await baselines(pool, cid, vids, spec, embedder)
         res = await evaluate(pool, cid, vids, spec, embedder)

@@ -31,10 +31,19 @@ class TimedEmbedder:
     def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
         self.inner, self.name, self.dim, self.spent = inner, inner.name, inner.dim, 0.0
 
+        self.primary_slice = getattr(inner, "primary_slice", None)
+
     def embed(self, texts):  # type: ignore[no-untyped-def]
         t = time.perf_counter()
         try:
             return self.inner.embed(texts)
+        finally:
+            self.spent += time.perf_counter() - t
+
+    def embed_query(self, text):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        try:
+            return self.inner.embed_query(text)
         finally:
             self.spent += time.perf_counter() - t
 
@@ -89,7 +98,7 @@ async def main() -> None:
                                         room, f"tutor:{asked.event.id}")
             if reply is None or reply.get("turn_id") is None:
                 failed += 1
-            vec = emb.embed([q])[0]
+            vec = emb.embed_query(q)
             t1 = time.perf_counter()
             async with pool.acquire() as conn:
                 await hybrid_search(conn, cid, vec, q, emb.name, k=8)

@@ -98,7 +98,7 @@ async def _moment(conn: asyncpg.Connection, a: asyncpg.Record, embedder: Any) ->
             vid, start, end = ch["video_id"], ch["start_s"], ch["end_s"]
     if vid is None:
         query = f"{a['prompt']} {a['reference_answer']}".strip()
-        vec = (await asyncio.to_thread(embedder.embed, [query]))[0]
+        vec = await asyncio.to_thread(embedder.embed_query, query)
         hits = await hybrid_search(conn, a["course_id"], vec, query, embedder.name, k=1,
                                    video_id=a["video_id"])
         if not hits:

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import numpy as np
 
+from agents.embedder import primary_part
 from ingest.chapters import build_chapters, llm_titles
 from ingest.chunking import chunk_sentences, to_sentences
 from ingest.cues import Cue
@@ -145,7 +146,8 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
     await reporter.stage("embedding")
     emb = await embed_texts(embedder, [c.text for c in chunks], reporter)
     await reporter.stage("chaptering")
-    chapters = await asyncio.to_thread(build_chapters, chunks, emb)
+    # chapters from the primary member's vectors (an ensemble's first part): TextTiling was tuned on MiniLM's
+    chapters = await asyncio.to_thread(build_chapters, chunks, primary_part(embedder, emb))
     from agents.llm import get_llm
 
     llm = get_llm(settings)

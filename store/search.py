@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 import asyncpg
 import numpy as np
 
+from store.vectors import stored
+
 CANDIDATES = 50
 BM25_K1 = 1.2
 BM25_B = 0.75
 # Fusion: a convex mix of min-max normalised scores (dense cosine, BM25). Weights tuned on ../shared/eval
 # with bench/search_quality.py; see README "Search quality".
-SPARSE_WEIGHT = 0.3
+SPARSE_WEIGHT = 0.2
 # BM25 reads whole posting lists only for the query's rarest terms, up to this many postings in all; see _HYBRID.
 POSTINGS_BUDGET = 1500
 # BM25 with idf and length normalisation factored: w = (k1 + 1) * idf per term, then per posting
@@ -49,6 +51,7 @@ class Hit:
     text: str
     score: float
     dense_score: float | None = None
+    primary_dense: float | None = None  # an ensemble's primary member's own cosine (see hybrid_search's `primary`)
     sparse_score: float | None = None
     sentences: list = field(default_factory=list)
 
@@ -118,16 +121,19 @@ fused AS (
     FROM dn FULL JOIN sn USING (id) ORDER BY score DESC, id LIMIT {{k}})
 SELECT (SELECT count(*) FROM dense) AS dense_n,
        (SELECT n_chunks FROM course_term_stats WHERE course_id = {{course}} AND embed_model = {{model}}) AS course_n,
-       f.id, f.score, f.ds, f.ss, c.video_id, v.title AS video_title, v.youtube_id, c.position, c.start_s, c.end_s,
-       c.text, c.sentences
+       f.id, f.score, f.ds, f.ss, {{primary}} AS ps, c.video_id, v.title AS video_title, v.youtube_id, c.position,
+       c.start_s, c.end_s, c.text, c.sentences
 FROM fused f JOIN chunks c ON c.id = f.id JOIN videos v ON v.id = c.video_id
 ORDER BY f.score DESC, f.id
 """
 
 
 @functools.lru_cache(maxsize=64)
-def _statement(candidates: int, k: int, *, exact: bool, video: bool) -> str:
+def _statement(candidates: int, k: int, *, exact: bool, video: bool, primary: int | None = None) -> str:
     return _HYBRID.format(
+        # the dot product of the first `primary` components (pgvector 0.6 has no subvector(): through real[])
+        primary="NULL::float8" if primary is None else
+        f"-((c.embedding::real[])[1:{int(primary)}]::vector <#> ($1::real[])[1:{int(primary)}]::vector)",
         candidates=int(candidates), k=int(k), budget=POSTINGS_BUDGET,
         # "+ 0" keeps the planner off HNSW: an exact ranking of the course's (or video's) chunks
         dense_order="(c.embedding <=> $1) + 0" if exact else "c.embedding <=> $1",
@@ -164,33 +170,39 @@ async def _course_size(conn: asyncpg.Connection, key: tuple[int, str]) -> int:
 
 async def hybrid_search(conn: asyncpg.Connection, course_id: int, query_vec: np.ndarray, query_text: str,
                         embed_model: str, *, k: int = 5, video_id: int | None = None,
-                        w_sparse: float = SPARSE_WEIGHT, candidates: int = CANDIDATES) -> list[Hit]:
-    """Top-k chunks of the course for a question (its embedding and its text), in one query."""
-    args: tuple = (query_vec, course_id, embed_model, keyword_text(query_text), float(w_sparse))
+                        w_sparse: float = SPARSE_WEIGHT, candidates: int = CANDIDATES,
+                        primary: tuple[int, float] | None = None) -> list[Hit]:
+    """Top-k chunks of the course for a question (its embedding and its text), in one query.
+
+    `primary` (width, weight), for an ensemble's vectors (agents.embedder.Ensemble.primary_slice): each hit also
+    carries `primary_dense`, its first member's own cosine, on the scale thresholds were set on."""
+    args: tuple = (stored(query_vec), course_id, embed_model, keyword_text(query_text), float(w_sparse))
     key = (course_id, embed_model)
+    width = primary[0] if primary else None
     if video_id is not None:  # one video's chunks: ranked exactly (an HNSW walk would mostly find other videos)
-        rows = await conn.fetch(_statement(candidates, k, exact=True, video=True), *args, video_id)
+        rows = await conn.fetch(_statement(candidates, k, exact=True, video=True, primary=width), *args, video_id)
     elif await _course_size(conn, key) <= EXACT_COURSE_MAX:
-        rows = await conn.fetch(_statement(candidates, k, exact=True, video=False), *args)
+        rows = await conn.fetch(_statement(candidates, k, exact=True, video=False, primary=width), *args)
     else:
-        rows = await conn.fetch(_statement(candidates, k, exact=False, video=False), *args)
+        rows = await conn.fetch(_statement(candidates, k, exact=False, video=False, primary=width), *args)
         # A course-filtered HNSW walk can come back short (the course is a small part of the index, or the graph
         # holds deleted rows); then rank the course's chunks exactly.
         want = min(candidates, int(rows[0]["course_n"] or 0)) if rows else 1
         if not rows or rows[0]["dense_n"] < want:
-            rows = await conn.fetch(_statement(candidates, k, exact=True, video=False), *args)
+            rows = await conn.fetch(_statement(candidates, k, exact=True, video=False, primary=width), *args)
     if rows and video_id is None:
         _remember_size(key, int(rows[0]["course_n"] or 0))
     return [Hit(chunk_id=r["id"], video_id=r["video_id"], video_title=r["video_title"], youtube_id=r["youtube_id"],
                 position=r["position"], start=r["start_s"], end=r["end_s"], text=r["text"],
-                score=round(r["score"], 6), dense_score=r["ds"], sparse_score=r["ss"], sentences=r["sentences"])
+                score=round(r["score"], 6), dense_score=r["ds"], sparse_score=r["ss"], sentences=r["sentences"],
+                primary_dense=None if primary is None or r["ps"] is None else r["ps"] / primary[1])
             for r in rows]
 
 
 async def dense_search(conn: asyncpg.Connection, course_id: int, query_vec: np.ndarray, embed_model: str,
                        k: int = 5) -> list[int]:
     """Bare pgvector top-k (the benchmark's baseline)."""
-    return [r["id"] for r in await conn.fetch(_DENSE, query_vec, course_id, embed_model, None, k)]
+    return [r["id"] for r in await conn.fetch(_DENSE, stored(query_vec), course_id, embed_model, None, k)]
 
 
 _NEIGHBOURS = """

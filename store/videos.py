@@ -12,6 +12,7 @@ import numpy as np
 from redis.asyncio import Redis
 
 from store import progress, xp
+from store.vectors import stored
 
 _COLS = """v.id, v.course_id, v.title, v.source, v.youtube_id, v.filename, v.file_path, v.file_kind, v.file_size,
            v.duration_s, v.status, v.embed_model, v.embed_dim, v.language, v.captions_generated, v.chunk_count,
@@ -185,7 +186,7 @@ async def replace_chunks(conn: asyncpg.Connection, video_id: int, course_id: int
     for ch, vec in zip(chunks, embeddings, strict=True):
         sentences = [[round(s.start, 3), round(s.end, 3), s.text] for s in ch.sentences]
         records.append((video_id, course_id, ch.position, float(ch.start), float(ch.end), ch.text, sentences,
-                        embed_model, np.asarray(vec, dtype=np.float32)))
+                        embed_model, stored(vec)))
     await conn.copy_records_to_table(
         "chunks", columns=["video_id", "course_id", "position", "start_s", "end_s", "text", "sentences",
                            "embed_model", "embedding"],

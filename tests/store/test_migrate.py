@@ -8,7 +8,7 @@ import uuid
 import asyncpg
 import pytest
 
-from store.migrate import migrate, migration_files
+from store.migrate import NO_TRANSACTION, _statements, migrate, migration_files
 from tests.conftest import ROOT, clean_env, run_sync
 
 
@@ -44,7 +44,8 @@ async def _migrated_to(conn: asyncpg.Connection, last: int) -> int:
     for version, name, sql in migration_files():
         if version > last:
             break
-        await conn.execute(sql)
+        for statement in _statements(sql) if sql.startswith(NO_TRANSACTION) else [sql]:  # CONCURRENTLY: one by one
+            await conn.execute(statement)
         await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2, 'x')", version, name)
     tid = await conn.fetchval("INSERT INTO tenants (name) VALUES ('t') RETURNING id")
     uid = await conn.fetchval("INSERT INTO users (tenant_id, name, role) VALUES ($1, 'i', 'instructor') RETURNING id",
@@ -281,3 +282,49 @@ def test_an_index_migration_builds_concurrently_and_rebuilds_what_a_failed_build
                 "CREATE INDEX CONCURRENTLY IF NOT EXISTS a ON t (x) WHERE y <> '--';\n"):
         with pytest.raises(RuntimeError):
             m._statements(bad)
+
+
+def test_upgrade_pads_stored_embeddings_to_the_wider_column(settings):
+    """0032: vectors stored 384 wide (MiniLM alone, OpenAI asked for 384) come out zero-padded to 768, their model
+    name and cosines unchanged; the HNSW index is there again (built concurrently) and valid."""
+    import numpy as np
+
+    dsn = _fresh_db(settings)
+    rng = np.random.default_rng(3)
+    old = rng.normal(size=(2, 384)).astype(np.float32)
+
+    async def go() -> tuple:
+        conn = await asyncpg.connect(dsn)
+        try:
+            cid = await _migrated_to(conn, 31)
+            vid = await conn.fetchval("INSERT INTO videos (course_id, title, source) VALUES ($1, 'v', 'transcript') "
+                                      "RETURNING id", cid)
+            for i, v in enumerate([*old, None]):
+                await conn.execute(
+                    """INSERT INTO chunks (video_id, course_id, position, start_s, end_s, text, embed_model, embedding)
+                       VALUES ($1, $2, $3, 0, 5, 'graphs', 'openai:text-embedding-3-small@384', $4::text::vector)""",
+                    vid, cid, i, None if v is None else "[" + ",".join(map(str, v.tolist())) + "]")
+        finally:
+            await conn.close()
+        assert await migrate(dsn) == [name for v, name, _ in migration_files() if v > 31]
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch("SELECT embed_model, embedding::text AS e FROM chunks ORDER BY position")
+            cos = await conn.fetchval("SELECT 1 - (a.embedding <=> b.embedding) FROM chunks a, chunks b "
+                                      "WHERE a.position = 0 AND b.position = 1")
+            valid = await conn.fetchval("SELECT indisvalid FROM pg_index WHERE indexrelid = "
+                                        "'chunks_embedding_hnsw'::regclass")
+            width = await conn.fetchval("SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                                        "WHERE attrelid = 'chunks'::regclass AND attname = 'embedding'")
+            return rows, cos, valid, width
+        finally:
+            await conn.close()
+
+    rows, cos, valid, width = run_sync(go())
+    assert width == "vector(768)" and valid
+    vecs = [np.array([float(x) for x in r["e"].strip("[]").split(",")]) for r in rows[:2]]
+    assert all(v.shape == (768,) and not v[384:].any() for v in vecs)
+    assert np.allclose([v[:384] for v in vecs], old, atol=1e-5)
+    assert rows[2]["e"] is None and {r["embed_model"] for r in rows} == {"openai:text-embedding-3-small@384"}
+    a, b = old
+    assert cos == pytest.approx(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)), abs=1e-5)

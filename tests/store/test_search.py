@@ -194,6 +194,41 @@ async def test_small_course_is_ranked_exactly(pool):
             assert [h.text for h in hits] == [texts[i] for i in np.argsort(-(vecs @ v))[:5]]
 
 
+async def test_ensemble_hits_carry_their_primary_members_cosine(pool):
+    """An ensemble's 768-wide vectors (two unit halves scaled by sqrt(weight)): the fused ranking uses the whole
+    vector, and each hit also carries the first half's own cosine (the judge's scale), for the exact ranking, one
+    video, and the HNSW walk alike."""
+    w = 0.18
+    cid = await new_course(pool)
+    texts = [f"lecture {i} on graphs and matrices number {i}" for i in range(30)]
+    halves = unit_vectors(30, seed=8), unit_vectors(30, seed=9)
+    vecs = np.hstack([np.sqrt(w) * halves[0], np.sqrt(1 - w) * halves[1]]).astype(np.float32)
+    async with pool.acquire() as conn, conn.transaction():
+        vid = (await videos_repo.create_video(conn, cid, "v", "transcript"))["id"]
+        await videos_repo.replace_chunks(conn, vid, cid, chunks_of(texts), vecs, "ensemble@1")
+    qh = unit_vectors(2, seed=10)
+    q = np.hstack([np.sqrt(w) * qh[0], np.sqrt(1 - w) * qh[1]]).astype(np.float32)
+    async with pool.acquire() as conn:
+        for kw in ({}, {"video_id": vid}, {"candidates": 50}):
+            hits = await search.hybrid_search(conn, cid, q, "graphs", "ensemble@1", k=5, w_sparse=0.0,
+                                              primary=(384, w), **kw)
+            assert [h.text for h in hits] == [texts[i] for i in np.argsort(-(vecs @ q))[:5]]
+            for h in hits:
+                i = texts.index(h.text)
+                assert h.dense_score == pytest.approx(float(vecs[i] @ q), abs=1e-5)
+                assert h.primary_dense == pytest.approx(float(halves[0][i] @ qh[0]), abs=1e-5)
+        search._course_sizes[(cid, "ensemble@1")] = search.EXACT_COURSE_MAX + 1  # as a big course: the graph
+        try:
+            hits = await search.hybrid_search(conn, cid, q, "graphs", "ensemble@1", k=3, w_sparse=0.0,
+                                              primary=(384, w))
+        finally:
+            search._course_sizes.pop((cid, "ensemble@1"), None)
+        assert hits and all(h.primary_dense == pytest.approx(float(halves[0][texts.index(h.text)] @ qh[0]), abs=1e-5)
+                            for h in hits)
+        plain = await search.hybrid_search(conn, cid, q, "graphs", "ensemble@1", k=3, w_sparse=0.0)
+        assert all(h.primary_dense is None for h in plain)
+
+
 async def test_spoken_words_tokenize_like_the_migration(pool):
     """Ingest (Python) and migration 0008's backfill (SQL, its very text) must cut words the same way."""
     text = ("GPT-2’s heads vs. GPT-3; Hamilton's rule -- e.g. x=0, 3-by-3 matrices, rock'n'roll, 'quoted' ... MatLab "
@@ -225,9 +260,9 @@ async def test_a_small_course_never_walks_the_graph(pool, monkeypatch):
     walked: list[bool] = []
     real = search._statement
 
-    def statement(candidates: int, k: int, *, exact: bool, video: bool) -> str:
+    def statement(candidates: int, k: int, *, exact: bool, video: bool, **kw) -> str:  # type: ignore[no-untyped-def]
         walked.append(not exact)
-        return real(candidates, k, exact=exact, video=video)
+        return real(candidates, k, exact=exact, video=video, **kw)
 
     monkeypatch.setattr(search, "_statement", statement)
     cid = await new_course(pool)
