@@ -235,6 +235,22 @@ class LocalE5(OnnxEncoder):
                          batch_size=batch_size, query_prefix="query: ", passage_prefix="passage: ")
 
 
+def ensemble_name(names: list[str], weights: tuple[float, ...]) -> str:
+    """An ensemble's model name: its members' names and normalised weights (a change of either is a new model)."""
+    total = float(sum(weights))
+    return "+".join(f"{n}*{w / total:g}" for n, w in zip(names, weights))
+
+
+def default_name() -> str:
+    """The offline default's model name, without loading it."""
+    return ensemble_name([MINILM_NAME, E5_NAME], ENSEMBLE_WEIGHTS)
+
+
+# Offline defaults of earlier versions: their videos are re-embedded when an ingest worker starts
+# (ingest.submit.reembed_superseded). MiniLM alone was the default until migration 0032.
+FORMER_DEFAULTS = (MINILM_NAME,)
+
+
 class Ensemble:
     """Several embedders as one: each member's unit vector scaled by sqrt(its weight), side by side. The cosine
     of two such vectors is the weighted mean of the members' cosines, so one pgvector column and index serve it.
@@ -249,7 +265,7 @@ class Ensemble:
         self.members = list(members)
         self.weights = tuple(w / total for w in weights)
         self._scale = [np.float32(np.sqrt(w)) for w in self.weights]
-        self.name = "+".join(f"{m.name}*{w:g}" for m, w in zip(self.members, self.weights))
+        self.name = ensemble_name([m.name for m in self.members], self.weights)
         self.dim = sum(m.dim for m in self.members)
         self.primary = self.members[0]
 

@@ -177,17 +177,20 @@ async def submit_job(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, kind
 
 
 async def submit_reembed(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, embed_model: str,
-                         course_id: int | None = None) -> list[int]:
-    """Queue a re-embed job for every ready video whose chunks were embedded by another model, unless one is
-    queued or running for it already (a second `studyhall reembed` doubled the work)."""
+                         course_id: int | None = None, *, only_from: list[str] | None = None,
+                         not_failed: bool = False) -> list[int]:
+    """Queue a re-embed job for every ready video whose chunks were embedded by another model (`only_from`: by one
+    of these), unless one is queued or running for it already (a second `studyhall reembed` doubled the work);
+    `not_failed`: nor one for this model that failed."""
     async with pool.acquire() as conn:
         rows = await conn.fetch(
             """SELECT v.id, v.course_id FROM videos v WHERE v.status = 'ready' AND v.embed_model IS DISTINCT FROM $1
-               AND ($2::bigint IS NULL OR v.course_id = $2)
+               AND ($2::bigint IS NULL OR v.course_id = $2) AND ($3::text[] IS NULL OR v.embed_model = ANY ($3))
                AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.video_id = v.id AND j.kind = 'reembed'
-                               AND j.state NOT IN ('done', 'failed'))
+                               AND (j.state NOT IN ('done', 'failed')
+                                    OR $4 AND j.state = 'failed' AND j.payload ->> 'embed_model' = $1))
                ORDER BY v.id""",
-            embed_model, course_id,
+            embed_model, course_id, only_from, not_failed,
         )
     jobs = []
     for r in rows:
@@ -198,4 +201,20 @@ async def submit_reembed(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, 
                                          payload={"embed_model": embed_model}))
         except LookupError:  # deleted meanwhile
             continue
+    return jobs
+
+
+async def reembed_superseded(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings) -> list[int]:
+    """With the offline default embedder configured: queue re-embeds for the videos an earlier default embedded
+    (agents.embedder.FORMER_DEFAULTS: MiniLM alone, before the ensemble), so an upgrade heals on its own; search
+    lists them as awaiting_reembed meanwhile. Run when an ingest worker starts; a failed re-embed is left to
+    `POST /jobs/{id}/retry` or `studyhall reembed`, not queued again at every start of a worker."""
+    if settings.embedder != "local":
+        return []
+    from agents.embedder import FORMER_DEFAULTS, default_name
+
+    jobs = await submit_reembed(pool, arq, settings, default_name(), only_from=list(FORMER_DEFAULTS),
+                                not_failed=True)
+    if jobs:
+        logger.info("queued %d re-embed jobs for videos of an earlier default embedder", len(jobs))
     return jobs

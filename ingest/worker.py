@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 from agents.config import embedder_for
 from ingest.grading import grade_batch, grade_submission, recover_grading
 from ingest.jobs import ARQ_CODEC, ingest_job, recover_lost_jobs, sweep_uploads
+from ingest.submit import reembed_superseded
 from store.db import create_pool
 from store.keys import INGEST_QUEUE, QUICK_QUEUE
 from store.settings import Settings
@@ -134,6 +135,10 @@ def worker_settings(settings: Settings, queue: str = "ingest") -> dict[str, Any]
         ctx["embedder"] = functools.partial(embedder_for, settings)
         if queue == "ingest":
             await recover_lost_jobs(ctx)
+            try:  # videos of an earlier default embedder (an upgrade): re-embedded with the current one
+                await reembed_superseded(ctx["pool"], ctx["redis"], settings)
+            except Exception:  # noqa: BLE001 - `studyhall reembed` does the same by hand
+                logger.warning("could not queue re-embeds for an earlier default embedder's videos", exc_info=True)
         from store import leaderboards, xp
 
         leaderboards.EVENT_WINDOW_S = settings.leaderboard_event_s

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import EVAL, ROOT, Factory, clean_env, fetch, wait_job
+from tests.conftest import EVAL, ROOT, Factory, clean_env, fetch, run_sync, wait_job
 
 
 def _cli(data_dir, *args: str) -> subprocess.CompletedProcess:
@@ -129,6 +129,53 @@ def test_reembed_after_model_switch(client, make: Factory, worker, data_dir, set
         fetch(settings, "DELETE FROM jobs WHERE course_id = $1 AND kind = 'reembed' AND state = 'queued' RETURNING 1",
               cid)
         fetch(settings, "UPDATE videos SET embed_model = $2 WHERE id = $1", vid, model)
+
+
+def test_videos_of_an_earlier_default_embedder_are_re_embedded_on_their_own(client, make: Factory, worker, settings):
+    """An upgrade changed the offline default (MiniLM alone -> the MiniLM + e5 ensemble): what an ingest worker
+    runs at start queues the old default's videos for re-embedding, and only those; not again while one is queued,
+    nor after one failed (that is for a retry by hand); nothing with another embedder configured."""
+    from dataclasses import replace
+
+    from agents.embedder import MINILM_NAME, default_name
+    from ingest.jobs import connect_arq
+    from ingest.submit import reembed_superseded
+    from store.db import create_pool
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Upgrade"}, headers=inst.h).json()["id"]
+    data = (EVAL / "transcripts" / "3b1b-bitcoin.srt").read_bytes()
+    vids = []
+    for name in ("a.srt", "b.srt"):
+        r = client.post(f"/api/v1/courses/{cid}/videos", files={"file": (name, data)}, headers=inst.h)
+        assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
+        vids.append(r.json()["video_id"])
+    old, other = vids
+    fetch(settings, "UPDATE videos SET embed_model = $2 WHERE id = $1", old, MINILM_NAME)
+    fetch(settings, "UPDATE videos SET embed_model = 'someone-else@1' WHERE id = $1", other)
+
+    async def run(s) -> list[int]:  # type: ignore[no-untyped-def]
+        pool = await create_pool(s.database_url, min_size=1, max_size=2)
+        arq = await connect_arq(s.redis_url)
+        try:
+            return await reembed_superseded(pool, arq, s)
+        finally:
+            await arq.aclose()
+            await pool.close()
+
+    try:
+        assert run_sync(run(replace(settings, embedder="openai"))) == []
+        (job,) = run_sync(run(settings))
+        assert run_sync(run(settings)) == []  # queued already
+        assert wait_job(client, job, inst.h)["state"] == "done"
+        assert fetch(settings, "SELECT embed_model FROM videos WHERE id = $1", old)[0]["embed_model"] == default_name()
+        found = client.get(f"/api/v1/courses/{cid}/search", params={"q": "digital signature"}, headers=inst.h).json()
+        assert found["hits"] and found["awaiting_reembed"] == [other], found
+        fetch(settings, "UPDATE videos SET embed_model = $2 WHERE id = $1", old, MINILM_NAME)
+        fetch(settings, "UPDATE jobs SET state = 'failed' WHERE id = $1", job)
+        assert run_sync(run(settings)) == []  # failed for this model: left to a retry by hand
+    finally:
+        fetch(settings, "UPDATE videos SET embed_model = $2 WHERE id = ANY ($1::bigint[])", vids, default_name())
 
 
 def test_cli_ingest_gives_up_when_the_worker_is_gone(client, make: Factory, worker, data_dir, settings):
