@@ -5,7 +5,8 @@ import functools
 
 from store.settings import Settings
 
-# The chunks table stores vector(384); OpenAI's text-embedding-3 models can return 384 dimensions.
+# OpenAI embeddings are asked for 384 dimensions (text-embedding-3 models can shorten theirs) and stored zero-padded
+# in the 768-wide chunks column (store/vectors.py).
 EMBED_DIM = 384
 
 

@@ -235,15 +235,20 @@ class LocalE5(OnnxEncoder):
                          batch_size=batch_size, query_prefix="query: ", passage_prefix="passage: ")
 
 
-def ensemble_name(names: list[str], weights: tuple[float, ...]) -> str:
-    """An ensemble's model name: its members' names and normalised weights (a change of either is a new model)."""
+def ensemble_name(label: str, names: list[str], weights: tuple[float, ...]) -> str:
+    """An ensemble's model name: `label` and a digest of its members' names and normalised weights (a change of
+    either is a new model). Short: every chunk and BM25 posting row stores it."""
     total = float(sum(weights))
-    return "+".join(f"{n}*{w / total:g}" for n, w in zip(names, weights))
+    full = "+".join(f"{n}*{w / total:g}" for n, w in zip(names, weights))
+    return f"{label}@{hashlib.sha256(full.encode()).hexdigest()[:12]}"
+
+
+DEFAULT_LABEL = "minilm-l6+e5-small-v2-int8"
 
 
 def default_name() -> str:
     """The offline default's model name, without loading it."""
-    return ensemble_name([MINILM_NAME, E5_NAME], ENSEMBLE_WEIGHTS)
+    return ensemble_name(DEFAULT_LABEL, [MINILM_NAME, E5_NAME], ENSEMBLE_WEIGHTS)
 
 
 # Offline defaults of earlier versions: their videos are re-embedded when an ingest worker starts
@@ -258,14 +263,14 @@ class Ensemble:
     The first member is the `primary`: thresholds set on its cosine scale (the judge's, the grader's) keep
     working, on `primary_cosine` or on the primary's own vectors."""
 
-    def __init__(self, members: list[Any], weights: tuple[float, ...]) -> None:
+    def __init__(self, members: list[Any], weights: tuple[float, ...], label: str = "ensemble") -> None:
         if len(members) != len(weights) or len(members) < 2 or min(weights) <= 0:
             raise ValueError("an ensemble takes two or more members, each with a positive weight")
         total = float(sum(weights))
         self.members = list(members)
         self.weights = tuple(w / total for w in weights)
         self._scale = [np.float32(np.sqrt(w)) for w in self.weights]
-        self.name = ensemble_name([m.name for m in self.members], self.weights)
+        self.name = ensemble_name(label, [m.name for m in self.members], self.weights)
         self.dim = sum(m.dim for m in self.members)
         self.primary = self.members[0]
 
@@ -315,8 +320,8 @@ def local_e5(threads: int | None = None, batch_size: int = 64) -> LocalE5:
 
 def local_default(threads: int | None = None, batch_size: int = 64) -> Ensemble:
     """The offline default: MiniLM (primary) and e5-small-v2, weighted ENSEMBLE_WEIGHTS."""
-    return _cached("ensemble", lambda **kw: Ensemble([local_minilm(**kw), local_e5(**kw)], ENSEMBLE_WEIGHTS),
-                   threads, batch_size)
+    return _cached("ensemble", lambda **kw: Ensemble([local_minilm(**kw), local_e5(**kw)], ENSEMBLE_WEIGHTS,
+                                                     DEFAULT_LABEL), threads, batch_size)
 
 
 def primary(embedder: Any) -> Any:

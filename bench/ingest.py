@@ -41,7 +41,7 @@ async def ingest_corpus(settings, files) -> tuple[int, float, int]:  # type: ign
         shutil.copyfile(f, dest)
         await submit_video(pool, arq, settings, cid, owner, f.stem[:200], file_path=dest, filename=f.name,
                            source="transcript", kind="vtt")
-    kw = worker_settings(settings)
+    kw = worker_settings(settings, heal_embeddings=False)  # old runs' courses are not this run's work
     kw.update(burst=True, handle_signals=False, cron_jobs=[])
     worker = Worker(**kw)
     await worker.main()

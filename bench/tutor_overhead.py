@@ -57,8 +57,10 @@ async def main() -> None:
     try:
         pool = await create_pool(settings.database_url)
         redis = Redis.from_url(settings.redis_url)
+        model = embedder_for(settings).name  # the course embedded by the configured model (not an old run's)
         row = await pool.fetchrow("""SELECT c.id, c.owner_id, count(k.*) AS n FROM courses c
-                                     JOIN chunks k ON k.course_id = c.id GROUP BY c.id ORDER BY n DESC LIMIT 1""")
+                                     JOIN chunks k ON k.course_id = c.id WHERE k.embed_model = $1
+                                     GROUP BY c.id ORDER BY n DESC LIMIT 1""", model)
         if row is None:
             raise SystemExit("run `python -m bench.ingest` first: it builds the corpus course")
         cid = row["id"]

@@ -113,12 +113,16 @@ async def embed_texts(embedder: Any, texts: list[str], reporter: JobReporter | N
     return np.vstack(parts)
 
 
+# How a re-embed that reached a worker of another model fails (ingest.submit.reembed_superseded reads it)
+OTHER_MODEL = "this worker embeds with"
+
+
 async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, job: asyncpg.Record,
                        reporter: JobReporter) -> int:
     """Run the whole pipeline for the job's video; returns the number of chunks stored."""
     target = (job["payload"] or {}).get("embed_model") if job["kind"] == "reembed" else None
     if target is not None and target != embedder.name:
-        raise PermanentIngestError(f"this worker embeds with {embedder.name}, and the re-embed was asked for {target}: "
+        raise PermanentIngestError(f"{OTHER_MODEL} {embedder.name}, and the re-embed was asked for {target}: "
                                    "restart the workers with the STUDYHALL_EMBEDDER it was queued with, then retry")
     async with pool.acquire() as conn:
         video = await videos_repo.get_video(conn, job["video_id"])

@@ -176,45 +176,63 @@ async def submit_job(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, kind
     return job["id"]
 
 
+# Held while re-embeds are looked for and queued: workers starting at once (and `studyhall reembed`) queued one
+# job per video each
+_REEMBED_LOCK = 0x5245_454D_4244
+
+
 async def submit_reembed(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, embed_model: str,
                          course_id: int | None = None, *, only_from: list[str] | None = None,
-                         not_failed: bool = False) -> list[int]:
+                         not_failed: bool = False, wait: bool = True) -> list[int]:
     """Queue a re-embed job for every ready video whose chunks were embedded by another model (`only_from`: by one
     of these), unless one is queued or running for it already (a second `studyhall reembed` doubled the work);
-    `not_failed`: nor one for this model that failed."""
-    async with pool.acquire() as conn:
-        rows = await conn.fetch(
-            """SELECT v.id, v.course_id FROM videos v WHERE v.status = 'ready' AND v.embed_model IS DISTINCT FROM $1
-               AND ($2::bigint IS NULL OR v.course_id = $2) AND ($3::text[] IS NULL OR v.embed_model = ANY ($3))
-               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.video_id = v.id AND j.kind = 'reembed'
-                               AND (j.state NOT IN ('done', 'failed')
-                                    OR $4 AND j.state = 'failed' AND j.payload ->> 'embed_model' = $1))
-               ORDER BY v.id""",
-            embed_model, course_id, only_from, not_failed,
-        )
-    jobs = []
-    for r in rows:
+    `not_failed`: nor one for this model that failed (other than by reaching a worker of another model, as in a
+    rolling upgrade). One process at a time; `wait=False`: none queued when another is at it."""
+    from ingest.pipeline import OTHER_MODEL
+
+    async with pool.acquire() as lock:
+        if wait:
+            await lock.execute("SELECT pg_advisory_lock($1)", _REEMBED_LOCK)
+        elif not await lock.fetchval("SELECT pg_try_advisory_lock($1)", _REEMBED_LOCK):
+            return []
         try:
-            # the model it is for: a worker still embedding with another (not restarted after the switch) fails it
-            # saying so, instead of "re-embedding" with the old model, marking it done, round after round
-            jobs.append(await submit_job(pool, arq, settings, "reembed", r["course_id"], r["id"], None,
-                                         payload={"embed_model": embed_model}))
-        except LookupError:  # deleted meanwhile
-            continue
-    return jobs
+            rows = await lock.fetch(
+                """SELECT v.id, v.course_id FROM videos v
+                   WHERE v.status = 'ready' AND v.embed_model IS DISTINCT FROM $1
+                     AND ($2::bigint IS NULL OR v.course_id = $2) AND ($3::text[] IS NULL OR v.embed_model = ANY ($3))
+                     AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.video_id = v.id AND j.kind = 'reembed'
+                                     AND (j.state NOT IN ('done', 'failed')
+                                          OR $4 AND j.state = 'failed' AND j.payload ->> 'embed_model' = $1
+                                             AND coalesce(j.error, '') NOT LIKE $5 || '%'))
+                   ORDER BY v.id""",
+                embed_model, course_id, only_from, not_failed, OTHER_MODEL)
+            jobs = []
+            for r in rows:
+                try:
+                    # the model it is for: a worker still embedding with another (not restarted after the switch)
+                    # fails it saying so, instead of "re-embedding" with the old model, marking it done, round after
+                    # round
+                    jobs.append(await submit_job(pool, arq, settings, "reembed", r["course_id"], r["id"], None,
+                                                 payload={"embed_model": embed_model}))
+                except LookupError:  # deleted meanwhile
+                    continue
+            return jobs
+        finally:
+            await lock.execute("SELECT pg_advisory_unlock($1)", _REEMBED_LOCK)
 
 
 async def reembed_superseded(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings) -> list[int]:
     """With the offline default embedder configured: queue re-embeds for the videos an earlier default embedded
     (agents.embedder.FORMER_DEFAULTS: MiniLM alone, before the ensemble), so an upgrade heals on its own; search
-    lists them as awaiting_reembed meanwhile. Run when an ingest worker starts; a failed re-embed is left to
-    `POST /jobs/{id}/retry` or `studyhall reembed`, not queued again at every start of a worker."""
+    lists them as awaiting_reembed meanwhile. Run when an ingest worker starts (workers starting together: one
+    queues them); a re-embed that failed is left to `POST /jobs/{id}/retry` or `studyhall reembed`, not queued again
+    at every start of a worker, unless it failed by reaching a worker of the old version (a rolling upgrade)."""
     if settings.embedder != "local":
         return []
     from agents.embedder import FORMER_DEFAULTS, default_name
 
     jobs = await submit_reembed(pool, arq, settings, default_name(), only_from=list(FORMER_DEFAULTS),
-                                not_failed=True)
+                                not_failed=True, wait=False)
     if jobs:
         logger.info("queued %d re-embed jobs for videos of an earlier default embedder", len(jobs))
     return jobs

@@ -121,11 +121,13 @@ async def _release_pool(pool: Any) -> None:
     await pool.close()
 
 
-def worker_settings(settings: Settings, queue: str = "ingest") -> dict[str, Any]:
+def worker_settings(settings: Settings, queue: str = "ingest", *, heal_embeddings: bool = True) -> dict[str, Any]:
     """Keyword arguments for arq.Worker bound to these settings, for one of the two queues (store.keys):
     `ingest` (transcription, embedding: hours at worst; STUDYHALL_WORKER_CONCURRENCY at once) or `quick` (grading,
     the weekly matcher and the hourly checks; STUDYHALL_WORKER_QUICK_CONCURRENCY at once), so a grade never waits
-    for two long transcriptions to end. `studyhall worker` runs both in one process (see `run_workers`)."""
+    for two long transcriptions to end. `studyhall worker` runs both in one process (see `run_workers`).
+    `heal_embeddings`: an ingest worker queues re-embeds for an earlier default embedder's videos as it starts
+    (off for a benchmark, whose database may hold old runs' courses)."""
     if queue not in WORKER_QUEUES:
         raise ValueError(f"unknown queue {queue!r}; known: {', '.join(WORKER_QUEUES)}")
 
@@ -136,7 +138,8 @@ def worker_settings(settings: Settings, queue: str = "ingest") -> dict[str, Any]
         if queue == "ingest":
             await recover_lost_jobs(ctx)
             try:  # videos of an earlier default embedder (an upgrade): re-embedded with the current one
-                await reembed_superseded(ctx["pool"], ctx["redis"], settings)
+                if heal_embeddings:
+                    await reembed_superseded(ctx["pool"], ctx["redis"], settings)
             except Exception:  # noqa: BLE001 - `studyhall reembed` does the same by hand
                 logger.warning("could not queue re-embeds for an earlier default embedder's videos", exc_info=True)
         from store import leaderboards, xp

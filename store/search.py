@@ -131,9 +131,11 @@ ORDER BY f.score DESC, f.id
 @functools.lru_cache(maxsize=64)
 def _statement(candidates: int, k: int, *, exact: bool, video: bool, primary: int | None = None) -> str:
     return _HYBRID.format(
-        # the dot product of the first `primary` components (pgvector 0.6 has no subvector(): through real[])
+        # the dot product of the first `primary` components (pgvector 0.6 has no subvector(): through real[]), for
+        # the dense side's candidates only, as `ds` (a hit BM25 alone found has neither)
         primary="NULL::float8" if primary is None else
-        f"-((c.embedding::real[])[1:{int(primary)}]::vector <#> ($1::real[])[1:{int(primary)}]::vector)",
+        f"CASE WHEN f.ds IS NOT NULL THEN -((c.embedding::real[])[1:{int(primary)}]::vector "
+        f"<#> ($1::real[])[1:{int(primary)}]::vector) END",
         candidates=int(candidates), k=int(k), budget=POSTINGS_BUDGET,
         # "+ 0" keeps the planner off HNSW: an exact ranking of the course's (or video's) chunks
         dense_order="(c.embedding <=> $1) + 0" if exact else "c.embedding <=> $1",

@@ -23,6 +23,7 @@ from agents.embedder import (
     ENSEMBLE_WEIGHTS,
     Ensemble,
     aembed,
+    default_name,
     get_embedder,
     local_default,
     local_e5,
@@ -131,7 +132,9 @@ def test_ensemble_cosine_is_the_weighted_mean_of_its_members(minilm):
     ens = local_default()
     e5 = local_e5()
     assert ens.dim == MINILM_DIM + E5_DIM == STORED_DIM and ens.weights == pytest.approx(ENSEMBLE_WEIGHTS)
-    assert minilm.name in ens.name and e5.name in ens.name
+    assert ens.name == default_name() and ens.name.startswith("minilm-l6+e5-small-v2-int8@") and len(ens.name) < 40
+    other = Ensemble([minilm, e5], (0.5, 0.5), "minilm-l6+e5-small-v2-int8")
+    assert other.name != ens.name  # other weights: another model
     texts = ["Binary search halves the interval.", "Natural selection acts on heritable variation.", ""]
     vecs = ens.embed(texts)
     assert vecs.shape == (3, STORED_DIM) and vecs.dtype == np.float32

@@ -71,6 +71,11 @@ def test_verdict_combines_the_signals():
     assert not v.grounded and v.details["names_missing"] == ["GPT-2"]
     assert not judge(q, q, [SimpleNamespace(dense_score=0.2, text="")], ["source"], [], {"gpt-2"}).grounded
     assert judge(q, q, [hit], ["source"], [], None).grounded  # words not looked up: names are not judged
+    # an ensemble's hit: the threshold is on its primary (MiniLM) cosine, not on the mixed one
+    far = SimpleNamespace(dense_score=0.7, primary_dense=0.2, text="")
+    v = judge(q, q, [far], ["source"], [], {"gpt-2"})
+    assert not v.grounded and v.details["top_dense"] == 0.2
+    assert judge(q, q, [SimpleNamespace(dense_score=0.3, primary_dense=0.3, text="")], ["source"], [], {"gpt-2"}).grounded
 
 
 def test_a_long_question_is_read_in_linear_time():

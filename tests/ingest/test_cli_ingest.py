@@ -1,6 +1,7 @@
 """`studyhall ingest` and `studyhall reembed` from the shell, against the session's servers and worker."""
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -133,12 +134,14 @@ def test_reembed_after_model_switch(client, make: Factory, worker, data_dir, set
 
 def test_videos_of_an_earlier_default_embedder_are_re_embedded_on_their_own(client, make: Factory, worker, settings):
     """An upgrade changed the offline default (MiniLM alone -> the MiniLM + e5 ensemble): what an ingest worker
-    runs at start queues the old default's videos for re-embedding, and only those; not again while one is queued,
-    nor after one failed (that is for a retry by hand); nothing with another embedder configured."""
+    runs at start queues the old default's videos for re-embedding, and only those, once when several workers start
+    together; not again while one is queued, nor after one failed (that is for a retry by hand) unless it failed by
+    reaching a worker of the old version; nothing with another embedder configured."""
     from dataclasses import replace
 
     from agents.embedder import MINILM_NAME, default_name
     from ingest.jobs import connect_arq
+    from ingest.pipeline import OTHER_MODEL
     from ingest.submit import reembed_superseded
     from store.db import create_pool
 
@@ -154,26 +157,32 @@ def test_videos_of_an_earlier_default_embedder_are_re_embedded_on_their_own(clie
     fetch(settings, "UPDATE videos SET embed_model = $2 WHERE id = $1", old, MINILM_NAME)
     fetch(settings, "UPDATE videos SET embed_model = 'someone-else@1' WHERE id = $1", other)
 
-    async def run(s) -> list[int]:  # type: ignore[no-untyped-def]
-        pool = await create_pool(s.database_url, min_size=1, max_size=2)
+    async def run(s, times: int = 1) -> list[int]:  # type: ignore[no-untyped-def]
+        pools = [await create_pool(s.database_url, min_size=1, max_size=2) for _ in range(times)]
         arq = await connect_arq(s.redis_url)
-        try:
-            return await reembed_superseded(pool, arq, s)
+        try:  # as many workers starting at once
+            got = await asyncio.gather(*(reembed_superseded(p, arq, s) for p in pools))
+            return [j for jobs in got for j in jobs]
         finally:
             await arq.aclose()
-            await pool.close()
+            for p in pools:
+                await p.close()
 
     try:
         assert run_sync(run(replace(settings, embedder="openai"))) == []
-        (job,) = run_sync(run(settings))
+        (job,) = run_sync(run(settings, times=3))
         assert run_sync(run(settings)) == []  # queued already
         assert wait_job(client, job, inst.h)["state"] == "done"
         assert fetch(settings, "SELECT embed_model FROM videos WHERE id = $1", old)[0]["embed_model"] == default_name()
         found = client.get(f"/api/v1/courses/{cid}/search", params={"q": "digital signature"}, headers=inst.h).json()
         assert found["hits"] and found["awaiting_reembed"] == [other], found
         fetch(settings, "UPDATE videos SET embed_model = $2 WHERE id = $1", old, MINILM_NAME)
-        fetch(settings, "UPDATE jobs SET state = 'failed' WHERE id = $1", job)
+        fetch(settings, "UPDATE jobs SET state = 'failed', error = 'out of disk' WHERE id = $1", job)
         assert run_sync(run(settings)) == []  # failed for this model: left to a retry by hand
+        fetch(settings, "UPDATE jobs SET error = $2 WHERE id = $1", job,
+              f"{OTHER_MODEL} {MINILM_NAME}, and the re-embed was asked for {default_name()}: restart the workers")
+        (again,) = run_sync(run(settings))  # an old worker took it (a rolling upgrade): queued again
+        assert wait_job(client, again, inst.h)["state"] == "done"
     finally:
         fetch(settings, "UPDATE videos SET embed_model = $2 WHERE id = ANY ($1::bigint[])", vids, default_name())
 

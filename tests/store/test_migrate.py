@@ -286,7 +286,7 @@ def test_an_index_migration_builds_concurrently_and_rebuilds_what_a_failed_build
 
 def test_upgrade_pads_stored_embeddings_to_the_wider_column(settings):
     """0032: vectors stored 384 wide (MiniLM alone, OpenAI asked for 384) come out zero-padded to 768, their model
-    name and cosines unchanged; the HNSW index is there again (built concurrently) and valid."""
+    name and cosines unchanged; 0033: the HNSW index is there again (built concurrently) and valid."""
     import numpy as np
 
     dsn = _fresh_db(settings)

@@ -227,6 +227,12 @@ async def test_ensemble_hits_carry_their_primary_members_cosine(pool):
                             for h in hits)
         plain = await search.hybrid_search(conn, cid, q, "graphs", "ensemble@1", k=3, w_sparse=0.0)
         assert all(h.primary_dense is None for h in plain)
+        # a hit only BM25 found has no dense cosine, and no primary one either (the judge counts it as 0)
+        mixed = await search.hybrid_search(conn, cid, q, "graphs number 7", "ensemble@1", k=8, w_sparse=0.5,
+                                           candidates=3, primary=(384, w))
+        sparse_only = [h for h in mixed if h.dense_score is None]
+        assert sparse_only and all(h.primary_dense is None for h in sparse_only)
+        assert all(h.primary_dense is not None for h in mixed if h.dense_score is not None)
 
 
 async def test_spoken_words_tokenize_like_the_migration(pool):
