@@ -30,22 +30,20 @@ class TimedEmbedder:
 
     def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
         self.inner, self.name, self.dim, self.spent = inner, inner.name, inner.dim, 0.0
+        self.primary_slice = getattr(inner, "primary_slice", None)  # an ensemble's: the judge's scale
 
-        self.primary_slice = getattr(inner, "primary_slice", None)
+    def _timed(self, fn, arg):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        try:
+            return fn(arg)
+        finally:
+            self.spent += time.perf_counter() - t
 
     def embed(self, texts):  # type: ignore[no-untyped-def]
-        t = time.perf_counter()
-        try:
-            return self.inner.embed(texts)
-        finally:
-            self.spent += time.perf_counter() - t
+        return self._timed(self.inner.embed, texts)
 
     def embed_query(self, text):  # type: ignore[no-untyped-def]
-        t = time.perf_counter()
-        try:
-            return self.inner.embed_query(text)
-        finally:
-            self.spent += time.perf_counter() - t
+        return self._timed(self.inner.embed_query, text)
 
 
 

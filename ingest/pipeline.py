@@ -113,6 +113,17 @@ async def embed_texts(embedder: Any, texts: list[str], reporter: JobReporter | N
     return np.vstack(parts)
 
 
+def keep_titles(chapters: list[Any], old: list[Any]) -> bool:
+    """When `chapters` are cut exactly where the `old` ones were (a re-embed whose model cuts the same, as the
+    ensemble does on its MiniLM half): give them the old titles and summaries; whether it did."""
+    if not chapters or len(chapters) != len(old) or any(
+            abs(c.start - o["start_s"]) > 1e-6 or abs(c.end - o["end_s"]) > 1e-6 for c, o in zip(chapters, old)):
+        return False
+    for c, o in zip(chapters, old):
+        c.title, c.summary = o["title"], o["summary"]
+    return True
+
+
 # How a re-embed that reached a worker of another model fails (ingest.submit.reembed_superseded reads it)
 OTHER_MODEL = "this worker embeds with"
 
@@ -152,10 +163,14 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
     await reporter.stage("chaptering")
     # chapters from the primary member's vectors (an ensemble's first part): TextTiling was tuned on MiniLM's
     chapters = await asyncio.to_thread(build_chapters, chunks, primary_part(embedder, emb))
+    kept = False
+    if segs is not None:  # a re-embed: chapters cut where they were keep their titles and summaries (a model's)
+        async with pool.acquire() as conn:
+            kept = keep_titles(chapters, await videos_repo.list_chapters(conn, video["id"]))
     from agents.llm import get_llm
 
     llm = get_llm(settings)
-    if llm is not None:
+    if llm is not None and not kept:
         await llm_titles(llm, chapters, progress=reporter.advance)  # a model call per chapter: keep the job's pulse
     duration = max(src.duration_s or 0.0, src.cues[-1].end)
     async with pool.acquire() as conn, conn.transaction():
