@@ -113,15 +113,21 @@ async def embed_texts(embedder: Any, texts: list[str], reporter: JobReporter | N
     return np.vstack(parts)
 
 
-def keep_titles(chapters: list[Any], old: list[Any]) -> bool:
+def keep_titles(chapters: list[Any], old: list[Any]) -> list[Any] | None:
     """When `chapters` are cut exactly where the `old` ones were (a re-embed whose model cuts the same, as the
-    ensemble does on its MiniLM half): give them the old titles and summaries; whether it did."""
+    ensemble does on its MiniLM half): each keeps its old title where that differs from the one built now (a
+    model wrote it); returns the chapters left with the built title (a model may title them now). None when the
+    cuts moved (new chapters, titled afresh)."""
     if not chapters or len(chapters) != len(old) or any(
-            abs(c.start - o["start_s"]) > 1e-6 or abs(c.end - o["end_s"]) > 1e-6 for c, o in zip(chapters, old)):
-        return False
+            c.start != o["start_s"] or c.end != o["end_s"] for c, o in zip(chapters, old)):
+        return None
+    untitled = []
     for c, o in zip(chapters, old):
-        c.title, c.summary = o["title"], o["summary"]
-    return True
+        if o["title"] != c.title:
+            c.title = o["title"]
+        else:
+            untitled.append(c)
+    return untitled
 
 
 # How a re-embed that reached a worker of another model fails (ingest.submit.reembed_superseded reads it)
@@ -163,15 +169,15 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
     await reporter.stage("chaptering")
     # chapters from the primary member's vectors (an ensemble's first part): TextTiling was tuned on MiniLM's
     chapters = await asyncio.to_thread(build_chapters, chunks, primary_part(embedder, emb))
-    kept = False
-    if segs is not None:  # a re-embed: chapters cut where they were keep their titles and summaries (a model's)
+    untitled = None
+    if segs is not None:  # a re-embed: chapters cut where they were keep their rows and their model-written titles
         async with pool.acquire() as conn:
-            kept = keep_titles(chapters, await videos_repo.list_chapters(conn, video["id"]))
+            untitled = keep_titles(chapters, await videos_repo.list_chapters(conn, video["id"]))
     from agents.llm import get_llm
 
     llm = get_llm(settings)
-    if llm is not None and not kept:
-        await llm_titles(llm, chapters, progress=reporter.advance)  # a model call per chapter: keep the job's pulse
+    if llm is not None and (chapters if untitled is None else untitled):  # a model call per chapter: keep the pulse
+        await llm_titles(llm, chapters if untitled is None else untitled, progress=reporter.advance)
     duration = max(src.duration_s or 0.0, src.cues[-1].end)
     async with pool.acquire() as conn, conn.transaction():
         xtx = xp.XpTransaction(conn)  # the XP of videos the new length completes, settled after the commit
@@ -200,7 +206,9 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
         else:
             await videos_repo.replace_transcript(conn, video["id"], src.cues)
             await videos_repo.replace_chunks(conn, video["id"], video["course_id"], chunks, emb, embedder.name)
-            await videos_repo.replace_chapters(conn, video["id"], chapters)
+            # the same cuts: the same rows (ids, assignments on them, learners' chapter strengths), titles updated
+            if untitled is None or not await videos_repo.retitle_chapters(conn, video["id"], chapters):
+                await videos_repo.replace_chapters(conn, video["id"], chapters)
             await videos_repo.mark_ready(conn, video["id"], duration_s=duration, embed_model=embedder.name,
                                          embed_dim=embedder.dim, chunk_count=len(chunks), language=src.language,
                                          captions_generated=src.captions_generated)

@@ -4,6 +4,7 @@ Checks a file by content, creates the video and job rows in one transaction, the
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from pathlib import Path
@@ -176,63 +177,66 @@ async def submit_job(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, kind
     return job["id"]
 
 
-# Held while re-embeds are looked for and queued: workers starting at once (and `studyhall reembed`) queued one
-# job per video each
+# Held (a transaction's advisory lock) while re-embeds are looked for and queued: workers starting at once (and
+# `studyhall reembed`) queued one job per video each
 _REEMBED_LOCK = 0x5245_454D_4244
+REEMBED_LOCK_POLL_S = 0.2
 
 
 async def submit_reembed(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, embed_model: str,
                          course_id: int | None = None, *, only_from: list[str] | None = None,
-                         not_failed: bool = False, wait: bool = True) -> list[int]:
+                         not_failed: bool = False, wait: bool = True) -> list[int] | None:
     """Queue a re-embed job for every ready video whose chunks were embedded by another model (`only_from`: by one
-    of these), unless one is queued or running for it already (a second `studyhall reembed` doubled the work);
-    `not_failed`: nor one for this model that failed (other than by reaching a worker of another model, as in a
-    rolling upgrade). One process at a time; `wait=False`: none queued when another is at it."""
+    of these), unless one for this model is queued or running already (a second `studyhall reembed` doubled the
+    work); `not_failed`: nor one for this model that failed (other than by reaching a worker of another model, as
+    in a rolling upgrade). One process at a time: `wait=False` queues none (None) while another is at it."""
     from ingest.pipeline import OTHER_MODEL
 
-    async with pool.acquire() as lock:
-        if wait:
-            await lock.execute("SELECT pg_advisory_lock($1)", _REEMBED_LOCK)
-        elif not await lock.fetchval("SELECT pg_try_advisory_lock($1)", _REEMBED_LOCK):
-            return []
-        try:
-            rows = await lock.fetch(
-                """SELECT v.id, v.course_id FROM videos v
-                   WHERE v.status = 'ready' AND v.embed_model IS DISTINCT FROM $1
-                     AND ($2::bigint IS NULL OR v.course_id = $2) AND ($3::text[] IS NULL OR v.embed_model = ANY ($3))
-                     AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.video_id = v.id AND j.kind = 'reembed'
-                                     AND (j.state NOT IN ('done', 'failed')
-                                          OR $4 AND j.state = 'failed' AND j.payload ->> 'embed_model' = $1
-                                             AND coalesce(j.error, '') NOT LIKE $5 || '%'))
-                   ORDER BY v.id""",
-                embed_model, course_id, only_from, not_failed, OTHER_MODEL)
-            jobs = []
-            for r in rows:
-                try:
-                    # the model it is for: a worker still embedding with another (not restarted after the switch)
-                    # fails it saying so, instead of "re-embedding" with the old model, marking it done, round after
-                    # round
-                    jobs.append(await submit_job(pool, arq, settings, "reembed", r["course_id"], r["id"], None,
-                                                 payload={"embed_model": embed_model}))
-                except LookupError:  # deleted meanwhile
-                    continue
-            return jobs
-        finally:
-            await lock.execute("SELECT pg_advisory_unlock($1)", _REEMBED_LOCK)
+    # a transaction's lock: a cancel or an error anywhere ends it with the transaction (a session lock taken on a
+    # pooled connection could stay behind on it); asked for again and again, not waited for in a statement (the
+    # pool's command timeout would end the wait)
+    async with pool.acquire() as lock, lock.transaction():
+        while not await lock.fetchval("SELECT pg_try_advisory_xact_lock($1)", _REEMBED_LOCK):
+            if not wait:
+                return None
+            await asyncio.sleep(REEMBED_LOCK_POLL_S)
+        rows = await lock.fetch(
+            """SELECT v.id, v.course_id FROM videos v
+               WHERE v.status = 'ready' AND v.embed_model IS DISTINCT FROM $1
+                 AND ($2::bigint IS NULL OR v.course_id = $2) AND ($3::text[] IS NULL OR v.embed_model = ANY ($3))
+                 AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.video_id = v.id AND j.kind = 'reembed'
+                                 AND coalesce(j.payload ->> 'embed_model', $1) = $1
+                                 AND (j.state NOT IN ('done', 'failed')
+                                      OR $4 AND j.state = 'failed' AND coalesce(j.error, '') NOT LIKE $5 || '%'))
+               ORDER BY v.id""",
+            embed_model, course_id, only_from, not_failed, OTHER_MODEL)
+        jobs = []
+        for r in rows:  # (each job commits on its own connection before the lock's transaction ends)
+            try:
+                # the model it is for: a worker still embedding with another (not restarted after the switch) fails
+                # it saying so, instead of "re-embedding" with the old model, marking it done, round after round
+                jobs.append(await submit_job(pool, arq, settings, "reembed", r["course_id"], r["id"], None,
+                                             payload={"embed_model": embed_model}))
+            except LookupError:  # deleted meanwhile
+                continue
+        return jobs
 
 
 async def reembed_superseded(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings) -> list[int]:
     """With the offline default embedder configured: queue re-embeds for the videos an earlier default embedded
     (agents.embedder.FORMER_DEFAULTS: MiniLM alone, before the ensemble), so an upgrade heals on its own; search
-    lists them as awaiting_reembed meanwhile. Run when an ingest worker starts (workers starting together: one
-    queues them); a re-embed that failed is left to `POST /jobs/{id}/retry` or `studyhall reembed`, not queued again
-    at every start of a worker, unless it failed by reaching a worker of the old version (a rolling upgrade)."""
+    lists them as awaiting_reembed meanwhile. Run when an ingest worker starts and by its 5-minute recovery pass
+    (workers at it together: one queues them); a re-embed that failed is left to `POST /jobs/{id}/retry` or `studyhall reembed`, not queued again
+    at every pass, unless it failed by reaching a worker of the old version (a rolling upgrade)."""
     if settings.embedder != "local":
         return []
     from agents.embedder import FORMER_DEFAULTS, default_name
 
     jobs = await submit_reembed(pool, arq, settings, default_name(), only_from=list(FORMER_DEFAULTS),
                                 not_failed=True, wait=False)
+    if jobs is None:
+        logger.info("re-embeds are being queued by another process; this pass leaves it to that one")
+        return []
     if jobs:
         logger.info("queued %d re-embed jobs for videos of an earlier default embedder", len(jobs))
     return jobs

@@ -121,13 +121,25 @@ async def _release_pool(pool: Any) -> None:
     await pool.close()
 
 
+async def heal_superseded(ctx: dict[str, Any]) -> int:
+    """Queue re-embeds for the videos of an earlier default embedder (an upgrade; ingest.submit.reembed_superseded):
+    when an ingest worker starts, then every 5 minutes (a re-embed an old worker of a rolling upgrade failed goes
+    again once the old workers are gone). The number queued; a failure is logged (`studyhall reembed` does the same
+    by hand)."""
+    try:
+        return len(await reembed_superseded(ctx["pool"], ctx["redis"], ctx["settings"]))
+    except Exception:  # noqa: BLE001
+        logger.warning("could not queue re-embeds for an earlier default embedder's videos", exc_info=True)
+        return 0
+
+
 def worker_settings(settings: Settings, queue: str = "ingest", *, heal_embeddings: bool = True) -> dict[str, Any]:
     """Keyword arguments for arq.Worker bound to these settings, for one of the two queues (store.keys):
     `ingest` (transcription, embedding: hours at worst; STUDYHALL_WORKER_CONCURRENCY at once) or `quick` (grading,
     the weekly matcher and the hourly checks; STUDYHALL_WORKER_QUICK_CONCURRENCY at once), so a grade never waits
     for two long transcriptions to end. `studyhall worker` runs both in one process (see `run_workers`).
-    `heal_embeddings`: an ingest worker queues re-embeds for an earlier default embedder's videos as it starts
-    (off for a benchmark, whose database may hold old runs' courses)."""
+    `heal_embeddings`: an ingest worker queues re-embeds for an earlier default embedder's videos as it starts and
+    every 5 minutes (`heal_superseded`; off for a benchmark, whose database may hold old runs' courses)."""
     if queue not in WORKER_QUEUES:
         raise ValueError(f"unknown queue {queue!r}; known: {', '.join(WORKER_QUEUES)}")
 
@@ -137,11 +149,8 @@ def worker_settings(settings: Settings, queue: str = "ingest", *, heal_embedding
         ctx["embedder"] = functools.partial(embedder_for, settings)
         if queue == "ingest":
             await recover_lost_jobs(ctx)
-            try:  # videos of an earlier default embedder (an upgrade): re-embedded with the current one
-                if heal_embeddings:
-                    await reembed_superseded(ctx["pool"], ctx["redis"], settings)
-            except Exception:  # noqa: BLE001 - `studyhall reembed` does the same by hand
-                logger.warning("could not queue re-embeds for an earlier default embedder's videos", exc_info=True)
+            if heal_embeddings:
+                await heal_superseded(ctx)
         from store import leaderboards, xp
 
         leaderboards.EVENT_WINDOW_S = settings.leaderboard_event_s
@@ -159,6 +168,8 @@ def worker_settings(settings: Settings, queue: str = "ingest", *, heal_embedding
         functions = [ping, ingest_job, grade_submission, grade_batch]
         crons = [cron(recover_lost_jobs, minute=set(range(0, 60, 5)), run_at_startup=False),
                  cron(sweep_uploads, minute=41, run_at_startup=True, unique=True)]
+        if heal_embeddings:  # (and at start, above)
+            crons.append(cron(heal_superseded, minute=set(range(2, 60, 5)), run_at_startup=False, unique=True))
     else:
         functions = [ping, grade_submission, grade_batch, match_pods_weekly, check_leaderboards]
         crons = [cron(recover_grading, run_at_startup=True),  # every minute: grading jobs whose entry was lost

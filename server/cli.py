@@ -388,7 +388,7 @@ async def _reembed(settings: Settings, course_id: int | None) -> tuple[list[int]
         if course_id is not None and not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM courses WHERE id = $1)",
                                                              course_id):
             raise CliError(f"course {course_id} not found")
-        jobs = await submit_reembed(pool, arq, settings, embedder_for(settings).name, course_id)
+        jobs = await submit_reembed(pool, arq, settings, embedder_for(settings).name, course_id) or []
         return jobs, bool(await arq.exists(INGEST_QUEUE + ":health-check"))
     finally:
         await arq.aclose()

@@ -257,6 +257,20 @@ async def replace_chapters(conn: asyncpg.Connection, video_id: int, chapters: Se
     await conn.execute(_RESCORE, video_id)
 
 
+async def retitle_chapters(conn: asyncpg.Connection, video_id: int, chapters: Sequence[Any]) -> bool:
+    """Give the video's chapters these titles and summaries, in place, when they are exactly these spans (the
+    caller's transaction); False (nothing changed) when they are not."""
+    rows = await conn.fetch("SELECT id, start_s, end_s FROM chapters WHERE video_id = $1 AND idx >= 0 ORDER BY idx "
+                            "FOR NO KEY UPDATE", video_id)
+    if len(rows) != len(chapters) or any(r["start_s"] != float(c.start) or r["end_s"] != float(c.end)
+                                         for r, c in zip(rows, chapters)):
+        return False
+    await conn.executemany("UPDATE chapters SET title = $2, summary = $3 WHERE id = $1 AND "
+                           "(title, summary) IS DISTINCT FROM ($2, $3)",
+                           [(r["id"], c.title, c.summary) for r, c in zip(rows, chapters)])
+    return True
+
+
 async def mark_ready(conn: asyncpg.Connection, video_id: int, *, duration_s: float, embed_model: str, embed_dim: int,
                      chunk_count: int, language: str | None, captions_generated: bool | None) -> None:
     await conn.execute(

@@ -156,10 +156,11 @@ def test_videos_of_an_earlier_default_embedder_are_re_embedded_on_their_own(clie
     old, other = vids
     fetch(settings, "UPDATE videos SET embed_model = $2 WHERE id = $1", old, MINILM_NAME)
     fetch(settings, "UPDATE videos SET embed_model = 'someone-else@1' WHERE id = $1", other)
-    # titles a model wrote: the re-embed cuts the chapters where they were, and keeps them (no model calls again)
-    fetch(settings, "UPDATE chapters SET title = 'Kept ' || idx, summary = 'kept' WHERE video_id = $1", old)
-    cuts = [tuple(r) for r in fetch(settings, "SELECT start_s, end_s, title FROM chapters WHERE video_id = $1 "
-                                              "ORDER BY idx", old)]
+    # titles a model wrote: the re-embed cuts the chapters where they were, and keeps them (no model calls again),
+    # in the same rows (ids that assignments and clients hold)
+    fetch(settings, "UPDATE chapters SET title = 'Kept ' || idx WHERE video_id = $1 AND idx > 0", old)
+    cuts = [tuple(r) for r in fetch(settings, "SELECT id, start_s, end_s, title, summary FROM chapters "
+                                              "WHERE video_id = $1 ORDER BY idx", old)]
     assert len(cuts) > 1
 
     async def run(s, times: int = 1) -> list[int]:  # type: ignore[no-untyped-def]
@@ -179,8 +180,8 @@ def test_videos_of_an_earlier_default_embedder_are_re_embedded_on_their_own(clie
         assert run_sync(run(settings)) == []  # queued already
         assert wait_job(client, job, inst.h)["state"] == "done"
         assert fetch(settings, "SELECT embed_model FROM videos WHERE id = $1", old)[0]["embed_model"] == default_name()
-        assert [tuple(r) for r in fetch(settings, "SELECT start_s, end_s, title FROM chapters WHERE video_id = $1 "
-                                                  "ORDER BY idx", old)] == cuts
+        assert [tuple(r) for r in fetch(settings, "SELECT id, start_s, end_s, title, summary FROM chapters "
+                                                  "WHERE video_id = $1 ORDER BY idx", old)] == cuts
         found = client.get(f"/api/v1/courses/{cid}/search", params={"q": "digital signature"}, headers=inst.h).json()
         assert found["hits"] and found["awaiting_reembed"] == [other], found
         fetch(settings, "UPDATE videos SET embed_model = $2 WHERE id = $1", old, MINILM_NAME)
