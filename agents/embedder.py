@@ -44,8 +44,8 @@ E5_DIM = 384
 E5_MAX_SEQ_LENGTH = 512
 
 # The default embedder: MiniLM and e5 side by side (see `Ensemble`). Their weights even out how widely each
-# model's cosines spread between unrelated passages (e5's sit in a narrow band near 0.8, MiniLM's spread over
-# 0..0.6): w = 1/sd of the chunk-to-chunk cosines, normalised, measured on the lecture corpus, not on questions.
+# model's cosines spread between passages (between 500 chunks of 20 corpus lectures: e5 mean 0.84, sd 0.029;
+# MiniLM mean 0.11, sd 0.129): w = 1/sd, normalised (0.184, 0.816). Measured on the lecture corpus, not on questions.
 ENSEMBLE_WEIGHTS = (0.18, 0.82)
 
 OPENAI_MAX_BATCH = 2048  # the API's limit on inputs per request
@@ -261,7 +261,7 @@ class Ensemble:
     of two such vectors is the weighted mean of the members' cosines, so one pgvector column and index serve it.
 
     The first member is the `primary`: thresholds set on its cosine scale (the judge's, the grader's) keep
-    working, on `primary_cosine` or on the primary's own vectors."""
+    working, on its cosine read from the stored vectors (`primary_slice`) or on its own vectors."""
 
     def __init__(self, members: list[Any], weights: tuple[float, ...], label: str = "ensemble") -> None:
         if len(members) != len(weights) or len(members) < 2 or min(weights) <= 0:

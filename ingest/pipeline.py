@@ -167,7 +167,7 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
     await reporter.stage("embedding")
     emb = await embed_texts(embedder, [c.text for c in chunks], reporter)
     await reporter.stage("chaptering")
-    # chapters from the primary member's vectors (an ensemble's first part): TextTiling was tuned on MiniLM's
+    # chapters from the primary member's vectors (an ensemble's MiniLM half): the cuts were tuned on MiniLM's
     chapters = await asyncio.to_thread(build_chapters, chunks, primary_part(embedder, emb))
     untitled = None
     if segs is not None:  # a re-embed: chapters cut where they were keep their rows and their model-written titles

@@ -225,9 +225,9 @@ async def submit_reembed(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, 
 async def reembed_superseded(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings) -> list[int]:
     """With the offline default embedder configured: queue re-embeds for the videos an earlier default embedded
     (agents.embedder.FORMER_DEFAULTS: MiniLM alone, before the ensemble), so an upgrade heals on its own; search
-    lists them as awaiting_reembed meanwhile. Run when an ingest worker starts and by its 5-minute recovery pass
-    (workers at it together: one queues them); a re-embed that failed is left to `POST /jobs/{id}/retry` or `studyhall reembed`, not queued again
-    at every pass, unless it failed by reaching a worker of the old version (a rolling upgrade)."""
+    lists them as awaiting_reembed meanwhile. Run when an ingest worker starts and every 5 minutes (workers at it
+    together: one queues them). A re-embed that failed is left to `POST /jobs/{id}/retry` or `studyhall reembed`,
+    not queued again at every pass, unless it failed by reaching a worker of the old version (a rolling upgrade)."""
     if settings.embedder != "local":
         return []
     from agents.embedder import FORMER_DEFAULTS, default_name
