@@ -178,7 +178,6 @@ def judge(question: str, standalone: str, hits: list, sources: list, missing_lex
     """`present_words`: which of `lookup_words(question)` the course says (None: not looked up)."""
     if small_talk(question, standalone):
         return Verdict(False, {"small_talk": True})
-    # on MiniLM's scale (an ensemble's hits carry their primary member's cosine)
     top_dense = max((_dense(h) for h in hits), default=0.0)
     rare = missing_rare_words(question, missing_lexemes)
     names, unsaid = uncovered(question, present_words) if present_words is not None else ([], [])

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 
+# How a re-embed that reached a worker of another model fails (the pipeline raises it; ingest.submit's
+# re-embed pass reads it off failed jobs)
+OTHER_MODEL = "this worker embeds with"
+
+
 class IngestError(Exception):
     """Base ingest failure. `reason` is shown to the instructor as-is."""
 

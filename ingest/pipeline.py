@@ -19,7 +19,7 @@ from agents.embedder import primary_part
 from ingest.chapters import build_chapters, llm_titles
 from ingest.chunking import chunk_sentences, to_sentences
 from ingest.cues import Cue
-from ingest.errors import PermanentIngestError
+from ingest.errors import OTHER_MODEL, PermanentIngestError
 from ingest.progress import JobReporter
 from store import jobs as jobs_repo
 from store import progress as progress_repo
@@ -130,10 +130,6 @@ def keep_titles(chapters: list[Any], old: list[Any]) -> list[Any] | None:
     return untitled
 
 
-# How a re-embed that reached a worker of another model fails (ingest.submit.reembed_superseded reads it)
-OTHER_MODEL = "this worker embeds with"
-
-
 async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, job: asyncpg.Record,
                        reporter: JobReporter) -> int:
     """Run the whole pipeline for the job's video; returns the number of chunks stored."""
@@ -176,8 +172,9 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
     from agents.llm import get_llm
 
     llm = get_llm(settings)
-    if llm is not None and (chapters if untitled is None else untitled):  # a model call per chapter: keep the pulse
-        await llm_titles(llm, chapters if untitled is None else untitled, progress=reporter.advance)
+    to_title = chapters if untitled is None else untitled
+    if llm is not None and to_title:
+        await llm_titles(llm, to_title, progress=reporter.advance)  # a model call per chapter: keep the job's pulse
     duration = max(src.duration_s or 0.0, src.cues[-1].end)
     async with pool.acquire() as conn, conn.transaction():
         xtx = xp.XpTransaction(conn)  # the XP of videos the new length completes, settled after the commit

@@ -13,7 +13,8 @@ from typing import Any
 import asyncpg
 from arq.connections import ArqRedis
 
-from ingest.errors import PermanentIngestError
+from agents.embedder import FORMER_DEFAULTS, default_name
+from ingest.errors import OTHER_MODEL, PermanentIngestError
 from ingest.jobs import enqueue_ingest
 from store import jobs as jobs_repo
 from store import videos as videos_repo
@@ -190,8 +191,6 @@ async def submit_reembed(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, 
     of these), unless one for this model is queued or running already (a second `studyhall reembed` doubled the
     work); `not_failed`: nor one for this model that failed (other than by reaching a worker of another model, as
     in a rolling upgrade). One process at a time: `wait=False` queues none (None) while another is at it."""
-    from ingest.pipeline import OTHER_MODEL
-
     # a transaction's lock: a cancel or an error anywhere ends it with the transaction (a session lock taken on a
     # pooled connection could stay behind on it); asked for again and again, not waited for in a statement (the
     # pool's command timeout would end the wait)
@@ -230,8 +229,6 @@ async def reembed_superseded(pool: asyncpg.Pool, arq: ArqRedis, settings: Settin
     not queued again at every pass, unless it failed by reaching a worker of the old version (a rolling upgrade)."""
     if settings.embedder != "local":
         return []
-    from agents.embedder import FORMER_DEFAULTS, default_name
-
     jobs = await submit_reembed(pool, arq, settings, default_name(), only_from=list(FORMER_DEFAULTS),
                                 not_failed=True, wait=False)
     if jobs is None:

@@ -141,7 +141,7 @@ def test_videos_of_an_earlier_default_embedder_are_re_embedded_on_their_own(clie
 
     from agents.embedder import MINILM_NAME, default_name
     from ingest.jobs import connect_arq
-    from ingest.pipeline import OTHER_MODEL
+    from ingest.errors import OTHER_MODEL
     from ingest.submit import reembed_superseded
     from store.db import create_pool
 
