@@ -94,6 +94,12 @@ SMALL_TALK_REPLY = ("Hello! I answer questions about this course's videos and po
                     "from. What would you like to know?")
 
 
+def awaiting_note(n: int) -> str:
+    """Why a decline may be wrong for now: videos embedded by another model are not searched until re-embedded."""
+    which = "1 of the course's videos is" if n == 1 else f"{n} of the course's videos are"
+    return f"({which} being re-indexed and could not be searched yet; ask again in a few minutes.)"
+
+
 def _declined(lead: str, nearest: list[dict]) -> str:
     where = "; ".join(f"\"{n['video_title']}\" at {mmss(n['start'])}" for n in nearest)
     return lead + (f" The nearest moments are {where}." if where else "")
@@ -121,6 +127,7 @@ class TutorState(TypedDict, total=False):
     refused: bool  # the model refused, or its provider's filter stopped the reply (nothing of it is shown)
     deadline: float  # the event loop's time by which the model must have answered (see Tutor.budget_s)
     cacheable: bool  # False: an outcome another ask may not share (a model's reply that cited nothing)
+    awaiting: int  # the course's ready videos embedded by another model (not searched until re-embedded)
 
 
 # How long one answer may take with a model, everything included (condensing, then the whole streamed reply).
@@ -204,13 +211,16 @@ class Tutor:
             extra = await neighbours(conn, hits, self.embedder.name)
             cover = await vocabulary_coverage(conn, s["course_id"], self.embedder.name, text,
                                               lookup_words(s["question"]))
+            awaiting = await conn.fetchval(
+                "SELECT count(*) FROM videos WHERE course_id = $1 AND status = 'ready' AND embed_model IS DISTINCT "
+                "FROM $2", s["course_id"], self.embedder.name)
         wins = rank_windows(text, windows(hits, extra), [h.score for h in hits], lexical_weight=1.0)
         best: dict[int, Window] = {}
         for w in wins:  # one moment per retrieved chunk, in retrieval order
             best.setdefault(w.chunk_rank, w)
         sources = pick_citations([best[r] for r in sorted(best)], MAX_SOURCES)
         return {"hits": hits, "sources": sources, "judge": {"present": cover.present, "missing": cover.missing,
-                                                               "said": cover.spoken}}
+                                                               "said": cover.spoken}, "awaiting": awaiting}
 
     async def judge(self, s: TutorState) -> dict:
         verdict = judge(s["question"], s["standalone"], s.get("hits") or [], s.get("sources") or [],
@@ -268,6 +278,9 @@ class Tutor:
             return {"answer": SMALL_TALK_REPLY, "citations": [], "nearest": [], "follow_ups": [], "grounded": False}
         nearest = [citation(w, s.get("mode", "answer")) for w in (s.get("sources") or [])[:3]]
         text = _declined("The course videos don't cover this, so I won't guess.", nearest)
+        if s.get("awaiting"):  # the answer may be in a video not searchable yet: say so, and keep it out of the cache
+            return {"answer": text + " " + awaiting_note(s["awaiting"]), "citations": [], "nearest": nearest,
+                    "follow_ups": [], "grounded": False, "cacheable": False}
         return {"answer": text, "citations": [], "nearest": nearest, "follow_ups": [], "grounded": False}
 
     async def cite(self, s: TutorState) -> dict:
@@ -282,6 +295,9 @@ class Tutor:
                             if partial else "(The language model failed before answering; please ask again.)")
                 if s.get("refused"):
                     fallback = "(The language model would not answer this; try asking it another way.)"
+            elif not s.get("answer") and s.get("awaiting"):  # the model's NOT_IN_COURSE, as in a decline
+                return {"citations": [], "grounded": False, "nearest": nearest, "cacheable": False,
+                        "answer": fallback + " " + awaiting_note(s["awaiting"])}
             return {"citations": [], "grounded": False, "nearest": nearest, "answer": fallback}
         sources = s["sources"]
         mode = s.get("mode", "answer")

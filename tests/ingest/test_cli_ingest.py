@@ -95,6 +95,12 @@ def test_reembed_after_model_switch(client, make: Factory, worker, data_dir, set
     fetch(settings, "UPDATE course_term_stats SET embed_model = 'old-model' WHERE course_id = $1", cid)
     found = client.get(f"/api/v1/courses/{cid}/search", params={"q": "digital signature"}, headers=inst.h).json()
     assert found["hits"] == [] and found["awaiting_reembed"] == [vid], found  # says why it finds nothing
+    # so does the tutor, and that decline is not cached for the next asker
+    for _ in range(2):
+        said = client.post(f"/api/v1/courses/{cid}/ask", json={"question": "How are digital signatures checked?"},
+                           headers=inst.h).json()
+        assert said["grounded"] is False and said["cached"] is False, said
+        assert "1 of the course's videos is being re-indexed" in said["answer"], said
     fetch(settings, "INSERT INTO jobs (kind, course_id, video_id, state) VALUES ('reembed', $1, $2, 'failed')",
           cid, vid)  # an earlier failed run does not stand in the way
     out = _cli(data_dir, "reembed", "--course", str(cid))
@@ -107,6 +113,9 @@ def test_reembed_after_model_switch(client, make: Factory, worker, data_dir, set
                  model)[0]["n"] == n
     found = client.get(f"/api/v1/courses/{cid}/search", params={"q": "digital signature"}, headers=inst.h).json()
     assert found["hits"] and found["awaiting_reembed"] == [], found
+    said = client.post(f"/api/v1/courses/{cid}/ask", json={"question": "How are digital signatures checked?"},
+                       headers=inst.h).json()
+    assert said["grounded"] is True and "re-indexed" not in said["answer"], said
     # run while a re-embed of the video is under way: nothing more is queued (a second run doubled the work)
     fetch(settings, "UPDATE videos SET embed_model = 'old-model' WHERE id = $1", vid)
     busy = fetch(settings, "INSERT INTO jobs (kind, course_id, video_id, state) VALUES ('reembed', $1, $2, "
