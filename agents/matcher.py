@@ -151,23 +151,26 @@ def mended_groups(kept: list[list[int]], ids: list[int], weights: dict[tuple[int
     """A round after someone dropped out of it (a decline, a leaving): the groups of `kept` whose members are all
     still here (`ids`) stay as they were; the learners left without a group (the one who dropped out's partners,
     newcomers) are grouped among themselves, or one left alone joins a pair as a third, or takes a trio's member
-    as a partner, wherever that weighs most. Only the groups the drop-out touched change, not everyone's buddy."""
+    as a partner, or a trio's member joins them. As in a fresh round there is a trio only for an odd count (a lone
+    one joins a pair only when no trio can give up a member; repeated declines do not pile up trios); among
+    those, the heaviest. Only the groups the drop-out touched change (and a trio that gives up a member), not
+    everyone's buddy."""
     present = set(ids)
     stay = sorted(sorted(g) for g in kept if len(g) >= 2 and set(g) <= present)
     loose = sorted(present - {m for g in stay for m in g})
-    if len(loose) != 1:
-        return sorted(stay + [g for g in best_groups(loose, weights) if len(g) >= 2])
-    (y,) = loose
     options = []
+    if len(loose) != 1:
+        options.append(stay + [g for g in best_groups(loose, weights) if len(g) >= 2])
     for k, g in enumerate(stay):
         rest = stay[:k] + stay[k + 1:]
-        if len(g) == 2:
-            options.append(rest + [sorted(g + [y])])
-        else:
-            options += [rest + [sorted(set(g) - {m}), sorted([m, y])] for m in g]
+        if len(loose) == 1 and len(g) == 2:
+            options.append(rest + [sorted(g + loose)])
+        elif len(g) == 3 and len(loose) % 2 == 1:  # a trio's member makes the loose ones even: pairs
+            options += [rest + [sorted(set(g) - {m})] + best_groups(loose + [m], weights) for m in g]
     if not options:
         return stay
-    return sorted(max(options, key=lambda groups: sum(group_weight(g, weights) for g in groups)))
+    return sorted(max(options, key=lambda groups: (-sum(len(g) == 3 for g in groups),
+                                                   sum(group_weight(g, weights) for g in groups))))
 
 
 # --- reasons ------------------------------------------------------------------------------------------------

@@ -113,6 +113,33 @@ def test_a_drop_out_changes_only_the_groups_it_touches():
         mended = mended_groups(kept, [i for i in ids if i != out], w)
         assert sorted(m for g in mended for m in g) == [i for i in ids if i != out] and all(2 <= len(g) <= 3 for g in mended)
         assert sum(g not in mended for g in kept) <= 1, (groups, out, mended)
+        assert sum(len(g) == 3 for g in mended) == (n - 1) % 2, (groups, out, mended)  # a trio only when odd
+
+
+def test_declines_do_not_pile_up_trios():
+    """A lone partner joined a pair as a third even beside a trio (the trio's three pair weights outweighed one):
+    six learners came out as two trios, and each further decline could add one."""
+    ids = list(range(1, 8))
+    w = {pair(a, b): 1 for a, b in itertools.combinations(ids, 2)}
+    # the round (1, 2), (3, 4), (5, 6, 7); 1 declines: 2 takes a member of the trio, three pairs
+    mended = mended_groups([[3, 4], [5, 6, 7]], [2, 3, 4, 5, 6, 7], w)
+    assert sorted(len(g) for g in mended) == [2, 2, 2] and [3, 4] in mended, mended
+    # three loose (a partner and two newcomers) beside a kept trio: eight learners, four pairs
+    mended = mended_groups([[3, 4], [5, 6, 7]], [2, 3, 4, 5, 6, 7, 8, 9], {**w, **{pair(a, b): 1 for a in (8, 9)
+                                                                                   for b in range(1, 10) if a != b}})
+    assert sorted(len(g) for g in mended) == [2, 2, 2, 2] and [3, 4] in mended, mended
+    # declines one after another: never more than the one trio an odd count needs
+    for n in range(5, 14):
+        rnd = random.Random(100 + n)
+        ids = list(range(1, n + 1))
+        w = {pair(a, b): rnd.randint(0, 50) for a, b in itertools.combinations(ids, 2)}
+        groups = best_groups(ids, w)
+        while len(ids) > 2:
+            out = rnd.choice(ids)
+            ids = [i for i in ids if i != out]
+            groups = mended_groups([g for g in groups if out not in g], ids, w)
+            assert sorted(m for g in groups for m in g) == ids, groups
+            assert sum(len(g) == 3 for g in groups) == len(ids) % 2 and all(2 <= len(g) <= 3 for g in groups), groups
 
 
 def test_factors():
