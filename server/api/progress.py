@@ -110,6 +110,10 @@ class ProgressController(Controller):
                            field=missing)
         user: AuthUser = request.user
         state = request.app.state
+        # every report counts, a refused one too (each costs the lookups below: bad reports were unlimited)
+        ok, wait = await state.progress_limiter.take(user.id)
+        if not ok:
+            raise ApiError(429, f"too many progress reports; retry in {wait:g}s", retry_after=wait)
         async with state.pool.acquire() as conn:
             video = await video_or_404(conn, video_id, user)
         if video["status"] != "ready" or not video["duration_s"]:
@@ -120,9 +124,6 @@ class ProgressController(Controller):
                                                   repo.past_end_slack(duration, video["source"]))
         except repo.ProgressError as exc:
             raise ApiError(400, str(exc), field=exc.field) from exc
-        ok, wait = await state.progress_limiter.take(user.id)
-        if not ok:
-            raise ApiError(429, f"too many progress reports; retry in {wait:g}s", retry_after=wait)
         try:
             async with xp.transaction(state.pool, state.redis) as tx:
                 done = await repo.report(tx, user.id, user.role, video, position, watched,

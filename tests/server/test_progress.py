@@ -251,6 +251,10 @@ def test_progress_rate_limit(client, make: Factory, settings):
     client.post(f"/api/v1/courses/{course.id}/enrollments", json={"user_id": other.id}, headers=course.instructor.h)
     assert client.post(f"/api/v1/videos/{vid}/progress", json={"position": 1, "watched": []},
                        headers=other.h).status_code == 200
+    # refused reports count too (each still cost lookups): bad ones in a loop are limited as well
+    codes = [client.post(f"/api/v1/videos/{vid}/progress", json={"position": 1, "watched": [[5, 1]]},
+                         headers=other.h).status_code for _ in range(60)]
+    assert codes[0] == 400 and 429 in codes, codes
 
 
 def test_bookmarks(client, make: Factory):
