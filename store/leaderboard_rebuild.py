@@ -301,20 +301,22 @@ async def ensure_built(pool: asyncpg.Pool, redis: Redis) -> Rebuilt | None:
 
 
 async def check(pool: asyncpg.Pool, redis: Redis, settle_s: float = 1.0, *,
-                tenant_ids: list[int] | None = None) -> list[str]:
-    """All-time boards (tenant, course, pod) that disagree with the ledger (keys); empty when every one matches.
-    `tenant_ids`: only those tenants' boards (default: every tenant's).
+                tenant_ids: list[int] | None = None, now: datetime | None = None) -> list[str]:
+    """Boards (tenant, course, pod; all-time and this month's and week's) that disagree with the ledger (keys);
+    empty when every one matches. `tenant_ids`: only those tenants' boards (default: every tenant's).
 
     The ledger and the boards are read at different moments, so an award committed but not yet on its boards
     (its process is between the two) looks like drift: the learners that differ are read again, up to
     SETTLE_ROUNDS times `settle_s` apart, and only a difference that is still there every time counts."""
+    now = as_utc(now)
+    tags = ["all", period_tag("month", now), period_tag("week", now)]
     async with pool.acquire() as conn:
-        want = await _all_time(conn, tenant_ids, None)
-        boards = {board_key(r["scope"], r["sid"], "all") for r in await conn.fetch(
+        want = await _ledger_boards(conn, tenant_ids, None, now)
+        boards = {keys.leaderboard(r["scope"], r["sid"], tag) for r in await conn.fetch(
             """SELECT 'tenant' AS scope, t.id AS sid FROM tenants t WHERE $1::bigint[] IS NULL OR t.id = ANY($1)
                UNION ALL SELECT 'course', c.id FROM courses c WHERE $1::bigint[] IS NULL OR c.tenant_id = ANY($1)
                UNION ALL SELECT 'pod', p.id FROM pods p JOIN courses c ON c.id = p.course_id
-                         WHERE $1::bigint[] IS NULL OR c.tenant_id = ANY($1)""", tenant_ids)}
+                         WHERE $1::bigint[] IS NULL OR c.tenant_id = ANY($1)""", tenant_ids) for tag in tags}
     differ: dict[str, set[bytes]] = {}
     for key in sorted(boards | want.keys()):
         scores = want.get(key, {})
@@ -328,36 +330,43 @@ async def check(pool: asyncpg.Pool, redis: Redis, settle_s: float = 1.0, *,
         if not differ:
             return []
         await asyncio.sleep(settle_s)
-        differ = await _still_differ(pool, redis, differ)
+        differ = await _still_differ(pool, redis, differ, now)
     return sorted(differ)
 
 
 SETTLE_ROUNDS = 3
 
 
-async def _all_time(conn: asyncpg.Connection, tenant_ids: list[int] | None,
-                    user_ids: list[int] | None) -> dict[str, dict[bytes, int]]:
-    """Every all-time board as the ledger defines it, key -> {member: xp}; only ledger rows of `tenant_ids` and
-    learners `user_ids` (None: all)."""
+async def _ledger_boards(conn: asyncpg.Connection, tenant_ids: list[int] | None, user_ids: list[int] | None,
+                         now: datetime) -> dict[str, dict[bytes, int]]:
+    """Every all-time board and those of the month and week of `now`, as the ledger defines them,
+    key -> {member: xp}; only ledger rows of `tenant_ids` and learners `user_ids` (None: all)."""
+    month, week = period_bounds("month", now), period_bounds("week", now)
+    assert month and week
+    columns = (("all", "all_xp"), (period_tag("month", now), "month_xp"), (period_tag("week", now), "week_xp"))
     out: dict[str, dict[bytes, int]] = defaultdict(dict)
     for scope, (sid, frm) in _BOARDS_FROM.items():
-        for r in await conn.fetch(f"""SELECT {sid} AS sid, x.user_id, sum(x.points) AS xp FROM {frm}
+        for r in await conn.fetch(f"""SELECT {sid} AS sid, x.user_id, {_sums(3)} FROM {frm}
                                       WHERE ($1::bigint[] IS NULL OR x.tenant_id = ANY($1))
                                         AND ($2::bigint[] IS NULL OR x.user_id = ANY($2)) GROUP BY 1, 2""",
-                                  tenant_ids, user_ids):
-            out[board_key(scope, r["sid"], "all")][str(r["user_id"]).encode()] = int(r["xp"])
+                                  tenant_ids, user_ids, *month, *week):
+            member = str(r["user_id"]).encode()
+            for tag, column in columns:
+                if r[column] is not None:  # (no XP in the period: not on its board)
+                    out[keys.leaderboard(scope, r["sid"], tag)][member] = int(r[column])
     return out
 
 
-async def _still_differ(pool: asyncpg.Pool, redis: Redis, differ: dict[str, set[bytes]]) -> dict[str, set[bytes]]:
+async def _still_differ(pool: asyncpg.Pool, redis: Redis, differ: dict[str, set[bytes]],
+                        now: datetime) -> dict[str, set[bytes]]:
     """Of the learners that differed, those whose board XP still differs from the ledger's."""
     async with pool.acquire() as conn:  # the ledger again, for just those learners
-        now = await _all_time(conn, None, sorted({int(m) for ms in differ.values() for m in ms}))
+        ledger = await _ledger_boards(conn, None, sorted({int(m) for ms in differ.values() for m in ms}), now)
     still: dict[str, set[bytes]] = {}
     for key, member_set in differ.items():
         members = sorted(member_set)
         have = await redis.zmscore(key, members)
-        want = now.get(key, {})
+        want = ledger.get(key, {})
         off = {m for m, sc in zip(members, have) if want.get(m) != (None if sc is None else int(sc))}
         if off:
             still[key] = off
@@ -365,7 +374,7 @@ async def _still_differ(pool: asyncpg.Pool, redis: Redis, differ: dict[str, set[
 
 
 async def check_and_repair(pool: asyncpg.Pool, redis: Redis, *, tenant_ids: list[int] | None = None) -> Rebuilt | None:
-    """Rebuild when the boards are missing or any all-time board (of `tenant_ids`, default all) disagrees with
+    """Rebuild when the boards are missing or any board of `check` (of `tenant_ids`, default all) disagrees with
     the ledger."""
     if not await redis.exists(keys.LEADERBOARD_BUILT) or await check(pool, redis, tenant_ids=tenant_ids):
         return await rebuild(pool, redis)

@@ -246,6 +246,17 @@ async def test_hourly_check_repairs_a_drifted_board(make: Factory, lb):
     assert await leaderboard_rebuild.check_and_repair(pool, redis, tenant_ids=[u.tenant_id]) is not None
     board = await leaderboards.read(redis, "tenant", u.tenant_id, u.tenant_id, "all", v.id)
     assert [(e.user_id, e.xp) for e in board.entries] == [(u.id, 50), (v.id, 25)]
+    # this week's and month's boards are checked too: one lost on its own (evicted: they are the keys with an
+    # expiry) came back with only the next award's XP and stayed wrong until the period ended
+    week, month = (leaderboards.board_key("tenant", u.tenant_id, p) for p in ("week", "month"))
+    await redis.delete(week)
+    await redis.zincrby(month, -20, str(u.id))
+    assert await leaderboard_rebuild.check(pool, redis, settle_s=0.05, tenant_ids=mine) == sorted([week, month])
+    assert await leaderboard_rebuild.check_and_repair(pool, redis, tenant_ids=mine) is not None
+    for period in ("week", "month"):
+        board = await leaderboards.read(redis, "tenant", u.tenant_id, u.tenant_id, period, v.id)
+        assert [(e.user_id, e.xp) for e in board.entries] == [(u.id, 50), (v.id, 25)], period
+    assert await leaderboard_rebuild.check(pool, redis, settle_s=0.05, tenant_ids=mine) == []
 
 
 async def test_a_rebuild_deletes_current_boards_the_ledger_has_nothing_for(lb):
