@@ -3,6 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist; each file runs whole in one of them, each process with its own embedded Postgres,
+# Redis, server and worker); 0 runs the suite in this one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: run test install install-test system-deps bench clean clean-data
 
@@ -39,7 +42,7 @@ run: install
 
 # pytest exits 5 when it collected no tests; that is a failure here, never a pass.
 test: install-test system-deps
-	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 bench: install-test
