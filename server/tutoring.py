@@ -254,7 +254,8 @@ async def _give_back(pool: Any, user_id: int, day: date | None, pending: int | N
 
 async def _drop_hold(pool: Any, pending: int) -> None:
     """The answer is delivered (or the asker told why not): nothing is left for a survivor to do. If this fails,
-    the hold stays until this process's end, when a survivor finds nothing left to do but delete it."""
+    the hold stays until this process's own sweep or its end (`recover` then finds nothing left to do but delete
+    it, and the reply, posted once, is not posted again)."""
     try:
         async with pool.acquire() as conn:
             await repo.drop_hold(conn, pending)
@@ -336,7 +337,8 @@ REPLY_BACKOFF_MAX_S = 30.0
 async def _reply_when_possible(pool: Any, redis: Any, room_id: str, message_id: int, result: dict) -> None:
     """`_reply`, tried again while Postgres (or Redis) cannot be reached, backing off to REPLY_BACKOFF_MAX_S: the
     answer (or the failure the asker is owed) is posted once they are back. A reply that failed once had waited,
-    unposted, until this process stopped (survivors settle only the holds of processes that are gone). Posting
+    unposted, until this process stopped (survivors settle only the holds of processes that are gone); one that
+    fails past REPLY_RETRY_S is settled by this process's own sweep (`own_stale_after_s`). Posting
     is idempotent (the reply's client_msg_id), so a try whose commit landed is not posted twice."""
     delay, deadline = 0.5, time.monotonic() + REPLY_RETRY_S
     while True:
@@ -477,6 +479,15 @@ ORPHAN_AFTER_S = 600.0
 
 def orphan_after_s(settings: Any) -> float:
     return max(ORPHAN_AFTER_S, answer_budget_s(settings) + SLOT_SPARE_S)
+
+
+def own_stale_after_s(settings: Any) -> float:
+    """A hold of a live process this old has no answer working on it: longer than an answer may take, then its
+    reply's tries while Postgres is away, and a spare for a try's own wait on the pool."""
+    return orphan_after_s(settings) + REPLY_RETRY_S + OWN_STALE_SPARE_S
+
+
+OWN_STALE_SPARE_S = 120.0
 RECOVER_BATCH = 50
 
 

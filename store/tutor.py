@@ -170,11 +170,12 @@ async def drop_hold(conn: asyncpg.Connection, pending: int) -> None:
     await conn.execute("DELETE FROM tutor_pending WHERE id = $1", pending)
 
 
-async def holders(conn: asyncpg.Connection, exclude: str) -> list[asyncpg.Record]:
-    """Processes other than `exclude` holding answers: (proc, age_s of their oldest hold)."""
+async def holders(conn: asyncpg.Connection, own: str) -> list[asyncpg.Record]:
+    """Processes holding answers: (proc, age_s of their oldest hold); `own` (the caller's) first when it holds
+    any, then up to 50 others."""
     return await conn.fetch(
         """SELECT proc, extract(epoch FROM now() - min(created_at))::float8 AS age_s FROM tutor_pending
-           WHERE proc <> $1 GROUP BY proc LIMIT 50""", exclude)
+           GROUP BY proc ORDER BY proc = $1 DESC LIMIT 51""", own)
 
 
 async def claim_holds(conn: asyncpg.Connection, procs: list[str], limit: int = 50,

@@ -704,9 +704,16 @@ class Hub:
     async def _settle_orphans(self) -> None:
         """Tutor answers held by processes that are gone but were not reaped here: expired ones the reaping duty
         has not claimed, and unlisted ones (stopped without settling, or Redis lost the list), whose holds are
-        taken over one by one once older than `tutoring.orphan_after_s`."""
+        taken over one by one once older than `tutoring.orphan_after_s`. And this process's own holds older than
+        any answer of its can still be working on them (`tutoring.own_stale_after_s`): a reply it could not post
+        (Postgres away past its retries), a hold it could not drop; survivors leave a live process's holds alone,
+        so without this they waited for its stop."""
         async with self.pool.acquire() as db:
-            held = await tutor_repo.holders(db, self.proc)
+            held = list(await tutor_repo.holders(db, self.proc))
+        if held and held[0]["proc"] == self.proc:
+            stale_s = tutoring.own_stale_after_s(self.settings)
+            if held.pop(0)["age_s"] > stale_s:
+                await tutoring.recover(self.pool, self.redis, [self.proc], older_than_s=stale_s)
         if not held:
             return
         alive = await self.presence.alive([r["proc"] for r in held])
