@@ -31,6 +31,7 @@ GRADE_FUNCTION = "grade_submission"
 BATCH_FUNCTION = "grade_batch"
 BATCH_SIZE = 25
 MAX_TRIES = 4
+FAILED_PREFIX = "automatic grading "  # every reason `_hold_failed` gives starts so ("…failed: …", "…did not finish…")
 
 
 async def enqueue_grade(arq: ArqRedis, pool: Any, submission_id: int, arq_id: str | None = None) -> str:
@@ -70,14 +71,32 @@ async def grade_batch(ctx: dict[str, Any], job_id: int, submission_ids: list[int
             results.append(await _grade(ctx, sid))
     async with pool.acquire() as conn:
         # progress over the whole job: the share of its submissions no longer waiting for the grader
-        row = await conn.fetchrow(
-            """SELECT count(*) FILTER (WHERE s.status <> 'grading') AS done, count(*) AS total
-               FROM submissions s, jobs j WHERE j.id = $1 AND s.id = ANY(
-                   SELECT jsonb_array_elements_text(j.payload -> 'submission_ids')::bigint)""", job_id)
+        row = await conn.fetchrow(_GRADE_JOB_OUTCOME, job_id)
         if row and row["total"]:
             finished = row["done"] == row["total"]
-            await jobs_repo.set_state(conn, job_id, "done" if finished else "queued", row["done"] / row["total"])
+            await jobs_repo.set_state(conn, job_id, "done" if finished else "queued", row["done"] / row["total"],
+                                      _grade_job_error(row) if finished else None)
     return f"{len(results)} graded"
+
+
+# A grade-all job's submissions: how many are no longer waiting for the grader, how many of those the grader
+# could not grade (held for review saying why: `_hold_failed`), and the first such reason. $1: the job.
+_GRADE_JOB_OUTCOME = f"""
+SELECT count(*) FILTER (WHERE s.status <> 'grading') AS done, count(*) AS total,
+       count(*) FILTER (WHERE s.status <> 'grading' AND s.review_reason LIKE '{FAILED_PREFIX}%') AS failed,
+       (array_agg(s.review_reason ORDER BY s.id) FILTER (WHERE s.status <> 'grading'
+                                                         AND s.review_reason LIKE '{FAILED_PREFIX}%'))[1] AS reason
+FROM submissions s, jobs j WHERE j.id = $1 AND s.id = ANY(
+    SELECT jsonb_array_elements_text(j.payload -> 'submission_ids')::bigint)"""
+
+
+def _grade_job_error(row: asyncpg.Record) -> str | None:
+    """A finished grade-all job's `error`: None when every answer was graded (a doubtful grade held for review
+    is graded), else how many the grader could not grade, with the first reason."""
+    if not row["failed"]:
+        return None
+    return (f"{row['failed']} of {row['total']} answers could not be graded automatically and wait for review "
+            f"(first: {row['reason']})")
 
 
 async def _moment(conn: asyncpg.Connection, a: asyncpg.Record, embedder: Any) -> dict[str, Any] | None:
@@ -220,6 +239,7 @@ async def _hold_failed(ctx: dict[str, Any], submission_id: int, gen: int, reason
     sent to the grader again since this run started (`gen`): the newer run decides. The grader proposes nothing:
     a grade from before a regrade (a changed rubric) is no proposal for this one; the learner's is kept in
     `released`."""
+    assert reason.startswith(FAILED_PREFIX), reason  # (how a grade-all job counts what could not be graded)
     async with ctx["pool"].acquire() as conn:
         async with conn.transaction():
             row = await conn.fetchrow(
@@ -274,5 +294,6 @@ async def finish_grade_jobs(conn: asyncpg.Connection) -> int:
              AND NOT EXISTS (SELECT 1 FROM submissions s WHERE s.status = 'grading' AND s.id = ANY(
                  SELECT jsonb_array_elements_text(j.payload -> 'submission_ids')::bigint))""")
     for r in rows:
-        await jobs_repo.set_state(conn, r["id"], "done", 1.0)
+        await jobs_repo.set_state(conn, r["id"], "done", 1.0, _grade_job_error(await conn.fetchrow(_GRADE_JOB_OUTCOME,
+                                                                                                   r["id"])))
     return len(rows)

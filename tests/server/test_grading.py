@@ -287,7 +287,20 @@ def test_a_grade_all_job_finishes_when_recovery_graded_its_answers(server, clien
 
     asyncio.run(sweep())  # the worker's own sweep (every minute) may come first: the count is not ours to check
     got = client.get(f"/api/v1/jobs/{job['id']}", headers=inst.h).json()
+    assert got["state"] == "done" and got["progress"] == 1.0 and got["error"] is None
+    # an answer the grader could not grade (held for review saying why) is done too, but the job says so: it
+    # read "done, error null" when every grading had failed
+    fetch(settings, """UPDATE submissions SET status = 'review_pending', grader = NULL,
+                              review_reason = 'automatic grading failed: RuntimeError: boom' WHERE id = $1""", sub["id"])
+    (job,) = fetch(settings, """INSERT INTO jobs (kind, course_id, created_by, state, payload, updated_at)
+                                VALUES ('grade', $1, $2, 'queued', jsonb_build_object('submission_ids', $3::bigint[]),
+                                        now() - interval '1 minute') RETURNING id""",
+                   course.id, inst.id, [sub["id"]])
+    asyncio.run(sweep())
+    got = client.get(f"/api/v1/jobs/{job['id']}", headers=inst.h).json()
     assert got["state"] == "done" and got["progress"] == 1.0
+    assert got["error"] == ("1 of 1 answers could not be graded automatically and wait for review "
+                            "(first: automatic grading failed: RuntimeError: boom)"), got
 
 
 async def test_two_reviews_at_once_take_turns_and_the_last_announcement_is_the_grade(server, make: Factory,
