@@ -165,10 +165,11 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
 
 
 def make_durable(path: Path) -> None:
-    """fsync the file, then the directories naming it (its course's, made for it perhaps, and that one's)."""
+    """fsync the file, then the directories naming it: its course's (made for it perhaps), `uploads/` (made by the
+    data folder's first upload) and the data folder, which names `uploads/`."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-    for d in (path.parent, path.parent.parent):
+    for d in (path.parent, path.parent.parent, path.parent.parent.parent):
         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
