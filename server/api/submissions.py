@@ -223,10 +223,12 @@ class SubmissionController(Controller):
         return SubmissionList(items=[to_submission(r, user) for r in rows], limit=limit, offset=offset)
 
     @post("/assignments/{assignment_id:int}/grade-all", guards=[staff_only], status_code=202)
-    async def grade_all(self, request: Request, assignment_id: int) -> BatchAccepted:
+    async def grade_all(self, request: Request, assignment_id: int) -> Response[BatchAccepted]:
         """(Re)grade every written submission not graded by an instructor, in batched jobs (e.g. after a
-        rubric change). Progress: GET /api/v1/jobs/{job_id}."""
-        from ingest.grading import enqueue_batches
+        rubric change). Progress: GET /api/v1/jobs/{job_id}. While a grade-all of the assignment is under way and
+        the assignment has not changed since it began, another (a double click, a retry) answers 200 with that
+        job: starting over would throw away the grades it already made and pay the model twice."""
+        from ingest.grading import BATCH_SIZE, enqueue_batches
 
         state, user = request.app.state, request.user
         async with state.pool.acquire() as conn:
@@ -234,6 +236,19 @@ class SubmissionController(Controller):
             if a["type"] == "multiple_choice":
                 raise ApiError(409, "multiple choice is graded on submission")
             async with conn.transaction():
+                # grade-alls of one assignment take turns (the second sees the first's job)
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('grade-all:' || $1::bigint::text, 0))",
+                                   assignment_id)
+                changed = await conn.fetchval("SELECT updated_at FROM assignments WHERE id = $1", assignment_id)
+                running = await conn.fetchrow(
+                    """SELECT id, jsonb_array_length(payload -> 'submission_ids') AS n FROM jobs
+                       WHERE kind = 'grade' AND state NOT IN ('done', 'failed') AND course_id = $1
+                         AND payload ->> 'assignment_id' = $2::bigint::text AND created_at >= $3
+                       ORDER BY id DESC LIMIT 1""", a["course_id"], assignment_id, changed)
+                if running is not None:
+                    n = running["n"] or 0
+                    return Response(BatchAccepted(job_id=running["id"], submissions=n, batches=-(-n // BATCH_SIZE)),
+                                    status_code=200)
                 ids = await repo.written_for_assignment(conn, assignment_id)
                 job = await jobs_repo.create_job(conn, "grade", course_id=a["course_id"], video_id=None,
                                                  created_by=user.id, payload={"assignment_id": assignment_id,
@@ -246,7 +261,7 @@ class SubmissionController(Controller):
         except Exception:  # noqa: BLE001 - the job and its marks are stored; grading recovery queues them
             logger.warning("could not queue grade-all job %s now; recovery will", job["id"], exc_info=True)
             batches = 0
-        return BatchAccepted(job_id=job["id"], submissions=len(ids), batches=batches)
+        return Response(BatchAccepted(job_id=job["id"], submissions=len(ids), batches=batches), status_code=202)
 
     @get("/submissions/{submission_id:int}")
     async def read(self, request: Request, submission_id: int) -> Submission:

@@ -168,11 +168,26 @@ def test_grading_a_whole_assignment_runs_as_batched_jobs(server, client, make: F
     r = client.post(f"/api/v1/assignments/{a['id']}/grade-all", headers=inst.h)
     assert r.status_code == 202 and r.json()["submissions"] == 27 and r.json()["batches"] == 2
     job_id = r.json()["job_id"]
+    # a second one while it runs (a double click, a retry) is that job: a new one threw the grades already made
+    # away and paid the model twice
+    again = client.post(f"/api/v1/assignments/{a['id']}/grade-all", headers=inst.h)
+    assert again.status_code == 200 and again.json() == r.json(), again.json()
     deadline = time.monotonic() + 120
     while (job := client.get(f"/api/v1/jobs/{job_id}", headers=inst.h).json())["state"] != "done":
         assert time.monotonic() < deadline, job
         time.sleep(0.2)
     assert job["progress"] == 1.0
+    # a grade-all under way from before the assignment last changed (a rubric edit) is not the one asked for
+    (stale,) = fetch(settings, """INSERT INTO jobs (kind, course_id, created_by, state, payload, created_at)
+                                  VALUES ('grade', $1, $2, 'running', jsonb_build_object('assignment_id', $3::bigint,
+                                          'submission_ids', '[]'::jsonb), now() - interval '1 hour') RETURNING id""",
+                     course.id, inst.id, a["id"])
+    fresh = client.post(f"/api/v1/assignments/{a['id']}/grade-all", headers=inst.h)
+    assert fresh.status_code == 202 and fresh.json()["job_id"] not in (job_id, stale["id"]), fresh.json()
+    fetch(settings, "UPDATE jobs SET state = 'failed' WHERE id = $1", stale["id"])
+    while (job := client.get(f"/api/v1/jobs/{fresh.json()['job_id']}", headers=inst.h).json())["state"] != "done":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
     # the job is staff's (and its creator's) to see; a grading job is started again, not retried
     assert client.get(f"/api/v1/jobs/{job_id}", headers=course.learners[0].h).status_code == 404
     assert client.get(f"/api/v1/jobs/{job_id}", headers=make.user("instructor", tenant="other-tenant").h).status_code == 404
@@ -180,11 +195,11 @@ def test_grading_a_whole_assignment_runs_as_batched_jobs(server, client, make: F
     assert r.status_code == 409 and "not retried" in r.json()["message"]
     for s in subs:
         again = client.get(f"/api/v1/submissions/{s['id']}", headers=inst.h).json()
-        assert again["status"] != "grading" and [h["kind"] for h in again["history"]] == ["machine", "machine"]
+        assert again["status"] != "grading" and [h["kind"] for h in again["history"]] == ["machine"] * 3
     regraded = fetch(settings, "SELECT s.status, count(e.id) AS n FROM submissions s LEFT JOIN grade_events e "
                                "ON e.submission_id = s.id AND e.kind = 'machine' WHERE s.id = ANY($1::bigint[]) "
                                "GROUP BY s.id, s.status", extra)
-    assert len(regraded) == 24 and all(r["status"] != "grading" and r["n"] == 1 for r in regraded)
+    assert len(regraded) == 24 and all(r["status"] != "grading" and r["n"] == 2 for r in regraded)
 
 
 async def test_restarts_lose_no_grade_and_no_pending_review(server, make: Factory, worker, settings, data_dir):
