@@ -561,7 +561,8 @@ async def rematch_departed(pool: asyncpg.Pool, redis: Redis, settings: Settings,
 async def _rematch(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id: int, user_id: int, *,
                    declining: bool, llm: Any, seen: int | None = None) -> MatchResult | None:
     """Match the pod again on its current round, without `user_id` (a decliner; or a leaver, whom the graph
-    leaves out as no longer eligible); None when the current round does not pair them."""
+    leaves out as no longer eligible); None when the current round does not pair them. A decliner the current
+    round already lists as declined gets that round (their decline's)."""
     for _ in range(DECLINE_TRIES):
         async with pod_turn(redis, pod_id):
             async with pool.acquire() as conn:
@@ -569,6 +570,8 @@ async def _rematch(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id:
                 if seen is not None and not await matching.declines_only_since(conn, pod_id, seen):
                     raise StaleDecline(f"round {seen} is no longer this pod's round; read the current one "
                                        f"(GET /pods/{pod_id}/match) before declining")
+            if declining and cur is not None and user_id in cur["declined"]:
+                return result_of(cur)  # declined already (a retry whose answer was lost): the round that made
             if cur is None or not any(user_id in g["members"] for g in cur["groups"]):
                 return None
             declined = set(cur["declined"]) | ({user_id} if declining else set())
