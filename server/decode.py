@@ -51,6 +51,12 @@ def idempotency_key(request: Request) -> str | None:
     return key
 
 
+def callers_key(user_id: int, key: str | None) -> str | None:
+    """An Idempotency-Key as stored: scoped to its caller (two instructors of a course may pick the same key; one
+    got the other's video or drafts back, and the second upload was deleted)."""
+    return None if key is None else f"{user_id}:{key}"
+
+
 def trimmed(value: str, field: str) -> str:
     """`value` without surrounding spaces; 400 naming `field` when nothing visible is left."""
     value = value.strip()

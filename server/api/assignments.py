@@ -21,7 +21,7 @@ from server.api.assignment_schemas import (Assignment, AssignmentIn, AssignmentL
 from server.api.courses import course_or_404
 from server.api.paging import Offset, PageLimit
 from server.auth import AuthUser, staff_only
-from server.decode import idempotency_key, read_json
+from server.decode import callers_key, idempotency_key, read_json
 from server.errors import ApiError
 from store import assignments as repo
 from store import submissions as submissions_repo
@@ -297,7 +297,7 @@ class AssignmentController(Controller):
         from agents.llm import LLMError, get_llm
         from store import videos as videos_repo
 
-        key = idempotency_key(request)
+        key = callers_key(request.user.id, idempotency_key(request))
         data = await read_json(request, GenerateIn)
         if (data.video_id is None) == (data.chapter_id is None):
             raise ApiError(400, "give exactly one of video_id or chapter_id", field="video_id")

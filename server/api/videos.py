@@ -20,7 +20,7 @@ from server.api.courses import course_or_404
 from server.api.paging import ListLimit, Offset
 from server.api.schemas import Strict, Title
 from server.auth import AuthUser, staff_only
-from server.decode import idempotency_key, read_json, trimmed
+from server.decode import callers_key, idempotency_key, read_json, trimmed
 from server.errors import ApiError
 from store.frames import LINE_CONTROL, blank
 from server.uploads import receive_upload
@@ -161,7 +161,7 @@ class VideoController(Controller):
         an `Idempotency-Key` header, a repeat (a retried upload whose reply was lost) returns the video the key
         made (200) instead of storing and ingesting the file again."""
         state, user = request.app.state, request.user
-        key = idempotency_key(request)
+        key = callers_key(user.id, idempotency_key(request))
         async with state.pool.acquire() as conn:
             await course_or_404(conn, course_id, user)
         ctype = request.headers.get("content-type", "")

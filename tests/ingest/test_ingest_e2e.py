@@ -298,6 +298,12 @@ async def test_a_retried_upload_with_its_idempotency_key_is_one_video(server, ma
         assert again.json()["job_id"] == first.json()["job_id"]
         other = await send(data + b"\n", "lec2.vtt")
         assert other.status_code == 409 and other.json()["code"] == "idempotency_key_reused", other.text
+        # a colleague's key is theirs: the same key from another instructor is another upload (it was refused, or
+        # got the first one's video back and had its file deleted)
+        colleague = {**make.user("instructor").h, "Idempotency-Key": "upload-1"}
+        theirs = await c.post(url, files={"file": ("lec2.vtt", data + b"\n")}, data={"title": "Lecture 2"},
+                              headers=colleague)
+        assert theirs.status_code == 202 and theirs.json()["video_id"] != first.json()["video_id"], theirs.text
         key = {**inst.h, "Idempotency-Key": "upload-2"}
         both = await asyncio.gather(send(), send())  # at once: one stores it, the other finds it
         assert sorted(r.status_code for r in both) == [200, 202], [r.text for r in both]
@@ -307,10 +313,10 @@ async def test_a_retried_upload_with_its_idempotency_key_is_one_video(server, ma
         assert (await c.post(url, json=body, headers=yt)).status_code == 202
         assert (await c.post(url, json=body, headers=yt)).status_code == 200
         assert (await c.post(url, json=body, headers={**inst.h, "Idempotency-Key": "k" * 101})).status_code == 400
-    assert fetch(settings, "SELECT count(*) AS n FROM videos WHERE course_id = $1", cid)[0]["n"] == 3
-    assert fetch(settings, "SELECT count(*) AS n FROM jobs WHERE course_id = $1", cid)[0]["n"] == 3
+    assert fetch(settings, "SELECT count(*) AS n FROM videos WHERE course_id = $1", cid)[0]["n"] == 4
+    assert fetch(settings, "SELECT count(*) AS n FROM jobs WHERE course_id = $1", cid)[0]["n"] == 4
     uploads = Path(settings.data_dir) / "uploads" / str(cid)
-    assert len(list(uploads.glob("*.upload"))) == 2  # the repeats' copies went
+    assert len(list(uploads.glob("*.upload"))) == 3  # the repeats' copies went
 
 
 def test_bad_video_json(client, make: Factory):

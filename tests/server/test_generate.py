@@ -152,7 +152,7 @@ def test_a_slow_model_gets_one_deadline_for_the_whole_generation(eval_course: Ev
 
 
 async def test_a_generation_retried_with_its_idempotency_key_makes_one_set_of_drafts(server, eval_course: EvalCourse,
-                                                                                     settings):
+                                                                                     settings, make):
     """A generation runs inside the request (up to two minutes): a client or proxy timing out and retrying made a
     second set of drafts. With the same Idempotency-Key the retry gets the first set (200), also when both run at
     once (one set is stored)."""
@@ -184,5 +184,10 @@ async def test_a_generation_retried_with_its_idempotency_key_makes_one_set_of_dr
                                       for _ in range(2)))
         assert sorted(r.status_code for r in both) == [200, 201], [r.text for r in both]
         assert [i["id"] for i in both[0].json()["items"]] == [i["id"] for i in both[1].json()["items"]]
+        # a colleague's key is theirs: the same key from another instructor of the course is another generation
+        colleague = make.user("instructor", tenant=eval_course.tenant)
+        theirs = await c.post(url, json=body, headers={**colleague.h, "Idempotency-Key": "gen-1"})
+        assert theirs.status_code == 201, theirs.text
+        assert not {i["id"] for i in theirs.json()["items"]} & {i["id"] for i in first.json()["items"]}
     made = fetch(settings, "SELECT count(*) AS n FROM assignments WHERE course_id = $1", eval_course.id)[0]["n"]
-    assert made - before == 2 * len(first.json()["items"])
+    assert made - before == 2 * len(first.json()["items"]) + len(theirs.json()["items"])
