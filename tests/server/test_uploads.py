@@ -45,7 +45,8 @@ async def test_an_accepted_upload_is_fsynced_with_the_directories_naming_it(tmp_
     data = b"1\n00:00:01,000 --> 00:00:02,000\nhello\n" * 500
     up = await uploads.receive_upload(_Request(_form(data)), dest, max_bytes=1 << 20)
     assert up.path is not None and up.path.read_bytes() == data and up.fields == {"title": "A talk"}
-    assert synced == [str(up.path), str(dest), str(dest.parent)]
+    # and the data folder, which names uploads/ (made by its first upload)
+    assert synced == [str(up.path), str(dest), str(dest.parent), str(dest.parent.parent)]
 
 
 async def test_a_disk_that_cannot_store_the_upload_is_a_503_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
