@@ -195,6 +195,7 @@ def _clean(raw: list[RawCue]) -> list[Cue]:
     cues: list[Cue] = []
     shown: list[str] = []  # the previous cue's lines, as displayed
     shown_until = -math.inf  # ...until then
+    shown_from = -math.inf  # ...from then
     caps = shouting(rc.text for rc in raw)
     keep = word_labels_to_keep((line for rc in raw if ":" in rc.text for line in rc.text.split("\n")), caps)
     for rc in raw:
@@ -207,12 +208,13 @@ def _clean(raw: list[RawCue]) -> list[Cue]:
             lines = [c for c in (clean_line(line, keep, caps) for line in rc.text.split("\n")) if c]
         # YouTube auto-captions roll: each cue repeats the line before it, and a 10 ms cue repeats
         # the whole previous cue. Drop what is already on screen.
-        # Only a cue that follows at once rolls: "No." said again a minute later is said again.
+        # Only a cue that follows at once rolls: "No." said again a minute later is said again, and so is one a
+        # file lists after a later cue (out of order: "Yes" at 1:00, then "Yes" at 0:01, is said twice).
         overlap = 0
-        if shown and lines and lines[0] in shown and rc.start <= shown_until + ROLL_GAP_S:
+        if shown and lines and lines[0] in shown and shown_from <= rc.start <= shown_until + ROLL_GAP_S:
             overlap = next((k for k in range(min(len(shown), len(lines)), 0, -1) if shown[-k:] == lines[:k]), 0)
         shown = lines
-        shown_until = rc.start if rc.end is None else max(rc.start, rc.end)
+        shown_from, shown_until = rc.start, (rc.start if rc.end is None else max(rc.start, rc.end))
         if overlap == len(lines):
             last = cues[-1] if cues else None
             if lines and last and rc.end is not None and rc.start >= last.start and not rc.end <= last.end:

@@ -697,3 +697,30 @@ def test_a_transcript_all_in_capitals_keeps_its_words() -> None:
         "WELCOME BACK. TODAY WE LOOK AT THE (NAIVE BAYES) CLASSIFIER.", "THE KEY IDEA IS: ASSUME INDEPENDENCE.",
         "IT MAKES IT O(N TIMES D).", "SO WHY DOES IT WORK?", "BECAUSE THE COUNTS ARE SIMPLE.", "WHAT ABOUT ZEROS?",
         "STEP ONE: ADD THE NUMBERS UP AND DIVIDE BY THE TOTAL COUNT OF EXAMPLES WE HAVE SEEN SO FAR."]
+
+
+def test_line_breaks_rubies_and_invisible_marks_leave_the_words_as_said() -> None:
+    """`<br>` glued words ("Helloworldagain": neither shown nor found); a ruby's reading ran into its text;
+    bidi marks, the word joiner and a BOM mid-text stayed stuck to words (search could not match them)."""
+    from ingest.textclean import clean_line
+
+    assert clean_line("Hello<br>world<br/>again<BR />too") == "Hello world again too"
+    assert clean_line("<ruby>漢字<rt>かんじ</rt></ruby>を書く") == "漢字を書く"
+    assert clean_line("<ruby>漢<rp>(</rp><rt>kan</rt><rp>)</rp></ruby>字") == "漢字"
+    assert clean_line("&lrm;Hi&rlm; there") == "Hi there"
+    assert clean_line("\u200eHi\u200f \u2066there\u2069 wo\u2060rd \ufeffx") == "Hi there word x"
+    assert clean_line("می\u200cخواهم") == "می\u200cخواهم"  # a zero-width non-joiner is spelling: kept
+    srt = b"1\n00:00:01,000 --> 00:00:02,000\nHello<br>world\n\n2\n00:00:03,000 --> 00:00:04,000\n\xe2\x80\x8eok\n"
+    assert [c.text for c in parse_transcript(srt, "a.srt")] == ["Hello world", "ok"]
+
+
+def test_a_cue_listed_after_a_later_one_is_not_taken_for_a_rolled_repeat() -> None:
+    """The roll-up check (a cue repeating what is on screen) ran in file order with no lower bound: "Yes" at 0:01
+    listed after "Yes" at 1:00 was dropped as a repeat."""
+    srt = (b"1\n00:01:00,000 --> 00:01:02,000\nYes\n\n2\n00:00:01,000 --> 00:00:02,000\nYes\n\n"
+           b"3\n00:00:03,000 --> 00:00:04,000\nok\n")
+    assert [(c.start, c.text) for c in parse_transcript(srt, "a.srt")] == [(1.0, "Yes"), (3.0, "ok"), (60.0, "Yes")]
+    # in order, a rolled repeat still goes
+    rolled = (b"1\n00:00:01,000 --> 00:00:02,000\nthe first line\n\n"
+              b"2\n00:00:02,000 --> 00:00:04,000\nthe first line\nand the second\n")
+    assert [c.text for c in parse_transcript(rolled, "b.srt")] == ["the first line", "and the second"]
