@@ -5,7 +5,6 @@ Only chunks embedded by the query's model are searched: vectors of different mod
 from __future__ import annotations
 
 import functools
-import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,9 +28,11 @@ _K1_PLUS_1 = round(BM25_K1 + 1, 9)
 _K1_FLAT = round(BM25_K1 * (1 - BM25_B), 9)
 _K1_B = round(BM25_K1 * BM25_B, 9)
 
-# Words in any script ("schrödinger", "café", "naïve"), not only ASCII; Postgres folds the accents of both sides
-# (sh_fold, migration 0022), so "schrodinger" finds "Schrödinger" and the other way round.
-_TERM = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
+# Words in any script ("schrödinger", "café", "naïve", "हिन्दी" with its vowel signs), not only ASCII: the question
+# is cut at punctuation, symbols and spaces, as Postgres cuts a chunk (sh_fold turns Unicode punctuation into
+# spaces, migration 0034), keeping what Postgres reads as one word ("it's", "k-means", "3.14"). Postgres folds the
+# accents of both sides (sh_fold, migration 0022), so "schrodinger" finds "Schrödinger" and the other way round.
+_INNER = "'’-."  # inside a word only
 # Words common in questions that say nothing about where the answer is (Postgres drops ordinary stop words).
 _QUESTION_STOP = frozenset("""
 what which who whom whose when where why how does did do explain mean means meaning describe tell say said
@@ -56,11 +57,22 @@ class Hit:
     sentences: list = field(default_factory=list)
 
 
-def keyword_text(question: str) -> str:
-    """The question without question-only words, for the full-text side. (NFC first: a decomposed "Gödel" is
-    one word, not "go" and "del".)"""
-    return " ".join(t for t in _TERM.findall(unicodedata.normalize("NFC", question).lower())
-                    if t not in _QUESTION_STOP)
+@functools.lru_cache(maxsize=8192)
+def _breaks(ch: str) -> bool:
+    """Whether a character ends a word: punctuation, symbols, spaces, controls (not letters, digits, marks)."""
+    return ch not in _INNER and unicodedata.category(ch)[0] in "PSZC"
+
+
+def terms(text: str) -> list[str]:
+    """The words of `text`, lower-cased. (NFC first: a decomposed "Gödel" is one word, not "go" and "del".)"""
+    spaced = "".join(" " if _breaks(ch) else ch for ch in unicodedata.normalize("NFC", text).lower())
+    return [t for t in (w.strip(_INNER) for w in spaced.split()) if t]
+
+
+def keyword_text(question: str, *, question_words: bool = True) -> str:
+    """The question without question-only words, for the full-text side (`question_words=False`: a search box's
+    query, where "mean" or "example" is what is looked for, keeps them)."""
+    return " ".join(t for t in terms(question) if not question_words or t not in _QUESTION_STOP)
 
 
 _DENSE = """
@@ -173,12 +185,14 @@ async def _course_size(conn: asyncpg.Connection, key: tuple[int, str]) -> int:
 async def hybrid_search(conn: asyncpg.Connection, course_id: int, query_vec: np.ndarray, query_text: str,
                         embed_model: str, *, k: int = 5, video_id: int | None = None,
                         w_sparse: float = SPARSE_WEIGHT, candidates: int = CANDIDATES,
-                        primary: tuple[int, float] | None = None) -> list[Hit]:
-    """Top-k chunks of the course for a question (its embedding and its text), in one query.
+                        primary: tuple[int, float] | None = None, question: bool = True) -> list[Hit]:
+    """Top-k chunks of the course for a question (its embedding and its text), in one query. `question=False`:
+    a search box's query (its words all count on the full-text side, see `keyword_text`).
 
     `primary` (width, weight), for an ensemble's vectors (agents.embedder.Ensemble.primary_slice): each hit also
     carries `primary_dense`, its first member's own cosine, on the scale thresholds were set on."""
-    args: tuple = (stored(query_vec), course_id, embed_model, keyword_text(query_text), float(w_sparse))
+    args: tuple = (stored(query_vec), course_id, embed_model, keyword_text(query_text, question_words=question),
+                   float(w_sparse))
     key = (course_id, embed_model)
     width = primary[0] if primary else None
     if video_id is not None:  # one video's chunks: ranked exactly (an HNSW walk would mostly find other videos)

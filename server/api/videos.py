@@ -318,7 +318,8 @@ class VideoController(Controller):
             raise ApiError(429, f"too many searches; retry in {wait:g}s", retry_after=wait)
         vec = await asyncio.to_thread(embedder.embed_query, q)
         async with state.pool.acquire() as conn:
-            hits = await hybrid_search(conn, course_id, vec, q, embedder.name, k=k, video_id=video_id)
+            hits = await hybrid_search(conn, course_id, vec, q, embedder.name, k=k, video_id=video_id,
+                                       question=False)  # a search box's words all count
         return SearchResult(query=q, hits=[
             SearchHit(video_id=h.video_id, video_title=h.video_title, start=h.start, end=h.end, text=h.text,
                       score=h.score, url=watch_url(h.youtube_id, h.start) if h.youtube_id else None)

@@ -182,6 +182,29 @@ async def test_full_text_search_folds_accents_both_ways(pool):
         assert {"schroding", "poincar", "cafe"} <= set(cover.present) and cover.missing == []
 
 
+async def test_full_text_search_reads_words_through_typographic_punctuation(pool):
+    """Postgres (C locale) took every non-ASCII character for a letter: a chunk saying “eigenvalue” or lambda… was
+    stored under the lexemes “eigenvalue” and lambda…, which no search for the word matched (migration 0034); the
+    questions' side cut "हिन्दी" into pieces Postgres never makes."""
+    cid = await new_course(pool)
+    texts = ["The “eigenvalue” of A—that is, lambda… matters", "«Bayes» rule ¿qué? it\u200bsays",
+             "हिन्दी भाषा में", "matrices and vectors", "graphs and trees"]
+    await ingest(pool, cid, texts)
+    vec = unit_vectors(1, seed=11)[0]
+    async with pool.acquire() as conn:
+        lexemes = {r["lexeme"] for r in await conn.fetch("SELECT lexeme FROM chunk_terms WHERE course_id = $1", cid)}
+        assert {"eigenvalu", "lambda", "bay", "que", "itsay", "हिन्दी"} <= lexemes, lexemes
+        assert not {x for x in lexemes if any(ch in x for ch in "“”—…«»¿")}, lexemes
+        for question, want in (("eigenvalue", 0), ("what is lambda", 0), ("Bayes", 1), ("हिन्दी", 2)):
+            hits = await search.hybrid_search(conn, cid, vec, question, MODEL, k=5, w_sparse=1.0)
+            scored = [h.text for h in hits if h.sparse_score]
+            assert scored[:1] == [texts[want]], (question, scored)
+        # a search box's query: "mean" and "example" are what is looked for there
+        await ingest(pool, cid, ["the arithmetic mean of an example set"])
+        hits = await search.hybrid_search(conn, cid, vec, "mean example", MODEL, k=5, w_sparse=1.0, question=False)
+        assert [h.text for h in hits if h.sparse_score][:1] == ["the arithmetic mean of an example set"]
+
+
 async def test_small_course_is_ranked_exactly(pool):
     """A course that is a small part of the HNSW graph gets the exact cosine ranking, search after search."""
     cid = await new_course(pool)
@@ -254,6 +277,14 @@ def test_keyword_text_keeps_words_in_any_script():
     assert search.keyword_text("Why is naïve Bayes naïve?") == "is naïve bayes naïve"
     # a decomposed accent (NFD, as some keyboards and macOS send it) is the same word, not "go" and "del"
     assert search.keyword_text(unicodedata.normalize("NFD", "What did Gödel prove?")) == "gödel prove"
+    # a word with vowel signs (combining marks) is one word, as Postgres reads it, not "ह न द"
+    assert search.keyword_text("हिन्दी भाषा") == "हिन्दी भाषा"
+    # typographic punctuation ends words; what Postgres reads as one word stays one
+    assert search.keyword_text("what's the “eigenvalue”—really… «Bayes»") == "what's the eigenvalue really bayes"
+    assert search.keyword_text("3.14, k-means and it's") == "3.14 k-means and it's"
+    # a search box's query keeps the words a question would not need ("mean", "example", "video")
+    assert search.keyword_text("video compression example") == "compression"
+    assert search.keyword_text("video compression example", question_words=False) == "video compression example"
 
 
 
