@@ -220,7 +220,8 @@ async def _serve(socket: WebSocket, conn: Conn, user: AuthUser, hub: Hub) -> Non
                 told = now
             conn.push_event(Error(code="rate_limited", detail=f"more than {rate:g} frames a second; frames are "
                                   "being dropped" + (": this one was not handled" if ref else ""),
-                                  ref=ref, retry_after=round(-tokens / rate, 3)))
+                                  # (when the frame sent then finds its token: the drop took one too)
+                                  ref=ref, retry_after=round((1 - tokens) / rate, 3)))
             continue
         text = msg.get("text")
         if text is None:

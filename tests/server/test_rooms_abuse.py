@@ -449,6 +449,24 @@ async def test_sends_dropped_over_the_frame_budget_are_each_named(server, make: 
     await sock.close()
 
 
+async def test_a_send_retried_after_its_retry_after_is_taken(server, make: Factory):
+    """`retry_after` was one frame short (the dropped frame had taken a token too): a client that waited exactly
+    that long was dropped again, and again."""
+    course = make_course(server, make, learners=1)
+    (a,) = course.learners
+    sock = await Client.connect(server, course.room, a)
+    for _ in range(70):  # past the burst: typing is dropped quietly
+        await sock.ws.send('{"type": "typing", "active": true}')
+    await sock.send({"type": "message.send", "text": "hello", "client_msg_id": "late1"})
+    err = await sock.expect("error", timeout=5, ref="late1")
+    assert err["code"] == "rate_limited" and err["retry_after"] > 0
+    await asyncio.sleep(err["retry_after"])
+    await sock.send({"type": "message.send", "text": "hello", "client_msg_id": "late1"})
+    got = await sock.expect("message.new", timeout=5, client_msg_id="late1")
+    assert got["text"] == "hello"
+    await sock.close()
+
+
 async def test_pings_are_answered_within_a_rate_and_a_ping_flood_is_closed_1008(server, make: Factory):
     """Websocket pings are answered below the app, so its frame budget does not see them: a keepalive's worth
     (a burst of 20, then two a second) is answered; a flood is closed with 1008, whether or not
