@@ -22,6 +22,7 @@ from collections import deque
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
+from server.errors import UNREACHABLE
 from store.events import CLOSE_SLOW_CONSUMER, SEQUENCED, Event, UserRef, encode
 from store.rooms import RoomAccess
 
@@ -246,6 +247,10 @@ class Conn:
                     await asyncio.sleep(min(0.01 * idle, 0.5))
         except asyncio.CancelledError:
             raise
+        except UNREACHABLE as exc:  # Postgres away (a failover): 1013, reconnect with backoff, not all at once
+            logger.warning("replay stopped: %s: %s", type(exc).__name__, exc,
+                           extra={"fields": {"room": self.room, "user_id": self.user.id}})
+            self.close_soon(1013, "try again later; reconnect with ?after=")
         except Exception:
             logger.exception("replay failed", extra={"fields": {"room": self.room, "user_id": self.user.id}})
             self.close_soon(1011, "replay failed; reconnect with ?after=")

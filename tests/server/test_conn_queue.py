@@ -90,3 +90,29 @@ async def test_the_queue_is_bounded_by_its_text_too(monkeypatch):
     conn.push(text_frame(big(10_001)))  # past the whole budget: a slow consumer, as with too many frames
     assert conn.closing is not None and conn.closing[0] == 4008
     conn.fill_task.cancel()
+
+
+async def test_a_replay_postgres_cannot_serve_closes_1013_not_1011():
+    """A fill whose read found Postgres out of reach closed 1011 ("reconnect at once"): in a failover every socket
+    in a fill came back at the same moment. It is 1013 (try again later, with backoff); a bug stays 1011."""
+    import asyncpg
+
+    for error, code in ((ConnectionRefusedError(111, "refused"), 1013),
+                        (asyncpg.exceptions.CannotConnectNowError("starting up"), 1013),
+                        (TimeoutError(), 1013), (KeyError("bug"), 1011)):
+        sent: list = []
+
+        async def send(msg: dict) -> None:
+            sent.append(msg)
+
+        async def events_after(room: str, after: int, limit: int, error: Exception = error) -> list:
+            raise error
+
+        conn = Conn(SimpleNamespace(events_after=events_after), ACCESS,  # type: ignore[arg-type]
+                    SimpleNamespace(id=7, name="u", role="learner"), send, 8)
+        conn.ready, conn.filling = True, False
+        conn.start_fill()
+        await asyncio.sleep(0.05)
+        assert conn.closing is not None and conn.closing[0] == code, (error, conn.closing)
+        if conn.closer is not None:
+            conn.closer.cancel()
