@@ -237,8 +237,8 @@ class SubmissionController(Controller):
                 raise ApiError(409, "multiple choice is graded on submission")
             async with conn.transaction():
                 # grade-alls of one assignment take turns (the second sees the first's job)
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('grade-all:' || $1::bigint::text, 0))",
-                                   assignment_id)
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended('grade-all:' || $1::bigint::text, 0))", assignment_id)
                 changed = await conn.fetchval("SELECT updated_at FROM assignments WHERE id = $1", assignment_id)
                 running = await conn.fetchrow(
                     """SELECT id, jsonb_array_length(payload -> 'submission_ids') AS n FROM jobs

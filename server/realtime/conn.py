@@ -50,7 +50,7 @@ def text_frame(text: str) -> dict[str, Any]:
 class Conn:
     __slots__ = ("hub", "access", "room", "user", "send", "out", "queue_max", "inflight", "broken", "space",
                  "fill_task", "closer", "main_task", "last_seq", "start_seq", "filling", "pending", "ready",
-                 "closing", "typing_at", "typing_active", "auth", "opened_at", "resumed_at", "blocked_at", "out_chars",
+                 "welcoming", "closing", "typing_at", "typing_active", "auth", "opened_at", "resumed_at", "blocked_at", "out_chars",
                  "counted", "attendance_id", "opened_mono", "__weakref__")
 
     def __init__(self, hub: Hub, access: RoomAccess, user: UserRef, send: Any, queue_max: int) -> None:
@@ -73,6 +73,7 @@ class Conn:
         self.filling = True  # until the welcome is out, live events wait in `pending`
         self.pending: dict[int, dict[str, Any]] = {}
         self.ready = False  # ephemeral events (presence, typing) are dropped before the welcome
+        self.welcoming = False  # Hub.welcome is reading where the room is (its welcome has presence as it is)
         self.closing: tuple[int, str] | None = None
         self.typing_at = float("-inf")
         self.auth: AuthUser | None = None  # who opened the socket, with which API token (closed when revoked)

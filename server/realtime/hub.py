@@ -46,6 +46,8 @@ RECHECK_EVERY_TTLS = 4
 RECHECK_PER_S = 200.0
 RECHECK_CHUNK = 50
 LEFT_RETRIES = 5  # ticks a `left` whose publish failed is published again (while the user stays away)
+REFRESH_TRIES = 5  # rounds of the presence refresh after the subscription came back (rooms that failed again)
+REFRESH_RETRY_S = 1.0
 # The subscription is pinged this often, and taken for dead (reconnected, readiness failing meanwhile) when no pong
 # came back for SUB_DEAD_S: a half-open connection (a partition, a proxy that lost Redis) reads nothing forever
 # without an error.
@@ -310,23 +312,41 @@ class Hub:
             else:
                 self._left_unsent[key] = (user, tries - 1)
 
-    async def _refresh_presence(self) -> None:
+    async def _refresh_presence(self, tries: int = REFRESH_TRIES) -> None:
         """After the subscription came back: presence and typing are not stored, so what it missed (a `left`, a
         `joined`) is never replayed; every ready socket gets a new `welcome` with the room's presence as it is
-        now. It continues the stream (`last_seq`: the last event queued before it), as after a `resume`."""
-        for room, conns in list(self.rooms.items()):
-            ready = [c for c in conns if c.ready and c.closing is None and not c.filling]
-            if not ready:
-                continue
-            count, online = await self.presence.online(room, self.settings.presence_max)
-            for conn in ready:
-                if conn.ready and conn.closing is None and not conn.filling:
-                    conn.push_event(Welcome(room=room, last_seq=conn.last_seq, online=online, online_count=count))
+        now. It continues the stream (`last_seq`: the last event queued before it), as after a `resume` — also on
+        a socket whose gap is being filled (the one most likely to have missed something; its fill goes on after
+        the welcome), not on one whose own welcome is being made. A room whose presence cannot be read is tried
+        again, up to `tries` rounds REFRESH_RETRY_S apart (a Redis just back may fail a first read)."""
+        rooms = list(self.rooms)
+        for attempt in range(tries):
+            failed = []
+            for room in rooms:
+                ready = [c for c in self.rooms.get(room, ()) if c.ready and c.closing is None and not c.welcoming]
+                if not ready:
+                    continue
+                try:
+                    count, online = await self.presence.online(room, self.settings.presence_max)
+                except Exception:  # noqa: BLE001 - tried again below
+                    failed.append(room)
+                    continue
+                for conn in ready:
+                    if conn.ready and conn.closing is None and not conn.welcoming:
+                        conn.push_event(Welcome(room=room, last_seq=conn.last_seq, online=online,
+                                                online_count=count))
+            if not failed:
+                return
+            rooms = failed
+            if attempt + 1 < tries:
+                await asyncio.sleep(REFRESH_RETRY_S)
+        raise RuntimeError(f"the presence of {len(rooms)} rooms could not be read in {tries} tries")
 
     async def welcome(self, conn: Conn, after: int | None) -> None:
         """Start (or restart) the stream: welcome first, then every event after `after`, then live ones."""
         conn.stop_fill()  # a replay under way must not end (and stop holding live events back) while this reads
         conn.filling = True  # live events arriving while this reads where the room is wait, then come in order
+        conn.welcoming = True
         try:
             async with self.pool.acquire() as db:
                 last = (await rooms_repo.last_seqs(db, [conn.room])).get(conn.room, 0)
@@ -335,6 +355,8 @@ class Hub:
             if conn.ready:  # a failed `resume`: the stream goes on where it was, the waiting events included
                 conn.start_fill()
             raise
+        finally:
+            conn.welcoming = False
         start = last if after is None else min(after, last)
         conn.restart(start)
         conn.push_event(Welcome(room=conn.room, last_seq=last, online=online, online_count=count))
