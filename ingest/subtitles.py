@@ -24,6 +24,9 @@ _INDEX = re.compile(r"\d+")
 _PARTIAL_TIMING = re.compile(r"\d{1,3}:[\d:.,]*(?:[ \t]+-{0,2})?")  # (all of the line: "1:1 exactly" is text)
 # (a second "WEBVTT" header: HLS segment files joined into one)
 _VTT_SKIPPED_BLOCKS = ("NOTE", "STYLE", "REGION", "WEBVTT")
+# A WebVTT header inside the document: HLS segments joined into one file, each with its header (and maybe a BOM),
+# without a blank line before it. It and the header lines after it (X-TIMESTAMP-MAP, Kind, Language) are no text.
+_VTT_HEADER_LINE = re.compile(r"^\ufeff?WEBVTT(?:[ \t][^\n]*)?$", re.M)
 _BLANKISH = re.compile(r"\n[ \t]+(?=\n)")  # whitespace-only lines end a block like empty ones
 # The usual timing line, matched in one step: "00:00:01.000 --> 00:00:02.500 [settings]".
 _CANONICAL_TIMING = re.compile(r"[ \t]*(\d\d:\d\d:\d\d[.,]\d\d\d)[ \t]+-->[ \t]+(\d\d:\d\d:\d\d[.,]\d\d\d)(?=[ \t]|$)[^\n]*", re.M)
@@ -151,7 +154,7 @@ class _Reader:
         for line in lines[:-1]:
             starts.append(starts[-1] + len(line) + 1)
         if not rows:
-            head = lines[0].strip()
+            head = lines[0].strip().lstrip("\ufeff")
             if self.vtt and head.split(" ", 1)[0].split("\t", 1)[0] in _VTT_SKIPPED_BLOCKS:
                 return
             if len(lines) == 1 and _INDEX.fullmatch(head):
@@ -212,4 +215,9 @@ def parse_blocks(text: str, *, vtt: bool) -> list[RawCue]:
                 cues.append(RawCue(start, end, b[m.end() + 1 :]))
                 continue
         reader.block(b, here)
-    return reader.finish()
+    cues = reader.finish()
+    if vtt:
+        for c in cues:
+            if "WEBVTT" in c.text and (m := _VTT_HEADER_LINE.search(c.text)) is not None:
+                c.text = c.text[:m.start()].rstrip("\n")
+    return cues

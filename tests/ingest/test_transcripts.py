@@ -724,3 +724,17 @@ def test_a_cue_listed_after_a_later_one_is_not_taken_for_a_rolled_repeat() -> No
     rolled = (b"1\n00:00:01,000 --> 00:00:02,000\nthe first line\n\n"
               b"2\n00:00:02,000 --> 00:00:04,000\nthe first line\nand the second\n")
     assert [c.text for c in parse_transcript(rolled, "b.srt")] == ["the first line", "and the second"]
+
+
+def test_hls_webvtt_segments_joined_without_blank_lines_leave_no_headers_in_the_text() -> None:
+    """HLS captions come as WebVTT segments, each with its header (often a BOM first, an X-TIMESTAMP-MAP after):
+    joined without a blank line before a header, the header ran into the previous cue's text ("line 10 WEBVTT
+    X-TIMESTAMP-MAP=…", shown and indexed)."""
+    header = b"\xef\xbb\xbfWEBVTT\nX-TIMESTAMP-MAP=MPEGTS:900000,LOCAL:00:00:00.000\n"
+    joined = (b"WEBVTT\n\n00:00:01.000 --> 00:00:02.000\nline one\n\n00:00:10.000 --> 00:00:12.000\nline 10\n"
+              + header + b"\n00:00:13.000 --> 00:00:14.000\nline 13\n")
+    spaced = b"WEBVTT\n\n00:00:01.000 --> 00:00:02.000\nline one\n\n" + header + b"\n00:00:13.000 --> 00:00:14.000\nline 13\n"
+    for data in (joined, spaced):
+        cues = parse_transcript(data, "hls.vtt")
+        assert all("WEBVTT" not in c.text and "MPEGTS" not in c.text for c in cues), cues
+        assert [c.text for c in cues][-1] == "line 13" and cues[0].text == "line one"
