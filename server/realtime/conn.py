@@ -47,6 +47,15 @@ def text_frame(text: str) -> dict[str, Any]:
     return {"type": "websocket.send", "text": text}
 
 
+class _Reply(dict):
+    """A room event sent as the direct answer to a frame (the original of a re-sent message, from before this
+    stream began): a `resume` keeps it queued, as it keeps errors, when the new stream will not send it again."""
+
+    def __init__(self, seq: int, text: str) -> None:
+        super().__init__(type="websocket.send", text=text)
+        self.seq = seq
+
+
 class Conn:
     __slots__ = ("hub", "access", "room", "user", "send", "out", "queue_max", "inflight", "broken", "space",
                  "fill_task", "closer", "main_task", "last_seq", "start_seq", "filling", "pending", "ready",
@@ -208,8 +217,8 @@ class Conn:
 
     def own(self, seq: int, text: str) -> None:
         """The original of a re-sent message: deliver it once, in order if it belongs to this stream."""
-        if seq <= self.start_seq:
-            self.push(text_frame(text))  # before this connection's stream: the client has not had it here
+        if seq <= self.start_seq:  # before this connection's stream: the client has not had it here
+            self.push(_Reply(seq, text))
         else:
             self.offer(seq, text_frame(text))
 
@@ -271,7 +280,8 @@ class Conn:
         self.stop_fill()
         # queued room events go (the new stream sends them again); errors, pongs and personal events stay. A send
         # already waiting for the transport goes first: it precedes the new welcome
-        self.out = deque(m for m in self.out if _kind(m["text"]) not in SEQUENCED)
+        self.out = deque(m for m in self.out if (m.seq <= after if isinstance(m, _Reply)
+                                                 else _kind(m["text"]) not in SEQUENCED))
         self.out_chars = sum(len(m["text"]) for m in self.out)
         self.last_seq = self.start_seq = after
         for seq in [s for s in self.pending if s <= after]:

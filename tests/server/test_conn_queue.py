@@ -62,6 +62,23 @@ async def test_resume_keeps_queued_errors_and_personal_events():
     assert len(sent) == 1
 
 
+async def test_resume_keeps_the_reply_to_a_re_sent_message():
+    """A message re-sent on a connection opened after its original (`?after=` past it) gets that original as its
+    reply; a `resume` while it was queued dropped it with the room events, and the new stream (after a seq past
+    it) never sent it: the client's re-send went unanswered. A resume from before it leaves it to the stream."""
+    for after, kept in ((100, True), (50, False)):
+        conn, sent = _paused()
+        conn.ready, conn.filling = True, False
+        conn.last_seq = conn.start_seq = 100
+        conn.push(text_frame(json.dumps({"type": "pong", "ref": "first"})))  # in flight
+        conn.own(90, _event(90))  # the original of the re-sent message
+        conn.offer(101, text_frame(_event(101)))
+        conn.restart(after)
+        assert [json.loads(m["text"]).get("seq") for m in conn.out] == ([90] if kept else []), after
+        if conn.fill_task is not None:
+            conn.fill_task.cancel()
+
+
 async def test_the_queue_is_bounded_by_its_text_too(monkeypatch):
     """A count of frames alone let a replay of the largest messages (4,000 emoji: 16 KB each) hold 750 of them,
     ~12 MB, per socket of a reader that reads nothing. The replay also waits at three quarters of
