@@ -84,11 +84,13 @@ class Presence(Event, tag="presence"):
 
 
 class Typing(Event, tag="typing"):
-    """Ephemeral, never stored; not echoed to the typist."""
+    """Ephemeral, never stored; not echoed to the typist. A start carries `expires_in`: show it that long unless
+    another start comes (a server process that dies with the typist's socket sends no stop)."""
 
     room: str
     user: UserRef
     active: bool
+    expires_in: float = 0.0
 
 
 class Error(Event, tag="error"):

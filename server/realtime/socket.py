@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 CLOSE_BAD_REQUEST = 4400
 CLOSE_TRY_AGAIN = 1013  # RFC 6455 "try again later": a service the checks need is unreachable
 TYPING_EVERY_S = 2.0
+TYPING_EXPIRES_S = 3 * TYPING_EVERY_S  # a start's `expires_in`: clients clear it then unless another start came
 RESUME_EVERY_S = 1.0  # a resume replays from Postgres: at most one a second per connection
 # Frames of any type one connection may send per second, and at once (at least twice the send budget). Beyond,
 # frames are dropped unread (with one `rate_limited` error a second); a connection that keeps on past another
@@ -348,7 +349,8 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
         elif not conn.typing_active:
             return
         conn.typing_active = frame.active
-        await publish(hub.redis, room_topic(conn.room), Typing(room=conn.room, user=conn.user, active=frame.active))
+        await publish(hub.redis, room_topic(conn.room), Typing(room=conn.room, user=conn.user, active=frame.active,
+                                                               expires_in=TYPING_EXPIRES_S if frame.active else 0.0))
     elif isinstance(frame, frames.Resume):
         wait = conn.resumed_at + RESUME_EVERY_S - time.monotonic()
         if wait > 0:

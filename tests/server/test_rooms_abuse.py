@@ -38,10 +38,13 @@ async def test_typing_is_throttled_per_user_not_per_socket_and_never_from_the_mu
     await asyncio.sleep(0.5)
     starts = [f for f in await w.quiet(1.0) if f["type"] == "typing" and f["active"]]
     assert len(starts) == 1, starts  # one start for the user, whatever the number of their sockets
+    # a start says how long to show it (a process that dies with the typist's socket sends no stop)
+    assert starts[0]["expires_in"] == 6.0
     # the tab that announced it closes without a stop: the room hears the stop
     await asyncio.gather(*(t.close() for t in tabs))
     stops = [f for f in await w.quiet(1.0) if f["type"] == "typing" and not f["active"]]
     assert [f["user"]["id"] for f in stops] == [typist.id], stops
+    assert "expires_in" not in stops[0]
     with httpx.Client(base_url=server, timeout=30) as c:
         assert c.post(f"/api/v1/rooms/{course.room}/mutes", json={"user_id": muted.id, "seconds": 60},
                       headers=course.instructor.h).status_code == 201
