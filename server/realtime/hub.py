@@ -137,6 +137,7 @@ class Hub:
         self._pong_at = asyncio.get_running_loop().time()
         self._tasks = [asyncio.create_task(self._read(), name="hub-read"),
                        asyncio.create_task(self._tick(), name="hub-tick"),
+                       asyncio.create_task(self._repair_gaps(), name="hub-gap-repair"),
                        asyncio.create_task(self._beat(), name="hub-heartbeat"),
                        asyncio.create_task(self._watch(), name="hub-watch")]
         logger.info("realtime hub started", extra={"fields": {"proc": self.proc}})
@@ -554,8 +555,7 @@ class Hub:
             self._cut_stalled()
             if time.monotonic() - self._rechecked_at >= RECHECK_EVERY_TTLS * self.settings.presence_ttl_s:
                 self._recheck_soon(paced=True)
-            # the gap repair first: Postgres only, it must not wait behind duties stuck on an unreachable Redis
-            for duty in (self._catch_up, self._sweep_presence, self._reap_dead_procs, self._settle_orphans,
+            for duty in (self._sweep_presence, self._reap_dead_procs, self._settle_orphans,
                          self._unsubscribe_idle, self._unpublished_polls, self._close_attendance, self._close_unlisted,
                          self._due_boards, self._resend_left):
                 try:
@@ -566,6 +566,20 @@ class Hub:
                     raise
                 except Exception:  # noqa: BLE001 (TimeoutError included)
                     self._complain(duty.__name__, "hub duty %s failed", duty.__name__)
+
+    async def _repair_gaps(self) -> None:
+        """The gap repair (`_catch_up`), on a loop of its own: it needs only Postgres, and while Redis hangs it is
+        the only way events committed elsewhere reach this process's sockets; behind the tick's duties (each may
+        take two ticks against a hanging Redis) it ran every half minute or more."""
+        while True:
+            await asyncio.sleep(self.tick_s)
+            try:
+                await asyncio.wait_for(self._catch_up(), timeout=self.tick_s * 2)
+                self._failing.pop("_catch_up", None)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 (TimeoutError included)
+                self._complain("_catch_up", "hub duty %s failed", "_catch_up")
 
     def _complain(self, key: str, msg: str, *args: object) -> None:
         """A failure that repeats every tick while Redis or Postgres is down: logged with its traceback the first

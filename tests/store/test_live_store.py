@@ -89,6 +89,32 @@ async def test_a_slow_duty_does_not_stop_the_heartbeat(settings, xp_store, monke
         await hub.stop()
 
 
+async def test_the_gap_repair_does_not_wait_behind_duties_stuck_on_redis(settings, xp_store, monkeypatch):
+    """The gap repair (Postgres only) ran first in the tick's loop, but a duty stuck on a hanging Redis (each may
+    take two ticks) held back the next round's: events committed elsewhere reached sockets only every half minute
+    or more, while the repair is the only way they arrive. It runs on a loop of its own."""
+    from dataclasses import replace
+
+    pool, redis = xp_store
+    hub = Hub(replace(settings, presence_ttl_s=0.9), pool, redis)  # a tick of 0.3 s
+    repairs = []
+
+    async def stalls() -> None:
+        await asyncio.sleep(30)
+
+    async def catch_up() -> None:
+        repairs.append(asyncio.get_running_loop().time())
+
+    monkeypatch.setattr(hub, "_sweep_presence", stalls)
+    monkeypatch.setattr(hub, "_catch_up", catch_up)
+    await hub.start()
+    try:
+        await asyncio.sleep(2.5)
+    finally:
+        await hub.stop()
+    assert len(repairs) >= 5, repairs  # a round a tick, not one every 2 ticks per stuck duty
+
+
 async def test_a_failed_user_subscribe_is_tried_again(settings, xp_store):
     """If subscribing to a user's personal topic fails, the hub does not mark it done: the user's next connection
     on this process subscribes, and their personal events (grades, XP, revocations) reach them."""
