@@ -222,10 +222,15 @@ def _parse_llm(text: str, criteria: list[Criterion]) -> dict[str, Any]:
         if got is None:
             raise ValueError(f"the model's reply has no score for criterion {c['name']!r}")
         points = float(c["points"])
+        if not -0.005 <= got.score <= points + 0.005:  # another scale (0-100 for a 10-point criterion): not ours to
+            # cap, which made 70 and 40 of two 10-point criteria full marks
+            raise ValueError(f"the model's reply scores {c['name']!r} {got.score:g}, outside 0-{points:g} points")
         scores.append({"name": c["name"], "points": points, "score": criterion_score(points, got.score),
                        "justification": _clean(got.justification, 500)})
+    if not 0.0 <= grade.confidence <= 1.0:  # (a percentage, or NaN)
+        raise ValueError(f"the model's reply gives a confidence of {grade.confidence:g}, outside 0-1")
     fb = grade.feedback
-    return {"scores": scores, "total": total_of(scores), "confidence": min(1.0, max(0.0, grade.confidence)),
+    return {"scores": scores, "total": total_of(scores), "confidence": grade.confidence,
             "feedback": {"right": _clean(fb.right, 1000), "missing": _clean(fb.missing, 1000),
                          "improve": _clean(fb.improve, 1000)}}
 

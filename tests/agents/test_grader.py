@@ -159,7 +159,13 @@ def scored(*criteria: tuple[str, float], feedback: dict | None = None) -> Reply:
 
 
 @pytest.mark.parametrize("reply", [scored(("complexity", 40)),  # idea missing: not complexity's score twice
-                                   scored(("idea", 60), ("idea", 10), ("complexity", 40))])
+                                   scored(("idea", 60), ("idea", 10), ("complexity", 40)),
+                                   # another scale: capped, 70 of 60 and 90 of 40 were full marks
+                                   scored(("idea", 70), ("complexity", 90)), scored(("idea", -5), ("complexity", 40)),
+                                   Reply(json.dumps({"criteria": [{"name": "idea", "score": 50, "justification": "ok"},
+                                                                  {"name": "complexity", "score": 30,
+                                                                   "justification": "ok"}],
+                                                     "confidence": 90, "feedback": {}}))])
 async def test_a_reply_missing_a_criterion_or_scoring_one_twice_is_not_used(embedder, fake, reply):
     llm = openai_llm(fake)
     fake.script(reply)
