@@ -214,6 +214,25 @@ def masked(text: str, answers: list[str]) -> str:
     return head + tail
 
 
+def gives_away(text: str, reference: str) -> bool:
+    """Whether `text` (a title or concept learners see) says a written answer's reference: half or more of the
+    reference's words of four letters or more (by their first five letters; at least two), or every one of them. A
+    chapter's extractive title is one of its key sentences, often the very one a short answer's reference is."""
+    ref = {w[:5] for w in re.findall(r"[^\W_]{4,}", reference.lower())}
+    if not ref:
+        return False
+    have = {w[:5] for w in re.findall(r"[^\W_]{4,}", text.lower())}
+    return ref <= have or len(ref & have) >= max(2, (len(ref) + 1) // 2)
+
+
+def neutral_title(prompt: str, title: str) -> str:
+    """A title that says what an item is about without its answer: the prompt's quoted keyword, else "Written
+    answer", with the title's moment."""
+    at = _AT.search(title)
+    kw = re.search(r"\u201c([^\u201d]{1,60})\u201d", prompt)
+    return (f"About \u201c{kw.group(1)}\u201d" if kw else "Written answer") + (at.group() if at else "")
+
+
 def _seed(*parts: object) -> int:
     return int(hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
 

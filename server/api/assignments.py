@@ -407,24 +407,33 @@ class AssignmentController(Controller):
                             drafts: list, key: str | None, generator: str, asked: bytes) -> list | None:
         """The drafts stored, in one transaction; None when a generation with the same Idempotency-Key stored its
         own meanwhile (these are rolled back: that one's stand)."""
-        from agents.generate import masked
+        from agents.generate import gives_away, masked, neutral_title
 
         # learners see every item's title and concept: none may give away the answer of any item of its chapter
-        # (the items of a chapter share its title, which is often the very sentence an answer was blanked from)
+        # (the items of a chapter share its title, which is often the very sentence an answer was blanked from, or
+        # the one a short answer's reference is)
         by_chapter: dict[int, list[str]] = {}
+        written: dict[int, list[str]] = {}
         for ch, it in drafts:
             by_chapter.setdefault(ch["id"], []).extend(it.options[i] for i in it.correct or [])
+            if it.reference_answer:
+                written.setdefault(ch["id"], []).append(it.reference_answer)
         try:
             async with conn.transaction():
                 rows = []
                 for ch, it in drafts:
-                    answers = by_chapter[ch["id"]]
-                    fields = {"type": it.type, "title": masked(it.title, answers), "prompt": it.prompt,
+                    answers, refs = by_chapter[ch["id"]], written.get(ch["id"], [])
+                    title, concept = masked(it.title, answers), masked(ch["title"], answers)
+                    if any(gives_away(title, r) for r in refs):
+                        title = neutral_title(it.prompt, it.title)
+                    if any(gives_away(concept, r) for r in refs):
+                        concept = neutral_title(it.prompt, "")
+                    fields = {"type": it.type, "title": title, "prompt": it.prompt,
                               "difficulty": it.difficulty, "options": it.options, "correct": it.correct,
                               "reference_answer": it.reference_answer,
                               "rubric": [] if it.type == "multiple_choice" else DEFAULT_RUBRIC,
                               "video_id": video_id, "chapter_id": ch["id"],
-                              "concept": masked(ch["title"], answers), "citation": it.citation}
+                              "concept": concept, "citation": it.citation}
                     rows.append(await repo.create(conn, course_id, user_id, fields, origin="generated"))
                 if key is not None and await conn.fetchval(
                         """INSERT INTO generation_requests (course_id, client_key, user_id, generator, assignment_ids,

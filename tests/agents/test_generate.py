@@ -7,7 +7,8 @@ import json
 import pytest
 
 from agents.embedder import local_minilm
-from agents.generate import Sentence, _blank, _distractors, _WORD, llm_items, masked, offline_items
+from agents.generate import (Sentence, _blank, _distractors, _WORD, gives_away, llm_items, masked, neutral_title,
+                             offline_items)
 from agents.llm import OpenAIChat
 from tests.agents.fake_llm_servers import FakeLLMServer, Reply
 
@@ -126,6 +127,18 @@ def test_a_title_or_concept_does_not_give_the_answer_away(embedder):
     assert masked("Go or Rust", ["Go"]) == "… or Rust"
     only_mc = offline_items("Hash tables", 5, CHAPTER, [], 4, "medium", ["multiple_choice"], embedder)
     assert all(i.type == "multiple_choice" for i in only_mc)  # never a kind that was not asked for
+    # a short answer's reference: a chapter title that is the same sentence (an extractive title is a key sentence)
+    # was the item's title, the answer beside its question; masking its words would leave nothing: a neutral title
+    ref = "Mitochondria produce ATP through cellular respiration inside every eukaryotic cell."
+    title = "Mitochondria produce ATP through cellular respiration inside every eukaryotic ce (0:05)"
+    assert gives_away(title, ref) and gives_away("Mitochondria produce ATP through cellular respiration", ref)
+    assert not gives_away("Alice pays Bob $20, Bob pays Charlie $40, things like that (7:07)",
+                          "That way, if Alice pays Bob $100 multiple times, each one of those lines on the ledger "
+                          "requires a completely new signature.")
+    assert not gives_away("Cells and energy", ref) and not gives_away("anything", "a b c")
+    prompt = "Explain in your own words what the lecture says about \u201ccellular\u201d. (lecture at 0:05)"
+    assert neutral_title(prompt, title) == "About \u201ccellular\u201d (0:05)"
+    assert neutral_title("What is it?", "Some title") == "Written answer"
 
 
 def test_distractor_words_are_weighed_once_per_request_not_once_per_chapter_pair():
