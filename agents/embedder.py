@@ -414,7 +414,9 @@ class OpenAIEmbedder:
         if status in (400, 404, 422):
             return EmbedderMisconfigured(f"{self.name}: the embedding service rejected the request (HTTP {status}): "
                                          "check the model name and base URL")
-        return EmbedderError(f"{self.name}: the embedding service failed: {exc}")
+        from agents.llm import _redact  # a gateway echoing a bad key puts it in the text, then in logs
+
+        return EmbedderError(_redact(f"{self.name}: the embedding service failed: {exc}"))
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Embed texts, at most 2048 per request; rows are unit vectors in input order."""

@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from agents.embedder import EmbedderError
 from agents.llm import LLMError
 from store.embedded import EmbeddedError, Services, ensure_services
+from store.migrate import MigrationError
 from store.keys import INGEST_QUEUE
 from store.settings import Settings, load_settings
 
@@ -773,7 +774,8 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # (the interpreter's flush at exit must not fail again)
         return 128 + signal.SIGPIPE.value
-    except (EmbedderError, LLMError, EmbeddedError) as exc:  # a model service, or an embedded server, that fails
+    except (EmbedderError, LLMError, EmbeddedError, MigrationError) as exc:  # a model service, an embedded server
+        # or a migration that fails (named)
         print(f"studyhall: {exc}", file=sys.stderr)
         return 2
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError) as exc:

@@ -32,13 +32,17 @@ _EARLIER = {27: {"1515e88b4b5e404b7bec136d91c7b6bf8a8a24084d94dbb1547400dad19004
 WAIT_LOG_S = 30.0  # while waiting for another process's migration, say who holds it this often
 
 
+class MigrationError(RuntimeError):
+    """A migration that could not be applied, naming it (the CLI says it in one line)."""
+
+
 def migration_files() -> list[tuple[int, str, str]]:
     """(version, filename, sql) for each migration, in order."""
     out = []
     for path in sorted(MIGRATIONS_DIR.iterdir()):
         m = _NAME.match(path.name)
         if m:
-            out.append((int(m.group(1)), path.name, path.read_text()))
+            out.append((int(m.group(1)), path.name, path.read_text(encoding="utf-8")))  # not the locale's
         elif path.suffix == ".sql":  # skipped quietly, it would never be applied
             raise RuntimeError(f"migration file {path.name} is not named NNNN_lowercase_words.sql")
     versions = [v for v, _, _ in out]
@@ -94,10 +98,13 @@ async def migrate(dsn: str) -> list[str]:
                         await _repair_indexes(conn, name, sql, invalid)  # recorded by an older runner: built again
                     continue
                 logger.info("applying migration %s", name)
-                if sql.startswith(NO_TRANSACTION):
-                    await _apply_outside(conn, version, name, sql, checksum)
-                else:
-                    await _apply(conn, version, name, sql, checksum)
+                try:
+                    if sql.startswith(NO_TRANSACTION):
+                        await _apply_outside(conn, version, name, sql, checksum)
+                    else:
+                        await _apply(conn, version, name, sql, checksum)
+                except asyncpg.PostgresError as exc:  # (nothing of it is recorded: it is applied again next start)
+                    raise MigrationError(f"migration {name} failed: {type(exc).__name__}: {exc}") from exc
                 applied_now.append(name)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
@@ -121,7 +128,7 @@ async def _apply(conn: asyncpg.Connection, version: int, name: str, sql: str, ch
             return
         except asyncpg.LockNotAvailableError as exc:
             if time.monotonic() + pause > give_up:
-                raise RuntimeError(f"migration {name} could not take its locks for {LOCK_RETRY_FOR_S:g} s: a long "
+                raise MigrationError(f"migration {name} could not take its locks for {LOCK_RETRY_FOR_S:g} s: a long "
                                    f"transaction holds a table it changes ({exc})") from exc
             logger.warning("migration %s waits for a table a transaction holds; trying again in %g s", name, pause)
             await asyncio.sleep(pause)

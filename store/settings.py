@@ -161,11 +161,11 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         worker_quick_jobs=_bounded("STUDYHALL_WORKER_QUICK_CONCURRENCY", 4, 1, 1000),
         db_pool_max=_bounded("STUDYHALL_DB_POOL_MAX", 20, 2, 1000),
         openai_api_key=_key("OPENAI_API_KEY"),
-        openai_base_url=_str("OPENAI_BASE_URL"),
+        openai_base_url=_url("OPENAI_BASE_URL", ("http", "https")),
         openai_model=_str("OPENAI_MODEL", "gpt-4o-mini") or "gpt-4o-mini",
         openai_embed_model=_str("OPENAI_EMBED_MODEL", "text-embedding-3-small") or "text-embedding-3-small",
         anthropic_api_key=_key("ANTHROPIC_API_KEY"),
-        anthropic_base_url=_str("ANTHROPIC_BASE_URL"),
+        anthropic_base_url=_url("ANTHROPIC_BASE_URL", ("http", "https")),
         anthropic_model=_str("ANTHROPIC_MODEL", "claude-sonnet-4-5") or "claude-sonnet-4-5",
         llm_provider=_choice("STUDYHALL_LLM", None, ("auto", "extractive", "openai", "anthropic")),
         ws_max_text=_bounded("STUDYHALL_WS_MAX_TEXT", 4000, 1, 10_000),
@@ -212,7 +212,8 @@ def _masked(url: str) -> str:
 
 
 def _url(name: str, schemes: tuple[str, ...]) -> str | None:
-    """A server's URL (unset: the embedded one); one of another kind stops the start naming the variable."""
+    """A server's URL (unset: the embedded one, or the provider's own); one of another kind (or none: "localhost:
+    11434/v1" was taken, then every request failed) stops the start naming the variable."""
     raw = _str(name)
     if raw is None:
         return None

@@ -333,3 +333,11 @@ def test_an_embedding_model_that_cannot_serve_is_a_misconfiguration_not_an_outag
     err = embedder_api_error(info.value)
     assert (err.status_code, err.code, err.retry_after) == (503, "embedder_misconfigured", None)
     assert embedder_api_error(EmbedderError("down")).code == "embedder_unavailable"
+
+
+def test_an_embedding_failure_that_quotes_a_key_is_masked():
+    """The LLM path masked credentials in errors; the embedder passed the service's text on as it was, into logs
+    and CLI output (a gateway echoing the bad key)."""
+    emb = OpenAIEmbedder("text-embedding-3-small", api_key="sk-test", base_url="http://127.0.0.1:9/v1")
+    err = emb._failed(RuntimeError("invalid key sk-proj-SECRETSECRET1234 (Authorization: Bearer abc.def)"))
+    assert "SECRETSECRET" not in str(err) and "abc.def" not in str(err) and "sk-***" in str(err), str(err)

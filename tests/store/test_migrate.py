@@ -238,8 +238,9 @@ def test_an_index_migration_builds_concurrently_and_rebuilds_what_a_failed_build
     (tmp_path / "0002_index.sql").write_text(
         m.NO_TRANSACTION + "\n-- one index\nCREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS t_x ON t (x);\n"
         "CREATE INDEX CONCURRENTLY IF NOT EXISTS t_x2 ON t ((x * 2));\n")
-    with pytest.raises(asyncpg.UniqueViolationError):
+    with pytest.raises(m.MigrationError, match="migration 0002_index.sql failed: UniqueViolationError") as failed:
         run_sync(m.migrate(dsn))
+    assert isinstance(failed.value.__cause__, asyncpg.UniqueViolationError)
 
     async def fix_and_look() -> list:  # type: ignore[type-arg]
         conn = await asyncpg.connect(dsn)
@@ -328,3 +329,26 @@ def test_upgrade_pads_stored_embeddings_to_the_wider_column(settings):
     assert rows[2]["e"] is None and {r["embed_model"] for r in rows} == {"openai:text-embedding-3-small@384"}
     a, b = old
     assert cos == pytest.approx(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)), abs=1e-5)
+
+
+def test_a_migration_that_fails_is_named_in_one_line(settings, tmp_path):
+    """A migration's SQL error reached the CLI as "DuplicateTableError: …" with no word of which file, and one that
+    could not take its locks as a traceback: both now name the migration, in one line, exit status 2."""
+    from store.migrate import MigrationError
+
+    dsn = _fresh_db(settings)
+
+    async def squat() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("CREATE TABLE tenants (id int)")  # in the way of 0001
+        finally:
+            await conn.close()
+
+    run_sync(squat())
+    with pytest.raises(MigrationError, match="migration 0001_init.sql failed: DuplicateTableError"):
+        run_sync(migrate(dsn))
+    out = subprocess.run([sys.executable, "-m", "server.cli", "migrate"], cwd=ROOT, capture_output=True, text=True,
+                         env=clean_env(tmp_path / "d", DATABASE_URL=dsn, REDIS_URL=settings.redis_url), timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "migration 0001_init.sql failed: DuplicateTableError" in out.stderr, out.stderr

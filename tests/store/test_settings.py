@@ -25,7 +25,10 @@ def test_a_value_outside_its_range_stops_startup_and_one_inside_is_taken(monkeyp
                                       ("DATABASE_URL", "postgresql://postgres@127.0.0.1:abc/studyhall"),
                                       ("REDIS_URL", "redis://127.0.0.1:99999/0"), ("REDIS_URL", "redis://h:6379/0x"),
                                       ("STUDYHALL_YOUTUBE_PROXY", "socks5://127.0.0.1:1080"),
-                                      ("STUDYHALL_YOUTUBE_PROXY", "proxy.example:3128")])
+                                      ("STUDYHALL_YOUTUBE_PROXY", "proxy.example:3128"),
+                                      # a base URL without its scheme was taken, then every request failed
+                                      ("OPENAI_BASE_URL", "localhost:11434/v1"),
+                                      ("ANTHROPIC_BASE_URL", "ftp://gateway/v1")])
 def test_a_misspelt_choice_or_a_bad_port_stops_startup(monkeypatch, tmp_path, name, raw):
     """Caught at the start, not as a 500 on every ask or a traceback once logging starts."""
     monkeypatch.setenv(name, raw)
@@ -93,7 +96,8 @@ def test_a_provider_named_without_its_key_stops_startup(monkeypatch, tmp_path, e
 
 def test_urls_that_connect_are_taken(monkeypatch, tmp_path):
     for name, raw in (("DATABASE_URL", "postgresql://a@h1:5432,h2:5433/db"), ("REDIS_URL", "unix:///tmp/r.sock?db=1"),
-                      ("REDIS_URL", "redis://h:6379"), ("REDIS_URL", "rediss://u:p@h:6380/3")):
+                      ("REDIS_URL", "redis://h:6379"), ("REDIS_URL", "rediss://u:p@h:6380/3"),
+                      ("OPENAI_BASE_URL", "http://127.0.0.1:11434/v1"), ("ANTHROPIC_BASE_URL", "https://gw.example/")):
         monkeypatch.setenv(name, raw)
         assert getattr(load_settings(tmp_path), name.lower()) == raw
 
