@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,13 +25,16 @@ just very about up out over under more most less some any all each both such onl
 """.split())
 NEGATIONS = frozenset("""not no never none nothing cannot cant dont doesnt isnt wont wouldnt arent didnt nor
 neither wasnt werent hasnt havent hadnt shouldnt couldnt mustnt neednt aint shant""".split())
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+# Words of any script ("größe", "энергия"), not only ASCII: an answer in Russian or Greek had no words at all, so it
+# covered none of its reference's key concepts and scored as empty (offline), and against a model's grade was held
+# for review every time.
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 _SUFFIXES = ("ational", "ization", "fulness", "ousness", "iveness", "ations", "ation", "ement", "ments", "ment",
              "ness", "ities", "ity", "ings", "ing", "edly", "ies", "ied", "ed", "ly", "es", "er", "s")
 
 
 def words(text: str) -> list[str]:
-    return [w.replace("'", "") for w in _WORD.findall(text.lower())]
+    return [w.replace("'", "") for w in _WORD.findall(unicodedata.normalize("NFC", text).lower())]
 
 
 def stem(word: str) -> str:

@@ -54,6 +54,17 @@ async def test_offline_scores_each_criterion_with_feedback_and_moment(embedder):
     assert "you mention" in half["feedback"]["right"] and "logarithmic" in half["feedback"]["right"], half
 
 
+async def test_an_answer_in_another_script_has_words(embedder):
+    """Words were [a-z0-9]: a Russian answer word for word its reference had no words, covered "0 of 0 key
+    concepts" and scored as empty offline (and, against a model's grade, was held every time)."""
+    ru = "Клетки получают энергию благодаря митохондриям, которые производят АТФ при дыхании."
+    state = {**inputs(ru), "question": "Откуда клетки получают энергию?", "reference": ru}
+    same = await grader.grade(state, embedder=embedder)
+    assert same["total"] >= 80, same
+    assert all("0 of 0" not in s["justification"] for s in same["scores"]), same["scores"]
+    assert scoring.words("Größe und энергия, don't") == ["größe", "und", "энергия", "dont"]
+
+
 def test_a_shared_start_is_no_match_and_current_is_no_negation():
     """Concept matching took a shared five-letter start for a match ("translation" credited as "transcription",
     "positive" as "position"), and any word ending in "nt" ("current", "different", "point") for a negation."""
