@@ -287,6 +287,11 @@ async def _llm(state: GradeState, config: RunnableConfig) -> dict[str, Any]:
             # wording, which counts the missing ideas instead of naming them
             logger.warning("LLM grader feedback restated the reference answer; its %r part was dropped", part)
             out["feedback"][part] = ""
+    offline = {s["name"]: s["justification"] for s in state.get("scores") or []}
+    for s in out["scores"]:  # learners read each criterion's justification too
+        if _restates(s["justification"], state.get("reference", ""), state["question"], state["answer"]):
+            logger.warning("LLM grader justification restated the reference answer; the offline one is shown")
+            s["justification"] = offline.get(s["name"]) or "Scored against the expected answer."
     return out
 
 
@@ -297,14 +302,23 @@ LEAK_RUN = 8  # consecutive words of the reference
 
 def _restates(text: str, reference: str, question: str, answer: str) -> bool:
     """Whether feedback gives the reference answer away: most of its own words (those neither the question nor the
-    learner's answer has), or a run of LEAK_RUN of its words in a row."""
+    learner's answer has), or a run of LEAK_RUN of its words in a row; for a short reference (under four words
+    of four letters or more: "Paris", "O(n log n)"), every one of its own words, or the whole of it where the
+    learner's answer does not have it."""
     if not text or not reference:
         return False
     said = set(_WORD.findall(f"{question} {answer}".lower()))
-    own = set(_WORD.findall(reference.lower())) - said
-    words = _WORD.findall(text.lower())
-    if len(own) >= 4 and len(own & set(words)) >= LEAK_SHARE * len(own):
+    whole = set(_WORD.findall(reference.lower()))
+    own = whole - said
+    words = set(_WORD.findall(text.lower()))
+    if len(own) >= 4 and len(own & words) >= LEAK_SHARE * len(own):
         return True
+    if len(whole) < 4:  # a short reference: any part of it is most of it
+        if own and own <= words:
+            return True
+        ref, low = " ".join(reference.lower().split()).rstrip("."), " ".join(text.lower().split())
+        if ref and ref in low and ref not in " ".join(answer.lower().split()):
+            return True
     ref = reference.lower().split()
     runs = {tuple(ref[i:i + LEAK_RUN]) for i in range(len(ref) - LEAK_RUN + 1)}
     low = text.lower().split()

@@ -309,3 +309,27 @@ async def test_feedback_that_gives_the_reference_answer_away_is_dropped(embedder
     # what the learner wrote themselves is no leak when the feedback repeats it
     assert not grader._restates("You say it halves the sorted interval.", REFERENCE, QUESTION,
                                 "It halves the sorted interval.")
+
+
+def test_a_short_reference_or_a_justification_does_not_leak_either():
+    """The leak check needed four of the reference's own words: "The correct answer is Paris." passed for a
+    reference of "Paris", as did "O(n log n)"; and criterion justifications, shown to learners too, were never
+    checked."""
+    q = "What is the capital of France?"
+    assert grader._restates("The correct answer is Paris.", "Paris", q, "Lyon")
+    assert grader._restates("It is O(n log n), not O(n^2).", "O(n log n)", "How fast is merge sort?", "quadratic")
+    assert not grader._restates("Right: Paris.", "Paris", q, "Paris")  # the learner's own word
+    assert not grader._restates("Check the lecture on capitals.", "Paris", q, "Lyon")
+    assert not grader._restates("Say why each step helps.", REFERENCE, QUESTION, "")
+
+
+async def test_a_justification_that_gives_the_answer_away_is_replaced(embedder, fake):
+    llm = openai_llm(fake)
+    leak = "The reference says it halves the sorted interval at every step and so needs logarithmic time."
+    fake.script(Reply(json.dumps({"criteria": [{"name": "idea", "score": 20, "justification": leak},
+                                               {"name": "complexity", "score": 5, "justification": "No."}],
+                                  "confidence": 0.9, "feedback": {"right": "ok", "missing": "more", "improve": "x"}})))
+    out = await grader.grade(inputs("It is a search."), embedder=embedder, llm=llm)
+    idea = next(s for s in out["scores"] if s["name"] == "idea")
+    assert idea["score"] == 20 and "logarithmic" not in idea["justification"] and idea["justification"], idea
+    assert next(s for s in out["scores"] if s["name"] == "complexity")["justification"] == "No."
