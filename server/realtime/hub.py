@@ -571,15 +571,19 @@ class Hub:
         """The gap repair (`_catch_up`), on a loop of its own: it needs only Postgres, and while Redis hangs it is
         the only way events committed elsewhere reach this process's sockets; behind the tick's duties (each may
         take two ticks against a hanging Redis) it ran every half minute or more."""
+        await self._every_tick("_catch_up", "hub duty _catch_up failed")
+
+    async def _every_tick(self, duty: str, failed: str) -> None:
+        """Run the method named `duty` every tick, each run bounded to two ticks; failures are complained of."""
         while True:
             await asyncio.sleep(self.tick_s)
             try:
-                await asyncio.wait_for(self._catch_up(), timeout=self.tick_s * 2)
-                self._failing.pop("_catch_up", None)
+                await asyncio.wait_for(getattr(self, duty)(), timeout=self.tick_s * 2)
+                self._failing.pop(duty, None)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 (TimeoutError included)
-                self._complain("_catch_up", "hub duty %s failed", "_catch_up")
+                self._complain(duty, failed)
 
     def _complain(self, key: str, msg: str, *args: object) -> None:
         """A failure that repeats every tick while Redis or Postgres is down: logged with its traceback the first
@@ -603,15 +607,7 @@ class Hub:
     async def _beat(self) -> None:
         """The process's heartbeat on its own schedule: slow duties (a busy pool, many rooms) must never make
         other processes take this live one for dead and close its attendance."""
-        while True:
-            await asyncio.sleep(self.tick_s)
-            try:
-                await asyncio.wait_for(self._heartbeat(), timeout=self.tick_s * 2)
-                self._failing.pop("beat", None)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001
-                self._complain("beat", "hub heartbeat failed")
+        await self._every_tick("_heartbeat", "hub heartbeat failed")
 
     async def _long_expired(self) -> list[str]:
         """Other processes whose lease has lapsed and stayed lapsed for a whole lease since this process first
