@@ -481,13 +481,15 @@ def orphan_after_s(settings: Any) -> float:
     return max(ORPHAN_AFTER_S, answer_budget_s(settings) + SLOT_SPARE_S)
 
 
+OWN_STALE_SPARE_S = 120.0
+
+
 def own_stale_after_s(settings: Any) -> float:
     """A hold of a live process this old has no answer working on it: longer than an answer may take, then its
     reply's tries while Postgres is away, and a spare for a try's own wait on the pool."""
     return orphan_after_s(settings) + REPLY_RETRY_S + OWN_STALE_SPARE_S
 
 
-OWN_STALE_SPARE_S = 120.0
 RECOVER_BATCH = 50
 
 

@@ -282,6 +282,9 @@ def test_keyword_text_keeps_words_in_any_script():
     # typographic punctuation ends words; what Postgres reads as one word stays one
     assert search.keyword_text("what's the “eigenvalue”—really… «Bayes»") == "what's the eigenvalue really bayes"
     assert search.keyword_text("3.14, k-means and it's") == "3.14 k-means and it's"
+    # invisible marks go, as sh_fold drops them; a zero-width non-joiner is spelling (Persian): kept
+    assert search.keyword_text("wo\u2060rd \u200eleft\u200f") == "word left"
+    assert search.keyword_text("می\u200cخواهم") == "می\u200cخواهم"
     # a search box's query keeps the words a question would not need ("mean", "example", "video")
     assert search.keyword_text("video compression example") == "compression"
     assert search.keyword_text("video compression example", question_words=False) == "video compression example"
