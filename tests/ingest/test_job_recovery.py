@@ -490,7 +490,8 @@ def test_an_internal_failure_is_told_without_the_exceptions_words():
     finally:
         server.shutdown()
         server.server_close()
-    assert "SECRET123" in str(info.value)  # the provider's words, for the log
+    assert "Incorrect API key" in str(info.value)  # the provider's words, for the log, a key in them masked
+    assert "SECRET123" not in str(info.value) and "sk-***" in str(info.value)
     reason, permanent = internal_reason(info.value, 7)
     assert permanent and "SECRET" not in reason and "API key" in reason
     reason, permanent = internal_reason(KeyError("internal detail"), 7)
