@@ -43,7 +43,7 @@ def _start(args: argparse.Namespace, *, one_shot: bool = False) -> tuple[Setting
 
     settings = _settings(args)
     setup_logging("WARNING" if one_shot and not os.environ.get("STUDYHALL_LOG_LEVEL") else settings.log_level)
-    services = ensure_services(settings)
+    services = ensure_services(settings, announce=not one_shot)  # a one-off command is joined by nobody
     return settings.with_urls(services.database_url, services.redis_url), services
 
 

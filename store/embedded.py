@@ -167,8 +167,10 @@ class EmbeddedError(RuntimeError):
     """An embedded server cannot be started here; the message says why and what to do."""
 
 
-def ensure_services(settings: Settings) -> Services:
-    """Return URLs for Postgres and Redis, starting embedded servers for whichever URL is unset."""
+def ensure_services(settings: Settings, *, announce: bool = True) -> Services:
+    """Return URLs for Postgres and Redis, starting embedded servers for whichever URL is unset. `announce`: write
+    the URLs to connection.env for joiners (False for a one-off command: given a URL of its own — `migrate` against
+    another database — it made every later joiner, `up`'s restarted worker included, use that one)."""
     ddir = settings.data_dir
     ddir.mkdir(parents=True, exist_ok=True)
     if settings.database_url and settings.redis_url:
@@ -190,7 +192,8 @@ def ensure_services(settings: Settings) -> Services:
             raise
         users_fd = os.open(ddir / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(users_fd, fcntl.LOCK_SH)
-        write_connection_env(ddir, db_url, redis_url, embedded={"pg": pg_embedded, "redis": redis_embedded})
+        if announce:
+            write_connection_env(ddir, db_url, redis_url, embedded={"pg": pg_embedded, "redis": redis_embedded})
     return Services(
         db_url,
         redis_url,

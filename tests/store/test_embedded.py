@@ -278,6 +278,39 @@ def test_a_joiner_keeps_an_outside_server_announced_as_such(tmp_path):
     assert not (ddir / "pg").exists()  # no embedded Postgres was started
 
 
+def test_a_one_off_command_given_its_own_url_announces_nothing(tmp_path):
+    """`DATABASE_URL=<staging> studyhall migrate` beside a running `up` rewrote connection.env with the staging URL:
+    every later joiner without URLs (a token, an ingest, `up`'s restarted worker) used staging. A one-off command
+    (announce=False) joins what is announced and writes nothing; a lasting process still announces."""
+    from dataclasses import replace
+
+    from store.embedded import ensure_services
+    from store.settings import load_settings
+
+    ddir = tmp_path / "data"
+    ddir.mkdir()
+    outside = [socket.create_server(("127.0.0.1", 0)) for _ in range(3)]  # "outside servers": they answer
+    pg, rd, staging = (s.getsockname()[1] for s in outside)
+    announced = f"DATABASE_URL=postgresql://u@127.0.0.1:{pg}/x\nREDIS_URL=redis://127.0.0.1:{rd}/0\nEMBEDDED=\n"
+    (ddir / "connection.env").write_text(announced)
+    given = replace(load_settings(ddir), database_url=f"postgresql://u@127.0.0.1:{staging}/staging", redis_url=None)
+    try:
+        services = ensure_services(given, announce=False)
+        try:
+            assert services.database_url.endswith("/staging") and services.redis_url.endswith(f":{rd}/0")
+            assert (ddir / "connection.env").read_text() == announced
+        finally:
+            services.close()
+        services = ensure_services(given)  # a server or worker given the URL: joiners follow it
+        try:
+            assert read_connection_env(ddir)["DATABASE_URL"].endswith("/staging")
+        finally:
+            services.close()
+    finally:
+        for s in outside:
+            s.close()
+
+
 def test_postgres_down_is_a_503_to_retry_and_the_server_recovers(tmp_path):
     """With Postgres stopped under a running server, requests were 500 "internal" (a traceback each) and a
     socket opening was refused with an HTTP 403; now 503 `unavailable` with Retry-After, the socket closes
