@@ -457,13 +457,17 @@ def _ensure_redis(ddir: Path) -> str:
         logger.info("starting embedded Redis on 127.0.0.1:%d", port)
         (rdir / "port").write_text(str(port))
         write_owner_only(conf, f"requirepass {_embedded_password(ddir)}\n")
-        subprocess.run(
+        done = subprocess.run(
             [_redis_bin(), str(conf), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(rdir),
              "--daemonize", "yes", "--pidfile", str(rdir / "redis.pid"), "--logfile", str(rdir / "redis.log"),
              "--appendonly", "yes", "--appendfsync", "everysec", "--save", "60 1",
              "--unixsocket", "", "--protected-mode", "yes"],
-            check=True,
+            capture_output=True, text=True,
         )
+        if done.returncode != 0:  # before it daemonized (it was a traceback): what it said, in a line
+            said = " ".join((done.stderr or done.stdout or "").split())[-300:]
+            raise EmbeddedError(f"embedded Redis did not start (exit {done.returncode}){': ' + said if said else ''}; "
+                                f"see {rdir / 'redis.log'}")
         deadline = time.monotonic() + 20
         while not _port_open(port):
             if time.monotonic() > deadline:

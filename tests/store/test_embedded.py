@@ -213,6 +213,21 @@ def test_an_embedded_server_that_will_not_start_is_one_line_and_leaves_nothing_r
     assert _pg_running_port(ddir / "pg") is None  # the Postgres it started is stopped again
 
 
+def test_a_redis_that_exits_before_it_daemonizes_is_one_line(tmp_path, monkeypatch):
+    """redis-server failing before it forked (bad arguments, a binary that cannot run) raised CalledProcessError:
+    a traceback instead of the one line every other start failure gives."""
+    import pytest
+
+    from store import embedded
+
+    fake = tmp_path / "redis-server"
+    fake.write_text("#!/bin/sh\necho 'FATAL CONFIG FILE ERROR: Bad directive' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(embedded, "_redis_bin", lambda: str(fake))
+    with pytest.raises(embedded.EmbeddedError, match="exit 1.*Bad directive"):
+        embedded._ensure_redis(tmp_path / "data")
+
+
 def test_a_postgres_that_will_not_start_says_why(tmp_path):
     from store.embedded import _pg_failure
 
