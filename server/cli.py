@@ -734,9 +734,13 @@ class _Stop(SystemExit):
 
 
 def _on_signal(signum: int, _frame: object) -> None:
-    jobs = sys.modules.get("ingest.jobs")
-    if jobs is not None:  # a job this process runs itself (`ingest` without a worker) is cut by a stop, as a
-        jobs.mark_stopping()  # worker's: its attempt is given back, and a worker's recovery runs it again
+    # a job this process runs itself (`ingest` without a worker) is cut by a stop, as a worker's: its attempt is
+    # given back, and a worker's recovery runs it again. (A stop while the module is still being imported finds it
+    # half made, without mark_stopping: nothing runs yet; the AttributeError made a stopped worker exit 1, and `up`
+    # took that for a crash and started it again.)
+    mark_stopping = getattr(sys.modules.get("ingest.jobs"), "mark_stopping", None)
+    if mark_stopping is not None:
+        mark_stopping()
     raise _Stop(signal.Signals(signum).name)
 
 

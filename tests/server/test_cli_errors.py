@@ -107,3 +107,25 @@ def test_a_reader_gone_away_ends_the_command_quietly(settings, tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 128 + signal.SIGPIPE.value, err
     assert "BrokenPipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_a_stop_while_the_jobs_module_is_still_importing_is_a_stop(monkeypatch):
+    """SIGTERM reaching a worker while `ingest.jobs` was half imported (its `mark_stopping` not defined yet) raised
+    AttributeError: the worker exited 1 instead of stopping, and `up` took that for a crash and started it again."""
+    import signal
+    import types
+
+    import pytest
+
+    from server import cli
+
+    monkeypatch.setitem(sys.modules, "ingest.jobs", types.ModuleType("ingest.jobs"))  # half made
+    with pytest.raises(cli._Stop):
+        cli._on_signal(signal.SIGTERM, None)
+    calls = []
+    done = types.ModuleType("ingest.jobs")
+    done.mark_stopping = lambda: calls.append(1)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "ingest.jobs", done)
+    with pytest.raises(cli._Stop):
+        cli._on_signal(signal.SIGTERM, None)
+    assert calls == [1]
