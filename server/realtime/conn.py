@@ -59,8 +59,8 @@ class _Reply(dict):
 class Conn:
     __slots__ = ("hub", "access", "room", "user", "send", "out", "queue_max", "inflight", "broken", "space",
                  "fill_task", "closer", "main_task", "last_seq", "start_seq", "filling", "pending", "ready",
-                 "welcoming", "closing", "typing_at", "typing_active", "auth", "opened_at", "resumed_at", "blocked_at", "out_chars",
-                 "counted", "attendance_id", "opened_mono", "__weakref__")
+                 "welcoming", "closing", "typing_at", "typing_active", "auth", "opened_at", "resumed_at",
+                 "blocked_at", "out_chars", "counted", "attendance_id", "opened_mono", "__weakref__")
 
     def __init__(self, hub: Hub, access: RoomAccess, user: UserRef, send: Any, queue_max: int) -> None:
         self.hub = hub
