@@ -414,9 +414,9 @@ class OpenAIEmbedder:
         if status in (400, 404, 422):
             return EmbedderMisconfigured(f"{self.name}: the embedding service rejected the request (HTTP {status}): "
                                          "check the model name and base URL")
-        from agents.llm import _redact  # a gateway echoing a bad key puts it in the text, then in logs
-
-        return EmbedderError(_redact(f"{self.name}: the embedding service failed: {exc}"))
+        from agents.llm import redact  # (lazily: llm's SDKs load with it) a gateway echoing a bad key puts it in
+        # the text, then in logs
+        return EmbedderError(redact(f"{self.name}: the embedding service failed: {exc}"))
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Embed texts, at most 2048 per request; rows are unit vectors in input order."""

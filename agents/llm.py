@@ -193,7 +193,7 @@ _CREDENTIAL = re.compile(r"(?i)(\bbearer\s+|\bx-api-key\b\W{0,4}|\bapi[_-]?key\b
                          r"|\bsk-[A-Za-z0-9][A-Za-z0-9_\-]{6,}")
 
 
-def _redact(text: str) -> str:
+def redact(text: str) -> str:
     return _CREDENTIAL.sub(lambda m: (m.group(1) or "sk-") + "***", text)
 
 
@@ -204,7 +204,7 @@ def _map_error(exc: BaseException, provider: str, sdk: Any, base: type[Exception
         return exc
     err = _sdk_error(exc, provider, sdk, base)
     if err is not None:
-        err.message = _redact(err.message)
+        err.message = redact(err.message)
         err.args = (err.message,)
     return err
 
@@ -351,7 +351,7 @@ class OpenAIChat:
             self.max_tokens_field = other
         else:
             return False
-        logger.info("%s model %s refused a parameter; adapted (%s)", self.name, self.model, _redact(text)[:200])
+        logger.info("%s model %s refused a parameter; adapted (%s)", self.name, self.model, redact(text)[:200])
         return True
 
     async def _create(self, params: dict, **extra: Any) -> Any:

@@ -11,6 +11,8 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 
+from store.frames import CLINGING
+
 logger = logging.getLogger(__name__)
 
 # Karaoke timestamps (<00:00:01.000>), caption markup (<c>, <i>, <v Name>, <font color=..>, <lang en>, <ruby>)
@@ -29,9 +31,6 @@ _TAGS = re.compile(r"<\d{1,2}:\d{2}(?::\d{2})?(?:[.,]\d+)?>"
 # fallback brackets) is not what the line says ("漢字<rt>かんじ</rt>" reads 漢字).
 _BREAK = re.compile(r"<br(?:\.[\w.-]*)?\s*/?>", re.IGNORECASE)
 _RUBY_TEXT = re.compile(r"<(rt|rp)(?:\.[\w.-]*)?\s*>.*?</\1\s*>", re.IGNORECASE)
-# Invisible characters that cling to words (bidi marks and embeddings, word joiner, a BOM mid-text, zero-width
-# space): removed. Zero-width (non-)joiners stay: Persian, Indic scripts and emoji need them.
-_INVISIBLE = re.compile("[\u200b\u200e\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff]")
 _ENTITY = re.compile(r"&(?:#\d+|#[xX][0-9a-fA-F]+|[A-Za-z]+\d*);")
 _BRACKETED = re.compile(r"\[([^\[\]]*)\]")
 _PARENTHESISED = re.compile(r"\(([^()]*)\)")
@@ -76,8 +75,8 @@ _HAS_WORD = re.compile(r"\w")
 # other control characters, C1 ones too (a terminal's CSI \x9b): never stored.
 _UNSTORABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 # Characters that send a line down the slow path; most caption lines contain none of them.
-_SPECIAL = re.compile("[<>&\\[\\](){:♪♫\xa0\u200b\u200e\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff\t"
-                      "\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+_SPECIAL = re.compile("[<>&\\[\\](){:♪♫\xa0\t\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff"
+                      + CLINGING.pattern[1:-1] + "]")  # (and the marks CLINGING drops)
 
 
 def _is_sound(inner: str, *, brackets: bool, shouting: bool = False) -> bool:
@@ -188,7 +187,7 @@ def _markup_off(line: str, shouting: bool = False) -> str:
         line = _TAGS.sub("", _BREAK.sub(" ", line))
     if "&" in line:
         line = _unescape(line)
-    line = _INVISIBLE.sub("", line.replace("\xa0", " ").replace("♪", " ").replace("♫", " "))
+    line = CLINGING.sub("", line.replace("\xa0", " ").replace("♪", " ").replace("♫", " "))
     line = _UNSTORABLE.sub(" ", line)
     return _drop_sound_tags(line, shouting)
 

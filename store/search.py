@@ -5,7 +5,6 @@ Only chunks embedded by the query's model are searched: vectors of different mod
 from __future__ import annotations
 
 import functools
-import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 import asyncpg
 import numpy as np
 
+from store.frames import CLINGING  # dropped on both sides, as sh_fold drops them
 from store.vectors import stored
 
 CANDIDATES = 50
@@ -34,8 +34,7 @@ _K1_B = round(BM25_K1 * BM25_B, 9)
 # spaces, migration 0034), keeping what Postgres reads as one word ("it's", "k-means", "3.14"). Postgres folds the
 # accents of both sides (sh_fold, migration 0022), so "schrodinger" finds "Schrödinger" and the other way round.
 _INNER = "'’-.\u200c\u200d"  # inside a word only (the zero-width (non-)joiners are spelling: Persian, Indic)
-# Dropped on both sides (sh_fold too): zero-width space, bidi marks, word joiner, BOM.
-_INVISIBLE = re.compile("[\u200b\u200e\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+
 # Words common in questions that say nothing about where the answer is (Postgres drops ordinary stop words).
 _QUESTION_STOP = frozenset("""
 what which who whom whose when where why how does did do explain mean means meaning describe tell say said
@@ -68,7 +67,7 @@ def _breaks(ch: str) -> bool:
 
 def terms(text: str) -> list[str]:
     """The words of `text`, lower-cased. (NFC first: a decomposed "Gödel" is one word, not "go" and "del".)"""
-    text = _INVISIBLE.sub("", unicodedata.normalize("NFC", text).lower())
+    text = CLINGING.sub("", unicodedata.normalize("NFC", text).lower())
     spaced = "".join(" " if _breaks(ch) else ch for ch in text)
     return [t for t in (w.strip(_INNER) for w in spaced.split()) if t]
 
