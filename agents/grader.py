@@ -161,7 +161,8 @@ def offline_scores(embedder: Any, question: str, reference: str, criteria: list[
                 f"{len(s.covered)} of {len(s.covered) + len(s.missing)} key concepts"]
         if s.exemplars_used:
             bits.append(f"compared with {s.exemplars_used} graded answers (closest {s.nearest:.2f})")
-        out.append({"name": c["name"], "points": points, "score": criterion_score(points, points * s.prob),
+        out.append({"name": c["name"], "points": points,
+                    "score": criterion_score(points, points * scoring.credit(s.prob)),
                     "justification": "; ".join(bits) + "."})
         covered += [w for w in s.covered if w not in covered and w not in RUBRIC_WORDS]
         missing += [w for w in s.missing if w not in missing and w not in covered and w not in RUBRIC_WORDS]

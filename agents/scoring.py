@@ -250,6 +250,21 @@ def score(question: str, references: Sequence[str], answer: str, vec: dict[str, 
 COLD_CONFIDENCE = 0.85
 
 
+# The probability at which an answer earns a criterion's full points. The scorer's probabilities stop short of 1
+# (the reference itself, handed in as the answer, scores about 0.95), so points = probability would leave a
+# perfect score out of reach of every answer the offline grader sees; on the SemEval test answers, those at or
+# above 0.9 are correct by the human label 95-98% of the time (bench/grader_eval.py).
+FULL_CREDIT_PROB = 0.9
+
+
+def credit(prob: float) -> float:
+    """The share of a criterion's points for a probability: the probability itself up to 0.5 (pass/fail
+    decisions around a coin flip stay as they are), then linear up to full credit at FULL_CREDIT_PROB."""
+    if prob <= 0.5:
+        return max(0.0, prob)
+    return min(1.0, 0.5 + 0.5 * (prob - 0.5) / (FULL_CREDIT_PROB - 0.5))
+
+
 def confidence(prob: float, warm: bool = True) -> float:
     """How far from a coin flip the estimate is: 0 at p = 0.5, 1 at p = 0 or 1 (discounted when cold)."""
     return abs(2.0 * prob - 1.0) * (1.0 if warm else COLD_CONFIDENCE)

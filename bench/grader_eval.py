@@ -178,8 +178,14 @@ def grade_probs(questions: list[Question], vec: dict, ex: dict | None) -> tuple[
     return np.asarray(out), np.asarray(warm)
 
 
+def credits(probs: np.ndarray) -> np.ndarray:
+    """The share of the points the grader gives for each probability (scoring.credit)."""
+    return np.array([scoring.credit(float(p)) for p in probs])
+
+
 def released_mask(probs: np.ndarray, warm: np.ndarray, threshold: float, band: tuple[float, float]) -> np.ndarray:
-    return np.array([not needs_review(100 * p, scoring.confidence(p, w), threshold, band) for p, w in zip(probs, warm)])
+    return np.array([not needs_review(100 * scoring.credit(p), scoring.confidence(p, w), threshold, band)
+                     for p, w in zip(probs, warm)])
 
 
 def release_stats(probs: np.ndarray, warm: np.ndarray, y: np.ndarray, threshold: float,
@@ -293,8 +299,9 @@ def main() -> None:
     for label, p, u in (("offline grader, reference only", cold, np.zeros(len(mohler), dtype=bool)),
                         ("offline grader, with exemplars", warm, used)):
         released = released_mask(p, u, threshold, band)
-        close = np.abs(5 * p - y) <= 1
-        print(f"{'':<28}{label:<34}{pearson(p, y):>7.3f}{rmse(5 * p, y):>9.3f}{released.mean():>10.2f}"
+        c = credits(p)
+        close = np.abs(5 * c - y) <= 1
+        print(f"{'':<28}{label:<34}{pearson(c, y):>7.3f}{rmse(5 * c, y):>9.3f}{released.mean():>10.2f}"
               f"{close[released].mean() if released.any() else float('nan'):>12.3f}")
 
 

@@ -54,6 +54,18 @@ async def test_offline_scores_each_criterion_with_feedback_and_moment(embedder):
     assert "you mention" in half["feedback"]["right"] and "logarithmic" in half["feedback"]["right"], half
 
 
+async def test_the_reference_answer_handed_in_earns_full_marks_offline(embedder):
+    """Points were the scorer's probability, which stops short of 1: the reference itself scored 95.4 offline, so
+    no answer could reach 100 (no perfect-score XP, no "Flawless") without an instructor's review."""
+    one = [{"name": "correctness", "points": 10.0}]
+    for criteria in (one, RUBRIC):
+        got = await grader.grade(inputs(REFERENCE, criteria), embedder=embedder)
+        assert got["total"] == 100.0 and all(s["score"] == s["points"] for s in got["scores"]), got["scores"]
+    assert scoring.credit(0.3) == 0.3 and scoring.credit(0.5) == 0.5  # fails stay fails, as scored
+    assert 0.5 < scoring.credit(0.7) < 1.0 and scoring.credit(scoring.FULL_CREDIT_PROB) == 1.0
+    assert scoring.credit(0.99) == 1.0 and scoring.credit(-0.1) == 0.0
+
+
 async def test_an_answer_in_another_script_has_words(embedder):
     """Words were [a-z0-9]: a Russian answer word for word its reference had no words, covered "0 of 0 key
     concepts" and scored as empty offline (and, against a model's grade, was held every time)."""
