@@ -176,7 +176,7 @@ async def _make_token(settings: Settings, user: str, role: str, tenant: str, ttl
                 raise CliError(f"{user!r} of tenant {tenant!r} has the role {row['role']}, not {role}; "
                                "use that role or another name")
             if role == "bot":
-                token_id = await repo.create_api_token(conn, row["id"], "cli")
+                token_id = (await repo.create_api_token(conn, row["id"], "cli"))["id"]
                 return issue_token(settings.secret, row["id"], tenant_id, role, ttl_s=None, token_id=token_id)
             gen = await conn.fetchval("SELECT token_gen FROM users WHERE id = $1", row["id"])
         return issue_token(settings.secret, row["id"], tenant_id, role, ttl_s=ttl_s or settings.token_ttl_s, gen=gen)

@@ -71,10 +71,17 @@ async def get_user_with_token(conn: asyncpg.Connection, user_id: int, token_id: 
     )
 
 
-async def create_api_token(conn: asyncpg.Connection, user_id: int, label: str = "") -> str:
-    token_id = secrets.token_hex(12)
-    await conn.execute("INSERT INTO api_tokens (id, user_id, label) VALUES ($1, $2, $3)", token_id, user_id, label)
-    return token_id
+async def create_api_token(conn: asyncpg.Connection, user_id: int, label: str = "",
+                           client_key: str | None = None) -> asyncpg.Record:
+    """A new token (id, user_id, label, revoked_at, made: true); with `client_key` (an Idempotency-Key as stored),
+    the token that key already made instead (made: false), whoever it was for: the caller compares."""
+    made = await conn.fetchrow(
+        """INSERT INTO api_tokens (id, user_id, label, client_key) VALUES ($1, $2, $3, $4)
+           ON CONFLICT (client_key) DO NOTHING RETURNING id, user_id, label, revoked_at, true AS made""",
+        secrets.token_hex(12), user_id, label, client_key)
+    # (a twin request holding the key made it, and committed: this statement sees it)
+    return made or await conn.fetchrow(
+        "SELECT id, user_id, label, revoked_at, false AS made FROM api_tokens WHERE client_key = $1", client_key)
 
 
 async def list_api_tokens(conn: asyncpg.Connection, tenant_id: int, *,

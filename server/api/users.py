@@ -4,12 +4,12 @@ from __future__ import annotations
 import logging
 
 import asyncpg
-from litestar import Controller, Request, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 
 from server.api.paging import ListLimit, Offset
 from server.api.schemas import BotIn, BotToken, Me, TokenInfo, UserCreated, UserIn, UserToken
 from server.auth import AuthUser, issue_token, staff_only
-from server.decode import read_json, trimmed
+from server.decode import callers_key, idempotency_key, read_json, trimmed
 from server.errors import ApiError
 from store import users as repo
 from store.events import SignedOut, TokenRevoked, publish, user_topic
@@ -95,8 +95,12 @@ class UserController(Controller):
         await publish(request.app.state.redis, user_topic(user_id), SignedOut(gen=done["token_gen"]))
 
     @post("/bots", guards=[staff_only], status_code=201)
-    async def create_bot(self, request: Request) -> BotToken:
-        """Create (or reuse) a bot user and give it a new long-lived, revocable token."""
+    async def create_bot(self, request: Request) -> BotToken | Response[BotToken]:
+        """Create (or reuse) a bot user and give it a new long-lived, revocable token. With an `Idempotency-Key`
+        header, a repeat (a retry after the reply was lost) gets the token that key made (200), not another live
+        token nobody holds; the key used for another bot or label is 409 `idempotency_key_reused`, and once its
+        token was revoked, 409 `token_revoked`."""
+        key = callers_key(request.user.id, idempotency_key(request))
         data = await read_json(request, BotIn)
         u: AuthUser = request.user
         name = trimmed(data.name, "name")
@@ -107,10 +111,17 @@ class UserController(Controller):
                    or await repo.by_name(conn, u.tenant_id, name))
             if row is None or row["role"] != "bot":
                 raise ApiError(409, f"{name!r} is a human user's name", field="name")
-            token_id = await repo.create_api_token(conn, row["id"], data.label)
+            made = await repo.create_api_token(conn, row["id"], data.label, key)
+            if made["user_id"] != row["id"] or made["label"] != data.label:
+                raise ApiError(409, "this Idempotency-Key was used for another bot or label; use a new key for a "
+                               "new token", code="idempotency_key_reused", field="Idempotency-Key")
+            if made["revoked_at"] is not None:
+                raise ApiError(409, f"the token this Idempotency-Key made ({made['id']}) has been revoked; use a new "
+                               "key for a new token", code="token_revoked", field="Idempotency-Key")
         token = issue_token(request.app.state.settings.secret, row["id"], u.tenant_id, "bot", ttl_s=None,
-                            token_id=token_id)
-        return BotToken(user_id=row["id"], name=name, token_id=token_id, token=token)
+                            token_id=made["id"])
+        out = BotToken(user_id=row["id"], name=name, token_id=made["id"], token=token)
+        return out if made["made"] else Response(out, status_code=200)
 
     @get("/tokens", guards=[staff_only])
     async def tokens(self, request: Request, limit: int = ListLimit, offset: int = Offset) -> list[TokenInfo]:

@@ -253,3 +253,41 @@ async def test_two_bridges_asking_for_the_same_bot_at_once_both_get_a_token(serv
                                         for _ in range(4)))
             assert [r.status_code for r in rs] == [201] * 4, [r.text for r in rs]
             assert len({r.json()["user_id"] for r in rs}) == 1 and len({r.json()["token_id"] for r in rs}) == 4
+
+
+async def test_a_retried_bot_creation_gets_the_token_its_key_made(server, make: Factory):
+    """A bridge retrying POST /bots after a lost reply got a second live token nobody held (listed, never
+    revoked). With an Idempotency-Key the retry, and a twin sent at the same moment, get the token the key made."""
+    import asyncio
+
+    inst, colleague = make.user("instructor"), Factory(make.settings).user("instructor")
+    body = {"name": f"retry-bot-{inst.id}", "label": "discord"}
+    h = {**inst.h, "Idempotency-Key": "bridge-setup-1"}
+    async with httpx.AsyncClient(base_url=server, timeout=30) as c:
+        rs = await asyncio.gather(*(c.post("/api/v1/bots", json=body, headers=h) for _ in range(3)))
+        assert sorted(r.status_code for r in rs) == [200, 200, 201], [r.text for r in rs]
+        assert len({r.json()["token_id"] for r in rs}) == 1
+        again = await c.post("/api/v1/bots", json=body, headers=h)
+        assert again.status_code == 200 and again.json()["token_id"] == rs[0].json()["token_id"]
+        bh = {"Authorization": f"Bearer {again.json()['token']}"}
+        assert (await c.get("/api/v1/users/me", headers=bh)).json()["role"] == "bot"
+        listed = (await c.get("/api/v1/tokens", headers=inst.h)).json()
+        assert [t["id"] for t in listed if t["user_name"] == body["name"]] == [again.json()["token_id"]]
+        # the same key for another bot or label: 409, and nothing made
+        for other in ({**body, "label": "whop"}, {"name": f"other-bot-{inst.id}"}):
+            r = await c.post("/api/v1/bots", json=other, headers=h)
+            assert r.status_code == 409 and r.json()["code"] == "idempotency_key_reused", r.text
+        assert len((await c.get("/api/v1/tokens", headers=inst.h)).json()) == 1
+        # keys are the caller's own: a colleague's same key makes their own token
+        mine = await c.post("/api/v1/bots", json={"name": f"their-bot-{colleague.id}"},
+                            headers={**colleague.h, "Idempotency-Key": "bridge-setup-1"})
+        assert mine.status_code == 201, mine.text
+        # without a key each call is a new token, as before
+        plain = [await c.post("/api/v1/bots", json=body, headers=inst.h) for _ in range(2)]
+        assert [r.status_code for r in plain] == [201, 201] and plain[0].json()["token_id"] != plain[1].json()["token_id"]
+        # the key's token revoked: a repeat says so rather than handing back a dead token
+        assert (await c.delete(f"/api/v1/tokens/{again.json()['token_id']}", headers=inst.h)).status_code == 204
+        r = await c.post("/api/v1/bots", json=body, headers=h)
+        assert r.status_code == 409 and r.json()["code"] == "token_revoked", r.text
+        bad = await c.post("/api/v1/bots", json=body, headers={**inst.h, "Idempotency-Key": "x" * 101})
+        assert bad.status_code == 400 and bad.json()["field"] == "Idempotency-Key"
