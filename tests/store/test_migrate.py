@@ -352,3 +352,41 @@ def test_a_migration_that_fails_is_named_in_one_line(settings, tmp_path):
                          env=clean_env(tmp_path / "d", DATABASE_URL=dsn, REDIS_URL=settings.redis_url), timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "migration 0001_init.sql failed: DuplicateTableError" in out.stderr, out.stderr
+
+
+def test_a_database_migrated_by_earlier_texts_of_0022_and_0032_ends_up_the_same_and_quietly(settings, caplog):
+    """Every start warned "migration 0032 changed after it was applied" on databases that ran its first text (same
+    end state), and those that ran 0022's first text kept a stored tsvector column no one reads on chunks."""
+    import logging
+
+    from store.migrate import _EARLIER
+
+    dsn = _fresh_db(settings)
+    run_sync(migrate(dsn))
+
+    async def as_first_written() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("ALTER TABLE chunks ADD COLUMN tsv tsvector "
+                               "GENERATED ALWAYS AS (to_tsvector('english', sh_fold(text))) STORED")
+            for v in (22, 32):
+                await conn.execute("UPDATE schema_migrations SET checksum = $2 WHERE version = $1", v,
+                                   next(iter(_EARLIER[v])))
+            await conn.execute("DELETE FROM schema_migrations WHERE version >= 37")
+        finally:
+            await conn.close()
+
+    async def columns() -> set[str]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return {r["c"] for r in await conn.fetch("SELECT column_name AS c FROM information_schema.columns "
+                                                     "WHERE table_name = 'chunks'")}
+        finally:
+            await conn.close()
+
+    run_sync(as_first_written())
+    with caplog.at_level(logging.WARNING, logger="store.migrate"):
+        applied = run_sync(migrate(dsn))
+    assert applied[0] == "0037_drop_stale_tsv.sql", applied
+    assert "tsv" not in run_sync(columns()) and "text" in run_sync(columns())
+    assert not [r for r in caplog.records if "changed after it was applied" in r.getMessage()], caplog.text
