@@ -113,6 +113,20 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _runs(pid: int, program: str) -> bool:
+    """Process `pid` is alive and is `program` (its name, where the system tells: Linux's /proc). After a reboot or a
+    container restart a pid file may name a PID another process has now (PIDs start low again): that process is
+    neither to be taken for our server nor sent its stop signal."""
+    if pid <= 0 or not _pid_alive(pid):
+        return False
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == program[:15]  # (the kernel keeps 15 characters)
+    except FileNotFoundError:
+        return not Path("/proc/self/comm").exists()  # gone meanwhile; or no /proc here: alive is all we know
+    except OSError:
+        return True
+
+
 @dataclass
 class Services:
     """The database and Redis this process uses; `close()` stops embedded ones if we are the last user."""
@@ -259,9 +273,25 @@ def _pg_running_port(pgdata: Path) -> int | None:
         pid, port = int(lines[0]), int(lines[3])
     except (IndexError, ValueError):
         return None
-    if _pid_alive(pid) and _port_open(port):
+    if _runs(pid, "postgres") and _port_open(port):
         return port
     return None
+
+
+def _clear_stale_pg_lock(pgdata: Path) -> None:
+    """A postmaster.pid naming a live process that is not Postgres (a PID reused after a reboot) is moved aside:
+    Postgres would refuse to start over it ("Is another postmaster running?"). One naming a process gone, Postgres
+    clears itself; one naming a Postgres is left for pg_ctl to judge."""
+    pidfile = pgdata / "postmaster.pid"
+    try:
+        pid = int(pidfile.read_text().splitlines()[0])
+    except (OSError, IndexError, ValueError):
+        return
+    if _pid_alive(pid) and pid != os.getpid() and not _runs(pid, "postgres"):
+        aside = pgdata / f"postmaster.pid.stale-{int(time.time())}"
+        logger.warning("%s names process %d, which is not Postgres (a PID reused since that server stopped); moved it "
+                       "to %s", pidfile, pid, aside.name)
+        pidfile.rename(aside)
 
 
 # Appended to postgresql.conf when initialising: TCP on loopback only; no unix socket (socket paths break on long
@@ -323,6 +353,7 @@ def _ensure_postgres(ddir: Path) -> str:
     port = _pg_running_port(pgdata)
     started = port is None
     if port is None:
+        _clear_stale_pg_lock(pgdata)
         port = free_port()
         logger.info("starting embedded Postgres on 127.0.0.1:%d", port)
         # pg_ctl forks a daemon; no pipes to it (they would hang, as pgserver notes). The log lives in
@@ -442,9 +473,34 @@ def _redis_running_port(rdir: Path) -> int | None:
         port = int((rdir / "port").read_text().strip())
     except (OSError, ValueError):
         return None
-    if _pid_alive(pid) and _port_open(port):
+    if _runs(pid, "redis-server") and _redis_answers(port, _redis_password(rdir)):
         return port
     return None
+
+
+def _redis_password(rdir: Path) -> str | None:
+    """The password the data dir's Redis was started with (none for one started before passwords)."""
+    try:
+        m = re.search(r"^requirepass (\S+)$", (rdir / "redis.conf").read_text(), re.M)
+    except OSError:
+        return None
+    return m.group(1) if m else None
+
+
+def _redis_answers(port: int, password: str | None) -> bool:
+    """A Redis taking our password answers on `port` (loading its data counts): not merely something listening."""
+    from redis import Redis
+    from redis.exceptions import BusyLoadingError, RedisError
+
+    client = Redis(host="127.0.0.1", port=port, password=password, socket_timeout=1, socket_connect_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except BusyLoadingError:
+        return True
+    except (RedisError, OSError):
+        return False
+    finally:
+        client.close()
 
 
 def _ensure_redis(ddir: Path) -> str:
@@ -469,7 +525,7 @@ def _ensure_redis(ddir: Path) -> str:
             raise EmbeddedError(f"embedded Redis did not start (exit {done.returncode}){': ' + said if said else ''}; "
                                 f"see {rdir / 'redis.log'}")
         deadline = time.monotonic() + 20
-        while not _port_open(port):
+        while not _redis_answers(port, _redis_password(rdir)):  # (something else may have taken the port meanwhile)
             if time.monotonic() > deadline:
                 raise EmbeddedError(f"embedded Redis did not start; see {rdir / 'redis.log'}")
             time.sleep(0.05)
@@ -491,7 +547,7 @@ def stop_embedded(ddir: Path) -> None:
         pid = int((rdir / "redis.pid").read_text().strip())
     except (OSError, ValueError):
         pid = 0
-    if pid and _pid_alive(pid):
+    if _runs(pid, "redis-server"):
         logger.info("stopping embedded Redis")
         os.kill(pid, signal.SIGTERM)  # redis saves and flushes the AOF on SIGTERM
         deadline = time.monotonic() + 30

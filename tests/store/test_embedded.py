@@ -465,3 +465,34 @@ def test_a_data_dir_that_trusted_local_connections_asks_for_the_password_from_it
     finally:
         services.close()
     _cli(ddir, "token", "--user", "ann", "--role", "instructor")  # and the next start just uses it
+
+
+def test_pid_files_naming_a_pid_reused_by_another_process_are_stale(tmp_path):
+    """After a reboot or a container restart the pid files may name a PID some other process now has (PIDs
+    start low again), and a port something else answers on: that was taken for the running servers (the
+    commands talked to a stranger), Postgres refused to start over the lock file, and a stop sent SIGTERM to
+    the stranger."""
+    ddir = tmp_path / "data"
+    _cli(ddir, "migrate")  # initialised, then stopped when the command ended
+    stranger = subprocess.Popen(["sleep", "120"])
+    impostor = socket.create_server(("127.0.0.1", 0))  # listens, never answers
+    port = impostor.getsockname()[1]
+    pgdata = ddir / "pg"
+    try:
+        (pgdata / "postmaster.pid").write_text(
+            f"{stranger.pid}\n{pgdata}\n{int(time.time())}\n{port}\n\n127.0.0.1\n  1234567         0\nready   \n")
+        (ddir / "redis" / "redis.pid").write_text(f"{stranger.pid}\n")
+        (ddir / "redis" / "port").write_text(f"{port}\n")
+        token = _cli(ddir, "token", "--user", "di", "--role", "instructor").strip()
+        assert token.count(".") == 2
+        assert stranger.poll() is None  # not sent a signal by anyone
+        from store.embedded import _pg_running_port, _redis_running_port, stop_embedded
+
+        assert _pg_running_port(pgdata) is None and _redis_running_port(ddir / "redis") is None  # both stopped again
+        (ddir / "redis" / "redis.pid").write_text(f"{stranger.pid}\n")
+        stop_embedded(ddir)  # a stop with a stale pid file leaves the stranger alone
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+        impostor.close()
