@@ -146,6 +146,15 @@ class _Reader:
         self.more = {}
         return self.cues
 
+    def numbers_a_cue(self, number: str, after: int) -> bool:
+        """Whether a block of just `number`, ending at `after`, is a cue's number set apart from its timing line by a
+        blank line (a cue follows), or the next cue's number at the end of a file cut short; else it is a paragraph
+        of the last cue's text ("The answer is" / "42")."""
+        rest = self.text[after:].lstrip()
+        if rest:
+            return _is_timing_line(rest.split("\n", 1)[0])
+        return _numbers_next(str(len(self.cues)), number) or _numbers_next(str(len(self.cues) - 1), number)
+
     def block(self, b: str, pos: int) -> None:
         """Any block: several cues without blank lines between, NOTE/STYLE, stray text."""
         lines = b.rstrip().split("\n")
@@ -157,7 +166,7 @@ class _Reader:
             head = lines[0].strip().lstrip("\ufeff")
             if self.vtt and head.split(" ", 1)[0].split("\t", 1)[0] in _VTT_SKIPPED_BLOCKS:
                 return
-            if len(lines) == 1 and _INDEX.fullmatch(head):
+            if len(lines) == 1 and _INDEX.fullmatch(head) and self.numbers_a_cue(head, pos + len(b)):
                 return  # a lone cue number
             if _PARTIAL_TIMING.fullmatch(lines[-1].strip()) and self.last_arrow < pos:
                 return  # the file was cut inside the last cue's header

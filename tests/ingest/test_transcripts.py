@@ -738,3 +738,14 @@ def test_hls_webvtt_segments_joined_without_blank_lines_leave_no_headers_in_the_
         cues = parse_transcript(data, "hls.vtt")
         assert all("WEBVTT" not in c.text and "MPEGTS" not in c.text for c in cues), cues
         assert [c.text for c in cues][-1] == "line 13" and cues[0].text == "line one"
+
+
+def test_a_paragraph_of_only_a_number_is_caption_text_unless_it_numbers_the_next_cue() -> None:
+    """A cue's text with a blank line inside it whose last paragraph is a number ("The answer is" / "42") lost the
+    number: any block of one number was taken for a cue number. It is one only where a cue follows it, or it ends
+    a file cut short and is the next number."""
+    text = ("1\n00:00:01,000 --> 00:00:03,000\nThe answer is\n\n42\n\n"
+            "2\n00:00:04,000 --> 00:00:05,000\nRight.\n\n3\n\n00:00:06,000 --> 00:00:07,000\nNumber apart.\n\n4\n")
+    assert_cues(parse_str(text), [(1.0, 3.0, "The answer is 42"), (4.0, 5.0, "Right."), (6.0, 7.0, "Number apart.")])
+    ends = "1\n00:00:01,000 --> 00:00:03,000\nThe year was\n\n1969\n"
+    assert_cues(parse_str(ends), [(1.0, 3.0, "The year was 1969")])
