@@ -9,21 +9,28 @@ PYTEST_WORKERS ?= 2
 
 .PHONY: run test install install-test system-deps bench clean clean-data
 
+# Runs a shell command holding an exclusive lock on $(VENV).lock: two makes at once on a fresh clone (`make run` in
+# two terminals, `make run` beside `make test`) made and filled one .venv together, one removing what the other was
+# installing into. Each step looks again, under the lock, whether the other make has done it meanwhile.
+LOCKED = $(PYTHON) -c 'import fcntl, os, sys; f = open(sys.argv[1], "a"); fcntl.flock(f, fcntl.LOCK_EX); \
+  os.set_inheritable(f.fileno(), True); os.execvp("sh", ["sh", "-c", sys.argv[2]])' $(VENV).lock
+
 # A venv left half-made (no venv module, no network for pip) is removed, so the next run starts over; another
 # Python than 3.11 is refused before a venv is made (an existing .venv of another Python: make clean).
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { \
 	  echo "studyhall needs Python 3.11; $(PYTHON) is $$($(PYTHON) --version 2>&1). Install python3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
-	$(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --quiet --upgrade pip || { rm -rf $(VENV); exit 1; }
+	@$(LOCKED) '[ -x $(BIN)/python ] && [ -e $(VENV)/.made ] || { echo "making $(VENV)"; rm -rf $(VENV); \
+	  $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --quiet --upgrade pip && touch $(VENV)/.made || \
+	  { rm -rf $(VENV); exit 1; }; }'
 
 # Reinstall whenever pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
-	touch $@
+	@$(LOCKED) '[ $@ -nt pyproject.toml ] || { echo "pip install -e ."; $(BIN)/pip install --quiet -e . && touch $@; }'
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $@ $(VENV)/.installed
+	@$(LOCKED) '[ $@ -nt pyproject.toml ] || { echo "pip install -e .[test]"; \
+	  $(BIN)/pip install --quiet -e ".[test]" && touch $@ $(VENV)/.installed; }'
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
