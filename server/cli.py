@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -45,6 +46,25 @@ def _start(args: argparse.Namespace, *, one_shot: bool = False) -> tuple[Setting
     setup_logging("WARNING" if one_shot and not os.environ.get("STUDYHALL_LOG_LEVEL") else settings.log_level)
     services = ensure_services(settings, announce=not one_shot)  # a one-off command is joined by nobody
     return settings.with_urls(services.database_url, services.redis_url), services
+
+
+def _check_listen(args: argparse.Namespace) -> None:
+    """The server's address can be listened on, checked before any embedded server starts: a host name nothing
+    resolves, an address that is not this machine's, or a port in use is one line naming it (exit 2). uvicorn said
+    "[Errno -2] Name or service not known" after the migrations, naming neither the setting nor the host."""
+    settings = _settings(args)
+    where = f"{settings.host}:{settings.port} (STUDYHALL_HOST / --host, STUDYHALL_PORT / --port)"
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise CliError(f"cannot listen on {where}: no such address ({getattr(exc, 'strerror', None) or exc})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
+        try:
+            probe.bind(addr)
+        except OSError as exc:
+            raise CliError(f"cannot listen on {where}: {exc.strerror or exc}") from None
 
 
 def _migrate(settings: Settings) -> list[str]:
@@ -120,6 +140,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    _check_listen(args)
     settings, services = _start(args)
     try:
         _migrate(settings)
@@ -578,6 +599,7 @@ class _Worker:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    _check_listen(args)
     settings, services = _start(args)
     worker = None
     try:

@@ -129,3 +129,22 @@ def test_a_stop_while_the_jobs_module_is_still_importing_is_a_stop(monkeypatch):
     with pytest.raises(cli._Stop):
         cli._on_signal(signal.SIGTERM, None)
     assert calls == [1]
+
+
+def test_an_address_that_cannot_be_listened_on_is_one_line_before_anything_starts(tmp_path):
+    """STUDYHALL_HOST naming no address, or one not this machine's, started the embedded servers and ran the
+    migrations, then uvicorn logged "[Errno -2] Name or service not known" (naming neither the setting nor the
+    host) and exited 3; a port in use also went as far."""
+    import socket
+
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        for cmd, env in (("up", {"STUDYHALL_HOST": "999.1.1.1"}), ("serve", {"STUDYHALL_HOST": "no such host"}),
+                         ("up", {"STUDYHALL_PORT": str(taken.getsockname()[1])})):
+            out = subprocess.run([sys.executable, "-m", "server.cli", cmd], cwd=ROOT,
+                                 env=clean_env(tmp_path / "d", **env), capture_output=True, text=True, timeout=120)
+            _refused(out, "cannot listen on")
+            assert "STUDYHALL_HOST" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+            assert not (tmp_path / "d" / "pg").exists()  # no embedded server was started for it
+    finally:
+        taken.close()
