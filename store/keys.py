@@ -175,3 +175,12 @@ TYPING = "sh:typing:{room}:{user_id}"
 
 def typing_window(room: str, user_id: int) -> str:
     return TYPING.format(room=room, user_id=user_id)
+
+
+# One `poll.results` per poll per window over every server process (each coalesces its own votes; N processes
+# published N times as often)
+POLL_RESULTS_WINDOW = "sh:poll:results:{poll_id}"
+
+
+def poll_results_window(poll_id: int) -> str:
+    return POLL_RESULTS_WINDOW.format(poll_id=poll_id)

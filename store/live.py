@@ -258,33 +258,40 @@ async def vote(conn: asyncpg.Connection, poll_id: int, session_id: int | None, u
             raise Refused("poll_closed", "the poll is closed")
         if option >= len(poll["options"]):
             raise Refused("bad_option", f"option must be between 0 and {len(poll['options']) - 1}")
+        # (stamped when written, the transaction's last statement: its commit follows at once; now() is when the
+        # transaction began, which a slow one left well before)
         await conn.execute(
-            """INSERT INTO poll_votes (poll_id, user_id, option) VALUES ($1, $2, $3)
-               ON CONFLICT (poll_id, user_id) DO UPDATE SET option = EXCLUDED.option, updated_at = now()""",
+            """INSERT INTO poll_votes (poll_id, user_id, option, updated_at) VALUES ($1, $2, $3, clock_timestamp())
+               ON CONFLICT (poll_id, user_id) DO UPDATE SET option = EXCLUDED.option, updated_at = clock_timestamp()""",
             poll_id, user_id, option)
 
 
-# A vote newer than its poll's last published counts: `stale_polls` finds them after UNPUBLISHED_AFTER_S.
-_NEWER_VOTE = """EXISTS (SELECT 1 FROM poll_votes v WHERE v.poll_id = p.id
-                         AND v.updated_at > coalesce((SELECT r.at FROM poll_published r WHERE r.poll_id = p.id),
-                                                     '-infinity'){older})"""
-UNPUBLISHED_AFTER_S = 2.0
+UNPUBLISHED_AFTER_S = 2.0  # a vote this old whose counts never went out is published by whoever sweeps
+# How long before the last published counts a vote may be stamped and still have missed them: it committed after
+# that publisher counted (votes are stamped as written, and commit at once)
+COUNTED_MARGIN_S = 5.0
 
 
 async def stale_polls(conn: asyncpg.Connection, limit: int = 20) -> list[int]:
-    """Open polls with a vote whose results were never published (the process that took it died within the
-    coalescing window), oldest vote first."""
+    """Open polls whose counts now differ from the last ones published, with a vote since (less COUNTED_MARGIN_S)
+    at least UNPUBLISHED_AFTER_S old: the process that took the vote died within its coalescing window."""
     rows = await conn.fetch(
-        f"""SELECT p.id FROM polls p WHERE p.closed_at IS NULL
-            AND {_NEWER_VOTE.format(older=" AND v.updated_at < now() - make_interval(secs => $2)")}
-            ORDER BY p.id LIMIT $1""", limit, UNPUBLISHED_AFTER_S)
+        """SELECT p.id FROM polls p LEFT JOIN poll_published r ON r.poll_id = p.id
+           WHERE p.closed_at IS NULL
+             AND EXISTS (SELECT 1 FROM poll_votes v WHERE v.poll_id = p.id
+                             AND v.updated_at > coalesce(r.at, '-infinity') - make_interval(secs => $3)
+                             AND v.updated_at < now() - make_interval(secs => $2))
+             AND r.counts IS DISTINCT FROM ARRAY(
+                 SELECT count(v.user_id)::int FROM generate_series(0, jsonb_array_length(p.options) - 1) AS o(i)
+                 LEFT JOIN poll_votes v ON v.poll_id = p.id AND v.option = o.i GROUP BY o.i ORDER BY o.i)
+           ORDER BY p.id LIMIT $1""", limit, UNPUBLISHED_AFTER_S, COUNTED_MARGIN_S)
     return [r["id"] for r in rows]
 
 
-async def publish_results(db: asyncpg.Pool, redis: Redis, poll_id: int, *, only_if_stale: bool = False) -> None:
-    """Store and publish the current counts as `poll.results` (skipped once the poll is closed; with
-    `only_if_stale`, also when no vote came since the last published counts: survivors sweeping at once
-    publish once)."""
+async def publish_results(db: asyncpg.Pool, redis: Redis, poll_id: int) -> None:
+    """Store and publish the current counts as `poll.results`; skipped once the poll is closed, and when they are
+    the counts last published (a vote changed to the option it had; another process, or survivors sweeping at
+    once, published them already)."""
     async with sequenced(db, redis) as box:
         session_id = await box.conn.fetchval("SELECT session_id FROM polls WHERE id = $1", poll_id)
         if session_id is None:
@@ -302,14 +309,14 @@ async def publish_results(db: asyncpg.Pool, redis: Redis, poll_id: int, *, only_
         if poll is None or poll["closed_at"] is not None:
             return
         room = room_of(session_id)
-        if only_if_stale and not await box.conn.fetchval(
-                f"SELECT {_NEWER_VOTE.format(older='')} FROM polls p WHERE p.id = $1", poll_id):
-            return
         c = await counts(box.conn, poll_id, len(poll["options"]))
+        if await box.conn.fetchval("SELECT counts FROM poll_published WHERE poll_id = $1", poll_id) == c:
+            return
         await box.append(room, lambda seq: PollResults(seq=seq, room=room, poll_id=poll_id, counts=c, total=sum(c)))
         await box.conn.execute(
-            """INSERT INTO poll_published AS r (poll_id, at) VALUES ($1, now())
-               ON CONFLICT (poll_id) DO UPDATE SET at = greatest(r.at, EXCLUDED.at)""", poll_id)
+            """INSERT INTO poll_published AS r (poll_id, at, counts) VALUES ($1, now(), $2)
+               ON CONFLICT (poll_id) DO UPDATE SET at = greatest(r.at, EXCLUDED.at), counts = EXCLUDED.counts""",
+            poll_id, c)
 
 
 async def close_poll(db: asyncpg.Pool, redis: Redis, poll_id: int) -> list[int]:

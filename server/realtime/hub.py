@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 import asyncpg
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from server import tutoring
 from server.realtime.conn import Conn, text_frame
@@ -26,7 +27,7 @@ from store import tutor as tutor_repo
 from store.events import (CLOSE_FORBIDDEN, CLOSE_SLOW_CONSUMER, CLOSE_UNAUTHENTICATED, INTERNAL, UserRef, Welcome,
                           publish, room_topic, user_topic)
 from store.events import Presence as PresenceEvent
-from store.keys import events_channel, rate_connect
+from store.keys import events_channel, poll_results_window, rate_connect
 from store.presence import Presence
 from store.ratelimit import SendLimiter
 from store.settings import Settings
@@ -827,9 +828,18 @@ class Hub:
             stale = await live_repo.stale_polls(db)
         for poll_id in stale:
             if poll_id not in self._poll_flush:  # this process publishes its own
-                await live_repo.publish_results(self.pool, self.redis, poll_id, only_if_stale=True)
+                await live_repo.publish_results(self.pool, self.redis, poll_id)
 
     async def _publish_poll(self, poll_id: int) -> None:
+        """Publish once the poll's window over all processes is ours (another process publishing in it may count
+        this one's votes already: then nothing goes out); without Redis, at once."""
+        window_ms = int(POLL_RESULTS_EVERY_S * 1000)
+        key = poll_results_window(poll_id)
+        try:
+            while not await self.redis.set(key, self.proc, nx=True, px=window_ms):
+                await asyncio.sleep(min(window_ms, max(5, await self.redis.pttl(key))) / 1000)
+        except (RedisError, OSError):  # (Redis away: publish all the same)
+            pass
         try:
             await live_repo.publish_results(self.pool, self.redis, poll_id)
         except Exception:  # noqa: BLE001

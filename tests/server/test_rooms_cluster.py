@@ -324,3 +324,42 @@ async def test_attendance_survives_a_process_taken_for_dead_and_ends_with_one_ne
     assert fetch(settings, rows, sid, x.id)[0]["left_at"] is None  # (a live process's rows are not touched)
     await cx.close()
     await w.close()
+
+
+async def test_poll_results_keep_their_pace_however_many_processes_take_the_votes(cluster, server, make: Factory,
+                                                                                  settings):
+    """Each process coalesced its own votes into one `poll.results` per 250 ms: votes arriving through three
+    processes made three times as many (about 10 a second, each a stored event the room's posts queue behind and
+    every reconnecting client replays). One window per poll over all processes keeps it at about 4 a second."""
+    urls = [server, *cluster.urls]
+    course = make_course(server, make, learners=9)
+    inst = course.instructor
+    async with httpx.AsyncClient(base_url=server, timeout=30) as c:
+        sid = (await c.post(f"/api/v1/courses/{course.id}/live", json={"title": "Quiz"}, headers=inst.h)).json()["id"]
+        assert (await c.post(f"/api/v1/live/{sid}/start", headers=inst.h)).status_code == 200
+        poll = (await c.post(f"/api/v1/live/{sid}/polls", json={"question": "?", "options": ["x", "y"]},
+                             headers=inst.h)).json()
+    clients = [await Client.connect(urls[i % 3], f"live:{sid}", u) for i, u in enumerate(course.learners)]
+    rounds, pause = 7, 0.4  # within the send rate (3 a second per user)
+    t0 = time.monotonic()
+
+    async def voter(i: int, cl: Client) -> None:
+        await asyncio.sleep(i * pause / len(clients))
+        for k in range(rounds):
+            await cl.send({"type": "poll.vote", "poll_id": poll["id"], "option": k % 2})  # counts change at each
+            await asyncio.sleep(pause)
+
+    await asyncio.gather(*(voter(i, cl) for i, cl in enumerate(clients)))
+    await asyncio.sleep(1)
+    took = time.monotonic() - t0
+    for cl in clients:
+        await cl.close()
+    published = fetch(settings, "SELECT count(*) AS n FROM room_events WHERE room_id = $1 AND type = 'poll.results'",
+                      f"live:{sid}")[0]["n"]
+    assert published <= took / 0.25 + 3, (published, took)
+    # and the last results count every vote as it stands
+    last = fetch(settings, "SELECT payload FROM room_events WHERE room_id = $1 AND type = 'poll.results' "
+                           "ORDER BY seq DESC LIMIT 1", f"live:{sid}")[0]["payload"]
+    votes = fetch(settings, "SELECT option, count(*) AS n FROM poll_votes WHERE poll_id = $1 GROUP BY option "
+                            "ORDER BY option", poll["id"])
+    assert json.loads(last)["counts"] == [sum(r["n"] for r in votes if r["option"] == o) for o in (0, 1)], last

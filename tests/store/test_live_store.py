@@ -320,3 +320,44 @@ async def test_a_failure_repeating_every_tick_is_logged_once_a_minute(settings, 
     hub._failing.pop("read")  # working again: the next failure is news
     hub._complain("read", "redis subscription failed; retrying")
     assert caplog.records[-1].exc_info
+
+
+async def test_a_vote_committed_just_after_another_process_counted_is_still_published(xp_store):
+    """A vote stamped before the last published counts but committed after they were taken (its process then
+    died inside its coalescing window) was never published: the sweep compared times only. It compares counts."""
+    pool, redis = xp_store
+    sid, poll, (a, b) = await _live_poll(pool, redis)
+    async with pool.acquire() as c:
+        await live.vote(c, poll["id"], sid, a, 0)
+    await live.publish_results(pool, redis, poll["id"])
+    # b's vote, stamped a moment before those counts were published, committed just after: not in them
+    await pool.execute("INSERT INTO poll_votes (poll_id, user_id, option, updated_at) "
+                       "SELECT $1, $2, 1, r.at - interval '0.2 seconds' FROM poll_published r WHERE r.poll_id = $1",
+                       poll["id"], b)
+    await pool.execute("UPDATE poll_published SET at = at + interval '0.1 seconds' WHERE poll_id = $1", poll["id"])
+    assert await live.stale_polls(pool) == []  # not yet: its own process may still publish it
+    await pool.execute("UPDATE poll_votes SET updated_at = updated_at - interval '3 seconds' WHERE poll_id = $1",
+                       poll["id"])
+    await pool.execute("UPDATE poll_published SET at = at - interval '3 seconds' WHERE poll_id = $1", poll["id"])
+    assert await live.stale_polls(pool) == [poll["id"]]
+    await live.publish_results(pool, redis, poll["id"])
+    assert await _results(pool, sid) == [1, 2] and await live.stale_polls(pool) == []
+
+
+async def test_counts_already_published_are_not_published_again(xp_store):
+    """Every flush published, changed or not: a vote changed to the option it had, and each process coalescing its
+    own votes, sent the same counts again (each a stored event replayed to every reconnecting client)."""
+    pool, redis = xp_store
+    sid, poll, (a, _) = await _live_poll(pool, redis)
+    async with pool.acquire() as c:
+        await live.vote(c, poll["id"], sid, a, 0)
+    await live.publish_results(pool, redis, poll["id"])
+    await live.publish_results(pool, redis, poll["id"])  # another process, having counted the same
+    async with pool.acquire() as c:
+        await live.vote(c, poll["id"], sid, a, 0)  # the same option again
+    await live.publish_results(pool, redis, poll["id"])
+    assert await _results(pool, sid) == [1]
+    async with pool.acquire() as c:
+        await live.vote(c, poll["id"], sid, a, 1)
+    await live.publish_results(pool, redis, poll["id"])
+    assert await _results(pool, sid) == [1, 1]
