@@ -1,7 +1,7 @@
 """Request and response bodies of the REST API (msgspec Structs; unknown fields are rejected)."""
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated
 
 import msgspec
@@ -31,11 +31,19 @@ When = Annotated[datetime, Meta(tz=True)]
 
 
 def check_when(obj: object, *names: str) -> None:
-    """For a Struct's __post_init__: each named moment, when set, lies in the years 1970-2200."""
+    """For a Struct's __post_init__: each named moment, when set, lies in the years 1970-2200 (in UTC, as stored:
+    "2200-12-31T23:00:00-05:00" is in 2201)."""
     for name in names:
         value = getattr(obj, name)
-        if isinstance(value, datetime) and not 1970 <= value.year <= 2200:
+        if isinstance(value, datetime) and not 1970 <= _utc_year(value) <= 2200:
             raise ValueError(f"`{name}` must lie between the years 1970 and 2200")
+
+def _utc_year(value: datetime) -> int:
+    try:
+        return value.astimezone(timezone.utc).year
+    except OverflowError:  # (year 1 or 9999 moved past Python's range: out of bounds either way)
+        return value.year
+
 
 class Strict(msgspec.Struct, forbid_unknown_fields=True):
     pass

@@ -52,6 +52,14 @@ def test_moments_need_an_offset_and_a_sane_year(client, make: Factory):
     r = client.post(f"/api/v1/courses/{cid}/live", json={"title": "L", "scheduled_at": "0001-01-01T00:00:00Z"},
                     headers=inst.h)
     assert r.status_code == 400
+    # the years are UTC's, as stored: these were taken (and stored in 2201 and 1969)
+    for when in ("2200-12-31T23:00:00-05:00", "1970-01-01T00:30:00+01:00", "0001-01-01T00:00:00+01:00",
+                 "9999-12-31T23:00:00-05:00"):
+        r = client.post(f"/api/v1/courses/{cid}/live", json={"title": "L", "scheduled_at": when}, headers=inst.h)
+        assert r.status_code == 400 and r.json()["field"] == "scheduled_at", (when, r.text)
+    r = client.post(f"/api/v1/courses/{cid}/live", json={"title": "L", "scheduled_at": "2200-12-31T23:00:00+01:00"},
+                    headers=inst.h)
+    assert r.status_code == 201, r.text
 
 
 async def test_a_nul_in_a_frame_is_a_bad_frame(server, make: Factory):
