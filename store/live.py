@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 
 from store.events import LiveEnded, LiveStarted, PollClosed, PollInfo, PollOpened, PollResults
 from store import moderation, rooms
-from store.messages import ACCESS_REVOKED, INVALID_STATE, Refused
+from store.messages import ACCESS_REVOKED, INVALID_STATE, REUSED, Refused
 from store.rooms import RoomGone, lock_room, sequenced
 
 _SESSION = "s.id, s.course_id, s.title, s.scheduled_at, s.started_at, s.ended_at, s.created_by, s.created_at"
@@ -189,11 +189,20 @@ MAX_POLLS_PER_SESSION = 200  # an explicit bound: a session ending closes and co
 
 
 async def create_poll(db: asyncpg.Pool, redis: Redis, session_id: int, question: str, options: list[str],
-                      by: int) -> asyncpg.Record:
-    """Open a poll in the session's room; publishes `poll.opened`. Refused(INVALID_STATE) before the session
-    starts and once it ended."""
+                      by: int, client_key: str | None = None) -> tuple[asyncpg.Record, bool]:
+    """Open a poll in the session's room; publishes `poll.opened`. (the poll, made now). Refused(INVALID_STATE)
+    before the session starts and once it ended. With `client_key` (an Idempotency-Key as stored) the poll that key
+    opened, when there is one (made: False); Refused(REUSED) when it opened another question."""
     async with sequenced(db, redis) as box:
-        await _lock_room(box.conn, session_id)
+        await _lock_room(box.conn, session_id)  # (creations in a session one at a time: a twin waits, then finds it)
+        if client_key is not None:
+            done = await box.conn.fetchrow(
+                """SELECT id, session_id, question, options, created_at, closed_at FROM polls
+                   WHERE session_id = $1 AND client_key = $2""", session_id, client_key)
+            if done is not None:
+                if done["question"] != question or list(done["options"]) != options:
+                    raise Refused(REUSED, "this Idempotency-Key opened another poll; use a new key for a new poll")
+                return done, False
         s = await box.conn.fetchrow("SELECT started_at, ended_at FROM live_sessions WHERE id = $1 FOR UPDATE",
                                     session_id)
         if s is not None and s["ended_at"] is not None:
@@ -204,12 +213,12 @@ async def create_poll(db: asyncpg.Pool, redis: Redis, session_id: int, question:
                                                      session_id) >= MAX_POLLS_PER_SESSION:
             raise Refused(INVALID_STATE, f"a session holds at most {MAX_POLLS_PER_SESSION} polls")
         row = await box.conn.fetchrow(
-            """INSERT INTO polls (session_id, question, options, created_by) VALUES ($1, $2, $3, $4)
+            """INSERT INTO polls (session_id, question, options, created_by, client_key) VALUES ($1, $2, $3, $4, $5)
                RETURNING id, session_id, question, options, created_at, closed_at""",
-            session_id, question, options, by)
+            session_id, question, options, by, client_key)
         room = room_of(session_id)
         await box.append(room, lambda seq: PollOpened(seq=seq, room=room, poll=poll_info(row)))
-    return row
+    return row, True
 
 
 async def poll_in_tenant(conn: asyncpg.Connection, poll_id: int, tenant_id: int) -> asyncpg.Record | None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncpg
-from litestar import Controller, Request, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 
 from server.api.paging import ListLimit, Offset
 from server.api.room_schemas import Attendee, Poll, PollIn, Session, SessionIn, VoteIn
 from server.api.rooms import not_kicked, refused, take_send
 from server.auth import AuthUser, staff_only
-from server.decode import read_json
+from server.decode import callers_key, idempotency_key, read_json
 from server.errors import ApiError
 from store import courses as courses_repo
 from store import live as repo
@@ -117,18 +117,23 @@ class LiveController(Controller):
         return [Attendee(**dict(r)) for r in rows]
 
     @post("/live/{session_id:int}/polls", guards=[staff_only], status_code=201)
-    async def create_poll(self, request: Request, session_id: int) -> Poll:
+    async def create_poll(self, request: Request, session_id: int) -> Poll | Response[Poll]:
+        """Open a poll. With an `Idempotency-Key` header, a repeat (a double click, a retry after a lost reply)
+        gets the poll that key opened (200), not a second one splitting the votes; the key with another question
+        or options is 409 `idempotency_key_reused`."""
+        key = callers_key(request.user.id, idempotency_key(request))
         data = await read_json(request, PollIn)
         state = request.app.state
         async with state.pool.acquire() as conn:
             await _session_or_404(conn, session_id, request.user)
         try:
-            row = await repo.create_poll(state.pool, state.redis, session_id, data.question, data.options,
-                                         request.user.id)
+            row, made = await repo.create_poll(state.pool, state.redis, session_id, data.question, data.options,
+                                               request.user.id, key)
         except Refused as exc:
             raise refused(exc) from exc
         async with state.pool.acquire() as conn:
-            return await _to_poll(conn, row, request.user.id)
+            out = await _to_poll(conn, row, request.user.id)
+        return out if made else Response(out, status_code=200)
 
     @get("/live/{session_id:int}/polls")
     async def polls(self, request: Request, session_id: int,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import websockets
 
 from tests.conftest import Factory, fetch
@@ -340,3 +341,27 @@ async def test_a_vote_on_a_socket_whose_kick_or_removal_was_lost_is_refused(serv
     r = client.post(f"/api/v1/polls/{poll['id']}/votes", json={"option": 0}, headers=a.h)
     assert r.status_code == 403 and r.json()["code"] == "kicked"
     assert not fetch(settings, "SELECT 1 FROM poll_votes WHERE poll_id = $1", poll["id"])
+
+
+async def test_a_repeated_poll_opening_opens_one_poll(server, client, make: Factory, settings):
+    """Two identical POST /live/{id}/polls (a double click, a retry after a lost reply) opened two polls: two
+    `poll.opened` in the room, the votes split between them, two of the session's 200. With an Idempotency-Key
+    the repeat, and a twin sent at once, get the poll the key opened."""
+    course, sid, first = _live_poll(server, client, make)
+    inst = course.instructor
+    url = f"/api/v1/live/{sid}/polls"
+    body = {"question": "Ready?", "options": ["yes", "no"]}
+    h = {**inst.h, "Idempotency-Key": "open-ready"}
+    async with httpx.AsyncClient(base_url=server, timeout=30) as c:
+        rs = await asyncio.gather(*(c.post(url, json=body, headers=h) for _ in range(3)))
+        assert sorted(r.status_code for r in rs) == [200, 200, 201], [r.text for r in rs]
+        assert len({r.json()["id"] for r in rs}) == 1
+        other = await c.post(url, json={**body, "options": ["yes", "no", "maybe"]}, headers=h)
+        assert other.status_code == 409 and other.json()["code"] == "idempotency_key_reused", other.text
+        bad = await c.post(url, json=body, headers={**inst.h, "Idempotency-Key": "k" * 101})
+        assert bad.status_code == 400 and bad.json()["field"] == "Idempotency-Key"
+        plain = await c.post(url, json=body, headers=inst.h)  # without a key: a new poll, as before
+        assert plain.status_code == 201 and plain.json()["id"] != rs[0].json()["id"]
+    opened = fetch(settings, "SELECT count(*) AS n FROM room_events WHERE room_id = $1 AND type = 'poll.opened'",
+                   f"live:{sid}")[0]["n"]
+    assert opened == 3  # the first poll, the keyed one once, the plain one

@@ -16,7 +16,7 @@ async def _live_poll(pool, redis, learners: int = 2) -> tuple[int, dict, list[in
         cid, owner, ids = await course_in_new_tenant(conn, learners)
         sid = (await live.create_session(conn, cid, "s", None, owner))["id"]
     await live.start_session(pool, redis, sid)
-    poll = await live.create_poll(pool, redis, sid, "q", ["x", "y"], owner)
+    poll, _ = await live.create_poll(pool, redis, sid, "q", ["x", "y"], owner)
     return sid, poll, ids
 
 

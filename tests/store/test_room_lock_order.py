@@ -56,7 +56,7 @@ async def test_ending_a_session_while_its_course_is_deleted_does_both(make: Fact
     cid, tid, by = await _course(pool, make)
     sid = await _session(pool, cid, by)
     await live.start_session(pool, redis, sid)
-    poll = await live.create_poll(pool, redis, sid, "q", ["a", "b"], by)
+    poll, _ = await live.create_poll(pool, redis, sid, "q", ["a", "b"], by)
     voting = await pool.acquire()
     tx = voting.transaction()
     await tx.start()
