@@ -223,5 +223,10 @@ class Presence:
         to life meanwhile)."""
         await self.redis.zadd(PROCS, {proc: int(expired_at * 1000)}, nx=True)
 
+    async def now_s(self) -> float:
+        """Redis's clock (the leases' expiries are on it), in seconds."""
+        sec, usec = await self.redis.time()
+        return sec + usec / 1e6
+
     async def forget_proc(self) -> None:
         await self.redis.zrem(PROCS, self.proc)

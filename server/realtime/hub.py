@@ -10,7 +10,7 @@ import os
 import secrets
 import socket
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 
 import asyncpg
 import msgspec
@@ -719,11 +719,14 @@ class Hub:
         if not due:
             return
         dead = await self.presence.dead_procs(due)
+        # the last sign of life, as a time ago: the expiries are on Redis's clock, attendance on the database's
+        # (a Redis host minutes behind cut that much off every closed row, and a reopen no longer matched it)
+        redis_now = await self.presence.now_s() if dead else 0.0
         for i, (proc, expired_at) in enumerate(dead):
-            last_seen = datetime.fromtimestamp(expired_at - self.settings.presence_ttl_s, tz=timezone.utc)
+            ago_s = max(0.0, redis_now - (expired_at - self.settings.presence_ttl_s))
             try:
                 async with self.pool.acquire() as db:
-                    closed = await live_repo.attendance_close_proc(db, proc, last_seen)
+                    closed = await live_repo.attendance_close_proc(db, proc, ago_s=ago_s)
                 answers = await tutoring.recover(self.pool, self.redis, [proc])
             except BaseException:  # failed, or cut off by the duty's time limit
                 # this claim and the ones not reached yet are given back (still expired), so the next tick,

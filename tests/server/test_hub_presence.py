@@ -351,3 +351,34 @@ async def test_a_failed_reopen_does_not_lose_the_joined_announcements(settings, 
             assert any(b'"joined"' in g for g in got), got
         finally:
             await sub.aclose()
+
+
+async def test_a_dead_process_attendance_is_closed_on_the_database_clock(settings, xp_store, monkeypatch):
+    """The reaper closed a dead process's rows at its lease expiry less a lease, a moment on Redis's clock written
+    as the database's: a Redis host 2 minutes behind cut 2 minutes off every such row (a recent join became
+    zero), and the reopen of a process wrongly taken for dead no longer matched. Now: the time since its last sign
+    of life, on Redis's clock, taken from the database's now."""
+    import time as time_mod
+
+    pool, redis = xp_store
+    ttl = settings.presence_ttl_s
+    behind = 120.0  # Redis's host clock, behind the database's
+    async with _live_hub(settings, pool, redis) as (hub, conn):
+        sid = int(conn.room.split(":")[1])
+        gone = f"gone-host:1:{uuid.uuid4().hex[:6]}"
+        async with pool.acquire() as c:
+            aid = await live.attendance_join(c, sid, conn.user.id, gone)
+            await c.execute("UPDATE live_attendance SET joined_at = now() - interval '10 minutes' WHERE id = $1", aid)
+        real_now = await hub.presence.now_s()
+        expiry = real_now - behind - ttl  # lapsed a lease ago, on the lagging clock
+        await redis.zadd(PROCS, {gone: int(expiry * 1000)})
+        monkeypatch.setattr(hub.presence, "now_s", lambda: _value(real_now - behind))
+        hub._expired_seen[gone] = time_mod.monotonic() - ttl - 1  # seen lapsed for a whole lease here
+        await hub._reap_dead_procs()
+        left, db_now = await pool.fetchrow("SELECT left_at, now() FROM live_attendance WHERE id = $1", aid)
+        assert left is not None
+        assert abs((db_now - left).total_seconds() - 2 * ttl) < 3, (db_now - left)
+
+
+async def _value(x):  # type: ignore[no-untyped-def]
+    return x
