@@ -91,6 +91,17 @@ async def check_leaderboards(ctx: dict[str, Any]) -> bool:
     return await check_and_repair(ctx["pool"], ctx["redis"]) is not None
 
 
+async def end_forgotten_sessions(ctx: dict[str, Any]) -> int:
+    """Every minute: end the live sessions left running (STUDYHALL_LIVE_IDLE_END_MIN, STUDYHALL_LIVE_MAX_HOURS)."""
+    from store.live import end_forgotten
+
+    settings = ctx["settings"]
+    ended = await end_forgotten(ctx["pool"], ctx["redis"], settings.live_idle_end_min, settings.live_max_hours)
+    if ended:
+        logger.info("ended %d live sessions left running", len(ended), extra={"fields": {"sessions": ended}})
+    return len(ended)
+
+
 async def ping(ctx: dict[str, Any]) -> str:
     """A no-op job, used to check that a worker is consuming."""
     return "pong"
@@ -171,8 +182,9 @@ def worker_settings(settings: Settings, queue: str = "ingest", *, heal_embedding
         if heal_embeddings:  # (and at start, above)
             crons.append(cron(heal_superseded, minute=set(range(2, 60, 5)), run_at_startup=False, unique=True))
     else:
-        functions = [ping, grade_submission, grade_batch, match_pods_weekly, check_leaderboards]
+        functions = [ping, grade_submission, grade_batch, match_pods_weekly, check_leaderboards, end_forgotten_sessions]
         crons = [cron(recover_grading, run_at_startup=True),  # every minute: grading jobs whose entry was lost
+                 cron(end_forgotten_sessions, run_at_startup=True, unique=True),  # every minute
                  # progress, XP, leaderboards, matcher
                  # (with weekly rounds off it still posts unposted rounds and re-pairs those who left)
                  cron(match_pods_weekly, minute={0, 15, 30, 45}, run_at_startup=True, unique=True),

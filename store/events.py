@@ -153,6 +153,8 @@ class LiveEnded(Event, tag="live.ended"):
     room: str
     session_id: int
     at: datetime
+    # None: ended by staff; "idle": nobody present and nothing said for a while; "max_length": running too long
+    reason: str | None = None
 
 
 class PollInfo(msgspec.Struct, kw_only=True):

@@ -70,8 +70,9 @@ async def start_session(db: asyncpg.Pool, redis: Redis, session_id: int) -> asyn
     return row
 
 
-async def end_session(db: asyncpg.Pool, redis: Redis, session_id: int) -> asyncpg.Record:
-    """live → ended; closes open polls and publishes their final counts, then `live.ended`."""
+async def end_session(db: asyncpg.Pool, redis: Redis, session_id: int, reason: str | None = None) -> asyncpg.Record:
+    """live → ended; closes open polls and publishes their final counts, then `live.ended` (with `reason` when
+    it ended by itself: see `end_forgotten`)."""
     async with sequenced(db, redis) as box:
         await _lock_room(box.conn, session_id)
         row = await box.conn.fetchrow(
@@ -85,8 +86,36 @@ async def end_session(db: asyncpg.Pool, redis: Redis, session_id: int) -> asyncp
                 "UPDATE polls SET closed_at = now() WHERE session_id = $1 AND closed_at IS NULL RETURNING id",
                 session_id):
             await _append_closed(box, room, poll_id["id"])
-        await box.append(room, lambda seq: LiveEnded(seq=seq, room=room, session_id=session_id, at=row["ended_at"]))
+        await box.append(room, lambda seq: LiveEnded(seq=seq, room=room, session_id=session_id, at=row["ended_at"],
+                                                     reason=reason))
     return row
+
+
+async def end_forgotten(db: asyncpg.Pool, redis: Redis, idle_min: int, max_hours: int, limit: int = 100) -> list[int]:
+    """End the live sessions staff left running: for `idle_min` minutes nobody present (no socket open in the
+    room, none closed since) and nothing in the room (no message, poll or vote), or `max_hours` after the start
+    (each 0: never). Their open polls close with their final counts; `live.ended` says why. The ids ended."""
+    rows = await db.fetch(
+        """SELECT s.id, CASE WHEN $2 > 0 AND s.started_at < now() - make_interval(hours => $2) THEN 'max_length'
+                             ELSE 'idle' END AS reason
+           FROM live_sessions s
+           WHERE s.started_at IS NOT NULL AND s.ended_at IS NULL
+             AND (($2 > 0 AND s.started_at < now() - make_interval(hours => $2))
+                  OR ($1 > 0 AND s.started_at < now() - make_interval(mins => $1)
+                      AND NOT EXISTS (SELECT 1 FROM live_attendance a WHERE a.session_id = s.id
+                                          AND (a.left_at IS NULL OR a.left_at > now() - make_interval(mins => $1)))
+                      AND NOT EXISTS (SELECT 1 FROM (SELECT e.created_at FROM room_events e
+                                                     WHERE e.room_id = 'live:' || s.id ORDER BY e.seq DESC LIMIT 1) last
+                                      WHERE last.created_at > now() - make_interval(mins => $1))))
+           ORDER BY s.id LIMIT $3""", idle_min, max_hours, limit)
+    ended = []
+    for r in rows:
+        try:
+            await end_session(db, redis, r["id"], reason=r["reason"])
+        except Refused:  # ended (or deleted) meanwhile: by staff, or by another worker
+            continue
+        ended.append(r["id"])
+    return ended
 
 
 async def _gone(conn: asyncpg.Connection, table: str, row_id: int, what: str) -> None:

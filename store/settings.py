@@ -108,6 +108,9 @@ class Settings:
     presence_ttl_s: float = 15.0
     presence_grace_s: float = 3.0  # a user's last socket in a room closing announces `left` this much later
     presence_max: int = 200
+    # a live session left running ends by itself: nobody present and nothing said for this long (0: never) ...
+    live_idle_end_min: int = 30
+    live_max_hours: int = 12  # ... or this long after it started (0: never)
     # assignments and grading
     review_threshold: float = 0.7
     review_band: tuple[float, float] = (40.0, 60.0)
@@ -181,6 +184,8 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         presence_ttl_s=_ranged("STUDYHALL_PRESENCE_TTL", 15.0, 1.0, 3600.0),
         presence_grace_s=_ranged("STUDYHALL_PRESENCE_GRACE_S", 3.0, 0.0, 600.0),
         presence_max=_bounded("STUDYHALL_PRESENCE_MAX", 200, 1, 1_000_000),
+        live_idle_end_min=_bounded("STUDYHALL_LIVE_IDLE_END_MIN", 30, 0, 10_080),
+        live_max_hours=_bounded("STUDYHALL_LIVE_MAX_HOURS", 12, 0, 720),
         review_threshold=_ranged("STUDYHALL_REVIEW_THRESHOLD", 0.7, 0.0, 1.0),
         review_band=_band(_str("STUDYHALL_REVIEW_BAND", "40,60") or "40,60"),
         max_answer_chars=_bounded("STUDYHALL_MAX_ANSWER_CHARS", 20_000, 1, 1_000_000),

@@ -361,3 +361,48 @@ async def test_counts_already_published_are_not_published_again(xp_store):
         await live.vote(c, poll["id"], sid, a, 1)
     await live.publish_results(pool, redis, poll["id"])
     assert await _results(pool, sid) == [1, 1]
+
+
+async def test_a_session_left_running_ends_by_itself(xp_store):
+    """Nothing ended a live session but staff: one forgotten stayed live for good, its polls taking votes and
+    attendance growing for a tab left open. Nobody present and nothing said for the idle time ends it; so does
+    the maximum length, whoever is there."""
+    pool, redis = xp_store
+    idle_sid, idle_poll, (a, _) = await _live_poll(pool, redis)
+    busy_sid, _, (b, _) = await _live_poll(pool, redis)
+    long_sid, _, (c, _) = await _live_poll(pool, redis)
+    async with pool.acquire() as conn:
+        for sid in (idle_sid, busy_sid, long_sid):  # started 40 minutes ago; its events as old
+            await conn.execute("UPDATE live_sessions SET started_at = now() - interval '40 minutes' WHERE id = $1",
+                               sid)
+            await conn.execute("UPDATE room_events SET created_at = now() - interval '40 minutes' WHERE room_id = $1",
+                               live.room_of(sid))
+        gone = await live.attendance_join(conn, idle_sid, a, "p")  # left 35 minutes ago
+        await conn.execute("UPDATE live_attendance SET joined_at = now() - interval '39 minutes', "
+                           "left_at = now() - interval '35 minutes' WHERE id = $1", gone)
+        await live.attendance_join(conn, busy_sid, b, "p")  # a socket open now
+        await live.attendance_join(conn, long_sid, c, "p")
+        await conn.execute("UPDATE live_sessions SET started_at = now() - interval '13 hours' WHERE id = $1", long_sid)
+    # (the session's worker runs the same every minute with these defaults: it may end some first)
+    assert set(await live.end_forgotten(pool, redis, idle_min=30, max_hours=12)) <= {idle_sid, long_sid}
+    assert await live.end_forgotten(pool, redis, idle_min=30, max_hours=12) == []
+    running = {r["id"] for r in await pool.fetch("SELECT id FROM live_sessions WHERE id = ANY($1::bigint[]) "
+                                                 "AND ended_at IS NULL", [idle_sid, busy_sid, long_sid])}
+    assert running == {busy_sid}
+    ended_events = {r["room_id"]: json.loads(r["payload"]) for r in await pool.fetch(
+        "SELECT room_id, payload FROM room_events WHERE type = 'live.ended' AND room_id = ANY($1::text[])",
+        [live.room_of(s) for s in (idle_sid, busy_sid, long_sid)])}
+    assert ended_events[live.room_of(idle_sid)]["reason"] == "idle"
+    assert ended_events[live.room_of(long_sid)]["reason"] == "max_length"
+    assert live.room_of(busy_sid) not in ended_events
+    assert await pool.fetchval("SELECT closed_at IS NOT NULL FROM polls WHERE id = $1", idle_poll["id"])
+    # a message in the room within the idle time keeps a session nobody is connected to running (a bot bridging
+    # a chat); so does 0, for never
+    quiet_sid, _, _ = await _live_poll(pool, redis)
+    await pool.execute("UPDATE live_sessions SET started_at = now() - interval '40 minutes' WHERE id = $1", quiet_sid)
+    assert await live.end_forgotten(pool, redis, idle_min=30, max_hours=12) == []  # live.started, poll.opened: now
+    await pool.execute("UPDATE room_events SET created_at = now() - interval '31 minutes' WHERE room_id = $1",
+                       live.room_of(quiet_sid))
+    assert quiet_sid not in await live.end_forgotten(pool, redis, idle_min=0, max_hours=0)
+    await live.end_forgotten(pool, redis, idle_min=30, max_hours=0)
+    assert await pool.fetchval("SELECT ended_at IS NOT NULL FROM live_sessions WHERE id = $1", quiet_sid)
