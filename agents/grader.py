@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 
 # Without a reference answer the offline grader compares against rubric text only: trust it less.
 NO_REFERENCE_FACTOR = 0.5
+# An answer that only repeats the question (scoring.restates_question) scores 0 with this confidence: it cannot
+# hold the ideas the expected answer adds to the question
+RESTATED_CONFIDENCE = 0.9
+RESTATED_NOTE = "The answer repeats words of the question and adds nothing to them."
 MAX_CONFIDENCE_LLM = 0.95
 # An LLM total this many points from the offline one goes to an instructor, whatever the LLM's confidence: one of
 # the two misread the answer (or the answer talked the model into a grade).
@@ -87,6 +91,7 @@ class GradeState(TypedDict, total=False):
     grader: str
     offline_total: float
     concepts: dict[str, list[str]]  # covered / missing key concepts (offline)
+    restated: bool  # the answer only repeats the question (offline: 0 points)
     held: bool
     reason: str | None
     note: str | None
@@ -166,6 +171,10 @@ def offline_scores(embedder: Any, question: str, reference: str, criteria: list[
                     "justification": "; ".join(bits) + "."})
         covered += [w for w in s.covered if w not in covered and w not in RUBRIC_WORDS]
         missing += [w for w in s.missing if w not in missing and w not in covered and w not in RUBRIC_WORDS]
+    if scoring.restates_question(question, [r for refs in refs_per for r in refs], answer):
+        return {"scores": [{**s, "score": 0.0, "justification": RESTATED_NOTE} for s in out], "total": 0.0,
+                "confidence": RESTATED_CONFIDENCE, "concepts": {"covered": [], "missing": missing[:8]},
+                "restated": True}
     return {"scores": out, "total": total_of(out), "confidence": round(conf_sum / max(points_sum, 1e-9), 3),
             "concepts": {"covered": covered[:8], "missing": missing[:8]}}
 
@@ -334,6 +343,10 @@ def _mmss(seconds: float) -> str:
 def _feedback(state: GradeState) -> dict[str, Any]:
     moment = state.get("moment")
     fb = {k: v for k, v in (state.get("feedback") or {}).items() if v}
+    if state.get("restated") and state.get("grader") == "offline":
+        fb.setdefault("right", "Your answer repeats the question.")
+        fb.setdefault("missing", "It does not answer it yet: nothing in it goes beyond the question's own words.")
+        fb.setdefault("improve", "Say what the answer is, in your own words, and why.")
     if len(fb) < 3:  # offline wording, where the model left a part out
         covered = state.get("concepts", {}).get("covered", [])
         missing = state.get("concepts", {}).get("missing", [])

@@ -81,6 +81,26 @@ def key_concepts(reference: str, question: str) -> set[str]:
     return (ref - set(concepts(question))) or ref
 
 
+RESTATED_SHARE = 0.8  # of the question's ideas an answer repeating it holds (a short answer drawing a few words
+# from a long question, "Their hands could be different length.", is no restatement; nor a weak one taking half of
+# a short question's, "Binary search is fast.")
+RESTATED_MIN_IDEAS = 4  # a question with fewer is left to the scorer: "What is a function pointer?" / "a pointer to
+# a function" is a weak answer (Mohler's graders gave it 3.5 of 5), not a copied question
+
+
+def restates_question(question: str, references: Sequence[str], answer: str) -> bool:
+    """The answer only repeats the question: every idea in it is the question's and it holds most of them (and no
+    negation, which could be the answer: "it is not"), while the expected answer has ideas the question lacks. It
+    cannot hold those; the scorer's similarity to a reference that shares the question's words gave a copied
+    question 25-45 of 100 points."""
+    said = set(concepts(answer))
+    if not said or _negated(answer):
+        return False
+    asked = set(concepts(question))
+    return (len(asked) >= RESTATED_MIN_IDEAS and said <= asked and len(said) >= RESTATED_SHARE * len(asked)
+            and any(set(concepts(r)) - asked for r in references))
+
+
 @dataclass(frozen=True)
 class Exemplar:
     """An earlier answer to the same item with a trusted grade (fraction 0..1 of the points)."""

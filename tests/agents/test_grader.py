@@ -66,6 +66,30 @@ async def test_the_reference_answer_handed_in_earns_full_marks_offline(embedder)
     assert scoring.credit(0.99) == 1.0 and scoring.credit(-0.1) == 0.0
 
 
+async def test_an_answer_that_only_repeats_the_question_scores_nothing(embedder):
+    """A copied question scored 25-45 offline (its words are the reference's too): points for nothing, and with
+    low confidence each copy went to the review queue. It now scores 0, says so, and is released."""
+    for copy in (QUESTION, f"{QUESTION} {QUESTION.lower()}"):
+        got = await grader.grade(inputs(copy), embedder=embedder)
+        assert got["total"] == 0.0 and not got["held"], got
+        assert "repeats the question" in got["feedback"]["right"] and got["feedback"]["rewatch"] == MOMENT
+        assert all(s["score"] == 0.0 for s in got["scores"])
+    # not a restatement: an answer drawing a few words from a long question, one with a word of its own, a
+    # negation, or a short question's tautology (left to the scorer)
+    scenario = ("Greta used her hand to measure the length of the whiteboard. She found it was 14 hands long. "
+                "Andre measured it and found 17 hands. Why did they get different numbers?")
+    assert not scoring.restates_question(scenario, ["Greta and Andre have different sized hands."],
+                                         "Their hands could be different length.")
+    assert not scoring.restates_question(QUESTION, [REFERENCE], "Binary search finds an element fast by halving.")
+    assert not scoring.restates_question(QUESTION, [REFERENCE], "Binary search does not find an element fast.")
+    assert not scoring.restates_question(QUESTION, [REFERENCE], "Binary search is fast.")
+    assert not scoring.restates_question("What is a function pointer?", ["The address of a function's code."],
+                                         "a pointer to a function")
+    # a choice question: the answer is among its words
+    assert not scoring.restates_question("Which is faster, binary search or linear search?", ["Binary search"],
+                                         "Binary search is faster than linear search.")
+
+
 async def test_an_answer_in_another_script_has_words(embedder):
     """Words were [a-z0-9]: a Russian answer word for word its reference had no words, covered "0 of 0 key
     concepts" and scored as empty offline (and, against a model's grade, was held every time)."""
