@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
-from litestar import Litestar
-from litestar.exceptions import HTTPException
+from litestar import Litestar, Request
+from litestar.exceptions import HTTPException, NotFoundException
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -58,6 +58,18 @@ def command_redis(url: str) -> Redis:
         socket_connect_timeout=REDIS_TIMEOUT_S))
 
 
+def canonical_path_ids(request: Request) -> None:
+    """A path id is written as the number it is, in ASCII digits: 404 otherwise. Litestar reads `{x:int}` with
+    int(), which also takes "3_5", "+35", " 35", "035" and other scripts' digits ("３５", "٣٥"): DELETE /courses/3_5
+    deleted course 35, a typo away from the course meant."""
+    template, params = request.scope.get("path_template") or "", request.scope.get("path_params") or {}
+    if not any(isinstance(v, int) for v in params.values()):
+        return
+    for tmpl, raw in zip(template.split("/"), request.scope["path"].split("/")):
+        if tmpl.startswith("{") and isinstance(value := params.get(tmpl[1:-1]), int) and raw != str(value):
+            raise NotFoundException(f"no such path: {request.scope['path']!r} (ids are written in ASCII digits)")
+
+
 def create_app(settings: Settings) -> Litestar:
     """Build the app for `settings`, whose database and Redis URLs must be resolved."""
     assert settings.database_url and settings.redis_url, "resolve services before building the app"
@@ -102,6 +114,7 @@ def create_app(settings: Settings) -> Litestar:
                             asyncpg.ForeignKeyViolationError: gone_parent_handler, EmbedderError: embedder_error_handler,
                             **dict.fromkeys(ROLLED_BACK, contention_handler),
                             **dict.fromkeys(UNREACHABLE, unavailable_handler), Exception: internal_error_handler},
+        before_request=canonical_path_ids,
         openapi_config=OpenAPIConfig(title="studyhall", version="0.1.0", path="/schema"),
         request_max_body_size=settings.max_upload_bytes + FRAMING,  # an upload's file may be the whole limit
         logging_config=None,

@@ -350,3 +350,24 @@ def test_a_value_outside_a_fields_choices_is_told_the_choices():
         with pytest.raises(ApiError) as err:
             decode_json(raw, GenerateIn)
         assert err.value.field == field and f"(one of: {choices})" in err.value.detail, err.value.detail
+
+
+def test_a_path_id_is_its_number_in_ascii_digits(server, client, make: Factory, settings):
+    """Path ids were read with int(): /courses/3_5, /+35, /035, /%2035 and other scripts' digits (full-width,
+    Arabic-Indic) all named course 35, and DELETE /courses/3_5 deleted it."""
+    course = make_course(server, make, learners=1)
+    inst, cid = course.instructor, course.id
+    spelled = [f"{str(cid)[:1]}_{str(cid)[1:]}" if cid >= 10 else f"0_{cid}", f"+{cid}", f"0{cid}", f"%20{cid}",
+               str(cid).translate(str.maketrans("0123456789", "０１２３４５６７８９")),
+               str(cid).translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))]
+    for s in spelled:
+        assert client.get(f"/api/v1/courses/{s}", headers=inst.h).status_code == 404, s
+        assert client.delete(f"/api/v1/courses/{s}", headers=inst.h).status_code == 404, s
+        r = client.post(f"/api/v1/courses/{s}/live", json={"title": "L"}, headers=inst.h)
+        assert r.status_code == 404, (s, r.text)
+    assert fetch(settings, "SELECT count(*) AS n FROM courses WHERE id = $1", cid)[0]["n"] == 1
+    assert client.get(f"/api/v1/courses/{cid}", headers=inst.h).status_code == 200
+    learner = course.learners[0]
+    r = client.post(f"/api/v1/users/{learner.id}/tokens", headers=inst.h)
+    assert r.status_code == 201, r.text
+    assert client.post(f"/api/v1/users/+{learner.id}/tokens", headers=inst.h).status_code == 404
