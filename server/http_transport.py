@@ -23,13 +23,21 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 30.0
+REFUSED_LINGER_S = 2.0  # a connection answered 431 is closed this long after, the client's bytes dropped meanwhile
 WRITE_STALL_S = 60.0  # nothing of a full write buffer taken for this long: the client is gone (or never reads)
+
+
+def _ends_head(data: bytes) -> bool:
+    """Whether a request head ends in `data` (a blank line: CRLF CRLF, or bare LFs, which the parser takes too)."""
+    return b"\r\n\r\n" in data or b"\n\n" in data
 
 
 class HttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.head_bytes = 0
+        self.head_tail = b""  # the last bytes of the head so far
+        self.refused = False  # answered 431
         self.head_timer: asyncio.TimerHandle | None = None  # set while a request head is awaited
         self.stall_timer: asyncio.TimerHandle | None = None  # set while the write buffer is over its high-water mark
         self.stall_left = 0  # the buffer's size when the stall timer was set
@@ -77,6 +85,7 @@ class HttpProtocol(HttpToolsProtocol):
     def _await_head(self) -> None:
         self._head_done()
         self.head_bytes = 0
+        self.head_tail = b""
         self.head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timeout)
 
     def _head_done(self) -> None:
@@ -90,12 +99,18 @@ class HttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:  # answered 431: dropped until the connection closes
+            return
         if self.head_timer is not None and not self.in_body:  # a head is being read: bytes so far did not end it
-            if self.head_bytes > MAX_HEAD_BYTES:
+            room = MAX_HEAD_BYTES - self.head_bytes
+            # past the limit, the head must end within it (the rest is a body, or pipelined requests): it was checked
+            # only when the next read came, so a head arriving in one read (100 KB of headers) was served
+            if len(data) > room and not _ends_head(self.head_tail + data[:max(room, 0)]):
                 self._head_done()
                 self._refuse_head()
                 return
             self.head_bytes += len(data)
+            self.head_tail = (self.head_tail + data)[-3:]  # an end of head split between reads
         super().data_received(data)
 
     def on_headers_complete(self) -> None:
@@ -121,4 +136,15 @@ class HttpProtocol(HttpToolsProtocol):
         self.transport.write(b"".join([
             STATUS_LINE[431], b"content-type: text/plain; charset=utf-8\r\n",
             b"content-length: " + str(len(msg)).encode() + b"\r\n", b"connection: close\r\n\r\n", msg]))
-        self.transport.close()
+        self.refused = True
+        if self.transport.can_write_eof():
+            # the answer, then the end of the stream; what the client is still sending is read and dropped for a
+            # moment: closing with it unread resets the connection, and the client lost the 431 with it
+            self.transport.write_eof()
+            self.loop.call_later(REFUSED_LINGER_S, self._close_refused)
+        else:
+            self.transport.close()
+
+    def _close_refused(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.close()

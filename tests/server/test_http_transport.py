@@ -234,3 +234,22 @@ async def test_a_slow_but_steady_reader_gets_the_whole_response(monkeypatch):
         sock.close()
         srv.should_exit = True
         await task
+
+
+async def test_a_head_over_the_limit_arriving_in_one_read_is_431(server):
+    """The size was checked when the next read came: a head arriving whole in one read (one 100,000-byte header,
+    2,000 headers of 80 KB, a 66 KB request line) was served."""
+    big_header = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\nConnection: close\r\n\r\n"
+    many = (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 30) for i in range(2000))
+            + b"Connection: close\r\n\r\n")
+    long_line = b"GET /" + b"p" * 66_000 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    for head in (big_header, many, long_line):
+        assert len(head) > http_transport.MAX_HEAD_BYTES
+        got = await _exchange(server, head)
+        assert got.startswith(b"HTTP/1.1 431"), got[:80]
+    # just under the limit, in one read: served
+    fits = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Fit: "
+    fits += b"a" * (http_transport.MAX_HEAD_BYTES - len(fits) - 4) + b"\r\n\r\n"
+    assert len(fits) == http_transport.MAX_HEAD_BYTES
+    got = await _exchange(server, fits)
+    assert got.startswith(b"HTTP/1.1 200"), got[:80]
