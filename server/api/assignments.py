@@ -311,11 +311,6 @@ class AssignmentController(Controller):
                 done = await _generated_with(conn, course_id, key, user, asked)
             if done is not None:
                 return Response(done, status_code=200)
-        ok, wait = await SendLimiter(state.redis, GENERATE_PER_HOUR / 3600, GENERATE_BURST, key=rate_generate).take(
-            user.id)
-        if not ok:  # each generation may call the model once per chapter: a cost to bound
-            raise ApiError(429, f"at most {GENERATE_PER_HOUR} generations an hour; retry in {wait:g}s",
-                           code="rate_limited", retry_after=wait)
         async with state.pool.acquire() as conn:
             await course_or_404(conn, course_id, user)
             if data.chapter_id is not None:
@@ -356,6 +351,15 @@ class AssignmentController(Controller):
         except LLMError:
             llm = None
         work = [(ch, n) for ch, n in zip(targets, per) if n and groups[ch["id"]]]
+        if not work:
+            raise ApiError(409, "the chapter has no sentences to build items from")
+        # a generation to be: it takes from the budget (a request refused above generated nothing; ten 404s for a
+        # mistyped chapter spent a third of the hour's)
+        ok, wait = await SendLimiter(state.redis, GENERATE_PER_HOUR / 3600, GENERATE_BURST, key=rate_generate).take(
+            user.id)
+        if not ok:  # each generation may call the model once per chapter: a cost to bound
+            raise ApiError(429, f"at most {GENERATE_PER_HOUR} generations an hour; retry in {wait:g}s",
+                           code="rate_limited", retry_after=wait)
         by_model: list[list] = [[] for _ in work]
         if llm is not None:  # a few chapters at a time, all within one deadline; the rest are written offline
             gate = asyncio.Semaphore(GENERATE_MODEL_CALLS)

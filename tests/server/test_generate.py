@@ -105,19 +105,54 @@ def test_deleting_a_video_drops_the_citations_that_point_at_it(client, make, wor
     assert after.get("citation") is None and after["id"] == items[0]["id"]
 
 
-def test_generation_is_rate_limited_per_user(client, make, settings):
-    """Each generation may call the model once per chapter: a user gets a bounded number an hour."""
-    from server.api.assignments import GENERATE_BURST
-    from tests.conftest import fetch
+def test_generation_is_rate_limited_per_user(client, make, settings, eval_course: EvalCourse):
+    """Each generation may call the model once per chapter: a user gets a bounded number an hour. A request refused
+    (a video not ready, a mistyped chapter: nothing generated) spends none of it; ten such 404s spent a third."""
+    from redis.asyncio import Redis
+
+    from server.api.assignments import GENERATE_BURST, GENERATE_PER_HOUR
+    from store.keys import rate_generate
+    from store.ratelimit import SendLimiter
+    from tests.conftest import fetch, run_sync
+
+    async def drain(user_id: int) -> int:
+        """Take the user's whole budget: how much was left."""
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            limiter = SendLimiter(redis, GENERATE_PER_HOUR / 3600, GENERATE_BURST, key=rate_generate)
+            n = 0
+            while (await limiter.take(user_id))[0]:
+                n += 1
+            return n
+        finally:
+            await redis.aclose()
+
+    async def refill(user_id: int) -> None:
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            await redis.delete(rate_generate(user_id))
+        finally:
+            await redis.aclose()
 
     inst = make.user("instructor")
     cid = client.post("/api/v1/courses", json={"title": "Costly"}, headers=inst.h).json()["id"]
     vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status) VALUES ($1, 'v', 'transcript', "
                           "'processing') RETURNING id", cid)[0]["id"]
-    codes = [client.post(f"/api/v1/courses/{cid}/assignments/generate", json={"video_id": vid},
-                         headers=inst.h) for _ in range(GENERATE_BURST + 1)]
-    assert [r.status_code for r in codes[:-1]] == [409] * GENERATE_BURST  # not ready: refused, but counted
-    assert codes[-1].status_code == 429 and int(codes[-1].headers["Retry-After"]) >= 1, codes[-1].text
+    url = f"/api/v1/courses/{cid}/assignments/generate"
+    codes = [client.post(url, json={"video_id": vid}, headers=inst.h).status_code for _ in range(GENERATE_BURST + 2)]
+    assert codes == [409] * (GENERATE_BURST + 2)
+    assert client.post(url, json={"chapter_id": 999999}, headers=inst.h).status_code == 404
+    assert run_sync(drain(inst.id)) == GENERATE_BURST  # all of it left
+    assert client.post(url, json={"video_id": vid}, headers=inst.h).status_code == 409  # (spent: still the reason)
+    # a generation that would run, with the budget spent: 429
+    owner = eval_course.instructor
+    run_sync(drain(owner.id))
+    try:
+        r = client.post(f"/api/v1/courses/{eval_course.id}/assignments/generate", headers=owner.h,
+                        json={"video_id": eval_course.videos["3b1b-bitcoin.srt"], "count": 1})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1, r.text
+    finally:
+        run_sync(refill(owner.id))
 
 
 def test_a_slow_model_gets_one_deadline_for_the_whole_generation(eval_course: EvalCourse, data_dir):
