@@ -49,7 +49,7 @@ class Resume(Frame, tag="resume"):
     """Restart the stream after `after_seq`: the server replies with `welcome`, then every event with a
     greater seq in order, then live events. Ignore sequenced events between sending this and that `welcome`."""
 
-    after_seq: Annotated[int, Meta(ge=0)]
+    after_seq: Annotated[int, Meta(ge=0, le=2**62)]  # (REST's bound on a seq: past 64 bits was taken)
 
 
 class Ping(Frame, tag="ping"):

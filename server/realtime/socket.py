@@ -48,11 +48,15 @@ async def _refuse(socket: WebSocket, code: int, reason: str) -> None:
     await socket.close(code, reason)
 
 
+MAX_SEQ = 2**62  # a seq as REST takes it (`after`, `before`), and the resume frame's `after_seq`
+
+
 def _after(socket: WebSocket) -> int | None | str:
     raw = socket.query_params.get("after")
     if raw is None or raw == "":
         return None
-    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else "bad"
+    # (digits as typed: a 19-digit seq under the bound was refused by a length check; one past it is "bad" too)
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 20 and int(raw) <= MAX_SEQ else "bad"
 
 
 class RoomWebSocket(WebSocket):

@@ -173,6 +173,18 @@ async def test_look_alike_room_ids_and_after_values_are_refused(server, make: Fa
             assert r.status_code == 404, (room, r.status_code)
     code, _ = await closed_with(ws_url(server, course.room, u.token) + "&after=%C2%B2")  # a superscript two
     assert code == 4400
+    # a seq is 0 to 2**62 on the socket as over REST: 19 digits under the bound were refused; past 64 bits, a
+    # resume frame was taken
+    for after in (str(2**62 + 1), "1" * 21):
+        code, _ = await closed_with(ws_url(server, course.room, u.token) + f"&after={after}")
+        assert code == 4400, after
+    ok = await Client.connect(server, course.room, u, after=10**18)
+    await ok.send({"type": "resume", "after_seq": 2**64})
+    err = await ok.expect("error")
+    assert err["code"] == "bad_frame", err
+    await ok.send({"type": "resume", "after_seq": 2**62})
+    assert (await ok.expect("welcome"))["room"] == course.room
+    await ok.close()
 
 
 async def test_resume_during_a_replay_streams_on_at_once(server, make: Factory, xp_store):
