@@ -451,6 +451,10 @@ class NotMatched(DeclineError):
     """The learner is not in the pod's current round."""
 
 
+class UnknownRound(DeclineError):
+    """The round the decliner says they saw was never one of the pod's."""
+
+
 class StaleDecline(DeclineError):
     """The round the learner declined was replaced by a newer one (not a re-match of it after declines)."""
 
@@ -568,6 +572,8 @@ async def _rematch(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id:
             async with pool.acquire() as conn:
                 cur = await matching.current(conn, pod_id)
                 if seen is not None and not await matching.declines_only_since(conn, pod_id, seen):
+                    if not await matching.is_round_of(conn, pod_id, seen):
+                        raise UnknownRound(f"match {seen} is not a round of this pod")
                     raise StaleDecline(f"round {seen} is no longer this pod's round; read the current one "
                                        f"(GET /pods/{pod_id}/match) before declining")
             if declining and cur is not None and user_id in cur["declined"]:

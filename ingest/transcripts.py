@@ -302,6 +302,10 @@ def parse_transcript(data: bytes, filename: str | None = None) -> list[Cue]:
         fmt = ext  # named like captions; let the parser say what is wrong
     raw = _parse_json(text, fmt) if fmt.startswith("json") else parse_blocks(text, vtt=fmt == "vtt")
     cues = _normalize(_clean(raw))
+    if not cues and raw:  # (cues there, each without a word: "♪", "😀", "∑ ∫ √")
+        raise PermanentIngestError("no words to index: " + ("its one cue holds" if len(raw) == 1 else
+                                                            f"its {len(raw)} cues hold")
+                                   + " only sound tags, symbols or markup")
     if not cues:
         raise PermanentIngestError("not a transcript: no cues found")
     logger.debug("parsed %s transcript %s: %d cues", fmt, filename or "", len(cues))

@@ -24,8 +24,9 @@ from server import tutoring
 from agents import matcher
 from agents.embedder import EmbedderError
 from ingest.jobs import connect_arq
-from server.errors import (ROLLED_BACK, UNREACHABLE, contention_handler, data_error_handler, embedder_error_handler,
-                           gone_parent_handler, http_exception_handler, internal_error_handler, unavailable_handler)
+from server.errors import (ROLLED_BACK, UNREACHABLE, ApiError, contention_handler, data_error_handler,
+                           embedder_error_handler, gone_parent_handler, http_exception_handler, internal_error_handler,
+                           unavailable_handler)
 from server.uploads import FRAMING
 from server.api.live import LiveController
 from server.api.pods import PodController
@@ -66,8 +67,11 @@ def canonical_path_ids(request: Request) -> None:
     if not any(isinstance(v, int) for v in params.values()):
         return
     for tmpl, raw in zip(template.split("/"), request.scope["path"].split("/")):
-        if tmpl.startswith("{") and isinstance(value := params.get(tmpl[1:-1]), int) and raw != str(value):
-            raise NotFoundException(f"no such path: {request.scope['path']!r} (ids are written in ASCII digits)")
+        if tmpl.startswith("{") and isinstance(value := params.get(tmpl[1:-1]), int):
+            if raw != str(value):
+                raise NotFoundException(f"no such path: {request.scope['path']!r} (ids are written in ASCII digits)")
+            if not 1 <= value <= 2**62:  # (past 64 bits was a 400 naming no field)
+                raise ApiError(400, f"{tmpl[1:-1]} must be an id from 1 to {2**62}", field=tmpl[1:-1])
 
 
 def create_app(settings: Settings) -> Litestar:

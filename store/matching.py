@@ -49,6 +49,11 @@ async def declines_only_since(conn: asyncpg.Connection, pod_id: int, match_id: i
         pod_id, match_id))
 
 
+async def is_round_of(conn: asyncpg.Connection, pod_id: int, match_id: int) -> bool:
+    return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pod_matches WHERE id = $2 AND pod_id = $1)",
+                                    pod_id, match_id))
+
+
 async def round_exists(conn: asyncpg.Connection, pod_id: int, round_key: str) -> bool:
     return bool(await conn.fetchval(
         "SELECT EXISTS (SELECT 1 FROM pod_matches WHERE pod_id = $1 AND round_key = $2)", pod_id, round_key))

@@ -147,6 +147,8 @@ class MatcherController(Controller):
         try:
             result = await matcher.decline(state.pool, state.redis, state.settings, pod_id, request.user.id,
                                            seen=seen)
+        except matcher.UnknownRound as exc:
+            raise ApiError(404, str(exc), field="match_id") from exc
         except matcher.StaleDecline as exc:
             raise ApiError(409, str(exc), code="stale_round") from exc
         except matcher.NotMatched as exc:

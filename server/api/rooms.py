@@ -32,8 +32,11 @@ _STATUS = {"not_found": 404, "forbidden": 403, "muted": 403, "kicked": 403, "acc
            "bad_option": 400, "bad_frame": 400, "too_long": 400}
 
 
+_FIELD = {"bad_option": "option", "too_long": "text"}  # the body field a refusal is about
+
+
 def refused(exc: messages_repo.Refused) -> ApiError:
-    return ApiError(_STATUS.get(exc.code, 400), exc.detail, code=exc.code)
+    return ApiError(_STATUS.get(exc.code, 400), exc.detail, code=exc.code, field=_FIELD.get(exc.code))
 
 
 async def room_or_404(conn: asyncpg.Connection, room_id: str, user: AuthUser) -> rooms_repo.RoomAccess:

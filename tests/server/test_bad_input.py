@@ -371,3 +371,6 @@ def test_a_path_id_is_its_number_in_ascii_digits(server, client, make: Factory, 
     r = client.post(f"/api/v1/users/{learner.id}/tokens", headers=inst.h)
     assert r.status_code == 201, r.text
     assert client.post(f"/api/v1/users/+{learner.id}/tokens", headers=inst.h).status_code == 404
+    for bad in ("0", "-1", str(2**62 + 1), str(2**64), "9" * 40):  # not an id: 400 naming the path's field
+        r = client.get(f"/api/v1/courses/{bad}", headers=inst.h)
+        assert r.status_code == 400 and r.json()["field"] == "course_id", (bad, r.text)

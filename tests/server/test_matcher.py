@@ -103,6 +103,10 @@ def test_match_decline_and_trio(client, make: Factory, settings):
     # declining the first round, replaced since by the second: 409, nothing re-matched
     r = client.post(f"/api/v1/pods/{pod}/match/decline", json={"match_id": m1["match_id"]}, headers=a.h)
     assert r.status_code == 409 and r.json()["code"] == "stale_round", r.text
+    # a round that never was the pod's: 404 naming it (it said "no longer this pod's round")
+    for never in (2**31, m2["match_id"] + 1000):
+        r = client.post(f"/api/v1/pods/{pod}/match/decline", json={"match_id": never}, headers=a.h)
+        assert r.status_code == 404 and r.json()["field"] == "match_id", r.text
     # a declines: the other four are matched again, without a
     assert client.post(f"/api/v1/pods/{pod}/match/decline", headers=outsider.h).status_code == 404
     r = client.post(f"/api/v1/pods/{pod}/match/decline", headers=a.h)

@@ -343,6 +343,12 @@ async def test_a_vote_on_a_socket_whose_kick_or_removal_was_lost_is_refused(serv
     assert not fetch(settings, "SELECT 1 FROM poll_votes WHERE poll_id = $1", poll["id"])
 
 
+def test_an_option_the_poll_lacks_names_the_field(server, client, make: Factory):
+    course, sid, poll = _live_poll(server, client, make)
+    r = client.post(f"/api/v1/polls/{poll['id']}/votes", json={"option": 1000}, headers=course.learners[0].h)
+    assert r.status_code == 400 and r.json()["code"] == "bad_option" and r.json()["field"] == "option", r.text
+
+
 async def test_a_repeated_poll_opening_opens_one_poll(server, client, make: Factory, settings):
     """Two identical POST /live/{id}/polls (a double click, a retry after a lost reply) opened two polls: two
     `poll.opened` in the room, the votes split between them, two of the session's 200. With an Idempotency-Key
