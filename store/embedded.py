@@ -473,7 +473,7 @@ def _redis_running_port(rdir: Path) -> int | None:
         port = int((rdir / "port").read_text().strip())
     except (OSError, ValueError):
         return None
-    if _runs(pid, "redis-server") and _redis_answers(port, _redis_password(rdir)):
+    if _runs(pid, "redis-server") and _redis_answers(port, _redis_password(rdir), busy_ok=True):
         return port
     return None
 
@@ -487,16 +487,24 @@ def _redis_password(rdir: Path) -> str | None:
     return m.group(1) if m else None
 
 
-def _redis_answers(port: int, password: str | None) -> bool:
-    """A Redis taking our password answers on `port` (loading its data counts): not merely something listening."""
+def _redis_answers(port: int, password: str | None, *, busy_ok: bool = False) -> bool:
+    """A Redis taking our password answers on `port` (loading its data counts): not merely something listening.
+    `busy_ok`: one that takes the connection but does not answer within a second counts (our redis-server, its
+    pid checked, stalled by a slow fsync, a fork or a long script: taken for dead, a second Redis was started on
+    the same data dir); a refused connection, a reply that is not Redis's, or another password does not."""
     from redis import Redis
-    from redis.exceptions import BusyLoadingError, RedisError
+    from redis.exceptions import AuthenticationError, BusyLoadingError, RedisError
+    from redis.exceptions import TimeoutError as RedisTimeout
 
     client = Redis(host="127.0.0.1", port=port, password=password, socket_timeout=1, socket_connect_timeout=0.5)
     try:
         return bool(client.ping())
     except BusyLoadingError:
         return True
+    except AuthenticationError:
+        return False
+    except (RedisTimeout, TimeoutError):
+        return busy_ok and _port_open(port)
     except (RedisError, OSError):
         return False
     finally:

@@ -496,3 +496,24 @@ def test_pid_files_naming_a_pid_reused_by_another_process_are_stale(tmp_path):
         stranger.kill()
         stranger.wait()
         impostor.close()
+
+
+def test_a_stalled_embedded_redis_is_still_the_one_running(tmp_path):
+    """(Review) a PING timing out (a slow fsync, a fork, a long script) made the data dir's Redis look dead, and the
+    next command started a second redis-server on the same data dir and files."""
+    from redis import Redis
+
+    from store import embedded
+
+    ddir = tmp_path / "data"
+    url = embedded._ensure_redis(ddir)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    sleeper = threading.Thread(target=lambda: Redis.from_url(url).execute_command("DEBUG", "SLEEP", "2.5"))
+    try:
+        sleeper.start()
+        time.sleep(0.3)
+        assert embedded._redis_running_port(ddir / "redis") == port
+        assert embedded._ensure_redis(ddir) == url  # no second server
+    finally:
+        sleeper.join()
+        embedded.stop_embedded(ddir)
