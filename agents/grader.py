@@ -171,7 +171,8 @@ def offline_scores(embedder: Any, question: str, reference: str, criteria: list[
                     "justification": "; ".join(bits) + "."})
         covered += [w for w in s.covered if w not in covered and w not in RUBRIC_WORDS]
         missing += [w for w in s.missing if w not in missing and w not in covered and w not in RUBRIC_WORDS]
-    if scoring.restates_question(question, [r for refs in refs_per for r in refs], answer):
+    expected = [reference] if reference.strip() else [c.get("description", "") for c in criteria]
+    if scoring.restates_question(question, expected, answer):
         return {"scores": [{**s, "score": 0.0, "justification": RESTATED_NOTE} for s in out], "total": 0.0,
                 "confidence": RESTATED_CONFIDENCE, "concepts": {"covered": [], "missing": missing[:8]},
                 "restated": True}

@@ -88,13 +88,21 @@ RESTATED_MIN_IDEAS = 4  # a question with fewer is left to the scorer: "What is 
 # a function" is a weak answer (Mohler's graders gave it 3.5 of 5), not a copied question
 
 
+# Questions a restatement can answer: yes/no ("Is a stack last-in first-out?" / "A stack is last-in first-out."),
+# true or false, and choices ("which", "A or B")
+_AFFIRMABLE = re.compile(r"^\W*(?:is|are|was|were|am|do|does|did|can|could|will|would|should|shall|has|have|had|may|"
+                         r"might|must|isn't|aren't|doesn't|don't|didn't|can't)\b|\btrue\b|\bfalse\b|\bwhich\b"
+                         r"|\bwhether\b|\bor\b", re.I)
+
+
 def restates_question(question: str, references: Sequence[str], answer: str) -> bool:
     """The answer only repeats the question: every idea in it is the question's and it holds most of them (and no
-    negation, which could be the answer: "it is not"), while the expected answer has ideas the question lacks. It
-    cannot hold those; the scorer's similarity to a reference that shares the question's words gave a copied
-    question 25-45 of 100 points."""
+    negation, which could be the answer: "it is not"), while the expected answer (`references`: the reference
+    answer, else the rubric's descriptions) has ideas the question lacks. It cannot hold those; the scorer's
+    similarity to a reference that shares the question's words gave a copied question 25-45 of 100 points. Not for a
+    question a restatement answers: yes/no, true or false, a choice."""
     said = set(concepts(answer))
-    if not said or _negated(answer):
+    if not said or _negated(answer) or _AFFIRMABLE.search(question.strip()):
         return False
     asked = set(concepts(question))
     return (len(asked) >= RESTATED_MIN_IDEAS and said <= asked and len(said) >= RESTATED_SHARE * len(asked)

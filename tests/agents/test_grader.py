@@ -88,6 +88,13 @@ async def test_an_answer_that_only_repeats_the_question_scores_nothing(embedder)
     # a choice question: the answer is among its words
     assert not scoring.restates_question("Which is faster, binary search or linear search?", ["Binary search"],
                                          "Binary search is faster than linear search.")
+    # (review) questions a restatement answers: yes/no, true or false
+    for q, a in (("Is a stack a last-in first-out data structure?", "A stack is a last-in first-out data structure."),
+                 ("Is the derivative of a constant function always zero?",
+                  "The derivative of a constant function is always zero."),
+                 ("True or false: binary search needs a sorted array to work.",
+                  "True, binary search needs a sorted array to work.")):
+        assert not scoring.restates_question(q, ["Yes: it holds because of how it works."], a), q
 
 
 async def test_an_answer_in_another_script_has_words(embedder):
