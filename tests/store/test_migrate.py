@@ -356,7 +356,8 @@ def test_a_migration_that_fails_is_named_in_one_line(settings, tmp_path):
 
 def test_a_database_migrated_by_earlier_texts_of_0022_and_0032_ends_up_the_same_and_quietly(settings, caplog):
     """Every start warned "migration 0032 changed after it was applied" on databases that ran its first text (same
-    end state), and those that ran 0022's first text kept a stored tsvector column no one reads on chunks."""
+    end state), and those that ran 0022's first text kept a stored tsvector column no one reads on chunks (0022's
+    warning stays: its first text's folding differed, see store/migrate.py)."""
     import logging
 
     from store.migrate import _EARLIER
@@ -369,9 +370,8 @@ def test_a_database_migrated_by_earlier_texts_of_0022_and_0032_ends_up_the_same_
         try:
             await conn.execute("ALTER TABLE chunks ADD COLUMN tsv tsvector "
                                "GENERATED ALWAYS AS (to_tsvector('english', sh_fold(text))) STORED")
-            for v in (22, 32):
-                await conn.execute("UPDATE schema_migrations SET checksum = $2 WHERE version = $1", v,
-                                   next(iter(_EARLIER[v])))
+            await conn.execute("UPDATE schema_migrations SET checksum = $1 WHERE version = 32",
+                               next(iter(_EARLIER[32])))
             await conn.execute("DELETE FROM schema_migrations WHERE version >= 37")
         finally:
             await conn.close()
