@@ -27,6 +27,7 @@ _VTT_SKIPPED_BLOCKS = ("NOTE", "STYLE", "REGION", "WEBVTT")
 # A WebVTT header inside the document: HLS segments joined into one file, each with its header (and maybe a BOM),
 # without a blank line before it. It and the header lines after it (X-TIMESTAMP-MAP, Kind, Language) are no text.
 _VTT_HEADER_LINE = re.compile(r"^\ufeff?WEBVTT(?:[ \t][^\n]*)?$", re.M)
+_NEXT_LINE = re.compile(r"\s*([^\n]*)")  # from a position: the next line with something on it
 _BLANKISH = re.compile(r"\n[ \t]+(?=\n)")  # whitespace-only lines end a block like empty ones
 # The usual timing line, matched in one step: "00:00:01.000 --> 00:00:02.500 [settings]".
 _CANONICAL_TIMING = re.compile(r"[ \t]*(\d\d:\d\d:\d\d[.,]\d\d\d)[ \t]+-->[ \t]+(\d\d:\d\d:\d\d[.,]\d\d\d)(?=[ \t]|$)[^\n]*", re.M)
@@ -150,9 +151,9 @@ class _Reader:
         """Whether a block of just `number`, ending at `after`, is a cue's number set apart from its timing line by a
         blank line (a cue follows), or the next cue's number at the end of a file cut short; else it is a paragraph
         of the last cue's text ("The answer is" / "42")."""
-        rest = self.text[after:].lstrip()
-        if rest:
-            return _is_timing_line(rest.split("\n", 1)[0])
+        line = _NEXT_LINE.match(self.text, after).group(1)  # (not a copy of the rest: quadratic over a long file)
+        if line:
+            return _is_timing_line(line)
         return _numbers_next(str(len(self.cues)), number) or _numbers_next(str(len(self.cues) - 1), number)
 
     def block(self, b: str, pos: int) -> None:
