@@ -1,6 +1,7 @@
 """Live sessions (room `live:<id>`): schedule, start, end; attendance; polls with one changeable vote each."""
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 
 import asyncpg
@@ -10,6 +11,8 @@ from store.events import LiveEnded, LiveStarted, PollClosed, PollInfo, PollOpene
 from store import moderation, rooms
 from store.messages import ACCESS_REVOKED, INVALID_STATE, REUSED, Refused
 from store.rooms import RoomGone, lock_room, sequenced
+
+logger = logging.getLogger(__name__)
 
 _SESSION = "s.id, s.course_id, s.title, s.scheduled_at, s.started_at, s.ended_at, s.created_by, s.created_at"
 
@@ -113,6 +116,9 @@ async def end_forgotten(db: asyncpg.Pool, redis: Redis, idle_min: int, max_hours
         try:
             await end_session(db, redis, r["id"], reason=r["reason"])
         except Refused:  # ended (or deleted) meanwhile: by staff, or by another worker
+            continue
+        except Exception:  # noqa: BLE001 - one that fails (a deadlock, Redis away) must not hold up the others
+            logger.warning("could not end live session %s left running; next minute again", r["id"], exc_info=True)
             continue
         ended.append(r["id"])
     return ended

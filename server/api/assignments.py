@@ -328,6 +328,25 @@ class AssignmentController(Controller):
                 raise ApiError(409, f"video {video_id} is {video['status']}; generate once it is ready")
             chapters = [dict(c) for c in await videos_repo.list_chapters(conn, video_id)]
             sentences = [gen.Sentence(*s) for s in await repo.video_sentences(conn, video_id)]
+            if not chapters:
+                chapters = [{"id": None, "start_s": 0.0, "end_s": float("inf"), "title": video["title"]}]
+            targets = [c for c in chapters if data.chapter_id in (None, c["id"])]
+            if not targets:  # the chapter went away meanwhile (a re-ingest rebuilt the chapters)
+                raise ApiError(409, f"chapter {data.chapter_id} is no longer part of video {video_id}; list it again",
+                               field="chapter_id")
+            groups = {c["id"]: [s for s in sentences if c["start_s"] <= s.start < c["end_s"]] for c in chapters}
+            per = [data.count // len(targets) + (1 if i < data.count % len(targets) else 0)
+                   for i in range(len(targets))]
+            work = [(ch, n) for ch, n in zip(targets, per) if n and groups[ch["id"]]]
+            if not work:
+                raise ApiError(409, "the chapter has no sentences to build items from")
+            # a generation to be: it takes from the budget, before the costly part (a request refused above
+            # generated nothing: ten 404s for a mistyped chapter spent a third of the hour's)
+            ok, wait = await SendLimiter(state.redis, GENERATE_PER_HOUR / 3600, GENERATE_BURST,
+                                         key=rate_generate).take(user.id)
+            if not ok:  # each generation may call the model once per chapter: a cost to bound
+                raise ApiError(429, f"at most {GENERATE_PER_HOUR} generations an hour; retry in {wait:g}s",
+                               code="rate_limited", retry_after=wait)
             # other chapters of the course (for distractors and for what makes this chapter distinctive)
             other_videos = [r["id"] for r in await conn.fetch(
                 "SELECT id FROM videos WHERE course_id = $1 AND status = 'ready' AND id <> $2 ORDER BY id LIMIT 20",
@@ -337,29 +356,11 @@ class AssignmentController(Controller):
                 vs = [gen.Sentence(*s) for s in await repo.video_sentences(conn, vid)]
                 for c in await videos_repo.list_chapters(conn, vid):
                     other_groups.append([s for s in vs if c["start_s"] <= s.start < c["end_s"]])
-        if not chapters:
-            chapters = [{"id": None, "start_s": 0.0, "end_s": float("inf"), "title": video["title"]}]
-        targets = [c for c in chapters if data.chapter_id in (None, c["id"])]
-        if not targets:  # the chapter went away meanwhile (a re-ingest rebuilt the chapters)
-            raise ApiError(409, f"chapter {data.chapter_id} is no longer part of video {video_id}; list it again",
-                           field="chapter_id")
-        groups = {c["id"]: [s for s in sentences if c["start_s"] <= s.start < c["end_s"]] for c in chapters}
-        per = [data.count // len(targets) + (1 if i < data.count % len(targets) else 0) for i in range(len(targets))]
         embedder = await asyncio.to_thread(embedder_for, state.settings)
         try:
             llm = get_llm(state.settings)
         except LLMError:
             llm = None
-        work = [(ch, n) for ch, n in zip(targets, per) if n and groups[ch["id"]]]
-        if not work:
-            raise ApiError(409, "the chapter has no sentences to build items from")
-        # a generation to be: it takes from the budget (a request refused above generated nothing; ten 404s for a
-        # mistyped chapter spent a third of the hour's)
-        ok, wait = await SendLimiter(state.redis, GENERATE_PER_HOUR / 3600, GENERATE_BURST, key=rate_generate).take(
-            user.id)
-        if not ok:  # each generation may call the model once per chapter: a cost to bound
-            raise ApiError(429, f"at most {GENERATE_PER_HOUR} generations an hour; retry in {wait:g}s",
-                           code="rate_limited", retry_after=wait)
         by_model: list[list] = [[] for _ in work]
         if llm is not None:  # a few chapters at a time, all within one deadline; the rest are written offline
             gate = asyncio.Semaphore(GENERATE_MODEL_CALLS)

@@ -15,7 +15,7 @@ from store import courses as courses_repo
 from store import live as repo
 from store import moderation
 from store import rooms as rooms_repo
-from store.messages import Refused
+from store.messages import REUSED, Refused
 
 
 def to_session(row: asyncpg.Record) -> Session:
@@ -130,6 +130,8 @@ class LiveController(Controller):
             row, made = await repo.create_poll(state.pool, state.redis, session_id, data.question, data.options,
                                                request.user.id, key)
         except Refused as exc:
+            if exc.code == REUSED:
+                raise ApiError(409, exc.detail, code=exc.code, field="Idempotency-Key") from exc
             raise refused(exc) from exc
         async with state.pool.acquire() as conn:
             out = await _to_poll(conn, row, request.user.id)

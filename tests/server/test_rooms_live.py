@@ -364,6 +364,7 @@ async def test_a_repeated_poll_opening_opens_one_poll(server, client, make: Fact
         assert len({r.json()["id"] for r in rs}) == 1
         other = await c.post(url, json={**body, "options": ["yes", "no", "maybe"]}, headers=h)
         assert other.status_code == 409 and other.json()["code"] == "idempotency_key_reused", other.text
+        assert other.json()["field"] == "Idempotency-Key"
         bad = await c.post(url, json=body, headers={**inst.h, "Idempotency-Key": "k" * 101})
         assert bad.status_code == 400 and bad.json()["field"] == "Idempotency-Key"
         plain = await c.post(url, json=body, headers=inst.h)  # without a key: a new poll, as before
