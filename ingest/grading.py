@@ -18,7 +18,7 @@ from arq.connections import ArqRedis
 
 from agents import grader, scoring
 from agents.llm import LLMError, get_llm
-from ingest.jobs import backoff_s, enqueue, give_back_if_stopping, heartbeat
+from ingest.jobs import backoff_s, enqueue, give_back_if_stopping, heartbeat, release_unbeaten
 from store import assignments as assignments_repo
 from store import jobs as jobs_repo
 from store import submissions as subs_repo
@@ -271,6 +271,8 @@ async def recover_grading(ctx: dict[str, Any]) -> int:
     n = 0
     for row in rows:
         if row["grade_job"] and await _queued(redis, row["grade_job"]):
+            # queued, but maybe held back by the lease of a worker that died taking it
+            await release_unbeaten(redis, row["grade_job"], ctx["settings"].job_heartbeat_ms)
             continue
         # one id per lost job: workers recovering at the same moment (all start at once) queue one run
         lost = zlib.crc32((row["grade_job"] or "none").encode())

@@ -91,6 +91,37 @@ async def _heartbeat(redis: ArqRedis, arq_job_id: str, ttl_ms: int) -> None:
         await asyncio.sleep(ttl_ms / 3000)
 
 
+# arq's time limit on a job (transcribing hours of audio). Taking a job, arq leases it for this + 10 s (its
+# in-progress key); the heartbeat shortens the lease to STUDYHALL_JOB_HEARTBEAT_S as soon as the job body starts.
+JOB_TIMEOUT_S = 4 * 3600
+_ARQ_LEASE_MS = (JOB_TIMEOUT_S + 10) * 1000
+UNBEATEN_BEATS = 3  # a job taken this many beats ago whose lease no beat ever shortened: its worker died
+
+# KEYS: a job's in-progress key. ARGV: heartbeat ms, arq's lease ms, unbeaten ms. Drops the key when it still holds
+# arq's own long lease (above a beat's) set longer ago than the unbeaten time: 1, else 0.
+_RELEASE_UNBEATEN = """
+local left = redis.call('PTTL', KEYS[1])
+if left > tonumber(ARGV[1]) and tonumber(ARGV[2]) - left > tonumber(ARGV[3]) then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+
+async def release_unbeaten(redis: ArqRedis, arq_job_id: str, heartbeat_ms: int) -> bool:
+    """Free a queued job whose worker died between taking it and its first heartbeat: arq's lease on it (hours)
+    held it back from every other worker, a grade stuck in `grading` for 4 hours. Its in-progress key goes once
+    no beat has shortened it for UNBEATEN_BEATS beats since it was taken; the queue's next poll runs the job
+    again (runs are idempotent). Whether it was freed."""
+    freed = await redis.eval(_RELEASE_UNBEATEN, 1, ARQ_IN_PROGRESS.format(job_id=arq_job_id), heartbeat_ms,
+                             _ARQ_LEASE_MS, UNBEATEN_BEATS * heartbeat_ms)
+    if freed:
+        logger.warning("job %s was taken by a worker that died before its first heartbeat; freed for another",
+                       arq_job_id)
+    return bool(freed)
+
+
 @contextlib.asynccontextmanager
 async def heartbeat(ctx: dict[str, Any]) -> AsyncIterator[None]:
     """Keep the running arq job's in-progress key short-lived while the body runs: if this worker dies, the
@@ -223,6 +254,7 @@ async def recover_lost_jobs(ctx: dict[str, Any]) -> int:
     for row in rows:
         arq_id = (row["payload"] or {}).get("arq_job_id")
         if arq_id and await redis.zscore(INGEST_QUEUE, arq_id) is not None:
+            await release_unbeaten(redis, arq_id, ctx["settings"].job_heartbeat_ms)  # (queued, but held back?)
             continue
         # the same id from every worker recovering this row at once (it names the row's last change), so
         # arq runs the job once

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from agents.config import embedder_for
 from ingest.grading import grade_batch, grade_submission, recover_grading
-from ingest.jobs import ARQ_CODEC, ingest_job, recover_lost_jobs, sweep_uploads
+from ingest.jobs import ARQ_CODEC, JOB_TIMEOUT_S, ingest_job, recover_lost_jobs, sweep_uploads
 from ingest.submit import reembed_superseded
 from store.db import create_pool
 from store.keys import INGEST_QUEUE, QUICK_QUEUE
@@ -198,7 +198,7 @@ def worker_settings(settings: Settings, queue: str = "ingest", *, heal_embedding
         on_startup=on_startup,
         on_shutdown=on_shutdown,
         max_jobs=settings.worker_max_jobs if queue == "ingest" else settings.worker_quick_jobs,
-        job_timeout=4 * 3600,
+        job_timeout=JOB_TIMEOUT_S,
         keep_result=3600,
         max_tries=1000,  # attempts are counted and capped on the job row, not by arq
         poll_delay=0.2,

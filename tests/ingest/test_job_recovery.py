@@ -654,3 +654,27 @@ async def test_a_job_heartbeat_is_finished_when_its_job_is(settings):
     finally:
         await redis.delete(key)
         await redis.aclose()
+
+
+async def test_a_job_whose_worker_died_before_its_first_beat_is_freed(settings):
+    """(Crash experiment) a worker killed between taking a job and its first heartbeat left arq's own lease on it:
+    the in-progress key for 4 hours, the job queued but taken by no one, the submission `grading` all that time.
+    Recovery frees a job whose lease no beat has shortened for a few beats since it was taken."""
+    from ingest.jobs import _ARQ_LEASE_MS, UNBEATEN_BEATS, connect_arq, release_unbeaten
+    from store.keys import ARQ_IN_PROGRESS
+
+    beat = settings.job_heartbeat_ms
+    redis = await connect_arq(settings.redis_url)
+    keys = {name: ARQ_IN_PROGRESS.format(job_id=f"unbeaten-{name}") for name in ("dead", "just", "beating")}
+    try:
+        # taken 4 beats ago, never beaten; taken a moment ago; beating (its lease a beat long)
+        await redis.psetex(keys["dead"], _ARQ_LEASE_MS - (UNBEATEN_BEATS + 1) * beat, b"1")
+        await redis.psetex(keys["just"], _ARQ_LEASE_MS - 100, b"1")
+        await redis.psetex(keys["beating"], beat, b"1")
+        got = {name: await release_unbeaten(redis, f"unbeaten-{name}", beat) for name in keys}
+        assert got == {"dead": True, "just": False, "beating": False}
+        assert not await redis.exists(keys["dead"]) and await redis.exists(keys["just"], keys["beating"]) == 2
+        assert await release_unbeaten(redis, "unbeaten-none", beat) is False  # no key: nothing to free
+    finally:
+        await redis.delete(*keys.values())
+        await redis.aclose()
