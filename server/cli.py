@@ -549,6 +549,33 @@ def _parent_death_signal():  # type: ignore[no-untyped-def]
     return lambda: prctl(1, signal.SIGUSR1)  # 1 = PR_SET_PDEATHSIG
 
 
+class _Revive:
+    """`up`'s watch on the embedded servers it uses: one that stopped (killed, out of memory) is started again on
+    its port every REVIVE_S, where the server and workers find it again (they answered 503 until restarted)."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="embedded-watch", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        from store.embedded import revive
+
+        while not self.stopping.wait(REVIVE_S):
+            try:
+                revive(self.services)
+            except Exception:  # noqa: BLE001 - tried again on the next look
+                logger.warning("could not start an embedded server again", exc_info=True)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=120)  # (a start under way finishes before `up` stops the servers)
+
+
+REVIVE_S = 5.0
+
+
 class _Worker:
     """`up`'s worker (both queues), started again (after 1 s, doubling to 30 s while it keeps dying) when it dies
     on its own: killed by the out-of-memory killer mid-transcription, say (uploads stayed queued). A worker that stopped
@@ -602,6 +629,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     _check_listen(args)
     settings, services = _start(args)
     worker = None
+    watch = _Revive(services) if services.embedded_pg or services.embedded_redis else None
     try:
         _migrate(settings)
         _check_redis(settings)
@@ -619,6 +647,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         if worker is not None:
             worker.stop()
+        if watch is not None:  # before the servers stop: it would start them again
+            watch.stop()
         services.close()
     return 0
 

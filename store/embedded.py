@@ -95,6 +95,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _port_again(record: Path) -> int:
+    """The port an embedded server had last time (recorded in `record`) when it is free, else a new one, recorded.
+    A server that died (killed, out of memory) comes back where the running servers and workers look for it: on a
+    new port they stayed unavailable until restarted."""
+    try:
+        port = int(record.read_text().strip())
+    except (OSError, ValueError):
+        port = 0
+    if not 0 < port < 65536 or _port_open(port):
+        port = free_port()
+    record.write_text(str(port))
+    return port
+
+
+def revive(services: "Services") -> list[str]:
+    """Start again, on their ports, the data dir's embedded servers this process uses that are no longer running
+    (`up` looks every few seconds): what was started."""
+    ddir, started = services.data_dir, []
+    with _locked(ddir / "start.lock"):
+        if services.embedded_pg and _pg_running_port(ddir / "pg") is None:
+            logger.warning("the embedded Postgres had stopped; starting it again")
+            _ensure_postgres(ddir)
+            started.append("postgres")
+        if services.embedded_redis and _redis_running_port(ddir / "redis") is None:
+            logger.warning("the embedded Redis had stopped; starting it again")
+            _ensure_redis(ddir)
+            started.append("redis")
+    return started
+
+
 def _port_open(port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout):
@@ -212,8 +242,8 @@ def ensure_services(settings: Settings, *, announce: bool = True) -> Services:
         db_url,
         redis_url,
         ddir,
-        embedded_pg=not settings.database_url,
-        embedded_redis=not settings.redis_url,
+        embedded_pg=pg_embedded,  # (not an outside server connection.env announced)
+        embedded_redis=redis_embedded,
         _users_fd=users_fd,
     )
 
@@ -354,7 +384,7 @@ def _ensure_postgres(ddir: Path) -> str:
     started = port is None
     if port is None:
         _clear_stale_pg_lock(pgdata)
-        port = free_port()
+        port = _port_again(ddir / "pg.port")
         logger.info("starting embedded Postgres on 127.0.0.1:%d", port)
         # pg_ctl forks a daemon; no pipes to it (they would hang, as pgserver notes). The log lives in
         # pgdata because, under root, the server runs as another user.
@@ -517,7 +547,7 @@ def _ensure_redis(ddir: Path) -> str:
     port = _redis_running_port(rdir)
     conf = rdir / "redis.conf"  # the password, in a file only its owner reads (not on the command line)
     if port is None:
-        port = free_port()
+        port = _port_again(rdir / "port")
         logger.info("starting embedded Redis on 127.0.0.1:%d", port)
         (rdir / "port").write_text(str(port))
         write_owner_only(conf, f"requirepass {_embedded_password(ddir)}\n")

@@ -517,3 +517,33 @@ def test_a_stalled_embedded_redis_is_still_the_one_running(tmp_path):
     finally:
         sleeper.join()
         embedded.stop_embedded(ddir)
+
+
+def test_up_starts_a_killed_embedded_server_again_on_its_port(tmp_path):
+    """(Crash experiment) an embedded Redis or Postgres killed under `up` stayed down (the server answered 503 until
+    `up` was restarted), and the next command started it on another port, where the running processes never
+    looked. `up` now starts it again on its port, and everything carries on."""
+    import os
+
+    ddir = tmp_path / "data"
+    port = free_port()
+    up = subprocess.Popen([sys.executable, "-m", "server.cli", "up", "--port", str(port)], cwd=ROOT,
+                          env=clean_env(ddir), stdout=open(tmp_path / "up.log", "wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, up)
+        before = read_connection_env(ddir)
+        for pidfile in (ddir / "redis" / "redis.pid", ddir / "pg" / "postmaster.pid"):
+            pid = int(pidfile.read_text().split()[0])
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while _alive(url) and time.monotonic() < deadline:  # down, as far as the server can tell
+                time.sleep(0.2)
+            wait_ready(url, up, timeout=90)  # back by itself
+            assert read_connection_env(ddir) == before, pidfile  # on the same ports
+        assert "had stopped; starting it again" in (tmp_path / "up.log").read_text()
+        _cli(ddir, "token", "--user", "after", "--role", "learner")  # a one-off joins the same servers
+        assert read_connection_env(ddir) == before
+    finally:
+        stop_process(up, signal.SIGTERM)
+    assert up.returncode == 0
