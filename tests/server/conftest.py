@@ -80,6 +80,18 @@ def make_course(base_url: str, make: Factory, learners: int = 2, **course: Any) 
     return Course(id=cid, room=f"course:{cid}", instructor=inst, learners=users)
 
 
+def live_poll(base_url: str, make: Factory, learners: int = 2) -> tuple[Course, int, dict]:
+    """A course with `learners` learners, a started live session and an open two-option poll in it: (course,
+    session id, poll)."""
+    course = make_course(base_url, make, learners=learners)
+    h = course.instructor.h
+    with httpx.Client(base_url=base_url, timeout=30) as c:
+        sid = c.post(f"/api/v1/courses/{course.id}/live", json={"title": "Quiz"}, headers=h).json()["id"]
+        assert c.post(f"/api/v1/live/{sid}/start", headers=h).status_code == 200
+        poll = c.post(f"/api/v1/live/{sid}/polls", json={"question": "?", "options": ["x", "y"]}, headers=h).json()
+    return course, sid, poll
+
+
 def ws_url(base_url: str, room: str, token: str | None = None, after: int | None = None) -> str:
     url = base_url.replace("http://", "ws://") + f"/ws/rooms/{room}"
     params = []

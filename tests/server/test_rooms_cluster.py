@@ -12,7 +12,7 @@ import httpx
 import websockets
 
 from tests.conftest import Factory, fetch
-from tests.server.conftest import Client, make_course, ws_url
+from tests.server.conftest import Client, live_poll, make_course, ws_url
 
 
 async def test_two_processes_one_order(cluster, make: Factory):
@@ -332,13 +332,7 @@ async def test_poll_results_keep_their_pace_however_many_processes_take_the_vote
     processes made three times as many (about 10 a second, each a stored event the room's posts queue behind and
     every reconnecting client replays). One window per poll over all processes keeps it at about 4 a second."""
     urls = [server, *cluster.urls]
-    course = make_course(server, make, learners=9)
-    inst = course.instructor
-    async with httpx.AsyncClient(base_url=server, timeout=30) as c:
-        sid = (await c.post(f"/api/v1/courses/{course.id}/live", json={"title": "Quiz"}, headers=inst.h)).json()["id"]
-        assert (await c.post(f"/api/v1/live/{sid}/start", headers=inst.h)).status_code == 200
-        poll = (await c.post(f"/api/v1/live/{sid}/polls", json={"question": "?", "options": ["x", "y"]},
-                             headers=inst.h)).json()
+    course, sid, poll = live_poll(server, make, learners=9)
     clients = [await Client.connect(urls[i % 3], f"live:{sid}", u) for i, u in enumerate(course.learners)]
     rounds, pause = 7, 0.4  # within the send rate (3 a second per user)
     t0 = time.monotonic()

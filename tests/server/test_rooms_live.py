@@ -7,18 +7,12 @@ import httpx
 import websockets
 
 from tests.conftest import Factory, fetch
-from tests.server.conftest import Client, make_course, ws_url
+from tests.server.conftest import Client, live_poll, make_course, ws_url
 
 
 def _live_poll(server, client, make: Factory):  # type: ignore[no-untyped-def]
     """A course with two learners, a started live session and an open two-option poll in it."""
-    course = make_course(server, make, learners=2)
-    inst = course.instructor
-    sid = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "Quiz"}, headers=inst.h).json()["id"]
-    assert client.post(f"/api/v1/live/{sid}/start", headers=inst.h).status_code == 200
-    poll = client.post(f"/api/v1/live/{sid}/polls", json={"question": "?", "options": ["x", "y"]},
-                       headers=inst.h).json()
-    return course, sid, poll
+    return live_poll(server, make)
 
 
 async def test_session_lifecycle_and_attendance(server, client, make: Factory, settings):
@@ -298,13 +292,9 @@ async def test_rest_votes_waiting_on_redis_hold_no_database_connection(server, m
     import httpx
     from redis.asyncio import Redis
 
-    course = make_course(server, make, learners=24)
+    course, sid, poll = live_poll(server, make, learners=24)
     inst = course.instructor
     async with httpx.AsyncClient(base_url=server, timeout=30) as c:
-        sid = (await c.post(f"/api/v1/courses/{course.id}/live", json={"title": "Quiz"}, headers=inst.h)).json()["id"]
-        assert (await c.post(f"/api/v1/live/{sid}/start", headers=inst.h)).status_code == 200
-        poll = (await c.post(f"/api/v1/live/{sid}/polls", json={"question": "?", "options": ["x", "y"]},
-                             headers=inst.h)).json()
         redis = Redis.from_url(settings.redis_url)
         try:
             await redis.execute_command("CLIENT", "PAUSE", "3000", "WRITE")  # the budget's script waits

@@ -21,6 +21,14 @@ def _cli(data_dir, *args: str) -> str:
     return out.stdout
 
 
+def _up(tmp_path, ddir) -> tuple[subprocess.Popen, str]:  # type: ignore[no-untyped-def]
+    """`studyhall up` on a free port, its output in tmp_path/up.log: (the process, its base URL)."""
+    port = free_port()
+    up = subprocess.Popen([sys.executable, "-m", "server.cli", "up", "--port", str(port)], cwd=ROOT,
+                          env=clean_env(ddir), stdout=open(tmp_path / "up.log", "wb"), stderr=subprocess.STDOUT)
+    return up, f"http://127.0.0.1:{port}"
+
+
 def _alive(url: str) -> bool:
     try:
         return httpx.get(url + "/ready", timeout=2).status_code == 200
@@ -65,10 +73,7 @@ def test_up_joiners_stop_and_restart(tmp_path):
     assert first_token.count(".") == 2 and "\n" not in first_token
     assert not (ddir / "connection.env").exists()
 
-    port = free_port()
-    up = subprocess.Popen([sys.executable, "-m", "server.cli", "up", "--port", str(port)], cwd=ROOT,
-                          env=clean_env(ddir), stdout=open(tmp_path / "up.log", "wb"), stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    up, base = _up(tmp_path, ddir)
     try:
         wait_ready(base, up)
         urls = read_connection_env(ddir)
@@ -526,10 +531,7 @@ def test_up_starts_a_killed_embedded_server_again_on_its_port(tmp_path):
     import os
 
     ddir = tmp_path / "data"
-    port = free_port()
-    up = subprocess.Popen([sys.executable, "-m", "server.cli", "up", "--port", str(port)], cwd=ROOT,
-                          env=clean_env(ddir), stdout=open(tmp_path / "up.log", "wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    up, url = _up(tmp_path, ddir)
     try:
         wait_ready(url, up)
         before = read_connection_env(ddir)
