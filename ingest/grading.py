@@ -67,6 +67,10 @@ async def grade_batch(ctx: dict[str, Any], job_id: int, submission_ids: list[int
     pool = ctx["pool"]
     results = []
     async with heartbeat(ctx):
+        async with pool.acquire() as conn:  # under way (it read `queued` until its last batch ended)
+            row = await conn.fetchrow(_GRADE_JOB_OUTCOME, job_id)
+            if row and row["total"] and row["done"] < row["total"]:
+                await jobs_repo.set_state(conn, job_id, "grading", row["done"] / row["total"])
         for sid in submission_ids:
             results.append(await _grade(ctx, sid))
     async with pool.acquire() as conn:
@@ -74,7 +78,7 @@ async def grade_batch(ctx: dict[str, Any], job_id: int, submission_ids: list[int
         row = await conn.fetchrow(_GRADE_JOB_OUTCOME, job_id)
         if row and row["total"]:
             finished = row["done"] == row["total"]
-            await jobs_repo.set_state(conn, job_id, "done" if finished else "queued", row["done"] / row["total"],
+            await jobs_repo.set_state(conn, job_id, "done" if finished else "grading", row["done"] / row["total"],
                                       _grade_job_error(row) if finished else None)
     return f"{len(results)} graded"
 

@@ -5,7 +5,7 @@ from typing import Any
 
 import asyncpg
 
-STATES = ("queued", "fetching", "transcribing", "chunking", "embedding", "chaptering", "done", "failed")
+STATES = ("queued", "fetching", "transcribing", "chunking", "embedding", "chaptering", "grading", "done", "failed")
 TERMINAL = ("done", "failed")
 
 _COLS = """id, kind, course_id, video_id, created_by, state, progress, error, attempts, max_attempts, payload,

@@ -436,3 +436,48 @@ def test_a_grade_does_not_wait_behind_a_long_ingest(server, client, make: Factor
         stop_process(one_slot, signal.SIGKILL)  # a stop would wait out the stalled request's thread (30 s)
         stall.close()
         worker.start()
+
+
+def test_a_grade_all_job_reads_grading_while_its_batches_run(server, client, make: Factory, worker, settings):
+    """(Crash experiment) a grade-all job read `queued` the whole time its batches ran, until the last one ended."""
+    import asyncio
+    import functools
+
+    import asyncpg
+
+    from agents.config import embedder_for
+    from ingest import grading
+    from store import submissions as repo
+    from store.db import create_pool
+
+    course = make_course(server, make, learners=2)
+    inst, learners = course.instructor, course.learners
+    a = published(client, course, ONE)
+    subs = [submit(client, a, u, REFERENCE) for u in learners]
+    for s in subs:
+        wait_graded(client, s["id"], inst.h)
+    ids = [s["id"] for s in subs]
+    (job,) = fetch(settings, """INSERT INTO jobs (kind, course_id, created_by, state, payload)
+                                VALUES ('grade', $1, $2, 'queued', jsonb_build_object('submission_ids', $3::bigint[]))
+                                RETURNING id""", course.id, inst.id, ids)
+
+    async def first_batch() -> None:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            assert sorted(await repo.mark_grading(conn, ids, "held-by-this-test")) == sorted(ids)
+        finally:
+            await conn.close()
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        from redis.asyncio import Redis
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            ctx = {"pool": pool, "redis": redis, "settings": settings,
+                   "embedder": functools.partial(embedder_for, settings)}
+            await grading.grade_batch(ctx, job["id"], ids[:1])  # one batch of two done
+        finally:
+            await redis.aclose()
+            await pool.close()
+
+    asyncio.run(first_batch())
+    got = client.get(f"/api/v1/jobs/{job['id']}", headers=inst.h).json()
+    assert got["state"] == "grading" and got["progress"] == 0.5, got
