@@ -154,6 +154,13 @@ class _Reader:
         line = _NEXT_LINE.match(self.text, after).group(1)  # (not a copy of the rest: quadratic over a long file)
         if line:
             return _is_timing_line(line)
+        # the end of the file: the number after the last cue's own (the line above its timing line), if it has one
+        arrow = self.text.rfind("-->", 0, after)
+        timing_at = self.text.rfind("\n", 0, arrow) + 1 if arrow >= 0 else 0
+        if timing_at > 0:
+            ident = self.text[self.text.rfind("\n", 0, timing_at - 1) + 1:timing_at - 1].strip()
+            if _INDEX.fullmatch(ident):
+                return _numbers_next(ident, number)
         return _numbers_next(str(len(self.cues)), number) or _numbers_next(str(len(self.cues) - 1), number)
 
     def block(self, b: str, pos: int) -> None:

@@ -752,3 +752,8 @@ def test_a_paragraph_of_only_a_number_is_caption_text_unless_it_numbers_the_next
     assert_cues(parse_str(text), [(1.0, 3.0, "The answer is 42"), (4.0, 5.0, "Right."), (6.0, 7.0, "Number apart.")])
     ends = "1\n00:00:01,000 --> 00:00:03,000\nThe year was\n\n1969\n"
     assert_cues(parse_str(ends), [(1.0, 3.0, "The year was 1969")])
+    # (review) numbered from 101: the next number after the last cue's own, not after the count of cues
+    later = ("101\n00:00:01,000 --> 00:00:02,000\nOne.\n\n102\n00:00:03,000 --> 00:00:04,000\nTwo hundred and\n\n"
+             "151\n")
+    assert_cues(parse_str(later), [(1.0, 2.0, "One."), (3.0, 4.0, "Two hundred and 151")])
+    assert_cues(parse_str(later.replace("151", "103")), [(1.0, 2.0, "One."), (3.0, 4.0, "Two hundred and")])
