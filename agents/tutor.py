@@ -19,7 +19,7 @@ from langgraph.graph import END, START, StateGraph
 from wordfreq import zipf_frequency
 
 from agents.evidence import MAX_CITATION_S, Window, mmss, pick_citations, quote, rank_windows, stem, terms, windows
-from agents.judge import judge, lookup_words, opens_sentence
+from agents.judge import REPLIES, judge, lookup_words, opens_sentence
 from agents.llm import LLM, LLMError, estimate_cost_usd
 from store.search import Hit, hybrid_search, neighbours, vocabulary_coverage
 
@@ -74,6 +74,10 @@ _ASKS_FOR_MORE = frozenset(stem(w) for w in """give example examples more detail
 clarify expand repeat simpler simply further continue another different please next happen happens huh hmm""".split())
 
 
+# Replies ("yes", "ok", "sure") right after a turn go on with it ("yes" was taken for a greeting)
+_REPLY_STEMS = frozenset(stem(w) for w in REPLIES | {"sure", "right", "alright", "thanks", "thank"})
+
+
 def _follows_up(question: str) -> bool:
     if _GOES_ON.match(question.strip()):
         return True
@@ -83,7 +87,7 @@ def _follows_up(question: str) -> bool:
     if any(w == "that" and (i == 0 or i == len(words) - 1 or words[i - 1] in _BEFORE_THAT)
            for i, w in enumerate(words)):
         return True
-    return not [t for t in terms(question) if t not in _ASKS_FOR_MORE]
+    return not [t for t in terms(question) if t not in _ASKS_FOR_MORE and t not in _REPLY_STEMS]
 
 Delta = Callable[[str], Awaitable[None]]
 DELTA_CHARS = 120  # an offline answer streams in pieces of about this length
@@ -194,10 +198,12 @@ class Tutor:
                 logger.warning("condense took the whole answer's %g s, using the heuristic", self.budget_s)
         # Offline: a short or pronoun-led follow-up borrows the content words of the asker's own previous message
         # (in a room, another learner's chatter is not what "why?" follows).
-        last_user = next((h["content"] for h in reversed(history) if h["role"] == "user" and h.get("mine", True)),
-                         None)
+        # (what that message asked, as it was condensed: a second follow-up in a row borrowed the first's bare
+        # words, "and why is that?", and lost the topic)
+        last_user = next((h.get("standalone") or h["content"] for h in reversed(history)
+                          if h["role"] == "user" and h.get("mine", True)), None)
         if last_user and _follows_up(q):
-            return {"standalone": f"{q} ({last_user})"}
+            return {"standalone": f"{q} ({last_user})"[:2000]}
         return {"standalone": q}
 
     async def retrieve(self, s: TutorState) -> dict:

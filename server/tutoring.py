@@ -64,13 +64,15 @@ async def _room_history(conn, room_id: str, before_id: int | None,  # type: igno
     """The room's latest messages before the question, oldest first, each with its author's name; `mine` marks
     the asker's own (a follow-up continues the asker's thread, not whoever spoke last)."""
     rows = await conn.fetch(
-        """SELECT m.body, m.author_role, m.author_id, coalesce(u.name, '') AS name FROM messages m
-           LEFT JOIN users u ON u.id = m.author_id
+        """SELECT m.body, m.author_role, m.author_id, coalesce(u.name, '') AS name,
+                  (SELECT t.standalone FROM tutor_turns t WHERE t.message_id = m.id AND t.room_id = m.room_id
+                   ORDER BY t.id DESC LIMIT 1) AS standalone
+           FROM messages m LEFT JOIN users u ON u.id = m.author_id
            WHERE m.room_id = $1 AND m.deleted_at IS NULL AND ($2::bigint IS NULL OR m.id < $2)
            ORDER BY m.seq DESC LIMIT $3""",
         room_id, before_id, ROOM_CONTEXT_MESSAGES)
     return [{"role": "assistant" if r["author_role"] == "tutor" else "user", "content": r["body"], "name": r["name"],
-             "mine": r["author_id"] == asker_id} for r in reversed(rows)]
+             "mine": r["author_id"] == asker_id, "standalone": r["standalone"] or None} for r in reversed(rows)]
 
 
 # Part of the answer cache's key: raised when stored answers would differ from new ones for the same content
@@ -129,7 +131,8 @@ async def prepare(state: Any, user: Any, course_id: int, question: str, *, sessi
             if sess is None or sess["course_id"] != course_id:
                 raise ApiError(404, f"tutor session {session_id} not found", field="session_id")
             for t in await repo.session_turns(conn, session_id, limit=6):  # the latest six turns
-                history += [{"role": "user", "content": t["question"]}, {"role": "assistant", "content": t["answer"]}]
+                history += [{"role": "user", "content": t["question"], "standalone": t["standalone"]},
+                            {"role": "assistant", "content": t["answer"]}]
         elif room_id is not None:
             history = await _room_history(conn, room_id, message_id, user.id)
         reserved = None

@@ -32,6 +32,26 @@ async def test_offline_follow_up_borrows_the_askers_own_last_message():
     assert (await tutor.condense(state("and why?", private)))["standalone"] == "and why? (what is a hash function?)"
 
 
+async def test_offline_a_second_follow_up_keeps_the_thread_and_a_reply_goes_on_with_it():
+    """(Tutor review) the follow-up borrowed the asker's previous message as typed: after "and why is that?", "can you
+    give an example?" borrowed just that and cited another video. It borrows what that message asked, condensed.
+    And "yes" right after an answer was taken for a greeting."""
+    tutor = Tutor(None, None, None)  # type: ignore[arg-type]
+    first = "What is proof of work in bitcoin?"
+    second = await tutor.condense(state("and why is that?", [{"role": "user", "content": first}]))
+    assert first in second["standalone"]
+    history = [{"role": "user", "content": first, "standalone": first},
+               {"role": "assistant", "content": "Miners search for a nonce [1]."},
+               {"role": "user", "content": "and why is that?", "standalone": second["standalone"]},
+               {"role": "assistant", "content": "So that rewriting history costs work [1]."}]
+    third = await tutor.condense(state("can you give an example?", history))
+    assert "proof of work in bitcoin" in third["standalone"], third
+    for reply in ("yes", "ok", "sure, thanks"):
+        assert first in (await tutor.condense(state(reply, history[:2])))["standalone"], reply
+    # with nothing before it, "yes" is still a greeting's business (nothing borrowed)
+    assert (await tutor.condense(state("yes", [])))["standalone"] == "yes"
+
+
 async def test_offline_a_question_with_a_topic_of_its_own_is_taken_as_it_is():
     """Every question of up to 8 words (or opening with how/why) borrowed the last one's words: "How do plants make
     food?" after a question on hashing was searched as a hashing question, passed the relevance check on them and
