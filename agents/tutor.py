@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypedDict
@@ -78,6 +79,31 @@ clarify expand repeat simpler simply further continue another different please n
 _REPLY_STEMS = frozenset(stem(w) for w in REPLIES | {"sure", "right", "alright", "thanks", "thank"})
 
 
+NO_TOPIC_REPLY = ("What would you like me to explain? Ask with its topic (\u201cwhy does a hash table need a good "
+                  "hash function?\u201d) and I will find the moments in the course videos.")
+# Languages a question may be in that the course's (English) words are not: wordfreq's lists that need no extra
+# packages; questions in other scripts are told by their letters
+_OTHER_LANGS = ("es", "fr", "de", "pt", "it", "nl", "pl", "tr", "sv")
+
+
+def foreign_question(question: str) -> bool:
+    """Whether the question is in another language than English: mostly letters of another script, or half its
+    words or more more frequent in one of _OTHER_LANGS than in English ("¿Qué es una prueba de trabajo?"). A
+    decline then says so rather than "the course does not cover this" (the videos searched are English)."""
+    letters = [c for c in question if c.isalpha()]
+    if letters and sum(not unicodedata.name(c, "").startswith("LATIN") for c in letters) > len(letters) / 2:
+        return True
+    words = [w.lower() for w in re.findall(r"[^\W\d_]{2,}", question)]
+    if len(words) < 2:
+        return False
+    other = sum(max(zipf_frequency(w, lang) for lang in _OTHER_LANGS) > zipf_frequency(w, "en") + 0.5 for w in words)
+    return other >= len(words) / 2
+
+
+def _topic_terms(question: str) -> list[str]:
+    return [t for t in terms(question) if t not in _ASKS_FOR_MORE and t not in _REPLY_STEMS]
+
+
 def _follows_up(question: str) -> bool:
     if _GOES_ON.match(question.strip()):
         return True
@@ -87,7 +113,7 @@ def _follows_up(question: str) -> bool:
     if any(w == "that" and (i == 0 or i == len(words) - 1 or words[i - 1] in _BEFORE_THAT)
            for i, w in enumerate(words)):
         return True
-    return not [t for t in terms(question) if t not in _ASKS_FOR_MORE and t not in _REPLY_STEMS]
+    return not _topic_terms(question)
 
 Delta = Callable[[str], Awaitable[None]]
 DELTA_CHARS = 120  # an offline answer streams in pieces of about this length
@@ -283,7 +309,15 @@ class Tutor:
         if (s.get("judge") or {}).get("small_talk"):  # a greeting or a thank-you: no moments to point at
             return {"answer": SMALL_TALK_REPLY, "citations": [], "nearest": [], "follow_ups": [], "grounded": False}
         nearest = [citation(w, s.get("mode", "answer")) for w in (s.get("sources") or [])[:3]]
-        text = _declined("The course videos don't cover this, so I won't guess.", nearest)
+        question = s.get("question", "")
+        foreign = foreign_question(question)
+        if not foreign and not _topic_terms(question) and s.get("standalone", question).strip() == question.strip():
+            # "why?", "tell me more" with nothing before it: no topic to look for, rather than "not covered"
+            return {"answer": NO_TOPIC_REPLY, "citations": [], "nearest": [], "follow_ups": [], "grounded": False}
+        lead = ("I could not find this in the course videos; they may be in another language than your question "
+                "(asking in the videos' language may find it)." if foreign
+                else "The course videos don't cover this, so I won't guess.")
+        text = _declined(lead, nearest)
         if s.get("awaiting"):  # the answer may be in a video not searchable yet: say so, and keep it out of the cache
             return {"answer": text + " " + awaiting_note(s["awaiting"]), "citations": [], "nearest": nearest,
                     "follow_ups": [], "grounded": False, "cacheable": False}
