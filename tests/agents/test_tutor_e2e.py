@@ -67,6 +67,10 @@ def test_a_question_without_a_topic_or_in_another_language_is_told_so(eval_cours
         body = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": q},
                            headers=eval_course.learner.h).json()
         assert body["answer"] == NO_TOPIC_REPLY and body["citations"] == [] and not body["grounded"], (q, body)
+    from agents.tutor import foreign_question
+
+    assert not foreign_question("What causes El Niño and La Niña?")  # an English question with Spanish names
+    assert foreign_question("Was ist ein Eigenvektor?") and foreign_question("Qu'est-ce que la sélection naturelle ?")
     for q in ("¿Qué es una prueba de trabajo en bitcoin?", "Что такое естественный отбор?"):
         body = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": q},
                            headers=eval_course.learner.h).json()
