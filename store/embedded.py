@@ -509,12 +509,9 @@ def _redis_running_port(rdir: Path) -> int | None:
 
 
 def _redis_password(rdir: Path) -> str | None:
-    """The password the data dir's Redis was started with (none for one started before passwords)."""
-    try:
-        m = re.search(r"^requirepass (\S+)$", (rdir / "redis.conf").read_text(), re.M)
-    except OSError:
-        return None
-    return m.group(1) if m else None
+    """The password the data dir's Redis takes: the embedded one, written to its redis.conf when it started (one
+    still running from before passwords, started without the file, takes none)."""
+    return _embedded_password(rdir.parent) if (rdir / "redis.conf").exists() else None
 
 
 def _redis_answers(port: int, password: str | None, *, busy_ok: bool = False) -> bool:
@@ -567,9 +564,8 @@ def _ensure_redis(ddir: Path) -> str:
             if time.monotonic() > deadline:
                 raise EmbeddedError(f"embedded Redis did not start; see {rdir / 'redis.log'}")
             time.sleep(0.05)
-    # (one still running from before passwords, started without the file, takes none)
-    auth = f":{_embedded_password(ddir)}@" if conf.exists() else ""
-    return f"redis://{auth}127.0.0.1:{port}/0"
+    password = _redis_password(rdir)
+    return f"redis://{f':{password}@' if password else ''}127.0.0.1:{port}/0"
 
 
 def stop_embedded(ddir: Path) -> None:
