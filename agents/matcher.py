@@ -571,11 +571,13 @@ async def _rematch(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id:
         async with pod_turn(redis, pod_id):
             async with pool.acquire() as conn:
                 cur = await matching.current(conn, pod_id)
-                if seen is not None and not await matching.declines_only_since(conn, pod_id, seen):
-                    if not await matching.is_round_of(conn, pod_id, seen):
+                if seen is not None:
+                    since = await matching.declines_only_since(conn, pod_id, seen)
+                    if since is None:
                         raise UnknownRound(f"match {seen} is not a round of this pod")
-                    raise StaleDecline(f"round {seen} is no longer this pod's round; read the current one "
-                                       f"(GET /pods/{pod_id}/match) before declining")
+                    if not since:
+                        raise StaleDecline(f"round {seen} is no longer this pod's round; read the current one "
+                                           f"(GET /pods/{pod_id}/match) before declining")
             if declining and cur is not None and user_id in cur["declined"]:
                 return result_of(cur)  # declined already (a retry whose answer was lost): the round that made
             if cur is None or not any(user_id in g["members"] for g in cur["groups"]):

@@ -40,18 +40,13 @@ async def current(conn: asyncpg.Connection, pod_id: int) -> asyncpg.Record | Non
         pod_id)
 
 
-async def declines_only_since(conn: asyncpg.Connection, pod_id: int, match_id: int) -> bool:
-    """Whether `match_id` is a round of the pod and every round after it is a re-match after declines (so the
-    current round is it, or derives from it)."""
-    return bool(await conn.fetchval(
-        """SELECT EXISTS (SELECT 1 FROM pod_matches WHERE id = $2 AND pod_id = $1)
-                  AND NOT EXISTS (SELECT 1 FROM pod_matches WHERE pod_id = $1 AND id > $2 AND trigger <> 'decline')""",
-        pod_id, match_id))
-
-
-async def is_round_of(conn: asyncpg.Connection, pod_id: int, match_id: int) -> bool:
-    return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pod_matches WHERE id = $2 AND pod_id = $1)",
-                                    pod_id, match_id))
+async def declines_only_since(conn: asyncpg.Connection, pod_id: int, match_id: int) -> bool | None:
+    """Whether every round of the pod after its round `match_id` is a re-match after declines (so the current round
+    is it, or derives from it); None when `match_id` never was a round of the pod."""
+    return await conn.fetchval(
+        """SELECT NOT EXISTS (SELECT 1 FROM pod_matches WHERE pod_id = $1 AND id > $2 AND trigger <> 'decline')
+           FROM pod_matches WHERE id = $2 AND pod_id = $1""",
+        pod_id, match_id)
 
 
 async def round_exists(conn: asyncpg.Connection, pod_id: int, round_key: str) -> bool:
