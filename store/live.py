@@ -270,13 +270,13 @@ async def list_polls(conn: asyncpg.Connection, session_id: int, *,
            ORDER BY id LIMIT $2 OFFSET $3""", session_id, limit, offset)
 
 
-async def counts(conn: asyncpg.Connection, poll_id: int, n_options: int) -> list[int]:
-    out = [0] * n_options
-    for r in await conn.fetch("SELECT option, count(*) AS n FROM poll_votes WHERE poll_id = $1 GROUP BY option",
-                              poll_id):
-        if r["option"] < n_options:
-            out[r["option"]] = r["n"]
-    return out
+# A poll's votes per option (of `polls p`), as published and as the sweep for unpublished votes compares them
+_COUNTS = """ARRAY(SELECT count(v.user_id)::int FROM generate_series(0, jsonb_array_length(p.options) - 1) AS o(i)
+                   LEFT JOIN poll_votes v ON v.poll_id = p.id AND v.option = o.i GROUP BY o.i ORDER BY o.i)"""
+
+
+async def counts(conn: asyncpg.Connection, poll_id: int) -> list[int]:
+    return list(await conn.fetchval(f"SELECT {_COUNTS} FROM polls p WHERE p.id = $1", poll_id) or [])
 
 
 async def my_vote(conn: asyncpg.Connection, poll_id: int, user_id: int) -> int | None:
@@ -320,14 +320,12 @@ async def stale_polls(conn: asyncpg.Connection, limit: int = 20) -> list[int]:
     """Open polls whose counts now differ from the last ones published, with a vote since (less COUNTED_MARGIN_S)
     at least UNPUBLISHED_AFTER_S old: the process that took the vote died within its coalescing window."""
     rows = await conn.fetch(
-        """SELECT p.id FROM polls p LEFT JOIN poll_published r ON r.poll_id = p.id
+        f"""SELECT p.id FROM polls p LEFT JOIN poll_published r ON r.poll_id = p.id
            WHERE p.closed_at IS NULL
              AND EXISTS (SELECT 1 FROM poll_votes v WHERE v.poll_id = p.id
                              AND v.updated_at > coalesce(r.at, '-infinity') - make_interval(secs => $3)
                              AND v.updated_at < now() - make_interval(secs => $2))
-             AND r.counts IS DISTINCT FROM ARRAY(
-                 SELECT count(v.user_id)::int FROM generate_series(0, jsonb_array_length(p.options) - 1) AS o(i)
-                 LEFT JOIN poll_votes v ON v.poll_id = p.id AND v.option = o.i GROUP BY o.i ORDER BY o.i)
+             AND r.counts IS DISTINCT FROM {_COUNTS}
            ORDER BY p.id LIMIT $1""", limit, UNPUBLISHED_AFTER_S, COUNTED_MARGIN_S)
     return [r["id"] for r in rows]
 
@@ -353,7 +351,7 @@ async def publish_results(db: asyncpg.Pool, redis: Redis, poll_id: int) -> None:
         if poll is None or poll["closed_at"] is not None:
             return
         room = room_of(session_id)
-        c = await counts(box.conn, poll_id, len(poll["options"]))
+        c = await counts(box.conn, poll_id)
         if await box.conn.fetchval("SELECT counts FROM poll_published WHERE poll_id = $1", poll_id) == c:
             return
         await box.append(room, lambda seq: PollResults(seq=seq, room=room, poll_id=poll_id, counts=c, total=sum(c)))
@@ -380,7 +378,6 @@ async def close_poll(db: asyncpg.Pool, redis: Redis, poll_id: int) -> list[int]:
 
 
 async def _append_closed(box, room: str, poll_id: int) -> list[int]:  # type: ignore[no-untyped-def]
-    n = await box.conn.fetchval("SELECT jsonb_array_length(options) FROM polls WHERE id = $1", poll_id)
-    c = await counts(box.conn, poll_id, n)
+    c = await counts(box.conn, poll_id)
     await box.append(room, lambda seq: PollClosed(seq=seq, room=room, poll_id=poll_id, counts=c, total=sum(c)))
     return c

@@ -36,7 +36,7 @@ async def _session_or_404(conn: asyncpg.Connection, session_id: int, user: AuthU
 
 async def _to_poll(conn: asyncpg.Connection, row: asyncpg.Record, user_id: int) -> Poll:
     options = list(row["options"])
-    counts = await repo.counts(conn, row["id"], len(options))
+    counts = await repo.counts(conn, row["id"])
     return Poll(id=row["id"], session_id=row["session_id"], question=row["question"], options=options,
                 closed=row["closed_at"] is not None, counts=counts, total=sum(counts),
                 my_vote=await repo.my_vote(conn, row["id"], user_id), created_at=row["created_at"],

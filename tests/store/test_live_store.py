@@ -33,8 +33,8 @@ async def test_a_stalled_publisher_cannot_land_old_counts_last(xp_store, monkeyp
         await live.vote(c, poll["id"], sid, a, 0)
     real, first, counted = live.counts, [True], asyncio.Event()
 
-    async def stalling_counts(conn, poll_id, n):  # type: ignore[no-untyped-def]
-        out = await real(conn, poll_id, n)
+    async def stalling_counts(conn, poll_id):  # type: ignore[no-untyped-def]
+        out = await real(conn, poll_id)
         if first[0]:  # the first publisher stalls between counting and storing
             first[0] = False
             counted.set()
