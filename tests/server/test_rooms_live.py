@@ -10,11 +10,6 @@ from tests.conftest import Factory, fetch
 from tests.server.conftest import Client, live_poll, make_course, ws_url
 
 
-def _live_poll(server, client, make: Factory):  # type: ignore[no-untyped-def]
-    """A course with two learners, a started live session and an open two-option poll in it."""
-    return live_poll(server, make)
-
-
 async def test_session_lifecycle_and_attendance(server, client, make: Factory, settings):
     course = make_course(server, make, learners=2)
     inst, (a, b) = course.instructor, course.learners
@@ -227,7 +222,7 @@ async def test_poll_vote_rules(server, client, make: Factory):
 async def test_a_vote_whose_results_a_dead_process_never_sent_is_published(server, client, make: Factory, settings):
     """Results are coalesced in the voting process for 250 ms; a process killed inside that window left a stored
     vote that no `poll.results` ever counted. A survivor's periodic look publishes it (once)."""
-    course, sid, poll = _live_poll(server, client, make)
+    course, sid, poll = live_poll(server, make)
     inst, (a, b) = course.instructor, course.learners
     ws = await Client.connect(server, f"live:{sid}", a)
     try:
@@ -315,7 +310,7 @@ async def test_rest_votes_waiting_on_redis_hold_no_database_connection(server, m
 async def test_a_vote_on_a_socket_whose_kick_or_removal_was_lost_is_refused(server, client, make: Factory, settings):
     """Posts check the author's standing (a lost kick or removal event left the socket open); votes did not: a
     barred learner, or one who left the course, kept voting on an open socket."""
-    course, sid, poll = _live_poll(server, client, make)
+    course, sid, poll = live_poll(server, make)
     inst, (a, b) = course.instructor, course.learners
     ca, cb = [await Client.connect(server, f"live:{sid}", u) for u in (a, b)]
     fetch(settings, "INSERT INTO rooms (id, kind, course_id) VALUES ($1, 'course', $2) ON CONFLICT DO NOTHING",
@@ -334,7 +329,7 @@ async def test_a_vote_on_a_socket_whose_kick_or_removal_was_lost_is_refused(serv
 
 
 def test_an_option_the_poll_lacks_names_the_field(server, client, make: Factory):
-    course, sid, poll = _live_poll(server, client, make)
+    course, sid, poll = live_poll(server, make)
     r = client.post(f"/api/v1/polls/{poll['id']}/votes", json={"option": 1000}, headers=course.learners[0].h)
     assert r.status_code == 400 and r.json()["code"] == "bad_option" and r.json()["field"] == "option", r.text
 
@@ -343,7 +338,7 @@ async def test_a_repeated_poll_opening_opens_one_poll(server, client, make: Fact
     """Two identical POST /live/{id}/polls (a double click, a retry after a lost reply) opened two polls: two
     `poll.opened` in the room, the votes split between them, two of the session's 200. With an Idempotency-Key
     the repeat, and a twin sent at once, get the poll the key opened."""
-    course, sid, first = _live_poll(server, client, make)
+    course, sid, first = live_poll(server, make)
     inst = course.instructor
     url = f"/api/v1/live/{sid}/polls"
     body = {"question": "Ready?", "options": ["yes", "no"]}
