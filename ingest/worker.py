@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from arq import cron
+from arq import cron, func
 from arq.connections import RedisSettings
 from arq.connections import create_pool as create_arq_pool
 from arq.worker import Worker
@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 from agents.config import embedder_for
 from ingest.grading import grade_batch, grade_submission, recover_grading
 from ingest.jobs import ARQ_CODEC, JOB_TIMEOUT_S, ingest_job, recover_lost_jobs, sweep_uploads
+from ingest.replies import CHECK_FUNCTION, check_reply_job, recover_reply_checks
 from ingest.submit import reembed_superseded
 from store.db import create_pool
 from store.keys import INGEST_QUEUE, QUICK_QUEUE
@@ -182,8 +183,10 @@ def worker_settings(settings: Settings, queue: str = "ingest", *, heal_embedding
         if heal_embeddings:  # (and at start, above)
             crons.append(cron(heal_superseded, minute=set(range(2, 60, 5)), run_at_startup=False, unique=True))
     else:
-        functions = [ping, grade_submission, grade_batch, match_pods_weekly, check_leaderboards, end_forgotten_sessions]
+        functions = [ping, grade_submission, grade_batch, match_pods_weekly, check_leaderboards, end_forgotten_sessions,
+                     func(check_reply_job, name=CHECK_FUNCTION)]
         crons = [cron(recover_grading, run_at_startup=True),  # every minute: grading jobs whose entry was lost
+                 cron(recover_reply_checks, run_at_startup=True, unique=True),  # every minute: replies to check
                  cron(end_forgotten_sessions, run_at_startup=True, unique=True),  # every minute
                  # progress, XP, leaderboards, matcher
                  # (with weekly rounds off it still posts unposted rounds and re-pairs those who left)

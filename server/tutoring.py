@@ -19,6 +19,7 @@ from agents.config import embedder_for
 from agents.judge import candidates
 from agents.llm import get_llm
 from agents.tutor import REFUSED_PREFIX, Delta, Tutor
+from ingest.replies import queue_check
 from server.errors import UNREACHABLE, ApiError
 from store import tutor as repo
 from store.events import Error, TutorDelta, publish, room_topic, user_topic
@@ -546,22 +547,30 @@ async def settle_own(state: Any, proc: str, timeout: float = 15.0) -> None:
 # --- room posts that ask the tutor (websocket frames and REST share these) ----------------------------------
 
 async def post_asking(state: Any, user: Any, room_id: str, course_id: int, text: str, meta: dict | None,
-                      client_msg_id: str | None, question: str | None, slot: str | None) -> Posted:
+                      client_msg_id: str | None, question: str | None, slot: str | None,
+                      reply_to: int | None = None) -> Posted:
     """Post a message; with a tutor `slot` (from `take_slot`) the tutor answers `question` in reply, and the
     answer's hold is stored with the message. The slot is freed when there is nothing to answer (an error, or
-    a repeat of a message already posted: `created` is False and nothing is answered again)."""
+    a repeat of a message already posted: `created` is False and nothing is answered again). A learner's reply
+    (`reply_to`) to someone else's message is queued for the tutor's check (ingest/replies.py)."""
     if slot is None:
-        return await post_message(state.pool, state.redis, room_id, user.id, text, meta, client_msg_id)
+        posted = await post_message(state.pool, state.redis, room_id, user.id, text, meta, client_msg_id,
+                                    reply_to=reply_to)
+        if posted.check_reply:
+            await queue_check(state.arq, posted.event.id)
+        return posted
     proc = _proc(state)
     asking = RoomQuestion(proc, user.id, course_id, room_id) if proc is not None else None
 
     async def post_then_answer() -> Posted:
         try:
             posted = await post_message(state.pool, state.redis, room_id, user.id, text, meta, client_msg_id,
-                                        also=asking)
+                                        also=asking, reply_to=reply_to)
         except BaseException:
             await free_slot(state.redis, user.id, slot)
             raise
+        if posted.check_reply:
+            await queue_check(state.arq, posted.event.id)
         if posted.created:
             start_room_answer(state, user, course_id, room_id, posted.event.id, question or text, slot,
                               asking.pending if asking is not None else None)
@@ -598,7 +607,7 @@ EMPTY_QUESTION = "write your question after @tutor"
 
 
 async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, text: str,
-                          client_msg_id: str | None) -> tuple[Posted, Refused | None]:
+                          client_msg_id: str | None, reply_to: int | None = None) -> tuple[Posted, Refused | None]:
     """Post a message; one that mentions @tutor asks it (the question is the message without the mention).
     The message stands even when the tutor does not take the question (too long, `daily_limit` already reached,
     or `tutor_busy`): that refusal is returned, for the asker only (None for a repeat of a message already
@@ -619,5 +628,5 @@ async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, t
             slot = await take_slot(state.redis, user.id, user.role, state.settings)
             if slot is None:
                 refused = Refused("tutor_busy", BUSY, retry_after=BUSY_RETRY_S)
-    posted = await post_asking(state, user, room_id, course_id, text, None, client_msg_id, question, slot)
+    posted = await post_asking(state, user, room_id, course_id, text, None, client_msg_id, question, slot, reply_to)
     return posted, refused if posted.created else None

@@ -122,6 +122,7 @@ class MessageNew(Event, tag="message.new"):
     client_msg_id: str | None
     meta: dict[str, Any] = {}
     deleted: bool = False
+    reply_to: int | None = None  # the message of this room it answers (omitted when none)
 
 
 class MessageEdited(Event, tag="message.edited"):
@@ -254,6 +255,18 @@ class TutorDelta(Event, tag="tutor.delta"):
     text: str
 
 
+class MessageHelpful(Event, tag="message.helpful"):
+    """A learner's message was marked helpful (ephemeral; history's `helpful` keeps it): by staff (an instructor
+    or admin) or by the tutor, which checks learners' replies to questions against the course videos; its
+    `reason` then says what in the videos the reply agrees with."""
+
+    room: str
+    message_id: int
+    author_id: int
+    by: str  # "staff" | "tutor"
+    reason: str | None = None
+
+
 # --- internal control (never forwarded to clients) -----------------------------------------------------
 
 class Kick(Event, tag="internal.kick"):
@@ -269,7 +282,7 @@ ServerEvent = Union[
     PollOpened, PollResults, PollClosed, JobProgress,
     GradeReady,  # assignments and grading
     XpAwarded, AchievementUnlocked, LeaderboardChanged,  # progress, XP, leaderboards
-    TutorDelta,
+    TutorDelta, MessageHelpful,
 ]
 SEQUENCED = frozenset({"message.new", "message.edited", "message.deleted", "live.started", "live.ended",
                        "poll.opened", "poll.results", "poll.closed"})

@@ -22,10 +22,12 @@ class Frame(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_field
 
 
 class MessageSend(Frame, tag="message.send"):
-    """Post a message. Sending the same `client_msg_id` again returns the same message, never a second one."""
+    """Post a message. Sending the same `client_msg_id` again returns the same message, never a second one.
+    `reply_to`: the id of an earlier message of this room that this one answers."""
 
     text: str
     client_msg_id: ClientMsgId | None = None
+    reply_to: Id | None = None
 
 
 class MessageEdit(Frame, tag="message.edit"):

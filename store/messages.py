@@ -48,6 +48,7 @@ class Posted:
     event: MessageNew
     payload: bytes
     created: bool  # False: the client_msg_id was seen before and this is the original message
+    check_reply: bool = False  # a learner's reply to another person's message: the tutor checks it (reply_checks)
 
 
 async def _muted(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
@@ -68,6 +69,7 @@ REUSED = "idempotency_key_reused"  # a Refused code: a client_msg_id sent again 
 # a Refused code: what is asked is not possible in the object's present state (a session not live, a poll closed);
 # the detail says why, and sending the same again does not help (`conflict` is for a concurrent change: retry)
 INVALID_STATE = "invalid_state"
+NO_REPLY_TARGET = "reply_to_not_found"  # a Refused code: `reply_to` names no message (not deleted) of this room
 
 
 def _sha(text: str) -> bytes:
@@ -117,7 +119,8 @@ WHERE u.id = $2"""
 async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room_id: str, author_id: int | None,
                        text: str, meta: dict[str, Any] | None = None, client_msg_id: str | None = None, *,
                        author_name: str = "Tutor", author_role: str = "tutor",
-                       also: Callable[[asyncpg.Connection, int], Awaitable[Any]] | None = None) -> Posted:
+                       also: Callable[[asyncpg.Connection, int], Awaitable[Any]] | None = None,
+                       reply_to: int | None = None) -> Posted:
     """Post a message and publish `message.new` after commit.
 
     `author_id=None` posts as a non-human author named `author_name` with role `author_role` (the tutor,
@@ -126,7 +129,9 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
     room, Refused("muted") for a muted one, Refused(ACCESS_REVOKED) for one who may no longer use the room and
     LookupError for a room whose course, pod or session does not exist. `also(conn, message_id)` runs in the
     message's own transaction, only when a message is created (the tutor records the question it will answer,
-    so the two exist together or not at all)."""
+    so the two exist together or not at all). `reply_to` is an earlier message of the room this one answers
+    (Refused(NO_REPLY_TARGET) when there is none, or it was deleted); a learner's reply to someone else's message
+    is queued for the tutor's check in the same transaction (`check_reply` on the result: see store.replies)."""
     meta = meta or {}
     try:
         async with sequenced(db, redis) as box:
@@ -156,25 +161,38 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
                     if found is not None:
                         return found
                 ref = UserRef(id=None, name=author_name, role=author_role)
+            target = None
+            if reply_to is not None:
+                target = await conn.fetchrow("SELECT author_id, deleted_at FROM messages WHERE id = $1 AND room_id = $2",
+                                             reply_to, room_id)
+                if target is None or target["deleted_at"] is not None:
+                    raise Refused(NO_REPLY_TARGET, f"reply_to: message {reply_to} is not in this room"
+                                  + (" (it was deleted)" if target is not None else ""))
             # The event needs the row's id and the row needs the seq: allocate, insert, then store the event.
             seq = await next_seq(conn, room_id)
             row = await conn.fetchrow(
                 """INSERT INTO messages (room_id, seq, author_id, body, client_msg_id, meta, author_name, author_role,
-                                        text_sha)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                                        text_sha, reply_to)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                    ON CONFLICT DO NOTHING RETURNING id, created_at""",
                 room_id, seq, author_id, text, client_msg_id, meta, ref.name, ref.role,
-                _sha(text) if client_msg_id is not None else None)
+                _sha(text) if client_msg_id is not None else None, reply_to)
             if row is None:  # a concurrent send with the same client_msg_id committed first
                 raise _Duplicate()
             event = MessageNew(id=row["id"], seq=seq, room=room_id, author=ref, text=text,
-                               created_at=row["created_at"], client_msg_id=client_msg_id, meta=meta)
+                               created_at=row["created_at"], client_msg_id=client_msg_id, meta=meta,
+                               reply_to=reply_to)
             payload = encode(event)
             await conn.execute(
                 """INSERT INTO room_events (room_id, seq, type, message_id, payload)
                    VALUES ($1, $2, 'message.new', $3, $4)""", room_id, seq, row["id"], payload.decode())
             if also is not None:
                 await also(conn, row["id"])
+            check = (target is not None and ref.role == "learner" and target["author_id"] is not None
+                     and target["author_id"] != author_id)
+            if check:  # (with the reply: a crash before the check is queued loses nothing; see store.replies)
+                await conn.execute("INSERT INTO reply_checks (message_id, room_id, question_id) VALUES ($1, $2, $3)",
+                                   row["id"], room_id, reply_to)
             box.later(room_id, payload, "MessageNew")
     except _Duplicate:
         found = await _with_conn(db, lambda c: _existing(c, room_id, author_id, client_msg_id,
@@ -182,7 +200,7 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
         if found is None:
             raise
         return found
-    return Posted(event, payload, True)
+    return Posted(event, payload, True, check_reply=check)
 
 
 class _Duplicate(Exception):
@@ -307,6 +325,7 @@ async def history(conn: asyncpg.Connection, room_id: str, *, after: int | None, 
 
 _HISTORY = """SELECT m.id, m.seq, m.author_id, coalesce(u.name, m.author_name) AS author_name,
                      coalesce(u.role, m.author_role) AS author_role, m.body, m.client_msg_id, m.meta,
-                     m.created_at, m.edited_at
+                     m.created_at, m.edited_at, m.reply_to,
+                     EXISTS (SELECT 1 FROM helpful_marks h WHERE h.message_id = m.id) AS helpful
               FROM messages m LEFT JOIN users u ON u.id = m.author_id
               WHERE m.room_id = $1 AND m.deleted_at IS NULL"""

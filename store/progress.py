@@ -6,13 +6,16 @@ A video counts complete once the watched ranges cover STUDYHALL_VIDEO_COMPLETE_S
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
 
 from store import streaks, xp
+from store.events import MessageHelpful, publish, room_topic
 from store.keys import rate_progress
 from store.ratelimit import SendLimiter
 
@@ -23,7 +26,7 @@ logger = logging.getLogger(__name__)
 _PROGRESS_COLS = ("user_id, video_id, course_id, position_s, watched, watched_s, time_spent_s, completed_at, "
                   "created_at, updated_at, position_player, position_seq")
 _BOOKMARK_COLS = "id, user_id, video_id, at_s, note, created_at"
-_HELPFUL_COLS = "message_id, room_id, author_id, marked_by, marked_at"
+_HELPFUL_COLS = "message_id, room_id, author_id, marked_by, marked_at, by_tutor"
 
 MAX_RANGES = 200  # per report
 MAX_STORED_RANGES = 1000  # separate watched ranges kept per learner and video (a player reports a handful)
@@ -440,9 +443,11 @@ class HelpfulError(Exception):
 
 
 async def mark_helpful(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room_id: str, message_id: int,
-                       marked_by: int | None) -> tuple[asyncpg.Record, bool]:
-    """An instructor (or the tutor: `marked_by=None`) marks a learner's room message helpful: its author earns
-    `helpful_answer` XP once. Returns (the mark, created). HelpfulError: not_found, not_a_learner."""
+                       marked_by: int | None, *, reason: str | None = None,
+                       also: Callable[[asyncpg.Connection], Awaitable[Any]] | None = None) -> tuple[asyncpg.Record, bool]:
+    """An instructor (or the tutor: `marked_by=None`, with its `reason`) marks a learner's room message helpful:
+    its author earns `helpful_answer` XP once, and the room hears `message.helpful`. Returns (the mark, created).
+    HelpfulError: not_found, not_a_learner. `also(conn)` runs in the mark's transaction when it is created."""
     async with xp.transaction(db, redis) as tx:
         msg = await tx.conn.fetchrow(
             """SELECT m.id, m.author_id, u.role, r.course_id FROM messages m JOIN rooms r ON r.id = m.room_id
@@ -453,14 +458,21 @@ async def mark_helpful(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
         if msg["author_id"] is None or msg["role"] != "learner":
             raise HelpfulError("not_a_learner", "only a learner's message can be marked helpful")
         row = await tx.conn.fetchrow(
-            f"""INSERT INTO helpful_marks (message_id, room_id, author_id, marked_by) VALUES ($1, $2, $3, $4)
+            f"""INSERT INTO helpful_marks (message_id, room_id, author_id, marked_by, by_tutor)
+               VALUES ($1, $2, $3, $4, $5)
                ON CONFLICT (message_id) DO NOTHING RETURNING {_HELPFUL_COLS}""",
-            message_id, room_id, msg["author_id"], marked_by)
+            message_id, room_id, msg["author_id"], marked_by, marked_by is None)
         if row is None:
             return await tx.conn.fetchrow(f"SELECT {_HELPFUL_COLS} FROM helpful_marks WHERE message_id = $1",
                                           message_id), False
         await tx.award(msg["author_id"], "helpful_answer", f"helpful:{message_id}", course_id=msg["course_id"],
                        meta={"room": room_id, "message_id": message_id})
+        if also is not None:
+            await also(tx.conn)
+    # (stored: history's `helpful` shows it; only this nudge can be lost)
+    await publish(redis, room_topic(room_id), MessageHelpful(
+        room=room_id, message_id=message_id, author_id=msg["author_id"], by="tutor" if marked_by is None else "staff",
+        reason=reason))
     return row, True
 
 

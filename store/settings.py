@@ -79,6 +79,7 @@ class Settings:
     youtube_languages: tuple[str, ...] = ("en",)
     youtube_proxy: str | None = None  # http(s) proxy URL for YouTube requests (cloud hosts are blocked)
     tutor_daily_limit: int = 100
+    tutor_helpful_per_day: int = 5  # replies the tutor may mark helpful per learner per 24 h (0: it checks none)
     job_heartbeat_ms: int = 30_000
     job_retry_base_s: float = 2.0
     job_max_attempts: int = 5
@@ -157,6 +158,7 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         youtube_languages=langs or ("en",),
         youtube_proxy=_url("STUDYHALL_YOUTUBE_PROXY", ("http", "https")),
         tutor_daily_limit=_bounded("STUDYHALL_TUTOR_DAILY_LIMIT", 100, 1, 1_000_000),
+        tutor_helpful_per_day=_bounded("STUDYHALL_TUTOR_HELPFUL_PER_DAY", 5, 0, 1000),
         job_heartbeat_ms=int(_ranged("STUDYHALL_JOB_HEARTBEAT_S", 30.0, 1.0, 3600.0) * 1000),
         job_retry_base_s=_ranged("STUDYHALL_JOB_RETRY_BASE_S", 2.0, 0.0, 300.0),
         job_max_attempts=_bounded("STUDYHALL_JOB_MAX_ATTEMPTS", 5, 1, 1000),

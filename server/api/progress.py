@@ -273,5 +273,5 @@ class ProgressController(Controller):
         except repo.HelpfulError as exc:
             raise ApiError(404 if exc.code == "not_found" else 409, str(exc), code=exc.code) from exc
         return Response(HelpfulMark(message_id=row["message_id"], room=row["room_id"], author_id=row["author_id"],
-                                    marked_by=row["marked_by"], marked_at=row["marked_at"]),
+                                    marked_by=row["marked_by"], marked_at=row["marked_at"], by_tutor=row["by_tutor"]),
                         status_code=201 if created else 200)

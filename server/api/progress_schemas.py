@@ -123,6 +123,7 @@ class HelpfulMark(msgspec.Struct):
     author_id: int
     marked_by: int | None
     marked_at: datetime
+    by_tutor: bool = False  # the tutor marked it (marked_by is then null)
 
 
 class Me(msgspec.Struct):

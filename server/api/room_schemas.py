@@ -26,6 +26,8 @@ class RoomMessage(msgspec.Struct):
     edited_at: datetime | None
     client_msg_id: str | None
     meta: dict[str, Any]
+    reply_to: int | None = None  # the message of this room it answers
+    helpful: bool = False  # marked helpful (by an instructor, an admin or the tutor)
 
 
 class TutorTaken(msgspec.Struct):
@@ -49,6 +51,7 @@ class MessagePage(msgspec.Struct):
 class PostIn(Strict):
     text: str
     client_msg_id: ClientMsgId | None = None
+    reply_to: Id | None = None  # an earlier message of this room that this one answers
 
 
 class OnlineList(msgspec.Struct):

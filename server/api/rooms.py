@@ -29,10 +29,10 @@ Seq = Parameter(ge=0, le=2**62, default=None)
 _STATUS = {"not_found": 404, "forbidden": 403, "muted": 403, "kicked": 403, "access_revoked": 403, "conflict": 409,
            messages_repo.REUSED: 409, messages_repo.INVALID_STATE: 409,
            "poll_closed": 409,
-           "bad_option": 400, "bad_frame": 400, "too_long": 400}
+           "bad_option": 400, "bad_frame": 400, "too_long": 400, messages_repo.NO_REPLY_TARGET: 404}
 
 
-_FIELD = {"bad_option": "option", "too_long": "text"}  # the body field a refusal is about
+_FIELD = {"bad_option": "option", "too_long": "text", messages_repo.NO_REPLY_TARGET: "reply_to"}  # the body field a refusal is about
 
 
 def refused(exc: messages_repo.Refused) -> ApiError:
@@ -68,7 +68,8 @@ def to_message(row: asyncpg.Record, room_id: str) -> RoomMessage:
     return RoomMessage(id=row["id"], seq=row["seq"], room=room_id,
                        author=UserRef(id=row["author_id"], name=row["author_name"] or "", role=row["author_role"] or ""),
                        text=row["body"], created_at=row["created_at"], edited_at=row["edited_at"],
-                       client_msg_id=row["client_msg_id"], meta=row["meta"] or {})
+                       client_msg_id=row["client_msg_id"], meta=row["meta"] or {}, reply_to=row["reply_to"],
+                       helpful=row["helpful"])
 
 
 class RoomController(Controller):
@@ -107,7 +108,7 @@ class RoomController(Controller):
                 raise refused(exc) from exc
         try:
             posted, not_taken = await post_mentioning(state, user, room_id, acc.course_id, data.text,
-                                                      data.client_msg_id)
+                                                      data.client_msg_id, data.reply_to)
         except messages_repo.Refused as exc:
             raise refused(exc) from exc
         except rooms_repo.RoomGone as exc:  # deleted since the check above
@@ -124,7 +125,7 @@ class RoomController(Controller):
                 text, edited_at, deleted = now["body"], now["edited_at"], now["deleted_at"] is not None
         return Response(PostedMessage(id=ev.id, seq=ev.seq, room=room_id, author=ev.author, text=text,
                                       created_at=ev.created_at, edited_at=edited_at, client_msg_id=ev.client_msg_id,
-                                      meta=ev.meta, tutor=tutor, deleted=deleted),
+                                      meta=ev.meta, reply_to=ev.reply_to, tutor=tutor, deleted=deleted),
                         status_code=201 if posted.created else 200)
 
     @delete("/{room_id:str}/messages/{message_id:int}", status_code=204)

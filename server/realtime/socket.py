@@ -296,7 +296,7 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
             conn.own(original.event.seq, original.payload.decode())
             return
         posted, refused = await post_mentioning(hub.app_state, user, conn.room, conn.access.course_id, text,
-                                                frame.client_msg_id)
+                                                frame.client_msg_id, frame.reply_to)
         if not posted.created:
             conn.own(posted.event.seq, posted.payload.decode())
         if refused is not None:  # the message stands; the tutor does not take it

@@ -60,6 +60,14 @@ async def test_every_event_and_frame_type(server, client, make: Factory, worker_
     keep(await cb.expect("message.deleted"))
     await send(ca, {"type": "message.edit", "id": m["id"], "text": "gone"})
     assert keep(await ca.expect("error"))["code"] == "not_found"
+    # a reply names the message it answers; staff marking it helpful tells the room
+    await send(ca, {"type": "message.send", "text": "what is a pivot?", "client_msg_id": "q2"})
+    q2 = await cb.expect("message.new", client_msg_id="q2")
+    await send(cb, {"type": "message.send", "text": "the first nonzero entry of a row", "reply_to": q2["id"]})
+    reply = await ca.expect("message.new", reply_to=q2["id"])
+    assert client.post(f"/api/v1/rooms/{room}/messages/{reply['id']}/helpful", headers=inst.h).status_code == 201
+    h = keep(await ca.expect("message.helpful"))
+    assert (h["message_id"], h["author_id"], h["by"]) == (reply["id"], b.id, "staff") and "reason" not in h
 
     poll = client.post(f"/api/v1/live/{sid}/polls", json={"question": "?", "options": ["a", "b"]},
                        headers=inst.h).json()
