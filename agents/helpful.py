@@ -6,14 +6,17 @@ worker runs it (ingest/replies.py). The question is looked up in the course vide
 
 Offline the reply is scored against the moments the tutor found, with the grader's scorer (agents/scoring.py)
 and the embedder's similarity to the closest moment; thresholds in MIN_* (bench/helpful_eval.py measures them:
-the course's own answers to its questions against wrong answers from the same video, answers to other videos'
-questions, restated questions and empty replies). A wrong mark gives XP to a wrong answer, a missed one only
-leaves the mark to staff: the thresholds favour precision. With a chat model configured, the model decides from
-the same moments; should it fail, the offline check does.
+the course's own answers to its questions against the same negated, wrong answers from the same video, answers to
+other videos' questions, restated questions and empty replies). Similarity cannot tell a claim from its opposite,
+so a reply that resembles the moments but denies, counts or opposes differently is not taken (`contradicts`). A
+wrong mark gives XP to a wrong answer, a missed one only leaves the mark to staff: the check favours precision.
+With a chat model configured, the model decides from the same moments (and the reply must be as close to one as
+offline); should it fail, the offline check does. A mark's reason is always the moment the reply agrees with.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -30,8 +33,8 @@ from agents.llm import LLM, LLMError, first_json_object
 logger = logging.getLogger(__name__)
 
 # Offline acceptance (all three): the scorer's probability against the top moments, the cosine to the closest
-# one, and the share of a moment's key concepts the reply covers. Chosen on the eval course (bench.helpful_eval),
-# where they mark about 7 in 10 reference answers and 2 in 60 wrong answers about the same video.
+# one, and the share of a moment's key concepts the reply covers. Chosen on the eval course (bench.helpful_eval):
+# with `contradicts`, about half of the reference answers are marked, 2 in 60 wrong answers about the same video.
 MIN_PROB = 0.25
 MIN_COS = 0.82
 MIN_COVERAGE = 0.15
@@ -93,23 +96,92 @@ async def check_reply(tutor: Any, embedder: Any, llm: LLM | None, course_id: int
     refs = [w.text for w in sources]
     if scoring.restates_question(question, refs, reply):
         return Check("not_helpful", "the reply repeats the question")
-    best = sources[0]
-    where = f"{best.video_title!r} at {mmss(best.start)}"
-    if llm is not None:
-        try:
-            return await _llm_check(llm, question, reply, sources, where)
-        except LLMError as exc:  # the offline check decides instead
-            logger.warning("reply check by %s failed, checking offline: %s", llm.name, exc.message)
     vec = await asyncio.to_thread(embed_cached, embedder, scoring.texts_to_embed(question, refs, [reply]))
-    scored = scoring.score(question, refs, reply, vec)
     cos = [float(vec[reply] @ vec[r]) for r in refs]
     closest = sources[max(range(len(refs)), key=cos.__getitem__)]
+    agrees = f"agrees with {closest.video_title!r} at {mmss(closest.start)}"
+    unconfirmed = f"could not confirm it against {sources[0].video_title!r} at {mmss(sources[0].start)}"
+    if llm is not None:
+        try:
+            verdict = await _llm_check(llm, question, reply, sources)
+        except LLMError as exc:  # the offline check decides instead
+            logger.warning("reply check by %s failed, checking offline: %s", llm.name, exc.message)
+        else:
+            if not verdict.helpful:
+                return verdict
+            # and as close to a moment as offline: a reply cannot talk the model into a mark on its own
+            if max(cos) >= MIN_COS:
+                return dataclasses.replace(verdict, reason=agrees)
+            return dataclasses.replace(verdict, status="not_helpful", reason=unconfirmed)
+    scored = scoring.score(question, refs, reply, vec)
     if scored.prob >= MIN_PROB and max(cos) >= MIN_COS and scored.features["coverage"] >= MIN_COVERAGE:
-        return Check("helpful", f"agrees with {closest.video_title!r} at {mmss(closest.start)}", scored.prob)
-    return Check("not_helpful", f"could not confirm it against {where}", scored.prob)
+        if (why := contradicts(reply, refs)) is not None:
+            return Check("not_helpful", why, scored.prob)
+        return Check("helpful", agrees, scored.prob)
+    return Check("not_helpful", unconfirmed, scored.prob)
 
 
-async def _llm_check(llm: LLM, question: str, reply: str, sources: list, where: str) -> Check:  # type: ignore[type-arg]
+# Word pairs where a reply saying one while the moments say only the other has likely swapped a fact.
+_OPPOSITES = [frozenset(p.split()) for p in """more less|higher lower|larger smaller|bigger smaller|increase decrease|
+increases decreases|before after|always never|true false|public private|first last|maximum minimum|positive negative|
+inside outside|above below|faster slower|older younger|richer poorer|happier sadder|left right|same different|
+singular invertible|dependent independent|rare common|easy hard|cheap expensive|input output|win lose|add subtract|
+rows columns|row column|horizontal vertical|dominant recessive|male female|gain loss|early late""".replace("\n", "")
+              .split("|")]
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
+        "seventeen eighteen nineteen".split()
+_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+_SENTENCE = re.compile(r"(?<=[.!?;:])\s+")
+
+
+def _spoken(n: str) -> str | None:
+    """A whole number under 100 as a transcript writes it out ("21" -> "twenty one")."""
+    if not n.isdigit() or int(n) >= 100:
+        return None
+    i = int(n)
+    return _ONES[i] if i < 20 else _TENS[i // 10 - 2] + ("" if i % 10 == 0 else " " + _ONES[i % 10])
+
+
+def _denials(text: str, reach: int = 4) -> list[set[str]]:
+    """What each negation in `text` denies: the ideas (scoring.concepts) of the `reach` words after it, in its
+    sentence ("not just a lookup table" -> {lookup, table}); a bare "No." denies nothing checkable."""
+    out = []
+    for sent in _SENTENCE.split(text):
+        ws = scoring.words(sent)
+        out += [set(scoring.concepts(" ".join(ws[i + 1:i + 1 + reach]))) for i, w in enumerate(ws)
+                if w in scoring.NEGATIONS]
+    return out
+
+
+def contradicts(reply: str, refs: list[str]) -> str | None:
+    """Why the offline check cannot take the reply as agreeing with the moments `refs` although it resembles them
+    (None: nothing found). Similarity cannot tell a claim from its opposite, so a reply that denies what the moments
+    do not deny (what a negation of its is about is not what one of theirs is about: `_denials`), gives a number they do not (in
+    digits or, under 100, in words), or says one of a pair of opposites where they say only the other is left to
+    staff or a chat model: "a haldane is not a unit of rate", "a thousand dollars less", "sk for the public key"."""
+    said = set(scoring.words(reply))
+    heard_text = " ".join(refs)
+    heard = set(scoring.words(heard_text))
+    denied = [d for d in _denials(reply) if d]
+    if denied:
+        theirs = _denials(heard_text)
+        if any(not any(d & t for t in theirs) for d in denied):
+            return "it denies something the videos around the question do not deny"
+    for n in {n.replace(",", "") for n in _NUMBER.findall(reply)} - {n.replace(",", "") for n in
+                                                                        _NUMBER.findall(heard_text)}:
+        if (words := _spoken(n)) is None or not set(words.split()) <= heard:
+            return f"the videos around the question do not say {n}"
+    for pair in _OPPOSITES:
+        if said & pair and not said & pair & heard and heard & pair:
+            return f"the videos around the question do not say {sorted(said & pair)[0]!r} but its opposite"
+    return None
+
+
+async def _llm_check(llm: LLM, question: str, reply: str, sources: list) -> Check:  # type: ignore[type-arg]
+    """The model's verdict (its `why` as the reason: stored, never shown to the room). LLMError when it fails."""
     listing = "\n\n".join(f"[{i}] ({json.dumps(w.video_title)}, {mmss(w.start)}) {json.dumps(w.text)}"
                           for i, w in enumerate(sources, 1))
     prompt = (f"Transcript excerpts:\n{listing}\n\nQuestion: {json.dumps(question[:2000])}\n\n"
@@ -120,8 +192,6 @@ async def _llm_check(llm: LLM, question: str, reply: str, sources: list, where: 
     except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise LLMError(f"{llm.name}: unusable reply check: {exc}", retryable=False, provider=llm.name) from exc
     conf = min(1.0, max(0.0, v.confidence))
-    why = " ".join(v.why.split())[:200]
-    checker = f"llm:{llm.name}:{c.model}"
-    if v.helpful and conf >= LLM_MIN_CONFIDENCE:
-        return Check("helpful", why or f"agrees with {where}", conf, checker)
-    return Check("not_helpful", why or f"could not confirm it against {where}", conf, checker)
+    why = " ".join(v.why.split())[:200] or "the model found it not helpful"
+    helpful = v.helpful and conf >= LLM_MIN_CONFIDENCE
+    return Check("helpful" if helpful else "not_helpful", why, conf, f"llm:{llm.name}:{c.model}")

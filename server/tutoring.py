@@ -406,7 +406,7 @@ async def _reply(pool: Any, redis: Any, room_id: str, message_id: int, result: d
     # between (or a crash) left the answer's text in the tutor's record and in the cache for the next asker
     posted = await post_message(pool, redis, room_id, None, result["answer"] or "…", meta,
                                 client_msg_id=f"tutor:{message_id}", author_name="Tutor", author_role="tutor",
-                                also=link if turn_id else None)
+                                also=link if turn_id else None, reply_to=message_id)
     if turn_id and not posted.created:  # the reply was there already (posted before the turn knew it)
         async with pool.acquire() as conn:
             await link(conn, posted.event.id)
@@ -614,7 +614,7 @@ async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, t
     posted)."""
     refused, question, slot = None, None, None
     if TUTOR_MENTION.search(text):
-        repeat = await original(state.pool, room_id, user.id, client_msg_id, text)
+        repeat = await original(state.pool, room_id, user.id, client_msg_id, text, reply_to)
         if repeat is not None:  # answered (or being answered) once: no slot for it, no refusal
             return repeat, None
         question = question_of(text)

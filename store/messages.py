@@ -56,13 +56,13 @@ async def _muted(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
 
 
 async def _existing(conn: asyncpg.Connection, room_id: str, author_id: int | None,
-                    client_msg_id: str, text: str | None = None) -> Posted | None:
+                    client_msg_id: str, text: str | None = None, reply_to: int | None = None) -> Posted | None:
     row = await conn.fetchrow(
         """SELECT e.payload, m.body, m.text_sha FROM messages m
            JOIN room_events e ON e.room_id = m.room_id AND e.seq = m.seq
            WHERE m.room_id = $1 AND m.author_id IS NOT DISTINCT FROM $2 AND m.client_msg_id = $3""",
         room_id, author_id, client_msg_id)
-    return None if row is None else _as_now(row["payload"], row["body"], text, row["text_sha"])
+    return None if row is None else _as_now(row["payload"], row["body"], text, row["text_sha"], reply_to)
 
 
 REUSED = "idempotency_key_reused"  # a Refused code: a client_msg_id sent again with another text
@@ -76,15 +76,17 @@ def _sha(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
 
-def _as_now(payload: str, body: str, text: str | None = None, text_sha: bytes | None = None) -> Posted:
+def _as_now(payload: str, body: str, text: str | None = None, text_sha: bytes | None = None,
+            reply_to: int | None = None) -> Posted:
     """A repeat's original `message.new` as the message is now: its stored event carries the text first posted
     (a deletion blanks it there too), so an edit since is laid over it, as REST's repeat shows. With `text` (the
     repeat's), Refused(REUSED) when it is not the text first posted: a client reusing its ids (a counter reset by a
-    reload) would otherwise have its new message dropped without a word."""
+    reload) would otherwise have its new message dropped without a word. So, with `text`, when the repeat answers
+    another message than the original did (`reply_to`)."""
     event = _new_decoder.decode(payload.encode())
     # (a deleted message's text is gone: the digest of the text it was posted with stands in for it)
-    if text is not None and (event.text != text if not event.deleted else text_sha is not None and
-                             bytes(text_sha) != _sha(text)):
+    if text is not None and (event.reply_to != reply_to or (event.text != text if not event.deleted else
+                                                           text_sha is not None and bytes(text_sha) != _sha(text))):
         raise Refused(REUSED, f"client_msg_id {event.client_msg_id!r} was already used for another message in this "
                               "room; send a new message with a new client_msg_id")
     if not event.deleted and event.text != body:
@@ -94,12 +96,12 @@ def _as_now(payload: str, body: str, text: str | None = None, text_sha: bytes | 
 
 
 async def original(db: asyncpg.Pool | asyncpg.Connection, room_id: str, author_id: int,
-                   client_msg_id: str | None, text: str | None = None) -> Posted | None:
+                   client_msg_id: str | None, text: str | None = None, reply_to: int | None = None) -> Posted | None:
     """The message `author_id` already posted in the room with `client_msg_id`, if any (a repeat); Refused(REUSED)
-    when `text` is given and the original's was another."""
+    when `text` is given and the original's was another, or answered another message than `reply_to`."""
     if client_msg_id is None:
         return None
-    return await _with_conn(db, lambda c: _existing(c, room_id, author_id, client_msg_id, text))
+    return await _with_conn(db, lambda c: _existing(c, room_id, author_id, client_msg_id, text, reply_to))
 
 
 # The author, whether they are muted in the room (for a live session's room $4, in its course room too), whether
@@ -130,7 +132,7 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
     LookupError for a room whose course, pod or session does not exist. `also(conn, message_id)` runs in the
     message's own transaction, only when a message is created (the tutor records the question it will answer,
     so the two exist together or not at all). `reply_to` is an earlier message of the room this one answers
-    (Refused(NO_REPLY_TARGET) when there is none, or it was deleted); a learner's reply to someone else's message
+    (Refused(NO_REPLY_TARGET) when there is none, or, for a person's post, it was deleted); a learner's reply to someone else's message
     is queued for the tutor's check in the same transaction (`check_reply` on the result: see store.replies)."""
     meta = meta or {}
     try:
@@ -147,7 +149,8 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
                 if author is None:
                     raise LookupError(f"user {author_id} does not exist")
                 if author["original"] is not None:
-                    return _as_now(author["original"], author["original_body"], text, author["original_sha"])
+                    return _as_now(author["original"], author["original_body"], text, author["original_sha"],
+                                   reply_to)
                 if not author["allowed"]:  # left the course or pod: the socket's close may have been lost
                     raise Refused(ACCESS_REVOKED, "you no longer have access to this room")
                 if author["kicked"]:  # (an open socket closes on the kick's event; should that be lost, not this)
@@ -161,15 +164,17 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
                     if found is not None:
                         return found
                 ref = UserRef(id=None, name=author_name, role=author_role)
-            target = None
-            if reply_to is not None:
-                target = await conn.fetchrow("SELECT author_id, deleted_at FROM messages WHERE id = $1 AND room_id = $2",
-                                             reply_to, room_id)
-                if target is None or target["deleted_at"] is not None:
-                    raise Refused(NO_REPLY_TARGET, f"reply_to: message {reply_to} is not in this room"
-                                  + (" (it was deleted)" if target is not None else ""))
             # The event needs the row's id and the row needs the seq: allocate, insert, then store the event.
             seq = await next_seq(conn, room_id)
+            target = None
+            if reply_to is not None:  # (after next_seq: the room's row is ours, so no delete of it slips in between)
+                target = await conn.fetchrow("SELECT author_id, deleted_at FROM messages WHERE id = $1 AND room_id = $2",
+                                             reply_to, room_id)
+                if author_id is None:  # the tutor's answer is posted whatever became of its question (deleted
+                    reply_to = reply_to if target is not None else None  # while it wrote, or gone with the room)
+                elif target is None or target["deleted_at"] is not None:
+                    raise Refused(NO_REPLY_TARGET, f"reply_to: message {reply_to} is not in this room"
+                                  + (" (it was deleted)" if target is not None else ""))
             row = await conn.fetchrow(
                 """INSERT INTO messages (room_id, seq, author_id, body, client_msg_id, meta, author_name, author_role,
                                         text_sha, reply_to)
@@ -191,12 +196,12 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
             check = (target is not None and ref.role == "learner" and target["author_id"] is not None
                      and target["author_id"] != author_id)
             if check:  # (with the reply: a crash before the check is queued loses nothing; see store.replies)
-                await conn.execute("INSERT INTO reply_checks (message_id, room_id, question_id) VALUES ($1, $2, $3)",
-                                   row["id"], room_id, reply_to)
+                await conn.execute("INSERT INTO reply_checks (message_id, room_id, question_id, author_id) "
+                                   "VALUES ($1, $2, $3, $4)", row["id"], room_id, reply_to, author_id)
             box.later(room_id, payload, "MessageNew")
     except _Duplicate:
         found = await _with_conn(db, lambda c: _existing(c, room_id, author_id, client_msg_id,
-                                                         None if author_id is None else text))
+                                                         None if author_id is None else text, reply_to))
         if found is None:
             raise
         return found

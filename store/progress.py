@@ -444,11 +444,14 @@ class HelpfulError(Exception):
 
 async def mark_helpful(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room_id: str, message_id: int,
                        marked_by: int | None, *, reason: str | None = None,
-                       also: Callable[[asyncpg.Connection], Awaitable[Any]] | None = None) -> tuple[asyncpg.Record, bool]:
+                       first: Callable[[asyncpg.Connection], Awaitable[Any]] | None = None) -> tuple[asyncpg.Record, bool]:
     """An instructor (or the tutor: `marked_by=None`, with its `reason`) marks a learner's room message helpful:
     its author earns `helpful_answer` XP once, and the room hears `message.helpful`. Returns (the mark, created).
-    HelpfulError: not_found, not_a_learner. `also(conn)` runs in the mark's transaction when it is created."""
+    HelpfulError: not_found, not_a_learner. `first(conn)` runs in the mark's transaction before anything is written
+    (the tutor's last checks, under its locks; what it raises rolls the mark back)."""
     async with xp.transaction(db, redis) as tx:
+        if first is not None:
+            await first(tx.conn)
         msg = await tx.conn.fetchrow(
             """SELECT m.id, m.author_id, u.role, r.course_id FROM messages m JOIN rooms r ON r.id = m.room_id
                LEFT JOIN users u ON u.id = m.author_id WHERE m.id = $1 AND m.room_id = $2 AND m.deleted_at IS NULL""",
@@ -467,8 +470,6 @@ async def mark_helpful(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
                                           message_id), False
         await tx.award(msg["author_id"], "helpful_answer", f"helpful:{message_id}", course_id=msg["course_id"],
                        meta={"room": room_id, "message_id": message_id})
-        if also is not None:
-            await also(tx.conn)
     # (stored: history's `helpful` shows it; only this nudge can be lost)
     await publish(redis, room_topic(room_id), MessageHelpful(
         room=room_id, message_id=message_id, author_id=msg["author_id"], by="tutor" if marked_by is None else "staff",

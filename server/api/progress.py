@@ -16,7 +16,8 @@ from litestar.response import Response
 
 from server.api.paging import ListLimit, Offset
 from server.api.progress_schemas import (AchievementOut, Bookmark, BookmarkIn, CourseProgress, CourseVideoProgress,
-                                         HelpfulMark, ProgressIn, Stats, StreakOut, VideoProgress, XpEvent)
+                                         HelpfulMark, ProgressIn, ReplyCheck, Stats, StreakOut, VideoProgress,
+                                         XpEvent)
 from server.api.rooms import room_or_404
 from server.auth import AuthUser
 from server.decode import read_json
@@ -24,6 +25,7 @@ from server.errors import ApiError
 from store import achievements, leaderboard_rebuild, leaderboards, streaks, xp
 from store import courses as courses_repo
 from store import progress as repo
+from store import replies as replies_repo
 from store.xp import xp_for_level
 
 logger = logging.getLogger(__name__)
@@ -258,6 +260,19 @@ class ProgressController(Controller):
     async def definitions(self) -> list[AchievementOut]:
         return [AchievementOut(achievement=a.info(), requirement=achievements.STATS[a.stat], progress=0,
                                target=a.at_least, unlocked_at=None) for a in achievements.BY_ID.values()]
+
+    @get("/rooms/{room_id:str}/messages/{message_id:int}/check")
+    async def reply_check(self, request: Request, room_id: str, message_id: int) -> ReplyCheck:
+        """The tutor's check of a reply: for its author, instructors and admins (404 for a message it did not
+        check)."""
+        async with request.app.state.pool.acquire() as conn:
+            acc = await room_or_404(conn, room_id, request.user)
+            row = await replies_repo.get(conn, message_id)
+        if row is None or row["room_id"] != acc.room_id or not (acc.moderator or row["author_id"] == request.user.id):
+            raise ApiError(404, f"no check of message {message_id} in this room")
+        return ReplyCheck(message_id=row["message_id"], room=row["room_id"], question_id=row["question_id"],
+                          status=row["status"], reason=row["reason"], checker=row["checker"],
+                          created_at=row["created_at"], checked_at=row["checked_at"])
 
     @post("/rooms/{room_id:str}/messages/{message_id:int}/helpful", status_code=201)
     async def helpful(self, request: Request, room_id: str, message_id: int) -> Response[HelpfulMark]:

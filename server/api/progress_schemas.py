@@ -126,6 +126,18 @@ class HelpfulMark(msgspec.Struct):
     by_tutor: bool = False  # the tutor marked it (marked_by is then null)
 
 
+class ReplyCheck(msgspec.Struct):
+    """The tutor's check of a learner's reply (README: Helpful replies)."""
+    message_id: int
+    room: str
+    question_id: int
+    status: str  # pending | helpful | not_helpful | skipped | failed
+    reason: str | None
+    checker: str | None  # "offline", or "llm:<provider>:<model>"
+    created_at: datetime
+    checked_at: datetime | None
+
+
 class Me(msgspec.Struct):
     rank: int | None
     xp: int

@@ -102,7 +102,8 @@ class RoomController(Controller):
             await take_send(state, user)
         except ApiError:  # a repeat of a message already stored gets the original, budget or not
             try:
-                if await messages_repo.original(state.pool, room_id, user.id, data.client_msg_id, data.text) is None:
+                if await messages_repo.original(state.pool, room_id, user.id, data.client_msg_id, data.text,
+                                                data.reply_to) is None:
                     raise
             except messages_repo.Refused as exc:
                 raise refused(exc) from exc

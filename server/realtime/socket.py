@@ -290,7 +290,8 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
             await _rate(hub, user)
         except messages_repo.Refused:
             # a re-send of a message already stored (after a reconnect) gets the original, budget or not
-            original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id, text)
+            original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id, text,
+                                                    frame.reply_to)
             if original is None:
                 raise
             conn.own(original.event.seq, original.payload.decode())

@@ -30,6 +30,7 @@ async def test_at_tutor_streams_then_posts_a_cited_message(eval_course: EvalCour
     assert answer["author"]["role"] == "tutor" and answer["seq"] > asked["seq"]
     meta = answer["meta"]
     assert meta["reply_to"] == asked["id"] and meta["grounded"] is True and meta["citations"]
+    assert answer["reply_to"] == asked["id"]  # threaded like any reply
     assert all(cit["end"] - cit["start"] <= 60 for cit in meta["citations"])
     assert meta["citations"][0]["video_id"] == eval_course.videos["3b1b-bitcoin.srt"]
     assert 2 <= len(meta["follow_ups"]) <= 3
@@ -847,6 +848,7 @@ async def test_a_room_question_deleted_while_it_is_answered_leaves_no_text(opena
         assert http.delete(f"/api/v1/rooms/{room}/messages/{asked['id']}", headers=learner.h).status_code == 204
     (reply,) = await _tutor_replies(c, 1)
     await c.close()
+    assert reply["reply_to"] == asked["id"]  # the answer is still posted, threaded to the deleted question
     row = fetch(settings, "SELECT question, standalone FROM tutor_turns WHERE id = $1", reply["meta"]["turn_id"])[0]
     assert (row["question"], row["standalone"]) == ("", ""), row
 
