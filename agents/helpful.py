@@ -11,7 +11,8 @@ other videos' questions, restated questions and empty replies). Similarity canno
 so a reply that resembles the moments but denies, counts or opposes differently is not taken (`contradicts`). A
 wrong mark gives XP to a wrong answer, a missed one only leaves the mark to staff: the check favours precision.
 With a chat model configured, the model decides from the same moments (and the reply must be as close to one as
-offline); should it fail, the offline check does. A mark's reason is always the moment the reply agrees with.
+offline, with nothing `contradicts` finds); should it fail, the offline check does. A mark's reason is always the
+moment the reply agrees with.
 """
 from __future__ import annotations
 
@@ -109,10 +110,13 @@ async def check_reply(tutor: Any, embedder: Any, llm: LLM | None, course_id: int
         else:
             if not verdict.helpful:
                 return verdict
-            # and as close to a moment as offline: a reply cannot talk the model into a mark on its own
-            if max(cos) >= MIN_COS:
-                return dataclasses.replace(verdict, reason=agrees)
-            return dataclasses.replace(verdict, status="not_helpful", reason=unconfirmed)
+            # and as close to a moment, and as free of claims the moments do not make, as offline: a reply that
+            # copies a moment with a "not" added and an instruction to the model is not marked for the instruction
+            if max(cos) < MIN_COS:
+                return dataclasses.replace(verdict, status="not_helpful", reason=unconfirmed)
+            if (why := contradicts(reply, refs)) is not None:
+                return dataclasses.replace(verdict, status="not_helpful", reason=why)
+            return dataclasses.replace(verdict, reason=agrees)
     scored = scoring.score(question, refs, reply, vec)
     if scored.prob >= MIN_PROB and max(cos) >= MIN_COS and scored.features["coverage"] >= MIN_COVERAGE:
         if (why := contradicts(reply, refs)) is not None:

@@ -29,6 +29,9 @@ from store.progress import HelpfulError, mark_helpful
 logger = logging.getLogger(__name__)
 
 CHECK_FUNCTION = "check_reply"
+# A run is stopped after this (a model answering slowly, a search that hangs): before the recovery, RECOVER_AFTER_S
+# after the try began, starts another, so two runs of one check never overlap for long.
+CHECK_TIMEOUT_S = 0.8 * replies.RECOVER_AFTER_S
 PAIR_LIMIT = 2  # tutor marks a day for one learner's replies to one other person (two accounts feeding each other)
 CHECKS_PER_MARK = 4  # replies of a learner checked a day, per mark the limit allows
 _MENTION = "@tutor"
@@ -80,7 +83,7 @@ async def _before_checking(conn: Any, row: Any, settings: Any) -> str | None:
         return "the question was asked to the tutor, which answers it itself"
     if await replies.checked_before(conn, row["question_id"], row["author_id"], row["message_id"]):
         return "another reply of the learner to this question was checked already"
-    if await replies.checks_since(conn, row["author_id"]) >= CHECKS_PER_MARK * per_day:
+    if await replies.checks_since(conn, row["author_id"], besides=row["message_id"]) >= CHECKS_PER_MARK * per_day:
         return f"the tutor checks at most {CHECKS_PER_MARK * per_day} replies of a learner in 24 hours"
     if await replies.answered(conn, row["question_id"]) is not None:
         return "another reply to this question was already marked helpful"
@@ -91,10 +94,13 @@ async def check_reply_job(ctx: dict[str, Any], message_id: int) -> str:
     """Check one reply (see the module's docstring); returns its status. A run that fails leaves the row pending
     for the recovery; past store.replies.MAX_TRIES it is `failed` with the reason."""
     pool, redis, settings = ctx["pool"], ctx["redis"], ctx["settings"]
-    async with pool.acquire() as conn:
+    # the claim and the gates in one transaction under the learner's lock: replies of theirs claimed at once are
+    # counted one after the other (a claimed check counts as checked), so four rewordings sent together get one try
+    async with pool.acquire() as conn, conn.transaction():
         row = await replies.claim(conn, message_id)
         if row is None:
             return "nothing to do"
+        await _lock_learner(conn, row["author_id"])
         if row["tries"] > replies.MAX_TRIES:
             await replies.record(conn, message_id, "failed", row["reason"]
                                  or f"the check did not finish in {replies.MAX_TRIES} tries")
@@ -121,24 +127,35 @@ async def check_reply_job(ctx: dict[str, Any], message_id: int) -> str:
     return await _mark(pool, redis, row, check, settings.tutor_helpful_per_day)
 
 
+async def _lock_learner(conn: Any, author_id: int) -> None:
+    """The learner's limits, one claim or mark at a time (taken after the check's own row, as everywhere)."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('studyhall:reply-marks:' || $1::bigint, 0))",
+                       author_id)
+
+
 async def _mark(pool: Any, redis: Any, row: Any, check: Check, per_day: int) -> str:
     message_id = row["message_id"]
 
     async def last_checks(conn: Any) -> None:  # in the mark's transaction, before it writes anything
+        # Locks in the order a delete of the course, the room or a message takes them (course, room, messages, then
+        # what hangs off them: this check's row), so a delete waits or goes first but never deadlocks with a mark.
+        # KEY SHARE on the course and room lets posts go on.
+        if await conn.fetchval("SELECT 1 FROM courses WHERE id = $1 FOR KEY SHARE", row["course_id"]) is None or \
+                await conn.fetchval("SELECT 1 FROM rooms WHERE id = $1 FOR KEY SHARE", row["room_id"]) is None:
+            raise _Skip("the room was deleted while the reply was checked")
+        reply = await conn.fetchrow("SELECT body, deleted_at FROM messages WHERE id = $1 FOR NO KEY UPDATE",
+                                    message_id)
+        if reply is None or reply["deleted_at"] is not None or reply["body"] != row["reply"]:
+            raise _Skip("the reply was edited or deleted while it was checked")
+        # (the question's row: two replies to it marked at once, one waits for the other)
+        question = await conn.fetchrow("SELECT body, deleted_at FROM messages WHERE id = $1 FOR NO KEY UPDATE",
+                                       row["question_id"])
+        if question is None or question["deleted_at"] is not None or question["body"] != row["question"]:
+            raise _Skip("the question was edited or deleted while the reply was checked")
         status = await conn.fetchval("SELECT status FROM reply_checks WHERE message_id = $1 FOR UPDATE", message_id)
         if status != "pending":
             raise _Skip(None)
-        # the learner's limits, one mark at a time (two of their replies checked at once counted the same marks)
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('studyhall:reply-marks:' || $1::bigint, 0))",
-                           row["author_id"])
-        reply = await conn.fetchrow("SELECT body, deleted_at FROM messages WHERE id = $1 FOR NO KEY UPDATE",
-                                    message_id)
-        if reply["deleted_at"] is not None or reply["body"] != row["reply"]:
-            raise _Skip("the reply was edited or deleted while it was checked")
-        # (the question's row: two replies to it marked at once, one waits for the other)
-        if await conn.fetchval("SELECT deleted_at FROM messages WHERE id = $1 FOR NO KEY UPDATE",
-                               row["question_id"]) is not None:
-            raise _Skip("the question was deleted while the reply was checked")
+        await _lock_learner(conn, row["author_id"])
         if await replies.answered(conn, row["question_id"]) is not None:
             raise _Skip("another reply to this question was already marked helpful")
         where = rooms.parse_room(row["room_id"])

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from agents.config import embedder_for
 from ingest.grading import grade_batch, grade_submission, recover_grading
 from ingest.jobs import ARQ_CODEC, JOB_TIMEOUT_S, ingest_job, recover_lost_jobs, sweep_uploads
-from ingest.replies import CHECK_FUNCTION, check_reply_job, recover_reply_checks
+from ingest.replies import CHECK_FUNCTION, CHECK_TIMEOUT_S, check_reply_job, recover_reply_checks
 from ingest.submit import reembed_superseded
 from store.db import create_pool
 from store.keys import INGEST_QUEUE, QUICK_QUEUE
@@ -184,7 +184,7 @@ def worker_settings(settings: Settings, queue: str = "ingest", *, heal_embedding
             crons.append(cron(heal_superseded, minute=set(range(2, 60, 5)), run_at_startup=False, unique=True))
     else:
         functions = [ping, grade_submission, grade_batch, match_pods_weekly, check_leaderboards, end_forgotten_sessions,
-                     func(check_reply_job, name=CHECK_FUNCTION)]
+                     func(check_reply_job, name=CHECK_FUNCTION, timeout=CHECK_TIMEOUT_S)]
         crons = [cron(recover_grading, run_at_startup=True),  # every minute: grading jobs whose entry was lost
                  cron(recover_reply_checks, run_at_startup=True, unique=True),  # every minute: replies to check
                  cron(end_forgotten_sessions, run_at_startup=True, unique=True),  # every minute

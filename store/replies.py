@@ -63,18 +63,23 @@ async def tutor_marks_since(conn: asyncpg.Connection, author_id: int, hours: flo
         author_id, hours * 3600.0, asker_id, besides)
 
 
-async def checks_since(conn: asyncpg.Connection, author_id: int, hours: float = 24.0) -> int:
-    """Checks of `author_id`'s replies that ran (a verdict on what they said) in the last `hours`."""
+# A check counts as run once it gave a verdict on what the reply said, or once a try of it began (it may be running).
+_RAN = "(status IN ('helpful', 'not_helpful') OR (status = 'pending' AND tries > 0))"
+
+
+async def checks_since(conn: asyncpg.Connection, author_id: int, hours: float = 24.0,
+                       besides: int | None = None) -> int:
+    """Checks of `author_id`'s replies run in the last `hours` (but `besides`)."""
     return await conn.fetchval(
-        "SELECT count(*) FROM reply_checks WHERE author_id = $1 AND status IN ('helpful', 'not_helpful') "
-        "AND checked_at > now() - make_interval(secs => $2)", author_id, hours * 3600.0)
+        f"SELECT count(*) FROM reply_checks WHERE author_id = $1 AND {_RAN} AND message_id IS DISTINCT FROM $3 "
+        "AND coalesce(checked_at, claimed_at) > now() - make_interval(secs => $2)", author_id, hours * 3600.0, besides)
 
 
 async def checked_before(conn: asyncpg.Connection, question_id: int, author_id: int, message_id: int) -> bool:
     """Whether another reply of `author_id` to `question_id` was checked already (one per learner and question)."""
     return await conn.fetchval(
         "SELECT EXISTS (SELECT 1 FROM reply_checks WHERE question_id = $1 AND author_id = $2 AND message_id <> $3 "
-        "AND status IN ('helpful', 'not_helpful'))", question_id, author_id, message_id)
+        f"AND {_RAN})", question_id, author_id, message_id)
 
 
 async def answered(conn: asyncpg.Connection, question_id: int) -> int | None:
