@@ -125,14 +125,19 @@ async def check_reply(tutor: Any, embedder: Any, llm: LLM | None, course_id: int
     return Check("not_helpful", unconfirmed, scored.prob)
 
 
-# Word pairs where a reply saying one while the moments say only the other has likely swapped a fact.
+# Word pairs where a reply saying one where the moments say the other has likely swapped a fact.
 _OPPOSITES = [frozenset(p.split()) for p in """more less|higher lower|larger smaller|bigger smaller|increase decrease|
 increases decreases|before after|always never|true false|public private|first last|maximum minimum|positive negative|
 inside outside|above below|faster slower|older younger|richer poorer|happier sadder|left right|same different|
 singular invertible|dependent independent|rare common|easy hard|cheap expensive|input output|win lose|add subtract|
-rows columns|row column|horizontal vertical|dominant recessive|male female|gain loss|early late""".replace("\n", "")
+rows columns|row column|horizontal vertical|dominant recessive|male female|gain loss|early late|good bad|
+better worse|best worst|high low|large small|big small|strong weak|long short|increasing decreasing|most least|
+fast slow|old young|rich poor|happy unhappy|happy sad|possible impossible|likely unlikely|all none|many few|
+top bottom|start end|open closed|wrong right|success failure|up down""".replace("\n", "")
               .split("|")]
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_SCALES = {"hundred": 100, "thousand": 1000, "million": 1_000_000, "billion": 1_000_000_000}
+REACH = 3  # words either side of a word that say what it is about
 
 
 _ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
@@ -163,9 +168,10 @@ def _denials(text: str, reach: int = 4) -> list[set[str]]:
 def contradicts(reply: str, refs: list[str]) -> str | None:
     """Why the offline check cannot take the reply as agreeing with the moments `refs` although it resembles them
     (None: nothing found). Similarity cannot tell a claim from its opposite, so a reply that denies what the moments
-    do not deny (what a negation of its is about is not what one of theirs is about: `_denials`), gives a number they do not (in
-    digits or, under 100, in words), or says one of a pair of opposites where they say only the other is left to
-    staff or a chat model: "a haldane is not a unit of rate", "a thousand dollars less", "sk for the public key"."""
+    do not deny (what a negation of its is about is not what one of theirs is about: `_denials`), gives a number
+    they do not (in digits or words), or says one of a pair of opposites where they say the other about the same
+    things (or only the other) is left to staff or a chat model: "a haldane is not a unit of rate", "a thousand
+    dollars more" where they say a hundred, "when they feel unusually good" where they say bad."""
     said = set(scoring.words(reply))
     heard_text = " ".join(refs)
     heard = set(scoring.words(heard_text))
@@ -174,14 +180,41 @@ def contradicts(reply: str, refs: list[str]) -> str | None:
         theirs = _denials(heard_text)
         if any(not any(d & t for t in theirs) for d in denied):
             return "it denies something the videos around the question do not deny"
-    for n in {n.replace(",", "") for n in _NUMBER.findall(reply)} - {n.replace(",", "") for n in
-                                                                        _NUMBER.findall(heard_text)}:
+    digits = {n.replace(",", "") for n in _NUMBER.findall(heard_text)}
+    for n in {n.replace(",", "") for n in _NUMBER.findall(reply)} - digits:
         if (words := _spoken(n)) is None or not set(words.split()) <= heard:
             return f"the videos around the question do not say {n}"
+    number_words = {w: str(i) for i, w in enumerate(_ONES)} | {w: str(20 + 10 * i) for i, w in enumerate(_TENS)} | {
+        w: str(v) for w, v in _SCALES.items()}
+    for w in sorted((said & number_words.keys()) - heard):  # "a thousand dollars" where they say "a hundred"
+        if number_words[w] not in digits:
+            return f"the videos around the question do not say {w!r}"
+    mine, theirs_words = scoring.words(reply), scoring.words(heard_text)
     for pair in _OPPOSITES:
-        if said & pair and not said & pair & heard and heard & pair:
-            return f"the videos around the question do not say {sorted(said & pair)[0]!r} but its opposite"
+        if len(said & pair) != 1:  # neither, or both (it weighs one against the other: nothing to tell)
+            continue
+        (w,) = said & pair
+        (other,) = pair - {w}
+        if other not in heard:
+            continue
+        # what the word is about in the reply, and whether the moments say its opposite about that (at least two of
+        # those ideas near it) more closely than they say the word itself
+        about = _around(mine, w)
+        if w not in heard or _fit(theirs_words, other, about) > max(1, _fit(theirs_words, w, about)):
+            return f"the videos around the question say {other!r} where it says {w!r}"
     return None
+
+
+def _around(ws: list[str], word: str) -> set[str]:
+    """The ideas within REACH words of each `word` in `ws`."""
+    return {c for i, w in enumerate(ws) if w == word
+            for c in scoring.concepts(" ".join(ws[max(0, i - REACH):i] + ws[i + 1:i + 1 + REACH]))}
+
+
+def _fit(ws: list[str], word: str, about: set[str]) -> int:
+    """How many of `about` stand within REACH words of `word` at its best place in `ws` (0 when it is not there)."""
+    return max((len(about & set(scoring.concepts(" ".join(ws[max(0, i - REACH):i] + ws[i + 1:i + 1 + REACH]))))
+                for i, w in enumerate(ws) if w == word), default=0)
 
 
 async def _llm_check(llm: LLM, question: str, reply: str, sources: list) -> Check:  # type: ignore[type-arg]

@@ -35,6 +35,7 @@ CHECK_TIMEOUT_S = 0.8 * replies.RECOVER_AFTER_S
 PAIR_LIMIT = 2  # tutor marks a day for one learner's replies to one other person (two accounts feeding each other)
 CHECKS_PER_MARK = 4  # replies of a learner checked a day, per mark the limit allows
 _MENTION = "@tutor"
+ALREADY_MARKED = "the reply was already marked helpful"
 
 
 async def enqueue_check(arq: ArqRedis, message_id: int, job_id: str | None = None) -> None:
@@ -78,7 +79,7 @@ async def _before_checking(conn: Any, row: Any, settings: Any) -> str | None:
     if per_day == 0:
         return "the tutor does not mark replies (STUDYHALL_TUTOR_HELPFUL_PER_DAY=0)"
     if row["marked"]:
-        return "the reply was already marked helpful"
+        return ALREADY_MARKED
     if row["asked_tutor"] or _MENTION in row["question"].lower():
         return "the question was asked to the tutor, which answers it itself"
     if await replies.checked_before(conn, row["question_id"], row["author_id"], row["message_id"]):
@@ -155,6 +156,8 @@ async def _mark(pool: Any, redis: Any, row: Any, check: Check, per_day: int) -> 
         status = await conn.fetchval("SELECT status FROM reply_checks WHERE message_id = $1 FOR UPDATE", message_id)
         if status != "pending":
             raise _Skip(None)
+        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM helpful_marks WHERE message_id = $1)", message_id):
+            raise _Skip(ALREADY_MARKED)  # by staff while it was checked
         await _lock_learner(conn, row["author_id"])
         if await replies.answered(conn, row["question_id"]) is not None:
             raise _Skip("another reply to this question was already marked helpful")
@@ -176,10 +179,11 @@ async def _mark(pool: Any, redis: Any, row: Any, check: Check, per_day: int) -> 
         async with pool.acquire() as conn:
             await replies.record(conn, message_id, "skipped", reason)
         return "skipped"
-    if not created:  # staff marked it meanwhile: the tutor's verdict stands beside theirs (no second XP)
-        logger.info("reply %s was marked helpful by staff while the tutor checked it", message_id)
-    else:
-        logger.info("the tutor marked reply %s helpful (%s)", message_id, check.checker)
+    if not created:  # staff's mark committed between the look above and the tutor's: theirs stands, not a second
+        async with pool.acquire() as conn:
+            await replies.overrule(conn, message_id, "skipped", ALREADY_MARKED)
+        return "skipped"
+    logger.info("the tutor marked reply %s helpful (%s)", message_id, check.checker)
     return "helpful"
 
 

@@ -40,6 +40,12 @@ async def record(conn: asyncpg.Connection, message_id: int, status: str, reason:
         checker) is not None
 
 
+async def overrule(conn: asyncpg.Connection, message_id: int, status: str, reason: str) -> None:
+    """Replace a verdict already given (the tutor's `helpful`, when staff's mark of the reply came first)."""
+    await conn.execute("UPDATE reply_checks SET status = $2, reason = $3, checked_at = now() WHERE message_id = $1",
+                       message_id, status, reason[:500])
+
+
 async def note_error(conn: asyncpg.Connection, message_id: int, reason: str) -> None:
     """Why the last try of a pending check failed (what `failed` says once the tries are spent)."""
     await conn.execute("UPDATE reply_checks SET reason = $2 WHERE message_id = $1 AND status = 'pending'",

@@ -302,6 +302,20 @@ async def test_checks_at_once_mark_once(eval_course: EvalCourse, server, setting
     assert await reply_jobs.check_reply_job(ctx, r8) == "skipped"
     assert (await replies.get(pool, r8))["reason"] == "the question was edited or deleted while the reply was checked"
 
+    # nor one staff marked meanwhile: their mark stands, the tutor's verdict says so
+    _, r9 = await _reply_pair(pool, redis, room, eval_course.instructor.id, c.id)
+
+    async def staff_meanwhile(*args, **kw):  # type: ignore[no-untyped-def]
+        verdict = await checking(*args, **kw)
+        await mark_helpful(pool, redis, room, r9, eval_course.instructor.id)
+        return verdict
+
+    monkeypatch.setattr(reply_jobs, "check_reply", staff_meanwhile)
+    assert await reply_jobs.check_reply_job(ctx, r9) == "skipped"
+    assert (await replies.get(pool, r9))["reason"] == "the reply was already marked helpful"
+    assert [tuple(m) for m in await pool.fetch("SELECT marked_by, by_tutor FROM helpful_marks WHERE message_id = $1",
+                                               r9)] == [(eval_course.instructor.id, False)]
+
     # nor one whose author left the course meanwhile
     _, r6 = await _reply_pair(pool, redis, room, asker, c.id)
 
@@ -325,7 +339,16 @@ def test_offline_check_leaves_opposite_claims_to_staff():
         "it denies something the videos around the question do not deny")
     assert helpful.contradicts("No. The embedding is not just a lookup table", moment) is None  # they deny it too
     assert helpful.contradicts("he earns a thousand dollars less", moment) == (
-        "the videos around the question do not say 'less' but its opposite")
+        "the videos around the question say 'more' where it says 'less'")
+    assert helpful.contradicts("he earns a million dollars more", moment) == (
+        "the videos around the question do not say 'million'")
+    # an opposite word the moments also say, but elsewhere: what it is about decides
+    therapy = ["People go to therapy when they feel unusually bad, and a year later they feel good again."]
+    assert helpful.contradicts("they go to therapy when they feel unusually good", therapy) == (
+        "the videos around the question say 'bad' where it says 'good'")
+    assert helpful.contradicts("they go to therapy when they feel unusually bad", therapy) is None
+    assert helpful.contradicts("a year later they feel good", therapy) is None
+    assert helpful.contradicts("good or bad, they go to therapy", therapy) is None  # both: nothing to tell
     assert helpful.contradicts("12288 columns, 12 in all", moment) is None  # digits, or spoken under 100
     assert helpful.contradicts("12289 columns", moment) == "the videos around the question do not say 12289"
 
