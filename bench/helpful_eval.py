@@ -7,7 +7,8 @@ turned around, as a learner who half remembers might write); the reference answe
 about the same video (wrong, on the same topic: the hard case); one about another video (wrong, off topic); the
 question restated; and a reply that only points at the video. A mark on a wrong reply gives XP for it, so the
 figure to watch is the wrong replies' rate. Then, as a check on a set the thresholds were not chosen on, casual
-replies a black-box tester wrote to the same questions, right and wrong. `python -m bench.helpful_eval` (offline: no model is called).
+replies a black-box tester wrote to the same questions, right and wrong.
+`python -m bench.helpful_eval` (offline: no model is called).
 """
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ async def main() -> None:
         a, b, n = casual[kind]
         print(f"  {kind:<22} {a / n:6.1%}   baseline {b / n:6.1%}   (of {n})")
     ms.sort()
-    print(f"one check (retrieve, judge, score): p50 {ms[len(ms) // 2]:.1f} ms, p95 {ms[int(0.95 * (len(ms) - 1))]:.1f} ms")
+    print(f"one check (retrieve, judge, score): p50 {ms[len(ms) // 2]:.1f} ms, "
+          f"p95 {ms[int(0.95 * (len(ms) - 1))]:.1f} ms")
 
 
 if __name__ == "__main__":

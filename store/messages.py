@@ -65,7 +65,7 @@ async def _existing(conn: asyncpg.Connection, room_id: str, author_id: int | Non
     return None if row is None else _as_now(row["payload"], row["body"], text, row["text_sha"], reply_to)
 
 
-REUSED = "idempotency_key_reused"  # a Refused code: a client_msg_id sent again with another text
+REUSED = "idempotency_key_reused"  # a Refused code: a client_msg_id sent again with another text (or reply_to)
 # a Refused code: what is asked is not possible in the object's present state (a session not live, a poll closed);
 # the detail says why, and sending the same again does not help (`conflict` is for a concurrent change: retry)
 INVALID_STATE = "invalid_state"
@@ -132,8 +132,9 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
     LookupError for a room whose course, pod or session does not exist. `also(conn, message_id)` runs in the
     message's own transaction, only when a message is created (the tutor records the question it will answer,
     so the two exist together or not at all). `reply_to` is an earlier message of the room this one answers
-    (Refused(NO_REPLY_TARGET) when there is none, or, for a person's post, it was deleted); a learner's reply to someone else's message
-    is queued for the tutor's check in the same transaction (`check_reply` on the result: see store.replies)."""
+    (Refused(NO_REPLY_TARGET) when there is none, or, for a person's post, it was deleted); a learner's reply to
+    someone else's message is queued for the tutor's check in the same transaction (`check_reply` on the result:
+    see store.replies)."""
     meta = meta or {}
     try:
         async with sequenced(db, redis) as box:
@@ -168,8 +169,8 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
             seq = await next_seq(conn, room_id)
             target = None
             if reply_to is not None:  # (after next_seq: the room's row is ours, so no delete of it slips in between)
-                target = await conn.fetchrow("SELECT author_id, deleted_at FROM messages WHERE id = $1 AND room_id = $2",
-                                             reply_to, room_id)
+                target = await conn.fetchrow(
+                    "SELECT author_id, deleted_at FROM messages WHERE id = $1 AND room_id = $2", reply_to, room_id)
                 if author_id is None:  # the tutor's answer is posted whatever became of its question (deleted
                     reply_to = reply_to if target is not None else None  # while it wrote, or gone with the room)
                 elif target is None or target["deleted_at"] is not None:

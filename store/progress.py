@@ -444,7 +444,8 @@ class HelpfulError(Exception):
 
 async def mark_helpful(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room_id: str, message_id: int,
                        marked_by: int | None, *, reason: str | None = None,
-                       first: Callable[[asyncpg.Connection], Awaitable[Any]] | None = None) -> tuple[asyncpg.Record, bool]:
+                       first: Callable[[asyncpg.Connection], Awaitable[Any]] | None = None
+                       ) -> tuple[asyncpg.Record, bool]:
     """An instructor (or the tutor: `marked_by=None`, with its `reason`) marks a learner's room message helpful:
     its author earns `helpful_answer` XP once, and the room hears `message.helpful`. Returns (the mark, created).
     HelpfulError: not_found, not_a_learner. `first(conn)` runs in the mark's transaction before anything is written
