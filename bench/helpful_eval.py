@@ -7,7 +7,8 @@ turned around, as a learner who half remembers might write); the reference answe
 about the same video (wrong, on the same topic: the hard case); one about another video (wrong, off topic); the
 question restated; and a reply that only points at the video. A mark on a wrong reply gives XP for it, so the
 figure to watch is the wrong replies' rate. Then, as a check on a set the thresholds were not chosen on, casual
-replies a black-box tester wrote to the same questions, right and wrong.
+replies a black-box tester wrote to the same questions, right and wrong; and a second tester's subtly wrong replies
+(negated, a number changed, an opposite swapped, yes/no flipped), on which the `contradicts` rules were refined.
 `python -m bench.helpful_eval` (offline: no model is called).
 """
 from __future__ import annotations
@@ -30,6 +31,11 @@ from store.db import create_pool
 KINDS = ("right", "negated", "same video", "other video", "restated", "points at the video")
 _AUX = re.compile(r"\b(is|are|was|were|can|does|do|has|have|will|would|should|must)\b", re.I)
 CASUAL = ROOT / "bench" / "data" / "casual_replies.json"
+SUBTLY_WRONG = ROOT / "bench" / "data" / "subtly_wrong_replies.json"
+_SUBTLE = {"neg_ref": "reference answer, negated", "num_ref": "reference answer, a number changed",
+           "opp_ref": "reference answer, an opposite swapped", "yesno_ref": "reference answer, yes/no flipped",
+           "neg_c": "casual answer, negated", "num_c": "casual answer, a number changed",
+           "opp_c": "casual answer, an opposite swapped"}
 POINTING = "I think they explain it somewhere in the video, just rewatch that part"
 
 
@@ -84,6 +90,11 @@ async def main() -> None:
             casual[r["kind"]][0] += check.helpful
             casual[r["kind"]][1] += near
             casual[r["kind"]][2] += 1
+        wrongish: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for r in json.loads(SUBTLY_WRONG.read_text()):
+            check = await helpful.check_reply(tutor, embedder, None, cid, by_id[r["qid"]]["question"], r["text"])
+            wrongish[r["kind"]][0] += check.helpful
+            wrongish[r["kind"]][1] += 1
         await pool.close()
     finally:
         svc.close()
@@ -102,6 +113,10 @@ async def main() -> None:
     for kind in ("right", "wrong"):
         a, b, n = casual[kind]
         print(f"  {kind:<22} {a / n:6.1%}   baseline {b / n:6.1%}   (of {n})")
+    print("subtly wrong replies a second tester wrote (bench/data/subtly_wrong_replies.json; `contradicts` was refined "
+          "on them: not held out):")
+    for kind, (a, n) in sorted(wrongish.items()):
+        print(f"  {_SUBTLE.get(kind, kind):<40} {a / n:6.1%}   (of {n})")
     ms.sort()
     print(f"one check (retrieve, judge, score): p50 {ms[len(ms) // 2]:.1f} ms, "
           f"p95 {ms[int(0.95 * (len(ms) - 1))]:.1f} ms")
