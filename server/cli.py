@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import logging
 import os
@@ -803,6 +804,9 @@ _RUN_UNTIL_STOPPED = ("serve", "worker", "up")
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # a crash in native code (a model runtime, a driver) prints every thread's Python stack to stderr instead of
+    # ending the process without a word (an interrupted `studyhall ingest` was once seen to die of SIGSEGV)
+    faulthandler.enable()
     # what studyhall writes (the data dir, uploads, the embedded servers' files) is its user's alone: with the
     # usual umask other local users could read uploaded course media and the Redis dump
     os.umask(0o077)
