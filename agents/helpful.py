@@ -144,6 +144,9 @@ _ONES = "zero one two three four five six seven eight nine ten eleven twelve thi
         "seventeen eighteen nineteen".split()
 _TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
 _SENTENCE = re.compile(r"(?<=[.!?;:])\s+")
+# number words and the digits they stand for ("thousand" -> "1000")
+_NUMBER_WORDS = ({w: str(i) for i, w in enumerate(_ONES)} | {w: str(20 + 10 * i) for i, w in enumerate(_TENS)}
+                 | {w: str(v) for w, v in _SCALES.items()})
 
 
 def _spoken(n: str) -> str | None:
@@ -172,24 +175,21 @@ def contradicts(reply: str, refs: list[str]) -> str | None:
     they do not (in digits or words), or says one of a pair of opposites where they say the other about the same
     things (or only the other) is left to staff or a chat model: "a haldane is not a unit of rate", "a thousand
     dollars more" where they say a hundred, "when they feel unusually good" where they say bad."""
-    said = set(scoring.words(reply))
     heard_text = " ".join(refs)
-    heard = set(scoring.words(heard_text))
+    mine, theirs_words = scoring.words(reply), scoring.words(heard_text)
+    said, heard = set(mine), set(theirs_words)
     denied = [d for d in _denials(reply) if d]
     if denied:
         theirs = _denials(heard_text)
         if any(not any(d & t for t in theirs) for d in denied):
             return "it denies something the videos around the question do not deny"
-    digits = {n.replace(",", "") for n in _NUMBER.findall(heard_text)}
-    for n in {n.replace(",", "") for n in _NUMBER.findall(reply)} - digits:
+    digits = _numbers(heard_text)
+    for n in _numbers(reply) - digits:
         if (words := _spoken(n)) is None or not set(words.split()) <= heard:
             return f"the videos around the question do not say {n}"
-    number_words = {w: str(i) for i, w in enumerate(_ONES)} | {w: str(20 + 10 * i) for i, w in enumerate(_TENS)} | {
-        w: str(v) for w, v in _SCALES.items()}
-    for w in sorted((said & number_words.keys()) - heard):  # "a thousand dollars" where they say "a hundred"
-        if number_words[w] not in digits:
+    for w in sorted((said & _NUMBER_WORDS.keys()) - heard):  # "a thousand dollars" where they say "a hundred"
+        if _NUMBER_WORDS[w] not in digits:
             return f"the videos around the question do not say {w!r}"
-    mine, theirs_words = scoring.words(reply), scoring.words(heard_text)
     for pair in _OPPOSITES:
         if len(said & pair) != 1:  # neither, or both (it weighs one against the other: nothing to tell)
             continue
@@ -205,16 +205,24 @@ def contradicts(reply: str, refs: list[str]) -> str | None:
     return None
 
 
+def _numbers(text: str) -> set[str]:
+    """The numbers written in digits in `text`, without thousands separators ("12,288" -> "12288")."""
+    return {n.replace(",", "") for n in _NUMBER.findall(text)}
+
+
+def _near(ws: list[str], i: int) -> set[str]:
+    """The ideas within REACH words of word `i` of `ws`."""
+    return set(scoring.concepts(" ".join(ws[max(0, i - REACH):i] + ws[i + 1:i + 1 + REACH])))
+
+
 def _around(ws: list[str], word: str) -> set[str]:
     """The ideas within REACH words of each `word` in `ws`."""
-    return {c for i, w in enumerate(ws) if w == word
-            for c in scoring.concepts(" ".join(ws[max(0, i - REACH):i] + ws[i + 1:i + 1 + REACH]))}
+    return set().union(*(_near(ws, i) for i, w in enumerate(ws) if w == word))
 
 
 def _fit(ws: list[str], word: str, about: set[str]) -> int:
     """How many of `about` stand within REACH words of `word` at its best place in `ws` (0 when it is not there)."""
-    return max((len(about & set(scoring.concepts(" ".join(ws[max(0, i - REACH):i] + ws[i + 1:i + 1 + REACH]))))
-                for i, w in enumerate(ws) if w == word), default=0)
+    return max((len(about & _near(ws, i)) for i, w in enumerate(ws) if w == word), default=0)
 
 
 async def _llm_check(llm: LLM, question: str, reply: str, sources: list) -> Check:  # type: ignore[type-arg]
