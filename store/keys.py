@@ -89,7 +89,8 @@ LEADERBOARD_THROTTLE = "sh:lb:thr:{scope}:{scope_id}"
 # ZSET "<scope>:<scope id>:<tenant id>" -> when its window ends (ms, Redis clock): boards that changed inside their
 # window and still owe the room a `leaderboard.changed` once it ends. The process that held the change back
 # announces it then; if that process died, any server's hub does (whoever removes the entry tells). No TTL: every
-# entry is taken within a tick of coming due while a server runs.
+# entry is taken within a tick of coming due while a server runs. A board changed while no boards were built waits
+# with the score leaderboards.HELD_SCORE until the rebuild is done.
 LEADERBOARD_DUE = "sh:lb:due"
 # HASH token bucket (as RATE_SEND) limiting one user's progress reports. TTL: full refill time + 1 s.
 RATE_PROGRESS = "sh:rl:progress:{user_id}"

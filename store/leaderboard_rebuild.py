@@ -21,6 +21,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from store import keys, leaderboards
+from store.events import LeaderboardEntry
 from store.leaderboards import (ON_COURSE_SQL, ON_PODS_SQL, as_utc, board_key, boards_of, expire_at, period_bounds,
                                 period_tag)
 
@@ -60,11 +61,14 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('SET', KEYS[4], ARGV[2], 'EX', 3600)
 return backlog
 """
-# KEYS: lock, built, high-water mark. ARGV: token, marker value, high. After the replay, while the lock is ours.
+# KEYS: lock, built, high-water mark, due list. ARGV: token, marker value, high, the held score. After the replay,
+# while the lock is ours. Boards whose change was held back while none were built are due now (told by the next
+# server's tick).
 _MARK_BUILT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2])
 if tonumber(ARGV[3]) > tonumber(redis.call('GET', KEYS[3]) or '0') then redis.call('SET', KEYS[3], ARGV[3]) end
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], ARGV[4], '+inf')) do redis.call('ZADD', KEYS[4], 0, m) end
 return 1
 """
 
@@ -99,6 +103,45 @@ def _sums(first: int) -> str:
 
 _BOARDS_SQL = {scope: f"SELECT {sid} AS sid, x.user_id, {_sums(1)} FROM {frm} GROUP BY 1, 2"
                for scope, (sid, frm) in _BOARDS_FROM.items()}
+
+
+# One board straight from the ledger, ranked and ordered as Redis orders it (equal XP: the higher member string
+# first, as ZREVRANGE does): the top $5, and the caller's position with $6 neighbours each side.
+# $1 board id, $2/$3 the period's [start, end) (NULL: all time), $4 the caller. The ledger has no index on tenant,
+# course or pods (each one more page written per award): the rows are found through their learners.
+_WHO = {"tenant": "SELECT id FROM users WHERE tenant_id = $1", "course": "SELECT user_id FROM enrollments "
+        "WHERE course_id = $1", "pod": "SELECT user_id FROM pod_members WHERE pod_id = $1"}
+_ONE_BOARD_SQL = {scope: f"""
+WITH b AS (SELECT x.user_id, sum(x.points)::bigint AS xp FROM {frm}
+           WHERE {sid} = $1 AND x.user_id IN ({_WHO[scope]})
+             AND ($2::timestamptz IS NULL OR x.at >= $2 AND x.at < $3) GROUP BY x.user_id),
+r AS (SELECT user_id, xp, rank() OVER (ORDER BY xp DESC) AS rank,
+             row_number() OVER (ORDER BY xp DESC, user_id::text COLLATE "C" DESC) - 1 AS pos FROM b),
+me AS (SELECT pos FROM r WHERE user_id = $4)
+SELECT r.user_id, coalesce(u.name, '') AS name, r.xp, r.rank, r.pos, (SELECT count(*) FROM b) AS count,
+       (SELECT pos FROM me) AS me_pos
+FROM r LEFT JOIN users u ON u.id = r.user_id
+WHERE r.pos < $5 OR r.pos BETWEEN (SELECT pos FROM me) - $6 AND (SELECT pos FROM me) + $6
+ORDER BY r.pos""" for scope, (sid, frm) in _BOARDS_FROM.items()}
+
+
+async def read_ledger(conn: asyncpg.Connection, scope: str, scope_id: int, period: str, user_id: int, *,
+                      limit: int = 10, at: datetime | None = None) -> leaderboards.Board:
+    """A board as `leaderboards.read` gives it, computed from the ledger: what a read answers while Redis has no
+    boards built (flushed, restarted empty) and the rebuild has not finished. Slower (it sums the ledger rows of
+    the board), so only for then."""
+    bounds = period_bounds(period, at)
+    rows = await conn.fetch(_ONE_BOARD_SQL[scope], scope_id, bounds and bounds[0], bounds and bounds[1], user_id,
+                            limit, leaderboards.NEIGHBOURS)
+    entries = [LeaderboardEntry(user_id=r["user_id"], name=r["name"], xp=int(r["xp"]), rank=int(r["rank"]))
+               for r in rows if r["pos"] < limit]
+    me_pos = rows[0]["me_pos"] if rows else None
+    neighbours = [] if me_pos is None else [
+        LeaderboardEntry(user_id=r["user_id"], name=r["name"], xp=int(r["xp"]), rank=int(r["rank"]))
+        for r in rows if abs(r["pos"] - me_pos) <= leaderboards.NEIGHBOURS]
+    me = next((e for e in neighbours if e.user_id == user_id), None)
+    return leaderboards.Board(entries=entries, me=me, neighbours=neighbours, count=int(rows[0]["count"]) if rows else 0,
+                              built=False)
 
 
 @dataclass(frozen=True)
@@ -188,8 +231,9 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
                 await redis.delete(*gone)
             missed = [i for i in ids if i not in seen]
             replayed = await _replay(conn, redis, missed, set(live_keys + stale) - set(gone), now) if missed else 0
-            await redis.eval(_MARK_BUILT, 3, keys.LEADERBOARD_LOCK, keys.LEADERBOARD_BUILT, keys.LEADERBOARD_HIGH,
-                             token, now.isoformat(), max([high or 0, *ids]))
+            await redis.eval(_MARK_BUILT, 4, keys.LEADERBOARD_LOCK, keys.LEADERBOARD_BUILT, keys.LEADERBOARD_HIGH,
+                             keys.LEADERBOARD_DUE, token, now.isoformat(), max([high or 0, *ids]),
+                             leaderboards.HELD_SCORE)
         took = time.perf_counter() - t0
         logger.info("leaderboards rebuilt", extra={"fields": {"boards": len(live_keys), "entries": n_entries,
                                                               "replayed": replayed, "seconds": round(took, 3)}})
@@ -276,6 +320,29 @@ async def _replay(conn: asyncpg.Connection, redis: Redis, ids: list[int], swappe
                     n += 1
         await pipe.execute()
     return n
+
+
+REBUILD_BACKOFF_S = 30.0  # after a failed rebuild, reads do not start another one for this long
+
+
+def rebuild_soon(app_state) -> None:  # type: ignore[no-untyped-def]
+    """Redis lost the boards while we run: rebuild in the background (one rebuild at a time, cluster-wide).
+    `app_state` holds `pool`, `redis` and the task (`lb_rebuild`). A rebuild that failed (Redis out of memory, say)
+    is not retried by every read: at most every 30 s."""
+    task = getattr(app_state, "lb_rebuild", None)
+    if task is not None and not task.done():
+        return
+    if time.monotonic() - getattr(app_state, "lb_rebuild_failed_at", -1e9) < REBUILD_BACKOFF_S:
+        return
+
+    def done(t: asyncio.Task) -> None:
+        if not t.cancelled() and t.exception() is not None:
+            app_state.lb_rebuild_failed_at = time.monotonic()
+            logger.warning("leaderboard rebuild failed; reads try again in %g s", REBUILD_BACKOFF_S,
+                           exc_info=t.exception())
+
+    app_state.lb_rebuild = asyncio.create_task(rebuild(app_state.pool, app_state.redis))
+    app_state.lb_rebuild.add_done_callback(done)
 
 
 async def ensure_built(pool: asyncpg.Pool, redis: Redis) -> Rebuilt | None:

@@ -228,6 +228,7 @@ class _Scripts:
         self.read = redis.register_script(_READ)
         self.defer = redis.register_script(_DEFER)
         self.take_due = redis.register_script(_TAKE_DUE)
+        self.hold = redis.register_script(_HOLD)
 
 
 _scripts: dict[int, _Scripts] = {}
@@ -407,11 +408,35 @@ async def _tell_room(room: str, board: _Target) -> None:
         _telling.pop(room, None)
 
 
+# A board whose change came while Redis had no boards built (flushed, restarted empty) waits on the due list with
+# this score until the rebuild is done (its `_MARK_BUILT` makes it due at once): until then the board holds only
+# the XP earned since, and a room told about it would show a wrong top ten with nothing to correct it.
+HELD_SCORE = 9_000_000_000_000_000
+
+# KEYS: built marker, due list. ARGV: score, due-list member. -> 1: held; 0: the boards are built (tell now).
+_HOLD = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+async def held(redis: Redis) -> bool:
+    """Some board's change is held back until the boards are rebuilt."""
+    return bool(await redis.zrangebyscore(keys.LEADERBOARD_DUE, HELD_SCORE, "+inf", start=0, num=1))
+
+
 async def _tell(redis: Redis, scope: str, scope_id: int, tenant_id: int) -> None:
-    """One `leaderboard.changed` per period: all-time, this month, this week."""
+    """One `leaderboard.changed` per period: all-time, this month, this week. While the boards are not built, the
+    board is held back until they are."""
     try:
         for period in PERIODS:
             board = await read(redis, scope, scope_id, tenant_id, period, 0, limit=10)
+            if not board.built:
+                if await scripts(redis).hold(keys=[keys.LEADERBOARD_BUILT, keys.LEADERBOARD_DUE],
+                                             args=[HELD_SCORE, _due_member(scope, scope_id, tenant_id)]):
+                    return
+                board = await read(redis, scope, scope_id, tenant_id, period, 0, limit=10)  # built meanwhile
             await publish(redis, room_topic(f"{scope}:{scope_id}"), LeaderboardChanged(
                 room=f"{scope}:{scope_id}", scope=scope, scope_id=scope_id, top=board.entries, period=period))
     except Exception:  # noqa: BLE001 - the boards are right; only the nudge is lost

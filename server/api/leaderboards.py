@@ -1,4 +1,5 @@
-"""Leaderboards: GET /api/v1/leaderboards/{scope}/{id}?period=&limit= (Redis only)."""
+"""Leaderboards: GET /api/v1/leaderboards/{scope}/{id}?period=&limit= (Redis; the ledger while Redis has lost
+them)."""
 from __future__ import annotations
 
 from typing import Literal
@@ -11,7 +12,7 @@ from server.api.progress_schemas import LeaderboardOut, Me
 from server.auth import AuthUser
 from server.errors import ApiError
 from store import courses as courses_repo
-from store import leaderboards
+from store import leaderboard_rebuild, leaderboards
 from store import pods as pods_repo
 
 
@@ -46,8 +47,10 @@ class LeaderboardController(Controller):
             if ok is None:
                 raise ApiError(404, f"{scope} {scope_id} not found")
         board = await leaderboards.read(state.redis, scope, scope_id, user.tenant_id, period, user.id, limit=limit)
-        if not board.built:
+        if not board.built:  # Redis lost the boards: rebuild them, and answer from the ledger meanwhile
             rebuild_soon(state)
+            async with state.pool.acquire() as conn:
+                board = await leaderboard_rebuild.read_ledger(conn, scope, scope_id, period, user.id, limit=limit)
         me = Me(rank=board.me.rank, xp=board.me.xp) if board.me else Me(rank=None, xp=0)
         return LeaderboardOut(scope=scope, id=scope_id, period=period, count=board.count, entries=board.entries,
                               me=me, neighbours=board.neighbours)

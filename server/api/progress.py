@@ -2,9 +2,7 @@
 /me/stats, /me/xp, /me/achievements, /achievements, and marking a room message helpful."""
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
@@ -52,26 +50,9 @@ async def progress_lifespan(app: Litestar) -> AsyncIterator[None]:
         task.cancel()
 
 
-REBUILD_BACKOFF_S = 30.0  # after a failed rebuild, reads do not start another one for this long
-
-
-def rebuild_soon(app_state) -> None:  # type: ignore[no-untyped-def]
-    """Redis lost the boards while we run: rebuild in the background (one rebuild at a time, cluster-wide).
-    A rebuild that failed (Redis out of memory, say) is not retried by every read: at most every 30 s."""
-    task = getattr(app_state, "lb_rebuild", None)
-    if task is not None and not task.done():
-        return
-    if time.monotonic() - getattr(app_state, "lb_rebuild_failed_at", -1e9) < REBUILD_BACKOFF_S:
-        return
-
-    def done(t: asyncio.Task) -> None:
-        if not t.cancelled() and t.exception() is not None:
-            app_state.lb_rebuild_failed_at = time.monotonic()
-            logger.warning("leaderboard rebuild failed; reads try again in %g s", REBUILD_BACKOFF_S,
-                           exc_info=t.exception())
-
-    app_state.lb_rebuild = asyncio.create_task(leaderboard_rebuild.rebuild(app_state.pool, app_state.redis))
-    app_state.lb_rebuild.add_done_callback(done)
+# (kept here too: what reads and tests have imported)
+REBUILD_BACKOFF_S = leaderboard_rebuild.REBUILD_BACKOFF_S
+rebuild_soon = leaderboard_rebuild.rebuild_soon
 
 
 async def video_or_404(conn: asyncpg.Connection, video_id: int, user: AuthUser) -> asyncpg.Record:

@@ -121,9 +121,23 @@ async def test_flush_then_rebuild_is_identical(make: Factory, lb):
     tenant_of = {users[0].tenant_id: users[0].tenant_id, users[-1].tenant_id: users[-1].tenant_id}
     reads = [(sc, sid, p, tenant_of.get(sid, users[0].tenant_id)) for sc, sid in scopes for p in leaderboards.PERIODS]
     ranks_before = [await leaderboards.read(redis, sc, sid, t, p, users[0].id, limit=100) for sc, sid, p, t in reads]
+    viewers = [u for u in users[:6] if u.tenant_id == users[0].tenant_id] + users[-2:]
+    short_before = [await leaderboards.read(redis, sc, sid, t, p, u.id, limit=2)
+                    for sc, sid, p, t in reads for u in viewers]
+
+    def seen(boards: list[leaderboards.Board]) -> list:  # type: ignore[type-arg]
+        return [(b.entries, b.me, b.neighbours, b.count) for b in boards]
 
     await redis.flushdb()
     assert (await leaderboards.read(redis, "tenant", users[0].tenant_id, users[0].tenant_id, "all", 0)).built is False
+    # until the rebuild is done a read answers from the ledger: the same entries, ranks, neighbours and counts
+    async with pool.acquire() as conn:
+        assert seen([await leaderboard_rebuild.read_ledger(conn, sc, sid, p, users[0].id, limit=100)
+                     for sc, sid, p, _ in reads]) == seen(ranks_before)
+        assert seen([await leaderboard_rebuild.read_ledger(conn, sc, sid, p, u.id, limit=2)
+                     for sc, sid, p, _ in reads for u in viewers]) == seen(short_before)
+    assert any(b.me is not None and b.me.rank > 4 for b in short_before)  # neighbours beyond the top
+    assert any(len({e.xp for e in b.entries}) < len(b.entries) for b in ranks_before)  # ties, in Redis's order
     done = await leaderboard_rebuild.ensure_built(pool, redis)
     assert done is not None and done.replayed == 0
     assert await leaderboard_rebuild.ensure_built(pool, redis) is None  # built: nothing to do
