@@ -71,25 +71,39 @@ _PATTERNS[repr(r"^\d{2}:\d{2}(?![\s\S])")] = "must be a time as HH:MM"
 
 
 def _allowed(typ: Any, text: str) -> str:
-    """For a value not among a field's few allowed ones ("Invalid enum value 'impossible'"): which they are."""
-    m = _PATH_TOP.search(text)
+    """For a value not among a field's few allowed ones ("Invalid enum value 'impossible'"): which they are. The
+    field may be nested (`$.availability[0].day`)."""
+    m = _PATH.search(text)
     if not text.startswith("Invalid enum value") or m is None:
         return ""
     try:
-        info = msgspec.inspect.type_info(typ)
+        t = msgspec.inspect.type_info(typ)
     except Exception:  # noqa: BLE001 - only a hint
         return ""
-    kinds = {f.name: f.type for f in getattr(info, "fields", ())}
-    t = kinds.get(m.group(1))
-    while isinstance(t, (msgspec.inspect.ListType, msgspec.inspect.UnionType)):  # a list's items; X | None
-        t = t.item_type if isinstance(t, msgspec.inspect.ListType) else next(
-            (u for u in t.types if not isinstance(u, msgspec.inspect.NoneType)), None)
+    for name, _index in _STEP.findall(m.group(1)):
+        t = _unwrap(t)
+        if name:
+            t = {f.name: f.type for f in getattr(t, "fields", ())}.get(name)
+        elif isinstance(t, (msgspec.inspect.ListType, msgspec.inspect.SetType, msgspec.inspect.VarTupleType)):
+            t = t.item_type
+        else:
+            return ""
+    t = _unwrap(t)
     if isinstance(t, msgspec.inspect.LiteralType):
         return f" (one of: {', '.join(map(str, t.values))})"
     return ""
 
 
-_PATH_TOP = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)")
+def _unwrap(t: Any) -> Any:
+    """`X | None`, `X | UnsetType` and Annotated[X, Meta(...)] as X."""
+    while isinstance(t, (msgspec.inspect.UnionType, msgspec.inspect.Metadata)):
+        t = t.type if isinstance(t, msgspec.inspect.Metadata) else next(
+            (u for u in t.types if not isinstance(u, (msgspec.inspect.NoneType, msgspec.inspect.UnsetType))), None)
+    return t
+
+
+_PATH = re.compile(r"at `\$((?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])+)`")
+_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
 
 
 def _explain(text: str, field: str | None) -> str:

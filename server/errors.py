@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import math
 import re
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import asyncpg
 import msgspec
@@ -65,7 +67,24 @@ def field_of(exc: msgspec.ValidationError) -> str | None:
 _MISSING_PARAM = re.compile(r"^Missing required (?:query|header|cookie) parameter '([^']+)'")
 
 
-def http_exception_handler(_: Request, exc: HTTPException) -> Response:
+def _param_choices(request: Request, key: object) -> str:
+    """For a query parameter refused as "Invalid enum value": the values its handler takes (a Literal)."""
+    try:
+        params = request.route_handler.parsed_fn_signature.parameters
+    except Exception:  # noqa: BLE001 - only a hint
+        return ""
+    for name, fd in params.items():
+        if key not in (name, getattr(fd.kwarg_definition, "query", None)):
+            continue
+        ann = fd.annotation
+        while get_origin(ann) in (Union, UnionType, Annotated):  # `X | None`, Annotated[X, …]
+            ann = next(a for a in get_args(ann) if a is not type(None))
+        if get_origin(ann) is Literal:
+            return f" (one of: {', '.join(map(str, get_args(ann)))})"
+    return ""
+
+
+def http_exception_handler(request: Request, exc: HTTPException) -> Response:
     status = exc.status_code
     # a 401 names the scheme to authenticate with (RFC 9110)
     challenge = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
@@ -76,6 +95,8 @@ def http_exception_handler(_: Request, exc: HTTPException) -> Response:
         first = exc.extra[0]
         if isinstance(first, dict):
             detail = first.get("message") or exc.detail
+            if str(detail).startswith("Invalid enum value"):
+                detail = f"{detail}{_param_choices(request, first.get('key'))}"
             return Response(body(status, "bad_request", f"{detail}", first.get("key")), status_code=status)
     missing = _MISSING_PARAM.match(str(exc.detail or "")) if status == 400 else None
     return Response(body(status, _CODES.get(status, "error"), exc.detail, missing.group(1) if missing else None),

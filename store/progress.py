@@ -159,8 +159,9 @@ def check_report(duration: float, position: float, watched: list[list[float]],
     """Validate a report against the video's duration (give or take `slack` past its end, see past_end_slack);
     returns the position and ranges clamped to it."""
     limit = duration + slack
+    past = f", or up to {limit:g} s, taken as the end" if slack >= 1 else ""  # (what is taken, not only the length)
     if not 0 <= position <= limit:
-        raise ProgressError("position", f"position must be between 0 and the video's duration ({duration:g} s)")
+        raise ProgressError("position", f"position must be between 0 and the video's duration ({duration:g} s{past})")
     if len(watched) > MAX_RANGES:
         raise ProgressError("watched", f"at most {MAX_RANGES} ranges per report")
     clean = []
@@ -169,13 +170,14 @@ def check_report(duration: float, position: float, watched: list[list[float]],
             raise ProgressError(f"watched[{i}]", "a range is [start, end] in seconds")
         a, b = float(r[0]), float(r[1])
         if not (0 <= a <= limit and 0 <= b <= limit):
-            raise ProgressError(f"watched[{i}]", f"range {r} is outside the video (0 to {duration:g} s)")
+            raise ProgressError(f"watched[{i}]", f"range {r} is outside the video (0 to {duration:g} s{past})")
         if b <= a:
-            raise ProgressError(f"watched[{i}]", f"range {r} ends before it starts")
-        a, b = min(a, duration), min(b, duration)
+            raise ProgressError(f"watched[{i}]", f"range {r} " + ("is empty: it must end after it starts" if b == a
+                                                                  else "ends before it starts"))
+        a, b = min(a, duration) + 0.0, min(b, duration)  # (-0.0 as 0.0)
         if b > a:  # a range wholly in the tolerance past the end adds nothing
             clean.append([a, b])
-    return min(position, duration), clean
+    return min(position, duration) + 0.0, clean  # (+ 0.0: a -0.0 sent is stored and echoed as 0.0)
 
 
 _LEARNER_LOCK = "SELECT pg_advisory_xact_lock(5148, hashint8($1))"

@@ -342,6 +342,7 @@ def test_a_value_outside_a_fields_choices_is_told_the_choices():
     import pytest
 
     from server.api.assignment_schemas import GenerateIn
+    from server.api.progress_schemas import ProfileIn
     from server.decode import decode_json
     from server.errors import ApiError
 
@@ -350,6 +351,19 @@ def test_a_value_outside_a_fields_choices_is_told_the_choices():
         with pytest.raises(ApiError) as err:
             decode_json(raw, GenerateIn)
         assert err.value.field == field and f"(one of: {choices})" in err.value.detail, err.value.detail
+    # nested in a list of objects (they were told only at the top level)
+    with pytest.raises(ApiError) as err:
+        decode_json(b'{"availability": [{"day": "xyz", "start": "09:00", "end": "10:00"}]}', ProfileIn)
+    assert err.value.field == "availability[0].day" and "(one of: fri, mon, sat, sun" in err.value.detail, err.value.detail
+
+
+def test_a_query_value_outside_its_choices_is_told_the_choices(server, client, make: Factory):
+    """`?period=year` got "Invalid enum value 'year'" and no word of the allowed periods."""
+    course = make_course(server, make, learners=1)
+    for url, choices in ((f"/api/v1/leaderboards/course/{course.id}?period=year", "all, month, week"),
+                         (f"/api/v1/courses/{course.id}/tutor/feedback?vote=5", "1, -1")):
+        r = client.get(url, headers=course.instructor.h)
+        assert r.status_code == 400 and f"(one of: {choices})" in r.json()["message"], r.text
 
 
 def test_a_path_id_is_its_number_in_ascii_digits(server, client, make: Factory, settings):

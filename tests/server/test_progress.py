@@ -55,6 +55,17 @@ def test_bad_reports_are_400_and_store_nothing(client, make: Factory, settings):
     stranger = Factory(make.settings).user("learner")
     assert client.post(f"/api/v1/videos/{vid}/progress", json={"position": 1, "watched": []},
                        headers=stranger.h).status_code == 404
+    # the words say what is taken (a captions-made video takes 10% past its last caption, as its end), an empty
+    # range is not called backwards, and a -0.0 sent comes back (and is stored) as 0.0
+    past = client.post(f"/api/v1/videos/{vid}/progress", json={"position": 150, "watched": []}, headers=a.h).json()
+    assert "or up to 110 s, taken as the end" in past["message"], past
+    empty = client.post(f"/api/v1/videos/{vid}/progress", json={"position": 1, "watched": [[5, 5]]},
+                        headers=a.h).json()
+    assert "is empty" in empty["message"] and "before" not in empty["message"], empty
+    zero = client.post(f"/api/v1/videos/{vid}/progress", json={"position": -0.0, "watched": [[-0.0, 5]]},
+                       headers=a.h)
+    assert zero.status_code == 200 and '"position":0.0' in zero.text and "-0.0" not in zero.text, zero.text
+    assert "-0.0" not in client.get(f"/api/v1/videos/{vid}/progress", headers=a.h).text
 
 
 async def test_completion_earns_xp_once_and_live(server, client, make: Factory, settings):
