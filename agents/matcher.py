@@ -521,7 +521,52 @@ async def after_leaving(pool: asyncpg.Pool, redis: Redis, settings: Settings, us
     return made
 
 
-_leaving: set[asyncio.Task] = set()  # re-matches after someone left, under way in this process
+async def after_joining(pool: asyncpg.Pool, redis: Redis, settings: Settings, user_id: int, *,
+                        pod_id: int | None = None, course_id: int | None = None, llm: Any = "settings") -> int:
+    """A learner joined a pod (or came back to the course of their pods) after its current round was made: they
+    join that round as a newcomer joins after a decline (with another learner left without a group, as a pair's
+    third, or taking a trio's member), instead of waiting for next week's round alone. Only the groups that
+    touches change. Failures are logged (the worker's quarter-hourly run tries again); returns the rounds made."""
+    async with pool.acquire() as conn:
+        pods = [r["pod_id"] for r in await conn.fetch(
+            """SELECT m.pod_id FROM pod_members m JOIN pods p ON p.id = m.pod_id
+               WHERE m.user_id = $1 AND ($2::bigint IS NULL OR m.pod_id = $2)
+                 AND ($3::bigint IS NULL OR p.course_id = $3) ORDER BY m.pod_id""", user_id, pod_id, course_id)]
+    made = 0
+    for p in pods:
+        try:
+            made += await _take_in(pool, redis, settings, p, llm=llm) is not None
+        except matching.PodGone:
+            pass
+        except Exception:  # noqa: BLE001 - the joining stands; the next run (or round) pairs them
+            logger.warning("matcher: could not add the newcomers of pod %s to its round", p, exc_info=True)
+    return made
+
+
+async def _take_in(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id: int, *,
+                   llm: Any) -> MatchResult | None:
+    """Mend the pod's current round so its learners in none of its groups (not its decliners) get one; None when
+    there is no round, nobody is left out, or one is left out with no group to join."""
+    for _ in range(DECLINE_TRIES):
+        async with pod_turn(redis, pod_id):
+            async with pool.acquire() as conn:
+                cur = await matching.current(conn, pod_id)
+                if cur is None:
+                    return None
+                here = {r["user_id"] for r in await matching.eligible_members(conn, pod_id)}
+            grouped = {m for g in cur["groups"] for m in g["members"]}
+            out = here - grouped - set(cur["declined"])
+            if not out or (len(out) == 1 and not any(set(g["members"]) <= here for g in cur["groups"])):
+                return None
+            try:
+                return await run_match(pool, redis, settings, pod_id, trigger="decline", declined=list(cur["declined"]),
+                                       llm=llm, based_on=cur["id"], kept=list(cur["groups"]))
+            except matching.StaleRound:
+                continue
+    raise DeclineError("the pod's round kept changing while adding its newcomers")
+
+
+_leaving: set[asyncio.Task] = set()  # re-matches after someone left or joined, under way in this process
 
 
 def after_leaving_soon(pool: asyncpg.Pool, redis: Redis, settings: Settings, user_id: int, *,
@@ -530,6 +575,14 @@ def after_leaving_soon(pool: asyncpg.Pool, redis: Redis, settings: Settings, use
     each pod's turn and may ask the model for reasons). A process stopping first loses it; the weekly round
     re-pairs the rest."""
     task = asyncio.create_task(after_leaving(pool, redis, settings, user_id, pod_id=pod_id, course_id=course_id))
+    _leaving.add(task)
+    task.add_done_callback(_leaving.discard)
+
+
+def after_joining_soon(pool: asyncpg.Pool, redis: Redis, settings: Settings, user_id: int, *,
+                       pod_id: int | None = None, course_id: int | None = None) -> None:
+    """`after_joining` in the background (the joining answers at once)."""
+    task = asyncio.create_task(after_joining(pool, redis, settings, user_id, pod_id=pod_id, course_id=course_id))
     _leaving.add(task)
     task.add_done_callback(_leaving.discard)
 
@@ -551,14 +604,29 @@ WHERE m.superseded_at IS NULL AND NOT EXISTS (
 ORDER BY m.pod_id"""
 
 
+# (pod, a learner of the pod in none of its current round's groups and not declined), one per pod
+_LEFT_OUT = """
+SELECT DISTINCT ON (m.pod_id) m.pod_id, pm.user_id FROM pod_matches m
+JOIN pods p ON p.id = m.pod_id JOIN pod_members pm ON pm.pod_id = m.pod_id
+JOIN users u ON u.id = pm.user_id AND u.role = 'learner'
+JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = pm.user_id
+WHERE m.superseded_at IS NULL AND NOT pm.user_id = ANY(m.declined)
+  AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(m.groups) g WHERE g -> 'members' @> to_jsonb(pm.user_id))
+ORDER BY m.pod_id, pm.user_id"""
+
+
 async def rematch_departed(pool: asyncpg.Pool, redis: Redis, settings: Settings, llm: Any = "settings") -> int:
-    """Re-match the pods whose current round still pairs someone who left (the re-match after their leaving was
-    cut short by a restart); returns the rounds made. The worker runs it every quarter hour."""
+    """Re-match the pods whose current round still pairs someone who left, or leaves out a learner who joined
+    (the re-match after their leaving or joining was cut short by a restart); returns the rounds made. The worker
+    runs it every quarter hour."""
     async with pool.acquire() as conn:
         rows = await conn.fetch(_DEPARTED)
+        left_out = await conn.fetch(_LEFT_OUT)
     made = 0
     for r in rows:
         made += await after_leaving(pool, redis, settings, r["user_id"], pod_id=r["pod_id"], llm=llm)
+    for r in left_out:
+        made += await after_joining(pool, redis, settings, r["user_id"], pod_id=r["pod_id"], llm=llm)
     return made
 
 

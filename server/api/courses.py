@@ -137,7 +137,10 @@ class CourseController(Controller):
                 row, created = await repo.enroll(conn, course_id, target_id)
             name_role = await conn.fetchrow("SELECT name, role FROM users WHERE id = $1", target_id)
         if created and name_role["role"] == "learner":  # back on the course's boards with XP earned there before
-            await leaderboard_rebuild.resync_member(request.app.state.pool, request.app.state.redis, target_id, course_id)
+            state = request.app.state
+            await leaderboard_rebuild.resync_member(state.pool, state.redis, target_id, course_id)
+            # back in the course of pods they are still in: into their current rounds (not alone until next week)
+            matcher.after_joining_soon(state.pool, state.redis, state.settings, target_id, course_id=course_id)
         return Response(
             Enrollment(user_id=target_id, name=name_role["name"], role=name_role["role"], created_at=row["created_at"]),
             status_code=201 if created else 200,

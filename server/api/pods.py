@@ -81,6 +81,9 @@ class PodController(Controller):
             target = await conn.fetchrow("SELECT id, name, role, tenant_id FROM users WHERE id = $1", data.user_id)
             if target is None or target["tenant_id"] != request.user.tenant_id:
                 raise ApiError(404, f"user {data.user_id} not found", field="user_id")
+            if target["role"] in ("instructor", "admin"):  # (they see every pod already; enrolling them is a 400 too)
+                raise ApiError(400, f"user {data.user_id} is staff: instructors and admins see every pod already; "
+                               "members are learners (and bots bridging the pod's room)", field="user_id")
             if not await courses_repo.is_enrolled(conn, pod["course_id"], data.user_id):
                 await _pod_or_404(conn, pod_id, request.user)  # the course (and pod) deleted meanwhile: 404
                 raise ApiError(409, f"user {data.user_id} is not enrolled in course {pod['course_id']}",
@@ -96,8 +99,10 @@ class PodController(Controller):
                     raise ApiError(404, f"pod {pod_id} not found")
             raise ApiError(409, f"user {data.user_id} left the pod or the course meanwhile", code="invalid_state")
         if created:  # on the pod's boards with the XP earned in it before
-            await leaderboard_rebuild.resync_member(request.app.state.pool, request.app.state.redis, data.user_id,
-                                                    pod["course_id"])
+            state = request.app.state
+            await leaderboard_rebuild.resync_member(state.pool, state.redis, data.user_id, pod["course_id"])
+            if row["role"] == "learner":  # into the pod's current round (not alone until next week)
+                matcher.after_joining_soon(state.pool, state.redis, state.settings, data.user_id, pod_id=pod_id)
         return Response(Member(user_id=row["user_id"], name=row["name"], role=row["role"], created_at=row["created_at"]),
                         status_code=201 if created else 200)
 

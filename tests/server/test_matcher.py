@@ -93,8 +93,10 @@ def test_match_decline_and_trio(client, make: Factory, settings):
     assert last["meta"]["match_id"] == m1["match_id"] and last["id"] == m1["message_id"]
     assert a.name in last["text"] and b.name in last["text"]
 
-    # an odd pod: the fifth joins a pair as a trio; everyone exactly once
+    # an odd pod: the fifth joins a pair as a trio (at once, in the background); a new round too; everyone once
     client.post(f"/api/v1/pods/{pod}/members", json={"user_id": e.id}, headers=inst.h)
+    joined = _wait_round(client, pod, e, lambda r: any(e.id in g["members"] for g in r["groups"]))
+    assert sorted(len(g["members"]) for g in joined["groups"]) == [2, 3], joined
     m2 = client.post(f"/api/v1/pods/{pod}/match", headers=inst.h).json()
     sizes = sorted(len(g["members"]) for g in m2["groups"])
     assert sizes == [2, 3]
@@ -124,11 +126,14 @@ def test_match_decline_and_trio(client, make: Factory, settings):
     assert sorted(x for g in m4["groups"] for x in g["members"]) == sorted(u.id for u in (c, d, e))
     assert client.get(f"/api/v1/pods/{pod}/match", headers=c.h).json()["match_id"] == m4["match_id"]
     rounds = fetch(settings, "SELECT trigger, superseded_at FROM pod_matches WHERE pod_id = $1 ORDER BY id", pod)
-    assert [r["trigger"] for r in rounds] == ["manual", "manual", "decline", "decline"]
-    assert [r["superseded_at"] is None for r in rounds] == [False, False, False, True]
-    # a member the round does not have (joined since) cannot decline it
+    assert [r["trigger"] for r in rounds] == ["manual", "decline", "manual", "decline", "decline"]
+    assert [r["superseded_at"] is None for r in rounds] == [False, False, False, False, True]
+    # a member who joins is taken into the round (a trio's member pairs up with them); staff, in no round,
+    # cannot decline it
     client.post(f"/api/v1/pods/{pod}/members", json={"user_id": outsider.id}, headers=inst.h)
-    late = client.post(f"/api/v1/pods/{pod}/match/decline", headers=outsider.h)
+    taken = _wait_round(client, pod, outsider, lambda r: any(outsider.id in g["members"] for g in r["groups"]))
+    assert sorted(len(g["members"]) for g in taken["groups"]) == [2, 2] and taken["declined"] == m4["declined"]
+    late = client.post(f"/api/v1/pods/{pod}/match/decline", headers=inst.h)
     assert late.status_code == 409 and late.json()["code"] == "not_matched", late.text
 
     lonely = client.post(f"/api/v1/courses/{course.id}/pods", json={"name": "Alone"}, headers=inst.h).json()["id"]
@@ -324,6 +329,45 @@ def test_a_learner_leaving_is_matched_out_of_the_current_round(client, make: Fac
     assert cur["declined"] == []  # they left; they did not decline
 
 
+def _wait_round(client, pod: int, viewer, done, timeout: float = 30):  # type: ignore[no-untyped-def]
+    """The pod's current round once `done(round)` holds (rounds made in the background), else the last seen."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        cur = client.get(f"/api/v1/pods/{pod}/match", headers=viewer.h).json()
+        if done(cur) or time.monotonic() > deadline:
+            return cur
+        time.sleep(0.1)
+
+
+def test_a_learner_joining_or_coming_back_joins_the_current_round(client, make: Factory):
+    """A learner added to a pod after its round, or back in the course, sat the week out alone: with two learners
+    back in a pod whose round had too few to pair, nobody was paired until next week."""
+    course = make_course(client, make, learners=5, videos=0)
+    inst, (a, b, c, d, e) = course.instructor, course.learners
+    pod = _pod(client, course, (a, b, c, d))
+    first = client.post(f"/api/v1/pods/{pod}/match", headers=inst.h).json()
+    pairs = sorted(sorted(g["members"]) for g in first["groups"])
+    assert [len(g) for g in pairs] == [2, 2]
+    # a newcomer joins a pair as its third; the other pair keeps its buddies and reason
+    assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": e.id}, headers=inst.h).status_code == 201
+    cur = _wait_round(client, pod, e, lambda r: any(e.id in g["members"] for g in r["groups"]))
+    groups = sorted(sorted(g["members"]) for g in cur["groups"])
+    assert sorted(len(g) for g in groups) == [2, 3] and any(g in groups for g in pairs), cur
+    assert cur["declined"] == [] and cur["match_id"] != first["match_id"]
+    # a pod left with one learner has a round with nobody to pair; the others coming back are paired at once
+    pod2 = _pod(client, course, (a, b), "Two")
+    assert client.post(f"/api/v1/pods/{pod2}/match", headers=inst.h).status_code == 201
+    assert client.delete(f"/api/v1/courses/{course.id}/enrollments/{b.id}", headers=inst.h).status_code == 204
+    empty = _wait_round(client, pod2, a, lambda r: r["groups"] == [])
+    assert empty["groups"] == [], empty
+    assert client.post(f"/api/v1/courses/{course.id}/enrollments", json={"user_id": b.id},
+                       headers=inst.h).status_code == 201
+    back = _wait_round(client, pod2, a, lambda r: r["groups"] != [])
+    assert [sorted(g["members"]) for g in back["groups"]] == [sorted([a.id, b.id])], back
+
+
 def test_a_learner_who_left_the_course_loses_the_pod(client, make: Factory):
     """Pod pages (members, profiles, match, board) are for members still enrolled, as the pod room is."""
     course = make_course(client, make, learners=2, videos=0)
@@ -402,8 +446,9 @@ def test_a_repeated_match_request_with_an_idempotency_key_runs_once(client, make
     assert client.post(f"/api/v1/courses/{course.id}/enrollments", json={"user_id": newcomer.id},
                        headers=inst.h).status_code == 201
     assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": newcomer.id}, headers=inst.h).status_code == 201
-    assert post(None).status_code == 201
-    assert fetch(settings, "SELECT count(*) AS n FROM pod_matches WHERE pod_id = $1", pod)[0]["n"] == 4
+    _wait_round(client, pod, inst, lambda r: any(newcomer.id in g["members"] for g in r["groups"]))  # taken in
+    assert post(None).status_code == 201  # (the round now is the newcomer's mend, not this caller's click)
+    assert fetch(settings, "SELECT count(*) AS n FROM pod_matches WHERE pod_id = $1", pod)[0]["n"] == 5
     # two staff clicking at once on the same round: one new round, posted once
     colleague = make.user("instructor")
     fetch(settings, "UPDATE pod_matches SET created_at = created_at - interval '1 minute' WHERE pod_id = $1", pod)
@@ -411,7 +456,7 @@ def test_a_repeated_match_request_with_an_idempotency_key_runs_once(client, make
         got = list(pool.map(lambda who: client.post(url, headers=who.h), [inst, colleague]))
     assert sorted(r.status_code for r in got) == [200, 201], [r.text for r in got]
     assert len({r.json()["match_id"] for r in got}) == 1
-    assert fetch(settings, "SELECT count(*) AS n FROM pod_matches WHERE pod_id = $1", pod)[0]["n"] == 5
+    assert fetch(settings, "SELECT count(*) AS n FROM pod_matches WHERE pod_id = $1", pod)[0]["n"] == 6
 
 
 async def test_a_round_for_a_pod_deleted_meanwhile_is_a_lookup_error(client, make: Factory, settings, xp_store):
@@ -533,6 +578,11 @@ async def test_a_round_still_pairing_someone_who_left_is_matched_again_by_the_wo
     await matcher.rematch_departed(pool, redis, settings, llm=None)  # again (other tests' pods may be due)
     cur2 = client.get(f"/api/v1/pods/{pod}/match", headers=learners[1].h).json()
     assert cur2["match_id"] == cur["match_id"]  # nothing left to do for this pod
+    # the same for one who joined (their joining's background mend cut short): taken into the round
+    fetch(settings, "INSERT INTO pod_members (pod_id, user_id) VALUES ($1, $2)", pod, gone.id)
+    assert await matcher.rematch_departed(pool, redis, settings, llm=None) >= 1
+    cur3 = client.get(f"/api/v1/pods/{pod}/match", headers=learners[1].h).json()
+    assert sorted(m for g in cur3["groups"] for m in g["members"]) == sorted(u.id for u in learners)
 
 
 def test_the_worker_repairs_rounds_also_with_weekly_rounds_off(settings):

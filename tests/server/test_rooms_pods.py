@@ -23,6 +23,9 @@ async def test_pods(server, client, make: Factory):
     stranger = make.user("learner")
     r = client.post(members, json={"user_id": stranger.id}, headers=inst.h)
     assert r.status_code == 409 and r.json()["code"] == "not_enrolled" and r.json()["field"] == "user_id"
+    # staff were told "not enrolled", which they cannot fix (enrolling them is refused too)
+    r = client.post(members, json={"user_id": inst.id}, headers=inst.h)
+    assert r.status_code == 400 and "staff" in r.json()["message"] and r.json()["field"] == "user_id", r.text
     assert client.post(members, json={"user_id": a.id}, headers=a.h).status_code == 403
     assert client.post(members, json={"user_id": a.id}, headers=inst.h).status_code == 201
     assert client.post(members, json={"user_id": a.id}, headers=inst.h).status_code == 200
