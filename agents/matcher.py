@@ -8,7 +8,7 @@ Pair weight = sum of WEIGHTS x factor, each factor in [0, 1]:
                 is weak; strength = graded chapter score, else share of the chapter watched)
   pace          1 - |course completion_a - completion_b|
   availability  shared weekly free time in UTC, capped at 3 h (0.5 when either gave none)
-  timezone      1 - |UTC offset difference| / 12 h (circular)
+  timezone      1 - |UTC offset difference| / 12 h (circular; 0.5 when either never gave one)
   goals         Jaccard similarity of the stated goals
 The matching is networkx's exact maximum-weight matching over every pair, with maximum cardinality (so
 everyone is paired when the pod is even); with an odd pod the one left over joins the pair it adds the most
@@ -61,7 +61,7 @@ class Learner:
     goals: list[str] = field(default_factory=list)
     pace: float = 0.0  # share of the course's videos completed
     strengths: dict[int, float] = field(default_factory=dict)  # chapter id -> 0..1
-    offset_h: float = 0.0
+    offset_h: float | None = 0.0  # None: the learner never gave their timezone
 
 
 # --- pure parts (tested against brute force) ------------------------------------------------------------
@@ -85,8 +85,11 @@ def factors(a: Learner, b: Learner, chapters: list[int]) -> dict[str, float]:
         avail = min(1.0, shared_minutes(a.slots, b.slots) / AVAILABILITY_FULL_MIN)
     else:
         avail = 0.5
-    diff = abs(a.offset_h - b.offset_h) % 24
-    tz = 1.0 - min(diff, 24 - diff) / 12
+    if a.offset_h is None or b.offset_h is None:  # not given: neither near nor far (as availability)
+        tz = 0.5
+    else:
+        diff = abs(a.offset_h - b.offset_h) % 24
+        tz = 1.0 - min(diff, 24 - diff) / 12
     ga, gb = {g.lower() for g in a.goals}, {g.lower() for g in b.goals}
     goals = len(ga & gb) / len(ga | gb) if ga | gb else 0.0
     return {"complement": comp, "pace": 1.0 - min(1.0, abs(a.pace - b.pace)), "availability": avail,
@@ -326,7 +329,8 @@ def build_graph(pool: asyncpg.Pool, redis: Redis, settings: Settings, llm: Any =
             user_id=r["user_id"], name=r["name"], timezone=profs[r["user_id"]].timezone,
             slots=profiles.utc_week_minutes(profs[r["user_id"]], now), goals=profs[r["user_id"]].goals,
             pace=pace.get(r["user_id"], 0.0), strengths=strengths.get(r["user_id"], {}),
-            offset_h=profiles.utc_offset_hours(profs[r["user_id"]].timezone, now)) for r in members}
+            offset_h=profiles.utc_offset_hours(profs[r["user_id"]].timezone, now) if profs[r["user_id"]].timezone_set
+            else None) for r in members}
         return {"course_id": course_id, "learners": learners, "chapter_titles": titles, "skipped": False}
 
     # CPU work (every pair, then a maximum-weight matching) runs in a thread: the server and the worker keep

@@ -97,6 +97,7 @@ class Profile:
     availability: list[list[int]]
     goals: list[str]
     updated_at: datetime | None
+    timezone_set: bool = False  # the learner gave it (else `timezone` is the default, UTC)
 
     def slots(self) -> list[tuple[str, str, str]]:
         return [(DAYS[d], f"{a // 60:02d}:{a % 60:02d}", f"{b // 60:02d}:{b % 60:02d}") for d, a, b in self.availability]
@@ -106,18 +107,19 @@ def _profile(user_id: int, row: asyncpg.Record | None) -> Profile:
     if row is None:
         return Profile(user_id, "UTC", [], [], None)
     return Profile(user_id, row["timezone"], [list(s) for s in row["availability"]], list(row["goals"]),
-                   row["updated_at"])
+                   row["updated_at"], row["timezone_set"])
 
 
 async def get_profile(conn: asyncpg.Connection, user_id: int) -> Profile:
-    row = await conn.fetchrow("SELECT timezone, availability, goals, updated_at FROM learner_profiles WHERE user_id = $1",
-                              user_id)
+    row = await conn.fetchrow("SELECT timezone, availability, goals, updated_at, timezone_set FROM learner_profiles "
+                              "WHERE user_id = $1", user_id)
     return _profile(user_id, row)
 
 
 async def profiles_of(conn: asyncpg.Connection, user_ids: list[int]) -> dict[int, Profile]:
     rows = await conn.fetch(
-        "SELECT user_id, timezone, availability, goals, updated_at FROM learner_profiles WHERE user_id = ANY($1::bigint[])",
+        "SELECT user_id, timezone, availability, goals, updated_at, timezone_set FROM learner_profiles "
+        "WHERE user_id = ANY($1::bigint[])",
         user_ids)
     got = {r["user_id"]: _profile(r["user_id"], r) for r in rows}
     return {u: got.get(u) or _profile(u, None) for u in user_ids}
@@ -127,12 +129,12 @@ async def update_profile(conn: asyncpg.Connection, user_id: int, *, timezone_nam
                          availability: list[list[int]] | None = None, goals: list[str] | None = None) -> Profile:
     """Change the given parts (validated by the check_* functions); the rest stays."""
     row = await conn.fetchrow(
-        """INSERT INTO learner_profiles AS p (user_id, timezone, availability, goals)
-           VALUES ($1, coalesce($2, 'UTC'), coalesce($3::jsonb, '[]'::jsonb), coalesce($4::text[], '{}'))
+        """INSERT INTO learner_profiles AS p (user_id, timezone, availability, goals, timezone_set)
+           VALUES ($1, coalesce($2, 'UTC'), coalesce($3::jsonb, '[]'::jsonb), coalesce($4::text[], '{}'), $2 IS NOT NULL)
            ON CONFLICT (user_id) DO UPDATE SET timezone = coalesce($2, p.timezone),
                availability = coalesce($3::jsonb, p.availability), goals = coalesce($4::text[], p.goals),
-               updated_at = now()
-           RETURNING timezone, availability, goals, updated_at""",
+               timezone_set = p.timezone_set OR $2 IS NOT NULL, updated_at = now()
+           RETURNING timezone, availability, goals, updated_at, timezone_set""",
         user_id, timezone_name, availability, goals)
     return _profile(user_id, row)
 

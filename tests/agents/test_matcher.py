@@ -154,6 +154,9 @@ def test_factors():
     wrap = factors(Learner(4, "D", offset_h=12), Learner(5, "E", offset_h=-11), [])
     assert far["timezone"] == pytest.approx(1 / 12) and wrap["timezone"] == pytest.approx(11 / 12)
     assert factors(a, Learner(6, "F"), [1, 2])["availability"] == 0.5  # unknown availability: neutral
+    # so is a timezone never given (it was taken as UTC: "close timezones" for everyone who never said)
+    assert factors(a, Learner(7, "G", offset_h=None), [])["timezone"] == 0.5
+    assert factors(Learner(8, "H", offset_h=None), Learner(9, "I", offset_h=None), [])["timezone"] == 0.5
     assert 0 < weight_of(f) < 1 and int_weight(0.0) == 1
 
 

@@ -368,6 +368,21 @@ def test_a_learner_joining_or_coming_back_joins_the_current_round(client, make: 
     assert [sorted(g["members"]) for g in back["groups"]] == [sorted([a.id, b.id])], back
 
 
+def test_a_timezone_never_given_is_not_a_close_one(client, make: Factory):
+    """Learners who never gave a timezone (no profile, or goals only) were told "close timezones": the default
+    UTC was taken as where they live. Given (UTC too), it counts."""
+    course = make_course(client, make, learners=2, videos=0)
+    inst, (a, b) = course.instructor, course.learners
+    pod = _pod(client, course, (a, b))
+    assert client.patch("/api/v1/me/profile", json={"goals": ["ship it"]}, headers=a.h).status_code == 200
+    unknown = client.post(f"/api/v1/pods/{pod}/match", headers=inst.h).json()
+    assert "timezone" not in unknown["groups"][0]["reason"], unknown
+    for u in (a, b):
+        assert client.patch("/api/v1/me/profile", json={"timezone": "UTC"}, headers=u.h).status_code == 200
+    known = client.post(f"/api/v1/pods/{pod}/match", headers={**inst.h, "Idempotency-Key": "tz"}).json()
+    assert "close timezones" in known["groups"][0]["reason"], known
+
+
 def test_a_learner_who_left_the_course_loses_the_pod(client, make: Factory):
     """Pod pages (members, profiles, match, board) are for members still enrolled, as the pod room is."""
     course = make_course(client, make, learners=2, videos=0)
