@@ -223,7 +223,9 @@ def template_reason(group: list[Learner], chapter_titles: dict[int, str]) -> str
     if not facts:
         return "Matched to balance this week's pod: a fresh partner to study with."
     text = "; ".join(facts)
-    if any(text.startswith(m.name) for m in group):  # a name stays as its owner writes it ("alice" is not "Alice")
+    # a name stays as its owner writes it ("alice" is not "Alice"); only the strengths fact starts with one (a
+    # learner named "a" must not keep "a similar pace" lower-case)
+    if any(text.startswith(f"{m.name} is ahead on ") for m in group):
         return text + "."
     return text[0].upper() + text[1:] + "."
 
@@ -239,7 +241,7 @@ async def llm_reason(llm: Any, group: list[Learner], chapter_titles: dict[int, s
         done = await asyncio.wait_for(llm.complete([{"role": "user", "content": prompt}], system=REASON_SYSTEM,
                                                    max_tokens=120), LLM_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - a failed reason falls back to the template
-        logger.warning("matcher: LLM reason failed (%s); using the template", exc)
+        logger.warning("matcher: LLM reason failed (%s); using the template", str(exc) or type(exc).__name__)
         return None
     text = " ".join(done.text.split())
     if len(text) > REASON_MAX_CHARS:  # at a word, and marked as cut
@@ -390,7 +392,7 @@ def build_graph(pool: asyncpg.Pool, redis: Redis, settings: Settings, llm: Any =
         for uid in sorted({m for g in groups for m in g["members"]} - still):
             after_leaving_soon(pool, redis, settings, uid, pod_id=state["pod_id"])
         names = {uid: learner.name for uid, learner in state["learners"].items()}
-        message_id = await announce(pool, redis, row, names, state["reason_source"])
+        message_id = await announce(pool, redis, row, names, state["reason_source"], settings.ws_max_text)
         return {"match": dict(row, message_id=message_id)}
 
     g = StateGraph(MatchState)
@@ -408,14 +410,35 @@ def build_graph(pool: asyncpg.Pool, redis: Redis, settings: Settings, llm: Any =
     return g.compile()
 
 
+ANNOUNCE_HEAD = "This week's study buddies:\n"
+
+
+def announcement(groups: list[dict[str, Any]], names: dict[int, str], max_chars: int) -> str:
+    """The round as the pod room reads it: a line per group, its members and its reason. At most `max_chars` (a
+    member's message limit: a pod of 50 with a model's 400-character reasons made 10,000): then every reason is
+    shortened alike in the text, cut at a word and marked (`meta.groups` and the REST round keep them whole)."""
+    heads = [f"• {' + '.join(names.get(m, f'learner {m}') for m in g['members'])}: " for g in groups]
+    reasons = [str(g["reason"]) for g in groups]
+    text = ANNOUNCE_HEAD + "\n".join(h + r for h, r in zip(heads, reasons))
+    if len(text) <= max_chars:
+        return text
+    fixed = len(ANNOUNCE_HEAD) + sum(map(len, heads)) + len(heads) - 1
+    budget = max(1, (max_chars - fixed) // len(groups))
+
+    def cut(r: str) -> str:
+        return r if len(r) <= budget else (r[: budget - 1].rsplit(" ", 1)[0].rstrip(" ,;:—") + "…")
+
+    text = ANNOUNCE_HEAD + "\n".join(h + cut(r) for h, r in zip(heads, reasons))
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"  # (the names alone are too long)
+
+
 async def announce(pool: asyncpg.Pool, redis: Redis, row: Any, names: dict[int, str],
-                   reason_source: str) -> int | None:
+                   reason_source: str, max_chars: int = 4000) -> int | None:
     """Post a stored round to its pod room and record the message; its id, or None when the post failed (the
-    round stands; the weekly run posts it later). Posting twice gives the one message (its client_msg_id)."""
+    round stands; the weekly run posts it later). Posting twice gives the one message (its client_msg_id).
+    `max_chars`: the text's limit (STUDYHALL_WS_MAX_TEXT)."""
     groups = row["groups"]
-    lines = [f"• {' + '.join(names.get(m, f'learner {m}') for m in g['members'])}: {g['reason']}" for g in groups]
-    text = ("This week's study buddies:\n" + "\n".join(lines)) if lines else \
-        "Not enough learners left to pair up this round."
+    text = announcement(groups, names, max_chars) if groups else "Not enough learners left to pair up this round."
     meta = {"kind": "study_buddies", "match_id": row["id"], "groups": groups, "reason_source": reason_source,
             "declined": list(row["declined"] or [])}
     try:
@@ -665,7 +688,7 @@ async def _rematch(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id:
     raise DeclineError("the pod's round kept changing while re-matching; please try again")
 
 
-async def announce_unposted(pool: asyncpg.Pool, redis: Redis) -> int:
+async def announce_unposted(pool: asyncpg.Pool, redis: Redis, max_chars: int = 4000) -> int:
     """Post the current rounds whose post failed or was cut off (any kind of round, of the last week: a manual
     one's request got its round back without a message); returns how many were posted."""
     async with pool.acquire() as conn:
@@ -673,7 +696,7 @@ async def announce_unposted(pool: asyncpg.Pool, redis: Redis) -> int:
         names = {r["id"]: r["name"] for r in await conn.fetch(
             "SELECT id, name FROM users WHERE id = ANY($1::bigint[])",
             sorted({m for r in unposted for g in r["groups"] for m in g["members"]}))}
-    return sum([await announce(pool, redis, row, names, "unknown") is not None for row in unposted])
+    return sum([await announce(pool, redis, row, names, "unknown", max_chars) is not None for row in unposted])
 
 
 def week_due(at: datetime, weekday: int, hour: int) -> datetime:
@@ -688,7 +711,7 @@ async def match_all_pods(pool: asyncpg.Pool, redis: Redis, settings: Settings, a
     and week however often it runs; a round made since the week's moment, by an instructor or a decline, is the
     pod's round for the week)."""
     key = matching.week_key(at)
-    await announce_unposted(pool, redis)
+    await announce_unposted(pool, redis, settings.ws_max_text)
     since = week_due(at or datetime.now(timezone.utc), settings.match_weekday, settings.match_hour)
     async with pool.acquire() as conn:
         pods = await matching.pods_to_match(conn, key, since)

@@ -80,7 +80,7 @@ async def match_pods_weekly(ctx: dict[str, Any]) -> int:
     now = datetime.now(timezone.utc)
     await rematch_departed(ctx["pool"], ctx["redis"], settings)  # rounds still pairing someone who left
     if not settings.match_weekly or now < week_due(now, settings.match_weekday, settings.match_hour):
-        await announce_unposted(ctx["pool"], ctx["redis"])
+        await announce_unposted(ctx["pool"], ctx["redis"], settings.ws_max_text)
         return 0
     return await match_all_pods(ctx["pool"], ctx["redis"], settings, now)
 

@@ -28,10 +28,17 @@ def decode_json(raw: bytes, typ: type[T]) -> T:
             field = echo(field)
         raise ApiError(400, echo(_explain(str(exc), field) + _allowed(typ, str(exc))), field=field) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        if isinstance(exc, msgspec.DecodeError) and _LONE_SURROGATE.search(raw):  # msgspec: "Input data was truncated"
+            raise ApiError(400, "request body is not valid JSON: a string holds half of a UTF-16 surrogate pair "
+                                "(such as \\ud800 alone), which is no character") from exc
         raise ApiError(400, echo(f"request body is not valid JSON: {exc}")) from exc
     except RecursionError as exc:
         raise ApiError(400, "request body is nested too deeply") from exc
 
+
+# an escaped high surrogate not followed by an escaped low one, or a low one alone (an odd number of backslashes
+# before the `u`: `\\ud800` is text, not an escape)
+_LONE_SURROGATE = re.compile(rb"(?<!\\)(?:\\\\)*\\u(?:d[89ab][0-9a-f]{2}(?!\\ud[c-f])|(?<!\\ud[89ab][0-9a-f]{2}\\u)d[c-f][0-9a-f]{2})", re.I)
 
 # msgspec names the regex a string failed; say what it means instead
 _PATTERNS = {repr(NOT_BLANK): "must not be blank", repr(NO_CONTROL): "must not contain control characters",
@@ -67,7 +74,7 @@ def trimmed(value: str, field: str) -> str:
 
 # the other patterns of the API's bodies
 _PATTERNS[repr(r"^[A-Za-z0-9_.:-]+(?![\s\S])")] = "may hold only letters, digits and _ . : -"
-_PATTERNS[repr(r"^\d{2}:\d{2}(?![\s\S])")] = "must be a time as HH:MM"
+_PATTERNS[repr(r"^[0-9]{2}:[0-9]{2}(?![\s\S])")] = "must be a time as HH:MM"
 
 
 def _allowed(typ: Any, text: str) -> str:

@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import asyncpg
 
-from store.frames import text_problem
+from store.frames import CLINGING, text_problem
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_SLOTS = 28
@@ -82,9 +82,12 @@ def check_goals(goals: list[str]) -> list[str]:
         raise ProfileError("goals", f"at most {MAX_GOALS} goals")
     out = []
     for i, g in enumerate(goals):
-        g = " ".join(g.split())
-        if text_problem(g, 80) is not None:
-            raise ProfileError(f"goals[{i}]", "a goal is 1 to 80 characters")
+        # invisible marks (a BOM, bidi overrides) dropped: "\ufeffabc" is "abc", and an override does not reach the
+        # pod room quoting shared goals
+        g = " ".join(CLINGING.sub("", g).split())
+        problem = text_problem(g, 80, "a goal")
+        if problem is not None:
+            raise ProfileError(f"goals[{i}]", problem[1] if problem[0] != "too_long" else "a goal is 1 to 80 characters")
         if g.lower() not in (x.lower() for x in out):
             out.append(g)
     return out

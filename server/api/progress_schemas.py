@@ -154,7 +154,7 @@ class LeaderboardOut(msgspec.Struct):
 
 
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-HHMM = Annotated[str, Meta(pattern=r"^\d{2}:\d{2}(?![\s\S])")]
+HHMM = Annotated[str, Meta(pattern=r"^[0-9]{2}:[0-9]{2}(?![\s\S])")]  # ASCII digits (\d takes ٠٩ and ０９)
 
 
 class Slot(msgspec.Struct, forbid_unknown_fields=True):

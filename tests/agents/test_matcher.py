@@ -173,12 +173,32 @@ def test_template_reason_names_strengths_and_time():
     bo = Learner(2, "bo", pace=0.1, offset_h=-5, strengths={10: 0.1, 11: 0.2})
     text = template_reason([alice, bo], {10: "Sorting", 11: "Graphs"})
     assert text == "alice is ahead on “Sorting” and can help.", text
+    # a learner named "a" (or "A") does not keep the template's own first word lower-case
+    named_a = [Learner(1, "a", pace=0.5), Learner(2, "l6", pace=0.5)]
+    assert template_reason(named_a, {}).startswith("A similar pace"), template_reason(named_a, {})
     # a trio: only time all three are free counts (each pair shares 3 h, never all three)
     trio = [Learner(1, "A", slots=[(0, 180), (1440, 1620)]), Learner(2, "B", slots=[(0, 180), (2880, 3060)]),
             Learner(3, "C", slots=[(1440, 1620), (2880, 3060)])]
     assert "shared free time" not in template_reason(trio, {})
     trio[2] = Learner(3, "C", slots=[(60, 120), (1440, 1620), (2880, 3060)])
     assert "1 h of shared free time" in template_reason(trio, {})
+
+
+def test_a_big_pods_announcement_keeps_to_the_message_limit():
+    """A pod of 50 with a model's 400-character reasons posted 10,000 characters (the limit a member's message
+    keeps is 4,000): every reason is shortened alike in the text; every group and name is still there."""
+    from agents.matcher import announcement
+
+    names = {i: f"learner-{i:02d}" for i in range(50)}
+    groups = [{"members": [2 * k, 2 * k + 1], "reason": ("word " * 80).strip() + f" end{k}"} for k in range(25)]
+    text = announcement(groups, names, 4000)
+    assert len(text) <= 4000 and all(n in text for n in names.values()), len(text)
+    assert text.count("…") == 25 and "end0" not in text
+    short = [{"members": [0, 1], "reason": "Short."}]
+    assert announcement(short, names, 4000) == "This week's study buddies:\n• learner-00 + learner-01: Short."
+    long_names = {i: "n" * 100 + str(i) for i in range(50)}  # the names alone over the limit: cut, marked
+    cut = announcement(groups, long_names, 4000)
+    assert len(cut) == 4000 and cut.endswith("…")
 
 
 async def test_llm_reason_through_a_real_client():

@@ -388,3 +388,21 @@ def test_a_path_id_is_its_number_in_ascii_digits(server, client, make: Factory, 
     for bad in ("0", "-1", str(2**62 + 1), str(2**64), "9" * 40):  # not an id: 400 naming the path's field
         r = client.get(f"/api/v1/courses/{bad}", headers=inst.h)
         assert r.status_code == 400 and r.json()["field"] == "course_id", (bad, r.text)
+
+
+def test_a_lone_surrogate_escape_is_named_as_such():
+    """`{"goals": ["\\ud800"]}` was refused as "Input data was truncated" (msgspec's words), which it was not."""
+    import pytest
+
+    from server.api.progress_schemas import ProfileIn
+    from server.decode import decode_json
+    from server.errors import ApiError
+
+    for raw in (rb'{"goals": ["\ud800"]}', rb'{"goals": ["a\udc00b"]}', rb'{"goals": ["\uD800x"]}'):
+        with pytest.raises(ApiError) as err:
+            decode_json(raw, ProfileIn)
+        assert "surrogate" in err.value.detail and "truncated" not in err.value.detail, (raw, err.value.detail)
+    assert decode_json(rb'{"goals": ["\ud83d\ude00", "\\ud800"]}', ProfileIn).goals == ["\U0001f600", "\\ud800"]
+    with pytest.raises(ApiError) as err:  # truncated for real: still said so
+        decode_json(b'{"goals": ["abc', ProfileIn)
+    assert "truncated" in err.value.detail

@@ -22,11 +22,22 @@ def test_profile_validation(client, make: Factory):
            ({"availability": [{"day": "funday", "start": "10:00", "end": "11:00"}]}, "availability[0].day"),
            ({"availability": [{"day": "mon", "start": "09:00\n", "end": "10:00"}]}, "availability[0].start"),
            ({"goals": ["x"] * 9}, "goals"), ({"goals": [" "]}, "goals[0]"), ({"goals": ["\u200b\u3164"]}, "goals[0]"),
-           ({"colour": "red"}, "colour")]
+           ({"colour": "red"}, "colour"),
+           # other scripts' digits are not a time (\d took them: "٠٩:٠٠" was stored as 09:00)
+           ({"availability": [{"day": "mon", "start": "\u0660\u0669:\u0660\u0660", "end": "10:00"}]},
+            "availability[0].start"),
+           ({"availability": [{"day": "mon", "start": "09:00", "end": "\uff11\uff10:\uff10\uff10"}]},
+            "availability[0].end"),
+           ({"goals": ["a\u0001b"]}, "goals[0]")]
     for body, field in bad:
         r = client.patch(url, json=body, headers=u.h)
         assert r.status_code == 400 and r.json()["field"] == field, (body, r.json())
+        if "goals" in body and body["goals"] == ["a\u0001b"]:  # it said "a goal is 1 to 80 characters"
+            assert "control characters" in r.json()["message"], r.json()
     assert client.get(url, headers=u.h).json()["updated_at"] is None  # nothing stored
+    # invisible marks in goals are dropped: a BOM made "abc" another goal, a bidi override reached the pod room
+    r = client.patch(url, json={"goals": ["\ufeffabc", "abc", "x\u202ey"]}, headers=u.h)
+    assert r.status_code == 200 and r.json()["goals"] == ["abc", "xy"], r.text
     r = client.patch(url, json={"timezone": "Asia/Kolkata", "goals": ["Exam prep", "exam  prep", "Side project"],
                                 "availability": [{"day": "sun", "start": "20:00", "end": "24:00"},
                                                  {"day": "mon", "start": "07:30", "end": "08:30"},
