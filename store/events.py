@@ -207,6 +207,19 @@ class XpAwarded(Event, tag="xp.awarded"):
     course_id: int | None = None
 
 
+class XpRevoked(Event, tag="xp.revoked"):
+    """XP the learner had earned was taken back (staff removed the helpful mark that earned it): sent to that
+    learner (topic `user:<id>`). `kind` is the award's kind, `points` how many were taken back, `xp` the new total
+    and `level` the level now (it may be lower). Achievements unlocked stay."""
+
+    user_id: int
+    kind: str
+    points: int
+    xp: int
+    level: int
+    course_id: int | None = None
+
+
 class AchievementInfo(msgspec.Struct, kw_only=True):
     id: str
     title: str
@@ -267,6 +280,16 @@ class MessageHelpful(Event, tag="message.helpful"):
     reason: str | None = None
 
 
+class MessageHelpfulRemoved(Event, tag="message.helpful_removed"):
+    """Staff removed a message's helpful mark (theirs, another staff member's, or the tutor's): the XP it earned its
+    author is taken back (they hear `xp.revoked`)."""
+
+    room: str
+    message_id: int
+    author_id: int
+    by: str = "staff"
+
+
 # --- internal control (never forwarded to clients) -----------------------------------------------------
 
 class Kick(Event, tag="internal.kick"):
@@ -281,8 +304,8 @@ ServerEvent = Union[
     Welcome, Presence, Typing, Error, Pong, MessageNew, MessageEdited, MessageDeleted, LiveStarted, LiveEnded,
     PollOpened, PollResults, PollClosed, JobProgress,
     GradeReady,  # assignments and grading
-    XpAwarded, AchievementUnlocked, LeaderboardChanged,  # progress, XP, leaderboards
-    TutorDelta, MessageHelpful,
+    XpAwarded, XpRevoked, AchievementUnlocked, LeaderboardChanged,  # progress, XP, leaderboards
+    TutorDelta, MessageHelpful, MessageHelpfulRemoved,
 ]
 SEQUENCED = frozenset({"message.new", "message.edited", "message.deleted", "live.started", "live.ended",
                        "poll.opened", "poll.results", "poll.closed"})

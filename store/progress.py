@@ -15,7 +15,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from store import streaks, xp
-from store.events import MessageHelpful, publish, room_topic
+from store.events import MessageHelpful, MessageHelpfulRemoved, publish, room_topic
 from store.keys import rate_progress
 from store.ratelimit import SendLimiter
 
@@ -471,13 +471,52 @@ async def mark_helpful(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
         if row is None:
             return await tx.conn.fetchrow(f"SELECT {_HELPFUL_COLS} FROM helpful_marks WHERE message_id = $1",
                                           message_id), False
-        await tx.award(msg["author_id"], "helpful_answer", f"helpful:{message_id}", course_id=msg["course_id"],
+        # a mark given again after staff removed one earns again, under a key of its own (read after the insert: a
+        # removal it waited for has committed)
+        key = await tx.conn.fetchval(_HELPFUL_KEY, msg["author_id"], message_id)
+        if key != f"helpful:{message_id}":
+            await tx.conn.execute("UPDATE helpful_marks SET xp_key = $2 WHERE message_id = $1", message_id, key)
+        await tx.award(msg["author_id"], "helpful_answer", key, course_id=msg["course_id"],
                        meta={"room": room_id, "message_id": message_id})
     # (stored: history's `helpful` shows it; only this nudge can be lost)
     await publish(redis, room_topic(room_id), MessageHelpful(
         room=room_id, message_id=message_id, author_id=msg["author_id"], by="tutor" if marked_by is None else "staff",
         reason=reason))
     return row, True
+
+
+# The ledger key of a message's helpful mark: `helpful:<id>`, then `helpful:<id>#2`, `#3`… for marks given again after
+# staff removed the earlier ones (each removal took its mark's XP back under `revoke:<key>`). $1 author, $2 message.
+_HELPFUL_KEY = """
+SELECT 'helpful:' || $2::bigint || CASE WHEN n = 0 THEN '' ELSE '#' || (n + 1) END
+FROM (SELECT count(*) AS n FROM xp_events WHERE user_id = $1 AND kind = 'revoked'
+      AND (idempotency_key = 'revoke:helpful:' || $2::bigint
+           OR idempotency_key LIKE 'revoke:helpful:' || $2::bigint || '#%')) r"""
+
+
+async def unmark_helpful(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room_id: str, message_id: int,
+                         removed_by: int) -> asyncpg.Record | None:
+    """Staff remove a helpful mark (theirs, another's, or the tutor's): the XP it earned its author is taken back
+    (`xp.revoked` to them), the room hears `message.helpful_removed`, and a tutor's verdict on the reply becomes
+    `not_helpful`. The removed mark, or None when the message has none. Marked again later, it earns again."""
+    async with xp.transaction(db, redis) as tx:
+        row = await tx.conn.fetchrow(
+            f"DELETE FROM helpful_marks WHERE message_id = $1 AND room_id = $2 RETURNING {_HELPFUL_COLS}, xp_key",
+            message_id, room_id)
+        if row is None:
+            return None
+        await tx.revoke(row["author_id"], row["xp_key"] or f"helpful:{message_id}",
+                        meta={"room": room_id, "message_id": message_id, "removed_by": removed_by})
+        if row["by_tutor"]:  # (the tutor does not mark it again: its check is no longer pending)
+            await tx.conn.execute(
+                "UPDATE reply_checks SET status = 'not_helpful', reason = $2, checked_at = now() WHERE message_id = $1",
+                message_id, STAFF_REMOVED)
+    await publish(redis, room_topic(room_id), MessageHelpfulRemoved(room=room_id, message_id=message_id,
+                                                                    author_id=row["author_id"]))
+    return row
+
+
+STAFF_REMOVED = "staff removed the tutor's mark"
 
 
 def progress_limiter(redis: Redis, rate: float, burst: int) -> SendLimiter:

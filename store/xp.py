@@ -36,7 +36,7 @@ from redis.asyncio import Redis
 
 from store import achievements, leaderboards
 from store.achievements import Unlocked, level_for
-from store.events import AchievementUnlocked, UserRef, XpAwarded, encode, room_topic, user_topic
+from store.events import AchievementUnlocked, UserRef, XpAwarded, XpRevoked, encode, room_topic, user_topic
 from store.keys import events_channel
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class Award:
     began_ms: int = 0  # when that transaction began (Postgres clock, ms since the epoch)
     on_course: bool = True  # the learner is enrolled in `course_id` (stands on its boards)
     board_pod_ids: list[int] | None = None  # of `pod_ids`, the pods the learner stands on (None: all of them)
+    revokes: str | None = None  # a take-back (kind REVOKED, points negative): the kind of the award it cancels
 
     def entry(self) -> leaderboards.Entry:
         """The award as the boards see it: only the course and pod boards the learner stands on now."""
@@ -173,6 +174,54 @@ async def insert_award(conn: asyncpg.Connection, user_id: int, kind: str, idempo
                  began_ms=row["began_ms"], on_course=row["on_course"], board_pod_ids=list(row["board_pods"]))
 
 
+# Take back an award (its ledger row stays; this one cancels it): a `revoked` row of minus its points with the key
+# `revoke:<its key>` (once: a second take-back inserts nothing), on the same course, pods and moment as the award
+# (so every board and period it counted on, live or rebuilt, loses it again), the totals and the award kind's count
+# lowered. Achievements unlocked stay unlocked. $1 learner, $2 the award's key, $3 meta.
+_REVOKE = f"""
+WITH orig AS (
+    SELECT id, kind, points FROM xp_events
+    WHERE user_id = $1 AND idempotency_key = $2 AND kind <> 'revoked' AND points > 0
+), ins AS (
+    INSERT INTO xp_events (tenant_id, user_id, kind, points, idempotency_key, course_id, pod_ids, at, meta)
+    SELECT x.tenant_id, x.user_id, 'revoked', -x.points, 'revoke:' || $2, x.course_id, x.pod_ids, x.at,
+           jsonb_build_object('revokes', x.id, 'kind', x.kind, 'revoked_at', now()) || $3
+    FROM xp_events x JOIN orig ON orig.id = x.id
+    ON CONFLICT (user_id, idempotency_key) DO NOTHING
+    RETURNING id, tenant_id, user_id, points, course_id, pod_ids, at
+), tot AS (
+    UPDATE xp_totals t SET xp = t.xp + ins.points,
+        counts = t.counts || jsonb_build_object(orig.kind, greatest(coalesce((t.counts ->> orig.kind)::int, 0) - 1, 0)),
+        updated_at = now()
+    FROM ins, orig WHERE t.user_id = ins.user_id
+    RETURNING t.xp
+)
+SELECT ins.id, ins.tenant_id, ins.user_id, ins.points, ins.course_id, ins.pod_ids, ins.at, tot.xp AS total,
+       orig.kind AS of_kind, (SELECT name FROM users WHERE id = $1) AS name, pg_current_xact_id()::text AS xid,
+       (extract(epoch FROM now()) * 1000)::bigint AS began_ms,
+       {leaderboards.ON_COURSE_SQL.format(course="ins.course_id", user="$1")} AS on_course,
+       {leaderboards.ON_PODS_SQL.format(user="$1", pods="ins.pod_ids")} AS board_pods
+FROM ins, tot, orig
+"""
+REVOKED = "revoked"  # the ledger kind of a take-back
+
+
+async def insert_revocation(conn: asyncpg.Connection, user_id: int, idempotency_key: str, *,
+                            meta: dict[str, Any] | None = None) -> Award | None:
+    """Take back the award with this key in the caller's transaction (no Redis, no events: see `transaction`);
+    None when there is none, or it was taken back already. The Award has the negative points, `kind` REVOKED and
+    `revokes` the award's kind."""
+    row = await conn.fetchrow(_REVOKE, user_id, idempotency_key, meta or {})
+    if row is None:
+        return None
+    total = int(row["total"])
+    return Award(id=row["id"], tenant_id=row["tenant_id"], user_id=user_id, name=row["name"] or "", kind=REVOKED,
+                 points=row["points"], idempotency_key=f"revoke:{idempotency_key}", course_id=row["course_id"],
+                 pod_ids=list(row["pod_ids"]), at=row["at"], xp=total, level=level_for(total),
+                 previous_level=level_for(total - row["points"]), xid=int(row["xid"]), began_ms=row["began_ms"],
+                 on_course=row["on_course"], board_pod_ids=list(row["board_pods"]), revokes=row["of_kind"])
+
+
 class XpTransaction:
     """A transaction collecting awards and unlocks; `settle` runs for them after it commits."""
 
@@ -183,6 +232,14 @@ class XpTransaction:
 
     async def award(self, user_id: int, kind: str, idempotency_key: str, **kw: Any) -> Award | None:
         a = await insert_award(self.conn, user_id, kind, idempotency_key, **kw)
+        if a is not None:
+            self.awards.append(a)
+        return a
+
+    async def revoke(self, user_id: int, idempotency_key: str, **kw: Any) -> Award | None:
+        """Take back the award with this key (see `insert_revocation`); the boards and the learner hear of it after
+        the commit."""
+        a = await insert_revocation(self.conn, user_id, idempotency_key, **kw)
         if a is not None:
             self.awards.append(a)
         return a
@@ -240,10 +297,7 @@ async def settle(redis: Redis, awards: list[Award], unlocked: list[Unlocked] = (
     if awards:
         try:
             await leaderboards.apply(redis, [a.entry() for a in awards], [
-                [(events_channel(user_topic(a.user_id)),
-                  encode(XpAwarded(user_id=a.user_id, kind=a.kind, points=a.points, xp=a.xp, level=a.level,
-                                   level_up=a.level > a.previous_level, course_id=a.course_id)))]
-                + _unlock_notes(a.unlocked, names) for a in awards])
+                [(events_channel(user_topic(a.user_id)), _note(a))] + _unlock_notes(a.unlocked, names) for a in awards])
         except Exception:  # noqa: BLE001
             logger.warning("could not update leaderboards; the hourly check will rebuild them", exc_info=True)
     notes = _unlock_notes(list(unlocked), names)
@@ -255,6 +309,15 @@ async def settle(redis: Redis, awards: list[Award], unlocked: list[Unlocked] = (
                 await pipe.execute()
         except Exception:  # noqa: BLE001 - the unlock is stored; only the nudge is lost
             logger.warning("could not announce unlocked achievements", exc_info=True)
+
+
+def _note(a: Award) -> bytes:
+    """What the learner hears of an award (`xp.awarded`) or of a take-back (`xp.revoked`)."""
+    if a.revokes is not None:
+        return encode(XpRevoked(user_id=a.user_id, kind=a.revokes, points=-a.points, xp=a.xp, level=a.level,
+                                course_id=a.course_id))
+    return encode(XpAwarded(user_id=a.user_id, kind=a.kind, points=a.points, xp=a.xp, level=a.level,
+                            level_up=a.level > a.previous_level, course_id=a.course_id))
 
 
 def _unlock_notes(unlocked: list[Unlocked], names: dict[int, str]) -> list[tuple[str, bytes]]:

@@ -255,6 +255,18 @@ class ProgressController(Controller):
                           status=row["status"], reason=row["reason"], checker=row["checker"],
                           created_at=row["created_at"], checked_at=row["checked_at"])
 
+    @delete("/rooms/{room_id:str}/messages/{message_id:int}/helpful", status_code=204)
+    async def unmark_helpful(self, request: Request, room_id: str, message_id: int) -> None:
+        """Instructors and admins remove a helpful mark (a mistaken one, or the tutor's on a wrong answer): the XP
+        it earned is taken back."""
+        state = request.app.state
+        async with state.pool.acquire() as conn:
+            acc = await room_or_404(conn, room_id, request.user)
+        if not acc.moderator:
+            raise ApiError(403, "instructors and admins only")
+        if await repo.unmark_helpful(state.pool, state.redis, room_id, message_id, request.user.id) is None:
+            raise ApiError(404, f"message {message_id} has no helpful mark in this room", code="not_marked")
+
     @post("/rooms/{room_id:str}/messages/{message_id:int}/helpful", status_code=201)
     async def helpful(self, request: Request, room_id: str, message_id: int) -> Response[HelpfulMark]:
         """Instructors and admins mark a learner's answer helpful; its author earns XP once (200 when already

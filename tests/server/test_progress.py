@@ -3,7 +3,7 @@ over the websocket), course progress, bookmarks, rate limit, stats, helpful answ
 from __future__ import annotations
 
 from tests.conftest import Factory, fetch
-from tests.progress_helpers import make_course
+from tests.progress_helpers import make_course, xp_store  # noqa: F401 - fixture
 from tests.server.conftest import Client
 
 
@@ -332,6 +332,69 @@ async def test_helpful_answer(server, client, make: Factory, settings):
     assert client.post(f"/api/v1/rooms/{room}/messages/999999999/helpful", headers=inst.h).status_code == 404
     foreign = Factory(make.settings).user("instructor")
     assert client.post(url, headers=foreign.h).status_code == 404
+
+
+async def test_staff_remove_a_helpful_mark_and_its_xp(server, client, make: Factory, settings, xp_store):
+    """A mark given by mistake (or the tutor's on a wrong answer) could not be taken back, nor the XP it earned.
+    Staff remove it: the ledger cancels the award (it stays append-only), the learner hears `xp.revoked`, the room
+    `message.helpful_removed`, the boards lose it live and rebuilt alike; marked again, it earns again."""
+    from store import leaderboard_rebuild
+    from store import progress as repo
+
+    pool, redis = xp_store
+    course = make_course(client, make, learners=2, videos=0)
+    (a, b), inst = course.learners, course.instructor
+    room = f"course:{course.id}"
+    msg, other = (client.post(f"/api/v1/rooms/{room}/messages", json={"text": t}, headers=a.h).json()
+                  for t in ("use a hash map", "or a trie"))
+    url = f"/api/v1/rooms/{room}/messages/{msg['id']}/helpful"
+
+    def xp_of(u) -> int:  # type: ignore[no-untyped-def]
+        return client.get("/api/v1/me/stats", headers=u.h).json()["xp"]
+
+    def on_board() -> int | None:
+        entries = client.get(f"/api/v1/leaderboards/course/{course.id}", headers=inst.h).json()["entries"]
+        return next((e["xp"] for e in entries if e["user_id"] == a.id), None)
+
+    assert client.post(url, headers=inst.h).status_code == 201
+    assert xp_of(a) == 25 and on_board() == 25
+    ws = await Client.connect(server, room, a)
+    try:
+        assert client.delete(url, headers=b.h).status_code == 403
+        assert client.delete(url, headers=a.h).status_code == 403  # not even the author
+        assert client.delete(url, headers=inst.h).status_code == 204
+        gone = await ws.expect("message.helpful_removed")
+        assert gone["message_id"] == msg["id"] and gone["author_id"] == a.id
+        revoked = await ws.expect("xp.revoked")
+        assert (revoked["kind"], revoked["points"], revoked["xp"]) == ("helpful_answer", 25, 0), revoked
+    finally:
+        await ws.close()
+    r = client.delete(url, headers=inst.h)
+    assert r.status_code == 404 and r.json()["code"] == "not_marked"
+    assert xp_of(a) == 0 and on_board() == 0
+    stats = client.get("/api/v1/me/stats", headers=a.h).json()
+    assert stats["counts"].get("helpful_answer", 0) == 0
+    assert [x["points"] for x in client.get("/api/v1/me/xp", headers=a.h).json()] == [-25, 25]
+    hist = client.get(f"/api/v1/rooms/{room}/messages", headers=a.h).json()["items"]
+    assert not next(m for m in hist if m["id"] == msg["id"]).get("helpful")
+    # marked again: earns again (under a key of its own), and once
+    assert client.post(url, headers=inst.h).status_code == 201
+    assert client.post(url, headers=inst.h).status_code == 200
+    assert xp_of(a) == 25 and on_board() == 25
+    keys = [r["idempotency_key"] for r in fetch(settings, "SELECT idempotency_key FROM xp_events WHERE user_id = $1 "
+                                                        "ORDER BY id", a.id)]
+    assert keys == [f"helpful:{msg['id']}", f"revoke:helpful:{msg['id']}", f"helpful:{msg['id']}#2"]
+    # the tutor's mark: removed the same way, and its verdict says staff overruled it
+    await repo.mark_helpful(pool, redis, room, other["id"], None, reason="agrees with the video")
+    fetch(settings, "INSERT INTO reply_checks (message_id, room_id, question_id, author_id, status) "
+                    "VALUES ($1, $2, $3, $4, 'helpful')", other["id"], room, msg["id"], a.id)
+    assert xp_of(a) == 50
+    assert client.delete(f"/api/v1/rooms/{room}/messages/{other['id']}/helpful", headers=inst.h).status_code == 204
+    assert xp_of(a) == 25
+    (check,) = fetch(settings, "SELECT status, reason FROM reply_checks WHERE message_id = $1", other["id"])
+    assert check["status"] == "not_helpful" and "staff" in check["reason"]
+    # the live boards equal the ledger's sums (what a rebuild gives)
+    assert await leaderboard_rebuild.check(pool, redis, settle_s=0.05, tenant_ids=[a.tenant_id]) == []
 
 
 def test_time_spent_is_bounded_by_the_time_that_passed(client, make: Factory, settings):

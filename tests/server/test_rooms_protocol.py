@@ -68,6 +68,10 @@ async def test_every_event_and_frame_type(server, client, make: Factory, worker_
     assert client.post(f"/api/v1/rooms/{room}/messages/{reply['id']}/helpful", headers=inst.h).status_code == 201
     h = keep(await ca.expect("message.helpful"))
     assert (h["message_id"], h["author_id"], h["by"]) == (reply["id"], b.id, "staff") and "reason" not in h
+    # staff removing the mark tells the room, and its author hears the XP taken back
+    assert client.delete(f"/api/v1/rooms/{room}/messages/{reply['id']}/helpful", headers=inst.h).status_code == 204
+    assert keep(await ca.expect("message.helpful_removed"))["message_id"] == reply["id"]
+    assert keep(await cb.expect("xp.revoked"))["points"] == 25
 
     poll = client.post(f"/api/v1/live/{sid}/polls", json={"question": "?", "options": ["a", "b"]},
                        headers=inst.h).json()
