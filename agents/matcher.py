@@ -416,7 +416,8 @@ ANNOUNCE_HEAD = "This week's study buddies:\n"
 def announcement(groups: list[dict[str, Any]], names: dict[int, str], max_chars: int) -> str:
     """The round as the pod room reads it: a line per group, its members and its reason. At most `max_chars` (a
     member's message limit: a pod of 50 with a model's 400-character reasons made 10,000): then every reason is
-    shortened alike in the text, cut at a word and marked (`meta.groups` and the REST round keep them whole)."""
+    shortened alike in the text, cut at a word and marked (`meta.groups` and the REST round keep them whole); when
+    even the names are too long, whole groups without reasons as many as fit, and how many more there are."""
     heads = [f"• {' + '.join(names.get(m, f'learner {m}') for m in g['members'])}: " for g in groups]
     reasons = [str(g["reason"]) for g in groups]
     text = ANNOUNCE_HEAD + "\n".join(h + r for h, r in zip(heads, reasons))
@@ -429,7 +430,16 @@ def announcement(groups: list[dict[str, Any]], names: dict[int, str], max_chars:
         return r if len(r) <= budget else (r[: budget - 1].rsplit(" ", 1)[0].rstrip(" ,;:—") + "…")
 
     text = ANNOUNCE_HEAD + "\n".join(h + cut(r) for h, r in zip(heads, reasons))
-    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"  # (the names alone are too long)
+    if len(text) <= max_chars:
+        return text
+    # the names alone are too long (long names, a low limit): whole groups, no reasons, as many as fit, then a count
+    lines = [h.removesuffix(": ") for h in heads]
+    for shown in range(len(lines), -1, -1):
+        more = len(lines) - shown
+        text = ANNOUNCE_HEAD + "\n".join(lines[:shown]) + (f"\n… and {more} more groups" if more else "")
+        if len(text) <= max_chars:
+            return text
+    return text[:max_chars]
 
 
 async def announce(pool: asyncpg.Pool, redis: Redis, row: Any, names: dict[int, str],
@@ -548,6 +558,10 @@ async def after_leaving(pool: asyncpg.Pool, redis: Redis, settings: Settings, us
     return made
 
 
+JOIN_WITHIN = "7 days"  # a learner who joins is taken into a round this recent; an older one waits for the next
+JOIN_SETTLE_S = 2.0  # a join waits this long, so several learners added at once are taken in by one round
+
+
 async def after_joining(pool: asyncpg.Pool, redis: Redis, settings: Settings, user_id: int, *,
                         pod_id: int | None = None, course_id: int | None = None, llm: Any = "settings") -> int:
     """A learner joined a pod (or came back to the course of their pods) after its current round was made: they
@@ -578,8 +592,9 @@ async def _take_in(pool: asyncpg.Pool, redis: Redis, settings: Settings, pod_id:
         async with pod_turn(redis, pod_id):
             async with pool.acquire() as conn:
                 cur = await matching.current(conn, pod_id)
-                if cur is None:
-                    return None
+                if cur is None or not await conn.fetchval(
+                        f"SELECT $1::timestamptz > now() - interval '{JOIN_WITHIN}'", cur["created_at"]):
+                    return None  # no round of late (an old one is not reposted as "this week's"): the next round
                 here = {r["user_id"] for r in await matching.eligible_members(conn, pod_id)}
             grouped = {m for g in cur["groups"] for m in g["members"]}
             out = here - grouped - set(cur["declined"])
@@ -606,10 +621,23 @@ def after_leaving_soon(pool: asyncpg.Pool, redis: Redis, settings: Settings, use
     task.add_done_callback(_leaving.discard)
 
 
+_settling: dict[tuple[Any, ...], asyncio.Task] = {}  # joins waiting JOIN_SETTLE_S, by pod (or learner and course)
+
+
 def after_joining_soon(pool: asyncpg.Pool, redis: Redis, settings: Settings, user_id: int, *,
                        pod_id: int | None = None, course_id: int | None = None) -> None:
-    """`after_joining` in the background (the joining answers at once)."""
-    task = asyncio.create_task(after_joining(pool, redis, settings, user_id, pod_id=pod_id, course_id=course_id))
+    """`after_joining` in the background (the joining answers at once), after JOIN_SETTLE_S: learners added to a
+    pod one after another meanwhile are taken in by the one round (one post, not one per learner)."""
+    key = ("pod", pod_id) if pod_id is not None else ("course", course_id, user_id)
+    if (t := _settling.get(key)) is not None and not t.done() and t.get_loop() is asyncio.get_running_loop():
+        return  # (it takes in everyone left out when it runs)
+
+    async def run() -> None:
+        await asyncio.sleep(JOIN_SETTLE_S)
+        _settling.pop(key, None)
+        await after_joining(pool, redis, settings, user_id, pod_id=pod_id, course_id=course_id)
+
+    task = _settling[key] = asyncio.create_task(run())
     _leaving.add(task)
     task.add_done_callback(_leaving.discard)
 
@@ -632,12 +660,13 @@ ORDER BY m.pod_id"""
 
 
 # (pod, a learner of the pod in none of its current round's groups and not declined), one per pod
-_LEFT_OUT = """
+_LEFT_OUT = f"""
 SELECT DISTINCT ON (m.pod_id) m.pod_id, pm.user_id FROM pod_matches m
 JOIN pods p ON p.id = m.pod_id JOIN pod_members pm ON pm.pod_id = m.pod_id
 JOIN users u ON u.id = pm.user_id AND u.role = 'learner'
 JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = pm.user_id
-WHERE m.superseded_at IS NULL AND NOT pm.user_id = ANY(m.declined)
+WHERE m.superseded_at IS NULL AND m.created_at > now() - interval '{JOIN_WITHIN}'
+  AND NOT pm.user_id = ANY(m.declined)
   AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(m.groups) g WHERE g -> 'members' @> to_jsonb(pm.user_id))
 ORDER BY m.pod_id, pm.user_id"""
 

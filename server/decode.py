@@ -28,7 +28,7 @@ def decode_json(raw: bytes, typ: type[T]) -> T:
             field = echo(field)
         raise ApiError(400, echo(_explain(str(exc), field) + _allowed(typ, str(exc))), field=field) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        if isinstance(exc, msgspec.DecodeError) and _LONE_SURROGATE.search(raw):  # msgspec: "Input data was truncated"
+        if isinstance(exc, msgspec.DecodeError) and _lone_surrogate(raw):  # msgspec: "Input data was truncated"
             raise ApiError(400, "request body is not valid JSON: a string holds half of a UTF-16 surrogate pair "
                                 "(such as \\ud800 alone), which is no character") from exc
         raise ApiError(400, echo(f"request body is not valid JSON: {exc}")) from exc
@@ -36,9 +36,24 @@ def decode_json(raw: bytes, typ: type[T]) -> T:
         raise ApiError(400, "request body is nested too deeply") from exc
 
 
-# an escaped high surrogate not followed by an escaped low one, or a low one alone (an odd number of backslashes
-# before the `u`: `\\ud800` is text, not an escape)
-_LONE_SURROGATE = re.compile(rb"(?<!\\)(?:\\\\)*\\u(?:d[89ab][0-9a-f]{2}(?!\\ud[c-f])|(?<!\\ud[89ab][0-9a-f]{2}\\u)d[c-f][0-9a-f]{2})", re.I)
+# one backslash escape of a JSON text, read left to right (backslashes occur only inside strings, each starting one)
+_ESCAPE = re.compile(rb"\\(u[0-9a-fA-F]{4}|[\s\S])")
+
+
+def _lone_surrogate(raw: bytes) -> bool:
+    """Whether the JSON text escapes half of a UTF-16 surrogate pair alone: a high one (\\ud800-\\udbff) not followed
+    at once by an escaped low one, or a low one (\\udc00-\\udfff) not right after a high one."""
+    pending = None  # where the escape after an unpaired high surrogate must start
+    for m in _ESCAPE.finditer(raw):
+        code = int(m.group(1)[1:], 16) if m.group(1)[:1] == b"u" else -1
+        low = 0xDC00 <= code <= 0xDFFF
+        if pending is not None and (not low or m.start() != pending):
+            return True
+        if low and pending is None:
+            return True
+        pending = m.end() if 0xD800 <= code <= 0xDBFF else None
+    return pending is not None
+
 
 # msgspec names the regex a string failed; say what it means instead
 _PATTERNS = {repr(NOT_BLANK): "must not be blank", repr(NO_CONTROL): "must not contain control characters",

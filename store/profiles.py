@@ -87,7 +87,8 @@ def check_goals(goals: list[str]) -> list[str]:
         g = " ".join(CLINGING.sub("", g).split())
         problem = text_problem(g, 80, "a goal")
         if problem is not None:
-            raise ProfileError(f"goals[{i}]", problem[1] if problem[0] != "too_long" else "a goal is 1 to 80 characters")
+            raise ProfileError(f"goals[{i}]",
+                               problem[1] if problem[0] != "too_long" else "a goal is 1 to 80 characters")
         if g.lower() not in (x.lower() for x in out):
             out.append(g)
     return out
@@ -110,7 +111,7 @@ def _profile(user_id: int, row: asyncpg.Record | None) -> Profile:
     if row is None:
         return Profile(user_id, "UTC", [], [], None)
     return Profile(user_id, row["timezone"], [list(s) for s in row["availability"]], list(row["goals"]),
-                   row["updated_at"], row["timezone_set"])
+                   row["updated_at"], row["timezone_set"] or row["timezone"] != "UTC")
 
 
 async def get_profile(conn: asyncpg.Connection, user_id: int) -> Profile:
@@ -133,7 +134,8 @@ async def update_profile(conn: asyncpg.Connection, user_id: int, *, timezone_nam
     """Change the given parts (validated by the check_* functions); the rest stays."""
     row = await conn.fetchrow(
         """INSERT INTO learner_profiles AS p (user_id, timezone, availability, goals, timezone_set)
-           VALUES ($1, coalesce($2, 'UTC'), coalesce($3::jsonb, '[]'::jsonb), coalesce($4::text[], '{}'), $2 IS NOT NULL)
+           VALUES ($1, coalesce($2, 'UTC'), coalesce($3::jsonb, '[]'::jsonb), coalesce($4::text[], '{}'),
+                   $2 IS NOT NULL)
            ON CONFLICT (user_id) DO UPDATE SET timezone = coalesce($2, p.timezone),
                availability = coalesce($3::jsonb, p.availability), goals = coalesce($4::text[], p.goals),
                timezone_set = p.timezone_set OR $2 IS NOT NULL, updated_at = now()

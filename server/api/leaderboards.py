@@ -2,6 +2,9 @@
 them)."""
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Literal
 
 from litestar import Controller, Request, get
@@ -14,6 +17,29 @@ from server.errors import ApiError
 from store import courses as courses_repo
 from store import leaderboard_rebuild, leaderboards
 from store import pods as pods_repo
+
+
+# Reads answered from the ledger at once per process (each sums a board's ledger rows: a big tenant's takes a
+# while): more wait, up to LEDGER_WAIT_S, then 503. The pool keeps connections for everything else, the rebuild too.
+LEDGER_READS = 4
+LEDGER_WAIT_S = 5.0
+REBUILDING_RETRY_S = 2.0
+
+
+@asynccontextmanager
+async def ledger_read_slot(state) -> AsyncIterator[None]:  # type: ignore[no-untyped-def]
+    sem = getattr(state, "lb_ledger_reads", None)
+    if sem is None:
+        sem = state.lb_ledger_reads = asyncio.Semaphore(LEDGER_READS)
+    try:
+        await asyncio.wait_for(sem.acquire(), LEDGER_WAIT_S)
+    except (TimeoutError, asyncio.TimeoutError):
+        raise ApiError(503, "the leaderboards are being rebuilt and many are reading them meanwhile; try again",
+                       code="rebuilding", retry_after=REBUILDING_RETRY_S) from None
+    try:
+        yield
+    finally:
+        sem.release()
 
 
 class LeaderboardController(Controller):
@@ -49,7 +75,7 @@ class LeaderboardController(Controller):
         board = await leaderboards.read(state.redis, scope, scope_id, user.tenant_id, period, user.id, limit=limit)
         if not board.built:  # Redis lost the boards: rebuild them, and answer from the ledger meanwhile
             rebuild_soon(state)
-            async with state.pool.acquire() as conn:
+            async with ledger_read_slot(state), state.pool.acquire() as conn:
                 board = await leaderboard_rebuild.read_ledger(conn, scope, scope_id, period, user.id, limit=limit)
         me = Me(rank=board.me.rank, xp=board.me.xp) if board.me else Me(rank=None, xp=0)
         return LeaderboardOut(scope=scope, id=scope_id, period=period, count=board.count, entries=board.entries,

@@ -196,9 +196,12 @@ def test_a_big_pods_announcement_keeps_to_the_message_limit():
     assert text.count("…") == 25 and "end0" not in text
     short = [{"members": [0, 1], "reason": "Short."}]
     assert announcement(short, names, 4000) == "This week's study buddies:\n• learner-00 + learner-01: Short."
-    long_names = {i: "n" * 100 + str(i) for i in range(50)}  # the names alone over the limit: cut, marked
+    long_names = {i: "n" * 100 + str(i) for i in range(50)}  # the names alone over the limit: whole groups, a count
     cut = announcement(groups, long_names, 4000)
-    assert len(cut) == 4000 and cut.endswith("…")
+    assert len(cut) <= 4000 and cut.endswith("more groups") and "word" not in cut, cut[-200:]
+    shown = cut.count("• ")
+    assert 0 < shown < 25 and f"… and {25 - shown} more groups" in cut
+    assert all(f"{long_names[2 * k]} + {long_names[2 * k + 1]}\n" in cut for k in range(shown))  # none cut short
 
 
 async def test_llm_reason_through_a_real_client():

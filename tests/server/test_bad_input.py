@@ -398,11 +398,15 @@ def test_a_lone_surrogate_escape_is_named_as_such():
     from server.decode import decode_json
     from server.errors import ApiError
 
-    for raw in (rb'{"goals": ["\ud800"]}', rb'{"goals": ["a\udc00b"]}', rb'{"goals": ["\uD800x"]}'):
+    for raw in (rb'{"goals": ["\ud800"]}', rb'{"goals": ["a\udc00b"]}', rb'{"goals": ["\uD800x"]}',
+                rb'{"goals": ["\\ud800\udc00"]}'):  # (an escaped backslash, the text "ud800", then a lone low one)
         with pytest.raises(ApiError) as err:
             decode_json(raw, ProfileIn)
         assert "surrogate" in err.value.detail and "truncated" not in err.value.detail, (raw, err.value.detail)
     assert decode_json(rb'{"goals": ["\ud83d\ude00", "\\ud800"]}', ProfileIn).goals == ["\U0001f600", "\\ud800"]
+    with pytest.raises(ApiError) as err:  # not an escape JSON has (\U): not called a surrogate
+        decode_json(rb'{"goals": ["\UD800"]}', ProfileIn)
+    assert "surrogate" not in err.value.detail
     with pytest.raises(ApiError) as err:  # truncated for real: still said so
         decode_json(b'{"goals": ["abc', ProfileIn)
     assert "truncated" in err.value.detail

@@ -357,3 +357,33 @@ async def test_a_deleted_course_or_pod_takes_its_boards_out_of_redis(server, cli
     assert client.delete(f"/api/v1/courses/{course.id}", headers=inst.h).status_code == 204
     assert [await redis.exists(k) for ks in boards.values() for k in ks] == [0] * 9
     assert await redis.exists(leaderboards.board_key("tenant", ls[0].tenant_id, "all"))  # the tenant's stays
+
+
+async def test_reads_from_the_ledger_are_few_at_once(monkeypatch):
+    """While Redis has lost the boards every read sums the ledger: forty at once held every pooled connection (the
+    rebuild's too) for seconds. At most LEDGER_READS run at once per process; one that waits too long is a 503."""
+    from types import SimpleNamespace
+
+    from server.api import leaderboards as api
+    from server.errors import ApiError
+
+    monkeypatch.setattr(api, "LEDGER_WAIT_S", 0.2)
+    state = SimpleNamespace()
+    running, most = 0, 0
+
+    async def read() -> str:
+        nonlocal running, most
+        try:
+            async with api.ledger_read_slot(state):
+                running += 1
+                most = max(most, running)
+                await asyncio.sleep(0.5)
+                running -= 1
+                return "read"
+        except ApiError as exc:
+            assert exc.status_code == 503 and exc.code == "rebuilding" and exc.retry_after
+            return "503"
+
+    got = await asyncio.gather(*(read() for _ in range(api.LEDGER_READS + 3)))
+    assert most == api.LEDGER_READS and got.count("read") == api.LEDGER_READS and got.count("503") == 3
+    assert [await read()] == ["read"]  # the slots were given back

@@ -609,6 +609,14 @@ async def test_a_round_still_pairing_someone_who_left_is_matched_again_by_the_wo
     assert await matcher.rematch_departed(pool, redis, settings, llm=None) >= 1
     cur3 = client.get(f"/api/v1/pods/{pod}/match", headers=learners[1].h).json()
     assert sorted(m for g in cur3["groups"] for m in g["members"]) == sorted(u.id for u in learners)
+    # but not into a round of over a week ago (it would be posted again as this week's): the next round takes them
+    newcomer = make.user("learner")
+    assert client.post(f"/api/v1/courses/{course.id}/enrollments", json={"user_id": newcomer.id},
+                       headers=course.instructor.h).status_code == 201
+    fetch(settings, "UPDATE pod_matches SET created_at = created_at - interval '8 days' WHERE pod_id = $1", pod)
+    fetch(settings, "INSERT INTO pod_members (pod_id, user_id) VALUES ($1, $2)", pod, newcomer.id)
+    await matcher.rematch_departed(pool, redis, settings, llm=None)
+    assert client.get(f"/api/v1/pods/{pod}/match", headers=learners[1].h).json()["match_id"] == cur3["match_id"]
 
 
 def test_the_worker_repairs_rounds_also_with_weekly_rounds_off(settings):
