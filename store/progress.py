@@ -500,6 +500,8 @@ async def unmark_helpful(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, ro
     (`xp.revoked` to them), the room hears `message.helpful_removed`, and a tutor's verdict on the reply becomes
     `not_helpful`. The removed mark, or None when the message has none. Marked again later, it earns again."""
     async with xp.transaction(db, redis) as tx:
+        # the tutor's check first, as the tutor's mark takes them (its check, then the mark): no deadlock between the two
+        check = await tx.conn.fetchval("SELECT status FROM reply_checks WHERE message_id = $1 FOR UPDATE", message_id)
         row = await tx.conn.fetchrow(
             f"DELETE FROM helpful_marks WHERE message_id = $1 AND room_id = $2 RETURNING {_HELPFUL_COLS}, xp_key",
             message_id, room_id)
@@ -507,16 +509,17 @@ async def unmark_helpful(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, ro
             return None
         await tx.revoke(row["author_id"], row["xp_key"] or f"helpful:{message_id}",
                         meta={"room": room_id, "message_id": message_id, "removed_by": removed_by})
-        if row["by_tutor"]:  # (the tutor does not mark it again: its check is no longer pending)
+        if check in ("helpful", "pending"):  # the tutor does not mark it again (its check under way gives up)
             await tx.conn.execute(
                 "UPDATE reply_checks SET status = 'not_helpful', reason = $2, checked_at = now() WHERE message_id = $1",
-                message_id, STAFF_REMOVED)
+                message_id, STAFF_REMOVED if row["by_tutor"] else STAFF_REMOVED_OWN)
     await publish(redis, room_topic(room_id), MessageHelpfulRemoved(room=room_id, message_id=message_id,
                                                                     author_id=row["author_id"]))
     return row
 
 
 STAFF_REMOVED = "staff removed the tutor's mark"
+STAFF_REMOVED_OWN = "staff marked this reply helpful, then removed the mark"
 
 
 def progress_limiter(redis: Redis, rate: float, burst: int) -> SendLimiter:
