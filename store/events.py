@@ -287,7 +287,7 @@ class MessageHelpfulRemoved(Event, tag="message.helpful_removed"):
     room: str
     message_id: int
     author_id: int
-    by: str = "staff"
+    by: str  # "staff"
 
 
 # --- internal control (never forwarded to clients) -----------------------------------------------------

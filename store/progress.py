@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from store import streaks, xp
+from store import replies, streaks, xp
 from store.events import MessageHelpful, MessageHelpfulRemoved, publish, room_topic
 from store.keys import rate_progress
 from store.ratelimit import SendLimiter
@@ -463,14 +463,20 @@ async def mark_helpful(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
             raise HelpfulError("not_found", f"message {message_id} not found in this room")
         if msg["author_id"] is None or msg["role"] != "learner":
             raise HelpfulError("not_a_learner", "only a learner's message can be marked helpful")
-        row = await tx.conn.fetchrow(
-            f"""INSERT INTO helpful_marks (message_id, room_id, author_id, marked_by, by_tutor)
-               VALUES ($1, $2, $3, $4, $5)
-               ON CONFLICT (message_id) DO NOTHING RETURNING {_HELPFUL_COLS}""",
-            message_id, room_id, msg["author_id"], marked_by, marked_by is None)
-        if row is None:
-            return await tx.conn.fetchrow(f"SELECT {_HELPFUL_COLS} FROM helpful_marks WHERE message_id = $1",
-                                          message_id), False
+        for _ in range(3):  # (a mark found there may be removed before it is read: then this one is new)
+            row = await tx.conn.fetchrow(
+                f"""INSERT INTO helpful_marks (message_id, room_id, author_id, marked_by, by_tutor)
+                   VALUES ($1, $2, $3, $4, $5)
+                   ON CONFLICT (message_id) DO NOTHING RETURNING {_HELPFUL_COLS}""",
+                message_id, room_id, msg["author_id"], marked_by, marked_by is None)
+            if row is not None:
+                break
+            there = await tx.conn.fetchrow(f"SELECT {_HELPFUL_COLS} FROM helpful_marks WHERE message_id = $1",
+                                           message_id)
+            if there is not None:
+                return there, False
+        else:
+            raise HelpfulError("conflict", "the message's mark kept changing; try again")
         # a mark given again after staff removed one earns again, under a key of its own (read after the insert: a
         # removal it waited for has committed)
         key = await tx.conn.fetchval(_HELPFUL_KEY, msg["author_id"], message_id)
@@ -510,16 +516,17 @@ async def unmark_helpful(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, ro
         await tx.revoke(row["author_id"], row["xp_key"] or f"helpful:{message_id}",
                         meta={"room": room_id, "message_id": message_id, "removed_by": removed_by})
         if check in ("helpful", "pending"):  # the tutor does not mark it again (its check under way gives up)
+            # the tutor's verdict overruled; a check still to run is skipped (it did not run: it does not count
+            # towards the learner's checks)
             await tx.conn.execute(
-                "UPDATE reply_checks SET status = 'not_helpful', reason = $2, checked_at = now() WHERE message_id = $1",
-                message_id, STAFF_REMOVED if row["by_tutor"] else STAFF_REMOVED_OWN)
+                "UPDATE reply_checks SET status = $3, reason = $2, checked_at = now() WHERE message_id = $1",
+                message_id, *((replies.STAFF_REMOVED, "not_helpful") if check == "helpful" and row["by_tutor"]
+                              else (replies.STAFF_REMOVED_OWN, "skipped")))
     await publish(redis, room_topic(room_id), MessageHelpfulRemoved(room=room_id, message_id=message_id,
-                                                                    author_id=row["author_id"]))
+                                                                    author_id=row["author_id"], by="staff"))
     return row
 
 
-STAFF_REMOVED = "staff removed the tutor's mark"
-STAFF_REMOVED_OWN = "staff marked this reply helpful, then removed the mark"
 
 
 def progress_limiter(redis: Redis, rate: float, burst: int) -> SendLimiter:

@@ -56,17 +56,28 @@ async def get(conn: asyncpg.Connection, message_id: int) -> asyncpg.Record | Non
     return await conn.fetchrow(f"SELECT {_COLS} FROM reply_checks WHERE message_id = $1", message_id)
 
 
+# The reason a check gets when staff remove the tutor's mark of the reply (store.progress.unmark_helpful), and when
+# they remove their own mark while the tutor's check was still to run.
+STAFF_REMOVED = "staff removed the tutor's mark"
+STAFF_REMOVED_OWN = "staff marked this reply helpful, then removed the mark"
+
+
 async def tutor_marks_since(conn: asyncpg.Connection, author_id: int, hours: float = 24.0,
                             asker_id: int | None = None, besides: int | None = None) -> int:
     """Helpful marks the tutor gave `author_id` in the last `hours` (with `asker_id`: for replies to that person's
-    messages), not counting message `besides`."""
+    messages), not counting message `besides`. Marks staff removed since count too (from their removal): removing
+    the marks two accounts farmed must not free their limits for more."""
     return await conn.fetchval(
-        """SELECT count(*) FROM helpful_marks h
-           WHERE h.by_tutor AND h.author_id = $1 AND h.marked_at > now() - make_interval(secs => $2)
-             AND h.message_id IS DISTINCT FROM $4
-             AND ($3::bigint IS NULL OR EXISTS (SELECT 1 FROM reply_checks c JOIN messages q ON q.id = c.question_id
-                                                WHERE c.message_id = h.message_id AND q.author_id = $3))""",
-        author_id, hours * 3600.0, asker_id, besides)
+        """SELECT (SELECT count(*) FROM helpful_marks h
+                   WHERE h.by_tutor AND h.author_id = $1 AND h.marked_at > now() - make_interval(secs => $2)
+                     AND h.message_id IS DISTINCT FROM $4
+                     AND ($3::bigint IS NULL OR EXISTS (SELECT 1 FROM reply_checks c JOIN messages q ON q.id = c.question_id
+                                                        WHERE c.message_id = h.message_id AND q.author_id = $3)))
+                + (SELECT count(*) FROM reply_checks c JOIN messages q ON q.id = c.question_id
+                   WHERE c.author_id = $1 AND c.status = 'not_helpful' AND c.reason = $5
+                     AND c.checked_at > now() - make_interval(secs => $2) AND c.message_id IS DISTINCT FROM $4
+                     AND ($3::bigint IS NULL OR q.author_id = $3))""",
+        author_id, hours * 3600.0, asker_id, besides, STAFF_REMOVED)
 
 
 # A check counts as run once it gave a verdict on what the reply said, or once a try of it began (it may be running).
