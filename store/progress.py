@@ -527,8 +527,6 @@ async def unmark_helpful(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, ro
     return row
 
 
-
-
 def progress_limiter(redis: Redis, rate: float, burst: int) -> SendLimiter:
     """Progress reports per user: `rate` per second, bursts of `burst` (its own bucket, not the sends')."""
     return SendLimiter(redis, rate, burst, key=rate_progress)
