@@ -6,13 +6,14 @@ with day 0 = Monday and minutes from local midnight (end may be 1440).
 from __future__ import annotations
 
 import functools
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import asyncpg
 
-from store.frames import CLINGING, text_problem
+from store.frames import as_read, text_problem
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_SLOTS = 28
@@ -77,19 +78,23 @@ def check_availability(slots: list[tuple[str, str, str]]) -> list[list[int]]:
     return merged
 
 
+_JOINERS = "\u200c\u200d"
+
+
 def check_goals(goals: list[str]) -> list[str]:
     if len(goals) > MAX_GOALS:
         raise ProfileError("goals", f"at most {MAX_GOALS} goals")
     out = []
     for i, g in enumerate(goals):
-        # invisible marks (a BOM, bidi overrides) dropped: "\ufeffabc" is "abc", and an override does not reach the
-        # pod room quoting shared goals
-        g = " ".join(CLINGING.sub("", g).split())
+        # invisible format characters (a BOM, bidi overrides, a soft hyphen, tags) dropped: "\ufeffabc" and "ca\u00adlc"
+        # are "abc" and "calc", and an override does not reach the pod room quoting shared goals. The zero-width
+        # (non-)joiners stay: emoji and Persian or Indic words need them.
+        g = " ".join("".join(c for c in g if unicodedata.category(c) != "Cf" or c in _JOINERS).split())
         problem = text_problem(g, 80, "a goal")
         if problem is not None:
             raise ProfileError(f"goals[{i}]",
                                problem[1] if problem[0] != "too_long" else "a goal is 1 to 80 characters")
-        if g.lower() not in (x.lower() for x in out):
+        if as_read(g) not in (as_read(x) for x in out):  # (case, width and variation selectors aside)
             out.append(g)
     return out
 

@@ -38,6 +38,10 @@ def test_profile_validation(client, make: Factory):
     # invisible marks in goals are dropped: a BOM made "abc" another goal, a bidi override reached the pod room
     r = client.patch(url, json={"goals": ["\ufeffabc", "abc", "x\u202ey"]}, headers=u.h)
     assert r.status_code == 200 and r.json()["goals"] == ["abc", "xy"], r.text
+    # every invisible format character (a soft hyphen, a Mongolian vowel separator, tags); emoji keep their joiner
+    r = client.patch(url, json={"goals": ["calc", "ca\u00adlc", "calc\U000e007f", "c\u180ealc", "ＣＡＬＣ",
+                                          "\U0001f468\u200d\U0001f4bb"]}, headers=u.h)
+    assert r.status_code == 200 and r.json()["goals"] == ["calc", "\U0001f468\u200d\U0001f4bb"], r.text
     r = client.patch(url, json={"timezone": "Asia/Kolkata", "goals": ["Exam prep", "exam  prep", "Side project"],
                                 "availability": [{"day": "sun", "start": "20:00", "end": "24:00"},
                                                  {"day": "mon", "start": "07:30", "end": "08:30"},
