@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import threading
 from collections import OrderedDict
@@ -380,7 +381,9 @@ def _route(state: GradeState) -> dict[str, Any]:
     threshold = state.get("threshold", 0.7)
     band = state.get("band", (40.0, 60.0))
     if state["confidence"] < threshold:
-        return {"held": True, "reason": f"confidence {state['confidence']:.2f} below {threshold:g}"}
+        # (down, not rounded: 0.697 is not "0.70 below 0.7")
+        shown = math.floor(state["confidence"] * 1000) / 1000
+        return {"held": True, "reason": f"confidence {shown:g} below {threshold:g}"}
     if band[0] <= state["total"] <= band[1]:
         return {"held": True, "reason": f"total {state['total']:g} in the uncertain band {band[0]:g}-{band[1]:g}"}
     offline = state.get("offline_total", state["total"])

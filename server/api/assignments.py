@@ -103,6 +103,11 @@ def check_points(rubric: list[dict[str, Any]] | None) -> None:
             raise ApiError(400, "rubric points take at most two decimals", field=f"rubric[{i}].points")
 
 
+def _is_default(rubric: list[dict[str, Any]]) -> bool:
+    return [(c["name"], float(c["points"]), c.get("description") or "") for c in rubric] == \
+        [(c["name"], float(c["points"]), c["description"]) for c in DEFAULT_RUBRIC]
+
+
 def validate(fields: dict[str, Any], sent: dict[str, Any] | None = None) -> dict[str, Any]:
     """The rules across fields, on the full (merged) assignment; fills the default rubric. `sent`: the fields the
     request gave (default: all), which must all apply to the assignment's type (none is dropped unsaid)."""
@@ -125,6 +130,10 @@ def validate(fields: dict[str, Any], sent: dict[str, Any] | None = None) -> dict
             raise ApiError(400, "multiple choice needs at least one correct option index", field="correct")
         if len(set(correct)) != len(correct) or any(i >= len(options) for i in correct):
             raise ApiError(400, f"correct must hold distinct indexes 0..{len(options) - 1}", field="correct")
+        if len(correct) == len(options) and ("correct" in sent or "options" in sent):
+            # (picking every option would score 100: no question at all)
+            raise ApiError(400, "not every option may be correct: choosing them all would always score 100",
+                           field="correct")
         fields["correct"] = sorted(correct)
         if sent.get("rubric"):
             raise ApiError(400, "multiple choice takes no rubric (its key is `correct`)", field="rubric")
@@ -145,10 +154,15 @@ def validate(fields: dict[str, Any], sent: dict[str, Any] | None = None) -> dict
         names = [as_read(c["name"]) for c in given]
         if len(set(names)) != len(names):
             raise ApiError(400, "rubric criterion names must be distinct", field="rubric")
+        for c in given:  # a description of invisible characters is none
+            if blank(c.get("description") or ""):
+                c["description"] = ""
         fields["rubric"] = given or DEFAULT_RUBRIC
         reference = (fields.get("reference_answer") or "").strip()
         fields["reference_answer"] = "" if blank(reference) else reference  # invisible characters are nothing
-        if not fields["reference_answer"] and all(blank(c.get("description", "")) for c in given):
+        # (the default criterion's words describe nothing: a PATCH removing the reference answer of an assignment
+        # with it left only them to grade against)
+        if not fields["reference_answer"] and (_is_default(given) or all(not c.get("description") for c in given)):
             raise ApiError(400, "a written assignment needs a reference_answer or rubric descriptions",
                            field="reference_answer")
     if fields.get("opens_at") and fields.get("closes_at") and fields["closes_at"] <= fields["opens_at"]:

@@ -143,6 +143,9 @@ def test_review_rule():
     assert grader.needs_review(50, 0.99, 0.7, (40, 60))
     assert not grader.needs_review(90, 0.8, 0.7, (40, 60))
     assert not grader.needs_review(10, 0.8, 0.7, (40, 60))
+    # the reason shows the confidence as it is, not rounded up to the threshold ("confidence 0.70 below 0.7")
+    held = grader._route({"confidence": 0.697, "total": 90.0, "threshold": 0.7, "grader": "offline"})
+    assert held == {"held": True, "reason": "confidence 0.697 below 0.7"}, held
 
 
 def llm_reply(idea: float, complexity: float, confidence: float = 0.9) -> Reply:

@@ -107,6 +107,8 @@ def test_bad_assignment_bodies_name_the_field(server, client, make: Factory):
         # what multiple choice does not use is refused, not dropped unsaid
         ({**MC, "reference_answer": "a stack"}, "reference_answer"),
         ({**MC, "rubric": [{"name": "a", "points": 1, "description": "d"}]}, "rubric"),
+        # every option correct: choosing them all was a free 100 (and perfect-score XP)
+        ({**MC, "options": ["yes", "no"], "correct": [0, 1]}, "correct"),
     ]
     for body, field in cases:
         r = client.post(url, json=body, headers=h)
@@ -114,6 +116,18 @@ def test_bad_assignment_bodies_name_the_field(server, client, make: Factory):
         assert r.json().get("field") == field, (body, r.json())
     assert fetch(make.settings, "SELECT count(*) AS n FROM assignments WHERE course_id = $1",
                  course.id)[0]["n"] == 0
+    # a PATCH is held to the same rules: every option correct, or the reference answer taken from an assignment
+    # with the default criterion (answers were then graded against its words alone)
+    mc = client.post(url, json={**MC, "options": ["a", "b", "c"], "correct": [0]}, headers=h).json()
+    r = client.patch(f"/api/v1/assignments/{mc['id']}", json={"correct": [0, 1, 2]}, headers=h)
+    assert r.status_code == 400 and r.json()["field"] == "correct", r.text
+    written = client.post(url, json={**WRITTEN, "reference_answer": "halves the range"}, headers=h).json()
+    for gone in ("", None, "\u200b"):
+        r = client.patch(f"/api/v1/assignments/{written['id']}", json={"reference_answer": gone}, headers=h)
+        assert r.status_code == 400 and r.json()["field"] == "reference_answer", (gone, r.text)
+    # a description of invisible characters is stored as none
+    r = client.post(url, json={**WRITTEN, "rubric": [{"name": "a", "points": 1, "description": "\u200b"}]}, headers=h)
+    assert r.status_code == 201 and r.json()["rubric"][0]["description"] == "", r.text
 
 
 async def test_multiple_choice_is_graded_at_once_and_announced(server, client, make: Factory, settings):
