@@ -330,6 +330,16 @@ class SubmissionController(Controller):
                 score = round(data.score, 1) if data.score is not None else row["score"]
                 if score is None:
                     raise ApiError(400, "the grader proposed no score; give one", field="score")
+                criteria = list(row["criteria"] or [])
+                rubric = await conn.fetchval("SELECT rubric FROM assignments WHERE id = $1", row["assignment_id"])
+                if rubric and criteria and [c["name"] for c in criteria] != [c["name"] for c in rubric]:
+                    # graded against a rubric changed since: its proposal scores criteria the assignment no longer has
+                    if data.score is None and row["status"] != "graded":
+                        raise ApiError(409, "this grade was proposed for an earlier rubric: regrade it "
+                                            f"(POST /submissions/{submission_id}/regrade) or give a score",
+                                       code="stale_proposal")
+                    criteria = [{"name": c["name"], "points": float(c["points"]), "score": 0.0, "justification": ""}
+                                for c in rubric]
                 unchanged = (row["status"] == "graded" and row["reviewed_by"] is not None
                              and abs(float(row["score"]) - float(score)) < 0.005  # stored as real
                              and comment in (None, row["review_comment"]))
@@ -346,8 +356,7 @@ class SubmissionController(Controller):
                             said = f"{said} {feedback['right']}"
                         feedback["right"] = said
                     row = await repo.save_review(conn, submission_id, score=float(score), comment=comment,
-                                                 reviewer_id=user.id, criteria=rescale(row["criteria"] or [],
-                                                                                       float(score)),
+                                                 reviewer_id=user.id, criteria=rescale(criteria, float(score)),
                                                  feedback=feedback)
                     if row is None:  # not possible while the row is locked; said plainly all the same
                         raise ApiError(409, "this submission is still being graded", code="grading")

@@ -481,3 +481,29 @@ def test_a_grade_all_job_reads_grading_while_its_batches_run(server, client, mak
     asyncio.run(first_batch())
     got = client.get(f"/api/v1/jobs/{job['id']}", headers=inst.h).json()
     assert got["state"] == "grading" and got["progress"] == 0.5, got
+
+
+def test_a_grade_proposed_for_an_earlier_rubric_is_not_approved_as_it_is(server, make: Factory, settings):
+    """A held grade kept the criteria of the rubric it was graded against: approved after the rubric changed, the
+    final grade scored criteria the assignment no longer had. Approving it is a 409 (regrade it, or give a score);
+    a score given is spread over the rubric as it is now."""
+    import json
+
+    course = make_course(server, make, learners=1)
+    inst, (learner,) = course.instructor, course.learners
+    with httpx.Client(base_url=server, timeout=30) as c:
+        a = published(c, course, ONE)
+        old = [{"name": "correctness", "points": 100.0, "score": 40.0, "justification": "vague"}]
+        sid = fetch(settings, """INSERT INTO submissions (assignment_id, course_id, user_id, attempt, answer, status,
+                                 score, grader, criteria) VALUES ($1, $2, $3, 1, $4, 'review_pending', 40, 'offline',
+                                 $5) RETURNING id""",
+                    a["id"], course.id, learner.id, json.dumps(VAGUE), json.dumps(old))[0]["id"]
+        assert c.patch(f"/api/v1/assignments/{a['id']}", json={"rubric": TWO["rubric"]},
+                       headers=inst.h).status_code == 200
+        r = c.post(f"/api/v1/submissions/{sid}/review", json={}, headers=inst.h)
+        assert r.status_code == 409 and r.json()["code"] == "stale_proposal", r.text
+        r = c.post(f"/api/v1/submissions/{sid}/review", json={"score": 50}, headers=inst.h)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["status"] == "graded" and [x["name"] for x in got["criteria"]] == ["idea", "complexity"], got
+        assert sum(x["score"] for x in got["criteria"]) == 50 and all(x["score"] <= x["points"] for x in got["criteria"])
