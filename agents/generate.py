@@ -225,12 +225,15 @@ def gives_away(text: str, reference: str) -> bool:
     return ref <= have or len(ref & have) >= max(2, (len(ref) + 1) // 2)
 
 
-def neutral_title(prompt: str, title: str) -> str:
-    """A title that says what an item is about without its answer: the prompt's quoted keyword, else "Written
-    answer", with the title's moment."""
+def neutral_title(prompt: str, title: str, kind: str = "short_answer") -> str:
+    """A title that says what an item is about without its answer: the prompt's quoted keyword (a few words, not a
+    quoted sentence with a blank in it), else "Written answer" (for a multiple-choice item "Question"), with the
+    title's moment."""
     at = _AT.search(title)
-    kw = re.search(r"\u201c([^\u201d]{1,60})\u201d", prompt)
-    return (f"About \u201c{kw.group(1)}\u201d" if kw else "Written answer") + (at.group() if at else "")
+    kw = next((q for q in re.findall(r"\u201c([^\u201d]{1,40})\u201d", prompt)
+               if "_" not in q and len(q.split()) <= 4), None)
+    fallback = "Question" if kind == "multiple_choice" else "Written answer"
+    return (f"About \u201c{kw}\u201d" if kw else fallback) + (at.group() if at else "")
 
 
 def _seed(*parts: object) -> int:

@@ -431,8 +431,29 @@ class AssignmentController(Controller):
         # learners see every item's title and concept: none may give away the answer of any item of its chapter
         # (the items of a chapter share its title, which is often the very sentence an answer was blanked from, or
         # the one a short answer's reference is)
+        # (the chapter's items made before count too: theirs and these titles are read side by side)
+        before = await conn.fetch(
+            """SELECT chapter_id, title, concept, options, correct, reference_answer FROM assignments
+               WHERE course_id = $1 AND chapter_id = ANY($2::bigint[])""",
+            course_id, sorted({ch["id"] for ch, _ in drafts}))
         by_chapter: dict[int, list[str]] = {}
         written: dict[int, list[str]] = {}
+        shown: dict[int, list[str]] = {}  # the titles and concepts learners already see, per chapter
+        for r in before:
+            by_chapter.setdefault(r["chapter_id"], []).extend((r["options"] or [])[i] for i in r["correct"] or []
+                                                              if i < len(r["options"] or []))
+            if r["reference_answer"]:
+                written.setdefault(r["chapter_id"], []).append(r["reference_answer"])
+            shown.setdefault(r["chapter_id"], []).extend([r["title"], r["concept"] or ""])
+        # an item whose answer an earlier item's title already shows is no question: left out
+        drafts = [(ch, it) for ch, it in drafts
+                  if not any(masked(t, [it.options[i] for i in it.correct or []]) != t
+                             or (it.reference_answer and gives_away(t, it.reference_answer))
+                             for t in shown.get(ch["id"], []))]
+        if not drafts:
+            raise ApiError(409, "every item written for the chapter would have its answer in the title of one of its "
+                                "items already there; edit or delete those, or generate from another chapter",
+                           code="nothing_new")
         for ch, it in drafts:
             by_chapter.setdefault(ch["id"], []).extend(it.options[i] for i in it.correct or [])
             if it.reference_answer:
@@ -441,12 +462,12 @@ class AssignmentController(Controller):
             async with conn.transaction():
                 rows = []
                 for ch, it in drafts:
-                    answers, refs = by_chapter[ch["id"]], written.get(ch["id"], [])
+                    answers, refs = by_chapter.get(ch["id"], []), written.get(ch["id"], [])
                     title, concept = masked(it.title, answers), masked(ch["title"], answers)
                     if any(gives_away(title, r) for r in refs):
-                        title = neutral_title(it.prompt, it.title)
+                        title = masked(neutral_title(it.prompt, it.title, it.type), answers)
                     if any(gives_away(concept, r) for r in refs):
-                        concept = neutral_title(it.prompt, "")
+                        concept = masked(neutral_title(it.prompt, "", it.type), answers)
                     fields = {"type": it.type, "title": title, "prompt": it.prompt,
                               "difficulty": it.difficulty, "options": it.options, "correct": it.correct,
                               "reference_answer": it.reference_answer,

@@ -139,6 +139,11 @@ def test_a_title_or_concept_does_not_give_the_answer_away(embedder):
     prompt = "Explain in your own words what the lecture says about \u201ccellular\u201d. (lecture at 0:05)"
     assert neutral_title(prompt, title) == "About \u201ccellular\u201d (0:05)"
     assert neutral_title("What is it?", "Some title") == "Written answer"
+    # a quoted sentence with its blank is no keyword (it was a whole title "About “… here's an _____ of …”"), and a
+    # multiple-choice item is not a written answer
+    cloze = "Fill in: \u201cBut group selection--here's an _____ of group selection.\u201d (42:14)"
+    assert neutral_title(cloze, "x (42:14)", "multiple_choice") == "Question (42:14)"
+    assert neutral_title("Explain \u201cgroup selection\u201d.", "t") == "About \u201cgroup selection\u201d"
 
 
 def test_distractor_words_are_weighed_once_per_request_not_once_per_chapter_pair():

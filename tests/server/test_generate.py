@@ -44,6 +44,16 @@ def test_generated_items_cite_real_moments_and_stay_drafts(client, eval_course: 
     # nor does one item's title or concept give away another's answer (they share the chapter's title)
     answers = [it["options"][it["correct"][0]].lower() for it in items if it["type"] == "multiple_choice"]
     assert not [a for a in answers for it in items if a in (it["title"] + " " + it["concept"]).lower()]
+    # nor across generations: a second one on the chapter neither shows the first's answers in its titles nor
+    # brings items whose answer the first's titles show (they were read side by side in the course's list)
+    r = client.post(f"/api/v1/courses/{eval_course.id}/assignments/generate", headers=inst.h,
+                    json={"chapter_id": ch["id"], "count": 8, "types": ["multiple_choice", "short_answer"]})
+    assert r.status_code in (201, 409), r.text
+    both = items + (r.json()["items"] if r.status_code == 201 else [])
+    answers = [it["options"][it["correct"][0]].lower() for it in both if it["type"] == "multiple_choice"]
+    leaks = [(a, it["title"], it["concept"]) for a in answers for it in both
+             if re.search(rf"\b{re.escape(a)}\b", (it["title"] + " " + it["concept"]).lower())]
+    assert not leaks, leaks
     # drafts are invisible to learners until the instructor publishes them
     listed = client.get(f"/api/v1/courses/{eval_course.id}/assignments", headers=learner.h).json()["items"]
     assert not {i["id"] for i in items} & {a["id"] for a in listed}
