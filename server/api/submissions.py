@@ -356,7 +356,12 @@ class SubmissionController(Controller):
                             said = f"{said} {feedback['right']}"
                         feedback["right"] = said
                     row = await repo.save_review(conn, submission_id, score=float(score), comment=comment,
-                                                 reviewer_id=user.id, criteria=rescale(criteria, float(score)),
+                                                 reviewer_id=user.id,
+                                                 # an approval keeps the proposal's criteria as they are (rescaled
+                                                 # to its one-decimal total they read "Adjusted by the instructor")
+                                                 criteria=criteria if data.score is None and criteria
+                                                 and criteria == list(row["criteria"] or [])
+                                                 else rescale(criteria, float(score)),
                                                  feedback=feedback)
                     if row is None:  # not possible while the row is locked; said plainly all the same
                         raise ApiError(409, "this submission is still being graded", code="grading")

@@ -507,3 +507,22 @@ def test_a_grade_proposed_for_an_earlier_rubric_is_not_approved_as_it_is(server,
         got = r.json()
         assert got["status"] == "graded" and [x["name"] for x in got["criteria"]] == ["idea", "complexity"], got
         assert sum(x["score"] for x in got["criteria"]) == 50 and all(x["score"] <= x["points"] for x in got["criteria"])
+
+
+def test_approving_a_proposal_keeps_its_criteria_as_they_are(server, make: Factory, settings):
+    """A plain approval rescaled the proposal's criteria (to 0.01) to its total (to 0.1): they changed by a few
+    hundredths and each read "Adjusted by the instructor." though nobody changed anything."""
+    import json
+
+    course = make_course(server, make, learners=1)
+    inst, (learner,) = course.instructor, course.learners
+    with httpx.Client(base_url=server, timeout=30) as c:
+        a = published(c, course, ONE)
+        proposed = [{"name": "correctness", "points": 100.0, "score": 61.94, "justification": "mostly there"}]
+        sid = fetch(settings, """INSERT INTO submissions (assignment_id, course_id, user_id, attempt, answer, status,
+                                 score, grader, criteria) VALUES ($1, $2, $3, 1, $4, 'review_pending', 61.9, 'offline',
+                                 $5) RETURNING id""",
+                    a["id"], course.id, learner.id, json.dumps(VAGUE), json.dumps(proposed))[0]["id"]
+        r = c.post(f"/api/v1/submissions/{sid}/review", json={}, headers=inst.h)
+        assert r.status_code == 200, r.text
+        assert r.json()["criteria"][0]["justification"] == "mostly there", r.json()["criteria"]
