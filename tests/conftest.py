@@ -156,7 +156,9 @@ def worker(settings: Settings, data_dir: Path) -> WorkerProcess:
 
 @pytest.fixture
 def client(server: str) -> httpx.Client:
-    with httpx.Client(base_url=server, timeout=30) as c:
+    # idle connections let go well before the server's keep-alive (uvicorn: 5 s) closes them: with both at 5 s a
+    # request sent on a connection the server was closing at that moment was reset (ECONNRESET), once in CI
+    with httpx.Client(base_url=server, timeout=30, limits=httpx.Limits(keepalive_expiry=2.0)) as c:
         yield c
 
 
