@@ -4,6 +4,8 @@ Redis holds only what can be rebuilt from Postgres (fan-out, presence, counters,
 """
 from __future__ import annotations
 
+import hashlib
+
 # Pub/sub channel carrying encoded events for one topic ("room:<room_id>", "user:<user_id>"). No storage.
 EVENTS_CHANNEL = "sh:ev:{topic}"
 
@@ -131,6 +133,15 @@ RATE_GENERATE = "sh:rl:generate:{user_id}"
 
 def rate_generate(user_id: int) -> str:
     return RATE_GENERATE.format(user_id=user_id)
+
+
+# STRING set while a generation with an Idempotency-Key runs (the key hashed): a twin of it refused by the budget
+# waits for its drafts instead. TTL: the generation's deadline and a minute.
+GENERATING = "sh:gen:busy:{user_id}:{key_sha}"
+
+
+def generating(user_id: int, key: str) -> str:
+    return GENERATING.format(user_id=user_id, key_sha=hashlib.sha256(key.encode()).hexdigest()[:24])
 
 
 # HASH token bucket (as RATE_SEND) limiting how often one user opens room sockets. TTL: full refill time + 1 s.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -26,6 +27,7 @@ from server.errors import ApiError
 from store import assignments as repo
 from store import submissions as submissions_repo
 from store.frames import as_read, blank
+from store import keys
 from store.keys import rate_generate
 from store.ratelimit import SendLimiter
 
@@ -325,101 +327,119 @@ class AssignmentController(Controller):
                 done = await _generated_with(conn, course_id, key, user, asked)
             if done is not None:
                 return Response(done, status_code=200)
-        async with state.pool.acquire() as conn:
-            await course_or_404(conn, course_id, user)
-            if data.chapter_id is not None:
-                ch = await repo.chapter_in_course(conn, course_id, data.chapter_id)
-                if ch is None:
-                    raise ApiError(404, f"chapter {data.chapter_id} not found in this course", field="chapter_id")
-                video_id = ch["video_id"]
-            else:
-                video_id = data.video_id
-            video = await conn.fetchrow("SELECT id, title, status, language FROM videos WHERE id = $1 AND course_id = $2",
-                                        video_id, course_id)
-            if video is None:
-                raise ApiError(404, f"video {video_id} not found in this course", field="video_id")
-            if video["status"] != "ready":
-                raise ApiError(409, f"video {video_id} is {video['status']}; generate once it is ready")
-            chapters = [dict(c) for c in await videos_repo.list_chapters(conn, video_id)]
-            sentences = [gen.Sentence(*s) for s in await repo.video_sentences(conn, video_id)]
-            if not chapters:
-                chapters = [{"id": None, "start_s": 0.0, "end_s": float("inf"), "title": video["title"]}]
-            targets = [c for c in chapters if data.chapter_id in (None, c["id"])]
-            if not targets:  # the chapter went away meanwhile (a re-ingest rebuilt the chapters)
-                raise ApiError(409, f"chapter {data.chapter_id} is no longer part of video {video_id}; list it again",
-                               field="chapter_id")
-            groups = {c["id"]: [s for s in sentences if c["start_s"] <= s.start < c["end_s"]] for c in chapters}
-            per = [data.count // len(targets) + (1 if i < data.count % len(targets) else 0)
-                   for i in range(len(targets))]
-            work = [(ch, n) for ch, n in zip(targets, per) if n and groups[ch["id"]]]
-            if not work:
-                raise ApiError(409, "the chapter has no sentences to build items from")
-            # a generation to be: it takes from the budget, before the costly part (a request refused above
-            # generated nothing: ten 404s for a mistyped chapter spent a third of the hour's)
-            ok, wait = await SendLimiter(state.redis, GENERATE_PER_HOUR / 3600, GENERATE_BURST,
-                                         key=rate_generate).take(user.id)
-            if not ok:  # each generation may call the model once per chapter: a cost to bound
-                raise ApiError(429, f"at most {GENERATE_PER_HOUR} generations an hour; retry in {wait:g}s",
-                               code="rate_limited", retry_after=wait)
-            # other chapters of the course (for distractors and for what makes this chapter distinctive)
-            other_videos = [r["id"] for r in await conn.fetch(
-                "SELECT id FROM videos WHERE course_id = $1 AND status = 'ready' AND id <> $2 ORDER BY id LIMIT 20",
-                course_id, video_id)]
-            other_groups: list[list[gen.Sentence]] = []
-            for vid in other_videos:
-                vs = [gen.Sentence(*s) for s in await repo.video_sentences(conn, vid)]
-                for c in await videos_repo.list_chapters(conn, vid):
-                    other_groups.append([s for s in vs if c["start_s"] <= s.start < c["end_s"]])
-        embedder = await asyncio.to_thread(embedder_for, state.settings)
         try:
-            llm = get_llm(state.settings)
-        except LLMError:
-            llm = None
-        by_model: list[list] = [[] for _ in work]
-        if llm is not None:  # a few chapters at a time, all within one deadline; the rest are written offline
-            gate = asyncio.Semaphore(GENERATE_MODEL_CALLS)
-            # all of a generation's model calls (STUDYHALL_GENERATE_DEADLINE_S): chapters the model has not written
-            # by then are written offline
-            limit_s = state.settings.generate_deadline_s
-            deadline = asyncio.get_running_loop().time() + limit_s
+            async with state.pool.acquire() as conn:
+                await course_or_404(conn, course_id, user)
+                if data.chapter_id is not None:
+                    ch = await repo.chapter_in_course(conn, course_id, data.chapter_id)
+                    if ch is None:
+                        raise ApiError(404, f"chapter {data.chapter_id} not found in this course", field="chapter_id")
+                    video_id = ch["video_id"]
+                else:
+                    video_id = data.video_id
+                video = await conn.fetchrow(
+                    "SELECT id, title, status, language FROM videos WHERE id = $1 AND course_id = $2",
+                    video_id, course_id)
+                if video is None:
+                    raise ApiError(404, f"video {video_id} not found in this course", field="video_id")
+                if video["status"] != "ready":
+                    raise ApiError(409, f"video {video_id} is {video['status']}; generate once it is ready")
+                chapters = [dict(c) for c in await videos_repo.list_chapters(conn, video_id)]
+                sentences = [gen.Sentence(*s) for s in await repo.video_sentences(conn, video_id)]
+                if not chapters:
+                    chapters = [{"id": None, "start_s": 0.0, "end_s": float("inf"), "title": video["title"]}]
+                targets = [c for c in chapters if data.chapter_id in (None, c["id"])]
+                if not targets:  # the chapter went away meanwhile (a re-ingest rebuilt the chapters)
+                    raise ApiError(409, f"chapter {data.chapter_id} is no longer part of video {video_id}; list it "
+                                        "again", field="chapter_id")
+                groups = {c["id"]: [s for s in sentences if c["start_s"] <= s.start < c["end_s"]] for c in chapters}
+                per = [data.count // len(targets) + (1 if i < data.count % len(targets) else 0)
+                       for i in range(len(targets))]
+                work = [(ch, n) for ch, n in zip(targets, per) if n and groups[ch["id"]]]
+                if not work:
+                    raise ApiError(409, "the chapter has no sentences to build items from")
+                # a generation to be: it takes from the budget, before the costly part (a request refused above
+                # generated nothing: ten 404s for a mistyped chapter spent a third of the hour's)
+                ok, wait = await SendLimiter(state.redis, GENERATE_PER_HOUR / 3600, GENERATE_BURST,
+                                             key=rate_generate).take(user.id)
+                if not ok:  # each generation may call the model once per chapter: a cost to bound
+                    raise _BudgetSpent(wait)
+                if key is not None:
+                    await state.redis.set(keys.generating(user.id, key), b"1",
+                                          px=int((state.settings.generate_deadline_s + 60) * 1000))
+                # other chapters of the course (for distractors and for what makes this chapter distinctive)
+                other_videos = [r["id"] for r in await conn.fetch(
+                    "SELECT id FROM videos WHERE course_id = $1 AND status = 'ready' AND id <> $2 ORDER BY id LIMIT 20",
+                    course_id, video_id)]
+                other_groups: list[list[gen.Sentence]] = []
+                for vid in other_videos:
+                    vs = [gen.Sentence(*s) for s in await repo.video_sentences(conn, vid)]
+                    for c in await videos_repo.list_chapters(conn, vid):
+                        other_groups.append([s for s in vs if c["start_s"] <= s.start < c["end_s"]])
+        except _BudgetSpent as spent:
+            # a twin of a generation under way (the same key, sent at once) gets its drafts, not a 429
+            twin = await _twin_drafts(state, course_id, key, user, asked) if key is not None else None
+            if twin is not None:
+                return Response(twin, status_code=200)
+            raise ApiError(429, f"at most {GENERATE_PER_HOUR} generations an hour; retry in {spent.wait:g}s",
+                           code="rate_limited", retry_after=spent.wait) from None
 
-            async def written(ch: dict, n: int) -> list:
-                async with gate:
-                    left = deadline - asyncio.get_running_loop().time()
-                    if left <= 0:
-                        return []
-                    try:
-                        return await asyncio.wait_for(gen.llm_items(llm, ch["title"], video_id, groups[ch["id"]], n,
-                                                                    data.difficulty, list(data.types)), left)
-                    except asyncio.TimeoutError:
-                        logger.warning("generation: the model missed the request's %gs deadline; offline items for "
-                                       "chapter %s", limit_s, ch["id"])
-                        return []
-
-            by_model = list(await asyncio.gather(*(written(ch, n) for ch, n in work)))
-        generator = f"llm:{llm.name}" if llm is not None and any(by_model) else "offline"
-        drafts: list[tuple[dict, Any]] = []
-        for (ch, n), items in zip(work, by_model):
-            if not items:
-                others = [g for cid, g in groups.items() if cid != ch["id"] and g] + [g for g in other_groups if g]
-                items = await asyncio.to_thread(gen.offline_items, ch["title"], video_id, groups[ch["id"]], others, n,
-                                                data.difficulty, list(data.types), embedder,
-                                                language=video["language"] or "en")
-            drafts += [(ch, it) for it in items]
-        if not drafts:
-            raise ApiError(409, "the chapter has no sentences to build items from")
-        async with state.pool.acquire() as conn:
+        try:
+            embedder = await asyncio.to_thread(embedder_for, state.settings)
             try:
-                rows = await self._store_drafts(conn, course_id, user.id, video_id, drafts, key, generator, asked)
-            except asyncpg.ForeignKeyViolationError as exc:  # the video or its chapters went meanwhile
-                raise ApiError(409, "the video's chapters were rebuilt (a re-ingest) or it was deleted while the items "
-                                    "were written; generate again", code="conflict", retry_after=1) from exc
-            if rows is None:  # its twin (the same key, at the same time) stored its drafts first: those stand
-                done = await _generated_with(conn, course_id, key, user, asked)  # type: ignore[arg-type]
-                return Response(done or Generated(items=[], generator=generator), status_code=200)
-        logger.info("generated %d draft assignments", len(rows),
-                    extra={"fields": {"course_id": course_id, "video_id": video_id, "generator": generator}})
-        return Response(Generated(items=[to_assignment(r, user) for r in rows], generator=generator), status_code=201)
+                llm = get_llm(state.settings)
+            except LLMError:
+                llm = None
+            by_model: list[list] = [[] for _ in work]
+            if llm is not None:  # a few chapters at a time, all within one deadline; the rest are written offline
+                gate = asyncio.Semaphore(GENERATE_MODEL_CALLS)
+                # all of a generation's model calls (STUDYHALL_GENERATE_DEADLINE_S): chapters the model has not written
+                # by then are written offline
+                limit_s = state.settings.generate_deadline_s
+                deadline = asyncio.get_running_loop().time() + limit_s
+
+                async def written(ch: dict, n: int) -> list:
+                    async with gate:
+                        left = deadline - asyncio.get_running_loop().time()
+                        if left <= 0:
+                            return []
+                        try:
+                            return await asyncio.wait_for(gen.llm_items(llm, ch["title"], video_id, groups[ch["id"]], n,
+                                                                        data.difficulty, list(data.types)), left)
+                        except asyncio.TimeoutError:
+                            logger.warning("generation: the model missed the request's %gs deadline; offline items for "
+                                           "chapter %s", limit_s, ch["id"])
+                            return []
+
+                by_model = list(await asyncio.gather(*(written(ch, n) for ch, n in work)))
+            generator = f"llm:{llm.name}" if llm is not None and any(by_model) else "offline"
+            drafts: list[tuple[dict, Any]] = []
+            for (ch, n), items in zip(work, by_model):
+                if not items:
+                    others = [g for cid, g in groups.items() if cid != ch["id"] and g] + [g for g in other_groups if g]
+                    items = await asyncio.to_thread(gen.offline_items, ch["title"], video_id, groups[ch["id"]], others,
+                                                    n, data.difficulty, list(data.types), embedder,
+                                                    language=video["language"] or "en")
+                drafts += [(ch, it) for it in items]
+            if not drafts:
+                raise ApiError(409, "the chapter has no sentences to build items from")
+            async with state.pool.acquire() as conn:
+                try:
+                    rows = await self._store_drafts(conn, course_id, user.id, video_id, drafts, key, generator, asked)
+                except asyncpg.ForeignKeyViolationError as exc:  # the video or its chapters went meanwhile
+                    raise ApiError(409, "the video's chapters were rebuilt (a re-ingest) or it was deleted while the "
+                                        "items were written; generate again", code="conflict", retry_after=1) from exc
+                if rows is None:  # its twin (the same key, at the same time) stored its drafts first: those stand
+                    done = await _generated_with(conn, course_id, key, user, asked)  # type: ignore[arg-type]
+                    return Response(done or Generated(items=[], generator=generator), status_code=200)
+            logger.info("generated %d draft assignments", len(rows),
+                        extra={"fields": {"course_id": course_id, "video_id": video_id, "generator": generator}})
+            return Response(Generated(items=[to_assignment(r, user) for r in rows], generator=generator),
+                            status_code=201)
+        finally:  # (a twin waiting for these drafts stops waiting: they are stored, or there will be none)
+            if key is not None:
+                await state.redis.delete(keys.generating(user.id, key))
+
 
     @staticmethod
     async def _store_drafts(conn: asyncpg.Connection, course_id: int, user_id: int, video_id: int,
@@ -484,6 +504,28 @@ class AssignmentController(Controller):
         except _Twin:
             return None
         return rows
+
+
+class _BudgetSpent(Exception):
+    def __init__(self, wait: float) -> None:
+        super().__init__(wait)
+        self.wait = wait
+
+
+async def _twin_drafts(state, course_id: int, key: str, user: AuthUser,  # type: ignore[no-untyped-def]
+                       asked: bytes) -> Generated | None:
+    """While a generation with this key runs (its mark in Redis), wait for its drafts (no connection held between
+    looks); None when none runs."""
+    deadline = time.monotonic() + state.settings.generate_deadline_s + 30
+    while time.monotonic() < deadline:
+        async with state.pool.acquire() as conn:
+            done = await _generated_with(conn, course_id, key, user, asked)
+        if done is not None:
+            return done
+        if not await state.redis.exists(keys.generating(user.id, key)):
+            return None
+        await asyncio.sleep(0.25)
+    return None
 
 
 class _Twin(Exception):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import httpx
+
 from tests.conftest import EvalCourse
 
 
@@ -161,6 +163,33 @@ def test_generation_is_rate_limited_per_user(client, make, settings, eval_course
         r = client.post(f"/api/v1/courses/{eval_course.id}/assignments/generate", headers=owner.h,
                         json={"video_id": eval_course.videos["3b1b-bitcoin.srt"], "count": 1})
         assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1, r.text
+        # one generation left, and a request sent twice at once with its Idempotency-Key: the twin the budget
+        # refuses waits for the drafts of the one that runs (it was a 429)
+        run_sync(refill(owner.id))
+
+        async def leave_one() -> None:
+            redis = Redis.from_url(settings.redis_url)
+            try:
+                limiter = SendLimiter(redis, GENERATE_PER_HOUR / 3600, GENERATE_BURST, key=rate_generate)
+                for _ in range(GENERATE_BURST - 1):
+                    assert (await limiter.take(owner.id))[0]
+            finally:
+                await redis.aclose()
+
+        run_sync(leave_one())
+        from concurrent.futures import ThreadPoolExecutor
+
+        body = {"video_id": eval_course.videos["3b1b-bitcoin.srt"], "count": 1, "types": ["short_answer"]}
+
+        def twin(_: int) -> httpx.Response:
+            with httpx.Client(base_url=str(client.base_url), timeout=120) as c:
+                return c.post(f"/api/v1/courses/{eval_course.id}/assignments/generate", json=body,
+                              headers={**owner.h, "Idempotency-Key": "twins-on-a-spent-budget"})
+
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(twin, range(2)))
+        assert sorted(r.status_code for r in got) == [200, 201], [r.text for r in got]
+        assert got[0].json()["items"] == got[1].json()["items"]
     finally:
         run_sync(refill(owner.id))
 
