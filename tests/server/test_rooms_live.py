@@ -21,7 +21,14 @@ async def test_session_lifecycle_and_attendance(server, client, make: Factory, s
     sid = s["id"]
     assert client.post(f"/api/v1/courses/{course.id}/live", json={"title": "x"}, headers=a.h).status_code == 403
     assert [x["id"] for x in client.get(f"/api/v1/courses/{course.id}/live", headers=a.h).json()] == [sid]
-    assert client.get(f"/api/v1/live/{sid}", headers=make.user("learner").h).status_code == 404
+    outsider = make.user("learner")
+    assert client.get(f"/api/v1/live/{sid}", headers=outsider.h).status_code == 404
+    assert client.get(f"/api/v1/courses/{course.id}/live", headers=outsider.h).status_code == 404  # a draft course
+    # a published course they can read but are not enrolled in: said so (it was "course not found")
+    assert client.patch(f"/api/v1/courses/{course.id}", json={"published": True}, headers=inst.h).status_code == 200
+    assert client.get(f"/api/v1/courses/{course.id}", headers=outsider.h).status_code == 200
+    r = client.get(f"/api/v1/courses/{course.id}/live", headers=outsider.h)
+    assert r.status_code == 403 and r.json()["code"] == "not_enrolled", r.text
     assert client.post(f"/api/v1/live/{sid}/end", headers=inst.h).status_code == 409  # not live yet
     r = client.post(f"/api/v1/live/{sid}/polls", json={"question": "?", "options": ["x", "y"]}, headers=inst.h)
     assert r.status_code == 409 and "started" in r.json()["message"]  # polls open once it is live
