@@ -436,7 +436,8 @@ def announcement(groups: list[dict[str, Any]], names: dict[int, str], max_chars:
     lines = [h.removesuffix(": ") for h in heads]
     for shown in range(len(lines), -1, -1):
         more = len(lines) - shown
-        text = ANNOUNCE_HEAD + "\n".join(lines[:shown]) + (f"\n… and {more} more group{'s' if more > 1 else ''}" if more else "")
+        rest = f"\n… and {more} more group{'s' if more > 1 else ''}" if more else ""
+        text = ANNOUNCE_HEAD + "\n".join(lines[:shown]) + rest
         if len(text) <= max_chars:
             return text
     return text[:max_chars]

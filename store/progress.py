@@ -506,7 +506,7 @@ async def unmark_helpful(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, ro
     (`xp.revoked` to them), the room hears `message.helpful_removed`, and a tutor's verdict on the reply becomes
     `not_helpful`. The removed mark, or None when the message has none. Marked again later, it earns again."""
     async with xp.transaction(db, redis) as tx:
-        # the tutor's check first, as the tutor's mark takes them (its check, then the mark): no deadlock between the two
+        # the tutor's check first, as the tutor's mark takes them (its check, then the mark): no deadlock between them
         check = await tx.conn.fetchval("SELECT status FROM reply_checks WHERE message_id = $1 FOR UPDATE", message_id)
         row = await tx.conn.fetchrow(
             f"DELETE FROM helpful_marks WHERE message_id = $1 AND room_id = $2 RETURNING {_HELPFUL_COLS}, xp_key",

@@ -71,8 +71,9 @@ async def tutor_marks_since(conn: asyncpg.Connection, author_id: int, hours: flo
         """SELECT (SELECT count(*) FROM helpful_marks h
                    WHERE h.by_tutor AND h.author_id = $1 AND h.marked_at > now() - make_interval(secs => $2)
                      AND h.message_id IS DISTINCT FROM $4
-                     AND ($3::bigint IS NULL OR EXISTS (SELECT 1 FROM reply_checks c JOIN messages q ON q.id = c.question_id
-                                                        WHERE c.message_id = h.message_id AND q.author_id = $3)))
+                     AND ($3::bigint IS NULL OR EXISTS (
+                         SELECT 1 FROM reply_checks c JOIN messages q ON q.id = c.question_id
+                         WHERE c.message_id = h.message_id AND q.author_id = $3)))
                 + (SELECT count(*) FROM reply_checks c JOIN messages q ON q.id = c.question_id
                    WHERE c.author_id = $1 AND c.status = 'not_helpful' AND c.reason = $5
                      AND c.checked_at > now() - make_interval(secs => $2) AND c.message_id IS DISTINCT FROM $4
