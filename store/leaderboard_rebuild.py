@@ -133,12 +133,12 @@ async def read_ledger(conn: asyncpg.Connection, scope: str, scope_id: int, perio
     bounds = period_bounds(period, at)
     rows = await conn.fetch(_ONE_BOARD_SQL[scope], scope_id, bounds and bounds[0], bounds and bounds[1], user_id,
                             limit, leaderboards.NEIGHBOURS)
-    entries = [LeaderboardEntry(user_id=r["user_id"], name=r["name"], xp=int(r["xp"]), rank=int(r["rank"]))
-               for r in rows if r["pos"] < limit]
+    at_pos = {r["pos"]: LeaderboardEntry(user_id=r["user_id"], name=r["name"], xp=int(r["xp"]), rank=int(r["rank"]))
+              for r in rows}
+    entries = [e for pos, e in at_pos.items() if pos < limit]
     me_pos = rows[0]["me_pos"] if rows else None
-    neighbours = [] if me_pos is None else [
-        LeaderboardEntry(user_id=r["user_id"], name=r["name"], xp=int(r["xp"]), rank=int(r["rank"]))
-        for r in rows if abs(r["pos"] - me_pos) <= leaderboards.NEIGHBOURS]
+    neighbours = [] if me_pos is None else [e for pos, e in at_pos.items()
+                                            if abs(pos - me_pos) <= leaderboards.NEIGHBOURS]
     me = next((e for e in neighbours if e.user_id == user_id), None)
     return leaderboards.Board(entries=entries, me=me, neighbours=neighbours, count=int(rows[0]["count"]) if rows else 0,
                               built=False)

@@ -10,7 +10,6 @@ from typing import Literal
 from litestar import Controller, Request, get
 from litestar.params import Parameter
 
-from server.api.progress import rebuild_soon
 from server.api.progress_schemas import LeaderboardOut, Me
 from server.auth import AuthUser
 from server.errors import ApiError
@@ -74,7 +73,7 @@ class LeaderboardController(Controller):
                 raise ApiError(404, f"{scope} {scope_id} not found")
         board = await leaderboards.read(state.redis, scope, scope_id, user.tenant_id, period, user.id, limit=limit)
         if not board.built:  # Redis lost the boards: rebuild them, and answer from the ledger meanwhile
-            rebuild_soon(state)
+            leaderboard_rebuild.rebuild_soon(state)
             async with ledger_read_slot(state), state.pool.acquire() as conn:
                 board = await leaderboard_rebuild.read_ledger(conn, scope, scope_id, period, user.id, limit=limit)
         me = Me(rank=board.me.rank, xp=board.me.xp) if board.me else Me(rank=None, xp=0)

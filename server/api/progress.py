@@ -50,11 +50,6 @@ async def progress_lifespan(app: Litestar) -> AsyncIterator[None]:
         task.cancel()
 
 
-# (kept here too: what reads and tests have imported)
-REBUILD_BACKOFF_S = leaderboard_rebuild.REBUILD_BACKOFF_S
-rebuild_soon = leaderboard_rebuild.rebuild_soon
-
-
 async def video_or_404(conn: asyncpg.Connection, video_id: int, user: AuthUser) -> asyncpg.Record:
     row = await conn.fetchrow("SELECT id, course_id, title, duration_s, status, source FROM videos WHERE id = $1",
                               video_id)

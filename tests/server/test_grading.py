@@ -483,27 +483,28 @@ def test_a_grade_all_job_reads_grading_while_its_batches_run(server, client, mak
     assert got["state"] == "grading" and got["progress"] == 0.5, got
 
 
-def _held(settings, assignment: dict, learner, score: float, criteria: list[dict]) -> int:  # type: ignore[no-untyped-def]
-    """A machine grade held for review, with these criteria: the submission's id."""
+def _held(server: str, make: Factory, settings, score: float, criteria: list[dict]):  # type: ignore[no-untyped-def]
+    """A published written assignment (ONE) with one machine grade held for review, with these criteria: (its
+    instructor, the assignment, the submission's id)."""
     import json
 
-    return fetch(settings, """INSERT INTO submissions (assignment_id, course_id, user_id, attempt, answer, status,
-                              score, grader, criteria) VALUES ($1, $2, $3, 1, $4, 'review_pending', $5, 'offline', $6)
-                              RETURNING id""",
-                 assignment["id"], assignment["course_id"], learner.id, json.dumps(VAGUE), score,
-                 json.dumps(criteria))[0]["id"]
+    course = make_course(server, make, learners=1)
+    with httpx.Client(base_url=server, timeout=30) as c:
+        a = published(c, course, ONE)
+    sid = fetch(settings, """INSERT INTO submissions (assignment_id, course_id, user_id, attempt, answer, status,
+                             score, grader, criteria) VALUES ($1, $2, $3, 1, $4, 'review_pending', $5, 'offline', $6)
+                             RETURNING id""",
+                a["id"], course.id, course.learners[0].id, json.dumps(VAGUE), score, json.dumps(criteria))[0]["id"]
+    return course.instructor, a, sid
 
 
 def test_a_grade_proposed_for_an_earlier_rubric_is_not_approved_as_it_is(server, make: Factory, settings):
     """A held grade kept the criteria of the rubric it was graded against: approved after the rubric changed, the
     final grade scored criteria the assignment no longer had. Approving it is a 409 (regrade it, or give a score);
     a score given is spread over the rubric as it is now."""
-    course = make_course(server, make, learners=1)
-    inst, (learner,) = course.instructor, course.learners
+    inst, a, sid = _held(server, make, settings, 40, [{"name": "correctness", "points": 100.0, "score": 40.0,
+                                                       "justification": "vague"}])
     with httpx.Client(base_url=server, timeout=30) as c:
-        a = published(c, course, ONE)
-        sid = _held(settings, a, learner, 40, [{"name": "correctness", "points": 100.0, "score": 40.0,
-                                                "justification": "vague"}])
         assert c.patch(f"/api/v1/assignments/{a['id']}", json={"rubric": TWO["rubric"]},
                        headers=inst.h).status_code == 200
         r = c.post(f"/api/v1/submissions/{sid}/review", json={}, headers=inst.h)
@@ -518,12 +519,9 @@ def test_a_grade_proposed_for_an_earlier_rubric_is_not_approved_as_it_is(server,
 def test_approving_a_proposal_keeps_its_criteria_as_they_are(server, make: Factory, settings):
     """A plain approval rescaled the proposal's criteria (to 0.01) to its total (to 0.1): they changed by a few
     hundredths and each read "Adjusted by the instructor." though nobody changed anything."""
-    course = make_course(server, make, learners=1)
-    inst, (learner,) = course.instructor, course.learners
+    inst, _, sid = _held(server, make, settings, 61.9, [{"name": "correctness", "points": 100.0, "score": 61.94,
+                                                         "justification": "mostly there"}])
     with httpx.Client(base_url=server, timeout=30) as c:
-        a = published(c, course, ONE)
-        sid = _held(settings, a, learner, 61.9, [{"name": "correctness", "points": 100.0, "score": 61.94,
-                                                  "justification": "mostly there"}])
         r = c.post(f"/api/v1/submissions/{sid}/review", json={}, headers=inst.h)
         assert r.status_code == 200, r.text
         assert r.json()["criteria"][0]["justification"] == "mostly there", r.json()["criteria"]

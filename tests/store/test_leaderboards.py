@@ -428,7 +428,7 @@ async def test_a_failing_rebuild_is_not_retried_by_every_read(lb):
     for a while (each would aggregate the whole ledger again)."""
     from types import SimpleNamespace
 
-    from server.api.progress import rebuild_soon
+    from store.leaderboard_rebuild import rebuild_soon
 
     _, redis = lb
     state = SimpleNamespace(pool=None, redis=redis)  # no database: the rebuild fails
