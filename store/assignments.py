@@ -118,8 +118,9 @@ async def on_grade_final(conn: asyncpg.Connection, redis: Redis, submission: asy
     review). Call after the grade's transaction committed, with a connection outside a transaction.
 
     1. the learner's per-chapter strength (`chapter_scores`, read by the study-buddy matcher);
-    2. XP through `store.xp.award_xp`: 'assignment_passed' (score >= PASS_SCORE) and
-       'perfect_score' (100), once per learner and assignment whatever the attempts or re-reviews;
+    2. XP (`sync_grade_xp`): 'assignment_passed' while the learner's best grade on the assignment is at least
+       PASS_SCORE and 'perfect_score' while it is 100, once per learner and assignment whatever the attempts; a
+       grade lowered below the mark takes the award back;
     3. a `grade.ready` event to the learner (topic `user:<id>`: every room they have open).
     Each step is tolerant: a failure is logged and the grade, already stored, stays the truth.
     """
@@ -129,7 +130,7 @@ async def on_grade_final(conn: asyncpg.Connection, redis: Redis, submission: asy
         await _update_chapter_score(conn, s["user_id"], s["assignment_id"])
     except Exception:  # noqa: BLE001
         logger.warning("could not update chapter_scores for submission %s", s["id"], exc_info=True)
-    await _award_xp(conn, redis, s, score)
+    await _sync_xp(conn, redis, s)
     try:  # (the grade is stored: its caller's reply must not become a 500, inviting a second attempt)
         a = await conn.fetchrow("SELECT title, course_id FROM assignments WHERE id = $1", s["assignment_id"])
         await publish(redis, user_topic(s["user_id"]), GradeReady(
@@ -140,41 +141,106 @@ async def on_grade_final(conn: asyncpg.Connection, redis: Redis, submission: asy
         logger.warning("could not announce the grade of submission %s", s["id"], exc_info=True)
 
 
-async def _award_xp(conn: asyncpg.Connection, redis: Redis, s: dict, score: float) -> None:
-    if score < PASS_SCORE:
-        return
-    try:  # both or neither: a crash in between must not leave the perfect-score bonus behind for good
-        async with xp.transaction(conn, redis) as tx:
-            await tx.award(s["user_id"], "assignment_passed", f"assignment:{s['assignment_id']}",
-                           course_id=s["course_id"])
-            if score >= 100.0:
-                await tx.award(s["user_id"], "perfect_score", f"perfect:{s['assignment_id']}",
-                               course_id=s["course_id"])
-    except Exception:  # noqa: BLE001 - the grade stands; reconcile_grade_xp awards it later
-        logger.warning("could not award XP for submission %s", s["id"], exc_info=True)
+# A learner's XP for an assignment follows their best final grade on it (the grade they see: during a regrade the one
+# they were given): 'assignment_passed' while it is at least PASS_SCORE, 'perfect_score' while it is 100. A grade
+# lowered below the mark takes the award back (a `revoked` ledger row); raised again, it earns again under the next
+# key of the chain `assignment:<id>`, `assignment:<id>#2`, … (`perfect:<id>` alike). Achievements stay unlocked.
+GRADE_XP = (("assignment_passed", "assignment:", PASS_SCORE), ("perfect_score", "perfect:", 100.0))
+
+# Per ledger key base: how many awards were given and how many taken back. $1 learner, $2 key bases.
+_CHAIN = """
+SELECT b.base, count(x.id) FILTER (WHERE x.kind <> 'revoked') AS given, count(x.id) FILTER (WHERE x.kind = 'revoked') AS taken
+FROM unnest($2::text[]) AS b(base)
+LEFT JOIN xp_events x ON x.user_id = $1
+     AND (x.idempotency_key IN (b.base, 'revoke:' || b.base)
+          OR x.idempotency_key LIKE b.base || '#%' OR x.idempotency_key LIKE 'revoke:' || b.base || '#%')
+GROUP BY b.base"""
+
+# The grade the learner stands on per assignment: the best of their attempts as they see them.
+_BEST = """
+SELECT max(CASE WHEN status = 'graded' THEN score ELSE (released ->> 'score')::float8 END) AS best,
+       max(course_id) AS course_id
+FROM submissions WHERE user_id = $1 AND assignment_id = $2"""
+
+
+def _chain_key(base: str, n: int) -> str:
+    return base if n <= 1 else f"{base}#{n}"
+
+
+async def sync_grade_xp(conn: asyncpg.Connection, redis: Redis, user_id: int, assignment_id: int) -> int:
+    """Bring the learner's XP for the assignment in line with their best grade on it (see GRADE_XP): award or take
+    back, both in one transaction, one learner and assignment at a time. Returns how many ledger rows it wrote.
+    `conn` must be outside a transaction."""
+    async with xp.transaction(conn, redis) as tx:
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('grade_xp'), hashtext($1::text))",
+                           f"{user_id}:{assignment_id}")
+        row = await conn.fetchrow(_BEST, user_id, assignment_id)
+        best = float(row["best"]) if row and row["best"] is not None else None
+        chains = {r["base"]: (r["given"], r["taken"]) for r in await conn.fetch(
+            _CHAIN, user_id, [f"{prefix}{assignment_id}" for _, prefix, _ in GRADE_XP])}
+        wrote = 0
+        for kind, prefix, mark in GRADE_XP:
+            base = f"{prefix}{assignment_id}"
+            given, taken = chains.get(base, (0, 0))
+            want = best is not None and best >= mark
+            if want and given <= taken:
+                wrote += await tx.award(user_id, kind, _chain_key(base, given + 1), course_id=row["course_id"],
+                                        meta={"assignment_id": assignment_id}) is not None
+            elif not want and given > taken:
+                wrote += await tx.revoke(user_id, _chain_key(base, given), meta={
+                    "assignment_id": assignment_id, "reason": "grade_lowered", "best": best}) is not None
+        return wrote
+
+
+async def _sync_xp(conn: asyncpg.Connection, redis: Redis, s: dict) -> None:
+    try:
+        await sync_grade_xp(conn, redis, s["user_id"], s["assignment_id"])
+    except Exception:  # noqa: BLE001 - the grade stands; reconcile_grade_xp brings the XP in line later
+        logger.warning("could not update the XP of submission %s", s["id"], exc_info=True)
 
 
 GRADE_XP_LOOKBACK = "30 days"  # far longer than any outage the every-minute check must cover
 
 
+def _out_of_line(base: str, want: str) -> str:
+    """SQL: the learner's awards with key base `base` do not match `want` (a boolean). The common cases are one index
+    probe or two (never taken back); only a chain taken back before is counted."""
+    held = (f"(SELECT count(*) FILTER (WHERE x.kind <> 'revoked') > count(*) FILTER (WHERE x.kind = 'revoked') "
+            f"FROM xp_events x WHERE x.user_id = p.user_id AND (x.idempotency_key IN ({base}, 'revoke:' || {base}) "
+            f"OR x.idempotency_key LIKE {base} || '#%' OR x.idempotency_key LIKE 'revoke:' || {base} || '#%'))")
+    given = f"EXISTS (SELECT 1 FROM xp_events x WHERE x.user_id = p.user_id AND x.idempotency_key = {base})"
+    taken = f"EXISTS (SELECT 1 FROM xp_events x WHERE x.user_id = p.user_id AND x.idempotency_key = 'revoke:' || {base})"
+    return (f"CASE WHEN NOT {taken} THEN {given} IS DISTINCT FROM {want} "
+            f"ELSE {held} IS DISTINCT FROM {want} END")
+
+
 async def reconcile_grade_xp(conn: asyncpg.Connection, redis: Redis, limit: int = 500) -> int:
-    """Award the XP of final passing grades of the last GRADE_XP_LOOKBACK that have none (the process died between
-    the grade's commit and its award). Awards are idempotent, so this is safe to run at any time; the worker runs it
-    every minute (over every grade ever, each run probed the ledger twice per passing submission of all time)."""
+    """Bring in line the XP of learners with a final grade of the last GRADE_XP_LOOKBACK whose ledger does not match
+    their best grade (the process died between the grade's commit and `on_grade_final`). Safe to run at any time;
+    the worker runs it every minute (over every grade ever, each run probed the ledger twice per passing submission
+    of all time)."""
     rows = await conn.fetch(
-        f"""SELECT DISTINCT ON (s.user_id, s.assignment_id) {SUBMISSION_COLUMNS} FROM submissions s
-           JOIN users u ON u.id = s.user_id AND u.role = 'learner'
-           WHERE s.status = 'graded' AND s.score >= $1 AND s.final_at > now() - interval '{GRADE_XP_LOOKBACK}'
-             AND (NOT EXISTS (SELECT 1 FROM xp_events x WHERE x.user_id = s.user_id
-                                  AND x.idempotency_key = 'assignment:' || s.assignment_id)
-                  OR s.score >= 100 AND NOT EXISTS (SELECT 1 FROM xp_events x WHERE x.user_id = s.user_id
-                                                    AND x.idempotency_key = 'perfect:' || s.assignment_id))
-           ORDER BY s.user_id, s.assignment_id, s.score DESC LIMIT $2""",
+        f"""WITH recent AS (
+                SELECT DISTINCT s.user_id, s.assignment_id FROM submissions s
+                WHERE s.status = 'graded' AND s.final_at > now() - interval '{GRADE_XP_LOOKBACK}'
+            ), p AS (
+                SELECT r.user_id, r.assignment_id, coalesce(b.best, 0) AS best FROM recent r
+                JOIN users u ON u.id = r.user_id AND u.role = 'learner'
+                CROSS JOIN LATERAL ({_BEST.replace("$1", "r.user_id").replace("$2", "r.assignment_id")}) b
+            )
+            SELECT p.user_id, p.assignment_id FROM p
+            WHERE {_out_of_line("'assignment:' || p.assignment_id", "p.best >= $1")}
+               OR {_out_of_line("'perfect:' || p.assignment_id", "p.best >= 100")}
+            LIMIT $2""",
         PASS_SCORE, limit)
     for r in rows:
-        await _award_xp(conn, redis, dict(r), float(r["score"]))
+        try:
+            await sync_grade_xp(conn, redis, r["user_id"], r["assignment_id"])
+        except Exception:  # noqa: BLE001 - the next run tries again
+            logger.warning("could not bring in line the XP of learner %s on assignment %s", r["user_id"],
+                           r["assignment_id"], exc_info=True)
     if rows:
-        logger.info("awarded missing XP for %d final grades", len(rows))
+        logger.info("brought in line the XP of %d learners' final grades", len(rows))
     return len(rows)
 
 

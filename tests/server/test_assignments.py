@@ -237,6 +237,48 @@ async def test_a_corrected_answer_key_scores_the_answers_again(server, client, m
     assert r.status_code == 200  # wording may change
 
 
+async def test_a_lowered_grade_takes_its_xp_back_and_a_raised_one_earns_again(server, client, make: Factory, settings):
+    """XP follows the learner's best grade on the assignment: a corrected key that fails a perfect answer took back
+    neither the pass nor the perfect-score bonus (the boards kept 150 XP for a grade of 0). Now both are taken back
+    (`xp.revoked`), and earned again when the grade comes back; a better attempt keeps them whatever a worse one
+    scores."""
+    course = make_course(server, make, learners=2)
+    a, b = course.learners
+    item = published(client, course, {**MC, "max_attempts": 2})
+    url = f"/api/v1/assignments/{item['id']}"
+
+    def xp_of(user) -> tuple[int, dict]:  # type: ignore[no-untyped-def]
+        me = client.get("/api/v1/me/stats", headers=user.h).json()
+        board = client.get(f"/api/v1/leaderboards/course/{course.id}?period=all", headers=user.h).json()
+        assert board["me"] is None or board["me"]["xp"] == me["xp"], (board, me)
+        return me["xp"], {k: v for k, v in me["counts"].items() if k in ("assignment_passed", "perfect_score")}
+
+    assert client.post(f"{url}/submissions", json={"answer": [1]}, headers=a.h).json()["score"] == 100
+    assert client.post(f"{url}/submissions", json={"answer": [1]}, headers=b.h).json()["score"] == 100
+    assert client.post(f"{url}/submissions", json={"answer": [0]}, headers=b.h).json()["score"] == 0
+    assert xp_of(a) == xp_of(b) == (150, {"assignment_passed": 1, "perfect_score": 1})  # b's best attempt counts
+    ws = await Client.connect(server, course.room, a)
+    try:
+        assert client.patch(url, json={"correct": [2]}, headers=course.instructor.h).status_code == 200
+        taken = {(await ws.expect("xp.revoked"))["kind"] for _ in range(2)}
+        assert taken == {"assignment_passed", "perfect_score"}
+    finally:
+        await ws.close()
+    assert xp_of(a) == xp_of(b) == (0, {"assignment_passed": 0, "perfect_score": 0})
+    # b's second attempt is now the right one: their best is 100 again, so they earn again; a stays at 0
+    assert client.patch(url, json={"correct": [0]}, headers=course.instructor.h).status_code == 200
+    assert xp_of(a)[0] == 0 and xp_of(b) == (150, {"assignment_passed": 1, "perfect_score": 1})
+    assert client.patch(url, json={"correct": [1]}, headers=course.instructor.h).status_code == 200
+    assert xp_of(a) == xp_of(b) == (150, {"assignment_passed": 1, "perfect_score": 1})
+    keys = {r["idempotency_key"] for r in fetch(settings, "SELECT idempotency_key FROM xp_events WHERE user_id = $1",
+                                                 a.id)}
+    aid = item["id"]
+    assert keys == {f"assignment:{aid}", f"perfect:{aid}", f"revoke:assignment:{aid}", f"revoke:perfect:{aid}",
+                    f"assignment:{aid}#2", f"perfect:{aid}#2"}
+    assert fetch(settings, "SELECT count(*) AS n FROM xp_events WHERE user_id = $1 AND kind = 'revoked'",
+                 b.id)[0]["n"] == 2  # b: taken back once, earned again under #2, then kept (best stayed 100)
+
+
 def test_an_answered_assignment_is_deleted_only_on_purpose(server, client, make: Factory, settings):
     course = make_course(server, make, learners=1)
     (learner,) = course.learners

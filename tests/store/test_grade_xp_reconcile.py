@@ -105,3 +105,74 @@ def test_a_chapter_strength_that_missed_a_final_grade_is_recomputed(settings, ma
     assert fetch(settings, "SELECT count(*) AS n FROM xp_events WHERE user_id = $1", old.id)[0]["n"] == 0
     (row,) = fetch(settings, "SELECT score FROM chapter_scores WHERE user_id = $1 AND chapter_id = $2", learner.id, chid)
     assert row["score"] == pytest.approx(0.5)
+
+
+def test_a_lowered_grade_whose_hook_was_lost_has_its_xp_taken_back(settings, make: Factory, client):
+    """A grade lowered below the mark, then the process died before its hook: the reconciler takes the XP back, once;
+    raised again (hook lost too) it is earned again under the chain's next key, and a chain in line is left alone."""
+    from store import xp
+
+    learner, cid, aid = _perfect_grade(settings, make, client)
+
+    async def go(score: float) -> tuple[int, int]:
+        fetch(settings, "UPDATE submissions SET score = $2, final_at = now() WHERE assignment_id = $1 RETURNING 1",
+              aid, score)
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            async with pool.acquire() as conn:
+                return await reconcile_grade_xp(conn, redis), await reconcile_grade_xp(conn, redis)
+        finally:
+            await redis.aclose()
+            await pool.close()
+
+    def ledger() -> tuple[int, set[str]]:
+        rows = fetch(settings, "SELECT idempotency_key, points FROM xp_events WHERE user_id = $1", learner.id)
+        return sum(r["points"] for r in rows), {r["idempotency_key"] for r in rows}
+
+    async def award_first() -> None:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            for kind, key in (("assignment_passed", f"assignment:{aid}"), ("perfect_score", f"perfect:{aid}")):
+                await xp.award_xp(pool, redis, learner.id, kind, key, course_id=cid)
+        finally:
+            await redis.aclose()
+            await pool.close()
+
+    run_sync(award_first())
+    assert ledger() == (150, {f"assignment:{aid}", f"perfect:{aid}"})
+    assert run_sync(go(70))[1] == 0  # still a pass, no longer perfect (the first run, or the worker's, did it)
+    assert ledger() == (100, {f"assignment:{aid}", f"perfect:{aid}", f"revoke:perfect:{aid}"})
+    run_sync(go(10))
+    assert ledger()[0] == 0 and f"revoke:assignment:{aid}" in ledger()[1]
+    assert run_sync(go(100))[1] == 0
+    total, keys = ledger()
+    assert total == 150 and {f"assignment:{aid}#2", f"perfect:{aid}#2"} <= keys and len(keys) == 6
+    assert fetch(settings, "SELECT xp FROM xp_totals WHERE user_id = $1", learner.id)[0]["xp"] == 150
+
+
+def test_grade_xp_brought_in_line_by_many_at_once_is_given_once(settings, make: Factory, client):
+    """Hooks of two attempts and the reconciler running together: one pass and one bonus, not one each."""
+    import asyncio
+
+    from store.assignments import sync_grade_xp
+
+    learner, _, aid = _perfect_grade(settings, make, client)
+
+    async def go() -> list[int]:
+        pool = await create_pool(settings.database_url, min_size=6, max_size=6)
+        redis = Redis.from_url(settings.redis_url)
+
+        async def one() -> int:
+            async with pool.acquire() as conn:
+                return await sync_grade_xp(conn, redis, learner.id, aid)
+        try:
+            return await asyncio.gather(*(one() for _ in range(6)))
+        finally:
+            await redis.aclose()
+            await pool.close()
+
+    assert sum(run_sync(go())) <= 2  # (the worker's reconcile may have got there first)
+    assert fetch(settings, "SELECT count(*) AS n FROM xp_events WHERE user_id = $1", learner.id)[0]["n"] == 2
+    assert fetch(settings, "SELECT xp FROM xp_totals WHERE user_id = $1", learner.id)[0]["xp"] == 150
