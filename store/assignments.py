@@ -149,7 +149,8 @@ GRADE_XP = (("assignment_passed", "assignment:", PASS_SCORE), ("perfect_score", 
 
 # Per ledger key base: how many awards were given and how many taken back. $1 learner, $2 key bases.
 _CHAIN = """
-SELECT b.base, count(x.id) FILTER (WHERE x.kind <> 'revoked') AS given, count(x.id) FILTER (WHERE x.kind = 'revoked') AS taken
+SELECT b.base, count(x.id) FILTER (WHERE x.kind <> 'revoked') AS given,
+       count(x.id) FILTER (WHERE x.kind = 'revoked') AS taken
 FROM unnest($2::text[]) AS b(base)
 LEFT JOIN xp_events x ON x.user_id = $1
      AND (x.idempotency_key IN (b.base, 'revoke:' || b.base)
