@@ -210,7 +210,8 @@ class XpAwarded(Event, tag="xp.awarded"):
 class XpRevoked(Event, tag="xp.revoked"):
     """XP the learner had earned was taken back (staff removed the helpful mark that earned it, or their best grade
     on an assignment fell below what earned it): sent to that learner (topic `user:<id>`). `kind` is the award's
-    kind, `points` how many were taken back, `xp` the new total and `level` the level now (it may be lower). Achievements unlocked stay."""
+    kind, `points` how many were taken back, `xp` the new total and `level` the level now (it may be lower).
+    Achievements unlocked stay."""
 
     user_id: int
     kind: str
