@@ -127,19 +127,26 @@ async def fit_to_duration(tx: xp.XpTransaction, video_id: int, duration: float, 
     if duration > 0:
         done = await conn.fetch(_COMPLETE_NOW, video_id, completes_at(complete_share, duration))
         for r in done:
-            if r["role"] == "learner":
+            if r["earns"]:  # (a learner who may no longer see the course keeps the completion, earns nothing)
                 await _award_completion(tx, r["user_id"], video_id, r["course_id"], True, r["completed_at"])
     return len(fitted)
 
 
+# SQL: the learner may see the course now, as a progress report needs (enrolled, or it is published and free).
+_MAY_SEE = ("(EXISTS (SELECT 1 FROM enrollments see_e WHERE see_e.course_id = {course} AND see_e.user_id = {user}) "
+            "OR EXISTS (SELECT 1 FROM courses see_c WHERE see_c.id = {course} AND see_c.published "
+            "AND see_c.price_cents = 0))")
+
+
 # Progress on video $1 that now covers the share (as $2 seconds) without having been completed: completed now
 # (locking the rows in learner order).
-_COMPLETE_NOW = """
+_COMPLETE_NOW = f"""
 WITH due AS (SELECT user_id FROM video_progress WHERE video_id = $1 AND completed_at IS NULL AND watched_s >= $2
              ORDER BY user_id FOR UPDATE)
 UPDATE video_progress p SET completed_at = now() FROM due, users u
 WHERE p.video_id = $1 AND p.user_id = due.user_id AND u.id = p.user_id
-RETURNING p.user_id, p.course_id, p.completed_at, u.role"""
+RETURNING p.user_id, p.course_id, p.completed_at,
+          u.role = 'learner' AND {_MAY_SEE.format(course="p.course_id", user="p.user_id")} AS earns"""
 
 
 # A video made from captions (YouTube, an uploaded transcript) is as long as its last caption, while the player
@@ -323,11 +330,12 @@ async def _take_time(conn: asyncpg.Connection, user_id: int, spent: float, at: d
     return take
 
 
-# Learners of course $1 (only learner $2 when given) who have completed every ready video of it and have not
-# earned `course_completed` for it yet.
-_FINISHED_UNAWARDED = """
+# Learners of course $1 (only learner $2 when given) who may see it now (enrolled, or it is published and free), have
+# completed every ready video of it and have not earned `course_completed` for it yet.
+_FINISHED_UNAWARDED = f"""
 SELECT DISTINCT p.user_id FROM video_progress p JOIN users u ON u.id = p.user_id AND u.role = 'learner'
 WHERE p.course_id = $1 AND p.completed_at IS NOT NULL AND ($2::bigint IS NULL OR p.user_id = $2)
+  AND {_MAY_SEE.format(course="$1", user="p.user_id")}
   AND EXISTS (SELECT 1 FROM videos v WHERE v.course_id = $1 AND v.status = 'ready')
   AND NOT EXISTS (SELECT 1 FROM videos v WHERE v.course_id = $1 AND v.status = 'ready'
                   AND NOT EXISTS (SELECT 1 FROM video_progress q WHERE q.video_id = v.id

@@ -190,15 +190,20 @@ def test_a_late_report_of_the_same_player_does_not_move_the_position_back(client
 def test_deleting_the_last_unfinished_video_completes_the_course(client, make: Factory, settings):
     """A learner finished every video but one; staff delete that one: the course is complete for them, with
     its XP, although no report of theirs completes anything any more."""
-    course = make_course(client, make, learners=2, videos=2, duration=60)
-    a, b = course.learners
+    course = make_course(client, make, learners=3, videos=2, duration=60)
+    a, b, gone = course.learners
     v1, v2 = course.videos
     assert "lesson_completed" in report(client, a, v1, 60, [[0, 60]])["xp_awarded"]
     report(client, b, v1, 10, [[0, 10]])  # b has not finished v1: the deletion completes nothing for b
+    # `gone` finished v1 too, then was taken out of the (unpublished) course: it earned them 500 XP all the same
+    assert "lesson_completed" in report(client, gone, v1, 60, [[0, 60]])["xp_awarded"]
+    assert client.delete(f"/api/v1/courses/{course.id}/enrollments/{gone.id}",
+                         headers=course.instructor.h).status_code == 204
     assert client.delete(f"/api/v1/courses/{course.id}/videos/{v2}", headers=course.instructor.h).status_code == 204
     kinds = {u: [r["kind"] for r in fetch(settings, "SELECT kind FROM xp_events WHERE user_id = $1", u.id)]
-             for u in (a, b)}
+             for u in (a, b, gone)}
     assert kinds[a].count("course_completed") == 1 and "course_completed" not in kinds[b]
+    assert "course_completed" not in kinds[gone]
     assert client.get(f"/api/v1/courses/{course.id}/progress", headers=a.h).json()["completion"] == 1.0
 
 

@@ -15,6 +15,7 @@ async def _video(pool, user, duration: float = 100.0) -> dict:  # type: ignore[n
                                     "RETURNING id", user.tenant_id, f"instructor of {user.name}")
         cid = await conn.fetchval("INSERT INTO courses (tenant_id, owner_id, title) VALUES ($1, $2, 'c') RETURNING id",
                                   user.tenant_id, owner)
+        await conn.execute("INSERT INTO enrollments (course_id, user_id) VALUES ($1, $2)", cid, user.id)
         rows = [await conn.fetchrow("INSERT INTO videos (course_id, title, source, duration_s, status) VALUES "
                                     "($1, $2, 'transcript', $3, 'ready') RETURNING *", cid, f"v{i}", duration)
                 for i in range(2)]
@@ -169,7 +170,12 @@ async def test_a_re_ingest_that_shortens_a_video_completes_it_for_who_watched_en
     v1, v2 = c["videos"]
     await _report(pool, redis, u, v2, [[0, 100]])
     await _report(pool, redis, u, v1, [[0, 45]])
+    gone = make.user("learner")  # watched as much, then left the course: the completion, but no XP
     async with pool.acquire() as conn:
+        await conn.execute("INSERT INTO enrollments (course_id, user_id) VALUES ($1, $2)", c["course_id"], gone.id)
+    await _report(pool, redis, gone, v1, [[0, 45]])
+    async with pool.acquire() as conn:
+        await conn.execute("DELETE FROM enrollments WHERE user_id = $1", gone.id)
         for at in (20.0, 80.0):
             await progress.add_bookmark(conn, u.id, v1["id"], at, f"at {at:g}")
     async with pool.acquire() as conn:
@@ -187,6 +193,9 @@ async def test_a_re_ingest_that_shortens_a_video_completes_it_for_who_watched_en
     assert await _kinds(pool, u.id) == ["course_completed", "daily_streak", "first_lesson", "lesson_completed",
                                         "lesson_completed"]
     assert await _kinds(pool, other.id) == []
+    assert await _kinds(pool, gone.id) == ["daily_streak"]
+    async with pool.acquire() as conn:
+        assert (await progress.video_progress(conn, gone.id, v1["id"]))["completed_at"] is not None
 
 
 async def test_a_report_takes_its_time_once_it_is_the_learners_turn(make: Factory, xp_store):
