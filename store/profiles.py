@@ -138,12 +138,13 @@ async def update_profile(conn: asyncpg.Connection, user_id: int, *, timezone_nam
                          availability: list[list[int]] | None = None, goals: list[str] | None = None) -> Profile:
     """Change the given parts (validated by the check_* functions); the rest stays."""
     row = await conn.fetchrow(
-        """INSERT INTO learner_profiles AS p (user_id, timezone, availability, goals, timezone_set)
+        """INSERT INTO learner_profiles AS p (user_id, timezone, availability, goals, timezone_set, timezone_changed_at)
            VALUES ($1, coalesce($2, 'UTC'), coalesce($3::jsonb, '[]'::jsonb), coalesce($4::text[], '{}'),
-                   $2 IS NOT NULL)
+                   $2 IS NOT NULL, CASE WHEN $2 <> 'UTC' THEN now() END)
            ON CONFLICT (user_id) DO UPDATE SET timezone = coalesce($2, p.timezone),
                availability = coalesce($3::jsonb, p.availability), goals = coalesce($4::text[], p.goals),
-               timezone_set = p.timezone_set OR $2 IS NOT NULL, updated_at = now()
+               timezone_set = p.timezone_set OR $2 IS NOT NULL, updated_at = now(),
+               timezone_changed_at = CASE WHEN $2 <> p.timezone THEN now() ELSE p.timezone_changed_at END
            RETURNING timezone, availability, goals, updated_at, timezone_set""",
         user_id, timezone_name, availability, goals)
     return _profile(user_id, row)

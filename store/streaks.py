@@ -8,8 +8,10 @@ days in one week, or a missed day in a week whose freeze is spent, end the strea
 Timezone moves: a day is new only if it starts (in the current timezone) no earlier than the last counted day
 ended (in the timezone it was counted in). Counted days never overlap in time, so switching timezones can gain
 no day (at most one per 24 hours), and the local day a move lands in, when it overlaps the day already counted,
-is simply not new. Missed days are the whole local days (current timezone) between the end of the last counted
-day and the new one: a learner who moves east or west and is active every local day misses none.
+is simply not new. Missed days are the whole local days between the end of the last counted day and the new one:
+a learner who moves east or west and is active every local day misses none. A move counts from when it was made
+(`learner_profiles.timezone_changed_at`): the gap before it is counted in the zone the last day was counted in, so a
+learner who missed two days cannot turn them into one by moving west afterwards.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class Streak:
     last_day: date | None = None
     freeze_weeks: frozenset[date] = frozenset()
     day_tz: str | None = None  # the timezone `last_day` was counted in
+    tz_changed_at: datetime | None = None  # when the learner last changed their timezone (their profile's)
 
 
 def _midnight(day: date, tz: str | None) -> datetime:
@@ -59,7 +62,14 @@ def _new_and_missed(s: Streak, day: date, tz: str) -> tuple[bool, list[date]]:
     if _midnight(day, tz) < ended:
         return False, []  # the same day again, a late report, or a day overlapping the counted one (a move)
     last_here = (ended - timedelta(microseconds=1)).astimezone(zone(tz)).date()
-    return True, [last_here + timedelta(days=i) for i in range(1, (day - last_here).days)]
+    missed = [last_here + timedelta(days=i) for i in range(1, (day - last_here).days)]
+    old, moved = s.day_tz or tz, s.tz_changed_at
+    if old == tz or moved is None or moved <= ended:
+        return True, missed
+    # moved during the gap: until the move the days were the old zone's (its whole days before the move), after it
+    # the new zone's (its whole days from the move on)
+    before = [s.last_day + timedelta(days=i) for i in range(1, (local_day(moved, old) - s.last_day).days)]
+    return True, before + [d for d in missed if _midnight(d, tz) >= moved]
 
 
 def _coverable(missed: list[date], spent: frozenset[date]) -> bool:
@@ -86,7 +96,7 @@ def advance(s: Streak, day: date, tz: str = "UTC") -> tuple[Streak, bool]:
             current = 1
     horizon = monday(day) - timedelta(weeks=_KEEP_WEEKS)
     spent = frozenset(w for w in spent if w >= horizon)
-    return Streak(current, max(s.longest, current), day, spent, tz), True
+    return Streak(current, max(s.longest, current), day, spent, tz, s.tz_changed_at), True
 
 
 def status(s: Streak, today: date, tz: str = "UTC") -> tuple[int, bool]:
@@ -107,13 +117,15 @@ def status(s: Streak, today: date, tz: str = "UTC") -> tuple[int, bool]:
 def _row_to_streak(row) -> Streak:  # type: ignore[no-untyped-def]
     if row is None:
         return Streak()
-    return Streak(row["current"], row["longest"], row["last_day"], frozenset(row["freeze_weeks"]), row["day_tz"])
+    return Streak(row["current"], row["longest"], row["last_day"], frozenset(row["freeze_weeks"]), row["day_tz"],
+                  row["timezone_changed_at"])
 
 
 async def get(conn, user_id: int) -> tuple[Streak, str]:  # type: ignore[no-untyped-def]
     """The stored streak and the learner's timezone."""
     row = await conn.fetchrow(
-        """SELECT s.current, s.longest, s.last_day, s.freeze_weeks, s.day_tz, coalesce(p.timezone, 'UTC') AS timezone
+        """SELECT s.current, s.longest, s.last_day, s.freeze_weeks, s.day_tz, coalesce(p.timezone, 'UTC') AS timezone,
+                  p.timezone_changed_at
            FROM users u LEFT JOIN streaks s ON s.user_id = u.id LEFT JOIN learner_profiles p ON p.user_id = u.id
            WHERE u.id = $1""", user_id)
     if row is None or row["last_day"] is None:
@@ -128,7 +140,8 @@ async def record_activity(tx: XpTransaction, user_id: int, at: datetime | None =
     at = at or datetime.now(timezone.utc)
     await conn.execute("INSERT INTO streaks (user_id) VALUES ($1) ON CONFLICT DO NOTHING", user_id)
     row = await conn.fetchrow(
-        """SELECT s.current, s.longest, s.last_day, s.freeze_weeks, s.day_tz, coalesce(p.timezone, 'UTC') AS timezone
+        """SELECT s.current, s.longest, s.last_day, s.freeze_weeks, s.day_tz, coalesce(p.timezone, 'UTC') AS timezone,
+                  p.timezone_changed_at
            FROM streaks s LEFT JOIN learner_profiles p ON p.user_id = s.user_id
            WHERE s.user_id = $1 FOR UPDATE OF s""", user_id)
     before = _row_to_streak(row)

@@ -288,3 +288,61 @@ async def test_a_move_across_a_dst_night_charges_no_missed_day(make: Factory, xp
     await _activity(pool, redis, u.id, datetime(2026, 10, 24, 21, 30, tzinfo=timezone.utc))  # Sun 00:30 in Amman
     st = await _activity(pool, redis, u.id, datetime(2026, 10, 26, 9, tzinfo=timezone.utc))  # Monday
     assert st.current == 6, st
+
+
+async def _move(pool, user_id: int, tz: str, at: datetime) -> None:  # type: ignore[no-untyped-def]
+    async with pool.acquire() as conn:
+        await conn.execute("""INSERT INTO learner_profiles (user_id, timezone, timezone_changed_at) VALUES ($1, $2, $3)
+                              ON CONFLICT (user_id) DO UPDATE SET timezone = $2, timezone_changed_at = $3""",
+                           user_id, tz, at)
+
+
+async def test_moving_west_after_missing_two_days_does_not_take_one_back(make: Factory, xp_store):
+    """Active Tuesday (UTC), away Wednesday and Thursday: the streak is broken. Moving to UTC-12 on Friday at 05:00
+    UTC (Thursday 17:00 there) counted the gap in the new zone, where it held one whole day (Wednesday), which the
+    week's freeze covered: repeated weekly, a streak skipping two days a week. The days before the move are the
+    old zone's."""
+    pool, redis = xp_store
+    u = make.user("learner")
+    tue = datetime(2026, 12, 8, 10, tzinfo=timezone.utc)
+    for d in (1, 0):  # Monday, Tuesday
+        await _activity(pool, redis, u.id, tue - timedelta(days=d))
+    friday = datetime(2026, 12, 11, 5, tzinfo=timezone.utc)
+    await _move(pool, u.id, "Etc/GMT+12", friday)
+    async with pool.acquire() as conn:
+        stored, tz = await streaks.get(conn, u.id)
+    assert status(stored, streaks.local_day(friday, tz), tz) == (0, True)
+    st = await _activity(pool, redis, u.id, friday + timedelta(minutes=1))
+    assert st.current == 1 and st.freeze_weeks == frozenset()
+
+
+async def test_a_move_made_on_arrival_still_misses_nothing(make: Factory, xp_store):
+    """The same moves, made when they happen: active every local day, west (Tokyo to Los Angeles) and then east
+    (back to Tokyo), the streak runs on and no freeze is spent."""
+    pool, redis = xp_store
+    u = make.user("learner")
+    await _move(pool, u.id, "Asia/Tokyo", datetime(2026, 3, 1, tzinfo=timezone.utc))
+    tokyo, la = timedelta(hours=9), timedelta(hours=7)
+    for day in (9, 10, 11):  # Mon-Wed 20:00 Tokyo
+        await _activity(pool, redis, u.id, datetime(2026, 3, day, 20, tzinfo=timezone.utc) - tokyo)
+    await _move(pool, u.id, "America/Los_Angeles", datetime(2026, 3, 12, 2, tzinfo=timezone.utc))  # landed
+    for day in (12, 13):  # Thu, Fri 20:00 Los Angeles
+        st = await _activity(pool, redis, u.id, datetime(2026, 3, day, 20, tzinfo=timezone.utc) + la)
+    await _move(pool, u.id, "Asia/Tokyo", datetime(2026, 3, 14, 12, tzinfo=timezone.utc))  # landed Sat 21:00
+    st = await _activity(pool, redis, u.id, datetime(2026, 3, 15, 20, tzinfo=timezone.utc) - tokyo)  # Sun
+    assert (st.current, st.freeze_weeks) == (6, frozenset()), st
+
+
+async def test_a_profile_change_stamps_only_a_new_timezone(make: Factory, xp_store):
+    from store import profiles
+
+    pool, _ = xp_store
+    u = make.user("learner")
+    async with pool.acquire() as conn:
+        await profiles.update_profile(conn, u.id, goals=["graphs"])
+        assert await conn.fetchval("SELECT timezone_changed_at FROM learner_profiles WHERE user_id = $1", u.id) is None
+        await profiles.update_profile(conn, u.id, timezone_name="Europe/Berlin")
+        first = await conn.fetchval("SELECT timezone_changed_at FROM learner_profiles WHERE user_id = $1", u.id)
+        await profiles.update_profile(conn, u.id, timezone_name="Europe/Berlin", goals=["trees"])
+        assert first is not None and await conn.fetchval(
+            "SELECT timezone_changed_at FROM learner_profiles WHERE user_id = $1", u.id) == first
