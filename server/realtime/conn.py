@@ -56,11 +56,15 @@ class _Reply(dict):
         self.seq = seq
 
 
+# Replies to re-sends of messages from before a socket's stream that it remembers, so that each comes once.
+OWNED_MAX = 256
+
+
 class Conn:
     __slots__ = ("hub", "access", "room", "user", "send", "out", "queue_max", "inflight", "broken", "space",
                  "fill_task", "closer", "main_task", "last_seq", "start_seq", "filling", "pending", "ready",
                  "welcoming", "closing", "typing_at", "typing_active", "auth", "opened_at", "resumed_at",
-                 "blocked_at", "out_chars", "counted", "attendance_id", "opened_mono", "__weakref__")
+                 "blocked_at", "out_chars", "counted", "attendance_id", "opened_mono", "owned", "__weakref__")
 
     def __init__(self, hub: Hub, access: RoomAccess, user: UserRef, send: Any, queue_max: int) -> None:
         self.hub = hub
@@ -93,6 +97,7 @@ class Conn:
         self.resumed_at = float("-inf")  # when the client last sent `resume`
         self.blocked_at: float | None = None  # since when the send in flight waits for the client to read
         self.counted = False  # counted in the hub's presence pair for (room, user) (see Hub.attach)
+        self.owned: dict[int, None] = {}  # seqs from before the stream this socket was sent as a re-send's reply
 
     def db_now(self) -> datetime:
         """Now on the database's clock, as this socket knows it (its `opened_at` and the time since): attendance
@@ -217,7 +222,12 @@ class Conn:
 
     def own(self, seq: int, text: str) -> None:
         """The original of a re-sent message: deliver it once, in order if it belongs to this stream."""
-        if seq <= self.start_seq:  # before this connection's stream: the client has not had it here
+        if seq <= self.start_seq:  # before this connection's stream: the client had not had it here, until now
+            if seq in self.owned:
+                return
+            if len(self.owned) >= OWNED_MAX:
+                del self.owned[next(iter(self.owned))]
+            self.owned[seq] = None
             self.push(_Reply(seq, text))
         else:
             self.offer(seq, text_frame(text))

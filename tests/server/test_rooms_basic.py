@@ -77,6 +77,9 @@ async def test_idempotent_send(server, make: Factory, settings):
     c = await Client.connect(server, course.room, a)
     await c.send({"type": "message.send", "text": "once", "client_msg_id": "dup-1"})
     assert await c.expect("message.new") == first
+    for _ in range(2):  # and only once on that connection (each retry delivered it again)
+        await c.send({"type": "message.send", "text": "once", "client_msg_id": "dup-1"})
+    assert [f for f in await c.quiet(0.5) if f["type"] == "message.new"] == []
     await c.close()
     rows = fetch(settings, "SELECT count(*) AS n FROM messages WHERE room_id = $1", course.room)
     assert rows[0]["n"] == 1
