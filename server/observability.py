@@ -37,6 +37,16 @@ def setup_logging(level: str) -> None:
     root.setLevel(level)
     # uvicorn's own access log would print query strings (tokens); ours replaces it.
     logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("uvicorn.error").addFilter(_client_fault)
+
+
+def _client_fault(record: logging.LogRecord) -> bool:
+    """uvicorn logs a client's text frame that is not UTF-8 (closed with 1007) as an ERROR with a traceback: any
+    client could fill the error log with them. One INFO line without the traceback."""
+    if record.msg == "Invalid UTF-8 sequence received from client.":
+        record.levelno, record.levelname, record.exc_info, record.exc_text = logging.INFO, "INFO", None, None
+        return logging.getLogger("uvicorn.error").isEnabledFor(logging.INFO)
+    return True
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")

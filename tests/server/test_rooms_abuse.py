@@ -593,3 +593,23 @@ async def test_a_user_reconnecting_in_a_loop_is_refused_4429_before_any_database
     await asyncio.sleep(wait)
     again = await Client.connect(server, course.room, a)
     await again.close()
+
+
+async def test_a_text_frame_that_is_not_utf8_closes_1007_without_an_error_in_the_log(server, make: Factory, data_dir):
+    """Each one logged an ERROR with a traceback (uvicorn's): any client could fill the error log with them."""
+    course = make_course(server, make, learners=1)
+    log = data_dir / "server.log"
+    before = log.stat().st_size
+    for _ in range(3):
+        ws = await RawWs.connect(ws_url(server, course.room, course.learners[0].token))
+        assert (await ws.frame())[0] == 1  # the welcome
+        ws.send_frame(1, b'{"type":"ping","ref":"\xff\xfe"}')
+        while (frame := await ws.frame())[0] != 8:
+            pass
+        assert int.from_bytes(frame[1][:2], "big") == 1007
+        ws.close()
+    await asyncio.sleep(0.5)
+    with open(log, "rb") as f:
+        f.seek(before)
+        lines = [line for line in f.read().decode(errors="replace").splitlines() if "UTF-8" in line]
+    assert not any('"level": "ERROR"' in line or "Traceback" in line for line in lines), lines
