@@ -149,7 +149,7 @@ class ProgressController(Controller):
         last = max((v.updated_at for v in videos if v.updated_at), default=None)
         return CourseProgress(course_id=course_id, user_id=target, completion=done / len(videos) if videos else 0.0,
                               completed_videos=done, total_videos=len(videos),
-                              time_spent_s=sum(v.time_spent_s for v in videos), last_activity_at=last,
+                              time_spent_s=sum((v.time_spent_s for v in videos), 0.0), last_activity_at=last,
                               videos=videos[offset:offset + limit])
 
     # --- bookmarks ------------------------------------------------------------------------------------
@@ -162,8 +162,11 @@ class ProgressController(Controller):
             video = await video_or_404(conn, video_id, user)
             if video["status"] != "ready" or not video["duration_s"]:  # nothing to watch, nor a length to check
                 raise ApiError(409, f"video {video_id} is not ready yet", code="not_ready")
-            if data.at > video["duration_s"] + repo.past_end_slack(video["duration_s"], video["source"]):
-                raise ApiError(400, f"at must be inside the video (0 to {video['duration_s']:g} s)", field="at")
+            slack = repo.past_end_slack(video["duration_s"], video["source"])
+            if data.at > video["duration_s"] + slack:
+                limit = video["duration_s"] + slack  # (what is taken, as for a progress report's position)
+                past = f", or up to {limit:g} s, taken as the end" if slack >= 1 else ""
+                raise ApiError(400, f"at must be inside the video (0 to {video['duration_s']:g} s{past})", field="at")
             row = await repo.add_bookmark(conn, user.id, video_id, min(data.at, video["duration_s"]), data.note)
         if row is None:
             raise ApiError(409, f"at most {repo.MAX_BOOKMARKS} bookmarks per video; delete some first",

@@ -306,6 +306,9 @@ def test_bookmarks_need_a_ready_video_and_are_bounded(client, make: Factory, set
     fetch(settings, "INSERT INTO bookmarks (user_id, video_id, at_s, note) "
                     "SELECT $1, $2, i % 100, '' FROM generate_series(1, $3) i", a.id, vid, MAX_BOOKMARKS - 1)
     url = f"/api/v1/videos/{vid}/bookmarks"
+    # a video made from captions takes 10 % past its end (as the end): the error says so (it said "0 to 100 s")
+    r = client.post(url, json={"at": 110.5}, headers=a.h)
+    assert r.status_code == 400 and "or up to 110 s, taken as the end" in r.json()["message"], r.text
     assert client.post(url, json={"at": 1}, headers=a.h).status_code == 201
     r = client.post(url, json={"at": 2}, headers=a.h)
     assert r.status_code == 409 and r.json()["code"] == "too_many"
