@@ -70,15 +70,20 @@ class Chunk:
 LONG_WORD_CHARS = 32  # a "word" longer than this (a blob, a URL; no English word) is counted, and split, by characters
 CHARS_PER_PIECE = 3  # word-pieces in a long run of letters: about one per three characters, or more
 _LONG_OR_CJK = re.compile(r"\S{%d,}|%s" % (LONG_WORD_CHARS + 1, CJK.pattern))
+# ASCII that words x TOKENS_PER_WORD undercounts: numbers and identifiers ("w100001" is three pieces, "3.14159" four)
+# and code or formulas (each symbol a piece of its own): a transcript of them made chunks of 500+ pieces, twice the
+# window. Such text is counted with the tokenizer.
+_DENSE = re.compile(r"[0-9_=*/+<>\\^|~{}\[\]#$%&@]")
 
 
 def estimate_tokens(text: str) -> int:
-    """Embedder word-pieces in `text`: estimated for ASCII text (never fewer than words x TOKENS_PER_WORD), and
-    counted with MiniLM's own tokenizer for any other (never fewer than the estimate). MiniLM's vocabulary is
+    """Embedder word-pieces in `text`: estimated for ASCII text of words (never fewer than words x TOKENS_PER_WORD),
+    and counted with MiniLM's own tokenizer for any other, numbers and symbols included (never fewer than the
+    estimate). MiniLM's vocabulary is
     English: a Russian, Greek, Arabic or Hebrew word is about one piece per letter, a German one about two
     and a half pieces, so an estimate by words let two thirds of a Russian chunk fall outside the window."""
     n = _estimate(text)
-    if text.isascii():
+    if text.isascii() and not _DENSE.search(text):
         return n
     from agents.embedder import minilm_pieces
 
@@ -311,7 +316,8 @@ def chunk_sentences(
     for s in sentences:
         # Counting spaces is cheaper than estimate_tokens() and, for ASCII without long words, never smaller.
         tokens = 0 if not s.text or s.text.isspace() else math.ceil((s.text.count(" ") + 1) * TOKENS_PER_WORD) \
-            if s.text.isascii() and not _LONG_OR_CJK.search(s.text) else estimate_tokens(s.text)
+            if s.text.isascii() and not _LONG_OR_CJK.search(s.text) and not _DENSE.search(s.text) \
+            else estimate_tokens(s.text)
         if tokens > max_tokens or s.end - s.start > max_seconds:
             pieces = split_sentence(s, max_seconds=max_seconds, max_tokens=max_tokens)
             units.extend((p, estimate_tokens(p.text)) for p in pieces)

@@ -100,12 +100,15 @@ _embedding: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] =
 
 
 async def embed_texts(embedder: Any, texts: list[str], reporter: JobReporter | None = None) -> np.ndarray:
-    """Embed in batches off the event loop, reporting progress between batches."""
+    """Embed in batches off the event loop, reporting progress between batches; a job found deleted (its video or
+    course) stops at the next batch (it held the worker's embedder, ahead of every other job's batches)."""
     if not texts:
         return np.zeros((0, embedder.dim), dtype=np.float32)
     lock = _embedding.setdefault(asyncio.get_running_loop(), asyncio.Lock())
     parts = []
     for i in range(0, len(texts), EMBED_BATCH):
+        if reporter is not None and reporter.deleted.is_set():
+            raise PermanentIngestError("the video was deleted")
         async with lock:
             parts.append(await asyncio.to_thread(embedder.embed, texts[i: i + EMBED_BATCH]))
         if reporter is not None:

@@ -57,10 +57,18 @@ def assert_chunks_sound(
         assert prev.start < c.start and prev.end < c.end, (prev, c)
 
 
+def word(i: int, j: int) -> str:
+    """A made-up word of letters only (sized as words are: digits are counted by the tokenizer), e.g. "sbwc"."""
+    return f"s{i}w{j}".translate(_LETTERS)
+
+
+_LETTERS = str.maketrans("0123456789", "abcdefghij")
+
+
 def even_sentences(n: int, words: int = 10, seconds: float = 4.0, gap: float = 0.0) -> list[Sentence]:
     out, t = [], 0.0
     for i in range(n):
-        out.append(Sentence(t, t + seconds, " ".join(f"s{i}w{j}" for j in range(words)) + "."))
+        out.append(Sentence(t, t + seconds, " ".join(word(i, j) for j in range(words)) + "."))
         t += seconds + gap
     return out
 
@@ -301,10 +309,10 @@ def test_overlap_dropped_when_it_would_overflow_the_next_chunk() -> None:
     sizes = [77, 77, 154]  # words: 100, 100 and 200 tokens
     sentences, t = [], 0.0
     for i, n in enumerate(sizes):
-        sentences.append(Sentence(t, t + 10.0, " ".join(f"s{i}w{j}" for j in range(n))))
+        sentences.append(Sentence(t, t + 10.0, " ".join(word(i, j) for j in range(n))))
         t += 10.0
     chunks = chunk_sentences(sentences, target_tokens=180, max_tokens=240)
-    assert [[s.text[:4] for s in c.sentences] for c in chunks] == [["s0w0", "s1w0"], ["s2w0"]]
+    assert [[s.text[:4] for s in c.sentences] for c in chunks] == [["sawa", "sbwa"], ["scwa"]]
 
 
 def test_one_huge_sentence_is_split_in_few_passes(monkeypatch):
@@ -363,3 +371,19 @@ def test_chunks_in_other_scripts_fit_the_embedders_window():
         chunks = chunk_sentences([chunking.Sentence(i * 6.0, i * 6.0 + 5.5, text) for i in range(60)],
                                  target_tokens=180)
         assert chunks and max(minilm_pieces(c.text) for c in chunks) <= DEFAULT_MAX_TOKENS < MAX_SEQ_LENGTH - 2
+
+
+def test_chunks_of_numbers_identifiers_and_formulas_fit_the_embedders_window():
+    """Words x 1.3 undercounts numbers and symbols: one-word cues "w100001 …" made chunks of 534 pieces and a
+    transcript of formulas 325, past MiniLM's 256 (the end of each chunk never embedded)."""
+    from agents.embedder import MAX_SEQ_LENGTH, minilm_pieces
+    from ingest.cues import Cue
+    from ingest.chunking import to_sentences
+
+    ids = to_sentences([Cue(i * 0.5, i * 0.5 + 0.4, f"w{i + 100000}") for i in range(3000)])
+    line = "The values are 3.14159, 2.71828 and x_12 = 4096 * 8192 / 65536 for the run."
+    maths = to_sentences([Cue(i * 3.0, i * 3.0 + 2.5, line) for i in range(300)])
+    for sentences in (ids, maths):
+        chunks = chunk_sentences(sentences, target_tokens=120)
+        assert chunks and max(minilm_pieces(c.text) for c in chunks) <= DEFAULT_MAX_TOKENS < MAX_SEQ_LENGTH - 2
+    assert estimate_tokens("w100001 w100002") == minilm_pieces("w100001 w100002") > 4

@@ -388,7 +388,10 @@ def test_uploaded_files_no_video_refers_to_are_swept_after_a_day(settings, make:
 def test_a_job_deleted_while_it_runs_stops_at_its_next_progress_write(settings, make: Factory, client):
     """Deleting a video (or its course) deletes its job; the run notices at its next progress write: a running
     transcription's thread is told to stop (the `deleted` event is its cancel flag) and the next stage raises."""
+    import numpy as np
+
     from ingest.errors import PermanentIngestError
+    from ingest.pipeline import EMBED_BATCH, embed_texts
     from ingest.progress import JobReporter
 
     inst = make.user("instructor")
@@ -412,6 +415,19 @@ def test_a_job_deleted_while_it_runs_stops_at_its_next_progress_write(settings, 
             assert reporter.deleted.is_set()
             with pytest.raises(PermanentIngestError, match="deleted"):
                 await reporter.stage("chunking")
+            # embedding stops at its next batch too (it went on to the end, holding up every other job's batches)
+            embedded = []
+
+            class Counting:
+                dim = 4
+
+                def embed(self, texts: list[str]) -> np.ndarray:
+                    embedded.append(len(texts))
+                    return np.zeros((len(texts), 4), dtype=np.float32)
+
+            with pytest.raises(PermanentIngestError, match="deleted"):
+                await embed_texts(Counting(), ["words"] * (EMBED_BATCH * 5), reporter)
+            assert embedded == []
         finally:
             await pool.close()
 
