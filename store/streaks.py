@@ -66,10 +66,14 @@ def _new_and_missed(s: Streak, day: date, tz: str) -> tuple[bool, list[date]]:
     old, moved = s.day_tz or tz, s.tz_changed_at
     if old == tz or moved is None or moved <= ended:
         return True, missed
-    # moved during the gap: until the move the days were the old zone's (its whole days before the move), after it
-    # the new zone's (its whole days from the move on)
-    before = [s.last_day + timedelta(days=i) for i in range(1, (local_day(moved, old) - s.last_day).days)]
-    return True, before + [d for d in missed if _midnight(d, tz) >= moved]
+    # moved during the gap: until the day of the move the days were the old zone's (its whole days before that day),
+    # from the start of that day on the new zone's (its days starting then or later): what a move leaves uncharged is
+    # under a day (from the start of the move's old day to the next midnight of the new zone), however far it goes
+    # (a move to another name for the same zone leaves nothing)
+    move_day = local_day(moved, old)
+    from_start = _midnight(move_day, old)
+    before = [s.last_day + timedelta(days=i) for i in range(1, (move_day - s.last_day).days)]
+    return True, before + [d for d in missed if _midnight(d, tz) >= from_start]
 
 
 def _coverable(missed: list[date], spent: frozenset[date]) -> bool:

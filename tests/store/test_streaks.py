@@ -346,3 +346,36 @@ async def test_a_profile_change_stamps_only_a_new_timezone(make: Factory, xp_sto
         await profiles.update_profile(conn, u.id, timezone_name="Europe/Berlin", goals=["trees"])
         assert first is not None and await conn.fetchval(
             "SELECT timezone_changed_at FROM learner_profiles WHERE user_id = $1", u.id) == first
+
+
+def test_a_move_leaves_less_than_a_day_of_a_gap_uncharged():
+    """Idle Tuesday to Thursday (UTC): moving to Paris at Wednesday 23:30 UTC and coming back Friday 22:59 UTC kept
+    the streak (the old zone's move day and the new zone's day begun before the move went uncharged: ~47 hours), as
+    did a move to another name for the same zone. Whatever the move, at most under a day goes uncharged."""
+    mon = date(2025, 1, 6)
+    s = Streak(10, 10, mon, frozenset(), "UTC")
+    back = datetime(2025, 1, 10, 22, 59, tzinfo=timezone.utc)
+    for tz, moved in (("Europe/Paris", datetime(2025, 1, 8, 23, 30, tzinfo=timezone.utc)),
+                      ("Etc/UTC", datetime(2025, 1, 8, 23, 59, tzinfo=timezone.utc))):
+        moving = Streak(10, 10, mon, frozenset(), "UTC", moved)
+        after, new = advance(moving, streaks.local_day(back, tz), tz)
+        assert new and after.current == 1, (tz, after)
+    assert advance(s, streaks.local_day(back, "UTC"), "UTC")[0].current == 1  # as staying put
+    # brute force: active Monday (UTC), then a move at any time in the next two days to any whole-hour zone, then
+    # back at any time: kept (one freeze) only when the idle time before the new day began is under two days (the
+    # freeze's day and less than a day uncharged)
+    zones = [f"Etc/GMT{'+' if h > 0 else '-'}{abs(h)}" if h else "UTC" for h in range(-14, 13)]
+    ended = datetime(2025, 1, 7, tzinfo=timezone.utc)
+    kept = 0
+    for tz in zones:
+        for hour in range(0, 48, 3):
+            moving = Streak(10, 10, mon, frozenset(), "UTC", ended + timedelta(hours=hour))
+            for back_hour in range(hour + 1, 96, 2):
+                at = ended + timedelta(hours=back_hour)
+                day = streaks.local_day(at, tz)
+                after, new = advance(moving, day, tz)
+                if new and after.current > 1:
+                    kept += 1
+                    assert datetime.combine(day, datetime.min.time(), tzinfo=streaks.zone(tz)) - ended < \
+                        timedelta(hours=48), (tz, hour, at)
+    assert kept  # (moves that keep the streak honestly exist too)
