@@ -294,6 +294,9 @@ class Conn:
                                                  else _kind(m["text"]) not in SEQUENCED))
         self.out_chars = sum(len(m["text"]) for m in self.out)
         self.last_seq = self.start_seq = after
+        # a reply sent before the resume may be dropped by the client (sequenced events before the new welcome are to
+        # be ignored): a re-send after it is answered again
+        self.owned.clear()
         for seq in [s for s in self.pending if s <= after]:
             del self.pending[seq]
         self.filling = True
