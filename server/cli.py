@@ -762,13 +762,16 @@ def _title(raw: str) -> str:
 
 def _question(raw: str) -> str:
     """The rule a question meets over REST and in rooms (length, nothing to read, control characters)."""
-    from server.tutoring import MAX_QUESTION_CHARS
-    from store.frames import text_problem
+    from server.tutoring import EMPTY_QUESTION, MAX_QUESTION_CHARS, asked
+    from store.frames import blank, text_problem
 
     _utf8(raw)
     if (problem := text_problem(raw.strip(), MAX_QUESTION_CHARS, "the question")) is not None:
         raise argparse.ArgumentTypeError(problem[1])
-    return raw.strip()
+    question = asked(raw.strip())
+    if blank(question):  # "@tutor" alone, as over REST
+        raise argparse.ArgumentTypeError(EMPTY_QUESTION)
+    return question
 
 
 def _utf8(raw: str) -> None:

@@ -606,6 +606,12 @@ def question_of(text: str) -> str:
 EMPTY_QUESTION = "write your question after @tutor"
 
 
+def asked(text: str) -> str:
+    """What a REST or CLI ask puts to the tutor: the question as written, or without its @tutor mentions when it has
+    any, as in rooms ("@tutor why?" asks "why?"; the mention's word searched the transcripts too)."""
+    return question_of(text) if TUTOR_MENTION.search(text) else text
+
+
 async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, text: str,
                           client_msg_id: str | None, reply_to: int | None = None) -> tuple[Posted, Refused | None]:
     """Post a message; one that mentions @tutor asks it (the question is the message without the mention).

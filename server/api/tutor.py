@@ -24,8 +24,8 @@ from server.auth import staff_only
 from server.decode import read_json
 from server.errors import (BAD_VALUE, CONFLICT, GONE, ROLLED_BACK, UNAVAILABLE, UNREACHABLE, ApiError,
                            embedder_api_error)
-from server.tutoring import (BUSY, BUSY_RETRY_S, EMPTY_QUESTION, MAX_QUESTION_CHARS, ask, complete, free_slot,
-                             prepare, question_of, take_slot, track)
+from server.tutoring import (BUSY, BUSY_RETRY_S, EMPTY_QUESTION, MAX_QUESTION_CHARS, ask, asked, complete, free_slot,
+                             prepare, take_slot, track)
 from store import tutor as repo
 from store.frames import blank, text_problem
 from store.rooms import access as rooms_access
@@ -110,7 +110,8 @@ class TutorController(Controller):
         data = await read_json(request, AskIn)
         if (problem := text_problem(data.question, MAX_QUESTION_CHARS, "question")) is not None:
             raise ApiError(400, problem[1], field="question")
-        if blank(question_of(data.question)):  # "@tutor" alone asks nothing (and must not cost a question)
+        question = asked(data.question)
+        if blank(question):  # "@tutor" alone asks nothing (and must not cost a question)
             raise ApiError(400, EMPTY_QUESTION, code="empty_question", field="question")
         state, user = request.app.state, request.user
         async with state.pool.acquire() as conn:
@@ -120,13 +121,13 @@ class TutorController(Controller):
             raise ApiError(429, BUSY, code="tutor_busy", retry_after=BUSY_RETRY_S)
         if not wants_stream(request.headers.get("accept", "")):
             try:
-                result = await ask(state, user, course_id, data.question, session_id=data.session_id)
+                result = await ask(state, user, course_id, question, session_id=data.session_id)
             finally:
                 await free_slot(state.redis, user.id, slot)
             return Response(_public(result))
         # limits and the session are checked before the stream opens: they answer with their HTTP status
         try:
-            prep = await prepare(state, user, course_id, data.question, session_id=data.session_id)
+            prep = await prepare(state, user, course_id, question, session_id=data.session_id)
         except BaseException:
             await free_slot(state.redis, user.id, slot)
             raise

@@ -39,6 +39,7 @@ def test_mistakes_are_one_line_and_status_2(settings, tmp_path):
     _refused(_cli(settings, tmp_path, "ask", "1", ""), "question")
     _refused(_cli(settings, tmp_path, "ask", "1", "why? " * 500), "longer than 2000")  # as over REST
     _refused(_cli(settings, tmp_path, "ask", "1", "clear \x1b[2J\x07"), "control characters")
+    _refused(_cli(settings, tmp_path, "ask", "1", "@tutor"), "write your question after @tutor")  # as over REST
     not_utf8 = subprocess.run([sys.executable.encode(), b"-m", b"server.cli", b"ask", b"1", b"caf\xe9?"], cwd=ROOT,
                               env=clean_env(tmp_path / "d", DATABASE_URL=settings.database_url,
                                             REDIS_URL=settings.redis_url), capture_output=True, text=True, timeout=120)

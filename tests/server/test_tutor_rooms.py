@@ -757,6 +757,16 @@ async def test_a_mention_alone_asks_nothing(eval_course: EvalCourse, server, cli
         await sock.close()
     assert not fetch(settings, "SELECT 1 FROM messages WHERE client_msg_id = 'only-mention'")
     assert _used(settings, learner) == 0
+    # a REST ask with the mention asks what follows it, as a room does: "@tutor?" is "?" (a topic is asked for, not
+    # transcript moments matching "tutor"), and "@tutor <question>" the question itself
+    url = f"/api/v1/courses/{eval_course.id}/ask"
+    for text in ("@tutor?", "@tutor help"):
+        got = client.post(url, json={"question": text}, headers=learner.h).json()
+        assert got["grounded"] is False and got["citations"] == [], (text, got)
+    question = "What does a bitcoin signature prove to the other users?"
+    plain = client.post(url, json={"question": question}, headers=learner.h).json()
+    mentioned = client.post(url, json={"question": f"@tutor {question}"}, headers=learner.h).json()
+    assert mentioned["citations"] == plain["citations"] and mentioned["answer"] == plain["answer"]
 
 
 async def test_a_pods_tutor_answers_are_rated_by_its_members_only(eval_course: EvalCourse, server, make: Factory):
