@@ -200,6 +200,8 @@ class TutorController(Controller):
             sess = await repo.get_session(conn, session_id, request.user.id)
             if sess is None:
                 raise ApiError(404, f"tutor session {session_id} not found")
+            # a learner taken out of the course (a paid one, a refund) no longer reads its transcripts' quotes here
+            await course_or_404(conn, sess["course_id"], request.user, missing=f"tutor session {session_id} not found")
             rows = await repo.session_turns(conn, session_id, limit + 1, before)
         more, rows = len(rows) > limit, rows[-limit:]
         turns = [{"id": t["id"], "question": t["question"], "answer": t["answer"], "grounded": t["grounded"],
@@ -220,7 +222,9 @@ class TutorController(Controller):
         async with request.app.state.pool.acquire() as conn:
             turn = await repo.get_turn(conn, turn_id)
             # a private session's answer is its learner's to rate; a room answer, theirs who may join the room
-            if turn is None or (turn["room_id"] is None and turn["user_id"] != request.user.id):
+            # (a private answer whose session the learner deleted is gone: its text was erased)
+            if turn is None or (turn["room_id"] is None and (turn["user_id"] != request.user.id
+                                                              or turn["session_id"] is None)):
                 raise ApiError(404, f"answer {turn_id} not found")
             await course_or_404(conn, turn["course_id"], request.user, missing=f"answer {turn_id} not found")
             if turn["room_id"] is not None:

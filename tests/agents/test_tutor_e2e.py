@@ -138,6 +138,16 @@ def test_sessions_follow_up_and_delete(eval_course: EvalCourse, client, make: Fa
     assert all(t["provider"] and t["latency_ms"] > 0 for t in turns)
     assert fetch(settings, "SELECT count(*) AS n FROM tutor_feedback WHERE turn_id = $1",
                  follow["turn_id"])[0]["n"] == 1
+    # an erased answer takes no more votes (they were stored, staff reading them beside an empty answer)
+    r = client.post(f"/api/v1/tutor/answers/{first['turn_id']}/feedback", json={"vote": -1}, headers=learner.h)
+    assert r.status_code == 404, r.text
+    # a learner taken out of the course no longer reads their sessions of it (they read every quote still)
+    kept = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "What is a digital signature?"},
+                       headers=learner.h).json()["session_id"]
+    assert client.get(f"/api/v1/tutor/sessions/{kept}", headers=learner.h).status_code == 200
+    assert client.delete(f"/api/v1/courses/{eval_course.id}/enrollments/{learner.id}",
+                         headers=eval_course.instructor.h).status_code == 204
+    assert client.get(f"/api/v1/tutor/sessions/{kept}", headers=learner.h).status_code == 404
 
 
 def test_stats_add_up_costs_exactly(client, make: Factory, settings):
