@@ -126,12 +126,12 @@ async def enroll(conn: asyncpg.Connection, course_id: int, user_id: int) -> tupl
 
 async def unenroll(conn: asyncpg.Connection, course_id: int, user_id: int, *, revoke: bool = False) -> bool:
     """Remove the enrollment; `revoke` (staff removing a learner) takes their access to a paid course too, so they
-    cannot enroll again themselves (a learner who leaves keeps it)."""
+    cannot enroll again themselves (a learner who leaves keeps it), also from a learner who already left (a refund
+    after they left). False when there was neither to remove."""
     row = await conn.fetchrow(
         """WITH gone AS (DELETE FROM enrollments WHERE course_id = $1 AND user_id = $2 RETURNING user_id),
-           access AS (DELETE FROM course_access WHERE $3 AND course_id = $1 AND user_id = $2
-                      AND EXISTS (SELECT 1 FROM gone))
-           SELECT user_id FROM gone""",
+           access AS (DELETE FROM course_access WHERE $3 AND course_id = $1 AND user_id = $2 RETURNING user_id)
+           SELECT user_id FROM gone UNION ALL SELECT user_id FROM access LIMIT 1""",
         course_id, user_id, revoke)
     return row is not None
 

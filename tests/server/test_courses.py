@@ -80,13 +80,18 @@ def test_paid_course_needs_payment(client, make: Factory):
     # access is per learner: another still pays
     other = make.user("learner")
     assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", headers=other.h).status_code == 402
-    # staff removing a learner who is not enrolled (they left) change nothing: 404, access kept
-    assert client.delete(f"/api/v1/courses/{paid['id']}/enrollments/{learner.id}", headers=learner.h).status_code == 204
-    assert client.delete(f"/api/v1/courses/{paid['id']}/enrollments/{learner.id}", headers=inst.h).status_code == 404
-    assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", headers=learner.h).status_code == 201
     # removed by staff, a learner loses their access too: no enrolling again themselves
     assert client.delete(f"/api/v1/courses/{paid['id']}/enrollments/{learner.id}", headers=inst.h).status_code == 204
     assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", headers=learner.h).status_code == 402
+    # also when they had left first (a refund after leaving): staff's removal took nothing (404) and the learner
+    # could come back without paying for as long as they liked
+    assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", json={"user_id": learner.id},
+                       headers=inst.h).status_code == 201
+    assert client.delete(f"/api/v1/courses/{paid['id']}/enrollments/{learner.id}", headers=learner.h).status_code == 204
+    assert client.delete(f"/api/v1/courses/{paid['id']}/enrollments/{learner.id}", headers=inst.h).status_code == 204
+    assert client.post(f"/api/v1/courses/{paid['id']}/enrollments", headers=learner.h).status_code == 402
+    # neither enrolled nor with access: nothing to remove
+    assert client.delete(f"/api/v1/courses/{paid['id']}/enrollments/{learner.id}", headers=inst.h).status_code == 404
     # staff are never asked to pay
     mine = client.get(f"/api/v1/courses/{paid['id']}", headers=inst.h).json()
     assert not mine["payment_required"] and not mine["enrolled"]
