@@ -81,11 +81,11 @@ class UserController(Controller):
         """End every login token of a person issued until now (a leaked token, a lost device); their open
         sockets close with 4401. Staff for the people they manage, and anyone for themselves."""
         u: AuthUser = request.user
+        if user_id != u.id and not u.is_staff:
+            raise ApiError(403, "only staff sign others out; learners and bots only themselves")
         if u.role == "bot":
             raise ApiError(400, "a bot's tokens are ended one by one: DELETE /tokens/{id}")
         if user_id != u.id:
-            if not u.is_staff:
-                raise ApiError(403, "learners can only sign themselves out")
             await _managed(request, user_id)
         async with request.app.state.pool.acquire() as conn:
             done = await repo.end_tokens(conn, user_id, u.tenant_id)

@@ -234,6 +234,8 @@ def test_staff_give_a_person_a_new_token_and_sign_them_out_everywhere(client, ma
     # a bot ends its tokens one by one (DELETE /tokens/{id})
     bh = {"Authorization": f"Bearer {bot['token']}"}
     assert client.delete(f"/api/v1/users/{bot['user_id']}/tokens", headers=bh).status_code == 400
+    # and signs out nobody else: 403 as for a learner (a 400 about its own tokens)
+    assert client.delete(f"/api/v1/users/{learner.id}/tokens", headers=bh).status_code == 403
     # anyone may sign themselves out; a learner may not sign out someone else
     assert client.delete(f"/api/v1/users/{inst.id}/tokens", headers={"Authorization": f"Bearer {again}"}
                          ).status_code == 403
