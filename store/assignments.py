@@ -164,6 +164,19 @@ SELECT max(CASE WHEN status = 'graded' THEN score ELSE (released ->> 'score')::f
 FROM submissions WHERE user_id = $1 AND assignment_id = $2"""
 
 
+async def _chains(conn: asyncpg.Connection, user_id: int, bases: list[str]) -> dict[str, tuple[int, int]]:
+    """(awards given, taken back) per key base: by index probes of the first key and its take-back, and only for a
+    chain taken back before by reading the learner's keys (a LIKE scan of their ledger: no index serves it)."""
+    found = {r["idempotency_key"] for r in await conn.fetch(
+        "SELECT idempotency_key FROM xp_events WHERE user_id = $1 AND idempotency_key = ANY($2::text[])",
+        user_id, [k for b in bases for k in (b, f"revoke:{b}")])}
+    out = {b: (int(b in found), 0) for b in bases if f"revoke:{b}" not in found}
+    if len(out) < len(bases):
+        out.update({r["base"]: (r["given"], r["taken"]) for r in await conn.fetch(
+            _CHAIN, user_id, [b for b in bases if b not in out])})
+    return out
+
+
 def _chain_key(base: str, n: int) -> str:
     return base if n <= 1 else f"{base}#{n}"
 
@@ -177,8 +190,7 @@ async def sync_grade_xp(conn: asyncpg.Connection, redis: Redis, user_id: int, as
                            f"{user_id}:{assignment_id}")
         row = await conn.fetchrow(_BEST, user_id, assignment_id)
         best = float(row["best"]) if row and row["best"] is not None else None
-        chains = {r["base"]: (r["given"], r["taken"]) for r in await conn.fetch(
-            _CHAIN, user_id, [f"{prefix}{assignment_id}" for _, prefix, _ in GRADE_XP])}
+        chains = await _chains(conn, user_id, [f"{prefix}{assignment_id}" for _, prefix, _ in GRADE_XP])
         wrote = 0
         for kind, prefix, mark in GRADE_XP:
             base = f"{prefix}{assignment_id}"
@@ -215,15 +227,27 @@ def _out_of_line(base: str, want: str) -> str:
             f"ELSE {held} IS DISTINCT FROM {want} END")
 
 
+GRADE_XP_SWEEP_KEY = "sh:grade_xp:swept"  # {to: checked up to (epoch s), full: last full sweep (epoch s)}
+GRADE_XP_FULL_EVERY_S = 3600  # a sweep of the whole GRADE_XP_LOOKBACK this often; the runs between look back
+GRADE_XP_OVERLAP_S = 600  # this far before where the last run got to (a grade's commit lags its final_at)
+
+
 async def reconcile_grade_xp(conn: asyncpg.Connection, redis: Redis, limit: int = 500) -> int:
     """Bring in line the XP of learners with a final grade of the last GRADE_XP_LOOKBACK whose ledger does not match
     their best grade (the process died between the grade's commit and `on_grade_final`). Safe to run at any time;
-    the worker runs it every minute (over every grade ever, each run probed the ledger twice per passing submission
-    of all time)."""
+    the worker runs it every minute. A run looks only at grades made final since the last run got (less
+    GRADE_XP_OVERLAP_S), and once in GRADE_XP_FULL_EVERY_S at the whole lookback (a run over 600,000 grades of 30
+    days took 3-4 s: too much every minute); without Redis's note (flushed, first run) it sweeps it all."""
+    started = await conn.fetchval("SELECT extract(epoch FROM now())::float8")
+    note = await redis.hgetall(GRADE_XP_SWEEP_KEY)
+    to, full = (float(note.get(b"to", 0)), float(note.get(b"full", 0))) if note else (0.0, 0.0)
+    sweep = not to or started - full >= GRADE_XP_FULL_EVERY_S
+    since = None if sweep else to - GRADE_XP_OVERLAP_S
     rows = await conn.fetch(
         f"""WITH recent AS (
                 SELECT DISTINCT s.user_id, s.assignment_id FROM submissions s
                 WHERE s.status = 'graded' AND s.final_at > now() - interval '{GRADE_XP_LOOKBACK}'
+                  AND ($3::float8 IS NULL OR s.final_at > to_timestamp($3))
             ), p AS (
                 SELECT r.user_id, r.assignment_id, coalesce(b.best, 0) AS best FROM recent r
                 JOIN users u ON u.id = r.user_id AND u.role = 'learner'
@@ -233,13 +257,15 @@ async def reconcile_grade_xp(conn: asyncpg.Connection, redis: Redis, limit: int 
             WHERE {_out_of_line("'assignment:' || p.assignment_id", "p.best >= $1")}
                OR {_out_of_line("'perfect:' || p.assignment_id", "p.best >= 100")}
             LIMIT $2""",
-        PASS_SCORE, limit)
+        PASS_SCORE, limit, since)
     for r in rows:
         try:
             await sync_grade_xp(conn, redis, r["user_id"], r["assignment_id"])
         except Exception:  # noqa: BLE001 - the next run tries again
             logger.warning("could not bring in line the XP of learner %s on assignment %s", r["user_id"],
                            r["assignment_id"], exc_info=True)
+    if len(rows) < limit:  # all of it looked at: the next run starts from here
+        await redis.hset(GRADE_XP_SWEEP_KEY, mapping={"to": started, "full": started if sweep else full})
     if rows:
         logger.info("brought in line the XP of %d learners' final grades", len(rows))
     return len(rows)

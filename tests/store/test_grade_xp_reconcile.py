@@ -9,8 +9,9 @@ from store.db import create_pool
 from tests.conftest import Factory, fetch, run_sync
 
 
-def _perfect_grade(settings, make: Factory, client):  # type: ignore[no-untyped-def]
-    """A learner with a final grade of 100 on a published assignment, stored with no XP: (learner, course, assignment)."""
+def _perfect_grade(settings, make: Factory, client, ago: str = "0 s"):  # type: ignore[no-untyped-def]
+    """A learner with a final grade of 100 on a published assignment, stored with no XP, made final `ago`: (learner,
+    course, assignment)."""
     inst, learner = make.user("instructor"), make.user("learner")
     cid = client.post("/api/v1/courses", json={"title": "XP"}, headers=inst.h).json()["id"]
     aid = fetch(settings, """INSERT INTO assignments (course_id, type, title, prompt, options, correct, status)
@@ -18,7 +19,8 @@ def _perfect_grade(settings, make: Factory, client):  # type: ignore[no-untyped-
                 cid)[0]["id"]
     fetch(settings, """INSERT INTO submissions (assignment_id, course_id, user_id, attempt, answer, status, score,
                                                final_at)
-                       VALUES ($1, $2, $3, 1, '[0]', 'graded', 100, now())""", aid, cid, learner.id)
+                       VALUES ($1, $2, $3, 1, '[0]', 'graded', 100, now() - $4::text::interval)""", aid, cid, learner.id,
+          ago)
     return learner, cid, aid
 
 
@@ -176,3 +178,34 @@ def test_grade_xp_brought_in_line_by_many_at_once_is_given_once(settings, make: 
     assert sum(run_sync(go())) <= 2  # (the worker's reconcile may have got there first)
     assert fetch(settings, "SELECT count(*) AS n FROM xp_events WHERE user_id = $1", learner.id)[0]["n"] == 2
     assert fetch(settings, "SELECT xp FROM xp_totals WHERE user_id = $1", learner.id)[0]["xp"] == 150
+
+
+def test_the_reconciler_looks_back_from_its_last_run_and_sweeps_the_lookback_hourly(settings, make: Factory, client):
+    """Each run checked every grade of 30 days (3-4 s on 600,000): now the grades made final since the last run (and
+    a margin), with a full sweep hourly or when Redis lost its note."""
+    import time
+
+    from store.assignments import GRADE_XP_FULL_EVERY_S, GRADE_XP_SWEEP_KEY
+
+    learner, _, aid = _perfect_grade(settings, make, client, ago="2 hours")
+
+    async def go(note: dict | None) -> int:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            await redis.delete(GRADE_XP_SWEEP_KEY)
+            if note:
+                await redis.hset(GRADE_XP_SWEEP_KEY, mapping=note)
+            async with pool.acquire() as conn:
+                await reconcile_grade_xp(conn, redis)
+            return len(fetch(settings, "SELECT 1 FROM xp_events WHERE user_id = $1", learner.id))
+        finally:
+            await redis.aclose()
+            await pool.close()
+
+    now = time.time()
+    assert run_sync(go({"to": now, "full": now})) == 0  # two hours before the last run: not looked at
+    assert run_sync(go({"to": now, "full": now - GRADE_XP_FULL_EVERY_S - 5})) == 2  # the hourly sweep finds it
+    fetch(settings, "DELETE FROM xp_events WHERE user_id = $1 RETURNING 1", learner.id)
+    fetch(settings, "DELETE FROM xp_totals WHERE user_id = $1 RETURNING 1", learner.id)
+    assert run_sync(go(None)) == 2  # no note (Redis flushed, a first run): a sweep
