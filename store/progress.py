@@ -127,7 +127,7 @@ async def fit_to_duration(tx: xp.XpTransaction, video_id: int, duration: float, 
     if duration > 0:
         done = await conn.fetch(_COMPLETE_NOW, video_id, completes_at(complete_share, duration))
         for r in done:
-            if r["earns"]:  # (a learner who may no longer see the course keeps the completion, earns nothing)
+            if r["earns"]:
                 await _award_completion(tx, r["user_id"], video_id, r["course_id"], True, r["completed_at"])
     return len(fitted)
 
@@ -139,14 +139,15 @@ _MAY_SEE = ("(EXISTS (SELECT 1 FROM enrollments see_e WHERE see_e.course_id = {c
 
 
 # Progress on video $1 that now covers the share (as $2 seconds) without having been completed: completed now
-# (locking the rows in learner order).
+# (locking the rows in learner order), except a learner's who may not see the course now: their next report, once
+# back, completes it with its XP.
 _COMPLETE_NOW = f"""
 WITH due AS (SELECT user_id FROM video_progress WHERE video_id = $1 AND completed_at IS NULL AND watched_s >= $2
              ORDER BY user_id FOR UPDATE)
 UPDATE video_progress p SET completed_at = now() FROM due, users u
 WHERE p.video_id = $1 AND p.user_id = due.user_id AND u.id = p.user_id
-RETURNING p.user_id, p.course_id, p.completed_at,
-          u.role = 'learner' AND {_MAY_SEE.format(course="p.course_id", user="p.user_id")} AS earns"""
+  AND (u.role <> 'learner' OR {_MAY_SEE.format(course="p.course_id", user="p.user_id")})
+RETURNING p.user_id, p.course_id, p.completed_at, u.role = 'learner' AS earns"""
 
 
 # A video made from captions (YouTube, an uploaded transcript) is as long as its last caption, while the player
