@@ -104,8 +104,8 @@ def _sniff(text: str) -> str | None:
         if isinstance(item, list) and len(item) >= 2 and isinstance(item[0], str):
             return "json_triples"
         return None
-    if "\x00" in head[:1000]:
-        return None  # binary (a video uploaded as captions, say)
+    # (binary, a video uploaded as captions, has no timing line either; a NUL alone does not make captions binary:
+    # an SRT file with one, or padded with them, was "not a transcript" while WebVTT and JSON had theirs dropped)
     m = _TIMING_LINE.search(text, 0, 20_000)
     if m is None:
         return None

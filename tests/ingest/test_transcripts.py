@@ -561,6 +561,16 @@ def test_characters_postgres_or_the_embedder_cannot_take_are_cleaned_out() -> No
         assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", c.text)
 
 
+def test_an_srt_file_with_a_nul_is_captions_with_the_nul_dropped() -> None:
+    """A NUL inside a cue, or NUL padding after the last one, made an SRT file "not a transcript" (WebVTT and JSON
+    files had theirs dropped)."""
+    srt = b"1\n00:00:01,000 --> 00:00:02,000\nhello\x00 world\n\n2\n00:00:03,000 --> 00:00:04,000\nsecond cue\n"
+    for data in (srt, srt.replace(b"\x00", b"") + b"\x00" * 16):
+        assert detect_transcript_format(data) == "srt"
+        assert [(c.start, c.text) for c in parse_transcript(data, "t.srt")] == [(1.0, "hello world"),
+                                                                                (3.0, "second cue")]
+
+
 def test_overlong_words_stay_out_of_the_words_index() -> None:
     from store.videos import MAX_WORD_CHARS, spoken_words
 
