@@ -133,10 +133,14 @@ async def heartbeat(ctx: dict[str, Any]) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        beat.cancel()
-        # its end awaited (a cancellation of ours still goes through): a stopping worker closed its loop with the
-        # task pending ("Task was destroyed but it is pending!" in the log)
-        await asyncio.wait([beat])
+        await _stop(beat)
+
+
+async def _stop(beat: asyncio.Task) -> None:
+    """Cancel a heartbeat and await its end (a cancellation of ours still goes through): a stopping worker closed its
+    loop with the task pending ("Task was destroyed but it is pending!" in the log)."""
+    beat.cancel()
+    await asyncio.wait([beat])
 
 
 def backoff_s(attempt: int, base: float) -> float:
@@ -165,13 +169,13 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
         async with pool.acquire() as conn:
             job = await jobs_repo.start_attempt(conn, job_id)
     except BaseException:
-        beat.cancel()
+        await _stop(beat)
         raise
     if job is None:
-        beat.cancel()
+        await _stop(beat)
         return "already finished"
     if job["attempts"] > job["max_attempts"]:
-        beat.cancel()
+        await _stop(beat)
         # the earlier attempts ended without a word (the worker killed, out of memory, or past arq's timeout)
         reason = (f"ingest did not finish in {job['attempts'] - 1} attempts (the worker stopped or timed out "
                   "each time)")
@@ -207,7 +211,7 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
         logger.info("ingest job %s: %s; retry %d in %.1fs", job_id, reason, job["attempts"] + 1, delay)
         raise Retry(defer=delay) from exc
     finally:
-        beat.cancel()
+        await _stop(beat)
 
 
 def internal_reason(exc: BaseException, job_id: int) -> tuple[str, bool]:

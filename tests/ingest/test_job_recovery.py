@@ -672,6 +672,26 @@ async def test_a_job_heartbeat_is_finished_when_its_job_is(settings):
         await redis.aclose()
 
 
+async def test_an_ingest_attempts_heartbeat_is_finished_when_it_is(settings):
+    """The ingest job's own heartbeat was only cancelled too (the worker's log: "Task was destroyed but it is
+    pending!" for `_heartbeat()` on a stop)."""
+    import asyncio
+
+    from ingest.jobs import connect_arq, ingest_job
+    from store.db import create_pool
+
+    redis = await connect_arq(settings.redis_url)
+    pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+    try:
+        before = set(asyncio.all_tasks())
+        ctx = {"redis": redis, "job_id": "beat-ingest-test", "settings": settings, "pool": pool}
+        assert await ingest_job(ctx, 2**62) == "already finished"  # no such job
+        assert not [t for t in asyncio.all_tasks() - before if not t.done()]
+    finally:
+        await pool.close()
+        await redis.aclose()
+
+
 async def test_a_job_whose_worker_died_before_its_first_beat_is_freed(settings):
     """(Crash experiment) a worker killed between taking a job and its first heartbeat left arq's own lease on it:
     the in-progress key for 4 hours, the job queued but taken by no one, the submission `grading` all that time.
