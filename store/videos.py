@@ -41,14 +41,19 @@ async def by_client_key(conn: asyncpg.Connection, course_id: int, key: str) -> a
             WHERE v.course_id = $1 AND v.client_key = $2""", course_id, key)
 
 
+# The video's latest job (ingest, re-ingest or re-embed): where to read why it failed, or retry it.
+_LAST_JOB = "(SELECT j.id FROM jobs j WHERE j.video_id = v.id ORDER BY j.id DESC LIMIT 1) AS job_id"
+
+
 async def get_video(conn: asyncpg.Connection, video_id: int) -> asyncpg.Record | None:
-    return await conn.fetchrow(f"SELECT {_COLS} FROM videos v WHERE v.id = $1", video_id)
+    return await conn.fetchrow(f"SELECT {_COLS}, {_LAST_JOB} FROM videos v WHERE v.id = $1", video_id)
 
 
 async def list_videos(conn: asyncpg.Connection, course_id: int, *,
                       limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
-    return await conn.fetch(f"SELECT {_COLS} FROM videos v WHERE v.course_id = $1 ORDER BY v.id LIMIT $2 OFFSET $3",
-                            course_id, limit, offset)
+    return await conn.fetch(
+        f"SELECT {_COLS}, {_LAST_JOB} FROM videos v WHERE v.course_id = $1 ORDER BY v.id LIMIT $2 OFFSET $3",
+        course_id, limit, offset)
 
 
 async def set_status(conn: asyncpg.Connection, video_id: int, status: str, error: str | None = None) -> None:

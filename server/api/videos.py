@@ -60,6 +60,7 @@ class Video(msgspec.Struct):
     error: str | None
     created_at: datetime
     updated_at: datetime
+    job_id: int | None = None  # its latest job (staff): GET /jobs/{id} says why it failed; POST …/retry
 
 
 class Chapter(msgspec.Struct):
@@ -115,7 +116,8 @@ def to_video(r: asyncpg.Record, user: AuthUser) -> Video:
     return Video(id=r["id"], course_id=r["course_id"], title=r["title"], source=r["source"], status=r["status"],
                  youtube_id=r["youtube_id"], filename=r["filename"], duration_s=r["duration_s"],
                  chunk_count=r["chunk_count"], embed_model=r["embed_model"], language=r["language"],
-                 error=r["error"] if user.is_staff else None, created_at=r["created_at"], updated_at=r["updated_at"])
+                 error=r["error"] if user.is_staff else None, created_at=r["created_at"], updated_at=r["updated_at"],
+                 job_id=r.get("job_id") if user.is_staff else None)
 
 
 def to_job(r: asyncpg.Record) -> Job:

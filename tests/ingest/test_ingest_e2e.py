@@ -136,6 +136,7 @@ def test_chapters_tile_each_video(eval_course: EvalCourse, client):
 def test_video_listing_and_transcript(eval_course: EvalCourse, client):
     videos = client.get(f"/api/v1/courses/{eval_course.id}/videos", headers=eval_course.learner.h).json()
     assert {v["id"] for v in videos} == set(eval_course.videos.values())
+    assert all(v["job_id"] is None for v in videos)  # jobs are staff's
     assert all(v["status"] == "ready" and v["embed_model"] for v in videos)
     vid = eval_course.videos["mit-18.06-linear-algebra-lec1.vtt"]
     segs = client.get(f"/api/v1/courses/{eval_course.id}/videos/{vid}/transcript", headers=eval_course.learner.h).json()
@@ -267,6 +268,10 @@ def test_a_youtube_video_is_added_to_a_course_once(client, make: Factory, settin
                         headers=inst.h)
     assert again.status_code == 409 and again.json()["code"] == "duplicate", again.text
     assert f"video {first.json()['video_id']}" in again.json()["message"]
+    # the video names its job for staff (an instructor who lost the 202 could not find it to read why or retry)
+    url = f"/api/v1/courses/{cid}/videos/{first.json()['video_id']}"
+    assert client.get(url, headers=inst.h).json()["job_id"] == first.json()["job_id"]
+    assert client.get(f"/api/v1/courses/{cid}/videos", headers=inst.h).json()[0]["job_id"] == first.json()["job_id"]
     assert fetch(settings, "SELECT count(*) AS n FROM videos WHERE course_id = $1", cid)[0]["n"] == 1
     other = client.post("/api/v1/courses", json={"title": "Another"}, headers=inst.h).json()["id"]
     assert client.post(f"/api/v1/courses/{other}/videos", json={"title": "Rick", "youtube": "dQw4w9WgXcQ"},
