@@ -47,7 +47,7 @@ async def content_version(conn: asyncpg.Connection, course_id: int) -> str:
 async def create_session(conn: asyncpg.Connection, course_id: int, user_id: int, title: str) -> asyncpg.Record:
     return await conn.fetchrow(
         f"INSERT INTO tutor_sessions (course_id, user_id, title) VALUES ($1, $2, $3) RETURNING {_SESSION_COLS}",
-        course_id, user_id, title[:200])
+        course_id, user_id, " ".join(title.split())[:200])  # one line (the question may have tabs and line breaks)
 
 
 async def get_session(conn: asyncpg.Connection, session_id: int, user_id: int) -> asyncpg.Record | None:

@@ -142,9 +142,10 @@ def test_sessions_follow_up_and_delete(eval_course: EvalCourse, client, make: Fa
     r = client.post(f"/api/v1/tutor/answers/{first['turn_id']}/feedback", json={"vote": -1}, headers=learner.h)
     assert r.status_code == 404, r.text
     # a learner taken out of the course no longer reads their sessions of it (they read every quote still)
-    kept = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "What is a digital signature?"},
+    kept = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "What is\n\n\ta digital signature?"},
                        headers=learner.h).json()["session_id"]
-    assert client.get(f"/api/v1/tutor/sessions/{kept}", headers=learner.h).status_code == 200
+    shown = client.get(f"/api/v1/tutor/sessions/{kept}", headers=learner.h)
+    assert shown.status_code == 200 and shown.json()["title"] == "What is a digital signature?"  # one line
     assert client.delete(f"/api/v1/courses/{eval_course.id}/enrollments/{learner.id}",
                          headers=eval_course.instructor.h).status_code == 204
     assert client.get(f"/api/v1/tutor/sessions/{kept}", headers=learner.h).status_code == 404
