@@ -283,10 +283,14 @@ async def my_vote(conn: asyncpg.Connection, poll_id: int, user_id: int) -> int |
     return await conn.fetchval("SELECT option FROM poll_votes WHERE poll_id = $1 AND user_id = $2", poll_id, user_id)
 
 
-async def vote(conn: asyncpg.Connection, poll_id: int, session_id: int | None, user_id: int, option: int) -> None:
+async def vote(conn: asyncpg.Connection, poll_id: int, session_id: int | None, user_id: int, option: int,
+               role: str = "learner") -> None:
     """One vote per user, changeable until the poll closes, while the voter may use the session's room (not
     removed from the course, not kicked; a mute does not stop a vote). `session_id`, when given, must be the
-    poll's session (votes arrive through that session's room)."""
+    poll's session (votes arrive through that session's room). Bots do not vote: a bridge's one vote would stand
+    for everyone it relays (and any bot of the tenant could tip every poll)."""
+    if role == "bot":
+        raise Refused("forbidden", "bots do not vote in polls: each person votes for themselves")
     async with conn.transaction():
         poll = await conn.fetchrow("SELECT session_id, options, closed_at FROM polls WHERE id = $1 FOR SHARE",
                                    poll_id)

@@ -167,7 +167,7 @@ class LiveController(Controller):
         await take_send(state, user)  # a Redis call: no pooled connection held while it waits
         async with state.pool.acquire() as conn:
             try:
-                await repo.vote(conn, poll_id, None, user.id, data.option)
+                await repo.vote(conn, poll_id, None, user.id, data.option, user.role)
             except Refused as exc:
                 raise refused(exc) from exc
             state.hub.poll_voted(poll_id)

@@ -378,5 +378,6 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
             raise messages_repo.Refused("bad_frame", "poll.vote is for live session rooms")
         await _rate(hub, user)
         async with hub.pool.acquire() as db:
-            await live_repo.vote(db, frame.poll_id, int(conn.room.split(":")[1]), user.id, frame.option)
+            await live_repo.vote(db, frame.poll_id, int(conn.room.split(":")[1]), user.id, frame.option,
+                                 user.role)
         hub.poll_voted(frame.poll_id)

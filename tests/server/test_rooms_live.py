@@ -197,6 +197,14 @@ async def test_poll_vote_rules(server, client, make: Factory):
     assert client.post(f"/api/v1/polls/{poll['id']}/votes", json={"option": 9}, headers=c.h).status_code == 400
     assert client.post(f"/api/v1/polls/{poll['id']}/votes", json={"option": 0},
                        headers=make.user("learner").h).status_code == 404
+    # a bot (a bridge) joins the room but does not vote: its one vote would stand for everyone it relays
+    bot = make.user("bot")
+    r = client.post(f"/api/v1/polls/{poll['id']}/votes", json={"option": 0}, headers=bot.h)
+    assert r.status_code == 403 and r.json()["code"] == "forbidden", r.text
+    cbot = await Client.connect(server, room, bot)
+    await cbot.send({"type": "poll.vote", "poll_id": poll["id"], "option": 0, "ref": "b"})
+    assert (await cbot.expect("error", ref="b"))["code"] == "forbidden"
+    await cbot.close()
 
     assert client.post(f"/api/v1/polls/{poll['id']}/close", headers=a.h).status_code == 403
     r = client.post(f"/api/v1/polls/{poll['id']}/close", headers=inst.h)
