@@ -10,7 +10,7 @@ from litestar import Request
 
 from server.api.schemas import LINE_TEXT, LINES, NO_CONTROL, NOT_BLANK, ONE_LINE
 from server.errors import ApiError, field_of
-from store.frames import ECHO_MAX, blank, echo, has_nul
+from store.frames import CLIENT_MSG_ID, CLIENT_MSG_ID_RULE, ECHO_MAX, blank, echo, has_nul
 
 T = TypeVar("T")
 
@@ -90,6 +90,7 @@ def trimmed(value: str, field: str) -> str:
 # the other patterns of the API's bodies
 _PATTERNS[repr(r"^[A-Za-z0-9_.:-]+(?![\s\S])")] = "may hold only letters, digits and _ . : -"
 _PATTERNS[repr(r"^[0-9]{2}:[0-9]{2}(?![\s\S])")] = "must be a time as HH:MM"
+_PATTERNS[repr(CLIENT_MSG_ID)] = CLIENT_MSG_ID_RULE
 
 
 def _allowed(typ: Any, text: str) -> str:

@@ -13,7 +13,10 @@ import msgspec
 from msgspec import Meta
 
 Ref = Annotated[str, Meta(max_length=100)]
-ClientMsgId = Annotated[str, Meta(min_length=1, max_length=100)]
+# A client's id for a message (its retries send it again): one line of visible characters, not blank.
+CLIENT_MSG_ID = r"^(?=[\s\S]*\S)[^\x00-\x1f\x7f-\x9f\u2028\u2029]+(?![\s\S])"
+CLIENT_MSG_ID_RULE = "must be one line of visible characters, not blank"
+ClientMsgId = Annotated[str, Meta(min_length=1, max_length=100, pattern=CLIENT_MSG_ID)]
 Id = Annotated[int, Meta(ge=1, le=2**62)]
 
 
@@ -182,10 +185,12 @@ def echo(text: str) -> str:
 
 def decode_frame(raw: str | bytes) -> ClientFrame:
     if has_nul(raw):
-        raise BadFrame("text must not contain NUL characters (\\u0000)")
+        raise BadFrame("a frame's strings must not contain NUL characters (\\u0000)")
     try:
         return _decoder.decode(raw)
     except msgspec.ValidationError as exc:
+        if f"matching regex {CLIENT_MSG_ID!r}" in str(exc):  # the rule in words, not the regex
+            raise BadFrame(f"client_msg_id {CLIENT_MSG_ID_RULE}") from exc
         raise BadFrame(echo(str(exc))) from exc
     except msgspec.DecodeError as exc:
         raise BadFrame(echo(f"not valid JSON: {exc}")) from exc

@@ -9,11 +9,10 @@ from msgspec import Meta
 
 from server.api.schemas import LINE_TEXT, Id, Name, Strict, Title, When, check_when
 from store.events import UserRef
-from store.frames import as_read, blank
+from store.frames import ClientMsgId, as_read, blank
 
 Seconds = Annotated[int, Meta(ge=1, le=366 * 24 * 3600)]
 OptionalSeconds = Annotated[int, Meta(ge=0, le=366 * 24 * 3600)]
-ClientMsgId = Annotated[str, Meta(min_length=1, max_length=100)]
 
 
 class RoomMessage(msgspec.Struct):

@@ -118,6 +118,17 @@ async def test_invisible_or_control_character_messages_are_refused_alike_over_so
     await c.send(json.dumps({"type": "message.send", "text": "tabs\tand\nlines, e\u0301 and \U0001f600 are fine",
                              "client_msg_id": "ok"}))
     await c.expect("message.new", client_msg_id="ok")
+    # a client's message id is one line of visible characters (" " and "a\nb" were ids); a NUL is named for what it is
+    for i, cid in enumerate([" ", "a\nb", "\u00a0"]):
+        await c.send(json.dumps({"type": "message.send", "text": "hi", "client_msg_id": cid, "ref": f"id{i}"}))
+        err = await c.expect("error", ref=f"id{i}")
+        assert err["code"] == "bad_frame" and "client_msg_id must be one line" in err["detail"], err
+        r = client.post(f"/api/v1/rooms/{course.room}/messages", json={"text": "hi", "client_msg_id": cid},
+                        headers=learner.h)
+        assert r.status_code == 400 and r.json()["field"] == "client_msg_id", r.text
+        assert "one line of visible characters" in r.json()["message"], r.text
+    await c.send(json.dumps({"type": "message.send", "text": "hi", "client_msg_id": "n\u0000l", "ref": "nul"}))
+    assert "NUL" in (await c.expect("error", ref="nul"))["detail"]
     await c.close()
 
 
