@@ -169,6 +169,9 @@ class VideoController(Controller):
         ctype = request.headers.get("content-type", "")
         if ctype.lower().lstrip().startswith("multipart/form-data"):  # media types ignore case
             kw = await self._receive_file(request, course_id)
+        elif ctype.lower().lstrip().startswith("application/x-www-form-urlencoded"):  # a form without its file
+            raise ApiError(400, "an upload is multipart/form-data with the file in a `file` field (a urlencoded "
+                                "form carries no file); JSON {title, youtube} adds a YouTube video", field="file")
         else:
             data = await read_json(request, VideoIn)
             from ingest.youtube import parse_youtube_id

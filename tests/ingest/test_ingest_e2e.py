@@ -330,6 +330,9 @@ def test_bad_video_json(client, make: Factory):
                         ({"title": "x"}, "youtube"), ({"youtube": "dQw4w9WgXcQ"}, "title")):
         r = client.post(f"/api/v1/courses/{cid}/videos", json=body, headers=inst.h)
         assert r.status_code == 400 and r.json()["field"] == field, r.text
+    # a form sent urlencoded carries no file: said so (it was "request body is not valid JSON")
+    r = client.post(f"/api/v1/courses/{cid}/videos", data={"title": "x"}, headers=inst.h)
+    assert r.status_code == 400 and r.json()["field"] == "file" and "multipart/form-data" in r.json()["message"]
     learner = make.user("learner")
     assert client.post(f"/api/v1/courses/{cid}/videos", json={"title": "x", "youtube": "dQw4w9WgXcQ"},
                        headers=learner.h).status_code == 403
