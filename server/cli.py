@@ -255,7 +255,7 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
         else:
             src = Path(args.file)
             if not src.is_file():
-                print(f"no such file: {src}", file=sys.stderr)
+                print(f"{src} is a directory, not a file" if src.is_dir() else f"no such file: {src}", file=sys.stderr)
                 return 2
             if src.stat().st_size > settings.max_upload_bytes:  # the limit an upload has over REST (413)
                 print(f"cannot ingest {src}: larger than the upload limit of {settings.max_upload_bytes // 2**20} MB "

@@ -46,6 +46,8 @@ def test_cli_ingest_keeps_to_the_upload_rules(client, make: Factory, worker, dat
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\x00\x01garbage" * 10)
     assert _cli(data_dir, "ingest", str(cid), "--file", str(junk)).returncode == 2
+    folder = _cli(data_dir, "ingest", str(cid), "--file", str(tmp_path))  # (it said "no such file")
+    assert folder.returncode == 2 and "is a directory, not a file" in folder.stderr, folder.stderr
     assert not uploads.exists() or list(uploads.iterdir()) == []  # no copy left of either
     odd = tmp_path / "Vorlesung_\udce4.srt"  # the byte 0xE4 (latin-1 "ä") in the name: not UTF-8
     odd.write_bytes((EVAL / "transcripts" / "3b1b-bitcoin.srt").read_bytes())
