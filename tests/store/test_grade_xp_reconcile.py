@@ -24,23 +24,22 @@ def _perfect_grade(settings, make: Factory, client, ago: str = "0 s"):  # type: 
     return learner, cid, aid
 
 
+async def _twice(settings) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """Two reconciler runs in a row: (what the first brought in line, what the second found left)."""
+    pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        async with pool.acquire() as conn:
+            return await reconcile_grade_xp(conn, redis), await reconcile_grade_xp(conn, redis)
+    finally:
+        await redis.aclose()
+        await pool.close()
+
+
 def test_missing_grade_xp_is_awarded_once(settings, make: Factory, client):
     learner, _, aid = _perfect_grade(settings, make, client)
-
-    async def go() -> tuple[int, int]:
-        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
-        redis = Redis.from_url(settings.redis_url)
-        try:
-            async with pool.acquire() as conn:
-                return await reconcile_grade_xp(conn, redis), await reconcile_grade_xp(conn, redis)
-        finally:
-            await redis.aclose()
-            await pool.close()
-
-    old, _, old_aid = _perfect_grade(settings, make, client)  # graded long ago: beyond what each run looks at
-    fetch(settings, "UPDATE submissions SET final_at = now() - interval '40 days' WHERE assignment_id = $1 "
-                    "RETURNING 1", old_aid)
-    first, second = run_sync(go())
+    old, _, _ = _perfect_grade(settings, make, client, ago="40 days")  # beyond what each run looks at
+    first, second = run_sync(_twice(settings))
     assert first >= 1 and second == 0
     assert fetch(settings, "SELECT count(*) AS n FROM xp_events WHERE user_id = $1", old.id)[0]["n"] == 0
     keys = {r["idempotency_key"] for r in fetch(settings, "SELECT idempotency_key FROM xp_events WHERE user_id = $1",
@@ -99,10 +98,8 @@ def test_a_chapter_strength_that_missed_a_final_grade_is_recomputed(settings, ma
         finally:
             await pool.close()
 
-    old, _, old_aid = _perfect_grade(settings, make, client)  # graded long ago: beyond what each run looks at
-    fetch(settings, "UPDATE submissions SET final_at = now() - interval '40 days' WHERE assignment_id = $1 "
-                    "RETURNING 1", old_aid)
-    first, second = run_sync(go())
+    old, _, _ = _perfect_grade(settings, make, client, ago="40 days")  # beyond what each run looks at
+    first, second = run_sync(_twice(settings))
     assert first >= 1 and second == 0
     assert fetch(settings, "SELECT count(*) AS n FROM xp_events WHERE user_id = $1", old.id)[0]["n"] == 0
     (row,) = fetch(settings, "SELECT score FROM chapter_scores WHERE user_id = $1 AND chapter_id = $2", learner.id, chid)
@@ -119,14 +116,7 @@ def test_a_lowered_grade_whose_hook_was_lost_has_its_xp_taken_back(settings, mak
     async def go(score: float) -> tuple[int, int]:
         fetch(settings, "UPDATE submissions SET score = $2, final_at = now() WHERE assignment_id = $1 RETURNING 1",
               aid, score)
-        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
-        redis = Redis.from_url(settings.redis_url)
-        try:
-            async with pool.acquire() as conn:
-                return await reconcile_grade_xp(conn, redis), await reconcile_grade_xp(conn, redis)
-        finally:
-            await redis.aclose()
-            await pool.close()
+        return await _twice(settings)
 
     def ledger() -> tuple[int, set[str]]:
         rows = fetch(settings, "SELECT idempotency_key, points FROM xp_events WHERE user_id = $1", learner.id)
