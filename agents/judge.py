@@ -2,7 +2,6 @@
 
 Declines when
 - the best evidence is far from the question (nothing in the course is about it), or
-- no moment chosen to cite says any word of the question and the evidence is not close in meaning either, or
 - the question names something the course never says: a proper name or acronym ("Ethereum", "RoPE", "GPT-2")
   that no video mentions, in any form, or
 - the question hinges on a term that is rare in general English and that no video says in any inflection
@@ -22,10 +21,6 @@ from wordfreq import zipf_frequency
 from store.videos import fold
 
 MIN_DENSE = 0.25  # MiniLM cosine of the best chunk; below this nothing in the course is about the question
-# A question none of whose words any chosen moment says is answered only when its best chunk is this close in meaning
-# (a paraphrase): "What is a linked list?" was answered (cosine 0.28) from "sum together all of those proposed
-# changes". On the eval every answerable question shares a word with a chosen moment; unrelated ones often none.
-NO_OVERLAP_DENSE = 0.5
 RARE_ZIPF = 3.0  # rarer than once per million words of English (zipf 3) and absent from the course: uncovered
 MIN_NAME_LEN = 3  # shorter capitalized tokens are notation ("Ax", "Mr") more often than names
 COMMON_ZIPF = 5.0  # a capitalized word this common in English ("What", "World") is not taken for a name
@@ -186,10 +181,6 @@ def judge(question: str, standalone: str, hits: list, sources: list, missing_lex
     top_dense = max((_dense(h) for h in hits), default=0.0)
     rare = missing_rare_words(question, missing_lexemes)
     names, unsaid = uncovered(question, present_words) if present_words is not None else ([], [])
-    # the chosen moments' overlap with the question's words (evidence.rank_windows; None: not measured)
-    overlaps = [w.extra["lexical"] for w in sources if "lexical" in getattr(w, "extra", {})]
-    lexical = max(overlaps) if overlaps else None
-    unrelated = lexical == 0 and top_dense < NO_OVERLAP_DENSE
-    grounded = bool(sources) and top_dense >= MIN_DENSE and not rare and not names and not unsaid and not unrelated
+    grounded = bool(sources) and top_dense >= MIN_DENSE and not rare and not names and not unsaid
     return Verdict(grounded, {"top_dense": round(top_dense, 3), "rare_missing": rare, "names_missing": names,
-                              "words_missing": unsaid, "lexical": None if lexical is None else round(lexical, 3)})
+                              "words_missing": unsaid})
