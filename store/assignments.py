@@ -241,7 +241,8 @@ async def reconcile_grade_xp(conn: asyncpg.Connection, redis: Redis, limit: int 
     started = await conn.fetchval("SELECT extract(epoch FROM now())::float8")
     note = await redis.hgetall(GRADE_XP_SWEEP_KEY)
     to, full = (float(note.get(b"to", 0)), float(note.get(b"full", 0))) if note else (0.0, 0.0)
-    sweep = not to or started - full >= GRADE_XP_FULL_EVERY_S
+    # (a note from the future, after the database's clock went back, would hold every run off: swept again)
+    sweep = not to or started - full >= GRADE_XP_FULL_EVERY_S or to > started or full > started
     since = None if sweep else to - GRADE_XP_OVERLAP_S
     rows = await conn.fetch(
         f"""WITH recent AS (
@@ -258,13 +259,15 @@ async def reconcile_grade_xp(conn: asyncpg.Connection, redis: Redis, limit: int 
                OR {_out_of_line("'perfect:' || p.assignment_id", "p.best >= 100")}
             LIMIT $2""",
         PASS_SCORE, limit, since)
+    failed = 0
     for r in rows:
         try:
             await sync_grade_xp(conn, redis, r["user_id"], r["assignment_id"])
-        except Exception:  # noqa: BLE001 - the next run tries again
+        except Exception:  # noqa: BLE001 - the next run tries again (the note stays where it was)
+            failed += 1
             logger.warning("could not bring in line the XP of learner %s on assignment %s", r["user_id"],
                            r["assignment_id"], exc_info=True)
-    if len(rows) < limit:  # all of it looked at: the next run starts from here
+    if len(rows) < limit and not failed:  # all of it looked at and done: the next run starts from here
         await redis.hset(GRADE_XP_SWEEP_KEY, mapping={"to": started, "full": started if sweep else full})
     if rows:
         logger.info("brought in line the XP of %d learners' final grades", len(rows))

@@ -284,7 +284,7 @@ async def my_vote(conn: asyncpg.Connection, poll_id: int, user_id: int) -> int |
 
 
 async def vote(conn: asyncpg.Connection, poll_id: int, session_id: int | None, user_id: int, option: int,
-               role: str = "learner") -> None:
+               role: str) -> None:
     """One vote per user, changeable until the poll closes, while the voter may use the session's room (not
     removed from the course, not kicked; a mute does not stop a vote). `session_id`, when given, must be the
     poll's session (votes arrive through that session's room). Bots do not vote: a bridge's one vote would stand

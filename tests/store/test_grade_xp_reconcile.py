@@ -199,3 +199,7 @@ def test_the_reconciler_looks_back_from_its_last_run_and_sweeps_the_lookback_hou
     fetch(settings, "DELETE FROM xp_events WHERE user_id = $1 RETURNING 1", learner.id)
     fetch(settings, "DELETE FROM xp_totals WHERE user_id = $1 RETURNING 1", learner.id)
     assert run_sync(go(None)) == 2  # no note (Redis flushed, a first run): a sweep
+    fetch(settings, "DELETE FROM xp_events WHERE user_id = $1 RETURNING 1", learner.id)
+    fetch(settings, "DELETE FROM xp_totals WHERE user_id = $1 RETURNING 1", learner.id)
+    later = time.time() + 3600  # a note from the future (the database's clock went back): swept, not held off
+    assert run_sync(go({"to": later, "full": later})) == 2

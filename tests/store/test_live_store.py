@@ -30,7 +30,7 @@ async def test_a_stalled_publisher_cannot_land_old_counts_last(xp_store, monkeyp
     pool, redis = xp_store
     sid, poll, (a, b) = await _live_poll(pool, redis)
     async with pool.acquire() as c:
-        await live.vote(c, poll["id"], sid, a, 0)
+        await live.vote(c, poll["id"], sid, a, 0, "learner")
     real, first, counted = live.counts, [True], asyncio.Event()
 
     async def stalling_counts(conn, poll_id):  # type: ignore[no-untyped-def]
@@ -45,7 +45,7 @@ async def test_a_stalled_publisher_cannot_land_old_counts_last(xp_store, monkeyp
     slow = asyncio.create_task(live.publish_results(pool, redis, poll["id"]))
     await counted.wait()
     async with pool.acquire() as c:
-        await live.vote(c, poll["id"], sid, b, 1)
+        await live.vote(c, poll["id"], sid, b, 1, "learner")
     await live.publish_results(pool, redis, poll["id"])  # waits for the stalled one, then counts both votes
     await slow
     totals = await _results(pool, sid)
@@ -57,7 +57,7 @@ async def test_stopping_publishes_the_results_of_the_last_votes(settings, xp_sto
     sid, poll, (a, _) = await _live_poll(pool, redis)
     hub = Hub(settings, pool, redis)
     async with pool.acquire() as c:
-        await live.vote(c, poll["id"], sid, a, 0)
+        await live.vote(c, poll["id"], sid, a, 0, "learner")
     hub.poll_voted(poll["id"])  # its results are due in 250 ms; the server stops first
     await hub.stop()
     assert await _results(pool, sid) == [1]
@@ -328,7 +328,7 @@ async def test_a_vote_committed_just_after_another_process_counted_is_still_publ
     pool, redis = xp_store
     sid, poll, (a, b) = await _live_poll(pool, redis)
     async with pool.acquire() as c:
-        await live.vote(c, poll["id"], sid, a, 0)
+        await live.vote(c, poll["id"], sid, a, 0, "learner")
     await live.publish_results(pool, redis, poll["id"])
     # b's vote, stamped a moment before those counts were published, committed just after: not in them
     await pool.execute("INSERT INTO poll_votes (poll_id, user_id, option, updated_at) "
@@ -350,15 +350,15 @@ async def test_counts_already_published_are_not_published_again(xp_store):
     pool, redis = xp_store
     sid, poll, (a, _) = await _live_poll(pool, redis)
     async with pool.acquire() as c:
-        await live.vote(c, poll["id"], sid, a, 0)
+        await live.vote(c, poll["id"], sid, a, 0, "learner")
     await live.publish_results(pool, redis, poll["id"])
     await live.publish_results(pool, redis, poll["id"])  # another process, having counted the same
     async with pool.acquire() as c:
-        await live.vote(c, poll["id"], sid, a, 0)  # the same option again
+        await live.vote(c, poll["id"], sid, a, 0, "learner")  # the same option again
     await live.publish_results(pool, redis, poll["id"])
     assert await _results(pool, sid) == [1]
     async with pool.acquire() as c:
-        await live.vote(c, poll["id"], sid, a, 1)
+        await live.vote(c, poll["id"], sid, a, 1, "learner")
     await live.publish_results(pool, redis, poll["id"])
     assert await _results(pool, sid) == [1, 1]
 
