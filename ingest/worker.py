@@ -145,6 +145,19 @@ async def heal_superseded(ctx: dict[str, Any]) -> int:
         return 0
 
 
+BOARDS_REPAIR_EVERY_S = 5.0
+
+
+async def _repair_missed_boards(ctx: dict[str, Any]) -> None:
+    """Every few seconds (in this process: arq's crons run in any one worker): the boards that missed this process's
+    awards while Redis failed (`store.xp.MISSED_TENANTS`), checked and repaired once it answers."""
+    from store import xp
+
+    while True:
+        await asyncio.sleep(BOARDS_REPAIR_EVERY_S)
+        xp.repair_missed_soon(ctx["pool"], ctx["redis"])
+
+
 def worker_settings(settings: Settings, queue: str = "ingest", *, heal_embeddings: bool = True) -> dict[str, Any]:
     """Keyword arguments for arq.Worker bound to these settings, for one of the two queues (store.keys):
     `ingest` (transcription, embedding: hours at worst; STUDYHALL_WORKER_CONCURRENCY at once) or `quick` (grading,
@@ -167,10 +180,14 @@ def worker_settings(settings: Settings, queue: str = "ingest", *, heal_embedding
 
         leaderboards.EVENT_WINDOW_S = settings.leaderboard_event_s
         xp.ASYNC_COMMIT = settings.xp_async_commit
+        ctx["boards_repair"] = asyncio.create_task(_repair_missed_boards(ctx))
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         from store import leaderboards
 
+        if ctx.get("boards_repair") is not None:
+            ctx["boards_repair"].cancel()
+            await asyncio.wait([ctx["boards_repair"]])
         await leaderboards.drain()  # leaderboard.changed from awards of finished jobs
         if ctx.get("pool") is not None:
             await _release_pool(ctx["pool"])

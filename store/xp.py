@@ -24,6 +24,7 @@ they come back (`leaderboard_rebuild.resync_member`, on every enrolment or pod m
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -286,6 +287,39 @@ async def award_xp(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, user_id:
     return award
 
 
+# Tenants whose boards missed an award of this process (Redis did not answer, or failed the update: a restart under
+# running servers, which no startup check sees): checked against the ledger, and rebuilt where they differ, as soon as
+# Redis answers again (`repair_missed_soon`: each server's hub tick, each worker's cron), not at the hourly check.
+MISSED_TENANTS: set[int] = set()
+_repairing: asyncio.Task | None = None
+
+
+def repair_missed_soon(pool: asyncpg.Pool, redis: Redis) -> None:
+    """Start `repair_missed` in the background unless nothing was missed or a repair is running."""
+    global _repairing
+    if MISSED_TENANTS and (_repairing is None or _repairing.done()):
+        _repairing = asyncio.create_task(repair_missed(pool, redis))
+
+
+async def repair_missed(pool: asyncpg.Pool, redis: Redis) -> bool:
+    """Check the boards of the tenants whose updates this process missed, and rebuild them if they differ from the
+    ledger; True when done (the tenants are forgotten), False when Redis or Postgres still fail (kept for later)."""
+    if not MISSED_TENANTS:
+        return False
+    from store import leaderboard_rebuild  # (it imports the boards' keys and scripts; this module is below it)
+
+    tenants = sorted(MISSED_TENANTS)
+    try:
+        await redis.ping()
+        await leaderboard_rebuild.check_and_repair(pool, redis, tenant_ids=tenants)
+    except Exception:  # noqa: BLE001 - still out of reach: the next tick tries again
+        logger.info("leaderboards that missed updates are not repaired yet", exc_info=True)
+        return False
+    MISSED_TENANTS.difference_update(tenants)
+    logger.info("leaderboards of tenants %s that missed updates were checked against the ledger", tenants)
+    return True
+
+
 async def settle(redis: Redis, awards: list[Award], unlocked: list[Unlocked] = ()) -> None:  # type: ignore[assignment]
     """After commit: bump the boards, tell the learner (`xp.awarded`) and announce what each award unlocked
     (one Redis round trip per batch); announce changed boards; publish achievements unlocked on their own.
@@ -299,7 +333,9 @@ async def settle(redis: Redis, awards: list[Award], unlocked: list[Unlocked] = (
             await leaderboards.apply(redis, [a.entry() for a in awards], [
                 [(events_channel(user_topic(a.user_id)), _note(a))] + _unlock_notes(a.unlocked, names) for a in awards])
         except Exception:  # noqa: BLE001
-            logger.warning("could not update leaderboards; the hourly check will rebuild them", exc_info=True)
+            MISSED_TENANTS.update(a.tenant_id for a in awards)
+            logger.warning("could not update leaderboards; they are checked against the ledger once Redis answers",
+                           exc_info=True)
     notes = _unlock_notes(list(unlocked), names)
     if notes:  # the learner and each of their rooms, in one round trip
         try:

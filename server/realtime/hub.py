@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from server import tutoring
 from server.realtime.conn import Conn, text_frame
 from server.realtime.standing import still_allowed
-from store import leaderboard_rebuild, leaderboards
+from store import leaderboard_rebuild, leaderboards, xp
 from store import live as live_repo
 from store import rooms as rooms_repo
 from store import tutor as tutor_repo
@@ -696,6 +696,7 @@ class Hub:
         """`leaderboard.changed` that a dead process held back for the end of a board's window: every process
         looks, whoever takes a board off the due list tells its room. Boards held back because Redis lost them (see
         `leaderboards.HELD_SCORE`) start a rebuild: no read may come to start one."""
+        xp.repair_missed_soon(self.pool, self.redis)  # boards that missed this process's awards, Redis back
         await leaderboards.take_due(self.redis)
         state = getattr(self, "app_state", None)
         if state is not None and await leaderboards.held(self.redis):

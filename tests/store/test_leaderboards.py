@@ -91,6 +91,27 @@ async def test_ranks_ties_and_neighbours(make: Factory, lb):
     assert {e.name for e in board.neighbours} <= {u.name for u in users}
 
 
+async def test_awards_made_while_redis_failed_reach_the_boards_once_it_answers(make: Factory, lb):
+    """XP awarded while Redis was down (a restart under running servers: no startup check sees it) stayed off the
+    boards until the hourly check, up to an hour with `leaderboards check` failing: the process that missed the
+    update checks those tenants' boards against the ledger as soon as Redis answers, and rebuilds them."""
+    pool, redis = lb
+    u = make.user("learner")
+    await leaderboard_rebuild.rebuild(pool, redis)
+    await xp.award_xp(pool, redis, u.id, "helpful_answer", "h:before")
+    board = leaderboards.board_key("tenant", u.tenant_id, "all")
+    xp.MISSED_TENANTS.clear()
+    down = Redis.from_url("redis://127.0.0.1:1/0")  # nothing listens there
+    try:
+        assert await xp.award_xp(pool, down, u.id, "helpful_answer", "h:down") is not None  # stored all the same
+        assert not await xp.repair_missed(pool, down)  # still down: kept for later
+    finally:
+        await down.aclose()
+    assert xp.MISSED_TENANTS == {u.tenant_id} and await redis.zscore(board, str(u.id)) == 25
+    assert await xp.repair_missed(pool, redis)
+    assert await redis.zscore(board, str(u.id)) == 50 and not xp.MISSED_TENANTS
+
+
 async def test_flush_then_rebuild_is_identical(make: Factory, lb):
     pool, redis = lb
     f2 = Factory(make.settings)
