@@ -622,7 +622,11 @@ class _Worker:
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
+                logger.warning("the worker did not stop within 30 s; killing it")
                 self.proc.kill()
+                # gone before `up` looks whether anyone still uses the embedded servers (the dying worker held the
+                # lock on them: `up` left them running with no studyhall process)
+                self.proc.wait()
         self.stopped.set()
 
 

@@ -228,13 +228,20 @@ def _url(name: str, schemes: tuple[str, ...]) -> str | None:
     if not sep or scheme.lower() not in schemes:
         raise SystemExit(f"{name} must be a URL starting {' or '.join(f'{x}://' for x in schemes)}, "
                          f"got {_masked(raw)!r}")
-    parts = urlsplit(raw)
+    try:
+        parts = urlsplit(raw)
+    except ValueError:  # "http://[::1": an unclosed IPv6 address (urllib's message can quote a piece of the password)
+        raise SystemExit(f"{name} is not a usable URL (a bracket left open?), got {_masked(raw)!r}") from None
     if "," not in parts.netloc:  # a list of Postgres hosts is asyncpg's to read
         try:
-            parts.port  # noqa: B018 - a port that is not a number from 0 to 65535 raises
-        except ValueError:  # (urllib's message can quote a piece of the password)
-            raise SystemExit(f"{name} has an unusable port (not a number from 0 to 65535), got {_masked(raw)!r}") \
+            port = parts.port  # a port that is not a number from 0 to 65535 raises
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise SystemExit(f"{name} has an unusable port (not a number from 1 to 65535), got {_masked(raw)!r}") \
                 from None
+    if scheme.lower() in ("http", "https") and not parts.hostname:  # "http://": every request would fail
+        raise SystemExit(f"{name} names no host, got {_masked(raw)!r}")
     if scheme.lower() in ("redis", "rediss") and parts.path.strip("/") and not parts.path.strip("/").isdigit():
         raise SystemExit(f"{name}: the path after the host is a database number, got {_masked(raw)!r}")
     return raw

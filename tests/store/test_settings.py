@@ -134,6 +134,20 @@ def test_a_bad_url_is_named_without_its_password(monkeypatch, tmp_path):
         monkeypatch.delenv(name)
 
 
+def test_urls_that_cannot_work_stop_the_start_in_one_line(monkeypatch, tmp_path):
+    """An unclosed IPv6 bracket was a 26-line traceback; "http://" and port 0 were taken, and every request failed."""
+    for name, raw, said in (("OPENAI_BASE_URL", "http://[::1", "not a usable URL"),
+                            ("DATABASE_URL", "postgresql://u:TopSecretPw@[::1/db", "not a usable URL"),
+                            ("ANTHROPIC_BASE_URL", "http://", "names no host"),
+                            ("STUDYHALL_YOUTUBE_PROXY", "https:///x", "names no host"),
+                            ("REDIS_URL", "redis://h:0/0", "1 to 65535")):
+        monkeypatch.setenv(name, raw)
+        with pytest.raises(SystemExit) as info:
+            load_settings(tmp_path)
+        assert name in str(info.value) and said in str(info.value) and "TopSecretPw" not in str(info.value)
+        monkeypatch.delenv(name)
+
+
 def test_a_youtube_proxy_is_read(monkeypatch, tmp_path):
     """STUDYHALL_YOUTUBE_PROXY (cloud hosts' addresses are blocked by YouTube); where it leads: test_youtube."""
     monkeypatch.setenv("STUDYHALL_YOUTUBE_PROXY", "http://user:pw@proxy.example:3128")
