@@ -821,8 +821,12 @@ def main(argv: list[str] | None = None) -> int:
     # process would die before stopping the worker and the embedded servers.
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    # a closed terminal stops cleanly too: as SIGTERM, which uvicorn (while serving) and arq handle gracefully
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: os.kill(os.getpid(), signal.SIGTERM))
+    # a closed terminal stops cleanly too: a server or worker as on SIGTERM, which uvicorn (while serving) and arq
+    # handle gracefully; a one-shot command says SIGHUP stopped it and exits 129 (it said SIGTERM, 143)
+    if args.command in _RUN_UNTIL_STOPPED:
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: os.kill(os.getpid(), signal.SIGTERM))
+    else:
+        signal.signal(signal.SIGHUP, _on_signal)
     try:
         code = args.func(args)
         sys.stdout.flush()  # here, where a reader gone away is caught, not at the interpreter's exit
