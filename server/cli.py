@@ -841,6 +841,12 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"studyhall: {exc}", file=sys.stderr)
         return 2
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        # a setting that cannot be used (store.settings stops the start naming it): a mistake, as a bad flag is
+        print(f"studyhall: {exc.code}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # the reader went away (`studyhall ask ... --json | head`): as other tools, quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # (the interpreter's flush at exit must not fail again)

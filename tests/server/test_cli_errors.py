@@ -32,6 +32,10 @@ def test_token_keeps_an_existing_users_role(settings, tmp_path, make: Factory):
 
 
 def test_mistakes_are_one_line_and_status_2(settings, tmp_path):
+    # a setting that cannot be used too (it exited 1, the status of a failed job, without the "studyhall:" prefix)
+    out = _cli(settings, tmp_path, "token", "--user", "x", "--role", "learner", STUDYHALL_PORT="70000")
+    _refused(out, "STUDYHALL_PORT")
+    assert out.stderr.startswith("studyhall: STUDYHALL_PORT"), out.stderr
     _refused(_cli(settings, tmp_path, "token", "--user", "x", "--role", "learner", "--ttl", "-100"), "--ttl")
     _refused(_cli(settings, tmp_path, "token", "--user", "  ", "--role", "learner"), "--user")
     _refused(_cli(settings, tmp_path, "token", "--user", "bad\x1bname", "--role", "learner"), "--user")
