@@ -37,6 +37,13 @@ def _str(name: str, default: str | None = None) -> str | None:
     return raw if raw not in (None, "") else default
 
 
+def _metrics_token() -> str | None:
+    """STUDYHALL_METRICS_TOKEN; one of only white space is refused (it left /metrics public, as no token does)."""
+    if _str("STUDYHALL_METRICS_TOKEN") is not None and _key("STUDYHALL_METRICS_TOKEN") is None:
+        raise SystemExit("STUDYHALL_METRICS_TOKEN is only white space: set a token, or unset it for a public /metrics")
+    return _key("STUDYHALL_METRICS_TOKEN")
+
+
 def _key(name: str) -> str | None:
     """An API key without the white space a secret file ends with (a trailing newline in a header is refused,
     and the HTTP library's refusal quotes the header, key and all)."""
@@ -182,7 +189,7 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         ws_connect_burst=_bounded("STUDYHALL_WS_CONNECT_BURST", 60, 1, 1_000_000),
         ws_stall_s=_ranged("STUDYHALL_WS_STALL_S", 45.0, 1.0, 3600.0),
         sse_keepalive_s=_ranged("STUDYHALL_SSE_KEEPALIVE_S", 15.0, 1.0, 300.0),
-        metrics_token=_key("STUDYHALL_METRICS_TOKEN"),
+        metrics_token=_metrics_token(),
         presence_ttl_s=_ranged("STUDYHALL_PRESENCE_TTL", 15.0, 1.0, 3600.0),
         presence_grace_s=_ranged("STUDYHALL_PRESENCE_GRACE_S", 3.0, 0.0, 600.0),
         presence_max=_bounded("STUDYHALL_PRESENCE_MAX", 200, 1, 1_000_000),

@@ -148,6 +148,15 @@ def test_urls_that_cannot_work_stop_the_start_in_one_line(monkeypatch, tmp_path)
         monkeypatch.delenv(name)
 
 
+def test_a_metrics_token_of_white_space_is_refused(monkeypatch, tmp_path):
+    """It left /metrics public without a word, as no token does."""
+    monkeypatch.setenv("STUDYHALL_METRICS_TOKEN", "  ")
+    with pytest.raises(SystemExit, match="STUDYHALL_METRICS_TOKEN is only white space"):
+        load_settings(tmp_path)
+    monkeypatch.setenv("STUDYHALL_METRICS_TOKEN", " tok\n")
+    assert load_settings(tmp_path).metrics_token == "tok"
+
+
 def test_a_youtube_proxy_is_read(monkeypatch, tmp_path):
     """STUDYHALL_YOUTUBE_PROXY (cloud hosts' addresses are blocked by YouTube); where it leads: test_youtube."""
     monkeypatch.setenv("STUDYHALL_YOUTUBE_PROXY", "http://user:pw@proxy.example:3128")
