@@ -55,11 +55,23 @@ async def enqueue_batches(arq: ArqRedis, pool: Any, job_id: int, submission_ids:
     return len(batches)
 
 
+# Postgres or Redis out of reach (a restart): the job goes again shortly, not failed for the every-minute recovery to
+# find (its learners waited minutes more for their grades after an outage).
+_UNREACHABLE: tuple[type[Exception], ...] = (ConnectionError, TimeoutError, asyncpg.PostgresConnectionError,
+                                             asyncpg.exceptions.OperatorInterventionError)
+UNREACHABLE_RETRY_S = 5.0
+
+
 async def grade_submission(ctx: dict[str, Any], submission_id: int) -> str:
     """Grade one written submission; transient failures retry with backoff. A worker dying mid-grade hands
     it to another within the heartbeat TTL."""
     async with heartbeat(ctx):
-        return await _grade(ctx, submission_id)
+        try:
+            return await _grade(ctx, submission_id)
+        except _UNREACHABLE as exc:
+            logger.warning("grading %s: the database cannot be reached (%s); again in %g s", submission_id,
+                           type(exc).__name__, UNREACHABLE_RETRY_S)
+            raise Retry(defer=UNREACHABLE_RETRY_S) from exc
 
 
 async def grade_batch(ctx: dict[str, Any], job_id: int, submission_ids: list[int]) -> str:

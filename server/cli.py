@@ -644,7 +644,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         sock = config.bind_socket()  # a port in use stops here, before a worker starts or the URL is announced
         env = dict(os.environ, STUDYHALL_DATA_DIR=str(settings.data_dir), STUDYHALL_UP_PID=str(os.getpid()))
         worker = _Worker(env)
-        url = f"http://{settings.host}:{settings.port}"
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 address, as URLs write it
+        url = f"http://{host}:{settings.port}"
         print(f"\nstudyhall is up at {url}  (data in {settings.data_dir})\n"
               f"dev instructor token:\n{token}\n\ntry: curl -H 'Authorization: Bearer <token>' {url}/api/v1/users/me\n",
               flush=True)

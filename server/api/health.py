@@ -25,7 +25,8 @@ async def health_head() -> None:
 
 @head("/ready", exclude_from_auth=True, include_in_schema=False)
 async def ready_head(request: Request) -> Response[None]:
-    return Response(None, status_code=(await _readiness(request))[1])
+    status = (await _readiness(request))[1]
+    return Response(None, status_code=status, headers=_retry(status))
 
 
 @get("/ready", exclude_from_auth=True, include_in_schema=False)
@@ -33,7 +34,12 @@ async def ready(request: Request) -> Response:
     """Ready: Postgres and Redis answer, and this process receives the realtime events. Postgres is probed on a
     connection of its own: a pool busy with requests is load, not a reason to be taken out of rotation."""
     body, status = await _readiness(request)
-    return Response(body, status_code=status)
+    return Response(body, status_code=status, headers=_retry(status))
+
+
+def _retry(status: int) -> dict[str, str]:
+    """A 503 says when to look again, as every other 503 of the API does."""
+    return {"Retry-After": "5"} if status == HTTP_503_SERVICE_UNAVAILABLE else {}
 
 
 async def _readiness(request: Request) -> tuple[dict, int]:

@@ -714,3 +714,20 @@ async def test_a_job_whose_worker_died_before_its_first_beat_is_freed(settings):
     finally:
         await redis.delete(*keys.values())
         await redis.aclose()
+
+
+async def test_a_grade_job_that_cannot_reach_the_database_goes_again_shortly(settings):
+    """A grading job run while Postgres was down failed for good (ConnectionRefusedError): its submission waited in
+    `grading` for the every-minute recovery, minutes after Postgres was back. It is retried in a few seconds."""
+    import asyncpg
+    from arq import Retry
+
+    from ingest.grading import UNREACHABLE_RETRY_S, grade_submission
+
+    down = await asyncpg.create_pool("postgresql://nobody@127.0.0.1:1/none", min_size=0, max_size=1)
+    try:
+        with pytest.raises(Retry) as info:
+            await grade_submission({"pool": down, "settings": settings}, 1)
+        assert info.value.defer_score == UNREACHABLE_RETRY_S * 1000
+    finally:
+        await down.close()

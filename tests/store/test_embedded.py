@@ -354,6 +354,8 @@ def test_postgres_down_is_a_503_to_retry_and_the_server_recovers(tmp_path):
                        capture_output=True, user=_pg_system_user(pgdata))
         r = httpx.get(base + "/api/v1/courses", headers=h, timeout=30)
         assert r.status_code == 503 and r.json()["code"] == "unavailable" and r.headers["Retry-After"] == "5", r.text
+        ready = httpx.get(base + "/ready", timeout=30)  # (the probe a load balancer polls said nothing of when)
+        assert ready.status_code == 503 and ready.headers.get("Retry-After") == "5", ready.headers
 
         async def opening() -> tuple[int, str]:
             async with websockets.connect(f"ws://127.0.0.1:{port}/ws/rooms/course:1?token={token}") as ws:
