@@ -289,7 +289,7 @@ async def award_xp(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, user_id:
 
 # Tenants whose boards missed an award of this process (Redis did not answer, or failed the update: a restart under
 # running servers, which no startup check sees): checked against the ledger, and rebuilt where they differ, as soon as
-# Redis answers again (`repair_missed_soon`: each server's hub tick, each worker's cron), not at the hourly check.
+# Redis answers again (`repair_missed_soon`: each server's hub tick, each worker's loop), not at the hourly check.
 MISSED_TENANTS: set[int] = set()
 _repairing: asyncio.Task | None = None
 
@@ -312,8 +312,9 @@ async def repair_missed(pool: asyncpg.Pool, redis: Redis) -> bool:
     try:
         await redis.ping()
         await leaderboard_rebuild.check_and_repair(pool, redis, tenant_ids=tenants)
-    except Exception:  # noqa: BLE001 - still out of reach: the next tick tries again
-        logger.info("leaderboards that missed updates are not repaired yet", exc_info=True)
+    except Exception as exc:  # noqa: BLE001 - still out of reach: the next tick tries again (a line, not a traceback
+        # every second of an outage)
+        logger.info("leaderboards that missed updates are not repaired yet: %s", type(exc).__name__)
         return False
     MISSED_TENANTS.difference_update(tenants)
     logger.info("leaderboards of tenants %s that missed updates were checked against the ledger", tenants)
