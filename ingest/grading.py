@@ -22,6 +22,7 @@ from ingest.jobs import backoff_s, enqueue, give_back_if_stopping, heartbeat, re
 from store import assignments as assignments_repo
 from store import jobs as jobs_repo
 from store import submissions as subs_repo
+from store.db import UNREACHABLE
 from store.keys import QUEUES, QUICK_QUEUE
 from store.search import hybrid_search
 
@@ -57,8 +58,6 @@ async def enqueue_batches(arq: ArqRedis, pool: Any, job_id: int, submission_ids:
 
 # Postgres or Redis out of reach (a restart): the job goes again shortly, not failed for the every-minute recovery to
 # find (its learners waited minutes more for their grades after an outage).
-_UNREACHABLE: tuple[type[Exception], ...] = (ConnectionError, TimeoutError, asyncpg.PostgresConnectionError,
-                                             asyncpg.exceptions.OperatorInterventionError)
 UNREACHABLE_RETRY_S = 5.0
 
 
@@ -68,8 +67,8 @@ async def grade_submission(ctx: dict[str, Any], submission_id: int) -> str:
     async with heartbeat(ctx):
         try:
             return await _grade(ctx, submission_id)
-        except _UNREACHABLE as exc:
-            logger.warning("grading %s: the database cannot be reached (%s); again in %g s", submission_id,
+        except UNREACHABLE as exc:
+            logger.warning("grading %s: the database or Redis cannot be reached (%s); again in %g s", submission_id,
                            type(exc).__name__, UNREACHABLE_RETRY_S)
             raise Retry(defer=UNREACHABLE_RETRY_S) from exc
 

@@ -12,10 +12,9 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.observability import request_id_of
+from store import db
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +147,8 @@ def embedder_error_handler(request: Request, exc: Exception) -> Response:
     return http_exception_handler(request, embedder_api_error(exc))
 
 
-# Postgres or Redis down, restarting or out of reach (a connection refused, reset or timed out): 503, not 500.
-UNREACHABLE: tuple[type[Exception], ...] = (
-    ConnectionError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
-    RedisConnectionError, RedisTimeoutError)
+# Postgres or Redis down, restarting or out of reach (store.db.UNREACHABLE): 503, not 500.
+UNREACHABLE = db.UNREACHABLE
 UNAVAILABLE = "the database or Redis cannot be reached right now; try again shortly"
 
 

@@ -16,6 +16,11 @@ _VISIBLE = """
     OR EXISTS (SELECT 1 FROM enrollments e WHERE e.course_id = c.id AND e.user_id = $1)
     OR (c.published AND c.price_cents = 0))
 """
+# SQL: whether learner {user} may see course {course} (as `_VISIBLE` has it for a learner: enrolled, or the course is
+# published and free), for queries about learners other than the caller.
+LEARNER_SEES_SQL = ("(EXISTS (SELECT 1 FROM enrollments see_e WHERE see_e.course_id = {course} "
+                    "AND see_e.user_id = {user}) OR EXISTS (SELECT 1 FROM courses see_c WHERE see_c.id = {course} "
+                    "AND see_c.published AND see_c.price_cents = 0))")
 
 
 async def create_course(conn: asyncpg.Connection, tenant_id: int, owner_id: int, title: str,

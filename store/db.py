@@ -6,8 +6,16 @@ import logging
 
 import asyncpg
 from pgvector.asyncpg import register_vector
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 logger = logging.getLogger(__name__)
+
+# Postgres or Redis down, restarting or out of reach (a connection refused, reset or timed out): a request answers
+# 503 to retry, a job goes again shortly.
+UNREACHABLE: tuple[type[Exception], ...] = (
+    ConnectionError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
+    RedisConnectionError, RedisTimeoutError)
 
 
 # HNSW candidate list: higher than pgvector's default 40 so course-filtered searches still fill k.

@@ -15,6 +15,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from store import replies, streaks, xp
+from store.courses import LEARNER_SEES_SQL
 from store.events import MessageHelpful, MessageHelpfulRemoved, publish, room_topic
 from store.keys import rate_progress
 from store.ratelimit import SendLimiter
@@ -132,12 +133,6 @@ async def fit_to_duration(tx: xp.XpTransaction, video_id: int, duration: float, 
     return len(fitted)
 
 
-# SQL: the learner may see the course now, as a progress report needs (enrolled, or it is published and free).
-_MAY_SEE = ("(EXISTS (SELECT 1 FROM enrollments see_e WHERE see_e.course_id = {course} AND see_e.user_id = {user}) "
-            "OR EXISTS (SELECT 1 FROM courses see_c WHERE see_c.id = {course} AND see_c.published "
-            "AND see_c.price_cents = 0))")
-
-
 # Progress on video $1 that now covers the share (as $2 seconds) without having been completed: completed now
 # (locking the rows in learner order), except a learner's who may not see the course now: their next report, once
 # back, completes it with its XP.
@@ -146,7 +141,7 @@ WITH due AS (SELECT user_id FROM video_progress WHERE video_id = $1 AND complete
              ORDER BY user_id FOR UPDATE)
 UPDATE video_progress p SET completed_at = now() FROM due, users u
 WHERE p.video_id = $1 AND p.user_id = due.user_id AND u.id = p.user_id
-  AND (u.role <> 'learner' OR {_MAY_SEE.format(course="p.course_id", user="p.user_id")})
+  AND (u.role <> 'learner' OR {LEARNER_SEES_SQL.format(course="p.course_id", user="p.user_id")})
 RETURNING p.user_id, p.course_id, p.completed_at, u.role = 'learner' AS earns"""
 
 
@@ -336,7 +331,7 @@ async def _take_time(conn: asyncpg.Connection, user_id: int, spent: float, at: d
 _FINISHED_UNAWARDED = f"""
 SELECT DISTINCT p.user_id FROM video_progress p JOIN users u ON u.id = p.user_id AND u.role = 'learner'
 WHERE p.course_id = $1 AND p.completed_at IS NOT NULL AND ($2::bigint IS NULL OR p.user_id = $2)
-  AND {_MAY_SEE.format(course="$1", user="p.user_id")}
+  AND {LEARNER_SEES_SQL.format(course="$1", user="p.user_id")}
   AND EXISTS (SELECT 1 FROM videos v WHERE v.course_id = $1 AND v.status = 'ready')
   AND NOT EXISTS (SELECT 1 FROM videos v WHERE v.course_id = $1 AND v.status = 'ready'
                   AND NOT EXISTS (SELECT 1 FROM video_progress q WHERE q.video_id = v.id

@@ -35,7 +35,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from store import achievements, leaderboards
+from store import achievements, leaderboard_rebuild, leaderboards
 from store.achievements import Unlocked, level_for
 from store.events import AchievementUnlocked, UserRef, XpAwarded, XpRevoked, encode, room_topic, user_topic
 from store.keys import events_channel
@@ -306,8 +306,6 @@ async def repair_missed(pool: asyncpg.Pool, redis: Redis) -> bool:
     ledger; True when done (the tenants are forgotten), False when Redis or Postgres still fail (kept for later)."""
     if not MISSED_TENANTS:
         return False
-    from store import leaderboard_rebuild  # (it imports the boards' keys and scripts; this module is below it)
-
     tenants = sorted(MISSED_TENANTS)
     try:
         await redis.ping()

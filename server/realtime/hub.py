@@ -558,7 +558,7 @@ class Hub:
                 self._recheck_soon(paced=True)
             for duty in (self._sweep_presence, self._reap_dead_procs, self._settle_orphans,
                          self._unsubscribe_idle, self._unpublished_polls, self._close_attendance, self._close_unlisted,
-                         self._due_boards, self._resend_left):
+                         self._due_boards, self._repair_boards, self._resend_left):
                 try:
                     # bounded: a busy pool or a slow Redis delays this duty, not the next tick's
                     await asyncio.wait_for(duty(), timeout=self.tick_s * 2)
@@ -696,11 +696,15 @@ class Hub:
         """`leaderboard.changed` that a dead process held back for the end of a board's window: every process
         looks, whoever takes a board off the due list tells its room. Boards held back because Redis lost them (see
         `leaderboards.HELD_SCORE`) start a rebuild: no read may come to start one."""
-        xp.repair_missed_soon(self.pool, self.redis)  # boards that missed this process's awards, Redis back
         await leaderboards.take_due(self.redis)
         state = getattr(self, "app_state", None)
         if state is not None and await leaderboards.held(self.redis):
             leaderboard_rebuild.rebuild_soon(state)
+
+    async def _repair_boards(self) -> None:
+        """Boards that missed this process's awards while Redis failed: checked against the ledger once it answers
+        (`xp.repair_missed_soon`, in the background)."""
+        xp.repair_missed_soon(self.pool, self.redis)
 
     async def _close_attendance(self) -> None:
         if not self._unclosed:
