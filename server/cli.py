@@ -74,15 +74,32 @@ def _migrate(settings: Settings) -> list[str]:
     return asyncio.run(migrate(settings.database_url))
 
 
+# How long a start waits for a Redis that is still loading its data (an append-only file of a few GB takes minutes).
+REDIS_LOAD_WAIT_S = 600.0
+
+
 def _check_redis(settings: Settings) -> None:
     """Redis answers (a RedisError or OSError otherwise: one line and exit 2, as for Postgres; inside the server's
-    startup it was a traceback and exit 3)."""
+    startup it was a traceback and exit 3). A Redis still loading its data (just restarted: the embedded one counts
+    as started once it answers at all) is waited for, up to REDIS_LOAD_WAIT_S."""
     from redis.asyncio import Redis
+    from redis.exceptions import BusyLoadingError
 
     async def ping() -> None:
         redis = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=5)
+        deadline, told = time.monotonic() + REDIS_LOAD_WAIT_S, False
         try:
-            await redis.ping()
+            while True:
+                try:
+                    await redis.ping()
+                    return
+                except BusyLoadingError:
+                    if time.monotonic() > deadline:
+                        raise
+                    if not told:
+                        logger.info("Redis is loading its data; waiting for it")
+                        told = True
+                    await asyncio.sleep(0.1)
         finally:
             await redis.aclose()
 

@@ -551,3 +551,42 @@ def test_up_starts_a_killed_embedded_server_again_on_its_port(tmp_path):
     finally:
         stop_process(up, signal.SIGTERM)
     assert up.returncode == 0
+
+
+def test_a_start_waits_for_a_redis_still_loading_its_data(tmp_path, caplog, monkeypatch):
+    """(Tester) the embedded Redis counts as started once it answers at all, LOADING included; the start's one PING
+    then failed with BusyLoadingError: `up` exited 2 after every restart of a Redis holding some tens of MB, and
+    stopped the Redis on its way out, so the next try loaded again and failed the same way."""
+    import logging
+    import os
+    from types import SimpleNamespace
+
+    from redis import Redis
+
+    from server import cli
+    from store import embedded
+
+    ddir = tmp_path / "data"
+    redis = Redis.from_url(embedded._ensure_redis(ddir))
+    try:
+        pipe = redis.pipeline(transaction=False)
+        for i in range(2_000):  # 20 MB: a loading Redis answers (LOADING) only after each 2 MB it read
+            pipe.set(f"k{i}", os.urandom(5_000).hex())  # (not compressible)
+        pipe.execute()
+        redis.bgrewriteaof()  # the keys in the file's RDB preamble, which the start below loads slowly
+        while any(redis.info("persistence")[k] for k in ("aof_rewrite_in_progress", "aof_rewrite_scheduled")):
+            time.sleep(0.05)
+        redis.close()
+        embedded.stop_embedded(ddir)
+        write = embedded.write_owner_only  # the next start takes 1 ms a key: about 2 s of LOADING
+        monkeypatch.setattr(embedded, "write_owner_only",
+                            lambda path, text: write(path, text + "key-load-delay 1000\n" * (path.name == "redis.conf")))
+        url = embedded._ensure_redis(ddir)  # answers LOADING
+        t0 = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="studyhall"):
+            cli._check_redis(SimpleNamespace(redis_url=url))
+        assert time.monotonic() - t0 > 0.5, "the data was loaded already: the test proves nothing"
+        assert "loading its data" in caplog.text
+        assert Redis.from_url(url).dbsize() == 2_000
+    finally:
+        embedded.stop_embedded(ddir)
