@@ -21,7 +21,7 @@ from store import profiles
 
 logger = logging.getLogger(__name__)
 
-# A manual match repeated this soon by the same caller for the same learners, without Idempotency-Key, is a repeat
+# A manual match repeated this soon (by any staff) for the same learners, without Idempotency-Key, is a repeat
 DOUBLE_CLICK_S = 10.0
 BUSY_RETRY_S = 5  # Retry-After when the pod's round is being computed by someone else
 
@@ -85,8 +85,8 @@ class MatcherController(Controller):
     async def match(self, request: Request, pod_id: int) -> Response[MatchOut]:
         """Pair the pod's learners now (a trio when odd) and post the pairs to the pod room. With an
         `Idempotency-Key` header, a repeat of the same request (a double click, a retry) runs and posts once and
-        returns that round (200); without one, a repeat within DOUBLE_CLICK_S of the caller's round, for the same
-        learners, returns it."""
+        returns that round (200); without one, a repeat within DOUBLE_CLICK_S of a manual round (anyone's), for the
+        same learners, returns it."""
         state = request.app.state
         key = idempotency_key(request)
         async with state.pool.acquire() as conn:
@@ -94,10 +94,11 @@ class MatcherController(Controller):
             if key is not None:
                 round_key = f"manual:{request.user.id}:{key}"
             else:
-                # Without a key, a double click is still one round: this caller's round of a moment ago is
-                # returned, and two requests racing on the same current round share one key (one runs).
+                # Without a key, a double click is still one round: a manual round of a moment ago (this caller's,
+                # or a colleague's whose click came first and finished before this one looked) is returned, and two
+                # requests racing on the same current round share one key (one runs).
                 cur = await matching.current(conn, pod_id)
-                if cur is not None and cur["trigger"] == "manual" and cur["created_by"] == request.user.id and \
+                if cur is not None and cur["trigger"] == "manual" and \
                         await conn.fetchval("SELECT $1::timestamptz > now() - make_interval(secs => $2)",
                                             cur["created_at"], DOUBLE_CLICK_S) and \
                         {m for g in cur["groups"] for m in g["members"]} | set(cur["declined"]) == \
