@@ -93,6 +93,7 @@ class GradeState(TypedDict, total=False):
     offline_total: float
     concepts: dict[str, list[str]]  # covered / missing key concepts (offline)
     restated: bool  # the answer only repeats the question (offline: 0 points)
+    doubt: str | None  # why the offline scorer cannot judge this answer (scoring.doubt): its grade is held
     held: bool
     reason: str | None
     note: str | None
@@ -178,7 +179,7 @@ def offline_scores(embedder: Any, question: str, reference: str, criteria: list[
                 "confidence": RESTATED_CONFIDENCE, "concepts": {"covered": [], "missing": missing[:8]},
                 "restated": True}
     return {"scores": out, "total": total_of(out), "confidence": round(conf_sum / max(points_sum, 1e-9), 3),
-            "concepts": {"covered": covered[:8], "missing": missing[:8]}}
+            "concepts": {"covered": covered[:8], "missing": missing[:8]}, "doubt": scoring.doubt(expected, answer)}
 
 
 class _LLMCriterion(msgspec.Struct):
@@ -364,8 +365,10 @@ def _feedback(state: GradeState) -> dict[str, Any]:
         # counted, not named: the missing ideas are the reference answer's words, and with attempts to spare a
         # learner could send them back as a keyword list
         n = len(missing)
-        fb.setdefault("missing", f"{n} key idea{'s' if n > 1 else ''} of the expected answer "
-                                 f"{'are' if n > 1 else 'is'} not covered yet." if missing
+        fb.setdefault("missing", (f"Your answer could also name {n} more idea{'s' if n > 1 else ''} of the expected "
+                                  "answer." if total >= 80 else
+                                  f"{n} key idea{'s' if n > 1 else ''} of the expected answer "
+                                  f"{'are' if n > 1 else 'is'} not covered yet.") if missing
                       else "Nothing essential is missing." if total >= 80
                       else "Your answer needs to address the question more directly.")
         fb.setdefault("improve", "Explain the missing ideas in your own words and connect them to the question."
@@ -380,6 +383,8 @@ def _feedback(state: GradeState) -> dict[str, Any]:
 def _route(state: GradeState) -> dict[str, Any]:
     threshold = state.get("threshold", 0.7)
     band = state.get("band", (40.0, 60.0))
+    if state.get("doubt") and state.get("grader") == "offline":
+        return {"held": True, "reason": f"{state['doubt']}: the offline grader cannot judge it"}
     if state["confidence"] < threshold:
         # (down, not rounded: 0.697 is not "0.70 below 0.7")
         shown = math.floor(state["confidence"] * 1000) / 1000

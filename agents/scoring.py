@@ -176,6 +176,40 @@ WARM = Model(
     bias=-0.681385)
 
 
+# The answer lengths the weights were fitted on (a sentence or two): log_words is not carried beyond the training
+# answers' mean + 3 sd (about 57 words). Uncapped, its weight pushed an answer up the longer it got: a sentence
+# proposed at 41 of 100 went to 85 followed by 19,000 characters about a day at the beach.
+LOG_WORDS_MAX = COLD.mean[COLD_FEATURES.index("log_words")] + 3 * COLD.sd[COLD_FEATURES.index("log_words")]
+
+
+def stop_share(text: str) -> float:
+    """The share of a text's words that are function words (English): about a third in written sentences."""
+    ws = words(text)
+    return sum(w in STOPWORDS or w in NEGATIONS for w in ws) / max(1, len(ws))
+
+
+TERMS_MIN_WORDS = 8  # a shorter answer in note form ("ATP made in the mitochondria") is left to the scorer
+PROSE_SHARE = 0.2  # function words in an expected answer written in sentences (a list of terms has few or none)
+LONG_MIN_WORDS = 80  # an answer past this many words and LONG_FACTOR times the expected answer's is out of range
+LONG_FACTOR = 5
+
+
+def doubt(references: Sequence[str], answer: str) -> str | None:
+    """Why the offline scorer cannot be trusted with this answer, whatever its confidence (the grade goes to an
+    instructor), or None. Its similarity and key-concept coverage read a bag of words: a list of the expected
+    answer's terms without sentences ("selection drift mutation gene flow heritable traits populations ...") scored
+    100 of 100, released with its XP, and so did 20,000 characters of topic words strung together; and its weights
+    know answers of a sentence or two, not an essay many times the expected answer's length."""
+    ws = words(answer)
+    prose = [r for r in references if len(words(r)) >= TERMS_MIN_WORDS and stop_share(r) >= PROSE_SHARE]
+    if len(ws) >= TERMS_MIN_WORDS and prose and stop_share(answer) < PROSE_SHARE / 4:  # (none, or one in 20)
+        return "the answer lists terms without sentences"
+    longest = max((len(words(r)) for r in references), default=0)
+    if longest and len(ws) > max(LONG_MIN_WORDS, LONG_FACTOR * longest):
+        return f"the answer is {len(ws) / longest:.0f} times as long as the expected answer"
+    return None
+
+
 @dataclass
 class Scored:
     """What the scorer found for one answer against one reference."""
@@ -232,7 +266,7 @@ def features(question: str, references: Sequence[str], answer: str, vec: dict[st
         best_prec = max(best_prec, len(ans & (set(concepts(r)) | q_stems)) / max(1, len(ans)))
     n = len(words(answer))
     cold = [cos_ref, float(a @ vec[question]), best_cov, best_prec,
-            float(_negated(answer) != _negated(references[0])), math.log1p(n), float(n <= 2),
+            float(_negated(answer) != _negated(references[0])), min(math.log1p(n), LOG_WORDS_MAX), float(n <= 2),
             max(jaccard(bag, _bag(r)) for r in references), math.log(len(references))]
     scored = Scored(prob=0.0, features=dict(zip(COLD_FEATURES, cold)), covered=covered, missing=missing)
     usable = [e for e in exemplars if e.text.strip()]

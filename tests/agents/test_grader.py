@@ -379,3 +379,46 @@ async def test_a_justification_that_gives_the_answer_away_is_replaced(embedder, 
     idea = next(s for s in out["scores"] if s["name"] == "idea")
     assert idea["score"] == 20 and "logarithmic" not in idea["justification"] and idea["justification"], idea
     assert next(s for s in out["scores"] if s["name"] == "complexity")["justification"] == "No."
+
+
+async def test_a_list_of_terms_or_an_answer_padded_far_past_the_reference_is_held(embedder):
+    """(Tester) without exemplars, the reference's terms strung together ("selection drift mutation ...") scored
+    100 with confidence 0.74: released at once with the perfect-score XP; so did 20,000 characters of the
+    reference's words in random order. A sentence proposed at 41 rose to 85 followed by 19,000 characters of a day
+    at the beach (the answer-length weight, fitted on answers of a sentence or two, kept growing)."""
+    import random
+
+    question = "Write about evolution."
+    reference = ("Evolution is change in heritable traits of populations over generations driven by natural "
+                 "selection, mutation, drift and gene flow.")
+
+    def ask(answer: str) -> grader.GradeState:
+        return {"question": question, "reference": reference, "criteria": grader.default_rubric(), "answer": answer,
+                "exemplars": [], "moment": None, "threshold": 0.7, "band": (40.0, 60.0)}
+
+    terms = "selection drift mutation gene flow heritable traits populations generations evolution natural change"
+    rnd = random.Random(3)
+    salad = " ".join(rnd.choice(scoring.words(reference)) for _ in range(3000))
+    for answer, why in ((terms, "lists terms"), (salad, "times as long")):
+        got = await grader.grade(ask(answer), embedder=embedder)
+        assert got["held"] and why in got["reason"], (got["total"], got["reason"])
+    sentence = "Evolution happens when populations change."
+    beach = " ".join(["The weather was nice and we went to the beach with our friends for the whole day."] * 230)
+    alone = await grader.grade(ask(sentence), embedder=embedder)
+    padded = await grader.grade(ask(f"{sentence} {beach}"), embedder=embedder)
+    assert padded["held"] and "times as long" in padded["reason"]
+    assert padded["total"] <= alone["total"] + 10, (alone["total"], padded["total"])
+    # an answer written in sentences is graded as before, and one an LLM graded is the LLM's to judge
+    fine = await grader.grade(ask("Evolution is the change of heritable traits in populations over generations, "
+                                  "driven by natural selection, mutation, drift and gene flow."), embedder=embedder)
+    assert not fine["held"] and fine["total"] == 100.0 and fine["doubt"] is None
+    assert grader._route({**ask(terms), "total": 90.0, "confidence": 0.9, "grader": "llm:x:y", "doubt": "d"}) == \
+        {"held": False, "reason": None}
+
+
+async def test_full_marks_with_key_ideas_unnamed_does_not_say_they_are_missing(embedder):
+    """(Tester) a grade of 100 came with "1 key idea of the expected answer is not covered yet"."""
+    got = grader._feedback({"total": 100.0, "concepts": {"covered": ["halves"], "missing": ["logarithmic"]}})
+    assert "not covered" not in got["feedback"]["missing"] and "could also name 1 more idea" in got["feedback"]["missing"]
+    low = grader._feedback({"total": 30.0, "concepts": {"covered": [], "missing": ["logarithmic"]}})
+    assert "1 key idea of the expected answer is not covered yet" in low["feedback"]["missing"]
