@@ -87,11 +87,16 @@ async def grade_batch(ctx: dict[str, Any], job_id: int, submission_ids: list[int
     async with pool.acquire() as conn:
         # progress over the whole job: the share of its submissions no longer waiting for the grader
         row = await conn.fetchrow(_GRADE_JOB_OUTCOME, job_id)
-        if row and row["total"]:
-            finished = row["done"] == row["total"]
-            await jobs_repo.set_state(conn, job_id, "done" if finished else "grading", row["done"] / row["total"],
+        if row:
+            finished = row["done"] == row["total"]  # (none left at all: the assignment or its course was deleted)
+            await jobs_repo.set_state(conn, job_id, "done" if finished else "grading",
+                                      row["done"] / row["total"] if row["total"] else 1.0,
                                       _grade_job_error(row) if finished else None)
-    return f"{len(results)} graded"
+    graded = sum(r != NOTHING_TO_DO for r in results)
+    return f"{graded} graded" + (f", {len(results) - graded} no longer waiting" if graded < len(results) else "")
+
+
+NOTHING_TO_DO = "nothing to do"  # what `_grade` says of an answer no longer waiting for the grader (graded, deleted)
 
 
 # A grade-all job's submissions: how many are no longer waiting for the grader, how many of those the grader
@@ -107,7 +112,9 @@ FROM submissions s, jobs j WHERE j.id = $1 AND s.id = ANY(
 
 def _grade_job_error(row: asyncpg.Record) -> str | None:
     """A finished grade-all job's `error`: None when every answer was graded (a doubtful grade held for review
-    is graded), else how many the grader could not grade, with the first reason."""
+    is graded), else how many the grader could not grade, with the first reason, or that none are left."""
+    if not row["total"]:
+        return "its answers were deleted before they were graded (the assignment or its course was deleted)"
     if not row["failed"]:
         return None
     return (f"{row['failed']} of {row['total']} answers could not be graded automatically and wait for review "
@@ -161,7 +168,7 @@ async def _grade(ctx: dict[str, Any], submission_id: int) -> str:
     async with pool.acquire() as conn:
         sub = await subs_repo.get(conn, submission_id)
         if sub is None or sub["status"] != "grading":
-            return "nothing to do"
+            return NOTHING_TO_DO
         a = await assignments_repo.get(conn, sub["assignment_id"])
         tries = await subs_repo.note_try(conn, submission_id)
         if tries > MAX_TRIES + 1:  # its runs keep dying (the worker killed, or a save that cannot work)

@@ -461,26 +461,33 @@ def test_a_grade_all_job_reads_grading_while_its_batches_run(server, client, mak
                                 VALUES ('grade', $1, $2, 'queued', jsonb_build_object('submission_ids', $3::bigint[]))
                                 RETURNING id""", course.id, inst.id, ids)
 
-    async def first_batch() -> None:
-        conn = await asyncpg.connect(settings.database_url)
-        try:
-            assert sorted(await repo.mark_grading(conn, ids, "held-by-this-test")) == sorted(ids)
-        finally:
-            await conn.close()
+    async def batch(of: list[int], mark: bool = False) -> str:
+        if mark:
+            conn = await asyncpg.connect(settings.database_url)
+            try:
+                assert sorted(await repo.mark_grading(conn, ids, "held-by-this-test")) == sorted(ids)
+            finally:
+                await conn.close()
         pool = await create_pool(settings.database_url, min_size=1, max_size=2)
         from redis.asyncio import Redis
         redis = Redis.from_url(settings.redis_url)
         try:
             ctx = {"pool": pool, "redis": redis, "settings": settings,
                    "embedder": functools.partial(embedder_for, settings)}
-            await grading.grade_batch(ctx, job["id"], ids[:1])  # one batch of two done
+            return await grading.grade_batch(ctx, job["id"], of)
         finally:
             await redis.aclose()
             await pool.close()
 
-    asyncio.run(first_batch())
+    assert asyncio.run(batch(ids[:1], mark=True)) == "1 graded"  # one batch of two done
     got = client.get(f"/api/v1/jobs/{job['id']}", headers=inst.h).json()
     assert got["state"] == "grading" and got["progress"] == 0.5, got
+    # (Tester) the assignment deleted before the last batch: that batch ends the job (it stayed `queued` until the
+    # every-minute sweep, and said "1 graded" of an answer it never graded)
+    assert client.delete(f"/api/v1/assignments/{a['id']}?force=true", headers=inst.h).status_code == 204
+    assert asyncio.run(batch(ids[1:])) == "0 graded, 1 no longer waiting"
+    got = client.get(f"/api/v1/jobs/{job['id']}", headers=inst.h).json()
+    assert got["state"] == "done" and got["progress"] == 1.0 and "deleted" in got["error"], got
 
 
 def _held(server: str, make: Factory, settings, score: float, criteria: list[dict]):  # type: ignore[no-untyped-def]
