@@ -17,8 +17,7 @@ Hook for other features (the grader, the tutor): award XP when something final h
 The same (learner, key) twice counts once, also when both calls race (INSERT … ON CONFLICT DO NOTHING). Only
 learners earn XP; for anyone else (and for a duplicate) the award returns None. Points come from POINTS
 unless given. The XP counts on the tenant board, the course board (with `course_id`) and the boards of the
-learner's pods (those of the course, or all of them without a course; only pods of courses they are still
-enrolled in; `pod_ids` overrides). A course or pod board shows only who belongs there now (enrolled; a member
+learner's pods (those of the course, or all of them without a course; `pod_ids` overrides). A course or pod board shows only who belongs there now (enrolled; a member
 with access): XP given with the course of a learner who left it stays in the ledger and counts there again when
 they come back (`leaderboard_rebuild.resync_member`, on every enrolment or pod membership change).
 """
@@ -97,7 +96,9 @@ class Award:
 
 # Insert the ledger row (learners only; a duplicate key inserts nothing), bump the running totals and record
 # the achievements the award crossed, in one statement (one round trip, one commit). The pods default to the
-# learner's pods in the course (all of them without a course). $9-$11: achievements.award_thresholds(kind).
+# learner's pods in the course (all of them without a course), enrolled in their course now or not: XP earned while
+# away from a course (a late grade, a helpful mark) counts there again when they are back, on the course board and
+# on its pods' alike (a pod membership outlives the enrolment). $9-$11: achievements.award_thresholds(kind).
 # Also which of the award's course and pod boards the learner stands on now (`on_course`, `board_pods`: enrolled
 # in the course, a member of the pod with access), as a rebuild counts them.
 _AWARD = f"""
@@ -105,7 +106,6 @@ WITH ins AS (
     INSERT INTO xp_events (tenant_id, user_id, kind, points, idempotency_key, course_id, pod_ids, at, meta)
     SELECT u.tenant_id, u.id, $2, $3, $4, $5,
            coalesce($6::bigint[], ARRAY(SELECT m.pod_id FROM pod_members m JOIN pods p ON p.id = m.pod_id
-                                         JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = u.id
                                          WHERE m.user_id = u.id AND ($5::bigint IS NULL OR p.course_id = $5)
                                          ORDER BY m.pod_id)),
            coalesce($7::timestamptz, now()), $8
@@ -133,8 +133,7 @@ SELECT ins.id, ins.tenant_id, ins.user_id, ins.points, ins.course_id, ins.pod_id
        (SELECT name FROM users WHERE id = $1) AS name, pg_current_xact_id()::text AS xid,
        (extract(epoch FROM now()) * 1000)::bigint AS began_ms,
        {leaderboards.ON_COURSE_SQL.format(course="ins.course_id", user="$1")} AS on_course,
-       CASE WHEN $6::bigint[] IS NULL THEN ins.pod_ids
-            ELSE {leaderboards.ON_PODS_SQL.format(user="$1", pods="ins.pod_ids")} END AS board_pods,
+       {leaderboards.ON_PODS_SQL.format(user="$1", pods="ins.pod_ids")} AS board_pods,
        ARRAY(SELECT achievement_id FROM unl) AS unlocked, now() AS unlocked_at,
        CASE WHEN EXISTS (SELECT 1 FROM unl) THEN {achievements.ROOMS_SQL} END AS rooms
 FROM ins, tot

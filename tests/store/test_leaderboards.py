@@ -503,7 +503,9 @@ async def test_a_rebuild_lock_is_kept_while_its_holder_lives_and_lapses_soon_aft
 async def test_course_and_pod_boards_show_who_belongs_there_now(lb):
     """A learner who leaves a course leaves its boards and its pods' boards (every period; the tenant board keeps
     their XP); XP given with the course meanwhile stays off them; re-enrolling brings back everything earned
-    there. Leaving a pod leaves its boards. Live updates, the hourly check and a rebuild all agree."""
+    there, on the course's boards and its pods' alike (a tester: the pod board of a member back in the course showed
+    less than the course board). Leaving a pod leaves its boards. Live updates, the hourly check and a rebuild all
+    agree."""
     from tests.progress_helpers import course_in_new_tenant
 
     pool, redis = lb
@@ -542,7 +544,7 @@ async def test_course_and_pod_boards_show_who_belongs_there_now(lb):
     assert gone[boards[6]][str(leaver).encode()] == 50  # the tenant board keeps it
     # XP given with the course while away (a late grade): on the tenant board only
     late = await xp.award_xp(pool, redis, leaver, "assignment_passed", "assignment:1", course_id=cid)
-    assert late is not None and late.course_id == cid and late.pod_ids == []
+    assert late is not None and late.course_id == cid and late.pod_ids == [pod] and late.board_pod_ids == []
     away = await agrees_with_ledger()
     assert str(leaver).encode() not in away[boards[0]] and away[boards[6]][str(leaver).encode()] == 150
     await redis.delete(keys.LEADERBOARD_LOCK)
@@ -554,7 +556,7 @@ async def test_course_and_pod_boards_show_who_belongs_there_now(lb):
     await leaderboard_rebuild.resync_member(pool, redis, leaver, cid, again_after_s=None)
     back = await agrees_with_ledger()
     assert back[boards[0]][str(leaver).encode()] == 150  # everything earned with the course
-    assert back[boards[3]][str(leaver).encode()] == 50  # the pod: what was earned in it
+    assert back[boards[3]][str(leaver).encode()] == 150  # its pod: the same (they stayed a member)
 
     async with pool.acquire() as conn:
         await conn.execute("DELETE FROM pod_members WHERE pod_id = $1 AND user_id = $2", pod, leaver)

@@ -115,7 +115,9 @@ async def test_statement_unlocks_exactly_what_the_definitions_say(make: Factory,
 
 async def test_a_learner_who_left_a_course_earns_nothing_on_its_pods(xp_store):
     """Pod membership outlives an enrollment (it comes back with a re-enrolment), but a learner who left the
-    course earns nothing on its pods' boards meanwhile, and their unlocks are not announced in its pod rooms."""
+    course earns nothing on its pods' boards meanwhile, and their unlocks are not announced in its pod rooms. The
+    ledger row still names the pods (as it names the course): back in the course, the XP counts there as it does on
+    the course board."""
     from tests.progress_helpers import course_in_new_tenant
 
     pool, redis = xp_store
@@ -130,6 +132,6 @@ async def test_a_learner_who_left_a_course_earns_nothing_on_its_pods(xp_store):
         await conn.execute("DELETE FROM enrollments WHERE course_id = $1 AND user_id = $2", cid, uid)
         assert await conn.fetchval(f"SELECT {achievements.ROOMS_SQL}", uid) == []
     after = await xp.award_xp(pool, redis, uid, "daily_streak", "streak:2")  # no course: every pod it may count on
-    assert after.pod_ids == []
+    assert after.pod_ids == [pod] and after.board_pod_ids == []
     board = await leaderboards.read(redis, "pod", pod, after.tenant_id, "all", uid)
     assert board.me is not None and board.me.xp == before.points
