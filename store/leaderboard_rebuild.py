@@ -114,7 +114,7 @@ _WHO = {"tenant": "SELECT id FROM users WHERE tenant_id = $1", "course": "SELECT
 _ONE_BOARD_SQL = {scope: f"""
 WITH b AS (SELECT x.user_id, sum(x.points)::bigint AS xp FROM {frm}
            WHERE {sid} = $1 AND x.user_id IN ({_WHO[scope]})
-             AND ($2::timestamptz IS NULL OR x.at >= $2 AND x.at < $3) GROUP BY x.user_id),
+             AND ($2::timestamptz IS NULL OR x.at >= $2 AND x.at < $3) GROUP BY x.user_id HAVING sum(x.points) > 0),
 r AS (SELECT user_id, xp, rank() OVER (ORDER BY xp DESC) AS rank,
              row_number() OVER (ORDER BY xp DESC, user_id::text COLLATE "C" DESC) - 1 AS pos FROM b),
 me AS (SELECT pos FROM r WHERE user_id = $4)

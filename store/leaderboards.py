@@ -280,18 +280,21 @@ async def apply(redis: Redis, entries: list[Entry], notices: list[list[tuple[str
 # --- reads ---------------------------------------------------------------------------------------------
 
 # KEYS: board, names hash, built marker. ARGV: limit, user id, neighbours each side.
-# -> {top (id, score, ...), my position (-1: not on the board), my score, my rank, neighbour start position,
+# -> {top (id, score, ...), my position (-1: not on the board, or at 0 XP: all of it taken back), my score, my rank, neighbour start position,
 #     neighbours (id, score, ...), rank of the first neighbour, names of top, names of neighbours, count, built}
 _READ = """
 local limit, me, n = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-local top = redis.call('ZREVRANGE', KEYS[1], 0, limit - 1, 'WITHSCORES')
+local top = redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', '(0', 'WITHSCORES', 'LIMIT', 0, limit)
 local pos = redis.call('ZREVRANK', KEYS[1], me)
 local score, rank, nstart, neigh, nrank = '', 0, 0, {}, 0
-if pos then
-  score = redis.call('ZSCORE', KEYS[1], me)
+if pos then score = redis.call('ZSCORE', KEYS[1], me) end
+if pos and tonumber(score) > 0 then
   rank = redis.call('ZCOUNT', KEYS[1], '(' .. score, '+inf') + 1
   nstart = math.max(0, pos - n)
-  neigh = redis.call('ZREVRANGE', KEYS[1], nstart, pos + n, 'WITHSCORES')
+  local around = redis.call('ZREVRANGE', KEYS[1], nstart, pos + n, 'WITHSCORES')
+  for i = 1, #around, 2 do
+    if tonumber(around[i + 1]) > 0 then neigh[#neigh + 1] = around[i]; neigh[#neigh + 1] = around[i + 1] end
+  end
   nrank = redis.call('ZCOUNT', KEYS[1], '(' .. neigh[2], '+inf') + 1
 else
   pos = -1
@@ -304,7 +307,7 @@ local function names(list)
   for i = 1, #got do if not got[i] then got[i] = '' end end
   return got
 end
-return {top, pos, score, rank, nstart, neigh, nrank, names(top), names(neigh), redis.call('ZCARD', KEYS[1]),
+return {top, pos, score, rank, nstart, neigh, nrank, names(top), names(neigh), redis.call('ZCOUNT', KEYS[1], '(0', '+inf'),
         redis.call('EXISTS', KEYS[3])}
 """
 

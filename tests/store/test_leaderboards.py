@@ -89,6 +89,23 @@ async def test_ranks_ties_and_neighbours(make: Factory, lb):
     last = await leaderboards.read(redis, "tenant", tid, tid, "all", users[6].id, limit=3)
     assert last.me.rank == 7 and [e.rank for e in last.neighbours] == [5, 5, 7]
     assert {e.name for e in board.neighbours} <= {u.name for u in users}
+    # (Tester) a learner whose XP was all taken back (a helpful mark removed) stood on the board at 0, counted and
+    # ranked below everyone, while learners who never earned any are not listed
+    zero = make.user("learner")
+    await xp.award_xp(pool, redis, zero.id, "helpful_answer", "helpful:1")
+    async with xp.transaction(pool, redis) as tx:
+        assert await tx.revoke(zero.id, "helpful:1") is not None
+    assert await redis.zscore(leaderboards.board_key("tenant", tid, "all"), str(zero.id)) == 0  # (updates add up
+    # in any order: a take-back applied before its award must not remove the member)
+    reads = [await leaderboards.read(redis, "tenant", tid, tid, "all", u.id, limit=10) for u in (zero, users[6])]
+    for b in reads:
+        assert b.count == 7 and zero.id not in [e.user_id for e in b.entries + b.neighbours], b
+    assert reads[0].me is None and reads[1].me.rank == 7 and [e.rank for e in reads[1].neighbours] == [5, 5, 7]
+    async with pool.acquire() as conn:  # the ledger's reading (while Redis has no boards) is the same
+        from_ledger = [await leaderboard_rebuild.read_ledger(conn, "tenant", tid, "all", u.id, limit=10)
+                       for u in (zero, users[6])]
+    assert [(b.entries, b.me, b.neighbours, b.count) for b in from_ledger] == \
+        [(b.entries, b.me, b.neighbours, b.count) for b in reads]
 
 
 async def test_awards_made_while_redis_failed_reach_the_boards_once_it_answers(make: Factory, lb):
