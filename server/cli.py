@@ -457,8 +457,11 @@ async def _leaderboards(settings: Settings, action: str) -> int:
         if action == "check":
             bad = await leaderboard_rebuild.check(pool, redis)
             built = bool(await redis.exists(keys.LEADERBOARD_BUILT))
-            print(("boards match the XP ledger" if built else "boards were never built") if not bad
-                  else f"{len(bad)} boards differ from the XP ledger: {', '.join(bad[:10])}")
+            said = f"{len(bad)} boards differ from the XP ledger: {', '.join(bad[:10])}" if bad else ""
+            if not built:  # (Redis lost them: what differs is only what was never built)
+                said = (f"{said}; " if said else "") + ("the boards were never built since Redis lost them (`studyhall "
+                                                        "leaderboards rebuild`, a server start or a read builds them)")
+            print(said or "boards match the XP ledger")
             return 0 if not bad and built else 1
         done = await leaderboard_rebuild.rebuild(pool, redis)
         if done is None:
