@@ -33,7 +33,7 @@ from redis.asyncio import Redis
 from redis.exceptions import LockError
 
 from store import keys, matching, messages, profiles, progress
-from store.frames import text_problem
+from store.frames import as_read, text_problem
 from store.leaderboards import period_bounds
 from store.settings import Settings
 
@@ -90,7 +90,8 @@ def factors(a: Learner, b: Learner, chapters: list[int]) -> dict[str, float]:
     else:
         diff = abs(a.offset_h - b.offset_h) % 24
         tz = 1.0 - min(diff, 24 - diff) / 12
-    ga, gb = {g.lower() for g in a.goals}, {g.lower() for g in b.goals}
+    # as the profile tells duplicates apart ("ＥＸＡＭ" is "exam"; "café" composed or not): not `lower()`
+    ga, gb = {as_read(g) for g in a.goals}, {as_read(g) for g in b.goals}
     goals = len(ga & gb) / len(ga | gb) if ga | gb else 0.0
     return {"complement": comp, "pace": 1.0 - min(1.0, abs(a.pace - b.pace)), "availability": avail,
             "timezone": tz, "goals": goals}
@@ -205,9 +206,9 @@ def facts_for(group: list[Learner], chapter_titles: dict[int, str]) -> list[str]
     shared = sum(e - s for s, e in common_slots(*(m.slots for m in group))) if all(m.slots for m in group) else 0
     if shared >= 30:
         scored.append((WEIGHTS["availability"] * mean["availability"], f"{_fmt_minutes(shared)} of shared free time a week"))
-    common = set.intersection(*({g.lower() for g in m.goals} for m in group))
+    common = set.intersection(*({as_read(g) for g in m.goals} for m in group))
     if common:
-        goals = [g for g in group[0].goals if g.lower() in common]
+        goals = [g for g in group[0].goals if as_read(g) in common]
         scored.append((WEIGHTS["goals"] * mean["goals"], "shared goals: " + ", ".join(goals)))
     if mean["pace"] >= 0.8:
         pcts = " and ".join(f"{round(m.pace * 100)}%" for m in group)
@@ -569,11 +570,14 @@ async def after_joining(pool: asyncpg.Pool, redis: Redis, settings: Settings, us
     join that round as a newcomer joins after a decline (with another learner left without a group, as a pair's
     third, or taking a trio's member), instead of waiting for next week's round alone. Only the groups that
     touches change. Failures are logged (the worker's quarter-hourly run tries again); returns the rounds made."""
-    async with pool.acquire() as conn:
-        pods = [r["pod_id"] for r in await conn.fetch(
-            """SELECT m.pod_id FROM pod_members m JOIN pods p ON p.id = m.pod_id
-               WHERE m.user_id = $1 AND ($2::bigint IS NULL OR m.pod_id = $2)
-                 AND ($3::bigint IS NULL OR p.course_id = $3) ORDER BY m.pod_id""", user_id, pod_id, course_id)]
+    if pod_id is not None:  # whoever of its joiners is still there (the first may have left again) is taken in
+        pods = [pod_id]
+    else:
+        async with pool.acquire() as conn:
+            pods = [r["pod_id"] for r in await conn.fetch(
+                """SELECT m.pod_id FROM pod_members m JOIN pods p ON p.id = m.pod_id
+                   WHERE m.user_id = $1 AND ($2::bigint IS NULL OR p.course_id = $2) ORDER BY m.pod_id""",
+                user_id, course_id)]
     made = 0
     for p in pods:
         try:

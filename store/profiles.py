@@ -89,7 +89,8 @@ def check_goals(goals: list[str]) -> list[str]:
         # invisible format characters (a BOM, bidi overrides, a soft hyphen, tags) dropped: "\ufeffabc" and "ca\u00adlc"
         # are "abc" and "calc", and an override does not reach the pod room quoting shared goals. The zero-width
         # (non-)joiners stay: emoji and Persian or Indic words need them.
-        g = " ".join("".join(c for c in g if unicodedata.category(c) != "Cf" or c in _JOINERS).split())
+        g = unicodedata.normalize("NFC", " ".join("".join(c for c in g if unicodedata.category(c) != "Cf"
+                                                          or c in _JOINERS).split()))  # (stored composed)
         problem = text_problem(g, 80, "a goal")
         if problem is not None:
             raise ProfileError(f"goals[{i}]",

@@ -158,6 +158,12 @@ def test_factors():
     assert factors(a, Learner(7, "G", offset_h=None), [])["timezone"] == 0.5
     assert factors(Learner(8, "H", offset_h=None), Learner(9, "I", offset_h=None), [])["timezone"] == 0.5
     assert 0 < weight_of(f) < 1 and int_weight(0.0) == 1
+    # (Tester) goals are the same goal as the profile reads them (width, composition, case): "ＥＸＡＭ" and "exam",
+    # "café" typed composed and decomposed counted as different goals, so the pod got the wrong pairs
+    wide, narrow = Learner(10, "W", goals=["ＥＸＡＭ", "x"]), Learner(11, "N", goals=["exam"])
+    assert factors(wide, narrow, [])["goals"] == pytest.approx(0.5)
+    nfc, nfd = Learner(12, "C", goals=["caf\u00e9 talk"]), Learner(13, "D", goals=["cafe\u0301 talk"])
+    assert factors(nfc, nfd, [])["goals"] == 1.0 and "Shared goals: caf\u00e9 talk" in template_reason([nfc, nfd], {})
 
 
 def test_template_reason_names_strengths_and_time():
