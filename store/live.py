@@ -191,7 +191,8 @@ async def attendance_report(conn: asyncpg.Connection, session_id: int, *,
     """Per user present while the session was live, from their connections that were open while it was live:
     first join, last leave (null while still there), how many, and the seconds present while live (overlapping
     connections count once). Connections only before the start or after the end (reading the room) do not
-    count; who only made those is not listed."""
+    count; who only made those is not listed. A connection of no length while live counts (0 seconds): one
+    opened after its server process's last heartbeat, the process then killed, is closed at its join."""
     return await conn.fetch(
         """WITH s AS (SELECT started_at, coalesce(ended_at, now()) AS ended_at FROM live_sessions WHERE id = $1),
            live AS (SELECT a.user_id, a.joined_at, a.left_at,
@@ -199,7 +200,7 @@ async def attendance_report(conn: asyncpg.Connection, session_id: int, *,
                                      least(coalesce(a.left_at, now()), s.ended_at)) AS r
                     FROM live_attendance a, s
                     WHERE a.session_id = $1 AND s.started_at IS NOT NULL
-                      AND greatest(a.joined_at, s.started_at) < least(coalesce(a.left_at, now()), s.ended_at)),
+                      AND greatest(a.joined_at, s.started_at) <= least(coalesce(a.left_at, now()), s.ended_at)),
            per AS (SELECT user_id, min(joined_at) AS first_joined_at,
                           CASE WHEN bool_or(left_at IS NULL) THEN NULL ELSE max(left_at) END AS last_left_at,
                           count(*) AS connections, range_agg(r) AS ranges

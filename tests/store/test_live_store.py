@@ -406,3 +406,22 @@ async def test_a_session_left_running_ends_by_itself(xp_store):
     assert quiet_sid not in await live.end_forgotten(pool, redis, idle_min=0, max_hours=0)
     await live.end_forgotten(pool, redis, idle_min=30, max_hours=0)
     assert await pool.fetchval("SELECT ended_at IS NOT NULL FROM live_sessions WHERE id = $1", quiet_sid)
+
+
+async def test_a_connection_opened_after_its_dead_process_last_beat_is_still_attendance(xp_store):
+    """(Tester) a process killed a moment after a learner joined (and voted) through it: its rows are closed at its
+    last heartbeat, no earlier than each row's join, so that row had no length and the report left her out, though
+    she was in the room while it was live. Listed, with 0 seconds (all that is known)."""
+    pool, redis = xp_store
+    sid, _, (a, b, early) = await _live_poll(pool, redis, learners=3)
+    async with pool.acquire() as c:
+        await c.execute("UPDATE live_sessions SET started_at = now() - interval '1 minute' WHERE id = $1", sid)
+        await live.attendance_join(c, sid, b, "alive")
+        await live.attendance_join(c, sid, a, "dead")  # joined after "dead"'s last heartbeat, 5 s ago
+        assert await live.attendance_close_proc(c, "dead", ago_s=5.0) == 1
+        got = {r["user_id"]: r for r in await live.attendance_report(c, sid)}
+        # before the start, or after the end, a connection of no length is still not attendance
+        await c.execute("INSERT INTO live_attendance (session_id, user_id, proc_id, joined_at, left_at) VALUES "
+                        "($1, $2, 'p', now() - interval '2 minutes', now() - interval '2 minutes')", sid, early)
+        assert {r["user_id"] for r in await live.attendance_report(c, sid)} == {a, b}
+    assert set(got) == {a, b} and got[a]["seconds_live"] == 0.0 and got[a]["last_left_at"] is not None
