@@ -23,6 +23,7 @@ from arq.connections import ArqRedis, RedisSettings
 from ingest.errors import IngestError
 from ingest.progress import JobReporter, announce_job
 from store import jobs as jobs_repo
+from store.aio import cancel_and_wait
 from store.keys import ARQ_IN_PROGRESS, ARQ_RESULT, INGEST_QUEUE
 
 logger = logging.getLogger(__name__)
@@ -133,14 +134,7 @@ async def heartbeat(ctx: dict[str, Any]) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await _stop(beat)
-
-
-async def _stop(beat: asyncio.Task) -> None:
-    """Cancel a heartbeat and await its end (a cancellation of ours still goes through): a stopping worker closed its
-    loop with the task pending ("Task was destroyed but it is pending!" in the log)."""
-    beat.cancel()
-    await asyncio.wait([beat])
+        await cancel_and_wait(beat)
 
 
 def backoff_s(attempt: int, base: float) -> float:
@@ -169,13 +163,13 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
         async with pool.acquire() as conn:
             job = await jobs_repo.start_attempt(conn, job_id)
     except BaseException:
-        await _stop(beat)
+        await cancel_and_wait(beat)
         raise
     if job is None:
-        await _stop(beat)
+        await cancel_and_wait(beat)
         return "already finished"
     if job["attempts"] > job["max_attempts"]:
-        await _stop(beat)
+        await cancel_and_wait(beat)
         # the earlier attempts ended without a word (the worker killed, out of memory, or past arq's timeout)
         reason = (f"ingest did not finish in {job['attempts'] - 1} attempts (the worker stopped or timed out "
                   "each time)")
@@ -211,7 +205,7 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
         logger.info("ingest job %s: %s; retry %d in %.1fs", job_id, reason, job["attempts"] + 1, delay)
         raise Retry(defer=delay) from exc
     finally:
-        await _stop(beat)
+        await cancel_and_wait(beat)
 
 
 def internal_reason(exc: BaseException, job_id: int) -> tuple[str, bool]:

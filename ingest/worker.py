@@ -20,6 +20,7 @@ from ingest.grading import grade_batch, grade_submission, recover_grading
 from ingest.jobs import ARQ_CODEC, JOB_TIMEOUT_S, ingest_job, recover_lost_jobs, sweep_uploads
 from ingest.replies import CHECK_FUNCTION, CHECK_TIMEOUT_S, check_reply_job, recover_reply_checks
 from ingest.submit import reembed_superseded
+from store.aio import cancel_and_wait
 from store.db import create_pool
 from store.keys import INGEST_QUEUE, QUICK_QUEUE
 from store.settings import Settings
@@ -186,8 +187,7 @@ def worker_settings(settings: Settings, queue: str = "ingest", *, heal_embedding
         from store import leaderboards
 
         if ctx.get("boards_repair") is not None:
-            ctx["boards_repair"].cancel()
-            await asyncio.wait([ctx["boards_repair"]])
+            await cancel_and_wait(ctx["boards_repair"])  # (one cancel can be lost during its Redis calls)
         await leaderboards.drain()  # leaderboard.changed from awards of finished jobs
         if ctx.get("pool") is not None:
             await _release_pool(ctx["pool"])

@@ -21,6 +21,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from store import keys, leaderboards
+from store.aio import cancel_and_wait
 from store.events import LeaderboardEntry
 from store.leaderboards import (ON_COURSE_SQL, ON_PODS_SQL, as_utc, board_key, boards_of, expire_at, period_bounds,
                                 period_tag)
@@ -239,7 +240,7 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
                                                               "replayed": replayed, "seconds": round(took, 3)}})
         return Rebuilt(boards=len(live_keys), entries=n_entries, replayed=replayed, seconds=took)
     finally:
-        keeper.cancel()
+        await cancel_and_wait(keeper)  # (a cancel lost during its renewal left it renewing every 10 s for good)
         # release only our own lock
         await redis.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
                          "return 0", 1, keys.LEADERBOARD_LOCK, token)

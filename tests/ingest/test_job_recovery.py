@@ -731,3 +731,41 @@ async def test_a_grade_job_that_cannot_reach_the_database_goes_again_shortly(set
         assert info.value.defer_score == UNREACHABLE_RETRY_S * 1000
     finally:
         await down.close()
+
+
+async def test_a_heartbeat_stops_though_its_cancel_lands_during_a_redis_command(settings):
+    """(Tester) a job ending while its first beat's PEXPIRE was being sent never ended: on Python 3.11 redis-py sends
+    through `asyncio.wait_for` when a socket timeout is set (the worker sets one), which drops a cancel arriving as
+    the command completes; the heartbeat went on beating and the job waited for it for good. Four such jobs (grades
+    of a course just deleted: "nothing to do") took every grading slot of the worker."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ingest.jobs import connect_arq, heartbeat
+    from ingest.worker import REDIS_READ_TIMEOUT_S
+    from store.keys import ARQ_IN_PROGRESS
+
+    redis = await connect_arq(settings.redis_url)
+    conns = redis.connection_pool
+    conns.connection_kwargs["socket_timeout"] = REDIS_READ_TIMEOUT_S  # as the worker's client
+    await conns.disconnect()
+    conns.reset()
+    ids = [f"beat-race-{i}" for i in range(4)]
+    try:
+        await asyncio.gather(*[redis.ping() for _ in ids])  # four connections open, as a busy worker's
+
+        beats = SimpleNamespace(job_heartbeat_ms=30_000)  # the default: a beat every 10 s
+
+        async def job(job_id: str, took_s: float) -> None:
+            async with heartbeat({"redis": redis, "job_id": job_id, "settings": beats}):
+                await asyncio.sleep(took_s)  # done at once, its first beat's command (maybe) in flight
+
+        for n in range(60):
+            runs = [asyncio.create_task(job(i, 0.0001 * (n % 8))) for i in ids]
+            _, stuck = await asyncio.wait(runs, timeout=3)
+            for t in stuck:
+                t.cancel()
+            assert not stuck, f"{len(stuck)} of 4 jobs never ended"
+    finally:
+        await redis.delete(*[ARQ_IN_PROGRESS.format(job_id=i) for i in ids])
+        await redis.aclose()
