@@ -63,10 +63,13 @@ async def tutor_for(state: Any) -> Tutor:
 async def _room_history(conn, room_id: str, before_id: int | None,  # type: ignore[no-untyped-def]
                         asker_id: int) -> list[dict]:
     """The room's latest messages before the question, oldest first, each with its author's name; `mine` marks
-    the asker's own (a follow-up continues the asker's thread, not whoever spoke last)."""
+    the asker's own (a follow-up continues the asker's thread, not whoever spoke last). A question the tutor
+    answered carries the question as it was condensed (its turn is linked to the tutor's reply, which replies to
+    it): a second follow-up in a row keeps the topic."""
     rows = await conn.fetch(
         """SELECT m.body, m.author_role, m.author_id, coalesce(u.name, '') AS name,
-                  (SELECT t.standalone FROM tutor_turns t WHERE t.message_id = m.id AND t.room_id = m.room_id
+                  (SELECT t.standalone FROM messages r JOIN tutor_turns t ON t.message_id = r.id
+                   WHERE r.reply_to = m.id AND r.room_id = m.room_id AND r.author_role = 'tutor'
                    ORDER BY t.id DESC LIMIT 1) AS standalone
            FROM messages m LEFT JOIN users u ON u.id = m.author_id
            WHERE m.room_id = $1 AND m.deleted_at IS NULL AND ($2::bigint IS NULL OR m.id < $2)

@@ -980,3 +980,22 @@ def test_a_room_reply_and_its_turns_link_are_one_transaction(client, make: Facto
     (row,) = fetch(settings, """SELECT t.message_id, m.client_msg_id FROM tutor_turns t
                                 LEFT JOIN messages m ON m.id = t.message_id WHERE t.id = $1""", turn)
     assert row["client_msg_id"] == f"tutor:{10**12}", row
+
+
+async def test_a_second_follow_up_in_a_room_keeps_the_topic(eval_course: EvalCourse, server, settings):
+    """(Tester) in rooms a follow-up borrowed the earlier question's raw text, never its condensed form (the lookup
+    took the turn's message for the question; it is the tutor's reply): a second follow-up in a row lost the topic
+    and cited another video."""
+    room = f"course:{eval_course.id}"
+    c = await Client.connect(server, room, eval_course.learner)
+    turns = []
+    for i, text in enumerate(["@tutor what does a hash function do in bitcoin?", "@tutor why is it hard to invert?",
+                              "@tutor can you explain that more simply?"]):
+        await c.send({"type": "message.send", "text": text, "client_msg_id": f"chain{i}"})
+        asked = await c.expect("message.new", client_msg_id=f"chain{i}")
+        answer = await c.expect("message.new", timeout=60, reply_to=asked["id"])
+        turns.append(answer["meta"]["turn_id"])
+    await c.close()
+    rows = fetch(settings, "SELECT id, standalone FROM tutor_turns WHERE id = ANY($1::bigint[]) ORDER BY id", turns)
+    assert "hash function" in rows[1]["standalone"], rows
+    assert "hash function" in rows[2]["standalone"] and "invert" in rows[2]["standalone"], rows
