@@ -179,7 +179,7 @@ def offline_scores(embedder: Any, question: str, reference: str, criteria: list[
                 "confidence": RESTATED_CONFIDENCE, "concepts": {"covered": [], "missing": missing[:8]},
                 "restated": True}
     return {"scores": out, "total": total_of(out), "confidence": round(conf_sum / max(points_sum, 1e-9), 3),
-            "concepts": {"covered": covered[:8], "missing": missing[:8]}, "doubt": scoring.doubt(expected, answer)}
+            "concepts": {"covered": covered[:8], "missing": missing[:8]}, "doubt": scoring.doubt(expected, answer, "the expected answer" if reference.strip() else "the rubric's descriptions")}
 
 
 class _LLMCriterion(msgspec.Struct):

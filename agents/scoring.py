@@ -190,23 +190,44 @@ def stop_share(text: str) -> float:
 
 TERMS_MIN_WORDS = 8  # a shorter answer in note form ("ATP made in the mitochondria") is left to the scorer
 PROSE_SHARE = 0.2  # function words in an expected answer written in sentences (a list of terms has few or none)
+TERMS_SHARE = 0.1  # fewer in an answer of TERMS_MIN_WORDS or more: not English sentences (one "and" added to a list
+# of terms is 1 in 13)
+SHUFFLED_MIN_IDEAS = 8  # distinct content words (3 letters or more) of an answer checked for a shuffled reference
+SHUFFLED_FROM_REFERENCE = 0.9  # of them the reference's at least, and
+SHUFFLED_PAIRS = 0.3  # at most this share of its neighbouring content words neighbours in the reference too
 LONG_MIN_WORDS = 80  # an answer past this many words and LONG_FACTOR times the expected answer's is out of range
 LONG_FACTOR = 5
 
 
-def doubt(references: Sequence[str], answer: str) -> str | None:
+def _shuffled(reference: str, answer: str) -> bool:
+    """The answer is the reference's words in another order: nearly all its content words are the reference's, but
+    hardly any two of them stand next to each other as they do there (a copy or a reordered phrase keeps its pairs,
+    an answer in the learner's own words brings other words). On the SemEval and Mohler answers it holds none."""
+    ans = [w for w in concepts(answer) if len(w) >= 3]
+    ref = [w for w in concepts(reference) if len(w) >= 3]
+    if len(set(ans)) < SHUFFLED_MIN_IDEAS or sum(w in set(ref) for w in ans) < SHUFFLED_FROM_REFERENCE * len(ans):
+        return False
+    pairs = set(zip(ref, ref[1:])) | set(zip(ref[1:], ref))
+    return sum(p in pairs for p in zip(ans, ans[1:])) <= SHUFFLED_PAIRS * (len(ans) - 1)
+
+
+def doubt(references: Sequence[str], answer: str, expected: str = "the expected answer") -> str | None:
     """Why the offline scorer cannot be trusted with this answer, whatever its confidence (the grade goes to an
-    instructor), or None. Its similarity and key-concept coverage read a bag of words: a list of the expected
-    answer's terms without sentences ("selection drift mutation gene flow heritable traits populations ...") scored
-    100 of 100, released with its XP, and so did 20,000 characters of topic words strung together; and its weights
-    know answers of a sentence or two, not an essay many times the expected answer's length."""
+    instructor), or None. Its similarity and key-concept coverage read a bag of words, and it was fitted on English
+    answers of a sentence or two: a list of the expected answer's terms ("selection drift mutation gene flow
+    heritable traits populations ...") scored 100 of 100, released with its XP, and so did the reference's words
+    strung together in random order. Held: an answer that is not English sentences where the expected answer is
+    (a list of terms; also code, or another language, which it cannot read either), the reference's words shuffled,
+    and an answer many times the expected answer's length. `expected` names the references in the reason."""
     ws = words(answer)
     prose = [r for r in references if len(words(r)) >= TERMS_MIN_WORDS and stop_share(r) >= PROSE_SHARE]
-    if len(ws) >= TERMS_MIN_WORDS and prose and stop_share(answer) < PROSE_SHARE / 4:  # (none, or one in 20)
-        return "the answer lists terms without sentences"
+    if len(ws) >= TERMS_MIN_WORDS and prose and stop_share(answer) < TERMS_SHARE:
+        return "the answer is not written in English sentences (a list of terms?) where the expected answer is"
+    if any(_shuffled(r, answer) for r in references):
+        return f"the answer is the words of {expected} in another order"
     longest = max((len(words(r)) for r in references), default=0)
     if longest and len(ws) > max(LONG_MIN_WORDS, LONG_FACTOR * longest):
-        return f"the answer is {len(ws) / longest:.0f} times as long as the expected answer"
+        return f"the answer is {len(ws) / longest:.0f} times as long as {expected}"
     return None
 
 

@@ -92,11 +92,14 @@ async def grade_batch(ctx: dict[str, Any], job_id: int, submission_ids: list[int
             await jobs_repo.set_state(conn, job_id, "done" if finished else "grading",
                                       row["done"] / row["total"] if row["total"] else 1.0,
                                       _grade_job_error(row) if finished else None)
-    graded = sum(r != NOTHING_TO_DO for r in results)
+    graded = sum(r not in (NOTHING_TO_DO, SUPERSEDED) for r in results)
     return f"{graded} graded" + (f", {len(results) - graded} no longer waiting" if graded < len(results) else "")
 
 
-NOTHING_TO_DO = "nothing to do"  # what `_grade` says of an answer no longer waiting for the grader (graded, deleted)
+# What `_grade` says of an answer it did not grade: no longer waiting for the grader (graded, deleted), or graded
+# (or sent to the grader again) by another run while this one worked on it
+NOTHING_TO_DO = "nothing to do"
+SUPERSEDED = "already graded, or sent to the grader again"
 
 
 # A grade-all job's submissions: how many are no longer waiting for the grader, how many of those the grader
@@ -248,7 +251,7 @@ async def _grade_counted(ctx: dict[str, Any], submission_id: int, sub: asyncpg.R
             return await _hold_failed(ctx, submission_id, sub["grade_gen"],
                                       f"the automatic grade could not be saved: {exc}")
         if row is None:
-            return "already graded, or sent to the grader again"
+            return SUPERSEDED
         if not held:
             await assignments_repo.on_grade_final(conn, redis, row)
     logger.info("graded submission %s: %.1f (confidence %.2f, %s)%s", submission_id, result["total"],

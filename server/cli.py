@@ -185,6 +185,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGUSR1, parent_died)
     try:
         _migrate(settings)
+        _check_redis(settings)  # (arq's own connect gives up after 5 s: a Redis loading its data after a restart)
         # arq binds each worker to the current event loop at construction; run_workers handles SIGTERM/SIGINT.
         asyncio.set_event_loop(asyncio.new_event_loop())
         run_workers([ResilientWorker(**worker_settings(settings, q)) for q in args.queues],
@@ -459,8 +460,9 @@ async def _leaderboards(settings: Settings, action: str) -> int:
             built = bool(await redis.exists(keys.LEADERBOARD_BUILT))
             said = f"{len(bad)} boards differ from the XP ledger: {', '.join(bad[:10])}" if bad else ""
             if not built:  # (Redis lost them: what differs is only what was never built)
-                said = (f"{said}; " if said else "") + ("the boards were never built since Redis lost them (`studyhall "
-                                                        "leaderboards rebuild`, a server start or a read builds them)")
+                said = (f"{said}; " if said else "") + ("the boards are not built (a fresh install, Redis lost them, or a "
+                                                        "rebuild is finishing): `studyhall leaderboards rebuild`, a server "
+                                                        "start or a read builds them")
             print(said or "boards match the XP ledger")
             return 0 if not bad and built else 1
         done = await leaderboard_rebuild.rebuild(pool, redis)

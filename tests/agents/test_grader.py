@@ -398,10 +398,12 @@ async def test_a_list_of_terms_or_an_answer_padded_far_past_the_reference_is_hel
 
     terms = "selection drift mutation gene flow heritable traits populations generations evolution natural change"
     rnd = random.Random(3)
-    salad = " ".join(rnd.choice(scoring.words(reference)) for _ in range(3000))
-    for answer, why in ((terms, "lists terms"), (salad, "times as long")):
+    salad = " ".join(rnd.choice(scoring.words(reference)) for _ in range(40))  # (function words and all)
+    for answer, why in ((terms, "not written in English sentences"), (f"{terms} and", "not written in English"),
+                        (salad, "words of the expected answer in another order"),
+                        (" ".join([salad] * 50), "in another order")):
         got = await grader.grade(ask(answer), embedder=embedder)
-        assert got["held"] and why in got["reason"], (got["total"], got["reason"])
+        assert got["held"] and why in got["reason"], (answer[:50], got["total"], got["reason"])
     sentence = "Evolution happens when populations change."
     beach = " ".join(["The weather was nice and we went to the beach with our friends for the whole day."] * 230)
     alone = await grader.grade(ask(sentence), embedder=embedder)
@@ -412,6 +414,17 @@ async def test_a_list_of_terms_or_an_answer_padded_far_past_the_reference_is_hel
     fine = await grader.grade(ask("Evolution is the change of heritable traits in populations over generations, "
                                   "driven by natural selection, mutation, drift and gene flow."), embedder=embedder)
     assert not fine["held"] and fine["total"] == 100.0 and fine["doubt"] is None
+    reordered = await grader.grade(ask("Natural selection, mutation, drift and gene flow change heritable traits of "
+                                       "populations over generations."), embedder=embedder)
+    assert reordered["doubt"] is None  # its phrases kept: not a shuffle
+    many = await grader.grade(ask("Evolution is when the heritable traits of a population change over many "
+                                  "generations. " * 12), embedder=embedder)
+    assert many["held"] and "times as long as the expected answer" in many["reason"]
+    # without a reference answer the rubric's descriptions are what it is compared with, and named so
+    rubric = [{"name": "idea", "points": 100.0, "description": "Heritable traits of populations change"}]
+    essay = await grader.grade({**ask("Evolution is when the heritable traits of a population change over many "
+                                      "generations. " * 12), "reference": "", "criteria": rubric}, embedder=embedder)
+    assert essay["held"] and "as long as the rubric's descriptions" in essay["reason"], essay["reason"]
     assert grader._route({**ask(terms), "total": 90.0, "confidence": 0.9, "grader": "llm:x:y", "doubt": "d"}) == \
         {"held": False, "reason": None}
 

@@ -308,7 +308,7 @@ def test_cli_check_and_rebuild(settings, data_dir, make: Factory, lb_redis):
                               capture_output=True, text=True, timeout=180)
 
     never = cli("check")  # never built (and missing what the ledger holds): it says so, not only that they differ
-    assert never.returncode == 1 and "never built" in never.stdout and "rebuild" in never.stdout, never.stdout
+    assert never.returncode == 1 and "not built" in never.stdout and "rebuild" in never.stdout, never.stdout
     built = cli("rebuild")
     assert built.returncode == 0 and "rebuilt" in built.stdout
     ok = cli("check")

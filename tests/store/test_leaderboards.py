@@ -129,6 +129,28 @@ async def test_awards_made_while_redis_failed_reach_the_boards_once_it_answers(m
     assert await redis.zscore(board, str(u.id)) == 50 and not xp.MISSED_TENANTS
 
 
+async def test_reads_from_redis_and_from_the_ledger_agree_with_learners_at_0_and_ties(make: Factory, lb):
+    """(Review) every caller, every limit: the same entries, rank, neighbours and count, with ties and with learners
+    whose XP was all taken back (at 0 in Redis, left out of both)."""
+    pool, redis = lb
+    rnd = random.Random(7)
+    users = [make.user("learner") for _ in range(14)]
+    tid = users[0].tenant_id
+    for i, u in enumerate(users):
+        await xp.award_xp(pool, redis, u.id, "course_completed", f"c:{i}", points=rnd.choice([50, 50, 100, 100, 200]))
+        if rnd.random() < 0.45:
+            async with xp.transaction(pool, redis) as tx:
+                await tx.revoke(u.id, f"c:{i}")
+    for limit in (1, 3, 5, 14):
+        for u in users:
+            r = await leaderboards.read(redis, "tenant", tid, tid, "all", u.id, limit=limit)
+            async with pool.acquire() as conn:
+                got = await leaderboard_rebuild.read_ledger(conn, "tenant", tid, "all", u.id, limit=limit)
+            assert (r.entries, r.me, r.neighbours, r.count) == (got.entries, got.me, got.neighbours, got.count), \
+                (limit, u.id)
+    assert 0 < r.count < len(users)
+
+
 async def test_flush_then_rebuild_is_identical(make: Factory, lb):
     pool, redis = lb
     f2 = Factory(make.settings)
