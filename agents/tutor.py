@@ -108,6 +108,25 @@ def _topic_terms(question: str) -> list[str]:
     return [t for t in terms(question) if t not in _ASKS_FOR_MORE and t not in _REPLY_STEMS]
 
 
+def _no_topic(s: TutorState) -> bool:
+    """"why?", "can you give an example?" with nothing before it: no topic to look for. Declined asking for one,
+    whatever the search finds (it found moments for any words, and the answer cited them)."""
+    question = s.get("question", "")
+    return (not foreign_question(question) and not _topic_terms(question)
+            and s.get("standalone", question).strip() == question.strip())
+
+
+_KEEP_FORMAT = frozenset("\u200c\u200d")  # the zero-width (non-)joiners of emoji and of Persian or Indic words
+
+
+def readable(question: str) -> str:
+    """The question as the tutor searches and judges it: invisible format characters dropped (a zero-width space or
+    a soft hyphen pasted from a PDF: "ha\u200bsh func\u00adtion" searched for words the course never says, declined)
+    and compatibility forms folded (full-width "ＨＡＳＨ" and mathematical bold "𝐡𝐚𝐬𝐡" read as another language)."""
+    kept = "".join(c for c in question if unicodedata.category(c) != "Cf" or c in _KEEP_FORMAT)
+    return unicodedata.normalize("NFKC", kept)
+
+
 def _follows_up(question: str) -> bool:
     if _GOES_ON.match(question.strip()):
         return True
@@ -198,7 +217,7 @@ class Tutor:
 
     async def run(self, course_id: int, question: str, *, history: list[dict] | None = None, mode: str = "answer",
                   on_delta: Delta | None = None) -> TutorState:
-        state: TutorState = {"course_id": course_id, "question": question, "history": history or [], "mode": mode,
+        state: TutorState = {"course_id": course_id, "question": readable(question), "history": history or [], "mode": mode,
                              "usage": {"provider": self.llm.name if self.llm else "extractive",
                                        "model": self.llm.model if self.llm else "extractive",
                                        "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}, "error": None,
@@ -262,6 +281,8 @@ class Tutor:
         verdict = judge(s["question"], s["standalone"], s.get("hits") or [], s.get("sources") or [],
                         s["judge"]["missing"], s["judge"]["said"])
         details = {k: v for k, v in s["judge"].items() if k != "said"}
+        if not verdict.details.get("small_talk") and _no_topic(s):  # (a greeting is answered as one)
+            return {"grounded": False, "judge": {**details, **verdict.details, "no_topic": True}}
         return {"grounded": verdict.grounded, "judge": {**details, **verdict.details}}
 
     async def answer(self, s: TutorState) -> dict:
@@ -315,8 +336,7 @@ class Tutor:
         nearest = [citation(w, s.get("mode", "answer")) for w in (s.get("sources") or [])[:3]]
         question = s.get("question", "")
         foreign = foreign_question(question)
-        if not foreign and not _topic_terms(question) and s.get("standalone", question).strip() == question.strip():
-            # "why?", "tell me more" with nothing before it: no topic to look for, rather than "not covered"
+        if _no_topic(s):  # no topic to look for, rather than "not covered"
             return {"answer": NO_TOPIC_REPLY, "citations": [], "nearest": [], "follow_ups": [], "grounded": False}
         lead = ("I could not find this in the course videos; they may be in another language than your question "
                 "(asking in the videos' language may find it)." if foreign

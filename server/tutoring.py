@@ -82,8 +82,9 @@ async def _room_history(conn, room_id: str, before_id: int | None,  # type: igno
 # Part of the answer cache's key: raised when stored answers would differ from new ones for the same content
 # (2: Socratic citations without their quote; 3: follow-ups from the lecture's own questions and topic words;
 # 4: a model's reply that cites nothing is not stored: it was, with its text; 5: a decline says when the question
-# has no topic or is in another language).
-ANSWER_FORMAT = 5
+# has no topic or is in another language; 6: one with no topic is declined whatever the search finds, and the
+# question is searched without invisible marks and with full-width or styled letters folded).
+ANSWER_FORMAT = 6
 
 
 @dataclass(slots=True)

@@ -63,10 +63,20 @@ def test_a_question_without_a_topic_or_in_another_language_is_told_so(eval_cours
     videos don't cover this", which was not true: the one has no topic, the others are in another language."""
     from agents.tutor import NO_TOPIC_REPLY
 
-    for q in ("why?", "tell me more"):
+    # (Tester) and those whose words happened to find moments were answered from them, cited
+    for q in ("why?", "tell me more", "can you give an example?", "can you explain that more simply?",
+              "explain it again please", "what does it mean?"):
         body = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": q},
                            headers=eval_course.learner.h).json()
         assert body["answer"] == NO_TOPIC_REPLY and body["citations"] == [] and not body["grounded"], (q, body)
+    # (Tester) invisible marks pasted from a PDF, and full-width or styled Latin, are the question as read
+    for q in ("What is a ha\u200bsh func\u00adtion?", "ＷＨＡＴ ＩＳ Ａ ＨＡＳＨ ＦＵＮＣＴＩＯＮ？",
+              "\U0001d416\U0001d421\U0001d41a\U0001d42d \U0001d422\U0001d42c \U0001d41a \U0001d421\U0001d41a\U0001d42c\U0001d421 "
+              "\U0001d41f\U0001d42e\U0001d427\U0001d41c\U0001d42d\U0001d422\U0001d428\U0001d427?"):
+        body = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": q},
+                           headers=eval_course.learner.h).json()
+        assert body["grounded"] is True and body["citations"], (q, body)
+        assert body["citations"][0]["video_id"] == eval_course.videos["3b1b-bitcoin.srt"], (q, body["citations"])
     from agents.tutor import foreign_question
 
     assert not foreign_question("What causes El Niño and La Niña?")  # an English question with Spanish names
