@@ -127,16 +127,23 @@ def readable(question: str) -> str:
     return unicodedata.normalize("NFKC", kept)
 
 
+# A question pointing back with this many topic words of its own is taken as it is: its "they" or "it" is inside
+# its own topic ("Explain the mask in attention and why they use negative infinity", after a question on hashing,
+# was searched with the hashing words and cited the bitcoin video); "why is it hard to invert?" (2) and "how does it
+# compare to a linked list?" (3) still borrow.
+OWN_TOPIC_TERMS = 4
+
+
 def _follows_up(question: str) -> bool:
     if _GOES_ON.match(question.strip()):
         return True
+    own = _topic_terms(question)
     words = re.findall(r"[a-z]+", question.lower())
-    if any(w in _POINTS_BACK for w in words):
-        return True
-    if any(w == "that" and (i == 0 or i == len(words) - 1 or words[i - 1] in _BEFORE_THAT)
-           for i, w in enumerate(words)):
-        return True
-    return not _topic_terms(question)
+    if any(w in _POINTS_BACK for w in words) or any(
+            w == "that" and (i == 0 or i == len(words) - 1 or words[i - 1] in _BEFORE_THAT)
+            for i, w in enumerate(words)):
+        return len(own) < OWN_TOPIC_TERMS
+    return not own
 
 Delta = Callable[[str], Awaitable[None]]
 DELTA_CHARS = 120  # an offline answer streams in pieces of about this length

@@ -60,11 +60,15 @@ async def test_offline_a_question_with_a_topic_of_its_own_is_taken_as_it_is():
     private = [{"role": "user", "content": "What is a hash function?"}, {"role": "assistant", "content": "…"}]
     for own in ("How do plants make food?", "What is a binary search tree?", "Why do prices rise in winter?",
                 "Which algorithm that sorts lists is stable?",
-                "Does correlation mean that one variable causes the other?"):
+                "Does correlation mean that one variable causes the other?",
+                # (Tester) a "they" or "it" inside a topic of its own: searched with the hashing words, cited bitcoin
+                "Explain the mask in attention and why they use negative infinity",
+                "What is the softmax function in attention and why is it needed?"):
         assert (await tutor.condense(state(own, private)))["standalone"] == own
     for follow in ("Why does it matter?", "Is this always true?", "Can you give an example?", "tell me more",
                    "What about collisions?", "so what?", "why?", "Is that always true?", "How is that different?",
-                   "What does that mean?", "Explain again please", "example please", "What happens next?", "Huh?"):
+                   "What does that mean?", "Explain again please", "example please", "What happens next?", "Huh?",
+                   "Why is it hard to invert?", "How does it compare to a linked list?"):
         assert (await tutor.condense(state(follow, private)))["standalone"] == f"{follow} (What is a hash function?)"
 
 
