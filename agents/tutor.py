@@ -108,11 +108,18 @@ def _topic_terms(question: str) -> list[str]:
     return [t for t in terms(question) if t not in _ASKS_FOR_MORE and t not in _REPLY_STEMS]
 
 
+# Words about the course itself, which search leaves out as too common in transcripts but which give a question a
+# topic ("What will the next lecture be about?")
+_ABOUT_THE_COURSE = frozenset("lecture lectures video videos course lesson lessons chapter chapters class "
+                              "professor".split())
+
+
 def _no_topic(s: TutorState) -> bool:
     """"why?", "can you give an example?" with nothing before it: no topic to look for. Declined asking for one,
     whatever the search finds (it found moments for any words, and the answer cited them)."""
     question = s.get("question", "")
     return (not foreign_question(question) and not _topic_terms(question)
+            and not _ABOUT_THE_COURSE & set(re.findall(r"[a-z]+", question.lower()))
             and s.get("standalone", question).strip() == question.strip())
 
 

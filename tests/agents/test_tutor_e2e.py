@@ -69,6 +69,9 @@ def test_a_question_without_a_topic_or_in_another_language_is_told_so(eval_cours
         body = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": q},
                            headers=eval_course.learner.h).json()
         assert body["answer"] == NO_TOPIC_REPLY and body["citations"] == [] and not body["grounded"], (q, body)
+    from agents.tutor import _no_topic
+
+    assert not _no_topic({"question": "What will the next lecture be about?"})  # about the course: a topic
     # (Tester) invisible marks pasted from a PDF, and full-width or styled Latin, are the question as read
     for q in ("What is a ha\u200bsh func\u00adtion?", "ＷＨＡＴ ＩＳ Ａ ＨＡＳＨ ＦＵＮＣＴＩＯＮ？",
               "\U0001d416\U0001d421\U0001d41a\U0001d42d \U0001d422\U0001d42c \U0001d41a \U0001d421\U0001d41a\U0001d42c\U0001d421 "
