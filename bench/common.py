@@ -28,6 +28,9 @@ async def services(name: str):  # type: ignore[no-untyped-def]
 
 
 def eval_spec() -> dict:
+    if not (EVAL / "questions.json").is_file():
+        raise SystemExit(f"bench: no eval data at {EVAL} (the shared/eval folder beside the checkout; or set "
+                         "STUDYHALL_EVAL_DIR to the folder holding questions.json)")
     return json.loads((EVAL / "questions.json").read_text())
 
 

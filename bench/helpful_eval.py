@@ -13,6 +13,7 @@ replies a black-box tester wrote to the same questions, right and wrong; and a s
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import random
@@ -54,6 +55,8 @@ def replies(spec: dict, rnd: random.Random) -> list[tuple[dict, str, str]]:
 
 
 async def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # (--help prints, not runs)
+    eval_spec()  # the eval data is there, before anything starts
     settings, svc = await services("helpful_eval")
     try:
         pool = await create_pool(settings.database_url)

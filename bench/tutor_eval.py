@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import statistics
 import time
@@ -70,6 +71,8 @@ async def baselines(pool, cid: int, vids: dict, spec: dict, embedder) -> dict:  
 
 
 async def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # (--help prints, not runs)
+    eval_spec()  # the eval data is there, before anything starts
     settings, svc = await services("tutor_eval")
     try:
         pool = await create_pool(settings.database_url)

@@ -273,7 +273,8 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
         else:
             src = Path(args.file)
             if not src.is_file():
-                print(f"{src} is a directory, not a file" if src.is_dir() else f"no such file: {src}", file=sys.stderr)
+                print(f"studyhall: {src} is a directory, not a file" if src.is_dir() else f"studyhall: no such file: {src}",
+                      file=sys.stderr)
                 return 2
             if src.stat().st_size > settings.max_upload_bytes:  # the limit an upload has over REST (413)
                 print(f"cannot ingest {src}: larger than the upload limit of {settings.max_upload_bytes // 2**20} MB "
@@ -710,7 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("course_id", type=_id)
     src = ing.add_mutually_exclusive_group(required=True)
     src.add_argument("--youtube", help="YouTube URL or 11-character id")
-    src.add_argument("--file", help="transcript (.srt/.vtt/.json) or media (wav/mp3/m4a/mp4/webm)")
+    src.add_argument("--file", help="transcript (.srt/.vtt/.json, YouTube JSON or [[start, end, text], ...]) or media "
+                                    "(wav, mp3, m4a, aac, mp4, mov, webm, ogg, flac, mkv)")
     ing.add_argument("--title", type=_title, help="at most 200 characters on one line (default: from the file name)")
     ing.add_argument("--worker-wait", type=_worker_wait, default=WORKER_GONE_S, metavar="S",
                      help=f"give up after S seconds without a live worker (5 to 3600, default {WORKER_GONE_S:.0f}); "
