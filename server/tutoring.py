@@ -118,12 +118,14 @@ def _proc(state: Any) -> str | None:
 
 
 async def prepare(state: Any, user: Any, course_id: int, question: str, *, session_id: int | None = None,
-                  room_id: str | None = None, message_id: int | None = None, pending: int | None = None) -> Prepared:
+                  room_id: str | None = None, message_id: int | None = None, pending: int | None = None,
+                  slot: str | None = None) -> Prepared:
     """Check and reserve: an unknown session is 404, a learner past today's limit 429 (the question is taken
     from the quota atomically, so concurrent asks cannot pass it together). Nothing is stored on an error.
 
     `pending` is a room question's hold (made with its message). A learner's REST ask gets a hold of its own
-    here, so the question goes back to the quota even if this process dies before answering."""
+    here, with its answer `slot`, so the question goes back to the quota (and the slot is freed) even if this
+    process dies before answering."""
     t0 = time.perf_counter()
     settings, pool = state.settings, state.pool
     own_hold = False
@@ -145,7 +147,7 @@ async def prepare(state: Any, user: Any, course_id: int, question: str, *, sessi
         if user.role == "learner":
             proc = _proc(state)
             if pending is None and room_id is None and proc is not None:
-                pending, own_hold = await repo.hold(conn, proc, user.id, course_id), True
+                pending, own_hold = await repo.hold(conn, proc, user.id, course_id, slot=slot), True
             reserved = await repo.reserve_turn(conn, user.id, settings.tutor_daily_limit, pending)
             if reserved is None:
                 if own_hold:
@@ -274,10 +276,10 @@ async def _drop_hold(pool: Any, pending: int) -> None:
 
 async def ask(state: Any, user: Any, course_id: int, question: str, *, session_id: int | None = None,
               room_id: str | None = None, message_id: int | None = None, on_delta: Delta | None = None,
-              pending: int | None = None) -> dict:
+              pending: int | None = None, slot: str | None = None) -> dict:
     """Answer `question` for `user` in `course_id`. Raises ApiError for limits and unknown sessions."""
     prep = await prepare(state, user, course_id, question, session_id=session_id, room_id=room_id,
-                         message_id=message_id, pending=pending)
+                         message_id=message_id, pending=pending, slot=slot)
     return await complete(state, user, course_id, prep, on_delta)
 
 
@@ -285,12 +287,13 @@ class RoomQuestion:
     """Passed to `post_message` as `also`: records the hold of the answer to come in the question's own
     transaction, so no room question can be left without either an answer under way or a hold for survivors."""
 
-    def __init__(self, proc: str, user_id: int, course_id: int, room_id: str) -> None:
-        self.proc, self.user_id, self.course_id, self.room_id = proc, user_id, course_id, room_id
+    def __init__(self, proc: str, user_id: int, course_id: int, room_id: str, slot: str | None = None) -> None:
+        self.proc, self.user_id, self.course_id, self.room_id, self.slot = proc, user_id, course_id, room_id, slot
         self.pending: int | None = None
 
     async def __call__(self, conn: asyncpg.Connection, message_id: int) -> None:
-        self.pending = await repo.hold(conn, self.proc, self.user_id, self.course_id, self.room_id, message_id)
+        self.pending = await repo.hold(conn, self.proc, self.user_id, self.course_id, self.room_id, message_id,
+                                       slot=self.slot)
 
 
 INTERRUPTED = "I was interrupted by a server restart before I could answer. Please ask again."
@@ -510,7 +513,7 @@ def _from_turn(turn: asyncpg.Record) -> dict:
 async def recover(pool: Any, redis: Any, procs: list[str], older_than_s: float = 0.0) -> int:
     """Settle the holds (older than `older_than_s`) of server processes that no longer answer them: a room
     question gets its reply (the recorded answer when there is one, else "interrupted, ask again"), a reserved
-    question goes back to the learner's quota, and the hold goes. Safe to run from several processes at once
+    question goes back to the learner's quota, its answer slot is freed, and the hold goes. Safe to run from several processes at once
     (holds are locked; a reply is posted once). Returns the number of holds settled."""
     done = 0
     while True:
@@ -529,6 +532,9 @@ async def recover(pool: Any, redis: Any, procs: list[str], older_than_s: float =
                     if r["reserved"] is not None:
                         await repo.release_turn(conn, r["user_id"], r["reserved"], r["id"])
                     await repo.drop_hold(conn, r["id"])
+        for r in rows:  # the learner may ask again at once (the slot lapsed only after the longest answer's time)
+            if r["slot"]:
+                await free_slot(redis, r["user_id"], r["slot"])
         done += len(rows)
         if rows:
             logger.info("settled tutor answers left by a server process",
@@ -564,7 +570,7 @@ async def post_asking(state: Any, user: Any, room_id: str, course_id: int, text:
             await queue_check(state.arq, posted.event.id)
         return posted
     proc = _proc(state)
-    asking = RoomQuestion(proc, user.id, course_id, room_id) if proc is not None else None
+    asking = RoomQuestion(proc, user.id, course_id, room_id, slot) if proc is not None else None
 
     async def post_then_answer() -> Posted:
         try:

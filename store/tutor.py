@@ -13,7 +13,7 @@ import asyncpg
 # Columns by name, never `*`: a statement asyncpg cached before a migration added a column would change its row
 # type, which inside a transaction fails (InvalidCachedStatementError) on every process still running old code.
 _SESSION_COLS = "id, course_id, user_id, title, created_at, updated_at"
-_PENDING_COLS = "id, proc, user_id, course_id, room_id, message_id, reserved, turn_id, created_at"
+_PENDING_COLS = "id, proc, user_id, course_id, room_id, message_id, reserved, turn_id, created_at, slot"
 _TURN_COLS = """id, course_id, user_id, session_id, room_id, message_id, question, standalone, answer, grounded,
                 citations, follow_ups, nearest, mode, provider, model, input_tokens, output_tokens, latency_ms, cost_usd,
                 cache_hit, error, created_at"""
@@ -142,11 +142,12 @@ async def release_turn(conn: asyncpg.Connection, user_id: int, day: date, pendin
 # --- answers under way (tutor_pending): what a dead process leaves to its survivors ---------------------------
 
 async def hold(conn: asyncpg.Connection, proc: str, user_id: int, course_id: int, room_id: str | None = None,
-               message_id: int | None = None) -> int:
-    """Record an answer that `proc` is about to give; `drop_hold` when it has been delivered."""
+               message_id: int | None = None, slot: str | None = None) -> int:
+    """Record an answer that `proc` is about to give, with the learner's answer slot it holds; `drop_hold` when it
+    has been delivered."""
     return await conn.fetchval(
-        """INSERT INTO tutor_pending (proc, user_id, course_id, room_id, message_id) VALUES ($1, $2, $3, $4, $5)
-           RETURNING id""", proc, user_id, course_id, room_id, message_id)
+        """INSERT INTO tutor_pending (proc, user_id, course_id, room_id, message_id, slot)
+           VALUES ($1, $2, $3, $4, $5, $6) RETURNING id""", proc, user_id, course_id, room_id, message_id, slot or None)
 
 
 async def question_withdrawn(conn: asyncpg.Connection, course_id: int, pending: int) -> bool:

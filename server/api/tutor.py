@@ -121,13 +121,13 @@ class TutorController(Controller):
             raise ApiError(429, BUSY, code="tutor_busy", retry_after=BUSY_RETRY_S)
         if not wants_stream(request.headers.get("accept", "")):
             try:
-                result = await ask(state, user, course_id, question, session_id=data.session_id)
+                result = await ask(state, user, course_id, question, session_id=data.session_id, slot=slot)
             finally:
                 await free_slot(state.redis, user.id, slot)
             return Response(_public(result))
         # limits and the session are checked before the stream opens: they answer with their HTTP status
         try:
-            prep = await prepare(state, user, course_id, question, session_id=data.session_id)
+            prep = await prepare(state, user, course_id, question, session_id=data.session_id, slot=slot)
         except BaseException:
             await free_slot(state.redis, user.id, slot)
             raise

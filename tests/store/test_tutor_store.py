@@ -168,3 +168,20 @@ async def test_a_question_deleted_while_its_answer_is_recorded_loses_its_text_an
     except asyncpg.DeadlockDetectedError:  # pragma: no cover - what the order of locks prevents
         raise AssertionError("deleting the course deadlocked with recording an answer")
     assert await pool.fetchval("SELECT count(*) FROM courses WHERE id = $1", cid) == 0
+
+
+async def test_a_dead_processs_answers_give_their_slots_back(xp_store, settings):
+    """(Tester) a server killed mid-answer: a survivor settled its holds ("interrupted, please ask again") but the
+    learner's two answer slots stayed taken until they lapsed, 3 minutes of `tutor_busy`."""
+    pool, redis = xp_store
+    async with pool.acquire() as conn:
+        cid, _, (uid,) = await course_in_new_tenant(conn, 1)
+        slots = [await tutoring.take_slot(redis, uid, "learner", settings) for _ in range(tutoring.MAX_RUNNING_PER_USER)]
+        assert None not in slots and await tutoring.take_slot(redis, uid, "learner", settings) is None  # busy
+        proc = f"dead-{uuid.uuid4().hex[:6]}"
+        for slot in slots:
+            await repo.hold(conn, proc, uid, cid, slot=slot)
+    assert await tutoring.recover(pool, redis, [proc]) == len(slots)
+    again = await tutoring.take_slot(redis, uid, "learner", settings)
+    assert again is not None
+    await tutoring.free_slot(redis, uid, again)
