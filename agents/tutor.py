@@ -162,9 +162,10 @@ SMALL_TALK_REPLY = ("Hello! I answer questions about this course's videos and po
 
 
 def awaiting_note(n: int) -> str:
-    """Why a decline may be wrong for now: videos embedded by another model are not searched until re-embedded."""
+    """Why a decline may be wrong for now: videos still being ingested, or embedded by another model (not searched
+    until re-embedded), could not be searched."""
     which = "1 of the course's videos is" if n == 1 else f"{n} of the course's videos are"
-    return f"({which} being re-indexed and could not be searched yet; ask again in a few minutes.)"
+    return f"({which} still being indexed and could not be searched yet; ask again in a few minutes.)"
 
 
 def _declined(lead: str, nearest: list[dict]) -> str:
@@ -280,9 +281,9 @@ class Tutor:
             extra = await neighbours(conn, hits, self.embedder.name)
             cover = await vocabulary_coverage(conn, s["course_id"], self.embedder.name, text,
                                               lookup_words(s["question"]))
-            awaiting = await conn.fetchval(
-                "SELECT count(*) FROM videos WHERE course_id = $1 AND status = 'ready' AND embed_model IS DISTINCT "
-                "FROM $2", s["course_id"], self.embedder.name)
+            awaiting = await conn.fetchval(  # not searchable yet: still being ingested, or to be re-embedded
+                "SELECT count(*) FROM videos WHERE course_id = $1 AND (status IN ('queued', 'processing') "
+                "OR status = 'ready' AND embed_model IS DISTINCT FROM $2)", s["course_id"], self.embedder.name)
         wins = rank_windows(text, windows(hits, extra), [h.score for h in hits], lexical_weight=1.0)
         best: dict[int, Window] = {}
         for w in wins:  # one moment per retrieved chunk, in retrieval order

@@ -131,10 +131,10 @@ def test_a_model_decline_while_videos_await_a_re_embed_says_so_and_is_not_cached
     sources = [_w(10, 20), _w(30, 40)]
     out = asyncio.run(Tutor.cite(None, {"answer": "", "grounded": False, "sources": sources, "awaiting": 2}))  # type: ignore[arg-type]
     assert out["answer"].startswith("The course videos don't cover this") and out["cacheable"] is False
-    assert "2 of the course's videos are being re-indexed" in out["answer"]
+    assert "2 of the course's videos are still being indexed" in out["answer"]
     assert [n["start"] for n in out["nearest"]] == [10, 30]
     plain = asyncio.run(Tutor.cite(None, {"answer": "", "grounded": False, "sources": sources, "awaiting": 0}))  # type: ignore[arg-type]
-    assert "re-indexed" not in plain["answer"] and plain.get("cacheable", True)
+    assert "being indexed" not in plain["answer"] and plain.get("cacheable", True)
     # a model failure says that, not this
     failed = asyncio.run(Tutor.cite(None, {"answer": "", "error": "boom", "sources": sources, "awaiting": 2}))  # type: ignore[arg-type]
-    assert "re-indexed" not in failed["answer"] and "failed" in failed["answer"]
+    assert "being indexed" not in failed["answer"] and "failed" in failed["answer"]

@@ -473,3 +473,17 @@ def test_a_streamed_ask_ends_with_the_status_the_json_ask_would_give():
     assert stream_error(asyncpg.ForeignKeyViolationError("gone"))["status"] == 404
     assert stream_error(asyncpg.DataError("out of range"))["status"] == 400
     assert stream_error(RuntimeError("a bug")) is None  # still a 500
+
+
+def test_a_decline_while_a_video_is_still_being_ingested_says_so(eval_course: EvalCourse, client, settings):
+    """(Tester) while a course's video was still in its first ingest, a question about it was declined as "the
+    course videos don't cover this", with no word that a video could not be searched yet."""
+    (vid,) = fetch(settings, "INSERT INTO videos (course_id, title, source, status) VALUES ($1, 'new', 'transcript', "
+                             "'processing') RETURNING id", eval_course.id)
+    try:
+        body = client.post(f"/api/v1/courses/{eval_course.id}/ask",
+                           json={"question": "What happened when the Mt. Gox bitcoin exchange collapsed in 2014?"},
+                           headers=eval_course.learner.h).json()
+        assert not body["grounded"] and "1 of the course's videos is still being indexed" in body["answer"], body
+    finally:
+        fetch(settings, "DELETE FROM videos WHERE id = $1", vid["id"])

@@ -102,7 +102,7 @@ def test_reembed_after_model_switch(client, make: Factory, worker, data_dir, set
         said = client.post(f"/api/v1/courses/{cid}/ask", json={"question": "How are digital signatures checked?"},
                            headers=inst.h).json()
         assert said["grounded"] is False and said["cached"] is False, said
-        assert "1 of the course's videos is being re-indexed" in said["answer"], said
+        assert "1 of the course's videos is still being indexed" in said["answer"], said
     fetch(settings, "INSERT INTO jobs (kind, course_id, video_id, state) VALUES ('reembed', $1, $2, 'failed')",
           cid, vid)  # an earlier failed run does not stand in the way
     out = _cli(data_dir, "reembed", "--course", str(cid))
@@ -117,7 +117,7 @@ def test_reembed_after_model_switch(client, make: Factory, worker, data_dir, set
     assert found["hits"] and found["awaiting_reembed"] == [], found
     said = client.post(f"/api/v1/courses/{cid}/ask", json={"question": "How are digital signatures checked?"},
                        headers=inst.h).json()
-    assert said["grounded"] is True and "re-indexed" not in said["answer"], said
+    assert said["grounded"] is True and "being indexed" not in said["answer"], said
     # run while a re-embed of the video is under way: nothing more is queued (a second run doubled the work)
     fetch(settings, "UPDATE videos SET embed_model = 'old-model' WHERE id = $1", vid)
     busy = fetch(settings, "INSERT INTO jobs (kind, course_id, video_id, state) VALUES ('reembed', $1, $2, "
