@@ -20,7 +20,7 @@ from ingest.grading import grade_batch, grade_submission, recover_grading
 from ingest.jobs import ARQ_CODEC, JOB_TIMEOUT_S, ingest_job, recover_lost_jobs, sweep_uploads
 from ingest.replies import CHECK_FUNCTION, CHECK_TIMEOUT_S, check_reply_job, recover_reply_checks
 from ingest.submit import reembed_superseded
-from store.aio import cancel_and_wait
+from store.aio import CancelSafeConnection, cancel_and_wait
 from store.db import create_pool
 from store.keys import INGEST_QUEUE, QUICK_QUEUE
 from store.settings import Settings
@@ -51,6 +51,7 @@ class ResilientWorker(Worker):
                                                expires_extra_ms=self.expires_extra_ms)
             conns = self._pool.connection_pool
             conns.connection_kwargs["socket_timeout"] = REDIS_READ_TIMEOUT_S
+            conns.connection_class = CancelSafeConnection  # (a job's cancel at a stop is not lost in a send)
             await conns.disconnect()
             conns.reset()  # the connection arq checked Redis with, made without it (nothing else has one yet)
         await super().main()

@@ -37,6 +37,7 @@ from server.api.progress import ProgressController, progress_lifespan
 from server.realtime.lifespan import realtime_lifespan
 from server.realtime.socket import room_socket
 from store import leaderboard_rebuild, leaderboards
+from store.aio import CancelSafeConnection
 from store.db import create_pool
 from store.settings import Settings
 
@@ -56,7 +57,7 @@ def command_redis(url: str) -> Redis:
     blocking pool connects outside its lock."""
     return Redis(connection_pool=BlockingConnectionPool.from_url(
         url, max_connections=REDIS_MAX_CONNECTIONS, timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S,
-        socket_connect_timeout=REDIS_TIMEOUT_S))
+        socket_connect_timeout=REDIS_TIMEOUT_S, connection_class=CancelSafeConnection))
 
 
 def canonical_path_ids(request: Request) -> None:

@@ -108,7 +108,7 @@ class Settings:
     ws_send_burst: int = 10
     ws_queue_max: int = 1000
     ws_max_per_user: int = 50  # open sockets per user on one server process (bots are not limited)
-    ws_connect_rate: float = 2.0  # sockets a user may open per second, over all processes (bots are not limited)
+    ws_connect_rate: float = 2.0  # sockets a user may open per second, over all processes (bots: 20 times as many)
     ws_connect_burst: int = 60
     ws_stall_s: float = 45.0  # a send waiting this long for the client to read closes the socket (4008)
     sse_keepalive_s: float = 15.0  # a streamed answer with nothing to send this long sends a comment (proxies idle out)

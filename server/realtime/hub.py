@@ -79,6 +79,7 @@ class _Envelope(msgspec.Struct):
 
 _envelope = msgspec.json.Decoder(_Envelope)
 _NOT_TO_SELF = frozenset({"typing", "achievement.unlocked"})
+BOT_CONNECTS = 20  # a bot's socket-open budget, in multiples of a person's (STUDYHALL_WS_CONNECT_RATE / _BURST)
 
 
 def _logged_leave(task: asyncio.Task) -> None:
@@ -98,6 +99,10 @@ class Hub:
         self.presence = Presence(redis, self.proc, settings.presence_ttl_s)
         self.limiter = SendLimiter(redis, settings.ws_send_rate, settings.ws_send_burst)
         self.connect_limiter = SendLimiter(redis, settings.ws_connect_rate, settings.ws_connect_burst, key=rate_connect)
+        # bots bridge many rooms: BOT_CONNECTS times the budget, but one (a revoked token's reconnect loop was a
+        # database lookup per try, unlimited)
+        self.bot_connect_limiter = SendLimiter(redis, settings.ws_connect_rate * BOT_CONNECTS,
+                                               settings.ws_connect_burst * BOT_CONNECTS, key=rate_connect)
         self.tick_s = max(0.2, settings.presence_ttl_s / 3)
         self.rooms: dict[str, set[Conn]] = {}
         self._pairs: dict[tuple[str, int], list] = {}  # (room, user id) -> [local connections, UserRef]

@@ -87,13 +87,13 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
 
     async def connect_budget(user_id: int, claims: dict) -> None:
         # sockets opened per user and second, over all processes, checked once the token's signature is verified
-        # and before any database work (a client reconnecting in a loop); bots (by their signed role) bridge many
-        # rooms and are not limited
-        if claims.get("role") != "bot":
-            # the handshake is still open: a Redis that does not answer is a 1013 soon, not a client's timeout
-            ok, wait = await asyncio.wait_for(hub.connect_limiter.take(user_id), CONNECT_CHECK_S)
-            if not ok:
-                raise _TooManyConnects(wait)
+        # and before any database work (a client reconnecting in a loop, also with a revoked token); bots (by their
+        # signed role) bridge many rooms: theirs is a larger budget (hub.BOT_CONNECTS)
+        limiter = hub.bot_connect_limiter if claims.get("role") == "bot" else hub.connect_limiter
+        # the handshake is still open: a Redis that does not answer is a 1013 soon, not a client's timeout
+        ok, wait = await asyncio.wait_for(limiter.take(user_id), CONNECT_CHECK_S)
+        if not ok:
+            raise _TooManyConnects(wait)
 
     try:
         user = await authenticate(socket, socket.query_params.get("token") or bearer_token(socket), connect_budget)

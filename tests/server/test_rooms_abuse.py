@@ -613,3 +613,29 @@ async def test_a_text_frame_that_is_not_utf8_closes_1007_without_an_error_in_the
         f.seek(before)
         lines = [line for line in f.read().decode(errors="replace").splitlines() if "UTF-8" in line]
     assert not any('"level": "ERROR"' in line or "Traceback" in line for line in lines), lines
+
+
+async def test_a_revoked_bot_tokens_reconnect_loop_is_refused_4429_too(server, make: Factory, settings):
+    """(Tester) bots were not limited at all: a bridge retrying with its revoked token cost a database lookup per try,
+    550 a second. Theirs is a larger budget (hub.BOT_CONNECTS times a person's), but one."""
+    import httpx
+    import websockets
+
+    from server.realtime.hub import BOT_CONNECTS
+
+    course = make_course(server, make, learners=1)
+    with httpx.Client(base_url=server, timeout=30) as http:
+        bot = http.post("/api/v1/bots", json={"name": f"bridge-{course.id}"}, headers=course.instructor.h).json()
+        assert http.delete(f"/api/v1/tokens/{bot['token_id']}", headers=course.instructor.h).status_code == 204
+    url = ws_url(server, course.room, bot["token"])
+    codes = []
+    for _ in range(settings.ws_connect_burst * BOT_CONNECTS * 2):  # (the bucket refills meanwhile)
+        async with websockets.connect(url) as ws:
+            try:
+                await asyncio.wait_for(ws.recv(), 5)
+            except websockets.ConnectionClosed as exc:
+                codes.append(exc.rcvd.code)
+                if exc.rcvd.code == 4429:
+                    break
+    assert codes[-1] == 4429 and codes[0] == 4401, codes[:3]
+    assert len(codes) > settings.ws_connect_burst  # more than a person's burst: a bridge reconnecting its rooms
