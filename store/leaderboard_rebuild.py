@@ -331,7 +331,7 @@ def rebuild_soon(app_state) -> None:  # type: ignore[no-untyped-def]
     `app_state` holds `pool`, `redis` and the task (`lb_rebuild`). A rebuild that failed (Redis out of memory, say)
     is not retried by every read: at most every 30 s."""
     task = getattr(app_state, "lb_rebuild", None)
-    if task is not None and not task.done():
+    if task is not None and not task.done() or getattr(app_state, "lb_rebuild_stopped", False):
         return
     if time.monotonic() - getattr(app_state, "lb_rebuild_failed_at", -1e9) < REBUILD_BACKOFF_S:
         return

@@ -23,6 +23,7 @@ from server.errors import ApiError
 from store import achievements, leaderboard_rebuild, leaderboards, streaks, xp
 from store import courses as courses_repo
 from store import progress as repo
+from store.aio import cancel_and_wait
 from store import replies as replies_repo
 from store.xp import xp_for_level
 
@@ -45,9 +46,13 @@ async def progress_lifespan(app: Litestar) -> AsyncIterator[None]:
     except Exception:  # noqa: BLE001 - serve anyway; reads will ask for a rebuild again
         logger.exception("leaderboard startup check failed")
     yield
+    state.lb_rebuild_stopped = True  # none started after this (a hub tick before the hub stops)
     task = state.lb_rebuild
-    if task is not None and not task.done():
-        task.cancel()
+    if task is not None and not task.done():  # ended before the pool closes (which waits for its connection)
+        await cancel_and_wait(task, timeout=REBUILD_STOP_S)
+
+
+REBUILD_STOP_S = 5.0  # how long a stopping server waits for a rebuild under way to end
 
 
 async def video_or_404(conn: asyncpg.Connection, video_id: int, user: AuthUser) -> asyncpg.Record:

@@ -24,6 +24,7 @@ from store import leaderboard_rebuild, leaderboards, xp
 from store import live as live_repo
 from store import rooms as rooms_repo
 from store import tutor as tutor_repo
+from store.aio import cancel_and_wait
 from store.events import (CLOSE_FORBIDDEN, CLOSE_SLOW_CONSUMER, CLOSE_UNAUTHENTICATED, INTERNAL, UserRef, Welcome,
                           publish, room_topic, user_topic)
 from store.events import Presence as PresenceEvent
@@ -79,6 +80,7 @@ class _Envelope(msgspec.Struct):
 
 _envelope = msgspec.json.Decoder(_Envelope)
 _NOT_TO_SELF = frozenset({"typing", "achievement.unlocked"})
+STOP_LOOPS_S = 2.0  # how long a stop waits for the hub's loops to end
 BOT_CONNECTS = 20  # a bot's socket-open budget, in multiples of a person's (STUDYHALL_WS_CONNECT_RATE / _BURST)
 
 
@@ -163,6 +165,9 @@ class Hub:
         for task in (self._tasks + list(self._poll_flush.values()) + [t for t in (self._recheck_task,) if t]
                      + list(self._background)):
             task.cancel()
+        # the hub's own loops end before the leaves below (a heartbeat still running re-listed the process and its
+        # users: "joined" right after "left"); a cancel they lost is sent again
+        await asyncio.gather(*(cancel_and_wait(t, timeout=STOP_LOOPS_S) for t in self._tasks))
         self._poll_flush.clear()
         self._poll_dirty.clear()
         if unsent:
@@ -180,6 +185,7 @@ class Hub:
                 await self._announce_leave(room, user)
             except Exception:  # noqa: BLE001
                 logger.warning("presence cleanup failed for %s", room, exc_info=True)
+        self._pairs.clear()
         settled = True
         try:
             await self._close_attendance()  # rows whose close failed earlier, at the moment each socket left
@@ -565,8 +571,11 @@ class Hub:
                          self._unsubscribe_idle, self._unpublished_polls, self._close_attendance, self._close_unlisted,
                          self._due_boards, self._repair_boards, self._resend_left):
                 try:
-                    # bounded: a busy pool or a slow Redis delays this duty, not the next tick's
-                    await asyncio.wait_for(duty(), timeout=self.tick_s * 2)
+                    # bounded: a busy pool or a slow Redis delays this duty, not the next tick's (asyncio.timeout,
+                    # not wait_for: on Python 3.11 wait_for drops a cancel arriving as the duty ends, and this loop
+                    # outlived the hub's stop)
+                    async with asyncio.timeout(self.tick_s * 2):
+                        await duty()
                     self._failing.pop(duty.__name__, None)
                 except asyncio.CancelledError:
                     raise
@@ -584,7 +593,8 @@ class Hub:
         while True:
             await asyncio.sleep(self.tick_s)
             try:
-                await asyncio.wait_for(getattr(self, duty)(), timeout=self.tick_s * 2)
+                async with asyncio.timeout(self.tick_s * 2):  # (not wait_for: see _tick)
+                    await getattr(self, duty)()
                 self._failing.pop(duty, None)
             except asyncio.CancelledError:
                 raise
@@ -634,6 +644,8 @@ class Hub:
         return [p for p, since in self._expired_seen.items() if now - since >= self.settings.presence_ttl_s]
 
     async def _heartbeat(self) -> None:
+        if self._stopping:  # a beat after the stop's leaves would list the process and its users again
+            return
         pairs = [(room, user) for (room, _), (_, user) in self._pairs.items()]
         back = await self.presence.heartbeat(pairs, lambda room, user: (room, user.id) in self._pairs)
         if self.presence.relisted:

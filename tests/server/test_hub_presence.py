@@ -382,3 +382,31 @@ async def test_a_dead_process_attendance_is_closed_on_the_database_clock(setting
 
 async def _value(x):  # type: ignore[no-untyped-def]
     return x
+
+
+async def test_a_stop_as_a_heartbeat_ends_leaves_nobody_online(settings, xp_store):
+    """(Review) the hub's loops were cancelled once and not awaited: a stop beginning as a heartbeat's round trip
+    ended (the loop's wait_for dropped the cancel on Python 3.11) left the heartbeat running; it listed the process
+    again after the stop took it off, and its users online again ("joined" right after "left")."""
+    pool, redis = xp_store
+    hub = Hub(replace(settings, presence_ttl_s=0.6, presence_grace_s=0.0), pool, redis)
+    await hub.start()
+    room, user = f"course:{uuid.uuid4().hex[:8]}", UserRef(id=7, name="u", role="learner")
+    await hub.attach(_conn(hub, room, user))
+    stopping: list[asyncio.Task] = []
+    beat = hub.presence.heartbeat
+
+    async def heartbeat(*args, **kw):  # type: ignore[no-untyped-def]
+        got = await beat(*args, **kw)
+        if not stopping:  # the stop begins as this beat's round trip ends
+            stopping.append(asyncio.create_task(hub.stop()))
+        return got
+
+    hub.presence.heartbeat = heartbeat  # type: ignore[method-assign]
+    while not stopping:
+        await asyncio.sleep(0.01)
+    await stopping[0]
+    await asyncio.sleep(1.0)  # two beats' time
+    assert all(t.done() for t in hub._tasks)
+    assert await redis.zscore(PROCS, hub.proc) is None
+    assert await _online(hub, room) == set()
