@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any, TypeVar
 
 import msgspec
@@ -85,6 +86,14 @@ def trimmed(value: str, field: str) -> str:
     if blank(value):
         raise ApiError(400, f"{field} must not be blank", field=field)
     return value
+
+
+def person_name(value: str, field: str = "name") -> str:
+    """A user's or bot's name as others read it: composed (NFC), without invisible format characters (a zero-width
+    space made a second bot "tw\u200bin" show as "twin"; a bidi override turned the name around), the zero-width
+    joiners of emoji and scripts kept; trimmed, 400 when nothing visible is left."""
+    kept = "".join(c for c in value if unicodedata.category(c) != "Cf" or c in "\u200c\u200d")
+    return trimmed(unicodedata.normalize("NFC", kept), field)
 
 
 # the other patterns of the API's bodies

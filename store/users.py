@@ -92,12 +92,14 @@ async def list_api_tokens(conn: asyncpg.Connection, tenant_id: int, *,
            LIMIT $2 OFFSET $3""", tenant_id, limit, offset)
 
 
-async def revoke_api_token(conn: asyncpg.Connection, token_id: str, tenant_id: int | None) -> int | None:
-    """Revoke a token (of the tenant, when given); the id of the user it belonged to, or None when there is no
-    such token."""
+async def revoke_api_token(conn: asyncpg.Connection, token_id: str, tenant_id: int | None,
+                           user_id: int | None = None) -> int | None:
+    """Revoke a token (of the tenant, and of the user, when given); the id of the user it belonged to, or None when
+    there is no such token."""
     return await conn.fetchval(
         """UPDATE api_tokens k SET revoked_at = coalesce(k.revoked_at, now())
            FROM users u WHERE u.id = k.user_id AND k.id = $1 AND ($2::bigint IS NULL OR u.tenant_id = $2)
+             AND ($3::bigint IS NULL OR k.user_id = $3)
            RETURNING k.user_id""",
-        token_id, tenant_id,
+        token_id, tenant_id, user_id,
     )

@@ -5,11 +5,12 @@ import logging
 
 import asyncpg
 from litestar import Controller, Request, Response, delete, get, post
+from litestar.exceptions import PermissionDeniedException
 
 from server.api.paging import ListLimit, Offset
 from server.api.schemas import BotIn, BotToken, Me, TokenInfo, UserCreated, UserIn, UserToken
 from server.auth import AuthUser, issue_token, staff_only
-from server.decode import callers_key, idempotency_key, read_json, trimmed
+from server.decode import callers_key, idempotency_key, person_name, read_json
 from server.errors import ApiError
 from store import users as repo
 from store.events import SignedOut, TokenRevoked, publish, user_topic
@@ -51,7 +52,7 @@ class UserController(Controller):
             raise ApiError(403 if data.role in ("instructor", "admin") else 400,
                            f"role must be one of {', '.join(allowed)}", field="role")
         settings = request.app.state.settings
-        name = trimmed(data.name, "name")
+        name = person_name(data.name)
         async with request.app.state.pool.acquire() as conn:
             row = await repo.create_user(conn, u.tenant_id, name, data.role)
             taken = None if row is not None else await repo.by_name(conn, u.tenant_id, name)
@@ -84,7 +85,7 @@ class UserController(Controller):
         if user_id != u.id and not u.is_staff:
             raise ApiError(403, "only staff sign others out; learners and bots only themselves")
         if u.role == "bot":
-            raise ApiError(400, "a bot's tokens are ended one by one: DELETE /tokens/{id}")
+            raise ApiError(400, "a bot's tokens are ended one by one: DELETE /tokens/{id} (a bot may end its own)")
         if user_id != u.id:
             await _managed(request, user_id)
         async with request.app.state.pool.acquire() as conn:
@@ -103,7 +104,7 @@ class UserController(Controller):
         key = callers_key(request.user.id, idempotency_key(request))
         data = await read_json(request, BotIn)
         u: AuthUser = request.user
-        name = trimmed(data.name, "name")
+        name = person_name(data.name)
         async with request.app.state.pool.acquire() as conn, conn.transaction():
             # the bot of that name: there already, made now, or made by a concurrent request a moment ago (it
             # committed: a new statement sees it)
@@ -129,10 +130,14 @@ class UserController(Controller):
             rows = await repo.list_api_tokens(conn, request.user.tenant_id, limit=limit, offset=offset)
         return [TokenInfo(**dict(r)) for r in rows]
 
-    @delete("/tokens/{token_id:str}", guards=[staff_only], status_code=204)
+    @delete("/tokens/{token_id:str}", status_code=204)
     async def revoke(self, request: Request, token_id: str) -> None:
+        """Staff revoke any of the tenant's bot tokens; a bot its own (a bridge that finds its token leaked)."""
+        u: AuthUser = request.user
+        if not u.is_staff and u.role != "bot":
+            raise PermissionDeniedException("instructors and admins revoke bot tokens; a bot its own")
         async with request.app.state.pool.acquire() as conn:
-            owner = await repo.revoke_api_token(conn, token_id, request.user.tenant_id)
+            owner = await repo.revoke_api_token(conn, token_id, u.tenant_id, None if u.is_staff else u.id)
         if owner is None:
             raise ApiError(404, f"token {token_id} not found")
         # sockets opened with it close too (tokens are checked when a socket opens, not on every frame)

@@ -124,6 +124,16 @@ def test_names_must_be_visible_and_free_of_control_characters(client, make: Fact
         assert r.status_code == 400 and r.json()["field"] == "name", (name, r.text)
     r = client.post("/api/v1/bots", json={"name": "  spaced bot "}, headers=inst.h)
     assert r.status_code == 201 and r.json()["name"] == "spaced bot"
+    # (Tester) invisible characters made a second bot that reads as another ("tw\u200bin" is "twin") or turned a
+    # name around (a bidi override): dropped, so the name is the one it reads as
+    twin = client.post("/api/v1/bots", json={"name": "twin"}, headers=inst.h).json()
+    for look_alike in ("tw\u200bin", "\u202etwin", "twin\ufeff"):
+        r = client.post("/api/v1/bots", json={"name": look_alike}, headers=inst.h)
+        assert r.status_code == 201 and r.json()["name"] == "twin" and r.json()["user_id"] == twin["user_id"], r.text
+    r = client.post("/api/v1/users", json={"name": "ca\u0301fe\u200b", "role": "learner"}, headers=inst.h)
+    assert r.status_code == 201 and r.json()["name"] == "c\u00e1fe", r.text
+    r = client.post("/api/v1/bots", json={"name": "\U0001f468\u200d\U0001f4bb"}, headers=inst.h)  # the joiner stays
+    assert r.status_code == 201 and r.json()["name"] == "\U0001f468\u200d\U0001f4bb", r.text
 
 
 def test_bot_token_revocation(client, make: Factory):
@@ -144,6 +154,15 @@ def test_bot_token_revocation(client, make: Factory):
     # another tenant's instructor cannot revoke it
     other = Factory(make.settings).user("instructor")
     assert client.delete(f"/api/v1/tokens/{bot['token_id']}", headers=other.h).status_code == 404
+    # (Tester) a bot may end its own token (a leaked one), not another bot's; a learner none
+    second = client.post("/api/v1/bots", json={"name": "discord-bot", "label": "spare"}, headers=inst.h).json()
+    other_bot = client.post("/api/v1/bots", json={"name": "whop-bot"}, headers=inst.h).json()
+    learner = make.user("learner")
+    assert client.delete(f"/api/v1/tokens/{other_bot['token_id']}", headers=bh).status_code == 404
+    assert client.delete(f"/api/v1/tokens/{second['token_id']}", headers=learner.h).status_code == 403
+    assert client.delete(f"/api/v1/tokens/{second['token_id']}", headers=bh).status_code == 204
+    assert client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {second['token']}"}).status_code == 401
+    assert client.get("/api/v1/users/me", headers=bh).status_code == 200  # its other token still works
     assert client.delete(f"/api/v1/tokens/{bot['token_id']}", headers=inst.h).status_code == 204
     r = client.get("/api/v1/users/me", headers=bh)
     assert r.status_code == 401
