@@ -25,7 +25,8 @@ async def list_course_pods(conn: asyncpg.Connection, course_id: int, *,
     return await conn.fetch(
         f"""SELECT {_COLS}, (SELECT count(*) FROM pod_members m JOIN enrollments e ON e.user_id = m.user_id
                              AND e.course_id = p.course_id WHERE m.pod_id = p.id) AS members,
-                   (SELECT count(*) FROM pod_members m WHERE m.pod_id = p.id) AS places_taken,
+                   (SELECT count(*) FROM pod_members m JOIN users u ON u.id = m.user_id AND u.role = 'learner'
+                    WHERE m.pod_id = p.id) AS places_taken,
                    (SELECT title FROM courses WHERE id = p.course_id) AS course_title
             FROM pods p WHERE p.course_id = $1 ORDER BY p.id LIMIT $2 OFFSET $3""", course_id, limit, offset)
 
@@ -45,8 +46,9 @@ class PodFull(Exception):
 
 
 async def add_member(conn: asyncpg.Connection, pod_id: int, user_id: int) -> bool:
-    """Add a member; False when already a member; PodFull when it has MAX_MEMBERS (rows of learners who left
-    the course count: they come back with their enrolment)."""
+    """Add a member; False when already a member; PodFull when it has MAX_MEMBERS learners (rows of learners who
+    left the course count: they come back with their enrolment; a bot bridging the pod's room takes no place: the
+    matcher, the reason for the bound, never pairs it)."""
     async with conn.transaction():
         await conn.execute("SELECT 1 FROM pods WHERE id = $1 FOR UPDATE", pod_id)  # one add at a time per pod
         if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pod_members WHERE pod_id = $1 AND user_id = $2)",
@@ -55,9 +57,11 @@ async def add_member(conn: asyncpg.Connection, pod_id: int, user_id: int) -> boo
         taken = await conn.fetchrow(
             """SELECT count(*) AS n, count(*) FILTER (WHERE e.user_id IS NULL) AS departed
                FROM pod_members m JOIN pods p ON p.id = m.pod_id
+               JOIN users u ON u.id = m.user_id AND u.role = 'learner'
                LEFT JOIN enrollments e ON e.course_id = p.course_id AND e.user_id = m.user_id
                WHERE m.pod_id = $1""", pod_id)
-        if taken["n"] >= MAX_MEMBERS:
+        if taken["n"] >= MAX_MEMBERS and await conn.fetchval("SELECT role = 'learner' FROM users WHERE id = $1",
+                                                             user_id):
             held = (f"; {taken['departed']} of the places are held by learners who left the course (listed to staff "
                     "with `departed`): remove them to free their places" if taken["departed"] else "")
             raise PodFull(f"pod {pod_id} is full ({MAX_MEMBERS} members{held})")

@@ -291,6 +291,13 @@ def test_a_pod_is_a_small_cohort(client, make: Factory, settings):
     assert listing["members"] == 48 and listing["places_taken"] == 50
     assert client.delete(f"/api/v1/pods/{pod}/members/{gone[0]}", headers=inst.h).status_code == 204
     assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": late.id}, headers=inst.h).status_code == 201
+    # (Tester) a bot bridging the pod's room takes no place (the matcher never pairs it): a full pod still gets one
+    bot = client.post("/api/v1/bots", json={"name": f"bridge-{pod}"}, headers=inst.h).json()
+    assert client.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": bot["user_id"]},
+                       headers=inst.h).status_code == 201
+    assert client.post(f"/api/v1/pods/{pod}/members", json={"user_id": bot["user_id"]}, headers=inst.h).status_code == 201
+    (listing,) = client.get(f"/api/v1/courses/{cid}/pods", headers=inst.h).json()
+    assert listing["places_taken"] == 50
 
 
 async def test_a_course_made_paid_while_a_learner_enrolls_is_not_enrolled_for_free(server, make: Factory, settings):
