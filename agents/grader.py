@@ -94,6 +94,7 @@ class GradeState(TypedDict, total=False):
     concepts: dict[str, list[str]]  # covered / missing key concepts (offline)
     restated: bool  # the answer only repeats the question (offline: 0 points)
     doubt: str | None  # why the offline scorer cannot judge this answer (scoring.doubt): its grade is held
+    missing_count: int  # key ideas missing, all of them (`concepts` names at most 8)
     held: bool
     reason: str | None
     note: str | None
@@ -157,9 +158,10 @@ def offline_scores(embedder: Any, question: str, reference: str, criteria: list[
     refs_per = [_references(reference, c, len(criteria)) or [question] for c in criteria]
     texts = scoring.texts_to_embed(question, [r for refs in refs_per for r in refs], [answer], exemplars)
     vec = embed_cached(embedder, texts)
-    out, conf_sum, points_sum, covered, missing = [], 0.0, 0.0, [], []
+    out, conf_sum, points_sum, covered, missing, used = [], 0.0, 0.0, [], [], 0
     for c, refs in zip(criteria, refs_per):
         s = scoring.score(question, refs, answer, vec, exemplars)
+        used = max(used, s.exemplars_used)  # (graded answers the warm model compared it with)
         points = float(c["points"])
         conf = scoring.confidence(s.prob, warm=s.exemplars_used > 0) * (1.0 if reference.strip() else NO_REFERENCE_FACTOR)
         conf_sum += conf * points
@@ -179,7 +181,10 @@ def offline_scores(embedder: Any, question: str, reference: str, criteria: list[
                 "confidence": RESTATED_CONFIDENCE, "concepts": {"covered": [], "missing": missing[:8]},
                 "restated": True}
     return {"scores": out, "total": total_of(out), "confidence": round(conf_sum / max(points_sum, 1e-9), 3),
-            "concepts": {"covered": covered[:8], "missing": missing[:8]}, "doubt": scoring.doubt(expected, answer, "the expected answer" if reference.strip() else "the rubric's descriptions")}
+            "concepts": {"covered": covered[:8], "missing": missing[:8]}, "missing_count": len(missing),
+            "doubt": scoring.doubt(expected, answer,
+                                   "the expected answer" if reference.strip() else "the rubric's descriptions",
+                                   exemplars=used)}
 
 
 class _LLMCriterion(msgspec.Struct):
@@ -364,12 +369,13 @@ def _feedback(state: GradeState) -> dict[str, Any]:
         fb.setdefault("right", right)
         # counted, not named: the missing ideas are the reference answer's words, and with attempts to spare a
         # learner could send them back as a keyword list
-        n = len(missing)
+        n = max(len(missing), state.get("missing_count") or 0)  # (all of them: `missing` names at most 8)
         fb.setdefault("missing", (f"Your answer could also name {n} more idea{'s' if n > 1 else ''} of the expected "
                                   "answer." if total >= 80 else
                                   f"{n} key idea{'s' if n > 1 else ''} of the expected answer "
                                   f"{'are' if n > 1 else 'is'} not covered yet.") if missing
                       else "Nothing essential is missing." if total >= 80
+                      else "The key ideas are there; say more precisely how they answer the question." if total >= 50
                       else "Your answer needs to address the question more directly.")
         fb.setdefault("improve", "Explain the missing ideas in your own words and connect them to the question."
                       if missing else "Add a sentence that explains why, not only what.")

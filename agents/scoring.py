@@ -192,7 +192,8 @@ TERMS_MIN_WORDS = 8  # a shorter answer in note form ("ATP made in the mitochond
 PROSE_SHARE = 0.2  # function words in an expected answer written in sentences (a list of terms has few or none)
 TERMS_SHARE = 0.1  # fewer in an answer of TERMS_MIN_WORDS or more: not English sentences (one "and" added to a list
 # of terms is 1 in 13)
-SHUFFLED_MIN_IDEAS = 8  # distinct content words (3 letters or more) of an answer checked for a shuffled reference
+SHUFFLED_MIN_IDEAS = 12  # distinct content words (3 letters or more) of an answer checked for a shuffled reference
+# (and of the reference: with fewer, a correct answer putting two clauses the other way round looked shuffled)
 SHUFFLED_FROM_REFERENCE = 0.9  # of them the reference's at least, and
 SHUFFLED_PAIRS = 0.3  # at most this share of its neighbouring content words neighbours in the reference too
 LONG_MIN_WORDS = 80  # an answer past this many words and LONG_FACTOR times the expected answer's is out of range
@@ -205,29 +206,34 @@ def _shuffled(reference: str, answer: str) -> bool:
     an answer in the learner's own words brings other words). On the SemEval and Mohler answers it holds none."""
     ans = [w for w in concepts(answer) if len(w) >= 3]
     ref = [w for w in concepts(reference) if len(w) >= 3]
-    if len(set(ans)) < SHUFFLED_MIN_IDEAS or sum(w in set(ref) for w in ans) < SHUFFLED_FROM_REFERENCE * len(ans):
+    if min(len(set(ans)), len(set(ref))) < SHUFFLED_MIN_IDEAS or \
+            sum(w in set(ref) for w in ans) < SHUFFLED_FROM_REFERENCE * len(ans):
         return False
     pairs = set(zip(ref, ref[1:])) | set(zip(ref[1:], ref))
     return sum(p in pairs for p in zip(ans, ans[1:])) <= SHUFFLED_PAIRS * (len(ans) - 1)
 
 
-def doubt(references: Sequence[str], answer: str, expected: str = "the expected answer") -> str | None:
+def doubt(references: Sequence[str], answer: str, expected: str = "the expected answer", *,
+          exemplars: int = 0) -> str | None:
     """Why the offline scorer cannot be trusted with this answer, whatever its confidence (the grade goes to an
     instructor), or None. Its similarity and key-concept coverage read a bag of words, and it was fitted on English
     answers of a sentence or two: a list of the expected answer's terms ("selection drift mutation gene flow
     heritable traits populations ...") scored 100 of 100, released with its XP, and so did the reference's words
     strung together in random order. Held: an answer that is not English sentences where the expected answer is
     (a list of terms; also code, or another language, which it cannot read either), the reference's words shuffled,
-    and an answer many times the expected answer's length. `expected` names the references in the reason."""
+    and an answer many times the expected answer's length (all the rubric's descriptions together, without a
+    reference answer) while no instructor-graded answers (`exemplars`) teach it what long answers earn.
+    `expected` names the references in the reason."""
     ws = words(answer)
     prose = [r for r in references if len(words(r)) >= TERMS_MIN_WORDS and stop_share(r) >= PROSE_SHARE]
     if len(ws) >= TERMS_MIN_WORDS and prose and stop_share(answer) < TERMS_SHARE:
-        return "the answer is not written in English sentences (a list of terms?) where the expected answer is"
+        return ("the answer is not written in English sentences where the expected answer is (a list of terms, code, "
+                "or another language?)")
     if any(_shuffled(r, answer) for r in references):
         return f"the answer is the words of {expected} in another order"
-    longest = max((len(words(r)) for r in references), default=0)
-    if longest and len(ws) > max(LONG_MIN_WORDS, LONG_FACTOR * longest):
-        return f"the answer is {len(ws) / longest:.0f} times as long as {expected}"
+    total = sum(len(words(r)) for r in references)
+    if not exemplars and total and len(ws) > max(LONG_MIN_WORDS, LONG_FACTOR * total):
+        return f"the answer is {len(ws) / total:.1f} times as long as {expected}"
     return None
 
 

@@ -435,3 +435,28 @@ async def test_full_marks_with_key_ideas_unnamed_does_not_say_they_are_missing(e
     assert "not covered" not in got["feedback"]["missing"] and "could also name 1 more idea" in got["feedback"]["missing"]
     low = grader._feedback({"total": 30.0, "concepts": {"covered": [], "missing": ["logarithmic"]}})
     assert "1 key idea of the expected answer is not covered yet" in low["feedback"]["missing"]
+
+
+def test_the_hold_rules_spare_reordered_clauses_taught_lengths_and_whole_rubrics():
+    """(Tester) a correct answer putting a short reference's clauses the other way round was held as "shuffled";
+    a long correct essay stayed held for its length after the instructor had graded long answers (warm, confidence
+    0.95); a rubric-only essay was measured against its longest description, not the rubric; and the feedback
+    counted at most 8 missing ideas."""
+    tcp = "TCP is connection-oriented and reliable; UDP is connectionless and faster but unreliable."
+    assert scoring.doubt([tcp], "TCP is reliable and connection-oriented; UDP is unreliable and connectionless, "
+                                "but faster.") is None
+    essay = "TCP sets up a connection and resends what is lost, so it is reliable; UDP just sends. " * 6
+    assert "times as long" in scoring.doubt([tcp], essay)
+    assert scoring.doubt([tcp], essay, exemplars=6) is None  # graded answers teach it what long answers earn
+    rubric = ["Explains how the system of alliances between the great powers turned a local conflict into a war.",
+              "Describes the arms race and militarism, for example the naval rivalry between Britain and Germany.",
+              "Discusses imperial rivalry over colonies and markets as a source of tension between the powers.",
+              "Identifies the assassination of Archduke Franz Ferdinand in Sarajevo in 1914 as the trigger."]
+    war = ("The alliances between the great powers meant that a local conflict drew everyone in, while the arms "
+           "race and the naval rivalry between Britain and Germany raised tension. ") * 4
+    assert scoring.doubt(rubric, war, "the rubric's descriptions") is None  # 104 words against 63 of the rubric
+    many = grader._feedback({"total": 85.0, "missing_count": 20,
+                             "concepts": {"covered": ["light"], "missing": [f"w{i}" for i in range(8)]}})
+    assert "could also name 20 more ideas" in many["feedback"]["missing"], many
+    some = grader._feedback({"total": 70.0, "concepts": {"covered": ["log"], "missing": []}})
+    assert "address the question more directly" not in some["feedback"]["missing"], some
