@@ -58,16 +58,25 @@ def test_a_greeting_is_greeted_not_answered_from_the_course(eval_course: EvalCou
     assert body["grounded"] is True and body["citations"], body
 
 
-def test_a_question_without_a_topic_or_in_another_language_is_told_so(eval_course: EvalCourse, client):
+def _fresh_learner(eval_course: EvalCourse, client: httpx.Client, settings):  # type: ignore[no-untyped-def]
+    """Another learner of the eval course: asks of their own, not from the shared learner's daily quota (40 in
+    tests) that the module's other tests count on."""
+    learner = Factory(settings).user("learner", tenant=eval_course.tenant)
+    assert client.post(f"/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": learner.id},
+                       headers=eval_course.instructor.h).status_code == 201
+    return learner
+
+
+def test_a_question_without_a_topic_or_in_another_language_is_told_so(eval_course: EvalCourse, client, settings):
     """(Tutor review) "why?" with nothing before it, and questions in Spanish, French or Russian, all got "The course
     videos don't cover this", which was not true: the one has no topic, the others are in another language."""
     from agents.tutor import NO_TOPIC_REPLY
 
     # (Tester) and those whose words happened to find moments were answered from them, cited
+    asker = _fresh_learner(eval_course, client, settings)
     for q in ("why?", "tell me more", "can you give an example?", "can you explain that more simply?",
               "explain it again please", "what does it mean?"):
-        body = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": q},
-                           headers=eval_course.learner.h).json()
+        body = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": q}, headers=asker.h).json()
         assert body["answer"] == NO_TOPIC_REPLY and body["citations"] == [] and not body["grounded"], (q, body)
     from agents.tutor import _no_topic
 
@@ -76,8 +85,7 @@ def test_a_question_without_a_topic_or_in_another_language_is_told_so(eval_cours
     for q in ("What is a ha\u200bsh func\u00adtion?", "ＷＨＡＴ ＩＳ Ａ ＨＡＳＨ ＦＵＮＣＴＩＯＮ？",
               "\U0001d416\U0001d421\U0001d41a\U0001d42d \U0001d422\U0001d42c \U0001d41a \U0001d421\U0001d41a\U0001d42c\U0001d421 "
               "\U0001d41f\U0001d42e\U0001d427\U0001d41c\U0001d42d\U0001d422\U0001d428\U0001d427?"):
-        body = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": q},
-                           headers=eval_course.learner.h).json()
+        body = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": q}, headers=asker.h).json()
         assert body["grounded"] is True and body["citations"], (q, body)
         assert body["citations"][0]["video_id"] == eval_course.videos["3b1b-bitcoin.srt"], (q, body["citations"])
     from agents.tutor import foreign_question
@@ -483,7 +491,7 @@ def test_a_decline_while_a_video_is_still_being_ingested_says_so(eval_course: Ev
     try:
         body = client.post(f"/api/v1/courses/{eval_course.id}/ask",
                            json={"question": "What happened when the Mt. Gox bitcoin exchange collapsed in 2014?"},
-                           headers=eval_course.learner.h).json()
+                           headers=_fresh_learner(eval_course, client, settings).h).json()
         assert not body["grounded"] and "1 of the course's videos is still being indexed" in body["answer"], body
     finally:
         fetch(settings, "DELETE FROM videos WHERE id = $1", vid["id"])

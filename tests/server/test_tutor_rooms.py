@@ -987,7 +987,11 @@ async def test_a_second_follow_up_in_a_room_keeps_the_topic(eval_course: EvalCou
     took the turn's message for the question; it is the tutor's reply): a second follow-up in a row lost the topic
     and cited another video."""
     room = f"course:{eval_course.id}"
-    c = await Client.connect(server, room, eval_course.learner)
+    asker = Factory(settings).user("learner", tenant=eval_course.tenant)  # (not the shared learner's daily quota)
+    with httpx.Client(base_url=server, timeout=30) as http:
+        assert http.post(f"/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": asker.id},
+                         headers=eval_course.instructor.h).status_code == 201
+    c = await Client.connect(server, room, asker)
     turns = []
     for i, text in enumerate(["@tutor what does a hash function do in bitcoin?", "@tutor why is it hard to invert?",
                               "@tutor can you explain that more simply?"]):
