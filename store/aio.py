@@ -12,23 +12,24 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 RECANCEL_S = 0.1
 
 
-async def cancel_and_wait(task: asyncio.Task, timeout: float | None = None) -> bool:
+async def cancel_and_wait(task: asyncio.Task, timeout: float | None = None, *, every: float = RECANCEL_S) -> bool:
     """Cancel a task and wait for its end (up to `timeout` seconds), cancelling again while it runs on; whether it
     ended. On Python 3.11 a cancel can be lost: `asyncio.wait_for` (ours, or redis-py's send under a socket timeout
     before `CancelSafeConnection`) returns a result that has just come and drops a cancel arriving with it (fixed in
     3.12); a heartbeat awaited after one cancel kept a finished job running for good (four of them stopped a worker's
     grading). For tasks whose cancellation cleans up quickly (a loop, a keeper), not one that answers a cancel with
-    real work. Cancelled itself meanwhile, it still sees the task cancelled (within `timeout`) before it re-raises."""
+    real work (or give it `every` seconds between cancels: its cleanup's own awaits are cut by the next).
+    Cancelled itself meanwhile, it still sees the task cancelled (within `timeout`) before it re-raises."""
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     cancelled = False
     while not task.done() and (deadline is None or asyncio.get_running_loop().time() < deadline):
         task.cancel()
         try:
-            await asyncio.wait([task], timeout=RECANCEL_S)
+            await asyncio.wait([task], timeout=every)
         except asyncio.CancelledError:
             cancelled = True
             if deadline is None:
-                deadline = asyncio.get_running_loop().time() + RECANCEL_S * 10
+                deadline = asyncio.get_running_loop().time() + every * 10
     if cancelled:
         raise asyncio.CancelledError
     return task.done()

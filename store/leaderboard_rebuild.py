@@ -164,6 +164,7 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
         return None
     t0 = time.perf_counter()
     keeper = asyncio.create_task(_keep_lock(redis, token))  # however long it takes, no second rebuild starts
+    finished = False
     try:
         async with redis.pipeline(transaction=True) as pipe:
             pipe.set(keys.LEADERBOARD_BUILDING, b"1", px=int(2 * LOCK_TTL_S * 1000))  # kept up with the lock
@@ -238,12 +239,40 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
         took = time.perf_counter() - t0
         logger.info("leaderboards rebuilt", extra={"fields": {"boards": len(live_keys), "entries": n_entries,
                                                               "replayed": replayed, "seconds": round(took, 3)}})
+        finished = True
         return Rebuilt(boards=len(live_keys), entries=n_entries, replayed=replayed, seconds=took)
     finally:
         await cancel_and_wait(keeper)  # (a cancel lost during its renewal left it renewing every 10 s for good)
-        # release only our own lock
-        await redis.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
-                         "return 0", 1, keys.LEADERBOARD_LOCK, token)
+        # release only our own lock; a rebuild that did not finish (failed, or cut by a stop) also takes down its
+        # building flag (awards went on logging to the backlog for a minute) and its temporary boards (an hour)
+        await redis.eval(_RELEASE, 2, keys.LEADERBOARD_LOCK, keys.LEADERBOARD_BUILDING, token, int(not finished))
+        if not finished:
+            await _drop_temporary(redis, keys.leaderboard_temp(token))
+
+
+# KEYS: lock, building flag. ARGV: token, 1 to take the building flag down too. Only the lock's holder does.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if ARGV[2] == '1' then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+
+async def _drop_temporary(redis: Redis, temp: str) -> None:
+    """Delete an unfinished rebuild's temporary boards (they would expire within the hour on their own)."""
+    try:
+        async with asyncio.timeout(10):
+            batch = []
+            async for key in redis.scan_iter(match=temp + "*", count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    await redis.unlink(*batch)
+                    batch = []
+            if batch:
+                await redis.unlink(*batch)
+    except Exception:  # noqa: BLE001 - they expire on their own
+        logger.info("an unfinished rebuild's temporary boards are left to expire")
 
 
 # Renewed every third of it while the rebuild runs; a process that died mid-rebuild holds it (and keeps awards

@@ -49,7 +49,7 @@ async def progress_lifespan(app: Litestar) -> AsyncIterator[None]:
     state.lb_rebuild_stopped = True  # none started after this (a hub tick before the hub stops)
     task = state.lb_rebuild
     if task is not None and not task.done():  # ended before the pool closes (which waits for its connection)
-        await cancel_and_wait(task, timeout=REBUILD_STOP_S)
+        await cancel_and_wait(task, timeout=REBUILD_STOP_S, every=1.0)  # (its cleanup: a few Redis calls)
 
 
 REBUILD_STOP_S = 5.0  # how long a stopping server waits for a rebuild under way to end

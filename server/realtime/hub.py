@@ -81,6 +81,7 @@ class _Envelope(msgspec.Struct):
 _envelope = msgspec.json.Decoder(_Envelope)
 _NOT_TO_SELF = frozenset({"typing", "achievement.unlocked"})
 STOP_LOOPS_S = 2.0  # how long a stop waits for the hub's loops to end
+STOP_LEAVES_S = 5.0  # how long it gives announcing its users' leaves, and again leaving the process list
 BOT_CONNECTS = 20  # a bot's socket-open budget, in multiples of a person's (STUDYHALL_WS_CONNECT_RATE / _BURST)
 
 
@@ -180,13 +181,26 @@ class Hub:
         self._leaving.clear()
         if self._leave_tasks:
             await asyncio.wait(list(self._leave_tasks.values()), timeout=5)
-        for (room, _), (_, user) in list(self._pairs.items()):
-            try:
-                await self._announce_leave(room, user)
-            except Exception:  # noqa: BLE001
-                logger.warning("presence cleanup failed for %s", room, exc_info=True)
+        # every pair's `left` at once, and within STOP_LEAVES_S: one after another against a hung Redis, each waited
+        # out its 10 s timeout (a server with 9 users' rooms took 100 s to stop). Not done: the process stays listed,
+        # so survivors sweep its users once its lease lapses.
+        left_all = True
+        try:
+            async with asyncio.timeout(STOP_LEAVES_S):
+                results = await asyncio.gather(*(self._announce_leave(room, user)
+                                                 for (room, _), (_, user) in list(self._pairs.items())),
+                                               return_exceptions=True)
+            failed = [r for r in results if isinstance(r, Exception)]
+            if failed:
+                left_all = False
+                logger.warning("presence cleanup failed for %d of %d rooms' users", len(failed), len(results),
+                               exc_info=failed[0])
+        except TimeoutError:
+            left_all = False
+            logger.warning("presence cleanup did not finish in %g s; survivors sweep this process's users once its "
+                           "lease lapses", STOP_LEAVES_S)
         self._pairs.clear()
-        settled = True
+        settled = left_all
         try:
             await self._close_attendance()  # rows whose close failed earlier, at the moment each socket left
             async with self.pool.acquire() as db:  # and rows of sockets whose handlers have not cleaned up yet
@@ -198,10 +212,11 @@ class Hub:
             logger.warning("attendance rows left open; a survivor closes them once this process's lease lapses",
                            exc_info=True)
         try:
-            if settled:
-                await self.presence.forget_proc()
-            await self._pubsub.aclose()
-        except Exception:  # noqa: BLE001
+            async with asyncio.timeout(STOP_LEAVES_S):  # (a hung Redis: the lease lapses instead)
+                if settled:
+                    await self.presence.forget_proc()
+                await self._pubsub.aclose()
+        except Exception:  # noqa: BLE001 (TimeoutError included)
             logger.warning("hub shutdown incomplete", exc_info=True)
 
     # --- connections ----------------------------------------------------------------------------------

@@ -410,3 +410,38 @@ async def test_a_stop_as_a_heartbeat_ends_leaves_nobody_online(settings, xp_stor
     assert all(t.done() for t in hub._tasks)
     assert await redis.zscore(PROCS, hub.proc) is None
     assert await _online(hub, room) == set()
+
+
+async def test_a_stop_with_redis_hung_is_bounded(settings, xp_store, tmp_path):
+    """(Tester) with Redis hung (not down), a stop announced each user's leave one after another, each waiting out
+    the client's 10 s timeout: 100 s for a server with 9 users' rooms, hours for a busy one. The leaves go at once
+    and within STOP_LEAVES_S; the process stays listed, and survivors sweep its users when its lease lapses."""
+    import os
+    import signal
+    import time
+
+    from server.app import command_redis
+    from server.realtime import hub as hub_module
+    from store import embedded
+
+    pool, _ = xp_store
+    ddir = tmp_path / "hung"
+    url = embedded._ensure_redis(ddir)
+    redis, sub = command_redis(url), command_redis(url)
+    pid = int((ddir / "redis" / "redis.pid").read_text())
+    hub = Hub(settings, pool, redis, pubsub_redis=sub)
+    try:
+        await hub.start()
+        for i in range(6):
+            await hub.attach(_conn(hub, f"course:{uuid.uuid4().hex[:8]}", UserRef(id=100 + i, name="u", role="learner")))
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        await hub.stop()
+        took = time.monotonic() - t0
+        bound = hub_module.STOP_LOOPS_S + 2 * hub_module.STOP_LEAVES_S + 5 + 3  # (+ the last votes' 5 s, slack)
+        assert took < bound, f"the stop took {took:.1f} s"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        await redis.aclose()
+        await sub.aclose()
+        embedded.stop_embedded(ddir)

@@ -836,3 +836,31 @@ async def test_a_pod_named_twice_counts_once_everywhere(lb):
     assert a is not None and a.pod_ids == [pod]
     await leaderboard_rebuild.rebuild(pool, redis)
     assert await redis.zscore(leaderboards.board_key("pod", pod, "all"), str(u)) == 25
+
+
+async def test_a_rebuild_cut_by_a_stop_takes_down_its_flag_and_temporary_boards(lb, monkeypatch):
+    """(Tester) a server stopped mid-rebuild released the lock but left the building flag (awards logged to the
+    backlog for another minute) and its temporary boards (150,000 entries each, for an hour)."""
+    from tests.progress_helpers import course_in_new_tenant
+
+    pool, redis = lb
+    async with pool.acquire() as conn:
+        cid, _, learners = await course_in_new_tenant(conn, 2)
+    for u in learners:
+        await xp.award_xp(pool, redis, u, "helpful_answer", f"helpful:{u}", course_id=cid)
+    written = asyncio.Event()
+
+    async def stalled(*args, **kw):  # type: ignore[no-untyped-def]
+        written.set()  # the temporary boards are written; the swap is next
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(leaderboard_rebuild, "_stale_boards", stalled)
+    await redis.delete(keys.LEADERBOARD_LOCK)
+    task = asyncio.create_task(leaderboard_rebuild.rebuild(pool, redis))
+    await asyncio.wait_for(written.wait(), 30)
+    assert await redis.exists(keys.LEADERBOARD_BUILDING) and await redis.keys("sh:lb:tmp:*")
+    from store.aio import cancel_and_wait
+
+    assert await cancel_and_wait(task, timeout=5, every=1.0)
+    assert not await redis.exists(keys.LEADERBOARD_LOCK, keys.LEADERBOARD_BUILDING)
+    assert await redis.keys("sh:lb:tmp:*") == []
