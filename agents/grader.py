@@ -40,6 +40,9 @@ MAX_CONFIDENCE_LLM = 0.95
 # An LLM total this many points from the offline one goes to an instructor, whatever the LLM's confidence: one of
 # the two misread the answer (or the answer talked the model into a grade).
 DISAGREE_HOLD = 35.0
+# A passing offline grade whose answer gives other numbers than the expected answer is held (scoring.numbers_differ);
+# a failing one stands.
+NUMBERS_HOLD_FROM = 50.0
 # Words of rubric wording, not of the subject: never reported as a missing concept.
 RUBRIC_WORDS = frozenset("explain explains explained state states stated mention mentions mentioned describe describes "
                          "described answer student learner correct correctly complete identifies identify".split())
@@ -180,11 +183,14 @@ def offline_scores(embedder: Any, question: str, reference: str, criteria: list[
         return {"scores": [{**s, "score": 0.0, "justification": RESTATED_NOTE} for s in out], "total": 0.0,
                 "confidence": RESTATED_CONFIDENCE, "concepts": {"covered": [], "missing": missing[:8]},
                 "restated": True}
-    return {"scores": out, "total": total_of(out), "confidence": round(conf_sum / max(points_sum, 1e-9), 3),
+    total = total_of(out)
+    doubt = scoring.doubt(expected, answer, "the expected answer" if reference.strip() else "the rubric's descriptions",
+                          exemplars=used)
+    if doubt is None and total >= NUMBERS_HOLD_FROM and scoring.numbers_differ(expected, answer):
+        doubt = "the answer's numbers are not the expected answer's"  # (the scorer reads words, not values)
+    return {"scores": out, "total": total, "confidence": round(conf_sum / max(points_sum, 1e-9), 3),
             "concepts": {"covered": covered[:8], "missing": missing[:8]}, "missing_count": len(missing),
-            "doubt": scoring.doubt(expected, answer,
-                                   "the expected answer" if reference.strip() else "the rubric's descriptions",
-                                   exemplars=used)}
+            "doubt": doubt}
 
 
 class _LLMCriterion(msgspec.Struct):

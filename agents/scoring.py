@@ -213,6 +213,19 @@ def _shuffled(reference: str, answer: str) -> bool:
     return sum(p in pairs for p in zip(ans, ans[1:])) <= SHUFFLED_PAIRS * (len(ans) - 1)
 
 
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
+
+
+def numbers_differ(references: Sequence[str], answer: str) -> bool:
+    """The answer gives numbers, and against every reference that gives some it both lacks one of the reference's
+    and has one the reference does not: "8 newtons" for 6 (words and similarity alike, it scored 100). A correct
+    answer showing its steps ("2 x 3 = 6") holds the reference's numbers; one giving only the result lacks some but
+    adds none. On the SemEval test answers no passing grade has numbers that differ."""
+    said = {float(x) for x in _NUMBER.findall(answer)}
+    theirs = [ns for r in references if (ns := {float(x) for x in _NUMBER.findall(r)})]
+    return bool(said and theirs and all(said - ns and ns - said for ns in theirs))
+
+
 def doubt(references: Sequence[str], answer: str, expected: str = "the expected answer", *,
           exemplars: int = 0) -> str | None:
     """Why the offline scorer cannot be trusted with this answer, whatever its confidence (the grade goes to an

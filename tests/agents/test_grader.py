@@ -460,3 +460,21 @@ def test_the_hold_rules_spare_reordered_clauses_taught_lengths_and_whole_rubrics
     assert "could also name 20 more ideas" in many["feedback"]["missing"], many
     some = grader._feedback({"total": 70.0, "concepts": {"covered": ["log"], "missing": []}})
     assert "address the question more directly" not in some["feedback"]["missing"], some
+
+
+async def test_a_passing_answer_with_other_numbers_than_the_expected_answer_is_held(embedder):
+    """(Tester) "= 8 newtons" for 6 scored 100 and was released with its XP: the scorer reads words, not values."""
+    question = "A 2 kg object accelerates at 3 m/s^2. What net force acts on it, and why?"
+    reference = ("By Newton's second law the net force equals the mass times the acceleration, so F = m a = "
+                 "2 kg x 3 m/s^2 = 6 newtons.")
+
+    def ask(answer: str) -> grader.GradeState:
+        return {"question": question, "reference": reference, "criteria": grader.default_rubric(), "answer": answer,
+                "exemplars": [], "moment": None, "threshold": 0.7, "band": (40.0, 60.0)}
+
+    wrong = await grader.grade(ask(reference.replace("= 6 newtons", "= 8 newtons")), embedder=embedder)
+    assert wrong["held"] and "numbers" in wrong["reason"], (wrong["total"], wrong["reason"])
+    right = await grader.grade(ask(reference), embedder=embedder)
+    assert right["doubt"] is None and not right["held"]
+    assert not scoring.numbers_differ([reference], "6 newtons, by Newton's second law")  # the result alone
+    assert not scoring.numbers_differ([reference], "F = m a = 2 x 3 = 6 N (12 for twice the mass)")  # steps, more
