@@ -381,6 +381,12 @@ async def test_a_justification_that_gives_the_answer_away_is_replaced(embedder, 
     assert next(s for s in out["scores"] if s["name"] == "complexity")["justification"] == "No."
 
 
+def _one_answer(question: str, reference: str, answer: str) -> grader.GradeState:
+    """An answer to a one-criterion item with this reference, offline, at the default review rule."""
+    return {"question": question, "reference": reference, "criteria": grader.default_rubric(), "answer": answer,
+            "exemplars": [], "moment": None, "threshold": 0.7, "band": (40.0, 60.0)}
+
+
 async def test_a_list_of_terms_or_an_answer_padded_far_past_the_reference_is_held(embedder):
     """(Tester) without exemplars, the reference's terms strung together ("selection drift mutation ...") scored
     100 with confidence 0.74: released at once with the perfect-score XP; so did 20,000 characters of the
@@ -393,8 +399,7 @@ async def test_a_list_of_terms_or_an_answer_padded_far_past_the_reference_is_hel
                  "selection, mutation, drift and gene flow.")
 
     def ask(answer: str) -> grader.GradeState:
-        return {"question": question, "reference": reference, "criteria": grader.default_rubric(), "answer": answer,
-                "exemplars": [], "moment": None, "threshold": 0.7, "band": (40.0, 60.0)}
+        return _one_answer(question, reference, answer)
 
     terms = "selection drift mutation gene flow heritable traits populations generations evolution natural change"
     rnd = random.Random(3)
@@ -469,8 +474,7 @@ async def test_a_passing_answer_with_other_numbers_than_the_expected_answer_is_h
                  "2 kg x 3 m/s^2 = 6 newtons.")
 
     def ask(answer: str) -> grader.GradeState:
-        return {"question": question, "reference": reference, "criteria": grader.default_rubric(), "answer": answer,
-                "exemplars": [], "moment": None, "threshold": 0.7, "band": (40.0, 60.0)}
+        return _one_answer(question, reference, answer)
 
     wrong = await grader.grade(ask(reference.replace("= 6 newtons", "= 8 newtons")), embedder=embedder)
     assert wrong["held"] and "numbers" in wrong["reason"], (wrong["total"], wrong["reason"])
