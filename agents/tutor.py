@@ -22,6 +22,7 @@ from wordfreq import zipf_frequency
 from agents.evidence import MAX_CITATION_S, Window, mmss, pick_citations, quote, rank_windows, stem, terms, windows
 from agents.judge import REPLIES, judge, lookup_words, opens_sentence
 from agents.llm import LLM, LLMError, estimate_cost_usd
+from store.frames import without_format
 from store.search import Hit, hybrid_search, neighbours, vocabulary_coverage
 
 logger = logging.getLogger(__name__)
@@ -123,15 +124,11 @@ def _no_topic(s: TutorState) -> bool:
             and s.get("standalone", question).strip() == question.strip())
 
 
-_KEEP_FORMAT = frozenset("\u200c\u200d")  # the zero-width (non-)joiners of emoji and of Persian or Indic words
-
-
 def readable(question: str) -> str:
     """The question as the tutor searches and judges it: invisible format characters dropped (a zero-width space or
     a soft hyphen pasted from a PDF: "ha\u200bsh func\u00adtion" searched for words the course never says, declined)
     and compatibility forms folded (full-width "ＨＡＳＨ" and mathematical bold "𝐡𝐚𝐬𝐡" read as another language)."""
-    kept = "".join(c for c in question if unicodedata.category(c) != "Cf" or c in _KEEP_FORMAT)
-    return unicodedata.normalize("NFKC", kept)
+    return unicodedata.normalize("NFKC", without_format(question))
 
 
 # A question pointing back with this many topic words of its own is taken as it is: its "they" or "it" is inside
@@ -232,7 +229,8 @@ class Tutor:
 
     async def run(self, course_id: int, question: str, *, history: list[dict] | None = None, mode: str = "answer",
                   on_delta: Delta | None = None) -> TutorState:
-        state: TutorState = {"course_id": course_id, "question": readable(question), "history": history or [], "mode": mode,
+        state: TutorState = {"course_id": course_id, "question": readable(question), "history": history or [],
+                             "mode": mode,
                              "usage": {"provider": self.llm.name if self.llm else "extractive",
                                        "model": self.llm.model if self.llm else "extractive",
                                        "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}, "error": None,

@@ -273,8 +273,8 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
         else:
             src = Path(args.file)
             if not src.is_file():
-                print(f"studyhall: {src} is a directory, not a file" if src.is_dir() else f"studyhall: no such file: {src}",
-                      file=sys.stderr)
+                print(f"studyhall: {src} is a directory, not a file" if src.is_dir()
+                      else f"studyhall: no such file: {src}", file=sys.stderr)
                 return 2
             if src.stat().st_size > settings.max_upload_bytes:  # the limit an upload has over REST (413)
                 print(f"cannot ingest {src}: larger than the upload limit of {settings.max_upload_bytes // 2**20} MB "
@@ -461,9 +461,9 @@ async def _leaderboards(settings: Settings, action: str) -> int:
             built = bool(await redis.exists(keys.LEADERBOARD_BUILT))
             said = f"{len(bad)} boards differ from the XP ledger: {', '.join(bad[:10])}" if bad else ""
             if not built:  # (Redis lost them: what differs is only what was never built)
-                said = (f"{said}; " if said else "") + ("the boards are not built (a fresh install, Redis lost them, or a "
-                                                        "rebuild is finishing): `studyhall leaderboards rebuild`, a server "
-                                                        "start or a read builds them")
+                said = (f"{said}; " if said else "") + (
+                    "the boards are not built (a fresh install, Redis lost them, or a rebuild is finishing): "
+                    "`studyhall leaderboards rebuild`, a server start or a read builds them")
             print(said or "boards match the XP ledger")
             return 0 if not bad and built else 1
         done = await leaderboard_rebuild.rebuild(pool, redis)

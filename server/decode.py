@@ -11,7 +11,7 @@ from litestar import Request
 
 from server.api.schemas import LINE_TEXT, LINES, NO_CONTROL, NOT_BLANK, ONE_LINE
 from server.errors import ApiError, field_of
-from store.frames import CLIENT_MSG_ID, CLIENT_MSG_ID_RULE, ECHO_MAX, blank, echo, has_nul
+from store.frames import CLIENT_MSG_ID, CLIENT_MSG_ID_RULE, ECHO_MAX, blank, echo, has_nul, without_format
 
 T = TypeVar("T")
 
@@ -92,8 +92,7 @@ def person_name(value: str, field: str = "name") -> str:
     """A user's or bot's name as others read it: composed (NFC), without invisible format characters (a zero-width
     space made a second bot "tw\u200bin" show as "twin"; a bidi override turned the name around), the zero-width
     joiners of emoji and scripts kept; trimmed, 400 when nothing visible is left."""
-    kept = "".join(c for c in value if unicodedata.category(c) != "Cf" or c in "\u200c\u200d")
-    return trimmed(unicodedata.normalize("NFC", kept), field)
+    return trimmed(unicodedata.normalize("NFC", without_format(value)), field)
 
 
 # the other patterns of the API's bodies

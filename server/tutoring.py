@@ -513,8 +513,8 @@ def _from_turn(turn: asyncpg.Record) -> dict:
 async def recover(pool: Any, redis: Any, procs: list[str], older_than_s: float = 0.0) -> int:
     """Settle the holds (older than `older_than_s`) of server processes that no longer answer them: a room
     question gets its reply (the recorded answer when there is one, else "interrupted, ask again"), a reserved
-    question goes back to the learner's quota, its answer slot is freed, and the hold goes. Safe to run from several processes at once
-    (holds are locked; a reply is posted once). Returns the number of holds settled."""
+    question goes back to the learner's quota, its answer slot is freed, and the hold goes. Safe to run from several
+    processes at once (holds are locked; a reply is posted once). Returns the number of holds settled."""
     done = 0
     while True:
         async with pool.acquire() as conn:

@@ -120,6 +120,16 @@ CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f]")
 LINE_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+# The zero-width (non-)joiners: spelling in Persian and Indic words and in emoji, not formatting.
+JOINERS = "\u200c\u200d"
+
+
+def without_format(text: str) -> str:
+    """The text without its invisible format characters (a BOM, bidi controls, a soft hyphen, zero-width spaces,
+    tags), the joiners kept: what a reader sees, for names, goals and questions."""
+    return "".join(c for c in text if c in JOINERS or unicodedata.category(c) != "Cf")
+
+
 def blank(text: str) -> bool:
     """Nothing to read: only spaces, invisible format characters (a zero-width space), combining marks with
     nothing to combine with, and letters that render as nothing."""

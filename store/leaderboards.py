@@ -280,7 +280,8 @@ async def apply(redis: Redis, entries: list[Entry], notices: list[list[tuple[str
 # --- reads ---------------------------------------------------------------------------------------------
 
 # KEYS: board, names hash, built marker. ARGV: limit, user id, neighbours each side.
-# -> {top (id, score, ...), my position (-1: not on the board, or at 0 XP: all of it taken back), my score, my rank, neighbour start position,
+# -> {top (id, score, ...), my position (-1: not on the board, or at 0 XP: all of it taken back), my score, my rank,
+#     neighbour start position,
 #     neighbours (id, score, ...), rank of the first neighbour, names of top, names of neighbours, count, built}
 _READ = """
 local limit, me, n = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import asyncpg
 
-from store.frames import as_read, text_problem
+from store.frames import as_read, text_problem, without_format
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_SLOTS = 28
@@ -78,9 +78,6 @@ def check_availability(slots: list[tuple[str, str, str]]) -> list[list[int]]:
     return merged
 
 
-_JOINERS = "\u200c\u200d"
-
-
 def check_goals(goals: list[str]) -> list[str]:
     if len(goals) > MAX_GOALS:
         raise ProfileError("goals", f"at most {MAX_GOALS} goals")
@@ -89,8 +86,7 @@ def check_goals(goals: list[str]) -> list[str]:
         # invisible format characters (a BOM, bidi overrides, a soft hyphen, tags) dropped: "\ufeffabc" and "ca\u00adlc"
         # are "abc" and "calc", and an override does not reach the pod room quoting shared goals. The zero-width
         # (non-)joiners stay: emoji and Persian or Indic words need them.
-        g = unicodedata.normalize("NFC", " ".join("".join(c for c in g if unicodedata.category(c) != "Cf"
-                                                          or c in _JOINERS).split()))  # (stored composed)
+        g = unicodedata.normalize("NFC", " ".join(without_format(g).split()))  # (stored composed)
         problem = text_problem(g, 80, "a goal")
         if problem is not None:
             raise ProfileError(f"goals[{i}]",

@@ -17,8 +17,8 @@ Hook for other features (the grader, the tutor): award XP when something final h
 The same (learner, key) twice counts once, also when both calls race (INSERT … ON CONFLICT DO NOTHING). Only
 learners earn XP; for anyone else (and for a duplicate) the award returns None. Points come from POINTS
 unless given. The XP counts on the tenant board, the course board (with `course_id`) and the boards of the
-learner's pods (those of the course, or all of them without a course; `pod_ids` overrides). A course or pod board shows only who belongs there now (enrolled; a member
-with access): XP given with the course of a learner who left it stays in the ledger and counts there again when
+learner's pods (those of the course, or all of them without a course; `pod_ids` overrides). A course or pod
+board shows only who belongs there now (enrolled; a member with access): XP given with the course of a learner who left it stays in the ledger and counts there again when
 they come back (`leaderboard_rebuild.resync_member`, on every enrolment or pod membership change).
 """
 from __future__ import annotations
