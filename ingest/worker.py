@@ -189,6 +189,9 @@ def worker_settings(settings: Settings, queue: str = "ingest", *, heal_embedding
 
         if ctx.get("boards_repair") is not None:
             await cancel_and_wait(ctx["boards_repair"])  # (one cancel can be lost during its Redis calls)
+            from store import xp
+
+            await xp.stop_repair()  # one the loop started: before the pool closes
         await leaderboards.drain()  # leaderboard.changed from awards of finished jobs
         if ctx.get("pool") is not None:
             await _release_pool(ctx["pool"])

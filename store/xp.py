@@ -35,6 +35,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from store import achievements, leaderboard_rebuild, leaderboards
+from store.aio import cancel_and_wait
 from store.achievements import Unlocked, level_for
 from store.events import AchievementUnlocked, UserRef, XpAwarded, XpRevoked, encode, room_topic, user_topic
 from store.keys import events_channel
@@ -298,6 +299,13 @@ def repair_missed_soon(pool: asyncpg.Pool, redis: Redis) -> None:
     global _repairing
     if MISSED_TENANTS and (_repairing is None or _repairing.done()):
         _repairing = asyncio.create_task(repair_missed(pool, redis))
+
+
+async def stop_repair(timeout: float = 5.0) -> None:
+    """At a stop, before the pool closes: end a repair in flight (a rebuild it started takes its building flag and
+    temporary boards down as it ends). The tenants stay listed; the hourly check sees them if no repair follows."""
+    if _repairing is not None and not _repairing.done():
+        await cancel_and_wait(_repairing, timeout=timeout, every=1.0)
 
 
 async def repair_missed(pool: asyncpg.Pool, redis: Redis) -> bool:

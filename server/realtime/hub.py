@@ -169,6 +169,7 @@ class Hub:
         # the hub's own loops end before the leaves below (a heartbeat still running re-listed the process and its
         # users: "joined" right after "left"); a cancel they lost is sent again
         await asyncio.gather(*(cancel_and_wait(t, timeout=STOP_LOOPS_S) for t in self._tasks))
+        await xp.stop_repair()  # one the tick started: before the pool closes
         self._poll_flush.clear()
         self._poll_dirty.clear()
         if unsent:

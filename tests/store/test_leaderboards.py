@@ -129,6 +129,33 @@ async def test_awards_made_while_redis_failed_reach_the_boards_once_it_answers(m
     assert await redis.zscore(board, str(u.id)) == 50 and not xp.MISSED_TENANTS
 
 
+async def test_a_stop_ends_a_repair_in_flight_before_the_pool_closes(make: Factory, lb):
+    """(Review) a repair the hub tick or the worker loop started was left running at a stop, its pool then closed
+    under it; `stop_repair` ends it. The tenants stay listed for a later repair."""
+    pool, _ = lb
+    u = make.user("learner")
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(-1)  # a Redis that accepts and never answers
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    hung = Redis.from_url(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0")
+    xp.MISSED_TENANTS.clear()
+    xp.MISSED_TENANTS.add(u.tenant_id)
+    try:
+        xp.repair_missed_soon(pool, hung)
+        task = xp._repairing
+        assert task is not None
+        await asyncio.sleep(0.2)
+        assert not task.done()  # waiting on the silent Redis
+        await xp.stop_repair(timeout=5)
+        assert task.done() and xp.MISSED_TENANTS == {u.tenant_id}
+    finally:
+        xp.MISSED_TENANTS.clear()
+        await hung.aclose()
+        server.close()
+
+
 async def test_reads_from_redis_and_from_the_ledger_agree_with_learners_at_0_and_ties(make: Factory, lb):
     """(Review) every caller, every limit: the same entries, rank, neighbours and count, with ties and with learners
     whose XP was all taken back (at 0 in Redis, left out of both)."""
