@@ -119,7 +119,12 @@ def rate_progress(user_id: int) -> str:
 
 
 # HASH token bucket (as RATE_SEND) limiting one user's searches (each embeds the query). TTL: full refill + 1 s.
+RATE_BOOKMARK = "sh:rl:bookmark:{user_id}"
 RATE_SEARCH = "sh:rl:search:{user_id}"
+
+
+def rate_bookmark(user_id: int) -> str:
+    return RATE_BOOKMARK.format(user_id=user_id)
 
 
 def rate_search(user_id: int) -> str:

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from store import replies, streaks, xp
 from store.courses import LEARNER_SEES_SQL
 from store.events import MessageHelpful, MessageHelpfulRemoved, publish, room_topic
-from store.keys import rate_progress
+from store.keys import rate_bookmark, rate_progress
 from store.ratelimit import SendLimiter
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ _BOOKMARK_COLS = "id, user_id, video_id, at_s, note, created_at"
 _HELPFUL_COLS = "message_id, room_id, author_id, marked_by, marked_at, by_tutor"
 
 MAX_RANGES = 200  # per report
-MAX_STORED_RANGES = 1000  # separate watched ranges kept per learner and video (a player reports a handful)
+MAX_STORED_RANGES = 1000  # separate watched ranges kept per learner and video (a player reports a handful; past it
+# the smallest gaps are joined: `coarsen`)
 TOLERANCE_S = 0.5  # players report positions a hair past the end, and leave gaps this small between ranges
 # Time spent by one report is at most what could have been played since the video's previous report (at up
 # to MAX_PLAYBACK_RATE, plus SLACK_S): a retried report (its response lost) or a script repeating one does not
@@ -44,7 +45,7 @@ SLACK_S = 3.0
 WATCH_BUDGET_S = 3600.0
 # Time spent over all of a user's videos comes from an allowance the same size, refilling at the same rate (what
 # the per-video bound above leaves could otherwise be taken on many videos at once); what a report adds beyond
-# it is not counted (its ranges are).
+# it is not counted (its ranges are); a report bigger than a full allowance counts whole and empties it.
 TIME_BUDGET_S = 3600.0
 
 
@@ -76,6 +77,24 @@ def merge(ranges: list[list[float]]) -> list[list[float]]:
     for a, b in sorted((float(a), float(b)) for a, b in ranges):
         if out and a < out[-1][1] + TOLERANCE_S:
             out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def coarsen(ranges: list[list[float]], most: int) -> list[list[float]]:
+    """(Merged) ranges cut down to `most` by joining the smallest gaps between them: a learner past the limit
+    (a long lecture scrubbed through in many small jumps) goes on adding coverage, the skipped gaps joined
+    counting as watched. Refusing instead locked the video for good: every later report of an unwatched part
+    added a range."""
+    if len(ranges) <= most:
+        return ranges
+    gaps = sorted(range(1, len(ranges)), key=lambda i: (ranges[i][0] - ranges[i - 1][1], i))
+    join = set(gaps[:len(ranges) - most])  # the range at i joins the one before it
+    out: list[list[float]] = []
+    for i, (a, b) in enumerate(ranges):
+        if i in join:
+            out[-1][1] = b
         else:
             out.append([a, b])
     return out
@@ -250,10 +269,7 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
     if same_player and old["position_seq"] > seq:
         position, seq = min(old["position_s"], duration), old["position_seq"]  # sent before the one stored
     had = clip(old["watched"], duration) if old else []  # as of this video's length (see fit_to_duration)
-    merged = merge(had + watched)
-    if len(merged) > MAX_STORED_RANGES:  # refused, not coarsened: joining gaps would count unwatched seconds
-        raise ProgressError("watched", f"at most {MAX_STORED_RANGES} separate watched ranges are kept per video; "
-                                       "report contiguous ranges")
+    merged = coarsen(merge(had + watched), MAX_STORED_RANGES)
     watched_s = covered(merged)
     if role == "learner":
         await _spend_budget(conn, user_id, watched_s - covered(had), at)
@@ -319,10 +335,12 @@ async def _take_time(conn: asyncpg.Connection, user_id: int, spent: float, at: d
     row = await conn.fetchrow("SELECT time_s, time_at FROM watch_budget WHERE user_id = $1", user_id)
     have = TIME_BUDGET_S if row is None or row["time_at"] is None else min(
         TIME_BUDGET_S, row["time_s"] + max(0.0, (at - row["time_at"]).total_seconds()) * MAX_PLAYBACK_RATE)
-    take = min(spent, have)
+    # a report bigger than a full allowance (one long video reported at its end) takes it whole, as the watch
+    # budget does: its time counts, and the next reports wait for the allowance to refill
+    take = spent if have >= TIME_BUDGET_S - 1e-6 else min(spent, have)
     await conn.execute("""INSERT INTO watch_budget (user_id, seconds, at, time_s, time_at) VALUES ($1, $2, $4, $3, $4)
                           ON CONFLICT (user_id) DO UPDATE SET time_s = EXCLUDED.time_s, time_at = EXCLUDED.time_at""",
-                       user_id, WATCH_BUDGET_S, have - take, at)
+                       user_id, WATCH_BUDGET_S, max(0.0, have - take), at)
     return take
 
 
@@ -435,9 +453,30 @@ async def list_bookmarks(conn: asyncpg.Connection, user_id: int, video_id: int, 
                             "LIMIT $3 OFFSET $4", user_id, video_id, limit, offset)
 
 
+async def bookmark_video(conn: asyncpg.Connection, user_id: int, bookmark_id: int) -> int | None:
+    """The video of the user's bookmark (None: not theirs, or no such bookmark)."""
+    return await conn.fetchval("SELECT video_id FROM bookmarks WHERE id = $1 AND user_id = $2", bookmark_id, user_id)
+
+
+async def update_bookmark(conn: asyncpg.Connection, user_id: int, bookmark_id: int, at_s: float | None,
+                          note: str | None) -> asyncpg.Record | None:
+    """Change a bookmark's time and/or note (None: kept); None when it is gone."""
+    return await conn.fetchrow(
+        f"""UPDATE bookmarks SET at_s = coalesce($3, at_s), note = coalesce($4, note) WHERE id = $1 AND user_id = $2
+            RETURNING {_BOOKMARK_COLS}""", bookmark_id, user_id, at_s, note)
+
+
 async def delete_bookmark(conn: asyncpg.Connection, user_id: int, bookmark_id: int) -> bool:
     return await conn.fetchval("DELETE FROM bookmarks WHERE id = $1 AND user_id = $2 RETURNING id",
                                bookmark_id, user_id) is not None
+
+
+BOOKMARK_RATE = 1.0  # bookmark writes (add, change, delete) per user and second, after a burst of
+BOOKMARK_BURST = 30
+
+
+def bookmark_limiter(redis: Redis) -> SendLimiter:
+    return SendLimiter(redis, BOOKMARK_RATE, BOOKMARK_BURST, key=rate_bookmark)
 
 
 # --- helpful answers -----------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         review_threshold=_ranged("STUDYHALL_REVIEW_THRESHOLD", 0.7, 0.0, 1.0),
         review_band=_band(_str("STUDYHALL_REVIEW_BAND", "40,60") or "40,60"),
         max_answer_chars=_bounded("STUDYHALL_MAX_ANSWER_CHARS", 20_000, 1, 1_000_000),
-        video_complete_share=_share("STUDYHALL_VIDEO_COMPLETE_SHARE", 0.9),
+        video_complete_share=_share("STUDYHALL_VIDEO_COMPLETE_SHARE", 0.9, least=0.05),
         progress_rate=_ranged("STUDYHALL_PROGRESS_RATE", 1.0, 0.001, 1_000_000.0),
         progress_burst=_bounded("STUDYHALL_PROGRESS_BURST", 30, 1, 1_000_000),
         leaderboard_event_s=_ranged("STUDYHALL_LEADERBOARD_EVENT_S", 5.0, 0.0, 3600.0),
@@ -296,10 +296,12 @@ def _ranged(name: str, default: float, low: float, high: float) -> float:
     return value
 
 
-def _share(name: str, default: float) -> float:
-    """A share in (0, 1]."""
+def _share(name: str, default: float, *, least: float = 0.0) -> float:
+    """A share in (0, 1] (in [least, 1] with `least`)."""
     value = _float(name, default)
-    if not 0 < value <= 1:  # also refuses nan
+    if least > 0 and not least <= value <= 1:  # also refuses nan
+        raise SystemExit(f"{name} must be a share of at least {least:g} and at most 1, got {value!r}")
+    if not 0 < value <= 1:
         raise SystemExit(f"{name} must be a share above 0 and at most 1, got {value!r}")
     return value
 

@@ -8,14 +8,15 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 
 import asyncpg
-from litestar import Controller, Litestar, Request, delete, get, post
+from litestar import Controller, Litestar, Request, delete, get, patch, post
 from litestar.params import Parameter
 from litestar.response import Response
+from msgspec import UNSET
 
 from server.api.paging import ListLimit, Offset
-from server.api.progress_schemas import (AchievementOut, Bookmark, BookmarkIn, CourseProgress, CourseVideoProgress,
-                                         HelpfulMark, ProgressIn, ReplyCheck, Stats, StreakOut, VideoProgress,
-                                         XpEvent)
+from server.api.progress_schemas import (AchievementOut, Bookmark, BookmarkIn, BookmarkPatch, CourseProgress,
+                                         CourseVideoProgress, HelpfulMark, ProgressIn, ReplyCheck, Stats, StreakOut,
+                                         VideoProgress, XpEvent)
 from server.api.rooms import room_or_404
 from server.auth import AuthUser
 from server.decode import read_json
@@ -78,6 +79,43 @@ def _video_progress(video: asyncpg.Record | dict, row: asyncpg.Record | None,
                          time_spent_s=row["time_spent_s"], updated_at=row["updated_at"], xp_awarded=list(awarded))
 
 
+def _bookmark(row: asyncpg.Record) -> Bookmark:
+    return Bookmark(id=row["id"], video_id=row["video_id"], at=row["at_s"], note=row["note"],
+                    created_at=row["created_at"])
+
+
+def _bookmark_at(video: asyncpg.Record, at: float) -> float:
+    """A bookmark's time on the video (409 while it is not ready; 400 past its end and slack, taken as the end
+    within the slack)."""
+    if video["status"] != "ready" or not video["duration_s"]:  # nothing to watch, nor a length to check
+        raise ApiError(409, f"video {video['id']} is not ready yet", code="not_ready")
+    slack = repo.past_end_slack(video["duration_s"], video["source"])
+    if at > video["duration_s"] + slack:
+        limit = video["duration_s"] + slack  # (what is taken, as for a progress report's position)
+        past = f", or up to {limit:g} s, taken as the end" if slack >= 1 else ""
+        raise ApiError(400, f"at must be inside the video (0 to {video['duration_s']:g} s{past})", field="at")
+    return min(at, video["duration_s"])
+
+
+async def _bookmark_video_or_404(conn: asyncpg.Connection, bookmark_id: int, user: AuthUser) -> asyncpg.Record:
+    """The video of the caller's bookmark, while they may see it; 404 otherwise."""
+    video_id = await repo.bookmark_video(conn, user.id, bookmark_id)
+    if video_id is None:
+        raise ApiError(404, f"bookmark {bookmark_id} not found")
+    try:
+        return await video_or_404(conn, video_id, user)
+    except ApiError as exc:
+        raise ApiError(404, f"bookmark {bookmark_id} not found") from exc
+
+
+async def _bookmark_write(request: Request) -> None:
+    """Bookmark writes (add, change, delete) per user: repo.BOOKMARK_RATE a second after a burst; a refused one
+    counts too."""
+    ok, wait = await repo.bookmark_limiter(request.app.state.redis).take(request.user.id)
+    if not ok:
+        raise ApiError(429, f"too many bookmark changes; retry in {wait:g}s", retry_after=wait)
+
+
 class ProgressController(Controller):
     path = "/api/v1"
     tags = ["progress"]
@@ -86,17 +124,18 @@ class ProgressController(Controller):
     async def report(self, request: Request, video_id: int) -> VideoProgress:
         """Report watching: `position` (resume point) and the `watched` ranges since the last report, in
         seconds. Positions and ranges must lie inside the video; a range must end after it starts."""
+        user: AuthUser = request.user
+        state = request.app.state
+        # every report counts, a refused one too, also one whose body does not parse (each costs the lookups
+        # below: bad reports were unlimited)
+        ok, wait = await state.progress_limiter.take(user.id)
+        if not ok:
+            raise ApiError(429, f"too many progress reports; retry in {wait:g}s", retry_after=wait)
         data = await read_json(request, ProgressIn)
         if (data.player is None) != (data.seq is None):
             missing = "seq" if data.seq is None else "player"
             raise ApiError(400, f"{missing} is required with {'player' if missing == 'seq' else 'seq'}",
                            field=missing)
-        user: AuthUser = request.user
-        state = request.app.state
-        # every report counts, a refused one too (each costs the lookups below: bad reports were unlimited)
-        ok, wait = await state.progress_limiter.take(user.id)
-        if not ok:
-            raise ApiError(429, f"too many progress reports; retry in {wait:g}s", retry_after=wait)
         async with state.pool.acquire() as conn:
             video = await video_or_404(conn, video_id, user)
         if video["status"] != "ready" or not video["duration_s"]:
@@ -161,22 +200,32 @@ class ProgressController(Controller):
 
     @post("/videos/{video_id:int}/bookmarks", status_code=201)
     async def add_bookmark(self, request: Request, video_id: int) -> Bookmark:
-        data = await read_json(request, BookmarkIn)
         user: AuthUser = request.user
+        await _bookmark_write(request)
+        data = await read_json(request, BookmarkIn)
         async with request.app.state.pool.acquire() as conn:
             video = await video_or_404(conn, video_id, user)
-            if video["status"] != "ready" or not video["duration_s"]:  # nothing to watch, nor a length to check
-                raise ApiError(409, f"video {video_id} is not ready yet", code="not_ready")
-            slack = repo.past_end_slack(video["duration_s"], video["source"])
-            if data.at > video["duration_s"] + slack:
-                limit = video["duration_s"] + slack  # (what is taken, as for a progress report's position)
-                past = f", or up to {limit:g} s, taken as the end" if slack >= 1 else ""
-                raise ApiError(400, f"at must be inside the video (0 to {video['duration_s']:g} s{past})", field="at")
-            row = await repo.add_bookmark(conn, user.id, video_id, min(data.at, video["duration_s"]), data.note)
+            at = _bookmark_at(video, data.at)
+            row = await repo.add_bookmark(conn, user.id, video_id, at, data.note)
         if row is None:
             raise ApiError(409, f"at most {repo.MAX_BOOKMARKS} bookmarks per video; delete some first",
                            code="too_many")
-        return Bookmark(id=row["id"], video_id=video_id, at=row["at_s"], note=row["note"], created_at=row["created_at"])
+        return _bookmark(row)
+
+    @patch("/bookmarks/{bookmark_id:int}")
+    async def update_bookmark(self, request: Request, bookmark_id: int) -> Bookmark:
+        """Change a bookmark's `at` and/or `note`."""
+        user: AuthUser = request.user
+        await _bookmark_write(request)
+        data = await read_json(request, BookmarkPatch)
+        async with request.app.state.pool.acquire() as conn:
+            video = await _bookmark_video_or_404(conn, bookmark_id, user)
+            at = None if data.at is UNSET else _bookmark_at(video, data.at)
+            row = await repo.update_bookmark(conn, user.id, bookmark_id, at,
+                                             None if data.note is UNSET else data.note)
+        if row is None:  # deleted meanwhile
+            raise ApiError(404, f"bookmark {bookmark_id} not found")
+        return _bookmark(row)
 
     @get("/videos/{video_id:int}/bookmarks")
     async def bookmarks(self, request: Request, video_id: int,
@@ -185,12 +234,14 @@ class ProgressController(Controller):
         async with request.app.state.pool.acquire() as conn:
             await video_or_404(conn, video_id, user)
             rows = await repo.list_bookmarks(conn, user.id, video_id, limit=limit, offset=offset)
-        return [Bookmark(id=r["id"], video_id=video_id, at=r["at_s"], note=r["note"], created_at=r["created_at"])
-                for r in rows]
+        return [_bookmark(r) for r in rows]
 
     @delete("/bookmarks/{bookmark_id:int}", status_code=204)
     async def delete_bookmark(self, request: Request, bookmark_id: int) -> None:
+        await _bookmark_write(request)
         async with request.app.state.pool.acquire() as conn:
+            # as the list: only while the learner may see the video's course (one removed from it got 204)
+            await _bookmark_video_or_404(conn, bookmark_id, request.user)
             if not await repo.delete_bookmark(conn, request.user.id, bookmark_id):
                 raise ApiError(404, f"bookmark {bookmark_id} not found")
 

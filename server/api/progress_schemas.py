@@ -67,9 +67,18 @@ class CourseProgress(msgspec.Struct):
     videos: list[CourseVideoProgress]
 
 
+Note = Annotated[str, Meta(max_length=2000, pattern=LINES)]
+
+
 class BookmarkIn(Strict):
     at: Seconds
-    note: Annotated[str, Meta(max_length=2000, pattern=LINES)] = ""
+    note: Note = ""
+
+
+class BookmarkPatch(Strict):
+    """A bookmark's new time and/or note (what is left out stays)."""
+    at: Seconds | UnsetType = UNSET
+    note: Note | UnsetType = UNSET
 
 
 class Bookmark(msgspec.Struct):

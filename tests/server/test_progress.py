@@ -271,6 +271,12 @@ def test_progress_rate_limit(client, make: Factory, settings):
     codes = [client.post(f"/api/v1/videos/{vid}/progress", json={"position": 1, "watched": [[5, 1]]},
                          headers=other.h).status_code for _ in range(60)]
     assert codes[0] == 400 and 429 in codes, codes
+    # and so do bodies that do not parse at all (they were never limited)
+    third = make.user("learner")
+    client.post(f"/api/v1/courses/{course.id}/enrollments", json={"user_id": third.id}, headers=course.instructor.h)
+    codes = [client.post(f"/api/v1/videos/{vid}/progress", json={"position": "x"}, headers=third.h).status_code
+             for _ in range(60)]
+    assert codes[0] == 400 and 429 in codes, codes
 
 
 def test_bookmarks(client, make: Factory):
@@ -293,6 +299,38 @@ def test_bookmarks(client, make: Factory):
     assert r.status_code == 201 and r.json()["at"] == 100 and r.json()["note"] == "two\nlines\tand a tab"
     r = client.post(url, json={"at": 1, "note": "bell\u0007"}, headers=a.h)
     assert r.status_code == 400 and r.json()["field"] == "note" and "control" in r.json()["message"]
+
+    # changed: its time, its note, or both (what is left out stays); another's is 404, bad input 400
+    bid = client.post(url, json={"at": 5, "note": "old"}, headers=a.h).json()["id"]
+    r = client.patch(f"/api/v1/bookmarks/{bid}", json={"note": "new"}, headers=a.h)
+    assert r.status_code == 200 and (r.json()["at"], r.json()["note"], r.json()["video_id"]) == (5, "new", vid), r.text
+    r = client.patch(f"/api/v1/bookmarks/{bid}", json={"at": 100.4}, headers=a.h)  # (the end's slack: the end)
+    assert r.status_code == 200 and (r.json()["at"], r.json()["note"]) == (100, "new"), r.text
+    assert client.patch(f"/api/v1/bookmarks/{bid}", json={"at": 150}, headers=a.h).json()["field"] == "at"
+    assert client.patch(f"/api/v1/bookmarks/{bid}", json={"note": "x\u0000"}, headers=a.h).status_code == 400
+    assert client.patch(f"/api/v1/bookmarks/{bid}", json={"what": 1}, headers=a.h).status_code == 400
+    assert client.patch(f"/api/v1/bookmarks/{bid}", json={"note": "mine"}, headers=b.h).status_code == 404
+    assert [x["note"] for x in client.get(url, headers=a.h).json() if x["id"] == bid] == ["new"]
+    # a learner removed from the course no longer sees its bookmarks: not to list, change or delete either (a
+    # delete was 204)
+    client.delete(f"/api/v1/courses/{course.id}/enrollments/{a.id}", headers=course.instructor.h)
+    assert client.get(url, headers=a.h).status_code == 404
+    assert client.patch(f"/api/v1/bookmarks/{bid}", json={"note": "gone"}, headers=a.h).status_code == 404
+    assert client.delete(f"/api/v1/bookmarks/{bid}", headers=a.h).status_code == 404
+    client.post(f"/api/v1/courses/{course.id}/enrollments", json={"user_id": a.id}, headers=course.instructor.h)
+    assert [x["note"] for x in client.get(url, headers=a.h).json() if x["id"] == bid] == ["new"]
+
+
+def test_bookmark_writes_are_rate_limited(client, make: Factory):
+    course = make_course(client, make, learners=2, videos=1, duration=100)
+    (a, b), (vid,) = course.learners, course.videos
+    url = f"/api/v1/videos/{vid}/bookmarks"
+    codes = [client.post(url, json={"at": i % 100}, headers=a.h).status_code for i in range(45)]
+    assert codes[0] == 201 and 429 in codes and codes.index(429) >= 25, codes
+    refused = client.post(url, json={"at": 1}, headers=a.h)
+    assert refused.status_code == 429 and refused.headers["retry-after"] and refused.json()["retry_after"] > 0
+    assert client.post(url, json={"at": 1}, headers=b.h).status_code == 201  # per user
+    assert len(client.get(url, headers=a.h, params={"limit": 100}).json()) == codes.count(201)
 
 
 def test_bookmarks_need_a_ready_video_and_are_bounded(client, make: Factory, settings):
@@ -464,20 +502,33 @@ def test_time_spent_over_many_videos_is_bounded_by_the_time_that_passed(client, 
 
 
 def test_stored_ranges_are_bounded(client, make: Factory, settings):
-    """Many tiny disjoint ranges cannot grow a learner's row without end: past 1,000 separate ranges the report
-    is refused (400 naming `watched`) and nothing of it is stored; contiguous reports go on working."""
+    """Many tiny disjoint ranges cannot grow a learner's row without end: past 1,000 separate ranges the smallest
+    gaps between them are joined (counted as watched). Refusing the report instead locked the video for good: every
+    later report of a part not yet watched was a 400."""
     course = make_course(client, make, learners=1, videos=1, duration=3600)
     (a,), (vid,) = course.learners, course.videos
+    ranges = [[2.0 * i, 2.0 * i + 1] for i in range(1000)]  # gaps of 1 s
+    ranges[700][0] = 1399.6  # one gap of 0.6 s: the smallest
     for k in range(5):  # 5 x 200 = 1,000 separate ranges: the most that is kept
-        watched = [[k * 200 + i + 0.0, k * 200 + i + 0.5] for i in range(200)]
-        assert report(client, a, vid, 1, watched)["status"] == 200
-    r = client.post(f"/api/v1/videos/{vid}/progress", json={"position": 2, "watched": [[1500.0, 1500.5]]}, headers=a.h)
-    assert r.status_code == 400 and r.json()["field"] == "watched", r.text
+        assert report(client, a, vid, 1, ranges[k * 200:(k + 1) * 200])["status"] == 200
+    r = report(client, a, vid, 2, [[2500.0, 2501.0]])  # one more, apart from all
+    assert r["status"] == 200, r
+    assert len(r["watched"]) == 1000 and [1398.0, 1401.0] in r["watched"] and [2500.0, 2501.0] in r["watched"], r
+    assert abs(r["watched_s"] - (1000 + 0.4 + 1 + 0.6)) < 1e-6, r["watched_s"]
     row = fetch(settings, "SELECT jsonb_array_length(watched) AS n, position_s FROM video_progress WHERE user_id = $1",
                 a.id)[0]
-    assert row["n"] == 1000 and row["position_s"] == 1
-    # a range joining stored ones keeps the count down, so it is taken
-    assert report(client, a, vid, 3, [[0.0, 10.0]])["status"] == 200
+    assert row["n"] == 1000 and row["position_s"] == 2
+
+
+def test_one_long_video_reported_at_its_end_counts_its_time(client, make: Factory):
+    """A first report of a two-hour video watched offline counts its whole time (it counted an hour: the time
+    allowance's size); the allowance is empty after it."""
+    course = make_course(client, make, learners=1, videos=1, duration=7200)
+    (a,), (vid,) = course.learners, course.videos
+    r = report(client, a, vid, 7100, [[0, 7100]])
+    assert r["status"] == 200 and r["completed"] and r["time_spent_s"] == 7100, r
+    r = report(client, a, vid, 10, [[0, 10]])  # re-watched right after: what refilled meanwhile, not 10 s more
+    assert r["status"] == 200 and 7100 <= r["time_spent_s"] < 7105, r
 
 
 def test_whole_videos_reported_back_to_back_wait_as_if_played(client, make: Factory, settings):

@@ -7,7 +7,8 @@ from store.settings import load_settings
 
 
 @pytest.mark.parametrize("name,raw,good,want", [
-    *[("STUDYHALL_VIDEO_COMPLETE_SHARE", raw, "1", 1.0) for raw in ("0", "-0.5", "1.5", "nan", "lots")],
+    *[("STUDYHALL_VIDEO_COMPLETE_SHARE", raw, "1", 1.0) for raw in ("0", "-0.5", "1.5", "nan", "lots", "1e-300", "0.04")],
+    ("STUDYHALL_VIDEO_COMPLETE_SHARE", "0.049", "0.05", 0.05),
     *[("STUDYHALL_LLM_TIMEOUT_S", raw, "300", 300.0) for raw in ("0", "601", "nan")],
     *[("STUDYHALL_GENERATE_DEADLINE_S", raw, "30", 30.0) for raw in ("0", "3601", "inf")]])
 def test_a_value_outside_its_range_stops_startup_and_one_inside_is_taken(monkeypatch, tmp_path, name, raw, good, want):
