@@ -177,9 +177,11 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
                     raise Refused(NO_REPLY_TARGET, f"reply_to: message {reply_to} is not in this room"
                                   + (" (it was deleted)" if target is not None else ""))
             row = await conn.fetchrow(
+                # the time of the insert, under the room's lock (not the transaction's start, `now()`): times rise
+                # with seq (concurrent senders' times went backwards down the history by up to 34 ms)
                 """INSERT INTO messages (room_id, seq, author_id, body, client_msg_id, meta, author_name, author_role,
-                                        text_sha, reply_to)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                                        text_sha, reply_to, created_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, clock_timestamp())
                    ON CONFLICT DO NOTHING RETURNING id, created_at""",
                 room_id, seq, author_id, text, client_msg_id, meta, ref.name, ref.role,
                 _sha(text) if client_msg_id is not None else None, reply_to)
@@ -248,7 +250,9 @@ async def edit_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
         if await _muted(conn, room_id, user_id):
             raise Refused("muted", "you are muted in this room")
         edited_at = await conn.fetchval(
-            "UPDATE messages SET body = $2, edited_at = now() WHERE id = $1 RETURNING edited_at", message_id, text)
+            # (under the row's lock: two racing edits' times in the order they are applied)
+            "UPDATE messages SET body = $2, edited_at = clock_timestamp() WHERE id = $1 RETURNING edited_at",
+            message_id, text)
         event = await box.append(
             room_id, lambda seq: MessageEdited(id=message_id, seq=seq, room=room_id, text=text, edited_at=edited_at),
             message_id=message_id)
@@ -274,7 +278,7 @@ async def delete_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, ro
                 raise Refused(ACCESS_REVOKED, "you no longer have access to this room")
             if await moderation.kicked_until(conn, room_id, user_id) is not None:
                 raise Refused("kicked", "you are barred from this room")
-        await conn.execute("UPDATE messages SET body = '', deleted_at = now() WHERE id = $1", message_id)
+        await conn.execute("UPDATE messages SET body = '', deleted_at = clock_timestamp() WHERE id = $1", message_id)
         for ev in await conn.fetch(
                 "SELECT seq, type, payload FROM room_events WHERE message_id = $1 AND room_id = $2 "
                 "AND type IN ('message.new', 'message.edited')", message_id, room_id):

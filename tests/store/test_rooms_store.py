@@ -14,7 +14,7 @@ from store import presence as presence_module
 from store.db import create_pool
 from store.events import UserRef
 from store.keys import events_channel
-from store.messages import Refused, delete_message, post_message
+from store.messages import Refused, delete_message, edit_message, post_message
 from store.presence import Presence
 from store.ratelimit import SendLimiter
 from store.rooms import access, events_after, sequenced
@@ -99,6 +99,26 @@ async def test_concurrent_posts_get_consecutive_seqs(db):
     assert sum(not isinstance(r, BaseException) and r.created for r in raced) == 1
     assert all(isinstance(r, Refused) and r.code == "idempotency_key_reused" for r in raced
                if isinstance(r, BaseException)) and sum(isinstance(r, Refused) for r in raced) == 7, raced
+
+
+async def test_times_rise_with_seq_under_concurrent_posts_and_edits(db):
+    """(Tester) a message's `created_at` was its transaction's start, taken before it waited for the room's seq:
+    concurrent senders' times went backwards down the history (6 of 39 pairs); two racing edits likewise left the
+    later edit with the earlier `edited_at`."""
+    pool, redis = db
+    _, learner, room = await _course(pool)
+    for _ in range(3):
+        await asyncio.gather(*(post_message(pool, redis, room, learner, f"m{i}", None, uuid.uuid4().hex)
+                               for i in range(30)))
+    first = await post_message(pool, redis, room, learner, "to edit", None, "e")
+    edits = await asyncio.gather(*(edit_message(pool, redis, room, first.event.id, learner, f"edit {i}")
+                                   for i in range(12)))
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT seq, created_at FROM messages WHERE room_id = $1 ORDER BY seq", room)
+    assert len(rows) == 91
+    assert all(a["created_at"] <= b["created_at"] for a, b in zip(rows, rows[1:]))
+    ordered = sorted(edits, key=lambda e: e.seq)
+    assert all(a.edited_at <= b.edited_at for a, b in zip(ordered, ordered[1:]))
 
 
 async def test_delete_redacts_stored_events_and_mute_refuses(db):
