@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import get_args, get_origin
 
 import asyncpg
 from litestar import Litestar, Request
@@ -60,11 +62,47 @@ def command_redis(url: str) -> Redis:
         socket_connect_timeout=REDIS_TIMEOUT_S, connection_class=CancelSafeConnection))
 
 
+# Per route handler: its query parameters, each with whether it is a whole number.
+_QUERY: dict[int, tuple[tuple[str, bool], ...]] = {}
+_RESERVED = {"request", "socket", "state", "headers", "cookies", "query", "scope", "data", "body"}
+_WHOLE = re.compile(r"-?[0-9]+(?![\s\S])")
+
+
+def _query_params(request: Request) -> tuple[tuple[str, bool], ...]:
+    handler = request.scope.get("route_handler")
+    if handler is None:
+        return ()
+    found = _QUERY.get(id(handler))
+    if found is None:
+        out = []
+        for name, fd in handler.parsed_fn_signature.parameters.items():
+            kw = fd.kwarg_definition
+            if name in _RESERVED or getattr(kw, "header", None) or getattr(kw, "cookie", None):
+                continue
+            types = get_args(fd.annotation) or (fd.annotation,)
+            if any(get_origin(t) in (list, tuple, set) or t in (list, tuple, set) for t in types):
+                continue  # (none today: a list may be repeated)
+            out.append((getattr(kw, "query", None) or name, int in types and bool not in types))
+        found = _QUERY[id(handler)] = tuple(out)
+    return found
+
+
 def canonical_path_ids(request: Request) -> None:
     """A path id is written as the number it is, in ASCII digits: 404 otherwise. Litestar reads `{x:int}` with
     int(), which also takes "3_5", "+35", " 35", "035" and other scripts' digits ("３５", "٣٥"): DELETE /courses/3_5
-    deleted course 35, a typo away from the course meant."""
+    deleted course 35, a typo away from the course meant. A whole-number query parameter likewise (400 naming it):
+    `?after=1e3` read as 1000 and `?after=1.0` as 1, where the websocket's `after` refuses them; and a query
+    parameter given twice is a 400 (one of the two was taken)."""
     template, params = request.scope.get("path_template") or "", request.scope.get("path_params") or {}
+    query = request.query_params
+    for name, whole in _query_params(request):
+        if name in params:
+            continue
+        given = query.getall(name, ())
+        if len(given) > 1:  # (`?q=a&q=b` searched "b")
+            raise ApiError(400, f"{name} is given {len(given)} times; give it once", field=name)
+        if whole and given and not _WHOLE.match(given[0]):
+            raise ApiError(400, f"{name} must be a whole number in ASCII digits, got {given[0][:40]!r}", field=name)
     if not any(isinstance(v, int) for v in params.values()):
         return
     for tmpl, raw in zip(template.split("/"), request.scope["path"].split("/")):

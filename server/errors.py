@@ -97,6 +97,8 @@ def http_exception_handler(request: Request, exc: HTTPException) -> Response:
             if str(detail).startswith("Invalid enum value"):
                 detail = f"{detail}{_param_choices(request, first.get('key'))}"
             return Response(body(status, "bad_request", f"{detail}", first.get("key")), status_code=status)
+    if status == 404 and exc.detail == "Not Found":  # no route: as for an id not written in ASCII digits
+        return Response(body(404, "not_found", f"no such path: {request.scope['path'][:200]!r}"), status_code=404)
     missing = _MISSING_PARAM.match(str(exc.detail or "")) if status == 400 else None
     return Response(body(status, _CODES.get(status, "error"), exc.detail, missing.group(1) if missing else None),
                     status_code=status, headers={**(getattr(exc, "headers", None) or {}), **challenge})

@@ -13,8 +13,11 @@ import msgspec
 from msgspec import Meta
 
 Ref = Annotated[str, Meta(max_length=100)]
-# A client's id for a message (its retries send it again): one line of visible characters, not blank.
-CLIENT_MSG_ID = r"^(?=[\s\S]*\S)[^\x00-\x1f\x7f-\x9f\u2028\u2029]+(?![\s\S])"
+# A client's id for a message (its retries send it again): one line of visible characters, not blank (one
+# character at least that is neither a space nor an invisible mark: a zero-width space alone was taken).
+CLIENT_MSG_ID = (r"^(?=[\s\S]*[^\s\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+                 r"\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb\U000e0000-\U000e0fff])"
+                 r"[^\x00-\x1f\x7f-\x9f\u2028\u2029]+(?![\s\S])")
 CLIENT_MSG_ID_RULE = "must be one line of visible characters, not blank"
 ClientMsgId = Annotated[str, Meta(min_length=1, max_length=100, pattern=CLIENT_MSG_ID)]
 Id = Annotated[int, Meta(ge=1, le=2**62)]
@@ -109,11 +112,11 @@ def as_read(text: str) -> str:
 _SELECTOR = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef\u034f\u180b-\u180f\u17b4\u17b5]")
 # Control characters a message may not hold: all but tab and line breaks (terminal escapes, bells, DEL).
 # C0 and C1 controls (U+0080-U+009F: U+009B is an 8-bit terminal escape) but tab, line breaks and NEL
-# Invisible marks that cling to words (zero-width space, bidi marks and embeddings, word joiner and invisible
-# operators, BOM): dropped wherever text is read for its words, caption cleaning and search terms alike (sh_fold drops
-# the same in Postgres, migration 0034). The zero-width (non-)joiners are not among them: Persian, Indic scripts and
+# Invisible marks that cling to words (soft hyphen, zero-width space, bidi marks and embeddings, word joiner and
+# invisible operators, BOM): dropped wherever text is read for its words, caption cleaning and search terms alike
+# (sh_fold drops the same in Postgres, migrations 0034 and 0050). The zero-width (non-)joiners are not among them: Persian, Indic scripts and
 # emoji need them.
-CLINGING = re.compile("[\u200b\u200e\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+CLINGING = re.compile("[\u00ad\u200b\u200e\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f]")
 # What one line (a title, a file name) may not hold: every C0 and C1 control character, line breaks and the line
 # and paragraph separators (U+2028, U+2029) included.

@@ -65,8 +65,10 @@ class LiveController(Controller):
             raise ApiError(400, f"id {course_id} is out of range", field="course_id")
         async with request.app.state.pool.acquire() as conn:
             if await rooms_repo.access(conn, f"course:{course_id}", user.id, user.tenant_id, user.role) is None:
-                if await courses_repo.visible_course(conn, course_id, user.id, user.tenant_id, user.role) is not None:
-                    # a catalog course they may read but are not in: said so, not "not found" (they just saw it)
+                listed = await courses_repo.listed_course(conn, course_id, user.id, user.tenant_id, user.role)
+                if listed is not None and listed["may_join"]:
+                    # a catalog course they may read and join but are not in: said so, not "not found" (they just
+                    # saw it; also a paid course they have access to, who left it)
                     raise ApiError(403, f"live sessions are for the learners of course {course_id}: enroll first",
                                    code="not_enrolled")
                 raise ApiError(404, f"course {course_id} not found")

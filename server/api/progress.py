@@ -168,7 +168,7 @@ class ProgressController(Controller):
 
     @get("/courses/{course_id:int}/progress")
     async def course(self, request: Request, course_id: int,
-                     user_id: int | None = Parameter(ge=1, le=2**63 - 1, default=None),
+                     user_id: int | None = Parameter(ge=1, le=2**62, default=None),
                      limit: int = Parameter(ge=1, le=1000, default=500), offset: int = Offset) -> CourseProgress:
         """The caller's progress through the course; staff may pass `user_id` to see a learner's. The totals
         cover the whole course; `videos` is the page `offset`, `limit` of them (in the course's order)."""
@@ -267,7 +267,7 @@ class ProgressController(Controller):
 
     @get("/me/xp")
     async def ledger(self, request: Request, limit: int = Parameter(ge=1, le=200, default=50),
-                     before: int | None = Parameter(ge=1, le=2**63 - 1, default=None)) -> list[XpEvent]:
+                     before: int | None = Parameter(ge=1, le=2**62, default=None)) -> list[XpEvent]:
         """The caller's XP events, newest first (page with `before` = the last id seen)."""
         async with request.app.state.pool.acquire() as conn:
             rows = await xp.history(conn, request.user.id, limit, before)

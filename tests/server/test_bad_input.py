@@ -119,7 +119,7 @@ async def test_invisible_or_control_character_messages_are_refused_alike_over_so
                              "client_msg_id": "ok"}))
     await c.expect("message.new", client_msg_id="ok")
     # a client's message id is one line of visible characters (" " and "a\nb" were ids); a NUL is named for what it is
-    for i, cid in enumerate([" ", "a\nb", "\u00a0"]):
+    for i, cid in enumerate([" ", "a\nb", "\u00a0", "\u200b", "\u200b\ufeff "]):  # (tester: a zero-width space was one)
         await c.send(json.dumps({"type": "message.send", "text": "hi", "client_msg_id": cid, "ref": f"id{i}"}))
         err = await c.expect("error", ref=f"id{i}")
         assert err["code"] == "bad_frame" and "client_msg_id must be one line" in err["detail"], err
@@ -399,6 +399,30 @@ def test_a_path_id_is_its_number_in_ascii_digits(server, client, make: Factory, 
     for bad in ("0", "-1", str(2**62 + 1), str(2**64), "9" * 40):  # not an id: 400 naming the path's field
         r = client.get(f"/api/v1/courses/{bad}", headers=inst.h)
         assert r.status_code == 400 and r.json()["field"] == "course_id", (bad, r.text)
+    # (tester) forms the route does not take say the same, not a bare "Not Found"
+    for s in ("1.0", "1e3", "0x10"):
+        r = client.get(f"/api/v1/courses/{s}", headers=inst.h)
+        assert r.status_code == 404 and r.json()["message"].startswith("no such path: '/api/v1/courses/"), r.text
+
+
+def test_a_whole_number_query_parameter_is_ascii_digits_and_given_once(server, client, make: Factory):
+    """(Tester) `?after=1e3` was read as 1000 and `?after=1.0` as 1 (the websocket's `after` refuses them), and
+    `?q=a&q=b` searched "b"."""
+    course = make_course(server, make, learners=1)
+    inst, room = course.instructor, f"course:{course.id}"
+    url = f"/api/v1/rooms/{room}/messages"
+    for raw in ("1e3", "1.0", "+5", " 5", "٥", "0x10"):
+        r = client.get(url, params={"after": raw}, headers=inst.h)
+        assert r.status_code == 400 and r.json()["field"] == "after", (raw, r.text)
+    assert client.get(url, params={"after": "5"}, headers=inst.h).status_code == 200
+    r = client.get(url, params={"after": "-1"}, headers=inst.h)  # a number out of range says its range
+    assert r.status_code == 400 and r.json()["field"] == "after", r.text
+    r = client.get(url, params=[("after", "1"), ("after", "2")], headers=inst.h)
+    assert r.status_code == 400 and r.json()["field"] == "after" and "2 times" in r.json()["message"], r.text
+    r = client.get(f"/api/v1/courses/{course.id}/search", params=[("q", "a"), ("q", "b")], headers=inst.h)
+    assert r.status_code == 400 and r.json()["field"] == "q", r.text
+    r = client.get(f"/api/v1/courses/{course.id}/progress", params={"user_id": str(2**62 + 1)}, headers=inst.h)
+    assert r.status_code == 400 and r.json()["field"] == "user_id", r.text
 
 
 def test_a_lone_surrogate_escape_is_named_as_such():

@@ -29,6 +29,15 @@ async def test_session_lifecycle_and_attendance(server, client, make: Factory, s
     assert client.get(f"/api/v1/courses/{course.id}", headers=outsider.h).status_code == 200
     r = client.get(f"/api/v1/courses/{course.id}/live", headers=outsider.h)
     assert r.status_code == 403 and r.json()["code"] == "not_enrolled", r.text
+    # paid: without access it is not found (content stays 404 until they pay); with access (given by staff, kept
+    # after leaving) it is "enroll first" as for a free one (it was "course not found")
+    assert client.patch(f"/api/v1/courses/{course.id}", json={"price_cents": 900}, headers=inst.h).status_code == 200
+    assert client.get(f"/api/v1/courses/{course.id}/live", headers=outsider.h).status_code == 404
+    enrolled = f"/api/v1/courses/{course.id}/enrollments"
+    assert client.post(enrolled, json={"user_id": outsider.id}, headers=inst.h).status_code == 201
+    assert client.delete(f"{enrolled}/{outsider.id}", headers=outsider.h).status_code == 204
+    r = client.get(f"/api/v1/courses/{course.id}/live", headers=outsider.h)
+    assert r.status_code == 403 and r.json()["code"] == "not_enrolled", r.text
     assert client.post(f"/api/v1/live/{sid}/end", headers=inst.h).status_code == 409  # not live yet
     r = client.post(f"/api/v1/live/{sid}/polls", json={"question": "?", "options": ["x", "y"]}, headers=inst.h)
     assert r.status_code == 409 and "started" in r.json()["message"]  # polls open once it is live
