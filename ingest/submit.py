@@ -97,7 +97,10 @@ def title_from_filename(filename: str | None) -> str:
     "untitled" when nothing readable is left."""
     from store.frames import LINE_CONTROL, blank
 
-    title = " ".join(LINE_CONTROL.sub(" ", Path(filename or "").stem).split())[:200].strip()
+    path = Path(filename or "")
+    # a name that is only an extension (".srt": Path's stem keeps it whole, as for a dot file) has no title
+    stem = "" if path.name.startswith(".") and path.name.count(".") == 1 and path.suffix == "" else path.stem
+    title = " ".join(LINE_CONTROL.sub(" ", stem).split())[:200].strip()
     return title if title and not blank(title) else "untitled"
 
 

@@ -73,7 +73,10 @@ _SPACES = re.compile(r"\s+")
 _HAS_WORD = re.compile(r"\w")
 # What Postgres text cannot hold (NUL), what no encoder takes (lone surrogates, e.g. from a JSON "\ud800"), and
 # other control characters, C1 ones too (a terminal's CSI \x9b): never stored.
-_UNSTORABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+_UNSTORABLE = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ud800-\udfff]")
+# ... those of them that separate (vertical tab, form feed, the information separators, NEL) become a space; the
+# others are dropped ("wor\x07ld" was two words).
+_SEPARATING = re.compile(r"[\x0b\x0c\x1c-\x1f\x85]")
 # Characters that send a line down the slow path; most caption lines contain none of them.
 _SPECIAL = re.compile("[<>&\\[\\](){:♪♫\xa0\t\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff"
                       + CLINGING.pattern[1:-1] + "]")  # (and the marks CLINGING drops)
@@ -188,7 +191,7 @@ def _markup_off(line: str, shouting: bool = False) -> str:
     if "&" in line:
         line = _unescape(line)
     line = CLINGING.sub("", line.replace("\xa0", " ").replace("♪", " ").replace("♫", " "))
-    line = _UNSTORABLE.sub(" ", line)
+    line = _UNSTORABLE.sub("", _SEPARATING.sub(" ", line))
     return _drop_sound_tags(line, shouting)
 
 

@@ -555,7 +555,7 @@ def test_characters_postgres_or_the_embedder_cannot_take_are_cleaned_out() -> No
                        {"text": "\u001b[31mred\u001b[0m text", "start": 5, "duration": 2},
                        {"text": "C1\u0085controls \u009b31m too\u0080", "start": 7, "duration": 2}]).encode()
     cues = parse_transcript(data, "t.json")
-    assert [c.text for c in cues] == ["hello world", "half a pair", "[31mred [0m text", "C1 controls 31m too"]
+    assert [c.text for c in cues] == ["hello world", "half a pair", "[31mred[0m text", "C1 controls 31m too"]
     for c in cues:
         c.text.encode("utf-8")  # storable
         assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", c.text)
@@ -723,6 +723,10 @@ def test_line_breaks_rubies_and_invisible_marks_leave_the_words_as_said() -> Non
     assert clean_line("&lrm;Hi&rlm; there") == "Hi there"
     assert clean_line("\u200eHi\u200f \u2066there\u2069 wo\u2060rd \ufeffx") == "Hi there word x"
     assert clean_line("می\u200cخواهم") == "می\u200cخواهم"  # a zero-width non-joiner is spelling: kept
+    # (tester) a soft hyphen (from a PDF) went into the stored text and its word was not found; a control character
+    # inside a word cut it in two ("wor ld"); the ones that separate still do
+    assert clean_line("the mito\u00adchondria") == "the mitochondria"
+    assert clean_line("wor\x07ld and\x0bmore\x1fthen\x85that") == "world and more then that"
     srt = b"1\n00:00:01,000 --> 00:00:02,000\nHello<br>world\n\n2\n00:00:03,000 --> 00:00:04,000\n\xe2\x80\x8eok\n"
     assert [c.text for c in parse_transcript(srt, "a.srt")] == ["Hello world", "ok"]
 
@@ -767,3 +771,11 @@ def test_a_paragraph_of_only_a_number_is_caption_text_unless_it_numbers_the_next
              "151\n")
     assert_cues(parse_str(later), [(1.0, 2.0, "One."), (3.0, 4.0, "Two hundred and 151")])
     assert_cues(parse_str(later.replace("151", "103")), [(1.0, 2.0, "One."), (3.0, 4.0, "Two hundred and")])
+
+
+def test_a_file_name_that_is_only_an_extension_gives_no_title() -> None:
+    """(Tester) ".srt" was its own title: Path's stem keeps a dot file's name whole."""
+    from ingest.submit import title_from_filename
+
+    assert [title_from_filename(n) for n in (".srt", ".vtt", "a.srt", ".hidden.srt", "lecture 1.mp3", None)] == \
+        ["untitled", "untitled", "a", ".hidden", "lecture 1", "untitled"]

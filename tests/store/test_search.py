@@ -205,6 +205,27 @@ async def test_full_text_search_reads_words_through_typographic_punctuation(pool
         assert [h.text for h in hits if h.sparse_score][:1] == ["the arithmetic mean of an example set"]
 
 
+async def test_full_text_search_lower_cases_every_script_and_drops_soft_hyphens(pool):
+    """(Tester) under the C locale Postgres lower-cased ASCII only: "Митохондрии" was stored as it is and never
+    matched the question's lower-cased word, even copied from the transcript (migration 0050's sh_lower); a soft
+    hyphen (from a PDF) split nothing but made its word unfindable, in a chunk and in a question alike."""
+    cid = await new_course(pool)
+    texts = ["Митохондрии производят энергию для клетки.", "Рибосомы синтезируют белки.",
+             "ΟΔΟΣ και ΣΟΦΙΑ", "ＭＩＴＯＳＩＳ divides cells", "The mito\u00adchondria produce energy",
+             "matrices and vectors"]
+    await ingest(pool, cid, texts)
+    vec = unit_vectors(1, seed=11)[0]
+    async with pool.acquire() as conn:
+        for question, want in (("Митохондрии", 0), ("митохондрии", 0), ("РИБОСОМЫ", 1), ("рибосомы", 1),
+                               ("οδος", 2), ("ΟΔΟΣ", 2), ("σοφια", 2), ("ｍｉｔｏｓｉｓ", 3), ("ＭＩＴＯＳＩＳ", 3),
+                               ("mitochondria", 4), ("mito\u00adchondria energy", 4)):
+            hits = await search.hybrid_search(conn, cid, vec, question, MODEL, k=5, w_sparse=1.0)
+            scored = [h.text for h in hits if h.sparse_score]
+            assert scored[:1] == [texts[want]], (question, scored)
+        lexemes = {r["lexeme"] for r in await conn.fetch("SELECT lexeme FROM chunk_terms WHERE course_id = $1", cid)}
+        assert "митохондрии" in lexemes and "Митохондрии" not in lexemes, lexemes
+
+
 async def test_small_course_is_ranked_exactly(pool):
     """A course that is a small part of the HNSW graph gets the exact cosine ranking, search after search."""
     cid = await new_course(pool)
