@@ -156,7 +156,8 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
     else:
         src = await fetch_cues(video, settings, reporter)
     if not src.cues:
-        raise PermanentIngestError("the transcript has no speech or text")
+        raise PermanentIngestError("no speech was heard in the audio" if video["source"] == "media"
+                                   else "the transcript has no speech or text")
     await reporter.stage("chunking")
     # CPU work off the event loop: the job's heartbeat and the other job keep running meanwhile
     chunks = await asyncio.to_thread(

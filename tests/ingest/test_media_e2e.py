@@ -23,3 +23,22 @@ def test_uploaded_speech_is_transcribed_by_the_worker(client, make: Factory, wor
     hits = client.get(f"/api/v1/courses/{cid}/search", params={"q": "where does photosynthesis happen"},
                       headers=inst.h).json()["hits"]
     assert hits and hits[0]["start"] <= lecture["second_at"] + 1.0 <= hits[0]["end"] + 1.0
+
+
+def test_audio_with_no_speech_fails_saying_so(client, make: Factory, worker):
+    """(Tester) two seconds of silence failed as "the transcript has no speech or text": it was audio."""
+    import io
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"\0\0" * 32000)
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Quiet"}, headers=inst.h).json()["id"]
+    r = upload(client, cid, inst.h, "quiet.wav", buf.getvalue())
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["job_id"], inst.h, timeout=300)
+    assert job["state"] == "failed" and "no speech was heard in the audio" in job["error"], job
