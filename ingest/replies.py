@@ -66,7 +66,8 @@ async def _limit(conn: Any, row: Any, per_day: int, besides: int | None = None) 
         return (f"the learner reached the tutor's limit of helpful marks in 24 hours ({per_day}, "
                 "STUDYHALL_TUTOR_HELPFUL_PER_DAY)")
     if row["asker_id"] is not None and await replies.tutor_marks_since(
-            conn, row["author_id"], asker_id=row["asker_id"], besides=besides) >= PAIR_LIMIT:
+            conn, row["author_id"], asker_id=row["asker_id"], besides=besides,
+            asker_relay=row["asker_relay"]) >= PAIR_LIMIT:
         return f"the tutor marks at most {PAIR_LIMIT} of a learner's replies to one person in 24 hours"
     return None
 

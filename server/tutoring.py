@@ -8,6 +8,7 @@ import asyncio
 import logging
 import re
 import time
+import unicodedata
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -24,7 +25,8 @@ from server.errors import UNREACHABLE, ApiError
 from store import tutor as repo
 from store.events import Error, TutorDelta, publish, room_topic, user_topic
 from store.ratelimit import free_answer_slot, take_answer_slot
-from store.frames import blank
+from store.frames import Relay, blank, without_format
+from store.frames import relay_meta as relay_meta_of
 from store.messages import Posted, Refused, original, post_message
 
 logger = logging.getLogger(__name__)
@@ -65,9 +67,12 @@ async def _room_history(conn, room_id: str, before_id: int | None,  # type: igno
     """The room's latest messages before the question, oldest first, each with its author's name; `mine` marks
     the asker's own (a follow-up continues the asker's thread, not whoever spoke last). A question the tutor
     answered carries the question as it was condensed (its turn is linked to the tutor's reply, which replies to
-    it): a second follow-up in a row keeps the topic."""
+    it): a second follow-up in a row keeps the topic. Messages a bot relayed are each their person's (named so):
+    a bridge's people do not continue one another's threads."""
     rows = await conn.fetch(
-        """SELECT m.body, m.author_role, m.author_id, coalesce(u.name, '') AS name,
+        """SELECT m.body, m.author_role, m.author_id, coalesce(m.meta -> 'relay' ->> 'name', u.name, '') AS name,
+                  m.meta -> 'relay' ->> 'id' IS NOT DISTINCT FROM
+                      (SELECT q.meta -> 'relay' ->> 'id' FROM messages q WHERE q.id = $2) AS same_relay,
                   (SELECT t.standalone FROM messages r JOIN tutor_turns t ON t.message_id = r.id
                    WHERE r.reply_to = m.id AND r.room_id = m.room_id AND r.author_role = 'tutor'
                    ORDER BY t.id DESC LIMIT 1) AS standalone
@@ -76,7 +81,8 @@ async def _room_history(conn, room_id: str, before_id: int | None,  # type: igno
            ORDER BY m.seq DESC LIMIT $3""",
         room_id, before_id, ROOM_CONTEXT_MESSAGES)
     return [{"role": "assistant" if r["author_role"] == "tutor" else "user", "content": r["body"], "name": r["name"],
-             "mine": r["author_id"] == asker_id, "standalone": r["standalone"] or None} for r in reversed(rows)]
+             "mine": r["author_id"] == asker_id and r["same_relay"], "standalone": r["standalone"] or None}
+            for r in reversed(rows)]
 
 
 # Part of the answer cache's key: raised when stored answers would differ from new ones for the same content
@@ -622,12 +628,27 @@ def asked(text: str) -> str:
     return question_of(text) if TUTOR_MENTION.search(text) else text
 
 
+def relay_meta(user: Any, relay: Relay | None) -> dict | None:
+    """The meta of a message a bot posts for someone (`relay`: see store.frames.Relay), the name read as a person's
+    name is (composed, without invisible format characters); Refused for anyone but a bot, or a blank name."""
+    if relay is None:
+        return None
+    if user.role != "bot":
+        raise Refused("forbidden", "only bots relay messages for others (relay)")
+    name = unicodedata.normalize("NFC", without_format(relay.name)).strip()
+    if blank(name):
+        raise Refused("bad_frame", "relay.name must not be blank")
+    return relay_meta_of(relay, name)
+
+
 async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, text: str,
-                          client_msg_id: str | None, reply_to: int | None = None) -> tuple[Posted, Refused | None]:
+                          client_msg_id: str | None, reply_to: int | None = None,
+                          relay: Relay | None = None) -> tuple[Posted, Refused | None]:
     """Post a message; one that mentions @tutor asks it (the question is the message without the mention).
     The message stands even when the tutor does not take the question (too long, `daily_limit` already reached,
     or `tutor_busy`): that refusal is returned, for the asker only (None for a repeat of a message already
-    posted)."""
+    posted). A bot's `relay` names the person it posts for (in the message's meta)."""
+    meta = relay_meta(user, relay)
     refused, question, slot = None, None, None
     if TUTOR_MENTION.search(text):
         repeat = await original(state.pool, room_id, user.id, client_msg_id, text, reply_to)
@@ -644,5 +665,5 @@ async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, t
             slot = await take_slot(state.redis, user.id, user.role, state.settings)
             if slot is None:
                 refused = Refused("tutor_busy", BUSY, retry_after=BUSY_RETRY_S)
-    posted = await post_asking(state, user, room_id, course_id, text, None, client_msg_id, question, slot, reply_to)
+    posted = await post_asking(state, user, room_id, course_id, text, meta, client_msg_id, question, slot, reply_to)
     return posted, refused if posted.created else None

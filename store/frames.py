@@ -23,6 +23,19 @@ ClientMsgId = Annotated[str, Meta(min_length=1, max_length=100, pattern=CLIENT_M
 Id = Annotated[int, Meta(ge=1, le=2**62)]
 
 
+class Relay(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Whom a bot (a Discord or Whop bridge) posts a message for: the person's id on the other side (one line of
+    visible characters, as a client_msg_id) and their display name there. Only bots relay."""
+
+    id: ClientMsgId
+    name: Annotated[str, Meta(min_length=1, max_length=100)]
+
+
+def relay_meta(relay: Relay | None, name: str) -> dict[str, Any] | None:
+    """A relayed message's meta: `{"relay": {id, name}}` (`name`: the relay's name as read, see person_name)."""
+    return None if relay is None else {"relay": {"id": relay.id, "name": name}}
+
+
 class Frame(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_fields=True):
     ref: Ref | None = None
 
@@ -34,6 +47,7 @@ class MessageSend(Frame, tag="message.send"):
     text: str
     client_msg_id: ClientMsgId | None = None
     reply_to: Id | None = None
+    relay: Relay | None = None  # bots: the person the message is from (see Relay)
 
 
 class MessageEdit(Frame, tag="message.edit"):
@@ -77,6 +91,7 @@ class TutorAsk(Frame, tag="tutor.ask"):
 
     text: str
     client_msg_id: ClientMsgId | None = None
+    relay: Relay | None = None  # bots: the person asking (see Relay)
 
 
 ClientFrame = Union[MessageSend, MessageEdit, MessageDelete, Typing, Resume, Ping, PollVote, TutorAsk]

@@ -25,6 +25,7 @@ async def claim(conn: asyncpg.Connection, message_id: int) -> asyncpg.Record | N
            SELECT c.message_id, c.room_id, c.question_id, c.author_id, c.tries, c.reason, r.course_id,
                   m.body AS reply, m.deleted_at IS NOT NULL AS reply_deleted,
                   q.body AS question, q.deleted_at IS NOT NULL AS question_deleted, q.author_id AS asker_id,
+                  q.meta -> 'relay' ->> 'id' AS asker_relay,
                   coalesce((q.meta ->> 'tutor_ask')::boolean, false) AS asked_tutor,
                   EXISTS (SELECT 1 FROM helpful_marks h WHERE h.message_id = c.message_id) AS marked
            FROM c JOIN messages m ON m.id = c.message_id JOIN messages q ON q.id = c.question_id
@@ -63,22 +64,26 @@ STAFF_REMOVED_OWN = "staff marked this reply helpful, then removed the mark"
 
 
 async def tutor_marks_since(conn: asyncpg.Connection, author_id: int, hours: float = 24.0,
-                            asker_id: int | None = None, besides: int | None = None) -> int:
+                            asker_id: int | None = None, besides: int | None = None,
+                            asker_relay: str | None = None) -> int:
     """Helpful marks the tutor gave `author_id` in the last `hours` (with `asker_id`: for replies to that person's
-    messages), not counting message `besides`. Marks staff removed since count too (from their removal): removing
-    the marks two accounts farmed must not free their limits for more."""
+    messages; for a bot, to those it relayed for `asker_relay`, each relayed person being one), not counting message
+    `besides`. Marks staff removed since count too (from their removal): removing the marks two accounts farmed must
+    not free their limits for more."""
     return await conn.fetchval(
         """SELECT (SELECT count(*) FROM helpful_marks h
                    WHERE h.by_tutor AND h.author_id = $1 AND h.marked_at > now() - make_interval(secs => $2)
                      AND h.message_id IS DISTINCT FROM $4
                      AND ($3::bigint IS NULL OR EXISTS (
                          SELECT 1 FROM reply_checks c JOIN messages q ON q.id = c.question_id
-                         WHERE c.message_id = h.message_id AND q.author_id = $3)))
+                         WHERE c.message_id = h.message_id AND q.author_id = $3
+                           AND q.meta -> 'relay' ->> 'id' IS NOT DISTINCT FROM $6)))
                 + (SELECT count(*) FROM reply_checks c JOIN messages q ON q.id = c.question_id
                    WHERE c.author_id = $1 AND c.status = 'not_helpful' AND c.reason = $5
                      AND c.checked_at > now() - make_interval(secs => $2) AND c.message_id IS DISTINCT FROM $4
-                     AND ($3::bigint IS NULL OR q.author_id = $3))""",
-        author_id, hours * 3600.0, asker_id, besides, STAFF_REMOVED)
+                     AND ($3::bigint IS NULL
+                          OR q.author_id = $3 AND q.meta -> 'relay' ->> 'id' IS NOT DISTINCT FROM $6))""",
+        author_id, hours * 3600.0, asker_id, besides, STAFF_REMOVED, asker_relay)
 
 
 # A check counts as run once it gave a verdict on what the reply said, or once a try of it began (it may be running).

@@ -9,7 +9,7 @@ from msgspec import Meta
 
 from server.api.schemas import LINE_TEXT, Id, Name, Strict, Title, When, check_when
 from store.events import UserRef
-from store.frames import ClientMsgId, as_read, blank
+from store.frames import ClientMsgId, Relay, as_read, blank
 
 Seconds = Annotated[int, Meta(ge=1, le=366 * 24 * 3600)]
 OptionalSeconds = Annotated[int, Meta(ge=0, le=366 * 24 * 3600)]
@@ -51,6 +51,7 @@ class PostIn(Strict):
     text: str
     client_msg_id: ClientMsgId | None = None
     reply_to: Id | None = None  # an earlier message of this room that this one answers
+    relay: Relay | None = None  # bots: the person the message is from
 
 
 class OnlineList(msgspec.Struct):

@@ -12,7 +12,7 @@ from server.api.paging import ListLimit, Offset, PageLimit
 from server.api.room_schemas import (Kicked, KickIn, MessagePage, Mute, MuteIn, OnlineList, PostedMessage, PostIn,
                                      RoomMessage, TutorTaken)
 from server.auth import STAFF_ROLES, AuthUser
-from server.decode import read_json
+from server.decode import person_name, read_json
 from server.errors import ApiError
 from server.tutoring import TUTOR_MENTION, post_mentioning
 from store import messages as messages_repo
@@ -96,6 +96,10 @@ class RoomController(Controller):
         if (problem := text_problem(data.text, state.settings.ws_max_text)) is not None:
             code, detail = problem
             raise ApiError(400, detail, code=None if code == "bad_frame" else code, field="text")
+        if data.relay is not None:  # (said here with the field; the post checks the same)
+            if user.role != "bot":
+                raise ApiError(403, "only bots relay messages for others", field="relay")
+            person_name(data.relay.name, "relay.name")
         async with state.pool.acquire() as conn:
             acc = await room_or_404(conn, room_id, user)
         try:
@@ -109,7 +113,7 @@ class RoomController(Controller):
                 raise refused(exc) from exc
         try:
             posted, not_taken = await post_mentioning(state, user, room_id, acc.course_id, data.text,
-                                                      data.client_msg_id, data.reply_to)
+                                                      data.client_msg_id, data.reply_to, data.relay)
         except messages_repo.Refused as exc:
             raise refused(exc) from exc
         except rooms_repo.RoomGone as exc:  # deleted since the check above

@@ -19,7 +19,7 @@ from server.realtime.conn import Conn
 from server.realtime.hub import Hub
 from server.realtime.standing import standing, still_allowed
 from server.tutoring import (BUSY, BUSY_RETRY_S, EMPTY_QUESTION, MAX_QUESTION_CHARS, free_slot, over_daily_limit,
-                             post_asking, post_mentioning, question_of, take_slot)
+                             post_asking, post_mentioning, question_of, relay_meta, take_slot)
 from store import frames
 from store import live as live_repo
 from store import moderation
@@ -297,7 +297,7 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
             conn.own(original.event.seq, original.payload.decode())
             return
         posted, refused = await post_mentioning(hub.app_state, user, conn.room, conn.access.course_id, text,
-                                                frame.client_msg_id, frame.reply_to)
+                                                frame.client_msg_id, frame.reply_to, frame.relay)
         if not posted.created:
             conn.own(posted.event.seq, posted.payload.decode())
         if refused is not None:  # the message stands; the tutor does not take it
@@ -307,6 +307,7 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
         text = _check_text(frame.text, min(settings.ws_max_text, MAX_QUESTION_CHARS))
         if frames.blank(question_of(text)):  # "@tutor" alone asks nothing: refused before anything is posted
             raise messages_repo.Refused("empty_question", EMPTY_QUESTION)
+        meta = {"tutor_ask": True, **(relay_meta(user, frame.relay) or {})}
         # a repeat of a question already asked (a re-send after a reconnect): the original comes back, as for any
         # repeat, whatever the slots, the send budget or the daily limit say now
         original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id, text)
@@ -324,7 +325,7 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
         except BaseException:
             await free_slot(hub.redis, user.id, slot)
             raise
-        posted = await post_asking(hub.app_state, user, conn.room, conn.access.course_id, text, {"tutor_ask": True},
+        posted = await post_asking(hub.app_state, user, conn.room, conn.access.course_id, text, meta,
                                    frame.client_msg_id, text, slot)
         if not posted.created:  # a repeat of a question already asked: it is answered (or being answered) once
             conn.own(posted.event.seq, posted.payload.decode())

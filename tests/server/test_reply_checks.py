@@ -169,6 +169,28 @@ async def _reply_pair(pool, redis, room: str, asker: int, learner: int, text: st
     return q.event.id, r.event.id
 
 
+async def test_the_pair_limit_counts_each_person_a_bot_relays_as_one(eval_course: EvalCourse, server, settings,
+                                                                     worker_db):
+    """Replies to a bridge's questions all counted as replies to "the bot": two marks for answering two Discord
+    people used up a learner's pair limit for everyone the bridge relays."""
+    pool, redis = worker_db
+    room = f"course:{eval_course.id}"
+    (b,) = _learners(eval_course, server, settings, 1)
+    bot = Factory(settings).user("bot", tenant=eval_course.tenant)
+    marked = []
+    for who in ("ann", "ann", "ben"):
+        q = await post_message(pool, redis, room, bot.id, QUESTION, {"relay": {"id": who, "name": who}})
+        r = await post_message(pool, redis, room, b.id, RIGHT, reply_to=q.event.id)
+        await pool.execute("UPDATE reply_checks SET status = 'helpful' WHERE message_id = $1", r.event.id)
+        await mark_helpful(pool, redis, room, r.event.id, None)
+        marked.append(r.event.id)
+    assert await replies.tutor_marks_since(pool, b.id, asker_id=bot.id, asker_relay="ann") == 2
+    assert await replies.tutor_marks_since(pool, b.id, asker_id=bot.id, asker_relay="ben") == 1
+    assert await replies.tutor_marks_since(pool, b.id, asker_id=bot.id) == 0  # the bot's own messages
+    assert await replies.tutor_marks_since(pool, b.id) == 3
+    await pool.execute("DELETE FROM helpful_marks WHERE message_id = ANY($1::bigint[])", marked)
+
+
 async def test_daily_limits_failures_and_recovery(eval_course: EvalCourse, server, settings, worker_db):
     pool, redis = worker_db
     room = f"course:{eval_course.id}"
