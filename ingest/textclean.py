@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import logging
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 
@@ -197,7 +198,10 @@ def _markup_off(line: str, shouting: bool = False) -> str:
 
 def clean_line(line: str, keep_labels: frozenset[str] = frozenset(), shouting: bool = False) -> str:
     """One caption line as plain spoken words; '' when nothing spoken is left. `keep_labels`: labels that are
-    text in this transcript (`word_labels_to_keep`); `shouting`: the transcript is all in capitals (`shouting`)."""
+    text in this transcript (`word_labels_to_keep`); `shouting`: the transcript is all in capitals (`shouting`).
+    Composed (NFC), as questions are read: a decomposed "Й" lost its breve to search's accent folding."""
+    if not line.isascii() and not unicodedata.is_normalized("NFC", line):
+        line = unicodedata.normalize("NFC", line)
     if is_plain(line):
         return line.strip()
     line = _markup_off(line, shouting)

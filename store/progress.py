@@ -45,7 +45,8 @@ SLACK_S = 3.0
 WATCH_BUDGET_S = 3600.0
 # Time spent over all of a user's videos comes from an allowance the same size, refilling at the same rate (what
 # the per-video bound above leaves could otherwise be taken on many videos at once); what a report adds beyond
-# it is not counted (its ranges are); a report bigger than a full allowance counts whole and empties it.
+# it is not counted (its ranges are); a report bigger than a full allowance counts whole, the allowance in debt by
+# the rest.
 TIME_BUDGET_S = 3600.0
 
 
@@ -335,12 +336,13 @@ async def _take_time(conn: asyncpg.Connection, user_id: int, spent: float, at: d
     row = await conn.fetchrow("SELECT time_s, time_at FROM watch_budget WHERE user_id = $1", user_id)
     have = TIME_BUDGET_S if row is None or row["time_at"] is None else min(
         TIME_BUDGET_S, row["time_s"] + max(0.0, (at - row["time_at"]).total_seconds()) * MAX_PLAYBACK_RATE)
-    # a report bigger than a full allowance (one long video reported at its end) takes it whole, as the watch
-    # budget does: its time counts, and the next reports wait for the allowance to refill
-    take = spent if have >= TIME_BUDGET_S - 1e-6 else min(spent, have)
+    # a report bigger than a full allowance (one long video reported at its end) takes it whole: its time counts,
+    # and the allowance goes into debt by the rest, so later reports count nothing until it has refilled past 0 (in
+    # the long run time spent still grows at most at MAX_PLAYBACK_RATE)
+    take = spent if have >= TIME_BUDGET_S - 1e-6 else max(0.0, min(spent, have))
     await conn.execute("""INSERT INTO watch_budget (user_id, seconds, at, time_s, time_at) VALUES ($1, $2, $4, $3, $4)
                           ON CONFLICT (user_id) DO UPDATE SET time_s = EXCLUDED.time_s, time_at = EXCLUDED.time_at""",
-                       user_id, WATCH_BUDGET_S, max(0.0, have - take), at)
+                       user_id, WATCH_BUDGET_S, have - take, at)
     return take
 
 

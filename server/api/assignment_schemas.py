@@ -119,6 +119,9 @@ class Assignment(msgspec.Struct, omit_defaults=True):
     correct: list[int] | None = None
     published_at: datetime | None = None
     attempts_used: int | None = None
+    # multiple choice: whether more than one option is correct (choose several) or exactly one (choose one), for
+    # everyone (a learner could not tell radio buttons from checkboxes; a one-option pick of several scored 50)
+    multiple: bool | None = None
 
 
 class AssignmentList(msgspec.Struct):

@@ -57,7 +57,8 @@ def to_assignment(r: asyncpg.Record | dict, user: AuthUser, attempts_used: int |
                           text=cite.get("text") if staff else None, url=cite.get("url")) if cite else None,
         reference_answer=r["reference_answer"] if staff and r["type"] != "multiple_choice" else None,
         correct=list(r["correct"] or []) if staff and r["type"] == "multiple_choice" else None,
-        published_at=r["published_at"], attempts_used=attempts_used)
+        published_at=r["published_at"], attempts_used=attempts_used,
+        multiple=len(r["correct"] or []) > 1 if r["type"] == "multiple_choice" and not locked else None)
 
 
 def _moved(old: list[str], new: list[str]) -> bool:

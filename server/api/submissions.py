@@ -149,12 +149,12 @@ class SubmissionController(Controller):
             if not await courses_repo.is_enrolled(conn, a["course_id"], user.id):
                 raise ApiError(403, "enroll in the course to submit answers", code="not_enrolled")
         data = await read_json(request, SubmissionIn)
-        _opened(a)  # before anything about the answer: until it opens, its options are hidden
-        answer = _check_answer(a, data.answer, state.settings.max_answer_chars)
-        if key is not None:
+        if key is not None:  # a repeat returns its attempt whatever the assignment's times say now (it was open)
             async with state.pool.acquire() as conn:
                 if (done := await repo.by_client_key(conn, assignment_id, user.id, key)) is not None:
-                    return _repeat(done, answer, user)
+                    return _repeat(done, _check_answer(a, data.answer, state.settings.max_answer_chars), user)
+        _opened(a)  # before anything about the answer: until it opens, its options are hidden
+        answer = _check_answer(a, data.answer, state.settings.max_answer_chars)
         async with state.pool.acquire() as conn:  # an answer refused anyway does not use up the allowance
             try:
                 _open_check(a, await repo.attempts(conn, assignment_id, user.id))  # (again under the lock below)
@@ -355,6 +355,9 @@ class SubmissionController(Controller):
                         if str(row["grader"] or "").startswith("llm:") and feedback.get("right"):
                             said = f"{said} {feedback['right']}"
                         feedback["right"] = said
+                        if float(score) >= 99.95:  # full marks: nothing is missing, nothing to improve (the
+                            feedback.pop("missing", None)  # grader's "could also name 4 more ideas" stood beside
+                            feedback.pop("improve", None)  # the instructor's 100)
                     row = await repo.save_review(conn, submission_id, score=float(score), comment=comment,
                                                  reviewer_id=user.id,
                                                  # an approval keeps the proposal's criteria as they are (rescaled

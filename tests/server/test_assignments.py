@@ -529,6 +529,14 @@ async def test_a_retried_submit_with_its_idempotency_key_is_one_attempt(server, 
         assert other.status_code == 409 and other.json()["code"] == "attempts_exhausted"
         bad = await c.post(url, json={"answer": [1]}, headers={**learner.h, "Idempotency-Key": "x" * 101})
         assert bad.status_code == 400 and bad.json()["field"] == "Idempotency-Key"
+        # (tester) a repeat returns its attempt also once the assignment opens later again (it was 409 not_open)
+        later = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+        r = await c.patch(f"/api/v1/assignments/{aid}", json={"opens_at": later}, headers=course.instructor.h)
+        assert r.status_code == 200, r.text
+        again = await c.post(url, json={"answer": [1]}, headers=h)
+        assert again.status_code == 200 and again.json()["id"] == first.json()["id"], again.text
+        fresh = await c.post(url, json={"answer": [1]}, headers={**learner.h, "Idempotency-Key": "quiz-1-c"})
+        assert fresh.status_code == 409 and fresh.json()["code"] == "not_open", fresh.text
     assert count_submissions(settings, aid) == 1
 
 
@@ -552,9 +560,27 @@ def test_an_instructors_score_counts_as_it_is_shown(server, client, make: Factor
     assert client.get(f"/api/v1/submissions/{s['id']}", headers=inst.h).json()["user_name"] == learner.name
     mine = client.get(f"/api/v1/submissions/{s['id']}", headers=learner.h).json()
     assert mine["score"] == 60.0 and mine["feedback"] is not None
+    # (tester) the grader's "missing" and "improve" stood beside an instructor's full marks
+    fetch(settings, """UPDATE submissions SET feedback = feedback || jsonb_build_object(
+                           'missing', 'Your answer could also name 4 more ideas.', 'improve', 'Explain them.')
+                       WHERE id = $1""", s["id"])
     client.post(f"/api/v1/submissions/{s['id']}/review", json={"score": 99.97}, headers=inst.h)
     kinds = {r["kind"] for r in fetch(settings, "SELECT kind FROM xp_events WHERE user_id = $1", learner.id)}
     assert {"assignment_passed", "perfect_score"} <= kinds, kinds
+    fb = client.get(f"/api/v1/submissions/{s['id']}", headers=learner.h).json()["feedback"]
+    assert "missing" not in fb and "improve" not in fb and "set the grade to 100 out of" in fb["right"], fb
+
+
+def test_learners_see_whether_to_choose_one_option_or_several(server, client, make: Factory):
+    """(Tester) nothing told a learner a question took several answers: a one-option pick of two scored 50."""
+    course = make_course(server, make, learners=1)
+    (learner,) = course.learners
+    one, several = published(client, course, MC), published(client, course, MULTI)
+    seen = {a["id"]: a.get("multiple") for a in
+            client.get(f"/api/v1/courses/{course.id}/assignments", headers=learner.h).json()["items"]}
+    assert seen == {one["id"]: False, several["id"]: True}, seen
+    written = published(client, course, WRITTEN)
+    assert "multiple" not in client.get(f"/api/v1/assignments/{written['id']}", headers=learner.h).json()
 
 
 def test_the_next_step_goes_by_the_latest_attempt_whenever_earlier_ones_are_reviewed(server, client, make: Factory):

@@ -212,13 +212,15 @@ async def test_full_text_search_lower_cases_every_script_and_drops_soft_hyphens(
     cid = await new_course(pool)
     texts = ["Митохондрии производят энергию для клетки.", "Рибосомы синтезируют белки.",
              "ΟΔΟΣ και ΣΟΦΙΑ", "ＭＩＴＯＳＩＳ divides cells", "The mito\u00adchondria produce energy",
-             "matrices and vectors"]
+             "matrices and vectors", "\U0001e900\U0001e923\U0001e924 Adlam", "Schrödinger’s ÉQUATION"]
     await ingest(pool, cid, texts)
     vec = unit_vectors(1, seed=11)[0]
     async with pool.acquire() as conn:
         for question, want in (("Митохондрии", 0), ("митохондрии", 0), ("РИБОСОМЫ", 1), ("рибосомы", 1),
                                ("οδος", 2), ("ΟΔΟΣ", 2), ("σοφια", 2), ("ｍｉｔｏｓｉｓ", 3), ("ＭＩＴＯＳＩＳ", 3),
-                               ("mitochondria", 4), ("mito\u00adchondria energy", 4)):
+                               ("mitochondria", 4), ("mito\u00adchondria energy", 4),
+                               ("\U0001e900\U0001e923\U0001e924", 6), ("\U0001e922\U0001e923\U0001e924", 6),
+                               ("équation", 7), ("schrodinger", 7)):
             hits = await search.hybrid_search(conn, cid, vec, question, MODEL, k=5, w_sparse=1.0)
             scored = [h.text for h in hits if h.sparse_score]
             assert scored[:1] == [texts[want]], (question, scored)
