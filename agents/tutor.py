@@ -20,6 +20,7 @@ from langgraph.graph import END, START, StateGraph
 from wordfreq import zipf_frequency
 
 from agents.evidence import MAX_CITATION_S, Window, mmss, pick_citations, quote, rank_windows, stem, terms, windows
+from agents.helpful import asks
 from agents.judge import REPLIES, judge, lookup_words, opens_sentence
 from agents.llm import LLM, LLMError, estimate_cost_usd
 from store.frames import without_format
@@ -262,8 +263,13 @@ class Tutor:
         # (in a room, another learner's chatter is not what "why?" follows).
         # (what that message asked, as it was condensed: a second follow-up in a row borrowed the first's bare
         # words, "and why is that?", and lost the topic)
-        last_user = next((h.get("standalone") or h["content"] for h in reversed(history)
-                          if h["role"] == "user" and h.get("mine", True)), None)
+        # Of the asker's messages, the latest the tutor answered from the videos or that asks something: chat in
+        # between ("thanks, brb") was taken for the topic; else the latest the tutor did not answer (a greeting or a
+        # decline gives no topic: "hi", then "why?", was searched as "why? (hi)").
+        mine = [h for h in reversed(history) if h["role"] == "user" and h.get("mine", True)]
+        last = (next((h for h in mine if h.get("grounded") or asks(h["content"])), None)
+                or next((h for h in mine if h.get("grounded") is None), None))
+        last_user = (last.get("standalone") or last["content"]) if last is not None else None
         if last_user and _follows_up(q):
             return {"standalone": f"{q} ({last_user})"[:2000]}
         return {"standalone": q}

@@ -67,22 +67,24 @@ async def _room_history(conn, room_id: str, before_id: int | None,  # type: igno
     """The room's latest messages before the question, oldest first, each with its author's name; `mine` marks
     the asker's own (a follow-up continues the asker's thread, not whoever spoke last). A question the tutor
     answered carries the question as it was condensed (its turn is linked to the tutor's reply, which replies to
-    it): a second follow-up in a row keeps the topic. Messages a bot relayed are each their person's (named so):
+    it), with whether the answer was grounded (None: the tutor did not answer it): a second follow-up in a row keeps
+    the topic, and chat in between is passed over. Messages a bot relayed are each their person's (named so):
     a bridge's people do not continue one another's threads."""
     rows = await conn.fetch(
         """SELECT m.body, m.author_role, m.author_id, coalesce(m.meta -> 'relay' ->> 'name', u.name, '') AS name,
                   m.meta -> 'relay' ->> 'id' IS NOT DISTINCT FROM
                       (SELECT q.meta -> 'relay' ->> 'id' FROM messages q WHERE q.id = $2) AS same_relay,
-                  (SELECT t.standalone FROM messages r JOIN tutor_turns t ON t.message_id = r.id
-                   WHERE r.reply_to = m.id AND r.room_id = m.room_id AND r.author_role = 'tutor'
-                   ORDER BY t.id DESC LIMIT 1) AS standalone
+                  a.standalone, a.grounded
            FROM messages m LEFT JOIN users u ON u.id = m.author_id
+           LEFT JOIN LATERAL (SELECT t.standalone, t.grounded FROM messages r JOIN tutor_turns t ON t.message_id = r.id
+                              WHERE r.reply_to = m.id AND r.room_id = m.room_id AND r.author_role = 'tutor'
+                              ORDER BY t.id DESC LIMIT 1) AS a ON true
            WHERE m.room_id = $1 AND m.deleted_at IS NULL AND ($2::bigint IS NULL OR m.id < $2)
            ORDER BY m.seq DESC LIMIT $3""",
         room_id, before_id, ROOM_CONTEXT_MESSAGES)
     return [{"role": "assistant" if r["author_role"] == "tutor" else "user", "content": r["body"], "name": r["name"],
-             "mine": r["author_id"] == asker_id and r["same_relay"], "standalone": r["standalone"] or None}
-            for r in reversed(rows)]
+             "mine": r["author_id"] == asker_id and r["same_relay"], "standalone": r["standalone"] or None,
+             "grounded": r["grounded"]} for r in reversed(rows)]
 
 
 # Part of the answer cache's key: raised when stored answers would differ from new ones for the same content
@@ -145,7 +147,8 @@ async def prepare(state: Any, user: Any, course_id: int, question: str, *, sessi
             if sess is None or sess["course_id"] != course_id:
                 raise ApiError(404, f"tutor session {session_id} not found", field="session_id")
             for t in await repo.session_turns(conn, session_id, limit=6):  # the latest six turns
-                history += [{"role": "user", "content": t["question"], "standalone": t["standalone"]},
+                history += [{"role": "user", "content": t["question"], "standalone": t["standalone"],
+                             "grounded": t["grounded"]},
                             {"role": "assistant", "content": t["answer"]}]
         elif room_id is not None:
             history = await _room_history(conn, room_id, message_id, user.id)

@@ -325,8 +325,9 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
         except BaseException:
             await free_slot(hub.redis, user.id, slot)
             raise
+        # the question without its @tutor mentions, as for a message.send ("@tutor why?" searched "tutor" too)
         posted = await post_asking(hub.app_state, user, conn.room, conn.access.course_id, text, meta,
-                                   frame.client_msg_id, text, slot)
+                                   frame.client_msg_id, question_of(text), slot)
         if not posted.created:  # a repeat of a question already asked: it is answered (or being answered) once
             conn.own(posted.event.seq, posted.payload.decode())
     elif isinstance(frame, frames.MessageEdit):

@@ -52,6 +52,28 @@ async def test_offline_a_second_follow_up_keeps_the_thread_and_a_reply_goes_on_w
     assert (await tutor.condense(state("yes", [])))["standalone"] == "yes"
 
 
+async def test_offline_a_follow_up_passes_over_chat_and_topicless_turns():
+    """(Tester) in a room "@tutor can you give an example?" borrowed the asker's "thanks, brb getting coffee" sent
+    after their answered question, and was declined; in a session "why?" after "hi" was searched as "why? (hi)"."""
+    tutor = Tutor(None, None, None)  # type: ignore[arg-type]
+    asked = "what is natural selection?"
+    room = [{"role": "user", "content": "@tutor " + asked, "mine": True, "standalone": asked, "grounded": True},
+            {"role": "assistant", "content": "Traits that help survival spread [1].", "mine": False},
+            {"role": "user", "content": "thanks, brb getting coffee", "mine": True, "standalone": None,
+             "grounded": None}]
+    assert (await tutor.condense(state("can you give an example?", room)))["standalone"] == \
+        f"can you give an example? ({asked})"
+    # a later question of theirs that nobody answered is the topic (a question, not chat)
+    later = room + [{"role": "user", "content": "how do eigenvectors work?", "mine": True, "grounded": None}]
+    assert (await tutor.condense(state("why?", later)))["standalone"] == "why? (how do eigenvectors work?)"
+    # plain chat alone is still what a follow-up borrows (as before)
+    chat = [{"role": "user", "content": "I am stuck on eigenvectors", "mine": True, "grounded": None}]
+    assert (await tutor.condense(state("why?", chat)))["standalone"] == "why? (I am stuck on eigenvectors)"
+    session = [{"role": "user", "content": "hi", "standalone": "hi", "grounded": False},
+               {"role": "assistant", "content": "Hello! Ask me about the course."}]
+    assert (await tutor.condense(state("why?", session)))["standalone"] == "why?"
+
+
 async def test_offline_a_question_with_a_topic_of_its_own_is_taken_as_it_is():
     """Every question of up to 8 words (or opening with how/why) borrowed the last one's words: "How do plants make
     food?" after a question on hashing was searched as a hashing question, passed the relevance check on them and

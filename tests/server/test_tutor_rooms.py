@@ -1003,3 +1003,21 @@ async def test_a_second_follow_up_in_a_room_keeps_the_topic(eval_course: EvalCou
     rows = fetch(settings, "SELECT id, standalone FROM tutor_turns WHERE id = ANY($1::bigint[]) ORDER BY id", turns)
     assert "hash function" in rows[1]["standalone"], rows
     assert "hash function" in rows[2]["standalone"] and "invert" in rows[2]["standalone"], rows
+
+
+async def test_a_tutor_ask_is_asked_without_its_mention(eval_course: EvalCourse, server, settings):
+    """(Tester) `tutor.ask "@tutor why?"` put "@tutor why?" to the tutor: "tutor" counted as a topic word (not taken
+    for a follow-up) and was searched, as a message.send's mention is not."""
+    room = f"course:{eval_course.id}"
+    c = await Client.connect(server, room, eval_course.instructor)  # (staff: no daily quota)
+    try:
+        await c.send({"type": "tutor.ask", "text": "@tutor what is a hash function?", "client_msg_id": "m1"})
+        asked = await c.expect("message.new", client_msg_id="m1")
+        assert asked["text"] == "@tutor what is a hash function?"  # the message keeps what was written
+        while (await c.expect("message.new", timeout=60))["author"]["role"] != "tutor":
+            pass
+    finally:
+        await c.close()
+    turn = fetch(settings, "SELECT question FROM tutor_turns WHERE message_id IN "
+                           "(SELECT id FROM messages WHERE reply_to = $1)", asked["id"])
+    assert [t["question"] for t in turn] == ["what is a hash function?"], turn
