@@ -54,6 +54,11 @@ class Window:
     score: float = 0.0
     core: str = ""  # the best-matching sentence itself
     extra: dict = field(default_factory=dict)
+    core_start: float | None = None  # when that sentence is said (the window starts a sentence or two before it)
+
+    @property
+    def quote_at(self) -> float:
+        return self.start if self.core_start is None else self.core_start
 
 
 def _sentences(hit) -> list[tuple[float, float, str]]:  # type: ignore[no-untyped-def]
@@ -97,7 +102,8 @@ def windows(hits: list, extra_hits: list | None = None, *, around: int = 1) -> l
             if end - start > MAX_CITATION_S:  # a single very long sentence: clip to the limit
                 end = start + MAX_CITATION_S
             out.append(Window(video_id=h.video_id, video_title=h.video_title, youtube_id=h.youtube_id, start=start,
-                              end=end, text=" ".join(x[2] for x in seq[lo: hi + 1]), chunk_rank=rank, core=s[2]))
+                              end=end, text=" ".join(x[2] for x in seq[lo: hi + 1]), chunk_rank=rank, core=s[2],
+                              core_start=s[0]))
     return out
 
 

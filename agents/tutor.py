@@ -457,7 +457,9 @@ def citation(w: Window, mode: str = "answer") -> dict:
     return {"video_id": w.video_id, "video_title": w.video_title, "start": start, "end": end,
             "quote": "" if mode == "socratic" else quote(w.core or w.text),
             "url": watch_url(w.youtube_id, w.start) if w.youtube_id else None,
-            "label": mmss(w.start)}
+            "label": mmss(w.start),
+            # when the quote itself is said (the moment starts with the sentence before it, up to ~20 s earlier)
+            "quote_at": round(min(max(w.quote_at, start), end), 2)}
 
 
 def extractive_answer(sources: list[Window], mode: str) -> str:
@@ -471,7 +473,9 @@ def extractive_answer(sources: list[Window], mode: str) -> str:
                 f"what is said about {focus}. What do you think follows from it for your question?")
     parts = []
     for i, w in enumerate(top[:2], 1):
-        parts.append(f"In \"{w.video_title}\" at {mmss(w.start)}: “{quote(w.core, 400)}” [{i}]")
+        # the time the quoted sentence is said (the moment's start was up to 20 s before it: "at 12:26" for words
+        # said at 12:48)
+        parts.append(f"In \"{w.video_title}\" at {mmss(w.quote_at)}: “{quote(w.core, 400)}” [{i}]")
     if len(top) == 3:  # a third moment, pointed to rather than quoted
         parts.append(f"See also \"{top[2].video_title}\" at {mmss(top[2].start)} [3].")
     return "From the course videos: " + " ".join(parts)

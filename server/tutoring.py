@@ -91,8 +91,9 @@ async def _room_history(conn, room_id: str, before_id: int | None,  # type: igno
 # (2: Socratic citations without their quote; 3: follow-ups from the lecture's own questions and topic words;
 # 4: a model's reply that cites nothing is not stored: it was, with its text; 5: a decline says when the question
 # has no topic or is in another language; 6: one with no topic is declined whatever the search finds, and the
-# question is searched without invisible marks and with full-width or styled letters folded).
-ANSWER_FORMAT = 6
+# question is searched without invisible marks and with full-width or styled letters folded; 7: an offline answer
+# names when its quote is said, and citations carry `quote_at`).
+ANSWER_FORMAT = 7
 
 
 @dataclass(slots=True)

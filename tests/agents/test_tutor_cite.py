@@ -138,3 +138,22 @@ def test_a_model_decline_while_videos_await_a_re_embed_says_so_and_is_not_cached
     # a model failure says that, not this
     failed = asyncio.run(Tutor.cite(None, {"answer": "", "error": "boom", "sources": sources, "awaiting": 2}))  # type: ignore[arg-type]
     assert "being indexed" not in failed["answer"] and "failed" in failed["answer"]
+
+
+def test_an_offline_answer_names_the_time_its_quote_is_said():
+    """(Tester) "at 12:26: “…”" for words said at 12:48: the moment starts with the sentence before the quote, and the
+    answer named the moment's start. The citation keeps its moment (start, label) and says when the quote is said."""
+    from types import SimpleNamespace
+
+    from agents.evidence import windows
+    from agents.tutor import extractive_answer
+
+    hit = SimpleNamespace(video_id=1, video_title="Good Life", youtube_id=None, start=746.0, end=790.0, text="",
+                          sentences=[[746.17, 768.0, "Everything that can go wrong in mental life was studied."],
+                                     [768.5, 775.0, "Can psychology give us insight into flourishing?"],
+                                     [775.5, 790.0, "It can."]])
+    w = next(w for w in windows([hit]) if w.core.startswith("Can psychology"))
+    assert w.start == 746.17 and w.quote_at == 768.5
+    c = citation(w)
+    assert c["label"] == "12:26" and c["quote_at"] == 768.5
+    assert "at 12:48: “Can psychology" in extractive_answer([w], "answer")
