@@ -354,6 +354,11 @@ class AssignmentController(Controller):
                     raise ApiError(409, f"chapter {data.chapter_id} is no longer part of video {video_id}; list it "
                                         "again", field="chapter_id")
                 groups = {c["id"]: [s for s in sentences if c["start_s"] <= s.start < c["end_s"]] for c in chapters}
+                # sentences items of this video already ask about: generating again asks about others (offline the
+                # choice is deterministic: a second request stored the same items again)
+                cited = {round(float(r["at"]), 2) for r in await conn.fetch(
+                    "SELECT (citation ->> 'start')::float8 AS at FROM assignments WHERE course_id = $1 "
+                    "AND video_id = $2 AND citation ? 'start'", course_id, video_id)}
                 per = [data.count // len(targets) + (1 if i < data.count % len(targets) else 0)
                        for i in range(len(targets))]
                 work = [(ch, n) for ch, n in zip(targets, per) if n and groups[ch["id"]]]
@@ -418,12 +423,15 @@ class AssignmentController(Controller):
             for (ch, n), items in zip(work, by_model):
                 if not items:
                     others = [g for cid, g in groups.items() if cid != ch["id"] and g] + [g for g in other_groups if g]
-                    items = await asyncio.to_thread(gen.offline_items, ch["title"], video_id, groups[ch["id"]], others,
+                    fresh = [x for x in groups[ch["id"]] if round(x.start, 2) not in cited]
+                    items = await asyncio.to_thread(gen.offline_items, ch["title"], video_id, fresh, others,
                                                     n, data.difficulty, list(data.types), embedder,
-                                                    language=video["language"] or "en")
+                                                    language=video["language"] or "en") if fresh else []
                 drafts += [(ch, it) for it in items]
             if not drafts:
-                raise ApiError(409, "the chapter has no sentences to build items from")
+                raise ApiError(409, "every sentence of the chapter worth an item has one already; edit or delete "
+                                    "those, or generate from another chapter" if cited else
+                                    "the chapter has no sentences to build items from", code="nothing_new")
             async with state.pool.acquire() as conn:
                 try:
                     rows = await self._store_drafts(conn, course_id, user.id, video_id, drafts, key, generator, asked)
@@ -454,9 +462,27 @@ class AssignmentController(Controller):
         # the one a short answer's reference is)
         # (the chapter's items made before count too: theirs and these titles are read side by side)
         before = await conn.fetch(
-            """SELECT chapter_id, title, concept, options, correct, reference_answer FROM assignments
+            """SELECT chapter_id, title, concept, options, correct, reference_answer, type, prompt FROM assignments
                WHERE course_id = $1 AND chapter_id = ANY($2::bigint[])""",
             course_id, sorted({ch["id"] for ch, _ in drafts}))
+        # the same question twice (a model writing what is there already; a sentence said twice in the lecture,
+        # whose items came out alike): kept once
+        seen = {(r["type"], " ".join(r["prompt"].lower().split())) for r in before}
+        seen_refs = {" ".join(r["reference_answer"].lower().split()) for r in before if r["reference_answer"]}
+        unique = []
+        for ch, it in drafts:
+            q = (it.type, " ".join(it.prompt.lower().split()))
+            ref = " ".join((it.reference_answer or "").lower().split())
+            if q in seen or (ref and ref in seen_refs):
+                continue
+            seen.add(q)
+            if ref:
+                seen_refs.add(ref)
+            unique.append((ch, it))
+        if not unique:
+            raise ApiError(409, "every item written for the chapter asks what one of its items asks already; edit or "
+                                "delete those, or generate from another chapter", code="nothing_new")
+        drafts = unique
         by_chapter: dict[int, list[str]] = {}
         written: dict[int, list[str]] = {}
         shown: dict[int, list[str]] = {}  # the titles and concepts learners already see, per chapter
