@@ -128,6 +128,11 @@ async def _submission_or_404(conn: asyncpg.Connection, submission_id: int, user:
     row = await repo.get_with_context(conn, submission_id)
     if row is None or row["tenant_id"] != user.tenant_id or (not user.is_staff and row["user_id"] != user.id):
         raise ApiError(404, f"submission {submission_id} not found")
+    # a learner reads their attempts while they see the course, as its assignments and their list of attempts (a
+    # learner removed from a draft course read one attempt but not the list)
+    if not user.is_staff and await courses_repo.visible_course(conn, row["course_id"], user.id, user.tenant_id,
+                                                               user.role) is None:
+        raise ApiError(404, f"submission {submission_id} not found")
     return row
 
 

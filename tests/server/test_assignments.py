@@ -667,3 +667,16 @@ def test_an_unanswered_assignment_can_be_unpublished(server, client, make: Facto
     r = client.post(f"{url}/unpublish", headers=h)
     assert r.status_code == 409 and r.json()["code"] == "has_submissions"
     assert client.get(url, headers=learner.h).json()["status"] == "published"
+
+
+def test_a_learner_removed_from_a_course_reads_none_of_its_attempts(server, client, make: Factory):
+    """(Tester) one attempt read 200 while the list of them was 404."""
+    course = make_course(server, make, learners=1)  # a draft course: only its learners see it
+    (learner,) = course.learners
+    a = published(client, course, MC)
+    s = client.post(f"/api/v1/assignments/{a['id']}/submissions", json={"answer": [1]}, headers=learner.h).json()
+    assert client.get(f"/api/v1/submissions/{s['id']}", headers=learner.h).status_code == 200
+    client.delete(f"/api/v1/courses/{course.id}/enrollments/{learner.id}", headers=course.instructor.h)
+    assert client.get(f"/api/v1/assignments/{a['id']}/submissions", headers=learner.h).status_code == 404
+    assert client.get(f"/api/v1/submissions/{s['id']}", headers=learner.h).status_code == 404
+    assert client.get(f"/api/v1/submissions/{s['id']}", headers=course.instructor.h).status_code == 200
