@@ -317,6 +317,10 @@ async def delete_video(conn: asyncpg.Connection, redis: Redis, course_id: int, v
         await conn.execute("""UPDATE assignments SET citation = NULL, updated_at = now()
                               WHERE course_id = $1 AND (citation ->> 'video_id')::bigint = $2""",
                            course_id, video_id)
+        # and so is a grade's advice to rewatch a moment (it kept linking to the deleted video)
+        await conn.execute("""UPDATE submissions SET feedback = feedback - 'rewatch'
+                              WHERE course_id = $1 AND (feedback -> 'rewatch' ->> 'video_id')::bigint = $2""",
+                           course_id, video_id)
         await refresh_term_stats(conn, course_id)
         await progress.award_finished_courses(tx, course_id)
     return True

@@ -117,9 +117,22 @@ def test_deleting_a_video_drops_the_citations_that_point_at_it(client, make, wor
     items = client.post(f"/api/v1/courses/{cid}/assignments/generate", headers=inst.h,
                         json={"video_id": vid, "count": 1, "types": ["short_answer"]}).json()["items"]
     assert items and items[0]["citation"]["video_id"] == vid
+    # (tester) and a grade's advice to rewatch a moment of it: a multiple-choice item citing the video, answered
+    learner = make.user("learner")
+    client.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": learner.id}, headers=inst.h)
+    mc = client.post(f"/api/v1/courses/{cid}/assignments", headers=inst.h, json={
+        "type": "multiple_choice", "title": "Buckets", "prompt": "Collisions are resolved by?",
+        "options": ["chaining", "sorting"], "correct": [0], "video_id": vid}).json()
+    fetch(settings, """UPDATE assignments SET citation = jsonb_build_object('video_id', $2::bigint, 'start', 5.0,
+                                                                           'end', 9.0) WHERE id = $1""", mc["id"], vid)
+    client.post(f"/api/v1/assignments/{mc['id']}/publish", headers=inst.h)
+    sub = client.post(f"/api/v1/assignments/{mc['id']}/submissions", json={"answer": [1]}, headers=learner.h).json()
+    assert sub["feedback"]["rewatch"]["video_id"] == vid, sub
     assert client.delete(f"/api/v1/courses/{cid}/videos/{vid}", headers=inst.h).status_code == 204
     after = client.get(f"/api/v1/assignments/{items[0]['id']}", headers=inst.h).json()
     assert after.get("citation") is None and after["id"] == items[0]["id"]
+    fb = client.get(f"/api/v1/submissions/{sub['id']}", headers=learner.h).json()["feedback"]
+    assert "rewatch" not in fb and fb["right"] == "Not correct.", fb
 
 
 def test_generation_is_rate_limited_per_user(client, make, settings, eval_course: EvalCourse):
