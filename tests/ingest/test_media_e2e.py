@@ -25,20 +25,16 @@ def test_uploaded_speech_is_transcribed_by_the_worker(client, make: Factory, wor
     assert hits and hits[0]["start"] <= lecture["second_at"] + 1.0 <= hits[0]["end"] + 1.0
 
 
-def test_audio_with_no_speech_fails_saying_so(client, make: Factory, worker):
+def test_audio_with_no_speech_fails_saying_so(client, make: Factory, worker, tmp_path):
     """(Tester) two seconds of silence failed as "the transcript has no speech or text": it was audio."""
-    import io
-    import wave
+    import numpy as np
 
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(b"\0\0" * 32000)
+    from tests.ingest.test_media import write_wav
+
+    quiet = write_wav(tmp_path / "quiet.wav", np.zeros(32000, dtype=np.float32), 16000)
     inst = make.user("instructor")
     cid = client.post("/api/v1/courses", json={"title": "Quiet"}, headers=inst.h).json()["id"]
-    r = upload(client, cid, inst.h, "quiet.wav", buf.getvalue())
+    r = upload(client, cid, inst.h, "quiet.wav", quiet.read_bytes())
     assert r.status_code == 202, r.text
     job = wait_job(client, r.json()["job_id"], inst.h, timeout=300)
     assert job["state"] == "failed" and "no speech was heard in the audio" in job["error"], job
