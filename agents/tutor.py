@@ -21,7 +21,7 @@ from wordfreq import zipf_frequency
 
 from agents.evidence import MAX_CITATION_S, Window, mmss, pick_citations, quote, rank_windows, stem, terms, windows
 from agents.helpful import asks
-from agents.judge import REPLIES, judge, lookup_words, opens_sentence
+from agents.judge import REPLIES, SMALL_TALK, judge, lookup_words, opens_sentence, small_talk
 from agents.llm import LLM, LLMError, estimate_cost_usd
 from store.frames import without_format
 from store.search import Hit, hybrid_search, neighbours, vocabulary_coverage
@@ -137,6 +137,13 @@ def readable(question: str) -> str:
 # was searched with the hashing words and cited the bitcoin video); "why is it hard to invert?" (2) and "how does it
 # compare to a linked list?" (3) still borrow.
 OWN_TOPIC_TERMS = 4
+
+
+def _reaction(text: str) -> bool:
+    """Chat reacting to what was said ("thanks, brb getting coffee", "ok cool"): it opens with a courtesy or a reply
+    word and asks nothing."""
+    words = re.findall(r"[^\W\d_]+", text.lower())
+    return bool(words) and words[0] in SMALL_TALK | REPLIES and not asks(text)
 
 
 def _follows_up(question: str) -> bool:
@@ -263,12 +270,12 @@ class Tutor:
         # (in a room, another learner's chatter is not what "why?" follows).
         # (what that message asked, as it was condensed: a second follow-up in a row borrowed the first's bare
         # words, "and why is that?", and lost the topic)
-        # Of the asker's messages, the latest the tutor answered from the videos or that asks something: chat in
-        # between ("thanks, brb") was taken for the topic; else the latest the tutor did not answer (a greeting or a
-        # decline gives no topic: "hi", then "why?", was searched as "why? (hi)").
-        mine = [h for h in reversed(history) if h["role"] == "user" and h.get("mine", True)]
-        last = (next((h for h in mine if h.get("grounded") or asks(h["content"])), None)
-                or next((h for h in mine if h.get("grounded") is None), None))
+        # Of the asker's messages the latest, passing over chat reacting to an answer ("thanks, brb getting coffee"
+        # was taken for the topic); a greeting gives none ("hi", then "why?", was searched as "why? (hi)").
+        last = next((h for h in reversed(history) if h["role"] == "user" and h.get("mine", True)
+                     and not (h.get("grounded") is None and _reaction(h["content"]))), None)
+        if last is not None and small_talk(last["content"]):
+            last = None
         last_user = (last.get("standalone") or last["content"]) if last is not None else None
         if last_user and _follows_up(q):
             return {"standalone": f"{q} ({last_user})"[:2000]}

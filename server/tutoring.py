@@ -655,7 +655,8 @@ async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, t
     meta = relay_meta(user, relay)
     refused, question, slot = None, None, None
     if TUTOR_MENTION.search(text):
-        repeat = await original(state.pool, room_id, user.id, client_msg_id, text, reply_to)
+        repeat = await original(state.pool, room_id, user.id, client_msg_id, text, reply_to,
+                                relay.key if relay is not None else None)
         if repeat is not None:  # answered (or being answered) once: no slot for it, no refusal
             return repeat, None
         question = question_of(text)

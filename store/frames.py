@@ -13,6 +13,8 @@ import msgspec
 from msgspec import Meta
 
 Ref = Annotated[str, Meta(max_length=100)]
+# One line without control characters, not empty (a name); `(?![\s\S])`: the very end (server.api.schemas).
+NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+(?![\s\S])"
 # A client's id for a message (its retries send it again): one line of visible characters, not blank (one
 # character at least that is neither a space nor an invisible mark: a zero-width space alone was taken).
 CLIENT_MSG_ID = (r"^(?=[\s\S]*[^\s\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
@@ -28,12 +30,17 @@ class Relay(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     visible characters, as a client_msg_id) and their display name there. Only bots relay."""
 
     id: ClientMsgId
-    name: Annotated[str, Meta(min_length=1, max_length=100)]
+    name: Annotated[str, Meta(min_length=1, max_length=100, pattern=NO_CONTROL)]
+
+    @property
+    def key(self) -> str:
+        """The id as stored and compared: trimmed and composed (" alice " and "alice" are one person)."""
+        return unicodedata.normalize("NFC", self.id.strip())
 
 
 def relay_meta(relay: Relay | None, name: str) -> dict[str, Any] | None:
     """A relayed message's meta: `{"relay": {id, name}}` (`name`: the relay's name as read, see person_name)."""
-    return None if relay is None else {"relay": {"id": relay.id, "name": name}}
+    return None if relay is None else {"relay": {"id": relay.key, "name": name}}
 
 
 class Frame(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_fields=True):
@@ -217,9 +224,13 @@ def decode_frame(raw: str | bytes) -> ClientFrame:
     try:
         return _decoder.decode(raw)
     except msgspec.ValidationError as exc:
-        if f"matching regex {CLIENT_MSG_ID!r}" in str(exc):  # the rule in words, not the regex
-            raise BadFrame(f"client_msg_id {CLIENT_MSG_ID_RULE}") from exc
-        raise BadFrame(echo(str(exc))) from exc
+        said = str(exc)  # the rule in words, not the regex ("- at `$.relay.id`" says where)
+        where = said.rsplit(" - at `$.", 1)[1].rstrip("`") if " - at `$." in said else None
+        if f"matching regex {CLIENT_MSG_ID!r}" in said:
+            raise BadFrame(f"{where or 'client_msg_id'} {CLIENT_MSG_ID_RULE}") from exc
+        if f"matching regex {NO_CONTROL!r}" in said:
+            raise BadFrame(f"{where or 'a name'} must be one line without control characters") from exc
+        raise BadFrame(echo(said)) from exc
     except msgspec.DecodeError as exc:
         raise BadFrame(echo(f"not valid JSON: {exc}")) from exc
     except RecursionError as exc:  # msgspec's own limit on nesting

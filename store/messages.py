@@ -56,13 +56,14 @@ async def _muted(conn: asyncpg.Connection, room_id: str, user_id: int) -> bool:
 
 
 async def _existing(conn: asyncpg.Connection, room_id: str, author_id: int | None,
-                    client_msg_id: str, text: str | None = None, reply_to: int | None = None) -> Posted | None:
+                    client_msg_id: str, text: str | None = None, reply_to: int | None = None,
+                    relay: str | None = None) -> Posted | None:
     row = await conn.fetchrow(
         """SELECT e.payload, m.body, m.text_sha FROM messages m
            JOIN room_events e ON e.room_id = m.room_id AND e.seq = m.seq
            WHERE m.room_id = $1 AND m.author_id IS NOT DISTINCT FROM $2 AND m.client_msg_id = $3""",
         room_id, author_id, client_msg_id)
-    return None if row is None else _as_now(row["payload"], row["body"], text, row["text_sha"], reply_to)
+    return None if row is None else _as_now(row["payload"], row["body"], text, row["text_sha"], reply_to, relay)
 
 
 REUSED = "idempotency_key_reused"  # a Refused code: a client_msg_id sent again with another text (or reply_to)
@@ -76,17 +77,25 @@ def _sha(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
 
+def relay_of(meta: dict | None) -> str | None:
+    """The id of the person a bot posted a message for (`meta.relay.id`), if any."""
+    relay = (meta or {}).get("relay")
+    return relay.get("id") if isinstance(relay, dict) else None
+
+
 def _as_now(payload: str, body: str, text: str | None = None, text_sha: bytes | None = None,
-            reply_to: int | None = None) -> Posted:
+            reply_to: int | None = None, relay: str | None = None) -> Posted:
     """A repeat's original `message.new` as the message is now: its stored event carries the text first posted
     (a deletion blanks it there too), so an edit since is laid over it, as REST's repeat shows. With `text` (the
     repeat's), Refused(REUSED) when it is not the text first posted: a client reusing its ids (a counter reset by a
     reload) would otherwise have its new message dropped without a word. So, with `text`, when the repeat answers
-    another message than the original did (`reply_to`)."""
+    another message than the original did (`reply_to`), or a bot's repeat is for another person (`relay`: a bridge
+    keeping ids per channel had Ben's message answered with Ann's)."""
     event = _new_decoder.decode(payload.encode())
     # (a deleted message's text is gone: the digest of the text it was posted with stands in for it)
-    if text is not None and (event.reply_to != reply_to or (event.text != text if not event.deleted else
-                                                           text_sha is not None and bytes(text_sha) != _sha(text))):
+    if text is not None and (event.reply_to != reply_to or relay_of(event.meta) != relay
+                             or (event.text != text if not event.deleted else
+                                 text_sha is not None and bytes(text_sha) != _sha(text))):
         raise Refused(REUSED, f"client_msg_id {event.client_msg_id!r} was already used for another message in this "
                               "room; send a new message with a new client_msg_id")
     if not event.deleted and event.text != body:
@@ -96,12 +105,14 @@ def _as_now(payload: str, body: str, text: str | None = None, text_sha: bytes | 
 
 
 async def original(db: asyncpg.Pool | asyncpg.Connection, room_id: str, author_id: int,
-                   client_msg_id: str | None, text: str | None = None, reply_to: int | None = None) -> Posted | None:
+                   client_msg_id: str | None, text: str | None = None, reply_to: int | None = None,
+                   relay: str | None = None) -> Posted | None:
     """The message `author_id` already posted in the room with `client_msg_id`, if any (a repeat); Refused(REUSED)
-    when `text` is given and the original's was another, or answered another message than `reply_to`."""
+    when `text` is given and the original's was another, answered another message than `reply_to`, or was posted for
+    another person (`relay`: the id a bot relayed it for)."""
     if client_msg_id is None:
         return None
-    return await _with_conn(db, lambda c: _existing(c, room_id, author_id, client_msg_id, text, reply_to))
+    return await _with_conn(db, lambda c: _existing(c, room_id, author_id, client_msg_id, text, reply_to, relay))
 
 
 # The author, whether they are muted in the room (for a live session's room $4, in its course room too), whether
@@ -151,7 +162,7 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
                     raise LookupError(f"user {author_id} does not exist")
                 if author["original"] is not None:
                     return _as_now(author["original"], author["original_body"], text, author["original_sha"],
-                                   reply_to)
+                                   reply_to, relay_of(meta))
                 if not author["allowed"]:  # left the course or pod: the socket's close may have been lost
                     raise Refused(ACCESS_REVOKED, "you no longer have access to this room")
                 if author["kicked"]:  # (an open socket closes on the kick's event; should that be lost, not this)
@@ -204,7 +215,8 @@ async def post_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
             box.later(room_id, payload, "MessageNew")
     except _Duplicate:
         found = await _with_conn(db, lambda c: _existing(c, room_id, author_id, client_msg_id,
-                                                         None if author_id is None else text, reply_to))
+                                                         None if author_id is None else text, reply_to,
+                                                         relay_of(meta)))
         if found is None:
             raise
         return found

@@ -59,7 +59,7 @@ async def not_kicked(conn: asyncpg.Connection, room_id: str, user: AuthUser) -> 
 async def take_send(state, user: AuthUser) -> None:  # type: ignore[no-untyped-def]
     """One action from the caller's send budget, shared over processes with websocket sends, edits, deletes
     and votes; 429 with `retry_after` when it is spent."""
-    ok, wait = await state.hub.limiter.take(user.id)
+    ok, wait = await state.hub.send_limiter(user.role).take(user.id)
     if not ok:
         raise ApiError(429, f"too many actions; retry in {wait:g}s", retry_after=wait)
 
@@ -107,7 +107,7 @@ class RoomController(Controller):
         except ApiError:  # a repeat of a message already stored gets the original, budget or not
             try:
                 if await messages_repo.original(state.pool, room_id, user.id, data.client_msg_id, data.text,
-                                                data.reply_to) is None:
+                                                data.reply_to, data.relay.key if data.relay else None) is None:
                     raise
             except messages_repo.Refused as exc:
                 raise refused(exc) from exc

@@ -7,11 +7,13 @@ from typing import Annotated
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from store import frames
+
 # Text a person must have written something in: not blank (msgspec searches the pattern: one visible character)
 NOT_BLANK = r"\S"
 # `(?![\s\S])` is the very end (Python's `$` also matches before a final line break, which would let one
 # through); unlike `\Z` it means the same in the JSON Schema (ECMA) dialect the OpenAPI document uses.
-NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+(?![\s\S])"
+NO_CONTROL = frames.NO_CONTROL
 ONE_LINE = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*(?![\s\S])"  # NO_CONTROL, or nothing
 LINES = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f]*(?![\s\S])"  # free text: tabs and line breaks, no other control characters
 # One line someone wrote: something other than spaces, no control characters and no line or paragraph separator

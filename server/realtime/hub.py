@@ -83,6 +83,7 @@ _NOT_TO_SELF = frozenset({"typing", "achievement.unlocked"})
 STOP_LOOPS_S = 2.0  # how long a stop waits for the hub's loops to end
 STOP_LEAVES_S = 5.0  # how long it gives announcing its users' leaves, and again leaving the process list
 BOT_CONNECTS = 20  # a bot's socket-open budget, in multiples of a person's (STUDYHALL_WS_CONNECT_RATE / _BURST)
+BOT_SENDS = 20  # a bot's send budget, in multiples of a person's (STUDYHALL_WS_SEND_RATE / _BURST)
 
 
 def _logged_leave(task: asyncio.Task) -> None:
@@ -101,6 +102,8 @@ class Hub:
         self.proc = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.presence = Presence(redis, self.proc, settings.presence_ttl_s)
         self.limiter = SendLimiter(redis, settings.ws_send_rate, settings.ws_send_burst)
+        # a bot posts for everyone it relays (a Discord channel's people): BOT_SENDS times a person's send budget
+        self.bot_limiter = SendLimiter(redis, settings.ws_send_rate * BOT_SENDS, settings.ws_send_burst * BOT_SENDS)
         self.connect_limiter = SendLimiter(redis, settings.ws_connect_rate, settings.ws_connect_burst, key=rate_connect)
         # bots bridge many rooms: BOT_CONNECTS times the budget, but one (a revoked token's reconnect loop was a
         # database lookup per try, unlimited)
@@ -156,6 +159,10 @@ class Hub:
         works); readiness reports it."""
         reader = self._tasks[0] if self._tasks else None
         return reader is not None and not reader.done() and not self._sub_broken
+
+    def send_limiter(self, role: str) -> SendLimiter:
+        """The send budget of a user of this role (bots: BOT_SENDS times a person's)."""
+        return self.bot_limiter if role == "bot" else self.limiter
 
     async def stop(self) -> None:
         self._stopping = True

@@ -18,8 +18,8 @@ from server.errors import ROLLED_BACK, UNAVAILABLE, UNREACHABLE
 from server.realtime.conn import Conn
 from server.realtime.hub import Hub
 from server.realtime.standing import standing, still_allowed
-from server.tutoring import (BUSY, BUSY_RETRY_S, EMPTY_QUESTION, MAX_QUESTION_CHARS, free_slot, over_daily_limit,
-                             post_asking, post_mentioning, question_of, relay_meta, take_slot)
+from server.tutoring import (BUSY, BUSY_RETRY_S, EMPTY_QUESTION, MAX_QUESTION_CHARS, asked, free_slot,
+                             over_daily_limit, post_asking, post_mentioning, question_of, relay_meta, take_slot)
 from store import frames
 from store import live as live_repo
 from store import moderation
@@ -274,7 +274,7 @@ def _check_text(text: str, limit: int) -> str:
 
 
 async def _rate(hub: Hub, user: AuthUser, what: str = "messages") -> None:
-    ok, wait = await hub.limiter.take(user.id)
+    ok, wait = await hub.send_limiter(user.role).take(user.id)
     if not ok:
         raise messages_repo.Refused("rate_limited", f"too many {what}; retry in {wait:g}s",
                                     retry_after=round(wait, 3))
@@ -286,12 +286,13 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
     settings = hub.settings
     if isinstance(frame, frames.MessageSend):
         text = _check_text(frame.text, settings.ws_max_text)
+        relay_meta(user, frame.relay)  # a relay only a bot may send is refused before the budget is spent
         try:
             await _rate(hub, user)
         except messages_repo.Refused:
             # a re-send of a message already stored (after a reconnect) gets the original, budget or not
             original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id, text,
-                                                    frame.reply_to)
+                                                    frame.reply_to, frame.relay.key if frame.relay else None)
             if original is None:
                 raise
             conn.own(original.event.seq, original.payload.decode())
@@ -310,7 +311,8 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
         meta = {"tutor_ask": True, **(relay_meta(user, frame.relay) or {})}
         # a repeat of a question already asked (a re-send after a reconnect): the original comes back, as for any
         # repeat, whatever the slots, the send budget or the daily limit say now
-        original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id, text)
+        original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id, text,
+                                                relay=frame.relay.key if frame.relay else None)
         if original is not None:
             conn.own(original.event.seq, original.payload.decode())
             return
@@ -325,9 +327,10 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
         except BaseException:
             await free_slot(hub.redis, user.id, slot)
             raise
-        # the question without its @tutor mentions, as for a message.send ("@tutor why?" searched "tutor" too)
+        # the question without its @tutor mentions, as for a message.send ("@tutor why?" searched "tutor" too); one
+        # without a mention as written (its line breaks kept: a code snippet), as a REST ask
         posted = await post_asking(hub.app_state, user, conn.room, conn.access.course_id, text, meta,
-                                   frame.client_msg_id, question_of(text), slot)
+                                   frame.client_msg_id, asked(text), slot)
         if not posted.created:  # a repeat of a question already asked: it is answered (or being answered) once
             conn.own(posted.event.seq, posted.payload.decode())
     elif isinstance(frame, frames.MessageEdit):

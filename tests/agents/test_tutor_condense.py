@@ -63,12 +63,12 @@ async def test_offline_a_follow_up_passes_over_chat_and_topicless_turns():
              "grounded": None}]
     assert (await tutor.condense(state("can you give an example?", room)))["standalone"] == \
         f"can you give an example? ({asked})"
-    # a later question of theirs that nobody answered is the topic (a question, not chat)
-    later = room + [{"role": "user", "content": "how do eigenvectors work?", "mine": True, "grounded": None}]
-    assert (await tutor.condense(state("why?", later)))["standalone"] == "why? (how do eigenvectors work?)"
-    # plain chat alone is still what a follow-up borrows (as before)
-    chat = [{"role": "user", "content": "I am stuck on eigenvectors", "mine": True, "grounded": None}]
-    assert (await tutor.condense(state("why?", chat)))["standalone"] == "why? (I am stuck on eigenvectors)"
+    # a later message of theirs with a topic is the topic, asked or not, answered or declined (review: passing over
+    # it to the older answered question answered "why?" about natural selection)
+    for said, grounded in (("how do eigenvectors work?", None), ("I am stuck on eigenvectors", None),
+                           ("CRISPR gene editing", False)):
+        later = room + [{"role": "user", "content": said, "mine": True, "grounded": grounded}]
+        assert (await tutor.condense(state("why?", later)))["standalone"] == f"why? ({said})"
     session = [{"role": "user", "content": "hi", "standalone": "hi", "grounded": False},
                {"role": "assistant", "content": "Hello! Ask me about the course."}]
     assert (await tutor.condense(state("why?", session)))["standalone"] == "why?"
