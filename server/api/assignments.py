@@ -359,11 +359,15 @@ class AssignmentController(Controller):
                 cited = {round(float(r["at"]), 2) for r in await conn.fetch(
                     "SELECT (citation ->> 'start')::float8 AS at FROM assignments WHERE course_id = $1 "
                     "AND video_id = $2 AND citation ? 'start'", course_id, video_id)}
+                fresh = {cid: [x for x in g if round(x.start, 2) not in cited] for cid, g in groups.items()}
                 per = [data.count // len(targets) + (1 if i < data.count % len(targets) else 0)
                        for i in range(len(targets))]
-                work = [(ch, n) for ch, n in zip(targets, per) if n and groups[ch["id"]]]
-                if not work:
+                if not any(groups[ch["id"]] for ch in targets):
                     raise ApiError(409, "the chapter has no sentences to build items from")
+                work = [(ch, n) for ch, n in zip(targets, per) if n and fresh[ch["id"]]]
+                if not work:  # (before the budget: nothing is generated)
+                    raise ApiError(409, "every sentence of the chapter has an item already; edit or delete those, or "
+                                        "generate from another chapter", code="nothing_new")
                 # a generation to be: it takes from the budget, before the costly part (a request refused above
                 # generated nothing: ten 404s for a mistyped chapter spent a third of the hour's)
                 ok, wait = await SendLimiter(state.redis, GENERATE_PER_HOUR / 3600, GENERATE_BURST,
@@ -410,7 +414,7 @@ class AssignmentController(Controller):
                         if left <= 0:
                             return []
                         try:
-                            return await asyncio.wait_for(gen.llm_items(llm, ch["title"], video_id, groups[ch["id"]], n,
+                            return await asyncio.wait_for(gen.llm_items(llm, ch["title"], video_id, fresh[ch["id"]], n,
                                                                         data.difficulty, list(data.types)), left)
                         except asyncio.TimeoutError:
                             logger.warning("generation: the model missed the request's %gs deadline; offline items for "
@@ -423,15 +427,13 @@ class AssignmentController(Controller):
             for (ch, n), items in zip(work, by_model):
                 if not items:
                     others = [g for cid, g in groups.items() if cid != ch["id"] and g] + [g for g in other_groups if g]
-                    fresh = [x for x in groups[ch["id"]] if round(x.start, 2) not in cited]
-                    items = await asyncio.to_thread(gen.offline_items, ch["title"], video_id, fresh, others,
+                    items = await asyncio.to_thread(gen.offline_items, ch["title"], video_id, fresh[ch["id"]], others,
                                                     n, data.difficulty, list(data.types), embedder,
-                                                    language=video["language"] or "en") if fresh else []
+                                                    language=video["language"] or "en")
                 drafts += [(ch, it) for it in items]
             if not drafts:
-                raise ApiError(409, "every sentence of the chapter worth an item has one already; edit or delete "
-                                    "those, or generate from another chapter" if cited else
-                                    "the chapter has no sentences to build items from", code="nothing_new")
+                raise ApiError(409, "no item could be made from the chapter's sentences not asked about yet (too few "
+                                    "distinct words for the types asked)", code="nothing_new")
             async with state.pool.acquire() as conn:
                 try:
                     rows = await self._store_drafts(conn, course_id, user.id, video_id, drafts, key, generator, asked)
@@ -463,8 +465,8 @@ class AssignmentController(Controller):
         # (the chapter's items made before count too: theirs and these titles are read side by side)
         before = await conn.fetch(
             """SELECT chapter_id, title, concept, options, correct, reference_answer, type, prompt FROM assignments
-               WHERE course_id = $1 AND chapter_id = ANY($2::bigint[])""",
-            course_id, sorted({ch["id"] for ch, _ in drafts}))
+               WHERE course_id = $1 AND (chapter_id = ANY($2::bigint[]) OR chapter_id IS NULL AND video_id = $3)""",
+            course_id, sorted({ch["id"] for ch, _ in drafts if ch["id"] is not None}), video_id)
         # the same question twice (a model writing what is there already; a sentence said twice in the lecture,
         # whose items came out alike): kept once
         seen = {(r["type"], " ".join(r["prompt"].lower().split())) for r in before}

@@ -283,3 +283,31 @@ async def test_a_generation_retried_with_its_idempotency_key_makes_one_set_of_dr
         assert not {i["id"] for i in theirs.json()["items"]} & {i["id"] for i in first.json()["items"]}
     made = fetch(settings, "SELECT count(*) AS n FROM assignments WHERE course_id = $1", eval_course.id)[0]["n"]
     assert made - before == 2 * len(first.json()["items"]) + len(theirs.json()["items"])
+
+
+def test_generating_again_on_a_chapter_whose_sentences_all_have_items_is_nothing_new(client, make, worker):
+    """(Review) with every sentence asked about, a request neither generates (offline or by a model) nor spends the
+    hour's budget: 409 `nothing_new` before it."""
+    from tests.conftest import upload, wait_job
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Short"}, headers=inst.h).json()["id"]
+    lines = ["Photosynthesis turns sunlight into chemical energy inside chloroplasts of leaves.",
+             "Mitochondria release that stored energy through cellular respiration in every cell.",
+             "Ribosomes assemble proteins from amino acids following messenger RNA instructions."]
+    srt = "".join(f"{i}\n00:00:{i * 5:02d},000 --> 00:00:{i * 5 + 4:02d},000\n{t}\n\n" for i, t in enumerate(lines, 1))
+    r = upload(client, cid, inst.h, "cells.srt", srt.encode())
+    assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
+    vid = r.json()["video_id"]
+    url = f"/api/v1/courses/{cid}/assignments/generate"
+    first = client.post(url, headers=inst.h, json={"video_id": vid, "count": 10, "types": ["short_answer"]})
+    assert first.status_code == 201, first.text
+    cited = {i["citation"]["start"] for i in first.json()["items"]}
+    while True:  # until every sentence worth an item has one
+        r = client.post(url, headers=inst.h, json={"video_id": vid, "count": 10, "types": ["short_answer"]})
+        if r.status_code != 201:
+            break
+        new = {i["citation"]["start"] for i in r.json()["items"]}
+        assert not new & cited, (new, cited)
+        cited |= new
+    assert r.status_code == 409 and r.json()["code"] == "nothing_new", r.text
