@@ -25,7 +25,7 @@ from server.errors import UNREACHABLE, ApiError
 from store import tutor as repo
 from store.events import Error, TutorDelta, publish, room_topic, user_topic
 from store.ratelimit import free_answer_slot, take_answer_slot
-from store.frames import Relay, blank, without_format
+from store.frames import Relay, blank, relay_key, without_format
 from store.frames import relay_meta as relay_meta_of
 from store.messages import Posted, Refused, original, post_message
 
@@ -656,7 +656,7 @@ async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, t
     refused, question, slot = None, None, None
     if TUTOR_MENTION.search(text):
         repeat = await original(state.pool, room_id, user.id, client_msg_id, text, reply_to,
-                                relay.key if relay is not None else None)
+                                relay_key(relay))
         if repeat is not None:  # answered (or being answered) once: no slot for it, no refusal
             return repeat, None
         question = question_of(text)

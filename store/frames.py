@@ -38,6 +38,11 @@ class Relay(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return unicodedata.normalize("NFC", self.id.strip())
 
 
+def relay_key(relay: Relay | None) -> str | None:
+    """Whom a relayed message is for, as stored (None: the bot's own message, or a person's)."""
+    return None if relay is None else relay.key
+
+
 def relay_meta(relay: Relay | None, name: str) -> dict[str, Any] | None:
     """A relayed message's meta: `{"relay": {id, name}}` (`name`: the relay's name as read, see person_name)."""
     return None if relay is None else {"relay": {"id": relay.key, "name": name}}

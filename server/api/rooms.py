@@ -15,6 +15,7 @@ from server.auth import STAFF_ROLES, AuthUser
 from server.decode import person_name, read_json
 from server.errors import ApiError
 from server.tutoring import TUTOR_MENTION, post_mentioning
+from store.frames import relay_key
 from store import messages as messages_repo
 from store import moderation
 from store import rooms as rooms_repo
@@ -107,7 +108,7 @@ class RoomController(Controller):
         except ApiError:  # a repeat of a message already stored gets the original, budget or not
             try:
                 if await messages_repo.original(state.pool, room_id, user.id, data.client_msg_id, data.text,
-                                                data.reply_to, data.relay.key if data.relay else None) is None:
+                                                data.reply_to, relay_key(data.relay)) is None:
                     raise
             except messages_repo.Refused as exc:
                 raise refused(exc) from exc

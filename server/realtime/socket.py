@@ -292,7 +292,7 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
         except messages_repo.Refused:
             # a re-send of a message already stored (after a reconnect) gets the original, budget or not
             original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id, text,
-                                                    frame.reply_to, frame.relay.key if frame.relay else None)
+                                                    frame.reply_to, frames.relay_key(frame.relay))
             if original is None:
                 raise
             conn.own(original.event.seq, original.payload.decode())
@@ -312,7 +312,7 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
         # a repeat of a question already asked (a re-send after a reconnect): the original comes back, as for any
         # repeat, whatever the slots, the send budget or the daily limit say now
         original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id, text,
-                                                relay=frame.relay.key if frame.relay else None)
+                                                relay=frames.relay_key(frame.relay))
         if original is not None:
             conn.own(original.event.seq, original.payload.decode())
             return
