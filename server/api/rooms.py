@@ -15,12 +15,11 @@ from server.auth import STAFF_ROLES, AuthUser
 from server.decode import person_name, read_json
 from server.errors import ApiError
 from server.tutoring import TUTOR_MENTION, post_mentioning
-from store.frames import relay_key
 from store import messages as messages_repo
 from store import moderation
 from store import rooms as rooms_repo
 from store.events import UserRef
-from store.frames import text_problem
+from store.frames import relay_key, text_problem
 
 logger = logging.getLogger(__name__)
 
