@@ -212,7 +212,9 @@ def worker_settings(settings: Settings, queue: str = "ingest", *, heal_embedding
                  # progress, XP, leaderboards, matcher
                  # (with weekly rounds off it still posts unposted rounds and re-pairs those who left)
                  cron(match_pods_weekly, minute={0, 15, 30, 45}, run_at_startup=True, unique=True),
-                 cron(check_leaderboards, minute=17, run_at_startup=False, unique=True)]
+                 # hourly, and as a worker starts: one killed between an award's commit and its board update
+                 # left the boards short, and a later award's high mark hid it from the servers' startup check
+                 cron(check_leaderboards, minute=17, run_at_startup=True, unique=True)]
     return dict(
         functions=functions,
         cron_jobs=crons,

@@ -359,6 +359,18 @@ def rebuild_soon(app_state) -> None:  # type: ignore[no-untyped-def]
     """Redis lost the boards while we run: rebuild in the background (one rebuild at a time, cluster-wide).
     `app_state` holds `pool`, `redis` and the task (`lb_rebuild`). A rebuild that failed (Redis out of memory, say)
     is not retried by every read: at most every 30 s."""
+    _in_background(app_state, rebuild)
+
+
+def check_soon(app_state) -> None:  # type: ignore[no-untyped-def]
+    """Another server process died: awards it committed may have died with their board updates (a kill between
+    the two), and a later award's high mark hides that from the startup check. Check every board against the
+    ledger in the background, rebuilding when one differs (in `rebuild_soon`'s slot: one at a time, awaited by a
+    stopping server)."""
+    _in_background(app_state, check_and_repair)
+
+
+def _in_background(app_state, work) -> None:  # type: ignore[no-untyped-def]
     task = getattr(app_state, "lb_rebuild", None)
     if task is not None and not task.done() or getattr(app_state, "lb_rebuild_stopped", False):
         return
@@ -371,7 +383,7 @@ def rebuild_soon(app_state) -> None:  # type: ignore[no-untyped-def]
             logger.warning("leaderboard rebuild failed; reads try again in %g s", REBUILD_BACKOFF_S,
                            exc_info=t.exception())
 
-    app_state.lb_rebuild = asyncio.create_task(rebuild(app_state.pool, app_state.redis))
+    app_state.lb_rebuild = asyncio.create_task(work(app_state.pool, app_state.redis))
     app_state.lb_rebuild.add_done_callback(done)
 
 

@@ -785,6 +785,9 @@ class Hub:
                 raise
             logger.info("server process gone", extra={"fields": {"proc": proc, "attendance_closed": closed,
                                                                  "tutor_answers_settled": answers}})
+        state = getattr(self, "app_state", None)
+        if dead and state is not None:  # its awards' board updates may have died with it (killed between the two)
+            leaderboard_rebuild.check_soon(state)
 
     async def _settle_orphans(self) -> None:
         """Tutor answers held by processes that are gone but were not reaped here: expired ones the reaping duty

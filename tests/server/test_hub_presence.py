@@ -445,3 +445,28 @@ async def test_a_stop_with_redis_hung_is_bounded(settings, xp_store, tmp_path):
         await redis.aclose()
         await sub.aclose()
         embedded.stop_embedded(ddir)
+
+
+async def test_a_dead_process_has_the_boards_checked_against_the_ledger(settings, xp_store):
+    """(Tester) a server killed between an award's commit and its board update left the boards short for up to an
+    hour: a later award's high mark hid it from every restart's check. The survivor that reaps it checks them."""
+    import time as time_mod
+
+    from store import keys, leaderboard_rebuild, leaderboards, xp
+
+    pool, redis = xp_store
+    await leaderboard_rebuild.ensure_built(pool, redis)
+    async with pool.acquire() as c:
+        _, _, (learner,) = await course_in_new_tenant(c, 1)
+        award = await xp.insert_award(c, learner, "helpful_answer", "h:died-with-its-process")  # committed; no board
+        board = leaderboards.board_key("tenant", award.tenant_id, "all")
+    assert await redis.zscore(board, str(learner)) is None
+    hub = Hub(settings, pool, redis)
+    hub.app_state = SimpleNamespace(pool=pool, redis=redis, lb_rebuild=None)
+    gone = f"gone-host:1:{uuid.uuid4().hex[:6]}"
+    await redis.zadd(PROCS, {gone: int((await hub.presence.now_s() - 2 * settings.presence_ttl_s) * 1000)})
+    hub._expired_seen[gone] = time_mod.monotonic() - settings.presence_ttl_s - 1
+    await hub._reap_dead_procs()
+    assert hub.app_state.lb_rebuild is not None
+    await hub.app_state.lb_rebuild
+    assert await redis.zscore(board, str(learner)) == 25 and await redis.exists(keys.LEADERBOARD_BUILT)
