@@ -173,6 +173,8 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
         # the earlier attempts ended without a word (the worker killed, out of memory, or past arq's timeout)
         reason = (f"ingest did not finish in {job['attempts'] - 1} attempts (the worker stopped or timed out "
                   "each time)")
+        async with pool.acquire() as conn:  # this look was no attempt: the job shows the attempts it had (6 of 5)
+            await conn.execute("UPDATE jobs SET attempts = attempts - 1 WHERE id = $1", job_id)
         await JobReporter(pool, ctx["redis"], job).fail(reason)
         logger.warning("ingest job %s failed: %s", job_id, reason)
         return f"failed: {reason}"

@@ -204,8 +204,9 @@ def test_an_ingest_job_whose_runs_keep_dying_fails_with_the_reason(settings, mak
             await pool.close()
 
     assert run_sync(go()).startswith("failed: ingest did not finish in 5 attempts")
-    row = fetch(settings, "SELECT state, error FROM jobs WHERE id = $1", job)[0]
+    row = fetch(settings, "SELECT state, error, attempts, max_attempts FROM jobs WHERE id = $1", job)[0]
     assert row["state"] == "failed" and "worker stopped or timed out" in row["error"]
+    assert row["attempts"] == row["max_attempts"] == 5  # (tester: it showed 6 of 5)
     assert fetch(settings, "SELECT status FROM videos WHERE id = $1", vid)[0]["status"] == "failed"
     r = client.post(f"/api/v1/jobs/{job}/retry", headers=inst.h)
     assert r.status_code in (200, 202) and r.json()["attempts"] == 0
