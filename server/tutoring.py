@@ -8,7 +8,6 @@ import asyncio
 import logging
 import re
 import time
-import unicodedata
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -21,12 +20,12 @@ from agents.judge import candidates
 from agents.llm import get_llm
 from agents.tutor import REFUSED_PREFIX, Delta, Tutor
 from ingest.replies import queue_check
+from server.decode import person_name
 from server.errors import UNREACHABLE, ApiError
 from store import tutor as repo
 from store.events import Error, TutorDelta, publish, room_topic, user_topic
 from store.ratelimit import free_answer_slot, take_answer_slot
-from store.frames import Relay, blank, relay_key, without_format
-from store.frames import relay_meta as relay_meta_of
+from store.frames import Relay, blank, relay_key
 from store.messages import Posted, Refused, original, post_message
 
 logger = logging.getLogger(__name__)
@@ -643,10 +642,11 @@ def relay_meta(user: Any, relay: Relay | None) -> dict | None:
         return None
     if user.role != "bot":
         raise Refused("forbidden", "only bots relay messages for others (relay)")
-    name = unicodedata.normalize("NFC", without_format(relay.name)).strip()
-    if blank(name):
-        raise Refused("bad_frame", "relay.name must not be blank")
-    return relay_meta_of(relay, name)
+    try:
+        name = person_name(relay.name, "relay.name")
+    except ApiError as exc:
+        raise Refused("bad_frame", exc.detail) from exc
+    return {"relay": {"id": relay.key, "name": name}}
 
 
 async def post_mentioning(state: Any, user: Any, room_id: str, course_id: int, text: str,

@@ -43,11 +43,6 @@ def relay_key(relay: Relay | None) -> str | None:
     return None if relay is None else relay.key
 
 
-def relay_meta(relay: Relay | None, name: str) -> dict[str, Any] | None:
-    """A relayed message's meta: `{"relay": {id, name}}` (`name`: the relay's name as read, see person_name)."""
-    return None if relay is None else {"relay": {"id": relay.key, "name": name}}
-
-
 class Frame(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_fields=True):
     ref: Ref | None = None
 

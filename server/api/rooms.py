@@ -12,9 +12,9 @@ from server.api.paging import ListLimit, Offset, PageLimit
 from server.api.room_schemas import (Kicked, KickIn, MessagePage, Mute, MuteIn, OnlineList, PostedMessage, PostIn,
                                      RoomMessage, TutorTaken)
 from server.auth import STAFF_ROLES, AuthUser
-from server.decode import person_name, read_json
+from server.decode import read_json
 from server.errors import ApiError
-from server.tutoring import TUTOR_MENTION, post_mentioning
+from server.tutoring import TUTOR_MENTION, post_mentioning, relay_meta
 from store import messages as messages_repo
 from store import moderation
 from store import rooms as rooms_repo
@@ -96,10 +96,11 @@ class RoomController(Controller):
         if (problem := text_problem(data.text, state.settings.ws_max_text)) is not None:
             code, detail = problem
             raise ApiError(400, detail, code=None if code == "bad_frame" else code, field="text")
-        if data.relay is not None:  # (said here with the field; the post checks the same)
-            if user.role != "bot":
-                raise ApiError(403, "only bots relay messages for others", field="relay")
-            person_name(data.relay.name, "relay.name")
+        try:  # (said here with the field; the post checks the same)
+            relay_meta(user, data.relay)
+        except messages_repo.Refused as exc:
+            raise (ApiError(403, "only bots relay messages for others", field="relay") if exc.code == "forbidden"
+                   else ApiError(400, exc.detail, field="relay.name")) from exc
         async with state.pool.acquire() as conn:
             acc = await room_or_404(conn, room_id, user)
         try:
