@@ -18,12 +18,18 @@ from typing import Any
 
 from wordfreq import zipf_frequency
 
+from agents.evidence import terms
 from store.videos import fold
 
 MIN_DENSE = 0.25  # MiniLM cosine of the best chunk; below this nothing in the course is about the question
 RARE_ZIPF = 3.0  # rarer than once per million words of English (zipf 3) and absent from the course: uncovered
 MIN_NAME_LEN = 3  # shorter capitalized tokens are notation ("Ax", "Mr") more often than names
 COMMON_ZIPF = 5.0  # a capitalized word this common in English ("What", "World") is not taken for a name
+# Below this cosine the best evidence must also share a word with the question: "Is this on the exam?", "42" or "Can
+# you help me with my homework?" came within 0.26-0.37 of some moment that says none of their words, and were
+# answered with it (the eval's answerable questions all share a word with their sources; a paraphrase sharing none
+# stood at 0.47)
+MIN_DENSE_UNSHARED = 0.4
 SELF_NAMES = frozenset({"tutor"})  # learners address the tutor by name; the course need not say it
 
 # the tokenization of store/videos.py WORD_RE (accents folded), on the question's original case
@@ -173,6 +179,13 @@ def _dense(hit: Any) -> float:
     return float(primary if primary is not None else hit.dense_score or 0.0)
 
 
+def shares_a_word(standalone: str, sources: list) -> bool:  # type: ignore[type-arg]
+    """Whether a source says one of the question's content words (stemmed; `evidence.terms`). A question with none
+    (another script than Latin: `terms` reads ASCII words only) is not held to it."""
+    asked = set(terms(standalone))
+    return not asked or any(asked.intersection(terms(getattr(s, "text", ""))) for s in sources)
+
+
 def judge(question: str, standalone: str, hits: list, sources: list, missing_lexemes: list[str],  # type: ignore[type-arg]
           present_words: set[str] | None = None) -> Verdict:
     """`present_words`: which of `lookup_words(question)` the course says (None: not looked up)."""
@@ -181,6 +194,7 @@ def judge(question: str, standalone: str, hits: list, sources: list, missing_lex
     top_dense = max((_dense(h) for h in hits), default=0.0)
     rare = missing_rare_words(question, missing_lexemes)
     names, unsaid = uncovered(question, present_words) if present_words is not None else ([], [])
-    grounded = bool(sources) and top_dense >= MIN_DENSE and not rare and not names and not unsaid
+    unshared = top_dense < MIN_DENSE_UNSHARED and not shares_a_word(standalone, sources)
+    grounded = bool(sources) and top_dense >= MIN_DENSE and not unshared and not rare and not names and not unsaid
     return Verdict(grounded, {"top_dense": round(top_dense, 3), "rare_missing": rare, "names_missing": names,
-                              "words_missing": unsaid})
+                              "words_missing": unsaid, "nothing_shared": unshared})

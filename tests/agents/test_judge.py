@@ -66,16 +66,37 @@ def test_uncovered_reads_the_course_words():
 def test_verdict_combines_the_signals():
     hit = SimpleNamespace(dense_score=0.6, text="")
     q = "What does GPT-2 do?"
-    assert judge(q, q, [hit], ["source"], [], {"gpt-2"}).grounded
-    v = judge(q, q, [hit], ["source"], [], set())
+    src = [SimpleNamespace(text="GPT-2 predicts the next word.")]
+    assert judge(q, q, [hit], src, [], {"gpt-2"}).grounded
+    v = judge(q, q, [hit], src, [], set())
     assert not v.grounded and v.details["names_missing"] == ["GPT-2"]
-    assert not judge(q, q, [SimpleNamespace(dense_score=0.2, text="")], ["source"], [], {"gpt-2"}).grounded
-    assert judge(q, q, [hit], ["source"], [], None).grounded  # words not looked up: names are not judged
+    assert not judge(q, q, [SimpleNamespace(dense_score=0.2, text="")], src, [], {"gpt-2"}).grounded
+    assert judge(q, q, [hit], src, [], None).grounded  # words not looked up: names are not judged
     # an ensemble's hit: the threshold is on its primary (MiniLM) cosine, not on the mixed one
     far = SimpleNamespace(dense_score=0.7, primary_dense=0.2, text="")
-    v = judge(q, q, [far], ["source"], [], {"gpt-2"})
+    v = judge(q, q, [far], src, [], {"gpt-2"})
     assert not v.grounded and v.details["top_dense"] == 0.2
-    assert judge(q, q, [SimpleNamespace(dense_score=0.3, primary_dense=0.3, text="")], ["source"], [], {"gpt-2"}).grounded
+    assert judge(q, q, [SimpleNamespace(dense_score=0.3, primary_dense=0.3, text="")], src, [], {"gpt-2"}).grounded
+
+
+def test_evidence_sharing_no_word_with_the_question_must_be_close():
+    """(Tester) "Is this on the exam?", "42" and "Can you help me with my homework?" came within a 0.26-0.37 cosine
+    of some moment of the eval course that says none of their words, and were answered with it, cited."""
+    from agents.judge import MIN_DENSE_UNSHARED
+
+    q = "Is this on the exam?"
+    lecture = [SimpleNamespace(text="So sometimes you can do an intervention where you say, count your blessings.")]
+    v = judge(q, q, [SimpleNamespace(dense_score=0.27)], lecture, [], set())
+    assert not v.grounded and v.details["nothing_shared"]
+    # one word of the question said (inflected) is enough; so is a close paraphrase sharing none
+    said = [SimpleNamespace(text="The exams come at the end of the term.")]
+    assert judge(q, q, [SimpleNamespace(dense_score=0.27)], said, [], set()).grounded
+    assert judge(q, q, [SimpleNamespace(dense_score=MIN_DENSE_UNSHARED)], lecture, [], set()).grounded
+    # the condensed question's borrowed words count (a follow-up "why?" has none of its own)
+    assert judge("why?", "why? (is the exam hard)", [SimpleNamespace(dense_score=0.3)], said, [], set()).grounded
+    # a question in a script `terms` does not read is not held to it
+    q = "Что такое митохондрии?"
+    assert judge(q, q, [SimpleNamespace(dense_score=0.3)], [SimpleNamespace(text="Митохондрии")], [], set()).grounded
 
 
 def test_a_long_question_is_read_in_linear_time():
