@@ -121,14 +121,17 @@ INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800")  # letters that render a
 def as_read(text: str) -> str:
     """What a voter reads: composed (NFC), full-width Latin letters and digits folded ("Ｙes" is "Yes"), format
     characters (a zero-width space) and letters that render as nothing dropped, spacing and case ignored. Marks
-    stay: in Thai, Arabic or Hindi they tell words apart."""
+    stay: in Thai, Arabic or Hindi they tell words apart; so do the zero-width (non-)joiners between two letters or
+    emoji beyond ASCII (a family emoji is not its three faces; Persian spells with the non-joiner)."""
     composed = unicodedata.normalize("NFC", text)
     folded = "".join(unicodedata.normalize("NFKC", c) if "\uff01" <= c <= "\uff5e" else c for c in composed)
-    kept = "".join(c for c in folded if unicodedata.category(c) != "Cf" and c not in INVISIBLE
+    kept = "".join(c for c in folded if (c in JOINERS or unicodedata.category(c) != "Cf") and c not in INVISIBLE
                    and not _SELECTOR.match(c))
-    return " ".join(kept.split()).casefold()
+    return " ".join(_IDLE_JOINER.sub("", kept).split()).casefold()
 
 
+# a zero-width (non-)joiner next to ASCII or a space (or at an end) joins nothing a reader sees ("Yes\u200d" is "Yes")
+_IDLE_JOINER = re.compile(r"(?<![^\x00-\x7f])[\u200c\u200d]+|[\u200c\u200d]+(?![^\x00-\x7f])")
 # marks that change nothing a reader sees: variation selectors, the combining grapheme joiner, Mongolian free
 # variation selectors, Khmer inherent vowels
 _SELECTOR = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef\u034f\u180b-\u180f\u17b4\u17b5]")

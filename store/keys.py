@@ -57,6 +57,16 @@ def rate_send(user_id: int) -> str:
 def tutor_slots(user_id: int) -> str:
     return TUTOR_SLOTS.format(user_id=user_id)
 
+
+# STRING set while a `tutor.ask` with a client_msg_id is being taken (room, user, the id hashed): a twin of it sent
+# at once (another server, another tab) that finds no tutor slot waits for the question to be posted instead of
+# answering `tutor_busy`. TTL: 10 s.
+ASKING = "sh:tutor:asking:{user_id}:{key_sha}"
+
+
+def asking(room: str, user_id: int, client_msg_id: str) -> str:
+    return ASKING.format(user_id=user_id, key_sha=hashlib.sha256(f"{room}\n{client_msg_id}".encode()).hexdigest()[:24])
+
 # --- progress, XP and leaderboards (store/leaderboards.py, store/progress.py) -------------------------
 # Leaderboards are rebuilt from the Postgres XP ledger (`xp_events`); nothing here is the truth.
 

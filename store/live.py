@@ -189,20 +189,23 @@ async def attendance_procs(conn: asyncpg.Connection, other_than: str) -> list[st
 async def attendance_report(conn: asyncpg.Connection, session_id: int, *,
                             limit: int | None = None, offset: int = 0) -> list[asyncpg.Record]:
     """Per user present while the session was live, from their connections that were open while it was live:
-    first join, last leave (null while still there), how many, and the seconds present while live (overlapping
-    connections count once). Connections only before the start or after the end (reading the room) do not
-    count; who only made those is not listed. A connection of no length while live counts (0 seconds): one
-    opened after its server process's last heartbeat, the process then killed, is closed at its join."""
+    first join, last leave (null while still there and the session live), how many, and the seconds present while
+    live (overlapping connections count once); the join and leave within the live time (one waiting in the room
+    before the start joined at the start, one still there at the end left at the end). Connections only before
+    the start or after the end (reading the room) do not count; who only made those is not listed. A connection
+    of no length while live counts (0 seconds): one opened after its server process's last heartbeat, the
+    process then killed, is closed at its join."""
     return await conn.fetch(
-        """WITH s AS (SELECT started_at, coalesce(ended_at, now()) AS ended_at FROM live_sessions WHERE id = $1),
-           live AS (SELECT a.user_id, a.joined_at, a.left_at,
+        """WITH s AS (SELECT started_at, coalesce(ended_at, now()) AS ended_at, ended_at IS NULL AS live
+                      FROM live_sessions WHERE id = $1),
+           live AS (SELECT a.user_id, a.left_at IS NULL AND s.live AS here,
                            tstzrange(greatest(a.joined_at, s.started_at),
-                                     least(coalesce(a.left_at, now()), s.ended_at)) AS r
+                                     least(coalesce(a.left_at, now()), s.ended_at), '[]') AS r
                     FROM live_attendance a, s
                     WHERE a.session_id = $1 AND s.started_at IS NOT NULL
                       AND greatest(a.joined_at, s.started_at) <= least(coalesce(a.left_at, now()), s.ended_at)),
-           per AS (SELECT user_id, min(joined_at) AS first_joined_at,
-                          CASE WHEN bool_or(left_at IS NULL) THEN NULL ELSE max(left_at) END AS last_left_at,
+           per AS (SELECT user_id, min(lower(r)) AS first_joined_at,
+                          CASE WHEN bool_or(here) THEN NULL ELSE max(upper(r)) END AS last_left_at,
                           count(*) AS connections, range_agg(r) AS ranges
                    FROM live GROUP BY user_id)
            SELECT p.user_id, u.name, p.first_joined_at, p.last_left_at, p.connections,
@@ -241,12 +244,14 @@ async def create_poll(db: asyncpg.Pool, redis: Redis, session_id: int, question:
                 return done, False
         s = await box.conn.fetchrow("SELECT started_at, ended_at FROM live_sessions WHERE id = $1 FOR UPDATE",
                                     session_id)
-        if s is not None and s["ended_at"] is not None:
+        if s is None:
+            raise Refused("not_found", f"live session {session_id} not found")
+        if s["ended_at"] is not None:
             raise Refused(INVALID_STATE, "the session has ended")
-        if s is not None and s["started_at"] is None:  # votes before it began; a session never started
+        if s["started_at"] is None:  # votes before it began; a session never started
             raise Refused(INVALID_STATE, "polls open once the session has started")  # cannot end to close them
-        if s is not None and await box.conn.fetchval("SELECT count(*) FROM polls WHERE session_id = $1",
-                                                     session_id) >= MAX_POLLS_PER_SESSION:
+        if await box.conn.fetchval("SELECT count(*) FROM polls WHERE session_id = $1",
+                                   session_id) >= MAX_POLLS_PER_SESSION:
             raise Refused(INVALID_STATE, f"a session holds at most {MAX_POLLS_PER_SESSION} polls")
         row = await box.conn.fetchrow(
             """INSERT INTO polls (session_id, question, options, created_by, client_key) VALUES ($1, $2, $3, $4, $5)
@@ -284,14 +289,19 @@ async def my_vote(conn: asyncpg.Connection, poll_id: int, user_id: int) -> int |
     return await conn.fetchval("SELECT option FROM poll_votes WHERE poll_id = $1 AND user_id = $2", poll_id, user_id)
 
 
+def check_voter(role: str) -> None:
+    """Bots do not vote (see `vote`); checked before a vote spends its sender's budget too."""
+    if role == "bot":
+        raise Refused("forbidden", "bots do not vote in polls: each person votes for themselves")
+
+
 async def vote(conn: asyncpg.Connection, poll_id: int, session_id: int | None, user_id: int, option: int,
                role: str) -> None:
     """One vote per user, changeable until the poll closes, while the voter may use the session's room (not
     removed from the course, not kicked; a mute does not stop a vote). `session_id`, when given, must be the
     poll's session (votes arrive through that session's room). Bots do not vote: a bridge's one vote would stand
     for everyone it relays (and any bot of the tenant could tip every poll)."""
-    if role == "bot":
-        raise Refused("forbidden", "bots do not vote in polls: each person votes for themselves")
+    check_voter(role)
     async with conn.transaction():
         poll = await conn.fetchrow("SELECT session_id, options, closed_at FROM polls WHERE id = $1 FOR SHARE",
                                    poll_id)

@@ -119,8 +119,13 @@ async def ensure_room(conn: asyncpg.Connection, room_id: str) -> int | None:
     target = await room_target(conn, ref) if ref else None
     if target is None:
         return None
-    await conn.execute("INSERT INTO rooms (id, kind, course_id) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
-                       room_id, ref.kind, target["course_id"])
+    made = await conn.fetchval("INSERT INTO rooms (id, kind, course_id) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING "
+                               "RETURNING last_seq", room_id, ref.kind, target["course_id"])
+    if made is not None and await room_target(conn, ref) is None:
+        # the insert waited for a deletion's transaction that had made the row too (cancelling a session nobody
+        # had joined takes its room first) and then deleted it with its session: the row is not made again
+        await conn.execute("DELETE FROM rooms WHERE id = $1", room_id)
+        return None
     return await conn.fetchval("SELECT last_seq FROM rooms WHERE id = $1", room_id)
 
 

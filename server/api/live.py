@@ -155,7 +155,12 @@ class LiveController(Controller):
         row = await repo.poll_in_tenant(conn, poll_id, user.tenant_id)
         if row is None:
             raise ApiError(404, f"poll {poll_id} not found")
-        await _session_or_404(conn, row["session_id"], user)
+        try:
+            await _session_or_404(conn, row["session_id"], user)
+        except ApiError as exc:  # as for no such poll: one outside the course does not name its session
+            if exc.status_code == 404:
+                raise ApiError(404, f"poll {poll_id} not found") from None
+            raise
         return row
 
     @post("/polls/{poll_id:int}/votes", status_code=200)
@@ -166,6 +171,10 @@ class LiveController(Controller):
         user: AuthUser = request.user
         async with state.pool.acquire() as conn:
             row = await self._poll(conn, poll_id, user)
+        try:
+            repo.check_voter(user.role)  # (before the budget: a bot's refused vote spends none)
+        except Refused as exc:
+            raise refused(exc) from exc
         await take_send(state, user)  # a Redis call: no pooled connection held while it waits
         async with state.pool.acquire() as conn:
             try:

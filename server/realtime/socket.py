@@ -25,6 +25,7 @@ from store import live as live_repo
 from store import moderation
 from store import messages as messages_repo
 from store import rooms as rooms_repo
+from store import keys
 from store.keys import typing_window
 from store.events import (CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_UNAUTHENTICATED, Error, Pong, Typing, UserRef,
                           publish, room_topic)
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 CLOSE_BAD_REQUEST = 4400
 CLOSE_TRY_AGAIN = 1013  # RFC 6455 "try again later": a service the checks need is unreachable
 TYPING_EVERY_S = 2.0
+TWIN_MARK_S = 10  # how long a tutor.ask being taken is marked for its twins (store.keys.asking)
+TWIN_WAIT_S = 3.0  # how long a twin without a slot waits for the marked ask to be posted
 TYPING_EXPIRES_S = 3 * TYPING_EVERY_S  # a start's `expires_in`: clients clear it then unless another start came
 RESUME_EVERY_S = 1.0  # a resume replays from Postgres: at most one a second per connection
 # Frames of any type one connection may send per second, and at once (at least twice the send budget). Beyond,
@@ -309,30 +312,7 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
         if frames.blank(question_of(text)):  # "@tutor" alone asks nothing: refused before anything is posted
             raise messages_repo.Refused("empty_question", EMPTY_QUESTION)
         meta = {"tutor_ask": True, **(relay_meta(user, frame.relay) or {})}
-        # a repeat of a question already asked (a re-send after a reconnect): the original comes back, as for any
-        # repeat, whatever the slots, the send budget or the daily limit say now
-        original = await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id, text,
-                                                relay=frames.relay_key(frame.relay))
-        if original is not None:
-            conn.own(original.event.seq, original.payload.decode())
-            return
-        slot = await take_slot(hub.redis, user.id, user.role, hub.settings)  # refused before anything is posted
-        if slot is None:
-            raise messages_repo.Refused("tutor_busy", BUSY, retry_after=BUSY_RETRY_S)
-        try:
-            await _rate(hub, user)
-            refused = await over_daily_limit(hub.app_state, user)  # refused before anything is posted
-            if refused is not None:
-                raise refused
-        except BaseException:
-            await free_slot(hub.redis, user.id, slot)
-            raise
-        # the question without its @tutor mentions, as for a message.send ("@tutor why?" searched "tutor" too); one
-        # without a mention as written (its line breaks kept: a code snippet), as a REST ask
-        posted = await post_asking(hub.app_state, user, conn.room, conn.access.course_id, text, meta,
-                                   frame.client_msg_id, asked(text), slot)
-        if not posted.created:  # a repeat of a question already asked: it is answered (or being answered) once
-            conn.own(posted.event.seq, posted.payload.decode())
+        await _tutor_ask(hub, conn, user, frame, text, meta)
     elif isinstance(frame, frames.MessageEdit):
         text = _check_text(frame.text, settings.ws_max_text)
         await _rate(hub, user)
@@ -381,8 +361,53 @@ async def _handle(frame: frames.ClientFrame, conn: Conn, user: AuthUser, hub: Hu
     elif isinstance(frame, frames.PollVote):
         if conn.access.kind != "live":
             raise messages_repo.Refused("bad_frame", "poll.vote is for live session rooms")
+        live_repo.check_voter(user.role)  # (before the budget: a bot's refused vote spends none)
         await _rate(hub, user)
         async with hub.pool.acquire() as db:
             await live_repo.vote(db, frame.poll_id, int(conn.room.split(":")[1]), user.id, frame.option,
                                  user.role)
         hub.poll_voted(frame.poll_id)
+
+
+async def _tutor_ask(hub: Hub, conn: Conn, user: AuthUser, frame: frames.TutorAsk, text: str, meta: dict) -> None:
+    """Post the question and start the tutor's answer, once per client_msg_id. A repeat of a question already asked
+    (a re-send after a reconnect) gets the original back, whatever the slots, the send budget or the daily limit say
+    now; so does a twin sent at once (a re-send on another server, a second tab): the first copy marks the ask as
+    being taken (store.keys.asking) and its twins wait for it rather than race it for a slot (the loser was told
+    `tutor_busy` for a question that was posted and answered)."""
+    async def repeat_of() -> messages_repo.Posted | None:
+        return await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id, text,
+                                            relay=frames.relay_key(frame.relay))
+
+    original = await repeat_of()
+    marker = (keys.asking(conn.room, user.id, frame.client_msg_id)
+              if original is None and frame.client_msg_id is not None and user.role == "learner" else None)
+    if marker is not None and not await hub.redis.set(marker, b"1", ex=TWIN_MARK_S, nx=True):
+        deadline = asyncio.get_running_loop().time() + TWIN_WAIT_S
+        while asyncio.get_running_loop().time() < deadline and await hub.redis.exists(marker):
+            await asyncio.sleep(0.05)
+        original, marker = await repeat_of(), None  # (the first copy posted it, or was refused: then as any ask)
+    if original is not None:
+        conn.own(original.event.seq, original.payload.decode())
+        return
+    try:
+        slot = await take_slot(hub.redis, user.id, user.role, hub.settings)  # refused before anything is posted
+        if slot is None:
+            raise messages_repo.Refused("tutor_busy", BUSY, retry_after=BUSY_RETRY_S)
+        try:
+            await _rate(hub, user)
+            refused = await over_daily_limit(hub.app_state, user)  # refused before anything is posted
+            if refused is not None:
+                raise refused
+        except BaseException:
+            await free_slot(hub.redis, user.id, slot)
+            raise
+        # the question without its @tutor mentions, as for a message.send ("@tutor why?" searched "tutor" too);
+        # one without a mention as written (its line breaks kept: a code snippet), as a REST ask
+        posted = await post_asking(hub.app_state, user, conn.room, conn.access.course_id, text, meta,
+                                   frame.client_msg_id, asked(text), slot)
+    finally:
+        if marker is not None:
+            await hub.redis.delete(marker)
+    if not posted.created:  # a repeat of a question already asked: it is answered (or being answered) once
+        conn.own(posted.event.seq, posted.payload.decode())

@@ -150,7 +150,7 @@ async def test_a_course_mute_holds_in_its_live_sessions(server, client, make: Fa
     await live.close()
 
 
-async def test_poll_vote_rules(server, client, make: Factory):
+async def test_poll_vote_rules(server, client, make: Factory, settings):
     course = make_course(server, make, learners=3)
     inst, (a, b, c) = course.instructor, course.learners
     sid = client.post(f"/api/v1/courses/{course.id}/live", json={"title": "Quiz"}, headers=inst.h).json()["id"]
@@ -167,6 +167,7 @@ async def test_poll_vote_rules(server, client, make: Factory):
                        ({"question": "?", "options": ["Yes", "Yes\u200b"]}, "options"),  # the same to a voter
                        ({"question": "?", "options": ["Yes", "\uff39es"]}, "options"),
                        ({"question": "?", "options": ["Yes", "Yes\ufe0f"]}, "options"),  # a variation selector
+                       ({"question": "?", "options": ["Yes", "Yes\u200d"]}, "options"),  # a joiner joining nothing
                        ({"question": "\u200b", "options": ["a", "b"]}, "question")]:  # invisible only
         r = client.post(url, json=bad, headers=inst.h)
         assert r.status_code == 400 and r.json().get("field") == field, r.text
@@ -206,7 +207,16 @@ async def test_poll_vote_rules(server, client, make: Factory):
     assert client.post(f"/api/v1/polls/{poll['id']}/votes", json={"option": 9}, headers=c.h).status_code == 400
     assert client.post(f"/api/v1/polls/{poll['id']}/votes", json={"option": 0},
                        headers=make.user("learner").h).status_code == 404
-    # a bot (a bridge) joins the room but does not vote: its one vote would stand for everyone it relays
+    # (Tester) one of the tenant outside the course is told as much as of a poll that is not there (it named the
+    # poll's session: the id existed)
+    for pid in (poll["id"], poll["id"] + 1000):
+        r = client.post(f"/api/v1/polls/{pid}/votes", json={"option": 0}, headers=make.user("learner").h)
+        assert r.status_code == 404 and r.json()["message"] == f"poll {pid} not found", r.text
+    # a bot (a bridge) joins the room but does not vote: its one vote would stand for everyone it relays; refused
+    # before it spends its send budget (a Redis bucket)
+    from redis.asyncio import Redis
+    from store.keys import rate_send
+
     bot = make.user("bot")
     r = client.post(f"/api/v1/polls/{poll['id']}/votes", json={"option": 0}, headers=bot.h)
     assert r.status_code == 403 and r.json()["code"] == "forbidden", r.text
@@ -214,6 +224,11 @@ async def test_poll_vote_rules(server, client, make: Factory):
     await cbot.send({"type": "poll.vote", "poll_id": poll["id"], "option": 0, "ref": "b"})
     assert (await cbot.expect("error", ref="b"))["code"] == "forbidden"
     await cbot.close()
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        assert not await redis.exists(rate_send(bot.id))
+    finally:
+        await redis.aclose()
 
     assert client.post(f"/api/v1/polls/{poll['id']}/close", headers=a.h).status_code == 403
     r = client.post(f"/api/v1/polls/{poll['id']}/close", headers=inst.h)
@@ -228,7 +243,13 @@ async def test_poll_vote_rules(server, client, make: Factory):
 
     # marks tell words apart in many scripts, superscripts are not digits, accents count
     apart = client.post(url, json={"question": "?", "options": ["\u0e02\u0e49\u0e32\u0e27", "\u0e02\u0e32\u0e27",
-                                                                 "10\u00b2", "102", "resume", "r\u00e9sum\u00e9"]},
+                                                                 "10\u00b2", "102", "resume", "r\u00e9sum\u00e9",
+                                                                 # (Tester) a family emoji is not its faces; Persian
+                                                                 # spells with the zero-width non-joiner
+                                                                 "\U0001f468\u200d\U0001f469\u200d\U0001f467",
+                                                                 "\U0001f468\U0001f469\U0001f467",
+                                                                 "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+                                                                 "\u0645\u06cc\u062e\u0648\u0627\u0647\u0645"]},
                         headers=inst.h)
     assert apart.status_code == 201, apart.text
 

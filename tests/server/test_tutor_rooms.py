@@ -1,6 +1,7 @@
 """The tutor in rooms (offline and through OpenAI/Anthropic wire-format servers), and its LLM paths over REST."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -548,6 +549,46 @@ async def test_a_third_question_under_way_is_refused_before_it_is_posted(openai_
     assert all(r["meta"]["grounded"] for r in replies)
     assert not fetch(settings, "SELECT id FROM messages WHERE room_id = $1 AND client_msg_id = 'busy3'", room)
     assert _used(settings, learner) == 2  # the refused one took nothing
+    await c.close()
+
+
+async def test_a_twin_ask_without_a_slot_waits_for_its_first_copy(openai_server, eval_course: EvalCourse, fake_llm,
+                                                                   client, make: Factory, settings):
+    """(Tester) the same tutor.ask sent at once on two servers (a re-send after a reconnect, a second tab): both
+    copies found no original and raced for the learner's last slot; the loser was told `tutor_busy` for a question
+    posted and answered. The first copy marks the ask as being taken; a twin waits for it to be posted."""
+    from redis.asyncio import Redis
+
+    from store.keys import asking
+
+    room, learner = _pod_room(client, eval_course, make)
+    fake_llm.reset(default=Reply(text="A signature proves the owner approved the payment [1]. " * 2, chunks=30,
+                                 delay_s=0.1))  # about 3 s per answer
+    c = await Client.connect(openai_server, room, learner)
+    for i in (1, 2):  # both slots in use
+        await c.send({"type": "tutor.ask", "text": f"What does a bitcoin signature prove? (take {i})",
+                      "client_msg_id": f"slot{i}"})
+        await c.expect("message.new", client_msg_id=f"slot{i}")
+    text = "Who keeps the ledger?"
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await redis.set(asking(room, learner.id, "twin"), b"1", ex=10)  # the first copy, being taken elsewhere
+        await c.send({"type": "tutor.ask", "text": text, "client_msg_id": "twin"})
+        await asyncio.sleep(0.5)
+        # ... and posted (as its server would: a message with that id; here over REST) and unmarked
+        with httpx.Client(base_url=openai_server, headers=learner.h, timeout=30) as http:
+            r = http.post(f"/api/v1/rooms/{room}/messages", json={"text": text, "client_msg_id": "twin"})
+            assert r.status_code == 201, r.text
+        await redis.delete(asking(room, learner.id, "twin"))
+    finally:
+        await redis.aclose()
+    await c.send({"type": "ping", "ref": "after-twin"})
+    await c.expect("pong", ref="after-twin", timeout=10)
+    assert not [f for f in c.frames if f["type"] == "error"], c.frames
+    assert len(fetch(settings, "SELECT id FROM messages WHERE room_id = $1 AND client_msg_id = 'twin'", room)) == 1
+    # without a twin under way, a third question is still busy at once
+    await c.send({"type": "tutor.ask", "text": "And who pays the miners?", "client_msg_id": "third"})
+    assert (await c.expect("error", ref="third", timeout=2))["code"] == "tutor_busy"
     await c.close()
 
 

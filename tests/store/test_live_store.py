@@ -425,3 +425,57 @@ async def test_a_connection_opened_after_its_dead_process_last_beat_is_still_att
                         "($1, $2, 'p', now() - interval '2 minutes', now() - interval '2 minutes')", sid, early)
         assert {r["user_id"] for r in await live.attendance_report(c, sid)} == {a, b}
     assert set(got) == {a, b} and got[a]["seconds_live"] == 0.0 and got[a]["last_left_at"] is not None
+
+
+async def test_attendance_times_are_within_the_live_time(xp_store):
+    """(Tester) who waited in the room before the start showed a `first_joined_at` before `started_at`, and who
+    stayed after the end a `last_left_at` after `ended_at` (or null, "still there"): "joined late" came out
+    negative. Both are within the live time now; null only while the session is live and they are there."""
+    pool, redis = xp_store
+    sid, _, (a, b) = await _live_poll(pool, redis)
+    async with pool.acquire() as c:
+        await c.execute("UPDATE live_sessions SET started_at = now() - interval '10 minutes' WHERE id = $1", sid)
+        await c.execute("""INSERT INTO live_attendance (session_id, user_id, proc_id, joined_at, left_at) VALUES
+                           ($1, $2, 'p', now() - interval '12 minutes', now() - interval '5 minutes'),
+                           ($1, $3, 'p', now() - interval '8 minutes', NULL)""", sid, a, b)
+        s = await c.fetchrow("SELECT started_at FROM live_sessions WHERE id = $1", sid)
+        got = {r["user_id"]: r for r in await live.attendance_report(c, sid)}
+        assert got[a]["first_joined_at"] == s["started_at"] and 299 < got[a]["seconds_live"] < 301
+        assert got[b]["last_left_at"] is None  # there, and the session live
+        await c.execute("UPDATE live_sessions SET ended_at = now() - interval '1 minute' WHERE id = $1", sid)
+        e = await c.fetchrow("SELECT ended_at FROM live_sessions WHERE id = $1", sid)
+        got = {r["user_id"]: r for r in await live.attendance_report(c, sid)}
+        assert got[b]["last_left_at"] == e["ended_at"] and 419 < got[b]["seconds_live"] < 421
+        assert got[a]["last_left_at"] < e["ended_at"] and got[a]["first_joined_at"] == s["started_at"]
+
+
+async def test_a_poll_opened_while_its_unjoined_session_is_cancelled_is_not_found(xp_store):
+    """(Tester) cancelling a session nobody had joined makes its room's row and deletes it with the session; a poll
+    opened meanwhile waited on that row, then made it again and inserted into a session gone (a foreign-key
+    error, and a room row left for nothing). Now: not found, and no room row."""
+    from store import rooms
+    from store.messages import Refused
+
+    pool, redis = xp_store
+    async with pool.acquire() as conn:
+        cid, owner, _ = await course_in_new_tenant(conn, 1)
+        sid = (await live.create_session(conn, cid, "s", None, owner))["id"]
+        await conn.execute("UPDATE live_sessions SET started_at = now() WHERE id = $1", sid)  # (polls need it live)
+    room = live.room_of(sid)
+    assert not await pool.fetchval("SELECT 1 FROM rooms WHERE id = $1", room)
+    async with pool.acquire() as canceller:
+        tx = canceller.transaction()
+        await tx.start()
+        await rooms.lock_room(canceller, room)  # what a cancel does first (made here: a started one is not cancelled)
+        poll = asyncio.create_task(live.create_poll(pool, redis, sid, "q", ["x", "y"], owner))
+        await asyncio.sleep(0.5)
+        assert not poll.done()  # waiting on the room's row
+        await canceller.execute("DELETE FROM rooms WHERE id = $1", room)
+        await canceller.execute("DELETE FROM live_sessions WHERE id = $1", sid)
+        await tx.commit()
+    try:
+        await poll
+        raise AssertionError("not refused")
+    except Refused as exc:
+        assert (exc.code, exc.detail) == ("not_found", f"live session {sid} not found")
+    assert not await pool.fetchval("SELECT 1 FROM rooms WHERE id = $1", room)
