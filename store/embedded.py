@@ -178,6 +178,18 @@ class Services:
             _stop_if_unused(self.data_dir)
 
 
+def _in_use(ddir: Path) -> bool:
+    """Whether another process uses the data dir's servers (holds users.lock); the caller holds start.lock."""
+    probe = os.open(ddir / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(probe)  # (closing it lets go of the lock)
+    return False
+
+
 def _stop_if_unused(ddir: Path) -> None:
     """Stop the data dir's embedded servers unless another process uses them (holds users.lock); the caller
     holds start.lock, so nobody joins meanwhile."""
@@ -214,7 +226,8 @@ class EmbeddedError(RuntimeError):
 def ensure_services(settings: Settings, *, announce: bool = True) -> Services:
     """Return URLs for Postgres and Redis, starting embedded servers for whichever URL is unset. `announce`: write
     the URLs to connection.env for joiners (False for a one-off command: given a URL of its own — `migrate` against
-    another database — it made every later joiner, `up`'s restarted worker included, use that one)."""
+    another database — it made every later joiner, `up`'s restarted worker included, use that one); a lasting
+    process announces only when no other process uses the data dir, or what it uses is what was announced."""
     ddir = settings.data_dir
     ddir.mkdir(parents=True, exist_ok=True)
     if settings.database_url and settings.redis_url:
@@ -234,9 +247,15 @@ def ensure_services(settings: Settings, *, announce: bool = True) -> Services:
             if pg_embedded:  # nobody would own the Postgres just joined or started: stop it unless in use
                 _stop_if_unused(ddir)
             raise
+        others = _in_use(ddir)
         users_fd = os.open(ddir / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(users_fd, fcntl.LOCK_SH)
-        if announce:
+        if announce and others and known and (known.get("DATABASE_URL"), known.get("REDIS_URL")) != (db_url, redis_url):
+            # (a `serve` given a mistyped REDIS_URL beside a running `up` rewrote the announcement: every later
+            # joiner, `up`'s restarted worker and the one-shot commands, used that URL until the file was deleted)
+            logger.warning("this process uses other servers than those the running processes of %s announced in "
+                           "connection.env; the announcement is left as it is", ddir)
+        elif announce:
             write_connection_env(ddir, db_url, redis_url, embedded={"pg": pg_embedded, "redis": redis_embedded})
     return Services(
         db_url,

@@ -331,6 +331,40 @@ def test_a_one_off_command_given_its_own_url_announces_nothing(tmp_path):
             s.close()
 
 
+def test_a_process_given_its_own_url_beside_running_ones_leaves_the_announcement(tmp_path):
+    """(Tester) `REDIS_URL=<a typo> studyhall serve` beside a running `up` rewrote connection.env and failed: every
+    later joiner (`up`'s restarted worker, the one-shot commands, a plain `serve`) used the typo until the file was
+    deleted by hand. While other processes use the data dir, what they announced stays."""
+    from dataclasses import replace
+
+    from store.embedded import ensure_services
+    from store.settings import load_settings
+
+    ddir = tmp_path / "data"
+    ddir.mkdir()
+    outside = [socket.create_server(("127.0.0.1", 0)) for _ in range(3)]  # "outside servers": they answer
+    pg, rd, other = (s.getsockname()[1] for s in outside)
+    base = load_settings(ddir)
+    announced = f"DATABASE_URL=postgresql://u@127.0.0.1:{pg}/x\nREDIS_URL=redis://127.0.0.1:{rd}/0\nEMBEDDED=\n"
+    (ddir / "connection.env").write_text(announced)
+    try:
+        running = ensure_services(replace(base, database_url=None, redis_url=None))  # `up`, joined to them
+        try:
+            joiner = ensure_services(replace(base, database_url=None, redis_url=f"redis://127.0.0.1:{other}/0"))
+            assert joiner.redis_url.endswith(f":{other}/0")  # it uses what it was given...
+            assert (ddir / "connection.env").read_text() == announced  # ... and announces nothing over `up`
+            joiner.close()
+            assert (ddir / "connection.env").read_text() == announced
+            same = ensure_services(replace(base, database_url=None, redis_url=None))  # a plain joiner: `up`'s
+            assert same.redis_url.endswith(f":{rd}/0")
+            same.close()
+        finally:
+            running.close()
+    finally:
+        for s in outside:
+            s.close()
+
+
 def test_postgres_down_is_a_503_to_retry_and_the_server_recovers(tmp_path):
     """With Postgres stopped under a running server, requests were 500 "internal" (a traceback each) and a
     socket opening was refused with an HTTP 403; now 503 `unavailable` with Retry-After, the socket closes
