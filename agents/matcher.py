@@ -210,7 +210,7 @@ def facts_for(group: list[Learner], chapter_titles: dict[int, str]) -> list[str]
     if common:
         goals = [g for g in group[0].goals if as_read(g) in common]
         scored.append((WEIGHTS["goals"] * mean["goals"], "shared goals: " + ", ".join(goals)))
-    if mean["pace"] >= 0.8:
+    if mean["pace"] >= 0.8 and any(m.pace > 0 for m in group):  # ("0% and 0%" is no shared fact: nobody began)
         pcts = " and ".join(f"{round(m.pace * 100)}%" for m in group)
         scored.append((WEIGHTS["pace"] * mean["pace"], f"a similar pace ({pcts} through the course)"))
     if mean["timezone"] >= 0.9:

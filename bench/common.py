@@ -27,11 +27,16 @@ async def services(name: str):  # type: ignore[no-untyped-def]
     return settings, svc
 
 
+def eval_path(part: str = "questions.json") -> Path:
+    """A part of the eval data (a file or folder under EVAL); exits with a line saying where it was looked for."""
+    if not (EVAL / part).exists():
+        raise SystemExit(f"bench: no eval data at {EVAL / part} (the shared/eval folder beside the checkout; or set "
+                         "STUDYHALL_EVAL_DIR to the folder holding questions.json, corpus/ and grading/)")
+    return EVAL / part
+
+
 def eval_spec() -> dict:
-    if not (EVAL / "questions.json").is_file():
-        raise SystemExit(f"bench: no eval data at {EVAL} (the shared/eval folder beside the checkout; or set "
-                         "STUDYHALL_EVAL_DIR to the folder holding questions.json)")
-    return json.loads((EVAL / "questions.json").read_text())
+    return json.loads(eval_path("questions.json").read_text())
 
 
 async def make_course(conn, title: str) -> int:  # type: ignore[no-untyped-def]

@@ -36,7 +36,7 @@ import numpy as np
 
 from agents import scoring
 from agents.grader import needs_review
-from bench.common import EVAL
+from bench.common import EVAL, eval_path
 from store.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,6 +226,7 @@ def main() -> None:
     ap.add_argument("--fit", action="store_true", help="fit COLD/WARM on the training splits and print them")
     ap.add_argument("--llm-sample", type=int, default=100, help="answers per test set for the LLM grader")
     args = ap.parse_args()
+    eval_path("grading")  # (before anything starts: a line saying where it was looked for, not a traceback)
     settings = load_settings(ROOT / ".bench")
     threshold, band = settings.review_threshold, settings.review_band
 

@@ -16,7 +16,7 @@ import uuid
 from arq.worker import Worker
 
 from agents.config import embedder_for
-from bench.common import EVAL, make_course, services
+from bench.common import eval_path, make_course, services
 from ingest.chunking import chunk_sentences, to_sentences
 from ingest.jobs import connect_arq
 from ingest.pipeline import CHUNK_TARGET_TOKENS
@@ -74,7 +74,9 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=int, default=0, help="only the first N lectures")
     args = ap.parse_args()
-    files = sorted((EVAL / "corpus").glob("*.vtt"))
+    files = sorted(eval_path("corpus").glob("*.vtt"))
+    if not files:
+        raise SystemExit(f"bench: no lectures (*.vtt) in {eval_path('corpus')}")
     if args.limit:
         files = files[: args.limit]
     settings, svc = await services("ingest")

@@ -19,6 +19,7 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from agents.embedder import EmbedderError
+from agents.evidence import mmss
 from agents.llm import LLMError
 from store.embedded import EmbeddedError, Services, ensure_services
 from store.migrate import MigrationError
@@ -26,6 +27,14 @@ from store.keys import INGEST_QUEUE
 from store.settings import Settings, load_settings
 
 logger = logging.getLogger("studyhall")
+
+
+def citation_line(i: int, c: dict) -> str:
+    """`[1] Title 0:10 (quoted at 0:20) url`: the moment's start, and when its quote is said when that is later (the
+    offline answer names the quote's time; the line named only the start, up to 20 s earlier)."""
+    at = mmss(c["quote_at"]) if c.get("quote_at") is not None else c["label"]
+    when = c["label"] if at == c["label"] else f"{c['label']} (quoted at {at})"
+    return f"[{i}] {c['video_title']} {when} {c['url'] or ''}".rstrip()
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -547,7 +556,7 @@ async def _ask(settings: Settings, args: argparse.Namespace) -> int:
             else:
                 print()
             for i, c in enumerate(result["citations"], 1):
-                print(f"[{i}] {c['video_title']} {c['label']} {c['url'] or ''}".rstrip())
+                print(citation_line(i, c))
             for q in result["follow_ups"]:
                 print(f"? {q}")
         if result.get("error"):  # stored and printed as the rooms see it; the status says it failed

@@ -9,7 +9,7 @@ from agents import matcher
 from server.api.paging import ListLimit, Offset
 from server.api.room_schemas import Member, MemberIn, Pod, PodIn
 from server.auth import AuthUser, staff_only
-from server.decode import read_json, trimmed
+from server.decode import person_name, read_json
 from server.errors import ApiError
 from store import courses as courses_repo
 from store import leaderboard_rebuild, leaderboards, moderation
@@ -38,7 +38,7 @@ class PodController(Controller):
     async def create(self, request: Request, course_id: int) -> Pod:
         data = await read_json(request, PodIn)
         user: AuthUser = request.user
-        name = trimmed(data.name, "name")
+        name = person_name(data.name, "name")  # (as user names: no bidi override or zero-width look-alikes)
         async with request.app.state.pool.acquire() as conn:
             course = await courses_repo.visible_course(conn, course_id, user.id, user.tenant_id, user.role)
             if course is None:

@@ -173,6 +173,9 @@ def test_template_reason_names_strengths_and_time():
     assert "Ann is ahead on “Sorting”" in text and "Ben is ahead on “Graphs”" in text
     assert "3 h of shared free time" in text and "teach each other" in text
     assert template_reason([Learner(1, "A"), Learner(2, "B")], {}).endswith(".")
+    # (Tester) nobody has watched anything: "a similar pace (0% and 0% through the course)" is no shared fact, and
+    # it pushed real ones out of the three a reason gives
+    assert "pace" not in template_reason([Learner(1, "A", offset_h=1), Learner(2, "B", offset_h=1)], {})
     # a name starting the reason stays as written (a lowercase "alice" became "Alice", another user's name), and
     # one learner ahead alone helps rather than "you can teach each other"
     alice = Learner(1, "alice", pace=0.9, offset_h=9, strengths={10: 0.9, 11: 0.2})

@@ -153,3 +153,14 @@ def test_an_address_that_cannot_be_listened_on_is_one_line_before_anything_start
             assert not (tmp_path / "d" / "pg").exists()  # no embedded server was started for it
     finally:
         taken.close()
+
+
+def test_ask_names_when_a_citations_quote_is_said():
+    """(Tester) `studyhall ask` listed "[1] lec 0:10" while the offline answer said the quote came "at 0:20": the
+    line names the quote's time too when it is later than the moment's start."""
+    from server.cli import citation_line
+
+    c = {"video_title": "lec", "label": "0:10", "quote_at": 20.4, "url": None}
+    assert citation_line(1, c) == "[1] lec 0:10 (quoted at 0:20)"
+    assert citation_line(2, {**c, "quote_at": 10.0, "url": "https://youtu.be/x?t=10"}) == \
+        "[2] lec 0:10 https://youtu.be/x?t=10"

@@ -18,6 +18,11 @@ async def test_pods(server, client, make: Factory):
     pod = r.json()
     pid = pod["id"]
     assert pod["room"] == f"pod:{pid}" and pod["course_id"] == course.id
+    # (Tester) a name is read as user names are: a bidi override or a zero-width space made look-alikes
+    r = client.post(url, json={"name": "Group\u202e B\u200b "}, headers=inst.h)
+    assert r.status_code == 201 and r.json()["name"] == "Group B", r.text
+    assert client.delete(f"/api/v1/pods/{r.json()['id']}", headers=inst.h).status_code == 204
+    assert client.post(url, json={"name": "\u200b\u202e"}, headers=inst.h).status_code == 400
 
     members = f"/api/v1/pods/{pid}/members"
     stranger = make.user("learner")
