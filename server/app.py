@@ -120,7 +120,9 @@ def create_app(settings: Settings) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.pool = await create_pool(settings.database_url, max_size=settings.db_pool_max)
+        # statements give up after STUDYHALL_DB_TIMEOUT_S: a stalled Postgres is a 503, as a stalled Redis is
+        app.state.pool = await create_pool(settings.database_url, max_size=settings.db_pool_max,
+                                           command_timeout=settings.db_timeout_s)
         # Commands give up after REDIS_TIMEOUT_S: a stalled or partitioned Redis is a 503, not a request hanging
         # until TCP gives up. The hub's subscription waits for messages as long as it takes: a client of its own.
         app.state.redis = command_redis(settings.redis_url)

@@ -46,9 +46,12 @@ def _jsonb_decode(data: bytes) -> object:
     return json.loads(data[1:])
 
 
-async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
-    """Open a pool; the vector extension must already exist (migrations create it)."""
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 20,
+                      command_timeout: float = 60.0) -> asyncpg.Pool:
+    """Open a pool; the vector extension must already exist (migrations create it). `command_timeout`: a statement
+    gives up after this many seconds (TimeoutError, one of UNREACHABLE: a Postgres that stopped answering held a
+    request until it answered again), and so does the rollback of its connection when it is released."""
     # A startup parameter, not SET: pooled connections keep no session state (see _release).
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection,
-                                     reset=_release, command_timeout=60,
+                                     reset=_release, command_timeout=command_timeout,
                                      server_settings={"hnsw.ef_search": str(HNSW_EF_SEARCH)})

@@ -93,6 +93,7 @@ class Settings:
     worker_max_jobs: int = 2  # ingest jobs one worker process runs at once
     worker_quick_jobs: int = 4  # grading, matching and check jobs at once (their own queue: never behind an ingest)
     db_pool_max: int = 20  # Postgres connections per server process (a worker takes at most 8, or this if fewer)
+    db_timeout_s: float = 15.0  # a server process's Postgres statement gives up after this (503 to retry)
     # providers
     openai_api_key: str | None = None
     openai_base_url: str | None = None
@@ -172,6 +173,7 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
         worker_max_jobs=_bounded("STUDYHALL_WORKER_CONCURRENCY", 2, 1, 1000),
         worker_quick_jobs=_bounded("STUDYHALL_WORKER_QUICK_CONCURRENCY", 4, 1, 1000),
         db_pool_max=_bounded("STUDYHALL_DB_POOL_MAX", 20, 2, 1000),
+        db_timeout_s=_ranged("STUDYHALL_DB_TIMEOUT_S", 15.0, 1.0, 3600.0),
         openai_api_key=_key("OPENAI_API_KEY"),
         openai_base_url=_url("OPENAI_BASE_URL", ("http", "https")),
         openai_model=_str("OPENAI_MODEL", "gpt-4o-mini") or "gpt-4o-mini",

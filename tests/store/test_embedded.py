@@ -417,6 +417,41 @@ def test_postgres_down_is_a_503_to_retry_and_the_server_recovers(tmp_path):
         stop_process(server)
 
 
+def test_a_stalled_postgres_is_a_503_not_a_hang(tmp_path):
+    """(Tester) a Postgres that stopped answering (every process of it stopped) held a request for as long as it
+    did (120 s: the statement's 60 s, then its connection's rollback); statements now give up after
+    STUDYHALL_DB_TIMEOUT_S with a 503 to retry, and the server carries on once Postgres is back."""
+    import os
+    import subprocess
+
+    ddir = tmp_path / "data"
+    token = _cli(ddir, "token", "--user", "ann", "--role", "instructor").strip()
+    port = free_port()
+    server = start_server(ddir, port, tmp_path / "serve.log", env=clean_env(ddir, STUDYHALL_DB_TIMEOUT_S="2"))
+    base, h = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
+    postmaster = int((ddir / "pg" / "postmaster.pid").read_text().split()[0])
+    try:
+        assert httpx.get(base + "/api/v1/courses", headers=h).status_code == 200
+        pids = [postmaster] + [int(p) for p in subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True,
+                                                              text=True).stdout.split()]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            r = httpx.get(base + "/api/v1/courses", headers=h, timeout=60)
+            took = time.monotonic() - t0
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        assert r.status_code == 503 and r.json()["code"] == "unavailable" and took < 15, (r.text, took)
+        deadline = time.monotonic() + 30
+        while httpx.get(base + "/api/v1/courses", headers=h, timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, "the server did not recover"
+            time.sleep(0.5)
+    finally:
+        stop_process(server)
+
+
 def test_a_stalled_redis_is_a_503_not_a_hang(tmp_path):
     """A Redis that stops answering (a partition, a stalled process) held requests until TCP gave up; commands
     now give up after 10 s with a 503 to retry, and the server carries on once Redis is back."""
