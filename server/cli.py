@@ -134,6 +134,7 @@ def _server(settings: Settings):  # type: ignore[no-untyped-def]
     from server.observability import access_log_middleware
     from server.http_transport import HttpProtocol
     from server.realtime.transport import WsProtocol
+    from server.uploads import stop_uploads
 
     app = create_app(settings)
 
@@ -142,6 +143,7 @@ def _server(settings: Settings):  # type: ignore[no-untyped-def]
             # Tutor answers get their grace from the moment the stop begins, not after uvicorn's wait for open
             # connections (which would cut their SSE streams first); the app's own drain then finds them done.
             early = asyncio.ensure_future(tutoring.drain(app.state, timeout=ANSWER_GRACE_S))
+            stop_uploads(app.state)  # (an upload cut off by uvicorn's wait got its plain-text 500)
             try:
                 await super().shutdown(sockets)
             finally:

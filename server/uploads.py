@@ -37,6 +37,18 @@ class Upload:
             self.path.unlink(missing_ok=True)
 
 
+# How long a stopping server goes on reading uploads under way before it answers them 503 (inside uvicorn's 10 s wait
+# for open connections: cut off at its end, one got uvicorn's plain-text 500 "Internal Server Error")
+UPLOAD_STOP_GRACE_S = 7.0
+
+
+def stop_uploads(app_state: object, grace_s: float = UPLOAD_STOP_GRACE_S) -> None:
+    """The server is stopping: uploads still being read get `grace_s` seconds to arrive, then a 503 to send again."""
+    when = asyncio.get_running_loop().time() + grace_s
+    for stop in list(getattr(app_state, "upload_stops", ())):
+        stop.reschedule(when)
+
+
 async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, file_field: str = "file") -> Upload:
     """Parse multipart/form-data from the request stream; the file part goes to `dest_dir`.
 
@@ -119,15 +131,23 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
         "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
         "on_headers_finished": on_headers_finished, "on_end": on_end,
     })
+    stops = getattr(request.app.state, "upload_stops", None)
+    stops = set() if stops is None else stops  # (the app's, empty while nothing is uploading)
     try:
-        async for chunk in request.stream():
-            parser.write(chunk)
-            if problems:
-                break
-        else:
-            parser.finalize()
-            if not problems and not state["ended"]:  # a body cut off mid-file would be stored half
-                raise ApiError(400, "malformed multipart body: it ends before its closing boundary")
+        async with asyncio.timeout(None) as stop:
+            stops.add(stop)  # a stopping server sets its deadline (see `stop_uploads`)
+            async for chunk in request.stream():
+                parser.write(chunk)
+                if problems:
+                    break
+            else:
+                parser.finalize()
+                if not problems and not state["ended"]:  # a body cut off mid-file would be stored half
+                    raise ApiError(400, "malformed multipart body: it ends before its closing boundary")
+    except TimeoutError as exc:  # (only a stop sets the deadline)
+        up.discard()
+        raise ApiError(503, "the server is stopping; send the upload again", code="unavailable",
+                       retry_after=5) from exc
     except ApiError:
         up.discard()
         raise
@@ -143,6 +163,7 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
         up.discard()
         raise
     finally:
+        stops.discard(stop)
         if state["fh"] is not None:
             state["fh"].close()
     if problems:
