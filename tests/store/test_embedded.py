@@ -452,6 +452,59 @@ def test_a_stalled_postgres_is_a_503_not_a_hang(tmp_path):
         stop_process(server)
 
 
+def test_an_upload_under_way_when_its_server_stops_is_a_json_503(tmp_path):
+    """(Tester) a slow upload still arriving when its server was stopped got uvicorn's plain-text 500 "Internal
+    Server Error" at the end of its 10 s wait; now a JSON 503 `unavailable` to send again, and no file is left."""
+    import json
+    import socket as socket_
+
+    ddir = tmp_path / "data"
+    token = _cli(ddir, "token", "--user", "ann", "--role", "instructor").strip()
+    port = free_port()
+    server = start_server(ddir, port, tmp_path / "serve.log")
+    base, h = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
+    try:
+        cid = httpx.post(base + "/api/v1/courses", json={"title": "Stop"}, headers=h).json()["id"]
+        head = (f"--b0\r\nContent-Disposition: form-data; name=\"file\"; filename=\"talk.srt\"\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n").encode()
+        total = len(head) + 1_000_000
+        conn = socket_.create_connection(("127.0.0.1", port))
+        conn.sendall((f"POST /api/v1/courses/{cid}/videos HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                      f"Content-Type: multipart/form-data; boundary=b0\r\nContent-Length: {total}\r\n\r\n").encode()
+                     + head + b"1\n" * 1000)
+        time.sleep(0.5)
+        server.send_signal(signal.SIGTERM)
+        conn.settimeout(0.2)
+        reply, t0 = b"", time.monotonic()
+        while time.monotonic() - t0 < 30 and b"\r\n\r\n" not in reply:
+            try:
+                conn.sendall(b"1\n" * 10)  # a slow client: it never finishes in time
+            except OSError:
+                pass
+            try:
+                got = conn.recv(65536)
+            except socket_.timeout:
+                continue
+            except OSError:
+                break
+            if not got:
+                break
+            reply += got
+        try:
+            conn.settimeout(2)
+            reply += conn.recv(65536)
+        except OSError:
+            pass
+        conn.close()
+        status, _, rest = reply.partition(b"\r\n")
+        assert status.startswith(b"HTTP/1.1 503"), reply[:300]
+        assert json.loads(rest.split(b"\r\n\r\n", 1)[1])["code"] == "unavailable", reply[:600]
+        server.wait(timeout=30)
+        assert not [p for p in (ddir / "uploads").rglob("*") if p.is_file()]
+    finally:
+        stop_process(server)
+
+
 def test_a_stalled_redis_is_a_503_not_a_hang(tmp_path):
     """A Redis that stops answering (a partition, a stalled process) held requests until TCP gave up; commands
     now give up after 10 s with a 503 to retry, and the server carries on once Redis is back."""
