@@ -305,12 +305,14 @@ class MatchResult:
     declined: list[int]
     created_at: datetime
     message_id: int | None
+    superseded_at: datetime | None = None  # when a newer round became the pod's (None: it is the pod's round)
 
 
 def result_of(row: Any) -> MatchResult:
     return MatchResult(match_id=row["id"], pod_id=row["pod_id"],
                        groups=[Group(members=list(g["members"]), reason=g["reason"]) for g in row["groups"]],
-                       declined=list(row["declined"]), created_at=row["created_at"], message_id=row["message_id"])
+                       declined=list(row["declined"]), created_at=row["created_at"], message_id=row["message_id"],
+                       superseded_at=row["superseded_at"])
 
 
 def build_graph(pool: asyncpg.Pool, redis: Redis, settings: Settings, llm: Any = None):  # type: ignore[no-untyped-def]

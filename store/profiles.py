@@ -78,10 +78,16 @@ def check_availability(slots: list[tuple[str, str, str]]) -> list[list[int]]:
     return merged
 
 
+# What a body may hold before its goals are cleaned and deduplicated (the limits are on what is stored: nine goals
+# that are five once case is set aside, or 80 characters and a zero-width space, were refused as too many, too long)
+RAW_GOALS = 4 * MAX_GOALS
+RAW_GOAL_CHARS = 400
+
+
 def check_goals(goals: list[str]) -> list[str]:
-    if len(goals) > MAX_GOALS:
-        raise ProfileError("goals", f"at most {MAX_GOALS} goals")
-    out = []
+    """The goals as stored: composed, without invisible format characters, spacing collapsed, each once (as a reader
+    sees them); at most MAX_GOALS of at most 80 characters each, counted on that."""
+    out: list[str] = []
     for i, g in enumerate(goals):
         # invisible format characters (a BOM, bidi overrides, a soft hyphen, tags) dropped: "\ufeffabc" and "ca\u00adlc"
         # are "abc" and "calc", and an override does not reach the pod room quoting shared goals. The zero-width
@@ -93,6 +99,8 @@ def check_goals(goals: list[str]) -> list[str]:
                                problem[1] if problem[0] != "too_long" else "a goal is 1 to 80 characters")
         if as_read(g) not in (as_read(x) for x in out):  # (case, width and variation selectors aside)
             out.append(g)
+    if len(out) > MAX_GOALS:
+        raise ProfileError("goals", f"at most {MAX_GOALS} goals (different ones: case and spacing aside)")
     return out
 
 

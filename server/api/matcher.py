@@ -35,7 +35,8 @@ def to_profile(p: profiles.Profile) -> ProfileOut:
 def to_match(r: matcher.MatchResult) -> MatchOut:
     return MatchOut(match_id=r.match_id, pod_id=r.pod_id, groups=[GroupOut(members=g.members, reason=g.reason)
                                                                   for g in r.groups],
-                    declined=r.declined, created_at=r.created_at, message_id=r.message_id)
+                    declined=r.declined, created_at=r.created_at, message_id=r.message_id,
+                    superseded_at=r.superseded_at)
 
 
 async def _pod(conn: asyncpg.Connection, pod_id: int, user: AuthUser) -> asyncpg.Record:
@@ -133,7 +134,7 @@ class MatcherController(Controller):
             await _pod(conn, pod_id, request.user)
             row = await matching.current(conn, pod_id)
         if row is None:
-            raise ApiError(404, f"pod {pod_id} has no study-buddy round yet")
+            raise ApiError(404, f"pod {pod_id} has no study-buddy round yet", code="no_round")  # (not: no such pod)
         return to_match(matcher.result_of(row))
 
     @post("/pods/{pod_id:int}/match/decline", status_code=200)

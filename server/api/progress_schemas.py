@@ -9,6 +9,7 @@ from msgspec import UNSET, Meta, UnsetType
 
 from server.api.schemas import LINES, Id, Strict
 from store.events import AchievementInfo, LeaderboardEntry
+from store.profiles import RAW_GOAL_CHARS, RAW_GOALS
 
 Seconds = Annotated[float, Meta(ge=0, le=10 * 24 * 3600)]
 # Ranges are validated against the video's duration by the store; here only their shape.
@@ -175,7 +176,8 @@ class Slot(msgspec.Struct, forbid_unknown_fields=True):
 class ProfileIn(Strict):
     timezone: Annotated[str, Meta(min_length=1, max_length=64)] | UnsetType = UNSET
     availability: Annotated[list[Slot], Meta(max_length=28)] | UnsetType = UNSET
-    goals: Annotated[list[Annotated[str, Meta(max_length=80)]], Meta(max_length=8)] | UnsetType = UNSET
+    # (bounds on the body; store.profiles.check_goals holds what is stored to 8 goals of 80 characters)
+    goals: Annotated[list[Annotated[str, Meta(max_length=RAW_GOAL_CHARS)]], Meta(max_length=RAW_GOALS)] | UnsetType = UNSET
 
 
 class ProfileOut(msgspec.Struct):
@@ -198,3 +200,5 @@ class MatchOut(msgspec.Struct):
     declined: list[int]
     created_at: datetime
     message_id: int | None
+    # a round an Idempotency-Key made, asked for again once a newer round replaced it: when (null: the pod's round)
+    superseded_at: datetime | None = None
