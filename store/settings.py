@@ -147,6 +147,8 @@ class Settings:
 def load_settings(data_dir: str | Path | None = None) -> Settings:
     """Read settings from the environment; generate and keep a secret in the data dir when unset."""
     ddir = Path(data_dir or _str("STUDYHALL_DATA_DIR", ".studyhall")).resolve()
+    if ddir.exists() and not ddir.is_dir():  # (it was "FileExistsError: [Errno 17] File exists")
+        raise SystemExit(f"the data folder (--data-dir or STUDYHALL_DATA_DIR) {str(ddir)!r} is a file, not a folder")
     given = _str("STUDYHALL_SECRET")
     secret = _secret(given, "STUDYHALL_SECRET") if given is not None else _load_or_create_secret(ddir)
     langs = tuple(x.strip() for x in (_str("STUDYHALL_YOUTUBE_LANGUAGES", "en") or "en").split(",") if x.strip())

@@ -162,3 +162,11 @@ def test_a_youtube_proxy_is_read(monkeypatch, tmp_path):
     """STUDYHALL_YOUTUBE_PROXY (cloud hosts' addresses are blocked by YouTube); where it leads: test_youtube."""
     monkeypatch.setenv("STUDYHALL_YOUTUBE_PROXY", "http://user:pw@proxy.example:3128")
     assert load_settings(tmp_path).youtube_proxy == "http://user:pw@proxy.example:3128"
+
+
+def test_a_data_folder_that_is_a_file_says_so(tmp_path):
+    """(Tester) `--data-dir <a file>` printed "FileExistsError: [Errno 17] File exists: …"."""
+    f = tmp_path / "data"
+    f.write_text("not a folder")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        load_settings(f)
