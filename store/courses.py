@@ -6,6 +6,8 @@ from typing import Any
 
 import asyncpg
 
+from store.db import LONG_S
+
 _COLS = "c.id, c.tenant_id, c.owner_id, c.title, c.description, c.published, c.price_cents, c.created_at, c.updated_at"
 
 # Who sees a course: staff (instructor/admin/bot) of its tenant; learners enrolled in it, or of its
@@ -102,7 +104,7 @@ async def delete_course(conn: asyncpg.Connection, course_id: int, tenant_id: int
         rooms = await conn.fetch(
             """SELECT 'pod:' || id AS room FROM pods WHERE course_id = $1
                UNION ALL SELECT 'live:' || id FROM live_sessions WHERE course_id = $1""", course_id)
-        await conn.execute("DELETE FROM courses WHERE id = $1", course_id)
+        await conn.execute("DELETE FROM courses WHERE id = $1", course_id, timeout=LONG_S)  # (a cascade over all of it)
     return Deleted([r["file_path"] for r in files], [f"course:{course_id}"] + [r["room"] for r in rooms])
 
 

@@ -18,6 +18,11 @@ UNREACHABLE: tuple[type[Exception], ...] = (
     RedisConnectionError, RedisTimeoutError)
 
 
+# Statements known to take long (a rebuild's sums over a whole ledger, a course's or video's deletion and recount):
+# their own timeout, past a server pool's STUDYHALL_DB_TIMEOUT_S (which is for a Postgres that stopped answering)
+LONG_S = 600.0
+
+
 # HNSW candidate list: higher than pgvector's default 40 so course-filtered searches still fill k.
 HNSW_EF_SEARCH = 200
 

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from store import keys, leaderboards
 from store.aio import cancel_and_wait
+from store.db import LONG_S
 from store.events import LeaderboardEntry
 from store.leaderboards import (ON_COURSE_SQL, ON_PODS_SQL, as_utc, board_key, boards_of, expire_at, period_bounds,
                                 period_tag)
@@ -133,7 +134,7 @@ async def read_ledger(conn: asyncpg.Connection, scope: str, scope_id: int, perio
     the board), so only for then."""
     bounds = period_bounds(period, at)
     rows = await conn.fetch(_ONE_BOARD_SQL[scope], scope_id, bounds and bounds[0], bounds and bounds[1], user_id,
-                            limit, leaderboards.NEIGHBOURS)
+                            limit, leaderboards.NEIGHBOURS, timeout=LONG_S)
     at_pos = {r["pos"]: LeaderboardEntry(user_id=r["user_id"], name=r["name"], xp=int(r["xp"]), rank=int(r["rank"]))
               for r in rows}
     entries = [e for pos, e in at_pos.items() if pos < limit]
@@ -188,7 +189,7 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
                 boards: dict[str, dict[int, int]] = defaultdict(dict)
                 scoped: dict[str, tuple[str, int]] = {}  # course and pod boards: whose
                 for scope, sql in _BOARDS_SQL.items():
-                    for r in await conn.fetch(sql, month[0], month[1], week[0], week[1]):
+                    for r in await conn.fetch(sql, month[0], month[1], week[0], week[1], timeout=LONG_S):
                         for period, col in (("all", "all_xp"), ("month", "month_xp"), ("week", "week_xp")):
                             if r[col] is not None:
                                 key = board_key(scope, r["sid"], period, now)
@@ -196,7 +197,8 @@ async def rebuild(pool: asyncpg.Pool, redis: Redis, *, now: datetime | None = No
                                 if scope != "tenant":
                                     scoped[key] = (scope, r["sid"])
                 names = await conn.fetch(
-                    "SELECT u.tenant_id, u.id, u.name FROM users u WHERE u.id IN (SELECT user_id FROM xp_totals)")
+                    "SELECT u.tenant_id, u.id, u.name FROM users u WHERE u.id IN (SELECT user_id FROM xp_totals)",
+                    timeout=LONG_S)
                 async with redis.pipeline(transaction=False) as pipe:
                     for key, scores in boards.items():
                         items = list(scores.items())
@@ -425,7 +427,8 @@ async def check(pool: asyncpg.Pool, redis: Redis, settle_s: float = 1.0, *,
             """SELECT 'tenant' AS scope, t.id AS sid FROM tenants t WHERE $1::bigint[] IS NULL OR t.id = ANY($1)
                UNION ALL SELECT 'course', c.id FROM courses c WHERE $1::bigint[] IS NULL OR c.tenant_id = ANY($1)
                UNION ALL SELECT 'pod', p.id FROM pods p JOIN courses c ON c.id = p.course_id
-                         WHERE $1::bigint[] IS NULL OR c.tenant_id = ANY($1)""", tenant_ids) for tag in tags}
+                         WHERE $1::bigint[] IS NULL OR c.tenant_id = ANY($1)""", tenant_ids, timeout=LONG_S)
+            for tag in tags}
     differ: dict[str, set[bytes]] = {}
     for key in sorted(boards | want.keys()):
         scores = want.get(key, {})
@@ -458,7 +461,7 @@ async def _ledger_boards(conn: asyncpg.Connection, tenant_ids: list[int] | None,
         for r in await conn.fetch(f"""SELECT {sid} AS sid, x.user_id, {_sums(3)} FROM {frm}
                                       WHERE ($1::bigint[] IS NULL OR x.tenant_id = ANY($1))
                                         AND ($2::bigint[] IS NULL OR x.user_id = ANY($2)) GROUP BY 1, 2""",
-                                  tenant_ids, user_ids, *month, *week):
+                                  tenant_ids, user_ids, *month, *week, timeout=LONG_S):
             member = str(r["user_id"]).encode()
             for tag, column in columns:
                 if r[column] is not None:  # (no XP in the period: not on its board)

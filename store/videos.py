@@ -12,6 +12,7 @@ import numpy as np
 from redis.asyncio import Redis
 
 from store import progress, xp
+from store.db import LONG_S
 from store.vectors import stored
 
 _COLS = """v.id, v.course_id, v.title, v.source, v.youtube_id, v.filename, v.file_path, v.file_kind, v.file_size,
@@ -207,15 +208,15 @@ async def replace_chunks(conn: asyncpg.Connection, video_id: int, course_id: int
 async def refresh_term_stats(conn: asyncpg.Connection, course_id: int) -> None:
     """Recount BM25's N, total length and df for the course (per embedding model) after chunks went away
     other than through replace_chunks (a video deleted). Reads all of the course's postings."""
-    await conn.execute(_TERMS_LOCK, course_id)
+    await conn.execute(_TERMS_LOCK, course_id, timeout=LONG_S)  # (behind an ingest of the course committing)
     await conn.execute("DELETE FROM course_term_stats WHERE course_id = $1", course_id)
     await conn.execute(
         """INSERT INTO course_term_stats (course_id, embed_model, n_chunks, total_terms)
            SELECT course_id, embed_model, count(*), coalesce(sum(n_terms), 0) FROM chunks
            WHERE course_id = $1 GROUP BY course_id, embed_model""",
-        course_id,
+        course_id, timeout=LONG_S,
     )
-    await conn.execute(_RECOUNT_DF, course_id)
+    await conn.execute(_RECOUNT_DF, course_id, timeout=LONG_S)
 
 
 # Assignments of the video's old chapters move to the new chapter holding their cited moment, else to the one
@@ -312,7 +313,7 @@ async def delete_video(conn: asyncpg.Connection, redis: Redis, course_id: int, v
         # the course takes (a re-ingest's job, a submission), which FOR UPDATE deadlocked with
         if await conn.fetchval("SELECT 1 FROM courses WHERE id = $1 FOR NO KEY UPDATE", course_id) is None:
             return False
-        await conn.execute("DELETE FROM videos WHERE id = $1 AND course_id = $2", video_id, course_id)
+        await conn.execute("DELETE FROM videos WHERE id = $1 AND course_id = $2", video_id, course_id, timeout=LONG_S)
         # a citation is a moment of a video: pointing at a deleted one, it would send learners to a 404
         await conn.execute("""UPDATE assignments SET citation = NULL, updated_at = now()
                               WHERE course_id = $1 AND (citation ->> 'video_id')::bigint = $2""",

@@ -123,3 +123,31 @@ async def test_a_migration_adding_a_column_breaks_star_statements_only(settings)
         await conn.execute("DROP TABLE IF EXISTS cached_stmt_probe")
         await conn.close()
         await other.close()
+
+
+async def test_a_course_recount_waiting_behind_an_ingest_outlasts_a_short_statement_timeout(settings):
+    """(Review) a server's statements give up after STUDYHALL_DB_TIMEOUT_S; deleting a video recounts its course's
+    terms behind the course's term lock, which an ingest of the course holds until it commits: that wait, and the
+    recount, take their own longer timeout (store.db.LONG_S). Here the lock is held 1.5 s; statements give up
+    after 0.5 s."""
+    import asyncio
+
+    from store.videos import _TERMS_LOCK, refresh_term_stats
+
+    pool = await create_pool(settings.database_url, min_size=1, max_size=2, command_timeout=0.5)
+    try:
+        async with pool.acquire() as holder, pool.acquire() as conn:
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute(_TERMS_LOCK, 987654)
+
+            async def recount() -> None:
+                async with conn.transaction():
+                    await refresh_term_stats(conn, 987654)
+
+            waiting = asyncio.create_task(recount())
+            await asyncio.sleep(1.5)
+            await tx.rollback()
+            await waiting
+    finally:
+        await pool.close()

@@ -891,3 +891,24 @@ async def test_a_rebuild_cut_by_a_stop_takes_down_its_flag_and_temporary_boards(
     assert await cancel_and_wait(task, timeout=5, every=1.0)
     assert not await redis.exists(keys.LEADERBOARD_LOCK, keys.LEADERBOARD_BUILDING)
     assert await redis.keys("sh:lb:tmp:*") == []
+
+
+async def test_a_rebuild_slower_than_the_servers_statement_timeout_still_finishes(settings, lb):
+    """(Review) a server's statements give up after STUDYHALL_DB_TIMEOUT_S (15 s: a Postgres that stopped
+    answering); a rebuild's sums over a whole ledger, run by servers, take their own longer timeout (LONG_S), or a
+    big ledger's boards could never be rebuilt by any server. Here the pod scope's sums wait 1.5 s behind a lock,
+    on a pool whose statements give up after 0.5 s."""
+    pool, redis = lb
+    short = await create_pool(settings.database_url, min_size=1, max_size=2, command_timeout=0.5)
+    try:
+        async with pool.acquire() as holder:
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute("LOCK TABLE pod_members IN ACCESS EXCLUSIVE MODE")
+            await redis.delete(keys.LEADERBOARD_LOCK)
+            rebuilding = asyncio.create_task(leaderboard_rebuild.rebuild(short, redis))
+            await asyncio.sleep(1.5)
+            await tx.rollback()
+        assert await rebuilding is not None
+    finally:
+        await short.close()
