@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 
 import asyncpg
@@ -373,24 +374,26 @@ async def _tutor_ask(hub: Hub, conn: Conn, user: AuthUser, frame: frames.TutorAs
     """Post the question and start the tutor's answer, once per client_msg_id. A repeat of a question already asked
     (a re-send after a reconnect) gets the original back, whatever the slots, the send budget or the daily limit say
     now; so does a twin sent at once (a re-send on another server, a second tab): the first copy marks the ask as
-    being taken (store.keys.asking) and its twins wait for it rather than race it for a slot (the loser was told
+    being taken (store.keys.asking) before it looks for an original, and its twins wait (up to TWIN_WAIT_S, this
+    socket's other frames with them) for it to be posted rather than race it for a slot (the loser was told
     `tutor_busy` for a question that was posted and answered)."""
     async def repeat_of() -> messages_repo.Posted | None:
         return await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id, text,
                                             relay=frames.relay_key(frame.relay))
 
-    original = await repeat_of()
     marker = (keys.asking(conn.room, user.id, frame.client_msg_id)
-              if original is None and frame.client_msg_id is not None and user.role == "learner" else None)
-    if marker is not None and not await hub.redis.set(marker, b"1", ex=TWIN_MARK_S, nx=True):
+              if frame.client_msg_id is not None and user.role == "learner" else None)  # (others have no slots)
+    mine = secrets.token_hex(8)
+    if marker is not None and not await hub.redis.set(marker, mine, ex=TWIN_MARK_S, nx=True):
         deadline = asyncio.get_running_loop().time() + TWIN_WAIT_S
         while asyncio.get_running_loop().time() < deadline and await hub.redis.exists(marker):
             await asyncio.sleep(0.05)
-        original, marker = await repeat_of(), None  # (the first copy posted it, or was refused: then as any ask)
-    if original is not None:
-        conn.own(original.event.seq, original.payload.decode())
-        return
+        marker = None  # (the first copy posted it, or was refused: then this is taken as any ask)
     try:
+        original = await repeat_of()
+        if original is not None:
+            conn.own(original.event.seq, original.payload.decode())
+            return
         slot = await take_slot(hub.redis, user.id, user.role, hub.settings)  # refused before anything is posted
         if slot is None:
             raise messages_repo.Refused("tutor_busy", BUSY, retry_after=BUSY_RETRY_S)
@@ -406,8 +409,14 @@ async def _tutor_ask(hub: Hub, conn: Conn, user: AuthUser, frame: frames.TutorAs
         # one without a mention as written (its line breaks kept: a code snippet), as a REST ask
         posted = await post_asking(hub.app_state, user, conn.room, conn.access.course_id, text, meta,
                                    frame.client_msg_id, asked(text), slot)
+    except asyncio.CancelledError:
+        marker = None  # (the post may go on, shielded: the mark lapses on its own)
+        raise
     finally:
-        if marker is not None:
-            await hub.redis.delete(marker)
+        if marker is not None:  # only this copy's mark (one that outlived its lease may be a twin's now)
+            await hub.redis.eval(_DELETE_IF_MINE, 1, marker, mine)
     if not posted.created:  # a repeat of a question already asked: it is answered (or being answered) once
         conn.own(posted.event.seq, posted.payload.decode())
+
+
+_DELETE_IF_MINE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"

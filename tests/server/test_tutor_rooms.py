@@ -566,8 +566,8 @@ async def test_a_twin_ask_without_a_slot_waits_for_its_first_copy(openai_server,
                                  delay_s=0.1))  # about 3 s per answer
     c = await Client.connect(openai_server, room, learner)
     for i in (1, 2):  # both slots in use
-        await c.send({"type": "tutor.ask", "text": f"What does a bitcoin signature prove? (take {i})",
-                      "client_msg_id": f"slot{i}"})
+        await c.send({"type": "tutor.ask", "text": f"Why would a bitcoin signature be hard to forge? (try {i})",
+                      "client_msg_id": f"slot{i}"})  # (not another test's question: answered from the cache at once)
         await c.expect("message.new", client_msg_id=f"slot{i}")
     text = "Who keeps the ledger?"
     redis = Redis.from_url(settings.redis_url)
