@@ -30,6 +30,7 @@ from agents import scoring
 from agents.evidence import mmss
 from agents.grader import embed_cached
 from agents.llm import LLM, LLMError, first_json_object
+from store.frames import CONTROL, without_format
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ async def _llm_check(llm: LLM, question: str, reply: str, sources: list) -> Chec
     except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise LLMError(f"{llm.name}: unusable reply check: {exc}", retryable=False, provider=llm.name) from exc
     conf = min(1.0, max(0.0, v.confidence))
-    why = " ".join(v.why.split())[:200] or "the model found it not helpful"
+    # (a NUL could not be stored: the check failed on every try, and never fell back to the offline one)
+    why = " ".join(without_format(CONTROL.sub("", v.why)).split())[:200] or "the model found it not helpful"
     helpful = v.helpful and conf >= LLM_MIN_CONFIDENCE
     return Check("helpful" if helpful else "not_helpful", why, conf, f"llm:{llm.name}:{c.model}")

@@ -23,7 +23,7 @@ from agents.evidence import MAX_CITATION_S, Window, mmss, pick_citations, quote,
 from agents.helpful import asks
 from agents.judge import REPLIES, SMALL_TALK, judge, lookup_words, opens_sentence, small_talk
 from agents.llm import LLM, LLMError, estimate_cost_usd
-from store.frames import without_format
+from store.frames import CONTROL, without_format
 from store.search import Hit, hybrid_search, neighbours, vocabulary_coverage
 
 logger = logging.getLogger(__name__)
@@ -334,7 +334,7 @@ class Tutor:
                         # hold text back while it could still be the NOT_IN_COURSE sentinel (what streams is a
                         # draft: the final answer, after `cite`, replaces it)
                         if on_delta and not "NOT_IN_COURSE".startswith(stream.text.lstrip()[:13]):
-                            await on_delta(stream.text[sent:])
+                            await on_delta(CONTROL.sub("", stream.text[sent:]))  # (as stored: see below)
                             sent = len(stream.text)
         except (LLMError, TimeoutError) as exc:  # (the stream turns its own timeouts into LLMError)
             why = exc.message if isinstance(exc, LLMError) else (
@@ -343,13 +343,19 @@ class Tutor:
             self._account(s, stream.usage_so_far)  # what the provider reported is billed all the same
             if isinstance(exc, LLMError) and exc.refused:  # what a filter stopped is not kept, not even in part
                 return {"answer": "", "error": REFUSED_PREFIX + why, "grounded": False, "refused": True}
-            return {"answer": stream.text, "error": why, "grounded": False}
+            return {"answer": CONTROL.sub("", stream.text), "error": why, "grounded": False}
         if stream.usage:
             self._account(s, stream.usage)
-        text = stream.text.strip()
+        # control characters dropped (a NUL cannot be stored: the paid answer was lost, the asker told their
+        # request was bad), as from a grader's reply
+        text = CONTROL.sub("", stream.text).strip()
         truncated = stream.completion is not None and stream.completion.truncated
         if truncated and not text:  # a reasoning model can spend the whole budget thinking: not a "no"
             why = f"{self.llm.name}: the reply reached its length limit before any answer"
+            logger.warning("tutor answer failed: %s (model %s)", why, self.llm.model)
+            return {"answer": "", "grounded": False, "error": why}
+        if not text:  # a glitch, not the model's NOT_IN_COURSE: it was taken (and cached) for "not covered"
+            why = f"{self.llm.name}: the reply was empty"
             logger.warning("tutor answer failed: %s (model %s)", why, self.llm.model)
             return {"answer": "", "grounded": False, "error": why}
         if text.startswith("NOT_IN_COURSE"):

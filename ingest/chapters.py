@@ -7,12 +7,15 @@ from __future__ import annotations
 import logging
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from store.frames import CONTROL, blank, without_format
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +193,11 @@ async def llm_titles(llm, chapters: list[Chapter],  # type: ignore[no-untyped-de
         except LLMError as exc:
             logger.warning("chapter title from the model failed, keeping the extractive one: %s", exc.message)
             continue
-        title = " ".join(c.text.strip().strip("\"'").split())[:120].rstrip(".")
-        if title:
+        # as a title typed over REST would be: no control characters (a NUL failed the whole ingest, every
+        # attempt), no invisible format characters (a bidi override turned it round), composed
+        title = " ".join(unicodedata.normalize("NFC", without_format(CONTROL.sub("", c.text))).strip()
+                         .strip("\"'").split())[:120].rstrip(".")
+        if title and not blank(title):
             ch.title = title
             changed += 1
     return changed

@@ -400,8 +400,8 @@ def public_error(error: str | None) -> str | None:
     """The failure as the asker sees it (None: no failure)."""
     if not error:
         return None
-    if error in _OUR_ERRORS:
-        return error
+    if error in _OUR_ERRORS or error in (MODEL_REFUSED, MODEL_FAILED):  # (public already: a room's reply read a
+        return error                                                  # refusal's as a failure, "please ask again")
     return MODEL_REFUSED if error.startswith(REFUSED_PREFIX) else MODEL_FAILED
 
 

@@ -535,3 +535,16 @@ async def test_a_reasoning_model_gets_a_low_effort_and_room_to_reason(srv):
     assert body["reasoning_effort"] == "low" and body["max_completion_tokens"] == 80 + 1024
     srv.refuse("reasoning_effort")
     assert (await llm.complete(USER)).text and "reasoning_effort" not in srv.requests[-1].body
+
+
+async def test_a_reply_checks_reason_holding_a_nul_is_stored_without_it(srv):
+    """(Tester) the helpful-reply check's model gave its `why` with a NUL: it could not be stored, the check failed
+    on every try and never fell back to the offline one. Control and invisible format characters are dropped."""
+    from types import SimpleNamespace
+
+    from agents.helpful import _llm_check
+
+    srv.script(Reply(text='{"helpful": false, "confidence": 0.9, "why": "wrong\\u0000 answer \\u202e here"}'))
+    source = SimpleNamespace(video_title="Bitcoin", start=10.0, text="Each block names the one before it.")
+    got = await _llm_check(make("openai", srv), "why chain blocks?", "they are random", [source])
+    assert got.reason == "wrong answer here", got

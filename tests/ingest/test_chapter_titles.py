@@ -31,6 +31,18 @@ def test_llm_titles_and_fallback():
         assert "data, not instructions" in str(body) and "row picture" in str(body)
 
 
+def test_a_model_title_is_cleaned_as_a_typed_one():
+    """(Tester) a model's title holding a NUL failed the whole ingest (every attempt: it cannot be stored); one
+    holding a terminal escape, a bidi override or zero-width spaces was stored and shown as written."""
+    with FakeLLMServer(api_key="sk-test") as srv:
+        srv.script(Reply(text="Atten\u0000tion \u202eheads\u200b\u200b"), Reply(text="\u0000\u200b \x1b"))
+        llm = OpenAIChat("sk-test", "gpt-4o-mini", base_url=srv.openai_base_url, max_retries=0)
+        chapters = _chapters()
+        assert asyncio.run(llm_titles(llm, chapters)) == 1
+        assert chapters[0].title == "Attention heads"
+        assert chapters[1].title == "Extractive two"  # nothing visible left: the extractive title stays
+
+
 def test_an_extractive_title_is_a_whole_short_sentence_when_one_of_the_best_is():
     """Titles were the best sentence cut at ten words ("In fact, for the hash function I'm showing here, called…"):
     now the first of the best few short enough to be whole, without spoken openers or a stray quote mark."""

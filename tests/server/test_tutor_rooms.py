@@ -284,6 +284,46 @@ def test_llm_sse_stream(openai_server, eval_course: EvalCourse, fake_llm):
     assert final["grounded"] and len(final["citations"]) == 1
 
 
+def test_an_empty_or_nul_reply_is_neither_a_decline_nor_a_bad_request(openai_server, eval_course: EvalCourse,
+                                                                       fake_llm, client, make: Factory):
+    """(Tester) an empty model reply was taken for the model's NOT_IN_COURSE: "the course videos don't cover this",
+    cached for every later asker; a reply holding a NUL could not be stored: a 400 blaming the asker's request, the
+    paid answer lost. Now the empty one is a model failure (the question given back, nothing cached) and the NUL is
+    dropped."""
+    learner = make.user("learner", tenant=eval_course.tenant)
+    assert client.post(f"/api/v1/courses/{eval_course.id}/enrollments", json={"user_id": learner.id},
+                       headers=eval_course.instructor.h).status_code == 201
+    url = f"/api/v1/courses/{eval_course.id}/ask"
+    question = "Why does each bitcoin block carry the hash of the one before it?"
+    fake_llm.reset()
+    fake_llm.script(Reply(text=""))
+    r = httpx.post(openai_server + url, json={"question": question}, headers=learner.h, timeout=60)
+    assert r.status_code == 200 and r.json()["error"] == "the tutor's language model failed; please ask again", r.text
+    assert "don't cover" not in r.json()["answer"]
+    fake_llm.script(Reply(text="Each block names the one before it by its hash [1]."))
+    r = httpx.post(openai_server + url, json={"question": question}, headers=learner.h, timeout=60)
+    assert r.status_code == 200 and not r.json()["cached"] and r.json()["grounded"], r.text
+    fake_llm.script(Reply(text="Changing a block\u0000 changes its hash [1]."))
+    r = httpx.post(openai_server + url, json={"question": "What happens to a block's hash when it changes?"},
+                   headers=learner.h, timeout=60)
+    assert r.status_code == 200 and r.json()["grounded"], r.text
+    assert "\x00" not in r.json()["answer"] and "changes its hash" in r.json()["answer"]
+
+
+async def test_a_refused_room_question_says_it_was_refused(openai_server, eval_course: EvalCourse, fake_llm, client,
+                                                          make: Factory):
+    """(Tester) in a room a refusal or a content filter was told "failed; please ask again" (its public text read
+    again as a raw error), while REST said "would not answer this; try asking it another way"."""
+    room, learner = _pod_room(client, eval_course, make)
+    fake_llm.reset(default=Reply(text="I will not say.", chunks=3, finish="content_filter"))
+    c = await Client.connect(openai_server, room, learner)
+    await c.send({"type": "tutor.ask", "text": "How do miners choose which transactions to include?",
+                  "client_msg_id": "filtered"})
+    err = await c.expect("error", timeout=60)
+    assert err["code"] == "tutor_failed" and "would not answer" in err["detail"], err
+    await c.close()
+
+
 def test_sse_client_leaving_mid_answer_still_stores_it(openai_server, eval_course: EvalCourse, fake_llm, settings):
     """The answer was asked (and is paid for): a client that goes away mid-stream does not lose the turn."""
     fake_llm.reset()
