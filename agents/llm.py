@@ -213,6 +213,15 @@ def _map_error(exc: BaseException, provider: str, sdk: Any, base: type[Exception
 _NOT_RETRYABLE_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
 
 
+async def _no_retry_without_credit(response: Any) -> None:
+    """A 429 saying the account is out of credit is marked `x-should-retry: false`, which the SDK obeys: it retried
+    it like a rate limit (three calls where the README promises one), though waiting does not cure it."""
+    if response.status_code == 429 and "x-should-retry" not in response.headers:
+        body = await response.aread()
+        if any(code.encode() in body for code in _NOT_RETRYABLE_CODES):
+            response.headers["x-should-retry"] = "false"
+
+
 def _sdk_error(exc: BaseException, provider: str, sdk: Any, base: type[Exception]) -> LLMError | None:
     if isinstance(exc, sdk.APIStatusError) and exc.status_code >= 400:
         status = exc.status_code
@@ -316,8 +325,9 @@ class OpenAIChat:
         self.model = model
         self._sdk = openai
         # Self-hosted servers often need no key, but the SDK refuses to start without one.
-        self._client = openai.AsyncOpenAI(api_key=api_key or "unused", base_url=base_url, timeout=timeout,
-                                          max_retries=max_retries)
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key or "unused", base_url=base_url, timeout=timeout, max_retries=max_retries,
+            http_client=openai.DefaultAsyncHttpxClient(event_hooks={"response": [_no_retry_without_credit]}))
         self._timeout = timeout
         # OpenAI's reasoning models reject `max_tokens`; compatible servers often only know it. A server that
         # refuses the one we send gets the other from then on (Azure, OpenAI's regional hosts, old vLLM).

@@ -459,6 +459,15 @@ async def test_errors_waiting_cannot_cure_are_not_retryable(srv):
         with pytest.raises(LLMError) as info:
             await make("openai", srv).complete(USER)
         assert info.value.retryable is retryable, info.value.message
+    # (Tester) the SDK's own retries (two by default) retried the out-of-credit 429 as a rate limit: one call now;
+    # a plain 429 is still retried
+    srv.script(Reply(status=429, error_code="insufficient_quota"), Reply(status=429), Reply(status=429), Reply())
+    before = len(srv.requests)
+    with pytest.raises(LLMError):
+        await OpenAIChat(KEY, "gpt-4o-mini", base_url=srv.openai_base_url, max_retries=2).complete(USER)
+    assert len(srv.requests) - before == 1
+    assert (await OpenAIChat(KEY, "gpt-4o-mini", base_url=srv.openai_base_url, max_retries=2).complete(USER)).text
+    assert len(srv.requests) - before == 4
 
 
 async def test_a_refused_token_limit_field_is_swapped_for_the_other_once(srv):
