@@ -32,8 +32,9 @@ logger = logging.getLogger("studyhall")
 def citation_line(i: int, c: dict) -> str:
     """`[1] Title 0:10 (quoted at 0:20) url`: the moment's start, and when its quote is said when that is later (the
     offline answer names the quote's time; the line named only the start, up to 20 s earlier)."""
-    at = mmss(c["quote_at"]) if c.get("quote_at") is not None else c["label"]
-    when = c["label"] if at == c["label"] else f"{c['label']} (quoted at {at})"
+    # a second or more after the start, and something quoted (a Socratic hint quotes nothing)
+    later = c.get("quote") and c.get("quote_at") is not None and c["quote_at"] - c.get("start", 0) >= 1
+    when = f"{c['label']} (quoted at {mmss(c['quote_at'])})" if later else c["label"]
     return f"[{i}] {c['video_title']} {when} {c['url'] or ''}".rstrip()
 
 

@@ -45,6 +45,7 @@ UPLOAD_STOP_GRACE_S = 7.0
 def stop_uploads(app_state: object, grace_s: float = UPLOAD_STOP_GRACE_S) -> None:
     """The server is stopping: uploads still being read get `grace_s` seconds to arrive, then a 503 to send again."""
     when = asyncio.get_running_loop().time() + grace_s
+    app_state.upload_stop_at = when  # (for an upload that reaches `receive_upload` after this: a request in its checks)
     for stop in list(getattr(app_state, "upload_stops", ())):
         stop.reschedule(when)
 
@@ -134,7 +135,7 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
     stops = getattr(request.app.state, "upload_stops", None)
     stops = set() if stops is None else stops  # (the app's, empty while nothing is uploading)
     try:
-        async with asyncio.timeout(None) as stop:
+        async with asyncio.timeout_at(getattr(request.app.state, "upload_stop_at", None)) as stop:
             stops.add(stop)  # a stopping server sets its deadline (see `stop_uploads`)
             async for chunk in request.stream():
                 parser.write(chunk)

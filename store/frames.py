@@ -127,11 +127,27 @@ def as_read(text: str) -> str:
     folded = "".join(unicodedata.normalize("NFKC", c) if "\uff01" <= c <= "\uff5e" else c for c in composed)
     kept = "".join(c for c in folded if (c in JOINERS or unicodedata.category(c) != "Cf") and c not in INVISIBLE
                    and not _SELECTOR.match(c))
-    return " ".join(_IDLE_JOINER.sub("", kept).split()).casefold()
+    return " ".join(_JOINER_RUN.sub(_joiner_as_read, kept).split()).casefold()
 
 
-# a zero-width (non-)joiner next to ASCII or a space (or at an end) joins nothing a reader sees ("Yes\u200d" is "Yes")
-_IDLE_JOINER = re.compile(r"(?<![^\x00-\x7f])[\u200c\u200d]+|[\u200c\u200d]+(?![^\x00-\x7f])")
+# A zero-width (non-)joiner changes what a reader sees only beside an emoji (a family is not its faces) or between
+# letters of a script whose letters join (Arabic, Persian, Syriac, Indic, Sinhala, Mongolian); elsewhere ("Yes\u200d",
+# between two Greek letters) it joins nothing.
+_JOINER_RUN = re.compile("[\u200c\u200d]+")
+_JOINING_SCRIPT = re.compile("[\u0600-\u08ff\u0900-\u0dff\u1800-\u18af\ua8e0-\ua8ff\ufb50-\ufdff\ufe70-\ufeff]")
+
+
+def _pictograph(c: str) -> bool:
+    return unicodedata.category(c) in ("So", "Sk") or "\U0001f000" <= c <= "\U0001faff"
+
+
+def _joiner_as_read(m: re.Match) -> str:
+    text, i, j = m.string, m.start(), m.end()
+    before, after = (text[i - 1] if i else ""), (text[j] if j < len(text) else "")
+    if before and after and (_pictograph(before) or _pictograph(after)
+                             or (_JOINING_SCRIPT.match(before) and _JOINING_SCRIPT.match(after))):
+        return m.group(0)
+    return ""
 # marks that change nothing a reader sees: variation selectors, the combining grapheme joiner, Mongolian free
 # variation selectors, Khmer inherent vowels
 _SELECTOR = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef\u034f\u180b-\u180f\u17b4\u17b5]")

@@ -160,7 +160,11 @@ def test_ask_names_when_a_citations_quote_is_said():
     line names the quote's time too when it is later than the moment's start."""
     from server.cli import citation_line
 
-    c = {"video_title": "lec", "label": "0:10", "quote_at": 20.4, "url": None}
+    c = {"video_title": "lec", "label": "0:10", "start": 10.0, "quote_at": 20.4, "quote": "…", "url": None}
     assert citation_line(1, c) == "[1] lec 0:10 (quoted at 0:20)"
     assert citation_line(2, {**c, "quote_at": 10.0, "url": "https://youtu.be/x?t=10"}) == \
         "[2] lec 0:10 https://youtu.be/x?t=10"
+    # (review) a start of 9.996 is labelled 0:09 and quoted at its rounded 10.0: the same moment; a Socratic hint
+    # quotes nothing
+    assert citation_line(3, {**c, "label": "0:09", "start": 9.996, "quote_at": 10.0}) == "[3] lec 0:09"
+    assert citation_line(4, {**c, "quote": ""}) == "[4] lec 0:10"

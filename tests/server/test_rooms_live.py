@@ -168,6 +168,8 @@ async def test_poll_vote_rules(server, client, make: Factory, settings):
                        ({"question": "?", "options": ["Yes", "\uff39es"]}, "options"),
                        ({"question": "?", "options": ["Yes", "Yes\ufe0f"]}, "options"),  # a variation selector
                        ({"question": "?", "options": ["Yes", "Yes\u200d"]}, "options"),  # a joiner joining nothing
+                       ({"question": "?", "options": ["\u0395\u03bb\u03bb\u03ac\u03b4\u03b1",  # (review) Greek
+                                                      "\u0395\u03bb\u200d\u03bb\u03ac\u03b4\u03b1"]}, "options"),
                        ({"question": "\u200b", "options": ["a", "b"]}, "question")]:  # invisible only
         r = client.post(url, json=bad, headers=inst.h)
         assert r.status_code == 400 and r.json().get("field") == field, r.text

@@ -479,3 +479,20 @@ async def test_a_poll_opened_while_its_unjoined_session_is_cancelled_is_not_foun
     except Refused as exc:
         assert (exc.code, exc.detail) == ("not_found", f"live session {sid} not found")
     assert not await pool.fetchval("SELECT 1 FROM rooms WHERE id = $1", room)
+    # (Review) outside a transaction (a socket opening, a REST room lookup) nothing rolled the made-again row back:
+    # it stayed, for a session gone
+    async with pool.acquire() as conn:
+        sid = (await live.create_session(conn, cid, "t", None, owner))["id"]
+    room = live.room_of(sid)
+    async with pool.acquire() as canceller, pool.acquire() as joiner:
+        tx = canceller.transaction()
+        await tx.start()
+        await rooms.lock_room(canceller, room)
+        joining = asyncio.create_task(rooms.ensure_room(joiner, room))
+        await asyncio.sleep(0.5)
+        assert not joining.done()
+        await canceller.execute("DELETE FROM rooms WHERE id = $1", room)
+        await canceller.execute("DELETE FROM live_sessions WHERE id = $1", sid)
+        await tx.commit()
+        assert await joining is None
+    assert not await pool.fetchval("SELECT 1 FROM rooms WHERE id = $1", room)
