@@ -363,6 +363,9 @@ class OpenAIEmbedder:
         self._request_dim = dim
         self.name = f"openai:{model}" + (f"@{dim}" if dim and dim != OPENAI_DIMS.get(model) else "")
         self._dim = dim or OPENAI_DIMS.get(model)
+        from agents.llm import keep_secret
+
+        keep_secret(api_key)  # (masked wherever an error quotes it)
         kwargs: dict[str, Any] = dict(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
         self._client = openai.OpenAI(**kwargs)
         self._aclient = openai.AsyncOpenAI(**kwargs)

@@ -193,7 +193,19 @@ _CREDENTIAL = re.compile(r"(?i)(\bbearer\s+|\bx-api-key\b\W{0,4}|\bapi[_-]?key\b
                          r"|\bsk-[A-Za-z0-9][A-Za-z0-9_\-]{6,}")
 
 
+# The keys this process was given (registered as each client is made): masked wherever they are quoted, whatever
+# their shape (one not shaped like "sk-…", or shorter, was logged whole when an error quoted it)
+_KEYS: set[str] = set()
+
+
+def keep_secret(key: str | None) -> None:
+    if key and len(key.strip()) >= 6:
+        _KEYS.add(key.strip())
+
+
 def redact(text: str) -> str:
+    for key in sorted(_KEYS, key=len, reverse=True):
+        text = text.replace(key, "***")
     return _CREDENTIAL.sub(lambda m: (m.group(1) or "sk-") + "***", text)
 
 
@@ -324,6 +336,7 @@ class OpenAIChat:
 
         self.model = model
         self._sdk = openai
+        keep_secret(api_key)
         # Self-hosted servers often need no key, but the SDK refuses to start without one.
         self._client = openai.AsyncOpenAI(
             api_key=api_key or "unused", base_url=base_url, timeout=timeout, max_retries=max_retries,
@@ -476,6 +489,7 @@ class AnthropicChat:
 
         self.model = model
         self._sdk = anthropic
+        keep_secret(api_key)
         # An explicit key also stops the SDK from reading credentials from the environment or profiles.
         self._client = anthropic.AsyncAnthropic(api_key=api_key or "unused", base_url=base_url, timeout=timeout,
                                                 max_retries=max_retries)

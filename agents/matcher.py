@@ -44,7 +44,7 @@ AVAILABILITY_FULL_MIN = 180  # this much shared time a week counts as a perfect 
 SCALE = 10_000  # weights become integers for the matching (exact arithmetic, zero-weight pairs stay usable)
 AUTHOR_NAME = "Study buddies"
 AUTHOR_ROLE = "system"
-LLM_TIMEOUT_S = 30.0
+LLM_TIMEOUT_S = 30.0  # a reason's call as a whole, or its model's own request timeout (STUDYHALL_LLM_TIMEOUT_S) if longer
 
 REASON_SYSTEM = (
     "You introduce study buddies in an online course. Given facts about a pairing, write ONE friendly sentence "
@@ -239,8 +239,9 @@ async def llm_reason(llm: Any, group: list[Learner], chapter_titles: dict[int, s
     facts = facts_for(group, chapter_titles) or ["they have not studied much yet; a fresh start together"]
     prompt = REASON_USER.format(names=", ".join(m.name for m in group), facts="\n".join(f"- {f}" for f in facts))
     try:
-        done = await asyncio.wait_for(llm.complete([{"role": "user", "content": prompt}], system=REASON_SYSTEM,
-                                                   max_tokens=120), LLM_TIMEOUT_S)
+        # (a slow self-hosted model given a longer timeout never wrote a reason: the call was cut at 30 s)
+        async with asyncio.timeout(max(LLM_TIMEOUT_S, float(getattr(llm, "_timeout", 0) or 0))):
+            done = await llm.complete([{"role": "user", "content": prompt}], system=REASON_SYSTEM, max_tokens=120)
     except Exception as exc:  # noqa: BLE001 - a failed reason falls back to the template
         logger.warning("matcher: LLM reason failed (%s); using the template", str(exc) or type(exc).__name__)
         return None

@@ -55,6 +55,13 @@ _QUOTED = re.compile(r"“[^”]*”|\"[^\"\n]*\"")
 _MARKER_IN_QUOTE = re.compile(r"(?<![\w)\]])\[(\d{1,2})\]")
 
 
+# A dropped marker leaves no space before what followed it ("the answer is [9]." read "the answer is ."): the model's
+# text holds no NUL (control characters are dropped from it), so one marks where a marker went.
+_DROPPED = "\x00"
+_DROPPED_RE = re.compile(r"[ \t]*\x00")
+_HALF_MARKER = re.compile(r"\s*\[\d*$")  # an answer cut off inside a marker
+
+
 def _markers(repl: Callable[[re.Match[str]], str], text: str) -> str:
     """`_MARKER.sub(repl, text)`, leaving indexes inside quotes alone."""
     out, last = [], 0
@@ -384,7 +391,8 @@ class Tutor:
             nearest = [citation(w, s.get("mode", "answer")) for w in (s.get("sources") or [])[:3]]
             fallback = s.get("answer") or "The course videos don't cover this, so I won't guess."
             if s.get("error"):  # cut off mid-answer: what came, without markers that now cite nothing
-                partial = _markers(lambda m: "", s.get("answer") or "").strip()
+                partial = _DROPPED_RE.sub("", _markers(lambda m: _DROPPED, s.get("answer") or ""))
+                partial = _HALF_MARKER.sub("", partial).strip()  # ("chained [" cut inside a marker)
                 if "NOT_IN_COURSE".startswith(partial[:13]):
                     partial = ""
                 fallback = (partial + " …\n\n(The answer was cut off by a model error; please ask again.)"
@@ -407,11 +415,11 @@ class Tutor:
         def renumber(m: re.Match[str]) -> str:
             n = int(m.group(1))
             if not 1 <= n <= len(sources):
-                return ""  # a marker that points at nothing we retrieved is dropped
+                return _DROPPED  # a marker that points at nothing we retrieved is dropped (with its space)
             if n not in used:
                 used.append(n)
             return f"[{used.index(n) + 1}]"
-        text = _markers(renumber, s["answer"]).strip()
+        text = _DROPPED_RE.sub("", _markers(renumber, s["answer"])).strip()
         cites = [citation(sources[n - 1], mode) for n in used]
         if not cites:
             # nothing in the reply is tied to a moment (it may be invented): not shown, and not cached for the next

@@ -557,3 +557,13 @@ async def test_a_reply_checks_reason_holding_a_nul_is_stored_without_it(srv):
     source = SimpleNamespace(video_title="Bitcoin", start=10.0, text="Each block names the one before it.")
     got = await _llm_check(make("openai", srv), "why chain blocks?", "they are random", [source])
     assert got.reason == "wrong answer here", got
+
+
+async def test_an_error_quoting_the_configured_key_never_shows_it(srv):
+    """(Tester) a provider error quoting the configured key was passed on whole when the key was not shaped like
+    "sk-" and seven more characters ("sk-test", or a self-hosted server's token): every configured key is masked."""
+    for key in ("sk-test", "a1b2c3d4e5f6"):
+        srv.script(Reply(status=400, error_message=f"the key {key} is not allowed here"))
+        with pytest.raises(LLMError) as info:
+            await make("openai", srv, key=key).complete(USER)
+        assert key not in info.value.message and "***" in info.value.message, info.value.message

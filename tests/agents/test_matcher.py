@@ -263,3 +263,25 @@ def test_availability_in_utc():
     # Kolkata is UTC+5:30; overlapping slots count once
     kolkata = Profile(2, "Asia/Kolkata", [[2, 600, 720], [2, 660, 780]], [], None)
     assert utc_week_minutes(kolkata, winter) == [(2 * 1440 + 600 - 330, 2 * 1440 + 780 - 330)]
+
+
+async def test_a_slow_model_given_a_longer_timeout_still_writes_the_reason(monkeypatch):
+    """(Tester) a reason's call was cut at a fixed 30 s whatever STUDYHALL_LLM_TIMEOUT_S said (a slow self-hosted
+    model never wrote one): the model's own timeout bounds it when longer. (Shrunk: 0.2 s fixed, 1 s the model's.)"""
+    import asyncio
+
+    from agents import matcher
+    from agents.llm import Completion, Usage
+
+    monkeypatch.setattr(matcher, "LLM_TIMEOUT_S", 0.2)
+
+    class Slow:
+        _timeout = 1.0
+
+        async def complete(self, *a, **kw):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(0.5)
+            return Completion("Ann and Ben both want to ship it.", Usage(), "m", "stub", 0.0)
+
+    assert await llm_reason(Slow(), [Learner(1, "Ann"), Learner(2, "Ben")], {}) == "Ann and Ben both want to ship it."
+    Slow._timeout = 0.1
+    assert await llm_reason(Slow(), [Learner(1, "Ann"), Learner(2, "Ben")], {}) is None

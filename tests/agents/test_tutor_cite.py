@@ -157,3 +157,15 @@ def test_an_offline_answer_names_the_time_its_quote_is_said():
     c = citation(w)
     assert c["label"] == "12:26" and c["quote_at"] == 768.5
     assert "at 12:48: “Can psychology" in extractive_answer([w], "answer")
+
+
+def test_a_dropped_marker_takes_its_space_and_a_cut_off_one_goes():
+    """(Tester) a marker pointing at nothing was dropped but left its space ("the answer is ."); an answer cut off
+    inside a marker kept half of it ("chained [ …")."""
+    sources = [_w(10, 20), _w(30, 40)]
+    out = asyncio.run(Tutor.cite(None, {"answer": "Blocks are chained [1]. The answer is [9].",  # type: ignore[arg-type]
+                                        "sources": sources}))
+    assert out["answer"] == "Blocks are chained [1]. The answer is."
+    out = asyncio.run(Tutor.cite(None, {"answer": "Blocks are chained [2] by hashes [", "error": "cut",  # type: ignore[arg-type]
+                                        "sources": sources}))
+    assert out["answer"].startswith("Blocks are chained by hashes …"), out["answer"]
