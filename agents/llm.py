@@ -193,19 +193,24 @@ _CREDENTIAL = re.compile(r"(?i)(\bbearer\s+|\bx-api-key\b\W{0,4}|\bapi[_-]?key\b
                          r"|\bsk-[A-Za-z0-9][A-Za-z0-9_\-]{6,}")
 
 
-# The keys this process was given (registered as each client is made): masked wherever they are quoted, whatever
-# their shape (one not shaped like "sk-…", or shorter, was logged whole when an error quoted it)
+# The keys this process was given (registered as each client is made): masked wherever they are quoted as a token
+# of their own, whatever their shape (one not shaped like "sk-" and seven more characters was logged whole when an
+# error quoted it; a key that is a word, "ollama", is not masked inside "ollama/llama3")
 _KEYS: set[str] = set()
+_KEY_RES: list[re.Pattern[str]] = []
 
 
 def keep_secret(key: str | None) -> None:
-    if key and len(key.strip()) >= 6:
-        _KEYS.add(key.strip())
+    key = (key or "").strip()
+    if len(key) >= 4 and key not in _KEYS:
+        _KEYS.add(key)
+        _KEY_RES.append(re.compile(r"(?<![\w/.-])" + re.escape(key) + r"(?![\w/.-])"))
+        _KEY_RES.sort(key=lambda r: -len(r.pattern))
 
 
 def redact(text: str) -> str:
-    for key in sorted(_KEYS, key=len, reverse=True):
-        text = text.replace(key, "***")
+    for key_re in _KEY_RES:
+        text = key_re.sub("***", text)
     return _CREDENTIAL.sub(lambda m: (m.group(1) or "sk-") + "***", text)
 
 
@@ -229,9 +234,24 @@ async def _no_retry_without_credit(response: Any) -> None:
     """A 429 saying the account is out of credit is marked `x-should-retry: false`, which the SDK obeys: it retried
     it like a rate limit (three calls where the README promises one), though waiting does not cure it."""
     if response.status_code == 429 and "x-should-retry" not in response.headers:
-        body = await response.aread()
-        if any(code.encode() in body for code in _NOT_RETRYABLE_CODES):
-            response.headers["x-should-retry"] = "false"
+        _mark_without_credit(response, await response.aread())
+
+
+def no_retry_without_credit_sync(response: Any) -> None:
+    """`_no_retry_without_credit` for a synchronous client (the embedder's)."""
+    if response.status_code == 429 and "x-should-retry" not in response.headers:
+        _mark_without_credit(response, response.read())
+
+
+def _mark_without_credit(response: Any, body: bytes) -> None:
+    if any(code.encode() in body for code in _NOT_RETRYABLE_CODES):
+        response.headers["x-should-retry"] = "false"
+
+
+def openai_http_clients(openai: Any) -> tuple[Any, Any]:
+    """(sync, async) HTTP clients for the OpenAI SDK, with the out-of-credit hook."""
+    return (openai.DefaultHttpxClient(event_hooks={"response": [no_retry_without_credit_sync]}),
+            openai.DefaultAsyncHttpxClient(event_hooks={"response": [_no_retry_without_credit]}))
 
 
 def _sdk_error(exc: BaseException, provider: str, sdk: Any, base: type[Exception]) -> LLMError | None:

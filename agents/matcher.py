@@ -44,7 +44,11 @@ AVAILABILITY_FULL_MIN = 180  # this much shared time a week counts as a perfect 
 SCALE = 10_000  # weights become integers for the matching (exact arithmetic, zero-weight pairs stay usable)
 AUTHOR_NAME = "Study buddies"
 AUTHOR_ROLE = "system"
-LLM_TIMEOUT_S = 30.0  # a reason's call as a whole, or its model's own request timeout (STUDYHALL_LLM_TIMEOUT_S) if longer
+# A reason's call as a whole; a slow model configured with more than the default request timeout
+# (STUDYHALL_LLM_TIMEOUT_S, 60 s) gets that, up to REASON_MAX_S (well inside the pod's 120 s matching lease)
+LLM_TIMEOUT_S = 30.0
+DEFAULT_MODEL_TIMEOUT_S = 60.0
+REASON_MAX_S = 90.0
 
 REASON_SYSTEM = (
     "You introduce study buddies in an online course. Given facts about a pairing, write ONE friendly sentence "
@@ -240,7 +244,9 @@ async def llm_reason(llm: Any, group: list[Learner], chapter_titles: dict[int, s
     prompt = REASON_USER.format(names=", ".join(m.name for m in group), facts="\n".join(f"- {f}" for f in facts))
     try:
         # (a slow self-hosted model given a longer timeout never wrote a reason: the call was cut at 30 s)
-        async with asyncio.timeout(max(LLM_TIMEOUT_S, float(getattr(llm, "_timeout", 0) or 0))):
+        configured = float(getattr(llm, "_timeout", 0) or 0)
+        limit = min(configured, REASON_MAX_S) if configured > DEFAULT_MODEL_TIMEOUT_S else LLM_TIMEOUT_S
+        async with asyncio.timeout(limit):
             done = await llm.complete([{"role": "user", "content": prompt}], system=REASON_SYSTEM, max_tokens=120)
     except Exception as exc:  # noqa: BLE001 - a failed reason falls back to the template
         logger.warning("matcher: LLM reason failed (%s); using the template", str(exc) or type(exc).__name__)

@@ -367,7 +367,7 @@ class Tutor:
             return {"answer": "", "grounded": False, "error": why}
         if text.startswith("NOT_IN_COURSE"):
             return {"answer": "", "grounded": False}
-        return {"answer": text + " …" if truncated else text}  # cut at the limit: say so
+        return {"answer": _HALF_MARKER.sub("", text) + " …" if truncated else text}  # cut at the limit: say so
 
     async def decline(self, s: TutorState) -> dict:
         if (s.get("judge") or {}).get("small_talk"):  # a greeting or a thank-you: no moments to point at

@@ -121,6 +121,7 @@ def create_app(settings: Settings) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         app.state.settings = settings
         app.state.upload_stops = set()  # uploads being read (server.uploads.stop_uploads)
+        app.state.upload_stop_at = None
         # statements give up after STUDYHALL_DB_TIMEOUT_S: a stalled Postgres is a 503, as a stalled Redis is
         app.state.pool = await create_pool(settings.database_url, max_size=settings.db_pool_max,
                                            command_timeout=settings.db_timeout_s)

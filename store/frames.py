@@ -121,8 +121,8 @@ INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800")  # letters that render a
 def as_read(text: str) -> str:
     """What a voter reads: composed (NFC), full-width Latin letters and digits folded ("Ｙes" is "Yes"), format
     characters (a zero-width space) and letters that render as nothing dropped, spacing and case ignored. Marks
-    stay: in Thai, Arabic or Hindi they tell words apart; so do the zero-width (non-)joiners between two letters or
-    emoji beyond ASCII (a family emoji is not its three faces; Persian spells with the non-joiner)."""
+    stay: in Thai, Arabic or Hindi they tell words apart; so do the zero-width (non-)joiners between two emoji or two
+    letters of a joining script (a family emoji is not its three faces; Persian spells with the non-joiner)."""
     composed = unicodedata.normalize("NFC", text)
     folded = "".join(unicodedata.normalize("NFKC", c) if "\uff01" <= c <= "\uff5e" else c for c in composed)
     kept = "".join(c for c in folded if (c in JOINERS or unicodedata.category(c) != "Cf") and c not in INVISIBLE
@@ -130,11 +130,13 @@ def as_read(text: str) -> str:
     return " ".join(_JOINER_RUN.sub(_joiner_as_read, kept).split()).casefold()
 
 
-# A zero-width (non-)joiner changes what a reader sees only beside an emoji (a family is not its faces) or between
-# letters of a script whose letters join (Arabic, Persian, Syriac, Indic, Sinhala, Mongolian); elsewhere ("Yes\u200d",
-# between two Greek letters) it joins nothing.
+# A zero-width (non-)joiner changes what a reader sees only between two emoji (a family is not its faces; a skin
+# tone counts as one) or between two letters of a script whose letters join or stack (Arabic, Persian, Syriac,
+# Indic, Sinhala, Tibetan, Myanmar, Khmer, Mongolian); elsewhere ("Yes\u200d", "Yes\u200d👍", between two Greek
+# letters) it joins nothing.
 _JOINER_RUN = re.compile("[\u200c\u200d]+")
-_JOINING_SCRIPT = re.compile("[\u0600-\u08ff\u0900-\u0dff\u1800-\u18af\ua8e0-\ua8ff\ufb50-\ufdff\ufe70-\ufeff]")
+_JOINING_SCRIPT = re.compile("[\u0600-\u08ff\u0900-\u0dff\u0f00-\u109f\u1780-\u18af\ua8e0-\ua8ff\ufb50-\ufdff"
+                             "\ufe70-\ufeff]")
 
 
 def _pictograph(c: str) -> bool:
@@ -144,7 +146,7 @@ def _pictograph(c: str) -> bool:
 def _joiner_as_read(m: re.Match) -> str:
     text, i, j = m.string, m.start(), m.end()
     before, after = (text[i - 1] if i else ""), (text[j] if j < len(text) else "")
-    if before and after and (_pictograph(before) or _pictograph(after)
+    if before and after and ((_pictograph(before) and _pictograph(after))
                              or (_JOINING_SCRIPT.match(before) and _JOINING_SCRIPT.match(after))):
         return m.group(0)
     return ""

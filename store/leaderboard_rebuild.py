@@ -134,7 +134,7 @@ async def read_ledger(conn: asyncpg.Connection, scope: str, scope_id: int, perio
     the board), so only for then."""
     bounds = period_bounds(period, at)
     rows = await conn.fetch(_ONE_BOARD_SQL[scope], scope_id, bounds and bounds[0], bounds and bounds[1], user_id,
-                            limit, leaderboards.NEIGHBOURS, timeout=LONG_S)
+                            limit, leaderboards.NEIGHBOURS)
     at_pos = {r["pos"]: LeaderboardEntry(user_id=r["user_id"], name=r["name"], xp=int(r["xp"]), rank=int(r["rank"]))
               for r in rows}
     entries = [e for pos, e in at_pos.items() if pos < limit]

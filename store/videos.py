@@ -208,7 +208,9 @@ async def replace_chunks(conn: asyncpg.Connection, video_id: int, course_id: int
 async def refresh_term_stats(conn: asyncpg.Connection, course_id: int) -> None:
     """Recount BM25's N, total length and df for the course (per embedding model) after chunks went away
     other than through replace_chunks (a video deleted). Reads all of the course's postings."""
-    await conn.execute(_TERMS_LOCK, course_id, timeout=LONG_S)  # (behind an ingest of the course committing)
+    # (behind an ingest of the course committing: waited for with the pool's timeout, not LONG_S, since a video's
+    # deletion holds the course row meanwhile, which every progress report of the course waits for)
+    await conn.execute(_TERMS_LOCK, course_id)
     await conn.execute("DELETE FROM course_term_stats WHERE course_id = $1", course_id)
     await conn.execute(
         """INSERT INTO course_term_stats (course_id, embed_model, n_chunks, total_terms)

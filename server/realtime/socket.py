@@ -13,6 +13,7 @@ import time
 import asyncpg
 from litestar import WebSocket, websocket
 from litestar.exceptions import NotAuthorizedException
+from redis.exceptions import RedisError
 
 from server.auth import AuthUser, authenticate, bearer_token
 from server.errors import ROLLED_BACK, UNAVAILABLE, UNREACHABLE
@@ -383,8 +384,12 @@ async def _tutor_ask(hub: Hub, conn: Conn, user: AuthUser, frame: frames.TutorAs
 
     marker = (keys.asking(conn.room, user.id, frame.client_msg_id)
               if frame.client_msg_id is not None and user.role == "learner" else None)  # (others have no slots)
-    mine = secrets.token_hex(8)
-    if marker is not None and not await hub.redis.set(marker, mine, ex=TWIN_MARK_S, nx=True):
+    mine, posting = secrets.token_hex(8), False
+    try:
+        first = marker is None or await hub.redis.set(marker, mine, ex=TWIN_MARK_S, nx=True)
+    except (RedisError, OSError):  # (Redis out of reach: a repeat is still answered from Postgres, as before)
+        first, marker = True, None
+    if not first:
         deadline = asyncio.get_running_loop().time() + TWIN_WAIT_S
         while asyncio.get_running_loop().time() < deadline and await hub.redis.exists(marker):
             await asyncio.sleep(0.05)
@@ -407,14 +412,19 @@ async def _tutor_ask(hub: Hub, conn: Conn, user: AuthUser, frame: frames.TutorAs
             raise
         # the question without its @tutor mentions, as for a message.send ("@tutor why?" searched "tutor" too);
         # one without a mention as written (its line breaks kept: a code snippet), as a REST ask
+        posting = True
         posted = await post_asking(hub.app_state, user, conn.room, conn.access.course_id, text, meta,
                                    frame.client_msg_id, asked(text), slot)
     except asyncio.CancelledError:
-        marker = None  # (the post may go on, shielded: the mark lapses on its own)
+        if posting:  # the post may go on, shielded: the mark lapses on its own (before it, a resend would wait)
+            marker = None
         raise
     finally:
         if marker is not None:  # only this copy's mark (one that outlived its lease may be a twin's now)
-            await hub.redis.eval(_DELETE_IF_MINE, 1, marker, mine)
+            try:
+                await hub.redis.eval(_DELETE_IF_MINE, 1, marker, mine)
+            except (RedisError, OSError):  # it lapses on its own
+                logger.warning("could not unmark a tutor ask being taken", exc_info=True)
     if not posted.created:  # a repeat of a question already asked: it is answered (or being answered) once
         conn.own(posted.event.seq, posted.payload.decode())
 

@@ -196,7 +196,9 @@ class _EmbeddingsHandler(BaseHTTPRequestHandler):
         if self.status is not None:
             err = json.dumps({"error": {"message": f"The model `{body['model']}` does not exist",
                                         "type": "invalid_request_error", "param": None,
-                                        "code": "model_not_found"}}).encode()
+                                        "code": "model_not_found"}} if self.status != 429 else
+                             {"error": {"message": "You exceeded your current quota", "type": "insufficient_quota",
+                                        "param": None, "code": "insufficient_quota"}}).encode()
             self.send_response(self.status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(err)))
@@ -341,3 +343,13 @@ def test_an_embedding_failure_that_quotes_a_key_is_masked():
     emb = OpenAIEmbedder("text-embedding-3-small", api_key="sk-test", base_url="http://127.0.0.1:9/v1")
     err = emb._failed(RuntimeError("invalid key sk-proj-SECRETSECRET1234 (Authorization: Bearer abc.def)"))
     assert "SECRETSECRET" not in str(err) and "abc.def" not in str(err) and "sk-***" in str(err), str(err)
+
+
+def test_an_out_of_credit_429_is_not_retried(openai_server):
+    """(Review) the embedder's SDK retried an `insufficient_quota` 429 (three more calls) as a rate limit."""
+    base_url, requests = openai_server
+    _EmbeddingsHandler.status = 429
+    emb = OpenAIEmbedder("text-embedding-3-small", api_key="sk-test", base_url=base_url, max_retries=3)
+    with pytest.raises(EmbedderError):
+        emb.embed(["a"])
+    assert len(requests) == 1

@@ -274,6 +274,7 @@ async def test_a_slow_model_given_a_longer_timeout_still_writes_the_reason(monke
     from agents.llm import Completion, Usage
 
     monkeypatch.setattr(matcher, "LLM_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(matcher, "DEFAULT_MODEL_TIMEOUT_S", 0.6)  # (as 60 s: the default keeps the 30 s bound)
 
     class Slow:
         _timeout = 1.0
@@ -283,5 +284,5 @@ async def test_a_slow_model_given_a_longer_timeout_still_writes_the_reason(monke
             return Completion("Ann and Ben both want to ship it.", Usage(), "m", "stub", 0.0)
 
     assert await llm_reason(Slow(), [Learner(1, "Ann"), Learner(2, "Ben")], {}) == "Ann and Ben both want to ship it."
-    Slow._timeout = 0.1
+    Slow._timeout = 0.6  # the default: the fixed bound
     assert await llm_reason(Slow(), [Learner(1, "Ann"), Learner(2, "Ben")], {}) is None

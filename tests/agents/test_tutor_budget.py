@@ -99,3 +99,12 @@ async def test_what_a_content_filter_stopped_is_not_shown_even_in_part(llm_serve
     assert cited["grounded"] is False and "harmful" not in cited["answer"]
     assert cited["answer"] == "(The language model would not answer this; try asking it another way.)"
 
+
+
+async def test_an_answer_cut_at_its_length_limit_drops_a_half_marker(llm_server: FakeLLMServer):
+    """(Review) an answer cut at max_tokens inside a marker ("by hashes [", "[2") kept the half marker."""
+    llm_server.reset()
+    llm_server.script(Reply("It halves the interval [1] each step [", chunks=3, finish="length"))
+    tutor = Tutor(None, None, _llm(llm_server, "openai"), budget_s=BUDGET_S)  # type: ignore[arg-type]
+    out = await tutor.answer(_state(tutor))
+    assert out["answer"] == "It halves the interval [1] each step …", out

@@ -170,6 +170,7 @@ async def test_poll_vote_rules(server, client, make: Factory, settings):
                        ({"question": "?", "options": ["Yes", "Yes\u200d"]}, "options"),  # a joiner joining nothing
                        ({"question": "?", "options": ["\u0395\u03bb\u03bb\u03ac\u03b4\u03b1",  # (review) Greek
                                                       "\u0395\u03bb\u200d\u03bb\u03ac\u03b4\u03b1"]}, "options"),
+                       ({"question": "?", "options": ["Yes\U0001f44d", "Yes\u200d\U0001f44d"]}, "options"),
                        ({"question": "\u200b", "options": ["a", "b"]}, "question")]:  # invisible only
         r = client.post(url, json=bad, headers=inst.h)
         assert r.status_code == 400 and r.json().get("field") == field, r.text
@@ -251,7 +252,8 @@ async def test_poll_vote_rules(server, client, make: Factory, settings):
                                                                  "\U0001f468\u200d\U0001f469\u200d\U0001f467",
                                                                  "\U0001f468\U0001f469\U0001f467",
                                                                  "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
-                                                                 "\u0645\u06cc\u062e\u0648\u0627\u0647\u0645"]},
+                                                                 "\u0645\u06cc\u062e\u0648\u0627\u0647\u0645",
+                                                                 "\u1780\u17d2\u200c\u1780", "\u1780\u17d2\u1780"]},
                         headers=inst.h)
     assert apart.status_code == 201, apart.text
 
