@@ -150,6 +150,8 @@ def _joiner_as_read(m: re.Match) -> str:
                              or (_JOINING_SCRIPT.match(before) and _JOINING_SCRIPT.match(after))):
         return m.group(0)
     return ""
+
+
 # marks that change nothing a reader sees: variation selectors, the combining grapheme joiner, Mongolian free
 # variation selectors, Khmer inherent vowels
 _SELECTOR = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef\u034f\u180b-\u180f\u17b4\u17b5]")

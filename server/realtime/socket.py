@@ -38,7 +38,7 @@ CLOSE_BAD_REQUEST = 4400
 CLOSE_TRY_AGAIN = 1013  # RFC 6455 "try again later": a service the checks need is unreachable
 TYPING_EVERY_S = 2.0
 TWIN_MARK_S = 10  # how long a tutor.ask being taken is marked for its twins (store.keys.asking)
-TWIN_WAIT_S = 3.0  # how long a twin without a slot waits for the marked ask to be posted
+TWIN_WAIT_S = 3.0  # how long a twin of a marked ask waits for its first copy to be posted (or refused)
 TYPING_EXPIRES_S = 3 * TYPING_EVERY_S  # a start's `expires_in`: clients clear it then unless another start came
 RESUME_EVERY_S = 1.0  # a resume replays from Postgres: at most one a second per connection
 # Frames of any type one connection may send per second, and at once (at least twice the send budget). Beyond,
