@@ -197,20 +197,21 @@ _CREDENTIAL = re.compile(r"(?i)(\bbearer\s+|\bx-api-key\b\W{0,4}|\bapi[_-]?key\b
 # of their own, whatever their shape (one not shaped like "sk-" and seven more characters was logged whole when an
 # error quoted it; a key that is a word, "ollama", is not masked inside "ollama/llama3")
 _KEYS: set[str] = set()
-_KEY_RES: list[re.Pattern[str]] = []
+_KEY_RES: list[tuple[re.Pattern[str], str]] = []  # (the key as a token, what stands for it: "sk-***" as below)
 
 
 def keep_secret(key: str | None) -> None:
     key = (key or "").strip()
     if len(key) >= 4 and key not in _KEYS:
         _KEYS.add(key)
-        _KEY_RES.append(re.compile(r"(?<![\w/.-])" + re.escape(key) + r"(?![\w/.-])"))
-        _KEY_RES.sort(key=lambda r: -len(r.pattern))
+        _KEY_RES.append((re.compile(r"(?<![\w/.-])" + re.escape(key) + r"(?![\w/.-])"),
+                         "sk-***" if key.startswith("sk-") else "***"))
+        _KEY_RES.sort(key=lambda r: -len(r[0].pattern))
 
 
 def redact(text: str) -> str:
-    for key_re in _KEY_RES:
-        text = key_re.sub("***", text)
+    for key_re, masked in _KEY_RES:
+        text = key_re.sub(masked, text)
     return _CREDENTIAL.sub(lambda m: (m.group(1) or "sk-") + "***", text)
 
 
