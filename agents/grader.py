@@ -313,7 +313,9 @@ async def _llm(state: GradeState, config: RunnableConfig) -> dict[str, Any]:
             out["feedback"][part] = ""
     offline = {s["name"]: s["justification"] for s in state.get("scores") or []}
     for s in out["scores"]:  # learners read each criterion's justification too
-        if _restates(s["justification"], state.get("reference", ""), state["question"], state["answer"]):
+        if not s["justification"].strip():  # the model gave none (as empty feedback parts, the offline wording)
+            s["justification"] = offline.get(s["name"]) or "Scored against the expected answer."
+        elif _restates(s["justification"], state.get("reference", ""), state["question"], state["answer"]):
             logger.warning("LLM grader justification restated the reference answer; the offline one is shown")
             s["justification"] = offline.get(s["name"]) or "Scored against the expected answer."
     return out

@@ -244,6 +244,7 @@ async def test_model_text_is_cleaned_and_empty_feedback_gets_the_offline_wording
                                   "confidence": 0.9, "feedback": {"right": "Halving\u0000 is right."}})))
     out = await grader.grade(inputs(REFERENCE), embedder=embedder, llm=llm)
     assert out["grader"].startswith("llm:") and out["scores"][0]["justification"] == "ok then"
+    assert out["scores"][1]["justification"].strip()  # (tester) none given: the offline one, not blank
     fb = out["feedback"]
     assert fb["right"] == "Halving is right."  # the model's, without the NUL Postgres refuses
     assert fb["missing"] and fb["improve"].startswith(("Explain", "Add"))  # not blank: the offline wording
