@@ -363,13 +363,13 @@ class OpenAIEmbedder:
         self._request_dim = dim
         self.name = f"openai:{model}" + (f"@{dim}" if dim and dim != OPENAI_DIMS.get(model) else "")
         self._dim = dim or OPENAI_DIMS.get(model)
-        from agents.llm import keep_secret, openai_http_clients
+        from agents.llm import keep_secret, openai_http_client
 
         keep_secret(api_key)  # (masked wherever an error quotes it)
         kwargs: dict[str, Any] = dict(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
-        sync_http, async_http = openai_http_clients(openai)  # (an out-of-credit 429 is not retried)
-        self._client = openai.OpenAI(**kwargs, http_client=sync_http)
-        self._aclient = openai.AsyncOpenAI(**kwargs, http_client=async_http)
+        # (an out-of-credit 429 is not retried)
+        self._client = openai.OpenAI(**kwargs, http_client=openai_http_client(openai, sync=True))
+        self._aclient = openai.AsyncOpenAI(**kwargs, http_client=openai_http_client(openai))
         self._sdk_error = openai.OpenAIError
 
     @property

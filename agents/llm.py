@@ -231,17 +231,10 @@ def _map_error(exc: BaseException, provider: str, sdk: Any, base: type[Exception
 _NOT_RETRYABLE_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
 
 
-async def _no_retry_without_credit(response: Any) -> None:
-    """A 429 saying the account is out of credit is marked `x-should-retry: false`, which the SDK obeys: it retried
-    it like a rate limit (three calls where the README promises one), though waiting does not cure it."""
-    if response.status_code == 429 and "x-should-retry" not in response.headers:
-        _mark_without_credit(response, await response.aread())
-
-
-def no_retry_without_credit_sync(response: Any) -> None:
-    """`_no_retry_without_credit` for a synchronous client (the embedder's)."""
-    if response.status_code == 429 and "x-should-retry" not in response.headers:
-        _mark_without_credit(response, response.read())
+# A 429 saying the account is out of credit is marked `x-should-retry: false`, which the OpenAI SDK obeys: it retried
+# it like a rate limit (three calls where the README promises one), though waiting does not cure it.
+def _without_credit(response: Any) -> bool:
+    return response.status_code == 429 and "x-should-retry" not in response.headers
 
 
 def _mark_without_credit(response: Any, body: bytes) -> None:
@@ -249,10 +242,21 @@ def _mark_without_credit(response: Any, body: bytes) -> None:
         response.headers["x-should-retry"] = "false"
 
 
-def openai_http_clients(openai: Any) -> tuple[Any, Any]:
-    """(sync, async) HTTP clients for the OpenAI SDK, with the out-of-credit hook."""
-    return (openai.DefaultHttpxClient(event_hooks={"response": [no_retry_without_credit_sync]}),
-            openai.DefaultAsyncHttpxClient(event_hooks={"response": [_no_retry_without_credit]}))
+async def _no_retry_without_credit(response: Any) -> None:
+    if _without_credit(response):
+        _mark_without_credit(response, await response.aread())
+
+
+def _no_retry_without_credit_sync(response: Any) -> None:
+    if _without_credit(response):
+        _mark_without_credit(response, response.read())
+
+
+def openai_http_client(openai: Any, *, sync: bool = False) -> Any:
+    """An HTTP client for the OpenAI SDK (the async one, or the sync one the embedder also uses), with that hook."""
+    if sync:
+        return openai.DefaultHttpxClient(event_hooks={"response": [_no_retry_without_credit_sync]})
+    return openai.DefaultAsyncHttpxClient(event_hooks={"response": [_no_retry_without_credit]})
 
 
 def _sdk_error(exc: BaseException, provider: str, sdk: Any, base: type[Exception]) -> LLMError | None:
@@ -361,7 +365,7 @@ class OpenAIChat:
         # Self-hosted servers often need no key, but the SDK refuses to start without one.
         self._client = openai.AsyncOpenAI(
             api_key=api_key or "unused", base_url=base_url, timeout=timeout, max_retries=max_retries,
-            http_client=openai.DefaultAsyncHttpxClient(event_hooks={"response": [_no_retry_without_credit]}))
+            http_client=openai_http_client(openai))
         self._timeout = timeout
         # OpenAI's reasoning models reject `max_tokens`; compatible servers often only know it. A server that
         # refuses the one we send gets the other from then on (Azure, OpenAI's regional hosts, old vLLM).

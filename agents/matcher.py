@@ -47,7 +47,7 @@ AUTHOR_ROLE = "system"
 # A reason's call as a whole; a slow model configured with more than the default request timeout
 # (STUDYHALL_LLM_TIMEOUT_S, 60 s) gets that, up to REASON_MAX_S (well inside the pod's 120 s matching lease)
 LLM_TIMEOUT_S = 30.0
-DEFAULT_MODEL_TIMEOUT_S = 60.0
+DEFAULT_MODEL_TIMEOUT_S = Settings.llm_timeout_s
 REASON_MAX_S = 90.0
 
 REASON_SYSTEM = (

@@ -46,7 +46,7 @@ def stop_uploads(app_state: object, grace_s: float = UPLOAD_STOP_GRACE_S) -> Non
     """The server is stopping: uploads still being read get `grace_s` seconds to arrive, then a 503 to send again."""
     when = asyncio.get_running_loop().time() + grace_s
     app_state.upload_stop_at = when  # (for an upload that reaches `receive_upload` after this: a request in its checks)
-    for stop in list(getattr(app_state, "upload_stops", ())):
+    for stop in list(app_state.upload_stops):
         stop.reschedule(when)
 
 
@@ -132,10 +132,9 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
         "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
         "on_headers_finished": on_headers_finished, "on_end": on_end,
     })
-    stops = getattr(request.app.state, "upload_stops", None)
-    stops = set() if stops is None else stops  # (the app's, empty while nothing is uploading)
+    stops = request.app.state.upload_stops  # (the app's: see `stop_uploads`)
     try:
-        async with asyncio.timeout_at(getattr(request.app.state, "upload_stop_at", None)) as stop:
+        async with asyncio.timeout_at(request.app.state.upload_stop_at) as stop:
             stops.add(stop)  # a stopping server sets its deadline (see `stop_uploads`)
             async for chunk in request.stream():
                 parser.write(chunk)

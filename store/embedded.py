@@ -193,16 +193,10 @@ def _in_use(ddir: Path) -> bool:
 def _stop_if_unused(ddir: Path) -> None:
     """Stop the data dir's embedded servers unless another process uses them (holds users.lock); the caller
     holds start.lock, so nobody joins meanwhile."""
-    probe = os.open(ddir / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("embedded servers still in use by another process; leaving them running")
-            return
-        stop_embedded(ddir)
-    finally:
-        os.close(probe)
+    if _in_use(ddir):
+        logger.info("embedded servers still in use by another process; leaving them running")
+        return
+    stop_embedded(ddir)
 
 
 class _locked:

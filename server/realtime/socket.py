@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 
 import asyncpg
 from litestar import WebSocket, websocket
 from litestar.exceptions import NotAuthorizedException
-from redis.exceptions import RedisError
+from redis.exceptions import LockError, RedisError
 
 from server.auth import AuthUser, authenticate, bearer_token
 from server.errors import ROLLED_BACK, UNAVAILABLE, UNREACHABLE
@@ -382,18 +381,19 @@ async def _tutor_ask(hub: Hub, conn: Conn, user: AuthUser, frame: frames.TutorAs
         return await messages_repo.original(hub.pool, conn.room, user.id, frame.client_msg_id, text,
                                             relay=frames.relay_key(frame.relay))
 
-    marker = (keys.asking(conn.room, user.id, frame.client_msg_id)
-              if frame.client_msg_id is not None and user.role == "learner" else None)  # (others have no slots)
-    mine, posting = secrets.token_hex(8), False
+    # the mark: a lock of redis-py's (its token: released only by this copy, not once it lapsed and a twin took it)
+    mark = (hub.redis.lock(keys.asking(conn.room, user.id, frame.client_msg_id), timeout=TWIN_MARK_S)
+            if frame.client_msg_id is not None and user.role == "learner" else None)  # (others have no slots)
+    posting = False
     try:
-        first = marker is None or await hub.redis.set(marker, mine, ex=TWIN_MARK_S, nx=True)
+        first = mark is None or await mark.acquire(blocking=False)
     except (RedisError, OSError):  # (Redis out of reach: a repeat is still answered from Postgres, as before)
-        first, marker = True, None
+        first, mark = True, None
     if not first:
         deadline = asyncio.get_running_loop().time() + TWIN_WAIT_S
-        while asyncio.get_running_loop().time() < deadline and await hub.redis.exists(marker):
+        while asyncio.get_running_loop().time() < deadline and await hub.redis.exists(mark.name):
             await asyncio.sleep(0.05)
-        marker = None  # (the first copy posted it, or was refused: then this is taken as any ask)
+        mark = None  # (the first copy posted it, or was refused: then this is taken as any ask)
     try:
         original = await repeat_of()
         if original is not None:
@@ -417,16 +417,15 @@ async def _tutor_ask(hub: Hub, conn: Conn, user: AuthUser, frame: frames.TutorAs
                                    frame.client_msg_id, asked(text), slot)
     except asyncio.CancelledError:
         if posting:  # the post may go on, shielded: the mark lapses on its own (before it, a resend would wait)
-            marker = None
+            mark = None
         raise
     finally:
-        if marker is not None:  # only this copy's mark (one that outlived its lease may be a twin's now)
+        if mark is not None:
             try:
-                await hub.redis.eval(_DELETE_IF_MINE, 1, marker, mine)
+                await mark.release()
+            except LockError:  # it lapsed (a twin may hold it now): not this copy's to free
+                pass
             except (RedisError, OSError):  # it lapses on its own
                 logger.warning("could not unmark a tutor ask being taken", exc_info=True)
     if not posted.created:  # a repeat of a question already asked: it is answered (or being answered) once
         conn.own(posted.event.seq, posted.payload.decode())
-
-
-_DELETE_IF_MINE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"

@@ -23,7 +23,7 @@ class _Request:
                         "content-length": str(len(body))}
         self._body = body
         self.pause_s = pause_s  # between chunks: a slow client
-        self.app = SimpleNamespace(state=SimpleNamespace(upload_stops=set()))
+        self.app = SimpleNamespace(state=SimpleNamespace(upload_stops=set(), upload_stop_at=None))
 
     async def stream(self):  # type: ignore[no-untyped-def]
         for i in range(0, len(self._body), 1000):
