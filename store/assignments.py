@@ -133,6 +133,8 @@ async def on_grade_final(conn: asyncpg.Connection, redis: Redis, submission: asy
     await _sync_xp(conn, redis, s)
     try:  # (the grade is stored: its caller's reply must not become a 500, inviting a second attempt)
         a = await conn.fetchrow("SELECT title, course_id FROM assignments WHERE id = $1", s["assignment_id"])
+        if a is None:  # deleted meanwhile: no grade to open
+            return
         await publish(redis, user_topic(s["user_id"]), GradeReady(
             submission_id=s["id"], assignment_id=s["assignment_id"], course_id=a["course_id"] if a else s["course_id"],
             title=a["title"] if a else "", score=round(score, 1), passed=score >= PASS_SCORE,
@@ -160,7 +162,7 @@ GROUP BY b.base"""
 # The grade the learner stands on per assignment: the best of their attempts as they see them.
 _BEST = """
 SELECT max(CASE WHEN status = 'graded' THEN score ELSE (released ->> 'score')::float8 END) AS best,
-       max(course_id) AS course_id
+       max(course_id) AS course_id, count(*) AS answers
 FROM submissions WHERE user_id = $1 AND assignment_id = $2"""
 
 
@@ -189,6 +191,8 @@ async def sync_grade_xp(conn: asyncpg.Connection, redis: Redis, user_id: int, as
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('grade_xp'), hashtext($1::text))",
                            f"{user_id}:{assignment_id}")
         row = await conn.fetchrow(_BEST, user_id, assignment_id)
+        if not row["answers"]:  # the assignment was deleted (its answers with it) as this grade became final: the
+            return 0  # XP it earned stays, as a deletion keeps it (else a review committed beside it took it back)
         best = float(row["best"]) if row and row["best"] is not None else None
         chains = await _chains(conn, user_id, [f"{prefix}{assignment_id}" for _, prefix, _ in GRADE_XP])
         wrote = 0

@@ -203,3 +203,33 @@ def test_the_reconciler_looks_back_from_its_last_run_and_sweeps_the_lookback_hou
     fetch(settings, "DELETE FROM xp_totals WHERE user_id = $1 RETURNING 1", learner.id)
     later = time.time() + 3600  # a note from the future (the database's clock went back): swept, not held off
     assert run_sync(go({"to": later, "full": later})) == 2
+
+
+def test_a_grade_made_final_as_its_assignment_is_deleted_keeps_the_xp(settings, make: Factory, client):
+    """(Tester) a review committed beside a forced deletion of the assignment: its hook found no answers left, took
+    the best grade for none and took back every award (8 runs in 12), where a deletion keeps the XP earned."""
+    from store.assignments import on_grade_final, sync_grade_xp
+
+    learner, cid, aid = _perfect_grade(settings, make, client)
+    sub = fetch(settings, "SELECT * FROM submissions WHERE assignment_id = $1", aid)[0]
+
+    async def go(after_delete: bool) -> int:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            async with pool.acquire() as conn:
+                if not after_delete:
+                    return await sync_grade_xp(conn, redis, learner.id, aid)
+                await conn.execute("DELETE FROM assignments WHERE id = $1", aid)  # (as the forced DELETE: answers too)
+                wrote = await sync_grade_xp(conn, redis, learner.id, aid)
+                await on_grade_final(conn, redis, sub)  # the hook of the review that committed first
+                return wrote
+        finally:
+            await redis.aclose()
+            await pool.close()
+
+    assert run_sync(go(False)) in (0, 2)  # (the worker's reconcile may have got there first)
+    assert fetch(settings, "SELECT xp FROM xp_totals WHERE user_id = $1", learner.id)[0]["xp"] == 150
+    assert run_sync(go(True)) == 0
+    assert fetch(settings, "SELECT xp FROM xp_totals WHERE user_id = $1", learner.id)[0]["xp"] == 150
+    assert not fetch(settings, "SELECT 1 FROM xp_events WHERE user_id = $1 AND kind = 'revoked'", learner.id)
