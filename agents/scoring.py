@@ -28,7 +28,13 @@ neither wasnt werent hasnt havent hadnt shouldnt couldnt mustnt neednt aint shan
 # Words of any script ("größe", "энергия"), not only ASCII: an answer in Russian or Greek had no words at all, so it
 # covered none of its reference's key concepts and scored as empty (offline), and against a model's grade was held
 # for review every time.
-_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
+# Scripts written without spaces between words (Chinese, Japanese kana, Thai, Lao, Myanmar, Khmer): each letter
+# counts as a word. A whole clause was one word, so a Chinese or Japanese answer never reached the length at which
+# it is held as "not English sentences" (it was graded, confidently failed, and released), nor the long-answer check.
+_UNSPACED = ("\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
+             "\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f")
+_LETTERS = rf"(?:(?![{_UNSPACED}])[^\W_])+"
+_WORD = re.compile(rf"[{_UNSPACED}]|{_LETTERS}(?:'{_LETTERS})?")
 _SUFFIXES = ("ational", "ization", "fulness", "ousness", "iveness", "ations", "ation", "ement", "ments", "ment",
              "ness", "ities", "ity", "ings", "ing", "edly", "ies", "ied", "ed", "ly", "es", "er", "s")
 

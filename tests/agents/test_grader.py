@@ -483,3 +483,19 @@ async def test_a_passing_answer_with_other_numbers_than_the_expected_answer_is_h
     assert right["doubt"] is None and not right["held"]
     assert not scoring.numbers_differ([reference], "6 newtons, by Newton's second law")  # the result alone
     assert not scoring.numbers_differ([reference], "F = m a = 2 x 3 = 6 N (12 for twice the mass)")  # steps, more
+
+
+def test_answers_in_scripts_without_spaces_are_held_as_another_language():
+    """(Tester) a Japanese or Chinese answer was one or two "words" (a clause each): never long enough to be held
+    as not English sentences, it was graded (7.8, confidence 0.72) and released as a failure; a Spanish one was held.
+    Each of their letters is a word now, and a long one is measured for its length too."""
+    ref = ("Individuals with heritable traits that improve survival and reproduction leave more offspring, so those "
+           "traits become more common over generations.")
+    ja = "生存と繁殖に有利な遺伝的形質を持つ個体はより多くの子孫を残すため、その形質は世代を重ねるごとに集団内で一般的になる。"
+    zh = "具有有利于生存和繁殖的遗传性状的个体会留下更多的后代，因此这些性状在世代中变得更加普遍。"
+    assert scoring.words("生存と繁殖 ok中文") == ["生", "存", "と", "繁", "殖", "ok", "中", "文"]
+    for answer in (ja, zh, "Los individuos con rasgos heredables que mejoran la supervivencia dejan más descendencia."):
+        assert "not written in English sentences" in scoring.doubt([ref], answer), answer
+    # against a reference in the same script nothing is held for the language, but a far longer answer is
+    assert scoring.doubt([ja], zh) is None
+    assert "times as long" in scoring.doubt([ja], ja * 12)
