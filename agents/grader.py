@@ -193,22 +193,23 @@ def offline_scores(embedder: Any, question: str, reference: str, criteria: list[
             "doubt": doubt}
 
 
+# A part the model leaves null counts as left out (the whole grade was thrown away for a null justification)
 class _LLMCriterion(msgspec.Struct):
     name: str
     score: float
-    justification: str = ""
+    justification: str | None = ""
 
 
 class _LLMFeedback(msgspec.Struct):
-    right: str = ""
-    missing: str = ""
-    improve: str = ""
+    right: str | None = ""
+    missing: str | None = ""
+    improve: str | None = ""
 
 
 class _LLMGrade(msgspec.Struct):
     criteria: list[_LLMCriterion]
-    confidence: float = 0.5
-    feedback: _LLMFeedback = msgspec.field(default_factory=_LLMFeedback)
+    confidence: float | None = None  # (none given: 0.5)
+    feedback: _LLMFeedback | None = None
 
 
 def _one_grade(text: str) -> _LLMGrade:
@@ -251,17 +252,18 @@ def _parse_llm(text: str, criteria: list[Criterion]) -> dict[str, Any]:
             raise ValueError(f"the model's reply scores {c['name']!r} {got.score:g}, outside 0-{points:g} points")
         scores.append({"name": c["name"], "points": points, "score": criterion_score(points, got.score),
                        "justification": _clean(got.justification, 500)})
-    if not 0.0 <= grade.confidence <= 1.0:  # (a percentage, or NaN)
-        raise ValueError(f"the model's reply gives a confidence of {grade.confidence:g}, outside 0-1")
-    fb = grade.feedback
-    return {"scores": scores, "total": total_of(scores), "confidence": grade.confidence,
+    confidence = 0.5 if grade.confidence is None else grade.confidence
+    if not 0.0 <= confidence <= 1.0:  # (a percentage, or NaN)
+        raise ValueError(f"the model's reply gives a confidence of {confidence:g}, outside 0-1")
+    fb = grade.feedback or _LLMFeedback()
+    return {"scores": scores, "total": total_of(scores), "confidence": confidence,
             "feedback": {"right": _clean(fb.right, 1000), "missing": _clean(fb.missing, 1000),
                          "improve": _clean(fb.improve, 1000)}}
 
 
-def _clean(text: str, limit: int) -> str:
+def _clean(text: str | None, limit: int) -> str:
     """Model text as stored: no NUL (Postgres text and jsonb refuse it), trimmed, at most `limit` characters."""
-    return text.replace("\x00", "").strip()[:limit]
+    return (text or "").replace("\x00", "").strip()[:limit]
 
 
 async def llm_grade(llm: LLM, question: str, reference: str, criteria: list[Criterion], answer: str) -> dict[str, Any]:

@@ -290,6 +290,17 @@ def test_a_reply_with_prose_and_braces_after_its_json_is_used():
     assert _parse_llm(reply, crit)["total"] == 80.0
     with pytest.raises((ValueError, msgspec.DecodeError)):
         _parse_llm('{"criteria": [{"name": "Accuracy", "score": NaN}]}', crit)
+    # (tester) a part the model leaves null is left out, as a missing one: the whole grade was thrown away
+    two = crit + [{"name": "Clarity", "points": 10}]
+    for nulls in ('{"criteria": [{"name": "Accuracy", "score": 6, "justification": null}, {"name": "Clarity", '
+                  '"score": 4}], "confidence": null, "feedback": null}',
+                  '{"criteria": [{"name": "Accuracy", "score": 6}, {"name": "Clarity", "score": 4}], '
+                  '"confidence": 0.9, "feedback": {"right": null, "missing": "x", "improve": null}}'):
+        got = _parse_llm(nulls, two)
+        assert got["total"] == 50.0 and got["scores"][0]["justification"] == "", got
+        assert got["confidence"] in (0.5, 0.9) and set(got["feedback"]) == {"right", "missing", "improve"}
+    with pytest.raises((ValueError, msgspec.ValidationError)):
+        _parse_llm('{"criteria": [{"name": "Accuracy", "score": null}]}', crit)  # no score: no grade
 
 
 def test_a_grade_quoted_from_the_answer_does_not_pass_for_the_models():
