@@ -363,6 +363,11 @@ class SubmissionController(Controller):
                         if float(score) >= 99.95:  # full marks: nothing is missing, nothing to improve (the
                             feedback.pop("missing", None)  # grader's "could also name 4 more ideas" stood beside
                             feedback.pop("improve", None)  # the instructor's 100)
+                        elif row["score"] is not None and (float(row["score"]) >= 80) != (float(score) >= 80):
+                            # across the grader's "nothing essential is missing" mark: its word on what is missing
+                            # says the opposite of the grade (its 100's "Nothing essential is missing." beside the
+                            # instructor's 20); their comment says what is
+                            feedback.pop("missing", None)
                     row = await repo.save_review(conn, submission_id, score=float(score), comment=comment,
                                                  reviewer_id=user.id,
                                                  # an approval keeps the proposal's criteria as they are (rescaled

@@ -576,6 +576,17 @@ def test_an_instructors_score_counts_as_it_is_shown(server, client, make: Factor
     assert {"assignment_passed", "perfect_score"} <= kinds, kinds
     fb = client.get(f"/api/v1/submissions/{s['id']}", headers=learner.h).json()["feedback"]
     assert "missing" not in fb and "improve" not in fb and "set the grade to 100 out of" in fb["right"], fb
+    # (tester) lowered from the grader's 100, the grader's "Nothing essential is missing." stood beside a 20
+    fetch(settings, """UPDATE submissions SET score = 100, feedback = feedback || jsonb_build_object(
+                           'missing', 'Nothing essential is missing.', 'improve', 'Add why.') WHERE id = $1""", s["id"])
+    client.post(f"/api/v1/submissions/{s['id']}/review", json={"score": 20, "comment": "Two steps are wrong."},
+                headers=inst.h)
+    fb = client.get(f"/api/v1/submissions/{s['id']}", headers=learner.h).json()["feedback"]
+    assert "missing" not in fb and fb["comment"] == "Two steps are wrong." and "to 20 out of" in fb["right"], fb
+    fetch(settings, "UPDATE submissions SET feedback = feedback || '{\"missing\": \"2 ideas.\"}' WHERE id = $1",
+          s["id"])
+    client.post(f"/api/v1/submissions/{s['id']}/review", json={"score": 30}, headers=inst.h)  # (below the mark still)
+    assert client.get(f"/api/v1/submissions/{s['id']}", headers=learner.h).json()["feedback"]["missing"] == "2 ideas."
 
 
 def test_learners_see_whether_to_choose_one_option_or_several(server, client, make: Factory):
