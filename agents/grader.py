@@ -27,6 +27,7 @@ from langgraph.graph import END, START, StateGraph
 from agents import scoring
 from agents.embedder import primary
 from agents.llm import LLM, LLMError, first_json_object, json_objects
+from store.submissions import rewatch_advice
 
 logger = logging.getLogger(__name__)
 
@@ -353,11 +354,6 @@ def _restates(text: str, reference: str, question: str, answer: str) -> bool:
     return any(tuple(low[i:i + LEAK_RUN]) in runs for i in range(len(low) - LEAK_RUN + 1))
 
 
-def _mmss(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
 def _feedback(state: GradeState) -> dict[str, Any]:
     moment = state.get("moment")
     fb = {k: v for k, v in (state.get("feedback") or {}).items() if v}
@@ -390,8 +386,7 @@ def _feedback(state: GradeState) -> dict[str, Any]:
         fb.setdefault("improve", "Explain the missing ideas in your own words and connect them to the question."
                       if missing else "Add a sentence that explains why, not only what.")
     if moment:
-        where = f"{moment.get('title') or 'the video'} at {_mmss(float(moment['start']))}"
-        fb["improve"] = (fb.get("improve", "").rstrip() + f" Rewatch {where}.").strip()
+        fb["improve"] = (fb.get("improve", "").rstrip() + " " + rewatch_advice(moment)).strip()
         fb["rewatch"] = moment
     return {"feedback": fb}
 

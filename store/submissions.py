@@ -17,6 +17,27 @@ COLUMNS = _COLS  # a submission's columns, by name (alias `s`)
 EXEMPLAR_LIMIT = 200
 
 
+def rewatch_advice(moment: dict[str, Any]) -> str:
+    """The sentence a grade's `improve` ends with for its moment to rewatch ("Rewatch Lecture 1 at 2:20.")."""
+    s = int(float(moment["start"]))
+    at = f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    return f"Rewatch {moment.get('title') or 'the video'} at {at}."
+
+
+def without_rewatch(feedback: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Feedback without its moment to rewatch (the video is gone): the link and the sentence that names it."""
+    if not feedback or not feedback.get("rewatch"):
+        return feedback
+    out = dict(feedback)
+    moment = out.pop("rewatch")
+    advice, improve = rewatch_advice(moment), out.get("improve") or ""
+    if improve.endswith(advice):
+        out["improve"] = improve[: -len(advice)].rstrip()
+        if not out["improve"]:
+            out.pop("improve")
+    return out
+
+
 async def attempts(conn: asyncpg.Connection, assignment_id: int, user_id: int) -> int:
     """The learner's attempts at the assignment so far."""
     return await conn.fetchval(

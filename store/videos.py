@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from store import progress, xp
 from store.db import LONG_S
+from store.submissions import without_rewatch
 from store.vectors import stored
 
 _COLS = """v.id, v.course_id, v.title, v.source, v.youtube_id, v.filename, v.file_path, v.file_kind, v.file_size,
@@ -320,10 +321,20 @@ async def delete_video(conn: asyncpg.Connection, redis: Redis, course_id: int, v
         await conn.execute("""UPDATE assignments SET citation = NULL, updated_at = now()
                               WHERE course_id = $1 AND (citation ->> 'video_id')::bigint = $2""",
                            course_id, video_id)
-        # and so is a grade's advice to rewatch a moment (it kept linking to the deleted video)
-        await conn.execute("""UPDATE submissions SET feedback = feedback - 'rewatch'
-                              WHERE course_id = $1 AND (feedback -> 'rewatch' ->> 'video_id')::bigint = $2""",
-                           course_id, video_id)
+        # and so is a grade's advice to rewatch a moment (it kept linking to the deleted video, and its sentence
+        # naming the moment stayed, in the grade and in the one a learner sees during a regrade)
+        for r in await conn.fetch("""SELECT id, feedback, released FROM submissions
+                                     WHERE course_id = $1 AND ((feedback -> 'rewatch' ->> 'video_id')::bigint = $2
+                                           OR (released -> 'feedback' -> 'rewatch' ->> 'video_id')::bigint = $2)""",
+                                  course_id, video_id, timeout=LONG_S):
+            released = dict(r["released"]) if r["released"] else None
+            if released and (released.get("feedback") or {}).get("rewatch", {}).get("video_id") == video_id:
+                released["feedback"] = without_rewatch(released["feedback"])
+            feedback = r["feedback"]
+            if feedback and (feedback.get("rewatch") or {}).get("video_id") == video_id:
+                feedback = without_rewatch(feedback)
+            await conn.execute("UPDATE submissions SET feedback = $2, released = $3 WHERE id = $1",
+                               r["id"], feedback, released)
         await refresh_term_stats(conn, course_id)
         await progress.award_finished_courses(tx, course_id)
     return True

@@ -2,6 +2,7 @@
 learners until published, and the adaptive next step built from the learner's grades."""
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
@@ -128,11 +129,27 @@ def test_deleting_a_video_drops_the_citations_that_point_at_it(client, make, wor
     client.post(f"/api/v1/assignments/{mc['id']}/publish", headers=inst.h)
     sub = client.post(f"/api/v1/assignments/{mc['id']}/submissions", json={"answer": [1]}, headers=learner.h).json()
     assert sub["feedback"]["rewatch"]["video_id"] == vid, sub
+    # (tester) a written answer's advice names the moment too, in its improve part, and a regrade keeps the grade
+    # the learner was given (`released`) with the same: both stayed after the video was deleted
+    from store.submissions import rewatch_advice
+
+    moment = {"video_id": vid, "start": 140.0, "end": 150.0, "title": "Lecture 1"}
+    advice = rewatch_advice(moment)
+    assert advice == "Rewatch Lecture 1 at 2:20."
+    written = {"right": "On the right track.", "improve": f"Explain chaining. {advice}", "rewatch": moment}
+    fetch(settings, """UPDATE submissions SET feedback = feedback || $2::text::jsonb,
+                           released = jsonb_build_object('score', 40, 'feedback', $2::text::jsonb) WHERE id = $1""",
+          sub["id"], json.dumps(written))
     assert client.delete(f"/api/v1/courses/{cid}/videos/{vid}", headers=inst.h).status_code == 204
+    row = fetch(settings, "SELECT feedback::text, released::text FROM submissions WHERE id = $1", sub["id"])[0]
+    stored, released = json.loads(row["feedback"]), json.loads(row["released"])
+    for fb in (stored, released["feedback"]):
+        assert "rewatch" not in fb and fb["improve"] == "Explain chaining.", fb
+    assert released["score"] == 40
     after = client.get(f"/api/v1/assignments/{items[0]['id']}", headers=inst.h).json()
     assert after.get("citation") is None and after["id"] == items[0]["id"]
     fb = client.get(f"/api/v1/submissions/{sub['id']}", headers=learner.h).json()["feedback"]
-    assert "rewatch" not in fb and fb["right"] == "Not correct.", fb
+    assert "rewatch" not in fb and fb["right"] == "On the right track." and fb["improve"] == "Explain chaining.", fb
 
 
 def test_generation_is_rate_limited_per_user(client, make, settings, eval_course: EvalCourse):
