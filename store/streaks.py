@@ -11,12 +11,14 @@ no day (at most one per 24 hours), and the local day a move lands in, when it ov
 is simply not new. Missed days are the whole local days between the end of the last counted day and the new one:
 a learner who moves east or west and is active every local day misses none. A move counts from when it was made
 (`learner_profiles.timezone_changed_at`): the gap before it is counted in the zone the last day was counted in, so a
-learner who missed two days cannot turn them into one by moving west afterwards.
+learner who missed two days cannot turn them into one by moving west afterwards. Activity that was not a new day
+but came after the last counted day ended (a day overlapping it, in a zone moved to) is remembered (`active_at`):
+moving back, the day of the zone counted in that it fell in is not charged as missed.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, time, timedelta, timezone
 
 from store import achievements
@@ -46,26 +48,38 @@ class Streak:
     freeze_weeks: frozenset[date] = frozenset()
     day_tz: str | None = None  # the timezone `last_day` was counted in
     tz_changed_at: datetime | None = None  # when the learner last changed their timezone (their profile's)
+    active_at: datetime | None = None  # the latest activity after `last_day` ended that made no new day
 
 
 def _midnight(day: date, tz: str | None) -> datetime:
     return datetime.combine(day, time(0), tzinfo=zone(tz))
 
 
+def _ended(s: Streak, tz: str) -> datetime:
+    """The instant the last counted day ended, in UTC (arithmetic on a zone's wall clock goes wrong across DST)."""
+    assert s.last_day is not None
+    return _midnight(s.last_day + timedelta(days=1), s.day_tz or tz).astimezone(timezone.utc)
+
+
 def _new_and_missed(s: Streak, day: date, tz: str) -> tuple[bool, list[date]]:
     """Whether local `day` (in `tz`) is a new streak day after the last counted one, and the local days (in `tz`)
-    missed in between: those wholly after the last counted day ended and before `day`."""
+    missed in between: those wholly after the last counted day ended and before `day`, less the one the learner was
+    active in (`active_at`) without it making a new day."""
     if s.last_day is None:
         return True, []
-    # the instant the last counted day ended, in UTC: arithmetic on a zone's wall clock goes wrong across DST
-    ended = _midnight(s.last_day + timedelta(days=1), s.day_tz or tz).astimezone(timezone.utc)
+    ended = _ended(s, tz)
     if _midnight(day, tz) < ended:
         return False, []  # the same day again, a late report, or a day overlapping the counted one (a move)
+
+    def idle(days: list[date], in_tz: str) -> list[date]:
+        at = s.active_at
+        return [d for d in days if at is None or not _midnight(d, in_tz) <= at < _midnight(d + timedelta(days=1), in_tz)]
+
     last_here = (ended - timedelta(microseconds=1)).astimezone(zone(tz)).date()
     missed = [last_here + timedelta(days=i) for i in range(1, (day - last_here).days)]
     old, moved = s.day_tz or tz, s.tz_changed_at
     if old == tz or moved is None or moved <= ended:
-        return True, missed
+        return True, idle(missed, tz)
     # moved during the gap: until the day of the move the days were the old zone's (its whole days before that day),
     # from the start of that day on the new zone's (its days starting then or later): what a move leaves uncharged is
     # under a day (from the start of the move's old day to the next midnight of the new zone), however far it goes
@@ -73,7 +87,7 @@ def _new_and_missed(s: Streak, day: date, tz: str) -> tuple[bool, list[date]]:
     move_day = local_day(moved, old)
     from_start = _midnight(move_day, old)
     before = [s.last_day + timedelta(days=i) for i in range(1, (move_day - s.last_day).days)]
-    return True, before + [d for d in missed if _midnight(d, tz) >= from_start]
+    return True, idle(before, old) + idle([d for d in missed if _midnight(d, tz) >= from_start], tz)
 
 
 def _coverable(missed: list[date], spent: frozenset[date]) -> bool:
@@ -100,7 +114,8 @@ def advance(s: Streak, day: date, tz: str = "UTC") -> tuple[Streak, bool]:
             current = 1
     horizon = monday(day) - timedelta(weeks=_KEEP_WEEKS)
     spent = frozenset(w for w in spent if w >= horizon)
-    return Streak(current, max(s.longest, current), day, spent, tz, s.tz_changed_at), True
+    return Streak(current, max(s.longest, current), day, spent, tz, s.tz_changed_at), True  # (no active_at: none
+    # after the new day ended yet)
 
 
 def status(s: Streak, today: date, tz: str = "UTC") -> tuple[int, bool]:
@@ -122,14 +137,14 @@ def _row_to_streak(row) -> Streak:  # type: ignore[no-untyped-def]
     if row is None:
         return Streak()
     return Streak(row["current"], row["longest"], row["last_day"], frozenset(row["freeze_weeks"]), row["day_tz"],
-                  row["timezone_changed_at"])
+                  row["timezone_changed_at"], row["active_at"])
 
 
 async def get(conn, user_id: int) -> tuple[Streak, str]:  # type: ignore[no-untyped-def]
     """The stored streak and the learner's timezone."""
     row = await conn.fetchrow(
         """SELECT s.current, s.longest, s.last_day, s.freeze_weeks, s.day_tz, coalesce(p.timezone, 'UTC') AS timezone,
-                  p.timezone_changed_at
+                  p.timezone_changed_at, s.active_at
            FROM users u LEFT JOIN streaks s ON s.user_id = u.id LEFT JOIN learner_profiles p ON p.user_id = u.id
            WHERE u.id = $1""", user_id)
     if row is None or row["last_day"] is None:
@@ -142,10 +157,11 @@ async def record_activity(tx: XpTransaction, user_id: int, at: datetime | None =
     `daily_streak` XP and unlock streak achievements, all in `tx`."""
     conn = tx.conn
     at = at or datetime.now(timezone.utc)
+    at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
     await conn.execute("INSERT INTO streaks (user_id) VALUES ($1) ON CONFLICT DO NOTHING", user_id)
     row = await conn.fetchrow(
         """SELECT s.current, s.longest, s.last_day, s.freeze_weeks, s.day_tz, coalesce(p.timezone, 'UTC') AS timezone,
-                  p.timezone_changed_at
+                  p.timezone_changed_at, s.active_at
            FROM streaks s LEFT JOIN learner_profiles p ON p.user_id = s.user_id
            WHERE s.user_id = $1 FOR UPDATE OF s""", user_id)
     before = _row_to_streak(row)
@@ -153,12 +169,16 @@ async def record_activity(tx: XpTransaction, user_id: int, at: datetime | None =
     day = local_day(at, tz)
     after, new_day = advance(before, day, tz)
     if not new_day:
+        if before.last_day is not None and at >= _ended(before, tz) and (before.active_at is None or
+                                                                         at > before.active_at):
+            await conn.execute("UPDATE streaks SET active_at = $2 WHERE user_id = $1", user_id, at)
+            return replace(before, active_at=at)
         return before
     # the day's XP once (a date in another timezone than the last one's is another day: named with its zone)
     xp_key = f"streak:{day.isoformat()}" if tz == (before.day_tz or tz) else f"streak:{day.isoformat()}@{tz}"
     await conn.execute(
         """UPDATE streaks SET current = $2, longest = $3, last_day = $4, freeze_weeks = $5, day_tz = $6,
-                              updated_at = now()
+                              active_at = NULL, updated_at = now()
            WHERE user_id = $1""", user_id, after.current, after.longest, after.last_day, sorted(after.freeze_weeks),
         tz)
     await tx.award(user_id, "daily_streak", xp_key, at=at)

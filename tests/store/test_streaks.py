@@ -379,3 +379,35 @@ def test_a_move_leaves_less_than_a_day_of_a_gap_uncharged():
                     assert datetime.combine(day, datetime.min.time(), tzinfo=streaks.zone(tz)) - ended < \
                         timedelta(hours=48), (tz, hour, at)
     assert kept  # (moves that keep the streak honestly exist too)
+
+
+async def test_a_day_active_in_a_zone_visited_is_not_charged_after_coming_back(make: Factory, xp_store):
+    """(Tester) New York, Monday counted; the learner moves to London and is active there Tuesday 10:00 (Tuesday
+    05:00 in New York: not a new day, it overlaps the counted one), moves back and is active Wednesday. Tuesday in
+    New York was charged as missed: the week's freeze spent (or, spent already, the streak reset), though they were
+    active on it. The activity is remembered; a day with none in it is still missed."""
+    pool, redis = xp_store
+    u, idle = make.user("learner"), make.user("learner")
+
+    async def move(user_id: int, tz: str, at: datetime) -> None:
+        async with pool.acquire() as conn:
+            await conn.execute("""INSERT INTO learner_profiles (user_id, timezone, timezone_changed_at) VALUES ($1, $2, $3)
+                                  ON CONFLICT (user_id) DO UPDATE SET timezone = $2, timezone_changed_at = $3""",
+                               user_id, tz, at)
+
+    utc = timezone.utc
+    for who in (u, idle):
+        await move(who.id, "America/New_York", datetime(2026, 11, 1, tzinfo=utc))
+        await _activity(pool, redis, who.id, datetime(2026, 12, 6, 17, tzinfo=utc))  # Sun 12:00 NY
+        await _activity(pool, redis, who.id, datetime(2026, 12, 7, 17, tzinfo=utc))  # Mon 12:00 NY
+        await move(who.id, "Europe/London", datetime(2026, 12, 7, 20, tzinfo=utc))
+    st = await _activity(pool, redis, u.id, datetime(2026, 12, 8, 10, tzinfo=utc))  # Tue 10:00 London
+    assert st.current == 2 and st.last_day == date(2026, 12, 7)  # not a new day
+    for who in (u, idle):
+        await move(who.id, "America/New_York", datetime(2026, 12, 8, 18, tzinfo=utc))
+    st = await _activity(pool, redis, u.id, datetime(2026, 12, 9, 17, tzinfo=utc))  # Wed 12:00 NY
+    assert (st.current, st.last_day, st.freeze_weeks) == (3, date(2026, 12, 9), frozenset()), st
+    gone = await _activity(pool, redis, idle.id, datetime(2026, 12, 9, 17, tzinfo=utc))  # (nothing on Tuesday)
+    assert gone.current == 3 and gone.freeze_weeks == {date(2026, 12, 7)}, gone
+    async with pool.acquire() as conn:
+        assert (await streaks.get(conn, u.id))[0].active_at is None  # (the new day counted: forgotten)
