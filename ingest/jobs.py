@@ -23,6 +23,7 @@ from arq.connections import ArqRedis, RedisSettings
 from ingest.errors import IngestError
 from ingest.progress import JobReporter, announce_job
 from store import jobs as jobs_repo
+from store import videos as videos_repo
 from store.aio import cancel_and_wait
 from store.keys import ARQ_IN_PROGRESS, ARQ_RESULT, INGEST_QUEUE
 
@@ -285,11 +286,14 @@ async def sweep_uploads(ctx: dict[str, Any]) -> int:
         return [p for p in root.glob("*/*.upload") if p.stat().st_mtime < cutoff]
 
     found = await asyncio.to_thread(old_files)
-    if found:
+    if found:  # (a video names its file relative to the data folder; one added before that, by its absolute path)
+        data_dir = ctx["settings"].data_dir
+        refs = {p: videos_repo.upload_ref(data_dir, p) for p in found}
         async with ctx["pool"].acquire() as conn:
             kept = {r["file_path"] for r in await conn.fetch(
-                "SELECT file_path FROM videos WHERE file_path = ANY($1::text[])", [str(p) for p in found])}
-        found = [p for p in found if str(p) not in kept]
+                "SELECT file_path FROM videos WHERE file_path = ANY($1::text[])",
+                list(refs.values()) + [str(p) for p in found])}
+        found = [p for p in found if refs[p] not in kept and str(p) not in kept]
 
     def remove() -> None:
         for p in found:

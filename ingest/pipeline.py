@@ -56,7 +56,7 @@ async def fetch_cues(video: asyncpg.Record, settings: Settings, reporter: JobRep
 
         return SourceResult(await asyncio.to_thread(clean_cues, yt.cues), language=yt.language_code,
                             captions_generated=yt.is_generated)
-    path = Path(video["file_path"] or "")
+    path = videos_repo.upload_path(settings.data_dir, video["file_path"]) or Path("")
     if not path.exists():
         raise PermanentIngestError("the uploaded file is missing from storage; upload it again")
     if source == "transcript":

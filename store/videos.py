@@ -5,6 +5,7 @@ import asyncio
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -19,6 +20,24 @@ from store.vectors import stored
 _COLS = """v.id, v.course_id, v.title, v.source, v.youtube_id, v.filename, v.file_path, v.file_kind, v.file_size,
            v.duration_s, v.status, v.embed_model, v.embed_dim, v.language, v.captions_generated, v.chunk_count,
            v.error, v.created_at, v.updated_at"""
+
+
+def upload_ref(data_dir: Path, path: Path) -> str:
+    """How a video names its uploaded file: relative to the data folder (`uploads/<course>/<name>.upload`), so it is
+    found wherever the folder is moved, restored or mounted (an absolute path made every upload "missing" after a
+    move, and the hourly sweep deleted them all as unreferenced); a file outside it by its absolute path."""
+    try:
+        return path.relative_to(data_dir).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def upload_path(data_dir: Path, ref: str | None) -> Path | None:
+    """The file a video's `file_path` names, in this process's data folder (None: no file)."""
+    if not ref:
+        return None
+    p = Path(ref)
+    return p if p.is_absolute() else data_dir / p
 
 
 async def create_video(conn: asyncpg.Connection, course_id: int, title: str, source: str, *,

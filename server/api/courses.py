@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import asyncpg
 import msgspec
@@ -17,6 +16,7 @@ from server.decode import decode_json, read_body, read_json, trimmed
 from server.errors import ApiError
 from store import courses as repo
 from store import leaderboard_rebuild, leaderboards, moderation
+from store.videos import upload_path
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,8 @@ class CourseController(Controller):
         await moderation.close_rooms(request.app.state.redis, gone.rooms)
         await leaderboards.drop_boards(request.app.state.redis, [("course", course_id)] + [
             ("pod", int(r.split(":")[1])) for r in gone.rooms if r.startswith("pod:")])
-        for path in gone.files:  # committed: the uploads go too (a crash here leaves files, never a dangling row)
-            Path(path).unlink(missing_ok=True)
+        for ref in gone.files:  # committed: the uploads go too (a crash here leaves files, never a dangling row)
+            upload_path(request.app.state.settings.data_dir, ref).unlink(missing_ok=True)
 
     @post("/{course_id:int}/enrollments", status_code=201)
     async def enroll(self, request: Request, course_id: int) -> Response[Enrollment]:

@@ -258,7 +258,7 @@ class VideoController(Controller):
             if not await videos_repo.delete_video(conn, request.app.state.redis, course_id, video_id):
                 raise ApiError(404, f"course {course_id} not found")
         if video["file_path"]:
-            Path(video["file_path"]).unlink(missing_ok=True)
+            videos_repo.upload_path(request.app.state.settings.data_dir, video["file_path"]).unlink(missing_ok=True)
 
     @post("/videos/{video_id:int}/reingest", guards=[staff_only], status_code=202)
     async def reingest(self, request: Request, course_id: int, video_id: int) -> Accepted:

@@ -10,6 +10,7 @@ import wave
 import numpy as np
 import pytest
 
+from store.videos import upload_path
 from tests.conftest import EVAL, EvalCourse, Factory, fetch, upload, wait_job
 
 # Measured 0.95 (57/60) with the offline defaults on ../shared/eval (bench/search_quality.py); the issue's
@@ -445,8 +446,10 @@ def test_deleting_a_course_removes_its_uploaded_files(client, make: Factory, wor
     data = (EVAL / "transcripts" / "3b1b-bitcoin.srt").read_bytes()
     r = upload(client, cid, inst.h, "b.srt", data)
     assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
-    (path,) = [x["file_path"] for x in fetch(settings, "SELECT file_path FROM videos WHERE course_id = $1", cid)]
-    assert path and Path(path).exists()
+    (path,) = [upload_path(settings.data_dir, x["file_path"])
+               for x in fetch(settings, "SELECT file_path FROM videos WHERE course_id = $1", cid)]
+    assert path and path.exists() and not Path(fetch(settings, "SELECT file_path FROM videos WHERE course_id = $1",
+                                                      cid)[0]["file_path"]).is_absolute()
     assert client.delete(f"/api/v1/courses/{cid}", headers=inst.h).status_code == 204
     assert not Path(path).exists()
 
@@ -521,7 +524,8 @@ def test_a_reingest_that_shortens_a_video_cuts_its_progress_to_the_new_length(cl
     assert client.post(f"/api/v1/courses/{cid}/enrollments", json={"user_id": near.id},
                        headers=inst.h).status_code == 201
     assert not client.post(url, json={"position": 55, "watched": [[0, 55]]}, headers=near.h).json()["completed"]
-    (path,) = [x["file_path"] for x in fetch(settings, "SELECT file_path FROM videos WHERE id = $1", vid)]
+    (path,) = [upload_path(settings.data_dir, x["file_path"])
+               for x in fetch(settings, "SELECT file_path FROM videos WHERE id = $1", vid)]
     Path(path).write_bytes(_srt(60))  # the source now says 60 s
     r = client.post(f"/api/v1/courses/{cid}/videos/{vid}/reingest", headers=inst.h)
     assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"

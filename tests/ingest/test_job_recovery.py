@@ -363,16 +363,20 @@ def test_uploaded_files_no_video_refers_to_are_swept_after_a_day(settings, make:
     cid = client.post("/api/v1/courses", json={"title": "Files"}, headers=inst.h).json()["id"]
     folder = (tmp_path / "uploads" / str(cid)).resolve()
     folder.mkdir(parents=True)
-    kept, orphan, fresh = (folder / f"{n}.upload" for n in ("kept", "orphan", "fresh"))
+    kept, orphan, fresh, moved = (folder / f"{n}.upload" for n in ("kept", "orphan", "fresh", "moved"))
     gone_course = tmp_path.resolve() / "uploads" / "999999999"
     gone_course.mkdir()
-    for p in (kept, orphan, fresh):
+    for p in (kept, orphan, fresh, moved):
         p.write_bytes(b"data")
     old = time.time() - ORPHAN_UPLOAD_S - 60
-    for p in (kept, orphan, gone_course):
+    for p in (kept, orphan, gone_course, moved):
         os.utime(p, (old, old))
     fetch(settings, "INSERT INTO videos (course_id, title, source, file_path) VALUES ($1, 'v', 'media', $2)",
-          cid, str(kept))
+          cid, str(kept))  # (named by its absolute path, as before)
+    # (tester) a video names its file relative to the data folder: after the folder was moved, every upload was
+    # "unreferenced" (absolute paths of the old place) and the sweep deleted them all
+    fetch(settings, "INSERT INTO videos (course_id, title, source, file_path) VALUES ($1, 'v', 'media', $2)",
+          cid, f"uploads/{cid}/moved.upload")
 
     async def go() -> int:
         pool = await create_pool(settings.database_url, min_size=1, max_size=2)
@@ -383,7 +387,31 @@ def test_uploaded_files_no_video_refers_to_are_swept_after_a_day(settings, make:
             await pool.close()
 
     assert run_sync(go()) == 1
-    assert kept.exists() and fresh.exists() and not orphan.exists() and not gone_course.exists()
+    assert kept.exists() and fresh.exists() and moved.exists() and not orphan.exists() and not gone_course.exists()
+
+
+def test_a_video_names_its_upload_relative_to_the_data_folder(tmp_path, settings, make: Factory, client):
+    """(Tester) moved to another place (a bigger disk, a restore), the data folder kept its uploads but every video
+    named them by the old absolute path: re-ingests failed "missing from storage" and the sweep deleted them."""
+    from store.videos import upload_path, upload_ref
+
+    here, there = tmp_path / "data", tmp_path / "moved"
+    ref = upload_ref(here, here / "uploads" / "7" / "a.upload")
+    assert ref == "uploads/7/a.upload" and upload_path(there, ref) == there / "uploads" / "7" / "a.upload"
+    assert upload_ref(here, tmp_path / "elsewhere.srt") == str(tmp_path / "elsewhere.srt")  # (outside: absolute)
+    assert upload_path(there, str(tmp_path / "elsewhere.srt")) == tmp_path / "elsewhere.srt" and not upload_path(there, None)
+    # and a path stored before, absolute, is made relative by the migration (run again here: it is idempotent)
+    from pathlib import Path
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Moved"}, headers=inst.h).json()["id"]
+    for path in (f"/old/place/.studyhall/uploads/{cid}/z.upload", str(tmp_path / "elsewhere.srt")):
+        fetch(settings, "INSERT INTO videos (course_id, title, source, file_path) VALUES ($1, 'v', 'media', $2)",
+              cid, path)
+    sql = (Path(__file__).resolve().parents[2] / "store" / "migrations" / "0052_upload_paths_relative.sql").read_text()
+    fetch(settings, sql)
+    got = {r["file_path"] for r in fetch(settings, "SELECT file_path FROM videos WHERE course_id = $1", cid)}
+    assert got == {f"uploads/{cid}/z.upload", str(tmp_path / "elsewhere.srt")}, got
 
 
 def test_a_job_deleted_while_it_runs_stops_at_its_next_progress_write(settings, make: Factory, client):
