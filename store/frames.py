@@ -209,9 +209,10 @@ class _Refs(msgspec.Struct):
     type: Any = None
 
 
-# Frames that change something (a post, an edit, a vote): dropped unread over the frame budget, each is told so
-# by name, so a client knows which of its sends to send again (typing and pings go without a word).
-CHANGING = frozenset({"message.send", "tutor.ask", "message.edit", "message.delete", "poll.vote"})
+# Frames that change something (a post, an edit, a vote), and `resume` (its client ignores sequenced events until
+# the welcome it asks for): dropped unread over the frame budget, each is told so by name, so a client knows which
+# of its frames to send again (typing and pings go without a word).
+CHANGING = frozenset({"message.send", "tutor.ask", "message.edit", "message.delete", "poll.vote", "resume"})
 
 
 _refs = msgspec.json.Decoder(_Refs)

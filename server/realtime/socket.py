@@ -56,7 +56,10 @@ MAX_SEQ = 2**62  # a seq as REST takes it (`after`, `before`), and the resume fr
 
 
 def _after(socket: WebSocket) -> int | None | str:
-    raw = socket.query_params.get("after")
+    given = socket.query_params.getall("after", [])
+    if len(given) > 1:  # (a client appending its own `after` to a URL that had one resumed from the old point)
+        return "bad"
+    raw = given[0] if given else None
     if raw is None or raw == "":
         return None
     # (digits as typed: a 19-digit seq under the bound was refused by a length check; one past it is "bad" too)
@@ -72,6 +75,8 @@ class RoomWebSocket(WebSocket):
 
 
 CONNECT_CHECK_S = 3.0  # how long opening a socket waits for the connect budget (Redis) before 1013
+CONNECT_DB_S = 8.0  # and for its checks (the token, the room, the user's standing in it): under a client's usual
+# 10 s handshake timeout, so it hears why
 
 
 class _TooManyConnects(Exception):
@@ -86,7 +91,10 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
     hub: Hub = state.hub
     after = _after(socket)
     if after == "bad":
-        await _refuse(socket, CLOSE_BAD_REQUEST, "after must be a non-negative integer")
+        await _refuse(socket, CLOSE_BAD_REQUEST, "after must be a non-negative integer, given once")
+        return
+    if len(socket.query_params.getall("token", [])) > 1:
+        await _refuse(socket, CLOSE_BAD_REQUEST, "token given more than once")
         return
 
     async def connect_budget(user_id: int, claims: dict) -> None:
@@ -100,15 +108,19 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
             raise _TooManyConnects(wait)
 
     try:
-        user = await authenticate(socket, socket.query_params.get("token") or bearer_token(socket), connect_budget)
-        async with state.pool.acquire() as db:
-            # the database's clock, read before the checks: a kick after this moment closes the socket (kicks
-            # carry the database's time too)
-            opened_at = await db.fetchval("SELECT now()")
-            opened_mono = time.monotonic()
-            access, kicked = await standing(db, room_id, user)
-            if access is not None and kicked is None:
-                await rooms_repo.ensure_room(db, room_id)
+        # the handshake is still open: a Postgres that does not answer is a 1013 soon too, not a client's timeout
+        # (the pool's statement timeout and rollback held it about twice STUDYHALL_DB_TIMEOUT_S, 30 s)
+        async with asyncio.timeout(CONNECT_DB_S):
+            user = await authenticate(socket, socket.query_params.get("token") or bearer_token(socket),
+                                      connect_budget)
+            async with state.pool.acquire() as db:
+                # the database's clock, read before the checks: a kick after this moment closes the socket (kicks
+                # carry the database's time too)
+                opened_at = await db.fetchval("SELECT now()")
+                opened_mono = time.monotonic()
+                access, kicked = await standing(db, room_id, user)
+                if access is not None and kicked is None:
+                    await rooms_repo.ensure_room(db, room_id)
     except _TooManyConnects as exc:
         await _refuse(socket, CLOSE_TOO_MANY, f"too many connects: retry in {exc.wait:g} s")
         return
@@ -204,8 +216,9 @@ async def _cleanup(state, hub: Hub, conn: Conn) -> None:  # type: ignore[no-unty
 
 async def _serve(socket: WebSocket, conn: Conn, user: AuthUser, hub: Hub) -> None:
     receive = socket.receive
-    rate = max(FRAME_RATE, 2 * hub.settings.ws_send_rate)
-    burst = max(FRAME_BURST, 2 * hub.settings.ws_send_burst)
+    sends = hub.send_limiter(user.role)  # (a bot's: BOT_SENDS times a person's; a bridge within it lost frames)
+    rate = max(FRAME_RATE, 2 * sends.rate)
+    burst = max(FRAME_BURST, 2 * sends.burst)
     tokens, last, told = burst, time.monotonic(), float("-inf")
     while True:
         msg = await receive()

@@ -188,7 +188,8 @@ class Client:
 
 async def closed_with(url: str, timeout: float = 5, **kw: Any) -> tuple[int, str]:
     """Connect and return the close (code, reason) the server answers with."""
-    async with websockets.connect(url, open_timeout=10, **kw) as ws:
+    kw.setdefault("open_timeout", 10)
+    async with websockets.connect(url, **kw) as ws:
         try:
             while True:
                 await asyncio.wait_for(ws.recv(), timeout)

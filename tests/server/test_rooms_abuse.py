@@ -178,6 +178,10 @@ async def test_look_alike_room_ids_and_after_values_are_refused(server, make: Fa
     for after in (str(2**62 + 1), "1" * 21):
         code, _ = await closed_with(ws_url(server, course.room, u.token) + f"&after={after}")
         assert code == 4400, after
+    # (tester) given twice, the first `after` won: a client appending its own resumed from the old point; a second
+    # token is as ambiguous
+    for twice in ("&after=999999&after=1", "&after=1&after=999999", f"&token={u.token}"):
+        assert (await closed_with(ws_url(server, course.room, u.token, after=5) + twice))[0] == 4400, twice
     ok = await Client.connect(server, course.room, u, after=10**18)
     await ok.send({"type": "resume", "after_seq": 2**64})
     err = await ok.expect("error")
@@ -440,7 +444,29 @@ async def test_a_connection_flooding_frames_is_told_then_closed(server, make: Fa
     assert await flood.closed() == (4429, "too many frames")
     await calm.send({"type": "ping", "ref": "fine"})
     await calm.expect("pong", ref="fine")
+    # (tester) a dropped resume is named: its client ignores sequenced events until the welcome it asked for
+    for _ in range(80):
+        await calm.ws.send('{"type": "typing", "active": true}')
+    await calm.send({"type": "resume", "after_seq": 0, "ref": "my-resume"})
+    err = await calm.expect("error", ref="my-resume", timeout=5)
+    assert err["code"] == "rate_limited" and "not handled" in err["detail"], err
     await calm.close()
+
+
+async def test_a_bridge_has_a_bots_frame_budget(server, make: Factory):
+    """(Tester) a bot's socket had a person's frame budget (60 at once, 20 a second): a bridge posting within its
+    send budget (BOT_SENDS times a person's) lost frames and was closed with 4429."""
+    course = make_course(server, make, learners=0)
+    bot = make.user("bot")
+    bridge = await Client.connect(server, course.room, bot)
+    for i in range(150):
+        await bridge.ws.send('{"type": "ping", "ref": "p%d"}' % i)
+    for i in range(150):
+        got = await bridge.recv()
+        while got["type"] not in ("pong", "error"):
+            got = await bridge.recv()
+        assert got["type"] == "pong" and got["ref"] == f"p{i}", got
+    await bridge.close()
 
 
 async def test_sends_dropped_over_the_frame_budget_are_each_named(server, make: Factory, settings):
@@ -639,3 +665,36 @@ async def test_a_revoked_bot_tokens_reconnect_loop_is_refused_4429_too(server, m
                     break
     assert codes[-1] == 4429 and codes[0] == 4401, codes[:3]
     assert len(codes) > settings.ws_connect_burst  # more than a person's burst: a bridge reconnecting its rooms
+
+
+async def test_a_handshake_waiting_on_postgres_is_told_to_come_back_before_a_clients_timeout(server, make: Factory,
+                                                                                          settings):
+    """(Tester) with Postgres not answering, opening a socket was held for about twice STUDYHALL_DB_TIMEOUT_S (30 s):
+    a client's usual 10 s handshake timeout gave up without a close code. Its checks are bounded (CONNECT_DB_S): a
+    1013 to come back. (Here the room's row is held by an open transaction, so its creation waits.)"""
+    import time
+
+    from server.realtime.socket import CONNECT_DB_S
+    from store.db import create_pool
+
+    course = make_course(server, make, learners=1)
+    (u,) = course.learners
+    pool = await create_pool(settings.database_url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as db:
+            held = db.transaction()
+            await held.start()
+            try:
+                await db.execute("DELETE FROM rooms WHERE id = $1", course.room)
+                await db.execute("INSERT INTO rooms (id, kind, course_id) VALUES ($1, 'course', $2)", course.room,
+                                 course.id)
+                t0 = time.monotonic()
+                code, _ = await closed_with(ws_url(server, course.room, u.token), timeout=20, open_timeout=20)
+                took = time.monotonic() - t0
+            finally:
+                await held.rollback()  # (the room is as it was)
+    finally:
+        await pool.close()
+    assert code == 1013 and took < CONNECT_DB_S + 3, (code, took)
+    ok = await Client.connect(server, course.room, u)
+    await ok.close()
