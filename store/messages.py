@@ -85,17 +85,21 @@ def relay_of(meta: dict | None) -> str | None:
 
 def _as_now(payload: str, body: str, text: str | None = None, text_sha: bytes | None = None,
             reply_to: int | None = None, relay: str | None = None) -> Posted:
-    """A repeat's original `message.new` as the message is now: its stored event carries the text first posted
-    (a deletion blanks it there too), so an edit since is laid over it, as REST's repeat shows. With `text` (the
-    repeat's), Refused(REUSED) when it is not the text first posted: a client reusing its ids (a counter reset by a
-    reload) would otherwise have its new message dropped without a word. So, with `text`, when the repeat answers
-    another message than the original did (`reply_to`), or a bot's repeat is for another person (`relay`: a bridge
-    keeping ids per channel had Ben's message answered with Ann's)."""
+    """A repeat's original `message.new` as the message is now: its stored event carries the text as last edited
+    (a deletion blanks it there too; one stored before edits rewrote it, the text first posted), so the message's
+    text is laid over it, as REST's repeat shows. With `text` (the repeat's), Refused(REUSED) when it is not the text
+    first posted: a client reusing its ids (a counter reset by a reload) would otherwise have its new message dropped
+    without a word. So, with `text`, when the repeat answers another message than the original did (`reply_to`), or
+    a bot's repeat is for another person (`relay`: a bridge keeping ids per channel had Ben's message answered with
+    Ann's)."""
     event = _new_decoder.decode(payload.encode())
-    # (a deleted message's text is gone: the digest of the text it was posted with stands in for it)
-    if text is not None and (event.reply_to != reply_to or relay_of(event.meta) != relay
-                             or (event.text != text if not event.deleted else
-                                 text_sha is not None and bytes(text_sha) != _sha(text))):
+    # (the text first posted is gone after an edit or a deletion: its digest stands in for it; a message stored
+    # before digests were kept has its event's text, or nothing once deleted)
+    if text_sha is not None:
+        other_text = bytes(text_sha) != _sha(text) if text is not None else False
+    else:
+        other_text = text is not None and not event.deleted and event.text != text
+    if text is not None and (event.reply_to != reply_to or relay_of(event.meta) != relay or other_text):
         raise Refused(REUSED, f"client_msg_id {event.client_msg_id!r} was already used for another message in this "
                               "room; send a new message with a new client_msg_id")
     if not event.deleted and event.text != body:
@@ -265,6 +269,9 @@ async def edit_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
             # (under the row's lock: two racing edits' times in the order they are applied)
             "UPDATE messages SET body = $2, edited_at = clock_timestamp() WHERE id = $1 RETURNING edited_at",
             message_id, text)
+        # the text it replaces leaves the stored events too: a client resuming from before the post (a member
+        # joining later) read the first version, then the edit (a phone number edited out stayed readable)
+        await _rewrite_events(conn, room_id, message_id, text)
         event = await box.append(
             room_id, lambda seq: MessageEdited(id=message_id, seq=seq, room=room_id, text=text, edited_at=edited_at),
             message_id=message_id)
@@ -291,21 +298,28 @@ async def delete_message(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, ro
             if await moderation.kicked_until(conn, room_id, user_id) is not None:
                 raise Refused("kicked", "you are barred from this room")
         await conn.execute("UPDATE messages SET body = '', deleted_at = clock_timestamp() WHERE id = $1", message_id)
-        for ev in await conn.fetch(
-                "SELECT seq, type, payload FROM room_events WHERE message_id = $1 AND room_id = $2 "
-                "AND type IN ('message.new', 'message.edited')", message_id, room_id):
-            raw = ev["payload"].encode()
-            if ev["type"] == "message.new":
-                redacted = msgspec.structs.replace(_new_decoder.decode(raw), text="", deleted=True)
-            else:
-                redacted = msgspec.structs.replace(_edited_decoder.decode(raw), text="")
-            await conn.execute("UPDATE room_events SET payload = $3 WHERE room_id = $1 AND seq = $2",
-                               room_id, ev["seq"], encode(redacted).decode())
+        await _rewrite_events(conn, room_id, message_id, "", deleted=True)
         await _forget_in_tutor(conn, room_id, message_id)
         event = await box.append(
             room_id, lambda seq: MessageDeleted(id=message_id, seq=seq, room=room_id, deleted_by=user_id),
             message_id=message_id)
     return event  # type: ignore[return-value]
+
+
+async def _rewrite_events(conn: asyncpg.Connection, room_id: str, message_id: int, text: str, *,
+                          deleted: bool = False) -> None:
+    """The message's stored events (its post and edits so far) carry `text` from now on (and its post `deleted`)."""
+    for ev in await conn.fetch(
+            "SELECT seq, type, payload FROM room_events WHERE message_id = $1 AND room_id = $2 "
+            "AND type IN ('message.new', 'message.edited')", message_id, room_id):
+        raw = ev["payload"].encode()
+        if ev["type"] == "message.new":
+            old = _new_decoder.decode(raw)
+            redacted = msgspec.structs.replace(old, text=text, deleted=deleted or old.deleted)
+        else:
+            redacted = msgspec.structs.replace(_edited_decoder.decode(raw), text=text)
+        await conn.execute("UPDATE room_events SET payload = $3 WHERE room_id = $1 AND seq = $2",
+                           room_id, ev["seq"], encode(redacted).decode())
 
 
 async def _forget_in_tutor(conn: asyncpg.Connection, room_id: str, message_id: int) -> None:

@@ -155,6 +155,11 @@ async def test_edit_delete_and_resume_redacts(server, make: Factory):
     await ca.send({"type": "message.edit", "id": m["id"], "text": "final"})
     e = await cb.expect("message.edited")
     assert e["id"] == m["id"] and e["text"] == "final" and e["seq"] == m["seq"] + 1
+    # (tester) a client resuming from before the post reads the message as it is now, never the text edited out
+    early = await Client.connect(server, course.room, b, after=0)
+    replay = [await early.recv() for _ in range(2)]
+    assert [(f["type"], f["text"]) for f in replay] == [("message.new", "final"), ("message.edited", "final")]
+    await early.close()
     # others may not edit or delete it
     await cb.send({"type": "message.edit", "id": m["id"], "text": "hijack", "ref": "r1"})
     err = await cb.expect("error")
