@@ -64,3 +64,30 @@ def test_an_extractive_title_is_a_whole_short_sentence_when_one_of_the_best_is()
                        "invert by design.")
     assert _titled([long_best, S(text="Any questions so far?")], lambda s: scores.get(s.text, 10.0)).startswith(
         "The hash function maps any message to a fixed-size digest…")
+
+
+def test_a_model_out_of_reach_holds_a_video_back_at_most_once_and_never_past_the_deadline():
+    """(Tester) a model that accepted connections and never answered was called for every chapter, three timeouts
+    each (21 minutes for a 7-chapter video at the default 60 s; its extractive titles kept in the end). Past a
+    failure the SDK's retries did not get through, the rest stay extractive; all the calls stop at the deadline. A
+    failure of one chapter's own (a request refused) still lets the others be titled."""
+    import time
+
+    def model(srv: FakeLLMServer) -> OpenAIChat:  # (one per event loop: its HTTP client belongs to it)
+        return OpenAIChat("sk-test", "gpt-4o-mini", base_url=srv.openai_base_url, max_retries=0)
+
+    for failure in (Reply(status=500), Reply(status=429), Reply(status=401)):
+        with FakeLLMServer(api_key="sk-test") as srv:
+            srv.script(failure)  # (a second call would get the default reply, and a title)
+            chapters = _chapters()
+            assert asyncio.run(llm_titles(model(srv), chapters)) == 0, failure
+            assert [c.title for c in chapters] == ["Extractive one", "Extractive two"]
+    with FakeLLMServer(api_key="sk-test") as srv:
+        srv.script(Reply(status=400, error_message="Invalid prompt: flagged"), Reply(text="The Column Picture"))
+        chapters = _chapters()
+        assert asyncio.run(llm_titles(model(srv), chapters)) == 1 and chapters[1].title == "The Column Picture"
+        srv.script(Reply(text="Quick"), Reply(wait_s=5, text="Too late"))
+        chapters = _chapters()
+        t0 = time.monotonic()
+        assert asyncio.run(llm_titles(model(srv), chapters, deadline_s=1.0)) == 1
+        assert time.monotonic() - t0 < 3 and [c.title for c in chapters] == ["Quick", "Extractive two"]
