@@ -201,8 +201,11 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
             logger.warning("ingest job %s failed: %s", job_id, reason)
             return f"failed: {reason}"
         delay = backoff_s(job["attempts"], settings.job_retry_base_s)
-        async with pool.acquire() as conn:
+        async with pool.acquire() as conn, conn.transaction():
             waiting = await jobs_repo.note_error(conn, job_id, f"{reason}; retrying in {delay:.0f}s")
+            if waiting is not None and waiting["video_id"] is not None:  # the video says so too (it said
+                # `processing`, no error, for as long as the retries took)
+                await videos_repo.note_retry(conn, waiting["video_id"], job_id, waiting["error"])
         if waiting is not None:  # back to `queued`, saying why and when it goes again
             await announce_job(ctx["redis"], waiting)
         logger.info("ingest job %s: %s; retry %d in %.1fs", job_id, reason, job["attempts"] + 1, delay)

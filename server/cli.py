@@ -406,6 +406,8 @@ async def _progress(pool, job_id: int, arq=None, gone_after: float = WORKER_GONE
         if job is None:
             raise CliError(f"job {job_id} is gone: its video or course was deleted")
         line = f"[{'#' * int(job['progress'] * width):<{width}}] {job['progress'] * 100:5.1f}% {job['state']}"
+        if job["state"] == "queued" and job["error"]:  # an attempt failed: why, and when it goes again
+            line += f" ({job['error']})"
         if line != shown and sys.stderr.isatty():
             print("\r" + line.ljust(60), end="", file=sys.stderr, flush=True)
         elif line != shown:

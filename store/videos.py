@@ -89,6 +89,15 @@ async def mark_processing(conn: asyncpg.Connection, video_id: int) -> None:
                           WHERE id = $1 AND NOT (status = 'ready' AND chunk_count > 0)""", video_id)
 
 
+async def note_retry(conn: asyncpg.Connection, video_id: int, job_id: int, error: str) -> None:
+    """An attempt of the video's latest job failed and waits for its retry: a video not ready is `queued` again,
+    with the reason and when it goes again as its error (until the next attempt starts)."""
+    await conn.execute("""UPDATE videos v SET status = 'queued', error = $3, updated_at = now()
+                          WHERE id = $1 AND NOT (status = 'ready' AND chunk_count > 0)
+                            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.video_id = v.id AND j.id > $2)""",
+                       video_id, job_id, error)
+
+
 async def mark_requeued(conn: asyncpg.Connection, video_id: int) -> None:
     """A new ingest of a failed video is queued (a retry, a re-ingest): it is `queued` again, without the old
     error, from now on rather than once a worker starts it."""

@@ -339,3 +339,12 @@ def test_a_reembed_for_another_model_than_the_workers_fails_saying_so(client, ma
     assert job["state"] == "failed" and "asked for some-other-model@1" in job["error"], job
     videos = client.get(f"/api/v1/courses/{cid}/videos", headers=inst.h).json()
     assert [v["status"] for v in videos] == ["ready"]  # still searchable with what it has
+
+
+def test_cli_ingest_says_why_a_job_waits_for_its_retry(client, make: Factory, worker, data_dir):
+    """(Tester) `studyhall ingest` of an unreachable YouTube video printed `0.0% queued` through every retry, then
+    the failure: the retries' reasons were never shown."""
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "CLI retries"}, headers=inst.h).json()["id"]
+    out = _cli(data_dir, "ingest", str(cid), "--youtube", "https://youtu.be/dQw4w9WgXcQ")
+    assert out.returncode != 0 and "queued (" in out.stderr and "retrying in" in out.stderr, out.stderr
