@@ -167,6 +167,16 @@ def rate_connect(user_id: int) -> str:
     return RATE_CONNECT.format(user_id=user_id)
 
 
+# HASH token bucket (as RATE_CONNECT) of one token's socket opens, taken before the database is asked whether the
+# token still holds (a revoked or signed-out token's reconnect loop stops here), so a dead token spends its own
+# budget, not its user's (whoever held a cancelled token locked its owner out of every room). TTL as RATE_CONNECT.
+RATE_CONNECT_TOKEN = "sh:rl:connect:token:{token}"
+
+
+def rate_connect_token(token_id: int | str) -> str:
+    return RATE_CONNECT_TOKEN.format(token=token_id)
+
+
 # HASH token bucket (as RATE_SEND) limiting one learner's written answers (each is graded, by a model when one
 # is configured). TTL: full refill time + 1 s.
 RATE_WRITTEN = "sh:rl:written:{user_id}"

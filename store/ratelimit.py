@@ -43,8 +43,9 @@ class SendLimiter:
         self._key = key
         self._script = redis.register_script(_BUCKET)
 
-    async def take(self, user_id: int, cost: int = 1) -> tuple[bool, float]:
-        """(allowed, seconds to wait before retrying when not)."""
+    async def take(self, user_id: int | str, cost: int = 1) -> tuple[bool, float]:
+        """(allowed, seconds to wait before retrying when not). `user_id`: what the bucket's key names (a user, or
+        for some buckets a token)."""
         ok, wait_ms = await self._script(keys=[self._key(user_id)], args=[self.rate, self.burst, cost])
         return bool(ok), math.ceil(int(wait_ms) / 100) / 10
 

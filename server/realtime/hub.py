@@ -28,7 +28,7 @@ from store.aio import cancel_and_wait
 from store.events import (CLOSE_FORBIDDEN, CLOSE_SLOW_CONSUMER, CLOSE_UNAUTHENTICATED, INTERNAL, UserRef, Welcome,
                           publish, room_topic, user_topic)
 from store.events import Presence as PresenceEvent
-from store.keys import events_channel, poll_results_window, rate_connect
+from store.keys import events_channel, poll_results_window, rate_connect, rate_connect_token
 from store.presence import Presence
 from store.ratelimit import SendLimiter
 from store.settings import Settings
@@ -109,6 +109,11 @@ class Hub:
         # database lookup per try, unlimited)
         self.bot_connect_limiter = SendLimiter(redis, settings.ws_connect_rate * BOT_CONNECTS,
                                                settings.ws_connect_burst * BOT_CONNECTS, key=rate_connect)
+        # the same budgets per token, taken before the database is asked (see keys.RATE_CONNECT_TOKEN)
+        self.token_connect_limiter = SendLimiter(redis, settings.ws_connect_rate, settings.ws_connect_burst,
+                                                 key=rate_connect_token)
+        self.bot_token_connect_limiter = SendLimiter(redis, settings.ws_connect_rate * BOT_CONNECTS,
+                                                     settings.ws_connect_burst * BOT_CONNECTS, key=rate_connect_token)
         self.tick_s = max(0.2, settings.presence_ttl_s / 3)
         self.rooms: dict[str, set[Conn]] = {}
         self._pairs: dict[tuple[str, int], list] = {}  # (room, user id) -> [local connections, UserRef]

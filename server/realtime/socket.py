@@ -97,15 +97,21 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
         await _refuse(socket, CLOSE_BAD_REQUEST, "token given more than once")
         return
 
-    async def connect_budget(user_id: int, claims: dict) -> None:
-        # sockets opened per user and second, over all processes, checked once the token's signature is verified
-        # and before any database work (a client reconnecting in a loop, also with a revoked token); bots (by their
-        # signed role) bridge many rooms: theirs is a larger budget (hub.BOT_CONNECTS)
-        limiter = hub.bot_connect_limiter if claims.get("role") == "bot" else hub.connect_limiter
+    async def take(limiter: SendLimiter, key: int | str) -> None:
         # the handshake is still open: a Redis that does not answer is a 1013 soon, not a client's timeout
-        ok, wait = await asyncio.wait_for(limiter.take(user_id), CONNECT_CHECK_S)
+        ok, wait = await asyncio.wait_for(limiter.take(key), CONNECT_CHECK_S)
         if not ok:
             raise _TooManyConnects(wait)
+
+    async def connect_budget(user_id: int, claims: dict) -> None:
+        # sockets opened per token and second, over all processes, checked once the token's signature is verified
+        # and before any database work (a client reconnecting in a loop, also with a revoked token); bots (by their
+        # signed role) bridge many rooms: theirs is a larger budget (hub.BOT_CONNECTS). The user's own budget is
+        # taken once the database accepted the token: a dead one spends only its own
+        bot = claims.get("role") == "bot"
+        # (a bot token by its id; a person's, which has none, by its generation and issue time)
+        token = claims.get("jti") or f"u{user_id}:{claims.get('gen', 0)}:{claims.get('iat')}"
+        await take(hub.bot_token_connect_limiter if bot else hub.token_connect_limiter, str(token))
 
     try:
         # the handshake is still open: a Postgres that does not answer is a 1013 soon too, not a client's timeout
@@ -113,6 +119,7 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
         async with asyncio.timeout(CONNECT_DB_S):
             user = await authenticate(socket, socket.query_params.get("token") or bearer_token(socket),
                                       connect_budget)
+            await take(hub.bot_connect_limiter if user.role == "bot" else hub.connect_limiter, user.id)
             async with state.pool.acquire() as db:
                 # the database's clock, read before the checks: a kick after this moment closes the socket (kicks
                 # carry the database's time too)

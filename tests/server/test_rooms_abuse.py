@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 
@@ -665,6 +666,40 @@ async def test_a_revoked_bot_tokens_reconnect_loop_is_refused_4429_too(server, m
                     break
     assert codes[-1] == 4429 and codes[0] == 4401, codes[:3]
     assert len(codes) > settings.ws_connect_burst  # more than a person's burst: a bridge reconnecting its rooms
+    # (tester) the budget spent before the database is the token's: the bridge's new token joins at once (the
+    # dead token's loop held the bot's whole budget, so its owner was locked out of every room)
+    with httpx.Client(base_url=server, timeout=30) as http:
+        fresh = http.post("/api/v1/bots", json={"name": f"bridge-{course.id}"}, headers=course.instructor.h).json()
+    assert fresh["user_id"] == bot["user_id"] and fresh["token"] != bot["token"], fresh
+    ok = await websockets.connect(ws_url(server, course.room, fresh["token"]))
+    assert json.loads(await asyncio.wait_for(ok.recv(), 5))["type"] == "welcome"
+    await ok.close()
+
+
+async def test_a_signed_out_token_cannot_lock_its_user_out(server, make: Factory, settings):
+    """(Tester) whoever held a cancelled token (signed out everywhere) kept spending its user's connect budget: the
+    user's new token was refused 4429 in every room until the old one expired (a week)."""
+    import httpx
+    import websockets
+
+    course = make_course(server, make, learners=1)
+    (a,) = course.learners
+    url = ws_url(server, course.room, a.token)
+    with httpx.Client(base_url=server, timeout=30) as http:
+        assert http.delete(f"/api/v1/users/{a.id}/tokens", headers=course.instructor.h).status_code == 204
+        new = http.post(f"/api/v1/users/{a.id}/tokens", headers=course.instructor.h).json()["token"]
+    codes = []
+    for _ in range(settings.ws_connect_burst + 20):
+        async with websockets.connect(url) as ws:
+            try:
+                await asyncio.wait_for(ws.recv(), 5)
+            except websockets.ConnectionClosed as exc:
+                codes.append(exc.rcvd.code)
+                if exc.rcvd.code == 4429:
+                    break
+    assert codes[0] == 4401 and codes[-1] == 4429, codes[:3]
+    async with websockets.connect(ws_url(server, course.room, new)) as ws:
+        assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "welcome"
 
 
 async def test_a_handshake_waiting_on_postgres_is_told_to_come_back_before_a_clients_timeout(server, make: Factory,
