@@ -792,10 +792,18 @@ def _as_rest_takes(raw: str, pattern: str, limit: int, rule: str) -> str:
 
 
 def _name(raw: str) -> str:
-    """A user or tenant name as REST takes one: something visible, no control characters, at most 100."""
+    """A user or tenant name as REST takes one: something visible, no control characters, at most 100; and as REST
+    stores one: trimmed, composed, without invisible format characters (" ann" or "ann\u200b" made a second,
+    look-alike ann instead of a token for the one there is)."""
     from server.api.schemas import NO_CONTROL
+    from server.decode import person_name
+    from server.errors import ApiError
 
-    return _as_rest_takes(raw, NO_CONTROL, 100, "must be at most 100 characters, without control characters")
+    try:
+        return person_name(_as_rest_takes(raw, NO_CONTROL, 100,
+                                          "must be at most 100 characters, without control characters"))
+    except ApiError as exc:
+        raise argparse.ArgumentTypeError("must not be blank") from exc
 
 
 def _title(raw: str) -> str:

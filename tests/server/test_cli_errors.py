@@ -29,6 +29,12 @@ def test_token_keeps_an_existing_users_role(settings, tmp_path, make: Factory):
     assert fetch(settings, "SELECT role FROM users WHERE id = $1", inst.id)[0]["role"] == "instructor"
     ok = _cli(settings, tmp_path, "token", "--user", inst.name, "--role", "instructor", "--tenant", tenant)
     assert ok.returncode == 0 and ok.stdout.count(".") == 2
+    # (tester) a name as REST stores it: a pasted space or a zero-width character made a second, look-alike user
+    # (" ann" a new learner; "ann\u200b" an instructor reading as ann) instead of refusing or finding the one there is
+    for look_alike in (f" {inst.name}", f"{inst.name}\u200b", f"{inst.name} "):
+        out = _cli(settings, tmp_path, "token", "--user", look_alike, "--role", "learner", "--tenant", f" {tenant}")
+        _refused(out, "has the role instructor, not learner")
+    assert not fetch(settings, "SELECT 1 FROM tenants WHERE name = $1", f" {tenant}")
 
 
 def test_mistakes_are_one_line_and_status_2(settings, tmp_path):
