@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +52,24 @@ def stop_uploads(app_state: object, grace_s: float = UPLOAD_STOP_GRACE_S) -> Non
         stop.reschedule(when)
 
 
+_FILENAME_STAR = re.compile(rb"""(?:^|;)\s*filename\*\s*=\s*"?([^;"]*)"?""", re.IGNORECASE)
+
+
+def _extended_filename(disposition: bytes) -> str | None:
+    """The RFC 5987 `filename*=UTF-8''Vorlesung%20%C3%9Cbung.vtt` of a part (what urllib3 1.x and older `requests`
+    send for a name that is not ASCII), which comes first where both are given (RFC 6266); python-multipart drops it,
+    and the video was titled "untitled"."""
+    m = _FILENAME_STAR.search(disposition)
+    if m is None:
+        return None
+    charset, _, rest = m.group(1).decode("latin-1").partition("'")
+    _, _, encoded = rest.partition("'")
+    try:
+        return urllib.parse.unquote(encoded, encoding=charset.strip() or "utf-8", errors="replace") or None
+    except LookupError:  # a charset Python does not know
+        return urllib.parse.unquote(encoded, encoding="utf-8", errors="replace") or None
+
+
 async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, file_field: str = "file") -> Upload:
     """Parse multipart/form-data from the request stream; the file part goes to `dest_dir`.
 
@@ -88,7 +108,8 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, fi
             if up.path is not None:
                 problems.append(ApiError(400, "only one file per upload", field=file_field))
                 return
-            raw = os.path.basename(disp.get(b"filename", b"").decode("utf-8", "replace"))
+            raw = os.path.basename(_extended_filename(state["headers"].get("content-disposition", b""))
+                                   or disp.get(b"filename", b"").decode("utf-8", "replace"))
             # kept for display and the format hint: no control characters (a NUL is refused where it is checked)
             up.filename = LINE_CONTROL.sub("", raw)[:255] or None
             up.path = dest_dir / f"{uuid.uuid4().hex}.upload"

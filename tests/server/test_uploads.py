@@ -32,10 +32,21 @@ class _Request:
             yield self._body[i:i + 1000]
 
 
-def _form(data: bytes) -> bytes:
+def _form(data: bytes, name: str = 'filename="talk.srt"') -> bytes:
     return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\nA talk\r\n"
-            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"talk.srt\"\r\n"
+            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; {name}\r\n"
             "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+async def test_a_file_name_in_rfc_5987_form_is_read(tmp_path: Path) -> None:
+    """(Tester) `filename*=UTF-8''Vorlesung%20%C3%9Cbung%202.vtt` (urllib3 1.x, older `requests`, for a name that is
+    not ASCII) was dropped: the video was titled "untitled". Where both forms are given the extended one counts."""
+    for name, want in (("filename*=UTF-8''Vorlesung%20%C3%9Cbung%202.vtt", "Vorlesung Übung 2.vtt"),
+                       ('filename="Ubung.vtt"; filename*=utf-8\'de\'%C3%9Cbung.vtt', "Übung.vtt"),
+                       ("filename*=iso-8859-1''%FCbung.vtt", "übung.vtt"),
+                       ('filename="talk.srt"', "talk.srt")):
+        up = await uploads.receive_upload(_Request(_form(b"WEBVTT\n", name)), tmp_path / "u", max_bytes=1 << 20)
+        assert up.filename == want, (name, up.filename)
 
 
 async def test_an_accepted_upload_is_fsynced_with_the_directories_naming_it(tmp_path: Path, monkeypatch) -> None:
