@@ -69,6 +69,18 @@ def _sentences(hit) -> list[tuple[float, float, str]]:  # type: ignore[no-untype
     return out or [(hit.start, hit.end, hit.text)]
 
 
+def best_moment(query: str, hit) -> float:  # type: ignore[no-untyped-def]
+    """Where in a search hit's chunk (up to 90 s) the query is: the start of its sentence sharing the most of the
+    query's words, the earliest of equals; the chunk's start when none shares any (a match of meaning alone)."""
+    want = set(terms(query))
+    best, at = 0, float(hit.start)
+    for start, _end, text in _sentences(hit):
+        got = len(want & set(terms(text)))
+        if got > best:
+            best, at = got, start
+    return at
+
+
 def windows(hits: list, extra_hits: list | None = None, *, around: int = 1) -> list[Window]:  # type: ignore[type-arg]
     """One window per sentence of the hits: the sentence with `around` neighbours each side (within 60 s).
 

@@ -86,6 +86,9 @@ class SearchHit(msgspec.Struct):
     text: str
     score: float
     url: str | None = None
+    # where in the chunk (start-end, up to 90 s) the query is: the start of its sentence sharing most of the query's
+    # words (the chunk's start when none does); `url` starts the video there (it started up to 43 s early)
+    moment: float = 0.0
 
 
 class SearchResult(msgspec.Struct):
@@ -301,6 +304,7 @@ class VideoController(Controller):
                      video_id: int | None = Parameter(default=None, ge=1, le=2**62)) -> SearchResult:
         """Hybrid (vector + full-text) search of the course's transcripts."""
         from agents.config import embedder_for
+        from agents.evidence import best_moment
         from ingest.youtube import watch_url
 
         state = request.app.state
@@ -325,10 +329,11 @@ class VideoController(Controller):
         async with state.pool.acquire() as conn:
             hits = await hybrid_search(conn, course_id, vec, q, embedder.name, k=k, video_id=video_id,
                                        question=False)  # a search box's words all count
+        moments = [best_moment(q, h) for h in hits]
         return SearchResult(query=q, hits=[
             SearchHit(video_id=h.video_id, video_title=h.video_title, start=h.start, end=h.end, text=h.text,
-                      score=h.score, url=watch_url(h.youtube_id, h.start) if h.youtube_id else None)
-            for h in hits], awaiting_reembed=[r["id"] for r in behind])
+                      score=h.score, url=watch_url(h.youtube_id, at) if h.youtube_id else None, moment=at)
+            for h, at in zip(hits, moments)], awaiting_reembed=[r["id"] for r in behind])
 
 
 def _utf8_query(raw: bytes) -> bool:

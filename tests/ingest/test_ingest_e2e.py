@@ -560,3 +560,21 @@ def test_a_reingest_that_shortens_a_video_cuts_its_progress_to_the_new_length(cl
     assert wait_job(client, r.json()["job_id"], inst.h)["state"] == "done"
     now = client.get(url, headers=rewound.h).json()
     assert (now["duration"], now["position"], now["watched"], now["watched_s"]) == (40, 10, [[20, 40]], 20), now
+
+
+def test_a_search_hit_says_where_in_its_chunk_the_words_are(eval_course: EvalCourse, client, settings):
+    """(Tester) a hit (a chunk of up to 90 s) said only where its chunk starts, and its YouTube link started there:
+    searching a sentence said at 2114 s gave 2071 s. `moment` is the start of the chunk's sentence sharing most of
+    the query's words."""
+    import json as json_mod
+
+    vid = eval_course.videos["3b1b-bitcoin.srt"]
+    rows = fetch(settings, "SELECT start_s, sentences::text AS s FROM chunks WHERE video_id = $1 ORDER BY start_s", vid)
+    chunk, sentence = next((r, s) for r in rows for s in json_mod.loads(r["s"])[2:]
+                           if len(s[2].split()) >= 8 and float(s[0]) > float(r["start_s"]) + 5)
+    r = _search(client, eval_course, q=sentence[2], k=5, video_id=vid)
+    assert r.status_code == 200, r.text
+    hit = next(h for h in r.json()["hits"] if abs(h["start"] - float(chunk["start_s"])) < 0.01)
+    assert hit["moment"] == float(sentence[0]) and hit["start"] < hit["moment"] <= hit["end"], (hit, sentence)
+    # a query sharing no word with it: the chunk's start
+    assert all(h["start"] <= h["moment"] <= h["end"] for h in _search(client, eval_course, q="zzzqx", k=3).json()["hits"])
