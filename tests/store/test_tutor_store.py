@@ -185,3 +185,20 @@ async def test_a_dead_processs_answers_give_their_slots_back(xp_store, settings)
     again = await tutoring.take_slot(redis, uid, "learner", settings)
     assert again is not None
     await tutoring.free_slot(redis, uid, again)
+
+
+async def test_a_course_deleted_mid_answer_gives_the_question_back(xp_store):
+    """(Tester) the course's deletion took the answer's hold with it (a cascade): the answer failed, its process
+    found no hold to give the question back by, and the learner lost a question of their whole day."""
+    from store.courses import delete_course
+
+    pool, _ = xp_store
+    uid, cid, _, pending, day = await _reserved(pool)
+    async with pool.acquire() as conn:
+        other = await repo.hold(conn, "another-proc", uid, cid)  # a second answer under way in it
+        assert await repo.reserve_turn(conn, uid, 10, other) == day
+        tenant = await conn.fetchval("SELECT tenant_id FROM courses WHERE id = $1", cid)
+        assert await delete_course(conn, cid, tenant) is not None
+        assert await _used(pool, uid) == 0
+        assert await repo.release_turn(conn, uid, day, pending) is False  # (the answer failing now: once only)
+    assert await _used(pool, uid) == 0
