@@ -25,6 +25,8 @@ MIN_DENSE = 0.25  # MiniLM cosine of the best chunk; below this nothing in the c
 RARE_ZIPF = 3.0  # rarer than once per million words of English (zipf 3) and absent from the course: uncovered
 MIN_NAME_LEN = 3  # shorter capitalized tokens are notation ("Ax", "Mr") more often than names
 COMMON_ZIPF = 5.0  # a capitalized word this common in English ("What", "World") is not taken for a name
+SHOUTED_ZIPF = 4.0  # nor a word in capitals this common and longer than SHOUTED_MIN_LEN letters ("HONESTLY", "PLEASE"):
+SHOUTED_MIN_LEN = 4  # acronyms are mostly shorter ("FIFA", "NASA")
 # Below this cosine the best evidence must also share a word with the question: "Is this on the exam?", "42" or "Can
 # you help me with my homework?" came within 0.26-0.37 of some moment that says none of their words, and were
 # answered with it (the eval's answerable questions all share a word with their sources; a paraphrase sharing none
@@ -38,7 +40,8 @@ _MENTION = re.compile(r"@[\w.-]+")
 # Greetings and courtesies: a message made of nothing else asks the course nothing ("hi" was answered, cited, with the
 # course's "Hi." and "Thank you." moments)
 SMALL_TALK = frozenset("""hi hello hey hiya yo howdy greetings thanks thank thx ty you cool great nice good
-    morning afternoon evening night bye goodbye cheers awesome wow lol there all much very tutor""".split())
+    morning afternoon evening night bye goodbye cheers awesome wow lol there all much very tutor perfect everyone
+    everybody folks guys lot""".split())
 # ...and replies: after a tutor's question ("yes", "no") or answer ("again please") they go on with what came before,
 # which the condensed question holds; small talk only when nothing was borrowed
 REPLIES = frozenset("ok okay please sorry yes no yeah yep nope again so".split())
@@ -63,7 +66,11 @@ def _base(word: str) -> str:
 
 def forms(word: str) -> list[str]:
     """The spellings that count as the course saying `word`: its inflections (plural, possessive, -ed, -ing,
-    -ly), from whichever of them the question used. Not derivations: "determinant" is not "determine"."""
+    -ly), from whichever of them the question used. Not derivations: "determinant" is not "determine". A name
+    and the number after it ("SHA 256", a candidate's space) count as said alone or joined ("sha256", "sha-256")."""
+    if " " in word:
+        name, number = word.rsplit(" ", 1)
+        return sorted(set(forms(name)) | {f"{_base(name)}{number}", f"{_base(name)}-{number}"})
     w = _base(word)
     bases = {w}
     for suffix, back in (("ies", "y"), ("ied", "y"), ("es", ""), ("s", ""), ("ed", ""), ("ed", "e"), ("ing", ""),
@@ -74,6 +81,12 @@ def forms(word: str) -> list[str]:
             if back == "" and len(stem) > 2 and stem[-1] == stem[-2] and stem[-1] not in "aeiouls":
                 bases.add(stem[:-1])  # stopped -> stop
     out = set()
+    # a name written with or without a hyphen between its letters and its number: "SHA-256" is the course's
+    # "sha256", "GPT3" its "gpt-3" (both were declined as not covered)
+    if "-" in w:
+        out.add(w.replace("-", ""))
+    elif re.search(r"[a-z]\d|\d[a-z]", w):
+        out.add(re.sub(r"(?<=[a-z])(?=\d)|(?<=\d)(?=[a-z])", "-", w))
     for b in bases:
         out |= {b, b + "'s", b + "s", b + "es", b + "ed", b + "d", b + "ing", b + "ly"}
         if b.endswith("y"):
@@ -118,6 +131,9 @@ def _is_name(token: str, sentence_start: bool) -> bool:
         return False
     if _base(token) in SELF_NAMES or re.match(r"I'[a-z]", token):  # "Tutor", "I've", "I'll"
         return False
+    if token.isupper() and len(letters) > SHOUTED_MIN_LEN and not any(c.isdigit() for c in token) \
+            and zipf_frequency(_base(token), "en") >= SHOUTED_ZIPF:
+        return False  # an everyday word in capitals ("HONESTLY"), not an acronym
     if sum(c.isupper() for c in token) >= 2 or any(c.isdigit() for c in token):
         return True
     return not sentence_start and zipf_frequency(_base(token), "en") < COMMON_ZIPF
@@ -127,11 +143,16 @@ def candidates(question: str) -> tuple[list[str], list[str]]:
     """(names, rare words) of the question, as typed (accents folded, @mentions left out); see `forms` for how
     each is looked up."""
     text = _MENTION.sub(" ", fold(question))
+    worded = [t for t in _TOKEN.findall(text) if re.search(r"[A-Za-z]{2}", t)]
+    if len(worded) >= 3 and sum(t.isupper() for t in worded) >= 0.6 * len(worded):
+        text = text.lower()  # caps lock: no word of it is a name by its capitals (every one was, and declined)
     names, rare = [], []
     for m in _TOKEN.finditer(text):
         tok = m.group(0)
         if _is_name(tok, opens_sentence(text, m.start())):
-            names.append(tok)
+            number = re.match(r" (\d+)\b(?![.,]\d)", text[m.end():])
+            # "SHA 256": the name, or the name and its number as the course says them together ("sha256")
+            names.append(f"{tok} {number.group(1)}" if number and not re.search(r"\d", tok) else tok)
         elif re.fullmatch(r"[A-Za-z'-]+", tok) and _base(tok) not in SELF_NAMES \
                 and zipf_frequency(_base(tok), "en") < RARE_ZIPF:
             rare.append(tok)
@@ -164,6 +185,22 @@ def missing_rare_words(question: str, missing_lexemes: list[str]) -> list[str]:
     return out
 
 
+# a message asking or requesting something, wherever the words stand ("thanks, explain the mask")
+_REQUEST = re.compile(r"\b(?:explain|tell|show|define|describe|give|compare|list|summari[sz]e|clarify|elaborate|"
+                      r"repeat|continue|more|what|why|how|when|where|which|who|whose|is|are|does|do|can|could)\b",
+                      re.I)
+
+
+def reaction(text: str) -> bool:
+    """Chat reacting to what was said ("thanks, that helps", "ok cool", "thanks, brb getting coffee", "good night
+    everyone"): it opens with a courtesy or a reply word, holds a courtesy, and asks and requests nothing. It asks the
+    course nothing and is no topic for what follows (answered, it cited the lecture's "Thank you."; a later "and why
+    is it one-way?" was searched with its words and cited another lecture)."""
+    words = re.findall(r"[^\W\d_]+", _MENTION.sub(" ", fold(text)).lower())
+    return (bool(words) and words[0] in SMALL_TALK | REPLIES and any(w in SMALL_TALK for w in words)
+            and "?" not in text and not _REQUEST.search(fold(text)))
+
+
 def small_talk(question: str, standalone: str | None = None) -> bool:
     """Whether the question is only greetings and courtesies (no topic to look for); with replies among them
     ("yes", "again please"), only when the condensed `standalone` borrowed nothing from the conversation."""
@@ -189,7 +226,8 @@ def shares_a_word(standalone: str, sources: list) -> bool:  # type: ignore[type-
 def judge(question: str, standalone: str, hits: list, sources: list, missing_lexemes: list[str],  # type: ignore[type-arg]
           present_words: set[str] | None = None) -> Verdict:
     """`present_words`: which of `lookup_words(question)` the course says (None: not looked up)."""
-    if small_talk(question, standalone):
+    if small_talk(question, standalone) or (reaction(question) and " ".join(standalone.split()) ==
+                                            " ".join(question.split())):
         return Verdict(False, {"small_talk": True})
     top_dense = max((_dense(h) for h in hits), default=0.0)
     rare = missing_rare_words(question, missing_lexemes)

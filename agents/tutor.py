@@ -20,8 +20,7 @@ from langgraph.graph import END, START, StateGraph
 from wordfreq import zipf_frequency
 
 from agents.evidence import MAX_CITATION_S, Window, mmss, pick_citations, quote, rank_windows, stem, terms, windows
-from agents.helpful import asks
-from agents.judge import REPLIES, SMALL_TALK, judge, lookup_words, opens_sentence, small_talk
+from agents.judge import REPLIES, judge, lookup_words, opens_sentence, reaction, small_talk
 from agents.llm import LLM, LLMError, estimate_cost_usd
 from store.frames import CONTROL, without_format
 from store.search import Hit, hybrid_search, neighbours, vocabulary_coverage
@@ -144,13 +143,6 @@ def readable(question: str) -> str:
 # was searched with the hashing words and cited the bitcoin video); "why is it hard to invert?" (2) and "how does it
 # compare to a linked list?" (3) still borrow.
 OWN_TOPIC_TERMS = 4
-
-
-def _reaction(text: str) -> bool:
-    """Chat reacting to what was said ("thanks, brb getting coffee", "ok cool"): it opens with a courtesy or a reply
-    word and asks nothing."""
-    words = re.findall(r"[^\W\d_]+", text.lower())
-    return bool(words) and words[0] in SMALL_TALK | REPLIES and not asks(text)
 
 
 def _follows_up(question: str) -> bool:
@@ -279,12 +271,12 @@ class Tutor:
         # words, "and why is that?", and lost the topic)
         # Of the asker's messages the latest, passing over chat reacting to an answer ("thanks, brb getting coffee"
         # was taken for the topic); a greeting gives none ("hi", then "why?", was searched as "why? (hi)").
+        # Passed over whether asked to the tutor or not, as a greeting is, and a reply word that borrowed nothing
+        # ("yes" that went on with an answer holds its topic: a "no" after it went on too, not to the hello).
         last = next((h for h in reversed(history) if h["role"] == "user" and h.get("mine", True)
-                     and not (h.get("grounded") is None and _reaction(h["content"]))), None)
-        if last is not None and small_talk(last["content"]):
-            last = None
+                     and not reaction(h["content"]) and not small_talk(h["content"], h.get("standalone"))), None)
         last_user = (last.get("standalone") or last["content"]) if last is not None else None
-        if last_user and _follows_up(q):
+        if last_user and _follows_up(q) and not reaction(q):
             return {"standalone": f"{q} ({last_user})"[:2000]}
         return {"standalone": q}
 
@@ -467,6 +459,22 @@ def _speaker(turn: dict) -> str:
     return f"{turn['role']} {json.dumps(name[:60])}" + (" (the asker)" if turn.get("mine") else "")
 
 
+_SENTENCE = re.compile(r".+?(?:[.!?…](?=\s|$)|$)", re.S)
+
+
+def said(w: Window) -> str:
+    """What a moment's quote says: its best-matching sentence, and when that is a question the speaker asks ("So
+    first things first, what's a hash function?"), the sentence after it too, which answers it (5 of 44 offline
+    answers quoted the lecturer's question and not its answer)."""
+    core = (w.core or w.text).strip()
+    if not core.endswith("?") or not w.core:
+        return core
+    at = w.text.find(core)
+    rest = w.text[at + len(core):].strip() if at >= 0 else ""
+    following = _SENTENCE.match(rest)
+    return f"{core} {following.group(0).strip()}" if following and following.group(0).strip() else core
+
+
 def citation(w: Window, mode: str = "answer") -> dict:
     """In Socratic mode the quote is left empty: the transcript often states outright what the hint leaves out."""
     from ingest.youtube import watch_url
@@ -476,7 +484,7 @@ def citation(w: Window, mode: str = "answer") -> dict:
     start = round(w.start, 2)
     end = min(round(w.end, 2), round(start + MAX_CITATION_S - 0.01, 2))
     return {"video_id": w.video_id, "video_title": w.video_title, "start": start, "end": end,
-            "quote": "" if mode == "socratic" else quote(w.core or w.text),
+            "quote": "" if mode == "socratic" else quote(said(w)),
             "url": watch_url(w.youtube_id, w.start) if w.youtube_id else None,
             "label": mmss(w.start),
             # when the quote itself is said (the moment starts with the sentence before it, up to ~20 s earlier)
@@ -496,7 +504,7 @@ def extractive_answer(sources: list[Window], mode: str) -> str:
     for i, w in enumerate(top[:2], 1):
         # the time the quoted sentence is said (the moment's start was up to 20 s before it: "at 12:26" for words
         # said at 12:48)
-        parts.append(f"In \"{w.video_title}\" at {mmss(w.quote_at)}: “{quote(w.core, 400)}” [{i}]")
+        parts.append(f"In \"{w.video_title}\" at {mmss(w.quote_at)}: “{quote(said(w), 400)}” [{i}]")
     if len(top) == 3:  # a third moment, pointed to rather than quoted
         parts.append(f"See also \"{top[2].video_title}\" at {mmss(top[2].start)} [3].")
     return "From the course videos: " + " ".join(parts)

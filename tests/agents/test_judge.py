@@ -122,3 +122,20 @@ def test_small_talk_is_greetings_alone_and_replies_only_when_nothing_was_borrowe
     assert not small_talk("yes", "Is the ledger public? yes")
     assert not small_talk("again please", "What is proof of work? again please")
     assert not small_talk("yes or no?") and not small_talk("so what?") and not small_talk("what is good?")
+
+
+def test_a_name_counts_as_said_however_it_joins_its_number_and_capitals_are_no_name_by_themselves():
+    """(Tester) "What does SHA-256 do?" and "SHA 256" were declined where the course says "sha256" ("sha256" was
+    answered), and "GPT3" where it says "GPT-3"; a question in caps lock had each word taken for a name the course
+    must say ("WHY DO WE NEED SOFTMAX, HONESTLY?" declined, its lower case answered), as had "HONESTLY" alone."""
+    from agents.judge import candidates, uncovered
+
+    said = {"sha256", "gpt-3", "softmax", "ascii"}
+    for q in ("What does SHA-256 do?", "What does SHA 256 do?", "What does sha256 do?",
+              "How many attention heads does GPT3 use?", "WHY DO WE NEED SOFTMAX, HONESTLY?",
+              "why do we need softmax, HONESTLY?", "Is ASCII 128 characters?"):
+        assert uncovered(q, said) == ([], []), q
+    # a name the course does not say is still missing, however written
+    assert uncovered("What does SHA-512 do?", said)[0] == ["SHA-512"]
+    assert uncovered("What does SHA 512 do?", {"sha256"})[0] == ["SHA 512"]
+    assert candidates("How does RoPE work at NASA?")[0] == ["RoPE", "NASA"]  # (mixed case, short acronyms: names)

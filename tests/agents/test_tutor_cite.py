@@ -169,3 +169,21 @@ def test_a_dropped_marker_takes_its_space_and_a_cut_off_one_goes():
     out = asyncio.run(Tutor.cite(None, {"answer": "Blocks are chained [2] by hashes [", "error": "cut",  # type: ignore[arg-type]
                                         "sources": sources}))
     assert out["answer"].startswith("Blocks are chained by hashes …"), out["answer"]
+
+
+def test_a_quote_of_the_lecturers_question_goes_on_to_its_answer():
+    """(Tester) offline answers quoted "So first things first, what's a hash function?" (5 of 44), the lecturer's
+    question, and not the sentence after it that answers it."""
+    from agents.evidence import Window
+    from agents.tutor import citation, extractive_answer, said
+
+    text = ("Let's begin. So first things first, what's a hash function? It takes any input and gives a fixed-size "
+            "output. Then we move on.")
+    w = Window(1, "Bitcoin", None, 740.0, 760.0, text, 0, core="So first things first, what's a hash function?",
+               core_start=748.0)
+    want = "So first things first, what's a hash function? It takes any input and gives a fixed-size output."
+    assert said(w) == want and citation(w)["quote"] == want and want in extractive_answer([w], "answer")
+    plain = Window(1, "Bitcoin", None, 740.0, 760.0, text, 0, core="It takes any input and gives a fixed-size output.")
+    assert said(plain) == plain.core
+    last = Window(1, "Bitcoin", None, 740.0, 760.0, "What comes next?", 0, core="What comes next?")
+    assert said(last) == "What comes next?"  # (nothing after it in the moment)

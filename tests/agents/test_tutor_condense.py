@@ -114,3 +114,28 @@ async def test_the_model_sees_who_wrote_each_room_message(llm_server: FakeLLMSer
         'user "Bo": "anyone up for pizza later"',
         'user (the asker) (the question to rewrite): "why?"',
     ]
+
+
+async def test_offline_a_reaction_asked_of_the_tutor_is_no_topic_and_a_reply_word_goes_on():
+    """(Tester) in a session (and anything asked of the tutor in a room, which is grounded or not) "ok thanks, that
+    helps" became the topic: "and why is it one-way?" was searched as "and why is it one-way? (ok thanks, that
+    helps)" and cited a linear algebra lecture. And "no" after a "yes" that went on with an answer got the hello."""
+    from agents.judge import judge
+
+    tutor = Tutor(None, None, None)  # type: ignore[arg-type]
+    asked = "What is a hash function?"
+    session = [{"role": "user", "content": asked, "standalone": asked, "grounded": True},
+               {"role": "assistant", "content": "It maps data to a fixed-size digest [1]."}]
+    for chat in ("ok thanks, that helps", "thanks, brb getting coffee", "perfect, thanks", "good night everyone"):
+        out = await tutor.condense(state(chat, session))
+        assert out["standalone"] == chat, out  # (nothing borrowed)
+        assert judge(chat, out["standalone"], [], [], [], None).details.get("small_talk"), chat  # the hello
+        later = session + [{"role": "user", "content": chat, "standalone": chat, "grounded": False},
+                           {"role": "assistant", "content": "Hello!"}]
+        assert (await tutor.condense(state("and why is it one-way?", later)))["standalone"] == \
+            f"and why is it one-way? ({asked})", chat
+    # a request after a courtesy is no reaction: it asks
+    assert (await tutor.condense(state("thanks, explain the mask", session)))["standalone"] != asked
+    said_yes = session + [{"role": "user", "content": "yes", "standalone": f"yes ({asked})", "grounded": True},
+                          {"role": "assistant", "content": "More on digests [1]."}]
+    assert (await tutor.condense(state("no", said_yes)))["standalone"] == f"no (yes ({asked}))"
