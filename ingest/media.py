@@ -130,6 +130,9 @@ def _packet_end(packet: av.Packet) -> float:
     return float((packet.pts + (packet.duration or 0)) * packet.time_base)
 
 
+MIN_DECODED_S = 0.1  # the least audio a file must decode to (nothing shorter holds a word to transcribe)
+
+
 def probe_media(path: str | os.PathLike[str], *, require_audio: bool = True,
                 max_seconds: float = MAX_MEDIA_SECONDS) -> MediaInfo:
     """Open `path`, check its first audio frame decodes, and report duration and codec.
@@ -150,22 +153,24 @@ def probe_media(path: str | os.PathLike[str], *, require_audio: bool = True,
             codec = stream.codec_context.codec.canonical_name
             if not header and stream.duration and stream.time_base:
                 header = float(stream.duration * stream.time_base)
-            decoded, end = False, 0.0
+            decoded_s, end = 0.0, 0.0
             for packet in container.demux(stream):
                 end = max(end, _packet_end(packet))
-                if not decoded:
+                if decoded_s < MIN_DECODED_S:
                     try:
-                        decoded = bool(packet.decode())
+                        decoded_s += sum(f.samples / (f.sample_rate or 1) for f in packet.decode())
                     except av.error.InvalidDataError:
                         continue
-                if decoded and header:
+                if decoded_s >= MIN_DECODED_S and header:
                     break  # without a header duration, demux to the last packet
     except PermanentIngestError:
         raise
     except (av.error.FFmpegError, ValueError, OSError, UnicodeDecodeError) as exc:
         raise _corrupt(path, exc) from exc
-    if not decoded:
+    if decoded_s <= 0:
         raise _corrupt(path, "no decodable audio")
+    if decoded_s < MIN_DECODED_S:  # a WAV cut after its header and a few samples: accepted, then its job failed
+        raise _corrupt(path, f"under {MIN_DECODED_S:g} s of decodable audio (a truncated file?)")
     duration = header or end
     if duration <= 0:
         raise _corrupt(path, "zero-length audio")
