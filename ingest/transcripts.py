@@ -71,13 +71,29 @@ def _decode(data: bytes, strict: bool = True) -> str:
     return text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 
+# Central European and Turkish text in their legacy encodings (Windows-1250/1254, ISO-8859-2) read as Windows-1252:
+# mostly ASCII, so under the accented-letter share, and stored garbled ("rozwi±zanie", "Øešení", "öðreneceðiz").
+# What gives them away: a symbol between two letters (ą ł ż ź ś as ± ³ ¿ ¬ ¶, ¹); š or ž beside ř č ě ň ů as
+# ø è ì ò ù (Czech, Slovak); ğ ş ı as ð þ ý without the á é í ó ú æ every Icelandic text has.
+_SYMBOL_IN_WORD = re.compile(r"[^\W\d_][±³¿¬¶¼¹¾][^\W\d_]")
+_CZECH_AS_WESTERN = re.compile(r"[øèìòùØÈÌÒÙ]")
+_ICELANDIC = re.compile(r"[áéíóúæÁÉÍÓÚÆ]")
+
+
 def _not_western(text: str) -> bool:
     """Text decoded as Windows-1252 that was something else (Shift-JIS, GBK, Big5...): bytes Windows-1252 leaves
-    undefined, or more accented letters than a Western language has."""
+    undefined, or more accented letters than a Western language has; or a Central European or Turkish legacy
+    encoding (see above)."""
     if "\ufffd" in text:
         return True
     letters = [c for c in text if c.isalpha()]
-    return bool(letters) and sum(not c.isascii() for c in letters) > 0.3 * len(letters)
+    if letters and sum(not c.isascii() for c in letters) > 0.3 * len(letters):
+        return True
+    if _SYMBOL_IN_WORD.search(text):
+        return True
+    if any(c in text for c in "šžŠŽ") and _CZECH_AS_WESTERN.search(text):
+        return True
+    return any(c in text for c in "ðþýÐÞÝ") and not _ICELANDIC.search(text)
 
 
 def _first_json_item(text: str) -> object | None:

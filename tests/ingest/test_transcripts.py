@@ -782,3 +782,23 @@ def test_a_file_name_that_is_only_an_extension_gives_no_title() -> None:
 
     assert [title_from_filename(n) for n in (".srt", ".vtt", "a.srt", ".hidden.srt", "lecture 1.mp3", None)] == \
         ["untitled", "untitled", "a", ".hidden", "lecture 1", "untitled"]
+
+
+@pytest.mark.parametrize("text,encoding", [
+    ("Řešení závisí na počátečních podmínkách. Derivace je rychlost změny.", "cp1250"),
+    ("Bugün diferansiyel denklemleri öğreneceğiz. Çözüm başlangıç koşullarına bağlıdır.", "cp1254"),
+    ("Równania różniczkowe opisują zmiany; źródło błędu jest tutaj.", "iso-8859-2"),
+    ("Równania różniczkowe opisują zmiany; rozwiązanie zależy od warunków.", "cp1250"),
+])
+def test_central_european_and_turkish_legacy_files_are_refused_not_garbled(text: str, encoding: str):
+    """(Tester) mostly ASCII, they passed the accented-letter share and were stored garbled ("Øešení",
+    "öðreneceðiz", "rozwi±zanie"): learners read them so and search missed the real words. They are asked for in
+    UTF-8, as other legacy encodings are; Western ones, Icelandic's ð and þ included, are still read."""
+    srt = f"1\n00:00:01,000 --> 00:00:03,000\n{text}\n"
+    with pytest.raises(PermanentIngestError, match="UTF-8"):
+        parse_transcript(srt.encode(encoding), "a.srt")
+    for western in ("Lausnin fer eftir upphafsskilyrðum. Þetta er mjög áhugavert, maður.",
+                    "Løsningen afhænger af begyndelsesbetingelserne; større værdier.",
+                    "¿Qué significa? La solución, señor, 25 ±3; perché è così, più città."):
+        got = parse_transcript(f"1\n00:00:01,000 --> 00:00:03,000\n{western}\n".encode("cp1252"), "a.srt")
+        assert [c.text for c in got] == [western]
