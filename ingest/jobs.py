@@ -289,14 +289,14 @@ async def sweep_uploads(ctx: dict[str, Any]) -> int:
         return [p for p in root.glob("*/*.upload") if p.stat().st_mtime < cutoff]
 
     found = await asyncio.to_thread(old_files)
-    if found:  # (a video names its file relative to the data folder; one added before that, by its absolute path)
-        data_dir = ctx["settings"].data_dir
-        refs = {p: videos_repo.upload_ref(data_dir, p) for p in found}
+    if found:  # a file is its video's by its place in the data folder, wherever the folder was when it was stored
+        # (compared whole, every upload of a moved data folder was unreferenced, and deleted)
+        courses = sorted({int(p.parent.name) for p in found if p.parent.name.isdigit()})
         async with ctx["pool"].acquire() as conn:
-            kept = {r["file_path"] for r in await conn.fetch(
-                "SELECT file_path FROM videos WHERE file_path = ANY($1::text[])",
-                list(refs.values()) + [str(p) for p in found])}
-        found = [p for p in found if refs[p] not in kept and str(p) not in kept]
+            kept = {videos_repo.upload_tail(r["file_path"]) for r in await conn.fetch(
+                "SELECT file_path FROM videos WHERE course_id = ANY($1::bigint[]) AND file_path IS NOT NULL",
+                courses)}
+        found = [p for p in found if videos_repo.upload_tail(p) not in kept]
 
     def remove() -> None:
         for p in found:

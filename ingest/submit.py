@@ -131,7 +131,7 @@ async def create_video(pool: asyncpg.Pool, settings: Settings, course_id: int, c
                 video = await videos_repo.create_video(
                     conn, course_id, title, "youtube" if youtube_id else (source or "transcript"),
                     youtube_id=youtube_id, filename=filename,
-                    file_path=videos_repo.upload_ref(settings.data_dir, file_path) if file_path else None,
+                    file_path=str(file_path) if file_path else None,
                     file_kind=kind, file_size=file_path.stat().st_size if file_path else None, client_key=client_key)
                 job = await jobs_repo.create_job(conn, "ingest", course_id=course_id, video_id=video["id"],
                                                  created_by=created_by, max_attempts=settings.job_max_attempts)

@@ -316,7 +316,7 @@ async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
                                                   owner, **kw)
         except BaseException as exc:
             if "file_path" in kw:  # the copy goes unless its video committed (a stop can land after the commit)
-                await _drop_unclaimed(pool, kw["file_path"], settings.data_dir)
+                await _drop_unclaimed(pool, kw["file_path"])
             if isinstance(exc, DuplicateVideo):
                 raise CliError(str(exc)) from None
             raise
@@ -351,14 +351,11 @@ def _ingest_result(args: argparse.Namespace, video_id: int, job_id: int, state: 
         print(json.dumps({"video_id": video_id, "job_id": job_id, "state": state, "error": error}), flush=True)
 
 
-async def _drop_unclaimed(pool, path, data_dir) -> None:  # type: ignore[no-untyped-def]
+async def _drop_unclaimed(pool, path) -> None:  # type: ignore[no-untyped-def]
     """Delete an uploaded copy no video refers to; when that cannot be told (the database away), leave it to the
     worker's hourly sweep of unclaimed uploads."""
-    from store.videos import upload_ref
-
     try:
-        claimed = await pool.fetchval("SELECT EXISTS (SELECT 1 FROM videos WHERE file_path = ANY($1::text[]))",
-                                      [upload_ref(data_dir, path), str(path)])
+        claimed = await pool.fetchval("SELECT EXISTS (SELECT 1 FROM videos WHERE file_path = $1)", str(path))
     except Exception:  # noqa: BLE001
         return
     if not claimed:

@@ -22,22 +22,28 @@ _COLS = """v.id, v.course_id, v.title, v.source, v.youtube_id, v.filename, v.fil
            v.error, v.created_at, v.updated_at"""
 
 
-def upload_ref(data_dir: Path, path: Path) -> str:
-    """How a video names its uploaded file: relative to the data folder (`uploads/<course>/<name>.upload`), so it is
-    found wherever the folder is moved, restored or mounted (an absolute path made every upload "missing" after a
-    move, and the hourly sweep deleted them all as unreferenced); a file outside it by its absolute path."""
-    try:
-        return path.relative_to(data_dir).as_posix()
-    except ValueError:
-        return str(path)
+# An upload's place inside the data folder: uploads/<course>/<name>.upload. A video names its file by the absolute
+# path it was stored at (as every release has: one still running beside a newer one during a deploy reads them so);
+# a data folder moved since (a bigger disk, a restore, another mount point on each server) is looked in by that tail.
+_UPLOAD_TAIL = re.compile(r"(?:^|/)(uploads/[^/]+/[^/]+\.upload)$")
 
 
-def upload_path(data_dir: Path, ref: str | None) -> Path | None:
-    """The file a video's `file_path` names, in this process's data folder (None: no file)."""
-    if not ref:
+def upload_tail(path: str | Path) -> str | None:
+    """`uploads/<course>/<name>.upload` of an upload's path (None: not an upload of a data folder)."""
+    m = _UPLOAD_TAIL.search(Path(path).as_posix())
+    return m.group(1) if m else None
+
+
+def upload_path(data_dir: Path, stored: str | None) -> Path | None:
+    """The file a video's `file_path` names, as this process finds it: where it was stored, else (the data folder
+    moved: every upload was "missing from storage" on re-ingest) at its place in this process's data folder."""
+    if not stored:
         return None
-    p = Path(ref)
-    return p if p.is_absolute() else data_dir / p
+    p = Path(stored)
+    tail = upload_tail(p)
+    if p.is_absolute() and (p.exists() or tail is None):
+        return p
+    return data_dir / tail if tail is not None else data_dir / p
 
 
 async def create_video(conn: asyncpg.Connection, course_id: int, title: str, source: str, *,

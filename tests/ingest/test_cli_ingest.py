@@ -274,7 +274,7 @@ def test_a_failed_ingest_drops_only_a_copy_no_video_claims(settings, make: Facto
         pool = await create_pool(settings.database_url, min_size=1, max_size=2)
         try:
             for p in (claimed, loose):
-                await _drop_unclaimed(pool, p, settings.data_dir)
+                await _drop_unclaimed(pool, p)
         finally:
             await pool.close()
 

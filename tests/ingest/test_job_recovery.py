@@ -373,10 +373,10 @@ def test_uploaded_files_no_video_refers_to_are_swept_after_a_day(settings, make:
         os.utime(p, (old, old))
     fetch(settings, "INSERT INTO videos (course_id, title, source, file_path) VALUES ($1, 'v', 'media', $2)",
           cid, str(kept))  # (named by its absolute path, as before)
-    # (tester) a video names its file relative to the data folder: after the folder was moved, every upload was
-    # "unreferenced" (absolute paths of the old place) and the sweep deleted them all
+    # (tester) a file is its video's by its place in the data folder: after the folder was moved, every upload was
+    # "unreferenced" (its video names the old place) and the sweep deleted them all
     fetch(settings, "INSERT INTO videos (course_id, title, source, file_path) VALUES ($1, 'v', 'media', $2)",
-          cid, f"uploads/{cid}/moved.upload")
+          cid, f"/old/place/.studyhall/uploads/{cid}/moved.upload")
 
     async def go() -> int:
         pool = await create_pool(settings.database_url, min_size=1, max_size=2)
@@ -390,29 +390,24 @@ def test_uploaded_files_no_video_refers_to_are_swept_after_a_day(settings, make:
     assert kept.exists() and fresh.exists() and moved.exists() and not orphan.exists() and not gone_course.exists()
 
 
-def test_a_video_names_its_upload_relative_to_the_data_folder(tmp_path, settings, make: Factory, client):
-    """(Tester) moved to another place (a bigger disk, a restore), the data folder kept its uploads but every video
-    named them by the old absolute path: re-ingests failed "missing from storage" and the sweep deleted them."""
-    from store.videos import upload_path, upload_ref
+def test_an_upload_is_found_in_a_moved_data_folder(tmp_path):
+    """(Tester) moved to another place (a bigger disk, a restore), the data folder kept its uploads, but every video
+    named them by the old absolute path: re-ingests failed "missing from storage". A file not where it was stored is
+    looked for at its place in this process's data folder."""
+    from store.videos import upload_path, upload_tail
 
-    here, there = tmp_path / "data", tmp_path / "moved"
-    ref = upload_ref(here, here / "uploads" / "7" / "a.upload")
-    assert ref == "uploads/7/a.upload" and upload_path(there, ref) == there / "uploads" / "7" / "a.upload"
-    assert upload_ref(here, tmp_path / "elsewhere.srt") == str(tmp_path / "elsewhere.srt")  # (outside: absolute)
-    assert upload_path(there, str(tmp_path / "elsewhere.srt")) == tmp_path / "elsewhere.srt" and not upload_path(there, None)
-    # and a path stored before, absolute, is made relative by the migration (run again here: it is idempotent)
-    from pathlib import Path
-
-    inst = make.user("instructor")
-    cid = client.post("/api/v1/courses", json={"title": "Moved"}, headers=inst.h).json()["id"]
-    for path in (f"/old/place/.studyhall/uploads/{cid}/z.upload", str(tmp_path / "elsewhere.srt")):
-        fetch(settings, "INSERT INTO videos (course_id, title, source, file_path) VALUES ($1, 'v', 'media', $2)",
-              cid, path)
-    sql = (Path(__file__).resolve().parents[2] / "store" / "migrations" / "0052_upload_paths_relative.sql").read_text()
-    fetch(settings, sql)
-    got = {r["file_path"] for r in fetch(settings, "SELECT file_path FROM videos WHERE course_id = $1", cid)}
-    assert got == {f"uploads/{cid}/z.upload", str(tmp_path / "elsewhere.srt")}, got
-
+    old, here = tmp_path / "old", tmp_path / "data"
+    (here / "uploads" / "7").mkdir(parents=True)
+    (here / "uploads" / "7" / "a.upload").write_bytes(b"x")
+    stored = str(old / "uploads" / "7" / "a.upload")
+    assert upload_tail(stored) == "uploads/7/a.upload"
+    assert upload_path(here, stored) == here / "uploads" / "7" / "a.upload"
+    (old / "uploads" / "7").mkdir(parents=True)
+    (old / "uploads" / "7" / "a.upload").write_bytes(b"x")
+    assert upload_path(here, stored) == old / "uploads" / "7" / "a.upload"  # (still where it was stored: there)
+    elsewhere = str(tmp_path / "elsewhere.srt")  # (not a data folder's upload: as stored)
+    assert upload_tail(elsewhere) is None and upload_path(here, elsewhere) == tmp_path / "elsewhere.srt"
+    assert upload_path(here, None) is None
 
 def test_a_job_deleted_while_it_runs_stops_at_its_next_progress_write(settings, make: Factory, client):
     """Deleting a video (or its course) deletes its job; the run notices at its next progress write: a running
