@@ -67,10 +67,12 @@ def _base(word: str) -> str:
 def forms(word: str) -> list[str]:
     """The spellings that count as the course saying `word`: its inflections (plural, possessive, -ed, -ing,
     -ly), from whichever of them the question used. Not derivations: "determinant" is not "determine". A name
-    and the number after it ("SHA 256", a candidate's space) count as said alone or joined ("sha256", "sha-256")."""
+    and the number after it ("SHA 256", a candidate's space) count as said joined ("sha256", "sha-256"): not by the
+    name alone, which would cover "GPT-2" in a course that says "GPT-3" (a course's words are single tokens, so one
+    saying "sha 256" apart does not cover it either)."""
     if " " in word:
         name, number = word.rsplit(" ", 1)
-        return sorted(set(forms(name)) | {f"{_base(name)}{number}", f"{_base(name)}-{number}"})
+        return sorted({f"{_base(name)}{number}", f"{_base(name)}-{number}"})
     w = _base(word)
     bases = {w}
     for suffix, back in (("ies", "y"), ("ied", "y"), ("es", ""), ("s", ""), ("ed", ""), ("ed", "e"), ("ing", ""),
@@ -145,14 +147,20 @@ def candidates(question: str) -> tuple[list[str], list[str]]:
     text = _MENTION.sub(" ", fold(question))
     worded = [t for t in _TOKEN.findall(text) if re.search(r"[A-Za-z]{2}", t)]
     if len(worded) >= 3 and sum(t.isupper() for t in worded) >= 0.6 * len(worded):
-        text = text.lower()  # caps lock: no word of it is a name by its capitals (every one was, and declined)
+        # caps lock: no word of it is a name by its capitals (every one was, and declined), but a versioned name
+        # still is ("GPT-4"), and so is a word rarer than an everyday one
+        text = "".join(t if re.search(r"\d", t) and re.search(r"[A-Za-z]", t)
+                       or zipf_frequency(_base(t), "en") < SHOUTED_ZIPF else t.lower()
+                       for t in re.split(r"([A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*)", text))
     names, rare = [], []
     for m in _TOKEN.finditer(text):
         tok = m.group(0)
         if _is_name(tok, opens_sentence(text, m.start())):
             number = re.match(r" (\d+)\b(?![.,]\d)", text[m.end():])
             # "SHA 256": the name, or the name and its number as the course says them together ("sha256")
-            names.append(f"{tok} {number.group(1)}" if number and not re.search(r"\d", tok) else tok)
+            # (a short one: a versioned acronym; "ASCII 128" is ASCII and a number)
+            names.append(f"{tok} {number.group(1)}" if number and not re.search(r"\d", tok) and len(tok) <= 4
+                         else tok)
         elif re.fullmatch(r"[A-Za-z'-]+", tok) and _base(tok) not in SELF_NAMES \
                 and zipf_frequency(_base(tok), "en") < RARE_ZIPF:
             rare.append(tok)
@@ -185,20 +193,32 @@ def missing_rare_words(question: str, missing_lexemes: list[str]) -> list[str]:
     return out
 
 
-# a message asking or requesting something, wherever the words stand ("thanks, explain the mask")
+# a message asking or requesting something, wherever the words stand ("thanks, explain the mask", "hi, I don't
+# understand hashing", "thanks! but I am confused about ...", "nice. Next: proof of stake.")
 _REQUEST = re.compile(r"\b(?:explain|tell|show|define|describe|give|compare|list|summari[sz]e|clarify|elaborate|"
-                      r"repeat|continue|more|what|why|how|when|where|which|who|whose|is|are|does|do|can|could)\b",
-                      re.I)
+                      r"repeat|continue|more|what|why|how|when|where|which|who|whose|can|could|would|understand|"
+                      r"confused|confusing|question|questions|stuck|wonder|wondering|mean|means|difference|next|"
+                      r"lost|help me|about|and|so(?!\s+much)|but|then|also|if)\b", re.I)  # (and what goes on: "so ... then")
+# chat words a reaction may hold besides its courtesies ("thanks, that helps", "ok, makes sense now")
+_CHAT = frozenset(terms("help helps helped helpful brb later now sense makes clear understood sounds gotta run "
+                        "class break lunch soon bit getting grabbing going"))
+_COURTESY_TERMS = frozenset(terms(" ".join(SMALL_TALK | REPLIES)))
+REACTION_MAX_TERMS = 1  # a reaction's other content words ("brb getting coffee"); more is something to say
 
 
 def reaction(text: str) -> bool:
     """Chat reacting to what was said ("thanks, that helps", "ok cool", "thanks, brb getting coffee", "good night
-    everyone"): it opens with a courtesy or a reply word, holds a courtesy, and asks and requests nothing. It asks the
-    course nothing and is no topic for what follows (answered, it cited the lecture's "Thank you."; a later "and why
-    is it one-way?" was searched with its words and cited another lecture)."""
-    words = re.findall(r"[^\W\d_]+", _MENTION.sub(" ", fold(text)).lower())
-    return (bool(words) and words[0] in SMALL_TALK | REPLIES and any(w in SMALL_TALK for w in words)
-            and "?" not in text and not _REQUEST.search(fold(text)))
+    everyone"): it opens with a courtesy or a reply word, holds a courtesy, asks and requests nothing, names nothing
+    and says little else. It asks the course nothing and is no topic for what follows (answered, it cited the
+    lecture's "Thank you."; a later "and why is it one-way?" was searched with its words and cited another
+    lecture)."""
+    folded = _MENTION.sub(" ", fold(text))
+    words = re.findall(r"[^\W\d_]+", folded.lower())
+    if not (words and words[0] in SMALL_TALK | REPLIES and any(w in SMALL_TALK for w in words)) or "?" in text \
+            or _REQUEST.search(folded):
+        return False
+    said = {t for t in terms(folded) if t not in _CHAT and t not in _COURTESY_TERMS}
+    return len(said) <= REACTION_MAX_TERMS and not candidates(text)[0]
 
 
 def small_talk(question: str, standalone: str | None = None) -> bool:
@@ -223,16 +243,63 @@ def shares_a_word(standalone: str, sources: list) -> bool:  # type: ignore[type-
     return not asked or any(asked.intersection(terms(getattr(s, "text", ""))) for s in sources)
 
 
+TYPO_MIN_LEN = 5  # a word this long or longer may be a misspelling of a course word one edit away (two from 8
+TYPO_TWO_EDITS_LEN = 8  # letters): "signiture", "funtion", "blockchian", "atention", "selction", "collumn"
+
+
+def declined_words(question: str, missing_lexemes: list[str], present_words: set[str] | None) -> list[str]:
+    """The question's words (lower case) the judge would decline it for (names and rare words the course never
+    says), long enough to be misspellings: the ones to look for near spellings of."""
+    names, unsaid = uncovered(question, present_words) if present_words is not None else ([], [])
+    words = [w for w in names + unsaid + missing_rare_words(question, missing_lexemes) if " " not in w]
+    return sorted({_base(w) for w in words if len(_base(w)) >= TYPO_MIN_LEN and _base(w).isalpha()})
+
+
+def _edits_within(a: str, b: str, k: int) -> bool:
+    """Whether `a` becomes `b` in at most `k` insertions, deletions, substitutions or swaps of neighbours."""
+    if abs(len(a) - len(b)) > k:
+        return False
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        cur = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        if min(cur) > k:
+            return False
+        prev2, prev = prev, cur
+    return prev[-1] <= k
+
+
+def near_spellings(words: list[str], course_words: list[str]) -> dict[str, str]:
+    """For each of `words`, a word the course says that it is a misspelling of (one edit away, two from
+    TYPO_TWO_EDITS_LEN letters; the same first letter), if any: the judge does not decline the question for it (a
+    single typo was told "the course videos don't cover this", the nearest moments right)."""
+    out = {}
+    for w in words:
+        k = 2 if len(w) >= TYPO_TWO_EDITS_LEN else 1
+        near = [c for c in course_words if c[:1] == w[:1] and c != w and _edits_within(w, c, k)]
+        if near:
+            out[w] = min(near, key=lambda c: (abs(len(c) - len(w)), c))
+    return out
+
+
 def judge(question: str, standalone: str, hits: list, sources: list, missing_lexemes: list[str],  # type: ignore[type-arg]
-          present_words: set[str] | None = None) -> Verdict:
-    """`present_words`: which of `lookup_words(question)` the course says (None: not looked up)."""
+          present_words: set[str] | None = None, near: dict[str, str] | None = None) -> Verdict:
+    """`present_words`: which of `lookup_words(question)` the course says (None: not looked up). `near`: words of
+    the question that are misspellings of the course's (`near_spellings`), not declined for."""
     if small_talk(question, standalone) or (reaction(question) and " ".join(standalone.split()) ==
                                             " ".join(question.split())):
         return Verdict(False, {"small_talk": True})
     top_dense = max((_dense(h) for h in hits), default=0.0)
-    rare = missing_rare_words(question, missing_lexemes)
+    near = near or {}
+    rare = [w for w in missing_rare_words(question, missing_lexemes) if _base(w) not in near]
     names, unsaid = uncovered(question, present_words) if present_words is not None else ([], [])
+    names, unsaid = [w for w in names if _base(w) not in near], [w for w in unsaid if _base(w) not in near]
     unshared = top_dense < MIN_DENSE_UNSHARED and not shares_a_word(standalone, sources)
     grounded = bool(sources) and top_dense >= MIN_DENSE and not unshared and not rare and not names and not unsaid
     return Verdict(grounded, {"top_dense": round(top_dense, 3), "rare_missing": rare, "names_missing": names,
-                              "words_missing": unsaid, "nothing_shared": unshared})
+                              "words_missing": unsaid, "nothing_shared": unshared,
+                              **({"misspelt": near} if near else {})})

@@ -20,10 +20,11 @@ from langgraph.graph import END, START, StateGraph
 from wordfreq import zipf_frequency
 
 from agents.evidence import MAX_CITATION_S, Window, mmss, pick_citations, quote, rank_windows, stem, terms, windows
-from agents.judge import REPLIES, judge, lookup_words, opens_sentence, reaction, small_talk
+from agents.judge import (REPLIES, declined_words, judge, lookup_words, near_spellings, opens_sentence, reaction,
+                          small_talk)
 from agents.llm import LLM, LLMError, estimate_cost_usd
 from store.frames import CONTROL, without_format
-from store.search import Hit, hybrid_search, neighbours, vocabulary_coverage
+from store.search import Hit, course_words_like, hybrid_search, neighbours, vocabulary_coverage
 
 logger = logging.getLogger(__name__)
 
@@ -291,6 +292,9 @@ class Tutor:
             extra = await neighbours(conn, hits, self.embedder.name)
             cover = await vocabulary_coverage(conn, s["course_id"], self.embedder.name, text,
                                               lookup_words(s["question"]))
+            # words the judge would decline for that may be misspellings: the course's words near them
+            typos = declined_words(s["question"], cover.missing, cover.spoken)
+            near = near_spellings(typos, await course_words_like(conn, s["course_id"], typos)) if typos else {}
             awaiting = await conn.fetchval(  # not searchable yet: still being ingested, or to be re-embedded
                 "SELECT count(*) FROM videos WHERE course_id = $1 AND (status IN ('queued', 'processing') "
                 "OR status = 'ready' AND embed_model IS DISTINCT FROM $2)", s["course_id"], self.embedder.name)
@@ -300,12 +304,13 @@ class Tutor:
             best.setdefault(w.chunk_rank, w)
         sources = pick_citations([best[r] for r in sorted(best)], MAX_SOURCES)
         return {"hits": hits, "sources": sources, "judge": {"present": cover.present, "missing": cover.missing,
-                                                               "said": cover.spoken}, "awaiting": awaiting}
+                                                               "said": cover.spoken, "near": near},
+                "awaiting": awaiting}
 
     async def judge(self, s: TutorState) -> dict:
         verdict = judge(s["question"], s["standalone"], s.get("hits") or [], s.get("sources") or [],
-                        s["judge"]["missing"], s["judge"]["said"])
-        details = {k: v for k, v in s["judge"].items() if k != "said"}
+                        s["judge"]["missing"], s["judge"]["said"], s["judge"].get("near"))
+        details = {k: v for k, v in s["judge"].items() if k not in ("said", "near")}
         if not verdict.details.get("small_talk") and _no_topic(s):  # (a greeting is answered as one)
             return {"grounded": False, "judge": {**details, **verdict.details, "no_topic": True}}
         return {"grounded": verdict.grounded, "judge": {**details, **verdict.details}}

@@ -272,6 +272,17 @@ class Coverage:
     spoken: set[str]  # which of the looked-up words (lower-cased, unstemmed) some video says
 
 
+async def course_words_like(conn: asyncpg.Connection, course_id: int, words: Sequence[str]) -> list[str]:
+    """The words the course's videos say (as spoken) that start with the same letter as one of `words` and are
+    within two letters of its length: the candidates for a misspelt word (`agents.judge.near_spellings`)."""
+    if not words:
+        return []
+    return [r["word"] for r in await conn.fetch(
+        """SELECT DISTINCT v.word FROM video_words v, unnest($2::text[]) AS w(q)
+           WHERE v.course_id = $1 AND left(v.word, 1) = left(w.q, 1)
+             AND length(v.word) BETWEEN length(w.q) - 2 AND length(w.q) + 2""", course_id, list(words))]
+
+
 async def vocabulary_coverage(conn: asyncpg.Connection, course_id: int, embed_model: str, question: str,
                               words: Sequence[str] = ()) -> Coverage:
     """The question's lexemes present / missing in the course, and which of `words` the videos say as spoken

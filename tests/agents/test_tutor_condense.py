@@ -134,8 +134,13 @@ async def test_offline_a_reaction_asked_of_the_tutor_is_no_topic_and_a_reply_wor
                            {"role": "assistant", "content": "Hello!"}]
         assert (await tutor.condense(state("and why is it one-way?", later)))["standalone"] == \
             f"and why is it one-way? ({asked})", chat
-    # a request after a courtesy is no reaction: it asks
+    # a request after a courtesy is no reaction: it asks (review: these got the hello)
     assert (await tutor.condense(state("thanks, explain the mask", session)))["standalone"] != asked
+    for said in ("hello tutor, I don't understand hashing", "hi, I have a question about SHA-256",
+                 "thanks! but I am confused about the difference between proof of work and proof of stake",
+                 "nice. Next: proof of stake.", "ok thanks, now the Merkle tree part", "cool, so hashing is one-way then",
+                 "thanks, and the attention mask"):
+        assert not judge(said, said, [], [], [], None).details.get("small_talk"), said
     said_yes = session + [{"role": "user", "content": "yes", "standalone": f"yes ({asked})", "grounded": True},
                           {"role": "assistant", "content": "More on digests [1]."}]
     assert (await tutor.condense(state("no", said_yes)))["standalone"] == f"no (yes ({asked}))"
