@@ -28,19 +28,28 @@ neither wasnt werent hasnt havent hadnt shouldnt couldnt mustnt neednt aint shan
 # Words of any script ("größe", "энергия"), not only ASCII: an answer in Russian or Greek had no words at all, so it
 # covered none of its reference's key concepts and scored as empty (offline), and against a model's grade was held
 # for review every time.
-# Scripts written without spaces between words (Chinese, Japanese kana, Thai, Lao, Myanmar, Khmer): each letter
-# counts as a word. A whole clause was one word, so a Chinese or Japanese answer never reached the length at which
-# it is held as "not English sentences" (it was graded, confidently failed, and released), nor the long-answer check.
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
+# Scripts written without spaces between words (Chinese, Japanese kana, Thai, Lao, Myanmar, Khmer): for the hold
+# rules' counts (`counted_words`) each letter is a word. A whole clause was one word, so a Chinese or Japanese answer
+# never reached the length at which it is held as "not English sentences" (it was graded, confidently failed, and
+# released), nor the long-answer check. (The scorer's concepts keep whole runs: single letters of an alphabet told a
+# right answer from a wrong one in Thai no better than chance.)
 _UNSPACED = ("\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
              "\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f")
 _LETTERS = rf"(?:(?![{_UNSPACED}])[^\W_])+"
-_WORD = re.compile(rf"[{_UNSPACED}]|{_LETTERS}(?:'{_LETTERS})?")
+_COUNTED = re.compile(rf"(?:(?=[{_UNSPACED}])[^\W_])|{_LETTERS}(?:'{_LETTERS})?")
 _SUFFIXES = ("ational", "ization", "fulness", "ousness", "iveness", "ations", "ation", "ement", "ments", "ment",
              "ness", "ities", "ity", "ings", "ing", "edly", "ies", "ied", "ed", "ly", "es", "er", "s")
 
 
 def words(text: str) -> list[str]:
     return [w.replace("'", "") for w in _WORD.findall(unicodedata.normalize("NFC", text).lower())]
+
+
+def counted_words(text: str) -> list[str]:
+    """`words`, with each letter (not a mark, a sign or punctuation) of a script written without spaces a word of
+    its own: what the hold rules count."""
+    return [w.replace("'", "") for w in _COUNTED.findall(unicodedata.normalize("NFC", text).lower())]
 
 
 def stem(word: str) -> str:
@@ -190,7 +199,7 @@ LOG_WORDS_MAX = COLD.mean[COLD_FEATURES.index("log_words")] + 3 * COLD.sd[COLD_F
 
 def stop_share(text: str) -> float:
     """The share of a text's words that are function words (English): about a third in written sentences."""
-    ws = words(text)
+    ws = counted_words(text)
     return sum(w in STOPWORDS or w in NEGATIONS for w in ws) / max(1, len(ws))
 
 
@@ -243,14 +252,14 @@ def doubt(references: Sequence[str], answer: str, expected: str = "the expected 
     and an answer many times the expected answer's length (all the rubric's descriptions together, without a
     reference answer) while no instructor-graded answers (`exemplars`) teach it what long answers earn.
     `expected` names the references in the reason."""
-    ws = words(answer)
-    prose = [r for r in references if len(words(r)) >= TERMS_MIN_WORDS and stop_share(r) >= PROSE_SHARE]
+    ws = counted_words(answer)
+    prose = [r for r in references if len(counted_words(r)) >= TERMS_MIN_WORDS and stop_share(r) >= PROSE_SHARE]
     if len(ws) >= TERMS_MIN_WORDS and prose and stop_share(answer) < TERMS_SHARE:
         return ("the answer is not written in English sentences where the expected answer is (a list of terms, code, "
                 "or another language?)")
     if any(_shuffled(r, answer) for r in references):
         return f"the answer is the words of {expected} in another order"
-    total = sum(len(words(r)) for r in references)
+    total = sum(len(counted_words(r)) for r in references)
     if not exemplars and total and len(ws) > max(LONG_MIN_WORDS, LONG_FACTOR * total):
         return f"the answer is {len(ws) / total:.1f} times as long as {expected}"
     return None
