@@ -202,6 +202,10 @@ async def ingest_job(ctx: dict[str, Any], job_id: int) -> str:
             return f"failed: {reason}"
         delay = backoff_s(job["attempts"], settings.job_retry_base_s)
         async with pool.acquire() as conn, conn.transaction():
+            # the video's row before the job's, as a video's deletion (its jobs cascade) and the run's commit take
+            # them: the other way round the two could deadlock
+            await conn.execute("SELECT 1 FROM videos WHERE id = (SELECT video_id FROM jobs WHERE id = $1) "
+                               "FOR NO KEY UPDATE", job_id)
             waiting = await jobs_repo.note_error(conn, job_id, f"{reason}; retrying in {delay:.0f}s")
             if waiting is not None and waiting["video_id"] is not None:  # the video says so too (it said
                 # `processing`, no error, for as long as the retries took)

@@ -357,9 +357,11 @@ async def delete_video(conn: asyncpg.Connection, redis: Redis, course_id: int, v
                            course_id, video_id)
         # and so is a grade's advice to rewatch a moment (it kept linking to the deleted video, and its sentence
         # naming the moment stayed, in the grade and in the one a learner sees during a regrade)
+        # (locked: a grade or regrade committing meanwhile is not written over with the feedback read here)
         for r in await conn.fetch("""SELECT id, feedback, released FROM submissions
                                      WHERE course_id = $1 AND ((feedback -> 'rewatch' ->> 'video_id')::bigint = $2
-                                           OR (released -> 'feedback' -> 'rewatch' ->> 'video_id')::bigint = $2)""",
+                                           OR (released -> 'feedback' -> 'rewatch' ->> 'video_id')::bigint = $2)
+                                     ORDER BY id FOR UPDATE""",
                                   course_id, video_id, timeout=LONG_S):
             released = dict(r["released"]) if r["released"] else None
             if released and (released.get("feedback") or {}).get("rewatch", {}).get("video_id") == video_id:
