@@ -108,9 +108,9 @@ async def delete_course(conn: asyncpg.Connection, course_id: int, tenant_id: int
         # go with the course (the answer cannot be stored now), and the answering process, finding none, gave
         # nothing back (a learner lost a question of their whole day)
         await conn.execute(
-            """WITH held AS (SELECT user_id, reserved FROM tutor_pending WHERE course_id = $1 AND reserved IS NOT NULL
-                             FOR UPDATE),
-                    n AS (SELECT user_id, reserved, count(*) AS n FROM held GROUP BY user_id, reserved)
+            """WITH held AS (SELECT user_id, reserved FROM tutor_pending WHERE course_id = $1 FOR UPDATE),
+                    n AS (SELECT user_id, reserved, count(*) AS n FROM held WHERE reserved IS NOT NULL
+                          GROUP BY user_id, reserved)
                UPDATE tutor_quota q SET used = greatest(q.used - n.n, 0)
                FROM n WHERE q.user_id = n.user_id AND q.day = n.reserved""", course_id)
         await conn.execute("DELETE FROM courses WHERE id = $1", course_id, timeout=LONG_S)  # (a cascade over all of it)

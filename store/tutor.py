@@ -108,9 +108,13 @@ async def reserve_turn(conn: asyncpg.Connection, user_id: int, limit: int, pendi
     the day in the same statement, so a process that dies mid-answer leaves the question to give back."""
     if limit <= 0:
         return None
+    # with a hold, only while it stands (locked, as a course's deletion locks its holds before giving their questions
+    # back): one its course's deletion took is no answer any more, and a question taken for it was lost
     return await conn.fetchval(
-        """WITH q AS (
-               INSERT INTO tutor_quota AS q (user_id, day, used) VALUES ($1, (now() AT TIME ZONE 'UTC')::date, 1)
+        """WITH p AS (SELECT id FROM tutor_pending WHERE id = $3 FOR UPDATE),
+           q AS (
+               INSERT INTO tutor_quota AS q (user_id, day, used)
+               SELECT $1, (now() AT TIME ZONE 'UTC')::date, 1 WHERE $3::bigint IS NULL OR EXISTS (SELECT 1 FROM p)
                ON CONFLICT (user_id, day) DO UPDATE SET used = q.used + 1 WHERE q.used < $2
                RETURNING day
            ), h AS (

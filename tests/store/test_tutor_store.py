@@ -202,3 +202,12 @@ async def test_a_course_deleted_mid_answer_gives_the_question_back(xp_store):
         assert await _used(pool, uid) == 0
         assert await repo.release_turn(conn, uid, day, pending) is False  # (the answer failing now: once only)
     assert await _used(pool, uid) == 0
+    # (review) a room question's hold is made when it is posted, its question taken later: one taken after the
+    # deletion took the hold is not taken at all
+    async with pool.acquire() as conn:
+        cid2, _, _ = await course_in_new_tenant(conn, 1, enrol=False)
+        late = await repo.hold(conn, "late-proc", uid, cid2)
+        tenant = await conn.fetchval("SELECT tenant_id FROM courses WHERE id = $1", cid2)
+        assert await delete_course(conn, cid2, tenant) is not None
+        assert await repo.reserve_turn(conn, uid, 10, late) is None
+    assert await _used(pool, uid) == 0
