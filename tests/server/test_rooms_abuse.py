@@ -451,6 +451,12 @@ async def test_a_connection_flooding_frames_is_told_then_closed(server, make: Fa
     await calm.send({"type": "resume", "after_seq": 0, "ref": "my-resume"})
     err = await calm.expect("error", ref="my-resume", timeout=5)
     assert err["code"] == "rate_limited" and "not handled" in err["detail"], err
+    await asyncio.sleep(4)  # (the budget refills)
+    for _ in range(75):  # (review) and one without a ref, as the README shows it: named "resume"
+        await calm.ws.send('{"type": "typing", "active": true}')
+    await calm.send({"type": "resume", "after_seq": 0})
+    err = await calm.expect("error", ref="resume", timeout=5)
+    assert err["code"] == "rate_limited" and "not handled" in err["detail"], err
     await calm.close()
 
 
