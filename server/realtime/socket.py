@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import asyncpg
 from litestar import WebSocket, websocket
@@ -79,6 +80,13 @@ CONNECT_DB_S = 8.0  # and for its checks (the token, the room, the user's standi
 # 10 s handshake timeout, so it hears why
 
 
+def _settled(task: asyncio.Future) -> None:
+    """A socket's checks left to end in the background: their outcome is nobody's now (read, so it is not logged as
+    never retrieved)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class _TooManyConnects(Exception):
     def __init__(self, wait: float) -> None:
         super().__init__(wait)
@@ -113,21 +121,29 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
         token = claims.get("jti") or f"u{user_id}:{claims.get('gen', 0)}:{claims.get('iat')}"
         await take(hub.bot_token_connect_limiter if bot else hub.token_connect_limiter, str(token))
 
+    async def checks() -> tuple[AuthUser, Any, float, Any, Any]:
+        user = await authenticate(socket, socket.query_params.get("token") or bearer_token(socket), connect_budget)
+        await take(hub.bot_connect_limiter if user.role == "bot" else hub.connect_limiter, user.id)
+        async with state.pool.acquire() as db:
+            # the database's clock, read before the checks: a kick after this moment closes the socket (kicks carry
+            # the database's time too)
+            opened_at = await db.fetchval("SELECT now()")
+            opened_mono = time.monotonic()
+            access, kicked = await standing(db, room_id, user)
+            if access is not None and kicked is None:
+                await rooms_repo.ensure_room(db, room_id)
+        return user, opened_at, opened_mono, access, kicked
+
+    # the handshake is still open: a Postgres that does not answer is a 1013 soon too, not a client's timeout (the
+    # pool's statement timeout and rollback held it about twice STUDYHALL_DB_TIMEOUT_S, 30 s). Waited for, not
+    # cancelled in place: giving a connection back waits on the cancel of its query, which a Postgres that stopped
+    # answering does not answer either; the checks end in the background.
+    checking = asyncio.ensure_future(checks())
     try:
-        # the handshake is still open: a Postgres that does not answer is a 1013 soon too, not a client's timeout
-        # (the pool's statement timeout and rollback held it about twice STUDYHALL_DB_TIMEOUT_S, 30 s)
-        async with asyncio.timeout(CONNECT_DB_S):
-            user = await authenticate(socket, socket.query_params.get("token") or bearer_token(socket),
-                                      connect_budget)
-            await take(hub.bot_connect_limiter if user.role == "bot" else hub.connect_limiter, user.id)
-            async with state.pool.acquire() as db:
-                # the database's clock, read before the checks: a kick after this moment closes the socket (kicks
-                # carry the database's time too)
-                opened_at = await db.fetchval("SELECT now()")
-                opened_mono = time.monotonic()
-                access, kicked = await standing(db, room_id, user)
-                if access is not None and kicked is None:
-                    await rooms_repo.ensure_room(db, room_id)
+        done, _ = await asyncio.wait({checking}, timeout=CONNECT_DB_S)
+        if not done:
+            raise TimeoutError(f"the socket's checks took over {CONNECT_DB_S:g} s")
+        user, opened_at, opened_mono, access, kicked = checking.result()
     except _TooManyConnects as exc:
         await _refuse(socket, CLOSE_TOO_MANY, f"too many connects: retry in {exc.wait:g} s")
         return
@@ -143,6 +159,10 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
         logger.exception("websocket handshake failed", extra={"fields": {"room": room_id}})
         await _refuse(socket, 1011, "internal error")
         return
+    finally:
+        if not checking.done():  # (timed out, or the handler cancelled: the client went away)
+            checking.cancel()
+            checking.add_done_callback(_settled)
     if access is None:
         await _refuse(socket, CLOSE_FORBIDDEN, "no such room, or you may not join it")
         return
