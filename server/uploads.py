@@ -64,10 +64,12 @@ def _extended_filename(disposition: bytes) -> str | None:
         return None
     charset, _, rest = m.group(1).decode("latin-1").partition("'")
     _, _, encoded = rest.partition("'")
+    if not encoded.isascii():  # (not percent-encoded as RFC 5987 has it: the plain name, if any, is the one)
+        return None
     try:
-        return urllib.parse.unquote(encoded, encoding=charset.strip() or "utf-8", errors="replace") or None
-    except LookupError:  # a charset Python does not know
-        return urllib.parse.unquote(encoded, encoding="utf-8", errors="replace") or None
+        return urllib.parse.unquote(encoded, encoding=charset.strip() or "utf-8", errors="strict") or None
+    except (LookupError, ValueError):  # a charset Python does not know or cannot use, bytes it does not hold
+        return None
 
 
 async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int, file_field: str = "file") -> Upload:

@@ -44,7 +44,11 @@ async def test_a_file_name_in_rfc_5987_form_is_read(tmp_path: Path) -> None:
     for name, want in (("filename*=UTF-8''Vorlesung%20%C3%9Cbung%202.vtt", "Vorlesung Übung 2.vtt"),
                        ('filename="Ubung.vtt"; filename*=utf-8\'de\'%C3%9Cbung.vtt', "Übung.vtt"),
                        ("filename*=iso-8859-1''%FCbung.vtt", "übung.vtt"),
-                       ('filename="talk.srt"', "talk.srt")):
+                       ('filename="talk.srt"', "talk.srt"),
+                       # (review) one that cannot be read leaves the plain name, not a refused upload or mojibake
+                       ('filename="plain.vtt"; filename*=idna\'\'%FF%FE.vtt', "plain.vtt"),
+                       ('filename="plain.vtt"; filename*=undefined\'\'x%41.vtt', "plain.vtt"),
+                       ('filename="plain.vtt"; filename*=UTF-8\'\'\u00dcbung.vtt', "plain.vtt")):
         up = await uploads.receive_upload(_Request(_form(b"WEBVTT\n", name)), tmp_path / "u", max_bytes=1 << 20)
         assert up.filename == want, (name, up.filename)
 
