@@ -363,10 +363,10 @@ class SubmissionController(Controller):
                         if float(score) >= 99.95:  # full marks: nothing is missing, nothing to improve (the
                             feedback.pop("missing", None)  # grader's "could also name 4 more ideas" stood beside
                             feedback.pop("improve", None)  # the instructor's 100)
-                        elif row["score"] is not None and (float(row["score"]) >= 80) != (float(score) >= 80):
-                            # across the grader's "nothing essential is missing" mark: its word on what is missing
-                            # says the opposite of the grade (its 100's "Nothing essential is missing." beside the
-                            # instructor's 20); their comment says what is
+                        elif row["score"] is not None and _band(float(row["score"])) != _band(float(score)):
+                            # across one of the grader's marks (80, 50): its word on what is missing says something
+                            # else than the grade (its 100's "Nothing essential is missing." beside the
+                            # instructor's 20, its 65's "The key ideas are there" beside a 10); their comment says
                             feedback.pop("missing", None)
                     row = await repo.save_review(conn, submission_id, score=float(score), comment=comment,
                                                  reviewer_id=user.id,
@@ -418,6 +418,11 @@ class SubmissionController(Controller):
         return msgspec.structs.replace(step, concepts=step.concepts[offset:offset + limit],
                                        struggling=step.struggling[:limit], concepts_total=len(step.concepts),
                                        struggling_total=len(step.struggling), limit=limit, offset=offset)
+
+
+def _band(score: float) -> int:
+    """Which of the offline grader's verdicts a score gets (agents.grader._feedback: 80 and over, 50 and over)."""
+    return 2 if score >= 80 else 1 if score >= 50 else 0
 
 
 def rescale(criteria: list[dict], score: float) -> list[dict]:

@@ -587,6 +587,11 @@ def test_an_instructors_score_counts_as_it_is_shown(server, client, make: Factor
           s["id"])
     client.post(f"/api/v1/submissions/{s['id']}/review", json={"score": 30}, headers=inst.h)  # (below the mark still)
     assert client.get(f"/api/v1/submissions/{s['id']}", headers=learner.h).json()["feedback"]["missing"] == "2 ideas."
+    # (review) and across 50: the grader's 65 said "The key ideas are there" beside the instructor's 10
+    fetch(settings, """UPDATE submissions SET score = 65, feedback = feedback || '{"missing": "The key ideas are there."}'
+                       WHERE id = $1""", s["id"])
+    client.post(f"/api/v1/submissions/{s['id']}/review", json={"score": 10}, headers=inst.h)
+    assert "missing" not in client.get(f"/api/v1/submissions/{s['id']}", headers=learner.h).json()["feedback"]
 
 
 def test_learners_see_whether_to_choose_one_option_or_several(server, client, make: Factory):
