@@ -7,6 +7,7 @@ import faulthandler
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -257,7 +258,6 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
-    import shutil
     import uuid
     from pathlib import Path
 
@@ -406,7 +406,10 @@ async def _progress(pool, job_id: int, arq=None, gone_after: float = WORKER_GONE
         if job["state"] == "queued" and job["error"]:  # an attempt failed: why, and when it goes again
             line += f" ({job['error']})"
         if line != shown and sys.stderr.isatty():
-            print("\r" + line.ljust(60), end="", file=sys.stderr, flush=True)
+            # one row of the terminal (a long retry reason wrapped, and \r rewrote only its last row), blanking what
+            # a longer line before it left
+            cols = max(20, shutil.get_terminal_size().columns - 1)
+            print("\r" + line[:cols].ljust(min(cols, max(60, len(shown or "")))), end="", file=sys.stderr, flush=True)
         elif line != shown:
             print(line, file=sys.stderr, flush=True)
         shown = line

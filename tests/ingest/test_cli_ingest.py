@@ -348,3 +348,35 @@ def test_cli_ingest_says_why_a_job_waits_for_its_retry(client, make: Factory, wo
     cid = client.post("/api/v1/courses", json={"title": "CLI retries"}, headers=inst.h).json()["id"]
     out = _cli(data_dir, "ingest", str(cid), "--youtube", "https://youtu.be/dQw4w9WgXcQ")
     assert out.returncode != 0 and "queued (" in out.stderr and "retrying in" in out.stderr, out.stderr
+
+
+def test_the_progress_line_keeps_to_one_row_of_the_terminal(monkeypatch):
+    """(Review) with a retry's reason the line ran past 80 columns: it wrapped, \\r rewrote only its last row, and the
+    shorter line after it left the old reason's end on screen."""
+    import io
+    import os
+
+    from server import cli
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    class Pool:
+        def __init__(self) -> None:
+            self.rows = [{"state": "queued", "progress": 0.0, "error": "could not connect to YouTube " * 8},
+                         {"state": "running", "progress": 0.5, "error": None},
+                         {"state": "done", "progress": 1.0, "error": None}]
+
+        async def fetchrow(self, *_):  # type: ignore[no-untyped-def]
+            return self.rows.pop(0)
+
+    out = Tty()
+    monkeypatch.setattr(cli.sys, "stderr", out)
+    monkeypatch.setattr(cli.shutil, "get_terminal_size", lambda *a, **k: os.terminal_size((80, 24)))
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr(cli.asyncio, "sleep", lambda *_: real_sleep(0))
+    assert run_sync(cli._progress(Pool(), 1))["state"] == "done"
+    rows = out.getvalue().strip("\n").split("\r")[1:]
+    assert rows and all(len(r) <= 79 for r in rows), [len(r) for r in rows]
+    assert "YouTube" in rows[0] and "YouTube" not in rows[1] and rows[1].rstrip().endswith("running")
