@@ -178,8 +178,10 @@ async def ingest_video(pool: asyncpg.Pool, settings: Settings, embedder: Any, jo
     llm = get_llm(settings)
     to_title = chapters if untitled is None else untitled
     if llm is not None and to_title:
-        await llm_titles(llm, to_title, progress=reporter.advance,  # a model call per chapter: keep the job's pulse
-                         deadline_s=settings.generate_deadline_s)
+        # a model call per chapter: keep the job's pulse; all of them within one model timeout a chapter (a slow
+        # model that answers gets its time; one that does not answer ends the titles at its first failure)
+        await llm_titles(llm, to_title, progress=reporter.advance,
+                         deadline_s=len(to_title) * settings.llm_timeout_s)
     duration = max(src.duration_s or 0.0, src.cues[-1].end)
     async with pool.acquire() as conn, conn.transaction():
         xtx = xp.XpTransaction(conn)  # the XP of videos the new length completes, settled after the commit
