@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime, timezone
 
 import httpx
 
@@ -270,3 +271,38 @@ async def test_rest_post_is_idempotent_and_delete_follows_the_rules(server, clie
     again = client.post(url, json={"text": "draft", "client_msg_id": "rest-2"}, headers=b.h).json()
     assert again["text"] == "final" and again["edited_at"] is not None and again["deleted"] is False
     await watcher.close()
+
+
+def test_messages_edited_before_the_rewrite_are_rewritten_by_the_migration(server, make: Factory, settings):
+    """(Review) an edit rewrites the stored events from this release on; those edited before still replayed the text
+    edited out. The migration rewrites them, keeping each payload as msgspec wrote it (type first)."""
+    import json
+    from pathlib import Path
+
+    import msgspec
+
+    from store.events import MessageEdited, MessageNew
+    from tests.conftest import fetch
+
+    course = make_course(server, make, learners=1)
+    (a,) = course.learners
+    with httpx.Client(base_url=server, timeout=30) as c:
+        posted = c.post(f"/api/v1/rooms/{course.room}/messages", json={"text": 'call me: +1 555 "0100" \\ ok'},
+                        headers=a.h).json()
+    new = 'edited: "quoted" \\ back\nslash ünïcode'
+    # as an edit before this release left it: the message edited, its events still with the first text
+    fetch(settings, "UPDATE messages SET body = $2, edited_at = now() WHERE id = $1", posted["id"], new)
+    seq = fetch(settings, "SELECT max(seq) AS s FROM room_events WHERE room_id = $1", course.room)[0]["s"] + 1
+    old_edit = msgspec.json.encode(MessageEdited(id=posted["id"], seq=seq, room=course.room, text="a first edit",
+                                                 edited_at=datetime.now(timezone.utc))).decode()
+    fetch(settings, "INSERT INTO room_events (room_id, seq, type, message_id, payload) "
+                    "VALUES ($1, $2, 'message.edited', $3, $4)", course.room, seq, posted["id"], old_edit)
+    sql = (Path(__file__).resolve().parents[2] / "store" / "migrations" / "0053_edited_events.sql").read_text()
+    fetch(settings, sql)
+    rows = fetch(settings, "SELECT type, payload FROM room_events WHERE message_id = $1 ORDER BY seq", posted["id"])
+    assert [r["type"] for r in rows] == ["message.new", "message.edited"]
+    for r in rows:
+        assert r["payload"].startswith(f'{{"type":"{r["type"]}"'), r["payload"]
+        got = msgspec.json.decode(r["payload"], type=MessageNew if r["type"] == "message.new" else MessageEdited)
+        assert got.text == new and json.loads(r["payload"])["text"] == new, r["payload"]
+    assert "555" not in rows[0]["payload"] and "first edit" not in rows[1]["payload"]
