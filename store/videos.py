@@ -35,15 +35,17 @@ def upload_tail(path: str | Path) -> str | None:
 
 
 def upload_path(data_dir: Path, stored: str | None) -> Path | None:
-    """The file a video's `file_path` names, as this process finds it: where it was stored, else (the data folder
-    moved: every upload was "missing from storage" on re-ingest) at its place in this process's data folder."""
+    """The file a video's `file_path` names, as this process finds it: at its place in this process's data folder
+    (moved since it was stored, every upload was "missing from storage" on re-ingest; and a copy restored beside
+    the original must read and delete its own files, not the original's), else, for a file that is not a data
+    folder's upload, where it was stored."""
     if not stored:
         return None
     p = Path(stored)
     tail = upload_tail(p)
-    if p.is_absolute() and (p.exists() or tail is None):
-        return p
-    return data_dir / tail if tail is not None else data_dir / p
+    if tail is not None:
+        return data_dir / tail
+    return p if p.is_absolute() else data_dir / p
 
 
 async def create_video(conn: asyncpg.Connection, course_id: int, title: str, source: str, *,

@@ -404,7 +404,8 @@ def test_an_upload_is_found_in_a_moved_data_folder(tmp_path):
     assert upload_path(here, stored) == here / "uploads" / "7" / "a.upload"
     (old / "uploads" / "7").mkdir(parents=True)
     (old / "uploads" / "7" / "a.upload").write_bytes(b"x")
-    assert upload_path(here, stored) == old / "uploads" / "7" / "a.upload"  # (still where it was stored: there)
+    # (review) a copy restored beside the original reads and deletes its own files, never the original's
+    assert upload_path(here, stored) == here / "uploads" / "7" / "a.upload"
     elsewhere = str(tmp_path / "elsewhere.srt")  # (not a data folder's upload: as stored)
     assert upload_tail(elsewhere) is None and upload_path(here, elsewhere) == tmp_path / "elsewhere.srt"
     assert upload_path(here, None) is None
