@@ -148,19 +148,18 @@ def candidates(question: str) -> tuple[list[str], list[str]]:
     worded = [t for t in _TOKEN.findall(text) if re.search(r"[A-Za-z]{2}", t)]
     if len(worded) >= 3 and sum(t.isupper() for t in worded) >= 0.6 * len(worded):
         # caps lock: no word of it is a name by its capitals (every one was, and declined), but a versioned name
-        # still is ("GPT-4"), and so is a word rarer than an everyday one
-        text = "".join(t if re.search(r"\d", t) and re.search(r"[A-Za-z]", t)
-                       or zipf_frequency(_base(t), "en") < SHOUTED_ZIPF else t.lower()
+        # still is ("GPT-4"); the rest are left to the rare-word check
+        text = "".join(t if re.search(r"\d", t) and re.search(r"[A-Za-z]", t) else t.lower()
                        for t in re.split(r"([A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*)", text))
     names, rare = [], []
     for m in _TOKEN.finditer(text):
         tok = m.group(0)
         if _is_name(tok, opens_sentence(text, m.start())):
             number = re.match(r" (\d+)\b(?![.,]\d)", text[m.end():])
-            # "SHA 256": the name, or the name and its number as the course says them together ("sha256")
-            # (a short one: a versioned acronym; "ASCII 128" is ASCII and a number)
-            names.append(f"{tok} {number.group(1)}" if number and not re.search(r"\d", tok) and len(tok) <= 4
-                         else tok)
+            # "SHA 256": an acronym's version, said together by the course ("sha256"); a short one only ("ASCII
+            # 128" is ASCII and a number) and only an acronym ("Row 2" is a row, said "row")
+            acronym = sum(c.isupper() for c in tok) >= 2 and len(tok) <= 4 and not re.search(r"\d", tok)
+            names.append(f"{tok} {number.group(1)}" if number and acronym else tok)
         elif re.fullmatch(r"[A-Za-z'-]+", tok) and _base(tok) not in SELF_NAMES \
                 and zipf_frequency(_base(tok), "en") < RARE_ZIPF:
             rare.append(tok)
@@ -197,8 +196,8 @@ def missing_rare_words(question: str, missing_lexemes: list[str]) -> list[str]:
 # understand hashing", "thanks! but I am confused about ...", "nice. Next: proof of stake.")
 _REQUEST = re.compile(r"\b(?:explain|tell|show|define|describe|give|compare|list|summari[sz]e|clarify|elaborate|"
                       r"repeat|continue|more|what|why|how|when|where|which|who|whose|can|could|would|understand|"
-                      r"confused|confusing|question|questions|stuck|wonder|wondering|mean|means|difference|next|"
-                      r"lost|help me|about|and|so(?!\s+much)|but|then|also|if)\b", re.I)  # (and what goes on: "so ... then")
+                      r"confused|confusing|question|questions|stuck|wonder|wondering|mean|means|difference|"
+                      r"help me)\b", re.I)
 # chat words a reaction may hold besides its courtesies ("thanks, that helps", "ok, makes sense now")
 _CHAT = frozenset(terms("help helps helped helpful brb later now sense makes clear understood sounds gotta run "
                         "class break lunch soon bit getting grabbing going"))
@@ -218,7 +217,9 @@ def reaction(text: str) -> bool:
             or _REQUEST.search(folded):
         return False
     said = {t for t in terms(folded) if t not in _CHAT and t not in _COURTESY_TERMS}
-    return len(said) <= REACTION_MAX_TERMS and not candidates(text)[0]
+    # (what goes on with a topic says more: "thanks, and the attention mask", "nice. Next: proof of stake.")
+    named = [n for n in candidates(text)[0] if zipf_frequency(_base(n), "en") < SHOUTED_ZIPF]  # ("thanks Professor")
+    return len(said) <= REACTION_MAX_TERMS and not named
 
 
 def small_talk(question: str, standalone: str | None = None) -> bool:
@@ -243,8 +244,11 @@ def shares_a_word(standalone: str, sources: list) -> bool:  # type: ignore[type-
     return not asked or any(asked.intersection(terms(getattr(s, "text", ""))) for s in sources)
 
 
-TYPO_MIN_LEN = 5  # a word this long or longer may be a misspelling of a course word one edit away (two from 8
-TYPO_TWO_EDITS_LEN = 8  # letters): "signiture", "funtion", "blockchian", "atention", "selction", "collumn"
+TYPO_MIN_LEN = 5  # a word this long or longer may be a misspelling of a course word one edit away (two from 9
+TYPO_TWO_EDITS_LEN = 9  # letters): "signiture", "funtion", "blockchian", "atention", "selction", "collumn"
+TYPO_MAX_ZIPF = 1.5  # ... when it is no established word itself: typos sit at zipf 0-1.4, while "halving" (not the
+# course's "having"), "staking" ("shaking"), "nonce" ("none") or "encoder" ("encoded") are words of their own
+TYPO_MAX_WORDS = 5  # words looked at (the judge declines for the first it cannot place)
 
 
 def declined_words(question: str, missing_lexemes: list[str], present_words: set[str] | None) -> list[str]:
@@ -252,7 +256,9 @@ def declined_words(question: str, missing_lexemes: list[str], present_words: set
     says), long enough to be misspellings: the ones to look for near spellings of."""
     names, unsaid = uncovered(question, present_words) if present_words is not None else ([], [])
     words = [w for w in names + unsaid + missing_rare_words(question, missing_lexemes) if " " not in w]
-    return sorted({_base(w) for w in words if len(_base(w)) >= TYPO_MIN_LEN and _base(w).isalpha()})
+    out = sorted({_base(w) for w in words if len(_base(w)) >= TYPO_MIN_LEN and _base(w).isalpha()
+                  and zipf_frequency(_base(w), "en") < TYPO_MAX_ZIPF})
+    return out if len(out) <= TYPO_MAX_WORDS else []  # (more: a question of made-up words, declined as it is)
 
 
 def _edits_within(a: str, b: str, k: int) -> bool:
@@ -273,10 +279,18 @@ def _edits_within(a: str, b: str, k: int) -> bool:
     return prev[-1] <= k
 
 
+def corrected(text: str, near: dict[str, str]) -> str:
+    """`text` with each misspelt word (`near_spellings`) replaced by the course's spelling, to search and judge."""
+    if not near:
+        return text
+    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in sorted(near, key=len, reverse=True)) + r")\b", re.I)
+    return pattern.sub(lambda m: near[m.group(1).lower()], text)
+
+
 def near_spellings(words: list[str], course_words: list[str]) -> dict[str, str]:
     """For each of `words`, a word the course says that it is a misspelling of (one edit away, two from
-    TYPO_TWO_EDITS_LEN letters; the same first letter), if any: the judge does not decline the question for it (a
-    single typo was told "the course videos don't cover this", the nearest moments right)."""
+    TYPO_TWO_EDITS_LEN letters; the same first letter), if any: the question is searched and judged with the
+    course's spelling (a single typo was told "the course videos don't cover this", the nearest moments right)."""
     out = {}
     for w in words:
         k = 2 if len(w) >= TYPO_TWO_EDITS_LEN else 1

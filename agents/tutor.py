@@ -20,8 +20,8 @@ from langgraph.graph import END, START, StateGraph
 from wordfreq import zipf_frequency
 
 from agents.evidence import MAX_CITATION_S, Window, mmss, pick_citations, quote, rank_windows, stem, terms, windows
-from agents.judge import (REPLIES, declined_words, judge, lookup_words, near_spellings, opens_sentence, reaction,
-                          small_talk)
+from agents.judge import (REPLIES, corrected, declined_words, judge, lookup_words, near_spellings, opens_sentence,
+                          reaction, small_talk)
 from agents.llm import LLM, LLMError, estimate_cost_usd
 from store.frames import CONTROL, without_format
 from store.search import Hit, course_words_like, hybrid_search, neighbours, vocabulary_coverage
@@ -286,15 +286,20 @@ class Tutor:
         vec = await asyncio.to_thread(self.embedder.embed_query, text)
         # one snapshot: a re-ingest committing between these reads would pair old hits with new neighbours
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            cover = await vocabulary_coverage(conn, s["course_id"], self.embedder.name, text,
+                                              lookup_words(s["question"]))
+            # words the judge would decline for that may be misspellings: searched and judged as the course spells
+            # them ("what is a blockchian?" found nothing to share a word with, and was declined all the same)
+            typos = declined_words(s["question"], cover.missing, cover.spoken)
+            near = await asyncio.to_thread(near_spellings, typos, await course_words_like(conn, s["course_id"], typos)
+                                           ) if typos else {}
+            if near:
+                text = corrected(text, near)
+                vec = await asyncio.to_thread(self.embedder.embed_query, text)
             # an ensemble's hits carry its primary's cosine too: the judge's threshold is on that scale
             hits = await hybrid_search(conn, s["course_id"], vec, text, self.embedder.name, k=RETRIEVE_K,
                                        primary=getattr(self.embedder, "primary_slice", None))
             extra = await neighbours(conn, hits, self.embedder.name)
-            cover = await vocabulary_coverage(conn, s["course_id"], self.embedder.name, text,
-                                              lookup_words(s["question"]))
-            # words the judge would decline for that may be misspellings: the course's words near them
-            typos = declined_words(s["question"], cover.missing, cover.spoken)
-            near = near_spellings(typos, await course_words_like(conn, s["course_id"], typos)) if typos else {}
             awaiting = await conn.fetchval(  # not searchable yet: still being ingested, or to be re-embedded
                 "SELECT count(*) FROM videos WHERE course_id = $1 AND (status IN ('queued', 'processing') "
                 "OR status = 'ready' AND embed_model IS DISTINCT FROM $2)", s["course_id"], self.embedder.name)
@@ -305,7 +310,7 @@ class Tutor:
         sources = pick_citations([best[r] for r in sorted(best)], MAX_SOURCES)
         return {"hits": hits, "sources": sources, "judge": {"present": cover.present, "missing": cover.missing,
                                                                "said": cover.spoken, "near": near},
-                "awaiting": awaiting}
+                "awaiting": awaiting, **({"standalone": text} if near else {})}
 
     async def judge(self, s: TutorState) -> dict:
         verdict = judge(s["question"], s["standalone"], s.get("hits") or [], s.get("sources") or [],

@@ -63,11 +63,15 @@ def test_a_misspelt_word_is_not_declined_as_not_covered(eval_course: EvalCourse,
             tutor = Tutor(pool, local_default(), None)
             return [await tutor.run(eval_course.id, q) for q in (
                 "What is a digital signiture?", "what is a hash funtion?", "what is the atention mechanism?",
-                "What is the Etherum blockchain?")]
+                "what is a blockchian?", "whats a blockchian",
+                "What is the Etherum blockchain?", "What is the Bitcoin halving?", "How does staking work?")]
         finally:
             await pool.close()
 
-    *typos, other = run_sync(go())
-    for out in typos:
+    got = run_sync(go())
+    for out in got[:5]:
         assert out["grounded"] and out["citations"], out["answer"]
-    assert not other["grounded"]  # (Ethereum is not in the course, however spelt)
+    # (Ethereum is not in the course, however spelt; review: real words near a course word are no typos —
+    # "halving" is not "having", "staking" not "shaking")
+    for out in got[5:]:
+        assert not out["grounded"], out["answer"]
