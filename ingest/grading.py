@@ -241,9 +241,16 @@ async def _grade_counted(ctx: dict[str, Any], submission_id: int, sub: asyncpg.R
     async with pool.acquire() as conn:
         try:
             async with conn.transaction():
+                feedback = result["feedback"]
+                moment = (feedback or {}).get("rewatch")
+                # the moment was read before the model's call: its video deleted since, the grade does not advise
+                # rewatching it (the video is held, KEY SHARE, so a deletion waits for this grade and clears it)
+                if moment and await conn.fetchval("SELECT 1 FROM videos WHERE id = $1 FOR KEY SHARE",
+                                                  moment.get("video_id")) is None:
+                    feedback = subs_repo.without_rewatch(feedback)
                 row = await subs_repo.save_machine_grade(
                     conn, submission_id, score=result["total"], confidence=result["confidence"],
-                    criteria=result["scores"], feedback=result["feedback"], grader=result["grader"], held=held,
+                    criteria=result["scores"], feedback=feedback, grader=result["grader"], held=held,
                     reason="; ".join(r for r in (result.get("reason"), result.get("note")) if r) or None,
                     gen=sub["grade_gen"])
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:  # never works on a retry

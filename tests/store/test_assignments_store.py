@@ -387,3 +387,25 @@ async def test_an_embedding_model_that_will_not_load_counts_as_tries_then_goes_t
     async with pool.acquire() as conn:
         row = await subs_repo.get(conn, sid)
     assert row["status"] == "review_pending" and "embedding model did not load" in row["review_reason"]
+
+
+async def test_a_grade_saved_after_its_video_was_deleted_does_not_advise_rewatching_it(db, settings, monkeypatch):
+    """(Review) the grader reads its moment before grading and saves seconds (a model: minutes) later; a video deleted
+    in between was still advised ("Rewatch Searching at 1:00.", a link to a 404)."""
+    pool, redis = db
+    s = await _setup(pool)
+    sid = await _submit(pool, s, REFERENCE)
+    real = grading._moment
+
+    async def moment_then_deleted(conn, a, embedder):  # type: ignore[no-untyped-def]
+        got = await real(conn, a, embedder)
+        assert got and got["video_id"] == s["video"]
+        async with pool.acquire() as other:
+            await other.execute("DELETE FROM videos WHERE id = $1", s["video"])
+        return got
+
+    monkeypatch.setattr(grading, "_moment", moment_then_deleted)
+    assert await grading.grade_submission(ctx_for(pool, redis, settings), sid) in ("graded", "held")
+    async with pool.acquire() as conn:
+        row = await subs_repo.get(conn, sid)
+    assert "rewatch" not in row["feedback"] and "Rewatch" not in (row["feedback"].get("improve") or ""), row["feedback"]
