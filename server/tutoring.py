@@ -163,8 +163,13 @@ async def prepare(state: Any, user: Any, course_id: int, question: str, *, sessi
                 pending, own_hold = await repo.hold(conn, proc, user.id, course_id, slot=slot), True
             reserved = await repo.reserve_turn(conn, user.id, settings.tutor_daily_limit, pending)
             if reserved is None:
+                # (a hold gone with its course, deleted meanwhile: nothing was taken, and no limit was reached)
+                gone = pending is not None and not await conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM tutor_pending WHERE id = $1)", pending)
                 if own_hold:
                     await repo.drop_hold(conn, pending)
+                if gone:
+                    raise ApiError(404, f"course {course_id} not found")
                 raise ApiError(429, f"daily tutor limit reached ({settings.tutor_daily_limit} questions); "
                                     "it resets at midnight UTC", code="daily_limit", retry_after=_to_midnight_utc())
         try:

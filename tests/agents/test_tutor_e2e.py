@@ -495,3 +495,44 @@ def test_a_decline_while_a_video_is_still_being_ingested_says_so(eval_course: Ev
         assert not body["grounded"] and "1 of the course's videos is still being indexed" in body["answer"], body
     finally:
         fetch(settings, "DELETE FROM videos WHERE id = $1", vid["id"])
+
+
+def test_a_question_whose_hold_went_with_its_course_is_not_told_the_daily_limit(make, settings, eval_course):
+    """(Review) a room question's hold went with its course, deleted as the question was being taken: nothing was
+    taken, yet the asker was told the daily limit was reached (429)."""
+    import asyncio
+
+    import pytest
+    from redis.asyncio import Redis
+    from types import SimpleNamespace
+
+    from server.auth import AuthUser
+    from server.errors import ApiError
+    from server.tutoring import prepare
+    from store import tutor as repo
+    from store.db import create_pool
+
+    learner = make.user("learner", tenant=eval_course.tenant)
+    fetch(settings, "INSERT INTO enrollments (course_id, user_id) VALUES ($1, $2)", eval_course.id, learner.id)
+    user = AuthUser(id=learner.id, tenant_id=learner.tenant_id, tenant=eval_course.tenant, name=learner.name,
+                    role="learner")
+
+    async def go() -> ApiError:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            async with pool.acquire() as conn:
+                pending = await repo.hold(conn, "gone-proc", learner.id, eval_course.id)
+                await conn.execute("DELETE FROM tutor_pending WHERE id = $1", pending)  # (as the cascade did)
+            state = SimpleNamespace(settings=settings, pool=pool, redis=redis)
+            with pytest.raises(ApiError) as caught:
+                await prepare(state, user, eval_course.id, "What is a digital signature?", pending=pending)
+            return caught.value
+        finally:
+            await redis.aclose()
+            await pool.close()
+
+    err = asyncio.run(go())
+    assert err.status_code == 404, err
+    assert fetch(settings, "SELECT coalesce(sum(used), 0) AS n FROM tutor_quota WHERE user_id = $1",
+                 learner.id)[0]["n"] == 0
