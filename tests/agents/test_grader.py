@@ -506,6 +506,8 @@ def test_answers_in_scripts_without_spaces_are_held_as_another_language():
     zh = "具有有利于生存和繁殖的遗传性状的个体会留下更多的后代，因此这些性状在世代中变得更加普遍。"
     assert scoring.counted_words("生存と繁殖 ok中文") == ["生", "存", "と", "繁", "殖", "ok", "中", "文"]
     assert scoring.counted_words("สวัสดี") == ["ส", "ว", "ส", "ด"]  # (its vowel signs are no words)
+    # (review) only the hold rules count letters: the scorer's concepts keep whole runs, as before
+    assert scoring.words("生存と繁殖 ok中文") == ["生存と繁殖", "ok中文"] and scoring.concepts("การสังเคราะห์ด้วยแสง")
     for answer in (ja, zh, "Los individuos con rasgos heredables que mejoran la supervivencia dejan más descendencia."):
         assert "not written in English sentences" in scoring.doubt([ref], answer), answer
     # against a reference in the same script nothing is held for the language, but a far longer answer is
