@@ -648,6 +648,22 @@ async def test_a_text_frame_that_is_not_utf8_closes_1007_without_an_error_in_the
     assert not any('"level": "ERROR"' in line or "Traceback" in line for line in lines), lines
 
 
+async def _close_codes_until_4429(url: str, tries: int) -> list[int]:
+    """Open sockets at `url` one after another: the close codes each got, up to the first 4429."""
+    import websockets
+
+    codes = []
+    for _ in range(tries):
+        async with websockets.connect(url) as ws:
+            try:
+                await asyncio.wait_for(ws.recv(), 5)
+            except websockets.ConnectionClosed as exc:
+                codes.append(exc.rcvd.code)
+                if exc.rcvd.code == 4429:
+                    break
+    return codes
+
+
 async def test_a_revoked_bot_tokens_reconnect_loop_is_refused_4429_too(server, make: Factory, settings):
     """(Tester) bots were not limited at all: a bridge retrying with its revoked token cost a database lookup per try,
     550 a second. Theirs is a larger budget (hub.BOT_CONNECTS times a person's), but one."""
@@ -660,16 +676,9 @@ async def test_a_revoked_bot_tokens_reconnect_loop_is_refused_4429_too(server, m
     with httpx.Client(base_url=server, timeout=30) as http:
         bot = http.post("/api/v1/bots", json={"name": f"bridge-{course.id}"}, headers=course.instructor.h).json()
         assert http.delete(f"/api/v1/tokens/{bot['token_id']}", headers=course.instructor.h).status_code == 204
-    url = ws_url(server, course.room, bot["token"])
-    codes = []
-    for _ in range(settings.ws_connect_burst * BOT_CONNECTS * 2):  # (the bucket refills meanwhile)
-        async with websockets.connect(url) as ws:
-            try:
-                await asyncio.wait_for(ws.recv(), 5)
-            except websockets.ConnectionClosed as exc:
-                codes.append(exc.rcvd.code)
-                if exc.rcvd.code == 4429:
-                    break
+    # (the bucket refills meanwhile)
+    codes = await _close_codes_until_4429(ws_url(server, course.room, bot["token"]),
+                                          settings.ws_connect_burst * BOT_CONNECTS * 2)
     assert codes[-1] == 4429 and codes[0] == 4401, codes[:3]
     assert len(codes) > settings.ws_connect_burst  # more than a person's burst: a bridge reconnecting its rooms
     # (tester) the budget spent before the database is the token's: the bridge's new token joins at once (the
@@ -690,19 +699,10 @@ async def test_a_signed_out_token_cannot_lock_its_user_out(server, make: Factory
 
     course = make_course(server, make, learners=1)
     (a,) = course.learners
-    url = ws_url(server, course.room, a.token)
     with httpx.Client(base_url=server, timeout=30) as http:
         assert http.delete(f"/api/v1/users/{a.id}/tokens", headers=course.instructor.h).status_code == 204
         new = http.post(f"/api/v1/users/{a.id}/tokens", headers=course.instructor.h).json()["token"]
-    codes = []
-    for _ in range(settings.ws_connect_burst + 20):
-        async with websockets.connect(url) as ws:
-            try:
-                await asyncio.wait_for(ws.recv(), 5)
-            except websockets.ConnectionClosed as exc:
-                codes.append(exc.rcvd.code)
-                if exc.rcvd.code == 4429:
-                    break
+    codes = await _close_codes_until_4429(ws_url(server, course.room, a.token), settings.ws_connect_burst + 20)
     assert codes[0] == 4401 and codes[-1] == 4429, codes[:3]
     async with websockets.connect(ws_url(server, course.room, new)) as ws:
         assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "welcome"
