@@ -80,9 +80,13 @@ CONNECT_DB_S = 8.0  # and for its checks (the token, the room, the user's standi
 # 10 s handshake timeout, so it hears why
 
 
+_LEFT: set[asyncio.Future] = set()  # socket checks left to end in the background (held: the loop keeps no reference)
+
+
 def _settled(task: asyncio.Future) -> None:
     """A socket's checks left to end in the background: their outcome is nobody's now (read, so it is not logged as
     never retrieved)."""
+    _LEFT.discard(task)
     if not task.cancelled():
         task.exception()
 
@@ -162,6 +166,7 @@ async def room_socket(socket: WebSocket, room_id: str) -> None:
     finally:
         if not checking.done():  # (timed out, or the handler cancelled: the client went away)
             checking.cancel()
+            _LEFT.add(checking)
             checking.add_done_callback(_settled)
     if access is None:
         await _refuse(socket, CLOSE_FORBIDDEN, "no such room, or you may not join it")
