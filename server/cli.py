@@ -221,8 +221,14 @@ async def _make_token(settings: Settings, user: str, role: str, tenant: str, ttl
     pool = await create_pool(settings.database_url, min_size=1, max_size=1)
     try:
         async with pool.acquire() as conn, conn.transaction():
-            tenant_id = await repo.ensure_tenant(conn, tenant)
-            row = await repo.ensure_user(conn, tenant_id, user, role)
+            # a name an older studyhall stored as typed (untrimmed, invisible characters) is still found, before the
+            # name as stored now is looked up or made (which made a second, look-alike user beside it)
+            typed_tenant, typed_user = getattr(tenant, "typed", tenant), getattr(user, "typed", user)
+            tenant_id = (await conn.fetchval("SELECT id FROM tenants WHERE name = $1", typed_tenant)
+                         if typed_tenant != tenant else None) or await repo.ensure_tenant(conn, tenant)
+            row = (await conn.fetchrow("SELECT id, tenant_id, name, role FROM users WHERE tenant_id = $1 AND name = $2",
+                                       tenant_id, typed_user) if typed_user != user else None) \
+                or await repo.ensure_user(conn, tenant_id, user, role)
             if any_staff and row["role"] in ("instructor", "admin"):
                 role = row["role"]
             if row["role"] != role:  # roles are read from the database: changing it would break their tokens
@@ -800,10 +806,18 @@ def _name(raw: str) -> str:
     from server.errors import ApiError
 
     try:
-        return person_name(_as_rest_takes(raw, NO_CONTROL, 100,
-                                          "must be at most 100 characters, without control characters"))
+        name = _Typed(person_name(_as_rest_takes(raw, NO_CONTROL, 100,
+                                                 "must be at most 100 characters, without control characters")))
     except ApiError as exc:
         raise argparse.ArgumentTypeError("must not be blank") from exc
+    name.typed = raw
+    return name
+
+
+class _Typed(str):
+    """A name as stored, with the name as typed (`typed`): one an older studyhall stored as typed is still found."""
+
+    typed: str
 
 
 def _title(raw: str) -> str:

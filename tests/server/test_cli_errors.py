@@ -35,6 +35,13 @@ def test_token_keeps_an_existing_users_role(settings, tmp_path, make: Factory):
         out = _cli(settings, tmp_path, "token", "--user", look_alike, "--role", "learner", "--tenant", f" {tenant}")
         _refused(out, "has the role instructor, not learner")
     assert not fetch(settings, "SELECT 1 FROM tenants WHERE name = $1", f" {tenant}")
+    # (review) a name an older CLI stored as typed is still found by the same typing, not made again beside it
+    tid = fetch(settings, "SELECT tenant_id FROM users WHERE id = $1", inst.id)[0]["tenant_id"]
+    legacy = f" {inst.name}-old\u200b"
+    fetch(settings, "INSERT INTO users (tenant_id, name, role) VALUES ($1, $2, 'instructor')", tid, legacy)
+    out = _cli(settings, tmp_path, "token", "--user", legacy, "--role", "learner", "--tenant", tenant)
+    _refused(out, "has the role instructor, not learner")
+    assert not fetch(settings, "SELECT 1 FROM users WHERE tenant_id = $1 AND name = $2", tid, f"{inst.name}-old")
 
 
 def test_mistakes_are_one_line_and_status_2(settings, tmp_path):
