@@ -3,6 +3,7 @@ server process over real HTTP. Tests isolate themselves by creating their own te
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -214,6 +216,18 @@ async def db_fetch(settings: Settings, sql: str, *args):  # type: ignore[no-unty
 
 def fetch(settings: Settings, sql: str, *args):  # type: ignore[no-untyped-def]
     return run_sync(db_fetch(settings, sql, *args))
+
+
+@contextlib.contextmanager
+def dead_port() -> Iterator[int]:
+    """A port on which nothing answers, for as long as the block runs: bound, not listening, so connecting is refused
+    and no other process takes it meanwhile (a port that was merely free at first was taken by another test's server,
+    whose 404 read as a misconfigured service)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 def wait_job(client: httpx.Client, job_id: int, headers: dict, timeout: float = 180) -> dict:

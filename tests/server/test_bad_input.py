@@ -181,14 +181,23 @@ async def test_titles_polls_and_goals_refuse_invisible_or_control_character_text
 
 def test_an_embedding_service_that_fails_is_a_503_with_the_reason(settings, data_dir, make: Factory):
     """With the OpenAI embedder and its service down, search answered a bare 500 after the SDK's retries."""
-    import httpx
-
-    from tests.conftest import free_port, stop_process
+    from tests.conftest import dead_port, free_port
     from tests.server.conftest import spawn_ready
 
-    ((proc, url),) = spawn_ready(data_dir, [f"dead-embedder-{free_port()}"], {
-        "STUDYHALL_EMBEDDER": "openai", "OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}/v1",
-        "OPENAI_API_KEY": "sk-test"})
+    with dead_port() as dead:  # (held: a port merely free at first was taken by another test's server, whose 404
+        # read as a misconfigured service)
+        ((proc, url),) = spawn_ready(data_dir, [f"dead-embedder-{free_port()}"], {
+            "STUDYHALL_EMBEDDER": "openai", "OPENAI_BASE_URL": f"http://127.0.0.1:{dead}/v1",
+            "OPENAI_API_KEY": "sk-test"})
+        _dead_embedder_asks(proc, url, make)
+
+
+def _dead_embedder_asks(proc, url: str, make: Factory) -> None:  # type: ignore[no-untyped-def]
+    """Search and a streamed ask against a server whose embedding service does not answer: 503s saying so."""
+    import httpx
+
+    from tests.conftest import stop_process
+
     try:
         inst = make.user("instructor")
         with httpx.Client(base_url=url, timeout=60) as c:

@@ -69,23 +69,24 @@ def test_mistakes_are_one_line_and_status_2(settings, tmp_path):
     _refused(unreachable, "studyhall: ")
     assert len(unreachable.stderr.strip().splitlines()) <= 3, unreachable.stderr
     # Redis unreachable at `serve`: one line and 2 as well (it was uvicorn's traceback and exit status 3)
-    from tests.conftest import free_port
+    from tests.conftest import dead_port, free_port
 
-    no_redis = _cli(settings, tmp_path, "serve", "--port", str(free_port()),
-                    REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    with dead_port() as dead:
+        no_redis = _cli(settings, tmp_path, "serve", "--port", str(free_port()), REDIS_URL=f"redis://127.0.0.1:{dead}/0")
     _refused(no_redis, "studyhall: ")
     assert no_redis.stderr.strip().splitlines()[-1].startswith("studyhall: "), no_redis.stderr
 
 
 def test_a_failing_model_service_is_one_line_too(settings, tmp_path, make: Factory):
     """`ask` (and `reembed`) with an embedding service that does not answer printed the SDK's traceback."""
-    from tests.conftest import free_port
+    from tests.conftest import dead_port
 
     inst = make.user("instructor")
     cid = fetch(settings, "INSERT INTO courses (tenant_id, owner_id, title) VALUES ($1, $2, 'Embed') RETURNING id",
                 inst.tenant_id, inst.id)[0]["id"]
-    out = _cli(settings, tmp_path, "ask", str(cid), "why?", STUDYHALL_EMBEDDER="openai", OPENAI_API_KEY="sk-test",
-               OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1")
+    with dead_port() as dead:
+        out = _cli(settings, tmp_path, "ask", str(cid), "why?", STUDYHALL_EMBEDDER="openai", OPENAI_API_KEY="sk-test",
+                   OPENAI_BASE_URL=f"http://127.0.0.1:{dead}/v1")
     _refused(out, "embedding service failed")  # after the SDK's logged retries
     assert out.stderr.strip().splitlines()[-1].startswith("studyhall: "), out.stderr
 
