@@ -261,3 +261,9 @@ def decode_frame(raw: str | bytes) -> ClientFrame:
         raise BadFrame(echo(f"not valid JSON: {exc}")) from exc
     except RecursionError as exc:  # msgspec's own limit on nesting
         raise BadFrame("the frame is nested too deeply") from exc
+
+
+def mmss(seconds: float) -> str:
+    """A moment as a learner reads it: m:ss, or h:mm:ss from an hour on."""
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

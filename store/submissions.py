@@ -10,6 +10,8 @@ from typing import Any
 
 import asyncpg
 
+from store.frames import mmss
+
 _COLS = """s.id, s.assignment_id, s.course_id, s.user_id, s.attempt, s.answer, s.status, s.score, s.confidence,
            s.criteria, s.feedback, s.grader, s.review_reason, s.review_comment, s.reviewed_by, s.grade_job,
            s.grade_tries, s.grade_gen, s.created_at, s.updated_at, s.final_at, s.released"""
@@ -19,9 +21,7 @@ EXEMPLAR_LIMIT = 200
 
 def rewatch_advice(moment: dict[str, Any]) -> str:
     """The sentence a grade's `improve` ends with for its moment to rewatch ("Rewatch Lecture 1 at 2:20.")."""
-    s = int(float(moment["start"]))
-    at = f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-    return f"Rewatch {moment.get('title') or 'the video'} at {at}."
+    return f"Rewatch {moment.get('title') or 'the video'} at {mmss(float(moment['start']))}."
 
 
 def without_rewatch(feedback: dict[str, Any] | None) -> dict[str, Any] | None:
