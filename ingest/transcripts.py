@@ -74,10 +74,15 @@ def _decode(data: bytes, strict: bool = True) -> str:
 # Central European and Turkish text in their legacy encodings (Windows-1250/1254, ISO-8859-2) read as Windows-1252:
 # mostly ASCII, so under the accented-letter share, and stored garbled ("rozwi±zanie", "Øešení", "öðreneceðiz").
 # What gives them away: a symbol between two letters (ą ł ż ź ś as ± ³ ¿ ¬ ¶, ¹); š or ž beside ř č ě ň ů as
-# ø è ì ò ù (Czech, Slovak); ğ ş ı as ð þ ý without the á é í ó ú æ every Icelandic text has.
+# ø è ì ò ù (Czech, Slovak); ğ ş ı as ð þ ý without the á é í ó ú æ every Icelandic text has; Hungarian's ő ű as
+# õ û among á é í ó ö ú ü, without the letters that come with õ or û in a Western language (Portuguese ã ç ê,
+# Estonian ä, French è à ç ê â î ô).
 _SYMBOL_IN_WORD = re.compile(r"[^\W\d_][±³¿¬¶¼¹¾][^\W\d_]")
 _CZECH_AS_WESTERN = re.compile(r"[øèìòùØÈÌÒÙ]")
 _ICELANDIC = re.compile(r"[áéíóúæÁÉÍÓÚÆ]")
+_HUNGARIAN_AS_WESTERN = re.compile(r"[õûÕÛ]")
+_HUNGARIAN_VOWELS = re.compile(r"[áéíóöúüÁÉÍÓÖÚÜ]")
+_WESTERN_WITH_TILDE_OR_CIRCUMFLEX = re.compile(r"[ãçêèàäâîôëïœÃÇÊÈÀÄÂÎÔËÏŒ]")
 
 
 def _not_western(text: str) -> bool:
@@ -92,6 +97,9 @@ def _not_western(text: str) -> bool:
     if _SYMBOL_IN_WORD.search(text):
         return True
     if any(c in text for c in "šžŠŽ") and _CZECH_AS_WESTERN.search(text):
+        return True
+    if (_HUNGARIAN_AS_WESTERN.search(text) and _HUNGARIAN_VOWELS.search(text)
+            and not _WESTERN_WITH_TILDE_OR_CIRCUMFLEX.search(text)):
         return True
     return any(c in text for c in "ðþýÐÞÝ") and not _ICELANDIC.search(text)
 

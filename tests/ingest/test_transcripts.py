@@ -789,6 +789,9 @@ def test_a_file_name_that_is_only_an_extension_gives_no_title() -> None:
     ("Bugün diferansiyel denklemleri öğreneceğiz. Çözüm başlangıç koşullarına bağlıdır.", "cp1254"),
     ("Równania różniczkowe opisują zmiany; źródło błędu jest tutaj.", "iso-8859-2"),
     ("Równania różniczkowe opisują zmiany; rozwiązanie zależy od warunków.", "cp1250"),
+    # (Hungarian: only ő and ű differ from Windows-1252, read as õ and û)
+    ("A megoldás a kezdeti feltételektől függ. Az első lépés a derivált.", "cp1250"),
+    ("Ez egy hosszú előadás, ű betűvel.", "iso-8859-2"),
 ])
 def test_central_european_and_turkish_legacy_files_are_refused_not_garbled(text: str, encoding: str):
     """(Tester) mostly ASCII, they passed the accented-letter share and were stored garbled ("Øešení",
@@ -799,6 +802,9 @@ def test_central_european_and_turkish_legacy_files_are_refused_not_garbled(text:
         parse_transcript(srt.encode(encoding), "a.srt")
     for western in ("Lausnin fer eftir upphafsskilyrðum. Þetta er mjög áhugavert, maður.",
                     "Løsningen afhænger af begyndelsesbetingelserne; større værdier.",
-                    "¿Qué significa? La solución, señor, 25 ±3; perché è così, più città."):
+                    "¿Qué significa? La solución, señor, 25 ±3; perché è così, più città.",
+                    "As lições e as informações são úteis; não é difícil.",  # (Portuguese õ)
+                    "Õpetaja ütles, et lõpus on küsimused; järgmine loeng räägib tuletistest.",  # (Estonian õ)
+                    "C'est sûr, il a dû répéter la leçon."):  # (French û)
         got = parse_transcript(f"1\n00:00:01,000 --> 00:00:03,000\n{western}\n".encode("cp1252"), "a.srt")
         assert [c.text for c in got] == [western]
