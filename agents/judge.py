@@ -222,9 +222,21 @@ def reaction(text: str) -> bool:
     return len(said) <= REACTION_MAX_TERMS and not named
 
 
+# a question about now ("what time is it?", "what's today's date?", "what day is it today?"): no course holds the
+# answer, and searched it cited a lecture's "it's time to..."
+_NOW = re.compile(r"(?:(?:hi|hey|hello|so|ok|okay|um|sorry|excuse me)[,!.]?\s+)*(?:do you know |can you tell me )?"
+                  r"(?:what(?:'s| is)?|whats) (?:the (?:time|date|day)|time|today'?s date|day)"
+                  r"(?: (?:is it|it is|of the week|today|now|right now|here|there))*"
+                  r"(?:,? please)?\s*[?.!]*")
+
+
 def small_talk(question: str, standalone: str | None = None) -> bool:
-    """Whether the question is only greetings and courtesies (no topic to look for); with replies among them
-    ("yes", "again please"), only when the condensed `standalone` borrowed nothing from the conversation."""
+    """Whether the question is only greetings and courtesies (no topic to look for), or asks for the time or the
+    date; with replies among them ("yes", "again please"), only when the condensed `standalone` borrowed nothing
+    from the conversation."""
+    said = " ".join(_MENTION.sub(" ", fold(question)).lower().replace("’", "'").split())
+    if _NOW.fullmatch(said):
+        return True
     words = set(re.findall(r"[^\W\d_]+", _MENTION.sub(" ", fold(question)).lower()))
     if not words or not words <= SMALL_TALK | REPLIES:
         return False

@@ -122,6 +122,13 @@ def test_small_talk_is_greetings_alone_and_replies_only_when_nothing_was_borrowe
     assert not small_talk("yes", "Is the ledger public? yes")
     assert not small_talk("again please", "What is proof of work? again please")
     assert not small_talk("yes or no?") and not small_talk("so what?") and not small_talk("what is good?")
+    # (a known limit until now) the time or the date is no course's topic: "What time is it?" cited a lecture
+    for q in ("What time is it?", "@tutor what's the time", "hey, what time is it now?", "What’s today’s date?",
+              "what day is it today", "Do you know what time it is?", "WHAT IS THE DATE TODAY?"):
+        assert small_talk(q), q
+    for q in ("What time is it in the lecture when he explains hashing?", "What is the time complexity?",
+              "what day is the exam?", "What is the date of the Merge?"):
+        assert not small_talk(q), q
 
 
 def test_a_name_counts_as_said_however_it_joins_its_number_and_capitals_are_no_name_by_themselves():

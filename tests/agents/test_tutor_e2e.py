@@ -46,8 +46,9 @@ def test_out_of_scope_declines_without_citations(eval_course: EvalCourse, client
 
 
 def test_a_greeting_is_greeted_not_answered_from_the_course(eval_course: EvalCourse, client):
-    """"hi" and "thanks!" were answered as grounded questions, citing the course's "Hi." and "Thank you." moments."""
-    for greeting in ("hi", "Thanks!", "@tutor thank you so much", "Good morning :)"):
+    """"hi" and "thanks!" were answered as grounded questions, citing the course's "Hi." and "Thank you." moments
+    (and "What time is it?" a lecture's "it's time to...")."""
+    for greeting in ("hi", "Thanks!", "@tutor thank you so much", "Good morning :)", "What time is it?"):
         body = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": greeting},
                            headers=eval_course.learner.h).json()
         assert body["grounded"] is False and body["citations"] == [] and body["nearest"] == [], (greeting, body)
