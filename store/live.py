@@ -96,7 +96,8 @@ async def end_session(db: asyncpg.Pool, redis: Redis, session_id: int, reason: s
 
 async def end_forgotten(db: asyncpg.Pool, redis: Redis, idle_min: int, max_hours: int, limit: int = 100) -> list[int]:
     """End the live sessions staff left running: for `idle_min` minutes nobody present (no socket open in the
-    room, none closed since) and nothing in the room (no message, poll or vote), or `max_hours` after the start
+    room, none closed since) and nothing in the room (no message, poll or vote, also a vote for the option the
+    voter had, which changes no counts and so makes no room event), or `max_hours` after the start
     (each 0: never). Their open polls close with their final counts; `live.ended` says why. The ids ended."""
     rows = await db.fetch(
         """SELECT s.id, CASE WHEN $2 > 0 AND s.started_at < now() - make_interval(hours => $2) THEN 'max_length'
@@ -109,7 +110,11 @@ async def end_forgotten(db: asyncpg.Pool, redis: Redis, idle_min: int, max_hours
                                           AND (a.left_at IS NULL OR a.left_at > now() - make_interval(mins => $1)))
                       AND NOT EXISTS (SELECT 1 FROM (SELECT e.created_at FROM room_events e
                                                      WHERE e.room_id = 'live:' || s.id ORDER BY e.seq DESC LIMIT 1) last
-                                      WHERE last.created_at > now() - make_interval(mins => $1))))
+                                      WHERE last.created_at > now() - make_interval(mins => $1))
+                      -- a vote that left the counts as they were (the same option again) makes no room event
+                      AND NOT EXISTS (SELECT 1 FROM polls p JOIN poll_votes v ON v.poll_id = p.id
+                                      WHERE p.session_id = s.id
+                                        AND v.updated_at > now() - make_interval(mins => $1))))
            ORDER BY s.id LIMIT $3""", idle_min, max_hours, limit)
     ended = []
     for r in rows:

@@ -408,6 +408,30 @@ async def test_a_session_left_running_ends_by_itself(xp_store):
     assert await pool.fetchval("SELECT ended_at IS NOT NULL FROM live_sessions WHERE id = $1", quiet_sid)
 
 
+async def test_a_vote_that_changes_no_counts_still_keeps_a_session_running(xp_store):
+    """(Tester) a learner voting the option they had again, every half minute, changes no counts, so it made no
+    room event, and the session ended as idle under the votes coming in (the next one: 409 `poll_closed`)."""
+    pool, redis = xp_store
+    sid, poll, (a, _) = await _live_poll(pool, redis)
+    async with pool.acquire() as conn:
+        await live.vote(conn, poll["id"], sid, a, 0, "learner")
+    await live.publish_results(pool, redis, poll["id"])
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE live_sessions SET started_at = now() - interval '40 minutes' WHERE id = $1", sid)
+        await conn.execute("UPDATE poll_votes SET updated_at = now() - interval '40 minutes' WHERE poll_id = $1",
+                           poll["id"])
+        await conn.execute("UPDATE room_events SET created_at = now() - interval '40 minutes' WHERE room_id = $1",
+                           live.room_of(sid))
+        await live.vote(conn, poll["id"], sid, a, 0, "learner")  # the same option again, now
+    await live.publish_results(pool, redis, poll["id"])
+    assert sid not in await live.end_forgotten(pool, redis, idle_min=30, max_hours=0)
+    await pool.execute("UPDATE poll_votes SET updated_at = now() - interval '31 minutes' WHERE poll_id = $1", poll["id"])
+    await pool.execute("UPDATE room_events SET created_at = now() - interval '31 minutes' WHERE room_id = $1",
+                       live.room_of(sid))
+    await live.end_forgotten(pool, redis, idle_min=30, max_hours=0)
+    assert await pool.fetchval("SELECT ended_at IS NOT NULL FROM live_sessions WHERE id = $1", sid)
+
+
 async def test_a_connection_opened_after_its_dead_process_last_beat_is_still_attendance(xp_store):
     """(Tester) a process killed a moment after a learner joined (and voted) through it: its rows are closed at its
     last heartbeat, no earlier than each row's join, so that row had no length and the report left her out, though
