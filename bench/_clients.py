@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from array import array
+from collections import Counter
 from urllib.parse import quote
 
 import uvloop
@@ -81,6 +82,8 @@ class Ws(asyncio.Protocol):
                 on_text(bytes(buf[pos + head:pos + head + b1]))
             elif opcode == 8 and not self.closed.done():
                 self.closed.set_result(int.from_bytes(buf[pos + head:pos + head + 2], "big"))
+            elif opcode == 9:  # the server's keepalive ping (uvicorn: every 20 s, closing a socket silent 20 s more)
+                self.send(0x8A, bytes(buf[pos + head:pos + head + b1]))
             pos += head + b1
         if pos:
             del buf[:pos]
@@ -92,14 +95,17 @@ class Ws(asyncio.Protocol):
             self.closed.set_result(1006)
 
     def send_text(self, text: str) -> None:
-        data = text.encode()
+        self.send(0x81, text.encode())
+
+    def send(self, first: int, data: bytes) -> None:
+        """One frame: `first` is FIN and the opcode (0x81 text, 0x8A pong)."""
         n = len(data)
         if n < 126:
-            head = bytes((0x81, 0x80 | n))
+            head = bytes((first, 0x80 | n))
         elif n < 65536:
-            head = bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big")
+            head = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
         else:
-            head = bytes((0x81, 0x80 | 127)) + n.to_bytes(8, "big")
+            head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
         self.transport.write(head + b"\0\0\0\0" + data)  # a zero masking key leaves the payload as is
 
 
@@ -207,9 +213,10 @@ async def idle(args: argparse.Namespace) -> dict:
     mark("IDLE")
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # the parent measures, then says go
     alive = sum(1 for c in conns if not c.closed.done())
+    codes = Counter(str(c.closed.result()) for c in conns if c.closed.done())  # why the others closed
     for c in conns:
         c.transport.close()
-    return {"clients": len(conns), "alive": alive, "connect_s": round(connect_s, 2)}
+    return {"clients": len(conns), "alive": alive, "closed": dict(codes), "connect_s": round(connect_s, 2)}
 
 
 def main() -> None:

@@ -72,7 +72,8 @@ def main() -> None:
     print(f"studyhall {json.dumps(s)}\nbaseline  {json.dumps(b)}\n")
     print(f"{args.clients} idle clients in one room (server RSS delta / clients):")
     print(f"  studyhall: {s['kib_per_conn']:.1f} KiB per connection (target <= 50), idle CPU {s['idle_cpu_pct']}% "
-          f"(presence heartbeats), {s['alive']}/{s['clients']} still open")
+          f"(presence heartbeats), {s['alive']}/{s['clients']} still open"
+          + (f" (closed with codes: {s['closed']})" if s.get("closed") else ""))
     print(f"  baseline:  {b['kib_per_conn']:.1f} KiB per connection, idle CPU {b['idle_cpu_pct']}%")
     print(f"  ratio studyhall/baseline: {s['kib_per_conn'] / b['kib_per_conn']:.2f}" if b["kib_per_conn"] > 0 else "")
 
