@@ -329,7 +329,7 @@ class Hub:
 
     async def _announce_leave(self, room: str, user: UserRef) -> None:
         change = await self.presence.leave(room, user)
-        if change.changed and change.online_count < self.settings.presence_max:
+        if change.changed and change.online_count <= self.settings.presence_max:
             if not await publish(self.redis, room_topic(room), PresenceEvent(
                     room=room, action="left", user=user, online_count=change.online_count)):
                 # gone from the presence set, so no sweep would ever say it: the next ticks do
@@ -346,7 +346,7 @@ class Hub:
             if any(u.id == user.id for u in online):  # back elsewhere
                 del self._left_unsent[key]
                 continue
-            sent = count < self.settings.presence_max and await publish(
+            sent = count <= self.settings.presence_max and await publish(
                 self.redis, room_topic(room), PresenceEvent(room=room, action="left", user=user, online_count=count))
             if sent or tries <= 1:
                 del self._left_unsent[key]
@@ -762,7 +762,7 @@ class Hub:
     async def _sweep_presence(self) -> None:
         for room in list(self.rooms):
             left, count = await self.presence.sweep(room)
-            if count < self.settings.presence_max:
+            if count <= self.settings.presence_max:
                 for user in left:
                     if not await publish(self.redis, room_topic(room), PresenceEvent(
                             room=room, action="left", user=user, online_count=count)):

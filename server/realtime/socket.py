@@ -313,6 +313,8 @@ async def _serve(socket: WebSocket, conn: Conn, user: AuthUser, hub: Hub) -> Non
 def _ref(frame: frames.ClientFrame) -> str | None:
     if frame.ref is not None:
         return frame.ref
+    if isinstance(frame, frames.Resume):  # (named all the same: its client ignores events until a welcome)
+        return "resume"
     return getattr(frame, "client_msg_id", None)
 
 

@@ -470,3 +470,44 @@ async def test_a_dead_process_has_the_boards_checked_against_the_ledger(settings
     assert hub.app_state.lb_rebuild is not None
     await hub.app_state.lb_rebuild
     assert await redis.zscore(board, str(learner)) == 25 and await redis.exists(keys.LEADERBOARD_BUILT)
+
+
+async def test_a_room_back_at_the_presence_cap_hears_who_left(settings, xp_store, monkeypatch):
+    """(Tester) presence events go out while a room has at most STUDYHALL_PRESENCE_MAX online: a join to the cap
+    was announced, but a leave back down to it was not (`<` where joins had `<=`), so everyone went on showing the
+    one who left (bob, announced when he joined) online for good. The sweep of a dead process's users, and a
+    `left` sent again after a failed publish, had the same off-by-one."""
+    from server.realtime import hub as hub_mod
+
+    sent: list[tuple[str, int, int]] = []
+    real = hub_mod.publish
+
+    async def recording(redis, topic, event):  # type: ignore[no-untyped-def]
+        if isinstance(event, hub_mod.PresenceEvent):
+            sent.append((event.action, event.user.id, event.online_count))
+        return await real(redis, topic, event)
+
+    monkeypatch.setattr(hub_mod, "publish", recording)
+    pool, redis = xp_store
+    hub = Hub(replace(settings, presence_grace_s=0, presence_max=2), pool, redis)
+    await hub.start()
+    room = f"course:{uuid.uuid4().hex[:8]}"
+    ada, bob, cat = (UserRef(id=i, name=n, role="learner") for i, n in ((31, "ada"), (32, "bob"), (33, "cat")))
+    try:
+        conns = {u.id: _conn(hub, room, u) for u in (ada, bob, cat)}
+        for u in (ada, bob, cat):
+            await hub.attach(conns[u.id])
+        assert sent == [("joined", 31, 1), ("joined", 32, 2)]  # cat, the third: over the cap, not announced
+        await hub.detach(conns[32])
+        assert sent[2:] == [("left", 32, 2)]  # the room is back at the cap: bob's leave is told
+        # the sweep of a dead process's users, at the cap again
+        back = _conn(hub, room, bob)
+        await hub.attach(back)
+        assert sent[3:] == []  # (bob back: three online, over the cap)
+        async def swept(room_id):  # type: ignore[no-untyped-def]
+            return [bob], 2
+        monkeypatch.setattr(hub.presence, "sweep", swept)
+        await hub._sweep_presence()
+        assert sent[3:] == [("left", 32, 2)]
+    finally:
+        await hub.stop()

@@ -561,6 +561,10 @@ async def test_resume_is_at_most_once_a_second_per_connection(server, make: Fact
     await asyncio.sleep(err["retry_after"])
     await c.send({"type": "resume", "after_seq": 0, "ref": "r3"})
     await c.expect("welcome")
+    # (tester) one without a ref is named "resume", as a dropped one is: its client waits for a welcome
+    await c.send({"type": "resume", "after_seq": 0})
+    err = await c.expect("error")
+    assert err["code"] == "rate_limited" and err["ref"] == "resume", err
     await c.close()
 
 
