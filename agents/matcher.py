@@ -423,24 +423,28 @@ def build_graph(pool: asyncpg.Pool, redis: Redis, settings: Settings, llm: Any =
 ANNOUNCE_HEAD = "This week's study buddies:\n"
 
 
+MIN_REASON_CHARS = 16  # a reason shortened to less is left out of the post (names only)
+
+
 def announcement(groups: list[dict[str, Any]], names: dict[int, str], max_chars: int) -> str:
     """The round as the pod room reads it: a line per group, its members and its reason. At most `max_chars` (a
     member's message limit: a pod of 50 with a model's 400-character reasons made 10,000): then every reason is
     shortened alike in the text, cut at a word and marked (`meta.groups` and the REST round keep them whole); when
-    even the names are too long, whole groups without reasons as many as fit, and how many more there are."""
+    that leaves each reason under MIN_REASON_CHARS, or even the names are too long, whole groups without reasons as many as fit, and how many more there are."""
     heads = [f"• {' + '.join(names.get(m, f'learner {m}') for m in g['members'])}: " for g in groups]
     reasons = [str(g["reason"]) for g in groups]
     text = ANNOUNCE_HEAD + "\n".join(h + r for h, r in zip(heads, reasons))
     if len(text) <= max_chars:
         return text
     fixed = len(ANNOUNCE_HEAD) + sum(map(len, heads)) + len(heads) - 1
-    budget = max(1, (max_chars - fixed) // len(groups))
+    budget = (max_chars - fixed) // len(groups)
 
     def cut(r: str) -> str:
         return r if len(r) <= budget else (r[: budget - 1].rsplit(" ", 1)[0].rstrip(" ,;:—") + "…")
 
+    # (a reason cut to a few characters says nothing: "• A + B: …" read as a broken post)
     text = ANNOUNCE_HEAD + "\n".join(h + cut(r) for h, r in zip(heads, reasons))
-    if len(text) <= max_chars:
+    if budget >= MIN_REASON_CHARS and len(text) <= max_chars:
         return text
     # the names alone are too long (long names, a low limit): whole groups, no reasons, as many as fit, then a count
     lines = [h.removesuffix(": ") for h in heads]

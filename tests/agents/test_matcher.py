@@ -211,6 +211,11 @@ def test_a_big_pods_announcement_keeps_to_the_message_limit():
     shown = cut.count("• ")
     assert 0 < shown < 25 and f"… and {25 - shown} more groups" in cut
     assert all(f"{long_names[2 * k]} + {long_names[2 * k + 1]}\n" in cut for k in range(shown))  # none cut short
+    # (tester) room for a few characters of each reason: the names alone, not "• A + B: …" per group
+    pair = [{"members": [0, 1], "reason": "You share 3 h of free time and both aim to pass."},
+            {"members": [2, 3], "reason": "Complementary strengths in chapter 2."}]
+    tight = announcement(pair, names, 100)
+    assert tight == "This week's study buddies:\n• learner-00 + learner-01\n• learner-02 + learner-03", tight
 
 
 async def test_llm_reason_through_a_real_client():
