@@ -202,6 +202,7 @@ _REQUEST = re.compile(r"\b(?:explain|tell|show|define|describe|give|compare|list
 _CHAT = frozenset(terms("help helps helped helpful brb later now sense makes clear understood sounds gotta run "
                         "class break lunch soon bit getting grabbing going"))
 _COURTESY_TERMS = frozenset(terms(" ".join(SMALL_TALK | REPLIES)))
+_CLAIM = re.compile(r"([^\W\d_]+)\s+(?:is|are|was|were|isn't|aren't|means|does|doesn't|works|has|can|cannot|can't)\b")
 REACTION_MAX_TERMS = 1  # a reaction's other content words ("brb getting coffee"); more is something to say
 
 
@@ -219,7 +220,9 @@ def reaction(text: str) -> bool:
     said = {t for t in terms(folded) if t not in _CHAT and t not in _COURTESY_TERMS}
     # (what goes on with a topic says more: "thanks, and the attention mask", "nice. Next: proof of stake.")
     named = [n for n in candidates(text)[0] if zipf_frequency(_base(n), "en") < SHOUTED_ZIPF]  # ("thanks Professor")
-    return len(said) <= REACTION_MAX_TERMS and not named
+    # a word of it said to be something checks an understanding ("cool, so hashing is one-way then"): a question
+    claims = any(said.intersection(terms(m.group(1))) for m in _CLAIM.finditer(folded.lower()))
+    return len(said) <= REACTION_MAX_TERMS and not named and not claims
 
 
 # a question about now ("what time is it?", "what's today's date?", "what day is it today?"): no course holds the

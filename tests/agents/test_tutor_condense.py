@@ -138,7 +138,8 @@ async def test_offline_a_reaction_asked_of_the_tutor_is_no_topic_and_a_reply_wor
     assert (await tutor.condense(state("thanks, explain the mask", session)))["standalone"] != asked
     for said in ("hello tutor, I don't understand hashing", "hi, I have a question about SHA-256",
                  "thanks! but I am confused about the difference between proof of work and proof of stake",
-                 "nice. Next: proof of stake.", "ok thanks, now the Merkle tree part", "thanks, and the attention mask"):
+                 "nice. Next: proof of stake.", "ok thanks, now the Merkle tree part", "thanks, and the attention mask",
+                 "cool, so hashing is one-way then", "ok thanks, so hashing can't be reversed"):  # (checking, a limit)
         assert not judge(said, said, [], [], [], None).details.get("small_talk"), said
     # (review) and chat with a conjunction or a title in it is still chat
     for chat in ("thanks and good night everyone", "ok thanks and bye", "thanks, I was lost but now it makes sense",
