@@ -60,6 +60,21 @@ class LLMError(Exception):
         self.refused = refused  # the model refused, or the provider's content filter stopped the reply
 
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_SURROGATE_PAIR = re.compile(r"[\ud800-\udbff][\udc00-\udfff]")
+
+
+def storable(text: str) -> str:
+    """A model's text as it can be stored and sent: a surrogate pair its JSON escaped in halves ("\\ud83d\\ude00")
+    joined into its character, a lone half (which no encoder takes: the chapter, the answer or the condensed
+    question holding one failed whole, on every attempt) dropped."""
+    if not _SURROGATE.search(text):
+        return text
+    text = _SURROGATE_PAIR.sub(lambda m: chr(0x10000 + ((ord(m.group(0)[0]) - 0xD800) << 10)
+                                             + ord(m.group(0)[1]) - 0xDC00), text)
+    return _SURROGATE.sub("", text)
+
+
 @dataclass(frozen=True)
 class _End:
     """The last item a provider's raw stream yields: what the server reported about the whole reply."""
@@ -86,6 +101,7 @@ class LLMStream:
         self._end: _End | None = None
         self._reported = Usage()
         self._t0: float | None = None
+        self._high = ""  # a delta's last character, the first half of a surrogate pair: joined to the next delta
 
     @property
     def text(self) -> str:
@@ -128,6 +144,11 @@ class LLMStream:
             if isinstance(item, Usage):  # counts reported mid-stream
                 self._reported = item
                 continue
+            if self._high:
+                item, self._high = self._high + item, ""
+            if item and "\ud800" <= item[-1] <= "\udbff":
+                item, self._high = item[:-1], item[-1]
+            item = storable(item)
             if item:
                 if self.first_delta_s is None:
                     self.first_delta_s = time.monotonic() - self._t0
@@ -444,7 +465,7 @@ class OpenAIChat:
                 raise LLMError(f"{self.name}: the reply had no choices", retryable=True, provider=self.name)
             choice = resp.choices[0]
             self._refused(getattr(choice.message, "refusal", None), choice.finish_reason)
-            return Completion(choice.message.content or "", _openai_usage(resp.usage),
+            return Completion(storable(choice.message.content or ""), _openai_usage(resp.usage),
                               resp.model or self.model, self.name, time.monotonic() - t0,
                               truncated=choice.finish_reason == "length")
 
@@ -569,7 +590,7 @@ class AnthropicChat:
         with _unusable(self.name, resp):
             text = "".join(block.text for block in resp.content if block.type == "text")
             truncated = self._stopped(getattr(resp, "stop_reason", None))
-            return Completion(text, _anthropic_usage(getattr(resp, "usage", None)), resp.model or self.model,
+            return Completion(storable(text), _anthropic_usage(getattr(resp, "usage", None)), resp.model or self.model,
                               self.name, time.monotonic() - t0, truncated=truncated)
 
     def stream(self, messages: list[Message], *, system: str | None = None, max_tokens: int = 512,

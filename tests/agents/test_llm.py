@@ -572,3 +572,23 @@ async def test_an_error_quoting_the_configured_key_never_shows_it(srv):
     with pytest.raises(LLMError) as info:
         await make("openai", srv, key="ollama").complete(USER)
     assert "ollama/llama3" in info.value.message and "key *** refused" in info.value.message, info.value.message
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_a_lone_surrogate_in_a_reply_is_dropped_and_a_split_pair_joined(srv, provider):
+    """(Tester) a model's JSON may escape a character by halves, or send half of one ("\\ud83d"): a lone half is
+    text no encoder takes, and the chapter title, tutor answer or condensed question holding it failed whole (the
+    ingest on every attempt; the ask a 500, or a 400 blaming the learner's request)."""
+    llm = make(provider, srv)
+    srv.script(Reply(text="Signature title \ud83d and \udc00 done", chunks=1))
+    got = await llm.complete(USER)
+    assert got.text == "Signature title  and  done"
+    got.text.encode()
+    # streamed, a pair split over two deltas is joined; a half alone is dropped
+    srv.script(Reply(text="smile \ud83d\ude00 ok \ud800!", chunks=14))  # (a delta a character)
+    deltas, err = await drain(llm.stream(USER))
+    assert err is None and "".join(deltas) == "smile \U0001F600 ok !", deltas
+    "".join(deltas).encode()
+    from agents.llm import storable
+
+    assert storable("a\ud83d\ude00b") == "a\U0001F600b" and storable("x\udfff") == "x" and storable("plain") == "plain"
