@@ -187,3 +187,21 @@ def test_a_quote_of_the_lecturers_question_goes_on_to_its_answer():
     assert said(plain) == plain.core
     last = Window(1, "Bitcoin", None, 740.0, 760.0, "What comes next?", 0, core="What comes next?")
     assert said(last) == "What comes next?"  # (nothing after it in the moment)
+
+
+def test_markers_grouped_in_one_bracket_each_cite():
+    """(Tester) models write "[1, 2]": it was no marker, so an answer citing only so was thrown away as untied to
+    the course (the question still counted), and one mixing both kept "[1, 2]" as text beside renumbered markers,
+    pointing at other moments than the model meant."""
+    sources = [_w(10, 20), _w(30, 40), _w(50, 60)]
+    answer = "Signing needs the private key [3]. Anyone can verify it [1]. Both depend on the message [1, 2]."
+    out = asyncio.run(Tutor.cite(None, {"answer": answer, "sources": sources}))  # type: ignore[arg-type]
+    assert out["answer"] == ("Signing needs the private key [1]. Anyone can verify it [2]. Both depend on the "
+                             "message [2][3]."), out["answer"]
+    assert [c["start"] for c in out["citations"]] == [50, 10, 30]
+    for grouped in ("It depends on the message [1,2].", "It depends on the message [2; 1]."):
+        out = asyncio.run(Tutor.cite(None, {"answer": grouped, "sources": sources}))  # type: ignore[arg-type]
+        assert out["grounded"] and len(out["citations"]) == 2 and "[1][2]" in out["answer"], out
+    # numbers pointing at nothing go, the rest stay; all of them pointing at nothing: the marker goes
+    out = asyncio.run(Tutor.cite(None, {"answer": "A [2, 9]. B [8, 9].", "sources": sources}))  # type: ignore[arg-type]
+    assert out["answer"] == "A [1]. B." and [c["start"] for c in out["citations"]] == [30]
