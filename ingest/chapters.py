@@ -200,7 +200,7 @@ async def llm_titles(llm, chapters: list[Chapter],  # type: ignore[no-untyped-de
                 try:
                     c = await llm.complete([{"role": "user", "content": prompt}], system=TITLE_SYSTEM, max_tokens=30)
                 except LLMError as exc:
-                    if exc.retryable or exc.status in (401, 403, 404):
+                    if exc.retryable or exc.status in (401, 402, 403, 404, 429):  # (429: out of credit too)
                         logger.warning("chapter titles from the model failed (%s); the rest of this video's "
                                        "chapters keep extractive titles", exc.message)
                         break

@@ -76,7 +76,10 @@ def test_a_model_out_of_reach_holds_a_video_back_at_most_once_and_never_past_the
     def model(srv: FakeLLMServer) -> OpenAIChat:  # (one per event loop: its HTTP client belongs to it)
         return OpenAIChat("sk-test", "gpt-4o-mini", base_url=srv.openai_base_url, max_retries=0)
 
-    for failure in (Reply(status=500), Reply(status=429), Reply(status=401)):
+    # ((tester) an account out of credit, OpenAI's 429 insufficient_quota, is no retryable failure but holds for every
+    # chapter: each was called, and each logged a warning)
+    for failure in (Reply(status=500), Reply(status=429), Reply(status=401),
+                    Reply(status=429, error_code="insufficient_quota", error_message="You exceeded your quota")):
         with FakeLLMServer(api_key="sk-test") as srv:
             srv.script(failure)  # (a second call would get the default reply, and a title)
             chapters = _chapters()
