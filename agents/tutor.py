@@ -163,6 +163,9 @@ DELTA_CHARS = 120  # an offline answer streams in pieces of about this length
 REFUSED_PREFIX = "refused: "  # an answer's error when the model refused or its provider's filter stopped it
 
 
+# The longest answer kept: the model is asked for at most 400 tokens (about 1,600 characters of English), but a
+# self-hosted server may ignore that (a tester's wrote 35,000 characters into a room whose members keep to 4,000).
+MAX_ANSWER_CHARS = 3000
 SMALL_TALK_REPLY = ("Hello! I answer questions about this course's videos and point to the moments the answer comes "
                     "from. What would you like to know?")
 
@@ -336,11 +339,14 @@ class Tutor:
         prompt = f"Transcript excerpts:\n{listing}\n\nLearner's question: {json.dumps(s['standalone'])}"
         stream = self.llm.stream([{"role": "user", "content": prompt}],
                                  system=SOCRATIC if s["mode"] == "socratic" else SYSTEM, max_tokens=400)
-        sent = 0
+        sent, overlong = 0, False
         try:
             async with asyncio.timeout_at(s.get("deadline")):
                 async with stream:  # closed (the HTTP response released) on any way out, cancellation included
                     async for _ in stream:
+                        if len(stream.text) > MAX_ANSWER_CHARS:  # a server that ignores max_tokens: cut, as at it
+                            overlong = True
+                            break
                         # hold text back while it could still be the NOT_IN_COURSE sentinel (what streams is a
                         # draft: the final answer, after `cite`, replaces it)
                         if on_delta and not "NOT_IN_COURSE".startswith(stream.text.lstrip()[:13]):
@@ -354,12 +360,16 @@ class Tutor:
             if isinstance(exc, LLMError) and exc.refused:  # what a filter stopped is not kept, not even in part
                 return {"answer": "", "error": REFUSED_PREFIX + why, "grounded": False, "refused": True}
             return {"answer": CONTROL.sub("", stream.text), "error": why, "grounded": False}
-        if stream.usage:
-            self._account(s, stream.usage)
+        if stream.usage or overlong:
+            self._account(s, stream.usage or stream.usage_so_far)
         # control characters dropped (a NUL cannot be stored: the paid answer was lost, the asker told their
         # request was bad), as from a grader's reply
         text = CONTROL.sub("", stream.text).strip()
-        truncated = stream.completion is not None and stream.completion.truncated
+        truncated = overlong or (stream.completion is not None and stream.completion.truncated)
+        if overlong:
+            logger.warning("tutor answer over %d characters cut there (model %s: is max_tokens honoured?)",
+                           MAX_ANSWER_CHARS, self.llm.model)
+            text = text[:MAX_ANSWER_CHARS].rsplit(" ", 1)[0].rstrip()
         if truncated and not text:  # a reasoning model can spend the whole budget thinking: not a "no"
             why = f"{self.llm.name}: the reply reached its length limit before any answer"
             logger.warning("tutor answer failed: %s (model %s)", why, self.llm.model)

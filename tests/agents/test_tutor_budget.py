@@ -108,3 +108,26 @@ async def test_an_answer_cut_at_its_length_limit_drops_a_half_marker(llm_server:
     tutor = Tutor(None, None, _llm(llm_server, "openai"), budget_s=BUDGET_S)  # type: ignore[arg-type]
     out = await tutor.answer(_state(tutor))
     assert out["answer"] == "It halves the interval [1] each step …", out
+
+
+@pytest.mark.parametrize("which", ["openai", "anthropic"])
+async def test_an_answer_from_a_server_ignoring_max_tokens_is_cut_at_the_longest_kept(llm_server: FakeLLMServer,
+                                                                                      which: str):
+    """(Tester) a self-hosted server ignoring max_tokens wrote a 35,000-character answer into a room whose members
+    keep to 4,000: the answer stops at MAX_ANSWER_CHARS, at a word, marked cut, the stream closed there."""
+    from agents.tutor import MAX_ANSWER_CHARS
+
+    llm_server.reset()
+    llm_server.script(Reply("It halves the interval [1] each step. " * 1000, chunks=400))
+    tutor = Tutor(None, None, _llm(llm_server, which), budget_s=10)  # type: ignore[arg-type]
+    deltas: list[str] = []
+
+    async def on_delta(text: str) -> None:
+        deltas.append(text)
+
+    out = await tutor.answer({**_state(tutor), "on_delta": on_delta})
+    assert not out.get("error") and out["answer"].endswith(" …"), out["answer"][-40:]
+    assert MAX_ANSWER_CHARS - 50 < len(out["answer"]) <= MAX_ANSWER_CHARS + 2
+    assert len("".join(deltas)) <= MAX_ANSWER_CHARS
+    cited = await tutor.cite({**_state(tutor), **out})
+    assert cited["grounded"] and len(cited["answer"]) <= MAX_ANSWER_CHARS + 2
