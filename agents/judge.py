@@ -166,17 +166,37 @@ def candidates(question: str) -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(names)), list(dict.fromkeys(rare))
 
 
+def _joined(question: str, words: list[str]) -> dict[str, list[str]]:
+    """For each of `words`, the question's word before and after it joined to it, as one word and hyphenated: "Soft
+    Max" is the course's "softmax", "Block Chain" its "blockchain" (each half was taken for a name the course never
+    says, and declined)."""
+    tokens = _TOKEN.findall(_MENTION.sub(" ", fold(question)))
+    wanted, out = set(words), {}
+    for a, b in zip(tokens, tokens[1:]):
+        if not (a.isalpha() and b.isalpha()):
+            continue
+        pair = [f"{a}{b}".lower(), f"{a}-{b}".lower()]
+        for w in (a, b):
+            if w in wanted:
+                out.setdefault(w, []).extend(pair)
+    return out
+
+
 def lookup_words(question: str) -> list[str]:
     """Every spelling the judge needs to look up in the course's words."""
     names, rare = candidates(question)
-    return sorted({f for w in names + rare for f in forms(w)})
+    joined = _joined(question, names + rare)
+    return sorted({f for w in names + rare for f in forms(w)} | {j for js in joined.values() for j in js})
 
 
 def uncovered(question: str, present: set[str]) -> tuple[list[str], list[str]]:
     """(names, rare words) of the question that the course never says in any form. A hyphenated name counts as
-    said when the course says it whole ("sexy-son"); its parts alone do not cover it ("Hardy-Weinberg")."""
+    said when the course says it whole ("sexy-son"); its parts alone do not cover it ("Hardy-Weinberg"). A word
+    the course says joined with its neighbour counts as said ("Soft Max": "softmax")."""
     names, rare = candidates(question)
-    missing = lambda w: not any(f in present for f in forms(w))  # noqa: E731
+    joined = _joined(question, names + rare)
+    missing = lambda w: not any(f in present for f in forms(w)) and not any(  # noqa: E731
+        j in present for j in joined.get(w, ()))
     return [w for w in names if missing(w)], [w for w in rare if missing(w)]
 
 

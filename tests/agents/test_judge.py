@@ -135,7 +135,7 @@ def test_a_name_counts_as_said_however_it_joins_its_number_and_capitals_are_no_n
     """(Tester) "What does SHA-256 do?" and "SHA 256" were declined where the course says "sha256" ("sha256" was
     answered), and "GPT3" where it says "GPT-3"; a question in caps lock had each word taken for a name the course
     must say ("WHY DO WE NEED SOFTMAX, HONESTLY?" declined, its lower case answered), as had "HONESTLY" alone."""
-    from agents.judge import candidates, uncovered
+    from agents.judge import candidates, lookup_words, uncovered
 
     said = {"sha256", "gpt-3", "softmax", "ascii"}
     for q in ("What does SHA-256 do?", "What does SHA 256 do?", "What does sha256 do?",
@@ -148,6 +148,11 @@ def test_a_name_counts_as_said_however_it_joins_its_number_and_capitals_are_no_n
     assert candidates("How does RoPE work at NASA?")[0] == ["RoPE", "NASA"]  # (mixed case, short acronyms: names)
     # (review) caps lock keeps versioned names and rare words names; a name with its number said apart counts
     assert uncovered("WHAT IS GPT-4?", said)[0] == ["GPT-4"]
+    # (a known limit until now) a name written in two words that the course says as one: "Soft Max", "Block Chain"
+    assert uncovered("Why do we need Soft Max?", {"softmax"}) == ([], [])
+    assert uncovered("What is a Block Chain?", {"blockchain"}) == ([], [])
+    assert uncovered("Why do we need Soft Max?", {"soft"})[0] == ["Max"]  # (said apart, the other half is not)
+    assert {"softmax", "soft-max"} <= set(lookup_words("Why do we need Soft Max?"))
     # the name alone does not cover it, however written (a course saying "GPT" and "GPT-3" does not cover GPT-2)
     for q in ("What is GPT-2?", "What is GPT 2?", "What is GPT2?"):
         assert uncovered(q, {"gpt", "gpt-3"})[0], q

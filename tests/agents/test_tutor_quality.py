@@ -63,15 +63,15 @@ def test_a_misspelt_word_is_not_declined_as_not_covered(eval_course: EvalCourse,
             tutor = Tutor(pool, local_default(), None)
             return [await tutor.run(eval_course.id, q) for q in (
                 "What is a digital signiture?", "what is a hash funtion?", "what is the atention mechanism?",
-                "what is a blockchian?", "whats a blockchian",
+                "what is a blockchian?", "whats a blockchian", "Why do we need Soft Max?",
                 "What is the Etherum blockchain?", "What is the Bitcoin halving?", "How does staking work?")]
         finally:
             await pool.close()
 
     got = run_sync(go())
-    for out in got[:5]:
+    for out in got[:6]:  # (and a name the course says as one word, written as two: "Soft Max", "softmax")
         assert out["grounded"] and out["citations"], out["answer"]
     # (Ethereum is not in the course, however spelt; review: real words near a course word are no typos —
     # "halving" is not "having", "staking" not "shaking")
-    for out in got[5:]:
+    for out in got[6:]:
         assert not out["grounded"], out["answer"]
