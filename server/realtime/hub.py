@@ -762,10 +762,11 @@ class Hub:
     async def _sweep_presence(self) -> None:
         for room in list(self.rooms):
             left, count = await self.presence.sweep(room)
-            if count <= self.settings.presence_max:
-                for user in left:
+            for k, user in enumerate(left):
+                now_online = count + len(left) - k - 1  # (each `left` with the count after it, not the last one)
+                if now_online <= self.settings.presence_max:
                     if not await publish(self.redis, room_topic(room), PresenceEvent(
-                            room=room, action="left", user=user, online_count=count)):
+                            room=room, action="left", user=user, online_count=now_online)):
                         self._left_unsent[(room, user.id)] = (user, LEFT_RETRIES)  # swept: no sweep says it again
 
     async def _reap_dead_procs(self) -> None:

@@ -509,5 +509,11 @@ async def test_a_room_back_at_the_presence_cap_hears_who_left(settings, xp_store
         monkeypatch.setattr(hub.presence, "sweep", swept)
         await hub._sweep_presence()
         assert sent[3:] == [("left", 32, 2)]
+        # (tester) two swept at once: each `left` with the count after it (both said the last count, 1)
+        async def swept_two(room_id):  # type: ignore[no-untyped-def]
+            return [bob, cat], 1
+        monkeypatch.setattr(hub.presence, "sweep", swept_two)
+        await hub._sweep_presence()
+        assert sent[4:] == [("left", 32, 2), ("left", 33, 1)]
     finally:
         await hub.stop()
