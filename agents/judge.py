@@ -166,6 +166,9 @@ def candidates(question: str) -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(names)), list(dict.fromkeys(rare))
 
 
+JOIN_MIN_LEN, JOIN_MAX_ZIPF = 3, 5.5  # a word joined with its neighbour: both this long, neither this common
+
+
 def _joined(question: str, words: list[str]) -> dict[str, list[str]]:
     """For each of `words`, the question's word before and after it joined to it, as one word and hyphenated: "Soft
     Max" is the course's "softmax", "Block Chain" its "blockchain" (each half was taken for a name the course never
@@ -173,7 +176,9 @@ def _joined(question: str, words: list[str]) -> dict[str, list[str]]:
     tokens = _TOKEN.findall(_MENTION.sub(" ", fold(question)))
     wanted, out = set(words), {}
     for a, b in zip(tokens, tokens[1:]):
-        if not (a.isalpha() and b.isalpha()):
+        # (review: not with a short or function word, "a Theist" is no "atheist", "The Rapy" no "therapy")
+        if not (a.isalpha() and b.isalpha()) or any(len(w) < JOIN_MIN_LEN or zipf_frequency(w.lower(), "en")
+                                                    >= JOIN_MAX_ZIPF for w in (a, b)):
             continue
         pair = [f"{a}{b}".lower(), f"{a}-{b}".lower()]
         for w in (a, b):
@@ -222,6 +227,7 @@ _REQUEST = re.compile(r"\b(?:explain|tell|show|define|describe|give|compare|list
 _CHAT = frozenset(terms("help helps helped helpful brb later now sense makes clear understood sounds gotta run "
                         "class break lunch soon bit getting grabbing going"))
 _COURTESY_TERMS = frozenset(terms(" ".join(SMALL_TALK | REPLIES)))
+_CHECKING = re.compile(r"\bso\b|\b(?:then|right|correct)\W*$")
 _CLAIM = re.compile(r"([^\W\d_]+)\s+(?:is|are|was|were|isn't|aren't|means|does|doesn't|works|has|can|cannot|can't)\b")
 REACTION_MAX_TERMS = 1  # a reaction's other content words ("brb getting coffee"); more is something to say
 
@@ -240,17 +246,20 @@ def reaction(text: str) -> bool:
     said = {t for t in terms(folded) if t not in _CHAT and t not in _COURTESY_TERMS}
     # (what goes on with a topic says more: "thanks, and the attention mask", "nice. Next: proof of stake.")
     named = [n for n in candidates(text)[0] if zipf_frequency(_base(n), "en") < SHOUTED_ZIPF]  # ("thanks Professor")
-    # a word of it said to be something checks an understanding ("cool, so hashing is one-way then"): a question
-    claims = any(said.intersection(terms(m.group(1))) for m in _CLAIM.finditer(folded.lower()))
+    # a word of it said to be something, "so" before it or "then" / "right" at the end, checks an understanding
+    # ("cool, so hashing is one-way then"): a question ("thanks, the explanation is clear now" is no check: review)
+    lowered = folded.lower()
+    claims = bool(_CHECKING.search(lowered)) and any(said.intersection(terms(m.group(1)))
+                                                      for m in _CLAIM.finditer(lowered))
     return len(said) <= REACTION_MAX_TERMS and not named and not claims
 
 
 # a question about now ("what time is it?", "what's today's date?", "what day is it today?"): no course holds the
 # answer, and searched it cited a lecture's "it's time to..."
 _NOW = re.compile(r"(?:(?:hi|hey|hello|so|ok|okay|um|sorry|excuse me)[,!.]?\s+)*(?:do you know |can you tell me )?"
-                  r"(?:what(?:'s| is)?|whats) (?:the (?:time|date|day)|time|today'?s date|day)"
-                  r"(?: (?:is it|it is|of the week|today|now|right now|here|there))*"
-                  r"(?:,? please)?\s*[?.!]*")
+                  r"(?:what(?:'s| is)?|whats) (?:(?:the (?:time|date|day)|today'?s date)(?: (?:is it|it is|of the week"
+                  r"|today|now|right now|here|there))*|(?:time|day)(?: (?:is it|it is|of the week|today|now|right now))+)"
+                  r"(?:,? please)?\s*[?.!]*")  # (review: not "what is time?", nor "what day?" going on with a question)
 
 
 def small_talk(question: str, standalone: str | None = None) -> bool:
@@ -258,8 +267,8 @@ def small_talk(question: str, standalone: str | None = None) -> bool:
     date; with replies among them ("yes", "again please"), only when the condensed `standalone` borrowed nothing
     from the conversation."""
     said = " ".join(_MENTION.sub(" ", fold(question)).lower().replace("’", "'").split())
-    if _NOW.fullmatch(said):
-        return True
+    if _NOW.fullmatch(said):  # (as a reply: only when it borrowed nothing, "what is the date?" after a question)
+        return standalone is None or " ".join(standalone.split()) == " ".join(question.split())
     words = set(re.findall(r"[^\W\d_]+", _MENTION.sub(" ", fold(question)).lower()))
     if not words or not words <= SMALL_TALK | REPLIES:
         return False

@@ -75,14 +75,16 @@ def _decode(data: bytes, strict: bool = True) -> str:
 # mostly ASCII, so under the accented-letter share, and stored garbled ("rozwi±zanie", "Øešení", "öðreneceðiz").
 # What gives them away: a symbol between two letters (ą ł ż ź ś as ± ³ ¿ ¬ ¶, ¹); š or ž beside ř č ě ň ů as
 # ø è ì ò ù (Czech, Slovak); ğ ş ı as ð þ ý without the á é í ó ú æ every Icelandic text has; Hungarian's ő ű as
-# õ û among á é í ó ö ú ü, without the letters that come with õ or û in a Western language (Portuguese ã ç ê,
-# Estonian ä, French è à ç ê â î ô).
+# õ û among á é í ó ö ú ü and its small words ("az", "egy", "hogy"), without the letters that come with õ or û in
+# a Western language (Portuguese ã ç ê, Estonian ä, French è à ç ê â î ô).
 _SYMBOL_IN_WORD = re.compile(r"[^\W\d_][±³¿¬¶¼¹¾][^\W\d_]")
 _CZECH_AS_WESTERN = re.compile(r"[øèìòùØÈÌÒÙ]")
 _ICELANDIC = re.compile(r"[áéíóúæÁÉÍÓÚÆ]")
 _HUNGARIAN_AS_WESTERN = re.compile(r"[õûÕÛ]")
 _HUNGARIAN_VOWELS = re.compile(r"[áéíóöúüÁÉÍÓÖÚÜ]")
 _WESTERN_WITH_TILDE_OR_CIRCUMFLEX = re.compile(r"[ãçêèàäâîôëïœÃÇÊÈÀÄÂÎÔËÏŒ]")
+# ... and Hungarian's own small words, which a short French cue with é and û ("c'est sûr") lacks (review)
+_HUNGARIAN_WORDS = re.compile(r"(?i)\b(?:az|egy|és|hogy|nem|vagy|csak|már|még|ez|ezt|azt|amely|amit)\b")
 
 
 def _not_western(text: str) -> bool:
@@ -99,7 +101,7 @@ def _not_western(text: str) -> bool:
     if any(c in text for c in "šžŠŽ") and _CZECH_AS_WESTERN.search(text):
         return True
     if (_HUNGARIAN_AS_WESTERN.search(text) and _HUNGARIAN_VOWELS.search(text)
-            and not _WESTERN_WITH_TILDE_OR_CIRCUMFLEX.search(text)):
+            and not _WESTERN_WITH_TILDE_OR_CIRCUMFLEX.search(text) and _HUNGARIAN_WORDS.search(text)):
         return True
     return any(c in text for c in "ðþýÐÞÝ") and not _ICELANDIC.search(text)
 

@@ -230,8 +230,8 @@ def ref_of(raw: str | bytes, *, changing: bool = False) -> str | None:
     for value in (got.ref, got.client_msg_id):
         if isinstance(value, str) and 0 < len(value) <= 100 and "\x00" not in value:
             return value
-    if changing and got.type == "resume":  # (one without a ref is named all the same: its client waits for a
-        return "resume"  # welcome, ignoring sequenced events, until it hears)
+    if got.type == "resume":  # (one without a ref is named all the same: its client waits for a welcome,
+        return "resume"  # ignoring sequenced events, until it hears; a malformed one as well as a dropped one)
     return None
 
 

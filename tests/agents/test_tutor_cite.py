@@ -202,6 +202,16 @@ def test_markers_grouped_in_one_bracket_each_cite():
     for grouped in ("It depends on the message [1,2].", "It depends on the message [2; 1]."):
         out = asyncio.run(Tutor.cite(None, {"answer": grouped, "sources": sources}))  # type: ignore[arg-type]
         assert out["grounded"] and len(out["citations"]) == 2 and "[1][2]" in out["answer"], out
-    # numbers pointing at nothing go, the rest stay; all of them pointing at nothing: the marker goes
-    out = asyncio.run(Tutor.cite(None, {"answer": "A [2, 9]. B [8, 9].", "sources": sources}))  # type: ignore[arg-type]
-    assert out["answer"] == "A [1]. B." and [c["start"] for c in out["citations"]] == [30]
+    # (review) a group is markers only where a marker stands, each number an excerpt's, once: intervals, lists and
+    # matrices are text, and an answer citing nothing else is still untied
+    for text in ("A probability lies in [0, 1].", "The list [3, 1, 2] sorted is [1, 2, 4]!", "A [2, 9].",
+                 "A 2x2 matrix [[1, 2], [3, 2]] here.", "Twice [1, 1]."):
+        out = asyncio.run(Tutor.cite(None, {"answer": text, "sources": sources}))  # type: ignore[arg-type]
+        assert not out["grounded"] and not out["citations"], (text, out)
+    out = asyncio.run(Tutor.cite(None, {"answer": "It squashes into [0, 1] [2]. The list [3, 1, 2] sorted [1].",
+                                        "sources": sources}))  # type: ignore[arg-type]
+    assert out["answer"] == "It squashes into [0, 1] [1]. The list [3, 1, 2] sorted [2].", out["answer"]
+    assert [c["start"] for c in out["citations"]] == [30, 10]
+    # a quoted "[1, 2]" is what was said
+    out = asyncio.run(Tutor.cite(None, {"answer": "“the array [1, 2] is short” [3].", "sources": sources}))  # type: ignore[arg-type]
+    assert out["answer"] == "“the array [1, 2] is short” [1]." and out["citations"][0]["start"] == 50

@@ -143,7 +143,10 @@ async def test_offline_a_reaction_asked_of_the_tutor_is_no_topic_and_a_reply_wor
         assert not judge(said, said, [], [], [], None).details.get("small_talk"), said
     # (review) and chat with a conjunction or a title in it is still chat
     for chat in ("thanks and good night everyone", "ok thanks and bye", "thanks, I was lost but now it makes sense",
-                 "thanks, and see you next class", "thanks Professor"):
+                 "thanks, and see you next class", "thanks Professor",
+                 # (review: something said to be something, checking nothing, is still a thank-you)
+                 "thanks, the explanation is clear now", "thanks, your answer was helpful",
+                 "thanks, everything is clear now", "ok thanks, the slides are helpful"):
         assert judge(chat, chat, [], [], [], None).details.get("small_talk"), chat
     said_yes = session + [{"role": "user", "content": "yes", "standalone": f"yes ({asked})", "grounded": True},
                           {"role": "assistant", "content": "More on digests [1]."}]

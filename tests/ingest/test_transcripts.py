@@ -805,6 +805,7 @@ def test_central_european_and_turkish_legacy_files_are_refused_not_garbled(text:
                     "¿Qué significa? La solución, señor, 25 ±3; perché è così, più città.",
                     "As lições e as informações são úteis; não é difícil.",  # (Portuguese õ)
                     "Õpetaja ütles, et lõpus on küsimused; järgmine loeng räägib tuletistest.",  # (Estonian õ)
-                    "C'est sûr, il a dû répéter la leçon."):  # (French û)
+                    "C'est sûr, il a dû répéter la leçon.",  # (French û)
+                    "Le coût du réseau est élevé, c'est sûr."):  # (review: é and û, and no à è ç ê)
         got = parse_transcript(f"1\n00:00:01,000 --> 00:00:03,000\n{western}\n".encode("cp1252"), "a.srt")
         assert [c.text for c in got] == [western]

@@ -565,6 +565,10 @@ async def test_resume_is_at_most_once_a_second_per_connection(server, make: Fact
     await c.send({"type": "resume", "after_seq": 0})
     err = await c.expect("error")
     assert err["code"] == "rate_limited" and err["ref"] == "resume", err
+    # (review) and a malformed one too, refused as bad_frame
+    await c.send({"type": "resume", "after_seq": "x"})
+    err = await c.expect("error")
+    assert err["code"] == "bad_frame" and err["ref"] == "resume", err
     await c.close()
 
 
