@@ -164,6 +164,10 @@ async def submit_job(pool: asyncpg.Pool, arq: ArqRedis, settings: Settings, kind
     async with pool.acquire() as conn:
         try:
             async with conn.transaction():
+                # the course first, as a deletion of it locks it (then its videos): a job's insert (which the
+                # course's key must stay for) after the video's lock deadlocked with a course deletion (tester)
+                if await conn.fetchval("SELECT id FROM courses WHERE id = $1 FOR KEY SHARE", course_id) is None:
+                    raise LookupError(f"video {video_id} not found")
                 if reuse_waiting:  # under the video's lock: two requests at once find the one job
                     if await conn.fetchval("SELECT id FROM videos WHERE id = $1 FOR NO KEY UPDATE", video_id) is None:
                         raise LookupError(f"video {video_id} not found")

@@ -185,6 +185,9 @@ class SubmissionController(Controller):
                 used = await repo.lock_attempts(conn, assignment_id, user.id)
                 if key is not None and (done := await repo.by_client_key(conn, assignment_id, user.id, key)):
                     return _repeat(done, answer, user)  # the same request, raced
+                # the course first, as a deletion of it locks it (then its assignments): the attempt's insert, which
+                # needs the course's key, after the assignment's lock deadlocked with a course deletion (tester)
+                await conn.execute("SELECT 1 FROM courses WHERE id = $1 FOR KEY SHARE", a["course_id"])
                 # graded against the assignment as it is now, held until this commits (a key change waits)
                 checked, a = a, await assignments_repo.get(conn, assignment_id, lock="share")
                 if a is None or a["status"] != "published":

@@ -794,3 +794,42 @@ async def test_a_heartbeat_stops_though_its_cancel_lands_during_a_redis_command(
     finally:
         await redis.delete(*[ARQ_IN_PROGRESS.format(job_id=i) for i in ids])
         await redis.aclose()
+
+
+def test_a_reingest_racing_a_course_deletion_takes_the_course_lock_first(settings, make: Factory, client):
+    """(Tester) a re-ingest locked its video, then its job's insert waited for the course's key; a course deletion
+    held the course and went for the video: a deadlock, one of the two a 409 (the course surviving once). The
+    re-ingest now takes the course first: it waits for the deletion, then finds the video gone (404)."""
+    import asyncpg
+
+    from ingest.submit import submit_job
+
+    inst = make.user("instructor")
+    cid = client.post("/api/v1/courses", json={"title": "Racing"}, headers=inst.h).json()["id"]
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status) VALUES ($1, 'v', 'transcript', "
+                          "'ready') RETURNING id", cid)[0]["id"]
+
+    async def go() -> None:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        arq = await connect_arq(settings.redis_url)
+        x = await asyncpg.connect(settings.database_url)
+        try:
+            tr = x.transaction()
+            await tr.start()
+            await x.execute("SELECT id FROM courses WHERE id = $1 FOR UPDATE", cid)  # a deletion's first lock
+            job = asyncio.create_task(submit_job(pool, arq, settings, "ingest", cid, vid, inst.id,
+                                                 reuse_waiting=True))
+            await asyncio.sleep(0.5)
+            await x.execute("SET LOCAL lock_timeout = '5s'")
+            await x.execute("SELECT id FROM videos WHERE id = $1 FOR UPDATE", vid)  # its cascade next (deadlocked)
+            await x.execute("DELETE FROM courses WHERE id = $1", cid)
+            await tr.commit()
+            with pytest.raises(LookupError):
+                await job
+        finally:
+            await x.close()
+            await arq.aclose()
+            await pool.close()
+
+    run_sync(go())
+    assert not fetch(settings, "SELECT 1 FROM jobs WHERE video_id = $1", vid)

@@ -703,3 +703,33 @@ def test_a_learner_removed_from_a_course_reads_none_of_its_attempts(server, clie
     assert client.get(f"/api/v1/assignments/{a['id']}/submissions", headers=learner.h).status_code == 404
     assert client.get(f"/api/v1/submissions/{s['id']}", headers=learner.h).status_code == 404
     assert client.get(f"/api/v1/submissions/{s['id']}", headers=course.instructor.h).status_code == 200
+
+
+async def test_an_answer_racing_a_course_deletion_takes_the_course_lock_first(server, make: Factory, settings):
+    """(Tester) an answer locked its assignment, then its insert waited for the course's key; a course deletion
+    held the course and went for the assignment: a deadlock, one of the two a 409. The answer now takes the course
+    first, as the deletion does: whoever holds the course, the other waits for it."""
+    import asyncio
+
+    import asyncpg
+
+    course = make_course(server, make, learners=1)
+    with httpx.Client(base_url=server, timeout=30) as c:
+        a = published(c, course, MC)
+    x = await asyncpg.connect(settings.database_url)
+    try:
+        tr = x.transaction()
+        await tr.start()
+        await x.execute("SELECT id FROM courses WHERE id = $1 FOR UPDATE", course.id)  # a deletion's first lock
+        async with httpx.AsyncClient(base_url=server, timeout=30) as ac:
+            answer = asyncio.create_task(ac.post(f"/api/v1/assignments/{a['id']}/submissions", json={"answer": [1]},
+                                                 headers=course.learners[0].h))
+            await asyncio.sleep(0.5)
+            await x.execute("SET LOCAL lock_timeout = '5s'")
+            # the deletion's cascade next: the answer holds nothing of the assignment's yet (it deadlocked here)
+            await x.execute("SELECT id FROM assignments WHERE id = $1 FOR UPDATE", a["id"])
+            await tr.rollback()  # (no deletion after all: the answer goes on)
+            r = await answer
+        assert r.status_code == 201, r.text
+    finally:
+        await x.close()
