@@ -27,6 +27,7 @@ from store.events import Error, TutorDelta, publish, room_topic, user_topic
 from store.ratelimit import free_answer_slot, take_answer_slot
 from store.frames import Relay, blank, relay_key
 from store.messages import Posted, Refused, original, post_message
+from store.rooms import RoomGone
 
 logger = logging.getLogger(__name__)
 
@@ -353,11 +354,25 @@ async def _answer_in_room(state: Any, user: Any, course_id: int, room_id: str, m
                      _from_turn(turn) if turn is not None else _failed(INTERRUPTED, "interrupted"))
         told[0] = True
         raise
-    except Exception:  # noqa: BLE001 - the asker must hear something, never silence
+    except Exception as exc:  # noqa: BLE001 - the asker must hear something, never silence
+        if await _course_gone(state.pool, course_id):  # deleted meanwhile: its room and asker's socket with it
+            logger.info("tutor answer in %s dropped: its course was deleted meanwhile (%s)", room_id,
+                        type(exc).__name__)
+            told[0] = True
+            return
         logger.exception("tutor failed in %s", room_id)
         result = _failed("Sorry, I could not answer that just now. Please ask again.", "internal error")
     await _reply_when_possible(state.pool, redis, room_id, message_id, result)
     told[0] = True
+
+
+async def _course_gone(pool: Any, course_id: int) -> bool:
+    """Whether the course was deleted (False when that cannot be told: Postgres away)."""
+    try:
+        async with pool.acquire() as conn:
+            return not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM courses WHERE id = $1)", course_id)
+    except Exception:  # noqa: BLE001
+        return False
 
 
 REPLY_RETRY_S = 600.0  # how long a reply that cannot be posted (Postgres away) is tried again
@@ -374,6 +389,9 @@ async def _reply_when_possible(pool: Any, redis: Any, room_id: str, message_id: 
     while True:
         try:
             await _reply(pool, redis, room_id, message_id, result)
+            return
+        except RoomGone:  # (its course, pod or session deleted while the answer was written: nobody to tell)
+            logger.info("tutor reply in %s dropped: the room was deleted meanwhile", room_id)
             return
         except UNREACHABLE as exc:
             if time.monotonic() + delay > deadline:

@@ -1102,3 +1102,27 @@ async def test_a_tutor_ask_is_asked_without_its_mention(eval_course: EvalCourse,
     turn = fetch(settings, "SELECT question FROM tutor_turns WHERE message_id IN "
                            "(SELECT id FROM messages WHERE reply_to = $1)", asked["id"])
     assert [t["question"] for t in turn] == ["what is a hash function?"], turn
+
+
+async def test_a_reply_to_a_room_deleted_meanwhile_is_dropped_quietly(settings, caplog):
+    """(Tester) a room answer racing its course's deletion logged two ERROR tracebacks (the turn's record, then the
+    reply's post to the room that was gone): an expected race with nobody left to tell, now one line at INFO."""
+    import logging
+
+    from redis.asyncio import Redis
+
+    from server.tutoring import _course_gone, _reply_when_possible
+    from store.db import create_pool
+
+    pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        result = {"answer": "An answer [1].", "citations": [], "grounded": True, "follow_ups": [], "nearest": [],
+                  "turn_id": None}
+        with caplog.at_level(logging.INFO, logger="server.tutoring"):
+            await _reply_when_possible(pool, redis, "course:999999999", 1, result)  # (raised RoomGone)
+        assert any("dropped" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
+        assert await _course_gone(pool, 999999999)
+    finally:
+        await redis.aclose()
+        await pool.close()
