@@ -125,6 +125,9 @@ async def is_enrolled(conn: asyncpg.Connection, course_id: int, user_id: int) ->
 async def enroll(conn: asyncpg.Connection, course_id: int, user_id: int) -> tuple[asyncpg.Record, bool]:
     """Enroll; returns (enrollment, created). Enrolling twice is not an error. In a paid course the learner gets
     access (`course_access`) too: leaving does not take it, so they may enroll again themselves."""
+    # The course's key first (in the caller's transaction), as a deletion takes the course, then its enrollments: the
+    # access row's insert after the existing enrollment's lock deadlocked with one (audit).
+    await conn.execute("SELECT 1 FROM courses WHERE id = $1 FOR KEY SHARE", course_id)
     # One statement (a leave landing between an insert and a re-read cannot leave nothing to return); xmax is 0
     # on a row this statement inserted, not on one it found.
     row = await conn.fetchrow(

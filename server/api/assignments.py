@@ -79,6 +79,19 @@ async def assignment_or_404(conn: asyncpg.Connection, assignment_id: int, user: 
     return row
 
 
+async def _lock_parents(conn: asyncpg.Connection, row: Any, changes: dict[str, Any] | None = None) -> None:
+    """Before the assignment's own lock: the keys of its course, videos and chapters (as it is and as changed), as
+    a deletion of the course or a video takes them before the assignment (its cascade sets `chapter_id` null); taken
+    after, a PATCH moving the assignment to another chapter (or a forced deletion rescoring one) deadlocked with a
+    video's deletion (audit)."""
+    changes = changes or {}
+    await conn.execute("SELECT 1 FROM courses WHERE id = $1 FOR KEY SHARE", row["course_id"])
+    for table, col in (("videos", "video_id"), ("chapters", "chapter_id")):
+        ids = sorted({i for i in (row[col], changes.get(col)) if isinstance(i, int)})
+        if ids:
+            await conn.execute(f"SELECT 1 FROM {table} WHERE id = ANY($1::bigint[]) ORDER BY id FOR KEY SHARE", ids)
+
+
 async def _links(conn: asyncpg.Connection, course_id: int, fields: dict[str, Any]) -> None:
     """Check video_id / chapter_id belong to the course; a chapter also sets the video and the concept."""
     if fields.get("chapter_id") is not None:
@@ -223,7 +236,7 @@ class AssignmentController(Controller):
         changes = _plain(await read_json(request, AssignmentPatch))
         user: AuthUser = request.user
         async with request.app.state.pool.acquire() as conn, conn.transaction():
-            await assignment_or_404(conn, assignment_id, user)
+            await _lock_parents(conn, await assignment_or_404(conn, assignment_id, user), changes)
             # locked: a submission graded meanwhile waits for this change, so a corrected key misses none
             row = await repo.get(conn, assignment_id, lock="update")
             if row is None:  # deleted meanwhile
@@ -268,7 +281,7 @@ class AssignmentController(Controller):
         """Delete a draft, or an assignment nobody answered; with submissions (their grades and grade
         history go with it) only with `?force=true`."""
         async with request.app.state.pool.acquire() as conn, conn.transaction():
-            await assignment_or_404(conn, assignment_id, request.user)
+            await _lock_parents(conn, await assignment_or_404(conn, assignment_id, request.user))
             # locked: a submission arriving meanwhile waits, then 404s
             gone = await repo.get(conn, assignment_id, lock="update")
             n = await conn.fetchval("SELECT count(*) FROM submissions WHERE assignment_id = $1", assignment_id)

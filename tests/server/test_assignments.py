@@ -733,3 +733,47 @@ async def test_an_answer_racing_a_course_deletion_takes_the_course_lock_first(se
         assert r.status_code == 201, r.text
     finally:
         await x.close()
+
+
+async def test_moving_an_assignment_between_chapters_racing_its_videos_deletion(server, make: Factory, settings):
+    """(Audit) a PATCH locked the assignment, then its update took the new chapter's key; a video's deletion held
+    the chapters and went for the assignment (its cascade sets `chapter_id` null): a deadlock, the PATCH a 409."""
+    import asyncio
+
+    import asyncpg
+
+    course = make_course(server, make, learners=0)
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status, duration_s) VALUES ($1, 'v', "
+                          "'transcript', 'ready', 100) RETURNING id", course.id)[0]["id"]
+    c1, c2 = [r["id"] for r in fetch(settings, "INSERT INTO chapters (video_id, idx, start_s, end_s, title) VALUES "
+                                               "($1, 0, 0, 50, 'one'), ($1, 1, 50, 100, 'two') RETURNING id", vid)]
+    with httpx.Client(base_url=server, timeout=30) as c:
+        r = c.post(f"/api/v1/courses/{course.id}/assignments", json={**MC, "chapter_id": c1},
+                   headers=course.instructor.h)
+        assert r.status_code == 201, r.text
+        aid = r.json()["id"]
+    x = await asyncpg.connect(settings.database_url)
+    try:
+        tr = x.transaction()
+        await tr.start()
+        # as store.videos.delete_video: the course (NO KEY UPDATE), then the video's row and, in its cascade, its
+        # chapters' rows (a course deletion holds the course FOR UPDATE and gets to the same rows the same way)
+        await x.execute("SELECT 1 FROM courses WHERE id = $1 FOR NO KEY UPDATE", course.id)
+        await x.execute("SELECT 1 FROM videos WHERE id = $1 FOR UPDATE", vid)
+        await x.execute("SELECT 1 FROM chapters WHERE video_id = $1 ORDER BY id FOR UPDATE", vid)
+        async with httpx.AsyncClient(base_url=server, timeout=30) as ac:
+            patch = asyncio.create_task(ac.patch(f"/api/v1/assignments/{aid}", json={"chapter_id": c2},
+                                                 headers=course.instructor.h))
+            await asyncio.sleep(0.7)
+            await x.execute("SET LOCAL lock_timeout = '5s'")
+            try:  # the cascade's next step: chapters -> assignments.chapter_id SET NULL
+                await x.execute("SELECT 1 FROM assignments WHERE id = $1 FOR UPDATE", aid)
+                caught = None
+            except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError) as exc:
+                caught = exc
+            await tr.rollback()
+            r = await patch
+        # (today: Postgres finds the deadlock and aborts the PATCH: 409 "a concurrent change got in the way")
+        assert caught is None and r.status_code == 200, f"lock inversion: {caught!r}, PATCH {r.status_code} {r.text}"
+    finally:
+        await x.close()
