@@ -555,11 +555,7 @@ async def recover(pool: Any, redis: Any, procs: list[str], older_than_s: float =
     while True:
         async with pool.acquire() as conn:
             async with conn.transaction():
-                # the holds' courses first, as a course deletion takes its course, then its holds: posting a reply
-                # (which takes its course's key, on another connection) while holding the holds hung both (audit)
-                await conn.execute("""SELECT 1 FROM courses WHERE id IN (SELECT course_id FROM tutor_pending
-                                      WHERE proc = ANY($1::text[])) ORDER BY id FOR KEY SHARE""", procs)
-                rows = await repo.claim_holds(conn, procs, RECOVER_BATCH, older_than_s)
+                rows = await repo.claim_holds(conn, procs, RECOVER_BATCH, older_than_s)  # (their courses first)
                 for r in rows:  # the replies first: no quota row is locked while they are posted
                     if r["room_id"] is not None and r["message_id"] is not None:
                         turn = await repo.get_turn(conn, r["turn_id"]) if r["turn_id"] is not None else None

@@ -186,12 +186,19 @@ async def holders(conn: asyncpg.Connection, own: str) -> list[asyncpg.Record]:
 async def claim_holds(conn: asyncpg.Connection, procs: list[str], limit: int = 50,
                       older_than_s: float = 0.0) -> list[asyncpg.Record]:
     """Lock up to `limit` holds of dead processes (in the caller's transaction; others skip them), only those
-    older than `older_than_s`."""
+    older than `older_than_s`; their courses' keys first (a reply posted for one takes its course's key, on another
+    connection, while these are held: a course deletion, which takes the course, then its holds, hung with it until
+    the pool's timeout), skipping the holds of a course being deleted (they go with it, their questions given back
+    by the deletion) rather than waiting for it."""
+    courses = [r["id"] for r in await conn.fetch(
+        """SELECT id FROM courses WHERE id IN (SELECT course_id FROM tutor_pending WHERE proc = ANY($1::text[])
+                                                   AND created_at < now() - make_interval(secs => $2))
+           ORDER BY id FOR KEY SHARE SKIP LOCKED""", procs, older_than_s)]
     return await conn.fetch(
         f"""SELECT {_PENDING_COLS} FROM tutor_pending WHERE proc = ANY($1::text[])
-               AND created_at < now() - make_interval(secs => $3)
+               AND created_at < now() - make_interval(secs => $3) AND course_id = ANY($4::bigint[])
            ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED""",
-        procs, limit, older_than_s)
+        procs, limit, older_than_s, courses)
 
 
 async def cached_turn(conn: asyncpg.Connection, course_id: int, version: str, mode: str,

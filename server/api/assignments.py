@@ -23,7 +23,7 @@ from server.api.courses import course_or_404
 from server.api.paging import Offset, PageLimit
 from server.auth import AuthUser, staff_only
 from server.decode import callers_key, idempotency_key, read_json
-from server.errors import ApiError
+from server.errors import CONFLICT, ApiError
 from store import assignments as repo
 from store import submissions as submissions_repo
 from store.frames import as_read, blank
@@ -79,17 +79,29 @@ async def assignment_or_404(conn: asyncpg.Connection, assignment_id: int, user: 
     return row
 
 
-async def _lock_parents(conn: asyncpg.Connection, row: Any, changes: dict[str, Any] | None = None) -> None:
+async def _lock_parents(conn: asyncpg.Connection, row: Any,
+                        changes: dict[str, Any] | None = None) -> tuple[set, set]:
     """Before the assignment's own lock: the keys of its course, videos and chapters (as it is and as changed), as
     a deletion of the course or a video takes them before the assignment (its cascade sets `chapter_id` null); taken
     after, a PATCH moving the assignment to another chapter (or a forced deletion rescoring one) deadlocked with a
     video's deletion (audit)."""
     changes = changes or {}
+    videos = {row["video_id"], changes.get("video_id")}
+    chapters = {row["chapter_id"], changes.get("chapter_id")}
+    if isinstance(changes.get("chapter_id"), int):  # (review) its video too, which the update sets from it
+        videos.add(await conn.fetchval("SELECT video_id FROM chapters WHERE id = $1", changes["chapter_id"]))
     await conn.execute("SELECT 1 FROM courses WHERE id = $1 FOR KEY SHARE", row["course_id"])
-    for table, col in (("videos", "video_id"), ("chapters", "chapter_id")):
-        ids = sorted({i for i in (row[col], changes.get(col)) if isinstance(i, int)})
-        if ids:
+    for table, ids in (("videos", videos), ("chapters", chapters)):
+        if ids := sorted(i for i in ids if isinstance(i, int)):
             await conn.execute(f"SELECT 1 FROM {table} WHERE id = ANY($1::bigint[]) ORDER BY id FOR KEY SHARE", ids)
+    return videos, chapters
+
+
+def _same_parents(row: Any, locked: tuple[set, set]) -> None:
+    """409 `conflict` when the assignment, locked now, was moved since its parents were locked (by a change that
+    committed in between): its new video or chapter is not among them (review)."""
+    if row is not None and (row["video_id"] not in locked[0] or row["chapter_id"] not in locked[1]):
+        raise ApiError(409, CONFLICT, code="conflict", retry_after=1)
 
 
 async def _links(conn: asyncpg.Connection, course_id: int, fields: dict[str, Any]) -> None:
@@ -236,9 +248,10 @@ class AssignmentController(Controller):
         changes = _plain(await read_json(request, AssignmentPatch))
         user: AuthUser = request.user
         async with request.app.state.pool.acquire() as conn, conn.transaction():
-            await _lock_parents(conn, await assignment_or_404(conn, assignment_id, user), changes)
+            locked = await _lock_parents(conn, await assignment_or_404(conn, assignment_id, user), changes)
             # locked: a submission graded meanwhile waits for this change, so a corrected key misses none
             row = await repo.get(conn, assignment_id, lock="update")
+            _same_parents(row, locked)
             if row is None:  # deleted meanwhile
                 raise ApiError(404, f"assignment {assignment_id} not found")
             answered = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM submissions WHERE assignment_id = $1)",
@@ -281,9 +294,10 @@ class AssignmentController(Controller):
         """Delete a draft, or an assignment nobody answered; with submissions (their grades and grade
         history go with it) only with `?force=true`."""
         async with request.app.state.pool.acquire() as conn, conn.transaction():
-            await _lock_parents(conn, await assignment_or_404(conn, assignment_id, request.user))
+            locked = await _lock_parents(conn, await assignment_or_404(conn, assignment_id, request.user))
             # locked: a submission arriving meanwhile waits, then 404s
             gone = await repo.get(conn, assignment_id, lock="update")
+            _same_parents(gone, locked)
             n = await conn.fetchval("SELECT count(*) FROM submissions WHERE assignment_id = $1", assignment_id)
             if n and not force:
                 raise ApiError(409, f"{n} submission(s) and their grades would be deleted with it; "

@@ -777,3 +777,40 @@ async def test_moving_an_assignment_between_chapters_racing_its_videos_deletion(
         assert caught is None and r.status_code == 200, f"lock inversion: {caught!r}, PATCH {r.status_code} {r.text}"
     finally:
         await x.close()
+
+
+async def test_linking_an_assignment_to_a_chapter_of_a_video_being_deleted_waits_for_it(server, make: Factory,
+                                                                                        settings):
+    """(Review) an assignment without a chapter PATCHed onto a chapter of a video being deleted: the chapter's key
+    was taken before the assignment, but its video's only by the update, last; the deletion held the video and went
+    for its chapters. The chapter's video is locked with the rest, first."""
+    import asyncio
+
+    import asyncpg
+
+    course = make_course(server, make, learners=0)
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status, duration_s) VALUES ($1, 'v', "
+                          "'transcript', 'ready', 100) RETURNING id", course.id)[0]["id"]
+    (ch,) = [r["id"] for r in fetch(settings, "INSERT INTO chapters (video_id, idx, start_s, end_s, title) VALUES "
+                                              "($1, 0, 0, 100, 'one') RETURNING id", vid)]
+    with httpx.Client(base_url=server, timeout=30) as c:
+        r = c.post(f"/api/v1/courses/{course.id}/assignments", json=MC, headers=course.instructor.h)
+        assert r.status_code == 201, r.text
+        aid = r.json()["id"]
+    x = await asyncpg.connect(settings.database_url)
+    try:
+        tr = x.transaction()
+        await tr.start()
+        await x.execute("SELECT 1 FROM courses WHERE id = $1 FOR NO KEY UPDATE", course.id)  # as delete_video
+        await x.execute("SELECT 1 FROM videos WHERE id = $1 FOR UPDATE", vid)
+        async with httpx.AsyncClient(base_url=server, timeout=30) as ac:
+            patch = asyncio.create_task(ac.patch(f"/api/v1/assignments/{aid}", json={"chapter_id": ch},
+                                                 headers=course.instructor.h))
+            await asyncio.sleep(0.7)
+            await x.execute("SET LOCAL lock_timeout = '5s'")
+            await x.execute("SELECT 1 FROM chapters WHERE video_id = $1 ORDER BY id FOR UPDATE", vid)  # its cascade
+            await tr.rollback()
+            r = await patch
+        assert r.status_code == 200 and r.json()["chapter_id"] == ch, r.text
+    finally:
+        await x.close()

@@ -28,9 +28,6 @@ async def _second_lock(x: asyncpg.Connection, sql: str, *args) -> BaseException 
 
 
 async def test_recovering_a_recorded_room_answer_racing_a_course_deletion(make: Factory, xp_store):
-    """Recovery held the holds' rows, then posted the reply on another connection, which took the course's key: a
-    deletion holding the course and waiting for the holds hung both (no deadlock Postgres could see) until the
-    pool's timeout."""
     """server.tutoring.recover locks a dead process's holds (tutor_pending FOR UPDATE SKIP LOCKED) and, inside that
     transaction, posts each recorded answer through ANOTHER pooled connection: post_message(also=link) ->
     rooms.lock_room -> courses FOR KEY SHARE. delete_course holds the course FOR UPDATE, then locks the course's
@@ -50,6 +47,11 @@ async def test_recovering_a_recorded_room_answer_racing_a_course_deletion(make: 
             cid, learner.id, room)
         await conn.execute("""INSERT INTO tutor_pending (proc, user_id, course_id, room_id, message_id, turn_id)
                               VALUES ('dead-proc-audit', $1, $2, $3, $4, $5)""", learner.id, cid, room, q.event.id, turn)
+    # (review) and a hold of the same dead process in another course, settled whatever happens to the first one
+    other = await _course(pool, make)
+    async with pool.acquire() as conn:
+        await conn.execute("""INSERT INTO tutor_pending (proc, user_id, course_id) VALUES ('dead-proc-audit', $1, $2)""",
+                           learner.id, other)
     x = await pool.acquire()
     tr = x.transaction()
     await tr.start()
@@ -59,16 +61,20 @@ async def test_recovering_a_recorded_room_answer_racing_a_course_deletion(make: 
         await asyncio.sleep(1.0)
         # delete_course's next lock: the course's holds (to give their questions back)
         caught = await _second_lock(x, "SELECT 1 FROM tutor_pending WHERE course_id = $1 FOR UPDATE", cid)
+        # recovery did not wait for the deletion: the other course's hold is settled already (it waited on the
+        # course being deleted, holding up every other course's recovery)
+        settled_meanwhile = task.done() and await x.fetchval(
+            "SELECT NOT EXISTS (SELECT 1 FROM tutor_pending WHERE course_id = $1)", other)
     finally:
         await tr.rollback()
         await pool.release(x)
     await asyncio.wait_for(task, 30)
     assert caught is None, f"lock inversion: {type(caught).__name__}: {caught}"
+    assert settled_meanwhile
+    assert await tutoring.recover(pool, redis, ["dead-proc-audit"]) == 1  # (not deleted after all: settled now)
 
 
 async def test_staff_enrolling_an_enrolled_learner_in_a_paid_course_racing_its_deletion(make: Factory, xp_store):
-    """Enrolling again locked the enrollment, then the access row's insert took the course's key: a deadlock with
-    a deletion holding the course and going for the enrollments."""
     """courses.enroll as staff call it (POST /courses/{id}/enrollments takes no course lock for staff): its ON
     CONFLICT DO UPDATE locks the learner's enrollment row, then the course_access insert's key check wants the
     course, which the deletion holds while its cascade wants the enrollment."""
@@ -82,7 +88,7 @@ async def test_staff_enrolling_an_enrolled_learner_in_a_paid_course_racing_its_d
     await tr.start()
     try:
         await x.execute("SELECT id FROM courses WHERE id = $1 FOR UPDATE", cid)
-        async with pool.acquire() as conn:
+        async with pool.acquire() as conn, conn.transaction():  # (as the route runs it: review)
             task = asyncio.create_task(courses.enroll(conn, cid, learner.id))
             await asyncio.sleep(0.5)
             caught = await _second_lock(x, "SELECT 1 FROM enrollments WHERE course_id = $1 FOR UPDATE", cid)
