@@ -1126,3 +1126,34 @@ async def test_a_reply_to_a_room_deleted_meanwhile_is_dropped_quietly(settings, 
     finally:
         await redis.aclose()
         await pool.close()
+
+
+async def test_an_answer_failing_because_its_course_was_deleted_logs_no_error(settings, caplog, monkeypatch):
+    """(Review) the answer's own failure (its turn's record: a foreign key to the course gone) is the same race:
+    one INFO line, no reply attempted, nothing at ERROR."""
+    import logging
+    from types import SimpleNamespace
+
+    import asyncpg
+    from redis.asyncio import Redis
+
+    from server import tutoring
+    from store.db import create_pool
+
+    async def failing_ask(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise asyncpg.ForeignKeyViolationError("insert or update on table \"tutor_turns\" violates foreign key")
+
+    monkeypatch.setattr(tutoring, "ask", failing_ask)
+    pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        state = SimpleNamespace(pool=pool, redis=redis)
+        user = SimpleNamespace(id=1)
+        told = [False]
+        with caplog.at_level(logging.INFO, logger="server.tutoring"):
+            await tutoring._answer_in_room(state, user, 999999999, "course:999999999", 1, "what?", None, told)
+        assert told[0] and not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
+        assert any("dropped" in r.getMessage() for r in caplog.records)
+    finally:
+        await redis.aclose()
+        await pool.close()
