@@ -77,6 +77,9 @@ def _check_listen(args: argparse.Namespace) -> None:
             probe.bind(addr)
         except OSError as exc:
             raise CliError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    from store import embedded
+
+    embedded.RESERVED_PORTS.add(settings.port)  # (an embedded server started next must not take it: tester)
 
 
 def _migrate(settings: Settings) -> list[str]:

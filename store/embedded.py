@@ -89,21 +89,32 @@ def _pg_system_user(pgdata: Path) -> str | None:
     return user
 
 
+# Ports an embedded server must not take: the one this process's own server is about to listen on (set by `up` and
+# `serve`). Checked free before the embedded servers started, it was then given to one of them as its port of last
+# time, and the server's own bind failed after the migrations (a uvicorn error, exit 3).
+RESERVED_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in RESERVED_PORTS:
+            return port
 
 
-def _port_again(record: Path) -> int:
+def _port_again(record: Path, *, keep: bool = False) -> int:
     """The port an embedded server had last time (recorded in `record`) when it is free, else a new one, recorded.
     A server that died (killed, out of memory) comes back where the running servers and workers look for it: on a
-    new port they stayed unavailable until restarted."""
+    new port they stayed unavailable until restarted. `keep`: that port or none (PortTaken when it is in use)."""
     try:
         port = int(record.read_text().strip())
     except (OSError, ValueError):
         port = 0
-    if not 0 < port < 65536 or _port_open(port):
+    if keep and 0 < port < 65536 and _port_open(port):
+        raise PortTaken(f"port {port} is in use by another program")
+    if not 0 < port < 65536 or port in RESERVED_PORTS or _port_open(port):
         port = free_port()
     record.write_text(str(port))
     return port
@@ -114,14 +125,19 @@ def revive(services: "Services") -> list[str]:
     (`up` looks every few seconds): what was started."""
     ddir, started = services.data_dir, []
     with _locked(ddir / "start.lock"):
-        if services.embedded_pg and _pg_running_port(ddir / "pg") is None:
-            logger.warning("the embedded Postgres had stopped; starting it again")
-            _ensure_postgres(ddir)
-            started.append("postgres")
-        if services.embedded_redis and _redis_running_port(ddir / "redis") is None:
-            logger.warning("the embedded Redis had stopped; starting it again")
-            _ensure_redis(ddir)
-            started.append("redis")
+        for name, wanted, running, ensure in (
+                ("Postgres", services.embedded_pg, lambda: _pg_running_port(ddir / "pg"), _ensure_postgres),
+                ("Redis", services.embedded_redis, lambda: _redis_running_port(ddir / "redis"), _ensure_redis)):
+            if not wanted or running() is not None:
+                continue
+            logger.warning("the embedded %s had stopped; starting it again", name)
+            try:
+                ensure(ddir, keep_port=True)
+            except PortTaken as exc:  # (on another port the running processes would not find it: tried again)
+                logger.error("the embedded %s cannot start again on its port: %s; it starts once the port is free "
+                             "(looked at every few seconds), or restart studyhall to move it to another", name, exc)
+                continue
+            started.append(name.lower())
     return started
 
 
@@ -150,6 +166,10 @@ def _runs(pid: int, program: str) -> bool:
     if pid <= 0 or not _pid_alive(pid):
         return False
     try:
+        # a zombie is dead: a killed daemon nobody reaps (a container whose first process does not) kept its pid and
+        # name, and, whatever then listened on its port without answering, was taken for our stalled server
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False
         return Path(f"/proc/{pid}/comm").read_text().strip() == program[:15]  # (the kernel keeps 15 characters)
     except FileNotFoundError:
         return not Path("/proc/self/comm").exists()  # gone meanwhile; or no /proc here: alive is all we know
@@ -215,6 +235,10 @@ class _locked:
 
 class EmbeddedError(RuntimeError):
     """An embedded server cannot be started here; the message says why and what to do."""
+
+
+class PortTaken(EmbeddedError):
+    """An embedded server's port of last time is in use by something else (see `revive`)."""
 
 
 def ensure_services(settings: Settings, *, announce: bool = True) -> Services:
@@ -354,7 +378,7 @@ def _pg_initialised(pgdata: Path) -> bool:
         return False
 
 
-def _ensure_postgres(ddir: Path) -> str:
+def _ensure_postgres(ddir: Path, *, keep_port: bool = False) -> str:
     pgdata = ddir / "pg"
     user = _pg_system_user(pgdata)
     if not _pg_initialised(pgdata):
@@ -397,7 +421,7 @@ def _ensure_postgres(ddir: Path) -> str:
     started = port is None
     if port is None:
         _clear_stale_pg_lock(pgdata)
-        port = _port_again(ddir / "pg.port")
+        port = _port_again(ddir / "pg.port", keep=keep_port)
         logger.info("starting embedded Postgres on 127.0.0.1:%d", port)
         # pg_ctl forks a daemon; no pipes to it (they would hang, as pgserver notes). The log lives in
         # pgdata because, under root, the server runs as another user.
@@ -551,13 +575,13 @@ def _redis_answers(port: int, password: str | None, *, busy_ok: bool = False) ->
         client.close()
 
 
-def _ensure_redis(ddir: Path) -> str:
+def _ensure_redis(ddir: Path, *, keep_port: bool = False) -> str:
     rdir = ddir / "redis"
     rdir.mkdir(parents=True, exist_ok=True)
     port = _redis_running_port(rdir)
     conf = rdir / "redis.conf"  # the password, in a file only its owner reads (not on the command line)
     if port is None:
-        port = _port_again(rdir / "port")
+        port = _port_again(rdir / "port", keep=keep_port)
         logger.info("starting embedded Redis on 127.0.0.1:%d", port)
         (rdir / "port").write_text(str(port))
         write_owner_only(conf, f"requirepass {_embedded_password(ddir)}\n")

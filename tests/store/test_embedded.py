@@ -712,3 +712,58 @@ def test_a_start_waits_for_a_redis_still_loading_its_data(tmp_path, caplog, monk
         assert Redis.from_url(url).dbsize() == 2_000
     finally:
         embedded.stop_embedded(ddir)
+
+
+def test_an_embedded_server_never_takes_the_port_the_server_is_about_to_listen_on(tmp_path):
+    """(Tester) `up --port P`, P the embedded Redis's port of last time: free when checked, it was given back to
+    Redis, and the server's own bind failed after the migrations (a uvicorn error, exit 3)."""
+    from store import embedded
+
+    record = tmp_path / "port"
+    port = embedded.free_port()
+    record.write_text(str(port))
+    assert embedded._port_again(record) == port  # free: taken again, as before
+    embedded.RESERVED_PORTS.add(port)
+    try:
+        assert embedded._port_again(record) != port
+        assert int(record.read_text()) != port
+    finally:
+        embedded.RESERVED_PORTS.discard(port)
+
+
+def test_a_killed_redis_whose_port_was_taken_waits_for_it_rather_than_moving(tmp_path, caplog):
+    """(Tester) revived on a new port (its own taken meanwhile by another program), the embedded Redis was where no
+    running process looked: 503s until `up` was restarted, and nothing said so. It now starts again only on its
+    port, saying at ERROR why it waits, and does once the port is free."""
+    import logging
+    import os
+    import socket
+    from types import SimpleNamespace
+
+    from store import embedded
+
+    ddir = tmp_path / "data"
+    url = embedded._ensure_redis(ddir)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    services = SimpleNamespace(data_dir=ddir, embedded_pg=False, embedded_redis=True)
+    try:
+        pid = int((ddir / "redis" / "redis.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (embedded._runs(pid, "redis-server") or embedded._port_open(port)) and time.monotonic() < deadline:
+            time.sleep(0.1)  # (gone, and its port too: a save's child of it may hold the port a moment longer)
+        squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        try:
+            with caplog.at_level(logging.ERROR, logger="store.embedded"):
+                assert embedded.revive(services) == []
+            assert any("cannot start again on its port" in r.getMessage() for r in caplog.records)
+            assert int((ddir / "redis" / "port").read_text()) == port  # not moved
+        finally:
+            squatter.close()
+        assert embedded.revive(services) == ["redis"]
+        assert embedded._redis_running_port(ddir / "redis") == port
+    finally:
+        embedded.stop_embedded(ddir)
