@@ -737,7 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("course_id", type=_id)
     src = ing.add_mutually_exclusive_group(required=True)
     src.add_argument("--youtube", help="YouTube URL or 11-character id")
-    src.add_argument("--file", help="transcript (.srt/.vtt/.json, YouTube JSON or [[start, end, text], ...]) or media "
+    src.add_argument("--file", help="transcript (.srt/.vtt/.json, YouTube JSON or [[text, start_s, end_s], ...]) or media "
                                     "(wav, mp3, m4a, aac, mp4, mov, webm, ogg, flac, mkv)")
     ing.add_argument("--title", type=_title, help="at most 200 characters on one line (default: from the file name)")
     ing.add_argument("--worker-wait", type=_worker_wait, default=WORKER_GONE_S, metavar="S",

@@ -41,7 +41,11 @@ def _metrics_token() -> str | None:
     """STUDYHALL_METRICS_TOKEN; one of only white space is refused (it left /metrics public, as no token does)."""
     if _str("STUDYHALL_METRICS_TOKEN") is not None and _key("STUDYHALL_METRICS_TOKEN") is None:
         raise SystemExit("STUDYHALL_METRICS_TOKEN is only white space: set a token, or unset it for a public /metrics")
-    return _key("STUDYHALL_METRICS_TOKEN")
+    token = _key("STUDYHALL_METRICS_TOKEN")
+    if token is not None and not (token.isascii() and token.isprintable() and " " not in token):
+        # (tester) an HTTP header carries bytes, read as Latin-1: "pässwört" could never be sent so as to match
+        raise SystemExit("STUDYHALL_METRICS_TOKEN must be printable ASCII without spaces (it is sent in an HTTP header)")
+    return token
 
 
 def _key(name: str) -> str | None:
