@@ -399,16 +399,31 @@ WORKER_GONE_S = 20.0  # `ingest` gives up waiting when no worker has reported he
 async def _progress(pool, job_id: int, arq=None, gone_after: float = WORKER_GONE_S):  # type: ignore[no-untyped-def]
     """Draw a progress bar until the job is done or failed; None when `arq` is given and no worker has been
     alive (arq's health-check key) for `gone_after` seconds."""
+    from store.db import UNREACHABLE
+
     width, shown = 30, None
-    seen_worker, checked = time.monotonic(), 0.0
+    seen_worker, checked, away = time.monotonic(), 0.0, None
     while True:
-        if arq is not None and time.monotonic() - checked >= 2:
-            checked = time.monotonic()
-            if await arq.exists(INGEST_QUEUE + ":health-check"):
-                seen_worker = checked
-            elif checked - seen_worker >= gone_after:
-                return None
-        job = await pool.fetchrow("SELECT state, progress, error FROM jobs WHERE id = $1", job_id)
+        try:
+            if arq is not None and time.monotonic() - checked >= 2:
+                checked = time.monotonic()
+                if await arq.exists(INGEST_QUEUE + ":health-check"):
+                    seen_worker = checked
+                elif checked - seen_worker >= gone_after:
+                    return None
+            job = await pool.fetchrow("SELECT state, progress, error FROM jobs WHERE id = $1", job_id)
+        except UNREACHABLE as exc:
+            # (tester) Postgres or Redis restarting under `up`: the job goes on in the worker; this watch waits for
+            # them as long as for a worker, rather than failing a job that then succeeded
+            if away is None:
+                away, shown = time.monotonic(), None
+                print(f"\n(the database or Redis cannot be reached: {type(exc).__name__}; waiting for it)",
+                      file=sys.stderr, flush=True)
+            elif time.monotonic() - away > gone_after:
+                raise
+            await asyncio.sleep(1.0)
+            continue
+        away = None
         if job is None:
             raise CliError(f"job {job_id} is gone: its video or course was deleted")
         line = f"[{'#' * int(job['progress'] * width):<{width}}] {job['progress'] * 100:5.1f}% {job['state']}"

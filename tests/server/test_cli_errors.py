@@ -182,3 +182,30 @@ def test_ask_names_when_a_citations_quote_is_said():
     # quotes nothing
     assert citation_line(3, {**c, "label": "0:09", "start": 9.996, "quote_at": 10.0}) == "[3] lec 0:09"
     assert citation_line(4, {**c, "quote": ""}) == "[4] lec 0:10"
+
+
+async def test_ingest_watching_its_job_waits_out_a_database_restart(capsys):
+    """(Tester) `studyhall ingest` watching its job exited 2 with a traceback line when the embedded Postgres was
+    killed and revived under `up`, while the job went on and finished: `ingest && next` failed on a job that
+    succeeded. The watch now waits for the database as long as for a worker (`--worker-wait`)."""
+    from server import cli
+
+    replies = [ConnectionRefusedError(111, "refused"), ConnectionRefusedError(111, "refused"),
+               {"state": "done", "progress": 1.0, "error": None}]
+
+    class Pool:
+        async def fetchrow(self, *args):  # type: ignore[no-untyped-def]
+            got = replies.pop(0)
+            if isinstance(got, Exception):
+                raise got
+            return got
+
+    job = await cli._progress(Pool(), 1, None, gone_after=10)
+    assert job["state"] == "done"
+    assert capsys.readouterr().err.count("cannot be reached") == 1  # said once per outage
+    # an outage longer than the wait still ends the watch, with the error
+    replies[:] = [ConnectionRefusedError(111, "refused")] * 10
+    import pytest as _pytest
+
+    with _pytest.raises(ConnectionRefusedError):
+        await cli._progress(Pool(), 1, None, gone_after=1.5)
