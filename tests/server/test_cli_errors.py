@@ -205,7 +205,7 @@ async def test_ingest_watching_its_job_waits_out_a_database_restart(capsys):
     assert capsys.readouterr().err.count("cannot be reached") == 1  # said once per outage
     # an outage longer than the wait still ends the watch, with the error
     replies[:] = [ConnectionRefusedError(111, "refused")] * 10
-    import pytest as _pytest
+    import pytest
 
-    with _pytest.raises(ConnectionRefusedError):
+    with pytest.raises(ConnectionRefusedError):
         await cli._progress(Pool(), 1, None, gone_after=1.5)
