@@ -893,6 +893,10 @@ _RUN_UNTIL_STOPPED = ("serve", "worker", "up")
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if sys.stdout is None and args.command not in _RUN_UNTIL_STOPPED:  # (started with `>&-`: tester)
+        print(f"studyhall: standard output is closed: what {args.command} prints (a token, an answer) would be lost",
+              file=sys.stderr)
+        return 2
     # a crash in native code (a model runtime, a driver) prints every thread's Python stack to stderr instead of
     # ending the process without a word (an interrupted `studyhall ingest` was once seen to die of SIGSEGV)
     faulthandler.enable()

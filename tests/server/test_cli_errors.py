@@ -209,3 +209,13 @@ async def test_ingest_watching_its_job_waits_out_a_database_restart(capsys):
 
     with pytest.raises(ConnectionRefusedError):
         await cli._progress(Pool(), 1, None, gone_after=1.5)
+
+
+def test_a_one_shot_command_with_its_output_closed_says_so(monkeypatch, capsys):
+    """(Tester) `studyhall token ... >&-` made the token and lost it without a word, then died of a traceback
+    (sys.stdout is None): exit 2 with a line, before anything is made."""
+    from server import cli
+
+    monkeypatch.setattr(sys, "stdout", None)
+    assert cli.main(["token", "--user", "nobody-made", "--role", "learner"]) == 2
+    assert "standard output is closed" in capsys.readouterr().err
