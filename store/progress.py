@@ -505,6 +505,12 @@ async def mark_helpful(db: asyncpg.Pool | asyncpg.Connection, redis: Redis, room
                LEFT JOIN users u ON u.id = m.author_id WHERE m.id = $1 AND m.room_id = $2 AND m.deleted_at IS NULL""",
             message_id, room_id)
         if msg is None:
+            # a mark of a reply its author deleted since stays (and its XP): marking it again finds it (tester: 404)
+            there = await tx.conn.fetchrow(
+                f"SELECT {_HELPFUL_COLS} FROM helpful_marks WHERE message_id = $1 AND room_id = $2", message_id,
+                room_id)
+            if there is not None:
+                return there, False
             raise HelpfulError("not_found", f"message {message_id} not found in this room")
         if msg["author_id"] is None or msg["role"] != "learner":
             raise HelpfulError("not_a_learner", "only a learner's message can be marked helpful")

@@ -424,3 +424,27 @@ async def test_a_chat_model_decides_when_configured(eval_course: EvalCourse, wor
         assert (fallback.status, fallback.checker) == ("helpful", "offline")
         prompt = fake.requests[0].body["messages"][-1]["content"]
         assert json.dumps(RIGHT) in prompt and "Transcript excerpts:" in prompt and json.dumps(QUESTION) in prompt
+
+
+async def test_a_check_that_searched_then_skipped_counts_and_a_deleted_replys_mark_is_found(
+        eval_course: EvalCourse, server, settings, worker_db):
+    """(Tester) replies to questions the videos do not cover were each searched and judged, then `skipped`, and
+    did not count towards the checks a learner's replies get a day (4 per allowed mark): 21 of them, then a 24th
+    check marked helpful. A skip before any search (no checker) still does not count. And marking again a reply
+    whose author deleted it after it was marked was a 404, where the mark was there (200)."""
+    pool, redis = worker_db
+    room = f"course:{eval_course.id}"
+    (b,) = _learners(eval_course, server, settings, 1)
+    _, searched = await _reply_pair(pool, redis, room, eval_course.learner.id, b.id)
+    _, gated = await _reply_pair(pool, redis, room, eval_course.learner.id, b.id)
+    await pool.execute("UPDATE reply_checks SET status = 'skipped', checker = 'offline', checked_at = now() "
+                       "WHERE message_id = $1", searched)
+    await pool.execute("UPDATE reply_checks SET status = 'skipped', checker = NULL, checked_at = now() "
+                       "WHERE message_id = $1", gated)
+    assert await replies.checks_since(pool, b.id) == 1
+
+    mark, created = await mark_helpful(pool, redis, room, gated, eval_course.instructor.id)
+    assert created
+    await pool.execute("UPDATE messages SET deleted_at = now() WHERE id = $1", gated)  # its author deleted it
+    again, created = await mark_helpful(pool, redis, room, gated, eval_course.instructor.id)
+    assert not created and again["message_id"] == mark["message_id"]
