@@ -735,6 +735,22 @@ async def test_an_answer_racing_a_course_deletion_takes_the_course_lock_first(se
         await x.close()
 
 
+def _video_with_chapters(settings, course_id: int, n: int) -> tuple[int, list[int]]:  # type: ignore[no-untyped-def]
+    """A ready 100 s video of the course with `n` chapters splitting it evenly: (video id, chapter ids)."""
+    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status, duration_s) VALUES ($1, 'v', "
+                          "'transcript', 'ready', 100) RETURNING id", course_id)[0]["id"]
+    spans = [(k, 100 * k / n, 100 * (k + 1) / n) for k in range(n)]
+    return vid, [fetch(settings, "INSERT INTO chapters (video_id, idx, start_s, end_s, title) VALUES ($1, $2, $3, $4, "
+                                 "'c') RETURNING id", vid, k, a, b)[0]["id"] for k, a, b in spans]
+
+
+def _assignment(server: str, course, body: dict) -> int:  # type: ignore[no-untyped-def]
+    with httpx.Client(base_url=server, timeout=30) as c:
+        r = c.post(f"/api/v1/courses/{course.id}/assignments", json=body, headers=course.instructor.h)
+        assert r.status_code == 201, r.text
+        return r.json()["id"]
+
+
 async def test_moving_an_assignment_between_chapters_racing_its_videos_deletion(server, make: Factory, settings):
     """(Audit) a PATCH locked the assignment, then its update took the new chapter's key; a video's deletion held
     the chapters and went for the assignment (its cascade sets `chapter_id` null): a deadlock, the PATCH a 409."""
@@ -743,15 +759,8 @@ async def test_moving_an_assignment_between_chapters_racing_its_videos_deletion(
     import asyncpg
 
     course = make_course(server, make, learners=0)
-    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status, duration_s) VALUES ($1, 'v', "
-                          "'transcript', 'ready', 100) RETURNING id", course.id)[0]["id"]
-    c1, c2 = [r["id"] for r in fetch(settings, "INSERT INTO chapters (video_id, idx, start_s, end_s, title) VALUES "
-                                               "($1, 0, 0, 50, 'one'), ($1, 1, 50, 100, 'two') RETURNING id", vid)]
-    with httpx.Client(base_url=server, timeout=30) as c:
-        r = c.post(f"/api/v1/courses/{course.id}/assignments", json={**MC, "chapter_id": c1},
-                   headers=course.instructor.h)
-        assert r.status_code == 201, r.text
-        aid = r.json()["id"]
+    vid, (c1, c2) = _video_with_chapters(settings, course.id, 2)
+    aid = _assignment(server, course, {**MC, "chapter_id": c1})
     x = await asyncpg.connect(settings.database_url)
     try:
         tr = x.transaction()
@@ -789,14 +798,8 @@ async def test_linking_an_assignment_to_a_chapter_of_a_video_being_deleted_waits
     import asyncpg
 
     course = make_course(server, make, learners=0)
-    vid = fetch(settings, "INSERT INTO videos (course_id, title, source, status, duration_s) VALUES ($1, 'v', "
-                          "'transcript', 'ready', 100) RETURNING id", course.id)[0]["id"]
-    (ch,) = [r["id"] for r in fetch(settings, "INSERT INTO chapters (video_id, idx, start_s, end_s, title) VALUES "
-                                              "($1, 0, 0, 100, 'one') RETURNING id", vid)]
-    with httpx.Client(base_url=server, timeout=30) as c:
-        r = c.post(f"/api/v1/courses/{course.id}/assignments", json=MC, headers=course.instructor.h)
-        assert r.status_code == 201, r.text
-        aid = r.json()["id"]
+    vid, (ch,) = _video_with_chapters(settings, course.id, 1)
+    aid = _assignment(server, course, MC)
     x = await asyncpg.connect(settings.database_url)
     try:
         tr = x.transaction()
