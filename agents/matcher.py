@@ -430,7 +430,8 @@ def announcement(groups: list[dict[str, Any]], names: dict[int, str], max_chars:
     """The round as the pod room reads it: a line per group, its members and its reason. At most `max_chars` (a
     member's message limit: a pod of 50 with a model's 400-character reasons made 10,000): then every reason is
     shortened alike in the text, cut at a word and marked (`meta.groups` and the REST round keep them whole); when
-    that leaves each reason under MIN_REASON_CHARS, or even the names are too long, whole groups without reasons as many as fit, and how many more there are."""
+    that leaves each reason under MIN_REASON_CHARS, or even the names are too long, whole groups without reasons as
+    many as fit, and how many more there are."""
     heads = [f"• {' + '.join(names.get(m, f'learner {m}') for m in g['members'])}: " for g in groups]
     reasons = [str(g["reason"]) for g in groups]
     text = ANNOUNCE_HEAD + "\n".join(h + r for h, r in zip(heads, reasons))
