@@ -31,6 +31,7 @@ from agents.evidence import mmss
 from agents.grader import embed_cached
 from agents.llm import LLM, LLMError, first_json_object
 from store.frames import CONTROL, without_format
+from store.replies import NOT_COVERED
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ async def check_reply(tutor: Any, embedder: Any, llm: LLM | None, course_id: int
     state.update(await tutor.judge(state))
     sources = (state.get("sources") or [])[:SOURCES]
     if not state.get("grounded") or not sources:
-        return Check("skipped", "the course videos do not cover the question, so the reply cannot be checked")
+        return Check("skipped", NOT_COVERED)
     refs = [w.text for w in sources]
     if scoring.restates_question(question, refs, reply):
         return Check("not_helpful", "the reply repeats the question")

@@ -414,7 +414,10 @@ async def _progress(pool, job_id: int, arq=None, gone_after: float = WORKER_GONE
             job = await pool.fetchrow("SELECT state, progress, error FROM jobs WHERE id = $1", job_id)
         except UNREACHABLE as exc:
             # (tester) Postgres or Redis restarting under `up`: the job goes on in the worker; this watch waits for
-            # them as long as for a worker, rather than failing a job that then succeeded
+            # them as long as for a worker, rather than failing a job that then succeeded (run here, with no worker,
+            # the job itself failed with them: no waiting then, review)
+            if arq is None:
+                raise
             if away is None:
                 away, shown = time.monotonic(), None
                 print(f"\n(the database or Redis cannot be reached: {type(exc).__name__}; waiting for it)",
@@ -423,7 +426,8 @@ async def _progress(pool, job_id: int, arq=None, gone_after: float = WORKER_GONE
                 raise
             await asyncio.sleep(1.0)
             continue
-        away = None
+        if away is not None:  # back: the worker's health mark returns with its next beat (review)
+            away, seen_worker = None, time.monotonic()
         if job is None:
             raise CliError(f"job {job_id} is gone: its video or course was deleted")
         line = f"[{'#' * int(job['progress'] * width):<{width}}] {job['progress'] * 100:5.1f}% {job['state']}"
@@ -915,7 +919,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGHUP, _on_signal)
     try:
         code = args.func(args)
-        sys.stdout.flush()  # here, where a reader gone away is caught, not at the interpreter's exit
+        if sys.stdout is not None:  # (a server started with its output closed: review)
+            sys.stdout.flush()  # here, where a reader gone away is caught, not at the interpreter's exit
         return code
     except _Stop as stop:
         if args.command in _RUN_UNTIL_STOPPED:

@@ -130,15 +130,26 @@ def revive(services: "Services") -> list[str]:
                 ("Redis", services.embedded_redis, lambda: _redis_running_port(ddir / "redis"), _ensure_redis)):
             if not wanted or running() is not None:
                 continue
-            logger.warning("the embedded %s had stopped; starting it again", name)
+            waiting = (str(ddir), name)
+            if waiting not in _WAITING:
+                logger.warning("the embedded %s had stopped; starting it again", name)
             try:
                 ensure(ddir, keep_port=True)
             except PortTaken as exc:  # (on another port the running processes would not find it: tried again)
-                logger.error("the embedded %s cannot start again on its port: %s; it starts once the port is free "
-                             "(looked at every few seconds), or restart studyhall to move it to another", name, exc)
+                if waiting not in _WAITING:  # (once, not every few seconds for as long as it lasts: review)
+                    logger.error("the embedded %s cannot start again on its port: %s; it starts once the port is "
+                                 "free (looked at every few seconds), or restart studyhall to move it to another",
+                                 name, exc)
+                    _WAITING.add(waiting)
                 continue
+            if waiting in _WAITING:
+                logger.warning("the embedded %s started again on its port", name)
+                _WAITING.discard(waiting)
             started.append(name.lower())
     return started
+
+
+_WAITING: set[tuple[str, str]] = set()  # (data dir, server) waiting for its port, said once
 
 
 def _port_open(port: int, timeout: float = 0.5) -> bool:
@@ -159,16 +170,17 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def _runs(pid: int, program: str) -> bool:
+def _runs(pid: int, program: str, *, zombie_dead: bool = False) -> bool:
     """Process `pid` is alive and is `program` (its name, where the system tells: Linux's /proc). After a reboot or a
     container restart a pid file may name a PID another process has now (PIDs start low again): that process is
-    neither to be taken for our server nor sent its stop signal."""
+    neither to be taken for our server nor sent its stop signal. `zombie_dead`: a zombie counts as gone (Redis: a
+    killed daemon nobody reaps, in a container whose first process does not, kept its pid and name, and whatever then
+    listened on its port without answering was taken for our stalled server; not for Postgres, whose backends may
+    outlive a killed postmaster: its own lock check judges that)."""
     if pid <= 0 or not _pid_alive(pid):
         return False
     try:
-        # a zombie is dead: a killed daemon nobody reaps (a container whose first process does not) kept its pid and
-        # name, and, whatever then listened on its port without answering, was taken for our stalled server
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+        if zombie_dead and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
             return False
         return Path(f"/proc/{pid}/comm").read_text().strip() == program[:15]  # (the kernel keeps 15 characters)
     except FileNotFoundError:
@@ -256,16 +268,19 @@ def ensure_services(settings: Settings, *, announce: bool = True) -> Services:
         # that a stale file names may be anything).
         known = read_connection_env(ddir)
         embedded = set(known.get("EMBEDDED", "").split(","))
+        # while other processes run on these servers, one that stopped comes back on its port or not at all: moved,
+        # it was where they never looked (review: a one-shot command did what `up`'s own revive no longer does)
+        busy = _in_use(ddir)
         db_url, pg_embedded = _choose(settings.database_url, known.get("DATABASE_URL"), "pg" in embedded,
-                                      lambda: _ensure_postgres(ddir))
+                                      lambda: _ensure_postgres(ddir, keep_port=busy))
         try:
             redis_url, redis_embedded = _choose(settings.redis_url, known.get("REDIS_URL"), "redis" in embedded,
-                                                lambda: _ensure_redis(ddir))
+                                                lambda: _ensure_redis(ddir, keep_port=busy))
         except BaseException:
             if pg_embedded:  # nobody would own the Postgres just joined or started: stop it unless in use
                 _stop_if_unused(ddir)
             raise
-        others = _in_use(ddir)
+        others = busy
         users_fd = os.open(ddir / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(users_fd, fcntl.LOCK_SH)
         if announce and others and known and (known.get("DATABASE_URL"), known.get("REDIS_URL")) != (db_url, redis_url):
@@ -540,7 +555,7 @@ def _redis_running_port(rdir: Path) -> int | None:
         port = int((rdir / "port").read_text().strip())
     except (OSError, ValueError):
         return None
-    if _runs(pid, "redis-server") and _redis_answers(port, _redis_password(rdir), busy_ok=True):
+    if _runs(pid, "redis-server", zombie_dead=True) and _redis_answers(port, _redis_password(rdir), busy_ok=True):
         return port
     return None
 

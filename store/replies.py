@@ -86,11 +86,14 @@ async def tutor_marks_since(conn: asyncpg.Connection, author_id: int, hours: flo
         author_id, hours * 3600.0, asker_id, besides, STAFF_REMOVED, asker_relay)
 
 
+# The reason of a check that searched the videos and found the question not covered (agents.helpful).
+NOT_COVERED = "the course videos do not cover the question, so the reply cannot be checked"
 # A check counts as run once it gave a verdict on what the reply said, or once a try of it began (it may be running),
-# or once it searched the videos and then skipped the reply (a checker is named: the question was not covered; a
-# tester's 21 such replies, each a search, did not count, and a 24th check followed).
+# or once it searched the videos and found the question not covered (a tester's 21 such replies, each a search, did
+# not count, and a 24th check followed; a skip before any search, "the message replied to does not ask anything",
+# still does not count: review).
 _RAN = ("(status IN ('helpful', 'not_helpful') OR (status = 'pending' AND tries > 0)"
-        " OR (status = 'skipped' AND checker IS NOT NULL))")
+        f" OR (status = 'skipped' AND reason = '{NOT_COVERED}'))")
 
 
 async def checks_since(conn: asyncpg.Connection, author_id: int, hours: float = 24.0,

@@ -200,15 +200,23 @@ async def test_ingest_watching_its_job_waits_out_a_database_restart(capsys):
                 raise got
             return got
 
-    job = await cli._progress(Pool(), 1, None, gone_after=10)
+    class Arq:  # a worker alive all along
+        async def exists(self, key):  # type: ignore[no-untyped-def]
+            return True
+
+    job = await cli._progress(Pool(), 1, Arq(), gone_after=10)
     assert job["state"] == "done"
     assert capsys.readouterr().err.count("cannot be reached") == 1  # said once per outage
-    # an outage longer than the wait still ends the watch, with the error
-    replies[:] = [ConnectionRefusedError(111, "refused")] * 10
     import pytest
 
+    # an outage longer than the wait still ends the watch, with the error
+    replies[:] = [ConnectionRefusedError(111, "refused")] * 10
     with pytest.raises(ConnectionRefusedError):
-        await cli._progress(Pool(), 1, None, gone_after=1.5)
+        await cli._progress(Pool(), 1, Arq(), gone_after=1.5)
+    # (review) with no worker the job runs here, and failed with the database: no waiting for it
+    replies[:] = [ConnectionRefusedError(111, "refused"), {"state": "running", "progress": 0.5, "error": None}]
+    with pytest.raises(ConnectionRefusedError):
+        await cli._progress(Pool(), 1, None, gone_after=10)
 
 
 def test_a_one_shot_command_with_its_output_closed_says_so(monkeypatch, capsys):

@@ -437,10 +437,9 @@ async def test_a_check_that_searched_then_skipped_counts_and_a_deleted_replys_ma
     (b,) = _learners(eval_course, server, settings, 1)
     _, searched = await _reply_pair(pool, redis, room, eval_course.learner.id, b.id)
     _, gated = await _reply_pair(pool, redis, room, eval_course.learner.id, b.id)
-    await pool.execute("UPDATE reply_checks SET status = 'skipped', checker = 'offline', checked_at = now() "
-                       "WHERE message_id = $1", searched)
-    await pool.execute("UPDATE reply_checks SET status = 'skipped', checker = NULL, checked_at = now() "
-                       "WHERE message_id = $1", gated)
+    # as check_reply_job records them: a search that found the question not covered, and a skip before any search
+    await replies.record(pool, searched, "skipped", replies.NOT_COVERED, None, "offline")
+    await replies.record(pool, gated, "skipped", "the message replied to does not ask anything", None, "offline")
     assert await replies.checks_since(pool, b.id) == 1
 
     mark, created = await mark_helpful(pool, redis, room, gated, eval_course.instructor.id)
