@@ -659,20 +659,22 @@ def test_a_lost_job_whose_recovery_id_holds_a_result_is_queued_again(settings, m
                              VALUES ('ingest', $1, $2, 'queued', now() - interval '1 hour') RETURNING id, updated_at""",
                 cid, vid)[0]
 
-    async def go() -> int:
+    async def go() -> bool:
         pool = await create_pool(settings.database_url, min_size=1, max_size=2)
         arq = await connect_arq(settings.redis_url)
         rec_id = f"ingest-{row['id']}-rec-{row['updated_at'].timestamp():.6f}"
         try:
             await arq.set(f"arq:result:{rec_id}", b'{"s": false, "r": "DeserializationError"}', ex=3600)
-            n = await recover_lost_jobs({"pool": pool, "redis": arq, "settings": settings})
+            await recover_lost_jobs({"pool": pool, "redis": arq, "settings": settings})
+            # (this job queued: counting all recovered was flaky, a job another test of this process left counted)
+            queued = await arq.zscore("arq:queue", rec_id) is not None
             await arq.zrem("arq:queue", rec_id)  # nothing for the test worker to pick up
-            return n
+            return queued
         finally:
             await arq.aclose()
             await pool.close()
 
-    assert run_sync(go()) == 1
+    assert run_sync(go())
 
 
 async def test_a_job_heartbeat_is_finished_when_its_job_is(settings):
