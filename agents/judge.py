@@ -266,13 +266,18 @@ def small_talk(question: str, standalone: str | None = None) -> bool:
     """Whether the question is only greetings and courtesies (no topic to look for), or asks for the time or the
     date; with replies among them ("yes", "again please"), only when the condensed `standalone` borrowed nothing
     from the conversation."""
-    said = " ".join(_MENTION.sub(" ", fold(question)).lower().replace("’", "'").split())
-    if _NOW.fullmatch(said):  # (as a reply: only when it borrowed nothing, "what is the date?" after a question)
-        return standalone is None or " ".join(standalone.split()) == " ".join(question.split())
-    words = set(re.findall(r"[^\W\d_]+", _MENTION.sub(" ", fold(question)).lower()))
+    plain = _MENTION.sub(" ", fold(question)).lower()
+    if _NOW.fullmatch(" ".join(plain.replace("’", "'").split())):
+        return _borrowed_nothing(question, standalone)  # ("what is the date?" after a question goes on with it)
+    words = set(re.findall(r"[^\W\d_]+", plain))
     if not words or not words <= SMALL_TALK | REPLIES:
         return False
-    return not words & REPLIES or standalone is None or " ".join(standalone.split()) == " ".join(question.split())
+    return not words & REPLIES or _borrowed_nothing(question, standalone)
+
+
+def _borrowed_nothing(question: str, standalone: str | None) -> bool:
+    """Whether the condensed question is the question itself (None: not condensed)."""
+    return standalone is None or " ".join(standalone.split()) == " ".join(question.split())
 
 
 def _dense(hit: Any) -> float:
@@ -348,8 +353,7 @@ def judge(question: str, standalone: str, hits: list, sources: list, missing_lex
           present_words: set[str] | None = None, near: dict[str, str] | None = None) -> Verdict:
     """`present_words`: which of `lookup_words(question)` the course says (None: not looked up). `near`: words of
     the question that are misspellings of the course's (`near_spellings`), not declined for."""
-    if small_talk(question, standalone) or (reaction(question) and " ".join(standalone.split()) ==
-                                            " ".join(question.split())):
+    if small_talk(question, standalone) or (reaction(question) and _borrowed_nothing(question, standalone)):
         return Verdict(False, {"small_talk": True})
     top_dense = max((_dense(h) for h in hits), default=0.0)
     near = near or {}
