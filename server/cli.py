@@ -604,18 +604,29 @@ async def _ask(settings: Settings, args: argparse.Namespace) -> int:
         await pool.close()
 
 
-def _parent_death_signal():  # type: ignore[no-untyped-def]
-    """The child's preexec_fn: SIGUSR1 it when the thread that started it dies (Linux prctl PR_SET_PDEATHSIG);
-    the worker then stops like on SIGTERM, and stops the embedded servers once the parent's hold on them is gone.
-    Resolved here, in the parent: between fork and exec the child imports nothing. None where there is no prctl
-    (not Linux: a killed `up` may leave its worker behind)."""
+def _worker_preexec():  # type: ignore[no-untyped-def]
+    """The worker's preexec_fn, resolved here, in the parent (between fork and exec the child imports nothing):
+    - SIGUSR1 it when the thread that started it dies (Linux prctl PR_SET_PDEATHSIG); the worker then stops like on
+      SIGTERM, and stops the embedded servers once the parent's hold on them is gone. (Not Linux: a killed `up` may
+      leave its worker behind.)
+    - Ctrl-C ignored until the worker's `main` takes it (SIGINT reaches the whole process group: a Ctrl-C in the
+      second or so the worker spends importing printed a KeyboardInterrupt traceback from it; `up`, stopping on the
+      same Ctrl-C, stops the worker with SIGTERM). libc's `signal`, not Python's: the child of a worker started
+      again is forked from `up`'s watching thread, not its main thread.
+    None where there is no libc.so.6 (not Linux)."""
     try:
         import ctypes
 
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        prctl, ignore = libc.prctl, libc.signal
     except (OSError, AttributeError):
         return None
-    return lambda: prctl(1, signal.SIGUSR1)  # 1 = PR_SET_PDEATHSIG
+
+    def preexec() -> None:
+        ignore(signal.SIGINT, 1)  # 1 = SIG_IGN
+        prctl(1, signal.SIGUSR1)  # 1 = PR_SET_PDEATHSIG
+
+    return preexec
 
 
 class _Revive:
@@ -653,7 +664,7 @@ class _Worker:
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
-        self.preexec = _parent_death_signal()
+        self.preexec = _worker_preexec()
         self.lock = threading.Lock()
         self.stopping = threading.Event()  # no more restarts
         self.stopped = threading.Event()  # the worker is gone: the watching thread may end

@@ -150,6 +150,45 @@ def test_a_stop_while_the_jobs_module_is_still_importing_is_a_stop(monkeypatch):
     assert calls == [1]
 
 
+def test_a_ctrl_c_while_ups_worker_is_importing_prints_no_traceback():
+    """Ctrl-C reaches the whole process group: in the second or so `up`'s worker spent importing, it died of it with
+    a KeyboardInterrupt traceback under `up`'s output. The worker now ignores SIGINT until its `main` takes it (`up`
+    stops it with SIGTERM), also when started again from `up`'s watching thread."""
+    import signal
+    import threading
+    import time
+
+    from server import cli
+
+    preexec = cli._worker_preexec()
+    assert preexec is not None
+    # the child stands for the worker's imports (a sleep), then shows what SIGINT does once they are done
+    child = "import signal, time; time.sleep(1.5); print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"
+    for from_thread in (False, True):
+        procs: list[subprocess.Popen] = []
+        spawned, done = threading.Event(), threading.Event()
+
+        def spawn() -> None:
+            procs.append(subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, preexec_fn=preexec))
+            spawned.set()
+            if from_thread:
+                done.wait(30)  # (the death signal is the spawning thread's: it lives as long as its child, as `up`'s)
+
+        if from_thread:
+            t = threading.Thread(target=spawn)
+            t.start()
+            assert spawned.wait(30)
+        else:
+            spawn()
+        time.sleep(0.3)
+        procs[0].send_signal(signal.SIGINT)
+        out, err = procs[0].communicate(timeout=30)
+        done.set()
+        assert procs[0].returncode == 0 and "Traceback" not in err, (from_thread, err)
+        assert out.strip() == "True"  # ignored still; and the worker's main sets its own handler (`main`)
+
+
 def test_an_address_that_cannot_be_listened_on_is_one_line_before_anything_starts(tmp_path):
     """STUDYHALL_HOST naming no address, or one not this machine's, started the embedded servers and ran the
     migrations, then uvicorn logged "[Errno -2] Name or service not known" (naming neither the setting nor the
