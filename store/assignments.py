@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 
 from store import xp
 from store.events import GradeReady, publish, user_topic
+from store.submissions import CHOICE_REWATCH
 from store.submissions import COLUMNS as SUBMISSION_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -97,10 +98,11 @@ def grade_choice(a: asyncpg.Record, chosen: list[int]) -> tuple[float, list[dict
         feedback["missing"] = (f"{len(correct - picked)} correct option(s) not chosen" if correct - picked else "") + \
             ("; " if correct - picked and picked - correct else "") + \
             (f"{len(picked - correct)} chosen option(s) are wrong" if picked - correct else "")
-        feedback["improve"] = "Rewatch the moment this question is based on, then try again."
     cite = a["citation"]
     if cite:
         feedback["rewatch"] = {"video_id": cite["video_id"], "start": cite["start"], "end": cite.get("end")}
+        if score < 100:  # (only with a moment: a hand-written question's answer was sent to one it does not have)
+            feedback["improve"] = CHOICE_REWATCH
     score = round(score, 1)
     return score, [{"name": "correct options", "points": 100.0, "score": score, "justification": ""}], feedback
 

@@ -19,6 +19,10 @@ COLUMNS = _COLS  # a submission's columns, by name (alias `s`)
 EXEMPLAR_LIMIT = 200
 
 
+# a wrong multiple-choice answer's advice when its question has a moment (it names none: `without_rewatch` drops it)
+CHOICE_REWATCH = "Rewatch the moment this question is based on, then try again."
+
+
 def rewatch_advice(moment: dict[str, Any]) -> str:
     """The sentence a grade's `improve` ends with for its moment to rewatch ("Rewatch Lecture 1 at 2:20.")."""
     return f"Rewatch {moment.get('title') or 'the video'} at {mmss(float(moment['start']))}."
@@ -30,11 +34,13 @@ def without_rewatch(feedback: dict[str, Any] | None) -> dict[str, Any] | None:
         return feedback
     out = dict(feedback)
     moment = out.pop("rewatch")
-    advice, improve = rewatch_advice(moment), out.get("improve") or ""
-    if improve.endswith(advice):
-        out["improve"] = improve[: -len(advice)].rstrip()
-        if not out["improve"]:
-            out.pop("improve")
+    improve = out.get("improve") or ""
+    for advice in (rewatch_advice(moment), CHOICE_REWATCH):
+        if improve.endswith(advice):
+            out["improve"] = improve[: -len(advice)].rstrip()
+            if not out["improve"]:
+                out.pop("improve")
+            break
     return out
 
 

@@ -340,9 +340,11 @@ class SubmissionController(Controller):
                     raise ApiError(400, "the grader proposed no score; give one", field="score")
                 criteria = list(row["criteria"] or [])
                 rubric = await conn.fetchval("SELECT rubric FROM assignments WHERE id = $1", row["assignment_id"])
-                if rubric and criteria and [c["name"] for c in criteria] != [c["name"] for c in rubric]:
-                    # graded against a rubric changed since: its proposal scores criteria the assignment no longer has
-                    if data.score is None and row["status"] != "graded":
+                if rubric and (not criteria or _as_graded(criteria) != _as_graded(rubric)):
+                    # graded against a rubric changed since (criteria renamed, added, removed or weighed otherwise):
+                    # its proposal scores criteria the assignment no longer has; or the grader gave none (it could
+                    # not grade: an instructor's score made up an "instructor grade" criterion beside the rubric)
+                    if criteria and data.score is None and row["status"] != "graded":
                         raise ApiError(409, "this grade was proposed for an earlier rubric: regrade it "
                                             f"(POST /submissions/{submission_id}/regrade) or give a score",
                                        code="stale_proposal")
@@ -426,6 +428,12 @@ class SubmissionController(Controller):
 def _band(score: float) -> int:
     """Which of the offline grader's verdicts a score gets (agents.grader._feedback: 80 and over, 50 and over)."""
     return 2 if score >= 80 else 1 if score >= 50 else 0
+
+
+def _as_graded(criteria: list[dict]) -> list[tuple[str, float]]:
+    """What a proposal's criteria must still match of the rubric: names and points, in order (a rubric whose points
+    changed since was approved as it was graded: the old weights, a total the new rubric would not give)."""
+    return [(c["name"], round(float(c["points"]), 2)) for c in criteria]
 
 
 def rescale(criteria: list[dict], score: float) -> list[dict]:

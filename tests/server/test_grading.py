@@ -523,6 +523,39 @@ def test_a_grade_proposed_for_an_earlier_rubric_is_not_approved_as_it_is(server,
         assert sum(x["score"] for x in got["criteria"]) == 50 and all(x["score"] <= x["points"] for x in got["criteria"])
 
 
+def test_a_rubric_weighed_otherwise_makes_a_proposal_stale_too(server, make: Factory, settings):
+    """(Tester) Only the criteria's names were compared: a rubric whose points changed (60/40 to 10/90) let the old
+    weights' proposal be approved as it was, a total the new rubric would not give."""
+    inst, a, sid = _held(server, make, settings, 60, [
+        {"name": "idea", "points": 60.0, "score": 60.0, "justification": "halves"},
+        {"name": "complexity", "points": 40.0, "score": 0.0, "justification": "no O(log n)"}])
+    with httpx.Client(base_url=server, timeout=30) as c:
+        assert c.patch(f"/api/v1/assignments/{a['id']}", json={"rubric": TWO["rubric"]},
+                       headers=inst.h).status_code == 200
+        reweighed = [{**TWO["rubric"][0], "points": 10}, {**TWO["rubric"][1], "points": 90}]
+        assert c.patch(f"/api/v1/assignments/{a['id']}", json={"rubric": reweighed}, headers=inst.h).status_code == 200
+        r = c.post(f"/api/v1/submissions/{sid}/review", json={}, headers=inst.h)
+        assert r.status_code == 409 and r.json()["code"] == "stale_proposal", r.text
+        got = c.post(f"/api/v1/submissions/{sid}/review", json={"score": 20}, headers=inst.h).json()
+        assert [(x["name"], x["points"]) for x in got["criteria"]] == [("idea", 10), ("complexity", 90)], got
+        assert sum(x["score"] for x in got["criteria"]) == 20
+
+
+def test_a_score_for_an_answer_the_grader_could_not_grade_is_spread_over_the_rubric(server, make: Factory, settings):
+    """(Tester) A grade the grader gave up on has no criteria: the instructor's score made one up ("instructor
+    grade", 100 points) beside the assignment's rubric. It is spread over the rubric's criteria."""
+    inst, a, sid = _held(server, make, settings, 0, [])
+    fetch(settings, "UPDATE submissions SET score = NULL WHERE id = $1", sid)
+    with httpx.Client(base_url=server, timeout=30) as c:
+        assert c.patch(f"/api/v1/assignments/{a['id']}", json={"rubric": TWO["rubric"]},
+                       headers=inst.h).status_code == 200
+        r = c.post(f"/api/v1/submissions/{sid}/review", json={}, headers=inst.h)
+        assert r.status_code == 400 and r.json()["field"] == "score", r.text
+        got = c.post(f"/api/v1/submissions/{sid}/review", json={"score": 80}, headers=inst.h).json()
+        assert [(x["name"], x["points"]) for x in got["criteria"]] == [("idea", 60), ("complexity", 40)], got
+        assert sum(x["score"] for x in got["criteria"]) == 80 and all(x["score"] <= x["points"] for x in got["criteria"])
+
+
 def test_approving_a_proposal_keeps_its_criteria_as_they_are(server, make: Factory, settings):
     """A plain approval rescaled the proposal's criteria (to 0.01) to its total (to 0.1): they changed by a few
     hundredths and each read "Adjusted by the instructor." though nobody changed anything."""

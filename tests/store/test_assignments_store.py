@@ -409,3 +409,19 @@ async def test_a_grade_saved_after_its_video_was_deleted_does_not_advise_rewatch
     async with pool.acquire() as conn:
         row = await subs_repo.get(conn, sid)
     assert "rewatch" not in row["feedback"] and "Rewatch" not in (row["feedback"].get("improve") or ""), row["feedback"]
+
+
+def test_a_wrong_choice_is_sent_to_rewatch_only_a_moment_its_question_has():
+    """(Tester) Every wrong multiple-choice answer was told "Rewatch the moment this question is based on": a
+    hand-written question has none, and the sentence stayed after the cited video was deleted (the link went)."""
+    from store.assignments import grade_choice
+    from store.submissions import without_rewatch
+
+    _, _, feedback = grade_choice({"correct": [1], "citation": None}, [0])
+    assert "improve" not in feedback and "rewatch" not in feedback and feedback["right"] == "Not correct.", feedback
+    _, _, feedback = grade_choice({"correct": [1], "citation": {"video_id": 7, "start": 80.0, "end": 95.0}}, [0])
+    assert feedback["rewatch"]["video_id"] == 7 and "Rewatch" in feedback["improve"], feedback
+    assert without_rewatch(feedback) == {"right": "Not correct.", "missing": "1 correct option(s) not chosen; "
+                                                                              "1 chosen option(s) are wrong"}
+    _, _, feedback = grade_choice({"correct": [1], "citation": {"video_id": 7, "start": 80.0}}, [1])
+    assert "improve" not in feedback and feedback["right"] == "Correct."
