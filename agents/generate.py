@@ -27,7 +27,7 @@ from wordfreq.preprocess import preprocess_text
 from agents.embedder import primary
 from agents.llm import LLM, LLMError, first_json_object
 from agents.scoring import STOPWORDS, stem
-from store.frames import LINE_CONTROL, as_read, text_problem
+from store.frames import LINE_CONTROL, as_read, mmss, text_problem
 
 logger = logging.getLogger(__name__)
 
@@ -163,11 +163,6 @@ def key_sentences(chapter: list[Sentence], others: list[list[Sentence]], count: 
     return sorted(chosen, key=lambda x: x[0].start)
 
 
-def _mmss(t: float) -> str:
-    t = int(t)
-    return f"{t // 60}:{t % 60:02d}"
-
-
 _ANY_WORD = re.compile(r"(?<![^\W_])[^\W_](?:[\w']|-(?=\w))*")
 
 
@@ -281,7 +276,7 @@ def offline_items(chapter_title: str, video_id: int, chapter: list[Sentence], ot
     for i, (s, kw) in enumerate(key_sentences(chapter, others, count, language)):
         kind = types[i % len(types)]
         cite = {"video_id": video_id, "start": round(s.start, 3), "end": round(s.end, 3), "text": s.text}
-        title = f"{chapter_title[:80]} ({_mmss(s.start)})"
+        title = f"{chapter_title[:80]} ({mmss(s.start)})"
         if "_____" not in _blank(s.text, kw):  # (defensive: a keyword that is not a word of the sentence)
             continue
         if kind == "multiple_choice":
@@ -292,7 +287,7 @@ def offline_items(chapter_title: str, video_id: int, chapter: list[Sentence], ot
                 order = list(rng.permutation(4))
                 shuffled = [options[j] for j in order]
                 out.append(Draft("multiple_choice", title, f"Fill in the blank, as said in the lecture at "
-                                 f"{_mmss(s.start)}:\n\n\u201c{_blank(s.text, kw)}\u201d", difficulty, cite,
+                                 f"{mmss(s.start)}:\n\n\u201c{_blank(s.text, kw)}\u201d", difficulty, cite,
                                  options=shuffled, correct=[order.index(0)]))
                 continue
             if "short_answer" not in types:  # no good distractors: no item, rather than one of a kind not asked for
@@ -305,7 +300,7 @@ def offline_items(chapter_title: str, video_id: int, chapter: list[Sentence], ot
         ask = {"easy": f"What does the lecture say about \u201c{kw}\u201d?",
                "medium": f"Explain in your own words what the lecture says about \u201c{kw}\u201d.",
                "hard": f"Explain what the lecture says about \u201c{kw}\u201d, and why it matters."}[difficulty]
-        out.append(Draft("short_answer", title, f"{ask} (lecture at {_mmss(s.start)})", difficulty, cite,
+        out.append(Draft("short_answer", title, f"{ask} (lecture at {mmss(s.start)})", difficulty, cite,
                          reference_answer=reference))
     return out
 
@@ -359,7 +354,7 @@ async def llm_items(llm: LLM, chapter_title: str, video_id: int, chapter: list[S
                 or any(text_problem(o, 500) or LINE_CONTROL.search(o) for o in it.options)):
             continue
         cite = {"video_id": video_id, "start": round(s.start, 3), "end": round(s.end, 3), "text": s.text}
-        title = f"{chapter_title[:80]} ({_mmss(s.start)})"
+        title = f"{chapter_title[:80]} ({mmss(s.start)})"
         if it.type == "multiple_choice":
             if len(it.options) < 2 or not it.correct or any(not 0 <= c < len(it.options) for c in it.correct):
                 continue

@@ -180,6 +180,8 @@ def is_plain(text: str) -> bool:
         and "\n " not in text
         and not _SPECIAL.search(text)
         and _HAS_WORD.search(text) is not None
+        # decomposed ("Cafe" + U+0301): composed by `clean_line` (kept as sent, transcripts and citations read NFD)
+        and (text.isascii() or unicodedata.is_normalized("NFC", text))
     )
 
 

@@ -87,6 +87,16 @@ _WESTERN_WITH_TILDE_OR_CIRCUMFLEX = re.compile(r"[ãçêèàäâîôëïœÃÇÊ
 _HUNGARIAN_WORDS = re.compile(r"(?i)\b(?:az|egy|és|hogy|nem|vagy|csak|már|még|ez|ezt|azt|amely|amit)\b")
 
 
+def _plus_minus(text: str, m: re.Match) -> bool:
+    """Whether a ± between letters is the sign, beside a one-letter name ("-b±sqrt(D)", "p±q"), not a Polish ą read as
+    Western (a Western transcript of a formula was refused)."""
+    if m.group(0)[1] != "±":
+        return False
+    before = re.search(r"[^\W\d_]*$", text[:m.start() + 1]).group(0)
+    after = re.match(r"[^\W\d_]*", text[m.end() - 1:]).group(0)
+    return len(before) == 1 or len(after) == 1
+
+
 def _not_western(text: str) -> bool:
     """Text decoded as Windows-1252 that was something else (Shift-JIS, GBK, Big5...): bytes Windows-1252 leaves
     undefined, or more accented letters than a Western language has; or a Central European or Turkish legacy
@@ -96,7 +106,7 @@ def _not_western(text: str) -> bool:
     letters = [c for c in text if c.isalpha()]
     if letters and sum(not c.isascii() for c in letters) > 0.3 * len(letters):
         return True
-    if _SYMBOL_IN_WORD.search(text):
+    if any(not _plus_minus(text, m) for m in _SYMBOL_IN_WORD.finditer(text)):
         return True
     if any(c in text for c in "šžŠŽ") and _CZECH_AS_WESTERN.search(text):
         return True

@@ -246,3 +246,12 @@ def test_no_item_hinges_on_a_word_common_in_the_lectures_language():
     # words as wordfreq lists them ("weiß" is "weiss"), and the nearest list ("no" is Bokmål's)
     assert "weiß" not in _terms("Jeder weiß, dass Licht gebrochen wird", "de") and "licht" in _terms("Licht", "de")
     assert "mellom" not in _terms("Forskjellen mellom lyset og mørket", "no")
+
+
+def test_moments_after_an_hour_are_written_with_hours(embedder):
+    """(Tester) items cited "(65:00)" where every other view writes 1:05:00."""
+    late = [Sentence(s.start + 3840, s.end + 3840, s.text) for s in CHAPTER]
+    items = offline_items("Hash tables", 5, late, OTHERS, 4, "medium", ["multiple_choice", "short_answer"], embedder)
+    said = " ".join(f"{i.title} {i.prompt}" for i in items)
+    assert "1:05:" in said or "1:04:" in said or "1:06:" in said, said
+    assert not any(f"{m}:" in said for m in range(60, 70)), said

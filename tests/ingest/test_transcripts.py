@@ -806,6 +806,16 @@ def test_central_european_and_turkish_legacy_files_are_refused_not_garbled(text:
                     "As lições e as informações são úteis; não é difícil.",  # (Portuguese õ)
                     "Õpetaja ütles, et lõpus on küsimused; järgmine loeng räägib tuletistest.",  # (Estonian õ)
                     "C'est sûr, il a dû répéter la leçon.",  # (French û)
-                    "Le coût du réseau est élevé, c'est sûr."):  # (review: é and û, and no à è ç ê)
+                    "Le coût du réseau est élevé, c'est sûr.",  # (review: é and û, and no à è ç ê)
+                    # (tester) the sign beside a one-letter name is no Polish ą
+                    "the roots are x = -b±sqrt(D) over 2a, so x equals p±q"):
         got = parse_transcript(f"1\n00:00:01,000 --> 00:00:03,000\n{western}\n".encode("cp1252"), "a.srt")
         assert [c.text for c in got] == [western]
+
+
+def test_decomposed_captions_are_stored_composed() -> None:
+    """(Tester) a cue needing no other cleaning skipped the composing: "Cafe" + U+0301 was stored, shown and cited
+    decomposed, though captions are stored composed (NFC) as the README says."""
+    srt = "1\n00:00:01,000 --> 00:00:03,000\nCafe\u0301 society and nai\u0308ve realism.\n"
+    (cue,) = parse_transcript(srt.encode(), "a.srt")
+    assert cue.text == "Caf\u00e9 society and na\u00efve realism."
