@@ -60,9 +60,9 @@ def _after(socket: WebSocket) -> int | None | str:
     given = socket.query_params.getall("after", [])
     if len(given) > 1:  # (a client appending its own `after` to a URL that had one resumed from the old point)
         return "bad"
-    raw = given[0] if given else None
-    if raw is None or raw == "":
+    if not given:
         return None
+    raw = given[0]  # (empty is no integer: a client writing `after=${lastSeq ?? ""}` lost its point without a word)
     # (digits as typed: a 19-digit seq under the bound was refused by a length check; one past it is "bad" too)
     return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 20 and int(raw) <= MAX_SEQ else "bad"
 
