@@ -191,7 +191,9 @@ def lookup_words(question: str) -> list[str]:
     """Every spelling the judge needs to look up in the course's words."""
     names, rare = candidates(question)
     joined = _joined(question, names + rare)
-    return sorted({f for w in names + rare for f in forms(w)} | {j for js in joined.values() for j in js})
+    # and a lower-case word with a number ("gpt3"): said otherwise by the course ("GPT-3"), its lexeme is no absence
+    numbered = [t for t in _TOKEN.findall(_MENTION.sub(" ", fold(question))) if re.search(r"[a-z]\d|\d[a-z]", t)]
+    return sorted({f for w in names + rare + numbered for f in forms(w)} | {j for js in joined.values() for j in js})
 
 
 def uncovered(question: str, present: set[str]) -> tuple[list[str], list[str]]:
@@ -205,10 +207,11 @@ def uncovered(question: str, present: set[str]) -> tuple[list[str], list[str]]:
     return [w for w in names if missing(w)], [w for w in rare if missing(w)]
 
 
-def missing_rare_words(question: str, missing_lexemes: list[str]) -> list[str]:
+def missing_rare_words(question: str, missing_lexemes: list[str], present_words: set[str] | None = None) -> list[str]:
     """Question words whose stem is absent from the course and that are rare in general English (accents folded,
-    as the lexemes are: "Schrödinger" is "schrodinger")."""
-    missing = set(missing_lexemes)
+    as the lexemes are: "Schrödinger" is "schrodinger"). A lexeme the course says in another form (`present_words`)
+    is not absent: "GPT3" is the course's "GPT-3" (its lexeme "gpt3" was, and "GPT3" declined as "gpt")."""
+    missing = {m for m in missing_lexemes if not (present_words and any(f in present_words for f in forms(m)))}
     out = []
     for word in re.findall(r"[A-Za-z][A-Za-z\-']{2,}", fold(question)):
         lw = word.lower()
@@ -267,8 +270,10 @@ def small_talk(question: str, standalone: str | None = None) -> bool:
     date; with replies among them ("yes", "again please"), only when the condensed `standalone` borrowed nothing
     from the conversation."""
     plain = _MENTION.sub(" ", fold(question)).lower()
-    if _NOW.fullmatch(" ".join(plain.replace("’", "'").split())):
-        return _borrowed_nothing(question, standalone)  # ("what is the date?" after a question goes on with it)
+    now = _NOW.fullmatch(" ".join(plain.replace("’", "'").split()))
+    if now:  # the time is the clock's, always (after a turn it was answered as the turn: tester); "what is the
+        # date?" after a question goes on with it ("when was the paper published?")
+        return "time" in now.group(0) or _borrowed_nothing(question, standalone)
     words = set(re.findall(r"[^\W\d_]+", plain))
     if not words or not words <= SMALL_TALK | REPLIES:
         return False
@@ -304,7 +309,7 @@ def declined_words(question: str, missing_lexemes: list[str], present_words: set
     """The question's words (lower case) the judge would decline it for (names and rare words the course never
     says), long enough to be misspellings: the ones to look for near spellings of."""
     names, unsaid = uncovered(question, present_words) if present_words is not None else ([], [])
-    words = [w for w in names + unsaid + missing_rare_words(question, missing_lexemes) if " " not in w]
+    words = [w for w in names + unsaid + missing_rare_words(question, missing_lexemes, present_words) if " " not in w]
     out = sorted({_base(w) for w in words if len(_base(w)) >= TYPO_MIN_LEN and _base(w).isalpha()
                   and zipf_frequency(_base(w), "en") < TYPO_MAX_ZIPF})
     return out if len(out) <= TYPO_MAX_WORDS else []  # (more: a question of made-up words, declined as it is)
@@ -350,15 +355,19 @@ def near_spellings(words: list[str], course_words: list[str]) -> dict[str, str]:
 
 
 def judge(question: str, standalone: str, hits: list, sources: list, missing_lexemes: list[str],  # type: ignore[type-arg]
-          present_words: set[str] | None = None, near: dict[str, str] | None = None) -> Verdict:
-    """`present_words`: which of `lookup_words(question)` the course says (None: not looked up). `near`: words of
-    the question that are misspellings of the course's (`near_spellings`), not declined for."""
+          present_words: set[str] | None = None, near: dict[str, str] | None = None, *,
+          checked: str | None = None) -> Verdict:
+    """`checked`: the text whose names and rare words are held to the course (the question without what it says
+    about the asker, or with the turn it goes on with; default the question). `present_words`: which of
+    `lookup_words(checked)` the course says (None: not looked up). `near`: words of the question that are
+    misspellings of the course's (`near_spellings`), not declined for."""
     if small_talk(question, standalone) or (reaction(question) and _borrowed_nothing(question, standalone)):
         return Verdict(False, {"small_talk": True})
+    checked = checked or question
     top_dense = max((_dense(h) for h in hits), default=0.0)
     near = near or {}
-    rare = [w for w in missing_rare_words(question, missing_lexemes) if _base(w) not in near]
-    names, unsaid = uncovered(question, present_words) if present_words is not None else ([], [])
+    rare = [w for w in missing_rare_words(checked, missing_lexemes, present_words) if _base(w) not in near]
+    names, unsaid = uncovered(checked, present_words) if present_words is not None else ([], [])
     names, unsaid = [w for w in names if _base(w) not in near], [w for w in unsaid if _base(w) not in near]
     unshared = top_dense < MIN_DENSE_UNSHARED and not shares_a_word(standalone, sources)
     grounded = bool(sources) and top_dense >= MIN_DENSE and not unshared and not rare and not names and not unsaid

@@ -52,7 +52,9 @@ def test_a_greeting_is_greeted_not_answered_from_the_course(eval_course: EvalCou
         body = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": greeting},
                            headers=eval_course.learner.h).json()
         assert body["grounded"] is False and body["citations"] == [] and body["nearest"] == [], (greeting, body)
-        assert body["answer"].startswith("Hello!"), body
+        # (tester) a thank-you was said "Hello!", and so was the time
+        assert body["answer"].startswith({"Thanks!": "You're welcome!", "@tutor thank you so much": "You're welcome!",
+                                          "What time is it?": "I can't tell the time"}.get(greeting, "Hello!")), body
     # a question that happens to hold a courteous word is a question
     body = client.post(f"/api/v1/courses/{eval_course.id}/ask", json={"question": "thanks, but what is a hash function?"},
                        headers=eval_course.learner.h).json()

@@ -75,3 +75,39 @@ def test_a_misspelt_word_is_not_declined_as_not_covered(eval_course: EvalCourse,
     # "halving" is not "having", "staking" not "shaking")
     for out in got[6:]:
         assert not out["grounded"], out["answer"]
+
+
+def test_what_a_question_says_about_the_asker_and_what_a_follow_up_goes_on_with(eval_course: EvalCourse, settings):
+    """(Tester) A name the course never says in a sentence about the asker declined the question with it (60 of the
+    eval's 60 after "I'm revising at Stanford tonight."); "why?" after a question declined for a name ("Ethereum")
+    was answered from the words it borrowed (11 of 15 out-of-scope questions); a question in another script after a
+    question was answered as that question; "GPT3" was declined where the course says "GPT-3"."""
+    declined = "How does proof of stake in Ethereum choose who gets to create the next block?"
+
+    async def go() -> list[dict]:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        try:
+            tutor = Tutor(pool, local_default(), None)
+            asked = [await tutor.run(eval_course.id, q) for q in (
+                "I'm revising at Stanford tonight. What is a hash function?",
+                "I use Ubuntu on my laptop, how does the hash function work in bitcoin?",
+                "how big are the key and query matrices in gpt3?",
+                "I read about Ethereum. How does it work?",  # (the question points back into it: judged whole)
+                "I don't understand RoPE, can you explain it?")]  # (asks about it: judged whole)
+            after = [{"role": "user", "content": declined, "mine": True},
+                     {"role": "assistant", "content": "The course videos don't cover this."}]
+            answered = [{"role": "user", "content": "what is a digital signature?", "mine": True},
+                        {"role": "assistant", "content": "A signature proves who wrote a message [1]."}]
+            return asked + [await tutor.run(eval_course.id, "why?", history=after),
+                            await tutor.run(eval_course.id, "why?", history=answered),
+                            await tutor.run(eval_course.id, "注意力机制是什么？", history=answered),
+                            await tutor.run(eval_course.id, "what time is it?", history=answered)]
+        finally:
+            await pool.close()
+
+    got = run_sync(go())
+    for out in got[:3] + [got[6]]:
+        assert out["grounded"] and out["citations"], out["answer"]
+    for out in got[3:6] + got[7:]:
+        assert not out["grounded"] and not out["citations"], out["answer"]
+    assert "another language" in got[7]["answer"] and got[8]["answer"].startswith("I can't tell the time"), got[7:]
