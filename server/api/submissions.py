@@ -340,11 +340,14 @@ class SubmissionController(Controller):
                     raise ApiError(400, "the grader proposed no score; give one", field="score")
                 criteria = list(row["criteria"] or [])
                 rubric = await conn.fetchval("SELECT rubric FROM assignments WHERE id = $1", row["assignment_id"])
-                if rubric and (not criteria or _as_graded(criteria) != _as_graded(rubric)):
+                # (a final grade only commented on keeps its criteria as graded: a rubric re-weighted since flattened
+                # them over the new weights, each "Adjusted by the instructor": review)
+                commented = data.score is None and row["status"] == "graded"
+                if rubric and not commented and (not criteria or _as_graded(criteria) != _as_graded(rubric)):
                     # graded against a rubric changed since (criteria renamed, added, removed or weighed otherwise):
                     # its proposal scores criteria the assignment no longer has; or the grader gave none (it could
                     # not grade: an instructor's score made up an "instructor grade" criterion beside the rubric)
-                    if criteria and data.score is None and row["status"] != "graded":
+                    if criteria and data.score is None:
                         raise ApiError(409, "this grade was proposed for an earlier rubric: regrade it "
                                             f"(POST /submissions/{submission_id}/regrade) or give a score",
                                        code="stale_proposal")
@@ -377,8 +380,8 @@ class SubmissionController(Controller):
                                                  reviewer_id=user.id,
                                                  # an approval keeps the proposal's criteria as they are (rescaled
                                                  # to its one-decimal total they read "Adjusted by the instructor")
-                                                 criteria=criteria if data.score is None and criteria
-                                                 and criteria == list(row["criteria"] or [])
+                                                 criteria=criteria if data.score is None
+                                                 and (criteria or commented) and criteria == list(row["criteria"] or [])
                                                  else rescale(criteria, float(score)),
                                                  feedback=feedback)
                     if row is None:  # not possible while the row is locked; said plainly all the same

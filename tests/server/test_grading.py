@@ -541,6 +541,23 @@ def test_a_rubric_weighed_otherwise_makes_a_proposal_stale_too(server, make: Fac
         assert sum(x["score"] for x in got["criteria"]) == 20
 
 
+def test_a_comment_on_a_final_grade_keeps_its_criteria_as_graded(server, make: Factory, settings):
+    """(Review) a final grade only commented on after its rubric was re-weighted had its criteria flattened over the
+    new weights (60/0 on 60/40 became 6/54 on 10/90, each "Adjusted by the instructor"): nobody changed the grade."""
+    graded = [{"name": "idea", "points": 60.0, "score": 60.0, "justification": "halves"},
+              {"name": "complexity", "points": 40.0, "score": 0.0, "justification": "no O(log n)"}]
+    inst, a, sid = _held(server, make, settings, 60, graded)
+    fetch(settings, "UPDATE submissions SET status = 'graded', final_at = now() WHERE id = $1", sid)
+    with httpx.Client(base_url=server, timeout=30) as c:
+        assert c.patch(f"/api/v1/assignments/{a['id']}", json={"rubric": TWO["rubric"]},
+                       headers=inst.h).status_code == 200
+        reweighed = [{**TWO["rubric"][0], "points": 10}, {**TWO["rubric"][1], "points": 90}]
+        assert c.patch(f"/api/v1/assignments/{a['id']}", json={"rubric": reweighed}, headers=inst.h).status_code == 200
+        r = c.post(f"/api/v1/submissions/{sid}/review", json={"comment": "Good start."}, headers=inst.h)
+        assert r.status_code == 200, r.text
+        assert r.json()["criteria"] == graded and r.json()["score"] == 60, r.json()
+
+
 def test_a_score_for_an_answer_the_grader_could_not_grade_is_spread_over_the_rubric(server, make: Factory, settings):
     """(Tester) A grade the grader gave up on has no criteria: the instructor's score made one up ("instructor
     grade", 100 points) beside the assignment's rubric. It is spread over the rubric's criteria."""

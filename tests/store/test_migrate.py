@@ -390,3 +390,47 @@ def test_a_database_migrated_by_earlier_texts_of_0022_and_0032_ends_up_the_same_
     assert applied[0] == "0037_drop_stale_tsv.sql", applied
     assert "tsv" not in run_sync(columns()) and "text" in run_sync(columns())
     assert not [r for r in caplog.records if "changed after it was applied" in r.getMessage()], caplog.text
+
+
+def test_upgrade_drops_the_choice_rewatch_advice_without_a_moment(settings):
+    """0054: grades stored before a wrong multiple-choice answer was advised to rewatch only a moment its question
+    has (hand-written questions have none; a deleted video's link went, its sentence stayed) lose the sentence; one
+    with its moment keeps it, and so does the shown grade (`released`) that has its moment."""
+    import json
+
+    dsn = _fresh_db(settings)
+    advice = "Rewatch the moment this question is based on, then try again."
+
+    async def go() -> list:  # type: ignore[type-arg]
+        conn = await asyncpg.connect(dsn)
+        try:
+            cid = await _migrated_to(conn, 53)
+            uid = await conn.fetchval("SELECT owner_id FROM courses WHERE id = $1", cid)
+            aid = await conn.fetchval(
+                """INSERT INTO assignments (course_id, type, title, prompt, options, correct, created_by)
+                   VALUES ($1, 'multiple_choice', 'q', 'p', '["a", "b"]', '[1]', $2) RETURNING id""", cid, uid)
+            moment = {"video_id": 1, "start": 5.0, "end": 9.0}
+            for attempt, feedback, released in (
+                    (1, {"right": "Not correct.", "improve": advice}, None),
+                    (2, {"right": "Not correct.", "improve": advice, "rewatch": moment},
+                     {"feedback": {"right": "Not correct.", "improve": advice}}),
+                    (3, {"right": "Not correct.", "improve": "Explain why."},
+                     {"feedback": {"right": "x", "improve": advice, "rewatch": moment}})):
+                await conn.execute(
+                    """INSERT INTO submissions (assignment_id, course_id, user_id, attempt, answer, status, feedback,
+                                                released) VALUES ($1, $2, $3, $4, '[0]', 'graded', $5, $6)""",
+                    aid, cid, uid, attempt, json.dumps(feedback), json.dumps(released) if released else None)
+        finally:
+            await conn.close()
+        await migrate(dsn)
+        conn = await asyncpg.connect(dsn)
+        try:
+            return [(json.loads(r["feedback"]), json.loads(r["released"]) if r["released"] else None)
+                    for r in await conn.fetch("SELECT feedback::text, released::text FROM submissions ORDER BY attempt")]
+        finally:
+            await conn.close()
+
+    (f1, r1), (f2, r2), (f3, r3) = run_sync(go())
+    assert f1 == {"right": "Not correct."} and r1 is None
+    assert f2["improve"] == advice and r2 == {"feedback": {"right": "Not correct."}}
+    assert f3["improve"] == "Explain why." and r3["feedback"]["improve"] == advice
