@@ -265,12 +265,21 @@ _NOW = re.compile(r"(?:(?:hi|hey|hello|so|ok|okay|um|sorry|excuse me)[,!.]?\s+)*
                   r"(?:,? please)?\s*[?.!]*")  # (review: not "what is time?", nor "what day?" going on with a question)
 
 
+def _now(question: str) -> re.Match | None:
+    return _NOW.fullmatch(" ".join(_MENTION.sub(" ", fold(question)).lower().replace("’", "'").split()))
+
+
+def asks_the_time(question: str) -> bool:
+    """Whether the question asks for the time or the date, and nothing else ("what time is it?")."""
+    return _now(question) is not None
+
+
 def small_talk(question: str, standalone: str | None = None) -> bool:
     """Whether the question is only greetings and courtesies (no topic to look for), or asks for the time or the
     date; with replies among them ("yes", "again please"), only when the condensed `standalone` borrowed nothing
     from the conversation."""
     plain = _MENTION.sub(" ", fold(question)).lower()
-    now = _NOW.fullmatch(" ".join(plain.replace("’", "'").split()))
+    now = _now(question)
     if now:  # the time is the clock's, always (after a turn it was answered as the turn: tester); "what is the
         # date?" after a question goes on with it ("when was the paper published?")
         return "time" in now.group(0) or _borrowed_nothing(question, standalone)

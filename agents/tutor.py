@@ -20,11 +20,11 @@ from langgraph.graph import END, START, StateGraph
 from wordfreq import zipf_frequency
 
 from agents.evidence import MAX_CITATION_S, Window, mmss, pick_citations, quote, rank_windows, stem, terms, windows
-from agents.judge import (_REQUEST, REPLIES, corrected, declined_words, judge, lookup_words, near_spellings,
-                          opens_sentence, reaction, small_talk)
+from agents.judge import (_REQUEST, REPLIES, asks_the_time, corrected, declined_words, judge, lookup_words,
+                          near_spellings, opens_sentence, reaction, small_talk)
 from agents.llm import LLM, LLMError, Usage, estimate_cost_usd
 from store.frames import CONTROL, without_format
-from store.search import Hit, course_words_like, hybrid_search, neighbours, vocabulary_coverage
+from store.search import Hit, course_words_like, hybrid_search, moments_at, neighbours, vocabulary_coverage
 from store.videos import fold
 
 logger = logging.getLogger(__name__)
@@ -181,7 +181,13 @@ def _follows_up(question: str) -> bool:
 _PARTS = re.compile(r"(?<=[.!?;])\s+|,\s*(?:(?:but|so|and)\s+)?(?=(?:what|why|how|when|where|which|who|whose|is|are|"
                     r"does|do|did|can|could|would|should)\b)", re.I)
 _ABOUT_ME = frozenset("i i'm im i've i'd i'll my me mine myself we we're our us".split())
-# ... but a condition is the question's ("If I approve a payment once, what stops ...?", "Since we get used to ...")
+# ... not what they use, learn or ask about: the question's topic ("I'm interested in Ethereum. How does proof of
+# stake ...?", "My project runs on Ethereum, how ...": answered from the bitcoin lecture: review)
+_TOPICAL = frozenset("""interested interest interesting curious asking ask asked about learn learning learned learnt
+    study studying studied use uses using used run runs running build building built work working works read reading
+    heard hear know knew like love prefer project projects job research thesis paper wonder wondering compare
+    comparing instead versus vs rather""".split())
+# ... and a condition is the question's ("If I approve a payment once, what stops ...?", "Since we get used to ...")
 _CONDITION = frozenset("if since when whenever because as although though while given suppose supposing assuming "
                        "once unless after before".split())
 
@@ -197,12 +203,70 @@ def asked_part(question: str) -> str:
     def about_me(part: str) -> bool:
         words = re.findall(r"[a-z']+", part.lower().replace("’", "'"))
         return (bool(words) and words[0] not in _CONDITION and not part.rstrip().endswith("?")
-                and not _REQUEST.search(fold(part)) and bool(_ABOUT_ME.intersection(words)))
+                and not _REQUEST.search(fold(part)) and bool(_ABOUT_ME.intersection(words))
+                and not _TOPICAL.intersection(words))
 
     asking = [p for p in parts if not about_me(p)]
     if len(asking) == len(parts) or not asking or _follows_up(" ".join(asking)):
         return question
     return " ".join(p.strip() for p in asking)
+
+
+# A question about a moment of a video ("what does he say at 12:30?", "what's around minute 5 of the bitcoin
+# lecture?", "what happens 3 minutes in?"): answered with what is said then, not searched for its words (it cited
+# moments minutes away: tester). A clock after "at", "around"... or before "mark"; or a minute so named.
+_CLOCK = r"(\d{1,2}):([0-5]\d)(?::([0-5]\d))?"
+_AT_TIME = re.compile(
+    rf"\b(?:at|around|near|about|from|after|before|by|until|till)\s+(?:the\s+)?(?:{_CLOCK}\b|minute\s+(\d{{1,3}})\b)"
+    rf"|\b{_CLOCK}\s+mark\b|\b(?:in\s+)?minute\s+(\d{{1,3}})\b|\b(\d{{1,3}})[\s-]*(?:minutes?|mins?)\s+(?:in|mark)\b",
+    re.I)
+# ... asked, not said in passing ("see you at 5:00")
+_ABOUT_A_MOMENT = re.compile(r"\?|\b(?:what|which|who|why|how|say|said|says|saying|happen|happens|happened|talk|talks|"
+                             r"talking|discuss|discussed|discusses|mention|mentioned|mentions|explain|explained|"
+                             r"explains|cover|covered|covers|show|shown|shows|mean|means|meant)\b", re.I)
+MOMENT_SPAN_S = 25.0  # what is quoted of a moment: the sentence said then and those after it, this long at most
+MOMENT_VIDEOS = 3  # moments shown when the question names no video of several
+
+
+def at_time(question: str) -> float | None:
+    """The moment (seconds) a question asks about, or None."""
+    m = _AT_TIME.search(question)
+    if m is None or not _ABOUT_A_MOMENT.search(question):
+        return None
+    g = m.groups()
+    for h_m_s in (g[0:3], g[4:7]):  # a clock: m:ss, or h:mm:ss
+        if h_m_s[0] is not None:
+            a, b, c = (int(x) if x is not None else None for x in h_m_s)
+            return float(a * 3600 + b * 60 + c if c is not None else a * 60 + b)
+    minute = next(x for x in (g[3], g[7], g[8]) if x is not None)
+    return float(int(minute) * 60)
+
+
+def _moment(hit: Hit, at: float, rank: int) -> Window:
+    """What `hit`'s chunk says from the sentence being said at `at`, for up to MOMENT_SPAN_S."""
+    sents = [(float(x[0]), float(x[1]), str(x[2])) for x in hit.sentences or []] or [(hit.start, hit.end, hit.text)]
+    i = max([j for j, x in enumerate(sents) if x[0] <= at] or [0])
+    picked = [sents[i]] + [x for x in sents[i + 1:] if x[1] - sents[i][0] <= MOMENT_SPAN_S]
+    text = " ".join(x[2].strip() for x in picked)
+    return Window(video_id=hit.video_id, video_title=hit.video_title, youtube_id=hit.youtube_id, start=picked[0][0],
+                  end=picked[-1][1], text=text, chunk_rank=rank, core=text, core_start=picked[0][0])
+
+
+def _named(question: str, titles: dict[int, str]) -> set[int]:
+    """The videos the question names by their title's words (those sharing the most of them; none: no title's)."""
+    asked = set(terms(question))
+    shared = {vid: len(asked & set(terms(title))) for vid, title in titles.items()}
+    best = max(shared.values(), default=0)
+    return {vid for vid, n in shared.items() if n == best} if best else set()
+
+
+def moment_answer(sources: list[Window], at: float) -> str:
+    """The offline answer to a question about a moment: what is said then, cited."""
+    if len(sources) == 1:
+        w = sources[0]
+        return f"At {mmss(at)} in \"{w.video_title}\": “{quote(w.text, 400)}” [1]"
+    said_then = "; ".join(f"\"{w.video_title}\": “{quote(w.text, 300)}” [{i}]" for i, w in enumerate(sources, 1))
+    return f"Which video do you mean? At {mmss(at)}, {said_then}"
 
 
 Delta = Callable[[str], Awaitable[None]]
@@ -216,19 +280,19 @@ MAX_ANSWER_CHARS = 3000
 _WHAT_I_DO = "I answer questions about this course's videos and point to the moments the answer comes from."
 SMALL_TALK_REPLY = f"Hello! {_WHAT_I_DO} What would you like to know?"
 _THANKS = frozenset("thanks thank thx ty cheers".split())
-_BYE = frozenset("bye goodbye night".split())
+_BYE = frozenset("bye goodbye night later cya".split())
 
 
 def small_talk_reply(question: str) -> str:
     """The hello, or what answers a thank-you, a goodbye or a question about the time ("thank you so much!" and
     "bye" were said "Hello!": tester)."""
+    if asks_the_time(question):
+        return f"I can't tell the time or the date. {_WHAT_I_DO} What would you like to know?"
     words = set(re.findall(r"[a-z]+", fold(question).lower()))
     if _BYE & words:
         return f"Bye, and good luck with the course! {_WHAT_I_DO} Ask me whenever you like."
     if _THANKS & words:
         return f"You're welcome! {_WHAT_I_DO} Anything else you would like to know?"
-    if "time" in words or "date" in words or "day" in words:
-        return f"I can't tell the time or the date. {_WHAT_I_DO} What would you like to know?"
     return SMALL_TALK_REPLY
 
 
@@ -328,7 +392,9 @@ class Tutor:
                                                 max_tokens=80)
                 self._account(s, c.usage)
                 if c.text.strip():
-                    return {"standalone": c.text.strip()[:500], "checked": c.text.strip()[:500]}
+                    # judged with the question's own names too (a rewrite may drop or paraphrase one: review)
+                    rewrite = c.text.strip()[:500]
+                    return {"standalone": rewrite, "checked": f"{asked_part(q)} ({rewrite})"}
             except LLMError as exc:
                 logger.warning("condense failed, using the heuristic: %s", exc.message)
             except TimeoutError:  # the answer then fails the same way, at once
@@ -348,11 +414,24 @@ class Tutor:
         # never says ("Ethereum") was answered from the words borrowed. One in another script borrows nothing (read
         # as a question without a topic, "注意力机制是什么？" was answered as the turn before).
         if last_user and _follows_up(q) and not reaction(q) and not foreign_question(q):
-            standalone = f"{q} ({last_user})"[:2000]
-            return {"standalone": standalone, "checked": standalone}
+            standalone = f"{q} ({last_user})"[:2000]  # (what the turn said about its asker is not held to it)
+            return {"standalone": standalone, "checked": f"{q} ({asked_part(last_user)})"[:2000]}
         return {"standalone": q, "checked": asked_part(q)}
 
     async def retrieve(self, s: TutorState) -> dict:
+        at = at_time(s["question"])
+        if at is not None and s.get("mode") != "socratic":  # (a hint names a moment to rewatch anyway)
+            async with self.pool.acquire() as conn:
+                hits, lengths = await moments_at(conn, s["course_id"], at)
+            # the video named in the question or the turn it goes on with ("and at 13:00?"), else the first few
+            named = _named(s["standalone"], {vid: title for vid, (title, _) in lengths.items()})
+            hits = [h for h in hits if h.video_id in named] if named else hits[:MOMENT_VIDEOS]
+            sources = [_moment(h, at, i) for i, h in enumerate(hits[:MOMENT_VIDEOS])]
+            # (none: the videos asked about end before it; said with the longest of them)
+            ends = sorted(((end, title) for vid, (title, end) in lengths.items() if not named or vid in named),
+                          reverse=True)
+            return {"hits": [], "sources": sources, "awaiting": 0,
+                    "judge": {"at_time": at, **({} if sources else {"ends": ends[:1], "named": bool(named)})}}
         text = s["standalone"]
         vec = await asyncio.to_thread(self.embedder.embed_query, text)
         # one snapshot: a re-ingest committing between these reads would pair old hits with new neighbours
@@ -384,6 +463,8 @@ class Tutor:
                 "awaiting": awaiting, **({"standalone": text} if near else {})}
 
     async def judge(self, s: TutorState) -> dict:
+        if "at_time" in s["judge"]:  # what is said at a moment: there, or no video is that long
+            return {"grounded": bool(s.get("sources"))}
         verdict = judge(s["question"], s["standalone"], s.get("hits") or [], s.get("sources") or [],
                         s["judge"]["missing"], s["judge"]["said"], s["judge"].get("near"), checked=s.get("checked"))
         details = {k: v for k, v in s["judge"].items() if k not in ("said", "near")}
@@ -395,7 +476,8 @@ class Tutor:
         on_delta: Delta | None = s.get("on_delta")
         sources = s["sources"]
         if self.llm is None:
-            text = extractive_answer(sources, s["mode"])
+            at = (s.get("judge") or {}).get("at_time")
+            text = moment_answer(sources, at) if at is not None else extractive_answer(sources, s["mode"])
             if on_delta:  # written already: a few pieces, not one per word (each is a publish and a frame per socket)
                 for piece in re.findall(r".{1,%d}(?:\s+|$)|\S+\s*" % DELTA_CHARS, text, re.S):
                     await on_delta(piece)
@@ -458,6 +540,15 @@ class Tutor:
         if (s.get("judge") or {}).get("small_talk"):  # a greeting or a thank-you: no moments to point at
             return {"answer": small_talk_reply(s.get("question", "")), "citations": [], "nearest": [], "follow_ups": [],
                     "grounded": False}
+        if "at_time" in (s.get("judge") or {}):  # no video asked about reaches the moment asked about
+            j, moment = s["judge"], mmss(s["judge"]["at_time"])
+            if not j["ends"]:
+                text = f"None of the course's videos has been indexed yet, so I cannot tell what is said at {moment}."
+            elif j["named"]:
+                text = f"\"{j['ends'][0][1]}\" ends at {mmss(j['ends'][0][0])}, before {moment}."
+            else:
+                text = f"None of the course's videos reaches {moment}: the longest ends at {mmss(j['ends'][0][0])}."
+            return {"answer": text, "citations": [], "nearest": [], "follow_ups": [], "grounded": False}
         nearest = [citation(w, s.get("mode", "answer")) for w in (s.get("sources") or [])[:3]]
         question = s.get("question", "")
         foreign = foreign_question(question)

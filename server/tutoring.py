@@ -96,8 +96,10 @@ async def _room_history(conn, room_id: str, before_id: int | None,  # type: igno
 # 4: a model's reply that cites nothing is not stored: it was, with its text; 5: a decline says when the question
 # has no topic or is in another language; 6: one with no topic is declined whatever the search finds, and the
 # question is searched without invisible marks and with full-width or styled letters folded; 7: an offline answer
-# names when its quote is said, and citations carry `quote_at`).
-ANSWER_FORMAT = 7
+# names when its quote is said, and citations carry `quote_at`; 8: a thank-you, a goodbye and the time get their own
+# replies, what a question says about the asker holds no name it is declined for, and a question about a moment
+# quotes what is said then).
+ANSWER_FORMAT = 8
 
 
 @dataclass(slots=True)

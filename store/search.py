@@ -291,3 +291,24 @@ async def vocabulary_coverage(conn: asyncpg.Connection, course_id: int, embed_mo
     return Coverage(present=[r["term"] for r in rows if not r["spoken"] and r["present"]],
                     missing=[r["term"] for r in rows if not r["spoken"] and not r["present"]],
                     spoken={r["term"] for r in rows if r["spoken"] and r["present"]})
+
+
+async def moments_at(conn: asyncpg.Connection, course_id: int,
+                     at: float) -> tuple[list[Hit], dict[int, tuple[str, float]]]:
+    """What each video of the course says at `at` seconds, as search finds it (a video being ingested again keeps
+    its chunks until the new ones replace them): per video, the chunk being said then (or the nearest within 30 s
+    before it, 15 s after: a pause, the first words), in the course's video order; and every indexed video's
+    (title, end of its last chunk), by id."""
+    rows = await conn.fetch(
+        """SELECT DISTINCT ON (c.video_id) c.id, c.video_id, v.title, v.youtube_id, c.position, c.start_s, c.end_s,
+                  c.text, c.sentences
+           FROM chunks c JOIN videos v ON v.id = c.video_id
+           WHERE c.course_id = $1 AND c.start_s <= $2 + 15 AND c.end_s >= $2 - 30
+           ORDER BY c.video_id, (c.start_s <= $2 AND c.end_s >= $2) DESC, abs(c.start_s - $2)""", course_id, at)
+    hits = [Hit(chunk_id=r["id"], video_id=r["video_id"], video_title=r["title"], youtube_id=r["youtube_id"],
+                position=r["position"], start=r["start_s"], end=r["end_s"], text=r["text"], score=0.0,
+                sentences=list(r["sentences"] or [])) for r in rows]
+    lengths = {r["video_id"]: (r["title"], float(r["ends"])) for r in await conn.fetch(
+        """SELECT c.video_id, v.title, max(c.end_s) AS ends FROM chunks c JOIN videos v ON v.id = c.video_id
+           WHERE c.course_id = $1 GROUP BY c.video_id, v.title ORDER BY c.video_id""", course_id)}
+    return hits, lengths

@@ -90,15 +90,22 @@ def test_what_a_question_says_about_the_asker_and_what_a_follow_up_goes_on_with(
             tutor = Tutor(pool, local_default(), None)
             asked = [await tutor.run(eval_course.id, q) for q in (
                 "I'm revising at Stanford tonight. What is a hash function?",
-                "I use Ubuntu on my laptop, how does the hash function work in bitcoin?",
+                "my professor at Stanford told me something else, but how does the hash function work in bitcoin?",
                 "how big are the key and query matrices in gpt3?",
                 "I read about Ethereum. How does it work?",  # (the question points back into it: judged whole)
-                "I don't understand RoPE, can you explain it?")]  # (asks about it: judged whole)
+                "I don't understand RoPE, can you explain it?",  # (asks about it: judged whole)
+                # (review: what the asker is interested in, uses or works on is the question's topic)
+                "I'm interested in Ethereum. How does proof of stake choose who gets to create the next block?",
+                "My project runs on Ethereum, how does proof of stake choose who creates the next block?")]
+            revising = [{"role": "user", "content": "I'm revising at Stanford tonight. What is a hash function?",
+                         "mine": True}, {"role": "assistant", "content": "A hash function maps ... [1]."}]
             after = [{"role": "user", "content": declined, "mine": True},
                      {"role": "assistant", "content": "The course videos don't cover this."}]
             answered = [{"role": "user", "content": "what is a digital signature?", "mine": True},
                         {"role": "assistant", "content": "A signature proves who wrote a message [1]."}]
             return asked + [await tutor.run(eval_course.id, "why?", history=after),
+                            # (review: a follow-up borrowed the Stanford sentence too, and was declined for it)
+                            await tutor.run(eval_course.id, "why is it one-way?", history=revising),
                             await tutor.run(eval_course.id, "why?", history=answered),
                             await tutor.run(eval_course.id, "注意力机制是什么？", history=answered),
                             await tutor.run(eval_course.id, "what time is it?", history=answered)]
@@ -106,8 +113,47 @@ def test_what_a_question_says_about_the_asker_and_what_a_follow_up_goes_on_with(
             await pool.close()
 
     got = run_sync(go())
-    for out in got[:3] + [got[6]]:
+    for out in got[:3] + got[8:10]:
         assert out["grounded"] and out["citations"], out["answer"]
-    for out in got[3:6] + got[7:]:
+    for out in got[3:8] + got[10:]:
         assert not out["grounded"] and not out["citations"], out["answer"]
-    assert "another language" in got[7]["answer"] and got[8]["answer"].startswith("I can't tell the time"), got[7:]
+    assert "another language" in got[10]["answer"] and got[11]["answer"].startswith("I can't tell the time"), got[10:]
+
+
+def test_a_question_about_a_moment_is_answered_with_what_is_said_then(eval_course: EvalCourse, settings):
+    """(Tester) "what does he say at 12:30 in the bitcoin video?" was searched for its words and cited 14:27, 11:21
+    and 0:19. A question about a moment quotes what the video named says then; naming none, what each says then;
+    a moment past every video's end is said to be so."""
+    async def go() -> list[dict]:
+        pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+        try:
+            tutor = Tutor(pool, local_default(), None)
+            named = await tutor.run(eval_course.id, "what does he say at 12:28 in the bitcoin video?")
+            follow = await tutor.run(eval_course.id, "and at 12:31?", history=[
+                {"role": "user", "content": "what does he say at 12:28 in the bitcoin video?", "mine": True},
+                {"role": "assistant", "content": named["answer"]}])
+            return [named, follow,
+                    await tutor.run(eval_course.id, "what is said around minute 5?"),
+                    await tutor.run(eval_course.id, "what happens at 9:59:00 in the bitcoin video?"),
+                    await tutor.run(eval_course.id, "what is said at 9:59:00?"),
+                    # (named, it is that video's moment or none: the others reach 30:00, the bitcoin one does not)
+                    await tutor.run(eval_course.id, "what does the bitcoin video say at 30:00?")]
+        finally:
+            await pool.close()
+
+    named, follow, unnamed, past, past_all, past_named = run_sync(go())
+    bitcoin = eval_course.videos["3b1b-bitcoin.srt"]
+    assert named["grounded"] and [c["video_id"] for c in named["citations"]] == [bitcoin], named
+    (c,) = named["citations"]
+    assert c["start"] <= 748.2 <= c["end"] and "what's a hash function" in c["quote"], c
+    assert named["answer"].startswith('At 12:28 in "But How Does Bitcoin Actually Work?"'), named["answer"]
+    assert [x["video_id"] for x in follow["citations"]] == [bitcoin] and follow["citations"][0]["start"] >= 750, follow
+    assert unnamed["grounded"] and unnamed["answer"].startswith("Which video do you mean? At 5:00"), unnamed["answer"]
+    assert 2 <= len(unnamed["citations"]) <= 3 and all(x["start"] <= 300 + 15 and x["end"] >= 300 - 30
+                                                          for x in unnamed["citations"]), unnamed["citations"]
+    for out in (past, past_all, past_named):
+        assert not out["grounded"] and not out["citations"], out
+    assert past["answer"].startswith('"But How Does Bitcoin Actually Work?" ends at '), past["answer"]
+    assert past["answer"].endswith(", before 9:59:00."), past["answer"]
+    assert past_all["answer"].startswith("None of the course's videos reaches 9:59:00: the longest ends at "), past_all
+    assert past_named["answer"].startswith('"But How Does Bitcoin Actually Work?" ends at '), past_named["answer"]
