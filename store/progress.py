@@ -286,7 +286,9 @@ async def report(tx: xp.XpTransaction, user_id: int, role: str, video: asyncpg.R
     was_complete = old is not None and old["completed_at"] is not None
     complete = was_complete or (duration > 0 and watched_s >= completes_at(complete_share, duration))
     row = await conn.fetchrow(_UPSERT, user_id, video["id"], video["course_id"], position, merged, watched_s, spent,
-                              at if complete else None, at, player, seq)
+                              # (a report sent again keeps the clock the next one's time is capped by: moved, it
+                              # cut the next report's real seconds to what fit in the half second since the retry)
+                              at if complete else None, old["updated_at"] if repeat else at, player, seq)
     completed_now = complete and not was_complete
     course_done = False
     before = len(tx.awards)

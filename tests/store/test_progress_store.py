@@ -243,6 +243,11 @@ async def test_a_report_sent_again_adds_no_time_but_a_late_earlier_one_does(make
     assert (await send([[110, 120]], 8, t0 + timedelta(seconds=11)))["time_spent_s"] == 20
     late = await send([[90, 100]], 6, t0 + timedelta(seconds=12))  # sent before 7, arriving now: counted
     assert late["time_spent_s"] == 30 and late["position_s"] == 120 and late["watched"] == [[90.0, 120.0]]
+    # (tester) a report sent again moved the clock the next report's time is capped by: 20 s watched after a retry
+    # half a second before counted 10.5
+    assert (await send([[120, 140]], 9, t0 + timedelta(seconds=31)))["time_spent_s"] == 50
+    assert (await send([[120, 140]], 9, t0 + timedelta(seconds=50.5)))["time_spent_s"] == 50
+    assert (await send([[140, 160]], 10, t0 + timedelta(seconds=51)))["time_spent_s"] == 70
 
 
 async def test_a_report_that_waited_out_a_re_ingest_making_the_video_longer_is_a_share_of_the_new_length(
