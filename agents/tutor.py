@@ -204,7 +204,8 @@ def asked_part(question: str) -> str:
         words = re.findall(r"[a-z']+", part.lower().replace("’", "'"))
         return (bool(words) and words[0] not in _CONDITION and not part.rstrip().endswith("?")
                 and not _REQUEST.search(fold(part)) and bool(_ABOUT_ME.intersection(words))
-                and not _TOPICAL.intersection(words))
+                # (a place is no topic: "I'm studying at Stanford", "I work at Google": review)
+                and not any(w in _TOPICAL and nxt not in ("at", "from") for w, nxt in zip(words, words[1:] + [""])))
 
     asking = [p for p in parts if not about_me(p)]
     if len(asking) == len(parts) or not asking or _follows_up(" ".join(asking)):
@@ -216,10 +217,15 @@ def asked_part(question: str) -> str:
 # lecture?", "what happens 3 minutes in?"): answered with what is said then, not searched for its words (it cited
 # moments minutes away: tester). A clock after "at", "around"... or before "mark"; or a minute so named.
 _CLOCK = r"(\d{1,2}):([0-5]\d)(?::([0-5]\d))?"
+# (review: not a time of day, "at 12:00 UTC"; not "per minute 60"; "10 minutes in" only where it ends the phrase,
+# not "10 minutes in practice"; nothing with hours, "1 hour 5 minutes in")
+_NOT_A_MOMENT = r"(?!\s*(?:am|pm|a\.m|p\.m|utc|gmt|o'?clock)\b)"
 _AT_TIME = re.compile(
-    rf"\b(?:at|around|near|about|from|after|before|by|until|till)\s+(?:the\s+)?(?:{_CLOCK}\b|minute\s+(\d{{1,3}})\b)"
-    rf"|\b{_CLOCK}\s+mark\b|\b(?:in\s+)?minute\s+(\d{{1,3}})\b|\b(\d{{1,3}})[\s-]*(?:minutes?|mins?)\s+(?:in|mark)\b",
+    rf"\b(?:at|around|near|from|after|before|by|until|till)\s+(?:the\s+)?(?:{_CLOCK}\b{_NOT_A_MOMENT}"
+    rf"|minute\s+(\d{{1,3}})\b)|\b{_CLOCK}\s+mark\b|(?<!per )\b(?:in\s+)?minute\s+(\d{{1,3}})\b(?!\s*(?:of|per)\b)"
+    rf"|\b(\d{{1,3}})[\s-]*(?:minutes?|mins?)\s+(?:in\s*(?:[?.!,]|$|to\s+the\b|into\b)|into\s+the\b|mark\b)",
     re.I)
+_HOURS = re.compile(r"\b(?:hours?|hrs?)\b", re.I)
 # ... asked, not said in passing ("see you at 5:00")
 _ABOUT_A_MOMENT = re.compile(r"\?|\b(?:what|which|who|why|how|say|said|says|saying|happen|happens|happened|talk|talks|"
                              r"talking|discuss|discussed|discusses|mention|mentioned|mentions|explain|explained|"
@@ -231,7 +237,7 @@ MOMENT_VIDEOS = 3  # moments shown when the question names no video of several
 def at_time(question: str) -> float | None:
     """The moment (seconds) a question asks about, or None."""
     m = _AT_TIME.search(question)
-    if m is None or not _ABOUT_A_MOMENT.search(question):
+    if m is None or not _ABOUT_A_MOMENT.search(question) or _HOURS.search(question):
         return None
     g = m.groups()
     for h_m_s in (g[0:3], g[4:7]):  # a clock: m:ss, or h:mm:ss
@@ -258,6 +264,21 @@ def _named(question: str, titles: dict[int, str]) -> set[int]:
     shared = {vid: len(asked & set(terms(title))) for vid, title in titles.items()}
     best = max(shared.values(), default=0)
     return {vid for vid, n in shared.items() if n == best} if best else set()
+
+
+# what a question about a moment says besides the moment and the video: it asks what is said then
+_MOMENT_WORDS = frozenset(terms("""say said says saying happen happens happened talk talks talking discuss discussed
+    discusses mention mentioned mentions explain explained explains cover covered covers show shown shows mean means
+    meant go goes going on part bit point moment mark minute minutes min mins around near exactly there then he she
+    they speaker instructor teacher presenter"""))
+
+
+def _moment_question(question: str, titles: dict[int, str]) -> bool:
+    """Whether a question with a moment in it asks what is said then: none of its other words is a topic of its
+    own, only a video's title ("why does a block take 10 minutes?" is a question about blocks: review)."""
+    said = set().union(*(terms(t) for t in titles.values())) if titles else set()
+    rest = [t for t in terms(_AT_TIME.sub(" ", question)) if not t.isdigit()]
+    return all(t in _MOMENT_WORDS or t in said for t in rest)
 
 
 def moment_answer(sources: list[Window], at: float) -> str:
@@ -289,10 +310,10 @@ def small_talk_reply(question: str) -> str:
     if asks_the_time(question):
         return f"I can't tell the time or the date. {_WHAT_I_DO} What would you like to know?"
     words = set(re.findall(r"[a-z]+", fold(question).lower()))
+    if _THANKS & words:  # (first: "thanks, I will rewatch it later" is no goodbye)
+        return f"You're welcome! {_WHAT_I_DO} Anything else you would like to know?"
     if _BYE & words:
         return f"Bye, and good luck with the course! {_WHAT_I_DO} Ask me whenever you like."
-    if _THANKS & words:
-        return f"You're welcome! {_WHAT_I_DO} Anything else you would like to know?"
     return SMALL_TALK_REPLY
 
 
@@ -394,7 +415,8 @@ class Tutor:
                 if c.text.strip():
                     # judged with the question's own names too (a rewrite may drop or paraphrase one: review)
                     rewrite = c.text.strip()[:500]
-                    return {"standalone": rewrite, "checked": f"{asked_part(q)} ({rewrite})"}
+                    return {"standalone": rewrite, "checked": rewrite if foreign_question(q)
+                            else f"{asked_part(q)} ({rewrite})"}  # (another language's words are no names)
             except LLMError as exc:
                 logger.warning("condense failed, using the heuristic: %s", exc.message)
             except TimeoutError:  # the answer then fails the same way, at once
@@ -421,17 +443,29 @@ class Tutor:
     async def retrieve(self, s: TutorState) -> dict:
         at = at_time(s["question"])
         if at is not None and s.get("mode") != "socratic":  # (a hint names a moment to rewatch anyway)
-            async with self.pool.acquire() as conn:
+            async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
                 hits, lengths = await moments_at(conn, s["course_id"], at)
-            # the video named in the question or the turn it goes on with ("and at 13:00?"), else the first few
-            named = _named(s["standalone"], {vid: title for vid, (title, _) in lengths.items()})
-            hits = [h for h in hits if h.video_id in named] if named else hits[:MOMENT_VIDEOS]
-            sources = [_moment(h, at, i) for i, h in enumerate(hits[:MOMENT_VIDEOS])]
-            # (none: the videos asked about end before it; said with the longest of them)
-            ends = sorted(((end, title) for vid, (title, end) in lengths.items() if not named or vid in named),
-                          reverse=True)
-            return {"hits": [], "sources": sources, "awaiting": 0,
-                    "judge": {"at_time": at, **({} if sources else {"ends": ends[:1], "named": bool(named)})}}
+            titles = {vid: title for vid, (title, _) in lengths.items()}
+            if _moment_question(s["question"], titles):
+                return self._moment_sources(s, at, hits, lengths, titles)
+        return await self._search(s)
+
+    @staticmethod
+    def _moment_sources(s: TutorState, at: float, hits: list[Hit], lengths: dict[int, tuple[str, float]],
+                        titles: dict[int, str]) -> dict:
+        """What is said at `at` in the video the question names (or the turn it goes on with: "and at 13:00?"),
+        else in the first few; none past a video's end."""
+        named = _named(_AT_TIME.sub(" ", s["standalone"]), titles)
+        hits = [h for h in hits if at <= lengths[h.video_id][1] + 2]  # (review: 25:28 of a 24:59 video)
+        hits = [h for h in hits if h.video_id in named] if named else hits[:MOMENT_VIDEOS]
+        sources = [_moment(h, at, i) for i, h in enumerate(hits[:MOMENT_VIDEOS])]
+        # (none: the videos asked about end before it; said with the longest of them)
+        ends = sorted(((end, title) for vid, (title, end) in lengths.items() if not named or vid in named),
+                      reverse=True)
+        return {"hits": [], "sources": sources, "awaiting": 0,
+                "judge": {"at_time": at, **({} if sources else {"ends": ends[:1], "named": bool(named)})}}
+
+    async def _search(self, s: TutorState) -> dict:
         text = s["standalone"]
         vec = await asyncio.to_thread(self.embedder.embed_query, text)
         # one snapshot: a re-ingest committing between these reads would pair old hits with new neighbours

@@ -96,7 +96,8 @@ def test_what_a_question_says_about_the_asker_and_what_a_follow_up_goes_on_with(
                 "I don't understand RoPE, can you explain it?",  # (asks about it: judged whole)
                 # (review: what the asker is interested in, uses or works on is the question's topic)
                 "I'm interested in Ethereum. How does proof of stake choose who gets to create the next block?",
-                "My project runs on Ethereum, how does proof of stake choose who creates the next block?")]
+                "My project runs on Ethereum, how does proof of stake choose who creates the next block?",
+                "I'm studying at Stanford tonight. What is a hash function?")]  # (review: a place is no topic)
             revising = [{"role": "user", "content": "I'm revising at Stanford tonight. What is a hash function?",
                          "mine": True}, {"role": "assistant", "content": "A hash function maps ... [1]."}]
             after = [{"role": "user", "content": declined, "mine": True},
@@ -113,11 +114,11 @@ def test_what_a_question_says_about_the_asker_and_what_a_follow_up_goes_on_with(
             await pool.close()
 
     got = run_sync(go())
-    for out in got[:3] + got[8:10]:
+    for out in got[:3] + got[7:8] + got[9:11]:
         assert out["grounded"] and out["citations"], out["answer"]
-    for out in got[3:8] + got[10:]:
+    for out in got[3:7] + got[8:9] + got[11:]:
         assert not out["grounded"] and not out["citations"], out["answer"]
-    assert "another language" in got[10]["answer"] and got[11]["answer"].startswith("I can't tell the time"), got[10:]
+    assert "another language" in got[11]["answer"] and got[12]["answer"].startswith("I can't tell the time"), got[11:]
 
 
 def test_a_question_about_a_moment_is_answered_with_what_is_said_then(eval_course: EvalCourse, settings):
@@ -137,11 +138,19 @@ def test_a_question_about_a_moment_is_answered_with_what_is_said_then(eval_cours
                     await tutor.run(eval_course.id, "what happens at 9:59:00 in the bitcoin video?"),
                     await tutor.run(eval_course.id, "what is said at 9:59:00?"),
                     # (named, it is that video's moment or none: the others reach 30:00, the bitcoin one does not)
-                    await tutor.run(eval_course.id, "what does the bitcoin video say at 30:00?")]
+                    await tutor.run(eval_course.id, "what does the bitcoin video say at 30:00?"),
+                    # (review) a clock or minutes in a question about something else: searched as a question
+                    await tutor.run(eval_course.id, "why does a bitcoin block take 10 minutes in practice?"),
+                    await tutor.run(eval_course.id, "what does he say about hashing at 5:00?"),
+                    # (review) a moment a little past the end is past it
+                    await tutor.run(eval_course.id, "what does the bitcoin video say at 25:28?")]
         finally:
             await pool.close()
 
-    named, follow, unnamed, past, past_all, past_named = run_sync(go())
+    named, follow, unnamed, past, past_all, past_named, block, hashing, just_past = run_sync(go())
+    for out in (block, hashing):
+        assert "at_time" not in out["judge"] and not out["answer"].startswith(("At ", "Which video")), out["answer"]
+    assert just_past["answer"].startswith('"But How Does Bitcoin Actually Work?" ends at '), just_past["answer"]
     bitcoin = eval_course.videos["3b1b-bitcoin.srt"]
     assert named["grounded"] and [c["video_id"] for c in named["citations"]] == [bitcoin], named
     (c,) = named["citations"]
