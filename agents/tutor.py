@@ -460,10 +460,10 @@ class Tutor:
         hits = [h for h in hits if h.video_id in named] if named else hits[:MOMENT_VIDEOS]
         sources = [_moment(h, at, i) for i, h in enumerate(hits[:MOMENT_VIDEOS])]
         # (none: the videos asked about end before it; said with the longest of them)
-        ends = sorted(((end, title) for vid, (title, end) in lengths.items() if not named or vid in named),
-                      reverse=True)
+        longest = max(((end, title) for vid, (title, end) in lengths.items() if not named or vid in named),
+                      default=None)
         return {"hits": [], "sources": sources, "awaiting": 0,
-                "judge": {"at_time": at, **({} if sources else {"ends": ends[:1], "named": bool(named)})}}
+                "judge": {"at_time": at, **({} if sources else {"longest": longest, "named": bool(named)})}}
 
     async def _search(self, s: TutorState) -> dict:
         text = s["standalone"]
@@ -576,12 +576,12 @@ class Tutor:
                     "grounded": False}
         if "at_time" in (s.get("judge") or {}):  # no video asked about reaches the moment asked about
             j, moment = s["judge"], mmss(s["judge"]["at_time"])
-            if not j["ends"]:
+            if j["longest"] is None:
                 text = f"None of the course's videos has been indexed yet, so I cannot tell what is said at {moment}."
             elif j["named"]:
-                text = f"\"{j['ends'][0][1]}\" ends at {mmss(j['ends'][0][0])}, before {moment}."
+                text = f"\"{j['longest'][1]}\" ends at {mmss(j['longest'][0])}, before {moment}."
             else:
-                text = f"None of the course's videos reaches {moment}: the longest ends at {mmss(j['ends'][0][0])}."
+                text = f"None of the course's videos reaches {moment}: the longest ends at {mmss(j['longest'][0])}."
             return {"answer": text, "citations": [], "nearest": [], "follow_ups": [], "grounded": False}
         nearest = [citation(w, s.get("mode", "answer")) for w in (s.get("sources") or [])[:3]]
         question = s.get("question", "")

@@ -280,10 +280,9 @@ def ensure_services(settings: Settings, *, announce: bool = True) -> Services:
             if pg_embedded:  # nobody would own the Postgres just joined or started: stop it unless in use
                 _stop_if_unused(ddir)
             raise
-        others = busy
         users_fd = os.open(ddir / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(users_fd, fcntl.LOCK_SH)
-        if announce and others and known and (known.get("DATABASE_URL"), known.get("REDIS_URL")) != (db_url, redis_url):
+        if announce and busy and known and (known.get("DATABASE_URL"), known.get("REDIS_URL")) != (db_url, redis_url):
             # (a `serve` given a mistyped REDIS_URL beside a running `up` rewrote the announcement: every later
             # joiner, `up`'s restarted worker and the one-shot commands, used that URL until the file was deleted)
             logger.warning("this process uses other servers than those the running processes of %s announced in "

@@ -240,9 +240,14 @@ async def neighbours(conn: asyncpg.Connection, hits: list[Hit], embed_model: str
     if not want:
         return []
     rows = await conn.fetch(_NEIGHBOURS, [w[0] for w in want], [w[1] for w in want], embed_model)
-    return [Hit(chunk_id=r["id"], video_id=r["video_id"], video_title=r["video_title"], youtube_id=r["youtube_id"],
-                position=r["position"], start=r["start_s"], end=r["end_s"], text=r["text"], score=0.0,
-                sentences=r["sentences"]) for r in rows]
+    return [_unscored(r) for r in rows]
+
+
+def _unscored(r: asyncpg.Record) -> Hit:
+    """A chunk read by position or time, not ranked (columns as `_NEIGHBOURS` names them)."""
+    return Hit(chunk_id=r["id"], video_id=r["video_id"], video_title=r["video_title"], youtube_id=r["youtube_id"],
+               position=r["position"], start=r["start_s"], end=r["end_s"], text=r["text"], score=0.0,
+               sentences=r["sentences"])
 
 
 # A word of one of the course's video titles counts as said too (a title is the course's, and the tutor's own
@@ -300,14 +305,12 @@ async def moments_at(conn: asyncpg.Connection, course_id: int,
     before it, 15 s after: a pause, the first words), in the course's video order; and every indexed video's
     (title, end of its last chunk), by id."""
     rows = await conn.fetch(
-        """SELECT DISTINCT ON (c.video_id) c.id, c.video_id, v.title, v.youtube_id, c.position, c.start_s, c.end_s,
-                  c.text, c.sentences
+        """SELECT DISTINCT ON (c.video_id) c.id, c.video_id, v.title AS video_title, v.youtube_id, c.position,
+                  c.start_s, c.end_s, c.text, c.sentences
            FROM chunks c JOIN videos v ON v.id = c.video_id
            WHERE c.course_id = $1 AND c.start_s <= $2 + 15 AND c.end_s >= $2 - 30
            ORDER BY c.video_id, (c.start_s <= $2 AND c.end_s >= $2) DESC, abs(c.start_s - $2)""", course_id, at)
-    hits = [Hit(chunk_id=r["id"], video_id=r["video_id"], video_title=r["title"], youtube_id=r["youtube_id"],
-                position=r["position"], start=r["start_s"], end=r["end_s"], text=r["text"], score=0.0,
-                sentences=list(r["sentences"] or [])) for r in rows]
+    hits = [_unscored(r) for r in rows]
     lengths = {r["video_id"]: (r["title"], float(r["ends"])) for r in await conn.fetch(
         """SELECT c.video_id, v.title, max(c.end_s) AS ends FROM chunks c JOIN videos v ON v.id = c.video_id
            WHERE c.course_id = $1 GROUP BY c.video_id, v.title ORDER BY c.video_id""", course_id)}
